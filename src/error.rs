@@ -1,0 +1,133 @@
+//! The crate's one error type: every failure carries what it concerns (topic,
+//! file, byte range, offset) so a message alone tells an operator what is wrong.
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// Result with spool's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in spool.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system I/O error, with what spool was doing at the time.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The disk (or the quota) is full. Nothing already acknowledged is affected.
+    #[error("disk full while {context}: {source}")]
+    Full {
+        /// What was being done, naming the file.
+        context: String,
+        /// The underlying error (ENOSPC or EDQUOT).
+        #[source]
+        source: io::Error,
+    },
+    /// Stored data failed its checks.
+    #[error("{0}")]
+    Corruption(Box<Corruption>),
+    /// A caller passed something spool cannot accept.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The named thing exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {dir} is locked by pid {pid}: another broker or offline tool is using it"
+    )]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+        /// The pid written in its LOCK file (or "unknown").
+        pid: String,
+    },
+    /// A sync failed earlier; the log refuses writes until restart ("fsyncgate": a
+    /// failed fsync is never retried, because the kernel may have dropped the dirty pages).
+    #[error(
+        "log {log} is read-only after a failed sync ({cause}); restart once the disk is healthy"
+    )]
+    ReadOnly {
+        /// The log's directory.
+        log: PathBuf,
+        /// The sync error that poisoned it.
+        cause: String,
+    },
+}
+
+/// A damaged range of a stored file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    /// The damaged file.
+    pub file: PathBuf,
+    /// Damaged byte range within the file.
+    pub bytes: Range<u64>,
+    /// Offsets whose records lie in the range, when known.
+    pub offsets: Option<Range<u64>>,
+    /// What check failed.
+    pub detail: String,
+}
+
+impl fmt::Display for Corruption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "corruption in {}, bytes {}..{}",
+            self.file.display(),
+            self.bytes.start,
+            self.bytes.end
+        )?;
+        if let Some(offsets) = &self.offsets {
+            write!(f, " (offsets {}..{})", offsets.start, offsets.end)?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+impl Error {
+    /// Wraps an I/O error with context, telling a full disk apart.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        let context = context.into();
+        if is_disk_full(&source) {
+            Error::Full { context, source }
+        } else {
+            Error::Io { context, source }
+        }
+    }
+
+    /// A corruption error.
+    pub fn corruption(c: Corruption) -> Error {
+        Error::Corruption(Box::new(c))
+    }
+}
+
+/// True for "no space" and "quota exceeded".
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
+            || code == rustix::io::Errno::DQUOT.raw_os_error()
+    ) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Adds context to `io::Result`s.
+pub trait IoContext<T> {
+    /// Maps the error into [`Error::Io`] / [`Error::Full`] with a lazily built context.
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(context(), e))
+    }
+}

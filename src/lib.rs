@@ -1,0 +1,26 @@
+//! spool: a durable message queue and log broker.
+//!
+//! Producers append messages to a topic's log; every message gets a dense
+//! offset that never changes, is checksummed on disk, and stays readable until
+//! retention or compaction removes it, so a consumer that was offline catches
+//! up, and a new one can replay from any offset.
+//!
+//! # Layout
+//!
+//! - [`error`]: the one error type, carrying file, byte range and offset.
+//! - [`storage`]: the engine.
+//!   - [`storage::record`]: record framing and the decoder (byte table in its docs).
+//!   - [`storage::segment`]: one `.log` file with its sparse indexes; the read path.
+//!   - [`storage::index`]: sparse offset (`.idx`) and time (`.tix`) indexes.
+//!   - [`storage::log`]: a topic's segments, the single writer, group commit, retention.
+//!   - [`storage::recovery`]: opening after a crash: torn tails, damage, index rebuild.
+//!   - [`storage::datadir`]: the data directory and its exclusive `LOCK`.
+//!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
+//!     in its `mmap` module) and the simulated disk used by the crash tests.
+//!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
+//! - `cli` (binary only): the `spool` command line.
+
+pub mod error;
+pub mod storage;
+
+pub use error::{Error, Result};

@@ -1,0 +1,192 @@
+//! The only module with `unsafe`: memory maps of segment files.
+//!
+//! Invariant that makes the shared map sound: one appender writes only at or
+//! above the published end (serialised by `append_lock`), readers only read
+//! below it, and the published end only grows (Release on publish, Acquire on
+//! read). Bytes below the published end are therefore never written again
+//! while the map lives, and a `&[u8]` over them is a plain immutable slice.
+
+use super::{Mapping, out_of_range};
+use bytes::Bytes;
+use memmap2::{MmapOptions, MmapRaw};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A mapped region of a real file.
+pub(super) struct OsMapping {
+    /// `None` for a zero-length map (mmap cannot map nothing). Shared with every
+    /// `Bytes` handed out, so the pages stay mapped while any reader holds one.
+    raw: Option<Arc<MmapRaw>>,
+    capacity: u64,
+    published: AtomicU64,
+    /// Size of the file as allocated by its owner: writes stay below it, since
+    /// touching a mapped page past the end of the file raises SIGBUS.
+    file_size: Arc<AtomicU64>,
+    writable: bool,
+    append_lock: Mutex<()>,
+}
+
+impl fmt::Debug for OsMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OsMapping")
+            .field("capacity", &self.capacity)
+            .field("published", &self.published())
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl OsMapping {
+    /// Maps the first `len` bytes of `file` read-only; all of them are published.
+    pub(super) fn read(file: &File, len: u64, file_size: Arc<AtomicU64>) -> io::Result<Self> {
+        let raw = if len == 0 {
+            None
+        } else {
+            Some(Arc::new(
+                MmapOptions::new()
+                    .len(to_usize(len)?)
+                    .map_raw_read_only(file)?,
+            ))
+        };
+        Ok(OsMapping {
+            raw,
+            capacity: len,
+            published: AtomicU64::new(len),
+            file_size,
+            writable: false,
+            append_lock: Mutex::new(()),
+        })
+    }
+
+    /// Maps `capacity` bytes of `file` for appending above `published`.
+    pub(super) fn append(
+        file: &File,
+        capacity: u64,
+        published: u64,
+        file_size: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
+        if published > capacity {
+            return Err(out_of_range("published prefix", 0, published, capacity));
+        }
+        let raw = if capacity == 0 {
+            None
+        } else {
+            Some(Arc::new(
+                MmapOptions::new().len(to_usize(capacity)?).map_raw(file)?,
+            ))
+        };
+        Ok(OsMapping {
+            raw,
+            capacity,
+            published: AtomicU64::new(published),
+            file_size,
+            writable: true,
+            append_lock: Mutex::new(()),
+        })
+    }
+}
+
+fn to_usize(n: u64) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "map too large"))
+}
+
+impl Mapping for OsMapping {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only map",
+            ));
+        }
+        let _appender = self
+            .append_lock
+            .lock()
+            .map_err(|_| io::Error::other("append lock poisoned"))?;
+        let end = pos
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| out_of_range("map write", pos, data.len() as u64, u64::MAX))?;
+        let allocated = self.file_size.load(Ordering::Acquire).min(self.capacity);
+        if pos < self.published() || end > allocated {
+            return Err(out_of_range("map write", pos, data.len() as u64, allocated));
+        }
+        let Some(raw) = &self.raw else {
+            return Ok(()); // only an empty write fits a zero-length map
+        };
+        // SAFETY: `[pos, end)` lies inside the mapping (end <= capacity) and inside
+        // the allocated file (no SIGBUS). It is at or above the published end, so no
+        // reader holds a slice over it, and `append_lock` excludes a second writer.
+        // `data` is caller memory, so the ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                raw.as_mut_ptr().add(pos as usize),
+                data.len(),
+            );
+        }
+        Ok(())
+    }
+
+    fn publish(&self, end: u64) {
+        let end = end.min(self.capacity);
+        self.published.fetch_max(end, Ordering::Release);
+    }
+
+    fn sync_range(&self, pos: u64, len: u64) -> io::Result<()> {
+        let Some(raw) = &self.raw else {
+            return Ok(());
+        };
+        let end = pos.saturating_add(len).min(self.capacity);
+        if end <= pos {
+            return Ok(());
+        }
+        raw.flush_range(pos as usize, (end - pos) as usize)
+    }
+
+    fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes> {
+        let published = self.published();
+        let end = pos
+            .checked_add(len)
+            .filter(|end| *end <= published)
+            .ok_or_else(|| out_of_range("map read", pos, len, published))?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let Some(raw) = &self.raw else {
+            return Err(out_of_range("map read", pos, len, 0));
+        };
+        debug_assert!(end <= self.capacity);
+        Ok(Bytes::from_owner(MapSlice {
+            raw: Arc::clone(raw),
+            start: pos as usize,
+            len: len as usize,
+        }))
+    }
+}
+
+/// A published range of a map, owned by a `Bytes`.
+struct MapSlice {
+    raw: Arc<MmapRaw>,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `bytes()` built this slice only for a range below the published
+        // end, inside the mapping. Published bytes are never written again (see the
+        // module invariant), and `raw` keeps the pages mapped for as long as this
+        // slice lives, so the memory is valid and immutable for the borrow.
+        unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(self.start), self.len) }
+    }
+}

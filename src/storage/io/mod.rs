@@ -1,0 +1,119 @@
+//! File access behind a narrow trait, so the engine runs the same on the real
+//! disk ([`OsStorage`]) and on a simulated one ([`SimDisk`]) that drops
+//! everything not yet synced on a simulated power cut.
+//!
+//! The calls are named for what they guarantee: [`StorageFile::allocate`]
+//! reserves blocks (so a full disk is an error, never a SIGBUS in a map),
+//! [`Mapping::sync_range`] and [`StorageFile::sync_data`] are durability points,
+//! and [`Storage::sync_dir`] makes a created, renamed or removed name durable.
+
+mod mmap;
+mod os;
+mod sim;
+
+pub use os::OsStorage;
+pub use sim::{SimDisk, SimFault};
+
+use bytes::Bytes;
+use std::fmt::Debug;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How [`Storage::open`] treats a missing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The file must exist.
+    Existing,
+    /// Create it; fail if it exists.
+    CreateNew,
+    /// Open it, creating it empty if missing.
+    CreateOrOpen,
+}
+
+/// A file system: names, directories and locks.
+pub trait Storage: Send + Sync + Debug + 'static {
+    /// `mkdir -p`.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (files and directories), unsorted.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Whether a file or directory exists.
+    fn exists(&self, path: &Path) -> bool;
+    /// Opens a file for reading and writing.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>>;
+    /// Renames a file, replacing any file at `to`. Durable after [`Storage::sync_dir`].
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file. Durable after [`Storage::sync_dir`].
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Removes a directory and everything in it.
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (created, renamed, removed names) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on `path` (created if missing) and writes `owner`
+    /// into it. Held until the returned guard is dropped. Fails with
+    /// `WouldBlock` and the current owner's text if someone else holds it.
+    fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError>;
+}
+
+/// Held for as long as a lock lives.
+pub trait LockGuard: Send + Sync + Debug {}
+
+/// Why [`Storage::lock`] failed.
+#[derive(Debug)]
+pub enum LockError {
+    /// Someone else holds the lock; this is what they wrote into the file.
+    Held(String),
+    /// The lock file could not be opened or written.
+    Io(io::Error),
+}
+
+/// One open file.
+pub trait StorageFile: Send + Sync + Debug {
+    /// Current size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Grows the file to at least `len` bytes with blocks reserved on disk
+    /// (`fallocate`), zero-filled. Fails with ENOSPC when the disk is full.
+    /// The new size is durable after [`StorageFile::sync_data`].
+    fn allocate(&self, len: u64) -> io::Result<()>;
+    /// Truncates or extends the file to exactly `len`. Never called while a
+    /// writable mapping of the file is alive.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `pos`.
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `data` at `pos` (positional write, not through a map).
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+    /// Durability point for the whole file: data and the metadata needed to
+    /// read it back (size), like `fdatasync`.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Maps the file read-only at its current length.
+    fn map_read(&self) -> io::Result<Arc<dyn Mapping>>;
+    /// Maps `capacity` bytes of the file for appending; bytes below `published`
+    /// already hold data readers may see. The file may be shorter than
+    /// `capacity`: the caller must [`StorageFile::allocate`] before writing.
+    fn map_append(&self, capacity: u64, published: u64) -> io::Result<Arc<dyn Mapping>>;
+}
+
+/// A mapped file: one appender writes above the published end, any number of
+/// readers read below it.
+pub trait Mapping: Send + Sync + Debug {
+    /// Mapped length.
+    fn capacity(&self) -> u64;
+    /// End of the bytes readers may see.
+    fn published(&self) -> u64;
+    /// Copies `data` into the map at `pos`. Only the appender calls this, only
+    /// at or above the published end, and only below the file's allocated size.
+    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes bytes below `end` visible to readers. `end` never decreases.
+    fn publish(&self, end: u64);
+    /// Durability point for `[pos, pos + len)` (`msync(MS_SYNC)`).
+    fn sync_range(&self, pos: u64, len: u64) -> io::Result<()>;
+    /// The published bytes `[pos, pos + len)`, zero-copy where the backend allows.
+    fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes>;
+}
+
+fn out_of_range(what: &str, pos: u64, len: u64, limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} of {len} bytes at {pos} goes past {limit}"),
+    )
+}

@@ -1,0 +1,194 @@
+//! The real file system: std files, `fallocate` through rustix, maps from
+//! [`super::mmap`].
+
+use super::mmap::OsMapping;
+use super::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Files on the machine's own file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsStorage;
+
+impl Storage for OsStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        match mode {
+            OpenMode::Existing => {}
+            OpenMode::CreateNew => {
+                options.create_new(true);
+            }
+            OpenMode::CreateOrOpen => {
+                options.create(true);
+            }
+        }
+        let file = options.open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Arc::new(OsFile {
+            file,
+            path: path.to_owned(),
+            size: Arc::new(AtomicU64::new(size)),
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(LockError::Io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(LockError::Held(holder.trim().to_owned()));
+            }
+            Err(TryLockError::Error(e)) => return Err(LockError::Io(e)),
+        }
+        file.set_len(0).map_err(LockError::Io)?;
+        file.rewind().map_err(LockError::Io)?;
+        file.write_all(owner.as_bytes()).map_err(LockError::Io)?;
+        Ok(Box::new(OsLock { _file: file }))
+    }
+}
+
+/// An exclusive `flock` on the LOCK file, released when dropped (or when the
+/// process dies, so a `kill -9` never leaves a stale lock behind).
+#[derive(Debug)]
+struct OsLock {
+    _file: File,
+}
+
+impl LockGuard for OsLock {}
+
+/// An open file on the real disk.
+#[derive(Debug)]
+struct OsFile {
+    file: File,
+    path: PathBuf,
+    /// Size as this process last set it, shared with the file's maps so they
+    /// never write past the end of the file.
+    size: Arc<AtomicU64>,
+}
+
+impl StorageFile for OsFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let current = self.file.metadata()?.len();
+        if len <= current {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::empty(),
+            current,
+            len - current,
+        ) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+                // A file system without fallocate: writing zeros reserves the blocks
+                // just as well (and fails with ENOSPC here, not with SIGBUS later).
+                write_zeros(&self.file, current, len)?;
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        }
+        self.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, pos)
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, pos)?;
+        self.size
+            .fetch_max(pos + data.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn map_read(&self) -> io::Result<Arc<dyn Mapping>> {
+        let len = self.len()?;
+        Ok(Arc::new(OsMapping::read(
+            &self.file,
+            len,
+            Arc::clone(&self.size),
+        )?))
+    }
+
+    fn map_append(&self, capacity: u64, published: u64) -> io::Result<Arc<dyn Mapping>> {
+        let mapping = OsMapping::append(&self.file, capacity, published, Arc::clone(&self.size))
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("mapping {}: {e}", self.path.display()))
+            })?;
+        Ok(Arc::new(mapping))
+    }
+}
+
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const CHUNK: usize = 64 * 1024;
+    let zeros = vec![0u8; CHUNK];
+    let mut pos = from;
+    while pos < to {
+        let n = ((to - pos) as usize).min(CHUNK);
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}

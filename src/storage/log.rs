@@ -1,0 +1,800 @@
+//! One topic's log: its segments in offset order, the single writer that
+//! appends to the active one, and the readers that share them.
+//!
+//! Invariants: offsets are dense as assigned and never change; readers see a
+//! record only once it is *published*, and under `fsync=always` a record is
+//! published only after it is durable, so no reader ever sees a record a crash
+//! could take back. A failed sync is never retried: the log turns read-only.
+
+use super::config::{Durability, FsyncPolicy, LogConfig, RecoveryMode};
+use super::index::IndexBuilder;
+use super::io::{Mapping, OpenMode, Storage, StorageFile};
+use super::message::{Message, NewMessage, Offset};
+use super::record;
+use super::recovery::{self, OpenedSegment, RecoveryReport};
+use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_name};
+use crate::error::{Corruption, Error, IoContext, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// First allocation of a new segment file; each later step doubles, up to
+/// [`MAX_ALLOCATION_STEP`]. An idle topic holds no more disk than it uses.
+pub const MIN_ALLOCATION_STEP: u64 = 4096;
+/// Largest single growth of a segment file.
+pub const MAX_ALLOCATION_STEP: u64 = 16 * 1024 * 1024;
+
+/// Offsets given to one appended batch, and what the acknowledgement means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the batch's first message.
+    pub first: Offset,
+    /// Offset of its last message.
+    pub last: Offset,
+    /// Whether the batch is synced (`Durable`) or only written.
+    pub durability: Durability,
+}
+
+/// A snapshot of a log's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStats {
+    /// Offset of the first stored record (equals `end` when the log is empty).
+    pub start: Offset,
+    /// Offset the next appended record will get, as visible to readers.
+    pub end: Offset,
+    /// Everything below this is synced.
+    pub durable_end: Offset,
+    /// Number of segments.
+    pub segments: usize,
+    /// Bytes of published records in all segments.
+    pub bytes: u64,
+}
+
+/// A topic's append-only log.
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    config: LogConfig,
+    /// Segments in offset order; the last is the active one. Replaced whole
+    /// (copy on write) when a segment is added or removed.
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    writer: Mutex<Writer>,
+    durable_end: AtomicU64,
+    report: RecoveryReport,
+}
+
+#[derive(Debug)]
+struct Writer {
+    active: Active,
+    /// Offset the next written record gets (written, not necessarily published).
+    next_offset: u64,
+    /// Set by a failed sync; the log refuses writes from then on.
+    poisoned: Option<String>,
+    last_sync: Instant,
+    scratch: Vec<u8>,
+}
+
+/// The writer's side of the active segment.
+#[derive(Debug)]
+struct Active {
+    segment: Arc<Segment>,
+    map: Arc<dyn Mapping>,
+    builder: IndexBuilder,
+    idx: Arc<dyn StorageFile>,
+    tix: Arc<dyn StorageFile>,
+    idx_persisted: usize,
+    tix_persisted: usize,
+    first_offset: Option<u64>,
+    write_pos: u64,
+    synced_pos: u64,
+    allocated: u64,
+    /// The file grew since the last sync: only `sync_data` makes a size durable.
+    size_dirty: bool,
+    opened_at: Instant,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`, recovering it as `mode` allows.
+    /// What recovery did is in [`Log::recovery_report`].
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        mode: RecoveryMode,
+    ) -> Result<Log> {
+        config.validate()?;
+        let dir = dir.into();
+        storage
+            .create_dir_all(&dir)
+            .ctx(|| format!("creating {}", dir.display()))?;
+        let names = storage
+            .list_dir(&dir)
+            .ctx(|| format!("listing {}", dir.display()))?;
+        let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_log_name(n)).collect();
+        bases.sort_unstable();
+        remove_orphan_indexes(&*storage, &dir, &names, &bases)?;
+
+        let mut report = RecoveryReport::default();
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        let active = match bases.split_last() {
+            None => Active::create(&*storage, &dir, 0, &config)?,
+            Some((&last, sealed)) => {
+                for &base in sealed {
+                    let opened = recovery::open_segment(
+                        &*storage,
+                        &dir,
+                        base,
+                        &config,
+                        false,
+                        mode,
+                        &mut report,
+                    )?;
+                    segments.push(Arc::new(sealed_segment(opened, &config)?));
+                }
+                let opened = recovery::open_segment(
+                    &*storage,
+                    &dir,
+                    last,
+                    &config,
+                    true,
+                    mode,
+                    &mut report,
+                )?;
+                Active::resume(&*storage, opened, &config)?
+            }
+        };
+        segments.push(Arc::clone(&active.segment));
+        check_order(&segments)?;
+        let next_offset = active.segment.end_offset();
+        if !report.is_clean() {
+            tracing::warn!(log = %dir.display(), ?report, "log recovered");
+        }
+        Ok(Log {
+            dir,
+            storage,
+            config,
+            segments: RwLock::new(Arc::new(segments)),
+            writer: Mutex::new(Writer {
+                active,
+                next_offset,
+                poisoned: None,
+                last_sync: Instant::now(),
+                scratch: Vec::new(),
+            }),
+            durable_end: AtomicU64::new(next_offset),
+            report,
+        })
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log's settings.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What opening the log found and repaired.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        self.writer.lock().map_err(|_| Error::ReadOnly {
+            log: self.dir.clone(),
+            cause: "a writer panicked".into(),
+        })
+    }
+
+    /// The current segments, oldest first (the last one is active).
+    pub fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.segments.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn set_segments(&self, segments: Vec<Arc<Segment>>) {
+        *self.segments.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(segments);
+    }
+
+    /// Appends a batch and commits it under the log's fsync policy: the
+    /// single-producer form of [`Log::write`] + [`Log::commit`].
+    pub fn append(&self, batch: &[NewMessage]) -> Result<Appended> {
+        let (first, last) = self.write(batch)?;
+        let durability = self.commit()?;
+        Ok(Appended {
+            first,
+            last,
+            durability,
+        })
+    }
+
+    /// Writes a batch into the active segment without publishing or syncing
+    /// it, and returns its first and last offsets. Several writes followed by
+    /// one [`Log::commit`] share one sync (group commit).
+    pub fn write(&self, batch: &[NewMessage]) -> Result<(Offset, Offset)> {
+        if batch.is_empty() {
+            return Err(Error::InvalidArgument(
+                "empty batch: nothing to append".into(),
+            ));
+        }
+        let max = self.config.max_record_len() as usize;
+        let mut lens = Vec::with_capacity(batch.len());
+        for (i, msg) in batch.iter().enumerate() {
+            match record::encoded_len(msg) {
+                Some(len) if len <= max => lens.push(len as u64),
+                len => {
+                    return Err(Error::InvalidArgument(format!(
+                        "message {i} of the batch takes {} bytes stored; records of log {} hold at most {max} (segment_bytes)",
+                        len.map_or_else(|| "over 4 GiB of".into(), |l| l.to_string()),
+                        self.dir.display()
+                    )));
+                }
+            }
+        }
+        let mut w = self.lock_writer()?;
+        self.check_writable(&w)?;
+        let now = now_ms();
+        let first = w.next_offset;
+        let segment_bytes = self.config.segment_bytes;
+        let total: u64 = lens.iter().sum();
+        // Keep a batch in one segment when it fits in one, so a full disk at the
+        // roll cannot leave half a batch stored.
+        if w.active.first_offset.is_some()
+            && (w.active.write_pos + total > segment_bytes || self.segment_too_old(&w.active))
+        {
+            self.roll(&mut w)?;
+        }
+        let mut i = 0;
+        while i < batch.len() {
+            if w.active.first_offset.is_some() && w.active.write_pos + lens[i] > segment_bytes {
+                self.roll(&mut w)?;
+            }
+            let mut end = i;
+            let mut bytes = 0;
+            while end < batch.len() && w.active.write_pos + bytes + lens[end] <= segment_bytes {
+                bytes += lens[end];
+                end += 1;
+            }
+            let need = w.active.write_pos + bytes;
+            self.ensure_allocated(&mut w.active, need)?;
+            self.write_chunk(&mut w, &batch[i..end], now)?;
+            i = end;
+        }
+        Ok((Offset(first), Offset(w.next_offset - 1)))
+    }
+
+    fn segment_too_old(&self, active: &Active) -> bool {
+        self.config
+            .segment_ms
+            .is_some_and(|ms| active.opened_at.elapsed() >= Duration::from_millis(ms))
+    }
+
+    /// Encodes `msgs` and copies them into the map (allocation already done).
+    fn write_chunk(&self, w: &mut Writer, msgs: &[NewMessage], now: u64) -> Result<()> {
+        let Writer {
+            active,
+            scratch,
+            next_offset,
+            poisoned,
+            ..
+        } = w;
+        scratch.clear();
+        let base = active.segment.base();
+        let start = active.write_pos;
+        let mut offset = *next_offset;
+        active.segment.with_index_mut(|index| {
+            for msg in msgs {
+                let ts = msg.timestamp_ms.unwrap_or(now);
+                let pos = start + scratch.len() as u64;
+                let len = record::encode(scratch, offset, ts, msg);
+                // Both fit: a segment holds < 2^32 bytes and so < 2^27 records.
+                active.builder.observe(
+                    index,
+                    (offset - base) as u32,
+                    pos as u32,
+                    ts,
+                    len as u32,
+                    false,
+                );
+                offset += 1;
+            }
+        });
+        if let Err(e) = active.map.write(start, scratch) {
+            // The index now names records that are not there: stop writing.
+            let cause = format!(
+                "writing into the map of {}: {e}",
+                active.segment.paths().log.display()
+            );
+            *poisoned = Some(cause.clone());
+            return Err(Error::ReadOnly {
+                log: self.dir.clone(),
+                cause,
+            });
+        }
+        active.first_offset.get_or_insert(*next_offset);
+        active.write_pos += scratch.len() as u64;
+        *next_offset = offset;
+        Ok(())
+    }
+
+    /// Grows the active file ahead of the writer, never past the map.
+    fn ensure_allocated(&self, active: &mut Active, need: u64) -> Result<()> {
+        if need <= active.allocated {
+            return Ok(());
+        }
+        let step = active
+            .allocated
+            .clamp(MIN_ALLOCATION_STEP, MAX_ALLOCATION_STEP);
+        let target = need
+            .max(active.allocated + step)
+            .next_multiple_of(MIN_ALLOCATION_STEP)
+            .min(active.map.capacity())
+            .max(need);
+        let log = &active.segment.paths().log;
+        active
+            .segment
+            .file()
+            .allocate(target)
+            .ctx(|| format!("reserving {target} bytes for {}", log.display()))?;
+        active.allocated = target;
+        active.size_dirty = true;
+        Ok(())
+    }
+
+    fn check_writable(&self, w: &Writer) -> Result<()> {
+        match &w.poisoned {
+            Some(cause) => Err(Error::ReadOnly {
+                log: self.dir.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes everything written so far visible to readers, syncing first when
+    /// the fsync policy asks for it. Returns what the written data now is.
+    pub fn commit(&self) -> Result<Durability> {
+        let mut w = self.lock_writer()?;
+        self.check_writable(&w)?;
+        let sync_due = match self.config.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(ms) => w.last_sync.elapsed() >= Duration::from_millis(ms),
+            FsyncPolicy::Never => false,
+        };
+        if sync_due {
+            self.sync_locked(&mut w)?;
+        }
+        self.publish_locked(&mut w);
+        Ok(if w.active.synced_pos == w.active.write_pos {
+            Durability::Durable
+        } else {
+            Durability::Written
+        })
+    }
+
+    /// Syncs and publishes everything written (the fsync-interval tick, and the
+    /// explicit barrier under `fsync=never`).
+    pub fn sync(&self) -> Result<()> {
+        let mut w = self.lock_writer()?;
+        self.check_writable(&w)?;
+        self.sync_locked(&mut w)?;
+        self.publish_locked(&mut w);
+        Ok(())
+    }
+
+    /// The durability point. A failure poisons the log: the kernel may have
+    /// dropped the dirty pages, so a retry could report success for lost data.
+    fn sync_locked(&self, w: &mut Writer) -> Result<()> {
+        let a = &mut w.active;
+        if a.synced_pos == a.write_pos && !a.size_dirty {
+            return Ok(());
+        }
+        let result = if a.size_dirty {
+            a.segment.file().sync_data()
+        } else {
+            a.map.sync_range(a.synced_pos, a.write_pos - a.synced_pos)
+        };
+        if let Err(e) = result {
+            let cause = format!("sync of {} failed: {e}", a.segment.paths().log.display());
+            tracing::error!(log = %self.dir.display(), %cause, "log is now read-only");
+            w.poisoned = Some(cause.clone());
+            return Err(Error::ReadOnly {
+                log: self.dir.clone(),
+                cause,
+            });
+        }
+        a.synced_pos = a.write_pos;
+        a.size_dirty = false;
+        w.last_sync = Instant::now();
+        self.durable_end.store(w.next_offset, Ordering::Release);
+        Ok(())
+    }
+
+    fn publish_locked(&self, w: &mut Writer) {
+        let a = &mut w.active;
+        a.segment.publish(
+            a.write_pos,
+            w.next_offset,
+            a.first_offset,
+            a.builder.max_timestamp_ms(),
+        );
+        a.persist_index();
+    }
+
+    /// Seals the active segment and starts a new one at the next offset.
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        self.sync_locked(w)?;
+        self.publish_locked(w);
+        let sealed = self.seal(w).inspect_err(|e| {
+            w.poisoned = Some(format!("sealing failed: {e}"));
+        })?;
+        let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)?;
+        let mut segments: Vec<Arc<Segment>> = self.segments().as_ref().clone();
+        if let Some(last) = segments.last_mut() {
+            *last = Arc::new(sealed);
+        }
+        segments.push(Arc::clone(&active.segment));
+        self.set_segments(segments);
+        w.active = active;
+        Ok(())
+    }
+
+    /// Seal: write the full index, cut the file to its logical end, sync file
+    /// and directory, and map it read-only. Readers may still hold views of the
+    /// old map; they cover only the published prefix, which stays inside the
+    /// file after the cut, so no page past the new end is ever touched.
+    fn seal(&self, w: &mut Writer) -> Result<Segment> {
+        let a = &mut w.active;
+        let seg = &a.segment;
+        let log = &seg.paths().log;
+        let index = seg.index_snapshot();
+        recovery::write_index(&*self.storage, seg.paths(), &index)?;
+        seg.file()
+            .set_len(a.write_pos)
+            .ctx(|| format!("truncating {} to seal it", log.display()))?;
+        seg.file()
+            .sync_data()
+            .ctx(|| format!("syncing sealed {}", log.display()))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx(|| format!("syncing {}", self.dir.display()))?;
+        let map = seg
+            .file()
+            .map_read()
+            .ctx(|| format!("mapping {}", log.display()))?;
+        Ok(Segment::new(
+            seg.base(),
+            seg.paths().clone(),
+            Arc::clone(seg.file()),
+            map,
+            index,
+            SegmentState {
+                end_offset: w.next_offset,
+                first_offset: a.first_offset,
+                max_timestamp_ms: a.builder.max_timestamp_ms(),
+            },
+            self.config.max_record_len(),
+            true,
+        ))
+    }
+
+    /// Reads up to `max_messages` messages (and about `max_bytes` of records,
+    /// at least one message) starting at the first stored offset ≥ `from`.
+    /// Every record's CRC is checked; values share the map's memory.
+    pub fn read(
+        &self,
+        from: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>> {
+        let limits = ReadLimits {
+            max_messages,
+            max_bytes,
+        };
+        let segments = self.segments();
+        let first = segments
+            .partition_point(|s| s.base() <= from.0)
+            .saturating_sub(1);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for segment in &segments[first..] {
+            bytes += segment.read(from.0, limits, bytes, &mut out)?;
+            if out.len() >= max_messages || (!out.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Offset of the first record with a timestamp ≥ `ts`, or the end of the
+    /// log when there is none (O(log n) through the time index, then a short scan).
+    pub fn offset_for_timestamp(&self, ts: u64) -> Result<Offset> {
+        let segments = self.segments();
+        for segment in segments.iter() {
+            if let Some(offset) = segment.find_timestamp(ts)? {
+                return Ok(Offset(offset));
+            }
+        }
+        Ok(self.end())
+    }
+
+    /// Offset the next record gets, as visible to readers.
+    pub fn end(&self) -> Offset {
+        self.segments()
+            .last()
+            .map_or(Offset(0), |s| Offset(s.end_offset()))
+    }
+
+    /// Offset of the first stored record (the end when the log is empty).
+    pub fn start(&self) -> Offset {
+        let segments = self.segments();
+        segments
+            .iter()
+            .find_map(|s| s.first_offset())
+            .map_or_else(|| self.end(), Offset)
+    }
+
+    /// Extent and size of the log.
+    pub fn stats(&self) -> LogStats {
+        let segments = self.segments();
+        LogStats {
+            start: self.start(),
+            end: self.end(),
+            durable_end: Offset(self.durable_end.load(Ordering::Acquire)),
+            segments: segments.len(),
+            bytes: segments.iter().map(|s| s.size()).sum(),
+        }
+    }
+
+    /// Drops whole sealed segments beyond the retention limits (total bytes,
+    /// age of the newest record). Readers holding a dropped segment keep a
+    /// valid view until they let go. Returns the bases of dropped segments.
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<Vec<Offset>> {
+        let w = self.lock_writer()?;
+        let segments = self.segments();
+        let sealed = segments.len().saturating_sub(1);
+        let mut total: u64 = segments.iter().map(|s| s.size()).sum();
+        let mut dropped = 0;
+        while dropped < sealed {
+            let s = &segments[dropped];
+            let over_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|max| total - s.size() >= max);
+            let too_old = self
+                .config
+                .retention_ms
+                .is_some_and(|ms| s.max_timestamp_ms().saturating_add(ms) < now_ms);
+            if !(over_size || too_old) {
+                break;
+            }
+            total -= s.size();
+            dropped += 1;
+        }
+        if dropped == 0 {
+            return Ok(Vec::new());
+        }
+        self.set_segments(segments[dropped..].to_vec());
+        drop(w);
+        let removed: Vec<&Arc<Segment>> = segments[..dropped].iter().collect();
+        for s in &removed {
+            self.remove_segment_files(s.paths())?;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx(|| format!("syncing {}", self.dir.display()))?;
+        tracing::info!(log = %self.dir.display(), segments = dropped, "retention dropped segments");
+        Ok(removed.iter().map(|s| Offset(s.base())).collect())
+    }
+
+    fn remove_segment_files(&self, paths: &SegmentPaths) -> Result<()> {
+        for path in [&paths.log, &paths.idx, &paths.tix] {
+            if self.storage.exists(path) {
+                self.storage
+                    .remove_file(path)
+                    .ctx(|| format!("removing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs what was written and persists the index: a clean stop leaves no
+    /// recovery work. The active segment stays active for the next open.
+    pub fn close(self) -> Result<()> {
+        let mut w = self.lock_writer()?;
+        if w.poisoned.is_none() {
+            self.sync_locked(&mut w)?;
+            self.publish_locked(&mut w);
+        }
+        Ok(())
+    }
+}
+
+impl Active {
+    /// Creates the files of a new, empty segment and makes their names durable.
+    fn create(storage: &dyn Storage, dir: &Path, base: u64, config: &LogConfig) -> Result<Active> {
+        let paths = SegmentPaths::new(dir, base);
+        let file = storage
+            .open(&paths.log, OpenMode::CreateNew)
+            .ctx(|| format!("creating {}", paths.log.display()))?;
+        let opened = OpenedSegment {
+            base,
+            paths,
+            file,
+            index: Default::default(),
+            builder: IndexBuilder::new(config.index_interval_bytes),
+            state: SegmentState {
+                end_offset: base,
+                first_offset: None,
+                max_timestamp_ms: 0,
+            },
+            end_position: 0,
+        };
+        let active = Active::resume(storage, opened, config)?;
+        storage
+            .sync_dir(dir)
+            .ctx(|| format!("syncing {}", dir.display()))?;
+        Ok(active)
+    }
+
+    /// Takes over a recovered segment for appending.
+    fn resume(storage: &dyn Storage, opened: OpenedSegment, config: &LogConfig) -> Result<Active> {
+        let OpenedSegment {
+            base,
+            paths,
+            file,
+            index,
+            builder,
+            state,
+            end_position,
+        } = opened;
+        let open = |path: &Path| {
+            storage
+                .open(path, OpenMode::CreateOrOpen)
+                .ctx(|| format!("opening {}", path.display()))
+        };
+        let idx = open(&paths.idx)?;
+        let tix = open(&paths.tix)?;
+        let allocated = file
+            .len()
+            .ctx(|| format!("reading size of {}", paths.log.display()))?;
+        let capacity = config.segment_bytes.max(end_position);
+        let map = file
+            .map_append(capacity, end_position)
+            .ctx(|| format!("mapping {}", paths.log.display()))?;
+        let (idx_persisted, tix_persisted) =
+            (index.offset_entries().len(), index.time_entries().len());
+        let segment = Arc::new(Segment::new(
+            base,
+            paths,
+            file,
+            Arc::clone(&map),
+            index,
+            state,
+            config.max_record_len(),
+            false,
+        ));
+        Ok(Active {
+            segment,
+            map,
+            builder,
+            idx,
+            tix,
+            idx_persisted,
+            tix_persisted,
+            first_offset: state.first_offset,
+            write_pos: end_position,
+            synced_pos: end_position,
+            allocated,
+            size_dirty: false,
+            opened_at: Instant::now(),
+        })
+    }
+
+    /// Appends new index entries to `.idx`/`.tix` (hints: not synced; a failure
+    /// only costs a longer scan at the next open).
+    fn persist_index(&mut self) {
+        let (offsets, times, idx_count, tix_count) = {
+            let (idx_from, tix_from) = (self.idx_persisted, self.tix_persisted);
+            self.segment.with_index(|index| {
+                (
+                    index.encode_offsets(idx_from),
+                    index.encode_times(tix_from),
+                    index.offset_entries().len(),
+                    index.time_entries().len(),
+                )
+            })
+        };
+        if offsets.is_empty() && times.is_empty() {
+            return;
+        }
+        let idx_at = (self.idx_persisted * super::index::OFFSET_ENTRY_LEN) as u64;
+        let tix_at = (self.tix_persisted * super::index::TIME_ENTRY_LEN) as u64;
+        match (
+            self.idx.write_at(idx_at, &offsets),
+            self.tix.write_at(tix_at, &times),
+        ) {
+            (Ok(()), Ok(())) => {
+                self.idx_persisted = idx_count;
+                self.tix_persisted = tix_count;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(file = %self.segment.paths().idx.display(), error = %e,
+                    "could not persist index entries; the next open rebuilds them");
+            }
+        }
+    }
+}
+
+fn sealed_segment(opened: OpenedSegment, config: &LogConfig) -> Result<Segment> {
+    let map = opened
+        .file
+        .map_read()
+        .ctx(|| format!("mapping {}", opened.paths.log.display()))?;
+    Ok(Segment::new(
+        opened.base,
+        opened.paths,
+        opened.file,
+        map,
+        opened.index,
+        opened.state,
+        config.max_record_len(),
+        true,
+    ))
+}
+
+/// Removes `.idx`/`.tix` files whose `.log` is gone (left by an interrupted removal).
+fn remove_orphan_indexes(
+    storage: &dyn Storage,
+    dir: &Path,
+    names: &[String],
+    bases: &[u64],
+) -> Result<()> {
+    for name in names {
+        let Some(stem) = name
+            .strip_suffix(".idx")
+            .or_else(|| name.strip_suffix(".tix"))
+        else {
+            continue;
+        };
+        if parse_log_name(&format!("{stem}.log")).is_some_and(|b| bases.binary_search(&b).is_err())
+        {
+            let path = dir.join(name);
+            storage
+                .remove_file(&path)
+                .ctx(|| format!("removing orphan {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Segments must not overlap: each starts at or after the previous one's end.
+fn check_order(segments: &[Arc<Segment>]) -> Result<()> {
+    for pair in segments.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.end_offset() > b.base() {
+            return Err(Error::corruption(Corruption {
+                file: a.paths().log.clone(),
+                bytes: 0..a.size(),
+                offsets: Some(b.base()..a.end_offset()),
+                detail: format!(
+                    "segment holds offsets up to {} but the next segment {} starts at {}",
+                    a.end_offset() - 1,
+                    b.paths().log.display(),
+                    b.base()
+                ),
+            }));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! Opening a segment after any kind of stop: validate its index against the
+//! log, scan from the last trusted entry, and decide what the bytes after the
+//! last valid record are.
+//!
+//! | after the last valid record          | active segment          | sealed segment            |
+//! |--------------------------------------|-------------------------|---------------------------|
+//! | nothing, or only zeros               | normal (preallocation)  | zeros cut (interrupted seal) |
+//! | bytes, and no valid record after them| torn tail: cut, logged  | damage                    |
+//! | bytes, then valid records again      | damage                  | damage                    |
+//!
+//! Damage refuses to open under [`RecoveryMode::TolerateTornTail`] with an error
+//! naming the file, byte range and offsets; [`RecoveryMode::SkipDamaged`] copies
+//! the range to `quarantine/`, overwrites it with a filler record that readers
+//! skip, and goes on.
+
+use super::config::{LogConfig, RecoveryMode};
+use super::index::{IndexBuilder, SegmentIndex};
+use super::io::{OpenMode, Storage, StorageFile};
+use super::record::{self, Frame, HEADER_LEN, RECORD_MAGIC};
+use super::segment::{SegmentPaths, SegmentState};
+use crate::error::{Corruption, Error, IoContext, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Folder (inside a log's directory) that receives quarantined byte ranges.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// A cut made while opening a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// The file that was cut.
+    pub file: PathBuf,
+    /// Its new length: the end of the last valid record.
+    pub at: u64,
+    /// Bytes dropped after it.
+    pub dropped: u64,
+}
+
+/// What opening a log found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Torn tails and zero tails cut.
+    pub truncations: Vec<Truncation>,
+    /// Index files rebuilt from their log.
+    pub rebuilt_indexes: Vec<PathBuf>,
+    /// Damaged ranges quarantined (only under [`RecoveryMode::SkipDamaged`]).
+    pub quarantined: Vec<Corruption>,
+}
+
+impl RecoveryReport {
+    /// True when the log was opened exactly as it was left.
+    pub fn is_clean(&self) -> bool {
+        self.truncations.is_empty()
+            && self.rebuilt_indexes.is_empty()
+            && self.quarantined.is_empty()
+    }
+}
+
+/// A segment as recovery left it, ready to be wrapped for reading or appending.
+#[derive(Debug)]
+pub struct OpenedSegment {
+    /// Base offset.
+    pub base: u64,
+    /// Its files.
+    pub paths: SegmentPaths,
+    /// The open `.log`.
+    pub file: Arc<dyn StorageFile>,
+    /// Index covering every valid record.
+    pub index: SegmentIndex,
+    /// Builder positioned after the last record (for appending).
+    pub builder: IndexBuilder,
+    /// Published content.
+    pub state: SegmentState,
+    /// Byte position after the last valid record.
+    pub end_position: u64,
+}
+
+/// Where the scan stopped.
+enum Stop {
+    /// At the end of the file, or where only zeros follow.
+    Clean,
+    /// At a record that does not validate (or breaks the offset order).
+    Invalid(String),
+}
+
+/// Opens the segment `base` of the log in `dir`, repairing what `mode` allows.
+pub fn open_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    config: &LogConfig,
+    active: bool,
+    mode: RecoveryMode,
+    report: &mut RecoveryReport,
+) -> Result<OpenedSegment> {
+    let paths = SegmentPaths::new(dir, base);
+    let log = &paths.log;
+    let file = storage
+        .open(log, OpenMode::Existing)
+        .ctx(|| format!("opening {}", log.display()))?;
+    let max_len = config.max_record_len();
+    let (mut index, loaded) = load_index(storage, &paths, base, &*file, max_len)?;
+
+    let mut builder = IndexBuilder::resume(config.index_interval_bytes, &index);
+    let mut pos = index
+        .offset_entries()
+        .last()
+        .map_or(0, |e| u64::from(e.position));
+    let mut last_offset: Option<u64> = None;
+    let mut first_offset = index
+        .offset_entries()
+        .first()
+        .map(|e| base + u64::from(e.relative));
+    loop {
+        let len = file
+            .len()
+            .ctx(|| format!("reading size of {}", log.display()))?;
+        let map = file
+            .map_read()
+            .ctx(|| format!("mapping {}", log.display()))?;
+        let data = map
+            .bytes(0, len)
+            .ctx(|| format!("reading {}", log.display()))?;
+        let stop = scan(
+            &data,
+            &mut pos,
+            base,
+            &mut index,
+            &mut builder,
+            &mut last_offset,
+            &mut first_offset,
+            max_len,
+        );
+        let Stop::Invalid(why) = stop else {
+            // Clean end or zeros: a sealed segment must end exactly at its last record.
+            if pos < len && !active {
+                cut(&*file, log, pos, len, report)?;
+                tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
+                    "cut zero tail of a sealed segment (a seal was interrupted)");
+            }
+            break;
+        };
+        let next_valid = find_next_valid(&data, pos, last_offset, max_len);
+        if next_valid.is_none() && active {
+            cut(&*file, log, pos, len, report)?;
+            tracing::warn!(file = %log.display(), at = pos, dropped = len - pos, reason = %why,
+                "cut torn tail of the active segment");
+            break;
+        }
+        let damaged_end = next_valid.map_or(len, |(q, _)| q);
+        let first_lost = last_offset.map_or(base, |o| o + 1);
+        let damage = Corruption {
+            file: log.clone(),
+            bytes: pos..damaged_end,
+            offsets: Some(first_lost..next_valid.map_or(first_lost, |(_, o)| o)),
+            detail: format!(
+                "{why}; valid records {} after it. Start with recovery mode skip-damaged \
+                 (`spool serve --recovery skip-damaged`) to quarantine the range and open anyway",
+                if next_valid.is_some() {
+                    "follow"
+                } else {
+                    "do not follow"
+                }
+            ),
+        };
+        if mode == RecoveryMode::TolerateTornTail {
+            return Err(Error::corruption(damage));
+        }
+        quarantine(storage, dir, &*file, &damage)?;
+        tracing::error!(%damage, "quarantined damaged range");
+        report.quarantined.push(damage);
+        match next_valid {
+            Some((q, _)) => {
+                let filler = record::filler((q - pos) as usize, first_lost, 0);
+                file.write_at(pos, &filler)
+                    .ctx(|| format!("writing filler into {}", log.display()))?;
+                file.sync_data()
+                    .ctx(|| format!("syncing {}", log.display()))?;
+            }
+            None => {
+                file.set_len(pos)
+                    .ctx(|| format!("truncating {}", log.display()))?;
+                file.sync_data()
+                    .ctx(|| format!("syncing {}", log.display()))?;
+                break;
+            }
+        }
+    }
+
+    let end_offset = last_offset.map_or(base, |o| o + 1);
+    if loaded.as_ref() != Some(&index) {
+        write_index(storage, &paths, &index)?;
+        let was_written = loaded
+            .as_ref()
+            .is_some_and(|l| !l.offset_entries().is_empty());
+        if was_written || !active || loaded.is_none() {
+            tracing::info!(file = %paths.idx.display(), "rebuilt index from the log");
+            report.rebuilt_indexes.push(paths.idx.clone());
+        }
+    }
+    Ok(OpenedSegment {
+        base,
+        paths,
+        file,
+        builder,
+        state: SegmentState {
+            end_offset,
+            first_offset,
+            max_timestamp_ms: builder.max_timestamp_ms(),
+        },
+        index,
+        end_position: pos,
+    })
+}
+
+/// Scans records from `*pos`, extending the index, until the data ends, turns
+/// to zeros, or a record fails. Leaves `*pos` after the last valid record.
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    data: &[u8],
+    pos: &mut u64,
+    base: u64,
+    index: &mut SegmentIndex,
+    builder: &mut IndexBuilder,
+    last_offset: &mut Option<u64>,
+    first_offset: &mut Option<u64>,
+    max_len: u32,
+) -> Stop {
+    while (*pos as usize) < data.len() {
+        let at = *pos as usize;
+        let r = match record::decode(&data[at..], max_len) {
+            Ok(Frame::Record(r)) => r,
+            Ok(Frame::End) => {
+                return if data[at..].iter().all(|&b| b == 0) {
+                    Stop::Clean
+                } else {
+                    Stop::Invalid("zeroed record header".into())
+                };
+            }
+            Err(e) => return Stop::Invalid(e.to_string()),
+        };
+        if !r.is_filler() {
+            if r.offset < base || last_offset.is_some_and(|last| r.offset <= last) {
+                return Stop::Invalid(format!(
+                    "offset {} does not follow {}",
+                    r.offset,
+                    last_offset.map_or(base, |l| l + 1)
+                ));
+            }
+            let Ok(relative) = u32::try_from(r.offset - base) else {
+                return Stop::Invalid(format!("offset {} too far from base {base}", r.offset));
+            };
+            builder.observe(index, relative, at as u32, r.timestamp_ms, r.len, false);
+            *last_offset = Some(r.offset);
+            first_offset.get_or_insert(r.offset);
+        } else {
+            builder.observe(index, 0, at as u32, 0, r.len, true);
+        }
+        *pos += u64::from(r.len);
+    }
+    Stop::Clean
+}
+
+/// The next position after `from` where a valid record with an offset past
+/// `last_offset` starts, with that offset.
+fn find_next_valid(
+    data: &[u8],
+    from: u64,
+    last_offset: Option<u64>,
+    max_len: u32,
+) -> Option<(u64, u64)> {
+    let start = from as usize + 1;
+    let mut at = start;
+    while at < data.len() {
+        let hit = data[at..].iter().position(|&b| b == RECORD_MAGIC)?;
+        at += hit;
+        if let Ok(Frame::Record(r)) = record::decode(&data[at..], max_len) {
+            if last_offset.is_none_or(|last| r.offset > last) {
+                return Some((at as u64, r.offset));
+            }
+        }
+        at += 1;
+    }
+    None
+}
+
+fn cut(
+    file: &dyn StorageFile,
+    log: &Path,
+    at: u64,
+    len: u64,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    file.set_len(at)
+        .ctx(|| format!("truncating {} at byte {at}", log.display()))?;
+    file.sync_data()
+        .ctx(|| format!("syncing {}", log.display()))?;
+    report.truncations.push(Truncation {
+        file: log.to_owned(),
+        at,
+        dropped: len - at,
+    });
+    Ok(())
+}
+
+/// Copies a damaged range out to `quarantine/<log name>.<start>-<end>`, durably.
+fn quarantine(
+    storage: &dyn Storage,
+    dir: &Path,
+    file: &dyn StorageFile,
+    damage: &Corruption,
+) -> Result<()> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    storage
+        .create_dir_all(&qdir)
+        .ctx(|| format!("creating {}", qdir.display()))?;
+    let name = damage
+        .file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment");
+    let target = qdir.join(format!(
+        "{name}.{}-{}",
+        damage.bytes.start, damage.bytes.end
+    ));
+    let mut bytes = vec![0u8; (damage.bytes.end - damage.bytes.start) as usize];
+    file.read_at(damage.bytes.start, &mut bytes)
+        .ctx(|| format!("reading damaged range of {}", damage.file.display()))?;
+    let out = storage
+        .open(&target, OpenMode::CreateOrOpen)
+        .ctx(|| format!("creating {}", target.display()))?;
+    out.set_len(0)
+        .ctx(|| format!("writing {}", target.display()))?;
+    out.write_at(0, &bytes)
+        .ctx(|| format!("writing {}", target.display()))?;
+    out.sync_data()
+        .ctx(|| format!("syncing {}", target.display()))?;
+    storage
+        .sync_dir(&qdir)
+        .ctx(|| format!("syncing {}", qdir.display()))?;
+    Ok(())
+}
+
+/// Loads `.idx`/`.tix` and keeps the entries that agree with the log. Returns
+/// the index and what the files held (`None` when malformed), to tell whether
+/// they need rewriting.
+fn load_index(
+    storage: &dyn Storage,
+    paths: &SegmentPaths,
+    base: u64,
+    log: &dyn StorageFile,
+    max_len: u32,
+) -> Result<(SegmentIndex, Option<SegmentIndex>)> {
+    let idx = read_optional(storage, &paths.idx)?;
+    let tix = read_optional(storage, &paths.tix)?;
+    let Some(mut index) = SegmentIndex::decode(&idx, &tix) else {
+        tracing::warn!(file = %paths.idx.display(), "index malformed; rebuilding from the log");
+        return Ok((SegmentIndex::default(), None));
+    };
+    let loaded = Some(index.clone());
+    let len = log
+        .len()
+        .ctx(|| format!("reading size of {}", paths.log.display()))?;
+    // Drop entries from the end until the last one points at the record it names.
+    while let Some(last) = index.offset_entries().last().copied() {
+        let pos = u64::from(last.position);
+        if record_offset_at(log, pos, len, max_len) == Some(base + u64::from(last.relative)) {
+            break;
+        }
+        index.truncate(last.relative, last.position);
+    }
+    if let Some(last) = index.offset_entries().last().copied() {
+        // Time entries never point past the last offset entry (see IndexBuilder).
+        index.truncate(last.relative + 1, last.position + 1);
+    } else {
+        index = SegmentIndex::default();
+    }
+    Ok((index, loaded))
+}
+
+/// Offset of the valid record at `pos`, if one is there.
+fn record_offset_at(log: &dyn StorageFile, pos: u64, len: u64, max_len: u32) -> Option<u64> {
+    let mut header = [0u8; HEADER_LEN];
+    if pos + HEADER_LEN as u64 > len {
+        return None;
+    }
+    log.read_at(pos, &mut header).ok()?;
+    let rec_len = u64::from(u32::from_le_bytes([
+        header[4], header[5], header[6], header[7],
+    ]));
+    if rec_len < HEADER_LEN as u64 || pos + rec_len > len || rec_len > u64::from(max_len) {
+        return None;
+    }
+    let mut rec = vec![0u8; rec_len as usize];
+    log.read_at(pos, &mut rec).ok()?;
+    match record::decode(&rec, max_len) {
+        Ok(Frame::Record(r)) if !r.is_filler() => Some(r.offset),
+        _ => None,
+    }
+}
+
+fn read_optional(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
+    if !storage.exists(path) {
+        return Ok(Vec::new());
+    }
+    let file = storage
+        .open(path, OpenMode::Existing)
+        .ctx(|| format!("opening {}", path.display()))?;
+    let len = file
+        .len()
+        .ctx(|| format!("reading size of {}", path.display()))?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_at(0, &mut buf)
+        .ctx(|| format!("reading {}", path.display()))?;
+    Ok(buf)
+}
+
+/// Replaces `.idx` and `.tix` with `index`. Index files are hints checked on
+/// every open, so they are not synced.
+pub fn write_index(
+    storage: &dyn Storage,
+    paths: &SegmentPaths,
+    index: &SegmentIndex,
+) -> Result<()> {
+    for (path, bytes) in [
+        (&paths.idx, index.encode_offsets(0)),
+        (&paths.tix, index.encode_times(0)),
+    ] {
+        let file = storage
+            .open(path, OpenMode::CreateOrOpen)
+            .ctx(|| format!("opening {}", path.display()))?;
+        file.set_len(0)
+            .ctx(|| format!("truncating {}", path.display()))?;
+        file.write_at(0, &bytes)
+            .ctx(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
