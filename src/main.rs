@@ -1,11 +1,7 @@
-//! The `spool` binary.
+//! The `spool` binary: parses the command line and hands over to [`cli`].
 
-fn main() {
-    std::process::exit(spool_cli::run());
-}
+mod cli;
 
-mod spool_cli {
-    pub fn run() -> i32 {
-        0
-    }
+fn main() -> std::process::ExitCode {
+    cli::run()
 }

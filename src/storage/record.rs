@@ -386,10 +386,11 @@ mod tests {
             let mut buf = Vec::new();
             encode(&mut buf, 1, 2, &msg);
             let cut = cut.index(buf.len());
-            prop_assert!(matches!(
+            let torn = matches!(
                 decode(&buf[..cut], u32::MAX),
                 Err(DecodeError::Incomplete { .. }) | Ok(Frame::End)
-            ));
+            );
+            prop_assert!(torn, "a record cut at {} must read as incomplete", cut);
         }
 
         #[test]
