@@ -100,8 +100,9 @@ pub trait Mapping: Send + Sync + Debug {
     fn capacity(&self) -> u64;
     /// End of the bytes readers may see.
     fn published(&self) -> u64;
-    /// Copies `data` into the map at `pos`. Only the appender calls this, only
-    /// at or above the published end, and only below the file's allocated size.
+    /// Writes `data` at `pos` into the pages the map shows (the real disk uses
+    /// `pwrite`). Only the appender calls this, only at or above the published
+    /// end, and only below the file's allocated size.
     fn write(&self, pos: u64, data: &[u8]) -> io::Result<()>;
     /// Makes bytes below `end` visible to readers. `end` never decreases.
     fn publish(&self, end: u64);

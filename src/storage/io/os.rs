@@ -49,7 +49,7 @@ impl Storage for OsStorage {
         let file = options.open(path)?;
         let size = file.metadata()?.len();
         Ok(Arc::new(OsFile {
-            file,
+            file: Arc::new(file),
             path: path.to_owned(),
             size: Arc::new(AtomicU64::new(size)),
         }))
@@ -107,7 +107,7 @@ impl LockGuard for OsLock {}
 /// An open file on the real disk.
 #[derive(Debug)]
 struct OsFile {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     /// Size as this process last set it, shared with the file's maps so they
     /// never write past the end of the file.
@@ -125,7 +125,7 @@ impl StorageFile for OsFile {
             return Ok(());
         }
         match rustix::fs::fallocate(
-            &self.file,
+            &*self.file,
             rustix::fs::FallocateFlags::empty(),
             current,
             len - current,
