@@ -28,17 +28,25 @@ fn bench_dir() -> tempfile::TempDir {
 
 fn batch(count: usize, size: usize) -> Vec<NewMessage> {
     let value = Bytes::from(vec![0x5a; size]);
-    (0..count).map(|_| NewMessage::from_value(value.clone())).collect()
+    (0..count)
+        .map(|_| NewMessage::from_value(value.clone()))
+        .collect()
 }
 
 fn open(dir: &std::path::Path, fsync: FsyncPolicy, segment_bytes: u64) -> Log {
-    let config = LogConfig { fsync, segment_bytes, ..LogConfig::default() };
+    let config = LogConfig {
+        fsync,
+        segment_bytes,
+        ..LogConfig::default()
+    };
     Log::open(Arc::new(OsStorage), dir, config, RecoveryMode::default()).expect("open log")
 }
 
 fn baseline(c: &mut Criterion) {
     let mut group = c.benchmark_group("baseline");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Bytes(DURABLE_BYTES));
     let buf = vec![0x5au8; MIB as usize];
     group.bench_function("write_fdatasync_1MiB", |b| {
@@ -48,6 +56,7 @@ fn baseline(c: &mut Criterion) {
                 let tmp = bench_dir();
                 let mut file = OpenOptions::new()
                     .create(true)
+                    .truncate(true)
                     .write(true)
                     .open(tmp.path().join("baseline"))
                     .expect("baseline file");
@@ -66,7 +75,9 @@ fn baseline(c: &mut Criterion) {
 
 fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("append");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     // 1000 records of 1 KiB values: 1 MiB of payload per batch.
     let durable = batch(1000, 1024);
     group.throughput(Throughput::Bytes(DURABLE_BYTES));
@@ -86,7 +97,10 @@ fn append(c: &mut Criterion) {
         })
     });
 
-    for (name, size, count) in [("nosync_1KiB", 1024usize, 1000usize), ("nosync_100B", 100, 10_000)] {
+    for (name, size, count) in [
+        ("nosync_1KiB", 1024usize, 1000usize),
+        ("nosync_100B", 100, 10_000),
+    ] {
         let records = batch(count, size);
         let per_batch = (size * count) as u64;
         // Elements = records, so criterion reports records/s; bytes follow from size.

@@ -119,7 +119,8 @@ impl SegmentIndex {
     /// Parses stored index files. Returns `None` when they are not well formed
     /// (odd length, entries out of order): the caller rebuilds from the log.
     pub fn decode(idx: &[u8], tix: &[u8]) -> Option<SegmentIndex> {
-        if idx.len() % OFFSET_ENTRY_LEN != 0 || tix.len() % TIME_ENTRY_LEN != 0 {
+        if !idx.len().is_multiple_of(OFFSET_ENTRY_LEN) || !tix.len().is_multiple_of(TIME_ENTRY_LEN)
+        {
             return None;
         }
         let mut index = SegmentIndex::default();

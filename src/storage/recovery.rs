@@ -274,10 +274,10 @@ fn find_next_valid(
     while at < data.len() {
         let hit = data[at..].iter().position(|&b| b == RECORD_MAGIC)?;
         at += hit;
-        if let Ok(Frame::Record(r)) = record::decode(&data[at..], max_len) {
-            if last_offset.is_none_or(|last| r.offset > last) {
-                return Some((at as u64, r.offset));
-            }
+        if let Ok(Frame::Record(r)) = record::decode(&data[at..], max_len)
+            && last_offset.is_none_or(|last| r.offset > last)
+        {
+            return Some((at as u64, r.offset));
         }
         at += 1;
     }

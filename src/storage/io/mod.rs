@@ -71,6 +71,10 @@ pub enum LockError {
 pub trait StorageFile: Send + Sync + Debug {
     /// Current size in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Grows the file to at least `len` bytes with blocks reserved on disk
     /// (`fallocate`), zero-filled. Fails with ENOSPC when the disk is full.
     /// The new size is durable after [`StorageFile::sync_data`].

@@ -62,7 +62,7 @@ struct Inode {
 }
 
 fn eio(msg: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::Other, msg.to_owned())
+    io::Error::other(msg.to_owned())
 }
 
 fn enospc() -> io::Error {
