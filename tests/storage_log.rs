@@ -3,13 +3,20 @@
 //! retention, locking, size limits.
 
 use bytes::Bytes;
-use spool::storage::io::{OsStorage, SimDisk, Storage};
-use spool::storage::{DataDir, Durability, FsyncPolicy, LogConfig, NewMessage, Offset, RecoveryMode};
 use spool::Error;
+use spool::storage::io::{OsStorage, SimDisk, Storage};
+use spool::storage::{
+    DataDir, Durability, FsyncPolicy, LogConfig, NewMessage, Offset, RecoveryMode,
+};
 use std::sync::Arc;
 
 fn small(fsync: FsyncPolicy) -> LogConfig {
-    LogConfig { segment_bytes: 4096, index_interval_bytes: 256, fsync, ..LogConfig::default() }
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        fsync,
+        ..LogConfig::default()
+    }
 }
 
 fn msg(i: usize) -> NewMessage {
@@ -20,8 +27,14 @@ fn msg(i: usize) -> NewMessage {
 
 fn backends() -> Vec<(Arc<dyn Storage>, tempfile::TempDir)> {
     vec![
-        (Arc::new(OsStorage) as Arc<dyn Storage>, tempfile::tempdir().expect("tempdir")),
-        (Arc::new(SimDisk::new()) as Arc<dyn Storage>, tempfile::tempdir().expect("tempdir")),
+        (
+            Arc::new(OsStorage) as Arc<dyn Storage>,
+            tempfile::tempdir().expect("tempdir"),
+        ),
+        (
+            Arc::new(SimDisk::new()) as Arc<dyn Storage>,
+            tempfile::tempdir().expect("tempdir"),
+        ),
     ]
 }
 
@@ -32,17 +45,29 @@ fn appends_read_back_byte_exact_across_rolls_and_reopen() {
         let expected: Vec<NewMessage> = (0..500).map(msg).collect();
         {
             let data = DataDir::open(Arc::clone(&storage), &root).expect("open data dir");
-            let log = data.open_log("t", small(FsyncPolicy::Always), RecoveryMode::default()).expect("open");
+            let log = data
+                .open_log("t", small(FsyncPolicy::Always), RecoveryMode::default())
+                .expect("open");
             for chunk in expected.chunks(7) {
                 let a = log.append(chunk).expect("append");
                 assert_eq!(a.durability, Durability::Durable);
             }
-            assert!(log.stats().segments > 5, "small segments must roll: {:?}", log.stats());
+            assert!(
+                log.stats().segments > 5,
+                "small segments must roll: {:?}",
+                log.stats()
+            );
             log.close().expect("close");
         }
         let data = DataDir::open(Arc::clone(&storage), &root).expect("reopen data dir");
-        let log = data.open_log("t", small(FsyncPolicy::Always), RecoveryMode::default()).expect("reopen");
-        assert!(log.recovery_report().is_clean(), "{:?}", log.recovery_report());
+        let log = data
+            .open_log("t", small(FsyncPolicy::Always), RecoveryMode::default())
+            .expect("reopen");
+        assert!(
+            log.recovery_report().is_clean(),
+            "{:?}",
+            log.recovery_report()
+        );
         assert_eq!(log.end(), Offset(500));
         let mut got = Vec::new();
         let mut from = Offset(0);
@@ -71,9 +96,11 @@ fn appends_read_back_byte_exact_across_rolls_and_reopen() {
 #[test]
 fn max_bytes_bounds_a_read_but_one_message_always_comes() {
     let disk = Arc::new(SimDisk::new());
-    let log = spool::storage::Log::open(disk, "/l", LogConfig::default(), RecoveryMode::default()).expect("open");
+    let log = spool::storage::Log::open(disk, "/l", LogConfig::default(), RecoveryMode::default())
+        .expect("open");
     let big = NewMessage::from_value(vec![7u8; 10_000]);
-    log.append(&[big.clone(), big.clone(), big]).expect("append");
+    log.append(&[big.clone(), big.clone(), big])
+        .expect("append");
     assert_eq!(log.read(Offset(0), 10, 100).expect("read").len(), 1);
     assert_eq!(log.read(Offset(0), 10, 20_100).expect("read").len(), 2);
     assert_eq!(log.read(Offset(3), 10, 100).expect("read").len(), 0);
@@ -82,22 +109,35 @@ fn max_bytes_bounds_a_read_but_one_message_always_comes() {
 #[test]
 fn timestamp_lookup_finds_first_record_at_or_after() {
     let disk = Arc::new(SimDisk::new());
-    let log = spool::storage::Log::open(disk, "/l", small(FsyncPolicy::Never), RecoveryMode::default()).expect("open");
+    let log = spool::storage::Log::open(
+        disk,
+        "/l",
+        small(FsyncPolicy::Never),
+        RecoveryMode::default(),
+    )
+    .expect("open");
     let batch: Vec<NewMessage> = (0..300)
-        .map(|i| NewMessage { timestamp_ms: Some(1000 + i * 10), ..msg(i as usize) })
+        .map(|i| NewMessage {
+            timestamp_ms: Some(1000 + i * 10),
+            ..msg(i as usize)
+        })
         .collect();
     log.append(&batch).expect("append");
     assert_eq!(log.offset_for_timestamp(0).expect("lookup"), Offset(0));
     assert_eq!(log.offset_for_timestamp(1000).expect("lookup"), Offset(0));
     assert_eq!(log.offset_for_timestamp(1001).expect("lookup"), Offset(1));
     assert_eq!(log.offset_for_timestamp(2505).expect("lookup"), Offset(151));
-    assert_eq!(log.offset_for_timestamp(1_000_000).expect("lookup"), Offset(300));
+    assert_eq!(
+        log.offset_for_timestamp(1_000_000).expect("lookup"),
+        Offset(300)
+    );
 }
 
 #[test]
 fn written_records_are_invisible_until_committed() {
     let disk = Arc::new(SimDisk::new());
-    let log = spool::storage::Log::open(disk, "/l", LogConfig::default(), RecoveryMode::default()).expect("open");
+    let log = spool::storage::Log::open(disk, "/l", LogConfig::default(), RecoveryMode::default())
+        .expect("open");
     let (first, last) = log.write(&[msg(0), msg(1)]).expect("write");
     assert_eq!((first, last), (Offset(0), Offset(1)));
     assert!(log.read(Offset(0), 10, 1 << 20).expect("read").is_empty());
@@ -109,8 +149,20 @@ fn written_records_are_invisible_until_committed() {
 #[test]
 fn fsync_never_acks_written_and_sync_makes_durable() {
     let disk = Arc::new(SimDisk::new());
-    let log = spool::storage::Log::open(disk, "/l", LogConfig { fsync: FsyncPolicy::Never, ..LogConfig::default() }, RecoveryMode::default()).expect("open");
-    assert_eq!(log.append(&[msg(0)]).expect("append").durability, Durability::Written);
+    let log = spool::storage::Log::open(
+        disk,
+        "/l",
+        LogConfig {
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        },
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    assert_eq!(
+        log.append(&[msg(0)]).expect("append").durability,
+        Durability::Written
+    );
     assert_eq!(log.stats().durable_end, Offset(0));
     log.sync().expect("sync");
     assert_eq!(log.stats().durable_end, Offset(1));
@@ -119,8 +171,12 @@ fn fsync_never_acks_written_and_sync_makes_durable() {
 #[test]
 fn retention_drops_whole_old_segments_only() {
     let disk = Arc::new(SimDisk::new());
-    let config = LogConfig { retention_bytes: Some(8192), ..small(FsyncPolicy::Never) };
-    let log = spool::storage::Log::open(disk.clone(), "/l", config, RecoveryMode::default()).expect("open");
+    let config = LogConfig {
+        retention_bytes: Some(8192),
+        ..small(FsyncPolicy::Never)
+    };
+    let log = spool::storage::Log::open(disk.clone(), "/l", config, RecoveryMode::default())
+        .expect("open");
     for i in 0..400 {
         log.append(&[msg(i)]).expect("append");
     }
@@ -134,8 +190,13 @@ fn retention_drops_whole_old_segments_only() {
     assert!(after.start > before.start);
     assert_eq!(after.end, before.end);
     assert_eq!(held[0].value, msg(0).value);
-    let first = log.read(Offset(0), 1, 1 << 20).expect("read from a dropped offset");
-    assert_eq!(first[0].offset, after.start, "reads from a dropped offset start at the log start");
+    let first = log
+        .read(Offset(0), 1, 1 << 20)
+        .expect("read from a dropped offset");
+    assert_eq!(
+        first[0].offset, after.start,
+        "reads from a dropped offset start at the log start"
+    );
     for base in removed {
         assert!(!disk.exists(&std::path::Path::new("/l").join(format!("{:020}.log", base.0))));
     }
@@ -144,15 +205,31 @@ fn retention_drops_whole_old_segments_only() {
 #[test]
 fn retention_by_age_uses_the_newest_record_of_a_segment() {
     let disk = Arc::new(SimDisk::new());
-    let config = LogConfig { retention_ms: Some(1000), ..small(FsyncPolicy::Never) };
+    let config = LogConfig {
+        retention_ms: Some(1000),
+        ..small(FsyncPolicy::Never)
+    };
     let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
-    let old: Vec<NewMessage> = (0..100).map(|i| NewMessage { timestamp_ms: Some(5_000), ..msg(i) }).collect();
+    let old: Vec<NewMessage> = (0..100)
+        .map(|i| NewMessage {
+            timestamp_ms: Some(5_000),
+            ..msg(i)
+        })
+        .collect();
     log.append(&old).expect("append");
-    let new: Vec<NewMessage> = (0..100).map(|i| NewMessage { timestamp_ms: Some(10_000), ..msg(i) }).collect();
+    let new: Vec<NewMessage> = (0..100)
+        .map(|i| NewMessage {
+            timestamp_ms: Some(10_000),
+            ..msg(i)
+        })
+        .collect();
     log.append(&new).expect("append");
     log.enforce_retention(10_500).expect("retention");
     let start = log.start();
-    assert!(start >= Offset(90) && start <= Offset(100), "old segments go, the mixed one stays: {start}");
+    assert!(
+        start >= Offset(90) && start <= Offset(100),
+        "old segments go, the mixed one stays: {start}"
+    );
 }
 
 #[test]
@@ -163,27 +240,52 @@ fn a_second_open_of_a_locked_data_dir_names_the_holder() {
         let err = DataDir::open(Arc::clone(&storage), &root).expect_err("second open must fail");
         assert!(matches!(err, Error::Locked { .. }), "{err:?}");
         let text = err.to_string();
-        assert!(text.contains(&std::process::id().to_string()) && text.contains("locked"), "{text}");
+        assert!(
+            text.contains(&std::process::id().to_string()) && text.contains("locked"),
+            "{text}"
+        );
     }
 }
 
 #[test]
 fn oversized_and_empty_batches_are_rejected_clearly() {
     let disk = Arc::new(SimDisk::new());
-    let log = spool::storage::Log::open(disk, "/l", small(FsyncPolicy::Always), RecoveryMode::default()).expect("open");
-    let err = log.append(&[msg(0), NewMessage::from_value(vec![0u8; 5000])]).expect_err("too big");
+    let log = spool::storage::Log::open(
+        disk,
+        "/l",
+        small(FsyncPolicy::Always),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    let err = log
+        .append(&[msg(0), NewMessage::from_value(vec![0u8; 5000])])
+        .expect_err("too big");
     assert!(matches!(err, Error::InvalidArgument(_)));
     assert!(err.to_string().contains("message 1 of the batch"), "{err}");
     assert!(log.append(&[]).is_err());
-    assert_eq!(log.append(&[msg(0)]).expect("log still works").first, Offset(0));
+    assert_eq!(
+        log.append(&[msg(0)]).expect("log still works").first,
+        Offset(0)
+    );
 }
 
 #[test]
 fn values_are_zero_copy_views_of_the_map() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let log = spool::storage::Log::open(Arc::new(OsStorage), tmp.path().join("l"), LogConfig::default(), RecoveryMode::default()).expect("open");
-    log.append(&[NewMessage::from_value(Bytes::from(vec![1u8; 4096]))]).expect("append");
+    let log = spool::storage::Log::open(
+        Arc::new(OsStorage),
+        tmp.path().join("l"),
+        LogConfig::default(),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    log.append(&[NewMessage::from_value(Bytes::from(vec![1u8; 4096]))])
+        .expect("append");
     let a = log.read(Offset(0), 1, 1 << 20).expect("read");
     let b = log.read(Offset(0), 1, 1 << 20).expect("read");
-    assert_eq!(a[0].value.as_ptr(), b[0].value.as_ptr(), "both reads view the same mapped bytes");
+    assert_eq!(
+        a[0].value.as_ptr(),
+        b[0].value.as_ptr(),
+        "both reads view the same mapped bytes"
+    );
 }
