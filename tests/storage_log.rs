@@ -289,3 +289,89 @@ fn values_are_zero_copy_views_of_the_map() {
         "both reads view the same mapped bytes"
     );
 }
+
+#[test]
+fn interval_policy_syncs_when_due() {
+    let disk = Arc::new(SimDisk::new());
+    let config = LogConfig {
+        fsync: FsyncPolicy::Interval(20),
+        ..LogConfig::default()
+    };
+    let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
+    log.sync().expect("start the interval now");
+    assert_eq!(
+        log.append(&[msg(0)]).expect("append").durability,
+        Durability::Written
+    );
+    assert!(!log.sync_if_due().expect("tick"), "not due yet");
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert!(log.sync_if_due().expect("tick"), "due after the interval");
+    assert_eq!(log.stats().durable_end, Offset(1));
+    assert!(!log.sync_if_due().expect("tick"), "nothing left to sync");
+}
+
+#[test]
+fn segments_roll_by_age() {
+    let disk = Arc::new(SimDisk::new());
+    let config = LogConfig {
+        segment_ms: Some(20),
+        ..LogConfig::default()
+    };
+    let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
+    log.append(&[msg(0)]).expect("append");
+    log.append(&[msg(1)]).expect("append");
+    assert_eq!(log.stats().segments, 1);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    log.append(&[msg(2)]).expect("append");
+    assert_eq!(
+        log.stats().segments,
+        2,
+        "the old segment was sealed before the append"
+    );
+    assert_eq!(log.read(Offset(0), 10, 1 << 20).expect("read").len(), 3);
+}
+
+/// An idle or small topic must not hold a whole segment of disk: files grow in
+/// small steps ahead of the writer, so thousands of topics fit on a small disk.
+#[test]
+fn small_topics_hold_little_disk() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = DataDir::open(Arc::new(OsStorage), tmp.path()).expect("open");
+    let topics = 300;
+    for t in 0..topics {
+        let log = data
+            .open_log(
+                &format!("topic-{t}"),
+                LogConfig::default(),
+                RecoveryMode::default(),
+            )
+            .expect("open log");
+        if t % 2 == 0 {
+            log.append(&[msg(t)]).expect("append");
+        }
+        log.close().expect("close");
+    }
+    let mut allocated = 0u64;
+    for entry in walk(tmp.path()) {
+        allocated += entry.metadata().expect("metadata").blocks() * 512;
+    }
+    let per_topic = allocated / topics as u64;
+    assert!(
+        per_topic <= 16 * 1024,
+        "{per_topic} bytes allocated per topic (segment size is 128 MiB)"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let entry = entry.expect("entry");
+        if entry.file_type().expect("type").is_dir() {
+            out.extend(walk(&entry.path()));
+        } else {
+            out.push(entry);
+        }
+    }
+    out
+}

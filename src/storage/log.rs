@@ -392,6 +392,24 @@ impl Log {
         Ok(())
     }
 
+    /// Under `fsync=interval:MS`, syncs once the last sync is at least MS old
+    /// and something is unsynced; the owner's ticker calls this so written data
+    /// never waits for the next commit. Returns whether it synced.
+    pub fn sync_if_due(&self) -> Result<bool> {
+        let FsyncPolicy::Interval(ms) = self.config.fsync else {
+            return Ok(false);
+        };
+        let mut w = self.lock_writer()?;
+        self.check_writable(&w)?;
+        let dirty = w.active.synced_pos != w.active.write_pos || w.active.size_dirty;
+        if !dirty || w.last_sync.elapsed() < Duration::from_millis(ms) {
+            return Ok(false);
+        }
+        self.sync_locked(&mut w)?;
+        self.publish_locked(&mut w);
+        Ok(true)
+    }
+
     /// The durability point. A failure poisons the log: the kernel may have
     /// dropped the dirty pages, so a retry could report success for lost data.
     fn sync_locked(&self, w: &mut Writer) -> Result<()> {
