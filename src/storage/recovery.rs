@@ -263,7 +263,7 @@ fn scan(
 
 /// The next position after `from` where a valid record with an offset past
 /// `last_offset` starts, with that offset.
-fn find_next_valid(
+pub(crate) fn find_next_valid(
     data: &[u8],
     from: u64,
     last_offset: Option<u64>,

@@ -1,0 +1,389 @@
+//! A small durable state file: a checksummed journal of entries plus a
+//! snapshot that replaces them. Group state and topic deletions use it.
+//!
+//! Entries are framed as spool records (see [`crate::storage::record`]): the
+//! record offset is the entry's sequence number and the value its payload, so a
+//! torn journal tail is found and cut exactly like a segment's. The snapshot
+//! file `<name>.snap` holds one record whose offset is the first sequence it
+//! does *not* cover; it is replaced atomically (temp file, fsync, rename, dir fsync), and
+//! entries it covers are skipped on replay, so a crash between the rename and
+//! the journal reset loses nothing.
+
+use crate::error::{Corruption, Error, IoContext, Result};
+use crate::storage::io::{OpenMode, Storage, StorageFile};
+use crate::storage::message::NewMessage;
+use crate::storage::record::{self, Frame};
+use crate::storage::recovery::{Truncation, find_next_valid};
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Largest journal entry or snapshot.
+pub const MAX_ENTRY_BYTES: u32 = 256 * 1024 * 1024;
+
+/// What replaying a journal found.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// The snapshot payload, if one was written.
+    pub snapshot: Option<Vec<u8>>,
+    /// Entries after the snapshot, in order.
+    pub entries: Vec<Vec<u8>>,
+    /// A torn tail that was cut.
+    pub truncated: Option<Truncation>,
+}
+
+/// An open journal.
+#[derive(Debug)]
+pub struct Journal {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    path: PathBuf,
+    snap_path: PathBuf,
+    file: Arc<dyn StorageFile>,
+    pos: u64,
+    synced_pos: u64,
+    next_seq: u64,
+    since_snapshot: u64,
+    poisoned: Option<String>,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal `name` in `dir` and replays it.
+    pub fn open(storage: Arc<dyn Storage>, dir: &Path, name: &str) -> Result<(Journal, Replayed)> {
+        storage
+            .create_dir_all(dir)
+            .ctx(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{name}.journal"));
+        let snap_path = dir.join(format!("{name}.snap"));
+        let mut replayed = Replayed::default();
+        // Entries with a sequence below this are already in the snapshot.
+        let mut first_uncovered = 0u64;
+        if storage.exists(&snap_path) {
+            let data = read_all(&*storage, &snap_path)?;
+            match record::decode(&data, MAX_ENTRY_BYTES) {
+                Ok(Frame::Record(r)) => {
+                    first_uncovered = r.offset;
+                    replayed.snapshot = Some(r.value.to_vec());
+                }
+                other => {
+                    return Err(Error::corruption(Corruption {
+                        file: snap_path.clone(),
+                        bytes: 0..data.len() as u64,
+                        offsets: None,
+                        detail: format!("snapshot does not validate: {other:?}"),
+                    }));
+                }
+            }
+        }
+        let existed = storage.exists(&path);
+        let file = storage
+            .open(&path, OpenMode::CreateOrOpen)
+            .ctx(|| format!("opening {}", path.display()))?;
+        if !existed {
+            storage
+                .sync_dir(dir)
+                .ctx(|| format!("syncing {}", dir.display()))?;
+        }
+        let data = read_all(&*storage, &path)?;
+        let mut pos = 0usize;
+        let mut last_seq: Option<u64> = None;
+        while pos < data.len() {
+            match record::decode(&data[pos..], MAX_ENTRY_BYTES) {
+                Ok(Frame::Record(r)) if last_seq.is_none_or(|l| r.offset > l) => {
+                    if r.offset >= first_uncovered {
+                        replayed.entries.push(r.value.to_vec());
+                    }
+                    last_seq = Some(r.offset);
+                    pos += r.len as usize;
+                }
+                Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => break,
+                other => {
+                    if let Some((q, _)) =
+                        find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES)
+                    {
+                        return Err(Error::corruption(Corruption {
+                            file: path.clone(),
+                            bytes: pos as u64..q,
+                            offsets: None,
+                            detail: format!(
+                                "journal entry does not validate ({other:?}) and valid entries follow it"
+                            ),
+                        }));
+                    }
+                    let dropped = (data.len() - pos) as u64;
+                    file.set_len(pos as u64)
+                        .ctx(|| format!("truncating {}", path.display()))?;
+                    file.sync_data()
+                        .ctx(|| format!("syncing {}", path.display()))?;
+                    tracing::warn!(file = %path.display(), at = pos, dropped, "cut torn journal tail");
+                    replayed.truncated = Some(Truncation {
+                        file: path.clone(),
+                        at: pos as u64,
+                        dropped,
+                    });
+                    break;
+                }
+            }
+        }
+        let since_snapshot = replayed.entries.len() as u64;
+        Ok((
+            Journal {
+                storage,
+                dir: dir.to_owned(),
+                path,
+                snap_path,
+                file,
+                pos: pos as u64,
+                synced_pos: pos as u64,
+                next_seq: last_seq.map_or(first_uncovered, |s| (s + 1).max(first_uncovered)),
+                since_snapshot,
+                poisoned: None,
+            },
+            replayed,
+        ))
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(Error::ReadOnly {
+                log: self.path.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Appends an entry (not yet durable: see [`Journal::sync`]).
+    pub fn append(&mut self, payload: &[u8]) -> Result<()> {
+        self.check()?;
+        let mut buf = Vec::with_capacity(payload.len() + record::HEADER_LEN);
+        let entry = NewMessage::from_value(Bytes::copy_from_slice(payload));
+        record::encode(&mut buf, self.next_seq, 0, &entry);
+        self.file
+            .write_at(self.pos, &buf)
+            .ctx(|| format!("writing {}", self.path.display()))?;
+        self.pos += buf.len() as u64;
+        self.next_seq += 1;
+        self.since_snapshot += 1;
+        Ok(())
+    }
+
+    /// Whether every appended entry is durable.
+    pub fn is_synced(&self) -> bool {
+        self.synced_pos == self.pos
+    }
+
+    /// Durability point. A failure is never retried: the journal turns read-only.
+    pub fn sync(&mut self) -> Result<()> {
+        self.check()?;
+        if self.is_synced() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.sync_data() {
+            let cause = format!("sync of {} failed: {e}", self.path.display());
+            self.poisoned = Some(cause.clone());
+            return Err(Error::ReadOnly {
+                log: self.path.clone(),
+                cause,
+            });
+        }
+        self.synced_pos = self.pos;
+        Ok(())
+    }
+
+    /// Entries appended since the last snapshot.
+    pub fn entries_since_snapshot(&self) -> u64 {
+        self.since_snapshot
+    }
+
+    /// Replaces everything journaled so far with `state`, durably, and empties
+    /// the journal.
+    pub fn snapshot(&mut self, state: &[u8]) -> Result<()> {
+        self.check()?;
+        let mut buf = Vec::with_capacity(state.len() + record::HEADER_LEN);
+        record::encode(
+            &mut buf,
+            self.next_seq,
+            0,
+            &NewMessage::from_value(Bytes::copy_from_slice(state)),
+        );
+        let tmp = self.snap_path.with_extension("snap.tmp");
+        let file = self
+            .storage
+            .open(&tmp, OpenMode::CreateOrOpen)
+            .ctx(|| format!("creating {}", tmp.display()))?;
+        file.set_len(0)
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        file.write_at(0, &buf)
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        file.sync_data()
+            .ctx(|| format!("syncing {}", tmp.display()))?;
+        self.storage
+            .rename(&tmp, &self.snap_path)
+            .ctx(|| format!("renaming {}", tmp.display()))?;
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx(|| format!("syncing {}", self.dir.display()))?;
+        // Entries below `next_seq` are in the snapshot; a crash before this cut
+        // only leaves entries that replay skips.
+        self.file
+            .set_len(0)
+            .ctx(|| format!("resetting {}", self.path.display()))?;
+        self.file
+            .sync_data()
+            .ctx(|| format!("syncing {}", self.path.display()))?;
+        self.pos = 0;
+        self.synced_pos = 0;
+        self.since_snapshot = 0;
+        Ok(())
+    }
+
+    /// Removes the journal's files.
+    pub fn remove(self) -> Result<()> {
+        for path in [&self.path, &self.snap_path] {
+            if self.storage.exists(path) {
+                self.storage
+                    .remove_file(path)
+                    .ctx(|| format!("removing {}", path.display()))?;
+            }
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .ctx(|| format!("syncing {}", self.dir.display()))
+    }
+}
+
+fn read_all(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
+    let file = storage
+        .open(path, OpenMode::Existing)
+        .ctx(|| format!("opening {}", path.display()))?;
+    let len = file
+        .len()
+        .ctx(|| format!("reading size of {}", path.display()))?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_at(0, &mut buf)
+        .ctx(|| format!("reading {}", path.display()))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::SimDisk;
+
+    fn open(disk: &Arc<SimDisk>) -> (Journal, Replayed) {
+        Journal::open(
+            Arc::clone(disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "group",
+        )
+        .expect("open journal")
+    }
+
+    #[test]
+    fn synced_entries_survive_power_loss_and_unsynced_ones_may_not() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"one").expect("append");
+        j.append(b"two").expect("append");
+        j.sync().expect("sync");
+        j.append(b"three").expect("append");
+        drop(j);
+        disk.power_cut(Some(99));
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.entries, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn snapshot_replaces_entries_and_later_entries_follow_it() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"a").expect("append");
+        j.snapshot(b"state-after-a").expect("snapshot");
+        j.append(b"b").expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        disk.power_cut(None);
+        let (j, replayed) = open(&disk);
+        assert_eq!(replayed.snapshot.as_deref(), Some(&b"state-after-a"[..]));
+        assert_eq!(replayed.entries, vec![b"b".to_vec()]);
+        assert_eq!(j.entries_since_snapshot(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_of_an_empty_journal_hides_nothing() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.snapshot(b"empty").expect("snapshot");
+        j.append(b"first").expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.entries, vec![b"first".to_vec()]);
+    }
+
+    #[test]
+    fn a_crash_between_snapshot_rename_and_journal_reset_replays_once() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"a").expect("append");
+        j.append(b"b").expect("append");
+        j.sync().expect("sync");
+        // Power fails after the rename was made durable, before the reset.
+        disk.power_off_after_syncs(Some(disk.sync_count() + 2));
+        assert!(j.snapshot(b"ab").is_err());
+        drop(j);
+        disk.power_cut(None);
+        let (mut j, replayed) = open(&disk);
+        assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab"[..]));
+        assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
+        j.append(b"c").expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.entries, vec![b"c".to_vec()]);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_reported() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"kept").expect("append");
+        j.sync().expect("sync");
+        let len = disk
+            .read_file(Path::new("/g/group.journal"))
+            .expect("read")
+            .len() as u64;
+        disk.damage(Path::new("/g/group.journal"), len, &[0xA7, 1, 2, 3, 4, 5])
+            .ok();
+        j.append(b"torn").expect("append");
+        drop(j);
+        let path = Path::new("/g/group.journal");
+        let data = disk.read_file(path).expect("read");
+        disk.damage_truncate(path, data.len() as u64 - 3)
+            .expect("truncate");
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.entries, vec![b"kept".to_vec()]);
+        assert_eq!(replayed.truncated.map(|t| t.at), Some(len));
+    }
+
+    #[test]
+    fn damage_before_valid_entries_is_refused() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        for e in [&b"first"[..], b"second", b"third"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        drop(j);
+        disk.damage(Path::new("/g/group.journal"), 34, &[0xFF])
+            .expect("flip");
+        let err = Journal::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "group",
+        )
+        .expect_err("damage must refuse");
+        assert!(err.to_string().contains("group.journal"), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Consumer groups: durable per-group progress (committed offsets for stream
+//! groups, completed offsets for queue groups), leases, redelivery and dead
+//! letters, and the topic's explicit deletions.
+
+pub mod journal;
+pub mod ranges;
+
+pub use journal::Journal;
+pub use ranges::RangeSet;
