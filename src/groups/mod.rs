@@ -7,3 +7,6 @@ pub mod ranges;
 
 pub use journal::Journal;
 pub use ranges::RangeSet;
+pub mod state;
+
+pub use state::{Decision, Group, GroupConfig, GroupInfo, GroupMode};

@@ -1,0 +1,562 @@
+//! One consumer group's state: what is durable (committed offset, or low
+//! watermark plus completed offsets above it, plus delivery counts of
+//! redelivered messages) and what lives only in memory (the delivery cursor,
+//! leases, members).
+//!
+//! Durability of delivery counts: a message's first delivery is not journaled;
+//! every redelivery journals its count before the message is handed out. So
+//! across any number of broker crashes a message is delivered at most
+//! `max_deliveries + 1` times before it is dead-lettered.
+
+use super::journal::Journal;
+use super::ranges::RangeSet;
+use crate::error::{Error, Result};
+use crate::storage::io::Storage;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Default lease of a queue delivery.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 30_000;
+/// Default deliveries before a message goes to the dead-letter topic.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 10;
+/// Journal entries between two snapshots.
+pub const SNAPSHOT_EVERY: u64 = 10_000;
+
+/// How a group consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupMode {
+    /// Kafka-like: ordered reading from a committed offset.
+    Stream,
+    /// Competing consumers: each message leased to one member until acked.
+    Queue,
+}
+
+impl std::str::FromStr for GroupMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<GroupMode> {
+        match s {
+            "stream" => Ok(GroupMode::Stream),
+            "queue" => Ok(GroupMode::Queue),
+            other => Err(Error::InvalidArgument(format!(
+                "group mode {other:?}: expected stream or queue"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for GroupMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupMode::Stream => "stream",
+            GroupMode::Queue => "queue",
+        })
+    }
+}
+
+/// Settings of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Stream or queue.
+    pub mode: GroupMode,
+    /// Lease length of a queue delivery.
+    pub ack_timeout_ms: u64,
+    /// Deliveries before dead-lettering (queue groups).
+    pub max_deliveries: u32,
+}
+
+impl GroupConfig {
+    /// A group of `mode` with default timeouts.
+    pub fn new(mode: GroupMode) -> GroupConfig {
+        GroupConfig {
+            mode,
+            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+        }
+    }
+}
+
+/// A delivery lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Member holding it.
+    pub member: String,
+    /// When it expires (ms since the epoch).
+    pub deadline_ms: u64,
+    /// Which delivery of the message this is (1 = first).
+    pub delivery: u32,
+}
+
+/// What to do with a message about to be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Hand it out; this is its `delivery`-th delivery.
+    Deliver {
+        /// Delivery number (1 = first).
+        delivery: u32,
+    },
+    /// It was delivered `deliveries` times already: dead-letter it.
+    DeadLetter {
+        /// Deliveries so far.
+        deliveries: u32,
+    },
+}
+
+/// What a group looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// Group name.
+    pub name: String,
+    /// Stream or queue.
+    pub mode: GroupMode,
+    /// Stream: committed offset. Queue: low watermark (everything below is done).
+    pub committed: u64,
+    /// Messages leased and not yet acked.
+    pub pending: usize,
+    /// Messages not yet completed, up to the log end.
+    pub lag: u64,
+    /// Members seen, with when they were last seen (ms since the epoch).
+    pub members: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Config(GroupConfig),
+    /// Stream: the committed offset. Queue: a seek (everything below done,
+    /// nothing at or above).
+    Commit(u64),
+    Ack(u64, u64),
+    Delivered(u64, u32),
+}
+
+const TAG_CONFIG: u8 = 1;
+const TAG_COMMIT: u8 = 2;
+const TAG_ACK: u8 = 3;
+const TAG_DELIVERED: u8 = 4;
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(17);
+        match *self {
+            Entry::Config(c) => {
+                b.push(TAG_CONFIG);
+                b.push(match c.mode {
+                    GroupMode::Stream => 0,
+                    GroupMode::Queue => 1,
+                });
+                b.extend_from_slice(&c.ack_timeout_ms.to_le_bytes());
+                b.extend_from_slice(&c.max_deliveries.to_le_bytes());
+            }
+            Entry::Commit(o) => {
+                b.push(TAG_COMMIT);
+                b.extend_from_slice(&o.to_le_bytes());
+            }
+            Entry::Ack(a, z) => {
+                b.push(TAG_ACK);
+                b.extend_from_slice(&a.to_le_bytes());
+                b.extend_from_slice(&z.to_le_bytes());
+            }
+            Entry::Delivered(o, n) => {
+                b.push(TAG_DELIVERED);
+                b.extend_from_slice(&o.to_le_bytes());
+                b.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Entry> {
+        let mut r = Reader(b);
+        let entry = match r.u8()? {
+            TAG_CONFIG => {
+                let mode = match r.u8()? {
+                    0 => GroupMode::Stream,
+                    1 => GroupMode::Queue,
+                    _ => return None,
+                };
+                Entry::Config(GroupConfig {
+                    mode,
+                    ack_timeout_ms: r.u64()?,
+                    max_deliveries: r.u32()?,
+                })
+            }
+            TAG_COMMIT => Entry::Commit(r.u64()?),
+            TAG_ACK => Entry::Ack(r.u64()?, r.u64()?),
+            TAG_DELIVERED => Entry::Delivered(r.u64()?, r.u32()?),
+            _ => return None,
+        };
+        r.0.is_empty().then_some(entry)
+    }
+}
+
+/// Little-endian field reader for journal payloads.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+}
+
+/// One consumer group of one topic.
+#[derive(Debug)]
+pub struct Group {
+    name: String,
+    config: GroupConfig,
+    journal: Journal,
+    // Durable.
+    low: u64,
+    done: RangeSet,
+    counts: BTreeMap<u64, u32>,
+    // In memory.
+    cursor: u64,
+    leases: BTreeMap<u64, Lease>,
+    ready: BTreeMap<u64, u64>,
+    members: BTreeMap<String, u64>,
+}
+
+impl Group {
+    /// Opens the group `name` stored in `dir`, creating it with `config` (and
+    /// starting at `start`) if it does not exist. An existing group keeps its
+    /// own config.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        config: GroupConfig,
+        start: u64,
+    ) -> Result<Group> {
+        let (journal, replayed) = Journal::open(storage, dir, name)?;
+        let fresh = replayed.snapshot.is_none() && replayed.entries.is_empty();
+        let mut group = Group {
+            name: name.to_owned(),
+            config,
+            journal,
+            low: start,
+            done: RangeSet::new(),
+            counts: BTreeMap::new(),
+            cursor: start,
+            leases: BTreeMap::new(),
+            ready: BTreeMap::new(),
+            members: BTreeMap::new(),
+        };
+        if let Some(snapshot) = &replayed.snapshot {
+            group
+                .load_snapshot(snapshot)
+                .ok_or_else(|| damaged(dir, name, "snapshot"))?;
+        }
+        for payload in &replayed.entries {
+            let entry =
+                Entry::decode(payload).ok_or_else(|| damaged(dir, name, "journal entry"))?;
+            group.apply(entry);
+        }
+        if fresh {
+            group.journal.append(&Entry::Config(config).encode())?;
+            group.journal.append(&Entry::Commit(start).encode())?;
+            group.journal.sync()?;
+        }
+        group.cursor = group.low;
+        Ok(group)
+    }
+
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::Config(c) => self.config = c,
+            Entry::Commit(o) => {
+                self.low = o;
+                self.done = RangeSet::new();
+                self.counts.retain(|&k, _| k >= o);
+            }
+            Entry::Ack(a, z) => {
+                self.done.insert_range(a.max(self.low)..z);
+                self.counts.retain(|&k, _| !(a..z).contains(&k));
+                self.advance_low();
+            }
+            Entry::Delivered(o, n) => {
+                if o >= self.low && !self.done.contains(o) {
+                    self.counts.insert(o, n);
+                }
+            }
+        }
+    }
+
+    fn advance_low(&mut self) {
+        if self.config.mode == GroupMode::Queue {
+            let low = self.done.first_gap_from(self.low);
+            if low != self.low {
+                self.low = low;
+                self.done.remove_below(low);
+            }
+        }
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The group's settings.
+    pub fn config(&self) -> GroupConfig {
+        self.config
+    }
+
+    /// Stream: committed offset. Queue: low watermark.
+    pub fn committed(&self) -> u64 {
+        self.low
+    }
+
+    /// Whether `offset` is completed for this group.
+    pub fn is_done(&self, offset: u64) -> bool {
+        offset < self.low || self.done.contains(offset)
+    }
+
+    /// Ranges held by the completed set (its memory).
+    pub fn done_ranges(&self) -> usize {
+        self.done.range_count()
+    }
+
+    /// Next offset never handed out since the group was opened.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Moves the cursor past `offset`.
+    pub fn advance_cursor(&mut self, to: u64) {
+        self.cursor = self.cursor.max(to);
+    }
+
+    /// Records that `member` was seen at `now_ms`.
+    pub fn touch(&mut self, member: &str, now_ms: u64) {
+        self.members.insert(member.to_owned(), now_ms);
+    }
+
+    /// Moves expired leases to the redelivery set.
+    pub fn expire(&mut self, now_ms: u64) {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline_ms <= now_ms)
+            .map(|(&o, _)| o)
+            .collect();
+        for o in expired {
+            self.leases.remove(&o);
+            self.ready.insert(o, now_ms);
+        }
+    }
+
+    /// Offsets due for redelivery at `now_ms`, lowest first.
+    pub fn due_redeliveries(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.ready
+            .iter()
+            .filter(|&(_, &t)| t <= now_ms)
+            .map(|(&o, _)| o)
+            .take(max)
+            .collect()
+    }
+
+    /// Whether `offset` is leased right now.
+    pub fn is_leased(&self, offset: u64) -> bool {
+        self.leases.contains_key(&offset)
+    }
+
+    /// Decides whether `offset` is delivered to `member` or dead-lettered. A
+    /// delivery takes a lease; a redelivery journals its count, so the caller
+    /// must [`Group::sync`] before handing it out.
+    pub fn deliver(&mut self, offset: u64, member: &str, now_ms: u64) -> Result<Decision> {
+        let previous = self.counts.get(&offset).copied().unwrap_or(0);
+        if previous >= self.config.max_deliveries {
+            return Ok(Decision::DeadLetter {
+                deliveries: previous,
+            });
+        }
+        let delivery = previous + 1;
+        if delivery >= 2 {
+            self.journal
+                .append(&Entry::Delivered(offset, delivery).encode())?;
+        }
+        self.counts.insert(offset, delivery);
+        self.ready.remove(&offset);
+        self.leases.insert(
+            offset,
+            Lease {
+                member: member.to_owned(),
+                deadline_ms: now_ms.saturating_add(self.config.ack_timeout_ms),
+                delivery,
+            },
+        );
+        Ok(Decision::Deliver { delivery })
+    }
+
+    /// Completes offsets `[from, to)` (an ack, or a dead-letter handed off).
+    /// Durable after [`Group::sync`].
+    pub fn complete(&mut self, from: u64, to: u64) -> Result<()> {
+        if from >= to || (to <= self.low && self.config.mode == GroupMode::Queue) {
+            return Ok(());
+        }
+        self.journal.append(&Entry::Ack(from, to).encode())?;
+        for o in self
+            .leases
+            .range(from..to)
+            .map(|(&o, _)| o)
+            .collect::<Vec<_>>()
+        {
+            self.leases.remove(&o);
+        }
+        self.ready.retain(|&o, _| !(from..to).contains(&o));
+        self.apply(Entry::Ack(from, to));
+        self.maybe_snapshot()
+    }
+
+    /// Gives a leased offset back for redelivery after `delay_ms`.
+    pub fn nack(&mut self, offset: u64, now_ms: u64, delay_ms: u64) -> bool {
+        if self.leases.remove(&offset).is_some() {
+            self.ready.insert(offset, now_ms.saturating_add(delay_ms));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stream: commits `offset` (the next to read). Queue: seeks, making every
+    /// offset below done and every offset at or above pending again.
+    pub fn commit(&mut self, offset: u64) -> Result<()> {
+        self.journal.append(&Entry::Commit(offset).encode())?;
+        self.apply(Entry::Commit(offset));
+        if self.config.mode == GroupMode::Queue {
+            self.leases.clear();
+            self.ready.clear();
+            self.cursor = offset;
+        }
+        self.maybe_snapshot()
+    }
+
+    /// Brings the group inside the log after a crash or a retention cut.
+    pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
+        let target = if self.low > log_end {
+            Some(log_end)
+        } else if self.low < log_start && self.config.mode == GroupMode::Queue {
+            Some(log_start)
+        } else {
+            None
+        };
+        if let Some(target) = target {
+            tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
+                "group state moved inside the log");
+            if self.config.mode == GroupMode::Queue && target > self.low {
+                self.complete(self.low, target)?;
+            } else {
+                self.commit(target)?;
+            }
+            self.sync()?;
+        }
+        self.cursor = self.cursor.max(self.low);
+        Ok(())
+    }
+
+    /// Makes journaled changes durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.journal.sync()
+    }
+
+    /// Whether every change is durable.
+    pub fn is_synced(&self) -> bool {
+        self.journal.is_synced()
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<()> {
+        if self.journal.entries_since_snapshot() >= SNAPSHOT_EVERY {
+            self.journal.sync()?;
+            let snapshot = self.encode_snapshot();
+            self.journal.snapshot(&snapshot)?;
+        }
+        Ok(())
+    }
+
+    /// What the group looks like, against a log ending at `log_end`.
+    pub fn info(&self, log_end: u64) -> GroupInfo {
+        let lag = match self.config.mode {
+            GroupMode::Stream => log_end.saturating_sub(self.low),
+            GroupMode::Queue => {
+                log_end.saturating_sub(self.low)
+                    - self.done.count_in(self.low..log_end.max(self.low))
+            }
+        };
+        GroupInfo {
+            name: self.name.clone(),
+            mode: self.config.mode,
+            committed: self.low,
+            pending: self.leases.len(),
+            lag,
+            members: self.members.clone(),
+        }
+    }
+
+    /// The lease on `offset`, if any.
+    pub fn lease(&self, offset: u64) -> Option<&Lease> {
+        self.leases.get(&offset)
+    }
+
+    /// Removes the group's files.
+    pub fn remove(self) -> Result<()> {
+        self.journal.remove()
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        let mut b = Entry::Config(self.config).encode();
+        b.extend_from_slice(&self.low.to_le_bytes());
+        b.extend_from_slice(&(self.done.range_count() as u64).to_le_bytes());
+        for r in self.done.iter() {
+            b.extend_from_slice(&r.start.to_le_bytes());
+            b.extend_from_slice(&r.end.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.counts.len() as u64).to_le_bytes());
+        for (&o, &n) in &self.counts {
+            b.extend_from_slice(&o.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        b
+    }
+
+    fn load_snapshot(&mut self, b: &[u8]) -> Option<()> {
+        const CONFIG_LEN: usize = 1 + 1 + 8 + 4;
+        let Entry::Config(config) = Entry::decode(b.get(..CONFIG_LEN)?)? else {
+            return None;
+        };
+        let mut r = Reader(&b[CONFIG_LEN..]);
+        self.config = config;
+        self.low = r.u64()?;
+        self.done = RangeSet::new();
+        for _ in 0..r.u64()? {
+            let (s, e) = (r.u64()?, r.u64()?);
+            self.done.insert_range(s..e);
+        }
+        self.counts.clear();
+        for _ in 0..r.u64()? {
+            let (o, n) = (r.u64()?, r.u32()?);
+            self.counts.insert(o, n);
+        }
+        r.0.is_empty().then_some(())
+    }
+}
+
+fn damaged(dir: &Path, name: &str, what: &str) -> Error {
+    Error::corruption(crate::error::Corruption {
+        file: dir.join(format!("{name}.journal")),
+        bytes: 0..0,
+        offsets: None,
+        detail: format!("group {name}: a {what} passed its checksum but does not parse"),
+    })
+}
