@@ -18,11 +18,15 @@
 //!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
 //!     in its `mmap` module) and the simulated disk used by the crash tests.
 //!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
-//! //! - [`groups`]: consumer-group and deletion state.
+//! //! - [`broker`]: topics (log + deletions + groups) and their settings.
+//!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters.
+//!   - [`broker::config`]: `topic.toml` and name rules.
+//! - [`groups`]: consumer-group and deletion state.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
 //!   - [`groups::journal`]: checksummed journal + atomic snapshot files.
 //! - `cli` (binary only): the `spool` command line.
 
+pub mod broker;
 pub mod error;
 pub mod groups;
 pub mod storage;

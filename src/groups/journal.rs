@@ -10,7 +10,7 @@
 //! the journal reset loses nothing.
 
 use crate::error::{Corruption, Error, IoContext, Result};
-use crate::storage::io::{OpenMode, Storage, StorageFile};
+use crate::storage::io::{OpenMode, Storage, StorageFile, write_file_atomic};
 use crate::storage::message::NewMessage;
 use crate::storage::record::{self, Frame};
 use crate::storage::recovery::{Truncation, find_next_valid};
@@ -207,23 +207,8 @@ impl Journal {
             0,
             &NewMessage::from_value(Bytes::copy_from_slice(state)),
         );
-        let tmp = self.snap_path.with_extension("snap.tmp");
-        let file = self
-            .storage
-            .open(&tmp, OpenMode::CreateOrOpen)
-            .ctx(|| format!("creating {}", tmp.display()))?;
-        file.set_len(0)
-            .ctx(|| format!("writing {}", tmp.display()))?;
-        file.write_at(0, &buf)
-            .ctx(|| format!("writing {}", tmp.display()))?;
-        file.sync_data()
-            .ctx(|| format!("syncing {}", tmp.display()))?;
-        self.storage
-            .rename(&tmp, &self.snap_path)
-            .ctx(|| format!("renaming {}", tmp.display()))?;
-        self.storage
-            .sync_dir(&self.dir)
-            .ctx(|| format!("syncing {}", self.dir.display()))?;
+        write_file_atomic(&*self.storage, &self.snap_path, &buf)
+            .ctx(|| format!("writing snapshot {}", self.snap_path.display()))?;
         // Entries below `next_seq` are in the snapshot; a crash before this cut
         // only leaves entries that replay skips.
         self.file

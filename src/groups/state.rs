@@ -430,6 +430,18 @@ impl Group {
         }
     }
 
+    /// Puts `offset` in the redelivery set, due at `at_ms` (a dead letter whose
+    /// hand-off has not completed yet stays there until it has).
+    pub fn defer(&mut self, offset: u64, at_ms: u64) {
+        self.leases.remove(&offset);
+        self.ready.insert(offset, at_ms);
+    }
+
+    /// Moves the read position of a stream group (not durable: see [`Group::commit`]).
+    pub fn set_cursor(&mut self, offset: u64) {
+        self.cursor = offset;
+    }
+
     /// Stream: commits `offset` (the next to read). Queue: seeks, making every
     /// offset below done and every offset at or above pending again.
     pub fn commit(&mut self, offset: u64) -> Result<()> {

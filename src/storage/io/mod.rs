@@ -116,6 +116,22 @@ pub trait Mapping: Send + Sync + Debug {
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes>;
 }
 
+/// Replaces `path` with `bytes` atomically and durably: write a temp file,
+/// sync it, rename it over `path`, sync the directory. A crash leaves either
+/// the old content or the new, never a mix.
+pub fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let file = storage.open(&tmp, OpenMode::CreateOrOpen)?;
+    file.set_len(0)?;
+    file.write_at(0, bytes)?;
+    file.sync_data()?;
+    storage.rename(&tmp, path)?;
+    storage.sync_dir(dir)
+}
+
 fn out_of_range(what: &str, pos: u64, len: u64, limit: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,

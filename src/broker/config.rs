@@ -1,0 +1,167 @@
+//! A topic's settings, stored as `topic.toml` in its folder (replaced
+//! atomically), and the rules for topic names.
+
+use crate::error::{Error, IoContext, Result};
+use crate::groups::state::{DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES};
+use crate::storage::LogConfig;
+use crate::storage::io::{OpenMode, Storage, write_file_atomic};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Name of the config file in a topic's folder.
+pub const TOPIC_CONFIG_FILE: &str = "topic.toml";
+/// Longest topic or group name.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// What happens to old records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Cleanup {
+    /// Retention drops old segments; deleted records are reclaimed by compaction.
+    #[default]
+    Delete,
+    /// Compaction also keeps only the latest record per key.
+    Compact,
+}
+
+/// Settings of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// `delete` (default) or `compact` (keep the latest record per key).
+    pub cleanup: Cleanup,
+    /// Queue-style: a message is deleted once every group has completed it.
+    pub delete_when_consumed: bool,
+    /// Dead-letter topic of queue groups (default `<topic>.dlq`).
+    pub dead_letter: Option<String>,
+    /// Deliveries before a queue group dead-letters a message.
+    pub max_deliveries: u32,
+    /// Lease of a queue delivery, in milliseconds.
+    pub ack_timeout_ms: u64,
+    /// How long a tombstone survives compaction, in milliseconds.
+    pub delete_retention_ms: u64,
+    /// The log: segments, retention, fsync policy.
+    pub log: LogConfig,
+}
+
+impl Default for TopicConfig {
+    fn default() -> TopicConfig {
+        TopicConfig {
+            cleanup: Cleanup::Delete,
+            delete_when_consumed: false,
+            dead_letter: None,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            delete_retention_ms: 24 * 60 * 60 * 1000,
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl TopicConfig {
+    /// Checks every setting, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        self.log.validate()?;
+        if self.max_deliveries == 0 {
+            return Err(Error::InvalidArgument(
+                "max_deliveries must be at least 1".into(),
+            ));
+        }
+        if self.ack_timeout_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "ack_timeout_ms must be positive".into(),
+            ));
+        }
+        if let Some(dlq) = &self.dead_letter {
+            validate_name("dead-letter topic", dlq)?;
+        }
+        Ok(())
+    }
+
+    /// Dead-letter topic of `topic`.
+    pub fn dead_letter_topic(&self, topic: &str) -> String {
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.dlq"))
+    }
+
+    /// Reads `topic.toml` from `dir`, if present.
+    pub fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<TopicConfig>> {
+        let path = dir.join(TOPIC_CONFIG_FILE);
+        if !storage.exists(&path) {
+            return Ok(None);
+        }
+        let file = storage
+            .open(&path, OpenMode::Existing)
+            .ctx(|| format!("opening {}", path.display()))?;
+        let len = file.len().ctx(|| format!("reading {}", path.display()))?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_at(0, &mut buf)
+            .ctx(|| format!("reading {}", path.display()))?;
+        let text = String::from_utf8(buf)
+            .map_err(|_| Error::InvalidArgument(format!("{} is not UTF-8", path.display())))?;
+        let config: TopicConfig = toml::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        config.validate()?;
+        Ok(Some(config))
+    }
+
+    /// Writes `topic.toml` into `dir` atomically and durably.
+    pub fn store(&self, storage: &dyn Storage, dir: &Path) -> Result<()> {
+        let path = dir.join(TOPIC_CONFIG_FILE);
+        let text = toml::to_string(self)
+            .map_err(|e| Error::InvalidArgument(format!("topic config cannot be stored: {e}")))?;
+        write_file_atomic(storage, &path, text.as_bytes())
+            .ctx(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Topic and group names: `[A-Za-z0-9._-]{1,200}`, not `.` or `..`.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{what} name {name:?} is invalid: use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - (not . or ..)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::SimDisk;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in ["orders", "a.b-c_d", "X9", &"x".repeat(200)] {
+            assert!(validate_name("topic", good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "ümlaut", "sp ace", &"x".repeat(201)] {
+            let err = validate_name("topic", bad).expect_err("invalid");
+            assert!(err.to_string().contains("topic name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_round_trips_through_topic_toml() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/t");
+        crate::storage::io::Storage::create_dir_all(&disk, dir).expect("mkdir");
+        let config = TopicConfig {
+            cleanup: Cleanup::Compact,
+            delete_when_consumed: true,
+            dead_letter: Some("bad".into()),
+            ..TopicConfig::default()
+        };
+        config.store(&disk, dir).expect("store");
+        assert_eq!(TopicConfig::load(&disk, dir).expect("load"), Some(config));
+    }
+}

@@ -1,0 +1,8 @@
+//! The broker core: topics with their groups and deletions, and the registry
+//! that owns them in a data directory.
+
+pub mod config;
+pub mod topic;
+
+pub use config::{Cleanup, TopicConfig, validate_name};
+pub use topic::{DeadLetter, Delivery, Position, QueueFetch, Topic};

@@ -1,0 +1,630 @@
+//! A topic: its log, its explicit deletions and its consumer groups, with
+//! the rules that join them (deleted and fully consumed messages are never
+//! delivered or replayed; group changes are durable under the topic's fsync
+//! policy before they are confirmed).
+
+use super::config::{TopicConfig, validate_name};
+use crate::error::{Error, IoContext, Result};
+use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, RangeSet};
+use crate::storage::io::Storage;
+use crate::storage::log::now_ms;
+use crate::storage::{
+    Appended, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, RecoveryMode,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Folder of a topic's group state.
+pub const GROUPS_DIR: &str = "groups";
+/// Journal of a topic's explicit deletions.
+pub const DELETES_JOURNAL: &str = "deletes";
+/// Header names a dead-lettered message carries.
+pub mod dlq_headers {
+    /// Topic the message came from.
+    pub const TOPIC: &str = "spool-dlq-topic";
+    /// Its offset there.
+    pub const OFFSET: &str = "spool-dlq-offset";
+    /// Group that gave up on it.
+    pub const GROUP: &str = "spool-dlq-group";
+    /// How many times it was delivered.
+    pub const DELIVERIES: &str = "spool-dlq-deliveries";
+    /// Why it was dead-lettered.
+    pub const REASON: &str = "spool-dlq-reason";
+}
+
+/// Where to start reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The first stored message.
+    Earliest,
+    /// The end: only messages produced from now on.
+    Latest,
+    /// An offset (clamped into the log).
+    Offset(u64),
+    /// The first message with a timestamp at or after this (ms since the epoch).
+    Timestamp(u64),
+}
+
+/// A message leased to a queue-group member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// Which delivery this is (1 = first).
+    pub delivery: u32,
+}
+
+/// A message a queue group gave up on, ready for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Offset in the source topic.
+    pub offset: u64,
+    /// The message as it goes to the dead-letter topic (headers added).
+    pub message: NewMessage,
+}
+
+/// What a queue fetch produced.
+#[derive(Debug, Default)]
+pub struct QueueFetch {
+    /// Messages leased to the member.
+    pub deliveries: Vec<Delivery>,
+    /// Messages to hand to the dead-letter topic, then [`Topic::complete_dead_letters`].
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug)]
+struct TopicState {
+    groups: BTreeMap<String, Group>,
+    deleted: RangeSet,
+    deletes: Journal,
+}
+
+/// One topic.
+#[derive(Debug)]
+pub struct Topic {
+    name: String,
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    config: TopicConfig,
+    log: Log,
+    state: Mutex<TopicState>,
+}
+
+impl Topic {
+    /// Opens the topic stored in `dir` with `config`, recovering its log and
+    /// state (group state is clamped into the log).
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        config: TopicConfig,
+        mode: RecoveryMode,
+    ) -> Result<Topic> {
+        validate_name("topic", name)?;
+        config.validate()?;
+        let log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
+        let (deletes, replayed) = Journal::open(Arc::clone(&storage), dir, DELETES_JOURNAL)?;
+        let mut deleted = RangeSet::new();
+        for payload in replayed.snapshot.iter().chain(&replayed.entries) {
+            for chunk in payload.chunks_exact(16) {
+                let (a, z) = chunk.split_at(8);
+                let from = u64::from_le_bytes(a.try_into().map_err(|_| bad_deletes(dir))?);
+                let to = u64::from_le_bytes(z.try_into().map_err(|_| bad_deletes(dir))?);
+                deleted.insert_range(from..to);
+            }
+        }
+        let groups_dir = dir.join(GROUPS_DIR);
+        storage
+            .create_dir_all(&groups_dir)
+            .ctx(|| format!("creating {}", groups_dir.display()))?;
+        let stats = log.stats();
+        let mut groups = BTreeMap::new();
+        let mut names = storage
+            .list_dir(&groups_dir)
+            .ctx(|| format!("listing {}", groups_dir.display()))?;
+        names.sort();
+        for file in names {
+            let Some(group_name) = file.strip_suffix(".journal") else {
+                continue;
+            };
+            let mut group = Group::open(
+                Arc::clone(&storage),
+                &groups_dir,
+                group_name,
+                GroupConfig::new(GroupMode::Stream),
+                stats.start.0,
+            )?;
+            group.clamp(stats.start.0, stats.end.0)?;
+            groups.insert(group_name.to_owned(), group);
+        }
+        Ok(Topic {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            storage,
+            config,
+            log,
+            state: Mutex::new(TopicState {
+                groups,
+                deleted,
+                deletes,
+            }),
+        })
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The topic's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The topic's settings.
+    pub fn config(&self) -> &TopicConfig {
+        &self.config
+    }
+
+    /// The underlying log.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Extent and size of the log.
+    pub fn stats(&self) -> LogStats {
+        self.log.stats()
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, TopicState>> {
+        self.state.lock().map_err(|_| Error::ReadOnly {
+            log: self.dir.clone(),
+            cause: "a request panicked while changing group state".into(),
+        })
+    }
+
+    /// Appends a batch (durable under the topic's fsync policy).
+    pub fn produce(&self, batch: &[NewMessage]) -> Result<Appended> {
+        self.log.append(batch)
+    }
+
+    /// The offset `position` stands for.
+    pub fn resolve(&self, position: Position) -> Result<u64> {
+        let stats = self.log.stats();
+        Ok(match position {
+            Position::Earliest => stats.start.0,
+            Position::Latest => stats.end.0,
+            Position::Offset(o) => o.clamp(stats.start.0, stats.end.0),
+            Position::Timestamp(ts) => self.log.offset_for_timestamp(ts)?.0,
+        })
+    }
+
+    /// Replay without state: up to `max` live messages from `from` on
+    /// (deleted and fully consumed ones are skipped).
+    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
+        let mut from = from;
+        let end = self.log.end().0;
+        loop {
+            let batch = self.log.read(Offset(from), max, max_bytes)?;
+            let Some(last) = batch.last().map(|m| m.offset.0) else {
+                return Ok(batch);
+            };
+            let state = self.state()?;
+            let live: Vec<Message> = batch
+                .into_iter()
+                .filter(|m| self.visible(&state, m.offset.0))
+                .collect();
+            if !live.is_empty() || last + 1 >= end {
+                return Ok(live);
+            }
+            from = last + 1;
+        }
+    }
+
+    fn visible(&self, state: &TopicState, offset: u64) -> bool {
+        !state.deleted.contains(offset)
+            && !(self.config.delete_when_consumed
+                && !state.groups.is_empty()
+                && state.groups.values().all(|g| g.is_done(offset)))
+    }
+
+    /// Makes group or deletion changes durable as the fsync policy says
+    /// (`always`: now; `interval`: at the next [`Topic::tick`]; `never`: not).
+    fn persist_group(&self, group: &mut Group) -> Result<()> {
+        match self.config.log.fsync {
+            FsyncPolicy::Always => group.sync(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Periodic work under `fsync=interval`: sync the log and any unsynced
+    /// group or deletion state.
+    pub fn tick(&self) -> Result<()> {
+        if let FsyncPolicy::Interval(_) = self.config.log.fsync
+            && self.log.sync_if_due()?
+        {
+            let mut state = self.state()?;
+            state.deletes.sync()?;
+            for group in state.groups.values_mut() {
+                group.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a group starting at `start`; fails if it exists.
+    pub fn create_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
+        validate_name("group", name)?;
+        let start = self.resolve(start)?;
+        let mut state = self.state()?;
+        if state.groups.contains_key(name) {
+            return Err(Error::AlreadyExists(format!(
+                "group {name} of topic {} exists",
+                self.name
+            )));
+        }
+        let config = GroupConfig {
+            mode,
+            ack_timeout_ms: self.config.ack_timeout_ms,
+            max_deliveries: self.config.max_deliveries,
+        };
+        let group = Group::open(
+            Arc::clone(&self.storage),
+            &self.dir.join(GROUPS_DIR),
+            name,
+            config,
+            start,
+        )?;
+        let info = group.info(self.log.end().0);
+        state.groups.insert(name.to_owned(), group);
+        Ok(info)
+    }
+
+    /// Opens `name`, creating it with `mode` at `start` if missing; an existing
+    /// group must have that mode.
+    pub fn ensure_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
+        match self.describe_group(name) {
+            Ok(info) if info.mode == mode => Ok(info),
+            Ok(info) => Err(Error::InvalidArgument(format!(
+                "group {name} of topic {} is a {} group, not {mode}",
+                self.name, info.mode
+            ))),
+            Err(Error::NotFound(_)) => match self.create_group(name, mode, start) {
+                Err(Error::AlreadyExists(_)) => self.ensure_group(name, mode, start),
+                other => other,
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn group_mut<'a>(
+        &self,
+        groups: &'a mut BTreeMap<String, Group>,
+        name: &str,
+    ) -> Result<&'a mut Group> {
+        groups.get_mut(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "group {name} of topic {} does not exist",
+                self.name
+            ))
+        })
+    }
+
+    fn queue_group<'a>(
+        &self,
+        groups: &'a mut BTreeMap<String, Group>,
+        name: &str,
+    ) -> Result<&'a mut Group> {
+        let topic = self.name.clone();
+        let group = self.group_mut(groups, name)?;
+        if group.config().mode != GroupMode::Queue {
+            return Err(Error::InvalidArgument(format!(
+                "group {name} of topic {topic} is a stream group: commit offsets instead"
+            )));
+        }
+        Ok(group)
+    }
+
+    /// What a group looks like.
+    pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
+        let mut state = self.state()?;
+        let end = self.log.end().0;
+        Ok(self.group_mut(&mut state.groups, name)?.info(end))
+    }
+
+    /// All groups.
+    pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
+        let state = self.state()?;
+        let end = self.log.end().0;
+        Ok(state.groups.values().map(|g| g.info(end)).collect())
+    }
+
+    /// Deletes a group and its state.
+    pub fn delete_group(&self, name: &str) -> Result<()> {
+        let mut state = self.state()?;
+        self.group_mut(&mut state.groups, name)?;
+        if let Some(group) = state.groups.remove(name) {
+            group.remove()?;
+        }
+        Ok(())
+    }
+
+    /// Stream group: the next messages from the group's position.
+    pub fn fetch_stream(
+        &self,
+        group: &str,
+        member: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>> {
+        let mut state = self.state()?;
+        let end = self.log.end().0;
+        let g = self.group_mut(&mut state.groups, group)?;
+        if g.config().mode != GroupMode::Stream {
+            return Err(Error::InvalidArgument(format!(
+                "group {group} of topic {} is a queue group",
+                self.name
+            )));
+        }
+        g.touch(member, now_ms());
+        let mut from = g.cursor();
+        loop {
+            let batch = self.log.read(Offset(from), max, max_bytes)?;
+            let Some(last) = batch.last().map(|m| m.offset.0) else {
+                return Ok(batch);
+            };
+            let live: Vec<Message> = batch
+                .into_iter()
+                .filter(|m| self.visible(&state, m.offset.0))
+                .collect();
+            from = last + 1;
+            self.group_mut(&mut state.groups, group)?.set_cursor(from);
+            if !live.is_empty() || from >= end {
+                return Ok(live);
+            }
+        }
+    }
+
+    /// Queue group: leases up to `max` messages to `member` — redeliveries that
+    /// are due first, then new messages in offset order.
+    pub fn fetch_queue(
+        &self,
+        group: &str,
+        member: &str,
+        max: usize,
+        max_bytes: usize,
+        now: u64,
+    ) -> Result<QueueFetch> {
+        let mut state = self.state()?;
+        let state = &mut *state;
+        let mut out = QueueFetch::default();
+        let mut bytes = 0usize;
+        let g = self.queue_group(&mut state.groups, group)?;
+        g.touch(member, now);
+        g.expire(now);
+        let due = g.due_redeliveries(now, max);
+        let mut candidates: Vec<Message> = Vec::new();
+        for offset in due {
+            let found = self.log.read(Offset(offset), 1, max_bytes)?;
+            match found.into_iter().next() {
+                Some(m) if m.offset.0 == offset && !state.deleted.contains(offset) => {
+                    candidates.push(m)
+                }
+                // Gone (retention, compaction) or deleted: nothing left to deliver.
+                _ => self
+                    .queue_group(&mut state.groups, group)?
+                    .complete(offset, offset + 1)?,
+            }
+        }
+        let mut cursor = self.queue_group(&mut state.groups, group)?.cursor();
+        let end = self.log.end().0;
+        while candidates.len() < max && cursor < end {
+            let batch = self
+                .log
+                .read(Offset(cursor), max - candidates.len(), max_bytes)?;
+            let Some(last) = batch.last().map(|m| m.offset.0) else {
+                break;
+            };
+            let g = self.queue_group(&mut state.groups, group)?;
+            for m in batch {
+                let o = m.offset.0;
+                if !g.is_done(o) && !g.is_leased(o) && !state.deleted.contains(o) {
+                    candidates.push(m);
+                }
+            }
+            cursor = last + 1;
+            self.queue_group(&mut state.groups, group)?
+                .advance_cursor(cursor);
+        }
+        let consumed_by_all = self.config.delete_when_consumed;
+        for m in candidates {
+            let o = m.offset.0;
+            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
+                continue;
+            }
+            if !out.deliveries.is_empty() && bytes + m.value.len() > max_bytes {
+                self.queue_group(&mut state.groups, group)?.defer(o, now);
+                continue;
+            }
+            let g = self.queue_group(&mut state.groups, group)?;
+            match g.deliver(o, member, now)? {
+                Decision::Deliver { delivery } => {
+                    bytes += m.value.len();
+                    out.deliveries.push(Delivery {
+                        message: m,
+                        delivery,
+                    });
+                }
+                Decision::DeadLetter { deliveries } => {
+                    g.defer(o, now);
+                    out.dead_letters.push(DeadLetter {
+                        offset: o,
+                        message: self.dead_letter(group, m, deliveries),
+                    });
+                }
+            }
+        }
+        // Redelivery counts reach the disk before the messages go out, so a
+        // poison message cannot loop forever across broker crashes.
+        let g = self.queue_group(&mut state.groups, group)?;
+        if !g.is_synced() {
+            g.sync()?;
+        }
+        Ok(out)
+    }
+
+    fn dead_letter(&self, group: &str, m: Message, deliveries: u32) -> NewMessage {
+        let mut headers = m.headers;
+        headers.push(Header::new(dlq_headers::TOPIC, self.name.clone()));
+        headers.push(Header::new(dlq_headers::OFFSET, m.offset.0.to_string()));
+        headers.push(Header::new(dlq_headers::GROUP, group.to_owned()));
+        headers.push(Header::new(dlq_headers::DELIVERIES, deliveries.to_string()));
+        headers.push(Header::new(dlq_headers::REASON, "max_deliveries exceeded"));
+        NewMessage {
+            timestamp_ms: Some(m.timestamp_ms),
+            key: m.key,
+            headers,
+            value: m.value,
+        }
+    }
+
+    /// Completes dead letters once the dead-letter topic holds them.
+    pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        for &o in offsets {
+            g.complete(o, o + 1)?;
+        }
+        g.sync()
+    }
+
+    fn check_offsets(&self, offsets: &[u64]) -> Result<()> {
+        let end = self.log.end().0;
+        match offsets.iter().find(|&&o| o >= end) {
+            Some(o) => Err(Error::InvalidArgument(format!(
+                "offset {o} of topic {} is past its end ({end})",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Queue group: completes `offsets` for the group. Confirmed (returns)
+    /// once durable under the fsync policy.
+    pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        self.check_offsets(offsets)?;
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let start = sorted[i];
+            let mut end = start + 1;
+            i += 1;
+            while i < sorted.len() && sorted[i] == end {
+                end += 1;
+                i += 1;
+            }
+            g.complete(start, end)?;
+        }
+        self.persist_group(g)
+    }
+
+    /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
+    /// Returns how many were leased.
+    pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        let now = now_ms();
+        Ok(offsets
+            .iter()
+            .filter(|&&o| g.nack(o, now, delay_ms))
+            .count())
+    }
+
+    /// Stream group: commits `offset` as the next to read after a restart.
+    pub fn commit(&self, group: &str, offset: u64) -> Result<()> {
+        let end = self.log.end().0;
+        if offset > end {
+            return Err(Error::InvalidArgument(format!(
+                "commit offset {offset} of topic {} is past its end ({end})",
+                self.name
+            )));
+        }
+        let mut state = self.state()?;
+        let g = self.group_mut(&mut state.groups, group)?;
+        if g.config().mode != GroupMode::Stream {
+            return Err(Error::InvalidArgument(format!(
+                "group {group} of topic {} is a queue group: ack messages instead",
+                self.name
+            )));
+        }
+        g.commit(offset)?;
+        self.persist_group(g)
+    }
+
+    /// Moves a group to `position`: a stream group reads and commits from
+    /// there; a queue group treats everything before it as done and everything
+    /// from it on as pending. Returns the offset.
+    pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
+        let offset = self.resolve(position)?;
+        let mut state = self.state()?;
+        let g = self.group_mut(&mut state.groups, group)?;
+        g.commit(offset)?;
+        g.set_cursor(offset);
+        self.persist_group(g)?;
+        Ok(offset)
+    }
+
+    /// Deletes messages: they are never delivered or replayed again.
+    pub fn delete(&self, offsets: &[u64]) -> Result<()> {
+        self.check_offsets(offsets)?;
+        let mut state = self.state()?;
+        let mut payload = Vec::with_capacity(offsets.len() * 16);
+        for &o in offsets {
+            payload.extend_from_slice(&o.to_le_bytes());
+            payload.extend_from_slice(&(o + 1).to_le_bytes());
+        }
+        state.deletes.append(&payload)?;
+        if self.config.log.fsync == FsyncPolicy::Always {
+            state.deletes.sync()?;
+        }
+        for &o in offsets {
+            state.deleted.insert(o);
+        }
+        Ok(())
+    }
+
+    /// Whether `offset` is explicitly deleted.
+    pub fn is_deleted(&self, offset: u64) -> Result<bool> {
+        Ok(self.state()?.deleted.contains(offset))
+    }
+
+    /// The lowest offset any group still needs (None without groups).
+    pub fn needed_offset(&self) -> Result<Option<u64>> {
+        Ok(self.state()?.groups.values().map(Group::committed).min())
+    }
+
+    /// Syncs log and state; a clean stop leaves no recovery work.
+    pub fn close(self) -> Result<()> {
+        let Topic { log, state, .. } = self;
+        let mut state = state
+            .into_inner()
+            .map_err(|_| Error::InvalidArgument("state poisoned".into()))?;
+        state.deletes.sync()?;
+        for group in state.groups.values_mut() {
+            group.sync()?;
+        }
+        log.close()
+    }
+}
+
+fn bad_deletes(dir: &Path) -> Error {
+    Error::InvalidArgument(format!(
+        "{}: malformed deletion entry",
+        dir.join(DELETES_JOURNAL).display()
+    ))
+}
