@@ -24,11 +24,13 @@
 //! - [`groups`]: consumer-group and deletion state.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
 //!   - [`groups::journal`]: checksummed journal + atomic snapshot files.
+//! - [`protocol`]: the wire protocol: generated types, frame codec, status codes.
 //! - `cli` (binary only): the `spool` command line.
 
 pub mod broker;
 pub mod error;
 pub mod groups;
+pub mod protocol;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -1,0 +1,16 @@
+//! The wire protocol: generated message types ([`pb`]), the frame codec, and
+//! the one place errors become status codes.
+
+pub mod codec;
+pub mod status;
+
+/// Types generated from `proto/spool.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/spool.v1.rs"));
+}
+
+/// Protocol version spoken by this build (sent in `Hello` and `Welcome`).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default largest frame.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
