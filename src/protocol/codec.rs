@@ -116,7 +116,7 @@ mod tests {
         pb::ClientFrame {
             request_id: id,
             request: Some(pb::client_frame::Request::Ping(pb::PingRequest {
-                nonce: id * 3,
+                nonce: id.wrapping_mul(3),
             })),
         }
     }
