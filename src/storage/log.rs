@@ -527,7 +527,13 @@ impl Log {
         let mut bytes = 0usize;
         for segment in &segments[first..] {
             bytes += segment.read(from.0, limits, bytes, &mut out)?;
-            if out.len() >= max_messages || (!out.is_empty() && bytes >= max_bytes) {
+            // A segment stops before a record that would break `max_bytes`; a
+            // smaller record of the next segment may still fit, but returning it
+            // would skip the one that did not.
+            let cut_short = out
+                .last()
+                .is_some_and(|m| m.offset.0 + 1 < segment.end_offset());
+            if cut_short || out.len() >= max_messages || (!out.is_empty() && bytes >= max_bytes) {
                 break;
             }
         }
