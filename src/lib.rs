@@ -25,12 +25,14 @@
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
 //!   - [`groups::journal`]: checksummed journal + atomic snapshot files.
 //! - [`protocol`]: the wire protocol: generated types, frame codec, status codes.
+//! - [`server`]: the broker server: listener, connections, subscriptions, topic writer tasks.
 //! - `cli` (binary only): the `spool` command line.
 
 pub mod broker;
 pub mod error;
 pub mod groups;
 pub mod protocol;
+pub mod server;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -608,6 +608,16 @@ impl Topic {
         Ok(self.state()?.groups.values().map(Group::committed).min())
     }
 
+    /// Syncs group and deletion state (the log is synced separately).
+    pub fn sync_state(&self) -> Result<()> {
+        let mut state = self.state()?;
+        state.deletes.sync()?;
+        for group in state.groups.values_mut() {
+            group.sync()?;
+        }
+        Ok(())
+    }
+
     /// Syncs log and state; a clean stop leaves no recovery work.
     pub fn close(self) -> Result<()> {
         let Topic { log, state, .. } = self;

@@ -1,47 +1,138 @@
-//! `spool serve`: open the data directory, take its lock and recover every
-//! topic's log, then hold the directory until interrupted.
+//! `spool serve`: run the broker. The first line on stdout says where it
+//! listens and where the data is; SIGINT or SIGTERM stop it gracefully.
 
 use clap::Args;
-use spool::storage::io::OsStorage;
-use spool::storage::{DataDir, LogConfig, RecoveryMode};
+use serde::Deserialize;
+use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
+use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::time::Duration;
 
 /// Arguments of `spool serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Data directory (created if missing).
-    #[arg(long, default_value = "./data", env = "SPOOL_DATA")]
-    data: PathBuf,
-    /// How to treat damage found when opening logs: tolerate-torn-tail (default:
-    /// cut a torn tail, refuse anything worse) or skip-damaged (quarantine
-    /// damaged ranges and open anyway).
-    #[arg(long, default_value = "tolerate-torn-tail")]
-    recovery: String,
+    #[arg(long, env = "SPOOL_DATA")]
+    data: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (printed on the first line).
+    #[arg(long)]
+    listen: Option<String>,
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Default fsync policy of new topics: always, interval:MS or never.
+    #[arg(long)]
+    fsync: Option<FsyncPolicy>,
+    /// Refuse produce to topics that were not created first.
+    #[arg(long)]
+    no_auto_create: bool,
+    /// Damage handling when opening logs: tolerate-torn-tail (cut a torn tail,
+    /// refuse anything worse) or skip-damaged (quarantine damaged ranges).
+    #[arg(long)]
+    recovery: Option<RecoveryMode>,
+}
+
+/// The config file: every field optional, flags win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    fsync: Option<FsyncPolicy>,
+    auto_create: Option<bool>,
+    max_frame_bytes: Option<u32>,
+    max_message_bytes: Option<u32>,
+    max_batch_messages: Option<u32>,
+    max_connections: Option<usize>,
+    max_subscriptions: Option<u32>,
+    shutdown_timeout_ms: Option<u64>,
+}
+
+fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| spool::Error::io(format!("reading config {}", path.display()), e))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| {
+                spool::Error::InvalidArgument(format!("config {}: {e}", path.display()))
+            })?
+        }
+        None => FileConfig::default(),
+    };
+    let mut c = ServerConfig {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+        data: args
+            .data
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from("./data")),
+        auto_create: !args.no_auto_create && file.auto_create.unwrap_or(true),
+        recovery: args.recovery.unwrap_or_default(),
+        ..ServerConfig::default()
+    };
+    if let Some(f) = args.fsync.or(file.fsync) {
+        c.topic_defaults.log.fsync = f;
+    }
+    if let Some(v) = file.max_frame_bytes {
+        c.max_frame_bytes = v;
+    }
+    if let Some(v) = file.max_message_bytes {
+        c.max_message_bytes = v;
+    }
+    if let Some(v) = file.max_batch_messages {
+        c.max_batch_messages = v;
+    }
+    if let Some(v) = file.max_connections {
+        c.max_connections = v;
+    }
+    if let Some(v) = file.max_subscriptions {
+        c.max_subscriptions = v;
+    }
+    if let Some(ms) = file.shutdown_timeout_ms {
+        c.shutdown_timeout = Duration::from_millis(ms);
+    }
+    Ok(c)
 }
 
 /// Runs the command.
 pub fn run(args: ServeArgs) -> spool::Result<()> {
-    let mode: RecoveryMode = args.recovery.parse()?;
-    let data = DataDir::open(Arc::new(OsStorage), &args.data)?;
-    let topics = data.topics()?;
-    let mut logs = Vec::with_capacity(topics.len());
-    for topic in &topics {
-        let log = data.open_log(topic, LogConfig::default(), mode)?;
-        let stats = log.stats();
-        tracing::info!(topic, start = %stats.start, end = %stats.end, segments = stats.segments, "opened topic");
-        logs.push(log);
-    }
-    println!(
-        "spool {} data {} ({} topics recovered); press Ctrl-C to stop",
-        env!("CARGO_PKG_VERSION"),
-        args.data.display(),
-        logs.len()
-    );
-    // The network listener is not part of this version; the process holds the
-    // data directory (and its lock) until it is stopped. Every acknowledged
-    // write is already on disk, so stopping needs no extra work.
-    loop {
-        std::thread::park();
+    let config = config(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| spool::Error::io("starting the async runtime", e))?;
+    runtime.block_on(async move {
+        let data = config.data.clone();
+        let server = Server::bind(config).await?;
+        let addr = server.local_addr()?;
+        println!(
+            "spool {} listening on {addr}, data in {}",
+            env!("CARGO_PKG_VERSION"),
+            data.display()
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down");
+            let _ = stop.send(true);
+        });
+        server.run(stopped).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

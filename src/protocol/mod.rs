@@ -2,6 +2,7 @@
 //! the one place errors become status codes.
 
 pub mod codec;
+pub mod convert;
 pub mod status;
 
 /// Types generated from `proto/spool.proto`.

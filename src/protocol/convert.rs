@@ -1,0 +1,193 @@
+//! Conversions between wire types and the engine's, with every check that
+//! input from the network needs (field limits, names, enum values).
+
+use super::pb;
+use crate::broker::topic::Position;
+use crate::broker::{Cleanup, TopicConfig};
+use crate::error::{Error, Result};
+use crate::groups::{GroupInfo, GroupMode};
+use crate::storage::{Durability, FsyncPolicy, Header, LogStats, Message, NewMessage};
+
+/// A wire message into an engine message.
+pub fn new_message(m: pb::NewMessage) -> NewMessage {
+    NewMessage {
+        timestamp_ms: m.timestamp_ms,
+        key: m.key,
+        headers: m
+            .headers
+            .into_iter()
+            .map(|h| Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect(),
+        value: m.value,
+    }
+}
+
+/// An engine message onto the wire.
+pub fn message(m: Message, delivery: u32) -> pb::Message {
+    pb::Message {
+        offset: m.offset.0,
+        timestamp_ms: m.timestamp_ms,
+        key: m.key,
+        headers: m
+            .headers
+            .into_iter()
+            .map(|h| pb::Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect(),
+        value: m.value,
+        delivery,
+    }
+}
+
+/// Durability onto the wire.
+pub fn durability(d: Durability) -> i32 {
+    match d {
+        Durability::Written => pb::Durability::Written as i32,
+        Durability::Durable => pb::Durability::Durable as i32,
+    }
+}
+
+/// A wire position (absent = `default`).
+pub fn position(p: Option<pb::Position>, default: Position) -> Position {
+    match p.and_then(|p| p.kind) {
+        None => default,
+        Some(pb::position::Kind::Earliest(_)) => Position::Earliest,
+        Some(pb::position::Kind::Latest(_)) => Position::Latest,
+        Some(pb::position::Kind::Offset(o)) => Position::Offset(o),
+        Some(pb::position::Kind::TimestampMs(t)) => Position::Timestamp(t),
+    }
+}
+
+/// A position onto the wire.
+pub fn position_to_wire(p: Position) -> pb::Position {
+    let kind = match p {
+        Position::Earliest => pb::position::Kind::Earliest(pb::Empty {}),
+        Position::Latest => pb::position::Kind::Latest(pb::Empty {}),
+        Position::Offset(o) => pb::position::Kind::Offset(o),
+        Position::Timestamp(t) => pb::position::Kind::TimestampMs(t),
+    };
+    pb::Position { kind: Some(kind) }
+}
+
+/// A wire group mode.
+pub fn group_mode(mode: i32) -> Result<GroupMode> {
+    match pb::GroupMode::try_from(mode) {
+        Ok(pb::GroupMode::Stream) => Ok(GroupMode::Stream),
+        Ok(pb::GroupMode::Queue) => Ok(GroupMode::Queue),
+        _ => Err(Error::InvalidArgument(format!(
+            "group mode {mode}: expected STREAM (1) or QUEUE (2)"
+        ))),
+    }
+}
+
+/// A group mode onto the wire.
+pub fn group_mode_to_wire(mode: GroupMode) -> i32 {
+    match mode {
+        GroupMode::Stream => pb::GroupMode::Stream as i32,
+        GroupMode::Queue => pb::GroupMode::Queue as i32,
+    }
+}
+
+/// Group info onto the wire.
+pub fn group_info(topic: &str, g: GroupInfo) -> pb::GroupInfo {
+    pb::GroupInfo {
+        topic: topic.to_owned(),
+        name: g.name,
+        mode: group_mode_to_wire(g.mode),
+        committed: g.committed,
+        pending: g.pending as u64,
+        lag: g.lag,
+        members: g
+            .members
+            .into_iter()
+            .map(|(name, last_seen_ms)| pb::GroupMember { name, last_seen_ms })
+            .collect(),
+    }
+}
+
+/// A wire topic config applied over `base` (absent fields keep `base`).
+pub fn topic_config(c: Option<pb::TopicConfig>, base: &TopicConfig) -> Result<TopicConfig> {
+    let mut out = base.clone();
+    let Some(c) = c else { return Ok(out) };
+    if let Some(v) = c.segment_bytes {
+        out.log.segment_bytes = v;
+    }
+    if c.segment_ms.is_some() {
+        out.log.segment_ms = c.segment_ms;
+    }
+    if c.retention_bytes.is_some() {
+        out.log.retention_bytes = c.retention_bytes;
+    }
+    if c.retention_ms.is_some() {
+        out.log.retention_ms = c.retention_ms;
+    }
+    if let Some(f) = c.fsync {
+        out.log.fsync = f.parse::<FsyncPolicy>()?;
+    }
+    if let Some(cleanup) = c.cleanup {
+        out.cleanup = match cleanup.as_str() {
+            "delete" => Cleanup::Delete,
+            "compact" => Cleanup::Compact,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "cleanup {other:?}: expected delete or compact"
+                )));
+            }
+        };
+    }
+    if let Some(v) = c.delete_when_consumed {
+        out.delete_when_consumed = v;
+    }
+    if c.dead_letter.is_some() {
+        out.dead_letter = c.dead_letter;
+    }
+    if let Some(v) = c.max_deliveries {
+        out.max_deliveries = v;
+    }
+    if let Some(v) = c.ack_timeout_ms {
+        out.ack_timeout_ms = v;
+    }
+    if let Some(v) = c.delete_retention_ms {
+        out.delete_retention_ms = v;
+    }
+    out.validate()?;
+    Ok(out)
+}
+
+/// A topic config onto the wire.
+pub fn topic_config_to_wire(c: &TopicConfig) -> pb::TopicConfig {
+    pb::TopicConfig {
+        segment_bytes: Some(c.log.segment_bytes),
+        segment_ms: c.log.segment_ms,
+        retention_bytes: c.log.retention_bytes,
+        retention_ms: c.log.retention_ms,
+        fsync: Some(c.log.fsync.to_string()),
+        cleanup: Some(match c.cleanup {
+            Cleanup::Delete => "delete".into(),
+            Cleanup::Compact => "compact".into(),
+        }),
+        delete_when_consumed: Some(c.delete_when_consumed),
+        dead_letter: c.dead_letter.clone(),
+        max_deliveries: Some(c.max_deliveries),
+        ack_timeout_ms: Some(c.ack_timeout_ms),
+        delete_retention_ms: Some(c.delete_retention_ms),
+    }
+}
+
+/// Topic info onto the wire.
+pub fn topic_info(name: &str, config: &TopicConfig, s: LogStats) -> pb::TopicInfo {
+    pb::TopicInfo {
+        name: name.to_owned(),
+        config: Some(topic_config_to_wire(config)),
+        start_offset: s.start.0,
+        end_offset: s.end.0,
+        durable_end_offset: s.durable_end.0,
+        segments: s.segments as u32,
+        bytes: s.bytes,
+    }
+}

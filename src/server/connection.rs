@@ -1,0 +1,558 @@
+//! One client connection: the `Hello`/`Welcome` handshake, then requests
+//! served concurrently and answered by `request_id` (pipelining), with pushed
+//! deliveries interleaved. A frame that cannot be read closes this connection
+//! only, after a final error frame where possible.
+
+use super::Broker;
+use super::subscription::{self, Subscription, Target};
+use crate::broker::topic::Position;
+use crate::protocol::codec::{FrameCodec, FrameError};
+use crate::protocol::pb::client_frame::Request;
+use crate::protocol::pb::response::Result as Reply;
+use crate::protocol::{PROTOCOL_VERSION, convert, pb, status};
+use crate::storage::log::now_ms;
+use crate::storage::record;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::Framed;
+
+/// How long a new connection has to send `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Defaults and caps of fetch and subscribe.
+const DEFAULT_MAX_MESSAGES: u32 = 100;
+const CAP_MAX_MESSAGES: u32 = 10_000;
+const DEFAULT_MAX_BYTES: u32 = 1024 * 1024;
+const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
+const CAP_MAX_IN_FLIGHT: u32 = 10_000;
+/// Longest long-poll.
+const CAP_WAIT_MS: u32 = 60_000;
+
+type Outgoing = mpsc::Sender<pb::ServerFrame>;
+
+fn response(request_id: u64, result: Reply) -> pb::ServerFrame {
+    pb::ServerFrame {
+        kind: Some(pb::server_frame::Kind::Response(pb::Response {
+            request_id,
+            result: Some(result),
+        })),
+    }
+}
+
+fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
+    response(request_id, Reply::Error(error))
+}
+
+fn frame_error(e: &FrameError) -> Option<pb::Error> {
+    match e {
+        FrameError::TooLarge { .. } => {
+            Some(status::error(pb::Code::ResourceExhausted, e.to_string()))
+        }
+        FrameError::BadFlags(_) | FrameError::Decode(_) => {
+            Some(status::error(pb::Code::InvalidArgument, e.to_string()))
+        }
+        FrameError::Io(_) => None,
+    }
+}
+
+/// Answers a connection over the limit with one error frame and closes it.
+pub(super) async fn refuse(stream: TcpStream, peer: SocketAddr, max_frame_bytes: u32) {
+    tracing::warn!(%peer, "connection refused: too many connections");
+    let mut framed = Framed::new(
+        stream,
+        FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(max_frame_bytes),
+    );
+    let error = status::error(
+        pb::Code::ResourceExhausted,
+        "too many connections; try again later",
+    );
+    let _ = framed.send(error_frame(0, error)).await;
+}
+
+/// Serves one connection until the client leaves, a frame is unreadable, or
+/// the server shuts down (in-flight requests are finished first).
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let codec = FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(broker.config.max_frame_bytes);
+    let (mut sink, mut frames) = Framed::new(stream, codec).split();
+    let (out, mut out_rx) = mpsc::channel::<pb::ServerFrame>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if let Err(e) = sink.send(frame).await {
+                tracing::debug!(%peer, error = %e, "write failed");
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await;
+    // Ok: proceed. Err(Some(..)): refuse with that error. Err(None): just close.
+    let handshake: Result<(), Option<(u64, pb::Error)>> = match hello {
+        Ok(Some(Ok(pb::ClientFrame {
+            request_id,
+            request: Some(Request::Hello(h)),
+        }))) => {
+            if h.protocol_version == PROTOCOL_VERSION {
+                tracing::debug!(%peer, client = %h.client_name, "connected");
+                let welcome = pb::Welcome {
+                    server_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol_version: PROTOCOL_VERSION,
+                    max_frame_bytes: broker.config.max_frame_bytes,
+                    max_message_bytes: broker.config.max_message_bytes,
+                    max_batch_messages: broker.config.max_batch_messages,
+                    max_subscriptions: broker.config.max_subscriptions,
+                };
+                let _ = out
+                    .send(pb::ServerFrame {
+                        kind: Some(pb::server_frame::Kind::Welcome(welcome)),
+                    })
+                    .await;
+                Ok(())
+            } else {
+                Err(Some((
+                    request_id,
+                    status::error(
+                        pb::Code::FailedPrecondition,
+                        format!(
+                            "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                            h.protocol_version
+                        ),
+                    ),
+                )))
+            }
+        }
+        Ok(Some(Ok(frame))) => Err(Some((
+            frame.request_id,
+            status::error(
+                pb::Code::FailedPrecondition,
+                "the first frame of a connection must be Hello",
+            ),
+        ))),
+        Ok(Some(Err(e))) => Err(frame_error(&e).map(|err| (0, err))),
+        Ok(None) => Err(None),
+        Err(_) => Err(Some((
+            0,
+            status::error(pb::Code::DeadlineExceeded, "no Hello within 10 s"),
+        ))),
+    };
+    if let Err(refusal) = handshake {
+        if let Some((id, err)) = refusal {
+            tracing::debug!(%peer, error = %err.message, "handshake refused");
+            let _ = out.send(error_frame(id, err)).await;
+        }
+        drop(out);
+        let _ = writer.await;
+        return;
+    }
+
+    let conn = Arc::new(Conn {
+        broker,
+        out: out.clone(),
+        subscriptions: Mutex::new(HashMap::new()),
+        next_subscription: AtomicU64::new(1),
+    });
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(frame)) => {
+                    let conn = Arc::clone(&conn);
+                    in_flight.spawn(async move {
+                        let reply = conn.handle(frame).await;
+                        let _ = conn.out.send(reply).await;
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "closing connection on a bad frame");
+                    if let Some(err) = frame_error(&e) {
+                        let _ = out.send(error_frame(0, err)).await;
+                    }
+                    break;
+                }
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+    conn.stop_subscriptions();
+    drop(conn);
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Per-connection state.
+#[derive(Debug)]
+struct Conn {
+    broker: Arc<Broker>,
+    out: Outgoing,
+    subscriptions: Mutex<HashMap<u64, (Subscription, usize)>>,
+    next_subscription: AtomicU64,
+}
+
+/// Runs blocking engine work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, pb::Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(|e| status::to_wire(&e)),
+        Err(e) => Err(status::error(
+            pb::Code::Internal,
+            format!("request failed: {e}"),
+        )),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> pb::Error {
+    status::error(pb::Code::InvalidArgument, message)
+}
+
+impl Conn {
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Subscription, usize)>> {
+        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_subscriptions(&self) {
+        for (sub, _) in self.subscriptions().values() {
+            sub.stop();
+        }
+    }
+
+    fn give_credit(&self, subscription: Option<u64>, n: usize) {
+        if let Some(id) = subscription
+            && let Some((sub, max)) = self.subscriptions().get(&id)
+        {
+            sub.give_credit(n, *max);
+        }
+    }
+
+    async fn handle(&self, frame: pb::ClientFrame) -> pb::ServerFrame {
+        let id = frame.request_id;
+        let result = match frame.request {
+            Some(request) => self.dispatch(request).await,
+            None => Err(status::error(
+                pb::Code::Unimplemented,
+                "unknown request type: this server does not know the request field sent",
+            )),
+        };
+        response(id, result.unwrap_or_else(Reply::Error))
+    }
+
+    async fn dispatch(&self, request: Request) -> Result<Reply, pb::Error> {
+        let broker = Arc::clone(&self.broker);
+        let config = &broker.config;
+        match request {
+            Request::Hello(_) => Err(status::error(
+                pb::Code::FailedPrecondition,
+                "Hello was already received",
+            )),
+            Request::Ping(p) => Ok(Reply::Ping(pb::PingResponse { nonce: p.nonce })),
+            Request::Produce(p) => {
+                if p.messages.is_empty() {
+                    return Err(invalid(format!(
+                        "produce to topic {}: no messages",
+                        p.topic
+                    )));
+                }
+                if p.messages.len() > config.max_batch_messages as usize {
+                    return Err(invalid(format!(
+                        "produce to topic {}: {} messages in one batch; the limit is {}",
+                        p.topic,
+                        p.messages.len(),
+                        config.max_batch_messages
+                    )));
+                }
+                let batch: Vec<_> = p.messages.into_iter().map(convert::new_message).collect();
+                for (i, m) in batch.iter().enumerate() {
+                    let size = record::encoded_len(m).map(|l| l - record::HEADER_LEN);
+                    if size.is_none_or(|s| s > config.max_message_bytes as usize) {
+                        return Err(invalid(format!(
+                            "produce to topic {}: message {i} has {} bytes of key, headers and value; the limit is {}",
+                            p.topic,
+                            size.map_or_else(|| "over 4 GiB".to_string(), |s| s.to_string()),
+                            config.max_message_bytes
+                        )));
+                    }
+                }
+                let topic = p.topic.clone();
+                let runtime = blocking(move || broker.runtime(&topic, true)).await?;
+                let appended = runtime.produce(batch).await?;
+                Ok(Reply::Produce(pb::ProduceResponse {
+                    first_offset: appended.first.0,
+                    last_offset: appended.last.0,
+                    durability: convert::durability(appended.durability),
+                }))
+            }
+            Request::Fetch(f) => self.fetch(f).await,
+            Request::Subscribe(s) => {
+                let live = self.subscriptions().len();
+                if live >= config.max_subscriptions as usize {
+                    return Err(status::error(
+                        pb::Code::ResourceExhausted,
+                        format!(
+                            "{live} subscriptions on this connection; the limit is {}",
+                            config.max_subscriptions
+                        ),
+                    ));
+                }
+                let topic_name = s.topic.clone();
+                let b = Arc::clone(&broker);
+                let runtime = blocking(move || b.runtime(&topic_name, false)).await?;
+                let t = Arc::clone(runtime.topic());
+                let (group, from) = (s.group.clone(), s.from);
+                let target = blocking(move || subscription::target(&t, group, from)).await?;
+                let max_in_flight = match s.max_in_flight {
+                    0 => DEFAULT_MAX_IN_FLIGHT,
+                    n => n.min(CAP_MAX_IN_FLIGHT),
+                } as usize;
+                let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
+                let sub = subscription::start(
+                    id,
+                    Arc::clone(&broker),
+                    runtime,
+                    target,
+                    s.member,
+                    max_in_flight,
+                    self.out.clone(),
+                );
+                self.subscriptions().insert(id, (sub, max_in_flight));
+                Ok(Reply::Subscribe(pb::SubscribeResponse {
+                    subscription_id: id,
+                }))
+            }
+            Request::Unsubscribe(u) => match self.subscriptions().remove(&u.subscription_id) {
+                Some((sub, _)) => {
+                    sub.stop();
+                    Ok(Reply::Ok(pb::Empty {}))
+                }
+                None => Err(status::error(
+                    pb::Code::NotFound,
+                    format!(
+                        "subscription {} does not exist on this connection",
+                        u.subscription_id
+                    ),
+                )),
+            },
+            Request::Ack(a) => {
+                let n = a.offsets.len();
+                let runtime = self.existing(&a.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let (group, offsets) = (a.group.clone(), a.offsets);
+                let credit_only = a.subscription_id.is_some();
+                blocking(move || match t.describe_group(&group)?.mode {
+                    crate::groups::GroupMode::Queue => t.ack(&group, &offsets),
+                    crate::groups::GroupMode::Stream if credit_only => Ok(()),
+                    crate::groups::GroupMode::Stream => {
+                        Err(crate::Error::InvalidArgument(format!(
+                            "group {group} of topic {} is a stream group: commit offsets instead",
+                            t.name()
+                        )))
+                    }
+                })
+                .await?;
+                self.give_credit(a.subscription_id, n);
+                Ok(Reply::Ok(pb::Empty {}))
+            }
+            Request::Nack(n) => {
+                let count = n.offsets.len();
+                let runtime = self.existing(&n.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let requeued = blocking(move || t.nack(&n.group, &n.offsets, n.delay_ms)).await?;
+                self.give_credit(n.subscription_id, count);
+                runtime.notify();
+                Ok(Reply::Nack(pb::NackResponse {
+                    requeued: requeued as u32,
+                }))
+            }
+            Request::Commit(c) => {
+                let runtime = self.existing(&c.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                blocking(move || t.commit(&c.group, c.offset)).await?;
+                Ok(Reply::Ok(pb::Empty {}))
+            }
+            Request::Seek(s) => {
+                let runtime = self.existing(&s.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let to = convert::position(s.to, Position::Earliest);
+                let offset = blocking(move || t.seek(&s.group, to)).await?;
+                runtime.notify();
+                Ok(Reply::Seek(pb::SeekResponse { offset }))
+            }
+            Request::Delete(d) => {
+                let runtime = self.existing(&d.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                blocking(move || t.delete(&d.offsets)).await?;
+                Ok(Reply::Ok(pb::Empty {}))
+            }
+            Request::CreateTopic(c) => {
+                let config = convert::topic_config(c.config, &config.topic_defaults)
+                    .map_err(|e| status::to_wire(&e))?;
+                let b = Arc::clone(&broker);
+                let topic = blocking(move || b.registry.create_topic(&c.name, config)).await?;
+                let info = convert::topic_info(topic.name(), topic.config(), topic.stats());
+                broker.runtime_of(topic);
+                Ok(Reply::Topic(info))
+            }
+            Request::ListTopics(_) => {
+                let topics = broker
+                    .registry
+                    .topics()
+                    .iter()
+                    .map(|t| convert::topic_info(t.name(), t.config(), t.stats()))
+                    .collect();
+                Ok(Reply::Topics(pb::ListTopicsResponse { topics }))
+            }
+            Request::DescribeTopic(d) => {
+                let t = broker
+                    .registry
+                    .topic(&d.name)
+                    .map_err(|e| status::to_wire(&e))?;
+                Ok(Reply::Topic(convert::topic_info(
+                    t.name(),
+                    t.config(),
+                    t.stats(),
+                )))
+            }
+            Request::DeleteTopic(d) => {
+                let b = Arc::clone(&broker);
+                let name = d.name.clone();
+                blocking(move || b.registry.delete_topic(&name)).await?;
+                broker.forget_runtime(&d.name);
+                Ok(Reply::Ok(pb::Empty {}))
+            }
+            Request::CreateGroup(c) => {
+                let mode = convert::group_mode(c.mode).map_err(|e| status::to_wire(&e))?;
+                let runtime = self.existing(&c.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let start = convert::position(c.start, Position::Earliest);
+                let info = blocking(move || t.create_group(&c.group, mode, start)).await?;
+                Ok(Reply::Group(convert::group_info(&c.topic, info)))
+            }
+            Request::ListGroups(l) => {
+                let runtime = self.existing(&l.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let groups = blocking(move || t.list_groups()).await?;
+                Ok(Reply::Groups(pb::ListGroupsResponse {
+                    groups: groups
+                        .into_iter()
+                        .map(|g| convert::group_info(&l.topic, g))
+                        .collect(),
+                }))
+            }
+            Request::DescribeGroup(d) => {
+                let runtime = self.existing(&d.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                let group = d.group.clone();
+                let info = blocking(move || t.describe_group(&group)).await?;
+                Ok(Reply::Group(convert::group_info(&d.topic, info)))
+            }
+            Request::DeleteGroup(d) => {
+                let runtime = self.existing(&d.topic).await?;
+                let t = Arc::clone(runtime.topic());
+                blocking(move || t.delete_group(&d.group)).await?;
+                Ok(Reply::Ok(pb::Empty {}))
+            }
+            Request::Compact(_) => Err(status::error(
+                pb::Code::Unimplemented,
+                "compaction is not available in this version of the server",
+            )),
+        }
+    }
+
+    async fn existing(&self, topic: &str) -> Result<Arc<super::runtime::TopicRuntime>, pb::Error> {
+        let b = Arc::clone(&self.broker);
+        let name = topic.to_owned();
+        blocking(move || b.runtime(&name, false)).await
+    }
+
+    async fn fetch(&self, f: pb::FetchRequest) -> Result<Reply, pb::Error> {
+        let runtime = self.existing(&f.topic).await?;
+        let topic = Arc::clone(runtime.topic());
+        let max = match f.max_messages {
+            0 => DEFAULT_MAX_MESSAGES,
+            n => n.min(CAP_MAX_MESSAGES),
+        } as usize;
+        let frame_room = self
+            .broker
+            .config
+            .max_frame_bytes
+            .saturating_sub(64 * 1024)
+            .max(1024);
+        let max_bytes = match f.max_bytes {
+            0 => DEFAULT_MAX_BYTES,
+            n => n,
+        }
+        .min(frame_room) as usize;
+        let t = Arc::clone(&topic);
+        let (group, from) = (f.group.clone(), f.from);
+        let target = blocking(move || subscription::target(&t, group, from)).await?;
+        let start = match &target {
+            Target::Replay(p) => {
+                let (t, p) = (Arc::clone(&topic), *p);
+                blocking(move || t.resolve(p)).await?
+            }
+            _ => 0,
+        };
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS)));
+        let mut changes = runtime.subscribe_changes();
+        loop {
+            changes.borrow_and_update();
+            let (t, b, target2, member) = (
+                Arc::clone(&topic),
+                Arc::clone(&self.broker),
+                target.clone(),
+                f.member.clone(),
+            );
+            let messages = blocking(move || -> crate::Result<Vec<pb::Message>> {
+                Ok(match &target2 {
+                    Target::Replay(_) => t
+                        .read(start, max, max_bytes)?
+                        .into_iter()
+                        .map(|m| convert::message(m, 0))
+                        .collect(),
+                    Target::Stream(g) => t
+                        .fetch_stream(g, &member, max, max_bytes)?
+                        .into_iter()
+                        .map(|m| convert::message(m, 0))
+                        .collect(),
+                    Target::Queue(g) => b
+                        .registry
+                        .fetch_queue(t.name(), g, &member, max, max_bytes, now_ms())?
+                        .deliveries
+                        .into_iter()
+                        .map(|d| convert::message(d.message, d.delivery))
+                        .collect(),
+                })
+            })
+            .await?;
+            let now = tokio::time::Instant::now();
+            if !messages.is_empty() || now >= deadline {
+                let next_offset = messages.last().map_or(start, |m| m.offset + 1);
+                return Ok(Reply::Fetch(pb::FetchResponse {
+                    messages,
+                    next_offset,
+                    end_offset: topic.stats().end.0,
+                }));
+            }
+            let queue = matches!(target, Target::Queue(_));
+            let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Err(status::error(pb::Code::Unavailable, "topic closed")) },
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep(lease_poll), if queue => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The broker server: accepts TCP connections, speaks the framed protocol,
+//! and shuts down gracefully (stop accepting, finish in-flight requests, sync,
+//! release the lock) within a bounded time.
+
+mod connection;
+pub mod runtime;
+mod subscription;
+
+use crate::broker::{Registry, RegistryOptions, Topic, TopicConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::storage::io::OsStorage;
+use crate::storage::{DataDir, RecoveryMode};
+use runtime::TopicRuntime;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// Default listen address of `spool serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+
+/// Settings of a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: String,
+    /// Data directory.
+    pub data: PathBuf,
+    /// Largest frame in either direction.
+    pub max_frame_bytes: u32,
+    /// Largest message (key + headers + value).
+    pub max_message_bytes: u32,
+    /// Most messages per produce.
+    pub max_batch_messages: u32,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: u32,
+    /// Create unknown topics on first produce.
+    pub auto_create: bool,
+    /// Config of topics created without one.
+    pub topic_defaults: TopicConfig,
+    /// How opening logs treats damage.
+    pub recovery: RecoveryMode,
+    /// Longest a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.into(),
+            data: PathBuf::from("./data"),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: 1024 * 1024,
+            max_batch_messages: 10_000,
+            max_connections: 1024,
+            max_subscriptions: 64,
+            auto_create: true,
+            topic_defaults: TopicConfig::default(),
+            recovery: RecoveryMode::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct Broker {
+    registry: Registry,
+    runtimes: Mutex<HashMap<String, Arc<TopicRuntime>>>,
+    config: ServerConfig,
+}
+
+impl Broker {
+    /// The runtime of an existing topic (`create`: auto-create if allowed).
+    fn runtime(&self, name: &str, create: bool) -> Result<Arc<TopicRuntime>> {
+        let topic = if create {
+            self.registry.topic_or_create(name, false)?
+        } else {
+            self.registry.topic(name)?
+        };
+        Ok(self.runtime_of(topic))
+    }
+
+    fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        match runtimes.get(topic.name()) {
+            Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
+            _ => {
+                let rt = TopicRuntime::start(Arc::clone(&topic));
+                runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
+                rt
+            }
+        }
+    }
+
+    fn forget_runtime(&self, name: &str) {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+}
+
+/// A bound server, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    broker: Arc<Broker>,
+}
+
+impl Server {
+    /// Opens the data directory (taking its lock and recovering every topic)
+    /// and binds the listener.
+    pub async fn bind(config: ServerConfig) -> Result<Server> {
+        let data_path = config.data.clone();
+        let options = RegistryOptions {
+            defaults: config.topic_defaults.clone(),
+            auto_create: config.auto_create,
+            recovery: config.recovery,
+        };
+        let registry = tokio::task::spawn_blocking(move || {
+            let data = DataDir::open(Arc::new(OsStorage), &data_path)?;
+            Registry::open(data, options)
+        })
+        .await
+        .map_err(|e| {
+            Error::InvalidArgument(format!("opening the data directory panicked: {e}"))
+        })??;
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .ctx(|| format!("listening on {}", config.listen))?;
+        let broker = Arc::new(Broker {
+            registry,
+            runtimes: Mutex::new(HashMap::new()),
+            config,
+        });
+        for topic in broker.registry.topics() {
+            broker.runtime_of(topic);
+        }
+        Ok(Server { listener, broker })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .ctx(|| "reading the listen address".into())
+    }
+
+    /// The shared broker state.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Serves until `shutdown` turns true, then stops accepting, lets
+    /// connections finish their in-flight requests (bounded by the shutdown
+    /// timeout), syncs every topic and releases the data directory.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let Server { listener, broker } = self;
+        let slots = Arc::new(Semaphore::new(broker.config.max_connections));
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let permit = Arc::clone(&slots).try_acquire_owned().ok();
+                    let broker = Arc::clone(&broker);
+                    let shutdown = shutdown.clone();
+                    connections.spawn(async move {
+                        match permit {
+                            Some(permit) => {
+                                connection::serve(stream, peer, broker, shutdown).await;
+                                drop(permit);
+                            }
+                            None => connection::refuse(stream, peer, broker.config.max_frame_bytes).await,
+                        }
+                    });
+                }
+                _ = shutdown.changed() => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        let timeout = broker.config.shutdown_timeout;
+        if tokio::time::timeout(timeout, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                ?timeout,
+                "connections still busy after the shutdown timeout; closing them"
+            );
+            connections.shutdown().await;
+        }
+        broker
+            .runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let broker = Arc::clone(&broker);
+        tokio::task::spawn_blocking(move || {
+            for topic in broker.registry.topics() {
+                if let Err(e) = topic.log().sync() {
+                    tracing::error!(topic = topic.name(), error = %e, "final sync failed");
+                }
+            }
+            for topic in broker.registry.topics() {
+                if let Err(e) = topic.sync_state() {
+                    tracing::error!(topic = topic.name(), error = %e, "final sync of group state failed");
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("final sync panicked: {e}")))?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! The async side of one topic: a single writer task that owns appends
+//! (group commit: drain every pending batch, write each, sync once, answer
+//! all), a change signal that wakes subscriptions and long-polls, and the
+//! fsync-interval ticker.
+
+use crate::broker::Topic;
+use crate::protocol::{pb, status};
+use crate::storage::{Appended, FsyncPolicy, NewMessage};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Most batches one group commit takes from the queue.
+const MAX_GROUP: usize = 1024;
+/// Produce requests queued per topic before producers wait.
+const QUEUE_DEPTH: usize = 4096;
+
+/// A produce waiting for the writer.
+#[derive(Debug)]
+struct ProduceJob {
+    batch: Vec<NewMessage>,
+    reply: oneshot::Sender<Result<Appended, pb::Error>>,
+}
+
+/// A topic with its writer task and change signal.
+#[derive(Debug)]
+pub struct TopicRuntime {
+    topic: Arc<Topic>,
+    produce_tx: mpsc::Sender<ProduceJob>,
+    changed: watch::Sender<u64>,
+}
+
+impl TopicRuntime {
+    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`.
+    pub fn start(topic: Arc<Topic>) -> Arc<TopicRuntime> {
+        let (produce_tx, produce_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (changed, _) = watch::channel(0u64);
+        let runtime = Arc::new(TopicRuntime {
+            topic,
+            produce_tx,
+            changed,
+        });
+        tokio::spawn(writer(
+            Arc::clone(&runtime.topic),
+            produce_rx,
+            runtime.changed.clone(),
+        ));
+        if let FsyncPolicy::Interval(ms) = runtime.topic.config().log.fsync {
+            tokio::spawn(ticker(
+                Arc::downgrade(&runtime),
+                Duration::from_millis(ms.max(1)),
+            ));
+        }
+        runtime
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &Arc<Topic> {
+        &self.topic
+    }
+
+    /// Appends through the writer task; resolves once the batch is committed.
+    pub async fn produce(&self, batch: Vec<NewMessage>) -> Result<Appended, pb::Error> {
+        let (reply, rx) = oneshot::channel();
+        let unavailable = || {
+            status::error(
+                pb::Code::Unavailable,
+                format!("topic {} is closing", self.topic.name()),
+            )
+        };
+        self.produce_tx
+            .send(ProduceJob { batch, reply })
+            .await
+            .map_err(|_| unavailable())?;
+        rx.await.map_err(|_| unavailable())?
+    }
+
+    /// A receiver that changes whenever there is something new to deliver.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Wakes subscriptions (after a nack, seek or anything else that makes
+    /// messages deliverable without new appends).
+    pub fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+async fn writer(
+    topic: Arc<Topic>,
+    mut rx: mpsc::Receiver<ProduceJob>,
+    changed: watch::Sender<u64>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let t = Arc::clone(&topic);
+        let done = tokio::task::spawn_blocking(move || {
+            let written: Vec<_> = jobs.iter().map(|j| t.log().write(&j.batch)).collect();
+            let committed = if written.iter().any(Result::is_ok) {
+                Some(t.log().commit())
+            } else {
+                None
+            };
+            (jobs, written, committed)
+        })
+        .await;
+        let Ok((jobs, written, committed)) = done else {
+            tracing::error!(
+                topic = topic.name(),
+                "writer task panicked; topic stops accepting writes"
+            );
+            return;
+        };
+        let commit_error = match &committed {
+            Some(Err(e)) => Some(status::to_wire(e)),
+            _ => None,
+        };
+        for (job, result) in jobs.into_iter().zip(written) {
+            let reply = match (result, &committed, &commit_error) {
+                (Err(e), _, _) => Err(status::to_wire(&e)),
+                (Ok(_), _, Some(e)) => Err(e.clone()),
+                (Ok((first, last)), Some(Ok(durability)), None) => Ok(Appended {
+                    first,
+                    last,
+                    durability: *durability,
+                }),
+                (Ok(_), _, None) => Err(status::error(pb::Code::Internal, "commit result missing")),
+            };
+            let _ = job.reply.send(reply);
+        }
+        changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(rt) = runtime.upgrade() else { return };
+        let topic = Arc::clone(&rt.topic);
+        drop(rt);
+        let result = tokio::task::spawn_blocking(move || topic.tick()).await;
+        if let Ok(Err(e)) = result {
+            tracing::error!(error = %e, "fsync-interval tick failed");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Push subscriptions: a task per subscription that fetches while it has
+//! credit (at most `max_in_flight` unacknowledged messages), pushes
+//! `Delivery` frames, and otherwise sleeps until the topic changes.
+
+use super::Broker;
+use super::runtime::TopicRuntime;
+use crate::broker::topic::Position;
+use crate::groups::GroupMode;
+use crate::protocol::{convert, pb, status};
+use crate::storage::log::now_ms;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+/// Most messages in one pushed frame.
+const MAX_PER_DELIVERY: usize = 1000;
+/// Bytes read per fetch of a subscription.
+const MAX_FETCH_BYTES: usize = 1024 * 1024;
+
+/// What a subscription reads.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// Replay from a position, no state.
+    Replay(Position),
+    /// A stream group's position.
+    Stream(String),
+    /// Leases of a queue group.
+    Queue(String),
+}
+
+/// A running subscription.
+#[derive(Debug)]
+pub(super) struct Subscription {
+    credits: Arc<Semaphore>,
+    task: JoinHandle<()>,
+}
+
+impl Subscription {
+    /// Returns `n` credits (acked or nacked messages).
+    pub(super) fn give_credit(&self, n: usize, max_in_flight: usize) {
+        let room = max_in_flight.saturating_sub(self.credits.available_permits());
+        self.credits.add_permits(n.min(room));
+    }
+
+    /// Stops the subscription.
+    pub(super) fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a subscription pushing to `out`.
+pub(super) fn start(
+    id: u64,
+    broker: Arc<Broker>,
+    runtime: Arc<TopicRuntime>,
+    target: Target,
+    member: String,
+    max_in_flight: usize,
+    out: mpsc::Sender<pb::ServerFrame>,
+) -> Subscription {
+    let credits = Arc::new(Semaphore::new(max_in_flight));
+    let task = tokio::spawn(run(
+        id,
+        broker,
+        runtime,
+        target,
+        member,
+        Arc::clone(&credits),
+        out,
+    ));
+    Subscription { credits, task }
+}
+
+async fn run(
+    id: u64,
+    broker: Arc<Broker>,
+    runtime: Arc<TopicRuntime>,
+    target: Target,
+    member: String,
+    credits: Arc<Semaphore>,
+    out: mpsc::Sender<pb::ServerFrame>,
+) {
+    let topic = Arc::clone(runtime.topic());
+    let mut changes = runtime.subscribe_changes();
+    // Queue leases expire without any append: look again at least this often.
+    let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
+    let mut position = match &target {
+        Target::Replay(p) => {
+            let (t, p) = (Arc::clone(&topic), *p);
+            match tokio::task::spawn_blocking(move || t.resolve(p)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
+                Err(e) => {
+                    return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await;
+                }
+            }
+        }
+        _ => 0,
+    };
+    loop {
+        let Ok(permit) = credits.acquire().await else {
+            return;
+        };
+        drop(permit);
+        let room = credits.available_permits().min(MAX_PER_DELIVERY);
+        changes.borrow_and_update();
+        let (t, b, target2, member2) = (
+            Arc::clone(&topic),
+            Arc::clone(&broker),
+            target.clone(),
+            member.clone(),
+        );
+        let fetched = tokio::task::spawn_blocking(move || -> crate::Result<Vec<pb::Message>> {
+            Ok(match &target2 {
+                Target::Replay(_) => t
+                    .read(position, room, MAX_FETCH_BYTES)?
+                    .into_iter()
+                    .map(|m| convert::message(m, 0))
+                    .collect(),
+                Target::Stream(g) => t
+                    .fetch_stream(g, &member2, room, MAX_FETCH_BYTES)?
+                    .into_iter()
+                    .map(|m| convert::message(m, 0))
+                    .collect(),
+                Target::Queue(g) => b
+                    .registry
+                    .fetch_queue(t.name(), g, &member2, room, MAX_FETCH_BYTES, now_ms())?
+                    .deliveries
+                    .into_iter()
+                    .map(|d| convert::message(d.message, d.delivery))
+                    .collect(),
+            })
+        })
+        .await;
+        let messages = match fetched {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
+            Err(e) => return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await,
+        };
+        if messages.is_empty() {
+            let queue = matches!(target, Target::Queue(_));
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(lease_poll), if queue => {}
+            }
+            continue;
+        }
+        if let Some(last) = messages.last() {
+            position = last.offset + 1;
+        }
+        credits.forget_permits(messages.len());
+        let frame = pb::ServerFrame {
+            kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery {
+                subscription_id: id,
+                messages,
+                error: None,
+            })),
+        };
+        if out.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
+    tracing::debug!(subscription = id, error = %error.message, "subscription ended");
+    let frame = pb::ServerFrame {
+        kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery {
+            subscription_id: id,
+            messages: Vec::new(),
+            error: Some(error),
+        })),
+    };
+    let _ = out.send(frame).await;
+}
+
+/// The target of a subscribe or fetch request on `topic` with `group`.
+pub(super) fn target(
+    topic: &crate::broker::Topic,
+    group: Option<String>,
+    from: Option<pb::Position>,
+) -> crate::Result<Target> {
+    match group {
+        None => Ok(Target::Replay(convert::position(from, Position::Earliest))),
+        Some(g) => match topic.describe_group(&g)?.mode {
+            GroupMode::Stream => Ok(Target::Stream(g)),
+            GroupMode::Queue => Ok(Target::Queue(g)),
+        },
+    }
+}
