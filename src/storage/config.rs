@@ -90,8 +90,10 @@ pub enum RecoveryMode {
     /// and offsets.
     #[default]
     TolerateTornTail,
-    /// Open anyway: copy each damaged range to `quarantine/`, replace it in the
-    /// segment with a filler record that readers skip, and report it.
+    /// Open anyway: check every record of every segment (not only the tail
+    /// the default mode scans), copy each damaged range to `quarantine/`,
+    /// replace it in the segment with a filler record that readers skip, and
+    /// report it.
     SkipDamaged,
 }
 

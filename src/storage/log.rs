@@ -127,14 +127,15 @@ impl Log {
         let mut segments = Vec::with_capacity(bases.len().max(1));
         let active = match bases.split_last() {
             None => Active::create(&*storage, &dir, 0, &config)?,
-            Some((&last, sealed)) => {
-                for &base in sealed {
+            Some((&last, _)) => {
+                for pair in bases.windows(2) {
+                    let (base, next_base) = (pair[0], pair[1]);
                     let opened = recovery::open_segment(
                         &*storage,
                         &dir,
                         base,
+                        Some(next_base),
                         &config,
-                        false,
                         mode,
                         &mut report,
                     )?;
@@ -144,8 +145,8 @@ impl Log {
                     &*storage,
                     &dir,
                     last,
+                    None,
                     &config,
-                    true,
                     mode,
                     &mut report,
                 )?;
@@ -476,7 +477,13 @@ impl Log {
         let seg = &a.segment;
         let log = &seg.paths().log;
         let index = seg.index_snapshot();
-        recovery::write_index(&*self.storage, seg.paths(), &index)?;
+        // The index is a hint that the next open checks and rebuilds: failing to
+        // write it (a full disk) must not fail the seal, which would poison the
+        // log for good over a condition that clears.
+        if let Err(e) = recovery::write_index(&*self.storage, seg.paths(), &index) {
+            tracing::warn!(file = %seg.paths().idx.display(), error = %e,
+                "could not write the index of a sealed segment; the next open rebuilds it");
+        }
         seg.file()
             .set_len(a.write_pos)
             .ctx(|| format!("truncating {} to seal it", log.display()))?;

@@ -84,15 +84,17 @@ enum Stop {
 }
 
 /// Opens the segment `base` of the log in `dir`, repairing what `mode` allows.
+/// `next_base` is the base of the following segment, `None` for the active one.
 pub fn open_segment(
     storage: &dyn Storage,
     dir: &Path,
     base: u64,
+    next_base: Option<u64>,
     config: &LogConfig,
-    active: bool,
     mode: RecoveryMode,
     report: &mut RecoveryReport,
 ) -> Result<OpenedSegment> {
+    let active = next_base.is_none();
     let paths = SegmentPaths::new(dir, base);
     let log = &paths.log;
     let file = storage
@@ -100,6 +102,12 @@ pub fn open_segment(
         .ctx(|| format!("opening {}", log.display()))?;
     let max_len = config.max_record_len();
     let (mut index, loaded) = load_index(storage, &paths, base, &*file, max_len)?;
+    if mode == RecoveryMode::SkipDamaged {
+        // The operator asked to open despite damage: check every record, not
+        // just those after the last index entry, so damage anywhere is
+        // quarantined instead of failing every read that reaches it.
+        index = SegmentIndex::default();
+    }
 
     let mut builder = IndexBuilder::resume(config.index_interval_bytes, &index);
     let mut pos = index
@@ -149,10 +157,16 @@ pub fn open_segment(
         }
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
+        // Without a valid record after the damage, a sealed segment lost every
+        // offset up to the next segment's base.
+        let lost_end = next_valid
+            .map(|(_, o)| o)
+            .or(next_base)
+            .unwrap_or(first_lost);
         let damage = Corruption {
             file: log.clone(),
             bytes: pos..damaged_end,
-            offsets: Some(first_lost..next_valid.map_or(first_lost, |(_, o)| o)),
+            offsets: Some(first_lost..lost_end),
             detail: format!(
                 "{why}; valid records {} after it. Start with recovery mode skip-damaged \
                  (`spool serve --recovery skip-damaged`) to quarantine the range and open anyway",
@@ -369,13 +383,40 @@ fn load_index(
         }
         index.truncate(last.relative, last.position);
     }
-    if let Some(last) = index.offset_entries().last().copied() {
-        // Time entries never point past the last offset entry (see IndexBuilder).
-        index.truncate(last.relative + 1, last.position + 1);
-    } else {
-        index = SegmentIndex::default();
+    let Some(&first) = index.offset_entries().first() else {
+        return Ok((SegmentIndex::default(), loaded));
+    };
+    // Time entries sit at offset entries (see IndexBuilder) but live in their
+    // own file, which can be shorter or damaged. Keep those that sit at an
+    // offset entry and resume from the last of them: the scan from there
+    // restores any later time entries and the segment's newest timestamp, which
+    // time lookups and retention by age rely on.
+    let at_entry = |relative: u32| {
+        index
+            .offset_entries()
+            .binary_search_by_key(&relative, |e| e.relative)
+            .ok()
+            .map(|i| index.offset_entries()[i])
+    };
+    let times_ok = index
+        .time_entries()
+        .iter()
+        .take_while(|t| at_entry(t.relative).is_some())
+        .count();
+    let resume = index.time_entries()[..times_ok]
+        .last()
+        .and_then(|t| at_entry(t.relative))
+        .unwrap_or(first);
+    let mut kept = SegmentIndex::default();
+    for &e in index.offset_entries() {
+        if e.relative <= resume.relative {
+            kept.push_offset(e);
+        }
     }
-    Ok((index, loaded))
+    for &t in &index.time_entries()[..times_ok] {
+        kept.push_time(t);
+    }
+    Ok((kept, loaded))
 }
 
 /// Offset of the valid record at `pos`, if one is there.

@@ -3,7 +3,7 @@
 //! or active (appended through a map by the log's writer). Readers see only the
 //! published prefix, and every record they get has passed its CRC.
 
-use super::index::SegmentIndex;
+use super::index::{OffsetEntry, SegmentIndex};
 use super::io::{Mapping, StorageFile};
 use super::message::Message;
 use super::record::{self, DecodeError, Frame, RecordRef};
@@ -204,9 +204,38 @@ impl Segment {
     /// Byte position to start scanning for `offset`: the index floor, checked
     /// against the log (a stale entry falls back to the segment start).
     fn start_position(&self, offset: u64) -> u64 {
-        self.read_index()
-            .floor(self.relative(offset))
-            .map_or(0, |e| u64::from(e.position))
+        let entry = self.read_index().floor(self.relative(offset));
+        self.checked_position(entry)
+    }
+
+    /// The position of `entry` if a valid record with the offset it names is
+    /// there, else the segment start. Index files carry no checksum: a flipped
+    /// bit in one must cost a longer scan, never a read error.
+    fn checked_position(&self, entry: Option<OffsetEntry>) -> u64 {
+        let Some(entry) = entry else {
+            return 0;
+        };
+        let pos = u64::from(entry.position);
+        let offset = self.base + u64::from(entry.relative);
+        let published = self.map.published();
+        let fetch = |len: u64| {
+            (pos + len <= published)
+                .then(|| self.map.bytes(pos, len).ok())
+                .flatten()
+        };
+        let is_entry = |frame: Result<Frame<'_>, DecodeError>| match frame {
+            Ok(Frame::Record(r)) => r.offset == offset && !r.is_filler(),
+            _ => false,
+        };
+        let Some(header) = fetch(record::HEADER_LEN as u64) else {
+            return 0;
+        };
+        let valid = match record::decode(&header, self.max_record_len) {
+            Err(DecodeError::Incomplete { needed, .. }) => fetch(needed)
+                .is_some_and(|bytes| is_entry(record::decode(&bytes, self.max_record_len))),
+            frame => is_entry(frame),
+        };
+        if valid { pos } else { 0 }
     }
 
     /// Visits published records from byte `position` on, verifying each CRC.
@@ -300,6 +329,11 @@ impl Segment {
             }
             out.push(r.to_message(view));
             added += r.len as usize;
+            // Stop here rather than decode a record nobody asked for (which
+            // would fail the read if that record is damaged).
+            if out.len() >= limits.max_messages {
+                return ControlFlow::Break(());
+            }
             ControlFlow::Continue(())
         })?;
         Ok(added)
@@ -311,11 +345,11 @@ impl Segment {
             return Ok(None);
         }
         let end_offset = self.end_offset();
-        let start = {
+        let entry = {
             let index = self.read_index();
-            let relative = index.time_floor(ts).unwrap_or(0);
-            index.floor(relative).map_or(0, |e| u64::from(e.position))
+            index.floor(index.time_floor(ts).unwrap_or(0))
         };
+        let start = self.checked_position(entry);
         self.scan_from(start, |r, _, _| {
             if r.offset >= end_offset {
                 ControlFlow::Break(None)
