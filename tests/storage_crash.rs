@@ -494,16 +494,22 @@ fn power_cut_runs(seeds: std::ops::Range<u64>, fsync: FsyncPolicy) {
     );
 }
 
+/// Why: under fsync=always an acknowledged append must survive losing power
+/// at any moment, and no reader may have seen a record the cut takes back.
 #[test]
 fn power_cuts_under_fsync_always_keep_every_durable_ack() {
     power_cut_runs(0..300, FsyncPolicy::Always);
 }
 
+/// Why: fsync=interval acks `Written` and may lose those on a power cut, but
+/// never a `Durable` ack, and never leaves a hole or a foreign record.
 #[test]
 fn power_cuts_under_fsync_interval_keep_a_prefix_with_every_durable_ack() {
     power_cut_runs(1000..1200, FsyncPolicy::Interval(1));
 }
 
+/// Why: under fsync=never only explicit syncs, seals and closes promise
+/// anything; what comes back must still be an exact prefix of what was written.
 #[test]
 fn power_cuts_under_fsync_never_keep_a_prefix_with_every_synced_record() {
     power_cut_runs(2000..2200, FsyncPolicy::Never);
@@ -599,6 +605,8 @@ fn torn_tail_case(backend: Backend, from_end: usize, tear: impl Fn(Rec) -> Tear,
     assert_eq!(again.end(), Offset(victim.offset + 1));
 }
 
+/// Why: a crash mid-write leaves a partial record at the end of the active
+/// segment; opening must cut it, say where, and lose nothing before it.
 #[test]
 fn torn_tails_are_cut_at_the_last_whole_record_on_both_disks() {
     for backend in BACKENDS {
@@ -734,6 +742,8 @@ fn damage_case(bed: &Bed, messages: &[NewMessage], path: &Path, victim: Rec, nex
     check(&log, 1);
 }
 
+/// Why: damage followed by valid records is not a torn write; the default mode
+/// must refuse with everything an operator needs, skip-damaged must set it aside.
 #[test]
 fn a_bit_flip_in_the_scanned_tail_of_a_sealed_segment_is_refused_or_quarantined() {
     for backend in BACKENDS {
@@ -761,12 +771,11 @@ fn a_bit_flip_in_the_scanned_tail_of_a_sealed_segment_is_refused_or_quarantined(
     }
 }
 
+/// Why: the default mode trusts a sealed segment up to its last index entry
+/// (older damage is left to reads and `verify`), so such damage opens and then
+/// fails the reads that reach it; skip-damaged, the operator's answer, must find it.
 #[test]
 fn a_bit_flip_anywhere_in_a_sealed_segment_is_quarantined_by_skip_damaged() {
-    // Recovery in the default mode trusts a sealed segment up to its last
-    // index entry (the design leaves older damage to reads and `verify`), so
-    // damage there opens and then fails the reads that reach it. The operator's
-    // answer is skip-damaged, which must find it.
     for backend in BACKENDS {
         for seed in 0..4u64 {
             let bed = Bed::new(backend);
@@ -831,11 +840,13 @@ fn a_bit_flip_anywhere_in_a_sealed_segment_is_quarantined_by_skip_damaged() {
     }
 }
 
+/// Why: in the active segment, valid records after bad bytes mean damage, not
+/// a torn tail, and cutting there would silently drop acknowledged records.
 #[test]
 fn a_bit_flip_in_the_middle_of_the_active_segment_is_refused_or_quarantined() {
-    // Valid records after the damage mean it is not a torn write. Recovery
-    // scans the active segment from its last index entry, so the damage goes
-    // there; the log length varies until that stretch holds two records.
+    // Recovery scans the active segment from its last index entry, so the
+    // damage goes there; the log length varies until that stretch holds two
+    // records.
     for backend in BACKENDS {
         for seed in 10..16u64 {
             let (bed, messages, active, recs, candidates) = (100..140)
@@ -860,10 +871,10 @@ fn a_bit_flip_in_the_middle_of_the_active_segment_is_refused_or_quarantined() {
     }
 }
 
+/// Why: a sealed segment's last record is followed by the next segment, not by
+/// a torn write, so losing it is damage, and the error must say which offsets.
 #[test]
 fn damage_at_the_end_of_a_sealed_segment_names_the_lost_offsets() {
-    // A sealed segment's last record is followed by the next segment, not by
-    // a torn write: losing it is damage, and the error says which offsets.
     let bed = Bed::new(Backend::Sim);
     let config = damage_config();
     let messages = fill(&bed, &config, 120, 3);
@@ -892,6 +903,8 @@ fn damage_at_the_end_of_a_sealed_segment_names_the_lost_offsets() {
 // d. Reads check every CRC
 // ---------------------------------------------------------------------------
 
+/// Why: damage that appears while the broker runs is only caught by the CRC
+/// check on read; a consumer must get an error naming the file, never bad bytes.
 #[test]
 fn reads_return_corruption_not_wrong_data_when_a_segment_is_damaged_while_open() {
     for backend in BACKENDS {
@@ -979,6 +992,9 @@ enum IndexDamage {
     FlipIdxPosition,
 }
 
+/// Why: `.idx`/`.tix` are unsynced, unchecksummed hints; losing or damaging
+/// them must cost a rebuild, never a failed open, a wrong read or a wrong
+/// time lookup (which retention by age also depends on).
 #[test]
 fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
     use IndexDamage::*;
@@ -1161,6 +1177,8 @@ fn disk_full_case(fill_up: impl Fn(&SimDisk), free: impl Fn(&SimDisk), seed: u64
     assert_eq!(read_all(&log).len(), acked.len() + 1);
 }
 
+/// Why: ENOSPC must reach the producer as Error::Full, never as a panic, a
+/// SIGBUS or a read-only log, and appends must resume once space is back.
 #[test]
 fn a_full_disk_is_a_clean_error_and_appends_resume_when_space_returns() {
     for seed in 0..40 {
@@ -1172,6 +1190,8 @@ fn a_full_disk_is_a_clean_error_and_appends_resume_when_space_returns() {
     }
 }
 
+/// Why: the same promise when the disk fills at an arbitrary point: inside a
+/// segment, at a roll, or while an index file is written.
 #[test]
 fn a_capacity_limit_is_a_clean_error_and_appends_resume_when_lifted() {
     for seed in 100..140 {
@@ -1213,6 +1233,9 @@ fn used_bytes(disk: &SimDisk) -> u64 {
 // g. A failed sync
 // ---------------------------------------------------------------------------
 
+/// Why: after a failed fsync the kernel may have dropped the dirty pages, so a
+/// retry could report success for lost data ("fsyncgate"): the log must stay
+/// read-only until restarted, keep serving reads, and restart cleanly.
 #[test]
 fn a_failed_sync_turns_the_log_read_only_until_reopened() {
     for (seed, fsync) in [

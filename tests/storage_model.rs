@@ -290,6 +290,9 @@ fn run(config: LogConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
+    /// Why: every public answer of the log (reads under both limits, ends,
+    /// start after retention, time lookups) must match the model after any
+    /// history of appends, rolls and reopens.
     #[test]
     fn log_behaves_like_a_vec_of_messages(
         config in arb_config(),
