@@ -3,10 +3,11 @@
 //! redelivered messages) and what lives only in memory (the delivery cursor,
 //! leases, members).
 //!
-//! Durability of delivery counts: a message's first delivery is not journaled;
-//! every redelivery journals its count before the message is handed out. So
-//! across any number of broker crashes a message is delivered at most
-//! `max_deliveries + 1` times before it is dead-lettered.
+//! Durability of delivery counts: first deliveries are journaled as offset
+//! ranges (one entry per fetch, not one per message), every redelivery journals
+//! its count, and both are synced before the messages are handed out. So across
+//! any number of broker crashes or power cuts a message is delivered at most
+//! `max_deliveries` times before it is dead-lettered.
 
 use super::journal::Journal;
 use super::ranges::RangeSet;
@@ -129,12 +130,15 @@ enum Entry {
     Commit(u64),
     Ack(u64, u64),
     Delivered(u64, u32),
+    /// Offsets `[from, to)` handed out for the first time.
+    FirstDelivered(u64, u64),
 }
 
 const TAG_CONFIG: u8 = 1;
 const TAG_COMMIT: u8 = 2;
 const TAG_ACK: u8 = 3;
 const TAG_DELIVERED: u8 = 4;
+const TAG_FIRST_DELIVERED: u8 = 5;
 
 impl Entry {
     fn encode(&self) -> Vec<u8> {
@@ -163,6 +167,11 @@ impl Entry {
                 b.extend_from_slice(&o.to_le_bytes());
                 b.extend_from_slice(&n.to_le_bytes());
             }
+            Entry::FirstDelivered(a, z) => {
+                b.push(TAG_FIRST_DELIVERED);
+                b.extend_from_slice(&a.to_le_bytes());
+                b.extend_from_slice(&z.to_le_bytes());
+            }
         }
         b
     }
@@ -185,6 +194,7 @@ impl Entry {
             TAG_COMMIT => Entry::Commit(r.u64()?),
             TAG_ACK => Entry::Ack(r.u64()?, r.u64()?),
             TAG_DELIVERED => Entry::Delivered(r.u64()?, r.u32()?),
+            TAG_FIRST_DELIVERED => Entry::FirstDelivered(r.u64()?, r.u64()?),
             _ => return None,
         };
         r.0.is_empty().then_some(entry)
@@ -221,7 +231,11 @@ pub struct Group {
     low: u64,
     done: RangeSet,
     counts: BTreeMap<u64, u32>,
+    /// Offsets handed out at least once (a missing count means 1 here, 0 elsewhere).
+    delivered: RangeSet,
     // In memory.
+    /// First deliveries not journaled yet: [`Group::sync`] journals them.
+    unjournaled: RangeSet,
     cursor: u64,
     leases: BTreeMap<u64, Lease>,
     ready: BTreeMap<u64, u64>,
@@ -248,6 +262,8 @@ impl Group {
             low: start,
             done: RangeSet::new(),
             counts: BTreeMap::new(),
+            delivered: RangeSet::new(),
+            unjournaled: RangeSet::new(),
             cursor: start,
             leases: BTreeMap::new(),
             ready: BTreeMap::new(),
@@ -279,6 +295,7 @@ impl Group {
                 self.low = o;
                 self.done = RangeSet::new();
                 self.counts.retain(|&k, _| k >= o);
+                self.delivered.remove_below(o);
             }
             Entry::Ack(a, z) => {
                 self.done.insert_range(a.max(self.low)..z);
@@ -290,6 +307,7 @@ impl Group {
                     self.counts.insert(o, n);
                 }
             }
+            Entry::FirstDelivered(a, z) => self.delivered.insert_range(a.max(self.low)..z),
         }
     }
 
@@ -299,6 +317,7 @@ impl Group {
             if low != self.low {
                 self.low = low;
                 self.done.remove_below(low);
+                self.delivered.remove_below(low);
             }
         }
     }
@@ -373,10 +392,14 @@ impl Group {
     }
 
     /// Decides whether `offset` is delivered to `member` or dead-lettered. A
-    /// delivery takes a lease; a redelivery journals its count, so the caller
+    /// delivery takes a lease and is recorded for the journal, so the caller
     /// must [`Group::sync`] before handing it out.
     pub fn deliver(&mut self, offset: u64, member: &str, now_ms: u64) -> Result<Decision> {
-        let previous = self.counts.get(&offset).copied().unwrap_or(0);
+        let previous = self
+            .counts
+            .get(&offset)
+            .copied()
+            .unwrap_or_else(|| u32::from(self.delivered.contains(offset)));
         if previous >= self.config.max_deliveries {
             return Ok(Decision::DeadLetter {
                 deliveries: previous,
@@ -386,8 +409,12 @@ impl Group {
         if delivery >= 2 {
             self.journal
                 .append(&Entry::Delivered(offset, delivery).encode())?;
+            self.counts.insert(offset, delivery);
+        } else {
+            // Journaled as ranges at the next sync: a fetch costs one entry.
+            self.delivered.insert(offset);
+            self.unjournaled.insert(offset);
         }
-        self.counts.insert(offset, delivery);
         self.ready.remove(&offset);
         self.leases.insert(
             offset,
@@ -478,19 +505,24 @@ impl Group {
         Ok(())
     }
 
-    /// Makes journaled changes durable.
+    /// Makes every change durable, first deliveries included.
     pub fn sync(&mut self) -> Result<()> {
+        for r in self.unjournaled.iter() {
+            self.journal
+                .append(&Entry::FirstDelivered(r.start, r.end).encode())?;
+        }
+        self.unjournaled = RangeSet::new();
         self.journal.sync()
     }
 
     /// Whether every change is durable.
     pub fn is_synced(&self) -> bool {
-        self.journal.is_synced()
+        self.unjournaled.is_empty() && self.journal.is_synced()
     }
 
     fn maybe_snapshot(&mut self) -> Result<()> {
         if self.journal.entries_since_snapshot() >= SNAPSHOT_EVERY {
-            self.journal.sync()?;
+            self.sync()?;
             let snapshot = self.encode_snapshot();
             self.journal.snapshot(&snapshot)?;
         }
@@ -539,6 +571,11 @@ impl Group {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&n.to_le_bytes());
         }
+        b.extend_from_slice(&(self.delivered.range_count() as u64).to_le_bytes());
+        for r in self.delivered.iter() {
+            b.extend_from_slice(&r.start.to_le_bytes());
+            b.extend_from_slice(&r.end.to_le_bytes());
+        }
         b
     }
 
@@ -559,6 +596,14 @@ impl Group {
         for _ in 0..r.u64()? {
             let (o, n) = (r.u64()?, r.u32()?);
             self.counts.insert(o, n);
+        }
+        // Snapshots written before first deliveries were journaled end here.
+        self.delivered = RangeSet::new();
+        if !r.0.is_empty() {
+            for _ in 0..r.u64()? {
+                let (s, e) = (r.u64()?, r.u64()?);
+                self.delivered.insert_range(s..e);
+            }
         }
         r.0.is_empty().then_some(())
     }
