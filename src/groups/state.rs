@@ -299,7 +299,7 @@ impl Group {
             }
             Entry::Ack(a, z) => {
                 self.done.insert_range(a.max(self.low)..z);
-                self.counts.retain(|&k, _| !(a..z).contains(&k));
+                remove_range(&mut self.counts, a..z);
                 self.advance_low();
             }
             Entry::Delivered(o, n) => {
@@ -434,15 +434,8 @@ impl Group {
             return Ok(());
         }
         self.journal.append(&Entry::Ack(from, to).encode())?;
-        for o in self
-            .leases
-            .range(from..to)
-            .map(|(&o, _)| o)
-            .collect::<Vec<_>>()
-        {
-            self.leases.remove(&o);
-        }
-        self.ready.retain(|&o, _| !(from..to).contains(&o));
+        remove_range(&mut self.leases, from..to);
+        remove_range(&mut self.ready, from..to);
         self.apply(Entry::Ack(from, to));
         self.maybe_snapshot()
     }
@@ -606,6 +599,18 @@ impl Group {
             }
         }
         r.0.is_empty().then_some(())
+    }
+}
+
+/// Removes the keys in `r`, in time proportional to what is removed (an ack
+/// must not cost a walk over everything in flight).
+fn remove_range<V>(map: &mut BTreeMap<u64, V>, r: std::ops::Range<u64>) {
+    if r.start >= r.end {
+        return;
+    }
+    let keys: Vec<u64> = map.range(r).map(|(&k, _)| k).collect();
+    for k in keys {
+        map.remove(&k);
     }
 }
 
