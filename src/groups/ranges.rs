@@ -74,6 +74,19 @@ impl RangeSet {
         }
     }
 
+    /// Removes every value at or above `x`.
+    pub fn remove_from(&mut self, x: u64) {
+        let above: Vec<u64> = self.ranges.range(x..).map(|(&s, _)| s).collect();
+        for s in above {
+            self.ranges.remove(&s);
+        }
+        if let Some((_, end)) = self.ranges.range_mut(..x).next_back()
+            && *end > x
+        {
+            *end = x;
+        }
+    }
+
     /// The smallest value ≥ `x` that is *not* in the set.
     pub fn first_gap_from(&self, x: u64) -> u64 {
         match self.ranges.range(..=x).next_back() {
@@ -115,7 +128,7 @@ mod tests {
     proptest! {
         #[test]
         fn behaves_like_a_set_of_values(
-            ops in proptest::collection::vec((0u8..3, 0u64..200, 1u64..20), 0..80),
+            ops in proptest::collection::vec((0u8..4, 0u64..200, 1u64..20), 0..80),
             probes in proptest::collection::vec(0u64..230, 0..40),
         ) {
             let mut set = RangeSet::new();
@@ -124,7 +137,8 @@ mod tests {
                 match op {
                     0 => { set.insert(x); model.insert(x); }
                     1 => { set.insert_range(x..x + len); model.extend(x..x + len); }
-                    _ => { set.remove_below(x); model.retain(|v| *v >= x); }
+                    2 => { set.remove_below(x); model.retain(|v| *v >= x); }
+                    _ => { set.remove_from(x); model.retain(|v| *v < x); }
                 }
                 let ranges: Vec<_> = set.iter().collect();
                 for w in ranges.windows(2) {

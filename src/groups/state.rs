@@ -494,6 +494,24 @@ impl Group {
             }
             self.sync()?;
         }
+        // Completions, counts and deliveries at or past the end belong to
+        // messages the crash took back; those offsets will name new messages.
+        let past_end = |set: &RangeSet| set.iter().last().is_some_and(|r| r.end > log_end);
+        if past_end(&self.done)
+            || past_end(&self.delivered)
+            || self.counts.range(log_end..).next().is_some()
+        {
+            tracing::warn!(group = %self.name, log_end,
+                "group state moved inside the log: forgetting completions and deliveries past its end");
+            self.done.remove_from(log_end);
+            self.delivered.remove_from(log_end);
+            self.unjournaled.remove_from(log_end);
+            self.counts.split_off(&log_end);
+            // Only a snapshot can take journaled state back.
+            self.sync()?;
+            let snapshot = self.encode_snapshot();
+            self.journal.snapshot(&snapshot)?;
+        }
         self.cursor = self.cursor.max(self.low);
         Ok(())
     }
