@@ -429,7 +429,13 @@ impl Topic {
             let g = self.queue_group(&mut state.groups, group)?;
             for m in batch {
                 let o = m.offset.0;
-                if !g.is_done(o) && !g.is_leased(o) && !state.deleted.contains(o) {
+                if state.deleted.contains(o) {
+                    // Nothing to deliver: complete it (as a deleted redelivery
+                    // is) so it does not hold the low watermark back.
+                    if !g.is_done(o) && !g.is_leased(o) {
+                        g.complete(o, o + 1)?;
+                    }
+                } else if !g.is_done(o) && !g.is_leased(o) {
                     candidates.push(m);
                 }
             }
@@ -603,9 +609,24 @@ impl Topic {
         Ok(self.state()?.deleted.contains(offset))
     }
 
-    /// The lowest offset any group still needs (None without groups).
+    /// The lowest offset any group still needs (None without groups):
+    /// neither completed by that group nor deleted.
     pub fn needed_offset(&self) -> Result<Option<u64>> {
-        Ok(self.state()?.groups.values().map(Group::committed).min())
+        let state = self.state()?;
+        Ok(state
+            .groups
+            .values()
+            .map(|g| {
+                let mut o = g.committed();
+                loop {
+                    let next = g.first_not_done(state.deleted.first_gap_from(o));
+                    if next == o {
+                        break o;
+                    }
+                    o = next;
+                }
+            })
+            .min())
     }
 
     /// Syncs group and deletion state (the log is synced separately).

@@ -342,6 +342,11 @@ impl Group {
         offset < self.low || self.done.contains(offset)
     }
 
+    /// The first offset at or after `from` this group has not completed.
+    pub fn first_not_done(&self, from: u64) -> u64 {
+        self.done.first_gap_from(from.max(self.low))
+    }
+
     /// Ranges held by the completed set (its memory).
     pub fn done_ranges(&self) -> usize {
         self.done.range_count()
