@@ -264,6 +264,7 @@ impl Topic {
                 self.name
             )));
         }
+        self.retire_consumed(&mut state)?;
         let config = GroupConfig {
             mode,
             ack_timeout_ms: self.config.ack_timeout_ms,
@@ -344,6 +345,7 @@ impl Topic {
     pub fn delete_group(&self, name: &str) -> Result<()> {
         let mut state = self.state()?;
         self.group_mut(&mut state.groups, name)?;
+        self.retire_consumed(&mut state)?;
         if let Some(group) = state.groups.remove(name) {
             group.remove()?;
         }
@@ -568,6 +570,10 @@ impl Topic {
                 self.name
             )));
         }
+        if offset < g.committed() {
+            self.retire_consumed(&mut state)?;
+        }
+        let g = self.group_mut(&mut state.groups, group)?;
         g.commit(offset)?;
         self.persist_group(g)
     }
@@ -578,6 +584,8 @@ impl Topic {
     pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
         let offset = self.resolve(position)?;
         let mut state = self.state()?;
+        self.group_mut(&mut state.groups, group)?;
+        self.retire_consumed(&mut state)?;
         let g = self.group_mut(&mut state.groups, group)?;
         g.commit(offset)?;
         g.set_cursor(offset);
@@ -627,6 +635,41 @@ impl Topic {
                 }
             })
             .min())
+    }
+
+    /// On `delete_when_consumed` topics, records what every group has
+    /// completed as deleted, before a change to the set of groups (a new or a
+    /// removed group) or a move back (a seek) could make it visible again.
+    fn retire_consumed(&self, state: &mut TopicState) -> Result<()> {
+        if !self.config.delete_when_consumed {
+            return Ok(());
+        }
+        let mut groups = state.groups.values();
+        let Some(first) = groups.next() else {
+            return Ok(());
+        };
+        let mut consumed =
+            groups.fold(first.completed(), |all, g| all.intersection(&g.completed()));
+        let stats = self.log.stats();
+        consumed.remove_below(stats.start.0);
+        consumed.remove_from(stats.end.0);
+        let mut payload = Vec::new();
+        for r in consumed.iter() {
+            if state.deleted.count_in(r.clone()) < r.end - r.start {
+                payload.extend_from_slice(&r.start.to_le_bytes());
+                payload.extend_from_slice(&r.end.to_le_bytes());
+            }
+        }
+        if payload.is_empty() {
+            return Ok(());
+        }
+        state.deletes.append(&payload)?;
+        // Durable before the change it guards, whatever the fsync policy.
+        state.deletes.sync()?;
+        for r in consumed.iter() {
+            state.deleted.insert_range(r);
+        }
+        Ok(())
     }
 
     /// Syncs group and deletion state (the log is synced separately).

@@ -87,6 +87,24 @@ impl RangeSet {
         }
     }
 
+    /// The values in both `self` and `other`.
+    pub fn intersection(&self, other: &RangeSet) -> RangeSet {
+        let mut out = RangeSet::new();
+        let (mut a, mut b) = (self.iter().peekable(), other.iter().peekable());
+        while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+            let (start, end) = (x.start.max(y.start), x.end.min(y.end));
+            if start < end {
+                out.insert_range(start..end);
+            }
+            if x.end < y.end {
+                a.next();
+            } else {
+                b.next();
+            }
+        }
+        out
+    }
+
     /// The smallest value ≥ `x` that is *not* in the set.
     pub fn first_gap_from(&self, x: u64) -> u64 {
         match self.ranges.range(..=x).next_back() {
@@ -126,6 +144,19 @@ mod tests {
     use std::collections::BTreeSet;
 
     proptest! {
+        #[test]
+        fn intersection_keeps_the_common_values(
+            a in proptest::collection::vec((0u64..200, 1u64..20), 0..20),
+            b in proptest::collection::vec((0u64..200, 1u64..20), 0..20),
+        ) {
+            let (mut x, mut y) = (RangeSet::new(), RangeSet::new());
+            let (mut mx, mut my) = (BTreeSet::new(), BTreeSet::new());
+            for (s, n) in a { x.insert_range(s..s + n); mx.extend(s..s + n); }
+            for (s, n) in b { y.insert_range(s..s + n); my.extend(s..s + n); }
+            let both: BTreeSet<u64> = x.intersection(&y).iter().flatten().collect();
+            prop_assert_eq!(both, mx.intersection(&my).copied().collect::<BTreeSet<_>>());
+        }
+
         #[test]
         fn behaves_like_a_set_of_values(
             ops in proptest::collection::vec((0u8..4, 0u64..200, 1u64..20), 0..80),

@@ -347,6 +347,13 @@ impl Group {
         self.done.first_gap_from(from.max(self.low))
     }
 
+    /// Every offset this group has completed.
+    pub fn completed(&self) -> RangeSet {
+        let mut all = self.done.clone();
+        all.insert_range(0..self.low);
+        all
+    }
+
     /// Ranges held by the completed set (its memory).
     pub fn done_ranges(&self) -> usize {
         self.done.range_count()
