@@ -223,10 +223,10 @@ impl Topic {
     }
 
     fn visible(&self, state: &TopicState, offset: u64) -> bool {
-        !state.deleted.contains(offset)
-            && !(self.config.delete_when_consumed
-                && !state.groups.is_empty()
-                && state.groups.values().all(|g| g.is_done(offset)))
+        let consumed = self.config.delete_when_consumed
+            && !state.groups.is_empty()
+            && state.groups.values().all(|g| g.is_done(offset));
+        !(consumed || state.deleted.contains(offset))
     }
 
     /// Makes group or deletion changes durable as the fsync policy says
