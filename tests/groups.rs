@@ -1,0 +1,1599 @@
+//! Why this exists: consumer groups are the promise spool makes to the apps on
+//! top of it — a consumer that was offline, crashed or slow gets exactly what it
+//! missed, a queue message is handled once by one consumer, a poison message
+//! ends in the dead-letter topic instead of looping, and none of this is undone
+//! by a broker crash or a power cut. These tests drive the broker core
+//! (`Registry`/`Topic`/`Group`) on the simulated disk, so power cuts are real.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use spool::broker::topic::dlq_headers;
+use spool::broker::{Position, Registry, RegistryOptions, Topic, TopicConfig};
+use spool::groups::{Group, GroupConfig, GroupMode};
+use spool::storage::io::{SimDisk, Storage};
+use spool::storage::log::now_ms;
+use spool::storage::{DataDir, FsyncPolicy, Header, LogConfig, Message, NewMessage};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+const ROOT: &str = "/data";
+/// Large enough that no test fetch is ever cut by bytes.
+const NO_BYTE_LIMIT: usize = 64 << 20;
+
+fn open_registry(disk: &Arc<SimDisk>) -> Registry {
+    let data = DataDir::open(Arc::clone(disk) as Arc<dyn Storage>, ROOT)
+        .expect("the simulated data dir is free to lock");
+    Registry::open(data, RegistryOptions::default()).expect("the registry opens and recovers")
+}
+
+/// Drops the broker and starts it again; with `cut`, the power fails in
+/// between and everything not synced is lost (the first unsynced page of each
+/// file may keep a torn prefix).
+fn restart(disk: &Arc<SimDisk>, registry: Registry, cut: Option<Option<u64>>) -> Registry {
+    drop(registry);
+    if let Some(tear) = cut {
+        disk.power_cut(tear);
+    }
+    open_registry(disk)
+}
+
+fn config(fsync: FsyncPolicy) -> TopicConfig {
+    TopicConfig {
+        log: LogConfig {
+            fsync,
+            segment_bytes: 1 << 20,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    }
+}
+
+fn queue_config(fsync: FsyncPolicy, max_deliveries: u32, ack_timeout_ms: u64) -> TopicConfig {
+    TopicConfig {
+        max_deliveries,
+        ack_timeout_ms,
+        ..config(fsync)
+    }
+}
+
+fn value(i: u64) -> Bytes {
+    Bytes::from(format!("message-{i}"))
+}
+
+/// Appends messages `from..to` (values name their number) and returns the
+/// offsets they got.
+fn produce(topic: &Topic, from: u64, to: u64) -> std::ops::Range<u64> {
+    let batch: Vec<NewMessage> = (from..to)
+        .map(|i| NewMessage::from_value(value(i)))
+        .collect();
+    let appended = topic.produce(&batch).expect("append a batch");
+    appended.first.0..appended.last.0 + 1
+}
+
+fn offsets(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.offset.0).collect()
+}
+
+fn header<'a>(m: &'a Message, name: &str) -> Option<&'a [u8]> {
+    m.headers
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| &h.value[..])
+}
+
+/// Every live message of a topic, by replay from the start.
+fn replay_all(topic: &Topic) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut from = topic.resolve(Position::Earliest).expect("earliest");
+    loop {
+        let batch = topic.read(from, 1000, NO_BYTE_LIMIT).expect("replay");
+        let Some(last) = batch.last() else {
+            return out;
+        };
+        from = last.offset.0 + 1;
+        out.extend(batch);
+    }
+}
+
+/// Log output captured while a closure runs (to check recovery warnings).
+fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink(Arc::new(Mutex::new(Vec::new())));
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text =
+        String::from_utf8_lossy(&sink.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    (out, text)
+}
+
+// ---------------------------------------------------------------------------
+// Dead letters
+// ---------------------------------------------------------------------------
+
+/// The poison message of the dead-letter tests: a key, a header and a value
+/// that must all reach the dead-letter topic unchanged.
+fn poison() -> NewMessage {
+    NewMessage::from_value("cannot be parsed")
+        .with_key("order-17")
+        .with_header("trace", "abc")
+}
+
+fn check_dead_letter(dlq: &Topic, source: &str, offset: u64, group: &str, deliveries: u32) {
+    let letters = replay_all(dlq);
+    assert_eq!(letters.len(), 1, "exactly one dead letter: {letters:?}");
+    let m = &letters[0];
+    assert_eq!(&m.value[..], b"cannot be parsed", "original value kept");
+    assert_eq!(
+        m.key.as_deref(),
+        Some(&b"order-17"[..]),
+        "original key kept"
+    );
+    assert_eq!(
+        m.headers.first(),
+        Some(&Header::new("trace", "abc")),
+        "original headers kept, first"
+    );
+    assert_eq!(header(m, dlq_headers::TOPIC), Some(source.as_bytes()));
+    assert_eq!(
+        header(m, dlq_headers::OFFSET),
+        Some(offset.to_string().as_bytes())
+    );
+    assert_eq!(header(m, dlq_headers::GROUP), Some(group.as_bytes()));
+    assert_eq!(
+        header(m, dlq_headers::DELIVERIES),
+        Some(deliveries.to_string().as_bytes())
+    );
+    let reason = header(m, dlq_headers::REASON).expect("a reason header");
+    assert!(
+        String::from_utf8_lossy(reason).contains("max_deliveries"),
+        "reason names the limit: {:?}",
+        String::from_utf8_lossy(reason)
+    );
+}
+
+#[test]
+fn a_poison_message_reaches_the_dead_letter_topic_after_max_deliveries() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 3, 1_000))
+        .expect("create topic");
+    topic.produce(&[poison()]).expect("produce the poison");
+    produce(&topic, 1, 3);
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let mut now = now_ms();
+    // Deliveries 1..=3, given back alternately by a lease timeout and a nack;
+    // the healthy messages are acked on the way.
+    for delivery in 1..=3u32 {
+        let fetch = registry
+            .fetch_queue("jobs", "workers", "w1", 10, NO_BYTE_LIMIT, now)
+            .expect("fetch");
+        assert!(
+            fetch.dead_letters.is_empty(),
+            "too early: {:?}",
+            fetch.dead_letters
+        );
+        let poisoned: Vec<_> = fetch
+            .deliveries
+            .iter()
+            .filter(|d| d.message.offset.0 == 0)
+            .collect();
+        assert_eq!(poisoned.len(), 1, "delivery {delivery} of the poison");
+        assert_eq!(poisoned[0].delivery, delivery, "delivery number");
+        let healthy: Vec<u64> = fetch
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset.0)
+            .filter(|&o| o != 0)
+            .collect();
+        if !healthy.is_empty() {
+            topic
+                .ack("workers", &healthy)
+                .expect("ack the healthy ones");
+        }
+        if delivery % 2 == 1 {
+            now += 1_001;
+        } else {
+            assert_eq!(topic.nack("workers", &[0], 0).expect("nack"), 1);
+            // Topic::nack stamps the wall clock; stay at or after it.
+            now = now.max(now_ms());
+        }
+    }
+    assert!(
+        registry.topic("jobs.dlq").is_err(),
+        "no dead-letter topic before a message is dead-lettered"
+    );
+    let fetch = registry
+        .fetch_queue("jobs", "workers", "w1", 10, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert!(
+        fetch.deliveries.is_empty(),
+        "no fourth delivery: {:?}",
+        fetch.deliveries
+    );
+    assert_eq!(
+        fetch
+            .dead_letters
+            .iter()
+            .map(|d| d.offset)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
+    let dlq = registry
+        .topic("jobs.dlq")
+        .expect("default dead-letter topic");
+    check_dead_letter(&dlq, "jobs", 0, "workers", 3);
+    // Dead-lettered means completed: never delivered again, even after a restart.
+    let info = topic.describe_group("workers").expect("describe");
+    assert_eq!((info.committed, info.lag, info.pending), (3, 0, 0));
+    drop((topic, dlq));
+    let registry = restart(&disk, registry, Some(None));
+    let fetch = registry
+        .fetch_queue("jobs", "workers", "w1", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch after restart");
+    assert!(fetch.deliveries.is_empty() && fetch.dead_letters.is_empty());
+    let dlq = registry
+        .topic("jobs.dlq")
+        .expect("dead-letter topic survives");
+    assert_eq!(replay_all(&dlq).len(), 1, "dead-lettered once");
+}
+
+#[test]
+fn a_configured_dead_letter_topic_is_used() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "payments",
+            TopicConfig {
+                dead_letter: Some("payments-poison".into()),
+                ..queue_config(FsyncPolicy::Always, 1, 1_000)
+            },
+        )
+        .expect("create topic");
+    topic.produce(&[poison()]).expect("produce");
+    topic
+        .ensure_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    let now = now_ms();
+    let first = registry
+        .fetch_queue("payments", "g", "m", 1, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1);
+    let second = registry
+        .fetch_queue("payments", "g", "m", 1, NO_BYTE_LIMIT, now + 1_000)
+        .expect("fetch after the lease ran out");
+    assert_eq!(second.dead_letters.len(), 1);
+    assert!(
+        registry.topic("payments.dlq").is_err(),
+        "default name unused"
+    );
+    let dlq = registry.topic("payments-poison").expect("configured dlq");
+    check_dead_letter(&dlq, "payments", 0, "g", 1);
+}
+
+#[test]
+fn a_poison_message_cannot_loop_forever_across_restarts() {
+    // A consumer that crashes the broker (or is restarted with it) on every
+    // delivery: the delivery count must survive each restart, so the message
+    // still reaches the dead-letter topic. Every delivery's count is synced
+    // before it is handed out (groups::state), so the bound is exact:
+    // max_deliveries deliveries in total, numbered 1, 2, 3, ...
+    const MAX: u32 = 3;
+    for cut in [None, Some(None), Some(Some(7))] {
+        let disk = Arc::new(SimDisk::new());
+        let mut registry = open_registry(&disk);
+        let topic = registry
+            .create_topic("jobs", queue_config(FsyncPolicy::Always, MAX, 60_000))
+            .expect("create topic");
+        topic.produce(&[poison()]).expect("produce");
+        topic
+            .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        drop(topic);
+        let mut deliveries = Vec::new();
+        let mut dead = false;
+        for _ in 0..3 * (MAX + 1) {
+            let fetch = registry
+                .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now_ms())
+                .expect("fetch");
+            deliveries.extend(fetch.deliveries.iter().map(|d| d.delivery));
+            if !fetch.dead_letters.is_empty() {
+                dead = true;
+                break;
+            }
+            registry = restart(&disk, registry, cut);
+        }
+        assert!(
+            dead,
+            "restart mode {cut:?}: never dead-lettered after deliveries {deliveries:?}"
+        );
+        assert_eq!(
+            deliveries,
+            (1..=MAX).collect::<Vec<_>>(),
+            "restart mode {cut:?}: delivery numbers"
+        );
+        let dlq = registry.topic("jobs.dlq").expect("dead-letter topic");
+        let letters = replay_all(&dlq);
+        assert_eq!(letters.len(), 1);
+        let counted: u32 = std::str::from_utf8(
+            header(&letters[0], dlq_headers::DELIVERIES).expect("deliveries header"),
+        )
+        .expect("utf-8")
+        .parse()
+        .expect("a number");
+        assert_eq!(counted, MAX, "deliveries header");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recovery: group state clamped into the log
+// ---------------------------------------------------------------------------
+
+/// A topic whose log is not synced by appends (`fsync=never`) holding
+/// `durable` synced messages followed by `lost` ones a power cut will take.
+fn log_with_unsynced_tail(registry: &Registry, durable: u64, lost: u64) -> Arc<Topic> {
+    let topic = registry
+        .create_topic("events", queue_config(FsyncPolicy::Never, 10, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, durable);
+    topic.log().sync().expect("sync the durable prefix");
+    produce(&topic, durable, durable + lost);
+    topic
+}
+
+#[test]
+fn a_stream_commit_past_the_log_end_is_clamped_after_a_power_cut() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = log_with_unsynced_tail(&registry, 10, 10);
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("stream group");
+    assert_eq!(topic.read(0, 100, NO_BYTE_LIMIT).expect("read").len(), 20);
+    topic.commit("s", 20).expect("commit");
+    // The commit reaches the disk, the log tail it covers does not.
+    topic.sync_state().expect("sync group state");
+    drop(topic);
+    drop(registry);
+    disk.power_cut(None);
+    let (registry, logs) = capture_logs(|| open_registry(&disk));
+    assert!(
+        logs.contains("WARN") && logs.contains("group state moved inside the log"),
+        "clamping is logged as a warning: {logs}"
+    );
+    let topic = registry.topic("events").expect("topic");
+    assert_eq!(topic.stats().end.0, 10, "the unsynced tail is gone");
+    assert_eq!(topic.describe_group("s").expect("describe").committed, 10);
+    // New messages take offsets 10.. again and the group reads them.
+    produce(&topic, 100, 105);
+    let committed = topic.describe_group("s").expect("describe").committed;
+    let read = topic.read(committed, 100, NO_BYTE_LIMIT).expect("read");
+    assert_eq!(offsets(&read), (10..15).collect::<Vec<_>>());
+    assert_eq!(&read[0].value[..], &value(100)[..]);
+}
+
+#[test]
+fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = log_with_unsynced_tail(&registry, 10, 10);
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let now = now_ms();
+    let fetch = registry
+        .fetch_queue("events", "q", "m", 100, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(fetch.deliveries.len(), 20);
+    // 5..12 stay pending; 12..15 are acked past what the disk will keep.
+    let acked: Vec<u64> = (0..5).chain(12..15).collect();
+    topic.ack("q", &acked).expect("ack");
+    topic.sync_state().expect("sync group state");
+    drop(topic);
+    drop(registry);
+    disk.power_cut(None);
+    let (registry, logs) = capture_logs(|| open_registry(&disk));
+    let topic = registry.topic("events").expect("topic");
+    assert_eq!(topic.stats().end.0, 10, "the unsynced tail is gone");
+    assert!(logs.contains("WARN"), "clamping is logged: {logs}");
+    let info = topic.describe_group("q").expect("describe");
+    assert_eq!((info.committed, info.lag), (5, 5), "{info:?}");
+    // Offsets 10.. now hold new messages: each is new to the group.
+    produce(&topic, 100, 110);
+    let fetch = registry
+        .fetch_queue("events", "q", "m", 100, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let got: Vec<(u64, u32)> = fetch
+        .deliveries
+        .iter()
+        .map(|d| (d.message.offset.0, d.delivery))
+        .collect();
+    let expected: Vec<(u64, u32)> = (5..10)
+        .map(|o| (o, 2))
+        .chain((10..20).map(|o| (o, 1)))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "pending ones redelivered, new ones delivered once"
+    );
+    assert!(fetch.dead_letters.is_empty());
+}
+
+#[test]
+fn group_state_before_a_retention_cut_moves_to_the_log_start() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "old",
+            TopicConfig {
+                log: LogConfig {
+                    segment_bytes: 1024,
+                    retention_bytes: Some(1),
+                    ..LogConfig::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .expect("create topic");
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..60 {
+        produce(&topic, i, i + 1);
+    }
+    let dropped = topic.log().enforce_retention(now_ms()).expect("retention");
+    assert!(!dropped.is_empty(), "retention dropped segments");
+    let start = topic.stats().start.0;
+    assert!(start > 0);
+    drop(topic);
+    let (registry, logs) = capture_logs(|| restart(&disk, registry, None));
+    assert!(logs.contains("group state moved inside the log"), "{logs}");
+    let topic = registry.topic("old").expect("topic");
+    assert_eq!(
+        topic.describe_group("q").expect("describe").committed,
+        start
+    );
+    let fetch = registry
+        .fetch_queue("old", "q", "m", 1, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    assert_eq!(fetch.deliveries[0].message.offset.0, start);
+}
+
+#[test]
+fn interval_fsync_makes_a_commit_durable_even_when_no_message_arrives() {
+    // Under fsync=interval a confirmed commit is "written": the periodic tick
+    // must make it durable, also when the log itself has nothing to sync.
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("ticks", config(FsyncPolicy::Interval(1)))
+        .expect("create topic");
+    produce(&topic, 0, 10);
+    topic
+        .log()
+        .sync()
+        .expect("the log is synced: nothing left for it to do");
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    topic.commit("s", 7).expect("commit");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    topic.tick().expect("tick");
+    drop(topic);
+    let registry = restart(&disk, registry, Some(None));
+    let topic = registry.topic("ticks").expect("topic");
+    assert_eq!(topic.describe_group("s").expect("describe").committed, 7);
+}
+
+// ---------------------------------------------------------------------------
+// Competing consumers
+// ---------------------------------------------------------------------------
+
+#[test]
+fn members_of_one_queue_group_split_the_work_in_turns() {
+    // Deterministic turns: each member holds its own leases, so the next one
+    // gets different messages, and every message is completed exactly once.
+    for members in [2usize, 3, 5] {
+        let disk = Arc::new(SimDisk::new());
+        let registry = open_registry(&disk);
+        let topic = registry
+            .create_topic("work", config(FsyncPolicy::Always))
+            .expect("create topic");
+        produce(&topic, 0, 100);
+        topic
+            .ensure_group("pool", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        let now = now_ms();
+        let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut held: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut completed = BTreeSet::new();
+        for turn in 0.. {
+            let member = format!("m{}", turn % members);
+            // Members ack what they hold only every other turn, so leases
+            // overlap in time.
+            if (turn / members) % 2 == 1 {
+                let mine = held.remove(&member).unwrap_or_default();
+                if !mine.is_empty() {
+                    topic.ack("pool", &mine).expect("ack");
+                    for o in mine {
+                        assert!(completed.insert(o), "{o} completed twice");
+                    }
+                }
+            }
+            let fetch = registry
+                .fetch_queue("work", "pool", &member, 7, NO_BYTE_LIMIT, now)
+                .expect("fetch");
+            for d in &fetch.deliveries {
+                assert_eq!(d.delivery, 1, "no redelivery without a timeout");
+                let o = d.message.offset.0;
+                assert!(!completed.contains(&o), "{o} delivered after its ack");
+                assert!(
+                    held.values().all(|h| !h.contains(&o)),
+                    "{o} leased to two members at once"
+                );
+            }
+            let offsets: Vec<u64> = fetch
+                .deliveries
+                .iter()
+                .map(|d| d.message.offset.0)
+                .collect();
+            got.entry(member.clone()).or_default().extend(&offsets);
+            held.entry(member).or_default().extend(offsets);
+            if completed.len() == 100 {
+                break;
+            }
+            assert!(turn < 1_000, "the work never finished");
+        }
+        assert_eq!(completed, (0..100).collect::<BTreeSet<_>>());
+        assert_eq!(got.len(), members, "every member got work: {got:?}");
+        let info = topic.describe_group("pool").expect("describe");
+        assert_eq!((info.committed, info.lag, info.pending), (100, 0, 0));
+        assert_eq!(info.members.len(), members);
+    }
+}
+
+#[test]
+fn concurrent_consumers_complete_every_message_once_while_a_producer_appends() {
+    // Real threads on one registry: leases taken under contention must never
+    // hand one message to two members.
+    const MESSAGES: u64 = 2_000;
+    for consumers in [2usize, 4] {
+        let disk = Arc::new(SimDisk::new());
+        let registry = Arc::new(open_registry(&disk));
+        let topic = registry
+            .create_topic("work", config(FsyncPolicy::Always))
+            .expect("create topic");
+        topic
+            .ensure_group("pool", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        let producer = {
+            let topic = Arc::clone(&topic);
+            std::thread::spawn(move || {
+                for i in (0..MESSAGES).step_by(20) {
+                    produce(&topic, i, i + 20);
+                }
+            })
+        };
+        let workers: Vec<_> = (0..consumers)
+            .map(|c| {
+                let registry = Arc::clone(&registry);
+                let topic = Arc::clone(&topic);
+                std::thread::spawn(move || {
+                    let member = format!("worker-{c}");
+                    let mut done = Vec::new();
+                    loop {
+                        let fetch = registry
+                            .fetch_queue("work", "pool", &member, 16, NO_BYTE_LIMIT, now_ms())
+                            .expect("fetch");
+                        let offsets: Vec<u64> = fetch
+                            .deliveries
+                            .iter()
+                            .map(|d| d.message.offset.0)
+                            .collect();
+                        if offsets.is_empty() {
+                            let info = topic.describe_group("pool").expect("describe");
+                            if info.committed == MESSAGES {
+                                return done;
+                            }
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        topic.ack("pool", &offsets).expect("ack");
+                        done.extend(offsets);
+                    }
+                })
+            })
+            .collect();
+        producer.join().expect("producer thread");
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.join().expect("worker thread"));
+        }
+        let unique: BTreeSet<u64> = all.iter().copied().collect();
+        assert_eq!(unique.len(), all.len(), "some message was completed twice");
+        assert_eq!(unique, (0..MESSAGES).collect::<BTreeSet<_>>());
+        assert_eq!(topic.describe_group("pool").expect("describe").lag, 0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Power cuts around acks
+// ---------------------------------------------------------------------------
+
+/// Fetches everything the group has to give right now, without acking.
+fn drain_offsets(registry: &Registry, topic: &str, group: &str, now: u64) -> Vec<u64> {
+    let fetch = registry
+        .fetch_queue(topic, group, "after", 1_000, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert!(fetch.dead_letters.is_empty());
+    fetch
+        .deliveries
+        .iter()
+        .map(|d| d.message.offset.0)
+        .collect()
+}
+
+#[test]
+fn a_power_cut_keeps_confirmed_acks_and_may_drop_unsynced_ones() {
+    // fsync=never: an ack is confirmed only by an explicit sync; the power
+    // fails with later acks written but not synced.
+    for tear in [None, Some(1), Some(2), Some(3), Some(4000)] {
+        let disk = Arc::new(SimDisk::new());
+        let registry = open_registry(&disk);
+        let topic = registry
+            .create_topic("acks", queue_config(FsyncPolicy::Never, 10, 60_000))
+            .expect("create topic");
+        produce(&topic, 0, 30);
+        topic.log().sync().expect("messages are durable");
+        topic
+            .ensure_group("g", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        let fetched = drain_offsets(&registry, "acks", "g", now_ms());
+        assert_eq!(fetched, (0..30).collect::<Vec<_>>());
+        let confirmed: Vec<u64> = (0..10).chain(15..20).collect();
+        topic.ack("g", &confirmed).expect("ack");
+        topic.sync_state().expect("the acks are confirmed");
+        let unconfirmed: Vec<u64> = (10..15).chain(20..25).collect();
+        topic
+            .ack("g", &unconfirmed)
+            .expect("ack (written, not synced)");
+        drop(topic);
+        let registry = restart(&disk, registry, Some(tear));
+        let again = drain_offsets(&registry, "acks", "g", now_ms());
+        for o in &confirmed {
+            assert!(
+                !again.contains(o),
+                "tear {tear:?}: confirmed ack of {o} lost"
+            );
+        }
+        for o in 25..30 {
+            assert!(
+                again.contains(&o),
+                "tear {tear:?}: unacked {o} not redelivered"
+            );
+        }
+        for o in &again {
+            assert!(!confirmed.contains(o) && *o < 30);
+        }
+        if tear.is_none() {
+            // Nothing of the unsynced entry reached the disk.
+            for o in &unconfirmed {
+                assert!(
+                    again.contains(o),
+                    "unsynced ack of {o} survived a clean cut"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_power_cut_during_an_acks_sync_keeps_the_acks_confirmed_before_it() {
+    // fsync=always: every returned ack is durable. The machine stops inside
+    // the next ack's sync; that ack is not confirmed and may be redelivered.
+    for extra_syncs in [0, 1] {
+        let disk = Arc::new(SimDisk::new());
+        let registry = open_registry(&disk);
+        let topic = registry
+            .create_topic("acks", queue_config(FsyncPolicy::Always, 10, 60_000))
+            .expect("create topic");
+        produce(&topic, 0, 20);
+        topic
+            .ensure_group("g", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        assert_eq!(drain_offsets(&registry, "acks", "g", now_ms()).len(), 20);
+        topic.ack("g", &[0, 1, 2, 3, 7]).expect("confirmed ack");
+        disk.power_off_after_syncs(Some(disk.sync_count() + extra_syncs));
+        let failed = topic.ack("g", &[4, 5, 6, 8]);
+        let second = topic.ack("g", &[9, 10]);
+        assert!(
+            failed.is_err() || second.is_err(),
+            "an ack after the power went off reported success"
+        );
+        drop(topic);
+        let registry = restart(&disk, registry, Some(Some(extra_syncs)));
+        let again = drain_offsets(&registry, "acks", "g", now_ms());
+        for o in [0, 1, 2, 3, 7] {
+            assert!(!again.contains(&o), "confirmed ack of {o} lost");
+        }
+        if failed.is_err() {
+            for o in [4, 5, 6, 8] {
+                assert!(again.contains(&o), "{o}: an ack that failed took effect");
+            }
+        }
+        for o in 11..20 {
+            assert!(again.contains(&o), "{o} was never acked");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Stream groups and replay
+// ---------------------------------------------------------------------------
+
+/// Ten messages stamped 1000, 2000, ..., 10000 ms.
+fn timed_topic(registry: &Registry, name: &str) -> Arc<Topic> {
+    let topic = registry
+        .create_topic(name, config(FsyncPolicy::Always))
+        .expect("create topic");
+    let batch: Vec<NewMessage> = (0..10u64)
+        .map(|i| NewMessage {
+            timestamp_ms: Some((i + 1) * 1000),
+            ..NewMessage::from_value(value(i))
+        })
+        .collect();
+    topic.produce(&batch).expect("produce");
+    topic
+}
+
+#[test]
+fn replay_starts_at_earliest_latest_an_offset_or_a_timestamp() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = timed_topic(&registry, "clicks");
+    let first = |p: Position| {
+        let from = topic.resolve(p).expect("resolve");
+        let read = topic.read(from, 100, NO_BYTE_LIMIT).expect("read");
+        (
+            from,
+            read.first().map(|m| (m.offset.0, m.timestamp_ms)),
+            read.len(),
+        )
+    };
+    assert_eq!(first(Position::Earliest), (0, Some((0, 1000)), 10));
+    assert_eq!(first(Position::Latest), (10, None, 0));
+    assert_eq!(first(Position::Offset(6)), (6, Some((6, 7000)), 4));
+    assert_eq!(
+        first(Position::Offset(1_000)),
+        (10, None, 0),
+        "clamped to the end"
+    );
+    assert_eq!(first(Position::Timestamp(4_500)), (4, Some((4, 5000)), 6));
+    assert_eq!(first(Position::Timestamp(3_000)), (2, Some((2, 3000)), 8));
+    assert_eq!(first(Position::Timestamp(0)), (0, Some((0, 1000)), 10));
+    assert_eq!(first(Position::Timestamp(99_999)), (10, None, 0));
+    // Latest is where new messages land.
+    let latest = topic.resolve(Position::Latest).expect("latest");
+    produce(&topic, 10, 12);
+    let read = topic.read(latest, 100, NO_BYTE_LIMIT).expect("read");
+    assert_eq!(offsets(&read), vec![10, 11]);
+    // Replay needs no state: reading twice gives the same messages.
+    assert_eq!(replay_all(&topic), replay_all(&topic));
+}
+
+#[test]
+fn a_stream_group_resumes_at_its_commit_after_a_restart() {
+    let disk = Arc::new(SimDisk::new());
+    let mut registry = open_registry(&disk);
+    let topic = timed_topic(&registry, "clicks");
+    topic
+        .create_group("analytics", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    assert!(
+        topic
+            .create_group("analytics", GroupMode::Stream, Position::Earliest)
+            .is_err(),
+        "a group is created once"
+    );
+    topic.commit("analytics", 4).expect("commit");
+    assert!(
+        topic.commit("analytics", 11).is_err(),
+        "commit past the end"
+    );
+    assert!(
+        topic.ack("analytics", &[5]).is_err(),
+        "a stream group commits, it does not ack"
+    );
+    drop(topic);
+    for (cut, commit) in [(None, 6), (Some(None), 8), (Some(Some(3)), 9)] {
+        registry = restart(&disk, registry, cut);
+        let topic = registry.topic("clicks").expect("topic");
+        let info = topic.describe_group("analytics").expect("describe");
+        assert_eq!(info.mode, GroupMode::Stream);
+        let resumed = topic
+            .read(info.committed, 100, NO_BYTE_LIMIT)
+            .expect("read from the commit");
+        let before = match cut {
+            None => 4,
+            Some(None) => 6,
+            Some(Some(_)) => 8,
+        };
+        assert_eq!(
+            info.committed, before,
+            "restart {cut:?} resumes at the commit"
+        );
+        assert_eq!(resumed.first().map(|m| m.offset.0), Some(before));
+        assert_eq!(info.lag, 10 - before);
+        topic.commit("analytics", commit).expect("commit");
+    }
+}
+
+#[test]
+fn seeking_moves_a_group_to_earliest_latest_an_offset_or_a_timestamp_durably() {
+    let disk = Arc::new(SimDisk::new());
+    let mut registry = open_registry(&disk);
+    let topic = timed_topic(&registry, "clicks");
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Latest)
+        .expect("stream group at the end");
+    assert_eq!(topic.describe_group("s").expect("describe").committed, 10);
+    drop(topic);
+    let cases = [
+        (Position::Earliest, 0),
+        (Position::Offset(7), 7),
+        (Position::Timestamp(4_500), 4),
+        (Position::Offset(500), 10),
+        (Position::Latest, 10),
+        (Position::Timestamp(1), 0),
+    ];
+    for (position, expected) in cases {
+        let topic = registry.topic("clicks").expect("topic");
+        assert_eq!(
+            topic.seek("s", position).expect("seek"),
+            expected,
+            "{position:?}"
+        );
+        drop(topic);
+        registry = restart(&disk, registry, Some(None));
+        let topic = registry.topic("clicks").expect("topic");
+        assert_eq!(
+            topic.describe_group("s").expect("describe").committed,
+            expected,
+            "seek to {position:?} survives a power cut"
+        );
+    }
+    // A queue group that seeks treats everything before as done and
+    // everything from there on as pending again.
+    let topic = registry.topic("clicks").expect("topic");
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let all = drain_offsets(&registry, "clicks", "q", now_ms());
+    assert_eq!(all, (0..10).collect::<Vec<_>>());
+    topic.ack("q", &all).expect("ack");
+    assert_eq!(
+        topic.seek("q", Position::Timestamp(8_000)).expect("seek"),
+        7
+    );
+    drop(topic);
+    registry = restart(&disk, registry, Some(None));
+    assert_eq!(
+        drain_offsets(&registry, "clicks", "q", now_ms()),
+        vec![7, 8, 9]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Deletion
+// ---------------------------------------------------------------------------
+
+#[test]
+fn deleted_messages_are_never_delivered_or_replayed_again() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("orders", config(FsyncPolicy::Always))
+        .expect("create topic");
+    produce(&topic, 0, 10);
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("stream group");
+    // 3 is leased when it is deleted; 2 and 5 were never delivered.
+    let fetch = registry
+        .fetch_queue("orders", "q", "m", 4, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    assert_eq!(fetch.deliveries.len(), 4);
+    topic.ack("q", &[0, 1]).expect("ack");
+    topic.delete(&[2, 3, 5]).expect("delete");
+    assert!(
+        topic.delete(&[10]).is_err(),
+        "deleting past the end is refused"
+    );
+    let expected: Vec<u64> = vec![0, 1, 4, 6, 7, 8, 9];
+    assert_eq!(offsets(&replay_all(&topic)), expected);
+    for o in [2, 3, 5] {
+        assert!(topic.is_deleted(o).expect("is_deleted"));
+    }
+    drop(topic);
+    let registry = restart(&disk, registry, Some(Some(11)));
+    let topic = registry.topic("orders").expect("topic");
+    assert_eq!(
+        offsets(&replay_all(&topic)),
+        expected,
+        "deletions are durable"
+    );
+    // Lease of 3 is gone with the restart; it is not handed out again.
+    let later = now_ms() + 3_600_000;
+    let delivered = drain_offsets(&registry, "orders", "q", later);
+    assert_eq!(delivered, vec![4, 6, 7, 8, 9]);
+    topic.ack("q", &delivered).expect("ack");
+    // Nothing is left for the queue group, so nothing holds the log back:
+    // deleted messages are not needed by anyone.
+    let info = topic.describe_group("q").expect("describe");
+    assert_eq!((info.committed, info.lag), (10, 0), "{info:?}");
+    assert_eq!(
+        topic.needed_offset().expect("needed"),
+        Some(0),
+        "stream group at 0"
+    );
+    topic.commit("s", 2).expect("commit");
+    assert_eq!(
+        topic.needed_offset().expect("needed"),
+        Some(4),
+        "the stream group's next live message is 4 (2 and 3 are deleted)"
+    );
+    topic.commit("s", 10).expect("commit");
+    assert_eq!(topic.needed_offset().expect("needed"), Some(10));
+}
+
+#[test]
+fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "tasks",
+            TopicConfig {
+                delete_when_consumed: true,
+                ..config(FsyncPolicy::Always)
+            },
+        )
+        .expect("create topic");
+    produce(&topic, 0, 8);
+    assert_eq!(topic.needed_offset().expect("needed"), None, "no groups");
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("stream group");
+    assert_eq!(drain_offsets(&registry, "tasks", "q", now_ms()).len(), 8);
+    topic.ack("q", &[0, 1, 2, 6]).expect("ack");
+    // Only the queue group is done with 0..3 and 6: all still there.
+    assert_eq!(replay_all(&topic).len(), 8);
+    assert_eq!(topic.needed_offset().expect("needed"), Some(0));
+    topic.commit("s", 3).expect("commit");
+    // 0..3 are done by both groups; 6 only by the queue group.
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
+    assert_eq!(topic.needed_offset().expect("needed"), Some(3));
+    drop(topic);
+    let registry = restart(&disk, registry, Some(Some(5)));
+    let topic = registry.topic("tasks").expect("topic");
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7], "durable");
+    // Consumed stays deleted when the groups change: a group created later
+    // does not get it, a seek back does not bring it back, and neither does
+    // removing every group.
+    topic
+        .ensure_group("late", GroupMode::Queue, Position::Earliest)
+        .expect("late group");
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
+    assert_eq!(topic.needed_offset().expect("needed"), Some(3));
+    assert_eq!(
+        drain_offsets(&registry, "tasks", "late", now_ms()),
+        vec![3, 4, 5, 6, 7]
+    );
+    assert_eq!(topic.seek("s", Position::Earliest).expect("seek"), 0);
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
+    for g in ["q", "s", "late"] {
+        topic.delete_group(g).expect("delete group");
+    }
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
+    drop(topic);
+    let registry = restart(&disk, registry, Some(None));
+    let topic = registry.topic("tasks").expect("topic");
+    assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7], "durable");
+}
+
+// ---------------------------------------------------------------------------
+// Bounded state
+// ---------------------------------------------------------------------------
+
+/// One entry of the group journal is at most this large on disk (record
+/// header plus the largest entry payload).
+const MAX_JOURNAL_ENTRY: u64 = 64;
+
+fn file_len(disk: &SimDisk, path: &str) -> u64 {
+    disk.read_file(Path::new(path))
+        .map_or(0, |b| b.len() as u64)
+}
+
+#[test]
+fn group_state_stays_flat_while_a_million_acks_pass_one_stuck_message() {
+    // One message is never acked while a million later ones are, in acks of
+    // a few messages each: the completed set stays one range, and snapshots
+    // keep the journal from growing with the traffic.
+    const N: u64 = 1_000_000;
+    const ACK: u64 = 8;
+    let disk = Arc::new(SimDisk::new());
+    let open = || {
+        Group::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "q",
+            GroupConfig::new(GroupMode::Queue),
+            0,
+        )
+        .expect("open group")
+    };
+    let mut group = open();
+    assert!(matches!(
+        group.deliver(0, "slow", 0).expect("deliver"),
+        spool::groups::Decision::Deliver { delivery: 1 }
+    ));
+    let bound = spool::groups::state::SNAPSHOT_EVERY * MAX_JOURNAL_ENTRY;
+    let mut largest_journal = 0;
+    for o in (1..=N).step_by(ACK as usize) {
+        group.complete(o, (o + ACK).min(N + 1)).expect("ack");
+        if o % 50_000 == 1 {
+            assert!(
+                group.done_ranges() <= 2,
+                "{} ranges at {o}",
+                group.done_ranges()
+            );
+            largest_journal = largest_journal.max(file_len(&disk, "/g/q.journal"));
+        }
+    }
+    group.sync().expect("sync");
+    assert_eq!(
+        group.committed(),
+        0,
+        "the stuck message holds the watermark"
+    );
+    assert!(group.done_ranges() <= 2);
+    assert!(
+        largest_journal <= bound,
+        "journal grew to {largest_journal} bytes"
+    );
+    assert!(
+        file_len(&disk, "/g/q.snap") <= 256,
+        "snapshot holds the whole state"
+    );
+    drop(group);
+    disk.power_cut(None);
+    let group = open();
+    assert_eq!(group.committed(), 0);
+    assert!(group.done_ranges() <= 2);
+    assert!(!group.is_done(0) && group.is_done(1) && group.is_done(N) && !group.is_done(N + 1));
+    assert_eq!(group.info(N + 1).lag, 1);
+}
+
+#[test]
+fn a_topic_with_one_stuck_message_keeps_small_group_files_under_heavy_traffic() {
+    // The same through the broker: messages fetched in batches and acked
+    // (half the acks arrive out of order, so many journal entries are
+    // written); the stuck one is redelivered after a restart, nothing else.
+    const N: u64 = 200_000;
+    const BATCH: usize = 2_000;
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "firehose",
+            TopicConfig {
+                log: LogConfig {
+                    fsync: FsyncPolicy::Never,
+                    segment_bytes: 64 << 20,
+                    ..LogConfig::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .expect("create topic");
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    let empty: Vec<NewMessage> = (0..10_000).map(|_| NewMessage::from_value("")).collect();
+    for _ in 0..N / 10_000 {
+        topic.produce(&empty).expect("produce");
+    }
+    topic.log().sync().expect("sync the log");
+    let journal = "/data/topics/firehose/groups/q.journal";
+    let snap = "/data/topics/firehose/groups/q.snap";
+    let now = now_ms();
+    let bound = spool::groups::state::SNAPSHOT_EVERY * MAX_JOURNAL_ENTRY;
+    let mut largest = 0;
+    let mut delivered = 0u64;
+    loop {
+        let fetch = registry
+            .fetch_queue("firehose", "q", "m", BATCH, NO_BYTE_LIMIT, now)
+            .expect("fetch");
+        if fetch.deliveries.is_empty() {
+            break;
+        }
+        delivered += fetch.deliveries.len() as u64;
+        let acks: Vec<u64> = fetch
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset.0)
+            .filter(|&o| o != 0)
+            .collect();
+        let (even, odd): (Vec<u64>, Vec<u64>) = acks.iter().partition(|&&o| o % 2 == 0);
+        topic.ack("q", &even).expect("ack even");
+        topic.ack("q", &odd).expect("ack odd");
+        largest = largest.max(file_len(&disk, journal));
+    }
+    assert_eq!(delivered, N);
+    assert!(largest <= bound, "journal grew to {largest} bytes");
+    // A snapshot holds what is in flight (out-of-order acks leave holes for
+    // a moment), never the traffic that passed.
+    let snapshot = file_len(&disk, snap);
+    assert!(snapshot > 0, "snapshots were taken");
+    assert!(
+        snapshot <= 16 * BATCH as u64 + 256,
+        "{snapshot} byte snapshot"
+    );
+    let info = topic.describe_group("q").expect("describe");
+    assert_eq!((info.committed, info.lag, info.pending), (0, 1, 1));
+    topic.sync_state().expect("sync");
+    drop(topic);
+    let registry = restart(&disk, registry, Some(None));
+    assert_eq!(drain_offsets(&registry, "firehose", "q", now_ms()), vec![0]);
+}
+
+// ---------------------------------------------------------------------------
+// Model test: random interleavings against a model of the queue contract
+// ---------------------------------------------------------------------------
+
+const MODEL_MAX_DELIVERIES: u32 = 3;
+const MODEL_ACK_TIMEOUT_MS: u64 = 60_000;
+/// Delay of a delayed nack; far longer than a test run, far shorter than a
+/// [`Op::Later`] jump, so whether it is due is never in doubt.
+const MODEL_NACK_DELAY_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Fetch {
+        member: usize,
+        max: usize,
+    },
+    /// Acks the member's held messages picked by the bit mask.
+    Ack {
+        member: usize,
+        pick: u64,
+    },
+    Nack {
+        member: usize,
+        pick: u64,
+        delayed: bool,
+    },
+    /// Time passes beyond the ack timeout: every lease runs out.
+    Timeout,
+    /// Time passes beyond the nack delay.
+    Later,
+    Produce {
+        count: u64,
+    },
+    /// `sync_state`: confirms acks under `fsync=never`.
+    Sync,
+    /// Broker restart; `Some(tear)` cuts the power first.
+    Restart {
+        cut: Option<Option<u64>>,
+    },
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0usize..3, 1usize..8).prop_map(|(member, max)| Op::Fetch { member, max }),
+        4 => (0usize..3, any::<u64>()).prop_map(|(member, pick)| Op::Ack { member, pick }),
+        2 => (0usize..3, any::<u64>(), any::<bool>())
+            .prop_map(|(member, pick, delayed)| Op::Nack { member, pick, delayed }),
+        1 => Just(Op::Timeout),
+        1 => Just(Op::Later),
+        1 => (1u64..6).prop_map(|count| Op::Produce { count }),
+        1 => Just(Op::Sync),
+        1 => prop_oneof![
+            Just(None),
+            Just(Some(None)),
+            (0u64..5000).prop_map(|t| Some(Some(t))),
+        ]
+        .prop_map(|cut| Op::Restart { cut }),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acked {
+    No,
+    /// Durable: must never be delivered again.
+    Confirmed,
+    /// Written, not synced: holds until a power cut.
+    Unconfirmed,
+    /// Was unconfirmed when the power failed: may come back.
+    Maybe,
+}
+
+#[derive(Debug, Clone)]
+struct Msg {
+    deliveries: u32,
+    /// Lease deadline while the broker holds a lease on it.
+    lease: Option<u64>,
+    /// A nack delay: due at some time within this window.
+    delayed: Option<(u64, u64)>,
+    acked: Acked,
+    dead: bool,
+}
+
+struct QueueModel {
+    msgs: Vec<Msg>,
+    /// Per member: messages delivered to it that it has not given back.
+    held: Vec<BTreeSet<u64>>,
+    last_first_delivery: Option<u64>,
+    skew: u64,
+    fsync: FsyncPolicy,
+}
+
+enum Availability {
+    Yes,
+    Maybe,
+    No,
+}
+
+impl QueueModel {
+    fn now(&self) -> u64 {
+        now_ms() + self.skew
+    }
+
+    fn availability(&self, o: u64, now: u64) -> Availability {
+        let m = &self.msgs[o as usize];
+        if m.dead
+            || m.lease.is_some()
+            || m.acked == Acked::Confirmed
+            || m.acked == Acked::Unconfirmed
+        {
+            return Availability::No;
+        }
+        let due = match m.delayed {
+            None => Availability::Yes,
+            Some((_, hi)) if hi <= now => Availability::Yes,
+            Some((lo, _)) if lo > now => Availability::No,
+            Some(_) => Availability::Maybe,
+        };
+        match (due, m.acked) {
+            (Availability::No, _) => Availability::No,
+            (_, Acked::Maybe) => Availability::Maybe,
+            (due, _) => due,
+        }
+    }
+
+    fn restart(&mut self, power_cut: bool) {
+        for m in &mut self.msgs {
+            m.lease = None;
+            m.delayed = None;
+            if power_cut && m.acked == Acked::Unconfirmed {
+                m.acked = Acked::Maybe;
+            }
+        }
+        for h in &mut self.held {
+            h.clear();
+        }
+    }
+}
+
+fn picked(held: &BTreeSet<u64>, pick: u64) -> Vec<u64> {
+    held.iter()
+        .enumerate()
+        .filter(|(i, _)| pick & (1 << (i % 64)) != 0)
+        .map(|(_, &o)| o)
+        .collect()
+}
+
+/// One fetch checked against the model; returns the offsets it delivered and
+/// how many it dead-lettered.
+fn model_fetch(
+    registry: &Registry,
+    model: &mut QueueModel,
+    member: usize,
+    max: usize,
+) -> Result<(Vec<u64>, usize), TestCaseError> {
+    let now = model.now();
+    for m in &mut model.msgs {
+        if m.lease.is_some_and(|deadline| deadline <= now) {
+            m.lease = None;
+        }
+    }
+    let (mut sure, mut maybe) = (0usize, 0usize);
+    for o in 0..model.msgs.len() as u64 {
+        match model.availability(o, now) {
+            Availability::Yes => sure += 1,
+            Availability::Maybe => maybe += 1,
+            Availability::No => {}
+        }
+    }
+    let fetch = registry
+        .fetch_queue("model", "g", &format!("m{member}"), max, NO_BYTE_LIMIT, now)
+        .map_err(|e| TestCaseError::fail(format!("fetch: {e}")))?;
+    let handed = fetch.deliveries.len() + fetch.dead_letters.len();
+    prop_assert!(
+        (max.min(sure)..=max.min(sure + maybe)).contains(&handed),
+        "fetch of {max} handed out {handed}; {sure} surely and {maybe} maybe available"
+    );
+    for d in &fetch.deliveries {
+        let o = d.message.offset.0;
+        prop_assert!((o as usize) < model.msgs.len(), "offset {o} past the end");
+        prop_assert!(
+            !matches!(model.availability(o, now), Availability::No),
+            "{o} delivered while not available: {:?}",
+            model.msgs[o as usize]
+        );
+        prop_assert_eq!(&d.message.value[..], &value(o)[..]);
+        let m = &mut model.msgs[o as usize];
+        prop_assert!(
+            m.deliveries < MODEL_MAX_DELIVERIES,
+            "{o} delivered past the limit"
+        );
+        prop_assert_eq!(d.delivery, m.deliveries + 1, "delivery number of {}", o);
+        if d.delivery == 1 {
+            prop_assert!(
+                model.last_first_delivery.is_none_or(|l| o > l),
+                "first delivery of {} after {:?}: out of offset order",
+                o,
+                model.last_first_delivery
+            );
+            model.last_first_delivery = Some(o);
+        }
+        m.deliveries += 1;
+        m.lease = Some(now + MODEL_ACK_TIMEOUT_MS);
+        m.delayed = None;
+        m.acked = Acked::No;
+        model.held[member].insert(o);
+    }
+    for l in &fetch.dead_letters {
+        let o = l.offset;
+        prop_assert!(
+            !matches!(model.availability(o, now), Availability::No),
+            "{o} dead-lettered while not available"
+        );
+        let m = &mut model.msgs[o as usize];
+        prop_assert_eq!(
+            m.deliveries,
+            MODEL_MAX_DELIVERIES,
+            "{} dead-lettered early",
+            o
+        );
+        m.dead = true;
+    }
+    // Nothing is skipped: everything before a first delivery went out.
+    if let Some(l) = model.last_first_delivery {
+        for o in 0..l {
+            prop_assert!(model.msgs[o as usize].deliveries > 0, "{o} skipped");
+        }
+    }
+    Ok((
+        fetch
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset.0)
+            .collect(),
+        fetch.dead_letters.len(),
+    ))
+}
+
+fn model_ack(topic: &Topic, model: &mut QueueModel, offsets: &[u64]) -> Result<(), TestCaseError> {
+    topic
+        .ack("g", offsets)
+        .map_err(|e| TestCaseError::fail(format!("ack: {e}")))?;
+    for &o in offsets {
+        for h in &mut model.held {
+            h.remove(&o);
+        }
+        let m = &mut model.msgs[o as usize];
+        m.lease = None;
+        m.delayed = None;
+        if m.dead || m.acked == Acked::Confirmed {
+            continue;
+        }
+        m.acked = if model.fsync == FsyncPolicy::Always {
+            Acked::Confirmed
+        } else {
+            Acked::Unconfirmed
+        };
+    }
+    Ok(())
+}
+
+fn run_queue_model(
+    fsync: FsyncPolicy,
+    members: usize,
+    initial: u64,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let disk = Arc::new(SimDisk::new());
+    let mut registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "model",
+            queue_config(fsync, MODEL_MAX_DELIVERIES, MODEL_ACK_TIMEOUT_MS),
+        )
+        .expect("create topic");
+    topic
+        .ensure_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    drop(topic);
+    let mut model = QueueModel {
+        msgs: Vec::new(),
+        held: vec![BTreeSet::new(); members],
+        last_first_delivery: None,
+        skew: 0,
+        fsync,
+    };
+    let produce_some = |registry: &Registry, model: &mut QueueModel, count: u64| {
+        let topic = registry.topic("model").expect("topic");
+        let from = model.msgs.len() as u64;
+        let got = produce(&topic, from, from + count);
+        assert_eq!(got, from..from + count, "offsets are dense");
+        topic.log().sync().expect("messages are durable");
+        model.msgs.extend((0..count).map(|_| Msg {
+            deliveries: 0,
+            lease: None,
+            delayed: None,
+            acked: Acked::No,
+            dead: false,
+        }));
+    };
+    produce_some(&registry, &mut model, initial);
+    for op in ops {
+        let topic = registry.topic("model").expect("topic");
+        match op {
+            Op::Fetch { member, max } => {
+                model_fetch(&registry, &mut model, member % members, max)?;
+            }
+            Op::Ack { member, pick } => {
+                let offsets = picked(&model.held[member % members], pick);
+                if !offsets.is_empty() {
+                    model_ack(&topic, &mut model, &offsets)?;
+                }
+            }
+            Op::Nack {
+                member,
+                pick,
+                delayed,
+            } => {
+                let member = member % members;
+                let offsets = picked(&model.held[member], pick);
+                let delay = if delayed { MODEL_NACK_DELAY_MS } else { 0 };
+                let expected = offsets
+                    .iter()
+                    .filter(|&&o| model.msgs[o as usize].lease.is_some())
+                    .count();
+                let before = now_ms();
+                let count = topic.nack("g", &offsets, delay).expect("nack");
+                let after = now_ms();
+                prop_assert_eq!(count, expected, "nack of {:?}", offsets);
+                for o in offsets {
+                    model.held[member].remove(&o);
+                    let m = &mut model.msgs[o as usize];
+                    if m.lease.take().is_some() {
+                        m.delayed = Some((before + delay, after + delay));
+                    }
+                }
+            }
+            Op::Timeout => model.skew += MODEL_ACK_TIMEOUT_MS + 1,
+            Op::Later => model.skew += MODEL_NACK_DELAY_MS + 1,
+            Op::Produce { count } => produce_some(&registry, &mut model, count),
+            Op::Sync => {
+                topic.sync_state().expect("sync state");
+                for m in &mut model.msgs {
+                    if m.acked == Acked::Unconfirmed {
+                        m.acked = Acked::Confirmed;
+                    }
+                }
+            }
+            Op::Restart { cut } => {
+                drop(topic);
+                registry = restart(&disk, registry, cut);
+                model.restart(cut.is_some());
+            }
+        }
+    }
+    // Drain: once every lease and delay has run out, everything left is
+    // handed out until each message is acked or dead-lettered.
+    model.skew += MODEL_NACK_DELAY_MS + MODEL_ACK_TIMEOUT_MS;
+    let topic = registry.topic("model").expect("topic");
+    for round in 0.. {
+        prop_assert!(round < 100, "the drain does not end");
+        let (delivered, dead_lettered) = model_fetch(&registry, &mut model, 0, 16)?;
+        if delivered.is_empty() && dead_lettered == 0 {
+            break;
+        }
+        if !delivered.is_empty() {
+            model_ack(&topic, &mut model, &delivered)?;
+        }
+    }
+    let mut dead = BTreeSet::new();
+    for (o, m) in model.msgs.iter().enumerate() {
+        prop_assert!(m.dead || m.acked != Acked::No, "{o} lost: {m:?}");
+        if m.dead {
+            dead.insert(o as u64);
+        }
+    }
+    let info = topic.describe_group("g").expect("describe");
+    prop_assert_eq!(
+        (info.committed, info.lag, info.pending),
+        (model.msgs.len() as u64, 0, 0)
+    );
+    let letters = match registry.topic("model.dlq") {
+        Ok(dlq) => replay_all(&dlq),
+        Err(_) => Vec::new(),
+    };
+    let mut lettered = BTreeSet::new();
+    for l in &letters {
+        let o: u64 = std::str::from_utf8(header(l, dlq_headers::OFFSET).expect("offset header"))
+            .expect("utf-8")
+            .parse()
+            .expect("a number");
+        prop_assert!(lettered.insert(o), "{} dead-lettered twice", o);
+        prop_assert_eq!(&l.value[..], &value(o)[..]);
+        let deliveries = MODEL_MAX_DELIVERIES.to_string();
+        prop_assert_eq!(
+            header(l, dlq_headers::DELIVERIES),
+            Some(deliveries.as_bytes())
+        );
+    }
+    prop_assert_eq!(lettered, dead);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn queue_groups_follow_the_model(
+        always in any::<bool>(),
+        members in 1usize..=3,
+        initial in 1u64..25,
+        ops in proptest::collection::vec(op_strategy(), 1..60),
+    ) {
+        let fsync = if always { FsyncPolicy::Always } else { FsyncPolicy::Never };
+        run_queue_model(fsync, members, initial, ops)?;
+    }
+}
