@@ -134,7 +134,10 @@ impl Journal {
                 snap_path,
                 file,
                 pos: pos as u64,
-                synced_pos: pos as u64,
+                // A crashed process may have left entries in the page cache
+                // only: none read here counts as synced, so the first sync
+                // flushes them.
+                synced_pos: 0,
                 next_seq: last_seq.map_or(first_uncovered, |s| (s + 1).max(first_uncovered)),
                 since_snapshot,
                 poisoned: None,
@@ -277,6 +280,26 @@ mod tests {
         disk.power_cut(Some(99));
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn entries_a_crashed_process_left_unsynced_are_flushed_by_the_next_sync() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"written, never synced").expect("append");
+        // The process dies; the page cache (the live image) survives it.
+        drop(j);
+        let (mut j, replayed) = open(&disk);
+        assert_eq!(replayed.entries.len(), 1);
+        assert!(
+            !j.is_synced(),
+            "what the dead process wrote may not be durable"
+        );
+        j.sync().expect("sync");
+        drop(j);
+        disk.power_cut(None);
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.entries, vec![b"written, never synced".to_vec()]);
     }
 
     #[test]
