@@ -177,6 +177,8 @@ fn check_dead_letter(dlq: &Topic, source: &str, offset: u64, group: &str, delive
 
 #[test]
 fn a_poison_message_reaches_the_dead_letter_topic_after_max_deliveries() {
+    // A message no consumer can handle must leave the queue after
+    // max_deliveries, intact and labelled, instead of blocking it forever.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = registry
@@ -266,6 +268,7 @@ fn a_poison_message_reaches_the_dead_letter_topic_after_max_deliveries() {
 
 #[test]
 fn a_configured_dead_letter_topic_is_used() {
+    // Operators route poison messages of a topic to a topic they chose.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = registry
@@ -370,6 +373,8 @@ fn log_with_unsynced_tail(registry: &Registry, durable: u64, lost: u64) -> Arc<T
 
 #[test]
 fn a_stream_commit_past_the_log_end_is_clamped_after_a_power_cut() {
+    // A commit can reach the disk while the log tail it covers does not; the
+    // group must not skip the new messages that reuse those offsets.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = log_with_unsynced_tail(&registry, 10, 10);
@@ -401,6 +406,8 @@ fn a_stream_commit_past_the_log_end_is_clamped_after_a_power_cut() {
 
 #[test]
 fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
+    // Acks synced past what the log kept name messages that are gone; new
+    // messages at those offsets must still be delivered, as first deliveries.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = log_with_unsynced_tail(&registry, 10, 10);
@@ -448,6 +455,8 @@ fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
 
 #[test]
 fn group_state_before_a_retention_cut_moves_to_the_log_start() {
+    // Retention may drop messages a queue group never got to; the group must
+    // go on from the oldest message left, and say so.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = registry
@@ -716,6 +725,34 @@ fn a_power_cut_keeps_confirmed_acks_and_may_drop_unsynced_ones() {
 }
 
 #[test]
+fn acks_a_crashed_broker_left_unsynced_are_durable_after_the_next_sync() {
+    // fsync=never: acks written before a broker crash live on in the page
+    // cache; once the restarted broker syncs its state, they must be on disk.
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("acks", queue_config(FsyncPolicy::Never, 10, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, 3);
+    topic.log().sync().expect("messages are durable");
+    topic
+        .ensure_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    assert_eq!(
+        drain_offsets(&registry, "acks", "g", now_ms()),
+        vec![0, 1, 2]
+    );
+    topic.ack("g", &[0, 2]).expect("ack (written, not synced)");
+    drop(topic);
+    let registry = restart(&disk, registry, None);
+    let topic = registry.topic("acks").expect("topic");
+    topic.sync_state().expect("sync state");
+    drop(topic);
+    let registry = restart(&disk, registry, Some(None));
+    assert_eq!(drain_offsets(&registry, "acks", "g", now_ms()), vec![1]);
+}
+
+#[test]
 fn a_power_cut_during_an_acks_sync_keeps_the_acks_confirmed_before_it() {
     // fsync=always: every returned ack is durable. The machine stops inside
     // the next ack's sync; that ack is not confirmed and may be redelivered.
@@ -776,6 +813,7 @@ fn timed_topic(registry: &Registry, name: &str) -> Arc<Topic> {
 
 #[test]
 fn replay_starts_at_earliest_latest_an_offset_or_a_timestamp() {
+    // A new consumer replays history from where it chooses, without any state.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = timed_topic(&registry, "clicks");
@@ -811,6 +849,8 @@ fn replay_starts_at_earliest_latest_an_offset_or_a_timestamp() {
 
 #[test]
 fn a_stream_group_resumes_at_its_commit_after_a_restart() {
+    // A stream consumer restarted (or a broker restarted under it) must go on
+    // from its last commit, neither skipping nor repeating committed messages.
     let disk = Arc::new(SimDisk::new());
     let mut registry = open_registry(&disk);
     let topic = timed_topic(&registry, "clicks");
@@ -858,6 +898,8 @@ fn a_stream_group_resumes_at_its_commit_after_a_restart() {
 
 #[test]
 fn seeking_moves_a_group_to_earliest_latest_an_offset_or_a_timestamp_durably() {
+    // Operators rewind or skip a group; the new position must hold across a
+    // power cut like a commit does.
     let disk = Arc::new(SimDisk::new());
     let mut registry = open_registry(&disk);
     let topic = timed_topic(&registry, "clicks");
@@ -917,6 +959,8 @@ fn seeking_moves_a_group_to_earliest_latest_an_offset_or_a_timestamp_durably() {
 
 #[test]
 fn deleted_messages_are_never_delivered_or_replayed_again() {
+    // An app deletes a message (say, a cancelled order) and relies on no
+    // consumer ever seeing it again, also after a crash.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = registry
@@ -979,6 +1023,8 @@ fn deleted_messages_are_never_delivered_or_replayed_again() {
 
 #[test]
 fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
+    // Queue-style topics drop what every group has handled; it must stay gone
+    // whatever happens to the groups afterwards.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = registry
@@ -1593,6 +1639,8 @@ proptest! {
         initial in 1u64..25,
         ops in proptest::collection::vec(op_strategy(), 1..60),
     ) {
+        // Hand-picked scenarios miss interleavings; the queue contract must
+        // hold for any sequence of consumer actions, restarts and power cuts.
         let fsync = if always { FsyncPolicy::Always } else { FsyncPolicy::Never };
         run_queue_model(fsync, members, initial, ops)?;
     }
