@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //!
+//! - [`client`]: the async Rust client.
 //! - [`error`]: the one error type, carrying file, byte range and offset.
 //! - [`storage`]: the engine.
 //!   - [`storage::record`]: record framing and the decoder (byte table in its docs).
@@ -18,8 +19,9 @@
 //!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
 //!     in its `mmap` module) and the simulated disk used by the crash tests.
 //!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
-//! //! - [`broker`]: topics (log + deletions + groups) and their settings.
+//! - [`broker`]: topics (log + deletions + groups) and their settings.
 //!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters.
+//!   - [`broker::registry`]: the topics of a data directory, dead-letter hand-off.
 //!   - [`broker::config`]: `topic.toml` and name rules.
 //! - [`groups`]: consumer-group and deletion state.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
@@ -29,6 +31,7 @@
 //! - `cli` (binary only): the `spool` command line.
 
 pub mod broker;
+pub mod client;
 pub mod error;
 pub mod groups;
 pub mod protocol;

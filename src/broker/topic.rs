@@ -352,40 +352,32 @@ impl Topic {
         Ok(())
     }
 
-    /// Stream group: the next messages from the group's position.
+    /// Stream group: up to `max` live messages from `from`, or from the
+    /// group's committed offset when `from` is `None`. The reader keeps its
+    /// own position (a subscription, or the client between fetches); the group
+    /// keeps only the durable commit, so whatever a reader got but did not
+    /// commit is read again by the next reader after it leaves.
     pub fn fetch_stream(
         &self,
         group: &str,
         member: &str,
+        from: Option<u64>,
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
-        let mut state = self.state()?;
-        let end = self.log.end().0;
-        let g = self.group_mut(&mut state.groups, group)?;
-        if g.config().mode != GroupMode::Stream {
-            return Err(Error::InvalidArgument(format!(
-                "group {group} of topic {} is a queue group",
-                self.name
-            )));
-        }
-        g.touch(member, now_ms());
-        let mut from = g.cursor();
-        loop {
-            let batch = self.log.read(Offset(from), max, max_bytes)?;
-            let Some(last) = batch.last().map(|m| m.offset.0) else {
-                return Ok(batch);
-            };
-            let live: Vec<Message> = batch
-                .into_iter()
-                .filter(|m| self.visible(&state, m.offset.0))
-                .collect();
-            from = last + 1;
-            self.group_mut(&mut state.groups, group)?.set_cursor(from);
-            if !live.is_empty() || from >= end {
-                return Ok(live);
+        let from = {
+            let mut state = self.state()?;
+            let g = self.group_mut(&mut state.groups, group)?;
+            if g.config().mode != GroupMode::Stream {
+                return Err(Error::InvalidArgument(format!(
+                    "group {group} of topic {} is a queue group: fetch leases with it instead",
+                    self.name
+                )));
             }
-        }
+            g.touch(member, now_ms());
+            from.unwrap_or_else(|| g.committed())
+        };
+        self.read(from, max, max_bytes)
     }
 
     /// Queue group: leases up to `max` messages to `member` — redeliveries that

@@ -168,8 +168,9 @@ pub(super) async fn serve(
                 Some(Ok(frame)) => {
                     let conn = Arc::clone(&conn);
                     in_flight.spawn(async move {
-                        let reply = conn.handle(frame).await;
-                        let _ = conn.out.send(reply).await;
+                        if let Some(reply) = conn.handle(frame).await {
+                            let _ = conn.out.send(reply).await;
+                        }
                     });
                 }
                 Some(Err(e)) => {
@@ -237,16 +238,70 @@ impl Conn {
         }
     }
 
-    async fn handle(&self, frame: pb::ClientFrame) -> pb::ServerFrame {
+    /// Serves one request; `None` when the reply was already queued.
+    async fn handle(&self, frame: pb::ClientFrame) -> Option<pb::ServerFrame> {
         let id = frame.request_id;
         let result = match frame.request {
+            Some(Request::Subscribe(s)) => match self.subscribe(id, s).await {
+                Ok(()) => return None,
+                Err(e) => Err(e),
+            },
             Some(request) => self.dispatch(request).await,
             None => Err(status::error(
                 pb::Code::Unimplemented,
                 "unknown request type: this server does not know the request field sent",
             )),
         };
-        response(id, result.unwrap_or_else(Reply::Error))
+        Some(response(id, result.unwrap_or_else(Reply::Error)))
+    }
+
+    /// Starts a subscription. Its reply is queued before the subscription can
+    /// push anything, so a client always learns the id before the first delivery.
+    async fn subscribe(&self, request_id: u64, s: pb::SubscribeRequest) -> Result<(), pb::Error> {
+        let broker = Arc::clone(&self.broker);
+        let config = &broker.config;
+        let live = self.subscriptions().len();
+        if live >= config.max_subscriptions as usize {
+            return Err(status::error(
+                pb::Code::ResourceExhausted,
+                format!(
+                    "{live} subscriptions on this connection; the limit is {}",
+                    config.max_subscriptions
+                ),
+            ));
+        }
+        let topic_name = s.topic.clone();
+        let b = Arc::clone(&broker);
+        let runtime = blocking(move || b.runtime(&topic_name, false)).await?;
+        let t = Arc::clone(runtime.topic());
+        let (group, from) = (s.group.clone(), s.from);
+        let target = blocking(move || subscription::target(&t, group, from)).await?;
+        let max_in_flight = match s.max_in_flight {
+            0 => DEFAULT_MAX_IN_FLIGHT,
+            n => n.min(CAP_MAX_IN_FLIGHT),
+        } as usize;
+        let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
+        let reply = response(
+            request_id,
+            Reply::Subscribe(pb::SubscribeResponse {
+                subscription_id: id,
+            }),
+        );
+        self.out
+            .send(reply)
+            .await
+            .map_err(|_| status::error(pb::Code::Cancelled, "connection closed"))?;
+        let sub = subscription::start(
+            id,
+            Arc::clone(&broker),
+            runtime,
+            target,
+            s.member,
+            max_in_flight,
+            self.out.clone(),
+        );
+        self.subscriptions().insert(id, (sub, max_in_flight));
+        Ok(())
     }
 
     async fn dispatch(&self, request: Request) -> Result<Reply, pb::Error> {
@@ -295,42 +350,10 @@ impl Conn {
                 }))
             }
             Request::Fetch(f) => self.fetch(f).await,
-            Request::Subscribe(s) => {
-                let live = self.subscriptions().len();
-                if live >= config.max_subscriptions as usize {
-                    return Err(status::error(
-                        pb::Code::ResourceExhausted,
-                        format!(
-                            "{live} subscriptions on this connection; the limit is {}",
-                            config.max_subscriptions
-                        ),
-                    ));
-                }
-                let topic_name = s.topic.clone();
-                let b = Arc::clone(&broker);
-                let runtime = blocking(move || b.runtime(&topic_name, false)).await?;
-                let t = Arc::clone(runtime.topic());
-                let (group, from) = (s.group.clone(), s.from);
-                let target = blocking(move || subscription::target(&t, group, from)).await?;
-                let max_in_flight = match s.max_in_flight {
-                    0 => DEFAULT_MAX_IN_FLIGHT,
-                    n => n.min(CAP_MAX_IN_FLIGHT),
-                } as usize;
-                let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-                let sub = subscription::start(
-                    id,
-                    Arc::clone(&broker),
-                    runtime,
-                    target,
-                    s.member,
-                    max_in_flight,
-                    self.out.clone(),
-                );
-                self.subscriptions().insert(id, (sub, max_in_flight));
-                Ok(Reply::Subscribe(pb::SubscribeResponse {
-                    subscription_id: id,
-                }))
-            }
+            Request::Subscribe(_) => Err(status::error(
+                pb::Code::Internal,
+                "subscribe is served by Conn::subscribe",
+            )),
             Request::Unsubscribe(u) => match self.subscriptions().remove(&u.subscription_id) {
                 Some((sub, _)) => {
                     sub.stop();
@@ -497,12 +520,20 @@ impl Conn {
         let t = Arc::clone(&topic);
         let (group, from) = (f.group.clone(), f.from);
         let target = blocking(move || subscription::target(&t, group, from)).await?;
-        let start = match &target {
-            Target::Replay(p) => {
-                let (t, p) = (Arc::clone(&topic), *p);
+        // A stream-group fetch continues from `from` when the client names it
+        // (its own position), else from the group's committed offset.
+        let start = match (&target, f.from) {
+            (Target::Stream(_), Some(p)) => {
+                let (t, p) = (
+                    Arc::clone(&topic),
+                    convert::position(Some(p), Position::Earliest),
+                );
                 blocking(move || t.resolve(p)).await?
             }
-            _ => 0,
+            _ => {
+                let (t, target) = (Arc::clone(&topic), target.clone());
+                blocking(move || subscription::start_offset(&t, &target)).await?
+            }
         };
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS)));
@@ -523,7 +554,7 @@ impl Conn {
                         .map(|m| convert::message(m, 0))
                         .collect(),
                     Target::Stream(g) => t
-                        .fetch_stream(g, &member, max, max_bytes)?
+                        .fetch_stream(g, &member, Some(start), max, max_bytes)?
                         .into_iter()
                         .map(|m| convert::message(m, 0))
                         .collect(),

@@ -85,18 +85,11 @@ async fn run(
     let mut changes = runtime.subscribe_changes();
     // Queue leases expire without any append: look again at least this often.
     let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
-    let mut position = match &target {
-        Target::Replay(p) => {
-            let (t, p) = (Arc::clone(&topic), *p);
-            match tokio::task::spawn_blocking(move || t.resolve(p)).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
-                Err(e) => {
-                    return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await;
-                }
-            }
-        }
-        _ => 0,
+    let (t, target2) = (Arc::clone(&topic), target.clone());
+    let mut position = match tokio::task::spawn_blocking(move || start_offset(&t, &target2)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
+        Err(e) => return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await,
     };
     loop {
         let Ok(permit) = credits.acquire().await else {
@@ -119,7 +112,7 @@ async fn run(
                     .map(|m| convert::message(m, 0))
                     .collect(),
                 Target::Stream(g) => t
-                    .fetch_stream(g, &member2, room, MAX_FETCH_BYTES)?
+                    .fetch_stream(g, &member2, Some(position), room, MAX_FETCH_BYTES)?
                     .into_iter()
                     .map(|m| convert::message(m, 0))
                     .collect(),
@@ -173,6 +166,16 @@ async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
         })),
     };
     let _ = out.send(frame).await;
+}
+
+/// Where a reader of `target` starts: the resolved position for replay, the
+/// committed offset for a stream group (queue groups track their own cursor).
+pub(super) fn start_offset(topic: &crate::broker::Topic, target: &Target) -> crate::Result<u64> {
+    match target {
+        Target::Replay(p) => topic.resolve(*p),
+        Target::Stream(g) => Ok(topic.describe_group(g)?.committed),
+        Target::Queue(_) => Ok(0),
+    }
 }
 
 /// The target of a subscribe or fetch request on `topic` with `group`.

@@ -1,0 +1,676 @@
+//! Async Rust client for the spool protocol.
+//!
+//! One [`Client`] is one TCP connection; calls on it may run concurrently
+//! (they are pipelined and answered by request id). A client does not
+//! reconnect by itself: when the connection drops, every call fails with
+//! [`ClientError::Closed`] and the caller decides whether to connect again
+//! (what was acknowledged before is durable; resend what was not).
+//!
+//! ```no_run
+//! use spool::client::Client;
+//! use spool::storage::NewMessage;
+//! use futures_util::StreamExt;
+//!
+//! # async fn demo() -> Result<(), spool::client::ClientError> {
+//! let client = Client::connect("127.0.0.1:7411", "example").await?;
+//! let produced = client.produce("orders", vec![NewMessage::from_value("hello")]).await?;
+//! println!("stored at offset {}", produced.first_offset);
+//!
+//! client.create_group("orders", "workers", spool::groups::GroupMode::Queue, None).await.ok();
+//! let mut sub = client.subscribe("orders", Some("workers"), "worker-1", None, 100).await?;
+//! while let Some(received) = sub.next().await {
+//!     let received = received?;
+//!     client.ack("orders", "workers", &[received.message.offset.0], Some(sub.id())).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+use crate::broker::topic::Position;
+use crate::groups::GroupMode;
+use crate::protocol::codec::{FrameCodec, FrameError};
+use crate::protocol::pb::client_frame::Request;
+use crate::protocol::pb::response::Result as Reply;
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, pb};
+use crate::storage::{Header, Message, NewMessage, Offset};
+use futures_util::{SinkExt, Stream, StreamExt};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+
+/// What can go wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status.
+    #[error("{code:?}: {message}")]
+    Status {
+        /// gRPC status code.
+        code: pb::Code,
+        /// The server's message, naming what is wrong.
+        message: String,
+    },
+    /// Connecting or talking failed.
+    #[error("connection to {addr}: {source}")]
+    Io {
+        /// The server address.
+        addr: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The status code, when the server answered with one.
+    pub fn code(&self) -> Option<pb::Code> {
+        match self {
+            ClientError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    fn from_wire(e: pb::Error) -> ClientError {
+        ClientError::Status {
+            code: pb::Code::try_from(e.code).unwrap_or(pb::Code::Unknown),
+            message: e.message,
+        }
+    }
+}
+
+/// Result of the client's calls.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Where a produce landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    /// First offset of the batch.
+    pub first_offset: u64,
+    /// Last offset of the batch.
+    pub last_offset: u64,
+    /// Whether the batch is synced to disk.
+    pub durable: bool,
+}
+
+/// A message received from a fetch or subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The message.
+    pub message: Message,
+    /// Queue groups: which delivery this is (1 = first); 0 otherwise.
+    pub delivery: u32,
+}
+
+/// What a fetch returned.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The messages.
+    pub messages: Vec<Received>,
+    /// Replay: the offset to continue from.
+    pub next_offset: u64,
+    /// The topic's end offset when the server answered.
+    pub end_offset: u64,
+}
+
+/// Options of a fetch.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// Stream or queue group; replay when `None`.
+    pub group: Option<String>,
+    /// Member name (queue groups lease to it).
+    pub member: String,
+    /// Replay start; for a stream group, the reader's own position (default:
+    /// the group's committed offset).
+    pub from: Option<Position>,
+    /// Most messages (server default 100).
+    pub max_messages: u32,
+    /// Most bytes (server default 1 MiB).
+    pub max_bytes: u32,
+    /// Long-poll: wait up to this long for a message.
+    pub wait_ms: u32,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>;
+type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>;
+
+/// A connection to a spool server.
+#[derive(Debug)]
+pub struct Client {
+    out: mpsc::Sender<pb::ClientFrame>,
+    pending: Pending,
+    subscriptions: Subscriptions,
+    /// Channels of subscribe requests awaiting their reply, by request id.
+    waiting_subscriptions: Subscriptions,
+    next_id: AtomicU64,
+    welcome: pb::Welcome,
+    reader: tokio::task::JoinHandle<()>,
+    /// Set by the reader before it fails the pending calls on close.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Client {
+    /// Closes the connection: the server ends this client's subscriptions,
+    /// and its unacked queue leases come back when they time out.
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Client {
+    /// Connects and completes the handshake.
+    pub async fn connect(addr: &str, client_name: &str) -> Result<Client> {
+        let io = |source| ClientError::Io {
+            addr: addr.to_owned(),
+            source,
+        };
+        let stream = TcpStream::connect(addr).await.map_err(io)?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(
+            stream,
+            FrameCodec::<pb::ServerFrame, pb::ClientFrame>::new(DEFAULT_MAX_FRAME_BYTES * 4),
+        );
+        let hello = pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: client_name.to_owned(),
+            token: None,
+        };
+        framed
+            .send(pb::ClientFrame {
+                request_id: 0,
+                request: Some(Request::Hello(hello)),
+            })
+            .await
+            .map_err(|e| frame_to_client(addr, e))?;
+        let welcome = match framed.next().await {
+            Some(Ok(pb::ServerFrame {
+                kind: Some(pb::server_frame::Kind::Welcome(w)),
+            })) => w,
+            Some(Ok(pb::ServerFrame {
+                kind:
+                    Some(pb::server_frame::Kind::Response(pb::Response {
+                        result: Some(Reply::Error(e)),
+                        ..
+                    })),
+            })) => return Err(ClientError::from_wire(e)),
+            Some(Ok(other)) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
+            Some(Err(e)) => return Err(frame_to_client(addr, e)),
+            None => return Err(ClientError::Closed),
+        };
+        let (mut sink, mut frames) = framed.split();
+        let (out, mut out_rx) = mpsc::channel::<pb::ClientFrame>(256);
+        tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if sink.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pending: Pending = Arc::default();
+        let subscriptions: Subscriptions = Arc::default();
+        let waiting_subscriptions: Subscriptions = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (p, s, w, c) = (
+            Arc::clone(&pending),
+            Arc::clone(&subscriptions),
+            Arc::clone(&waiting_subscriptions),
+            Arc::clone(&closed),
+        );
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                match frame.kind {
+                    Some(pb::server_frame::Kind::Response(r)) => {
+                        let result = match r.result {
+                            Some(Reply::Error(e)) => Err(ClientError::from_wire(e)),
+                            Some(ok) => Ok(ok),
+                            None => Err(ClientError::Protocol("empty response".into())),
+                        };
+                        if let Ok(Reply::Subscribe(sub)) = &result
+                            && let Some(tx) = lock(&w).remove(&r.request_id)
+                        {
+                            lock(&s).insert(sub.subscription_id, tx);
+                        }
+                        if let Some(tx) = lock(&p).remove(&r.request_id) {
+                            let _ = tx.send(result);
+                        } else if let Err(e) = result {
+                            tracing::warn!(error = %e, "server error outside any request");
+                        }
+                    }
+                    Some(pb::server_frame::Kind::Delivery(d)) => {
+                        let mut subs = lock(&s);
+                        if let Some(tx) = subs.get(&d.subscription_id) {
+                            for m in d.messages {
+                                let _ = tx.send(Ok(received(m)));
+                            }
+                            if let Some(e) = d.error {
+                                let _ = tx.send(Err(ClientError::from_wire(e)));
+                                subs.remove(&d.subscription_id);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            c.store(true, Ordering::SeqCst);
+            for (_, tx) in lock(&p).drain() {
+                let _ = tx.send(Err(ClientError::Closed));
+            }
+            lock(&s).clear();
+        });
+        Ok(Client {
+            out,
+            pending,
+            subscriptions,
+            waiting_subscriptions,
+            next_id: AtomicU64::new(1),
+            welcome,
+            reader,
+            closed,
+        })
+    }
+
+    /// The server's limits and version from the handshake.
+    pub fn welcome(&self) -> &pb::Welcome {
+        &self.welcome
+    }
+
+    /// Registers a pending call; fails if the connection already closed (the
+    /// reader sets `closed` before draining, so one of the two sees the other).
+    fn register(&self, id: u64, tx: oneshot::Sender<Result<Reply>>) -> Result<()> {
+        lock(&self.pending).insert(id, tx);
+        if self.closed.load(Ordering::SeqCst) {
+            lock(&self.pending).remove(&id);
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.register(id, tx)?;
+        if self
+            .out
+            .send(pb::ClientFrame {
+                request_id: id,
+                request: Some(request),
+            })
+            .await
+            .is_err()
+        {
+            lock(&self.pending).remove(&id);
+            return Err(ClientError::Closed);
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Appends a batch; returns once it is committed under the topic's fsync policy.
+    pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Produced> {
+        let messages = messages.into_iter().map(new_message_to_wire).collect();
+        match self
+            .call(Request::Produce(pb::ProduceRequest {
+                topic: topic.to_owned(),
+                messages,
+            }))
+            .await?
+        {
+            Reply::Produce(p) => Ok(Produced {
+                first_offset: p.first_offset,
+                last_offset: p.last_offset,
+                durable: p.durability == pb::Durability::Durable as i32,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Pulls messages (replay, stream group or queue group).
+    pub async fn fetch(&self, topic: &str, options: FetchOptions) -> Result<Fetched> {
+        let request = pb::FetchRequest {
+            topic: topic.to_owned(),
+            group: options.group,
+            member: options.member,
+            from: options.from.map(convert::position_to_wire),
+            max_messages: options.max_messages,
+            max_bytes: options.max_bytes,
+            wait_ms: options.wait_ms,
+        };
+        match self.call(Request::Fetch(request)).await? {
+            Reply::Fetch(f) => Ok(Fetched {
+                messages: f.messages.into_iter().map(received).collect(),
+                next_offset: f.next_offset,
+                end_offset: f.end_offset,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Subscribes: the server pushes messages, at most `max_in_flight`
+    /// unacknowledged at a time (ack or nack with the subscription id).
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        member: &str,
+        from: Option<Position>,
+        max_in_flight: u32,
+    ) -> Result<Subscription> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let request = pb::SubscribeRequest {
+            topic: topic.to_owned(),
+            group: group.map(str::to_owned),
+            member: member.to_owned(),
+            from: from.map(convert::position_to_wire),
+            max_in_flight,
+        };
+        // The server queues this reply before the first delivery, and the
+        // reader task registers the channel as it handles the reply.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        lock(&self.waiting_subscriptions).insert(id, tx);
+        if let Err(e) = self.register(id, reply_tx) {
+            lock(&self.waiting_subscriptions).remove(&id);
+            return Err(e);
+        }
+        let frame = pb::ClientFrame {
+            request_id: id,
+            request: Some(Request::Subscribe(request)),
+        };
+        if self.out.send(frame).await.is_err() {
+            lock(&self.pending).remove(&id);
+            lock(&self.waiting_subscriptions).remove(&id);
+            return Err(ClientError::Closed);
+        }
+        let reply = reply_rx.await.map_err(|_| ClientError::Closed);
+        lock(&self.waiting_subscriptions).remove(&id);
+        match reply?? {
+            Reply::Subscribe(s) => Ok(Subscription {
+                id: s.subscription_id,
+                rx,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stops a subscription.
+    pub async fn unsubscribe(&self, subscription_id: u64) -> Result<()> {
+        lock(&self.subscriptions).remove(&subscription_id);
+        self.ok(Request::Unsubscribe(pb::UnsubscribeRequest {
+            subscription_id,
+        }))
+        .await
+    }
+
+    /// Queue group: completes messages (durable when this returns, under `fsync=always`).
+    pub async fn ack(
+        &self,
+        topic: &str,
+        group: &str,
+        offsets: &[u64],
+        subscription_id: Option<u64>,
+    ) -> Result<()> {
+        self.ok(Request::Ack(pb::AckRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            offsets: offsets.to_vec(),
+            subscription_id,
+        }))
+        .await
+    }
+
+    /// Queue group: gives messages back for redelivery after `delay_ms`.
+    pub async fn nack(
+        &self,
+        topic: &str,
+        group: &str,
+        offsets: &[u64],
+        delay_ms: u64,
+        subscription_id: Option<u64>,
+    ) -> Result<u32> {
+        let request = pb::NackRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            offsets: offsets.to_vec(),
+            delay_ms,
+            subscription_id,
+        };
+        match self.call(Request::Nack(request)).await? {
+            Reply::Nack(n) => Ok(n.requeued),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stream group: commits the next offset to read after a restart.
+    pub async fn commit(&self, topic: &str, group: &str, offset: u64) -> Result<()> {
+        self.ok(Request::Commit(pb::CommitRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            offset,
+        }))
+        .await
+    }
+
+    /// Moves a group; returns the offset it now starts at.
+    pub async fn seek(&self, topic: &str, group: &str, to: Position) -> Result<u64> {
+        let request = pb::SeekRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            to: Some(convert::position_to_wire(to)),
+        };
+        match self.call(Request::Seek(request)).await? {
+            Reply::Seek(s) => Ok(s.offset),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes messages: never delivered or replayed again.
+    pub async fn delete(&self, topic: &str, offsets: &[u64]) -> Result<()> {
+        self.ok(Request::Delete(pb::DeleteRequest {
+            topic: topic.to_owned(),
+            offsets: offsets.to_vec(),
+        }))
+        .await
+    }
+
+    /// Creates a topic (config fields left empty take the server's defaults).
+    pub async fn create_topic(&self, name: &str, config: pb::TopicConfig) -> Result<pb::TopicInfo> {
+        let request = pb::CreateTopicRequest {
+            name: name.to_owned(),
+            config: Some(config),
+        };
+        match self.call(Request::CreateTopic(request)).await? {
+            Reply::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// All topics.
+    pub async fn list_topics(&self) -> Result<Vec<pb::TopicInfo>> {
+        match self
+            .call(Request::ListTopics(pb::ListTopicsRequest {}))
+            .await?
+        {
+            Reply::Topics(t) => Ok(t.topics),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicInfo> {
+        match self
+            .call(Request::DescribeTopic(pb::DescribeTopicRequest {
+                name: name.to_owned(),
+            }))
+            .await?
+        {
+            Reply::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a topic and all its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.ok(Request::DeleteTopic(pb::DeleteTopicRequest {
+            name: name.to_owned(),
+        }))
+        .await
+    }
+
+    /// Creates a group starting at `start` (default earliest).
+    pub async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        mode: GroupMode,
+        start: Option<Position>,
+    ) -> Result<pb::GroupInfo> {
+        let request = pb::CreateGroupRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            mode: convert::group_mode_to_wire(mode),
+            start: start.map(convert::position_to_wire),
+        };
+        match self.call(Request::CreateGroup(request)).await? {
+            Reply::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Groups of a topic.
+    pub async fn list_groups(&self, topic: &str) -> Result<Vec<pb::GroupInfo>> {
+        match self
+            .call(Request::ListGroups(pb::ListGroupsRequest {
+                topic: topic.to_owned(),
+            }))
+            .await?
+        {
+            Reply::Groups(g) => Ok(g.groups),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One group.
+    pub async fn describe_group(&self, topic: &str, group: &str) -> Result<pb::GroupInfo> {
+        let request = pb::DescribeGroupRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+        };
+        match self.call(Request::DescribeGroup(request)).await? {
+            Reply::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a group and its state.
+    pub async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.ok(Request::DeleteGroup(pb::DeleteGroupRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+        }))
+        .await
+    }
+
+    /// Round trip.
+    pub async fn ping(&self, nonce: u64) -> Result<u64> {
+        match self.call(Request::Ping(pb::PingRequest { nonce })).await? {
+            Reply::Ping(p) => Ok(p.nonce),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn ok(&self, request: Request) -> Result<()> {
+        match self.call(request).await? {
+            Reply::Ok(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Messages pushed to one subscription, as a `Stream`. Ends with an error
+/// item when the server ends the subscription, and with `None` when the
+/// connection closes.
+#[derive(Debug)]
+pub struct Subscription {
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Result<Received>>,
+}
+
+impl Subscription {
+    /// The subscription id (pass it to ack/nack to return credit).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Received>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+fn received(m: pb::Message) -> Received {
+    Received {
+        delivery: m.delivery,
+        message: Message {
+            offset: Offset(m.offset),
+            timestamp_ms: m.timestamp_ms,
+            key: m.key,
+            headers: m
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            value: m.value,
+        },
+    }
+}
+
+fn new_message_to_wire(m: NewMessage) -> pb::NewMessage {
+    pb::NewMessage {
+        timestamp_ms: m.timestamp_ms,
+        key: m.key,
+        headers: m
+            .headers
+            .into_iter()
+            .map(|h| pb::Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect(),
+        value: m.value,
+    }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn frame_to_client(addr: &str, e: FrameError) -> ClientError {
+    match e {
+        FrameError::Io(source) => ClientError::Io {
+            addr: addr.to_owned(),
+            source,
+        },
+        other => ClientError::Protocol(other.to_string()),
+    }
+}

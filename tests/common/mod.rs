@@ -1,0 +1,95 @@
+//! Starting the real `spool` binary on 127.0.0.1:0 with a temp data dir.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running broker process.
+pub struct Broker {
+    pub child: Child,
+    pub addr: String,
+    pub data: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Broker {
+    /// Starts `spool serve` on `data` with extra flags; waits for its first line.
+    pub fn start(data: &Path, extra: &[&str]) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool serve");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines
+            .next()
+            .expect("a first line")
+            .expect("readable first line");
+        let addr = first
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .map(|w| w.trim_end_matches(','))
+            .unwrap_or_else(|| panic!("first line names the address: {first}"))
+            .to_owned();
+        let mut stderr = child.stderr.take().expect("stderr piped");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Broker {
+            child,
+            addr,
+            data: data.to_owned(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.logs()
+    }
+
+    /// SIGTERM, then wait for the exit; returns (success, logs).
+    pub fn terminate(mut self) -> (bool, String) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ok = status.is_some_and(|s| s.success());
+        (ok, self.logs())
+    }
+
+    fn logs(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,543 @@
+//! The broker over real TCP: durability across kill -9, reconnecting
+//! consumers, bad input on the wire, many concurrent clients, and graceful
+//! shutdown — all against the real `spool` binary.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::Broker;
+use futures_util::StreamExt;
+use prost::Message as _;
+use spool::broker::topic::Position;
+use spool::client::{Client, FetchOptions};
+use spool::groups::GroupMode;
+use spool::protocol::pb;
+use spool::storage::NewMessage;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn value(i: u64) -> Vec<u8> {
+    format!("message-{i}-{}", "v".repeat((i % 97) as usize)).into_bytes()
+}
+
+async fn replay_all(client: &Client, topic: &str) -> Vec<spool::client::Received> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let fetched = client
+            .fetch(
+                topic,
+                FetchOptions {
+                    from: Some(Position::Offset(from)),
+                    max_messages: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if fetched.messages.is_empty() {
+            return out;
+        }
+        from = fetched.next_offset;
+        out.extend(fetched.messages);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_kill_9() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "test")
+        .await
+        .expect("connect");
+    let mut acked = Vec::new();
+    for batch in 0..20u64 {
+        let msgs: Vec<NewMessage> = (0..50)
+            .map(|i| NewMessage::from_value(value(batch * 50 + i)).with_key("k"))
+            .collect();
+        let p = client.produce("durable", msgs).await.expect("produce");
+        assert!(p.durable, "fsync=always acks are durable");
+        assert_eq!(p.first_offset, batch * 50);
+        acked.push(p);
+    }
+    drop(client);
+    broker.kill9();
+
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "test")
+        .await
+        .expect("reconnect");
+    let all = replay_all(&client, "durable").await;
+    assert_eq!(all.len(), 1000);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.message.offset.0, i as u64);
+        assert_eq!(
+            &r.message.value[..],
+            &value(i as u64)[..],
+            "byte-exact at offset {i}"
+        );
+        assert_eq!(r.message.key.as_deref(), Some(&b"k"[..]));
+    }
+    let next = client
+        .produce("durable", vec![NewMessage::from_value("after")])
+        .await
+        .expect("produce");
+    assert_eq!(
+        next.first_offset, 1000,
+        "offsets continue without gap or reuse"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_subscriber_that_reconnects_gets_what_it_missed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let producer = Client::connect(&broker.addr, "producer")
+        .await
+        .expect("connect");
+    producer
+        .produce("events", vec![NewMessage::from_value("0")])
+        .await
+        .expect("produce");
+    producer
+        .create_group("events", "app", GroupMode::Stream, Some(Position::Earliest))
+        .await
+        .expect("group");
+
+    let consumer = Client::connect(&broker.addr, "consumer")
+        .await
+        .expect("connect");
+    let mut sub = consumer
+        .subscribe("events", Some("app"), "c1", None, 10)
+        .await
+        .expect("subscribe");
+    let first = sub.next().await.expect("a delivery").expect("ok");
+    assert_eq!(first.message.offset.0, 0);
+    consumer.commit("events", "app", 1).await.expect("commit");
+    drop(sub);
+    drop(consumer);
+
+    for i in 1..=5u64 {
+        producer
+            .produce("events", vec![NewMessage::from_value(i.to_string())])
+            .await
+            .expect("produce");
+    }
+    let consumer = Client::connect(&broker.addr, "consumer")
+        .await
+        .expect("reconnect");
+    let mut sub = consumer
+        .subscribe("events", Some("app"), "c1", None, 10)
+        .await
+        .expect("subscribe");
+    for i in 1..=5u64 {
+        let r = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("in time")
+            .expect("item")
+            .expect("ok");
+        assert_eq!(
+            r.message.offset.0, i,
+            "resumes at the committed offset, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_queue_messages_go_to_another_member_after_the_lease() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let config = pb::TopicConfig {
+        ack_timeout_ms: Some(300),
+        ..Default::default()
+    };
+    client
+        .create_topic("jobs", config)
+        .await
+        .expect("create topic");
+    client
+        .create_group("jobs", "workers", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    client
+        .produce(
+            "jobs",
+            (0..3)
+                .map(|i| NewMessage::from_value(format!("job {i}")))
+                .collect(),
+        )
+        .await
+        .expect("produce");
+
+    let w1 = Client::connect(&broker.addr, "w1").await.expect("connect");
+    let got = w1
+        .fetch(
+            "jobs",
+            FetchOptions {
+                group: Some("workers".into()),
+                member: "w1".into(),
+                max_messages: 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("fetch");
+    assert_eq!(got.messages.len(), 3);
+    w1.ack("jobs", "workers", &[0, 2], None).await.expect("ack");
+    drop(w1); // dies holding offset 1
+
+    let w2 = Client::connect(&broker.addr, "w2").await.expect("connect");
+    let redelivered = w2
+        .fetch(
+            "jobs",
+            FetchOptions {
+                group: Some("workers".into()),
+                member: "w2".into(),
+                max_messages: 10,
+                wait_ms: 5000,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("fetch");
+    let offsets: Vec<u64> = redelivered
+        .messages
+        .iter()
+        .map(|r| r.message.offset.0)
+        .collect();
+    assert_eq!(offsets, vec![1], "only the unacked message comes back");
+    assert_eq!(redelivered.messages[0].delivery, 2);
+    w2.ack("jobs", "workers", &[1], None).await.expect("ack");
+    let info = w2
+        .describe_group("jobs", "workers")
+        .await
+        .expect("describe");
+    assert_eq!((info.committed, info.lag, info.pending), (3, 0, 0));
+}
+
+fn frame(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn hello() -> Vec<u8> {
+    let f = pb::ClientFrame {
+        request_id: 1,
+        request: Some(pb::client_frame::Request::Hello(pb::Hello {
+            protocol_version: 1,
+            client_name: "raw".into(),
+            token: None,
+        })),
+    };
+    frame(&f.encode_to_vec())
+}
+
+/// Sends `bytes` on a raw connection and returns what the server sent back
+/// before closing (or before a short timeout).
+fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<pb::ServerFrame> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut b = BytesMut::from(&buf[..]);
+    while b.len() >= 5 {
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if b.len() < 5 + len {
+            break;
+        }
+        let body = b.split_to(5 + len);
+        frames.push(pb::ServerFrame::decode(&body[5..]).expect("server frames decode"));
+    }
+    frames
+}
+
+fn error_code(f: &pb::ServerFrame) -> Option<i32> {
+    match &f.kind {
+        Some(pb::server_frame::Kind::Response(pb::Response {
+            result: Some(pb::response::Result::Error(e)),
+            ..
+        })) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_the_wire_gets_the_documented_reaction_and_spares_other_clients() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let good = Client::connect(&broker.addr, "good")
+        .await
+        .expect("connect");
+    good.produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+
+    // Garbage bytes: not a valid frame (flags 0x47) -> INVALID_ARGUMENT, closed.
+    let frames = raw_exchange(&broker.addr, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![pb::Code::InvalidArgument as i32]
+    );
+
+    // A frame announcing 4 GiB -> RESOURCE_EXHAUSTED before anything is allocated.
+    let mut huge = hello();
+    huge.extend_from_slice(&[0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    let frames = raw_exchange(&broker.addr, &huge);
+    assert!(matches!(
+        frames.first().and_then(|f| f.kind.as_ref()),
+        Some(pb::server_frame::Kind::Welcome(_))
+    ));
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![pb::Code::ResourceExhausted as i32]
+    );
+
+    // A request before the handshake -> FAILED_PRECONDITION, closed.
+    let ping = pb::ClientFrame {
+        request_id: 7,
+        request: Some(pb::client_frame::Request::Ping(pb::PingRequest {
+            nonce: 1,
+        })),
+    };
+    let frames = raw_exchange(&broker.addr, &frame(&ping.encode_to_vec()));
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![pb::Code::FailedPrecondition as i32]
+    );
+
+    // A valid frame of an unknown request type (field 99) -> UNIMPLEMENTED, the connection stays usable.
+    let mut unknown = BytesMut::new();
+    unknown.put_u8(0x08); // request_id = 5
+    unknown.put_u8(5);
+    unknown.put_slice(&[0x9a, 0x06, 0x00]); // field 99, length-delimited, empty
+    let mut bytes = hello();
+    bytes.extend_from_slice(&frame(&unknown));
+    let ping = pb::ClientFrame {
+        request_id: 6,
+        request: Some(pb::client_frame::Request::Ping(pb::PingRequest {
+            nonce: 9,
+        })),
+    };
+    bytes.extend_from_slice(&frame(&ping.encode_to_vec()));
+    let frames = raw_exchange(&broker.addr, &bytes);
+    assert!(
+        frames
+            .iter()
+            .any(|f| error_code(f) == Some(pb::Code::Unimplemented as i32)),
+        "{frames:?}"
+    );
+    assert!(
+        frames.iter().any(|f| matches!(
+            &f.kind,
+            Some(pb::server_frame::Kind::Response(pb::Response {
+                request_id: 6,
+                result: Some(pb::response::Result::Ping(_))
+            }))
+        )),
+        "the connection keeps working: {frames:?}"
+    );
+
+    // A truncated frame: the server waits for the rest, then sees the close; nothing is answered.
+    let mut truncated = hello();
+    truncated.extend_from_slice(&[0, 0, 0, 0, 50, 1, 2, 3]);
+    let frames = raw_exchange(&broker.addr, &truncated);
+    assert_eq!(frames.iter().filter_map(error_code).count(), 0);
+
+    // A wrong protocol version is refused by name.
+    let v2 = pb::ClientFrame {
+        request_id: 1,
+        request: Some(pb::client_frame::Request::Hello(pb::Hello {
+            protocol_version: 2,
+            client_name: "future".into(),
+            token: None,
+        })),
+    };
+    let frames = raw_exchange(&broker.addr, &frame(&v2.encode_to_vec()));
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![pb::Code::FailedPrecondition as i32]
+    );
+
+    // The well-behaved client never noticed.
+    assert_eq!(good.ping(42).await.expect("ping"), 42);
+    let p = good
+        .produce("t", vec![NewMessage::from_value("y")])
+        .await
+        .expect("produce");
+    assert_eq!(p.first_offset, 1);
+    // Request-level errors name what is wrong and keep the connection.
+    let err = good
+        .produce("bad/name", vec![NewMessage::from_value("z")])
+        .await
+        .expect_err("invalid name");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument));
+    assert!(err.to_string().contains("bad/name"), "{err}");
+    let err = good
+        .describe_topic("missing")
+        .await
+        .expect_err("unknown topic");
+    assert_eq!(err.code(), Some(pb::Code::NotFound));
+    assert!(err.to_string().contains("missing"), "{err}");
+    let big = NewMessage::from_value(vec![0u8; 2 * 1024 * 1024]);
+    let err = good.produce("t", vec![big]).await.expect_err("oversized");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument));
+    assert!(err.to_string().contains("limit"), "{err}");
+    assert_eq!(good.ping(43).await.expect("ping"), 43);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_connections_lose_and_duplicate_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let admin = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    admin
+        .create_topic("busy", pb::TopicConfig::default())
+        .await
+        .expect("topic");
+    admin
+        .create_group("busy", "q", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let mut tasks = Vec::new();
+    for c in 0..100u64 {
+        let addr = broker.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(&addr, &format!("c{c}"))
+                .await
+                .expect("connect");
+            let mut produced = Vec::new();
+            for i in 0..10u64 {
+                let p = client
+                    .produce("busy", vec![NewMessage::from_value(format!("{c}-{i}"))])
+                    .await
+                    .expect("produce");
+                produced.push(p.first_offset);
+            }
+            let mut consumed = Vec::new();
+            for _ in 0..5 {
+                let got = client
+                    .fetch(
+                        "busy",
+                        FetchOptions {
+                            group: Some("q".into()),
+                            member: format!("c{c}"),
+                            max_messages: 5,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("fetch");
+                let offsets: Vec<u64> = got.messages.iter().map(|r| r.message.offset.0).collect();
+                client.ack("busy", "q", &offsets, None).await.expect("ack");
+                consumed.extend(offsets);
+            }
+            (produced, consumed)
+        }));
+    }
+    let mut produced = BTreeSet::new();
+    let mut consumed = Vec::new();
+    for t in tasks {
+        let (p, c) = t.await.expect("task");
+        for o in p {
+            assert!(produced.insert(o), "offset {o} given twice");
+        }
+        consumed.extend(c);
+    }
+    assert_eq!(
+        produced,
+        (0..1000).collect::<BTreeSet<u64>>(),
+        "dense offsets, none lost"
+    );
+    // Drain what is left; every message is completed exactly once.
+    loop {
+        let got = admin
+            .fetch(
+                "busy",
+                FetchOptions {
+                    group: Some("q".into()),
+                    member: "drain".into(),
+                    max_messages: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if got.messages.is_empty() {
+            break;
+        }
+        let offsets: Vec<u64> = got.messages.iter().map(|r| r.message.offset.0).collect();
+        admin.ack("busy", "q", &offsets, None).await.expect("ack");
+        consumed.extend(offsets);
+    }
+    let unique: BTreeSet<u64> = consumed.iter().copied().collect();
+    assert_eq!(unique.len(), consumed.len(), "no message handed out twice");
+    assert_eq!(unique, produced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_keeps_every_ack_and_leaves_no_recovery_work() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--fsync", "interval:200"]);
+    let addr = broker.addr.clone();
+    let producer = tokio::spawn(async move {
+        let client = Client::connect(&addr, "p").await.expect("connect");
+        let mut acked = 0u64;
+        for i in 0..100_000u64 {
+            match client
+                .produce("g", vec![NewMessage::from_value(value(i))])
+                .await
+            {
+                Ok(p) => {
+                    assert_eq!(p.first_offset, i);
+                    acked += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (ok, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("join");
+    assert!(ok, "clean exit: {logs}");
+    let acked = producer.await.expect("producer");
+    assert!(acked > 0);
+
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "check")
+        .await
+        .expect("connect");
+    let all = replay_all(&client, "g").await;
+    assert!(
+        all.len() as u64 >= acked,
+        "{} stored, {acked} acked",
+        all.len()
+    );
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(&r.message.value[..], &value(i as u64)[..]);
+    }
+    drop(client);
+    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("join");
+    assert!(
+        !logs.contains("cut torn tail")
+            && !logs.contains("rebuilt index")
+            && !logs.contains("log recovered"),
+        "a clean stop leaves no recovery work: {logs}"
+    );
+}
