@@ -454,10 +454,14 @@ impl Log {
     fn roll(&self, w: &mut Writer) -> Result<()> {
         self.sync_locked(w)?;
         self.publish_locked(w);
+        // The new segment first: if it cannot be created (a full disk), the
+        // current one is untouched and stays writable. A crash between the two
+        // steps leaves an unsealed segment before an empty one, which recovery
+        // seals (cutting its preallocated zeros).
+        let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)?;
         let sealed = self.seal(w).inspect_err(|e| {
             w.poisoned = Some(format!("sealing failed: {e}"));
         })?;
-        let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)?;
         let mut segments: Vec<Arc<Segment>> = self.segments().as_ref().clone();
         if let Some(last) = segments.last_mut() {
             *last = Arc::new(sealed);
@@ -655,9 +659,20 @@ impl Active {
     /// Creates the files of a new, empty segment and makes their names durable.
     fn create(storage: &dyn Storage, dir: &Path, base: u64, config: &LogConfig) -> Result<Active> {
         let paths = SegmentPaths::new(dir, base);
+        // An empty file left by an earlier attempt that failed half-way is reused.
         let file = storage
-            .open(&paths.log, OpenMode::CreateNew)
+            .open(&paths.log, OpenMode::CreateOrOpen)
             .ctx(|| format!("creating {}", paths.log.display()))?;
+        if file
+            .len()
+            .ctx(|| format!("reading size of {}", paths.log.display()))?
+            != 0
+        {
+            return Err(Error::AlreadyExists(format!(
+                "new segment {} already holds data",
+                paths.log.display()
+            )));
+        }
         let opened = OpenedSegment {
             base,
             paths,
