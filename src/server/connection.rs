@@ -369,6 +369,17 @@ impl Conn {
             },
             Request::Ack(a) => {
                 let n = a.offsets.len();
+                if a.group.is_empty() {
+                    // A replay subscription has no group: its acks only return credit.
+                    if a.subscription_id.is_none() {
+                        return Err(invalid(format!(
+                            "ack on topic {}: name a group, or a subscription_id to return credit",
+                            a.topic
+                        )));
+                    }
+                    self.give_credit(a.subscription_id, n);
+                    return Ok(Reply::Ok(pb::Empty {}));
+                }
                 let runtime = self.existing(&a.topic).await?;
                 let t = Arc::clone(runtime.topic());
                 let (group, offsets) = (a.group.clone(), a.offsets);
