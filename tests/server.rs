@@ -541,3 +541,52 @@ async fn graceful_shutdown_keeps_every_ack_and_leaves_no_recovery_work() {
         "a clean stop leaves no recovery work: {logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_create_unknown_topics_are_not_found_until_created() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--no-auto-create"]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let err = client
+        .produce("orders", vec![NewMessage::from_value("x")])
+        .await
+        .expect_err("no auto-create");
+    assert_eq!(err.code(), Some(pb::Code::NotFound));
+    assert!(err.to_string().contains("orders"), "{err}");
+    let info = client
+        .create_topic(
+            "orders",
+            pb::TopicConfig {
+                fsync: Some("interval:50".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    assert_eq!(
+        info.config.and_then(|c| c.fsync).as_deref(),
+        Some("interval:50")
+    );
+    let p = client
+        .produce("orders", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    assert!(!p.durable, "fsync=interval acks are WRITTEN");
+    let err = client
+        .create_topic("orders", pb::TopicConfig::default())
+        .await
+        .expect_err("exists");
+    assert_eq!(err.code(), Some(pb::Code::AlreadyExists));
+    let err = client
+        .create_topic(
+            "bad-config",
+            pb::TopicConfig {
+                fsync: Some("sometimes".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("invalid config");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument));
+    assert!(err.to_string().contains("sometimes"), "{err}");
+}
