@@ -457,7 +457,10 @@ impl Topic {
                     });
                 }
                 Decision::DeadLetter { deliveries } => {
-                    g.defer(o, now);
+                    // Due again only after a lease time: the hand-off to the
+                    // dead-letter topic completes it well before, and a
+                    // concurrent fetch must not dead-letter it a second time.
+                    g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
                     out.dead_letters.push(DeadLetter {
                         offset: o,
                         message: self.dead_letter(group, m, deliveries),

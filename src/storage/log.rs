@@ -155,6 +155,16 @@ impl Log {
         };
         segments.push(Arc::clone(&active.segment));
         check_order(&segments)?;
+        // A process that died may have written records it never synced; they
+        // are in the page cache, so recovery found them and readers will see
+        // them. Make them durable before anything is served (a no-op when the
+        // last stop was clean and nothing is dirty).
+        let log_path = active.segment.paths().log.clone();
+        active
+            .segment
+            .file()
+            .sync_data()
+            .ctx(|| format!("syncing recovered {}", log_path.display()))?;
         let next_offset = active.segment.end_offset();
         if !report.is_clean() {
             tracing::warn!(log = %dir.display(), ?report, "log recovered");
