@@ -557,7 +557,7 @@ async fn without_auto_create_unknown_topics_are_not_found_until_created() {
         .create_topic(
             "orders",
             pb::TopicConfig {
-                fsync: Some("interval:50".into()),
+                fsync: Some("interval:60000".into()),
                 ..Default::default()
             },
         )
@@ -565,13 +565,16 @@ async fn without_auto_create_unknown_topics_are_not_found_until_created() {
         .expect("create");
     assert_eq!(
         info.config.and_then(|c| c.fsync).as_deref(),
-        Some("interval:50")
+        Some("interval:60000")
     );
     let p = client
         .produce("orders", vec![NewMessage::from_value("x")])
         .await
         .expect("produce");
-    assert!(!p.durable, "fsync=interval acks are WRITTEN");
+    assert!(
+        !p.durable,
+        "fsync=interval acks are WRITTEN until the interval's sync"
+    );
     let err = client
         .create_topic("orders", pb::TopicConfig::default())
         .await

@@ -10,7 +10,6 @@ use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{PROTOCOL_VERSION, convert, pb, status};
-use crate::storage::log::now_ms;
 use crate::storage::record;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -557,26 +556,8 @@ impl Conn {
                 target.clone(),
                 f.member.clone(),
             );
-            let messages = blocking(move || -> crate::Result<Vec<pb::Message>> {
-                Ok(match &target2 {
-                    Target::Replay(_) => t
-                        .read(start, max, max_bytes)?
-                        .into_iter()
-                        .map(|m| convert::message(m, 0))
-                        .collect(),
-                    Target::Stream(g) => t
-                        .fetch_stream(g, &member, Some(start), max, max_bytes)?
-                        .into_iter()
-                        .map(|m| convert::message(m, 0))
-                        .collect(),
-                    Target::Queue(g) => b
-                        .registry
-                        .fetch_queue(t.name(), g, &member, max, max_bytes, now_ms())?
-                        .deliveries
-                        .into_iter()
-                        .map(|d| convert::message(d.message, d.delivery))
-                        .collect(),
-                })
+            let messages = blocking(move || {
+                subscription::fetch(&b, &t, &target2, &member, start, max, max_bytes)
             })
             .await?;
             let now = tokio::time::Instant::now();

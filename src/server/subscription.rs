@@ -104,26 +104,8 @@ async fn run(
             target.clone(),
             member.clone(),
         );
-        let fetched = tokio::task::spawn_blocking(move || -> crate::Result<Vec<pb::Message>> {
-            Ok(match &target2 {
-                Target::Replay(_) => t
-                    .read(position, room, MAX_FETCH_BYTES)?
-                    .into_iter()
-                    .map(|m| convert::message(m, 0))
-                    .collect(),
-                Target::Stream(g) => t
-                    .fetch_stream(g, &member2, Some(position), room, MAX_FETCH_BYTES)?
-                    .into_iter()
-                    .map(|m| convert::message(m, 0))
-                    .collect(),
-                Target::Queue(g) => b
-                    .registry
-                    .fetch_queue(t.name(), g, &member2, room, MAX_FETCH_BYTES, now_ms())?
-                    .deliveries
-                    .into_iter()
-                    .map(|d| convert::message(d.message, d.delivery))
-                    .collect(),
-            })
+        let fetched = tokio::task::spawn_blocking(move || {
+            fetch(&b, &t, &target2, &member2, position, room, MAX_FETCH_BYTES)
         })
         .await;
         let messages = match fetched {
@@ -166,6 +148,49 @@ async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
         })),
     };
     let _ = out.send(frame).await;
+}
+
+/// One read for `target`, as wire messages: replay and stream groups from
+/// `from`, queue groups by lease. Dead letters a queue fetch hands off wake the
+/// dead-letter topic's readers.
+pub(super) fn fetch(
+    broker: &Broker,
+    topic: &crate::broker::Topic,
+    target: &Target,
+    member: &str,
+    from: u64,
+    max: usize,
+    max_bytes: usize,
+) -> crate::Result<Vec<pb::Message>> {
+    Ok(match target {
+        Target::Replay(_) => topic
+            .read(from, max, max_bytes)?
+            .into_iter()
+            .map(|m| convert::message(m, 0))
+            .collect(),
+        Target::Stream(g) => topic
+            .fetch_stream(g, member, Some(from), max, max_bytes)?
+            .into_iter()
+            .map(|m| convert::message(m, 0))
+            .collect(),
+        Target::Queue(g) => {
+            let fetched =
+                broker
+                    .registry
+                    .fetch_queue(topic.name(), g, member, max, max_bytes, now_ms())?;
+            if !fetched.dead_letters.is_empty()
+                && let Ok(dlq) =
+                    broker.runtime(&topic.config().dead_letter_topic(topic.name()), false)
+            {
+                dlq.notify();
+            }
+            fetched
+                .deliveries
+                .into_iter()
+                .map(|d| convert::message(d.message, d.delivery))
+                .collect()
+        }
+    })
 }
 
 /// Where a reader of `target` starts: the resolved position for replay, the
