@@ -4,7 +4,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::groups::state::{DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES};
 use crate::storage::LogConfig;
-use crate::storage::io::{OpenMode, Storage, write_file_atomic};
+use crate::storage::io::{Storage, read_file, write_file_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -91,13 +91,7 @@ impl TopicConfig {
         if !storage.exists(&path) {
             return Ok(None);
         }
-        let file = storage
-            .open(&path, OpenMode::Existing)
-            .ctx(|| format!("opening {}", path.display()))?;
-        let len = file.len().ctx(|| format!("reading {}", path.display()))?;
-        let mut buf = vec![0u8; len as usize];
-        file.read_at(0, &mut buf)
-            .ctx(|| format!("reading {}", path.display()))?;
+        let buf = read_file(storage, &path).ctx(|| format!("reading {}", path.display()))?;
         let text = String::from_utf8(buf)
             .map_err(|_| Error::InvalidArgument(format!("{} is not UTF-8", path.display())))?;
         let config: TopicConfig = toml::from_str(&text)

@@ -31,7 +31,7 @@ use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, pb};
-use crate::storage::{Header, Message, NewMessage, Offset};
+use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -322,7 +322,10 @@ impl Client {
 
     /// Appends a batch; returns once it is committed under the topic's fsync policy.
     pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Produced> {
-        let messages = messages.into_iter().map(new_message_to_wire).collect();
+        let messages = messages
+            .into_iter()
+            .map(convert::new_message_to_wire)
+            .collect();
         match self
             .call(Request::Produce(pb::ProduceRequest {
                 topic: topic.to_owned(),
@@ -628,36 +631,7 @@ impl Stream for Subscription {
 fn received(m: pb::Message) -> Received {
     Received {
         delivery: m.delivery,
-        message: Message {
-            offset: Offset(m.offset),
-            timestamp_ms: m.timestamp_ms,
-            key: m.key,
-            headers: m
-                .headers
-                .into_iter()
-                .map(|h| Header {
-                    name: h.name,
-                    value: h.value,
-                })
-                .collect(),
-            value: m.value,
-        },
-    }
-}
-
-fn new_message_to_wire(m: NewMessage) -> pb::NewMessage {
-    pb::NewMessage {
-        timestamp_ms: m.timestamp_ms,
-        key: m.key,
-        headers: m
-            .headers
-            .into_iter()
-            .map(|h| pb::Header {
-                name: h.name,
-                value: h.value,
-            })
-            .collect(),
-        value: m.value,
+        message: convert::message_from_wire(m),
     }
 }
 

@@ -10,7 +10,7 @@
 //! the journal reset loses nothing.
 
 use crate::error::{Corruption, Error, IoContext, Result};
-use crate::storage::io::{OpenMode, Storage, StorageFile, write_file_atomic};
+use crate::storage::io::{OpenMode, Storage, StorageFile, read_file, write_file_atomic};
 use crate::storage::message::NewMessage;
 use crate::storage::record::{self, Frame};
 use crate::storage::recovery::{Truncation, find_next_valid};
@@ -242,16 +242,7 @@ impl Journal {
 }
 
 fn read_all(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
-    let file = storage
-        .open(path, OpenMode::Existing)
-        .ctx(|| format!("opening {}", path.display()))?;
-    let len = file
-        .len()
-        .ctx(|| format!("reading size of {}", path.display()))?;
-    let mut buf = vec![0u8; len as usize];
-    file.read_at(0, &mut buf)
-        .ctx(|| format!("reading {}", path.display()))?;
-    Ok(buf)
+    read_file(storage, path).ctx(|| format!("reading {}", path.display()))
 }
 
 #[cfg(test)]

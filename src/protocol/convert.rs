@@ -13,16 +13,50 @@ pub fn new_message(m: pb::NewMessage) -> NewMessage {
     NewMessage {
         timestamp_ms: m.timestamp_ms,
         key: m.key,
-        headers: m
-            .headers
-            .into_iter()
-            .map(|h| Header {
-                name: h.name,
-                value: h.value,
-            })
-            .collect(),
+        headers: headers_from_wire(m.headers),
         value: m.value,
     }
+}
+
+/// An engine message onto the wire as a producer sends it.
+pub fn new_message_to_wire(m: NewMessage) -> pb::NewMessage {
+    pb::NewMessage {
+        timestamp_ms: m.timestamp_ms,
+        key: m.key,
+        headers: headers_to_wire(m.headers),
+        value: m.value,
+    }
+}
+
+/// A stored wire message into an engine message.
+pub fn message_from_wire(m: pb::Message) -> Message {
+    Message {
+        offset: crate::storage::Offset(m.offset),
+        timestamp_ms: m.timestamp_ms,
+        key: m.key,
+        headers: headers_from_wire(m.headers),
+        value: m.value,
+    }
+}
+
+fn headers_from_wire(headers: Vec<pb::Header>) -> Vec<Header> {
+    headers
+        .into_iter()
+        .map(|h| Header {
+            name: h.name,
+            value: h.value,
+        })
+        .collect()
+}
+
+fn headers_to_wire(headers: Vec<Header>) -> Vec<pb::Header> {
+    headers
+        .into_iter()
+        .map(|h| pb::Header {
+            name: h.name,
+            value: h.value,
+        })
+        .collect()
 }
 
 /// An engine message onto the wire.
@@ -31,14 +65,7 @@ pub fn message(m: Message, delivery: u32) -> pb::Message {
         offset: m.offset.0,
         timestamp_ms: m.timestamp_ms,
         key: m.key,
-        headers: m
-            .headers
-            .into_iter()
-            .map(|h| pb::Header {
-                name: h.name,
-                value: h.value,
-            })
-            .collect(),
+        headers: headers_to_wire(m.headers),
         value: m.value,
         delivery,
     }

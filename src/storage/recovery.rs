@@ -15,7 +15,7 @@
 
 use super::config::{LogConfig, RecoveryMode};
 use super::index::{IndexBuilder, SegmentIndex};
-use super::io::{OpenMode, Storage, StorageFile};
+use super::io::{OpenMode, Storage, StorageFile, read_file};
 use super::record::{self, Frame, HEADER_LEN, RECORD_MAGIC};
 use super::segment::{SegmentPaths, SegmentState};
 use crate::error::{Corruption, Error, IoContext, Result};
@@ -444,16 +444,7 @@ fn read_optional(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
     if !storage.exists(path) {
         return Ok(Vec::new());
     }
-    let file = storage
-        .open(path, OpenMode::Existing)
-        .ctx(|| format!("opening {}", path.display()))?;
-    let len = file
-        .len()
-        .ctx(|| format!("reading size of {}", path.display()))?;
-    let mut buf = vec![0u8; len as usize];
-    file.read_at(0, &mut buf)
-        .ctx(|| format!("reading {}", path.display()))?;
-    Ok(buf)
+    read_file(storage, path).ctx(|| format!("reading {}", path.display()))
 }
 
 /// Replaces `.idx` and `.tix` with `index`. Index files are hints checked on

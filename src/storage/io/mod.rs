@@ -116,6 +116,14 @@ pub trait Mapping: Send + Sync + Debug {
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes>;
 }
 
+/// The whole content of `path`.
+pub fn read_file(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
+    let file = storage.open(path, OpenMode::Existing)?;
+    let mut buf = vec![0u8; file.len()? as usize];
+    file.read_at(0, &mut buf)?;
+    Ok(buf)
+}
+
 /// Replaces `path` with `bytes` atomically and durably: write a temp file,
 /// sync it, rename it over `path`, sync the directory. A crash leaves either
 /// the old content or the new, never a mix.
