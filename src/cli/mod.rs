@@ -1,7 +1,13 @@
 //! The `spool` command line: one file per subcommand group. Exit codes: 0 ok,
 //! 1 runtime error (one line on stderr naming what failed), 2 usage error.
 
+mod common;
+mod consume;
+mod delete;
+mod group;
+mod produce;
 mod serve;
+mod topic;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -10,7 +16,8 @@ use std::process::ExitCode;
 ///
 /// Every message is kept on disk, checksummed, until it has been handled, so a
 /// consumer that was offline gets what it missed and a new one can replay from
-/// any offset.
+/// any offset. Start a broker with `spool serve`, then produce and consume
+/// from other terminals (client commands find it with --server or SPOOL_SERVER).
 #[derive(Debug, Parser)]
 #[command(name = "spool", version, propagate_version = true)]
 struct Cli {
@@ -22,6 +29,18 @@ struct Cli {
 enum Command {
     /// Run the broker on a data directory.
     Serve(serve::ServeArgs),
+    /// Append messages: MESSAGE, or one message per line of stdin.
+    Produce(produce::ProduceArgs),
+    /// Read messages: replay, or as a stream or queue group.
+    Consume(consume::ConsumeArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// List, describe, move and delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Delete messages by offset: they are never delivered or replayed again.
+    Delete(delete::DeleteArgs),
 }
 
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
@@ -39,23 +58,31 @@ pub fn run() -> ExitCode {
     };
     init_logging();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args).map_err(common::CliError::from),
+        Command::Produce(args) => produce::run(args),
+        Command::Consume(args) => consume::run(args),
+        Command::Topic(cmd) => topic::run(cmd),
+        Command::Group(cmd) => group::run(cmd),
+        Command::Delete(args) => delete::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spool: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// Logs go to stderr through `tracing`; `RUST_LOG` overrides the default `info`.
+/// Logs go to stderr through `tracing`; `RUST_LOG` overrides the default
+/// (`info` for the broker, `warn` for client commands).
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -1,0 +1,173 @@
+//! What every client command shares: finding the server, running async
+//! calls, parsing positions and headers, output formats, and errors that map
+//! to exit codes.
+
+use clap::{Args, ValueEnum};
+use spool::broker::topic::Position;
+use spool::client::{Client, ClientError};
+use spool::server::DEFAULT_LISTEN;
+use std::fmt;
+use std::future::Future;
+
+/// `--server`, shared by client commands.
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// Address of the broker.
+    #[arg(long, env = "SPOOL_SERVER", default_value = DEFAULT_LISTEN, global = true)]
+    pub server: String,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Format {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line (listings: one JSON document).
+    Json,
+}
+
+/// A failed command: a message for stderr and an exit code.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl CliError {
+    /// A runtime failure (exit 1).
+    pub fn runtime(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    /// Exit code of the failure.
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<spool::Error> for CliError {
+    fn from(e: spool::Error) -> CliError {
+        CliError::runtime(e.to_string())
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> CliError {
+        match e {
+            ClientError::Io { addr, source } => CliError::runtime(format!(
+                "cannot reach the broker at {addr} ({source}); is `spool serve` running? (--server / SPOOL_SERVER)"
+            )),
+            ClientError::Status { code, message } => {
+                CliError::runtime(format!("{message} ({code:?})"))
+            }
+            other => CliError::runtime(other.to_string()),
+        }
+    }
+}
+
+/// Result of a command.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// Runs an async command body on a small runtime.
+pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?
+        .block_on(f)
+}
+
+/// Connects to the broker.
+pub async fn connect(server: &ServerArg) -> CliResult<Client> {
+    Ok(Client::connect(&server.server, "spool-cli").await?)
+}
+
+/// Parses `earliest`, `latest`, an offset, or `@UNIX_MS`.
+pub fn parse_position(s: &str) -> Result<Position, String> {
+    match s {
+        "earliest" => Ok(Position::Earliest),
+        "latest" => Ok(Position::Latest),
+        _ => {
+            if let Some(ms) = s.strip_prefix('@') {
+                ms.parse().map(Position::Timestamp).map_err(|_| {
+                    format!("{s:?}: expected @ followed by milliseconds since the Unix epoch")
+                })
+            } else {
+                s.parse().map(Position::Offset).map_err(|_| {
+                    format!("{s:?}: expected earliest, latest, an offset, or @UNIX_MS")
+                })
+            }
+        }
+    }
+}
+
+/// Parses `NAME=VALUE`.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?}: expected NAME=VALUE with a non-empty NAME")),
+    }
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}", w = *w))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_position("earliest"), Ok(Position::Earliest));
+        assert_eq!(parse_position("latest"), Ok(Position::Latest));
+        assert_eq!(parse_position("42"), Ok(Position::Offset(42)));
+        assert_eq!(
+            parse_position("@1700000000000"),
+            Ok(Position::Timestamp(1_700_000_000_000))
+        );
+        for bad in ["-1", "@x", "soon", ""] {
+            assert!(
+                parse_position(bad)
+                    .expect_err("invalid")
+                    .contains(&format!("{bad:?}"))
+            );
+        }
+    }
+
+    #[test]
+    fn headers_need_a_name_and_an_equals_sign() {
+        assert_eq!(parse_header("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_header("a="), Ok(("a".into(), String::new())));
+        assert!(parse_header("=b").is_err());
+        assert!(parse_header("ab").is_err());
+    }
+}

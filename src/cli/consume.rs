@@ -1,0 +1,204 @@
+//! `spool consume`: print messages — a replay from a position, or the next
+//! messages of a stream group (committing what was printed) or a queue group
+//! (acknowledging what was printed).
+
+use super::common::{CliError, CliResult, Format, ServerArg, block_on, connect, parse_position};
+use base64::Engine;
+use clap::{Args, ValueEnum};
+use spool::broker::topic::Position;
+use spool::client::{Client, ClientError, FetchOptions, Received};
+use spool::groups::GroupMode;
+use spool::protocol::pb;
+use std::io::Write;
+
+/// Longest wait of one long-poll with --follow.
+const FOLLOW_WAIT_MS: u32 = 30_000;
+
+/// Group modes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Ordered reading from the group's committed offset; commits what was printed.
+    Stream,
+    /// Competing consumers; acknowledges what was printed.
+    Queue,
+}
+
+/// Arguments of `spool consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Where to start a replay, or where a new group starts: earliest, latest,
+    /// an offset, or @UNIX_MS (first message at or after that time).
+    #[arg(long, value_parser = parse_position)]
+    from: Option<Position>,
+    /// Read as this consumer group (created if missing).
+    #[arg(long)]
+    group: Option<String>,
+    /// Kind of group.
+    #[arg(long, value_enum, default_value = "stream", requires = "group")]
+    mode: Mode,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Keep waiting for new messages instead of exiting once caught up.
+    #[arg(long)]
+    follow: bool,
+    /// text: the value of each message per line; json: one object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Queue groups: do not acknowledge (messages come back after their lease).
+    #[arg(long)]
+    no_ack: bool,
+    /// Member name within the group.
+    #[arg(long, default_value = "spool-cli")]
+    member: String,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+/// Runs the command.
+pub fn run(args: ConsumeArgs) -> CliResult {
+    block_on(async {
+        let client = connect(&args.server).await?;
+        if let Some(group) = &args.group {
+            ensure_group(&client, &args, group).await?;
+        }
+        let mut printed = 0u64;
+        let mut position = match (&args.group, args.mode) {
+            (None, _) => Some(args.from.unwrap_or(Position::Earliest)),
+            // A stream group reads from its committed offset; this reader then
+            // keeps its own position.
+            (Some(_), Mode::Stream) => None,
+            (Some(_), Mode::Queue) => None,
+        };
+        let stdout = std::io::stdout();
+        loop {
+            let want =
+                args.count
+                    .map_or(1000, |c| c.saturating_sub(printed).min(1000)) as u32;
+            if want == 0 {
+                return Ok(());
+            }
+            let options = FetchOptions {
+                group: args.group.clone(),
+                member: args.member.clone(),
+                from: position,
+                max_messages: want,
+                max_bytes: 0,
+                wait_ms: if args.follow { FOLLOW_WAIT_MS } else { 0 },
+            };
+            let fetched = client.fetch(&args.topic, options).await?;
+            if fetched.messages.is_empty() {
+                if args.follow {
+                    continue;
+                }
+                return Ok(());
+            }
+            let mut out = stdout.lock();
+            for r in &fetched.messages {
+                print_message(&mut out, r, args.format)
+                    .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
+            }
+            out.flush()
+                .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
+            drop(out);
+            printed += fetched.messages.len() as u64;
+            let offsets: Vec<u64> = fetched
+                .messages
+                .iter()
+                .map(|r| r.message.offset.0)
+                .collect();
+            match (&args.group, args.mode) {
+                (Some(group), Mode::Queue) if !args.no_ack => {
+                    client.ack(&args.topic, group, &offsets, None).await?;
+                }
+                (Some(group), Mode::Stream) => {
+                    client
+                        .commit(&args.topic, group, fetched.next_offset)
+                        .await?;
+                    position = Some(Position::Offset(fetched.next_offset));
+                }
+                (None, _) => position = Some(Position::Offset(fetched.next_offset)),
+                _ => {}
+            }
+        }
+    })
+}
+
+async fn ensure_group(client: &Client, args: &ConsumeArgs, group: &str) -> CliResult {
+    let mode = match args.mode {
+        Mode::Stream => GroupMode::Stream,
+        Mode::Queue => GroupMode::Queue,
+    };
+    let start = args.from.or(Some(Position::Earliest));
+    match client.create_group(&args.topic, group, mode, start).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Status {
+            code: pb::Code::AlreadyExists,
+            ..
+        }) => {
+            let info = client.describe_group(&args.topic, group).await?;
+            let wanted = spool::protocol::convert::group_mode_to_wire(mode);
+            if info.mode != wanted {
+                return Err(CliError::runtime(format!(
+                    "group {group} of topic {} exists with another mode than {:?}",
+                    args.topic, args.mode
+                )));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_message(out: &mut impl Write, r: &Received, format: Format) -> std::io::Result<()> {
+    let m = &r.message;
+    match format {
+        Format::Text => {
+            out.write_all(&m.value)?;
+            out.write_all(b"\n")
+        }
+        Format::Json => {
+            let mut obj = serde_json::Map::new();
+            obj.insert("offset".into(), m.offset.0.into());
+            obj.insert("timestamp_ms".into(), m.timestamp_ms.into());
+            obj.insert(
+                "key".into(),
+                m.key
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |k| text_or_base64(k)),
+            );
+            let headers: Vec<serde_json::Value> = m
+                .headers
+                .iter()
+                .map(|h| serde_json::json!({ "name": h.name, "value": text_or_base64(&h.value) }))
+                .collect();
+            obj.insert("headers".into(), headers.into());
+            match std::str::from_utf8(&m.value) {
+                Ok(text) => obj.insert("value".into(), text.into()),
+                Err(_) => obj.insert(
+                    "value_base64".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&m.value)
+                        .into(),
+                ),
+            };
+            if r.delivery > 0 {
+                obj.insert("delivery".into(), r.delivery.into());
+            }
+            serde_json::to_writer(&mut *out, &serde_json::Value::Object(obj))?;
+            out.write_all(b"\n")
+        }
+    }
+}
+
+/// UTF-8 text as a string, anything else as `{"base64": ...}`.
+fn text_or_base64(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.into(),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) })
+        }
+    }
+}

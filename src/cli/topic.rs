@@ -1,0 +1,223 @@
+//! `spool topic`: create, list, describe and delete topics.
+
+use super::common::{CliResult, Format, ServerArg, block_on, connect, print_table};
+use clap::{Args, Subcommand, ValueEnum};
+use spool::protocol::pb;
+use spool::storage::FsyncPolicy;
+
+/// `spool topic` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic; unset settings take the broker's defaults.
+    Create(CreateArgs),
+    /// List topics.
+    List(ListArgs),
+    /// Show one topic's settings and extent.
+    Describe(NameArgs),
+    /// Delete a topic and all its messages and groups.
+    Delete(NameArgs),
+}
+
+/// Cleanup policies on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CleanupArg {
+    /// Retention drops old segments; compaction reclaims deleted records.
+    Delete,
+    /// Compaction also keeps only the latest record per key.
+    Compact,
+}
+
+/// Arguments of `spool topic create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Topic name: 1 to 200 of A-Z a-z 0-9 . _ -
+    name: String,
+    /// Segment size in bytes (default 128 MiB).
+    #[arg(long)]
+    segment_bytes: Option<u64>,
+    /// Drop whole old segments beyond this many bytes.
+    #[arg(long)]
+    retention_bytes: Option<u64>,
+    /// Drop whole segments whose newest message is older than this (ms).
+    #[arg(long)]
+    retention_ms: Option<u64>,
+    /// always (durable acks), interval:MS or never.
+    #[arg(long)]
+    fsync: Option<FsyncPolicy>,
+    /// delete or compact (keep the latest record per key).
+    #[arg(long, value_enum)]
+    cleanup: Option<CleanupArg>,
+    /// Queue-style: delete a message once every group has completed it.
+    #[arg(long)]
+    delete_when_consumed: bool,
+    /// Deliveries before a queue group dead-letters a message (default 10).
+    #[arg(long)]
+    max_deliveries: Option<u32>,
+    /// Dead-letter topic (default <topic>.dlq).
+    #[arg(long)]
+    dead_letter: Option<String>,
+    /// Lease of a queue delivery in milliseconds (default 30000).
+    #[arg(long)]
+    ack_timeout_ms: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+/// Arguments of `spool topic list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+/// A topic name.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Topic name.
+    name: String,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+/// JSON form of a topic.
+pub fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
+    let c = t.config.clone().unwrap_or_default();
+    serde_json::json!({
+        "name": t.name,
+        "start_offset": t.start_offset,
+        "end_offset": t.end_offset,
+        "durable_end_offset": t.durable_end_offset,
+        "segments": t.segments,
+        "bytes": t.bytes,
+        "config": {
+            "segment_bytes": c.segment_bytes,
+            "segment_ms": c.segment_ms,
+            "retention_bytes": c.retention_bytes,
+            "retention_ms": c.retention_ms,
+            "fsync": c.fsync,
+            "cleanup": c.cleanup,
+            "delete_when_consumed": c.delete_when_consumed,
+            "dead_letter": c.dead_letter,
+            "max_deliveries": c.max_deliveries,
+            "ack_timeout_ms": c.ack_timeout_ms,
+            "delete_retention_ms": c.delete_retention_ms,
+        },
+    })
+}
+
+fn describe_text(t: &pb::TopicInfo) {
+    let c = t.config.clone().unwrap_or_default();
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let rows = vec![
+        vec!["name".into(), t.name.clone()],
+        vec![
+            "offsets".into(),
+            format!(
+                "{}..{} (durable up to {})",
+                t.start_offset, t.end_offset, t.durable_end_offset
+            ),
+        ],
+        vec!["segments".into(), t.segments.to_string()],
+        vec!["bytes".into(), t.bytes.to_string()],
+        vec!["fsync".into(), c.fsync.unwrap_or_default()],
+        vec!["cleanup".into(), c.cleanup.unwrap_or_default()],
+        vec![
+            "delete_when_consumed".into(),
+            c.delete_when_consumed.unwrap_or(false).to_string(),
+        ],
+        vec!["segment_bytes".into(), opt(c.segment_bytes)],
+        vec!["retention_bytes".into(), opt(c.retention_bytes)],
+        vec!["retention_ms".into(), opt(c.retention_ms)],
+        vec![
+            "max_deliveries".into(),
+            c.max_deliveries
+                .map_or_else(|| "-".into(), |v| v.to_string()),
+        ],
+        vec![
+            "dead_letter".into(),
+            c.dead_letter.unwrap_or_else(|| format!("{}.dlq", t.name)),
+        ],
+        vec!["ack_timeout_ms".into(), opt(c.ack_timeout_ms)],
+    ];
+    print_table(&["setting", "value"], &rows);
+}
+
+/// Runs a `spool topic` subcommand.
+pub fn run(cmd: TopicCommand) -> CliResult {
+    block_on(async {
+        match cmd {
+            TopicCommand::Create(a) => {
+                let client = connect(&a.server).await?;
+                let config = pb::TopicConfig {
+                    segment_bytes: a.segment_bytes,
+                    retention_bytes: a.retention_bytes,
+                    retention_ms: a.retention_ms,
+                    fsync: a.fsync.map(|f| f.to_string()),
+                    cleanup: a.cleanup.map(|c| match c {
+                        CleanupArg::Delete => "delete".to_string(),
+                        CleanupArg::Compact => "compact".to_string(),
+                    }),
+                    delete_when_consumed: a.delete_when_consumed.then_some(true),
+                    dead_letter: a.dead_letter,
+                    max_deliveries: a.max_deliveries,
+                    ack_timeout_ms: a.ack_timeout_ms,
+                    ..Default::default()
+                };
+                let t = client.create_topic(&a.name, config).await?;
+                match a.format {
+                    Format::Json => println!("{}", topic_json(&t)),
+                    Format::Text => println!("created topic {}", t.name),
+                }
+            }
+            TopicCommand::List(a) => {
+                let client = connect(&a.server).await?;
+                let topics = client.list_topics().await?;
+                match a.format {
+                    Format::Json => {
+                        println!(
+                            "{}",
+                            serde_json::Value::Array(topics.iter().map(topic_json).collect())
+                        )
+                    }
+                    Format::Text => {
+                        let rows: Vec<Vec<String>> = topics
+                            .iter()
+                            .map(|t| {
+                                vec![
+                                    t.name.clone(),
+                                    t.start_offset.to_string(),
+                                    t.end_offset.to_string(),
+                                    t.segments.to_string(),
+                                    t.bytes.to_string(),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["TOPIC", "START", "END", "SEGMENTS", "BYTES"], &rows);
+                    }
+                }
+            }
+            TopicCommand::Describe(a) => {
+                let client = connect(&a.server).await?;
+                let t = client.describe_topic(&a.name).await?;
+                match a.format {
+                    Format::Json => println!("{}", topic_json(&t)),
+                    Format::Text => describe_text(&t),
+                }
+            }
+            TopicCommand::Delete(a) => {
+                let client = connect(&a.server).await?;
+                client.delete_topic(&a.name).await?;
+                if a.format == Format::Text {
+                    println!("deleted topic {}", a.name);
+                }
+            }
+        }
+        Ok(())
+    })
+}
