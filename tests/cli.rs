@@ -1,0 +1,282 @@
+//! The `spool` command line against a real broker: the README's tour runs
+//! as written, every client subcommand works and prints parseable JSON, and
+//! bad input gets one line naming the problem and the documented exit code.
+
+mod common;
+
+use common::Broker;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A directory holding a `spool` symlink to the built binary, for `PATH`.
+fn bin_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_spool"), dir.path().join("spool"))
+        .expect("symlink");
+    dir
+}
+
+fn shell(bin: &Path, server: &str, line: &str) -> Output {
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("bash")
+        .args(["-c", line])
+        .env("PATH", path)
+        .env("SPOOL_SERVER", server)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash")
+}
+
+fn spool(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .env("SPOOL_SERVER", server)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_readme_tour_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .expect("README");
+    let tour = readme
+        .split("<!-- tour:start -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- tour:end -->").next())
+        .expect("README has a tour section");
+    let lines: Vec<&str> = tour
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("```"))
+        .collect();
+    assert!(lines.len() >= 8, "the tour has its steps");
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bin = bin_dir();
+    let mut broker = Some(Broker::start(tmp.path(), &[]));
+    for line in lines {
+        if line.starts_with('#') {
+            if line.contains("kill -9") {
+                broker.take().expect("running").kill9();
+                broker = Some(Broker::start(tmp.path(), &[]));
+            }
+            continue;
+        }
+        let (command, expect) = match line.split_once("# prints ") {
+            Some((c, e)) => (c.trim(), Some(e.trim())),
+            None => (line.trim(), None),
+        };
+        let addr = broker.as_ref().expect("running").addr.clone();
+        let out = shell(bin.path(), &addr, command);
+        assert!(out.status.success(), "`{command}` failed: {}", stderr(&out));
+        if let Some(expect) = expect {
+            let got: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+            let want: Vec<&str> = expect.split(", ").collect();
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "`{command}` printed {got:?}, README says {want:?}"
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.starts_with(w),
+                    "`{command}` printed {g:?}, README says {w:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn listing_commands_print_json_scripts_can_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let s = &broker.addr;
+    let created = spool(
+        s,
+        &[
+            "topic",
+            "create",
+            "jobs",
+            "--fsync",
+            "never",
+            "--max-deliveries",
+            "3",
+            "--delete-when-consumed",
+            "--format",
+            "json",
+        ],
+        None,
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    let t: serde_json::Value = serde_json::from_str(&stdout(&created)).expect("json");
+    assert_eq!(t["config"]["fsync"], "never");
+    assert_eq!(t["config"]["max_deliveries"], 3);
+    assert_eq!(t["config"]["delete_when_consumed"], true);
+
+    let produced = spool(
+        s,
+        &["produce", "jobs", "--print-offsets"],
+        Some("a\nb\nc\n"),
+    );
+    assert_eq!(stdout(&produced), "0\n1\n2\n");
+
+    let listed = spool(s, &["topic", "list", "--format", "json"], None);
+    let topics: serde_json::Value = serde_json::from_str(&stdout(&listed)).expect("json");
+    assert_eq!(topics[0]["name"], "jobs");
+    assert_eq!(topics[0]["end_offset"], 3);
+
+    let described = spool(s, &["topic", "describe", "jobs", "--format", "json"], None);
+    let t: serde_json::Value = serde_json::from_str(&stdout(&described)).expect("json");
+    assert_eq!(t["start_offset"], 0);
+
+    // A queue consumer that does not ack leaves the messages pending.
+    let consumed = spool(
+        s,
+        &[
+            "consume", "jobs", "--group", "w", "--mode", "queue", "--no-ack", "--format", "json",
+        ],
+        None,
+    );
+    let deliveries: Vec<serde_json::Value> = stdout(&consumed)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(deliveries.len(), 3);
+    assert_eq!(deliveries[1]["value"], "b");
+    assert_eq!(deliveries[1]["delivery"], 1);
+    let groups = spool(s, &["group", "list", "jobs", "--format", "json"], None);
+    let g: serde_json::Value = serde_json::from_str(&stdout(&groups)).expect("json");
+    assert_eq!(
+        (
+            g[0]["name"].as_str(),
+            g[0]["mode"].as_str(),
+            g[0]["pending"].as_u64()
+        ),
+        (Some("w"), Some("queue"), Some(3))
+    );
+
+    let seek = spool(
+        s,
+        &[
+            "group", "seek", "jobs", "w", "--to", "2", "--format", "json",
+        ],
+        None,
+    );
+    let o: serde_json::Value = serde_json::from_str(&stdout(&seek)).expect("json");
+    assert_eq!(o["offset"], 2);
+    let g = spool(
+        s,
+        &["group", "describe", "jobs", "w", "--format", "json"],
+        None,
+    );
+    let g: serde_json::Value = serde_json::from_str(&stdout(&g)).expect("json");
+    assert_eq!(
+        (g["committed"].as_u64(), g["lag"].as_u64()),
+        (Some(2), Some(1))
+    );
+
+    let deleted = spool(s, &["delete", "jobs", "2"], None);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    let replay = spool(s, &["consume", "jobs", "--format", "json"], None);
+    // 0 and 1 were completed by the only group (delete_when_consumed), 2 is deleted.
+    assert_eq!(stdout(&replay), "");
+
+    let binary = spool(s, &["produce", "bin", "plain"], None);
+    assert!(binary.status.success());
+    let dropped = spool(s, &["group", "delete", "jobs", "w"], None);
+    assert!(dropped.status.success(), "{}", stderr(&dropped));
+    let gone = spool(s, &["topic", "delete", "jobs"], None);
+    assert!(gone.status.success(), "{}", stderr(&gone));
+    let listed = spool(s, &["topic", "list"], None);
+    assert!(
+        stdout(&listed).starts_with("TOPIC"),
+        "aligned table with a header: {}",
+        stdout(&listed)
+    );
+    assert!(!stdout(&listed).contains("jobs"));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_the_documented_exit_code() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let s = &broker.addr;
+    let cases: &[(&[&str], Option<&str>, i32, &str)] = &[
+        (&["consume", "nosuch"], None, 1, "nosuch"),
+        (&["consume", "t", "--from", "soon"], None, 2, "soon"),
+        (
+            &["consume", "t", "--from", "@yesterday"],
+            None,
+            2,
+            "@yesterday",
+        ),
+        (
+            &["produce", "t", "--header", "novalue", "x"],
+            None,
+            2,
+            "novalue",
+        ),
+        (&["produce", "t"], Some(""), 1, "stdin was empty"),
+        (&["produce", "bad/name", "x"], None, 1, "bad/name"),
+        (&["group", "describe", "t", "nosuch"], None, 1, "nosuch"),
+        (&["delete", "t"], None, 2, "OFFSETS"),
+        (
+            &["topic", "create", "t2", "--fsync", "sometimes"],
+            None,
+            2,
+            "sometimes",
+        ),
+        (&["frobnicate"], None, 2, "frobnicate"),
+    ];
+    let made = spool(s, &["produce", "t", "x"], None);
+    assert!(made.status.success(), "{}", stderr(&made));
+    for (args, stdin, code, needle) in cases {
+        let out = spool(s, args, *stdin);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(*code), "spool {args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "spool {args:?} should name {needle:?}: {err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "spool {args:?}: {err}"
+        );
+        if *code == 1 {
+            assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        }
+    }
+    let unreachable = spool("127.0.0.1:1", &["topic", "list"], None);
+    assert_eq!(unreachable.status.code(), Some(1));
+    let err = stderr(&unreachable);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("SPOOL_SERVER"),
+        "{err}"
+    );
+}
