@@ -15,6 +15,7 @@
 //!   - [`storage::index`]: sparse offset (`.idx`) and time (`.tix`) indexes.
 //!   - [`storage::log`]: a topic's segments, the single writer, group commit, retention.
 //!   - [`storage::recovery`]: opening after a crash: torn tails, damage, index rebuild.
+//!   - [`storage::verify`]: offline check of a whole data directory.
 //!   - [`storage::datadir`]: the data directory and its exclusive `LOCK`.
 //!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
 //!     in its `mmap` module) and the simulated disk used by the crash tests.

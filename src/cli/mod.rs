@@ -8,6 +8,7 @@ mod group;
 mod produce;
 mod serve;
 mod topic;
+mod verify;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Group(group::GroupCommand),
     /// Delete messages by offset: they are never delivered or replayed again.
     Delete(delete::DeleteArgs),
+    /// Check every segment, index and journal of a stopped broker's data.
+    Verify(verify::VerifyArgs),
 }
 
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
@@ -64,6 +67,7 @@ pub fn run() -> ExitCode {
         Command::Topic(cmd) => topic::run(cmd),
         Command::Group(cmd) => group::run(cmd),
         Command::Delete(args) => delete::run(args),
+        Command::Verify(args) => verify::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,6 +29,7 @@ pub mod message;
 pub mod record;
 pub mod recovery;
 pub mod segment;
+pub mod verify;
 
 pub use config::{Durability, FsyncPolicy, LogConfig, RecoveryMode};
 pub use datadir::DataDir;

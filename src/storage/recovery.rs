@@ -76,7 +76,7 @@ pub struct OpenedSegment {
 }
 
 /// Where the scan stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// At the end of the file, or where only zeros follow.
     Clean,
     /// At a record that does not validate (or breaks the offset order).
@@ -230,7 +230,7 @@ pub fn open_segment(
 /// Scans records from `*pos`, extending the index, until the data ends, turns
 /// to zeros, or a record fails. Leaves `*pos` after the last valid record.
 #[allow(clippy::too_many_arguments)]
-fn scan(
+pub(crate) fn scan(
     data: &[u8],
     pos: &mut u64,
     base: u64,

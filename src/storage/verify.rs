@@ -1,0 +1,368 @@
+//! Offline, read-only check of a whole data directory: every record of every
+//! segment (framing, CRC, offsets strictly increasing and inside the
+//! segment), every index against its log, every journal and snapshot. Each
+//! damaged range is reported with its file, bytes and offsets.
+
+use super::index::{IndexBuilder, SegmentIndex};
+use super::io::{Storage, read_file};
+use super::record::{self, Frame};
+use super::recovery::{Stop, find_next_valid, scan};
+use super::segment::{SegmentPaths, parse_log_name};
+use super::{DataDir, LogConfig};
+use crate::error::{Corruption, IoContext, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// The file.
+    pub file: PathBuf,
+    /// Byte range concerned.
+    pub bytes: std::ops::Range<u64>,
+    /// Offsets (or journal sequence numbers) concerned, when known.
+    pub offsets: Option<std::ops::Range<u64>>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl From<Corruption> for Finding {
+    fn from(c: Corruption) -> Finding {
+        Finding {
+            file: c.file,
+            bytes: c.bytes,
+            offsets: c.offsets,
+            detail: c.detail,
+        }
+    }
+}
+
+/// What `verify` checked and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Files read.
+    pub files: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Offsets spanned by the checked segments (from each segment's first to
+    /// its last valid record).
+    pub offsets: u64,
+    /// Journal entries and snapshots whose checksum was verified.
+    pub journal_entries: u64,
+    /// Damage: anything here means data is wrong.
+    pub damage: Vec<Finding>,
+    /// Torn tails of active segments and journals: unacknowledged writes a
+    /// crash interrupted, which the next start cuts. Not damage.
+    pub torn_tails: Vec<Finding>,
+}
+
+impl VerifyReport {
+    /// Whether no damage was found.
+    pub fn is_clean(&self) -> bool {
+        self.damage.is_empty()
+    }
+}
+
+/// Total bytes `verify` will read under `root` (for a progress bar).
+pub fn bytes_to_check(storage: &dyn Storage, root: &Path) -> u64 {
+    let mut total = 0;
+    walk(
+        storage,
+        &root.join(super::datadir::TOPICS_DIR),
+        &mut |path| {
+            if let Ok(file) = storage.open(path, super::io::OpenMode::Existing) {
+                total += file.len().unwrap_or(0);
+            }
+        },
+    );
+    total
+}
+
+fn walk(storage: &dyn Storage, dir: &Path, f: &mut dyn FnMut(&Path)) {
+    let Ok(mut names) = storage.list_dir(dir) else {
+        return;
+    };
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        if storage.list_dir(&path).is_ok() {
+            walk(storage, &path, f);
+        } else {
+            f(&path);
+        }
+    }
+}
+
+/// Checks every topic of the locked data directory `data`. `progress` is
+/// called with the bytes read so far.
+pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport> {
+    let storage = &**data.storage();
+    let mut report = VerifyReport::default();
+    for topic in data.topics()? {
+        let dir = data.topic_dir(&topic);
+        verify_log(storage, &dir, &mut report, progress)?;
+        let mut journals = vec![(dir.clone(), "deletes".to_string())];
+        let groups = dir.join("groups");
+        if let Ok(mut names) = storage.list_dir(&groups) {
+            names.sort();
+            journals.extend(
+                names
+                    .iter()
+                    .filter_map(|n| n.strip_suffix(".journal"))
+                    .map(|g| (groups.clone(), g.to_owned())),
+            );
+        }
+        for (jdir, name) in journals {
+            verify_journal(storage, &jdir, &name, &mut report, progress)?;
+        }
+    }
+    Ok(report)
+}
+
+fn verify_log(
+    storage: &dyn Storage,
+    dir: &Path,
+    report: &mut VerifyReport,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let names = storage
+        .list_dir(dir)
+        .ctx(|| format!("listing {}", dir.display()))?;
+    let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_log_name(n)).collect();
+    bases.sort_unstable();
+    // Index intervals are not stored; the default rebuilds what spool wrote.
+    let config = LogConfig::default();
+    let mut previous_end: Option<u64> = None;
+    for (i, &base) in bases.iter().enumerate() {
+        let paths = SegmentPaths::new(dir, base);
+        let active = i + 1 == bases.len();
+        let data =
+            read_file(storage, &paths.log).ctx(|| format!("reading {}", paths.log.display()))?;
+        report.files += 1;
+        report.bytes += data.len() as u64;
+        progress(report.bytes);
+        if let Some(end) = previous_end
+            && base < end
+        {
+            report.damage.push(Finding {
+                file: paths.log.clone(),
+                bytes: 0..data.len() as u64,
+                offsets: Some(base..end),
+                detail: format!("segment starts at offset {base}, inside the previous segment (which ends at {end})"),
+            });
+        }
+        let mut index = SegmentIndex::default();
+        let mut builder = IndexBuilder::new(config.index_interval_bytes);
+        let (mut pos, mut last, mut first) = (0u64, None, None);
+        let next_base = bases.get(i + 1).copied();
+        loop {
+            let stop = scan(
+                &data,
+                &mut pos,
+                base,
+                &mut index,
+                &mut builder,
+                &mut last,
+                &mut first,
+                u32::MAX,
+            );
+            let Stop::Invalid(why) = stop else {
+                if pos < data.len() as u64 && !active {
+                    report.damage.push(Finding {
+                        file: paths.log.clone(),
+                        bytes: pos..data.len() as u64,
+                        offsets: None,
+                        detail: "zeros after the last record of a sealed segment".into(),
+                    });
+                }
+                break;
+            };
+            let next = find_next_valid(&data, pos, last, u32::MAX);
+            let first_lost = last.map_or(base, |o| o + 1);
+            let finding = Finding {
+                file: paths.log.clone(),
+                bytes: pos..next.map_or(data.len() as u64, |(q, _)| q),
+                offsets: Some(first_lost..next.map(|(_, o)| o).or(next_base).unwrap_or(first_lost)),
+                detail: why,
+            };
+            match next {
+                None if active => {
+                    report.torn_tails.push(finding);
+                    break;
+                }
+                None => {
+                    report.damage.push(finding);
+                    break;
+                }
+                Some((q, _)) => {
+                    report.damage.push(finding);
+                    pos = q;
+                }
+            }
+        }
+        if let (Some(first), Some(last)) = (first, last) {
+            report.offsets += last + 1 - first;
+        }
+        if let (Some(last), Some(next)) = (last, next_base)
+            && last >= next
+        {
+            report.damage.push(Finding {
+                file: paths.log.clone(),
+                bytes: 0..data.len() as u64,
+                offsets: Some(next..last + 1),
+                detail: format!("holds offsets up to {last}, past the next segment's base {next}"),
+            });
+        }
+        previous_end = last.map(|l| l + 1).or(Some(base));
+        verify_index(storage, &paths, &data, base, pos, last, active, report)?;
+    }
+    Ok(())
+}
+
+/// Every stored index entry must point at a valid record carrying the offset
+/// it names (time entries: inside the segment, both fields increasing). The
+/// active segment's index may lag its log, and entries past a torn tail are
+/// the next start's to drop.
+#[allow(clippy::too_many_arguments)]
+fn verify_index(
+    storage: &dyn Storage,
+    paths: &SegmentPaths,
+    log: &[u8],
+    base: u64,
+    valid_end: u64,
+    last_offset: Option<u64>,
+    active: bool,
+    report: &mut VerifyReport,
+) -> Result<()> {
+    let idx = read_if_exists(storage, &paths.idx)?;
+    let tix = read_if_exists(storage, &paths.tix)?;
+    if idx.is_none() && !active && last_offset.is_some() {
+        report.damage.push(Finding {
+            file: paths.idx.clone(),
+            bytes: 0..0,
+            offsets: None,
+            detail: "index file missing (the next start rebuilds it)".into(),
+        });
+    }
+    let (idx, tix) = (idx.unwrap_or_default(), tix.unwrap_or_default());
+    report.files += 2;
+    report.bytes += (idx.len() + tix.len()) as u64;
+    let Some(index) = SegmentIndex::decode(&idx, &tix) else {
+        report.damage.push(Finding {
+            file: paths.idx.clone(),
+            bytes: 0..idx.len() as u64,
+            offsets: None,
+            detail: "index files are malformed (odd length or entries out of order; the next start rebuilds them)".into(),
+        });
+        return Ok(());
+    };
+    for (i, e) in index.offset_entries().iter().enumerate() {
+        let pos = u64::from(e.position);
+        if active && pos >= valid_end {
+            break;
+        }
+        let expected = base + u64::from(e.relative);
+        let found = log
+            .get(pos as usize..)
+            .and_then(|rest| match record::decode(rest, u32::MAX) {
+                Ok(Frame::Record(r)) if !r.is_filler() => Some(r.offset),
+                _ => None,
+            });
+        if found != Some(expected) {
+            let at = (i * super::index::OFFSET_ENTRY_LEN) as u64;
+            report.damage.push(Finding {
+                file: paths.idx.clone(),
+                bytes: at..at + super::index::OFFSET_ENTRY_LEN as u64,
+                offsets: Some(expected..expected + 1),
+                detail: format!(
+                    "entry names offset {expected} at byte {pos} of the log, which holds {} (the next start rebuilds it)",
+                    found.map_or_else(|| "no valid record".to_string(), |o| format!("offset {o}"))
+                ),
+            });
+            break;
+        }
+    }
+    if let (Some(last), Some(t)) = (last_offset, index.time_entries().last())
+        && base + u64::from(t.relative) > last + 1
+        && !active
+    {
+        report.damage.push(Finding {
+            file: paths.tix.clone(),
+            bytes: 0..tix.len() as u64,
+            offsets: None,
+            detail: "time index points past the segment's last record".into(),
+        });
+    }
+    Ok(())
+}
+
+fn verify_journal(
+    storage: &dyn Storage,
+    dir: &Path,
+    name: &str,
+    report: &mut VerifyReport,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let snap = dir.join(format!("{name}.snap"));
+    if let Some(data) = read_if_exists(storage, &snap)? {
+        report.files += 1;
+        report.bytes += data.len() as u64;
+        match record::decode(&data, u32::MAX) {
+            Ok(Frame::Record(r)) if r.len as usize == data.len() => report.journal_entries += 1,
+            other => report.damage.push(Finding {
+                file: snap,
+                bytes: 0..data.len() as u64,
+                offsets: None,
+                detail: format!("snapshot does not validate: {other:?}"),
+            }),
+        }
+    }
+    let path = dir.join(format!("{name}.journal"));
+    let Some(data) = read_if_exists(storage, &path)? else {
+        return Ok(());
+    };
+    report.files += 1;
+    report.bytes += data.len() as u64;
+    progress(report.bytes);
+    let mut pos = 0usize;
+    let mut last: Option<u64> = None;
+    while pos < data.len() {
+        match record::decode(&data[pos..], u32::MAX) {
+            Ok(Frame::Record(r)) if last.is_none_or(|l| r.offset > l) => {
+                report.journal_entries += 1;
+                last = Some(r.offset);
+                pos += r.len as usize;
+            }
+            Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => break,
+            other => {
+                let next = find_next_valid(&data, pos as u64, last, u32::MAX);
+                let finding = Finding {
+                    file: path.clone(),
+                    bytes: pos as u64..next.map_or(data.len() as u64, |(q, _)| q),
+                    offsets: None,
+                    detail: format!("journal entry does not validate: {other:?}"),
+                };
+                match next {
+                    None => {
+                        report.torn_tails.push(finding);
+                        break;
+                    }
+                    Some((q, _)) => {
+                        report.damage.push(finding);
+                        pos = q as usize;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_if_exists(storage: &dyn Storage, path: &Path) -> Result<Option<Vec<u8>>> {
+    if !storage.exists(path) {
+        return Ok(None);
+    }
+    read_file(storage, path)
+        .map(Some)
+        .ctx(|| format!("reading {}", path.display()))
+}
