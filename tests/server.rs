@@ -593,3 +593,45 @@ async fn without_auto_create_unknown_topics_are_not_found_until_created() {
     assert_eq!(err.code(), Some(pb::Code::InvalidArgument));
     assert!(err.to_string().contains("sometimes"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_configured_limit_get_resource_exhausted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_connections = 2\nmax_batch_messages = 3\n").expect("config");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+    let a = Client::connect(&broker.addr, "a").await.expect("first");
+    let b = Client::connect(&broker.addr, "b").await.expect("second");
+    let err = Client::connect(&broker.addr, "c")
+        .await
+        .expect_err("third is refused");
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("too many connections"), "{err}");
+    // The config file's batch limit applies too, and the admitted clients work.
+    let err = a
+        .produce(
+            "t",
+            (0..4)
+                .map(|i| NewMessage::from_value(i.to_string()))
+                .collect(),
+        )
+        .await
+        .expect_err("batch over the limit");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument));
+    assert!(err.to_string().contains("limit is 3"), "{err}");
+    assert_eq!(b.ping(5).await.expect("ping"), 5);
+    drop(a);
+    // A slot frees up once a client leaves.
+    let mut admitted = None;
+    for _ in 0..50 {
+        match Client::connect(&broker.addr, "c").await {
+            Ok(c) => {
+                admitted = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(admitted.is_some(), "a freed slot admits a new client");
+}
