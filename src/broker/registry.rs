@@ -158,6 +158,25 @@ impl Registry {
             .ctx(|| format!("syncing {}", topics_dir.display()))
     }
 
+    /// Compacts one topic, or every topic; returns each topic's figures.
+    pub fn compact(
+        &self,
+        topic: Option<&str>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Vec<(String, crate::storage::compact::CompactStats)>> {
+        let topics = match topic {
+            Some(name) => vec![self.topic(name)?],
+            None => self.topics(),
+        };
+        let now = crate::storage::log::now_ms();
+        let mut out = Vec::with_capacity(topics.len());
+        for t in topics {
+            let stats = t.compact(now, progress)?;
+            out.push((t.name().to_owned(), stats));
+        }
+        Ok(out)
+    }
+
     /// A queue fetch with its dead letters handed to the dead-letter topic
     /// (durably) before they are completed in the group.
     pub fn fetch_queue(

@@ -3,9 +3,10 @@
 //! delivered or replayed; group changes are durable under the topic's fsync
 //! policy before they are confirmed).
 
-use super::config::{TopicConfig, validate_name};
+use super::config::{Cleanup, TopicConfig, validate_name};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, RangeSet};
+use crate::storage::compact::{CompactStats, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
 use crate::storage::{
@@ -665,6 +666,92 @@ impl Topic {
             state.deleted.insert_range(r);
         }
         Ok(())
+    }
+
+    /// Compacts the topic's sealed segments: removes explicitly deleted
+    /// records, on `delete_when_consumed` topics records every group has
+    /// completed, and on `cleanup=compact` topics records superseded by a later
+    /// record with the same key and tombstones older than
+    /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
+    /// journal forgets what no segment holds any more.
+    pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        let (deleted, completed) = {
+            let state = self.state()?;
+            // Compaction decides on a snapshot, so it never holds the topic
+            // while it copies.
+            let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
+                state.groups.values().map(Group::completed).collect()
+            } else {
+                Vec::new()
+            };
+            (state.deleted.clone(), completed)
+        };
+        let latest = match self.config.cleanup {
+            Cleanup::Compact => Some(self.latest_offset_per_key()?),
+            Cleanup::Delete => None,
+        };
+        let retention = self.config.delete_retention_ms;
+        let keep = |r: &RecordInfo<'_>| {
+            if deleted.contains(r.offset) {
+                return false;
+            }
+            if !completed.is_empty() && completed.iter().all(|done| done.contains(r.offset)) {
+                return false;
+            }
+            if let (Some(latest), Some(key)) = (&latest, r.key) {
+                if latest.get(key).is_some_and(|&last| last > r.offset) {
+                    return false;
+                }
+                if r.value_len == 0 && r.timestamp_ms.saturating_add(retention) < now_ms {
+                    return false;
+                }
+            }
+            true
+        };
+        let stats = self.log.compact(&keep, progress)?;
+        self.prune_deletions(&deleted)?;
+        Ok(stats)
+    }
+
+    /// The last offset of every key (compaction keeps only that record).
+    fn latest_offset_per_key(&self) -> Result<std::collections::HashMap<bytes::Bytes, u64>> {
+        let mut latest = std::collections::HashMap::new();
+        let mut from = 0u64;
+        let end = self.log.end().0;
+        while from < end {
+            let batch = self.log.read(Offset(from), 10_000, 64 << 20)?;
+            let Some(last) = batch.last().map(|m| m.offset.0) else {
+                break;
+            };
+            for m in batch {
+                if let Some(key) = m.key {
+                    latest.insert(key, m.offset.0);
+                }
+            }
+            from = last + 1;
+        }
+        Ok(latest)
+    }
+
+    /// Every deleted offset below the active segment was just removed from the
+    /// sealed segments, so the journal keeps only the rest. Skipped when a
+    /// deletion arrived meanwhile (the next pass prunes it).
+    fn prune_deletions(&self, used: &RangeSet) -> Result<()> {
+        let Some(active_base) = self.log.segments().last().map(|s| s.base()) else {
+            return Ok(());
+        };
+        let mut state = self.state()?;
+        if &state.deleted != used || state.deleted.iter().all(|r| r.start >= active_base) {
+            return Ok(());
+        }
+        state.deleted.remove_below(active_base);
+        let mut payload = Vec::with_capacity(state.deleted.range_count() * 16);
+        for r in state.deleted.iter() {
+            payload.extend_from_slice(&r.start.to_le_bytes());
+            payload.extend_from_slice(&r.end.to_le_bytes());
+        }
+        state.deletes.sync()?;
+        state.deletes.snapshot(&payload)
     }
 
     /// Syncs group and deletion state (the log is synced separately).

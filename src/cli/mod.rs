@@ -2,6 +2,7 @@
 //! 1 runtime error (one line on stderr naming what failed), 2 usage error.
 
 mod common;
+mod compact;
 mod consume;
 mod delete;
 mod group;
@@ -42,6 +43,9 @@ enum Command {
     Group(group::GroupCommand),
     /// Delete messages by offset: they are never delivered or replayed again.
     Delete(delete::DeleteArgs),
+    /// Reclaim deleted, consumed and superseded records without moving an
+    /// offset: online through the broker, or offline with --data.
+    Compact(compact::CompactArgs),
     /// Check every segment, index and journal of a stopped broker's data.
     Verify(verify::VerifyArgs),
 }
@@ -68,6 +72,7 @@ pub fn run() -> ExitCode {
         Command::Group(cmd) => group::run(cmd),
         Command::Delete(args) => delete::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Compact(args) => compact::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

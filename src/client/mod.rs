@@ -588,6 +588,20 @@ impl Client {
         .await
     }
 
+    /// Compacts one topic (or all): reclaims deleted, consumed and superseded
+    /// records of sealed segments without changing any offset.
+    pub async fn compact(&self, topic: Option<&str>) -> Result<Vec<pb::TopicCompaction>> {
+        match self
+            .call(Request::Compact(pb::CompactRequest {
+                topic: topic.map(str::to_owned),
+            }))
+            .await?
+        {
+            Reply::Compact(c) => Ok(c.topics),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Round trip.
     pub async fn ping(&self, nonce: u64) -> Result<u64> {
         match self.call(Request::Ping(pb::PingRequest { nonce })).await? {

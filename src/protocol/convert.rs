@@ -218,3 +218,17 @@ pub fn topic_info(name: &str, config: &TopicConfig, s: LogStats) -> pb::TopicInf
         bytes: s.bytes,
     }
 }
+
+/// Compaction figures onto the wire.
+pub fn compaction(topic: &str, s: &crate::storage::compact::CompactStats) -> pb::TopicCompaction {
+    pb::TopicCompaction {
+        topic: topic.to_owned(),
+        bytes_before: s.bytes_before,
+        bytes_after: s.bytes_after,
+        records_kept: s.records_kept,
+        records_removed: s.records_removed,
+        segments_rewritten: s.segments_rewritten,
+        segments_deleted: s.segments_deleted,
+        millis: s.millis,
+    }
+}

@@ -496,10 +496,19 @@ impl Conn {
                 blocking(move || t.delete_group(&d.group)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
             }
-            Request::Compact(_) => Err(status::error(
-                pb::Code::Unimplemented,
-                "compaction is not available in this version of the server",
-            )),
+            Request::Compact(c) => {
+                // Produce and consume go on meanwhile: compaction touches sealed
+                // segments only and swaps each one in under the writer's lock.
+                let b = Arc::clone(&broker);
+                let results =
+                    blocking(move || b.registry.compact(c.topic.as_deref(), &mut |_| {})).await?;
+                Ok(Reply::Compact(pb::CompactResponse {
+                    topics: results
+                        .iter()
+                        .map(|(t, s)| convert::compaction(t, s))
+                        .collect(),
+                }))
+            }
         }
     }
 

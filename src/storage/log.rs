@@ -116,6 +116,7 @@ impl Log {
         storage
             .create_dir_all(&dir)
             .ctx(|| format!("creating {}", dir.display()))?;
+        super::compact::finish_interrupted_swaps(&*storage, &dir)?;
         let names = storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;
@@ -194,6 +195,40 @@ impl Log {
     /// The log's settings.
     pub fn config(&self) -> &LogConfig {
         &self.config
+    }
+
+    /// The file access backend.
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Replaces the sealed segment `base` — with `replacement`, or removes it
+    /// when `None` — under the writer lock, so it cannot race a roll or
+    /// retention. `prepare` runs first under the same lock (file renames);
+    /// returns false, doing nothing, when the segment is gone or active.
+    pub(crate) fn swap_sealed_segment(
+        &self,
+        base: u64,
+        prepare: impl FnOnce() -> Result<Option<Segment>>,
+    ) -> Result<bool> {
+        let _w = self.lock_writer()?;
+        let segments = self.segments();
+        let Some(i) = segments.iter().position(|s| s.base() == base) else {
+            return Ok(false);
+        };
+        if i + 1 == segments.len() {
+            return Ok(false);
+        }
+        let replacement = prepare()?;
+        let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
+        match replacement {
+            Some(segment) => next[i] = Arc::new(segment),
+            None => {
+                next.remove(i);
+            }
+        }
+        self.set_segments(next);
+        Ok(true)
     }
 
     /// What opening the log found and repaired.
@@ -642,7 +677,7 @@ impl Log {
         Ok(removed.iter().map(|s| Offset(s.base())).collect())
     }
 
-    fn remove_segment_files(&self, paths: &SegmentPaths) -> Result<()> {
+    pub(crate) fn remove_segment_files(&self, paths: &SegmentPaths) -> Result<()> {
         for path in [&paths.log, &paths.idx, &paths.tix] {
             if self.storage.exists(path) {
                 self.storage
@@ -792,7 +827,8 @@ impl Active {
     }
 }
 
-fn sealed_segment(opened: OpenedSegment, config: &LogConfig) -> Result<Segment> {
+/// Wraps a recovered segment for reading.
+pub(crate) fn sealed_segment(opened: OpenedSegment, config: &LogConfig) -> Result<Segment> {
     let map = opened
         .file
         .map_read()
