@@ -344,3 +344,155 @@ async fn online_compaction_disturbs_no_producer_or_consumer() {
         "compaction reclaimed consumed messages while serving"
     );
 }
+
+#[test]
+fn a_tombstone_survives_its_retention_then_goes() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let reg = registry(Arc::clone(&disk), "/data");
+    let topic = reg.create_topic("kv", keyed_config()).expect("topic");
+    let now = spool::storage::log::now_ms();
+    topic
+        .produce(&[NewMessage::from_value("v1").with_key("k")])
+        .expect("produce");
+    let tomb = NewMessage {
+        timestamp_ms: Some(now),
+        ..NewMessage::from_value("").with_key("k")
+    };
+    let t = topic.produce(&[tomb]).expect("tombstone").first.0;
+    // Seal both behind other keys.
+    for i in 0..60u32 {
+        topic
+            .produce(&[NewMessage::from_value(vec![b'x'; 40]).with_key(format!("other{i}"))])
+            .expect("produce");
+    }
+    topic
+        .compact(now + 500, &mut |_| {})
+        .expect("compact within retention");
+    let keys_k: Vec<u64> = topic
+        .read(0, 10_000, 1 << 20)
+        .expect("read")
+        .iter()
+        .filter(|m| m.key.as_deref() == Some(&b"k"[..]))
+        .map(|m| m.offset.0)
+        .collect();
+    assert_eq!(
+        keys_k,
+        vec![t],
+        "the old value is gone, the young tombstone stays"
+    );
+    topic
+        .compact(now + 1001, &mut |_| {})
+        .expect("compact after retention");
+    let left = topic.read(0, 10_000, 1 << 20).expect("read");
+    assert!(
+        left.iter().all(|m| m.key.as_deref() != Some(&b"k"[..])),
+        "the tombstone went after its retention"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_online_compaction_loses_nothing_live() {
+    use spool::client::{Client, FetchOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut broker = common::Broker::start(tmp.path(), &[]);
+    let admin = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let config = spool::protocol::pb::TopicConfig {
+        segment_bytes: Some(4 * 1024),
+        delete_when_consumed: Some(true),
+        ..Default::default()
+    };
+    admin.create_topic("q", config).await.expect("topic");
+    admin
+        .create_group("q", "g", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let mut values = BTreeMap::new();
+    for chunk in 0..20u64 {
+        let batch: Vec<NewMessage> = (0..100)
+            .map(|i| NewMessage::from_value(format!("m{}", chunk * 100 + i)))
+            .collect();
+        let p = admin.produce("q", batch).await.expect("produce");
+        for i in 0..100 {
+            values.insert(p.first_offset + i, format!("m{}", chunk * 100 + i));
+        }
+    }
+    // Consume everything but every 7th message.
+    let mut unacked = BTreeMap::new();
+    loop {
+        let got = admin
+            .fetch(
+                "q",
+                FetchOptions {
+                    group: Some("g".into()),
+                    member: "w".into(),
+                    max_messages: 500,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if got.messages.is_empty() {
+            break;
+        }
+        let (keep, ack): (Vec<u64>, Vec<u64>) = got
+            .messages
+            .iter()
+            .map(|r| r.message.offset.0)
+            .partition(|o| o % 7 == 0);
+        admin.ack("q", "g", &ack, None).await.expect("ack");
+        for o in keep {
+            unacked.insert(o, values[&o].clone());
+        }
+    }
+    drop(admin);
+    for round in 0..5u64 {
+        let addr = broker.addr.clone();
+        let compaction = tokio::spawn(async move {
+            if let Ok(c) = Client::connect(&addr, "compactor").await {
+                let _ = c.compact(Some("q")).await;
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(2 + round * 3)).await;
+        tokio::task::spawn_blocking(move || broker.kill9())
+            .await
+            .expect("kill");
+        let _ = compaction.await;
+        broker = common::Broker::start(tmp.path(), &[]);
+        let client = Client::connect(&broker.addr, "check")
+            .await
+            .expect("connect");
+        let got = client
+            .fetch(
+                "q",
+                FetchOptions {
+                    from: Some(Position::Earliest),
+                    max_messages: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("replay");
+        let live: BTreeMap<u64, String> = got
+            .messages
+            .iter()
+            .map(|r| {
+                (
+                    r.message.offset.0,
+                    String::from_utf8_lossy(&r.message.value).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            live, unacked,
+            "after a kill -9 during compaction (round {round})"
+        );
+    }
+    let (ok, _) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("stop");
+    assert!(ok);
+    let data = DataDir::open(Arc::new(OsStorage), tmp.path()).expect("reopen");
+    assert!(verify(&data, &mut |_| {}).expect("verify").is_clean());
+}
