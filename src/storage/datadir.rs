@@ -10,6 +10,11 @@ use std::sync::Arc;
 
 /// Name of the lock file at the root of a data directory.
 pub const LOCK_FILE: &str = "LOCK";
+/// How often, and how long each time, an open retries a lock that names its
+/// own process (see [`DataDir::open`]).
+const SELF_LOCK_RETRIES: u32 = 20;
+const SELF_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Folder of the topic logs.
 pub const TOPICS_DIR: &str = "topics";
 
@@ -30,22 +35,38 @@ impl DataDir {
         storage
             .create_dir_all(&root.join(TOPICS_DIR))
             .ctx(|| format!("creating data directory {}", root.display()))?;
-        let owner = format!("{}\n", std::process::id());
-        let lock = storage
-            .lock(&root.join(LOCK_FILE), &owner)
-            .map_err(|e| match e {
-                LockError::Held(pid) => Error::Locked {
-                    dir: root.clone(),
-                    pid: if pid.is_empty() {
-                        "unknown".into()
-                    } else {
-                        pid
-                    },
-                },
-                LockError::Io(e) => {
-                    Error::io(format!("locking {}", root.join(LOCK_FILE).display()), e)
+        let own_pid = std::process::id().to_string();
+        let owner = format!("{own_pid}\n");
+        let mut attempts = 0;
+        let lock = loop {
+            match storage.lock(&root.join(LOCK_FILE), &owner) {
+                Ok(lock) => break lock,
+                // The lock names this very process after it let go: a child it
+                // spawned meanwhile inherited the descriptor and holds the lock
+                // until it execs. Wait for that, briefly; a real second opener
+                // in this process still fails.
+                Err(LockError::Held(pid)) if pid == own_pid && attempts < SELF_LOCK_RETRIES => {
+                    attempts += 1;
+                    std::thread::sleep(SELF_LOCK_WAIT);
                 }
-            })?;
+                Err(LockError::Held(pid)) => {
+                    return Err(Error::Locked {
+                        dir: root.clone(),
+                        pid: if pid.is_empty() {
+                            "unknown".into()
+                        } else {
+                            pid
+                        },
+                    });
+                }
+                Err(LockError::Io(e)) => {
+                    return Err(Error::io(
+                        format!("locking {}", root.join(LOCK_FILE).display()),
+                        e,
+                    ));
+                }
+            }
+        };
         Ok(DataDir {
             root,
             storage,
