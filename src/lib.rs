@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //!
+//! - [`bench`]: `spool bench`'s load generator: workloads, open-loop pacing,
+//!   latency histograms, the disk baseline and the report.
 //! - [`client`]: the async Rust client.
 //! - [`error`]: the one error type, carrying file, byte range and offset.
 //! - [`storage`]: the engine.
@@ -31,6 +33,7 @@
 //! - [`server`]: the broker server: listener, connections, subscriptions, topic writer tasks.
 //! - `cli` (binary only): the `spool` command line.
 
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The `spool` command line: one file per subcommand group. Exit codes: 0 ok,
 //! 1 runtime error (one line on stderr naming what failed), 2 usage error.
 
+mod bench;
 mod common;
 mod compact;
 mod consume;
@@ -48,6 +49,9 @@ enum Command {
     Compact(compact::CompactArgs),
     /// Check every segment, index and journal of a stopped broker's data.
     Verify(verify::VerifyArgs),
+    /// Measure throughput and latency (produce, consume, e2e) next to the
+    /// disk's own bandwidth, on an in-process broker or --server.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
@@ -72,6 +76,7 @@ pub fn run() -> ExitCode {
         Command::Group(cmd) => group::run(cmd),
         Command::Delete(args) => delete::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Compact(args) => compact::run(args),
     };
     match result {

@@ -1,0 +1,402 @@
+//! `spool bench`: load generation that reports throughput and latency next to
+//! the disk's own bandwidth, measured in the same run. Latencies are counted
+//! from when a message was *due* (open loop, see [`pacing`]), so a broker
+//! stall shows in the tail instead of slowing the load down.
+//!
+//! - [`histogram`]: per-task HdrHistograms, merged at the end.
+//! - [`pacing`]: which messages each send carries and when it is due.
+//! - [`report`]: the report, its stable JSON field names, the machine.
+//! - [`disk`]: the raw disk baseline (write + fdatasync every 1 MiB, and without).
+//! - `target`, `produce`, `consume`: the broker under test and the load on it.
+//!
+//! [`run`] needs a multi-threaded tokio runtime: open-loop pacing runs on its
+//! own OS threads, disk work on blocking threads.
+
+pub mod disk;
+pub mod histogram;
+pub mod pacing;
+pub mod report;
+
+mod consume;
+mod produce;
+mod target;
+
+use crate::client::ClientError;
+use crate::storage::FsyncPolicy;
+use histogram::Latency;
+use report::Report;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes in a megabyte of the report (decimal, as `mb_per_s` says).
+pub const MB: f64 = 1_000_000.0;
+
+/// What a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Producers appending; latency from a batch's due time to its ack.
+    Produce,
+    /// Consumers reading a pre-filled topic (replay, or a queue group with acks).
+    Consume,
+    /// Producers and consumers at once; latency from due time to delivery.
+    E2e,
+    /// The data directory's disk alone.
+    Disk,
+}
+
+impl FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Workload, String> {
+        match s {
+            "produce" => Ok(Workload::Produce),
+            "consume" => Ok(Workload::Consume),
+            "e2e" => Ok(Workload::E2e),
+            "disk" => Ok(Workload::Disk),
+            other => Err(format!(
+                "workload {other:?}: expected produce, consume, e2e or disk"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Workload::Produce => "produce",
+            Workload::Consume => "consume",
+            Workload::E2e => "e2e",
+            Workload::Disk => "disk",
+        })
+    }
+}
+
+/// How consumers read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    /// Every consumer reads every message, no group state.
+    #[default]
+    Replay,
+    /// The consumers share one queue group and ack what they got.
+    Queue,
+}
+
+impl FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ReadMode, String> {
+        match s {
+            "replay" => Ok(ReadMode::Replay),
+            "queue" => Ok(ReadMode::Queue),
+            other => Err(format!("read mode {other:?}: expected replay or queue")),
+        }
+    }
+}
+
+impl fmt::Display for ReadMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReadMode::Replay => "replay",
+            ReadMode::Queue => "queue",
+        })
+    }
+}
+
+/// The exact parameters of a run; the report repeats them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// What is measured.
+    pub workload: Workload,
+    /// Producer connections.
+    pub producers: u32,
+    /// Consumer connections.
+    pub consumers: u32,
+    /// Messages produced (consume: the size of the pre-filled topic), unless
+    /// the run is bounded by `duration_s`.
+    pub messages: Option<u64>,
+    /// Length of the run in seconds, instead of a message count.
+    pub duration_s: Option<f64>,
+    /// Bytes of each message's value.
+    pub size: u32,
+    /// Messages per produce request; consume: most messages per fetch.
+    pub batch: u32,
+    /// Target messages per second of all producers together (open loop);
+    /// `None`: each producer sends as fast as its acks come back.
+    pub rate: Option<u64>,
+    /// The topic's fsync policy.
+    pub fsync: FsyncPolicy,
+    /// How consumers read.
+    pub mode: ReadMode,
+    /// Closed loop: requests each producer or consumer keeps outstanding.
+    pub in_flight: u32,
+    /// The broker; `None`: one started in this process on a temporary directory.
+    pub server: Option<String>,
+    /// Where the temporary directory (broker data, disk baseline) is made.
+    pub data: Option<PathBuf>,
+    /// MiB written by the disk baseline, in each of its two runs.
+    pub baseline_mib: u64,
+}
+
+impl Params {
+    /// Parameters of `workload` with the defaults of `spool bench`.
+    pub fn new(workload: Workload) -> Params {
+        let e2e = workload == Workload::E2e;
+        Params {
+            workload,
+            producers: 1,
+            consumers: 1,
+            messages: Some(if e2e { 50_000 } else { 100_000 }),
+            duration_s: None,
+            size: 1024,
+            batch: match workload {
+                Workload::E2e => 1,
+                Workload::Consume => 1000,
+                _ => 100,
+            },
+            rate: e2e.then_some(10_000),
+            fsync: FsyncPolicy::Always,
+            mode: ReadMode::Replay,
+            in_flight: 1,
+            server: None,
+            data: None,
+            baseline_mib: 256,
+        }
+    }
+
+    /// Checks what the flags alone cannot, naming the first problem.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: String| Err(BenchError::Invalid(m));
+        if self.producers == 0 || self.consumers == 0 || self.in_flight == 0 {
+            return bad("--producers, --consumers and --in-flight must be at least 1".into());
+        }
+        if self.batch == 0 || self.batch > MAX_BATCH {
+            return bad(format!("--batch {}: use 1 to {MAX_BATCH}", self.batch));
+        }
+        match (self.messages, self.duration_s) {
+            (Some(0), _) => return bad("--messages must be at least 1".into()),
+            (_, Some(d)) if !(d.is_finite() && d > 0.0) => {
+                return bad(format!(
+                    "--duration {d}: expected a positive number of seconds"
+                ));
+            }
+            (None, None) => return bad("give --messages or --duration".into()),
+            _ => {}
+        }
+        if self.workload == Workload::E2e && (self.size as usize) < STAMP_LEN {
+            return bad(format!(
+                "--size {}: e2e needs at least {STAMP_LEN} bytes per message to carry its send time",
+                self.size
+            ));
+        }
+        if self.rate == Some(0) {
+            return bad("--rate must be positive (leave it out for a closed loop)".into());
+        }
+        if self.baseline_mib == 0 {
+            return bad("--baseline-mib must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn duration(&self) -> Option<Duration> {
+        self.duration_s.map(Duration::from_secs_f64)
+    }
+}
+
+/// Most messages per produce or fetch (the broker's default batch limit).
+pub const MAX_BATCH: u32 = 10_000;
+/// Bytes at the start of each e2e value: its due time, nanoseconds since the
+/// run's origin, little-endian.
+pub const STAMP_LEN: usize = 8;
+
+/// What went wrong in a run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The parameters cannot work together.
+    #[error("{0}")]
+    Invalid(String),
+    /// The broker refused a request or the connection failed.
+    #[error("{what}: {source}")]
+    Client {
+        /// What the bench was doing.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: ClientError,
+    },
+    /// Starting the in-process broker failed.
+    #[error("starting the in-process broker: {0}")]
+    Server(#[from] crate::Error),
+    /// A file operation of the disk baseline or the scratch directory failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What the bench was doing, naming the file.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Messages went missing or the broker stopped answering.
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl BenchError {
+    fn client(what: impl Into<String>) -> impl FnOnce(ClientError) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Client { what, source }
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Io { what, source }
+    }
+}
+
+/// How far a run has come, for a progress bar. Updated by the load tasks,
+/// read by whoever draws.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+    phase: std::sync::Mutex<&'static str>,
+}
+
+impl Progress {
+    /// A new phase with `total` units of work (0 when unknown).
+    fn start(&self, phase: &'static str, total: u64) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The phase's name, units done and units in total (0: unknown).
+    pub fn snapshot(&self) -> (&'static str, u64, u64) {
+        (
+            *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What a workload measured, before it becomes a report.
+#[derive(Debug)]
+struct Outcome {
+    messages: u64,
+    bytes: u64,
+    elapsed: Duration,
+    latency: Latency,
+    measures: &'static str,
+    send_lag: Latency,
+}
+
+/// Runs one benchmark: the disk baseline, then the workload.
+pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, BenchError> {
+    params.validate()?;
+    let parent = params.data.clone().unwrap_or_else(std::env::temp_dir);
+    let scratch = tempfile::Builder::new()
+        .prefix("spool-bench-")
+        .tempdir_in(&parent)
+        .map_err(BenchError::io(format!(
+            "creating a scratch directory in {}",
+            parent.display()
+        )))?;
+    progress.start("disk baseline", params.baseline_mib * 2);
+    let disk_dir = scratch.path().join("disk");
+    let (mib, p) = (params.baseline_mib, Arc::clone(&progress));
+    let (baseline, synced) = tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p))
+        .await
+        .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))??;
+    let outcome = match params.workload {
+        Workload::Disk => Outcome {
+            messages: synced.writes,
+            bytes: synced.bytes,
+            elapsed: synced.elapsed,
+            latency: synced.latency,
+            measures: "write of 1 MiB + fdatasync, each",
+            send_lag: Latency::new(),
+        },
+        workload => {
+            let target = target::Target::start(params, &scratch.path().join("data")).await?;
+            let outcome = match workload {
+                Workload::Produce => produce::workload(&target, params, &progress).await,
+                Workload::Consume => consume::workload(&target, params, &progress).await,
+                _ => consume::e2e(&target, params, &progress).await,
+            };
+            target.finish().await;
+            outcome?
+        }
+    };
+    progress.start("done", 0);
+    Ok(Report::new(params, outcome, baseline))
+}
+
+/// The instant a run's timetable starts: a little ahead, in an open loop, so
+/// pacing threads are up before the first send is due.
+fn origin(params: &Params) -> Instant {
+    let lead = if params.rate.is_some() {
+        Duration::from_millis(20)
+    } else {
+        Duration::ZERO
+    };
+    Instant::now() + lead
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_for_every_workload() {
+        for w in [
+            Workload::Produce,
+            Workload::Consume,
+            Workload::E2e,
+            Workload::Disk,
+        ] {
+            Params::new(w).validate().expect("defaults validate");
+            assert_eq!(w.to_string().parse::<Workload>(), Ok(w));
+        }
+        assert_eq!(Params::new(Workload::E2e).rate, Some(10_000));
+    }
+
+    #[test]
+    fn bad_combinations_are_named() {
+        let mut p = Params::new(Workload::E2e);
+        p.size = 4;
+        let e = p
+            .validate()
+            .expect_err("too small for the stamp")
+            .to_string();
+        assert!(e.contains("--size 4"), "{e}");
+        let mut p = Params::new(Workload::Produce);
+        p.batch = MAX_BATCH + 1;
+        assert!(p.validate().is_err());
+        p.batch = 10;
+        p.messages = None;
+        assert!(p.validate().is_err());
+        p.duration_s = Some(-1.0);
+        assert!(p.validate().is_err());
+        p.duration_s = Some(0.5);
+        p.validate().expect("duration instead of messages");
+    }
+
+    #[test]
+    fn progress_resets_per_phase() {
+        let p = Progress::default();
+        p.start("prefill", 10);
+        p.add(4);
+        assert_eq!(p.snapshot(), ("prefill", 4, 10));
+        p.start("consume", 0);
+        assert_eq!(p.snapshot(), ("consume", 0, 0));
+    }
+}

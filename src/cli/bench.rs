@@ -1,0 +1,257 @@
+//! `spool bench WORKLOAD`: load a broker (one started in this process on a
+//! temporary directory, or `--server`) and print throughput, latency and the
+//! disk baseline measured in the same run, as a table or as JSON.
+
+use super::common::{CliError, CliResult, Format, print_table};
+use clap::{Args, CommandFactory};
+use indicatif::{ProgressBar, ProgressStyle};
+use spool::bench::report::Report;
+use spool::bench::{Params, Progress, ReadMode, Workload};
+use spool::storage::FsyncPolicy;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the progress bar is redrawn.
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+
+/// Arguments of `spool bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// produce | consume (a pre-filled topic; --mode replay or queue) | e2e
+    /// (producers and consumers at once) | disk (the raw disk alone).
+    workload: Workload,
+    /// Producer connections.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Consumer connections.
+    #[arg(long, default_value_t = 1)]
+    consumers: u32,
+    /// Messages to produce; consume: size of the pre-filled topic [default: 100000; e2e 50000].
+    #[arg(long, conflicts_with = "duration")]
+    messages: Option<u64>,
+    /// Run for this many seconds instead of a message count.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Bytes of each message's value.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    size: u32,
+    /// Messages per produce request; consume: per fetch [default: 100; consume 1000; e2e 1].
+    #[arg(long)]
+    batch: Option<u32>,
+    /// Target messages per second of all producers together, paced open-loop
+    /// (latency counts from when each message was due); 0 = as fast as acks
+    /// come back [default: closed loop; e2e 10000].
+    #[arg(long, value_name = "MSGS_PER_S")]
+    rate: Option<u64>,
+    /// fsync policy of the bench topic: always, interval:MS or never.
+    #[arg(long, default_value = "always")]
+    fsync: FsyncPolicy,
+    /// How consumers read: replay (each reads every message) or queue (one
+    /// queue group, acking).
+    #[arg(long, default_value = "replay")]
+    mode: ReadMode,
+    /// Closed loop: requests each producer (or consumer) keeps outstanding.
+    #[arg(long, default_value_t = 1)]
+    in_flight: u32,
+    /// Load this broker instead of starting one in this process.
+    #[arg(long)]
+    server: Option<String>,
+    /// Where the temporary directory for the in-process broker and the disk
+    /// baseline is made [default: the system temp dir].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// MiB written by each run of the disk baseline.
+    #[arg(long, default_value_t = 256)]
+    baseline_mib: u64,
+    /// text: a table; json: one document with stable field names.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+impl BenchArgs {
+    fn params(&self) -> Params {
+        let defaults = Params::new(self.workload);
+        Params {
+            workload: self.workload,
+            producers: self.producers,
+            consumers: self.consumers,
+            messages: match self.duration {
+                Some(_) => None,
+                None => self.messages.or(defaults.messages),
+            },
+            duration_s: self.duration,
+            size: self.size,
+            batch: self.batch.unwrap_or(defaults.batch),
+            rate: match self.rate {
+                Some(0) => None,
+                Some(r) => Some(r),
+                None => defaults.rate,
+            },
+            fsync: self.fsync,
+            mode: self.mode,
+            in_flight: self.in_flight,
+            server: self.server.clone(),
+            data: self.data.clone(),
+            baseline_mib: self.baseline_mib,
+        }
+    }
+}
+
+/// Runs the command.
+pub fn run(args: BenchArgs) -> CliResult {
+    let params = args.params();
+    if let Err(e) = params.validate() {
+        super::Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, e)
+            .exit();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr().is_terminal().then(new_bar);
+    let report = runtime.block_on(async {
+        let run = spool::bench::run(&params, Arc::clone(&progress));
+        tokio::pin!(run);
+        let mut tick = tokio::time::interval(PROGRESS_TICK);
+        loop {
+            tokio::select! {
+                report = &mut run => break report,
+                _ = tick.tick() => if let Some(bar) = &bar { draw(bar, &progress) },
+            }
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report =
+        report.map_err(|e| CliError::runtime(format!("bench {}: {e}", params.workload)))?;
+    match args.format {
+        Format::Json => println!("{}", report.to_json()),
+        Format::Text => print_text(&report),
+    }
+    Ok(())
+}
+
+fn new_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    let style =
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+fn draw(bar: &ProgressBar, progress: &Progress) {
+    let (phase, done, total) = progress.snapshot();
+    bar.set_message(phase);
+    bar.set_length(total.max(done));
+    bar.set_position(done);
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.3}")
+}
+
+fn print_text(r: &Report) {
+    let p = &r.params;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "spool bench {} (spool {}; {} cores, {}; {})",
+        r.workload,
+        r.version,
+        r.machine.cores,
+        r.machine
+            .memory_bytes
+            .map_or_else(|| "memory unknown".into(), |b| format!("{:.1} GiB", gib(b))),
+        p.server
+            .as_deref()
+            .map_or_else(|| "in-process broker".into(), |s| format!("broker {s}")),
+    );
+    if p.workload == Workload::Disk {
+        println!("baseline {} MiB per run\n", p.baseline_mib);
+    } else {
+        print_params(p);
+    }
+    print_figures(r);
+}
+
+fn print_params(p: &Params) {
+    let amount = match (p.messages, p.duration_s) {
+        (_, Some(d)) => format!("duration {d} s"),
+        (Some(m), None) => format!("messages {m}"),
+        (None, None) => String::new(),
+    };
+    println!(
+        "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}\n",
+        p.producers,
+        p.consumers,
+        p.size,
+        p.batch,
+        p.rate
+            .map_or_else(|| "closed loop".into(), |r| format!("{r} msg/s")),
+        p.fsync,
+        p.mode,
+        p.in_flight,
+    );
+}
+
+fn print_figures(r: &Report) {
+    let t = &r.throughput;
+    let l = &r.latency_ms.summary;
+    let d = &r.disk_baseline;
+    let percentiles = |s: &spool::bench::histogram::LatencySummary| {
+        format!(
+            "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.p99),
+            ms(s.p999),
+            ms(s.max),
+            s.samples
+        )
+    };
+    let mut rows = vec![
+        vec![
+            "throughput".into(),
+            format!(
+                "{:.0} msg/s, {:.1} MB/s ({} messages, {:.1} MB in {:.2} s)",
+                t.msgs_per_s,
+                t.mb_per_s,
+                t.messages,
+                t.bytes as f64 / spool::bench::MB,
+                t.seconds
+            ),
+        ],
+        vec!["latency (ms)".into(), percentiles(l)],
+        vec!["  measured".into(), r.latency_ms.measures.clone()],
+    ];
+    if r.send_lag_ms.samples > 0 {
+        rows.push(vec!["send lag (ms)".into(), percentiles(&r.send_lag_ms)]);
+    }
+    rows.extend([
+        vec![
+            "disk, fdatasync/MiB".into(),
+            format!("{:.1} MB/s", d.mb_per_s),
+        ],
+        vec![
+            "disk, no sync".into(),
+            format!("{:.1} MB/s", d.nosync_mb_per_s),
+        ],
+        vec![
+            "disk, 1 KiB+fdatasync".into(),
+            format!(
+                "p50 {} ms  p99 {} ms  max {} ms",
+                ms(d.fdatasync_1k_ms.p50),
+                ms(d.fdatasync_1k_ms.p99),
+                ms(d.fdatasync_1k_ms.max)
+            ),
+        ],
+        vec!["ratio to disk".into(), format!("{:.2}x", r.ratio_to_disk)],
+    ]);
+    print_table(&["MEASURE", "VALUE"], &rows);
+}

@@ -1,0 +1,94 @@
+//! `spool bench` end to end with the real binary: a short produce, e2e and
+//! disk run each print a JSON report carrying every field scripts rely on.
+//! No speed is asserted: the figures depend on the machine.
+
+use spool::bench::report::{STABLE_FIELDS, lookup};
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .arg("bench")
+        .args(args)
+        .args(["--format", "json", "--baseline-mib", "2", "--data"])
+        .arg(tmp.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run spool bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "spool bench {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}): {stdout}"));
+    for field in STABLE_FIELDS {
+        let value = lookup(&report, field).unwrap_or_else(|| panic!("{field} missing: {report}"));
+        assert!(!value.is_null(), "{field} is null: {report}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read scratch parent")
+        .collect();
+    assert!(leftovers.is_empty(), "scratch left behind: {leftovers:?}");
+    report
+}
+
+fn number(report: &serde_json::Value, field: &str) -> f64 {
+    lookup(report, field)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("{field} is not a number: {report}"))
+}
+
+#[test]
+fn produce_reports_every_field_and_counts_every_message() {
+    let r = bench(&["produce", "--messages", "2000"]);
+    assert_eq!(number(&r, "throughput.messages"), 2000.0);
+    assert_eq!(number(&r, "throughput.bytes"), 2000.0 * 1024.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 2000.0);
+    assert!(number(&r, "throughput.msgs_per_s") > 0.0);
+    assert!(number(&r, "disk_baseline.mb_per_s") > 0.0);
+    assert!(number(&r, "ratio_to_disk") > 0.0);
+    assert!(number(&r, "machine.cores") >= 1.0);
+    assert_eq!(r["params"]["fsync"], "always");
+    assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn e2e_delivers_every_message_to_every_consumer() {
+    let r = bench(&[
+        "e2e",
+        "--messages",
+        "300",
+        "--rate",
+        "3000",
+        "--consumers",
+        "2",
+        "--fsync",
+        "never",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 600.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 600.0);
+    assert_eq!(number(&r, "send_lag_ms.samples"), 300.0);
+    assert_eq!(r["params"]["rate"], 3000);
+}
+
+#[test]
+fn disk_reports_its_own_baseline() {
+    let r = bench(&["disk"]);
+    assert_eq!(r["workload"], "disk");
+    assert_eq!(number(&r, "throughput.messages"), 2.0, "two 1 MiB writes");
+    assert!(number(&r, "disk_baseline.nosync_mb_per_s") > 0.0);
+    assert!(number(&r, "disk_baseline.fdatasync_1k_ms.samples") > 0.0);
+}
+
+#[test]
+fn impossible_parameters_are_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["bench", "e2e", "--size", "4"])
+        .output()
+        .expect("run spool bench");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--size 4"), "{stderr}");
+}
