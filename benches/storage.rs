@@ -166,7 +166,9 @@ fn read(c: &mut Criterion) {
 /// other record is dead, measured as bytes of input examined per second.
 fn compact(c: &mut Criterion) {
     let mut group = c.benchmark_group("compact");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     let records = batch(1000, 1024);
     let fill = 64 * MIB;
     group.throughput(Throughput::Bytes(fill));

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 pub const SYNC_EVERY: usize = 1024 * 1024;
 /// Bytes of each write of the latency probe.
 pub const PROBE_BYTES: usize = 1024;
-/// Writes of the latency probe.
-pub const PROBE_WRITES: usize = 200;
+/// Most writes of the latency probe: enough for a p99.9 on a fast disk.
+pub const PROBE_WRITES: usize = 2000;
+/// Longest the latency probe runs (a slow disk gets fewer writes).
+pub const PROBE_TIME: Duration = Duration::from_secs(1);
 
 /// The disk's figures, as the report names them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,7 +33,8 @@ pub struct DiskBaseline {
     pub bytes: u64,
     /// Bytes between two fdatasyncs of the synced run.
     pub sync_every_bytes: u64,
-    /// One write of [`PROBE_BYTES`] + fdatasync, repeated [`PROBE_WRITES`] times.
+    /// One write of [`PROBE_BYTES`] + fdatasync, repeated [`PROBE_WRITES`]
+    /// times or for [`PROBE_TIME`], whichever ends first.
     pub fdatasync_1k_ms: LatencySummary,
     /// Where it was measured.
     pub dir: String,
@@ -117,7 +120,11 @@ fn probe(path: &Path) -> Result<Latency, BenchError> {
     let mut file = File::create(path).map_err(BenchError::io(format!("creating {}", name())))?;
     let buf = [0x5a_u8; PROBE_BYTES];
     let mut latency = Latency::new();
+    let start = Instant::now();
     for _ in 0..PROBE_WRITES {
+        if start.elapsed() >= PROBE_TIME {
+            break;
+        }
         let t = Instant::now();
         file.write_all(&buf)
             .map_err(BenchError::io(format!("writing {}", name())))?;

@@ -117,7 +117,8 @@ pub struct Params {
     /// Consumer connections.
     pub consumers: u32,
     /// Messages produced (consume: the size of the pre-filled topic), unless
-    /// the run is bounded by `duration_s`.
+    /// the run is bounded by `duration_s` (consume takes both: the topic's
+    /// size, and how long to read it again and again).
     pub messages: Option<u64>,
     /// Length of the run in seconds, instead of a message count.
     pub duration_s: Option<f64>,
@@ -185,6 +186,13 @@ impl Params {
                 ));
             }
             (None, None) => return bad("give --messages or --duration".into()),
+            (Some(_), Some(_)) if self.workload != Workload::Consume => {
+                return bad(
+                    "give --messages or --duration, not both (only consume takes both: \
+                     the topic's size and how long to read it)"
+                        .into(),
+                );
+            }
             _ => {}
         }
         if self.workload == Workload::E2e && (self.size as usize) < STAMP_LEN {
@@ -388,6 +396,10 @@ mod tests {
         assert!(p.validate().is_err());
         p.duration_s = Some(0.5);
         p.validate().expect("duration instead of messages");
+        p.messages = Some(10);
+        assert!(p.validate().is_err(), "produce takes one bound");
+        p.workload = Workload::Consume;
+        p.validate().expect("consume: topic size and read time");
     }
 
     #[test]

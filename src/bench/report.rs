@@ -97,6 +97,9 @@ pub struct Machine {
     pub memory_bytes: Option<u64>,
     /// `model name` of `/proc/cpuinfo`.
     pub cpu: Option<String>,
+    /// 1-minute load average when the run ended (`/proc/loadavg`): well above
+    /// what the bench itself explains means something else shared the machine.
+    pub load_1m: Option<f64>,
 }
 
 impl Machine {
@@ -107,6 +110,8 @@ impl Machine {
             cores: std::thread::available_parallelism().map_or(1, usize::from),
             memory_bytes: read("/proc/meminfo").and_then(|t| mem_total(&t)),
             cpu: read("/proc/cpuinfo").and_then(|t| cpu_model(&t)),
+            load_1m: read("/proc/loadavg")
+                .and_then(|t| t.split_whitespace().next().and_then(|w| w.parse().ok())),
         }
     }
 }

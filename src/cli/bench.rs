@@ -29,9 +29,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     consumers: u32,
     /// Messages to produce; consume: size of the pre-filled topic [default: 100000; e2e 50000].
-    #[arg(long, conflicts_with = "duration")]
+    #[arg(long)]
     messages: Option<u64>,
-    /// Run for this many seconds instead of a message count.
+    /// Run for this many seconds instead of a message count (consume: read
+    /// the pre-filled topic again and again for this long).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
     /// Bytes of each message's value.
@@ -77,9 +78,10 @@ impl BenchArgs {
             workload: self.workload,
             producers: self.producers,
             consumers: self.consumers,
-            messages: match self.duration {
-                Some(_) => None,
-                None => self.messages.or(defaults.messages),
+            messages: match (self.messages, self.duration, self.workload) {
+                (Some(m), _, _) => Some(m),
+                (None, Some(_), w) if w != Workload::Consume => None,
+                (None, _, _) => defaults.messages,
             },
             duration_s: self.duration,
             size: self.size,
@@ -182,7 +184,8 @@ fn print_text(r: &Report) {
 
 fn print_params(p: &Params) {
     let amount = match (p.messages, p.duration_s) {
-        (_, Some(d)) => format!("duration {d} s"),
+        (Some(m), Some(d)) => format!("messages {m}, duration {d} s"),
+        (None, Some(d)) => format!("duration {d} s"),
         (Some(m), None) => format!("messages {m}"),
         (None, None) => String::new(),
     };
