@@ -92,6 +92,17 @@ fn a_consumed_queue_shrinks_by_90_percent_and_keeps_its_unacked_messages_at_thei
         stats.records_removed >= 90_000 && stats.segments_rewritten + stats.segments_deleted > 0,
         "{stats:?}"
     );
+    // What is left of the sealed segments (100 small messages) is merged
+    // into one segment: one sealed and the active one remain.
+    let logs = std::fs::read_dir(root.join("topics/jobs"))
+        .expect("read_dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .count();
+    assert!(
+        logs <= 2 && stats.segments_merged > 0,
+        "{logs} segment files after compaction: {stats:?}"
+    );
 
     // The unacked messages come back, at their original offsets, byte-exact.
     let unacked: Vec<u64> = (0..100).map(|i| i * 1000).collect();
@@ -199,6 +210,18 @@ proptest! {
 
 #[test]
 fn a_power_cut_at_every_sync_of_compaction_loses_nothing_live() {
+    // A third of the records go: mostly segments rewritten on their own.
+    power_cut_at_every_sync_of_compaction(|o| o < 30 || o % 3 == 0, false);
+}
+
+#[test]
+fn a_power_cut_at_every_sync_of_a_merging_compaction_loses_nothing_live() {
+    // Four in five go: runs of segments merge into one.
+    power_cut_at_every_sync_of_compaction(|o| o % 5 != 0, true);
+}
+
+/// `merges`: the compaction must merge segments (checked once it finishes).
+fn power_cut_at_every_sync_of_compaction(doomed: fn(u64) -> bool, merges: bool) {
     let mut n = 1u64;
     loop {
         let disk = Arc::new(SimDisk::new());
@@ -221,14 +244,18 @@ fn a_power_cut_at_every_sync_of_compaction_loses_nothing_live() {
                 .expect("produce");
             live.insert(a.first.0, value);
         }
-        // Delete all of some segments and part of others.
-        let doomed: Vec<u64> = (0..120).filter(|o| o < &30 || o % 3 == 0).collect();
+        let doomed: Vec<u64> = (0..120).filter(|&o| doomed(o)).collect();
         topic.delete(&doomed).expect("delete");
         for o in &doomed {
             live.remove(o);
         }
         disk.power_off_after_syncs(Some(disk.sync_count() + n));
-        let finished = reg.compact(Some("t"), &mut |_| {}).is_ok() && !disk.is_powered_off();
+        let stats = reg.compact(Some("t"), &mut |_| {});
+        let finished = stats.is_ok() && !disk.is_powered_off();
+        if let (true, Ok(stats)) = (finished, &stats) {
+            let merged: u64 = stats.iter().map(|(_, s)| s.segments_merged).sum();
+            assert!(merged > 0 || !merges, "nothing merged: {stats:?}");
+        }
         drop(topic);
         drop(reg);
         disk.power_cut(if n.is_multiple_of(2) { Some(n) } else { None });
@@ -255,6 +282,87 @@ fn a_power_cut_at_every_sync_of_compaction_loses_nothing_live() {
         n += 1;
         assert!(n < 200, "compaction should finish");
     }
+}
+
+/// The segment files of topic `t` under `root`, oldest first.
+fn segment_logs(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> = std::fs::read_dir(root.join("topics/t"))
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// A broker stopped mid-merge (the copy of two segments durable as a
+/// `.swap`, the second segment's files partly removed) finishes the merge
+/// when it opens; a `.swap` whose first segment retention removed is dropped.
+#[test]
+fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("data");
+    let root_str = root.to_str().expect("utf-8");
+    let config = TopicConfig {
+        log: LogConfig {
+            segment_bytes: 1024,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    let mut want = BTreeMap::new();
+    {
+        let reg = registry(Arc::new(OsStorage), root_str);
+        let topic = reg.create_topic("t", config).expect("topic");
+        for i in 0..60u64 {
+            let value = format!("message {i:03} {}", "m".repeat(20));
+            let a = topic
+                .produce(&[NewMessage::from_value(value.clone())])
+                .expect("produce");
+            want.insert(a.first.0, value);
+        }
+    }
+    let logs = segment_logs(&root);
+    assert!(logs.len() >= 4, "{logs:?}");
+    let (a, b, c) = (&logs[0], &logs[1], &logs[2]);
+    let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
+    let (a_stem, c_stem) = (stem(a).expect("name"), stem(c).expect("name"));
+    // The merged copy of a and b, covering every offset below c's base.
+    let mut merged = std::fs::read(a).expect("read a");
+    merged.extend(std::fs::read(b).expect("read b"));
+    let swap = root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap"));
+    std::fs::write(&swap, &merged).expect("write swap");
+    std::fs::remove_file(b.with_extension("idx")).expect("remove b.idx");
+
+    let reg = registry(Arc::new(OsStorage), root_str);
+    let topic = reg.topic("t").expect("topic");
+    let got: BTreeMap<u64, String> = topic
+        .read(0, 10_000, 1 << 20)
+        .expect("read")
+        .into_iter()
+        .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
+        .collect();
+    assert_eq!(got, want, "every record once, at its offset");
+    assert!(!swap.exists() && !b.exists(), "the merge was completed");
+    assert_eq!(std::fs::read(a).expect("read a"), merged);
+    let report = verify(reg.data(), &mut |_| {}).expect("verify");
+    assert!(report.is_clean(), "{:?}", report.damage);
+    drop(topic);
+    drop(reg);
+
+    // A copy of segments that are gone (retention) must not bring them back.
+    let stale = root.join(format!("topics/t/{}.log.{c_stem}.swap", "0".repeat(20)));
+    std::fs::rename(a, &stale).expect("stash a as a stale swap");
+    let reg = registry(Arc::new(OsStorage), root_str);
+    let topic = reg.topic("t").expect("topic");
+    let first = topic.read(0, 1, 1 << 20).expect("read");
+    assert_eq!(
+        first.first().map(|m| m.offset.0),
+        c_stem.parse::<u64>().ok(),
+        "the log starts at c"
+    );
+    assert!(!stale.exists(), "the stale copy was dropped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

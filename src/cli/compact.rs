@@ -125,6 +125,7 @@ pub fn run(args: CompactArgs) -> CliResult {
                         "records_removed": r.records_removed,
                         "segments_rewritten": r.segments_rewritten,
                         "segments_deleted": r.segments_deleted,
+                        "segments_merged": r.segments_merged,
                         "millis": r.millis,
                     })
                 })
@@ -143,6 +144,7 @@ pub fn run(args: CompactArgs) -> CliResult {
                         r.records_removed.to_string(),
                         r.segments_rewritten.to_string(),
                         r.segments_deleted.to_string(),
+                        r.segments_merged.to_string(),
                         format!("{} ms", r.millis),
                     ]
                 })
@@ -156,6 +158,7 @@ pub fn run(args: CompactArgs) -> CliResult {
                     "REMOVED",
                     "REWRITTEN",
                     "DELETED",
+                    "MERGED",
                     "TIME",
                 ],
                 &rows,

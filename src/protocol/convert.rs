@@ -229,6 +229,7 @@ pub fn compaction(topic: &str, s: &crate::storage::compact::CompactStats) -> pb:
         records_removed: s.records_removed,
         segments_rewritten: s.segments_rewritten,
         segments_deleted: s.segments_deleted,
+        segments_merged: s.segments_merged,
         millis: s.millis,
     }
 }

@@ -2,30 +2,41 @@
 //! segments without changing any offset. The active segment is never
 //! rewritten.
 //!
-//! A sealed segment with nothing live is deleted whole. Otherwise its live
-//! records are copied verbatim (offsets and checksums unchanged) and the copy
-//! replaces the original by a protocol that survives a crash at any step:
+//! A sealed segment with nothing live is deleted whole. Otherwise runs of
+//! adjacent sealed segments whose live records fit in one segment
+//! (`segment_bytes`) are merged, and a lone segment with dead records is
+//! rewritten: the live records are copied verbatim (offsets and checksums
+//! unchanged) into one new file that replaces the run's segments by a
+//! protocol that survives a crash at any step:
 //!
-//! 1. write `<base>.log.cleaned`, fdatasync;
-//! 2. rename it to `<base>.log.swap`, fsync the directory;
-//! 3. remove the old `.idx`/`.tix` (hints; rebuilt from the new log);
-//! 4. rename `<base>.log.swap` over `<base>.log` (this retires the old file
-//!    in one atomic step), fsync the directory;
+//! 1. write `<base>.log.cleaned`, fdatasync (`<base>` is the run's first
+//!    segment);
+//! 2. rename it to `<base>.log.<until>.swap`, fsync the directory (`<until>`
+//!    is the base of the segment after the run: the copy covers every offset
+//!    below it);
+//! 3. remove the old `.idx`/`.tix` of `<base>` (hints; rebuilt from the new
+//!    log) and every file of the run's other segments;
+//! 4. rename the `.swap` over `<base>.log` (this retires the old file in one
+//!    atomic step), fsync the directory;
 //! 5. open the new segment (building its index) and swap it into the log.
 //!
 //! On open, a leftover `.cleaned` is removed (the swap never started) and a
-//! leftover `.swap` is completed (it is durable and complete). Readers holding
-//! the old segment keep their view of the old file until they let go.
+//! leftover `.swap` is completed from step 3 on (it is durable and complete),
+//! unless `<base>.log` is gone — retention removed the run meanwhile, and the
+//! copy is dropped. Readers holding an old segment keep their view of the old
+//! file until they let go.
 
 use super::RecoveryMode;
 use super::io::{OpenMode, Storage};
 use super::log::{Log, sealed_segment};
 use super::record::{self, Frame};
 use super::recovery::{self, RecoveryReport};
-use super::segment::{SegmentPaths, parse_log_name};
+use super::segment::{Segment, SegmentPaths, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
 use serde::Serialize;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Suffix of a compacted copy being written.
@@ -63,6 +74,8 @@ pub struct CompactStats {
     pub segments_rewritten: u64,
     /// Segments deleted because nothing in them was live.
     pub segments_deleted: u64,
+    /// Of the segments rewritten, those merged into the one before them.
+    pub segments_merged: u64,
     /// Wall time taken, in milliseconds.
     pub millis: u64,
 }
@@ -73,36 +86,85 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// `<base>.log.<until>.swap`: the copy of segment `base` and of every later
+/// segment below `until`.
+fn swap_path(log: &Path, until: u64) -> PathBuf {
+    with_suffix(log, &format!(".{until:020}{SWAP_SUFFIX}"))
+}
+
+/// Parses a swap file name into `(base, until)`; `until` is `None` for the
+/// single-segment form `<base>.log.swap`.
+fn parse_swap_name(name: &str) -> Option<(u64, Option<u64>)> {
+    let stem = name.strip_suffix(SWAP_SUFFIX)?;
+    if let Some(base) = parse_log_name(stem) {
+        return Some((base, None));
+    }
+    let (log_name, until) = stem.rsplit_once('.')?;
+    if until.len() != 20 || !until.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((parse_log_name(log_name)?, Some(until.parse().ok()?)))
+}
+
+/// Steps 3 and 4 of the swap: removes the hints of `first` and every file of
+/// `covered`, then renames `swap` over `first`'s log and syncs the directory.
+fn retire(
+    storage: &dyn Storage,
+    dir: &Path,
+    swap: &Path,
+    first: &SegmentPaths,
+    covered: &[SegmentPaths],
+) -> Result<()> {
+    let hints = [&first.idx, &first.tix];
+    let others = covered.iter().flat_map(|p| [&p.idx, &p.tix, &p.log]);
+    for path in hints.into_iter().chain(others) {
+        if storage.exists(path) {
+            storage
+                .remove_file(path)
+                .ctx(|| format!("removing {}", path.display()))?;
+        }
+    }
+    storage
+        .rename(swap, &first.log)
+        .ctx(|| format!("renaming {}", swap.display()))?;
+    storage
+        .sync_dir(dir)
+        .ctx(|| format!("syncing {}", dir.display()))
+}
+
 /// Rolls back or completes a swap a crash interrupted (see the module docs).
 pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<()> {
     let Ok(names) = storage.list_dir(dir) else {
         return Ok(());
     };
     let mut changed = false;
-    for name in names {
-        let path = dir.join(&name);
-        if name.ends_with(&format!(".log{CLEANED_SUFFIX}")) {
+    for name in &names {
+        let path = dir.join(name);
+        if name.contains(".log") && name.ends_with(CLEANED_SUFFIX) {
             storage
                 .remove_file(&path)
                 .ctx(|| format!("removing {}", path.display()))?;
             tracing::warn!(file = %path.display(), "rolled back an interrupted compaction (copy not finished)");
             changed = true;
-        } else if let Some(log_name) = name.strip_suffix(SWAP_SUFFIX)
-            && let Some(base) = parse_log_name(log_name)
-        {
-            let paths = SegmentPaths::new(dir, base);
-            for hint in [&paths.idx, &paths.tix] {
-                if storage.exists(hint) {
-                    storage
-                        .remove_file(hint)
-                        .ctx(|| format!("removing {}", hint.display()))?;
-                }
+        } else if let Some((base, until)) = parse_swap_name(name) {
+            let first = SegmentPaths::new(dir, base);
+            if !storage.exists(&first.log) {
+                storage
+                    .remove_file(&path)
+                    .ctx(|| format!("removing {}", path.display()))?;
+                tracing::warn!(file = %path.display(), "dropped a compacted copy of segments retention had removed");
+                changed = true;
+                continue;
             }
-            storage
-                .rename(&path, &paths.log)
-                .ctx(|| format!("renaming {}", path.display()))?;
-            tracing::warn!(file = %paths.log.display(), "completed an interrupted compaction swap");
-            changed = true;
+            let until = until.unwrap_or(base.saturating_add(1));
+            let covered: Vec<SegmentPaths> = names
+                .iter()
+                .filter_map(|n| parse_log_name(n))
+                .filter(|&b| b > base && b < until)
+                .map(|b| SegmentPaths::new(dir, b))
+                .collect();
+            retire(storage, dir, &path, &first, &covered)?;
+            tracing::warn!(file = %first.log.display(), merged = covered.len(), "completed an interrupted compaction swap");
         }
     }
     if changed {
@@ -113,110 +175,210 @@ pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<()>
     Ok(())
 }
 
+/// A sealed segment as one compaction pass sees it: where its live records
+/// are.
+struct Scanned {
+    segment: Arc<Segment>,
+    /// Byte ranges of live records (adjacent ones joined).
+    kept: Vec<Range<usize>>,
+    /// Live records.
+    live: u64,
+    /// Records to remove.
+    removed: u64,
+}
+
+impl Scanned {
+    fn live_bytes(&self) -> u64 {
+        self.kept.iter().map(|r| r.len() as u64).sum()
+    }
+
+    /// Reads every record of `segment`, asking `keep` about each.
+    fn new(segment: &Arc<Segment>, keep: &dyn Fn(&RecordInfo<'_>) -> bool) -> Result<Scanned> {
+        let size = segment.size();
+        let data = segment
+            .map()
+            .bytes(0, size)
+            .ctx(|| format!("reading {}", segment.paths().log.display()))?;
+        let (mut kept, mut live_records, mut removed) = (Vec::<Range<usize>>::new(), 0u64, 0u64);
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let r = match record::decode(&data[pos..], u32::MAX) {
+                Ok(Frame::Record(r)) => r,
+                other => {
+                    return Err(Error::corruption(Corruption {
+                        file: segment.paths().log.clone(),
+                        bytes: pos as u64..data.len() as u64,
+                        offsets: None,
+                        detail: format!(
+                            "compaction found a record that does not validate: {other:?}"
+                        ),
+                    }));
+                }
+            };
+            let len = r.len as usize;
+            let live = !r.is_filler()
+                && keep(&RecordInfo {
+                    offset: r.offset,
+                    timestamp_ms: r.timestamp_ms,
+                    key: r.key,
+                    value_len: r.value.len(),
+                });
+            if !live {
+                removed += 1;
+            } else {
+                live_records += 1;
+                match kept.last_mut() {
+                    // Adjacent live records are copied as one range.
+                    Some(last) if last.end == pos => last.end = pos + len,
+                    _ => kept.push(pos..pos + len),
+                }
+            }
+            pos += len;
+        }
+        Ok(Scanned {
+            segment: Arc::clone(segment),
+            kept,
+            live: live_records,
+            removed,
+        })
+    }
+}
+
+/// How much of a log's sealed data compaction would remove.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dirt {
+    /// Bytes of sealed segments.
+    pub sealed_bytes: u64,
+    /// Of those, bytes of records compaction would remove.
+    pub removable_bytes: u64,
+}
+
+impl Dirt {
+    /// Removable share of the sealed bytes (0 when nothing is sealed).
+    pub fn ratio(&self) -> f64 {
+        if self.sealed_bytes == 0 {
+            0.0
+        } else {
+            self.removable_bytes as f64 / self.sealed_bytes as f64
+        }
+    }
+}
+
 impl Log {
-    /// Removes from sealed segments every record `keep` rejects. Offsets of
-    /// the records kept never change. `progress` gets the bytes examined so far.
+    /// Measures, without changing anything, what [`Log::compact`] with the
+    /// same `keep` would remove.
+    pub fn dirt(&self, keep: &dyn Fn(&RecordInfo<'_>) -> bool) -> Result<Dirt> {
+        let segments = self.segments();
+        let mut dirt = Dirt::default();
+        for segment in &segments[..segments.len().saturating_sub(1)] {
+            let scanned = Scanned::new(segment, keep)?;
+            dirt.sealed_bytes += segment.size();
+            dirt.removable_bytes += segment.size() - scanned.live_bytes();
+        }
+        Ok(dirt)
+    }
+
+    /// Removes from sealed segments every record `keep` rejects, and merges
+    /// runs of adjacent sealed segments whose live records fit in one segment.
+    /// Offsets of the records kept never change. `progress` gets the bytes
+    /// examined so far.
     pub fn compact(
         &self,
         keep: &dyn Fn(&RecordInfo<'_>) -> bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<CompactStats> {
+        let _pass = self.lock_compaction();
         let started = Instant::now();
         let mut stats = CompactStats::default();
         let segments = self.segments();
-        let sealed = &segments[..segments.len().saturating_sub(1)];
-        for (i, segment) in sealed.iter().enumerate() {
-            let size = segment.size();
-            stats.bytes_before += size;
-            let data = segment
-                .map()
-                .bytes(0, size)
-                .ctx(|| format!("reading {}", segment.paths().log.display()))?;
-            let (mut kept, mut removed) = (Vec::new(), 0u64);
-            let mut pos = 0usize;
-            while pos < data.len() {
-                let r = match record::decode(&data[pos..], u32::MAX) {
-                    Ok(Frame::Record(r)) => r,
-                    other => {
-                        return Err(Error::corruption(Corruption {
-                            file: segment.paths().log.clone(),
-                            bytes: pos as u64..data.len() as u64,
-                            offsets: None,
-                            detail: format!(
-                                "compaction found a record that does not validate: {other:?}"
-                            ),
-                        }));
-                    }
-                };
-                let len = r.len as usize;
-                let live = !r.is_filler()
-                    && keep(&RecordInfo {
-                        offset: r.offset,
-                        timestamp_ms: r.timestamp_ms,
-                        key: r.key,
-                        value_len: r.value.len(),
-                    });
-                if live {
-                    kept.push(pos..pos + len);
-                } else {
-                    removed += 1;
-                }
-                pos += len;
-            }
+        let Some((active, sealed)) = segments.split_last() else {
+            return Ok(stats);
+        };
+        let target = self.config().segment_bytes;
+        let mut run: Vec<Scanned> = Vec::new();
+        let mut run_live = 0u64;
+        for segment in sealed {
+            let scanned = Scanned::new(segment, keep)?;
+            stats.bytes_before += segment.size();
+            stats.records_kept += scanned.live;
+            stats.records_removed += scanned.removed;
             progress(stats.bytes_before);
-            stats.records_kept += kept.len() as u64;
-            stats.records_removed += removed;
-            if removed == 0 {
-                stats.bytes_after += size;
-                continue;
-            }
-            let base = segment.base();
-            let paths = segment.paths().clone();
-            if kept.is_empty() {
-                let storage = self.storage();
-                let gone = self.swap_sealed_segment(base, || Ok(None))?;
-                if gone {
-                    self.remove_segment_files(&paths)?;
-                    storage
-                        .sync_dir(self.dir())
-                        .ctx(|| format!("syncing {}", self.dir().display()))?;
+            if scanned.kept.is_empty() {
+                // The cheap path: nothing to copy.
+                if self.delete_sealed(segment)? {
                     stats.segments_deleted += 1;
                 } else {
-                    stats.bytes_after += size;
+                    stats.bytes_after += segment.size();
                 }
                 continue;
             }
-            let next_base = segments.get(i + 1).map(|s| s.base());
-            match self.rewrite(&paths, base, next_base, &data, &kept)? {
-                Some(new_size) => {
-                    stats.bytes_after += new_size;
-                    stats.segments_rewritten += 1;
-                }
-                None => stats.bytes_after += size,
+            let live = scanned.live_bytes();
+            if !run.is_empty() && run_live + live > target {
+                self.rewrite_run(std::mem::take(&mut run), segment.base(), &mut stats)?;
+                run_live = 0;
             }
+            run_live += live;
+            run.push(scanned);
         }
+        self.rewrite_run(run, active.base(), &mut stats)?;
         stats.millis = started.elapsed().as_millis() as u64;
-        if stats.records_removed > 0 {
+        if stats.records_removed > 0 || stats.segments_merged > 0 {
             tracing::info!(log = %self.dir().display(), ?stats, "compacted");
         }
         Ok(stats)
     }
 
-    /// Copies the `kept` ranges of `data` into a new file and swaps it in for
-    /// segment `base`. Returns the new size, or `None` if the segment went away
+    /// Deletes a sealed segment with nothing live; false if it went away
     /// meanwhile (retention).
-    fn rewrite(
-        &self,
-        paths: &SegmentPaths,
-        base: u64,
-        next_base: Option<u64>,
-        data: &[u8],
-        kept: &[std::ops::Range<usize>],
-    ) -> Result<Option<u64>> {
+    fn delete_sealed(&self, segment: &Segment) -> Result<bool> {
+        if !self.swap_sealed_segments(&[segment.base()], || Ok(None))? {
+            return Ok(false);
+        }
+        self.remove_segment_files(segment.paths())?;
+        self.storage()
+            .sync_dir(self.dir())
+            .ctx(|| format!("syncing {}", self.dir().display()))?;
+        Ok(true)
+    }
+
+    /// Replaces a run of adjacent sealed segments (the next one starting at
+    /// `until`) with one holding only their live records; a lone segment with
+    /// nothing to remove is left as it is.
+    fn rewrite_run(&self, run: Vec<Scanned>, until: u64, stats: &mut CompactStats) -> Result<()> {
+        let size: u64 = run.iter().map(|s| s.segment.size()).sum();
+        let unchanged = match run.as_slice() {
+            [] => return Ok(()),
+            [only] => only.removed == 0,
+            _ => false,
+        };
+        if unchanged {
+            stats.bytes_after += size;
+            return Ok(());
+        }
+        match self.rewrite(&run, until)? {
+            Some(new_size) => {
+                stats.bytes_after += new_size;
+                stats.segments_rewritten += run.len() as u64;
+                stats.segments_merged += run.len() as u64 - 1;
+            }
+            None => stats.bytes_after += size,
+        }
+        Ok(())
+    }
+
+    /// Copies the live records of `run` into a new file and swaps it in for
+    /// the run's segments. Returns the new size, or `None` if a segment of
+    /// the run went away meanwhile (retention).
+    fn rewrite(&self, run: &[Scanned], until: u64) -> Result<Option<u64>> {
+        let Some(first) = run.first() else {
+            return Ok(None);
+        };
         let storage = &**self.storage();
         let dir = self.dir();
+        let base = first.segment.base();
+        let paths = first.segment.paths().clone();
         let cleaned = with_suffix(&paths.log, CLEANED_SUFFIX);
-        let swap = with_suffix(&paths.log, SWAP_SUFFIX);
+        let swap = swap_path(&paths.log, until);
         if storage.exists(&cleaned) {
             storage
                 .remove_file(&cleaned)
@@ -225,18 +387,25 @@ impl Log {
         let file = storage
             .open(&cleaned, OpenMode::CreateNew)
             .ctx(|| format!("creating {}", cleaned.display()))?;
-        let total: usize = kept.iter().map(|r| r.len()).sum();
-        file.allocate(total as u64)
+        let total: u64 = run.iter().map(Scanned::live_bytes).sum();
+        file.allocate(total)
             .ctx(|| format!("reserving space for {}", cleaned.display()))?;
-        let mut buf = Vec::with_capacity(COPY_CHUNK.min(total));
+        let mut buf = Vec::with_capacity(COPY_CHUNK.min(total as usize));
         let mut at = 0u64;
-        for range in kept {
-            buf.extend_from_slice(&data[range.clone()]);
-            if buf.len() >= COPY_CHUNK {
-                file.write_at(at, &buf)
-                    .ctx(|| format!("writing {}", cleaned.display()))?;
-                at += buf.len() as u64;
-                buf.clear();
+        for scanned in run {
+            let segment = &scanned.segment;
+            let data = segment
+                .map()
+                .bytes(0, segment.size())
+                .ctx(|| format!("reading {}", segment.paths().log.display()))?;
+            for range in &scanned.kept {
+                buf.extend_from_slice(&data[range.clone()]);
+                if buf.len() >= COPY_CHUNK {
+                    file.write_at(at, &buf)
+                        .ctx(|| format!("writing {}", cleaned.display()))?;
+                    at += buf.len() as u64;
+                    buf.clear();
+                }
             }
         }
         file.write_at(at, &buf)
@@ -250,27 +419,18 @@ impl Log {
         storage
             .sync_dir(dir)
             .ctx(|| format!("syncing {}", dir.display()))?;
+        let bases: Vec<u64> = run.iter().map(|s| s.segment.base()).collect();
+        let covered: Vec<SegmentPaths> =
+            run[1..].iter().map(|s| s.segment.paths().clone()).collect();
         let config = self.config().clone();
-        let swapped = self.swap_sealed_segment(base, || {
-            for hint in [&paths.idx, &paths.tix] {
-                if storage.exists(hint) {
-                    storage
-                        .remove_file(hint)
-                        .ctx(|| format!("removing {}", hint.display()))?;
-                }
-            }
-            storage
-                .rename(&swap, &paths.log)
-                .ctx(|| format!("renaming {}", swap.display()))?;
-            storage
-                .sync_dir(dir)
-                .ctx(|| format!("syncing {}", dir.display()))?;
+        let swapped = self.swap_sealed_segments(&bases, || {
+            retire(storage, dir, &swap, &paths, &covered)?;
             let mut report = RecoveryReport::default();
             let opened = recovery::open_segment(
                 storage,
                 dir,
                 base,
-                next_base.or(Some(u64::MAX)),
+                Some(until),
                 &config,
                 RecoveryMode::TolerateTornTail,
                 &mut report,
@@ -283,6 +443,6 @@ impl Log {
                 .ctx(|| format!("removing {}", swap.display()))?;
             return Ok(None);
         }
-        Ok(Some(total as u64))
+        Ok(Some(total))
     }
 }

@@ -61,6 +61,8 @@ pub struct Log {
     /// (copy on write) when a segment is added or removed.
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     writer: Mutex<Writer>,
+    /// Held by a compaction pass: one at a time per log.
+    compacting: Mutex<()>,
     durable_end: AtomicU64,
     report: RecoveryReport,
 }
@@ -182,6 +184,7 @@ impl Log {
                 last_sync: Instant::now(),
                 scratch: Vec::new(),
             }),
+            compacting: Mutex::new(()),
             durable_end: AtomicU64::new(next_offset),
             report,
         })
@@ -202,33 +205,43 @@ impl Log {
         &self.storage
     }
 
-    /// Replaces the sealed segment `base` — with `replacement`, or removes it
-    /// when `None` — under the writer lock, so it cannot race a roll or
-    /// retention. `prepare` runs first under the same lock (file renames);
-    /// returns false, doing nothing, when the segment is gone or active.
-    pub(crate) fn swap_sealed_segment(
+    /// Replaces the run of sealed segments `bases` (adjacent in the segment
+    /// list, oldest first) with `replacement`, or removes them when it is
+    /// `None`, under the writer lock, so it cannot race a roll or retention.
+    /// `prepare` runs first under the same lock (file renames); returns false,
+    /// doing nothing, when any of them is gone or active.
+    pub(crate) fn swap_sealed_segments(
         &self,
-        base: u64,
+        bases: &[u64],
         prepare: impl FnOnce() -> Result<Option<Segment>>,
     ) -> Result<bool> {
         let _w = self.lock_writer()?;
         let segments = self.segments();
-        let Some(i) = segments.iter().position(|s| s.base() == base) else {
+        let Some(&first) = bases.first() else {
             return Ok(false);
         };
-        if i + 1 == segments.len() {
+        let Some(i) = segments.iter().position(|s| s.base() == first) else {
+            return Ok(false);
+        };
+        let run = i..i + bases.len();
+        if run.end >= segments.len()
+            || segments[run.clone()]
+                .iter()
+                .zip(bases)
+                .any(|(s, &b)| s.base() != b)
+        {
             return Ok(false);
         }
         let replacement = prepare()?;
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
-        match replacement {
-            Some(segment) => next[i] = Arc::new(segment),
-            None => {
-                next.remove(i);
-            }
-        }
+        next.splice(run, replacement.map(Arc::new));
         self.set_segments(next);
         Ok(true)
+    }
+
+    /// Takes the log's compaction lock (one pass at a time).
+    pub(crate) fn lock_compaction(&self) -> MutexGuard<'_, ()> {
+        self.compacting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What opening the log found and repaired.
