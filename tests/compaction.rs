@@ -604,3 +604,110 @@ async fn kill_9_during_online_compaction_loses_nothing_live() {
     let data = DataDir::open(Arc::new(OsStorage), tmp.path()).expect("reopen");
     assert!(verify(&data, &mut |_| {}).expect("verify").is_clean());
 }
+
+/// A topic with `compact_min_dirty_ratio` is compacted by the broker itself
+/// once that share of its sealed bytes is removable; a topic without it is
+/// left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_compaction_runs_once_the_dirty_ratio_is_reached() {
+    use spool::client::{Client, FetchOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = common::Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let config = |ratio: Option<f64>| spool::protocol::pb::TopicConfig {
+        segment_bytes: Some(4 * 1024),
+        delete_when_consumed: Some(true),
+        compact_min_dirty_ratio: ratio,
+        compact_check_ms: Some(50),
+        ..Default::default()
+    };
+    let mut unacked = BTreeMap::new();
+    for (name, ratio) in [("auto", Some(0.5)), ("manual", None)] {
+        let info = client
+            .create_topic(name, config(ratio))
+            .await
+            .expect("topic");
+        assert_eq!(info.config.and_then(|c| c.compact_min_dirty_ratio), ratio);
+        client
+            .create_group(name, "g", GroupMode::Queue, None)
+            .await
+            .expect("group");
+        let batch: Vec<NewMessage> = (0..2000)
+            .map(|i| NewMessage::from_value(format!("{name} {i:05} {}", "p".repeat(40))))
+            .collect();
+        client.produce(name, batch).await.expect("produce");
+        // Every message but every 10th is consumed.
+        let mut offsets = Vec::new();
+        loop {
+            let got = client
+                .fetch(
+                    name,
+                    FetchOptions {
+                        group: Some("g".into()),
+                        member: "w".into(),
+                        max_messages: 1000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("fetch");
+            if got.messages.is_empty() {
+                break;
+            }
+            let (keep, ack): (Vec<u64>, Vec<u64>) = got
+                .messages
+                .iter()
+                .map(|r| r.message.offset.0)
+                .partition(|o| o % 10 == 0);
+            client.ack(name, "g", &ack, None).await.expect("ack");
+            offsets.extend(keep);
+        }
+        unacked.insert(name, offsets);
+    }
+    let manual_before = client
+        .describe_topic("manual")
+        .await
+        .expect("describe")
+        .bytes;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let auto_after = loop {
+        let bytes = client.describe_topic("auto").await.expect("describe").bytes;
+        if bytes * 4 < manual_before {
+            break bytes;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background compaction: auto holds {bytes} bytes, manual {manual_before}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let manual_after = client
+        .describe_topic("manual")
+        .await
+        .expect("describe")
+        .bytes;
+    assert_eq!(
+        manual_after, manual_before,
+        "a topic without compact_min_dirty_ratio is not compacted (auto went to {auto_after})"
+    );
+    // What was not consumed is still there, at its offsets.
+    let got = client
+        .fetch(
+            "auto",
+            FetchOptions {
+                from: Some(Position::Earliest),
+                max_messages: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("replay");
+    let offsets: Vec<u64> = got.messages.iter().map(|r| r.message.offset.0).collect();
+    assert_eq!(offsets, unacked["auto"]);
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+    assert!(log.contains("background compaction"), "logged: {log}");
+}

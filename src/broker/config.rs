@@ -12,6 +12,8 @@ use std::path::Path;
 pub const TOPIC_CONFIG_FILE: &str = "topic.toml";
 /// Longest topic or group name.
 pub const MAX_NAME_LEN: usize = 200;
+/// Default period of the background compaction check: one minute.
+pub const DEFAULT_COMPACT_CHECK_MS: u64 = 60_000;
 
 /// What happens to old records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -25,7 +27,7 @@ pub enum Cleanup {
 }
 
 /// Settings of one topic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopicConfig {
     /// `delete` (default) or `compact` (keep the latest record per key).
@@ -40,6 +42,13 @@ pub struct TopicConfig {
     pub ack_timeout_ms: u64,
     /// How long a tombstone survives compaction, in milliseconds.
     pub delete_retention_ms: u64,
+    /// Background compaction: the broker compacts the topic by itself once
+    /// at least this share (0 < ratio ≤ 1) of its sealed bytes is removable.
+    /// Off when absent.
+    pub compact_min_dirty_ratio: Option<f64>,
+    /// How often background compaction measures the removable share, in
+    /// milliseconds (each measurement reads the sealed segments).
+    pub compact_check_ms: u64,
     /// The log: segments, retention, fsync policy.
     pub log: LogConfig,
 }
@@ -53,6 +62,8 @@ impl Default for TopicConfig {
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
             delete_retention_ms: 24 * 60 * 60 * 1000,
+            compact_min_dirty_ratio: None,
+            compact_check_ms: DEFAULT_COMPACT_CHECK_MS,
             log: LogConfig::default(),
         }
     }
@@ -70,6 +81,18 @@ impl TopicConfig {
         if self.ack_timeout_ms == 0 {
             return Err(Error::InvalidArgument(
                 "ack_timeout_ms must be positive".into(),
+            ));
+        }
+        if let Some(ratio) = self.compact_min_dirty_ratio
+            && !(ratio > 0.0 && ratio <= 1.0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "compact_min_dirty_ratio {ratio}: expected a share above 0 and at most 1"
+            )));
+        }
+        if self.compact_check_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "compact_check_ms must be positive".into(),
             ));
         }
         if let Some(dlq) = &self.dead_letter {
@@ -153,9 +176,29 @@ mod tests {
             cleanup: Cleanup::Compact,
             delete_when_consumed: true,
             dead_letter: Some("bad".into()),
+            compact_min_dirty_ratio: Some(0.25),
             ..TopicConfig::default()
         };
         config.store(&disk, dir).expect("store");
         assert_eq!(TopicConfig::load(&disk, dir).expect("load"), Some(config));
+    }
+
+    #[test]
+    fn the_dirty_ratio_is_a_share_above_zero() {
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let config = TopicConfig {
+                compact_min_dirty_ratio: Some(bad),
+                ..TopicConfig::default()
+            };
+            let err = config.validate().expect_err("invalid ratio");
+            assert!(err.to_string().contains("compact_min_dirty_ratio"), "{err}");
+        }
+        for good in [0.01, 0.5, 1.0] {
+            let config = TopicConfig {
+                compact_min_dirty_ratio: Some(good),
+                ..TopicConfig::default()
+            };
+            config.validate().expect("valid ratio");
+        }
     }
 }

@@ -6,7 +6,7 @@
 use super::config::{Cleanup, TopicConfig, validate_name};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, RangeSet};
-use crate::storage::compact::{CompactStats, RecordInfo};
+use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
 use crate::storage::{
@@ -79,6 +79,38 @@ struct TopicState {
     groups: BTreeMap<String, Group>,
     deleted: RangeSet,
     deletes: Journal,
+}
+
+/// What compaction removes, decided on a snapshot of a topic's state.
+struct Cleaner {
+    /// Explicitly deleted offsets.
+    deleted: RangeSet,
+    /// Per group, what it completed (`delete_when_consumed` topics only).
+    completed: Vec<RangeSet>,
+    /// Last offset of every key (`cleanup=compact` topics only).
+    latest: Option<std::collections::HashMap<bytes::Bytes, u64>>,
+    /// Tombstones older than this go.
+    tombstone_deadline: u64,
+}
+
+impl Cleaner {
+    fn keep(&self, r: &RecordInfo<'_>) -> bool {
+        if self.deleted.contains(r.offset) {
+            return false;
+        }
+        if !self.completed.is_empty() && self.completed.iter().all(|done| done.contains(r.offset)) {
+            return false;
+        }
+        if let (Some(latest), Some(key)) = (&self.latest, r.key) {
+            if latest.get(key).is_some_and(|&last| last > r.offset) {
+                return false;
+            }
+            if r.value_len == 0 && r.timestamp_ms < self.tombstone_deadline {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// One topic.
@@ -675,10 +707,23 @@ impl Topic {
     /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
     /// journal forgets what no segment holds any more.
     pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        let cleaner = self.cleaner(now_ms)?;
+        let stats = self.log.compact(&|r| cleaner.keep(r), progress)?;
+        self.prune_deletions(&cleaner.deleted)?;
+        Ok(stats)
+    }
+
+    /// What [`Topic::compact`] would remove now, without changing anything.
+    pub fn dirt(&self, now_ms: u64) -> Result<Dirt> {
+        let cleaner = self.cleaner(now_ms)?;
+        self.log.dirt(&|r| cleaner.keep(r))
+    }
+
+    /// The keep-or-drop rules of compaction, on a snapshot of the topic's
+    /// state (so compaction never holds the topic while it copies).
+    fn cleaner(&self, now_ms: u64) -> Result<Cleaner> {
         let (deleted, completed) = {
             let state = self.state()?;
-            // Compaction decides on a snapshot, so it never holds the topic
-            // while it copies.
             let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
                 state.groups.values().map(Group::completed).collect()
             } else {
@@ -690,27 +735,12 @@ impl Topic {
             Cleanup::Compact => Some(self.latest_offset_per_key()?),
             Cleanup::Delete => None,
         };
-        let retention = self.config.delete_retention_ms;
-        let keep = |r: &RecordInfo<'_>| {
-            if deleted.contains(r.offset) {
-                return false;
-            }
-            if !completed.is_empty() && completed.iter().all(|done| done.contains(r.offset)) {
-                return false;
-            }
-            if let (Some(latest), Some(key)) = (&latest, r.key) {
-                if latest.get(key).is_some_and(|&last| last > r.offset) {
-                    return false;
-                }
-                if r.value_len == 0 && r.timestamp_ms.saturating_add(retention) < now_ms {
-                    return false;
-                }
-            }
-            true
-        };
-        let stats = self.log.compact(&keep, progress)?;
-        self.prune_deletions(&deleted)?;
-        Ok(stats)
+        Ok(Cleaner {
+            deleted,
+            completed,
+            latest,
+            tombstone_deadline: now_ms.saturating_sub(self.config.delete_retention_ms),
+        })
     }
 
     /// The last offset of every key (compaction keeps only that record).

@@ -59,6 +59,16 @@ pub struct CreateArgs {
     /// Lease of a queue delivery in milliseconds (default 30000).
     #[arg(long)]
     ack_timeout_ms: Option<u64>,
+    /// How long compaction keeps a tombstone, in milliseconds (default 86400000).
+    #[arg(long)]
+    delete_retention_ms: Option<u64>,
+    /// Compact in the background once this share (0 < R ≤ 1) of the sealed
+    /// bytes is removable (default: only `spool compact` compacts).
+    #[arg(long, value_name = "R")]
+    compact_min_dirty_ratio: Option<f64>,
+    /// How often background compaction measures, in milliseconds (default 60000).
+    #[arg(long)]
+    compact_check_ms: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     #[command(flatten)]
@@ -107,6 +117,8 @@ pub fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
             "max_deliveries": c.max_deliveries,
             "ack_timeout_ms": c.ack_timeout_ms,
             "delete_retention_ms": c.delete_retention_ms,
+            "compact_min_dirty_ratio": c.compact_min_dirty_ratio,
+            "compact_check_ms": c.compact_check_ms,
         },
     })
 }
@@ -144,6 +156,13 @@ fn describe_text(t: &pb::TopicInfo) {
             c.dead_letter.unwrap_or_else(|| format!("{}.dlq", t.name)),
         ],
         vec!["ack_timeout_ms".into(), opt(c.ack_timeout_ms)],
+        vec!["delete_retention_ms".into(), opt(c.delete_retention_ms)],
+        vec![
+            "compact_min_dirty_ratio".into(),
+            c.compact_min_dirty_ratio
+                .map_or_else(|| "- (off)".into(), |r| r.to_string()),
+        ],
+        vec!["compact_check_ms".into(), opt(c.compact_check_ms)],
     ];
     print_table(&["setting", "value"], &rows);
 }
@@ -167,6 +186,9 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                     dead_letter: a.dead_letter,
                     max_deliveries: a.max_deliveries,
                     ack_timeout_ms: a.ack_timeout_ms,
+                    delete_retention_ms: a.delete_retention_ms,
+                    compact_min_dirty_ratio: a.compact_min_dirty_ratio,
+                    compact_check_ms: a.compact_check_ms,
                     ..Default::default()
                 };
                 let t = client.create_topic(&a.name, config).await?;

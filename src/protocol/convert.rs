@@ -182,6 +182,12 @@ pub fn topic_config(c: Option<pb::TopicConfig>, base: &TopicConfig) -> Result<To
     if let Some(v) = c.delete_retention_ms {
         out.delete_retention_ms = v;
     }
+    if c.compact_min_dirty_ratio.is_some() {
+        out.compact_min_dirty_ratio = c.compact_min_dirty_ratio;
+    }
+    if let Some(v) = c.compact_check_ms {
+        out.compact_check_ms = v;
+    }
     out.validate()?;
     Ok(out)
 }
@@ -203,6 +209,8 @@ pub fn topic_config_to_wire(c: &TopicConfig) -> pb::TopicConfig {
         max_deliveries: Some(c.max_deliveries),
         ack_timeout_ms: Some(c.ack_timeout_ms),
         delete_retention_ms: Some(c.delete_retention_ms),
+        compact_min_dirty_ratio: c.compact_min_dirty_ratio,
+        compact_check_ms: Some(c.compact_check_ms),
     }
 }
 

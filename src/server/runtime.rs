@@ -1,7 +1,8 @@
 //! The async side of one topic: a single writer task that owns appends
 //! (group commit: drain every pending batch, write each, sync once, answer
-//! all), a change signal that wakes subscriptions and long-polls, and the
-//! fsync-interval ticker.
+//! all), a change signal that wakes subscriptions and long-polls, the
+//! fsync-interval ticker, and background compaction when the topic asks for
+//! it (`compact_min_dirty_ratio`).
 
 use crate::broker::Topic;
 use crate::protocol::{pb, status};
@@ -49,6 +50,13 @@ impl TopicRuntime {
             tokio::spawn(ticker(
                 Arc::downgrade(&runtime),
                 Duration::from_millis(ms.max(1)),
+            ));
+        }
+        if let Some(ratio) = runtime.topic.config().compact_min_dirty_ratio {
+            tokio::spawn(compactor(
+                Arc::downgrade(&runtime),
+                Duration::from_millis(runtime.topic.config().compact_check_ms.max(1)),
+                ratio,
             ));
         }
         runtime
@@ -150,6 +158,49 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
         if let Ok(Err(e)) = result {
             tracing::error!(error = %e, "fsync-interval tick failed");
+        }
+    }
+}
+
+/// Background compaction: every `every`, measures the removable share of the
+/// topic's sealed bytes and compacts once it reaches `ratio`.
+async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, ratio: f64) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the first check waits a whole period.
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Some(rt) = runtime.upgrade() else { return };
+        let topic = Arc::clone(&rt.topic);
+        drop(rt);
+        let name = topic.name().to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            let now = crate::storage::log::now_ms();
+            let dirt = topic.dirt(now)?;
+            if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
+                return Ok(None);
+            }
+            topic
+                .compact(now, &mut |_| {})
+                .map(|stats| Some((dirt, stats)))
+        })
+        .await;
+        match result {
+            Ok(Ok(Some((dirt, stats)))) => tracing::info!(
+                topic = %name,
+                dirty_ratio = dirt.ratio(),
+                bytes_before = stats.bytes_before,
+                bytes_after = stats.bytes_after,
+                records_removed = stats.records_removed,
+                millis = stats.millis,
+                "background compaction"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(topic = %name, error = %e, "background compaction failed")
+            }
+            Err(_) => tracing::error!(topic = %name, "background compaction panicked"),
         }
     }
 }

@@ -313,7 +313,11 @@ impl Log {
                 continue;
             }
             let live = scanned.live_bytes();
-            if !run.is_empty() && run_live + live > target {
+            // Index entries hold offsets relative to the segment base as u32.
+            let offsets_fit = run.first().is_none_or(|first| {
+                segment.end_offset() - first.segment.base() <= u64::from(u32::MAX)
+            });
+            if !run.is_empty() && (run_live + live > target || !offsets_fit) {
                 self.rewrite_run(std::mem::take(&mut run), segment.base(), &mut stats)?;
                 run_live = 0;
             }
