@@ -17,7 +17,14 @@ pub struct Broker {
 impl Broker {
     /// Starts `spool serve` on `data` with extra flags; waits for its first line.
     pub fn start(data: &Path, extra: &[&str]) -> Broker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        Broker::start_with(Command::new(env!("CARGO_BIN_EXE_spool")), data, extra)
+    }
+
+    /// Like [`Broker::start`], with `spool` run by `program` (for instance the
+    /// binary behind a wrapper that enters a namespace first); the `serve`
+    /// arguments are appended to it.
+    pub fn start_with(mut program: Command, data: &Path, extra: &[&str]) -> Broker {
+        let mut child = program
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(extra)
