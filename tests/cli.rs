@@ -128,6 +128,8 @@ fn listing_commands_print_json_scripts_can_read() {
             "--max-deliveries",
             "3",
             "--delete-when-consumed",
+            "--compact-min-dirty-ratio",
+            "0.5",
             "--format",
             "json",
         ],
@@ -138,6 +140,7 @@ fn listing_commands_print_json_scripts_can_read() {
     assert_eq!(t["config"]["fsync"], "never");
     assert_eq!(t["config"]["max_deliveries"], 3);
     assert_eq!(t["config"]["delete_when_consumed"], true);
+    assert_eq!(t["config"]["compact_min_dirty_ratio"], 0.5);
 
     let produced = spool(
         s,
@@ -251,6 +254,12 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
             None,
             2,
             "sometimes",
+        ),
+        (
+            &["topic", "create", "t3", "--compact-min-dirty-ratio", "2"],
+            None,
+            1,
+            "compact_min_dirty_ratio",
         ),
         (&["frobnicate"], None, 2, "frobnicate"),
     ];
