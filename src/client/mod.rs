@@ -33,6 +33,7 @@ use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, pb};
 use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
+use prost::Message as _;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,17 @@ pub enum ClientError {
     /// The connection is closed.
     #[error("connection closed")]
     Closed,
+    /// A request larger than the server's frame limit (from its `Welcome`):
+    /// nothing was sent, and the connection stays usable.
+    #[error(
+        "request of {len} bytes exceeds the server's frame limit of {max} bytes (max_frame_bytes); send fewer or smaller messages"
+    )]
+    TooLarge {
+        /// Encoded size of the request.
+        len: usize,
+        /// The server's `max_frame_bytes`.
+        max: u32,
+    },
 }
 
 impl ClientError {
@@ -301,19 +313,26 @@ impl Client {
         Ok(())
     }
 
+    /// The frame of a request, if it fits the server's frame limit: a larger
+    /// one would make the server close the connection.
+    fn frame(&self, request_id: u64, request: Request) -> Result<pb::ClientFrame> {
+        let frame = pb::ClientFrame {
+            request_id,
+            request: Some(request),
+        };
+        let (len, max) = (frame.encoded_len(), self.welcome.max_frame_bytes);
+        if max != 0 && len > max as usize {
+            return Err(ClientError::TooLarge { len, max });
+        }
+        Ok(frame)
+    }
+
     async fn call(&self, request: Request) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.frame(id, request)?;
         let (tx, rx) = oneshot::channel();
         self.register(id, tx)?;
-        if self
-            .out
-            .send(pb::ClientFrame {
-                request_id: id,
-                request: Some(request),
-            })
-            .await
-            .is_err()
-        {
+        if self.out.send(frame).await.is_err() {
             lock(&self.pending).remove(&id);
             return Err(ClientError::Closed);
         }
@@ -384,16 +403,13 @@ impl Client {
         // The server queues this reply before the first delivery, and the
         // reader task registers the channel as it handles the reply.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = self.frame(id, Request::Subscribe(request))?;
         let (reply_tx, reply_rx) = oneshot::channel();
         lock(&self.waiting_subscriptions).insert(id, tx);
         if let Err(e) = self.register(id, reply_tx) {
             lock(&self.waiting_subscriptions).remove(&id);
             return Err(e);
         }
-        let frame = pb::ClientFrame {
-            request_id: id,
-            request: Some(Request::Subscribe(request)),
-        };
         if self.out.send(frame).await.is_err() {
             lock(&self.pending).remove(&id);
             lock(&self.waiting_subscriptions).remove(&id);

@@ -1,0 +1,755 @@
+//! Running out of resources, through the real binary: a full disk (the data
+//! directory on a tiny tmpfs), too many connections, and frames over the
+//! configured limit. Each must end in a clean error naming what ran out, with
+//! nothing acknowledged lost and the broker serving again once the resource
+//! returns. (Batch and message limits are covered in `tests/server.rs`.)
+
+mod common;
+
+use common::Broker;
+use futures_util::StreamExt;
+use prost::Message as _;
+use spool::broker::topic::Position;
+use spool::client::{Client, ClientError, FetchOptions};
+use spool::groups::GroupMode;
+use spool::protocol::pb;
+use spool::storage::NewMessage;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Size of the tmpfs the disk-full test fills.
+const DISK_MIB: u64 = 8;
+/// Bytes of every message value in the disk-full test.
+const VALUE_BYTES: usize = 8 * 1024;
+
+fn spool_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_spool"))
+}
+
+/// A tmpfs of a few MiB, for a broker's data directory.
+///
+/// As root it is mounted in this process's mount namespace and unmounted on
+/// drop. Otherwise `unshare -rm` mounts it in a new user + mount namespace
+/// kept alive by a holder process; the broker and `spool verify` enter that
+/// namespace with `nsenter`, and this process reaches its files through
+/// `/proc/<holder>/root`. Either way the mount outlives a `kill -9` of the
+/// broker, so a restart finds what the killed broker wrote.
+struct TinyDisk {
+    /// The mount point, as the processes of [`TinyDisk::command`] see it.
+    dir: PathBuf,
+    route: Route,
+    _parent: tempfile::TempDir,
+}
+
+enum Route {
+    Mounted,
+    /// The holder (`cat`) lives until its stdin, kept open by `holder`, closes.
+    Namespace {
+        holder: Child,
+    },
+}
+
+impl TinyDisk {
+    fn new(mib: u64) -> TinyDisk {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("disk");
+        std::fs::create_dir(&dir).expect("mount point");
+        let size = format!("size={mib}m");
+        let mount = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+            .arg(&dir)
+            .output();
+        let mount_failure = match mount {
+            Ok(out) if out.status.success() => {
+                return TinyDisk {
+                    dir,
+                    route: Route::Mounted,
+                    _parent: parent,
+                };
+            }
+            Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let script =
+            format!("mount -t tmpfs -o {size} tmpfs \"$0\" && echo mounted && exec cat >/dev/null");
+        let holder = Command::new("unshare")
+            .args(["-rm", "sh", "-c", &script])
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let unshare_failure = match holder {
+            Ok(mut holder) => {
+                let stdout = holder.stdout.take().expect("stdout piped");
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                if line.trim() == "mounted" {
+                    return TinyDisk {
+                        dir,
+                        route: Route::Namespace { holder },
+                        _parent: parent,
+                    };
+                }
+                drop(holder.stdin.take());
+                let _ = holder.kill();
+                let out = holder.wait_with_output().expect("holder exit");
+                String::from_utf8_lossy(&out.stderr).trim().to_owned()
+            }
+            Err(e) => e.to_string(),
+        };
+        panic!(
+            "the disk-full tests need a {mib} MiB tmpfs for the broker's data and could not get one: \
+             `mount -t tmpfs` failed ({mount_failure}; it needs root) and \
+             `unshare -rm` failed ({unshare_failure}; it needs unprivileged user namespaces, \
+             e.g. sysctl kernel.unprivileged_userns_clone=1 or \
+             kernel.apparmor_restrict_unprivileged_userns=0). Run the tests as root or enable one of these."
+        );
+    }
+
+    /// A command running `program` where the tmpfs is mounted at [`TinyDisk::dir`].
+    fn command(&self, program: &Path) -> Command {
+        match &self.route {
+            Route::Mounted => Command::new(program),
+            Route::Namespace { holder } => {
+                let mut c = Command::new("nsenter");
+                c.args(["--preserve-credentials", "-U", "-m", "-t"])
+                    .arg(holder.id().to_string())
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+        }
+    }
+
+    /// Where this process finds `relative` on the tmpfs.
+    fn host_path(&self, relative: &str) -> PathBuf {
+        match &self.route {
+            Route::Mounted => self.dir.join(relative),
+            Route::Namespace { holder } => {
+                let dir = self
+                    .dir
+                    .strip_prefix("/")
+                    .expect("tempdir paths are absolute");
+                Path::new(&format!("/proc/{}/root", holder.id()))
+                    .join(dir)
+                    .join(relative)
+            }
+        }
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        match &mut self.route {
+            Route::Mounted => {
+                let unmounted = Command::new("umount")
+                    .arg(&self.dir)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !unmounted {
+                    // Still busy (a broker not yet reaped): detach it now, free it when idle.
+                    let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+                }
+            }
+            Route::Namespace { holder } => {
+                let _ = holder.kill();
+                let _ = holder.wait();
+            }
+        }
+    }
+}
+
+/// The value of message `i`: unique, and hard to mistake for another's.
+fn value(i: u64) -> Vec<u8> {
+    let mut v = format!("message {i}:").into_bytes();
+    v.extend((0..VALUE_BYTES - v.len()).map(|k| (i as usize * 31 + k * 7) as u8));
+    v
+}
+
+fn messages(first: u64, n: u64) -> Vec<NewMessage> {
+    (first..first + n)
+        .map(|i| NewMessage::from_value(value(i)))
+        .collect()
+}
+
+/// Every message of `topic`, by replay from offset 0.
+async fn replay_all(client: &Client, topic: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let fetched = client
+            .fetch(
+                topic,
+                FetchOptions {
+                    from: Some(Position::Offset(from)),
+                    max_messages: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if fetched.messages.is_empty() {
+            return out;
+        }
+        from = fetched.next_offset;
+        out.extend(
+            fetched
+                .messages
+                .into_iter()
+                .map(|r| (r.message.offset.0, r.message.value.to_vec())),
+        );
+    }
+}
+
+/// Produces batches of `per_produce` messages to `topic` until one is
+/// refused; returns the refusal. Every acknowledged message is appended to
+/// `acked` as (offset, value).
+async fn fill(
+    client: &Client,
+    topic: &str,
+    per_produce: u64,
+    acked: &mut Vec<(u64, Vec<u8>)>,
+) -> ClientError {
+    let limit = 2 * DISK_MIB * 1024 * 1024 / VALUE_BYTES as u64;
+    loop {
+        let next = acked.len() as u64;
+        assert!(next < limit, "{next} messages and the disk is not full");
+        match client.produce(topic, messages(next, per_produce)).await {
+            Ok(p) => {
+                assert!(p.durable, "fsync=always acknowledges durable");
+                assert_eq!(
+                    (p.first_offset, p.last_offset),
+                    (next, next + per_produce - 1),
+                    "offsets stay dense"
+                );
+                acked.extend((next..next + per_produce).map(|i| (i, value(i))));
+            }
+            Err(e) => return e,
+        }
+    }
+}
+
+fn assert_disk_full(err: &ClientError, topic: &str) {
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("disk full"), "names the cause: {message}");
+    assert!(
+        message.contains(&format!("topics/{topic}/")),
+        "names the file: {message}"
+    );
+}
+
+/// Produces the next batch, retrying for a while: a removed file's space
+/// returns once the last map or descriptor of it is gone.
+async fn produce_when_space_returns(
+    client: &Client,
+    topic: &str,
+    per_produce: u64,
+    acked: &mut Vec<(u64, Vec<u8>)>,
+) {
+    let next = acked.len() as u64;
+    let mut last = None;
+    for _ in 0..100 {
+        match client.produce(topic, messages(next, per_produce)).await {
+            Ok(p) => {
+                assert_eq!(p.first_offset, next, "continues at the end: {p:?}");
+                acked.extend((next..next + per_produce).map(|i| (i, value(i))));
+                return;
+            }
+            Err(e) => {
+                assert_disk_full(&e, topic);
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!("space was freed but produce still fails: {last:?}");
+}
+
+/// Leases up to four messages to a member of queue group `workers`.
+async fn lease(client: &Client, topic: &str) -> Result<Vec<u64>, ClientError> {
+    let fetched = client
+        .fetch(
+            topic,
+            FetchOptions {
+                group: Some("workers".into()),
+                member: "w".into(),
+                max_messages: 4,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(fetched
+        .messages
+        .iter()
+        .map(|r| r.message.offset.0)
+        .collect())
+}
+
+fn free_bytes(disk: &TinyDisk) -> u64 {
+    let st = rustix::fs::statvfs(disk.host_path("")).expect("statvfs of the tmpfs");
+    st.f_bavail * st.f_frsize
+}
+
+fn verify(disk: &TinyDisk, data: &Path) {
+    let out = disk
+        .command(spool_bin())
+        .args(["verify", "--data"])
+        .arg(data)
+        .output()
+        .expect("run spool verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("no damage found"),
+        "spool verify: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_produce_keeps_every_ack_and_recovers_when_space_returns() {
+    const PER_PRODUCE: u64 = 8;
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    // Room the test gives back later by removing a file of its own.
+    let ballast = disk.host_path("ballast");
+    std::fs::write(&ballast, vec![0xA5; 2 * 1024 * 1024]).expect("ballast on the tmpfs");
+
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &["--fsync", "always"]);
+    let client = Client::connect(&broker.addr, "producer")
+        .await
+        .expect("connect");
+    // Small segments, so filling the disk crosses a few rolls.
+    let small_segments = pb::TopicConfig {
+        segment_bytes: Some(1024 * 1024),
+        ..Default::default()
+    };
+    for topic in ["orders", "scratch"] {
+        client
+            .create_topic(topic, small_segments.clone())
+            .await
+            .expect("create topic");
+    }
+    client
+        .create_group("orders", "workers", GroupMode::Queue, None)
+        .await
+        .expect("create group");
+    let mut scratch = Vec::new();
+    for _ in 0..16 {
+        let next = scratch.len() as u64;
+        client
+            .produce("scratch", messages(next, PER_PRODUCE))
+            .await
+            .expect("produce to scratch");
+        scratch.extend(next..next + PER_PRODUCE);
+    }
+
+    // Fill the disk: every produce until the first refusal is acknowledged durable.
+    let mut acked = Vec::new();
+    let err = fill(&client, "orders", PER_PRODUCE, &mut acked).await;
+    assert_disk_full(&err, "orders");
+    assert!(!acked.is_empty(), "something fit before the disk was full");
+    // Refused again while nothing changed, and no offset spent on refusals.
+    let again = client
+        .produce("orders", messages(acked.len() as u64, PER_PRODUCE))
+        .await
+        .expect_err("still full");
+    assert_disk_full(&again, "orders");
+    let info = client.describe_topic("orders").await.expect("describe");
+    assert_eq!(info.end_offset, acked.len() as u64);
+
+    // A new topic on a full disk: created, or refused as full.
+    let other_end = match client
+        .produce("other", vec![NewMessage::from_value("x")])
+        .await
+    {
+        Ok(p) => p.last_offset + 1,
+        Err(e) => {
+            assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+            0
+        }
+    };
+
+    // Group state on a full disk: a lease needs its delivery count synced, an
+    // ack its journal entry. Each either works or is refused as full.
+    let mut confirmed: Vec<u64> = Vec::new();
+    let leased = match lease(&client, "orders").await {
+        Ok(leased) => leased,
+        Err(e) => {
+            assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+            Vec::new()
+        }
+    };
+    let mut unconfirmed = leased.clone();
+    if !leased.is_empty() {
+        match client.ack("orders", "workers", &leased, None).await {
+            Ok(()) => {
+                confirmed.extend(&leased);
+                unconfirmed.clear();
+            }
+            Err(e) => assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}"),
+        }
+    }
+
+    // The broker keeps serving: pings, new connections, every acknowledged message.
+    assert_eq!(client.ping(1).await.expect("ping"), 1);
+    let reader = Client::connect(&broker.addr, "reader")
+        .await
+        .expect("a new connection on a full disk");
+    assert_eq!(replay_all(&reader, "orders").await, acked);
+
+    // Space returns (a file removed): produce continues at the end, groups work.
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    produce_when_space_returns(&client, "orders", PER_PRODUCE, &mut acked).await;
+    let p = client
+        .produce("other", vec![NewMessage::from_value("y")])
+        .await
+        .expect("a topic refused on a full disk is not left half made");
+    assert_eq!(p.first_offset, other_end);
+    if !unconfirmed.is_empty() {
+        client
+            .ack("orders", "workers", &unconfirmed, None)
+            .await
+            .expect("ack once space returned");
+        confirmed.append(&mut unconfirmed);
+    }
+    let leased = lease(&client, "orders").await.expect("lease");
+    client
+        .ack("orders", "workers", &leased, None)
+        .await
+        .expect("ack");
+    confirmed.extend(leased);
+    assert_eq!(
+        confirmed,
+        (0..confirmed.len() as u64).collect::<Vec<_>>(),
+        "a queue group hands out the lowest offsets first"
+    );
+
+    // Full again; deleting a topic gives its space back.
+    let err = fill(&client, "orders", PER_PRODUCE, &mut acked).await;
+    assert_disk_full(&err, "orders");
+    client
+        .delete_topic("scratch")
+        .await
+        .expect("delete scratch");
+    produce_when_space_returns(&client, "orders", PER_PRODUCE, &mut acked).await;
+    assert_eq!(replay_all(&reader, "orders").await, acked);
+
+    // kill -9 on the same tmpfs: everything acknowledged is still there.
+    drop((client, reader));
+    let logs = broker.kill9();
+    assert!(!logs.contains("panicked"), "{logs}");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "after")
+        .await
+        .expect("connect after restart");
+    assert_eq!(replay_all(&client, "orders").await, acked);
+    let group = client
+        .describe_group("orders", "workers")
+        .await
+        .expect("describe group");
+    assert_eq!(group.committed, confirmed.len() as u64, "{group:?}");
+    let err = client
+        .describe_topic("scratch")
+        .await
+        .expect_err("a deleted topic stays deleted");
+    assert_eq!(err.code(), Some(pb::Code::NotFound), "{err}");
+    let next = acked.len() as u64;
+    let p = client
+        .produce("orders", messages(next, PER_PRODUCE))
+        .await
+        .expect("produce after restart");
+    assert_eq!(p.first_offset, next);
+    drop(client);
+    let logs = broker.kill9();
+    assert!(!logs.contains("panicked"), "{logs}");
+    verify(&disk, &data);
+}
+
+/// A refusal for a full disk should mean the batch did not fit. Today the
+/// log reserves segment space in doubling steps (up to 16 MiB) and fails the
+/// produce when a whole step cannot be reserved, even if the batch itself fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "ensure_allocated refuses a batch that fits when a whole allocation step does not (src/storage/log.rs)"]
+async fn a_disk_full_refusal_means_the_batch_did_not_fit() {
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "producer")
+        .await
+        .expect("connect");
+    client
+        .create_topic(
+            "orders",
+            pb::TopicConfig {
+                segment_bytes: Some(4 * 1024 * 1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create topic");
+    let mut acked = Vec::new();
+    let err = fill(&client, "orders", 1, &mut acked).await;
+    assert_disk_full(&err, "orders");
+    let free = free_bytes(&disk);
+    // One record of VALUE_BYTES, a page of rounding, and a page of slack.
+    let needed = VALUE_BYTES as u64 + 2 * 4096;
+    assert!(
+        free < needed,
+        "a {VALUE_BYTES}-byte message was refused as disk full with {free} bytes free: {err}"
+    );
+}
+
+/// Starts a broker with `config` as its TOML config file.
+fn start_with_config(dir: &Path, config: &str) -> Broker {
+    let path = dir.join("spool.toml");
+    std::fs::write(&path, config).expect("config");
+    Broker::start(
+        &dir.join("data"),
+        &["--config", path.to_str().expect("utf-8 path")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_hold_no_slot_and_disturb_no_admitted_client() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_connections = 2\n");
+    let consumer = Client::connect(&broker.addr, "consumer")
+        .await
+        .expect("first");
+    let producer = Client::connect(&broker.addr, "producer")
+        .await
+        .expect("second");
+    producer
+        .produce("t", vec![NewMessage::from_value("before")])
+        .await
+        .expect("produce");
+    let mut sub = consumer
+        .subscribe("t", None, "c", Some(Position::Offset(0)), 100)
+        .await
+        .expect("subscribe");
+    let mut next_value = async || {
+        let received = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("subscription open")
+            .expect("delivery");
+        received.message.value.to_vec()
+    };
+    assert_eq!(next_value().await, b"before");
+
+    // Many refusals in a row, from the library and from the CLI.
+    for _ in 0..10 {
+        let err = Client::connect(&broker.addr, "extra")
+            .await
+            .expect_err("over the limit");
+        assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+        assert!(err.to_string().contains("too many connections"), "{err}");
+    }
+    let out = Command::new(spool_bin())
+        .args(["topic", "list", "--server", &broker.addr])
+        .output()
+        .expect("run spool topic list");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("too many connections"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    // The admitted clients never noticed.
+    producer
+        .produce("t", vec![NewMessage::from_value("during")])
+        .await
+        .expect("produce");
+    assert_eq!(next_value().await, b"during");
+
+    // One leaves: exactly one newcomer gets its slot; refusals took none.
+    drop(producer);
+    let mut newcomer = None;
+    for _ in 0..100 {
+        match Client::connect(&broker.addr, "newcomer").await {
+            Ok(c) => {
+                newcomer = Some(c);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let newcomer = newcomer.expect("a freed slot admits a new client");
+    let err = Client::connect(&broker.addr, "one more")
+        .await
+        .expect_err("the limit still holds");
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    newcomer
+        .produce("t", vec![NewMessage::from_value("after")])
+        .await
+        .expect("produce");
+    assert_eq!(next_value().await, b"after");
+}
+
+/// Frames of `bytes` with the 5-byte prefix.
+fn frame(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Sends `bytes` on a raw connection and returns what the server sent back
+/// before closing it.
+fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<pb::ServerFrame> {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(bytes).expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let Some(body) = rest.get(5..5 + len) else {
+            break;
+        };
+        frames.push(pb::ServerFrame::decode(body).expect("server frames decode"));
+        rest = &rest[5 + len..];
+    }
+    frames
+}
+
+const FRAME_LIMIT: u32 = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_configured_frame_limit_gets_an_error_naming_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Messages may be larger than frames: the frame limit is what binds.
+    let broker = start_with_config(
+        tmp.path(),
+        &format!("max_frame_bytes = {FRAME_LIMIT}\nmax_message_bytes = 1048576\n"),
+    );
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    assert_eq!(client.welcome().max_frame_bytes, FRAME_LIMIT);
+
+    // The client library refuses before sending: the connection stays usable.
+    let big = NewMessage::from_value(vec![7u8; 100 * 1024]);
+    let err = client
+        .produce("t", vec![big])
+        .await
+        .expect_err("over the frame limit");
+    let message = err.to_string();
+    assert!(
+        message.contains(&FRAME_LIMIT.to_string()) && message.contains("max_frame_bytes"),
+        "names the limit: {message}"
+    );
+    assert_eq!(client.ping(1).await.expect("same connection"), 1);
+    let many = (0..20)
+        .map(|_| NewMessage::from_value(vec![1u8; 4096]))
+        .collect();
+    let err = client
+        .produce("t", many)
+        .await
+        .expect_err("a batch over the frame limit");
+    assert!(err.to_string().contains("max_frame_bytes"), "{err}");
+    let p = client
+        .produce("t", vec![NewMessage::from_value("fits")])
+        .await
+        .expect("produce");
+    assert_eq!(
+        p.first_offset, 0,
+        "nothing of the refused requests was stored"
+    );
+
+    // A client that sends such a frame anyway gets RESOURCE_EXHAUSTED naming
+    // the limit, then the close; other clients are untouched.
+    let hello = pb::ClientFrame {
+        request_id: 1,
+        request: Some(pb::client_frame::Request::Hello(pb::Hello {
+            protocol_version: 1,
+            client_name: "raw".into(),
+            token: None,
+        })),
+    };
+    let mut bytes = frame(&hello.encode_to_vec());
+    bytes.extend(frame(&vec![0u8; FRAME_LIMIT as usize + 1]));
+    let frames = raw_exchange(&broker.addr, &bytes);
+    let errors: Vec<_> = frames
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(pb::server_frame::Kind::Response(pb::Response {
+                result: Some(pb::response::Result::Error(e)),
+                ..
+            })) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "{frames:?}");
+    assert_eq!(errors[0].code, pb::Code::ResourceExhausted as i32);
+    assert!(
+        errors[0].message.contains(&FRAME_LIMIT.to_string()),
+        "{}",
+        errors[0].message
+    );
+    assert_eq!(client.ping(2).await.expect("other clients unaffected"), 2);
+}
+
+/// A message that fits in a produce frame must come back out: the fetch
+/// reply carrying it is a few bytes larger (offset, timestamp) and today
+/// exceeds the frame limit, so the server's writer fails and the connection
+/// closes with no error. The same happens to messages stored under a larger
+/// limit before a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a fetch reply over max_frame_bytes drops the connection without an error (src/server/connection.rs)"]
+async fn a_stored_message_near_the_frame_limit_can_be_fetched_or_is_refused_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    // The largest value whose produce frame fits.
+    let produce_frame = |len: usize| pb::ClientFrame {
+        request_id: 1,
+        request: Some(pb::client_frame::Request::Produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![pb::NewMessage {
+                value: vec![0u8; len].into(),
+                ..Default::default()
+            }],
+        })),
+    };
+    let len = (0..FRAME_LIMIT as usize)
+        .rev()
+        .find(|&len| produce_frame(len).encoded_len() <= FRAME_LIMIT as usize)
+        .expect("some value fits");
+    match client
+        .produce("t", vec![NewMessage::from_value(vec![9u8; len])])
+        .await
+    {
+        // Refusing what cannot be fetched is clean too.
+        Err(e) => assert!(e.to_string().contains("limit"), "{e}"),
+        Ok(p) => {
+            let fetched = client
+                .fetch(
+                    "t",
+                    FetchOptions {
+                        from: Some(Position::Offset(p.first_offset)),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            match fetched {
+                Ok(f) => assert_eq!(f.messages[0].message.value.len(), len),
+                Err(e) => {
+                    assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+                    assert!(e.to_string().contains("max_frame_bytes"), "{e}");
+                }
+            }
+        }
+    }
+    assert_eq!(
+        client.ping(1).await.expect("the connection stays usable"),
+        1
+    );
+}
