@@ -473,7 +473,6 @@ async fn a_full_disk_refuses_produce_keeps_every_ack_and_recovers_when_space_ret
 /// log reserves segment space in doubling steps (up to 16 MiB) and fails the
 /// produce when a whole step cannot be reserved, even if the batch itself fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "ensure_allocated refuses a batch that fits when a whole allocation step does not (src/storage/log.rs)"]
 async fn a_disk_full_refusal_means_the_batch_did_not_fit() {
     let disk = TinyDisk::new(DISK_MIB);
     let data = disk.dir.join("data");

@@ -400,11 +400,27 @@ impl Log {
             .min(active.map.capacity())
             .max(need);
         let log = &active.segment.paths().log;
-        active
-            .segment
-            .file()
-            .allocate(target)
-            .ctx(|| format!("reserving {target} bytes for {}", log.display()))?;
+        let file = active.segment.file();
+        let target = match file.allocate(target) {
+            // The step ahead does not fit, but what this write needs may.
+            Err(e) if crate::error::is_disk_full(&e) => {
+                let just_enough = need
+                    .next_multiple_of(MIN_ALLOCATION_STEP)
+                    .min(active.map.capacity())
+                    .max(need);
+                if just_enough >= target {
+                    return Err(e)
+                        .ctx(|| format!("reserving {target} bytes for {}", log.display()));
+                }
+                file.allocate(just_enough)
+                    .ctx(|| format!("reserving {just_enough} bytes for {}", log.display()))?;
+                just_enough
+            }
+            other => {
+                other.ctx(|| format!("reserving {target} bytes for {}", log.display()))?;
+                target
+            }
+        };
         active.allocated = target;
         active.size_dirty = true;
         Ok(())
