@@ -53,8 +53,7 @@ impl Journal {
         storage
             .create_dir_all(dir)
             .ctx(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(format!("{name}.journal"));
-        let snap_path = dir.join(format!("{name}.snap"));
+        let (path, snap_path) = paths(dir, name);
         let mut replayed = Replayed::default();
         // Entries with a sequence below this are already in the snapshot.
         let mut first_uncovered = 0u64;
@@ -144,6 +143,42 @@ impl Journal {
             },
             replayed,
         ))
+    }
+
+    /// Creates the journal `name` in `dir` holding `entries`, and opens it.
+    /// The name appears only once every entry is durable (temp file, fsync,
+    /// rename, dir fsync), so a crash never leaves a journal that exists
+    /// without the entries its creator wrote first (a group's mode and start).
+    /// Fails if the journal or its snapshot exists.
+    pub fn create(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        entries: &[Vec<u8>],
+    ) -> Result<(Journal, Replayed)> {
+        storage
+            .create_dir_all(dir)
+            .ctx(|| format!("creating {}", dir.display()))?;
+        let (path, _) = paths(dir, name);
+        if Journal::exists(&*storage, dir, name) {
+            return Err(Error::AlreadyExists(format!(
+                "journal {} exists",
+                path.display()
+            )));
+        }
+        let mut buf = Vec::new();
+        for (seq, payload) in entries.iter().enumerate() {
+            let entry = NewMessage::from_value(Bytes::copy_from_slice(payload));
+            record::encode(&mut buf, seq as u64, 0, &entry);
+        }
+        write_file_atomic(&*storage, &path, &buf).ctx(|| format!("creating {}", path.display()))?;
+        Journal::open(storage, dir, name)
+    }
+
+    /// Whether the journal `name` (or its snapshot) exists in `dir`.
+    pub fn exists(storage: &dyn Storage, dir: &Path, name: &str) -> bool {
+        let (path, snap_path) = paths(dir, name);
+        storage.exists(&path) || storage.exists(&snap_path)
     }
 
     fn check(&self) -> Result<()> {
@@ -239,6 +274,14 @@ impl Journal {
             .sync_dir(&self.dir)
             .ctx(|| format!("syncing {}", self.dir.display()))
     }
+}
+
+/// The journal file and the snapshot file of journal `name` in `dir`.
+fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{name}.journal")),
+        dir.join(format!("{name}.snap")),
+    )
 }
 
 fn read_all(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
@@ -364,6 +407,38 @@ mod tests {
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"kept".to_vec()]);
         assert_eq!(replayed.truncated.map(|t| t.at), Some(len));
+    }
+
+    #[test]
+    fn a_created_journal_exists_only_with_its_first_entries() {
+        for syncs in 0..4 {
+            let disk = Arc::new(SimDisk::new());
+            disk.power_off_after_syncs(Some(syncs));
+            let created = Journal::create(
+                Arc::clone(&disk) as Arc<dyn Storage>,
+                Path::new("/g"),
+                "group",
+                &[b"config".to_vec(), b"start".to_vec()],
+            );
+            drop(created);
+            disk.power_cut(Some(syncs));
+            let path = Path::new("/g/group.journal");
+            if disk.exists(path) {
+                let (mut j, replayed) = open(&disk);
+                assert_eq!(
+                    replayed.entries,
+                    vec![b"config".to_vec(), b"start".to_vec()],
+                    "cut after {syncs} syncs"
+                );
+                j.append(b"next").expect("append");
+                j.sync().expect("sync");
+                drop(j);
+                let (_, replayed) = open(&disk);
+                assert_eq!(replayed.entries.len(), 3);
+            } else {
+                assert!(syncs < 2, "the journal is durable after its rename");
+            }
+        }
     }
 
     #[test]

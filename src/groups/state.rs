@@ -253,7 +253,20 @@ impl Group {
         config: GroupConfig,
         start: u64,
     ) -> Result<Group> {
-        let (journal, replayed) = Journal::open(storage, dir, name)?;
+        let (journal, replayed) = if Journal::exists(&*storage, dir, name) {
+            Journal::open(storage, dir, name)?
+        } else {
+            // A new group's mode and start are durable before its name is: a
+            // crash half-way through creating it leaves no group rather than
+            // one that comes back with the default config.
+            let initial = [
+                Entry::Config(config).encode(),
+                Entry::Commit(start).encode(),
+            ];
+            Journal::create(storage, dir, name, &initial)?
+        };
+        // An empty journal without a snapshot: left by a crash of a version
+        // that created the file before writing its first entries.
         let fresh = replayed.snapshot.is_none() && replayed.entries.is_empty();
         let mut group = Group {
             name: name.to_owned(),

@@ -1,0 +1,1811 @@
+//! Why this exists: the power-loss promise is about the whole broker, not one
+//! file. A produce, an ack, a commit and a delete are each confirmed on their
+//! own, but they meet in recovery: the log cuts a torn tail, groups clamp into
+//! the log, the deletions journal is replayed, an interrupted compaction swap
+//! is rolled back or finished. This harness drives `Registry`/`Topic` with
+//! random workloads (keyed and `delete_when_consumed` topics, queue and stream
+//! groups, deletes, segment rolls, compaction, dead letters) on the simulated
+//! disk, cuts the power at a random sync (sometimes tearing the last page, and
+//! sometimes again during recovery), reopens, and checks what was *confirmed*
+//! before the cut:
+//!
+//! - every durable message is there once, byte-exact, at its offset, unless it
+//!   was deleted, consumed by every group of a `delete_when_consumed` topic, or
+//!   superseded by a later durable record with its key on a compacted topic;
+//! - no confirmed ack (or dead-letter hand-off) is undone, a stream group
+//!   resumes at its confirmed commit or a later unconfirmed one, a confirmed
+//!   delete stays deleted, every pending message is delivered again;
+//! - offsets go on without reuse; `verify` finds no damage; recovery succeeds.
+//!
+//! Under `fsync=always` "confirmed" means the call returned; under
+//! `interval`/`never` only what a sync (or the tick) made durable counts.
+//!
+//! `SPOOL_POWER_CUTS=N` sets the number of random workloads (each ends in one
+//! to three power cuts); `SPOOL_POWER_SEED=S` replays a run (the summary line
+//! names the seed; a failure prints the shrunk workload). Known bugs the
+//! harness found are pinned by the `#[ignore]`d tests at the end; it steps
+//! around them unless `SPOOL_POWER_STRICT=1` (see `strict`).
+
+use bytes::Bytes;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed, TestError, TestRunner};
+use spool::broker::topic::dlq_headers;
+use spool::broker::{Cleanup, Position, Registry, RegistryOptions, Topic, TopicConfig};
+use spool::groups::{GroupMode, RangeSet};
+use spool::storage::io::{SimDisk, Storage};
+use spool::storage::log::now_ms;
+use spool::storage::verify::verify;
+use spool::storage::{DataDir, Durability, FsyncPolicy, LogConfig, Message, NewMessage, Offset};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+const ROOT: &str = "/data";
+/// Large enough that no read or fetch here is cut by bytes.
+const NO_BYTE_LIMIT: usize = 64 << 20;
+/// Leases outlive every workload unless a `Timeout` moves the clock.
+const ACK_TIMEOUT_MS: u64 = 60_000;
+/// Header carrying a message's unique number (first header of every message).
+const ID_HEADER: &str = "id";
+/// Default number of workloads: about 1 800 power cuts, some 10 s of a
+/// debug build.
+const DEFAULT_CASES: u32 = 800;
+const MAX_GROUPS: usize = 4;
+
+/// Whether the harness also fails on the known bugs it otherwise steps
+/// around (`SPOOL_POWER_STRICT=1`); each has its smallest case, marked
+/// `#[ignore]`, at the end of this file:
+/// - compaction drops a synced record for a later one with its key that a
+///   cut can still take back (`fsync=interval`/`never`);
+/// - a deletion made durable ahead of the log outlives the message the cut
+///   took and hides the next message given its offset;
+/// - a deletion in a segment a producer seals while compaction runs is
+///   forgotten by the deletions journal;
+/// - a queue fetch completes a deleted offset durably in its group while the
+///   deletion itself is not synced yet (`fsync=interval`/`never`), so after a
+///   cut the message is back for replay but never delivered to that group.
+fn strict() -> bool {
+    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRICT.get_or_init(|| std::env::var("SPOOL_POWER_STRICT").is_ok_and(|v| v == "1"))
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct TopicSpec {
+    fsync: FsyncPolicy,
+    /// `cleanup = compact`.
+    keyed: bool,
+    delete_when_consumed: bool,
+    segment_bytes: u64,
+    max_deliveries: u32,
+    /// The groups it starts with: `true` = queue group.
+    groups: Vec<bool>,
+}
+
+#[derive(Debug, Clone)]
+struct MsgSpec {
+    key: Option<u8>,
+    headers: u8,
+    value_len: u16,
+    /// A producer timestamp this many ms in the past.
+    ts_back: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SeekTo {
+    Earliest,
+    Latest,
+    /// A fraction (of 65 536) of the log end.
+    Fraction(u16),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Produce {
+        topic: usize,
+        msgs: Vec<MsgSpec>,
+    },
+    Fetch {
+        topic: usize,
+        group: usize,
+        max: usize,
+    },
+    /// Acks the held messages picked by the bit mask.
+    Ack {
+        topic: usize,
+        group: usize,
+        pick: u64,
+    },
+    Nack {
+        topic: usize,
+        group: usize,
+        pick: u64,
+    },
+    /// The clock passes the ack timeout: every lease runs out.
+    Timeout,
+    /// A stream-group read from its commit.
+    Read {
+        topic: usize,
+        group: usize,
+    },
+    Commit {
+        topic: usize,
+        group: usize,
+        delta: i8,
+    },
+    Seek {
+        topic: usize,
+        group: usize,
+        to: SeekTo,
+    },
+    /// Deletes the offsets at these fractions (of 65 536) of the log end.
+    Delete {
+        topic: usize,
+        at: Vec<u16>,
+    },
+    Compact {
+        topic: usize,
+    },
+    /// Compaction while a producer fills (and rolls) the active segment.
+    CompactWhileProducing {
+        topic: usize,
+    },
+    /// `log().sync()` then `sync_state()`: what confirms under `never`.
+    Sync {
+        topic: usize,
+    },
+    /// The `interval` ticker.
+    Tick {
+        topic: usize,
+    },
+    CreateGroup {
+        topic: usize,
+        queue: bool,
+        latest: bool,
+    },
+}
+
+impl Op {
+    /// The topic (index) the op works on; `None` for the clock.
+    fn topic(&self) -> Option<usize> {
+        match self {
+            Op::Timeout => None,
+            Op::Produce { topic, .. }
+            | Op::Fetch { topic, .. }
+            | Op::Ack { topic, .. }
+            | Op::Nack { topic, .. }
+            | Op::Read { topic, .. }
+            | Op::Commit { topic, .. }
+            | Op::Seek { topic, .. }
+            | Op::Delete { topic, .. }
+            | Op::Compact { topic }
+            | Op::CompactWhileProducing { topic }
+            | Op::Sync { topic }
+            | Op::Tick { topic }
+            | Op::CreateGroup { topic, .. } => Some(*topic),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Epoch {
+    ops: Vec<Op>,
+    /// Before this op the power is set to go off (never, if past the end:
+    /// the cut then falls between two operations).
+    arm_at: usize,
+    /// ...after this many more syncs.
+    extra_syncs: u64,
+    tear: Option<u64>,
+    /// A second cut after this many syncs of recovery, with its own tear.
+    recovery_cut: Option<(u64, Option<u64>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    topics: Vec<TopicSpec>,
+    epochs: Vec<Epoch>,
+}
+
+fn topic_strategy() -> impl Strategy<Value = TopicSpec> {
+    let fsync = prop_oneof![
+        7 => Just(FsyncPolicy::Always),
+        2 => Just(FsyncPolicy::Interval(1)),
+        1 => Just(FsyncPolicy::Never),
+    ];
+    (
+        fsync,
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
+        1024u64..4096,
+        2u32..5,
+        vec(any::<bool>(), 1..=2),
+    )
+        .prop_map(
+            |(fsync, keyed, delete_when_consumed, segment_bytes, max_deliveries, groups)| {
+                TopicSpec {
+                    fsync,
+                    keyed,
+                    delete_when_consumed,
+                    segment_bytes,
+                    max_deliveries,
+                    groups,
+                }
+            },
+        )
+}
+
+fn msg_strategy() -> impl Strategy<Value = MsgSpec> {
+    (
+        prop::option::weighted(0.7, 0u8..6),
+        0u8..3,
+        prop_oneof![3 => 0u16..64, 1 => 64u16..400],
+        prop::option::of(0u16..10_000),
+    )
+        .prop_map(|(key, headers, value_len, ts_back)| MsgSpec {
+            key,
+            headers,
+            value_len,
+            ts_back,
+        })
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let t = || 0usize..2;
+    let g = || 0usize..MAX_GROUPS;
+    prop_oneof![
+        10 => (t(), vec(msg_strategy(), 1..6)).prop_map(|(topic, msgs)| Op::Produce { topic, msgs }),
+        5 => (t(), g(), 1usize..8).prop_map(|(topic, group, max)| Op::Fetch { topic, group, max }),
+        5 => (t(), g(), any::<u64>()).prop_map(|(topic, group, pick)| Op::Ack { topic, group, pick }),
+        2 => (t(), g(), any::<u64>()).prop_map(|(topic, group, pick)| Op::Nack { topic, group, pick }),
+        1 => Just(Op::Timeout),
+        2 => (t(), g()).prop_map(|(topic, group)| Op::Read { topic, group }),
+        3 => (t(), g(), -6i8..12).prop_map(|(topic, group, delta)| Op::Commit { topic, group, delta }),
+        1 => (t(), g(), prop_oneof![
+                Just(SeekTo::Earliest),
+                Just(SeekTo::Latest),
+                any::<u16>().prop_map(SeekTo::Fraction),
+            ])
+            .prop_map(|(topic, group, to)| Op::Seek { topic, group, to }),
+        2 => (t(), vec(any::<u16>(), 1..4)).prop_map(|(topic, at)| Op::Delete { topic, at }),
+        2 => t().prop_map(|topic| Op::Compact { topic }),
+        1 => t().prop_map(|topic| Op::CompactWhileProducing { topic }),
+        2 => t().prop_map(|topic| Op::Sync { topic }),
+        1 => t().prop_map(|topic| Op::Tick { topic }),
+        1 => (t(), any::<bool>(), any::<bool>())
+            .prop_map(|(topic, queue, latest)| Op::CreateGroup { topic, queue, latest }),
+    ]
+}
+
+fn epoch_strategy() -> impl Strategy<Value = Epoch> {
+    (
+        vec(op_strategy(), 1..40),
+        0usize..48,
+        0u64..12,
+        prop::option::of(any::<u64>()),
+        prop::option::weighted(0.25, (0u64..8, prop::option::of(any::<u64>()))),
+    )
+        .prop_map(|(ops, arm_at, extra_syncs, tear, recovery_cut)| Epoch {
+            ops,
+            arm_at,
+            extra_syncs,
+            tear,
+            recovery_cut,
+        })
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (vec(topic_strategy(), 1..=2), vec(epoch_strategy(), 1..=3))
+        .prop_map(|(topics, epochs)| Case { topics, epochs })
+}
+
+// ---------------------------------------------------------------------------
+// The model of what was confirmed
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct GroupModel {
+    queue: bool,
+    /// Creation returned Ok; otherwise the group may or may not come back.
+    exists_sure: bool,
+    /// Came back after an unconfirmed creation: its state is not modelled.
+    adopted: bool,
+    /// Queue: completions that are durable.
+    done_sure: RangeSet,
+    /// Queue: acks in memory, not (known to be) durable.
+    done_maybe: RangeSet,
+    /// Queue: delivered to the member and not given back.
+    held: BTreeSet<u64>,
+    /// Queue: ids of messages whose dead-letter hand-off was confirmed.
+    dead_sure: BTreeSet<u64>,
+    /// Queue: fetches the power cut interrupted (each may leave one dead
+    /// letter behind whose completion was lost, so it goes again).
+    interrupted_fetches: u32,
+    /// Stream: durable commit.
+    committed_sure: u64,
+    /// Stream: later commits (in order), not (known to be) durable.
+    committed_maybe: Vec<u64>,
+}
+
+impl GroupModel {
+    fn new(queue: bool, start: u64, exists_sure: bool) -> GroupModel {
+        let mut done_sure = RangeSet::new();
+        done_sure.insert_range(0..start);
+        GroupModel {
+            queue,
+            exists_sure,
+            adopted: false,
+            done_sure,
+            done_maybe: RangeSet::new(),
+            held: BTreeSet::new(),
+            dead_sure: BTreeSet::new(),
+            interrupted_fetches: 0,
+            committed_sure: start,
+            committed_maybe: Vec::new(),
+        }
+    }
+
+    /// Stream: the commit the broker holds in memory.
+    fn committed_now(&self) -> u64 {
+        self.committed_maybe
+            .last()
+            .copied()
+            .unwrap_or(self.committed_sure)
+    }
+
+    /// Completed durably and in memory right now.
+    fn sure_done(&self, o: u64) -> bool {
+        if self.queue {
+            self.done_sure.contains(o)
+        } else {
+            o < self.committed_sure.min(self.committed_now())
+        }
+    }
+
+    /// Completed in some state a power cut could leave.
+    fn maybe_done(&self, o: u64) -> bool {
+        if self.queue {
+            self.done_sure.contains(o) || self.done_maybe.contains(o)
+        } else {
+            let top = self.committed_maybe.iter().copied().max().unwrap_or(0);
+            o < self.committed_sure.max(top)
+        }
+    }
+
+    /// Everything in memory became durable (a sync returned).
+    fn confirm(&mut self) {
+        let maybe = std::mem::take(&mut self.done_maybe);
+        for r in maybe.iter() {
+            self.done_sure.insert_range(r);
+        }
+        self.committed_sure = self.committed_now();
+        self.committed_maybe.clear();
+    }
+}
+
+#[derive(Debug)]
+struct TopicModel {
+    name: String,
+    spec: TopicSpec,
+    /// What each offset holds (or would hold, for an unconfirmed produce).
+    msgs: BTreeMap<u64, NewMessage>,
+    /// Everything below is durable (the highest `durable_end` seen).
+    durable_end: u64,
+    /// The highest log end readers were shown.
+    published_end: u64,
+    /// Deleted or consumed by every group, durably: never visible again.
+    hidden_sure: BTreeSet<u64>,
+    /// May be hidden after a cut (unconfirmed deletes and consumption).
+    hidden_maybe: BTreeSet<u64>,
+    /// Deletes applied in memory, not yet durable (`interval`/`never`).
+    deleted_pending: BTreeSet<u64>,
+    groups: BTreeMap<String, GroupModel>,
+}
+
+impl TopicModel {
+    fn always(&self) -> bool {
+        self.spec.fsync == FsyncPolicy::Always
+    }
+
+    fn group_named(&self, queue: bool, pick: usize) -> Option<String> {
+        let names: Vec<&String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.queue == queue && g.exists_sure)
+            .map(|(n, _)| n)
+            .collect();
+        (!names.is_empty()).then(|| names[pick % names.len()].clone())
+    }
+
+    /// Everything in memory became durable.
+    fn confirm_state(&mut self) {
+        let pending = std::mem::take(&mut self.deleted_pending);
+        self.hidden_sure.extend(pending);
+        for g in self.groups.values_mut() {
+            g.confirm();
+        }
+    }
+
+    /// On `delete_when_consumed` topics, what every group completed is gone.
+    fn update_consumed(&mut self) {
+        if !self.spec.delete_when_consumed || self.groups.is_empty() {
+            return;
+        }
+        let offsets: Vec<u64> = self.msgs.keys().copied().collect();
+        for o in offsets {
+            if self.hidden_sure.contains(&o) {
+                continue;
+            }
+            if self
+                .groups
+                .values()
+                .all(|g| g.exists_sure && g.sure_done(o))
+            {
+                self.hidden_sure.insert(o);
+                continue;
+            }
+            let sure: Vec<&GroupModel> = self.groups.values().filter(|g| g.exists_sure).collect();
+            let unsure = self.groups.values().filter(|g| !g.exists_sure);
+            let maybe = sure.iter().all(|g| g.maybe_done(o))
+                && (!sure.is_empty() || unsure.into_iter().any(|g| g.maybe_done(o)));
+            if maybe {
+                self.hidden_maybe.insert(o);
+            }
+        }
+    }
+
+    /// Whether compaction may have dropped `o` for a later durable record
+    /// with its key.
+    fn superseded(&self, o: u64, latest_durable: &HashMap<Bytes, u64>) -> bool {
+        self.spec.keyed
+            && self.msgs[&o]
+                .key
+                .as_ref()
+                .is_some_and(|k| latest_durable.get(k).is_some_and(|&l| l > o))
+    }
+
+    fn latest_durable_per_key(&self) -> HashMap<Bytes, u64> {
+        // Known bug (see `strict`): a published record that was never synced
+        // may have superseded a synced one.
+        let horizon = if self.always() || strict() {
+            self.durable_end
+        } else {
+            self.published_end
+        };
+        let mut latest = HashMap::new();
+        for (&o, m) in self.msgs.range(..horizon) {
+            if let Some(k) = &m.key {
+                latest.insert(k.clone(), o);
+            }
+        }
+        latest
+    }
+}
+
+#[derive(Debug)]
+struct Produced {
+    topic: String,
+    offset: u64,
+    message: NewMessage,
+}
+
+#[derive(Debug, Default)]
+struct Figures {
+    cases: u64,
+    cuts: u64,
+    recovery_cuts: u64,
+    /// Confirmed messages found intact, summed over every recovery.
+    messages: u64,
+    /// Queue completions found not undone.
+    completions: u64,
+    /// Stream commits found where they were confirmed (or later).
+    commits: u64,
+    /// Deletions (and consumptions) found still hidden.
+    hidden: u64,
+    /// Confirmed dead letters found in their dead-letter topic.
+    dead_letters: u64,
+}
+
+struct Model {
+    topics: Vec<TopicModel>,
+    next_id: u64,
+    history: HashMap<u64, Produced>,
+    /// How far the test clock runs ahead of the wall clock.
+    skew: u64,
+}
+
+impl Model {
+    fn now(&self) -> u64 {
+        now_ms() + self.skew
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn topic_name(i: usize) -> String {
+    format!("t{i}")
+}
+
+fn topic_config(spec: &TopicSpec) -> TopicConfig {
+    TopicConfig {
+        cleanup: if spec.keyed {
+            Cleanup::Compact
+        } else {
+            Cleanup::Delete
+        },
+        delete_when_consumed: spec.delete_when_consumed,
+        max_deliveries: spec.max_deliveries,
+        ack_timeout_ms: ACK_TIMEOUT_MS,
+        log: LogConfig {
+            segment_bytes: spec.segment_bytes,
+            index_interval_bytes: 256,
+            fsync: spec.fsync,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    }
+}
+
+fn open_registry(disk: &Arc<SimDisk>) -> spool::Result<Registry> {
+    let data = DataDir::open(Arc::clone(disk) as Arc<dyn Storage>, ROOT)?;
+    Registry::open(data, RegistryOptions::default())
+}
+
+fn fail(what: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(what.to_string())
+}
+
+/// The result of a broker call: `None` when it failed because the power is
+/// off, a test failure when it failed with the power on.
+fn outcome<T>(disk: &SimDisk, what: &str, r: spool::Result<T>) -> Result<Option<T>, TestCaseError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if disk.is_powered_off() => Ok(None),
+        Err(e) => Err(fail(format!("{what} failed with the power on: {e}"))),
+    }
+}
+
+fn build_message(id: u64, spec: &MsgSpec, keyed: bool) -> NewMessage {
+    let mut m = NewMessage::from_value(
+        (0..spec.value_len as u64)
+            .map(|i| (id.wrapping_mul(31).wrapping_add(i * 7)) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .with_header(ID_HEADER, id.to_string());
+    for h in 0..spec.headers {
+        m = m.with_header(format!("h{h}"), format!("{id}-{h}").into_bytes());
+    }
+    if let Some(k) = spec.key {
+        // Few keys on compacted topics, so records supersede each other.
+        let key = if keyed {
+            format!("k{k}")
+        } else {
+            format!("k{k}-{id}")
+        };
+        m = m.with_key(key.into_bytes());
+    }
+    m.timestamp_ms = spec.ts_back.map(|back| now_ms() - u64::from(back));
+    m
+}
+
+fn id_of(headers: &[spool::storage::Header]) -> Option<u64> {
+    headers
+        .iter()
+        .find(|h| h.name == ID_HEADER)
+        .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse().ok())
+}
+
+fn header<'a>(m: &'a Message, name: &str) -> Option<&'a [u8]> {
+    m.headers
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| &h.value[..])
+}
+
+/// Key, headers, value and (when the producer set one) timestamp match.
+fn same_message(topic: &str, got: &Message, want: &NewMessage) -> Result<(), TestCaseError> {
+    let ok = got.key == want.key
+        && got.headers == want.headers
+        && got.value == want.value
+        && want.timestamp_ms.is_none_or(|ts| ts == got.timestamp_ms);
+    prop_assert!(
+        ok,
+        "{topic}: offset {} holds {got:?}, but {want:?} was produced there",
+        got.offset.0
+    );
+    Ok(())
+}
+
+/// Every stored record, deleted or not.
+fn read_raw(t: &Topic) -> Result<Vec<Message>, TestCaseError> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = t
+            .log()
+            .read(Offset(from), 1000, NO_BYTE_LIMIT)
+            .map_err(|e| fail(format!("{}: reading the log: {e}", t.name())))?;
+        let Some(last) = batch.last() else {
+            return Ok(out);
+        };
+        from = last.offset.0 + 1;
+        out.extend(batch);
+    }
+}
+
+/// Every message a replay shows.
+fn read_visible(t: &Topic) -> Result<Vec<Message>, TestCaseError> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = t
+            .read(from, 1000, NO_BYTE_LIMIT)
+            .map_err(|e| fail(format!("{}: replay: {e}", t.name())))?;
+        let Some(last) = batch.last() else {
+            return Ok(out);
+        };
+        from = last.offset.0 + 1;
+        out.extend(batch);
+    }
+}
+
+fn picked(held: &BTreeSet<u64>, pick: u64) -> Vec<u64> {
+    held.iter()
+        .enumerate()
+        .filter(|(i, _)| pick & (1 << (i % 64)) != 0)
+        .map(|(_, &o)| o)
+        .collect()
+}
+
+/// A topic's records as `check_log` found them.
+struct LogView {
+    /// Every stored record (deleted or not), by offset.
+    stored: BTreeMap<u64, Message>,
+    /// Offsets a replay shows.
+    visible: BTreeSet<u64>,
+    /// Confirmed messages found intact.
+    confirmed: u64,
+}
+
+/// What the log holds and shows, checked against the model: records
+/// byte-exact at their offsets and once each, nothing `forbidden` visible,
+/// every confirmed message visible unless legitimately gone.
+fn check_log(
+    t: &Topic,
+    tm: &TopicModel,
+    forbidden: &BTreeSet<u64>,
+    when: &str,
+) -> Result<LogView, TestCaseError> {
+    let name = &tm.name;
+    let end = t.stats().end.0;
+    let mut raw = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for m in read_raw(t)? {
+        let o = m.offset.0;
+        prop_assert!(
+            raw.last_key_value().is_none_or(|(&p, _)| o > p),
+            "{name} {when}: offset {o} read out of order or twice"
+        );
+        prop_assert!(
+            o < end,
+            "{name} {when}: record {o} at or past the end {end}"
+        );
+        let Some(want) = tm.msgs.get(&o) else {
+            return Err(fail(format!(
+                "{name} {when}: offset {o} holds {m:?}, but nothing was produced there"
+            )));
+        };
+        same_message(name, &m, want)?;
+        let id = id_of(&m.headers).ok_or_else(|| fail("a record without its id"))?;
+        prop_assert!(ids.insert(id), "{name} {when}: message {id} stored twice");
+        raw.insert(o, m);
+    }
+    let mut visible = BTreeSet::new();
+    for m in read_visible(t)? {
+        let o = m.offset.0;
+        let Some(stored) = raw.get(&o) else {
+            return Err(fail(format!(
+                "{name} {when}: replay shows offset {o}, which the log does not hold"
+            )));
+        };
+        prop_assert_eq!(stored, &m, "{} {}: replay differs from the log", name, when);
+        visible.insert(o);
+    }
+    for &o in forbidden {
+        prop_assert!(
+            !visible.contains(&o),
+            "{name} {when}: offset {o} was deleted or consumed (confirmed) and is visible again"
+        );
+    }
+    let latest = tm.latest_durable_per_key();
+    let mut confirmed = 0;
+    for &o in tm.msgs.range(..tm.durable_end).map(|(o, _)| o) {
+        if tm.hidden_sure.contains(&o) || tm.hidden_maybe.contains(&o) || tm.superseded(o, &latest)
+        {
+            continue;
+        }
+        prop_assert!(
+            visible.contains(&o),
+            "{name} {when}: the durable message at offset {o} (id {:?}) is lost; the log ends at {end}, durable end was {}",
+            id_of(&tm.msgs[&o].headers),
+            tm.durable_end
+        );
+        confirmed += 1;
+    }
+    Ok(LogView {
+        stored: raw,
+        visible,
+        confirmed,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Running a workload
+// ---------------------------------------------------------------------------
+
+/// Produces `specs` as one batch and records what the offsets would hold.
+/// Returns whether the produce returned.
+fn produce(
+    disk: &SimDisk,
+    t: &Topic,
+    tm: &mut TopicModel,
+    next_id: &mut u64,
+    history: &mut HashMap<u64, Produced>,
+    specs: &[MsgSpec],
+) -> Result<bool, TestCaseError> {
+    let first = t.stats().end.0;
+    prop_assert!(
+        first >= tm.durable_end,
+        "{}: the next offset {first} is below the durable end {}",
+        tm.name,
+        tm.durable_end
+    );
+    let batch: Vec<NewMessage> = specs
+        .iter()
+        .map(|s| {
+            let id = *next_id;
+            *next_id += 1;
+            build_message(id, s, tm.spec.keyed)
+        })
+        .collect();
+    for (i, m) in batch.iter().enumerate() {
+        let offset = first + i as u64;
+        tm.msgs.insert(offset, m.clone());
+        let id = id_of(&m.headers).expect("every built message has an id");
+        history.insert(
+            id,
+            Produced {
+                topic: tm.name.clone(),
+                offset,
+                message: m.clone(),
+            },
+        );
+    }
+    let Some(appended) = outcome(disk, "produce", t.produce(&batch))? else {
+        return Ok(false);
+    };
+    prop_assert_eq!(
+        (appended.first.0, appended.last.0),
+        (first, first + batch.len() as u64 - 1),
+        "{}: offsets of a batch",
+        &tm.name
+    );
+    if tm.always() {
+        prop_assert_eq!(appended.durability, Durability::Durable);
+    }
+    Ok(true)
+}
+
+/// Runs one op; returns whether it failed (the power went off).
+fn run_op(
+    disk: &SimDisk,
+    reg: &Registry,
+    model: &mut Model,
+    op: &Op,
+) -> Result<bool, TestCaseError> {
+    let now = model.now();
+    let Model {
+        topics,
+        next_id,
+        history,
+        skew,
+    } = model;
+    let Some(topic) = op.topic() else {
+        *skew += ACK_TIMEOUT_MS + 1;
+        return Ok(false);
+    };
+    let count = topics.len();
+    let tm = &mut topics[topic % count];
+    let t = reg
+        .topic(&tm.name)
+        .map_err(|e| fail(format!("topic {}: {e}", tm.name)))?;
+    let always = tm.always();
+    let failed = match op {
+        Op::Timeout => unreachable!("the clock has no topic"),
+        Op::Produce { msgs, .. } => !produce(disk, &t, tm, next_id, history, msgs)?,
+        Op::Fetch { group, max, .. } => {
+            let Some(g) = tm.group_named(true, *group) else {
+                return Ok(false);
+            };
+            let fetched = outcome(
+                disk,
+                "queue fetch",
+                reg.fetch_queue(&tm.name, &g, "m", *max, NO_BYTE_LIMIT, now),
+            )?;
+            if !strict() {
+                // Known bug (see `strict`): returned or not, the fetch may
+                // have completed pending deletions durably.
+                let gm = tm.groups.get_mut(&g).expect("picked from the model");
+                for &o in &tm.deleted_pending {
+                    gm.done_maybe.insert(o);
+                }
+            }
+            match fetched {
+                None => {
+                    if let Some(gm) = tm.groups.get_mut(&g) {
+                        gm.interrupted_fetches += 1;
+                    }
+                    true
+                }
+                Some(f) => {
+                    for d in &f.deliveries {
+                        let o = d.message.offset.0;
+                        let want = tm.msgs.get(&o).ok_or_else(|| {
+                            fail(format!("{}: delivered offset {o} never produced", tm.name))
+                        })?;
+                        same_message(&tm.name, &d.message, want)?;
+                        prop_assert!(
+                            !tm.hidden_sure.contains(&o) && !tm.deleted_pending.contains(&o),
+                            "{}: deleted or consumed offset {o} delivered to {g}",
+                            tm.name
+                        );
+                        let gm = &tm.groups[&g];
+                        prop_assert!(
+                            !gm.done_sure.contains(o) && !gm.done_maybe.contains(o),
+                            "{}: acked offset {o} delivered again to {g}",
+                            tm.name
+                        );
+                    }
+                    let gm = tm.groups.get_mut(&g).expect("picked from the model");
+                    for d in &f.deliveries {
+                        gm.held.insert(d.message.offset.0);
+                    }
+
+                    for l in &f.dead_letters {
+                        let o = l.offset;
+                        prop_assert!(
+                            !gm.done_sure.contains(o) && !gm.done_maybe.contains(o),
+                            "{}: acked offset {o} dead-lettered by {g}",
+                            tm.name
+                        );
+                        let id = id_of(&l.message.headers)
+                            .ok_or_else(|| fail("a dead letter without its id"))?;
+                        gm.dead_sure.insert(id);
+                        gm.done_sure.insert(o);
+                        gm.held.remove(&o);
+                    }
+                    false
+                }
+            }
+        }
+        Op::Ack { group, pick, .. } => {
+            let Some(g) = tm.group_named(true, *group) else {
+                return Ok(false);
+            };
+            let gm = tm.groups.get_mut(&g).expect("picked from the model");
+            let offsets = picked(&gm.held, *pick);
+            if offsets.is_empty() {
+                return Ok(false);
+            }
+            let done = outcome(disk, "ack", t.ack(&g, &offsets))?.is_some();
+            for &o in &offsets {
+                gm.held.remove(&o);
+                if done && always {
+                    gm.done_sure.insert(o);
+                } else {
+                    gm.done_maybe.insert(o);
+                }
+            }
+            !done
+        }
+        Op::Nack { group, pick, .. } => {
+            let Some(g) = tm.group_named(true, *group) else {
+                return Ok(false);
+            };
+            let gm = tm.groups.get_mut(&g).expect("picked from the model");
+            let offsets = picked(&gm.held, *pick);
+            for o in &offsets {
+                gm.held.remove(o);
+            }
+            outcome(disk, "nack", t.nack(&g, &offsets, 0))?.is_none()
+        }
+        Op::Read { group, .. } => {
+            let Some(g) = tm.group_named(false, *group) else {
+                return Ok(false);
+            };
+            let from = tm.groups[&g].committed_now();
+            match outcome(
+                disk,
+                "stream fetch",
+                t.fetch_stream(&g, "m", None, 20, NO_BYTE_LIMIT),
+            )? {
+                None => true,
+                Some(msgs) => {
+                    let mut last = None;
+                    for m in &msgs {
+                        let o = m.offset.0;
+                        prop_assert!(
+                            o >= from && last.is_none_or(|l| o > l),
+                            "{}: stream read of {g} from {from} returned {o} out of order",
+                            tm.name
+                        );
+                        last = Some(o);
+                        let want = tm.msgs.get(&o).ok_or_else(|| {
+                            fail(format!("{}: read offset {o} never produced", tm.name))
+                        })?;
+                        same_message(&tm.name, m, want)?;
+                        prop_assert!(
+                            !tm.hidden_sure.contains(&o) && !tm.deleted_pending.contains(&o),
+                            "{}: deleted or consumed offset {o} read by {g}",
+                            tm.name
+                        );
+                    }
+                    false
+                }
+            }
+        }
+        Op::Commit { group, delta, .. } => {
+            let Some(g) = tm.group_named(false, *group) else {
+                return Ok(false);
+            };
+            let end = t.stats().end.0;
+            let current = tm.groups[&g].committed_now();
+            let to = current.saturating_add_signed(i64::from(*delta)).min(end);
+            let done = outcome(disk, "commit", t.commit(&g, to))?.is_some();
+            let gm = tm.groups.get_mut(&g).expect("picked from the model");
+            if done && always {
+                gm.committed_sure = to;
+                gm.committed_maybe.clear();
+            } else {
+                gm.committed_maybe.push(to);
+            }
+            !done
+        }
+        Op::Seek { group, to, .. } => {
+            let Some(g) = tm.group_named(false, *group) else {
+                return Ok(false);
+            };
+            let position = match *to {
+                SeekTo::Earliest => Position::Earliest,
+                SeekTo::Latest => Position::Latest,
+                SeekTo::Fraction(f) => Position::Offset(t.stats().end.0 * u64::from(f) / (1 << 16)),
+            };
+            let target = t
+                .resolve(position)
+                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?;
+            let done = outcome(disk, "seek", t.seek(&g, position))?;
+            if let Some(at) = done {
+                prop_assert_eq!(at, target, "seek to {:?}", position);
+            }
+            let gm = tm.groups.get_mut(&g).expect("picked from the model");
+            if done.is_some() && always {
+                gm.committed_sure = target;
+                gm.committed_maybe.clear();
+            } else {
+                gm.committed_maybe.push(target);
+            }
+            done.is_none()
+        }
+        Op::Delete { at, .. } => {
+            let end = t.stats().end.0;
+            if end == 0 {
+                return Ok(false);
+            }
+            let offsets: Vec<u64> = at.iter().map(|&f| end * u64::from(f) / (1 << 16)).collect();
+            let done = outcome(disk, "delete", t.delete(&offsets))?.is_some();
+            if done && always {
+                tm.hidden_sure.extend(&offsets);
+            } else {
+                tm.hidden_maybe.extend(&offsets);
+                if done {
+                    tm.deleted_pending.extend(&offsets);
+                }
+            }
+            !done
+        }
+        Op::Compact { .. } => {
+            let done =
+                outcome(disk, "compaction", reg.compact(Some(&tm.name), &mut |_| {}))?.is_some();
+            if done && !disk.is_powered_off() {
+                let mut forbidden = tm.hidden_sure.clone();
+                forbidden.extend(&tm.deleted_pending);
+                check_log(&t, tm, &forbidden, "after compaction")?;
+            }
+            !done
+        }
+        Op::CompactWhileProducing { .. } => {
+            // A producer fills the active segment while compaction runs, so
+            // the segment compaction treated as active is sealed under it.
+            let specs: Vec<MsgSpec> = (0..tm.spec.segment_bytes / 200 + 1)
+                .map(|_| MsgSpec {
+                    key: None,
+                    headers: 0,
+                    value_len: 150,
+                    ts_back: None,
+                })
+                .collect();
+            // Known bug (see `strict`): a deletion in the segment sealed
+            // under compaction is forgotten; step around it unless strict.
+            let active_base = t.log().segments().last().map_or(0, |s| s.base());
+            let deletions_in_active = tm
+                .hidden_sure
+                .iter()
+                .chain(&tm.hidden_maybe)
+                .chain(&tm.deleted_pending)
+                .any(|&o| o >= active_base);
+            let mut produced: Option<Result<bool, TestCaseError>> =
+                (deletions_in_active && !strict()).then_some(Ok(true));
+            let name = tm.name.clone();
+            let compacted = reg.compact(Some(&name), &mut |_| {
+                if produced.is_none() {
+                    produced = Some(produce(disk, &t, tm, next_id, history, &specs));
+                }
+            });
+            let produce_failed = match produced {
+                Some(r) => !r?,
+                None => false,
+            };
+            let done = outcome(disk, "compaction", compacted)?.is_some();
+            if done && !produce_failed && !disk.is_powered_off() {
+                let mut forbidden = tm.hidden_sure.clone();
+                forbidden.extend(&tm.deleted_pending);
+                check_log(
+                    &t,
+                    tm,
+                    &forbidden,
+                    "after compaction with a concurrent produce",
+                )?;
+            }
+            !done || produce_failed
+        }
+        Op::Sync { .. } => {
+            let done = outcome(disk, "log sync", t.log().sync())?.is_some()
+                && outcome(disk, "state sync", t.sync_state())?.is_some();
+            if done {
+                tm.confirm_state();
+            }
+            !done
+        }
+        Op::Tick { .. } => {
+            let done = outcome(disk, "tick", t.tick())?.is_some();
+            let stats = t.stats();
+            // The tick syncs state exactly when the log is durable afterwards.
+            if done
+                && matches!(tm.spec.fsync, FsyncPolicy::Interval(_))
+                && stats.durable_end == stats.end
+            {
+                tm.confirm_state();
+            }
+            !done
+        }
+        Op::CreateGroup { queue, latest, .. } => {
+            if tm.groups.len() >= MAX_GROUPS {
+                return Ok(false);
+            }
+            let name = format!("g{}", tm.groups.len());
+            let position = if *latest {
+                Position::Latest
+            } else {
+                Position::Earliest
+            };
+            let start = t
+                .resolve(position)
+                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?;
+            let mode = if *queue {
+                GroupMode::Queue
+            } else {
+                GroupMode::Stream
+            };
+            let created = outcome(
+                disk,
+                "group creation",
+                t.create_group(&name, mode, position),
+            )?;
+            if let Some(info) = &created {
+                prop_assert_eq!(info.committed, start, "start of new group {}", &name);
+            }
+            tm.groups
+                .insert(name, GroupModel::new(*queue, start, created.is_some()));
+            created.is_none()
+        }
+    };
+    // What returned is confirmed even when the power went off right after.
+    {
+        for (tm, t) in topics
+            .iter_mut()
+            .filter_map(|tm| reg.topic(&tm.name).ok().map(|t| (tm, t)))
+        {
+            let stats = t.stats();
+            tm.durable_end = tm.durable_end.max(stats.durable_end.0);
+            tm.published_end = tm.published_end.max(stats.end.0);
+            if tm.always() {
+                prop_assert_eq!(
+                    stats.durable_end,
+                    stats.end,
+                    "{}: under fsync=always the published end is durable",
+                    &tm.name
+                );
+            }
+            tm.update_consumed();
+        }
+    }
+    Ok(failed)
+}
+
+// ---------------------------------------------------------------------------
+// Recovery and the checks after it
+// ---------------------------------------------------------------------------
+
+/// Opens the registry after a cut, optionally cutting the power once more
+/// in the middle of recovery.
+fn recover(
+    disk: &Arc<SimDisk>,
+    recovery_cut: Option<(u64, Option<u64>)>,
+    figures: &mut Figures,
+) -> Result<Registry, TestCaseError> {
+    if let Some((extra, tear)) = recovery_cut {
+        disk.power_off_after_syncs(Some(disk.sync_count() + extra));
+        let attempt = open_registry(disk);
+        let off = disk.is_powered_off();
+        match attempt {
+            Ok(reg) if !off => {
+                disk.power_off_after_syncs(None);
+                return Ok(reg);
+            }
+            Ok(reg) => drop(reg),
+            Err(_) if off => {}
+            Err(e) => return Err(fail(format!("recovery failed with the power on: {e}"))),
+        }
+        disk.power_cut(tear);
+        figures.cuts += 1;
+        figures.recovery_cuts += 1;
+    }
+    open_registry(disk).map_err(|e| fail(format!("recovery after a power cut failed: {e}")))
+}
+
+/// Checks one topic after recovery and brings the model in line with what
+/// the broker now holds (every unconfirmed outcome is settled by then).
+fn check_topic(
+    reg: &Registry,
+    tm: &mut TopicModel,
+    now: u64,
+    figures: &mut Figures,
+) -> Result<(), TestCaseError> {
+    let name = tm.name.clone();
+    let t = reg
+        .topic(&name)
+        .map_err(|e| fail(format!("{name} is gone after recovery: {e}")))?;
+    let end = t.stats().end.0;
+    prop_assert!(
+        end >= tm.durable_end,
+        "{name}: the log ends at {end} after recovery, but offsets up to {} were durable",
+        tm.durable_end
+    );
+    if tm.always() {
+        prop_assert!(
+            end >= tm.published_end,
+            "{name}: the log ends at {end} after recovery, but offsets up to {} were shown to readers",
+            tm.published_end
+        );
+    }
+    let LogView {
+        stored: raw,
+        visible,
+        confirmed,
+    } = check_log(&t, tm, &tm.hidden_sure, "after recovery")?;
+    figures.messages += confirmed;
+    figures.hidden += tm.hidden_sure.iter().filter(|&&o| o < end).count() as u64;
+    // A deletion of a message the cut took must not hide the message that
+    // gets its offset next.
+    let mut stale = BTreeSet::new();
+    for &o in tm.hidden_sure.iter().chain(&tm.hidden_maybe) {
+        if o >= end
+            && t.is_deleted(o)
+                .map_err(|e| fail(format!("{name}: is_deleted({o}): {e}")))?
+        {
+            prop_assert!(
+                !strict(),
+                "{name}: offset {o} is past the recovered end {end} and still marked deleted"
+            );
+            stale.insert(o);
+        }
+    }
+
+    let infos = t
+        .list_groups()
+        .map_err(|e| fail(format!("{name}: listing groups: {e}")))?;
+    let observed: BTreeMap<String, GroupMode> =
+        infos.iter().map(|i| (i.name.clone(), i.mode)).collect();
+    for group in observed.keys() {
+        prop_assert!(
+            tm.groups.contains_key(group),
+            "{name}: group {group} appeared from nowhere"
+        );
+    }
+    let names: Vec<String> = tm.groups.keys().cloned().collect();
+    for g in names {
+        let gm = tm.groups.get_mut(&g).expect("listed from the model");
+        let Some(&mode) = observed.get(&g) else {
+            prop_assert!(!gm.exists_sure, "{name}: confirmed group {g} is gone");
+            tm.groups.remove(&g);
+            continue;
+        };
+        let want = if gm.queue {
+            GroupMode::Queue
+        } else {
+            GroupMode::Stream
+        };
+        prop_assert_eq!(
+            mode,
+            want,
+            "{}: group {} came back as a {} group (creation confirmed: {})",
+            &name,
+            &g,
+            mode,
+            gm.exists_sure
+        );
+        if !gm.exists_sure {
+            gm.exists_sure = true;
+            gm.adopted = true;
+        }
+        if gm.queue {
+            check_queue_group(reg, &t, tm, &g, &raw, &visible, now, figures)?;
+        } else {
+            let info = t
+                .describe_group(&g)
+                .map_err(|e| fail(format!("{name}: describing {g}: {e}")))?;
+            let gm = tm.groups.get_mut(&g).expect("listed from the model");
+            if !gm.adopted {
+                let allowed: BTreeSet<u64> = std::iter::once(gm.committed_sure)
+                    .chain(gm.committed_maybe.iter().copied())
+                    .map(|c| c.min(end))
+                    .collect();
+                prop_assert!(
+                    allowed.contains(&info.committed),
+                    "{name}: stream group {g} resumes at {} after recovery; confirmed {}, unconfirmed {:?}",
+                    info.committed,
+                    gm.committed_sure,
+                    gm.committed_maybe
+                );
+                figures.commits += 1;
+            }
+            gm.committed_sure = info.committed;
+            gm.committed_maybe.clear();
+            gm.adopted = false;
+        }
+    }
+
+    // What the broker holds now is the model from here on.
+    tm.msgs = raw
+        .values()
+        .map(|m| {
+            (
+                m.offset.0,
+                NewMessage {
+                    timestamp_ms: Some(m.timestamp_ms),
+                    key: m.key.clone(),
+                    headers: m.headers.clone(),
+                    value: m.value.clone(),
+                },
+            )
+        })
+        .collect();
+    tm.durable_end = end;
+    tm.published_end = end;
+    tm.hidden_sure = raw
+        .keys()
+        .filter(|o| !visible.contains(o))
+        .copied()
+        .collect();
+    // Known bug (see `strict`): the next message at a stale offset is hidden.
+    tm.hidden_maybe = stale;
+    tm.deleted_pending.clear();
+    Ok(())
+}
+
+/// A queue group after recovery: everything pending is delivered again (or
+/// dead-lettered), nothing acked is. Leaves the deliveries nacked.
+#[allow(clippy::too_many_arguments)]
+fn check_queue_group(
+    reg: &Registry,
+    t: &Topic,
+    tm: &mut TopicModel,
+    g: &str,
+    raw: &BTreeMap<u64, Message>,
+    visible: &BTreeSet<u64>,
+    now: u64,
+    figures: &mut Figures,
+) -> Result<(), TestCaseError> {
+    let name = tm.name.clone();
+    let end = t.stats().end.0;
+    let mut delivered = BTreeSet::new();
+    let mut dead = BTreeSet::new();
+    loop {
+        let f = reg
+            .fetch_queue(&name, g, "check", 64, NO_BYTE_LIMIT, now)
+            .map_err(|e| fail(format!("{name}: fetch of {g} after recovery: {e}")))?;
+        if f.deliveries.is_empty() && f.dead_letters.is_empty() {
+            break;
+        }
+        let gm = tm.groups.get_mut(g).expect("checked group is modelled");
+        for d in &f.deliveries {
+            let o = d.message.offset.0;
+            prop_assert!(
+                visible.contains(&o),
+                "{name}: group {g} got offset {o}, which a replay does not show"
+            );
+            prop_assert_eq!(Some(&d.message), raw.get(&o));
+            prop_assert!(
+                !gm.done_sure.contains(o),
+                "{name}: the confirmed ack of offset {o} by {g} is lost: delivered again after recovery"
+            );
+            prop_assert!(delivered.insert(o), "{name}: {o} delivered twice to {g}");
+        }
+        for l in &f.dead_letters {
+            let o = l.offset;
+            prop_assert!(
+                !gm.done_sure.contains(o),
+                "{name}: the confirmed ack of offset {o} by {g} is lost: dead-lettered after recovery"
+            );
+            let id =
+                id_of(&l.message.headers).ok_or_else(|| fail("a dead letter without its id"))?;
+            gm.dead_sure.insert(id);
+            dead.insert(o);
+        }
+    }
+    let gm = tm.groups.get_mut(g).expect("checked group is modelled");
+    if !gm.adopted {
+        for &o in visible {
+            if gm.done_sure.contains(o) {
+                figures.completions += 1;
+            } else if !gm.done_maybe.contains(o) {
+                prop_assert!(
+                    delivered.contains(&o) || dead.contains(&o),
+                    "{name}: offset {o} is pending for {g} but not delivered after recovery"
+                );
+            }
+        }
+    }
+    let offsets: Vec<u64> = delivered.iter().copied().collect();
+    t.nack(g, &offsets, 0)
+        .map_err(|e| fail(format!("{name}: nack after the check: {e}")))?;
+    let mut done = RangeSet::new();
+    let mut from = 0;
+    for &o in &delivered {
+        done.insert_range(from..o);
+        from = o + 1;
+    }
+    done.insert_range(from..end);
+    gm.done_sure = done;
+    gm.done_maybe = RangeSet::new();
+    gm.held.clear();
+    gm.adopted = false;
+    Ok(())
+}
+
+/// Every confirmed dead letter is in its dead-letter topic, intact; a
+/// message is there more than once only after a hand-off a cut interrupted.
+fn check_dead_letters(
+    reg: &Registry,
+    model: &Model,
+    figures: &mut Figures,
+) -> Result<(), TestCaseError> {
+    for tm in &model.topics {
+        let dlq_name = format!("{}.dlq", tm.name);
+        let letters = match reg.topic(&dlq_name) {
+            Ok(dlq) => read_raw(&dlq)?,
+            Err(_) => Vec::new(),
+        };
+        let mut copies: BTreeMap<(String, u64), u32> = BTreeMap::new();
+        for l in &letters {
+            let id = id_of(&l.headers).ok_or_else(|| fail("a dead letter without its id"))?;
+            let p = model
+                .history
+                .get(&id)
+                .ok_or_else(|| fail(format!("{dlq_name}: dead letter {id} was never produced")))?;
+            prop_assert_eq!(&p.topic, &tm.name);
+            prop_assert_eq!(&l.key, &p.message.key);
+            prop_assert_eq!(&l.value, &p.message.value);
+            prop_assert!(
+                l.headers.starts_with(&p.message.headers),
+                "{dlq_name}: dead letter {id} lost its headers: {:?}",
+                l.headers
+            );
+            let offset = p.offset.to_string();
+            prop_assert_eq!(header(l, dlq_headers::OFFSET), Some(offset.as_bytes()));
+            let group = header(l, dlq_headers::GROUP)
+                .map(|g| String::from_utf8_lossy(g).into_owned())
+                .ok_or_else(|| fail("a dead letter without its group"))?;
+            *copies.entry((group, id)).or_default() += 1;
+        }
+        for (g, gm) in &tm.groups {
+            for &id in &gm.dead_sure {
+                prop_assert!(
+                    copies.contains_key(&(g.clone(), id)),
+                    "{}: the confirmed dead letter {id} of {g} is missing from {dlq_name}",
+                    tm.name
+                );
+                figures.dead_letters += 1;
+            }
+        }
+        for ((g, id), n) in copies {
+            let gm = tm.groups.get(&g);
+            let allowed = gm.map_or(0, |gm| {
+                u32::from(gm.dead_sure.contains(&id)) + gm.interrupted_fetches
+            });
+            prop_assert!(
+                n <= allowed,
+                "{dlq_name}: message {id} dead-lettered {n} times by {g} ({allowed} allowed)"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_recovered(
+    reg: &Registry,
+    model: &mut Model,
+    figures: &mut Figures,
+) -> Result<(), TestCaseError> {
+    let now = model.now();
+    for tm in &mut model.topics {
+        check_topic(reg, tm, now, figures)?;
+        tm.update_consumed();
+    }
+    check_dead_letters(reg, model, figures)?;
+    let report = verify(reg.data(), &mut |_| {}).map_err(|e| fail(format!("verify: {e}")))?;
+    prop_assert!(
+        report.is_clean(),
+        "verify after recovery found damage: {:?}",
+        report.damage
+    );
+    Ok(())
+}
+
+fn run_case(case: &Case, figures: &mut Figures) -> Result<(), TestCaseError> {
+    let disk = Arc::new(SimDisk::new());
+    let mut reg = open_registry(&disk).map_err(|e| fail(format!("opening: {e}")))?;
+    let mut model = Model {
+        topics: Vec::new(),
+        next_id: 0,
+        history: HashMap::new(),
+        skew: 0,
+    };
+    for (i, spec) in case.topics.iter().enumerate() {
+        let name = topic_name(i);
+        let t = reg
+            .create_topic(&name, topic_config(spec))
+            .map_err(|e| fail(format!("creating {name}: {e}")))?;
+        let mut groups = BTreeMap::new();
+        for (j, &queue) in spec.groups.iter().enumerate() {
+            let g = format!("g{j}");
+            let mode = if queue {
+                GroupMode::Queue
+            } else {
+                GroupMode::Stream
+            };
+            t.create_group(&g, mode, Position::Earliest)
+                .map_err(|e| fail(format!("creating {g}: {e}")))?;
+            groups.insert(g, GroupModel::new(queue, 0, true));
+        }
+        model.topics.push(TopicModel {
+            name,
+            spec: spec.clone(),
+            msgs: BTreeMap::new(),
+            durable_end: 0,
+            published_end: 0,
+            hidden_sure: BTreeSet::new(),
+            hidden_maybe: BTreeSet::new(),
+            deleted_pending: BTreeSet::new(),
+            groups,
+        });
+    }
+    figures.cases += 1;
+    for epoch in &case.epochs {
+        for (i, op) in epoch.ops.iter().enumerate() {
+            if i == epoch.arm_at {
+                disk.power_off_after_syncs(Some(disk.sync_count() + epoch.extra_syncs));
+            }
+            // Everything after the power went off fails: on to the cut.
+            if run_op(&disk, &reg, &mut model, op)? || disk.is_powered_off() {
+                break;
+            }
+        }
+        drop(reg);
+        disk.power_cut(epoch.tear);
+        figures.cuts += 1;
+        reg = recover(&disk, epoch.recovery_cut, figures)?;
+        check_recovered(&reg, &mut model, figures)?;
+    }
+    Ok(())
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn power_cuts_in_random_broker_workloads_lose_nothing_confirmed() {
+    let cases = env_u64("SPOOL_POWER_CUTS").map_or(DEFAULT_CASES, |n| n as u32);
+    let seed = env_u64("SPOOL_POWER_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let config = Config {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new(config);
+    let figures = std::cell::RefCell::new(Figures::default());
+    let result = runner.run(&case_strategy(), |case| {
+        run_case(&case, &mut figures.borrow_mut())
+    });
+    let f = figures.into_inner();
+    match result {
+        Ok(()) => eprintln!(
+            "power_loss: {} power cuts ({} during recovery) in {} workloads, {} acked messages checked, \
+             0 lost; {} queue completions, {} stream commits, {} deletions, {} dead letters kept \
+             (SPOOL_POWER_SEED={seed})",
+            f.cuts,
+            f.recovery_cuts,
+            f.cases,
+            f.messages,
+            f.completions,
+            f.commits,
+            f.hidden,
+            f.dead_letters
+        ),
+        Err(TestError::Fail(reason, case)) => {
+            panic!("{reason}\nminimal failing workload (SPOOL_POWER_SEED={seed}):\n{case:#?}")
+        }
+        Err(e) => panic!("{e} (SPOOL_POWER_SEED={seed})"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Smallest cases of what the harness found
+// ---------------------------------------------------------------------------
+
+fn small_topic(reg: &Registry, name: &str, fsync: FsyncPolicy, cleanup: Cleanup) -> Arc<Topic> {
+    let config = TopicConfig {
+        cleanup,
+        log: LogConfig {
+            segment_bytes: 1024,
+            fsync,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    reg.create_topic(name, config).expect("create topic")
+}
+
+fn values(t: &Topic) -> Vec<(u64, Bytes)> {
+    read_visible(t)
+        .expect("replay")
+        .into_iter()
+        .map(|m| (m.offset.0, m.value))
+        .collect()
+}
+
+#[test]
+fn a_group_whose_creation_was_cut_comes_back_with_its_mode_or_not_at_all() {
+    // The group's journal name must not become durable before its first
+    // entries (mode and start): reopened without them, it came back as a
+    // stream group.
+    for extra in 0..4 {
+        let disk = Arc::new(SimDisk::new());
+        let reg = open_registry(&disk).expect("open");
+        let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+        t.produce(&[NewMessage::from_value("m")]).expect("produce");
+        disk.power_off_after_syncs(Some(disk.sync_count() + extra));
+        let created = t.create_group("q", GroupMode::Queue, Position::Latest);
+        drop(t);
+        drop(reg);
+        disk.power_cut(Some(extra));
+        let reg = open_registry(&disk).expect("recover");
+        let t = reg.topic("t").expect("topic");
+        match t.describe_group("q") {
+            Ok(info) => {
+                assert_eq!(info.mode, GroupMode::Queue, "cut after {extra} syncs");
+                assert_eq!(info.committed, 1, "cut after {extra} syncs");
+            }
+            Err(e) => assert!(created.is_err(), "confirmed group lost: {e}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "compaction lets a record the power cut can take back supersede a synced one: \
+            Topic::latest_offset_per_key must read only below durable_end (src/broker/topic.rs)"]
+fn compaction_keeps_a_synced_record_whose_successor_is_not_synced() {
+    // fsync=never: the first record is synced by the seal; its successor with
+    // the same key is only written. Compaction must not drop the first for a
+    // record a power cut takes back.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "kv", FsyncPolicy::Never, Cleanup::Compact);
+    let old = Bytes::from(vec![b'a'; 980]);
+    t.produce(&[NewMessage::from_value(old.clone()).with_key("k")])
+        .expect("produce");
+    // Does not fit: seals (and syncs) the first segment.
+    t.produce(&[NewMessage::from_value("new").with_key("k")])
+        .expect("produce");
+    assert_eq!(t.stats().durable_end.0, 1, "the first record is durable");
+    reg.compact(Some("kv"), &mut |_| {}).expect("compact");
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("kv").expect("topic");
+    assert!(
+        values(&t) == vec![(0, old)],
+        "the synced value of k is lost: the topic holds {:?}",
+        read_raw(&t).expect("read")
+    );
+}
+
+#[test]
+#[ignore = "Topic::open replays deletions past the recovered log end; they hide the next \
+            messages given those offsets (fix in src/broker/topic.rs: clamp and snapshot)"]
+fn a_deletion_of_a_message_the_cut_took_does_not_hide_its_successor() {
+    // fsync=never: a message only written, then deleted; compaction makes the
+    // deletions journal durable. The cut takes the message; the message that
+    // gets its offset next must be visible.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Never, Cleanup::Delete);
+    for i in 0..3u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 300])])
+            .expect("produce");
+    }
+    // Seals the first segment (3 records), then stays in the page cache.
+    let lost = t
+        .produce(&[NewMessage::from_value(vec![9; 300])])
+        .expect("produce")
+        .first
+        .0;
+    assert_eq!(
+        t.stats().durable_end.0,
+        lost,
+        "only the sealed segment is synced"
+    );
+    t.delete(&[0, lost]).expect("delete");
+    reg.compact(Some("t"), &mut |_| {}).expect("compact");
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    assert_eq!(t.stats().end.0, lost, "the unsynced message is gone");
+    let next = t
+        .produce(&[NewMessage::from_value("successor")])
+        .expect("produce");
+    t.log().sync().expect("sync");
+    assert_eq!(next.first.0, lost);
+    assert!(
+        values(&t).contains(&(lost, Bytes::from("successor"))),
+        "the message at offset {lost} is hidden by the deletion of its predecessor"
+    );
+}
+
+#[test]
+#[ignore = "Topic::prune_deletions prunes below the active segment at the end of compaction, \
+            not the one compaction started with (fix in src/broker/topic.rs)"]
+fn a_deletion_in_a_segment_sealed_during_compaction_stays() {
+    // Online compaction: a producer seals the segment compaction took for the
+    // active one. A deletion in that segment was not compacted away, so the
+    // deletions journal must keep it.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    for i in 0..5u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 300])])
+            .expect("produce");
+    }
+    let active_base = t.log().segments().last().expect("active").base();
+    assert!(
+        active_base > 0 && active_base < 5,
+        "a sealed and an active segment"
+    );
+    t.delete(&[0, active_base]).expect("delete");
+    let mut rolled = false;
+    reg.compact(Some("t"), &mut |_| {
+        if !rolled {
+            for i in 0..4u8 {
+                t.produce(&[NewMessage::from_value(vec![i; 300])])
+                    .expect("produce during compaction");
+            }
+            rolled = true;
+        }
+    })
+    .expect("compact");
+    assert!(rolled);
+    assert!(
+        t.log().segments().last().expect("active").base() > active_base,
+        "the producer sealed the segment compaction took for the active one"
+    );
+    let visible = |t: &Topic| values(t).iter().any(|&(o, _)| o == active_base);
+    assert!(
+        !visible(&t),
+        "deleted offset {active_base} is visible again"
+    );
+    drop(t);
+    drop(reg);
+    let reg = open_registry(&disk).expect("reopen");
+    let t = reg.topic("t").expect("topic");
+    assert!(
+        !visible(&t),
+        "deleted offset {active_base} is visible after a restart"
+    );
+}
+
+#[test]
+#[ignore = "Topic::fetch_queue syncs a group's completion of a deleted offset before the \
+            deletion itself (fix in src/broker/topic.rs: sync the deletions journal first)"]
+fn a_completion_derived_from_a_deletion_is_not_durable_before_the_deletion() {
+    // fsync=never: the deletion is in memory only; a queue fetch passes the
+    // deleted offset, completes it for its group and syncs the group. The cut
+    // takes the deletion back, so the message is there again for replay, and
+    // the group must get it too.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Never, Cleanup::Delete);
+    t.produce(&[
+        NewMessage::from_value("first"),
+        NewMessage::from_value("second"),
+    ])
+    .expect("produce");
+    t.log().sync().expect("sync");
+    t.ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    t.delete(&[0]).expect("delete (written, not synced)");
+    let fetched = reg
+        .fetch_queue("t", "q", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    assert_eq!(
+        fetched.deliveries.len(),
+        1,
+        "the deleted message is skipped"
+    );
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    assert_eq!(
+        values(&t)[0],
+        (0, Bytes::from("first")),
+        "the deletion was not durable"
+    );
+    let again = reg
+        .fetch_queue("t", "q", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let offsets: Vec<u64> = again
+        .deliveries
+        .iter()
+        .map(|d| d.message.offset.0)
+        .collect();
+    assert_eq!(
+        offsets,
+        vec![0, 1],
+        "the group lost message 0 to a deletion that did not happen"
+    );
+}
