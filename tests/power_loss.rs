@@ -22,9 +22,8 @@
 //!
 //! `SPOOL_POWER_CUTS=N` sets the number of random workloads (each ends in one
 //! to three power cuts); `SPOOL_POWER_SEED=S` replays a run (the summary line
-//! names the seed; a failure prints the shrunk workload). Known bugs the
-//! harness found are pinned by the `#[ignore]`d tests at the end; it steps
-//! around them unless `SPOOL_POWER_STRICT=1` (see `strict`).
+//! names the seed; a failure prints the shrunk workload). The bugs the
+//! harness found are pinned by the small tests at the end.
 
 use bytes::Bytes;
 use proptest::collection::vec;
@@ -51,23 +50,6 @@ const ID_HEADER: &str = "id";
 /// debug build.
 const DEFAULT_CASES: u32 = 800;
 const MAX_GROUPS: usize = 4;
-
-/// Whether the harness also fails on the known bugs it otherwise steps
-/// around (`SPOOL_POWER_STRICT=1`); each has its smallest case, marked
-/// `#[ignore]`, at the end of this file:
-/// - compaction drops a synced record for a later one with its key that a
-///   cut can still take back (`fsync=interval`/`never`);
-/// - a deletion made durable ahead of the log outlives the message the cut
-///   took and hides the next message given its offset;
-/// - a deletion in a segment a producer seals while compaction runs is
-///   forgotten by the deletions journal;
-/// - a queue fetch completes a deleted offset durably in its group while the
-///   deletion itself is not synced yet (`fsync=interval`/`never`), so after a
-///   cut the message is back for replay but never delivered to that group.
-fn strict() -> bool {
-    static STRICT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var("SPOOL_POWER_STRICT").is_ok_and(|v| v == "1"))
-}
 
 // ---------------------------------------------------------------------------
 // Workloads
@@ -467,15 +449,8 @@ impl TopicModel {
     }
 
     fn latest_durable_per_key(&self) -> HashMap<Bytes, u64> {
-        // Known bug (see `strict`): a published record that was never synced
-        // may have superseded a synced one.
-        let horizon = if self.always() || strict() {
-            self.durable_end
-        } else {
-            self.published_end
-        };
         let mut latest = HashMap::new();
-        for (&o, m) in self.msgs.range(..horizon) {
+        for (&o, m) in self.msgs.range(..self.durable_end) {
             if let Some(k) = &m.key {
                 latest.insert(k.clone(), o);
             }
@@ -836,14 +811,6 @@ fn run_op(
                 "queue fetch",
                 reg.fetch_queue(&tm.name, &g, "m", *max, NO_BYTE_LIMIT, now),
             )?;
-            if !strict() {
-                // Known bug (see `strict`): returned or not, the fetch may
-                // have completed pending deletions durably.
-                let gm = tm.groups.get_mut(&g).expect("picked from the model");
-                for &o in &tm.deleted_pending {
-                    gm.done_maybe.insert(o);
-                }
-            }
             match fetched {
                 None => {
                     if let Some(gm) = tm.groups.get_mut(&g) {
@@ -1038,17 +1005,7 @@ fn run_op(
                     ts_back: None,
                 })
                 .collect();
-            // Known bug (see `strict`): a deletion in the segment sealed
-            // under compaction is forgotten; step around it unless strict.
-            let active_base = t.log().segments().last().map_or(0, |s| s.base());
-            let deletions_in_active = tm
-                .hidden_sure
-                .iter()
-                .chain(&tm.hidden_maybe)
-                .chain(&tm.deleted_pending)
-                .any(|&o| o >= active_base);
-            let mut produced: Option<Result<bool, TestCaseError>> =
-                (deletions_in_active && !strict()).then_some(Ok(true));
+            let mut produced: Option<Result<bool, TestCaseError>> = None;
             let name = tm.name.clone();
             let compacted = reg.compact(Some(&name), &mut |_| {
                 if produced.is_none() {
@@ -1211,18 +1168,14 @@ fn check_topic(
     figures.hidden += tm.hidden_sure.iter().filter(|&&o| o < end).count() as u64;
     // A deletion of a message the cut took must not hide the message that
     // gets its offset next.
-    let mut stale = BTreeSet::new();
     for &o in tm.hidden_sure.iter().chain(&tm.hidden_maybe) {
-        if o >= end
-            && t.is_deleted(o)
-                .map_err(|e| fail(format!("{name}: is_deleted({o}): {e}")))?
-        {
-            prop_assert!(
-                !strict(),
-                "{name}: offset {o} is past the recovered end {end} and still marked deleted"
-            );
-            stale.insert(o);
-        }
+        prop_assert!(
+            o < end
+                || !t
+                    .is_deleted(o)
+                    .map_err(|e| fail(format!("{name}: is_deleted({o}): {e}")))?,
+            "{name}: offset {o} is past the recovered end {end} and still marked deleted"
+        );
     }
 
     let infos = t
@@ -1311,8 +1264,7 @@ fn check_topic(
         .filter(|o| !visible.contains(o))
         .copied()
         .collect();
-    // Known bug (see `strict`): the next message at a stale offset is hidden.
-    tm.hidden_maybe = stale;
+    tm.hidden_maybe = BTreeSet::new();
     tm.deleted_pending.clear();
     Ok(())
 }
@@ -1633,8 +1585,6 @@ fn a_group_whose_creation_was_cut_comes_back_with_its_mode_or_not_at_all() {
 }
 
 #[test]
-#[ignore = "compaction lets a record the power cut can take back supersede a synced one: \
-            Topic::latest_offset_per_key must read only below durable_end (src/broker/topic.rs)"]
 fn compaction_keeps_a_synced_record_whose_successor_is_not_synced() {
     // fsync=never: the first record is synced by the seal; its successor with
     // the same key is only written. Compaction must not drop the first for a
@@ -1663,8 +1613,6 @@ fn compaction_keeps_a_synced_record_whose_successor_is_not_synced() {
 }
 
 #[test]
-#[ignore = "Topic::open replays deletions past the recovered log end; they hide the next \
-            messages given those offsets (fix in src/broker/topic.rs: clamp and snapshot)"]
 fn a_deletion_of_a_message_the_cut_took_does_not_hide_its_successor() {
     // fsync=never: a message only written, then deleted; compaction makes the
     // deletions journal durable. The cut takes the message; the message that
@@ -1707,8 +1655,6 @@ fn a_deletion_of_a_message_the_cut_took_does_not_hide_its_successor() {
 }
 
 #[test]
-#[ignore = "Topic::prune_deletions prunes below the active segment at the end of compaction, \
-            not the one compaction started with (fix in src/broker/topic.rs)"]
 fn a_deletion_in_a_segment_sealed_during_compaction_stays() {
     // Online compaction: a producer seals the segment compaction took for the
     // active one. A deletion in that segment was not compacted away, so the
@@ -1758,13 +1704,11 @@ fn a_deletion_in_a_segment_sealed_during_compaction_stays() {
 }
 
 #[test]
-#[ignore = "Topic::fetch_queue syncs a group's completion of a deleted offset before the \
-            deletion itself (fix in src/broker/topic.rs: sync the deletions journal first)"]
 fn a_completion_derived_from_a_deletion_is_not_durable_before_the_deletion() {
     // fsync=never: the deletion is in memory only; a queue fetch passes the
-    // deleted offset, completes it for its group and syncs the group. The cut
-    // takes the deletion back, so the message is there again for replay, and
-    // the group must get it too.
+    // deleted offset, completes it for its group and syncs the group. Either
+    // the deletion is durable with it, or a cut takes both back: if the
+    // message is there again for replay, the group must get it too.
     let disk = Arc::new(SimDisk::new());
     let reg = open_registry(&disk).expect("open");
     let t = small_topic(&reg, "t", FsyncPolicy::Never, Cleanup::Delete);
@@ -1790,11 +1734,7 @@ fn a_completion_derived_from_a_deletion_is_not_durable_before_the_deletion() {
     disk.power_cut(None);
     let reg = open_registry(&disk).expect("recover");
     let t = reg.topic("t").expect("topic");
-    assert_eq!(
-        values(&t)[0],
-        (0, Bytes::from("first")),
-        "the deletion was not durable"
-    );
+    let replayed: Vec<u64> = values(&t).iter().map(|(o, _)| *o).collect();
     let again = reg
         .fetch_queue("t", "q", "m", 10, NO_BYTE_LIMIT, now_ms())
         .expect("fetch");
@@ -1804,8 +1744,7 @@ fn a_completion_derived_from_a_deletion_is_not_durable_before_the_deletion() {
         .map(|d| d.message.offset.0)
         .collect();
     assert_eq!(
-        offsets,
-        vec![0, 1],
-        "the group lost message 0 to a deletion that did not happen"
+        offsets, replayed,
+        "the group gets exactly what replay shows after the cut"
     );
 }

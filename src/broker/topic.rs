@@ -137,7 +137,7 @@ impl Topic {
         validate_name("topic", name)?;
         config.validate()?;
         let log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
-        let (deletes, replayed) = Journal::open(Arc::clone(&storage), dir, DELETES_JOURNAL)?;
+        let (mut deletes, replayed) = Journal::open(Arc::clone(&storage), dir, DELETES_JOURNAL)?;
         let mut deleted = RangeSet::new();
         for payload in replayed.snapshot.iter().chain(&replayed.entries) {
             for chunk in payload.chunks_exact(16) {
@@ -147,11 +147,23 @@ impl Topic {
                 deleted.insert_range(from..to);
             }
         }
+        let stats = log.stats();
+        if deleted.iter().any(|r| r.end > stats.end.0) {
+            // Deletions of offsets a power cut took from the log must not hide
+            // the messages that will get those offsets next.
+            tracing::warn!(
+                topic = name,
+                end = stats.end.0,
+                "dropping deletions past the end of the recovered log"
+            );
+            deleted.remove_from(stats.end.0);
+            deletes.sync()?;
+            deletes.snapshot(&deletions_payload(&deleted))?;
+        }
         let groups_dir = dir.join(GROUPS_DIR);
         storage
             .create_dir_all(&groups_dir)
             .ctx(|| format!("creating {}", groups_dir.display()))?;
-        let stats = log.stats();
         let mut groups = BTreeMap::new();
         let mut names = storage
             .list_dir(&groups_dir)
@@ -501,6 +513,11 @@ impl Topic {
                 }
             }
         }
+        // Completions of deleted offsets above stand on the deletions: those
+        // reach the disk first.
+        if !state.deletes.is_synced() {
+            state.deletes.sync()?;
+        }
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes.
         let g = self.queue_group(&mut state.groups, group)?;
@@ -707,9 +724,18 @@ impl Topic {
     /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
     /// journal forgets what no segment holds any more.
     pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        // What compaction decides on (deletions, acks) is durable before any
+        // record goes because of it, whatever the fsync policy; a key's
+        // latest record counts only once it is durable too.
+        self.sync_state()?;
         let cleaner = self.cleaner(now_ms)?;
+        // Compaction covers at most the segments sealed now; one a producer
+        // seals meanwhile keeps its records, so its deletions must stay.
+        let compacted_below = self.log.segments().last().map(|s| s.base());
         let stats = self.log.compact(&|r| cleaner.keep(r), progress)?;
-        self.prune_deletions(&cleaner.deleted)?;
+        if let Some(below) = compacted_below {
+            self.prune_deletions(&cleaner.deleted, below)?;
+        }
         Ok(stats)
     }
 
@@ -743,17 +769,18 @@ impl Topic {
         })
     }
 
-    /// The last offset of every key (compaction keeps only that record).
+    /// The last durable offset of every key (compaction keeps only that
+    /// record: a later one a power cut could still take does not count).
     fn latest_offset_per_key(&self) -> Result<std::collections::HashMap<bytes::Bytes, u64>> {
         let mut latest = std::collections::HashMap::new();
         let mut from = 0u64;
-        let end = self.log.end().0;
+        let end = self.log.stats().durable_end.0;
         while from < end {
             let batch = self.log.read(Offset(from), 10_000, 64 << 20)?;
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 break;
             };
-            for m in batch {
+            for m in batch.into_iter().take_while(|m| m.offset.0 < end) {
                 if let Some(key) = m.key {
                     latest.insert(key, m.offset.0);
                 }
@@ -763,23 +790,17 @@ impl Topic {
         Ok(latest)
     }
 
-    /// Every deleted offset below the active segment was just removed from the
-    /// sealed segments, so the journal keeps only the rest. Skipped when a
-    /// deletion arrived meanwhile (the next pass prunes it).
-    fn prune_deletions(&self, used: &RangeSet) -> Result<()> {
-        let Some(active_base) = self.log.segments().last().map(|s| s.base()) else {
-            return Ok(());
-        };
+    /// Every deleted offset below `compacted_below` (the active segment's base
+    /// when compaction started) was just removed from the sealed segments, so
+    /// the journal keeps only the rest. Skipped when a deletion arrived
+    /// meanwhile (the next pass prunes it).
+    fn prune_deletions(&self, used: &RangeSet, compacted_below: u64) -> Result<()> {
         let mut state = self.state()?;
-        if &state.deleted != used || state.deleted.iter().all(|r| r.start >= active_base) {
+        if &state.deleted != used || state.deleted.iter().all(|r| r.start >= compacted_below) {
             return Ok(());
         }
-        state.deleted.remove_below(active_base);
-        let mut payload = Vec::with_capacity(state.deleted.range_count() * 16);
-        for r in state.deleted.iter() {
-            payload.extend_from_slice(&r.start.to_le_bytes());
-            payload.extend_from_slice(&r.end.to_le_bytes());
-        }
+        state.deleted.remove_below(compacted_below);
+        let payload = deletions_payload(&state.deleted);
         state.deletes.sync()?;
         state.deletes.snapshot(&payload)
     }
@@ -813,4 +834,14 @@ fn bad_deletes(dir: &Path) -> Error {
         "{}: malformed deletion entry",
         dir.join(DELETES_JOURNAL).display()
     ))
+}
+
+/// The deletions journal's snapshot of `deleted`: `[from, to)` pairs.
+fn deletions_payload(deleted: &RangeSet) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(deleted.range_count() * 16);
+    for r in deleted.iter() {
+        payload.extend_from_slice(&r.start.to_le_bytes());
+        payload.extend_from_slice(&r.end.to_le_bytes());
+    }
+    payload
 }
