@@ -635,3 +635,144 @@ async fn connections_over_the_configured_limit_get_resource_exhausted() {
     }
     assert!(admitted.is_some(), "a freed slot admits a new client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pipelined_requests_gets_exactly_one_answer_each() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--fsync", "never"]);
+
+    // One write carrying 1500 requests: pings, produces and fetches, so
+    // answers pile up in the server's send queue faster than one flush each.
+    const N: u64 = 1500;
+    let mut bytes = hello();
+    for id in 2..2 + N {
+        let request = match id % 3 {
+            0 => pb::client_frame::Request::Ping(pb::PingRequest { nonce: id * 7 }),
+            1 => pb::client_frame::Request::Produce(pb::ProduceRequest {
+                topic: "burst".into(),
+                messages: vec![pb::NewMessage {
+                    value: id.to_string().into_bytes().into(),
+                    ..Default::default()
+                }],
+            }),
+            _ => pb::client_frame::Request::Fetch(pb::FetchRequest {
+                topic: "burst".into(),
+                max_messages: 10,
+                ..Default::default()
+            }),
+        };
+        let f = pb::ClientFrame {
+            request_id: id,
+            request: Some(request),
+        };
+        bytes.extend_from_slice(&frame(&f.encode_to_vec()));
+    }
+    let addr = broker.addr.clone();
+    let frames = tokio::task::spawn_blocking(move || raw_exchange(&addr, &bytes))
+        .await
+        .expect("join");
+    assert!(matches!(
+        frames.first().and_then(|f| f.kind.as_ref()),
+        Some(pb::server_frame::Kind::Welcome(_))
+    ));
+    let mut answered = BTreeSet::new();
+    let mut offsets = BTreeSet::new();
+    for f in &frames[1..] {
+        let Some(pb::server_frame::Kind::Response(r)) = &f.kind else {
+            panic!("only responses follow Welcome: {f:?}");
+        };
+        assert!(
+            answered.insert(r.request_id),
+            "{} answered twice",
+            r.request_id
+        );
+        match (r.request_id % 3, &r.result) {
+            (0, Some(pb::response::Result::Ping(p))) => assert_eq!(p.nonce, r.request_id * 7),
+            (1, Some(pb::response::Result::Produce(p))) => {
+                assert!(offsets.insert(p.first_offset), "offset given twice");
+            }
+            // A fetch may run before the topic exists (NOT_FOUND) or after.
+            (2, Some(pb::response::Result::Fetch(_) | pb::response::Result::Error(_))) => {}
+            (_, other) => panic!("request {} answered with {other:?}", r.request_id),
+        }
+    }
+    assert_eq!(answered, (2..2 + N).collect::<BTreeSet<u64>>());
+    assert_eq!(offsets, (0..N / 3).collect::<BTreeSet<u64>>());
+
+    // The client's writer batches the same way: 1000 calls in flight at once.
+    let client = Client::connect(&broker.addr, "burst")
+        .await
+        .expect("connect");
+    let calls = (0..1000u64).map(|i| {
+        let client = &client;
+        async move {
+            if i % 2 == 0 {
+                assert_eq!(client.ping(i).await.expect("ping"), i);
+                None
+            } else {
+                let p = client
+                    .produce("burst", vec![NewMessage::from_value(i.to_string())])
+                    .await
+                    .expect("produce");
+                Some(p.first_offset)
+            }
+        }
+    });
+    let produced: BTreeSet<u64> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(produced, (N / 3..N / 3 + 500).collect::<BTreeSet<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_latest_gets_what_is_produced_after_its_reply() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--fsync", "never"]);
+    let client = Client::connect(&broker.addr, "latest")
+        .await
+        .expect("connect");
+    client
+        .produce("tail", vec![NewMessage::from_value("before")])
+        .await
+        .expect("produce");
+    for round in 0..20u64 {
+        let mut sub = client
+            .subscribe("tail", None, "m", Some(Position::Latest), 10)
+            .await
+            .expect("subscribe");
+        let p = client
+            .produce("tail", vec![NewMessage::from_value(round.to_string())])
+            .await
+            .expect("produce");
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: nothing delivered"))
+            .expect("subscription open")
+            .expect("delivery");
+        assert_eq!(got.message.offset.0, p.first_offset, "round {round}");
+        client.unsubscribe(sub.id()).await.expect("unsubscribe");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_cannot_send_fails_instead_of_hanging() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The server would take frames of up to 96 MiB; the client's own codec
+    // stops at 64 MiB, so the frame below fails in the client's writer.
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 100663296\n").expect("config");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+    let client = Client::connect(&broker.addr, "big").await.expect("connect");
+    let huge = NewMessage::from_value(vec![0u8; 64 * 1024 * 1024 + 1]);
+    let result = tokio::time::timeout(Duration::from_secs(10), client.produce("t", vec![huge]))
+        .await
+        .expect("the call ends instead of waiting for an answer that cannot come");
+    assert!(result.is_err(), "{result:?}");
+    let again = Client::connect(&broker.addr, "again")
+        .await
+        .expect("connect");
+    assert_eq!(again.ping(1).await.expect("ping"), 1);
+}

@@ -30,7 +30,7 @@ use crate::groups::GroupMode;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
-use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, pb};
+use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, outbox, pb};
 use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
 use prost::Message as _;
@@ -225,15 +225,9 @@ impl Client {
             Some(Err(e)) => return Err(frame_to_client(addr, e)),
             None => return Err(ClientError::Closed),
         };
-        let (mut sink, mut frames) = framed.split();
-        let (out, mut out_rx) = mpsc::channel::<pb::ClientFrame>(256);
-        tokio::spawn(async move {
-            while let Some(frame) = out_rx.recv().await {
-                if sink.send(frame).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (sink, mut frames) = framed.split();
+        let (out, out_rx) = mpsc::channel::<pb::ClientFrame>(256);
+        let mut writer = tokio::spawn(outbox::run(sink, out_rx));
         let pending: Pending = Arc::default();
         let subscriptions: Subscriptions = Arc::default();
         let waiting_subscriptions: Subscriptions = Arc::default();
@@ -245,7 +239,15 @@ impl Client {
             Arc::clone(&closed),
         );
         let reader = tokio::spawn(async move {
-            while let Some(Ok(frame)) = frames.next().await {
+            loop {
+                let frame = tokio::select! {
+                    frame = frames.next() => frame,
+                    // The writer only stops early on a failed write (a frame
+                    // over the limit, a broken socket); the requests it
+                    // dropped would otherwise wait for replies forever.
+                    _ = &mut writer => None,
+                };
+                let Some(Ok(frame)) = frame else { break };
                 match frame.kind {
                     Some(pb::server_frame::Kind::Response(r)) => {
                         let result = match r.result {

@@ -1,8 +1,10 @@
-//! The wire protocol: generated message types ([`pb`]), the frame codec, and
-//! the one place errors become status codes.
+//! The wire protocol: generated message types ([`pb`]), the frame codec, the
+//! connection writer both ends share, and the one place errors become status
+//! codes.
 
 pub mod codec;
 pub mod convert;
+pub mod outbox;
 pub mod status;
 
 /// Types generated from `proto/spool.proto`.

@@ -9,7 +9,7 @@ use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
-use crate::protocol::{PROTOCOL_VERSION, convert, pb, status};
+use crate::protocol::{PROTOCOL_VERSION, convert, outbox, pb, status};
 use crate::storage::record;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -31,6 +31,8 @@ const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 const CAP_MAX_IN_FLIGHT: u32 = 10_000;
 /// Longest long-poll.
 const CAP_WAIT_MS: u32 = 60_000;
+/// Frames queued for the writer before replies and deliveries wait.
+const OUT_QUEUE: usize = 256;
 
 type Outgoing = mpsc::Sender<pb::ServerFrame>;
 
@@ -82,16 +84,12 @@ pub(super) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let codec = FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(broker.config.max_frame_bytes);
-    let (mut sink, mut frames) = Framed::new(stream, codec).split();
-    let (out, mut out_rx) = mpsc::channel::<pb::ServerFrame>(256);
+    let (sink, mut frames) = Framed::new(stream, codec).split();
+    let (out, out_rx) = mpsc::channel::<pb::ServerFrame>(OUT_QUEUE);
     let writer = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            if let Err(e) = sink.send(frame).await {
-                tracing::debug!(%peer, error = %e, "write failed");
-                break;
-            }
+        if let Err(e) = outbox::run(sink, out_rx).await {
+            tracing::debug!(%peer, error = %e, "write failed");
         }
-        let _ = sink.close().await;
     });
 
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await;
@@ -182,6 +180,8 @@ pub(super) async fn serve(
                 None => break,
             },
             _ = shutdown.changed() => break,
+            // The writer stopped on a failed write: no reply can reach the client.
+            _ = out.closed() => break,
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
@@ -201,7 +201,10 @@ struct Conn {
     next_subscription: AtomicU64,
 }
 
-/// Runs blocking engine work off the async threads.
+/// Runs engine work that may wait on the disk on the blocking pool: syncs,
+/// journal writes, reads of the log, and anything under a topic's group-state
+/// lock (acks hold it across their sync). Looking a topic up is a map read and
+/// stays on the async threads (see [`Conn::existing`]).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::Result<T> + Send + 'static,
 ) -> Result<T, pb::Error> {
@@ -269,12 +272,17 @@ impl Conn {
                 ),
             ));
         }
-        let topic_name = s.topic.clone();
-        let b = Arc::clone(&broker);
-        let runtime = blocking(move || b.runtime(&topic_name, false)).await?;
+        let runtime = self.existing(&s.topic)?;
         let t = Arc::clone(runtime.topic());
         let (group, from) = (s.group.clone(), s.from);
-        let target = blocking(move || subscription::target(&t, group, from)).await?;
+        // The start is fixed before the reply goes out: a subscription from
+        // `Latest` gets everything produced after the client saw the reply.
+        let (target, start) = blocking(move || {
+            let target = subscription::target(&t, group, from)?;
+            let start = subscription::start_offset(&t, &target)?;
+            Ok((target, start))
+        })
+        .await?;
         let max_in_flight = match s.max_in_flight {
             0 => DEFAULT_MAX_IN_FLIGHT,
             n => n.min(CAP_MAX_IN_FLIGHT),
@@ -294,8 +302,11 @@ impl Conn {
             id,
             Arc::clone(&broker),
             runtime,
-            target,
-            s.member,
+            subscription::Reader {
+                target,
+                position: start,
+                member: s.member,
+            },
             max_in_flight,
             self.out.clone(),
         );
@@ -339,8 +350,15 @@ impl Conn {
                         )));
                     }
                 }
-                let topic = p.topic.clone();
-                let runtime = blocking(move || broker.runtime(&topic, true)).await?;
+                let runtime = match broker.runtime(&p.topic, false) {
+                    Ok(runtime) => runtime,
+                    // Creating the topic makes folders and syncs them.
+                    Err(crate::Error::NotFound(_)) => {
+                        let topic = p.topic.clone();
+                        blocking(move || broker.runtime(&topic, true)).await?
+                    }
+                    Err(e) => return Err(status::to_wire(&e)),
+                };
                 let appended = runtime.produce(batch).await?;
                 Ok(Reply::Produce(pb::ProduceResponse {
                     first_offset: appended.first.0,
@@ -379,7 +397,7 @@ impl Conn {
                     self.give_credit(a.subscription_id, n);
                     return Ok(Reply::Ok(pb::Empty {}));
                 }
-                let runtime = self.existing(&a.topic).await?;
+                let runtime = self.existing(&a.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let (group, offsets) = (a.group.clone(), a.offsets);
                 let credit_only = a.subscription_id.is_some();
@@ -399,7 +417,7 @@ impl Conn {
             }
             Request::Nack(n) => {
                 let count = n.offsets.len();
-                let runtime = self.existing(&n.topic).await?;
+                let runtime = self.existing(&n.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let requeued = blocking(move || t.nack(&n.group, &n.offsets, n.delay_ms)).await?;
                 self.give_credit(n.subscription_id, count);
@@ -409,13 +427,13 @@ impl Conn {
                 }))
             }
             Request::Commit(c) => {
-                let runtime = self.existing(&c.topic).await?;
+                let runtime = self.existing(&c.topic)?;
                 let t = Arc::clone(runtime.topic());
                 blocking(move || t.commit(&c.group, c.offset)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::Seek(s) => {
-                let runtime = self.existing(&s.topic).await?;
+                let runtime = self.existing(&s.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let to = convert::position(s.to, Position::Earliest);
                 let offset = blocking(move || t.seek(&s.group, to)).await?;
@@ -423,7 +441,7 @@ impl Conn {
                 Ok(Reply::Seek(pb::SeekResponse { offset }))
             }
             Request::Delete(d) => {
-                let runtime = self.existing(&d.topic).await?;
+                let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
                 blocking(move || t.delete(&d.offsets)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
@@ -466,14 +484,14 @@ impl Conn {
             }
             Request::CreateGroup(c) => {
                 let mode = convert::group_mode(c.mode).map_err(|e| status::to_wire(&e))?;
-                let runtime = self.existing(&c.topic).await?;
+                let runtime = self.existing(&c.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let start = convert::position(c.start, Position::Earliest);
                 let info = blocking(move || t.create_group(&c.group, mode, start)).await?;
                 Ok(Reply::Group(convert::group_info(&c.topic, info)))
             }
             Request::ListGroups(l) => {
-                let runtime = self.existing(&l.topic).await?;
+                let runtime = self.existing(&l.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let groups = blocking(move || t.list_groups()).await?;
                 Ok(Reply::Groups(pb::ListGroupsResponse {
@@ -484,14 +502,14 @@ impl Conn {
                 }))
             }
             Request::DescribeGroup(d) => {
-                let runtime = self.existing(&d.topic).await?;
+                let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let group = d.group.clone();
                 let info = blocking(move || t.describe_group(&group)).await?;
                 Ok(Reply::Group(convert::group_info(&d.topic, info)))
             }
             Request::DeleteGroup(d) => {
-                let runtime = self.existing(&d.topic).await?;
+                let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
                 blocking(move || t.delete_group(&d.group)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
@@ -512,14 +530,17 @@ impl Conn {
         }
     }
 
-    async fn existing(&self, topic: &str) -> Result<Arc<super::runtime::TopicRuntime>, pb::Error> {
-        let b = Arc::clone(&self.broker);
-        let name = topic.to_owned();
-        blocking(move || b.runtime(&name, false)).await
+    /// The runtime of an existing topic. A read of the registry's map (and of
+    /// the runtimes' map) under short locks: cheaper inline than a hand-off to
+    /// the blocking pool and back.
+    fn existing(&self, topic: &str) -> Result<Arc<super::runtime::TopicRuntime>, pb::Error> {
+        self.broker
+            .runtime(topic, false)
+            .map_err(|e| status::to_wire(&e))
     }
 
     async fn fetch(&self, f: pb::FetchRequest) -> Result<Reply, pb::Error> {
-        let runtime = self.existing(&f.topic).await?;
+        let runtime = self.existing(&f.topic)?;
         let topic = Arc::clone(runtime.topic());
         let max = match f.max_messages {
             0 => DEFAULT_MAX_MESSAGES,
@@ -536,41 +557,33 @@ impl Conn {
             n => n,
         }
         .min(frame_room) as usize;
-        let t = Arc::clone(&topic);
-        let (group, from) = (f.group.clone(), f.from);
-        let target = blocking(move || subscription::target(&t, group, from)).await?;
-        // A stream-group fetch continues from `from` when the client names it
-        // (its own position), else from the group's committed offset.
-        let start = match (&target, f.from) {
-            (Target::Stream(_), Some(p)) => {
-                let (t, p) = (
-                    Arc::clone(&topic),
-                    convert::position(Some(p), Position::Earliest),
-                );
-                blocking(move || t.resolve(p)).await?
-            }
-            _ => {
-                let (t, target) = (Arc::clone(&topic), target.clone());
-                blocking(move || subscription::start_offset(&t, &target)).await?
-            }
-        };
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS)));
+        // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
+        let member = f.member;
+        let (t, b, m) = (Arc::clone(&topic), Arc::clone(&self.broker), member.clone());
+        let (group, from) = (f.group, f.from);
+        // Target, start and first read in one hand-off: each may wait on group
+        // state or the disk.
+        let (target, start, mut messages) = blocking(move || {
+            let target = subscription::target(&t, group, from)?;
+            // A stream-group fetch continues from `from` when the client names
+            // it (its own position), else from the group's committed offset.
+            let start = match (&target, from) {
+                (Target::Stream(_), Some(p)) => {
+                    t.resolve(convert::position(Some(p), Position::Earliest))?
+                }
+                _ => subscription::start_offset(&t, &target)?,
+            };
+            let messages = subscription::fetch(&b, &t, &target, &m, start, max, max_bytes)?;
+            Ok((target, start, messages))
+        })
+        .await?;
+        let queue = matches!(target, Target::Queue(_));
+        let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
         loop {
-            changes.borrow_and_update();
-            let (t, b, target2, member) = (
-                Arc::clone(&topic),
-                Arc::clone(&self.broker),
-                target.clone(),
-                f.member.clone(),
-            );
-            let messages = blocking(move || {
-                subscription::fetch(&b, &t, &target2, &member, start, max, max_bytes)
-            })
-            .await?;
-            let now = tokio::time::Instant::now();
-            if !messages.is_empty() || now >= deadline {
+            if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
                 let next_offset = messages.last().map_or(start, |m| m.offset + 1);
                 return Ok(Reply::Fetch(pb::FetchResponse {
                     messages,
@@ -578,13 +591,21 @@ impl Conn {
                     end_offset: topic.stats().end.0,
                 }));
             }
-            let queue = matches!(target, Target::Queue(_));
-            let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return Err(status::error(pb::Code::Unavailable, "topic closed")) },
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = tokio::time::sleep(lease_poll), if queue => {}
             }
+            changes.borrow_and_update();
+            let (t, b, target, m) = (
+                Arc::clone(&topic),
+                Arc::clone(&self.broker),
+                target.clone(),
+                member.clone(),
+            );
+            messages =
+                blocking(move || subscription::fetch(&b, &t, &target, &m, start, max, max_bytes))
+                    .await?;
         }
     }
 }

@@ -49,26 +49,29 @@ impl Subscription {
     }
 }
 
+/// What a subscription reads, from where, and as which member.
+#[derive(Debug)]
+pub(super) struct Reader {
+    /// Replay, stream group or queue group.
+    pub(super) target: Target,
+    /// First offset of replay and stream groups, fixed before the subscribe
+    /// reply goes out (see [`start_offset`]); queue groups lease instead.
+    pub(super) position: u64,
+    /// Member name: queue leases and group liveness.
+    pub(super) member: String,
+}
+
 /// Starts a subscription pushing to `out`.
 pub(super) fn start(
     id: u64,
     broker: Arc<Broker>,
     runtime: Arc<TopicRuntime>,
-    target: Target,
-    member: String,
+    reader: Reader,
     max_in_flight: usize,
     out: mpsc::Sender<pb::ServerFrame>,
 ) -> Subscription {
     let credits = Arc::new(Semaphore::new(max_in_flight));
-    let task = tokio::spawn(run(
-        id,
-        broker,
-        runtime,
-        target,
-        member,
-        Arc::clone(&credits),
-        out,
-    ));
+    let task = tokio::spawn(run(id, broker, runtime, reader, Arc::clone(&credits), out));
     Subscription { credits, task }
 }
 
@@ -76,21 +79,19 @@ async fn run(
     id: u64,
     broker: Arc<Broker>,
     runtime: Arc<TopicRuntime>,
-    target: Target,
-    member: String,
+    reader: Reader,
     credits: Arc<Semaphore>,
     out: mpsc::Sender<pb::ServerFrame>,
 ) {
+    let Reader {
+        target,
+        mut position,
+        member,
+    } = reader;
     let topic = Arc::clone(runtime.topic());
     let mut changes = runtime.subscribe_changes();
     // Queue leases expire without any append: look again at least this often.
     let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
-    let (t, target2) = (Arc::clone(&topic), target.clone());
-    let mut position = match tokio::task::spawn_blocking(move || start_offset(&t, &target2)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
-        Err(e) => return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await,
-    };
     loop {
         let Ok(permit) = credits.acquire().await else {
             return;
@@ -104,6 +105,8 @@ async fn run(
             target.clone(),
             member.clone(),
         );
+        // A read takes the topic's group-state lock, which an ack holds across
+        // its sync, and may fault log pages in: off the async threads.
         let fetched = tokio::task::spawn_blocking(move || {
             fetch(&b, &t, &target2, &member2, position, room, MAX_FETCH_BYTES)
         })
