@@ -29,7 +29,8 @@
 //! - [`groups`]: consumer-group and deletion state.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
 //!   - [`groups::journal`]: checksummed journal + atomic snapshot files.
-//! - [`protocol`]: the wire protocol: generated types, frame codec, status codes.
+//! - [`protocol`]: the wire protocol: generated types, frame codec, status codes,
+//!   and the connection writer both ends share (`outbox`).
 //! - [`server`]: the broker server: listener, connections, subscriptions, topic writer tasks.
 //! - `cli` (binary only): the `spool` command line.
 
