@@ -702,7 +702,6 @@ async fn a_request_over_the_configured_frame_limit_gets_an_error_naming_it() {
 /// closes with no error. The same happens to messages stored under a larger
 /// limit before a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a fetch reply over max_frame_bytes drops the connection without an error (src/server/connection.rs)"]
 async fn a_stored_message_near_the_frame_limit_can_be_fetched_or_is_refused_clearly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
@@ -747,6 +746,55 @@ async fn a_stored_message_near_the_frame_limit_can_be_fetched_or_is_refused_clea
             }
         }
     }
+    assert_eq!(
+        client.ping(1).await.expect("the connection stays usable"),
+        1
+    );
+}
+
+/// A message stored under a larger `max_frame_bytes` than the broker runs
+/// with now cannot be sent back in one frame: the fetch gets an error naming
+/// the offset and the limit, and the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_under_a_larger_frame_limit_is_refused_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_frame_bytes = 1048576\n");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let small = client
+        .produce("t", vec![NewMessage::from_value("small")])
+        .await
+        .expect("produce small");
+    let big = client
+        .produce("t", vec![NewMessage::from_value(vec![7u8; 200 * 1024])])
+        .await
+        .expect("produce big");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+
+    let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let from = |o: u64| FetchOptions {
+        from: Some(Position::Offset(o)),
+        ..Default::default()
+    };
+    let got = client
+        .fetch("t", from(small.first_offset))
+        .await
+        .expect("fetch small");
+    assert_eq!(got.messages.len(), 1, "the small one alone fits");
+    let err = client
+        .fetch("t", from(big.first_offset))
+        .await
+        .expect_err("the big one does not fit a frame");
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("offset {}", big.first_offset)) && text.contains("max_frame_bytes"),
+        "{text}"
+    );
     assert_eq!(
         client.ping(1).await.expect("the connection stays usable"),
         1

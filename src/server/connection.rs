@@ -49,6 +49,38 @@ fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
     response(request_id, Reply::Error(error))
 }
 
+/// Bytes of a frame left for envelopes around one message: a message larger
+/// than the frame limit minus this could be stored but not sent back.
+const ENVELOPE_ROOM: u32 = 1024;
+
+/// `frame`, or an error in its place when it would not fit in a frame (a
+/// reply the codec refuses would close the connection without a word). The
+/// produce limit keeps messages small enough; this catches messages stored
+/// under a larger `max_frame_bytes`.
+fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::ServerFrame {
+    let len = prost::Message::encoded_len(&frame);
+    if len <= max as usize {
+        return frame;
+    }
+    let what = match &frame.kind {
+        Some(pb::server_frame::Kind::Response(pb::Response {
+            result: Some(Reply::Fetch(f)),
+            ..
+        })) => match f.messages.first() {
+            Some(m) => format!("the message at offset {}", m.offset),
+            None => "the reply".to_string(),
+        },
+        _ => "the reply".to_string(),
+    };
+    error_frame(
+        request_id,
+        status::error(
+            pb::Code::ResourceExhausted,
+            format!("{what} takes {len} bytes; max_frame_bytes is {max}"),
+        ),
+    )
+}
+
 fn frame_error(e: &FrameError) -> Option<pb::Error> {
     match e {
         FrameError::TooLarge { .. } => {
@@ -254,7 +286,12 @@ impl Conn {
                 "unknown request type: this server does not know the request field sent",
             )),
         };
-        Some(response(id, result.unwrap_or_else(Reply::Error)))
+        let frame = response(id, result.unwrap_or_else(Reply::Error));
+        Some(within_frame_limit(
+            id,
+            frame,
+            self.broker.config.max_frame_bytes,
+        ))
     }
 
     /// Starts a subscription. Its reply is queued before the subscription can
@@ -339,14 +376,20 @@ impl Conn {
                     )));
                 }
                 let batch: Vec<_> = p.messages.into_iter().map(convert::new_message).collect();
+                // A message must also fit in the frame that delivers it.
+                let frame_room = config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM);
+                let (limit, name) = if frame_room < config.max_message_bytes {
+                    (frame_room, "max_frame_bytes less 1 KiB")
+                } else {
+                    (config.max_message_bytes, "max_message_bytes")
+                };
                 for (i, m) in batch.iter().enumerate() {
                     let size = record::encoded_len(m).map(|l| l - record::HEADER_LEN);
-                    if size.is_none_or(|s| s > config.max_message_bytes as usize) {
+                    if size.is_none_or(|s| s > limit as usize) {
                         return Err(invalid(format!(
-                            "produce to topic {}: message {i} has {} bytes of key, headers and value; the limit is {}",
+                            "produce to topic {}: message {i} has {} bytes of key, headers and value; the limit is {limit} ({name})",
                             p.topic,
                             size.map_or_else(|| "over 4 GiB".to_string(), |s| s.to_string()),
-                            config.max_message_bytes
                         )));
                     }
                 }
