@@ -175,33 +175,13 @@ fn messages(first: u64, n: u64) -> Vec<NewMessage> {
         .collect()
 }
 
-/// Every message of `topic`, by replay from offset 0.
+/// Every message of `topic` as (offset, value), by replay from offset 0.
 async fn replay_all(client: &Client, topic: &str) -> Vec<(u64, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let fetched = client
-            .fetch(
-                topic,
-                FetchOptions {
-                    from: Some(Position::Offset(from)),
-                    max_messages: 1000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("fetch");
-        if fetched.messages.is_empty() {
-            return out;
-        }
-        from = fetched.next_offset;
-        out.extend(
-            fetched
-                .messages
-                .into_iter()
-                .map(|r| (r.message.offset.0, r.message.value.to_vec())),
-        );
-    }
+    common::replay_all(client, topic)
+        .await
+        .into_iter()
+        .map(|r| (r.message.offset.0, r.message.value.to_vec()))
+        .collect()
 }
 
 /// Produces batches of `per_produce` messages to `topic` until one is

@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::{BufMut, BytesMut};
-use common::Broker;
+use common::{Broker, replay_all};
 use futures_util::StreamExt;
 use prost::Message as _;
 use spool::broker::topic::Position;
@@ -20,29 +20,6 @@ use std::time::Duration;
 
 fn value(i: u64) -> Vec<u8> {
     format!("message-{i}-{}", "v".repeat((i % 97) as usize)).into_bytes()
-}
-
-async fn replay_all(client: &Client, topic: &str) -> Vec<spool::client::Received> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let fetched = client
-            .fetch(
-                topic,
-                FetchOptions {
-                    from: Some(Position::Offset(from)),
-                    max_messages: 1000,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("fetch");
-        if fetched.messages.is_empty() {
-            return out;
-        }
-        from = fetched.next_offset;
-        out.extend(fetched.messages);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,3 +100,30 @@ impl Drop for Broker {
         let _ = self.child.wait();
     }
 }
+
+/// Every message of `topic`, by replay from offset 0 through `client`.
+pub async fn replay_all(
+    client: &spool::client::Client,
+    topic: &str,
+) -> Vec<spool::client::Received> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let fetched = client
+            .fetch(
+                topic,
+                spool::client::FetchOptions {
+                    from: Some(spool::broker::Position::Offset(from)),
+                    max_messages: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if fetched.messages.is_empty() {
+            return out;
+        }
+        from = fetched.next_offset;
+        out.extend(fetched.messages);
+    }
+}
