@@ -533,33 +533,11 @@ async fn kill_9_during_online_compaction_loses_nothing_live() {
         }
     }
     // Consume everything but every 7th message.
-    let mut unacked = BTreeMap::new();
-    loop {
-        let got = admin
-            .fetch(
-                "q",
-                FetchOptions {
-                    group: Some("g".into()),
-                    member: "w".into(),
-                    max_messages: 500,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("fetch");
-        if got.messages.is_empty() {
-            break;
-        }
-        let (keep, ack): (Vec<u64>, Vec<u64>) = got
-            .messages
-            .iter()
-            .map(|r| r.message.offset.0)
-            .partition(|o| o % 7 == 0);
-        admin.ack("q", "g", &ack, None).await.expect("ack");
-        for o in keep {
-            unacked.insert(o, values[&o].clone());
-        }
-    }
+    let unacked: BTreeMap<u64, String> = consume_all_but_every(&admin, "q", 7)
+        .await
+        .into_iter()
+        .map(|o| (o, values[&o].clone()))
+        .collect();
     drop(admin);
     for round in 0..5u64 {
         let addr = broker.addr.clone();
@@ -611,6 +589,40 @@ async fn kill_9_during_online_compaction_loses_nothing_live() {
     assert!(verify(&data, &mut |_| {}).expect("verify").is_clean());
 }
 
+/// Queue group `g` of `topic` fetches everything and acks all but the
+/// offsets divisible by `every`, which it returns.
+async fn consume_all_but_every(
+    client: &spool::client::Client,
+    topic: &str,
+    every: u64,
+) -> Vec<u64> {
+    let mut unacked = Vec::new();
+    loop {
+        let got = client
+            .fetch(
+                topic,
+                spool::client::FetchOptions {
+                    group: Some("g".into()),
+                    member: "w".into(),
+                    max_messages: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if got.messages.is_empty() {
+            return unacked;
+        }
+        let (keep, ack): (Vec<u64>, Vec<u64>) = got
+            .messages
+            .iter()
+            .map(|r| r.message.offset.0)
+            .partition(|o| o % every == 0);
+        client.ack(topic, "g", &ack, None).await.expect("ack");
+        unacked.extend(keep);
+    }
+}
+
 /// A topic with `compact_min_dirty_ratio` is compacted by the broker itself
 /// once that share of its sealed bytes is removable; a topic without it is
 /// left alone.
@@ -643,32 +655,7 @@ async fn background_compaction_runs_once_the_dirty_ratio_is_reached() {
             .collect();
         client.produce(name, batch).await.expect("produce");
         // Every message but every 10th is consumed.
-        let mut offsets = Vec::new();
-        loop {
-            let got = client
-                .fetch(
-                    name,
-                    FetchOptions {
-                        group: Some("g".into()),
-                        member: "w".into(),
-                        max_messages: 1000,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .expect("fetch");
-            if got.messages.is_empty() {
-                break;
-            }
-            let (keep, ack): (Vec<u64>, Vec<u64>) = got
-                .messages
-                .iter()
-                .map(|r| r.message.offset.0)
-                .partition(|o| o % 10 == 0);
-            client.ack(name, "g", &ack, None).await.expect("ack");
-            offsets.extend(keep);
-        }
-        unacked.insert(name, offsets);
+        unacked.insert(name, consume_all_but_every(&client, name, 10).await);
     }
     let manual_before = client
         .describe_topic("manual")
