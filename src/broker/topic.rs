@@ -729,6 +729,32 @@ impl Topic {
         // latest record counts only once it is durable too.
         self.sync_state()?;
         let cleaner = self.cleaner(now_ms)?;
+        self.compact_with(&cleaner, progress)
+    }
+
+    /// Background compaction: measures what [`Topic::compact`] would remove
+    /// and compacts, on the same decisions, only once the removable share of
+    /// the sealed bytes reaches `ratio`. `None` when it did not.
+    pub fn compact_if_dirty(
+        &self,
+        now_ms: u64,
+        ratio: f64,
+    ) -> Result<Option<(Dirt, CompactStats)>> {
+        self.sync_state()?;
+        let cleaner = self.cleaner(now_ms)?;
+        let dirt = self.log.dirt(&|r| cleaner.keep(r))?;
+        if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
+            return Ok(None);
+        }
+        let stats = self.compact_with(&cleaner, &mut |_| {})?;
+        Ok(Some((dirt, stats)))
+    }
+
+    fn compact_with(
+        &self,
+        cleaner: &Cleaner,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<CompactStats> {
         // Compaction covers at most the segments sealed now; one a producer
         // seals meanwhile keeps its records, so its deletions must stay.
         let compacted_below = self.log.segments().last().map(|s| s.base());
@@ -737,12 +763,6 @@ impl Topic {
             self.prune_deletions(&cleaner.deleted, below)?;
         }
         Ok(stats)
-    }
-
-    /// What [`Topic::compact`] would remove now, without changing anything.
-    pub fn dirt(&self, now_ms: u64) -> Result<Dirt> {
-        let cleaner = self.cleaner(now_ms)?;
-        self.log.dirt(&|r| cleaner.keep(r))
     }
 
     /// The keep-or-drop rules of compaction, on a snapshot of the topic's

@@ -176,14 +176,7 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
         drop(rt);
         let name = topic.name().to_owned();
         let result = tokio::task::spawn_blocking(move || {
-            let now = crate::storage::log::now_ms();
-            let dirt = topic.dirt(now)?;
-            if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
-                return Ok(None);
-            }
-            topic
-                .compact(now, &mut |_| {})
-                .map(|stats| Some((dirt, stats)))
+            topic.compact_if_dirty(crate::storage::log::now_ms(), ratio)
         })
         .await;
         match result {
