@@ -372,9 +372,10 @@ fn log_with_unsynced_tail(registry: &Registry, durable: u64, lost: u64) -> Arc<T
 }
 
 #[test]
-fn a_stream_commit_past_the_log_end_is_clamped_after_a_power_cut() {
-    // A commit can reach the disk while the log tail it covers does not; the
-    // group must not skip the new messages that reuse those offsets.
+fn a_stream_commit_past_the_log_end_is_kept_and_the_log_skips_the_lost_offsets() {
+    // A commit can reach the disk while the log tail it covers does not
+    // (fsync=never); the offsets the group saw are never handed out again:
+    // the log continues after them and the group reads the new messages.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = log_with_unsynced_tail(&registry, 10, 10);
@@ -390,24 +391,29 @@ fn a_stream_commit_past_the_log_end_is_clamped_after_a_power_cut() {
     disk.power_cut(None);
     let (registry, logs) = capture_logs(|| open_registry(&disk));
     assert!(
-        logs.contains("WARN") && logs.contains("group state moved inside the log"),
-        "clamping is logged as a warning: {logs}"
+        logs.contains("WARN") && logs.contains("not reused"),
+        "the lost range is logged as a warning: {logs}"
     );
     let topic = registry.topic("events").expect("topic");
-    assert_eq!(topic.stats().end.0, 10, "the unsynced tail is gone");
-    assert_eq!(topic.describe_group("s").expect("describe").committed, 10);
-    // New messages take offsets 10.. again and the group reads them.
+    assert_eq!(
+        topic.stats().end.0,
+        20,
+        "the log continues after the lost tail"
+    );
+    assert_eq!(topic.read(0, 100, NO_BYTE_LIMIT).expect("read").len(), 10);
+    assert_eq!(topic.describe_group("s").expect("describe").committed, 20);
     produce(&topic, 100, 105);
     let committed = topic.describe_group("s").expect("describe").committed;
     let read = topic.read(committed, 100, NO_BYTE_LIMIT).expect("read");
-    assert_eq!(offsets(&read), (10..15).collect::<Vec<_>>());
+    assert_eq!(offsets(&read), (20..25).collect::<Vec<_>>());
     assert_eq!(&read[0].value[..], &value(100)[..]);
 }
 
 #[test]
-fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
-    // Acks synced past what the log kept name messages that are gone; new
-    // messages at those offsets must still be delivered, as first deliveries.
+fn queue_acks_past_the_log_end_keep_their_offsets_out_of_reuse_after_a_power_cut() {
+    // Acks synced past what the log kept name messages that are gone; those
+    // offsets are never given to new messages, pending ones are redelivered
+    // and new messages are first deliveries.
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let topic = log_with_unsynced_tail(&registry, 10, 10);
@@ -428,11 +434,12 @@ fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
     disk.power_cut(None);
     let (registry, logs) = capture_logs(|| open_registry(&disk));
     let topic = registry.topic("events").expect("topic");
-    assert_eq!(topic.stats().end.0, 10, "the unsynced tail is gone");
-    assert!(logs.contains("WARN"), "clamping is logged: {logs}");
-    let info = topic.describe_group("q").expect("describe");
-    assert_eq!((info.committed, info.lag), (5, 5), "{info:?}");
-    // Offsets 10.. now hold new messages: each is new to the group.
+    assert!(logs.contains("WARN"), "the lost range is logged: {logs}");
+    assert_eq!(
+        topic.stats().end.0,
+        20,
+        "the log continues after the lost tail"
+    );
     produce(&topic, 100, 110);
     let fetch = registry
         .fetch_queue("events", "q", "m", 100, NO_BYTE_LIMIT, now_ms())
@@ -444,11 +451,11 @@ fn queue_acks_past_the_log_end_are_forgotten_after_a_power_cut() {
         .collect();
     let expected: Vec<(u64, u32)> = (5..10)
         .map(|o| (o, 2))
-        .chain((10..20).map(|o| (o, 1)))
+        .chain((20..30).map(|o| (o, 1)))
         .collect();
     assert_eq!(
         got, expected,
-        "pending ones redelivered, new ones delivered once"
+        "pending ones redelivered, new ones delivered once at new offsets"
     );
     assert!(fetch.dead_letters.is_empty());
 }

@@ -51,7 +51,28 @@ impl Registry {
             let config = match TopicConfig::load(&**data.storage(), &dir)? {
                 Some(config) => config,
                 None => {
-                    tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
+                    let checkpoint = crate::storage::checkpoint::path(&dir);
+                    if data.storage().exists(&checkpoint) {
+                        // The topic was created with a config (the checkpoint
+                        // comes after it): starting on the defaults would
+                        // silently change its fsync policy, segment size...
+                        let damage = crate::error::Corruption {
+                            file: dir.join(TOPIC_CONFIG_FILE),
+                            bytes: 0..0,
+                            offsets: None,
+                            detail: format!(
+                                "topic {name} has lost its config file. Restore it, or start with \
+                                 recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                                 to run the topic on the default config"
+                            ),
+                        };
+                        if options.recovery == RecoveryMode::TolerateTornTail {
+                            return Err(Error::corruption(damage));
+                        }
+                        tracing::error!(%damage, "running the topic on the default config");
+                    } else {
+                        tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
+                    }
                     options.defaults.clone()
                 }
             };

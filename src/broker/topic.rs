@@ -5,7 +5,10 @@
 
 use super::config::{Cleanup, TopicConfig, validate_name};
 use crate::error::{Error, IoContext, Result};
-use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, RangeSet};
+use crate::groups::{
+    Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, JournalRecovery, RangeSet,
+};
+use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
@@ -136,29 +139,25 @@ impl Topic {
     ) -> Result<Topic> {
         validate_name("topic", name)?;
         config.validate()?;
-        let log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
-        let (mut deletes, replayed) = Journal::open(Arc::clone(&storage), dir, DELETES_JOURNAL)?;
+        let mut log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
+        let checkpoint = log.opened_checkpoint().cloned();
+        let point = |journal: &str| {
+            let p = checkpoint.as_ref().and_then(|c| c.journal(journal));
+            JournalRecovery {
+                base_seq: p.map_or(0, |p| p.base_seq),
+                synced_len: p.map_or(0, |p| p.synced_len),
+                mode,
+            }
+        };
+        let (deletes, replayed) = Journal::open_checked(
+            Arc::clone(&storage),
+            dir,
+            DELETES_JOURNAL,
+            point(DELETES_JOURNAL),
+        )?;
         let mut deleted = RangeSet::new();
         for payload in replayed.snapshot.iter().chain(&replayed.entries) {
-            for chunk in payload.chunks_exact(16) {
-                let (a, z) = chunk.split_at(8);
-                let from = u64::from_le_bytes(a.try_into().map_err(|_| bad_deletes(dir))?);
-                let to = u64::from_le_bytes(z.try_into().map_err(|_| bad_deletes(dir))?);
-                deleted.insert_range(from..to);
-            }
-        }
-        let stats = log.stats();
-        if deleted.iter().any(|r| r.end > stats.end.0) {
-            // Deletions of offsets a power cut took from the log must not hide
-            // the messages that will get those offsets next.
-            tracing::warn!(
-                topic = name,
-                end = stats.end.0,
-                "dropping deletions past the end of the recovered log"
-            );
-            deleted.remove_from(stats.end.0);
-            deletes.sync()?;
-            deletes.snapshot(&deletions_payload(&deleted))?;
+            decode_deletions(payload, &mut deleted).ok_or_else(|| bad_deletes(dir))?;
         }
         let groups_dir = dir.join(GROUPS_DIR);
         storage
@@ -169,21 +168,79 @@ impl Topic {
             .list_dir(&groups_dir)
             .ctx(|| format!("listing {}", groups_dir.display()))?;
         names.sort();
+        // Every group the checkpoint lists must still have its journal: a
+        // group deleted on purpose left the list first.
+        for listed in checkpoint.iter().flat_map(|c| &c.journals) {
+            let Some(group_name) = listed.name.strip_prefix(GROUP_JOURNAL_PREFIX) else {
+                continue;
+            };
+            if Journal::exists(&*storage, &groups_dir, group_name) {
+                continue;
+            }
+            let damage = crate::error::Corruption {
+                file: groups_dir.join(format!("{group_name}.journal")),
+                bytes: 0..0,
+                offsets: None,
+                detail: format!(
+                    "group {group_name} of topic {name} is missing: its journal is gone, but the topic's \
+                     checkpoint lists it. Start with recovery mode skip-damaged \
+                     (`spool serve --recovery skip-damaged`) to give the group up"
+                ),
+            };
+            if mode == RecoveryMode::TolerateTornTail {
+                return Err(Error::corruption(damage));
+            }
+            tracing::error!(%damage, "giving up a missing group");
+        }
         for file in names {
             let Some(group_name) = file.strip_suffix(".journal") else {
                 continue;
             };
-            let mut group = Group::open(
+            let group = Group::open_checked(
                 Arc::clone(&storage),
                 &groups_dir,
                 group_name,
                 GroupConfig::new(GroupMode::Stream),
-                stats.start.0,
+                log.stats().start.0,
+                point(&format!("{GROUP_JOURNAL_PREFIX}{group_name}")),
             )?;
-            group.clamp(stats.start.0, stats.end.0)?;
             groups.insert(group_name.to_owned(), group);
         }
-        Ok(Topic {
+        // An offset a group or a deletion speaks of was handed out: the log
+        // must not give it to another message. Under fsync=always (and after
+        // a clean stop) every such offset was synced, so a log that ends
+        // before it was damaged; otherwise a power cut took unsynced
+        // messages, and the log continues after them.
+        let referenced = groups
+            .values()
+            .map(Group::referenced_end)
+            .chain(deleted.iter().last().map(|r| r.end))
+            .max()
+            .unwrap_or(0);
+        let end = log.end().0;
+        if referenced > end {
+            let synced = config.log.fsync == FsyncPolicy::Always
+                || checkpoint.as_ref().is_some_and(|c| c.clean);
+            if synced {
+                log.ensure_end_at_least(
+                    referenced,
+                    mode,
+                    "were handed out (group state or deletions speak of them)",
+                )?;
+            } else {
+                tracing::warn!(
+                    topic = name,
+                    lost = ?(end..referenced),
+                    "a power cut took messages that were written but not synced; their offsets are not reused"
+                );
+                log.skip_to(referenced)?;
+            }
+        }
+        let stats = log.stats();
+        for group in groups.values_mut() {
+            group.clamp(stats.start.0, stats.end.0)?;
+        }
+        let topic = Topic {
             name: name.to_owned(),
             dir: dir.to_owned(),
             storage,
@@ -194,7 +251,20 @@ impl Topic {
                 deleted,
                 deletes,
             }),
-        })
+        };
+        topic.checkpoint()?;
+        Ok(topic)
+    }
+
+    /// Records the recovery points of the topic's journals and the log's in
+    /// the log's checkpoint (see [`crate::storage::checkpoint`]), when any
+    /// moved. The broker calls this every few seconds.
+    pub fn checkpoint(&self) -> Result<()> {
+        let state = self.state()?;
+        // Under the state lock: a group deleted meanwhile cannot come back
+        // into the list.
+        self.log
+            .store_checkpoint(Some(journal_points(&state)), false)
     }
 
     /// The topic's name.
@@ -392,6 +462,10 @@ impl Topic {
         self.group_mut(&mut state.groups, name)?;
         self.retire_consumed(&mut state)?;
         if let Some(group) = state.groups.remove(name) {
+            // The checkpoint forgets the group before its journal goes, so
+            // the removal is never taken for a loss.
+            self.log
+                .store_checkpoint(Some(journal_points(&state)), false)?;
             group.remove()?;
         }
         Ok(())
@@ -835,25 +909,74 @@ impl Topic {
         Ok(())
     }
 
-    /// Syncs log and state; a clean stop leaves no recovery work.
+    /// Syncs log and state, log first, and records a clean stop; the next
+    /// open finds no recovery work.
     pub fn close(self) -> Result<()> {
-        let Topic { log, state, .. } = self;
-        let mut state = state
-            .into_inner()
-            .map_err(|_| Error::InvalidArgument("state poisoned".into()))?;
+        self.stop()
+    }
+
+    /// [`Topic::close`] for a topic others may still hold: the broker's last
+    /// step once nothing writes to it any more.
+    pub fn stop(&self) -> Result<()> {
+        match self.log.sync() {
+            Err(Error::ReadOnly { .. }) => return Ok(()),
+            other => other?,
+        }
+        let mut state = self.state()?;
         state.deletes.sync()?;
         for group in state.groups.values_mut() {
             group.sync()?;
         }
-        log.close()
+        self.log
+            .store_checkpoint(Some(journal_points(&state)), true)
     }
 }
 
-fn bad_deletes(dir: &Path) -> Error {
-    Error::InvalidArgument(format!(
-        "{}: malformed deletion entry",
-        dir.join(DELETES_JOURNAL).display()
+/// Prefix of a group journal's name in the checkpoint.
+const GROUP_JOURNAL_PREFIX: &str = "groups/";
+
+/// The recovery points of a topic's journals, as the checkpoint names them.
+fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
+    let point = |name: String, (base_seq, synced_len): (u64, u64)| JournalPoint {
+        name,
+        base_seq,
+        synced_len,
+    };
+    std::iter::once(point(
+        DELETES_JOURNAL.to_owned(),
+        state.deletes.recovery_point(),
     ))
+    .chain(
+        state
+            .groups
+            .iter()
+            .map(|(name, g)| point(format!("{GROUP_JOURNAL_PREFIX}{name}"), g.recovery_point())),
+    )
+    .collect()
+}
+
+/// Adds the `[from, to)` pairs of a deletions payload to `deleted`; `None`
+/// when the payload is not whole pairs.
+fn decode_deletions(payload: &[u8], deleted: &mut RangeSet) -> Option<()> {
+    if payload.len() % 16 != 0 {
+        return None;
+    }
+    for chunk in payload.chunks_exact(16) {
+        let (a, z) = chunk.split_at(8);
+        let from = u64::from_le_bytes(a.try_into().ok()?);
+        let to = u64::from_le_bytes(z.try_into().ok()?);
+        deleted.insert_range(from..to);
+    }
+    Some(())
+}
+
+fn bad_deletes(dir: &Path) -> Error {
+    Error::corruption(crate::error::Corruption {
+        file: dir.join(format!("{DELETES_JOURNAL}.journal")),
+        bytes: 0..0,
+        offsets: None,
+        detail: "a deletion entry passed its checksum but is not whole [from, to) pairs".into(),
+    })
 }
 
 /// The deletions journal's snapshot of `deleted`: `[from, to)` pairs.

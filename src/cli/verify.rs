@@ -1,6 +1,7 @@
 //! `spool verify --data DIR`: offline check of every segment, index and
 //! journal. Exit 0 when clean, 1 when damage was found (or the directory is
-//! in use by a broker).
+//! in use by a broker). Notes (what the next start rebuilds by itself) do
+//! not fail the check unless `--strict`.
 
 use super::common::{CliError, CliResult, Format};
 use clap::Args;
@@ -21,6 +22,10 @@ pub struct VerifyArgs {
     /// text, or one JSON report.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Fail (exit 1) on notes too: indexes the next start rebuilds,
+    /// interrupted compactions it completes.
+    #[arg(long)]
+    strict: bool,
 }
 
 fn describe(f: &Finding) -> String {
@@ -81,6 +86,9 @@ pub fn run(args: VerifyArgs) -> CliResult {
                     describe(t)
                 );
             }
+            for n in &report.notes {
+                println!("note (the next start repairs it): {}", describe(n));
+            }
             for d in &report.damage {
                 println!("DAMAGE: {}", describe(d));
             }
@@ -89,13 +97,19 @@ pub fn run(args: VerifyArgs) -> CliResult {
             }
         }
     }
-    if report.is_clean() {
-        Ok(())
-    } else {
+    if !report.is_clean() {
         Err(CliError::runtime(format!(
             "{} damaged range(s) found in {}",
             report.damage.len(),
             args.data.display()
         )))
+    } else if args.strict && !report.notes.is_empty() {
+        Err(CliError::runtime(format!(
+            "{} note(s) in {} (--strict)",
+            report.notes.len(),
+            args.data.display()
+        )))
+    } else {
+        Ok(())
     }
 }

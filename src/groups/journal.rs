@@ -10,6 +10,7 @@
 //! the journal reset loses nothing.
 
 use crate::error::{Corruption, Error, IoContext, Result};
+use crate::storage::RecoveryMode;
 use crate::storage::io::{OpenMode, Storage, StorageFile, read_file, write_file_atomic};
 use crate::storage::message::NewMessage;
 use crate::storage::record::{self, Frame};
@@ -30,6 +31,8 @@ pub struct Replayed {
     pub entries: Vec<Vec<u8>>,
     /// A torn tail that was cut.
     pub truncated: Option<Truncation>,
+    /// Damage given up under skip-damaged.
+    pub damage: Vec<Corruption>,
 }
 
 /// An open journal.
@@ -42,19 +45,49 @@ pub struct Journal {
     file: Arc<dyn StorageFile>,
     pos: u64,
     synced_pos: u64,
+    /// First sequence number the file holds (the snapshot's cut).
+    base_seq: u64,
     next_seq: u64,
     since_snapshot: u64,
     poisoned: Option<String>,
 }
 
+/// What the log's checkpoint says of a journal, and how to treat damage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JournalRecovery {
+    /// First sequence number the journal file held at the checkpoint.
+    pub base_seq: u64,
+    /// Bytes of that file known synced: a bad entry below is damage.
+    pub synced_len: u64,
+    /// How damage is treated.
+    pub mode: RecoveryMode,
+}
+
 impl Journal {
-    /// Opens (creating if needed) the journal `name` in `dir` and replays it.
+    /// Opens (creating if needed) the journal `name` in `dir` and replays it,
+    /// cutting a torn tail anywhere (no recovery point known).
     pub fn open(storage: Arc<dyn Storage>, dir: &Path, name: &str) -> Result<(Journal, Replayed)> {
+        Journal::open_checked(storage, dir, name, JournalRecovery::default())
+    }
+
+    /// Opens (creating if needed) the journal `name` in `dir` and replays it.
+    /// A bad entry is a torn tail only past the recovery point and with no
+    /// valid entry after it; anything else is damage: refused under the
+    /// default mode, and under skip-damaged copied to `quarantine/` and left
+    /// out while the valid entries around it are kept (a lost ack means a
+    /// redelivery, which at-least-once allows).
+    pub fn open_checked(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        recovery: JournalRecovery,
+    ) -> Result<(Journal, Replayed)> {
         storage
             .create_dir_all(dir)
             .ctx(|| format!("creating {}", dir.display()))?;
         let (path, snap_path) = paths(dir, name);
         let mut replayed = Replayed::default();
+        let skip = recovery.mode == RecoveryMode::SkipDamaged;
         // Entries with a sequence below this are already in the snapshot.
         let mut first_uncovered = 0u64;
         if storage.exists(&snap_path) {
@@ -74,7 +107,138 @@ impl Journal {
                 }
             }
         }
+        // The recovery point holds for the file the checkpoint saw; a
+        // snapshot since then reset it.
+        let mut synced_len = 0;
+        if recovery.synced_len > 0 || recovery.base_seq > 0 {
+            if first_uncovered == recovery.base_seq {
+                synced_len = recovery.synced_len;
+            } else if first_uncovered < recovery.base_seq {
+                let damage = Corruption {
+                    file: snap_path.clone(),
+                    bytes: 0..0,
+                    offsets: None,
+                    detail: format!(
+                        "snapshot is {}: the checkpoint records one covering sequence numbers below {}",
+                        if replayed.snapshot.is_some() {
+                            "older than recorded"
+                        } else {
+                            "missing"
+                        },
+                        recovery.base_seq
+                    ),
+                };
+                if !skip {
+                    return Err(Error::corruption(damage));
+                }
+                tracing::error!(%damage, "journal state before the damage is given up");
+                replayed.damage.push(damage);
+            }
+        }
         let existed = storage.exists(&path);
+        let mut data = if existed {
+            read_all(&*storage, &path)?
+        } else {
+            Vec::new()
+        };
+        let mut pos = 0usize;
+        let mut last_seq: Option<u64> = None;
+        // Under skip-damaged: the valid entries with their sequence numbers,
+        // to rewrite the journal without what was given up.
+        let mut kept: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut rewrite = false;
+        let mut cut_at: Option<usize> = None;
+        while pos < data.len() {
+            let bad = match record::decode(&data[pos..], MAX_ENTRY_BYTES) {
+                Ok(Frame::Record(r)) if last_seq.is_none_or(|l| r.offset > l) => {
+                    if r.offset >= first_uncovered {
+                        replayed.entries.push(r.value.to_vec());
+                    }
+                    kept.push((r.offset, r.value.to_vec()));
+                    last_seq = Some(r.offset);
+                    pos += r.len as usize;
+                    continue;
+                }
+                Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => {
+                    if (pos as u64) < synced_len {
+                        format!("zeros where synced entries were (up to byte {synced_len})")
+                    } else {
+                        break;
+                    }
+                }
+                other => format!("entry does not validate ({other:?})"),
+            };
+            let next = find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES);
+            if next.is_none() && pos as u64 >= synced_len {
+                cut_at = Some(pos);
+                break;
+            }
+            let end = next.map_or(data.len() as u64, |(q, _)| q);
+            let damage = Corruption {
+                file: path.clone(),
+                bytes: pos as u64..end,
+                offsets: None,
+                detail: format!(
+                    "journal {bad}; {}. Start with recovery mode skip-damaged \
+                     (`spool serve --recovery skip-damaged`) to quarantine it and keep the entries around it",
+                    if next.is_some() {
+                        "valid entries follow it".to_string()
+                    } else {
+                        format!(
+                            "it lies below the recovery point (byte {synced_len} was synced), so it is not a torn write"
+                        )
+                    }
+                ),
+            };
+            if !skip {
+                return Err(Error::corruption(damage));
+            }
+            crate::storage::recovery::quarantine_bytes(
+                &*storage,
+                dir,
+                &damage,
+                &data[pos..end as usize],
+            )?;
+            tracing::error!(%damage, "quarantined a damaged journal entry; the entries around it are kept");
+            replayed.damage.push(damage);
+            rewrite = true;
+            match next {
+                Some((q, _)) => pos = q as usize,
+                None => break,
+            }
+        }
+        if (data.len() as u64) < synced_len {
+            let damage = Corruption {
+                file: path.clone(),
+                bytes: data.len() as u64..synced_len,
+                offsets: None,
+                detail: format!(
+                    "journal is {} bytes long, but the checkpoint records {synced_len} synced bytes. \
+                     Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) to open anyway",
+                    data.len()
+                ),
+            };
+            if !skip {
+                return Err(Error::corruption(damage));
+            }
+            tracing::error!(%damage, "journal entries lost");
+            replayed.damage.push(damage);
+        }
+        if rewrite {
+            let mut buf = Vec::new();
+            for (seq, payload) in &kept {
+                record::encode(
+                    &mut buf,
+                    *seq,
+                    0,
+                    &NewMessage::from_value(Bytes::copy_from_slice(payload)),
+                );
+            }
+            write_file_atomic(&*storage, &path, &buf)
+                .ctx(|| format!("rewriting {} without its damaged entries", path.display()))?;
+            data = buf;
+            pos = data.len();
+        }
         let file = storage
             .open(&path, OpenMode::CreateOrOpen)
             .ctx(|| format!("opening {}", path.display()))?;
@@ -83,46 +247,24 @@ impl Journal {
                 .sync_dir(dir)
                 .ctx(|| format!("syncing {}", dir.display()))?;
         }
-        let data = read_all(&*storage, &path)?;
-        let mut pos = 0usize;
-        let mut last_seq: Option<u64> = None;
-        while pos < data.len() {
-            match record::decode(&data[pos..], MAX_ENTRY_BYTES) {
-                Ok(Frame::Record(r)) if last_seq.is_none_or(|l| r.offset > l) => {
-                    if r.offset >= first_uncovered {
-                        replayed.entries.push(r.value.to_vec());
-                    }
-                    last_seq = Some(r.offset);
-                    pos += r.len as usize;
-                }
-                Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => break,
-                other => {
-                    if let Some((q, _)) =
-                        find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES)
-                    {
-                        return Err(Error::corruption(Corruption {
-                            file: path.clone(),
-                            bytes: pos as u64..q,
-                            offsets: None,
-                            detail: format!(
-                                "journal entry does not validate ({other:?}) and valid entries follow it"
-                            ),
-                        }));
-                    }
-                    let dropped = (data.len() - pos) as u64;
-                    file.set_len(pos as u64)
-                        .ctx(|| format!("truncating {}", path.display()))?;
-                    file.sync_data()
-                        .ctx(|| format!("syncing {}", path.display()))?;
-                    tracing::warn!(file = %path.display(), at = pos, dropped, "cut torn journal tail");
-                    replayed.truncated = Some(Truncation {
-                        file: path.clone(),
-                        at: pos as u64,
-                        dropped,
-                    });
-                    break;
-                }
-            }
+        if let Some(at) = cut_at {
+            let dropped = (data.len() - at) as u64;
+            file.set_len(at as u64)
+                .ctx(|| format!("truncating {}", path.display()))?;
+            tracing::warn!(file = %path.display(), at, dropped, "cut torn journal tail");
+            replayed.truncated = Some(Truncation {
+                file: path.clone(),
+                at: at as u64,
+                dropped,
+            });
+            pos = at;
+        }
+        // A crashed process may have left entries in the page cache only:
+        // make everything replayed durable before the journal's recovery
+        // point can count it.
+        if pos > 0 || cut_at.is_some() {
+            file.sync_data()
+                .ctx(|| format!("syncing {}", path.display()))?;
         }
         let since_snapshot = replayed.entries.len() as u64;
         Ok((
@@ -133,16 +275,20 @@ impl Journal {
                 snap_path,
                 file,
                 pos: pos as u64,
-                // A crashed process may have left entries in the page cache
-                // only: none read here counts as synced, so the first sync
-                // flushes them.
-                synced_pos: 0,
+                synced_pos: pos as u64,
+                base_seq: first_uncovered,
                 next_seq: last_seq.map_or(first_uncovered, |s| (s + 1).max(first_uncovered)),
                 since_snapshot,
                 poisoned: None,
             },
             replayed,
         ))
+    }
+
+    /// The journal's recovery point: the first sequence number its file
+    /// holds and how many of its bytes are synced.
+    pub fn recovery_point(&self) -> (u64, u64) {
+        (self.base_seq, self.synced_pos)
     }
 
     /// Creates the journal `name` in `dir` holding `entries`, and opens it.
@@ -257,6 +403,7 @@ impl Journal {
             .ctx(|| format!("syncing {}", self.path.display()))?;
         self.pos = 0;
         self.synced_pos = 0;
+        self.base_seq = self.next_seq;
         self.since_snapshot = 0;
         Ok(())
     }
@@ -317,23 +464,130 @@ mod tests {
     }
 
     #[test]
-    fn entries_a_crashed_process_left_unsynced_are_flushed_by_the_next_sync() {
+    fn entries_a_crashed_process_left_unsynced_are_flushed_by_the_next_open() {
         let disk = Arc::new(SimDisk::new());
         let (mut j, _) = open(&disk);
         j.append(b"written, never synced").expect("append");
         // The process dies; the page cache (the live image) survives it.
         drop(j);
-        let (mut j, replayed) = open(&disk);
+        let (j, replayed) = open(&disk);
         assert_eq!(replayed.entries.len(), 1);
-        assert!(
-            !j.is_synced(),
-            "what the dead process wrote may not be durable"
-        );
-        j.sync().expect("sync");
+        assert!(j.is_synced(), "open makes what it replayed durable");
+        assert_eq!(j.recovery_point().1, (record::HEADER_LEN + 21) as u64);
         drop(j);
         disk.power_cut(None);
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"written, never synced".to_vec()]);
+    }
+
+    fn open_at(
+        disk: &Arc<SimDisk>,
+        point: (u64, u64),
+        mode: RecoveryMode,
+    ) -> Result<(Journal, Replayed)> {
+        Journal::open_checked(
+            Arc::clone(disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "group",
+            JournalRecovery {
+                base_seq: point.0,
+                synced_len: point.1,
+                mode,
+            },
+        )
+    }
+
+    #[test]
+    fn a_bad_last_entry_below_the_recovery_point_is_damage_not_a_torn_tail() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        for e in [&b"first"[..], b"second", b"third"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        let path = Path::new("/g/group.journal");
+        let len = disk.read_file(path).expect("read").len() as u64;
+        assert_eq!(point.1, len);
+        disk.damage(path, len - 1, &[0xEE]).expect("flip");
+        let err = open_at(&disk, point, RecoveryMode::TolerateTornTail).expect_err("damage");
+        assert!(err.to_string().contains("recovery point"), "{err}");
+        // Without a recovery point the same bytes are a torn tail.
+        let (_, replayed) = open_at(&disk, (0, 0), RecoveryMode::TolerateTornTail).expect("torn");
+        assert_eq!(replayed.entries.len(), 2);
+    }
+
+    #[test]
+    fn a_journal_shorter_than_its_recovery_point_is_damage() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"first").expect("append");
+        j.append(b"second").expect("append");
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        let path = Path::new("/g/group.journal");
+        disk.damage_truncate(path, point.1 - 5).expect("cut");
+        let err = open_at(&disk, point, RecoveryMode::TolerateTornTail).expect_err("damage");
+        assert!(err.to_string().contains("group.journal"), "{err}");
+    }
+
+    #[test]
+    fn skip_damaged_keeps_the_entries_around_a_damaged_one() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        for e in [&b"first"[..], b"second", b"third"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        disk.damage(Path::new("/g/group.journal"), 34 + 36, &[0xFF])
+            .expect("flip the second entry");
+        let (mut j, replayed) = open_at(&disk, point, RecoveryMode::SkipDamaged).expect("opens");
+        assert_eq!(replayed.entries, vec![b"first".to_vec(), b"third".to_vec()]);
+        assert_eq!(replayed.damage.len(), 1);
+        assert!(
+            disk.list_dir(Path::new("/g/quarantine"))
+                .expect("quarantine")
+                .iter()
+                .any(|n| n.starts_with("group.journal.")),
+            "the damaged entry is kept aside"
+        );
+        j.append(b"fourth").expect("append");
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        // The rewritten journal opens cleanly under the default mode.
+        let (_, replayed) = open_at(&disk, point, RecoveryMode::TolerateTornTail).expect("clean");
+        assert_eq!(
+            replayed.entries,
+            vec![b"first".to_vec(), b"third".to_vec(), b"fourth".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_snapshot_after_the_checkpoint_makes_its_point_stale_not_damage() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"a").expect("append");
+        j.append(b"b").expect("append");
+        j.sync().expect("sync");
+        let old = j.recovery_point();
+        j.snapshot(b"ab").expect("snapshot");
+        j.append(b"c").expect("append");
+        j.sync().expect("sync");
+        assert!(j.recovery_point().0 > old.0);
+        drop(j);
+        let (_, replayed) =
+            open_at(&disk, old, RecoveryMode::TolerateTornTail).expect("stale point");
+        assert_eq!(replayed.entries, vec![b"c".to_vec()]);
+        // A snapshot that went missing is damage.
+        disk.remove_file(Path::new("/g/group.snap"))
+            .expect("remove");
+        let newer = (old.0 + 2, 0);
+        assert!(open_at(&disk, newer, RecoveryMode::TolerateTornTail).is_err());
     }
 
     #[test]

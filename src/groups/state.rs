@@ -9,7 +9,7 @@
 //! any number of broker crashes or power cuts a message is delivered at most
 //! `max_deliveries` times before it is dead-lettered.
 
-use super::journal::Journal;
+use super::journal::{Journal, JournalRecovery};
 use super::ranges::RangeSet;
 use crate::error::{Error, Result};
 use crate::storage::io::Storage;
@@ -253,8 +253,28 @@ impl Group {
         config: GroupConfig,
         start: u64,
     ) -> Result<Group> {
+        Group::open_checked(
+            storage,
+            dir,
+            name,
+            config,
+            start,
+            JournalRecovery::default(),
+        )
+    }
+
+    /// [`Group::open`] with the journal's recovery point and recovery mode
+    /// (see [`Journal::open_checked`]).
+    pub fn open_checked(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        name: &str,
+        config: GroupConfig,
+        start: u64,
+        recovery: JournalRecovery,
+    ) -> Result<Group> {
         let (journal, replayed) = if Journal::exists(&*storage, dir, name) {
-            Journal::open(storage, dir, name)?
+            Journal::open_checked(storage, dir, name, recovery)?
         } else {
             // A new group's mode and start are durable before its name is: a
             // crash half-way through creating it leaves no group rather than
@@ -549,6 +569,22 @@ impl Group {
         }
         self.unjournaled = RangeSet::new();
         self.journal.sync()
+    }
+
+    /// The journal's recovery point (see [`Journal::recovery_point`]).
+    pub fn recovery_point(&self) -> (u64, u64) {
+        self.journal.recovery_point()
+    }
+
+    /// One past the highest offset the group's durable state speaks of
+    /// (its committed offset, completions, delivery counts): the log must
+    /// reach it, or an offset the group saw would be handed out again.
+    pub fn referenced_end(&self) -> u64 {
+        let end_of = |set: &RangeSet| set.iter().last().map_or(0, |r| r.end);
+        self.low
+            .max(end_of(&self.done))
+            .max(end_of(&self.delivered))
+            .max(self.counts.keys().next_back().map_or(0, |&o| o + 1))
     }
 
     /// Whether every change is durable.

@@ -217,13 +217,8 @@ impl Server {
         let broker = Arc::clone(&broker);
         tokio::task::spawn_blocking(move || {
             for topic in broker.registry.topics() {
-                if let Err(e) = topic.log().sync() {
+                if let Err(e) = topic.stop() {
                     tracing::error!(topic = topic.name(), error = %e, "final sync failed");
-                }
-            }
-            for topic in broker.registry.topics() {
-                if let Err(e) = topic.sync_state() {
-                    tracing::error!(topic = topic.name(), error = %e, "final sync of group state failed");
                 }
             }
         })

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// How often a topic's recovery point is recorded while it changes (see
+/// [`crate::storage::checkpoint`]): damage in bytes synced within this much
+/// time before an unclean stop may be taken for a torn write.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Most batches one group commit takes from the queue.
 const MAX_GROUP: usize = 1024;
 /// Produce requests queued per topic before producers wait.
@@ -52,6 +56,7 @@ impl TopicRuntime {
                 Duration::from_millis(ms.max(1)),
             ));
         }
+        tokio::spawn(checkpointer(Arc::downgrade(&runtime), CHECKPOINT_EVERY));
         if let Some(ratio) = runtime.topic.config().compact_min_dirty_ratio {
             tokio::spawn(compactor(
                 Arc::downgrade(&runtime),
@@ -158,6 +163,28 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
         if let Ok(Err(e)) = result {
             tracing::error!(error = %e, "fsync-interval tick failed");
+        }
+    }
+}
+
+/// Records the topic's recovery point every `every` (a no-op while nothing
+/// moved).
+async fn checkpointer(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let Some(rt) = runtime.upgrade() else { return };
+        let topic = Arc::clone(&rt.topic);
+        drop(rt);
+        let name = topic.name().to_owned();
+        match tokio::task::spawn_blocking(move || topic.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %name, error = %e, "could not record the recovery point")
+            }
+            Err(_) => tracing::error!(topic = %name, "recording the recovery point panicked"),
         }
     }
 }

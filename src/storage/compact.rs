@@ -133,11 +133,14 @@ fn retire(
 }
 
 /// Rolls back or completes a swap a crash interrupted (see the module docs).
-pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<()> {
+/// Returns the offset ranges `base..until` of the swaps it completed: the
+/// segments inside them were retired on purpose.
+pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<Vec<Range<u64>>> {
     let Ok(names) = storage.list_dir(dir) else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let mut changed = false;
+    let mut completed = Vec::new();
     for name in &names {
         let path = dir.join(name);
         if name.contains(".log") && name.ends_with(CLEANED_SUFFIX) {
@@ -165,6 +168,7 @@ pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<()>
                 .collect();
             retire(storage, dir, &path, &first, &covered)?;
             tracing::warn!(file = %first.log.display(), merged = covered.len(), "completed an interrupted compaction swap");
+            completed.push(base..until);
         }
     }
     if changed {
@@ -172,7 +176,17 @@ pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<()>
             .sync_dir(dir)
             .ctx(|| format!("syncing {}", dir.display()))?;
     }
-    Ok(())
+    Ok(completed)
+}
+
+/// The offset ranges `base..until` of the compaction swaps pending in a
+/// directory listing (see [`finish_interrupted_swaps`]).
+pub fn pending_swaps(names: &[String]) -> Vec<Range<u64>> {
+    names
+        .iter()
+        .filter_map(|n| parse_swap_name(n))
+        .map(|(base, until)| base..until.unwrap_or(base.saturating_add(1)))
+        .collect()
 }
 
 /// A sealed segment as one compaction pass sees it: where its live records
@@ -335,7 +349,7 @@ impl Log {
     /// Deletes a sealed segment with nothing live; false if it went away
     /// meanwhile (retention).
     fn delete_sealed(&self, segment: &Segment) -> Result<bool> {
-        if !self.swap_sealed_segments(&[segment.base()], || Ok(None))? {
+        if !self.swap_sealed_segments(&[segment.base()], false, || Ok(None))? {
             return Ok(false);
         }
         self.remove_segment_files(segment.paths())?;
@@ -427,7 +441,7 @@ impl Log {
         let covered: Vec<SegmentPaths> =
             run[1..].iter().map(|s| s.segment.paths().clone()).collect();
         let config = self.config().clone();
-        let swapped = self.swap_sealed_segments(&bases, || {
+        let swapped = self.swap_sealed_segments(&bases, true, || {
             retire(storage, dir, &swap, &paths, &covered)?;
             let mut report = RecoveryReport::default();
             let opened = recovery::open_segment(
@@ -437,6 +451,7 @@ impl Log {
                 Some(until),
                 &config,
                 RecoveryMode::TolerateTornTail,
+                0,
                 &mut report,
             )?;
             Ok(Some(sealed_segment(opened, &config)?))

@@ -6,6 +6,7 @@
 //! published only after it is durable, so no reader ever sees a record a crash
 //! could take back. A failed sync is never retried: the log turns read-only.
 
+use super::checkpoint::{Checkpoint, JournalPoint};
 use super::config::{Durability, FsyncPolicy, LogConfig, RecoveryMode};
 use super::index::IndexBuilder;
 use super::io::{Mapping, OpenMode, Storage, StorageFile};
@@ -64,7 +65,29 @@ pub struct Log {
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
     durable_end: AtomicU64,
+    /// What is synced, as one consistent point (the writer updates it).
+    synced: Mutex<SyncedPoint>,
+    /// Serializes checkpoint writes and keeps what the last one said.
+    checkpoint: Mutex<CheckpointState>,
+    /// The checkpoint found on open, if any.
+    opened_checkpoint: Option<Checkpoint>,
     report: RecoveryReport,
+}
+
+/// The active segment's synced bytes and the offsets they end at.
+#[derive(Debug, Clone, Copy, Default)]
+struct SyncedPoint {
+    active_base: u64,
+    active_synced: u64,
+    durable_end: u64,
+}
+
+#[derive(Debug, Default)]
+struct CheckpointState {
+    /// Points of the state journals beside the log (set by their owner).
+    journals: Vec<JournalPoint>,
+    /// The last checkpoint written (clean flag aside).
+    written: Option<Checkpoint>,
 }
 
 #[derive(Debug)]
@@ -118,15 +141,33 @@ impl Log {
         storage
             .create_dir_all(&dir)
             .ctx(|| format!("creating {}", dir.display()))?;
-        super::compact::finish_interrupted_swaps(&*storage, &dir)?;
+        let mut report = RecoveryReport::default();
+        let loaded = match Checkpoint::load(&*storage, &dir) {
+            Ok(loaded) => loaded,
+            Err(Error::Corruption(damage)) if mode == RecoveryMode::SkipDamaged => {
+                tracing::error!(%damage, "ignoring a damaged checkpoint: no recovery point for this log");
+                report.quarantined.push(*damage);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let swaps = super::compact::finish_interrupted_swaps(&*storage, &dir)?;
         let names = storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;
         let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_log_name(n)).collect();
         bases.sort_unstable();
         remove_orphan_indexes(&*storage, &dir, &names, &bases)?;
+        if let Some(c) = &loaded {
+            check_manifest(&dir, c, &bases, &swaps, mode, &mut report)?;
+        }
+        // Bytes of the active segment known synced: a bad record below this
+        // is damage, never a torn write.
+        let synced_to = |base: u64| match &loaded {
+            Some(c) if c.active_base == base => c.active_synced,
+            _ => 0,
+        };
 
-        let mut report = RecoveryReport::default();
         let mut segments = Vec::with_capacity(bases.len().max(1));
         let active = match bases.split_last() {
             None => Active::create(&*storage, &dir, 0, &config)?,
@@ -140,6 +181,7 @@ impl Log {
                         Some(next_base),
                         &config,
                         mode,
+                        0,
                         &mut report,
                     )?;
                     segments.push(Arc::new(sealed_segment(opened, &config)?));
@@ -151,6 +193,7 @@ impl Log {
                     None,
                     &config,
                     mode,
+                    synced_to(last),
                     &mut report,
                 )?;
                 Active::resume(&*storage, opened, &config)?
@@ -169,10 +212,12 @@ impl Log {
             .sync_data()
             .ctx(|| format!("syncing recovered {}", log_path.display()))?;
         let next_offset = active.segment.end_offset();
-        if !report.is_clean() {
-            tracing::warn!(log = %dir.display(), ?report, "log recovered");
-        }
-        Ok(Log {
+        let synced = SyncedPoint {
+            active_base: active.segment.base(),
+            active_synced: active.write_pos,
+            durable_end: next_offset,
+        };
+        let mut log = Log {
             dir,
             storage,
             config,
@@ -186,8 +231,155 @@ impl Log {
             }),
             compacting: Mutex::new(()),
             durable_end: AtomicU64::new(next_offset),
+            synced: Mutex::new(synced),
+            checkpoint: Mutex::new(CheckpointState {
+                journals: loaded
+                    .as_ref()
+                    .map(|c| c.journals.clone())
+                    .unwrap_or_default(),
+                written: loaded.clone(),
+            }),
+            opened_checkpoint: loaded,
             report,
-        })
+        };
+        log.check_durable_end(mode)?;
+        if !log.report.is_clean() {
+            tracing::warn!(log = %log.dir.display(), report = ?log.report, "log recovered");
+        }
+        // A clean checkpoint stops being true with the first new write, and a
+        // log without one gets its recovery point now.
+        if log.opened_checkpoint.as_ref().is_none_or(|c| c.clean) {
+            log.store_checkpoint(None, false)?;
+        }
+        Ok(log)
+    }
+
+    /// Offsets below the checkpoint's durable end were acknowledged as
+    /// durable: a log that ends before it lost them, and the offsets must not
+    /// be handed out again.
+    fn check_durable_end(&mut self, mode: RecoveryMode) -> Result<()> {
+        let Some(durable_end) = self.opened_checkpoint.as_ref().map(|c| c.durable_end) else {
+            return Ok(());
+        };
+        self.ensure_end_at_least(durable_end, mode, "were synced (see the checkpoint)")
+    }
+
+    /// Makes sure no offset below `needed` is ever handed out again: a log
+    /// that ends before it is damage (refused under the default recovery
+    /// mode); under skip-damaged the log continues at `needed` and the lost
+    /// range is reported. `why` says what vouches for `needed`.
+    pub fn ensure_end_at_least(
+        &mut self,
+        needed: u64,
+        mode: RecoveryMode,
+        why: &str,
+    ) -> Result<()> {
+        let end = self.end().0;
+        if end >= needed {
+            return Ok(());
+        }
+        let last = self.segments().last().map(|s| s.paths().log.clone());
+        let damage = Corruption {
+            file: last.unwrap_or_else(|| self.dir.clone()),
+            bytes: 0..0,
+            offsets: Some(end..needed),
+            detail: format!(
+                "the log ends at offset {end}, but offsets up to {needed} {why}. \
+                 Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                 to continue at offset {needed} and give the range up"
+            ),
+        };
+        if mode == RecoveryMode::TolerateTornTail {
+            return Err(Error::corruption(damage));
+        }
+        tracing::error!(%damage, "offsets lost; the log continues after them");
+        self.skip_to(needed)?;
+        self.report.skipped.push(end..needed);
+        self.report.quarantined.push(damage);
+        Ok(())
+    }
+
+    /// Continues the log at `offset` (past its end) in a new segment, so the
+    /// offsets in between are never given to a message.
+    pub(crate) fn skip_to(&self, offset: u64) -> Result<()> {
+        let mut w = self.lock_writer()?;
+        if offset <= w.next_offset {
+            return Ok(());
+        }
+        self.sync_locked(&mut w)?;
+        self.publish_locked(&mut w);
+        let active = Active::create(&*self.storage, &self.dir, offset, &self.config)?;
+        let sealed = self.seal(&mut w)?;
+        let mut segments: Vec<Arc<Segment>> = self.segments().as_ref().clone();
+        if let Some(last) = segments.last_mut() {
+            *last = Arc::new(sealed);
+        }
+        segments.push(Arc::clone(&active.segment));
+        self.set_segments(segments);
+        w.active = active;
+        w.next_offset = offset;
+        self.durable_end.store(offset, Ordering::Release);
+        *self.lock_synced() = SyncedPoint {
+            active_base: offset,
+            active_synced: 0,
+            durable_end: offset,
+        };
+        drop(w);
+        self.store_checkpoint(None, false)
+    }
+
+    fn lock_synced(&self) -> MutexGuard<'_, SyncedPoint> {
+        self.synced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The checkpoint found when the log was opened (`None` for a log that
+    /// had none).
+    pub fn opened_checkpoint(&self) -> Option<&Checkpoint> {
+        self.opened_checkpoint.as_ref()
+    }
+
+    /// Writes the log's recovery point and manifest (see
+    /// [`crate::storage::checkpoint`]) when it changed since the last one, or
+    /// always when `clean` (a clean stop). `journals`, when given, replaces
+    /// the recorded points of the state journals beside the log.
+    pub fn store_checkpoint(&self, journals: Option<Vec<JournalPoint>>, clean: bool) -> Result<()> {
+        self.store_checkpoint_without(journals, clean, &[])
+    }
+
+    /// [`Log::store_checkpoint`] with the segments `removed` left out of the
+    /// manifest: written before they are removed, so a removal is never
+    /// taken for a loss.
+    fn store_checkpoint_without(
+        &self,
+        journals: Option<Vec<JournalPoint>>,
+        clean: bool,
+        removed: &[u64],
+    ) -> Result<()> {
+        let mut state = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(journals) = journals {
+            state.journals = journals;
+        }
+        let synced = *self.lock_synced();
+        let segments = self
+            .segments()
+            .iter()
+            .map(|s| s.base())
+            .filter(|b| !removed.contains(b))
+            .collect();
+        let next = Checkpoint {
+            clean,
+            durable_end: synced.durable_end,
+            active_base: synced.active_base,
+            active_synced: synced.active_synced,
+            segments,
+            journals: state.journals.clone(),
+        };
+        if !clean && state.written.as_ref() == Some(&next) {
+            return Ok(());
+        }
+        next.store(&*self.storage, &self.dir)?;
+        state.written = Some(next);
+        Ok(())
     }
 
     /// The log's directory.
@@ -213,6 +405,7 @@ impl Log {
     pub(crate) fn swap_sealed_segments(
         &self,
         bases: &[u64],
+        replaced: bool,
         prepare: impl FnOnce() -> Result<Option<Segment>>,
     ) -> Result<bool> {
         let _w = self.lock_writer()?;
@@ -232,6 +425,9 @@ impl Log {
         {
             return Ok(false);
         }
+        // The manifest forgets the segments before their files go.
+        let removed = if replaced { &bases[1..] } else { bases };
+        self.store_checkpoint_without(None, false, removed)?;
         let replacement = prepare()?;
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
         next.splice(run, replacement.map(Arc::new));
@@ -510,6 +706,11 @@ impl Log {
         a.size_dirty = false;
         w.last_sync = Instant::now();
         self.durable_end.store(w.next_offset, Ordering::Release);
+        *self.lock_synced() = SyncedPoint {
+            active_base: a.segment.base(),
+            active_synced: a.synced_pos,
+            durable_end: w.next_offset,
+        };
         Ok(())
     }
 
@@ -542,6 +743,11 @@ impl Log {
         }
         segments.push(Arc::clone(&active.segment));
         self.set_segments(segments);
+        *self.lock_synced() = SyncedPoint {
+            active_base: active.segment.base(),
+            active_synced: 0,
+            durable_end: w.next_offset,
+        };
         w.active = active;
         Ok(())
     }
@@ -693,6 +899,8 @@ impl Log {
         if dropped == 0 {
             return Ok(Vec::new());
         }
+        let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
+        self.store_checkpoint_without(None, false, &bases)?;
         self.set_segments(segments[dropped..].to_vec());
         drop(w);
         let removed: Vec<&Arc<Segment>> = segments[..dropped].iter().collect();
@@ -721,11 +929,13 @@ impl Log {
     /// recovery work. The active segment stays active for the next open.
     pub fn close(self) -> Result<()> {
         let mut w = self.lock_writer()?;
-        if w.poisoned.is_none() {
-            self.sync_locked(&mut w)?;
-            self.publish_locked(&mut w);
+        if w.poisoned.is_some() {
+            return Ok(());
         }
-        Ok(())
+        self.sync_locked(&mut w)?;
+        self.publish_locked(&mut w);
+        drop(w);
+        self.store_checkpoint(None, true)
     }
 }
 
@@ -894,6 +1104,62 @@ fn remove_orphan_indexes(
             storage
                 .remove_file(&path)
                 .ctx(|| format!("removing orphan {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Every segment the checkpoint lists must be there, unless an interrupted
+/// compaction swap (`swaps`: `(base, until)` ranges it completed) retired it.
+/// A segment the manifest does not know is either newer than the checkpoint
+/// (above its last segment) or left by a removal a crash interrupted; both
+/// are kept.
+fn check_manifest(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+    bases: &[u64],
+    swaps: &[std::ops::Range<u64>],
+    mode: RecoveryMode,
+    report: &mut RecoveryReport,
+) -> Result<()> {
+    let listed = &checkpoint.segments;
+    for (i, &base) in listed.iter().enumerate() {
+        if bases.binary_search(&base).is_ok()
+            || swaps.iter().any(|r| r.start < base && base < r.end)
+        {
+            continue;
+        }
+        let until = listed
+            .get(i + 1)
+            .copied()
+            .unwrap_or(checkpoint.durable_end)
+            .max(base);
+        let damage = Corruption {
+            file: SegmentPaths::new(dir, base).log,
+            bytes: 0..0,
+            offsets: Some(base..until),
+            detail: format!(
+                "segment file is missing: the log's checkpoint lists it, holding offsets from {base}{}. \
+                 Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) to give them up",
+                if until > base {
+                    format!(" up to {until}")
+                } else {
+                    String::new()
+                }
+            ),
+        };
+        if mode == RecoveryMode::TolerateTornTail {
+            return Err(Error::corruption(damage));
+        }
+        tracing::error!(%damage, "giving up a missing segment");
+        report.quarantined.push(damage);
+    }
+    if let Some(&last_listed) = listed.last() {
+        for &base in bases {
+            if base < last_listed && listed.binary_search(&base).is_err() {
+                tracing::warn!(file = %SegmentPaths::new(dir, base).log.display(),
+                    "segment not in the checkpoint (a removal was interrupted); keeping it");
+            }
         }
     }
     Ok(())

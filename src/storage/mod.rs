@@ -20,6 +20,7 @@
 //! # Ok::<(), spool::Error>(())
 //! ```
 
+pub mod checkpoint;
 pub mod compact;
 pub mod config;
 pub mod datadir;

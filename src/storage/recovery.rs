@@ -8,6 +8,12 @@
 //! | bytes, and no valid record after them| torn tail: cut, logged  | damage                    |
 //! | bytes, then valid records again      | damage                  | damage                    |
 //!
+//! A torn write can only touch bytes that were never synced: in the active
+//! segment, anything that stops the scan before the recovery point (the
+//! synced length the log's checkpoint records, see
+//! [`crate::storage::checkpoint`]) is damage too, zeros and a short file
+//! included.
+//!
 //! Damage refuses to open under [`RecoveryMode::TolerateTornTail`] with an error
 //! naming the file, byte range and offsets; [`RecoveryMode::SkipDamaged`] copies
 //! the range to `quarantine/`, overwrites it with a filler record that readers
@@ -43,8 +49,12 @@ pub struct RecoveryReport {
     pub truncations: Vec<Truncation>,
     /// Index files rebuilt from their log.
     pub rebuilt_indexes: Vec<PathBuf>,
-    /// Damaged ranges quarantined (only under [`RecoveryMode::SkipDamaged`]).
+    /// Damage given up (only under [`RecoveryMode::SkipDamaged`]): ranges
+    /// quarantined, files missing.
     pub quarantined: Vec<Corruption>,
+    /// Offset ranges the log skipped so that offsets a lost range held are
+    /// never handed out again.
+    pub skipped: Vec<std::ops::Range<u64>>,
 }
 
 impl RecoveryReport {
@@ -53,6 +63,7 @@ impl RecoveryReport {
         self.truncations.is_empty()
             && self.rebuilt_indexes.is_empty()
             && self.quarantined.is_empty()
+            && self.skipped.is_empty()
     }
 }
 
@@ -84,7 +95,10 @@ pub(crate) enum Stop {
 }
 
 /// Opens the segment `base` of the log in `dir`, repairing what `mode` allows.
-/// `next_base` is the base of the following segment, `None` for the active one.
+/// `next_base` is the base of the following segment, `None` for the active
+/// one; `synced_to` is how many of its bytes are known synced (the recovery
+/// point), below which nothing may be cut as a torn tail.
+#[allow(clippy::too_many_arguments)]
 pub fn open_segment(
     storage: &dyn Storage,
     dir: &Path,
@@ -92,6 +106,7 @@ pub fn open_segment(
     next_base: Option<u64>,
     config: &LogConfig,
     mode: RecoveryMode,
+    synced_to: u64,
     report: &mut RecoveryReport,
 ) -> Result<OpenedSegment> {
     let active = next_base.is_none();
@@ -140,6 +155,28 @@ pub fn open_segment(
             max_len,
         );
         let Stop::Invalid(why) = stop else {
+            if active && pos < synced_to {
+                // The synced part of the segment ends early: its bytes were
+                // zeroed or cut after they reached the disk.
+                let damage = Corruption {
+                    file: log.clone(),
+                    bytes: pos..synced_to,
+                    offsets: None,
+                    detail: format!(
+                        "{} where the checkpoint records synced records up to byte {synced_to} \
+                         (records from offset {} on are gone). \
+                         Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                         to give the range up and open anyway",
+                        if pos < len { "zeros" } else { "the file ends" },
+                        last_offset.map_or(base, |o| o + 1)
+                    ),
+                };
+                if mode == RecoveryMode::TolerateTornTail {
+                    return Err(Error::corruption(damage));
+                }
+                tracing::error!(%damage, "giving up synced bytes that are gone");
+                report.quarantined.push(damage);
+            }
             // Clean end or zeros: a sealed segment must end exactly at its last record.
             if pos < len && !active {
                 cut(&*file, log, pos, len, report)?;
@@ -149,7 +186,7 @@ pub fn open_segment(
             break;
         };
         let next_valid = find_next_valid(&data, pos, last_offset, max_len);
-        if next_valid.is_none() && active {
+        if next_valid.is_none() && active && pos >= synced_to {
             cut(&*file, log, pos, len, report)?;
             tracing::warn!(file = %log.display(), at = pos, dropped = len - pos, reason = %why,
                 "cut torn tail of the active segment");
@@ -168,12 +205,16 @@ pub fn open_segment(
             bytes: pos..damaged_end,
             offsets: Some(first_lost..lost_end),
             detail: format!(
-                "{why}; valid records {} after it. Start with recovery mode skip-damaged \
+                "{why}; {}. Start with recovery mode skip-damaged \
                  (`spool serve --recovery skip-damaged`) to quarantine the range and open anyway",
                 if next_valid.is_some() {
-                    "follow"
+                    "valid records follow it".to_string()
+                } else if active {
+                    format!(
+                        "it lies below the recovery point (byte {synced_to} was synced), so it is not a torn write"
+                    )
                 } else {
-                    "do not follow"
+                    "valid records do not follow it in this sealed segment".to_string()
                 }
             ),
         };
@@ -324,6 +365,20 @@ fn quarantine(
     file: &dyn StorageFile,
     damage: &Corruption,
 ) -> Result<()> {
+    let mut bytes = vec![0u8; (damage.bytes.end - damage.bytes.start) as usize];
+    file.read_at(damage.bytes.start, &mut bytes)
+        .ctx(|| format!("reading damaged range of {}", damage.file.display()))?;
+    quarantine_bytes(storage, dir, damage, &bytes)
+}
+
+/// Writes `bytes`, the damaged range `damage` names, to
+/// `dir/quarantine/<file name>.<start>-<end>`, durably.
+pub(crate) fn quarantine_bytes(
+    storage: &dyn Storage,
+    dir: &Path,
+    damage: &Corruption,
+    bytes: &[u8],
+) -> Result<()> {
     let qdir = dir.join(QUARANTINE_DIR);
     storage
         .create_dir_all(&qdir)
@@ -337,15 +392,12 @@ fn quarantine(
         "{name}.{}-{}",
         damage.bytes.start, damage.bytes.end
     ));
-    let mut bytes = vec![0u8; (damage.bytes.end - damage.bytes.start) as usize];
-    file.read_at(damage.bytes.start, &mut bytes)
-        .ctx(|| format!("reading damaged range of {}", damage.file.display()))?;
     let out = storage
         .open(&target, OpenMode::CreateOrOpen)
         .ctx(|| format!("creating {}", target.display()))?;
     out.set_len(0)
         .ctx(|| format!("writing {}", target.display()))?;
-    out.write_at(0, &bytes)
+    out.write_at(0, bytes)
         .ctx(|| format!("writing {}", target.display()))?;
     out.sync_data()
         .ctx(|| format!("syncing {}", target.display()))?;
@@ -375,6 +427,20 @@ fn load_index(
     let len = log
         .len()
         .ctx(|| format!("reading size of {}", paths.log.display()))?;
+    // Every entry must name the record at its position (a cheap header
+    // check); from the first that does not, the scan rebuilds the rest.
+    if let Some(bad) = index
+        .offset_entries()
+        .iter()
+        .find(|e| {
+            header_offset_at(log, u64::from(e.position), len) != Some(base + u64::from(e.relative))
+        })
+        .copied()
+    {
+        tracing::warn!(file = %paths.idx.display(), offset = base + u64::from(bad.relative),
+            "index entry does not match the log; rebuilding the index from there");
+        index.truncate(bad.relative, bad.position);
+    }
     // Drop entries from the end until the last one points at the record it names.
     while let Some(last) = index.offset_entries().last().copied() {
         let pos = u64::from(last.position);
@@ -417,6 +483,21 @@ fn load_index(
         kept.push_time(t);
     }
     Ok((kept, loaded))
+}
+
+/// The offset a record header at `pos` names, if the header looks like one
+/// (magic, a sane length); the checksum is not checked.
+fn header_offset_at(log: &dyn StorageFile, pos: u64, len: u64) -> Option<u64> {
+    let mut header = [0u8; HEADER_LEN];
+    if pos + HEADER_LEN as u64 > len {
+        return None;
+    }
+    log.read_at(pos, &mut header).ok()?;
+    let rec_len = u64::from(u32::from_le_bytes(header[4..8].try_into().ok()?));
+    if header[0] != RECORD_MAGIC || rec_len < HEADER_LEN as u64 || pos + rec_len > len {
+        return None;
+    }
+    Some(u64::from_le_bytes(header[12..20].try_into().ok()?))
 }
 
 /// Offset of the valid record at `pos`, if one is there.

@@ -1,8 +1,16 @@
 //! Offline, read-only check of a whole data directory: every record of every
 //! segment (framing, CRC, offsets strictly increasing and inside the
-//! segment), every index against its log, every journal and snapshot. Each
-//! damaged range is reported with its file, bytes and offsets.
+//! segment), every index against its log, every journal and snapshot, each
+//! topic's config and checkpoint, and that every file the checkpoint lists
+//! is there. Each damaged range is reported with its file, bytes and offsets.
+//!
+//! Findings come in three kinds: *damage* (data is wrong or missing; exit 1),
+//! *torn tails* (bytes past the recovery point that an unclean stop left
+//! unfinished; the next start cuts them), and *notes* (what the next start
+//! rebuilds or completes by itself: indexes, interrupted compactions; exit 0
+//! unless `--strict`).
 
+use super::checkpoint::Checkpoint;
 use super::index::{IndexBuilder, SegmentIndex};
 use super::io::{Storage, read_file};
 use super::record::{self, Frame};
@@ -51,15 +59,28 @@ pub struct VerifyReport {
     pub journal_entries: u64,
     /// Damage: anything here means data is wrong.
     pub damage: Vec<Finding>,
-    /// Torn tails of active segments and journals: unacknowledged writes a
-    /// crash interrupted, which the next start cuts. Not damage.
+    /// Torn tails of active segments and journals, past their recovery
+    /// point: unacknowledged writes a crash interrupted, which the next start
+    /// cuts. Not damage.
     pub torn_tails: Vec<Finding>,
+    /// What the next start rebuilds or completes by itself (missing or stale
+    /// indexes, interrupted compactions). Not damage.
+    pub notes: Vec<Finding>,
 }
 
 impl VerifyReport {
     /// Whether no damage was found.
     pub fn is_clean(&self) -> bool {
         self.damage.is_empty()
+    }
+}
+
+fn finding(file: PathBuf, detail: impl Into<String>) -> Finding {
+    Finding {
+        file,
+        bytes: 0..0,
+        offsets: None,
+        detail: detail.into(),
     }
 }
 
@@ -100,20 +121,72 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
     let mut report = VerifyReport::default();
     for topic in data.topics()? {
         let dir = data.topic_dir(&topic);
-        verify_log(storage, &dir, &mut report, progress)?;
-        let mut journals = vec![(dir.clone(), "deletes".to_string())];
+        if crate::broker::config::validate_name("topic", &topic).is_err() {
+            continue;
+        }
+        let checkpoint = match Checkpoint::load(storage, &dir) {
+            Ok(c) => c,
+            Err(crate::Error::Corruption(c)) => {
+                report.damage.push((*c).into());
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let config = dir.join(crate::broker::config::TOPIC_CONFIG_FILE);
+        match crate::broker::config::TopicConfig::load(storage, &dir) {
+            Ok(Some(_)) => {}
+            Ok(None) if checkpoint.is_some() => report.damage.push(finding(
+                config,
+                "topic config is missing: the topic would start with the default config",
+            )),
+            Ok(None) => report.notes.push(finding(
+                config,
+                "topic config is missing (the broker starts the topic with the default config)",
+            )),
+            Err(e) => report
+                .damage
+                .push(finding(config, format!("topic config does not load: {e}"))),
+        }
+        verify_log(storage, &dir, checkpoint.as_ref(), &mut report, progress)?;
+        let point = |name: &str| {
+            checkpoint
+                .as_ref()
+                .and_then(|c| c.journal(name))
+                .map_or((0, 0), |p| (p.base_seq, p.synced_len))
+        };
+        let mut journals = vec![(dir.clone(), "deletes".to_string(), point("deletes"))];
         let groups = dir.join("groups");
+        let mut present = Vec::new();
         if let Ok(mut names) = storage.list_dir(&groups) {
             names.sort();
+            present = names
+                .iter()
+                .filter_map(|n| {
+                    n.strip_suffix(".journal")
+                        .or_else(|| n.strip_suffix(".snap"))
+                })
+                .map(str::to_owned)
+                .collect();
+            present.dedup();
             journals.extend(
                 names
                     .iter()
                     .filter_map(|n| n.strip_suffix(".journal"))
-                    .map(|g| (groups.clone(), g.to_owned())),
+                    .map(|g| (groups.clone(), g.to_owned(), point(&format!("groups/{g}")))),
             );
         }
-        for (jdir, name) in journals {
-            verify_journal(storage, &jdir, &name, &mut report, progress)?;
+        for listed in checkpoint.iter().flat_map(|c| &c.journals) {
+            if let Some(g) = listed.name.strip_prefix("groups/")
+                && !present.iter().any(|p| p == g)
+            {
+                report.damage.push(finding(
+                    groups.join(format!("{g}.journal")),
+                    format!("group {g} is missing: the topic's checkpoint lists it"),
+                ));
+            }
+        }
+        for (jdir, name, point) in journals {
+            verify_journal(storage, &jdir, &name, point, &mut report, progress)?;
         }
     }
     Ok(report)
@@ -122,6 +195,7 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
 fn verify_log(
     storage: &dyn Storage,
     dir: &Path,
+    checkpoint: Option<&Checkpoint>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
@@ -130,12 +204,48 @@ fn verify_log(
         .ctx(|| format!("listing {}", dir.display()))?;
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_log_name(n)).collect();
     bases.sort_unstable();
+    let swaps = super::compact::pending_swaps(&names);
+    for name in &names {
+        if name.ends_with(super::compact::CLEANED_SUFFIX)
+            || name.ends_with(super::compact::SWAP_SUFFIX)
+        {
+            report.notes.push(finding(
+                dir.join(name),
+                "an interrupted compaction: the next start rolls it back or completes it",
+            ));
+        }
+    }
+    if let Some(c) = checkpoint {
+        for (i, &base) in c.segments.iter().enumerate() {
+            if bases.binary_search(&base).is_ok()
+                || swaps.iter().any(|r| r.start < base && base < r.end)
+            {
+                continue;
+            }
+            let until = c
+                .segments
+                .get(i + 1)
+                .copied()
+                .unwrap_or(c.durable_end)
+                .max(base);
+            report.damage.push(Finding {
+                file: SegmentPaths::new(dir, base).log,
+                bytes: 0..0,
+                offsets: Some(base..until),
+                detail: "segment file is missing: the log's checkpoint lists it".into(),
+            });
+        }
+    }
     // Index intervals are not stored; the default rebuilds what spool wrote.
     let config = LogConfig::default();
     let mut previous_end: Option<u64> = None;
     for (i, &base) in bases.iter().enumerate() {
         let paths = SegmentPaths::new(dir, base);
         let active = i + 1 == bases.len();
+        let synced_to = match checkpoint {
+            Some(c) if active && c.active_base == base => c.active_synced,
+            _ => 0,
+        };
         let data =
             read_file(storage, &paths.log).ctx(|| format!("reading {}", paths.log.display()))?;
         report.files += 1;
@@ -175,22 +285,38 @@ fn verify_log(
                         detail: "zeros after the last record of a sealed segment".into(),
                     });
                 }
+                if pos < synced_to {
+                    report.damage.push(Finding {
+                        file: paths.log.clone(),
+                        bytes: pos..synced_to,
+                        offsets: None,
+                        detail: format!(
+                            "records end at byte {pos}, but the checkpoint records synced records up to byte {synced_to}"
+                        ),
+                    });
+                }
                 break;
             };
             let next = find_next_valid(&data, pos, last, u32::MAX);
             let first_lost = last.map_or(base, |o| o + 1);
-            let finding = Finding {
+            let mut finding = Finding {
                 file: paths.log.clone(),
                 bytes: pos..next.map_or(data.len() as u64, |(q, _)| q),
                 offsets: Some(first_lost..next.map(|(_, o)| o).or(next_base).unwrap_or(first_lost)),
                 detail: why,
             };
             match next {
-                None if active => {
+                None if active && pos >= synced_to => {
                     report.torn_tails.push(finding);
                     break;
                 }
                 None => {
+                    if active {
+                        finding.detail = format!(
+                            "{}; below the recovery point (byte {synced_to} was synced), so not a torn write",
+                            finding.detail
+                        );
+                    }
                     report.damage.push(finding);
                     break;
                 }
@@ -214,6 +340,21 @@ fn verify_log(
             });
         }
         previous_end = last.map(|l| l + 1).or(Some(base));
+        if active
+            && let Some(c) = checkpoint
+            && let Some(end) = previous_end
+            && end < c.durable_end
+        {
+            report.damage.push(Finding {
+                file: paths.log.clone(),
+                bytes: 0..0,
+                offsets: Some(end..c.durable_end),
+                detail: format!(
+                    "the log ends at offset {end}, but the checkpoint records offsets up to {} as synced",
+                    c.durable_end
+                ),
+            });
+        }
         verify_index(storage, &paths, &data, base, pos, last, active, report)?;
     }
     Ok(())
@@ -237,23 +378,38 @@ fn verify_index(
     let idx = read_if_exists(storage, &paths.idx)?;
     let tix = read_if_exists(storage, &paths.tix)?;
     if idx.is_none() && !active && last_offset.is_some() {
-        report.damage.push(Finding {
-            file: paths.idx.clone(),
-            bytes: 0..0,
-            offsets: None,
-            detail: "index file missing (the next start rebuilds it)".into(),
-        });
+        report.notes.push(finding(
+            paths.idx.clone(),
+            "index file missing (the next start rebuilds it)",
+        ));
     }
     let (idx, tix) = (idx.unwrap_or_default(), tix.unwrap_or_default());
     report.files += 2;
     report.bytes += (idx.len() + tix.len()) as u64;
-    let Some(index) = SegmentIndex::decode(&idx, &tix) else {
-        report.damage.push(Finding {
-            file: paths.idx.clone(),
-            bytes: 0..idx.len() as u64,
-            offsets: None,
-            detail: "index files are malformed (odd length or entries out of order; the next start rebuilds them)".into(),
-        });
+    let malformed = |path: &PathBuf, len: usize, what: &str| Finding {
+        file: path.clone(),
+        bytes: 0..len as u64,
+        offsets: None,
+        detail: format!(
+            "{what} is malformed (odd length or entries out of order; the next start rebuilds it)"
+        ),
+    };
+    let idx_ok = SegmentIndex::decode(&idx, &[]).is_some();
+    let tix_ok = SegmentIndex::decode(&[], &tix).is_some();
+    if !idx_ok {
+        report
+            .notes
+            .push(malformed(&paths.idx, idx.len(), "offset index"));
+    }
+    if !tix_ok {
+        report
+            .notes
+            .push(malformed(&paths.tix, tix.len(), "time index"));
+    }
+    let Some(index) = SegmentIndex::decode(
+        if idx_ok { &idx } else { &[] },
+        if tix_ok { &tix } else { &[] },
+    ) else {
         return Ok(());
     };
     for (i, e) in index.offset_entries().iter().enumerate() {
@@ -270,12 +426,12 @@ fn verify_index(
             });
         if found != Some(expected) {
             let at = (i * super::index::OFFSET_ENTRY_LEN) as u64;
-            report.damage.push(Finding {
+            report.notes.push(Finding {
                 file: paths.idx.clone(),
                 bytes: at..at + super::index::OFFSET_ENTRY_LEN as u64,
                 offsets: Some(expected..expected + 1),
                 detail: format!(
-                    "entry names offset {expected} at byte {pos} of the log, which holds {} (the next start rebuilds it)",
+                    "entry names offset {expected} at byte {pos} of the log, which holds {} (the next start rebuilds the index)",
                     found.map_or_else(|| "no valid record".to_string(), |o| format!("offset {o}"))
                 ),
             });
@@ -286,41 +442,60 @@ fn verify_index(
         && base + u64::from(t.relative) > last + 1
         && !active
     {
-        report.damage.push(Finding {
+        report.notes.push(Finding {
             file: paths.tix.clone(),
             bytes: 0..tix.len() as u64,
             offsets: None,
-            detail: "time index points past the segment's last record".into(),
+            detail: "time index points past the segment's last record (the next start rebuilds it)"
+                .into(),
         });
     }
     Ok(())
 }
 
+/// Checks a journal and its snapshot against its recovery point
+/// `(base_seq, synced_len)` from the checkpoint (`(0, 0)`: none known).
 fn verify_journal(
     storage: &dyn Storage,
     dir: &Path,
     name: &str,
+    (base_seq, synced_len): (u64, u64),
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let snap = dir.join(format!("{name}.snap"));
+    let mut first_uncovered = 0;
     if let Some(data) = read_if_exists(storage, &snap)? {
         report.files += 1;
         report.bytes += data.len() as u64;
         match record::decode(&data, u32::MAX) {
-            Ok(Frame::Record(r)) if r.len as usize == data.len() => report.journal_entries += 1,
+            Ok(Frame::Record(r)) if r.len as usize == data.len() => {
+                report.journal_entries += 1;
+                first_uncovered = r.offset;
+            }
             other => report.damage.push(Finding {
-                file: snap,
+                file: snap.clone(),
                 bytes: 0..data.len() as u64,
                 offsets: None,
                 detail: format!("snapshot does not validate: {other:?}"),
             }),
         }
     }
-    let path = dir.join(format!("{name}.journal"));
-    let Some(data) = read_if_exists(storage, &path)? else {
-        return Ok(());
+    let synced_len = if first_uncovered == base_seq {
+        synced_len
+    } else {
+        if first_uncovered < base_seq {
+            report.damage.push(finding(
+                snap,
+                format!(
+                    "snapshot is missing or older than the checkpoint records (sequence {base_seq})"
+                ),
+            ));
+        }
+        0
     };
+    let path = dir.join(format!("{name}.journal"));
+    let data = read_if_exists(storage, &path)?.unwrap_or_default();
     report.files += 1;
     report.bytes += data.len() as u64;
     progress(report.bytes);
@@ -343,8 +518,18 @@ fn verify_journal(
                     detail: format!("journal entry does not validate: {other:?}"),
                 };
                 match next {
-                    None => {
+                    None if pos as u64 >= synced_len => {
                         report.torn_tails.push(finding);
+                        break;
+                    }
+                    None => {
+                        report.damage.push(Finding {
+                            detail: format!(
+                                "{}; below the recovery point (byte {synced_len} was synced), so not a torn write",
+                                finding.detail
+                            ),
+                            ..finding
+                        });
                         break;
                     }
                     Some((q, _)) => {
@@ -354,6 +539,17 @@ fn verify_journal(
                 }
             }
         }
+    }
+    if (pos as u64) < synced_len && (data.len() as u64) < synced_len {
+        report.damage.push(Finding {
+            file: path,
+            bytes: data.len() as u64..synced_len,
+            offsets: None,
+            detail: format!(
+                "journal is {} bytes long, but the checkpoint records {synced_len} synced bytes",
+                data.len()
+            ),
+        });
     }
     Ok(())
 }

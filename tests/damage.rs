@@ -1,0 +1,443 @@
+//! Damage is never taken for a torn write: through the real binary, a byte
+//! flipped in synced data, a journal cut short, or a file that went missing
+//! makes `spool verify` exit 1 and `spool serve` refuse to start naming the
+//! file, and `--recovery skip-damaged` starts without ever handing out an
+//! offset twice or undoing a confirmed ack or commit.
+
+mod common;
+
+use common::Broker;
+use spool::broker::topic::Position;
+use spool::client::{Client, FetchOptions};
+use spool::groups::GroupMode;
+use spool::storage::NewMessage;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const TOPIC: &str = "t";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn value(i: u64) -> String {
+    format!("message-{i:03}-{}", "v".repeat(40))
+}
+
+/// Produces `count` messages (fsync=always) to a topic of `segment_bytes`
+/// (0: the default), lets stream group `s` commit and queue group `q` ack
+/// all of them, then stops the broker with SIGTERM.
+fn fill(data: &Path, segment_bytes: u64, count: u64) {
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "fill")
+            .await
+            .expect("connect");
+        if segment_bytes > 0 {
+            client
+                .create_topic(
+                    TOPIC,
+                    spool::protocol::pb::TopicConfig {
+                        segment_bytes: Some(segment_bytes),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create topic");
+        }
+        for i in 0..count {
+            client
+                .produce(TOPIC, vec![NewMessage::from_value(value(i))])
+                .await
+                .expect("produce");
+        }
+        client
+            .create_group(TOPIC, "s", GroupMode::Stream, Some(Position::Earliest))
+            .await
+            .expect("stream group");
+        client
+            .create_group(TOPIC, "q", GroupMode::Queue, Some(Position::Earliest))
+            .await
+            .expect("queue group");
+        client.commit(TOPIC, "s", count).await.expect("commit");
+        let mut acked = 0;
+        while acked < count {
+            let fetched = client
+                .fetch(
+                    TOPIC,
+                    FetchOptions {
+                        group: Some("q".into()),
+                        member: "m".into(),
+                        max_messages: 1000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("queue fetch");
+            let offsets: Vec<u64> = fetched
+                .messages
+                .iter()
+                .map(|m| m.message.offset.0)
+                .collect();
+            assert!(!offsets.is_empty(), "queue group gets every message");
+            client.ack(TOPIC, "q", &offsets, None).await.expect("ack");
+            acked += offsets.len() as u64;
+        }
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "clean stop: {logs}");
+}
+
+fn topic_dir(data: &Path) -> PathBuf {
+    data.join("topics").join(TOPIC)
+}
+
+fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    files
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).expect("read");
+    bytes[at] ^= 0x20;
+    std::fs::write(path, bytes).expect("write");
+}
+
+/// Position of `needle` in `path`.
+fn find(path: &Path, needle: &str) -> usize {
+    let bytes = std::fs::read(path).expect("read");
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .unwrap_or_else(|| panic!("{needle} in {}", path.display()))
+}
+
+fn spool(args: &[&str], data: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run spool")
+}
+
+fn verify(data: &Path) -> (Option<i32>, serde_json::Value) {
+    let out = spool(&["verify", "--format", "json"], data);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify prints JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), report)
+}
+
+/// `spool serve` on `data` must exit 1 without serving, saying `needle`.
+fn serve_refuses(data: &Path, needle: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started on a damaged directory (wanted a refusal naming {needle})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "serve must refuse: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "the error names {needle}: {stderr}"
+    );
+    assert!(
+        stderr.contains("skip-damaged"),
+        "the error names the flag that starts anyway: {stderr}"
+    );
+}
+
+fn damage_files(report: &serde_json::Value) -> Vec<String> {
+    report["damage"]
+        .as_array()
+        .expect("damage list")
+        .iter()
+        .filter_map(|d| d["file"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn describe(client: &Client, group: &str) -> spool::protocol::pb::GroupInfo {
+    client.describe_group(TOPIC, group).await.expect("describe")
+}
+
+#[test]
+fn a_flipped_byte_in_the_last_record_after_a_clean_stop_is_damage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 10);
+    let active = files_with(&topic_dir(data), "log")
+        .pop()
+        .expect("a segment");
+    flip(&active, find(&active, &value(9)) + 20);
+
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report["torn_tails"]
+            .as_array()
+            .is_some_and(|t| t.is_empty())
+    );
+    let damage = &report["damage"][0];
+    assert!(damage["file"].as_str().is_some_and(|f| f.ends_with(".log")));
+    assert_eq!(damage["offsets"]["start"].as_u64(), Some(9), "{report}");
+    serve_refuses(data, "00000000000000000000.log");
+
+    // Skip-damaged quarantines offset 9 and never hands it out again; the
+    // groups keep what they confirmed.
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "after")
+            .await
+            .expect("connect");
+        let produced = client
+            .produce(TOPIC, vec![NewMessage::from_value("new")])
+            .await
+            .expect("produce");
+        assert!(
+            produced.first_offset >= 10,
+            "offset {} reused",
+            produced.first_offset
+        );
+        assert_eq!(describe(&client, "s").await.committed, 10);
+        assert_eq!(describe(&client, "q").await.committed, 10);
+        let all = common::replay_all(&client, TOPIC).await;
+        assert!(
+            all.iter().all(|m| m.message.offset.0 != 9),
+            "the damaged record is not served"
+        );
+        assert_eq!(all.len(), 10, "0..9 and the new message");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}
+
+#[test]
+fn a_damaged_or_cut_group_journal_tail_is_damage_not_a_torn_write() {
+    for cut in [false, true] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path();
+        fill(data, 0, 150);
+        let journal = topic_dir(data).join("groups/s.journal");
+        let len = std::fs::metadata(&journal).expect("journal").len();
+        if cut {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&journal)
+                .expect("open");
+            file.set_len(len - 5).expect("cut");
+        } else {
+            flip(&journal, len as usize - 3);
+        }
+        let (code, report) = verify(data);
+        assert_eq!(code, Some(1), "cut={cut}: {report}");
+        assert!(
+            damage_files(&report)
+                .iter()
+                .any(|f| f.ends_with("s.journal")),
+            "{report}"
+        );
+        serve_refuses(data, "s.journal");
+
+        // Skip-damaged gives up the last entry: the commit may go back (a
+        // redelivery is allowed), the broker starts, the other group is intact.
+        let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+        rt().block_on(async {
+            let client = Client::connect(&broker.addr, "after")
+                .await
+                .expect("connect");
+            assert_eq!(describe(&client, "q").await.committed, 150);
+            let produced = client
+                .produce(TOPIC, vec![NewMessage::from_value("new")])
+                .await
+                .expect("produce");
+            assert_eq!(produced.first_offset, 150);
+        });
+        let (ok, logs) = broker.terminate();
+        assert!(ok, "{logs}");
+        let (code, report) = verify(data);
+        assert_eq!(
+            code,
+            Some(0),
+            "after skip-damaged the directory verifies: {report}"
+        );
+    }
+}
+
+#[test]
+fn skip_damaged_keeps_the_valid_entries_around_a_damaged_journal_entry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 20);
+    let journal = topic_dir(data).join("groups/q.journal");
+    let len = std::fs::metadata(&journal).expect("journal").len() as usize;
+    // An entry in the middle: the creation entries come first, acks after.
+    flip(&journal, len / 2);
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+    serve_refuses(data, "q.journal");
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "after")
+            .await
+            .expect("connect");
+        let q = describe(&client, "q").await;
+        assert_eq!(
+            q.mode,
+            spool::protocol::pb::GroupMode::Queue as i32,
+            "still a queue group"
+        );
+        assert!(q.lag <= 20, "{q:?}");
+        assert_eq!(describe(&client, "s").await.committed, 20);
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(
+        logs.contains("quarantined"),
+        "the log says what was skipped: {logs}"
+    );
+    assert!(
+        topic_dir(data).join("groups/quarantine").is_dir(),
+        "the damaged entry is kept aside"
+    );
+}
+
+/// Each file a topic owns, removed or garbled, is reported by verify and
+/// refused by serve; skip-damaged starts and never reuses an offset.
+#[test]
+fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
+    let cases: [(&str, fn(&Path)); 5] = [
+        ("topic.toml", |dir| {
+            std::fs::write(dir.join("topic.toml"), "this is = = not toml").expect("garble")
+        }),
+        ("topic.toml", |dir| {
+            std::fs::remove_file(dir.join("topic.toml")).expect("remove")
+        }),
+        ("s.journal", |dir| {
+            std::fs::remove_file(dir.join("groups/s.journal")).expect("remove")
+        }),
+        ("00000000000000000000.log", |dir| {
+            std::fs::remove_file(files_with(dir, "log")[0].clone()).expect("remove sealed")
+        }),
+        (".log", |dir| {
+            std::fs::remove_file(files_with(dir, "log").pop().expect("active"))
+                .expect("remove active")
+        }),
+    ];
+    for (i, (needle, damage)) in cases.into_iter().enumerate() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path();
+        fill(data, 2048, 60);
+        assert!(
+            files_with(&topic_dir(data), "log").len() >= 3,
+            "several segments"
+        );
+        damage(&topic_dir(data));
+        let (code, report) = verify(data);
+        assert_eq!(code, Some(1), "case {i}: {report}");
+        assert!(
+            damage_files(&report).iter().any(|f| f.ends_with(needle)),
+            "case {i} names {needle}: {report}"
+        );
+        if i == 0 {
+            // A config that does not parse stops serve in any mode.
+            let out = spool(&["serve", "--listen", "127.0.0.1:0"], data);
+            assert_eq!(out.status.code(), Some(1));
+            continue;
+        }
+        serve_refuses(data, needle);
+        let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+        rt().block_on(async {
+            let client = Client::connect(&broker.addr, "after")
+                .await
+                .expect("connect");
+            let produced = client
+                .produce(TOPIC, vec![NewMessage::from_value("new")])
+                .await
+                .expect("produce");
+            assert!(
+                produced.first_offset >= 60,
+                "case {i}: offset {} handed out again",
+                produced.first_offset
+            );
+        });
+        let (ok, logs) = broker.terminate();
+        assert!(ok, "case {i}: {logs}");
+    }
+}
+
+#[test]
+fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 600);
+    let dir = topic_dir(data);
+    let idx = files_with(&dir, "idx")[0].clone();
+    let tix = files_with(&dir, "tix")[0].clone();
+    let idx_len = std::fs::metadata(&idx).expect("idx").len();
+    assert!(idx_len >= 16, "an index with entries");
+    // The second offset entry's position.
+    flip(&idx, 12);
+    // A time index of odd length is malformed.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tix)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &[1, 2, 3]))
+        .expect("garble tix");
+
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "notes do not fail verify: {report}");
+    let notes: Vec<String> = report["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["file"].as_str().map(str::to_owned))
+        .collect();
+    assert!(notes.iter().any(|f| Path::new(f) == idx), "{report}");
+    assert!(
+        notes.iter().any(|f| Path::new(f) == tix),
+        "tix named: {report}"
+    );
+    let strict = spool(&["verify", "--strict"], data);
+    assert_eq!(strict.status.code(), Some(1), "--strict fails on notes");
+
+    // A start and a stop rebuild both.
+    let broker = Broker::start(data, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let strict = spool(&["verify", "--strict"], data);
+    assert_eq!(
+        strict.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&strict.stdout)
+    );
+}
