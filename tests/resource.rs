@@ -482,6 +482,69 @@ async fn a_disk_full_refusal_means_the_batch_did_not_fit() {
     );
 }
 
+/// Fills the file system of `path` to the last byte with a file there.
+fn fill_up(path: &Path) {
+    let mut file = std::fs::File::create(path).expect("ballast on the tmpfs");
+    for chunk in [1 << 20, 4096, 1] {
+        let buf = vec![0xA5; chunk];
+        while file.write_all(&buf).is_ok() {}
+    }
+}
+
+/// A topic creation refused for a full disk leaves nothing behind. Before,
+/// its `topic.toml.tmp` stayed in `topics/<name>/`, and after a restart the
+/// topic was back with the default config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_creation_refused_on_a_full_disk_leaves_nothing_behind() {
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let ballast = disk.host_path("ballast");
+    fill_up(&ballast);
+    let config = pb::TopicConfig {
+        max_deliveries: Some(7),
+        ..Default::default()
+    };
+    let err = client
+        .create_topic("fresh", config.clone())
+        .await
+        .expect_err("no room for the topic's files");
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert!(!disk.host_path("data/topics/fresh").exists());
+    let topics = client.list_topics().await.expect("list");
+    assert!(topics.is_empty(), "{topics:?}");
+    drop(client);
+    let (ok, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {logs}");
+
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let err = client
+        .describe_topic("fresh")
+        .await
+        .expect_err("a refused creation does not come back after a restart");
+    assert_eq!(err.code(), Some(pb::Code::NotFound), "{err}");
+    let staged = std::fs::read_dir(disk.host_path("data/staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "leftovers are cleared at start");
+    let info = client
+        .create_topic("fresh", config)
+        .await
+        .expect("created once there is room");
+    assert_eq!(info.end_offset, 0);
+    assert_eq!(info.config.and_then(|c| c.max_deliveries), Some(7));
+}
+
 /// Starts a broker with `config` as its TOML config file.
 fn start_with_config(dir: &Path, config: &str) -> Broker {
     let path = dir.join("spool.toml");

@@ -4,13 +4,15 @@
 //! policy before they are confirmed).
 
 use super::config::{Cleanup, TopicConfig, validate_name};
+use super::gate::{Gate, Pass};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, RangeSet};
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
 use crate::storage::{
-    Appended, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, RecoveryMode,
+    Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset,
+    RecoveryMode,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,6 +65,16 @@ pub struct DeadLetter {
     pub offset: u64,
     /// The message as it goes to the dead-letter topic (headers added).
     pub message: NewMessage,
+}
+
+/// What one group commit of the topic's writer did: each batch written (or
+/// why not), then one commit for all that were (`None` when none was).
+#[derive(Debug)]
+pub struct GroupCommit {
+    /// Per batch, its first and last offsets.
+    pub written: Vec<Result<(Offset, Offset)>>,
+    /// The shared commit (and sync, as the fsync policy says).
+    pub committed: Option<Result<Durability>>,
 }
 
 /// What a queue fetch produced.
@@ -122,6 +134,8 @@ pub struct Topic {
     config: TopicConfig,
     log: Log,
     state: Mutex<TopicState>,
+    /// Every request passes it; a delete closes it (see [`Topic::gate`]).
+    gate: Gate,
 }
 
 impl Topic {
@@ -194,6 +208,7 @@ impl Topic {
                 deleted,
                 deletes,
             }),
+            gate: Gate::default(),
         })
     }
 
@@ -222,6 +237,27 @@ impl Topic {
         self.log.stats()
     }
 
+    /// The gate every request on the topic passes. Deleting the topic closes
+    /// it, which waits for the requests inside, so nothing writes into the
+    /// topic's folder once it is moved away; later requests get `NOT_FOUND`.
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Whether the topic was deleted (or is being deleted).
+    pub fn is_retired(&self) -> bool {
+        self.gate.is_closed()
+    }
+
+    fn enter(&self) -> Result<Pass<'_>> {
+        self.gate.enter().ok_or_else(|| {
+            Error::NotFound(format!(
+                "topic {} does not exist: it was deleted",
+                self.name
+            ))
+        })
+    }
+
     fn state(&self) -> Result<MutexGuard<'_, TopicState>> {
         self.state.lock().map_err(|_| Error::ReadOnly {
             log: self.dir.clone(),
@@ -231,11 +267,33 @@ impl Topic {
 
     /// Appends a batch (durable under the topic's fsync policy).
     pub fn produce(&self, batch: &[NewMessage]) -> Result<Appended> {
+        let _pass = self.enter()?;
         self.log.append(batch)
+    }
+
+    /// Group commit: writes each batch, then makes all that were written
+    /// visible with one commit (one sync under `fsync=always`). `NOT_FOUND`
+    /// for all of them once the topic is deleted.
+    pub fn produce_batches<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a [NewMessage]>,
+    ) -> Result<GroupCommit> {
+        let _pass = self.enter()?;
+        let written: Vec<_> = batches.into_iter().map(|b| self.log.write(b)).collect();
+        let committed = written.iter().any(Result::is_ok).then(|| self.log.commit());
+        Ok(GroupCommit { written, committed })
+    }
+
+    /// Syncs and publishes everything written to the log (a barrier under
+    /// `fsync=never` and `interval`).
+    pub fn sync_log(&self) -> Result<()> {
+        let _pass = self.enter()?;
+        self.log.sync()
     }
 
     /// The offset `position` stands for.
     pub fn resolve(&self, position: Position) -> Result<u64> {
+        let _pass = self.enter()?;
         let stats = self.log.stats();
         Ok(match position {
             Position::Earliest => stats.start.0,
@@ -248,6 +306,7 @@ impl Topic {
     /// Replay without state: up to `max` live messages from `from` on
     /// (deleted and fully consumed ones are skipped).
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
+        let _pass = self.enter()?;
         let mut from = from;
         let end = self.log.end().0;
         loop {
@@ -287,6 +346,7 @@ impl Topic {
     /// group or deletion state. State is synced on every tick, also when the
     /// log has nothing to sync: acks and commits arrive without new messages.
     pub fn tick(&self) -> Result<()> {
+        let _pass = self.enter()?;
         if let FsyncPolicy::Interval(_) = self.config.log.fsync {
             // The log first, so group state never becomes durable ahead of it.
             let synced = self.log.sync_if_due()?;
@@ -300,6 +360,7 @@ impl Topic {
 
     /// Creates a group starting at `start`; fails if it exists.
     pub fn create_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
+        let _pass = self.enter()?;
         validate_name("group", name)?;
         let start = self.resolve(start)?;
         let mut state = self.state()?;
@@ -315,13 +376,11 @@ impl Topic {
             ack_timeout_ms: self.config.ack_timeout_ms,
             max_deliveries: self.config.max_deliveries,
         };
-        let group = Group::open(
-            Arc::clone(&self.storage),
-            &self.dir.join(GROUPS_DIR),
-            name,
-            config,
-            start,
-        )?;
+        let groups_dir = self.dir.join(GROUPS_DIR);
+        // A group the topic does not list has no state: files of that name
+        // are what a crash left of deleting an earlier group of that name.
+        Journal::remove_files(&*self.storage, &groups_dir, name)?;
+        let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
         let info = group.info(self.log.end().0);
         state.groups.insert(name.to_owned(), group);
         Ok(info)
@@ -374,6 +433,7 @@ impl Topic {
 
     /// What a group looks like.
     pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let end = self.log.end().0;
         Ok(self.group_mut(&mut state.groups, name)?.info(end))
@@ -381,6 +441,7 @@ impl Topic {
 
     /// All groups.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
+        let _pass = self.enter()?;
         let state = self.state()?;
         let end = self.log.end().0;
         Ok(state.groups.values().map(|g| g.info(end)).collect())
@@ -388,6 +449,7 @@ impl Topic {
 
     /// Deletes a group and its state.
     pub fn delete_group(&self, name: &str) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         self.group_mut(&mut state.groups, name)?;
         self.retire_consumed(&mut state)?;
@@ -410,6 +472,7 @@ impl Topic {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        let _pass = self.enter()?;
         let from = {
             let mut state = self.state()?;
             let g = self.group_mut(&mut state.groups, group)?;
@@ -435,6 +498,7 @@ impl Topic {
         max_bytes: usize,
         now: u64,
     ) -> Result<QueueFetch> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let state = &mut *state;
         let mut out = QueueFetch::default();
@@ -544,6 +608,7 @@ impl Topic {
 
     /// Completes dead letters once the dead-letter topic holds them.
     pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
         for &o in offsets {
@@ -566,6 +631,7 @@ impl Topic {
     /// Queue group: completes `offsets` for the group. Confirmed (returns)
     /// once durable under the fsync policy.
     pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
@@ -589,6 +655,7 @@ impl Topic {
     /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
     /// Returns how many were leased.
     pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
         let now = now_ms();
@@ -600,6 +667,7 @@ impl Topic {
 
     /// Stream group: commits `offset` as the next to read after a restart.
     pub fn commit(&self, group: &str, offset: u64) -> Result<()> {
+        let _pass = self.enter()?;
         let end = self.log.end().0;
         if offset > end {
             return Err(Error::InvalidArgument(format!(
@@ -627,6 +695,7 @@ impl Topic {
     /// there; a queue group treats everything before it as done and everything
     /// from it on as pending. Returns the offset.
     pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
+        let _pass = self.enter()?;
         let offset = self.resolve(position)?;
         let mut state = self.state()?;
         self.group_mut(&mut state.groups, group)?;
@@ -640,6 +709,7 @@ impl Topic {
 
     /// Deletes messages: they are never delivered or replayed again.
     pub fn delete(&self, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut state = self.state()?;
         let mut payload = Vec::with_capacity(offsets.len() * 16);
@@ -659,12 +729,14 @@ impl Topic {
 
     /// Whether `offset` is explicitly deleted.
     pub fn is_deleted(&self, offset: u64) -> Result<bool> {
+        let _pass = self.enter()?;
         Ok(self.state()?.deleted.contains(offset))
     }
 
     /// The lowest offset any group still needs (None without groups):
     /// neither completed by that group nor deleted.
     pub fn needed_offset(&self) -> Result<Option<u64>> {
+        let _pass = self.enter()?;
         let state = self.state()?;
         Ok(state
             .groups
@@ -724,6 +796,7 @@ impl Topic {
     /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
     /// journal forgets what no segment holds any more.
     pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        let _pass = self.enter()?;
         // What compaction decides on (deletions, acks) is durable before any
         // record goes because of it, whatever the fsync policy; a key's
         // latest record counts only once it is durable too.
@@ -740,6 +813,7 @@ impl Topic {
         now_ms: u64,
         ratio: f64,
     ) -> Result<Option<(Dirt, CompactStats)>> {
+        let _pass = self.enter()?;
         self.sync_state()?;
         let cleaner = self.cleaner(now_ms)?;
         let dirt = self.log.dirt(&|r| cleaner.keep(r))?;
@@ -827,6 +901,7 @@ impl Topic {
 
     /// Syncs group and deletion state (the log is synced separately).
     pub fn sync_state(&self) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         state.deletes.sync()?;
         for group in state.groups.values_mut() {

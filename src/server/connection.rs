@@ -521,8 +521,8 @@ impl Conn {
             Request::DeleteTopic(d) => {
                 let b = Arc::clone(&broker);
                 let name = d.name.clone();
-                blocking(move || b.registry.delete_topic(&name)).await?;
-                broker.forget_runtime(&d.name);
+                let topic = blocking(move || b.registry.delete_topic(&name)).await?;
+                broker.retire_runtime(&topic);
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::CreateGroup(c) => {

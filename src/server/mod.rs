@@ -99,11 +99,17 @@ impl Broker {
         }
     }
 
-    fn forget_runtime(&self, name: &str) {
-        self.runtimes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+    /// Drops the runtime of a deleted topic (not that of a topic created
+    /// again since) and wakes its subscriptions and long-polls, whose next
+    /// read answers `NOT_FOUND`.
+    fn retire_runtime(&self, topic: &Arc<Topic>) {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = runtimes.get(topic.name())
+            && Arc::ptr_eq(rt.topic(), topic)
+        {
+            rt.notify();
+            runtimes.remove(topic.name());
+        }
     }
 }
 
@@ -217,7 +223,7 @@ impl Server {
         let broker = Arc::clone(&broker);
         tokio::task::spawn_blocking(move || {
             for topic in broker.registry.topics() {
-                if let Err(e) = topic.log().sync() {
+                if let Err(e) = topic.sync_log() {
                     tracing::error!(topic = topic.name(), error = %e, "final sync failed");
                 }
             }

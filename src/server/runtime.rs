@@ -3,8 +3,12 @@
 //! all), a change signal that wakes subscriptions and long-polls, the
 //! fsync-interval ticker, and background compaction when the topic asks for
 //! it (`compact_min_dirty_ratio`).
+//!
+//! Once the topic is deleted ([`crate::broker::Topic::is_retired`]) the
+//! ticker and the compactor stop, and the writer answers `NOT_FOUND` to what
+//! is still queued; it ends with the last handle of the runtime.
 
-use crate::broker::Topic;
+use crate::broker::{GroupCommit, Topic};
 use crate::protocol::{pb, status};
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
 use std::sync::Arc;
@@ -110,21 +114,27 @@ async fn writer(
         }
         let t = Arc::clone(&topic);
         let done = tokio::task::spawn_blocking(move || {
-            let written: Vec<_> = jobs.iter().map(|j| t.log().write(&j.batch)).collect();
-            let committed = if written.iter().any(Result::is_ok) {
-                Some(t.log().commit())
-            } else {
-                None
-            };
-            (jobs, written, committed)
+            let result = t.produce_batches(jobs.iter().map(|j| &j.batch[..]));
+            (jobs, result)
         })
         .await;
-        let Ok((jobs, written, committed)) = done else {
+        let Ok((jobs, result)) = done else {
             tracing::error!(
                 topic = topic.name(),
                 "writer task panicked; topic stops accepting writes"
             );
             return;
+        };
+        let GroupCommit { written, committed } = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // Deleted: nothing was written.
+                let e = status::to_wire(&e);
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
         };
         let commit_error = match &committed {
             Some(Err(e)) => Some(status::to_wire(e)),
@@ -155,9 +165,15 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let Some(rt) = runtime.upgrade() else { return };
         let topic = Arc::clone(&rt.topic);
         drop(rt);
+        if topic.is_retired() {
+            return;
+        }
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
-        if let Ok(Err(e)) = result {
-            tracing::error!(error = %e, "fsync-interval tick failed");
+        match result {
+            // Deleted meanwhile.
+            Ok(Err(crate::Error::NotFound(_))) => return,
+            Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
+            _ => {}
         }
     }
 }
@@ -174,6 +190,9 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
         let Some(rt) = runtime.upgrade() else { return };
         let topic = Arc::clone(&rt.topic);
         drop(rt);
+        if topic.is_retired() {
+            return;
+        }
         let name = topic.name().to_owned();
         let result = tokio::task::spawn_blocking(move || {
             topic.compact_if_dirty(crate::storage::log::now_ms(), ratio)
@@ -190,6 +209,7 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
                 "background compaction"
             ),
             Ok(Ok(None)) => {}
+            Ok(Err(crate::Error::NotFound(_))) => return,
             Ok(Err(e)) => {
                 tracing::error!(topic = %name, error = %e, "background compaction failed")
             }
