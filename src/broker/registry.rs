@@ -8,7 +8,7 @@
 //! its `topic.toml` is durable; a deleted one is renamed into `trash/` once no
 //! request is inside it (see [`Topic::gate`]), then removed in the background.
 
-use super::config::{TOPIC_CONFIG_FILE, TopicConfig, validate_name};
+use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
 use super::topic::{QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::{DataDir, RecoveryMode};
@@ -126,10 +126,46 @@ impl Registry {
                 Some(_) => return Err(Error::AlreadyExists(format!("topic {name} exists"))),
                 None => {}
             }
+            self.check_dead_letter_chain(&topics, name, &config)?;
             let topic = Arc::new(self.create_folder(name, config)?);
             topics.insert(name.to_owned(), Arc::clone(&topic));
             return Ok(topic);
         }
+    }
+
+    /// Refuses a config whose dead letters would come back to `name`: the
+    /// topic itself, or a chain of dead-letter topics (existing ones with
+    /// their configs, missing ones as an auto-create would make them) that
+    /// loops back to it.
+    fn check_dead_letter_chain(
+        &self,
+        topics: &BTreeMap<String, Arc<Topic>>,
+        name: &str,
+        config: &TopicConfig,
+    ) -> Result<()> {
+        let mut chain = vec![name.to_owned()];
+        let mut next = config.dead_letter_topic(name);
+        // A missing topic's default dead-letter name grows at every step, so
+        // the walk ends at the longest name a topic can have.
+        while next.len() <= MAX_NAME_LEN {
+            if next == name {
+                chain.push(next);
+                return Err(Error::InvalidArgument(format!(
+                    "dead_letter: dead letters of topic {name} would come back to it ({})",
+                    chain.join(" → ")
+                )));
+            }
+            if chain.contains(&next) {
+                // A loop among other topics (made before loops were refused).
+                return Ok(());
+            }
+            let after = match topics.get(&next).filter(|t| !t.is_retired()) {
+                Some(t) => t.config().dead_letter_topic(&next),
+                None => self.options.defaults.dead_letter_topic(&next),
+            };
+            chain.push(std::mem::replace(&mut next, after));
+        }
+        Ok(())
     }
 
     /// Makes the folder of a new topic (see the module docs) and opens it.
