@@ -571,6 +571,38 @@ async fn without_auto_create_unknown_topics_are_not_found_until_created() {
     assert!(err.to_string().contains("sometimes"), "{err}");
 }
 
+/// An error names what it concerns relative to the data directory: a
+/// client learns the topic and the file, not where the server keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_files_relative_to_the_data_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .create_topic(
+            "small",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    let err = client
+        .produce("small", vec![NewMessage::from_value(vec![1u8; 2000])])
+        .await
+        .expect_err("larger than a segment");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("log topics/small "),
+        "names the topic's folder: {message}"
+    );
+    let tmp_root = tmp.path().to_string_lossy().into_owned();
+    assert!(!message.contains(&tmp_root), "no server path: {message}");
+}
+
 /// A dead-letter topic that leads back to its source would hand a message
 /// that fails there back to where it failed, for ever: refused at creation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

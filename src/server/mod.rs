@@ -87,12 +87,17 @@ impl Broker {
         Ok(self.runtime_of(topic))
     }
 
+    /// The wire form of an error (paths relative to the data directory).
+    fn wire(&self, error: &Error) -> crate::protocol::pb::Error {
+        crate::protocol::status::to_wire(error, self.registry.data().root())
+    }
+
     fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         match runtimes.get(topic.name()) {
             Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
             _ => {
-                let rt = TopicRuntime::start(Arc::clone(&topic));
+                let rt = TopicRuntime::start(Arc::clone(&topic), self.registry.data().root());
                 runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
                 rt
             }

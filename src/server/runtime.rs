@@ -11,6 +11,7 @@
 use crate::broker::{GroupCommit, Topic};
 use crate::protocol::{pb, status};
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,8 +37,9 @@ pub struct TopicRuntime {
 }
 
 impl TopicRuntime {
-    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`.
-    pub fn start(topic: Arc<Topic>) -> Arc<TopicRuntime> {
+    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`,
+    /// which lives in the data directory `data_dir` (named in errors).
+    pub fn start(topic: Arc<Topic>, data_dir: &Path) -> Arc<TopicRuntime> {
         let (produce_tx, produce_rx) = mpsc::channel(QUEUE_DEPTH);
         let (changed, _) = watch::channel(0u64);
         let runtime = Arc::new(TopicRuntime {
@@ -49,6 +51,7 @@ impl TopicRuntime {
             Arc::clone(&runtime.topic),
             produce_rx,
             runtime.changed.clone(),
+            data_dir.to_owned(),
         ));
         if let FsyncPolicy::Interval(ms) = runtime.topic.config().log.fsync {
             tokio::spawn(ticker(
@@ -103,7 +106,9 @@ async fn writer(
     topic: Arc<Topic>,
     mut rx: mpsc::Receiver<ProduceJob>,
     changed: watch::Sender<u64>,
+    data_dir: PathBuf,
 ) {
+    let wire = |e: &crate::Error| status::to_wire(e, &data_dir);
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -129,7 +134,7 @@ async fn writer(
             Ok(done) => done,
             Err(e) => {
                 // Deleted: nothing was written.
-                let e = status::to_wire(&e);
+                let e = wire(&e);
                 for job in jobs {
                     let _ = job.reply.send(Err(e.clone()));
                 }
@@ -137,12 +142,12 @@ async fn writer(
             }
         };
         let commit_error = match &committed {
-            Some(Err(e)) => Some(status::to_wire(e)),
+            Some(Err(e)) => Some(wire(e)),
             _ => None,
         };
         for (job, result) in jobs.into_iter().zip(written) {
             let reply = match (result, &committed, &commit_error) {
-                (Err(e), _, _) => Err(status::to_wire(&e)),
+                (Err(e), _, _) => Err(wire(&e)),
                 (Ok(_), _, Some(e)) => Err(e.clone()),
                 (Ok((first, last)), Some(Ok(durability)), None) => Ok(Appended {
                     first,

@@ -113,7 +113,7 @@ async fn run(
         .await;
         let messages = match fetched {
             Ok(Ok(m)) => m,
-            Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
+            Ok(Err(e)) => return end(&out, id, broker.wire(&e)).await,
             Err(e) => return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await,
         };
         if messages.is_empty() {
