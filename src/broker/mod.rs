@@ -8,4 +8,4 @@ pub mod topic;
 
 pub use config::{Cleanup, TopicConfig, validate_name};
 pub use registry::{Registry, RegistryOptions};
-pub use topic::{DeadLetter, Delivery, GroupCommit, Position, QueueFetch, Topic};
+pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};

@@ -9,7 +9,7 @@
 //! request is inside it (see [`Topic::gate`]), then removed in the background.
 
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
-use super::topic::{QueueFetch, Topic};
+use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::{DataDir, RecoveryMode};
 use std::collections::BTreeMap;
@@ -299,8 +299,28 @@ impl Registry {
         max_bytes: usize,
         now: u64,
     ) -> Result<QueueFetch> {
+        self.fetch_queue_within(
+            topic,
+            group,
+            member,
+            DeliveryLimits::new(max, max_bytes),
+            now,
+        )
+    }
+
+    /// [`Registry::fetch_queue`] for a delivery of at most `limits`: a message
+    /// too large for it goes to the dead-letter topic at once (see
+    /// [`Topic::fetch_queue_within`]).
+    pub fn fetch_queue_within(
+        &self,
+        topic: &str,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+    ) -> Result<QueueFetch> {
         let source = self.topic(topic)?;
-        let fetch = source.fetch_queue(group, member, max, max_bytes, now)?;
+        let fetch = source.fetch_queue_within(group, member, limits, now)?;
         if !fetch.dead_letters.is_empty() {
             let dlq = self.topic_or_create(&source.config().dead_letter_topic(topic), true)?;
             let messages: Vec<_> = fetch

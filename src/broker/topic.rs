@@ -10,6 +10,7 @@ use crate::groups::{Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal,
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
+use crate::storage::record;
 use crate::storage::{
     Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset,
     RecoveryMode,
@@ -65,6 +66,46 @@ pub struct DeadLetter {
     pub offset: u64,
     /// The message as it goes to the dead-letter topic (headers added).
     pub message: NewMessage,
+}
+
+/// How much one read may hand out at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// Most messages.
+    pub messages: usize,
+    /// About this many bytes (stored size; queue groups count values), but at
+    /// least one message.
+    pub bytes: usize,
+    /// Largest message one delivery can carry (key, headers and value, see
+    /// [`record::payload_len`]): what the transport's frame limit leaves after
+    /// its envelope. A larger message is never handed out: a replay or stream
+    /// read stops before it, or fails with [`Error::TooLarge`] naming it when
+    /// it comes first; a queue group dead-letters it at once.
+    pub message_bytes: usize,
+}
+
+impl DeliveryLimits {
+    /// `messages` and `bytes`, with no limit on the size of one message.
+    pub fn new(messages: usize, bytes: usize) -> DeliveryLimits {
+        DeliveryLimits {
+            messages,
+            bytes,
+            message_bytes: usize::MAX,
+        }
+    }
+
+    /// The error for `m` when it is too large to deliver.
+    fn check(&self, m: &Message) -> Result<()> {
+        let size = record::payload_len(m);
+        if size > self.message_bytes {
+            return Err(Error::TooLarge {
+                offset: m.offset.0,
+                size,
+                limit: self.message_bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What one group commit of the topic's writer did: each batch written (or
@@ -306,11 +347,18 @@ impl Topic {
     /// Replay without state: up to `max` live messages from `from` on
     /// (deleted and fully consumed ones are skipped).
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
+        self.read_within(from, DeliveryLimits::new(max, max_bytes))
+    }
+
+    /// [`Topic::read`] for a delivery of at most `limits`: stops before a
+    /// message too large to deliver, or fails with [`Error::TooLarge`] naming
+    /// it when it is the first.
+    pub fn read_within(&self, from: u64, limits: DeliveryLimits) -> Result<Vec<Message>> {
         let _pass = self.enter()?;
         let mut from = from;
         let end = self.log.end().0;
-        loop {
-            let batch = self.log.read(Offset(from), max, max_bytes)?;
+        let mut live = loop {
+            let batch = self.log.read(Offset(from), limits.messages, limits.bytes)?;
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 return Ok(batch);
             };
@@ -320,10 +368,17 @@ impl Topic {
                 .filter(|m| self.visible(&state, m.offset.0))
                 .collect();
             if !live.is_empty() || last + 1 >= end {
-                return Ok(live);
+                break live;
             }
             from = last + 1;
+        };
+        if let Some(i) = live.iter().position(|m| limits.check(m).is_err()) {
+            if i == 0 {
+                limits.check(&live[0])?;
+            }
+            live.truncate(i);
         }
+        Ok(live)
     }
 
     fn visible(&self, state: &TopicState, offset: u64) -> bool {
@@ -472,6 +527,18 @@ impl Topic {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        self.fetch_stream_within(group, member, from, DeliveryLimits::new(max, max_bytes))
+    }
+
+    /// [`Topic::fetch_stream`] for a delivery of at most `limits` (see
+    /// [`Topic::read_within`]).
+    pub fn fetch_stream_within(
+        &self,
+        group: &str,
+        member: &str,
+        from: Option<u64>,
+        limits: DeliveryLimits,
+    ) -> Result<Vec<Message>> {
         let _pass = self.enter()?;
         let from = {
             let mut state = self.state()?;
@@ -485,7 +552,7 @@ impl Topic {
             g.touch(member, now_ms());
             from.unwrap_or_else(|| g.committed())
         };
-        self.read(from, max, max_bytes)
+        self.read_within(from, limits)
     }
 
     /// Queue group: leases up to `max` messages to `member` — redeliveries that
@@ -498,6 +565,24 @@ impl Topic {
         max_bytes: usize,
         now: u64,
     ) -> Result<QueueFetch> {
+        self.fetch_queue_within(group, member, DeliveryLimits::new(max, max_bytes), now)
+    }
+
+    /// [`Topic::fetch_queue`] for a delivery of at most `limits`. A message
+    /// too large to deliver is dead-lettered at once (its delivery count is
+    /// not raised) and does not count against `limits.messages`.
+    pub fn fetch_queue_within(
+        &self,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+    ) -> Result<QueueFetch> {
+        let DeliveryLimits {
+            messages: max,
+            bytes: max_bytes,
+            ..
+        } = limits;
         let _pass = self.enter()?;
         let mut state = self.state()?;
         let state = &mut *state;
@@ -508,11 +593,17 @@ impl Topic {
         g.expire(now);
         let due = g.due_redeliveries(now, max);
         let mut candidates: Vec<Message> = Vec::new();
+        // Too large for a delivery: dead-lettered, never leased.
+        let mut too_large: Vec<Message> = Vec::new();
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
                 Some(m) if m.offset.0 == offset && !state.deleted.contains(offset) => {
-                    candidates.push(m)
+                    if limits.check(&m).is_err() {
+                        too_large.push(m);
+                    } else {
+                        candidates.push(m);
+                    }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
                 _ => self
@@ -539,7 +630,11 @@ impl Topic {
                         g.complete(o, o + 1)?;
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
-                    candidates.push(m);
+                    if limits.check(&m).is_err() {
+                        too_large.push(m);
+                    } else {
+                        candidates.push(m);
+                    }
                 }
             }
             cursor = last + 1;
@@ -547,6 +642,26 @@ impl Topic {
                 .advance_cursor(cursor);
         }
         let consumed_by_all = self.config.delete_when_consumed;
+        for m in too_large {
+            let o = m.offset.0;
+            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
+                continue;
+            }
+            let g = self.queue_group(&mut state.groups, group)?;
+            let deliveries = g.deliveries(o);
+            // As for max_deliveries below: pending until the hand-off completes it.
+            g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+            let reason = match limits.check(&m) {
+                Err(Error::TooLarge { size, limit, .. }) => format!(
+                    "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {limit} (max_frame_bytes)"
+                ),
+                _ => "too large for the frame limit".to_owned(),
+            };
+            out.dead_letters.push(DeadLetter {
+                offset: o,
+                message: self.dead_letter(group, m, deliveries, &reason),
+            });
+        }
         for m in candidates {
             let o = m.offset.0;
             if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
@@ -572,7 +687,7 @@ impl Topic {
                     g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
                     out.dead_letters.push(DeadLetter {
                         offset: o,
-                        message: self.dead_letter(group, m, deliveries),
+                        message: self.dead_letter(group, m, deliveries, "max_deliveries exceeded"),
                     });
                 }
             }
@@ -591,13 +706,13 @@ impl Topic {
         Ok(out)
     }
 
-    fn dead_letter(&self, group: &str, m: Message, deliveries: u32) -> NewMessage {
+    fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
         let mut headers = m.headers;
         headers.push(Header::new(dlq_headers::TOPIC, self.name.clone()));
         headers.push(Header::new(dlq_headers::OFFSET, m.offset.0.to_string()));
         headers.push(Header::new(dlq_headers::GROUP, group.to_owned()));
         headers.push(Header::new(dlq_headers::DELIVERIES, deliveries.to_string()));
-        headers.push(Header::new(dlq_headers::REASON, "max_deliveries exceeded"));
+        headers.push(Header::new(dlq_headers::REASON, reason.to_owned()));
         NewMessage {
             timestamp_ms: Some(m.timestamp_ms),
             key: m.key,

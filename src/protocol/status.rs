@@ -13,7 +13,7 @@ pub fn code(error: &Error) -> pb::Code {
         Error::InvalidArgument(_) => pb::Code::InvalidArgument,
         Error::NotFound(_) => pb::Code::NotFound,
         Error::AlreadyExists(_) => pb::Code::AlreadyExists,
-        Error::Full { .. } => pb::Code::ResourceExhausted,
+        Error::Full { .. } | Error::TooLarge { .. } => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
         Error::ReadOnly { .. } => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,

@@ -3,8 +3,8 @@
 //! deliveries interleaved. A frame that cannot be read closes this connection
 //! only, after a final error frame where possible.
 
-use super::Broker;
 use super::subscription::{self, Subscription, Target};
+use super::{Broker, ENVELOPE_ROOM};
 use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
@@ -49,14 +49,11 @@ fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
     response(request_id, Reply::Error(error))
 }
 
-/// Bytes of a frame left for envelopes around one message: a message larger
-/// than the frame limit minus this could be stored but not sent back.
-const ENVELOPE_ROOM: u32 = 1024;
-
 /// `frame`, or an error in its place when it would not fit in a frame (a
 /// reply the codec refuses would close the connection without a word). The
-/// produce limit keeps messages small enough; this catches messages stored
-/// under a larger `max_frame_bytes`.
+/// produce limit keeps messages small enough, and reads never hand out a
+/// larger stored message ([`Broker::delivery_limits`]); this is the last
+/// guard, for envelopes larger than planned.
 fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::ServerFrame {
     let len = prost::Message::encoded_len(&frame);
     if len <= max as usize {
@@ -600,17 +597,13 @@ impl Conn {
             0 => DEFAULT_MAX_MESSAGES,
             n => n.min(CAP_MAX_MESSAGES),
         } as usize;
-        let frame_room = self
-            .broker
-            .config
-            .max_frame_bytes
-            .saturating_sub(64 * 1024)
-            .max(1024);
-        let max_bytes = match f.max_bytes {
-            0 => DEFAULT_MAX_BYTES,
-            n => n,
-        }
-        .min(frame_room) as usize;
+        let limits = self.broker.delivery_limits(
+            max,
+            match f.max_bytes {
+                0 => DEFAULT_MAX_BYTES,
+                n => n,
+            },
+        );
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS)));
         // Taken before the first read, so an append after it wakes the long-poll.
@@ -631,7 +624,7 @@ impl Conn {
                     }
                     _ => subscription::start_offset(&t, &target)?,
                 };
-                let messages = subscription::fetch(&b, &t, &target, &m, start, max, max_bytes)?;
+                let messages = subscription::fetch(&b, &t, &target, &m, start, limits)?;
                 Ok((target, start, messages))
             })
             .await?;
@@ -659,7 +652,7 @@ impl Conn {
                 member.clone(),
             );
             messages = self
-                .blocking(move || subscription::fetch(&b, &t, &target, &m, start, max, max_bytes))
+                .blocking(move || subscription::fetch(&b, &t, &target, &m, start, limits))
                 .await?;
         }
     }
