@@ -113,6 +113,18 @@ async fn reader(client: Client, topic: &'static str, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Compacts every topic, then `topic` alone, until `done` is set: the former
+/// must always succeed (a topic deleted meanwhile is just not compacted).
+async fn compactor(client: Client, topic: &'static str, done: Arc<AtomicBool>) {
+    while !done.load(Ordering::SeqCst) {
+        if let Err(e) = client.compact(None).await {
+            panic!("compacting every topic while one is deleted: {e}");
+        }
+        let one = client.compact(Some(topic)).await;
+        ok_or_not_found("compact", &one);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_deleted_under_load_is_gone_and_comes_back_empty_only_when_created_again() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -157,11 +169,17 @@ async fn a_topic_deleted_under_load_is_gone_and_comes_back_empty_only_when_creat
             .await
             .expect("connect");
         tasks.spawn(reader(client, "race", Arc::clone(&stop)));
+        let deleted = Arc::new(AtomicBool::new(false));
+        let client = Client::connect(&broker.addr, "compactor")
+            .await
+            .expect("connect");
+        tasks.spawn(compactor(client, "race", Arc::clone(&deleted)));
         tokio::time::sleep(Duration::from_millis(20 + 7 * round as u64)).await;
         admin
             .delete_topic("race")
             .await
             .unwrap_or_else(|e| panic!("round {round}: delete: {e}"));
+        deleted.store(true, Ordering::SeqCst);
         // Racing requests see the topic gone from now on.
         let stopper = {
             let stop = Arc::clone(&stop);

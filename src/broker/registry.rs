@@ -282,10 +282,36 @@ impl Registry {
         let now = crate::storage::log::now_ms();
         let mut out = Vec::with_capacity(topics.len());
         for t in topics {
-            let stats = t.compact(now, progress)?;
+            let stats = match t.compact(now, progress) {
+                // Deleted meanwhile: nothing left to compact.
+                Err(Error::NotFound(_)) if topic.is_none() => continue,
+                other => other?,
+            };
             out.push((t.name().to_owned(), stats));
         }
         Ok(out)
+    }
+
+    /// Appends dead letters to the topic `name` (created if missing) and
+    /// makes them durable. A dead-letter topic deleted meanwhile is created
+    /// again: the letters must be stored somewhere before their source
+    /// completes them.
+    fn hand_off(&self, name: &str, messages: &[crate::storage::NewMessage]) -> Result<Arc<Topic>> {
+        let mut attempts = 0;
+        loop {
+            let dlq = self.topic_or_create(name, true)?;
+            let stored = dlq.produce(messages).and_then(|_| {
+                if dlq.config().log.fsync == crate::storage::FsyncPolicy::Always {
+                    Ok(())
+                } else {
+                    dlq.sync_log()
+                }
+            });
+            match stored {
+                Err(Error::NotFound(_)) if attempts < 3 => attempts += 1,
+                other => return other.map(|()| dlq),
+            }
+        }
     }
 
     /// A queue fetch with its dead letters handed to the dead-letter topic
@@ -322,16 +348,12 @@ impl Registry {
         let source = self.topic(topic)?;
         let fetch = source.fetch_queue_within(group, member, limits, now)?;
         if !fetch.dead_letters.is_empty() {
-            let dlq = self.topic_or_create(&source.config().dead_letter_topic(topic), true)?;
             let messages: Vec<_> = fetch
                 .dead_letters
                 .iter()
                 .map(|d| d.message.clone())
                 .collect();
-            dlq.produce(&messages)?;
-            if dlq.config().log.fsync != crate::storage::FsyncPolicy::Always {
-                dlq.sync_log()?;
-            }
+            let dlq = self.hand_off(&source.config().dead_letter_topic(topic), &messages)?;
             let offsets: Vec<u64> = fetch.dead_letters.iter().map(|d| d.offset).collect();
             source.complete_dead_letters(group, &offsets)?;
             tracing::warn!(
