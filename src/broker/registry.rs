@@ -6,7 +6,8 @@
 //! point leaves the topic either fully there or not there at all: a new
 //! topic's folder is assembled in `staging/` and renamed into `topics/` once
 //! its `topic.toml` is durable; a deleted one is renamed into `trash/` once no
-//! request is inside it (see [`Topic::gate`]), then removed in the background.
+//! request is inside it (see [`crate::broker::gate`]), then removed in the
+//! background.
 
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
 use super::topic::{DeliveryLimits, QueueFetch, Topic};

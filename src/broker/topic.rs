@@ -94,17 +94,10 @@ impl DeliveryLimits {
         }
     }
 
-    /// The error for `m` when it is too large to deliver.
-    fn check(&self, m: &Message) -> Result<()> {
+    /// The size of `m` when it is too large to deliver.
+    fn excess(&self, m: &Message) -> Option<usize> {
         let size = record::payload_len(m);
-        if size > self.message_bytes {
-            return Err(Error::TooLarge {
-                offset: m.offset.0,
-                size,
-                limit: self.message_bytes,
-            });
-        }
-        Ok(())
+        (size > self.message_bytes).then_some(size)
     }
 }
 
@@ -372,9 +365,13 @@ impl Topic {
             }
             from = last + 1;
         };
-        if let Some(i) = live.iter().position(|m| limits.check(m).is_err()) {
-            if i == 0 {
-                limits.check(&live[0])?;
+        if let Some(i) = live.iter().position(|m| limits.excess(m).is_some()) {
+            if let (0, Some(size)) = (i, limits.excess(&live[0])) {
+                return Err(Error::TooLarge {
+                    offset: live[0].offset.0,
+                    size,
+                    limit: limits.message_bytes,
+                });
             }
             live.truncate(i);
         }
@@ -594,15 +591,14 @@ impl Topic {
         let due = g.due_redeliveries(now, max);
         let mut candidates: Vec<Message> = Vec::new();
         // Too large for a delivery: dead-lettered, never leased.
-        let mut too_large: Vec<Message> = Vec::new();
+        let mut too_large: Vec<(Message, usize)> = Vec::new();
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
                 Some(m) if m.offset.0 == offset && !state.deleted.contains(offset) => {
-                    if limits.check(&m).is_err() {
-                        too_large.push(m);
-                    } else {
-                        candidates.push(m);
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
                     }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
@@ -630,10 +626,9 @@ impl Topic {
                         g.complete(o, o + 1)?;
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
-                    if limits.check(&m).is_err() {
-                        too_large.push(m);
-                    } else {
-                        candidates.push(m);
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
                     }
                 }
             }
@@ -642,7 +637,7 @@ impl Topic {
                 .advance_cursor(cursor);
         }
         let consumed_by_all = self.config.delete_when_consumed;
-        for m in too_large {
+        for (m, size) in too_large {
             let o = m.offset.0;
             if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
                 continue;
@@ -651,12 +646,10 @@ impl Topic {
             let deliveries = g.deliveries(o);
             // As for max_deliveries below: pending until the hand-off completes it.
             g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
-            let reason = match limits.check(&m) {
-                Err(Error::TooLarge { size, limit, .. }) => format!(
-                    "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {limit} (max_frame_bytes)"
-                ),
-                _ => "too large for the frame limit".to_owned(),
-            };
+            let reason = format!(
+                "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {} (max_frame_bytes)",
+                limits.message_bytes
+            );
             out.dead_letters.push(DeadLetter {
                 offset: o,
                 message: self.dead_letter(group, m, deliveries, &reason),
