@@ -42,6 +42,20 @@ pub enum Error {
     /// The named thing exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// A stored message is larger than one delivery can carry: the frame
+    /// limit of the transport asking, less room for the envelope (a message
+    /// stored while the broker ran with a larger limit).
+    #[error(
+        "the message at offset {offset} takes {size} bytes of key, headers and value; a delivery carries at most {limit} (max_frame_bytes less room for the envelope)"
+    )]
+    TooLarge {
+        /// Offset of the message.
+        offset: u64,
+        /// Its key, headers and value, in bytes.
+        size: usize,
+        /// What a delivery carries at most.
+        limit: usize,
+    },
     /// Another process holds the data directory.
     #[error(
         "data directory {dir} is locked by pid {pid}: another broker or offline tool is using it"

@@ -18,7 +18,8 @@
 //!   - [`storage::log`]: a topic's segments, the single writer, group commit, retention.
 //!   - [`storage::recovery`]: opening after a crash: torn tails, damage, index rebuild.
 //!   - [`storage::verify`]: offline check of a whole data directory.
-//!   - [`storage::datadir`]: the data directory and its exclusive `LOCK`.
+//!   - [`storage::datadir`]: the data directory, its exclusive `LOCK`, and the
+//!     staging and trash folders of topic creation and deletion.
 //!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
 //!     in its `mmap` module) and the simulated disk used by the crash tests.
 //!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
@@ -26,6 +27,7 @@
 //!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters.
 //!   - [`broker::registry`]: the topics of a data directory, dead-letter hand-off.
 //!   - [`broker::config`]: `topic.toml` and name rules.
+//!   - [`broker::gate`]: the way into a topic that a delete closes.
 //! - [`groups`]: consumer-group and deletion state.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
 //!   - [`groups::journal`]: checksummed journal + atomic snapshot files.

@@ -482,6 +482,69 @@ async fn a_disk_full_refusal_means_the_batch_did_not_fit() {
     );
 }
 
+/// Fills the file system of `path` to the last byte with a file there.
+fn fill_up(path: &Path) {
+    let mut file = std::fs::File::create(path).expect("ballast on the tmpfs");
+    for chunk in [1 << 20, 4096, 1] {
+        let buf = vec![0xA5; chunk];
+        while file.write_all(&buf).is_ok() {}
+    }
+}
+
+/// A topic creation refused for a full disk leaves nothing behind. Before,
+/// its `topic.toml.tmp` stayed in `topics/<name>/`, and after a restart the
+/// topic was back with the default config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_creation_refused_on_a_full_disk_leaves_nothing_behind() {
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let ballast = disk.host_path("ballast");
+    fill_up(&ballast);
+    let config = pb::TopicConfig {
+        max_deliveries: Some(7),
+        ..Default::default()
+    };
+    let err = client
+        .create_topic("fresh", config.clone())
+        .await
+        .expect_err("no room for the topic's files");
+    assert_eq!(err.code(), Some(pb::Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert!(!disk.host_path("data/topics/fresh").exists());
+    let topics = client.list_topics().await.expect("list");
+    assert!(topics.is_empty(), "{topics:?}");
+    drop(client);
+    let (ok, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {logs}");
+
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let broker = Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let client = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    let err = client
+        .describe_topic("fresh")
+        .await
+        .expect_err("a refused creation does not come back after a restart");
+    assert_eq!(err.code(), Some(pb::Code::NotFound), "{err}");
+    let staged = std::fs::read_dir(disk.host_path("data/staging"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "leftovers are cleared at start");
+    let info = client
+        .create_topic("fresh", config)
+        .await
+        .expect("created once there is room");
+    assert_eq!(info.end_offset, 0);
+    assert_eq!(info.config.and_then(|c| c.max_deliveries), Some(7));
+}
+
 /// Starts a broker with `config` as its TOML config file.
 fn start_with_config(dir: &Path, config: &str) -> Broker {
     let path = dir.join("spool.toml");
@@ -779,4 +842,205 @@ async fn a_message_stored_under_a_larger_frame_limit_is_refused_clearly() {
         client.ping(1).await.expect("the connection stays usable"),
         1
     );
+}
+
+/// The next item of a subscription, within 10 s.
+async fn next_item(
+    sub: &mut spool::client::Subscription,
+) -> Result<spool::client::Received, ClientError> {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("an item within 10 s")
+        .expect("the subscription is still open")
+}
+
+fn header<'a>(m: &'a spool::storage::Message, name: &str) -> Option<&'a [u8]> {
+    m.headers
+        .iter()
+        .find(|h| h.name == name)
+        .map(|h| &h.value[..])
+}
+
+/// A stored message too large for the frames of the broker serving it now
+/// (stored under a larger `max_frame_bytes`) is handled explicitly by every
+/// way of reading. Before, a queue-group fetch leased it and counted a
+/// delivery each time without ever delivering it (nor the messages after
+/// it), and a subscription reaching it closed the whole connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_a_frame_is_skipped_or_dead_lettered_explicitly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_frame_bytes = 1048576\n");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("before")])
+        .await
+        .expect("produce");
+    let big = client
+        .produce("t", vec![NewMessage::from_value(vec![7u8; 200 * 1024])])
+        .await
+        .expect("produce big")
+        .first_offset;
+    assert_eq!(big, 1);
+    client
+        .produce("t", vec![NewMessage::from_value("after")])
+        .await
+        .expect("produce");
+    for group in ["fetchers", "subscribers"] {
+        client
+            .create_group("t", group, GroupMode::Queue, None)
+            .await
+            .expect("queue group");
+    }
+    client
+        .create_group("t", "readers", GroupMode::Stream, None)
+        .await
+        .expect("stream group");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+
+    let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let too_large = |e: &ClientError| {
+        assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+        assert!(e.to_string().contains("offset 1"), "names the offset: {e}");
+    };
+
+    // Replay fetch: refused, naming the offset, every time.
+    for _ in 0..2 {
+        let err = client
+            .fetch(
+                "t",
+                FetchOptions {
+                    from: Some(Position::Offset(big)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect_err("does not fit a frame");
+        too_large(&err);
+    }
+
+    // Replay and stream-group subscriptions: told, and they go on.
+    let mut replay = client
+        .subscribe("t", None, "r", None, 100)
+        .await
+        .expect("subscribe");
+    let mut stream = client
+        .subscribe("t", Some("readers"), "s", None, 100)
+        .await
+        .expect("subscribe");
+    for sub in [&mut replay, &mut stream] {
+        let first = next_item(sub).await.expect("offset 0");
+        assert_eq!(first.message.offset.0, 0);
+        match next_item(sub).await {
+            Err(ClientError::Skipped {
+                offset,
+                code,
+                message,
+            }) => {
+                assert_eq!(
+                    (offset, code),
+                    (big, pb::Code::ResourceExhausted),
+                    "{message}"
+                );
+                assert!(message.contains("max_frame_bytes"), "{message}");
+            }
+            other => panic!("expected the skip of offset 1, got {other:?}"),
+        }
+        let next = next_item(sub).await.expect("offset 2");
+        assert_eq!(next.message.offset.0, 2);
+    }
+    client
+        .produce("t", vec![NewMessage::from_value("later")])
+        .await
+        .expect("produce");
+    for sub in [&mut replay, &mut stream] {
+        let later = next_item(sub).await.expect("still subscribed");
+        assert_eq!(later.message.offset.0, 3);
+    }
+    assert_eq!(client.ping(1).await.expect("the connection stays up"), 1);
+
+    // Queue group by fetch: the big one is dead-lettered at once; the others
+    // come in the same fetch, first delivery each.
+    let fetched = client
+        .fetch(
+            "t",
+            FetchOptions {
+                group: Some("fetchers".into()),
+                member: "w".into(),
+                max_messages: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("queue fetch");
+    let got: Vec<(u64, u32)> = fetched
+        .messages
+        .iter()
+        .map(|r| (r.message.offset.0, r.delivery))
+        .collect();
+    assert_eq!(got, [(0, 1), (2, 1), (3, 1)]);
+    client
+        .ack("t", "fetchers", &[0, 2, 3], None)
+        .await
+        .expect("ack");
+    let info = client
+        .describe_group("t", "fetchers")
+        .await
+        .expect("describe");
+    assert_eq!((info.committed, info.pending), (4, 0), "{info:?}");
+
+    // Queue group by subscription: the same, and no error item.
+    let mut queue = client
+        .subscribe("t", Some("subscribers"), "w", None, 100)
+        .await
+        .expect("subscribe");
+    for expected in [0, 2, 3] {
+        let r = next_item(&mut queue)
+            .await
+            .expect("a delivery, not an error");
+        assert_eq!((r.message.offset.0, r.delivery), (expected, 1));
+        client
+            .ack("t", "subscribers", &[expected], Some(queue.id()))
+            .await
+            .expect("ack");
+    }
+    let info = client
+        .describe_group("t", "subscribers")
+        .await
+        .expect("describe");
+    assert_eq!((info.committed, info.pending), (4, 0), "{info:?}");
+    let dlq = client.describe_topic("t.dlq").await.expect("dead letters");
+    assert_eq!(dlq.end_offset, 2, "one per queue group: {dlq:?}");
+    drop((replay, stream, queue, client));
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+
+    // With frames large enough again, the dead letters say why.
+    let broker = start_with_config(tmp.path(), "max_frame_bytes = 1048576\n");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let letters = common::replay_all(&client, "t.dlq").await;
+    let mut groups = Vec::new();
+    for r in &letters {
+        let m = &r.message;
+        assert_eq!(m.value.len(), 200 * 1024);
+        assert_eq!(header(m, "spool-dlq-offset"), Some(&b"1"[..]));
+        assert_eq!(
+            header(m, "spool-dlq-deliveries"),
+            Some(&b"0"[..]),
+            "never delivered"
+        );
+        let reason = String::from_utf8_lossy(header(m, "spool-dlq-reason").expect("a reason"));
+        assert!(reason.contains("too large for the frame limit"), "{reason}");
+        groups.push(
+            String::from_utf8_lossy(header(m, "spool-dlq-group").expect("group")).into_owned(),
+        );
+    }
+    groups.sort();
+    assert_eq!(groups, ["fetchers", "subscribers"]);
 }

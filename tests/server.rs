@@ -571,6 +571,111 @@ async fn without_auto_create_unknown_topics_are_not_found_until_created() {
     assert!(err.to_string().contains("sometimes"), "{err}");
 }
 
+/// An error names what it concerns relative to the data directory: a
+/// client learns the topic and the file, not where the server keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_files_relative_to_the_data_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .create_topic(
+            "small",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    let err = client
+        .produce("small", vec![NewMessage::from_value(vec![1u8; 2000])])
+        .await
+        .expect_err("larger than a segment");
+    assert_eq!(err.code(), Some(pb::Code::InvalidArgument), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("log topics/small "),
+        "names the topic's folder: {message}"
+    );
+    let tmp_root = tmp.path().to_string_lossy().into_owned();
+    assert!(!message.contains(&tmp_root), "no server path: {message}");
+}
+
+/// A dead-letter topic that leads back to its source would hand a message
+/// that fails there back to where it failed, for ever: refused at creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_chain_that_loops_back_is_refused_at_creation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let dead_letter = |to: &str| pb::TopicConfig {
+        dead_letter: Some(to.into()),
+        ..Default::default()
+    };
+    let refused = |err: spool::client::ClientError| {
+        assert_eq!(err.code(), Some(pb::Code::InvalidArgument), "{err}");
+        assert!(
+            err.to_string().contains("dead_letter"),
+            "names the field: {err}"
+        );
+    };
+    refused(
+        client
+            .create_topic("self", dead_letter("self"))
+            .await
+            .expect_err("its own dead-letter topic"),
+    );
+    client
+        .create_topic("a", dead_letter("b"))
+        .await
+        .expect("a → b");
+    refused(
+        client
+            .create_topic("b", dead_letter("a"))
+            .await
+            .expect_err("b → a → b"),
+    );
+    client
+        .create_topic("c", dead_letter("d"))
+        .await
+        .expect("c → d");
+    client
+        .create_topic("d", dead_letter("e"))
+        .await
+        .expect("d → e");
+    refused(
+        client
+            .create_topic("e", dead_letter("c"))
+            .await
+            .expect_err("e → c → d → e"),
+    );
+    // Through a default: `x` hands its dead letters to `x.dlq`.
+    client
+        .create_topic("x", pb::TopicConfig::default())
+        .await
+        .expect("x → x.dlq");
+    refused(
+        client
+            .create_topic("x.dlq", dead_letter("x"))
+            .await
+            .expect_err("x.dlq → x → x.dlq"),
+    );
+    client
+        .create_topic("b", dead_letter("b.parked"))
+        .await
+        .expect("a chain that ends is fine");
+    let names: Vec<String> = client
+        .list_topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["a", "b", "c", "d", "x"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_configured_limit_get_resource_exhausted() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -2,9 +2,10 @@
 //! that owns them in a data directory.
 
 pub mod config;
+pub mod gate;
 pub mod registry;
 pub mod topic;
 
 pub use config::{Cleanup, TopicConfig, validate_name};
 pub use registry::{Registry, RegistryOptions};
-pub use topic::{DeadLetter, Delivery, Position, QueueFetch, Topic};
+pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};

@@ -4,6 +4,7 @@
 //! policy before they are confirmed).
 
 use super::config::{Cleanup, TopicConfig, validate_name};
+use super::gate::{Gate, Pass};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{
     Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, JournalRecovery, RangeSet,
@@ -12,8 +13,10 @@ use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
 use crate::storage::log::now_ms;
+use crate::storage::record;
 use crate::storage::{
-    Appended, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, RecoveryMode,
+    Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset,
+    RecoveryMode,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +69,49 @@ pub struct DeadLetter {
     pub offset: u64,
     /// The message as it goes to the dead-letter topic (headers added).
     pub message: NewMessage,
+}
+
+/// How much one read may hand out at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLimits {
+    /// Most messages.
+    pub messages: usize,
+    /// About this many bytes (stored size; queue groups count values), but at
+    /// least one message.
+    pub bytes: usize,
+    /// Largest message one delivery can carry (key, headers and value, see
+    /// [`record::payload_len`]): what the transport's frame limit leaves after
+    /// its envelope. A larger message is never handed out: a replay or stream
+    /// read stops before it, or fails with [`Error::TooLarge`] naming it when
+    /// it comes first; a queue group dead-letters it at once.
+    pub message_bytes: usize,
+}
+
+impl DeliveryLimits {
+    /// `messages` and `bytes`, with no limit on the size of one message.
+    pub fn new(messages: usize, bytes: usize) -> DeliveryLimits {
+        DeliveryLimits {
+            messages,
+            bytes,
+            message_bytes: usize::MAX,
+        }
+    }
+
+    /// The size of `m` when it is too large to deliver.
+    fn excess(&self, m: &Message) -> Option<usize> {
+        let size = record::payload_len(m);
+        (size > self.message_bytes).then_some(size)
+    }
+}
+
+/// What one group commit of the topic's writer did: each batch written (or
+/// why not), then one commit for all that were (`None` when none was).
+#[derive(Debug)]
+pub struct GroupCommit {
+    /// Per batch, its first and last offsets.
+    pub written: Vec<Result<(Offset, Offset)>>,
+    /// The shared commit (and sync, as the fsync policy says).
+    pub committed: Option<Result<Durability>>,
 }
 
 /// What a queue fetch produced.
@@ -125,6 +171,8 @@ pub struct Topic {
     config: TopicConfig,
     log: Log,
     state: Mutex<TopicState>,
+    /// Every request passes it; a delete closes it (see [`Topic::gate`]).
+    gate: Gate,
 }
 
 impl Topic {
@@ -251,6 +299,7 @@ impl Topic {
                 deleted,
                 deletes,
             }),
+            gate: Gate::default(),
         };
         topic.checkpoint()?;
         Ok(topic)
@@ -260,6 +309,10 @@ impl Topic {
     /// the log's checkpoint (see [`crate::storage::checkpoint`]), when any
     /// moved. The broker calls this every few seconds.
     pub fn checkpoint(&self) -> Result<()> {
+        // A deleted topic's folder is gone: nothing to record.
+        let Some(_pass) = self.gate.enter() else {
+            return Ok(());
+        };
         let state = self.state()?;
         // Under the state lock: a group deleted meanwhile cannot come back
         // into the list.
@@ -292,6 +345,27 @@ impl Topic {
         self.log.stats()
     }
 
+    /// The gate every request on the topic passes. Deleting the topic closes
+    /// it, which waits for the requests inside, so nothing writes into the
+    /// topic's folder once it is moved away; later requests get `NOT_FOUND`.
+    pub(crate) fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Whether the topic was deleted (or is being deleted).
+    pub fn is_retired(&self) -> bool {
+        self.gate.is_closed()
+    }
+
+    fn enter(&self) -> Result<Pass<'_>> {
+        self.gate.enter().ok_or_else(|| {
+            Error::NotFound(format!(
+                "topic {} does not exist: it was deleted",
+                self.name
+            ))
+        })
+    }
+
     fn state(&self) -> Result<MutexGuard<'_, TopicState>> {
         self.state.lock().map_err(|_| Error::ReadOnly {
             log: self.dir.clone(),
@@ -301,11 +375,33 @@ impl Topic {
 
     /// Appends a batch (durable under the topic's fsync policy).
     pub fn produce(&self, batch: &[NewMessage]) -> Result<Appended> {
+        let _pass = self.enter()?;
         self.log.append(batch)
+    }
+
+    /// Group commit: writes each batch, then makes all that were written
+    /// visible with one commit (one sync under `fsync=always`). `NOT_FOUND`
+    /// for all of them once the topic is deleted.
+    pub fn produce_batches<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a [NewMessage]>,
+    ) -> Result<GroupCommit> {
+        let _pass = self.enter()?;
+        let written: Vec<_> = batches.into_iter().map(|b| self.log.write(b)).collect();
+        let committed = written.iter().any(Result::is_ok).then(|| self.log.commit());
+        Ok(GroupCommit { written, committed })
+    }
+
+    /// Syncs and publishes everything written to the log (a barrier under
+    /// `fsync=never` and `interval`).
+    pub fn sync_log(&self) -> Result<()> {
+        let _pass = self.enter()?;
+        self.log.sync()
     }
 
     /// The offset `position` stands for.
     pub fn resolve(&self, position: Position) -> Result<u64> {
+        let _pass = self.enter()?;
         let stats = self.log.stats();
         Ok(match position {
             Position::Earliest => stats.start.0,
@@ -318,10 +414,18 @@ impl Topic {
     /// Replay without state: up to `max` live messages from `from` on
     /// (deleted and fully consumed ones are skipped).
     pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
+        self.read_within(from, DeliveryLimits::new(max, max_bytes))
+    }
+
+    /// [`Topic::read`] for a delivery of at most `limits`: stops before a
+    /// message too large to deliver, or fails with [`Error::TooLarge`] naming
+    /// it when it is the first.
+    pub fn read_within(&self, from: u64, limits: DeliveryLimits) -> Result<Vec<Message>> {
+        let _pass = self.enter()?;
         let mut from = from;
         let end = self.log.end().0;
-        loop {
-            let batch = self.log.read(Offset(from), max, max_bytes)?;
+        let mut live = loop {
+            let batch = self.log.read(Offset(from), limits.messages, limits.bytes)?;
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 return Ok(batch);
             };
@@ -331,10 +435,21 @@ impl Topic {
                 .filter(|m| self.visible(&state, m.offset.0))
                 .collect();
             if !live.is_empty() || last + 1 >= end {
-                return Ok(live);
+                break live;
             }
             from = last + 1;
+        };
+        if let Some(i) = live.iter().position(|m| limits.excess(m).is_some()) {
+            if let (0, Some(size)) = (i, limits.excess(&live[0])) {
+                return Err(Error::TooLarge {
+                    offset: live[0].offset.0,
+                    size,
+                    limit: limits.message_bytes,
+                });
+            }
+            live.truncate(i);
         }
+        Ok(live)
     }
 
     fn visible(&self, state: &TopicState, offset: u64) -> bool {
@@ -357,6 +472,7 @@ impl Topic {
     /// group or deletion state. State is synced on every tick, also when the
     /// log has nothing to sync: acks and commits arrive without new messages.
     pub fn tick(&self) -> Result<()> {
+        let _pass = self.enter()?;
         if let FsyncPolicy::Interval(_) = self.config.log.fsync {
             // The log first, so group state never becomes durable ahead of it.
             let synced = self.log.sync_if_due()?;
@@ -370,6 +486,7 @@ impl Topic {
 
     /// Creates a group starting at `start`; fails if it exists.
     pub fn create_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
+        let _pass = self.enter()?;
         validate_name("group", name)?;
         let start = self.resolve(start)?;
         let mut state = self.state()?;
@@ -385,13 +502,11 @@ impl Topic {
             ack_timeout_ms: self.config.ack_timeout_ms,
             max_deliveries: self.config.max_deliveries,
         };
-        let group = Group::open(
-            Arc::clone(&self.storage),
-            &self.dir.join(GROUPS_DIR),
-            name,
-            config,
-            start,
-        )?;
+        let groups_dir = self.dir.join(GROUPS_DIR);
+        // A group the topic does not list has no state: files of that name
+        // are what a crash left of deleting an earlier group of that name.
+        Journal::remove_files(&*self.storage, &groups_dir, name)?;
+        let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
         let info = group.info(self.log.end().0);
         state.groups.insert(name.to_owned(), group);
         Ok(info)
@@ -444,6 +559,7 @@ impl Topic {
 
     /// What a group looks like.
     pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let end = self.log.end().0;
         Ok(self.group_mut(&mut state.groups, name)?.info(end))
@@ -451,6 +567,7 @@ impl Topic {
 
     /// All groups.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
+        let _pass = self.enter()?;
         let state = self.state()?;
         let end = self.log.end().0;
         Ok(state.groups.values().map(|g| g.info(end)).collect())
@@ -458,6 +575,7 @@ impl Topic {
 
     /// Deletes a group and its state.
     pub fn delete_group(&self, name: &str) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         self.group_mut(&mut state.groups, name)?;
         self.retire_consumed(&mut state)?;
@@ -484,6 +602,19 @@ impl Topic {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        self.fetch_stream_within(group, member, from, DeliveryLimits::new(max, max_bytes))
+    }
+
+    /// [`Topic::fetch_stream`] for a delivery of at most `limits` (see
+    /// [`Topic::read_within`]).
+    pub fn fetch_stream_within(
+        &self,
+        group: &str,
+        member: &str,
+        from: Option<u64>,
+        limits: DeliveryLimits,
+    ) -> Result<Vec<Message>> {
+        let _pass = self.enter()?;
         let from = {
             let mut state = self.state()?;
             let g = self.group_mut(&mut state.groups, group)?;
@@ -496,7 +627,7 @@ impl Topic {
             g.touch(member, now_ms());
             from.unwrap_or_else(|| g.committed())
         };
-        self.read(from, max, max_bytes)
+        self.read_within(from, limits)
     }
 
     /// Queue group: leases up to `max` messages to `member` — redeliveries that
@@ -509,6 +640,25 @@ impl Topic {
         max_bytes: usize,
         now: u64,
     ) -> Result<QueueFetch> {
+        self.fetch_queue_within(group, member, DeliveryLimits::new(max, max_bytes), now)
+    }
+
+    /// [`Topic::fetch_queue`] for a delivery of at most `limits`. A message
+    /// too large to deliver is dead-lettered at once (its delivery count is
+    /// not raised) and does not count against `limits.messages`.
+    pub fn fetch_queue_within(
+        &self,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+    ) -> Result<QueueFetch> {
+        let DeliveryLimits {
+            messages: max,
+            bytes: max_bytes,
+            ..
+        } = limits;
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let state = &mut *state;
         let mut out = QueueFetch::default();
@@ -518,11 +668,16 @@ impl Topic {
         g.expire(now);
         let due = g.due_redeliveries(now, max);
         let mut candidates: Vec<Message> = Vec::new();
+        // Too large for a delivery: dead-lettered, never leased.
+        let mut too_large: Vec<(Message, usize)> = Vec::new();
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
                 Some(m) if m.offset.0 == offset && !state.deleted.contains(offset) => {
-                    candidates.push(m)
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
+                    }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
                 _ => self
@@ -549,7 +704,10 @@ impl Topic {
                         g.complete(o, o + 1)?;
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
-                    candidates.push(m);
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
+                    }
                 }
             }
             cursor = last + 1;
@@ -557,6 +715,24 @@ impl Topic {
                 .advance_cursor(cursor);
         }
         let consumed_by_all = self.config.delete_when_consumed;
+        for (m, size) in too_large {
+            let o = m.offset.0;
+            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
+                continue;
+            }
+            let g = self.queue_group(&mut state.groups, group)?;
+            let deliveries = g.deliveries(o);
+            // As for max_deliveries below: pending until the hand-off completes it.
+            g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+            let reason = format!(
+                "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {} (max_frame_bytes)",
+                limits.message_bytes
+            );
+            out.dead_letters.push(DeadLetter {
+                offset: o,
+                message: self.dead_letter(group, m, deliveries, &reason),
+            });
+        }
         for m in candidates {
             let o = m.offset.0;
             if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
@@ -582,7 +758,7 @@ impl Topic {
                     g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
                     out.dead_letters.push(DeadLetter {
                         offset: o,
-                        message: self.dead_letter(group, m, deliveries),
+                        message: self.dead_letter(group, m, deliveries, "max_deliveries exceeded"),
                     });
                 }
             }
@@ -601,13 +777,13 @@ impl Topic {
         Ok(out)
     }
 
-    fn dead_letter(&self, group: &str, m: Message, deliveries: u32) -> NewMessage {
+    fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
         let mut headers = m.headers;
         headers.push(Header::new(dlq_headers::TOPIC, self.name.clone()));
         headers.push(Header::new(dlq_headers::OFFSET, m.offset.0.to_string()));
         headers.push(Header::new(dlq_headers::GROUP, group.to_owned()));
         headers.push(Header::new(dlq_headers::DELIVERIES, deliveries.to_string()));
-        headers.push(Header::new(dlq_headers::REASON, "max_deliveries exceeded"));
+        headers.push(Header::new(dlq_headers::REASON, reason.to_owned()));
         NewMessage {
             timestamp_ms: Some(m.timestamp_ms),
             key: m.key,
@@ -618,6 +794,7 @@ impl Topic {
 
     /// Completes dead letters once the dead-letter topic holds them.
     pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
         for &o in offsets {
@@ -640,6 +817,7 @@ impl Topic {
     /// Queue group: completes `offsets` for the group. Confirmed (returns)
     /// once durable under the fsync policy.
     pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
@@ -663,6 +841,7 @@ impl Topic {
     /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
     /// Returns how many were leased.
     pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         let g = self.queue_group(&mut state.groups, group)?;
         let now = now_ms();
@@ -674,6 +853,7 @@ impl Topic {
 
     /// Stream group: commits `offset` as the next to read after a restart.
     pub fn commit(&self, group: &str, offset: u64) -> Result<()> {
+        let _pass = self.enter()?;
         let end = self.log.end().0;
         if offset > end {
             return Err(Error::InvalidArgument(format!(
@@ -701,6 +881,7 @@ impl Topic {
     /// there; a queue group treats everything before it as done and everything
     /// from it on as pending. Returns the offset.
     pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
+        let _pass = self.enter()?;
         let offset = self.resolve(position)?;
         let mut state = self.state()?;
         self.group_mut(&mut state.groups, group)?;
@@ -714,6 +895,7 @@ impl Topic {
 
     /// Deletes messages: they are never delivered or replayed again.
     pub fn delete(&self, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut state = self.state()?;
         let mut payload = Vec::with_capacity(offsets.len() * 16);
@@ -733,12 +915,14 @@ impl Topic {
 
     /// Whether `offset` is explicitly deleted.
     pub fn is_deleted(&self, offset: u64) -> Result<bool> {
+        let _pass = self.enter()?;
         Ok(self.state()?.deleted.contains(offset))
     }
 
     /// The lowest offset any group still needs (None without groups):
     /// neither completed by that group nor deleted.
     pub fn needed_offset(&self) -> Result<Option<u64>> {
+        let _pass = self.enter()?;
         let state = self.state()?;
         Ok(state
             .groups
@@ -798,6 +982,7 @@ impl Topic {
     /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
     /// journal forgets what no segment holds any more.
     pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        let _pass = self.enter()?;
         // What compaction decides on (deletions, acks) is durable before any
         // record goes because of it, whatever the fsync policy; a key's
         // latest record counts only once it is durable too.
@@ -814,6 +999,7 @@ impl Topic {
         now_ms: u64,
         ratio: f64,
     ) -> Result<Option<(Dirt, CompactStats)>> {
+        let _pass = self.enter()?;
         self.sync_state()?;
         let cleaner = self.cleaner(now_ms)?;
         let dirt = self.log.dirt(&|r| cleaner.keep(r))?;
@@ -901,6 +1087,7 @@ impl Topic {
 
     /// Syncs group and deletion state (the log is synced separately).
     pub fn sync_state(&self) -> Result<()> {
+        let _pass = self.enter()?;
         let mut state = self.state()?;
         state.deletes.sync()?;
         for group in state.groups.values_mut() {
@@ -918,6 +1105,9 @@ impl Topic {
     /// [`Topic::close`] for a topic others may still hold: the broker's last
     /// step once nothing writes to it any more.
     pub fn stop(&self) -> Result<()> {
+        let Some(_pass) = self.gate.enter() else {
+            return Ok(());
+        };
         match self.log.sync() {
             Err(Error::ReadOnly { .. }) => return Ok(()),
             other => other?,

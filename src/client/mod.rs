@@ -69,6 +69,18 @@ pub enum ClientError {
     /// The connection is closed.
     #[error("connection closed")]
     Closed,
+    /// A subscription could not deliver the message at `offset` (the server
+    /// names why, e.g. `RESOURCE_EXHAUSTED`: too large for a frame) and goes
+    /// on with the messages after it. Not the end of the subscription.
+    #[error("message at offset {offset} skipped: {code:?}: {message}")]
+    Skipped {
+        /// The message's offset.
+        offset: u64,
+        /// gRPC status code.
+        code: pb::Code,
+        /// The server's message.
+        message: String,
+    },
     /// A request larger than the server's frame limit (from its `Welcome`):
     /// nothing was sent, and the connection stays usable.
     #[error(
@@ -86,7 +98,7 @@ impl ClientError {
     /// The status code, when the server answered with one.
     pub fn code(&self) -> Option<pb::Code> {
         match self {
-            ClientError::Status { code, .. } => Some(*code),
+            ClientError::Status { code, .. } | ClientError::Skipped { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -272,9 +284,20 @@ impl Client {
                             for m in d.messages {
                                 let _ = tx.send(Ok(received(m)));
                             }
-                            if let Some(e) = d.error {
-                                let _ = tx.send(Err(ClientError::from_wire(e)));
-                                subs.remove(&d.subscription_id);
+                            match (d.error, d.skipped_offset) {
+                                (Some(e), Some(offset)) => {
+                                    let _ = tx.send(Err(ClientError::Skipped {
+                                        offset,
+                                        code: pb::Code::try_from(e.code)
+                                            .unwrap_or(pb::Code::Unknown),
+                                        message: e.message,
+                                    }));
+                                }
+                                (Some(e), None) => {
+                                    let _ = tx.send(Err(ClientError::from_wire(e)));
+                                    subs.remove(&d.subscription_id);
+                                }
+                                (None, _) => {}
                             }
                         }
                     }
@@ -638,7 +661,8 @@ impl Client {
 
 /// Messages pushed to one subscription, as a `Stream`. Ends with an error
 /// item when the server ends the subscription, and with `None` when the
-/// connection closes.
+/// connection closes. A [`ClientError::Skipped`] item is not an end: it names
+/// a message the server could not deliver, and later messages follow.
 #[derive(Debug)]
 pub struct Subscription {
     id: u64,

@@ -410,16 +410,33 @@ impl Journal {
 
     /// Removes the journal's files.
     pub fn remove(self) -> Result<()> {
-        for path in [&self.path, &self.snap_path] {
-            if self.storage.exists(path) {
-                self.storage
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".journal"))
+            .unwrap_or_default()
+            .to_owned();
+        Journal::remove_files(&*self.storage, &self.dir, &name)
+    }
+
+    /// Removes the files of journal `name` in `dir`, if any: the journal
+    /// first, durably, so a crash half-way leaves at most a snapshot without
+    /// its journal. A topic lists its groups by their journals, so that
+    /// snapshot is no group; creating a group of that name removes it first.
+    pub fn remove_files(storage: &dyn Storage, dir: &Path, name: &str) -> Result<()> {
+        let (path, snap_path) = paths(dir, name);
+        for path in [&path, &snap_path] {
+            if storage.exists(path) {
+                storage
                     .remove_file(path)
                     .ctx(|| format!("removing {}", path.display()))?;
+                storage
+                    .sync_dir(dir)
+                    .ctx(|| format!("syncing {}", dir.display()))?;
             }
         }
-        self.storage
-            .sync_dir(&self.dir)
-            .ctx(|| format!("syncing {}", self.dir.display()))
+        Ok(())
     }
 }
 

@@ -436,15 +436,19 @@ impl Group {
         self.leases.contains_key(&offset)
     }
 
+    /// How many times `offset` was delivered so far.
+    pub fn deliveries(&self, offset: u64) -> u32 {
+        self.counts
+            .get(&offset)
+            .copied()
+            .unwrap_or_else(|| u32::from(self.delivered.contains(offset)))
+    }
+
     /// Decides whether `offset` is delivered to `member` or dead-lettered. A
     /// delivery takes a lease and is recorded for the journal, so the caller
     /// must [`Group::sync`] before handing it out.
     pub fn deliver(&mut self, offset: u64, member: &str, now_ms: u64) -> Result<Decision> {
-        let previous = self
-            .counts
-            .get(&offset)
-            .copied()
-            .unwrap_or_else(|| u32::from(self.delivered.contains(offset)));
+        let previous = self.deliveries(offset);
         if previous >= self.config.max_deliveries {
             return Ok(Decision::DeadLetter {
                 deliveries: previous,

@@ -1,7 +1,11 @@
-//! The one mapping from spool's errors to the protocol's status codes.
+//! The one mapping from spool's errors to the protocol's status codes and
+//! messages. A message sent to a client names topics, groups and files
+//! relative to the data directory, never where the server keeps it (the
+//! server's own logs keep full paths).
 
 use super::pb;
 use crate::error::Error;
+use std::path::Path;
 
 /// The gRPC status code of an error.
 pub fn code(error: &Error) -> pb::Code {
@@ -9,7 +13,7 @@ pub fn code(error: &Error) -> pb::Code {
         Error::InvalidArgument(_) => pb::Code::InvalidArgument,
         Error::NotFound(_) => pb::Code::NotFound,
         Error::AlreadyExists(_) => pb::Code::AlreadyExists,
-        Error::Full { .. } => pb::Code::ResourceExhausted,
+        Error::Full { .. } | Error::TooLarge { .. } => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
         Error::ReadOnly { .. } => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,
@@ -17,12 +21,43 @@ pub fn code(error: &Error) -> pb::Code {
     }
 }
 
-/// The wire form of an error.
-pub fn to_wire(error: &Error) -> pb::Error {
+/// The wire form of an error of the broker whose data directory is
+/// `data_dir`: paths under it lose that prefix (`topics/t/00….log`), and the
+/// directory itself is called "the data directory".
+pub fn to_wire(error: &Error, data_dir: &Path) -> pb::Error {
     pb::Error {
         code: code(error) as i32,
-        message: error.to_string(),
+        message: relative_to(&error.to_string(), data_dir),
     }
+}
+
+/// `message` with every path under `root` made relative to it.
+fn relative_to(message: &str, root: &Path) -> String {
+    let root = root.to_string_lossy();
+    let root = root.trim_end_matches('/');
+    if root.is_empty() {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(root) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + root.len()..];
+        match after.chars().next() {
+            Some('/') => rest = &after[1..],
+            // A longer name that merely starts like the root: not it.
+            Some(c) if c.is_alphanumeric() || matches!(c, '.' | '_' | '-') => {
+                out.push_str(root);
+                rest = after;
+            }
+            _ => {
+                out.push_str("the data directory");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An error frame body for a request that could not be served.
@@ -30,5 +65,38 @@ pub fn error(code: pb::Code, message: impl Into<String>) -> pb::Error {
     pb::Error {
         code: code as i32,
         message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_under_the_data_directory_are_named_relative_to_it() {
+        let root = Path::new("/srv/spool/data");
+        for (message, wire) in [
+            (
+                "writing /srv/spool/data/topics/t/00000000000000000000.log: EIO",
+                "writing topics/t/00000000000000000000.log: EIO",
+            ),
+            (
+                "log /srv/spool/data/topics/t is read-only; sync of /srv/spool/data/topics/t/0.log failed",
+                "log topics/t is read-only; sync of topics/t/0.log failed",
+            ),
+            ("syncing /srv/spool/data", "syncing the data directory"),
+            (
+                "syncing /srv/spool/data: EIO",
+                "syncing the data directory: EIO",
+            ),
+            ("/srv/spool/database/x", "/srv/spool/database/x"),
+            ("topic t does not exist", "topic t does not exist"),
+        ] {
+            assert_eq!(relative_to(message, root), wire);
+        }
+        assert_eq!(
+            relative_to("creating ./data/topics/t", Path::new("./data/")),
+            "creating topics/t"
+        );
     }
 }

@@ -3,8 +3,8 @@
 //! deliveries interleaved. A frame that cannot be read closes this connection
 //! only, after a final error frame where possible.
 
-use super::Broker;
 use super::subscription::{self, Subscription, Target};
+use super::{Broker, ENVELOPE_ROOM};
 use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
@@ -49,14 +49,11 @@ fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
     response(request_id, Reply::Error(error))
 }
 
-/// Bytes of a frame left for envelopes around one message: a message larger
-/// than the frame limit minus this could be stored but not sent back.
-const ENVELOPE_ROOM: u32 = 1024;
-
 /// `frame`, or an error in its place when it would not fit in a frame (a
 /// reply the codec refuses would close the connection without a word). The
-/// produce limit keeps messages small enough; this catches messages stored
-/// under a larger `max_frame_bytes`.
+/// produce limit keeps messages small enough, and reads never hand out a
+/// larger stored message ([`Broker::delivery_limits`]); this is the last
+/// guard, for envelopes larger than planned.
 fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::ServerFrame {
     let len = prost::Message::encoded_len(&frame);
     if len <= max as usize {
@@ -233,27 +230,28 @@ struct Conn {
     next_subscription: AtomicU64,
 }
 
-/// Runs engine work that may wait on the disk on the blocking pool: syncs,
-/// journal writes, reads of the log, and anything under a topic's group-state
-/// lock (acks hold it across their sync). Looking a topic up is a map read and
-/// stays on the async threads (see [`Conn::existing`]).
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
-) -> Result<T, pb::Error> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(|e| status::to_wire(&e)),
-        Err(e) => Err(status::error(
-            pb::Code::Internal,
-            format!("request failed: {e}"),
-        )),
-    }
-}
-
 fn invalid(message: impl Into<String>) -> pb::Error {
     status::error(pb::Code::InvalidArgument, message)
 }
 
 impl Conn {
+    /// Runs engine work that may wait on the disk on the blocking pool: syncs,
+    /// journal writes, reads of the log, and anything under a topic's
+    /// group-state lock (acks hold it across their sync). Looking a topic up
+    /// is a map read and stays on the async threads (see [`Conn::existing`]).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+    ) -> Result<T, pb::Error> {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(result) => result.map_err(|e| self.broker.wire(&e)),
+            Err(e) => Err(status::error(
+                pb::Code::Internal,
+                format!("request failed: {e}"),
+            )),
+        }
+    }
+
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Subscription, usize)>> {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -314,12 +312,13 @@ impl Conn {
         let (group, from) = (s.group.clone(), s.from);
         // The start is fixed before the reply goes out: a subscription from
         // `Latest` gets everything produced after the client saw the reply.
-        let (target, start) = blocking(move || {
-            let target = subscription::target(&t, group, from)?;
-            let start = subscription::start_offset(&t, &target)?;
-            Ok((target, start))
-        })
-        .await?;
+        let (target, start) = self
+            .blocking(move || {
+                let target = subscription::target(&t, group, from)?;
+                let start = subscription::start_offset(&t, &target)?;
+                Ok((target, start))
+            })
+            .await?;
         let max_in_flight = match s.max_in_flight {
             0 => DEFAULT_MAX_IN_FLIGHT,
             n => n.min(CAP_MAX_IN_FLIGHT),
@@ -398,9 +397,9 @@ impl Conn {
                     // Creating the topic makes folders and syncs them.
                     Err(crate::Error::NotFound(_)) => {
                         let topic = p.topic.clone();
-                        blocking(move || broker.runtime(&topic, true)).await?
+                        self.blocking(move || broker.runtime(&topic, true)).await?
                     }
-                    Err(e) => return Err(status::to_wire(&e)),
+                    Err(e) => return Err(broker.wire(&e)),
                 };
                 let appended = runtime.produce(batch).await?;
                 Ok(Reply::Produce(pb::ProduceResponse {
@@ -444,7 +443,7 @@ impl Conn {
                 let t = Arc::clone(runtime.topic());
                 let (group, offsets) = (a.group.clone(), a.offsets);
                 let credit_only = a.subscription_id.is_some();
-                blocking(move || match t.describe_group(&group)?.mode {
+                self.blocking(move || match t.describe_group(&group)?.mode {
                     crate::groups::GroupMode::Queue => t.ack(&group, &offsets),
                     crate::groups::GroupMode::Stream if credit_only => Ok(()),
                     crate::groups::GroupMode::Stream => {
@@ -462,7 +461,9 @@ impl Conn {
                 let count = n.offsets.len();
                 let runtime = self.existing(&n.topic)?;
                 let t = Arc::clone(runtime.topic());
-                let requeued = blocking(move || t.nack(&n.group, &n.offsets, n.delay_ms)).await?;
+                let requeued = self
+                    .blocking(move || t.nack(&n.group, &n.offsets, n.delay_ms))
+                    .await?;
                 self.give_credit(n.subscription_id, count);
                 runtime.notify();
                 Ok(Reply::Nack(pb::NackResponse {
@@ -472,28 +473,30 @@ impl Conn {
             Request::Commit(c) => {
                 let runtime = self.existing(&c.topic)?;
                 let t = Arc::clone(runtime.topic());
-                blocking(move || t.commit(&c.group, c.offset)).await?;
+                self.blocking(move || t.commit(&c.group, c.offset)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::Seek(s) => {
                 let runtime = self.existing(&s.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let to = convert::position(s.to, Position::Earliest);
-                let offset = blocking(move || t.seek(&s.group, to)).await?;
+                let offset = self.blocking(move || t.seek(&s.group, to)).await?;
                 runtime.notify();
                 Ok(Reply::Seek(pb::SeekResponse { offset }))
             }
             Request::Delete(d) => {
                 let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
-                blocking(move || t.delete(&d.offsets)).await?;
+                self.blocking(move || t.delete(&d.offsets)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::CreateTopic(c) => {
                 let config = convert::topic_config(c.config, &config.topic_defaults)
-                    .map_err(|e| status::to_wire(&e))?;
+                    .map_err(|e| broker.wire(&e))?;
                 let b = Arc::clone(&broker);
-                let topic = blocking(move || b.registry.create_topic(&c.name, config)).await?;
+                let topic = self
+                    .blocking(move || b.registry.create_topic(&c.name, config))
+                    .await?;
                 let info = convert::topic_info(topic.name(), topic.config(), topic.stats());
                 broker.runtime_of(topic);
                 Ok(Reply::Topic(info))
@@ -511,7 +514,7 @@ impl Conn {
                 let t = broker
                     .registry
                     .topic(&d.name)
-                    .map_err(|e| status::to_wire(&e))?;
+                    .map_err(|e| broker.wire(&e))?;
                 Ok(Reply::Topic(convert::topic_info(
                     t.name(),
                     t.config(),
@@ -521,22 +524,26 @@ impl Conn {
             Request::DeleteTopic(d) => {
                 let b = Arc::clone(&broker);
                 let name = d.name.clone();
-                blocking(move || b.registry.delete_topic(&name)).await?;
-                broker.forget_runtime(&d.name);
+                let topic = self
+                    .blocking(move || b.registry.delete_topic(&name))
+                    .await?;
+                broker.retire_runtime(&topic);
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::CreateGroup(c) => {
-                let mode = convert::group_mode(c.mode).map_err(|e| status::to_wire(&e))?;
+                let mode = convert::group_mode(c.mode).map_err(|e| broker.wire(&e))?;
                 let runtime = self.existing(&c.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let start = convert::position(c.start, Position::Earliest);
-                let info = blocking(move || t.create_group(&c.group, mode, start)).await?;
+                let info = self
+                    .blocking(move || t.create_group(&c.group, mode, start))
+                    .await?;
                 Ok(Reply::Group(convert::group_info(&c.topic, info)))
             }
             Request::ListGroups(l) => {
                 let runtime = self.existing(&l.topic)?;
                 let t = Arc::clone(runtime.topic());
-                let groups = blocking(move || t.list_groups()).await?;
+                let groups = self.blocking(move || t.list_groups()).await?;
                 Ok(Reply::Groups(pb::ListGroupsResponse {
                     groups: groups
                         .into_iter()
@@ -548,21 +555,22 @@ impl Conn {
                 let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
                 let group = d.group.clone();
-                let info = blocking(move || t.describe_group(&group)).await?;
+                let info = self.blocking(move || t.describe_group(&group)).await?;
                 Ok(Reply::Group(convert::group_info(&d.topic, info)))
             }
             Request::DeleteGroup(d) => {
                 let runtime = self.existing(&d.topic)?;
                 let t = Arc::clone(runtime.topic());
-                blocking(move || t.delete_group(&d.group)).await?;
+                self.blocking(move || t.delete_group(&d.group)).await?;
                 Ok(Reply::Ok(pb::Empty {}))
             }
             Request::Compact(c) => {
                 // Produce and consume go on meanwhile: compaction touches sealed
                 // segments only and swaps each one in under the writer's lock.
                 let b = Arc::clone(&broker);
-                let results =
-                    blocking(move || b.registry.compact(c.topic.as_deref(), &mut |_| {})).await?;
+                let results = self
+                    .blocking(move || b.registry.compact(c.topic.as_deref(), &mut |_| {}))
+                    .await?;
                 Ok(Reply::Compact(pb::CompactResponse {
                     topics: results
                         .iter()
@@ -579,7 +587,7 @@ impl Conn {
     fn existing(&self, topic: &str) -> Result<Arc<super::runtime::TopicRuntime>, pb::Error> {
         self.broker
             .runtime(topic, false)
-            .map_err(|e| status::to_wire(&e))
+            .map_err(|e| self.broker.wire(&e))
     }
 
     async fn fetch(&self, f: pb::FetchRequest) -> Result<Reply, pb::Error> {
@@ -589,17 +597,13 @@ impl Conn {
             0 => DEFAULT_MAX_MESSAGES,
             n => n.min(CAP_MAX_MESSAGES),
         } as usize;
-        let frame_room = self
-            .broker
-            .config
-            .max_frame_bytes
-            .saturating_sub(64 * 1024)
-            .max(1024);
-        let max_bytes = match f.max_bytes {
-            0 => DEFAULT_MAX_BYTES,
-            n => n,
-        }
-        .min(frame_room) as usize;
+        let limits = self.broker.delivery_limits(
+            max,
+            match f.max_bytes {
+                0 => DEFAULT_MAX_BYTES,
+                n => n,
+            },
+        );
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS)));
         // Taken before the first read, so an append after it wakes the long-poll.
@@ -609,20 +613,21 @@ impl Conn {
         let (group, from) = (f.group, f.from);
         // Target, start and first read in one hand-off: each may wait on group
         // state or the disk.
-        let (target, start, mut messages) = blocking(move || {
-            let target = subscription::target(&t, group, from)?;
-            // A stream-group fetch continues from `from` when the client names
-            // it (its own position), else from the group's committed offset.
-            let start = match (&target, from) {
-                (Target::Stream(_), Some(p)) => {
-                    t.resolve(convert::position(Some(p), Position::Earliest))?
-                }
-                _ => subscription::start_offset(&t, &target)?,
-            };
-            let messages = subscription::fetch(&b, &t, &target, &m, start, max, max_bytes)?;
-            Ok((target, start, messages))
-        })
-        .await?;
+        let (target, start, mut messages) = self
+            .blocking(move || {
+                let target = subscription::target(&t, group, from)?;
+                // A stream-group fetch continues from `from` when the client names
+                // it (its own position), else from the group's committed offset.
+                let start = match (&target, from) {
+                    (Target::Stream(_), Some(p)) => {
+                        t.resolve(convert::position(Some(p), Position::Earliest))?
+                    }
+                    _ => subscription::start_offset(&t, &target)?,
+                };
+                let messages = subscription::fetch(&b, &t, &target, &m, start, limits)?;
+                Ok((target, start, messages))
+            })
+            .await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
         loop {
@@ -646,9 +651,9 @@ impl Conn {
                 target.clone(),
                 member.clone(),
             );
-            messages =
-                blocking(move || subscription::fetch(&b, &t, &target, &m, start, max, max_bytes))
-                    .await?;
+            messages = self
+                .blocking(move || subscription::fetch(&b, &t, &target, &m, start, limits))
+                .await?;
         }
     }
 }

@@ -6,7 +6,7 @@ mod connection;
 pub mod runtime;
 mod subscription;
 
-use crate::broker::{Registry, RegistryOptions, Topic, TopicConfig};
+use crate::broker::{DeliveryLimits, Registry, RegistryOptions, Topic, TopicConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::io::OsStorage;
@@ -22,6 +22,14 @@ use tokio::sync::{Semaphore, watch};
 
 /// Default listen address of `spool serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
+
+/// Bytes of a frame left for the envelope around one message: produce takes
+/// no message larger than the frame limit less this, and no larger stored
+/// message is handed out (see [`Broker::delivery_limits`]).
+const ENVELOPE_ROOM: u32 = 1024;
+/// Bytes of a frame kept free of message bytes in a reply or delivery of
+/// many messages: room for their envelopes.
+const FRAME_HEADROOM: u32 = 64 * 1024;
 
 /// Settings of a server.
 #[derive(Debug, Clone)]
@@ -87,23 +95,48 @@ impl Broker {
         Ok(self.runtime_of(topic))
     }
 
+    /// What one reply or pushed frame may carry: `messages` messages and
+    /// about `bytes` of them, capped so their envelopes still fit the frame
+    /// limit, and no single message larger than the frame limit less
+    /// [`ENVELOPE_ROOM`]. The broker core applies the rule; this transport
+    /// only says what its frames hold.
+    fn delivery_limits(&self, messages: usize, bytes: u32) -> DeliveryLimits {
+        let max = self.config.max_frame_bytes;
+        DeliveryLimits {
+            messages,
+            bytes: bytes.min(max.saturating_sub(FRAME_HEADROOM).max(1024)) as usize,
+            message_bytes: max.saturating_sub(ENVELOPE_ROOM) as usize,
+        }
+    }
+
+    /// The wire form of an error (paths relative to the data directory).
+    fn wire(&self, error: &Error) -> crate::protocol::pb::Error {
+        crate::protocol::status::to_wire(error, self.registry.data().root())
+    }
+
     fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         match runtimes.get(topic.name()) {
             Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
             _ => {
-                let rt = TopicRuntime::start(Arc::clone(&topic));
+                let rt = TopicRuntime::start(Arc::clone(&topic), self.registry.data().root());
                 runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
                 rt
             }
         }
     }
 
-    fn forget_runtime(&self, name: &str) {
-        self.runtimes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+    /// Drops the runtime of a deleted topic (not that of a topic created
+    /// again since) and wakes its subscriptions and long-polls, whose next
+    /// read answers `NOT_FOUND`.
+    fn retire_runtime(&self, topic: &Arc<Topic>) {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = runtimes.get(topic.name())
+            && Arc::ptr_eq(rt.topic(), topic)
+        {
+            rt.notify();
+            runtimes.remove(topic.name());
+        }
     }
 }
 

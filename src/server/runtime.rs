@@ -3,10 +3,15 @@
 //! all), a change signal that wakes subscriptions and long-polls, the
 //! fsync-interval ticker, and background compaction when the topic asks for
 //! it (`compact_min_dirty_ratio`).
+//!
+//! Once the topic is deleted ([`crate::broker::Topic::is_retired`]) the
+//! ticker and the compactor stop, and the writer answers `NOT_FOUND` to what
+//! is still queued; it ends with the last handle of the runtime.
 
-use crate::broker::Topic;
+use crate::broker::{GroupCommit, Topic};
 use crate::protocol::{pb, status};
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,8 +41,9 @@ pub struct TopicRuntime {
 }
 
 impl TopicRuntime {
-    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`.
-    pub fn start(topic: Arc<Topic>) -> Arc<TopicRuntime> {
+    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`,
+    /// which lives in the data directory `data_dir` (named in errors).
+    pub fn start(topic: Arc<Topic>, data_dir: &Path) -> Arc<TopicRuntime> {
         let (produce_tx, produce_rx) = mpsc::channel(QUEUE_DEPTH);
         let (changed, _) = watch::channel(0u64);
         let runtime = Arc::new(TopicRuntime {
@@ -49,6 +55,7 @@ impl TopicRuntime {
             Arc::clone(&runtime.topic),
             produce_rx,
             runtime.changed.clone(),
+            data_dir.to_owned(),
         ));
         if let FsyncPolicy::Interval(ms) = runtime.topic.config().log.fsync {
             tokio::spawn(ticker(
@@ -104,7 +111,9 @@ async fn writer(
     topic: Arc<Topic>,
     mut rx: mpsc::Receiver<ProduceJob>,
     changed: watch::Sender<u64>,
+    data_dir: PathBuf,
 ) {
+    let wire = |e: &crate::Error| status::to_wire(e, &data_dir);
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -115,29 +124,35 @@ async fn writer(
         }
         let t = Arc::clone(&topic);
         let done = tokio::task::spawn_blocking(move || {
-            let written: Vec<_> = jobs.iter().map(|j| t.log().write(&j.batch)).collect();
-            let committed = if written.iter().any(Result::is_ok) {
-                Some(t.log().commit())
-            } else {
-                None
-            };
-            (jobs, written, committed)
+            let result = t.produce_batches(jobs.iter().map(|j| &j.batch[..]));
+            (jobs, result)
         })
         .await;
-        let Ok((jobs, written, committed)) = done else {
+        let Ok((jobs, result)) = done else {
             tracing::error!(
                 topic = topic.name(),
                 "writer task panicked; topic stops accepting writes"
             );
             return;
         };
+        let GroupCommit { written, committed } = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // Deleted: nothing was written.
+                let e = wire(&e);
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
         let commit_error = match &committed {
-            Some(Err(e)) => Some(status::to_wire(e)),
+            Some(Err(e)) => Some(wire(e)),
             _ => None,
         };
         for (job, result) in jobs.into_iter().zip(written) {
             let reply = match (result, &committed, &commit_error) {
-                (Err(e), _, _) => Err(status::to_wire(&e)),
+                (Err(e), _, _) => Err(wire(&e)),
                 (Ok(_), _, Some(e)) => Err(e.clone()),
                 (Ok((first, last)), Some(Ok(durability)), None) => Ok(Appended {
                     first,
@@ -160,9 +175,15 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let Some(rt) = runtime.upgrade() else { return };
         let topic = Arc::clone(&rt.topic);
         drop(rt);
+        if topic.is_retired() {
+            return;
+        }
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
-        if let Ok(Err(e)) = result {
-            tracing::error!(error = %e, "fsync-interval tick failed");
+        match result {
+            // Deleted meanwhile.
+            Ok(Err(crate::Error::NotFound(_))) => return,
+            Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
+            _ => {}
         }
     }
 }
@@ -201,6 +222,9 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
         let Some(rt) = runtime.upgrade() else { return };
         let topic = Arc::clone(&rt.topic);
         drop(rt);
+        if topic.is_retired() {
+            return;
+        }
         let name = topic.name().to_owned();
         let result = tokio::task::spawn_blocking(move || {
             topic.compact_if_dirty(crate::storage::log::now_ms(), ratio)
@@ -217,6 +241,7 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
                 "background compaction"
             ),
             Ok(Ok(None)) => {}
+            Ok(Err(crate::Error::NotFound(_))) => return,
             Ok(Err(e)) => {
                 tracing::error!(topic = %name, error = %e, "background compaction failed")
             }

@@ -1,9 +1,15 @@
 //! Push subscriptions: a task per subscription that fetches while it has
 //! credit (at most `max_in_flight` unacknowledged messages), pushes
 //! `Delivery` frames, and otherwise sleeps until the topic changes.
+//!
+//! A stored message too large for a frame (see [`Broker::delivery_limits`])
+//! does not end a replay or stream-group subscription: it gets a `Delivery`
+//! with `error` and `skipped_offset` naming that message, and goes on after
+//! it. Queue groups never meet one: the broker dead-letters it.
 
 use super::Broker;
 use super::runtime::TopicRuntime;
+use crate::broker::DeliveryLimits;
 use crate::broker::topic::Position;
 use crate::groups::GroupMode;
 use crate::protocol::{convert, pb, status};
@@ -16,7 +22,7 @@ use tokio::task::JoinHandle;
 /// Most messages in one pushed frame.
 const MAX_PER_DELIVERY: usize = 1000;
 /// Bytes read per fetch of a subscription.
-const MAX_FETCH_BYTES: usize = 1024 * 1024;
+const MAX_FETCH_BYTES: u32 = 1024 * 1024;
 
 /// What a subscription reads.
 #[derive(Debug, Clone)]
@@ -105,15 +111,32 @@ async fn run(
             target.clone(),
             member.clone(),
         );
+        let limits = broker.delivery_limits(room, MAX_FETCH_BYTES);
         // A read takes the topic's group-state lock, which an ack holds across
         // its sync, and may fault log pages in: off the async threads.
         let fetched = tokio::task::spawn_blocking(move || {
-            fetch(&b, &t, &target2, &member2, position, room, MAX_FETCH_BYTES)
+            fetch(&b, &t, &target2, &member2, position, limits)
         })
         .await;
         let messages = match fetched {
             Ok(Ok(m)) => m,
-            Ok(Err(e)) => return end(&out, id, status::to_wire(&e)).await,
+            Ok(Err(e @ crate::Error::TooLarge { offset, .. })) => {
+                tracing::debug!(
+                    subscription = id,
+                    offset,
+                    "skipping a message too large for a frame"
+                );
+                position = offset + 1;
+                if out
+                    .send(skipped(id, offset, broker.wire(&e)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Ok(Err(e)) => return end(&out, id, broker.wire(&e)).await,
             Err(e) => return end(&out, id, status::error(pb::Code::Internal, e.to_string())).await,
         };
         if messages.is_empty() {
@@ -128,17 +151,79 @@ async fn run(
             position = last.offset + 1;
         }
         credits.forget_permits(messages.len());
-        let frame = pb::ServerFrame {
-            kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery {
-                subscription_id: id,
-                messages,
-                error: None,
-            })),
-        };
-        if out.send(frame).await.is_err() {
+        if push(&out, id, messages, broker.config.max_frame_bytes)
+            .await
+            .is_err()
+        {
             return;
         }
     }
+}
+
+fn delivery(id: u64, messages: Vec<pb::Message>) -> pb::Delivery {
+    pb::Delivery {
+        subscription_id: id,
+        messages,
+        error: None,
+        skipped_offset: None,
+    }
+}
+
+/// The frame saying the message at `offset` was skipped, and why.
+fn skipped(id: u64, offset: u64, error: pb::Error) -> pb::ServerFrame {
+    pb::ServerFrame {
+        kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery {
+            subscription_id: id,
+            messages: Vec::new(),
+            error: Some(error),
+            skipped_offset: Some(offset),
+        })),
+    }
+}
+
+/// Pushes `messages` in frames of at most `max_frame` bytes: normally one;
+/// split in halves if the envelopes came out larger than planned, and a
+/// single message that still does not fit is reported as skipped rather than
+/// closing the connection (the codec would refuse the frame).
+async fn push(
+    out: &mpsc::Sender<pb::ServerFrame>,
+    id: u64,
+    messages: Vec<pb::Message>,
+    max_frame: u32,
+) -> Result<(), ()> {
+    let mut pending = vec![messages];
+    while let Some(batch) = pending.pop() {
+        let d = delivery(id, batch);
+        let body = prost::Message::encoded_len(&d);
+        // The frame: the tag of `ServerFrame.delivery` (one byte), the
+        // body's length, the body.
+        let len = 1 + prost::length_delimiter_len(body) + body;
+        if len <= max_frame as usize {
+            let frame = pb::ServerFrame {
+                kind: Some(pb::server_frame::Kind::Delivery(d)),
+            };
+            out.send(frame).await.map_err(|_| ())?;
+            continue;
+        }
+        let mut batch = d.messages;
+        if batch.len() > 1 {
+            let second = batch.split_off(batch.len() / 2);
+            pending.push(second);
+            pending.push(batch);
+        } else if let Some(m) = batch.pop() {
+            let error = status::error(
+                pb::Code::ResourceExhausted,
+                format!(
+                    "the message at offset {} takes a {len}-byte frame; max_frame_bytes is {max_frame}",
+                    m.offset
+                ),
+            );
+            out.send(skipped(id, m.offset, error))
+                .await
+                .map_err(|_| ())?;
+        }
+    }
+    Ok(())
 }
 
 async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
@@ -148,13 +233,16 @@ async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
             subscription_id: id,
             messages: Vec::new(),
             error: Some(error),
+            skipped_offset: None,
         })),
     };
     let _ = out.send(frame).await;
 }
 
-/// One read for `target`, as wire messages: replay and stream groups from
-/// `from`, queue groups by lease. Dead letters a queue fetch hands off wake the
+/// One read for `target` within `limits`, as wire messages: replay and
+/// stream groups from `from` ([`crate::Error::TooLarge`] when the message at
+/// `from` cannot be delivered), queue groups by lease (such a message is
+/// dead-lettered instead). Dead letters a queue fetch hands off wake the
 /// dead-letter topic's readers.
 pub(super) fn fetch(
     broker: &Broker,
@@ -162,17 +250,16 @@ pub(super) fn fetch(
     target: &Target,
     member: &str,
     from: u64,
-    max: usize,
-    max_bytes: usize,
+    limits: DeliveryLimits,
 ) -> crate::Result<Vec<pb::Message>> {
     Ok(match target {
         Target::Replay(_) => topic
-            .read(from, max, max_bytes)?
+            .read_within(from, limits)?
             .into_iter()
             .map(|m| convert::message(m, 0))
             .collect(),
         Target::Stream(g) => topic
-            .fetch_stream(g, member, Some(from), max, max_bytes)?
+            .fetch_stream_within(g, member, Some(from), limits)?
             .into_iter()
             .map(|m| convert::message(m, 0))
             .collect(),
@@ -180,7 +267,7 @@ pub(super) fn fetch(
             let fetched =
                 broker
                     .registry
-                    .fetch_queue(topic.name(), g, member, max, max_bytes, now_ms())?;
+                    .fetch_queue_within(topic.name(), g, member, limits, now_ms())?;
             if !fetched.dead_letters.is_empty()
                 && let Ok(dlq) =
                     broker.runtime(&topic.config().dead_letter_topic(topic.name()), false)
@@ -218,5 +305,30 @@ pub(super) fn target(
             GroupMode::Stream => Ok(Target::Stream(g)),
             GroupMode::Queue => Ok(Target::Queue(g)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_length_push_plans_with_is_the_encoded_length() {
+        for (n, value) in [(0, 0), (1, 10), (3, 200), (2, 70_000)] {
+            let messages = (0..n)
+                .map(|i| pb::Message {
+                    offset: i,
+                    value: vec![1u8; value].into(),
+                    ..Default::default()
+                })
+                .collect();
+            let d = delivery(7, messages);
+            let body = prost::Message::encoded_len(&d);
+            let planned = 1 + prost::length_delimiter_len(body) + body;
+            let frame = pb::ServerFrame {
+                kind: Some(pb::server_frame::Kind::Delivery(d)),
+            };
+            assert_eq!(planned, prost::Message::encoded_len(&frame));
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! A data directory: the exclusive `LOCK` that lets one broker (or offline
-//! tool) use it at a time, and the `topics/<name>/` folders holding the logs.
+//! tool) use it at a time, the `topics/<name>/` folders holding the logs, and
+//! the `staging/` and `trash/` folders that make creating and deleting a
+//! topic one atomic rename each (whatever is left in them is garbage).
 
 use super::config::{LogConfig, RecoveryMode};
 use super::io::{LockError, LockGuard, Storage};
@@ -17,6 +19,15 @@ const SELF_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(25)
 
 /// Folder of the topic logs.
 pub const TOPICS_DIR: &str = "topics";
+/// Folder where a new topic's folder is assembled before it is renamed into
+/// `topics/`: a creation that fails or is cut short leaves nothing a start
+/// would take for a topic.
+pub const STAGING_DIR: &str = "staging";
+/// Folder a deleted topic's folder is renamed into, then removed from.
+pub const TRASH_DIR: &str = "trash";
+
+/// Distinguishes folders of one name in `staging/` and `trash/`.
+static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// An open, locked data directory. The lock is released when this is dropped,
 /// or by the kernel if the process dies.
@@ -98,6 +109,99 @@ impl DataDir {
             .ctx(|| format!("listing {}", dir.display()))?;
         names.sort();
         Ok(names)
+    }
+
+    /// A new, empty folder in `staging/` to assemble topic `name` in.
+    pub fn staging_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.scratch_path(STAGING_DIR, name)?;
+        self.storage
+            .create_dir_all(&dir)
+            .ctx(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Moves `dir` (a folder in `topics/` or `staging/`) into `trash/` with one
+    /// rename, durably: once this returns, no start finds it where it was.
+    /// Returns where it is now; remove it with [`DataDir::remove_leftover`].
+    pub fn move_to_trash(&self, dir: &Path) -> Result<PathBuf> {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("folder");
+        let to = self.scratch_path(TRASH_DIR, name)?;
+        self.storage
+            .rename(dir, &to)
+            .ctx(|| format!("moving {} to {}", dir.display(), to.display()))?;
+        for parent in [dir.parent(), to.parent()].into_iter().flatten() {
+            self.storage
+                .sync_dir(parent)
+                .ctx(|| format!("syncing {}", parent.display()))?;
+        }
+        Ok(to)
+    }
+
+    /// Removes a folder of `staging/` or `trash/` (callable without the
+    /// `DataDir`, from a background thread). A failure leaves it for the next
+    /// start's [`DataDir::clear_leftovers`].
+    pub fn remove_leftover(storage: &dyn Storage, dir: &Path) -> Result<()> {
+        storage
+            .remove_dir_all(dir)
+            .ctx(|| format!("removing {}", dir.display()))?;
+        match dir.parent() {
+            Some(parent) => storage
+                .sync_dir(parent)
+                .ctx(|| format!("syncing {}", parent.display())),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes what `staging/` and `trash/` hold: creations and deletions a
+    /// crash (or a failure) interrupted. Each leftover is logged; one that
+    /// cannot be removed is logged and left for the next start.
+    pub fn clear_leftovers(&self) -> Result<()> {
+        for folder in [STAGING_DIR, TRASH_DIR] {
+            let parent = self.root.join(folder);
+            if !self.storage.exists(&parent) {
+                continue;
+            }
+            let names = self
+                .storage
+                .list_dir(&parent)
+                .ctx(|| format!("listing {}", parent.display()))?;
+            for name in names {
+                let path = parent.join(&name);
+                match self.storage.remove_dir_all(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed an interrupted {}", if folder == TRASH_DIR { "topic deletion" } else { "topic creation" })
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove a leftover; the next start tries again")
+                    }
+                }
+            }
+            self.storage
+                .sync_dir(&parent)
+                .ctx(|| format!("syncing {}", parent.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A name not yet used in `folder` (`staging/` or `trash/`, created with
+    /// a durable entry in the root if missing) for a folder of topic `name`.
+    fn scratch_path(&self, folder: &str, name: &str) -> Result<PathBuf> {
+        let parent = self.root.join(folder);
+        if !self.storage.exists(&parent) {
+            self.storage
+                .create_dir_all(&parent)
+                .ctx(|| format!("creating {}", parent.display()))?;
+            self.storage
+                .sync_dir(&self.root)
+                .ctx(|| format!("syncing {}", self.root.display()))?;
+        }
+        loop {
+            let n = NEXT_SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = parent.join(format!("{name}.{}.{n}", super::log::now_ms()));
+            if !self.storage.exists(&path) {
+                return Ok(path);
+            }
+        }
     }
 
     /// Opens (creating if needed) the log of `topic`.

@@ -258,6 +258,18 @@ impl<'a> RecordRef<'a> {
     }
 }
 
+/// Bytes of key, headers and value of a stored message: its record less the
+/// record header, the measure `max_message_bytes` and the frame limit apply to.
+pub fn payload_len(msg: &Message) -> usize {
+    msg.key.as_ref().map_or(0, |k| k.len())
+        + msg.value.len()
+        + msg
+            .headers
+            .iter()
+            .map(|h| MESSAGE_HEADER_OVERHEAD + h.name.len() + h.value.len())
+            .sum::<usize>()
+}
+
 /// Encoded length of a message, or `None` if a field is too large for the
 /// format (a header name over 64 KiB, more than 65 535 headers, over 4 GiB).
 pub fn encoded_len(msg: &NewMessage) -> Option<usize> {

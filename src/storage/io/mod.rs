@@ -41,7 +41,8 @@ pub trait Storage: Send + Sync + Debug + 'static {
     fn exists(&self, path: &Path) -> bool;
     /// Opens a file for reading and writing.
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>>;
-    /// Renames a file, replacing any file at `to`. Durable after [`Storage::sync_dir`].
+    /// Renames a file, replacing any file at `to`, or a directory to a name
+    /// that does not exist. Durable after [`Storage::sync_dir`] of both parents.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file. Durable after [`Storage::sync_dir`].
     fn remove_file(&self, path: &Path) -> io::Result<()>;

@@ -8,7 +8,8 @@
 //! file already covers, since a size change reaches the disk only with
 //! [`StorageFile::sync_data`] (fdatasync). New, renamed and removed names are
 //! durable only after [`Storage::sync_dir`] of their directory. Directories
-//! themselves are durable as soon as they are created.
+//! themselves are durable as soon as they are created, and so is the rename
+//! of a directory (which moves everything below it).
 
 use super::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile, out_of_range};
 use bytes::Bytes;
@@ -122,6 +123,47 @@ impl SimState {
             .get_mut(&ino)
             .ok_or_else(|| eio("inode vanished"))?;
         inode.live.resize(len as usize, 0);
+        Ok(())
+    }
+
+    /// Moves a directory with everything below it, in the live and the
+    /// durable image at once (like a directory's creation; see the module docs).
+    fn rename_dir(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.live.contains_key(to) || self.dirs.contains(to) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", to.display()),
+            ));
+        }
+        if !self.dirs.contains(&parent(to)) {
+            return Err(not_found(&parent(to)));
+        }
+        let moved = |p: &Path| -> Option<PathBuf> { p.strip_prefix(from).ok().map(|r| to.join(r)) };
+        for files in [&mut self.live, &mut self.durable] {
+            let below: Vec<PathBuf> = files
+                .keys()
+                .filter(|p| p.starts_with(from))
+                .cloned()
+                .collect();
+            for p in below {
+                if let (Some(ino), Some(new)) = (files.remove(&p), moved(&p)) {
+                    files.insert(new, ino);
+                }
+            }
+        }
+        for dirs in [&mut self.dirs, &mut self.durable_dirs] {
+            let below: Vec<PathBuf> = dirs
+                .iter()
+                .filter(|p| p.starts_with(from))
+                .cloned()
+                .collect();
+            for p in below {
+                dirs.remove(&p);
+                if let Some(new) = moved(&p) {
+                    dirs.insert(new);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -325,6 +367,9 @@ impl Storage for SimDisk {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
+        if state.dirs.contains(from) {
+            return state.rename_dir(from, to);
+        }
         let ino = state.live.remove(from).ok_or_else(|| not_found(from))?;
         state.live.insert(to.to_owned(), ino);
         Ok(())
