@@ -1652,15 +1652,26 @@ fn a_deletion_of_a_message_the_cut_took_does_not_hide_its_successor() {
     disk.power_cut(None);
     let reg = open_registry(&disk).expect("recover");
     let t = reg.topic("t").expect("topic");
-    assert_eq!(t.stats().end.0, lost, "the unsynced message is gone");
+    // The deletion speaks of the lost offset: it is never handed out again.
+    assert_eq!(
+        t.stats().end.0,
+        lost + 1,
+        "the log continues after the lost message"
+    );
+    assert!(
+        read_raw(&t)
+            .expect("read")
+            .iter()
+            .all(|m| m.offset.0 < lost)
+    );
     let next = t
         .produce(&[NewMessage::from_value("successor")])
         .expect("produce");
     t.log().sync().expect("sync");
-    assert_eq!(next.first.0, lost);
+    assert_eq!(next.first.0, lost + 1);
     assert!(
-        values(&t).contains(&(lost, Bytes::from("successor"))),
-        "the message at offset {lost} is hidden by the deletion of its predecessor"
+        values(&t).contains(&(lost + 1, Bytes::from("successor"))),
+        "the message after offset {lost} is hidden by the deletion of its predecessor"
     );
 }
 

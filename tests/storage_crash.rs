@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use spool::Error;
 use spool::error::Corruption;
+use spool::storage::checkpoint::Checkpoint;
 use spool::storage::io::{OsStorage, SimDisk, SimFault, Storage};
 use spool::storage::record::{self, Frame};
 use spool::storage::recovery::{QUARANTINE_DIR, Truncation};
@@ -553,6 +554,17 @@ fn torn_tail_case(backend: Backend, from_end: usize, tear: impl Fn(Rec) -> Tear,
         "test setup: enough records in the active segment"
     );
     let victim = recs[recs.len() - 1 - from_end];
+    // The tear stands for an unclean stop that interrupted writes from the
+    // victim on: only bytes before it were synced.
+    let mut checkpoint = Checkpoint::load(&*bed.storage, &bed.dir)
+        .expect("load checkpoint")
+        .expect("a checkpoint");
+    checkpoint.clean = false;
+    checkpoint.active_synced = victim.pos;
+    checkpoint.durable_end = victim.offset;
+    checkpoint
+        .store(&*bed.storage, &bed.dir)
+        .expect("store checkpoint");
     let tear = tear(victim);
     let file_len = bed.read_file(&active).len() as u64;
     let len_before = match tear {

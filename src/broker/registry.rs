@@ -59,11 +59,14 @@ impl Registry {
             let config = match TopicConfig::load(&**data.storage(), &dir)? {
                 Some(config) => config,
                 None => {
-                    let checkpoint = crate::storage::checkpoint::path(&dir);
-                    if data.storage().exists(&checkpoint) {
-                        // The topic was created with a config (the checkpoint
-                        // comes after it): starting on the defaults would
-                        // silently change its fsync policy, segment size...
+                    // A checkpoint that records journals was written by a
+                    // topic, which had its config: starting on the defaults
+                    // would silently change its fsync policy, segment size...
+                    let by_topic = matches!(
+                        crate::storage::checkpoint::Checkpoint::load(&**data.storage(), &dir),
+                        Ok(Some(c)) if !c.journals.is_empty()
+                    );
+                    if by_topic {
                         let damage = crate::error::Corruption {
                             file: dir.join(TOPIC_CONFIG_FILE),
                             bytes: 0..0,
@@ -81,6 +84,9 @@ impl Registry {
                     } else {
                         tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
                     }
+                    // Written down, so the topic keeps this config and a
+                    // later loss of the file is seen.
+                    options.defaults.store(&**data.storage(), &dir)?;
                     options.defaults.clone()
                 }
             };

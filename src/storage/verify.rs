@@ -135,14 +135,14 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
         let config = dir.join(crate::broker::config::TOPIC_CONFIG_FILE);
         match crate::broker::config::TopicConfig::load(storage, &dir) {
             Ok(Some(_)) => {}
-            Ok(None) if checkpoint.is_some() => report.damage.push(finding(
-                config,
-                "topic config is missing: the topic would start with the default config",
-            )),
-            Ok(None) => report.notes.push(finding(
-                config,
-                "topic config is missing (the broker starts the topic with the default config)",
-            )),
+            // A checkpoint that records journals was written by a topic.
+            Ok(None) if checkpoint.as_ref().is_some_and(|c| !c.journals.is_empty()) => {
+                report.damage.push(finding(
+                    config,
+                    "topic config is missing: the topic would start with the default config",
+                ))
+            }
+            Ok(None) => {}
             Err(e) => report
                 .damage
                 .push(finding(config, format!("topic config does not load: {e}"))),
