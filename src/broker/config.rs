@@ -4,6 +4,7 @@
 use crate::error::{Error, IoContext, Result};
 use crate::groups::state::{DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES};
 use crate::storage::LogConfig;
+use crate::storage::config::MAX_DURATION_MS;
 use crate::storage::io::{Storage, read_file, write_file_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -49,6 +50,13 @@ pub struct TopicConfig {
     /// How often background compaction measures the removable share, in
     /// milliseconds (each measurement reads the sealed segments).
     pub compact_check_ms: u64,
+    /// Retention keeps segments that hold messages some group has not
+    /// completed, until they are twice `retention_ms` old or the log exceeds
+    /// `retention_bytes_max`.
+    pub retention_respects_groups: bool,
+    /// Hard size limit of a topic under `retention_respects_groups`: above
+    /// it retention drops segments whatever the groups still need.
+    pub retention_bytes_max: Option<u64>,
     /// The log: segments, retention, fsync policy.
     pub log: LogConfig,
 }
@@ -64,6 +72,8 @@ impl Default for TopicConfig {
             delete_retention_ms: 24 * 60 * 60 * 1000,
             compact_min_dirty_ratio: None,
             compact_check_ms: DEFAULT_COMPACT_CHECK_MS,
+            retention_respects_groups: false,
+            retention_bytes_max: None,
             log: LogConfig::default(),
         }
     }
@@ -94,6 +104,25 @@ impl TopicConfig {
             return Err(Error::InvalidArgument(
                 "compact_check_ms must be positive".into(),
             ));
+        }
+        if !(1..=MAX_DURATION_MS).contains(&self.delete_retention_ms) {
+            return Err(Error::InvalidArgument(format!(
+                "delete_retention_ms {} is outside 1..={MAX_DURATION_MS} (100 years)",
+                self.delete_retention_ms
+            )));
+        }
+        if let Some(max) = self.retention_bytes_max {
+            let floor = self.log.retention_bytes.unwrap_or(self.log.segment_bytes);
+            if max < floor {
+                return Err(Error::InvalidArgument(format!(
+                    "retention_bytes_max {max} is below {} {floor}",
+                    if self.log.retention_bytes.is_some() {
+                        "retention_bytes"
+                    } else {
+                        "segment_bytes"
+                    }
+                )));
+            }
         }
         if let Some(dlq) = &self.dead_letter {
             validate_name("dead-letter topic", dlq)?;

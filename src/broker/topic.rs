@@ -12,7 +12,7 @@ use crate::groups::{
 use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
 use crate::storage::io::Storage;
-use crate::storage::log::now_ms;
+use crate::storage::log::{RetentionLimits, now_ms};
 use crate::storage::record;
 use crate::storage::{
     Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset,
@@ -285,8 +285,14 @@ impl Topic {
             }
         }
         let stats = log.stats();
-        for group in groups.values_mut() {
-            group.clamp(stats.start.0, stats.end.0)?;
+        for (group_name, group) in groups.iter_mut() {
+            group.clamp(stats.end.0)?;
+            // A retention pass a crash interrupted before the groups heard.
+            let lost = group.lose_below(stats.start.0, &deleted)?;
+            if lost > 0 {
+                tracing::warn!(topic = name, group = %group_name, lost, start = stats.start.0,
+                    "retention dropped messages the group had not completed");
+            }
         }
         let topic = Topic {
             name: name.to_owned(),
@@ -940,6 +946,46 @@ impl Topic {
             .min())
     }
 
+    /// Applies retention (see [`Log::enforce_retention_within`]): with
+    /// `retention_respects_groups`, segments holding messages some group has
+    /// not completed stay until they are twice `retention_ms` old or the log
+    /// is over `retention_bytes_max`. Groups behind the new start go on from
+    /// it and count what they lost. Returns the bases of dropped segments.
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<Vec<Offset>> {
+        let _pass = self.enter()?;
+        let log = &self.config.log;
+        if log.retention_bytes.is_none() && log.retention_ms.is_none() {
+            return Ok(Vec::new());
+        }
+        let limits = if self.config.retention_respects_groups {
+            RetentionLimits {
+                floor: self.needed_offset()?,
+                hard_bytes: self.config.retention_bytes_max,
+                hard_age_ms: log.retention_ms.map(|ms| ms.saturating_mul(2)),
+            }
+        } else {
+            RetentionLimits::default()
+        };
+        let dropped = self.log.enforce_retention_within(now_ms, limits)?;
+        if dropped.is_empty() {
+            return Ok(dropped);
+        }
+        let start = self.log.stats().start.0;
+        let mut state = self.state()?;
+        let TopicState {
+            groups, deleted, ..
+        } = &mut *state;
+        for (group, g) in groups.iter_mut() {
+            let lost = g.lose_below(start, deleted)?;
+            if lost > 0 {
+                tracing::warn!(topic = %self.name, %group, lost, start,
+                    "retention dropped messages the group had not completed");
+            }
+        }
+        tracing::info!(topic = %self.name, segments = dropped.len(), start, "retention dropped segments");
+        Ok(dropped)
+    }
+
     /// On `delete_when_consumed` topics, records what every group has
     /// completed as deleted, before a change to the set of groups (a new or a
     /// removed group) or a move back (a seek) could make it visible again.
@@ -1148,7 +1194,7 @@ fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
 /// Adds the `[from, to)` pairs of a deletions payload to `deleted`; `None`
 /// when the payload is not whole pairs.
 fn decode_deletions(payload: &[u8], deleted: &mut RangeSet) -> Option<()> {
-    if payload.len() % 16 != 0 {
+    if !payload.len().is_multiple_of(16) {
         return None;
     }
     for chunk in payload.chunks_exact(16) {

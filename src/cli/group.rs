@@ -75,6 +75,7 @@ fn group_json(g: &pb::GroupInfo) -> serde_json::Value {
         "committed": g.committed,
         "pending": g.pending,
         "lag": g.lag,
+        "lost_to_retention": g.lost_to_retention,
         "members": g.members.iter().map(|m| serde_json::json!({"name": m.name, "last_seen_ms": m.last_seen_ms})).collect::<Vec<_>>(),
     })
 }
@@ -86,11 +87,20 @@ fn group_row(g: &pb::GroupInfo) -> Vec<String> {
         g.committed.to_string(),
         g.pending.to_string(),
         g.lag.to_string(),
+        g.lost_to_retention.to_string(),
         g.members.len().to_string(),
     ]
 }
 
-const COLUMNS: [&str; 6] = ["GROUP", "MODE", "COMMITTED", "PENDING", "LAG", "MEMBERS"];
+const COLUMNS: [&str; 7] = [
+    "GROUP",
+    "MODE",
+    "COMMITTED",
+    "PENDING",
+    "LAG",
+    "LOST",
+    "MEMBERS",
+];
 
 /// Runs a `spool group` subcommand.
 pub fn run(cmd: GroupCommand) -> CliResult {

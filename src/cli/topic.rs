@@ -69,6 +69,14 @@ pub struct CreateArgs {
     /// How often background compaction measures, in milliseconds (default 60000).
     #[arg(long)]
     compact_check_ms: Option<u64>,
+    /// Retention keeps segments holding messages some group has not
+    /// completed, until they are twice --retention-ms old or the topic is
+    /// over --retention-bytes-max.
+    #[arg(long)]
+    retention_respects_groups: bool,
+    /// Hard size limit under --retention-respects-groups, in bytes.
+    #[arg(long)]
+    retention_bytes_max: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     #[command(flatten)]
@@ -117,6 +125,8 @@ pub fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
             "max_deliveries": c.max_deliveries,
             "ack_timeout_ms": c.ack_timeout_ms,
             "delete_retention_ms": c.delete_retention_ms,
+            "retention_respects_groups": c.retention_respects_groups,
+            "retention_bytes_max": c.retention_bytes_max,
             "compact_min_dirty_ratio": c.compact_min_dirty_ratio,
             "compact_check_ms": c.compact_check_ms,
         },
@@ -158,6 +168,11 @@ fn describe_text(t: &pb::TopicInfo) {
         vec!["ack_timeout_ms".into(), opt(c.ack_timeout_ms)],
         vec!["delete_retention_ms".into(), opt(c.delete_retention_ms)],
         vec![
+            "retention_respects_groups".into(),
+            c.retention_respects_groups.unwrap_or(false).to_string(),
+        ],
+        vec!["retention_bytes_max".into(), opt(c.retention_bytes_max)],
+        vec![
             "compact_min_dirty_ratio".into(),
             c.compact_min_dirty_ratio
                 .map_or_else(|| "- (off)".into(), |r| r.to_string()),
@@ -187,6 +202,8 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                     max_deliveries: a.max_deliveries,
                     ack_timeout_ms: a.ack_timeout_ms,
                     delete_retention_ms: a.delete_retention_ms,
+                    retention_respects_groups: a.retention_respects_groups.then_some(true),
+                    retention_bytes_max: a.retention_bytes_max,
                     compact_min_dirty_ratio: a.compact_min_dirty_ratio,
                     compact_check_ms: a.compact_check_ms,
                     ..Default::default()

@@ -120,6 +120,8 @@ pub struct GroupInfo {
     pub lag: u64,
     /// Members seen, with when they were last seen (ms since the epoch).
     pub members: BTreeMap<String, u64>,
+    /// Messages retention dropped before the group completed them.
+    pub lost_to_retention: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,8 @@ enum Entry {
     Delivered(u64, u32),
     /// Offsets `[from, to)` handed out for the first time.
     FirstDelivered(u64, u64),
+    /// Total messages lost to retention so far.
+    Lost(u64),
 }
 
 const TAG_CONFIG: u8 = 1;
@@ -139,6 +143,7 @@ const TAG_COMMIT: u8 = 2;
 const TAG_ACK: u8 = 3;
 const TAG_DELIVERED: u8 = 4;
 const TAG_FIRST_DELIVERED: u8 = 5;
+const TAG_LOST: u8 = 6;
 
 impl Entry {
     fn encode(&self) -> Vec<u8> {
@@ -172,6 +177,10 @@ impl Entry {
                 b.extend_from_slice(&a.to_le_bytes());
                 b.extend_from_slice(&z.to_le_bytes());
             }
+            Entry::Lost(n) => {
+                b.push(TAG_LOST);
+                b.extend_from_slice(&n.to_le_bytes());
+            }
         }
         b
     }
@@ -195,6 +204,7 @@ impl Entry {
             TAG_ACK => Entry::Ack(r.u64()?, r.u64()?),
             TAG_DELIVERED => Entry::Delivered(r.u64()?, r.u32()?),
             TAG_FIRST_DELIVERED => Entry::FirstDelivered(r.u64()?, r.u64()?),
+            TAG_LOST => Entry::Lost(r.u64()?),
             _ => return None,
         };
         r.0.is_empty().then_some(entry)
@@ -233,6 +243,8 @@ pub struct Group {
     counts: BTreeMap<u64, u32>,
     /// Offsets handed out at least once (a missing count means 1 here, 0 elsewhere).
     delivered: RangeSet,
+    /// Messages retention dropped before the group completed them.
+    lost: u64,
     // In memory.
     /// First deliveries not journaled yet: [`Group::sync`] journals them.
     unjournaled: RangeSet,
@@ -296,6 +308,7 @@ impl Group {
             done: RangeSet::new(),
             counts: BTreeMap::new(),
             delivered: RangeSet::new(),
+            lost: 0,
             unjournaled: RangeSet::new(),
             cursor: start,
             leases: BTreeMap::new(),
@@ -341,6 +354,7 @@ impl Group {
                 }
             }
             Entry::FirstDelivered(a, z) => self.delivered.insert_range(a.max(self.low)..z),
+            Entry::Lost(n) => self.lost = n,
         }
     }
 
@@ -524,17 +538,50 @@ impl Group {
         self.maybe_snapshot()
     }
 
-    /// Brings the group inside the log after a crash or a retention cut.
-    pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
+    /// Retention dropped every offset below `start`: the group goes on from
+    /// there (a stream group's commit moves up, a queue group's pending and
+    /// unacked messages below it are gone) and counts, durably, the messages
+    /// it had not completed that are not in `deleted`. Returns that count.
+    pub fn lose_below(&mut self, start: u64, deleted: &RangeSet) -> Result<u64> {
+        if self.low >= start {
+            return Ok(0);
+        }
+        let range = self.low..start;
+        let done = self.done.count_in(range.clone());
+        let mut gone = deleted.clone();
+        gone.remove_below(range.start);
+        gone.remove_from(range.end);
+        // Deleted offsets the group had completed are counted once.
+        let both = gone.intersection(&self.done).count_in(range.clone());
+        let skipped = done + gone.count_in(range.clone()) - both;
+        let lost = (range.end - range.start).saturating_sub(skipped);
+        self.lost += lost;
+        self.journal.append(&Entry::Lost(self.lost).encode())?;
+        if self.config.mode == GroupMode::Queue {
+            self.complete(self.low, start)?;
+        } else {
+            self.commit(start)?;
+        }
+        let dropped: Vec<u64> = self.leases.range(..start).map(|(&o, _)| o).collect();
+        for o in dropped {
+            self.leases.remove(&o);
+        }
+        self.ready.retain(|&o, _| o >= start);
+        self.cursor = self.cursor.max(start);
+        self.sync()?;
+        Ok(lost)
+    }
+
+    /// Brings the group inside a log that ends at `log_end` after a crash
+    /// (retention cuts go through [`Group::lose_below`]).
+    pub fn clamp(&mut self, log_end: u64) -> Result<()> {
         let target = if self.low > log_end {
             Some(log_end)
-        } else if self.low < log_start && self.config.mode == GroupMode::Queue {
-            Some(log_start)
         } else {
             None
         };
         if let Some(target) = target {
-            tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
+            tracing::warn!(group = %self.name, from = self.low, to = target, log_end,
                 "group state moved inside the log");
             if self.config.mode == GroupMode::Queue && target > self.low {
                 self.complete(self.low, target)?;
@@ -621,6 +668,7 @@ impl Group {
             pending: self.leases.len(),
             lag,
             members: self.members.clone(),
+            lost_to_retention: self.lost,
         }
     }
 
@@ -652,6 +700,7 @@ impl Group {
             b.extend_from_slice(&r.start.to_le_bytes());
             b.extend_from_slice(&r.end.to_le_bytes());
         }
+        b.extend_from_slice(&self.lost.to_le_bytes());
         b
     }
 
@@ -680,6 +729,11 @@ impl Group {
                 let (s, e) = (r.u64()?, r.u64()?);
                 self.delivered.insert_range(s..e);
             }
+        }
+        // ... and those written before retention losses were counted, here.
+        self.lost = 0;
+        if !r.0.is_empty() {
+            self.lost = r.u64()?;
         }
         r.0.is_empty().then_some(())
     }

@@ -123,6 +123,7 @@ pub fn group_mode_to_wire(mode: GroupMode) -> i32 {
 /// Group info onto the wire.
 pub fn group_info(topic: &str, g: GroupInfo) -> pb::GroupInfo {
     pb::GroupInfo {
+        lost_to_retention: g.lost_to_retention,
         topic: topic.to_owned(),
         name: g.name,
         mode: group_mode_to_wire(g.mode),
@@ -188,6 +189,12 @@ pub fn topic_config(c: Option<pb::TopicConfig>, base: &TopicConfig) -> Result<To
     if let Some(v) = c.compact_check_ms {
         out.compact_check_ms = v;
     }
+    if let Some(v) = c.retention_respects_groups {
+        out.retention_respects_groups = v;
+    }
+    if c.retention_bytes_max.is_some() {
+        out.retention_bytes_max = c.retention_bytes_max;
+    }
     out.validate()?;
     Ok(out)
 }
@@ -211,6 +218,8 @@ pub fn topic_config_to_wire(c: &TopicConfig) -> pb::TopicConfig {
         delete_retention_ms: Some(c.delete_retention_ms),
         compact_min_dirty_ratio: c.compact_min_dirty_ratio,
         compact_check_ms: Some(c.compact_check_ms),
+        retention_respects_groups: Some(c.retention_respects_groups),
+        retention_bytes_max: c.retention_bytes_max,
     }
 }
 

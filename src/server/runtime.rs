@@ -14,7 +14,7 @@ use crate::storage::{Appended, FsyncPolicy, NewMessage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// How often a topic's recovery point is recorded while it changes (see
 /// [`crate::storage::checkpoint`]): damage in bytes synced within this much
@@ -51,12 +51,17 @@ impl TopicRuntime {
             produce_tx,
             changed,
         });
+        let sealed = Arc::new(Notify::new());
         tokio::spawn(writer(
             Arc::clone(&runtime.topic),
             produce_rx,
             runtime.changed.clone(),
             data_dir.to_owned(),
+            Arc::clone(&sealed),
         ));
+        if let Some(every) = retention_check_interval(runtime.topic.config()) {
+            tokio::spawn(retention(Arc::downgrade(&runtime), every, sealed));
+        }
         if let FsyncPolicy::Interval(ms) = runtime.topic.config().log.fsync {
             tokio::spawn(ticker(
                 Arc::downgrade(&runtime),
@@ -112,9 +117,11 @@ async fn writer(
     mut rx: mpsc::Receiver<ProduceJob>,
     changed: watch::Sender<u64>,
     data_dir: PathBuf,
+    sealed: Arc<Notify>,
 ) {
     let wire = |e: &crate::Error| status::to_wire(e, &data_dir);
     while let Some(first) = rx.recv().await {
+        let segments = topic.log().segments().len();
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -135,6 +142,10 @@ async fn writer(
             );
             return;
         };
+        if topic.log().segments().len() != segments {
+            // A segment was sealed: retention may have something to drop.
+            sealed.notify_one();
+        }
         let GroupCommit { written, committed } = match result {
             Ok(done) => done,
             Err(e) => {
@@ -184,6 +195,48 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
             Ok(Err(crate::Error::NotFound(_))) => return,
             Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
             _ => {}
+        }
+    }
+}
+
+/// How often the retention task looks at a topic (besides after every
+/// seal): a tenth of `retention_ms`, between 100 ms and a minute; `None`
+/// when the topic has no retention.
+pub fn retention_check_interval(config: &crate::broker::TopicConfig) -> Option<Duration> {
+    let log = &config.log;
+    if log.retention_bytes.is_none() && log.retention_ms.is_none() {
+        return None;
+    }
+    let ms = log
+        .retention_ms
+        .map_or(60_000, |ms| (ms / 10).clamp(100, 60_000));
+    Some(Duration::from_millis(ms))
+}
+
+/// Retention: drops old segments every `every` and after each seal.
+async fn retention(runtime: std::sync::Weak<TopicRuntime>, every: Duration, sealed: Arc<Notify>) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = sealed.notified() => {}
+        }
+        let Some(rt) = runtime.upgrade() else { return };
+        let topic = Arc::clone(&rt.topic);
+        drop(rt);
+        if topic.is_retired() {
+            return;
+        }
+        let name = topic.name().to_owned();
+        let result = tokio::task::spawn_blocking(move || {
+            topic.enforce_retention(crate::storage::log::now_ms())
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) | Ok(Err(crate::Error::NotFound(_))) => {}
+            Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "retention failed"),
+            Err(_) => tracing::error!(topic = %name, "retention panicked"),
         }
     }
 }

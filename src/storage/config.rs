@@ -14,6 +14,8 @@ pub const DEFAULT_INDEX_INTERVAL_BYTES: u32 = 4096;
 pub const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
 /// Smallest segment accepted.
 pub const MIN_SEGMENT_BYTES: u64 = 1024;
+/// Longest duration a time setting accepts: 100 years, in milliseconds.
+pub const MAX_DURATION_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// When appended data is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -159,6 +161,22 @@ impl LogConfig {
         }
         if self.segment_ms == Some(0) {
             return Err(Error::InvalidArgument("segment_ms must be positive".into()));
+        }
+        if let Some(bytes) = self.retention_bytes
+            && bytes < self.segment_bytes
+        {
+            return Err(Error::InvalidArgument(format!(
+                "retention_bytes {bytes} is below segment_bytes {}: retention drops whole \
+                 segments, so it must allow at least one",
+                self.segment_bytes
+            )));
+        }
+        if let Some(ms) = self.retention_ms
+            && !(1..=MAX_DURATION_MS).contains(&ms)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "retention_ms {ms} is outside 1..={MAX_DURATION_MS} (100 years)"
+            )));
         }
         Ok(())
     }

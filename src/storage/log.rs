@@ -26,6 +26,17 @@ pub const MIN_ALLOCATION_STEP: u64 = 4096;
 /// Largest single growth of a segment file.
 pub const MAX_ALLOCATION_STEP: u64 = 16 * 1024 * 1024;
 
+/// What retention must keep beyond the log's own limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetentionLimits {
+    /// Keep segments holding this offset or later (a group still needs them)...
+    pub floor: Option<u64>,
+    /// ...unless the log is larger than this many bytes...
+    pub hard_bytes: Option<u64>,
+    /// ...or the segment's newest record is older than this.
+    pub hard_age_ms: Option<u64>,
+}
+
 /// Offsets given to one appended batch, and what the acknowledgement means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -875,6 +886,18 @@ impl Log {
     /// age of the newest record). Readers holding a dropped segment keep a
     /// valid view until they let go. Returns the bases of dropped segments.
     pub fn enforce_retention(&self, now_ms: u64) -> Result<Vec<Offset>> {
+        self.enforce_retention_within(now_ms, RetentionLimits::default())
+    }
+
+    /// [`Log::enforce_retention`] that keeps every segment holding an offset
+    /// at or above `limits.floor` unless a hard limit is passed.
+    pub fn enforce_retention_within(
+        &self,
+        now_ms: u64,
+        limits: RetentionLimits,
+    ) -> Result<Vec<Offset>> {
+        // Not while a compaction pass rewrites the same segments.
+        let _pass = self.lock_compaction();
         let w = self.lock_writer()?;
         let segments = self.segments();
         let sealed = segments.len().saturating_sub(1);
@@ -893,6 +916,14 @@ impl Log {
             if !(over_size || too_old) {
                 break;
             }
+            let needed = limits.floor.is_some_and(|floor| s.end_offset() > floor);
+            let past_hard_limit = limits.hard_bytes.is_some_and(|max| total > max)
+                || limits
+                    .hard_age_ms
+                    .is_some_and(|ms| s.max_timestamp_ms().saturating_add(ms) < now_ms);
+            if needed && !past_hard_limit {
+                break;
+            }
             total -= s.size();
             dropped += 1;
         }
@@ -900,6 +931,7 @@ impl Log {
             return Ok(Vec::new());
         }
         let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
+        // The manifest forgets the segments before their files go.
         self.store_checkpoint_without(None, false, &bases)?;
         self.set_segments(segments[dropped..].to_vec());
         drop(w);

@@ -1,0 +1,528 @@
+//! Retention runs: through the real binary, a topic's log stays within
+//! `retention_bytes` and `retention_ms`, groups behind the new start go on
+//! from it and say how many messages they lost, `retention_respects_groups`
+//! keeps what a group still needs up to its hard limits, and neither racing
+//! producers and readers, `kill -9` nor a power cut during a pass loses a
+//! message retention did not drop.
+
+mod common;
+
+use common::Broker;
+use spool::broker::topic::Position;
+use spool::broker::{Registry, RegistryOptions, TopicConfig};
+use spool::client::{Client, FetchOptions};
+use spool::groups::GroupMode;
+use spool::protocol::pb;
+use spool::storage::io::{SimDisk, Storage};
+use spool::storage::verify::verify;
+use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn value(i: u64) -> Vec<u8> {
+    format!("message {i:05} {}", "r".repeat(80)).into_bytes()
+}
+
+async fn create(client: &Client, name: &str, config: pb::TopicConfig) {
+    client
+        .create_topic(name, config)
+        .await
+        .expect("create topic");
+}
+
+async fn produce(client: &Client, topic: &str, from: u64, to: u64) {
+    for i in from..to {
+        let p = client
+            .produce(topic, vec![NewMessage::from_value(value(i))])
+            .await
+            .expect("produce");
+        assert_eq!(p.first_offset, i, "offsets stay dense");
+    }
+}
+
+/// Waits (up to 10 s) until `check` holds for the topic's info.
+async fn wait_for(
+    client: &Client,
+    topic: &str,
+    what: &str,
+    check: impl Fn(&pb::TopicInfo) -> bool,
+) -> pb::TopicInfo {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = client.describe_topic(topic).await.expect("describe");
+        if check(&info) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "{what}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("topic dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
+}
+
+#[test]
+fn bytes_retention_bounds_the_log_and_survives_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let start = rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(
+            &client,
+            "b",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                retention_bytes: Some(2048),
+                ..Default::default()
+            },
+        )
+        .await;
+        produce(&client, "b", 0, 200).await;
+        let info = wait_for(&client, "b", "retention drops old segments", |i| {
+            i.start_offset > 150
+        })
+        .await;
+        let replay = common::replay_all(&client, "b").await;
+        assert_eq!(
+            replay.first().map(|m| m.message.offset.0),
+            Some(info.start_offset)
+        );
+        assert_eq!(
+            replay.len() as u64,
+            200 - info.start_offset,
+            "nothing after start lost"
+        );
+        info.start_offset
+    });
+    let dir = tmp.path().join("topics/b");
+    assert!(
+        log_bytes(&dir) <= 2048 + 2 * 1024,
+        "{} bytes on disk",
+        log_bytes(&dir)
+    );
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("retention dropped segments"), "{logs}");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let info = client.describe_topic("b").await.expect("describe");
+        assert!(info.start_offset >= start, "{info:?}");
+        produce(&client, "b", 200, 210).await;
+    });
+}
+
+#[test]
+fn time_retention_drops_old_segments_and_groups_count_what_they_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(
+            &client,
+            "old",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                retention_ms: Some(300),
+                ..Default::default()
+            },
+        )
+        .await;
+        client
+            .create_group("old", "s", GroupMode::Stream, Some(Position::Earliest))
+            .await
+            .expect("stream group");
+        client
+            .create_group("old", "q", GroupMode::Queue, Some(Position::Earliest))
+            .await
+            .expect("queue group");
+        produce(&client, "old", 0, 40).await;
+        // The queue group acks 0..5 and leaves 5 leased.
+        let fetched = client
+            .fetch(
+                "old",
+                FetchOptions {
+                    group: Some("q".into()),
+                    member: "m".into(),
+                    max_messages: 10,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        let offsets: Vec<u64> = fetched
+            .messages
+            .iter()
+            .map(|m| m.message.offset.0)
+            .collect();
+        assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+        client
+            .ack("old", "q", &offsets[..5], None)
+            .await
+            .expect("ack");
+        let info = wait_for(&client, "old", "old segments age out", |i| {
+            i.start_offset > 10
+        })
+        .await;
+        let start = info.start_offset;
+        let s = client.describe_group("old", "s").await.expect("s");
+        assert_eq!(s.committed, start, "the stream group resumes at start");
+        assert_eq!(s.lost_to_retention, start, "{s:?}");
+        let q = client.describe_group("old", "q").await.expect("q");
+        assert_eq!(q.committed, start);
+        assert_eq!(
+            q.lost_to_retention,
+            start - 5,
+            "acked messages are not lost: {q:?}"
+        );
+        assert_eq!(q.pending, 0, "leases in dropped segments are gone");
+        // The group goes on from the start.
+        let fetched = client
+            .fetch(
+                "old",
+                FetchOptions {
+                    group: Some("q".into()),
+                    member: "m".into(),
+                    max_messages: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        assert_eq!(fetched.messages[0].message.offset.0, start);
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "group",
+            "describe",
+            "old",
+            "q",
+            "--format",
+            "json",
+            "--server",
+            &broker.addr,
+        ])
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        json["lost_to_retention"].as_u64().is_some_and(|n| n > 0),
+        "{json}"
+    );
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(
+        logs.contains("retention dropped messages the group had not completed"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn retention_respects_groups_until_the_hard_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(
+            &client,
+            "jobs",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                retention_bytes: Some(1024),
+                retention_respects_groups: Some(true),
+                retention_bytes_max: Some(8192),
+                ..Default::default()
+            },
+        )
+        .await;
+        client
+            .create_group("jobs", "q", GroupMode::Queue, Some(Position::Earliest))
+            .await
+            .expect("queue group");
+        // About 4 KiB: over retention_bytes, under the hard limit.
+        produce(&client, "jobs", 0, 40).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let info = client.describe_topic("jobs").await.expect("describe");
+        assert_eq!(info.start_offset, 0, "a group still needs every segment");
+        // Completing the first 20 lets retention drop what only they held.
+        client
+            .ack("jobs", "q", &(0..20).collect::<Vec<_>>(), None)
+            .await
+            .expect("ack");
+        produce(&client, "jobs", 40, 45).await;
+        let info = wait_for(&client, "jobs", "completed segments go", |i| {
+            i.start_offset > 0
+        })
+        .await;
+        assert!(info.start_offset <= 20, "nothing the group needs: {info:?}");
+        // Past retention_bytes_max retention drops regardless.
+        produce(&client, "jobs", 45, 200).await;
+        let info = wait_for(&client, "jobs", "the hard limit holds", |i| {
+            i.start_offset > 20
+        })
+        .await;
+        let q = client.describe_group("jobs", "q").await.expect("q");
+        assert_eq!(
+            q.lost_to_retention,
+            info.start_offset.min(q.committed) - 20,
+            "{q:?} {info:?}"
+        );
+    });
+}
+
+#[test]
+fn invalid_retention_settings_are_refused_naming_the_field() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let cases = [
+            (
+                "delete_retention_ms",
+                pb::TopicConfig {
+                    delete_retention_ms: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "delete_retention_ms",
+                pb::TopicConfig {
+                    delete_retention_ms: Some(u64::MAX),
+                    ..Default::default()
+                },
+            ),
+            (
+                "retention_bytes",
+                pb::TopicConfig {
+                    segment_bytes: Some(4096),
+                    retention_bytes: Some(1024),
+                    ..Default::default()
+                },
+            ),
+            (
+                "retention_ms",
+                pb::TopicConfig {
+                    retention_ms: Some(0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "retention_bytes_max",
+                pb::TopicConfig {
+                    retention_bytes: Some(1 << 30),
+                    retention_bytes_max: Some(1 << 20),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (i, (field, config)) in cases.into_iter().enumerate() {
+            let err = client
+                .create_topic(&format!("bad{i}"), config)
+                .await
+                .expect_err("refused");
+            let text = err.to_string();
+            assert!(text.contains("InvalidArgument"), "{text}");
+            assert!(text.contains(field), "case {i} names {field}: {text}");
+        }
+    });
+}
+
+#[test]
+fn retention_racing_producers_and_a_reader_loses_nothing_it_kept() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(
+            &client,
+            "race",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                retention_bytes: Some(2048),
+                compact_min_dirty_ratio: Some(0.01),
+                compact_check_ms: Some(20),
+                ..Default::default()
+            },
+        )
+        .await;
+        let addr = broker.addr.clone();
+        let producers: Vec<_> = (0..2)
+            .map(|p| {
+                let addr = addr.clone();
+                tokio::spawn(async move {
+                    let client = Client::connect(&addr, "p").await.expect("connect");
+                    for i in 0..150u64 {
+                        client
+                            .produce("race", vec![NewMessage::from_value(value(p * 1000 + i))])
+                            .await
+                            .expect("every produce is acknowledged");
+                    }
+                })
+            })
+            .collect();
+        // A reader that keeps replaying from the earliest offset, through
+        // segments retention is dropping.
+        let reader = tokio::spawn(async move {
+            let client = Client::connect(&addr, "r").await.expect("connect");
+            let mut reads = 0;
+            for _ in 0..200 {
+                let fetched = client
+                    .fetch(
+                        "race",
+                        FetchOptions {
+                            from: Some(Position::Earliest),
+                            max_messages: 50,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("a read never fails");
+                let offsets: Vec<u64> = fetched
+                    .messages
+                    .iter()
+                    .map(|m| m.message.offset.0)
+                    .collect();
+                assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            reads
+        });
+        for p in producers {
+            p.await.expect("producer");
+        }
+        assert_eq!(reader.await.expect("reader"), 200);
+        let info = wait_for(&client, "race", "retention ran", |i| i.start_offset > 0).await;
+        let replay = common::replay_all(&client, "race").await;
+        assert_eq!(replay.len() as u64, 300 - info.start_offset);
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let data = DataDir::open(Arc::new(spool::storage::io::OsStorage), tmp.path()).expect("open");
+    let report = verify(&data, &mut |_| {}).expect("verify");
+    assert!(report.is_clean(), "{:?}", report.damage);
+}
+
+#[test]
+fn kill_9_during_retention_keeps_every_message_after_the_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut next = 0u64;
+    for round in 0..4 {
+        let broker = Broker::start(tmp.path(), &[]);
+        let addr = broker.addr.clone();
+        next = rt().block_on(async move {
+            let client = Client::connect(&addr, "t").await.expect("connect");
+            if round == 0 {
+                create(
+                    &client,
+                    "k",
+                    pb::TopicConfig {
+                        segment_bytes: Some(1024),
+                        retention_bytes: Some(2048),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+            let info = client.describe_topic("k").await.expect("describe");
+            assert_eq!(
+                info.end_offset, next,
+                "round {round}: the log ends where it did"
+            );
+            let replay = common::replay_all(&client, "k").await;
+            let offsets: Vec<u64> = replay.iter().map(|m| m.message.offset.0).collect();
+            assert_eq!(
+                offsets,
+                (info.start_offset..next).collect::<Vec<_>>(),
+                "round {round}"
+            );
+            for m in &replay {
+                assert_eq!(&m.message.value[..], &value(m.message.offset.0)[..]);
+            }
+            produce(&client, "k", next, next + 60).await;
+            next + 60
+        });
+        // Killed while retention may be dropping what the last produces sealed.
+        broker.kill9();
+    }
+    assert_eq!(next, 240);
+}
+
+#[test]
+fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
+    for syncs in 0..6 {
+        let disk = Arc::new(SimDisk::new());
+        let open = || {
+            let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/data").expect("lock");
+            Registry::open(data, RegistryOptions::default()).expect("registry opens")
+        };
+        let reg = open();
+        let topic = reg
+            .create_topic(
+                "p",
+                TopicConfig {
+                    log: LogConfig {
+                        segment_bytes: 1024,
+                        retention_bytes: Some(2048),
+                        fsync: FsyncPolicy::Always,
+                        ..LogConfig::default()
+                    },
+                    ..TopicConfig::default()
+                },
+            )
+            .expect("topic");
+        topic
+            .ensure_group("s", GroupMode::Stream, Position::Earliest)
+            .expect("group");
+        for i in 0..60 {
+            topic
+                .produce(&[NewMessage::from_value(value(i))])
+                .expect("produce");
+        }
+        disk.power_off_after_syncs(Some(disk.sync_count() + syncs));
+        let _ = topic.enforce_retention(spool::storage::log::now_ms());
+        drop(topic);
+        drop(reg);
+        disk.power_cut(Some(syncs));
+        let reg = open();
+        let topic = reg.topic("p").expect("topic");
+        let stats = topic.stats();
+        assert_eq!(stats.end.0, 60, "cut after {syncs} syncs");
+        let got = topic.read(0, 1000, 64 << 20).expect("read");
+        let offsets: Vec<u64> = got.iter().map(|m| m.offset.0).collect();
+        assert_eq!(
+            offsets,
+            (stats.start.0..60).collect::<Vec<_>>(),
+            "cut after {syncs} syncs"
+        );
+        let s = topic.describe_group("s").expect("group");
+        assert_eq!(s.committed, stats.start.0, "cut after {syncs} syncs");
+        let report = verify(reg.data(), &mut |_| {}).expect("verify");
+        assert!(
+            report.is_clean(),
+            "cut after {syncs} syncs: {:?}",
+            report.damage
+        );
+    }
+}
