@@ -341,6 +341,13 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
     let swap = root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap"));
     std::fs::write(&swap, &merged).expect("write swap");
     std::fs::remove_file(b.with_extension("idx")).expect("remove b.idx");
+    // What the next start completes is a note to verify, not damage.
+    {
+        let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
+        let report = verify(&data, &mut |_| {}).expect("verify");
+        assert!(report.is_clean(), "{:?}", report.damage);
+        assert!(report.notes.iter().any(|n| n.file == swap), "{:?}", report.notes);
+    }
 
     let reg = registry(Arc::new(OsStorage), root_str);
     let topic = reg.topic("t").expect("topic");
