@@ -472,7 +472,7 @@ fn group_state_before_a_retention_cut_moves_to_the_log_start() {
             TopicConfig {
                 log: LogConfig {
                     segment_bytes: 1024,
-                    retention_bytes: Some(1),
+                    retention_bytes: Some(1024),
                     ..LogConfig::default()
                 },
                 ..TopicConfig::default()

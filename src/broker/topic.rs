@@ -285,14 +285,8 @@ impl Topic {
             }
         }
         let stats = log.stats();
-        for (group_name, group) in groups.iter_mut() {
-            group.clamp(stats.end.0)?;
-            // A retention pass a crash interrupted before the groups heard.
-            let lost = group.lose_below(stats.start.0, &deleted)?;
-            if lost > 0 {
-                tracing::warn!(topic = name, group = %group_name, lost, start = stats.start.0,
-                    "retention dropped messages the group had not completed");
-            }
+        for group in groups.values_mut() {
+            group.clamp(stats.start.0, stats.end.0)?;
         }
         let topic = Topic {
             name: name.to_owned(),

@@ -572,16 +572,20 @@ impl Group {
         Ok(lost)
     }
 
-    /// Brings the group inside a log that ends at `log_end` after a crash
-    /// (retention cuts go through [`Group::lose_below`]).
-    pub fn clamp(&mut self, log_end: u64) -> Result<()> {
+    /// Brings the group inside the log after a crash: state past the end is
+    /// forgotten, and a queue group below the start (a retention pass a crash
+    /// cut before it reached the groups; counted in no `lost` total) goes on
+    /// from it. Retention itself goes through [`Group::lose_below`].
+    pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
         let target = if self.low > log_end {
             Some(log_end)
+        } else if self.low < log_start && self.config.mode == GroupMode::Queue {
+            Some(log_start)
         } else {
             None
         };
         if let Some(target) = target {
-            tracing::warn!(group = %self.name, from = self.low, to = target, log_end,
+            tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
                 "group state moved inside the log");
             if self.config.mode == GroupMode::Queue && target > self.low {
                 self.complete(self.low, target)?;
