@@ -7,35 +7,56 @@
 //!
 //! # Layout
 //!
-//! - [`bench`]: `spool bench`'s load generator: workloads, open-loop pacing,
-//!   latency histograms, the disk baseline and the report.
+//! - `bench` (feature `bench`, on by default through `cli`): `spool bench`'s
+//!   load generator: workloads, open-loop pacing, latency histograms, the
+//!   disk baseline and the report.
 //! - [`client`]: the async Rust client.
 //! - [`error`]: the one error type, carrying file, byte range and offset.
 //! - [`storage`]: the engine.
 //!   - [`storage::record`]: record framing and the decoder (byte table in its docs).
+//!   - [`storage::message`]: messages as appended and as read, and the `Offset` type.
 //!   - [`storage::segment`]: one `.log` file with its sparse indexes; the read path.
 //!   - [`storage::index`]: sparse offset (`.idx`) and time (`.tix`) indexes.
 //!   - [`storage::log`]: a topic's segments, the single writer, group commit, retention.
+//!   - [`storage::checkpoint`]: a log's recovery point and manifest, and the
+//!     clean-stop flag (what may be cut as a torn write and what is damage).
 //!   - [`storage::recovery`]: opening after a crash: torn tails, damage, index rebuild.
+//!   - [`storage::compact`]: reclaiming deleted and superseded records of
+//!     sealed segments, and the crash-safe swap that replaces them.
 //!   - [`storage::verify`]: offline check of a whole data directory.
 //!   - [`storage::datadir`]: the data directory, its exclusive `LOCK`, and the
 //!     staging and trash folders of topic creation and deletion.
 //!   - [`storage::io`]: the file-access trait, the real disk (all `unsafe` lives
-//!     in its `mmap` module) and the simulated disk used by the crash tests.
+//!     in its `mmap` module) and, with feature `test-support`, the simulated
+//!     disk used by the crash tests.
 //!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
 //! - [`broker`]: topics (log + deletions + groups) and their settings.
-//!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters.
+//!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters, retention.
 //!   - [`broker::registry`]: the topics of a data directory, dead-letter hand-off.
 //!   - [`broker::config`]: `topic.toml` and name rules.
 //!   - [`broker::gate`]: the way into a topic that a delete closes.
 //! - [`groups`]: consumer-group and deletion state.
+//!   - [`groups::state`]: one group: its journal entries, leases, delivery
+//!     counts, commits and retention losses.
 //!   - [`groups::ranges`]: sets of offsets as ranges (memory stays bounded).
-//!   - [`groups::journal`]: checksummed journal + atomic snapshot files.
-//! - [`protocol`]: the wire protocol: generated types, frame codec, status codes,
-//!   and the connection writer both ends share (`outbox`).
-//! - [`server`]: the broker server: listener, connections, subscriptions, topic writer tasks.
-//! - `cli` (binary only): the `spool` command line.
+//!   - [`groups::journal`]: checksummed journal + atomic snapshot files, with
+//!     their recovery points.
+//! - [`protocol`]: the wire protocol: generated types, frame codec, the one
+//!   mapping of errors to status codes (`status`), conversions between wire
+//!   and broker types (`convert`), and the connection writer both ends share
+//!   (`outbox`).
+//! - [`server`]: the broker server: listener, connections, subscriptions, and
+//!   each topic's tasks (writer, fsync ticker, checkpoints, compaction, retention).
+//! - `cli` (binary only, feature `cli`): the `spool` command line.
+//!
+//! # Features
+//!
+//! `cli` (default) builds the `spool` binary and turns on `bench`; without
+//! default features the library is the engine, the protocol, the server and
+//! the client, with none of the command line's dependencies.
+//! `test-support` adds `storage::io::SimDisk`.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod broker;
 pub mod client;

@@ -162,6 +162,21 @@ impl Log {
             }
             Err(e) => return Err(e),
         };
+        // A compaction swap a crash interrupted is completed below, removing
+        // the segments it covers: the manifest forgets them first, so a crash
+        // while completing it never leaves them listed and gone.
+        let mut loaded = loaded;
+        if let Some(c) = loaded.as_mut() {
+            let names = storage
+                .list_dir(&dir)
+                .ctx(|| format!("listing {}", dir.display()))?;
+            let pending = super::compact::pending_swaps(&names);
+            let covered = |b: &u64| pending.iter().any(|r| r.start < *b && *b < r.end);
+            if c.segments.iter().any(covered) {
+                c.segments.retain(|b| !covered(b));
+                c.store(&*storage, &dir)?;
+            }
+        }
         let swaps = super::compact::finish_interrupted_swaps(&*storage, &dir)?;
         let names = storage
             .list_dir(&dir)

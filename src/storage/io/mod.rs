@@ -9,9 +9,11 @@
 
 mod mmap;
 mod os;
+#[cfg(any(test, feature = "test-support"))]
 mod sim;
 
 pub use os::OsStorage;
+#[cfg(any(test, feature = "test-support"))]
 pub use sim::{SimDisk, SimFault};
 
 use bytes::Bytes;
