@@ -329,11 +329,14 @@ fn skip_damaged_keeps_the_valid_entries_around_a_damaged_journal_entry() {
     );
 }
 
+/// Breaks one file of a topic's folder.
+type Damage = fn(&Path);
+
 /// Each file a topic owns, removed or garbled, is reported by verify and
 /// refused by serve; skip-damaged starts and never reuses an offset.
 #[test]
 fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
-    let cases: [(&str, fn(&Path)); 5] = [
+    let cases: [(&str, Damage); 5] = [
         ("topic.toml", |dir| {
             std::fs::write(dir.join("topic.toml"), "this is = = not toml").expect("garble")
         }),

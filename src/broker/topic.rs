@@ -1148,7 +1148,7 @@ fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
 /// Adds the `[from, to)` pairs of a deletions payload to `deleted`; `None`
 /// when the payload is not whole pairs.
 fn decode_deletions(payload: &[u8], deleted: &mut RangeSet) -> Option<()> {
-    if payload.len() % 16 != 0 {
+    if !payload.len().is_multiple_of(16) {
         return None;
     }
     for chunk in payload.chunks_exact(16) {

@@ -147,7 +147,7 @@ impl Checkpoint {
             Ok(Frame::Record(r))
                 if r.offset == CHECKPOINT_VERSION && r.len as usize == data.len() =>
             {
-                Checkpoint::decode(&r.value).map(Some).ok_or_else(|| {
+                Checkpoint::decode(r.value).map(Some).ok_or_else(|| {
                     damaged("checkpoint passed its checksum but does not parse".into())
                 })
             }
