@@ -2,6 +2,14 @@
 //! and shuts down gracefully (stop accepting, end subscriptions and
 //! long-polls, finish in-flight requests, sync, release the lock) within a
 //! bounded time.
+//!
+//! - `connection`: one connection, from handshake to close, and its requests.
+//! - `admission`: connection slots (`max_connections`, `max_connections_per_ip`)
+//!   and the summary log of connections refused or closed by a limit.
+//! - `deadline`: the frame and write deadlines on a connection's socket.
+//! - `outgoing`: a connection's send queue, bounded in bytes.
+//! - `subscription`: push subscriptions with credits.
+//! - [`runtime`]: each topic's tasks (writer, tickers, compaction).
 
 mod admission;
 mod connection;
