@@ -376,28 +376,69 @@ async fn idle_connections_are_closed_after_the_idle_timeout_with_a_final_frame()
         "max_connections = 4\nidle_timeout_ms = 400\n",
         &[],
     );
-    // Hello, then nothing, on every slot: the broker is full...
-    let mut idle: Vec<Raw> = (0..3).map(|_| Raw::connect(&broker.addr)).collect();
-    for raw in &mut idle {
-        assert_eq!(raw.hello().idle_timeout_ms, 400, "Welcome says the limit");
+    let latest = || {
+        Some(pb::Position {
+            kind: Some(pb::position::Kind::Latest(pb::Empty {})),
+        })
+    };
+    // Every slot is held: one connection in a subscription, one in a
+    // long-poll that outlasts the idle timeout, two that said Hello only.
+    let mut subscribed = Raw::connect(&broker.addr);
+    assert_eq!(
+        subscribed.hello().idle_timeout_ms,
+        400,
+        "Welcome says the limit"
+    );
+    subscribed.send(
+        1,
+        Request::Produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![pb::NewMessage {
+                value: b"x".to_vec().into(),
+                ..Default::default()
+            }],
+        }),
+    );
+    subscribed.send(
+        2,
+        Request::Subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            from: latest(),
+            ..Default::default()
+        }),
+    );
+    // The produce and the subscribe are answered before the long-poll
+    // starts from the end.
+    for _ in 0..2 {
+        let answer = subscribed.next(Duration::from_secs(5));
+        assert!(
+            matches!(&answer, Next::Frame(f) if closing_error(f).is_none()),
+            "{answer:?}"
+        );
     }
-    // ...one of them in a long-poll that outlasts the idle timeout.
     let mut polling = Raw::connect(&broker.addr);
     polling.hello();
     polling.send(
-        7,
+        3,
         Request::Fetch(pb::FetchRequest {
             topic: "t".into(),
+            from: latest(),
             wait_ms: 20_000,
             ..Default::default()
         }),
     );
+    let mut silent: Vec<Raw> = (0..2).map(|_| Raw::connect(&broker.addr)).collect();
+    for raw in &mut silent {
+        raw.hello();
+    }
     let refused = Client::connect(&broker.addr, "extra").await;
     assert!(refused.is_err(), "every slot is taken");
 
-    // ...until the idle timeout closes them, each with a last word.
+    // The idle timeout closes each, with a last word: the subscription and
+    // the long-poll end with the reason too.
     let started = Instant::now();
-    for raw in &mut idle {
+    let mut ended = Vec::new();
+    for raw in silent.iter_mut().chain([&mut subscribed, &mut polling]) {
         let frames = raw.until_closed(Duration::from_secs(5));
         let last = frames
             .last()
@@ -405,60 +446,73 @@ async fn idle_connections_are_closed_after_the_idle_timeout_with_a_final_frame()
             .expect("a final frame");
         assert_eq!(code(last), pb::Code::DeadlineExceeded, "{last:?}");
         assert!(last.message.contains("idle_timeout_ms"), "{last:?}");
+        ended.push(frames);
     }
-    let frames = polling.until_closed(Duration::from_secs(5));
-    // The topic does not exist: the fetch is answered NOT_FOUND at once;
-    // the connection is idle from then on.
-    assert!(
-        frames.last().and_then(closing_error).is_some(),
-        "{frames:?}"
-    );
     assert!(started.elapsed() < Duration::from_secs(5));
-    let (client, _) = connect_within(&broker.addr, Duration::from_secs(2)).await;
-
-    // A long-poll that waits does not keep a connection from being idle:
-    // it is answered with the reason, then the connection closes.
-    client
-        .produce("t", vec![NewMessage::from_value("x")])
-        .await
-        .expect("produce");
-    let mut polling = Raw::connect(&broker.addr);
-    polling.hello();
-    polling.send(
-        8,
-        Request::Fetch(pb::FetchRequest {
-            topic: "t".into(),
-            from: Some(pb::Position {
-                kind: Some(pb::position::Kind::Offset(1)),
-            }),
-            wait_ms: 20_000,
-            ..Default::default()
-        }),
-    );
-    let frames = polling.until_closed(Duration::from_secs(5));
-    let answered = frames.iter().any(|f| {
+    let subscription_ended = ended[2].iter().any(|f| {
+        matches!(&f.kind, Some(pb::server_frame::Kind::Delivery(d))
+            if d.error.as_ref().is_some_and(|e| code(e) == pb::Code::DeadlineExceeded))
+    });
+    assert!(subscription_ended, "{:?}", ended[2]);
+    let long_poll_answered = ended[3].iter().any(|f| {
         matches!(&f.kind, Some(pb::server_frame::Kind::Response(pb::Response {
-            request_id: 8,
+            request_id: 3,
             result: Some(pb::response::Result::Error(e)),
         })) if code(e) == pb::Code::DeadlineExceeded)
     });
-    assert!(answered, "the long-poll is answered: {frames:?}");
-    assert!(
-        frames.last().and_then(closing_error).is_some(),
-        "{frames:?}"
-    );
+    assert!(long_poll_answered, "{:?}", ended[3]);
+    let (client, _) = connect_within(&broker.addr, Duration::from_secs(2)).await;
+    assert_eq!(client.ping(1).await.expect("ping"), 1);
     drop(client);
 
     let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
         .await
         .expect("terminate");
-    assert_eq!(tallied(&logs, "idle_timeout_ms"), 5, "{logs}");
+    assert_eq!(tallied(&logs, "idle_timeout_ms"), 4, "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_turns_a_timeout_off_and_flags_override_the_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(
+        tmp.path(),
+        "idle_timeout_ms = 200\nframe_timeout_ms = 200\n",
+        &["--idle-timeout-ms", "0", "--frame-timeout-ms", "0"],
+    );
+    let mut raw = Raw::connect(&broker.addr);
+    assert_eq!(raw.hello().idle_timeout_ms, 0, "no idle timeout");
+    let ping = Raw::bytes(1, Request::Ping(pb::PingRequest { nonce: 5 }));
+    raw.s.write_all(&ping[..4]).expect("half a frame");
+    assert!(
+        matches!(raw.next(Duration::from_millis(1500)), Next::Quiet),
+        "neither limit applies"
+    );
+    raw.s.write_all(&ping[4..]).expect("the rest");
+    assert!(
+        matches!(raw.next(Duration::from_secs(5)), Next::Frame(f) if closing_error(&f).is_none())
+    );
+
+    let out = Command::new(spool_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections-per-ip",
+            "0",
+            "--data",
+        ])
+        .arg(tmp.path().join("other"))
+        .output()
+        .expect("run spool serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("max_connections_per_ip"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_that_trickles_in_is_cut_by_the_frame_timeout() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = start(tmp.path(), "frame_timeout_ms = 500\n", &[]);
+    let broker = start(tmp.path(), "", &["--frame-timeout-ms", "500"]);
     let good = Client::connect(&broker.addr, "good")
         .await
         .expect("connect");
@@ -559,7 +613,7 @@ async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_cap_refuses_only_the_extra_connection() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = start(tmp.path(), "", &["--max-connections-per-ip", "2"]);
+    let broker = start(tmp.path(), "max_connections_per_ip = 2\n", &[]);
     let a = Client::connect(&broker.addr, "a").await.expect("first");
     let b = Client::connect(&broker.addr, "b").await.expect("second");
     let err = Client::connect(&broker.addr, "c")
@@ -588,7 +642,7 @@ async fn the_per_address_cap_refuses_only_the_extra_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_and_the_cli_keep_a_quiet_subscription_open_by_pinging() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = start(tmp.path(), "idle_timeout_ms = 300\n", &[]);
+    let broker = start(tmp.path(), "", &["--idle-timeout-ms", "300"]);
     let producer = Client::connect(&broker.addr, "producer")
         .await
         .expect("connect");
