@@ -198,7 +198,7 @@ pub(super) async fn serve(
         }
     }
 
-    let (closing, _) = watch::channel(None);
+    let (closing, _) = watch::channel(Closing::Open);
     let conn = Arc::new(Conn {
         broker: Arc::clone(&broker),
         out: out.clone(),
@@ -354,6 +354,16 @@ impl Drop for Busy {
     }
 }
 
+/// Whether a connection is closing, and how.
+#[derive(Debug, Clone)]
+enum Closing {
+    Open,
+    /// End of stream or a reset: nothing more needs saying.
+    PeerGone,
+    /// Closing with this error, which long-polls answer.
+    With(pb::Error),
+}
+
 /// Per-connection state.
 #[derive(Debug)]
 struct Conn {
@@ -361,8 +371,8 @@ struct Conn {
     out: Outgoing,
     subscriptions: Mutex<HashMap<u64, (Subscription, usize)>>,
     next_subscription: AtomicU64,
-    /// Set when the connection is closing: long-polls answer with the error.
-    closing: watch::Sender<Option<pb::Error>>,
+    /// Set when the connection is closing: long-polls stop waiting.
+    closing: watch::Sender<Closing>,
     /// Requests being served, other than long-polls waiting for messages.
     working: Arc<AtomicUsize>,
 }
@@ -397,11 +407,10 @@ impl Conn {
     /// client can still hear it (subscriptions get a last `Delivery` with it,
     /// queued by `deadline` or not at all), silently when the peer is gone.
     async fn close(&self, reason: Option<pb::Error>, deadline: Instant) {
-        let _ = self.closing.send_replace(Some(
-            reason
-                .clone()
-                .unwrap_or_else(|| status::error(pb::Code::Cancelled, "connection closed")),
-        ));
+        self.closing.send_replace(match &reason {
+            Some(error) => Closing::With(error.clone()),
+            None => Closing::PeerGone,
+        });
         let subscriptions: Vec<_> = self.subscriptions().drain().collect();
         for (id, (sub, _)) in subscriptions {
             sub.finish().await;
@@ -412,14 +421,17 @@ impl Conn {
         }
     }
 
-    /// Resolves with the error a long-poll answers once the connection closes.
-    async fn closed(&self) -> pb::Error {
+    /// Resolves once the connection closes: with the error a long-poll
+    /// answers, or `None` when the peer is gone (a half-closed peer may
+    /// still read the answer: the long-poll ends as if its wait was over).
+    async fn closed(&self) -> Option<pb::Error> {
         let mut closing = self.closing.subscribe();
-        match closing.wait_for(Option::is_some).await {
-            Ok(reason) => reason
-                .clone()
-                .unwrap_or_else(|| status::error(pb::Code::Cancelled, "connection closed")),
-            Err(_) => status::error(pb::Code::Cancelled, "connection closed"),
+        match closing.wait_for(|c| !matches!(c, Closing::Open)).await {
+            Ok(c) => match &*c {
+                Closing::With(error) => Some(error.clone()),
+                _ => None,
+            },
+            Err(_) => None,
         }
     }
 
@@ -791,8 +803,9 @@ impl Conn {
             .await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
+        let mut over = false;
         loop {
-            if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+            if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
                 let next_offset = messages.last().map_or(start, |m| m.offset + 1);
                 return Ok(Reply::Fetch(pb::FetchResponse {
                     messages,
@@ -802,7 +815,13 @@ impl Conn {
             }
             tokio::select! {
                 // The connection is closing (peer gone, a limit, shutdown).
-                reason = self.closed() => return Err(reason),
+                reason = self.closed() => match reason {
+                    Some(error) => return Err(error),
+                    None => {
+                        over = true;
+                        continue;
+                    }
+                },
                 changed = changes.changed() => if changed.is_err() { return Err(status::error(pb::Code::Unavailable, "topic closed")) },
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = tokio::time::sleep(lease_poll), if queue => {}
