@@ -30,6 +30,21 @@ pub struct ServeArgs {
     /// refuse anything worse) or skip-damaged (quarantine damaged ranges).
     #[arg(long)]
     recovery: Option<RecoveryMode>,
+    /// Close a connection that sends no frame for this long after the
+    /// handshake (default 60000; 0: never).
+    #[arg(long, value_name = "MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Close a connection whose frame (or handshake) is not complete this
+    /// long after it began (default 30000; 0: no limit).
+    #[arg(long, value_name = "MS")]
+    frame_timeout_ms: Option<u64>,
+    /// Close a connection that takes none of the bytes written to it for
+    /// this long: a client that does not read (default 30000; 0: no limit).
+    #[arg(long, value_name = "MS")]
+    write_timeout_ms: Option<u64>,
+    /// Most open connections from one IP address (default: no cap).
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
 }
 
 /// The config file: every field optional, flags win.
@@ -46,6 +61,15 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_subscriptions: Option<u32>,
     shutdown_timeout_ms: Option<u64>,
+    max_connections_per_ip: Option<usize>,
+    idle_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+}
+
+/// A timeout setting: 0 turns it off.
+fn timeout(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
@@ -92,6 +116,23 @@ fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
     }
     if let Some(ms) = file.shutdown_timeout_ms {
         c.shutdown_timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
+        if n == 0 {
+            return Err(spool::Error::InvalidArgument(
+                "max_connections_per_ip must be at least 1 (leave it out for no cap)".into(),
+            ));
+        }
+        c.max_connections_per_ip = Some(n);
+    }
+    if let Some(ms) = args.idle_timeout_ms.or(file.idle_timeout_ms) {
+        c.idle_timeout = timeout(ms);
+    }
+    if let Some(ms) = args.frame_timeout_ms.or(file.frame_timeout_ms) {
+        c.frame_timeout = timeout(ms);
+    }
+    if let Some(ms) = args.write_timeout_ms.or(file.write_timeout_ms) {
+        c.write_timeout = timeout(ms);
     }
     Ok(c)
 }

@@ -4,7 +4,14 @@
 //! (they are pipelined and answered by request id). A client does not
 //! reconnect by itself: when the connection drops, every call fails with
 //! [`ClientError::Closed`] and the caller decides whether to connect again
-//! (what was acknowledged before is durable; resend what was not).
+//! (what was acknowledged before is durable; resend what was not). When the
+//! server closes the connection for a reason it names (a limit, a broker
+//! stopping), the calls and subscriptions it ends fail with that status.
+//!
+//! A server closes connections that send nothing for its idle timeout
+//! (`Welcome.idle_timeout_ms`); the client sends a `Ping` whenever it has
+//! sent nothing for a third of that, so a quiet subscription, a long-poll or
+//! a client kept around for later stays connected.
 //!
 //! ```no_run
 //! use spool::client::Client;
@@ -39,6 +46,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -174,9 +182,13 @@ pub struct Client {
     subscriptions: Subscriptions,
     /// Channels of subscribe requests awaiting their reply, by request id.
     waiting_subscriptions: Subscriptions,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
     welcome: pb::Welcome,
     reader: tokio::task::JoinHandle<()>,
+    /// Pings the server while the client is otherwise quiet.
+    keepalive: Option<tokio::task::JoinHandle<()>>,
+    /// When a frame was last queued for the server.
+    last_sent: Arc<LastSent>,
     /// Set by the reader before it fails the pending calls on close.
     closed: Arc<AtomicBool>,
 }
@@ -186,6 +198,64 @@ impl Drop for Client {
     /// and its unacked queue leases come back when they time out.
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some(keepalive) = &self.keepalive {
+            keepalive.abort();
+        }
+    }
+}
+
+/// Milliseconds from the connection's start to the last frame sent.
+#[derive(Debug)]
+struct LastSent {
+    start: tokio::time::Instant,
+    ms: AtomicU64,
+}
+
+impl LastSent {
+    fn new() -> LastSent {
+        LastSent {
+            start: tokio::time::Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.ms.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        Duration::from_millis(self.now().saturating_sub(self.ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Sends a `Ping` whenever nothing was sent for `every`, until the
+/// connection closes (or the client is dropped, which aborts this task).
+async fn keepalive(
+    out: mpsc::Sender<pb::ClientFrame>,
+    next_id: Arc<AtomicU64>,
+    last_sent: Arc<LastSent>,
+    every: Duration,
+) {
+    loop {
+        let quiet = last_sent.quiet_for();
+        if quiet < every {
+            tokio::time::sleep(every - quiet).await;
+            continue;
+        }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let ping = pb::ClientFrame {
+            request_id: id,
+            // The reply finds no pending call and is dropped.
+            request: Some(Request::Ping(pb::PingRequest { nonce: id })),
+        };
+        if out.send(ping).await.is_err() {
+            return;
+        }
+        last_sent.touch();
     }
 }
 
@@ -251,6 +321,8 @@ impl Client {
             Arc::clone(&closed),
         );
         let reader = tokio::spawn(async move {
+            // The error the server closed the connection with (`request_id` 0).
+            let mut reason: Option<pb::Error> = None;
             loop {
                 let frame = tokio::select! {
                     frame = frames.next() => frame,
@@ -274,8 +346,12 @@ impl Client {
                         }
                         if let Some(tx) = lock(&p).remove(&r.request_id) {
                             let _ = tx.send(result);
-                        } else if let Err(e) = result {
-                            tracing::warn!(error = %e, "server error outside any request");
+                        } else if let Err(ClientError::Status { code, message }) = result {
+                            tracing::debug!(?code, %message, "the server is closing the connection");
+                            reason = Some(pb::Error {
+                                code: code as i32,
+                                message,
+                            });
                         }
                     }
                     Some(pb::server_frame::Kind::Delivery(d)) => {
@@ -305,19 +381,41 @@ impl Client {
                 }
             }
             c.store(true, Ordering::SeqCst);
+            let ended = || match &reason {
+                Some(e) => ClientError::from_wire(e.clone()),
+                None => ClientError::Closed,
+            };
             for (_, tx) in lock(&p).drain() {
-                let _ = tx.send(Err(ClientError::Closed));
+                let _ = tx.send(Err(ended()));
             }
-            lock(&s).clear();
+            // Subscriptions the server did not end itself end with the reason.
+            for (_, tx) in lock(&s).drain() {
+                if reason.is_some() {
+                    let _ = tx.send(Err(ended()));
+                }
+            }
+        });
+        let next_id = Arc::new(AtomicU64::new(1));
+        let last_sent = Arc::new(LastSent::new());
+        let keepalive = (welcome.idle_timeout_ms > 0).then(|| {
+            let every = Duration::from_millis(u64::from(welcome.idle_timeout_ms / 3).max(1));
+            tokio::spawn(keepalive(
+                out.clone(),
+                Arc::clone(&next_id),
+                Arc::clone(&last_sent),
+                every,
+            ))
         });
         Ok(Client {
             out,
             pending,
             subscriptions,
             waiting_subscriptions,
-            next_id: AtomicU64::new(1),
+            next_id,
             welcome,
             reader,
+            keepalive,
+            last_sent,
             closed,
         })
     }
@@ -361,6 +459,7 @@ impl Client {
             lock(&self.pending).remove(&id);
             return Err(ClientError::Closed);
         }
+        self.last_sent.touch();
         rx.await.map_err(|_| ClientError::Closed)?
     }
 
@@ -440,6 +539,7 @@ impl Client {
             lock(&self.waiting_subscriptions).remove(&id);
             return Err(ClientError::Closed);
         }
+        self.last_sent.touch();
         let reply = reply_rx.await.map_err(|_| ClientError::Closed);
         lock(&self.waiting_subscriptions).remove(&id);
         match reply?? {

@@ -1,28 +1,38 @@
 //! One client connection: the `Hello`/`Welcome` handshake, then requests
 //! served concurrently and answered by `request_id` (pipelining), with pushed
-//! deliveries interleaved. A frame that cannot be read closes this connection
-//! only, after a final error frame where possible.
+//! deliveries interleaved.
+//!
+//! A connection holds a slot only while it is of use: it ends when the peer
+//! closes (noticed at once, also while idle in a subscription or long-poll),
+//! when a frame is unreadable, and when a limit is hit (no frame for
+//! `idle_timeout`, a frame not completed within `frame_timeout`, a peer that
+//! takes no bytes for `write_timeout`), closing this connection only. On the
+//! way out, long-polls are answered and subscriptions ended with the reason,
+//! requests in flight finish, and the last frame is a `request_id` 0 error
+//! naming the reason, where one can still be sent.
 
+use super::admission::Limit;
+use super::deadline::{FrameReader, ReadError, StallGuard};
+use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::subscription::{self, Subscription, Target};
 use super::{Broker, ENVELOPE_ROOM};
 use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
-use crate::protocol::{PROTOCOL_VERSION, convert, outbox, pb, status};
+use crate::protocol::{PROTOCOL_VERSION, convert, pb, status};
 use crate::storage::record;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
-use tokio_util::codec::Framed;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
 
-/// How long a new connection has to send `Hello`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Defaults and caps of fetch and subscribe.
 const DEFAULT_MAX_MESSAGES: u32 = 100;
 const CAP_MAX_MESSAGES: u32 = 10_000;
@@ -31,10 +41,14 @@ const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 const CAP_MAX_IN_FLIGHT: u32 = 10_000;
 /// Longest long-poll.
 const CAP_WAIT_MS: u32 = 60_000;
-/// Frames queued for the writer before replies and deliveries wait.
-const OUT_QUEUE: usize = 256;
+/// Requests served at once per connection; the connection reads no further
+/// frame until one finishes (so a client that pipelines without reading its
+/// replies holds a bounded amount of them).
+const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+/// Longest a refusal waits for the socket to take its one frame.
+const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
-type Outgoing = mpsc::Sender<pb::ServerFrame>;
+type ServerCodec = FrameCodec<pb::ClientFrame, pb::ServerFrame>;
 
 fn response(request_id: u64, result: Reply) -> pb::ServerFrame {
     pb::ServerFrame {
@@ -90,62 +104,205 @@ fn frame_error(e: &FrameError) -> Option<pb::Error> {
     }
 }
 
-/// Answers a connection over the limit with one error frame and closes it.
-pub(super) async fn refuse(stream: TcpStream, peer: SocketAddr, max_frame_bytes: u32) {
-    tracing::warn!(%peer, "connection refused: too many connections");
-    let mut framed = Framed::new(
-        stream,
-        FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(max_frame_bytes),
-    );
-    let error = status::error(
-        pb::Code::ResourceExhausted,
-        "too many connections; try again later",
-    );
-    let _ = framed.send(error_frame(0, error)).await;
+/// What ends a connection when the read side fails: the error to send, if
+/// the peer can still get one.
+fn read_error(broker: &Broker, peer: SocketAddr, e: &ReadError) -> Option<pb::Error> {
+    match e {
+        ReadError::Frame(e) => {
+            tracing::debug!(%peer, error = %e, "closing connection on a bad frame");
+            frame_error(e)
+        }
+        ReadError::FrameTimeout(limit) => {
+            broker.admission.count(Limit::Frame);
+            tracing::debug!(%peer, "closing connection: frame not completed in time");
+            Some(status::error(
+                pb::Code::DeadlineExceeded,
+                format!(
+                    "a frame started arriving {} ms ago and is still incomplete (frame_timeout_ms)",
+                    limit.as_millis()
+                ),
+            ))
+        }
+    }
 }
 
-/// Serves one connection until the client leaves, a frame is unreadable, or
-/// the server shuts down (in-flight requests are finished first).
+/// The error long-polls, subscriptions and the connection get at shutdown.
+fn stopping_error() -> pb::Error {
+    status::error(pb::Code::Unavailable, "broker is stopping")
+}
+
+/// Resolves once the server is stopping (or its stop signal is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers a connection that gets no slot with one error frame and closes it.
+pub(super) async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    max_frame_bytes: u32,
+    error: pb::Error,
+) {
+    tracing::debug!(%peer, error = %error.message, "connection refused");
+    let mut framed = FramedWrite::new(stream, ServerCodec::new(max_frame_bytes));
+    let _ = tokio::time::timeout(REFUSAL_WRITE_WAIT, framed.send(error_frame(0, error))).await;
+}
+
+/// Serves one connection until the client leaves, a frame is unreadable, a
+/// limit closes it, or the server shuts down (in-flight requests are
+/// finished first).
 pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let codec = FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(broker.config.max_frame_bytes);
-    let (sink, mut frames) = Framed::new(stream, codec).split();
-    let (out, out_rx) = mpsc::channel::<pb::ServerFrame>(OUT_QUEUE);
-    let writer = tokio::spawn(async move {
-        if let Err(e) = outbox::run(sink, out_rx).await {
-            tracing::debug!(%peer, error = %e, "write failed");
-        }
-    });
+    let config = &broker.config;
+    let (read, write) = stream.into_split();
+    let mut frames = FrameReader::new(
+        FramedRead::new(read, ServerCodec::new(config.max_frame_bytes)),
+        config.frame_timeout,
+    );
+    let sink = FramedWrite::new(
+        StallGuard::new(write, config.write_timeout),
+        ServerCodec::new(config.max_frame_bytes),
+    );
+    let b = Arc::clone(&broker);
+    let (out, writer) = Outgoing::start(sink, peer, move || b.admission.count(Limit::Write));
 
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.next()).await;
-    // Ok: proceed. Err(Some(..)): refuse with that error. Err(None): just close.
-    let handshake: Result<(), Option<(u64, pb::Error)>> = match hello {
-        Ok(Some(Ok(pb::ClientFrame {
+    match handshake(&broker, peer, &mut frames, &mut shutdown).await {
+        Ok(welcome) => {
+            let _ = out
+                .send(pb::ServerFrame {
+                    kind: Some(pb::server_frame::Kind::Welcome(welcome)),
+                })
+                .await;
+        }
+        Err(refusal) => {
+            if let Some((id, err)) = refusal {
+                tracing::debug!(%peer, error = %err.message, "handshake refused");
+                let _ =
+                    tokio::time::timeout(FINAL_FRAMES_WAIT, out.send(error_frame(id, err))).await;
+            }
+            drop(out);
+            let _ = writer.await;
+            return;
+        }
+    }
+
+    let (closing, _) = watch::channel(Closing::Open);
+    let conn = Arc::new(Conn {
+        broker: Arc::clone(&broker),
+        out: out.clone(),
+        subscriptions: Mutex::new(HashMap::new()),
+        next_subscription: AtomicU64::new(1),
+        closing,
+        working: Arc::new(AtomicUsize::new(0)),
+    });
+    let idle = broker.config.idle_timeout;
+    let mut last_frame = Instant::now();
+    let mut in_flight = tokio::task::JoinSet::new();
+    // Why the connection ends: the error the client gets, if it can get one.
+    let reason: Option<pb::Error> = loop {
+        tokio::select! {
+            frame = frames.next(), if in_flight.len() < MAX_REQUESTS_IN_FLIGHT => match frame {
+                Some(Ok(frame)) => {
+                    last_frame = Instant::now();
+                    // A long-poll waits for the topic, not for the broker:
+                    // the connection is idle meanwhile.
+                    let waits = matches!(&frame.request, Some(Request::Fetch(f)) if f.wait_ms > 0);
+                    let busy = (!waits).then(|| Busy::new(&conn.working));
+                    let conn = Arc::clone(&conn);
+                    in_flight.spawn(async move {
+                        let _busy = busy;
+                        if let Some(reply) = conn.handle(frame).await {
+                            let _ = conn.out.send(reply).await;
+                        }
+                    });
+                }
+                Some(Err(e)) => break read_error(&broker, peer, &e),
+                None => {
+                    tracing::debug!(%peer, "peer closed the connection");
+                    break None;
+                }
+            },
+            _ = stopping(&mut shutdown) => break Some(stopping_error()),
+            // The writer stopped on a failed write: no reply can reach the client.
+            _ = out.closed() => break None,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            _ = sleep_until(idle.map(|t| last_frame + t)) => {
+                // A request being served, or a frame arriving (the frame
+                // timeout governs that), is not idleness.
+                if conn.working.load(Ordering::Relaxed) > 0 || frames.in_frame() {
+                    last_frame = Instant::now();
+                    continue;
+                }
+                broker.admission.count(Limit::Idle);
+                tracing::debug!(%peer, "closing an idle connection");
+                let ms = idle.map_or(0, |t| t.as_millis());
+                break Some(status::error(
+                    pb::Code::DeadlineExceeded,
+                    format!("no frame from the client for {ms} ms (idle_timeout_ms); send ping to keep a quiet connection open"),
+                ));
+            }
+        }
+    };
+    // Stop reading; end what waits (long-polls, subscriptions) at once with
+    // the reason, let requests in flight finish, then say why and close.
+    drop(frames);
+    let deadline = Instant::now() + FINAL_FRAMES_WAIT;
+    conn.close(reason.clone(), deadline).await;
+    while in_flight.join_next().await.is_some() {}
+    // A subscribe that was in flight may have started one since.
+    conn.close(reason.clone(), deadline).await;
+    if let Some(error) = reason {
+        let _ = tokio::time::timeout_at(deadline, out.send(error_frame(0, error))).await;
+    }
+    drop(conn);
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Reads the `Hello` and builds the `Welcome`; `Err(Some(..))` refuses with
+/// that error, `Err(None)` closes without a word.
+async fn handshake<R>(
+    broker: &Broker,
+    peer: SocketAddr,
+    frames: &mut FrameReader<R, ServerCodec>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<pb::Welcome, Option<(u64, pb::Error)>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let config = &broker.config;
+    let deadline = config.frame_timeout.map(|t| Instant::now() + t);
+    let first = tokio::select! {
+        first = frames.next() => first,
+        _ = sleep_until(deadline) => {
+            broker.admission.count(Limit::Frame);
+            let ms = config.frame_timeout.map_or(0, |t| t.as_millis());
+            return Err(Some((
+                0,
+                status::error(pb::Code::DeadlineExceeded, format!("no Hello within {ms} ms (frame_timeout_ms)")),
+            )));
+        }
+        _ = stopping(shutdown) => return Err(None),
+    };
+    match first {
+        Some(Ok(pb::ClientFrame {
             request_id,
             request: Some(Request::Hello(h)),
-        }))) => {
-            if h.protocol_version == PROTOCOL_VERSION {
-                tracing::debug!(%peer, client = %h.client_name, "connected");
-                let welcome = pb::Welcome {
-                    server_version: env!("CARGO_PKG_VERSION").into(),
-                    protocol_version: PROTOCOL_VERSION,
-                    max_frame_bytes: broker.config.max_frame_bytes,
-                    max_message_bytes: broker.config.max_message_bytes,
-                    max_batch_messages: broker.config.max_batch_messages,
-                    max_subscriptions: broker.config.max_subscriptions,
-                };
-                let _ = out
-                    .send(pb::ServerFrame {
-                        kind: Some(pb::server_frame::Kind::Welcome(welcome)),
-                    })
-                    .await;
-                Ok(())
-            } else {
-                Err(Some((
+        })) => {
+            if h.protocol_version != PROTOCOL_VERSION {
+                return Err(Some((
                     request_id,
                     status::error(
                         pb::Code::FailedPrecondition,
@@ -154,71 +311,57 @@ pub(super) async fn serve(
                             h.protocol_version
                         ),
                     ),
-                )))
+                )));
             }
+            tracing::debug!(%peer, client = %h.client_name, "connected");
+            Ok(pb::Welcome {
+                server_version: env!("CARGO_PKG_VERSION").into(),
+                protocol_version: PROTOCOL_VERSION,
+                max_frame_bytes: config.max_frame_bytes,
+                max_message_bytes: config.max_message_bytes,
+                max_batch_messages: config.max_batch_messages,
+                max_subscriptions: config.max_subscriptions,
+                idle_timeout_ms: config
+                    .idle_timeout
+                    .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
+            })
         }
-        Ok(Some(Ok(frame))) => Err(Some((
+        Some(Ok(frame)) => Err(Some((
             frame.request_id,
             status::error(
                 pb::Code::FailedPrecondition,
                 "the first frame of a connection must be Hello",
             ),
         ))),
-        Ok(Some(Err(e))) => Err(frame_error(&e).map(|err| (0, err))),
-        Ok(None) => Err(None),
-        Err(_) => Err(Some((
-            0,
-            status::error(pb::Code::DeadlineExceeded, "no Hello within 10 s"),
-        ))),
-    };
-    if let Err(refusal) = handshake {
-        if let Some((id, err)) = refusal {
-            tracing::debug!(%peer, error = %err.message, "handshake refused");
-            let _ = out.send(error_frame(id, err)).await;
-        }
-        drop(out);
-        let _ = writer.await;
-        return;
+        Some(Err(e)) => Err(read_error(broker, peer, &e).map(|err| (0, err))),
+        None => Err(None),
     }
+}
 
-    let conn = Arc::new(Conn {
-        broker,
-        out: out.clone(),
-        subscriptions: Mutex::new(HashMap::new()),
-        next_subscription: AtomicU64::new(1),
-    });
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            frame = frames.next() => match frame {
-                Some(Ok(frame)) => {
-                    let conn = Arc::clone(&conn);
-                    in_flight.spawn(async move {
-                        if let Some(reply) = conn.handle(frame).await {
-                            let _ = conn.out.send(reply).await;
-                        }
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "closing connection on a bad frame");
-                    if let Some(err) = frame_error(&e) {
-                        let _ = out.send(error_frame(0, err)).await;
-                    }
-                    break;
-                }
-                None => break,
-            },
-            _ = shutdown.changed() => break,
-            // The writer stopped on a failed write: no reply can reach the client.
-            _ = out.closed() => break,
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-        }
+/// Counts a request being served (not waiting for the topic) while alive.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(working: &Arc<AtomicUsize>) -> Busy {
+        working.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(working))
     }
-    while in_flight.join_next().await.is_some() {}
-    conn.stop_subscriptions();
-    drop(conn);
-    drop(out);
-    let _ = writer.await;
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a connection is closing, and how.
+#[derive(Debug, Clone)]
+enum Closing {
+    Open,
+    /// End of stream or a reset: nothing more needs saying.
+    PeerGone,
+    /// Closing with this error, which long-polls answer.
+    With(pb::Error),
 }
 
 /// Per-connection state.
@@ -228,6 +371,10 @@ struct Conn {
     out: Outgoing,
     subscriptions: Mutex<HashMap<u64, (Subscription, usize)>>,
     next_subscription: AtomicU64,
+    /// Set when the connection is closing: long-polls stop waiting.
+    closing: watch::Sender<Closing>,
+    /// Requests being served, other than long-polls waiting for messages.
+    working: Arc<AtomicUsize>,
 }
 
 fn invalid(message: impl Into<String>) -> pb::Error {
@@ -256,9 +403,35 @@ impl Conn {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn stop_subscriptions(&self) {
-        for (sub, _) in self.subscriptions().values() {
-            sub.stop();
+    /// Ends waiting long-polls and every subscription: with `reason` when the
+    /// client can still hear it (subscriptions get a last `Delivery` with it,
+    /// queued by `deadline` or not at all), silently when the peer is gone.
+    async fn close(&self, reason: Option<pb::Error>, deadline: Instant) {
+        self.closing.send_replace(match &reason {
+            Some(error) => Closing::With(error.clone()),
+            None => Closing::PeerGone,
+        });
+        let subscriptions: Vec<_> = self.subscriptions().drain().collect();
+        for (id, (sub, _)) in subscriptions {
+            sub.finish().await;
+            if let Some(error) = &reason {
+                let last = subscription::ended(id, error.clone());
+                let _ = tokio::time::timeout_at(deadline, self.out.send(last)).await;
+            }
+        }
+    }
+
+    /// Resolves once the connection closes: with the error a long-poll
+    /// answers, or `None` when the peer is gone (a half-closed peer may
+    /// still read the answer: the long-poll ends as if its wait was over).
+    async fn closed(&self) -> Option<pb::Error> {
+        let mut closing = self.closing.subscribe();
+        match closing.wait_for(|c| !matches!(c, Closing::Open)).await {
+            Ok(c) => match &*c {
+                Closing::With(error) => Some(error.clone()),
+                _ => None,
+            },
+            Err(_) => None,
         }
     }
 
@@ -630,8 +803,9 @@ impl Conn {
             .await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000));
+        let mut over = false;
         loop {
-            if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+            if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
                 let next_offset = messages.last().map_or(start, |m| m.offset + 1);
                 return Ok(Reply::Fetch(pb::FetchResponse {
                     messages,
@@ -640,6 +814,14 @@ impl Conn {
                 }));
             }
             tokio::select! {
+                // The connection is closing (peer gone, a limit, shutdown).
+                reason = self.closed() => match reason {
+                    Some(error) => return Err(error),
+                    None => {
+                        over = true;
+                        continue;
+                    }
+                },
                 changed = changes.changed() => if changed.is_err() { return Err(status::error(pb::Code::Unavailable, "topic closed")) },
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = tokio::time::sleep(lease_poll), if queue => {}

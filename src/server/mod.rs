@@ -1,8 +1,20 @@
 //! The broker server: accepts TCP connections, speaks the framed protocol,
-//! and shuts down gracefully (stop accepting, finish in-flight requests, sync,
-//! release the lock) within a bounded time.
+//! and shuts down gracefully (stop accepting, end subscriptions and
+//! long-polls, finish in-flight requests, sync, release the lock) within a
+//! bounded time.
+//!
+//! - `connection`: one connection, from handshake to close, and its requests.
+//! - `admission`: connection slots (`max_connections`, `max_connections_per_ip`)
+//!   and the summary log of connections refused or closed by a limit.
+//! - `deadline`: the frame and write deadlines on a connection's socket.
+//! - `outgoing`: a connection's send queue, bounded in bytes.
+//! - `subscription`: push subscriptions with credits.
+//! - [`runtime`]: each topic's tasks (writer, tickers, compaction).
 
+mod admission;
 mod connection;
+mod deadline;
+mod outgoing;
 pub mod runtime;
 mod subscription;
 
@@ -11,6 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::io::OsStorage;
 use crate::storage::{DataDir, RecoveryMode};
+use admission::Admission;
 use runtime::TopicRuntime;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 /// Default listen address of `spool serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
@@ -56,6 +69,18 @@ pub struct ServerConfig {
     pub recovery: RecoveryMode,
     /// Longest a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// Most open connections from one IP address (`None`: no cap).
+    pub max_connections_per_ip: Option<usize>,
+    /// No frame from the client for this long (after the handshake) closes
+    /// the connection (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Longest a frame may take to arrive once its first byte did, and the
+    /// handshake to complete once the connection is accepted (`None`: no limit).
+    pub frame_timeout: Option<Duration>,
+    /// Longest a write to the client may wait for the socket to take a byte;
+    /// a peer that does not read its replies and deliveries for this long is
+    /// closed (`None`: no limit).
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +97,10 @@ impl Default for ServerConfig {
             topic_defaults: TopicConfig::default(),
             recovery: RecoveryMode::default(),
             shutdown_timeout: Duration::from_secs(10),
+            max_connections_per_ip: None,
+            idle_timeout: Some(Duration::from_secs(60)),
+            frame_timeout: Some(Duration::from_secs(30)),
+            write_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -81,6 +110,7 @@ impl Default for ServerConfig {
 pub struct Broker {
     registry: Registry,
     runtimes: Mutex<HashMap<String, Arc<TopicRuntime>>>,
+    admission: Admission,
     config: ServerConfig,
 }
 
@@ -171,6 +201,7 @@ impl Server {
         let broker = Arc::new(Broker {
             registry,
             runtimes: Mutex::new(HashMap::new()),
+            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
             config,
         });
         for topic in broker.registry.topics() {
@@ -191,13 +222,16 @@ impl Server {
         &self.broker
     }
 
-    /// Serves until `shutdown` turns true, then stops accepting, lets
-    /// connections finish their in-flight requests (bounded by the shutdown
-    /// timeout), syncs every topic and releases the data directory.
+    /// Serves until `shutdown` turns true, then stops accepting, ends
+    /// subscriptions and long-polls (with an `UNAVAILABLE` "broker is
+    /// stopping" frame), lets connections finish their in-flight requests
+    /// (bounded by the shutdown timeout), syncs every topic and releases the
+    /// data directory.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let Server { listener, broker } = self;
-        let slots = Arc::new(Semaphore::new(broker.config.max_connections));
         let mut connections = tokio::task::JoinSet::new();
+        let mut summary = tokio::time::interval(admission::SUMMARY_EVERY);
+        summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -210,20 +244,24 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let permit = Arc::clone(&slots).try_acquire_owned().ok();
-                    let broker = Arc::clone(&broker);
-                    let shutdown = shutdown.clone();
-                    connections.spawn(async move {
-                        match permit {
-                            Some(permit) => {
-                                connection::serve(stream, peer, broker, shutdown).await;
-                                drop(permit);
-                            }
-                            None => connection::refuse(stream, peer, broker.config.max_frame_bytes).await,
+                    let b = Arc::clone(&broker);
+                    match broker.admission.admit(peer.ip()) {
+                        Ok(ticket) => {
+                            let shutdown = shutdown.clone();
+                            connections.spawn(async move {
+                                connection::serve(stream, peer, b, shutdown).await;
+                                drop(ticket);
+                            });
                         }
-                    });
+                        Err(error) => {
+                            connections.spawn(async move {
+                                connection::refuse(stream, peer, b.config.max_frame_bytes, error).await;
+                            });
+                        }
+                    }
                 }
                 _ = shutdown.changed() => break,
+                _ = summary.tick() => broker.admission.log_summary(),
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
@@ -242,6 +280,7 @@ impl Server {
             );
             connections.shutdown().await;
         }
+        broker.admission.log_summary();
         broker
             .runtimes
             .lock()

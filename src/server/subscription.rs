@@ -8,6 +8,7 @@
 //! it. Queue groups never meet one: the broker dead-letters it.
 
 use super::Broker;
+use super::outgoing::Outgoing;
 use super::runtime::TopicRuntime;
 use crate::broker::DeliveryLimits;
 use crate::broker::topic::Position;
@@ -16,7 +17,7 @@ use crate::protocol::{convert, pb, status};
 use crate::storage::log::now_ms;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 /// Most messages in one pushed frame.
@@ -53,6 +54,13 @@ impl Subscription {
     pub(super) fn stop(&self) {
         self.task.abort();
     }
+
+    /// Stops the subscription and waits until it has pushed its last frame:
+    /// a frame queued after this returns is the subscription's last.
+    pub(super) async fn finish(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 /// What a subscription reads, from where, and as which member.
@@ -74,7 +82,7 @@ pub(super) fn start(
     runtime: Arc<TopicRuntime>,
     reader: Reader,
     max_in_flight: usize,
-    out: mpsc::Sender<pb::ServerFrame>,
+    out: Outgoing,
 ) -> Subscription {
     let credits = Arc::new(Semaphore::new(max_in_flight));
     let task = tokio::spawn(run(id, broker, runtime, reader, Arc::clone(&credits), out));
@@ -87,7 +95,7 @@ async fn run(
     runtime: Arc<TopicRuntime>,
     reader: Reader,
     credits: Arc<Semaphore>,
-    out: mpsc::Sender<pb::ServerFrame>,
+    out: Outgoing,
 ) {
     let Reader {
         target,
@@ -186,7 +194,7 @@ fn skipped(id: u64, offset: u64, error: pb::Error) -> pb::ServerFrame {
 /// single message that still does not fit is reported as skipped rather than
 /// closing the connection (the codec would refuse the frame).
 async fn push(
-    out: &mpsc::Sender<pb::ServerFrame>,
+    out: &Outgoing,
     id: u64,
     messages: Vec<pb::Message>,
     max_frame: u32,
@@ -226,17 +234,21 @@ async fn push(
     Ok(())
 }
 
-async fn end(out: &mpsc::Sender<pb::ServerFrame>, id: u64, error: pb::Error) {
+async fn end(out: &Outgoing, id: u64, error: pb::Error) {
     tracing::debug!(subscription = id, error = %error.message, "subscription ended");
-    let frame = pb::ServerFrame {
+    let _ = out.send(ended(id, error)).await;
+}
+
+/// The last frame of subscription `id`: no messages, and why it ends.
+pub(super) fn ended(id: u64, error: pb::Error) -> pb::ServerFrame {
+    pb::ServerFrame {
         kind: Some(pb::server_frame::Kind::Delivery(pb::Delivery {
             subscription_id: id,
             messages: Vec::new(),
             error: Some(error),
             skipped_offset: None,
         })),
-    };
-    let _ = out.send(frame).await;
+    }
 }
 
 /// One read for `target` within `limits`, as wire messages: replay and

@@ -1,0 +1,207 @@
+//! Who gets a connection: at most `max_connections` open in all, at most
+//! `max_connections_per_ip` from one address; a ticket holds the slot until
+//! the connection ends. Also the tally of connections turned away or closed
+//! by a limit, logged as one line per interval rather than a line each (a
+//! flood of 1000 refusals is one line, not 1000).
+
+use crate::protocol::{pb, status};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How often the tally is logged (when it is not zero).
+pub(super) const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// A limit that turned a connection away or closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Limit {
+    /// Refused: `max_connections` open.
+    MaxConnections,
+    /// Refused: `max_connections_per_ip` open from that address.
+    PerIp,
+    /// Closed: no frame for `idle_timeout_ms`.
+    Idle,
+    /// Closed: a frame (or the handshake) not completed within `frame_timeout_ms`.
+    Frame,
+    /// Closed: the peer took no bytes for `write_timeout_ms`.
+    Write,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::MaxConnections,
+        Limit::PerIp,
+        Limit::Idle,
+        Limit::Frame,
+        Limit::Write,
+    ];
+
+    /// The setting behind the limit, as the log names it.
+    fn setting(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::PerIp => "max_connections_per_ip",
+            Limit::Idle => "idle_timeout_ms",
+            Limit::Frame => "frame_timeout_ms",
+            Limit::Write => "write_timeout_ms",
+        }
+    }
+
+    fn refusal(self) -> bool {
+        matches!(self, Limit::MaxConnections | Limit::PerIp)
+    }
+}
+
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// The connection slots and the tally.
+#[derive(Debug)]
+pub(super) struct Admission {
+    slots: Arc<Semaphore>,
+    per_ip: Option<(usize, PerIp)>,
+    counts: [AtomicU64; Limit::ALL.len()],
+}
+
+/// A connection's slot, given back on drop.
+#[derive(Debug)]
+pub(super) struct Ticket {
+    _slot: OwnedSemaphorePermit,
+    ip: Option<(IpAddr, PerIp)>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some((ip, per_ip)) = &self.ip {
+            release(per_ip, *ip);
+        }
+    }
+}
+
+/// Takes one connection of `ip` off the count.
+fn release(per_ip: &PerIp, ip: IpAddr) {
+    let mut open = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = open.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            open.remove(&ip);
+        }
+    }
+}
+
+impl Admission {
+    /// Slots for `max_connections`, and `max_connections_per_ip` from one address.
+    pub(super) fn new(max_connections: usize, max_connections_per_ip: Option<usize>) -> Admission {
+        Admission {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            per_ip: max_connections_per_ip.map(|n| (n, PerIp::default())),
+            counts: Default::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, or the error that refuses it (the
+    /// refusal is counted).
+    pub(super) fn admit(&self, ip: IpAddr) -> Result<Ticket, pb::Error> {
+        let mut ticket_ip = None;
+        if let Some((max, per_ip)) = &self.per_ip {
+            let mut open = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = open.entry(ip).or_insert(0);
+            if *n >= *max {
+                drop(open);
+                self.count(Limit::PerIp);
+                return Err(status::error(
+                    pb::Code::ResourceExhausted,
+                    format!(
+                        "too many connections from {ip}: max_connections_per_ip is {max}; try again later"
+                    ),
+                ));
+            }
+            *n += 1;
+            ticket_ip = Some((ip, Arc::clone(per_ip)));
+        }
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => Ok(Ticket {
+                _slot: slot,
+                ip: ticket_ip,
+            }),
+            Err(_) => {
+                if let Some((ip, per_ip)) = ticket_ip {
+                    release(&per_ip, ip);
+                }
+                self.count(Limit::MaxConnections);
+                Err(status::error(
+                    pb::Code::ResourceExhausted,
+                    "too many connections; try again later",
+                ))
+            }
+        }
+    }
+
+    /// Counts a connection refused or closed by `limit`.
+    pub(super) fn count(&self, limit: Limit) {
+        self.counts[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Logs what was counted since the last call, in one line (nothing when
+    /// nothing was): a warning when connections were refused.
+    pub(super) fn log_summary(&self) {
+        let taken = Limit::ALL.map(|l| (l, self.counts[l as usize].swap(0, Ordering::Relaxed)));
+        let part = |refused: bool| {
+            let items: Vec<String> = taken
+                .iter()
+                .filter(|(l, n)| *n > 0 && l.refusal() == refused)
+                .map(|(l, n)| format!("{n} by {}", l.setting()))
+                .collect();
+            items.join(", ")
+        };
+        let (refused, closed) = (part(true), part(false));
+        match (refused.is_empty(), closed.is_empty()) {
+            (true, true) => {}
+            (false, true) => tracing::warn!("connections refused: {refused}"),
+            (true, false) => tracing::info!("connections closed: {closed}"),
+            (false, false) => {
+                tracing::warn!("connections refused: {refused}; connections closed: {closed}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_and_an_address_count_come_back_with_the_ticket() {
+        let a: IpAddr = [127, 0, 0, 1].into();
+        let b: IpAddr = [127, 0, 0, 2].into();
+        let admission = Admission::new(3, Some(2));
+        let t1 = admission.admit(a).expect("first from a");
+        let t2 = admission.admit(a).expect("second from a");
+        let err = admission.admit(a).expect_err("third from a");
+        assert!(
+            err.message.contains("max_connections_per_ip is 2"),
+            "{err:?}"
+        );
+        let t3 = admission.admit(b).expect("b has its own count");
+        let err = admission.admit(b).expect_err("no slot left");
+        assert!(err.message.contains("too many connections;"), "{err:?}");
+        drop(t1);
+        let t4 = admission.admit(a).expect("a slot and a's count came back");
+        drop((t2, t3, t4));
+        let open = admission
+            .per_ip
+            .as_ref()
+            .map(|(_, m)| m.lock().map(|m| m.len()));
+        assert!(matches!(open, Some(Ok(0))), "no address left behind");
+        assert_eq!(
+            admission.counts[Limit::PerIp as usize].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            admission.counts[Limit::MaxConnections as usize].load(Ordering::Relaxed),
+            1
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Deadlines on a connection's socket, so that a peer that trickles bytes or
+//! stops reading holds its connection for a bounded time: a frame must
+//! arrive whole within `frame_timeout` of its first byte ([`FrameReader`]),
+//! and a write must get a byte into the socket within `write_timeout`
+//! ([`StallGuard`]). The idle timeout between frames is the connection's own
+//! business (it knows which requests are still being served).
+
+use crate::protocol::codec::FrameError;
+use futures_util::Stream;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
+use tokio_util::codec::{Decoder, FramedRead};
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// The bytes or the stream were bad.
+    Frame(FrameError),
+    /// A frame started arriving longer than the frame timeout ago and is
+    /// still incomplete.
+    FrameTimeout(Duration),
+}
+
+/// A timer armed on demand.
+#[derive(Debug)]
+struct Timer {
+    limit: Option<Duration>,
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl Timer {
+    fn new(limit: Option<Duration>) -> Timer {
+        Timer {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Arms the timer if it is not running, and polls it: `Ready` once the
+    /// limit has passed since it was armed. Never ready without a limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
+        let Some(limit) = self.limit else {
+            return Poll::Pending;
+        };
+        if !self.armed {
+            self.armed = true;
+            self.sleep.as_mut().reset(Instant::now() + limit);
+        }
+        ready!(self.sleep.as_mut().poll(cx));
+        Poll::Ready(limit)
+    }
+}
+
+/// Frames read from `R`, with the frame deadline: once the read buffer holds
+/// part of a frame, the rest must follow within the limit.
+#[derive(Debug)]
+pub(super) struct FrameReader<R, D> {
+    inner: FramedRead<R, D>,
+    timer: Timer,
+}
+
+impl<R, D> FrameReader<R, D> {
+    /// Reads frames from `inner`; `frame_timeout` `None` sets no deadline.
+    pub(super) fn new(inner: FramedRead<R, D>, frame_timeout: Option<Duration>) -> Self {
+        FrameReader {
+            inner,
+            timer: Timer::new(frame_timeout),
+        }
+    }
+
+    /// Whether part of a frame has arrived (the idle timeout does not apply
+    /// then: the frame timeout does).
+    pub(super) fn in_frame(&self) -> bool {
+        !self.inner.read_buffer().is_empty()
+    }
+}
+
+impl<R, D> Stream for FrameReader<R, D>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    D: Decoder<Error = FrameError> + Unpin,
+{
+    type Item = Result<D::Item, ReadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Poll::Ready(item) = Pin::new(&mut this.inner).poll_next(cx) {
+            this.timer.disarm();
+            return Poll::Ready(item.map(|r| r.map_err(ReadError::Frame)));
+        }
+        // Pending: the decoder wants more bytes than the socket had.
+        if this.inner.read_buffer().is_empty() {
+            this.timer.disarm();
+            return Poll::Pending;
+        }
+        let limit = ready!(this.timer.poll_expired(cx));
+        Poll::Ready(Some(Err(ReadError::FrameTimeout(limit))))
+    }
+}
+
+/// A writer that fails with `TimedOut` once a write, flush or shutdown has
+/// waited the limit without the socket taking anything: the peer stopped
+/// reading (or vanished without a word).
+#[derive(Debug)]
+pub(super) struct StallGuard<W> {
+    inner: W,
+    timer: Timer,
+}
+
+impl<W> StallGuard<W> {
+    /// Guards `inner`; `write_timeout` `None` never times out.
+    pub(super) fn new(inner: W, write_timeout: Option<Duration>) -> Self {
+        StallGuard {
+            inner,
+            timer: Timer::new(write_timeout),
+        }
+    }
+
+    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = ready!(self.timer.poll_expired(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the peer took no bytes for {} ms (write_timeout_ms)",
+                limit.as_millis()
+            ),
+        )))
+    }
+
+    fn done<T>(&mut self, result: io::Result<T>) -> Poll<io::Result<T>> {
+        self.timer.disarm();
+        Poll::Ready(result)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => this.done(r),
+            Poll::Pending => this.stalled(cx),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(r) => this.done(r),
+            Poll::Pending => this.stalled(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Ready(r) => this.done(r),
+            Poll::Pending => this.stalled(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::codec::FrameCodec;
+    use crate::protocol::pb;
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    type Codec = FrameCodec<pb::ClientFrame, pb::ServerFrame>;
+
+    #[tokio::test]
+    async fn a_frame_cut_short_times_out_and_a_quiet_stream_does_not() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let limit = Duration::from_millis(100);
+        let mut frames = FrameReader::new(FramedRead::new(server, Codec::new(1024)), Some(limit));
+        // Nothing sent: no deadline, however long.
+        assert!(
+            tokio::time::timeout(limit * 3, frames.next())
+                .await
+                .is_err()
+        );
+        client.write_all(&[0, 0, 0, 0, 9, 8]).await.expect("write");
+        let started = Instant::now();
+        match frames.next().await {
+            Some(Err(ReadError::FrameTimeout(l))) => assert_eq!(l, limit),
+            other => panic!("expected a frame timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() >= limit);
+    }
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_takes_times_out() {
+        let (client, server) = tokio::io::duplex(16);
+        let mut w = StallGuard::new(server, Some(Duration::from_millis(100)));
+        w.write_all(&[1; 16]).await.expect("fits the buffer");
+        let err = w.write_all(&[2; 16]).await.expect_err("peer reads nothing");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("write_timeout_ms"), "{err}");
+        drop(client);
+    }
+}
