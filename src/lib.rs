@@ -45,8 +45,10 @@
 //!   mapping of errors to status codes (`status`), conversions between wire
 //!   and broker types (`convert`), and the connection writer both ends share
 //!   (`outbox`).
-//! - [`server`]: the broker server: listener, connections, subscriptions, and
-//!   each topic's tasks (writer, fsync ticker, checkpoints, compaction, retention).
+//! - [`server`]: the broker server: listener, admission (connection slots and
+//!   per-address caps), connections with their frame, idle and write
+//!   deadlines and bounded send queues, subscriptions, and each topic's tasks
+//!   (writer, fsync ticker, checkpoints, compaction, retention).
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
