@@ -346,7 +346,11 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
         let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
         let report = verify(&data, &mut |_| {}).expect("verify");
         assert!(report.is_clean(), "{:?}", report.damage);
-        assert!(report.notes.iter().any(|n| n.file == swap), "{:?}", report.notes);
+        assert!(
+            report.notes.iter().any(|n| n.file == swap),
+            "{:?}",
+            report.notes
+        );
     }
 
     let reg = registry(Arc::new(OsStorage), root_str);

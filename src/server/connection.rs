@@ -3,8 +3,8 @@
 //! deliveries interleaved. A frame that cannot be read closes this connection
 //! only, after a final error frame where possible.
 
-use super::subscription::{self, Subscription, Target};
 use super::Broker;
+use super::subscription::{self, Subscription, Target};
 use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;

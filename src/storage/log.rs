@@ -502,7 +502,10 @@ impl Log {
                     return Err(Error::InvalidArgument(format!(
                         "message {i} has {} bytes of key, headers and value; log {} takes at most {} \
                          per message (segment_bytes {} less the {}-byte record header)",
-                        len.map_or_else(|| "over 4 GiB".into(), |l| (l - record::HEADER_LEN).to_string()),
+                        len.map_or_else(
+                            || "over 4 GiB".into(),
+                            |l| (l - record::HEADER_LEN).to_string()
+                        ),
                         self.dir.display(),
                         self.config.max_message_bytes(),
                         self.config.segment_bytes,
