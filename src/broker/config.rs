@@ -125,7 +125,8 @@ impl TopicConfig {
             }
         }
         if let Some(dlq) = &self.dead_letter {
-            validate_name("dead-letter topic", dlq)?;
+            validate_name("topic", dlq)
+                .map_err(|e| Error::InvalidArgument(format!("dead_letter: {e}")))?;
         }
         Ok(())
     }

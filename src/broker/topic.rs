@@ -507,7 +507,7 @@ impl Topic {
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
-        let info = group.info(self.log.end().0);
+        let info = group.info(self.log.end().0, &state.deleted);
         state.groups.insert(name.to_owned(), group);
         Ok(info)
     }
@@ -562,7 +562,10 @@ impl Topic {
         let _pass = self.enter()?;
         let mut state = self.state()?;
         let end = self.log.end().0;
-        Ok(self.group_mut(&mut state.groups, name)?.info(end))
+        let TopicState {
+            groups, deleted, ..
+        } = &mut *state;
+        Ok(self.group_mut(groups, name)?.info(end, deleted))
     }
 
     /// All groups.
@@ -570,7 +573,11 @@ impl Topic {
         let _pass = self.enter()?;
         let state = self.state()?;
         let end = self.log.end().0;
-        Ok(state.groups.values().map(|g| g.info(end)).collect())
+        Ok(state
+            .groups
+            .values()
+            .map(|g| g.info(end, &state.deleted))
+            .collect())
     }
 
     /// Deletes a group and its state.

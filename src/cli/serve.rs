@@ -1,11 +1,14 @@
 //! `spool serve`: run the broker. The first line on stdout says where it
-//! listens and where the data is; SIGINT or SIGTERM stop it gracefully.
+//! listens and where the data is, in a form scripts may rely on (see
+//! [`startup_line`]); SIGINT or SIGTERM stop it gracefully.
 
+use super::common::Format;
 use clap::Args;
 use serde::Deserialize;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
 use spool::storage::{FsyncPolicy, RecoveryMode};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Arguments of `spool serve`.
@@ -45,6 +48,10 @@ pub struct ServeArgs {
     /// Most open connections from one IP address (default: no cap).
     #[arg(long, value_name = "N")]
     max_connections_per_ip: Option<usize>,
+    /// Form of the first line on stdout: text (`spool VERSION listening on
+    /// ADDR, data in DIR`) or json (one object with `listeners.native`).
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
 }
 
 /// The config file: every field optional, flags win.
@@ -72,7 +79,29 @@ fn timeout(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
-fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
+/// The first line `spool serve` prints once it listens: a contract scripts
+/// rely on to find a port picked with `--listen 127.0.0.1:0`, so its form
+/// never changes. Text: `spool VERSION listening on ADDR, data in DIR`.
+/// JSON: `{"version":..,"listeners":{"native":ADDR},"data":DIR}`; listeners
+/// added later (gRPC, HTTP) get keys of their own in `listeners`, and in text
+/// lines of their own after this one.
+fn startup_line(format: Format, addr: SocketAddr, data: &Path) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match format {
+        Format::Text => format!(
+            "spool {version} listening on {addr}, data in {}",
+            data.display()
+        ),
+        Format::Json => serde_json::json!({
+            "version": version,
+            "listeners": { "native": addr.to_string() },
+            "data": data.to_string_lossy(),
+        })
+        .to_string(),
+    }
+}
+
+fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     let file = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -86,10 +115,12 @@ fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
     let mut c = ServerConfig {
         listen: args
             .listen
+            .clone()
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.into()),
         data: args
             .data
+            .clone()
             .or(file.data)
             .unwrap_or_else(|| PathBuf::from("./data")),
         auto_create: !args.no_auto_create && file.auto_create.unwrap_or(true),
@@ -139,7 +170,7 @@ fn config(args: ServeArgs) -> spool::Result<ServerConfig> {
 
 /// Runs the command.
 pub fn run(args: ServeArgs) -> spool::Result<()> {
-    let config = config(args)?;
+    let config = config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,11 +179,7 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         let data = config.data.clone();
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
-        println!(
-            "spool {} listening on {addr}, data in {}",
-            env!("CARGO_PKG_VERSION"),
-            data.display()
-        );
+        println!("{}", startup_line(args.format, addr, &data));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -113,6 +113,7 @@ pub fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
         "durable_end_offset": t.durable_end_offset,
         "segments": t.segments,
         "bytes": t.bytes,
+        "max_message_bytes": t.max_message_bytes,
         "config": {
             "segment_bytes": c.segment_bytes,
             "segment_ms": c.segment_ms,
@@ -154,6 +155,7 @@ fn describe_text(t: &pb::TopicInfo) {
             c.delete_when_consumed.unwrap_or(false).to_string(),
         ],
         vec!["segment_bytes".into(), opt(c.segment_bytes)],
+        vec!["max_message_bytes".into(), t.max_message_bytes.to_string()],
         vec!["retention_bytes".into(), opt(c.retention_bytes)],
         vec!["retention_ms".into(), opt(c.retention_ms)],
         vec![

@@ -115,20 +115,23 @@ impl RangeSet {
 
     /// How many values of `r` are in the set.
     pub fn count_in(&self, r: Range<u64>) -> u64 {
-        let mut n = 0;
+        self.iter_in(r).map(|r| r.end - r.start).sum()
+    }
+
+    /// The parts of the set within `r`, in order.
+    pub fn iter_in(&self, r: Range<u64>) -> impl Iterator<Item = Range<u64>> + '_ {
         let first = self
             .ranges
             .range(..=r.start)
             .next_back()
             .map(|(&s, _)| s)
             .unwrap_or(r.start);
-        for (&s, &e) in self.ranges.range(first..r.end) {
-            let (a, b) = (s.max(r.start), e.min(r.end));
-            if a < b {
-                n += b - a;
-            }
-        }
-        n
+        self.ranges
+            .range(first..r.end.max(first))
+            .filter_map(move |(&s, &e)| {
+                let (a, b) = (s.max(r.start), e.min(r.end));
+                (a < b).then_some(a..b)
+            })
     }
 
     /// The ranges in order.

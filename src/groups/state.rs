@@ -656,20 +656,45 @@ impl Group {
         Ok(())
     }
 
-    /// What the group looks like, against a log ending at `log_end`.
-    pub fn info(&self, log_end: u64) -> GroupInfo {
-        let lag = match self.config.mode {
-            GroupMode::Stream => log_end.saturating_sub(self.low),
+    /// What the group looks like, against a log ending at `log_end` whose
+    /// explicitly deleted offsets are `deleted`. A deleted message counts as
+    /// completed at once: it is in neither `pending` nor `lag`, and a queue
+    /// group's watermark passes it, although the group completes it in its
+    /// own state only when a fetch comes across it.
+    pub fn info(&self, log_end: u64, deleted: &RangeSet) -> GroupInfo {
+        let (committed, lag) = match self.config.mode {
+            GroupMode::Stream => {
+                let from = self.low.min(log_end);
+                (self.low, log_end - from - deleted.count_in(from..log_end))
+            }
             GroupMode::Queue => {
-                log_end.saturating_sub(self.low)
-                    - self.done.count_in(self.low..log_end.max(self.low))
+                let mut low = self.low;
+                while low < log_end {
+                    let next = deleted.first_gap_from(self.done.first_gap_from(low));
+                    if next == low {
+                        break;
+                    }
+                    low = next;
+                }
+                let low = low.min(log_end).max(self.low);
+                let open = (log_end.max(low) - low) - self.done.count_in(low..log_end.max(low));
+                // Deleted offsets the group has not completed itself.
+                let gone: u64 = deleted
+                    .iter_in(low..log_end)
+                    .map(|r| (r.end - r.start) - self.done.count_in(r))
+                    .sum();
+                (low, open - gone)
             }
         };
         GroupInfo {
             name: self.name.clone(),
             mode: self.config.mode,
-            committed: self.low,
-            pending: self.leases.len(),
+            committed,
+            pending: self
+                .leases
+                .keys()
+                .filter(|&&o| !deleted.contains(o))
+                .count(),
             lag,
             members: self.members.clone(),
             lost_to_retention: self.lost,

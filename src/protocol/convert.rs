@@ -107,7 +107,7 @@ pub fn group_mode(mode: i32) -> Result<GroupMode> {
         Ok(pb::GroupMode::Stream) => Ok(GroupMode::Stream),
         Ok(pb::GroupMode::Queue) => Ok(GroupMode::Queue),
         _ => Err(Error::InvalidArgument(format!(
-            "group mode {mode}: expected STREAM (1) or QUEUE (2)"
+            "mode {mode}: expected STREAM (1) or QUEUE (2)"
         ))),
     }
 }
@@ -223,8 +223,14 @@ pub fn topic_config_to_wire(c: &TopicConfig) -> pb::TopicConfig {
     }
 }
 
-/// Topic info onto the wire.
-pub fn topic_info(name: &str, config: &TopicConfig, s: LogStats) -> pb::TopicInfo {
+/// Topic info onto the wire; `max_message_bytes` is the largest message a
+/// produce to the topic takes (the transport's limit and the topic's own).
+pub fn topic_info(
+    name: &str,
+    config: &TopicConfig,
+    s: LogStats,
+    max_message_bytes: u64,
+) -> pb::TopicInfo {
     pb::TopicInfo {
         name: name.to_owned(),
         config: Some(topic_config_to_wire(config)),
@@ -233,6 +239,7 @@ pub fn topic_info(name: &str, config: &TopicConfig, s: LogStats) -> pb::TopicInf
         durable_end_offset: s.durable_end.0,
         segments: s.segments as u32,
         bytes: s.bytes,
+        max_message_bytes,
     }
 }
 

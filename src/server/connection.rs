@@ -11,11 +11,11 @@
 //! requests in flight finish, and the last frame is a `request_id` 0 error
 //! naming the reason, where one can still be sent.
 
+use super::Broker;
 use super::admission::Limit;
 use super::deadline::{FrameReader, ReadError, StallGuard};
 use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::subscription::{self, Subscription, Target};
-use super::{Broker, ENVELOPE_ROOM};
 use crate::broker::topic::Position;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
@@ -318,7 +318,7 @@ where
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 protocol_version: PROTOCOL_VERSION,
                 max_frame_bytes: config.max_frame_bytes,
-                max_message_bytes: config.max_message_bytes,
+                max_message_bytes: broker.message_limit().0,
                 max_batch_messages: config.max_batch_messages,
                 max_subscriptions: config.max_subscriptions,
                 idle_timeout_ms: config
@@ -535,13 +535,13 @@ impl Conn {
             Request::Produce(p) => {
                 if p.messages.is_empty() {
                     return Err(invalid(format!(
-                        "produce to topic {}: no messages",
-                        p.topic
+                        "produce to topic {}: messages is empty; send 1 to {} (max_batch_messages)",
+                        p.topic, config.max_batch_messages
                     )));
                 }
                 if p.messages.len() > config.max_batch_messages as usize {
                     return Err(invalid(format!(
-                        "produce to topic {}: {} messages in one batch; the limit is {}",
+                        "produce to topic {}: {} messages in one batch; the limit is {} (max_batch_messages)",
                         p.topic,
                         p.messages.len(),
                         config.max_batch_messages
@@ -549,19 +549,19 @@ impl Conn {
                 }
                 let batch: Vec<_> = p.messages.into_iter().map(convert::new_message).collect();
                 // A message must also fit in the frame that delivers it.
-                let frame_room = config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM);
-                let (limit, name) = if frame_room < config.max_message_bytes {
-                    (frame_room, "max_frame_bytes less 1 KiB")
-                } else {
-                    (config.max_message_bytes, "max_message_bytes")
-                };
+                let (limit, name) = broker.message_limit();
                 for (i, m) in batch.iter().enumerate() {
-                    let size = record::encoded_len(m).map(|l| l - record::HEADER_LEN);
-                    if size.is_none_or(|s| s > limit as usize) {
+                    let Some(size) = record::encoded_len(m).map(|l| l - record::HEADER_LEN) else {
                         return Err(invalid(format!(
-                            "produce to topic {}: message {i} has {} bytes of key, headers and value; the limit is {limit} ({name})",
+                            "produce to topic {}: message {i} cannot be stored: more than 65 535 headers, \
+                             a header name over 65 535 bytes, or over 4 GiB of key, headers and value",
+                            p.topic
+                        )));
+                    };
+                    if size > limit as usize {
+                        return Err(invalid(format!(
+                            "produce to topic {}: message {i} has {size} bytes of key, headers and value; the limit is {limit} ({name})",
                             p.topic,
-                            size.map_or_else(|| "over 4 GiB".to_string(), |s| s.to_string()),
                         )));
                     }
                 }
@@ -670,7 +670,7 @@ impl Conn {
                 let topic = self
                     .blocking(move || b.registry.create_topic(&c.name, config))
                     .await?;
-                let info = convert::topic_info(topic.name(), topic.config(), topic.stats());
+                let info = broker.topic_info(&topic);
                 broker.runtime_of(topic);
                 Ok(Reply::Topic(info))
             }
@@ -679,7 +679,7 @@ impl Conn {
                     .registry
                     .topics()
                     .iter()
-                    .map(|t| convert::topic_info(t.name(), t.config(), t.stats()))
+                    .map(|t| broker.topic_info(t))
                     .collect();
                 Ok(Reply::Topics(pb::ListTopicsResponse { topics }))
             }
@@ -688,11 +688,7 @@ impl Conn {
                     .registry
                     .topic(&d.name)
                     .map_err(|e| broker.wire(&e))?;
-                Ok(Reply::Topic(convert::topic_info(
-                    t.name(),
-                    t.config(),
-                    t.stats(),
-                )))
+                Ok(Reply::Topic(broker.topic_info(&t)))
             }
             Request::DeleteTopic(d) => {
                 let b = Arc::clone(&broker);

@@ -139,6 +139,32 @@ impl Broker {
         }
     }
 
+    /// The largest message a produce takes (key + headers + value), and
+    /// the setting that binds: `max_message_bytes`, or the frame limit less
+    /// [`ENVELOPE_ROOM`] when that is smaller, since a message must fit the
+    /// frame that delivers it. `Welcome` announces this value.
+    fn message_limit(&self) -> (u32, &'static str) {
+        let config = &self.config;
+        let frame_room = config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM);
+        if frame_room < config.max_message_bytes {
+            (frame_room, "max_frame_bytes less 1 KiB")
+        } else {
+            (config.max_message_bytes, "max_message_bytes")
+        }
+    }
+
+    /// A topic onto the wire, with the largest message it takes: the
+    /// server's [`Broker::message_limit`] or the topic's own (a record must
+    /// fit a segment), whichever is smaller.
+    fn topic_info(&self, topic: &Topic) -> crate::protocol::pb::TopicInfo {
+        let max = topic
+            .config()
+            .log
+            .max_message_bytes()
+            .min(u64::from(self.message_limit().0));
+        crate::protocol::convert::topic_info(topic.name(), topic.config(), topic.stats(), max)
+    }
+
     /// The wire form of an error (paths relative to the data directory).
     fn wire(&self, error: &Error) -> crate::protocol::pb::Error {
         crate::protocol::status::to_wire(error, self.registry.data().root())

@@ -55,7 +55,7 @@ impl FromStr for FsyncPolicy {
                 .map(FsyncPolicy::Interval)
                 .ok_or_else(|| {
                     Error::InvalidArgument(format!(
-                        "fsync policy {other:?}: expected always, never or interval:MS (MS > 0)"
+                        "fsync {other:?}: expected always, never or interval:MS (MS > 0)"
                     ))
                 }),
         }
@@ -184,6 +184,13 @@ impl LogConfig {
     /// Largest record a segment can hold.
     pub fn max_record_len(&self) -> u32 {
         u32::try_from(self.segment_bytes).unwrap_or(u32::MAX)
+    }
+
+    /// Largest message the log takes, counted as key + value + headers (see
+    /// [`crate::storage::record::payload_len`]): a whole record, header
+    /// included, must fit in one segment.
+    pub fn max_message_bytes(&self) -> u64 {
+        u64::from(self.max_record_len()).saturating_sub(crate::storage::record::HEADER_LEN as u64)
     }
 }
 

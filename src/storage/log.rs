@@ -515,9 +515,16 @@ impl Log {
                 Some(len) if len <= max => lens.push(len as u64),
                 len => {
                     return Err(Error::InvalidArgument(format!(
-                        "message {i} of the batch takes {} bytes stored; records of log {} hold at most {max} (segment_bytes)",
-                        len.map_or_else(|| "over 4 GiB of".into(), |l| l.to_string()),
-                        self.dir.display()
+                        "message {i} has {} bytes of key, headers and value; log {} takes at most {} \
+                         per message (segment_bytes {} less the {}-byte record header)",
+                        len.map_or_else(
+                            || "over 4 GiB".into(),
+                            |l| (l - record::HEADER_LEN).to_string()
+                        ),
+                        self.dir.display(),
+                        self.config.max_message_bytes(),
+                        self.config.segment_bytes,
+                        record::HEADER_LEN,
                     )));
                 }
             }
