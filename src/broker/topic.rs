@@ -8,6 +8,7 @@ use super::gate::{Gate, Pass};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{
     Decision, Group, GroupConfig, GroupInfo, GroupMode, Journal, JournalRecovery, RangeSet,
+    SyncWait,
 };
 use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
@@ -459,12 +460,14 @@ impl Topic {
         !(consumed || state.deleted.contains(offset))
     }
 
-    /// Makes group or deletion changes durable as the fsync policy says
-    /// (`always`: now; `interval`: at the next [`Topic::tick`]; `never`: not).
-    fn persist_group(&self, group: &mut Group) -> Result<()> {
+    /// What makes a group's changes durable as the fsync policy says
+    /// (`always`: the returned wait, once the topic's lock is let go, so
+    /// acks and commits of all connections share one sync; `interval`: the
+    /// next [`Topic::tick`]; `never`: nothing).
+    fn persist_group(&self, group: &mut Group) -> Result<Option<SyncWait>> {
         match self.config.log.fsync {
-            FsyncPolicy::Always => group.sync(),
-            _ => Ok(()),
+            FsyncPolicy::Always => group.sync_later().map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -666,8 +669,8 @@ impl Topic {
             ..
         } = limits;
         let _pass = self.enter()?;
-        let mut state = self.state()?;
-        let state = &mut *state;
+        let mut guard = self.state()?;
+        let state = &mut *guard;
         let mut out = QueueFetch::default();
         let mut bytes = 0usize;
         let g = self.queue_group(&mut state.groups, group)?;
@@ -776,11 +779,12 @@ impl Topic {
             state.deletes.sync()?;
         }
         // Redelivery counts reach the disk before the messages go out, so a
-        // poison message cannot loop forever across broker crashes.
+        // poison message cannot loop forever across broker crashes. The sync
+        // runs outside the topic's lock, shared with other fetches and acks.
         let g = self.queue_group(&mut state.groups, group)?;
-        if !g.is_synced() {
-            g.sync()?;
-        }
+        let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
+        drop(guard);
+        durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(out)
     }
 
@@ -842,7 +846,9 @@ impl Topic {
             }
             g.complete(start, end)?;
         }
-        self.persist_group(g)
+        let durable = self.persist_group(g)?;
+        drop(state);
+        durable.map_or(Ok(()), SyncWait::wait)
     }
 
     /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
@@ -881,7 +887,9 @@ impl Topic {
         }
         let g = self.group_mut(&mut state.groups, group)?;
         g.commit(offset)?;
-        self.persist_group(g)
+        let durable = self.persist_group(g)?;
+        drop(state);
+        durable.map_or(Ok(()), SyncWait::wait)
     }
 
     /// Moves a group to `position`: a stream group reads and commits from
@@ -896,7 +904,9 @@ impl Topic {
         let g = self.group_mut(&mut state.groups, group)?;
         g.commit(offset)?;
         g.set_cursor(offset);
-        self.persist_group(g)?;
+        let durable = self.persist_group(g)?;
+        drop(state);
+        durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(offset)
     }
 

@@ -17,7 +17,7 @@ use crate::storage::record::{self, Frame};
 use crate::storage::recovery::{Truncation, find_next_valid};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Largest journal entry or snapshot.
 pub const MAX_ENTRY_BYTES: u32 = 256 * 1024 * 1024;
@@ -44,12 +44,121 @@ pub struct Journal {
     snap_path: PathBuf,
     file: Arc<dyn StorageFile>,
     pos: u64,
-    synced_pos: u64,
     /// First sequence number the file holds (the snapshot's cut).
     base_seq: u64,
     next_seq: u64,
     since_snapshot: u64,
+    /// What is durable, shared with callers that wait outside the owner's lock.
+    syncer: Arc<JournalSyncer>,
+}
+
+/// A journal's durability, shared with callers waiting outside the lock of
+/// the journal's owner: whoever finds no sync running runs one that covers
+/// every entry written so far, and everyone waiting for those entries is
+/// answered by it (group commit). A failed sync is never retried: the
+/// journal turns read-only.
+#[derive(Debug)]
+pub struct JournalSyncer {
+    file: Arc<dyn StorageFile>,
+    path: PathBuf,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// The file's generation: the first sequence number it holds.
+    base_seq: u64,
+    /// Sequence and byte position after the last entry written.
+    written_seq: u64,
+    written_pos: u64,
+    /// Every entry below `durable_seq` is durable, and so are the bytes
+    /// below `durable_pos` of generation `base_seq`.
+    durable_seq: u64,
+    durable_pos: u64,
+    syncing: bool,
     poisoned: Option<String>,
+}
+
+impl JournalSyncer {
+    fn new(file: Arc<dyn StorageFile>, path: PathBuf, base_seq: u64, seq: u64, pos: u64) -> Self {
+        JournalSyncer {
+            file,
+            path,
+            state: Mutex::new(SyncState {
+                base_seq,
+                written_seq: seq,
+                written_pos: pos,
+                durable_seq: seq,
+                durable_pos: pos,
+                syncing: false,
+                poisoned: None,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_only(&self, cause: &str) -> Error {
+        Error::ReadOnly {
+            log: self.path.clone(),
+            cause: cause.to_owned(),
+        }
+    }
+
+    /// Returns once every entry with a sequence number below `seq` is
+    /// durable, syncing when no sync that covers them is under way.
+    pub fn wait(&self, seq: u64) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if let Some(cause) = &st.poisoned {
+                return Err(self.read_only(cause));
+            }
+            if st.durable_seq >= seq {
+                return Ok(());
+            }
+            if st.syncing {
+                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.syncing = true;
+            let (generation, upto_seq, upto_pos) = (st.base_seq, st.written_seq, st.written_pos);
+            drop(st);
+            let result = self.file.sync_data();
+            st = self.lock();
+            st.syncing = false;
+            match result {
+                Ok(()) => {
+                    st.durable_seq = st.durable_seq.max(upto_seq);
+                    if st.base_seq == generation {
+                        st.durable_pos = st.durable_pos.max(upto_pos);
+                    }
+                }
+                Err(e) => {
+                    st.poisoned = Some(format!("sync of {} failed: {e}", self.path.display()));
+                }
+            }
+            self.done.notify_all();
+        }
+    }
+}
+
+/// Entries a caller waits to see durable, outside the owner's lock.
+#[derive(Debug)]
+#[must_use = "the entries are durable only once `wait` returns"]
+pub struct SyncWait {
+    syncer: Arc<JournalSyncer>,
+    seq: u64,
+}
+
+impl SyncWait {
+    /// Returns once the entries are durable (see [`JournalSyncer::wait`]).
+    pub fn wait(self) -> Result<()> {
+        self.syncer.wait(self.seq)
+    }
 }
 
 /// What the log's checkpoint says of a journal, and how to treat damage.
@@ -267,19 +376,26 @@ impl Journal {
                 .ctx(|| format!("syncing {}", path.display()))?;
         }
         let since_snapshot = replayed.entries.len() as u64;
+        let next_seq = last_seq.map_or(first_uncovered, |s| (s + 1).max(first_uncovered));
+        let syncer = Arc::new(JournalSyncer::new(
+            Arc::clone(&file),
+            path.clone(),
+            first_uncovered,
+            next_seq,
+            pos as u64,
+        ));
         Ok((
             Journal {
                 storage,
                 dir: dir.to_owned(),
                 path,
                 snap_path,
+                syncer,
                 file,
                 pos: pos as u64,
-                synced_pos: pos as u64,
                 base_seq: first_uncovered,
-                next_seq: last_seq.map_or(first_uncovered, |s| (s + 1).max(first_uncovered)),
+                next_seq,
                 since_snapshot,
-                poisoned: None,
             },
             replayed,
         ))
@@ -288,7 +404,13 @@ impl Journal {
     /// The journal's recovery point: the first sequence number its file
     /// holds and how many of its bytes are synced.
     pub fn recovery_point(&self) -> (u64, u64) {
-        (self.base_seq, self.synced_pos)
+        let st = self.syncer.lock();
+        let synced = if st.base_seq == self.base_seq {
+            st.durable_pos
+        } else {
+            0
+        };
+        (self.base_seq, synced)
     }
 
     /// Creates the journal `name` in `dir` holding `entries`, and opens it.
@@ -328,11 +450,8 @@ impl Journal {
     }
 
     fn check(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(cause) => Err(Error::ReadOnly {
-                log: self.path.clone(),
-                cause: cause.clone(),
-            }),
+        match &self.syncer.lock().poisoned {
+            Some(cause) => Err(self.syncer.read_only(cause)),
             None => Ok(()),
         }
     }
@@ -349,30 +468,30 @@ impl Journal {
         self.pos += buf.len() as u64;
         self.next_seq += 1;
         self.since_snapshot += 1;
+        let mut st = self.syncer.lock();
+        st.written_seq = self.next_seq;
+        st.written_pos = self.pos;
         Ok(())
     }
 
     /// Whether every appended entry is durable.
     pub fn is_synced(&self) -> bool {
-        self.synced_pos == self.pos
+        self.syncer.lock().durable_seq >= self.next_seq
     }
 
     /// Durability point. A failure is never retried: the journal turns read-only.
     pub fn sync(&mut self) -> Result<()> {
-        self.check()?;
-        if self.is_synced() {
-            return Ok(());
+        self.syncer.wait(self.next_seq)
+    }
+
+    /// What to wait on, after letting go of the journal's owner, for every
+    /// entry appended so far to be durable: syncs of several callers share
+    /// one `fdatasync` (group commit).
+    pub fn sync_later(&self) -> SyncWait {
+        SyncWait {
+            syncer: Arc::clone(&self.syncer),
+            seq: self.next_seq,
         }
-        if let Err(e) = self.file.sync_data() {
-            let cause = format!("sync of {} failed: {e}", self.path.display());
-            self.poisoned = Some(cause.clone());
-            return Err(Error::ReadOnly {
-                log: self.path.clone(),
-                cause,
-            });
-        }
-        self.synced_pos = self.pos;
-        Ok(())
     }
 
     /// Entries appended since the last snapshot.
@@ -402,9 +521,15 @@ impl Journal {
             .sync_data()
             .ctx(|| format!("syncing {}", self.path.display()))?;
         self.pos = 0;
-        self.synced_pos = 0;
         self.base_seq = self.next_seq;
         self.since_snapshot = 0;
+        // Everything before is in the snapshot; the new file starts empty.
+        let mut st = self.syncer.lock();
+        st.base_seq = self.next_seq;
+        st.written_seq = self.next_seq;
+        st.written_pos = 0;
+        st.durable_seq = st.durable_seq.max(self.next_seq);
+        st.durable_pos = 0;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 pub mod journal;
 pub mod ranges;
 
-pub use journal::{Journal, JournalRecovery};
+pub use journal::{Journal, JournalRecovery, JournalSyncer, SyncWait};
 pub use ranges::RangeSet;
 pub mod state;
 

@@ -9,7 +9,7 @@
 //! any number of broker crashes or power cuts a message is delivered at most
 //! `max_deliveries` times before it is dead-lettered.
 
-use super::journal::{Journal, JournalRecovery};
+use super::journal::{Journal, JournalRecovery, SyncWait};
 use super::ranges::RangeSet;
 use crate::error::{Error, Result};
 use crate::storage::io::Storage;
@@ -618,12 +618,19 @@ impl Group {
 
     /// Makes every change durable, first deliveries included.
     pub fn sync(&mut self) -> Result<()> {
+        self.sync_later()?.wait()
+    }
+
+    /// Journals what is only in memory (first deliveries) and returns what to
+    /// wait on, after letting go of the group's lock, for every change so far
+    /// to be durable: waits of several callers share one sync (group commit).
+    pub fn sync_later(&mut self) -> Result<SyncWait> {
         for r in self.unjournaled.iter() {
             self.journal
                 .append(&Entry::FirstDelivered(r.start, r.end).encode())?;
         }
         self.unjournaled = RangeSet::new();
-        self.journal.sync()
+        Ok(self.journal.sync_later())
     }
 
     /// The journal's recovery point (see [`Journal::recovery_point`]).
