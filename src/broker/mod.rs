@@ -2,6 +2,7 @@
 //! that owns them in a data directory.
 
 pub mod config;
+pub mod deletions;
 pub mod gate;
 pub mod registry;
 pub mod topic;

@@ -4,6 +4,7 @@
 //! policy before they are confirmed).
 
 use super::config::{Cleanup, TopicConfig, validate_name};
+use super::deletions::Deletions;
 use super::gate::{Gate, Pass};
 use crate::error::{Error, IoContext, Result};
 use crate::groups::{
@@ -25,8 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Folder of a topic's group state.
 pub const GROUPS_DIR: &str = "groups";
-/// Journal of a topic's explicit deletions.
-pub const DELETES_JOURNAL: &str = "deletes";
+pub use super::deletions::DELETES_JOURNAL;
 /// Header names a dead-lettered message carries.
 pub mod dlq_headers {
     /// Topic the message came from.
@@ -127,8 +127,7 @@ pub struct QueueFetch {
 #[derive(Debug)]
 struct TopicState {
     groups: BTreeMap<String, Group>,
-    deleted: RangeSet,
-    deletes: Journal,
+    deletions: Deletions,
 }
 
 /// What compaction removes, decided on a snapshot of a topic's state.
@@ -198,16 +197,7 @@ impl Topic {
                 mode,
             }
         };
-        let (deletes, replayed) = Journal::open_checked(
-            Arc::clone(&storage),
-            dir,
-            DELETES_JOURNAL,
-            point(DELETES_JOURNAL),
-        )?;
-        let mut deleted = RangeSet::new();
-        for payload in replayed.snapshot.iter().chain(&replayed.entries) {
-            decode_deletions(payload, &mut deleted).ok_or_else(|| bad_deletes(dir))?;
-        }
+        let deletions = Deletions::open(Arc::clone(&storage), dir, point(DELETES_JOURNAL))?;
         let groups_dir = dir.join(GROUPS_DIR);
         storage
             .create_dir_all(&groups_dir)
@@ -263,7 +253,7 @@ impl Topic {
         let referenced = groups
             .values()
             .map(Group::referenced_end)
-            .chain(deleted.iter().last().map(|r| r.end))
+            .chain(deletions.set().iter().last().map(|r| r.end))
             .max()
             .unwrap_or(0);
         let end = log.end().0;
@@ -295,11 +285,7 @@ impl Topic {
             storage,
             config,
             log,
-            state: Mutex::new(TopicState {
-                groups,
-                deleted,
-                deletes,
-            }),
+            state: Mutex::new(TopicState { groups, deletions }),
             gate: Gate::default(),
         };
         topic.checkpoint()?;
@@ -457,7 +443,7 @@ impl Topic {
         let consumed = self.config.delete_when_consumed
             && !state.groups.is_empty()
             && state.groups.values().all(|g| g.is_done(offset));
-        !(consumed || state.deleted.contains(offset))
+        !(consumed || state.deletions.contains(offset))
     }
 
     /// What makes a group's changes durable as the fsync policy says
@@ -510,7 +496,7 @@ impl Topic {
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
-        let info = group.info(self.log.end().0, &state.deleted);
+        let info = group.info(self.log.end().0, state.deletions.set());
         state.groups.insert(name.to_owned(), group);
         Ok(info)
     }
@@ -566,9 +552,9 @@ impl Topic {
         let mut state = self.state()?;
         let end = self.log.end().0;
         let TopicState {
-            groups, deleted, ..
+            groups, deletions, ..
         } = &mut *state;
-        Ok(self.group_mut(groups, name)?.info(end, deleted))
+        Ok(self.group_mut(groups, name)?.info(end, deletions.set()))
     }
 
     /// All groups.
@@ -579,7 +565,7 @@ impl Topic {
         Ok(state
             .groups
             .values()
-            .map(|g| g.info(end, &state.deleted))
+            .map(|g| g.info(end, state.deletions.set()))
             .collect())
     }
 
@@ -683,7 +669,7 @@ impl Topic {
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
-                Some(m) if m.offset.0 == offset && !state.deleted.contains(offset) => {
+                Some(m) if m.offset.0 == offset && !state.deletions.contains(offset) => {
                     match limits.excess(&m) {
                         Some(size) => too_large.push((m, size)),
                         None => candidates.push(m),
@@ -707,7 +693,7 @@ impl Topic {
             let g = self.queue_group(&mut state.groups, group)?;
             for m in batch {
                 let o = m.offset.0;
-                if state.deleted.contains(o) {
+                if state.deletions.contains(o) {
                     // Nothing to deliver: complete it (as a deleted redelivery
                     // is) so it does not hold the low watermark back.
                     if !g.is_done(o) && !g.is_leased(o) {
@@ -775,8 +761,8 @@ impl Topic {
         }
         // Completions of deleted offsets above stand on the deletions: those
         // reach the disk first.
-        if !state.deletes.is_synced() {
-            state.deletes.sync()?;
+        if !state.deletions.is_synced() {
+            state.deletions.sync()?;
         }
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes. The sync
@@ -915,25 +901,15 @@ impl Topic {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut state = self.state()?;
-        let mut payload = Vec::with_capacity(offsets.len() * 16);
-        for &o in offsets {
-            payload.extend_from_slice(&o.to_le_bytes());
-            payload.extend_from_slice(&(o + 1).to_le_bytes());
-        }
-        state.deletes.append(&payload)?;
-        if self.config.log.fsync == FsyncPolicy::Always {
-            state.deletes.sync()?;
-        }
-        for &o in offsets {
-            state.deleted.insert(o);
-        }
-        Ok(())
+        let ranges: Vec<_> = offsets.iter().map(|&o| o..o + 1).collect();
+        let sync = self.config.log.fsync == FsyncPolicy::Always;
+        state.deletions.record(&ranges, sync)
     }
 
     /// Whether `offset` is explicitly deleted.
     pub fn is_deleted(&self, offset: u64) -> Result<bool> {
         let _pass = self.enter()?;
-        Ok(self.state()?.deleted.contains(offset))
+        Ok(self.state()?.deletions.contains(offset))
     }
 
     /// The lowest offset any group still needs (None without groups):
@@ -947,7 +923,7 @@ impl Topic {
             .map(|g| {
                 let mut o = g.committed();
                 loop {
-                    let next = g.first_not_done(state.deleted.first_gap_from(o));
+                    let next = g.first_not_done(state.deletions.set().first_gap_from(o));
                     if next == o {
                         break o;
                     }
@@ -984,10 +960,10 @@ impl Topic {
         let start = self.log.stats().start.0;
         let mut state = self.state()?;
         let TopicState {
-            groups, deleted, ..
+            groups, deletions, ..
         } = &mut *state;
         for (group, g) in groups.iter_mut() {
-            let lost = g.lose_below(start, deleted)?;
+            let lost = g.lose_below(start, deletions.set())?;
             if lost > 0 {
                 tracing::warn!(topic = %self.name, %group, lost, start,
                     "retention dropped messages the group had not completed");
@@ -1013,23 +989,13 @@ impl Topic {
         let stats = self.log.stats();
         consumed.remove_below(stats.start.0);
         consumed.remove_from(stats.end.0);
-        let mut payload = Vec::new();
-        for r in consumed.iter() {
-            if state.deleted.count_in(r.clone()) < r.end - r.start {
-                payload.extend_from_slice(&r.start.to_le_bytes());
-                payload.extend_from_slice(&r.end.to_le_bytes());
-            }
-        }
-        if payload.is_empty() {
-            return Ok(());
-        }
-        state.deletes.append(&payload)?;
+        let deleted = state.deletions.set();
+        let new: Vec<_> = consumed
+            .iter()
+            .filter(|r| deleted.count_in(r.clone()) < r.end - r.start)
+            .collect();
         // Durable before the change it guards, whatever the fsync policy.
-        state.deletes.sync()?;
-        for r in consumed.iter() {
-            state.deleted.insert_range(r);
-        }
-        Ok(())
+        state.deletions.record(&new, true)
     }
 
     /// Compacts the topic's sealed segments: removes explicitly deleted
@@ -1092,7 +1058,7 @@ impl Topic {
             } else {
                 Vec::new()
             };
-            (state.deleted.clone(), completed)
+            (state.deletions.set().clone(), completed)
         };
         let latest = match self.config.cleanup {
             Cleanup::Compact => Some(self.latest_offset_per_key()?),
@@ -1133,20 +1099,18 @@ impl Topic {
     /// meanwhile (the next pass prunes it).
     fn prune_deletions(&self, used: &RangeSet, compacted_below: u64) -> Result<()> {
         let mut state = self.state()?;
-        if &state.deleted != used || state.deleted.iter().all(|r| r.start >= compacted_below) {
+        let deleted = state.deletions.set();
+        if deleted != used || deleted.iter().all(|r| r.start >= compacted_below) {
             return Ok(());
         }
-        state.deleted.remove_below(compacted_below);
-        let payload = deletions_payload(&state.deleted);
-        state.deletes.sync()?;
-        state.deletes.snapshot(&payload)
+        state.deletions.prune_below(compacted_below)
     }
 
     /// Syncs group and deletion state (the log is synced separately).
     pub fn sync_state(&self) -> Result<()> {
         let _pass = self.enter()?;
         let mut state = self.state()?;
-        state.deletes.sync()?;
+        state.deletions.sync()?;
         for group in state.groups.values_mut() {
             group.sync()?;
         }
@@ -1170,7 +1134,7 @@ impl Topic {
             other => other?,
         }
         let mut state = self.state()?;
-        state.deletes.sync()?;
+        state.deletions.sync()?;
         for group in state.groups.values_mut() {
             group.sync()?;
         }
@@ -1191,7 +1155,7 @@ fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
     };
     std::iter::once(point(
         DELETES_JOURNAL.to_owned(),
-        state.deletes.recovery_point(),
+        state.deletions.recovery_point(),
     ))
     .chain(
         state
@@ -1200,38 +1164,4 @@ fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
             .map(|(name, g)| point(format!("{GROUP_JOURNAL_PREFIX}{name}"), g.recovery_point())),
     )
     .collect()
-}
-
-/// Adds the `[from, to)` pairs of a deletions payload to `deleted`; `None`
-/// when the payload is not whole pairs.
-fn decode_deletions(payload: &[u8], deleted: &mut RangeSet) -> Option<()> {
-    if !payload.len().is_multiple_of(16) {
-        return None;
-    }
-    for chunk in payload.chunks_exact(16) {
-        let (a, z) = chunk.split_at(8);
-        let from = u64::from_le_bytes(a.try_into().ok()?);
-        let to = u64::from_le_bytes(z.try_into().ok()?);
-        deleted.insert_range(from..to);
-    }
-    Some(())
-}
-
-fn bad_deletes(dir: &Path) -> Error {
-    Error::corruption(crate::error::Corruption {
-        file: dir.join(format!("{DELETES_JOURNAL}.journal")),
-        bytes: 0..0,
-        offsets: None,
-        detail: "a deletion entry passed its checksum but is not whole [from, to) pairs".into(),
-    })
-}
-
-/// The deletions journal's snapshot of `deleted`: `[from, to)` pairs.
-fn deletions_payload(deleted: &RangeSet) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(deleted.range_count() * 16);
-    for r in deleted.iter() {
-        payload.extend_from_slice(&r.start.to_le_bytes());
-        payload.extend_from_slice(&r.end.to_le_bytes());
-    }
-    payload
 }
