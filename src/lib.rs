@@ -33,6 +33,7 @@
 //! - [`broker`]: topics (log + deletions + groups) and their settings.
 //!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters, retention.
 //!   - [`broker::registry`]: the topics of a data directory, dead-letter hand-off.
+//!   - `broker::cleaner`: the cleaner policy, which records compaction removes.
 //!   - [`broker::deletions`]: a topic's deleted offsets, their journal and
 //!     its one range codec.
 //!   - [`broker::config`]: `topic.toml` and name rules.

@@ -1,6 +1,7 @@
 //! The broker core: topics with their groups and deletions, and the registry
 //! that owns them in a data directory.
 
+mod cleaner;
 pub mod config;
 pub mod deletions;
 pub mod gate;

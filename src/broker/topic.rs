@@ -3,6 +3,7 @@
 //! delivered or replayed; group changes are durable under the topic's fsync
 //! policy before they are confirmed).
 
+use super::cleaner::Cleaner;
 use super::config::{Cleanup, TopicConfig, validate_name};
 use super::deletions::Deletions;
 use super::gate::{Gate, Pass};
@@ -12,7 +13,7 @@ use crate::groups::{
     SyncWait,
 };
 use crate::storage::checkpoint::JournalPoint;
-use crate::storage::compact::{CompactStats, Dirt, RecordInfo};
+use crate::storage::compact::{CompactStats, Dirt};
 use crate::storage::io::Storage;
 use crate::storage::log::{RetentionLimits, now_ms};
 use crate::storage::record;
@@ -128,38 +129,6 @@ pub struct QueueFetch {
 struct TopicState {
     groups: BTreeMap<String, Group>,
     deletions: Deletions,
-}
-
-/// What compaction removes, decided on a snapshot of a topic's state.
-struct Cleaner {
-    /// Explicitly deleted offsets.
-    deleted: RangeSet,
-    /// Per group, what it completed (`delete_when_consumed` topics only).
-    completed: Vec<RangeSet>,
-    /// Last offset of every key (`cleanup=compact` topics only).
-    latest: Option<std::collections::HashMap<bytes::Bytes, u64>>,
-    /// Tombstones older than this go.
-    tombstone_deadline: u64,
-}
-
-impl Cleaner {
-    fn keep(&self, r: &RecordInfo<'_>) -> bool {
-        if self.deleted.contains(r.offset) {
-            return false;
-        }
-        if !self.completed.is_empty() && self.completed.iter().all(|done| done.contains(r.offset)) {
-            return false;
-        }
-        if let (Some(latest), Some(key)) = (&self.latest, r.key) {
-            if latest.get(key).is_some_and(|&last| last > r.offset) {
-                return false;
-            }
-            if r.value_len == 0 && r.timestamp_ms < self.tombstone_deadline {
-                return false;
-            }
-        }
-        true
-    }
 }
 
 /// One topic.
@@ -1061,7 +1030,7 @@ impl Topic {
             (state.deletions.set().clone(), completed)
         };
         let latest = match self.config.cleanup {
-            Cleanup::Compact => Some(self.latest_offset_per_key()?),
+            Cleanup::Compact => Some(Cleaner::latest_offset_per_key(&self.log)?),
             Cleanup::Delete => None,
         };
         Ok(Cleaner {
@@ -1070,27 +1039,6 @@ impl Topic {
             latest,
             tombstone_deadline: now_ms.saturating_sub(self.config.delete_retention_ms),
         })
-    }
-
-    /// The last durable offset of every key (compaction keeps only that
-    /// record: a later one a power cut could still take does not count).
-    fn latest_offset_per_key(&self) -> Result<std::collections::HashMap<bytes::Bytes, u64>> {
-        let mut latest = std::collections::HashMap::new();
-        let mut from = 0u64;
-        let end = self.log.stats().durable_end.0;
-        while from < end {
-            let batch = self.log.read(Offset(from), 10_000, 64 << 20)?;
-            let Some(last) = batch.last().map(|m| m.offset.0) else {
-                break;
-            };
-            for m in batch.into_iter().take_while(|m| m.offset.0 < end) {
-                if let Some(key) = m.key {
-                    latest.insert(key, m.offset.0);
-                }
-            }
-            from = last + 1;
-        }
-        Ok(latest)
     }
 
     /// Every deleted offset below `compacted_below` (the active segment's base
