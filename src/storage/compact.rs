@@ -27,22 +27,17 @@
 //! file until they let go.
 
 use super::RecoveryMode;
-use super::io::{OpenMode, Storage};
+use super::io::OpenMode;
 use super::log::{Log, sealed_segment};
 use super::record::{self, Frame};
-use super::recovery::{self, RecoveryReport};
-use super::segment::{Segment, SegmentPaths, parse_log_name};
+use super::recovery::{self, CLEANED_SUFFIX, RecoveryReport, retire, swap_path, with_suffix};
+use super::segment::{Segment, SegmentPaths};
 use crate::error::{Corruption, Error, IoContext, Result};
 use serde::Serialize;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Suffix of a compacted copy being written.
-pub const CLEANED_SUFFIX: &str = ".cleaned";
-/// Suffix of a complete, durable compacted copy waiting to replace its segment.
-pub const SWAP_SUFFIX: &str = ".swap";
 /// Bytes copied per write while rewriting.
 const COPY_CHUNK: usize = 1 << 20;
 
@@ -78,115 +73,6 @@ pub struct CompactStats {
     pub segments_merged: u64,
     /// Wall time taken, in milliseconds.
     pub millis: u64,
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_os_string();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
-/// `<base>.log.<until>.swap`: the copy of segment `base` and of every later
-/// segment below `until`.
-fn swap_path(log: &Path, until: u64) -> PathBuf {
-    with_suffix(log, &format!(".{until:020}{SWAP_SUFFIX}"))
-}
-
-/// Parses a swap file name into `(base, until)`; `until` is `None` for the
-/// single-segment form `<base>.log.swap`.
-fn parse_swap_name(name: &str) -> Option<(u64, Option<u64>)> {
-    let stem = name.strip_suffix(SWAP_SUFFIX)?;
-    if let Some(base) = parse_log_name(stem) {
-        return Some((base, None));
-    }
-    let (log_name, until) = stem.rsplit_once('.')?;
-    if until.len() != 20 || !until.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((parse_log_name(log_name)?, Some(until.parse().ok()?)))
-}
-
-/// Steps 3 and 4 of the swap: removes the hints of `first` and every file of
-/// `covered`, then renames `swap` over `first`'s log and syncs the directory.
-fn retire(
-    storage: &dyn Storage,
-    dir: &Path,
-    swap: &Path,
-    first: &SegmentPaths,
-    covered: &[SegmentPaths],
-) -> Result<()> {
-    let hints = [&first.idx, &first.tix];
-    let others = covered.iter().flat_map(|p| [&p.idx, &p.tix, &p.log]);
-    for path in hints.into_iter().chain(others) {
-        if storage.exists(path) {
-            storage
-                .remove_file(path)
-                .ctx(|| format!("removing {}", path.display()))?;
-        }
-    }
-    storage
-        .rename(swap, &first.log)
-        .ctx(|| format!("renaming {}", swap.display()))?;
-    storage
-        .sync_dir(dir)
-        .ctx(|| format!("syncing {}", dir.display()))
-}
-
-/// Rolls back or completes a swap a crash interrupted (see the module docs).
-/// Returns the offset ranges `base..until` of the swaps it completed: the
-/// segments inside them were retired on purpose.
-pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<Vec<Range<u64>>> {
-    let Ok(names) = storage.list_dir(dir) else {
-        return Ok(Vec::new());
-    };
-    let mut changed = false;
-    let mut completed = Vec::new();
-    for name in &names {
-        let path = dir.join(name);
-        if name.contains(".log") && name.ends_with(CLEANED_SUFFIX) {
-            storage
-                .remove_file(&path)
-                .ctx(|| format!("removing {}", path.display()))?;
-            tracing::warn!(file = %path.display(), "rolled back an interrupted compaction (copy not finished)");
-            changed = true;
-        } else if let Some((base, until)) = parse_swap_name(name) {
-            let first = SegmentPaths::new(dir, base);
-            if !storage.exists(&first.log) {
-                storage
-                    .remove_file(&path)
-                    .ctx(|| format!("removing {}", path.display()))?;
-                tracing::warn!(file = %path.display(), "dropped a compacted copy of segments retention had removed");
-                changed = true;
-                continue;
-            }
-            let until = until.unwrap_or(base.saturating_add(1));
-            let covered: Vec<SegmentPaths> = names
-                .iter()
-                .filter_map(|n| parse_log_name(n))
-                .filter(|&b| b > base && b < until)
-                .map(|b| SegmentPaths::new(dir, b))
-                .collect();
-            retire(storage, dir, &path, &first, &covered)?;
-            tracing::warn!(file = %first.log.display(), merged = covered.len(), "completed an interrupted compaction swap");
-            completed.push(base..until);
-        }
-    }
-    if changed {
-        storage
-            .sync_dir(dir)
-            .ctx(|| format!("syncing {}", dir.display()))?;
-    }
-    Ok(completed)
-}
-
-/// The offset ranges `base..until` of the compaction swaps pending in a
-/// directory listing (see [`finish_interrupted_swaps`]).
-pub fn pending_swaps(names: &[String]) -> Vec<Range<u64>> {
-    names
-        .iter()
-        .filter_map(|n| parse_swap_name(n))
-        .map(|(base, until)| base..until.unwrap_or(base.saturating_add(1)))
-        .collect()
 }
 
 /// A sealed segment as one compaction pass sees it: where its live records

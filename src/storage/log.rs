@@ -170,14 +170,14 @@ impl Log {
             let names = storage
                 .list_dir(&dir)
                 .ctx(|| format!("listing {}", dir.display()))?;
-            let pending = super::compact::pending_swaps(&names);
+            let pending = super::recovery::pending_swaps(&names);
             let covered = |b: &u64| pending.iter().any(|r| r.start < *b && *b < r.end);
             if c.segments.iter().any(covered) {
                 c.segments.retain(|b| !covered(b));
                 c.store(&*storage, &dir)?;
             }
         }
-        let swaps = super::compact::finish_interrupted_swaps(&*storage, &dir)?;
+        let swaps = super::recovery::finish_interrupted_swaps(&*storage, &dir)?;
         let names = storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;
@@ -801,6 +801,8 @@ impl Log {
             tracing::warn!(file = %seg.paths().idx.display(), error = %e,
                 "could not write the index of a sealed segment; the next open rebuilds it");
         }
+        // No map of the file takes writes once it is cut.
+        a.map.seal();
         seg.file()
             .set_len(a.write_pos)
             .ctx(|| format!("truncating {} to seal it", log.display()))?;

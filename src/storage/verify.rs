@@ -204,10 +204,10 @@ fn verify_log(
         .ctx(|| format!("listing {}", dir.display()))?;
     let mut bases: Vec<u64> = names.iter().filter_map(|n| parse_log_name(n)).collect();
     bases.sort_unstable();
-    let swaps = super::compact::pending_swaps(&names);
+    let swaps = super::recovery::pending_swaps(&names);
     for name in &names {
-        if name.ends_with(super::compact::CLEANED_SUFFIX)
-            || name.ends_with(super::compact::SWAP_SUFFIX)
+        if name.ends_with(super::recovery::CLEANED_SUFFIX)
+            || name.ends_with(super::recovery::SWAP_SUFFIX)
         {
             report.notes.push(finding(
                 dir.join(name),

@@ -20,7 +20,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A mapped region of a real file.
@@ -35,7 +35,8 @@ pub(super) struct OsMapping {
     /// Size of the file as allocated by its owner: writes stay below it, so
     /// appends never grow the file without a reservation.
     file_size: Arc<AtomicU64>,
-    writable: bool,
+    /// Takes writes until [`Mapping::seal`].
+    writable: AtomicBool,
     append_lock: Mutex<()>,
 }
 
@@ -44,7 +45,7 @@ impl fmt::Debug for OsMapping {
         f.debug_struct("OsMapping")
             .field("capacity", &self.capacity)
             .field("published", &self.published())
-            .field("writable", &self.writable)
+            .field("writable", &self.writable.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -67,7 +68,7 @@ impl OsMapping {
             published: AtomicU64::new(len),
             file: Arc::clone(file),
             file_size,
-            writable: false,
+            writable: AtomicBool::new(false),
             append_lock: Mutex::new(()),
         })
     }
@@ -97,7 +98,7 @@ impl OsMapping {
             published: AtomicU64::new(published),
             file: Arc::clone(file),
             file_size,
-            writable: true,
+            writable: AtomicBool::new(true),
             append_lock: Mutex::new(()),
         })
     }
@@ -116,8 +117,12 @@ impl Mapping for OsMapping {
         self.published.load(Ordering::Acquire)
     }
 
+    fn seal(&self) {
+        self.writable.store(false, Ordering::Release);
+    }
+
     fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "read-only map",
@@ -187,7 +192,10 @@ impl AsRef<[u8]> for MapSlice {
         // SAFETY: `bytes()` built this slice only for a range below the published
         // end, inside the mapping. Published bytes are never written again (see the
         // module invariant), and `raw` keeps the pages mapped for as long as this
-        // slice lives, so the memory is valid and immutable for the borrow.
+        // slice lives, so the memory is valid and immutable for the borrow. This
+        // holds only while no other process modifies or truncates segment files:
+        // the data directory's LOCK keeps other spool processes out, and nothing
+        // else may write to them (a file cut underneath a map raises SIGBUS).
         unsafe { std::slice::from_raw_parts(self.raw.as_ptr().add(self.start), self.len) }
     }
 }

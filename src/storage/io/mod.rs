@@ -83,7 +83,9 @@ pub trait StorageFile: Send + Sync + Debug {
     /// The new size is durable after [`StorageFile::sync_data`].
     fn allocate(&self, len: u64) -> io::Result<()>;
     /// Truncates or extends the file to exactly `len`. Never called while a
-    /// writable mapping of the file is alive.
+    /// mapping of the file still takes writes (see [`Mapping::seal`]); older
+    /// mappings may outlive a cut, and their readers read only below the
+    /// published end, which the cut keeps.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reads exactly `buf.len()` bytes at `pos`.
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -113,6 +115,9 @@ pub trait Mapping: Send + Sync + Debug {
     fn write(&self, pos: u64, data: &[u8]) -> io::Result<()>;
     /// Makes bytes below `end` visible to readers. `end` never decreases.
     fn publish(&self, end: u64);
+    /// Stops taking writes: [`Mapping::write`] fails from now on. The owner
+    /// seals the map before the file is cut to its last record.
+    fn seal(&self);
     /// Durability point for `[pos, pos + len)` (`msync(MS_SYNC)`).
     fn sync_range(&self, pos: u64, len: u64) -> io::Result<()>;
     /// The published bytes `[pos, pos + len)`, zero-copy where the backend allows.

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Page size used when tearing the first unsynced page on a power cut.
@@ -534,7 +534,7 @@ impl StorageFile for SimFile {
             file: self.reopen(),
             capacity: len,
             published: AtomicU64::new(len),
-            writable: false,
+            writable: AtomicBool::new(false),
         }))
     }
 
@@ -546,7 +546,7 @@ impl StorageFile for SimFile {
             file: self.reopen(),
             capacity,
             published: AtomicU64::new(published),
-            writable: true,
+            writable: AtomicBool::new(true),
         }))
     }
 }
@@ -568,7 +568,8 @@ struct SimMapping {
     file: SimFile,
     capacity: u64,
     published: AtomicU64,
-    writable: bool,
+    /// Takes writes until [`Mapping::seal`].
+    writable: AtomicBool,
 }
 
 impl Mapping for SimMapping {
@@ -580,8 +581,12 @@ impl Mapping for SimMapping {
         self.published.load(Ordering::Acquire)
     }
 
+    fn seal(&self) {
+        self.writable.store(false, Ordering::Release);
+    }
+
     fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
-        if !self.writable {
+        if !self.writable.load(Ordering::Acquire) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "read-only map",
