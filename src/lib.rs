@@ -30,9 +30,18 @@
 //!     in its `mmap` module) and, with feature `test-support`, the simulated
 //!     disk used by the crash tests.
 //!   - [`storage::config`]: per-log settings, fsync policy, recovery mode.
-//! - [`broker`]: topics (log + deletions + groups) and their settings.
+//! - [`broker`]: the broker core every transport calls, and the topics under it.
+//!   - [`broker::core`]: the [`broker::Broker`] handle: async produce, fetch
+//!     (long-poll), subscribe, ack, nack, commit, seek, delete, topic and
+//!     group admin, compaction, answering with [`Error`]; the open topics'
+//!     runtimes; dead letters through the dead-letter topic's writer.
+//!   - [`broker::runtime`]: each topic's tasks (writer with group commit,
+//!     fsync ticker, checkpoints, compaction, retention) and change signal.
+//!   - [`broker::subscription`]: subscriptions with credit, read by the
+//!     transport that pushes them.
 //!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters, retention.
-//!   - [`broker::registry`]: the topics of a data directory, dead-letter hand-off.
+//!   - [`broker::registry`]: the topics of a data directory (and a synchronous
+//!     queue fetch with dead-letter hand-off for use without a running broker).
 //!   - `broker::cleaner`: the cleaner policy, which records compaction removes.
 //!   - [`broker::deletions`]: a topic's deleted offsets, their journal and
 //!     its one range codec.
@@ -48,10 +57,11 @@
 //!   mapping of errors to status codes (`status`), conversions between wire
 //!   and broker types (`convert`), and the connection writer both ends share
 //!   (`outbox`).
-//! - [`server`]: the broker server: listener, admission (connection slots and
-//!   per-address caps), connections with their frame, idle and write
-//!   deadlines and bounded send queues, subscriptions, and each topic's tasks
-//!   (writer, fsync ticker, checkpoints, compaction, retention).
+//! - [`server`]: the native transport: listener, admission (connection slots
+//!   and per-address caps), connections with their handshake, frame, idle and
+//!   write deadlines and bounded send queues, and one handler module per
+//!   request group (`produce`, `fetch` with subscribe, `groups`, `admin`)
+//!   converting protobuf to [`broker::Broker`] calls and back.
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features

@@ -1,13 +1,21 @@
-//! The broker core: topics with their groups and deletions, and the registry
-//! that owns them in a data directory.
+//! The broker core: the async [`Broker`] handle every transport calls, each
+//! topic's runtime, subscriptions, and underneath them topics with their
+//! groups and deletions and the registry that owns them in a data directory.
 
 mod cleaner;
 pub mod config;
+pub mod core;
 pub mod deletions;
 pub mod gate;
 pub mod registry;
+pub mod runtime;
+pub mod subscription;
 pub mod topic;
 
+pub use self::core::{
+    Broker, BrokerConfig, FetchRequest, Fetched, MessageLimit, SubscribeRequest, TopicInfo,
+};
 pub use config::{Cleanup, TopicConfig, validate_name};
 pub use registry::{Registry, RegistryOptions};
+pub use subscription::{Credit, Event, Subscription};
 pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};

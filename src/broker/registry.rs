@@ -1,6 +1,7 @@
 //! The topics of one data directory: opening them all at start, creating
-//! (explicitly or on first produce), deleting, and the cross-topic step of a
-//! queue fetch (dead letters go to another topic before they are completed).
+//! (explicitly or on first produce), deleting, and, for use without a
+//! running broker, the cross-topic step of a queue fetch (dead letters go to
+//! another topic before they are completed).
 //!
 //! Creating and deleting are one rename each, so a crash or a failure at any
 //! point leaves the topic either fully there or not there at all: a new
@@ -343,7 +344,10 @@ impl Registry {
     }
 
     /// A queue fetch with its dead letters handed to the dead-letter topic
-    /// (durably) before they are completed in the group.
+    /// (durably) before they are completed in the group. This appends to the
+    /// dead-letter topic directly, for use without a running broker (tools,
+    /// tests); [`crate::broker::Broker`] hands dead letters to that topic's
+    /// writer instead.
     pub fn fetch_queue(
         &self,
         topic: &str,

@@ -8,27 +8,26 @@
 //!   and the summary log of connections refused or closed by a limit.
 //! - `deadline`: the frame and write deadlines on a connection's socket.
 //! - `outgoing`: a connection's send queue, bounded in bytes.
-//! - `subscription`: push subscriptions with credits.
-//! - [`runtime`]: each topic's tasks (writer, tickers, compaction).
+//! - `handlers`: one module per request group, converting protobuf to
+//!   [`crate::broker::Broker`] calls and back.
+//!
+//! The broker itself (topics, their tasks, subscriptions) is
+//! [`crate::broker::Broker`]; this module holds no broker rule.
 
 mod admission;
 mod connection;
 mod deadline;
+mod handlers;
 mod outgoing;
-pub mod runtime;
-mod subscription;
 
-use crate::broker::{DeliveryLimits, Registry, RegistryOptions, Topic, TopicConfig};
+use crate::broker::{Broker, BrokerConfig, DeliveryLimits, MessageLimit, TopicConfig, TopicInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
-use crate::storage::io::OsStorage;
-use crate::storage::{DataDir, RecoveryMode};
+use crate::storage::RecoveryMode;
 use admission::Admission;
-use runtime::TopicRuntime;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -38,7 +37,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
 
 /// Bytes of a frame left for the envelope around one message: produce takes
 /// no message larger than the frame limit less this, and no larger stored
-/// message is handed out (see [`Broker::delivery_limits`]).
+/// message is handed out (see [`Shared::delivery_limits`]).
 const ENVELOPE_ROOM: u32 = 1024;
 /// Bytes of a frame kept free of message bytes in a reply or delivery of
 /// many messages: room for their envelopes.
@@ -105,30 +104,20 @@ impl Default for ServerConfig {
     }
 }
 
-/// State shared by every connection.
+/// What every connection shares: the broker core, the connection slots,
+/// and the server's settings.
 #[derive(Debug)]
-pub struct Broker {
-    registry: Registry,
-    runtimes: Mutex<HashMap<String, Arc<TopicRuntime>>>,
+pub(crate) struct Shared {
+    broker: Broker,
     admission: Admission,
     config: ServerConfig,
 }
 
-impl Broker {
-    /// The runtime of an existing topic (`create`: auto-create if allowed).
-    fn runtime(&self, name: &str, create: bool) -> Result<Arc<TopicRuntime>> {
-        let topic = if create {
-            self.registry.topic_or_create(name, false)?
-        } else {
-            self.registry.topic(name)?
-        };
-        Ok(self.runtime_of(topic))
-    }
-
+impl Shared {
     /// What one reply or pushed frame may carry: `messages` messages and
     /// about `bytes` of them, capped so their envelopes still fit the frame
     /// limit, and no single message larger than the frame limit less
-    /// [`ENVELOPE_ROOM`]. The broker core applies the rule; this transport
+    /// [`ENVELOPE_ROOM`]. The broker core applies the limits; this transport
     /// only says what its frames hold.
     fn delivery_limits(&self, messages: usize, bytes: u32) -> DeliveryLimits {
         let max = self.config.max_frame_bytes;
@@ -139,60 +128,26 @@ impl Broker {
         }
     }
 
-    /// The largest message a produce takes (key + headers + value), and
-    /// the setting that binds: `max_message_bytes`, or the frame limit less
+    /// The largest message a produce takes (key + headers + value): the
+    /// broker's `max_message_bytes`, or the frame limit less
     /// [`ENVELOPE_ROOM`] when that is smaller, since a message must fit the
     /// frame that delivers it. `Welcome` announces this value.
-    fn message_limit(&self) -> (u32, &'static str) {
-        let config = &self.config;
-        let frame_room = config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM);
-        if frame_room < config.max_message_bytes {
-            (frame_room, "max_frame_bytes less 1 KiB")
-        } else {
-            (config.max_message_bytes, "max_message_bytes")
-        }
+    fn message_limit(&self) -> MessageLimit {
+        self.broker.message_limit(MessageLimit {
+            bytes: self.config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM),
+            setting: "max_frame_bytes less 1 KiB",
+        })
     }
 
-    /// A topic onto the wire, with the largest message it takes: the
-    /// server's [`Broker::message_limit`] or the topic's own (a record must
-    /// fit a segment), whichever is smaller.
-    fn topic_info(&self, topic: &Topic) -> crate::protocol::pb::TopicInfo {
-        let max = topic
-            .config()
-            .log
-            .max_message_bytes()
-            .min(u64::from(self.message_limit().0));
-        crate::protocol::convert::topic_info(topic.name(), topic.config(), topic.stats(), max)
+    /// A topic onto the wire, with the largest message it takes.
+    fn topic_info(&self, topic: &TopicInfo) -> crate::protocol::pb::TopicInfo {
+        let max = topic.max_message_bytes(self.message_limit());
+        crate::protocol::convert::topic_info(&topic.name, &topic.config, topic.stats, max)
     }
 
     /// The wire form of an error (paths relative to the data directory).
     fn wire(&self, error: &Error) -> crate::protocol::pb::Error {
-        crate::protocol::status::to_wire(error, self.registry.data().root())
-    }
-
-    fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
-        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        match runtimes.get(topic.name()) {
-            Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
-            _ => {
-                let rt = TopicRuntime::start(Arc::clone(&topic), self.registry.data().root());
-                runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
-                rt
-            }
-        }
-    }
-
-    /// Drops the runtime of a deleted topic (not that of a topic created
-    /// again since) and wakes its subscriptions and long-polls, whose next
-    /// read answers `NOT_FOUND`.
-    fn retire_runtime(&self, topic: &Arc<Topic>) {
-        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rt) = runtimes.get(topic.name())
-            && Arc::ptr_eq(rt.topic(), topic)
-        {
-            rt.notify();
-            runtimes.remove(topic.name());
-        }
+        crate::protocol::status::to_wire(error, self.broker.data_dir())
     }
 }
 
@@ -200,40 +155,31 @@ impl Broker {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    broker: Arc<Broker>,
+    shared: Arc<Shared>,
 }
 
 impl Server {
     /// Opens the data directory (taking its lock and recovering every topic)
     /// and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Server> {
-        let data_path = config.data.clone();
-        let options = RegistryOptions {
-            defaults: config.topic_defaults.clone(),
+        let broker = Broker::open(BrokerConfig {
+            data: config.data.clone(),
+            topic_defaults: config.topic_defaults.clone(),
             auto_create: config.auto_create,
             recovery: config.recovery,
-        };
-        let registry = tokio::task::spawn_blocking(move || {
-            let data = DataDir::open(Arc::new(OsStorage), &data_path)?;
-            Registry::open(data, options)
+            max_message_bytes: config.max_message_bytes,
+            max_batch_messages: config.max_batch_messages,
         })
-        .await
-        .map_err(|e| {
-            Error::InvalidArgument(format!("opening the data directory panicked: {e}"))
-        })??;
+        .await?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .ctx(|| format!("listening on {}", config.listen))?;
-        let broker = Arc::new(Broker {
-            registry,
-            runtimes: Mutex::new(HashMap::new()),
+        let shared = Arc::new(Shared {
+            broker,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
             config,
         });
-        for topic in broker.registry.topics() {
-            broker.runtime_of(topic);
-        }
-        Ok(Server { listener, broker })
+        Ok(Server { listener, shared })
     }
 
     /// The address actually bound.
@@ -243,9 +189,9 @@ impl Server {
             .ctx(|| "reading the listen address".into())
     }
 
-    /// The shared broker state.
-    pub fn broker(&self) -> &Arc<Broker> {
-        &self.broker
+    /// The broker core this server serves.
+    pub fn broker(&self) -> &Broker {
+        &self.shared.broker
     }
 
     /// Serves until `shutdown` turns true, then stops accepting, ends
@@ -254,7 +200,7 @@ impl Server {
     /// (bounded by the shutdown timeout), syncs every topic and releases the
     /// data directory.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let Server { listener, broker } = self;
+        let Server { listener, shared } = self;
         let mut connections = tokio::task::JoinSet::new();
         let mut summary = tokio::time::interval(admission::SUMMARY_EVERY);
         summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -270,8 +216,8 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
-                    let b = Arc::clone(&broker);
-                    match broker.admission.admit(peer.ip()) {
+                    let b = Arc::clone(&shared);
+                    match shared.admission.admit(peer.ip()) {
                         Ok(ticket) => {
                             let shutdown = shutdown.clone();
                             connections.spawn(async move {
@@ -287,13 +233,13 @@ impl Server {
                     }
                 }
                 _ = shutdown.changed() => break,
-                _ = summary.tick() => broker.admission.log_summary(),
+                _ = summary.tick() => shared.admission.log_summary(),
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
-        let timeout = broker.config.shutdown_timeout;
+        let timeout = shared.config.shutdown_timeout;
         if tokio::time::timeout(timeout, async {
             while connections.join_next().await.is_some() {}
         })
@@ -306,22 +252,8 @@ impl Server {
             );
             connections.shutdown().await;
         }
-        broker.admission.log_summary();
-        broker
-            .runtimes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        let broker = Arc::clone(&broker);
-        tokio::task::spawn_blocking(move || {
-            for topic in broker.registry.topics() {
-                if let Err(e) = topic.stop() {
-                    tracing::error!(topic = topic.name(), error = %e, "final sync failed");
-                }
-            }
-        })
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("final sync panicked: {e}")))?;
+        shared.admission.log_summary();
+        shared.broker.stop().await?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -9,9 +9,8 @@
 //! is still queued; it ends with the last handle of the runtime.
 
 use crate::broker::{GroupCommit, Topic};
-use crate::protocol::{pb, status};
+use crate::error::{Error, Result};
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -29,7 +28,7 @@ const QUEUE_DEPTH: usize = 4096;
 #[derive(Debug)]
 struct ProduceJob {
     batch: Vec<NewMessage>,
-    reply: oneshot::Sender<Result<Appended, pb::Error>>,
+    reply: oneshot::Sender<Result<Appended>>,
 }
 
 /// A topic with its writer task and change signal.
@@ -41,9 +40,8 @@ pub struct TopicRuntime {
 }
 
 impl TopicRuntime {
-    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`,
-    /// which lives in the data directory `data_dir` (named in errors).
-    pub fn start(topic: Arc<Topic>, data_dir: &Path) -> Arc<TopicRuntime> {
+    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`.
+    pub fn start(topic: Arc<Topic>) -> Arc<TopicRuntime> {
         let (produce_tx, produce_rx) = mpsc::channel(QUEUE_DEPTH);
         let (changed, _) = watch::channel(0u64);
         let runtime = Arc::new(TopicRuntime {
@@ -56,7 +54,6 @@ impl TopicRuntime {
             Arc::clone(&runtime.topic),
             produce_rx,
             runtime.changed.clone(),
-            data_dir.to_owned(),
             Arc::clone(&sealed),
         ));
         if let Some(every) = retention_check_interval(runtime.topic.config()) {
@@ -85,12 +82,13 @@ impl TopicRuntime {
     }
 
     /// Appends through the writer task; resolves once the batch is committed.
-    pub async fn produce(&self, batch: Vec<NewMessage>) -> Result<Appended, pb::Error> {
+    pub async fn produce(&self, batch: Vec<NewMessage>) -> Result<Appended> {
         let (reply, rx) = oneshot::channel();
+        // Only a writer that panicked drops its queue: an internal failure.
         let unavailable = || {
-            status::error(
-                pb::Code::Unavailable,
-                format!("topic {} is closing", self.topic.name()),
+            Error::io(
+                format!("producing to topic {}", self.topic.name()),
+                std::io::Error::other("its writer stopped"),
             )
         };
         self.produce_tx
@@ -116,10 +114,8 @@ async fn writer(
     topic: Arc<Topic>,
     mut rx: mpsc::Receiver<ProduceJob>,
     changed: watch::Sender<u64>,
-    data_dir: PathBuf,
     sealed: Arc<Notify>,
 ) {
-    let wire = |e: &crate::Error| status::to_wire(e, &data_dir);
     while let Some(first) = rx.recv().await {
         let segments = topic.log().segments().len();
         let mut jobs = vec![first];
@@ -150,31 +146,67 @@ async fn writer(
             Ok(done) => done,
             Err(e) => {
                 // Deleted: nothing was written.
-                let e = wire(&e);
                 for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
+                    let _ = job.reply.send(Err(duplicate(&e)));
                 }
                 continue;
             }
         };
-        let commit_error = match &committed {
-            Some(Err(e)) => Some(wire(e)),
-            _ => None,
-        };
         for (job, result) in jobs.into_iter().zip(written) {
-            let reply = match (result, &committed, &commit_error) {
-                (Err(e), _, _) => Err(wire(&e)),
-                (Ok(_), _, Some(e)) => Err(e.clone()),
-                (Ok((first, last)), Some(Ok(durability)), None) => Ok(Appended {
+            let reply = match (result, &committed) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(Err(e))) => Err(duplicate(e)),
+                (Ok((first, last)), Some(Ok(durability))) => Ok(Appended {
                     first,
                     last,
                     durability: *durability,
                 }),
-                (Ok(_), _, None) => Err(status::error(pb::Code::Internal, "commit result missing")),
+                (Ok(_), None) => Err(Error::io(
+                    format!("producing to topic {}", topic.name()),
+                    std::io::Error::other("commit result missing"),
+                )),
             };
             let _ = job.reply.send(reply);
         }
         changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// A copy of `e` for each of the producers one failed group commit answers
+/// (the error type is not `Clone`: it carries `io::Error`s). The copy reads
+/// and maps to a status code the same as the original.
+fn duplicate(e: &Error) -> Error {
+    let io = |s: &std::io::Error| std::io::Error::new(s.kind(), s.to_string());
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: context.clone(),
+            source: io(source),
+        },
+        Error::Full { context, source } => Error::Full {
+            context: context.clone(),
+            source: io(source),
+        },
+        Error::Corruption(c) => Error::Corruption(c.clone()),
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+        Error::TooLarge {
+            offset,
+            size,
+            limit,
+        } => Error::TooLarge {
+            offset: *offset,
+            size: *size,
+            limit: *limit,
+        },
+        Error::Locked { dir, pid } => Error::Locked {
+            dir: dir.clone(),
+            pid: pid.clone(),
+        },
+        Error::ReadOnly { log, cause } => Error::ReadOnly {
+            log: log.clone(),
+            cause: cause.clone(),
+        },
     }
 }
 
@@ -192,7 +224,7 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
         match result {
             // Deleted meanwhile.
-            Ok(Err(crate::Error::NotFound(_))) => return,
+            Ok(Err(Error::NotFound(_))) => return,
             Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
             _ => {}
         }
@@ -234,7 +266,7 @@ async fn retention(runtime: std::sync::Weak<TopicRuntime>, every: Duration, seal
         })
         .await;
         match result {
-            Ok(Ok(_)) | Ok(Err(crate::Error::NotFound(_))) => {}
+            Ok(Ok(_)) | Ok(Err(Error::NotFound(_))) => {}
             Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "retention failed"),
             Err(_) => tracing::error!(topic = %name, "retention panicked"),
         }
@@ -294,7 +326,7 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
                 "background compaction"
             ),
             Ok(Ok(None)) => {}
-            Ok(Err(crate::Error::NotFound(_))) => return,
+            Ok(Err(Error::NotFound(_))) => return,
             Ok(Err(e)) => {
                 tracing::error!(topic = %name, error = %e, "background compaction failed")
             }

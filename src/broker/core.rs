@@ -1,0 +1,648 @@
+//! The async broker core every transport calls: one [`Broker`] handle with a
+//! method per thing a client can do (produce, fetch with long-poll,
+//! subscribe, ack, nack, commit, seek, delete, topic and group admin,
+//! compact), answering with [`crate::Error`].
+//!
+//! It owns what has a lifetime: the registry of topics, each open topic's
+//! runtime ([`super::runtime`]), subscriptions ([`super::subscription`]).
+//! Topics are looked up by name on every call: nothing above the core keeps
+//! a topic beyond a request, so a topic may move elsewhere later.
+//! Transports pass their own limits (what a frame holds) as plain values.
+
+use super::TopicConfig;
+use super::registry::{Registry, RegistryOptions};
+use super::runtime::TopicRuntime;
+use super::subscription::{self, Subscription, Target};
+use super::topic::{Delivery, DeliveryLimits, Position, Topic};
+use crate::error::{Error, Result};
+use crate::groups::{GroupInfo, GroupMode};
+use crate::storage::compact::CompactStats;
+use crate::storage::io::OsStorage;
+use crate::storage::log::now_ms;
+use crate::storage::{Appended, DataDir, Durability, LogStats, NewMessage, RecoveryMode, record};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Settings of the broker core (the transports have their own).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Data directory.
+    pub data: PathBuf,
+    /// Config of topics created without one.
+    pub topic_defaults: TopicConfig,
+    /// Create unknown topics on first produce.
+    pub auto_create: bool,
+    /// How opening logs treats damage.
+    pub recovery: RecoveryMode,
+    /// Largest message (key + headers + value).
+    pub max_message_bytes: u32,
+    /// Most messages per produce.
+    pub max_batch_messages: u32,
+}
+
+/// The largest message a produce takes, and the setting that binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageLimit {
+    /// Bytes of key, headers and value.
+    pub bytes: u32,
+    /// The setting an error names.
+    pub setting: &'static str,
+}
+
+/// A topic as admin calls describe it.
+#[derive(Debug, Clone)]
+pub struct TopicInfo {
+    /// Its name.
+    pub name: String,
+    /// Its settings.
+    pub config: TopicConfig,
+    /// Its log's offsets and size.
+    pub stats: LogStats,
+}
+
+impl TopicInfo {
+    fn of(topic: &Topic) -> TopicInfo {
+        TopicInfo {
+            name: topic.name().to_owned(),
+            config: topic.config().clone(),
+            stats: topic.stats(),
+        }
+    }
+
+    /// The largest message a produce to this topic takes under `limit` (see
+    /// [`Broker::message_limit`]): that, or the topic's own (a record must
+    /// fit a segment), whichever is smaller.
+    pub fn max_message_bytes(&self, limit: MessageLimit) -> u64 {
+        self.config
+            .log
+            .max_message_bytes()
+            .min(u64::from(limit.bytes))
+    }
+}
+
+/// A fetch: what to read, from where, and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    /// Topic name.
+    pub topic: String,
+    /// `None`: replay, no state. A stream group reads from its committed
+    /// offset (or `from`), a queue group by lease.
+    pub group: Option<String>,
+    /// Where a replay starts (default earliest), or a stream-group member's
+    /// own position.
+    pub from: Option<Position>,
+    /// Member name: queue leases and group liveness.
+    pub member: String,
+    /// What one answer may carry (the transport's frame decides).
+    pub limits: DeliveryLimits,
+    /// Longest wait for a message when there is none (long-poll).
+    pub wait: Duration,
+}
+
+/// What a fetch found.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Messages (queue groups: with their delivery count; others: 0).
+    pub messages: Vec<Delivery>,
+    /// Offset after the last message, or where the read started.
+    pub next_offset: u64,
+    /// The topic's end offset.
+    pub end_offset: u64,
+}
+
+/// A subscription: what to read, from where, and with how much credit.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    /// Topic name.
+    pub topic: String,
+    /// `None`: replay; else a stream or queue group.
+    pub group: Option<String>,
+    /// Where a replay starts (default earliest).
+    pub from: Option<Position>,
+    /// Member name.
+    pub member: String,
+    /// Most unacknowledged messages.
+    pub max_in_flight: usize,
+    /// What one delivery may carry (`messages`: most per delivery; credit
+    /// lowers it).
+    pub limits: DeliveryLimits,
+}
+
+/// The broker: cheap to clone (one shared state inside).
+#[derive(Debug, Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    runtimes: Mutex<HashMap<String, Arc<TopicRuntime>>>,
+    config: BrokerConfig,
+}
+
+/// An internal failure (a task that panicked) as an error that maps to
+/// `INTERNAL`.
+fn internal(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::io(what, std::io::Error::other(e.to_string()))
+}
+
+/// Runs engine work that may wait on the disk on the blocking pool: syncs,
+/// journal writes, reads of the log, and anything under a topic's
+/// group-state lock (acks hold it across their sync).
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(internal("request failed", e)))
+}
+
+impl Broker {
+    /// Opens the data directory (taking its lock and recovering every topic)
+    /// and starts every topic's runtime.
+    pub async fn open(config: BrokerConfig) -> Result<Broker> {
+        let data_path = config.data.clone();
+        let options = RegistryOptions {
+            defaults: config.topic_defaults.clone(),
+            auto_create: config.auto_create,
+            recovery: config.recovery,
+        };
+        let registry = tokio::task::spawn_blocking(move || {
+            let data = DataDir::open(Arc::new(OsStorage), &data_path)?;
+            Registry::open(data, options)
+        })
+        .await
+        .map_err(|e| internal("opening the data directory", e))??;
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                registry,
+                runtimes: Mutex::new(HashMap::new()),
+                config,
+            }),
+        };
+        for topic in broker.inner.registry.topics() {
+            broker.runtime_of(topic);
+        }
+        Ok(broker)
+    }
+
+    /// The core's settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The data directory's root (transports name files relative to it).
+    pub fn data_dir(&self) -> &Path {
+        self.inner.registry.data().root()
+    }
+
+    /// The largest message a produce takes: `max_message_bytes`, or what
+    /// the transport can deliver (`transport`) when that is smaller, since a
+    /// message must fit the frame that delivers it.
+    pub fn message_limit(&self, transport: MessageLimit) -> MessageLimit {
+        let max = self.inner.config.max_message_bytes;
+        if transport.bytes < max {
+            transport
+        } else {
+            MessageLimit {
+                bytes: max,
+                setting: "max_message_bytes",
+            }
+        }
+    }
+
+    fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
+        let mut runtimes = self.runtimes();
+        match runtimes.get(topic.name()) {
+            Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
+            _ => {
+                let rt = TopicRuntime::start(Arc::clone(&topic));
+                runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
+                rt
+            }
+        }
+    }
+
+    fn runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TopicRuntime>>> {
+        self.inner
+            .runtimes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The runtime of an existing topic. A read of the registry's map (and
+    /// of the runtimes' map) under short locks: cheaper inline than a
+    /// hand-off to the blocking pool and back.
+    pub(super) fn existing(&self, name: &str) -> Result<Arc<TopicRuntime>> {
+        let topic = self.inner.registry.topic(name)?;
+        Ok(self.runtime_of(topic))
+    }
+
+    /// The runtime of `name`, creating the topic if missing and auto-create
+    /// is on (`force`: whatever the setting, as for dead-letter topics).
+    /// Creating makes folders and syncs them: on the blocking pool.
+    async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
+        match self.existing(name) {
+            Err(Error::NotFound(_)) => {
+                let (b, name) = (self.clone(), name.to_owned());
+                let topic =
+                    blocking(move || b.inner.registry.topic_or_create(&name, force)).await?;
+                Ok(self.runtime_of(topic))
+            }
+            other => other,
+        }
+    }
+
+    /// Drops the runtime of a deleted topic (not that of a topic created
+    /// again since) and wakes its subscriptions and long-polls, whose next
+    /// read answers `NOT_FOUND`.
+    fn retire_runtime(&self, topic: &Arc<Topic>) {
+        let mut runtimes = self.runtimes();
+        if let Some(rt) = runtimes.get(topic.name())
+            && Arc::ptr_eq(rt.topic(), topic)
+        {
+            rt.notify();
+            runtimes.remove(topic.name());
+        }
+    }
+
+    /// Appends `batch` to `topic` (created on first produce if auto-create
+    /// is on) through its writer; resolves once the batch is committed. A
+    /// message larger than `limit` (see [`Broker::message_limit`]) refuses
+    /// the whole batch.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        batch: Vec<NewMessage>,
+        limit: MessageLimit,
+    ) -> Result<Appended> {
+        let most = self.inner.config.max_batch_messages;
+        if batch.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "produce to topic {topic}: messages is empty; send 1 to {most} (max_batch_messages)"
+            )));
+        }
+        if batch.len() > most as usize {
+            return Err(Error::InvalidArgument(format!(
+                "produce to topic {topic}: {} messages in one batch; the limit is {most} (max_batch_messages)",
+                batch.len(),
+            )));
+        }
+        let MessageLimit {
+            bytes: limit,
+            setting,
+        } = limit;
+        for (i, m) in batch.iter().enumerate() {
+            let Some(size) = record::encoded_len(m).map(|l| l - record::HEADER_LEN) else {
+                return Err(Error::InvalidArgument(format!(
+                    "produce to topic {topic}: message {i} cannot be stored: more than 65 535 headers, \
+                     a header name over 65 535 bytes, or over 4 GiB of key, headers and value"
+                )));
+            };
+            if size > limit as usize {
+                return Err(Error::InvalidArgument(format!(
+                    "produce to topic {topic}: message {i} has {size} bytes of key, headers and value; the limit is {limit} ({setting})",
+                )));
+            }
+        }
+        let runtime = self.existing_or_create(topic, false).await?;
+        runtime.produce(batch).await
+    }
+
+    /// One read for `target` within `limits`: replay and stream groups from
+    /// `from` ([`Error::TooLarge`] when the message at `from` cannot be
+    /// delivered), queue groups by lease (such a message is dead-lettered
+    /// instead, through the dead-letter topic's writer).
+    pub(super) async fn read(
+        &self,
+        runtime: &TopicRuntime,
+        target: &Target,
+        member: &str,
+        from: u64,
+        limits: DeliveryLimits,
+    ) -> Result<Vec<Delivery>> {
+        let t = Arc::clone(runtime.topic());
+        let plain = |messages: Vec<crate::storage::Message>| {
+            messages
+                .into_iter()
+                .map(|message| Delivery {
+                    message,
+                    delivery: 0,
+                })
+                .collect()
+        };
+        match target.clone() {
+            Target::Replay(_) => blocking(move || t.read_within(from, limits).map(plain)).await,
+            Target::Stream(g) => {
+                let member = member.to_owned();
+                blocking(move || {
+                    t.fetch_stream_within(&g, &member, Some(from), limits)
+                        .map(plain)
+                })
+                .await
+            }
+            Target::Queue(g) => {
+                let member = member.to_owned();
+                let group = g.clone();
+                let source = Arc::clone(&t);
+                let fetched =
+                    blocking(move || t.fetch_queue_within(&g, &member, limits, now_ms())).await?;
+                if !fetched.dead_letters.is_empty() {
+                    self.dead_letter(source, &group, fetched.dead_letters)
+                        .await?;
+                }
+                Ok(fetched.deliveries)
+            }
+        }
+    }
+
+    /// Hands dead letters of `source`'s queue group `group` to its
+    /// dead-letter topic (created if missing, again if deleted meanwhile)
+    /// through that topic's writer, makes them durable, and only then
+    /// completes them in the group.
+    async fn dead_letter(
+        &self,
+        source: Arc<Topic>,
+        group: &str,
+        letters: Vec<super::DeadLetter>,
+    ) -> Result<()> {
+        let name = source.config().dead_letter_topic(source.name());
+        let offsets: Vec<u64> = letters.iter().map(|d| d.offset).collect();
+        let messages: Vec<NewMessage> = letters.into_iter().map(|d| d.message).collect();
+        let mut attempts = 0;
+        loop {
+            let dlq = self.existing_or_create(&name, true).await?;
+            match dlq.produce(messages.clone()).await {
+                Ok(appended) => {
+                    if appended.durability != Durability::Durable {
+                        let t = Arc::clone(dlq.topic());
+                        blocking(move || t.sync_log()).await?;
+                    }
+                    break;
+                }
+                Err(Error::NotFound(_)) if attempts < 3 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        let count = offsets.len();
+        let (s, g) = (Arc::clone(&source), group.to_owned());
+        blocking(move || s.complete_dead_letters(&g, &offsets)).await?;
+        tracing::warn!(
+            topic = source.name(),
+            group,
+            count,
+            dlq = %name,
+            "dead-lettered messages"
+        );
+        Ok(())
+    }
+
+    /// Reads `request` (see [`FetchRequest`]); with nothing to read, waits
+    /// up to `request.wait` for new messages (and, for queue groups, for
+    /// leases to expire). `stop` resolving ends the wait early with what
+    /// there is (nothing).
+    pub async fn fetch(
+        &self,
+        request: FetchRequest,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Fetched> {
+        let FetchRequest {
+            topic,
+            group,
+            from,
+            member,
+            limits,
+            wait,
+        } = request;
+        let runtime = self.existing(&topic)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        // Taken before the first read, so an append after it wakes the long-poll.
+        let mut changes = runtime.subscribe_changes();
+        let t = Arc::clone(runtime.topic());
+        // Target and start in one hand-off: each may wait on group state.
+        let (target, start) = blocking(move || {
+            let target = subscription::target(&t, group, from)?;
+            // A stream-group fetch continues from `from` when the client names
+            // it (its own position), else from the group's committed offset.
+            let start = match (&target, from) {
+                (Target::Stream(_), Some(p)) => t.resolve(p)?,
+                _ => subscription::start_offset(&t, &target)?,
+            };
+            Ok((target, start))
+        })
+        .await?;
+        let mut messages = self.read(&runtime, &target, &member, start, limits).await?;
+        let queue = matches!(target, Target::Queue(_));
+        let lease_poll = subscription::lease_poll(runtime.topic());
+        tokio::pin!(stop);
+        let mut over = false;
+        loop {
+            if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+                let next_offset = messages.last().map_or(start, |m| m.message.offset.0 + 1);
+                return Ok(Fetched {
+                    messages,
+                    next_offset,
+                    end_offset: runtime.topic().stats().end.0,
+                });
+            }
+            tokio::select! {
+                _ = &mut stop => {
+                    over = true;
+                    continue;
+                }
+                changed = changes.changed() => if changed.is_err() {
+                    return Err(Error::NotFound(format!("topic {topic} does not exist")));
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep(lease_poll), if queue => {}
+            }
+            changes.borrow_and_update();
+            messages = self.read(&runtime, &target, &member, start, limits).await?;
+        }
+    }
+
+    /// Starts a subscription (see [`SubscribeRequest`]). Its start is fixed
+    /// here, before the caller answers the client: a subscription from
+    /// `Latest` gets everything produced after the client saw the answer.
+    /// Nothing is read until [`Subscription::next`].
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription> {
+        let runtime = self.existing(&request.topic)?;
+        let t = Arc::clone(runtime.topic());
+        let (group, from) = (request.group, request.from);
+        let (target, start) = blocking(move || {
+            let target = subscription::target(&t, group, from)?;
+            let start = subscription::start_offset(&t, &target)?;
+            Ok((target, start))
+        })
+        .await?;
+        Ok(Subscription::new(
+            self.clone(),
+            runtime,
+            subscription::Reader {
+                target,
+                position: start,
+                member: request.member,
+            },
+            request.max_in_flight,
+            request.limits,
+        ))
+    }
+
+    /// Acknowledges `offsets` for queue group `group` (confirmed once
+    /// durable). A stream group takes acks only from a subscription
+    /// (`for_subscription`), where they return credit and nothing else.
+    pub async fn ack(
+        &self,
+        topic: &str,
+        group: &str,
+        offsets: Vec<u64>,
+        for_subscription: bool,
+    ) -> Result<()> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        let group = group.to_owned();
+        blocking(move || match t.describe_group(&group)?.mode {
+            GroupMode::Queue => t.ack(&group, &offsets),
+            GroupMode::Stream if for_subscription => Ok(()),
+            GroupMode::Stream => Err(Error::InvalidArgument(format!(
+                "group {group} of topic {} is a stream group: commit offsets instead",
+                t.name()
+            ))),
+        })
+        .await
+    }
+
+    /// Gives `offsets` back to queue group `group`, deliverable again after
+    /// `delay_ms`; returns how many were requeued.
+    pub async fn nack(
+        &self,
+        topic: &str,
+        group: &str,
+        offsets: Vec<u64>,
+        delay_ms: u64,
+    ) -> Result<usize> {
+        let runtime = self.existing(topic)?;
+        let t = Arc::clone(runtime.topic());
+        let group = group.to_owned();
+        let requeued = blocking(move || t.nack(&group, &offsets, delay_ms)).await?;
+        runtime.notify();
+        Ok(requeued)
+    }
+
+    /// Commits `offset` for stream group `group`.
+    pub async fn commit(&self, topic: &str, group: &str, offset: u64) -> Result<()> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        let group = group.to_owned();
+        blocking(move || t.commit(&group, offset)).await
+    }
+
+    /// Moves group `group` to `to`; returns the offset it now reads from.
+    pub async fn seek(&self, topic: &str, group: &str, to: Position) -> Result<u64> {
+        let runtime = self.existing(topic)?;
+        let t = Arc::clone(runtime.topic());
+        let group = group.to_owned();
+        let offset = blocking(move || t.seek(&group, to)).await?;
+        runtime.notify();
+        Ok(offset)
+    }
+
+    /// Deletes messages of `topic` by offset.
+    pub async fn delete(&self, topic: &str, offsets: Vec<u64>) -> Result<()> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        blocking(move || t.delete(&offsets)).await
+    }
+
+    /// Creates topic `name` with `config` and starts its runtime.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
+        let (b, name) = (self.clone(), name.to_owned());
+        let topic = blocking(move || b.inner.registry.create_topic(&name, config)).await?;
+        let info = TopicInfo::of(&topic);
+        self.runtime_of(topic);
+        Ok(info)
+    }
+
+    /// Every topic, by name.
+    pub fn list_topics(&self) -> Vec<TopicInfo> {
+        self.inner
+            .registry
+            .topics()
+            .iter()
+            .map(|t| TopicInfo::of(t))
+            .collect()
+    }
+
+    /// Topic `name`.
+    pub fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        let topic = self.inner.registry.topic(name)?;
+        Ok(TopicInfo::of(&topic))
+    }
+
+    /// Deletes topic `name` with all its data; its subscriptions and
+    /// long-polls end with `NOT_FOUND`.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let (b, n) = (self.clone(), name.to_owned());
+        let topic = blocking(move || b.inner.registry.delete_topic(&n)).await?;
+        self.retire_runtime(&topic);
+        Ok(())
+    }
+
+    /// Creates group `group` of `topic`.
+    pub async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        mode: GroupMode,
+        start: Position,
+    ) -> Result<GroupInfo> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        let group = group.to_owned();
+        blocking(move || t.create_group(&group, mode, start)).await
+    }
+
+    /// The groups of `topic`.
+    pub async fn list_groups(&self, topic: &str) -> Result<Vec<GroupInfo>> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        blocking(move || t.list_groups()).await
+    }
+
+    /// Group `group` of `topic`.
+    pub async fn describe_group(&self, topic: &str, group: &str) -> Result<GroupInfo> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        let group = group.to_owned();
+        blocking(move || t.describe_group(&group)).await
+    }
+
+    /// Deletes group `group` of `topic`.
+    pub async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        let t = Arc::clone(self.existing(topic)?.topic());
+        let group = group.to_owned();
+        blocking(move || t.delete_group(&group)).await
+    }
+
+    /// Compacts one topic, or every topic; returns each topic's figures.
+    /// Produce and consume go on meanwhile: compaction touches sealed
+    /// segments only and swaps each one in under the writer's lock.
+    pub async fn compact(&self, topic: Option<&str>) -> Result<Vec<(String, CompactStats)>> {
+        let (b, topic) = (self.clone(), topic.map(str::to_owned));
+        blocking(move || b.inner.registry.compact(topic.as_deref(), &mut |_| {})).await
+    }
+
+    /// Stops every topic's tasks, syncs every topic and releases it. The
+    /// data directory's lock goes with the last handle.
+    pub async fn stop(&self) -> Result<()> {
+        self.runtimes().clear();
+        let b = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for topic in b.inner.registry.topics() {
+                if let Err(e) = topic.stop() {
+                    tracing::error!(topic = topic.name(), error = %e, "final sync failed");
+                }
+            }
+        })
+        .await
+        .map_err(|e| internal("final sync", e))
+    }
+}

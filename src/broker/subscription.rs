@@ -1,0 +1,207 @@
+//! Subscriptions with credit: a subscription reads while it has credit (at
+//! most `max_in_flight` unacknowledged messages) and otherwise waits until
+//! the topic changes (and, for queue groups, until leases may have expired).
+//!
+//! A transport pulls deliveries with [`Subscription::next`] and returns
+//! credit through a [`Credit`] as the client acknowledges. A stored message
+//! too large for a delivery (see [`DeliveryLimits::message_bytes`]) does not
+//! end a replay or stream-group subscription: it comes out as
+//! [`Event::Skipped`] and reading goes on after it. Queue groups never meet
+//! one: the broker dead-letters it.
+
+use super::core::Broker;
+use super::runtime::TopicRuntime;
+use super::topic::{Delivery, DeliveryLimits, Position, Topic};
+use crate::error::{Error, Result};
+use crate::groups::GroupMode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+
+/// What a subscription or fetch reads.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// Replay from a position, no state.
+    Replay(Position),
+    /// A stream group's position.
+    Stream(String),
+    /// Leases of a queue group.
+    Queue(String),
+}
+
+/// What a subscription reads, from where, and as which member.
+#[derive(Debug)]
+pub(super) struct Reader {
+    /// Replay, stream group or queue group.
+    pub(super) target: Target,
+    /// First offset of replay and stream groups, fixed when the subscription
+    /// starts (see [`start_offset`]); queue groups lease instead.
+    pub(super) position: u64,
+    /// Member name: queue leases and group liveness.
+    pub(super) member: String,
+}
+
+/// What a subscription hands out next.
+#[derive(Debug)]
+pub enum Event {
+    /// Messages, each taking one credit.
+    Messages(Vec<Delivery>),
+    /// The message at `offset` cannot be delivered ([`Error::TooLarge`]);
+    /// reading goes on after it.
+    Skipped {
+        /// Its offset.
+        offset: u64,
+        /// Why.
+        error: Error,
+    },
+}
+
+/// The credit of a subscription: the transport returns it as messages are
+/// acknowledged or given back.
+#[derive(Debug, Clone)]
+pub struct Credit {
+    credits: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl Credit {
+    /// Returns `n` credits (acked or nacked messages), never above
+    /// `max_in_flight`.
+    pub fn give(&self, n: usize) {
+        let room = self
+            .max_in_flight
+            .saturating_sub(self.credits.available_permits());
+        self.credits.add_permits(n.min(room));
+    }
+}
+
+/// A subscription, read with [`Subscription::next`].
+#[derive(Debug)]
+pub struct Subscription {
+    broker: Broker,
+    runtime: Arc<TopicRuntime>,
+    reader: Reader,
+    credit: Credit,
+    changes: watch::Receiver<u64>,
+    /// Most messages per delivery, bytes, and the largest message.
+    limits: DeliveryLimits,
+    ended: bool,
+}
+
+/// How often a queue group's readers look again when nothing changes:
+/// leases expire without any append.
+pub(super) fn lease_poll(topic: &Topic) -> Duration {
+    Duration::from_millis(topic.config().ack_timeout_ms.clamp(10, 1000))
+}
+
+impl Subscription {
+    pub(super) fn new(
+        broker: Broker,
+        runtime: Arc<TopicRuntime>,
+        reader: Reader,
+        max_in_flight: usize,
+        limits: DeliveryLimits,
+    ) -> Subscription {
+        let changes = runtime.subscribe_changes();
+        Subscription {
+            broker,
+            runtime,
+            reader,
+            credit: Credit {
+                credits: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
+            },
+            changes,
+            limits,
+            ended: false,
+        }
+    }
+
+    /// The handle that returns credit.
+    pub fn credit(&self) -> Credit {
+        self.credit.clone()
+    }
+
+    /// Waits for credit and something to deliver, and hands it out (the
+    /// messages take their credit). `None`: the subscription is over
+    /// silently (its topic's runtime is gone); `Some(Err(..))`: it ends with
+    /// that error, and `next` returns `None` from then on.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        let lease_poll = lease_poll(self.runtime.topic());
+        let queue = matches!(self.reader.target, Target::Queue(_));
+        while !self.ended {
+            let credits = &self.credit.credits;
+            let Ok(permit) = credits.acquire().await else {
+                return None;
+            };
+            drop(permit);
+            let room = credits.available_permits().min(self.limits.messages);
+            self.changes.borrow_and_update();
+            let limits = DeliveryLimits {
+                messages: room,
+                ..self.limits
+            };
+            let read = self
+                .broker
+                .read(
+                    &self.runtime,
+                    &self.reader.target,
+                    &self.reader.member,
+                    self.reader.position,
+                    limits,
+                )
+                .await;
+            match read {
+                Ok(messages) if messages.is_empty() => {
+                    tokio::select! {
+                        changed = self.changes.changed() => if changed.is_err() { return None },
+                        _ = tokio::time::sleep(lease_poll), if queue => {}
+                    }
+                }
+                Ok(messages) => {
+                    if let Some(last) = messages.last() {
+                        self.reader.position = last.message.offset.0 + 1;
+                    }
+                    credits.forget_permits(messages.len());
+                    return Some(Ok(Event::Messages(messages)));
+                }
+                Err(error @ Error::TooLarge { offset, .. }) => {
+                    tracing::debug!(offset, "skipping a message too large for a delivery");
+                    self.reader.position = offset + 1;
+                    return Some(Ok(Event::Skipped { offset, error }));
+                }
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Where a reader of `target` starts: the resolved position for replay, the
+/// committed offset for a stream group (queue groups track their own cursor).
+pub(super) fn start_offset(topic: &Topic, target: &Target) -> Result<u64> {
+    match target {
+        Target::Replay(p) => topic.resolve(*p),
+        Target::Stream(g) => Ok(topic.describe_group(g)?.committed),
+        Target::Queue(_) => Ok(0),
+    }
+}
+
+/// The target of a subscribe or fetch on `topic` with `group` (replay
+/// from `from`, earliest by default, without one).
+pub(super) fn target(
+    topic: &Topic,
+    group: Option<String>,
+    from: Option<Position>,
+) -> Result<Target> {
+    match group {
+        None => Ok(Target::Replay(from.unwrap_or(Position::Earliest))),
+        Some(g) => match topic.describe_group(&g)?.mode {
+            GroupMode::Stream => Ok(Target::Stream(g)),
+            GroupMode::Queue => Ok(Target::Queue(g)),
+        },
+    }
+}

@@ -1,0 +1,53 @@
+//! One module per request group, each converting protobuf to
+//! [`crate::broker::Broker`] calls and the answers back: `produce`, `fetch`
+//! (fetch and subscribe), `groups` (group admin, ack, nack, commit, seek)
+//! and `admin` (topics, deleting messages, compaction). Broker outcomes
+//! reach the wire through [`crate::protocol::status::to_wire`] only.
+
+pub(super) mod admin;
+pub(super) mod fetch;
+pub(super) mod groups;
+pub(super) mod produce;
+
+use super::connection::Conn;
+use crate::protocol::pb;
+use crate::protocol::pb::client_frame::Request;
+use crate::protocol::pb::response::Result as Reply;
+use crate::protocol::status;
+
+/// Serves one request other than `Subscribe` (see [`fetch::subscribe`]).
+pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb::Error> {
+    match request {
+        Request::Hello(_) => Err(status::error(
+            pb::Code::FailedPrecondition,
+            "Hello was already received",
+        )),
+        Request::Ping(p) => Ok(Reply::Ping(pb::PingResponse { nonce: p.nonce })),
+        Request::Produce(p) => produce::produce(conn, p).await,
+        Request::Fetch(f) => fetch::fetch(conn, f).await,
+        Request::Subscribe(_) => Err(status::error(
+            pb::Code::Internal,
+            "subscribe is served by handlers::fetch::subscribe",
+        )),
+        Request::Unsubscribe(u) => fetch::unsubscribe(conn, u),
+        Request::Ack(a) => groups::ack(conn, a).await,
+        Request::Nack(n) => groups::nack(conn, n).await,
+        Request::Commit(c) => groups::commit(conn, c).await,
+        Request::Seek(s) => groups::seek(conn, s).await,
+        Request::CreateGroup(c) => groups::create(conn, c).await,
+        Request::ListGroups(l) => groups::list(conn, l).await,
+        Request::DescribeGroup(d) => groups::describe(conn, d).await,
+        Request::DeleteGroup(d) => groups::delete(conn, d).await,
+        Request::Delete(d) => admin::delete_messages(conn, d).await,
+        Request::CreateTopic(c) => admin::create_topic(conn, c).await,
+        Request::ListTopics(_) => Ok(admin::list_topics(conn)),
+        Request::DescribeTopic(d) => admin::describe_topic(conn, d),
+        Request::DeleteTopic(d) => admin::delete_topic(conn, d).await,
+        Request::Compact(c) => admin::compact(conn, c).await,
+    }
+}
+
+/// A broker outcome onto the wire.
+fn wire(conn: &Conn) -> impl Fn(crate::Error) -> pb::Error + '_ {
+    move |e| conn.shared.wire(&e)
+}
