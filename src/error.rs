@@ -36,9 +36,19 @@ pub enum Error {
     /// A caller passed something spool cannot accept.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The named thing does not exist.
+    /// The named topic does not exist (or was deleted).
+    #[error("{0}")]
+    TopicNotFound(String),
+    /// The named consumer group does not exist.
+    #[error("{0}")]
+    GroupNotFound(String),
+    /// Something else named does not exist (a subscription, ...).
     #[error("{0}")]
     NotFound(String),
+    /// A failure inside spool itself: a task that panicked, a result that
+    /// went missing. Never caused by input; worth a bug report.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The named thing exists already.
     #[error("{0}")]
     AlreadyExists(String),

@@ -147,7 +147,7 @@ struct Inner {
 /// An internal failure (a task that panicked) as an error that maps to
 /// `INTERNAL`.
 fn internal(what: &str, e: tokio::task::JoinError) -> Error {
-    Error::io(what, std::io::Error::other(e.to_string()))
+    Error::Internal(format!("{what}: {e}"))
 }
 
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
@@ -247,7 +247,7 @@ impl Broker {
     /// Creating makes folders and syncs them: on the blocking pool.
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
         match self.existing(name) {
-            Err(Error::NotFound(_)) => {
+            Err(Error::TopicNotFound(_)) => {
                 let (b, name) = (self.clone(), name.to_owned());
                 let topic =
                     blocking(move || b.inner.registry.topic_or_create(&name, force)).await?;
@@ -384,7 +384,7 @@ impl Broker {
                     }
                     break;
                 }
-                Err(Error::NotFound(_)) if attempts < 3 => attempts += 1,
+                Err(Error::TopicNotFound(_)) if attempts < 3 => attempts += 1,
                 Err(e) => return Err(e),
             }
         }
@@ -455,7 +455,7 @@ impl Broker {
                     continue;
                 }
                 changed = changes.changed() => if changed.is_err() {
-                    return Err(Error::NotFound(format!("topic {topic} does not exist")));
+                    return Err(Error::TopicNotFound(format!("topic {topic} does not exist")));
                 },
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = tokio::time::sleep(lease_poll), if queue => {}

@@ -126,7 +126,7 @@ impl Registry {
             .get(name)
             .filter(|t| !t.is_retired())
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("topic {name} does not exist")))
+            .ok_or_else(|| Error::TopicNotFound(format!("topic {name} does not exist")))
     }
 
     /// All topics, by name (not those being deleted).
@@ -247,7 +247,7 @@ impl Registry {
     /// `auto_create` is on (or `force` is set, as for dead-letter topics).
     pub fn topic_or_create(&self, name: &str, force: bool) -> Result<Arc<Topic>> {
         match self.topic(name) {
-            Err(Error::NotFound(_)) if self.options.auto_create || force => {
+            Err(Error::TopicNotFound(_)) if self.options.auto_create || force => {
                 match self.create_topic(name, self.options.defaults.clone()) {
                     Err(Error::AlreadyExists(_)) => self.topic(name),
                     other => other,
@@ -266,7 +266,7 @@ impl Registry {
         let topic = self.topic(name)?;
         if !topic.gate().close() {
             // Another delete of it is under way.
-            return Err(Error::NotFound(format!("topic {name} does not exist")));
+            return Err(Error::TopicNotFound(format!("topic {name} does not exist")));
         }
         let moved = self.data.move_to_trash(topic.dir());
         if moved.is_err() && self.data.storage().exists(topic.dir()) {
@@ -313,7 +313,7 @@ impl Registry {
         for t in topics {
             let stats = match t.compact(now, progress) {
                 // Deleted meanwhile: nothing left to compact.
-                Err(Error::NotFound(_)) if topic.is_none() => continue,
+                Err(Error::TopicNotFound(_)) if topic.is_none() => continue,
                 other => other?,
             };
             out.push((t.name().to_owned(), stats));
@@ -337,7 +337,7 @@ impl Registry {
                 }
             });
             match stored {
-                Err(Error::NotFound(_)) if attempts < 3 => attempts += 1,
+                Err(Error::TopicNotFound(_)) if attempts < 3 => attempts += 1,
                 other => return other.map(|()| dlq),
             }
         }

@@ -86,10 +86,10 @@ impl TopicRuntime {
         let (reply, rx) = oneshot::channel();
         // Only a writer that panicked drops its queue: an internal failure.
         let unavailable = || {
-            Error::io(
-                format!("producing to topic {}", self.topic.name()),
-                std::io::Error::other("its writer stopped"),
-            )
+            Error::Internal(format!(
+                "producing to topic {}: its writer stopped",
+                self.topic.name()
+            ))
         };
         self.produce_tx
             .send(ProduceJob { batch, reply })
@@ -161,10 +161,10 @@ async fn writer(
                     last,
                     durability: *durability,
                 }),
-                (Ok(_), None) => Err(Error::io(
-                    format!("producing to topic {}", topic.name()),
-                    std::io::Error::other("commit result missing"),
-                )),
+                (Ok(_), None) => Err(Error::Internal(format!(
+                    "producing to topic {}: commit result missing",
+                    topic.name()
+                ))),
             };
             let _ = job.reply.send(reply);
         }
@@ -188,7 +188,10 @@ fn duplicate(e: &Error) -> Error {
         },
         Error::Corruption(c) => Error::Corruption(c.clone()),
         Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::TopicNotFound(m) => Error::TopicNotFound(m.clone()),
+        Error::GroupNotFound(m) => Error::GroupNotFound(m.clone()),
         Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Internal(m) => Error::Internal(m.clone()),
         Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
         Error::TooLarge {
             offset,
@@ -224,7 +227,7 @@ async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
         let result = tokio::task::spawn_blocking(move || topic.tick()).await;
         match result {
             // Deleted meanwhile.
-            Ok(Err(Error::NotFound(_))) => return,
+            Ok(Err(Error::TopicNotFound(_))) => return,
             Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
             _ => {}
         }
@@ -266,7 +269,7 @@ async fn retention(runtime: std::sync::Weak<TopicRuntime>, every: Duration, seal
         })
         .await;
         match result {
-            Ok(Ok(_)) | Ok(Err(Error::NotFound(_))) => {}
+            Ok(Ok(_)) | Ok(Err(Error::TopicNotFound(_))) => {}
             Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "retention failed"),
             Err(_) => tracing::error!(topic = %name, "retention panicked"),
         }
@@ -326,7 +329,7 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
                 "background compaction"
             ),
             Ok(Ok(None)) => {}
-            Ok(Err(Error::NotFound(_))) => return,
+            Ok(Err(Error::TopicNotFound(_))) => return,
             Ok(Err(e)) => {
                 tracing::error!(topic = %name, error = %e, "background compaction failed")
             }

@@ -315,7 +315,7 @@ impl Topic {
 
     fn enter(&self) -> Result<Pass<'_>> {
         self.gate.enter().ok_or_else(|| {
-            Error::NotFound(format!(
+            Error::TopicNotFound(format!(
                 "topic {} does not exist: it was deleted",
                 self.name
             ))
@@ -479,7 +479,7 @@ impl Topic {
                 "group {name} of topic {} is a {} group, not {mode}",
                 self.name, info.mode
             ))),
-            Err(Error::NotFound(_)) => match self.create_group(name, mode, start) {
+            Err(Error::GroupNotFound(_)) => match self.create_group(name, mode, start) {
                 Err(Error::AlreadyExists(_)) => self.ensure_group(name, mode, start),
                 other => other,
             },
@@ -493,7 +493,7 @@ impl Topic {
         name: &str,
     ) -> Result<&'a mut Group> {
         groups.get_mut(name).ok_or_else(|| {
-            Error::NotFound(format!(
+            Error::GroupNotFound(format!(
                 "group {name} of topic {} does not exist",
                 self.name
             ))

@@ -11,7 +11,10 @@ use std::path::Path;
 pub fn code(error: &Error) -> pb::Code {
     match error {
         Error::InvalidArgument(_) => pb::Code::InvalidArgument,
-        Error::NotFound(_) => pb::Code::NotFound,
+        Error::TopicNotFound(_) | Error::GroupNotFound(_) | Error::NotFound(_) => {
+            pb::Code::NotFound
+        }
+        Error::Internal(_) => pb::Code::Internal,
         Error::AlreadyExists(_) => pb::Code::AlreadyExists,
         Error::Full { .. } | Error::TooLarge { .. } => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
@@ -71,6 +74,31 @@ pub fn error(code: pb::Code, message: impl Into<String>) -> pb::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_topics_and_groups_are_not_found_and_internal_failures_internal() {
+        let cases = [
+            (
+                Error::TopicNotFound("topic t does not exist".into()),
+                pb::Code::NotFound,
+            ),
+            (
+                Error::GroupNotFound("group g of topic t does not exist".into()),
+                pb::Code::NotFound,
+            ),
+            (
+                Error::NotFound("subscription 3 does not exist".into()),
+                pb::Code::NotFound,
+            ),
+            (
+                Error::Internal("a task panicked".into()),
+                pb::Code::Internal,
+            ),
+        ];
+        for (error, want) in cases {
+            assert_eq!(code(&error), want, "{error}");
+        }
+    }
 
     #[test]
     fn paths_under_the_data_directory_are_named_relative_to_it() {
