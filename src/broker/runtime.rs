@@ -10,6 +10,7 @@
 
 use crate::broker::{GroupCommit, Topic};
 use crate::error::{Error, Result};
+use crate::storage::log::now_ms;
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,21 +57,54 @@ impl TopicRuntime {
             runtime.changed.clone(),
             Arc::clone(&sealed),
         ));
-        if let Some(every) = retention_check_interval(runtime.topic.config()) {
-            tokio::spawn(retention(Arc::downgrade(&runtime), every, sealed));
-        }
-        if let FsyncPolicy::Interval(ms) = runtime.topic.config().log.fsync {
-            tokio::spawn(ticker(
-                Arc::downgrade(&runtime),
-                Duration::from_millis(ms.max(1)),
+        let weak = || Arc::downgrade(&runtime);
+        let config = runtime.topic.config();
+        if let Some(every) = retention_check_interval(config) {
+            tokio::spawn(periodic(
+                weak(),
+                Schedule::now_and_every(every).or_when(sealed),
+                "retention",
+                |t: &Topic| t.enforce_retention(now_ms()),
+                |_, _| {},
             ));
         }
-        tokio::spawn(checkpointer(Arc::downgrade(&runtime), CHECKPOINT_EVERY));
-        if let Some(ratio) = runtime.topic.config().compact_min_dirty_ratio {
-            tokio::spawn(compactor(
-                Arc::downgrade(&runtime),
-                Duration::from_millis(runtime.topic.config().compact_check_ms.max(1)),
-                ratio,
+        if let FsyncPolicy::Interval(ms) = config.log.fsync {
+            let every = Duration::from_millis(ms.max(1));
+            tokio::spawn(periodic(
+                weak(),
+                Schedule::now_and_every(every),
+                "fsync-interval tick",
+                Topic::tick,
+                |_, ()| {},
+            ));
+        }
+        tokio::spawn(periodic(
+            weak(),
+            Schedule::every(CHECKPOINT_EVERY),
+            "recording the recovery point",
+            Topic::checkpoint,
+            |_, ()| {},
+        ));
+        if let Some(ratio) = config.compact_min_dirty_ratio {
+            let every = Duration::from_millis(config.compact_check_ms.max(1));
+            tokio::spawn(periodic(
+                weak(),
+                Schedule::every(every),
+                "background compaction",
+                move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
+                |topic, done| {
+                    if let Some((dirt, stats)) = done {
+                        tracing::info!(
+                            topic,
+                            dirty_ratio = dirt.ratio(),
+                            bytes_before = stats.bytes_before,
+                            bytes_after = stats.bytes_after,
+                            records_removed = stats.records_removed,
+                            millis = stats.millis,
+                            "background compaction"
+                        );
+                    }
+                },
             ));
         }
         runtime
@@ -213,27 +247,6 @@ fn duplicate(e: &Error) -> Error {
     }
 }
 
-async fn ticker(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(rt) = runtime.upgrade() else { return };
-        let topic = Arc::clone(&rt.topic);
-        drop(rt);
-        if topic.is_retired() {
-            return;
-        }
-        let result = tokio::task::spawn_blocking(move || topic.tick()).await;
-        match result {
-            // Deleted meanwhile.
-            Ok(Err(Error::TopicNotFound(_))) => return,
-            Ok(Err(e)) => tracing::error!(error = %e, "fsync-interval tick failed"),
-            _ => {}
-        }
-    }
-}
-
 /// How often the retention task looks at a topic (besides after every
 /// seal): a tenth of `retention_ms`, between 100 ms and a minute; `None`
 /// when the topic has no retention.
@@ -248,65 +261,71 @@ pub fn retention_check_interval(config: &crate::broker::TopicConfig) -> Option<D
     Some(Duration::from_millis(ms))
 }
 
-/// Retention: drops old segments every `every` and after each seal.
-async fn retention(runtime: std::sync::Weak<TopicRuntime>, every: Duration, sealed: Arc<Notify>) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = sealed.notified() => {}
+/// When a topic's periodic task runs.
+struct Schedule {
+    every: Duration,
+    /// Also at once, not only after the first period.
+    now: bool,
+    /// Also whenever this is notified.
+    wake: Option<Arc<Notify>>,
+}
+
+impl Schedule {
+    fn every(every: Duration) -> Schedule {
+        Schedule {
+            every,
+            now: false,
+            wake: None,
         }
-        let Some(rt) = runtime.upgrade() else { return };
-        let topic = Arc::clone(&rt.topic);
-        drop(rt);
-        if topic.is_retired() {
-            return;
+    }
+
+    fn now_and_every(every: Duration) -> Schedule {
+        Schedule {
+            now: true,
+            ..Schedule::every(every)
         }
-        let name = topic.name().to_owned();
-        let result = tokio::task::spawn_blocking(move || {
-            topic.enforce_retention(crate::storage::log::now_ms())
-        })
-        .await;
-        match result {
-            Ok(Ok(_)) | Ok(Err(Error::TopicNotFound(_))) => {}
-            Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "retention failed"),
-            Err(_) => tracing::error!(topic = %name, "retention panicked"),
+    }
+
+    fn or_when(self, wake: Arc<Notify>) -> Schedule {
+        Schedule {
+            wake: Some(wake),
+            ..self
         }
     }
 }
 
-/// Records the topic's recovery point every `every` (a no-op while nothing
-/// moved).
-async fn checkpointer(runtime: std::sync::Weak<TopicRuntime>, every: Duration) {
-    let mut interval = tokio::time::interval(every);
+/// A topic's periodic task (fsync ticker, checkpoints, compaction,
+/// retention): runs `work` on the blocking pool as `schedule` says, and hands
+/// what it did to `report`, for as long as the runtime lives and the topic is
+/// not deleted. `what` names the task in the log when it fails.
+async fn periodic<T, W, R>(
+    runtime: std::sync::Weak<TopicRuntime>,
+    schedule: Schedule,
+    what: &'static str,
+    work: W,
+    report: R,
+) where
+    T: Send + 'static,
+    W: Fn(&Topic) -> Result<T> + Send + Sync + 'static,
+    R: Fn(&str, T),
+{
+    let work = Arc::new(work);
+    let mut interval = tokio::time::interval(schedule.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
-    loop {
+    if !schedule.now {
+        // The first tick is immediate.
         interval.tick().await;
-        let Some(rt) = runtime.upgrade() else { return };
-        let topic = Arc::clone(&rt.topic);
-        drop(rt);
-        let name = topic.name().to_owned();
-        match tokio::task::spawn_blocking(move || topic.checkpoint()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(topic = %name, error = %e, "could not record the recovery point")
+    }
+    loop {
+        match &schedule.wake {
+            Some(wake) => tokio::select! {
+                _ = interval.tick() => {}
+                _ = wake.notified() => {}
+            },
+            None => {
+                interval.tick().await;
             }
-            Err(_) => tracing::error!(topic = %name, "recording the recovery point panicked"),
         }
-    }
-}
-
-/// Background compaction: every `every`, measures the removable share of the
-/// topic's sealed bytes and compacts once it reaches `ratio`.
-async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, ratio: f64) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is immediate; the first check waits a whole period.
-    interval.tick().await;
-    loop {
-        interval.tick().await;
         let Some(rt) = runtime.upgrade() else { return };
         let topic = Arc::clone(&rt.topic);
         drop(rt);
@@ -314,26 +333,13 @@ async fn compactor(runtime: std::sync::Weak<TopicRuntime>, every: Duration, rati
             return;
         }
         let name = topic.name().to_owned();
-        let result = tokio::task::spawn_blocking(move || {
-            topic.compact_if_dirty(crate::storage::log::now_ms(), ratio)
-        })
-        .await;
-        match result {
-            Ok(Ok(Some((dirt, stats)))) => tracing::info!(
-                topic = %name,
-                dirty_ratio = dirt.ratio(),
-                bytes_before = stats.bytes_before,
-                bytes_after = stats.bytes_after,
-                records_removed = stats.records_removed,
-                millis = stats.millis,
-                "background compaction"
-            ),
-            Ok(Ok(None)) => {}
+        let work = Arc::clone(&work);
+        match tokio::task::spawn_blocking(move || work(&topic)).await {
+            Ok(Ok(done)) => report(&name, done),
+            // Deleted meanwhile.
             Ok(Err(Error::TopicNotFound(_))) => return,
-            Ok(Err(e)) => {
-                tracing::error!(topic = %name, error = %e, "background compaction failed")
-            }
-            Err(_) => tracing::error!(topic = %name, "background compaction panicked"),
+            Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "{what} failed"),
+            Err(_) => tracing::error!(topic = %name, "{what} panicked"),
         }
     }
 }
