@@ -39,7 +39,10 @@
 //!     fsync ticker, checkpoints, compaction, retention) and change signal.
 //!   - [`broker::subscription`]: subscriptions with credit, read by the
 //!     transport that pushes them.
-//!   - [`broker::topic`]: replay, stream and queue fetches, acks, dead letters, retention.
+//!   - [`broker::topic`]: one topic: its log, deletions and groups, replay,
+//!     group lifecycle, seeks, deletes and retention; its queue groups
+//!     (leases, dead letters, acks and nacks), stream groups (fetch, commit)
+//!     and compaction each in a file of their own under `broker/topic/`.
 //!   - [`broker::registry`]: the topics of a data directory (and a synchronous
 //!     queue fetch with dead-letter hand-off for use without a running broker).
 //!   - `broker::cleaner`: the cleaner policy, which records compaction removes.

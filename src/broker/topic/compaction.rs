@@ -1,0 +1,94 @@
+//! Compaction of a topic: the cleaner's decisions on a snapshot of the
+//! topic's state, the pass over the log, and pruning the deletions it made
+//! unnecessary.
+
+use super::*;
+
+impl Topic {
+    /// Compacts the topic's sealed segments: removes explicitly deleted
+    /// records, on `delete_when_consumed` topics records every group has
+    /// completed, and on `cleanup=compact` topics records superseded by a later
+    /// record with the same key and tombstones older than
+    /// `delete_retention_ms`. Offsets never change. Afterwards the deletion
+    /// journal forgets what no segment holds any more.
+    pub fn compact(&self, now_ms: u64, progress: &mut dyn FnMut(u64)) -> Result<CompactStats> {
+        let _pass = self.enter()?;
+        // What compaction decides on (deletions, acks) is durable before any
+        // record goes because of it, whatever the fsync policy; a key's
+        // latest record counts only once it is durable too.
+        self.sync_state()?;
+        let cleaner = self.cleaner(now_ms)?;
+        self.compact_with(&cleaner, progress)
+    }
+
+    /// Background compaction: measures what [`Topic::compact`] would remove
+    /// and compacts, on the same decisions, only once the removable share of
+    /// the sealed bytes reaches `ratio`. `None` when it did not.
+    pub fn compact_if_dirty(
+        &self,
+        now_ms: u64,
+        ratio: f64,
+    ) -> Result<Option<(Dirt, CompactStats)>> {
+        let _pass = self.enter()?;
+        self.sync_state()?;
+        let cleaner = self.cleaner(now_ms)?;
+        let dirt = self.log.dirt(&|r| cleaner.keep(r))?;
+        if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
+            return Ok(None);
+        }
+        let stats = self.compact_with(&cleaner, &mut |_| {})?;
+        Ok(Some((dirt, stats)))
+    }
+
+    fn compact_with(
+        &self,
+        cleaner: &Cleaner,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<CompactStats> {
+        // Compaction covers at most the segments sealed now; one a producer
+        // seals meanwhile keeps its records, so its deletions must stay.
+        let compacted_below = self.log.segments().last().map(|s| s.base());
+        let stats = self.log.compact(&|r| cleaner.keep(r), progress)?;
+        if let Some(below) = compacted_below {
+            self.prune_deletions(&cleaner.deleted, below)?;
+        }
+        Ok(stats)
+    }
+
+    /// The keep-or-drop rules of compaction, on a snapshot of the topic's
+    /// state (so compaction never holds the topic while it copies).
+    fn cleaner(&self, now_ms: u64) -> Result<Cleaner> {
+        let (deleted, completed) = {
+            let state = self.state()?;
+            let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
+                state.groups.values().map(Group::completed).collect()
+            } else {
+                Vec::new()
+            };
+            (state.deletions.set().clone(), completed)
+        };
+        let latest = match self.config.cleanup {
+            Cleanup::Compact => Some(Cleaner::latest_offset_per_key(&self.log)?),
+            Cleanup::Delete => None,
+        };
+        Ok(Cleaner {
+            deleted,
+            completed,
+            latest,
+            tombstone_deadline: now_ms.saturating_sub(self.config.delete_retention_ms),
+        })
+    }
+
+    /// Every deleted offset below `compacted_below` (the active segment's base
+    /// when compaction started) was just removed from the sealed segments, so
+    /// the journal keeps only the rest. Skipped when a deletion arrived
+    /// meanwhile (the next pass prunes it).
+    fn prune_deletions(&self, used: &RangeSet, compacted_below: u64) -> Result<()> {
+        let mut state = self.state()?;
+        let deleted = state.deletions.set();
+        if deleted != used || deleted.iter().all(|r| r.start >= compacted_below) {
+            return Ok(());
+        }
+        state.deletions.prune_below(compacted_below)
+    }
+}

@@ -1,0 +1,221 @@
+//! Queue groups on a topic: leasing messages to members (redeliveries
+//! that are due first, then new messages in offset order), dead-lettering
+//! what was delivered too often or cannot fit a frame, and acks and nacks.
+//! Delivery counts and acks are durable before they count (group commit).
+
+use super::*;
+
+impl Topic {
+    /// Queue group: leases up to `max` messages to `member` — redeliveries that
+    /// are due first, then new messages in offset order.
+    pub fn fetch_queue(
+        &self,
+        group: &str,
+        member: &str,
+        max: usize,
+        max_bytes: usize,
+        now: u64,
+    ) -> Result<QueueFetch> {
+        self.fetch_queue_within(group, member, DeliveryLimits::new(max, max_bytes), now)
+    }
+
+    /// [`Topic::fetch_queue`] for a delivery of at most `limits`. A message
+    /// too large to deliver is dead-lettered at once (its delivery count is
+    /// not raised) and does not count against `limits.messages`.
+    pub fn fetch_queue_within(
+        &self,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+    ) -> Result<QueueFetch> {
+        let DeliveryLimits {
+            messages: max,
+            bytes: max_bytes,
+            ..
+        } = limits;
+        let _pass = self.enter()?;
+        let mut guard = self.state()?;
+        let state = &mut *guard;
+        let mut out = QueueFetch::default();
+        let mut bytes = 0usize;
+        let g = self.queue_group(&mut state.groups, group)?;
+        g.touch(member, now);
+        g.expire(now);
+        let due = g.due_redeliveries(now, max);
+        let mut candidates: Vec<Message> = Vec::new();
+        // Too large for a delivery: dead-lettered, never leased.
+        let mut too_large: Vec<(Message, usize)> = Vec::new();
+        for offset in due {
+            let found = self.log.read(Offset(offset), 1, max_bytes)?;
+            match found.into_iter().next() {
+                Some(m) if m.offset.0 == offset && !state.deletions.contains(offset) => {
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
+                    }
+                }
+                // Gone (retention, compaction) or deleted: nothing left to deliver.
+                _ => self
+                    .queue_group(&mut state.groups, group)?
+                    .complete(offset, offset + 1)?,
+            }
+        }
+        let mut cursor = self.queue_group(&mut state.groups, group)?.cursor();
+        let end = self.log.end().0;
+        while candidates.len() < max && cursor < end {
+            let batch = self
+                .log
+                .read(Offset(cursor), max - candidates.len(), max_bytes)?;
+            let Some(last) = batch.last().map(|m| m.offset.0) else {
+                break;
+            };
+            let g = self.queue_group(&mut state.groups, group)?;
+            for m in batch {
+                let o = m.offset.0;
+                if state.deletions.contains(o) {
+                    // Nothing to deliver: complete it (as a deleted redelivery
+                    // is) so it does not hold the low watermark back.
+                    if !g.is_done(o) && !g.is_leased(o) {
+                        g.complete(o, o + 1)?;
+                    }
+                } else if !g.is_done(o) && !g.is_leased(o) {
+                    match limits.excess(&m) {
+                        Some(size) => too_large.push((m, size)),
+                        None => candidates.push(m),
+                    }
+                }
+            }
+            cursor = last + 1;
+            self.queue_group(&mut state.groups, group)?
+                .advance_cursor(cursor);
+        }
+        let consumed_by_all = self.config.delete_when_consumed;
+        for (m, size) in too_large {
+            let o = m.offset.0;
+            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
+                continue;
+            }
+            let g = self.queue_group(&mut state.groups, group)?;
+            let deliveries = g.deliveries(o);
+            // As for max_deliveries below: pending until the hand-off completes it.
+            g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+            let reason = format!(
+                "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {} (max_frame_bytes)",
+                limits.message_bytes
+            );
+            out.dead_letters.push(DeadLetter {
+                offset: o,
+                message: self.dead_letter(group, m, deliveries, &reason),
+            });
+        }
+        for m in candidates {
+            let o = m.offset.0;
+            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
+                continue;
+            }
+            if !out.deliveries.is_empty() && bytes + m.value.len() > max_bytes {
+                self.queue_group(&mut state.groups, group)?.defer(o, now);
+                continue;
+            }
+            let g = self.queue_group(&mut state.groups, group)?;
+            match g.deliver(o, member, now)? {
+                Decision::Deliver { delivery } => {
+                    bytes += m.value.len();
+                    out.deliveries.push(Delivery {
+                        message: m,
+                        delivery,
+                    });
+                }
+                Decision::DeadLetter { deliveries } => {
+                    // Due again only after a lease time: the hand-off to the
+                    // dead-letter topic completes it well before, and a
+                    // concurrent fetch must not dead-letter it a second time.
+                    g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+                    out.dead_letters.push(DeadLetter {
+                        offset: o,
+                        message: self.dead_letter(group, m, deliveries, "max_deliveries exceeded"),
+                    });
+                }
+            }
+        }
+        // Completions of deleted offsets above stand on the deletions: those
+        // reach the disk first.
+        if !state.deletions.is_synced() {
+            state.deletions.sync()?;
+        }
+        // Redelivery counts reach the disk before the messages go out, so a
+        // poison message cannot loop forever across broker crashes. The sync
+        // runs outside the topic's lock, shared with other fetches and acks.
+        let g = self.queue_group(&mut state.groups, group)?;
+        let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
+        drop(guard);
+        durable.map_or(Ok(()), SyncWait::wait)?;
+        Ok(out)
+    }
+
+    fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
+        let mut headers = m.headers;
+        headers.push(Header::new(dlq_headers::TOPIC, self.name.clone()));
+        headers.push(Header::new(dlq_headers::OFFSET, m.offset.0.to_string()));
+        headers.push(Header::new(dlq_headers::GROUP, group.to_owned()));
+        headers.push(Header::new(dlq_headers::DELIVERIES, deliveries.to_string()));
+        headers.push(Header::new(dlq_headers::REASON, reason.to_owned()));
+        NewMessage {
+            timestamp_ms: Some(m.timestamp_ms),
+            key: m.key,
+            headers,
+            value: m.value,
+        }
+    }
+
+    /// Completes dead letters once the dead-letter topic holds them.
+    pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        for &o in offsets {
+            g.complete(o, o + 1)?;
+        }
+        g.sync()
+    }
+
+    /// Queue group: completes `offsets` for the group. Confirmed (returns)
+    /// once durable under the fsync policy.
+    pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
+        let _pass = self.enter()?;
+        self.check_offsets(offsets)?;
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut i = 0;
+        while i < sorted.len() {
+            let start = sorted[i];
+            let mut end = start + 1;
+            i += 1;
+            while i < sorted.len() && sorted[i] == end {
+                end += 1;
+                i += 1;
+            }
+            g.complete(start, end)?;
+        }
+        let durable = self.persist_group(g)?;
+        drop(state);
+        durable.map_or(Ok(()), SyncWait::wait)
+    }
+
+    /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
+    /// Returns how many were leased.
+    pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
+        let _pass = self.enter()?;
+        let mut state = self.state()?;
+        let g = self.queue_group(&mut state.groups, group)?;
+        let now = now_ms();
+        Ok(offsets
+            .iter()
+            .filter(|&&o| g.nack(o, now, delay_ms))
+            .count())
+    }
+}

@@ -1,0 +1,75 @@
+//! Stream groups on a topic: reading from the group's committed offset
+//! (or the reader's own position) and committing.
+
+use super::*;
+
+impl Topic {
+    /// Stream group: up to `max` live messages from `from`, or from the
+    /// group's committed offset when `from` is `None`. The reader keeps its
+    /// own position (a subscription, or the client between fetches); the group
+    /// keeps only the durable commit, so whatever a reader got but did not
+    /// commit is read again by the next reader after it leaves.
+    pub fn fetch_stream(
+        &self,
+        group: &str,
+        member: &str,
+        from: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>> {
+        self.fetch_stream_within(group, member, from, DeliveryLimits::new(max, max_bytes))
+    }
+
+    /// [`Topic::fetch_stream`] for a delivery of at most `limits` (see
+    /// [`Topic::read_within`]).
+    pub fn fetch_stream_within(
+        &self,
+        group: &str,
+        member: &str,
+        from: Option<u64>,
+        limits: DeliveryLimits,
+    ) -> Result<Vec<Message>> {
+        let _pass = self.enter()?;
+        let from = {
+            let mut state = self.state()?;
+            let g = self.group_mut(&mut state.groups, group)?;
+            if g.config().mode != GroupMode::Stream {
+                return Err(Error::InvalidArgument(format!(
+                    "group {group} of topic {} is a queue group: fetch leases with it instead",
+                    self.name
+                )));
+            }
+            g.touch(member, now_ms());
+            from.unwrap_or_else(|| g.committed())
+        };
+        self.read_within(from, limits)
+    }
+
+    /// Stream group: commits `offset` as the next to read after a restart.
+    pub fn commit(&self, group: &str, offset: u64) -> Result<()> {
+        let _pass = self.enter()?;
+        let end = self.log.end().0;
+        if offset > end {
+            return Err(Error::InvalidArgument(format!(
+                "commit offset {offset} of topic {} is past its end ({end})",
+                self.name
+            )));
+        }
+        let mut state = self.state()?;
+        let g = self.group_mut(&mut state.groups, group)?;
+        if g.config().mode != GroupMode::Stream {
+            return Err(Error::InvalidArgument(format!(
+                "group {group} of topic {} is a queue group: ack messages instead",
+                self.name
+            )));
+        }
+        if offset < g.committed() {
+            self.retire_consumed(&mut state)?;
+        }
+        let g = self.group_mut(&mut state.groups, group)?;
+        g.commit(offset)?;
+        let durable = self.persist_group(g)?;
+        drop(state);
+        durable.map_or(Ok(()), SyncWait::wait)
+    }
+}
