@@ -693,11 +693,16 @@ impl Topic {
     pub fn sync_state(&self) -> Result<()> {
         let _pass = self.enter()?;
         let mut state = self.state()?;
+        // Deletions first: completions may stand on them.
         state.deletions.sync()?;
-        for group in state.groups.values_mut() {
-            group.sync()?;
-        }
-        Ok(())
+        let waits = state
+            .groups
+            .values_mut()
+            .map(Group::sync_later)
+            .collect::<Result<Vec<_>>>()?;
+        // The groups' syncs run outside the lock: readers and acks go on.
+        drop(state);
+        waits.into_iter().try_for_each(SyncWait::wait)
     }
 
     /// Syncs log and state, log first, and records a clean stop; the next

@@ -177,7 +177,9 @@ impl Topic {
         for &o in offsets {
             g.complete(o, o + 1)?;
         }
-        g.sync()
+        let durable = g.sync_later()?;
+        drop(state);
+        durable.wait()
     }
 
     /// Queue group: completes `offsets` for the group. Confirmed (returns)
