@@ -8,7 +8,7 @@ mod common;
 
 use common::Broker;
 use spool::broker::topic::Position;
-use spool::client::{Client, FetchOptions};
+use spool::client::Client;
 use spool::groups::GroupMode;
 use spool::storage::NewMessage;
 use std::path::{Path, PathBuf};
@@ -66,23 +66,7 @@ fn fill(data: &Path, segment_bytes: u64, count: u64) {
         client.commit(TOPIC, "s", count).await.expect("commit");
         let mut acked = 0;
         while acked < count {
-            let fetched = client
-                .fetch(
-                    TOPIC,
-                    FetchOptions {
-                        group: Some("q".into()),
-                        member: "m".into(),
-                        max_messages: 1000,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .expect("queue fetch");
-            let offsets: Vec<u64> = fetched
-                .messages
-                .iter()
-                .map(|m| m.message.offset.0)
-                .collect();
+            let offsets = common::queue_fetch(&client, TOPIC, "q", 1000).await;
             assert!(!offsets.is_empty(), "queue group gets every message");
             client.ack(TOPIC, "q", &offsets, None).await.expect("ack");
             acked += offsets.len() as u64;

@@ -156,23 +156,7 @@ fn time_retention_drops_old_segments_and_groups_count_what_they_lost() {
             .expect("queue group");
         produce(&client, "old", 0, 40).await;
         // The queue group acks 0..5 and leaves 5 leased.
-        let fetched = client
-            .fetch(
-                "old",
-                FetchOptions {
-                    group: Some("q".into()),
-                    member: "m".into(),
-                    max_messages: 10,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("fetch");
-        let offsets: Vec<u64> = fetched
-            .messages
-            .iter()
-            .map(|m| m.message.offset.0)
-            .collect();
+        let offsets = common::queue_fetch(&client, "old", "q", 10).await;
         assert_eq!(offsets, (0..10).collect::<Vec<_>>());
         client
             .ack("old", "q", &offsets[..5], None)
@@ -207,19 +191,8 @@ fn time_retention_drops_old_segments_and_groups_count_what_they_lost() {
         );
         assert_eq!(q.pending, 0, "leases in dropped segments are gone");
         // The group goes on from the start.
-        let fetched = client
-            .fetch(
-                "old",
-                FetchOptions {
-                    group: Some("q".into()),
-                    member: "m".into(),
-                    max_messages: 1,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("fetch");
-        assert_eq!(fetched.messages[0].message.offset.0, start);
+        let next = common::queue_fetch(&client, "old", "q", 1).await;
+        assert_eq!(next, vec![start]);
     });
     let out = Command::new(env!("CARGO_BIN_EXE_spool"))
         .args([

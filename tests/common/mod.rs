@@ -127,3 +127,30 @@ pub async fn replay_all(
         out.extend(fetched.messages);
     }
 }
+
+/// Offsets leased by one queue-group fetch of up to `max` messages of
+/// `topic` for `group` (member "m").
+pub async fn queue_fetch(
+    client: &spool::client::Client,
+    topic: &str,
+    group: &str,
+    max: u32,
+) -> Vec<u64> {
+    let fetched = client
+        .fetch(
+            topic,
+            spool::client::FetchOptions {
+                group: Some(group.into()),
+                member: "m".into(),
+                max_messages: max,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("queue fetch");
+    fetched
+        .messages
+        .iter()
+        .map(|m| m.message.offset.0)
+        .collect()
+}
