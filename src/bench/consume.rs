@@ -103,6 +103,7 @@ pub(super) async fn workload(
     let deadline = params.duration();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
+    let mut load = JoinSet::new();
     let measures = match params.mode {
         ReadMode::Replay => {
             let total = if deadline.is_some() {
@@ -111,6 +112,7 @@ pub(super) async fn workload(
                 messages * u64::from(params.consumers)
             };
             progress.start("replay", total);
+            load = queue_load(target, params).await?;
             for client in clients {
                 tasks.spawn(replay(
                     client,
@@ -153,6 +155,7 @@ pub(super) async fn workload(
         }
     };
     let consumed = join_all(tasks, start).await?;
+    load.abort_all();
     Ok(Outcome {
         messages: consumed.messages,
         bytes: consumed.bytes,
@@ -161,6 +164,42 @@ pub(super) async fn workload(
         measures,
         send_lag: Latency::new(),
     })
+}
+
+/// `--queue-load`: queue-group members on the measured topic that fetch and
+/// ack one message at a time until aborted; their figures are not kept.
+async fn queue_load(
+    target: &Target,
+    params: &Params,
+) -> Result<JoinSet<Result<Consumed, BenchError>>, BenchError> {
+    let mut load = JoinSet::new();
+    if params.queue_load == 0 {
+        return Ok(load);
+    }
+    let clients = produce::connect_all(target, "queue-load", params.queue_load).await?;
+    clients[0]
+        .create_group(&target.topic, GROUP, GroupMode::Queue, Some(Position::Earliest))
+        .await
+        .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
+    let one_at_a_time = Params {
+        batch: 1,
+        duration_s: None,
+        ..params.clone()
+    };
+    let start = Instant::now();
+    for (c, client) in clients.into_iter().enumerate() {
+        load.spawn(queue(
+            client,
+            target.topic.clone(),
+            format!("queue-load-{c}"),
+            u64::MAX,
+            Arc::new(AtomicU64::new(0)),
+            one_at_a_time.clone(),
+            start,
+            Arc::new(Progress::default()),
+        ));
+    }
+    Ok(load)
 }
 
 /// One consumer replaying offsets `0..end` (again and again until the

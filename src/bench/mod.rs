@@ -135,6 +135,11 @@ pub struct Params {
     pub mode: ReadMode,
     /// Closed loop: requests each producer or consumer keeps outstanding.
     pub in_flight: u32,
+    /// `consume --mode replay`: queue-group consumers that fetch and ack one
+    /// message at a time on the same topic while the replay runs (a load
+    /// whose own figures are not reported), to see what acks cost readers.
+    #[serde(default)]
+    pub queue_load: u32,
     /// The broker; `None`: one started in this process on a temporary directory.
     pub server: Option<String>,
     /// Where the temporary directory (broker data, disk baseline) is made.
@@ -163,6 +168,7 @@ impl Params {
             fsync: FsyncPolicy::Always,
             mode: ReadMode::Replay,
             in_flight: 1,
+            queue_load: 0,
             server: None,
             data: None,
             baseline_mib: 256,
@@ -174,6 +180,11 @@ impl Params {
         let bad = |m: String| Err(BenchError::Invalid(m));
         if self.producers == 0 || self.consumers == 0 || self.in_flight == 0 {
             return bad("--producers, --consumers and --in-flight must be at least 1".into());
+        }
+        if self.queue_load > 0
+            && (self.workload != Workload::Consume || self.mode != ReadMode::Replay)
+        {
+            return bad("--queue-load goes with consume --mode replay".into());
         }
         if self.batch == 0 || self.batch > MAX_BATCH {
             return bad(format!("--batch {}: use 1 to {MAX_BATCH}", self.batch));

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Closed loop: requests each producer (or consumer) keeps outstanding.
     #[arg(long, default_value_t = 1)]
     in_flight: u32,
+    /// consume --mode replay: this many queue-group consumers fetch and ack
+    /// one message at a time on the same topic while the replay is measured.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    queue_load: u32,
     /// Load this broker instead of starting one in this process.
     #[arg(long)]
     server: Option<String>,
@@ -94,6 +98,7 @@ impl BenchArgs {
             fsync: self.fsync,
             mode: self.mode,
             in_flight: self.in_flight,
+            queue_load: self.queue_load,
             server: self.server.clone(),
             data: self.data.clone(),
             baseline_mib: self.baseline_mib,
@@ -190,7 +195,7 @@ fn print_params(p: &Params) {
         (None, None) => String::new(),
     };
     println!(
-        "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}\n",
+        "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}, queue load {}\n",
         p.producers,
         p.consumers,
         p.size,
@@ -200,6 +205,7 @@ fn print_params(p: &Params) {
         p.fsync,
         p.mode,
         p.in_flight,
+        p.queue_load,
     );
 }
 
