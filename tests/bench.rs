@@ -92,3 +92,33 @@ fn impossible_parameters_are_a_usage_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--size 4"), "{stderr}");
 }
+
+#[test]
+fn a_replay_with_queue_load_reads_every_message_while_a_queue_group_acks() {
+    let r = bench(&[
+        "consume",
+        "--mode",
+        "replay",
+        "--messages",
+        "3000",
+        "--size",
+        "100",
+        "--batch",
+        "100",
+        "--queue-load",
+        "2",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 3000.0, "{r}");
+    assert_eq!(r["params"]["queue_load"], 2);
+    // The load goes with replay only.
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["bench", "consume", "--mode", "queue", "--queue-load", "2"])
+        .output()
+        .expect("run spool bench");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--queue-load"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -178,7 +178,12 @@ async fn queue_load(
     }
     let clients = produce::connect_all(target, "queue-load", params.queue_load).await?;
     clients[0]
-        .create_group(&target.topic, GROUP, GroupMode::Queue, Some(Position::Earliest))
+        .create_group(
+            &target.topic,
+            GROUP,
+            GroupMode::Queue,
+            Some(Position::Earliest),
+        )
         .await
         .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
     let one_at_a_time = Params {
