@@ -12,7 +12,7 @@
 //! repeated; an entry that is not whole 16-byte pairs is damage.
 
 use crate::error::{Corruption, Error, Result};
-use crate::groups::{Journal, JournalRecovery, RangeSet};
+use crate::groups::{Journal, JournalRecovery, RangeSet, SyncWait};
 use crate::storage::io::Storage;
 use std::ops::Range;
 use std::path::Path;
@@ -83,6 +83,12 @@ impl Deletions {
     /// Makes every recorded deletion durable.
     pub fn sync(&mut self) -> Result<()> {
         self.journal.sync()
+    }
+
+    /// What to wait on, after letting go of the deletions' lock, for every
+    /// recorded deletion to be durable (a sync shared with other waiters).
+    pub fn sync_later(&self) -> SyncWait {
+        self.journal.sync_later()
     }
 
     /// The journal's recovery point (see [`Journal::recovery_point`]).

@@ -58,15 +58,18 @@ impl Topic {
     /// The keep-or-drop rules of compaction, on a snapshot of the topic's
     /// state (so compaction never holds the topic while it copies).
     fn cleaner(&self, now_ms: u64) -> Result<Cleaner> {
-        let (deleted, completed) = {
+        let (deleted, completed, durable) = {
             let state = self.state()?;
             let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
                 state.groups.values().map(Group::completed).collect()
             } else {
                 Vec::new()
             };
-            (state.deletions.set().clone(), completed)
+            let deletions = self.deletions();
+            // Compaction acts on these deletions: they are durable first.
+            (deletions.set().clone(), completed, deletions.sync_later())
         };
+        durable.wait()?;
         let latest = match self.config.cleanup {
             Cleanup::Compact => Some(Cleaner::latest_offset_per_key(&self.log)?),
             Cleanup::Delete => None,
@@ -84,11 +87,11 @@ impl Topic {
     /// the journal keeps only the rest. Skipped when a deletion arrived
     /// meanwhile (the next pass prunes it).
     fn prune_deletions(&self, used: &RangeSet, compacted_below: u64) -> Result<()> {
-        let mut state = self.state()?;
-        let deleted = state.deletions.set();
+        let mut deletions = self.deletions_mut();
+        let deleted = deletions.set();
         if deleted != used || deleted.iter().all(|r| r.start >= compacted_below) {
             return Ok(());
         }
-        state.deletions.prune_below(compacted_below)
+        deletions.prune_below(compacted_below)
     }
 }

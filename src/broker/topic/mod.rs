@@ -27,7 +27,7 @@ use crate::storage::{
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Folder of a topic's group state.
 pub const GROUPS_DIR: &str = "groups";
@@ -132,7 +132,6 @@ pub struct QueueFetch {
 #[derive(Debug)]
 struct TopicState {
     groups: BTreeMap<String, Group>,
-    deletions: Deletions,
 }
 
 /// One topic.
@@ -144,6 +143,10 @@ pub struct Topic {
     config: TopicConfig,
     log: Log,
     state: Mutex<TopicState>,
+    /// Explicit deletions, under their own lock: replay readers take only
+    /// this one (and the groups' only on `delete_when_consumed` topics).
+    /// Taken after `state` when both are needed.
+    deletions: RwLock<Deletions>,
     /// Every request passes it; a delete closes it (see [`Topic::gate`]).
     gate: Gate,
 }
@@ -258,7 +261,8 @@ impl Topic {
             storage,
             config,
             log,
-            state: Mutex::new(TopicState { groups, deletions }),
+            state: Mutex::new(TopicState { groups }),
+            deletions: RwLock::new(deletions),
             gate: Gate::default(),
         };
         topic.checkpoint()?;
@@ -276,8 +280,8 @@ impl Topic {
         let state = self.state()?;
         // Under the state lock: a group deleted meanwhile cannot come back
         // into the list.
-        self.log
-            .store_checkpoint(Some(journal_points(&state)), false)
+        let points = journal_points(&state, &self.deletions());
+        self.log.store_checkpoint(Some(points), false)
     }
 
     /// The topic's name.
@@ -331,6 +335,14 @@ impl Topic {
             log: self.dir.clone(),
             cause: "a request panicked while changing group state".into(),
         })
+    }
+
+    fn deletions(&self) -> RwLockReadGuard<'_, Deletions> {
+        self.deletions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deletions_mut(&self) -> RwLockWriteGuard<'_, Deletions> {
+        self.deletions.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Appends a batch (durable under the topic's fsync policy).
@@ -389,10 +401,15 @@ impl Topic {
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 return Ok(batch);
             };
-            let state = self.state()?;
+            let state = if self.config.delete_when_consumed {
+                Some(self.state()?)
+            } else {
+                None
+            };
+            let deletions = self.deletions();
             let live: Vec<Message> = batch
                 .into_iter()
-                .filter(|m| self.visible(&state, m.offset.0))
+                .filter(|m| self.visible(state.as_deref(), &deletions, m.offset.0))
                 .collect();
             if !live.is_empty() || last + 1 >= end {
                 break live;
@@ -412,11 +429,14 @@ impl Topic {
         Ok(live)
     }
 
-    fn visible(&self, state: &TopicState, offset: u64) -> bool {
-        let consumed = self.config.delete_when_consumed
-            && !state.groups.is_empty()
-            && state.groups.values().all(|g| g.is_done(offset));
-        !(consumed || state.deletions.contains(offset))
+    /// Whether `offset` may be read: not deleted, and on
+    /// `delete_when_consumed` topics (`state` given) not completed by every
+    /// group.
+    fn visible(&self, state: Option<&TopicState>, deletions: &Deletions, offset: u64) -> bool {
+        let consumed = state.is_some_and(|state| {
+            !state.groups.is_empty() && state.groups.values().all(|g| g.is_done(offset))
+        });
+        !(consumed || deletions.contains(offset))
     }
 
     /// What makes a group's changes durable as the fsync policy says
@@ -469,7 +489,7 @@ impl Topic {
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
-        let info = group.info(self.log.end().0, state.deletions.set());
+        let info = group.info(self.log.end().0, self.deletions().set());
         state.groups.insert(name.to_owned(), group);
         Ok(info)
     }
@@ -524,10 +544,10 @@ impl Topic {
         let _pass = self.enter()?;
         let mut state = self.state()?;
         let end = self.log.end().0;
-        let TopicState {
-            groups, deletions, ..
-        } = &mut *state;
-        Ok(self.group_mut(groups, name)?.info(end, deletions.set()))
+        let TopicState { groups, .. } = &mut *state;
+        Ok(self
+            .group_mut(groups, name)?
+            .info(end, self.deletions().set()))
     }
 
     /// All groups.
@@ -538,7 +558,7 @@ impl Topic {
         Ok(state
             .groups
             .values()
-            .map(|g| g.info(end, state.deletions.set()))
+            .map(|g| g.info(end, self.deletions().set()))
             .collect())
     }
 
@@ -551,8 +571,8 @@ impl Topic {
         if let Some(group) = state.groups.remove(name) {
             // The checkpoint forgets the group before its journal goes, so
             // the removal is never taken for a loss.
-            self.log
-                .store_checkpoint(Some(journal_points(&state)), false)?;
+            let points = journal_points(&state, &self.deletions());
+            self.log.store_checkpoint(Some(points), false)?;
             group.remove()?;
         }
         Ok(())
@@ -591,16 +611,24 @@ impl Topic {
     pub fn delete(&self, offsets: &[u64]) -> Result<()> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
-        let mut state = self.state()?;
         let ranges: Vec<_> = offsets.iter().map(|&o| o..o + 1).collect();
-        let sync = self.config.log.fsync == FsyncPolicy::Always;
-        state.deletions.record(&ranges, sync)
+        let durable = {
+            let mut deletions = self.deletions_mut();
+            deletions.record(&ranges, false)?;
+            deletions.sync_later()
+        };
+        // Confirmed once durable under fsync=always; the sync runs outside
+        // the lock, so readers go on meanwhile.
+        match self.config.log.fsync {
+            FsyncPolicy::Always => durable.wait(),
+            _ => Ok(()),
+        }
     }
 
     /// Whether `offset` is explicitly deleted.
     pub fn is_deleted(&self, offset: u64) -> Result<bool> {
         let _pass = self.enter()?;
-        Ok(self.state()?.deletions.contains(offset))
+        Ok(self.deletions().contains(offset))
     }
 
     /// The lowest offset any group still needs (None without groups):
@@ -608,13 +636,14 @@ impl Topic {
     pub fn needed_offset(&self) -> Result<Option<u64>> {
         let _pass = self.enter()?;
         let state = self.state()?;
+        let deletions = self.deletions();
         Ok(state
             .groups
             .values()
             .map(|g| {
                 let mut o = g.committed();
                 loop {
-                    let next = g.first_not_done(state.deletions.set().first_gap_from(o));
+                    let next = g.first_not_done(deletions.set().first_gap_from(o));
                     if next == o {
                         break o;
                     }
@@ -650,10 +679,8 @@ impl Topic {
         }
         let start = self.log.stats().start.0;
         let mut state = self.state()?;
-        let TopicState {
-            groups, deletions, ..
-        } = &mut *state;
-        for (group, g) in groups.iter_mut() {
+        let deletions = self.deletions();
+        for (group, g) in state.groups.iter_mut() {
             let lost = g.lose_below(start, deletions.set())?;
             if lost > 0 {
                 tracing::warn!(topic = %self.name, %group, lost, start,
@@ -680,13 +707,13 @@ impl Topic {
         let stats = self.log.stats();
         consumed.remove_below(stats.start.0);
         consumed.remove_from(stats.end.0);
-        let deleted = state.deletions.set();
+        let mut deletions = self.deletions_mut();
         let new: Vec<_> = consumed
             .iter()
-            .filter(|r| deleted.count_in(r.clone()) < r.end - r.start)
+            .filter(|r| deletions.set().count_in(r.clone()) < r.end - r.start)
             .collect();
         // Durable before the change it guards, whatever the fsync policy.
-        state.deletions.record(&new, true)
+        deletions.record(&new, true)
     }
 
     /// Syncs group and deletion state (the log is synced separately).
@@ -694,15 +721,16 @@ impl Topic {
         let _pass = self.enter()?;
         let mut state = self.state()?;
         // Deletions first: completions may stand on them.
-        state.deletions.sync()?;
-        let waits = state
+        let deletions = self.deletions().sync_later();
+        let groups = state
             .groups
             .values_mut()
             .map(Group::sync_later)
             .collect::<Result<Vec<_>>>()?;
-        // The groups' syncs run outside the lock: readers and acks go on.
+        // The syncs run outside the locks: readers and acks go on.
         drop(state);
-        waits.into_iter().try_for_each(SyncWait::wait)
+        deletions.wait()?;
+        groups.into_iter().try_for_each(SyncWait::wait)
     }
 
     /// Syncs log and state, log first, and records a clean stop; the next
@@ -722,12 +750,12 @@ impl Topic {
             other => other?,
         }
         let mut state = self.state()?;
-        state.deletions.sync()?;
+        self.deletions_mut().sync()?;
         for group in state.groups.values_mut() {
             group.sync()?;
         }
-        self.log
-            .store_checkpoint(Some(journal_points(&state)), true)
+        let points = journal_points(&state, &self.deletions());
+        self.log.store_checkpoint(Some(points), true)
     }
 }
 
@@ -735,7 +763,7 @@ impl Topic {
 const GROUP_JOURNAL_PREFIX: &str = "groups/";
 
 /// The recovery points of a topic's journals, as the checkpoint names them.
-fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
+fn journal_points(state: &TopicState, deletions: &Deletions) -> Vec<JournalPoint> {
     let point = |name: String, (base_seq, synced_len): (u64, u64)| JournalPoint {
         name,
         base_seq,
@@ -743,7 +771,7 @@ fn journal_points(state: &TopicState) -> Vec<JournalPoint> {
     };
     std::iter::once(point(
         DELETES_JOURNAL.to_owned(),
-        state.deletions.recovery_point(),
+        deletions.recovery_point(),
     ))
     .chain(
         state

@@ -37,6 +37,7 @@ impl Topic {
         let _pass = self.enter()?;
         let mut guard = self.state()?;
         let state = &mut *guard;
+        let deletions = self.deletions();
         let mut out = QueueFetch::default();
         let mut bytes = 0usize;
         let g = self.queue_group(&mut state.groups, group)?;
@@ -49,7 +50,7 @@ impl Topic {
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
-                Some(m) if m.offset.0 == offset && !state.deletions.contains(offset) => {
+                Some(m) if m.offset.0 == offset && !deletions.contains(offset) => {
                     match limits.excess(&m) {
                         Some(size) => too_large.push((m, size)),
                         None => candidates.push(m),
@@ -73,7 +74,7 @@ impl Topic {
             let g = self.queue_group(&mut state.groups, group)?;
             for m in batch {
                 let o = m.offset.0;
-                if state.deletions.contains(o) {
+                if deletions.contains(o) {
                     // Nothing to deliver: complete it (as a deleted redelivery
                     // is) so it does not hold the low watermark back.
                     if !g.is_done(o) && !g.is_leased(o) {
@@ -141,14 +142,15 @@ impl Topic {
         }
         // Completions of deleted offsets above stand on the deletions: those
         // reach the disk first.
-        if !state.deletions.is_synced() {
-            state.deletions.sync()?;
+        if !deletions.is_synced() {
+            deletions.sync_later().wait()?;
         }
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes. The sync
         // runs outside the topic's lock, shared with other fetches and acks.
         let g = self.queue_group(&mut state.groups, group)?;
         let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
+        drop(deletions);
         drop(guard);
         durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(out)
