@@ -370,8 +370,9 @@ impl Journal {
         }
         // A crashed process may have left entries in the page cache only:
         // make everything replayed durable before the journal's recovery
-        // point can count it.
-        if pos > 0 || cut_at.is_some() {
+        // point can count it (nothing to do when the point already covers
+        // all of it, as after a clean stop).
+        if pos as u64 > synced_len || cut_at.is_some() || rewrite {
             file.sync_data()
                 .ctx(|| format!("syncing {}", path.display()))?;
         }
