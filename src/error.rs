@@ -30,6 +30,20 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The process ran out of file descriptors (EMFILE/ENFILE). Nothing
+    /// already acknowledged is affected.
+    #[error(
+        "out of file descriptors while {context}: {source}; the broker may hold {} open files \
+         (raise the limit: `ulimit -n`, or LimitNOFILE for a service)",
+        open_files_limit().map_or_else(|| "only a limited number of".to_string(), |n| format!("at most {n}"))
+    )]
+    FilesExhausted {
+        /// What was being done, naming the file.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// Stored data failed its checks.
     #[error("{0}")]
     Corruption(Box<Corruption>),
@@ -124,6 +138,8 @@ impl Error {
         let context = context.into();
         if is_disk_full(&source) {
             Error::Full { context, source }
+        } else if is_out_of_files(&source) {
+            Error::FilesExhausted { context, source }
         } else {
             Error::Io { context, source }
         }
@@ -142,6 +158,37 @@ pub fn is_disk_full(e: &io::Error) -> bool {
         Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
             || code == rustix::io::Errno::DQUOT.raw_os_error()
     ) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// True for "too many open files" (of the process or of the system).
+pub fn is_out_of_files(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
+}
+
+/// The process's soft limit of open files, if it has one.
+pub fn open_files_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Raises the soft limit of open files to the hard limit (a broker with many
+/// topics and connections needs them) and returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "could not raise the open-files limit");
+        }
+    }
+    open_files_limit()
 }
 
 /// Adds context to `io::Result`s.

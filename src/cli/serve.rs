@@ -171,6 +171,10 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
 /// Runs the command.
 pub fn run(args: ServeArgs) -> spool::Result<()> {
     let config = config(&args)?;
+    match spool::error::raise_open_files_limit() {
+        Some(n) => tracing::info!(limit = n, "open files"),
+        None => tracing::info!("open files: no limit"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

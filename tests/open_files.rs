@@ -1,0 +1,69 @@
+//! Running out of file descriptors is an answer a client can act on: a
+//! broker under a low open-files limit (set with `prlimit` for the test)
+//! answers `RESOURCE_EXHAUSTED` naming the limit and how to raise it, never
+//! `INTERNAL`, and the topics it already has keep working.
+
+mod common;
+
+use common::Broker;
+use spool::client::Client;
+use spool::protocol::pb;
+use spool::storage::NewMessage;
+use std::process::Command;
+
+/// File descriptors the broker may hold: enough to start and serve a few
+/// topics, too few for many.
+const LIMIT: &str = "--nofile=64:64";
+
+#[test]
+fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args([LIMIT, env!("CARGO_BIN_EXE_spool")]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let mut refused = None;
+        for i in 0..100 {
+            match client
+                .produce(&format!("room-{i}"), vec![NewMessage::from_value("hi")])
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (made, error) = refused.expect("64 descriptors run out before 100 topics");
+        eprintln!("{made} topics fit; then: {error}");
+        assert!(made > 0, "some topics fit");
+        assert_eq!(error.code(), Some(pb::Code::ResourceExhausted), "{error}");
+        let text = error.to_string();
+        assert!(text.contains("file descriptors"), "{text}");
+        assert!(
+            text.contains("at most 64 open files"),
+            "names the limit: {text}"
+        );
+        assert!(text.contains("ulimit -n"), "says how to raise it: {text}");
+        // The topics that were made keep taking messages.
+        client
+            .produce("room-0", vec![NewMessage::from_value("again")])
+            .await
+            .expect("an existing topic still works");
+    });
+    let (_, logs) = broker.terminate();
+    assert!(
+        logs.contains("open files"),
+        "the limit is logged at start: {logs}"
+    );
+}
