@@ -536,6 +536,12 @@ impl Journal {
 
     /// Removes the journal's files.
     pub fn remove(self) -> Result<()> {
+        self.remove_own_files()
+    }
+
+    /// Removes the journal's files while others may still hold it (what they
+    /// write goes to the removed files).
+    pub fn remove_own_files(&self) -> Result<()> {
         let name = self
             .path
             .file_name()

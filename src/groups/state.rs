@@ -718,6 +718,11 @@ impl Group {
         self.journal.remove()
     }
 
+    /// Removes the group's files while others may still hold the group.
+    pub fn remove_files(&self) -> Result<()> {
+        self.journal.remove_own_files()
+    }
+
     fn encode_snapshot(&self) -> Vec<u8> {
         let mut b = Entry::Config(self.config).encode();
         b.extend_from_slice(&self.low.to_le_bytes());

@@ -59,9 +59,12 @@ impl Topic {
     /// state (so compaction never holds the topic while it copies).
     fn cleaner(&self, now_ms: u64) -> Result<Cleaner> {
         let (deleted, completed, durable) = {
-            let state = self.state()?;
+            let groups = self.groups();
             let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
-                state.groups.values().map(Group::completed).collect()
+                groups
+                    .values()
+                    .map(|g| Ok(self.lock(g)?.completed()))
+                    .collect::<Result<_>>()?
             } else {
                 Vec::new()
             };

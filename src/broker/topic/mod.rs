@@ -129,10 +129,9 @@ pub struct QueueFetch {
     pub dead_letters: Vec<DeadLetter>,
 }
 
-#[derive(Debug)]
-struct TopicState {
-    groups: BTreeMap<String, Group>,
-}
+/// A topic's groups by name, each behind a lock of its own, so one group's
+/// requests never wait for another's.
+type Groups = BTreeMap<String, Arc<Mutex<Group>>>;
 
 /// One topic.
 #[derive(Debug)]
@@ -142,10 +141,11 @@ pub struct Topic {
     storage: Arc<dyn Storage>,
     config: TopicConfig,
     log: Log,
-    state: Mutex<TopicState>,
+    /// The groups. Lock order: this map, then at most one group at a time
+    /// (never a second while holding one), then the deletions.
+    groups: RwLock<Groups>,
     /// Explicit deletions, under their own lock: replay readers take only
-    /// this one (and the groups' only on `delete_when_consumed` topics).
-    /// Taken after `state` when both are needed.
+    /// this one (and the groups only on `delete_when_consumed` topics).
     deletions: RwLock<Deletions>,
     /// Every request passes it; a delete closes it (see [`Topic::gate`]).
     gate: Gate,
@@ -261,7 +261,12 @@ impl Topic {
             storage,
             config,
             log,
-            state: Mutex::new(TopicState { groups }),
+            groups: RwLock::new(
+                groups
+                    .into_iter()
+                    .map(|(name, g)| (name, Arc::new(Mutex::new(g))))
+                    .collect(),
+            ),
             deletions: RwLock::new(deletions),
             gate: Gate::default(),
         };
@@ -277,10 +282,10 @@ impl Topic {
         let Some(_pass) = self.gate.enter() else {
             return Ok(());
         };
-        let state = self.state()?;
-        // Under the state lock: a group deleted meanwhile cannot come back
+        let groups = self.groups();
+        // Under the map's lock: a group deleted meanwhile cannot come back
         // into the list.
-        let points = journal_points(&state, &self.deletions());
+        let points = self.journal_points(&groups)?;
         self.log.store_checkpoint(Some(points), false)
     }
 
@@ -330,11 +335,67 @@ impl Topic {
         })
     }
 
-    fn state(&self) -> Result<MutexGuard<'_, TopicState>> {
-        self.state.lock().map_err(|_| Error::ReadOnly {
+    fn groups(&self) -> RwLockReadGuard<'_, Groups> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn groups_mut(&self) -> RwLockWriteGuard<'_, Groups> {
+        self.groups.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks one group.
+    fn lock<'a>(&self, group: &'a Mutex<Group>) -> Result<MutexGuard<'a, Group>> {
+        group.lock().map_err(|_| Error::ReadOnly {
             log: self.dir.clone(),
             cause: "a request panicked while changing group state".into(),
         })
+    }
+
+    /// The group `name` of `groups`.
+    fn group(&self, groups: &Groups, name: &str) -> Result<Arc<Mutex<Group>>> {
+        groups.get(name).cloned().ok_or_else(|| {
+            Error::GroupNotFound(format!(
+                "group {name} of topic {} does not exist",
+                self.name
+            ))
+        })
+    }
+
+    /// Runs `f` on the group `name` under its lock.
+    fn with_group<T>(&self, name: &str, f: impl FnOnce(&mut Group) -> Result<T>) -> Result<T> {
+        let groups = self.groups();
+        let group = self.group(&groups, name)?;
+        let mut g = self.lock(&group)?;
+        f(&mut g)
+    }
+
+    /// Fails unless `g` is a queue group.
+    fn check_queue(&self, g: &Group) -> Result<()> {
+        if g.config().mode != GroupMode::Queue {
+            return Err(Error::InvalidArgument(format!(
+                "group {} of topic {} is a stream group: commit offsets instead",
+                g.name(),
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// On `delete_when_consumed` topics with groups, what every group has
+    /// completed (each group locked in turn); `None` otherwise.
+    fn consumed(&self, groups: &Groups) -> Result<Option<RangeSet>> {
+        if !self.config.delete_when_consumed || groups.is_empty() {
+            return Ok(None);
+        }
+        let mut all: Option<RangeSet> = None;
+        for group in groups.values() {
+            let done = self.lock(group)?.completed();
+            all = Some(match all {
+                None => done,
+                Some(all) => all.intersection(&done),
+            });
+        }
+        Ok(all)
     }
 
     fn deletions(&self) -> RwLockReadGuard<'_, Deletions> {
@@ -401,15 +462,14 @@ impl Topic {
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 return Ok(batch);
             };
-            let state = if self.config.delete_when_consumed {
-                Some(self.state()?)
-            } else {
-                None
-            };
+            let consumed = self.consumed(&self.groups())?;
             let deletions = self.deletions();
             let live: Vec<Message> = batch
                 .into_iter()
-                .filter(|m| self.visible(state.as_deref(), &deletions, m.offset.0))
+                .filter(|m| {
+                    let o = m.offset.0;
+                    !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
+                })
                 .collect();
             if !live.is_empty() || last + 1 >= end {
                 break live;
@@ -427,16 +487,6 @@ impl Topic {
             live.truncate(i);
         }
         Ok(live)
-    }
-
-    /// Whether `offset` may be read: not deleted, and on
-    /// `delete_when_consumed` topics (`state` given) not completed by every
-    /// group.
-    fn visible(&self, state: Option<&TopicState>, deletions: &Deletions, offset: u64) -> bool {
-        let consumed = state.is_some_and(|state| {
-            !state.groups.is_empty() && state.groups.values().all(|g| g.is_done(offset))
-        });
-        !(consumed || deletions.contains(offset))
     }
 
     /// What makes a group's changes durable as the fsync policy says
@@ -471,14 +521,14 @@ impl Topic {
         let _pass = self.enter()?;
         validate_name("group", name)?;
         let start = self.resolve(start)?;
-        let mut state = self.state()?;
-        if state.groups.contains_key(name) {
+        let mut groups = self.groups_mut();
+        if groups.contains_key(name) {
             return Err(Error::AlreadyExists(format!(
                 "group {name} of topic {} exists",
                 self.name
             )));
         }
-        self.retire_consumed(&mut state)?;
+        self.retire_consumed(&groups)?;
         let config = GroupConfig {
             mode,
             ack_timeout_ms: self.config.ack_timeout_ms,
@@ -490,7 +540,7 @@ impl Topic {
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
         let info = group.info(self.log.end().0, self.deletions().set());
-        state.groups.insert(name.to_owned(), group);
+        groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
         Ok(info)
     }
 
@@ -511,69 +561,37 @@ impl Topic {
         }
     }
 
-    fn group_mut<'a>(
-        &self,
-        groups: &'a mut BTreeMap<String, Group>,
-        name: &str,
-    ) -> Result<&'a mut Group> {
-        groups.get_mut(name).ok_or_else(|| {
-            Error::GroupNotFound(format!(
-                "group {name} of topic {} does not exist",
-                self.name
-            ))
-        })
-    }
-
-    fn queue_group<'a>(
-        &self,
-        groups: &'a mut BTreeMap<String, Group>,
-        name: &str,
-    ) -> Result<&'a mut Group> {
-        let topic = self.name.clone();
-        let group = self.group_mut(groups, name)?;
-        if group.config().mode != GroupMode::Queue {
-            return Err(Error::InvalidArgument(format!(
-                "group {name} of topic {topic} is a stream group: commit offsets instead"
-            )));
-        }
-        Ok(group)
-    }
-
     /// What a group looks like.
     pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
         let _pass = self.enter()?;
-        let mut state = self.state()?;
         let end = self.log.end().0;
-        let TopicState { groups, .. } = &mut *state;
-        Ok(self
-            .group_mut(groups, name)?
-            .info(end, self.deletions().set()))
+        self.with_group(name, |g| Ok(g.info(end, self.deletions().set())))
     }
 
     /// All groups.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
         let _pass = self.enter()?;
-        let state = self.state()?;
+        let groups = self.groups();
         let end = self.log.end().0;
-        Ok(state
-            .groups
+        groups
             .values()
-            .map(|g| g.info(end, self.deletions().set()))
-            .collect())
+            .map(|g| Ok(self.lock(g)?.info(end, self.deletions().set())))
+            .collect()
     }
 
     /// Deletes a group and its state.
     pub fn delete_group(&self, name: &str) -> Result<()> {
         let _pass = self.enter()?;
-        let mut state = self.state()?;
-        self.group_mut(&mut state.groups, name)?;
-        self.retire_consumed(&mut state)?;
-        if let Some(group) = state.groups.remove(name) {
+        let mut groups = self.groups_mut();
+        self.group(&groups, name)?;
+        self.retire_consumed(&groups)?;
+        if let Some(group) = groups.remove(name) {
             // The checkpoint forgets the group before its journal goes, so
             // the removal is never taken for a loss.
-            let points = journal_points(&state, &self.deletions());
+            let points = self.journal_points(&groups)?;
             self.log.store_checkpoint(Some(points), false)?;
-            group.remove()?;
+            // A request still holding the group writes to the removed files.
+            self.lock(&group)?.remove_files()?;
         }
         Ok(())
     }
@@ -595,14 +613,16 @@ impl Topic {
     pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
         let _pass = self.enter()?;
         let offset = self.resolve(position)?;
-        let mut state = self.state()?;
-        self.group_mut(&mut state.groups, group)?;
-        self.retire_consumed(&mut state)?;
-        let g = self.group_mut(&mut state.groups, group)?;
-        g.commit(offset)?;
-        g.set_cursor(offset);
-        let durable = self.persist_group(g)?;
-        drop(state);
+        {
+            let groups = self.groups();
+            self.group(&groups, group)?;
+            self.retire_consumed(&groups)?;
+        }
+        let durable = self.with_group(group, |g| {
+            g.commit(offset)?;
+            g.set_cursor(offset);
+            self.persist_group(g)
+        })?;
         durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(offset)
     }
@@ -635,22 +655,22 @@ impl Topic {
     /// neither completed by that group nor deleted.
     pub fn needed_offset(&self) -> Result<Option<u64>> {
         let _pass = self.enter()?;
-        let state = self.state()?;
-        let deletions = self.deletions();
-        Ok(state
-            .groups
-            .values()
-            .map(|g| {
-                let mut o = g.committed();
-                loop {
-                    let next = g.first_not_done(deletions.set().first_gap_from(o));
-                    if next == o {
-                        break o;
-                    }
-                    o = next;
+        let groups = self.groups();
+        let mut needed: Option<u64> = None;
+        for group in groups.values() {
+            let g = self.lock(group)?;
+            let deletions = self.deletions();
+            let mut o = g.committed();
+            loop {
+                let next = g.first_not_done(deletions.set().first_gap_from(o));
+                if next == o {
+                    break;
                 }
-            })
-            .min())
+                o = next;
+            }
+            needed = Some(needed.map_or(o, |n| n.min(o)));
+        }
+        Ok(needed)
     }
 
     /// Applies retention (see [`Log::enforce_retention_within`]): with
@@ -678,10 +698,10 @@ impl Topic {
             return Ok(dropped);
         }
         let start = self.log.stats().start.0;
-        let mut state = self.state()?;
-        let deletions = self.deletions();
-        for (group, g) in state.groups.iter_mut() {
-            let lost = g.lose_below(start, deletions.set())?;
+        let groups = self.groups();
+        for (group, g) in groups.iter() {
+            let mut g = self.lock(g)?;
+            let lost = g.lose_below(start, self.deletions().set())?;
             if lost > 0 {
                 tracing::warn!(topic = %self.name, %group, lost, start,
                     "retention dropped messages the group had not completed");
@@ -694,16 +714,10 @@ impl Topic {
     /// On `delete_when_consumed` topics, records what every group has
     /// completed as deleted, before a change to the set of groups (a new or a
     /// removed group) or a move back (a seek) could make it visible again.
-    fn retire_consumed(&self, state: &mut TopicState) -> Result<()> {
-        if !self.config.delete_when_consumed {
-            return Ok(());
-        }
-        let mut groups = state.groups.values();
-        let Some(first) = groups.next() else {
+    fn retire_consumed(&self, groups: &Groups) -> Result<()> {
+        let Some(mut consumed) = self.consumed(groups)? else {
             return Ok(());
         };
-        let mut consumed =
-            groups.fold(first.completed(), |all, g| all.intersection(&g.completed()));
         let stats = self.log.stats();
         consumed.remove_below(stats.start.0);
         consumed.remove_from(stats.end.0);
@@ -719,18 +733,38 @@ impl Topic {
     /// Syncs group and deletion state (the log is synced separately).
     pub fn sync_state(&self) -> Result<()> {
         let _pass = self.enter()?;
-        let mut state = self.state()?;
         // Deletions first: completions may stand on them.
         let deletions = self.deletions().sync_later();
-        let groups = state
-            .groups
-            .values_mut()
-            .map(Group::sync_later)
-            .collect::<Result<Vec<_>>>()?;
+        let waits = {
+            let groups = self.groups();
+            groups
+                .values()
+                .map(|g| self.lock(g)?.sync_later())
+                .collect::<Result<Vec<_>>>()?
+        };
         // The syncs run outside the locks: readers and acks go on.
-        drop(state);
         deletions.wait()?;
-        groups.into_iter().try_for_each(SyncWait::wait)
+        waits.into_iter().try_for_each(SyncWait::wait)
+    }
+
+    /// The recovery points of the topic's journals, as the checkpoint names
+    /// them (each group locked in turn, then the deletions).
+    fn journal_points(&self, groups: &Groups) -> Result<Vec<JournalPoint>> {
+        let point = |name: String, (base_seq, synced_len): (u64, u64)| JournalPoint {
+            name,
+            base_seq,
+            synced_len,
+        };
+        let mut points = Vec::with_capacity(groups.len() + 1);
+        for (name, g) in groups {
+            let at = self.lock(g)?.recovery_point();
+            points.push(point(format!("{GROUP_JOURNAL_PREFIX}{name}"), at));
+        }
+        points.push(point(
+            DELETES_JOURNAL.to_owned(),
+            self.deletions().recovery_point(),
+        ));
+        Ok(points)
     }
 
     /// Syncs log and state, log first, and records a clean stop; the next
@@ -749,35 +783,15 @@ impl Topic {
             Err(Error::ReadOnly { .. }) => return Ok(()),
             other => other?,
         }
-        let mut state = self.state()?;
         self.deletions_mut().sync()?;
-        for group in state.groups.values_mut() {
-            group.sync()?;
+        let groups = self.groups();
+        for group in groups.values() {
+            self.lock(group)?.sync()?;
         }
-        let points = journal_points(&state, &self.deletions());
+        let points = self.journal_points(&groups)?;
         self.log.store_checkpoint(Some(points), true)
     }
 }
 
 /// Prefix of a group journal's name in the checkpoint.
 const GROUP_JOURNAL_PREFIX: &str = "groups/";
-
-/// The recovery points of a topic's journals, as the checkpoint names them.
-fn journal_points(state: &TopicState, deletions: &Deletions) -> Vec<JournalPoint> {
-    let point = |name: String, (base_seq, synced_len): (u64, u64)| JournalPoint {
-        name,
-        base_seq,
-        synced_len,
-    };
-    std::iter::once(point(
-        DELETES_JOURNAL.to_owned(),
-        deletions.recovery_point(),
-    ))
-    .chain(
-        state
-            .groups
-            .iter()
-            .map(|(name, g)| point(format!("{GROUP_JOURNAL_PREFIX}{name}"), g.recovery_point())),
-    )
-    .collect()
-}

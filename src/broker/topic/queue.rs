@@ -35,12 +35,13 @@ impl Topic {
             ..
         } = limits;
         let _pass = self.enter()?;
-        let mut guard = self.state()?;
-        let state = &mut *guard;
+        let groups = self.groups();
+        let handle = self.group(&groups, group)?;
+        let mut g = self.lock(&handle)?;
+        self.check_queue(&g)?;
         let deletions = self.deletions();
         let mut out = QueueFetch::default();
         let mut bytes = 0usize;
-        let g = self.queue_group(&mut state.groups, group)?;
         g.touch(member, now);
         g.expire(now);
         let due = g.due_redeliveries(now, max);
@@ -57,12 +58,10 @@ impl Topic {
                     }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
-                _ => self
-                    .queue_group(&mut state.groups, group)?
-                    .complete(offset, offset + 1)?,
+                _ => g.complete(offset, offset + 1)?,
             }
         }
-        let mut cursor = self.queue_group(&mut state.groups, group)?.cursor();
+        let mut cursor = g.cursor();
         let end = self.log.end().0;
         while candidates.len() < max && cursor < end {
             let batch = self
@@ -71,7 +70,6 @@ impl Topic {
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 break;
             };
-            let g = self.queue_group(&mut state.groups, group)?;
             for m in batch {
                 let o = m.offset.0;
                 if deletions.contains(o) {
@@ -88,16 +86,12 @@ impl Topic {
                 }
             }
             cursor = last + 1;
-            self.queue_group(&mut state.groups, group)?
-                .advance_cursor(cursor);
+            g.advance_cursor(cursor);
         }
-        let consumed_by_all = self.config.delete_when_consumed;
+        // Every candidate is one this group has not completed, so none is
+        // consumed by every group.
         for (m, size) in too_large {
             let o = m.offset.0;
-            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
-                continue;
-            }
-            let g = self.queue_group(&mut state.groups, group)?;
             let deliveries = g.deliveries(o);
             // As for max_deliveries below: pending until the hand-off completes it.
             g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
@@ -112,14 +106,10 @@ impl Topic {
         }
         for m in candidates {
             let o = m.offset.0;
-            if consumed_by_all && state.groups.values().all(|g| g.is_done(o)) {
-                continue;
-            }
             if !out.deliveries.is_empty() && bytes + m.value.len() > max_bytes {
-                self.queue_group(&mut state.groups, group)?.defer(o, now);
+                g.defer(o, now);
                 continue;
             }
-            let g = self.queue_group(&mut state.groups, group)?;
             match g.deliver(o, member, now)? {
                 Decision::Deliver { delivery } => {
                     bytes += m.value.len();
@@ -148,10 +138,10 @@ impl Topic {
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes. The sync
         // runs outside the topic's lock, shared with other fetches and acks.
-        let g = self.queue_group(&mut state.groups, group)?;
         let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
         drop(deletions);
-        drop(guard);
+        drop(g);
+        drop(groups);
         durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(out)
     }
@@ -174,13 +164,13 @@ impl Topic {
     /// Completes dead letters once the dead-letter topic holds them.
     pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
         let _pass = self.enter()?;
-        let mut state = self.state()?;
-        let g = self.queue_group(&mut state.groups, group)?;
-        for &o in offsets {
-            g.complete(o, o + 1)?;
-        }
-        let durable = g.sync_later()?;
-        drop(state);
+        let durable = self.with_group(group, |g| {
+            self.check_queue(g)?;
+            for &o in offsets {
+                g.complete(o, o + 1)?;
+            }
+            g.sync_later()
+        })?;
         durable.wait()
     }
 
@@ -189,11 +179,10 @@ impl Topic {
     pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
-        let mut state = self.state()?;
-        let g = self.queue_group(&mut state.groups, group)?;
         let mut sorted = offsets.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
+        let mut ranges = Vec::new();
         let mut i = 0;
         while i < sorted.len() {
             let start = sorted[i];
@@ -203,10 +192,15 @@ impl Topic {
                 end += 1;
                 i += 1;
             }
-            g.complete(start, end)?;
+            ranges.push(start..end);
         }
-        let durable = self.persist_group(g)?;
-        drop(state);
+        let durable = self.with_group(group, |g| {
+            self.check_queue(g)?;
+            for r in &ranges {
+                g.complete(r.start, r.end)?;
+            }
+            self.persist_group(g)
+        })?;
         durable.map_or(Ok(()), SyncWait::wait)
     }
 
@@ -214,12 +208,13 @@ impl Topic {
     /// Returns how many were leased.
     pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
         let _pass = self.enter()?;
-        let mut state = self.state()?;
-        let g = self.queue_group(&mut state.groups, group)?;
         let now = now_ms();
-        Ok(offsets
-            .iter()
-            .filter(|&&o| g.nack(o, now, delay_ms))
-            .count())
+        self.with_group(group, |g| {
+            self.check_queue(g)?;
+            Ok(offsets
+                .iter()
+                .filter(|&&o| g.nack(o, now, delay_ms))
+                .count())
+        })
     }
 }

@@ -30,9 +30,7 @@ impl Topic {
         limits: DeliveryLimits,
     ) -> Result<Vec<Message>> {
         let _pass = self.enter()?;
-        let from = {
-            let mut state = self.state()?;
-            let g = self.group_mut(&mut state.groups, group)?;
+        let from = self.with_group(group, |g| {
             if g.config().mode != GroupMode::Stream {
                 return Err(Error::InvalidArgument(format!(
                     "group {group} of topic {} is a queue group: fetch leases with it instead",
@@ -40,8 +38,8 @@ impl Topic {
                 )));
             }
             g.touch(member, now_ms());
-            from.unwrap_or_else(|| g.committed())
-        };
+            Ok(from.unwrap_or_else(|| g.committed()))
+        })?;
         self.read_within(from, limits)
     }
 
@@ -55,21 +53,22 @@ impl Topic {
                 self.name
             )));
         }
-        let mut state = self.state()?;
-        let g = self.group_mut(&mut state.groups, group)?;
-        if g.config().mode != GroupMode::Stream {
-            return Err(Error::InvalidArgument(format!(
-                "group {group} of topic {} is a queue group: ack messages instead",
-                self.name
-            )));
+        let moves_back = self.with_group(group, |g| {
+            if g.config().mode != GroupMode::Stream {
+                return Err(Error::InvalidArgument(format!(
+                    "group {group} of topic {} is a queue group: ack messages instead",
+                    self.name
+                )));
+            }
+            Ok(offset < g.committed())
+        })?;
+        if moves_back {
+            self.retire_consumed(&self.groups())?;
         }
-        if offset < g.committed() {
-            self.retire_consumed(&mut state)?;
-        }
-        let g = self.group_mut(&mut state.groups, group)?;
-        g.commit(offset)?;
-        let durable = self.persist_group(g)?;
-        drop(state);
+        let durable = self.with_group(group, |g| {
+            g.commit(offset)?;
+            self.persist_group(g)
+        })?;
         durable.map_or(Ok(()), SyncWait::wait)
     }
 }
