@@ -16,7 +16,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use spool::broker::{Position, Registry, RegistryOptions, TopicConfig};
 use spool::groups::GroupMode;
 use spool::storage::io::OsStorage;
-use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage};
+use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage, Offset};
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -149,6 +149,7 @@ fn groups(c: &mut Criterion) {
             let start = Instant::now();
             for _ in 0..iters {
                 let offsets = broker.fetch(BATCH);
+                let offsets: Vec<Offset> = offsets.into_iter().map(Offset).collect();
                 topic.ack(GROUP, &offsets).expect("ack");
             }
             let elapsed = start.elapsed();
@@ -167,7 +168,7 @@ fn groups(c: &mut Criterion) {
             let start = Instant::now();
             for _ in 0..iters {
                 for offset in broker.fetch(SINGLE_BATCH) {
-                    topic.ack(GROUP, &[offset]).expect("ack");
+                    topic.ack(GROUP, &[Offset(offset)]).expect("ack");
                 }
             }
             let elapsed = start.elapsed();

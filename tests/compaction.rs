@@ -12,7 +12,7 @@ use spool::groups::GroupMode;
 use spool::storage::checkpoint::Checkpoint;
 use spool::storage::io::{OsStorage, SimDisk, Storage};
 use spool::storage::verify::verify;
-use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage};
+use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage, Offset};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ fn a_consumed_queue_shrinks_by_90_percent_and_keeps_its_unacked_messages_at_thei
             .map(|d| d.message.offset.0)
             .filter(|o| o % 1000 != 0)
             .collect();
-        topic.ack("workers", &acks).expect("ack");
+        topic.ack("workers", &as_offsets(&acks)).expect("ack");
     }
     let before = dir_size(&root);
     let results = reg.compact(Some("jobs"), &mut |_| {}).expect("compact");
@@ -107,7 +107,12 @@ fn a_consumed_queue_shrinks_by_90_percent_and_keeps_its_unacked_messages_at_thei
 
     // The unacked messages come back, at their original offsets, byte-exact.
     let unacked: Vec<u64> = (0..100).map(|i| i * 1000).collect();
-    assert_eq!(topic.nack("workers", &unacked, 0).expect("nack"), 100);
+    assert_eq!(
+        topic
+            .nack("workers", &as_offsets(&unacked), 0)
+            .expect("nack"),
+        100
+    );
     // nack stamps the wall clock, so fetch with a fresh one.
     let now = spool::storage::log::now_ms();
     let fetched = reg
@@ -252,7 +257,7 @@ fn power_cut_at_every_sync_of_compaction(doomed: fn(u64) -> bool, merges: bool) 
             live.insert(a.first.0, value);
         }
         let doomed: Vec<u64> = (0..120).filter(|&o| doomed(o)).collect();
-        topic.delete(&doomed).expect("delete");
+        topic.delete(&as_offsets(&doomed)).expect("delete");
         for o in &doomed {
             live.remove(o);
         }
@@ -725,4 +730,9 @@ async fn background_compaction_runs_once_the_dirty_ratio_is_reached() {
         .expect("terminate");
     assert!(ok, "clean stop: {log}");
     assert!(log.contains("background compaction"), "logged: {log}");
+}
+
+/// Offsets as the broker takes them.
+fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
+    offsets.iter().copied().map(Offset).collect()
 }

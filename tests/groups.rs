@@ -12,7 +12,7 @@ use spool::broker::{Position, Registry, RegistryOptions, Topic, TopicConfig};
 use spool::groups::{Group, GroupConfig, GroupMode, RangeSet};
 use spool::storage::io::{SimDisk, Storage};
 use spool::storage::log::now_ms;
-use spool::storage::{DataDir, FsyncPolicy, Header, LogConfig, Message, NewMessage};
+use spool::storage::{DataDir, FsyncPolicy, Header, LogConfig, Message, NewMessage, Offset};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
@@ -216,13 +216,16 @@ fn a_poison_message_reaches_the_dead_letter_topic_after_max_deliveries() {
             .collect();
         if !healthy.is_empty() {
             topic
-                .ack("workers", &healthy)
+                .ack("workers", &as_offsets(&healthy))
                 .expect("ack the healthy ones");
         }
         if delivery % 2 == 1 {
             now += 1_001;
         } else {
-            assert_eq!(topic.nack("workers", &[0], 0).expect("nack"), 1);
+            assert_eq!(
+                topic.nack("workers", &as_offsets(&[0]), 0).expect("nack"),
+                1
+            );
             // Topic::nack stamps the wall clock; stay at or after it.
             now = now.max(now_ms());
         }
@@ -245,7 +248,7 @@ fn a_poison_message_reaches_the_dead_letter_topic_after_max_deliveries() {
             .iter()
             .map(|d| d.offset)
             .collect::<Vec<_>>(),
-        vec![0]
+        vec![Offset(0)]
     );
     let dlq = registry
         .topic("jobs.dlq")
@@ -383,7 +386,7 @@ fn a_stream_commit_past_the_log_end_is_kept_and_the_log_skips_the_lost_offsets()
         .ensure_group("s", GroupMode::Stream, Position::Earliest)
         .expect("stream group");
     assert_eq!(topic.read(0, 100, NO_BYTE_LIMIT).expect("read").len(), 20);
-    topic.commit("s", 20).expect("commit");
+    topic.commit("s", Offset(20)).expect("commit");
     // The commit reaches the disk, the log tail it covers does not.
     topic.sync_state().expect("sync group state");
     drop(topic);
@@ -427,7 +430,7 @@ fn queue_acks_past_the_log_end_keep_their_offsets_out_of_reuse_after_a_power_cut
     assert_eq!(fetch.deliveries.len(), 20);
     // 5..12 stay pending; 12..15 are acked past what the disk will keep.
     let acked: Vec<u64> = (0..5).chain(12..15).collect();
-    topic.ack("q", &acked).expect("ack");
+    topic.ack("q", &as_offsets(&acked)).expect("ack");
     topic.sync_state().expect("sync group state");
     drop(topic);
     drop(registry);
@@ -520,7 +523,7 @@ fn interval_fsync_makes_a_commit_durable_even_when_no_message_arrives() {
     topic
         .ensure_group("s", GroupMode::Stream, Position::Earliest)
         .expect("group");
-    topic.commit("s", 7).expect("commit");
+    topic.commit("s", Offset(7)).expect("commit");
     std::thread::sleep(std::time::Duration::from_millis(2));
     topic.tick().expect("tick");
     drop(topic);
@@ -558,7 +561,7 @@ fn members_of_one_queue_group_split_the_work_in_turns() {
             if (turn / members) % 2 == 1 {
                 let mine = held.remove(&member).unwrap_or_default();
                 if !mine.is_empty() {
-                    topic.ack("pool", &mine).expect("ack");
+                    topic.ack("pool", &as_offsets(&mine)).expect("ack");
                     for o in mine {
                         assert!(completed.insert(o), "{o} completed twice");
                     }
@@ -642,7 +645,7 @@ fn concurrent_consumers_complete_every_message_once_while_a_producer_appends() {
                             std::thread::yield_now();
                             continue;
                         }
-                        topic.ack("pool", &offsets).expect("ack");
+                        topic.ack("pool", &as_offsets(&offsets)).expect("ack");
                         done.extend(offsets);
                     }
                 })
@@ -695,11 +698,11 @@ fn a_power_cut_keeps_confirmed_acks_and_may_drop_unsynced_ones() {
         let fetched = drain_offsets(&registry, "acks", "g", now_ms());
         assert_eq!(fetched, (0..30).collect::<Vec<_>>());
         let confirmed: Vec<u64> = (0..10).chain(15..20).collect();
-        topic.ack("g", &confirmed).expect("ack");
+        topic.ack("g", &as_offsets(&confirmed)).expect("ack");
         topic.sync_state().expect("the acks are confirmed");
         let unconfirmed: Vec<u64> = (10..15).chain(20..25).collect();
         topic
-            .ack("g", &unconfirmed)
+            .ack("g", &as_offsets(&unconfirmed))
             .expect("ack (written, not synced)");
         drop(topic);
         let registry = restart(&disk, registry, Some(tear));
@@ -749,7 +752,9 @@ fn acks_a_crashed_broker_left_unsynced_are_durable_after_the_next_sync() {
         drain_offsets(&registry, "acks", "g", now_ms()),
         vec![0, 1, 2]
     );
-    topic.ack("g", &[0, 2]).expect("ack (written, not synced)");
+    topic
+        .ack("g", &as_offsets(&[0, 2]))
+        .expect("ack (written, not synced)");
     drop(topic);
     let registry = restart(&disk, registry, None);
     let topic = registry.topic("acks").expect("topic");
@@ -774,10 +779,12 @@ fn a_power_cut_during_an_acks_sync_keeps_the_acks_confirmed_before_it() {
             .ensure_group("g", GroupMode::Queue, Position::Earliest)
             .expect("group");
         assert_eq!(drain_offsets(&registry, "acks", "g", now_ms()).len(), 20);
-        topic.ack("g", &[0, 1, 2, 3, 7]).expect("confirmed ack");
+        topic
+            .ack("g", &as_offsets(&[0, 1, 2, 3, 7]))
+            .expect("confirmed ack");
         disk.power_off_after_syncs(Some(disk.sync_count() + extra_syncs));
-        let failed = topic.ack("g", &[4, 5, 6, 8]);
-        let second = topic.ack("g", &[9, 10]);
+        let failed = topic.ack("g", &as_offsets(&[4, 5, 6, 8]));
+        let second = topic.ack("g", &as_offsets(&[9, 10]));
         assert!(
             failed.is_err() || second.is_err(),
             "an ack after the power went off reported success"
@@ -870,13 +877,13 @@ fn a_stream_group_resumes_at_its_commit_after_a_restart() {
             .is_err(),
         "a group is created once"
     );
-    topic.commit("analytics", 4).expect("commit");
+    topic.commit("analytics", Offset(4)).expect("commit");
     assert!(
-        topic.commit("analytics", 11).is_err(),
+        topic.commit("analytics", Offset(11)).is_err(),
         "commit past the end"
     );
     assert!(
-        topic.ack("analytics", &[5]).is_err(),
+        topic.ack("analytics", &as_offsets(&[5])).is_err(),
         "a stream group commits, it does not ack"
     );
     drop(topic);
@@ -899,7 +906,7 @@ fn a_stream_group_resumes_at_its_commit_after_a_restart() {
         );
         assert_eq!(resumed.first().map(|m| m.offset.0), Some(before));
         assert_eq!(info.lag, 10 - before);
-        topic.commit("analytics", commit).expect("commit");
+        topic.commit("analytics", Offset(commit)).expect("commit");
     }
 }
 
@@ -927,7 +934,7 @@ fn seeking_moves_a_group_to_earliest_latest_an_offset_or_a_timestamp_durably() {
         let topic = registry.topic("clicks").expect("topic");
         assert_eq!(
             topic.seek("s", position).expect("seek"),
-            expected,
+            Offset(expected),
             "{position:?}"
         );
         drop(topic);
@@ -947,10 +954,10 @@ fn seeking_moves_a_group_to_earliest_latest_an_offset_or_a_timestamp_durably() {
         .expect("queue group");
     let all = drain_offsets(&registry, "clicks", "q", now_ms());
     assert_eq!(all, (0..10).collect::<Vec<_>>());
-    topic.ack("q", &all).expect("ack");
+    topic.ack("q", &as_offsets(&all)).expect("ack");
     assert_eq!(
         topic.seek("q", Position::Timestamp(8_000)).expect("seek"),
-        7
+        Offset(7)
     );
     drop(topic);
     registry = restart(&disk, registry, Some(None));
@@ -985,16 +992,16 @@ fn deleted_messages_are_never_delivered_or_replayed_again() {
         .fetch_queue("orders", "q", "m", 4, NO_BYTE_LIMIT, now_ms())
         .expect("fetch");
     assert_eq!(fetch.deliveries.len(), 4);
-    topic.ack("q", &[0, 1]).expect("ack");
-    topic.delete(&[2, 3, 5]).expect("delete");
+    topic.ack("q", &as_offsets(&[0, 1])).expect("ack");
+    topic.delete(&as_offsets(&[2, 3, 5])).expect("delete");
     assert!(
-        topic.delete(&[10]).is_err(),
+        topic.delete(&as_offsets(&[10])).is_err(),
         "deleting past the end is refused"
     );
     let expected: Vec<u64> = vec![0, 1, 4, 6, 7, 8, 9];
     assert_eq!(offsets(&replay_all(&topic)), expected);
     for o in [2, 3, 5] {
-        assert!(topic.is_deleted(o).expect("is_deleted"));
+        assert!(topic.is_deleted(Offset(o)).expect("is_deleted"));
     }
     drop(topic);
     let registry = restart(&disk, registry, Some(Some(11)));
@@ -1008,7 +1015,7 @@ fn deleted_messages_are_never_delivered_or_replayed_again() {
     let later = now_ms() + 3_600_000;
     let delivered = drain_offsets(&registry, "orders", "q", later);
     assert_eq!(delivered, vec![4, 6, 7, 8, 9]);
-    topic.ack("q", &delivered).expect("ack");
+    topic.ack("q", &as_offsets(&delivered)).expect("ack");
     // Nothing is left for the queue group, so nothing holds the log back:
     // deleted messages are not needed by anyone.
     let info = topic.describe_group("q").expect("describe");
@@ -1018,13 +1025,13 @@ fn deleted_messages_are_never_delivered_or_replayed_again() {
         Some(0),
         "stream group at 0"
     );
-    topic.commit("s", 2).expect("commit");
+    topic.commit("s", Offset(2)).expect("commit");
     assert_eq!(
         topic.needed_offset().expect("needed"),
         Some(4),
         "the stream group's next live message is 4 (2 and 3 are deleted)"
     );
-    topic.commit("s", 10).expect("commit");
+    topic.commit("s", Offset(10)).expect("commit");
     assert_eq!(topic.needed_offset().expect("needed"), Some(10));
 }
 
@@ -1052,11 +1059,11 @@ fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
         .ensure_group("s", GroupMode::Stream, Position::Earliest)
         .expect("stream group");
     assert_eq!(drain_offsets(&registry, "tasks", "q", now_ms()).len(), 8);
-    topic.ack("q", &[0, 1, 2, 6]).expect("ack");
+    topic.ack("q", &as_offsets(&[0, 1, 2, 6])).expect("ack");
     // Only the queue group is done with 0..3 and 6: all still there.
     assert_eq!(replay_all(&topic).len(), 8);
     assert_eq!(topic.needed_offset().expect("needed"), Some(0));
-    topic.commit("s", 3).expect("commit");
+    topic.commit("s", Offset(3)).expect("commit");
     // 0..3 are done by both groups; 6 only by the queue group.
     assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
     assert_eq!(topic.needed_offset().expect("needed"), Some(3));
@@ -1076,7 +1083,10 @@ fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
         drain_offsets(&registry, "tasks", "late", now_ms()),
         vec![3, 4, 5, 6, 7]
     );
-    assert_eq!(topic.seek("s", Position::Earliest).expect("seek"), 0);
+    assert_eq!(
+        topic.seek("s", Position::Earliest).expect("seek"),
+        Offset(0)
+    );
     assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
     for g in ["q", "s", "late"] {
         topic.delete_group(g).expect("delete group");
@@ -1212,8 +1222,8 @@ fn a_topic_with_one_stuck_message_keeps_small_group_files_under_heavy_traffic() 
             .filter(|&o| o != 0)
             .collect();
         let (even, odd): (Vec<u64>, Vec<u64>) = acks.iter().partition(|&&o| o % 2 == 0);
-        topic.ack("q", &even).expect("ack even");
-        topic.ack("q", &odd).expect("ack odd");
+        topic.ack("q", &as_offsets(&even)).expect("ack even");
+        topic.ack("q", &as_offsets(&odd)).expect("ack odd");
         largest = largest.max(file_len(&disk, journal));
     }
     assert_eq!(delivered, N);
@@ -1441,7 +1451,7 @@ fn model_fetch(
         model.held[member].insert(o);
     }
     for l in &fetch.dead_letters {
-        let o = l.offset;
+        let o = l.offset.0;
         prop_assert!(
             !matches!(model.availability(o, now), Availability::No),
             "{o} dead-lettered while not available"
@@ -1473,7 +1483,7 @@ fn model_fetch(
 
 fn model_ack(topic: &Topic, model: &mut QueueModel, offsets: &[u64]) -> Result<(), TestCaseError> {
     topic
-        .ack("g", offsets)
+        .ack("g", &as_offsets(offsets))
         .map_err(|e| TestCaseError::fail(format!("ack: {e}")))?;
     for &o in offsets {
         for h in &mut model.held {
@@ -1559,7 +1569,7 @@ fn run_queue_model(
                     .filter(|&&o| model.msgs[o as usize].lease.is_some())
                     .count();
                 let before = now_ms();
-                let count = topic.nack("g", &offsets, delay).expect("nack");
+                let count = topic.nack("g", &as_offsets(&offsets), delay).expect("nack");
                 let after = now_ms();
                 prop_assert_eq!(count, expected, "nack of {:?}", offsets);
                 for o in offsets {
@@ -1651,4 +1661,9 @@ proptest! {
         let fsync = if always { FsyncPolicy::Always } else { FsyncPolicy::Never };
         run_queue_model(fsync, members, initial, ops)?;
     }
+}
+
+/// Offsets as the broker takes them.
+fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
+    offsets.iter().copied().map(Offset).collect()
 }

@@ -16,7 +16,7 @@ use spool::client::{Client, ClientError, FetchOptions};
 use spool::groups::GroupMode;
 use spool::protocol::pb;
 use spool::storage::io::{SimDisk, SimFault, Storage};
-use spool::storage::{DataDir, LogConfig, NewMessage};
+use spool::storage::{DataDir, LogConfig, NewMessage, Offset};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -494,7 +494,7 @@ fn a_topic_deletion_cut_by_a_crash_leaves_the_topic_whole_or_absent() {
         }
         t.create_group("g", GroupMode::Stream, Position::Earliest)
             .expect("group");
-        t.commit("g", 20).expect("commit");
+        t.commit("g", Offset(20)).expect("commit");
         drop(t);
         disk.power_off_after_syncs(Some(disk.sync_count() + n));
         let deleted = registry.delete_topic("t").map(|_| ());
@@ -531,7 +531,7 @@ fn a_group_whose_deletion_a_crash_cut_short_is_created_fresh() {
         .expect("group");
     // Enough commits for the group to write a snapshot.
     for i in 0..spool::groups::state::SNAPSHOT_EVERY + 1 {
-        t.commit("g", 10 + i % 2).expect("commit");
+        t.commit("g", Offset(10 + i % 2)).expect("commit");
     }
     let snap = Path::new("/data/topics/t/groups/g.snap");
     let snapshot = disk.read_file(snap).expect("the group has a snapshot");

@@ -851,7 +851,7 @@ fn run_op(
                     }
 
                     for l in &f.dead_letters {
-                        let o = l.offset;
+                        let o = l.offset.0;
                         prop_assert!(
                             !gm.done_sure.contains(o) && !gm.done_maybe.contains(o),
                             "{}: acked offset {o} dead-lettered by {g}",
@@ -876,7 +876,7 @@ fn run_op(
             if offsets.is_empty() {
                 return Ok(false);
             }
-            let done = outcome(disk, "ack", t.ack(&g, &offsets))?.is_some();
+            let done = outcome(disk, "ack", t.ack(&g, &as_offsets(&offsets)))?.is_some();
             for &o in &offsets {
                 gm.held.remove(&o);
                 if done && always {
@@ -896,7 +896,7 @@ fn run_op(
             for o in &offsets {
                 gm.held.remove(o);
             }
-            outcome(disk, "nack", t.nack(&g, &offsets, 0))?.is_none()
+            outcome(disk, "nack", t.nack(&g, &as_offsets(&offsets), 0))?.is_none()
         }
         Op::Read { group, .. } => {
             let Some(g) = tm.group_named(false, *group) else {
@@ -940,7 +940,7 @@ fn run_op(
             let end = t.stats().end.0;
             let current = tm.groups[&g].committed_now();
             let to = current.saturating_add_signed(i64::from(*delta)).min(end);
-            let done = outcome(disk, "commit", t.commit(&g, to))?.is_some();
+            let done = outcome(disk, "commit", t.commit(&g, Offset(to)))?.is_some();
             let gm = tm.groups.get_mut(&g).expect("picked from the model");
             if done && always {
                 gm.committed_sure = to;
@@ -964,7 +964,7 @@ fn run_op(
                 .map_err(|e| fail(format!("resolving {position:?}: {e}")))?;
             let done = outcome(disk, "seek", t.seek(&g, position))?;
             if let Some(at) = done {
-                prop_assert_eq!(at, target, "seek to {:?}", position);
+                prop_assert_eq!(at.0, target, "seek to {:?}", position);
             }
             let gm = tm.groups.get_mut(&g).expect("picked from the model");
             if done.is_some() && always {
@@ -981,7 +981,7 @@ fn run_op(
                 return Ok(false);
             }
             let offsets: Vec<u64> = at.iter().map(|&f| end * u64::from(f) / (1 << 16)).collect();
-            let done = outcome(disk, "delete", t.delete(&offsets))?.is_some();
+            let done = outcome(disk, "delete", t.delete(&as_offsets(&offsets)))?.is_some();
             if done && always {
                 tm.hidden_sure.extend(&offsets);
             } else {
@@ -1191,7 +1191,7 @@ fn check_topic(
         prop_assert!(
             o < end
                 || !t
-                    .is_deleted(o)
+                    .is_deleted(Offset(o))
                     .map_err(|e| fail(format!("{name}: is_deleted({o}): {e}")))?,
             "{name}: offset {o} is past the recovered end {end} and still marked deleted"
         );
@@ -1327,7 +1327,7 @@ fn check_queue_group(
             prop_assert!(delivered.insert(o), "{name}: {o} delivered twice to {g}");
         }
         for l in &f.dead_letters {
-            let o = l.offset;
+            let o = l.offset.0;
             prop_assert!(
                 !gm.done_sure.contains(o),
                 "{name}: the confirmed ack of offset {o} by {g} is lost: dead-lettered after recovery"
@@ -1352,7 +1352,7 @@ fn check_queue_group(
         }
     }
     let offsets: Vec<u64> = delivered.iter().copied().collect();
-    t.nack(g, &offsets, 0)
+    t.nack(g, &as_offsets(&offsets), 0)
         .map_err(|e| fail(format!("{name}: nack after the check: {e}")))?;
     let mut done = RangeSet::new();
     let mut from = 0;
@@ -1656,7 +1656,7 @@ fn a_deletion_of_a_message_the_cut_took_does_not_hide_its_successor() {
         lost,
         "only the sealed segment is synced"
     );
-    t.delete(&[0, lost]).expect("delete");
+    t.delete(&[Offset(0), Offset(lost)]).expect("delete");
     reg.compact(Some("t"), &mut |_| {}).expect("compact");
     drop(t);
     drop(reg);
@@ -1703,7 +1703,7 @@ fn a_deletion_in_a_segment_sealed_during_compaction_stays() {
         active_base > 0 && active_base < 5,
         "a sealed and an active segment"
     );
-    t.delete(&[0, active_base]).expect("delete");
+    t.delete(&[Offset(0), Offset(active_base)]).expect("delete");
     let mut rolled = false;
     reg.compact(Some("t"), &mut |_| {
         if !rolled {
@@ -1752,7 +1752,8 @@ fn a_completion_derived_from_a_deletion_is_not_durable_before_the_deletion() {
     t.log().sync().expect("sync");
     t.ensure_group("q", GroupMode::Queue, Position::Earliest)
         .expect("group");
-    t.delete(&[0]).expect("delete (written, not synced)");
+    t.delete(&[Offset(0)])
+        .expect("delete (written, not synced)");
     let fetched = reg
         .fetch_queue("t", "q", "m", 10, NO_BYTE_LIMIT, now_ms())
         .expect("fetch");
@@ -1865,4 +1866,9 @@ fn an_unconfirmed_seek_back_can_outlive_the_commit_after_it() {
         vec![0, 1],
         "messages the stream group has not consumed are visible again"
     );
+}
+
+/// Offsets as the broker takes them.
+fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
+    offsets.iter().copied().map(Offset).collect()
 }

@@ -19,7 +19,9 @@ use crate::groups::{GroupInfo, GroupMode};
 use crate::storage::compact::CompactStats;
 use crate::storage::io::OsStorage;
 use crate::storage::log::now_ms;
-use crate::storage::{Appended, DataDir, Durability, LogStats, NewMessage, RecoveryMode, record};
+use crate::storage::{
+    Appended, DataDir, Durability, LogStats, NewMessage, Offset, RecoveryMode, record,
+};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -108,9 +110,9 @@ pub struct Fetched {
     /// Messages (queue groups: with their delivery count; others: 0).
     pub messages: Vec<Delivery>,
     /// Offset after the last message, or where the read started.
-    pub next_offset: u64,
+    pub next_offset: Offset,
     /// The topic's end offset.
-    pub end_offset: u64,
+    pub end_offset: Offset,
 }
 
 /// A subscription: what to read, from where, and with how much credit.
@@ -371,7 +373,7 @@ impl Broker {
         letters: Vec<super::DeadLetter>,
     ) -> Result<()> {
         let name = source.config().dead_letter_topic(source.name());
-        let offsets: Vec<u64> = letters.iter().map(|d| d.offset).collect();
+        let offsets: Vec<Offset> = letters.iter().map(|d| d.offset).collect();
         let messages: Vec<NewMessage> = letters.into_iter().map(|d| d.message).collect();
         let mut attempts = 0;
         loop {
@@ -445,8 +447,8 @@ impl Broker {
                 let next_offset = messages.last().map_or(start, |m| m.message.offset.0 + 1);
                 return Ok(Fetched {
                     messages,
-                    next_offset,
-                    end_offset: runtime.topic().stats().end.0,
+                    next_offset: Offset(next_offset),
+                    end_offset: runtime.topic().stats().end,
                 });
             }
             tokio::select! {
@@ -499,7 +501,7 @@ impl Broker {
         &self,
         topic: &str,
         group: &str,
-        offsets: Vec<u64>,
+        offsets: Vec<Offset>,
         for_subscription: bool,
     ) -> Result<()> {
         let t = Arc::clone(self.existing(topic)?.topic());
@@ -521,7 +523,7 @@ impl Broker {
         &self,
         topic: &str,
         group: &str,
-        offsets: Vec<u64>,
+        offsets: Vec<Offset>,
         delay_ms: u64,
     ) -> Result<usize> {
         let runtime = self.existing(topic)?;
@@ -533,14 +535,14 @@ impl Broker {
     }
 
     /// Commits `offset` for stream group `group`.
-    pub async fn commit(&self, topic: &str, group: &str, offset: u64) -> Result<()> {
+    pub async fn commit(&self, topic: &str, group: &str, offset: Offset) -> Result<()> {
         let t = Arc::clone(self.existing(topic)?.topic());
         let group = group.to_owned();
         blocking(move || t.commit(&group, offset)).await
     }
 
     /// Moves group `group` to `to`; returns the offset it now reads from.
-    pub async fn seek(&self, topic: &str, group: &str, to: Position) -> Result<u64> {
+    pub async fn seek(&self, topic: &str, group: &str, to: Position) -> Result<Offset> {
         let runtime = self.existing(topic)?;
         let t = Arc::clone(runtime.topic());
         let group = group.to_owned();
@@ -550,7 +552,7 @@ impl Broker {
     }
 
     /// Deletes messages of `topic` by offset.
-    pub async fn delete(&self, topic: &str, offsets: Vec<u64>) -> Result<()> {
+    pub async fn delete(&self, topic: &str, offsets: Vec<Offset>) -> Result<()> {
         let t = Arc::clone(self.existing(topic)?.topic());
         blocking(move || t.delete(&offsets)).await
     }

@@ -386,7 +386,7 @@ impl Registry {
                 .map(|d| d.message.clone())
                 .collect();
             let dlq = self.hand_off(&source.config().dead_letter_topic(topic), &messages)?;
-            let offsets: Vec<u64> = fetch.dead_letters.iter().map(|d| d.offset).collect();
+            let offsets: Vec<_> = fetch.dead_letters.iter().map(|d| d.offset).collect();
             source.complete_dead_letters(group, &offsets)?;
             tracing::warn!(
                 topic,

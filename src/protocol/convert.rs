@@ -257,3 +257,8 @@ pub fn compaction(topic: &str, s: &crate::storage::compact::CompactStats) -> pb:
         millis: s.millis,
     }
 }
+
+/// Wire offsets as the broker takes them.
+pub fn offsets(offsets: Vec<u64>) -> Vec<crate::storage::Offset> {
+    offsets.into_iter().map(crate::storage::Offset).collect()
+}

@@ -72,7 +72,7 @@ pub struct Delivery {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     /// Offset in the source topic.
-    pub offset: u64,
+    pub offset: Offset,
     /// The message as it goes to the dead-letter topic (headers added).
     pub message: NewMessage,
 }
@@ -596,9 +596,9 @@ impl Topic {
         Ok(())
     }
 
-    fn check_offsets(&self, offsets: &[u64]) -> Result<()> {
+    fn check_offsets(&self, offsets: &[Offset]) -> Result<()> {
         let end = self.log.end().0;
-        match offsets.iter().find(|&&o| o >= end) {
+        match offsets.iter().find(|o| o.0 >= end) {
             Some(o) => Err(Error::InvalidArgument(format!(
                 "offset {o} of topic {} is past its end ({end})",
                 self.name
@@ -610,7 +610,7 @@ impl Topic {
     /// Moves a group to `position`: a stream group reads and commits from
     /// there; a queue group treats everything before it as done and everything
     /// from it on as pending. Returns the offset.
-    pub fn seek(&self, group: &str, position: Position) -> Result<u64> {
+    pub fn seek(&self, group: &str, position: Position) -> Result<Offset> {
         let _pass = self.enter()?;
         let offset = self.resolve(position)?;
         {
@@ -624,14 +624,14 @@ impl Topic {
             self.persist_group(g)
         })?;
         durable.map_or(Ok(()), SyncWait::wait)?;
-        Ok(offset)
+        Ok(Offset(offset))
     }
 
     /// Deletes messages: they are never delivered or replayed again.
-    pub fn delete(&self, offsets: &[u64]) -> Result<()> {
+    pub fn delete(&self, offsets: &[Offset]) -> Result<()> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
-        let ranges: Vec<_> = offsets.iter().map(|&o| o..o + 1).collect();
+        let ranges: Vec<_> = offsets.iter().map(|o| o.0..o.0 + 1).collect();
         let durable = {
             let mut deletions = self.deletions_mut();
             deletions.record(&ranges, false)?;
@@ -646,9 +646,9 @@ impl Topic {
     }
 
     /// Whether `offset` is explicitly deleted.
-    pub fn is_deleted(&self, offset: u64) -> Result<bool> {
+    pub fn is_deleted(&self, offset: Offset) -> Result<bool> {
         let _pass = self.enter()?;
-        Ok(self.deletions().contains(offset))
+        Ok(self.deletions().contains(offset.0))
     }
 
     /// The lowest offset any group still needs (None without groups):

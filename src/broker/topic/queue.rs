@@ -100,7 +100,7 @@ impl Topic {
                 limits.message_bytes
             );
             out.dead_letters.push(DeadLetter {
-                offset: o,
+                offset: Offset(o),
                 message: self.dead_letter(group, m, deliveries, &reason),
             });
         }
@@ -124,7 +124,7 @@ impl Topic {
                     // concurrent fetch must not dead-letter it a second time.
                     g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
                     out.dead_letters.push(DeadLetter {
-                        offset: o,
+                        offset: Offset(o),
                         message: self.dead_letter(group, m, deliveries, "max_deliveries exceeded"),
                     });
                 }
@@ -162,12 +162,12 @@ impl Topic {
     }
 
     /// Completes dead letters once the dead-letter topic holds them.
-    pub fn complete_dead_letters(&self, group: &str, offsets: &[u64]) -> Result<()> {
+    pub fn complete_dead_letters(&self, group: &str, offsets: &[Offset]) -> Result<()> {
         let _pass = self.enter()?;
         let durable = self.with_group(group, |g| {
             self.check_queue(g)?;
-            for &o in offsets {
-                g.complete(o, o + 1)?;
+            for o in offsets {
+                g.complete(o.0, o.0 + 1)?;
             }
             g.sync_later()
         })?;
@@ -176,10 +176,10 @@ impl Topic {
 
     /// Queue group: completes `offsets` for the group. Confirmed (returns)
     /// once durable under the fsync policy.
-    pub fn ack(&self, group: &str, offsets: &[u64]) -> Result<()> {
+    pub fn ack(&self, group: &str, offsets: &[Offset]) -> Result<()> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
-        let mut sorted = offsets.to_vec();
+        let mut sorted: Vec<u64> = offsets.iter().map(|o| o.0).collect();
         sorted.sort_unstable();
         sorted.dedup();
         let mut ranges = Vec::new();
@@ -206,14 +206,14 @@ impl Topic {
 
     /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
     /// Returns how many were leased.
-    pub fn nack(&self, group: &str, offsets: &[u64], delay_ms: u64) -> Result<usize> {
+    pub fn nack(&self, group: &str, offsets: &[Offset], delay_ms: u64) -> Result<usize> {
         let _pass = self.enter()?;
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
             Ok(offsets
                 .iter()
-                .filter(|&&o| g.nack(o, now, delay_ms))
+                .filter(|o| g.nack(o.0, now, delay_ms))
                 .count())
         })
     }

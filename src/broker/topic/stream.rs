@@ -44,8 +44,9 @@ impl Topic {
     }
 
     /// Stream group: commits `offset` as the next to read after a restart.
-    pub fn commit(&self, group: &str, offset: u64) -> Result<()> {
+    pub fn commit(&self, group: &str, offset: Offset) -> Result<()> {
         let _pass = self.enter()?;
+        let offset = offset.0;
         let end = self.log.end().0;
         if offset > end {
             return Err(Error::InvalidArgument(format!(

@@ -65,7 +65,7 @@ pub(in crate::server) async fn delete_messages(
 ) -> Result<Reply, pb::Error> {
     conn.shared
         .broker
-        .delete(&d.topic, d.offsets)
+        .delete(&d.topic, convert::offsets(d.offsets))
         .await
         .map_err(wire(conn))?;
     Ok(Reply::Ok(pb::Empty {}))

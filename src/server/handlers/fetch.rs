@@ -67,8 +67,8 @@ pub(in crate::server) async fn fetch(conn: &Conn, f: pb::FetchRequest) -> Result
     }
     Ok(Reply::Fetch(pb::FetchResponse {
         messages: messages(fetched.messages),
-        next_offset: fetched.next_offset,
-        end_offset: fetched.end_offset,
+        next_offset: fetched.next_offset.0,
+        end_offset: fetched.end_offset.0,
     }))
 }
 

@@ -7,6 +7,7 @@ use crate::broker::Position;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{convert, pb};
 use crate::server::connection::Conn;
+use crate::storage::Offset;
 
 /// Acknowledges messages. Without a group, an ack only returns credit to a
 /// replay subscription, which must be named.
@@ -24,7 +25,12 @@ pub(in crate::server) async fn ack(conn: &Conn, a: pb::AckRequest) -> Result<Rep
     }
     conn.shared
         .broker
-        .ack(&a.topic, &a.group, a.offsets, a.subscription_id.is_some())
+        .ack(
+            &a.topic,
+            &a.group,
+            convert::offsets(a.offsets),
+            a.subscription_id.is_some(),
+        )
         .await
         .map_err(wire(conn))?;
     conn.give_credit(a.subscription_id, n);
@@ -37,7 +43,7 @@ pub(in crate::server) async fn nack(conn: &Conn, n: pb::NackRequest) -> Result<R
     let requeued = conn
         .shared
         .broker
-        .nack(&n.topic, &n.group, n.offsets, n.delay_ms)
+        .nack(&n.topic, &n.group, convert::offsets(n.offsets), n.delay_ms)
         .await
         .map_err(wire(conn))?;
     conn.give_credit(n.subscription_id, count);
@@ -53,7 +59,7 @@ pub(in crate::server) async fn commit(
 ) -> Result<Reply, pb::Error> {
     conn.shared
         .broker
-        .commit(&c.topic, &c.group, c.offset)
+        .commit(&c.topic, &c.group, Offset(c.offset))
         .await
         .map_err(wire(conn))?;
     Ok(Reply::Ok(pb::Empty {}))
@@ -68,7 +74,7 @@ pub(in crate::server) async fn seek(conn: &Conn, s: pb::SeekRequest) -> Result<R
         .seek(&s.topic, &s.group, to)
         .await
         .map_err(wire(conn))?;
-    Ok(Reply::Seek(pb::SeekResponse { offset }))
+    Ok(Reply::Seek(pb::SeekResponse { offset: offset.0 }))
 }
 
 /// Creates a group.
