@@ -215,7 +215,7 @@ proptest! {
             })
             .map(|(o, _)| *o)
             .collect();
-        let got: Vec<u64> = topic.read(0, 10_000, 1 << 20).expect("read").iter().map(|m| m.offset.0).collect();
+        let got: Vec<u64> = topic.read(Offset(0), 10_000, 1 << 20).expect("read").iter().map(|m| m.offset.0).collect();
         prop_assert_eq!(got, expected);
     }
 }
@@ -275,7 +275,7 @@ fn power_cut_at_every_sync_of_compaction(doomed: fn(u64) -> bool, merges: bool) 
         let reg = registry(Arc::clone(&storage), "/data");
         let topic = reg.topic("t").expect("topic");
         let got: BTreeMap<u64, String> = topic
-            .read(0, 10_000, 1 << 20)
+            .read(Offset(0), 10_000, 1 << 20)
             .expect("read")
             .into_iter()
             .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
@@ -361,7 +361,7 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
     let reg = registry(Arc::new(OsStorage), root_str);
     let topic = reg.topic("t").expect("topic");
     let got: BTreeMap<u64, String> = topic
-        .read(0, 10_000, 1 << 20)
+        .read(Offset(0), 10_000, 1 << 20)
         .expect("read")
         .into_iter()
         .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
@@ -389,7 +389,7 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
         .expect("store checkpoint");
     let reg = registry(Arc::new(OsStorage), root_str);
     let topic = reg.topic("t").expect("topic");
-    let first = topic.read(0, 1, 1 << 20).expect("read");
+    let first = topic.read(Offset(0), 1, 1 << 20).expect("read");
     assert_eq!(
         first.first().map(|m| m.offset.0),
         c_stem.parse::<u64>().ok(),
@@ -510,7 +510,7 @@ fn a_tombstone_survives_its_retention_then_goes() {
         .compact(now + 500, &mut |_| {})
         .expect("compact within retention");
     let keys_k: Vec<u64> = topic
-        .read(0, 10_000, 1 << 20)
+        .read(Offset(0), 10_000, 1 << 20)
         .expect("read")
         .iter()
         .filter(|m| m.key.as_deref() == Some(&b"k"[..]))
@@ -524,7 +524,7 @@ fn a_tombstone_survives_its_retention_then_goes() {
     topic
         .compact(now + 1001, &mut |_| {})
         .expect("compact after retention");
-    let left = topic.read(0, 10_000, 1 << 20).expect("read");
+    let left = topic.read(Offset(0), 10_000, 1 << 20).expect("read");
     assert!(
         left.iter().all(|m| m.key.as_deref() != Some(&b"k"[..])),
         "the tombstone went after its retention"

@@ -90,9 +90,11 @@ fn header<'a>(m: &'a Message, name: &str) -> Option<&'a [u8]> {
 /// Every live message of a topic, by replay from the start.
 fn replay_all(topic: &Topic) -> Vec<Message> {
     let mut out = Vec::new();
-    let mut from = topic.resolve(Position::Earliest).expect("earliest");
+    let mut from = topic.resolve(Position::Earliest).expect("earliest").0;
     loop {
-        let batch = topic.read(from, 1000, NO_BYTE_LIMIT).expect("replay");
+        let batch = topic
+            .read(Offset(from), 1000, NO_BYTE_LIMIT)
+            .expect("replay");
         let Some(last) = batch.last() else {
             return out;
         };
@@ -385,7 +387,13 @@ fn a_stream_commit_past_the_log_end_is_kept_and_the_log_skips_the_lost_offsets()
     topic
         .ensure_group("s", GroupMode::Stream, Position::Earliest)
         .expect("stream group");
-    assert_eq!(topic.read(0, 100, NO_BYTE_LIMIT).expect("read").len(), 20);
+    assert_eq!(
+        topic
+            .read(Offset(0), 100, NO_BYTE_LIMIT)
+            .expect("read")
+            .len(),
+        20
+    );
     topic.commit("s", Offset(20)).expect("commit");
     // The commit reaches the disk, the log tail it covers does not.
     topic.sync_state().expect("sync group state");
@@ -403,11 +411,19 @@ fn a_stream_commit_past_the_log_end_is_kept_and_the_log_skips_the_lost_offsets()
         20,
         "the log continues after the lost tail"
     );
-    assert_eq!(topic.read(0, 100, NO_BYTE_LIMIT).expect("read").len(), 10);
+    assert_eq!(
+        topic
+            .read(Offset(0), 100, NO_BYTE_LIMIT)
+            .expect("read")
+            .len(),
+        10
+    );
     assert_eq!(topic.describe_group("s").expect("describe").committed, 20);
     produce(&topic, 100, 105);
     let committed = topic.describe_group("s").expect("describe").committed;
-    let read = topic.read(committed, 100, NO_BYTE_LIMIT).expect("read");
+    let read = topic
+        .read(Offset(committed), 100, NO_BYTE_LIMIT)
+        .expect("read");
     assert_eq!(offsets(&read), (20..25).collect::<Vec<_>>());
     assert_eq!(&read[0].value[..], &value(100)[..]);
 }
@@ -832,8 +848,8 @@ fn replay_starts_at_earliest_latest_an_offset_or_a_timestamp() {
     let registry = open_registry(&disk);
     let topic = timed_topic(&registry, "clicks");
     let first = |p: Position| {
-        let from = topic.resolve(p).expect("resolve");
-        let read = topic.read(from, 100, NO_BYTE_LIMIT).expect("read");
+        let from = topic.resolve(p).expect("resolve").0;
+        let read = topic.read(Offset(from), 100, NO_BYTE_LIMIT).expect("read");
         (
             from,
             read.first().map(|m| (m.offset.0, m.timestamp_ms)),
@@ -893,7 +909,7 @@ fn a_stream_group_resumes_at_its_commit_after_a_restart() {
         let info = topic.describe_group("analytics").expect("describe");
         assert_eq!(info.mode, GroupMode::Stream);
         let resumed = topic
-            .read(info.committed, 100, NO_BYTE_LIMIT)
+            .read(Offset(info.committed), 100, NO_BYTE_LIMIT)
             .expect("read from the commit");
         let before = match cut {
             None => 4,
@@ -1022,17 +1038,17 @@ fn deleted_messages_are_never_delivered_or_replayed_again() {
     assert_eq!((info.committed, info.lag), (10, 0), "{info:?}");
     assert_eq!(
         topic.needed_offset().expect("needed"),
-        Some(0),
+        Some(Offset(0)),
         "stream group at 0"
     );
     topic.commit("s", Offset(2)).expect("commit");
     assert_eq!(
         topic.needed_offset().expect("needed"),
-        Some(4),
+        Some(Offset(4)),
         "the stream group's next live message is 4 (2 and 3 are deleted)"
     );
     topic.commit("s", Offset(10)).expect("commit");
-    assert_eq!(topic.needed_offset().expect("needed"), Some(10));
+    assert_eq!(topic.needed_offset().expect("needed"), Some(Offset(10)));
 }
 
 #[test]
@@ -1062,11 +1078,11 @@ fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
     topic.ack("q", &as_offsets(&[0, 1, 2, 6])).expect("ack");
     // Only the queue group is done with 0..3 and 6: all still there.
     assert_eq!(replay_all(&topic).len(), 8);
-    assert_eq!(topic.needed_offset().expect("needed"), Some(0));
+    assert_eq!(topic.needed_offset().expect("needed"), Some(Offset(0)));
     topic.commit("s", Offset(3)).expect("commit");
     // 0..3 are done by both groups; 6 only by the queue group.
     assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
-    assert_eq!(topic.needed_offset().expect("needed"), Some(3));
+    assert_eq!(topic.needed_offset().expect("needed"), Some(Offset(3)));
     drop(topic);
     let registry = restart(&disk, registry, Some(Some(5)));
     let topic = registry.topic("tasks").expect("topic");
@@ -1078,7 +1094,7 @@ fn on_delete_when_consumed_topics_a_message_completed_by_every_group_is_gone() {
         .ensure_group("late", GroupMode::Queue, Position::Earliest)
         .expect("late group");
     assert_eq!(offsets(&replay_all(&topic)), vec![3, 4, 5, 6, 7]);
-    assert_eq!(topic.needed_offset().expect("needed"), Some(3));
+    assert_eq!(topic.needed_offset().expect("needed"), Some(Offset(3)));
     assert_eq!(
         drain_offsets(&registry, "tasks", "late", now_ms()),
         vec![3, 4, 5, 6, 7]

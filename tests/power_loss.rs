@@ -626,7 +626,7 @@ fn read_visible(t: &Topic) -> Result<Vec<Message>, TestCaseError> {
     let mut from = 0;
     loop {
         let batch = t
-            .read(from, 1000, NO_BYTE_LIMIT)
+            .read(Offset(from), 1000, NO_BYTE_LIMIT)
             .map_err(|e| fail(format!("{}: replay: {e}", t.name())))?;
         let Some(last) = batch.last() else {
             return Ok(out);
@@ -961,7 +961,8 @@ fn run_op(
             };
             let target = t
                 .resolve(position)
-                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?;
+                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?
+                .0;
             let done = outcome(disk, "seek", t.seek(&g, position))?;
             if let Some(at) = done {
                 prop_assert_eq!(at.0, target, "seek to {:?}", position);
@@ -1069,7 +1070,8 @@ fn run_op(
             };
             let start = t
                 .resolve(position)
-                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?;
+                .map_err(|e| fail(format!("resolving {position:?}: {e}")))?
+                .0;
             let mode = if *queue {
                 GroupMode::Queue
             } else {

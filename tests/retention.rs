@@ -15,7 +15,7 @@ use spool::groups::GroupMode;
 use spool::protocol::pb;
 use spool::storage::io::{SimDisk, Storage};
 use spool::storage::verify::verify;
-use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage};
+use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage, Offset};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -495,7 +495,7 @@ fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
         let topic = reg.topic("p").expect("topic");
         let stats = topic.stats();
         assert_eq!(stats.end.0, 60, "cut after {syncs} syncs");
-        let got = topic.read(0, 1000, 64 << 20).expect("read");
+        let got = topic.read(Offset(0), 1000, 64 << 20).expect("read");
         let offsets: Vec<u64> = got.iter().map(|m| m.offset.0).collect();
         assert_eq!(
             offsets,

@@ -324,7 +324,7 @@ impl Broker {
         runtime: &TopicRuntime,
         target: &Target,
         member: &str,
-        from: u64,
+        from: Offset,
         limits: DeliveryLimits,
     ) -> Result<Vec<Delivery>> {
         let t = Arc::clone(runtime.topic());
@@ -444,10 +444,12 @@ impl Broker {
         let mut over = false;
         loop {
             if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
-                let next_offset = messages.last().map_or(start, |m| m.message.offset.0 + 1);
+                let next_offset = messages
+                    .last()
+                    .map_or(start, |m| Offset(m.message.offset.0 + 1));
                 return Ok(Fetched {
                     messages,
-                    next_offset: Offset(next_offset),
+                    next_offset,
                     end_offset: runtime.topic().stats().end,
                 });
             }

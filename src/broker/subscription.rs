@@ -14,6 +14,7 @@ use super::runtime::TopicRuntime;
 use super::topic::{Delivery, DeliveryLimits, Position, Topic};
 use crate::error::{Error, Result};
 use crate::groups::GroupMode;
+use crate::storage::Offset;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
@@ -36,7 +37,7 @@ pub(super) struct Reader {
     pub(super) target: Target,
     /// First offset of replay and stream groups, fixed when the subscription
     /// starts (see [`start_offset`]); queue groups lease instead.
-    pub(super) position: u64,
+    pub(super) position: Offset,
     /// Member name: queue leases and group liveness.
     pub(super) member: String,
 }
@@ -160,14 +161,14 @@ impl Subscription {
                 }
                 Ok(messages) => {
                     if let Some(last) = messages.last() {
-                        self.reader.position = last.message.offset.0 + 1;
+                        self.reader.position = Offset(last.message.offset.0 + 1);
                     }
                     credits.forget_permits(messages.len());
                     return Some(Ok(Event::Messages(messages)));
                 }
                 Err(error @ Error::TooLarge { offset, .. }) => {
                     tracing::debug!(offset, "skipping a message too large for a delivery");
-                    self.reader.position = offset + 1;
+                    self.reader.position = Offset(offset + 1);
                     return Some(Ok(Event::Skipped { offset, error }));
                 }
                 Err(e) => {
@@ -182,11 +183,11 @@ impl Subscription {
 
 /// Where a reader of `target` starts: the resolved position for replay, the
 /// committed offset for a stream group (queue groups track their own cursor).
-pub(super) fn start_offset(topic: &Topic, target: &Target) -> Result<u64> {
+pub(super) fn start_offset(topic: &Topic, target: &Target) -> Result<Offset> {
     match target {
         Target::Replay(p) => topic.resolve(*p),
-        Target::Stream(g) => Ok(topic.describe_group(g)?.committed),
-        Target::Queue(_) => Ok(0),
+        Target::Stream(g) => Ok(Offset(topic.describe_group(g)?.committed)),
+        Target::Queue(_) => Ok(Offset(0)),
     }
 }
 

@@ -433,29 +433,29 @@ impl Topic {
     }
 
     /// The offset `position` stands for.
-    pub fn resolve(&self, position: Position) -> Result<u64> {
+    pub fn resolve(&self, position: Position) -> Result<Offset> {
         let _pass = self.enter()?;
         let stats = self.log.stats();
         Ok(match position {
-            Position::Earliest => stats.start.0,
-            Position::Latest => stats.end.0,
-            Position::Offset(o) => o.clamp(stats.start.0, stats.end.0),
-            Position::Timestamp(ts) => self.log.offset_for_timestamp(ts)?.0,
+            Position::Earliest => stats.start,
+            Position::Latest => stats.end,
+            Position::Offset(o) => Offset(o.clamp(stats.start.0, stats.end.0)),
+            Position::Timestamp(ts) => self.log.offset_for_timestamp(ts)?,
         })
     }
 
     /// Replay without state: up to `max` live messages from `from` on
     /// (deleted and fully consumed ones are skipped).
-    pub fn read(&self, from: u64, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
+    pub fn read(&self, from: Offset, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
         self.read_within(from, DeliveryLimits::new(max, max_bytes))
     }
 
     /// [`Topic::read`] for a delivery of at most `limits`: stops before a
     /// message too large to deliver, or fails with [`Error::TooLarge`] naming
     /// it when it is the first.
-    pub fn read_within(&self, from: u64, limits: DeliveryLimits) -> Result<Vec<Message>> {
+    pub fn read_within(&self, from: Offset, limits: DeliveryLimits) -> Result<Vec<Message>> {
         let _pass = self.enter()?;
-        let mut from = from;
+        let mut from = from.0;
         let end = self.log.end().0;
         let mut live = loop {
             let batch = self.log.read(Offset(from), limits.messages, limits.bytes)?;
@@ -520,7 +520,7 @@ impl Topic {
     pub fn create_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
         let _pass = self.enter()?;
         validate_name("group", name)?;
-        let start = self.resolve(start)?;
+        let start = self.resolve(start)?.0;
         let mut groups = self.groups_mut();
         if groups.contains_key(name) {
             return Err(Error::AlreadyExists(format!(
@@ -612,7 +612,7 @@ impl Topic {
     /// from it on as pending. Returns the offset.
     pub fn seek(&self, group: &str, position: Position) -> Result<Offset> {
         let _pass = self.enter()?;
-        let offset = self.resolve(position)?;
+        let offset = self.resolve(position)?.0;
         {
             let groups = self.groups();
             self.group(&groups, group)?;
@@ -653,7 +653,7 @@ impl Topic {
 
     /// The lowest offset any group still needs (None without groups):
     /// neither completed by that group nor deleted.
-    pub fn needed_offset(&self) -> Result<Option<u64>> {
+    pub fn needed_offset(&self) -> Result<Option<Offset>> {
         let _pass = self.enter()?;
         let groups = self.groups();
         let mut needed: Option<u64> = None;
@@ -670,7 +670,7 @@ impl Topic {
             }
             needed = Some(needed.map_or(o, |n| n.min(o)));
         }
-        Ok(needed)
+        Ok(needed.map(Offset))
     }
 
     /// Applies retention (see [`Log::enforce_retention_within`]): with
@@ -686,7 +686,7 @@ impl Topic {
         }
         let limits = if self.config.retention_respects_groups {
             RetentionLimits {
-                floor: self.needed_offset()?,
+                floor: self.needed_offset()?.map(|o| o.0),
                 hard_bytes: self.config.retention_bytes_max,
                 hard_age_ms: log.retention_ms.map(|ms| ms.saturating_mul(2)),
             }

@@ -13,7 +13,7 @@ impl Topic {
         &self,
         group: &str,
         member: &str,
-        from: Option<u64>,
+        from: Option<Offset>,
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
@@ -26,7 +26,7 @@ impl Topic {
         &self,
         group: &str,
         member: &str,
-        from: Option<u64>,
+        from: Option<Offset>,
         limits: DeliveryLimits,
     ) -> Result<Vec<Message>> {
         let _pass = self.enter()?;
@@ -38,7 +38,7 @@ impl Topic {
                 )));
             }
             g.touch(member, now_ms());
-            Ok(from.unwrap_or_else(|| g.committed()))
+            Ok(from.unwrap_or_else(|| Offset(g.committed())))
         })?;
         self.read_within(from, limits)
     }
