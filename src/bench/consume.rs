@@ -127,15 +127,7 @@ pub(super) async fn workload(
         }
         ReadMode::Queue => {
             progress.start("queue", messages);
-            clients[0]
-                .create_group(
-                    &target.topic,
-                    GROUP,
-                    GroupMode::Queue,
-                    Some(Position::Earliest),
-                )
-                .await
-                .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
+            create_queue_group(&clients[0], &target.topic).await?;
             let acked = Arc::new(AtomicU64::new(0));
             for (c, client) in clients.into_iter().enumerate() {
                 for _ in 0..params.in_flight {
@@ -177,15 +169,7 @@ async fn queue_load(
         return Ok(load);
     }
     let clients = produce::connect_all(target, "queue-load", params.queue_load).await?;
-    clients[0]
-        .create_group(
-            &target.topic,
-            GROUP,
-            GroupMode::Queue,
-            Some(Position::Earliest),
-        )
-        .await
-        .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
+    create_queue_group(&clients[0], &target.topic).await?;
     let one_at_a_time = Params {
         batch: 1,
         duration_s: None,
@@ -205,6 +189,15 @@ async fn queue_load(
         ));
     }
     Ok(load)
+}
+
+/// Creates the run's queue group on `topic`, from its first message.
+async fn create_queue_group(client: &Client, topic: &str) -> Result<(), BenchError> {
+    client
+        .create_group(topic, GROUP, GroupMode::Queue, Some(Position::Earliest))
+        .await
+        .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
+    Ok(())
 }
 
 /// One consumer replaying offsets `0..end` (again and again until the
@@ -358,15 +351,7 @@ pub(super) async fn e2e(
 ) -> Result<Outcome, BenchError> {
     let consumers = produce::connect_all(target, "consumer", params.consumers).await?;
     if params.mode == ReadMode::Queue {
-        consumers[0]
-            .create_group(
-                &target.topic,
-                GROUP,
-                GroupMode::Queue,
-                Some(Position::Earliest),
-            )
-            .await
-            .map_err(BenchError::client(format!("creating queue group {GROUP}")))?;
+        create_queue_group(&consumers[0], &target.topic).await?;
     }
     let schedule = Schedule::new(
         u64::from(params.producers),

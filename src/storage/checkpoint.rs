@@ -34,6 +34,7 @@ use super::message::NewMessage;
 use super::record::{self, Frame};
 use crate::error::{Corruption, Error, IoContext, Result};
 use bytes::Bytes;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Name of the checkpoint file in a log's directory.
@@ -77,6 +78,28 @@ impl Checkpoint {
     /// The point of journal `name`, if recorded.
     pub fn journal(&self, name: &str) -> Option<&JournalPoint> {
         self.journals.iter().find(|j| j.name == name)
+    }
+
+    /// The segments the checkpoint lists that are neither among `bases` (on
+    /// disk) nor retired by a completed or pending compaction swap
+    /// (`swaps`, see [`covered_by_swap`]), each with the offsets it held.
+    pub fn missing_segments(&self, bases: &[u64], swaps: &[Range<u64>]) -> Vec<(u64, Range<u64>)> {
+        let listed = &self.segments;
+        listed
+            .iter()
+            .enumerate()
+            .filter(|&(_, &base)| {
+                bases.binary_search(&base).is_err() && !covered_by_swap(base, swaps)
+            })
+            .map(|(i, &base)| {
+                let until = listed
+                    .get(i + 1)
+                    .copied()
+                    .unwrap_or(self.durable_end)
+                    .max(base);
+                (base, base..until)
+            })
+            .collect()
     }
 
     /// Encodes the payload (see the module's byte table).
@@ -171,6 +194,12 @@ impl Checkpoint {
         let path = path(dir);
         write_file_atomic(storage, &path, &buf).ctx(|| format!("writing {}", path.display()))
     }
+}
+
+/// Whether segment `base` lies inside a compaction swap `base..until` of
+/// `swaps` (after its first segment): the swap retires it on purpose.
+pub fn covered_by_swap(base: u64, swaps: &[Range<u64>]) -> bool {
+    swaps.iter().any(|r| r.start < base && base < r.end)
 }
 
 /// The checkpoint file of the log in `dir`.

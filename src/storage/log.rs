@@ -171,7 +171,7 @@ impl Log {
                 .list_dir(&dir)
                 .ctx(|| format!("listing {}", dir.display()))?;
             let pending = super::recovery::pending_swaps(&names);
-            let covered = |b: &u64| pending.iter().any(|r| r.start < *b && *b < r.end);
+            let covered = |b: &u64| super::checkpoint::covered_by_swap(*b, &pending);
             if c.segments.iter().any(covered) {
                 c.segments.retain(|b| !covered(b));
                 c.store(&*storage, &dir)?;
@@ -1178,22 +1178,12 @@ fn check_manifest(
     mode: RecoveryMode,
     report: &mut RecoveryReport,
 ) -> Result<()> {
-    let listed = &checkpoint.segments;
-    for (i, &base) in listed.iter().enumerate() {
-        if bases.binary_search(&base).is_ok()
-            || swaps.iter().any(|r| r.start < base && base < r.end)
-        {
-            continue;
-        }
-        let until = listed
-            .get(i + 1)
-            .copied()
-            .unwrap_or(checkpoint.durable_end)
-            .max(base);
+    for (base, offsets) in checkpoint.missing_segments(bases, swaps) {
+        let until = offsets.end;
         let damage = Corruption {
             file: SegmentPaths::new(dir, base).log,
             bytes: 0..0,
-            offsets: Some(base..until),
+            offsets: Some(offsets),
             detail: format!(
                 "segment file is missing: the log's checkpoint lists it, holding offsets from {base}{}. \
                  Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) to give them up",
@@ -1210,6 +1200,7 @@ fn check_manifest(
         tracing::error!(%damage, "giving up a missing segment");
         report.quarantined.push(damage);
     }
+    let listed = &checkpoint.segments;
     if let Some(&last_listed) = listed.last() {
         for &base in bases {
             if base < last_listed && listed.binary_search(&base).is_err() {

@@ -215,26 +215,16 @@ fn verify_log(
             ));
         }
     }
-    if let Some(c) = checkpoint {
-        for (i, &base) in c.segments.iter().enumerate() {
-            if bases.binary_search(&base).is_ok()
-                || swaps.iter().any(|r| r.start < base && base < r.end)
-            {
-                continue;
-            }
-            let until = c
-                .segments
-                .get(i + 1)
-                .copied()
-                .unwrap_or(c.durable_end)
-                .max(base);
-            report.damage.push(Finding {
-                file: SegmentPaths::new(dir, base).log,
-                bytes: 0..0,
-                offsets: Some(base..until),
-                detail: "segment file is missing: the log's checkpoint lists it".into(),
-            });
-        }
+    for (base, offsets) in checkpoint
+        .map(|c| c.missing_segments(&bases, &swaps))
+        .unwrap_or_default()
+    {
+        report.damage.push(Finding {
+            file: SegmentPaths::new(dir, base).log,
+            bytes: 0..0,
+            offsets: Some(offsets),
+            detail: "segment file is missing: the log's checkpoint lists it".into(),
+        });
     }
     // Index intervals are not stored; the default rebuilds what spool wrote.
     let config = LogConfig::default();
