@@ -143,7 +143,7 @@ pub(super) async fn workload(
                     ));
                 }
             }
-            "queue: one fetch + the ack of what it leased, per call"
+            "queue: one round, a fetch and the ack of the batch before it"
         }
     };
     let consumed = join_all(tasks, start).await?;
@@ -275,7 +275,10 @@ async fn replay(
 }
 
 /// One fetch-and-ack loop of a queue-group member; stops once the group
-/// has acked `total` messages (or at the deadline).
+/// has acked `total` messages (or at the deadline). Like a consumer that
+/// keeps one batch in hand, it acks what it has processed while fetching
+/// the next batch, so the ack and the next batch's delivery counts can
+/// share one journal sync; a round is that fetch and that ack.
 #[allow(clippy::too_many_arguments)]
 async fn queue(
     client: Arc<Client>,
@@ -290,7 +293,31 @@ async fn queue(
     let deadline = params.duration().map(|d| start + d);
     let mut got = Consumed::new(start);
     let mut idle_since = Instant::now();
-    while acked.load(Ordering::Relaxed) < total && deadline.is_none_or(|d| Instant::now() < d) {
+    // Processed, not yet acked: (offsets, value bytes).
+    let mut in_hand: Option<(Vec<u64>, u64)> = None;
+    let ack = |offsets: Vec<u64>| {
+        let client = Arc::clone(&client);
+        let topic = topic.clone();
+        async move {
+            client
+                .ack(&topic, GROUP, &offsets, None)
+                .await
+                .map_err(BenchError::client(format!("acking in queue group {GROUP}")))?;
+            Ok::<_, BenchError>(offsets.len() as u64)
+        }
+    };
+    let count_acked = |got: &mut Consumed, n: u64, bytes: u64| {
+        let now = Instant::now();
+        got.messages += n;
+        got.bytes += bytes;
+        got.last = now;
+        acked.fetch_add(n, Ordering::Relaxed);
+        progress.add(n);
+    };
+    while deadline.is_none_or(|d| Instant::now() < d) {
+        if in_hand.is_none() && acked.load(Ordering::Relaxed) >= total {
+            break;
+        }
         let options = FetchOptions {
             group: Some(GROUP.into()),
             member: member.clone(),
@@ -300,12 +327,23 @@ async fn queue(
             ..FetchOptions::default()
         };
         let t = Instant::now();
-        let fetched = client
-            .fetch(&topic, options)
-            .await
-            .map_err(BenchError::client(format!(
-                "fetching from queue group {GROUP}"
-            )))?;
+        let fetch = async {
+            client
+                .fetch(&topic, options)
+                .await
+                .map_err(BenchError::client(format!(
+                    "fetching from queue group {GROUP}"
+                )))
+        };
+        let fetched = match in_hand.take() {
+            Some((offsets, bytes)) => {
+                let (fetched, n) = tokio::join!(fetch, ack(offsets));
+                count_acked(&mut got, n?, bytes);
+                fetched?
+            }
+            None => fetch.await?,
+        };
+        got.latency.record(t.elapsed());
         if fetched.messages.is_empty() {
             if idle_since.elapsed() > IDLE_LIMIT {
                 return Err(BenchError::Incomplete(format!(
@@ -315,28 +353,22 @@ async fn queue(
             }
             continue;
         }
+        idle_since = Instant::now();
         let offsets: Vec<u64> = fetched
             .messages
             .iter()
             .map(|r| r.message.offset.0)
             .collect();
-        client
-            .ack(&topic, GROUP, &offsets, None)
-            .await
-            .map_err(BenchError::client(format!("acking in queue group {GROUP}")))?;
-        let now = Instant::now();
-        idle_since = now;
-        got.latency.record(now - t);
-        let n = offsets.len() as u64;
-        got.messages += n;
-        got.bytes += fetched
+        let bytes = fetched
             .messages
             .iter()
             .map(|r| r.message.value.len() as u64)
             .sum::<u64>();
-        got.last = now;
-        acked.fetch_add(n, Ordering::Relaxed);
-        progress.add(n);
+        in_hand = Some((offsets, bytes));
+    }
+    if let Some((offsets, bytes)) = in_hand {
+        let n = ack(offsets).await?;
+        count_acked(&mut got, n, bytes);
     }
     Ok(got)
 }

@@ -351,8 +351,11 @@ impl Broker {
                 let member = member.to_owned();
                 let group = g.clone();
                 let source = Arc::clone(&t);
-                let fetched =
-                    blocking(move || t.fetch_queue_within(&g, &member, limits, now_ms())).await?;
+                let (fetched, durable) =
+                    blocking(move || t.lease_queue_within(&g, &member, limits, now_ms())).await?;
+                if let Some(wait) = durable {
+                    wait.wait_async().await?;
+                }
                 if !fetched.dead_letters.is_empty() {
                     self.dead_letter(source, &group, fetched.dead_letters)
                         .await?;
@@ -508,15 +511,19 @@ impl Broker {
     ) -> Result<()> {
         let t = Arc::clone(self.existing(topic)?.topic());
         let group = group.to_owned();
-        blocking(move || match t.describe_group(&group)?.mode {
-            GroupMode::Queue => t.ack(&group, &offsets),
-            GroupMode::Stream if for_subscription => Ok(()),
+        let durable = blocking(move || match t.group_mode(&group)? {
+            GroupMode::Queue => t.ack_later(&group, &offsets),
+            GroupMode::Stream if for_subscription => Ok(None),
             GroupMode::Stream => Err(Error::InvalidArgument(format!(
                 "group {group} of topic {} is a stream group: commit offsets instead",
                 t.name()
             ))),
         })
-        .await
+        .await?;
+        match durable {
+            Some(wait) => wait.wait_async().await,
+            None => Ok(()),
+        }
     }
 
     /// Gives `offsets` back to queue group `group`, deliverable again after

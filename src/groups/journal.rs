@@ -63,6 +63,8 @@ pub struct JournalSyncer {
     path: PathBuf,
     state: Mutex<SyncState>,
     done: Condvar,
+    /// Bumped after every sync, for waiters on an async runtime.
+    synced: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +97,7 @@ impl JournalSyncer {
                 poisoned: None,
             }),
             done: Condvar::new(),
+            synced: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -114,36 +117,100 @@ impl JournalSyncer {
     pub fn wait(&self, seq: u64) -> Result<()> {
         let mut st = self.lock();
         loop {
-            if let Some(cause) = &st.poisoned {
-                return Err(self.read_only(cause));
-            }
-            if st.durable_seq >= seq {
-                return Ok(());
-            }
-            if st.syncing {
-                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            st.syncing = true;
-            let (generation, upto_seq, upto_pos) = (st.base_seq, st.written_seq, st.written_pos);
-            drop(st);
-            let result = self.file.sync_data();
-            st = self.lock();
-            st.syncing = false;
-            match result {
-                Ok(()) => {
-                    st.durable_seq = st.durable_seq.max(upto_seq);
-                    if st.base_seq == generation {
-                        st.durable_pos = st.durable_pos.max(upto_pos);
-                    }
-                }
-                Err(e) => {
-                    st.poisoned = Some(format!("sync of {} failed: {e}", self.path.display()));
+            match self.next_step(&mut st, seq)? {
+                Step::Done => return Ok(()),
+                Step::Wait => st = self.done.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Step::Sync(sync) => {
+                    drop(st);
+                    self.run(sync);
+                    st = self.lock();
                 }
             }
-            self.done.notify_all();
         }
     }
+
+    /// [`JournalSyncer::wait`] for async callers: waiting for another
+    /// caller's sync holds no thread, and a sync this caller has to run
+    /// runs on the blocking pool (to the end even if the caller goes away).
+    pub async fn wait_async(self: Arc<Self>, seq: u64) -> Result<()> {
+        loop {
+            // Subscribed before the state is read, so a sync finishing in
+            // between is not missed.
+            let mut synced = self.synced.subscribe();
+            let step = self.next_step(&mut self.lock(), seq)?;
+            match step {
+                Step::Done => return Ok(()),
+                Step::Wait => {
+                    // The sender lives in `self`, so this cannot fail.
+                    let _ = synced.changed().await;
+                }
+                Step::Sync(sync) => {
+                    let syncer = Arc::clone(&self);
+                    tokio::task::spawn_blocking(move || syncer.run(sync))
+                        .await
+                        .map_err(|e| {
+                            Error::Internal(format!("syncing {}: {e}", self.path.display()))
+                        })?;
+                }
+            }
+        }
+    }
+
+    /// What a caller waiting for `seq` does next; `Sync` marks a sync as
+    /// under way, which the caller then has to [`JournalSyncer::run`].
+    fn next_step(&self, st: &mut SyncState, seq: u64) -> Result<Step> {
+        if let Some(cause) = &st.poisoned {
+            return Err(self.read_only(cause));
+        }
+        if st.durable_seq >= seq {
+            return Ok(Step::Done);
+        }
+        if st.syncing {
+            return Ok(Step::Wait);
+        }
+        st.syncing = true;
+        Ok(Step::Sync(PendingSync {
+            generation: st.base_seq,
+            upto_seq: st.written_seq,
+            upto_pos: st.written_pos,
+        }))
+    }
+
+    /// Runs a sync [`JournalSyncer::next_step`] asked for and answers every
+    /// waiter.
+    fn run(&self, sync: PendingSync) {
+        let result = self.file.sync_data();
+        let mut st = self.lock();
+        st.syncing = false;
+        match result {
+            Ok(()) => {
+                st.durable_seq = st.durable_seq.max(sync.upto_seq);
+                if st.base_seq == sync.generation {
+                    st.durable_pos = st.durable_pos.max(sync.upto_pos);
+                }
+            }
+            Err(e) => {
+                st.poisoned = Some(format!("sync of {} failed: {e}", self.path.display()));
+            }
+        }
+        drop(st);
+        self.done.notify_all();
+        self.synced.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// What a waiter does next (see [`JournalSyncer::next_step`]).
+enum Step {
+    Done,
+    Wait,
+    Sync(PendingSync),
+}
+
+/// A sync under way: what it covers once it succeeds.
+struct PendingSync {
+    generation: u64,
+    upto_seq: u64,
+    upto_pos: u64,
 }
 
 /// Entries a caller waits to see durable, outside the owner's lock.
@@ -158,6 +225,12 @@ impl SyncWait {
     /// Returns once the entries are durable (see [`JournalSyncer::wait`]).
     pub fn wait(self) -> Result<()> {
         self.syncer.wait(self.seq)
+    }
+
+    /// [`SyncWait::wait`] on an async runtime, holding no thread while
+    /// another caller's sync runs.
+    pub async fn wait_async(self) -> Result<()> {
+        self.syncer.wait_async(self.seq).await
     }
 }
 
@@ -610,6 +683,26 @@ mod tests {
         disk.power_cut(Some(99));
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_waiters_are_answered_once_their_entries_survive_power_loss() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        let mut waits = Vec::new();
+        for i in 0..8u8 {
+            j.append(&[i]).expect("append");
+            waits.push(tokio::spawn(j.sync_later().wait_async()));
+        }
+        for w in waits {
+            w.await.expect("waiter").expect("durable");
+        }
+        assert!(j.is_synced());
+        drop(j);
+        disk.power_cut(Some(7));
+        let (_, replayed) = open(&disk);
+        let expected: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i]).collect();
+        assert_eq!(replayed.entries, expected);
     }
 
     #[test]

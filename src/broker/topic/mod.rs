@@ -568,6 +568,12 @@ impl Topic {
         self.with_group(name, |g| Ok(g.info(end, self.deletions().set())))
     }
 
+    /// Group `name`'s mode.
+    pub fn group_mode(&self, name: &str) -> Result<GroupMode> {
+        let _pass = self.enter()?;
+        self.with_group(name, |g| Ok(g.config().mode))
+    }
+
     /// All groups.
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
         let _pass = self.enter()?;

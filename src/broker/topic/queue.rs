@@ -29,6 +29,21 @@ impl Topic {
         limits: DeliveryLimits,
         now: u64,
     ) -> Result<QueueFetch> {
+        let (fetched, durable) = self.lease_queue_within(group, member, limits, now)?;
+        durable.map_or(Ok(()), SyncWait::wait)?;
+        Ok(fetched)
+    }
+
+    /// [`Topic::fetch_queue_within`], returning before the delivery counts
+    /// are durable: the messages may be handed out only once the returned
+    /// wait (if any) has returned. Waits of several callers share one sync.
+    pub fn lease_queue_within(
+        &self,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+    ) -> Result<(QueueFetch, Option<SyncWait>)> {
         let DeliveryLimits {
             messages: max,
             bytes: max_bytes,
@@ -139,11 +154,7 @@ impl Topic {
         // poison message cannot loop forever across broker crashes. The sync
         // runs outside the topic's lock, shared with other fetches and acks.
         let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
-        drop(deletions);
-        drop(g);
-        drop(groups);
-        durable.map_or(Ok(()), SyncWait::wait)?;
-        Ok(out)
+        Ok((out, durable))
     }
 
     fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
@@ -177,6 +188,13 @@ impl Topic {
     /// Queue group: completes `offsets` for the group. Confirmed (returns)
     /// once durable under the fsync policy.
     pub fn ack(&self, group: &str, offsets: &[Offset]) -> Result<()> {
+        self.ack_later(group, offsets)?
+            .map_or(Ok(()), SyncWait::wait)
+    }
+
+    /// [`Topic::ack`], returning before the acks are durable: they are
+    /// confirmed only once the returned wait (if any) has returned.
+    pub fn ack_later(&self, group: &str, offsets: &[Offset]) -> Result<Option<SyncWait>> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut sorted: Vec<u64> = offsets.iter().map(|o| o.0).collect();
@@ -194,14 +212,13 @@ impl Topic {
             }
             ranges.push(start..end);
         }
-        let durable = self.with_group(group, |g| {
+        self.with_group(group, |g| {
             self.check_queue(g)?;
             for r in &ranges {
                 g.complete(r.start, r.end)?;
             }
             self.persist_group(g)
-        })?;
-        durable.map_or(Ok(()), SyncWait::wait)
+        })
     }
 
     /// Queue group: gives leased offsets back for redelivery after `delay_ms`.
