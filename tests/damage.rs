@@ -1,6 +1,6 @@
 //! Damage is never taken for a torn write: through the real binary, a byte
 //! flipped in synced data, a journal cut short, or a file that went missing
-//! makes `spool verify` exit 1 and `spool serve` refuse to start naming the
+//! makes `spool verify` exit 1 and `spool serve` refuse to open the topic, naming the
 //! file, and `--recovery skip-damaged` starts without ever handing out an
 //! offset twice or undoing a confirmed ack or commit.
 
@@ -13,7 +13,6 @@ use spool::groups::GroupMode;
 use spool::storage::NewMessage;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 const TOPIC: &str = "t";
 
@@ -127,36 +126,39 @@ fn verify(data: &Path) -> (Option<i32>, serde_json::Value) {
     (out.status.code(), report)
 }
 
-/// `spool serve` on `data` must exit 1 without serving, saying `needle`.
+/// `spool serve` on `data` starts (damage in one topic never keeps the
+/// others from being served), and the damaged topic is refused when it is
+/// opened: a request to it answers `DATA_LOSS` naming `needle` and the flag
+/// that opens it anyway, and the log says the same.
 fn serve_refuses(data: &Path, needle: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run serve");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve started on a damaged directory (wanted a refusal naming {needle})");
+    let broker = Broker::start(data, &[]);
+    let error = rt().block_on(async {
+        let client = Client::connect(&broker.addr, "damage")
+            .await
+            .expect("the broker serves");
+        match client.describe_topic(TOPIC).await {
+            Ok(info) => {
+                panic!("a damaged topic was opened (wanted a refusal naming {needle}): {info:?}")
+            }
+            Err(e) => e,
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "serve must refuse: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "the error names {needle}: {stderr}"
+    });
+    let message = error.to_string();
+    assert_eq!(
+        error.code(),
+        Some(spool::protocol::pb::Code::DataLoss),
+        "{message}"
     );
     assert!(
-        stderr.contains("skip-damaged"),
-        "the error names the flag that starts anyway: {stderr}"
+        message.contains(needle),
+        "the error names {needle}: {message}"
     );
+    assert!(
+        message.contains("skip-damaged"),
+        "the error names the flag that opens it anyway: {message}"
+    );
+    let (_, logs) = broker.terminate();
+    assert!(logs.contains(needle), "the log names {needle}: {logs}");
 }
 
 fn damage_files(report: &serde_json::Value) -> Vec<String> {
@@ -354,9 +356,19 @@ fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
             "case {i} names {needle}: {report}"
         );
         if i == 0 {
-            // A config that does not parse stops serve in any mode.
-            let out = spool(&["serve", "--listen", "127.0.0.1:0"], data);
-            assert_eq!(out.status.code(), Some(1));
+            // A config that does not parse keeps the topic closed in any
+            // mode; the broker serves the rest.
+            for mode in ["tolerate-torn-tail", "skip-damaged"] {
+                let broker = Broker::start(data, &["--recovery", mode]);
+                let error = rt().block_on(async {
+                    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+                    client
+                        .describe_topic(TOPIC)
+                        .await
+                        .expect_err("a topic with a broken config does not open")
+                });
+                assert!(error.to_string().contains("topic.toml"), "{error}");
+            }
             continue;
         }
         serve_refuses(data, needle);
@@ -415,9 +427,12 @@ fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
     let strict = spool(&["verify", "--strict"], data);
     assert_eq!(strict.status.code(), Some(1), "--strict fails on notes");
 
-    // A start and a stop rebuild both.
+    // Opening the topic (its first use after a start) rebuilds both.
     let broker = Broker::start(data, &[]);
-    std::thread::sleep(Duration::from_millis(100));
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        client.describe_topic(TOPIC).await.expect("the topic opens");
+    });
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
     let strict = spool(&["verify", "--strict"], data);

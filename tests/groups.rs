@@ -29,7 +29,7 @@ const NO_BYTE_LIMIT: usize = 64 << 20;
 fn open_registry(disk: &Arc<SimDisk>) -> Registry {
     let data = DataDir::open(Arc::clone(disk) as Arc<dyn Storage>, ROOT)
         .expect("the simulated data dir is free to lock");
-    Registry::open(data, RegistryOptions::default()).expect("the registry opens and recovers")
+    Registry::open_all(data, RegistryOptions::default()).expect("the registry opens and recovers")
 }
 
 /// Drops the broker and starts it again; with `cut`, the power fails in

@@ -1,7 +1,10 @@
 //! Running out of file descriptors is an answer a client can act on: a
-//! broker under a low open-files limit (set with `prlimit` for the test)
-//! answers `RESOURCE_EXHAUSTED` naming the limit and how to raise it, never
-//! `INTERNAL`, and the topics it already has keep working.
+//! broker under a low open-files limit (set with `prlimit` for the test),
+//! told it may keep more files open than that (`--max-open-files`), with
+//! every topic in use (a subscription keeps each open), answers
+//! `RESOURCE_EXHAUSTED` naming the limit and how to raise it, never
+//! `INTERNAL`, and the topics it already has keep working. (Topics nobody
+//! holds are closed to make room instead: tests/many_topics.rs.)
 
 mod common;
 
@@ -24,7 +27,7 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut wrapper = Command::new("prlimit");
     wrapper.args([LIMIT, env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &["--max-open-files", "1000"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -32,12 +35,21 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
         let mut refused = None;
+        let mut held = Vec::new();
         for i in 0..100 {
+            let room = format!("room-{i}");
             match client
-                .produce(&format!("room-{i}"), vec![NewMessage::from_value("hi")])
+                .produce(&room, vec![NewMessage::from_value("hi")])
                 .await
             {
                 Ok(_) => {}
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+            match client.subscribe(&room, None, "holder", None, 10).await {
+                Ok(sub) => held.push(sub),
                 Err(e) => {
                     refused = Some((i, e));
                     break;

@@ -57,6 +57,9 @@ pub struct TopicConfig {
     /// Hard size limit of a topic under `retention_respects_groups`: above
     /// it retention drops segments whatever the groups still need.
     pub retention_bytes_max: Option<u64>,
+    /// A topic nobody wrote to or read for this long (milliseconds), with
+    /// no group, is deleted. Off when absent.
+    pub delete_when_idle_ms: Option<u64>,
     /// The log: segments, retention, fsync policy.
     pub log: LogConfig,
 }
@@ -74,6 +77,7 @@ impl Default for TopicConfig {
             compact_check_ms: DEFAULT_COMPACT_CHECK_MS,
             retention_respects_groups: false,
             retention_bytes_max: None,
+            delete_when_idle_ms: None,
             log: LogConfig::default(),
         }
     }
@@ -109,6 +113,13 @@ impl TopicConfig {
             return Err(Error::InvalidArgument(format!(
                 "delete_retention_ms {} is outside 1..={MAX_DURATION_MS} (100 years)",
                 self.delete_retention_ms
+            )));
+        }
+        if let Some(ms) = self.delete_when_idle_ms
+            && !(1..=MAX_DURATION_MS).contains(&ms)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "delete_when_idle_ms {ms} is outside 1..={MAX_DURATION_MS} (100 years)"
             )));
         }
         if let Some(max) = self.retention_bytes_max {

@@ -25,7 +25,8 @@ use crate::storage::{
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// Settings of the broker core (the transports have their own).
@@ -43,7 +44,28 @@ pub struct BrokerConfig {
     pub max_message_bytes: u32,
     /// Most messages per produce.
     pub max_batch_messages: u32,
+    /// Files open topics may keep open together (see
+    /// [`default_max_open_files`]); least recently used topics are closed
+    /// beyond it.
+    pub max_open_files: usize,
+    /// A topic nobody used for this long is closed (its files and tasks
+    /// released) until its next use.
+    pub topic_idle_close: Duration,
 }
+
+/// Default of [`BrokerConfig::max_open_files`]: half the process's limit of
+/// open files (the rest is for connections and short-lived files), at
+/// least 16; 8192 when the process has no limit.
+pub fn default_max_open_files() -> usize {
+    crate::error::open_files_limit().map_or(8192, |limit| {
+        usize::try_from(limit / 2).unwrap_or(usize::MAX).max(16)
+    })
+}
+
+/// Default of [`BrokerConfig::topic_idle_close`].
+pub const DEFAULT_TOPIC_IDLE_CLOSE: Duration = Duration::from_secs(30);
+/// How often the broker looks for topics to close or delete.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The largest message a produce takes, and the setting that binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +88,7 @@ pub struct TopicInfo {
 }
 
 impl TopicInfo {
-    fn of(topic: &Topic) -> TopicInfo {
+    pub(super) fn of(topic: &Topic) -> TopicInfo {
         TopicInfo {
             name: topic.name().to_owned(),
             config: topic.config().clone(),
@@ -144,6 +166,8 @@ struct Inner {
     registry: Registry,
     runtimes: Mutex<HashMap<String, Arc<TopicRuntime>>>,
     config: BrokerConfig,
+    /// Set by [`Broker::stop`]: background work ends.
+    stopping: Arc<AtomicBool>,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -164,8 +188,12 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 impl Broker {
-    /// Opens the data directory (taking its lock and recovering every topic)
-    /// and starts every topic's runtime.
+    /// Opens the data directory (taking its lock and listing its topics;
+    /// no topic is opened until it is used) and starts the background work:
+    /// the start-up scan ([`Registry::scan`]: recovering topics a crash left
+    /// unclean), and the sweeper that closes idle topics, keeps the open
+    /// ones within `max_open_files` and deletes topics idle for their
+    /// `delete_when_idle_ms`.
     pub async fn open(config: BrokerConfig) -> Result<Broker> {
         let data_path = config.data.clone();
         let options = RegistryOptions {
@@ -184,12 +212,121 @@ impl Broker {
                 registry,
                 runtimes: Mutex::new(HashMap::new()),
                 config,
+                stopping: Arc::new(AtomicBool::new(false)),
             }),
         };
-        for topic in broker.inner.registry.topics() {
-            broker.runtime_of(topic);
-        }
+        tracing::info!(
+            max_open_files = broker.inner.config.max_open_files,
+            topic_idle_close_ms = broker.inner.config.topic_idle_close.as_millis() as u64,
+            "topics open on use; idle ones close"
+        );
+        broker.start_scan();
+        tokio::spawn(sweeper(
+            Arc::downgrade(&broker.inner),
+            broker.inner.registry.opened(),
+            Arc::clone(&broker.inner.stopping),
+        ));
         Ok(broker)
+    }
+
+    /// Runs [`Registry::scan`] on a thread of its own, logging what it did.
+    fn start_scan(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let clean = self.inner.registry.clean_start();
+        let scan = std::thread::Builder::new()
+            .name("spool-scan".into())
+            .spawn(move || {
+                let Some(inner) = weak.upgrade() else { return };
+                let started = std::time::Instant::now();
+                let stop = Arc::clone(&inner.stopping);
+                let done = inner.registry.scan(&stop, &mut |_| {});
+                tracing::info!(
+                    topics = done.topics,
+                    recovered = done.recovered,
+                    failed = done.failed,
+                    clean_start = clean,
+                    millis = started.elapsed().as_millis() as u64,
+                    "start-up scan done: every topic recovered"
+                );
+            });
+        if let Err(e) = scan {
+            tracing::error!(error = %e, "could not start the start-up scan; topics recover on first use");
+        }
+    }
+
+    /// One pass of the sweeper: closes the runtimes and files of topics
+    /// unused for `topic_idle_close`, and of the least recently used ones
+    /// while the open topics hold more than `max_open_files`; deletes topics
+    /// idle for their `delete_when_idle_ms`.
+    async fn sweep(&self) {
+        let config = &self.inner.config;
+        // Below the budget by a tenth, so a burst of opens does not close
+        // one topic per open.
+        self.close_topics(config.max_open_files - config.max_open_files / 10)
+            .await;
+        let now = now_ms();
+        for name in self.inner.registry.idle_deletable() {
+            let (b, n) = (self.clone(), name.clone());
+            match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
+                Ok(Some(topic)) => self.retire_runtime(&topic),
+                Ok(None) | Err(Error::TopicNotFound(_)) => {}
+                Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
+            }
+        }
+    }
+
+    /// Closes the topics unused for `topic_idle_close`, and the least
+    /// recently used ones while the open topics hold more than
+    /// `target_files`; topics a request, subscription or long-poll holds
+    /// stay open.
+    async fn close_topics(&self, target_files: usize) {
+        let now = now_ms();
+        let config = &self.inner.config;
+        let idle_ms = config.topic_idle_close.as_millis() as u64;
+        let mut open = self.inner.registry.open_topics();
+        open.sort_by_key(|t| t.last_used_ms);
+        let mut files: usize = open.iter().map(|t| t.files).sum();
+        let target = target_files;
+        let mut close = Vec::new();
+        for t in &open {
+            if now.saturating_sub(t.last_used_ms) >= idle_ms || files > target {
+                files = files.saturating_sub(t.files);
+                close.push(t.name.clone());
+            }
+        }
+        if !close.is_empty() {
+            let mut released = false;
+            {
+                let mut runtimes = self.runtimes();
+                for name in &close {
+                    // Held elsewhere: a request, subscription or long-poll.
+                    if runtimes
+                        .get(name)
+                        .is_some_and(|rt| Arc::strong_count(rt) == 1)
+                    {
+                        runtimes.remove(name);
+                        released = true;
+                    }
+                }
+            }
+            if released {
+                // Lets the writer tasks of the released runtimes end.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let b = self.clone();
+            let closed = blocking(move || {
+                Ok(close
+                    .iter()
+                    .filter(|name| b.inner.registry.close_unused(name))
+                    .count())
+            })
+            .await;
+            if let Ok(n) = closed
+                && n > 0
+            {
+                tracing::debug!(closed = n, "closed unused topics");
+            }
+        }
     }
 
     /// The core's settings.
@@ -236,11 +373,34 @@ impl Broker {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The runtime of an existing topic. A read of the registry's map (and
-    /// of the runtimes' map) under short locks: cheaper inline than a
-    /// hand-off to the blocking pool and back.
-    pub(super) fn existing(&self, name: &str) -> Result<Arc<TopicRuntime>> {
-        let topic = self.inner.registry.topic(name)?;
+    /// The runtime of an existing topic, opening the topic if it is closed.
+    /// An open topic is found under short locks, inline (cheaper than a
+    /// hand-off to the blocking pool and back); opening one reads its files,
+    /// on the blocking pool.
+    pub(super) async fn existing(&self, name: &str) -> Result<Arc<TopicRuntime>> {
+        let registry = &self.inner.registry;
+        if let Some(topic) = registry.used_open_topic(name) {
+            return Ok(self.runtime_of(topic));
+        }
+        let open = || {
+            let (b, name) = (self.clone(), name.to_owned());
+            blocking(move || b.inner.registry.topic(&name))
+        };
+        let topic = match open().await {
+            // The process ran out of descriptors (other files, connections,
+            // a budget above the limit): close half of what the open topics
+            // hold, then try once more.
+            Err(Error::FilesExhausted { .. }) => {
+                let files: usize = registry.open_topics().iter().map(|t| t.files).sum();
+                tracing::warn!(
+                    open_files = files,
+                    "out of file descriptors opening topic {name}: closing unused topics"
+                );
+                self.close_topics(files / 2).await;
+                open().await?
+            }
+            other => other?,
+        };
         Ok(self.runtime_of(topic))
     }
 
@@ -248,7 +408,7 @@ impl Broker {
     /// is on (`force`: whatever the setting, as for dead-letter topics).
     /// Creating makes folders and syncs them: on the blocking pool.
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
-        match self.existing(name) {
+        match self.existing(name).await {
             Err(Error::TopicNotFound(_)) => {
                 let (b, name) = (self.clone(), name.to_owned());
                 let topic =
@@ -423,7 +583,7 @@ impl Broker {
             limits,
             wait,
         } = request;
-        let runtime = self.existing(&topic)?;
+        let runtime = self.existing(&topic).await?;
         let deadline = tokio::time::Instant::now() + wait;
         // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
@@ -477,7 +637,7 @@ impl Broker {
     /// `Latest` gets everything produced after the client saw the answer.
     /// Nothing is read until [`Subscription::next`].
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription> {
-        let runtime = self.existing(&request.topic)?;
+        let runtime = self.existing(&request.topic).await?;
         let t = Arc::clone(runtime.topic());
         let (group, from) = (request.group, request.from);
         let (target, start) = blocking(move || {
@@ -509,7 +669,7 @@ impl Broker {
         offsets: Vec<Offset>,
         for_subscription: bool,
     ) -> Result<()> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         let durable = blocking(move || match t.group_mode(&group)? {
             GroupMode::Queue => t.ack_later(&group, &offsets),
@@ -535,7 +695,7 @@ impl Broker {
         offsets: Vec<Offset>,
         delay_ms: u64,
     ) -> Result<usize> {
-        let runtime = self.existing(topic)?;
+        let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let group = group.to_owned();
         let requeued = blocking(move || t.nack(&group, &offsets, delay_ms)).await?;
@@ -545,14 +705,14 @@ impl Broker {
 
     /// Commits `offset` for stream group `group`.
     pub async fn commit(&self, topic: &str, group: &str, offset: Offset) -> Result<()> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         blocking(move || t.commit(&group, offset)).await
     }
 
     /// Moves group `group` to `to`; returns the offset it now reads from.
     pub async fn seek(&self, topic: &str, group: &str, to: Position) -> Result<Offset> {
-        let runtime = self.existing(topic)?;
+        let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let group = group.to_owned();
         let offset = blocking(move || t.seek(&group, to)).await?;
@@ -562,7 +722,7 @@ impl Broker {
 
     /// Deletes messages of `topic` by offset.
     pub async fn delete(&self, topic: &str, offsets: Vec<Offset>) -> Result<()> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         blocking(move || t.delete(&offsets)).await
     }
 
@@ -576,19 +736,15 @@ impl Broker {
     }
 
     /// Every topic, by name.
-    pub fn list_topics(&self) -> Vec<TopicInfo> {
-        self.inner
-            .registry
-            .topics()
-            .iter()
-            .map(|t| TopicInfo::of(t))
-            .collect()
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let b = self.clone();
+        blocking(move || Ok(b.inner.registry.infos())).await
     }
 
     /// Topic `name`.
-    pub fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        let topic = self.inner.registry.topic(name)?;
-        Ok(TopicInfo::of(&topic))
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        let runtime = self.existing(name).await?;
+        Ok(TopicInfo::of(runtime.topic()))
     }
 
     /// Deletes topic `name` with all its data; its subscriptions and
@@ -608,27 +764,27 @@ impl Broker {
         mode: GroupMode,
         start: Position,
     ) -> Result<GroupInfo> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         blocking(move || t.create_group(&group, mode, start)).await
     }
 
     /// The groups of `topic`.
     pub async fn list_groups(&self, topic: &str) -> Result<Vec<GroupInfo>> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         blocking(move || t.list_groups()).await
     }
 
     /// Group `group` of `topic`.
     pub async fn describe_group(&self, topic: &str, group: &str) -> Result<GroupInfo> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         blocking(move || t.describe_group(&group)).await
     }
 
     /// Deletes group `group` of `topic`.
     pub async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
-        let t = Arc::clone(self.existing(topic)?.topic());
+        let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         blocking(move || t.delete_group(&group)).await
     }
@@ -644,16 +800,30 @@ impl Broker {
     /// Stops every topic's tasks, syncs every topic and releases it. The
     /// data directory's lock goes with the last handle.
     pub async fn stop(&self) -> Result<()> {
+        self.inner.stopping.store(true, Ordering::Relaxed);
         self.runtimes().clear();
         let b = self.clone();
-        tokio::task::spawn_blocking(move || {
-            for topic in b.inner.registry.topics() {
-                if let Err(e) = topic.stop() {
-                    tracing::error!(topic = topic.name(), error = %e, "final sync failed");
-                }
-            }
-        })
-        .await
-        .map_err(|e| internal("final sync", e))
+        tokio::task::spawn_blocking(move || b.inner.registry.stop_all())
+            .await
+            .map_err(|e| internal("final sync", e))
+    }
+}
+
+/// The broker's one background loop over its topics (see [`Broker::sweep`]):
+/// every [`SWEEP_EVERY`], and at once when a topic is opened, until the
+/// broker stops or goes away.
+async fn sweeper(inner: Weak<Inner>, opened: Arc<tokio::sync::Notify>, stopping: Arc<AtomicBool>) {
+    let mut interval = tokio::time::interval(SWEEP_EVERY);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = opened.notified() => {}
+        }
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        Broker { inner }.sweep().await;
     }
 }

@@ -13,7 +13,8 @@ pub mod subscription;
 pub mod topic;
 
 pub use self::core::{
-    Broker, BrokerConfig, FetchRequest, Fetched, MessageLimit, SubscribeRequest, TopicInfo,
+    Broker, BrokerConfig, DEFAULT_TOPIC_IDLE_CLOSE, FetchRequest, Fetched, MessageLimit,
+    SubscribeRequest, TopicInfo, default_max_open_files,
 };
 pub use config::{Cleanup, TopicConfig, validate_name};
 pub use registry::{Registry, RegistryOptions};

@@ -13,9 +13,11 @@
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
 use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
+use crate::storage::log::now_ms;
 use crate::storage::{DataDir, RecoveryMode};
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Registry settings.
 #[derive(Debug, Clone)]
@@ -38,73 +40,124 @@ impl Default for RegistryOptions {
     }
 }
 
-/// All topics of a locked data directory.
+/// All topics of a locked data directory. A topic is open (its files in
+/// use) only while it is used: [`Registry::topic`] opens a closed one,
+/// recovering it, and [`Registry::close_unused`] closes one nobody holds,
+/// with a clean stop, so its next open has nothing to recover. Opening the
+/// registry opens no topic: it lists their folders.
 #[derive(Debug)]
 pub struct Registry {
     data: DataDir,
     options: RegistryOptions,
-    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    topics: RwLock<BTreeMap<String, Arc<Slot>>>,
+    /// Names of the open topics.
+    open: Mutex<BTreeSet<String>>,
+    /// Whether the last run ended with a clean stop of every topic.
+    clean_start: bool,
+    /// Wakes whoever bounds the open topics (see [`Registry::opened`]).
+    opened: Arc<tokio::sync::Notify>,
+    /// Topics whose config has `delete_when_idle_ms`.
+    idle_deletable: Mutex<BTreeSet<String>>,
+}
+
+/// A topic's place in the registry.
+#[derive(Debug)]
+struct Slot {
+    /// The topic while open.
+    topic: Mutex<Option<Arc<Topic>>>,
+    /// When a request last used it (milliseconds since the epoch).
+    last_used: AtomicU64,
+    /// Its config, once read (kept while it is closed).
+    config: Mutex<Option<TopicConfig>>,
+    /// Set once the topic is being deleted, or its creation failed: the
+    /// slot is leaving the registry and must not open anything.
+    gone: AtomicBool,
+}
+
+impl Slot {
+    fn new(now: u64, config: Option<TopicConfig>) -> Arc<Slot> {
+        Arc::new(Slot {
+            topic: Mutex::new(None),
+            last_used: AtomicU64::new(now),
+            config: Mutex::new(config),
+            gone: AtomicBool::new(false),
+        })
+    }
+
+    fn topic(&self) -> MutexGuard<'_, Option<Arc<Topic>>> {
+        self.topic.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn config(&self) -> MutexGuard<'_, Option<TopicConfig>> {
+        self.config.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+}
+
+/// An open topic as [`Registry::open_topics`] lists it.
+#[derive(Debug, Clone)]
+pub struct OpenTopic {
+    /// Its name.
+    pub name: String,
+    /// When a request last used it (milliseconds since the epoch).
+    pub last_used_ms: u64,
+    /// Files it keeps open: three per segment, one per journal.
+    pub files: usize,
+}
+
+/// What the start-up scan of [`Registry::scan`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Scanned {
+    /// Topics looked at.
+    pub topics: usize,
+    /// Topics that were not closed cleanly, recovered.
+    pub recovered: usize,
+    /// Topics that could not be opened (damage, a full disk...), each logged.
+    pub failed: usize,
+}
+
+fn not_found(name: &str) -> Error {
+    Error::TopicNotFound(format!("topic {name} does not exist"))
 }
 
 impl Registry {
-    /// Opens every topic in `data`, recovering each.
+    /// Opens the registry of `data`: lists its topics and opens none (see
+    /// [`Registry::topic`]). Whether the last run stopped cleanly is taken
+    /// from the data directory's marker ([`DataDir::take_clean_stop`]).
     pub fn open(data: DataDir, options: RegistryOptions) -> Result<Registry> {
         data.clear_leftovers()?;
+        let clean_start = data.take_clean_stop()?;
+        let now = now_ms();
         let mut topics = BTreeMap::new();
         for name in data.topics()? {
             if validate_name("topic", &name).is_err() {
                 tracing::warn!(folder = %data.topic_dir(&name).display(), "ignoring folder that is not a topic name");
                 continue;
             }
-            let dir = data.topic_dir(&name);
-            let config = match TopicConfig::load(&**data.storage(), &dir)? {
-                Some(config) => config,
-                None => {
-                    // A checkpoint that records journals was written by a
-                    // topic, which had its config: starting on the defaults
-                    // would silently change its fsync policy, segment size...
-                    let by_topic = matches!(
-                        crate::storage::checkpoint::Checkpoint::load(&**data.storage(), &dir),
-                        Ok(Some(c)) if !c.journals.is_empty()
-                    );
-                    if by_topic {
-                        let damage = crate::error::Corruption {
-                            file: dir.join(TOPIC_CONFIG_FILE),
-                            bytes: 0..0,
-                            offsets: None,
-                            detail: format!(
-                                "topic {name} has lost its config file. Restore it, or start with \
-                                 recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
-                                 to run the topic on the default config"
-                            ),
-                        };
-                        if options.recovery == RecoveryMode::TolerateTornTail {
-                            return Err(Error::corruption(damage));
-                        }
-                        tracing::error!(%damage, "running the topic on the default config");
-                    } else {
-                        tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
-                    }
-                    // Written down, so the topic keeps this config and a
-                    // later loss of the file is seen.
-                    options.defaults.store(&**data.storage(), &dir)?;
-                    options.defaults.clone()
-                }
-            };
-            let topic = Topic::open(
-                Arc::clone(data.storage()),
-                &dir,
-                &name,
-                config,
-                options.recovery,
-            )?;
-            topics.insert(name, Arc::new(topic));
+            topics.insert(name, Slot::new(now, None));
         }
         Ok(Registry {
             data,
             options,
             topics: RwLock::new(topics),
+            open: Mutex::new(BTreeSet::new()),
+            clean_start,
+            opened: Arc::new(tokio::sync::Notify::new()),
+            idle_deletable: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Opens every topic, as [`Registry::open`] and then [`Registry::topic`]
+    /// on each: for tools and tests that want all damage found up front.
+    pub fn open_all(data: DataDir, options: RegistryOptions) -> Result<Registry> {
+        let registry = Registry::open(data, options)?;
+        for name in registry.names() {
+            registry.topic(&name)?;
+        }
+        Ok(registry)
     }
 
     /// The data directory.
@@ -112,30 +165,390 @@ impl Registry {
         &self.data
     }
 
-    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
+    /// Whether the last run ended with a clean stop (the marker of
+    /// [`DataDir::mark_clean_stop`] was there): no topic needs recovery.
+    pub fn clean_start(&self) -> bool {
+        self.clean_start
+    }
+
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Slot>>> {
         self.topics.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Topic>>> {
+    fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Slot>>> {
         self.topics.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The topic `name` (not one being deleted).
-    pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        self.read_topics()
-            .get(name)
-            .filter(|t| !t.is_retired())
-            .cloned()
-            .ok_or_else(|| Error::TopicNotFound(format!("topic {name} does not exist")))
+    fn open_names(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// All topics, by name (not those being deleted).
-    pub fn topics(&self) -> Vec<Arc<Topic>> {
+    fn slot(&self, name: &str) -> Result<Arc<Slot>> {
         self.read_topics()
-            .values()
-            .filter(|t| !t.is_retired())
+            .get(name)
+            .filter(|slot| !slot.is_gone())
             .cloned()
+            .ok_or_else(|| not_found(name))
+    }
+
+    /// The topic `name` (not one being deleted), opened (and recovered) if
+    /// it was closed; counts as a use of it.
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        let slot = self.slot(name)?;
+        slot.last_used.store(now_ms(), Ordering::Relaxed);
+        self.open_slot(name, &slot)
+    }
+
+    /// The topic `name` if it is open (not opening it), counted as a use.
+    pub fn used_open_topic(&self, name: &str) -> Option<Arc<Topic>> {
+        let slot = self.slot(name).ok()?;
+        let topic = slot.topic().as_ref().filter(|t| !t.is_retired()).cloned()?;
+        slot.last_used.store(now_ms(), Ordering::Relaxed);
+        Some(topic)
+    }
+
+    /// Every topic's name, config and log figures, without opening closed
+    /// topics: theirs come from their checkpoint (exact after a clean stop;
+    /// a topic not closed cleanly is opened, which recovers it).
+    pub fn infos(&self) -> Vec<super::TopicInfo> {
+        self.names()
+            .into_iter()
+            .filter_map(|name| match self.info(&name) {
+                Ok(info) => Some(info),
+                Err(Error::TopicNotFound(_)) => None,
+                Err(e) => {
+                    tracing::error!(topic = %name, error = %e, "describing a topic");
+                    None
+                }
+            })
             .collect()
+    }
+
+    fn info(&self, name: &str) -> Result<super::TopicInfo> {
+        let slot = self.slot(name)?;
+        if let Some(topic) = self.open_topic(name) {
+            return Ok(super::TopicInfo::of(&topic));
+        }
+        let config = self.slot_config(name, &slot)?;
+        let dir = self.data.topic_dir(name);
+        let storage = self.data.storage();
+        match crate::storage::checkpoint::Checkpoint::load(&**storage, &dir)? {
+            Some(c) if c.clean => Ok(super::TopicInfo {
+                name: name.to_owned(),
+                stats: c.stats_after_clean_stop(&**storage, &dir),
+                config,
+            }),
+            _ => {
+                let topic = self.open_slot(name, &slot)?;
+                let info = super::TopicInfo::of(&topic);
+                drop(topic);
+                self.close_unused(name);
+                Ok(info)
+            }
+        }
+    }
+
+    /// The topic `name` if it is open, without opening it or counting a use.
+    pub fn open_topic(&self, name: &str) -> Option<Arc<Topic>> {
+        let slot = self.slot(name).ok()?;
+        let open = slot.topic();
+        open.as_ref().filter(|t| !t.is_retired()).cloned()
+    }
+
+    fn open_slot(&self, name: &str, slot: &Slot) -> Result<Arc<Topic>> {
+        let mut open = slot.topic();
+        if let Some(topic) = &*open {
+            return match topic.is_retired() {
+                true => Err(not_found(name)),
+                false => Ok(Arc::clone(topic)),
+            };
+        }
+        if slot.is_gone() {
+            return Err(not_found(name));
+        }
+        let topic = match self.open_from_disk(name) {
+            Ok(topic) => Arc::new(topic),
+            Err(e) => {
+                tracing::error!(topic = name, error = %e, "the topic cannot be opened");
+                return Err(e);
+            }
+        };
+        self.learn(name, topic.config());
+        *slot.config() = Some(topic.config().clone());
+        *open = Some(Arc::clone(&topic));
+        drop(open);
+        self.open_names().insert(name.to_owned());
+        self.opened.notify_one();
+        Ok(topic)
+    }
+
+    /// Opens the folder of topic `name` with its config (see the damage
+    /// rules of [`Topic::open`]).
+    fn open_from_disk(&self, name: &str) -> Result<Topic> {
+        let data = &self.data;
+        let dir = data.topic_dir(name);
+        let config = match TopicConfig::load(&**data.storage(), &dir)? {
+            Some(config) => config,
+            None => {
+                // A checkpoint that records journals was written by a
+                // topic, which had its config: starting on the defaults
+                // would silently change its fsync policy, segment size...
+                let by_topic = matches!(
+                    crate::storage::checkpoint::Checkpoint::load(&**data.storage(), &dir),
+                    Ok(Some(c)) if !c.journals.is_empty()
+                );
+                let options = &self.options;
+                if by_topic {
+                    let damage = crate::error::Corruption {
+                        file: dir.join(TOPIC_CONFIG_FILE),
+                        bytes: 0..0,
+                        offsets: None,
+                        detail: format!(
+                            "topic {name} has lost its config file. Restore it, or start with \
+                             recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                             to run the topic on the default config"
+                        ),
+                    };
+                    if options.recovery == RecoveryMode::TolerateTornTail {
+                        return Err(Error::corruption(damage));
+                    }
+                    tracing::error!(%damage, "running the topic on the default config");
+                } else {
+                    tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
+                }
+                // Written down, so the topic keeps this config and a
+                // later loss of the file is seen.
+                options.defaults.store(&**data.storage(), &dir)?;
+                options.defaults.clone()
+            }
+        };
+        Topic::open(
+            Arc::clone(data.storage()),
+            &dir,
+            name,
+            config,
+            self.options.recovery,
+        )
+    }
+
+    /// Notified whenever a topic is opened: whoever bounds the open topics
+    /// waits on it.
+    pub fn opened(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.opened)
+    }
+
+    /// Notes what the config of `name` asks of the registry.
+    fn learn(&self, name: &str, config: &TopicConfig) {
+        let mut deletable = self
+            .idle_deletable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match config.delete_when_idle_ms {
+            Some(_) => deletable.insert(name.to_owned()),
+            None => deletable.remove(name),
+        };
+    }
+
+    /// Topics whose config has `delete_when_idle_ms` (of those whose config
+    /// was read: every topic once [`Registry::scan`] is done).
+    pub fn idle_deletable(&self) -> Vec<String> {
+        let deletable = self
+            .idle_deletable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        deletable.iter().cloned().collect()
+    }
+
+    /// Deletes topic `name` if its config has `delete_when_idle_ms`, nobody
+    /// used it for that long (as of `now`) and it has no group. Returns the
+    /// deleted topic.
+    pub fn delete_if_idle(&self, name: &str, now: u64) -> Result<Option<Arc<Topic>>> {
+        let slot = self.slot(name)?;
+        let Some(ms) = self.slot_config(name, &slot)?.delete_when_idle_ms else {
+            return Ok(None);
+        };
+        let idle = || now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= ms;
+        if !idle() {
+            return Ok(None);
+        }
+        let was_open = slot.topic().is_some();
+        let topic = self.open_slot(name, &slot)?;
+        let has_groups = !topic.list_groups()?.is_empty();
+        drop(topic);
+        if has_groups || !idle() {
+            if !was_open {
+                self.close_unused(name);
+            }
+            return Ok(None);
+        }
+        tracing::info!(
+            topic = name,
+            idle_ms = ms,
+            "deleting a topic nobody used for delete_when_idle_ms"
+        );
+        self.delete_topic(name).map(Some)
+    }
+
+    /// The open topics, with when each was last used and the files it holds.
+    pub fn open_topics(&self) -> Vec<OpenTopic> {
+        let names: Vec<String> = self.open_names().iter().cloned().collect();
+        let topics = self.read_topics();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let slot = topics.get(&name)?;
+                let files = slot.topic().as_ref()?.open_files();
+                Some(OpenTopic {
+                    last_used_ms: slot.last_used.load(Ordering::Relaxed),
+                    files,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// Closes topic `name` if it is open and nothing but the registry holds
+    /// it: a clean stop (everything synced, the clean flag recorded), then
+    /// its files are closed. Returns whether it was closed. A stop that
+    /// fails is logged and the topic closed anyway: its next open recovers it.
+    pub fn close_unused(&self, name: &str) -> bool {
+        let Ok(slot) = self.slot(name) else {
+            return false;
+        };
+        let mut open = slot.topic();
+        let Some(topic) = open.as_ref() else {
+            return false;
+        };
+        if Arc::strong_count(topic) > 1 || topic.is_retired() {
+            return false;
+        }
+        if let Err(e) = topic.stop() {
+            tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed");
+        }
+        *open = None;
+        drop(open);
+        self.open_names().remove(name);
+        true
+    }
+
+    /// Stops every open topic cleanly and, if all stopped, records a clean
+    /// stop of the data directory ([`DataDir::mark_clean_stop`]), so the
+    /// next start looks for nothing to recover. The last step of a broker
+    /// or tool once nothing writes any more; a failure is logged.
+    pub fn stop_all(&self) {
+        let mut clean = true;
+        for open in self.open_topics() {
+            let Some(topic) = self.open_topic(&open.name) else {
+                continue;
+            };
+            if let Err(e) = topic.stop() {
+                clean = false;
+                tracing::error!(topic = topic.name(), error = %e, "final sync failed");
+            }
+        }
+        if clean && let Err(e) = self.data.mark_clean_stop() {
+            tracing::warn!(error = %e, "could not record the clean stop; the next start scans every topic");
+        }
+    }
+
+    /// Names of all topics, sorted (open or not; not those being deleted).
+    pub fn names(&self) -> Vec<String> {
+        self.read_topics()
+            .iter()
+            .filter(|(_, slot)| !slot.is_gone())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// All topics, by name (not those being deleted), each opened: for
+    /// tools and admin work over every topic. A broker walks
+    /// [`Registry::names`] instead, so as not to hold them all open.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.names()
+            .iter()
+            .filter_map(|name| match self.topic(name) {
+                Ok(topic) => Some(topic),
+                Err(Error::TopicNotFound(_)) => None,
+                Err(e) => {
+                    tracing::error!(topic = %name, error = %e, "topic cannot be opened");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// The config of topic `name`: the open topic's, the one read when it
+    /// was last open, or its `topic.toml`.
+    pub fn config_of(&self, name: &str) -> Result<TopicConfig> {
+        let slot = self.slot(name)?;
+        self.slot_config(name, &slot)
+    }
+
+    fn slot_config(&self, name: &str, slot: &Slot) -> Result<TopicConfig> {
+        if let Some(topic) = &*slot.topic() {
+            return Ok(topic.config().clone());
+        }
+        if let Some(config) = &*slot.config() {
+            return Ok(config.clone());
+        }
+        let config = TopicConfig::load(&**self.data.storage(), &self.data.topic_dir(name))?
+            .unwrap_or_else(|| self.options.defaults.clone());
+        self.learn(name, &config);
+        *slot.config() = Some(config.clone());
+        Ok(config)
+    }
+
+    /// When topic `name` was last used (milliseconds since the epoch; the
+    /// start of this run for a topic not used since).
+    pub fn last_used_ms(&self, name: &str) -> Option<u64> {
+        let slot = self.slot(name).ok()?;
+        Some(slot.last_used.load(Ordering::Relaxed))
+    }
+
+    /// The start-up scan, for a broker to run in the background: reads each
+    /// topic's config (so policies such as `delete_when_idle_ms` are known
+    /// for topics not yet used) and, unless the last run stopped cleanly,
+    /// recovers every topic whose checkpoint does not record a clean stop,
+    /// closing it again unless a request took it meanwhile. A topic that
+    /// cannot be opened is logged and counted; requests to it get the error.
+    pub fn scan(&self, stop: &AtomicBool, progress: &mut dyn FnMut(Scanned)) -> Scanned {
+        let mut done = Scanned::default();
+        for name in self.names() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            done.topics += 1;
+            let Ok(slot) = self.slot(&name) else { continue };
+            if let Err(e) = self.slot_config(&name, &slot) {
+                tracing::error!(topic = %name, error = %e, "reading the topic's config");
+            }
+            if !self.clean_start && slot.topic().is_none() {
+                let dir = self.data.topic_dir(&name);
+                let clean = matches!(
+                    crate::storage::checkpoint::Checkpoint::load(&**self.data.storage(), &dir),
+                    Ok(Some(c)) if c.clean
+                );
+                if !clean {
+                    match self.open_slot(&name, &slot) {
+                        Ok(topic) => {
+                            drop(topic);
+                            done.recovered += 1;
+                            self.close_unused(&name);
+                        }
+                        Err(Error::TopicNotFound(_)) => {}
+                        Err(e) => {
+                            done.failed += 1;
+                            tracing::error!(topic = %name, error = %e, "recovering a topic that was not closed cleanly");
+                        }
+                    }
+                }
+            }
+            if done.topics % 1000 == 0 {
+                progress(done);
+            }
+        }
+        progress(done);
+        done
     }
 
     /// Creates `name` with `config`; fails if it exists. Waits for a delete
@@ -145,20 +558,58 @@ impl Registry {
         config.validate()?;
         loop {
             let mut topics = self.write_topics();
-            match topics.get(name) {
-                Some(old) if old.is_retired() => {
-                    let old = Arc::clone(old);
-                    drop(topics);
-                    old.gate().wait_settled();
-                    continue;
+            if let Some(old) = topics.get(name) {
+                if !old.is_gone() {
+                    return Err(Error::AlreadyExists(format!("topic {name} exists")));
                 }
-                Some(_) => return Err(Error::AlreadyExists(format!("topic {name} exists"))),
-                None => {}
+                // Being deleted: wait until its folder is gone, then create.
+                let old = Arc::clone(old);
+                drop(topics);
+                match old.topic().clone() {
+                    Some(topic) => topic.gate().wait_settled(),
+                    None => std::thread::yield_now(),
+                }
+                continue;
             }
             self.check_dead_letter_chain(&topics, name, &config)?;
-            let topic = Arc::new(self.create_folder(name, config)?);
-            topics.insert(name.to_owned(), Arc::clone(&topic));
-            return Ok(topic);
+            // Visible at once, locked until its folder is made: requests
+            // for it wait, other topics do not.
+            let slot = Slot::new(now_ms(), Some(config.clone()));
+            let mut open = slot.topic();
+            topics.insert(name.to_owned(), Arc::clone(&slot));
+            drop(topics);
+            return match self.create_folder(name, config) {
+                Ok(topic) => {
+                    let topic = Arc::new(topic);
+                    self.learn(name, topic.config());
+                    *open = Some(Arc::clone(&topic));
+                    drop(open);
+                    self.open_names().insert(name.to_owned());
+                    self.opened.notify_one();
+                    Ok(topic)
+                }
+                Err(e) => {
+                    slot.gone.store(true, Ordering::Release);
+                    drop(open);
+                    self.forget(name, &slot);
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// Takes `slot` out of the map (not a newer slot of the same name).
+    fn forget(&self, name: &str, slot: &Arc<Slot>) {
+        let mut topics = self.write_topics();
+        if topics.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            topics.remove(name);
+            drop(topics);
+            self.open_names().remove(name);
+            let mut deletable = self
+                .idle_deletable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            deletable.remove(name);
         }
     }
 
@@ -168,7 +619,7 @@ impl Registry {
     /// loops back to it.
     fn check_dead_letter_chain(
         &self,
-        topics: &BTreeMap<String, Arc<Topic>>,
+        topics: &BTreeMap<String, Arc<Slot>>,
         name: &str,
         config: &TopicConfig,
     ) -> Result<()> {
@@ -188,8 +639,8 @@ impl Registry {
                 // A loop among other topics (made before loops were refused).
                 return Ok(());
             }
-            let after = match topics.get(&next).filter(|t| !t.is_retired()) {
-                Some(t) => t.config().dead_letter_topic(&next),
+            let after = match topics.get(&next).filter(|s| !s.is_gone()) {
+                Some(slot) => self.slot_config(&next, slot)?.dead_letter_topic(&next),
                 None => self.options.defaults.dead_letter_topic(&next),
             };
             chain.push(std::mem::replace(&mut next, after));
@@ -263,22 +714,20 @@ impl Registry {
     /// the background. If the folder cannot be moved, the topic stays as it
     /// was and the error is returned.
     pub fn delete_topic(&self, name: &str) -> Result<Arc<Topic>> {
-        let topic = self.topic(name)?;
+        let slot = self.slot(name)?;
+        let topic = self.open_slot(name, &slot)?;
         if !topic.gate().close() {
             // Another delete of it is under way.
-            return Err(Error::TopicNotFound(format!("topic {name} does not exist")));
+            return Err(not_found(name));
         }
+        slot.gone.store(true, Ordering::Release);
         let moved = self.data.move_to_trash(topic.dir());
         if moved.is_err() && self.data.storage().exists(topic.dir()) {
+            slot.gone.store(false, Ordering::Release);
             topic.gate().reopen();
             return moved.map(|_| topic);
         }
-        {
-            let mut topics = self.write_topics();
-            if topics.get(name).is_some_and(|t| Arc::ptr_eq(t, &topic)) {
-                topics.remove(name);
-            }
-        }
+        self.forget(name, &slot);
         topic.gate().finish();
         let trash = moved?;
         let storage = Arc::clone(self.data.storage());
@@ -304,19 +753,25 @@ impl Registry {
         topic: Option<&str>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<(String, crate::storage::compact::CompactStats)>> {
-        let topics = match topic {
-            Some(name) => vec![self.topic(name)?],
-            None => self.topics(),
+        let names = match topic {
+            Some(name) => vec![name.to_owned()],
+            None => self.names(),
         };
         let now = crate::storage::log::now_ms();
-        let mut out = Vec::with_capacity(topics.len());
-        for t in topics {
-            let stats = match t.compact(now, progress) {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            // One topic open at a time: a closed one is closed again after.
+            let was_open = self.open_topic(&name).is_some();
+            let stats = self.topic(&name).and_then(|t| t.compact(now, progress));
+            if !was_open {
+                self.close_unused(&name);
+            }
+            let stats = match stats {
                 // Deleted meanwhile: nothing left to compact.
                 Err(Error::TopicNotFound(_)) if topic.is_none() => continue,
                 other => other?,
             };
-            out.push((t.name().to_owned(), stats));
+            out.push((name, stats));
         }
         Ok(out)
     }

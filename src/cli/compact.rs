@@ -67,10 +67,10 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
         },
     )?;
     let total: u64 = registry
-        .topics()
+        .infos()
         .iter()
-        .filter(|t| topic.is_none_or(|name| t.name() == name))
-        .map(|t| t.stats().bytes)
+        .filter(|t| topic.is_none_or(|name| t.name == name))
+        .map(|t| t.stats.bytes)
         .sum();
     let progress = bar(Some(total));
     let mut done_before = 0u64;
@@ -88,10 +88,8 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    for t in registry.topics() {
-        t.log().sync()?;
-        t.sync_state()?;
-    }
+    // Compaction closed each topic cleanly after it; this records that.
+    registry.stop_all();
     Ok(results
         .iter()
         .map(|(t, s)| convert::compaction(t, s))

@@ -48,6 +48,14 @@ pub struct ServeArgs {
     /// Most open connections from one IP address (default: no cap).
     #[arg(long, value_name = "N")]
     max_connections_per_ip: Option<usize>,
+    /// Files open topics may keep open together; the least recently used
+    /// topics are closed beyond it (default: half the open-files limit).
+    #[arg(long, value_name = "N")]
+    max_open_files: Option<usize>,
+    /// Close a topic nobody used for this long, until its next use
+    /// (default 30000).
+    #[arg(long, value_name = "MS")]
+    topic_idle_close_ms: Option<u64>,
     /// Form of the first line on stdout: text (`spool VERSION listening on
     /// ADDR, data in DIR`) or json (one object with `listeners.native`).
     #[arg(long, value_enum, default_value = "text")]
@@ -72,6 +80,8 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
+    max_open_files: Option<usize>,
+    topic_idle_close_ms: Option<u64>,
 }
 
 /// A timeout setting: 0 turns it off.
@@ -164,6 +174,22 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     }
     if let Some(ms) = args.write_timeout_ms.or(file.write_timeout_ms) {
         c.write_timeout = timeout(ms);
+    }
+    if let Some(n) = args.max_open_files.or(file.max_open_files) {
+        if n < 16 {
+            return Err(spool::Error::InvalidArgument(format!(
+                "max_open_files {n} is below 16: a topic alone keeps 4 files open"
+            )));
+        }
+        c.max_open_files = Some(n);
+    }
+    if let Some(ms) = args.topic_idle_close_ms.or(file.topic_idle_close_ms) {
+        if ms == 0 {
+            return Err(spool::Error::InvalidArgument(
+                "topic_idle_close_ms must be at least 1".into(),
+            ));
+        }
+        c.topic_idle_close = Duration::from_millis(ms);
     }
     Ok(c)
 }

@@ -77,6 +77,10 @@ pub struct CreateArgs {
     /// Hard size limit under --retention-respects-groups, in bytes.
     #[arg(long)]
     retention_bytes_max: Option<u64>,
+    /// Delete the topic once nobody wrote to or read it for this long and
+    /// it has no group (short-lived rooms), in milliseconds.
+    #[arg(long)]
+    delete_when_idle_ms: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     #[command(flatten)]
@@ -128,6 +132,7 @@ pub fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
             "delete_retention_ms": c.delete_retention_ms,
             "retention_respects_groups": c.retention_respects_groups,
             "retention_bytes_max": c.retention_bytes_max,
+            "delete_when_idle_ms": c.delete_when_idle_ms,
             "compact_min_dirty_ratio": c.compact_min_dirty_ratio,
             "compact_check_ms": c.compact_check_ms,
         },
@@ -174,6 +179,7 @@ fn describe_text(t: &pb::TopicInfo) {
             c.retention_respects_groups.unwrap_or(false).to_string(),
         ],
         vec!["retention_bytes_max".into(), opt(c.retention_bytes_max)],
+        vec!["delete_when_idle_ms".into(), opt(c.delete_when_idle_ms)],
         vec![
             "compact_min_dirty_ratio".into(),
             c.compact_min_dirty_ratio
@@ -206,6 +212,7 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                     delete_retention_ms: a.delete_retention_ms,
                     retention_respects_groups: a.retention_respects_groups.then_some(true),
                     retention_bytes_max: a.retention_bytes_max,
+                    delete_when_idle_ms: a.delete_when_idle_ms,
                     compact_min_dirty_ratio: a.compact_min_dirty_ratio,
                     compact_check_ms: a.compact_check_ms,
                     ..Default::default()

@@ -195,6 +195,9 @@ pub fn topic_config(c: Option<pb::TopicConfig>, base: &TopicConfig) -> Result<To
     if c.retention_bytes_max.is_some() {
         out.retention_bytes_max = c.retention_bytes_max;
     }
+    if c.delete_when_idle_ms.is_some() {
+        out.delete_when_idle_ms = c.delete_when_idle_ms;
+    }
     out.validate()?;
     Ok(out)
 }
@@ -220,6 +223,7 @@ pub fn topic_config_to_wire(c: &TopicConfig) -> pb::TopicConfig {
         compact_check_ms: Some(c.compact_check_ms),
         retention_respects_groups: Some(c.retention_respects_groups),
         retention_bytes_max: c.retention_bytes_max,
+        delete_when_idle_ms: c.delete_when_idle_ms,
     }
 }
 

@@ -70,6 +70,11 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Most open connections from one IP address (`None`: no cap).
     pub max_connections_per_ip: Option<usize>,
+    /// Files open topics may keep open together (`None`: half the
+    /// process's limit, see [`crate::broker::default_max_open_files`]).
+    pub max_open_files: Option<usize>,
+    /// A topic nobody used for this long is closed until its next use.
+    pub topic_idle_close: Duration,
     /// No frame from the client for this long (after the handshake) closes
     /// the connection (`None`: never).
     pub idle_timeout: Option<Duration>,
@@ -97,6 +102,8 @@ impl Default for ServerConfig {
             recovery: RecoveryMode::default(),
             shutdown_timeout: Duration::from_secs(10),
             max_connections_per_ip: None,
+            max_open_files: None,
+            topic_idle_close: crate::broker::DEFAULT_TOPIC_IDLE_CLOSE,
             idle_timeout: Some(Duration::from_secs(60)),
             frame_timeout: Some(Duration::from_secs(30)),
             write_timeout: Some(Duration::from_secs(30)),
@@ -169,6 +176,10 @@ impl Server {
             recovery: config.recovery,
             max_message_bytes: config.max_message_bytes,
             max_batch_messages: config.max_batch_messages,
+            max_open_files: config
+                .max_open_files
+                .unwrap_or_else(crate::broker::default_max_open_files),
+            topic_idle_close: config.topic_idle_close,
         })
         .await?;
         let listener = TcpListener::bind(&config.listen)

@@ -29,8 +29,10 @@
 //! changes, before segments or journals are removed (so a removal is never
 //! taken for a loss), and on a clean stop with the clean flag set.
 
-use super::io::{Storage, read_file, write_file_atomic};
+use super::io::{OpenMode, Storage, read_file, write_file_atomic};
+use super::log::LogStats;
 use super::message::NewMessage;
+use super::message::Offset;
 use super::record::{self, Frame};
 use crate::error::{Corruption, Error, IoContext, Result};
 use bytes::Bytes;
@@ -75,6 +77,37 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The log's figures as a clean stop left them, without opening the
+    /// log: its segments, its end (everything was synced), and its bytes
+    /// (the sealed segments' file sizes and the active one's synced bytes).
+    /// `start` is the first segment's base.
+    pub fn stats_after_clean_stop(&self, storage: &dyn Storage, dir: &Path) -> LogStats {
+        let (sealed, active) = match self.segments.split_last() {
+            Some((_, sealed)) => (sealed, self.active_synced),
+            None => (&[][..], 0),
+        };
+        let sealed_bytes: u64 = sealed
+            .iter()
+            .filter_map(|&base| {
+                let path = dir.join(super::segment::log_name(base));
+                storage.open(&path, OpenMode::Existing).ok()?.len().ok()
+            })
+            .sum();
+        LogStats {
+            start: Offset(
+                self.segments
+                    .first()
+                    .copied()
+                    .unwrap_or(self.durable_end)
+                    .min(self.durable_end),
+            ),
+            end: Offset(self.durable_end),
+            durable_end: Offset(self.durable_end),
+            segments: self.segments.len(),
+            bytes: sealed_bytes + active,
+        }
+    }
+
     /// The point of journal `name`, if recorded.
     pub fn journal(&self, name: &str) -> Option<&JournalPoint> {
         self.journals.iter().find(|j| j.name == name)

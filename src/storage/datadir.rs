@@ -19,6 +19,8 @@ const SELF_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(25)
 
 /// Folder of the topic logs.
 pub const TOPICS_DIR: &str = "topics";
+/// Marker of a clean stop of every topic (see [`DataDir::mark_clean_stop`]).
+pub const CLEAN_STOP_FILE: &str = "clean-stop";
 /// Folder where a new topic's folder is assembled before it is renamed into
 /// `topics/`: a creation that fails or is cut short leaves nothing a start
 /// would take for a topic.
@@ -150,6 +152,31 @@ impl DataDir {
                 .ctx(|| format!("syncing {}", parent.display())),
             None => Ok(()),
         }
+    }
+
+    /// Whether the last run ended with a clean stop of every topic (the
+    /// marker [`DataDir::mark_clean_stop`] writes), taking the marker away
+    /// durably: from now on this run may leave topics unclean.
+    pub fn take_clean_stop(&self) -> Result<bool> {
+        let path = self.root.join(CLEAN_STOP_FILE);
+        if !self.storage.exists(&path) {
+            return Ok(false);
+        }
+        self.storage
+            .remove_file(&path)
+            .ctx(|| format!("removing {}", path.display()))?;
+        self.storage
+            .sync_dir(&self.root)
+            .ctx(|| format!("syncing {}", self.root.display()))?;
+        Ok(true)
+    }
+
+    /// Records that every topic was stopped cleanly: the next start need
+    /// not look for topics to recover. Written last, durably.
+    pub fn mark_clean_stop(&self) -> Result<()> {
+        let path = self.root.join(CLEAN_STOP_FILE);
+        crate::storage::io::write_file_atomic(&*self.storage, &path, b"")
+            .ctx(|| format!("writing {}", path.display()))
     }
 
     /// Removes what `staging/` and `trash/` hold: creations and deletions a

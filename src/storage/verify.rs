@@ -48,6 +48,8 @@ impl From<Corruption> for Finding {
 /// What `verify` checked and found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
+    /// Topics checked.
+    pub topics: u64,
     /// Files read.
     pub files: u64,
     /// Bytes read.
@@ -124,6 +126,7 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
         if crate::broker::config::validate_name("topic", &topic).is_err() {
             continue;
         }
+        report.topics += 1;
         let checkpoint = match Checkpoint::load(storage, &dir) {
             Ok(c) => c,
             Err(crate::Error::Corruption(c)) => {

@@ -309,6 +309,12 @@ impl Topic {
         &self.log
     }
 
+    /// Files the topic keeps open: three per segment (log and its two
+    /// indexes), the deletions journal and one journal per group.
+    pub fn open_files(&self) -> usize {
+        3 * self.log.stats().segments + 1 + self.groups().len()
+    }
+
     /// Extent and size of the log.
     pub fn stats(&self) -> LogStats {
         self.log.stats()

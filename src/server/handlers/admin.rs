@@ -21,19 +21,21 @@ pub(in crate::server) async fn create_topic(
 }
 
 /// Lists the topics.
-pub(in crate::server) fn list_topics(conn: &Conn) -> Reply {
+pub(in crate::server) async fn list_topics(conn: &Conn) -> Result<Reply, pb::Error> {
     let topics = conn
         .shared
         .broker
         .list_topics()
+        .await
+        .map_err(wire(conn))?
         .iter()
         .map(|t| conn.shared.topic_info(t))
         .collect();
-    Reply::Topics(pb::ListTopicsResponse { topics })
+    Ok(Reply::Topics(pb::ListTopicsResponse { topics }))
 }
 
 /// Describes a topic.
-pub(in crate::server) fn describe_topic(
+pub(in crate::server) async fn describe_topic(
     conn: &Conn,
     d: pb::DescribeTopicRequest,
 ) -> Result<Reply, pb::Error> {
@@ -41,6 +43,7 @@ pub(in crate::server) fn describe_topic(
         .shared
         .broker
         .describe_topic(&d.name)
+        .await
         .map_err(wire(conn))?;
     Ok(Reply::Topic(conn.shared.topic_info(&info)))
 }

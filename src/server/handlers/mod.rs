@@ -40,8 +40,8 @@ pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb:
         Request::DeleteGroup(d) => groups::delete(conn, d).await,
         Request::Delete(d) => admin::delete_messages(conn, d).await,
         Request::CreateTopic(c) => admin::create_topic(conn, c).await,
-        Request::ListTopics(_) => Ok(admin::list_topics(conn)),
-        Request::DescribeTopic(d) => admin::describe_topic(conn, d),
+        Request::ListTopics(_) => admin::list_topics(conn).await,
+        Request::DescribeTopic(d) => admin::describe_topic(conn, d).await,
         Request::DeleteTopic(d) => admin::delete_topic(conn, d).await,
         Request::Compact(c) => admin::compact(conn, c).await,
     }
