@@ -34,10 +34,25 @@ pub enum Error {
     /// already acknowledged is affected.
     #[error(
         "out of file descriptors while {context}: {source}; the broker may hold {} open files \
-         (raise the limit: `ulimit -n`, or LimitNOFILE for a service)",
+         (raise the limit: `ulimit -n`, or LimitNOFILE for a service; topics hold at most \
+         max_open_files of them and close when unused)",
         open_files_limit().map_or_else(|| "only a limited number of".to_string(), |n| format!("at most {n}"))
     )]
     FilesExhausted {
+        /// What was being done, naming the file.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The process ran out of memory or address space (ENOMEM), such as
+    /// for a segment's map. Nothing already acknowledged is affected.
+    #[error(
+        "out of memory while {context}: {source}; raise the process's memory or address-space \
+         limit (`ulimit -v`, MemoryMax for a service) or lower max_open_files so fewer topics \
+         are open (and mapped) at once"
+    )]
+    MemoryExhausted {
         /// What was being done, naming the file.
         context: String,
         /// The underlying error.
@@ -140,6 +155,10 @@ impl Error {
             Error::Full { context, source }
         } else if is_out_of_files(&source) {
             Error::FilesExhausted { context, source }
+        } else if source.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error())
+            || source.kind() == io::ErrorKind::OutOfMemory
+        {
+            Error::MemoryExhausted { context, source }
         } else {
             Error::Io { context, source }
         }

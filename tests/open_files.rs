@@ -79,3 +79,45 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
         "the limit is logged at start: {logs}"
     );
 }
+
+/// Each open topic maps its active segment (128 MiB of address space by
+/// default), so an address-space limit runs out after a couple of dozen
+/// topics: opening the next one closes unused topics and tries again, and
+/// no client sees the error.
+#[test]
+fn running_out_of_address_space_closes_unused_topics_transparently() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args(["--as=3000000000", env!("CARGO_BIN_EXE_spool")]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        for i in 0..100 {
+            client
+                .produce(
+                    &format!("room-{i}"),
+                    vec![NewMessage::from_value(format!("{i}"))],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("room-{i}: {e}"));
+        }
+        for i in 0..100 {
+            let got = common::replay_all(&client, &format!("room-{i}")).await;
+            assert_eq!(got.len(), 1, "room-{i}");
+            assert_eq!(got[0].message.value, format!("{i}").as_bytes(), "room-{i}");
+        }
+    });
+    let (_, logs) = broker.terminate();
+    assert!(
+        logs.contains("closing unused topics"),
+        "the address space ran out and topics were closed: {logs}"
+    );
+}

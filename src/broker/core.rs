@@ -66,6 +66,11 @@ pub fn default_max_open_files() -> usize {
 pub const DEFAULT_TOPIC_IDLE_CLOSE: Duration = Duration::from_secs(30);
 /// How often the broker looks for topics to close or delete.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Files an open topic holds at the least: one segment (3) and its
+/// deletions journal.
+const MIN_TOPIC_FILES: usize = 4;
+/// Blocking tasks that close topics at once.
+const CLOSERS: usize = 16;
 
 /// The largest message a produce takes, and the setting that binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +173,9 @@ struct Inner {
     config: BrokerConfig,
     /// Set by [`Broker::stop`]: background work ends.
     stopping: Arc<AtomicBool>,
+    /// Held by whoever closes topics ([`Broker::close_topics`]), so
+    /// concurrent openers over the budget do not all close the same ones.
+    closer: tokio::sync::Mutex<()>,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -213,6 +221,7 @@ impl Broker {
                 runtimes: Mutex::new(HashMap::new()),
                 config,
                 stopping: Arc::new(AtomicBool::new(false)),
+                closer: tokio::sync::Mutex::new(()),
             }),
         };
         tracing::info!(
@@ -280,6 +289,7 @@ impl Broker {
     /// `target_files`; topics a request, subscription or long-poll holds
     /// stay open.
     async fn close_topics(&self, target_files: usize) {
+        let _closing = self.inner.closer.lock().await;
         let now = now_ms();
         let config = &self.inner.config;
         let idle_ms = config.topic_idle_close.as_millis() as u64;
@@ -313,18 +323,23 @@ impl Broker {
                 // Lets the writer tasks of the released runtimes end.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let b = self.clone();
-            let closed = blocking(move || {
-                Ok(close
-                    .iter()
-                    .filter(|name| b.inner.registry.close_unused(name))
-                    .count())
-            })
-            .await;
-            if let Ok(n) = closed
-                && n > 0
-            {
-                tracing::debug!(closed = n, "closed unused topics");
+            // Each close syncs and records a checkpoint: several at once.
+            let mut closing = tokio::task::JoinSet::new();
+            for names in close.chunks(close.len().div_ceil(CLOSERS)) {
+                let (b, names) = (self.clone(), names.to_vec());
+                closing.spawn_blocking(move || {
+                    names
+                        .iter()
+                        .filter(|name| b.inner.registry.close_unused(name))
+                        .count()
+                });
+            }
+            let mut closed = 0;
+            while let Some(n) = closing.join_next().await {
+                closed += n.unwrap_or(0);
+            }
+            if closed > 0 {
+                tracing::debug!(closed, "closed unused topics");
             }
         }
     }
@@ -382,26 +397,51 @@ impl Broker {
         if let Some(topic) = registry.used_open_topic(name) {
             return Ok(self.runtime_of(topic));
         }
-        let open = || {
+        let topic = self
+            .opening(name, |b, name| b.inner.registry.topic(&name))
+            .await?;
+        Ok(self.runtime_of(topic))
+    }
+
+    /// Runs `open` (opening or creating topic `name`) on the blocking pool.
+    /// If the process runs out of descriptors or memory (other files,
+    /// connections, a budget above the limit), closes half of what the open
+    /// topics hold and tries once more, so a client sees no error because
+    /// other topics were open.
+    async fn opening(
+        &self,
+        name: &str,
+        open: fn(&Broker, String) -> Result<Arc<Topic>>,
+    ) -> Result<Arc<Topic>> {
+        // Over the budget (counting the fewest files a topic holds): make
+        // room first, so the open topics stay within it however fast new
+        // ones are opened.
+        let max = self.inner.config.max_open_files;
+        if self.inner.registry.open_count() * MIN_TOPIC_FILES >= max {
+            self.close_topics(max - max / 10).await;
+        }
+        let attempt = || {
             let (b, name) = (self.clone(), name.to_owned());
-            blocking(move || b.inner.registry.topic(&name))
+            blocking(move || open(&b, name))
         };
-        let topic = match open().await {
-            // The process ran out of descriptors (other files, connections,
-            // a budget above the limit): close half of what the open topics
-            // hold, then try once more.
-            Err(Error::FilesExhausted { .. }) => {
-                let files: usize = registry.open_topics().iter().map(|t| t.files).sum();
+        match attempt().await {
+            Err(Error::FilesExhausted { .. } | Error::MemoryExhausted { .. }) => {
+                let files: usize = self
+                    .inner
+                    .registry
+                    .open_topics()
+                    .iter()
+                    .map(|t| t.files)
+                    .sum();
                 tracing::warn!(
                     open_files = files,
-                    "out of file descriptors opening topic {name}: closing unused topics"
+                    "out of file descriptors or memory opening topic {name}: closing unused topics"
                 );
                 self.close_topics(files / 2).await;
-                open().await?
+                attempt().await
             }
-            other => other?,
-        };
-        Ok(self.runtime_of(topic))
+            other => other,
+        }
     }
 
     /// The runtime of `name`, creating the topic if missing and auto-create
@@ -410,9 +450,20 @@ impl Broker {
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
         match self.existing(name).await {
             Err(Error::TopicNotFound(_)) => {
-                let (b, name) = (self.clone(), name.to_owned());
-                let topic =
-                    blocking(move || b.inner.registry.topic_or_create(&name, force)).await?;
+                let topic = match force {
+                    true => {
+                        self.opening(name, |b, name| {
+                            b.inner.registry.topic_or_create(&name, true)
+                        })
+                        .await?
+                    }
+                    false => {
+                        self.opening(name, |b, name| {
+                            b.inner.registry.topic_or_create(&name, false)
+                        })
+                        .await?
+                    }
+                };
                 Ok(self.runtime_of(topic))
             }
             other => other,

@@ -200,9 +200,14 @@ impl Registry {
     }
 
     /// The topic `name` if it is open (not opening it), counted as a use.
+    /// Never waits: `None` also while the topic is being opened or closed
+    /// (then [`Registry::topic`] waits for that, off the async workers).
     pub fn used_open_topic(&self, name: &str) -> Option<Arc<Topic>> {
         let slot = self.slot(name).ok()?;
-        let topic = slot.topic().as_ref().filter(|t| !t.is_retired()).cloned()?;
+        let topic = match slot.topic.try_lock() {
+            Ok(open) => open.as_ref().filter(|t| !t.is_retired()).cloned()?,
+            Err(_) => return None,
+        };
         slot.last_used.store(now_ms(), Ordering::Relaxed);
         Some(topic)
     }
@@ -371,14 +376,22 @@ impl Registry {
         if !idle() {
             return Ok(None);
         }
-        let was_open = slot.topic().is_some();
-        let topic = self.open_slot(name, &slot)?;
-        let has_groups = !topic.list_groups()?.is_empty();
-        drop(topic);
-        if has_groups || !idle() {
-            if !was_open {
-                self.close_unused(name);
+        // Groups are read without opening a closed topic: each has a
+        // journal in `groups/`.
+        let has_groups = match self.open_topic(name) {
+            Some(topic) => !topic.list_groups()?.is_empty(),
+            None => {
+                let dir = self.data.topic_dir(name).join(super::topic::GROUPS_DIR);
+                let storage = self.data.storage();
+                storage.exists(&dir)
+                    && storage
+                        .list_dir(&dir)
+                        .ctx(|| format!("listing {}", dir.display()))?
+                        .iter()
+                        .any(|f| f.ends_with(".journal"))
             }
+        };
+        if has_groups || !idle() {
             return Ok(None);
         }
         tracing::info!(
@@ -389,15 +402,30 @@ impl Registry {
         self.delete_topic(name).map(Some)
     }
 
+    /// How many topics are open.
+    pub fn open_count(&self) -> usize {
+        self.open_names().len()
+    }
+
     /// The open topics, with when each was last used and the files it holds.
     pub fn open_topics(&self) -> Vec<OpenTopic> {
         let names: Vec<String> = self.open_names().iter().cloned().collect();
-        let topics = self.read_topics();
-        names
+        let slots: Vec<(String, Arc<Slot>)> = {
+            let topics = self.read_topics();
+            names
+                .into_iter()
+                .filter_map(|name| Some((topics.get(&name).cloned()?, name)))
+                .map(|(slot, name)| (name, slot))
+                .collect()
+        };
+        slots
             .into_iter()
-            .filter_map(|name| {
-                let slot = topics.get(&name)?;
-                let files = slot.topic().as_ref()?.open_files();
+            .filter_map(|(name, slot)| {
+                // One being opened or closed is left out of this listing.
+                let files = match slot.topic.try_lock() {
+                    Ok(open) => open.as_ref()?.open_files(),
+                    Err(_) => return None,
+                };
                 Some(OpenTopic {
                     last_used_ms: slot.last_used.load(Ordering::Relaxed),
                     files,

@@ -224,6 +224,10 @@ fn duplicate(e: &Error) -> Error {
             context: context.clone(),
             source: io(source),
         },
+        Error::MemoryExhausted { context, source } => Error::MemoryExhausted {
+            context: context.clone(),
+            source: io(source),
+        },
         Error::Corruption(c) => Error::Corruption(c.clone()),
         Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
         Error::TopicNotFound(m) => Error::TopicNotFound(m.clone()),

@@ -79,6 +79,10 @@ struct SyncState {
     durable_seq: u64,
     durable_pos: u64,
     syncing: bool,
+    /// A sync an async waiter handed to the blocking pool, not yet begun.
+    /// Other async waiters wait for it; blocking waiters do not (they never
+    /// wait for a task that may be queued behind them).
+    queued: bool,
     poisoned: Option<String>,
 }
 
@@ -94,6 +98,7 @@ impl JournalSyncer {
                 durable_seq: seq,
                 durable_pos: pos,
                 syncing: false,
+                queued: false,
                 poisoned: None,
             }),
             done: Condvar::new(),
@@ -117,7 +122,7 @@ impl JournalSyncer {
     pub fn wait(&self, seq: u64) -> Result<()> {
         let mut st = self.lock();
         loop {
-            match self.next_step(&mut st, seq)? {
+            match self.next_step(&mut st, seq, false)? {
                 Step::Done => return Ok(()),
                 Step::Wait => st = self.done.wait(st).unwrap_or_else(|p| p.into_inner()),
                 Step::Sync(sync) => {
@@ -125,48 +130,66 @@ impl JournalSyncer {
                     self.run(sync);
                     st = self.lock();
                 }
+                // Only for async waiters.
+                Step::Queue => {}
             }
         }
     }
 
     /// [`JournalSyncer::wait`] for async callers: waiting for another
-    /// caller's sync holds no thread, and a sync this caller has to run
-    /// runs on the blocking pool (to the end even if the caller goes away).
+    /// caller's sync holds no thread; when no sync is running or queued,
+    /// this caller queues one on the blocking pool (a [`JournalSyncer::wait`]
+    /// there, which runs to the end even if the caller goes away).
     pub async fn wait_async(self: Arc<Self>, seq: u64) -> Result<()> {
         loop {
             // Subscribed before the state is read, so a sync finishing in
             // between is not missed.
             let mut synced = self.synced.subscribe();
-            let step = self.next_step(&mut self.lock(), seq)?;
+            let step = self.next_step(&mut self.lock(), seq, true)?;
             match step {
                 Step::Done => return Ok(()),
                 Step::Wait => {
                     // The sender lives in `self`, so this cannot fail.
                     let _ = synced.changed().await;
                 }
-                Step::Sync(sync) => {
+                Step::Queue => {
                     let syncer = Arc::clone(&self);
-                    tokio::task::spawn_blocking(move || syncer.run(sync))
-                        .await
-                        .map_err(|e| {
-                            Error::Internal(format!("syncing {}: {e}", self.path.display()))
-                        })?;
+                    tokio::task::spawn_blocking(move || {
+                        syncer.lock().queued = false;
+                        let result = syncer.wait(seq);
+                        // Async waiters of a queued sync that found nothing
+                        // to do look again.
+                        syncer.synced.send_modify(|n| *n = n.wrapping_add(1));
+                        result
+                    })
+                    .await
+                    .map_err(|e| {
+                        Error::Internal(format!("syncing {}: {e}", self.path.display()))
+                    })??;
                 }
+                // Only for blocking waiters.
+                Step::Sync(sync) => self.run(sync),
             }
         }
     }
 
-    /// What a caller waiting for `seq` does next; `Sync` marks a sync as
-    /// under way, which the caller then has to [`JournalSyncer::run`].
-    fn next_step(&self, st: &mut SyncState, seq: u64) -> Result<Step> {
+    /// What a caller waiting for `seq` does next: `Sync` marks a sync as
+    /// under way, which the (blocking) caller then has to
+    /// [`JournalSyncer::run`]; `Queue` marks one as queued, which the async
+    /// caller hands to the blocking pool.
+    fn next_step(&self, st: &mut SyncState, seq: u64, from_async: bool) -> Result<Step> {
         if let Some(cause) = &st.poisoned {
             return Err(self.read_only(cause));
         }
         if st.durable_seq >= seq {
             return Ok(Step::Done);
         }
-        if st.syncing {
+        if st.syncing || (from_async && st.queued) {
             return Ok(Step::Wait);
+        }
+        if from_async {
+            st.queued = true;
+            return Ok(Step::Queue);
         }
         st.syncing = true;
         Ok(Step::Sync(PendingSync {
@@ -204,6 +227,7 @@ enum Step {
     Done,
     Wait,
     Sync(PendingSync),
+    Queue,
 }
 
 /// A sync under way: what it covers once it succeeds.
@@ -683,6 +707,44 @@ mod tests {
         disk.power_cut(Some(99));
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn a_blocking_waiter_is_never_stuck_behind_a_sync_queued_for_an_async_one() {
+        // One blocking thread: the async waiter's sync is queued behind the
+        // blocking waiter, which must not wait for it.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"x").expect("append");
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let (blocking, queued) = rt.block_on(async {
+            let (g, wait) = (Arc::clone(&gate), j.sync_later());
+            let blocking = tokio::task::spawn_blocking(move || {
+                g.wait();
+                wait.wait()
+            });
+            let queued = tokio::spawn(j.sync_later().wait_async());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            (blocking, queued)
+        });
+        gate.wait();
+        let done = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                (blocking.await, queued.await)
+            })
+            .await
+        });
+        rt.shutdown_background();
+        let (blocking, queued) = done.expect("neither waiter is stuck");
+        blocking.expect("blocking task").expect("durable");
+        queued.expect("async task").expect("durable");
+        assert!(j.is_synced());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

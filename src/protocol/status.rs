@@ -16,9 +16,10 @@ pub fn code(error: &Error) -> pb::Code {
         }
         Error::Internal(_) => pb::Code::Internal,
         Error::AlreadyExists(_) => pb::Code::AlreadyExists,
-        Error::Full { .. } | Error::FilesExhausted { .. } | Error::TooLarge { .. } => {
-            pb::Code::ResourceExhausted
-        }
+        Error::Full { .. }
+        | Error::FilesExhausted { .. }
+        | Error::MemoryExhausted { .. }
+        | Error::TooLarge { .. } => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
         Error::ReadOnly { .. } => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,

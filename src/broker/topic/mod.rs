@@ -174,14 +174,16 @@ impl Topic {
             }
         };
         let deletions = Deletions::open(Arc::clone(&storage), dir, point(DELETES_JOURNAL))?;
+        // Made with the first group: a topic without groups has no folder
+        // for them (a small topic costs fewer disk blocks).
         let groups_dir = dir.join(GROUPS_DIR);
-        storage
-            .create_dir_all(&groups_dir)
-            .ctx(|| format!("creating {}", groups_dir.display()))?;
         let mut groups = BTreeMap::new();
-        let mut names = storage
-            .list_dir(&groups_dir)
-            .ctx(|| format!("listing {}", groups_dir.display()))?;
+        let mut names = match storage.exists(&groups_dir) {
+            true => storage
+                .list_dir(&groups_dir)
+                .ctx(|| format!("listing {}", groups_dir.display()))?,
+            false => Vec::new(),
+        };
         names.sort();
         // Every group the checkpoint lists must still have its journal: a
         // group deleted on purpose left the list first.
@@ -541,6 +543,16 @@ impl Topic {
             max_deliveries: self.config.max_deliveries,
         };
         let groups_dir = self.dir.join(GROUPS_DIR);
+        if !self.storage.exists(&groups_dir) {
+            // The topic's first group: its folder's name is durable before
+            // the group is confirmed.
+            self.storage
+                .create_dir_all(&groups_dir)
+                .ctx(|| format!("creating {}", groups_dir.display()))?;
+            self.storage
+                .sync_dir(&self.dir)
+                .ctx(|| format!("syncing {}", self.dir.display()))?;
+        }
         // A group the topic does not list has no state: files of that name
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
