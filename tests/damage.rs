@@ -369,6 +369,22 @@ fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
                 });
                 assert!(error.to_string().contains("topic.toml"), "{error}");
             }
+            // A topic that cannot be opened can still be deleted.
+            let broker = Broker::start(data, &[]);
+            rt().block_on(async {
+                let client = Client::connect(&broker.addr, "t").await.expect("connect");
+                client
+                    .delete_topic(TOPIC)
+                    .await
+                    .expect("a damaged topic is deleted");
+                let gone = client.describe_topic(TOPIC).await.expect_err("deleted");
+                assert_eq!(
+                    gone.code(),
+                    Some(spool::protocol::pb::Code::NotFound),
+                    "{gone}"
+                );
+            });
+            assert!(!topic_dir(data).exists(), "its folder is gone");
             continue;
         }
         serve_refuses(data, needle);

@@ -214,7 +214,7 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
             delete_when_idle_ms: Some(400),
             ..Default::default()
         };
-        for name in ["quiet", "busy", "grouped"] {
+        for name in ["quiet", "busy", "grouped", "watched"] {
             client
                 .create_topic(name, idle.clone())
                 .await
@@ -225,6 +225,11 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
             .create_group("grouped", "g", spool::groups::GroupMode::Stream, None)
             .await
             .expect("group");
+        // A subscription on "watched" is a use for as long as it is open.
+        let watcher = client
+            .subscribe("watched", None, "w", None, 10)
+            .await
+            .expect("subscribe");
         let info = client.describe_topic("quiet").await.expect("describe");
         assert_eq!(
             info.config.and_then(|c| c.delete_when_idle_ms),
@@ -249,6 +254,11 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
             .describe_topic("grouped")
             .await
             .expect("a room with a group stays");
+        client
+            .describe_topic("watched")
+            .await
+            .expect("a room with a subscriber stays");
+        drop(watcher);
         assert_eq!(values(&client, "busy").await, vec!["hi".to_owned()]);
 
         let bad = client

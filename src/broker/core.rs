@@ -10,7 +10,7 @@
 //! Transports pass their own limits (what a frame holds) as plain values.
 
 use super::TopicConfig;
-use super::registry::{Registry, RegistryOptions};
+use super::registry::{Deletion, Registry, RegistryOptions};
 use super::runtime::TopicRuntime;
 use super::subscription::{self, Subscription, Target};
 use super::topic::{Delivery, DeliveryLimits, Position, Topic};
@@ -275,10 +275,24 @@ impl Broker {
             .await;
         let now = now_ms();
         for name in self.inner.registry.idle_deletable() {
+            // A subscription or long-poll on it is a use.
+            let held = self
+                .runtimes()
+                .get(&name)
+                .is_some_and(|rt| Arc::strong_count(rt) > 1);
+            if held
+                || self
+                    .inner
+                    .registry
+                    .last_used_ms(&name)
+                    .is_some_and(|t| t > now)
+            {
+                continue;
+            }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Some(topic)) => self.retire_runtime(&topic),
-                Ok(None) | Err(Error::TopicNotFound(_)) => {}
+                Ok(Deletion::Deleted(Some(topic))) => self.retire_runtime(&topic),
+                Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
         }
@@ -296,29 +310,29 @@ impl Broker {
         let mut open = self.inner.registry.open_topics();
         open.sort_by_key(|t| t.last_used_ms);
         let mut files: usize = open.iter().map(|t| t.files).sum();
-        let target = target_files;
         let mut close = Vec::new();
-        for t in &open {
-            if now.saturating_sub(t.last_used_ms) >= idle_ms || files > target {
+        let mut released = false;
+        {
+            let mut runtimes = self.runtimes();
+            for t in &open {
+                if now.saturating_sub(t.last_used_ms) < idle_ms && files <= target_files {
+                    continue;
+                }
+                match runtimes.get(&t.name).map(Arc::strong_count) {
+                    // Held: a request, subscription or long-poll uses it;
+                    // its files do not count as freed.
+                    Some(n) if n > 1 => continue,
+                    Some(_) => {
+                        runtimes.remove(&t.name);
+                        released = true;
+                    }
+                    None => {}
+                }
                 files = files.saturating_sub(t.files);
                 close.push(t.name.clone());
             }
         }
         if !close.is_empty() {
-            let mut released = false;
-            {
-                let mut runtimes = self.runtimes();
-                for name in &close {
-                    // Held elsewhere: a request, subscription or long-poll.
-                    if runtimes
-                        .get(name)
-                        .is_some_and(|rt| Arc::strong_count(rt) == 1)
-                    {
-                        runtimes.remove(name);
-                        released = true;
-                    }
-                }
-            }
             if released {
                 // Lets the writer tasks of the released runtimes end.
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -411,7 +425,7 @@ impl Broker {
     async fn opening(
         &self,
         name: &str,
-        open: fn(&Broker, String) -> Result<Arc<Topic>>,
+        open: impl Fn(&Broker, String) -> Result<Arc<Topic>> + Clone + Send + 'static,
     ) -> Result<Arc<Topic>> {
         // Over the budget (counting the fewest files a topic holds): make
         // room first, so the open topics stay within it however fast new
@@ -421,7 +435,7 @@ impl Broker {
             self.close_topics(max - max / 10).await;
         }
         let attempt = || {
-            let (b, name) = (self.clone(), name.to_owned());
+            let (b, name, open) = (self.clone(), name.to_owned(), open.clone());
             blocking(move || open(&b, name))
         };
         match attempt().await {
@@ -450,20 +464,11 @@ impl Broker {
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
         match self.existing(name).await {
             Err(Error::TopicNotFound(_)) => {
-                let topic = match force {
-                    true => {
-                        self.opening(name, |b, name| {
-                            b.inner.registry.topic_or_create(&name, true)
-                        })
-                        .await?
-                    }
-                    false => {
-                        self.opening(name, |b, name| {
-                            b.inner.registry.topic_or_create(&name, false)
-                        })
-                        .await?
-                    }
-                };
+                let topic = self
+                    .opening(name, move |b, name| {
+                        b.inner.registry.topic_or_create(&name, force)
+                    })
+                    .await?;
                 Ok(self.runtime_of(topic))
             }
             other => other,
@@ -779,8 +784,11 @@ impl Broker {
 
     /// Creates topic `name` with `config` and starts its runtime.
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
-        let (b, name) = (self.clone(), name.to_owned());
-        let topic = blocking(move || b.inner.registry.create_topic(&name, config)).await?;
+        let topic = self
+            .opening(name, move |b, name| {
+                b.inner.registry.create_topic(&name, config.clone())
+            })
+            .await?;
         let info = TopicInfo::of(&topic);
         self.runtime_of(topic);
         Ok(info)
@@ -802,8 +810,9 @@ impl Broker {
     /// long-polls end with `NOT_FOUND`.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         let (b, n) = (self.clone(), name.to_owned());
-        let topic = blocking(move || b.inner.registry.delete_topic(&n)).await?;
-        self.retire_runtime(&topic);
+        if let Some(topic) = blocking(move || b.inner.registry.delete_topic(&n)).await? {
+            self.retire_runtime(&topic);
+        }
         Ok(())
     }
 
@@ -867,14 +876,24 @@ async fn sweeper(inner: Weak<Inner>, opened: Arc<tokio::sync::Notify>, stopping:
     let mut interval = tokio::time::interval(SWEEP_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = opened.notified() => {}
-        }
+        // An open only asks for the budget to be kept; the full pass (idle
+        // topics, idle deletion) runs on the tick.
+        let full = tokio::select! {
+            _ = interval.tick() => true,
+            _ = opened.notified() => false,
+        };
         if stopping.load(Ordering::Relaxed) {
             return;
         }
         let Some(inner) = inner.upgrade() else { return };
-        Broker { inner }.sweep().await;
+        let broker = Broker { inner };
+        if full {
+            broker.sweep().await;
+        } else {
+            let max = broker.inner.config.max_open_files;
+            if broker.inner.registry.open_count() * MIN_TOPIC_FILES >= max - max / 10 {
+                broker.close_topics(max - max / 10).await;
+            }
+        }
     }
 }

@@ -75,6 +75,11 @@ impl Deletions {
         self.journal.snapshot(&encode(self.set.iter()))
     }
 
+    /// Whether a failed sync made the journal read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.journal.is_read_only()
+    }
+
     /// Whether every recorded deletion is durable.
     pub fn is_synced(&self) -> bool {
         self.journal.is_synced()

@@ -108,6 +108,15 @@ pub struct OpenTopic {
     pub files: usize,
 }
 
+/// What a conditional delete did.
+#[derive(Debug)]
+pub enum Deletion {
+    /// Deleted; the topic object if it was open (closed for good now).
+    Deleted(Option<Arc<Topic>>),
+    /// Kept: its condition no longer held.
+    Kept,
+}
+
 /// What the start-up scan of [`Registry::scan`] did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Scanned {
@@ -281,8 +290,9 @@ impl Registry {
         self.learn(name, topic.config());
         *slot.config() = Some(topic.config().clone());
         *open = Some(Arc::clone(&topic));
-        drop(open);
+        // Under the slot's lock, so the set never disagrees with the slot.
         self.open_names().insert(name.to_owned());
+        drop(open);
         self.opened.notify_one();
         Ok(topic)
     }
@@ -367,39 +377,44 @@ impl Registry {
     /// Deletes topic `name` if its config has `delete_when_idle_ms`, nobody
     /// used it for that long (as of `now`) and it has no group. Returns the
     /// deleted topic.
-    pub fn delete_if_idle(&self, name: &str, now: u64) -> Result<Option<Arc<Topic>>> {
+    pub fn delete_if_idle(&self, name: &str, now: u64) -> Result<Deletion> {
         let slot = self.slot(name)?;
         let Some(ms) = self.slot_config(name, &slot)?.delete_when_idle_ms else {
-            return Ok(None);
+            return Ok(Deletion::Kept);
         };
         let idle = || now.saturating_sub(slot.last_used.load(Ordering::Relaxed)) >= ms;
         if !idle() {
-            return Ok(None);
+            return Ok(Deletion::Kept);
         }
-        // Groups are read without opening a closed topic: each has a
-        // journal in `groups/`.
-        let has_groups = match self.open_topic(name) {
-            Some(topic) => !topic.list_groups()?.is_empty(),
-            None => {
-                let dir = self.data.topic_dir(name).join(super::topic::GROUPS_DIR);
-                let storage = self.data.storage();
-                storage.exists(&dir)
-                    && storage
-                        .list_dir(&dir)
-                        .ctx(|| format!("listing {}", dir.display()))?
-                        .iter()
-                        .any(|f| f.ends_with(".journal"))
-            }
-        };
-        if has_groups || !idle() {
-            return Ok(None);
+        // Asked again once no request is inside the topic. Groups of a
+        // closed topic are read without opening it: each has a journal in
+        // `groups/`.
+        let deleted = self.delete_checked(name, |topic| {
+            idle()
+                && match topic {
+                    Some(topic) => !topic.has_groups(),
+                    None => !self.has_groups_on_disk(name),
+                }
+        })?;
+        if let Deletion::Deleted(_) = deleted {
+            tracing::info!(
+                topic = name,
+                idle_ms = ms,
+                "deleted a topic nobody used for delete_when_idle_ms"
+            );
         }
-        tracing::info!(
-            topic = name,
-            idle_ms = ms,
-            "deleting a topic nobody used for delete_when_idle_ms"
-        );
-        self.delete_topic(name).map(Some)
+        Ok(deleted)
+    }
+
+    /// Whether the closed topic `name` has a group journal (or cannot be
+    /// listed: then it is kept).
+    fn has_groups_on_disk(&self, name: &str) -> bool {
+        let dir = self.data.topic_dir(name).join(super::topic::GROUPS_DIR);
+        let storage = self.data.storage();
+        storage.exists(&dir)
+            && storage
+                .list_dir(&dir)
+                .map_or(true, |files| files.iter().any(|f| f.ends_with(".journal")))
     }
 
     /// How many topics are open.
@@ -447,14 +462,17 @@ impl Registry {
         let Some(topic) = open.as_ref() else {
             return false;
         };
-        if Arc::strong_count(topic) > 1 || topic.is_retired() {
+        // A read-only topic (a sync failed) stays open until a restart.
+        if Arc::strong_count(topic) > 1 || topic.is_retired() || topic.is_read_only() {
             return false;
         }
         if let Err(e) = topic.stop() {
             tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed");
+            if topic.is_read_only() {
+                return false;
+            }
         }
         *open = None;
-        drop(open);
         self.open_names().remove(name);
         true
     }
@@ -465,8 +483,10 @@ impl Registry {
     /// or tool once nothing writes any more; a failure is logged.
     pub fn stop_all(&self) {
         let mut clean = true;
-        for open in self.open_topics() {
-            let Some(topic) = self.open_topic(&open.name) else {
+        let names: Vec<String> = self.open_names().iter().cloned().collect();
+        for name in names {
+            // Waits for an open or close under way, so none is missed.
+            let Some(topic) = self.open_topic(&name) else {
                 continue;
             };
             if let Err(e) = topic.stop() {
@@ -512,10 +532,9 @@ impl Registry {
         self.slot_config(name, &slot)
     }
 
+    /// Never waits for the slot's topic lock (held while a topic opens or
+    /// closes): an open topic's config is always in `slot.config` too.
     fn slot_config(&self, name: &str, slot: &Slot) -> Result<TopicConfig> {
-        if let Some(topic) = &*slot.topic() {
-            return Ok(topic.config().clone());
-        }
         if let Some(config) = &*slot.config() {
             return Ok(config.clone());
         }
@@ -611,8 +630,8 @@ impl Registry {
                     let topic = Arc::new(topic);
                     self.learn(name, topic.config());
                     *open = Some(Arc::clone(&topic));
-                    drop(open);
                     self.open_names().insert(name.to_owned());
+                    drop(open);
                     self.opened.notify_one();
                     Ok(topic)
                 }
@@ -631,8 +650,10 @@ impl Registry {
         let mut topics = self.write_topics();
         if topics.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             topics.remove(name);
-            drop(topics);
+            // Under the map's lock: a new topic of the name cannot have
+            // been entered yet.
             self.open_names().remove(name);
+            drop(topics);
             let mut deletable = self
                 .idle_deletable
                 .lock()
@@ -741,23 +762,68 @@ impl Registry {
     /// its folder moves to `trash/` in one durable rename and is removed in
     /// the background. If the folder cannot be moved, the topic stays as it
     /// was and the error is returned.
-    pub fn delete_topic(&self, name: &str) -> Result<Arc<Topic>> {
+    pub fn delete_topic(&self, name: &str) -> Result<Option<Arc<Topic>>> {
+        match self.delete_checked(name, |_| true)? {
+            Deletion::Deleted(topic) => Ok(topic),
+            Deletion::Kept => Err(Error::Internal(format!(
+                "deleting topic {name}: kept although nothing asked to keep it"
+            ))),
+        }
+    }
+
+    /// Deletes topic `name` if `check` (given the topic if it is open, else
+    /// `None`) still says so once no request is inside it. A closed topic
+    /// is deleted under its slot's lock without being opened (so a damaged
+    /// topic can be deleted too).
+    fn delete_checked(
+        &self,
+        name: &str,
+        check: impl Fn(Option<&Topic>) -> bool,
+    ) -> Result<Deletion> {
         let slot = self.slot(name)?;
-        let topic = self.open_slot(name, &slot)?;
+        let open = slot.topic();
+        let Some(topic) = open.as_ref().map(Arc::clone) else {
+            // Closed: nothing can open it while the lock is held, and once
+            // `gone` is set nothing will.
+            if !check(None) {
+                return Ok(Deletion::Kept);
+            }
+            slot.gone.store(true, Ordering::Release);
+            let dir = self.data.topic_dir(name);
+            let moved = self.data.move_to_trash(&dir);
+            if moved.is_err() && self.data.storage().exists(&dir) {
+                slot.gone.store(false, Ordering::Release);
+                return moved.map(|_| Deletion::Kept);
+            }
+            drop(open);
+            self.forget(name, &slot);
+            self.remove_in_background(moved?);
+            return Ok(Deletion::Deleted(None));
+        };
+        drop(open);
         if !topic.gate().close() {
             // Another delete of it is under way.
             return Err(not_found(name));
+        }
+        if !check(Some(&topic)) {
+            topic.gate().reopen();
+            return Ok(Deletion::Kept);
         }
         slot.gone.store(true, Ordering::Release);
         let moved = self.data.move_to_trash(topic.dir());
         if moved.is_err() && self.data.storage().exists(topic.dir()) {
             slot.gone.store(false, Ordering::Release);
             topic.gate().reopen();
-            return moved.map(|_| topic);
+            return moved.map(|_| Deletion::Kept);
         }
         self.forget(name, &slot);
         topic.gate().finish();
-        let trash = moved?;
+        self.remove_in_background(moved?);
+        Ok(Deletion::Deleted(Some(topic)))
+    }
+
+    /// Removes a deleted topic's folder (in `trash/`) on a thread of its own.
+    fn remove_in_background(&self, trash: std::path::PathBuf) {
         let storage = Arc::clone(self.data.storage());
         let removal = std::thread::Builder::new()
             .name("spool-trash".into())
@@ -772,7 +838,6 @@ impl Registry {
         if removal.is_err() {
             self.discard(&trash);
         }
-        Ok(topic)
     }
 
     /// Compacts one topic, or every topic; returns each topic's figures.

@@ -77,8 +77,8 @@ pub fn run(args: VerifyArgs) -> CliResult {
         }
         Format::Text => {
             println!(
-                "checked {} files, {} bytes, {} offsets, {} journal entries",
-                report.files, report.bytes, report.offsets, report.journal_entries
+                "checked {} topics, {} files, {} bytes, {} offsets, {} journal entries",
+                report.topics, report.files, report.bytes, report.offsets, report.journal_entries
             );
             for t in &report.torn_tails {
                 println!(

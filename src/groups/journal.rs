@@ -572,6 +572,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether a failed sync made the journal read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.syncer.lock().poisoned.is_some()
+    }
+
     /// Whether every appended entry is durable.
     pub fn is_synced(&self) -> bool {
         self.syncer.lock().durable_seq >= self.next_seq

@@ -649,6 +649,11 @@ impl Group {
             .max(self.counts.keys().next_back().map_or(0, |&o| o + 1))
     }
 
+    /// Whether a failed sync made the group's journal read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.journal.is_read_only()
+    }
+
     /// Whether every change is durable.
     pub fn is_synced(&self) -> bool {
         self.unjournaled.is_empty() && self.journal.is_synced()

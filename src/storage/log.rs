@@ -655,6 +655,13 @@ impl Log {
         Ok(())
     }
 
+    /// Whether a failed sync (or a panicked writer) made the log read-only:
+    /// then only a restart may reopen it, since the kernel may have dropped
+    /// the pages that failed.
+    pub fn is_read_only(&self) -> bool {
+        self.writer.lock().map_or(true, |w| w.poisoned.is_some())
+    }
+
     fn check_writable(&self, w: &Writer) -> Result<()> {
         match &w.poisoned {
             Some(cause) => Err(Error::ReadOnly {

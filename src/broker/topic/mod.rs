@@ -311,6 +311,25 @@ impl Topic {
         &self.log
     }
 
+    /// Whether a failed sync made the log, the deletions or a group's state
+    /// read-only. Such a topic stays open (read-only) until the broker
+    /// restarts: closing and reopening it would read back pages the kernel
+    /// may have dropped as if they were good.
+    pub fn is_read_only(&self) -> bool {
+        self.log.is_read_only()
+            || self.deletions().is_read_only()
+            || self
+                .groups()
+                .values()
+                .any(|g| self.lock(g).map_or(true, |g| g.is_read_only()))
+    }
+
+    /// Whether the topic has a group (without passing the gate: for a
+    /// caller that closed it).
+    pub(crate) fn has_groups(&self) -> bool {
+        !self.groups().is_empty()
+    }
+
     /// Files the topic keeps open: three per segment (log and its two
     /// indexes), the deletions journal and one journal per group.
     pub fn open_files(&self) -> usize {
