@@ -104,7 +104,7 @@ pub struct OpenTopic {
     pub name: String,
     /// When a request last used it (milliseconds since the epoch).
     pub last_used_ms: u64,
-    /// Files it keeps open: three per segment, one per journal.
+    /// Files it keeps open (see [`Topic::open_files`]).
     pub files: usize,
 }
 

@@ -330,10 +330,11 @@ impl Topic {
         !self.groups().is_empty()
     }
 
-    /// Files the topic keeps open: three per segment (log and its two
-    /// indexes), the deletions journal and one journal per group.
+    /// Files the topic keeps open: the active segment's log and its two
+    /// indexes, each sealed segment's log, the deletions journal and one
+    /// journal per group.
     pub fn open_files(&self) -> usize {
-        3 * self.log.stats().segments + 1 + self.groups().len()
+        self.log.stats().segments + 2 + 1 + self.groups().len()
     }
 
     /// Extent and size of the log.
