@@ -276,3 +276,36 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
     });
     assert!(!tmp.path().join("topics").join("quiet").exists());
 }
+
+#[test]
+fn sealed_segments_hold_no_file_descriptors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let pid = broker.child.id();
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "big").await.expect("connect");
+        let config = pb::TopicConfig {
+            segment_bytes: Some(4096),
+            ..Default::default()
+        };
+        client.create_topic("big", config).await.expect("create");
+        produce(&client, "big", "first".into()).await;
+        let before = open_fds(pid);
+        let value = "v".repeat(500);
+        for _ in 0..300 {
+            produce(&client, "big", value.clone()).await;
+        }
+        let info = client.describe_topic("big").await.expect("describe");
+        assert!(info.segments >= 30, "{} segments", info.segments);
+        let after = open_fds(pid);
+        assert!(
+            after <= before + 2,
+            "{} segments took {} descriptors more",
+            info.segments,
+            after - before
+        );
+        let all = values(&client, "big").await;
+        assert_eq!(all.len(), 301);
+        assert!(all[1..].iter().all(|v| *v == value));
+    });
+}

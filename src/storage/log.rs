@@ -116,6 +116,8 @@ struct Writer {
 #[derive(Debug)]
 struct Active {
     segment: Arc<Segment>,
+    /// The `.log` file, open while the segment takes appends.
+    file: Arc<dyn StorageFile>,
     map: Arc<dyn Mapping>,
     builder: IndexBuilder,
     idx: Arc<dyn StorageFile>,
@@ -233,8 +235,7 @@ impl Log {
         // last stop was clean and nothing is dirty).
         let log_path = active.segment.paths().log.clone();
         active
-            .segment
-            .file()
+            .file
             .sync_data()
             .ctx(|| format!("syncing recovered {}", log_path.display()))?;
         let next_offset = active.segment.end_offset();
@@ -629,7 +630,7 @@ impl Log {
             .min(active.map.capacity())
             .max(need);
         let log = &active.segment.paths().log;
-        let file = active.segment.file();
+        let file = &active.file;
         let target = match file.allocate(target) {
             // The step ahead does not fit, but what this write needs may.
             Err(e) if crate::error::is_disk_full(&e) => {
@@ -729,7 +730,7 @@ impl Log {
             return Ok(());
         }
         let result = if a.size_dirty {
-            a.segment.file().sync_data()
+            a.file.sync_data()
         } else {
             a.map.sync_range(a.synced_pos, a.write_pos - a.synced_pos)
         };
@@ -810,23 +811,22 @@ impl Log {
         }
         // No map of the file takes writes once it is cut.
         a.map.seal();
-        seg.file()
+        a.file
             .set_len(a.write_pos)
             .ctx(|| format!("truncating {} to seal it", log.display()))?;
-        seg.file()
+        a.file
             .sync_data()
             .ctx(|| format!("syncing sealed {}", log.display()))?;
         self.storage
             .sync_dir(&self.dir)
             .ctx(|| format!("syncing {}", self.dir.display()))?;
-        let map = seg
-            .file()
+        let map = a
+            .file
             .map_read()
             .ctx(|| format!("mapping {}", log.display()))?;
         Ok(Segment::new(
             seg.base(),
             seg.paths().clone(),
-            Arc::clone(seg.file()),
             map,
             index,
             SegmentState {
@@ -1070,7 +1070,6 @@ impl Active {
         let segment = Arc::new(Segment::new(
             base,
             paths,
-            file,
             Arc::clone(&map),
             index,
             state,
@@ -1079,6 +1078,7 @@ impl Active {
         ));
         Ok(Active {
             segment,
+            file,
             map,
             builder,
             idx,
@@ -1135,10 +1135,10 @@ pub(crate) fn sealed_segment(opened: OpenedSegment, config: &LogConfig) -> Resul
         .file
         .map_read()
         .ctx(|| format!("mapping {}", opened.paths.log.display()))?;
+    // The file closes here: the map is all a sealed segment needs.
     Ok(Segment::new(
         opened.base,
         opened.paths,
-        opened.file,
         map,
         opened.index,
         opened.state,

@@ -4,7 +4,7 @@
 //! published prefix, and every record they get has passed its CRC.
 
 use super::index::{OffsetEntry, SegmentIndex};
-use super::io::{Mapping, StorageFile};
+use super::io::Mapping;
 use super::message::Message;
 use super::record::{self, DecodeError, Frame, RecordRef};
 use crate::error::{Corruption, Error, IoContext, Result};
@@ -68,7 +68,8 @@ pub struct ReadLimits {
 pub struct Segment {
     base: u64,
     paths: SegmentPaths,
-    file: Arc<dyn StorageFile>,
+    /// Readers read here. A sealed segment keeps no file open: the map
+    /// outlives the descriptor it was made from.
     map: Arc<dyn Mapping>,
     index: RwLock<SegmentIndex>,
     /// Offset after the last published record (the base while empty).
@@ -93,12 +94,10 @@ pub struct SegmentState {
 }
 
 impl Segment {
-    /// Wraps an opened file and map.
-    #[allow(clippy::too_many_arguments)]
+    /// Wraps a segment's map.
     pub fn new(
         base: u64,
         paths: SegmentPaths,
-        file: Arc<dyn StorageFile>,
         map: Arc<dyn Mapping>,
         index: SegmentIndex,
         state: SegmentState,
@@ -108,7 +107,6 @@ impl Segment {
         Segment {
             base,
             paths,
-            file,
             map,
             index: RwLock::new(index),
             end_offset: AtomicU64::new(state.end_offset),
@@ -127,11 +125,6 @@ impl Segment {
     /// The segment's files.
     pub fn paths(&self) -> &SegmentPaths {
         &self.paths
-    }
-
-    /// The open `.log` file.
-    pub fn file(&self) -> &Arc<dyn StorageFile> {
-        &self.file
     }
 
     /// The map readers read from.

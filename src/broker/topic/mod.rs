@@ -331,10 +331,10 @@ impl Topic {
     }
 
     /// Files the topic keeps open: the active segment's log and its two
-    /// indexes, each sealed segment's log, the deletions journal and one
-    /// journal per group.
+    /// indexes, the deletions journal and one journal per group (a sealed
+    /// segment keeps only its map).
     pub fn open_files(&self) -> usize {
-        self.log.stats().segments + 2 + 1 + self.groups().len()
+        3 + 1 + self.groups().len()
     }
 
     /// Extent and size of the log.

@@ -30,8 +30,9 @@ pub(super) struct OsMapping {
     raw: Option<Arc<MmapRaw>>,
     capacity: u64,
     published: AtomicU64,
-    /// The mapped file, written with `pwrite`.
-    file: Arc<File>,
+    /// The mapped file, written with `pwrite`; `None` for a read-only map,
+    /// which keeps no descriptor open (the pages stay mapped without it).
+    file: Option<Arc<File>>,
     /// Size of the file as allocated by its owner: writes stay below it, so
     /// appends never grow the file without a reservation.
     file_size: Arc<AtomicU64>,
@@ -66,7 +67,7 @@ impl OsMapping {
             raw,
             capacity: len,
             published: AtomicU64::new(len),
-            file: Arc::clone(file),
+            file: None,
             file_size,
             writable: AtomicBool::new(false),
             append_lock: Mutex::new(()),
@@ -96,7 +97,7 @@ impl OsMapping {
             raw,
             capacity,
             published: AtomicU64::new(published),
-            file: Arc::clone(file),
+            file: Some(Arc::clone(file)),
             file_size,
             writable: AtomicBool::new(true),
             append_lock: Mutex::new(()),
@@ -140,7 +141,13 @@ impl Mapping for OsMapping {
             return Err(out_of_range("map write", pos, data.len() as u64, allocated));
         }
         // Above the published end, so no reader holds a view of these bytes.
-        self.file.write_all_at(data, pos)
+        match &self.file {
+            Some(file) => file.write_all_at(data, pos),
+            None => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "write to a read-only map",
+            )),
+        }
     }
 
     fn publish(&self, end: u64) {
