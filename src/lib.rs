@@ -34,7 +34,9 @@
 //!   - [`broker::core`]: the [`broker::Broker`] handle: async produce, fetch
 //!     (long-poll), subscribe, ack, nack, commit, seek, delete, topic and
 //!     group admin, compaction, answering with [`Error`]; the open topics'
-//!     runtimes; dead letters through the dead-letter topic's writer.
+//!     runtimes; dead letters through the dead-letter topic's writer; the
+//!     one sweeper that closes idle topics, keeps the open ones within
+//!     `max_open_files` and deletes rooms idle for `delete_when_idle_ms`.
 //!   - [`broker::runtime`]: each topic's tasks (writer with group commit,
 //!     fsync ticker, checkpoints, compaction, retention) and change signal.
 //!   - [`broker::subscription`]: subscriptions with credit, read by the
@@ -43,8 +45,10 @@
 //!     group lifecycle, seeks, deletes and retention; its queue groups
 //!     (leases, dead letters, acks and nacks), stream groups (fetch, commit)
 //!     and compaction each in a file of their own under `broker/topic/`.
-//!   - [`broker::registry`]: the topics of a data directory (and a synchronous
-//!     queue fetch with dead-letter hand-off for use without a running broker).
+//!   - [`broker::registry`]: the topics of a data directory, each opened on
+//!     first use and closed when unused (the start-up scan recovers those a
+//!     crash left unclean); and a synchronous queue fetch with dead-letter
+//!     hand-off for use without a running broker.
 //!   - `broker::cleaner`: the cleaner policy, which records compaction removes.
 //!   - [`broker::deletions`]: a topic's deleted offsets, their journal and
 //!     its one range codec.
