@@ -309,3 +309,55 @@ fn sealed_segments_hold_no_file_descriptors() {
         assert!(all[1..].iter().all(|v| *v == value));
     });
 }
+
+#[test]
+fn open_file_settings_from_the_config_file_apply_and_bad_ones_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_open_files = 64\ntopic_idle_close_ms = 50\n").expect("config");
+    let data = tmp.path().join("data");
+    let config_arg = config.to_string_lossy().into_owned();
+    let broker = Broker::start(&data, &["--config", &config_arg]);
+    let pid = broker.child.id();
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "cfg").await.expect("connect");
+        let baseline = open_fds(pid);
+        produce(&client, "room", "hi".into()).await;
+        assert!(open_fds(pid) > baseline, "the topic is open while used");
+        // Closed 50 ms after its last use, at the next sweep (every second).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open_fds(pid) > baseline && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(open_fds(pid), baseline, "the idle topic's files are closed");
+        assert_eq!(values(&client, "room").await, vec!["hi".to_owned()]);
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("max_open_files=64"), "{logs}");
+    assert!(logs.contains("topic_idle_close_ms=50"), "{logs}");
+
+    for (flag, file, needle) in [
+        (Some(["--max-open-files", "3"]), None, "max_open_files 3"),
+        (
+            None,
+            Some("topic_idle_close_ms = 0\n"),
+            "topic_idle_close_ms",
+        ),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spool"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(&data);
+        if let Some(flag) = flag {
+            cmd.args(flag);
+        }
+        if let Some(text) = file {
+            std::fs::write(&config, text).expect("config");
+            cmd.arg("--config").arg(&config);
+        }
+        let out = cmd.output().expect("run serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "names {needle}: {stderr}");
+    }
+}
