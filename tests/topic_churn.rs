@@ -22,8 +22,9 @@
 //! confirmed commit (or a later one still in flight at the kill). A clean
 //! stop (SIGTERM) and `spool verify` end it.
 //!
-//! A second, deterministic test holds a queue lease while its topic is
-//! closed for idleness and fetches again as another member.
+//! A second, deterministic test holds a queue lease past the topic's idle
+//! time: the topic stays open (a lease lives in its memory) and another
+//! member gets nothing; once the lease is acked, the topic closes.
 //!
 //! The workload is random: each run prints its seed; `SPOOL_CHURN_SEED=N`
 //! runs seed N again and `SPOOL_CHURN_MS` sets how long the load runs before
@@ -1057,7 +1058,7 @@ fn topics_closing_and_reopening_under_load_lose_nothing_and_fail_nothing() {
 /// lease times out (`ack_timeout_ms`, 30 s by default); a closed topic is
 /// reopened transparently.
 #[test]
-fn a_queue_lease_outlives_its_topic_closing_when_idle() {
+fn a_queue_lease_keeps_its_idle_topic_open_until_it_ends() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), FLAGS);
     let pid = broker.child.id();
@@ -1097,22 +1098,13 @@ fn a_queue_lease_outlives_its_topic_closing_when_idle() {
             .map(|m| (m.message.offset.0, m.delivery))
             .collect();
         assert_eq!(delivered, [(0, 1)], "member a leases offset 0");
-        // Unused for 10 ms, the topic closes at the sweeper's next pass: its
-        // files (the active segment's three, deletions, the group) go.
-        let closed = loop {
-            if open_fds(pid) + 4 <= open {
-                break true;
-            }
-            if leased.elapsed() > Duration::from_secs(3) {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(
-            closed,
-            "topic jobs is not closed 3 s after its last use (--topic-idle-close-ms 10): \
-            {} descriptors, {open} while it was open",
-            open_fds(pid)
+        // Unused for 10 ms, the topic would close at the sweeper's next
+        // pass, but the lease lives in its memory: it stays open.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            open_fds(pid),
+            open,
+            "topic jobs keeps its files while member a holds a lease"
         );
         let second = client
             .fetch(
@@ -1134,9 +1126,28 @@ fn a_queue_lease_outlives_its_topic_closing_when_idle() {
         assert!(
             again.is_empty(),
             "offset 0, leased to member a {} ms before (ack_timeout_ms 30 000, neither acked \
-            nor nacked), was handed to member b as (offset, delivery number) {again:?} once \
-            topic jobs had been closed for idleness and reopened",
+            nor nacked), was handed to member b as (offset, delivery number) {again:?}",
             leased.elapsed().as_millis()
+        );
+        // Once the lease ends (acked), the idle topic closes.
+        client
+            .ack("jobs", QUEUE_GROUP, &[0], None)
+            .await
+            .expect("member a acks");
+        let closed = loop {
+            if open_fds(pid) + 4 <= open {
+                break true;
+            }
+            if leased.elapsed() > Duration::from_secs(6) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            closed,
+            "topic jobs is not closed after its lease ended (--topic-idle-close-ms 10): \
+            {} descriptors, {open} while it was open",
+            open_fds(pid)
         );
     });
 }

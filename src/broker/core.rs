@@ -315,7 +315,9 @@ impl Broker {
         {
             let mut runtimes = self.runtimes();
             for t in &open {
-                if now.saturating_sub(t.last_used_ms) < idle_ms && files <= target_files {
+                if t.pinned
+                    || (now.saturating_sub(t.last_used_ms) < idle_ms && files <= target_files)
+                {
                     continue;
                 }
                 match runtimes.get(&t.name).map(Arc::strong_count) {

@@ -106,6 +106,8 @@ pub struct OpenTopic {
     pub last_used_ms: u64,
     /// Files it keeps open (see [`Topic::open_files`]).
     pub files: usize,
+    /// It must stay open for now (see [`Topic::is_pinned`]).
+    pub pinned: bool,
 }
 
 /// What a conditional delete did.
@@ -424,6 +426,7 @@ impl Registry {
 
     /// The open topics, with when each was last used and the files it holds.
     pub fn open_topics(&self) -> Vec<OpenTopic> {
+        let now = now_ms();
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         let slots: Vec<(String, Arc<Slot>)> = {
             let topics = self.read_topics();
@@ -437,13 +440,17 @@ impl Registry {
             .into_iter()
             .filter_map(|(name, slot)| {
                 // One being opened or closed is left out of this listing.
-                let files = match slot.topic.try_lock() {
-                    Ok(open) => open.as_ref()?.open_files(),
+                let (files, pinned) = match slot.topic.try_lock() {
+                    Ok(open) => {
+                        let topic = open.as_ref()?;
+                        (topic.open_files(), topic.is_pinned(now))
+                    }
                     Err(_) => return None,
                 };
                 Some(OpenTopic {
                     last_used_ms: slot.last_used.load(Ordering::Relaxed),
                     files,
+                    pinned,
                     name,
                 })
             })
@@ -453,7 +460,13 @@ impl Registry {
     /// Closes topic `name` if it is open and nothing but the registry holds
     /// it: a clean stop (everything synced, the clean flag recorded), then
     /// its files are closed. Returns whether it was closed. A stop that
-    /// fails is logged and the topic closed anyway: its next open recovers it.
+    /// fails is logged and the topic closed anyway (unless it left the topic
+    /// read-only): its next open recovers it.
+    ///
+    /// The slot's lock is held across the stop's syncs, as across an open's:
+    /// it is this one topic's, nobody holds the topic, and a request for it
+    /// has to wait for the close to end before it can open the topic again
+    /// (two `Topic`s must never share a folder). Nothing else waits.
     pub fn close_unused(&self, name: &str) -> bool {
         let Ok(slot) = self.slot(name) else {
             return false;
@@ -462,8 +475,9 @@ impl Registry {
         let Some(topic) = open.as_ref() else {
             return false;
         };
-        // A read-only topic (a sync failed) stays open until a restart.
-        if Arc::strong_count(topic) > 1 || topic.is_retired() || topic.is_read_only() {
+        // A read-only topic (a sync failed) stays open until a restart, and
+        // one with leases or delayed redeliveries until they end.
+        if Arc::strong_count(topic) > 1 || topic.is_retired() || topic.is_pinned(now_ms()) {
             return false;
         }
         if let Err(e) = topic.stop() {

@@ -445,6 +445,13 @@ impl Group {
             .collect()
     }
 
+    /// Whether the group has timing that lives only in memory and would be
+    /// lost if it were closed now: a lease (whose member has until its
+    /// timeout), or a redelivery not yet due (a nack's delay).
+    pub fn has_timers(&self, now_ms: u64) -> bool {
+        !self.leases.is_empty() || self.ready.values().any(|&due| due > now_ms)
+    }
+
     /// Whether `offset` is leased right now.
     pub fn is_leased(&self, offset: u64) -> bool {
         self.leases.contains_key(&offset)

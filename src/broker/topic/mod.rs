@@ -324,6 +324,18 @@ impl Topic {
                 .any(|g| self.lock(g).map_or(true, |g| g.is_read_only()))
     }
 
+    /// Whether the topic must stay open: a failed sync made it read-only,
+    /// or a queue group has a lease or a delayed redelivery pending, which
+    /// live only in memory (closing would hand a leased message to another
+    /// member before its `ack_timeout_ms`).
+    pub fn is_pinned(&self, now_ms: u64) -> bool {
+        self.is_read_only()
+            || self
+                .groups()
+                .values()
+                .any(|g| self.lock(g).map_or(true, |g| g.has_timers(now_ms)))
+    }
+
     /// Whether the topic has a group (without passing the gate: for a
     /// caller that closed it).
     pub(crate) fn has_groups(&self) -> bool {
