@@ -347,6 +347,45 @@ async fn health_is_serving_and_reflection_lists_the_service() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_subscriptions_with_unavailable_and_the_broker_exits_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![new_message("one")],
+        })
+        .await
+        .expect("produce");
+    let mut deliveries = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let first = deliveries
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(values(&first.messages), ["one"]);
+
+    let stopped = tokio::task::spawn_blocking(move || broker.terminate());
+    let last = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the stream ends in time")
+        .expect("a last status");
+    let status = last.expect_err("the subscription ends with an error status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "broker is stopping");
+    let (ok, logs) = stopped.await.expect("terminate");
+    assert!(ok, "a clean exit: {logs}");
+}
+
 /// `spool serve` on `data` with `args`; returns it (killed on drop) and
 /// everything its first read of stdout got (the start-up lines come in one
 /// write).

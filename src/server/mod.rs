@@ -272,6 +272,8 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
         let timeout = shared.config.shutdown_timeout;
+        // One bound for both listeners: gRPC began stopping on the same signal.
+        let deadline = tokio::time::Instant::now() + timeout;
         if tokio::time::timeout(timeout, async {
             while connections.join_next().await.is_some() {}
         })
@@ -285,7 +287,7 @@ impl Server {
             connections.shutdown().await;
         }
         if let Some(mut grpc) = grpc {
-            match tokio::time::timeout(timeout, &mut grpc).await {
+            match tokio::time::timeout_at(deadline, &mut grpc).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC listener failed"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "gRPC listener task failed"),
