@@ -265,6 +265,59 @@ async fn errors_have_the_native_protocols_code_and_message() {
     assert!(status.message().contains("cleanup"), "{status:?}");
 }
 
+/// max_frame_bytes bounds gRPC messages as it bounds native frames, and
+/// the largest message a produce takes follows from it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_frame_bytes_bounds_grpc_messages_as_it_bounds_frames() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 65536\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let broker = Broker::start(&tmp.path().join("data"), &["--config", &config]);
+    let mut client = grpc_client(&broker).await;
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+
+    let big = |bytes: usize| pb::ProduceRequest {
+        topic: "t".into(),
+        messages: vec![pb::NewMessage {
+            value: vec![7u8; bytes].into(),
+            ..Default::default()
+        }],
+    };
+    let status = client
+        .produce(big(70_000))
+        .await
+        .expect_err("a request over max_frame_bytes");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("65536"), "{status:?}");
+
+    // Within the frame, over the largest message a frame can deliver.
+    let status = client
+        .produce(big(65_000))
+        .await
+        .expect_err("a message over max_frame_bytes less 1 KiB");
+    let (code, message) = native_error(
+        native
+            .produce(
+                "t",
+                vec![spool::storage::NewMessage::from_value(vec![7u8; 65_000])],
+            )
+            .await
+            .expect_err("the same message natively"),
+    );
+    assert_eq!(code, pb::Code::InvalidArgument);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), message);
+    assert!(message.contains("max_frame_bytes less 1 KiB"), "{message}");
+
+    client
+        .produce(big(60_000))
+        .await
+        .expect("a message that fits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_and_reflection_lists_the_service() {
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -71,6 +71,9 @@ pub(crate) async fn serve(
         .serve_with_incoming_shutdown(incoming, async move {
             stopping(&mut signal).await;
             reporter.set_not_serving::<SpoolServer<Service>>().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
         })
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
