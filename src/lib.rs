@@ -78,8 +78,8 @@
 //! # Features
 //!
 //! `cli` (default) builds the `spool` binary and turns on `bench`; without
-//! default features the library is the engine, the protocol, the server and
-//! the client, with none of the command line's dependencies.
+//! default features the library is the engine, the protocol, the native and
+//! gRPC servers and the client, with none of the command line's dependencies.
 //! `test-support` adds `storage::io::SimDisk`.
 
 #[cfg(feature = "bench")]
