@@ -1,11 +1,24 @@
-//! Generates the wire types from `proto/spool.proto` with a pure-Rust
-//! protobuf compiler (protox), so a fresh machine needs no system `protoc`.
+//! Generates the wire types and the gRPC service from `proto/spool.proto`
+//! with a pure-Rust protobuf compiler (protox), so a fresh machine needs no
+//! system `protoc`. The descriptors are compiled once: the same set feeds
+//! code generation and, encoded as `spool_descriptor.bin` in `OUT_DIR`, the
+//! gRPC server's reflection service.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/spool.proto");
     let descriptors = protox::compile(["proto/spool.proto"], ["proto"])?;
-    prost_build::Config::new()
-        .bytes(["."])
-        .compile_fds(descriptors)?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("spool_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    let mut config = prost_build::Config::new();
+    config.bytes(["."]);
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

@@ -69,13 +69,17 @@
 //!   write deadlines and bounded send queues, and one handler module per
 //!   request group (`produce`, `fetch` with subscribe, `groups`, `admin`)
 //!   converting protobuf to [`broker::Broker`] calls and back.
+//! - [`grpc`]: the gRPC transport: `spool.v1.Spool` (its `service` module
+//!   converting protobuf to [`broker::Broker`] calls and back, errors as
+//!   statuses with the native protocol's codes and messages), health and
+//!   reflection, on a listener of its own that [`server::Server`] runs.
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
 //!
 //! `cli` (default) builds the `spool` binary and turns on `bench`; without
-//! default features the library is the engine, the protocol, the server and
-//! the client, with none of the command line's dependencies.
+//! default features the library is the engine, the protocol, the native and
+//! gRPC servers and the client, with none of the command line's dependencies.
 //! `test-support` adds `storage::io::SimDisk`.
 
 #[cfg(feature = "bench")]
@@ -84,6 +88,7 @@ pub mod broker;
 pub mod client;
 pub mod error;
 pub mod groups;
+pub mod grpc;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -665,7 +665,14 @@ impl Drop for Serve {
 /// first line on stdout.
 fn serve(data: &Path, extra: &[&str]) -> (Serve, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .args(extra)
         .stdin(Stdio::null())

@@ -1,10 +1,11 @@
-//! `spool serve`: run the broker. The first line on stdout says where it
+//! `spool serve`: run the broker. The first lines on stdout say where it
 //! listens and where the data is, in a form scripts may rely on (see
-//! [`startup_line`]); SIGINT or SIGTERM stop it gracefully.
+//! [`startup_lines`]); SIGINT or SIGTERM stop it gracefully.
 
 use super::common::Format;
 use clap::Args;
 use serde::Deserialize;
+use spool::grpc::DEFAULT_GRPC_LISTEN;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
 use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::net::SocketAddr;
@@ -20,6 +21,10 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free port (printed on the first line).
     #[arg(long)]
     listen: Option<String>,
+    /// Address of the gRPC listener (default 127.0.0.1:7412); port 0 picks
+    /// a free port (printed on the second line); `off` serves no gRPC.
+    #[arg(long, value_name = "ADDR|off")]
+    grpc: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -56,8 +61,9 @@ pub struct ServeArgs {
     /// (default 30000).
     #[arg(long, value_name = "MS")]
     topic_idle_close_ms: Option<u64>,
-    /// Form of the first line on stdout: text (`spool VERSION listening on
-    /// ADDR, data in DIR`) or json (one object with `listeners.native`).
+    /// Form of the start-up output: text (`spool VERSION listening on ADDR,
+    /// data in DIR`, then `spool grpc listening on ADDR`) or json (one
+    /// object with `listeners.native` and `listeners.grpc`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
 }
@@ -67,6 +73,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    grpc: Option<String>,
     data: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     auto_create: Option<bool>,
@@ -89,25 +96,44 @@ fn timeout(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
-/// The first line `spool serve` prints once it listens: a contract scripts
-/// rely on to find a port picked with `--listen 127.0.0.1:0`, so its form
-/// never changes. Text: `spool VERSION listening on ADDR, data in DIR`.
-/// JSON: `{"version":..,"listeners":{"native":ADDR},"data":DIR}`; listeners
-/// added later (gRPC, HTTP) get keys of their own in `listeners`, and in text
-/// lines of their own after this one.
-fn startup_line(format: Format, addr: SocketAddr, data: &Path) -> String {
+/// What `spool serve` prints once it listens, in one write: a contract
+/// scripts rely on to find ports picked with port 0, so its form never
+/// changes. Text: the first line `spool VERSION listening on ADDR, data in
+/// DIR` (the native listener), then, with gRPC on, `spool grpc listening on
+/// ADDR`. JSON: one line, `{"version":..,"listeners":{"native":ADDR,
+/// "grpc":ADDR},"data":DIR}` (no `grpc` key with gRPC off). Listeners added
+/// later get keys of their own in `listeners`, and in text lines of their
+/// own after these.
+fn startup_lines(
+    format: Format,
+    addr: SocketAddr,
+    grpc: Option<SocketAddr>,
+    data: &Path,
+) -> String {
     let version = env!("CARGO_PKG_VERSION");
     match format {
-        Format::Text => format!(
-            "spool {version} listening on {addr}, data in {}",
-            data.display()
-        ),
-        Format::Json => serde_json::json!({
-            "version": version,
-            "listeners": { "native": addr.to_string() },
-            "data": data.to_string_lossy(),
-        })
-        .to_string(),
+        Format::Text => {
+            let mut out = format!(
+                "spool {version} listening on {addr}, data in {}\n",
+                data.display()
+            );
+            if let Some(grpc) = grpc {
+                out.push_str(&format!("spool grpc listening on {grpc}\n"));
+            }
+            out
+        }
+        Format::Json => {
+            let mut listeners = serde_json::json!({ "native": addr.to_string() });
+            if let Some(grpc) = grpc {
+                listeners["grpc"] = grpc.to_string().into();
+            }
+            let line = serde_json::json!({
+                "version": version,
+                "listeners": listeners,
+                "data": data.to_string_lossy(),
+            });
+            format!("{line}\n")
+        }
     }
 }
 
@@ -128,6 +154,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             .clone()
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.into()),
+        grpc: match args.grpc.clone().or(file.grpc) {
+            Some(addr) if addr == "off" => None,
+            Some(addr) => Some(addr),
+            None => Some(DEFAULT_GRPC_LISTEN.into()),
+        },
         data: args
             .data
             .clone()
@@ -209,7 +240,11 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         let data = config.data.clone();
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
-        println!("{}", startup_line(args.format, addr, &data));
+        let grpc = server.grpc_addr()?;
+        // One write: a reader that stops after the first line has all of it.
+        print!("{}", startup_lines(args.format, addr, grpc, &data));
+        std::io::Write::flush(&mut std::io::stdout())
+            .map_err(|e| spool::Error::io("writing the start-up lines", e))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -3,10 +3,149 @@
 
 use super::pb;
 use crate::broker::topic::Position;
-use crate::broker::{Cleanup, TopicConfig};
+use crate::broker::{
+    Cleanup, DeliveryLimits, FetchRequest, MessageLimit, SubscribeRequest, TopicConfig,
+};
 use crate::error::{Error, Result};
 use crate::groups::{GroupInfo, GroupMode};
 use crate::storage::{Durability, FsyncPolicy, Header, LogStats, Message, NewMessage};
+use std::time::Duration;
+
+/// Bytes of a frame (native) or message (gRPC) left for the envelope around
+/// one message: produce takes no message larger than the frame limit less
+/// this, and no larger stored message is handed out.
+pub const ENVELOPE_ROOM: u32 = 1024;
+/// Bytes of a frame kept free of message bytes in a reply or delivery of
+/// many messages: room for their envelopes.
+pub const FRAME_HEADROOM: u32 = 64 * 1024;
+/// Fetch's `max_messages` when unset, and its cap.
+pub const DEFAULT_MAX_MESSAGES: u32 = 100;
+/// Cap of fetch's `max_messages`.
+pub const CAP_MAX_MESSAGES: u32 = 10_000;
+/// Fetch's `max_bytes` when unset.
+pub const DEFAULT_MAX_BYTES: u32 = 1024 * 1024;
+/// Subscribe's `max_in_flight` when unset.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
+/// Cap of subscribe's `max_in_flight`.
+pub const CAP_MAX_IN_FLIGHT: u32 = 10_000;
+/// Longest long-poll (`wait_ms`).
+pub const CAP_WAIT_MS: u32 = 60_000;
+/// Most messages in one pushed delivery.
+pub const MAX_PER_DELIVERY: usize = 1000;
+/// Bytes a subscription reads at a time.
+pub const MAX_SUBSCRIPTION_READ_BYTES: u32 = 1024 * 1024;
+
+/// What one reply or delivery of a transport whose frames (or messages)
+/// hold at most `max_frame` bytes may carry: `messages` messages and about
+/// `bytes` of them, capped so their envelopes still fit, and no single
+/// message larger than `max_frame` less [`ENVELOPE_ROOM`]. The broker core
+/// applies the limits; a transport only says what its frames hold.
+pub fn delivery_limits(max_frame: u32, messages: usize, bytes: u32) -> DeliveryLimits {
+    DeliveryLimits {
+        messages,
+        bytes: bytes.min(max_frame.saturating_sub(FRAME_HEADROOM).max(1024)) as usize,
+        message_bytes: max_frame.saturating_sub(ENVELOPE_ROOM) as usize,
+    }
+}
+
+/// The largest message a transport with frames of `max_frame` bytes can
+/// deliver, for [`crate::broker::Broker::message_limit`].
+pub fn frame_message_limit(max_frame: u32) -> MessageLimit {
+    MessageLimit {
+        bytes: max_frame.saturating_sub(ENVELOPE_ROOM),
+        setting: "max_frame_bytes less 1 KiB",
+    }
+}
+
+/// A wire fetch as the broker takes it, with the defaults and caps of
+/// `max_messages`, `max_bytes` and `wait_ms`, for frames of `max_frame` bytes.
+pub fn fetch_request(f: pb::FetchRequest, max_frame: u32) -> FetchRequest {
+    let max = match f.max_messages {
+        0 => DEFAULT_MAX_MESSAGES,
+        n => n.min(CAP_MAX_MESSAGES),
+    } as usize;
+    let bytes = match f.max_bytes {
+        0 => DEFAULT_MAX_BYTES,
+        n => n,
+    };
+    FetchRequest {
+        topic: f.topic,
+        group: f.group,
+        from: f.from.map(|p| position(Some(p), Position::Earliest)),
+        member: f.member,
+        limits: delivery_limits(max_frame, max, bytes),
+        wait: Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS))),
+    }
+}
+
+/// A wire subscribe as the broker takes it, with the default and cap of
+/// `max_in_flight`, for frames of `max_frame` bytes.
+pub fn subscribe_request(s: pb::SubscribeRequest, max_frame: u32) -> SubscribeRequest {
+    let max_in_flight = match s.max_in_flight {
+        0 => DEFAULT_MAX_IN_FLIGHT,
+        n => n.min(CAP_MAX_IN_FLIGHT),
+    } as usize;
+    SubscribeRequest {
+        topic: s.topic,
+        group: s.group,
+        from: s.from.map(|p| position(Some(p), Position::Earliest)),
+        member: s.member,
+        max_in_flight,
+        limits: delivery_limits(max_frame, MAX_PER_DELIVERY, MAX_SUBSCRIPTION_READ_BYTES),
+    }
+}
+
+/// `messages` of subscription `id` as deliveries whose frames (a
+/// `ServerFrame` holding the delivery) take at most `max_frame` bytes:
+/// normally one; split in halves if the envelopes came out larger than
+/// planned, and a single message that still does not fit becomes a
+/// delivery saying it was skipped (RESOURCE_EXHAUSTED naming its offset)
+/// rather than a frame the codec would refuse.
+pub fn deliveries(id: u64, messages: Vec<pb::Message>, max_frame: u32) -> Vec<pb::Delivery> {
+    let mut out = Vec::new();
+    let mut pending = vec![messages];
+    while let Some(batch) = pending.pop() {
+        let d = pb::Delivery {
+            subscription_id: id,
+            messages: batch,
+            error: None,
+            skipped_offset: None,
+        };
+        let len = delivery_frame_len(&d);
+        if len <= max_frame as usize {
+            out.push(d);
+            continue;
+        }
+        let mut batch = d.messages;
+        if batch.len() > 1 {
+            let second = batch.split_off(batch.len() / 2);
+            pending.push(second);
+            pending.push(batch);
+        } else if let Some(m) = batch.pop() {
+            out.push(pb::Delivery {
+                subscription_id: id,
+                messages: Vec::new(),
+                error: Some(super::status::error(
+                    pb::Code::ResourceExhausted,
+                    format!(
+                        "the message at offset {} takes a {len}-byte frame; max_frame_bytes is {max_frame}",
+                        m.offset
+                    ),
+                )),
+                skipped_offset: Some(m.offset),
+            });
+        }
+    }
+    out
+}
+
+/// The bytes of a `ServerFrame` holding `d`: the tag of
+/// `ServerFrame.delivery` (one byte), the body's length, the body. A gRPC
+/// message holding `d` alone is smaller.
+fn delivery_frame_len(d: &pb::Delivery) -> usize {
+    let body = prost::Message::encoded_len(d);
+    1 + prost::length_delimiter_len(body) + body
+}
 
 /// A wire message into an engine message.
 pub fn new_message(m: pb::NewMessage) -> NewMessage {
@@ -69,6 +208,14 @@ pub fn message(m: Message, delivery: u32) -> pb::Message {
         value: m.value,
         delivery,
     }
+}
+
+/// Broker deliveries (messages with their delivery count) onto the wire.
+pub fn messages(deliveries: Vec<crate::broker::Delivery>) -> Vec<pb::Message> {
+    deliveries
+        .into_iter()
+        .map(|d| message(d.message, d.delivery))
+        .collect()
 }
 
 /// Durability onto the wire.
@@ -265,4 +412,53 @@ pub fn compaction(topic: &str, s: &crate::storage::compact::CompactStats) -> pb:
 /// Wire offsets as the broker takes them.
 pub fn offsets(offsets: Vec<u64>) -> Vec<crate::storage::Offset> {
     offsets.into_iter().map(crate::storage::Offset).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_length_deliveries_plan_with_is_the_encoded_length() {
+        for (n, value) in [(0, 0), (1, 10), (3, 200), (2, 70_000)] {
+            let messages = (0..n)
+                .map(|i| pb::Message {
+                    offset: i,
+                    value: vec![1u8; value].into(),
+                    ..Default::default()
+                })
+                .collect();
+            let d = pb::Delivery {
+                subscription_id: 7,
+                messages,
+                error: None,
+                skipped_offset: None,
+            };
+            let planned = delivery_frame_len(&d);
+            let frame = pb::ServerFrame {
+                kind: Some(pb::server_frame::Kind::Delivery(d)),
+            };
+            assert_eq!(planned, prost::Message::encoded_len(&frame));
+        }
+    }
+
+    #[test]
+    fn deliveries_split_to_fit_and_skip_what_cannot() {
+        let messages: Vec<pb::Message> = (0..4)
+            .map(|i| pb::Message {
+                offset: i,
+                value: vec![1u8; if i == 2 { 5000 } else { 1000 }].into(),
+                ..Default::default()
+            })
+            .collect();
+        let out = deliveries(3, messages, 2500);
+        let offsets: Vec<Vec<u64>> = out
+            .iter()
+            .map(|d| d.messages.iter().map(|m| m.offset).collect())
+            .collect();
+        assert_eq!(offsets, vec![vec![0, 1], vec![], vec![3]]);
+        assert_eq!(out[1].skipped_offset, Some(2));
+        assert!(out.iter().all(|d| d.subscription_id == 3));
+        assert!(out.iter().all(|d| delivery_frame_len(d) <= 2500));
+    }
 }

@@ -58,7 +58,7 @@ fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
 /// `frame`, or an error in its place when it would not fit in a frame (a
 /// reply the codec refuses would close the connection without a word). The
 /// produce limit keeps messages small enough, and reads never hand out a
-/// larger stored message ([`Shared::delivery_limits`]); this is the last
+/// larger stored message ([`crate::protocol::convert::delivery_limits`]); this is the last
 /// guard, for envelopes larger than planned.
 fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::ServerFrame {
     let len = prost::Message::encoded_len(&frame);

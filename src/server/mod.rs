@@ -12,7 +12,9 @@
 //!   [`crate::broker::Broker`] calls and back.
 //!
 //! The broker itself (topics, their tasks, subscriptions) is
-//! [`crate::broker::Broker`]; this module holds no broker rule.
+//! [`crate::broker::Broker`]; this module holds no broker rule. The
+//! [`Server`] also runs the gRPC listener ([`crate::grpc`]) when one is
+//! configured, over the same broker, and stops it with the native one.
 
 mod admission;
 mod connection;
@@ -20,7 +22,7 @@ mod deadline;
 mod handlers;
 mod outgoing;
 
-use crate::broker::{Broker, BrokerConfig, DeliveryLimits, MessageLimit, TopicConfig, TopicInfo};
+use crate::broker::{Broker, BrokerConfig, MessageLimit, TopicConfig, TopicInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 use crate::storage::RecoveryMode;
@@ -35,19 +37,14 @@ use tokio::sync::watch;
 /// Default listen address of `spool serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7411";
 
-/// Bytes of a frame left for the envelope around one message: produce takes
-/// no message larger than the frame limit less this, and no larger stored
-/// message is handed out (see [`Shared::delivery_limits`]).
-const ENVELOPE_ROOM: u32 = 1024;
-/// Bytes of a frame kept free of message bytes in a reply or delivery of
-/// many messages: room for their envelopes.
-const FRAME_HEADROOM: u32 = 64 * 1024;
-
 /// Settings of a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Address to listen on (port 0 picks a free one).
     pub listen: String,
+    /// Address of the gRPC listener (port 0 picks a free one); `None`: no
+    /// gRPC (`spool serve` defaults to [`crate::grpc::DEFAULT_GRPC_LISTEN`]).
+    pub grpc: Option<String>,
     /// Data directory.
     pub data: PathBuf,
     /// Largest frame in either direction.
@@ -91,6 +88,7 @@ impl Default for ServerConfig {
     fn default() -> ServerConfig {
         ServerConfig {
             listen: DEFAULT_LISTEN.into(),
+            grpc: None,
             data: PathBuf::from("./data"),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 1024 * 1024,
@@ -121,29 +119,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// What one reply or pushed frame may carry: `messages` messages and
-    /// about `bytes` of them, capped so their envelopes still fit the frame
-    /// limit, and no single message larger than the frame limit less
-    /// [`ENVELOPE_ROOM`]. The broker core applies the limits; this transport
-    /// only says what its frames hold.
-    fn delivery_limits(&self, messages: usize, bytes: u32) -> DeliveryLimits {
-        let max = self.config.max_frame_bytes;
-        DeliveryLimits {
-            messages,
-            bytes: bytes.min(max.saturating_sub(FRAME_HEADROOM).max(1024)) as usize,
-            message_bytes: max.saturating_sub(ENVELOPE_ROOM) as usize,
-        }
-    }
-
     /// The largest message a produce takes (key + headers + value): the
-    /// broker's `max_message_bytes`, or the frame limit less
-    /// [`ENVELOPE_ROOM`] when that is smaller, since a message must fit the
-    /// frame that delivers it. `Welcome` announces this value.
+    /// broker's `max_message_bytes`, or the frame limit less 1 KiB when
+    /// that is smaller, since a message must fit the frame that delivers
+    /// it. `Welcome` announces this value.
     fn message_limit(&self) -> MessageLimit {
-        self.broker.message_limit(MessageLimit {
-            bytes: self.config.max_frame_bytes.saturating_sub(ENVELOPE_ROOM),
-            setting: "max_frame_bytes less 1 KiB",
-        })
+        self.broker
+            .message_limit(crate::protocol::convert::frame_message_limit(
+                self.config.max_frame_bytes,
+            ))
     }
 
     /// A topic onto the wire, with the largest message it takes.
@@ -162,12 +146,13 @@ impl Shared {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    grpc: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
 impl Server {
     /// Opens the data directory (taking its lock and recovering every topic)
-    /// and binds the listener.
+    /// and binds the listeners (native, and gRPC if configured).
     pub async fn bind(config: ServerConfig) -> Result<Server> {
         let broker = Broker::open(BrokerConfig {
             data: config.data.clone(),
@@ -185,12 +170,24 @@ impl Server {
         let listener = TcpListener::bind(&config.listen)
             .await
             .ctx(|| format!("listening on {}", config.listen))?;
+        let grpc = match &config.grpc {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("listening for gRPC on {addr}"))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             broker,
             admission: Admission::new(config.max_connections, config.max_connections_per_ip),
             config,
         });
-        Ok(Server { listener, shared })
+        Ok(Server {
+            listener,
+            grpc,
+            shared,
+        })
     }
 
     /// The address actually bound.
@@ -198,6 +195,17 @@ impl Server {
         self.listener
             .local_addr()
             .ctx(|| "reading the listen address".into())
+    }
+
+    /// The address the gRPC listener actually bound, if there is one.
+    pub fn grpc_addr(&self) -> Result<Option<SocketAddr>> {
+        self.grpc
+            .as_ref()
+            .map(|l| {
+                l.local_addr()
+                    .ctx(|| "reading the gRPC listen address".into())
+            })
+            .transpose()
     }
 
     /// The broker core this server serves.
@@ -209,9 +217,22 @@ impl Server {
     /// subscriptions and long-polls (with an `UNAVAILABLE` "broker is
     /// stopping" frame), lets connections finish their in-flight requests
     /// (bounded by the shutdown timeout), syncs every topic and releases the
-    /// data directory.
+    /// data directory. The gRPC listener, if any, stops on the same signal
+    /// and within the same timeout, before the broker does.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let Server { listener, shared } = self;
+        let Server {
+            listener,
+            grpc,
+            shared,
+        } = self;
+        let grpc = grpc.map(|listener| {
+            tokio::spawn(crate::grpc::serve(
+                listener,
+                shared.broker.clone(),
+                shared.config.max_frame_bytes,
+                shutdown.clone(),
+            ))
+        });
         let mut connections = tokio::task::JoinSet::new();
         let mut summary = tokio::time::interval(admission::SUMMARY_EVERY);
         summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -251,6 +272,8 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
         let timeout = shared.config.shutdown_timeout;
+        // One bound for both listeners: gRPC began stopping on the same signal.
+        let deadline = tokio::time::Instant::now() + timeout;
         if tokio::time::timeout(timeout, async {
             while connections.join_next().await.is_some() {}
         })
@@ -262,6 +285,20 @@ impl Server {
                 "connections still busy after the shutdown timeout; closing them"
             );
             connections.shutdown().await;
+        }
+        if let Some(mut grpc) = grpc {
+            match tokio::time::timeout_at(deadline, &mut grpc).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC listener failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC listener task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        ?timeout,
+                        "gRPC calls still busy after the shutdown timeout; closing them"
+                    );
+                    grpc.abort();
+                }
+            }
         }
         shared.admission.log_summary();
         shared.broker.stop().await?;

@@ -1,4 +1,5 @@
-//! Starting the real `spool` binary on 127.0.0.1:0 with a temp data dir.
+//! Starting the real `spool` binary on 127.0.0.1:0 with a temp data dir
+//! (its gRPC listener on a port of its own, unless the test says `--grpc`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -10,12 +11,15 @@ use std::time::{Duration, Instant};
 pub struct Broker {
     pub child: Child,
     pub addr: String,
+    /// The gRPC listener's address (`None` with `--grpc off`).
+    pub grpc: Option<String>,
     pub data: PathBuf,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Broker {
-    /// Starts `spool serve` on `data` with extra flags; waits for its first line.
+    /// Starts `spool serve` on `data` with extra flags; waits for its
+    /// start-up lines.
     pub fn start(data: &Path, extra: &[&str]) -> Broker {
         Broker::start_with(Command::new(env!("CARGO_BIN_EXE_spool")), data, extra)
     }
@@ -24,10 +28,16 @@ impl Broker {
     /// binary behind a wrapper that enters a namespace first); the `serve`
     /// arguments are appended to it.
     pub fn start_with(mut program: Command, data: &Path, extra: &[&str]) -> Broker {
-        let mut child = program
+        program
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(data)
-            .args(extra)
+            .args(extra);
+        // A gRPC listener on a free port, so brokers of parallel tests never
+        // collide on the default one.
+        if !extra.contains(&"--grpc") {
+            program.args(["--grpc", "127.0.0.1:0"]);
+        }
+        let mut child = program
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -35,11 +45,17 @@ impl Broker {
             .spawn()
             .expect("spawn spool serve");
         let stdout = child.stdout.take().expect("stdout piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let first = lines
-            .next()
-            .expect("a first line")
-            .expect("readable first line");
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("a first line");
+        let first = first.trim_end().to_owned();
+        // The start-up lines come in one write: whatever follows the first
+        // is already buffered.
+        let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
+        let grpc = rest
+            .lines()
+            .find_map(|l| l.strip_prefix("spool grpc listening on "))
+            .map(str::to_owned);
         let addr = first
             .split_whitespace()
             .find(|w| w.starts_with("127.0.0.1:"))
@@ -55,6 +71,7 @@ impl Broker {
         Broker {
             child,
             addr,
+            grpc,
             data: data.to_owned(),
             stderr: Some(stderr),
         }
@@ -153,4 +170,14 @@ pub async fn queue_fetch(
         .iter()
         .map(|m| m.message.offset.0)
         .collect()
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

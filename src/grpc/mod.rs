@@ -1,0 +1,80 @@
+//! The gRPC transport: `spool.v1.Spool` ([`service`]), the standard
+//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha) on one
+//! HTTP/2 listener, over the same [`Broker`] as the native transport.
+//!
+//! - `service`: the `Spool` service, converting protobuf to
+//!   [`Broker`] calls and back; errors become statuses through
+//!   [`crate::protocol::status::to_wire`], so a gRPC client sees the same
+//!   code and message as a native one.
+//!
+//! Like the native transport it holds no broker rule. It stops with the
+//! server: health turns `NOT_SERVING`, subscriptions and long-polls end,
+//! in-flight calls finish.
+
+mod service;
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::protocol::pb::spool_server::SpoolServer;
+use service::Service;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Default gRPC listen address of `spool serve`.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7412";
+
+/// `proto/spool.proto` compiled, as an encoded `FileDescriptorSet`: what
+/// reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/spool_descriptor.bin"));
+
+/// Resolves once the server is stopping (or its stop signal is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves gRPC on `listener` until `shutdown` turns true. No request or
+/// response message may exceed `max_frame_bytes` (the server's
+/// `max_frame_bytes`), and no stored message larger than that less 1 KiB
+/// is handed out, as on the native protocol.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    max_frame_bytes: u32,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<SpoolServer<Service>>().await;
+    let reflection =
+        |e: tonic_reflection::server::Error| Error::Internal(format!("gRPC reflection: {e}"));
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(reflection)?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection)?;
+    let limit = max_frame_bytes as usize;
+    let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut signal = shutdown;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(spool)
+        .serve_with_incoming_shutdown(incoming, async move {
+            stopping(&mut signal).await;
+            reporter.set_not_serving::<SpoolServer<Service>>().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}

@@ -1,0 +1,520 @@
+//! The gRPC endpoint of the real `spool` binary, driven by generated tonic
+//! clients: produce, fetch, groups and subscriptions; errors with the same
+//! code and message as the native protocol; health and reflection; and the
+//! start-up lines and settings that place the listener.
+
+mod common;
+
+use common::Broker;
+use futures_util::StreamExt;
+use spool::client::{Client, ClientError};
+use spool::protocol::pb;
+use spool::protocol::pb::spool_client::SpoolClient;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// A generated client connected to `broker`'s gRPC listener.
+async fn grpc_client(broker: &Broker) -> SpoolClient<Channel> {
+    let addr = broker.grpc.as_deref().expect("the broker serves gRPC");
+    SpoolClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect over gRPC")
+}
+
+fn new_message(value: &str) -> pb::NewMessage {
+    pb::NewMessage {
+        value: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+fn values(messages: &[pb::Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.value).into_owned())
+        .collect()
+}
+
+fn earliest() -> pb::Position {
+    pb::Position {
+        kind: Some(pb::position::Kind::Earliest(pb::Empty {})),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_client_produces_fetches_and_subscribes_through_a_stream_group() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+
+    let topic = client
+        .create_topic(pb::CreateTopicRequest {
+            name: "orders".into(),
+            config: None,
+        })
+        .await
+        .expect("create topic")
+        .into_inner();
+    assert_eq!((topic.name.as_str(), topic.end_offset), ("orders", 0));
+
+    let produced = client
+        .produce(pb::ProduceRequest {
+            topic: "orders".into(),
+            messages: ["first", "second", "third"].map(new_message).to_vec(),
+        })
+        .await
+        .expect("produce")
+        .into_inner();
+    assert_eq!((produced.first_offset, produced.last_offset), (0, 2));
+    assert_eq!(produced.durability, pb::Durability::Durable as i32);
+
+    let fetched = client
+        .fetch(pb::FetchRequest {
+            topic: "orders".into(),
+            from: Some(earliest()),
+            ..Default::default()
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(values(&fetched.messages), ["first", "second", "third"]);
+    assert_eq!((fetched.next_offset, fetched.end_offset), (3, 3));
+
+    // A long-poll with nothing to read answers, empty, before the call's
+    // deadline rather than waiting its full wait_ms.
+    let mut poll = tonic::Request::new(pb::FetchRequest {
+        topic: "orders".into(),
+        from: Some(pb::Position {
+            kind: Some(pb::position::Kind::Offset(3)),
+        }),
+        wait_ms: 30_000,
+        ..Default::default()
+    });
+    poll.set_timeout(Duration::from_millis(800));
+    let started = Instant::now();
+    let polled = client
+        .fetch(poll)
+        .await
+        .expect("a long-poll within the deadline answers")
+        .into_inner();
+    assert!(polled.messages.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let group = client
+        .create_group(pb::CreateGroupRequest {
+            topic: "orders".into(),
+            group: "audit".into(),
+            mode: pb::GroupMode::Stream as i32,
+            start: None,
+        })
+        .await
+        .expect("create group")
+        .into_inner();
+    assert_eq!(
+        (group.name.as_str(), group.mode),
+        ("audit", pb::GroupMode::Stream as i32)
+    );
+
+    let mut deliveries = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "orders".into(),
+            group: Some("audit".into()),
+            member: "m1".into(),
+            max_in_flight: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut received = Vec::new();
+    let mut id = 0;
+    while received.len() < 3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("a delivery in time")
+            .expect("the stream goes on")
+            .expect("a delivery, not an error");
+        assert_ne!(d.subscription_id, 0, "deliveries carry their subscription");
+        id = d.subscription_id;
+        received.extend(d.messages);
+    }
+    assert_eq!(values(&received), ["first", "second", "third"]);
+
+    // Acks return credit; a message produced now is pushed.
+    client
+        .ack(pb::AckRequest {
+            topic: "orders".into(),
+            group: "audit".into(),
+            offsets: vec![0, 1, 2],
+            subscription_id: Some(id),
+        })
+        .await
+        .expect("ack returns credit");
+    client
+        .produce(pb::ProduceRequest {
+            topic: "orders".into(),
+            messages: vec![new_message("fourth")],
+        })
+        .await
+        .expect("produce");
+    let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the new message in time")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert_eq!(values(&d.messages), ["fourth"]);
+    assert_eq!(d.messages[0].offset, 3);
+
+    client
+        .commit(pb::CommitRequest {
+            topic: "orders".into(),
+            group: "audit".into(),
+            offset: 4,
+        })
+        .await
+        .expect("commit");
+    let described = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "orders".into(),
+            group: "audit".into(),
+        })
+        .await
+        .expect("describe group")
+        .into_inner();
+    assert_eq!(described.committed, 4);
+
+    // What gRPC wrote, the native protocol reads.
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+    let all = common::replay_all(&native, "orders").await;
+    assert_eq!(all.len(), 4);
+}
+
+/// The native protocol's answer to the same mistake.
+fn native_error(e: ClientError) -> (pb::Code, String) {
+    match e {
+        ClientError::Status { code, message } => (code, message),
+        other => panic!("a status from the server: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_the_native_protocols_code_and_message() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--no-auto-create"]);
+    let mut client = grpc_client(&broker).await;
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+
+    let status = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "missing".into(),
+        })
+        .await
+        .expect_err("an unknown topic");
+    let (code, message) = native_error(
+        native
+            .describe_topic("missing")
+            .await
+            .expect_err("an unknown topic"),
+    );
+    assert_eq!(code, pb::Code::NotFound);
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(status.message(), message);
+    assert!(message.contains("missing"), "{message}");
+
+    let status = client
+        .produce(pb::ProduceRequest {
+            topic: "missing".into(),
+            messages: vec![new_message("x")],
+        })
+        .await
+        .expect_err("produce to an unknown topic without auto-create");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains("missing"), "{status:?}");
+
+    let bad = pb::TopicConfig {
+        cleanup: Some("sideways".into()),
+        ..Default::default()
+    };
+    let status = client
+        .create_topic(pb::CreateTopicRequest {
+            name: "t".into(),
+            config: Some(bad.clone()),
+        })
+        .await
+        .expect_err("a bad config field");
+    let (code, message) = native_error(
+        native
+            .create_topic("t", bad)
+            .await
+            .expect_err("a bad config field"),
+    );
+    assert_eq!(code, pb::Code::InvalidArgument);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), message);
+    assert!(status.message().contains("cleanup"), "{status:?}");
+}
+
+/// max_frame_bytes bounds gRPC messages as it bounds native frames, and
+/// the largest message a produce takes follows from it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_frame_bytes_bounds_grpc_messages_as_it_bounds_frames() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 65536\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let broker = Broker::start(&tmp.path().join("data"), &["--config", &config]);
+    let mut client = grpc_client(&broker).await;
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+
+    let big = |bytes: usize| pb::ProduceRequest {
+        topic: "t".into(),
+        messages: vec![pb::NewMessage {
+            value: vec![7u8; bytes].into(),
+            ..Default::default()
+        }],
+    };
+    let status = client
+        .produce(big(70_000))
+        .await
+        .expect_err("a request over max_frame_bytes");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("65536"), "{status:?}");
+
+    // Within the frame, over the largest message a frame can deliver.
+    let status = client
+        .produce(big(65_000))
+        .await
+        .expect_err("a message over max_frame_bytes less 1 KiB");
+    let (code, message) = native_error(
+        native
+            .produce(
+                "t",
+                vec![spool::storage::NewMessage::from_value(vec![7u8; 65_000])],
+            )
+            .await
+            .expect_err("the same message natively"),
+    );
+    assert_eq!(code, pb::Code::InvalidArgument);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), message);
+    assert!(message.contains("max_frame_bytes less 1 KiB"), "{message}");
+
+    client
+        .produce(big(60_000))
+        .await
+        .expect("a message that fits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_and_reflection_lists_the_service() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let addr = format!("http://{}", broker.grpc.as_deref().expect("gRPC on"));
+    let channel = Channel::from_shared(addr)
+        .expect("a URI")
+        .connect()
+        .await
+        .expect("connect");
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "spool.v1.Spool"] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner();
+        assert_eq!(answer.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    // v1
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::{ServerReflectionRequest, ServiceResponse};
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(futures_util::stream::iter([request]))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let answer = answers.next().await.expect("an answer").expect("no error");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("a service list: {answer:?}");
+        };
+        let names: Vec<String> = list
+            .service
+            .into_iter()
+            .map(|ServiceResponse { name }| name)
+            .collect();
+        assert!(names.iter().any(|n| n == "spool.v1.Spool"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+    }
+    // v1alpha, for older reflection clients.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures_util::stream::iter([request]))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+        let answer = answers.next().await.expect("an answer").expect("no error");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("a service list: {answer:?}");
+        };
+        assert!(
+            list.service.iter().any(|s| s.name == "spool.v1.Spool"),
+            "{list:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_subscriptions_with_unavailable_and_the_broker_exits_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![new_message("one")],
+        })
+        .await
+        .expect("produce");
+    let mut deliveries = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let first = deliveries
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(values(&first.messages), ["one"]);
+
+    let stopped = tokio::task::spawn_blocking(move || broker.terminate());
+    let last = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the stream ends in time")
+        .expect("a last status");
+    let status = last.expect_err("the subscription ends with an error status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "broker is stopping");
+    let (ok, logs) = stopped.await.expect("terminate");
+    assert!(ok, "a clean exit: {logs}");
+}
+
+/// `spool serve` on `data` with `args`; returns it (killed on drop) and
+/// everything its first read of stdout got (the start-up lines come in one
+/// write).
+fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn spool serve");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let killed = common::Killed(child);
+    let mut reader = BufReader::new(stdout);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("a first line");
+    let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
+    (killed, first + &rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_lines_name_the_grpc_listener_and_off_turns_it_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let version = env!("CARGO_PKG_VERSION");
+
+    // Text: the first line as ever, the gRPC line right after it.
+    let (server, out) = serve(&data, &["--grpc", "127.0.0.1:0"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("spool {version} listening on 127.0.0.1:")),
+        "{out}"
+    );
+    let grpc = lines[1]
+        .strip_prefix("spool grpc listening on ")
+        .unwrap_or_else(|| panic!("`spool grpc listening on ADDR`: {out}"));
+    assert!(
+        grpc.starts_with("127.0.0.1:") && !grpc.ends_with(":0"),
+        "{out}"
+    );
+    let mut client = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("gRPC is served there");
+    client
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .expect("list topics");
+    drop((client, server));
+
+    // JSON: one object with listeners.grpc; from the config file too.
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "grpc = \"127.0.0.1:0\"\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let (server, out) = serve(&data, &["--format", "json", "--config", &config]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let grpc = v["listeners"]["grpc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("listeners.grpc: {out}"));
+    assert!(
+        grpc.starts_with("127.0.0.1:") && !grpc.ends_with(":0"),
+        "{out}"
+    );
+    assert!(v["listeners"]["native"].is_string(), "{out}");
+    drop(server);
+
+    // Off, by flag or in the config file: no gRPC line, no listeners.grpc.
+    let (server, out) = serve(&data, &["--grpc", "off"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    drop(server);
+    std::fs::write(&config, "grpc = \"off\"\n").expect("config");
+    let (server, out) = serve(&data, &["--format", "json", "--config", &config]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert!(v["listeners"].get("grpc").is_none(), "{out}");
+    drop(server);
+}
