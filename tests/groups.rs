@@ -616,6 +616,74 @@ fn members_of_one_queue_group_split_the_work_in_turns() {
 }
 
 #[test]
+fn a_member_extends_and_gives_back_only_the_leases_it_holds() {
+    // What a gRPC Consume stream relies on: extending its leases keeps them
+    // past the ack timeout, and giving back what it held on close never
+    // takes a message another member now holds.
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("work", queue_config(FsyncPolicy::Always, 10, 1_000))
+        .expect("create topic");
+    produce(&topic, 0, 4);
+    topic
+        .ensure_group("pool", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    let now = now_ms();
+    let leased = |member: &str, at: u64| -> Vec<(u64, u32)> {
+        registry
+            .fetch_queue("work", "pool", member, 10, NO_BYTE_LIMIT, at)
+            .expect("fetch")
+            .deliveries
+            .iter()
+            .map(|d| (d.message.offset.0, d.delivery))
+            .collect()
+    };
+    let first: Vec<(u64, u32)> = registry
+        .fetch_queue("work", "pool", "a", 3, NO_BYTE_LIMIT, now)
+        .expect("fetch")
+        .deliveries
+        .iter()
+        .map(|d| (d.message.offset.0, d.delivery))
+        .collect();
+    assert_eq!(first, [(0, 1), (1, 1), (2, 1)]);
+
+    let extend = |member: &str, offsets: &[u64], ms: Option<u64>| {
+        topic
+            .extend_leases("pool", member, &as_offsets(offsets), ms)
+            .expect("extend")
+    };
+    assert_eq!(extend("b", &[0], Some(60_000)), [], "b holds no lease");
+    assert_eq!(
+        extend("a", &[0, 1, 3], Some(60_000)),
+        as_offsets(&[0, 1]),
+        "3 is not leased"
+    );
+    // Without a timeout, the group's (1 s): 1 expires again soon.
+    assert_eq!(extend("a", &[1], None), as_offsets(&[1]));
+
+    // Past the first lease time: 1 and 2 expired, 0 is still a's.
+    let later = now + 5_000;
+    assert_eq!(leased("b", later), [(1, 2), (2, 2), (3, 1)]);
+    assert_eq!(
+        topic
+            .release_leases("pool", "a", &as_offsets(&[0, 1, 2]))
+            .expect("release"),
+        1
+    );
+    assert_eq!(
+        topic
+            .release_leases("pool", "b", &as_offsets(&[2]))
+            .expect("release"),
+        1
+    );
+    // Given back at once: 0 (a's) and 2 (b's), and nothing b still holds.
+    assert_eq!(leased("c", later), [(0, 2), (2, 3)]);
+    let info = topic.describe_group("pool").expect("describe");
+    assert_eq!(info.pending, 4);
+}
+
+#[test]
 fn concurrent_consumers_complete_every_message_once_while_a_producer_appends() {
     // Real threads on one registry: leases taken under contention must never
     // hand one message to two members.

@@ -717,6 +717,21 @@ impl Broker {
         ))
     }
 
+    /// Starts a subscription to queue group `request.group` (see
+    /// [`Broker::subscribe`]); refuses a stream group, as every queue-only
+    /// operation does, and a request without a group.
+    pub async fn subscribe_queue(&self, request: SubscribeRequest) -> Result<Subscription> {
+        let Some(group) = request.group.clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "a queue subscription to topic {} names its group",
+                request.topic
+            )));
+        };
+        let t = Arc::clone(self.existing(&request.topic).await?.topic());
+        blocking(move || t.require_queue(&group)).await?;
+        self.subscribe(request).await
+    }
+
     /// Acknowledges `offsets` for queue group `group` (confirmed once
     /// durable). A stream group takes acks only from a subscription
     /// (`for_subscription`), where they return credit and nothing else.
@@ -759,6 +774,41 @@ impl Broker {
         let requeued = blocking(move || t.nack(&group, &offsets, delay_ms)).await?;
         runtime.notify();
         Ok(requeued)
+    }
+
+    /// Extends the leases `member` holds on `offsets` in queue group
+    /// `group` to `ack_timeout_ms` from now (the group's ack timeout when
+    /// `None`); returns the offsets extended (the others are not leased to
+    /// `member`: acked, expired, given back or another member's).
+    pub async fn extend_leases(
+        &self,
+        topic: &str,
+        group: &str,
+        member: &str,
+        offsets: Vec<Offset>,
+        ack_timeout_ms: Option<u64>,
+    ) -> Result<Vec<Offset>> {
+        let t = Arc::clone(self.existing(topic).await?.topic());
+        let (group, member) = (group.to_owned(), member.to_owned());
+        blocking(move || t.extend_leases(&group, &member, &offsets, ack_timeout_ms)).await
+    }
+
+    /// Gives back, deliverable at once, the leases `member` still holds on
+    /// `offsets` in queue group `group` (a consumer leaving); returns how
+    /// many were given back.
+    pub async fn release_leases(
+        &self,
+        topic: &str,
+        group: &str,
+        member: &str,
+        offsets: Vec<Offset>,
+    ) -> Result<usize> {
+        let runtime = self.existing(topic).await?;
+        let t = Arc::clone(runtime.topic());
+        let (group, member) = (group.to_owned(), member.to_owned());
+        let released = blocking(move || t.release_leases(&group, &member, &offsets)).await?;
+        runtime.notify();
+        Ok(released)
     }
 
     /// Commits `offset` for stream group `group`.

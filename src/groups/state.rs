@@ -520,6 +520,19 @@ impl Group {
         }
     }
 
+    /// Moves the deadline of `member`'s lease on `offset` to `deadline_ms`;
+    /// false when `member` holds no lease on it (acked, expired, given back
+    /// or leased to another member).
+    pub fn extend(&mut self, offset: u64, member: &str, deadline_ms: u64) -> bool {
+        match self.leases.get_mut(&offset) {
+            Some(lease) if lease.member == member => {
+                lease.deadline_ms = deadline_ms;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Puts `offset` in the redelivery set, due at `at_ms` (a dead letter whose
     /// hand-off has not completed yet stays there until it has).
     pub fn defer(&mut self, offset: u64, at_ms: u64) {

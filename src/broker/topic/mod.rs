@@ -409,6 +409,13 @@ impl Topic {
         f(&mut g)
     }
 
+    /// Fails unless group `name` exists and is a queue group (the message
+    /// of every queue-only operation on a stream group).
+    pub fn require_queue(&self, name: &str) -> Result<()> {
+        let _pass = self.enter()?;
+        self.with_group(name, |g| self.check_queue(g))
+    }
+
     /// Fails unless `g` is a queue group.
     fn check_queue(&self, g: &Group) -> Result<()> {
         if g.config().mode != GroupMode::Queue {

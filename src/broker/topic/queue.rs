@@ -234,4 +234,44 @@ impl Topic {
                 .count())
         })
     }
+
+    /// Queue group: extends the leases `member` holds on `offsets` to
+    /// `ack_timeout_ms` from now (the group's ack timeout when `None`).
+    /// Returns the offsets extended; the others were not leased to
+    /// `member`. Leases live in memory only, so nothing is synced.
+    pub fn extend_leases(
+        &self,
+        group: &str,
+        member: &str,
+        offsets: &[Offset],
+        ack_timeout_ms: Option<u64>,
+    ) -> Result<Vec<Offset>> {
+        let _pass = self.enter()?;
+        let now = now_ms();
+        self.with_group(group, |g| {
+            self.check_queue(g)?;
+            let deadline = now.saturating_add(ack_timeout_ms.unwrap_or(g.config().ack_timeout_ms));
+            Ok(offsets
+                .iter()
+                .copied()
+                .filter(|o| g.extend(o.0, member, deadline))
+                .collect())
+        })
+    }
+
+    /// Queue group: gives back, due at once, the leases `member` still
+    /// holds on `offsets` (a consumer that leaves); an offset whose lease
+    /// expired and went to another member stays with that member. Returns
+    /// how many were given back.
+    pub fn release_leases(&self, group: &str, member: &str, offsets: &[Offset]) -> Result<usize> {
+        let _pass = self.enter()?;
+        let now = now_ms();
+        self.with_group(group, |g| {
+            self.check_queue(g)?;
+            Ok(offsets
+                .iter()
+                .filter(|o| g.lease(o.0).is_some_and(|l| l.member == member) && g.nack(o.0, now, 0))
+                .count())
+        })
+    }
 }
