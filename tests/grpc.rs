@@ -401,7 +401,8 @@ async fn health_is_serving_and_reflection_lists_the_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_ends_subscriptions_with_unavailable_and_the_broker_exits_cleanly() {
+async fn a_stop_ends_subscriptions_and_consume_streams_with_unavailable_and_the_broker_exits_cleanly()
+ {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), &[]);
     let mut client = grpc_client(&broker).await;
@@ -427,7 +428,27 @@ async fn a_stop_ends_subscriptions_with_unavailable_and_the_broker_exits_cleanly
         .expect("no error");
     assert_eq!(values(&first.messages), ["one"]);
 
+    client
+        .create_group(pb::CreateGroupRequest {
+            topic: "t".into(),
+            group: "q".into(),
+            mode: pb::GroupMode::Queue as i32,
+            start: Some(earliest()),
+        })
+        .await
+        .expect("create queue group");
+    let mut consumer = consume(&mut client, start("t", "q", "m", 10))
+        .await
+        .expect("consume");
+    assert_eq!(consumer.messages(1).await, [(0, 1)]);
+
     let stopped = tokio::task::spawn_blocking(move || broker.terminate());
+    let last = tokio::time::timeout(Duration::from_secs(10), consumer.responses.message())
+        .await
+        .expect("the Consume stream ends in time");
+    let status = last.expect_err("Consume ends with an error status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "broker is stopping");
     let last = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
         .await
         .expect("the stream ends in time")
@@ -437,6 +458,325 @@ async fn a_stop_ends_subscriptions_with_unavailable_and_the_broker_exits_cleanly
     assert_eq!(status.message(), "broker is stopping");
     let (ok, logs) = stopped.await.expect("terminate");
     assert!(ok, "a clean exit: {logs}");
+}
+
+/// One client's `Consume` call: the requests it sends and the responses.
+struct Consumer {
+    requests: tokio::sync::mpsc::UnboundedSender<pb::ConsumeRequest>,
+    responses: tonic::Streaming<pb::ConsumeResponse>,
+}
+
+fn start(topic: &str, group: &str, member: &str, max_in_flight: u32) -> pb::consume_request::Kind {
+    pb::consume_request::Kind::Start(pb::ConsumeStart {
+        topic: topic.into(),
+        group: group.into(),
+        member: member.into(),
+        max_in_flight,
+    })
+}
+
+fn ack(offsets: &[u64]) -> pb::consume_request::Kind {
+    pb::consume_request::Kind::Ack(pb::ConsumeAck {
+        offsets: offsets.to_vec(),
+    })
+}
+
+/// Opens a `Consume` call whose first request carries `first`.
+async fn consume(
+    client: &mut SpoolClient<Channel>,
+    first: pb::consume_request::Kind,
+) -> Result<Consumer, tonic::Status> {
+    let (requests, queued) = tokio::sync::mpsc::unbounded_channel();
+    let outbound = futures_util::stream::unfold(queued, |mut q| async move {
+        let request = q.recv().await?;
+        Some((request, q))
+    });
+    // The server answers the call once it has the first request.
+    requests
+        .send(pb::ConsumeRequest { kind: Some(first) })
+        .expect("the stream is open");
+    let responses = client.consume(outbound).await?.into_inner();
+    Ok(Consumer {
+        requests,
+        responses,
+    })
+}
+
+impl Consumer {
+    fn send(&self, kind: pb::consume_request::Kind) {
+        self.requests
+            .send(pb::ConsumeRequest { kind: Some(kind) })
+            .expect("the call still takes requests");
+    }
+
+    /// The next response, within 10 s.
+    async fn next(&mut self) -> pb::ConsumeResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+            .await
+            .expect("a response in time")
+            .expect("no error")
+            .expect("the stream goes on")
+    }
+
+    /// Messages (offset, delivery) until `n` arrived, or confirmations.
+    async fn messages(&mut self, n: usize) -> Vec<(u64, u32)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let r = self.next().await;
+            got.extend(r.messages.iter().map(|m| (m.offset, m.delivery)));
+        }
+        got
+    }
+}
+
+/// The next response of `a` (0) or `b` (1), within 10 s.
+async fn either(a: &mut Consumer, b: &mut Consumer) -> (usize, pb::ConsumeResponse) {
+    let next = async {
+        tokio::select! {
+            r = a.responses.message() => (0, r),
+            r = b.responses.message() => (1, r),
+        }
+    };
+    let (i, r) = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("a response in time");
+    (i, r.expect("no error").expect("the stream goes on"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_streams_share_a_queue_group_with_acks_nacks_and_leases_given_back_on_close() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    let produce = |client: &mut SpoolClient<Channel>, n: usize| {
+        let mut client = client.clone();
+        async move {
+            client
+                .produce(pb::ProduceRequest {
+                    topic: "jobs".into(),
+                    messages: (0..n).map(|i| new_message(&format!("job {i}"))).collect(),
+                })
+                .await
+                .expect("produce")
+                .into_inner()
+        }
+    };
+    produce(&mut client, 10).await;
+    client
+        .create_group(pb::CreateGroupRequest {
+            topic: "jobs".into(),
+            group: "workers".into(),
+            mode: pb::GroupMode::Queue as i32,
+            start: Some(earliest()),
+        })
+        .await
+        .expect("create queue group");
+
+    // a takes its max_in_flight (3) and holds it; b then gets others.
+    let mut a = consume(&mut client, start("jobs", "workers", "a", 3))
+        .await
+        .expect("consume a");
+    let held_by_a = a.messages(3).await;
+    let mut b = consume(&mut client, start("jobs", "workers", "b", 3))
+        .await
+        .expect("consume b");
+    let mut delivered: Vec<(usize, u64)> = held_by_a.iter().map(|&(o, _)| (0, o)).collect();
+    a.send(ack(&held_by_a.iter().map(|&(o, _)| o).collect::<Vec<_>>()));
+    let mut acked: Vec<u64> = Vec::new();
+    while acked.len() < 10 {
+        let (i, r) = either(&mut a, &mut b).await;
+        acked.extend(&r.acked);
+        if !r.messages.is_empty() {
+            let offsets: Vec<u64> = r.messages.iter().map(|m| m.offset).collect();
+            assert!(r.messages.iter().all(|m| m.delivery == 1), "{r:?}");
+            delivered.extend(offsets.iter().map(|&o| (i, o)));
+            [&a, &b][i].send(ack(&offsets));
+        }
+    }
+    let mut offsets: Vec<u64> = delivered.iter().map(|&(_, o)| o).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..10).collect::<Vec<_>>(), "each message once");
+    acked.sort_unstable();
+    assert_eq!(acked, offsets, "every ack confirmed");
+    assert!(delivered.iter().any(|&(i, _)| i == 1), "b got work too");
+    let group = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "workers".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!((group.committed, group.pending), (10, 0));
+
+    // A nack redelivers, counting the delivery.
+    produce(&mut client, 1).await;
+    let (i, r) = either(&mut a, &mut b).await;
+    assert_eq!(r.messages.len(), 1, "{r:?}");
+    assert_eq!((r.messages[0].offset, r.messages[0].delivery), (10, 1));
+    [&a, &b][i].send(pb::consume_request::Kind::Nack(pb::ConsumeNack {
+        offsets: vec![10],
+        delay_ms: 0,
+    }));
+    let mut confirmed = None;
+    let mut redelivered = None;
+    while confirmed.is_none() || redelivered.is_none() {
+        let (j, r) = either(&mut a, &mut b).await;
+        if !r.nacked.is_empty() {
+            assert_eq!(j, i, "the nacking stream confirms");
+            confirmed = Some((r.nacked, r.requeued));
+        }
+        if let Some(m) = r.messages.first() {
+            redelivered = Some((j, m.offset, m.delivery));
+        }
+    }
+    assert_eq!(confirmed, Some((vec![10], 1)));
+    let (j, offset, delivery) = redelivered.expect("redelivered");
+    assert_eq!((offset, delivery), (10, 2));
+    [&a, &b][j].send(ack(&[10]));
+    loop {
+        let (_, r) = either(&mut a, &mut b).await;
+        if r.acked == [10] {
+            break;
+        }
+    }
+
+    // Closing a stream gives back what it holds, at once (the ack timeout
+    // is 30 s). a closes its side first: its stream ends cleanly.
+    drop(a.requests);
+    let end = tokio::time::timeout(Duration::from_secs(10), a.responses.message())
+        .await
+        .expect("a's stream ends in time")
+        .expect("a ends without error");
+    assert!(end.is_none(), "{end:?}");
+    produce(&mut client, 2).await;
+    assert_eq!(b.messages(2).await, [(11, 1), (12, 1)]);
+    // A lease extension answers the leases b holds.
+    b.send(pb::consume_request::Kind::Extend(pb::ConsumeExtend {
+        offsets: vec![11, 12, 3],
+        ack_timeout_ms: Some(60_000),
+    }));
+    assert_eq!(b.next().await.extended, [11, 12]);
+    let mut c = consume(&mut client, start("jobs", "workers", "c", 10))
+        .await
+        .expect("consume c");
+    // b's call is cancelled while it holds 11 and 12: c gets them.
+    let cancelled = Instant::now();
+    drop(b);
+    assert_eq!(c.messages(2).await, [(11, 2), (12, 2)]);
+    // c closes its side while holding them: a new stream gets them.
+    drop(c.requests);
+    let end = tokio::time::timeout(Duration::from_secs(10), c.responses.message())
+        .await
+        .expect("c's stream ends in time")
+        .expect("c ends without error");
+    assert!(end.is_none(), "{end:?}");
+    let mut d = consume(&mut client, start("jobs", "workers", "d", 10))
+        .await
+        .expect("consume d");
+    assert_eq!(d.messages(2).await, [(11, 3), (12, 3)]);
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(10),
+        "given back, not expired: {:?}",
+        cancelled.elapsed()
+    );
+    d.send(ack(&[11, 12]));
+    assert_eq!(d.next().await.acked, [11, 12]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_consume_start_is_refused_naming_the_field_or_with_the_native_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![new_message("one")],
+        })
+        .await
+        .expect("produce");
+    for (mode, name) in [
+        (pb::GroupMode::Queue, "workers"),
+        (pb::GroupMode::Stream, "audit"),
+    ] {
+        client
+            .create_group(pb::CreateGroupRequest {
+                topic: "jobs".into(),
+                group: name.into(),
+                mode: mode as i32,
+                start: None,
+            })
+            .await
+            .expect("create group");
+    }
+    let refused = |r: Result<Consumer, tonic::Status>| match r {
+        Ok(_) => panic!("the first request is refused"),
+        Err(status) => status,
+    };
+
+    let status = refused(consume(&mut client, ack(&[0])).await);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("start:"), "{status:?}");
+    assert!(status.message().contains("not ack"), "{status:?}");
+    for (first, field) in [
+        (start("", "workers", "m", 1), "start.topic"),
+        (start("jobs", "", "m", 1), "start.group"),
+        (start("jobs", "workers", "", 1), "start.member"),
+    ] {
+        let status = refused(consume(&mut client, first).await);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), format!("{field} is required"));
+    }
+
+    // Unknown topic or group, and a stream group: the native answers.
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+    let status = refused(consume(&mut client, start("nope", "workers", "m", 1)).await);
+    let (code, message) = native_error(native.describe_topic("nope").await.expect_err("unknown"));
+    assert_eq!(
+        (code, status.code()),
+        (pb::Code::NotFound, tonic::Code::NotFound)
+    );
+    assert_eq!(status.message(), message);
+    let status = refused(consume(&mut client, start("jobs", "nope", "m", 1)).await);
+    let (code, message) = native_error(
+        native
+            .describe_group("jobs", "nope")
+            .await
+            .expect_err("unknown"),
+    );
+    assert_eq!(
+        (code, status.code()),
+        (pb::Code::NotFound, tonic::Code::NotFound)
+    );
+    assert_eq!(status.message(), message);
+    let status = refused(consume(&mut client, start("jobs", "audit", "m", 1)).await);
+    let (code, message) = native_error(
+        native
+            .nack("jobs", "audit", &[0], 0, None)
+            .await
+            .expect_err("a stream group"),
+    );
+    assert_eq!(
+        (code, status.code()),
+        (pb::Code::InvalidArgument, tonic::Code::InvalidArgument)
+    );
+    assert_eq!(status.message(), message);
+
+    // A second start on an open stream ends it, naming the field.
+    let mut c = consume(&mut client, start("jobs", "workers", "m", 1))
+        .await
+        .expect("consume");
+    assert_eq!(c.messages(1).await, [(0, 1)]);
+    c.send(start("jobs", "workers", "m", 1));
+    let status = tokio::time::timeout(Duration::from_secs(10), c.responses.message())
+        .await
+        .expect("in time")
+        .expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("start:"), "{status:?}");
 }
 
 /// `spool serve` on `data` with `args`; returns it (killed on drop) and

@@ -6,11 +6,14 @@
 //!   [`Broker`] calls and back; errors become statuses through
 //!   [`crate::protocol::status::to_wire`], so a gRPC client sees the same
 //!   code and message as a native one.
+//! - `consume`: one bidirectional `Consume` stream over a queue group, and
+//!   the leases it gives back when it ends.
 //!
 //! Like the native transport it holds no broker rule. It stops with the
 //! server: health turns `NOT_SERVING`, subscriptions and long-polls end,
 //! in-flight calls finish.
 
+mod consume;
 mod service;
 
 use crate::broker::Broker;

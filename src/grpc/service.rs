@@ -4,6 +4,7 @@
 //! code and message [`status::to_wire`] gives it, so both transports say
 //! the same thing.
 
+use super::consume::{self, Consuming};
 use super::stopping;
 use crate::broker::{Broker, Credit, Event, Subscription, TopicInfo};
 use crate::error::Error;
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// The credit of each open gRPC subscription, by id: `Ack` and `Nack`
 /// naming a `subscription_id` return credit to it.
@@ -36,6 +37,10 @@ pub(crate) struct Service {
 
 /// The stream a `Subscribe` call answers with.
 type Deliveries = Pin<Box<dyn futures_util::Stream<Item = Result<pb::Delivery, Status>> + Send>>;
+
+/// The stream a `Consume` call answers with.
+type ConsumeResponses =
+    Pin<Box<dyn futures_util::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
 
 impl Service {
     /// The service over `broker`; `shutdown` turning true ends its
@@ -473,6 +478,49 @@ impl Spool for Service {
         let stream = futures_util::stream::unfold(pushing, |mut p| async move {
             let item = p.next().await?;
             Some((item, p))
+        });
+        Ok(Response::new(stream.boxed()))
+    }
+
+    type ConsumeStream = ConsumeResponses;
+
+    /// Reads a queue group: the first request names it (`start`), later
+    /// ones ack, nack or extend leases, each confirmed in a response; the
+    /// stream gives back what it still holds when it ends (see
+    /// [`Consuming`]).
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<ConsumeResponses>, Status> {
+        let mut requests = request.into_inner();
+        let first = requests.message().await?.and_then(|r| r.kind);
+        let start = convert::consume_start(first, self.max_frame).map_err(|e| self.status(e))?;
+        let (topic, group, member) = (
+            start.topic.clone(),
+            start.group.clone().unwrap_or_default(),
+            start.member.clone(),
+        );
+        let subscription = self
+            .broker
+            .subscribe_queue(start)
+            .await
+            .map_err(|e| self.status(e))?;
+        let (responses, answers) = tokio::sync::mpsc::channel(consume::RESPONSE_BUFFER);
+        let consuming = Consuming {
+            broker: self.broker.clone(),
+            topic,
+            group,
+            member,
+            credit: subscription.credit(),
+            responses,
+            max_frame: self.max_frame,
+            data_dir: self.broker.data_dir().to_owned(),
+            held: Default::default(),
+        };
+        tokio::spawn(consuming.run(subscription, requests, self.shutdown.clone()));
+        let stream = futures_util::stream::unfold(answers, |mut answers| async move {
+            let answer = answers.recv().await?;
+            Some((answer, answers))
         });
         Ok(Response::new(stream.boxed()))
     }

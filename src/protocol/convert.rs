@@ -95,6 +95,61 @@ pub fn subscribe_request(s: pb::SubscribeRequest, max_frame: u32) -> SubscribeRe
     }
 }
 
+/// The queue-group subscription the first request of a gRPC `Consume`
+/// stream asks for: `kind` must be `start`, naming topic, group and member.
+pub fn consume_start(
+    kind: Option<pb::consume_request::Kind>,
+    max_frame: u32,
+) -> Result<SubscribeRequest> {
+    use pb::consume_request::Kind;
+    let invalid = |m: String| Err(Error::InvalidArgument(m));
+    let start = match kind {
+        Some(Kind::Start(start)) => start,
+        Some(other) => {
+            return invalid(format!(
+                "start: the first ConsumeRequest must be start, not {}",
+                consume_kind(&other)
+            ));
+        }
+        None => {
+            return invalid(
+                "start: the first ConsumeRequest must be start (topic, group, member, max_in_flight)"
+                    .to_owned(),
+            );
+        }
+    };
+    for (field, value) in [
+        ("start.topic", &start.topic),
+        ("start.group", &start.group),
+        ("start.member", &start.member),
+    ] {
+        if value.is_empty() {
+            return invalid(format!("{field} is required"));
+        }
+    }
+    Ok(subscribe_request(
+        pb::SubscribeRequest {
+            topic: start.topic,
+            group: Some(start.group),
+            member: start.member,
+            from: None,
+            max_in_flight: start.max_in_flight,
+        },
+        max_frame,
+    ))
+}
+
+/// The field name of a `ConsumeRequest` kind, for error messages.
+pub fn consume_kind(kind: &pb::consume_request::Kind) -> &'static str {
+    use pb::consume_request::Kind;
+    match kind {
+        Kind::Start(_) => "start",
+        Kind::Ack(_) => "ack",
+        Kind::Nack(_) => "nack",
+        Kind::Extend(_) => "extend",
+    }
+}
+
 /// `messages` of subscription `id` as deliveries whose frames (a
 /// `ServerFrame` holding the delivery) take at most `max_frame` bytes:
 /// normally one; split in halves if the envelopes came out larger than
