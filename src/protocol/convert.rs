@@ -474,6 +474,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_consume_start_becomes_a_queue_subscription_and_names_what_is_missing() {
+        use pb::consume_request::Kind;
+        let start = |topic: &str, group: &str, member: &str, max_in_flight| {
+            Some(Kind::Start(pb::ConsumeStart {
+                topic: topic.into(),
+                group: group.into(),
+                member: member.into(),
+                max_in_flight,
+            }))
+        };
+        let request =
+            consume_start(start("jobs", "workers", "w1", 0), 1 << 20).expect("a full start");
+        assert_eq!(
+            (
+                request.topic.as_str(),
+                request.group.as_deref(),
+                request.member.as_str()
+            ),
+            ("jobs", Some("workers"), "w1")
+        );
+        assert_eq!(request.max_in_flight, DEFAULT_MAX_IN_FLIGHT as usize);
+        assert!(request.from.is_none());
+        let capped =
+            consume_start(start("jobs", "workers", "w1", u32::MAX), 1 << 20).expect("a full start");
+        assert_eq!(capped.max_in_flight, CAP_MAX_IN_FLIGHT as usize);
+
+        let refused = |kind| match consume_start(kind, 1 << 20) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("refused as invalid: {other:?}"),
+        };
+        assert_eq!(
+            refused(start("", "workers", "w1", 1)),
+            "start.topic is required"
+        );
+        assert_eq!(
+            refused(start("jobs", "", "w1", 1)),
+            "start.group is required"
+        );
+        assert_eq!(
+            refused(start("jobs", "workers", "", 1)),
+            "start.member is required"
+        );
+        let ack = Some(Kind::Ack(pb::ConsumeAck { offsets: vec![1] }));
+        assert_eq!(
+            refused(ack),
+            "start: the first ConsumeRequest must be start, not ack"
+        );
+        assert!(refused(None).starts_with("start: "));
+    }
+
+    #[test]
     fn the_frame_length_deliveries_plan_with_is_the_encoded_length() {
         for (n, value) in [(0, 0), (1, 10), (3, 200), (2, 70_000)] {
             let messages = (0..n)
