@@ -69,7 +69,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Files an open topic holds at the least: one segment (3) and its
 /// deletions journal.
 const MIN_TOPIC_FILES: usize = 4;
-/// Blocking tasks that close topics at once.
+/// Most blocking tasks that close topics at once (each close writes a
+/// checkpoint through a temp file: one more descriptor while it runs).
 const CLOSERS: usize = 16;
 
 /// The largest message a produce takes, and the setting that binds.
@@ -341,7 +342,9 @@ impl Broker {
             }
             // Each close syncs and records a checkpoint: several at once.
             let mut closing = tokio::task::JoinSet::new();
-            for names in close.chunks(close.len().div_ceil(CLOSERS)) {
+            // A small budget leaves little room for the closes' own files.
+            let closers = (config.max_open_files / 64).clamp(1, CLOSERS);
+            for names in close.chunks(close.len().div_ceil(closers)) {
                 let (b, names) = (self.clone(), names.to_vec());
                 closing.spawn_blocking(move || {
                     names

@@ -480,10 +480,19 @@ impl Registry {
         if Arc::strong_count(topic) > 1 || topic.is_retired() || topic.is_pinned(now_ms()) {
             return false;
         }
-        if let Err(e) = topic.stop() {
-            tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed");
-            if topic.is_read_only() {
+        match topic.stop() {
+            Ok(()) => {}
+            // Out of descriptors or memory for the checkpoint's temp file:
+            // stays open, and the next pass tries again.
+            Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
+                tracing::debug!(topic = name, error = %e, "closing an idle topic later");
                 return false;
+            }
+            Err(e) => {
+                tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed");
+                if topic.is_read_only() {
+                    return false;
+                }
             }
         }
         *open = None;
