@@ -5,9 +5,11 @@ The stubs are generated from proto/spool.proto with grpcio-tools when
 the repository.
 """
 
+import atexit
 import importlib
 import os
 import queue
+import shutil
 import sys
 import tempfile
 
@@ -31,6 +33,8 @@ def load(out_dir=None):
 
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="spool-pb-")
+        # Imported once generated: the directory goes when the process ends.
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     # grpc_tools ships the well-known protos; the include path of
     # google/protobuf is only needed if spool.proto ever imports them.
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
