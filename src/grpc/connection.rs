@@ -1,0 +1,254 @@
+//! gRPC connections under the native listener's rules: each holds a slot
+//! of the server's one [`Admission`] (`max_connections`,
+//! `max_connections_per_ip` count both transports together), is closed
+//! after `idle_timeout_ms` without a byte from the peer or `write_timeout_ms`
+//! without the peer taking one, and carries its count of open `Subscribe`
+//! and `Consume` streams for `max_subscriptions`.
+
+use crate::protocol::{pb, status};
+use crate::server::admission::{Admission, Limit, Ticket};
+use crate::server::deadline::Timer;
+use futures_util::Stream;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+/// HTTP/2 `SETTINGS` (empty) then `GOAWAY` header bytes: frame type codes
+/// and the error code `ENHANCE_YOUR_CALM` (RFC 9113, sections 6.5, 6.8, 7).
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_GOAWAY: u8 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// How long a refused connection is drained before it is closed, so that
+/// the peer reads the `GOAWAY` rather than a reset.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// The limits a gRPC connection is held to (the server's settings).
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// The server's connection slots and the tally of refusals and closes.
+    pub(crate) admission: Arc<Admission>,
+    /// No byte from the peer for this long closes the connection.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// The peer taking no byte for this long closes the connection.
+    pub(crate) write_timeout: Option<Duration>,
+    /// Most `Subscribe` and `Consume` streams open on one connection.
+    pub(crate) max_subscriptions: u32,
+}
+
+/// What a call learns about its connection (a request extension).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    open: Arc<AtomicU32>,
+    max: u32,
+}
+
+/// One open `Subscribe` or `Consume` stream of a connection, counted until
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct StreamSlot(Arc<AtomicU32>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnInfo {
+    /// A slot for one more stream on this connection, or the native
+    /// protocol's `RESOURCE_EXHAUSTED` naming the limit.
+    pub(crate) fn open_stream(&self) -> Result<StreamSlot, pb::Error> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(StreamSlot(Arc::clone(&self.open))),
+            Err(live) => Err(status::error(
+                pb::Code::ResourceExhausted,
+                format!(
+                    "{live} subscriptions on this connection; the limit is {} (max_subscriptions)",
+                    self.max
+                ),
+            )),
+        }
+    }
+}
+
+/// An admitted gRPC connection: the socket, its slot and its deadlines.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    stream: TcpStream,
+    _ticket: Ticket,
+    admission: Arc<Admission>,
+    idle: Timer,
+    write: Timer,
+    info: ConnInfo,
+}
+
+impl Conn {
+    /// Fails the read once the idle timer fired (counted as an idle close).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.idle.poll_expired(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(limit) => {
+                self.admission.count(Limit::Idle);
+                tracing::debug!("gRPC connection closed by idle_timeout_ms");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no bytes from the peer for {} ms (idle_timeout_ms)",
+                        limit.as_millis()
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// `result` of a write, flush or shutdown; a pending one fails once the
+    /// write timer fired (counted as a write-timeout close).
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(r) => {
+                self.write.disarm();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.write.poll_expired(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(limit) => {
+                    self.admission.count(Limit::Write);
+                    tracing::debug!("gRPC connection closed by write_timeout_ms");
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the peer took no bytes for {} ms (write_timeout_ms)",
+                            limit.as_millis()
+                        ),
+                    )))
+                }
+            },
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.idle.disarm();
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.idle_expired(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written(cx, r)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        this.written(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.written(cx, r)
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// The connections accepted on `listener` and admitted; refused ones are
+/// answered with an HTTP/2 `GOAWAY` carrying the refusal and closed.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
+    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match limits.admission.admit(peer.ip()) {
+                Ok(ticket) => {
+                    let conn = Conn {
+                        stream,
+                        _ticket: ticket,
+                        admission: Arc::clone(&limits.admission),
+                        idle: Timer::new(limits.idle_timeout),
+                        write: Timer::new(limits.write_timeout),
+                        info: ConnInfo {
+                            open: Arc::default(),
+                            max: limits.max_subscriptions,
+                        },
+                    };
+                    return Some((Ok(conn), (listener, limits)));
+                }
+                Err(error) => {
+                    tokio::spawn(refuse(stream, peer, error));
+                }
+            }
+        }
+    })
+}
+
+/// Tells a refused peer why (`GOAWAY` `ENHANCE_YOUR_CALM`, the refusal as
+/// its debug data: gRPC clients fail their calls with it) and closes.
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, error: pb::Error) {
+    tracing::debug!(%peer, reason = %error.message, "gRPC connection refused");
+    let debug = error.message.as_bytes();
+    let mut bytes = Vec::with_capacity(9 + 9 + 8 + debug.len());
+    bytes.extend_from_slice(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+    let len = (8 + debug.len()) as u32;
+    bytes.extend_from_slice(&len.to_be_bytes()[1..]);
+    bytes.extend_from_slice(&[FRAME_GOAWAY, 0, 0, 0, 0, 0]);
+    bytes.extend_from_slice(&0u32.to_be_bytes()); // last stream id: none served
+    bytes.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    bytes.extend_from_slice(debug);
+    let linger = async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+}
