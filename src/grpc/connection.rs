@@ -16,16 +16,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-/// HTTP/2 `SETTINGS` (empty) then `GOAWAY` header bytes: frame type codes
-/// and the error code `ENHANCE_YOUR_CALM` (RFC 9113, sections 6.5, 6.8, 7).
+/// HTTP/2 frame types and the `GOAWAY` error code a refusal uses
+/// (RFC 9113, sections 6.2, 6.5, 6.8, 7).
+const FRAME_HEADERS: u8 = 0x1;
 const FRAME_SETTINGS: u8 = 0x4;
 const FRAME_GOAWAY: u8 = 0x7;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
-/// How long a refused connection is drained before it is closed, so that
-/// the peer reads the `GOAWAY` rather than a reset.
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what a client sends before its frames.
+const CLIENT_PREFACE_LEN: usize = 24;
+/// Most bytes of a refused peer read while waiting for its first request.
+const REFUSAL_READ_MAX: usize = 64 * 1024;
+/// How long a refused connection waits for its first request, and then is
+/// drained before it is closed (so the peer reads the `GOAWAY`, not a reset).
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 /// The limits a gRPC connection is held to (the server's settings).
@@ -230,25 +235,55 @@ pub(crate) fn incoming(
     })
 }
 
-/// Tells a refused peer why (`GOAWAY` `ENHANCE_YOUR_CALM`, the refusal as
-/// its debug data: gRPC clients fail their calls with it) and closes.
+/// Tells a refused peer why and closes: `SETTINGS`, then, once the peer's
+/// first request arrived (or [`REFUSAL_LINGER`] passed), `GOAWAY`
+/// `ENHANCE_YOUR_CALM` with no stream served and the refusal as its debug
+/// data. gRPC clients fail that request with `RESOURCE_EXHAUSTED` and the
+/// refusal; a `GOAWAY` sent before the request would only fail it as
+/// cancelled, without the reason.
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, error: pb::Error) {
     tracing::debug!(%peer, reason = %error.message, "gRPC connection refused");
     let debug = error.message.as_bytes();
-    let mut bytes = Vec::with_capacity(9 + 9 + 8 + debug.len());
-    bytes.extend_from_slice(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+    let mut goaway = Vec::with_capacity(9 + 8 + debug.len());
     let len = (8 + debug.len()) as u32;
-    bytes.extend_from_slice(&len.to_be_bytes()[1..]);
-    bytes.extend_from_slice(&[FRAME_GOAWAY, 0, 0, 0, 0, 0]);
-    bytes.extend_from_slice(&0u32.to_be_bytes()); // last stream id: none served
-    bytes.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
-    bytes.extend_from_slice(debug);
-    let linger = async {
-        stream.write_all(&bytes).await?;
+    goaway.extend_from_slice(&len.to_be_bytes()[1..]);
+    goaway.extend_from_slice(&[FRAME_GOAWAY, 0, 0, 0, 0, 0]);
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // last stream id: none served
+    goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    goaway.extend_from_slice(debug);
+    let settings = [0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0];
+    if stream.write_all(&settings).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSAL_LINGER, first_request(&mut stream)).await;
+    let close = async {
+        stream.write_all(&goaway).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];
-        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        while stream.read(&mut sink).await? > 0 {}
         io::Result::Ok(())
     };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    let _ = tokio::time::timeout(REFUSAL_LINGER, close).await;
+}
+
+/// Reads the peer's bytes until its first `HEADERS` frame (a request) has
+/// begun, the peer closes, or it sent more than [`REFUSAL_READ_MAX`].
+async fn first_request(stream: &mut TcpStream) -> io::Result<()> {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || seen.len() > REFUSAL_READ_MAX {
+            return Ok(());
+        }
+        seen.extend_from_slice(&chunk[..n]);
+        let mut at = CLIENT_PREFACE_LEN;
+        while let Some(header) = seen.get(at..at + 9) {
+            if header[3] == FRAME_HEADERS {
+                return Ok(());
+            }
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            at += 9 + len;
+        }
+    }
 }
