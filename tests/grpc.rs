@@ -1443,49 +1443,65 @@ async fn max_subscriptions_bounds_the_streams_of_one_connection() {
     }
 }
 
-/// `idle_timeout_ms` closes a gRPC connection that sends nothing; one
-/// whose client pings stays open through a quiet subscription.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_grpc_connections_are_closed_and_pinging_ones_are_not() {
+/// Connects raw to `addr` and sends the HTTP/2 preface and an empty
+/// `SETTINGS`; then, while `ping`, a `PING` every 100 ms. Returns how long
+/// the server kept the connection open (at most 5 s).
+async fn raw_connection_lifetime(addr: &str, ping: bool) -> Duration {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = start_with_config(tmp.path(), "idle_timeout_ms = 400\n");
-    let addr = broker.grpc.clone().expect("gRPC on");
-
-    // The HTTP/2 preface and an empty SETTINGS frame, then silence.
-    let mut raw = tokio::net::TcpStream::connect(&addr)
+    let raw = tokio::net::TcpStream::connect(addr)
         .await
         .expect("raw connect");
-    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+    let (mut read, mut write) = raw.into_split();
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .expect("preface");
+    let pinger = tokio::spawn(async move {
+        if ping {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let frame = b"\0\0\x08\x06\0\0\0\0\0pingpong";
+                if write.write_all(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // Keep the write half open, silent.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
     let started = Instant::now();
     let mut sink = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match raw.read(&mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                return;
             }
         }
     })
     .await;
-    assert!(closed.is_ok(), "the silent connection was closed");
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
-    );
+    pinger.abort();
+    started.elapsed()
+}
 
-    let pinging = Channel::from_shared(format!("http://{addr}"))
-        .expect("a URI")
-        .http2_keep_alive_interval(Duration::from_millis(100))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = SpoolClient::new(pinging);
+/// `idle_timeout_ms` closes a gRPC connection that sends no frame but
+/// `PING` while none of its calls waits; a quiet subscription keeps its
+/// connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_grpc_connections_are_closed_and_waiting_calls_keep_theirs_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "idle_timeout_ms = 400\n");
+    let addr = broker.grpc.clone().expect("gRPC on");
+
+    for ping in [false, true] {
+        let lived = raw_connection_lifetime(&addr, ping).await;
+        assert!(
+            lived >= Duration::from_millis(300) && lived < Duration::from_secs(3),
+            "pinging {ping}: closed after {lived:?}"
+        );
+    }
+
+    let mut client = channel(&broker).await.expect("connect");
     client
         .create_topic(pb::CreateTopicRequest {
             name: "quiet".into(),

@@ -37,10 +37,11 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7412";
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/spool_descriptor.bin"));
 
-/// How often the server pings a quiet connection when no idle timeout
-/// closes it, and how long it waits for the answer: a peer that vanished
-/// gives its slot back.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the server pings a connection that sent nothing, and how long
+/// it waits for the answer: a peer that vanished while a call of its waits
+/// (a subscription, a long-poll) gives its slot back. Pings and their
+/// answers are not activity for `idle_timeout_ms`.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Resolves once the server is stopping (or its stop signal is gone).
@@ -78,14 +79,10 @@ pub(crate) async fn serve(
     let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    // With an idle timeout the peer's silence closes the connection, and a
-    // ping of the server's would be answered and keep it open; without one,
-    // pings find peers that vanished.
-    let keepalive = limits.idle_timeout.is_none().then_some(KEEPALIVE_INTERVAL);
     let incoming = connection::incoming(listener, limits);
     let mut signal = shutdown;
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(v1)
