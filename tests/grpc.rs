@@ -1538,3 +1538,38 @@ async fn idle_grpc_connections_are_closed_and_waiting_calls_keep_theirs_open() {
     assert!(ok, "{logs}");
     assert!(logs.contains("by idle_timeout_ms"), "{logs}");
 }
+
+/// `max_connections_per_ip` too counts both transports from one address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_address_cap_counts_grpc_and_native_connections_together() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_connections_per_ip = 1\n");
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+    let mut refused = channel(&broker).await.expect("the TCP connection opens");
+    let status = list(&mut refused)
+        .await
+        .expect_err("127.0.0.1 has its one connection");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        format!("{status:?}").contains("max_connections_per_ip is 1"),
+        "{status:?}"
+    );
+    drop(native);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = match channel(&broker).await {
+            Ok(mut c) => list(&mut c).await.is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the address's count came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("by max_connections_per_ip"), "{logs}");
+}
