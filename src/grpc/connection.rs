@@ -6,8 +6,8 @@
 //! `write_timeout_ms` without the peer taking a byte, and carries its count
 //! of open `Subscribe` and `Consume` streams for `max_subscriptions`.
 
-use crate::protocol::{pb, status};
-use crate::server::admission::{Admission, Limit, Ticket};
+use crate::protocol::pb;
+use crate::server::admission::{self, Admission, Limit, Ticket};
 use crate::server::deadline::Timer;
 use futures_util::Stream;
 use std::future::Future;
@@ -113,13 +113,7 @@ impl ConnInfo {
                 open: Arc::clone(&self.open),
                 _busy: self.busy(),
             }),
-            Err(live) => Err(status::error(
-                pb::Code::ResourceExhausted,
-                format!(
-                    "{live} subscriptions on this connection; the limit is {} (max_subscriptions)",
-                    self.max
-                ),
-            )),
+            Err(live) => Err(admission::too_many_subscriptions(live as usize, self.max)),
         }
     }
 }

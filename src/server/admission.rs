@@ -57,6 +57,16 @@ impl Limit {
 
 type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
+/// The refusal of one more subscription on a connection that has `live`
+/// open and a limit of `max` (`max_subscriptions`): one message for the
+/// native `subscribe` and gRPC's `Subscribe` and `Consume`.
+pub(crate) fn too_many_subscriptions(live: usize, max: u32) -> pb::Error {
+    status::error(
+        pb::Code::ResourceExhausted,
+        format!("{live} subscriptions on this connection; the limit is {max} (max_subscriptions)"),
+    )
+}
+
 /// The connection slots and the tally.
 #[derive(Debug)]
 pub(crate) struct Admission {
