@@ -72,7 +72,9 @@
 //! - [`grpc`]: the gRPC transport: `spool.v1.Spool` (its `service` module
 //!   converting protobuf to [`broker::Broker`] calls and back, errors as
 //!   statuses with the native protocol's codes and messages), health and
-//!   reflection, on a listener of its own that [`server::Server`] runs.
+//!   reflection, on a listener of its own that [`server::Server`] runs;
+//!   its connections take the native listener's slots and limits (module
+//!   `connection`).
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features

@@ -858,3 +858,718 @@ async fn the_start_up_lines_name_the_grpc_listener_and_off_turns_it_off() {
     assert!(v["listeners"].get("grpc").is_none(), "{out}");
     drop(server);
 }
+
+/// Starts a broker whose config file holds `toml`, its data beside it.
+fn start_with_config(tmp: &Path, toml: &str) -> Broker {
+    let config = tmp.join("spool.toml");
+    std::fs::write(&config, toml).expect("config");
+    let config = config.to_string_lossy().into_owned();
+    Broker::start(&tmp.join("data"), &["--config", &config])
+}
+
+fn offset(n: u64) -> pb::Position {
+    pb::Position {
+        kind: Some(pb::position::Kind::Offset(n)),
+    }
+}
+
+/// A queue-group fetch of `group` as member "m".
+fn queue_fetch(group: &str, wait_ms: u32) -> pb::FetchRequest {
+    pb::FetchRequest {
+        topic: "jobs".into(),
+        group: Some(group.into()),
+        member: "m".into(),
+        wait_ms,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_unary_rpc_does_what_its_native_request_does() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: (0..5).map(|i| new_message(&format!("m{i}"))).collect(),
+        })
+        .await
+        .expect("produce");
+    let queue = |group: &str| pb::CreateGroupRequest {
+        topic: "jobs".into(),
+        group: group.into(),
+        mode: pb::GroupMode::Queue as i32,
+        start: None,
+    };
+    client.create_group(queue("q")).await.expect("queue group");
+    client
+        .create_group(pb::CreateGroupRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+            mode: pb::GroupMode::Stream as i32,
+            start: None,
+        })
+        .await
+        .expect("stream group");
+
+    // Ack and Nack over leases taken by a queue-group Fetch.
+    let leased = client
+        .fetch(queue_fetch("q", 0))
+        .await
+        .expect("queue fetch")
+        .into_inner();
+    let leased: Vec<u64> = leased.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(leased, [0, 1, 2, 3, 4]);
+    client
+        .ack(pb::AckRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+            offsets: vec![0, 1, 2],
+            subscription_id: None,
+        })
+        .await
+        .expect("ack");
+    let nacked = client
+        .nack(pb::NackRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+            offsets: vec![3],
+            delay_ms: 0,
+            subscription_id: None,
+        })
+        .await
+        .expect("nack")
+        .into_inner();
+    assert_eq!(nacked.requeued, 1);
+    let again = client
+        .fetch(queue_fetch("q", 0))
+        .await
+        .expect("fetch after nack")
+        .into_inner();
+    let again: Vec<(u64, u32)> = again
+        .messages
+        .iter()
+        .map(|m| (m.offset, m.delivery))
+        .collect();
+    assert_eq!(again, [(3, 2)], "the nacked message, redelivered");
+    let described = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+        })
+        .await
+        .expect("describe group")
+        .into_inner();
+    assert_eq!(
+        (described.mode, described.pending, described.committed),
+        (pb::GroupMode::Queue as i32, 2, 3),
+        "{described:?}"
+    );
+
+    // Commit and Seek move a stream group.
+    client
+        .commit(pb::CommitRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+            offset: 4,
+        })
+        .await
+        .expect("commit");
+    let s = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+        })
+        .await
+        .expect("describe stream group")
+        .into_inner();
+    assert_eq!(s.committed, 4);
+    let sought = client
+        .seek(pb::SeekRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+            to: Some(offset(1)),
+        })
+        .await
+        .expect("seek")
+        .into_inner();
+    assert_eq!(sought.offset, 1);
+    let from_group = client
+        .fetch(pb::FetchRequest {
+            topic: "jobs".into(),
+            group: Some("s".into()),
+            max_messages: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("stream group fetch")
+        .into_inner();
+    assert_eq!(values(&from_group.messages), ["m1"]);
+
+    let groups = client
+        .list_groups(pb::ListGroupsRequest {
+            topic: "jobs".into(),
+        })
+        .await
+        .expect("list groups")
+        .into_inner();
+    let mut names: Vec<&str> = groups.groups.iter().map(|g| g.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["q", "s"]);
+    client
+        .delete_group(pb::DeleteGroupRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+        })
+        .await
+        .expect("delete group");
+    let status = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "s".into(),
+        })
+        .await
+        .expect_err("a deleted group");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    // Delete hides messages from replay.
+    client
+        .delete(pb::DeleteRequest {
+            topic: "jobs".into(),
+            offsets: vec![1, 2],
+        })
+        .await
+        .expect("delete");
+    let replay = client
+        .fetch(pb::FetchRequest {
+            topic: "jobs".into(),
+            from: Some(earliest()),
+            ..Default::default()
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(values(&replay.messages), ["m0", "m3", "m4"]);
+
+    let compacted = client
+        .compact(pb::CompactRequest {
+            topic: Some("jobs".into()),
+        })
+        .await
+        .expect("compact")
+        .into_inner();
+    assert!(
+        compacted.topics.iter().all(|t| t.topic == "jobs"),
+        "{compacted:?}"
+    );
+
+    client
+        .create_topic(pb::CreateTopicRequest {
+            name: "other".into(),
+            config: None,
+        })
+        .await
+        .expect("create topic");
+    let listed = client
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .expect("list topics")
+        .into_inner();
+    let mut names: Vec<&str> = listed.topics.iter().map(|t| t.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["jobs", "other"]);
+    let jobs = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "jobs".into(),
+        })
+        .await
+        .expect("describe topic")
+        .into_inner();
+    assert_eq!((jobs.name.as_str(), jobs.end_offset), ("jobs", 5));
+    client
+        .delete_topic(pb::DeleteTopicRequest {
+            name: "other".into(),
+        })
+        .await
+        .expect("delete topic");
+    let status = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "other".into(),
+        })
+        .await
+        .expect_err("a deleted topic");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains("other"), "{status:?}");
+}
+
+/// A deadline ending a long-poll of a queue group costs no lease: nothing
+/// stays leased to the abandoned call, and a message produced afterwards
+/// is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_on_a_queue_long_poll_loses_no_lease() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .create_topic(pb::CreateTopicRequest {
+            name: "jobs".into(),
+            config: None,
+        })
+        .await
+        .expect("create topic");
+    client
+        .create_group(pb::CreateGroupRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+            mode: pb::GroupMode::Queue as i32,
+            start: None,
+        })
+        .await
+        .expect("queue group");
+    let mut poll = tonic::Request::new(queue_fetch("q", 30_000));
+    poll.set_timeout(Duration::from_millis(600));
+    let started = Instant::now();
+    match client.fetch(poll).await {
+        Ok(answer) => assert!(answer.into_inner().messages.is_empty()),
+        Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![new_message("after")],
+        })
+        .await
+        .expect("produce");
+    let got = client
+        .fetch(queue_fetch("q", 5_000))
+        .await
+        .expect("fetch")
+        .into_inner();
+    let got: Vec<(u64, u32)> = got
+        .messages
+        .iter()
+        .map(|m| (m.offset, m.delivery))
+        .collect();
+    assert_eq!(got, [(0, 1)], "delivered, for the first time");
+    let more = client
+        .fetch(queue_fetch("q", 300))
+        .await
+        .expect("fetch again")
+        .into_inner();
+    assert!(more.messages.is_empty(), "delivered once: {more:?}");
+    let group = client
+        .describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+        })
+        .await
+        .expect("describe group")
+        .into_inner();
+    assert_eq!(
+        group.pending, 1,
+        "only the fetch that answered holds a lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_naming_the_name_the_group_or_the_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_message_bytes = 1024\n");
+    let mut client = grpc_client(&broker).await;
+
+    let status = client
+        .create_topic(pb::CreateTopicRequest {
+            name: "sp ace".into(),
+            config: None,
+        })
+        .await
+        .expect_err("an invalid topic name");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("\"sp ace\""), "{status:?}");
+    let status = client
+        .produce(pb::ProduceRequest {
+            topic: "a/b".into(),
+            messages: vec![new_message("x")],
+        })
+        .await
+        .expect_err("an invalid topic name on produce");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("\"a/b\""), "{status:?}");
+
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![new_message("x")],
+        })
+        .await
+        .expect("produce");
+    for status in [
+        client
+            .fetch(queue_fetch("nobody", 0))
+            .await
+            .expect_err("fetch of an unknown group"),
+        client
+            .describe_group(pb::DescribeGroupRequest {
+                topic: "jobs".into(),
+                group: "nobody".into(),
+            })
+            .await
+            .expect_err("describe of an unknown group"),
+        client
+            .ack(pb::AckRequest {
+                topic: "jobs".into(),
+                group: "nobody".into(),
+                offsets: vec![0],
+                subscription_id: None,
+            })
+            .await
+            .expect_err("ack in an unknown group"),
+    ] {
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        assert!(status.message().contains("nobody"), "{status:?}");
+    }
+
+    let status = client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![pb::NewMessage {
+                value: vec![1u8; 2000].into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect_err("a message over max_message_bytes");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("max_message_bytes"), "{status:?}");
+    let end = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "jobs".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner()
+        .end_offset;
+    assert_eq!(end, 1, "nothing of the refused produce was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_grpc_produces_survive_kill_9() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    let mut acknowledged = Vec::new();
+    for batch in 0..20 {
+        let messages: Vec<_> = (0..50)
+            .map(|i| new_message(&format!("b{batch} m{i}")))
+            .collect();
+        let answer = client
+            .produce(pb::ProduceRequest {
+                topic: "durable".into(),
+                messages: messages.clone(),
+            })
+            .await
+            .expect("produce")
+            .into_inner();
+        assert_eq!(answer.durability, pb::Durability::Durable as i32);
+        acknowledged.extend(
+            messages
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.value).into_owned()),
+        );
+    }
+    drop(client);
+    broker.kill9();
+
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    let mut present = Vec::new();
+    let mut from = 0;
+    loop {
+        let fetched = client
+            .fetch(pb::FetchRequest {
+                topic: "durable".into(),
+                from: Some(offset(from)),
+                max_messages: 500,
+                ..Default::default()
+            })
+            .await
+            .expect("replay after the restart")
+            .into_inner();
+        if fetched.messages.is_empty() {
+            break;
+        }
+        from = fetched.next_offset;
+        present.extend(values(&fetched.messages));
+    }
+    assert_eq!(present, acknowledged);
+}
+
+/// A gRPC channel on a connection of its own.
+async fn channel(broker: &Broker) -> Result<SpoolClient<Channel>, tonic::transport::Error> {
+    let addr = broker.grpc.as_deref().expect("the broker serves gRPC");
+    Ok(SpoolClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("a URI")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?,
+    ))
+}
+
+async fn list(client: &mut SpoolClient<Channel>) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(pb::ListTopicsRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    client.list_topics(request).await.map(drop)
+}
+
+/// `max_connections` counts native and gRPC connections together; the
+/// refused gRPC connection's calls fail with the refusal, and the refusal
+/// is in the log summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_counts_grpc_and_native_connections_together() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_connections = 2\n");
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+    let mut first = channel(&broker).await.expect("first gRPC connection");
+    list(&mut first)
+        .await
+        .expect("the admitted connection is served");
+
+    // The refusal reaches the client as a GOAWAY whose debug data tonic
+    // keeps in the status's source.
+    let mut third = channel(&broker).await.expect("the TCP connection opens");
+    let refused = list(&mut third).await.expect_err("no slot left");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        format!("{refused:?}").contains("too many connections; try again later"),
+        "{refused:?}"
+    );
+    let status = Client::connect(&broker.addr, "native 2")
+        .await
+        .map(drop)
+        .expect_err("no slot for a native connection either");
+    assert!(
+        status.to_string().contains("too many connections"),
+        "{status}"
+    );
+
+    drop(native);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = match channel(&broker).await {
+            Ok(mut c) => list(&mut c).await.is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the native slot came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    list(&mut first).await.expect("still served");
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(
+        logs.contains("connections refused:") && logs.contains("by max_connections"),
+        "{logs}"
+    );
+}
+
+/// `max_subscriptions` bounds the `Subscribe` and `Consume` streams of one
+/// gRPC connection, and a stream that ends gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_subscriptions_bounds_the_streams_of_one_connection() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_subscriptions = 2\n");
+    let mut client = channel(&broker).await.expect("connect");
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![new_message("x")],
+        })
+        .await
+        .expect("produce");
+    client
+        .create_group(pb::CreateGroupRequest {
+            topic: "jobs".into(),
+            group: "q".into(),
+            mode: pb::GroupMode::Queue as i32,
+            start: None,
+        })
+        .await
+        .expect("queue group");
+    let replay = || pb::SubscribeRequest {
+        topic: "jobs".into(),
+        from: Some(earliest()),
+        ..Default::default()
+    };
+    let one = client.subscribe(replay()).await.expect("first stream");
+    let two = consume(&mut client, start("jobs", "q", "m", 10))
+        .await
+        .expect("second stream");
+    let status = client
+        .subscribe(replay())
+        .await
+        .expect_err("a third stream on the connection");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_subscriptions"), "{status:?}");
+    let status = consume(&mut client, start("jobs", "q", "m2", 10))
+        .await
+        .map(drop)
+        .expect_err("a third stream, Consume");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    let mut other = channel(&broker).await.expect("a second connection");
+    let _three = other
+        .subscribe(replay())
+        .await
+        .expect("another connection has places of its own");
+
+    drop(one);
+    drop(two);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.subscribe(replay()).await.is_err() {
+        assert!(Instant::now() < deadline, "the places came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects raw to `addr` and sends the HTTP/2 preface and an empty
+/// `SETTINGS`; then, while `ping`, a `PING` every 100 ms. Returns how long
+/// the server kept the connection open (at most 5 s).
+async fn raw_connection_lifetime(addr: &str, ping: bool) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let raw = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("raw connect");
+    let (mut read, mut write) = raw.into_split();
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let pinger = tokio::spawn(async move {
+        if ping {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let frame = b"\0\0\x08\x06\0\0\0\0\0pingpong";
+                if write.write_all(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // Keep the write half open, silent.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    let started = Instant::now();
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
+    pinger.abort();
+    started.elapsed()
+}
+
+/// `idle_timeout_ms` closes a gRPC connection that sends no frame but
+/// `PING` while none of its calls waits; a quiet subscription keeps its
+/// connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_grpc_connections_are_closed_and_waiting_calls_keep_theirs_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "idle_timeout_ms = 400\n");
+    let addr = broker.grpc.clone().expect("gRPC on");
+
+    for ping in [false, true] {
+        let lived = raw_connection_lifetime(&addr, ping).await;
+        assert!(
+            lived >= Duration::from_millis(300) && lived < Duration::from_secs(3),
+            "pinging {ping}: closed after {lived:?}"
+        );
+    }
+
+    let mut client = channel(&broker).await.expect("connect");
+    client
+        .create_topic(pb::CreateTopicRequest {
+            name: "quiet".into(),
+            config: None,
+        })
+        .await
+        .expect("create topic");
+    let mut deliveries = client
+        .subscribe(pb::SubscribeRequest {
+            topic: "quiet".into(),
+            from: Some(earliest()),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut producer = grpc_client(&broker).await;
+    producer
+        .produce(pb::ProduceRequest {
+            topic: "quiet".into(),
+            messages: vec![new_message("late")],
+        })
+        .await
+        .expect("produce");
+    let delivery = tokio::time::timeout(Duration::from_secs(5), deliveries.message())
+        .await
+        .expect("a delivery in time")
+        .expect("the subscription outlived 1.5 s of quiet")
+        .expect("the stream goes on");
+    assert_eq!(values(&delivery.messages), ["late"]);
+
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("by idle_timeout_ms"), "{logs}");
+}
+
+/// `max_connections_per_ip` too counts both transports from one address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_address_cap_counts_grpc_and_native_connections_together() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_connections_per_ip = 1\n");
+    let native = Client::connect(&broker.addr, "native")
+        .await
+        .expect("native connect");
+    let mut refused = channel(&broker).await.expect("the TCP connection opens");
+    let status = list(&mut refused)
+        .await
+        .expect_err("127.0.0.1 has its one connection");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        format!("{status:?}").contains("max_connections_per_ip is 1"),
+        "{status:?}"
+    );
+    drop(native);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = match channel(&broker).await {
+            Ok(mut c) => list(&mut c).await.is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the address's count came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("by max_connections_per_ip"), "{logs}");
+}

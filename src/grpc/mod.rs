@@ -6,6 +6,8 @@
 //!   [`Broker`] calls and back; errors become statuses through
 //!   [`crate::protocol::status::to_wire`], so a gRPC client sees the same
 //!   code and message as a native one.
+//! - `connection`: admission of each connection into the server's shared
+//!   slots, its idle and write deadlines, and its count of streams.
 //! - `consume`: one bidirectional `Consume` stream over a queue group, and
 //!   the leases it gives back when it ends.
 //!
@@ -13,13 +15,17 @@
 //! server: health turns `NOT_SERVING`, subscriptions and long-polls end,
 //! in-flight calls finish.
 
+mod connection;
 mod consume;
 mod service;
+
+pub(crate) use connection::Limits;
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::protocol::pb::spool_server::SpoolServer;
 use service::Service;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,6 +37,13 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7412";
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/spool_descriptor.bin"));
 
+/// How often the server pings a connection that sent nothing, and how long
+/// it waits for the answer: a peer that vanished while a call of its waits
+/// (a subscription, a long-poll) gives its slot back. Pings and their
+/// answers are not activity for `idle_timeout_ms`.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Resolves once the server is stopping (or its stop signal is gone).
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -39,11 +52,13 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 /// Serves gRPC on `listener` until `shutdown` turns true. No request or
 /// response message may exceed `max_frame_bytes` (the server's
 /// `max_frame_bytes`), and no stored message larger than that less 1 KiB
-/// is handed out, as on the native protocol.
+/// is handed out, as on the native protocol. Connections are held to
+/// `limits`, in the slots the native listener uses too.
 pub(crate) async fn serve(
     listener: TcpListener,
     broker: Broker,
     max_frame_bytes: u32,
+    limits: Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -64,9 +79,11 @@ pub(crate) async fn serve(
     let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = connection::incoming(listener, limits);
     let mut signal = shutdown;
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)

@@ -4,6 +4,7 @@
 //! code and message [`status::to_wire`] gives it, so both transports say
 //! the same thing.
 
+use super::connection::{ConnInfo, StreamSlot};
 use super::consume::{self, Consuming};
 use super::stopping;
 use crate::broker::{Broker, Credit, Event, Subscription, TopicInfo};
@@ -53,6 +54,19 @@ impl Service {
             next_subscription: AtomicU64::new(1),
             shutdown,
         }
+    }
+
+    /// A place for one more `Subscribe` or `Consume` stream on the
+    /// request's connection (`max_subscriptions`), held until the stream
+    /// ends; `None` for a connection the listener did not admit (none in
+    /// `spool serve`).
+    fn stream_slot<T>(&self, request: &Request<T>) -> Result<Option<StreamSlot>, Status> {
+        request
+            .extensions()
+            .get::<ConnInfo>()
+            .map(ConnInfo::open_stream)
+            .transpose()
+            .map_err(|e| Status::new(tonic::Code::from_i32(e.code), e.message))
     }
 
     /// A broker error as a gRPC status: the native protocol's code and
@@ -138,6 +152,8 @@ struct Pushing {
     data_dir: std::path::PathBuf,
     max_frame: u32,
     done: bool,
+    /// The stream's place among its connection's `max_subscriptions`.
+    _slot: Option<StreamSlot>,
 }
 
 impl Pushing {
@@ -213,6 +229,8 @@ impl Spool for Service {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let deadline = deadline(&request);
+        // A long-poll keeps its connection from being idle while it waits.
+        let _busy = request.extensions().get::<ConnInfo>().map(ConnInfo::busy);
         let mut fetch = convert::fetch_request(request.into_inner(), self.max_frame);
         if let Some(deadline) = deadline {
             fetch.wait = fetch.wait.min(wait_within(deadline));
@@ -455,6 +473,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Deliveries>, Status> {
+        let slot = self.stream_slot(&request)?;
         let request = convert::subscribe_request(request.into_inner(), self.max_frame);
         let subscription = self
             .broker
@@ -474,6 +493,7 @@ impl Spool for Service {
             data_dir: self.broker.data_dir().to_owned(),
             max_frame: self.max_frame,
             done: false,
+            _slot: slot,
         };
         let stream = futures_util::stream::unfold(pushing, |mut p| async move {
             let item = p.next().await?;
@@ -492,6 +512,7 @@ impl Spool for Service {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<ConsumeResponses>, Status> {
+        let slot = self.stream_slot(&request)?;
         let mut requests = request.into_inner();
         let first = requests.message().await?.and_then(|r| r.kind);
         let start = convert::consume_start(first, self.max_frame).map_err(|e| self.status(e))?;
@@ -518,10 +539,11 @@ impl Spool for Service {
             held: Default::default(),
         };
         tokio::spawn(consuming.run(subscription, requests, self.shutdown.clone()));
-        let stream = futures_util::stream::unfold(answers, |mut answers| async move {
-            let answer = answers.recv().await?;
-            Some((answer, answers))
-        });
+        let stream =
+            futures_util::stream::unfold((answers, slot), |(mut answers, slot)| async move {
+                let answer = answers.recv().await?;
+                Some((answer, (answers, slot)))
+            });
         Ok(Response::new(stream.boxed()))
     }
 }

@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How often the tally is logged (when it is not zero).
-pub(super) const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// A limit that turned a connection away or closed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Limit {
+pub(crate) enum Limit {
     /// Refused: `max_connections` open.
     MaxConnections,
     /// Refused: `max_connections_per_ip` open from that address.
@@ -57,9 +57,19 @@ impl Limit {
 
 type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
 
+/// The refusal of one more subscription on a connection that has `live`
+/// open and a limit of `max` (`max_subscriptions`): one message for the
+/// native `subscribe` and gRPC's `Subscribe` and `Consume`.
+pub(crate) fn too_many_subscriptions(live: usize, max: u32) -> pb::Error {
+    status::error(
+        pb::Code::ResourceExhausted,
+        format!("{live} subscriptions on this connection; the limit is {max} (max_subscriptions)"),
+    )
+}
+
 /// The connection slots and the tally.
 #[derive(Debug)]
-pub(super) struct Admission {
+pub(crate) struct Admission {
     slots: Arc<Semaphore>,
     per_ip: Option<(usize, PerIp)>,
     counts: [AtomicU64; Limit::ALL.len()],
@@ -67,7 +77,7 @@ pub(super) struct Admission {
 
 /// A connection's slot, given back on drop.
 #[derive(Debug)]
-pub(super) struct Ticket {
+pub(crate) struct Ticket {
     _slot: OwnedSemaphorePermit,
     ip: Option<(IpAddr, PerIp)>,
 }
@@ -93,7 +103,7 @@ fn release(per_ip: &PerIp, ip: IpAddr) {
 
 impl Admission {
     /// Slots for `max_connections`, and `max_connections_per_ip` from one address.
-    pub(super) fn new(max_connections: usize, max_connections_per_ip: Option<usize>) -> Admission {
+    pub(crate) fn new(max_connections: usize, max_connections_per_ip: Option<usize>) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(max_connections)),
             per_ip: max_connections_per_ip.map(|n| (n, PerIp::default())),
@@ -103,7 +113,7 @@ impl Admission {
 
     /// A slot for a connection from `ip`, or the error that refuses it (the
     /// refusal is counted).
-    pub(super) fn admit(&self, ip: IpAddr) -> Result<Ticket, pb::Error> {
+    pub(crate) fn admit(&self, ip: IpAddr) -> Result<Ticket, pb::Error> {
         let mut ticket_ip = None;
         if let Some((max, per_ip)) = &self.per_ip {
             let mut open = per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -140,13 +150,13 @@ impl Admission {
     }
 
     /// Counts a connection refused or closed by `limit`.
-    pub(super) fn count(&self, limit: Limit) {
+    pub(crate) fn count(&self, limit: Limit) {
         self.counts[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Logs what was counted since the last call, in one line (nothing when
     /// nothing was): a warning when connections were refused.
-    pub(super) fn log_summary(&self) {
+    pub(crate) fn log_summary(&self) {
         let taken = Limit::ALL.map(|l| (l, self.counts[l as usize].swap(0, Ordering::Relaxed)));
         let part = |refused: bool| {
             let items: Vec<String> = taken

@@ -26,16 +26,18 @@ pub(super) enum ReadError {
     FrameTimeout(Duration),
 }
 
-/// A timer armed on demand.
+/// A timer armed on demand (also the gRPC listener's idle and write
+/// deadlines, [`crate::grpc`]).
 #[derive(Debug)]
-struct Timer {
+pub(crate) struct Timer {
     limit: Option<Duration>,
     sleep: Pin<Box<Sleep>>,
     armed: bool,
 }
 
 impl Timer {
-    fn new(limit: Option<Duration>) -> Timer {
+    /// A disarmed timer for `limit` (`None`: never expires).
+    pub(crate) fn new(limit: Option<Duration>) -> Timer {
         Timer {
             limit,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -43,13 +45,14 @@ impl Timer {
         }
     }
 
-    fn disarm(&mut self) {
+    /// Stops the timer; the next [`Timer::poll_expired`] starts it afresh.
+    pub(crate) fn disarm(&mut self) {
         self.armed = false;
     }
 
     /// Arms the timer if it is not running, and polls it: `Ready` once the
     /// limit has passed since it was armed. Never ready without a limit.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
+    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Duration> {
         let Some(limit) = self.limit else {
             return Poll::Pending;
         };

@@ -5,7 +5,8 @@
 //!
 //! - `connection`: one connection, from handshake to close, and its requests.
 //! - `admission`: connection slots (`max_connections`, `max_connections_per_ip`)
-//!   and the summary log of connections refused or closed by a limit.
+//!   and the summary log of connections refused or closed by a limit, for
+//!   native and gRPC connections alike.
 //! - `deadline`: the frame and write deadlines on a connection's socket.
 //! - `outgoing`: a connection's send queue, bounded in bytes.
 //! - `handlers`: one module per request group, converting protobuf to
@@ -16,9 +17,9 @@
 //! [`Server`] also runs the gRPC listener ([`crate::grpc`]) when one is
 //! configured, over the same broker, and stops it with the native one.
 
-mod admission;
+pub(crate) mod admission;
 mod connection;
-mod deadline;
+pub(crate) mod deadline;
 mod handlers;
 mod outgoing;
 
@@ -114,7 +115,7 @@ impl Default for ServerConfig {
 #[derive(Debug)]
 pub(crate) struct Shared {
     broker: Broker,
-    admission: Admission,
+    admission: Arc<Admission>,
     config: ServerConfig,
 }
 
@@ -180,7 +181,10 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             broker,
-            admission: Admission::new(config.max_connections, config.max_connections_per_ip),
+            admission: Arc::new(Admission::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            )),
             config,
         });
         Ok(Server {
@@ -230,6 +234,12 @@ impl Server {
                 listener,
                 shared.broker.clone(),
                 shared.config.max_frame_bytes,
+                crate::grpc::Limits {
+                    admission: Arc::clone(&shared.admission),
+                    idle_timeout: shared.config.idle_timeout,
+                    write_timeout: shared.config.write_timeout,
+                    max_subscriptions: shared.config.max_subscriptions,
+                },
                 shutdown.clone(),
             ))
         });

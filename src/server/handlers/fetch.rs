@@ -41,12 +41,9 @@ pub(in crate::server) async fn subscribe(
     let config = &conn.shared.config;
     let live = conn.subscriptions().len();
     if live >= config.max_subscriptions as usize {
-        return Err(status::error(
-            pb::Code::ResourceExhausted,
-            format!(
-                "{live} subscriptions on this connection; the limit is {}",
-                config.max_subscriptions
-            ),
+        return Err(crate::server::admission::too_many_subscriptions(
+            live,
+            config.max_subscriptions,
         ));
     }
     let subscription = conn

@@ -1,0 +1,461 @@
+//! gRPC connections under the native listener's rules: each holds a slot
+//! of the server's one [`Admission`] (`max_connections`,
+//! `max_connections_per_ip` count both transports together), is closed
+//! after `idle_timeout_ms` without a frame from the peer while none of its
+//! calls waits (no `Subscribe` or `Consume` stream, no `Fetch`), or after
+//! `write_timeout_ms` without the peer taking a byte, and carries its count
+//! of open `Subscribe` and `Consume` streams for `max_subscriptions`.
+
+use crate::protocol::pb;
+use crate::server::admission::{self, Admission, Limit, Ticket};
+use crate::server::deadline::Timer;
+use futures_util::Stream;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+/// HTTP/2 frame types and the `GOAWAY` error code a refusal uses
+/// (RFC 9113, sections 6.2, 6.5, 6.8, 7).
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+const FRAME_HEADER_LEN: usize = 9;
+const FRAME_GOAWAY: u8 = 0x7;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what a client sends before its frames.
+const CLIENT_PREFACE_LEN: usize = 24;
+/// Most bytes of a refused peer read while waiting for its first request.
+const REFUSAL_READ_MAX: usize = 64 * 1024;
+/// How long a refused connection waits for its first request, and then is
+/// drained before it is closed (so the peer reads the `GOAWAY`, not a reset).
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// The limits a gRPC connection is held to (the server's settings).
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// The server's connection slots and the tally of refusals and closes.
+    pub(crate) admission: Arc<Admission>,
+    /// No byte from the peer for this long closes the connection.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// The peer taking no byte for this long closes the connection.
+    pub(crate) write_timeout: Option<Duration>,
+    /// Most `Subscribe` and `Consume` streams open on one connection.
+    pub(crate) max_subscriptions: u32,
+}
+
+/// What a call learns about its connection (a request extension).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    open: Arc<AtomicU32>,
+    max: u32,
+    busy: Arc<Busy>,
+}
+
+/// The calls of a connection that wait (streams, long-polls): while one
+/// does, the connection is not idle, and its idle time counts from the end
+/// of the last.
+#[derive(Debug)]
+struct Busy {
+    calls: AtomicU32,
+    last_end: Mutex<Instant>,
+}
+
+/// A waiting call of a connection, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct BusyCall(Arc<Busy>);
+
+impl Drop for BusyCall {
+    fn drop(&mut self) {
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One open `Subscribe` or `Consume` stream of a connection, counted until
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct StreamSlot {
+    open: Arc<AtomicU32>,
+    _busy: BusyCall,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnInfo {
+    /// Marks a call of this connection as waiting until the guard drops.
+    pub(crate) fn busy(&self) -> BusyCall {
+        self.busy.calls.fetch_add(1, Ordering::AcqRel);
+        BusyCall(Arc::clone(&self.busy))
+    }
+
+    /// A slot for one more stream on this connection, or the native
+    /// protocol's `RESOURCE_EXHAUSTED` naming the limit.
+    pub(crate) fn open_stream(&self) -> Result<StreamSlot, pb::Error> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(StreamSlot {
+                open: Arc::clone(&self.open),
+                _busy: self.busy(),
+            }),
+            Err(live) => Err(admission::too_many_subscriptions(live as usize, self.max)),
+        }
+    }
+}
+
+/// Where the bytes read from a connection stand in its HTTP/2 frames, so
+/// that only frames other than `PING` count as activity: keep-alive pings
+/// (the server's, answered, and the client's) prove the peer is there, not
+/// that it uses the connection.
+#[derive(Debug)]
+struct FrameScan {
+    preface_left: usize,
+    header: [u8; FRAME_HEADER_LEN],
+    filled: usize,
+    payload_left: usize,
+}
+
+impl FrameScan {
+    fn new() -> FrameScan {
+        FrameScan {
+            preface_left: CLIENT_PREFACE_LEN,
+            header: [0; FRAME_HEADER_LEN],
+            filled: 0,
+            payload_left: 0,
+        }
+    }
+
+    /// Walks the next bytes of the stream: whether they hold part of the
+    /// preface or the header of a frame other than `PING`.
+    fn active(&mut self, mut bytes: &[u8]) -> bool {
+        let mut active = false;
+        if self.preface_left > 0 && !bytes.is_empty() {
+            let n = self.preface_left.min(bytes.len());
+            self.preface_left -= n;
+            bytes = &bytes[n..];
+            active = true;
+        }
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER_LEN - self.filled).min(bytes.len());
+            self.header[self.filled..self.filled + n].copy_from_slice(&bytes[..n]);
+            self.filled += n;
+            bytes = &bytes[n..];
+            if self.filled == FRAME_HEADER_LEN {
+                self.filled = 0;
+                let h = self.header;
+                self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                active |= h[3] != FRAME_PING;
+            }
+        }
+        active
+    }
+}
+
+/// The idle deadline of a connection: `limit` after the later of its last
+/// frame and the end of its last waiting call, never while a call waits.
+#[derive(Debug)]
+struct Idle {
+    limit: Option<Duration>,
+    last_frame: Instant,
+    sleep: Pin<Box<Sleep>>,
+    scan: FrameScan,
+}
+
+impl Idle {
+    fn new(limit: Option<Duration>) -> Idle {
+        let now = Instant::now();
+        Idle {
+            limit,
+            last_frame: now,
+            sleep: Box::pin(tokio::time::sleep_until(now + limit.unwrap_or_default())),
+            scan: FrameScan::new(),
+        }
+    }
+
+    fn read(&mut self, bytes: &[u8]) {
+        if self.scan.active(bytes) {
+            self.last_frame = Instant::now();
+        }
+    }
+
+    /// `Ready` once the connection has been idle for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, busy: &Busy) -> Poll<Duration> {
+        let Some(limit) = self.limit else {
+            return Poll::Pending;
+        };
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let next = if busy.calls.load(Ordering::Acquire) > 0 {
+                now + limit
+            } else {
+                let last_end = *busy.last_end.lock().unwrap_or_else(|p| p.into_inner());
+                let quiet_since = self.last_frame.max(last_end);
+                if now >= quiet_since + limit {
+                    return Poll::Ready(limit);
+                }
+                quiet_since + limit
+            };
+            self.sleep.as_mut().reset(next);
+        }
+    }
+}
+
+/// An admitted gRPC connection: the socket, its slot and its deadlines.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    stream: TcpStream,
+    _ticket: Ticket,
+    admission: Arc<Admission>,
+    idle: Idle,
+    write: Timer,
+    info: ConnInfo,
+}
+
+impl Conn {
+    /// Fails the read once the connection is idle (counted as an idle close).
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.idle.poll_expired(cx, &self.info.busy) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(limit) => {
+                self.admission.count(Limit::Idle);
+                tracing::debug!("gRPC connection closed by idle_timeout_ms");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no frame from the peer for {} ms (idle_timeout_ms)",
+                        limit.as_millis()
+                    ),
+                )))
+            }
+        }
+    }
+
+    /// `result` of a write, flush or shutdown; a pending one fails once the
+    /// write timer fired (counted as a write-timeout close).
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(r) => {
+                self.write.disarm();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.write.poll_expired(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(limit) => {
+                    self.admission.count(Limit::Write);
+                    tracing::debug!("gRPC connection closed by write_timeout_ms");
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the peer took no bytes for {} ms (write_timeout_ms)",
+                            limit.as_millis()
+                        ),
+                    )))
+                }
+            },
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.idle.read(&buf.filled()[before..]);
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.idle_expired(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written(cx, r)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        this.written(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.written(cx, r)
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// The connections accepted on `listener` and admitted; refused ones are
+/// answered with an HTTP/2 `GOAWAY` carrying the refusal and closed.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
+    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match limits.admission.admit(peer.ip()) {
+                Ok(ticket) => {
+                    let conn = Conn {
+                        stream,
+                        _ticket: ticket,
+                        admission: Arc::clone(&limits.admission),
+                        idle: Idle::new(limits.idle_timeout),
+                        write: Timer::new(limits.write_timeout),
+                        info: ConnInfo {
+                            open: Arc::default(),
+                            max: limits.max_subscriptions,
+                            busy: Arc::new(Busy {
+                                calls: AtomicU32::new(0),
+                                last_end: Mutex::new(Instant::now()),
+                            }),
+                        },
+                    };
+                    return Some((Ok(conn), (listener, limits)));
+                }
+                Err(error) => {
+                    tokio::spawn(refuse(stream, peer, error));
+                }
+            }
+        }
+    })
+}
+
+/// Tells a refused peer why and closes: `SETTINGS`, then, once the peer's
+/// first request arrived (or [`REFUSAL_LINGER`] passed), `GOAWAY`
+/// `ENHANCE_YOUR_CALM` with no stream served and the refusal as its debug
+/// data. gRPC clients fail that request with `RESOURCE_EXHAUSTED` and the
+/// refusal; a `GOAWAY` sent before the request would only fail it as
+/// cancelled, without the reason.
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, error: pb::Error) {
+    tracing::debug!(%peer, reason = %error.message, "gRPC connection refused");
+    let debug = error.message.as_bytes();
+    let mut goaway = Vec::with_capacity(9 + 8 + debug.len());
+    let len = (8 + debug.len()) as u32;
+    goaway.extend_from_slice(&len.to_be_bytes()[1..]);
+    goaway.extend_from_slice(&[FRAME_GOAWAY, 0, 0, 0, 0, 0]);
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // last stream id: none served
+    goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    goaway.extend_from_slice(debug);
+    let settings = [0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0];
+    if stream.write_all(&settings).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSAL_LINGER, first_request(&mut stream)).await;
+    let close = async {
+        stream.write_all(&goaway).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, close).await;
+}
+
+/// Reads the peer's bytes until its first `HEADERS` frame (a request) has
+/// begun, the peer closes, or it sent more than [`REFUSAL_READ_MAX`].
+async fn first_request(stream: &mut TcpStream) -> io::Result<()> {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || seen.len() > REFUSAL_READ_MAX {
+            return Ok(());
+        }
+        seen.extend_from_slice(&chunk[..n]);
+        let mut at = CLIENT_PREFACE_LEN;
+        while let Some(header) = seen.get(at..at + 9) {
+            if header[3] == FRAME_HEADERS {
+                return Ok(());
+            }
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            at += 9 + len;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_frames_other_than_ping_are_activity_however_the_bytes_are_split() {
+        let mut scan = FrameScan::new();
+        assert!(
+            scan.active(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            "the preface"
+        );
+        let ping = b"\0\0\x08\x06\0\0\0\0\0pingpong";
+        assert!(!scan.active(ping));
+        // A PING split mid-header and mid-payload.
+        assert!(!scan.active(&ping[..4]));
+        assert!(!scan.active(&ping[4..12]));
+        assert!(!scan.active(&ping[12..]));
+        // HEADERS (3-byte payload) after a PING in one read, then split.
+        let headers = b"\0\0\x03\x01\x04\0\0\0\x01abc";
+        let both = [&ping[..], &headers[..]].concat();
+        assert!(scan.active(&both));
+        assert!(!scan.active(&ping[..5]));
+        assert!(!scan.active(&ping[5..]));
+        assert!(!scan.active(&headers[..2]));
+        assert!(scan.active(&headers[2..9]));
+        assert!(!scan.active(&headers[9..]), "payload only");
+    }
+}
