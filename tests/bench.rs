@@ -55,6 +55,61 @@ fn produce_reports_every_field_and_counts_every_message() {
 }
 
 #[test]
+fn grpc_produce_and_replay_count_every_message() {
+    let r = bench(&[
+        "produce",
+        "--messages",
+        "500",
+        "--batch",
+        "50",
+        "--transport",
+        "grpc",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 500.0, "{r}");
+    assert_eq!(number(&r, "throughput.bytes"), 500.0 * 1024.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 500.0);
+    assert_eq!(r["params"]["transport"], "grpc");
+    let r = bench(&[
+        "consume",
+        "--mode",
+        "replay",
+        "--messages",
+        "700",
+        "--size",
+        "100",
+        "--batch",
+        "200",
+        "--transport",
+        "grpc",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 700.0, "{r}");
+    assert_eq!(number(&r, "throughput.bytes"), 700.0 * 100.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 4.0, "four fetches");
+    assert_eq!(r["params"]["transport"], "grpc");
+    // The native protocol stays the default.
+    let r = bench(&["produce", "--messages", "10"]);
+    assert_eq!(r["params"]["transport"], "native");
+}
+
+#[test]
+fn grpc_with_other_workloads_is_a_usage_error() {
+    for args in [
+        &["e2e", "--transport", "grpc"][..],
+        &["consume", "--mode", "queue", "--transport", "grpc"][..],
+        &["disk", "--transport", "grpc"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run spool bench");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--transport grpc"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn e2e_delivers_every_message_to_every_consumer() {
     let r = bench(&[
         "e2e",

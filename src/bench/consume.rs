@@ -6,7 +6,7 @@
 use super::histogram::Latency;
 use super::pacing::Schedule;
 use super::produce::{self, Spec};
-use super::target::Target;
+use super::target::{Conn, Target};
 use super::{BenchError, Outcome, Params, Progress, ReadMode};
 use crate::broker::topic::Position;
 use crate::client::{Client, FetchOptions, Subscription};
@@ -96,10 +96,9 @@ pub(super) async fn workload(
         in_flight: PREFILL_IN_FLIGHT,
         origin: Instant::now(),
     });
-    let producers = produce::connect_all(target, "prefill", params.producers).await?;
+    let producers = produce::conn_all(target, "prefill", params.producers).await?;
     produce::run(producers, spec, progress).await?;
 
-    let clients = produce::connect_all(target, "consumer", params.consumers).await?;
     let deadline = params.duration();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -113,7 +112,7 @@ pub(super) async fn workload(
             };
             progress.start("replay", total);
             load = queue_load(target, params).await?;
-            for client in clients {
+            for client in produce::conn_all(target, "consumer", params.consumers).await? {
                 tasks.spawn(replay(
                     client,
                     target.topic.clone(),
@@ -127,6 +126,7 @@ pub(super) async fn workload(
         }
         ReadMode::Queue => {
             progress.start("queue", messages);
+            let clients = produce::connect_all(target, "consumer", params.consumers).await?;
             create_queue_group(&clients[0], &target.topic).await?;
             let acked = Arc::new(AtomicU64::new(0));
             for (c, client) in clients.into_iter().enumerate() {
@@ -204,7 +204,7 @@ async fn create_queue_group(client: &Client, topic: &str) -> Result<(), BenchErr
 /// deadline, when there is one): `in_flight` readers take the next chunk
 /// of `batch` offsets each, so fetches overlap.
 async fn replay(
-    client: Arc<Client>,
+    client: Arc<Conn>,
     topic: String,
     end: u64,
     params: Params,
@@ -215,7 +215,6 @@ async fn replay(
     let chunks = end.div_ceil(batch);
     let next = Arc::new(AtomicU64::new(0));
     let deadline = params.duration().map(|d| start + d);
-    let max_bytes = client.welcome().max_frame_bytes;
     let mut readers = JoinSet::new();
     for _ in 0..params.in_flight {
         let (client, topic, next, progress) = (
@@ -238,31 +237,19 @@ async fn replay(
                 let chunk_end = (chunk_start + batch).min(end);
                 let mut pos = chunk_start;
                 while pos < chunk_end {
-                    let options = FetchOptions {
-                        from: Some(Position::Offset(pos)),
-                        max_messages: u32::try_from(chunk_end - pos).unwrap_or(u32::MAX),
-                        max_bytes,
-                        ..FetchOptions::default()
-                    };
+                    let max_messages = u32::try_from(chunk_end - pos).unwrap_or(u32::MAX);
                     let t = Instant::now();
-                    let fetched = client
-                        .fetch(&topic, options)
-                        .await
-                        .map_err(BenchError::client(format!("replaying {topic} at {pos}")))?;
+                    let fetched = client.fetch_from(&topic, pos, max_messages).await?;
                     let now = Instant::now();
                     got.latency.record(now - t);
-                    if fetched.messages.is_empty() {
+                    if fetched.messages == 0 {
                         return Err(BenchError::Incomplete(format!(
                             "replay of {topic} found nothing at offset {pos} (end {end})"
                         )));
                     }
-                    let n = fetched.messages.len() as u64;
+                    let n = fetched.messages;
                     got.messages += n;
-                    got.bytes += fetched
-                        .messages
-                        .iter()
-                        .map(|r| r.message.value.len() as u64)
-                        .sum::<u64>();
+                    got.bytes += fetched.bytes;
                     got.last = now;
                     progress.add(n);
                     pos = fetched.next_offset;
@@ -446,7 +433,7 @@ pub(super) async fn e2e(
             Arc::clone(progress),
         ));
     }
-    let producers = produce::connect_all(target, "producer", params.producers).await?;
+    let producers = produce::conn_all(target, "producer", params.producers).await?;
     let spec = Arc::new(Spec {
         topic: target.topic.clone(),
         schedule,

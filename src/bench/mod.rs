@@ -107,6 +107,37 @@ impl fmt::Display for ReadMode {
     }
 }
 
+/// Which of the broker's protocols the load speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The native framed protocol.
+    #[default]
+    Native,
+    /// gRPC, through the generated client (`produce` and `consume --mode replay`).
+    Grpc,
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Transport, String> {
+        match s {
+            "native" => Ok(Transport::Native),
+            "grpc" => Ok(Transport::Grpc),
+            other => Err(format!("transport {other:?}: expected native or grpc")),
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Native => "native",
+            Transport::Grpc => "grpc",
+        })
+    }
+}
+
 /// The exact parameters of a run; the report repeats them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Params {
@@ -140,7 +171,11 @@ pub struct Params {
     /// whose own figures are not reported), to see what acks cost readers.
     #[serde(default)]
     pub queue_load: u32,
-    /// The broker; `None`: one started in this process on a temporary directory.
+    /// The protocol producers and replay readers speak.
+    #[serde(default)]
+    pub transport: Transport,
+    /// The broker (with gRPC: its gRPC address); `None`: one started in this
+    /// process on a temporary directory.
     pub server: Option<String>,
     /// Where the temporary directory (broker data, disk baseline) is made.
     pub data: Option<PathBuf>,
@@ -169,6 +204,7 @@ impl Params {
             mode: ReadMode::Replay,
             in_flight: 1,
             queue_load: 0,
+            transport: Transport::Native,
             server: None,
             data: None,
             baseline_mib: 256,
@@ -185,6 +221,16 @@ impl Params {
             && (self.workload != Workload::Consume || self.mode != ReadMode::Replay)
         {
             return bad("--queue-load goes with consume --mode replay".into());
+        }
+        let grpc_workload = self.workload == Workload::Produce
+            || (self.workload == Workload::Consume
+                && self.mode == ReadMode::Replay
+                && self.queue_load == 0);
+        if self.transport == Transport::Grpc && !grpc_workload {
+            return bad(
+                "--transport grpc goes with produce and consume --mode replay (without --queue-load)"
+                    .into(),
+            );
         }
         if self.batch == 0 || self.batch > MAX_BATCH {
             return bad(format!("--batch {}: use 1 to {MAX_BATCH}", self.batch));
@@ -247,6 +293,14 @@ pub enum BenchError {
         #[source]
         source: ClientError,
     },
+    /// A gRPC call failed or the gRPC connection could not be made.
+    #[error("{what}: {message}")]
+    Grpc {
+        /// What the bench was doing.
+        what: String,
+        /// The status or transport error.
+        message: String,
+    },
     /// Starting the in-process broker failed.
     #[error("starting the in-process broker: {0}")]
     Server(#[from] crate::Error),
@@ -268,6 +322,14 @@ impl BenchError {
     fn client(what: impl Into<String>) -> impl FnOnce(ClientError) -> BenchError {
         let what = what.into();
         move |source| BenchError::Client { what, source }
+    }
+
+    fn grpc<E: fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> BenchError {
+        let what = what.into();
+        move |e| BenchError::Grpc {
+            what,
+            message: e.to_string(),
+        }
     }
 
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -411,6 +473,13 @@ mod tests {
         assert!(p.validate().is_err(), "produce takes one bound");
         p.workload = Workload::Consume;
         p.validate().expect("consume: topic size and read time");
+        p.transport = Transport::Grpc;
+        p.validate().expect("gRPC replay");
+        p.mode = ReadMode::Queue;
+        let e = p.validate().expect_err("no gRPC queue").to_string();
+        assert!(e.contains("--transport"), "{e}");
+        p.workload = Workload::E2e;
+        assert!(p.validate().is_err(), "no gRPC e2e");
     }
 
     #[test]

@@ -6,9 +6,9 @@
 
 use super::histogram::Latency;
 use super::pacing::{self, Schedule, Send};
-use super::target::Target;
+use super::target::{Conn, Target};
 use super::{BenchError, Outcome, Params, Progress, STAMP_LEN};
-use crate::client::{Client, Produced as Ack};
+use crate::client::Client;
 use crate::storage::NewMessage;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -49,7 +49,7 @@ pub(super) async fn workload(
     params: &Params,
     progress: &Arc<Progress>,
 ) -> Result<Outcome, BenchError> {
-    let clients = connect_all(target, "producer", params.producers).await?;
+    let clients = conn_all(target, "producer", params.producers).await?;
     let schedule = Schedule::new(
         u64::from(params.producers),
         u64::from(params.batch),
@@ -94,9 +94,22 @@ pub(super) async fn connect_all(
     Ok(clients)
 }
 
+/// `n` connections in the run's transport, named `{role}-{i}` when native.
+pub(super) async fn conn_all(
+    target: &Target,
+    role: &str,
+    n: u32,
+) -> Result<Vec<Arc<Conn>>, BenchError> {
+    let mut conns = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        conns.push(Arc::new(target.conn(&format!("{role}-{i}")).await?));
+    }
+    Ok(conns)
+}
+
 /// Runs one producer per client and merges what they measured.
 pub(super) async fn run(
-    clients: Vec<Arc<Client>>,
+    clients: Vec<Arc<Conn>>,
     spec: Arc<Spec>,
     progress: &Arc<Progress>,
 ) -> Result<Produced, BenchError> {
@@ -149,12 +162,7 @@ pub(super) fn stamp_of(value: &[u8]) -> Option<Duration> {
     Some(Duration::from_nanos(u64::from_le_bytes(bytes)))
 }
 
-type SendResult = (
-    Result<Ack, crate::client::ClientError>,
-    Instant,
-    Instant,
-    u64,
-);
+type SendResult = (Result<(), BenchError>, Instant, Instant, u64);
 
 /// Collects finished sends into one producer's figures.
 struct Tally {
@@ -175,14 +183,10 @@ impl Tally {
         }
     }
 
-    fn add(
-        &mut self,
-        done: Result<SendResult, tokio::task::JoinError>,
-        topic: &str,
-    ) -> Result<(), BenchError> {
+    fn add(&mut self, done: Result<SendResult, tokio::task::JoinError>) -> Result<(), BenchError> {
         let (result, start, acked, n) =
             done.map_err(|e| BenchError::Incomplete(format!("a produce task panicked: {e}")))?;
-        result.map_err(BenchError::client(format!("producing to {topic}")))?;
+        result?;
         self.produced.latency.record_n(acked - start, n);
         self.produced.messages += n;
         self.produced.last_ack = self.produced.last_ack.max(acked);
@@ -193,7 +197,7 @@ impl Tally {
 
 fn spawn_send(
     sends: &mut JoinSet<SendResult>,
-    client: &Arc<Client>,
+    client: &Arc<Conn>,
     topic: &str,
     messages: Vec<NewMessage>,
     start: Instant,
@@ -210,7 +214,7 @@ fn spawn_send(
 }
 
 async fn closed_loop(
-    client: Arc<Client>,
+    client: Arc<Conn>,
     producer: u64,
     spec: Arc<Spec>,
     progress: Arc<Progress>,
@@ -244,17 +248,17 @@ async fn closed_loop(
             permit,
         );
         while let Some(done) = sends.try_join_next() {
-            tally.add(done, &spec.topic)?;
+            tally.add(done)?;
         }
     }
     while let Some(done) = sends.join_next().await {
-        tally.add(done, &spec.topic)?;
+        tally.add(done)?;
     }
     Ok(tally.produced)
 }
 
 async fn open_loop(
-    client: Arc<Client>,
+    client: Arc<Conn>,
     producer: u64,
     spec: Arc<Spec>,
     progress: Arc<Progress>,
@@ -297,11 +301,11 @@ async fn open_loop(
             .expect("the window semaphore is never closed");
         spawn_send(&mut sends, &client, &spec.topic, messages, due_at, permit);
         while let Some(done) = sends.try_join_next() {
-            tally.add(done, &spec.topic)?;
+            tally.add(done)?;
         }
     }
     while let Some(done) = sends.join_next().await {
-        tally.add(done, &spec.topic)?;
+        tally.add(done)?;
     }
     Ok(tally.produced)
 }

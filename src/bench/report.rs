@@ -34,6 +34,7 @@ pub const STABLE_FIELDS: &[&str] = &[
     "params.size",
     "params.batch",
     "params.fsync",
+    "params.transport",
     "machine.cores",
     "machine.memory_bytes",
     "version",

@@ -1,23 +1,130 @@
 //! The broker under test: one started in this process on the scratch
 //! directory, or the one named by `--server`. Each run uses a fresh topic,
-//! removed afterwards from a broker that outlives the run.
+//! removed afterwards from a broker that outlives the run. With
+//! `--transport grpc` the in-process broker also listens for gRPC, and
+//! `--server` names the gRPC address.
 
-use super::{BenchError, Params};
-use crate::client::Client;
+use super::{BenchError, Params, Transport};
+use crate::broker::topic::Position;
+use crate::client::{Client, FetchOptions};
+use crate::protocol::convert;
 use crate::protocol::pb;
+use crate::protocol::pb::spool_client::SpoolClient;
 use crate::server::{Server, ServerConfig};
+use crate::storage::NewMessage;
 use std::path::Path;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 /// A broker to load, with the topic of this run.
 #[derive(Debug)]
 pub(super) struct Target {
-    /// Where the broker listens.
+    /// Where the broker listens (for the run's transport).
     pub addr: String,
     /// This run's topic.
     pub topic: String,
+    /// The protocol producers and replay readers speak.
+    pub transport: Transport,
     in_process: Option<(watch::Sender<bool>, JoinHandle<crate::Result<()>>)>,
+}
+
+/// One connection to the broker, in the run's transport.
+#[derive(Debug)]
+pub(super) enum Conn {
+    /// The native protocol.
+    Native(Client),
+    /// gRPC: one HTTP/2 connection; calls share it.
+    Grpc(SpoolClient<Channel>),
+}
+
+/// What one replay fetch returned.
+pub(super) struct Fetched {
+    pub messages: u64,
+    pub bytes: u64,
+    pub next_offset: u64,
+}
+
+impl Conn {
+    /// Appends `messages` to `topic`, waiting for the ack.
+    pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<(), BenchError> {
+        let what = || format!("producing to {topic}");
+        match self {
+            Conn::Native(c) => c
+                .produce(topic, messages)
+                .await
+                .map(|_| ())
+                .map_err(BenchError::client(what())),
+            Conn::Grpc(c) => {
+                let request = pb::ProduceRequest {
+                    topic: topic.to_owned(),
+                    messages: messages
+                        .into_iter()
+                        .map(convert::new_message_to_wire)
+                        .collect(),
+                };
+                c.clone()
+                    .produce(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(BenchError::grpc(what()))
+            }
+        }
+    }
+
+    /// Replay: up to `max_messages` of `topic` from offset `from`.
+    pub async fn fetch_from(
+        &self,
+        topic: &str,
+        from: u64,
+        max_messages: u32,
+    ) -> Result<Fetched, BenchError> {
+        let what = || format!("replaying {topic} at {from}");
+        match self {
+            Conn::Native(c) => {
+                let options = FetchOptions {
+                    from: Some(Position::Offset(from)),
+                    max_messages,
+                    max_bytes: c.welcome().max_frame_bytes,
+                    ..FetchOptions::default()
+                };
+                let fetched = c
+                    .fetch(topic, options)
+                    .await
+                    .map_err(BenchError::client(what()))?;
+                Ok(Fetched {
+                    messages: fetched.messages.len() as u64,
+                    bytes: fetched
+                        .messages
+                        .iter()
+                        .map(|r| r.message.value.len() as u64)
+                        .sum(),
+                    next_offset: fetched.next_offset,
+                })
+            }
+            Conn::Grpc(c) => {
+                let request = pb::FetchRequest {
+                    topic: topic.to_owned(),
+                    from: Some(convert::position_to_wire(Position::Offset(from))),
+                    max_messages,
+                    // The broker caps this at its frame limit, as for native fetches.
+                    max_bytes: u32::MAX,
+                    ..pb::FetchRequest::default()
+                };
+                let fetched = c
+                    .clone()
+                    .fetch(request)
+                    .await
+                    .map_err(BenchError::grpc(what()))?
+                    .into_inner();
+                Ok(Fetched {
+                    messages: fetched.messages.len() as u64,
+                    bytes: fetched.messages.iter().map(|m| m.value.len() as u64).sum(),
+                    next_offset: fetched.next_offset,
+                })
+            }
+        }
+    }
 }
 
 impl Target {
@@ -28,16 +135,21 @@ impl Target {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let topic = format!("bench-{}-{unix_ms}-{}", params.workload, std::process::id());
+        let grpc = params.transport == Transport::Grpc;
         let (addr, in_process) = match &params.server {
             Some(addr) => (addr.clone(), None),
             None => {
                 let config = ServerConfig {
                     listen: "127.0.0.1:0".into(),
+                    grpc: grpc.then(|| "127.0.0.1:0".into()),
                     data: data.to_owned(),
                     ..ServerConfig::default()
                 };
                 let server = Server::bind(config).await?;
-                let addr = server.local_addr()?.to_string();
+                let addr = match server.grpc_addr()? {
+                    Some(grpc_addr) => grpc_addr.to_string(),
+                    None => server.local_addr()?.to_string(),
+                };
                 let (stop, stopped) = watch::channel(false);
                 let task = tokio::spawn(server.run(stopped));
                 (addr, Some((stop, task)))
@@ -46,26 +158,64 @@ impl Target {
         let target = Target {
             addr,
             topic,
+            transport: params.transport,
             in_process,
         };
-        let client = target.connect("spool-bench-admin").await?;
         let config = pb::TopicConfig {
             fsync: Some(params.fsync.to_string()),
             ..pb::TopicConfig::default()
         };
-        if let Err(e) = client.create_topic(&target.topic, config).await {
-            let what = format!("creating topic {}", target.topic);
+        if let Err(e) = target.create_topic(config).await {
             target.finish().await;
-            return Err(BenchError::client(what)(e));
+            return Err(e);
         }
         Ok(target)
     }
 
-    /// A new connection to the broker.
+    async fn create_topic(&self, config: pb::TopicConfig) -> Result<(), BenchError> {
+        let what = format!("creating topic {}", self.topic);
+        match self.conn("spool-bench-admin").await? {
+            Conn::Native(client) => client
+                .create_topic(&self.topic, config)
+                .await
+                .map(|_| ())
+                .map_err(BenchError::client(what)),
+            Conn::Grpc(mut client) => client
+                .create_topic(pb::CreateTopicRequest {
+                    name: self.topic.clone(),
+                    config: Some(config),
+                })
+                .await
+                .map(|_| ())
+                .map_err(BenchError::grpc(what)),
+        }
+    }
+
+    /// A new native connection to the broker.
     pub async fn connect(&self, name: &str) -> Result<Client, BenchError> {
         Client::connect(&self.addr, name)
             .await
             .map_err(BenchError::client(format!("connecting to {}", self.addr)))
+    }
+
+    /// A new connection to the broker in the run's transport (`name` is the
+    /// native client's name).
+    pub async fn conn(&self, name: &str) -> Result<Conn, BenchError> {
+        match self.transport {
+            Transport::Native => Ok(Conn::Native(self.connect(name).await?)),
+            Transport::Grpc => {
+                let channel = Channel::from_shared(format!("http://{}", self.addr))
+                    .map_err(BenchError::grpc(format!("gRPC address {}", self.addr)))?
+                    .connect()
+                    .await
+                    .map_err(BenchError::grpc(format!("connecting to {}", self.addr)))?;
+                Ok(Conn::Grpc(
+                    SpoolClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX),
+                ))
+            }
+        }
     }
 
     /// Removes the topic from a broker that outlives the run, or stops the
@@ -83,9 +233,18 @@ impl Target {
                 }
             }
             None => {
-                let removed = match Client::connect(&self.addr, "spool-bench-admin").await {
-                    Ok(c) => c.delete_topic(&self.topic).await,
-                    Err(e) => Err(e),
+                let removed = match self.conn("spool-bench-admin").await {
+                    Ok(Conn::Native(c)) => {
+                        c.delete_topic(&self.topic).await.map_err(|e| e.to_string())
+                    }
+                    Ok(Conn::Grpc(mut c)) => c
+                        .delete_topic(pb::DeleteTopicRequest {
+                            name: self.topic.clone(),
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
                 };
                 if let Err(e) = removed {
                     tracing::warn!(topic = %self.topic, error = %e, "could not remove the bench topic");

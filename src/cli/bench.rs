@@ -6,7 +6,7 @@ use super::common::{CliError, CliResult, Format, print_table};
 use clap::{Args, CommandFactory};
 use indicatif::{ProgressBar, ProgressStyle};
 use spool::bench::report::Report;
-use spool::bench::{Params, Progress, ReadMode, Workload};
+use spool::bench::{Params, Progress, ReadMode, Transport, Workload};
 use spool::storage::FsyncPolicy;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// one message at a time on the same topic while the replay is measured.
     #[arg(long, default_value_t = 0, value_name = "N")]
     queue_load: u32,
+    /// The protocol producers and replay readers speak: native or grpc
+    /// (grpc: produce and consume --mode replay only; the in-process broker
+    /// also listens for gRPC, and --server names a gRPC address).
+    #[arg(long, default_value = "native")]
+    transport: Transport,
     /// Load this broker instead of starting one in this process.
     #[arg(long)]
     server: Option<String>,
@@ -99,6 +104,7 @@ impl BenchArgs {
             mode: self.mode,
             in_flight: self.in_flight,
             queue_load: self.queue_load,
+            transport: self.transport,
             server: self.server.clone(),
             data: self.data.clone(),
             baseline_mib: self.baseline_mib,
@@ -195,7 +201,7 @@ fn print_params(p: &Params) {
         (None, None) => String::new(),
     };
     println!(
-        "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}, queue load {}\n",
+        "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}, queue load {}, transport {}\n",
         p.producers,
         p.consumers,
         p.size,
@@ -206,6 +212,7 @@ fn print_params(p: &Params) {
         p.mode,
         p.in_flight,
         p.queue_load,
+        p.transport,
     );
 }
 
