@@ -17,6 +17,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+/// gRPC: the client's HTTP/2 receive windows, so a fetch of a full batch
+/// arrives without waiting for window updates.
+const GRPC_WINDOW: u32 = 16 << 20;
+
+/// gRPC: the largest HTTP/2 frame the client accepts (the protocol's
+/// maximum), so a fetch's reply is not cut into 16 KiB frames.
+const GRPC_MAX_FRAME: u32 = (1 << 24) - 1;
+
 /// A broker to load, with the topic of this run.
 #[derive(Debug)]
 pub(super) struct Target {
@@ -206,6 +214,10 @@ impl Target {
             Transport::Grpc => {
                 let channel = Channel::from_shared(format!("http://{}", self.addr))
                     .map_err(BenchError::grpc(format!("gRPC address {}", self.addr)))?
+                    .tcp_nodelay(true)
+                    .initial_stream_window_size(GRPC_WINDOW)
+                    .initial_connection_window_size(GRPC_WINDOW)
+                    .max_frame_size(GRPC_MAX_FRAME)
                     .connect()
                     .await
                     .map_err(BenchError::grpc(format!("connecting to {}", self.addr)))?;
