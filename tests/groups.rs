@@ -659,6 +659,13 @@ fn a_member_extends_and_gives_back_only_the_leases_it_holds() {
         as_offsets(&[0, 1]),
         "3 is not leased"
     );
+    let refused = topic
+        .extend_leases("pool", "a", &as_offsets(&[0]), Some(0))
+        .expect_err("a lease of 0 ms is refused");
+    assert!(
+        refused.to_string().contains("ack_timeout_ms 0"),
+        "{refused}"
+    );
     // Without a timeout, the group's (1 s): 1 expires again soon.
     assert_eq!(extend("a", &[1], None), as_offsets(&[1]));
 

@@ -4,6 +4,7 @@
 //! Delivery counts and acks are durable before they count (group commit).
 
 use super::*;
+use crate::storage::config::MAX_DURATION_MS;
 
 impl Topic {
     /// Queue group: leases up to `max` messages to `member` — redeliveries that
@@ -247,6 +248,13 @@ impl Topic {
         ack_timeout_ms: Option<u64>,
     ) -> Result<Vec<Offset>> {
         let _pass = self.enter()?;
+        if let Some(ms) = ack_timeout_ms
+            && !(1..=MAX_DURATION_MS).contains(&ms)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "ack_timeout_ms {ms} is outside 1..={MAX_DURATION_MS} (100 years)"
+            )));
+        }
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
