@@ -1307,6 +1307,23 @@ async fn acknowledged_grpc_produces_survive_kill_9() {
     assert_eq!(present, acknowledged);
 }
 
+/// Waits (at most 5 s) until a new gRPC connection is served again, once
+/// a slot was freed; fails saying `what` did not happen.
+async fn served_again(broker: &Broker, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = match channel(broker).await {
+            Ok(mut c) => list(&mut c).await.is_ok(),
+            Err(_) => false,
+        };
+        if served {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A gRPC channel on a connection of its own.
 async fn channel(broker: &Broker) -> Result<SpoolClient<Channel>, tonic::transport::Error> {
     let addr = broker.grpc.as_deref().expect("the broker serves gRPC");
@@ -1363,18 +1380,7 @@ async fn max_connections_counts_grpc_and_native_connections_together() {
     );
 
     drop(native);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let served = match channel(&broker).await {
-            Ok(mut c) => list(&mut c).await.is_ok(),
-            Err(_) => false,
-        };
-        if served {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the native slot came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_again(&broker, "the native slot came back").await;
     list(&mut first).await.expect("still served");
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
@@ -1557,18 +1563,7 @@ async fn the_per_address_cap_counts_grpc_and_native_connections_together() {
         "{status:?}"
     );
     drop(native);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let served = match channel(&broker).await {
-            Ok(mut c) => list(&mut c).await.is_ok(),
-            Err(_) => false,
-        };
-        if served {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the address's count came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    served_again(&broker, "the address's count came back").await;
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
     assert!(logs.contains("by max_connections_per_ip"), "{logs}");

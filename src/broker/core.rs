@@ -269,11 +269,7 @@ impl Broker {
     /// while the open topics hold more than `max_open_files`; deletes topics
     /// idle for their `delete_when_idle_ms`.
     async fn sweep(&self) {
-        let config = &self.inner.config;
-        // Below the budget by a tenth, so a burst of opens does not close
-        // one topic per open.
-        self.close_topics(config.max_open_files - config.max_open_files / 10)
-            .await;
+        self.close_topics(self.file_target()).await;
         let now = now_ms();
         for name in self.inner.registry.idle_deletable() {
             // A subscription or long-poll on it is a use.
@@ -296,6 +292,24 @@ impl Broker {
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
+        }
+    }
+
+    /// What the open topics' files are brought down to when they reach it:
+    /// `max_open_files` less a tenth, so a burst of opens does not close one
+    /// topic per open.
+    fn file_target(&self) -> usize {
+        let max = self.inner.config.max_open_files;
+        max - max / 10
+    }
+
+    /// Closes topics when the open ones may be at [`Broker::file_target`]
+    /// (counting the fewest files a topic holds; [`Broker::close_topics`]
+    /// counts exactly).
+    async fn keep_budget(&self) {
+        let target = self.file_target();
+        if self.inner.registry.open_count() * MIN_TOPIC_FILES >= target {
+            self.close_topics(target).await;
         }
     }
 
@@ -432,13 +446,9 @@ impl Broker {
         name: &str,
         open: impl Fn(&Broker, String) -> Result<Arc<Topic>> + Clone + Send + 'static,
     ) -> Result<Arc<Topic>> {
-        // Over the budget (counting the fewest files a topic holds): make
-        // room first, so the open topics stay within it however fast new
-        // ones are opened.
-        let max = self.inner.config.max_open_files;
-        if self.inner.registry.open_count() * MIN_TOPIC_FILES >= max {
-            self.close_topics(max - max / 10).await;
-        }
+        // Make room first, so the open topics stay within the budget
+        // however fast new ones are opened.
+        self.keep_budget().await;
         let attempt = || {
             let (b, name, open) = (self.clone(), name.to_owned(), open.clone());
             blocking(move || open(&b, name))
@@ -945,10 +955,7 @@ async fn sweeper(inner: Weak<Inner>, opened: Arc<tokio::sync::Notify>, stopping:
         if full {
             broker.sweep().await;
         } else {
-            let max = broker.inner.config.max_open_files;
-            if broker.inner.registry.open_count() * MIN_TOPIC_FILES >= max - max / 10 {
-                broker.close_topics(max - max / 10).await;
-            }
+            broker.keep_budget().await;
         }
     }
 }

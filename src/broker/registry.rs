@@ -272,7 +272,7 @@ impl Registry {
     }
 
     fn open_slot(&self, name: &str, slot: &Slot) -> Result<Arc<Topic>> {
-        let mut open = slot.topic();
+        let open = slot.topic();
         if let Some(topic) = &*open {
             return match topic.is_retired() {
                 true => Err(not_found(name)),
@@ -289,6 +289,18 @@ impl Registry {
                 return Err(e);
             }
         };
+        Ok(self.install(name, slot, open, topic))
+    }
+
+    /// Makes `topic` the open topic of `slot`, whose lock `open` is, and
+    /// tells whoever bounds the open topics.
+    fn install(
+        &self,
+        name: &str,
+        slot: &Slot,
+        mut open: MutexGuard<'_, Option<Arc<Topic>>>,
+        topic: Arc<Topic>,
+    ) -> Arc<Topic> {
         self.learn(name, topic.config());
         *slot.config() = Some(topic.config().clone());
         *open = Some(Arc::clone(&topic));
@@ -296,7 +308,7 @@ impl Registry {
         self.open_names().insert(name.to_owned());
         drop(open);
         self.opened.notify_one();
-        Ok(topic)
+        topic
     }
 
     /// Opens the folder of topic `name` with its config (see the damage
@@ -645,19 +657,11 @@ impl Registry {
             // Visible at once, locked until its folder is made: requests
             // for it wait, other topics do not.
             let slot = Slot::new(now_ms(), Some(config.clone()));
-            let mut open = slot.topic();
+            let open = slot.topic();
             topics.insert(name.to_owned(), Arc::clone(&slot));
             drop(topics);
             return match self.create_folder(name, config) {
-                Ok(topic) => {
-                    let topic = Arc::new(topic);
-                    self.learn(name, topic.config());
-                    *open = Some(Arc::clone(&topic));
-                    self.open_names().insert(name.to_owned());
-                    drop(open);
-                    self.opened.notify_one();
-                    Ok(topic)
-                }
+                Ok(topic) => Ok(self.install(name, &slot, open, Arc::new(topic))),
                 Err(e) => {
                     slot.gone.store(true, Ordering::Release);
                     drop(open);
