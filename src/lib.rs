@@ -75,6 +75,13 @@
 //!   reflection, on a listener of its own that [`server::Server`] runs;
 //!   its connections take the native listener's slots and limits (module
 //!   `connection`).
+//! - [`metrics`]: the broker's Prometheus metrics: counters and histograms
+//!   updated where things happen (per-topic handles kept by each topic's
+//!   runtime, syncs timed by a wrapper of the storage), topic and group
+//!   gauges computed at scrape time, and the calls a transport makes for
+//!   its requests and connections.
+//! - [`http`]: the HTTP listener for operations: `/metrics`, `/healthz`,
+//!   `/readyz`, run by [`server::Server`].
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
@@ -91,6 +98,8 @@ pub mod client;
 pub mod error;
 pub mod groups;
 pub mod grpc;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod storage;

@@ -784,7 +784,14 @@ async fn a_bad_consume_start_is_refused_naming_the_field_or_with_the_native_erro
 /// write).
 fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--data",
+        ])
         .arg(data)
         .args(args)
         .stdin(Stdio::null())

@@ -16,8 +16,9 @@ use super::subscription::{self, Subscription, Target};
 use super::topic::{Delivery, DeliveryLimits, Position, Topic};
 use crate::error::{Error, Result};
 use crate::groups::{GroupInfo, GroupMode};
+use crate::metrics::{Cleanup, Metrics, TimedStorage, TopicSnapshot};
 use crate::storage::compact::CompactStats;
-use crate::storage::io::OsStorage;
+use crate::storage::io::{OsStorage, Storage};
 use crate::storage::log::now_ms;
 use crate::storage::{
     Appended, DataDir, Durability, LogStats, NewMessage, Offset, RecoveryMode, record,
@@ -177,6 +178,8 @@ struct Inner {
     /// Held by whoever closes topics ([`Broker::close_topics`]), so
     /// concurrent openers over the budget do not all close the same ones.
     closer: tokio::sync::Mutex<()>,
+    /// What every transport and topic counts into.
+    metrics: Metrics,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -204,6 +207,15 @@ impl Broker {
     /// ones within `max_open_files` and deletes topics idle for their
     /// `delete_when_idle_ms`.
     pub async fn open(config: BrokerConfig) -> Result<Broker> {
+        Broker::open_on(config, Arc::new(OsStorage)).await
+    }
+
+    /// [`Broker::open`] on `storage` rather than the operating system's
+    /// files (a simulated disk, in tests). Its syncs are timed into the
+    /// broker's [`Metrics`].
+    pub async fn open_on(config: BrokerConfig, storage: Arc<dyn Storage>) -> Result<Broker> {
+        let metrics = Metrics::new();
+        let storage: Arc<dyn Storage> = Arc::new(TimedStorage::new(storage, metrics.clone()));
         let data_path = config.data.clone();
         let options = RegistryOptions {
             defaults: config.topic_defaults.clone(),
@@ -211,7 +223,7 @@ impl Broker {
             recovery: config.recovery,
         };
         let registry = tokio::task::spawn_blocking(move || {
-            let data = DataDir::open(Arc::new(OsStorage), &data_path)?;
+            let data = DataDir::open(storage, &data_path)?;
             Registry::open(data, options)
         })
         .await
@@ -223,6 +235,7 @@ impl Broker {
                 config,
                 stopping: Arc::new(AtomicBool::new(false)),
                 closer: tokio::sync::Mutex::new(()),
+                metrics,
             }),
         };
         tracing::info!(
@@ -288,7 +301,10 @@ impl Broker {
             }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Deletion::Deleted(Some(topic))) => self.retire_runtime(&topic),
+                Ok(Deletion::Deleted(Some(topic))) => {
+                    self.retire_runtime(&topic);
+                    self.inner.metrics.forget_topic(&name);
+                }
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
@@ -407,7 +423,7 @@ impl Broker {
         match runtimes.get(topic.name()) {
             Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
             _ => {
-                let rt = TopicRuntime::start(Arc::clone(&topic));
+                let rt = TopicRuntime::start(Arc::clone(&topic), &self.inner.metrics);
                 runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
                 rt
             }
@@ -558,6 +574,29 @@ impl Broker {
         from: Offset,
         limits: DeliveryLimits,
     ) -> Result<Vec<Delivery>> {
+        let delivered = self
+            .read_uncounted(runtime, target, member, from, limits)
+            .await?;
+        let bytes = delivered
+            .iter()
+            .map(|d| {
+                let m = &d.message;
+                crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value)
+            })
+            .sum();
+        runtime.counters().delivered(delivered.len() as u64, bytes);
+        Ok(delivered)
+    }
+
+    /// [`Broker::read`] without counting what it delivers.
+    async fn read_uncounted(
+        &self,
+        runtime: &TopicRuntime,
+        target: &Target,
+        member: &str,
+        from: Offset,
+        limits: DeliveryLimits,
+    ) -> Result<Vec<Delivery>> {
         let t = Arc::clone(runtime.topic());
         let plain = |messages: Vec<crate::storage::Message>| {
             messages
@@ -627,6 +666,9 @@ impl Broker {
         let count = offsets.len();
         let (s, g) = (Arc::clone(&source), group.to_owned());
         blocking(move || s.complete_dead_letters(&g, &offsets)).await?;
+        self.inner
+            .metrics
+            .dead_lettered(source.name(), group, count as u64);
         tracing::warn!(
             topic = source.name(),
             group,
@@ -877,6 +919,7 @@ impl Broker {
         let (b, n) = (self.clone(), name.to_owned());
         if let Some(topic) = blocking(move || b.inner.registry.delete_topic(&n)).await? {
             self.retire_runtime(&topic);
+            self.inner.metrics.forget_topic(name);
         }
         Ok(())
     }
@@ -910,8 +953,10 @@ impl Broker {
     /// Deletes group `group` of `topic`.
     pub async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
         let t = Arc::clone(self.existing(topic).await?.topic());
-        let group = group.to_owned();
-        blocking(move || t.delete_group(&group)).await
+        let g = group.to_owned();
+        blocking(move || t.delete_group(&g)).await?;
+        self.inner.metrics.forget_group(topic, group);
+        Ok(())
     }
 
     /// Compacts one topic, or every topic; returns each topic's figures.
@@ -919,7 +964,82 @@ impl Broker {
     /// segments only and swaps each one in under the writer's lock.
     pub async fn compact(&self, topic: Option<&str>) -> Result<Vec<(String, CompactStats)>> {
         let (b, topic) = (self.clone(), topic.map(str::to_owned));
-        blocking(move || b.inner.registry.compact(topic.as_deref(), &mut |_| {})).await
+        let done =
+            blocking(move || b.inner.registry.compact(topic.as_deref(), &mut |_| {})).await?;
+        for (name, stats) in &done {
+            let reclaimed = stats.bytes_before.saturating_sub(stats.bytes_after);
+            if stats.segments_rewritten + stats.segments_deleted > 0 {
+                self.inner
+                    .metrics
+                    .cleanup(name, Cleanup::Compaction, reclaimed);
+            }
+        }
+        Ok(done)
+    }
+
+    /// The metrics every transport and topic counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Every metric in the OpenMetrics text format: the counters, and the
+    /// gauges of the open topics and their groups, read from memory (a
+    /// closed topic is idle: its gauges come back when it is next used).
+    pub async fn encode_metrics(&self) -> Result<String> {
+        let topics: Vec<Arc<Topic>> = self
+            .runtimes()
+            .values()
+            .map(|rt| Arc::clone(rt.topic()))
+            .collect();
+        let b = self.clone();
+        blocking(move || {
+            let snapshots: Vec<TopicSnapshot> = topics
+                .iter()
+                .filter(|t| !t.is_retired())
+                .map(|t| TopicSnapshot {
+                    name: t.name().to_owned(),
+                    stats: t.stats(),
+                    read_only: t.is_read_only(),
+                    groups: t.list_groups().unwrap_or_default(),
+                })
+                .collect();
+            let total = b.inner.registry.names().len();
+            Ok(b.inner.metrics.encode(total, &snapshots))
+        })
+        .await
+    }
+
+    /// Whether the broker takes writes: `Err` names why not (stopping, or
+    /// the topics a failed sync made read-only).
+    /// A read-only topic stays open until restart, so the open ones are
+    /// all there is to look at; looking waits for no sync (on the blocking
+    /// pool: a topic's state locks may be held across one).
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return Err("the broker is stopping".into());
+        }
+        let topics: Vec<Arc<Topic>> = self
+            .runtimes()
+            .values()
+            .map(|rt| Arc::clone(rt.topic()))
+            .collect();
+        let mut read_only = blocking(move || {
+            Ok(topics
+                .iter()
+                .filter(|t| !t.is_retired() && t.is_read_only())
+                .map(|t| t.name().to_owned())
+                .collect::<Vec<String>>())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if read_only.is_empty() {
+            return Ok(());
+        }
+        read_only.sort();
+        Err(format!(
+            "read-only after a failed sync (until restart): topic {}",
+            read_only.join(", topic ")
+        ))
     }
 
     /// Stops every topic's tasks, syncs every topic and releases it. The

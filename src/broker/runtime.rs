@@ -10,6 +10,7 @@
 
 use crate::broker::{GroupCommit, Topic};
 use crate::error::{Error, Result};
+use crate::metrics::{Cleanup, Metrics, TopicCounters};
 use crate::storage::log::now_ms;
 use crate::storage::{Appended, FsyncPolicy, NewMessage};
 use std::sync::Arc;
@@ -38,14 +39,18 @@ pub struct TopicRuntime {
     topic: Arc<Topic>,
     produce_tx: mpsc::Sender<ProduceJob>,
     changed: watch::Sender<u64>,
+    /// This topic's produced and delivered counters.
+    counters: TopicCounters,
 }
 
 impl TopicRuntime {
-    /// Starts the writer (and, under `fsync=interval`, the ticker) of `topic`.
-    pub fn start(topic: Arc<Topic>) -> Arc<TopicRuntime> {
+    /// Starts the writer (and, under `fsync=interval`, the ticker) of
+    /// `topic`, counting into `metrics`.
+    pub fn start(topic: Arc<Topic>, metrics: &Metrics) -> Arc<TopicRuntime> {
         let (produce_tx, produce_rx) = mpsc::channel(QUEUE_DEPTH);
         let (changed, _) = watch::channel(0u64);
         let runtime = Arc::new(TopicRuntime {
+            counters: metrics.topic(topic.name()),
             topic,
             produce_tx,
             changed,
@@ -60,12 +65,17 @@ impl TopicRuntime {
         let weak = || Arc::downgrade(&runtime);
         let config = runtime.topic.config();
         if let Some(every) = retention_check_interval(config) {
+            let metrics = metrics.clone();
             tokio::spawn(periodic(
                 weak(),
                 Schedule::now_and_every(every).or_when(sealed),
                 "retention",
-                |t: &Topic| t.enforce_retention(now_ms()),
-                |_, _| {},
+                retention_pass,
+                move |topic, reclaimed| {
+                    if let Some(bytes) = reclaimed {
+                        metrics.cleanup(topic, Cleanup::Retention, bytes);
+                    }
+                },
             ));
         }
         if let FsyncPolicy::Interval(ms) = config.log.fsync {
@@ -86,14 +96,20 @@ impl TopicRuntime {
             |_, ()| {},
         ));
         if let Some(ratio) = config.compact_min_dirty_ratio {
+            let metrics = metrics.clone();
             let every = Duration::from_millis(config.compact_check_ms.max(1));
             tokio::spawn(periodic(
                 weak(),
                 Schedule::every(every),
                 "background compaction",
                 move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
-                |topic, done| {
+                move |topic, done| {
                     if let Some((dirt, stats)) = done {
+                        metrics.cleanup(
+                            topic,
+                            Cleanup::Compaction,
+                            stats.bytes_before.saturating_sub(stats.bytes_after),
+                        );
                         tracing::info!(
                             topic,
                             dirty_ratio = dirt.ratio(),
@@ -115,8 +131,14 @@ impl TopicRuntime {
         &self.topic
     }
 
+    /// This topic's produced and delivered counters.
+    pub fn counters(&self) -> &TopicCounters {
+        &self.counters
+    }
+
     /// Appends through the writer task; resolves once the batch is committed.
     pub async fn produce(&self, batch: Vec<NewMessage>) -> Result<Appended> {
+        let (messages, bytes) = (batch.len() as u64, payload_bytes(&batch));
         let (reply, rx) = oneshot::channel();
         // Only a writer that panicked drops its queue: an internal failure.
         let unavailable = || {
@@ -129,7 +151,9 @@ impl TopicRuntime {
             .send(ProduceJob { batch, reply })
             .await
             .map_err(|_| unavailable())?;
-        rx.await.map_err(|_| unavailable())?
+        let appended = rx.await.map_err(|_| unavailable())??;
+        self.counters.produced(messages, bytes);
+        Ok(appended)
     }
 
     /// A receiver that changes whenever there is something new to deliver.
@@ -253,6 +277,31 @@ fn duplicate(e: &Error) -> Error {
             cause: cause.clone(),
         },
     }
+}
+
+/// Bytes of key, headers and value of `batch` (what the produced and
+/// delivered byte counters count).
+fn payload_bytes(batch: &[NewMessage]) -> u64 {
+    batch
+        .iter()
+        .map(|m| crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value))
+        .sum()
+}
+
+/// One retention pass over `topic`: the bytes of the segments it dropped,
+/// `None` when it dropped none.
+fn retention_pass(topic: &Topic) -> Result<Option<u64>> {
+    let before = topic.log().segments();
+    let dropped = topic.enforce_retention(now_ms())?;
+    if dropped.is_empty() {
+        return Ok(None);
+    }
+    let bytes = before
+        .iter()
+        .filter(|s| dropped.iter().any(|d| d.0 == s.base()))
+        .map(|s| s.size())
+        .sum();
+    Ok(Some(bytes))
 }
 
 /// How often the retention task looks at a topic (besides after every

@@ -6,6 +6,7 @@ use super::common::Format;
 use clap::Args;
 use serde::Deserialize;
 use spool::grpc::DEFAULT_GRPC_LISTEN;
+use spool::http::DEFAULT_METRICS_LISTEN;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
 use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::net::SocketAddr;
@@ -25,6 +26,11 @@ pub struct ServeArgs {
     /// a free port (printed on the second line); `off` serves no gRPC.
     #[arg(long, value_name = "ADDR|off")]
     grpc: Option<String>,
+    /// Address of the HTTP listener for /metrics, /healthz and /readyz
+    /// (default 127.0.0.1:9411); port 0 picks a free port (printed on its
+    /// own start-up line); `off` serves none.
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -62,8 +68,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     topic_idle_close_ms: Option<u64>,
     /// Form of the start-up output: text (`spool VERSION listening on ADDR,
-    /// data in DIR`, then `spool grpc listening on ADDR`) or json (one
-    /// object with `listeners.native` and `listeners.grpc`).
+    /// data in DIR`, then `spool grpc listening on ADDR` and `spool metrics
+    /// listening on ADDR`) or json (one object with `listeners.native`,
+    /// `listeners.grpc` and `listeners.metrics`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
 }
@@ -74,6 +81,7 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<String>,
     grpc: Option<String>,
+    metrics: Option<String>,
     data: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     auto_create: Option<bool>,
@@ -100,16 +108,17 @@ fn timeout(ms: u64) -> Option<Duration> {
 /// scripts rely on to find ports picked with port 0, so its form never
 /// changes. Text: the first line `spool VERSION listening on ADDR, data in
 /// DIR` (the native listener), then, with gRPC on, `spool grpc listening on
-/// ADDR`. JSON: one line, `{"version":..,"listeners":{"native":ADDR,
-/// "grpc":ADDR},"data":DIR}` (no `grpc` key with gRPC off). Listeners added
-/// later get keys of their own in `listeners`, and in text lines of their
-/// own after these.
-fn startup_lines(
-    format: Format,
-    addr: SocketAddr,
-    grpc: Option<SocketAddr>,
-    data: &Path,
-) -> String {
+/// ADDR`, then, with metrics on, `spool metrics listening on ADDR`. JSON:
+/// one line, `{"version":..,"listeners":{"native":ADDR,"grpc":ADDR,
+/// "metrics":ADDR},"data":DIR}` (no `grpc` or `metrics` key for a listener
+/// that is off). Listeners added later get keys of their own in
+/// `listeners`, and in text lines of their own after these.
+fn startup_lines(format: Format, listeners: &Listeners, data: &Path) -> String {
+    let Listeners {
+        native: addr,
+        grpc,
+        metrics,
+    } = *listeners;
     let version = env!("CARGO_PKG_VERSION");
     match format {
         Format::Text => {
@@ -120,12 +129,18 @@ fn startup_lines(
             if let Some(grpc) = grpc {
                 out.push_str(&format!("spool grpc listening on {grpc}\n"));
             }
+            if let Some(metrics) = metrics {
+                out.push_str(&format!("spool metrics listening on {metrics}\n"));
+            }
             out
         }
         Format::Json => {
             let mut listeners = serde_json::json!({ "native": addr.to_string() });
             if let Some(grpc) = grpc {
                 listeners["grpc"] = grpc.to_string().into();
+            }
+            if let Some(metrics) = metrics {
+                listeners["metrics"] = metrics.to_string().into();
             }
             let line = serde_json::json!({
                 "version": version,
@@ -135,6 +150,14 @@ fn startup_lines(
             format!("{line}\n")
         }
     }
+}
+
+/// The addresses `spool serve` listens on.
+#[derive(Debug, Clone, Copy)]
+struct Listeners {
+    native: SocketAddr,
+    grpc: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
 }
 
 fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
@@ -158,6 +181,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             Some(addr) if addr == "off" => None,
             Some(addr) => Some(addr),
             None => Some(DEFAULT_GRPC_LISTEN.into()),
+        },
+        metrics: match args.metrics.clone().or(file.metrics) {
+            Some(addr) if addr == "off" => None,
+            Some(addr) => Some(addr),
+            None => Some(DEFAULT_METRICS_LISTEN.into()),
         },
         data: args
             .data
@@ -239,10 +267,13 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
     runtime.block_on(async move {
         let data = config.data.clone();
         let server = Server::bind(config).await?;
-        let addr = server.local_addr()?;
-        let grpc = server.grpc_addr()?;
+        let listeners = Listeners {
+            native: server.local_addr()?,
+            grpc: server.grpc_addr()?,
+            metrics: server.metrics_addr()?,
+        };
         // One write: a reader that stops after the first line has all of it.
-        print!("{}", startup_lines(args.format, addr, grpc, &data));
+        print!("{}", startup_lines(args.format, &listeners, &data));
         std::io::Write::flush(&mut std::io::stdout())
             .map_err(|e| spool::Error::io("writing the start-up lines", e))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);

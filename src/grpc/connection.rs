@@ -351,7 +351,7 @@ pub(crate) fn incoming(
                 }
             };
             let _ = stream.set_nodelay(true);
-            match limits.admission.admit(peer.ip()) {
+            match limits.admission.admit(super::LISTENER, peer.ip()) {
                 Ok(ticket) => {
                     let conn = Conn {
                         stream,

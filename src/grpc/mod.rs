@@ -8,6 +8,7 @@
 //!   code and message as a native one.
 //! - `connection`: admission of each connection into the server's shared
 //!   slots, its idle and write deadlines, and its count of streams.
+//! - `measured`: the one place calls are counted into the broker's metrics.
 //! - `consume`: one bidirectional `Consume` stream over a queue group, and
 //!   the leases it gives back when it ends.
 //!
@@ -17,6 +18,7 @@
 
 mod connection;
 mod consume;
+mod measured;
 mod service;
 
 pub(crate) use connection::Limits;
@@ -28,6 +30,9 @@ use service::Service;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// The label of this transport's metrics.
+const LISTENER: &str = "grpc";
 
 /// Largest HTTP/2 frame the server accepts (the protocol's maximum is
 /// 16 MiB - 1; the default, 16 KiB, cuts a 1 MiB produce into 64 frames).
@@ -82,9 +87,11 @@ pub(crate) async fn serve(
         .build_v1alpha()
         .map_err(reflection)?;
     let limit = max_frame_bytes as usize;
+    let metrics = broker.metrics().clone();
     let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let spool = measured::Measured::new(spool, metrics);
     let incoming = connection::incoming(listener, limits);
     let mut signal = shutdown;
     tonic::transport::Server::builder()

@@ -4,6 +4,7 @@
 //! by a limit, logged as one line per interval rather than a line each (a
 //! flood of 1000 refusals is one line, not 1000).
 
+use crate::metrics::{ConnectionGuard, Metrics};
 use crate::protocol::{pb, status};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -73,6 +74,7 @@ pub(crate) struct Admission {
     slots: Arc<Semaphore>,
     per_ip: Option<(usize, PerIp)>,
     counts: [AtomicU64; Limit::ALL.len()],
+    metrics: Metrics,
 }
 
 /// A connection's slot, given back on drop.
@@ -80,6 +82,7 @@ pub(crate) struct Admission {
 pub(crate) struct Ticket {
     _slot: OwnedSemaphorePermit,
     ip: Option<(IpAddr, PerIp)>,
+    _open: ConnectionGuard,
 }
 
 impl Drop for Ticket {
@@ -103,17 +106,23 @@ fn release(per_ip: &PerIp, ip: IpAddr) {
 
 impl Admission {
     /// Slots for `max_connections`, and `max_connections_per_ip` from one address.
-    pub(crate) fn new(max_connections: usize, max_connections_per_ip: Option<usize>) -> Admission {
+    pub(crate) fn new(
+        max_connections: usize,
+        max_connections_per_ip: Option<usize>,
+        metrics: Metrics,
+    ) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(max_connections)),
             per_ip: max_connections_per_ip.map(|n| (n, PerIp::default())),
             counts: Default::default(),
+            metrics,
         }
     }
 
-    /// A slot for a connection from `ip`, or the error that refuses it (the
-    /// refusal is counted).
-    pub(crate) fn admit(&self, ip: IpAddr) -> Result<Ticket, pb::Error> {
+    /// A slot for a connection from `ip` on `listener` (`native`, `grpc`,
+    /// ...: the label of its connection metrics, counted open while the
+    /// ticket lives), or the error that refuses it (the refusal is counted).
+    pub(crate) fn admit(&self, listener: &'static str, ip: IpAddr) -> Result<Ticket, pb::Error> {
         let mut ticket_ip = None;
         if let Some((max, per_ip)) = &self.per_ip {
             let mut open = per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,6 +144,7 @@ impl Admission {
             Ok(slot) => Ok(Ticket {
                 _slot: slot,
                 ip: ticket_ip,
+                _open: self.metrics.connection(listener),
             }),
             Err(_) => {
                 if let Some((ip, per_ip)) = ticket_ip {
@@ -152,6 +162,11 @@ impl Admission {
     /// Counts a connection refused or closed by `limit`.
     pub(crate) fn count(&self, limit: Limit) {
         self.counts[limit as usize].fetch_add(1, Ordering::Relaxed);
+        if limit.refusal() {
+            self.metrics.refused(limit.setting());
+        } else {
+            self.metrics.closed_by_limit(limit.setting());
+        }
     }
 
     /// Logs what was counted since the last call, in one line (nothing when
@@ -186,19 +201,21 @@ mod tests {
     fn a_slot_and_an_address_count_come_back_with_the_ticket() {
         let a: IpAddr = [127, 0, 0, 1].into();
         let b: IpAddr = [127, 0, 0, 2].into();
-        let admission = Admission::new(3, Some(2));
-        let t1 = admission.admit(a).expect("first from a");
-        let t2 = admission.admit(a).expect("second from a");
-        let err = admission.admit(a).expect_err("third from a");
+        let admission = Admission::new(3, Some(2), Metrics::new());
+        let t1 = admission.admit("native", a).expect("first from a");
+        let t2 = admission.admit("native", a).expect("second from a");
+        let err = admission.admit("native", a).expect_err("third from a");
         assert!(
             err.message.contains("max_connections_per_ip is 2"),
             "{err:?}"
         );
-        let t3 = admission.admit(b).expect("b has its own count");
-        let err = admission.admit(b).expect_err("no slot left");
+        let t3 = admission.admit("native", b).expect("b has its own count");
+        let err = admission.admit("native", b).expect_err("no slot left");
         assert!(err.message.contains("too many connections;"), "{err:?}");
         drop(t1);
-        let t4 = admission.admit(a).expect("a slot and a's count came back");
+        let t4 = admission
+            .admit("native", a)
+            .expect("a slot and a's count came back");
         drop((t2, t3, t4));
         let open = admission
             .per_ip

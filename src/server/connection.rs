@@ -42,6 +42,9 @@ const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 type ServerCodec = FrameCodec<pb::ClientFrame, pb::ServerFrame>;
 
+/// The label of this transport's metrics.
+pub(super) const LISTENER: &str = "native";
+
 pub(super) fn response(request_id: u64, result: Reply) -> pb::ServerFrame {
     pb::ServerFrame {
         kind: Some(pb::server_frame::Kind::Response(pb::Response {
@@ -429,20 +432,32 @@ impl Conn {
         }
     }
 
-    /// Serves one request; `None` when the reply was already queued.
+    /// Serves one request; `None` when the reply was already queued. Every
+    /// request is counted here, with its operation, status code and time.
     async fn handle(&self, frame: pb::ClientFrame) -> Option<pb::ServerFrame> {
         let id = frame.request_id;
+        let started = std::time::Instant::now();
+        let operation = frame
+            .request
+            .as_ref()
+            .map_or("unknown", handlers::operation);
         let result = match frame.request {
-            Some(Request::Subscribe(s)) => match handlers::fetch::subscribe(self, id, s).await {
-                Ok(()) => return None,
-                Err(e) => Err(e),
-            },
-            Some(request) => handlers::dispatch(self, request).await,
+            Some(Request::Subscribe(s)) => {
+                handlers::fetch::subscribe(self, id, s).await.map(|()| None)
+            }
+            Some(request) => handlers::dispatch(self, request).await.map(Some),
             None => Err(status::error(
                 pb::Code::Unimplemented,
                 "unknown request type: this server does not know the request field sent",
             )),
         };
+        let code = result.as_ref().map_or_else(|e| e.code, |_| 0);
+        self.shared
+            .broker
+            .metrics()
+            .request(LISTENER, operation, code, started.elapsed());
+        // A subscription's answer is already queued.
+        let result = result.transpose()?;
         let frame = response(id, result.unwrap_or_else(Reply::Error));
         Some(within_frame_limit(
             id,

@@ -46,6 +46,10 @@ pub struct ServerConfig {
     /// Address of the gRPC listener (port 0 picks a free one); `None`: no
     /// gRPC (`spool serve` defaults to [`crate::grpc::DEFAULT_GRPC_LISTEN`]).
     pub grpc: Option<String>,
+    /// Address of the HTTP listener for `/metrics`, `/healthz` and
+    /// `/readyz` (port 0 picks a free one); `None`: none (`spool serve`
+    /// defaults to [`crate::http::DEFAULT_METRICS_LISTEN`]).
+    pub metrics: Option<String>,
     /// Data directory.
     pub data: PathBuf,
     /// Largest frame in either direction.
@@ -90,6 +94,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: DEFAULT_LISTEN.into(),
             grpc: None,
+            metrics: None,
             data: PathBuf::from("./data"),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 1024 * 1024,
@@ -148,6 +153,7 @@ impl Shared {
 pub struct Server {
     listener: TcpListener,
     grpc: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -179,17 +185,27 @@ impl Server {
             ),
             None => None,
         };
+        let metrics = match &config.metrics {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("listening for metrics on {addr}"))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
-            broker,
             admission: Arc::new(Admission::new(
                 config.max_connections,
                 config.max_connections_per_ip,
+                broker.metrics().clone(),
             )),
+            broker,
             config,
         });
         Ok(Server {
             listener,
             grpc,
+            metrics,
             shared,
         })
     }
@@ -212,6 +228,17 @@ impl Server {
             .transpose()
     }
 
+    /// The address the metrics listener actually bound, if there is one.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        self.metrics
+            .as_ref()
+            .map(|l| {
+                l.local_addr()
+                    .ctx(|| "reading the metrics listen address".into())
+            })
+            .transpose()
+    }
+
     /// The broker core this server serves.
     pub fn broker(&self) -> &Broker {
         &self.shared.broker
@@ -227,8 +254,16 @@ impl Server {
         let Server {
             listener,
             grpc,
+            metrics,
             shared,
         } = self;
+        let metrics = metrics.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                shared.broker.clone(),
+                shutdown.clone(),
+            ))
+        });
         let grpc = grpc.map(|listener| {
             tokio::spawn(crate::grpc::serve(
                 listener,
@@ -259,7 +294,7 @@ impl Server {
                     };
                     let _ = stream.set_nodelay(true);
                     let b = Arc::clone(&shared);
-                    match shared.admission.admit(peer.ip()) {
+                    match shared.admission.admit(connection::LISTENER, peer.ip()) {
                         Ok(ticket) => {
                             let shutdown = shutdown.clone();
                             connections.spawn(async move {
@@ -311,6 +346,10 @@ impl Server {
             }
         }
         shared.admission.log_summary();
+        if let Some(metrics) = metrics {
+            // It saw the same signal; its connections are closed.
+            let _ = metrics.await;
+        }
         shared.broker.stop().await?;
         tracing::info!("stopped");
         Ok(())

@@ -47,6 +47,33 @@ pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb:
     }
 }
 
+/// The name of `request`'s operation in metrics (fixed names: the label
+/// stays bounded).
+pub(super) fn operation(request: &Request) -> &'static str {
+    match request {
+        Request::Hello(_) => "hello",
+        Request::Ping(_) => "ping",
+        Request::Produce(_) => "produce",
+        Request::Fetch(_) => "fetch",
+        Request::Subscribe(_) => "subscribe",
+        Request::Unsubscribe(_) => "unsubscribe",
+        Request::Ack(_) => "ack",
+        Request::Nack(_) => "nack",
+        Request::Commit(_) => "commit",
+        Request::Seek(_) => "seek",
+        Request::CreateGroup(_) => "create_group",
+        Request::ListGroups(_) => "list_groups",
+        Request::DescribeGroup(_) => "describe_group",
+        Request::DeleteGroup(_) => "delete_group",
+        Request::Delete(_) => "delete",
+        Request::CreateTopic(_) => "create_topic",
+        Request::ListTopics(_) => "list_topics",
+        Request::DescribeTopic(_) => "describe_topic",
+        Request::DeleteTopic(_) => "delete_topic",
+        Request::Compact(_) => "compact",
+    }
+}
+
 /// A broker outcome onto the wire.
 fn wire(conn: &Conn) -> impl Fn(crate::Error) -> pb::Error + '_ {
     move |e| conn.shared.wire(&e)

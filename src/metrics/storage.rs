@@ -1,0 +1,155 @@
+//! [`TimedStorage`]: a [`Storage`] that times every durability point of the
+//! one it wraps (`sync_range`, `sync_data`, `sync_dir`) into
+//! [`Metrics::synced`], and forwards everything else unchanged.
+
+use super::Metrics;
+use crate::storage::io::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile};
+use bytes::Bytes;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Runs `sync`, recording its duration and outcome.
+fn timed(metrics: &Metrics, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    let started = Instant::now();
+    let result = sync();
+    metrics.synced(started.elapsed(), result.is_ok());
+    result
+}
+
+/// A storage whose syncs are timed (see the module doc).
+#[derive(Debug)]
+pub struct TimedStorage {
+    inner: Arc<dyn Storage>,
+    metrics: Metrics,
+}
+
+impl TimedStorage {
+    /// Wraps `inner`, recording its syncs into `metrics`.
+    pub fn new(inner: Arc<dyn Storage>, metrics: Metrics) -> TimedStorage {
+        TimedStorage { inner, metrics }
+    }
+}
+
+impl Storage for TimedStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list_dir(dir)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        let inner = self.inner.open(path, mode)?;
+        Ok(Arc::new(TimedFile {
+            inner,
+            metrics: self.metrics.clone(),
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove_dir_all(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        timed(&self.metrics, || self.inner.sync_dir(dir))
+    }
+
+    fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        self.inner.lock(path, owner)
+    }
+}
+
+#[derive(Debug)]
+struct TimedFile {
+    inner: Arc<dyn StorageFile>,
+    metrics: Metrics,
+}
+
+impl StorageFile for TimedFile {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.inner.allocate(len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(pos, buf)
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_at(pos, data)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        timed(&self.metrics, || self.inner.sync_data())
+    }
+
+    fn map_read(&self) -> io::Result<Arc<dyn Mapping>> {
+        self.inner.map_read()
+    }
+
+    fn map_append(&self, capacity: u64, published: u64) -> io::Result<Arc<dyn Mapping>> {
+        let inner = self.inner.map_append(capacity, published)?;
+        Ok(Arc::new(TimedMapping {
+            inner,
+            metrics: self.metrics.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct TimedMapping {
+    inner: Arc<dyn Mapping>,
+    metrics: Metrics,
+}
+
+impl Mapping for TimedMapping {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+
+    fn published(&self) -> u64 {
+        self.inner.published()
+    }
+
+    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write(pos, data)
+    }
+
+    fn publish(&self, end: u64) {
+        self.inner.publish(end)
+    }
+
+    fn seal(&self) {
+        self.inner.seal()
+    }
+
+    fn sync_range(&self, pos: u64, len: u64) -> io::Result<()> {
+        timed(&self.metrics, || self.inner.sync_range(pos, len))
+    }
+
+    fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes> {
+        self.inner.bytes(pos, len)
+    }
+}
