@@ -1,0 +1,443 @@
+//! The metrics and health listener: `/metrics` read by a Prometheus text
+//! parser after a known workload through the real binary (native and gRPC),
+//! refusals by reason, the start-up line, and `/readyz` turning 503 when a
+//! failed sync makes a topic read-only. A real disk cannot be made to fail
+//! a sync from a test, so that last one runs the broker and the HTTP
+//! listener in-process over the simulated disk.
+
+mod common;
+
+use common::Broker;
+use spool::client::{Client, FetchOptions};
+use spool::groups::GroupMode;
+use spool::protocol::pb;
+use spool::protocol::pb::spool_client::SpoolClient;
+use spool::storage::NewMessage;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP answer: status, headers (lower-case names), body.
+struct Answer {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// `GET path` from `addr` over a fresh connection.
+async fn get(addr: &str, path: &str) -> Answer {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("answer");
+    let raw = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("headers end");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// `/metrics` of `addr`, parsed as Prometheus does.
+async fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let answer = get(addr, "/metrics").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let lines = answer.body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("a Prometheus text scrape")
+}
+
+/// The value of the sample `name` whose labels include `labels`, if any.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{name} is not a single value: {other:?}"),
+        })
+}
+
+/// Like [`value`], failing when the sample is missing.
+fn must(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(scrape, name, labels).unwrap_or_else(|| {
+        let names: Vec<_> = scrape
+            .samples
+            .iter()
+            .map(|s| format!("{}{:?}", s.metric, s.labels))
+            .collect();
+        panic!("no {name} {labels:?} in {names:#?}")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_tell_a_known_workload_per_topic_group_and_listener() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--fsync", "always"]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let client = Client::connect(&broker.addr, "metrics-test")
+        .await
+        .expect("connect");
+
+    // 100 messages of 10 bytes in 4 produces.
+    for batch in 0..4 {
+        let messages = (0..25)
+            .map(|i| NewMessage::from_value(format!("message{:03}", batch * 25 + i)))
+            .collect();
+        client.produce("orders", messages).await.expect("produce");
+    }
+    client
+        .create_group("orders", "workers", GroupMode::Queue, None)
+        .await
+        .expect("queue group");
+    client
+        .create_group("orders", "audit", GroupMode::Stream, None)
+        .await
+        .expect("stream group");
+    // The queue group takes and acks 60; the stream group reads nothing.
+    let mut consumed = 0;
+    while consumed < 60 {
+        let fetched = client
+            .fetch(
+                "orders",
+                FetchOptions {
+                    group: Some("workers".into()),
+                    member: "m".into(),
+                    max_messages: 60 - consumed,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("queue fetch");
+        let offsets: Vec<u64> = fetched
+            .messages
+            .iter()
+            .map(|m| m.message.offset.0)
+            .collect();
+        assert!(!offsets.is_empty(), "messages left to fetch");
+        client
+            .ack("orders", "workers", &offsets, None)
+            .await
+            .expect("ack");
+        consumed += offsets.len() as u32;
+    }
+    client
+        .describe_topic("missing")
+        .await
+        .expect_err("an unknown topic");
+
+    // gRPC: one produce and one NOT_FOUND.
+    let grpc = broker.grpc.clone().expect("a gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect over gRPC");
+    g.produce(pb::ProduceRequest {
+        topic: "events".into(),
+        messages: vec![pb::NewMessage {
+            value: b"hello".to_vec().into(),
+            ..Default::default()
+        }],
+    })
+    .await
+    .expect("produce over gRPC");
+    g.describe_topic(pb::DescribeTopicRequest {
+        name: "missing".into(),
+    })
+    .await
+    .expect_err("an unknown topic over gRPC");
+
+    let answer = get(&http, "/metrics").await;
+    assert!(
+        answer
+            .headers
+            .get("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        answer.headers
+    );
+    let s = scrape(&http).await;
+    let orders = [("topic", "orders")];
+    assert_eq!(must(&s, "spool_produced_messages_total", &orders), 100.0);
+    assert_eq!(must(&s, "spool_produced_bytes_total", &orders), 1000.0);
+    assert_eq!(must(&s, "spool_delivered_messages_total", &orders), 60.0);
+    assert_eq!(must(&s, "spool_delivered_bytes_total", &orders), 600.0);
+    assert_eq!(must(&s, "spool_topic_start_offset", &orders), 0.0);
+    assert_eq!(must(&s, "spool_topic_end_offset", &orders), 100.0);
+    assert_eq!(must(&s, "spool_topic_durable_end_offset", &orders), 100.0);
+    assert_eq!(must(&s, "spool_topic_segments", &orders), 1.0);
+    assert!(must(&s, "spool_topic_log_bytes", &orders) > 1000.0);
+    assert_eq!(must(&s, "spool_topic_read_only", &orders), 0.0);
+    let workers = [("topic", "orders"), ("group", "workers")];
+    assert_eq!(must(&s, "spool_group_lag", &workers), 40.0);
+    assert_eq!(must(&s, "spool_group_pending", &workers), 0.0);
+    assert_eq!(must(&s, "spool_group_committed_offset", &workers), 60.0);
+    let audit = [("topic", "orders"), ("group", "audit")];
+    assert_eq!(must(&s, "spool_group_lag", &audit), 100.0);
+    assert_eq!(
+        must(&s, "spool_produced_messages_total", &[("topic", "events")]),
+        1.0
+    );
+    assert_eq!(must(&s, "spool_topics", &[]), 2.0);
+
+    let native = |op: &'static str, code: &'static str| {
+        [("listener", "native"), ("operation", op), ("code", code)]
+    };
+    assert_eq!(
+        must(&s, "spool_requests_total", &native("produce", "OK")),
+        4.0
+    );
+    assert_eq!(
+        must(&s, "spool_requests_total", &native("ack", "OK")),
+        value(&s, "spool_requests_total", &native("fetch", "OK")).unwrap_or(-1.0)
+    );
+    assert_eq!(
+        must(
+            &s,
+            "spool_requests_total",
+            &native("describe_topic", "NOT_FOUND")
+        ),
+        1.0
+    );
+    let grpc_req = |op: &'static str, code: &'static str| {
+        [("listener", "grpc"), ("operation", op), ("code", code)]
+    };
+    assert_eq!(
+        must(&s, "spool_requests_total", &grpc_req("produce", "OK")),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "spool_requests_total",
+            &grpc_req("describe_topic", "NOT_FOUND")
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "spool_request_duration_seconds_count",
+            &[("listener", "native"), ("operation", "produce")]
+        ),
+        4.0
+    );
+    // fsync=always: every produce and ack waited for a sync.
+    assert!(must(&s, "spool_fsync_duration_seconds_count", &[]) >= 4.0);
+    assert_eq!(must(&s, "spool_fsync_errors_total", &[]), 0.0);
+    assert_eq!(
+        must(&s, "spool_connections_open", &[("listener", "native")]),
+        1.0
+    );
+    assert_eq!(
+        must(&s, "spool_connections_open", &[("listener", "grpc")]),
+        1.0
+    );
+    assert!(
+        must(
+            &s,
+            "spool_connections_accepted_total",
+            &[("listener", "native")]
+        ) >= 1.0
+    );
+
+    assert_eq!(get(&http, "/healthz").await.status, 200);
+    let ready = get(&http, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(get(&http, "/nope").await.status, 404);
+
+    // A deleted topic takes its series with it; a closed connection is
+    // no longer open.
+    client.delete_topic("orders").await.expect("delete topic");
+    drop(client);
+    let s = scrape(&http).await;
+    let left: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("topic") == Some("orders"))
+        .map(|s| s.metric.clone())
+        .collect();
+    assert!(left.is_empty(), "series of a deleted topic: {left:?}");
+    assert_eq!(must(&s, "spool_topics", &[]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted_by_the_limit_that_refused_them() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--max-connections-per-ip", "1"]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let first = Client::connect(&broker.addr, "first")
+        .await
+        .expect("the one connection allowed");
+    Client::connect(&broker.addr, "second")
+        .await
+        .expect_err("a second from the same address is refused");
+    let s = scrape(&http).await;
+    assert_eq!(
+        must(
+            &s,
+            "spool_connections_refused_total",
+            &[("reason", "max_connections_per_ip")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(&s, "spool_connections_open", &[("listener", "native")]),
+        1.0
+    );
+    drop(first);
+}
+
+/// `spool serve` on `data` with `args`; returns it (killed on drop) and
+/// everything its first read of stdout got.
+fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "off",
+            "--data",
+        ])
+        .arg(data)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn spool serve");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let killed = common::Killed(child);
+    let mut reader = BufReader::new(stdout);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("a first line");
+    let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
+    (killed, first + &rest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_lines_name_the_metrics_listener_and_off_turns_it_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+
+    let (server, out) = serve(&data, &["--metrics", "127.0.0.1:0"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let addr = lines[1]
+        .strip_prefix("spool metrics listening on ")
+        .unwrap_or_else(|| panic!("`spool metrics listening on ADDR`: {out}"));
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{out}"
+    );
+    assert_eq!(get(addr, "/healthz").await.status, 200);
+    drop(server);
+
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "metrics = \"127.0.0.1:0\"\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let (server, out) = serve(&data, &["--format", "json", "--config", &config]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let addr = v["listeners"]["metrics"]
+        .as_str()
+        .unwrap_or_else(|| panic!("listeners.metrics: {out}"));
+    assert_eq!(get(addr, "/readyz").await.status, 200);
+    drop(server);
+
+    let (server, out) = serve(&data, &["--metrics", "off"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    drop(server);
+    std::fs::write(&config, "metrics = \"off\"\n").expect("config");
+    let (server, out) = serve(&data, &["--format", "json", "--config", &config]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert!(v["listeners"].get("metrics").is_none(), "{out}");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_when_a_failed_sync_makes_a_topic_read_only() {
+    use spool::broker::{BrokerConfig, TopicConfig};
+    use spool::storage::FsyncPolicy;
+    use spool::storage::io::{SimDisk, SimFault};
+    use std::sync::Arc;
+
+    let disk = Arc::new(SimDisk::new());
+    let mut topic_defaults = TopicConfig::default();
+    topic_defaults.log.fsync = FsyncPolicy::Always;
+    let broker = spool::broker::Broker::open_on(
+        BrokerConfig {
+            data: "/sim/data".into(),
+            topic_defaults,
+            auto_create: true,
+            recovery: Default::default(),
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 1000,
+            max_open_files: 1024,
+            topic_idle_close: spool::broker::DEFAULT_TOPIC_IDLE_CLOSE,
+        },
+        disk.clone(),
+    )
+    .await
+    .expect("broker on the simulated disk");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(spool::http::serve(listener, broker.clone(), stopped));
+    let limit = spool::broker::MessageLimit {
+        bytes: 1 << 20,
+        setting: "test",
+    };
+    broker
+        .produce("orders", vec![NewMessage::from_value("one")], limit)
+        .await
+        .expect("a produce while the disk syncs");
+    let ready = get(&addr, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+
+    disk.set_fault(SimFault::SyncError, true);
+    broker
+        .produce("orders", vec![NewMessage::from_value("two")], limit)
+        .await
+        .expect_err("a produce whose sync fails");
+    disk.set_fault(SimFault::SyncError, false);
+
+    let ready = get(&addr, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("orders"), "{}", ready.body);
+    assert_eq!(get(&addr, "/healthz").await.status, 200);
+    let s = scrape(&addr).await;
+    assert_eq!(
+        must(&s, "spool_topic_read_only", &[("topic", "orders")]),
+        1.0
+    );
+    assert!(must(&s, "spool_fsync_errors_total", &[]) >= 1.0);
+    // Read-only until restart: a sync that would succeed now changes nothing.
+    broker
+        .produce("orders", vec![NewMessage::from_value("three")], limit)
+        .await
+        .expect_err("still read-only");
+    assert_eq!(get(&addr, "/readyz").await.status, 503);
+
+    let _ = stop.send(true);
+    http.await.expect("the listener stops with the signal");
+}
