@@ -441,3 +441,65 @@ async fn readyz_turns_503_when_a_failed_sync_makes_a_topic_read_only() {
     let _ = stop.send(true);
     http.await.expect("the listener stops with the signal");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_and_retention_count_their_runs_and_the_bytes_they_reclaim() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let small = |retention_bytes| pb::TopicConfig {
+        segment_bytes: Some(1024),
+        retention_bytes,
+        ..Default::default()
+    };
+    let message = |i: u32| NewMessage::from_value(format!("{i:0>100}"));
+
+    // Compaction: delete messages of sealed segments, then compact.
+    client
+        .create_topic("kept", small(None))
+        .await
+        .expect("create");
+    for i in 0..40 {
+        client
+            .produce("kept", vec![message(i)])
+            .await
+            .expect("produce");
+    }
+    let doomed: Vec<u64> = (0..20).collect();
+    client.delete("kept", &doomed).await.expect("delete");
+    client.compact(Some("kept")).await.expect("compact");
+    let s = scrape(&http).await;
+    let compaction = [("topic", "kept"), ("kind", "compaction")];
+    assert_eq!(must(&s, "spool_cleanup_runs_total", &compaction), 1.0);
+    assert!(must(&s, "spool_cleanup_reclaimed_bytes_total", &compaction) > 1000.0);
+
+    // Retention: past 2 KiB, whole old segments go (checked after each seal).
+    client
+        .create_topic("short", small(Some(2048)))
+        .await
+        .expect("create");
+    for i in 0..100 {
+        client
+            .produce("short", vec![message(i)])
+            .await
+            .expect("produce");
+    }
+    let retention = [("topic", "short"), ("kind", "retention")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = scrape(&http).await;
+        let runs = value(&s, "spool_cleanup_runs_total", &retention);
+        if runs.is_some_and(|r| r >= 1.0) {
+            let start = must(&s, "spool_topic_start_offset", &[("topic", "short")]);
+            assert!(start > 0.0, "retention moved the start");
+            assert!(must(&s, "spool_cleanup_reclaimed_bytes_total", &retention) > 1000.0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retention run counted in 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

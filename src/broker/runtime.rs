@@ -105,11 +105,13 @@ impl TopicRuntime {
                 move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
                 move |topic, done| {
                     if let Some((dirt, stats)) = done {
-                        metrics.cleanup(
-                            topic,
-                            Cleanup::Compaction,
-                            stats.bytes_before.saturating_sub(stats.bytes_after),
-                        );
+                        if stats.segments_rewritten + stats.segments_deleted > 0 {
+                            metrics.cleanup(
+                                topic,
+                                Cleanup::Compaction,
+                                stats.bytes_before.saturating_sub(stats.bytes_after),
+                            );
+                        }
                         tracing::info!(
                             topic,
                             dirty_ratio = dirt.ratio(),
