@@ -4,7 +4,9 @@
 //! compact), answering with [`crate::Error`].
 //!
 //! It owns what has a lifetime: the registry of topics, each open topic's
-//! runtime ([`super::runtime`]), subscriptions ([`super::subscription`]).
+//! runtime ([`super::runtime`]), subscriptions ([`super::subscription`]),
+//! and the [`Metrics`] all transports count into (the topic and group
+//! gauges are read from the open topics at scrape time).
 //! Topics are looked up by name on every call: nothing above the core keeps
 //! a topic beyond a request, so a topic may move elsewhere later.
 //! Transports pass their own limits (what a frame holds) as plain values.

@@ -14,8 +14,12 @@
 //!
 //! The broker itself (topics, their tasks, subscriptions) is
 //! [`crate::broker::Broker`]; this module holds no broker rule. The
-//! [`Server`] also runs the gRPC listener ([`crate::grpc`]) when one is
-//! configured, over the same broker, and stops it with the native one.
+//! [`Server`] also runs the gRPC listener ([`crate::grpc`]) and the
+//! metrics and health listener ([`crate::http`]) when they are configured,
+//! over the same broker, and stops them with the native one. Every listener
+//! counts its connections through the shared admission (a ticket per
+//! connection, labelled with the listener) and its requests with
+//! [`crate::metrics::Metrics::request`].
 
 pub(crate) mod admission;
 mod connection;
