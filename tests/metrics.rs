@@ -503,3 +503,65 @@ async fn compaction_and_retention_count_their_runs_and_the_bytes_they_reclaim() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .create_topic(
+            "jobs",
+            pb::TopicConfig {
+                max_deliveries: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    client
+        .create_group("jobs", "workers", GroupMode::Queue, None)
+        .await
+        .expect("queue group");
+    client
+        .produce("jobs", vec![NewMessage::from_value("poison")])
+        .await
+        .expect("produce");
+    // Delivered once, given back, and out of deliveries on the next fetch.
+    let first = common::queue_fetch(&client, "jobs", "workers", 10).await;
+    assert_eq!(first, vec![0]);
+    client
+        .nack("jobs", "workers", &first, 0, None)
+        .await
+        .expect("nack");
+    let again = common::queue_fetch(&client, "jobs", "workers", 10).await;
+    assert!(again.is_empty(), "dead-lettered, not delivered: {again:?}");
+
+    let s = scrape(&http).await;
+    let workers = [("topic", "jobs"), ("group", "workers")];
+    assert_eq!(
+        must(&s, "spool_dead_lettered_messages_total", &workers),
+        1.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "spool_produced_messages_total",
+            &[("topic", "jobs.dlq")]
+        ),
+        1.0
+    );
+    assert_eq!(must(&s, "spool_group_lag", &workers), 0.0);
+
+    client
+        .delete_group("jobs", "workers")
+        .await
+        .expect("delete group");
+    let s = scrape(&http).await;
+    assert_eq!(
+        value(&s, "spool_dead_lettered_messages_total", &workers),
+        None,
+        "a deleted group's series go with it"
+    );
+}
