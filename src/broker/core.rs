@@ -987,6 +987,7 @@ impl Broker {
     /// Every metric in the OpenMetrics text format: the counters, and the
     /// gauges of the open topics and their groups, read from memory (a
     /// closed topic is idle: its gauges come back when it is next used).
+    /// On the blocking pool, like [`Broker::readiness`].
     pub async fn encode_metrics(&self) -> Result<String> {
         let topics: Vec<Arc<Topic>> = self
             .runtimes()
@@ -1013,9 +1014,10 @@ impl Broker {
 
     /// Whether the broker takes writes: `Err` names why not (stopping, or
     /// the topics a failed sync made read-only).
-    /// A read-only topic stays open until restart, so the open ones are
-    /// all there is to look at; looking waits for no sync (on the blocking
-    /// pool: a topic's state locks may be held across one).
+    ///
+    /// A read-only topic stays open until restart, so the open ones are all
+    /// there is to look at. Looking runs on the blocking pool: a topic's
+    /// writer and group locks are held across their syncs.
     pub async fn readiness(&self) -> std::result::Result<(), String> {
         if self.inner.stopping.load(Ordering::Relaxed) {
             return Err("the broker is stopping".into());
