@@ -1,6 +1,6 @@
 //! The metrics and health listener: `/metrics` read by a Prometheus text
 //! parser after a known workload through the real binary (native and gRPC),
-//! refusals by reason, the start-up line, and `/readyz` turning 503 when a
+//! refusals and timeouts by reason, the start-up line, and `/readyz` turning 503 when a
 //! failed sync makes a topic read-only. A real disk cannot be made to fail
 //! a sync from a test, so that last one runs the broker and the HTTP
 //! listener in-process over the simulated disk.
@@ -563,5 +563,31 @@ async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
         value(&s, "spool_dead_lettered_messages_total", &workers),
         None,
         "a deleted group's series go with it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_closed_by_a_timeout_are_counted_by_its_setting() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--frame-timeout-ms", "200"]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    // The first byte of a frame, and nothing more: the frame never completes.
+    let mut s = tokio::net::TcpStream::connect(&broker.addr)
+        .await
+        .expect("connect");
+    s.write_all(&[0]).await.expect("one byte");
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("closed by frame_timeout_ms within 10 s")
+        .expect("read to the close");
+    let s = scrape(&http).await;
+    assert_eq!(
+        must(
+            &s,
+            "spool_connections_closed_by_limit_total",
+            &[("reason", "frame_timeout_ms")]
+        ),
+        1.0
     );
 }
