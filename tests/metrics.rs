@@ -1,9 +1,10 @@
 //! The metrics and health listener: `/metrics` read by a Prometheus text
 //! parser after a known workload through the real binary (native and gRPC),
-//! refusals and timeouts by reason, the start-up line, and `/readyz` turning 503 when a
-//! failed sync makes a topic read-only. A real disk cannot be made to fail
-//! a sync from a test, so that last one runs the broker and the HTTP
-//! listener in-process over the simulated disk.
+//! compaction, retention and dead letters, refusals and timeouts by reason,
+//! the start-up line, and `/readyz` turning 503 when a failed sync makes a
+//! topic read-only. A real disk cannot be made to fail a sync from a test,
+//! so that last one runs the broker and the HTTP listener in-process over
+//! the simulated disk.
 
 mod common;
 
