@@ -8,9 +8,13 @@
 //! operation, status code, reason). No member, client or address is ever a
 //! label. A deleted topic's series (and a deleted group's) go with it.
 //!
-//! The transports share one [`Metrics`] through [`crate::broker::Broker::metrics`];
-//! each reports its requests with [`Metrics::request`] and its connections
-//! with [`Metrics::connection`].
+//! The transports share one [`Metrics`] through
+//! [`crate::broker::Broker::metrics`]. A transport makes two calls:
+//! [`Metrics::request`] once per answered request (in the one place it
+//! answers them), and [`Metrics::connection`] per accepted connection,
+//! keeping the guard while the connection lives; a listener that takes its
+//! slots from the server's shared admission gets the latter from the
+//! ticket, which also counts refusals and timeouts by setting.
 
 mod storage;
 
