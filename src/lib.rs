@@ -75,6 +75,10 @@
 //!   reflection, on a listener of its own that [`server::Server`] runs;
 //!   its connections take the native listener's slots and limits (module
 //!   `connection`).
+//! - [`security`]: TLS on every listener and for the client, the auth file
+//!   of tokens with per-topic permissions (reloaded on SIGHUP), the one
+//!   table of what each request needs, and the refusal to listen beyond
+//!   loopback without auth.
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
@@ -92,6 +96,7 @@ pub mod error;
 pub mod groups;
 pub mod grpc;
 pub mod protocol;
+pub mod security;
 pub mod server;
 pub mod storage;
 

@@ -21,13 +21,15 @@ use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{PROTOCOL_VERSION, pb, status};
+use crate::security::auth::Principal;
+use crate::security::{access, tls};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -137,8 +139,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Answers a connection that gets no slot with one error frame and closes it.
-pub(super) async fn refuse(
-    stream: TcpStream,
+pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     peer: SocketAddr,
     max_frame_bytes: u32,
     error: pb::Error,
@@ -151,14 +153,16 @@ pub(super) async fn refuse(
 /// Serves one connection until the client leaves, a frame is unreadable, a
 /// limit closes it, or the server shuts down (in-flight requests are
 /// finished first).
-pub(super) async fn serve(
-    stream: TcpStream,
+pub(super) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let config = &shared.config;
-    let (read, write) = stream.into_split();
+    let (read, write) = tokio::io::split(stream);
     let mut frames = FrameReader::new(
         FramedRead::new(read, ServerCodec::new(config.max_frame_bytes)),
         config.frame_timeout,
@@ -170,13 +174,14 @@ pub(super) async fn serve(
     let b = Arc::clone(&shared);
     let (out, writer) = Outgoing::start(sink, peer, move || b.admission.count(Limit::Write));
 
-    match handshake(&shared, peer, &mut frames, &mut shutdown).await {
-        Ok(welcome) => {
+    let principal = match handshake(&shared, peer, &mut frames, &mut shutdown).await {
+        Ok((welcome, principal)) => {
             let _ = out
                 .send(pb::ServerFrame {
                     kind: Some(pb::server_frame::Kind::Welcome(welcome)),
                 })
                 .await;
+            principal
         }
         Err(refusal) => {
             if let Some((id, err)) = refusal {
@@ -188,11 +193,12 @@ pub(super) async fn serve(
             let _ = writer.await;
             return;
         }
-    }
+    };
 
     let (closing, _) = watch::channel(Closing::Open);
     let conn = Arc::new(Conn {
         shared: Arc::clone(&shared),
+        principal,
         out: out.clone(),
         subscriptions: Mutex::new(HashMap::new()),
         next_subscription: AtomicU64::new(1),
@@ -263,14 +269,15 @@ pub(super) async fn serve(
     let _ = writer.await;
 }
 
-/// Reads the `Hello` and builds the `Welcome`; `Err(Some(..))` refuses with
-/// that error, `Err(None)` closes without a word.
+/// Reads the `Hello`, authenticates its token and builds the `Welcome`;
+/// `Err(Some(..))` refuses with that error, `Err(None)` closes without a
+/// word.
 async fn handshake<R>(
     shared: &Shared,
     peer: SocketAddr,
     frames: &mut FrameReader<R, ServerCodec>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<pb::Welcome, Option<(u64, pb::Error)>>
+) -> Result<(pb::Welcome, Principal), Option<(u64, pb::Error)>>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -305,8 +312,15 @@ where
                     ),
                 )));
             }
-            tracing::debug!(%peer, client = %h.client_name, "connected");
-            Ok(pb::Welcome {
+            let principal = match shared.config.security.auth.authenticate(h.token.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(%peer, client = %h.client_name, error = %e, "connection refused: not authenticated");
+                    return Err(Some((request_id, shared.wire(&e))));
+                }
+            };
+            tracing::debug!(%peer, client = %h.client_name, token = principal.name().unwrap_or("-"), "connected");
+            let welcome = pb::Welcome {
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 protocol_version: PROTOCOL_VERSION,
                 max_frame_bytes: config.max_frame_bytes,
@@ -316,7 +330,8 @@ where
                 idle_timeout_ms: config
                     .idle_timeout
                     .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
-            })
+            };
+            Ok((welcome, principal))
         }
         Some(Ok(frame)) => Err(Some((
             frame.request_id,
@@ -325,6 +340,10 @@ where
                 "the first frame of a connection must be Hello",
             ),
         ))),
+        Some(Err(ReadError::Frame(FrameError::BadFlags(first)))) if tls::is_tls_start(first) => {
+            tracing::info!(%peer, "a TLS client connected to this plaintext listener; closing");
+            Err(None)
+        }
         Some(Err(e)) => Err(read_error(shared, peer, &e).map(|err| (0, err))),
         None => Err(None),
     }
@@ -369,6 +388,8 @@ pub(super) struct Pushing {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) shared: Arc<Shared>,
+    /// Who the client authenticated as: asked before every request.
+    pub(super) principal: Principal,
     pub(super) out: Outgoing,
     subscriptions: Mutex<HashMap<u64, Pushing>>,
     pub(super) next_subscription: AtomicU64,
@@ -432,6 +453,11 @@ impl Conn {
     /// Serves one request; `None` when the reply was already queued.
     async fn handle(&self, frame: pb::ClientFrame) -> Option<pb::ServerFrame> {
         let id = frame.request_id;
+        if let Some(request) = &frame.request
+            && let Err(e) = self.principal.allow(access::of(request))
+        {
+            return Some(error_frame(id, self.shared.wire(&e)));
+        }
         let result = match frame.request {
             Some(Request::Subscribe(s)) => match handlers::fetch::subscribe(self, id, s).await {
                 Ok(()) => return None,

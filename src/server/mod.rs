@@ -26,6 +26,7 @@ mod outgoing;
 use crate::broker::{Broker, BrokerConfig, MessageLimit, TopicConfig, TopicInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::security::{self, Listener, Security};
 use crate::storage::RecoveryMode;
 use admission::Admission;
 use std::net::SocketAddr;
@@ -83,6 +84,10 @@ pub struct ServerConfig {
     /// a peer that does not read its replies and deliveries for this long is
     /// closed (`None`: no limit).
     pub write_timeout: Option<Duration>,
+    /// TLS and tokens, on every listener.
+    pub security: Security,
+    /// Serve on addresses beyond loopback without an auth file.
+    pub insecure: bool,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +111,8 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             frame_timeout: Some(Duration::from_secs(30)),
             write_timeout: Some(Duration::from_secs(30)),
+            security: Security::default(),
+            insecure: false,
         }
     }
 }
@@ -116,6 +123,8 @@ impl Default for ServerConfig {
 pub(crate) struct Shared {
     broker: Broker,
     admission: Arc<Admission>,
+    /// The native listener's TLS.
+    native: Listener,
     config: ServerConfig,
 }
 
@@ -155,6 +164,31 @@ impl Server {
     /// Opens the data directory (taking its lock and recovering every topic)
     /// and binds the listeners (native, and gRPC if configured).
     pub async fn bind(config: ServerConfig) -> Result<Server> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .ctx(|| format!("listening on {}", config.listen))?;
+        let grpc = match &config.grpc {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("listening for gRPC on {addr}"))?,
+            ),
+            None => None,
+        };
+        let mut bound = vec![(
+            "native",
+            listener
+                .local_addr()
+                .ctx(|| "reading the listen address".into())?,
+        )];
+        if let Some(g) = &grpc {
+            bound.push((
+                "grpc",
+                g.local_addr()
+                    .ctx(|| "reading the gRPC listen address".into())?,
+            ));
+        }
+        security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
         let broker = Broker::open(BrokerConfig {
             data: config.data.clone(),
             topic_defaults: config.topic_defaults.clone(),
@@ -168,23 +202,13 @@ impl Server {
             topic_idle_close: config.topic_idle_close,
         })
         .await?;
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .ctx(|| format!("listening on {}", config.listen))?;
-        let grpc = match &config.grpc {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .ctx(|| format!("listening for gRPC on {addr}"))?,
-            ),
-            None => None,
-        };
         let shared = Arc::new(Shared {
             broker,
             admission: Arc::new(Admission::new(
                 config.max_connections,
                 config.max_connections_per_ip,
             )),
+            native: config.security.listener("native", &[]),
             config,
         });
         Ok(Server {
@@ -238,8 +262,10 @@ impl Server {
                     admission: Arc::clone(&shared.admission),
                     idle_timeout: shared.config.idle_timeout,
                     write_timeout: shared.config.write_timeout,
+                    frame_timeout: shared.config.frame_timeout,
                     max_subscriptions: shared.config.max_subscriptions,
                 },
+                shared.config.security.clone(),
                 shutdown.clone(),
             ))
         });
@@ -259,20 +285,22 @@ impl Server {
                     };
                     let _ = stream.set_nodelay(true);
                     let b = Arc::clone(&shared);
-                    match shared.admission.admit(peer.ip()) {
-                        Ok(ticket) => {
-                            let shutdown = shutdown.clone();
-                            connections.spawn(async move {
-                                connection::serve(stream, peer, b, shutdown).await;
+                    let admitted = shared.admission.admit(peer.ip());
+                    let shutdown = shutdown.clone();
+                    connections.spawn(async move {
+                        let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout).await else {
+                            return;
+                        };
+                        match admitted {
+                            Ok(ticket) => {
+                                connection::serve(stream, peer, Arc::clone(&b), shutdown).await;
                                 drop(ticket);
-                            });
-                        }
-                        Err(error) => {
-                            connections.spawn(async move {
+                            }
+                            Err(error) => {
                                 connection::refuse(stream, peer, b.config.max_frame_bytes, error).await;
-                            });
+                            }
                         }
-                    }
+                    });
                 }
                 _ = shutdown.changed() => break,
                 _ = summary.tick() => shared.admission.log_summary(),
