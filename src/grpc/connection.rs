@@ -8,7 +8,7 @@
 
 use crate::protocol::pb;
 use crate::security::Listener;
-use crate::security::tls::MaybeTls;
+use crate::security::tls::{self, MaybeTls};
 use crate::server::admission::{self, Admission, Limit, Ticket};
 use crate::server::deadline::Timer;
 use futures_util::Stream;
@@ -232,6 +232,10 @@ impl Idle {
 #[derive(Debug)]
 pub(crate) struct Conn {
     stream: MaybeTls<TcpStream>,
+    peer: SocketAddr,
+    /// Whether a byte has arrived yet (a plaintext listener checks the
+    /// first for a TLS client).
+    started: bool,
     _ticket: Ticket,
     admission: Arc<Admission>,
     idle: Idle,
@@ -298,7 +302,18 @@ impl AsyncRead for Conn {
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                this.idle.read(&buf.filled()[before..]);
+                let read = &buf.filled()[before..];
+                if !this.started && !read.is_empty() {
+                    this.started = true;
+                    if matches!(this.stream, MaybeTls::Plain(_)) && tls::is_tls_start(read[0]) {
+                        tls::log_tls_client(this.peer, "grpc");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "a TLS client on a plaintext listener",
+                        )));
+                    }
+                }
+                this.idle.read(read);
                 Poll::Ready(r)
             }
             Poll::Pending => this.idle_expired(cx),
@@ -376,6 +391,8 @@ pub(crate) fn incoming(
                     Ok(ticket) => {
                         let conn = Conn {
                             stream,
+                            peer,
+                            started: false,
                             _ticket: ticket,
                             admission: Arc::clone(&limits.admission),
                             idle: Idle::new(limits.idle_timeout),

@@ -189,11 +189,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
 }
 
 /// Turns an accepted socket into the listener's stream: with `tls`, after
-/// the TLS handshake; without, as is. The client's first byte says what it
-/// speaks; a client of the other kind is told (a TLS alert for a plaintext
-/// client), closed and logged in one line naming `listener` and `peer`.
-/// `None` when the connection ends here (wrong kind, failed handshake, no
-/// byte within `wait`, peer gone).
+/// the TLS handshake (the client's first byte must open one: a plaintext
+/// client is sent a TLS alert, closed and logged in one line naming
+/// `listener` and `peer`); without, as is, at once, so that the protocol's
+/// own deadlines govern a silent client: a plaintext protocol tells a TLS
+/// client by its first byte ([`is_tls_start`]) and closes it with
+/// [`log_tls_client`]. `None` when the connection ends here (wrong kind,
+/// failed handshake, no byte within `wait`, peer gone).
 pub async fn accept(
     tls: Option<&TlsAcceptor>,
     stream: TcpStream,
@@ -201,6 +203,9 @@ pub async fn accept(
     listener: &str,
     wait: Option<Duration>,
 ) -> Option<MaybeTls<TcpStream>> {
+    let Some(acceptor) = tls else {
+        return Some(MaybeTls::Plain(stream));
+    };
     let mut first = [0u8; 1];
     let peeked = match wait {
         Some(wait) => tokio::time::timeout(wait, stream.peek(&mut first))
@@ -219,40 +224,35 @@ pub async fn accept(
             return None;
         }
     }
-    match (tls, is_tls_start(first[0])) {
-        (None, false) => Some(MaybeTls::Plain(stream)),
-        (None, true) => {
-            tracing::info!(%peer, listener, "a TLS client connected to this plaintext listener; closing (start the broker with --tls-cert and --tls-key, or connect without TLS)");
-            close(stream, &[]).await;
+    if !is_tls_start(first[0]) {
+        tracing::info!(%peer, listener, "a plaintext client connected to this TLS listener; closing (the client needs TLS: --tls-ca)");
+        close(stream, &UNEXPECTED_MESSAGE_ALERT).await;
+        return None;
+    }
+    let handshake = acceptor.accept(stream);
+    let done = match wait {
+        Some(wait) => tokio::time::timeout(wait, handshake)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake not complete in time (frame_timeout_ms)",
+                ))
+            }),
+        None => handshake.await,
+    };
+    match done {
+        Ok(s) => Some(MaybeTls::Tls(Box::new(s))),
+        Err(e) => {
+            tracing::info!(%peer, listener, error = %e, "TLS handshake failed; closing");
             None
-        }
-        (Some(_), false) => {
-            tracing::info!(%peer, listener, "a plaintext client connected to this TLS listener; closing (the client needs TLS: --tls-ca)");
-            close(stream, &UNEXPECTED_MESSAGE_ALERT).await;
-            None
-        }
-        (Some(acceptor), true) => {
-            let handshake = acceptor.accept(stream);
-            let done = match wait {
-                Some(wait) => tokio::time::timeout(wait, handshake)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "TLS handshake not complete in time (frame_timeout_ms)",
-                        ))
-                    }),
-                None => handshake.await,
-            };
-            match done {
-                Ok(s) => Some(MaybeTls::Tls(Box::new(s))),
-                Err(e) => {
-                    tracing::info!(%peer, listener, error = %e, "TLS handshake failed; closing");
-                    None
-                }
-            }
         }
     }
+}
+
+/// The one log line of a plaintext listener closing a TLS client.
+pub fn log_tls_client(peer: SocketAddr, listener: &str) {
+    tracing::info!(%peer, listener, "a TLS client connected to this plaintext listener; closing (start the broker with --tls-cert and --tls-key, or connect without TLS)");
 }
 
 /// Reads what the peer already sent (unread bytes would turn the close into

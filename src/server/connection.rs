@@ -341,7 +341,7 @@ where
             ),
         ))),
         Some(Err(ReadError::Frame(FrameError::BadFlags(first)))) if tls::is_tls_start(first) => {
-            tracing::info!(%peer, "a TLS client connected to this plaintext listener; closing");
+            tls::log_tls_client(peer, "native");
             Err(None)
         }
         Some(Err(e)) => Err(read_error(shared, peer, &e).map(|err| (0, err))),
