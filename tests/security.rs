@@ -621,3 +621,293 @@ fn the_broker_refuses_non_loopback_addresses_without_auth() {
         assert!(line.contains("listening on 0.0.0.0:"), "{extra:?}: {line}");
     }
 }
+
+/// A token with a permission on another topic only: every request kind
+/// naming topic `t` is refused, on both protocols, so no kind can skip the
+/// check (the native protocol's table is also checked by a unit test).
+#[tokio::test]
+async fn every_request_kind_is_checked_on_both_protocols() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (other, other_entry) = token_create("other", &["--admin", "u", "--produce", "u"]);
+    let (root, root_entry) = token_create("root", &["--admin", "*", "--produce", "*"]);
+    let path = dir.path().join("auth.toml");
+    std::fs::write(&path, format!("{other_entry}\n{root_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let admin = Client::connect_with(&broker.addr, &options(None, Some(&root)))
+        .await
+        .expect("root");
+    admin
+        .produce("t", vec![NewMessage::from_value("m")])
+        .await
+        .expect("produce");
+    admin
+        .create_group("t", "g", spool::groups::GroupMode::Queue, None)
+        .await
+        .expect("group");
+
+    let c = Client::connect_with(&broker.addr, &options(None, Some(&other)))
+        .await
+        .expect("other");
+    let denied = |what: &str, r: Result<(), ClientError>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{what}: {e}");
+        assert!(e.to_string().contains("token other may not"), "{what}: {e}");
+    };
+    let one = || vec![NewMessage::from_value("x")];
+    denied("produce", c.produce("t", one()).await.map(drop));
+    denied("fetch", c.fetch("t", Default::default()).await.map(drop));
+    denied(
+        "subscribe",
+        c.subscribe("t", None, "m", None, 1).await.map(drop),
+    );
+    denied("ack", c.ack("t", "g", &[0], None).await);
+    denied("nack", c.nack("t", "g", &[0], 0, None).await.map(drop));
+    denied("commit", c.commit("t", "g", 0).await);
+    denied(
+        "seek",
+        c.seek("t", "g", spool::broker::Position::Earliest)
+            .await
+            .map(drop),
+    );
+    denied("delete", c.delete("t", &[0]).await);
+    denied(
+        "create_topic",
+        c.create_topic("t2", Default::default()).await.map(drop),
+    );
+    let e = c.describe_topic("t").await.expect_err("describe");
+    assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
+    denied("delete_topic", c.delete_topic("t").await);
+    denied(
+        "create_group",
+        c.create_group("t", "g2", spool::groups::GroupMode::Stream, None)
+            .await
+            .map(drop),
+    );
+    denied("list_groups", c.list_groups("t").await.map(drop));
+    denied("describe_group", c.describe_group("t", "g").await.map(drop));
+    denied("delete_group", c.delete_group("t", "g").await);
+    denied("compact", c.compact(Some("t")).await.map(drop));
+    denied("compact all", c.compact(None).await.map(drop));
+    // Allowed ones still are: its own topic, ping, listing (filtered).
+    c.produce("u", one()).await.expect("its own topic");
+    c.ping(7).await.expect("ping");
+    let names: Vec<_> = c
+        .list_topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["u"]);
+
+    // gRPC: every method of spool.v1.Spool.
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let tok = Some(other.as_str());
+    let t = || "t".to_string();
+    let check = |what: &str, r: Result<(), tonic::Status>| {
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+    };
+    check(
+        "Produce",
+        g.produce(with_token(
+            pb::ProduceRequest {
+                topic: t(),
+                messages: vec![pb::NewMessage::default()],
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Fetch",
+        g.fetch(with_token(
+            pb::FetchRequest {
+                topic: t(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Subscribe",
+        g.subscribe(with_token(
+            pb::SubscribeRequest {
+                topic: t(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Ack",
+        g.ack(with_token(
+            pb::AckRequest {
+                topic: t(),
+                group: "g".into(),
+                offsets: vec![0],
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Nack",
+        g.nack(with_token(
+            pb::NackRequest {
+                topic: t(),
+                group: "g".into(),
+                offsets: vec![0],
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Commit",
+        g.commit(with_token(
+            pb::CommitRequest {
+                topic: t(),
+                group: "g".into(),
+                offset: 0,
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Seek",
+        g.seek(with_token(
+            pb::SeekRequest {
+                topic: t(),
+                group: "g".into(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Delete",
+        g.delete(with_token(
+            pb::DeleteRequest {
+                topic: t(),
+                offsets: vec![0],
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "CreateTopic",
+        g.create_topic(with_token(
+            pb::CreateTopicRequest {
+                name: "t2".into(),
+                config: None,
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "DescribeTopic",
+        g.describe_topic(with_token(pb::DescribeTopicRequest { name: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "DeleteTopic",
+        g.delete_topic(with_token(pb::DeleteTopicRequest { name: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "CreateGroup",
+        g.create_group(with_token(
+            pb::CreateGroupRequest {
+                topic: t(),
+                group: "g2".into(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "ListGroups",
+        g.list_groups(with_token(pb::ListGroupsRequest { topic: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "DescribeGroup",
+        g.describe_group(with_token(
+            pb::DescribeGroupRequest {
+                topic: t(),
+                group: "g".into(),
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "DeleteGroup",
+        g.delete_group(with_token(
+            pb::DeleteGroupRequest {
+                topic: t(),
+                group: "g".into(),
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Compact",
+        g.compact(with_token(pb::CompactRequest { topic: Some(t()) }, tok))
+            .await
+            .map(drop),
+    );
+    let start = pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Start(pb::ConsumeStart {
+            topic: t(),
+            group: "g".into(),
+            member: "m".into(),
+            ..Default::default()
+        })),
+    };
+    let consume = g
+        .consume(with_token(futures_util::stream::iter(vec![start]), tok))
+        .await;
+    check("Consume", consume.map(drop));
+    assert_eq!(
+        g.list_topics(with_token(pb::ListTopicsRequest {}, tok))
+            .await
+            .expect("list")
+            .into_inner()
+            .topics
+            .len(),
+        1
+    );
+}
