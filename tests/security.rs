@@ -911,3 +911,116 @@ async fn every_request_kind_is_checked_on_both_protocols() {
         1
     );
 }
+
+/// The config file's keys (`tls_cert`, `tls_key`, `auth`, `insecure`),
+/// `SPOOL_TLS_CA`, `--tls-server-name`, and `spool bench` with `--tls-ca`
+/// and `--token` against such a broker.
+#[test]
+fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "good");
+    let (secret, entry) =
+        token_create("all", &["--produce", "*", "--consume", "*", "--admin", "*"]);
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, entry).expect("auth file");
+    let config = dir.path().join("spool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\nauth = {:?}\n",
+            pki.cert, pki.key, auth
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    let ca = pki.ca.to_str().expect("utf-8");
+
+    // TLS is on (a plaintext client is told), and so is auth.
+    let (ok, _, err) = cli(&["topic", "list", "--server", &broker.addr]);
+    assert!(!ok && err.contains("requires TLS"), "{err}");
+    let (ok, _, err) = cli(&["topic", "list", "--server", &broker.addr, "--tls-ca", ca]);
+    assert!(!ok && err.contains("(Unauthenticated)"), "{err}");
+
+    // SPOOL_TLS_CA and SPOOL_TOKEN, and the name given apart from the address.
+    let out = spool()
+        .args(["produce", "t", "m", "--server", &broker.addr])
+        .args(["--tls-server-name", "localhost"])
+        .env("SPOOL_TLS_CA", ca)
+        .env("SPOOL_TOKEN", &secret)
+        .output()
+        .expect("run spool");
+    assert!(out.status.success(), "{out:?}");
+    let out = spool()
+        .args(["produce", "t", "m", "--server", &broker.addr])
+        .args([
+            "--tls-server-name",
+            "broker.example",
+            "--tls-ca",
+            ca,
+            "--token",
+            &secret,
+        ])
+        .output()
+        .expect("run spool");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not trust"),
+        "{out:?}"
+    );
+
+    // spool bench, over TLS with a token.
+    let out = spool()
+        .args(["bench", "produce", "--messages", "2000", "--batch", "100"])
+        .args([
+            "--baseline-mib",
+            "1",
+            "--format",
+            "json",
+            "--server",
+            &broker.addr,
+        ])
+        .args(["--tls-ca", ca, "--token", &secret])
+        .env_remove("SPOOL_TOKEN")
+        .output()
+        .expect("run spool bench");
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["throughput"]["messages"], 2000);
+    assert_eq!(report["params"]["tls_ca"], ca);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&secret),
+        "the report never holds the token"
+    );
+    let out = spool()
+        .args(["bench", "produce", "--messages", "10", "--tls-ca", ca])
+        .output()
+        .expect("run spool bench");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tls-ca and --token go with --server"),
+        "{out:?}"
+    );
+
+    // insecure = true in the config file lifts the loopback-only rule.
+    let open = dir.path().join("open.toml");
+    std::fs::write(&open, "insecure = true\n").expect("config");
+    let mut child = common::Killed(
+        spool()
+            .args(["serve", "--data"])
+            .arg(dir.path().join("data2"))
+            .args(["--listen", "0.0.0.0:0", "--grpc", "off", "--config"])
+            .arg(&open)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let mut line = String::new();
+    let stdout = child.0.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+}
