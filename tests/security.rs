@@ -556,6 +556,11 @@ async fn the_auth_file_is_reloaded_on_sighup_without_dropping_connections() {
         )
     })
     .await;
+    // ... and its connection is closed; b's is not.
+    eventually("a's connection is closed", || async {
+        client_a.ping(1).await.is_err()
+    })
+    .await;
     assert_eq!(common::replay_all(&client_b, "a").await.len(), 1);
 
     let (stopped, logs) = broker.terminate();

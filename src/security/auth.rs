@@ -12,7 +12,8 @@
 //! A principal names its token and the hash it authenticated with, and
 //! looks its permissions up at each check: a reload that narrows a token's
 //! permissions applies to connections already open, and one that removes or
-//! rotates a token makes its connections' requests `UNAUTHENTICATED`.
+//! rotates a token makes its connections' next request `UNAUTHENTICATED`
+//! (the native listener then closes the connection).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -204,7 +204,9 @@ pub(super) async fn serve<S>(
         next_subscription: AtomicU64::new(1),
         closing,
         working: Arc::new(AtomicUsize::new(0)),
+        revoked: watch::channel(None).0,
     });
+    let mut revoked = conn.revoked.subscribe();
     let idle = shared.config.idle_timeout;
     let mut last_frame = Instant::now();
     let mut in_flight = tokio::task::JoinSet::new();
@@ -235,6 +237,8 @@ pub(super) async fn serve<S>(
             _ = stopping(&mut shutdown) => break Some(stopping_error()),
             // The writer stopped on a failed write: no reply can reach the client.
             _ = out.closed() => break None,
+            // A reload removed or replaced the connection's token.
+            Ok(()) = revoked.changed() => break revoked.borrow().clone(),
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = sleep_until(idle.map(|t| last_frame + t)) => {
                 // A request being served, or a frame arriving (the frame
@@ -395,6 +399,9 @@ pub(super) struct Conn {
     pub(super) next_subscription: AtomicU64,
     /// Set when the connection is closing: long-polls stop waiting.
     closing: watch::Sender<Closing>,
+    /// Set when a request finds the connection's token gone (an auth file
+    /// reload removed or replaced it): the connection closes with it.
+    revoked: watch::Sender<Option<pb::Error>>,
     /// Requests being served, other than long-polls waiting for messages.
     working: Arc<AtomicUsize>,
 }
@@ -456,7 +463,15 @@ impl Conn {
         if let Some(request) = &frame.request
             && let Err(e) = self.principal.allow(access::of(request))
         {
-            return Some(error_frame(id, self.shared.wire(&e)));
+            let error = self.shared.wire(&e);
+            if matches!(e, crate::Error::Unauthenticated(_)) {
+                tracing::info!(
+                    token = self.principal.name().unwrap_or("-"),
+                    "closing a connection whose token was removed or replaced"
+                );
+                self.revoked.send_replace(Some(error.clone()));
+            }
+            return Some(error_frame(id, error));
         }
         let result = match frame.request {
             Some(Request::Subscribe(s)) => match handlers::fetch::subscribe(self, id, s).await {
