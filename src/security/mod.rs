@@ -8,11 +8,27 @@
 //!   [`auth::Principal::allow`], the one permission check.
 //! - [`access`]: what each request of the protocol needs of its caller.
 //!
-//! A listener takes a [`Security`] and does three things: accept through
-//! [`Security::accept`], authenticate the token its protocol carries with
-//! [`Security::auth`], and ask the principal before each request. With
-//! neither TLS nor auth configured the broker only listens on loopback
-//! addresses unless told `--insecure` ([`refuse_exposed`]).
+//! A listener takes the server's [`Security`] and does four things:
+//!
+//! 1. once: `let tls = security.listener("NAME", &[ALPN...])` (a
+//!    [`Listener`]; [`tls::ALPN_H2`] for HTTP/2, [`tls::ALPN_HTTP1`] for
+//!    HTTP/1.1 and WebSocket upgrades), and its bound address joins the
+//!    list [`refuse_exposed`] checks in `Server::bind`;
+//! 2. per accepted socket: `tls.accept(tcp, peer, frame_timeout).await`
+//!    gives the stream ([`tls::MaybeTls`], `AsyncRead + AsyncWrite`), or
+//!    `None` when the connection is already over and logged; a plaintext
+//!    listener may tell a TLS client by its first byte
+//!    ([`tls::is_tls_start`], then [`tls::log_tls_client`]);
+//! 3. per client: `security.auth.authenticate(token)` (or
+//!    [`auth::Auth::authenticate_bearer`] for an `authorization` header)
+//!    gives a [`auth::Principal`] or [`Error::Unauthenticated`];
+//! 4. per request: `principal.allow(access)?` with the request's
+//!    [`auth::Access`] ([`access::Guarded::access`] for the protocol's
+//!    messages), and `principal.may_see(topic)` to filter listings.
+//!
+//! Errors map to status codes through [`crate::protocol::status`] like any
+//! other. Without an auth file the principal is allowed everything, and the
+//! broker only listens on loopback addresses unless told `--insecure`.
 
 pub mod access;
 pub mod auth;
