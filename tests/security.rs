@@ -1029,3 +1029,115 @@ fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
     assert!(line.contains("listening on 0.0.0.0:"), "{line}");
 }
+
+/// A subscription already running stops delivering once a reload takes
+/// the topic out of its token's permissions: it ends with
+/// `PERMISSION_DENIED`, on the native protocol and on gRPC.
+#[tokio::test]
+async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
+    let (writer, writer_entry) = token_create("writer", &["--produce", "*"]);
+    std::fs::write(&path, format!("{reader_entry}\n{writer_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let producer = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
+        .await
+        .expect("writer");
+    producer
+        .produce("t", vec![NewMessage::from_value("first")])
+        .await
+        .expect("produce");
+
+    let native = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
+        .await
+        .expect("reader");
+    let mut sub = native
+        .subscribe("t", None, "m", Some(spool::broker::Position::Earliest), 100)
+        .await
+        .expect("subscribe");
+    let first = sub.next().await.expect("a delivery").expect("a message");
+    assert_eq!(&first.message.value[..], b"first");
+
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let mut deliveries = g
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                topic: "t".into(),
+                from: Some(pb::Position {
+                    kind: Some(pb::position::Kind::Earliest(pb::Empty {})),
+                }),
+                max_in_flight: 100,
+                ..Default::default()
+            },
+            Some(&reader),
+        ))
+        .await
+        .expect("gRPC subscribe")
+        .into_inner();
+    let d = deliveries
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("not an error");
+    assert_eq!(d.messages.len(), 1);
+
+    // The reader may now consume only topic "other".
+    let narrowed = reader_entry.replace("consume = [\"*\"]", "consume = [\"other\"]");
+    assert_ne!(narrowed, reader_entry);
+    std::fs::write(&path, format!("{narrowed}\n{writer_entry}")).expect("rewrite");
+    let status = Command::new("kill")
+        .args(["-HUP", &broker.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+
+    // Keep producing until both subscriptions have ended, without a
+    // message delivered after the reload took effect.
+    let ended = async {
+        let mut native_end = None;
+        let mut grpc_end = None;
+        while native_end.is_none() || grpc_end.is_none() {
+            producer
+                .produce("t", vec![NewMessage::from_value("later")])
+                .await
+                .expect("produce");
+            if native_end.is_none()
+                && let Ok(Some(item)) =
+                    tokio::time::timeout(Duration::from_millis(50), sub.next()).await
+                && let Err(e) = item
+            {
+                native_end = Some(e);
+            }
+            if grpc_end.is_none()
+                && let Ok(Some(item)) =
+                    tokio::time::timeout(Duration::from_millis(50), deliveries.next()).await
+                && let Err(s) = item
+            {
+                grpc_end = Some(s);
+            }
+        }
+        (native_end, grpc_end)
+    };
+    let (native_end, grpc_end) = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("both subscriptions end within 10 s");
+    let e = native_end.expect("native end");
+    assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
+    assert!(
+        e.to_string()
+            .contains("token reader may not consume from topic t"),
+        "{e}"
+    );
+    let s = grpc_end.expect("gRPC end");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    // The connection itself is still served.
+    native.ping(1).await.expect("still open");
+}

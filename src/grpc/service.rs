@@ -176,6 +176,10 @@ struct Pushing {
     done: bool,
     /// The stream's place among its connection's `max_subscriptions`.
     _slot: Option<StreamSlot>,
+    /// Who subscribed, asked before each delivery (a reload of the auth
+    /// file may have narrowed or revoked its token).
+    principal: Principal,
+    topic: String,
 }
 
 impl Pushing {
@@ -201,6 +205,14 @@ impl Pushing {
                     return Some(Err(Status::unavailable("broker is stopping")));
                 }
             };
+            if event.is_some()
+                && let Err(e) = self
+                    .principal
+                    .allow(Access::Topic(Operation::Consume, &self.topic))
+            {
+                self.done = true;
+                return Some(Err(self.status(&e)));
+            }
             match event {
                 None => return None,
                 Some(Ok(Event::Messages(m))) => self.pending.extend(convert::deliveries(
@@ -512,8 +524,9 @@ impl Spool for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Deliveries>, Status> {
-        self.allow(&request)?;
+        let principal = self.allow(&request)?;
         let slot = self.stream_slot(&request)?;
+        let topic = request.get_ref().topic.clone();
         let request = convert::subscribe_request(request.into_inner(), self.max_frame);
         let subscription = self
             .broker
@@ -534,6 +547,8 @@ impl Spool for Service {
             max_frame: self.max_frame,
             done: false,
             _slot: slot,
+            principal,
+            topic,
         };
         let stream = futures_util::stream::unfold(pushing, |mut p| async move {
             let item = p.next().await?;
@@ -581,6 +596,7 @@ impl Spool for Service {
             max_frame: self.max_frame,
             data_dir: self.broker.data_dir().to_owned(),
             held: Default::default(),
+            principal,
         };
         tokio::spawn(consuming.run(subscription, requests, self.shutdown.clone()));
         let stream =
