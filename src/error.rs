@@ -81,6 +81,12 @@ pub enum Error {
     /// The named thing exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller gave no token, or one the broker does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's token does not allow the operation on the topic it names.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A stored message is larger than one delivery can carry: the frame
     /// limit of the transport asking, less room for the envelope (a message
     /// stored while the broker ran with a larger limit).

@@ -82,6 +82,10 @@
 //!   its requests and connections.
 //! - [`http`]: the HTTP listener for operations: `/metrics`, `/healthz`,
 //!   `/readyz`, run by [`server::Server`].
+//! - [`security`]: TLS on every listener and for the client, the auth file
+//!   of tokens with per-topic permissions (reloaded on SIGHUP), the one
+//!   table of what each request needs, and the refusal to listen beyond
+//!   loopback without auth.
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
@@ -101,6 +105,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod security;
 pub mod server;
 pub mod storage;
 

@@ -346,8 +346,15 @@ fn open_file_settings_from_the_config_file_apply_and_bad_ones_are_refused() {
         ),
     ] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spool"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--data",
+        ])
+        .arg(&data);
         if let Some(flag) = flag {
             cmd.args(flag);
         }

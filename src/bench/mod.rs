@@ -181,6 +181,12 @@ pub struct Params {
     pub data: Option<PathBuf>,
     /// MiB written by the disk baseline, in each of its two runs.
     pub baseline_mib: u64,
+    /// TLS to `server`, trusting the CAs of this PEM file (native only).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// The token presented to `server` (never written in the report).
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 impl Params {
@@ -208,6 +214,8 @@ impl Params {
             server: None,
             data: None,
             baseline_mib: 256,
+            tls_ca: None,
+            token: None,
         }
     }
 
@@ -231,6 +239,14 @@ impl Params {
                 "--transport grpc goes with produce and consume --mode replay (without --queue-load)"
                     .into(),
             );
+        }
+        if (self.tls_ca.is_some() || self.token.is_some()) && self.server.is_none() {
+            return bad(
+                "--tls-ca and --token go with --server (the in-process broker has neither)".into(),
+            );
+        }
+        if (self.tls_ca.is_some() || self.token.is_some()) && self.transport == Transport::Grpc {
+            return bad("--tls-ca and --token go with --transport native".into());
         }
         if self.batch == 0 || self.batch > MAX_BATCH {
             return bad(format!("--batch {}: use 1 to {MAX_BATCH}", self.batch));

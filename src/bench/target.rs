@@ -6,10 +6,11 @@
 
 use super::{BenchError, Params, Transport};
 use crate::broker::topic::Position;
-use crate::client::{Client, FetchOptions};
+use crate::client::{Client, ClientOptions, FetchOptions};
 use crate::protocol::convert;
 use crate::protocol::pb;
 use crate::protocol::pb::spool_client::SpoolClient;
+use crate::security::tls::TlsClient;
 use crate::server::{Server, ServerConfig};
 use crate::storage::NewMessage;
 use std::path::Path;
@@ -34,6 +35,8 @@ pub(super) struct Target {
     pub topic: String,
     /// The protocol producers and replay readers speak.
     pub transport: Transport,
+    /// TLS and token of native connections.
+    client: ClientOptions,
     in_process: Option<(watch::Sender<bool>, JoinHandle<crate::Result<()>>)>,
 }
 
@@ -163,10 +166,19 @@ impl Target {
                 (addr, Some((stop, task)))
             }
         };
+        let tls = match &params.tls_ca {
+            Some(path) => Some(TlsClient::load_ca(path)?),
+            None => None,
+        };
         let target = Target {
             addr,
             topic,
             transport: params.transport,
+            client: ClientOptions {
+                tls,
+                token: params.token.clone(),
+                ..ClientOptions::default()
+            },
             in_process,
         };
         let config = pb::TopicConfig {
@@ -201,7 +213,11 @@ impl Target {
 
     /// A new native connection to the broker.
     pub async fn connect(&self, name: &str) -> Result<Client, BenchError> {
-        Client::connect(&self.addr, name)
+        let options = ClientOptions {
+            client_name: name.to_owned(),
+            ..self.client.clone()
+        };
+        Client::connect_with(&self.addr, &options)
             .await
             .map_err(BenchError::client(format!("connecting to {}", self.addr)))
     }

@@ -261,6 +261,8 @@ fn duplicate(e: &Error) -> Error {
         Error::NotFound(m) => Error::NotFound(m.clone()),
         Error::Internal(m) => Error::Internal(m.clone()),
         Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+        Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
         Error::TooLarge {
             offset,
             size,

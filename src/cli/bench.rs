@@ -68,6 +68,17 @@ pub struct BenchArgs {
     /// Load this broker instead of starting one in this process.
     #[arg(long)]
     server: Option<String>,
+    /// With --server: connect with TLS, trusting the CAs of this PEM file.
+    #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// With --server: the token to present.
+    #[arg(
+        long,
+        env = "SPOOL_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Where the temporary directory for the in-process broker and the disk
     /// baseline is made [default: the system temp dir].
     #[arg(long)]
@@ -108,6 +119,8 @@ impl BenchArgs {
             server: self.server.clone(),
             data: self.data.clone(),
             baseline_mib: self.baseline_mib,
+            tls_ca: self.tls_ca.clone(),
+            token: self.token.clone(),
         }
     }
 }

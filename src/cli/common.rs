@@ -4,17 +4,51 @@
 
 use clap::{Args, ValueEnum};
 use spool::broker::topic::Position;
-use spool::client::{Client, ClientError};
+use spool::client::{Client, ClientError, ClientOptions};
+use spool::security::tls::TlsClient;
 use spool::server::DEFAULT_LISTEN;
 use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 
-/// `--server`, shared by client commands.
+/// `--server` and how to reach it (TLS, token), shared by client commands.
 #[derive(Debug, Args)]
 pub struct ServerArg {
     /// Address of the broker.
     #[arg(long, env = "SPOOL_SERVER", default_value = DEFAULT_LISTEN, global = true)]
     pub server: String,
+    /// Connect with TLS, trusting the CA certificates of this PEM file.
+    #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the broker's certificate must be valid for (default: the
+    /// host of --server).
+    #[arg(long, value_name = "NAME", global = true)]
+    pub tls_server_name: Option<String>,
+    /// The token to present (a broker started with --auth requires one).
+    #[arg(
+        long,
+        env = "SPOOL_TOKEN",
+        value_name = "SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+impl ServerArg {
+    /// The client options these flags make.
+    pub fn options(&self, client_name: &str) -> CliResult<ClientOptions> {
+        let tls = match &self.tls_ca {
+            Some(path) => Some(TlsClient::load_ca(path)?),
+            None => None,
+        };
+        Ok(ClientOptions {
+            tls,
+            server_name: self.tls_server_name.clone(),
+            token: self.token.clone(),
+            ..ClientOptions::new(client_name)
+        })
+    }
 }
 
 /// Output format.
@@ -67,6 +101,12 @@ impl From<ClientError> for CliError {
             ClientError::Io { addr, source } => CliError::runtime(format!(
                 "cannot reach the broker at {addr} ({source}); is `spool serve` running? (--server / SPOOL_SERVER)"
             )),
+            ClientError::Status {
+                code: code @ spool::protocol::pb::Code::Unauthenticated,
+                message,
+            } => CliError::runtime(format!(
+                "{message} ({code:?}); pass a valid token with --token or SPOOL_TOKEN"
+            )),
             ClientError::Status { code, message } => {
                 CliError::runtime(format!("{message} ({code:?})"))
             }
@@ -89,7 +129,8 @@ pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
 
 /// Connects to the broker.
 pub async fn connect(server: &ServerArg) -> CliResult<Client> {
-    Ok(Client::connect(&server.server, "spool-cli").await?)
+    let options = server.options("spool-cli")?;
+    Ok(Client::connect_with(&server.server, &options).await?)
 }
 
 /// Parses `earliest`, `latest`, an offset, or `@UNIX_MS`.

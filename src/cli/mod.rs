@@ -9,6 +9,7 @@ mod delete;
 mod group;
 mod produce;
 mod serve;
+mod token;
 mod topic;
 mod verify;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Reclaim deleted, consumed and superseded records without moving an
     /// offset: online through the broker, or offline with --data.
     Compact(compact::CompactArgs),
+    /// Make tokens for the auth file of `spool serve --auth`.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Check every segment, index and journal of a stopped broker's data.
     Verify(verify::VerifyArgs),
     /// Measure throughput and latency (produce, consume, e2e) next to the
@@ -78,6 +82,7 @@ pub fn run() -> ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Compact(args) => compact::run(args),
+        Command::Token(cmd) => token::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@ use clap::Args;
 use serde::Deserialize;
 use spool::grpc::DEFAULT_GRPC_LISTEN;
 use spool::http::DEFAULT_METRICS_LISTEN;
+use spool::security::auth::Auth;
+use spool::security::tls::TlsServer;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
 use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::net::SocketAddr;
@@ -67,6 +69,19 @@ pub struct ServeArgs {
     /// (default 30000).
     #[arg(long, value_name = "MS")]
     topic_idle_close_ms: Option<u64>,
+    /// TLS on every listener: this PEM certificate chain (leaf first)...
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ...and its PEM private key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a token from every client: the auth file of tokens and their
+    /// permissions (re-read on SIGHUP; see docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    auth: Option<PathBuf>,
+    /// Allow listening on addresses beyond loopback without --auth.
+    #[arg(long)]
+    insecure: bool,
     /// Form of the start-up output: text (`spool VERSION listening on ADDR,
     /// data in DIR`, then `spool grpc listening on ADDR` and `spool metrics
     /// listening on ADDR`) or json (one object with `listeners.native`,
@@ -97,6 +112,10 @@ struct FileConfig {
     write_timeout_ms: Option<u64>,
     max_open_files: Option<usize>,
     topic_idle_close_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    auth: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 /// A timeout setting: 0 turns it off.
@@ -250,6 +269,27 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
         }
         c.topic_idle_close = Duration::from_millis(ms);
     }
+    c.security.tls = match (
+        args.tls_cert.clone().or(file.tls_cert),
+        args.tls_key.clone().or(file.tls_key),
+    ) {
+        (Some(cert), Some(key)) => Some(TlsServer::load(&cert, &key)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(spool::Error::InvalidArgument(
+                "tls_cert is set but tls_key is not: TLS needs both".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(spool::Error::InvalidArgument(
+                "tls_key is set but tls_cert is not: TLS needs both".into(),
+            ));
+        }
+    };
+    if let Some(path) = args.auth.clone().or(file.auth) {
+        c.security.auth = Auth::load(&path)?;
+    }
+    c.insecure = args.insecure || file.insecure.unwrap_or(false);
     Ok(c)
 }
 
@@ -266,7 +306,9 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         .map_err(|e| spool::Error::io("starting the async runtime", e))?;
     runtime.block_on(async move {
         let data = config.data.clone();
+        let auth = config.security.auth.clone();
         let server = Server::bind(config).await?;
+        auth.reload_on_sighup()?;
         let listeners = Listeners {
             native: server.local_addr()?,
             grpc: server.grpc_addr()?,

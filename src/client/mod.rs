@@ -38,6 +38,7 @@ use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, outbox, pb};
+use crate::security::tls::TlsClient;
 use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
 use prost::Message as _;
@@ -47,6 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -77,6 +79,11 @@ pub enum ClientError {
     /// The connection is closed.
     #[error("connection closed")]
     Closed,
+    /// TLS could not be set up: the server does not speak it, requires it,
+    /// or presented a certificate this client does not trust (the message
+    /// says which, in one line).
+    #[error("{0}")]
+    Tls(String),
     /// A subscription could not deliver the message at `offset` (the server
     /// names why, e.g. `RESOURCE_EXHAUSTED`: too large for a frame) and goes
     /// on with the messages after it. Not the end of the subscription.
@@ -263,23 +270,84 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How to reach a server: TLS, the name its certificate must carry, the
+/// token to present.
+///
+/// ```no_run
+/// use spool::client::{Client, ClientOptions};
+/// use spool::security::tls::TlsClient;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let options = ClientOptions {
+///     tls: Some(TlsClient::load_ca("ca.pem".as_ref())?),
+///     token: Some(std::env::var("SPOOL_TOKEN")?),
+///     ..ClientOptions::new("example")
+/// };
+/// let client = Client::connect_with("broker.example:7411", &options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// Sent in `Hello` (the server logs it).
+    pub client_name: String,
+    /// TLS with these CAs; plaintext when `None`.
+    pub tls: Option<TlsClient>,
+    /// The name the server's certificate must be valid for (default: the
+    /// host part of the address).
+    pub server_name: Option<String>,
+    /// The secret sent as `Hello.token`.
+    pub token: Option<String>,
+}
+
+impl ClientOptions {
+    /// Plaintext, no token, named `client_name`.
+    pub fn new(client_name: &str) -> ClientOptions {
+        ClientOptions {
+            client_name: client_name.to_owned(),
+            ..ClientOptions::default()
+        }
+    }
+}
+
+/// A client's connection: TCP, or TLS over it.
+trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
+
 impl Client {
-    /// Connects and completes the handshake.
+    /// Connects in plaintext without a token and completes the handshake.
     pub async fn connect(addr: &str, client_name: &str) -> Result<Client> {
+        Client::connect_with(addr, &ClientOptions::new(client_name)).await
+    }
+
+    /// Connects as `options` say (TLS, token) and completes the handshake.
+    pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Client> {
         let io = |source| ClientError::Io {
             addr: addr.to_owned(),
             source,
         };
         let stream = TcpStream::connect(addr).await.map_err(io)?;
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Transport> = match &options.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let name = options
+                    .server_name
+                    .as_deref()
+                    .unwrap_or_else(|| crate::security::tls::host_of(addr));
+                let stream = tls.connect(stream, name).await.map_err(|e| {
+                    ClientError::Tls(crate::security::tls::handshake_error(addr, &e))
+                })?;
+                Box::new(stream)
+            }
+        };
         let mut framed = Framed::new(
             stream,
             FrameCodec::<pb::ServerFrame, pb::ClientFrame>::new(DEFAULT_MAX_FRAME_BYTES * 4),
         );
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
-            client_name: client_name.to_owned(),
-            token: None,
+            client_name: options.client_name.clone(),
+            token: options.token.clone(),
         };
         framed
             .send(pb::ClientFrame {
@@ -303,6 +371,11 @@ impl Client {
                 return Err(ClientError::Protocol(format!(
                     "expected Welcome, got {other:?}"
                 )));
+            }
+            Some(Err(FrameError::BadFlags(first)))
+                if options.tls.is_none() && crate::security::tls::is_tls_record(first) =>
+            {
+                return Err(ClientError::Tls(crate::security::tls::tls_required(addr)));
             }
             Some(Err(e)) => return Err(frame_to_client(addr, e)),
             None => return Err(ClientError::Closed),

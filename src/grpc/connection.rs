@@ -7,6 +7,8 @@
 //! of open `Subscribe` and `Consume` streams for `max_subscriptions`.
 
 use crate::protocol::pb;
+use crate::security::Listener;
+use crate::security::tls::{self, MaybeTls};
 use crate::server::admission::{self, Admission, Limit, Ticket};
 use crate::server::deadline::Timer;
 use futures_util::Stream;
@@ -47,6 +49,8 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Option<Duration>,
     /// The peer taking no byte for this long closes the connection.
     pub(crate) write_timeout: Option<Duration>,
+    /// Longest the first byte and the TLS handshake may take.
+    pub(crate) frame_timeout: Option<Duration>,
     /// Most `Subscribe` and `Consume` streams open on one connection.
     pub(crate) max_subscriptions: u32,
 }
@@ -227,7 +231,11 @@ impl Idle {
 /// An admitted gRPC connection: the socket, its slot and its deadlines.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: MaybeTls<TcpStream>,
+    peer: SocketAddr,
+    /// Whether a byte has arrived yet (a plaintext listener checks the
+    /// first for a TLS client).
+    started: bool,
     _ticket: Ticket,
     admission: Arc<Admission>,
     idle: Idle,
@@ -294,7 +302,18 @@ impl AsyncRead for Conn {
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
-                this.idle.read(&buf.filled()[before..]);
+                let read = &buf.filled()[before..];
+                if !this.started && !read.is_empty() {
+                    this.started = true;
+                    if matches!(this.stream, MaybeTls::Plain(_)) && tls::is_tls_start(read[0]) {
+                        tls::log_tls_client(this.peer, "grpc");
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "a TLS client on a plaintext listener",
+                        )));
+                    }
+                }
+                this.idle.read(read);
                 Poll::Ready(r)
             }
             Poll::Pending => this.idle_expired(cx),
@@ -334,47 +353,69 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
-/// The connections accepted on `listener` and admitted; refused ones are
-/// answered with an HTTP/2 `GOAWAY` carrying the refusal and closed.
+/// Connections waiting for tonic to take them.
+const ACCEPTED_BACKLOG: usize = 64;
+
+/// The connections accepted on `listener`, through `tls` and admitted;
+/// refused ones are answered with an HTTP/2 `GOAWAY` carrying the refusal
+/// and closed. Each connection's first byte and TLS handshake are awaited
+/// in a task of its own, so a slow peer holds up no other.
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: Limits,
+    tls: Listener,
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
-    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+    let (ready, accepted) = tokio::sync::mpsc::channel::<Conn>(ACCEPTED_BACKLOG);
+    tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                // The server stopped taking connections.
+                _ = ready.closed() => return,
             };
             let _ = stream.set_nodelay(true);
-            match limits.admission.admit(super::LISTENER, peer.ip()) {
-                Ok(ticket) => {
-                    let conn = Conn {
-                        stream,
-                        _ticket: ticket,
-                        admission: Arc::clone(&limits.admission),
-                        idle: Idle::new(limits.idle_timeout),
-                        write: Timer::new(limits.write_timeout),
-                        info: ConnInfo {
-                            open: Arc::default(),
-                            max: limits.max_subscriptions,
-                            busy: Arc::new(Busy {
-                                calls: AtomicU32::new(0),
-                                last_end: Mutex::new(Instant::now()),
-                            }),
-                        },
-                    };
-                    return Some((Ok(conn), (listener, limits)));
+            let admitted = limits.admission.admit(super::LISTENER, peer.ip());
+            let (limits, tls, ready) = (limits.clone(), tls.clone(), ready.clone());
+            tokio::spawn(async move {
+                let Some(stream) = tls.accept(stream, peer, limits.frame_timeout).await else {
+                    return;
+                };
+                match admitted {
+                    Ok(ticket) => {
+                        let conn = Conn {
+                            stream,
+                            peer,
+                            started: false,
+                            _ticket: ticket,
+                            admission: Arc::clone(&limits.admission),
+                            idle: Idle::new(limits.idle_timeout),
+                            write: Timer::new(limits.write_timeout),
+                            info: ConnInfo {
+                                open: Arc::default(),
+                                max: limits.max_subscriptions,
+                                busy: Arc::new(Busy {
+                                    calls: AtomicU32::new(0),
+                                    last_end: Mutex::new(Instant::now()),
+                                }),
+                            },
+                        };
+                        let _ = ready.send(conn).await;
+                    }
+                    Err(error) => refuse(stream, peer, error).await,
                 }
-                Err(error) => {
-                    tokio::spawn(refuse(stream, peer, error));
-                }
-            }
+            });
         }
+    });
+    futures_util::stream::unfold(accepted, |mut accepted| async move {
+        let conn = accepted.recv().await?;
+        Some((Ok(conn), accepted))
     })
 }
 
@@ -384,7 +425,10 @@ pub(crate) fn incoming(
 /// data. gRPC clients fail that request with `RESOURCE_EXHAUSTED` and the
 /// refusal; a `GOAWAY` sent before the request would only fail it as
 /// cancelled, without the reason.
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, error: pb::Error) {
+async fn refuse<S>(mut stream: S, peer: SocketAddr, error: pb::Error)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     tracing::debug!(%peer, reason = %error.message, "gRPC connection refused");
     let debug = error.message.as_bytes();
     let mut goaway = Vec::with_capacity(9 + 8 + debug.len());
@@ -411,7 +455,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, error: pb::Error) {
 
 /// Reads the peer's bytes until its first `HEADERS` frame (a request) has
 /// begun, the peer closes, or it sent more than [`REFUSAL_READ_MAX`].
-async fn first_request(stream: &mut TcpStream) -> io::Result<()> {
+async fn first_request<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<()> {
     let mut seen = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

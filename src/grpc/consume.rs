@@ -8,6 +8,7 @@ use super::stopping;
 use crate::broker::{Broker, Credit, Event, Subscription};
 use crate::error::Error;
 use crate::protocol::{convert, pb, status};
+use crate::security::auth::{Access, Operation, Principal};
 use futures_util::StreamExt;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub(super) struct Consuming {
     pub(super) data_dir: PathBuf,
     /// Delivered on this stream, neither acked nor nacked by it.
     pub(super) held: BTreeSet<u64>,
+    /// Who opened the stream, asked before each delivery.
+    pub(super) principal: Principal,
 }
 
 /// How a stream ends.
@@ -78,6 +81,11 @@ impl Consuming {
                 event = events.next() => match event {
                     None => break End::Closed,
                     Some(Ok(Event::Messages(m))) => {
+                        // A reload of the auth file may have narrowed or
+                        // revoked the token since the stream started.
+                        if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
+                            break End::Failed(self.status(&e));
+                        }
                         self.held.extend(m.iter().map(|d| d.message.offset.0));
                         if !self.deliver(convert::messages(m)).await {
                             break End::Closed;

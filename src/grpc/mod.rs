@@ -26,6 +26,8 @@ pub(crate) use connection::Limits;
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::protocol::pb::spool_server::SpoolServer;
+use crate::security::Security;
+use crate::security::auth::Auth;
 use service::Service;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -60,6 +62,31 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Authenticates each call of `spool.v1.Spool` by its `authorization:
+/// Bearer TOKEN` metadata, handing the principal to the service as a
+/// request extension; a call without a valid token fails with
+/// `UNAUTHENTICATED`. (Health and reflection answer anyone.)
+fn authenticate(
+    auth: Auth,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match auth.authenticate_bearer(header) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+                Ok(request)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "gRPC call refused: not authenticated");
+                Err(tonic::Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+}
+
 /// Serves gRPC on `listener` until `shutdown` turns true. No request or
 /// response message may exceed `max_frame_bytes` (the server's
 /// `max_frame_bytes`), and no stored message larger than that less 1 KiB
@@ -70,6 +97,7 @@ pub(crate) async fn serve(
     broker: Broker,
     max_frame_bytes: u32,
     limits: Limits,
+    security: Security,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -91,8 +119,16 @@ pub(crate) async fn serve(
     let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let spool = tonic::service::interceptor::InterceptedService::new(
+        spool,
+        authenticate(security.auth.clone()),
+    );
     let spool = measured::Measured::new(spool, metrics);
-    let incoming = connection::incoming(listener, limits);
+    let incoming = connection::incoming(
+        listener,
+        limits,
+        security.listener("grpc", &[crate::security::tls::ALPN_H2]),
+    );
     let mut signal = shutdown;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))

@@ -11,6 +11,8 @@ use crate::broker::{Broker, Credit, Event, Subscription, TopicInfo};
 use crate::error::Error;
 use crate::protocol::pb::spool_server::Spool;
 use crate::protocol::{convert, pb, status};
+use crate::security::access::Guarded;
+use crate::security::auth::{Access, Operation, Principal};
 use crate::storage::Offset;
 use futures_util::StreamExt;
 use std::collections::{HashMap, VecDeque};
@@ -69,6 +71,16 @@ impl Service {
             .map_err(|e| Status::new(tonic::Code::from_i32(e.code), e.message))
     }
 
+    /// The caller's principal, if it may make this call: `UNAUTHENTICATED`
+    /// or `PERMISSION_DENIED` (naming the operation and topic) if not.
+    fn allow<T: Guarded>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let principal = principal(request)?;
+        principal
+            .allow(request.get_ref().access())
+            .map_err(|e| self.status(e))?;
+        Ok(principal)
+    }
+
     /// A broker error as a gRPC status: the native protocol's code and
     /// message (paths relative to the data directory).
     fn status(&self, error: Error) -> Status {
@@ -97,6 +109,16 @@ impl Service {
             credit.give(n);
         }
     }
+}
+
+/// The principal the interceptor authenticated the call as; a call that
+/// did not pass it is refused.
+fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
 }
 
 fn credits(credits: &Credits) -> std::sync::MutexGuard<'_, HashMap<u64, Credit>> {
@@ -154,6 +176,10 @@ struct Pushing {
     done: bool,
     /// The stream's place among its connection's `max_subscriptions`.
     _slot: Option<StreamSlot>,
+    /// Who subscribed, asked before each delivery (a reload of the auth
+    /// file may have narrowed or revoked its token).
+    principal: Principal,
+    topic: String,
 }
 
 impl Pushing {
@@ -179,6 +205,14 @@ impl Pushing {
                     return Some(Err(Status::unavailable("broker is stopping")));
                 }
             };
+            if event.is_some()
+                && let Err(e) = self
+                    .principal
+                    .allow(Access::Topic(Operation::Consume, &self.topic))
+            {
+                self.done = true;
+                return Some(Err(self.status(&e)));
+            }
             match event {
                 None => return None,
                 Some(Ok(Event::Messages(m))) => self.pending.extend(convert::deliveries(
@@ -210,6 +244,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
+        self.allow(&request)?;
         let p = request.into_inner();
         let batch: Vec<_> = p.messages.into_iter().map(convert::new_message).collect();
         let appended = self
@@ -228,6 +263,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
+        self.allow(&request)?;
         let deadline = deadline(&request);
         // A long-poll keeps its connection from being idle while it waits.
         let _busy = request.extensions().get::<ConnInfo>().map(ConnInfo::busy);
@@ -252,6 +288,7 @@ impl Spool for Service {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::Empty>, Status> {
+        self.allow(&request)?;
         let a = request.into_inner();
         let n = a.offsets.len();
         if a.group.is_empty() {
@@ -281,6 +318,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
+        self.allow(&request)?;
         let n = request.into_inner();
         let count = n.offsets.len();
         let requeued = self
@@ -298,6 +336,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.allow(&request)?;
         let c = request.into_inner();
         self.broker
             .commit(&c.topic, &c.group, Offset(c.offset))
@@ -310,6 +349,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::SeekRequest>,
     ) -> Result<Response<pb::SeekResponse>, Status> {
+        self.allow(&request)?;
         let s = request.into_inner();
         let to = convert::position(s.to, crate::broker::Position::Earliest);
         let offset = self
@@ -324,6 +364,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.allow(&request)?;
         let d = request.into_inner();
         self.broker
             .delete(&d.topic, convert::offsets(d.offsets))
@@ -336,6 +377,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
+        self.allow(&request)?;
         let c = request.into_inner();
         let config = convert::topic_config(c.config, &self.broker.config().topic_defaults)
             .map_err(|e| self.status(e))?;
@@ -349,14 +391,16 @@ impl Spool for Service {
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let principal = self.allow(&request)?;
         let topics = self
             .broker
             .list_topics()
             .await
             .map_err(|e| self.status(e))?
             .iter()
+            .filter(|t| principal.may_see(&t.name))
             .map(|t| self.topic_info(t))
             .collect();
         Ok(Response::new(pb::ListTopicsResponse { topics }))
@@ -366,6 +410,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
+        self.allow(&request)?;
         let d = request.into_inner();
         let info = self
             .broker
@@ -379,6 +424,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.allow(&request)?;
         let d = request.into_inner();
         self.broker
             .delete_topic(&d.name)
@@ -391,6 +437,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::CreateGroupRequest>,
     ) -> Result<Response<pb::GroupInfo>, Status> {
+        self.allow(&request)?;
         let c = request.into_inner();
         let mode = convert::group_mode(c.mode).map_err(|e| self.status(e))?;
         let start = convert::position(c.start, crate::broker::Position::Earliest);
@@ -406,6 +453,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.allow(&request)?;
         let l = request.into_inner();
         let groups = self
             .broker
@@ -424,6 +472,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::GroupInfo>, Status> {
+        self.allow(&request)?;
         let d = request.into_inner();
         let info = self
             .broker
@@ -437,6 +486,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.allow(&request)?;
         let d = request.into_inner();
         self.broker
             .delete_group(&d.topic, &d.group)
@@ -449,6 +499,7 @@ impl Spool for Service {
         &self,
         request: Request<pb::CompactRequest>,
     ) -> Result<Response<pb::CompactResponse>, Status> {
+        self.allow(&request)?;
         let c = request.into_inner();
         let results = self
             .broker
@@ -473,7 +524,9 @@ impl Spool for Service {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Deliveries>, Status> {
+        let principal = self.allow(&request)?;
         let slot = self.stream_slot(&request)?;
+        let topic = request.get_ref().topic.clone();
         let request = convert::subscribe_request(request.into_inner(), self.max_frame);
         let subscription = self
             .broker
@@ -494,6 +547,8 @@ impl Spool for Service {
             max_frame: self.max_frame,
             done: false,
             _slot: slot,
+            principal,
+            topic,
         };
         let stream = futures_util::stream::unfold(pushing, |mut p| async move {
             let item = p.next().await?;
@@ -512,10 +567,14 @@ impl Spool for Service {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<ConsumeResponses>, Status> {
+        let principal = principal(&request)?;
         let slot = self.stream_slot(&request)?;
         let mut requests = request.into_inner();
         let first = requests.message().await?.and_then(|r| r.kind);
         let start = convert::consume_start(first, self.max_frame).map_err(|e| self.status(e))?;
+        principal
+            .allow(Access::Topic(Operation::Consume, &start.topic))
+            .map_err(|e| self.status(e))?;
         let (topic, group, member) = (
             start.topic.clone(),
             start.group.clone().unwrap_or_default(),
@@ -537,6 +596,7 @@ impl Spool for Service {
             max_frame: self.max_frame,
             data_dir: self.broker.data_dir().to_owned(),
             held: Default::default(),
+            principal,
         };
         tokio::spawn(consuming.run(subscription, requests, self.shutdown.clone()));
         let stream =

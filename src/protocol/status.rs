@@ -16,6 +16,8 @@ pub fn code(error: &Error) -> pb::Code {
         }
         Error::Internal(_) => pb::Code::Internal,
         Error::AlreadyExists(_) => pb::Code::AlreadyExists,
+        Error::Unauthenticated(_) => pb::Code::Unauthenticated,
+        Error::PermissionDenied(_) => pb::Code::PermissionDenied,
         Error::Full { .. }
         | Error::FilesExhausted { .. }
         | Error::MemoryExhausted { .. }

@@ -21,13 +21,15 @@ use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{PROTOCOL_VERSION, pb, status};
+use crate::security::auth::Principal;
+use crate::security::{access, tls};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -140,8 +142,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Answers a connection that gets no slot with one error frame and closes it.
-pub(super) async fn refuse(
-    stream: TcpStream,
+pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     peer: SocketAddr,
     max_frame_bytes: u32,
     error: pb::Error,
@@ -154,14 +156,16 @@ pub(super) async fn refuse(
 /// Serves one connection until the client leaves, a frame is unreadable, a
 /// limit closes it, or the server shuts down (in-flight requests are
 /// finished first).
-pub(super) async fn serve(
-    stream: TcpStream,
+pub(super) async fn serve<S>(
+    stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let config = &shared.config;
-    let (read, write) = stream.into_split();
+    let (read, write) = tokio::io::split(stream);
     let mut frames = FrameReader::new(
         FramedRead::new(read, ServerCodec::new(config.max_frame_bytes)),
         config.frame_timeout,
@@ -173,13 +177,14 @@ pub(super) async fn serve(
     let b = Arc::clone(&shared);
     let (out, writer) = Outgoing::start(sink, peer, move || b.admission.count(Limit::Write));
 
-    match handshake(&shared, peer, &mut frames, &mut shutdown).await {
-        Ok(welcome) => {
+    let principal = match handshake(&shared, peer, &mut frames, &mut shutdown).await {
+        Ok((welcome, principal)) => {
             let _ = out
                 .send(pb::ServerFrame {
                     kind: Some(pb::server_frame::Kind::Welcome(welcome)),
                 })
                 .await;
+            principal
         }
         Err(refusal) => {
             if let Some((id, err)) = refusal {
@@ -191,17 +196,20 @@ pub(super) async fn serve(
             let _ = writer.await;
             return;
         }
-    }
+    };
 
     let (closing, _) = watch::channel(Closing::Open);
     let conn = Arc::new(Conn {
         shared: Arc::clone(&shared),
+        principal,
         out: out.clone(),
         subscriptions: Mutex::new(HashMap::new()),
         next_subscription: AtomicU64::new(1),
         closing,
         working: Arc::new(AtomicUsize::new(0)),
+        revoked: watch::channel(None).0,
     });
+    let mut revoked = conn.revoked.subscribe();
     let idle = shared.config.idle_timeout;
     let mut last_frame = Instant::now();
     let mut in_flight = tokio::task::JoinSet::new();
@@ -232,6 +240,8 @@ pub(super) async fn serve(
             _ = stopping(&mut shutdown) => break Some(stopping_error()),
             // The writer stopped on a failed write: no reply can reach the client.
             _ = out.closed() => break None,
+            // A reload removed or replaced the connection's token.
+            Ok(()) = revoked.changed() => break revoked.borrow().clone(),
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = sleep_until(idle.map(|t| last_frame + t)) => {
                 // A request being served, or a frame arriving (the frame
@@ -266,14 +276,15 @@ pub(super) async fn serve(
     let _ = writer.await;
 }
 
-/// Reads the `Hello` and builds the `Welcome`; `Err(Some(..))` refuses with
-/// that error, `Err(None)` closes without a word.
+/// Reads the `Hello`, authenticates its token and builds the `Welcome`;
+/// `Err(Some(..))` refuses with that error, `Err(None)` closes without a
+/// word.
 async fn handshake<R>(
     shared: &Shared,
     peer: SocketAddr,
     frames: &mut FrameReader<R, ServerCodec>,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<pb::Welcome, Option<(u64, pb::Error)>>
+) -> Result<(pb::Welcome, Principal), Option<(u64, pb::Error)>>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -308,8 +319,15 @@ where
                     ),
                 )));
             }
-            tracing::debug!(%peer, client = %h.client_name, "connected");
-            Ok(pb::Welcome {
+            let principal = match shared.config.security.auth.authenticate(h.token.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(%peer, client = %h.client_name, error = %e, "connection refused: not authenticated");
+                    return Err(Some((request_id, shared.wire(&e))));
+                }
+            };
+            tracing::debug!(%peer, client = %h.client_name, token = principal.name().unwrap_or("-"), "connected");
+            let welcome = pb::Welcome {
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 protocol_version: PROTOCOL_VERSION,
                 max_frame_bytes: config.max_frame_bytes,
@@ -319,7 +337,8 @@ where
                 idle_timeout_ms: config
                     .idle_timeout
                     .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
-            })
+            };
+            Ok((welcome, principal))
         }
         Some(Ok(frame)) => Err(Some((
             frame.request_id,
@@ -328,6 +347,10 @@ where
                 "the first frame of a connection must be Hello",
             ),
         ))),
+        Some(Err(ReadError::Frame(FrameError::BadFlags(first)))) if tls::is_tls_start(first) => {
+            tls::log_tls_client(peer, "native");
+            Err(None)
+        }
         Some(Err(e)) => Err(read_error(shared, peer, &e).map(|err| (0, err))),
         None => Err(None),
     }
@@ -372,11 +395,16 @@ pub(super) struct Pushing {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) shared: Arc<Shared>,
+    /// Who the client authenticated as: asked before every request.
+    pub(super) principal: Principal,
     pub(super) out: Outgoing,
     subscriptions: Mutex<HashMap<u64, Pushing>>,
     pub(super) next_subscription: AtomicU64,
     /// Set when the connection is closing: long-polls stop waiting.
     closing: watch::Sender<Closing>,
+    /// Set when a request finds the connection's token gone (an auth file
+    /// reload removed or replaced it): the connection closes with it.
+    revoked: watch::Sender<Option<pb::Error>>,
     /// Requests being served, other than long-polls waiting for messages.
     working: Arc<AtomicUsize>,
 }
@@ -441,6 +469,25 @@ impl Conn {
             .request
             .as_ref()
             .map_or("unknown", handlers::operation);
+        if let Some(request) = &frame.request
+            && let Err(e) = self.principal.allow(access::of(request))
+        {
+            let error = self.shared.wire(&e);
+            if matches!(e, crate::Error::Unauthenticated(_)) {
+                tracing::info!(
+                    token = self.principal.name().unwrap_or("-"),
+                    "closing a connection whose token was removed or replaced"
+                );
+                self.revoked.send_replace(Some(error.clone()));
+            }
+            self.shared.broker.metrics().request(
+                LISTENER,
+                operation,
+                error.code,
+                started.elapsed(),
+            );
+            return Some(error_frame(id, error));
+        }
         let result = match frame.request {
             Some(Request::Subscribe(s)) => {
                 handlers::fetch::subscribe(self, id, s).await.map(|()| None)

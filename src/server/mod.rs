@@ -30,6 +30,7 @@ mod outgoing;
 use crate::broker::{Broker, BrokerConfig, MessageLimit, TopicConfig, TopicInfo};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+use crate::security::{self, Listener, Security};
 use crate::storage::RecoveryMode;
 use admission::Admission;
 use std::net::SocketAddr;
@@ -91,6 +92,10 @@ pub struct ServerConfig {
     /// a peer that does not read its replies and deliveries for this long is
     /// closed (`None`: no limit).
     pub write_timeout: Option<Duration>,
+    /// TLS and tokens, on every listener.
+    pub security: Security,
+    /// Serve on addresses beyond loopback without an auth file.
+    pub insecure: bool,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +120,8 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             frame_timeout: Some(Duration::from_secs(30)),
             write_timeout: Some(Duration::from_secs(30)),
+            security: Security::default(),
+            insecure: false,
         }
     }
 }
@@ -125,6 +132,8 @@ impl Default for ServerConfig {
 pub(crate) struct Shared {
     broker: Broker,
     admission: Arc<Admission>,
+    /// The native listener's TLS.
+    native: Listener,
     config: ServerConfig,
 }
 
@@ -165,19 +174,6 @@ impl Server {
     /// Opens the data directory (taking its lock and recovering every topic)
     /// and binds the listeners (native, and gRPC if configured).
     pub async fn bind(config: ServerConfig) -> Result<Server> {
-        let broker = Broker::open(BrokerConfig {
-            data: config.data.clone(),
-            topic_defaults: config.topic_defaults.clone(),
-            auto_create: config.auto_create,
-            recovery: config.recovery,
-            max_message_bytes: config.max_message_bytes,
-            max_batch_messages: config.max_batch_messages,
-            max_open_files: config
-                .max_open_files
-                .unwrap_or_else(crate::broker::default_max_open_files),
-            topic_idle_close: config.topic_idle_close,
-        })
-        .await?;
         let listener = TcpListener::bind(&config.listen)
             .await
             .ctx(|| format!("listening on {}", config.listen))?;
@@ -197,6 +193,40 @@ impl Server {
             ),
             None => None,
         };
+        let mut bound = vec![(
+            "native",
+            listener
+                .local_addr()
+                .ctx(|| "reading the listen address".into())?,
+        )];
+        if let Some(g) = &grpc {
+            bound.push((
+                "grpc",
+                g.local_addr()
+                    .ctx(|| "reading the gRPC listen address".into())?,
+            ));
+        }
+        if let Some(m) = &metrics {
+            bound.push((
+                "metrics",
+                m.local_addr()
+                    .ctx(|| "reading the metrics listen address".into())?,
+            ));
+        }
+        security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
+        let broker = Broker::open(BrokerConfig {
+            data: config.data.clone(),
+            topic_defaults: config.topic_defaults.clone(),
+            auto_create: config.auto_create,
+            recovery: config.recovery,
+            max_message_bytes: config.max_message_bytes,
+            max_batch_messages: config.max_batch_messages,
+            max_open_files: config
+                .max_open_files
+                .unwrap_or_else(crate::broker::default_max_open_files),
+            topic_idle_close: config.topic_idle_close,
+        })
+        .await?;
         let shared = Arc::new(Shared {
             admission: Arc::new(Admission::new(
                 config.max_connections,
@@ -204,6 +234,7 @@ impl Server {
                 broker.metrics().clone(),
             )),
             broker,
+            native: config.security.listener("native", &[]),
             config,
         });
         Ok(Server {
@@ -277,8 +308,10 @@ impl Server {
                     admission: Arc::clone(&shared.admission),
                     idle_timeout: shared.config.idle_timeout,
                     write_timeout: shared.config.write_timeout,
+                    frame_timeout: shared.config.frame_timeout,
                     max_subscriptions: shared.config.max_subscriptions,
                 },
+                shared.config.security.clone(),
                 shutdown.clone(),
             ))
         });
@@ -298,20 +331,22 @@ impl Server {
                     };
                     let _ = stream.set_nodelay(true);
                     let b = Arc::clone(&shared);
-                    match shared.admission.admit(connection::LISTENER, peer.ip()) {
-                        Ok(ticket) => {
-                            let shutdown = shutdown.clone();
-                            connections.spawn(async move {
-                                connection::serve(stream, peer, b, shutdown).await;
+                    let admitted = shared.admission.admit(connection::LISTENER, peer.ip());
+                    let shutdown = shutdown.clone();
+                    connections.spawn(async move {
+                        let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout).await else {
+                            return;
+                        };
+                        match admitted {
+                            Ok(ticket) => {
+                                connection::serve(stream, peer, Arc::clone(&b), shutdown).await;
                                 drop(ticket);
-                            });
-                        }
-                        Err(error) => {
-                            connections.spawn(async move {
+                            }
+                            Err(error) => {
                                 connection::refuse(stream, peer, b.config.max_frame_bytes, error).await;
-                            });
+                            }
                         }
-                    }
+                    });
                 }
                 _ = shutdown.changed() => break,
                 _ = summary.tick() => shared.admission.log_summary(),

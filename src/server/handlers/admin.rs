@@ -20,7 +20,7 @@ pub(in crate::server) async fn create_topic(
     Ok(Reply::Topic(conn.shared.topic_info(&info)))
 }
 
-/// Lists the topics.
+/// Lists the topics the caller has any permission on.
 pub(in crate::server) async fn list_topics(conn: &Conn) -> Result<Reply, pb::Error> {
     let topics = conn
         .shared
@@ -29,6 +29,7 @@ pub(in crate::server) async fn list_topics(conn: &Conn) -> Result<Reply, pb::Err
         .await
         .map_err(wire(conn))?
         .iter()
+        .filter(|t| conn.principal.may_see(&t.name))
         .map(|t| conn.shared.topic_info(t))
         .collect();
     Ok(Reply::Topics(pb::ListTopicsResponse { topics }))

@@ -5,6 +5,7 @@ use super::wire;
 use crate::broker::{Event, Subscription};
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{convert, pb, status};
+use crate::security::auth::{Access, Operation};
 use crate::server::connection::{Conn, Pushing, response};
 use crate::server::outgoing::Outgoing;
 use std::sync::atomic::Ordering;
@@ -46,6 +47,7 @@ pub(in crate::server) async fn subscribe(
             config.max_subscriptions,
         ));
     }
+    let topic = s.topic.clone();
     let subscription = conn
         .shared
         .broker
@@ -70,8 +72,13 @@ pub(in crate::server) async fn subscribe(
     let shared = std::sync::Arc::clone(&conn.shared);
     let out = conn.out.clone();
     let max_frame = shared.config.max_frame_bytes;
+    let principal = conn.principal.clone();
+    let allowed = move || principal.allow(Access::Topic(Operation::Consume, &topic));
     let task = tokio::spawn(async move {
-        push_all(id, subscription, &out, max_frame, |e| shared.wire(&e)).await
+        push_all(id, subscription, &out, max_frame, allowed, |e| {
+            shared.wire(&e)
+        })
+        .await
     });
     conn.subscriptions().insert(id, Pushing { credit, task });
     Ok(())
@@ -94,15 +101,22 @@ pub(in crate::server) fn unsubscribe(
     }
 }
 
-/// Pushes a subscription's deliveries until it ends or the client is gone.
+/// Pushes a subscription's deliveries until it ends, the client is gone,
+/// or the caller may no longer read them (`allowed`, asked before each
+/// delivery: an auth file reload may have narrowed or revoked its token).
 async fn push_all(
     id: u64,
     mut subscription: Subscription,
     out: &Outgoing,
     max_frame: u32,
+    allowed: impl Fn() -> crate::Result<()>,
     wire: impl Fn(crate::Error) -> pb::Error,
 ) {
     while let Some(event) = subscription.next().await {
+        if let Err(e) = allowed() {
+            let _ = out.send(ended(id, wire(e))).await;
+            return;
+        }
         let pushed = match event {
             Ok(Event::Messages(m)) => push(out, id, convert::messages(m), max_frame).await,
             Ok(Event::Skipped { offset, error }) => out

@@ -1,0 +1,1154 @@
+//! TLS and tokens through the real binary: certificates made here (rcgen),
+//! a TLS round trip on the native and gRPC listeners, a client that does
+//! not trust the server's CA, plaintext and TLS meeting the wrong listener
+//! (one line on each side), tokens missing, wrong, valid and outside their
+//! permissions on both protocols, the auth file reloaded on SIGHUP, and the
+//! refusal to listen beyond loopback without auth.
+
+mod common;
+
+use common::Broker;
+use spool::client::{Client, ClientError, ClientOptions};
+use spool::protocol::pb;
+use spool::protocol::pb::spool_client::SpoolClient;
+use spool::security::tls::TlsClient;
+use spool::storage::NewMessage;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// A CA and a server certificate it signed (for `localhost` and
+/// 127.0.0.1), written as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("server params");
+    let cert = params.signed_by(&key, &issuer).expect("server certificate");
+    let pki = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem()).expect("write CA");
+    std::fs::write(&pki.cert, cert.pem()).expect("write cert");
+    std::fs::write(&pki.key, key.serialize_pem()).expect("write key");
+    pki
+}
+
+fn spool() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_spool"))
+}
+
+/// `spool token create NAME ARGS...`: (the secret, the TOML entry).
+fn token_create(name: &str, args: &[&str]) -> (String, String) {
+    let out = spool()
+        .args(["token", "create", name])
+        .args(args)
+        .output()
+        .expect("run spool token create");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    let secret = lines[1].to_owned();
+    assert!(secret.starts_with("spool_"), "{text}");
+    let at = text.find("[[token]]").expect("an entry");
+    (secret, text[at..].to_owned())
+}
+
+/// Runs a client command; (success, stdout, stderr).
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = spool()
+        .args(args)
+        .env_remove("SPOOL_TOKEN")
+        .env_remove("SPOOL_TLS_CA")
+        .output()
+        .expect("run spool");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn options(tls: Option<&Path>, token: Option<&str>) -> ClientOptions {
+    ClientOptions {
+        tls: tls.map(|ca| TlsClient::load_ca(ca).expect("load CA")),
+        token: token.map(str::to_owned),
+        ..ClientOptions::new("security-test")
+    }
+}
+
+fn code(e: &ClientError) -> Option<pb::Code> {
+    e.code()
+}
+
+#[tokio::test]
+async fn tls_round_trip_on_the_native_and_grpc_listeners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "good");
+    let cert = pki.cert.to_str().expect("utf-8 path");
+    let key = pki.key.to_str().expect("utf-8 path");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--tls-cert", cert, "--tls-key", key],
+    );
+
+    // The library client, checking the certificate against 127.0.0.1.
+    let client = Client::connect_with(&broker.addr, &options(Some(&pki.ca), None))
+        .await
+        .expect("TLS connect");
+    let produced = client
+        .produce("t", vec![NewMessage::from_value("over tls")])
+        .await
+        .expect("produce over TLS");
+    assert_eq!(produced.first_offset, 0);
+    let got = common::replay_all(&client, "t").await;
+    assert_eq!(&got[0].message.value[..], b"over tls");
+
+    // ... and by name, as a client given `localhost` would.
+    let by_name = ClientOptions {
+        server_name: Some("localhost".into()),
+        ..options(Some(&pki.ca), None)
+    };
+    Client::connect_with(&broker.addr, &by_name)
+        .await
+        .expect("TLS connect checking the name localhost");
+
+    // The command line.
+    let ca = pki.ca.to_str().expect("utf-8 path");
+    let (ok, out, err) = cli(&[
+        "produce",
+        "t",
+        "from the cli",
+        "--server",
+        &broker.addr,
+        "--tls-ca",
+        ca,
+    ]);
+    assert!(ok, "{out}{err}");
+
+    // gRPC over TLS (ALPN h2).
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let port = grpc.rsplit(':').next().expect("a port");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(&pki.ca).expect("read CA"),
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("gRPC over TLS");
+    let fetched = SpoolClient::new(channel)
+        .fetch(pb::FetchRequest {
+            topic: "t".into(),
+            max_messages: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("fetch over gRPC and TLS")
+        .into_inner();
+    assert_eq!(fetched.messages.len(), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = make_pki(dir.path(), "good");
+    let other = make_pki(dir.path(), "other");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            good.cert.to_str().expect("utf-8"),
+            "--tls-key",
+            good.key.to_str().expect("utf-8"),
+        ],
+    );
+    let e = Client::connect_with(&broker.addr, &options(Some(&other.ca), None))
+        .await
+        .expect_err("an untrusted certificate");
+    assert!(
+        matches!(&e, ClientError::Tls(m) if m.contains("does not trust") && m.contains(&broker.addr)),
+        "{e}"
+    );
+    // A name the certificate does not carry is refused too.
+    let wrong_name = ClientOptions {
+        server_name: Some("broker.example".into()),
+        ..options(Some(&good.ca), None)
+    };
+    let e = Client::connect_with(&broker.addr, &wrong_name)
+        .await
+        .expect_err("a name not in the certificate");
+    assert!(
+        matches!(&e, ClientError::Tls(m) if m.contains("does not trust")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_and_tls_meeting_the_wrong_listener_get_one_line_each_side() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "good");
+    let ca = pki.ca.to_str().expect("utf-8");
+    let tls = Broker::start(
+        &dir.path().join("tls"),
+        &[
+            "--tls-cert",
+            pki.cert.to_str().expect("utf-8"),
+            "--tls-key",
+            pki.key.to_str().expect("utf-8"),
+        ],
+    );
+    let plain = Broker::start(&dir.path().join("plain"), &[]);
+
+    let (ok, _, err) = cli(&["topic", "list", "--server", &tls.addr]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "spool: the server at {} requires TLS: pass --tls-ca (or SPOOL_TLS_CA)",
+            tls.addr
+        )
+    );
+    let (ok, _, err) = cli(&["topic", "list", "--server", &plain.addr, "--tls-ca", ca]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "spool: the server at {} does not speak TLS (is --tls-ca meant for a plaintext listener?)",
+            plain.addr
+        )
+    );
+
+    // gRPC, both ways.
+    let tls_grpc = tls.grpc.clone().expect("gRPC listener");
+    let refused = match Channel::from_shared(format!("http://{tls_grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(channel) => SpoolClient::new(channel)
+            .list_topics(pb::ListTopicsRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext gRPC on a TLS listener");
+    let plain_grpc = plain.grpc.clone().expect("gRPC listener");
+    let port = plain_grpc.rsplit(':').next().expect("a port");
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).expect("CA")))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://localhost:{port}"))
+        .expect("uri")
+        .tls_config(config)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect_err("TLS gRPC on a plaintext listener");
+
+    for (broker, line) in [
+        (tls, "plaintext client connected to this TLS listener"),
+        (plain, "TLS client connected to this plaintext listener"),
+    ] {
+        let (stopped, logs) = broker.terminate();
+        assert!(stopped, "{logs}");
+        for listener in ["\"native\"", "\"grpc\""] {
+            let lines: Vec<_> = logs
+                .lines()
+                .filter(|l| l.contains(line) && l.contains(listener))
+                .collect();
+            assert_eq!(lines.len(), 1, "{listener}: {logs}");
+        }
+    }
+}
+
+/// An auth file with a producer of `orders*` that may also consume
+/// `orders`, and an admin of everything: (file, producer, admin).
+fn auth_file(dir: &Path) -> (PathBuf, String, String) {
+    let (writer, writer_entry) =
+        token_create("writer", &["--produce", "orders*", "--consume", "orders"]);
+    let (admin, admin_entry) = token_create(
+        "root",
+        &["--admin", "*", "--produce", "*", "--consume", "*"],
+    );
+    let path = dir.join("auth.toml");
+    std::fs::write(&path, format!("{writer_entry}\n{admin_entry}")).expect("write auth file");
+    (path, writer, admin)
+}
+
+#[tokio::test]
+async fn tokens_none_wrong_valid_and_outside_permissions_on_the_native_protocol() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (auth, writer, admin) = auth_file(dir.path());
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", auth.to_str().expect("utf-8")],
+    );
+
+    for token in [None, Some("spool_wrong")] {
+        let e = Client::connect_with(&broker.addr, &options(None, token))
+            .await
+            .expect_err("no valid token");
+        assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{e}");
+    }
+
+    let root = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
+        .await
+        .expect("admin token");
+    root.create_topic("payments", Default::default())
+        .await
+        .expect("admin creates a topic");
+
+    let client = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
+        .await
+        .expect("valid token");
+    client
+        .produce("orders", vec![NewMessage::from_value("a")])
+        .await
+        .expect("produce within permissions");
+    client
+        .produce("orders.eu", vec![NewMessage::from_value("b")])
+        .await
+        .expect("produce to a prefix match");
+    let e = client
+        .produce("payments", vec![NewMessage::from_value("c")])
+        .await
+        .expect_err("outside permissions");
+    assert_eq!(code(&e), Some(pb::Code::PermissionDenied), "{e}");
+    assert!(
+        e.to_string()
+            .contains("token writer may not produce to topic payments"),
+        "{e}"
+    );
+    let e = client
+        .delete_topic("orders")
+        .await
+        .expect_err("not an admin");
+    assert!(
+        e.to_string()
+            .contains("token writer may not administer topic orders"),
+        "{e}"
+    );
+    let e = client
+        .fetch("orders.eu", Default::default())
+        .await
+        .expect_err("may produce but not consume orders.eu");
+    assert_eq!(code(&e), Some(pb::Code::PermissionDenied), "{e}");
+    // The connection stays open after a refusal.
+    assert_eq!(common::replay_all(&client, "orders").await.len(), 1);
+    // Listing shows only the topics the token has a permission on.
+    let mut names: Vec<String> = client
+        .list_topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["orders", "orders.eu"]);
+    assert_eq!(root.list_topics().await.expect("list").len(), 3);
+
+    // The command line: --token and SPOOL_TOKEN, and the one-line refusal.
+    let (ok, out, err) = cli(&["topic", "list", "--server", &broker.addr]);
+    assert!(!ok, "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("(Unauthenticated)"), "{err}");
+    let (ok, out, err) = cli(&[
+        "topic",
+        "list",
+        "--server",
+        &broker.addr,
+        "--token",
+        &writer,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("orders.eu") && !out.contains("payments"),
+        "{out}"
+    );
+    let out = spool()
+        .args(["topic", "list", "--server", &broker.addr])
+        .env("SPOOL_TOKEN", &admin)
+        .output()
+        .expect("run spool");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("payments"),
+        "{out:?}"
+    );
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+    }
+    request
+}
+
+#[tokio::test]
+async fn tokens_none_wrong_valid_and_outside_permissions_over_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (auth, writer, admin) = auth_file(dir.path());
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", auth.to_str().expect("utf-8")],
+    );
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut client = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let produce = |topic: &str| pb::ProduceRequest {
+        topic: topic.into(),
+        messages: vec![pb::NewMessage {
+            value: b"x".to_vec().into(),
+            ..Default::default()
+        }],
+    };
+    for token in [None, Some("spool_wrong")] {
+        let status = client
+            .produce(with_token(produce("orders"), token))
+            .await
+            .expect_err("no valid token");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    client
+        .produce(with_token(produce("orders"), Some(&writer)))
+        .await
+        .expect("valid token");
+    client
+        .create_topic(with_token(
+            pb::CreateTopicRequest {
+                name: "payments".into(),
+                config: None,
+            },
+            Some(&admin),
+        ))
+        .await
+        .expect("admin creates a topic");
+    let status = client
+        .produce(with_token(produce("payments"), Some(&writer)))
+        .await
+        .expect_err("outside permissions");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        status.message(),
+        "token writer may not produce to topic payments"
+    );
+    let status = client
+        .compact(with_token(
+            pb::CompactRequest { topic: None },
+            Some(&writer),
+        ))
+        .await
+        .expect_err("compacting every topic needs admin on *");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let topics = client
+        .list_topics(with_token(pb::ListTopicsRequest {}, Some(&writer)))
+        .await
+        .expect("list")
+        .into_inner()
+        .topics;
+    let names: Vec<_> = topics.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["orders"]);
+    // The same channel goes on serving after refusals.
+    client
+        .produce(with_token(produce("orders.us"), Some(&writer)))
+        .await
+        .expect("still served");
+}
+
+/// Polls `check` for up to 10 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_auth_file_is_reloaded_on_sighup_without_dropping_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (a, a_entry) = token_create("a", &["--produce", "a"]);
+    std::fs::write(&path, &a_entry).expect("write auth file");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &broker.child.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    let client_a = Client::connect_with(&broker.addr, &options(None, Some(&a)))
+        .await
+        .expect("token a");
+    let one = || vec![NewMessage::from_value("m")];
+    client_a
+        .produce("a", one())
+        .await
+        .expect("a may produce to a");
+    assert!(client_a.produce("b", one()).await.is_err());
+
+    // Widen a, add b.
+    let (b, b_entry) = token_create("b", &["--consume", "*"]);
+    let widened = a_entry.replace("produce = [\"a\"]", "produce = [\"a\", \"b\"]");
+    assert_ne!(widened, a_entry);
+    std::fs::write(&path, format!("{widened}\n{b_entry}")).expect("rewrite");
+    hup();
+    eventually("a may produce to b on its open connection", || async {
+        client_a.produce("b", one()).await.is_ok()
+    })
+    .await;
+    let client_b = Client::connect_with(&broker.addr, &options(None, Some(&b)))
+        .await
+        .expect("the new token b");
+    assert_eq!(common::replay_all(&client_b, "b").await.len(), 1);
+
+    // A broken file keeps the tokens in force.
+    std::fs::write(&path, "[[token]]\nname = 1\n").expect("break");
+    hup();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client_a
+        .produce("b", one())
+        .await
+        .expect("tokens in force stay");
+
+    // Remove a: its open connection is no longer served; b's still is.
+    std::fs::write(&path, &b_entry).expect("rewrite without a");
+    hup();
+    eventually("a is no longer authenticated", || async {
+        // (Listing writes nothing while the reload is on its way.)
+        matches!(
+            client_a.list_topics().await,
+            Err(e) if e.code() == Some(pb::Code::Unauthenticated)
+        )
+    })
+    .await;
+    // ... and its connection is closed; b's is not.
+    eventually("a's connection is closed", || async {
+        client_a.ping(1).await.is_err()
+    })
+    .await;
+    assert_eq!(common::replay_all(&client_b, "a").await.len(), 1);
+
+    let (stopped, logs) = broker.terminate();
+    assert!(stopped, "{logs}");
+    assert!(logs.contains("auth file not reloaded"), "{logs}");
+    assert_eq!(logs.matches("auth file reloaded").count(), 2, "{logs}");
+}
+
+#[test]
+fn the_broker_refuses_non_loopback_addresses_without_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    for (listen, grpc, names) in [
+        ("0.0.0.0:0", "off", "(native)"),
+        ("127.0.0.1:0", "0.0.0.0:0", "(grpc)"),
+    ] {
+        let out = spool()
+            .args(["serve", "--data", data, "--listen", listen, "--grpc", grpc])
+            .args(["--metrics", "off"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spool serve");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let refusals: Vec<_> = err.lines().filter(|l| l.starts_with("spool: ")).collect();
+        assert_eq!(refusals.len(), 1, "{err}");
+        assert!(
+            refusals[0].starts_with("spool: refusing to listen on 0.0.0.0:"),
+            "{err}"
+        );
+        assert!(refusals[0].contains(names), "{err}");
+        assert!(refusals[0].contains("--insecure"), "{err}");
+    }
+
+    // --insecure and --auth each let it serve there.
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, "").expect("an auth file with no token");
+    for extra in [
+        vec!["--insecure"],
+        vec!["--auth", auth.to_str().expect("utf-8")],
+    ] {
+        let mut child = common::Killed(
+            spool()
+                .args([
+                    "serve",
+                    "--data",
+                    data,
+                    "--listen",
+                    "0.0.0.0:0",
+                    "--grpc",
+                    "off",
+                    "--metrics",
+                    "off",
+                ])
+                .args(&extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        );
+        let mut line = String::new();
+        let stdout = child.0.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+        assert!(line.contains("listening on 0.0.0.0:"), "{extra:?}: {line}");
+    }
+}
+
+/// A token with a permission on another topic only: every request kind
+/// naming topic `t` is refused, on both protocols, so no kind can skip the
+/// check (the native protocol's table is also checked by a unit test).
+#[tokio::test]
+async fn every_request_kind_is_checked_on_both_protocols() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (other, other_entry) = token_create("other", &["--admin", "u", "--produce", "u"]);
+    let (root, root_entry) = token_create("root", &["--admin", "*", "--produce", "*"]);
+    let path = dir.path().join("auth.toml");
+    std::fs::write(&path, format!("{other_entry}\n{root_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let admin = Client::connect_with(&broker.addr, &options(None, Some(&root)))
+        .await
+        .expect("root");
+    admin
+        .produce("t", vec![NewMessage::from_value("m")])
+        .await
+        .expect("produce");
+    admin
+        .create_group("t", "g", spool::groups::GroupMode::Queue, None)
+        .await
+        .expect("group");
+
+    let c = Client::connect_with(&broker.addr, &options(None, Some(&other)))
+        .await
+        .expect("other");
+    let denied = |what: &str, r: Result<(), ClientError>| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{what}: {e}");
+        assert!(e.to_string().contains("token other may not"), "{what}: {e}");
+    };
+    let one = || vec![NewMessage::from_value("x")];
+    denied("produce", c.produce("t", one()).await.map(drop));
+    denied("fetch", c.fetch("t", Default::default()).await.map(drop));
+    denied(
+        "subscribe",
+        c.subscribe("t", None, "m", None, 1).await.map(drop),
+    );
+    denied("ack", c.ack("t", "g", &[0], None).await);
+    denied("nack", c.nack("t", "g", &[0], 0, None).await.map(drop));
+    denied("commit", c.commit("t", "g", 0).await);
+    denied(
+        "seek",
+        c.seek("t", "g", spool::broker::Position::Earliest)
+            .await
+            .map(drop),
+    );
+    denied("delete", c.delete("t", &[0]).await);
+    denied(
+        "create_topic",
+        c.create_topic("t2", Default::default()).await.map(drop),
+    );
+    let e = c.describe_topic("t").await.expect_err("describe");
+    assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
+    denied("delete_topic", c.delete_topic("t").await);
+    denied(
+        "create_group",
+        c.create_group("t", "g2", spool::groups::GroupMode::Stream, None)
+            .await
+            .map(drop),
+    );
+    denied("list_groups", c.list_groups("t").await.map(drop));
+    denied("describe_group", c.describe_group("t", "g").await.map(drop));
+    denied("delete_group", c.delete_group("t", "g").await);
+    denied("compact", c.compact(Some("t")).await.map(drop));
+    denied("compact all", c.compact(None).await.map(drop));
+    // Allowed ones still are: its own topic, ping, listing (filtered).
+    c.produce("u", one()).await.expect("its own topic");
+    c.ping(7).await.expect("ping");
+    let names: Vec<_> = c
+        .list_topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["u"]);
+
+    // gRPC: every method of spool.v1.Spool.
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let tok = Some(other.as_str());
+    let t = || "t".to_string();
+    let check = |what: &str, r: Result<(), tonic::Status>| {
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+    };
+    check(
+        "Produce",
+        g.produce(with_token(
+            pb::ProduceRequest {
+                topic: t(),
+                messages: vec![pb::NewMessage::default()],
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Fetch",
+        g.fetch(with_token(
+            pb::FetchRequest {
+                topic: t(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Subscribe",
+        g.subscribe(with_token(
+            pb::SubscribeRequest {
+                topic: t(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Ack",
+        g.ack(with_token(
+            pb::AckRequest {
+                topic: t(),
+                group: "g".into(),
+                offsets: vec![0],
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Nack",
+        g.nack(with_token(
+            pb::NackRequest {
+                topic: t(),
+                group: "g".into(),
+                offsets: vec![0],
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Commit",
+        g.commit(with_token(
+            pb::CommitRequest {
+                topic: t(),
+                group: "g".into(),
+                offset: 0,
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Seek",
+        g.seek(with_token(
+            pb::SeekRequest {
+                topic: t(),
+                group: "g".into(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Delete",
+        g.delete(with_token(
+            pb::DeleteRequest {
+                topic: t(),
+                offsets: vec![0],
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "CreateTopic",
+        g.create_topic(with_token(
+            pb::CreateTopicRequest {
+                name: "t2".into(),
+                config: None,
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "DescribeTopic",
+        g.describe_topic(with_token(pb::DescribeTopicRequest { name: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "DeleteTopic",
+        g.delete_topic(with_token(pb::DeleteTopicRequest { name: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "CreateGroup",
+        g.create_group(with_token(
+            pb::CreateGroupRequest {
+                topic: t(),
+                group: "g2".into(),
+                ..Default::default()
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "ListGroups",
+        g.list_groups(with_token(pb::ListGroupsRequest { topic: t() }, tok))
+            .await
+            .map(drop),
+    );
+    check(
+        "DescribeGroup",
+        g.describe_group(with_token(
+            pb::DescribeGroupRequest {
+                topic: t(),
+                group: "g".into(),
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "DeleteGroup",
+        g.delete_group(with_token(
+            pb::DeleteGroupRequest {
+                topic: t(),
+                group: "g".into(),
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "Compact",
+        g.compact(with_token(pb::CompactRequest { topic: Some(t()) }, tok))
+            .await
+            .map(drop),
+    );
+    let start = pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Start(pb::ConsumeStart {
+            topic: t(),
+            group: "g".into(),
+            member: "m".into(),
+            ..Default::default()
+        })),
+    };
+    let consume = g
+        .consume(with_token(futures_util::stream::iter(vec![start]), tok))
+        .await;
+    check("Consume", consume.map(drop));
+    assert_eq!(
+        g.list_topics(with_token(pb::ListTopicsRequest {}, tok))
+            .await
+            .expect("list")
+            .into_inner()
+            .topics
+            .len(),
+        1
+    );
+}
+
+/// The config file's keys (`tls_cert`, `tls_key`, `auth`, `insecure`),
+/// `SPOOL_TLS_CA`, `--tls-server-name`, and `spool bench` with `--tls-ca`
+/// and `--token` against such a broker.
+#[test]
+fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "good");
+    let (secret, entry) =
+        token_create("all", &["--produce", "*", "--consume", "*", "--admin", "*"]);
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, entry).expect("auth file");
+    let config = dir.path().join("spool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\nauth = {:?}\n",
+            pki.cert, pki.key, auth
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    let ca = pki.ca.to_str().expect("utf-8");
+
+    // TLS is on (a plaintext client is told), and so is auth.
+    let (ok, _, err) = cli(&["topic", "list", "--server", &broker.addr]);
+    assert!(!ok && err.contains("requires TLS"), "{err}");
+    let (ok, _, err) = cli(&["topic", "list", "--server", &broker.addr, "--tls-ca", ca]);
+    assert!(!ok && err.contains("(Unauthenticated)"), "{err}");
+
+    // SPOOL_TLS_CA and SPOOL_TOKEN, and the name given apart from the address.
+    let out = spool()
+        .args(["produce", "t", "m", "--server", &broker.addr])
+        .args(["--tls-server-name", "localhost"])
+        .env("SPOOL_TLS_CA", ca)
+        .env("SPOOL_TOKEN", &secret)
+        .output()
+        .expect("run spool");
+    assert!(out.status.success(), "{out:?}");
+    let out = spool()
+        .args(["produce", "t", "m", "--server", &broker.addr])
+        .args([
+            "--tls-server-name",
+            "broker.example",
+            "--tls-ca",
+            ca,
+            "--token",
+            &secret,
+        ])
+        .output()
+        .expect("run spool");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not trust"),
+        "{out:?}"
+    );
+
+    // spool bench, over TLS with a token.
+    let out = spool()
+        .args(["bench", "produce", "--messages", "2000", "--batch", "100"])
+        .args([
+            "--baseline-mib",
+            "1",
+            "--format",
+            "json",
+            "--server",
+            &broker.addr,
+        ])
+        .args(["--tls-ca", ca, "--token", &secret])
+        .env_remove("SPOOL_TOKEN")
+        .output()
+        .expect("run spool bench");
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["throughput"]["messages"], 2000);
+    assert_eq!(report["params"]["tls_ca"], ca);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&secret),
+        "the report never holds the token"
+    );
+    let out = spool()
+        .args(["bench", "produce", "--messages", "10", "--tls-ca", ca])
+        .output()
+        .expect("run spool bench");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tls-ca and --token go with --server"),
+        "{out:?}"
+    );
+
+    // insecure = true in the config file lifts the loopback-only rule.
+    let open = dir.path().join("open.toml");
+    std::fs::write(&open, "insecure = true\n").expect("config");
+    let mut child = common::Killed(
+        spool()
+            .args(["serve", "--data"])
+            .arg(dir.path().join("data2"))
+            .args([
+                "--listen",
+                "0.0.0.0:0",
+                "--grpc",
+                "off",
+                "--metrics",
+                "off",
+                "--config",
+            ])
+            .arg(&open)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let mut line = String::new();
+    let stdout = child.0.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+}
+
+/// A subscription already running stops delivering once a reload takes
+/// the topic out of its token's permissions: it ends with
+/// `PERMISSION_DENIED`, on the native protocol and on gRPC.
+#[tokio::test]
+async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
+    let (writer, writer_entry) = token_create("writer", &["--produce", "*"]);
+    std::fs::write(&path, format!("{reader_entry}\n{writer_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let producer = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
+        .await
+        .expect("writer");
+    producer
+        .produce("t", vec![NewMessage::from_value("first")])
+        .await
+        .expect("produce");
+
+    let native = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
+        .await
+        .expect("reader");
+    let mut sub = native
+        .subscribe("t", None, "m", Some(spool::broker::Position::Earliest), 100)
+        .await
+        .expect("subscribe");
+    let first = sub.next().await.expect("a delivery").expect("a message");
+    assert_eq!(&first.message.value[..], b"first");
+
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let mut deliveries = g
+        .subscribe(with_token(
+            pb::SubscribeRequest {
+                topic: "t".into(),
+                from: Some(pb::Position {
+                    kind: Some(pb::position::Kind::Earliest(pb::Empty {})),
+                }),
+                max_in_flight: 100,
+                ..Default::default()
+            },
+            Some(&reader),
+        ))
+        .await
+        .expect("gRPC subscribe")
+        .into_inner();
+    let d = deliveries
+        .next()
+        .await
+        .expect("a delivery")
+        .expect("not an error");
+    assert_eq!(d.messages.len(), 1);
+
+    // The reader may now consume only topic "other".
+    let narrowed = reader_entry.replace("consume = [\"*\"]", "consume = [\"other\"]");
+    assert_ne!(narrowed, reader_entry);
+    std::fs::write(&path, format!("{narrowed}\n{writer_entry}")).expect("rewrite");
+    let status = Command::new("kill")
+        .args(["-HUP", &broker.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+
+    // Keep producing until both subscriptions have ended, without a
+    // message delivered after the reload took effect.
+    let ended = async {
+        let mut native_end = None;
+        let mut grpc_end = None;
+        while native_end.is_none() || grpc_end.is_none() {
+            producer
+                .produce("t", vec![NewMessage::from_value("later")])
+                .await
+                .expect("produce");
+            if native_end.is_none()
+                && let Ok(Some(item)) =
+                    tokio::time::timeout(Duration::from_millis(50), sub.next()).await
+                && let Err(e) = item
+            {
+                native_end = Some(e);
+            }
+            if grpc_end.is_none()
+                && let Ok(Some(item)) =
+                    tokio::time::timeout(Duration::from_millis(50), deliveries.next()).await
+                && let Err(s) = item
+            {
+                grpc_end = Some(s);
+            }
+        }
+        (native_end, grpc_end)
+    };
+    let (native_end, grpc_end) = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("both subscriptions end within 10 s");
+    let e = native_end.expect("native end");
+    assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
+    assert!(
+        e.to_string()
+            .contains("token reader may not consume from topic t"),
+        "{e}"
+    );
+    let s = grpc_end.expect("gRPC end");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    // The connection itself is still served.
+    native.ping(1).await.expect("still open");
+}
