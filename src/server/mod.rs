@@ -206,13 +206,6 @@ impl Server {
                     .ctx(|| "reading the gRPC listen address".into())?,
             ));
         }
-        if let Some(m) = &metrics {
-            bound.push((
-                "metrics",
-                m.local_addr()
-                    .ctx(|| "reading the metrics listen address".into())?,
-            ));
-        }
         security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
         let broker = Broker::open(BrokerConfig {
             data: config.data.clone(),
