@@ -93,6 +93,7 @@ pub mod groups;
 pub mod grpc;
 pub mod protocol;
 pub mod server;
+pub mod socketio;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -161,6 +161,18 @@ pub struct SubscribeRequest {
     pub limits: DeliveryLimits,
 }
 
+/// A topic coming or going, as [`Broker::topic_events`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicEvent {
+    /// The topic was created (explicitly or by a first produce).
+    Created(String),
+    /// The topic was deleted (explicitly or for being idle).
+    Deleted(String),
+}
+
+/// Topic events a slow listener may fall behind by before it misses some.
+const TOPIC_EVENTS_BUFFER: usize = 1024;
+
 /// The broker: cheap to clone (one shared state inside).
 #[derive(Debug, Clone)]
 pub struct Broker {
@@ -177,6 +189,8 @@ struct Inner {
     /// Held by whoever closes topics ([`Broker::close_topics`]), so
     /// concurrent openers over the budget do not all close the same ones.
     closer: tokio::sync::Mutex<()>,
+    /// Topics created and deleted, for transports that report them.
+    topic_events: tokio::sync::broadcast::Sender<TopicEvent>,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -223,6 +237,7 @@ impl Broker {
                 config,
                 stopping: Arc::new(AtomicBool::new(false)),
                 closer: tokio::sync::Mutex::new(()),
+                topic_events: tokio::sync::broadcast::channel(TOPIC_EVENTS_BUFFER).0,
             }),
         };
         tracing::info!(
@@ -288,7 +303,10 @@ impl Broker {
             }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Deletion::Deleted(Some(topic))) => self.retire_runtime(&topic),
+                Ok(Deletion::Deleted(Some(topic))) => {
+                    self.retire_runtime(&topic);
+                    self.topic_event(TopicEvent::Deleted(name.clone()));
+                }
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
@@ -375,6 +393,17 @@ impl Broker {
                 tracing::debug!(closed, "closed unused topics");
             }
         }
+    }
+
+    /// Topics created and deleted from now on (a listener more than
+    /// [`TOPIC_EVENTS_BUFFER`] events behind is told it lagged).
+    pub fn topic_events(&self) -> tokio::sync::broadcast::Receiver<TopicEvent> {
+        self.inner.topic_events.subscribe()
+    }
+
+    fn topic_event(&self, event: TopicEvent) {
+        // No listener is not an error.
+        let _ = self.inner.topic_events.send(event);
     }
 
     /// The core's settings.
@@ -484,6 +513,7 @@ impl Broker {
                         b.inner.registry.topic_or_create(&name, force)
                     })
                     .await?;
+                self.topic_event(TopicEvent::Created(name.to_owned()));
                 Ok(self.runtime_of(topic))
             }
             other => other,
@@ -856,6 +886,7 @@ impl Broker {
             .await?;
         let info = TopicInfo::of(&topic);
         self.runtime_of(topic);
+        self.topic_event(TopicEvent::Created(name.to_owned()));
         Ok(info)
     }
 
@@ -878,6 +909,7 @@ impl Broker {
         if let Some(topic) = blocking(move || b.inner.registry.delete_topic(&n)).await? {
             self.retire_runtime(&topic);
         }
+        self.topic_event(TopicEvent::Deleted(name.to_owned()));
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use clap::Args;
 use serde::Deserialize;
 use spool::grpc::DEFAULT_GRPC_LISTEN;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
+use spool::socketio::DEFAULT_SOCKETIO_LISTEN;
 use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,11 @@ pub struct ServeArgs {
     /// a free port (printed on the second line); `off` serves no gRPC.
     #[arg(long, value_name = "ADDR|off")]
     grpc: Option<String>,
+    /// Address of the socket.io listener (default 127.0.0.1:7413); port 0
+    /// picks a free port (printed on the third line); `off` serves no
+    /// socket.io.
+    #[arg(long, value_name = "ADDR|off")]
+    socketio: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -62,8 +68,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS")]
     topic_idle_close_ms: Option<u64>,
     /// Form of the start-up output: text (`spool VERSION listening on ADDR,
-    /// data in DIR`, then `spool grpc listening on ADDR`) or json (one
-    /// object with `listeners.native` and `listeners.grpc`).
+    /// data in DIR`, then `spool grpc listening on ADDR`, then `spool
+    /// socketio listening on ADDR`) or json (one object with
+    /// `listeners.native`, `listeners.grpc` and `listeners.socketio`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
 }
@@ -74,6 +81,7 @@ pub struct ServeArgs {
 struct FileConfig {
     listen: Option<String>,
     grpc: Option<String>,
+    socketio: Option<String>,
     data: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     auto_create: Option<bool>,
@@ -100,14 +108,16 @@ fn timeout(ms: u64) -> Option<Duration> {
 /// scripts rely on to find ports picked with port 0, so its form never
 /// changes. Text: the first line `spool VERSION listening on ADDR, data in
 /// DIR` (the native listener), then, with gRPC on, `spool grpc listening on
-/// ADDR`. JSON: one line, `{"version":..,"listeners":{"native":ADDR,
-/// "grpc":ADDR},"data":DIR}` (no `grpc` key with gRPC off). Listeners added
-/// later get keys of their own in `listeners`, and in text lines of their
-/// own after these.
+/// ADDR`, then, with socket.io on, `spool socketio listening on ADDR`.
+/// JSON: one line, `{"version":..,"listeners":{"native":ADDR,
+/// "grpc":ADDR,"socketio":ADDR},"data":DIR}` (no `grpc` or `socketio` key
+/// with that listener off). Listeners added later get keys of their own in
+/// `listeners`, and in text lines of their own after these.
 fn startup_lines(
     format: Format,
     addr: SocketAddr,
     grpc: Option<SocketAddr>,
+    socketio: Option<SocketAddr>,
     data: &Path,
 ) -> String {
     let version = env!("CARGO_PKG_VERSION");
@@ -120,12 +130,18 @@ fn startup_lines(
             if let Some(grpc) = grpc {
                 out.push_str(&format!("spool grpc listening on {grpc}\n"));
             }
+            if let Some(socketio) = socketio {
+                out.push_str(&format!("spool socketio listening on {socketio}\n"));
+            }
             out
         }
         Format::Json => {
             let mut listeners = serde_json::json!({ "native": addr.to_string() });
             if let Some(grpc) = grpc {
                 listeners["grpc"] = grpc.to_string().into();
+            }
+            if let Some(socketio) = socketio {
+                listeners["socketio"] = socketio.to_string().into();
             }
             let line = serde_json::json!({
                 "version": version,
@@ -158,6 +174,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             Some(addr) if addr == "off" => None,
             Some(addr) => Some(addr),
             None => Some(DEFAULT_GRPC_LISTEN.into()),
+        },
+        socketio: match args.socketio.clone().or(file.socketio) {
+            Some(addr) if addr == "off" => None,
+            Some(addr) => Some(addr),
+            None => Some(DEFAULT_SOCKETIO_LISTEN.into()),
         },
         data: args
             .data
@@ -241,8 +262,12 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         let server = Server::bind(config).await?;
         let addr = server.local_addr()?;
         let grpc = server.grpc_addr()?;
+        let socketio = server.socketio_addr()?;
         // One write: a reader that stops after the first line has all of it.
-        print!("{}", startup_lines(args.format, addr, grpc, &data));
+        print!(
+            "{}",
+            startup_lines(args.format, addr, grpc, socketio, &data)
+        );
         std::io::Write::flush(&mut std::io::stdout())
             .map_err(|e| spool::Error::io("writing the start-up lines", e))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -15,7 +15,8 @@
 //! The broker itself (topics, their tasks, subscriptions) is
 //! [`crate::broker::Broker`]; this module holds no broker rule. The
 //! [`Server`] also runs the gRPC listener ([`crate::grpc`]) when one is
-//! configured, over the same broker, and stops it with the native one.
+//! configured, and the socket.io listener ([`crate::socketio`]), over the
+//! same broker, and stops them with the native one.
 
 pub(crate) mod admission;
 mod connection;
@@ -46,6 +47,10 @@ pub struct ServerConfig {
     /// Address of the gRPC listener (port 0 picks a free one); `None`: no
     /// gRPC (`spool serve` defaults to [`crate::grpc::DEFAULT_GRPC_LISTEN`]).
     pub grpc: Option<String>,
+    /// Address of the socket.io listener (port 0 picks a free one); `None`:
+    /// no socket.io (`spool serve` defaults to
+    /// [`crate::socketio::DEFAULT_SOCKETIO_LISTEN`]).
+    pub socketio: Option<String>,
     /// Data directory.
     pub data: PathBuf,
     /// Largest frame in either direction.
@@ -90,6 +95,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: DEFAULT_LISTEN.into(),
             grpc: None,
+            socketio: None,
             data: PathBuf::from("./data"),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 1024 * 1024,
@@ -148,6 +154,7 @@ impl Shared {
 pub struct Server {
     listener: TcpListener,
     grpc: Option<TcpListener>,
+    socketio: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -179,6 +186,14 @@ impl Server {
             ),
             None => None,
         };
+        let socketio = match &config.socketio {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("listening for socket.io on {addr}"))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             broker,
             admission: Arc::new(Admission::new(
@@ -190,6 +205,7 @@ impl Server {
         Ok(Server {
             listener,
             grpc,
+            socketio,
             shared,
         })
     }
@@ -212,6 +228,17 @@ impl Server {
             .transpose()
     }
 
+    /// The address the socket.io listener actually bound, if there is one.
+    pub fn socketio_addr(&self) -> Result<Option<SocketAddr>> {
+        self.socketio
+            .as_ref()
+            .map(|l| {
+                l.local_addr()
+                    .ctx(|| "reading the socket.io listen address".into())
+            })
+            .transpose()
+    }
+
     /// The broker core this server serves.
     pub fn broker(&self) -> &Broker {
         &self.shared.broker
@@ -227,8 +254,24 @@ impl Server {
         let Server {
             listener,
             grpc,
+            socketio,
             shared,
         } = self;
+        let socketio = socketio.map(|listener| {
+            tokio::spawn(crate::socketio::serve(
+                listener,
+                shared.broker.clone(),
+                crate::socketio::Limits {
+                    admission: Arc::clone(&shared.admission),
+                    max_subscriptions: shared.config.max_subscriptions,
+                    message_limit: shared.broker.message_limit(MessageLimit {
+                        bytes: shared.config.max_message_bytes,
+                        setting: "max_message_bytes",
+                    }),
+                },
+                shutdown.clone(),
+            ))
+        });
         let grpc = grpc.map(|listener| {
             tokio::spawn(crate::grpc::serve(
                 listener,
@@ -307,6 +350,20 @@ impl Server {
                         "gRPC calls still busy after the shutdown timeout; closing them"
                     );
                     grpc.abort();
+                }
+            }
+        }
+        if let Some(mut socketio) = socketio {
+            match tokio::time::timeout_at(deadline, &mut socketio).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "socket.io listener failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "socket.io listener task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        ?timeout,
+                        "socket.io sockets still busy after the shutdown timeout; closing them"
+                    );
+                    socketio.abort();
                 }
             }
         }

@@ -1,0 +1,304 @@
+//! The socket.io transport: Engine.IO v4 (polling and websocket, from
+//! `engineioxide`) on an HTTP/1.1 listener, with spool's own Socket.IO v5
+//! packet layer on top, over the same [`Broker`] as the other transports.
+//! A room is a topic; a socket's position in its rooms travels in the
+//! socket.io recovery offset, so a reconnecting client gets every message
+//! it missed, whatever happened to the broker meanwhile.
+//!
+//! - `packet`: the Socket.IO v5 packet codec (with binary attachments).
+//! - `codec`: client requests and replies, and stored messages as events.
+//! - `offset`: the sealed recovery token and the key that seals it.
+//! - `session`: one socket, its rooms and queue groups.
+//! - `page`: the demo page and the socket.io client it loads.
+//!
+//! The gateway holds no broker rule; what it keeps in memory (who is in
+//! which room, for presence events) is lost on a restart by design.
+
+mod codec;
+mod offset;
+mod packet;
+mod page;
+mod session;
+
+use crate::broker::{Broker, DeliveryLimits, MessageLimit, TopicEvent};
+use crate::error::{Error, Result};
+use crate::server::admission::Admission;
+use engineioxide::config::EngineIoConfig;
+use engineioxide::handler::EngineIoHandler;
+use engineioxide::service::EngineIoService;
+use engineioxide::{DisconnectReason, Socket, Str};
+use session::{EioSocket, Inbound, Session};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio_util::task::TaskTracker;
+
+/// Default socket.io listen address of `spool serve`.
+pub const DEFAULT_SOCKETIO_LISTEN: &str = "127.0.0.1:7413";
+
+/// The system room: its members receive `create-room` and `delete-room`.
+pub const SYSTEM_ROOM: &str = "$rooms";
+
+/// The Engine.IO path (socket.io's standard one).
+const PATH: &str = "/socket.io";
+
+/// Packets a socket's send buffer holds before emits wait.
+const SEND_BUFFER: usize = 1024;
+
+/// What the transport needs from the server's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// The server's connection slots, shared with the other listeners.
+    pub(crate) admission: Arc<Admission>,
+    /// Most rooms and queue groups one socket reads.
+    pub(crate) max_subscriptions: u32,
+    /// Largest message a produce takes (the broker's limit).
+    pub(crate) message_limit: MessageLimit,
+}
+
+/// The gateway: the Engine.IO handler every socket shares.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    broker: Broker,
+    key: offset::Key,
+    message_limit: MessageLimit,
+    max_subscriptions: usize,
+    /// Room to the sockets in it (for `join-room` and `leave-room`).
+    members: Mutex<HashMap<String, HashMap<String, EioSocket>>>,
+    /// Sockets in the system room.
+    watchers: Mutex<HashMap<String, EioSocket>>,
+    /// Every open socket, to close them when the server stops.
+    sockets: std::sync::Mutex<HashMap<String, EioSocket>>,
+    /// The sockets' tasks.
+    tasks: TaskTracker,
+}
+
+impl Gateway {
+    fn message_limit(&self) -> MessageLimit {
+        self.message_limit
+    }
+
+    fn delivery_limits(&self) -> DeliveryLimits {
+        DeliveryLimits {
+            messages: session::PUMP_BATCH,
+            bytes: session::PUMP_BYTES,
+            message_bytes: self.message_limit.bytes as usize,
+        }
+    }
+
+    /// Creates room `room` if it does not exist and the broker creates
+    /// topics on first use.
+    async fn ensure_room(&self, room: &str) -> Result<()> {
+        match self.broker.describe_topic(room).await {
+            Err(Error::TopicNotFound(_)) if self.broker.config().auto_create => {
+                let defaults = self.broker.config().topic_defaults.clone();
+                match self.broker.create_topic(room, defaults).await {
+                    Ok(_) | Err(Error::AlreadyExists(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// `socket` joins `room`: every member (itself included) receives
+    /// `join-room` with the room and the socket's id.
+    async fn join(&self, room: &str, socket: &EioSocket) {
+        let members = {
+            let mut all = self.members.lock().await;
+            let members = all.entry(room.to_owned()).or_default();
+            members.insert(socket.id.to_string(), Arc::clone(socket));
+            members.values().cloned().collect::<Vec<_>>()
+        };
+        self.presence("join-room", room, socket, members).await;
+    }
+
+    /// `socket` leaves `room`: the members left, and the socket, receive
+    /// `leave-room`.
+    async fn leave(&self, room: &str, socket: &EioSocket) {
+        let members = {
+            let mut all = self.members.lock().await;
+            let Some(members) = all.get_mut(room) else {
+                return;
+            };
+            if members.remove(&socket.id.to_string()).is_none() {
+                return;
+            }
+            let left = members.values().cloned().collect::<Vec<_>>();
+            if members.is_empty() {
+                all.remove(room);
+            }
+            left
+        };
+        let mut to = members;
+        to.push(Arc::clone(socket));
+        self.presence("leave-room", room, socket, to).await;
+    }
+
+    async fn presence(&self, event: &str, room: &str, socket: &EioSocket, to: Vec<EioSocket>) {
+        let packet = packet::Packet::event(
+            serde_json::json!([event, room, socket.id.to_string()]),
+            None,
+            Vec::new(),
+        );
+        for member in to {
+            // Presence is best effort: a member with a full buffer misses it.
+            let _ = member.emit(packet.encode());
+        }
+    }
+
+    async fn watch_rooms(&self, socket: &EioSocket) {
+        self.watchers
+            .lock()
+            .await
+            .insert(socket.id.to_string(), Arc::clone(socket));
+    }
+
+    async fn unwatch_rooms(&self, socket: &EioSocket) {
+        self.watchers.lock().await.remove(&socket.id.to_string());
+    }
+
+    /// Tells the system room's members of topics created and deleted.
+    async fn relay_topic_events(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.broker.topic_events();
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = stopping(&mut shutdown) => return,
+            };
+            let (name, room) = match event {
+                Ok(TopicEvent::Created(room)) => ("create-room", room),
+                Ok(TopicEvent::Deleted(room)) => ("delete-room", room),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "socket.io room events fell behind");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let packet = packet::Packet::event(serde_json::json!([name, room]), None, Vec::new());
+            let watchers: Vec<EioSocket> = self.watchers.lock().await.values().cloned().collect();
+            for w in watchers {
+                session::send(&w, &packet).await;
+            }
+        }
+    }
+}
+
+impl EngineIoHandler for Gateway {
+    type Data = Session;
+
+    fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(socket.id.to_string(), Arc::clone(&socket));
+        session::start(self, socket);
+    }
+
+    fn on_disconnect(&self, socket: Arc<Socket<Session>>, reason: DisconnectReason) {
+        tracing::debug!(sid = %socket.id, ?reason, "socket.io socket closed");
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&socket.id.to_string());
+        socket.data.push(Inbound::Closed);
+    }
+
+    fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
+        socket.data.push(Inbound::Text(msg));
+    }
+
+    fn on_binary(self: &Arc<Self>, data: bytes::Bytes, socket: Arc<Socket<Session>>) {
+        socket.data.push(Inbound::Binary(data));
+    }
+}
+
+/// Resolves once the server is stopping (or its stop signal is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves socket.io (and the demo page at `/`) on `listener` until
+/// `shutdown` turns true; then closes every socket and waits for their
+/// tasks, so no subscription outlives the transport.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let key = offset::Key::load_or_create(broker.data_dir())?;
+    let gateway = Arc::new(Gateway {
+        broker,
+        key,
+        message_limit: limits.message_limit,
+        max_subscriptions: limits.max_subscriptions as usize,
+        members: Mutex::new(HashMap::new()),
+        watchers: Mutex::new(HashMap::new()),
+        sockets: std::sync::Mutex::new(HashMap::new()),
+        tasks: TaskTracker::new(),
+    });
+    // Binary data travels base64 over polling: a third larger.
+    let max_payload = u64::from(limits.message_limit.bytes) / 3 * 4 + (64 << 10);
+    let config = EngineIoConfig::builder()
+        .req_path(PATH)
+        .max_buffer_size(SEND_BUFFER)
+        .max_payload(max_payload)
+        .build();
+    let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
+    tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
+    let mut signal = shutdown;
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket.io accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stopping(&mut signal) => break,
+        };
+        let ticket = match limits.admission.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(%peer, reason = %e.message, "socket.io connection refused");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "socket.io connection ended");
+            }
+            drop(ticket);
+        });
+    }
+    drop(listener);
+    let open: Vec<EioSocket> = gateway
+        .sockets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for socket in open {
+        socket.close(DisconnectReason::ClosingServer);
+    }
+    gateway.tasks.close();
+    gateway.tasks.wait().await;
+    connections.close();
+    // Long-polls and websockets of closed sockets end on their own.
+    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
+    Ok(())
+}
