@@ -787,6 +787,7 @@ fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .args(args)
+        .args(["--socketio", "off"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

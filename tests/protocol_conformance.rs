@@ -671,6 +671,8 @@ fn serve(data: &Path, extra: &[&str]) -> (Serve, String) {
             "127.0.0.1:0",
             "--grpc",
             "127.0.0.1:0",
+            "--socketio",
+            "off",
             "--data",
         ])
         .arg(data)

@@ -1,5 +1,6 @@
 //! Starting the real `spool` binary on 127.0.0.1:0 with a temp data dir
-//! (its gRPC listener on a port of its own, unless the test says `--grpc`).
+//! (its gRPC and socket.io listeners on ports of their own, unless the test
+//! says `--grpc` or `--socketio`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -13,6 +14,8 @@ pub struct Broker {
     pub addr: String,
     /// The gRPC listener's address (`None` with `--grpc off`).
     pub grpc: Option<String>,
+    /// The socket.io listener's address (`None` with `--socketio off`).
+    pub socketio: Option<String>,
     pub data: PathBuf,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -37,6 +40,9 @@ impl Broker {
         if !extra.contains(&"--grpc") {
             program.args(["--grpc", "127.0.0.1:0"]);
         }
+        if !extra.contains(&"--socketio") {
+            program.args(["--socketio", "127.0.0.1:0"]);
+        }
         let mut child = program
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -56,6 +62,10 @@ impl Broker {
             .lines()
             .find_map(|l| l.strip_prefix("spool grpc listening on "))
             .map(str::to_owned);
+        let socketio = rest
+            .lines()
+            .find_map(|l| l.strip_prefix("spool socketio listening on "))
+            .map(str::to_owned);
         let addr = first
             .split_whitespace()
             .find(|w| w.starts_with("127.0.0.1:"))
@@ -72,6 +82,7 @@ impl Broker {
             child,
             addr,
             grpc,
+            socketio,
             data: data.to_owned(),
             stderr: Some(stderr),
         }
