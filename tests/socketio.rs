@@ -155,3 +155,33 @@ fn http_get(addr: &str, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+#[test]
+fn queue_mode_acks_redelivery_and_dead_letters() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("queue.mjs", &b, &[]);
+}
+
+#[test]
+fn binary_data_round_trips() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("binary.mjs", &b, &[]);
+}
+
+#[test]
+fn bad_input_gets_an_error_and_touches_no_other_socket() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("errors.mjs", &b, &[]);
+}

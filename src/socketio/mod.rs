@@ -145,8 +145,7 @@ impl Gateway {
             Vec::new(),
         );
         for member in to {
-            // Presence is best effort: a member with a full buffer misses it.
-            let _ = member.emit(packet.encode());
+            session::send(&member, &packet).await;
         }
     }
 

@@ -39,6 +39,9 @@ pub enum Inbound {
 #[derive(Debug, Default)]
 pub struct Session {
     inbox: std::sync::OnceLock<mpsc::UnboundedSender<Inbound>>,
+    /// Held while one packet's messages go out, so a binary packet's
+    /// attachments follow it with nothing in between.
+    sending: Mutex<()>,
 }
 
 impl Session {
@@ -125,32 +128,48 @@ impl Out {
     }
 }
 
-/// Sends `packet` on `socket`, retrying while its buffer is full for up to
+/// Sends `packet` on `socket` (its text, then each attachment as an
+/// Engine.IO message of its own, with nothing from other senders in
+/// between), waiting while the send buffer is full for up to
 /// [`SEND_STALL`]; false if the socket is closed (or closed for stalling).
+///
+/// Attachments are not handed to Engine.IO in one batch with the text:
+/// its polling encoder (engineioxide 0.17) joins such a batch without the
+/// record separator when a poll is already waiting.
 pub async fn send(socket: &EioSocket, packet: &Packet) -> bool {
-    let text = packet.encode();
+    let _sending = socket.data.sending.lock().await;
     let deadline = tokio::time::Instant::now() + SEND_STALL;
-    loop {
-        match socket.reserve() {
-            Ok(permit) => {
-                if packet.attachments.is_empty() {
-                    permit.emit(text.into());
-                } else {
-                    permit.emit_many(text.into(), packet.attachments.iter().cloned().collect());
+    let text = std::iter::once(Part::Text(packet.encode()));
+    let parts = text.chain(packet.attachments.iter().cloned().map(Part::Binary));
+    for part in parts {
+        loop {
+            match socket.reserve() {
+                Ok(permit) => {
+                    match &part {
+                        Part::Text(t) => permit.emit(t.clone().into()),
+                        Part::Binary(b) => permit.emit_binary(b.clone()),
+                    }
+                    break;
                 }
-                return true;
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return false,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(sid = %socket.id, "socket.io client reads nothing: closing it");
-                    socket.close(engineioxide::DisconnectReason::TransportError);
-                    return false;
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return false,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(sid = %socket.id, "socket.io client reads nothing: closing it");
+                        socket.close(engineioxide::DisconnectReason::TransportError);
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
     }
+    true
+}
+
+/// One Engine.IO message of a packet.
+enum Part {
+    Text(String),
+    Binary(Bytes),
 }
 
 /// A room the socket reads.
