@@ -39,16 +39,23 @@ fn node_ready(needs: &str) -> bool {
 /// Runs `node FILE` in `tests/socketio` against `broker`; fails with its
 /// output unless it exits 0.
 fn node(file: &str, broker: &Broker, env: &[(&str, String)]) {
+    let mut env = env.to_vec();
+    env.push(("SPOOL_SERVER", broker.addr.clone()));
+    env.push((
+        "SPOOL_SOCKETIO",
+        broker.socketio.clone().expect("a socket.io listener"),
+    ));
+    node_with(file, &broker.data, &env);
+}
+
+/// Runs `node FILE` with `data` as SPOOL_DATA and `env`, for tests that
+/// start brokers themselves.
+fn node_with(file: &str, data: &Path, env: &[(&str, String)]) {
     let mut cmd = Command::new("node");
     cmd.arg(file)
         .current_dir(node_dir())
         .env("SPOOL_BIN", env!("CARGO_BIN_EXE_spool"))
-        .env("SPOOL_SERVER", &broker.addr)
-        .env(
-            "SPOOL_SOCKETIO",
-            broker.socketio.as_deref().expect("a socket.io listener"),
-        )
-        .env("SPOOL_DATA", &broker.data);
+        .env("SPOOL_DATA", data);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -184,4 +191,23 @@ fn bad_input_gets_an_error_and_touches_no_other_socket() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let b = broker(&tmp, &[]);
     node("errors.mjs", &b, &[]);
+}
+
+#[test]
+fn recovery_after_transport_close_long_disconnection_and_retention() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("recovery.mjs", &b, &[]);
+}
+
+#[test]
+fn recovery_after_kill_9_and_restart() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    node_with("restart.mjs", &tmp.path().join("data"), &[]);
 }

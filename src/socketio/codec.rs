@@ -502,7 +502,7 @@ mod tests {
         let bin = Bytes::from_static(&[0, 255, 1]);
         let p = Publish::parse(
             &json!({"room": "a", "data": placeholder(0)}),
-            &[bin.clone()],
+            std::slice::from_ref(&bin),
         )
         .unwrap();
         let m = Message {

@@ -27,6 +27,7 @@ use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::service::EngineIoService;
 use engineioxide::{DisconnectReason, Socket, Str};
+use serde_json::Value;
 use session::{EioSocket, Inbound, Session};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,9 +67,9 @@ pub(crate) struct Gateway {
     message_limit: MessageLimit,
     max_subscriptions: usize,
     /// Room to the sockets in it (for `join-room` and `leave-room`).
-    members: Mutex<HashMap<String, HashMap<String, EioSocket>>>,
+    members: Mutex<HashMap<String, HashMap<String, session::Out>>>,
     /// Sockets in the system room.
-    watchers: Mutex<HashMap<String, EioSocket>>,
+    watchers: Mutex<HashMap<String, session::Out>>,
     /// Every open socket, to close them when the server stops.
     sockets: std::sync::Mutex<HashMap<String, EioSocket>>,
     /// The sockets' tasks.
@@ -106,11 +107,11 @@ impl Gateway {
 
     /// `socket` joins `room`: every member (itself included) receives
     /// `join-room` with the room and the socket's id.
-    async fn join(&self, room: &str, socket: &EioSocket) {
+    async fn join(&self, room: &str, socket: &session::Out) {
         let members = {
             let mut all = self.members.lock().await;
             let members = all.entry(room.to_owned()).or_default();
-            members.insert(socket.id.to_string(), Arc::clone(socket));
+            members.insert(socket.sid(), socket.clone());
             members.values().cloned().collect::<Vec<_>>()
         };
         self.presence("join-room", room, socket, members).await;
@@ -118,13 +119,13 @@ impl Gateway {
 
     /// `socket` leaves `room`: the members left, and the socket, receive
     /// `leave-room`.
-    async fn leave(&self, room: &str, socket: &EioSocket) {
+    async fn leave(&self, room: &str, socket: &session::Out) {
         let members = {
             let mut all = self.members.lock().await;
             let Some(members) = all.get_mut(room) else {
                 return;
             };
-            if members.remove(&socket.id.to_string()).is_none() {
+            if members.remove(&socket.sid()).is_none() {
                 return;
             }
             let left = members.values().cloned().collect::<Vec<_>>();
@@ -134,30 +135,32 @@ impl Gateway {
             left
         };
         let mut to = members;
-        to.push(Arc::clone(socket));
+        to.push(socket.clone());
         self.presence("leave-room", room, socket, to).await;
     }
 
-    async fn presence(&self, event: &str, room: &str, socket: &EioSocket, to: Vec<EioSocket>) {
-        let packet = packet::Packet::event(
-            serde_json::json!([event, room, socket.id.to_string()]),
-            None,
-            Vec::new(),
-        );
+    async fn presence(
+        &self,
+        event: &str,
+        room: &str,
+        socket: &session::Out,
+        to: Vec<session::Out>,
+    ) {
+        let args = vec![Value::String(room.to_owned()), Value::String(socket.sid())];
         for member in to {
-            session::send(&member, &packet).await;
+            member.emit(event, args.clone()).await;
         }
     }
 
-    async fn watch_rooms(&self, socket: &EioSocket) {
+    async fn watch_rooms(&self, socket: &session::Out) {
         self.watchers
             .lock()
             .await
-            .insert(socket.id.to_string(), Arc::clone(socket));
+            .insert(socket.sid(), socket.clone());
     }
 
-    async fn unwatch_rooms(&self, socket: &EioSocket) {
-        self.watchers.lock().await.remove(&socket.id.to_string());
+    async fn unwatch_rooms(&self, socket: &session::Out) {
+        self.watchers.lock().await.remove(&socket.sid());
     }
 
     /// Tells the system room's members of topics created and deleted.
@@ -177,10 +180,10 @@ impl Gateway {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            let packet = packet::Packet::event(serde_json::json!([name, room]), None, Vec::new());
-            let watchers: Vec<EioSocket> = self.watchers.lock().await.values().cloned().collect();
+            let watchers: Vec<session::Out> =
+                self.watchers.lock().await.values().cloned().collect();
             for w in watchers {
-                session::send(&w, &packet).await;
+                w.emit(name, vec![Value::String(room.clone())]).await;
             }
         }
     }

@@ -109,8 +109,10 @@ impl Out {
         .encode(&self.gateway.key)
     }
 
-    /// Emits `name` with `args`, the token appended.
-    async fn emit_with_token(&self, name: &str, mut args: Vec<Value>) -> bool {
+    /// Emits `name` with `args` and the token of the current positions
+    /// as the last argument. Every event gets one: the client takes the
+    /// last string argument of any event as its recovery offset.
+    pub async fn emit(&self, name: &str, mut args: Vec<Value>) -> bool {
         let shared = self.shared.lock().await;
         args.push(Value::String(self.token(&shared)));
         let mut all = vec![Value::String(name.into())];
@@ -119,12 +121,9 @@ impl Out {
             .await
     }
 
-    /// Emits `name` with `args` (no token: presence and room events).
-    pub async fn emit(&self, name: &str, args: Vec<Value>) -> bool {
-        let mut all = vec![Value::String(name.into())];
-        all.extend(args);
-        self.send(&Packet::event(Value::Array(all), None, Vec::new()))
-            .await
+    /// The socket's Engine.IO id.
+    pub fn sid(&self) -> String {
+        self.socket.id.to_string()
     }
 }
 
@@ -317,7 +316,7 @@ impl Conn {
                         names.push(&room);
                     }
                     let names = json!(names);
-                    self.out.emit_with_token("rooms", vec![names]).await;
+                    self.out.emit("rooms", vec![names]).await;
                     self.start_room(room, sub).await;
                 }
             }
@@ -489,7 +488,7 @@ impl Conn {
         }
         let pump = tokio::spawn(pump_room(self.out.clone(), room.clone(), sub));
         self.rooms.insert(room.clone(), RoomSub { pump });
-        self.out.gateway.join(&room, &self.out.socket).await;
+        self.out.gateway.join(&room, &self.out).await;
     }
 
     async fn event(&mut self, packet: Packet) -> Reply {
@@ -538,7 +537,7 @@ impl Conn {
         let request = codec::Subscribe::parse(&body)?;
         if request.room == super::SYSTEM_ROOM {
             self.system = true;
-            self.out.gateway.watch_rooms(&self.out.socket).await;
+            self.out.gateway.watch_rooms(&self.out).await;
             return Ok(json!({ "room": request.room }));
         }
         let max = self.out.gateway.max_subscriptions;
@@ -629,7 +628,7 @@ impl Conn {
         let request = codec::Unsubscribe::parse(&body)?;
         if request.room == super::SYSTEM_ROOM {
             self.system = false;
-            self.out.gateway.unwatch_rooms(&self.out.socket).await;
+            self.out.gateway.unwatch_rooms(&self.out).await;
             return Ok(json!({ "room": request.room }));
         }
         let found = match &request.group {
@@ -648,13 +647,8 @@ impl Conn {
                 Some(r) => {
                     r.pump.abort();
                     self.out.shared.lock().await.positions.remove(&request.room);
-                    self.out
-                        .gateway
-                        .leave(&request.room, &self.out.socket)
-                        .await;
-                    self.out
-                        .emit_with_token("rooms", vec![json!(self.room_names())])
-                        .await;
+                    self.out.gateway.leave(&request.room, &self.out).await;
+                    self.out.emit("rooms", vec![json!(self.room_names())]).await;
                     true
                 }
                 None => false,
@@ -730,7 +724,7 @@ impl Conn {
     async fn leave_all(&mut self) {
         for (room, r) in std::mem::take(&mut self.rooms) {
             r.pump.abort();
-            self.out.gateway.leave(&room, &self.out.socket).await;
+            self.out.gateway.leave(&room, &self.out).await;
         }
         let queues = std::mem::take(&mut self.queues);
         for ((room, group), q) in queues {
@@ -738,7 +732,7 @@ impl Conn {
             self.release(&room, Some(&group)).await;
         }
         if self.system {
-            self.out.gateway.unwatch_rooms(&self.out.socket).await;
+            self.out.gateway.unwatch_rooms(&self.out).await;
             self.system = false;
         }
     }

@@ -98,11 +98,11 @@ await run({
     await ok(a, "subscribe", { room: r });
     const joined = once(a, "join-room");
     await ok(b, "subscribe", { room: r });
-    assert.deepEqual(await joined, [r, b.id]);
+    assert.deepEqual((await joined).slice(0, 2), [r, b.id]);
     const left = once(a, "leave-room");
     const id = b.id;
     b.close();
-    assert.deepEqual(await left, [r, id]);
+    assert.deepEqual((await left).slice(0, 2), [r, id]);
     a.close();
   },
 
@@ -113,14 +113,14 @@ await run({
     const created = once(w, "create-room");
     const a = await connect();
     await ok(a, "publish", { room: r, data: 1 });
-    assert.deepEqual(await created, [r]);
+    assert.deepEqual((await created)[0], r);
     const deleted = once(w, "delete-room");
     spool("topic", "delete", r);
-    assert.deepEqual(await deleted, [r]);
+    assert.deepEqual((await deleted)[0], r);
     const other = room("admin");
     const created2 = once(w, "create-room");
     spool("topic", "create", other);
-    assert.deepEqual(await created2, [other]);
+    assert.deepEqual((await created2)[0], other);
     w.close(); a.close();
   },
 
