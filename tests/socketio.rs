@@ -211,3 +211,21 @@ fn recovery_after_kill_9_and_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     node_with("restart.mjs", &tmp.path().join("data"), &[]);
 }
+
+#[test]
+fn demo_page_in_a_browser_recovers_across_a_broker_kill_9() {
+    if !node_ready("puppeteer-core") {
+        return;
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        assert!(
+            std::env::var_os("SPOOL_REQUIRE_NODE").is_none(),
+            "SPOOL_REQUIRE_NODE is set but {chromium} is missing: install Debian's chromium"
+        );
+        eprintln!("skipped: {chromium} is missing (apt-get install chromium, or set CHROMIUM)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    node_with("browser.mjs", &tmp.path().join("data"), &[("CHROMIUM", chromium)]);
+}
