@@ -227,5 +227,9 @@ fn demo_page_in_a_browser_recovers_across_a_broker_kill_9() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    node_with("browser.mjs", &tmp.path().join("data"), &[("CHROMIUM", chromium)]);
+    node_with(
+        "browser.mjs",
+        &tmp.path().join("data"),
+        &[("CHROMIUM", chromium)],
+    );
 }

@@ -16,6 +16,7 @@ pub mod disk;
 pub mod histogram;
 pub mod pacing;
 pub mod report;
+pub mod socketio;
 
 mod consume;
 mod produce;
@@ -48,6 +49,8 @@ pub enum Workload {
     E2e,
     /// The data directory's disk alone.
     Disk,
+    /// Websocket clients in one socket.io room (see [`socketio`]).
+    Socketio,
 }
 
 impl FromStr for Workload {
@@ -58,8 +61,9 @@ impl FromStr for Workload {
             "consume" => Ok(Workload::Consume),
             "e2e" => Ok(Workload::E2e),
             "disk" => Ok(Workload::Disk),
+            "socketio" => Ok(Workload::Socketio),
             other => Err(format!(
-                "workload {other:?}: expected produce, consume, e2e or disk"
+                "workload {other:?}: expected produce, consume, e2e, disk or socketio"
             )),
         }
     }
@@ -72,6 +76,7 @@ impl fmt::Display for Workload {
             Workload::Consume => "consume",
             Workload::E2e => "e2e",
             Workload::Disk => "disk",
+            Workload::Socketio => "socketio",
         })
     }
 }
@@ -398,6 +403,11 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
         .await
         .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))??;
     let outcome = match params.workload {
+        Workload::Socketio => {
+            return Err(BenchError::Invalid(
+                "the socketio workload runs through spool::bench::socketio::run".into(),
+            ));
+        }
         Workload::Disk => Outcome {
             messages: synced.writes,
             bytes: synced.bytes,
