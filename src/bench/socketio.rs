@@ -274,12 +274,12 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
                             let t = t.as_str();
                             if t == "2" {
                                 let _ = ws.send(Ws::text("3")).await;
-                            } else if t.starts_with("42[\"message\"") {
-                                if let Some(due) = due_of(t) {
-                                    let now = now_us();
-                                    latency.record(Duration::from_micros(now.saturating_sub(due)));
-                                    received.fetch_add(1, Ordering::Relaxed);
-                                }
+                            } else if t.starts_with("42[\"message\"")
+                                && let Some(due) = due_of(t)
+                            {
+                                let now = now_us();
+                                latency.record(Duration::from_micros(now.saturating_sub(due)));
+                                received.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Some(Ok(_)) => {}
@@ -300,8 +300,7 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
     let filler = "x".repeat(params.size as usize);
     let total = (params.rate as f64 * params.duration_s).round() as u64;
     let started_at = Instant::now();
-    let mut id = 2;
-    for n in 0..total {
+    for (id, n) in (2..).zip(0..total) {
         let due_at = started_at + Duration::from_secs_f64(n as f64 / params.rate as f64);
         tokio::time::sleep_until(due_at.into()).await;
         let lag = Instant::now().saturating_duration_since(due_at);
@@ -313,7 +312,6 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
             serde_json::json!({"room": ROOM, "data": {"due": due, "fill": filler}}),
         )
         .await?;
-        id += 1;
     }
     let expected = total * u64::from(params.clients);
     let deadline = Instant::now() + Duration::from_secs(10);

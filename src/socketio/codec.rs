@@ -386,6 +386,43 @@ fn header<'a>(m: &'a Message, name: &str) -> Option<&'a [u8]> {
         .map(|h| h.value.as_ref())
 }
 
+/// A room message encoded once for every socket that reads it: the packet
+/// text up to where each socket's recovery token goes.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The message's offset.
+    pub offset: u64,
+    /// The packet text without its closing `]`.
+    head: String,
+    /// Its binary attachments.
+    pub attachments: Vec<Bytes>,
+}
+
+impl Encoded {
+    /// Encodes message `m` of `room` (see [`message_event`]).
+    pub fn new(room: &str, m: &Message) -> Encoded {
+        let packet = message_event(room, m, None, None, None);
+        let mut head = packet.encode();
+        head.pop();
+        Encoded {
+            offset: m.offset.0,
+            head,
+            attachments: packet.attachments,
+        }
+    }
+
+    /// The packet text with `token` (base64url: nothing to escape) as the
+    /// last argument.
+    pub fn with_token(&self, token: &str) -> String {
+        let mut text = String::with_capacity(self.head.len() + token.len() + 4);
+        text.push_str(&self.head);
+        text.push_str(",\"");
+        text.push_str(token);
+        text.push_str("\"]");
+        text
+    }
+}
+
 /// The event a stored message goes out as: `[event, data, meta, token?]`
 /// with `meta = {room, offset, timestamp, key?}` (queue deliveries add
 /// `group` and `delivery`), and `id` for an acknowledgement callback.

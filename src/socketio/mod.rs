@@ -74,6 +74,22 @@ pub(crate) struct Gateway {
     sockets: std::sync::Mutex<HashMap<String, EioSocket>>,
     /// The sockets' tasks.
     tasks: TaskTracker,
+    /// Room to its feed: one subscription from which every socket reading
+    /// the room live takes each message, encoded once.
+    feeds: Mutex<HashMap<String, Feed>>,
+}
+
+/// Messages a room's feed keeps for sockets that fall behind before they
+/// go back to reading for themselves.
+const FEED_BUFFER: usize = 4096;
+/// How often feeds nobody listens to are stopped.
+const FEED_SWEEP: Duration = Duration::from_secs(10);
+
+/// One room's shared subscription.
+#[derive(Debug)]
+struct Feed {
+    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    task: tokio::task::AbortHandle,
 }
 
 impl Gateway {
@@ -86,6 +102,55 @@ impl Gateway {
             messages: session::PUMP_BATCH,
             bytes: session::PUMP_BYTES,
             message_bytes: self.message_limit.bytes as usize,
+        }
+    }
+
+    /// A receiver of every message appended to `room` from now on (the
+    /// room's feed, started if there is none).
+    async fn feed(
+        &self,
+        room: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<Arc<codec::Encoded>>> {
+        let mut feeds = self.feeds.lock().await;
+        if let Some(f) = feeds.get(room)
+            && !f.task.is_finished()
+        {
+            return Ok(f.tx.subscribe());
+        }
+        let sub = self
+            .broker
+            .subscribe(crate::broker::SubscribeRequest {
+                topic: room.to_owned(),
+                group: None,
+                from: Some(crate::broker::Position::Latest),
+                member: String::new(),
+                max_in_flight: session::PUMP_BATCH * 4,
+                limits: self.delivery_limits(),
+            })
+            .await?;
+        let (tx, rx) = tokio::sync::broadcast::channel(FEED_BUFFER);
+        let task = tokio::spawn(run_feed(room.to_owned(), sub, tx.clone())).abort_handle();
+        feeds.insert(room.to_owned(), Feed { tx, task });
+        Ok(rx)
+    }
+
+    /// Stops the feeds nobody listens to, every [`FEED_SWEEP`].
+    async fn sweep_feeds(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(FEED_SWEEP) => {}
+                _ = stopping(&mut shutdown) => break,
+            }
+            self.feeds.lock().await.retain(|_, f| {
+                let keep = f.tx.receiver_count() > 0 && !f.task.is_finished();
+                if !keep {
+                    f.task.abort();
+                }
+                keep
+            });
+        }
+        for (_, f) in self.feeds.lock().await.drain() {
+            f.task.abort();
         }
     }
 
@@ -218,6 +283,33 @@ impl EngineIoHandler for Gateway {
     }
 }
 
+/// Reads `room` from its end and hands each message, encoded once, to
+/// every socket listening; ends (closing the feed) when the room is gone.
+async fn run_feed(
+    room: String,
+    mut sub: crate::broker::Subscription,
+    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+) {
+    let credit = sub.credit();
+    while let Some(event) = sub.next().await {
+        match event {
+            Ok(crate::broker::Event::Messages(deliveries)) => {
+                let n = deliveries.len();
+                for d in deliveries {
+                    // No receiver now is no error: one may come.
+                    let _ = tx.send(Arc::new(codec::Encoded::new(&room, &d.message)));
+                }
+                credit.give(n);
+            }
+            Ok(crate::broker::Event::Skipped { .. }) => {}
+            Err(e) => {
+                tracing::debug!(room, error = %e, "socket.io room feed ended");
+                return;
+            }
+        }
+    }
+}
+
 /// Resolves once the server is stopping (or its stop signal is gone).
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -242,6 +334,7 @@ pub(crate) async fn serve(
         watchers: Mutex::new(HashMap::new()),
         sockets: std::sync::Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
+        feeds: Mutex::new(HashMap::new()),
     });
     // Binary data travels base64 over polling: a third larger.
     let max_payload = u64::from(limits.message_limit.bytes) / 3 * 4 + (64 << 10);
@@ -252,6 +345,7 @@ pub(crate) async fn serve(
         .build();
     let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
     tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
+    tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
     let connections = TaskTracker::new();
     loop {

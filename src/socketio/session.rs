@@ -136,10 +136,15 @@ impl Out {
 /// its polling encoder (engineioxide 0.17) joins such a batch without the
 /// record separator when a poll is already waiting.
 pub async fn send(socket: &EioSocket, packet: &Packet) -> bool {
+    send_text(socket, packet.encode(), &packet.attachments).await
+}
+
+/// [`send`] of a packet already encoded as `text` and `attachments`.
+pub async fn send_text(socket: &EioSocket, text: String, attachments: &[Bytes]) -> bool {
     let _sending = socket.data.sending.lock().await;
     let deadline = tokio::time::Instant::now() + SEND_STALL;
-    let text = std::iter::once(Part::Text(packet.encode()));
-    let parts = text.chain(packet.attachments.iter().cloned().map(Part::Binary));
+    let text = std::iter::once(Part::Text(text));
+    let parts = text.chain(attachments.iter().cloned().map(Part::Binary));
     for part in parts {
         loop {
             match socket.reserve() {
@@ -486,7 +491,7 @@ impl Conn {
         if let Some(old) = self.rooms.remove(&room) {
             old.pump.abort();
         }
-        let pump = tokio::spawn(pump_room(self.out.clone(), room.clone(), sub));
+        let pump = tokio::spawn(pump_room(self.out.clone(), room.clone(), sub.position().0));
         self.rooms.insert(room.clone(), RoomSub { pump });
         self.out.gateway.join(&room, &self.out).await;
     }
@@ -742,44 +747,91 @@ impl Conn {
     }
 }
 
-/// Emits the messages of `room` to the socket, in offset order, each with
-/// the token of the socket's positions once it is emitted.
-async fn pump_room(out: Out, room: String, mut sub: Subscription) {
-    let credit = sub.credit();
-    while let Some(event) = sub.next().await {
-        match event {
-            Ok(Event::Messages(deliveries)) => {
-                let n = deliveries.len();
-                for d in deliveries {
-                    let message = d.message;
-                    let mut shared = out.shared.lock().await;
-                    shared.positions.insert(room.clone(), message.offset.0 + 1);
-                    let token = out.token(&shared);
-                    let packet = codec::message_event(&room, &message, None, Some(token), None);
-                    if !out.send(&packet).await {
+/// Emits the messages of `room` from offset `from` to the socket, in
+/// offset order, each with the token of the socket's positions once it is
+/// emitted: first what is stored (catching up, with reads of its own), then
+/// from the room's shared feed, going back to reading whenever it falls
+/// behind the feed.
+async fn pump_room(out: Out, room: String, from: u64) {
+    let gateway = Arc::clone(&out.gateway);
+    let mut next = from;
+    let fail = |e: Error| codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+    let mut feed = match gateway.feed(&room).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            out.emit("error", vec![fail(e)]).await;
+            return;
+        }
+    };
+    loop {
+        // Catch up: everything stored from `next`.
+        loop {
+            let fetched = gateway
+                .broker
+                .fetch(
+                    crate::broker::FetchRequest {
+                        topic: room.clone(),
+                        group: None,
+                        from: Some(Position::Offset(next)),
+                        member: String::new(),
+                        limits: gateway.delivery_limits(),
+                        wait: Duration::ZERO,
+                    },
+                    std::future::ready(()),
+                )
+                .await;
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(e) => {
+                    out.emit("error", vec![fail(e)]).await;
+                    return;
+                }
+            };
+            if fetched.messages.is_empty() {
+                break;
+            }
+            for d in fetched.messages {
+                if d.message.offset.0 < next {
+                    continue;
+                }
+                if !deliver(&out, &room, &codec::Encoded::new(&room, &d.message)).await {
+                    return;
+                }
+                next = d.message.offset.0 + 1;
+            }
+            if next >= fetched.end_offset.0 {
+                break;
+            }
+        }
+        // Live: the feed took every message appended since it was joined.
+        loop {
+            match feed.recv().await {
+                Ok(m) => {
+                    if m.offset < next {
+                        continue;
+                    }
+                    if !deliver(&out, &room, &m).await {
                         return;
                     }
-                    drop(shared);
+                    next = m.offset + 1;
                 }
-                credit.give(n);
-            }
-            Ok(Event::Skipped { offset, error }) => {
-                let mut shared = out.shared.lock().await;
-                shared.positions.insert(room.clone(), offset + 1);
-                drop(shared);
-                let err = codec::error_value(
-                    codec::code_name(&error),
-                    &format!("room {room}: message {offset} skipped: {error}"),
-                );
-                out.emit("error", vec![err]).await;
-            }
-            Err(e) => {
-                let err = codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
-                out.emit("error", vec![err]).await;
-                return;
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let e = Error::TopicNotFound(format!("room {room} ended: its topic is gone"));
+                    out.emit("error", vec![fail(e)]).await;
+                    return;
+                }
             }
         }
     }
+}
+
+/// Emits one room message with the token of the positions it leads to.
+async fn deliver(out: &Out, room: &str, m: &codec::Encoded) -> bool {
+    let mut shared = out.shared.lock().await;
+    shared.positions.insert(room.to_owned(), m.offset + 1);
+    let token = out.token(&shared);
+    send_text(&out.socket, m.with_token(&token), &m.attachments).await
 }
 
 /// Emits the deliveries of queue group `group` of `room`, each with an
