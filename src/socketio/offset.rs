@@ -102,6 +102,26 @@ impl Key {
     }
 }
 
+/// The sealed, printable token of `pid` at `rooms` (room name to the next
+/// offset to deliver); the one encoder of the layout above.
+pub fn encode(pid: &[u8; PID_LEN], rooms: &BTreeMap<String, u64>, key: &Key) -> String {
+    let mut body = Vec::with_capacity(1 + PID_LEN + 2 + rooms.len() * 24 + MAC_LEN);
+    body.push(TOKEN_VERSION);
+    body.extend_from_slice(pid);
+    let count = rooms.len().min(MAX_ROOMS) as u16;
+    body.extend_from_slice(&count.to_le_bytes());
+    for (name, next) in rooms.iter().take(MAX_ROOMS) {
+        // Room names are topic names: at most 200 bytes.
+        let name = &name.as_bytes()[..name.len().min(u8::MAX as usize)];
+        body.push(name.len() as u8);
+        body.extend_from_slice(name);
+        body.extend_from_slice(&next.to_le_bytes());
+    }
+    let mac = key.seal(&body);
+    body.extend_from_slice(&mac);
+    URL_SAFE_NO_PAD.encode(body)
+}
+
 /// What a token says: whose it is and where each room is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -124,22 +144,9 @@ pub enum TokenError {
 
 impl Token {
     /// The sealed, printable form.
+    #[cfg(test)]
     pub fn encode(&self, key: &Key) -> String {
-        let mut body = Vec::with_capacity(1 + PID_LEN + 2 + self.rooms.len() * 24 + MAC_LEN);
-        body.push(TOKEN_VERSION);
-        body.extend_from_slice(&self.pid);
-        let count = self.rooms.len().min(MAX_ROOMS) as u16;
-        body.extend_from_slice(&count.to_le_bytes());
-        for (name, next) in self.rooms.iter().take(MAX_ROOMS) {
-            // Room names are topic names: at most 200 bytes.
-            let name = &name.as_bytes()[..name.len().min(u8::MAX as usize)];
-            body.push(name.len() as u8);
-            body.extend_from_slice(name);
-            body.extend_from_slice(&next.to_le_bytes());
-        }
-        let mac = key.seal(&body);
-        body.extend_from_slice(&mac);
-        URL_SAFE_NO_PAD.encode(body)
+        encode(&self.pid, &self.rooms, key)
     }
 
     /// Checks the seal and reads the token.

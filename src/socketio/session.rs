@@ -102,11 +102,7 @@ impl Out {
 
     /// The token of the current positions.
     fn token(&self, shared: &Shared) -> String {
-        Token {
-            pid: shared.pid,
-            rooms: shared.positions.clone(),
-        }
-        .encode(&self.gateway.key)
+        super::offset::encode(&shared.pid, &shared.positions, &self.gateway.key)
     }
 
     /// Emits `name` with `args` and the token of the current positions
