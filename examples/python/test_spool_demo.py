@@ -35,7 +35,7 @@ class Broker:
             pytest.fail("set SPOOL_BIN to the spool binary, e.g. target/debug/spool")
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--grpc", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+            [binary, "serve", "--grpc", "127.0.0.1:0", "--socketio", "off", "--listen", "127.0.0.1:0",
              "--data", str(self.data)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
