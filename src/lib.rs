@@ -75,6 +75,12 @@
 //!   reflection, on a listener of its own that [`server::Server`] runs;
 //!   its connections take the native listener's slots and limits (module
 //!   `connection`).
+//! - [`socketio`]: the socket.io transport: Engine.IO v4 from `engineioxide`
+//!   on hyper, spool's own Socket.IO v5 packet codec (`packet`), requests,
+//!   replies and messages as events (`codec`), the sealed recovery token
+//!   that lets a reconnecting client resume with nothing kept in server
+//!   memory (`offset`), one socket's rooms and queue groups (`session`),
+//!   one shared feed per room, and the demo page (`page`).
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features

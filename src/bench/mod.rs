@@ -8,6 +8,8 @@
 //! - [`report`]: the report, its stable JSON field names, the machine.
 //! - [`disk`]: the raw disk baseline (write + fdatasync every 1 MiB, and without).
 //! - `target`, `produce`, `consume`: the broker under test and the load on it.
+//! - [`socketio`]: `spool bench socketio`, websocket clients in one socket.io
+//!   room of a broker process of its own (run by [`socketio::run`], not [`run`]).
 //!
 //! [`run`] needs a multi-threaded tokio runtime: open-loop pacing runs on its
 //! own OS threads, disk work on blocking threads.
