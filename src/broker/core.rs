@@ -396,7 +396,7 @@ impl Broker {
     }
 
     /// Topics created and deleted from now on (a listener more than
-    /// [`TOPIC_EVENTS_BUFFER`] events behind is told it lagged).
+    /// 1024 events behind is told it lagged).
     pub fn topic_events(&self) -> tokio::sync::broadcast::Receiver<TopicEvent> {
         self.inner.topic_events.subscribe()
     }
