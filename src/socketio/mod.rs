@@ -48,6 +48,10 @@ const PATH: &str = "/socket.io";
 /// Packets a socket's send buffer holds before emits wait.
 const SEND_BUFFER: usize = 1024;
 
+/// Bytes a websocket reads at once: clients send little (requests and
+/// acks), and the buffer is held by every idle connection.
+const WS_READ_BUFFER: usize = 1024;
+
 /// What the transport needs from the server's settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
@@ -341,6 +345,7 @@ pub(crate) async fn serve(
     let config = EngineIoConfig::builder()
         .req_path(PATH)
         .max_buffer_size(SEND_BUFFER)
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .max_payload(max_payload)
         .build();
     let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
