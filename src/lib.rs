@@ -86,6 +86,12 @@
 //!   of tokens with per-topic permissions (reloaded on SIGHUP), the one
 //!   table of what each request needs, and the refusal to listen beyond
 //!   loopback without auth.
+//! - [`socketio`]: the socket.io transport: Engine.IO v4 from `engineioxide`
+//!   on hyper, spool's own Socket.IO v5 packet codec (`packet`), requests,
+//!   replies and messages as events (`codec`), the sealed recovery token
+//!   that lets a reconnecting client resume with nothing kept in server
+//!   memory (`offset`), one socket's rooms and queue groups (`session`),
+//!   one shared feed per room, and the demo page (`page`).
 //! - `cli` (binary only, feature `cli`): the `spool` command line.
 //!
 //! # Features
@@ -107,6 +113,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod security;
 pub mod server;
+pub mod socketio;
 pub mod storage;
 
 pub use error::{Error, Result};

@@ -794,6 +794,7 @@ fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
         ])
         .arg(data)
         .args(args)
+        .args(["--socketio", "off"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -316,6 +316,8 @@ fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
             "127.0.0.1:0",
             "--grpc",
             "off",
+            "--socketio",
+            "off",
             "--data",
         ])
         .arg(data)

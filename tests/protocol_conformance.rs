@@ -673,6 +673,8 @@ fn serve(data: &Path, extra: &[&str]) -> (Serve, String) {
             "127.0.0.1:0",
             "--metrics",
             "off",
+            "--socketio",
+            "off",
             "--data",
         ])
         .arg(data)

@@ -580,7 +580,7 @@ fn the_broker_refuses_non_loopback_addresses_without_auth() {
     ] {
         let out = spool()
             .args(["serve", "--data", data, "--listen", listen, "--grpc", grpc])
-            .args(["--metrics", "off"])
+            .args(["--metrics", "off", "--socketio", "off"])
             .stdin(Stdio::null())
             .output()
             .expect("run spool serve");
@@ -614,6 +614,8 @@ fn the_broker_refuses_non_loopback_addresses_without_auth() {
                     "--grpc",
                     "off",
                     "--metrics",
+                    "off",
+                    "--socketio",
                     "off",
                 ])
                 .args(&extra)
@@ -1025,6 +1027,8 @@ fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
                 "--grpc",
                 "off",
                 "--metrics",
+                "off",
+                "--socketio",
                 "off",
                 "--config",
             ])

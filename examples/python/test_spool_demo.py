@@ -36,6 +36,7 @@ class Broker:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [binary, "serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+             "--socketio", "off",
              "--listen", "127.0.0.1:0",
              "--data", str(self.data)],
             stdin=subprocess.DEVNULL,

@@ -8,6 +8,8 @@
 //! - [`report`]: the report, its stable JSON field names, the machine.
 //! - [`disk`]: the raw disk baseline (write + fdatasync every 1 MiB, and without).
 //! - `target`, `produce`, `consume`: the broker under test and the load on it.
+//! - [`socketio`]: `spool bench socketio`, websocket clients in one socket.io
+//!   room of a broker process of its own (run by [`socketio::run`], not [`run`]).
 //!
 //! [`run`] needs a multi-threaded tokio runtime: open-loop pacing runs on its
 //! own OS threads, disk work on blocking threads.
@@ -16,6 +18,7 @@ pub mod disk;
 pub mod histogram;
 pub mod pacing;
 pub mod report;
+pub mod socketio;
 
 mod consume;
 mod produce;
@@ -48,6 +51,8 @@ pub enum Workload {
     E2e,
     /// The data directory's disk alone.
     Disk,
+    /// Websocket clients in one socket.io room (see [`socketio`]).
+    Socketio,
 }
 
 impl FromStr for Workload {
@@ -58,8 +63,9 @@ impl FromStr for Workload {
             "consume" => Ok(Workload::Consume),
             "e2e" => Ok(Workload::E2e),
             "disk" => Ok(Workload::Disk),
+            "socketio" => Ok(Workload::Socketio),
             other => Err(format!(
-                "workload {other:?}: expected produce, consume, e2e or disk"
+                "workload {other:?}: expected produce, consume, e2e, disk or socketio"
             )),
         }
     }
@@ -72,6 +78,7 @@ impl fmt::Display for Workload {
             Workload::Consume => "consume",
             Workload::E2e => "e2e",
             Workload::Disk => "disk",
+            Workload::Socketio => "socketio",
         })
     }
 }
@@ -414,6 +421,11 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
         .await
         .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))??;
     let outcome = match params.workload {
+        Workload::Socketio => {
+            return Err(BenchError::Invalid(
+                "the socketio workload runs through spool::bench::socketio::run".into(),
+            ));
+        }
         Workload::Disk => Outcome {
             messages: synced.writes,
             bytes: synced.bytes,

@@ -164,6 +164,18 @@ pub struct SubscribeRequest {
     pub limits: DeliveryLimits,
 }
 
+/// A topic coming or going, as [`Broker::topic_events`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicEvent {
+    /// The topic was created (explicitly or by a first produce).
+    Created(String),
+    /// The topic was deleted (explicitly or for being idle).
+    Deleted(String),
+}
+
+/// Topic events a slow listener may fall behind by before it misses some.
+const TOPIC_EVENTS_BUFFER: usize = 1024;
+
 /// The broker: cheap to clone (one shared state inside).
 #[derive(Debug, Clone)]
 pub struct Broker {
@@ -182,6 +194,8 @@ struct Inner {
     closer: tokio::sync::Mutex<()>,
     /// What every transport and topic counts into.
     metrics: Metrics,
+    /// Topics created and deleted, for transports that report them.
+    topic_events: tokio::sync::broadcast::Sender<TopicEvent>,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -238,6 +252,7 @@ impl Broker {
                 stopping: Arc::new(AtomicBool::new(false)),
                 closer: tokio::sync::Mutex::new(()),
                 metrics,
+                topic_events: tokio::sync::broadcast::channel(TOPIC_EVENTS_BUFFER).0,
             }),
         };
         tracing::info!(
@@ -306,6 +321,7 @@ impl Broker {
                 Ok(Deletion::Deleted(Some(topic))) => {
                     self.retire_runtime(&topic);
                     self.inner.metrics.forget_topic(&name);
+                    self.topic_event(TopicEvent::Deleted(name.clone()));
                 }
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
@@ -393,6 +409,17 @@ impl Broker {
                 tracing::debug!(closed, "closed unused topics");
             }
         }
+    }
+
+    /// Topics created and deleted from now on (a listener more than
+    /// 1024 events behind is told it lagged).
+    pub fn topic_events(&self) -> tokio::sync::broadcast::Receiver<TopicEvent> {
+        self.inner.topic_events.subscribe()
+    }
+
+    fn topic_event(&self, event: TopicEvent) {
+        // No listener is not an error.
+        let _ = self.inner.topic_events.send(event);
     }
 
     /// The core's settings.
@@ -502,6 +529,7 @@ impl Broker {
                         b.inner.registry.topic_or_create(&name, force)
                     })
                     .await?;
+                self.topic_event(TopicEvent::Created(name.to_owned()));
                 Ok(self.runtime_of(topic))
             }
             other => other,
@@ -900,6 +928,7 @@ impl Broker {
             .await?;
         let info = TopicInfo::of(&topic);
         self.runtime_of(topic);
+        self.topic_event(TopicEvent::Created(name.to_owned()));
         Ok(info)
     }
 
@@ -923,6 +952,7 @@ impl Broker {
             self.retire_runtime(&topic);
             self.inner.metrics.forget_topic(name);
         }
+        self.topic_event(TopicEvent::Deleted(name.to_owned()));
         Ok(())
     }
 

@@ -14,7 +14,7 @@ pub mod topic;
 
 pub use self::core::{
     Broker, BrokerConfig, DEFAULT_TOPIC_IDLE_CLOSE, FetchRequest, Fetched, MessageLimit,
-    SubscribeRequest, TopicInfo, default_max_open_files,
+    SubscribeRequest, TopicEvent, TopicInfo, default_max_open_files,
 };
 pub use config::{Cleanup, TopicConfig, validate_name};
 pub use registry::{Registry, RegistryOptions};

@@ -118,6 +118,12 @@ impl Subscription {
         }
     }
 
+    /// The next offset a replay or stream-group subscription reads (where
+    /// it starts, until it hands out messages); queue groups lease instead.
+    pub fn position(&self) -> Offset {
+        self.reader.position
+    }
+
     /// The handle that returns credit.
     pub fn credit(&self) -> Credit {
         self.credit.clone()

@@ -20,7 +20,10 @@ const PROGRESS_TICK: Duration = Duration::from_millis(100);
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// produce | consume (a pre-filled topic; --mode replay or queue) | e2e
-    /// (producers and consumers at once) | disk (the raw disk alone).
+    /// (producers and consumers at once) | disk (the raw disk alone) |
+    /// socketio (--clients websocket clients in one socket.io room, one
+    /// publisher at --rate; delivery latency and broker memory per idle
+    /// connection).
     workload: Workload,
     /// Producer connections.
     #[arg(long, default_value_t = 1)]
@@ -28,6 +31,9 @@ pub struct BenchArgs {
     /// Consumer connections.
     #[arg(long, default_value_t = 1)]
     consumers: u32,
+    /// socketio: websocket clients in the room.
+    #[arg(long, default_value_t = 1000)]
+    clients: u32,
     /// Messages to produce; consume: size of the pre-filled topic [default: 100000; e2e 50000].
     #[arg(long)]
     messages: Option<u64>,
@@ -125,8 +131,66 @@ impl BenchArgs {
     }
 }
 
+/// Runs `spool bench socketio`.
+fn run_socketio(args: &BenchArgs) -> CliResult {
+    let params = spool::bench::socketio::SocketioParams {
+        clients: args.clients,
+        rate: args.rate.unwrap_or(100),
+        duration_s: args.duration.unwrap_or(10.0),
+        size: if args.size == 1024 { 100 } else { args.size },
+        fsync: args.fsync.to_string(),
+        server: args.server.clone(),
+        data: args.data.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
+    let r = runtime
+        .block_on(spool::bench::socketio::run(&params))
+        .map_err(|e| CliError::runtime(format!("bench socketio: {e}")))?;
+    match args.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string(&r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        ),
+        Format::Text => {
+            let kib = |b: Option<u64>| {
+                b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            };
+            println!(
+                "spool bench socketio: {} websocket clients in one room, {} msg/s for {} s ({} bytes of filler), fsync {}",
+                params.clients, params.rate, params.duration_s, params.size, params.fsync
+            );
+            println!(
+                "deliveries {} of {} ({:.0}/s); latency ms p50 {} p90 {} p99 {} p99.9 {} max {}",
+                r.deliveries,
+                r.expected,
+                r.deliveries_per_s,
+                ms(r.latency.p50),
+                ms(r.latency.p90),
+                ms(r.latency.p99),
+                ms(r.latency.p999),
+                ms(r.latency.max)
+            );
+            println!(
+                "broker RSS: {} before, {} with the clients idle ({} per idle connection), {} at the end",
+                kib(r.rss_before_bytes),
+                kib(r.rss_idle_bytes),
+                r.bytes_per_idle_connection
+                    .map_or("-".into(), |b| format!("{:.1} KiB", b / 1024.0)),
+                kib(r.rss_loaded_bytes),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the command.
 pub fn run(args: BenchArgs) -> CliResult {
+    if args.workload == Workload::Socketio {
+        return run_socketio(&args);
+    }
     let params = args.params();
     if let Err(e) = params.validate() {
         super::Cli::command()

@@ -10,6 +10,7 @@ use spool::http::DEFAULT_METRICS_LISTEN;
 use spool::security::auth::Auth;
 use spool::security::tls::TlsServer;
 use spool::server::{DEFAULT_LISTEN, Server, ServerConfig};
+use spool::socketio::DEFAULT_SOCKETIO_LISTEN;
 use spool::storage::{FsyncPolicy, RecoveryMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,11 @@ pub struct ServeArgs {
     /// own start-up line); `off` serves none.
     #[arg(long, value_name = "ADDR|off")]
     metrics: Option<String>,
+    /// Address of the socket.io listener (default 127.0.0.1:7413); port 0
+    /// picks a free port (printed on the third line); `off` serves no
+    /// socket.io.
+    #[arg(long, value_name = "ADDR|off")]
+    socketio: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -83,9 +89,10 @@ pub struct ServeArgs {
     #[arg(long)]
     insecure: bool,
     /// Form of the start-up output: text (`spool VERSION listening on ADDR,
-    /// data in DIR`, then `spool grpc listening on ADDR` and `spool metrics
-    /// listening on ADDR`) or json (one object with `listeners.native`,
-    /// `listeners.grpc` and `listeners.metrics`).
+    /// data in DIR`, then `spool grpc listening on ADDR`, `spool metrics
+    /// listening on ADDR` and `spool socketio listening on ADDR`) or json
+    /// (one object with `listeners.native`, `listeners.grpc`,
+    /// `listeners.metrics` and `listeners.socketio`).
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
 }
@@ -97,6 +104,7 @@ struct FileConfig {
     listen: Option<String>,
     grpc: Option<String>,
     metrics: Option<String>,
+    socketio: Option<String>,
     data: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     auto_create: Option<bool>,
@@ -127,16 +135,18 @@ fn timeout(ms: u64) -> Option<Duration> {
 /// scripts rely on to find ports picked with port 0, so its form never
 /// changes. Text: the first line `spool VERSION listening on ADDR, data in
 /// DIR` (the native listener), then, with gRPC on, `spool grpc listening on
-/// ADDR`, then, with metrics on, `spool metrics listening on ADDR`. JSON:
-/// one line, `{"version":..,"listeners":{"native":ADDR,"grpc":ADDR,
-/// "metrics":ADDR},"data":DIR}` (no `grpc` or `metrics` key for a listener
-/// that is off). Listeners added later get keys of their own in
-/// `listeners`, and in text lines of their own after these.
+/// ADDR`, then, with metrics on, `spool metrics listening on ADDR`, then,
+/// with socket.io on, `spool socketio listening on ADDR`. JSON: one line,
+/// `{"version":..,"listeners":{"native":ADDR,"grpc":ADDR,"metrics":ADDR,
+/// "socketio":ADDR},"data":DIR}` (no key for a listener that is off).
+/// Listeners added later get keys of their own in `listeners`, and in text
+/// lines of their own after these.
 fn startup_lines(format: Format, listeners: &Listeners, data: &Path) -> String {
     let Listeners {
         native: addr,
         grpc,
         metrics,
+        socketio,
     } = *listeners;
     let version = env!("CARGO_PKG_VERSION");
     match format {
@@ -151,6 +161,9 @@ fn startup_lines(format: Format, listeners: &Listeners, data: &Path) -> String {
             if let Some(metrics) = metrics {
                 out.push_str(&format!("spool metrics listening on {metrics}\n"));
             }
+            if let Some(socketio) = socketio {
+                out.push_str(&format!("spool socketio listening on {socketio}\n"));
+            }
             out
         }
         Format::Json => {
@@ -160,6 +173,9 @@ fn startup_lines(format: Format, listeners: &Listeners, data: &Path) -> String {
             }
             if let Some(metrics) = metrics {
                 listeners["metrics"] = metrics.to_string().into();
+            }
+            if let Some(socketio) = socketio {
+                listeners["socketio"] = socketio.to_string().into();
             }
             let line = serde_json::json!({
                 "version": version,
@@ -177,6 +193,7 @@ struct Listeners {
     native: SocketAddr,
     grpc: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
+    socketio: Option<SocketAddr>,
 }
 
 fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
@@ -205,6 +222,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             Some(addr) if addr == "off" => None,
             Some(addr) => Some(addr),
             None => Some(DEFAULT_METRICS_LISTEN.into()),
+        },
+        socketio: match args.socketio.clone().or(file.socketio) {
+            Some(addr) if addr == "off" => None,
+            Some(addr) => Some(addr),
+            None => Some(DEFAULT_SOCKETIO_LISTEN.into()),
         },
         data: args
             .data
@@ -313,6 +335,7 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
             native: server.local_addr()?,
             grpc: server.grpc_addr()?,
             metrics: server.metrics_addr()?,
+            socketio: server.socketio_addr()?,
         };
         // One write: a reader that stops after the first line has all of it.
         print!("{}", startup_lines(args.format, &listeners, &data));

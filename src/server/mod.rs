@@ -14,12 +14,12 @@
 //!
 //! The broker itself (topics, their tasks, subscriptions) is
 //! [`crate::broker::Broker`]; this module holds no broker rule. The
-//! [`Server`] also runs the gRPC listener ([`crate::grpc`]) and the
-//! metrics and health listener ([`crate::http`]) when they are configured,
-//! over the same broker, and stops them with the native one. Every listener
-//! counts its connections through the shared admission (a ticket per
-//! connection, labelled with the listener) and its requests with
-//! [`crate::metrics::Metrics::request`].
+//! [`Server`] also runs the gRPC listener ([`crate::grpc`]), the socket.io
+//! listener ([`crate::socketio`]) and the metrics and health listener
+//! ([`crate::http`]) when they are configured, over the same broker, and
+//! stops them with the native one. Every listener counts its connections
+//! through the shared admission (a ticket per connection, labelled with the
+//! listener) and its requests with [`crate::metrics::Metrics::request`].
 
 pub(crate) mod admission;
 mod connection;
@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// `/readyz` (port 0 picks a free one); `None`: none (`spool serve`
     /// defaults to [`crate::http::DEFAULT_METRICS_LISTEN`]).
     pub metrics: Option<String>,
+    /// Address of the socket.io listener (port 0 picks a free one); `None`:
+    /// no socket.io (`spool serve` defaults to
+    /// [`crate::socketio::DEFAULT_SOCKETIO_LISTEN`]).
+    pub socketio: Option<String>,
     /// Data directory.
     pub data: PathBuf,
     /// Largest frame in either direction.
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.into(),
             grpc: None,
             metrics: None,
+            socketio: None,
             data: PathBuf::from("./data"),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_message_bytes: 1024 * 1024,
@@ -167,6 +172,7 @@ pub struct Server {
     listener: TcpListener,
     grpc: Option<TcpListener>,
     metrics: Option<TcpListener>,
+    socketio: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -182,6 +188,14 @@ impl Server {
                 TcpListener::bind(addr)
                     .await
                     .ctx(|| format!("listening for gRPC on {addr}"))?,
+            ),
+            None => None,
+        };
+        let socketio = match &config.socketio {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .ctx(|| format!("listening for socket.io on {addr}"))?,
             ),
             None => None,
         };
@@ -204,6 +218,13 @@ impl Server {
                 "grpc",
                 g.local_addr()
                     .ctx(|| "reading the gRPC listen address".into())?,
+            ));
+        }
+        if let Some(s) = &socketio {
+            bound.push((
+                "socketio",
+                s.local_addr()
+                    .ctx(|| "reading the socket.io listen address".into())?,
             ));
         }
         security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
@@ -234,6 +255,7 @@ impl Server {
             listener,
             grpc,
             metrics,
+            socketio,
             shared,
         })
     }
@@ -267,6 +289,17 @@ impl Server {
             .transpose()
     }
 
+    /// The address the socket.io listener actually bound, if there is one.
+    pub fn socketio_addr(&self) -> Result<Option<SocketAddr>> {
+        self.socketio
+            .as_ref()
+            .map(|l| {
+                l.local_addr()
+                    .ctx(|| "reading the socket.io listen address".into())
+            })
+            .transpose()
+    }
+
     /// The broker core this server serves.
     pub fn broker(&self) -> &Broker {
         &self.shared.broker
@@ -283,12 +316,28 @@ impl Server {
             listener,
             grpc,
             metrics,
+            socketio,
             shared,
         } = self;
         let metrics = metrics.map(|listener| {
             tokio::spawn(crate::http::serve(
                 listener,
                 shared.broker.clone(),
+                shutdown.clone(),
+            ))
+        });
+        let socketio = socketio.map(|listener| {
+            tokio::spawn(crate::socketio::serve(
+                listener,
+                shared.broker.clone(),
+                crate::socketio::Limits {
+                    admission: Arc::clone(&shared.admission),
+                    max_subscriptions: shared.config.max_subscriptions,
+                    message_limit: shared.broker.message_limit(MessageLimit {
+                        bytes: shared.config.max_message_bytes,
+                        setting: "max_message_bytes",
+                    }),
+                },
                 shutdown.clone(),
             ))
         });
@@ -374,6 +423,20 @@ impl Server {
                         "gRPC calls still busy after the shutdown timeout; closing them"
                     );
                     grpc.abort();
+                }
+            }
+        }
+        if let Some(mut socketio) = socketio {
+            match tokio::time::timeout_at(deadline, &mut socketio).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "socket.io listener failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "socket.io listener task failed"),
+                Err(_) => {
+                    tracing::warn!(
+                        ?timeout,
+                        "socket.io sockets still busy after the shutdown timeout; closing them"
+                    );
+                    socketio.abort();
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Starting the real `spool` binary on 127.0.0.1:0 with a temp data dir
-//! (its gRPC and metrics listeners on ports of their own, unless the test
-//! says `--grpc` or `--metrics`).
+//! (its gRPC, metrics and socket.io listeners on ports of their own, unless
+//! the test says `--grpc`, `--metrics` or `--socketio`).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
@@ -16,6 +16,8 @@ pub struct Broker {
     pub grpc: Option<String>,
     /// The metrics listener's address (`None` with `--metrics off`).
     pub metrics: Option<String>,
+    /// The socket.io listener's address (`None` with `--socketio off`).
+    pub socketio: Option<String>,
     pub data: PathBuf,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
@@ -43,6 +45,9 @@ impl Broker {
         if !extra.contains(&"--metrics") {
             program.args(["--metrics", "127.0.0.1:0"]);
         }
+        if !extra.contains(&"--socketio") {
+            program.args(["--socketio", "127.0.0.1:0"]);
+        }
         let mut child = program
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -66,6 +71,10 @@ impl Broker {
             .lines()
             .find_map(|l| l.strip_prefix("spool metrics listening on "))
             .map(str::to_owned);
+        let socketio = rest
+            .lines()
+            .find_map(|l| l.strip_prefix("spool socketio listening on "))
+            .map(str::to_owned);
         let addr = first
             .split_whitespace()
             .find(|w| w.starts_with("127.0.0.1:"))
@@ -83,6 +92,7 @@ impl Broker {
             addr,
             grpc,
             metrics,
+            socketio,
             data: data.to_owned(),
             stderr: Some(stderr),
         }

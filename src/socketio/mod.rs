@@ -1,0 +1,408 @@
+//! The socket.io transport: Engine.IO v4 (polling and websocket, from
+//! `engineioxide`) on an HTTP/1.1 listener, with spool's own Socket.IO v5
+//! packet layer on top, over the same [`Broker`] as the other transports.
+//! A room is a topic; a socket's position in its rooms travels in the
+//! socket.io recovery offset, so a reconnecting client gets every message
+//! it missed, whatever happened to the broker meanwhile.
+//!
+//! - `packet`: the Socket.IO v5 packet codec (with binary attachments).
+//! - `codec`: client requests and replies, and stored messages as events.
+//! - `offset`: the sealed recovery token and the key that seals it.
+//! - `session`: one socket, its rooms and queue groups.
+//! - `page`: the demo page and the socket.io client it loads.
+//!
+//! The gateway holds no broker rule; what it keeps in memory (who is in
+//! which room, for presence events) is lost on a restart by design.
+
+mod codec;
+mod offset;
+mod packet;
+mod page;
+mod session;
+
+use crate::broker::{Broker, DeliveryLimits, MessageLimit, TopicEvent};
+use crate::error::{Error, Result};
+use crate::server::admission::Admission;
+use engineioxide::config::EngineIoConfig;
+use engineioxide::handler::EngineIoHandler;
+use engineioxide::service::EngineIoService;
+use engineioxide::{DisconnectReason, Socket, Str};
+use serde_json::Value;
+use session::{EioSocket, Inbound, Session};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Mutex, watch};
+use tokio_util::task::TaskTracker;
+
+/// Default socket.io listen address of `spool serve`.
+pub const DEFAULT_SOCKETIO_LISTEN: &str = "127.0.0.1:7413";
+
+/// The listener's name in metrics and logs.
+const LISTENER: &str = "socketio";
+
+/// The system room: its members receive `create-room` and `delete-room`.
+pub const SYSTEM_ROOM: &str = "$rooms";
+
+/// The Engine.IO path (socket.io's standard one).
+const PATH: &str = "/socket.io";
+
+/// Packets a socket's send buffer holds before emits wait.
+const SEND_BUFFER: usize = 1024;
+
+/// Bytes a websocket reads at once: clients send little (requests and
+/// acks), and the buffer is held by every idle connection.
+const WS_READ_BUFFER: usize = 1024;
+
+/// What the transport needs from the server's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// The server's connection slots, shared with the other listeners.
+    pub(crate) admission: Arc<Admission>,
+    /// Most rooms and queue groups one socket reads.
+    pub(crate) max_subscriptions: u32,
+    /// Largest message a produce takes (the broker's limit).
+    pub(crate) message_limit: MessageLimit,
+}
+
+/// The gateway: the Engine.IO handler every socket shares.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    broker: Broker,
+    key: offset::Key,
+    message_limit: MessageLimit,
+    max_subscriptions: usize,
+    /// Room to the sockets in it (for `join-room` and `leave-room`).
+    members: Mutex<HashMap<String, HashMap<String, session::Out>>>,
+    /// Sockets in the system room.
+    watchers: Mutex<HashMap<String, session::Out>>,
+    /// Every open socket, to close them when the server stops.
+    sockets: std::sync::Mutex<HashMap<String, EioSocket>>,
+    /// The sockets' tasks.
+    tasks: TaskTracker,
+    /// Room to its feed: one subscription from which every socket reading
+    /// the room live takes each message, encoded once.
+    feeds: Mutex<HashMap<String, Feed>>,
+}
+
+/// Messages a room's feed keeps for sockets that fall behind before they
+/// go back to reading for themselves.
+const FEED_BUFFER: usize = 4096;
+/// How often feeds nobody listens to are stopped.
+const FEED_SWEEP: Duration = Duration::from_secs(10);
+
+/// One room's shared subscription.
+#[derive(Debug)]
+struct Feed {
+    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Gateway {
+    fn message_limit(&self) -> MessageLimit {
+        self.message_limit
+    }
+
+    fn delivery_limits(&self) -> DeliveryLimits {
+        DeliveryLimits {
+            messages: session::PUMP_BATCH,
+            bytes: session::PUMP_BYTES,
+            message_bytes: self.message_limit.bytes as usize,
+        }
+    }
+
+    /// A receiver of every message appended to `room` from now on (the
+    /// room's feed, started if there is none).
+    async fn feed(
+        &self,
+        room: &str,
+    ) -> Result<tokio::sync::broadcast::Receiver<Arc<codec::Encoded>>> {
+        let mut feeds = self.feeds.lock().await;
+        if let Some(f) = feeds.get(room)
+            && !f.task.is_finished()
+        {
+            return Ok(f.tx.subscribe());
+        }
+        let sub = self
+            .broker
+            .subscribe(crate::broker::SubscribeRequest {
+                topic: room.to_owned(),
+                group: None,
+                from: Some(crate::broker::Position::Latest),
+                member: String::new(),
+                max_in_flight: session::PUMP_BATCH * 4,
+                limits: self.delivery_limits(),
+            })
+            .await?;
+        let (tx, rx) = tokio::sync::broadcast::channel(FEED_BUFFER);
+        let task = tokio::spawn(run_feed(room.to_owned(), sub, tx.clone())).abort_handle();
+        feeds.insert(room.to_owned(), Feed { tx, task });
+        Ok(rx)
+    }
+
+    /// Stops the feeds nobody listens to, every [`FEED_SWEEP`].
+    async fn sweep_feeds(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(FEED_SWEEP) => {}
+                _ = stopping(&mut shutdown) => break,
+            }
+            self.feeds.lock().await.retain(|_, f| {
+                let keep = f.tx.receiver_count() > 0 && !f.task.is_finished();
+                if !keep {
+                    f.task.abort();
+                }
+                keep
+            });
+        }
+        for (_, f) in self.feeds.lock().await.drain() {
+            f.task.abort();
+        }
+    }
+
+    /// Creates room `room` if it does not exist and the broker creates
+    /// topics on first use.
+    async fn ensure_room(&self, room: &str) -> Result<()> {
+        match self.broker.describe_topic(room).await {
+            Err(Error::TopicNotFound(_)) if self.broker.config().auto_create => {
+                let defaults = self.broker.config().topic_defaults.clone();
+                match self.broker.create_topic(room, defaults).await {
+                    Ok(_) | Err(Error::AlreadyExists(_)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// `socket` joins `room`: every member (itself included) receives
+    /// `join-room` with the room and the socket's id.
+    async fn join(&self, room: &str, socket: &session::Out) {
+        let members = {
+            let mut all = self.members.lock().await;
+            let members = all.entry(room.to_owned()).or_default();
+            members.insert(socket.sid(), socket.clone());
+            members.values().cloned().collect::<Vec<_>>()
+        };
+        self.presence("join-room", room, socket, members).await;
+    }
+
+    /// `socket` leaves `room`: the members left, and the socket, receive
+    /// `leave-room`.
+    async fn leave(&self, room: &str, socket: &session::Out) {
+        let members = {
+            let mut all = self.members.lock().await;
+            let Some(members) = all.get_mut(room) else {
+                return;
+            };
+            if members.remove(&socket.sid()).is_none() {
+                return;
+            }
+            let left = members.values().cloned().collect::<Vec<_>>();
+            if members.is_empty() {
+                all.remove(room);
+            }
+            left
+        };
+        let mut to = members;
+        to.push(socket.clone());
+        self.presence("leave-room", room, socket, to).await;
+    }
+
+    async fn presence(
+        &self,
+        event: &str,
+        room: &str,
+        socket: &session::Out,
+        to: Vec<session::Out>,
+    ) {
+        let args = vec![Value::String(room.to_owned()), Value::String(socket.sid())];
+        for member in to {
+            member.emit(event, args.clone()).await;
+        }
+    }
+
+    async fn watch_rooms(&self, socket: &session::Out) {
+        self.watchers
+            .lock()
+            .await
+            .insert(socket.sid(), socket.clone());
+    }
+
+    async fn unwatch_rooms(&self, socket: &session::Out) {
+        self.watchers.lock().await.remove(&socket.sid());
+    }
+
+    /// Tells the system room's members of topics created and deleted.
+    async fn relay_topic_events(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut events = self.broker.topic_events();
+        loop {
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = stopping(&mut shutdown) => return,
+            };
+            let (name, room) = match event {
+                Ok(TopicEvent::Created(room)) => ("create-room", room),
+                Ok(TopicEvent::Deleted(room)) => ("delete-room", room),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "socket.io room events fell behind");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let watchers: Vec<session::Out> =
+                self.watchers.lock().await.values().cloned().collect();
+            for w in watchers {
+                w.emit(name, vec![Value::String(room.clone())]).await;
+            }
+        }
+    }
+}
+
+impl EngineIoHandler for Gateway {
+    type Data = Session;
+
+    fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(socket.id.to_string(), Arc::clone(&socket));
+        session::start(self, socket);
+    }
+
+    fn on_disconnect(&self, socket: Arc<Socket<Session>>, reason: DisconnectReason) {
+        tracing::debug!(sid = %socket.id, ?reason, "socket.io socket closed");
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&socket.id.to_string());
+        socket.data.push(Inbound::Closed);
+    }
+
+    fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
+        socket.data.push(Inbound::Text(msg));
+    }
+
+    fn on_binary(self: &Arc<Self>, data: bytes::Bytes, socket: Arc<Socket<Session>>) {
+        socket.data.push(Inbound::Binary(data));
+    }
+}
+
+/// Reads `room` from its end and hands each message, encoded once, to
+/// every socket listening; ends (closing the feed) when the room is gone.
+async fn run_feed(
+    room: String,
+    mut sub: crate::broker::Subscription,
+    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+) {
+    let credit = sub.credit();
+    while let Some(event) = sub.next().await {
+        match event {
+            Ok(crate::broker::Event::Messages(deliveries)) => {
+                let n = deliveries.len();
+                for d in deliveries {
+                    // No receiver now is no error: one may come.
+                    let _ = tx.send(Arc::new(codec::Encoded::new(&room, &d.message)));
+                }
+                credit.give(n);
+            }
+            Ok(crate::broker::Event::Skipped { .. }) => {}
+            Err(e) => {
+                tracing::debug!(room, error = %e, "socket.io room feed ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves once the server is stopping (or its stop signal is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves socket.io (and the demo page at `/`) on `listener` until
+/// `shutdown` turns true; then closes every socket and waits for their
+/// tasks, so no subscription outlives the transport.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let key = offset::Key::load_or_create(broker.data_dir())?;
+    let gateway = Arc::new(Gateway {
+        broker,
+        key,
+        message_limit: limits.message_limit,
+        max_subscriptions: limits.max_subscriptions as usize,
+        members: Mutex::new(HashMap::new()),
+        watchers: Mutex::new(HashMap::new()),
+        sockets: std::sync::Mutex::new(HashMap::new()),
+        tasks: TaskTracker::new(),
+        feeds: Mutex::new(HashMap::new()),
+    });
+    // Binary data travels base64 over polling: a third larger.
+    let max_payload = u64::from(limits.message_limit.bytes) / 3 * 4 + (64 << 10);
+    let config = EngineIoConfig::builder()
+        .req_path(PATH)
+        .max_buffer_size(SEND_BUFFER)
+        .ws_read_buffer_size(WS_READ_BUFFER)
+        .max_payload(max_payload)
+        .build();
+    let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
+    tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
+    tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
+    let mut signal = shutdown;
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "socket.io accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stopping(&mut signal) => break,
+        };
+        let ticket = match limits.admission.admit(LISTENER, peer.ip()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(%peer, reason = %e.message, "socket.io connection refused");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "socket.io connection ended");
+            }
+            drop(ticket);
+        });
+    }
+    drop(listener);
+    let open: Vec<EioSocket> = gateway
+        .sockets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for socket in open {
+        socket.close(DisconnectReason::ClosingServer);
+    }
+    gateway.tasks.close();
+    gateway.tasks.wait().await;
+    connections.close();
+    // Long-polls and websockets of closed sockets end on their own.
+    let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
+    Ok(())
+}

@@ -1,0 +1,888 @@
+//! One socket.io socket, from CONNECT to close: its packets are handled in
+//! the order they arrive, one at a time; each room it reads has a pump task
+//! that emits the room's messages, every one carrying the recovery token
+//! of the socket's positions at that point (see [`super::offset`]), so the
+//! last token a client saw names exactly what it has and has not seen.
+//!
+//! Everything the socket emits goes through [`Shared::lock`], which keeps
+//! positions, tokens and emission order together.
+
+use super::Gateway;
+use super::codec::{self, Reply};
+use super::offset::{PID_LEN, Token, TokenError, pid_from_text, pid_text};
+use super::packet::{Decoded, Kind, Packet, PacketError};
+use crate::broker::{Event, Position, SubscribeRequest, Subscription, validate_name};
+use crate::error::{Error, Result};
+use crate::groups::GroupMode;
+use crate::storage::Offset;
+use bytes::Bytes;
+use engineioxide::Socket;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+/// What the Engine.IO layer hands a socket's task.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A text message (a packet, or the text part of a binary one).
+    Text(engineioxide::Str),
+    /// A binary message (an attachment).
+    Binary(Bytes),
+    /// The socket closed.
+    Closed,
+}
+
+/// The per-socket data Engine.IO keeps: the way into the socket's task.
+#[derive(Debug, Default)]
+pub struct Session {
+    inbox: std::sync::OnceLock<mpsc::UnboundedSender<Inbound>>,
+    /// Held while one packet's messages go out, so a binary packet's
+    /// attachments follow it with nothing in between.
+    sending: Mutex<()>,
+}
+
+impl Session {
+    /// Hands `message` to the socket's task (dropped once it has ended).
+    pub fn push(&self, message: Inbound) {
+        if let Some(tx) = self.inbox.get() {
+            let _ = tx.send(message);
+        }
+    }
+}
+
+/// An Engine.IO socket of the gateway.
+pub type EioSocket = Arc<Socket<Session>>;
+
+/// Most messages one read hands a pump; also its credit.
+pub(super) const PUMP_BATCH: usize = 64;
+/// Bytes one read hands a pump.
+pub(super) const PUMP_BYTES: usize = 1 << 20;
+/// Queue deliveries unacknowledged at once per subscription, by default.
+const DEFAULT_QUEUE_IN_FLIGHT: usize = 16;
+/// How long an emit waits for room in the socket's send buffer before the
+/// socket is closed as not reading.
+const SEND_STALL: Duration = Duration::from_secs(30);
+
+/// A queue delivery waiting for the client's acknowledgement callback.
+#[derive(Debug)]
+struct PendingAck {
+    room: String,
+    group: String,
+    offset: Offset,
+    credit: crate::broker::Credit,
+}
+
+/// What the socket's task and its pumps share.
+#[derive(Debug)]
+pub struct Shared {
+    pid: [u8; PID_LEN],
+    /// Room to the next offset to emit.
+    positions: BTreeMap<String, u64>,
+    /// Ack id of a queue delivery to what it acknowledges.
+    pending: HashMap<u64, PendingAck>,
+    next_ack: u64,
+}
+
+/// The socket's emitting side: positions, tokens and emission order.
+#[derive(Debug, Clone)]
+pub struct Out {
+    socket: EioSocket,
+    gateway: Arc<Gateway>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Out {
+    /// Sends `packet`, waiting (bounded) for room in the send buffer.
+    async fn send(&self, packet: &Packet) -> bool {
+        send(&self.socket, packet).await
+    }
+
+    /// The token of the current positions.
+    fn token(&self, shared: &Shared) -> String {
+        super::offset::encode(&shared.pid, &shared.positions, &self.gateway.key)
+    }
+
+    /// Emits `name` with `args` and the token of the current positions
+    /// as the last argument. Every event gets one: the client takes the
+    /// last string argument of any event as its recovery offset.
+    pub async fn emit(&self, name: &str, mut args: Vec<Value>) -> bool {
+        let shared = self.shared.lock().await;
+        args.push(Value::String(self.token(&shared)));
+        let mut all = vec![Value::String(name.into())];
+        all.extend(args);
+        self.send(&Packet::event(Value::Array(all), None, Vec::new()))
+            .await
+    }
+
+    /// The socket's Engine.IO id.
+    pub fn sid(&self) -> String {
+        self.socket.id.to_string()
+    }
+}
+
+/// Sends `packet` on `socket` (its text, then each attachment as an
+/// Engine.IO message of its own, with nothing from other senders in
+/// between), waiting while the send buffer is full for up to
+/// [`SEND_STALL`]; false if the socket is closed (or closed for stalling).
+///
+/// Attachments are not handed to Engine.IO in one batch with the text:
+/// its polling encoder (engineioxide 0.17) joins such a batch without the
+/// record separator when a poll is already waiting.
+pub async fn send(socket: &EioSocket, packet: &Packet) -> bool {
+    send_text(socket, packet.encode(), &packet.attachments).await
+}
+
+/// [`send`] of a packet already encoded as `text` and `attachments`.
+pub async fn send_text(socket: &EioSocket, text: String, attachments: &[Bytes]) -> bool {
+    let _sending = socket.data.sending.lock().await;
+    let deadline = tokio::time::Instant::now() + SEND_STALL;
+    let text = std::iter::once(Part::Text(text));
+    let parts = text.chain(attachments.iter().cloned().map(Part::Binary));
+    for part in parts {
+        loop {
+            match socket.reserve() {
+                Ok(permit) => {
+                    match &part {
+                        Part::Text(t) => permit.emit(t.clone().into()),
+                        Part::Binary(b) => permit.emit_binary(b.clone()),
+                    }
+                    break;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return false,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(sid = %socket.id, "socket.io client reads nothing: closing it");
+                        socket.close(engineioxide::DisconnectReason::TransportError);
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// One Engine.IO message of a packet.
+enum Part {
+    Text(String),
+    Binary(Bytes),
+}
+
+/// A room the socket reads.
+#[derive(Debug)]
+struct RoomSub {
+    pump: JoinHandle<()>,
+}
+
+/// A queue group the socket consumes.
+#[derive(Debug)]
+struct QueueSub {
+    pump: JoinHandle<()>,
+}
+
+/// The socket's task state.
+struct Conn {
+    out: Out,
+    member: String,
+    connected: bool,
+    /// A binary packet waiting for its attachments.
+    partial: Option<(Packet, usize)>,
+    rooms: BTreeMap<String, RoomSub>,
+    queues: BTreeMap<(String, String), QueueSub>,
+    system: bool,
+    /// A room subscribed to, whose pump starts once the reply is out.
+    after_reply: Option<(String, Subscription)>,
+}
+
+/// Starts the task of a new Engine.IO socket.
+pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    if socket.data.inbox.set(tx).is_err() {
+        return;
+    }
+    let pid = match super::offset::random::<PID_LEN>() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "no randomness for a socket.io pid: closing the socket");
+            socket.close(engineioxide::DisconnectReason::ClosingServer);
+            return;
+        }
+    };
+    let out = Out {
+        socket: Arc::clone(&socket),
+        gateway: Arc::clone(&gateway),
+        shared: Arc::new(Mutex::new(Shared {
+            pid,
+            positions: BTreeMap::new(),
+            pending: HashMap::new(),
+            next_ack: 1,
+        })),
+    };
+    let conn = Conn {
+        out,
+        member: format!("socketio-{}", socket.id),
+        connected: false,
+        partial: None,
+        rooms: BTreeMap::new(),
+        queues: BTreeMap::new(),
+        system: false,
+        after_reply: None,
+    };
+    gateway.tasks.spawn(conn.run(rx));
+}
+
+impl Conn {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Inbound>) {
+        while let Some(message) = rx.recv().await {
+            let packet = match message {
+                Inbound::Closed => break,
+                Inbound::Text(text) => match Packet::decode(&text) {
+                    Ok(Decoded::Packet(p)) => p,
+                    Ok(Decoded::NeedsAttachments(p, n)) => {
+                        self.partial = Some((p, n));
+                        continue;
+                    }
+                    Err(e) => {
+                        self.bad_packet(e).await;
+                        continue;
+                    }
+                },
+                Inbound::Binary(data) => match self.partial.take() {
+                    Some((mut p, n)) => {
+                        p.attachments.push(data);
+                        if p.attachments.len() < n {
+                            self.partial = Some((p, n));
+                            continue;
+                        }
+                        p
+                    }
+                    None => {
+                        self.bad_packet(PacketError(
+                            "a binary message that no binary packet announced".into(),
+                        ))
+                        .await;
+                        continue;
+                    }
+                },
+            };
+            self.handle(packet).await;
+        }
+        self.close().await;
+    }
+
+    /// A packet that cannot be read: reported to the client as an `error`
+    /// event; the socket stays open.
+    async fn bad_packet(&self, e: PacketError) {
+        tracing::debug!(sid = %self.out.socket.id, error = %e, "bad socket.io packet");
+        let err = codec::error_value("INVALID_ARGUMENT", &e.to_string());
+        self.out.emit("error", vec![err]).await;
+    }
+
+    async fn handle(&mut self, packet: Packet) {
+        match packet.kind {
+            Kind::Connect => self.connect(packet).await,
+            Kind::Disconnect => {
+                self.leave_all().await;
+                self.connected = false;
+            }
+            Kind::Event | Kind::BinaryEvent => {
+                if !self.connected {
+                    self.bad_packet(PacketError("an event before CONNECT".into()))
+                        .await;
+                    return;
+                }
+                let id = packet.id;
+                let reply = self.event(packet).await;
+                match id {
+                    Some(id) => {
+                        self.out
+                            .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
+                            .await;
+                    }
+                    None => {
+                        if let Reply::Error { code, message } = &reply {
+                            let err = codec::error_value(code, message);
+                            self.out.emit("error", vec![err]).await;
+                        }
+                    }
+                }
+                if let Some((room, sub)) = self.after_reply.take() {
+                    // The new position reaches the client before any message.
+                    let mut names = self.room_names();
+                    if !names.contains(&room.as_str()) {
+                        names.push(&room);
+                    }
+                    let names = json!(names);
+                    self.out.emit("rooms", vec![names]).await;
+                    self.start_room(room, sub).await;
+                }
+            }
+            Kind::Ack | Kind::BinaryAck => self.ack(packet.id).await,
+            Kind::ConnectError => {
+                self.bad_packet(PacketError("CONNECT_ERROR comes from servers only".into()))
+                    .await
+            }
+        }
+    }
+
+    /// CONNECT: a fresh socket, or a recovery when the client sends back a
+    /// `pid` and an `offset`.
+    async fn connect(&mut self, packet: Packet) {
+        let refuse = |message: String, code: &str| {
+            Packet::control(
+                Kind::ConnectError,
+                &packet.namespace,
+                Some(json!({ "message": message, "data": { "code": code } })),
+            )
+        };
+        if packet.namespace != "/" {
+            let p = refuse(
+                format!(
+                    "namespace {} does not exist: spool serves the main namespace /",
+                    packet.namespace
+                ),
+                "NOT_FOUND",
+            );
+            self.out.send(&p).await;
+            return;
+        }
+        if self.connected {
+            self.bad_packet(PacketError("CONNECT on a connected socket".into()))
+                .await;
+            return;
+        }
+        let auth = packet.data.unwrap_or(Value::Null);
+        let pid = auth.get("pid").and_then(Value::as_str);
+        let offset = auth.get("offset").and_then(Value::as_str);
+        let mut restored = None;
+        if let (Some(pid), Some(offset)) = (pid, offset) {
+            let token = match Token::decode(offset, &self.out.gateway.key) {
+                Ok(t) => t,
+                Err(e) => {
+                    let code = match e {
+                        TokenError::Tampered => "PERMISSION_DENIED",
+                        TokenError::Malformed(_) => "INVALID_ARGUMENT",
+                    };
+                    self.out.send(&refuse(e.to_string(), code)).await;
+                    return;
+                }
+            };
+            if pid_from_text(pid) != Some(token.pid) {
+                let e = TokenError::Tampered;
+                self.out
+                    .send(&refuse(
+                        format!("{e}: pid does not match"),
+                        "PERMISSION_DENIED",
+                    ))
+                    .await;
+                return;
+            }
+            restored = Some(token);
+        }
+        let (recovered, gaps, subs) = match restored {
+            Some(token) => self.restore(token).await,
+            None => (false, Vec::new(), Vec::new()),
+        };
+        let pid = {
+            let mut shared = self.out.shared.lock().await;
+            if !recovered {
+                // A failed recovery starts a new session: the client sees
+                // `recovered === false`.
+                match super::offset::random::<PID_LEN>() {
+                    Ok(p) => shared.pid = p,
+                    Err(e) => tracing::warn!(error = %e, "no randomness for a new pid"),
+                }
+            }
+            pid_text(&shared.pid)
+        };
+        self.connected = true;
+        self.out
+            .send(&Packet::control(
+                Kind::Connect,
+                "/",
+                Some(json!({ "sid": self.out.socket.id.to_string(), "pid": pid })),
+            ))
+            .await;
+        for gap in gaps {
+            self.out.emit("gap", vec![gap]).await;
+        }
+        for (room, sub) in subs {
+            self.start_room(room, sub).await;
+        }
+    }
+
+    /// Puts the socket back in the rooms of `token` at its positions;
+    /// returns whether nothing was lost, the gaps, and the subscriptions.
+    async fn restore(&mut self, token: Token) -> (bool, Vec<Value>, Vec<(String, Subscription)>) {
+        let broker = &self.out.gateway.broker;
+        let mut recovered = true;
+        let mut gaps = Vec::new();
+        let mut subs = Vec::new();
+        {
+            let mut shared = self.out.shared.lock().await;
+            shared.pid = token.pid;
+        }
+        for (room, next) in token.rooms {
+            let info = match broker.describe_topic(&room).await {
+                Ok(info) => info,
+                Err(e) => {
+                    recovered = false;
+                    gaps.push(
+                        json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
+                    );
+                    continue;
+                }
+            };
+            let start = info.stats.start.0;
+            if next < start {
+                recovered = false;
+                gaps.push(json!({
+                    "room": room,
+                    "from": next,
+                    "to": start,
+                    "reason": format!("messages {next} to {} of room {room} are past its retention", start - 1),
+                }));
+            }
+            match self.subscribe_replay(&room, Position::Offset(next)).await {
+                Ok(sub) => {
+                    let mut shared = self.out.shared.lock().await;
+                    shared.positions.insert(room.clone(), sub.position().0);
+                    drop(shared);
+                    subs.push((room, sub));
+                }
+                Err(e) => {
+                    recovered = false;
+                    gaps.push(
+                        json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
+                    );
+                }
+            }
+        }
+        (recovered, gaps, subs)
+    }
+
+    async fn subscribe_replay(&self, room: &str, from: Position) -> Result<Subscription> {
+        let gateway = &self.out.gateway;
+        gateway.ensure_room(room).await?;
+        gateway
+            .broker
+            .subscribe(SubscribeRequest {
+                topic: room.to_owned(),
+                group: None,
+                from: Some(from),
+                member: self.member.clone(),
+                max_in_flight: PUMP_BATCH,
+                limits: gateway.delivery_limits(),
+            })
+            .await
+    }
+
+    /// Starts the pump of `room` (replacing one there was) and tells the
+    /// room's members.
+    async fn start_room(&mut self, room: String, sub: Subscription) {
+        if let Some(old) = self.rooms.remove(&room) {
+            old.pump.abort();
+        }
+        let pump = tokio::spawn(pump_room(self.out.clone(), room.clone(), sub.position().0));
+        self.rooms.insert(room.clone(), RoomSub { pump });
+        self.out.gateway.join(&room, &self.out).await;
+    }
+
+    async fn event(&mut self, packet: Packet) -> Reply {
+        let Some(Value::Array(mut args)) = packet.data else {
+            return Reply::invalid("an event is an array");
+        };
+        let name = match args.first() {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Reply::invalid("an event starts with its name"),
+        };
+        let body = if args.len() > 1 {
+            args.swap_remove(1)
+        } else {
+            Value::Null
+        };
+        let result = match name.as_str() {
+            "publish" => self.publish(body, &packet.attachments).await,
+            "subscribe" => self.subscribe(body).await,
+            "unsubscribe" => self.unsubscribe(body).await,
+            other => Err(Error::InvalidArgument(format!(
+                "unknown event {other:?}: spool takes publish, subscribe and unsubscribe"
+            ))),
+        };
+        match result {
+            Ok(v) => Reply::Ok(v),
+            Err(e) => Reply::from_error(&e, self.out.gateway.broker.data_dir()),
+        }
+    }
+
+    async fn publish(&mut self, body: Value, attachments: &[Bytes]) -> Result<Value> {
+        let request = codec::Publish::parse(&body, attachments)?;
+        let gateway = &self.out.gateway;
+        let room = request.room.clone();
+        let appended = gateway
+            .broker
+            .produce(&room, vec![request.message], gateway.message_limit())
+            .await?;
+        Ok(json!({
+            "room": room,
+            "offset": appended.first.0,
+            "durability": codec::durability(appended.durability),
+        }))
+    }
+
+    async fn subscribe(&mut self, body: Value) -> Result<Value> {
+        let request = codec::Subscribe::parse(&body)?;
+        if request.room == super::SYSTEM_ROOM {
+            self.system = true;
+            self.out.gateway.watch_rooms(&self.out).await;
+            return Ok(json!({ "room": request.room }));
+        }
+        let max = self.out.gateway.max_subscriptions;
+        let held = self.rooms.len() + self.queues.len();
+        let renewing = match &request.group {
+            None => self.rooms.contains_key(&request.room),
+            Some(g) => self.queues.contains_key(&(request.room.clone(), g.clone())),
+        };
+        if !renewing && held >= max {
+            return Err(Error::InvalidArgument(format!(
+                "this socket already reads {held} rooms and queues; the limit is {max} (max_subscriptions)"
+            )));
+        }
+        match request.group {
+            Some(group) => {
+                self.subscribe_queue(request.room, group, request.max_in_flight)
+                    .await
+            }
+            None => {
+                let room = request.room;
+                let sub = self.subscribe_replay(&room, request.from).await?;
+                let position = sub.position().0;
+                let info = self.out.gateway.broker.describe_topic(&room).await?;
+                {
+                    let mut shared = self.out.shared.lock().await;
+                    shared.positions.insert(room.clone(), position);
+                }
+                // The reply goes out before the first message of the room.
+                let reply = json!({
+                    "room": room,
+                    "from": position,
+                    "start": info.stats.start.0,
+                    "end": info.stats.end.0,
+                });
+                self.after_reply = Some((room, sub));
+                Ok(reply)
+            }
+        }
+    }
+
+    async fn subscribe_queue(
+        &mut self,
+        room: String,
+        group: String,
+        max_in_flight: Option<usize>,
+    ) -> Result<Value> {
+        validate_name("group", &group)?;
+        let gateway = Arc::clone(&self.out.gateway);
+        gateway.ensure_room(&room).await?;
+        match gateway
+            .broker
+            .create_group(&room, &group, GroupMode::Queue, Position::Earliest)
+            .await
+        {
+            Ok(_) | Err(Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let in_flight = max_in_flight.unwrap_or(DEFAULT_QUEUE_IN_FLIGHT);
+        let sub = gateway
+            .broker
+            .subscribe_queue(SubscribeRequest {
+                topic: room.clone(),
+                group: Some(group.clone()),
+                from: None,
+                member: self.member.clone(),
+                max_in_flight: in_flight,
+                limits: gateway.delivery_limits(),
+            })
+            .await?;
+        let info = gateway.broker.describe_topic(&room).await?;
+        let ack_timeout = Duration::from_millis(info.config.ack_timeout_ms.max(1));
+        let key = (room.clone(), group.clone());
+        if let Some(old) = self.queues.remove(&key) {
+            old.pump.abort();
+        }
+        let pump = tokio::spawn(pump_queue(
+            self.out.clone(),
+            room.clone(),
+            group.clone(),
+            sub,
+            ack_timeout,
+        ));
+        self.queues.insert(key, QueueSub { pump });
+        Ok(json!({ "room": room, "group": group, "mode": "queue", "maxInFlight": in_flight }))
+    }
+
+    async fn unsubscribe(&mut self, body: Value) -> Result<Value> {
+        let request = codec::Unsubscribe::parse(&body)?;
+        if request.room == super::SYSTEM_ROOM {
+            self.system = false;
+            self.out.gateway.unwatch_rooms(&self.out).await;
+            return Ok(json!({ "room": request.room }));
+        }
+        let found = match &request.group {
+            Some(group) => {
+                let key = (request.room.clone(), group.clone());
+                match self.queues.remove(&key) {
+                    Some(q) => {
+                        q.pump.abort();
+                        self.release(&request.room, Some(group)).await;
+                        true
+                    }
+                    None => false,
+                }
+            }
+            None => match self.rooms.remove(&request.room) {
+                Some(r) => {
+                    r.pump.abort();
+                    self.out.shared.lock().await.positions.remove(&request.room);
+                    self.out.gateway.leave(&request.room, &self.out).await;
+                    self.out.emit("rooms", vec![json!(self.room_names())]).await;
+                    true
+                }
+                None => false,
+            },
+        };
+        if !found {
+            return Err(Error::NotFound(format!(
+                "this socket is not subscribed to room {}{}",
+                request.room,
+                request
+                    .group
+                    .as_deref()
+                    .map(|g| format!(" as group {g}"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(json!({ "room": request.room }))
+    }
+
+    fn room_names(&self) -> Vec<&str> {
+        self.rooms.keys().map(String::as_str).collect()
+    }
+
+    /// The client called an acknowledgement callback of a queue delivery.
+    async fn ack(&mut self, id: Option<u64>) {
+        let Some(id) = id else { return };
+        let pending = self.out.shared.lock().await.pending.remove(&id);
+        let Some(p) = pending else {
+            // Late (the lease expired and the message went out again) or
+            // never issued: nothing to do.
+            return;
+        };
+        let broker = &self.out.gateway.broker;
+        match broker.ack(&p.room, &p.group, vec![p.offset], true).await {
+            Ok(()) => {}
+            Err(e) => {
+                let err = codec::error_value(
+                    codec::code_name(&e),
+                    &format!("ack of offset {} in room {}: {e}", p.offset.0, p.room),
+                );
+                self.out.emit("error", vec![err]).await;
+            }
+        }
+        p.credit.give(1);
+    }
+
+    /// Gives back the leases this socket holds in `room` (one group, or all).
+    async fn release(&self, room: &str, group: Option<&String>) {
+        let mut by_group: BTreeMap<String, Vec<Offset>> = BTreeMap::new();
+        {
+            let mut shared = self.out.shared.lock().await;
+            shared.pending.retain(|_, p| {
+                let mine = p.room == room && group.is_none_or(|g| *g == p.group);
+                if mine {
+                    by_group.entry(p.group.clone()).or_default().push(p.offset);
+                }
+                !mine
+            });
+        }
+        for (g, offsets) in by_group {
+            if let Err(e) = self
+                .out
+                .gateway
+                .broker
+                .release_leases(room, &g, &self.member, offsets)
+                .await
+            {
+                tracing::debug!(room, group = %g, error = %e, "giving back leases");
+            }
+        }
+    }
+
+    async fn leave_all(&mut self) {
+        for (room, r) in std::mem::take(&mut self.rooms) {
+            r.pump.abort();
+            self.out.gateway.leave(&room, &self.out).await;
+        }
+        let queues = std::mem::take(&mut self.queues);
+        for ((room, group), q) in queues {
+            q.pump.abort();
+            self.release(&room, Some(&group)).await;
+        }
+        if self.system {
+            self.out.gateway.unwatch_rooms(&self.out).await;
+            self.system = false;
+        }
+    }
+
+    async fn close(&mut self) {
+        self.leave_all().await;
+    }
+}
+
+/// Emits the messages of `room` from offset `from` to the socket, in
+/// offset order, each with the token of the socket's positions once it is
+/// emitted: first what is stored (catching up, with reads of its own), then
+/// from the room's shared feed, going back to reading whenever it falls
+/// behind the feed.
+async fn pump_room(out: Out, room: String, from: u64) {
+    let gateway = Arc::clone(&out.gateway);
+    let mut next = from;
+    let fail = |e: Error| codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+    let mut feed = match gateway.feed(&room).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            out.emit("error", vec![fail(e)]).await;
+            return;
+        }
+    };
+    loop {
+        // Catch up: everything stored from `next`.
+        loop {
+            let fetched = gateway
+                .broker
+                .fetch(
+                    crate::broker::FetchRequest {
+                        topic: room.clone(),
+                        group: None,
+                        from: Some(Position::Offset(next)),
+                        member: String::new(),
+                        limits: gateway.delivery_limits(),
+                        wait: Duration::ZERO,
+                    },
+                    std::future::ready(()),
+                )
+                .await;
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(e) => {
+                    out.emit("error", vec![fail(e)]).await;
+                    return;
+                }
+            };
+            if fetched.messages.is_empty() {
+                break;
+            }
+            for d in fetched.messages {
+                if d.message.offset.0 < next {
+                    continue;
+                }
+                if !deliver(&out, &room, &codec::Encoded::new(&room, &d.message)).await {
+                    return;
+                }
+                next = d.message.offset.0 + 1;
+            }
+            if next >= fetched.end_offset.0 {
+                break;
+            }
+        }
+        // Live: the feed took every message appended since it was joined.
+        loop {
+            match feed.recv().await {
+                Ok(m) => {
+                    if m.offset < next {
+                        continue;
+                    }
+                    if !deliver(&out, &room, &m).await {
+                        return;
+                    }
+                    next = m.offset + 1;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let e = Error::TopicNotFound(format!("room {room} ended: its topic is gone"));
+                    out.emit("error", vec![fail(e)]).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Emits one room message with the token of the positions it leads to.
+async fn deliver(out: &Out, room: &str, m: &codec::Encoded) -> bool {
+    let mut shared = out.shared.lock().await;
+    shared.positions.insert(room.to_owned(), m.offset + 1);
+    let token = out.token(&shared);
+    send_text(&out.socket, m.with_token(&token), &m.attachments).await
+}
+
+/// Emits the deliveries of queue group `group` of `room`, each with an
+/// acknowledgement id; one the client does not acknowledge within
+/// `ack_timeout` gives its credit back (the broker delivers it again).
+async fn pump_queue(
+    out: Out,
+    room: String,
+    group: String,
+    mut sub: Subscription,
+    ack_timeout: Duration,
+) {
+    let credit = sub.credit();
+    while let Some(event) = sub.next().await {
+        match event {
+            Ok(Event::Messages(deliveries)) => {
+                for d in deliveries {
+                    let mut shared = out.shared.lock().await;
+                    let id = shared.next_ack;
+                    shared.next_ack += 1;
+                    shared.pending.insert(
+                        id,
+                        PendingAck {
+                            room: room.clone(),
+                            group: group.clone(),
+                            offset: d.message.offset,
+                            credit: credit.clone(),
+                        },
+                    );
+                    let packet = codec::message_event(
+                        &room,
+                        &d.message,
+                        Some((&group, d.delivery)),
+                        None,
+                        Some(id),
+                    );
+                    if !out.send(&packet).await {
+                        return;
+                    }
+                    drop(shared);
+                    let shared = Arc::clone(&out.shared);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(ack_timeout).await;
+                        if let Some(p) = shared.lock().await.pending.remove(&id) {
+                            p.credit.give(1);
+                        }
+                    });
+                }
+            }
+            Ok(Event::Skipped { .. }) => {}
+            Err(e) => {
+                let err = codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+                out.emit("error", vec![err]).await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The socket.io gateway through the real binary: its start-up line, and
+//! the Node tests in `tests/socketio/` run against it with the stock npm
+//! `socket.io-client` (and a headless Chromium for the demo page), since
+//! what users rely on is that client, unmodified, against spool.
+//!
+//! The Node tests need `npm ci` in `tests/socketio` (and `chromium` for the
+//! browser test). Without `node_modules` they are skipped with a printed
+//! reason, unless `SPOOL_REQUIRE_NODE` is set (as `.ci/run` does), which
+//! makes a missing setup a failure.
+
+mod common;
+
+use common::Broker;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn node_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio")
+}
+
+/// Whether the Node tests can run; prints why not, or fails when they must.
+fn node_ready(needs: &str) -> bool {
+    let modules = node_dir().join("node_modules").join(needs);
+    if modules.is_dir() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("SPOOL_REQUIRE_NODE").is_none(),
+        "SPOOL_REQUIRE_NODE is set but {} is missing: run `npm ci` in tests/socketio",
+        modules.display()
+    );
+    eprintln!(
+        "skipped: {} is missing (run `npm ci` in tests/socketio; set SPOOL_REQUIRE_NODE=1 to make this a failure)",
+        modules.display()
+    );
+    false
+}
+
+/// Runs `node FILE` in `tests/socketio` against `broker`; fails with its
+/// output unless it exits 0.
+fn node(file: &str, broker: &Broker, env: &[(&str, String)]) {
+    let mut env = env.to_vec();
+    env.push(("SPOOL_SERVER", broker.addr.clone()));
+    env.push((
+        "SPOOL_SOCKETIO",
+        broker.socketio.clone().expect("a socket.io listener"),
+    ));
+    node_with(file, &broker.data, &env);
+}
+
+/// Runs `node FILE` with `data` as SPOOL_DATA and `env`, for tests that
+/// start brokers themselves.
+fn node_with(file: &str, data: &Path, env: &[(&str, String)]) {
+    let mut cmd = Command::new("node");
+    cmd.arg(file)
+        .current_dir(node_dir())
+        .env("SPOOL_BIN", env!("CARGO_BIN_EXE_spool"))
+        .env("SPOOL_DATA", data);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run node (is Node.js installed?)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stdout}");
+    assert!(
+        out.status.success(),
+        "node {file} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+fn broker(tmp: &tempfile::TempDir, extra: &[&str]) -> Broker {
+    Broker::start(&tmp.path().join("data"), extra)
+}
+
+#[test]
+fn publish_subscribe_replay_presence_and_room_events() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &["--fsync", "always"]);
+    node("pubsub.mjs", &b, &[]);
+}
+
+#[test]
+fn start_up_lines_name_the_socketio_listener_and_off_turns_it_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let b = Broker::start(&data, &[]);
+    let addr = b
+        .socketio
+        .clone()
+        .expect("a third line names the socket.io listener");
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    // The demo page is served there.
+    let page = http_get(&addr, "/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("/client/socket.io.min.js"), "{page}");
+    drop(b);
+
+    let v = json_start(&data, &["--socketio", "127.0.0.1:0"]);
+    let addr = v["listeners"]["socketio"].as_str().unwrap_or_default();
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{v}"
+    );
+
+    // Off, by flag or in the config file.
+    let v = json_start(&data, &["--socketio", "off"]);
+    assert!(v["listeners"].get("socketio").is_none(), "{v}");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "socketio = \"off\"\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let v = json_start(&data, &["--config", &config]);
+    assert!(v["listeners"].get("socketio").is_none(), "{v}");
+    std::fs::write(&config, "socketio = \"127.0.0.1:0\"\n").expect("config");
+    let v = json_start(&data, &["--config", &config]);
+    assert!(v["listeners"]["socketio"].is_string(), "{v}");
+}
+
+/// Starts `spool serve --format json` with `extra`; its start-up object.
+fn json_start(data: &Path, extra: &[&str]) -> serde_json::Value {
+    let child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--grpc", "off"])
+        .args(["--metrics", "off", "--format", "json", "--data"])
+        .arg(data)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut killed = common::Killed(child);
+    let line = first_line(killed.0.stdout.as_mut());
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn first_line(stdout: Option<&mut std::process::ChildStdout>) -> String {
+    use std::io::Read;
+    let stdout = stdout.expect("stdout piped");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn queue_mode_acks_redelivery_and_dead_letters() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("queue.mjs", &b, &[]);
+}
+
+#[test]
+fn binary_data_round_trips() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("binary.mjs", &b, &[]);
+}
+
+#[test]
+fn bad_input_gets_an_error_and_touches_no_other_socket() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("errors.mjs", &b, &[]);
+}
+
+#[test]
+fn recovery_after_transport_close_long_disconnection_and_retention() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    node("recovery.mjs", &b, &[]);
+}
+
+#[test]
+fn recovery_after_kill_9_and_restart() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    node_with("restart.mjs", &tmp.path().join("data"), &[]);
+}
+
+#[test]
+fn demo_page_in_a_browser_recovers_across_a_broker_kill_9() {
+    if !node_ready("puppeteer-core") {
+        return;
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        assert!(
+            std::env::var_os("SPOOL_REQUIRE_NODE").is_none(),
+            "SPOOL_REQUIRE_NODE is set but {chromium} is missing: install Debian's chromium"
+        );
+        eprintln!("skipped: {chromium} is missing (apt-get install chromium, or set CHROMIUM)");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    node_with(
+        "browser.mjs",
+        &tmp.path().join("data"),
+        &[("CHROMIUM", chromium)],
+    );
+}

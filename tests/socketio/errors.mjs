@@ -1,0 +1,117 @@
+// Bad input: every mistake gets an error reply naming what is wrong (or a
+// connect_error during the handshake), the socket stays usable, and other
+// sockets see nothing of it.
+import { assert, call, collect, connect, ok, once, room, run, until, sleep, env } from "./lib.mjs";
+import { io } from "socket.io-client";
+
+async function error(s, event, body, code, needle) {
+  const reply = await call(s, event, body);
+  assert.ok(reply.error, `${event} ${JSON.stringify(body)} is refused: ${JSON.stringify(reply)}`);
+  assert.equal(reply.error.code, code, JSON.stringify(reply));
+  assert.ok(reply.error.message.includes(needle), `"${reply.error.message}" names ${needle}`);
+  assert.equal(reply.ok, undefined);
+}
+
+await run({
+  async "bad requests get an error reply naming what is wrong, and nothing else changes"() {
+    const r = room("calm");
+    const [bad, good, watcher] = [await connect(), await connect(), await connect()];
+    await ok(watcher, "subscribe", { room: r });
+    const seen = collect(watcher);
+    await error(bad, "publish", { room: "no/slash", data: 1 }, "INVALID_ARGUMENT", "room name");
+    await error(bad, "publish", { room: "", data: 1 }, "INVALID_ARGUMENT", "room name");
+    await error(bad, "publish", { room: "x".repeat(201), data: 1 }, "INVALID_ARGUMENT", "room name");
+    await error(bad, "publish", { room: "$rooms", data: 1 }, "INVALID_ARGUMENT", "room name");
+    await error(bad, "publish", { room: r }, "INVALID_ARGUMENT", "data is missing");
+    await error(bad, "publish", { data: 1 }, "INVALID_ARGUMENT", "room is missing");
+    await error(bad, "publish", { room: 5, data: 1 }, "INVALID_ARGUMENT", "room is a string");
+    await error(bad, "publish", "just a string", "INVALID_ARGUMENT", "first argument is an object");
+    await error(bad, "publish", { room: r, data: 1, extra: true }, "INVALID_ARGUMENT", "unknown field \"extra\"");
+    await error(bad, "publish", { room: r, data: 1, event: "connect" }, "INVALID_ARGUMENT", "reserved");
+    await error(bad, "publish", { room: r, data: 1, event: 7 }, "INVALID_ARGUMENT", "event is a string");
+    await error(bad, "publish", { room: r, data: 1, key: {} }, "INVALID_ARGUMENT", "key is a string");
+    await error(bad, "publish", { room: r, data: { nested: Buffer.from([1]) } }, "INVALID_ARGUMENT", "whole of data");
+    await error(bad, "subscribe", { room: r, from: "tomorrow" }, "INVALID_ARGUMENT", "from is");
+    await error(bad, "subscribe", { room: r, from: -3 }, "INVALID_ARGUMENT", "from is");
+    await error(bad, "subscribe", { room: r, group: "g" }, "INVALID_ARGUMENT", "mode");
+    await error(bad, "subscribe", { room: r, group: "g", mode: "fanout" }, "INVALID_ARGUMENT", "mode is");
+    await error(bad, "subscribe", { room: r, group: "bad group", mode: "queue" }, "INVALID_ARGUMENT", "group name");
+    await error(bad, "subscribe", { room: r, maxInFlight: 0, group: "g", mode: "queue" }, "INVALID_ARGUMENT", "maxInFlight");
+    await error(bad, "unsubscribe", { room: r }, "NOT_FOUND", r);
+    await error(bad, "dance", { room: r }, "INVALID_ARGUMENT", "unknown event \"dance\"");
+    await error(bad, "publish", { room: r, data: "x".repeat(1_100_000) }, "INVALID_ARGUMENT", "max_message_bytes");
+    // The socket still works, and the others never saw any of it.
+    await ok(bad, "publish", { room: r, data: "fine" });
+    await ok(good, "publish", { room: r, data: "also fine" });
+    await until(() => seen.length === 2, "the two good messages");
+    assert.deepEqual(seen.map((s) => s.data), ["fine", "also fine"]);
+    for (const s of [bad, good, watcher]) s.close();
+  },
+
+  async "an event without an ack callback that fails is reported as an error event"() {
+    const s = await connect();
+    const err = once(s, "error");
+    s.emit("publish", { room: "no/slash", data: 1 });
+    const [e] = await err;
+    assert.equal(e.error.code, "INVALID_ARGUMENT");
+    s.close();
+  },
+
+  async "malformed packets get an error event; the socket and others go on"() {
+    const r = room("garbage");
+    const [s, other] = [await connect(undefined, { transports: ["websocket"] }), await connect()];
+    await ok(other, "subscribe", { room: r });
+    const seen = collect(other);
+    const errors = collect(s, "error");
+    for (const raw of ["2", "2{\"not\":\"an array\"}", "2[1,2]", "9hello", "2[\"publish\"", "51-[\"publish\",{\"room\":\"x\"}]extra", "3[]"]) {
+      s.io.engine.write(raw);
+    }
+    // A binary attachment nothing announced.
+    s.io.engine.write(Buffer.from([1, 2, 3]));
+    await until(() => errors.length >= 6, "error events for the malformed packets");
+    assert.ok(errors.every((e) => e.data.error.code === "INVALID_ARGUMENT"), JSON.stringify(errors));
+    await ok(s, "publish", { room: r, data: "still here" });
+    await until(() => seen.length === 1, "the good message");
+    s.close(); other.close();
+  },
+
+  async "a tampered recovery offset gets a connect_error; a valid one still works"() {
+    const r = room("tamper");
+    const a = await connect();
+    await ok(a, "subscribe", { room: r });
+    await ok(a, "publish", { room: r, data: 1 });
+    let offset;
+    a.on("message", (d, m, token) => (offset = token));
+    await until(() => offset !== undefined, "an event with its offset");
+    const pid = a._pid;
+    a.close();
+    for (const [bad, why] of [
+      [offset.slice(0, -2) + (offset.endsWith("AA") ? "BB" : "AA"), "was not issued by this broker or was altered"],
+      ["not-base64!", "malformed"],
+      ["", "malformed"],
+    ]) {
+      const s = io("http://" + env.socketio, { forceNew: true, reconnection: false, autoConnect: false });
+      s._pid = pid;
+      s._lastOffset = bad;
+      s.connect();
+      const [e] = await once(s, "connect_error");
+      assert.ok(e.message.includes(why), `${JSON.stringify(bad)}: ${e.message}`);
+      s.close();
+    }
+    // Another socket's pid with this offset: refused too.
+    const s = io("http://" + env.socketio, { forceNew: true, reconnection: false, autoConnect: false });
+    s._pid = "AAAAAAAAAAAAAAAAAAAAAA";
+    s._lastOffset = offset;
+    s.connect();
+    const [e] = await once(s, "connect_error");
+    assert.ok(e.message.includes("pid does not match"), e.message);
+    s.close();
+  },
+
+  async "a namespace other than / gets a connect_error"() {
+    const s = io("http://" + env.socketio + "/admin", { forceNew: true, reconnection: false });
+    const [e] = await once(s, "connect_error");
+    assert.ok(e.message.includes("namespace /admin does not exist"), e.message);
+    s.close();
+  },
+});

@@ -1,0 +1,105 @@
+// Helpers shared by the socket.io gateway tests: they drive the real `spool`
+// binary with the stock socket.io client. The Rust test `tests/socketio.rs`
+// runs each file with SPOOL_BIN (the binary), SPOOL_SERVER (the native
+// listener), SPOOL_SOCKETIO (the socket.io listener) and SPOOL_DATA set.
+import { io } from "socket.io-client";
+import { spawn, execFileSync } from "node:child_process";
+import assert from "node:assert/strict";
+
+export { assert };
+export const env = {
+  bin: process.env.SPOOL_BIN,
+  server: process.env.SPOOL_SERVER,
+  socketio: process.env.SPOOL_SOCKETIO,
+  data: process.env.SPOOL_DATA,
+};
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/// A connected socket (rejects on connect_error).
+export function connect(addr = env.socketio, opts = {}) {
+  const s = io("http://" + addr, { forceNew: true, reconnectionDelay: 50, reconnectionDelayMax: 200, ...opts });
+  return new Promise((resolve, reject) => {
+    s.once("connect", () => resolve(s));
+    s.once("connect_error", (e) => { s.close(); reject(e); });
+  });
+}
+
+/// Emits `event` with `body` and resolves with the acknowledgement.
+export function call(s, event, body, ...more) {
+  return new Promise((resolve, reject) => {
+    s.timeout(10000).emit(event, body, ...more, (err, reply) => (err ? reject(err) : resolve(reply)));
+  });
+}
+
+/// Like `call`, failing unless the reply is `{ok: true}`.
+export async function ok(s, event, body, ...more) {
+  const reply = await call(s, event, body, ...more);
+  assert.equal(reply.ok, true, `${event} ${JSON.stringify(body)}: ${JSON.stringify(reply)}`);
+  return reply;
+}
+
+/// Records every `event` the socket receives as {data, meta}.
+export function collect(s, event = "message") {
+  const got = [];
+  s.on(event, (data, meta) => got.push({ data, meta }));
+  return got;
+}
+
+/// Waits until `pred()` holds.
+export async function until(pred, what, ms = 10000) {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error("timed out waiting for " + what);
+    await sleep(10);
+  }
+}
+
+/// Waits for one `event` on `s`.
+export function once(s, event, ms = 10000) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("timed out waiting for " + event)), ms);
+    s.once(event, (...args) => { clearTimeout(t); resolve(args); });
+  });
+}
+
+/// A unique room name.
+let rooms = 0;
+export const room = (name) => `${name}-${process.pid}-${++rooms}`;
+
+/// Runs `spool ARGS --server NATIVE`.
+export function spool(...args) {
+  return execFileSync(env.bin, [...args, "--server", env.server], { encoding: "utf8" });
+}
+
+/// Starts `spool serve` on `data` with the socket.io listener at `socketio`;
+/// resolves with {proc, server, socketio} once it prints its start-up lines.
+export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
+  const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
+  return new Promise((resolve, reject) => {
+    let out = "";
+    proc.stdout.on("data", (chunk) => {
+      out += chunk;
+      const sio = out.match(/spool socketio listening on (\S+)/);
+      const native = out.match(/listening on (\S+), data in/);
+      if (sio && native) resolve({ proc, server: native[1], socketio: sio[1] });
+    });
+    proc.on("exit", (code) => reject(new Error("spool serve exited with " + code + ": " + out)));
+  });
+}
+
+/// Runs the named test functions in order, printing each; exits non-zero
+/// on the first failure.
+export async function run(tests) {
+  for (const [name, f] of Object.entries(tests)) {
+    const started = Date.now();
+    try {
+      await f();
+      console.log(`ok   ${name} (${Date.now() - started} ms)`);
+    } catch (e) {
+      console.error(`FAIL ${name}: ${e.stack || e}`);
+      process.exit(1);
+    }
+  }
+  process.exit(0);
+}

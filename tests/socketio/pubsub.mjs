@@ -1,0 +1,143 @@
+// Publish and subscribe across clients, replay, presence and room events:
+// what a socket.io app built on spool relies on.
+import { assert, call, collect, connect, ok, once, room, run, spool, until, sleep } from "./lib.mjs";
+
+await run({
+  async "a message published by one client reaches another, under its event, with its meta"() {
+    const r = room("chat");
+    const [a, b] = [await connect(), await connect()];
+    const sub = await ok(b, "subscribe", { room: r });
+    assert.equal(sub.start, 0);
+    assert.equal(sub.end, 0);
+    const messages = collect(b, "message");
+    const chats = collect(b, "chat");
+    const p1 = await ok(a, "publish", { room: r, data: { text: "hello", n: [1, 2] } });
+    assert.equal(p1.offset, 0);
+    assert.equal(p1.durability, "durable", "the broker runs with --fsync always");
+    const p2 = await ok(a, "publish", { room: r, event: "chat", data: "hi", key: "user-1" });
+    assert.equal(p2.offset, 1);
+    await until(() => messages.length === 1 && chats.length === 1, "both events");
+    assert.deepEqual(messages[0].data, { text: "hello", n: [1, 2] });
+    assert.equal(messages[0].meta.room, r);
+    assert.equal(messages[0].meta.offset, 0);
+    assert.ok(Math.abs(messages[0].meta.timestamp - Date.now()) < 60000);
+    assert.equal(chats[0].data, "hi");
+    assert.equal(chats[0].meta.key, "user-1");
+    assert.equal(chats[0].meta.offset, 1);
+    a.close(); b.close();
+  },
+
+  async "every JSON value round-trips"() {
+    const r = room("json");
+    const [a, b] = [await connect(), await connect()];
+    await ok(b, "subscribe", { room: r });
+    const got = collect(b);
+    const values = [null, true, 0, -1.5, "", "ünïcødé ✓", [], {}, { nested: { deep: [1, { x: null }] } }];
+    for (const data of values) await ok(a, "publish", { room: r, data });
+    await until(() => got.length === values.length, "every value");
+    assert.deepEqual(got.map((g) => g.data), values);
+    assert.deepEqual(got.map((g) => g.meta.offset), values.map((_, i) => i));
+    a.close(); b.close();
+  },
+
+  async "a new subscriber replays from earliest, an offset or a timestamp"() {
+    const r = room("replay");
+    const a = await connect();
+    const t0 = Date.now();
+    for (let i = 0; i < 5; i++) await ok(a, "publish", { room: r, data: i });
+    const all = await connect();
+    const got = collect(all);
+    const sub = await ok(all, "subscribe", { room: r, from: "earliest" });
+    assert.deepEqual([sub.start, sub.end, sub.from], [0, 5, 0]);
+    await until(() => got.length === 5, "the replay");
+    assert.deepEqual(got.map((g) => g.data), [0, 1, 2, 3, 4]);
+    await ok(a, "publish", { room: r, data: 5 });
+    await until(() => got.length === 6, "the live message after the replay");
+    assert.equal(got[5].meta.offset, 5);
+
+    const mid = await connect();
+    const some = collect(mid);
+    const s2 = await ok(mid, "subscribe", { room: r, from: 3 });
+    assert.equal(s2.from, 3);
+    await until(() => some.length === 3, "messages 3 to 5");
+    assert.deepEqual(some.map((g) => g.meta.offset), [3, 4, 5]);
+
+    const byTime = await connect();
+    const timed = collect(byTime);
+    await ok(byTime, "subscribe", { room: r, from: { timestamp: t0 } });
+    await until(() => timed.length === 6, "messages from the timestamp");
+
+    const latest = await connect();
+    const none = collect(latest);
+    const s3 = await ok(latest, "subscribe", { room: r });
+    assert.equal(s3.from, 6, "latest starts at the end");
+    await sleep(200);
+    assert.equal(none.length, 0);
+    for (const s of [a, all, mid, byTime, latest]) s.close();
+  },
+
+  async "after unsubscribe a socket receives nothing more from the room"() {
+    const r = room("unsub");
+    const [a, b] = [await connect(), await connect()];
+    await ok(b, "subscribe", { room: r });
+    const got = collect(b);
+    await ok(a, "publish", { room: r, data: 1 });
+    await until(() => got.length === 1, "the first message");
+    await ok(b, "unsubscribe", { room: r });
+    await ok(a, "publish", { room: r, data: 2 });
+    await sleep(300);
+    assert.equal(got.length, 1);
+    const again = await call(b, "unsubscribe", { room: r });
+    assert.equal(again.error.code, "NOT_FOUND");
+    a.close(); b.close();
+  },
+
+  async "room members see join-room and leave-room"() {
+    const r = room("presence");
+    const [a, b] = [await connect(), await connect()];
+    await ok(a, "subscribe", { room: r });
+    const joined = once(a, "join-room");
+    await ok(b, "subscribe", { room: r });
+    assert.deepEqual((await joined).slice(0, 2), [r, b.id]);
+    const left = once(a, "leave-room");
+    const id = b.id;
+    b.close();
+    assert.deepEqual((await left).slice(0, 2), [r, id]);
+    a.close();
+  },
+
+  async "sockets in $rooms see create-room and delete-room"() {
+    const r = room("created");
+    const w = await connect();
+    await ok(w, "subscribe", { room: "$rooms" });
+    const created = once(w, "create-room");
+    const a = await connect();
+    await ok(a, "publish", { room: r, data: 1 });
+    assert.deepEqual((await created)[0], r);
+    const deleted = once(w, "delete-room");
+    spool("topic", "delete", r);
+    assert.deepEqual((await deleted)[0], r);
+    const other = room("admin");
+    const created2 = once(w, "create-room");
+    spool("topic", "create", other);
+    assert.deepEqual((await created2)[0], other);
+    w.close(); a.close();
+  },
+
+  async "both transports work: polling only and websocket only"() {
+    const r = room("transports");
+    const poll = await connect(undefined, { transports: ["polling"] });
+    const ws = await connect(undefined, { transports: ["websocket"] });
+    assert.equal(poll.io.engine.transport.name, "polling");
+    assert.equal(ws.io.engine.transport.name, "websocket");
+    await ok(poll, "subscribe", { room: r });
+    await ok(ws, "subscribe", { room: r });
+    const [gp, gw] = [collect(poll), collect(ws)];
+    await ok(ws, "publish", { room: r, data: "from ws" });
+    await ok(poll, "publish", { room: r, data: "from polling" });
+    await until(() => gp.length === 2 && gw.length === 2, "both on both");
+    assert.deepEqual(gp.map((g) => g.data), ["from ws", "from polling"]);
+    assert.deepEqual(gw.map((g) => g.data), ["from ws", "from polling"]);
+    poll.close(); ws.close();
+  },
+});

@@ -1,0 +1,91 @@
+// Queue mode: competing consumers with acknowledgement callbacks,
+// redelivery of what is not acknowledged, and dead letters.
+import { assert, collect, connect, ok, room, run, spool, until, sleep } from "./lib.mjs";
+
+/// Records queue deliveries as {data, meta, ack}.
+function deliveries(s, event = "message") {
+  const got = [];
+  s.on(event, (data, meta, ack) => got.push({ data, meta, ack }));
+  return got;
+}
+
+await run({
+  async "each message goes to one member, and an acked message is not delivered again"() {
+    const r = room("jobs");
+    const [p, a, b] = [await connect(), await connect(), await connect()];
+    const sa = await ok(a, "subscribe", { room: r, group: "workers", mode: "queue" });
+    assert.equal(sa.mode, "queue");
+    await ok(b, "subscribe", { room: r, group: "workers", mode: "queue" });
+    const [ga, gb] = [deliveries(a), deliveries(b)];
+    for (let i = 0; i < 20; i++) await ok(p, "publish", { room: r, data: i });
+    await until(() => ga.length + gb.length === 20, "20 deliveries");
+    const seen = [...ga, ...gb].map((d) => d.data).sort((x, y) => x - y);
+    assert.deepEqual(seen, [...Array(20).keys()], "each message once");
+    assert.ok(ga.length > 0 && gb.length > 0, `both members get work (${ga.length}/${gb.length})`);
+    for (const d of [...ga, ...gb]) {
+      assert.equal(typeof d.ack, "function", "a queue delivery carries an ack callback");
+      assert.equal(d.meta.group, "workers");
+      assert.equal(d.meta.delivery, 1);
+      d.ack();
+    }
+    await sleep(500);
+    assert.equal(ga.length + gb.length, 20, "nothing comes again once acked");
+    const described = JSON.parse(spool("group", "describe", r, "workers", "--format", "json"));
+    assert.ok(JSON.stringify(described).includes("20"), "the group completed all 20: " + JSON.stringify(described));
+    for (const s of [p, a, b]) s.close();
+  },
+
+  async "a message not acked within ack_timeout_ms is delivered again"() {
+    const r = room("retry");
+    spool("topic", "create", r, "--ack-timeout-ms", "300");
+    const [p, c] = [await connect(), await connect()];
+    await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
+    const got = deliveries(c);
+    await ok(p, "publish", { room: r, data: "job" });
+    await until(() => got.length === 1, "the first delivery");
+    await until(() => got.length === 2, "the redelivery", 5000);
+    assert.equal(got[1].meta.offset, got[0].meta.offset);
+    assert.equal(got[1].meta.delivery, 2);
+    got[1].ack();
+    await sleep(800);
+    assert.equal(got.length, 2, "acked: not delivered again");
+    p.close(); c.close();
+  },
+
+  async "a member that goes away gives its messages to the others"() {
+    const r = room("handover");
+    const [p, a] = [await connect(), await connect()];
+    await ok(a, "subscribe", { room: r, group: "g", mode: "queue", maxInFlight: 5 });
+    const ga = deliveries(a);
+    for (let i = 0; i < 5; i++) await ok(p, "publish", { room: r, data: i });
+    await until(() => ga.length === 5, "5 deliveries to a");
+    a.close();
+    const b = await connect();
+    await ok(b, "subscribe", { room: r, group: "g", mode: "queue" });
+    const gb = deliveries(b);
+    await until(() => gb.length === 5, "the same 5 to b", 5000);
+    assert.deepEqual(gb.map((d) => d.data).sort(), [0, 1, 2, 3, 4]);
+    gb.forEach((d) => d.ack());
+    p.close(); b.close();
+  },
+
+  async "after max_deliveries a message goes to the dead-letter room"() {
+    const r = room("poison");
+    spool("topic", "create", r, "--ack-timeout-ms", "200", "--max-deliveries", "2");
+    const [p, c, dl] = [await connect(), await connect(), await connect()];
+    await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
+    const got = deliveries(c);
+    await ok(p, "publish", { room: r, data: "poison" });
+    await until(() => got.length === 2, "two deliveries", 5000);
+    await until(() => {
+      try { return JSON.parse(spool("topic", "describe", r + ".dlq", "--format", "json")) !== null; } catch { return false; }
+    }, "the dead-letter topic", 5000);
+    const dead = collect(dl);
+    await ok(dl, "subscribe", { room: r + ".dlq", from: "earliest" });
+    await until(() => dead.length === 1, "the dead letter");
+    assert.equal(dead[0].data, "poison");
+    await sleep(500);
+    assert.equal(got.length, 2, "no third delivery");
+    for (const s of [p, c, dl]) s.close();
+  },
+});
