@@ -324,8 +324,9 @@ fn open_file_settings_from_the_config_file_apply_and_bad_ones_are_refused() {
         let baseline = open_fds(pid);
         produce(&client, "room", "hi".into()).await;
         assert!(open_fds(pid) > baseline, "the topic is open while used");
-        // Closed 50 ms after its last use, at the next sweep (every second).
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Closed 50 ms after its last use, at the next sweep (every second);
+        // a machine busy with other work may take longer to sync and close.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while open_fds(pid) > baseline && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
