@@ -137,9 +137,15 @@ await run({
     await ok(away, "subscribe", { room: b });
     const awayGot = collect(away);
     const awayErrors = collect(away, "error");
+    // A queue member of room a, holding a delivery unacknowledged.
+    const q = await connect(tokens.reader);
+    await ok(q, "subscribe", { room: a, group: "g", mode: "queue" });
+    const held = [];
+    q.on("message", (data, meta, ack) => held.push({ data, meta, ack }));
+    const qErrors = collect(q, "error");
     await ok(root, "publish", { room: a, data: "a1" });
     await ok(root, "publish", { room: b, data: "b1" });
-    await until(() => liveGot.length === 1 && awayGot.length === 2, "the first messages");
+    await until(() => liveGot.length === 1 && awayGot.length === 2 && held.length === 1, "the first messages");
     // `away` drops its connection; the reader may now read news-b* only.
     away.io.reconnection(false);
     away.io.engine.close();
@@ -160,6 +166,16 @@ await run({
     await sleep(300);
     assert.equal(liveGot.length, before, "nothing after the subscription ended");
     assert.equal(live.connected, true);
+    // The queue's pushes ended too, and an acknowledgement is refused.
+    await until(() => qErrors.length === 1, "the end of the queue subscription");
+    assert.equal(qErrors[0].data.error.message, `room ${a}: token reader may not consume from topic ${a}`);
+    const delivered = held.length;
+    held[0].ack();
+    await until(() => qErrors.length === 2, "the refused acknowledgement");
+    assert.equal(qErrors[1].data.error.code, "PERMISSION_DENIED");
+    assert.ok(qErrors[1].data.error.message.startsWith(`ack of offset 0 in room ${a}: token reader may not`), qErrors[1].data.error.message);
+    assert.equal(held.length, delivered, "no queue delivery after the reload");
+    assert.equal(q.connected, true);
     // `away` comes back: room a is refused with an error event, room b
     // delivers what it missed.
     away.io.reconnection(true);
@@ -171,7 +187,7 @@ await run({
     assert.ok(awayErrors[0].data.error.message.includes(`room ${a}`), awayErrors[0].data.error.message);
     await until(() => awayGot.some((g) => g.data === "b2"), "b2 after the recovery");
     assert.ok(awayGot.slice(2).every((g) => g.meta.room === b), JSON.stringify(awayGot));
-    for (const s of [root, live, away]) s.close();
+    for (const s of [root, live, away, q]) s.close();
   },
 
   async "a token the reload removes: its socket is disconnected at its next event or push"() {
