@@ -180,6 +180,11 @@ impl Out {
     }
 }
 
+/// The status code of `e` as the wire (and the request metrics) carry it.
+fn wire_code(e: &Error) -> i32 {
+    crate::protocol::status::code(e) as i32
+}
+
 /// Closes `socket` once its client has had [`CLOSE_GRACE`] to read what
 /// was last sent (engineioxide drops what is still queued when it closes).
 fn close_soon(socket: &EioSocket) {
@@ -372,10 +377,7 @@ impl Conn {
                 let started = std::time::Instant::now();
                 let (operation, result) = self.event(packet).await;
                 let data_dir = self.out.gateway.broker.data_dir();
-                let code = match &result {
-                    Ok(_) => 0,
-                    Err(e) => crate::protocol::status::to_wire(e, data_dir).code,
-                };
+                let code = result.as_ref().map_or_else(wire_code, |_| 0);
                 self.out.gateway.broker.metrics().request(
                     super::LISTENER,
                     operation,
@@ -811,7 +813,7 @@ impl Conn {
             // Late (the lease expired and the message went out again) or
             // never issued: nothing to do, once the token is known valid.
             let result = self.out.allowed(Access::Open).await;
-            count(result.map_or_else(|e| crate::protocol::status::code(&e) as i32, |()| 0));
+            count(result.as_ref().map_or_else(wire_code, |()| 0));
             return;
         };
         let broker = &self.out.gateway.broker;
@@ -819,11 +821,7 @@ impl Conn {
             Ok(()) => broker.ack(&p.room, &p.group, vec![p.offset], true).await,
             Err(e) => Err(e),
         };
-        count(
-            result
-                .as_ref()
-                .map_or_else(|e| crate::protocol::status::code(e) as i32, |()| 0),
-        );
+        count(result.as_ref().map_or_else(wire_code, |()| 0));
         match result {
             Ok(()) => {}
             Err(Error::Unauthenticated(_)) => {}
