@@ -6,6 +6,11 @@
 //!
 //! Everything the socket emits goes through [`Shared::lock`], which keeps
 //! positions, tokens and emission order together.
+//!
+//! The principal the CONNECT packet's token stands for is asked before
+//! every event and every push ([`Out::allowed`]), so an auth file reload
+//! reaches a socket at its next one; a socket whose token is gone is
+//! disconnected.
 
 use super::codec::{self, Reply};
 use super::offset::{PID_LEN, Token, TokenError, pid_from_text, pid_text};
