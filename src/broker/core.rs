@@ -188,6 +188,10 @@ fn internal(what: &str, e: tokio::task::JoinError) -> Error {
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
 /// journal writes, reads of the log, and anything under a topic's
 /// group-state lock (acks hold it across their sync).
+/// Replay reads of at most this many records before the log's end run on
+/// the async worker instead of the blocking pool (see [`Broker::read`]).
+const INLINE_READ_RECORDS: u64 = 64;
+
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -569,6 +573,13 @@ impl Broker {
                 .collect()
         };
         match target.clone() {
+            // A read at the tail (a live subscription's or long-poll's) is a
+            // few records just written, still in memory, and takes no lock a
+            // sync holds: done here, it saves the hand-off to the blocking
+            // pool, which costs more than the read.
+            Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
+                t.read_within(from, limits).map(plain)
+            }
             Target::Replay(_) => blocking(move || t.read_within(from, limits).map(plain)).await,
             Target::Stream(g) => {
                 let member = member.to_owned();
