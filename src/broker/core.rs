@@ -670,18 +670,29 @@ impl Broker {
         // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
         let t = Arc::clone(runtime.topic());
-        // Target and start in one hand-off: each may wait on group state.
-        let (target, start) = blocking(move || {
-            let target = subscription::target(&t, group, from)?;
-            // A stream-group fetch continues from `from` when the client names
-            // it (its own position), else from the group's committed offset.
-            let start = match (&target, from) {
-                (Target::Stream(_), Some(p)) => t.resolve(p)?,
-                _ => subscription::start_offset(&t, &target)?,
-            };
-            Ok((target, start))
-        })
-        .await?;
+        let (target, start) = match (&group, from) {
+            // A replay from an offset, the start or the end waits on no group
+            // state and reads no index: no hand-off.
+            (None, from) if !matches!(from, Some(Position::Timestamp(_))) => {
+                let target = subscription::target(&t, None, from)?;
+                let start = subscription::start_offset(&t, &target)?;
+                (target, start)
+            }
+            // Target and start in one hand-off: each may wait on group state.
+            _ => {
+                blocking(move || {
+                    let target = subscription::target(&t, group, from)?;
+                    // A stream-group fetch continues from `from` when the client names
+                    // it (its own position), else from the group's committed offset.
+                    let start = match (&target, from) {
+                        (Target::Stream(_), Some(p)) => t.resolve(p)?,
+                        _ => subscription::start_offset(&t, &target)?,
+                    };
+                    Ok((target, start))
+                })
+                .await?
+            }
+        };
         let mut messages = self.read(&runtime, &target, &member, start, limits).await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = subscription::lease_poll(runtime.topic());
