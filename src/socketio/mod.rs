@@ -86,16 +86,26 @@ pub(crate) struct Gateway {
     feeds: Mutex<HashMap<String, Feed>>,
 }
 
-/// Messages a room's feed keeps for sockets that fall behind before they
+/// Hand-outs a room's feed keeps for sockets that fall behind before they
 /// go back to reading for themselves.
-const FEED_BUFFER: usize = 4096;
+const FEED_BUFFER: usize = 1024;
+/// Least time between two hand-outs of a room's feed: a message that comes
+/// within this of the last hand-out waits for the next one, with whatever
+/// else came meanwhile, so a busy room costs one wake-up, one lock and one
+/// websocket write per socket per hand-out rather than per message; a
+/// message after a quiet spell goes out at once.
+pub(super) const FEED_LINGER: Duration = Duration::from_millis(20);
 /// How often feeds nobody listens to are stopped.
 const FEED_SWEEP: Duration = Duration::from_secs(10);
+
+/// What a room's feed hands out at once: messages in offset order, each
+/// encoded once for every socket.
+pub(super) type Batch = Arc<Vec<codec::Encoded>>;
 
 /// One room's shared subscription.
 #[derive(Debug)]
 struct Feed {
-    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    tx: tokio::sync::broadcast::Sender<Batch>,
     task: tokio::task::AbortHandle,
 }
 
@@ -114,10 +124,7 @@ impl Gateway {
 
     /// A receiver of every message appended to `room` from now on (the
     /// room's feed, started if there is none).
-    async fn feed(
-        &self,
-        room: &str,
-    ) -> Result<tokio::sync::broadcast::Receiver<Arc<codec::Encoded>>> {
+    async fn feed(&self, room: &str) -> Result<tokio::sync::broadcast::Receiver<Batch>> {
         let mut feeds = self.feeds.lock().await;
         if let Some(f) = feeds.get(room)
             && !f.task.is_finished()
@@ -290,23 +297,35 @@ impl EngineIoHandler for Gateway {
     }
 }
 
-/// Reads `room` from its end and hands each message, encoded once, to
-/// every socket listening; ends (closing the feed) when the room is gone.
+/// Reads `room` from its end and hands its messages, each encoded once, to
+/// every socket listening, at most once per [`FEED_LINGER`]; ends (closing
+/// the feed) when the room is gone.
 async fn run_feed(
     room: String,
     mut sub: crate::broker::Subscription,
-    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    tx: tokio::sync::broadcast::Sender<Batch>,
 ) {
     let credit = sub.credit();
-    while let Some(event) = sub.next().await {
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(at) = last {
+            // What comes meanwhile is read at once below.
+            tokio::time::sleep_until(at + FEED_LINGER).await;
+        }
+        let Some(event) = sub.next().await else {
+            return;
+        };
         match event {
             Ok(crate::broker::Event::Messages(deliveries)) => {
                 let n = deliveries.len();
-                for d in deliveries {
-                    // No receiver now is no error: one may come.
-                    let _ = tx.send(Arc::new(codec::Encoded::new(&room, &d.message)));
-                }
+                let batch: Vec<codec::Encoded> = deliveries
+                    .iter()
+                    .map(|d| codec::Encoded::new(&room, &d.message))
+                    .collect();
+                // No receiver now is no error: one may come.
+                let _ = tx.send(Arc::new(batch));
                 credit.give(n);
+                last = Some(tokio::time::Instant::now());
             }
             Ok(crate::broker::Event::Skipped { .. }) => {}
             Err(e) => {
