@@ -336,6 +336,47 @@ async fn run_feed(
     }
 }
 
+/// A service that hands `S` each request with its head (URI and headers)
+/// copied out of the connection's read buffer. hyper's parsed URI and
+/// header values are slices of that buffer (8 KiB), and Engine.IO keeps a
+/// socket's request head for the socket's life, which would keep the whole
+/// buffer of every websocket connection.
+#[derive(Debug, Clone)]
+struct OwnHead<S>(S);
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for OwnHead<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: hyper::Request<B>) -> Self::Future {
+        self.0.call(own_head(request))
+    }
+}
+
+/// `request` with its URI and headers in allocations of their own.
+fn own_head<B>(request: hyper::Request<B>) -> hyper::Request<B> {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    let (mut parts, body) = request.into_parts();
+    if let Ok(uri) = parts.uri.to_string().parse::<hyper::Uri>() {
+        parts.uri = uri;
+    }
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let name = HeaderName::from_bytes(name.as_str().as_bytes());
+        let copy = HeaderValue::from_bytes(value.as_bytes());
+        if let (Ok(name), Ok(mut copy)) = (name, copy) {
+            copy.set_sensitive(value.is_sensitive());
+            headers.append(name, copy);
+        }
+    }
+    parts.headers = headers;
+    hyper::Request::from_parts(parts, body)
+}
+
 /// Resolves once the server is stopping (or its stop signal is gone).
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -370,7 +411,11 @@ pub(crate) async fn serve(
         .ws_read_buffer_size(WS_READ_BUFFER)
         .max_payload(max_payload)
         .build();
-    let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
+    let service = OwnHead(EngineIoService::with_config_inner(
+        page::Page,
+        Arc::clone(&gateway),
+        config,
+    ));
     tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
