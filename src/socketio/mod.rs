@@ -53,7 +53,7 @@ const SEND_BUFFER: usize = 1024;
 
 /// Bytes a websocket reads at once: clients send little (requests and
 /// acks), and the buffer is held by every idle connection.
-const WS_READ_BUFFER: usize = 1024;
+const WS_READ_BUFFER: usize = 512;
 
 /// What the transport needs from the server's settings.
 #[derive(Debug, Clone)]

@@ -264,7 +264,7 @@ impl Conn {
                         continue;
                     }
                     Err(e) => {
-                        self.bad_packet(e).await;
+                        Box::pin(self.bad_packet(e)).await;
                         continue;
                     }
                 },
@@ -278,10 +278,9 @@ impl Conn {
                         p
                     }
                     None => {
-                        self.bad_packet(PacketError(
-                            "a binary message that no binary packet announced".into(),
-                        ))
-                        .await;
+                        let e =
+                            PacketError("a binary message that no binary packet announced".into());
+                        Box::pin(self.bad_packet(e)).await;
                         continue;
                     }
                 },
@@ -812,7 +811,7 @@ async fn pump_room(out: Out, room: String, from: u64) {
                 .collect();
             if let Some(last) = messages.last() {
                 let after = last.offset + 1;
-                if !deliver(&out, &room, &messages).await {
+                if !Box::pin(deliver(&out, &room, &messages)).await {
                     return;
                 }
                 next = after;
@@ -830,7 +829,7 @@ async fn pump_room(out: Out, room: String, from: u64) {
                     if fresh == batch.len() {
                         continue;
                     }
-                    if !deliver(&out, &room, &batch[fresh..]).await {
+                    if !Box::pin(deliver(&out, &room, &batch[fresh..])).await {
                         return;
                     }
                     next = last.offset + 1;
@@ -849,6 +848,8 @@ async fn pump_room(out: Out, room: String, from: u64) {
 /// Emits room messages `messages` (in offset order) one after the other,
 /// each with the token of the positions it leads to, under one hold of the
 /// socket's locks (so Engine.IO writes them together).
+///
+/// Callers box it: an idle pump's future then holds none of its state.
 async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
     let mut shared = out.shared.lock().await;
     let shared = &mut *shared;
