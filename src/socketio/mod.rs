@@ -94,7 +94,7 @@ const FEED_BUFFER: usize = 1024;
 /// else came meanwhile, so a busy room costs one wake-up, one lock and one
 /// websocket write per socket per hand-out rather than per message; a
 /// message after a quiet spell goes out at once.
-pub(super) const FEED_LINGER: Duration = Duration::from_millis(20);
+pub(super) const FEED_LINGER: Duration = Duration::from_millis(40);
 /// How often feeds nobody listens to are stopped.
 const FEED_SWEEP: Duration = Duration::from_secs(10);
 
