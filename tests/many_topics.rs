@@ -324,12 +324,19 @@ fn open_file_settings_from_the_config_file_apply_and_bad_ones_are_refused() {
         let baseline = open_fds(pid);
         produce(&client, "room", "hi".into()).await;
         assert!(open_fds(pid) > baseline, "the topic is open while used");
-        // Closed 50 ms after its last use, at the next sweep (every second).
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Closed 50 ms after its last use, at the next sweep (every second);
+        // a machine busy with other work may take longer to sync and close.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while open_fds(pid) > baseline && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(open_fds(pid), baseline, "the idle topic's files are closed");
+        // At most the baseline: a file the start-up work held then may be
+        // closed since.
+        let now = open_fds(pid);
+        assert!(
+            now <= baseline,
+            "the idle topic's files are closed: {now} open, {baseline} before it was used"
+        );
         assert_eq!(values(&client, "room").await, vec!["hi".to_owned()]);
     });
     let (ok, logs) = broker.terminate();

@@ -8,6 +8,7 @@
 mod common;
 
 use common::Broker;
+use common::pki::{make_pki, spool, token_create};
 use spool::client::{Client, ClientError, ClientOptions};
 use spool::protocol::pb;
 use spool::protocol::pb::spool_client::SpoolClient;
@@ -17,59 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-
-/// A CA and a server certificate it signed (for `localhost` and
-/// 127.0.0.1), written as PEM files in `dir`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn make_pki(dir: &Path, name: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} CA"));
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("server params");
-    let cert = params.signed_by(&key, &issuer).expect("server certificate");
-    let pki = Pki {
-        ca: dir.join(format!("{name}-ca.pem")),
-        cert: dir.join(format!("{name}-cert.pem")),
-        key: dir.join(format!("{name}-key.pem")),
-    };
-    std::fs::write(&pki.ca, ca_cert.pem()).expect("write CA");
-    std::fs::write(&pki.cert, cert.pem()).expect("write cert");
-    std::fs::write(&pki.key, key.serialize_pem()).expect("write key");
-    pki
-}
-
-fn spool() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_spool"))
-}
-
-/// `spool token create NAME ARGS...`: (the secret, the TOML entry).
-fn token_create(name: &str, args: &[&str]) -> (String, String) {
-    let out = spool()
-        .args(["token", "create", name])
-        .args(args)
-        .output()
-        .expect("run spool token create");
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    let lines: Vec<&str> = text.lines().collect();
-    let secret = lines[1].to_owned();
-    assert!(secret.starts_with("spool_"), "{text}");
-    let at = text.find("[[token]]").expect("an entry");
-    (secret, text[at..].to_owned())
-}
 
 /// Runs a client command; (success, stdout, stderr).
 fn cli(args: &[&str]) -> (bool, String, String) {
@@ -574,13 +522,14 @@ fn the_broker_refuses_non_loopback_addresses_without_auth() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf-8");
-    for (listen, grpc, names) in [
-        ("0.0.0.0:0", "off", "(native)"),
-        ("127.0.0.1:0", "0.0.0.0:0", "(grpc)"),
+    for (listen, grpc, socketio, names) in [
+        ("0.0.0.0:0", "off", "off", "(native)"),
+        ("127.0.0.1:0", "0.0.0.0:0", "off", "(grpc)"),
+        ("127.0.0.1:0", "off", "0.0.0.0:0", "(socketio)"),
     ] {
         let out = spool()
             .args(["serve", "--data", data, "--listen", listen, "--grpc", grpc])
-            .args(["--metrics", "off", "--socketio", "off"])
+            .args(["--metrics", "off", "--socketio", socketio])
             .stdin(Stdio::null())
             .output()
             .expect("run spool serve");

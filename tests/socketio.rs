@@ -3,6 +3,11 @@
 //! `socket.io-client` (and a headless Chromium for the demo page), since
 //! what users rely on is that client, unmodified, against spool.
 //!
+//! `security.mjs` runs against a broker with TLS and an auth file (the
+//! certificates made here with rcgen, the tokens with `spool token
+//! create`), and the Rust side then checks the server's log lines and the
+//! request metrics of the socket.io listener.
+//!
 //! The Node tests need `npm ci` in `tests/socketio` (and `chromium` for the
 //! browser test). Without `node_modules` they are skipped with a printed
 //! reason, unless `SPOOL_REQUIRE_NODE` is set (as `.ci/run` does), which
@@ -232,4 +237,93 @@ fn demo_page_in_a_browser_recovers_across_a_broker_kill_9() {
         &tmp.path().join("data"),
         &[("CHROMIUM", chromium)],
     );
+}
+
+#[test]
+fn tls_tokens_permissions_reloads_and_metrics() {
+    if !node_ready("socket.io-client") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::make_pki(tmp.path(), "sio");
+    let (writer, writer_entry) =
+        common::pki::token_create("writer", &["--produce", "orders*", "--consume", "orders"]);
+    let (reader, reader_entry) = common::pki::token_create("reader", &["--consume", "news*"]);
+    let (temp, temp_entry) = common::pki::token_create("temp", &["--consume", "*"]);
+    let (root, root_entry) = common::pki::token_create(
+        "root",
+        &["--admin", "*", "--produce", "*", "--consume", "*"],
+    );
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!("{writer_entry}\n{reader_entry}\n{temp_entry}\n{root_entry}"),
+    )
+    .expect("write auth file");
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let secure = Broker::start(
+        &tmp.path().join("secure"),
+        &[
+            "--auth",
+            &path(&auth),
+            "--tls-cert",
+            &path(&pki.cert),
+            "--tls-key",
+            &path(&pki.key),
+        ],
+    );
+    let plain = broker(&tmp, &[]);
+    node(
+        "security.mjs",
+        &secure,
+        &[
+            ("SPOOL_TLS_CA", path(&pki.ca)),
+            ("SPOOL_AUTH_FILE", path(&auth)),
+            ("SPOOL_BROKER_PID", secure.child.id().to_string()),
+            (
+                "SPOOL_SOCKETIO_PLAIN",
+                plain.socketio.clone().expect("socket.io"),
+            ),
+            ("TOKEN_WRITER", writer),
+            ("TOKEN_READER", reader),
+            ("TOKEN_TEMP", temp),
+            ("TOKEN_ROOT", root),
+        ],
+    );
+
+    // Every event was counted, with the native operation names and codes.
+    let metrics = http_get(
+        &secure.metrics.clone().expect("metrics listener"),
+        "/metrics",
+    );
+    for series in [
+        r#"spool_requests_total{listener="socketio",operation="produce",code="OK"}"#,
+        r#"spool_requests_total{listener="socketio",operation="produce",code="PERMISSION_DENIED"}"#,
+        r#"spool_requests_total{listener="socketio",operation="subscribe",code="OK"}"#,
+        r#"spool_requests_total{listener="socketio",operation="subscribe",code="PERMISSION_DENIED"}"#,
+        r#"spool_requests_total{listener="socketio",operation="unsubscribe",code="UNAUTHENTICATED"}"#,
+        r#"spool_requests_total{listener="socketio",operation="ack",code="PERMISSION_DENIED"}"#,
+        r#"spool_request_duration_seconds_count{listener="socketio",operation="produce"}"#,
+    ] {
+        let line = metrics.lines().find(|l| l.starts_with(series));
+        let count: f64 = line
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "{series} in:\n{metrics}");
+    }
+
+    // One log line each for a client of the wrong kind.
+    for (b, line) in [
+        (secure, "plaintext client connected to this TLS listener"),
+        (plain, "TLS client connected to this plaintext listener"),
+    ] {
+        let (stopped, logs) = b.terminate();
+        assert!(stopped, "{logs}");
+        let lines: Vec<_> = logs
+            .lines()
+            .filter(|l| l.contains(line) && l.contains("\"socketio\""))
+            .collect();
+        assert_eq!(lines.len(), 1, "{line}: {logs}");
+    }
 }

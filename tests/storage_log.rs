@@ -375,3 +375,81 @@ fn walk(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {
     }
     out
 }
+
+/// A group commit writes its batches together (`Log::write_batches`): each
+/// keeps its own offsets and result, a refused batch takes nothing from the
+/// others, large groups cross segment rolls and pieces written ahead of the
+/// sync under `fsync=always`, and everything reads back after a reopen.
+#[test]
+fn a_group_of_batches_is_written_together_and_reads_back() {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Never] {
+        for (storage, tmp) in backends() {
+            let root = tmp.path().join("data");
+            let config = LogConfig {
+                segment_bytes: 1 << 20,
+                ..small(fsync)
+            };
+            // 400 KiB per batch: pieces of 256 KiB under fsync=always, and
+            // three of them take a segment of 1 MiB past its end.
+            let big: Vec<NewMessage> = (0..400)
+                .map(|i| NewMessage::from_value(vec![(i % 251) as u8; 1024]))
+                .collect();
+            let tiny: Vec<NewMessage> = (0..5).map(msg).collect();
+            let refused = vec![msg(1), NewMessage::from_value(vec![0u8; 2 << 20])];
+            let group: Vec<&[NewMessage]> = vec![&tiny, &big, &refused, &big, &[], &big, &tiny];
+            let expected: Vec<&NewMessage> = group
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 2 && *i != 4)
+                .flat_map(|(_, b)| b.iter())
+                .collect();
+            {
+                let data = DataDir::open(Arc::clone(&storage), &root).expect("open data dir");
+                let log = data
+                    .open_log("t", config.clone(), RecoveryMode::default())
+                    .expect("open");
+                let written = log.write_batches(group.iter().copied());
+                assert_eq!(written.len(), group.len());
+                let mut next = 0u64;
+                for (i, (batch, result)) in group.iter().zip(&written).enumerate() {
+                    match (i, result) {
+                        (2 | 4, Err(Error::InvalidArgument(_))) => {}
+                        (2 | 4, other) => panic!("batch {i} must be refused: {other:?}"),
+                        (_, Ok((first, last))) => {
+                            assert_eq!(*first, Offset(next), "batch {i}");
+                            next += batch.len() as u64;
+                            assert_eq!(*last, Offset(next - 1), "batch {i}");
+                        }
+                        (_, Err(e)) => panic!("batch {i}: {e}"),
+                    }
+                }
+                let durability = log.commit().expect("commit");
+                let want = match fsync {
+                    FsyncPolicy::Always => Durability::Durable,
+                    _ => Durability::Written,
+                };
+                assert_eq!(durability, want);
+                assert!(log.stats().segments > 1, "the group crosses a roll");
+                log.close().expect("close");
+            }
+            let data = DataDir::open(Arc::clone(&storage), &root).expect("reopen data dir");
+            let log = data
+                .open_log("t", config, RecoveryMode::default())
+                .expect("reopen");
+            let mut got = Vec::new();
+            while got.len() < expected.len() {
+                let batch = log
+                    .read(Offset(got.len() as u64), 1000, 16 << 20)
+                    .expect("read");
+                assert!(!batch.is_empty(), "stopped at {}", got.len());
+                got.extend(batch);
+            }
+            assert_eq!(got.len(), expected.len());
+            for (i, (m, e)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(m.offset, Offset(i as u64));
+                assert_eq!(m.value, e.value, "offset {i}");
+                assert_eq!(m.key, e.key, "offset {i}");
+            }
+        }
+    }
+}

@@ -207,6 +207,10 @@ fn internal(what: &str, e: tokio::task::JoinError) -> Error {
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
 /// journal writes, reads of the log, and anything under a topic's
 /// group-state lock (acks hold it across their sync).
+/// Replay reads of at most this many records before the log's end run on
+/// the async worker instead of the blocking pool (see [`Broker::read`]).
+const INLINE_READ_RECORDS: u64 = 64;
+
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -638,6 +642,13 @@ impl Broker {
                 .collect()
         };
         match target.clone() {
+            // A read at the tail (a live subscription's or long-poll's) is a
+            // few records just written, still in memory, and takes no lock a
+            // sync holds: done here, it saves the hand-off to the blocking
+            // pool, which costs more than the read.
+            Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
+                t.read_within(from, limits).map(plain)
+            }
             Target::Replay(_) => blocking(move || t.read_within(from, limits).map(plain)).await,
             Target::Stream(g) => {
                 let member = member.to_owned();
@@ -731,18 +742,29 @@ impl Broker {
         // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
         let t = Arc::clone(runtime.topic());
-        // Target and start in one hand-off: each may wait on group state.
-        let (target, start) = blocking(move || {
-            let target = subscription::target(&t, group, from)?;
-            // A stream-group fetch continues from `from` when the client names
-            // it (its own position), else from the group's committed offset.
-            let start = match (&target, from) {
-                (Target::Stream(_), Some(p)) => t.resolve(p)?,
-                _ => subscription::start_offset(&t, &target)?,
-            };
-            Ok((target, start))
-        })
-        .await?;
+        let (target, start) = match (&group, from) {
+            // A replay from an offset, the start or the end waits on no group
+            // state and reads no index: no hand-off.
+            (None, from) if !matches!(from, Some(Position::Timestamp(_))) => {
+                let target = subscription::target(&t, None, from)?;
+                let start = subscription::start_offset(&t, &target)?;
+                (target, start)
+            }
+            // Target and start in one hand-off: each may wait on group state.
+            _ => {
+                blocking(move || {
+                    let target = subscription::target(&t, group, from)?;
+                    // A stream-group fetch continues from `from` when the client names
+                    // it (its own position), else from the group's committed offset.
+                    let start = match (&target, from) {
+                        (Target::Stream(_), Some(p)) => t.resolve(p)?,
+                        _ => subscription::start_offset(&t, &target)?,
+                    };
+                    Ok((target, start))
+                })
+                .await?
+            }
+        };
         let mut messages = self.read(&runtime, &target, &member, start, limits).await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = subscription::lease_poll(runtime.topic());

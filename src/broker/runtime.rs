@@ -186,11 +186,24 @@ async fn writer(
             }
         }
         let t = Arc::clone(&topic);
-        let done = tokio::task::spawn_blocking(move || {
+        let commit = move || {
             let result = t.produce_batches(jobs.iter().map(|j| &j.batch[..]));
             (jobs, result)
-        })
-        .await;
+        };
+        // On a multi-thread runtime the commit blocks this worker in place
+        // (tokio hands its other tasks to another worker), so the writer
+        // goes on the moment the sync returns, with no wake-up of a pool
+        // thread to start it and none of this task to finish it.
+        let done = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tokio::task::block_in_place(commit)
+            }))
+            .map_err(|_| ())
+        } else {
+            tokio::task::spawn_blocking(commit).await.map_err(|_| ())
+        };
         let Ok((jobs, result)) = done else {
             tracing::error!(
                 topic = topic.name(),

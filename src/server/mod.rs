@@ -337,7 +337,9 @@ impl Server {
                         bytes: shared.config.max_message_bytes,
                         setting: "max_message_bytes",
                     }),
+                    frame_timeout: shared.config.frame_timeout,
                 },
+                shared.config.security.clone(),
                 shutdown.clone(),
             ))
         });

@@ -60,14 +60,6 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// An `INVALID_ARGUMENT` reply.
-    pub fn invalid(message: &str) -> Reply {
-        Reply::Error {
-            code: "INVALID_ARGUMENT".into(),
-            message: message.into(),
-        }
-    }
-
     /// The reply of a broker error (paths relative to `data_dir`).
     pub fn from_error(e: &Error, data_dir: &std::path::Path) -> Reply {
         let wire = crate::protocol::status::to_wire(e, data_dir);

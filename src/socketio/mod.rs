@@ -9,12 +9,18 @@
 //! - `codec`: client requests and replies, and stored messages as events.
 //! - `offset`: the sealed recovery token and the key that seals it.
 //! - `session`: one socket, its rooms and queue groups.
+//! - `guard`: the token a socket presents in its CONNECT packet, and what
+//!   each event needs of it (see [`crate::security`]).
 //! - `page`: the demo page and the socket.io client it loads.
 //!
-//! The gateway holds no broker rule; what it keeps in memory (who is in
-//! which room, for presence events) is lost on a restart by design.
+//! The listener takes the server's [`Security`] like every other: TLS
+//! (https and wss) when the server has a certificate, and a token per
+//! socket when it has an auth file, checked before every event and every
+//! push. The gateway holds no broker rule; what it keeps in memory (who is
+//! in which room, for presence events) is lost on a restart by design.
 
 mod codec;
+mod guard;
 mod offset;
 mod packet;
 mod page;
@@ -22,6 +28,9 @@ mod session;
 
 use crate::broker::{Broker, DeliveryLimits, MessageLimit, TopicEvent};
 use crate::error::{Error, Result};
+use crate::security::Security;
+use crate::security::auth::{Access, Auth};
+use crate::security::tls;
 use crate::server::admission::Admission;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
@@ -64,12 +73,17 @@ pub(crate) struct Limits {
     pub(crate) max_subscriptions: u32,
     /// Largest message a produce takes (the broker's limit).
     pub(crate) message_limit: MessageLimit,
+    /// Longest the first byte (and, with TLS, the handshake) may take to
+    /// arrive once a connection is accepted (the server's `frame_timeout`).
+    pub(crate) frame_timeout: Option<Duration>,
 }
 
 /// The gateway: the Engine.IO handler every socket shares.
 #[derive(Debug)]
 pub(crate) struct Gateway {
     broker: Broker,
+    /// The tokens sockets present (off without an auth file).
+    auth: Auth,
     key: offset::Key,
     message_limit: MessageLimit,
     max_subscriptions: usize,
@@ -262,7 +276,10 @@ impl Gateway {
             let watchers: Vec<session::Out> =
                 self.watchers.lock().await.values().cloned().collect();
             for w in watchers {
-                w.emit(name, vec![Value::String(room.clone())]).await;
+                // Each watcher hears only of topics its token may see.
+                if w.allowed(Access::See(&room)).await.is_ok() {
+                    w.emit(name, vec![Value::String(room.clone())]).await;
+                }
             }
         }
     }
@@ -377,6 +394,39 @@ fn own_head<B>(request: hyper::Request<B>) -> hyper::Request<B> {
     hyper::Request::from_parts(parts, body)
 }
 
+/// Whether a connection to the plaintext listener may go on to HTTP: not
+/// when its first byte opens a TLS handshake (closed with one log line, as
+/// on every listener), nor when no byte comes within `wait`.
+async fn plaintext(
+    stream: &tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    wait: Option<Duration>,
+) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = match wait {
+        Some(wait) => match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!(%peer, listener = LISTENER, "no first byte from the peer");
+                return false;
+            }
+        },
+        None => stream.peek(&mut first).await,
+    };
+    match peeked {
+        Ok(1) if tls::is_tls_start(first[0]) => {
+            tls::log_tls_client(peer, LISTENER);
+            false
+        }
+        Ok(1) => true,
+        Ok(_) => false,
+        Err(e) => {
+            tracing::debug!(%peer, listener = LISTENER, error = %e, "no first byte from the peer");
+            false
+        }
+    }
+}
+
 /// Resolves once the server is stopping (or its stop signal is gone).
 async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -384,16 +434,20 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 
 /// Serves socket.io (and the demo page at `/`) on `listener` until
 /// `shutdown` turns true; then closes every socket and waits for their
-/// tasks, so no subscription outlives the transport.
+/// tasks, so no subscription outlives the transport. `security` gives the
+/// listener its TLS and the sockets their tokens.
 pub(crate) async fn serve(
     listener: TcpListener,
     broker: Broker,
     limits: Limits,
+    security: Security,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let key = offset::Key::load_or_create(broker.data_dir())?;
+    let tls = security.listener(LISTENER, &[tls::ALPN_HTTP1]);
     let gateway = Arc::new(Gateway {
         broker,
+        auth: security.auth.clone(),
         key,
         message_limit: limits.message_limit,
         max_subscriptions: limits.max_subscriptions as usize,
@@ -441,7 +495,15 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let tls = tls.clone();
+        let wait = limits.frame_timeout;
         connections.spawn(async move {
+            if !tls.tls() && !plaintext(&stream, peer, wait).await {
+                return;
+            }
+            let Some(stream) = tls.accept(stream, peer, wait).await else {
+                return;
+            };
             let io = hyper_util::rt::TokioIo::new(stream);
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)

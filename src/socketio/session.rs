@@ -6,14 +6,20 @@
 //!
 //! Everything the socket emits goes through [`Shared::lock`], which keeps
 //! positions, tokens and emission order together.
+//!
+//! The principal the CONNECT packet's token stands for is asked before
+//! every event and every push ([`Out::allowed`]), so an auth file reload
+//! reaches a socket at its next one; a socket whose token is gone is
+//! disconnected.
 
-use super::Gateway;
 use super::codec::{self, Reply};
 use super::offset::{PID_LEN, Token, TokenError, pid_from_text, pid_text};
 use super::packet::{Decoded, Kind, Packet, PacketError};
+use super::{Gateway, guard};
 use crate::broker::{Event, Position, SubscribeRequest, Subscription, validate_name};
 use crate::error::{Error, Result};
 use crate::groups::GroupMode;
+use crate::security::auth::{Access, Principal};
 use crate::storage::Offset;
 use bytes::Bytes;
 use engineioxide::Socket;
@@ -65,6 +71,9 @@ const DEFAULT_QUEUE_IN_FLIGHT: usize = 16;
 /// How long an emit waits for room in the socket's send buffer before the
 /// socket is closed as not reading.
 const SEND_STALL: Duration = Duration::from_secs(30);
+/// How long a socket refused at CONNECT, or disconnected for its token, has
+/// to read why before the server closes it (the stock client closes first).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A queue delivery waiting for the client's acknowledgement callback.
 #[derive(Debug)]
@@ -94,6 +103,8 @@ pub struct Out {
     socket: EioSocket,
     gateway: Arc<Gateway>,
     shared: Arc<Mutex<Shared>>,
+    /// Who the socket authenticated as at CONNECT (`None` before).
+    principal: Option<Principal>,
 }
 
 impl Out {
@@ -123,6 +134,72 @@ impl Out {
     pub fn sid(&self) -> String {
         self.socket.id.to_string()
     }
+
+    /// Whether the socket's token allows `access` now (an auth file reload
+    /// may have narrowed it): `PERMISSION_DENIED`, or `UNAUTHENTICATED`
+    /// once a reload removed or replaced the token.
+    fn allow(&self, access: Access<'_>) -> Result<()> {
+        match &self.principal {
+            Some(p) => p.allow(access),
+            None => Err(Error::Unauthenticated(
+                "the socket has not connected (no CONNECT packet)".into(),
+            )),
+        }
+    }
+
+    /// [`Out::allow`], disconnecting the socket when its token is gone.
+    pub async fn allowed(&self, access: Access<'_>) -> Result<()> {
+        let result = self.allow(access);
+        if let Err(e @ Error::Unauthenticated(_)) = &result {
+            self.disconnect(e).await;
+        }
+        result
+    }
+
+    /// Whether the socket may still read `room`, asked before each push:
+    /// if not, an `error` event says why and the push ends.
+    async fn may_push(&self, room: &str) -> bool {
+        match self.allowed(guard::access("subscribe", room)).await {
+            Ok(()) => true,
+            Err(Error::Unauthenticated(_)) => false,
+            Err(e) => {
+                let err = codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+                self.emit("error", vec![err]).await;
+                false
+            }
+        }
+    }
+
+    /// Ends a socket whose token is gone: an `error` event with `e`
+    /// (`UNAUTHENTICATED`), a DISCONNECT packet (the client does not
+    /// reconnect by itself), and the Engine.IO connection closed.
+    async fn disconnect(&self, e: &Error) {
+        tracing::info!(
+            sid = %self.socket.id,
+            token = self.principal.as_ref().and_then(Principal::name).unwrap_or("-"),
+            "closing a socket.io socket whose token was removed or replaced"
+        );
+        let err = codec::error_value(codec::code_name(e), &e.to_string());
+        self.emit("error", vec![err]).await;
+        self.send(&Packet::control(Kind::Disconnect, "/", None))
+            .await;
+        close_soon(&self.socket);
+    }
+}
+
+/// The status code of `e` as the wire (and the request metrics) carry it.
+fn wire_code(e: &Error) -> i32 {
+    crate::protocol::status::code(e) as i32
+}
+
+/// Closes `socket` once its client has had [`CLOSE_GRACE`] to read what
+/// was last sent (engineioxide drops what is still queued when it closes).
+fn close_soon(socket: &EioSocket) {
+    let socket = Arc::clone(socket);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_GRACE, socket.closed()).await;
+        socket.close(engineioxide::DisconnectReason::ClosingServer);
+    });
 }
 
 /// Sends `packet` on `socket` (its text, then each attachment as an
@@ -188,6 +265,11 @@ async fn reserve(
     }
 }
 
+/// What a recovery gives back: whether nothing was lost, the `gap` events,
+/// the `error` events of rooms the token may no longer read, and the
+/// subscriptions of the rooms restored.
+type Restored = (bool, Vec<Value>, Vec<Value>, Vec<(String, Subscription)>);
+
 /// A room the socket reads.
 #[derive(Debug)]
 struct RoomSub {
@@ -238,6 +320,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             next_ack: 1,
             scratch: Vec::new(),
         })),
+        principal: None,
     };
     let conn = Conn {
         out,
@@ -314,7 +397,27 @@ impl Conn {
                     return;
                 }
                 let id = packet.id;
-                let reply = self.event(packet).await;
+                let started = std::time::Instant::now();
+                let (operation, result) = self.event(packet).await;
+                let data_dir = self.out.gateway.broker.data_dir();
+                let code = result.as_ref().map_or_else(wire_code, |_| 0);
+                self.out.gateway.broker.metrics().request(
+                    super::LISTENER,
+                    operation,
+                    code,
+                    started.elapsed(),
+                );
+                // A token gone: the reply, then the socket is disconnected.
+                let revoked = match &result {
+                    Err(e @ Error::Unauthenticated(_)) => {
+                        Some(Error::Unauthenticated(e.to_string()))
+                    }
+                    _ => None,
+                };
+                let reply = match result {
+                    Ok(v) => Reply::Ok(v),
+                    Err(e) => Reply::from_error(&e, data_dir),
+                };
                 match id {
                     Some(id) => {
                         self.out
@@ -327,6 +430,10 @@ impl Conn {
                             self.out.emit("error", vec![err]).await;
                         }
                     }
+                }
+                if let Some(e) = revoked {
+                    self.out.disconnect(&e).await;
+                    return;
                 }
                 if let Some((room, sub)) = self.after_reply.take() {
                     // The new position reaches the client before any message.
@@ -374,6 +481,18 @@ impl Conn {
             return;
         }
         let auth = packet.data.unwrap_or(Value::Null);
+        let principal = match guard::authenticate(&self.out.gateway.auth, &auth) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(sid = %self.out.socket.id, error = %e, "socket.io CONNECT refused");
+                self.out
+                    .send(&refuse(e.to_string(), codec::code_name(&e)))
+                    .await;
+                close_soon(&self.out.socket);
+                return;
+            }
+        };
+        self.out.principal = Some(principal);
         let pid = auth.get("pid").and_then(Value::as_str);
         let offset = auth.get("offset").and_then(Value::as_str);
         let mut restored = None;
@@ -401,9 +520,9 @@ impl Conn {
             }
             restored = Some(token);
         }
-        let (recovered, gaps, subs) = match restored {
+        let (recovered, gaps, refused, subs) = match restored {
             Some(token) => self.restore(token).await,
-            None => (false, Vec::new(), Vec::new()),
+            None => (false, Vec::new(), Vec::new(), Vec::new()),
         };
         let pid = {
             let mut shared = self.out.shared.lock().await;
@@ -428,23 +547,34 @@ impl Conn {
         for gap in gaps {
             self.out.emit("gap", vec![gap]).await;
         }
+        for err in refused {
+            self.out.emit("error", vec![err]).await;
+        }
         for (room, sub) in subs {
             self.start_room(room, sub).await;
         }
     }
 
-    /// Puts the socket back in the rooms of `token` at its positions;
-    /// returns whether nothing was lost, the gaps, and the subscriptions.
-    async fn restore(&mut self, token: Token) -> (bool, Vec<Value>, Vec<(String, Subscription)>) {
+    /// Puts the socket back in the rooms of `token` at its positions, those
+    /// its token may still read; returns whether nothing was lost, the
+    /// gaps, the errors of rooms dropped, and the subscriptions.
+    async fn restore(&mut self, token: Token) -> Restored {
         let broker = &self.out.gateway.broker;
         let mut recovered = true;
         let mut gaps = Vec::new();
+        let mut refused = Vec::new();
         let mut subs = Vec::new();
         {
             let mut shared = self.out.shared.lock().await;
             shared.pid = token.pid;
         }
         for (room, next) in token.rooms {
+            if let Err(e) = self.out.allow(guard::access("subscribe", &room)) {
+                recovered = false;
+                let message = format!("room {room}: {e}");
+                refused.push(codec::error_value(codec::code_name(&e), &message));
+                continue;
+            }
             let info = match broker.describe_topic(&room).await {
                 Ok(info) => info,
                 Err(e) => {
@@ -480,7 +610,7 @@ impl Conn {
                 }
             }
         }
-        (recovered, gaps, subs)
+        (recovered, gaps, refused, subs)
     }
 
     async fn subscribe_replay(&self, room: &str, from: Position) -> Result<Subscription> {
@@ -510,13 +640,15 @@ impl Conn {
         self.out.gateway.join(&room, &self.out).await;
     }
 
-    async fn event(&mut self, packet: Packet) -> Reply {
+    /// Serves one client event: its operation (for metrics) and its result.
+    async fn event(&mut self, packet: Packet) -> (&'static str, Result<Value>) {
+        let invalid = |m: &str| ("unknown", Err(Error::InvalidArgument(m.into())));
         let Some(Value::Array(mut args)) = packet.data else {
-            return Reply::invalid("an event is an array");
+            return invalid("an event is an array");
         };
         let name = match args.first() {
             Some(Value::String(s)) => s.clone(),
-            _ => return Reply::invalid("an event starts with its name"),
+            _ => return invalid("an event starts with its name"),
         };
         let body = if args.len() > 1 {
             args.swap_remove(1)
@@ -531,14 +663,12 @@ impl Conn {
                 "unknown event {other:?}: spool takes publish, subscribe and unsubscribe"
             ))),
         };
-        match result {
-            Ok(v) => Reply::Ok(v),
-            Err(e) => Reply::from_error(&e, self.out.gateway.broker.data_dir()),
-        }
+        (guard::operation(&name), result)
     }
 
     async fn publish(&mut self, body: Value, attachments: &[Bytes]) -> Result<Value> {
         let request = codec::Publish::parse(&body, attachments)?;
+        self.out.allow(guard::access("publish", &request.room))?;
         let gateway = &self.out.gateway;
         let room = request.room.clone();
         let appended = gateway
@@ -554,6 +684,7 @@ impl Conn {
 
     async fn subscribe(&mut self, body: Value) -> Result<Value> {
         let request = codec::Subscribe::parse(&body)?;
+        self.out.allow(guard::access("subscribe", &request.room))?;
         if request.room == super::SYSTEM_ROOM {
             self.system = true;
             self.out.gateway.watch_rooms(&self.out).await;
@@ -645,6 +776,8 @@ impl Conn {
 
     async fn unsubscribe(&mut self, body: Value) -> Result<Value> {
         let request = codec::Unsubscribe::parse(&body)?;
+        self.out
+            .allow(guard::access("unsubscribe", &request.room))?;
         if request.room == super::SYSTEM_ROOM {
             self.system = false;
             self.out.gateway.unwatch_rooms(&self.out).await;
@@ -692,17 +825,29 @@ impl Conn {
     }
 
     /// The client called an acknowledgement callback of a queue delivery.
+    /// Counted as the native `ack`; the token must still consume the room.
     async fn ack(&mut self, id: Option<u64>) {
         let Some(id) = id else { return };
+        let started = std::time::Instant::now();
         let pending = self.out.shared.lock().await.pending.remove(&id);
+        let metrics = self.out.gateway.broker.metrics();
+        let count = |code: i32| metrics.request(super::LISTENER, "ack", code, started.elapsed());
         let Some(p) = pending else {
             // Late (the lease expired and the message went out again) or
-            // never issued: nothing to do.
+            // never issued: nothing to do, once the token is known valid.
+            let result = self.out.allowed(Access::Open).await;
+            count(result.as_ref().map_or_else(wire_code, |()| 0));
             return;
         };
         let broker = &self.out.gateway.broker;
-        match broker.ack(&p.room, &p.group, vec![p.offset], true).await {
+        let result = match self.out.allowed(guard::access("ack", &p.room)).await {
+            Ok(()) => broker.ack(&p.room, &p.group, vec![p.offset], true).await,
+            Err(e) => Err(e),
+        };
+        count(result.as_ref().map_or_else(wire_code, |()| 0));
+        match result {
             Ok(()) => {}
+            Err(Error::Unauthenticated(_)) => {}
             Err(e) => {
                 let err = codec::error_value(
                     codec::code_name(&e),
@@ -851,6 +996,9 @@ async fn pump_room(out: Out, room: String, from: u64) {
 ///
 /// Callers box it: an idle pump's future then holds none of its state.
 async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
+    if !out.may_push(room).await {
+        return false;
+    }
     let mut shared = out.shared.lock().await;
     let shared = &mut *shared;
     let _sending = out.socket.data.sending.lock().await;
@@ -891,6 +1039,9 @@ async fn pump_queue(
 ) {
     let credit = sub.credit();
     while let Some(event) = sub.next().await {
+        if !out.may_push(&room).await {
+            return;
+        }
         match event {
             Ok(Event::Messages(deliveries)) => {
                 for d in deliveries {

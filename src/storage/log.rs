@@ -25,6 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const MIN_ALLOCATION_STEP: u64 = 4096;
 /// Largest single growth of a segment file.
 pub const MAX_ALLOCATION_STEP: u64 = 16 * 1024 * 1024;
+/// Under `fsync=always`, bytes of records written into the file before
+/// their writeback is started (see `Log::encode_chunk`).
+const WRITEBACK_STEP: u64 = 256 * 1024;
+/// Otherwise, most bytes of encoded records held before they are written.
+const FLUSH_BYTES: u64 = 1024 * 1024;
+/// Writeback starts at page boundaries: the page a piece ends in is written
+/// again by the next piece, and is left for the sync.
+const PAGE: u64 = 4096;
 
 /// What retention must keep beyond the log's own limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -128,6 +136,8 @@ struct Active {
     write_pos: u64,
     synced_pos: u64,
     allocated: u64,
+    /// Writeback was started for the bytes below this (see `write_chunk`).
+    writeback_from: u64,
     /// The file grew since the last sync: only `sync_data` makes a size durable.
     size_dirty: bool,
     opened_at: Instant,
@@ -473,10 +483,14 @@ impl Log {
     }
 
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
-        self.writer.lock().map_err(|_| Error::ReadOnly {
+        self.writer.lock().map_err(|_| self.writer_panicked())
+    }
+
+    fn writer_panicked(&self) -> Error {
+        Error::ReadOnly {
             log: self.dir.clone(),
             cause: "a writer panicked".into(),
-        })
+        }
     }
 
     /// The current segments, oldest first (the last one is active).
@@ -504,6 +518,50 @@ impl Log {
     /// it, and returns its first and last offsets. Several writes followed by
     /// one [`Log::commit`] share one sync (group commit).
     pub fn write(&self, batch: &[NewMessage]) -> Result<(Offset, Offset)> {
+        let lens = self.record_lens(batch)?;
+        let mut w = self.lock_writer()?;
+        let written = self.write_locked(&mut w, batch, &lens, now_ms());
+        let flushed = self.flush(&mut w);
+        let written = written?;
+        flushed?;
+        Ok(written)
+    }
+
+    /// [`Log::write`] of each of `batches` (one group commit's), in order,
+    /// each with its own result; their records go into the file together, so
+    /// a group of small batches costs one `pwrite`, not one each. A failed
+    /// write into the file makes the log read-only, which the following
+    /// [`Log::commit`] reports.
+    pub fn write_batches<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a [NewMessage]>,
+    ) -> Vec<Result<(Offset, Offset)>> {
+        let checked: Vec<_> = batches
+            .into_iter()
+            .map(|b| (b, self.record_lens(b)))
+            .collect();
+        let mut w = match self.lock_writer() {
+            Ok(w) => w,
+            Err(_) => {
+                return checked
+                    .into_iter()
+                    .map(|(_, lens)| lens.and(Err(self.writer_panicked())))
+                    .collect();
+            }
+        };
+        let now = now_ms();
+        let written = checked
+            .into_iter()
+            .map(|(batch, lens)| self.write_locked(&mut w, batch, &lens?, now))
+            .collect();
+        // An error here poisons the log: the commit that follows fails.
+        let _ = self.flush(&mut w);
+        written
+    }
+
+    /// The record length of each message of `batch`, refusing an empty batch
+    /// and any message the log cannot store.
+    fn record_lens(&self, batch: &[NewMessage]) -> Result<Vec<u64>> {
         if batch.is_empty() {
             return Err(Error::InvalidArgument(
                 "empty batch: nothing to append".into(),
@@ -530,34 +588,49 @@ impl Log {
                 }
             }
         }
-        let mut w = self.lock_writer()?;
-        self.check_writable(&w)?;
-        let now = now_ms();
+        Ok(lens)
+    }
+
+    /// Encodes `batch` (record lengths `lens`) after what the writer holds,
+    /// rolling the segment first when it does not fit. Records wait in the
+    /// writer's scratch buffer until [`Log::flush`] (which this calls before
+    /// a roll and whenever the buffer is full).
+    fn write_locked(
+        &self,
+        w: &mut Writer,
+        batch: &[NewMessage],
+        lens: &[u64],
+        now: u64,
+    ) -> Result<(Offset, Offset)> {
+        self.check_writable(w)?;
         let first = w.next_offset;
         let segment_bytes = self.config.segment_bytes;
         let total: u64 = lens.iter().sum();
+        let end = |w: &Writer| w.active.write_pos + w.scratch.len() as u64;
         // Keep a batch in one segment when it fits in one, so a full disk at the
         // roll cannot leave half a batch stored.
         if w.active.first_offset.is_some()
-            && (w.active.write_pos + total > segment_bytes || self.segment_too_old(&w.active))
+            && (end(w) + total > segment_bytes || self.segment_too_old(&w.active))
         {
-            self.roll(&mut w)?;
+            self.flush(w)?;
+            self.roll(w)?;
         }
         let mut i = 0;
         while i < batch.len() {
-            if w.active.first_offset.is_some() && w.active.write_pos + lens[i] > segment_bytes {
-                self.roll(&mut w)?;
+            if w.active.first_offset.is_some() && end(w) + lens[i] > segment_bytes {
+                self.flush(w)?;
+                self.roll(w)?;
             }
-            let mut end = i;
+            let mut last = i;
             let mut bytes = 0;
-            while end < batch.len() && w.active.write_pos + bytes + lens[end] <= segment_bytes {
-                bytes += lens[end];
-                end += 1;
+            while last < batch.len() && end(w) + bytes + lens[last] <= segment_bytes {
+                bytes += lens[last];
+                last += 1;
             }
-            let need = w.active.write_pos + bytes;
+            let need = end(w) + bytes;
             self.ensure_allocated(&mut w.active, need)?;
-            self.write_chunk(&mut w, &batch[i..end], now)?;
-            i = end;
+            self.encode_chunk(w, &batch[i..last], &lens[i..last], now)?;
+            i = last;
         }
         Ok((Offset(first), Offset(w.next_offset - 1)))
     }
@@ -568,16 +641,50 @@ impl Log {
             .is_some_and(|ms| active.opened_at.elapsed() >= Duration::from_millis(ms))
     }
 
-    /// Encodes `msgs` and copies them into the map (allocation already done).
-    fn write_chunk(&self, w: &mut Writer, msgs: &[NewMessage], now: u64) -> Result<()> {
+    /// Encodes `msgs` (whose record lengths are `lens`) into the writer's
+    /// scratch buffer (allocation already done), writing the buffer into the
+    /// map whenever it would pass its limit: [`FLUSH_BYTES`], or under
+    /// `fsync=always` [`WRITEBACK_STEP`], each piece then sent towards the
+    /// disk at once, so the disk works while the rest is encoded and the
+    /// commit's sync waits only for the last piece.
+    fn encode_chunk(
+        &self,
+        w: &mut Writer,
+        msgs: &[NewMessage],
+        lens: &[u64],
+        now: u64,
+    ) -> Result<()> {
+        let early = self.config.fsync == FsyncPolicy::Always;
+        let limit = if early { WRITEBACK_STEP } else { FLUSH_BYTES };
+        let mut i = 0;
+        while i < msgs.len() {
+            if !w.scratch.is_empty() && w.scratch.len() as u64 + lens[i] > limit {
+                self.flush(w)?;
+                if early {
+                    w.active.start_writeback();
+                }
+            }
+            let mut last = i + 1;
+            let mut bytes = w.scratch.len() as u64 + lens[i];
+            while last < msgs.len() && bytes + lens[last] <= limit {
+                bytes += lens[last];
+                last += 1;
+            }
+            Self::encode_run(w, &msgs[i..last], now);
+            i = last;
+        }
+        Ok(())
+    }
+
+    /// Encodes `msgs` into the scratch buffer and indexes them (one hold of
+    /// the index lock for the run).
+    fn encode_run(w: &mut Writer, msgs: &[NewMessage], now: u64) {
         let Writer {
             active,
             scratch,
             next_offset,
-            poisoned,
             ..
         } = w;
-        scratch.clear();
         let base = active.segment.base();
         let start = active.write_pos;
         let mut offset = *next_offset;
@@ -598,21 +705,31 @@ impl Log {
                 offset += 1;
             }
         });
-        if let Err(e) = active.map.write(start, scratch) {
-            // The index now names records that are not there: stop writing.
+        active.first_offset.get_or_insert(*next_offset);
+        *next_offset = offset;
+    }
+
+    /// Writes the scratch buffer into the map at the written end. A failure
+    /// makes the log read-only: the index already names those records.
+    fn flush(&self, w: &mut Writer) -> Result<()> {
+        if w.scratch.is_empty() {
+            return Ok(());
+        }
+        let active = &mut w.active;
+        if let Err(e) = active.map.write(active.write_pos, &w.scratch) {
             let cause = format!(
                 "writing into the map of {}: {e}",
                 active.segment.paths().log.display()
             );
-            *poisoned = Some(cause.clone());
+            w.scratch.clear();
+            w.poisoned = Some(cause.clone());
             return Err(Error::ReadOnly {
                 log: self.dir.clone(),
                 cause,
             });
         }
-        active.first_offset.get_or_insert(*next_offset);
-        active.write_pos += scratch.len() as u64;
-        *next_offset = offset;
+        active.write_pos += w.scratch.len() as u64;
+        w.scratch.clear();
         Ok(())
     }
 
@@ -1089,9 +1206,21 @@ impl Active {
             write_pos: end_position,
             synced_pos: end_position,
             allocated,
+            writeback_from: end_position,
             size_dirty: false,
             opened_at: Instant::now(),
         })
+    }
+
+    /// Starts the writeback of the whole pages written since the last sync
+    /// or the last call, leaving the page the written end falls in.
+    fn start_writeback(&mut self) {
+        let from = self.writeback_from.max(self.synced_pos) / PAGE * PAGE;
+        let to = self.write_pos / PAGE * PAGE;
+        if to > from {
+            self.map.start_writeback(from, to - from);
+            self.writeback_from = to;
+        }
     }
 
     /// Appends new index entries to `.idx`/`.tix` (hints: not synced; a failure

@@ -3,6 +3,8 @@
 //! the test says `--grpc`, `--metrics` or `--socketio`).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

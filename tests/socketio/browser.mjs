@@ -1,9 +1,11 @@
 // The demo page in a real browser (headless Chromium through
 // puppeteer-core): one page goes offline, the other publishes, the broker
 // is killed with kill -9 and restarted, the first page comes back and
-// shows every missed message, counted as recovered.
+// shows every missed message, counted as recovered. With --auth, the page
+// connects once given a token.
 import puppeteer from "puppeteer-core";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { assert, run, startBroker, env } from "./lib.mjs";
@@ -30,6 +32,19 @@ async function waitText(page, selector, pred, what) {
   throw new Error(`${what}: ${selector} is still ${JSON.stringify(last)}`);
 }
 
+/// Headless Chromium with a fresh profile: {browser, profile}.
+async function launch() {
+  const profile = mkdtempSync(join(tmpdir(), "spool-chromium-"));
+  const browser = await puppeteer.launch({
+    executablePath: chromium,
+    headless: true,
+    protocolTimeout: 60000,
+    userDataDir: profile,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows", "--disable-renderer-backgrounding"],
+  });
+  return { browser, profile };
+}
+
 async function publish(page, message) {
   await page.bringToFront();
   await page.$eval("#text", (e, m) => (e.value = m), message);
@@ -42,14 +57,7 @@ await run({
   async "a page taken offline gets what it missed across a broker kill -9, shown as recovered"() {
     let broker = await startBroker(env.data, "127.0.0.1:0", ["--fsync", "always"]);
     const addr = broker.socketio;
-    const profile = mkdtempSync(join(tmpdir(), "spool-chromium-"));
-    const browser = await puppeteer.launch({
-      executablePath: chromium,
-      headless: true,
-      protocolTimeout: 60000,
-      userDataDir: profile,
-      args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows", "--disable-renderer-backgrounding"],
-    });
+    const { browser, profile } = await launch();
     try {
       const [a, b] = [await browser.newPage(), await browser.newPage()];
       for (const p of [a, b]) {
@@ -85,6 +93,31 @@ await run({
       await browser.close();
       broker.proc.kill("SIGTERM");
       rmSync(profile, { recursive: true, force: true });
+    }
+  },
+
+  async "with --auth the page is refused until given a token, then publishes"() {
+    const dir = mkdtempSync(join(tmpdir(), "spool-auth-"));
+    const created = execFileSync(env.bin, ["token", "create", "page", "--produce", "*", "--consume", "*"], { encoding: "utf8" });
+    const secret = created.split("\n")[1].trim();
+    const auth = join(dir, "auth.toml");
+    writeFileSync(auth, created.slice(created.indexOf("[[token]]")));
+    const broker = await startBroker(join(dir, "data"), "127.0.0.1:0", ["--auth", auth]);
+    const { browser, profile } = await launch();
+    try {
+      const page = await browser.newPage();
+      await page.goto(`http://${broker.socketio}/?room=demo`);
+      await waitText(page, "#status", (t) => t.includes("requires a token"), "the page refused without a token");
+      await page.$eval("#token", (e, t) => (e.value = t), secret);
+      await page.click("#connect");
+      await waitText(page, "#status", (t) => t.startsWith("online"), "page online with the token");
+      await publish(page, "with a token");
+      await waitText(page, "#log", (t) => t.includes("with a token"), "the page shows its message");
+    } finally {
+      await browser.close();
+      broker.proc.kill("SIGTERM");
+      rmSync(profile, { recursive: true, force: true });
+      rmSync(dir, { recursive: true, force: true });
     }
   },
 });

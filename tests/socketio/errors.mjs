@@ -79,7 +79,7 @@ await run({
     const r = room("tamper");
     const a = await connect();
     await ok(a, "subscribe", { room: r });
-    // Listening before publishing: the message may come before the ack.
+    // Listening before publishing: the message may arrive before the reply.
     let offset;
     a.on("message", (d, m, token) => (offset = token));
     await ok(a, "publish", { room: r, data: 1 });

@@ -75,7 +75,7 @@ export function spool(...args) {
 /// Starts `spool serve` on `data` with the socket.io listener at `socketio`;
 /// resolves with {proc, server, socketio} once it prints its start-up lines.
 export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
-  const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
+  const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--metrics", "127.0.0.1:0", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
   return new Promise((resolve, reject) => {
     let out = "";
     proc.stdout.on("data", (chunk) => {

@@ -467,7 +467,7 @@ impl Topic {
         batches: impl IntoIterator<Item = &'a [NewMessage]>,
     ) -> Result<GroupCommit> {
         let _pass = self.enter()?;
-        let written: Vec<_> = batches.into_iter().map(|b| self.log.write(b)).collect();
+        let written = self.log.write_batches(batches);
         let committed = written.iter().any(Result::is_ok).then(|| self.log.commit());
         Ok(GroupCommit { written, committed })
     }

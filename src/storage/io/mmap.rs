@@ -166,6 +166,27 @@ impl Mapping for OsMapping {
         raw.flush_range(pos as usize, (end - pos) as usize)
     }
 
+    fn start_writeback(&self, pos: u64, len: u64) {
+        let Some(file) = &self.file else { return };
+        let (Ok(pos), Ok(len)) = (i64::try_from(pos), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: `sync_file_range` takes a descriptor and integers, and the
+        // descriptor is open for as long as `file` lives; no memory is passed.
+        // SYNC_FILE_RANGE_WRITE only queues the dirty pages of the range for
+        // writeback and returns; an error of that writeback is recorded on
+        // the file and reported by the next msync/fsync, which is the
+        // durability point, so this call's own result is not needed.
+        let _ = unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(&**file),
+                pos,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         let published = self.published();
         let end = pos

@@ -122,6 +122,11 @@ pub trait Mapping: Send + Sync + Debug {
     fn sync_range(&self, pos: u64, len: u64) -> io::Result<()>;
     /// The published bytes `[pos, pos + len)`, zero-copy where the backend allows.
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes>;
+    /// Starts writing `[pos, pos + len)` back to the disk without waiting,
+    /// so a [`Mapping::sync_range`] soon after finds less left to write. Not
+    /// a durability point: only `sync_range` is one, and it reports any
+    /// error of the writeback started here. A backend may do nothing.
+    fn start_writeback(&self, _pos: u64, _len: u64) {}
 }
 
 /// The whole content of `path`.
