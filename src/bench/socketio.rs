@@ -9,7 +9,6 @@
 
 use super::BenchError;
 use super::histogram::{Latency, LatencySummary};
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,7 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 /// Settings of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -151,18 +149,161 @@ fn rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A websocket client of the bench: the handshake, masked text frames
+/// out, and frames in parsed in place from one read buffer (the server's
+/// frames are unmasked and never fragmented), so a delivery costs a read
+/// and a scan for its due time, with no allocation or UTF-8 check.
+struct RawWs {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+/// Initial read buffer of a bench client.
+const CLIENT_BUFFER: usize = 16 << 10;
+
+/// A frame's opcode and where its payload is in the read buffer.
+struct Frame {
+    opcode: u8,
+    payload: std::ops::Range<usize>,
+}
+
+const OP_TEXT: u8 = 1;
+const OP_CLOSE: u8 = 8;
+
+impl RawWs {
+    /// Opens a websocket to the Engine.IO path of `addr`.
+    async fn open(addr: &str) -> Result<RawWs, BenchError> {
+        use tokio::io::AsyncWriteExt as _;
+        let fail = |e: std::io::Error| BenchError::Incomplete(format!("websocket to {addr}: {e}"));
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(fail)?;
+        let _ = stream.set_nodelay(true);
+        let mut ws = RawWs {
+            stream,
+            buf: vec![0; CLIENT_BUFFER],
+            start: 0,
+            end: 0,
+        };
+        let request = format!(
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {addr}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        ws.stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(fail)?;
+        let head_end = loop {
+            if let Some(at) = ws.buf[..ws.end].windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if ws.fill().await.map_err(fail)? == 0 {
+                return Err(BenchError::Incomplete(format!(
+                    "websocket to {addr}: closed during the handshake"
+                )));
+            }
+        };
+        if !ws.buf.starts_with(b"HTTP/1.1 101") {
+            let head = String::from_utf8_lossy(&ws.buf[..head_end]).into_owned();
+            return Err(BenchError::Incomplete(format!(
+                "websocket to {addr} refused: {head}"
+            )));
+        }
+        ws.start = head_end;
+        Ok(ws)
+    }
+
+    /// Reads more bytes (compacting or growing the buffer first if full);
+    /// 0 at the end of the stream.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt as _;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The next complete frame in the buffer, if any (consumed).
+    fn frame(&mut self) -> Option<Frame> {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 2 {
+            return None;
+        }
+        let opcode = b[0] & 0x0f;
+        let (len, head) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 if b.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&b[2..10]);
+                (u64::from_be_bytes(n), 10)
+            }
+            126 | 127 => return None,
+            n => (u64::from(n), 2),
+        };
+        let len = usize::try_from(len).ok()?;
+        if b.len() - head < len {
+            return None;
+        }
+        let payload = self.start + head..self.start + head + len;
+        self.start = payload.end;
+        Some(Frame { opcode, payload })
+    }
+
+    /// The next frame, reading as needed; `None` once the stream ends.
+    async fn next_frame(&mut self) -> std::io::Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.frame() {
+                return Ok(Some(f));
+            }
+            if self.fill().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Sends `text` as one masked text frame (a zero mask: the payload
+    /// goes out as it is).
+    async fn send_text(&mut self, text: &str) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut frame = Vec::with_capacity(text.len() + 14);
+        frame.push(0x80 | OP_TEXT);
+        match text.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= usize::from(u16::MAX) => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(text.as_bytes());
+        self.stream.write_all(&frame).await
+    }
+}
 
 /// Opens a websocket Engine.IO session and connects the main namespace.
-async fn connect(addr: &str) -> Result<WsStream, BenchError> {
-    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| BenchError::Incomplete(format!("websocket to {addr}: {e}")))?;
+async fn connect(addr: &str) -> Result<RawWs, BenchError> {
+    let mut ws = RawWs::open(addr).await?;
     // Engine.IO OPEN, then our CONNECT and its reply.
     next_text(&mut ws, |t| t.starts_with('0')).await?;
-    ws.send(Ws::text("40"))
+    ws.send_text("40")
         .await
         .map_err(|e| BenchError::Incomplete(format!("sending CONNECT: {e}")))?;
     next_text(&mut ws, |t| t.starts_with("40")).await?;
@@ -170,42 +311,48 @@ async fn connect(addr: &str) -> Result<WsStream, BenchError> {
 }
 
 /// Reads until a text message `want` accepts (answering pings).
-async fn next_text(ws: &mut WsStream, want: impl Fn(&str) -> bool) -> Result<String, BenchError> {
+async fn next_text(ws: &mut RawWs, want: impl Fn(&str) -> bool) -> Result<String, BenchError> {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next_frame())
             .await
             .map_err(|_| {
                 BenchError::Incomplete("no answer from the socket.io listener in 30 s".into())
-            })?;
-        match msg {
-            Some(Ok(Ws::Text(t))) => {
-                if t.as_str() == "2" {
-                    let _ = ws.send(Ws::text("3")).await;
-                } else if want(t.as_str()) {
-                    return Ok(t.to_string());
+            })?
+            .map_err(|e| BenchError::Incomplete(format!("websocket: {e}")))?;
+        let Some(frame) = frame else {
+            return Err(BenchError::Incomplete(
+                "the socket.io listener closed a websocket".into(),
+            ));
+        };
+        match frame.opcode {
+            OP_TEXT => {
+                let t = String::from_utf8_lossy(&ws.buf[frame.payload]).into_owned();
+                if t == "2" {
+                    let _ = ws.send_text("3").await;
+                } else if want(&t) {
+                    return Ok(t);
                 }
             }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(BenchError::Incomplete(format!("websocket: {e}"))),
-            None => {
+            OP_CLOSE => {
                 return Err(BenchError::Incomplete(
                     "the socket.io listener closed a websocket".into(),
                 ));
             }
+            _ => {}
         }
     }
 }
 
 /// Sends a request with ack id `id` and waits for its acknowledgement.
 async fn request(
-    ws: &mut WsStream,
+    ws: &mut RawWs,
     id: u64,
     event: &str,
     body: serde_json::Value,
 ) -> Result<String, BenchError> {
     // Engine.IO MESSAGE (4), then the Socket.IO EVENT (2) with its ack id.
     let packet = format!("42{id}{}", serde_json::json!([event, body]));
-    ws.send(Ws::text(packet))
+    ws.send_text(&packet)
         .await
         .map_err(|e| BenchError::Incomplete(format!("sending {event}: {e}")))?;
     let prefix = format!("43{id}");
@@ -216,14 +363,67 @@ async fn request(
     Ok(reply)
 }
 
-/// The due time a delivery carries (`"due":N` in its data).
-fn due_of(text: &str) -> Option<u64> {
-    let at = text.find("\"due\":")? + 6;
-    let digits: &str = &text[at..];
-    let end = digits
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(digits.len());
-    digits[..end].parse().ok()
+/// The due time a delivery carries (`"due":N` in its data, which comes
+/// first in the packet).
+fn due_of(text: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"due\":";
+    let head = &text[..text.len().min(64)];
+    let at = head.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let mut due: u64 = 0;
+    let mut digits = 0;
+    for &c in &text[at..] {
+        if !c.is_ascii_digit() {
+            break;
+        }
+        due = due.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(due)
+}
+
+/// One subscribed client: reads until `stop`, recording each delivery's
+/// latency (one clock read per buffer read: its frames arrived together).
+async fn read_deliveries(
+    mut ws: RawWs,
+    received: Arc<AtomicU64>,
+    stop: Arc<tokio::sync::Notify>,
+) -> Latency {
+    let mut latency = Latency::new();
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    loop {
+        let n = tokio::select! {
+            _ = &mut stopped => break,
+            n = ws.fill() => n,
+        };
+        if !matches!(n, Ok(n) if n > 0) {
+            break;
+        }
+        let now = now_us();
+        let mut count = 0;
+        let mut ping = false;
+        while let Some(frame) = ws.frame() {
+            let payload = &ws.buf[frame.payload];
+            match frame.opcode {
+                OP_TEXT if payload == b"2" => ping = true,
+                OP_TEXT if payload.starts_with(b"42[\"message\"") => {
+                    if let Some(due) = due_of(payload) {
+                        latency.record(Duration::from_micros(now.saturating_sub(due)));
+                        count += 1;
+                    }
+                }
+                OP_CLOSE => return latency,
+                _ => {}
+            }
+        }
+        if count > 0 {
+            received.fetch_add(count, Ordering::Relaxed);
+        }
+        if ping && ws.send_text("3").await.is_err() {
+            break;
+        }
+    }
+    latency
 }
 
 /// Runs the bench.
@@ -262,33 +462,7 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
         let mut ws = connect(&addr).await?;
         request(&mut ws, 1, "subscribe", serde_json::json!({"room": ROOM})).await?;
         let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
-        clients.spawn(async move {
-            let mut latency = Latency::new();
-            let stopped = stop.notified();
-            tokio::pin!(stopped);
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    msg = ws.next() => match msg {
-                        Some(Ok(Ws::Text(t))) => {
-                            let t = t.as_str();
-                            if t == "2" {
-                                let _ = ws.send(Ws::text("3")).await;
-                            } else if t.starts_with("42[\"message\"")
-                                && let Some(due) = due_of(t)
-                            {
-                                let now = now_us();
-                                latency.record(Duration::from_micros(now.saturating_sub(due)));
-                                received.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        _ => break,
-                    }
-                }
-            }
-            latency
-        });
+        clients.spawn(read_deliveries(ws, received, stop));
         if i % 100 == 99 {
             tracing::info!(clients = i + 1, "connected");
         }

@@ -403,13 +403,13 @@ impl Encoded {
         }
     }
 
-    /// The packet text with `token` (base64url: nothing to escape) as the
-    /// last argument.
-    pub fn with_token(&self, token: &str) -> String {
-        let mut text = String::with_capacity(self.head.len() + token.len() + 4);
+    /// The packet text with the token `token` appends (base64url: nothing
+    /// to escape) as the last argument, built in one allocation.
+    pub fn with_token(&self, token_len: usize, token: impl FnOnce(&mut String)) -> String {
+        let mut text = String::with_capacity(self.head.len() + token_len + 4);
         text.push_str(&self.head);
         text.push_str(",\"");
-        text.push_str(token);
+        token(&mut text);
         text.push_str("\"]");
         text
     }

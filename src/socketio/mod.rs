@@ -62,7 +62,7 @@ const SEND_BUFFER: usize = 1024;
 
 /// Bytes a websocket reads at once: clients send little (requests and
 /// acks), and the buffer is held by every idle connection.
-const WS_READ_BUFFER: usize = 1024;
+const WS_READ_BUFFER: usize = 512;
 
 /// What the transport needs from the server's settings.
 #[derive(Debug, Clone)]
@@ -100,16 +100,26 @@ pub(crate) struct Gateway {
     feeds: Mutex<HashMap<String, Feed>>,
 }
 
-/// Messages a room's feed keeps for sockets that fall behind before they
+/// Hand-outs a room's feed keeps for sockets that fall behind before they
 /// go back to reading for themselves.
-const FEED_BUFFER: usize = 4096;
+const FEED_BUFFER: usize = 1024;
+/// Least time between two hand-outs of a room's feed: a message that comes
+/// within this of the last hand-out waits for the next one, with whatever
+/// else came meanwhile, so a busy room costs one wake-up, one lock and one
+/// websocket write per socket per hand-out rather than per message; a
+/// message after a quiet spell goes out at once.
+pub(super) const FEED_LINGER: Duration = Duration::from_millis(40);
 /// How often feeds nobody listens to are stopped.
 const FEED_SWEEP: Duration = Duration::from_secs(10);
+
+/// What a room's feed hands out at once: messages in offset order, each
+/// encoded once for every socket.
+pub(super) type Batch = Arc<Vec<codec::Encoded>>;
 
 /// One room's shared subscription.
 #[derive(Debug)]
 struct Feed {
-    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    tx: tokio::sync::broadcast::Sender<Batch>,
     task: tokio::task::AbortHandle,
 }
 
@@ -128,10 +138,7 @@ impl Gateway {
 
     /// A receiver of every message appended to `room` from now on (the
     /// room's feed, started if there is none).
-    async fn feed(
-        &self,
-        room: &str,
-    ) -> Result<tokio::sync::broadcast::Receiver<Arc<codec::Encoded>>> {
+    async fn feed(&self, room: &str) -> Result<tokio::sync::broadcast::Receiver<Batch>> {
         let mut feeds = self.feeds.lock().await;
         if let Some(f) = feeds.get(room)
             && !f.task.is_finished()
@@ -307,23 +314,35 @@ impl EngineIoHandler for Gateway {
     }
 }
 
-/// Reads `room` from its end and hands each message, encoded once, to
-/// every socket listening; ends (closing the feed) when the room is gone.
+/// Reads `room` from its end and hands its messages, each encoded once, to
+/// every socket listening, at most once per [`FEED_LINGER`]; ends (closing
+/// the feed) when the room is gone.
 async fn run_feed(
     room: String,
     mut sub: crate::broker::Subscription,
-    tx: tokio::sync::broadcast::Sender<Arc<codec::Encoded>>,
+    tx: tokio::sync::broadcast::Sender<Batch>,
 ) {
     let credit = sub.credit();
-    while let Some(event) = sub.next().await {
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(at) = last {
+            // What comes meanwhile is read at once below.
+            tokio::time::sleep_until(at + FEED_LINGER).await;
+        }
+        let Some(event) = sub.next().await else {
+            return;
+        };
         match event {
             Ok(crate::broker::Event::Messages(deliveries)) => {
                 let n = deliveries.len();
-                for d in deliveries {
-                    // No receiver now is no error: one may come.
-                    let _ = tx.send(Arc::new(codec::Encoded::new(&room, &d.message)));
-                }
+                let batch: Vec<codec::Encoded> = deliveries
+                    .iter()
+                    .map(|d| codec::Encoded::new(&room, &d.message))
+                    .collect();
+                // No receiver now is no error: one may come.
+                let _ = tx.send(Arc::new(batch));
                 credit.give(n);
+                last = Some(tokio::time::Instant::now());
             }
             Ok(crate::broker::Event::Skipped { .. }) => {}
             Err(e) => {
@@ -332,6 +351,47 @@ async fn run_feed(
             }
         }
     }
+}
+
+/// A service that hands `S` each request with its head (URI and headers)
+/// copied out of the connection's read buffer. hyper's parsed URI and
+/// header values are slices of that buffer (8 KiB), and Engine.IO keeps a
+/// socket's request head for the socket's life, which would keep the whole
+/// buffer of every websocket connection.
+#[derive(Debug, Clone)]
+struct OwnHead<S>(S);
+
+impl<S, B> hyper::service::Service<hyper::Request<B>> for OwnHead<S>
+where
+    S: hyper::service::Service<hyper::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: hyper::Request<B>) -> Self::Future {
+        self.0.call(own_head(request))
+    }
+}
+
+/// `request` with its URI and headers in allocations of their own.
+fn own_head<B>(request: hyper::Request<B>) -> hyper::Request<B> {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    let (mut parts, body) = request.into_parts();
+    if let Ok(uri) = parts.uri.to_string().parse::<hyper::Uri>() {
+        parts.uri = uri;
+    }
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let name = HeaderName::from_bytes(name.as_str().as_bytes());
+        let copy = HeaderValue::from_bytes(value.as_bytes());
+        if let (Ok(name), Ok(mut copy)) = (name, copy) {
+            copy.set_sensitive(value.is_sensitive());
+            headers.append(name, copy);
+        }
+    }
+    parts.headers = headers;
+    hyper::Request::from_parts(parts, body)
 }
 
 /// Whether a connection to the plaintext listener may go on to HTTP: not
@@ -405,7 +465,11 @@ pub(crate) async fn serve(
         .ws_read_buffer_size(WS_READ_BUFFER)
         .max_payload(max_payload)
         .build();
-    let service = EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config);
+    let service = OwnHead(EngineIoService::with_config_inner(
+        page::Page,
+        Arc::clone(&gateway),
+        config,
+    ));
     tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;

@@ -93,6 +93,8 @@ pub struct Shared {
     /// Ack id of a queue delivery to what it acknowledges.
     pending: HashMap<u64, PendingAck>,
     next_ack: u64,
+    /// Where tokens are built (kept: sealing allocates nothing).
+    scratch: Vec<u8>,
 }
 
 /// The socket's emitting side: positions, tokens and emission order.
@@ -216,37 +218,51 @@ pub async fn send(socket: &EioSocket, packet: &Packet) -> bool {
 pub async fn send_text(socket: &EioSocket, text: String, attachments: &[Bytes]) -> bool {
     let _sending = socket.data.sending.lock().await;
     let deadline = tokio::time::Instant::now() + SEND_STALL;
-    let text = std::iter::once(Part::Text(text));
-    let parts = text.chain(attachments.iter().cloned().map(Part::Binary));
-    for part in parts {
-        loop {
-            match socket.reserve() {
-                Ok(permit) => {
-                    match &part {
-                        Part::Text(t) => permit.emit(t.clone().into()),
-                        Part::Binary(b) => permit.emit_binary(b.clone()),
-                    }
-                    break;
-                }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return false,
-                Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::warn!(sid = %socket.id, "socket.io client reads nothing: closing it");
-                        socket.close(engineioxide::DisconnectReason::TransportError);
-                        return false;
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+    emit_parts(socket, text, attachments, deadline).await
+}
+
+/// Hands `text` and then each of `attachments` to Engine.IO, waiting for
+/// room (see [`reserve`]); the caller holds the socket's `sending` lock.
+async fn emit_parts(
+    socket: &EioSocket,
+    text: String,
+    attachments: &[Bytes],
+    deadline: tokio::time::Instant,
+) -> bool {
+    let Some(permit) = reserve(socket, deadline).await else {
+        return false;
+    };
+    permit.emit(text.into());
+    for attachment in attachments {
+        let Some(permit) = reserve(socket, deadline).await else {
+            return false;
+        };
+        permit.emit_binary(attachment.clone());
     }
     true
 }
 
-/// One Engine.IO message of a packet.
-enum Part {
-    Text(String),
-    Binary(Bytes),
+/// Room for one Engine.IO message in `socket`'s send buffer, waiting while
+/// it is full until `deadline` (then closing the socket as not reading);
+/// `None` if the socket is closed.
+async fn reserve(
+    socket: &EioSocket,
+    deadline: tokio::time::Instant,
+) -> Option<engineioxide::socket::Permit<'_>> {
+    loop {
+        match socket.reserve() {
+            Ok(permit) => return Some(permit),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return None,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(sid = %socket.id, "socket.io client reads nothing: closing it");
+                    socket.close(engineioxide::DisconnectReason::TransportError);
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
 }
 
 /// What a recovery gives back: whether nothing was lost, the `gap` events,
@@ -302,6 +318,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             positions: BTreeMap::new(),
             pending: HashMap::new(),
             next_ack: 1,
+            scratch: Vec::new(),
         })),
         principal: None,
     };
@@ -330,7 +347,7 @@ impl Conn {
                         continue;
                     }
                     Err(e) => {
-                        self.bad_packet(e).await;
+                        Box::pin(self.bad_packet(e)).await;
                         continue;
                     }
                 },
@@ -344,17 +361,18 @@ impl Conn {
                         p
                     }
                     None => {
-                        self.bad_packet(PacketError(
-                            "a binary message that no binary packet announced".into(),
-                        ))
-                        .await;
+                        let e =
+                            PacketError("a binary message that no binary packet announced".into());
+                        Box::pin(self.bad_packet(e)).await;
                         continue;
                     }
                 },
             };
-            self.handle(packet).await;
+            // Boxed: the task's future stays small while the socket idles
+            // (the larger request futures live only while one is handled).
+            Box::pin(self.handle(packet)).await;
         }
-        self.close().await;
+        Box::pin(self.close()).await;
     }
 
     /// A packet that cannot be read: reported to the client as an `error`
@@ -907,20 +925,19 @@ async fn pump_room(out: Out, room: String, from: u64) {
     loop {
         // Catch up: everything stored from `next`.
         loop {
-            let fetched = gateway
-                .broker
-                .fetch(
-                    crate::broker::FetchRequest {
-                        topic: room.clone(),
-                        group: None,
-                        from: Some(Position::Offset(next)),
-                        member: String::new(),
-                        limits: gateway.delivery_limits(),
-                        wait: Duration::ZERO,
-                    },
-                    std::future::ready(()),
-                )
-                .await;
+            // Boxed: a live pump's future holds no fetch state.
+            let fetched = Box::pin(gateway.broker.fetch(
+                crate::broker::FetchRequest {
+                    topic: room.clone(),
+                    group: None,
+                    from: Some(Position::Offset(next)),
+                    member: String::new(),
+                    limits: gateway.delivery_limits(),
+                    wait: Duration::ZERO,
+                },
+                std::future::ready(()),
+            ))
+            .await;
             let fetched = match fetched {
                 Ok(f) => f,
                 Err(e) => {
@@ -931,14 +948,18 @@ async fn pump_room(out: Out, room: String, from: u64) {
             if fetched.messages.is_empty() {
                 break;
             }
-            for d in fetched.messages {
-                if d.message.offset.0 < next {
-                    continue;
-                }
-                if !deliver(&out, &room, &codec::Encoded::new(&room, &d.message)).await {
+            let messages: Vec<codec::Encoded> = fetched
+                .messages
+                .iter()
+                .filter(|d| d.message.offset.0 >= next)
+                .map(|d| codec::Encoded::new(&room, &d.message))
+                .collect();
+            if let Some(last) = messages.last() {
+                let after = last.offset + 1;
+                if !Box::pin(deliver(&out, &room, &messages)).await {
                     return;
                 }
-                next = d.message.offset.0 + 1;
+                next = after;
             }
             if next >= fetched.end_offset.0 {
                 break;
@@ -947,14 +968,16 @@ async fn pump_room(out: Out, room: String, from: u64) {
         // Live: the feed took every message appended since it was joined.
         loop {
             match feed.recv().await {
-                Ok(m) => {
-                    if m.offset < next {
+                Ok(batch) => {
+                    let fresh = batch.partition_point(|m| m.offset < next);
+                    let Some(last) = batch.last() else { continue };
+                    if fresh == batch.len() {
                         continue;
                     }
-                    if !deliver(&out, &room, &m).await {
+                    if !Box::pin(deliver(&out, &room, &batch[fresh..])).await {
                         return;
                     }
-                    next = m.offset + 1;
+                    next = last.offset + 1;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -967,15 +990,41 @@ async fn pump_room(out: Out, room: String, from: u64) {
     }
 }
 
-/// Emits one room message with the token of the positions it leads to.
-async fn deliver(out: &Out, room: &str, m: &codec::Encoded) -> bool {
+/// Emits room messages `messages` (in offset order) one after the other,
+/// each with the token of the positions it leads to, under one hold of the
+/// socket's locks (so Engine.IO writes them together).
+///
+/// Callers box it: an idle pump's future then holds none of its state.
+async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
     if !out.may_push(room).await {
         return false;
     }
     let mut shared = out.shared.lock().await;
-    shared.positions.insert(room.to_owned(), m.offset + 1);
-    let token = out.token(&shared);
-    send_text(&out.socket, m.with_token(&token), &m.attachments).await
+    let shared = &mut *shared;
+    let _sending = out.socket.data.sending.lock().await;
+    let deadline = tokio::time::Instant::now() + SEND_STALL;
+    for m in messages {
+        match shared.positions.get_mut(room) {
+            Some(next) => *next = m.offset + 1,
+            None => {
+                shared.positions.insert(room.to_owned(), m.offset + 1);
+            }
+        }
+        let len = super::offset::encoded_len(&shared.positions);
+        let text = m.with_token(len, |text| {
+            super::offset::encode_into(
+                &shared.pid,
+                &shared.positions,
+                &out.gateway.key,
+                &mut shared.scratch,
+                text,
+            )
+        });
+        if !emit_parts(&out.socket, text, &m.attachments, deadline).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Emits the deliveries of queue group `group` of `room`, each with an
