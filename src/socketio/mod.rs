@@ -32,6 +32,7 @@ use crate::security::Security;
 use crate::security::auth::{Access, Auth};
 use crate::security::tls;
 use crate::server::admission::Admission;
+use crate::server::admission::Ticket;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::service::EngineIoService;
@@ -39,8 +40,11 @@ use engineioxide::{DisconnectReason, Socket, Str};
 use serde_json::Value;
 use session::{EioSocket, Inbound, Session};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 use tokio_util::task::TaskTracker;
@@ -266,7 +270,14 @@ impl Gateway {
             };
             let (name, room) = match event {
                 Ok(TopicEvent::Created(room)) => ("create-room", room),
-                Ok(TopicEvent::Deleted(room)) => ("delete-room", room),
+                Ok(TopicEvent::Deleted(room)) => {
+                    // The room's readers learn at once that it ended: its
+                    // feed's last sender goes, and their receivers close.
+                    if let Some(feed) = self.feeds.lock().await.remove(&room) {
+                        feed.task.abort();
+                    }
+                    ("delete-room", room)
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "socket.io room events fell behind");
                     continue;
@@ -504,14 +515,18 @@ pub(crate) async fn serve(
             let Some(stream) = tls.accept(stream, peer, wait).await else {
                 return;
             };
-            let io = hyper_util::rt::TokioIo::new(stream);
+            // The ticket goes with the stream, so a websocket keeps its
+            // slot after the upgrade hands the stream on.
+            let io = hyper_util::rt::TokioIo::new(Held {
+                stream,
+                _ticket: ticket,
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
                 .with_upgrades();
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "socket.io connection ended");
             }
-            drop(ticket);
         });
     }
     drop(listener);
@@ -531,4 +546,52 @@ pub(crate) async fn serve(
     // Long-polls and websockets of closed sockets end on their own.
     let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     Ok(())
+}
+
+/// A connection's stream holding its admission slot ([`Ticket`]) for as
+/// long as the stream lives: through hyper while it serves HTTP requests,
+/// and on in the websocket an upgrade hands the stream to.
+struct Held<S> {
+    stream: S,
+    _ticket: Ticket,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }

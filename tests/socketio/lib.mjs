@@ -73,7 +73,8 @@ export function spool(...args) {
 }
 
 /// Starts `spool serve` on `data` with the socket.io listener at `socketio`;
-/// resolves with {proc, server, socketio} once it prints its start-up lines.
+/// resolves with {proc, server, socketio, metrics} once it prints its
+/// start-up lines.
 export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
   const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--metrics", "127.0.0.1:0", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
   return new Promise((resolve, reject) => {
@@ -82,7 +83,8 @@ export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
       out += chunk;
       const sio = out.match(/spool socketio listening on (\S+)/);
       const native = out.match(/listening on (\S+), data in/);
-      if (sio && native) resolve({ proc, server: native[1], socketio: sio[1] });
+      const metrics = out.match(/spool metrics listening on (\S+)/);
+      if (sio && native && metrics) resolve({ proc, server: native[1], socketio: sio[1], metrics: metrics[1] });
     });
     proc.on("exit", (code) => reject(new Error("spool serve exited with " + code + ": " + out)));
   });

@@ -1,6 +1,6 @@
 // Publish and subscribe across clients, replay, presence and room events:
 // what a socket.io app built on spool relies on.
-import { assert, call, collect, connect, ok, once, room, run, spool, until, sleep } from "./lib.mjs";
+import { assert, call, collect, connect, env, ok, once, room, run, spool, startBroker, until, sleep } from "./lib.mjs";
 
 await run({
   async "a message published by one client reaches another, under its event, with its meta"() {
@@ -125,6 +125,39 @@ await run({
     spool("topic", "create", other);
     assert.deepEqual((await created2)[0], other);
     w.close(); a.close();
+  },
+
+  async "a room's reader is told at once when the room is deleted"() {
+    const r = room("doomed");
+    const a = await connect();
+    await ok(a, "subscribe", { room: r });
+    await ok(a, "publish", { room: r, data: 1 });
+    const ended = once(a, "error", 3000);
+    spool("topic", "delete", r);
+    const [{ error }] = await ended;
+    assert.equal(error.code, "NOT_FOUND", JSON.stringify(error));
+    assert.ok(error.message.includes(r), error.message);
+    a.close();
+  },
+
+  async "websocket sockets hold a connection slot while open: max_connections_per_ip, spool_connections_open"() {
+    const broker = await startBroker(env.data + "-limits", "127.0.0.1:0", ["--max-connections-per-ip", "2"]);
+    try {
+      const opts = { transports: ["websocket"], reconnection: false };
+      const a = await connect(broker.socketio, opts);
+      const b = await connect(broker.socketio, opts);
+      await sleep(200);
+      const scrape = async () => (await fetch(`http://${broker.metrics}/metrics`)).text();
+      assert.match(await scrape(), /spool_connections_open\{listener="socketio"\} 2/);
+      await assert.rejects(connect(broker.socketio, opts), "a third socket from the same address is refused");
+      a.close();
+      await sleep(200);
+      const c = await connect(broker.socketio, opts);
+      assert.equal(c.connected, true, "a freed slot takes a new socket");
+      b.close(); c.close();
+    } finally {
+      broker.proc.kill("SIGKILL");
+    }
   },
 
   async "both transports work: polling only and websocket only"() {
