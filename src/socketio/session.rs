@@ -156,14 +156,19 @@ impl Out {
         result
     }
 
-    /// Whether the socket may still read `room`, asked before each push:
-    /// if not, an `error` event says why and the push ends.
-    async fn may_push(&self, room: &str) -> bool {
+    /// Whether the socket may still read `room` (through queue group
+    /// `group`, if any), asked before each push: if not, an `error` event
+    /// naming the room (and the group) says why and the push ends.
+    async fn may_push(&self, room: &str, group: Option<&str>) -> bool {
         match self.allowed(guard::access("subscribe", room)).await {
             Ok(()) => true,
             Err(Error::Unauthenticated(_)) => false,
             Err(e) => {
-                let err = codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+                let which = match group {
+                    Some(group) => format!("room {room}, queue group {group}"),
+                    None => format!("room {room}"),
+                };
+                let err = codec::error_value(codec::code_name(&e), &format!("{which}: {e}"));
                 self.emit("error", vec![err]).await;
                 false
             }
@@ -996,7 +1001,7 @@ async fn pump_room(out: Out, room: String, from: u64) {
 ///
 /// Callers box it: an idle pump's future then holds none of its state.
 async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
-    if !out.may_push(room).await {
+    if !out.may_push(room, None).await {
         return false;
     }
     let mut shared = out.shared.lock().await;
@@ -1039,7 +1044,7 @@ async fn pump_queue(
 ) {
     let credit = sub.credit();
     while let Some(event) = sub.next().await {
-        if !out.may_push(&room).await {
+        if !out.may_push(&room, Some(&group)).await {
             return;
         }
         match event {

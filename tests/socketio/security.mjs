@@ -168,7 +168,7 @@ await run({
     assert.equal(live.connected, true);
     // The queue's pushes ended too, and an acknowledgement is refused.
     await until(() => qErrors.length === 1, "the end of the queue subscription");
-    assert.equal(qErrors[0].data.error.message, `room ${a}: token reader may not consume from topic ${a}`);
+    assert.equal(qErrors[0].data.error.message, `room ${a}, queue group g: token reader may not consume from topic ${a}`);
     const delivered = held.length;
     held[0].ack();
     await until(() => qErrors.length === 2, "the refused acknowledgement");
