@@ -369,14 +369,7 @@ pub(crate) fn incoming(
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::server::accept(&listener, super::LISTENER) => accepted,
                 // The server stopped taking connections.
                 _ = ready.closed() => return,
             };

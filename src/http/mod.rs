@@ -29,15 +29,7 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics listener: accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
+            (stream, peer) = crate::server::accept(&listener, "metrics") => {
                 let broker = broker.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {

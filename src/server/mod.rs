@@ -37,7 +37,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Default listen address of `spool serve`.
@@ -163,6 +163,25 @@ impl Shared {
     /// The wire form of an error (paths relative to the data directory).
     fn wire(&self, error: &Error) -> crate::protocol::pb::Error {
         crate::protocol::status::to_wire(error, self.broker.data_dir())
+    }
+}
+
+/// How long a listener waits after a failed accept before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+/// The next connection on `listener` (named `name` in logs), for every
+/// listener of the server. A failed accept (out of descriptors, a peer
+/// gone before it was taken) is logged and retried after [`ACCEPT_RETRY`]:
+/// no single failure stops a listener. Cancel-safe, as a `select!` branch.
+pub(crate) async fn accept(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+        }
     }
 }
 
@@ -364,15 +383,7 @@ impl Server {
         summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    };
+                (stream, peer) = accept(&listener, connection::LISTENER) => {
                     let _ = stream.set_nodelay(true);
                     let b = Arc::clone(&shared);
                     let admitted = shared.admission.admit(connection::LISTENER, peer.ip());

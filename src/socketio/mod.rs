@@ -487,14 +487,7 @@ pub(crate) async fn serve(
     let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "socket.io accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
+            accepted = crate::server::accept(&listener, LISTENER) => accepted,
             _ = stopping(&mut signal) => break,
         };
         let ticket = match limits.admission.admit(LISTENER, peer.ip()) {
