@@ -10,9 +10,7 @@ use futures_util::StreamExt;
 use spool::client::{Client, ClientError};
 use spool::protocol::pb;
 use spool::protocol::pb::spool_client::SpoolClient;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -779,34 +777,12 @@ async fn a_bad_consume_start_is_refused_naming_the_field_or_with_the_native_erro
     assert!(status.message().starts_with("start:"), "{status:?}");
 }
 
-/// `spool serve` on `data` with `args`; returns it (killed on drop) and
-/// everything its first read of stdout got (the start-up lines come in one
-/// write).
+/// `spool serve` on `data` with `args` (metrics and socket.io off); returns
+/// it (killed on drop) and its start-up output.
 fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--data",
-        ])
-        .arg(data)
-        .args(args)
-        .args(["--socketio", "off"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn spool serve");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let killed = common::Killed(child);
-    let mut reader = BufReader::new(stdout);
-    let mut first = String::new();
-    reader.read_line(&mut first).expect("a first line");
-    let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
-    (killed, first + &rest)
+    let mut all = vec!["--metrics", "off", "--socketio", "off"];
+    all.extend_from_slice(args);
+    common::serve_with(data, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

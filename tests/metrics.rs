@@ -15,9 +15,7 @@ use spool::protocol::pb;
 use spool::protocol::pb::spool_client::SpoolClient;
 use spool::storage::NewMessage;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An HTTP answer: status, headers (lower-case names), body.
@@ -306,34 +304,12 @@ async fn refused_connections_are_counted_by_the_limit_that_refused_them() {
     drop(first);
 }
 
-/// `spool serve` on `data` with `args`; returns it (killed on drop) and
-/// everything its first read of stdout got.
+/// `spool serve` on `data` with `args` (gRPC and socket.io off); returns it
+/// (killed on drop) and its start-up output.
 fn serve(data: &Path, args: &[&str]) -> (common::Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc",
-            "off",
-            "--socketio",
-            "off",
-            "--data",
-        ])
-        .arg(data)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn spool serve");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let killed = common::Killed(child);
-    let mut reader = BufReader::new(stdout);
-    let mut first = String::new();
-    reader.read_line(&mut first).expect("a first line");
-    let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
-    (killed, first + &rest)
+    let mut all = vec!["--grpc", "off", "--socketio", "off"];
+    all.extend_from_slice(args);
+    common::serve_with(data, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,9 +18,7 @@ use spool::protocol::pb;
 use spool::protocol::pb::client_frame::Request;
 use spool::protocol::pb::response::Result as Reply;
 use spool::storage::NewMessage;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -651,46 +649,22 @@ async fn a_timestamp_position_is_the_first_message_in_offset_order_at_or_after_i
     }
 }
 
-/// A `spool serve` started by hand, killed on drop.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `spool serve` on port 0 with `extra` flags; returns it and its
-/// first line on stdout.
-fn serve(data: &Path, extra: &[&str]) -> (Serve, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--socketio",
-            "off",
-            "--data",
-        ])
-        .arg(data)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn spool serve");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let serve = Serve(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("a first line");
-    (serve, line.trim_end_matches('\n').to_owned())
+/// Starts `spool serve` on port 0 (gRPC too, metrics and socket.io off)
+/// with `extra` flags; returns it (killed on drop) and its first line on
+/// stdout.
+fn serve(data: &Path, extra: &[&str]) -> (common::Killed, String) {
+    let mut all = vec![
+        "--grpc",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--socketio",
+        "off",
+    ];
+    all.extend_from_slice(extra);
+    let (serve, out) = common::serve_with(data, &all);
+    let first = out.lines().next().unwrap_or_default().to_owned();
+    (serve, first)
 }
 
 /// Item 10: the start-up line is a stable contract, in text and in JSON,

@@ -195,6 +195,29 @@ pub async fn queue_fetch(
         .collect()
 }
 
+/// `spool serve --listen 127.0.0.1:0 --data DATA` with `args`, for tests of
+/// its flags and start-up output; returns it (killed on drop) and
+/// everything its first read of stdout got (the start-up lines come in one
+/// write).
+pub fn serve_with(data: &Path, args: &[&str]) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn spool serve");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let killed = Killed(child);
+    let mut reader = BufReader::new(stdout);
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("a first line");
+    let rest = String::from_utf8_lossy(reader.buffer()).into_owned();
+    (killed, first + &rest)
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Killed(pub Child);
 
