@@ -552,31 +552,7 @@ fn the_broker_refuses_non_loopback_addresses_without_auth() {
         vec!["--insecure"],
         vec!["--auth", auth.to_str().expect("utf-8")],
     ] {
-        let mut child = common::Killed(
-            spool()
-                .args([
-                    "serve",
-                    "--data",
-                    data,
-                    "--listen",
-                    "0.0.0.0:0",
-                    "--grpc",
-                    "off",
-                    "--metrics",
-                    "off",
-                    "--socketio",
-                    "off",
-                ])
-                .args(&extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn"),
-        );
-        let mut line = String::new();
-        let stdout = child.0.stdout.take().expect("stdout");
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+        let line = serve_exposed(Path::new(data), &extra);
         assert!(line.contains("listening on 0.0.0.0:"), "{extra:?}: {line}");
     }
 }
@@ -966,31 +942,8 @@ fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
     // insecure = true in the config file lifts the loopback-only rule.
     let open = dir.path().join("open.toml");
     std::fs::write(&open, "insecure = true\n").expect("config");
-    let mut child = common::Killed(
-        spool()
-            .args(["serve", "--data"])
-            .arg(dir.path().join("data2"))
-            .args([
-                "--listen",
-                "0.0.0.0:0",
-                "--grpc",
-                "off",
-                "--metrics",
-                "off",
-                "--socketio",
-                "off",
-                "--config",
-            ])
-            .arg(&open)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn"),
-    );
-    let mut line = String::new();
-    let stdout = child.0.stdout.take().expect("stdout");
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    let config = open.to_str().expect("utf-8");
+    let line = serve_exposed(&dir.path().join("data2"), &["--config", config]);
     assert!(line.contains("listening on 0.0.0.0:"), "{line}");
 }
 
@@ -1104,4 +1057,27 @@ async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
     // The connection itself is still served.
     native.ping(1).await.expect("still open");
+}
+
+/// Starts `spool serve` on `0.0.0.0:0` (only that listener) with `extra`;
+/// its first line on stdout, once it serves. It is killed on return.
+fn serve_exposed(data: &Path, extra: &[&str]) -> String {
+    let mut child = common::Killed(
+        spool()
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "0.0.0.0:0", "--grpc", "off", "--metrics", "off"])
+            .args(["--socketio", "off"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let mut line = String::new();
+    let stdout = child.0.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    line
 }
