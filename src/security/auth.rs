@@ -360,13 +360,20 @@ impl Auth {
 
     /// The principal `token` (a secret) stands for: with auth off, the
     /// unrestricted one whatever the token; otherwise `UNAUTHENTICATED`
-    /// when it is missing or unknown.
+    /// when it is missing or unknown. A missing token's error says how the
+    /// command line passes one; [`Auth::authenticate_as`] names another way.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Principal> {
+        self.authenticate_as(token, "--token or SPOOL_TOKEN")
+    }
+
+    /// [`Auth::authenticate`] for a listener whose clients pass a token
+    /// the way `how` says, which the error for a missing one names.
+    pub fn authenticate_as(&self, token: Option<&str>, how: &str) -> Result<Principal> {
         let Some(tokens) = self.tokens() else {
             return Ok(Principal { who: Who::Anyone });
         };
         let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
-            Error::Unauthenticated("this broker requires a token (--token or SPOOL_TOKEN)".into())
+            Error::Unauthenticated(format!("this broker requires a token: {how}"))
         })?;
         let hash = digest(token);
         match tokens.find(&hash) {
@@ -384,16 +391,17 @@ impl Auth {
     /// Like [`Auth::authenticate`], from an HTTP `authorization` header
     /// value (`Bearer SECRET`).
     pub fn authenticate_bearer(&self, header: Option<&str>) -> Result<Principal> {
+        const HOW: &str = "send the metadata `authorization: Bearer TOKEN`";
         if !self.enabled() {
-            return self.authenticate(None);
+            return self.authenticate_as(None, HOW);
         }
         match header {
-            None => self.authenticate(None),
+            None => self.authenticate_as(None, HOW),
             Some(h) => match h
                 .strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
             {
-                Some(secret) => self.authenticate(Some(secret.trim())),
+                Some(secret) => self.authenticate_as(Some(secret.trim()), HOW),
                 None => Err(Error::Unauthenticated(
                     "the authorization header must be `Bearer TOKEN`".into(),
                 )),

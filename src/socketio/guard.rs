@@ -4,7 +4,7 @@
 //! ([`crate::security::access`]); the checks themselves are
 //! [`crate::security::auth::Principal::allow`].
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::security::auth::{Access, Auth, Operation, Principal};
 use serde_json::Value;
 
@@ -12,16 +12,8 @@ use serde_json::Value;
 /// `UNAUTHENTICATED` when the broker has an auth file and the token is
 /// missing or unknown.
 pub fn authenticate(auth: &Auth, payload: &Value) -> Result<Principal> {
-    let token = payload
-        .get("token")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty());
-    if auth.enabled() && token.is_none() {
-        return Err(Error::Unauthenticated(
-            "this broker requires a token: connect with auth: {token: SECRET}".into(),
-        ));
-    }
-    auth.authenticate(token)
+    let token = payload.get("token").and_then(Value::as_str);
+    auth.authenticate_as(token, "connect with auth: {token: SECRET}")
 }
 
 /// What a client event needs of the socket's token: `publish` produces to
