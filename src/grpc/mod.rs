@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::protocol::pb::spool_server::SpoolServer;
 use crate::security::Security;
 use crate::security::auth::Auth;
+use crate::server::stopping;
 use service::Service;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -56,11 +57,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// answers are not activity for `idle_timeout_ms`.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Resolves once the server is stopping (or its stop signal is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
 
 /// Authenticates each call of `spool.v1.Spool` by its `authorization:
 /// Bearer TOKEN` metadata, handing the principal to the service as a

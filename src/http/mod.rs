@@ -6,6 +6,7 @@
 //! with the server.
 
 use crate::broker::Broker;
+use crate::server::stopping;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -51,10 +52,6 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
         }
     }
     connections.shutdown().await;
-}
-
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 fn reply(

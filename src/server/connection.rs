@@ -16,6 +16,7 @@ use super::admission::Limit;
 use super::deadline::{FrameReader, ReadError, StallGuard};
 use super::handlers;
 use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
+use super::stopping;
 use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
@@ -126,11 +127,6 @@ fn read_error(shared: &Shared, peer: SocketAddr, e: &ReadError) -> Option<pb::Er
 /// The error long-polls, subscriptions and the connection get at shutdown.
 fn stopping_error() -> pb::Error {
     status::error(pb::Code::Unavailable, "broker is stopping")
-}
-
-/// Resolves once the server is stopping (or its stop signal is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Sleeps until `deadline`, or forever without one.

@@ -166,6 +166,12 @@ impl Shared {
     }
 }
 
+/// Resolves once the server is stopping (or its stop signal is gone): the
+/// signal every listener, connection and waiting call watches.
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// How long a listener waits after a failed accept before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 

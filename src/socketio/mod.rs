@@ -33,6 +33,7 @@ use crate::security::auth::{Access, Auth};
 use crate::security::tls;
 use crate::server::admission::Admission;
 use crate::server::admission::Ticket;
+use crate::server::stopping;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::service::EngineIoService;
@@ -436,11 +437,6 @@ async fn plaintext(
             false
         }
     }
-}
-
-/// Resolves once the server is stopping (or its stop signal is gone).
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Serves socket.io (and the demo page at `/`) on `listener` until
