@@ -126,6 +126,9 @@ fn e2e_delivers_every_message_to_every_consumer() {
     assert_eq!(number(&r, "latency_ms.samples"), 600.0);
     assert_eq!(number(&r, "send_lag_ms.samples"), 300.0);
     assert_eq!(r["params"]["rate"], 3000);
+    // The floor without a broker: the same 300 messages at the same rate.
+    assert_eq!(number(&r, "relay_floor_ms.samples"), 300.0);
+    assert!(number(&r, "relay_floor_ms.p50") > 0.0);
 }
 
 #[test]

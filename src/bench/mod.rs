@@ -7,6 +7,8 @@
 //! - [`pacing`]: which messages each send carries and when it is due.
 //! - [`report`]: the report, its stable JSON field names, the machine.
 //! - [`disk`]: the raw disk baseline (write + fdatasync every 1 MiB, and without).
+//! - [`relay`]: the e2e floor without a broker (loopback TCP through a task
+//!   that only forwards).
 //! - `target`, `produce`, `consume`: the broker under test and the load on it.
 //! - [`socketio`]: `spool bench socketio`, websocket clients in one socket.io
 //!   room of a broker process of its own (run by [`socketio::run`], not [`run`]).
@@ -17,6 +19,7 @@
 pub mod disk;
 pub mod histogram;
 pub mod pacing;
+pub mod relay;
 pub mod report;
 pub mod socketio;
 
@@ -420,6 +423,20 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
     let (baseline, synced) = tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p))
         .await
         .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))??;
+    let relay_floor = match (params.workload, params.rate) {
+        (Workload::E2e, Some(rate)) if rate > 0 => {
+            progress.start("relay floor", 0);
+            // As long as the run, at most PROBE_TIME.
+            let run = match (params.duration(), params.messages) {
+                (Some(d), _) => d,
+                (None, Some(n)) => Duration::from_secs_f64(n as f64 / rate as f64),
+                (None, None) => relay::PROBE_TIME,
+            };
+            let time = run.min(relay::PROBE_TIME);
+            Some(relay::probe(rate, params.size as usize, time).await?)
+        }
+        _ => None,
+    };
     let outcome = match params.workload {
         Workload::Socketio => {
             return Err(BenchError::Invalid(
@@ -446,7 +463,9 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
         }
     };
     progress.start("done", 0);
-    Ok(Report::new(params, outcome, baseline))
+    let mut report = Report::new(params, outcome, baseline);
+    report.relay_floor_ms = relay_floor;
+    Ok(report)
 }
 
 /// The instant a run's timetable starts: a little ahead, in an open loop, so

@@ -54,6 +54,11 @@ pub struct Report {
     pub send_lag_ms: LatencySummary,
     /// The disk of the data directory, measured in the same run.
     pub disk_baseline: DiskBaseline,
+    /// e2e in an open loop: the same messages at the same rate through
+    /// loopback TCP and a task that only forwards them, from due time to
+    /// arrival (see [`crate::bench::relay`]): the floor without a broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_floor_ms: Option<LatencySummary>,
     /// `throughput.mb_per_s / disk_baseline.mb_per_s`.
     pub ratio_to_disk: f64,
     /// The exact parameters.
@@ -161,6 +166,7 @@ impl Report {
                 0.0
             },
             disk_baseline,
+            relay_floor_ms: None,
             params: params.clone(),
             machine: Machine::detect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -346,5 +346,14 @@ fn print_figures(r: &Report) {
         ],
         vec!["ratio to disk".into(), format!("{:.2}x", r.ratio_to_disk)],
     ]);
+    if let Some(floor) = &r.relay_floor_ms {
+        rows.push(vec![
+            "relay floor (ms)".into(),
+            format!(
+                "{}; loopback TCP through a forwarding task, no broker",
+                percentiles(floor)
+            ),
+        ]);
+    }
     print_table(&["MEASURE", "VALUE"], &rows);
 }
