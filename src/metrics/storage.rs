@@ -152,4 +152,8 @@ impl Mapping for TimedMapping {
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         self.inner.bytes(pos, len)
     }
+
+    fn start_writeback(&self, pos: u64, len: u64) {
+        self.inner.start_writeback(pos, len)
+    }
 }
