@@ -3,6 +3,7 @@
 //! `length` bytes of protobuf. The limit is checked from the 5-byte prefix,
 //! before any buffer for the body is reserved. No I/O happens here.
 
+use super::request::ClientOut;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use std::marker::PhantomData;
@@ -82,11 +83,10 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
     }
 }
 
-impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
-    type Error = FrameError;
-
-    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let len = item.encoded_len();
+impl<In, Out> FrameCodec<In, Out> {
+    /// Writes the prefix of a `len`-byte body, with room for the body, or
+    /// refuses a body over the limit.
+    fn prefix(&self, len: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len32 = u32::try_from(len)
             .ok()
             .filter(|l| *l <= self.max_frame_bytes)
@@ -97,8 +97,28 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
         dst.reserve(PREFIX_LEN + len);
         dst.put_u8(0);
         dst.put_u32(len32);
+        Ok(())
+    }
+}
+
+impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.prefix(item.encoded_len(), dst)?;
         item.encode(dst)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl<In> Encoder<ClientOut> for FrameCodec<In, ClientOut> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: ClientOut, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.prefix(item.encoded_len(), dst)?;
+        // `prefix` reserved the body's length: encoding cannot run short.
+        item.encode(dst);
         Ok(())
     }
 }
