@@ -3,7 +3,7 @@
 //! `length` bytes of protobuf. The limit is checked from the 5-byte prefix,
 //! before any buffer for the body is reserved. No I/O happens here.
 
-use super::request::ClientOut;
+use super::request::{ClientIn, ClientOut};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use std::marker::PhantomData;
@@ -58,6 +58,28 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.body(src)? {
+            Some(body) => Ok(Some(In::decode(body)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<Out> Decoder for FrameCodec<ClientIn, Out> {
+    type Item = ClientIn;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ClientIn>, FrameError> {
+        match self.body(src)? {
+            Some(body) => Ok(Some(ClientIn::decode(body)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// The body of the frame at the start of `src`, once it is all there.
+    fn body(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if src.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -78,8 +100,7 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
             return Ok(None);
         }
         src.advance(PREFIX_LEN);
-        let body: Bytes = src.split_to(len as usize).freeze();
-        Ok(Some(In::decode(body)?))
+        Ok(Some(src.split_to(len as usize).freeze()))
     }
 }
 

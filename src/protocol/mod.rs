@@ -1,5 +1,5 @@
 //! The wire protocol: generated message types ([`pb`]), the frame codec, the
-//! connection writer both ends share, the client's produce frames encoded
+//! connection writer both ends share, produce requests encoded and decoded
 //! without the generated types, and the one place errors become status
 //! codes.
 
