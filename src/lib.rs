@@ -62,8 +62,9 @@
 //!     their recovery points.
 //! - [`protocol`]: the wire protocol: generated types, frame codec, the one
 //!   mapping of errors to status codes (`status`), conversions between wire
-//!   and broker types (`convert`), and the connection writer both ends share
-//!   (`outbox`).
+//!   and broker types (`convert`), produce requests encoded (client) and
+//!   decoded (server) without the generated types (`request`), and the
+//!   connection writer both ends share (`outbox`).
 //! - [`server`]: the native transport: listener, admission (connection slots
 //!   and per-address caps), connections with their handshake, frame, idle and
 //!   write deadlines and bounded send queues, and one handler module per

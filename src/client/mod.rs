@@ -37,11 +37,11 @@ use crate::groups::GroupMode;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
+use crate::protocol::request::{ClientOut, ProduceFrame};
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, outbox, pb};
 use crate::security::tls::TlsClient;
 use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
-use prost::Message as _;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,7 +184,7 @@ type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Receive
 /// A connection to a spool server.
 #[derive(Debug)]
 pub struct Client {
-    out: mpsc::Sender<pb::ClientFrame>,
+    out: mpsc::Sender<ClientOut>,
     pending: Pending,
     subscriptions: Subscriptions,
     /// Channels of subscribe requests awaiting their reply, by request id.
@@ -242,7 +242,7 @@ impl LastSent {
 /// Sends a `Ping` whenever nothing was sent for `every`, until the
 /// connection closes (or the client is dropped, which aborts this task).
 async fn keepalive(
-    out: mpsc::Sender<pb::ClientFrame>,
+    out: mpsc::Sender<ClientOut>,
     next_id: Arc<AtomicU64>,
     last_sent: Arc<LastSent>,
     every: Duration,
@@ -254,11 +254,11 @@ async fn keepalive(
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let ping = pb::ClientFrame {
+        let ping = ClientOut::Frame(pb::ClientFrame {
             request_id: id,
             // The reply finds no pending call and is dropped.
             request: Some(Request::Ping(pb::PingRequest { nonce: id })),
-        };
+        });
         if out.send(ping).await.is_err() {
             return;
         }
@@ -342,7 +342,7 @@ impl Client {
         };
         let mut framed = Framed::new(
             stream,
-            FrameCodec::<pb::ServerFrame, pb::ClientFrame>::new(DEFAULT_MAX_FRAME_BYTES * 4),
+            FrameCodec::<pb::ServerFrame, ClientOut>::new(DEFAULT_MAX_FRAME_BYTES * 4),
         );
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -350,10 +350,10 @@ impl Client {
             token: options.token.clone(),
         };
         framed
-            .send(pb::ClientFrame {
+            .send(ClientOut::Frame(pb::ClientFrame {
                 request_id: 0,
                 request: Some(Request::Hello(hello)),
-            })
+            }))
             .await
             .map_err(|e| frame_to_client(addr, e))?;
         let welcome = match framed.next().await {
@@ -381,7 +381,7 @@ impl Client {
             None => return Err(ClientError::Closed),
         };
         let (sink, mut frames) = framed.split();
-        let (out, out_rx) = mpsc::channel::<pb::ClientFrame>(256);
+        let (out, out_rx) = mpsc::channel::<ClientOut>(256);
         let mut writer = tokio::spawn(outbox::run(sink, out_rx));
         let pending: Pending = Arc::default();
         let subscriptions: Subscriptions = Arc::default();
@@ -509,13 +509,17 @@ impl Client {
         Ok(())
     }
 
-    /// The frame of a request, if it fits the server's frame limit: a larger
-    /// one would make the server close the connection.
-    fn frame(&self, request_id: u64, request: Request) -> Result<pb::ClientFrame> {
-        let frame = pb::ClientFrame {
+    /// The frame of a request, if it fits the server's frame limit.
+    fn frame(&self, request_id: u64, request: Request) -> Result<ClientOut> {
+        self.within_limit(ClientOut::Frame(pb::ClientFrame {
             request_id,
             request: Some(request),
-        };
+        }))
+    }
+
+    /// `frame`, if it fits the server's frame limit: a larger one would make
+    /// the server close the connection.
+    fn within_limit(&self, frame: ClientOut) -> Result<ClientOut> {
         let (len, max) = (frame.encoded_len(), self.welcome.max_frame_bytes);
         if max != 0 && len > max as usize {
             return Err(ClientError::TooLarge { len, max });
@@ -526,6 +530,11 @@ impl Client {
     async fn call(&self, request: Request) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.frame(id, request)?;
+        self.send_call(id, frame).await
+    }
+
+    /// Sends `frame` (request `id`) and waits for its reply.
+    async fn send_call(&self, id: u64, frame: ClientOut) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         self.register(id, tx)?;
         if self.out.send(frame).await.is_err() {
@@ -538,17 +547,15 @@ impl Client {
 
     /// Appends a batch; returns once it is committed under the topic's fsync policy.
     pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Produced> {
-        let messages = messages
-            .into_iter()
-            .map(convert::new_message_to_wire)
-            .collect();
-        match self
-            .call(Request::Produce(pb::ProduceRequest {
-                topic: topic.to_owned(),
-                messages,
-            }))
-            .await?
-        {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Encoded from `messages` as the connection writes it, with no wire
+        // copy of each message built first.
+        let frame = self.within_limit(ClientOut::Produce(ProduceFrame::new(
+            id,
+            topic.to_owned(),
+            messages,
+        )))?;
+        match self.send_call(id, frame).await? {
             Reply::Produce(p) => Ok(Produced {
                 first_offset: p.first_offset,
                 last_offset: p.last_offset,

@@ -152,4 +152,67 @@ impl Mapping for TimedMapping {
     fn bytes(&self, pos: u64, len: u64) -> io::Result<Bytes> {
         self.inner.bytes(pos, len)
     }
+
+    fn start_writeback(&self, pos: u64, len: u64) {
+        self.inner.start_writeback(pos, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records the ranges whose writeback it is asked to start.
+    #[derive(Debug, Default)]
+    struct Recording {
+        started: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl Mapping for Recording {
+        fn capacity(&self) -> u64 {
+            0
+        }
+
+        fn published(&self) -> u64 {
+            0
+        }
+
+        fn write(&self, _pos: u64, _data: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn publish(&self, _end: u64) {}
+
+        fn seal(&self) {}
+
+        fn sync_range(&self, _pos: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn bytes(&self, _pos: u64, _len: u64) -> io::Result<Bytes> {
+            Ok(Bytes::new())
+        }
+
+        fn start_writeback(&self, pos: u64, len: u64) {
+            self.started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((pos, len));
+        }
+    }
+
+    #[test]
+    fn the_timed_map_starts_writeback_on_the_map_it_wraps() {
+        // `spool serve` writes through this wrapper: a writeback it dropped
+        // would leave every seal and every fsync=always sync to wait for all.
+        let inner = Arc::new(Recording::default());
+        let timed = TimedMapping {
+            inner: Arc::clone(&inner) as Arc<dyn Mapping>,
+            metrics: Metrics::new(),
+        };
+        timed.start_writeback(4096, 1 << 20);
+        let started = inner.started.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(*started, vec![(4096, 1 << 20)]);
+    }
 }

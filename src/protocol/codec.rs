@@ -3,6 +3,7 @@
 //! `length` bytes of protobuf. The limit is checked from the 5-byte prefix,
 //! before any buffer for the body is reserved. No I/O happens here.
 
+use super::request::{ClientIn, ClientOut};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use std::marker::PhantomData;
@@ -57,6 +58,28 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.body(src)? {
+            Some(body) => Ok(Some(In::decode(body)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<Out> Decoder for FrameCodec<ClientIn, Out> {
+    type Item = ClientIn;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ClientIn>, FrameError> {
+        match self.body(src)? {
+            Some(body) => Ok(Some(ClientIn::decode(body)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// The body of the frame at the start of `src`, once it is all there.
+    fn body(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if src.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -77,16 +100,14 @@ impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
             return Ok(None);
         }
         src.advance(PREFIX_LEN);
-        let body: Bytes = src.split_to(len as usize).freeze();
-        Ok(Some(In::decode(body)?))
+        Ok(Some(src.split_to(len as usize).freeze()))
     }
 }
 
-impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
-    type Error = FrameError;
-
-    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let len = item.encoded_len();
+impl<In, Out> FrameCodec<In, Out> {
+    /// Writes the prefix of a `len`-byte body, with room for the body, or
+    /// refuses a body over the limit.
+    fn prefix(&self, len: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len32 = u32::try_from(len)
             .ok()
             .filter(|l| *l <= self.max_frame_bytes)
@@ -97,8 +118,28 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
         dst.reserve(PREFIX_LEN + len);
         dst.put_u8(0);
         dst.put_u32(len32);
+        Ok(())
+    }
+}
+
+impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.prefix(item.encoded_len(), dst)?;
         item.encode(dst)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl<In> Encoder<ClientOut> for FrameCodec<In, ClientOut> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: ClientOut, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.prefix(item.encoded_len(), dst)?;
+        // `prefix` reserved the body's length: encoding cannot run short.
+        item.encode(dst);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 use super::auth::{Access, Operation};
 use crate::protocol::pb;
 use crate::protocol::pb::client_frame::Request;
+use crate::protocol::request::ProduceIn;
 
 /// A request that names what it needs of the caller.
 pub trait Guarded {
@@ -29,6 +30,8 @@ macro_rules! guarded {
 guarded! {
     pb::PingRequest => |_r| Access::Open;
     pb::ProduceRequest => |r| Access::Topic(Operation::Produce, &r.topic);
+    // The native server's produce request, decoded without the generated type.
+    ProduceIn => |r| Access::Topic(Operation::Produce, &r.topic);
     pb::FetchRequest => |r| Access::Topic(Operation::Consume, &r.topic);
     pb::SubscribeRequest => |r| Access::Topic(Operation::Consume, &r.topic);
     // Ends a subscription of the caller's own connection.

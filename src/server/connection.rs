@@ -21,7 +21,9 @@ use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
+use crate::protocol::request::ClientIn;
 use crate::protocol::{PROTOCOL_VERSION, pb, status};
+use crate::security::access::Guarded as _;
 use crate::security::auth::Principal;
 use crate::security::{access, tls};
 use futures_util::{SinkExt, StreamExt};
@@ -43,7 +45,7 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 256;
 /// Longest a refusal waits for the socket to take its one frame.
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
-type ServerCodec = FrameCodec<pb::ClientFrame, pb::ServerFrame>;
+type ServerCodec = FrameCodec<ClientIn, pb::ServerFrame>;
 
 /// The label of this transport's metrics.
 pub(super) const LISTENER: &str = "native";
@@ -217,7 +219,10 @@ pub(super) async fn serve<S>(
                     last_frame = Instant::now();
                     // A long-poll waits for the topic, not for the broker:
                     // the connection is idle meanwhile.
-                    let waits = matches!(&frame.request, Some(Request::Fetch(f)) if f.wait_ms > 0);
+                    let waits = matches!(
+                        &frame,
+                        ClientIn::Frame(pb::ClientFrame { request: Some(Request::Fetch(f)), .. }) if f.wait_ms > 0
+                    );
                     let busy = (!waits).then(|| Busy::new(&conn.working));
                     let conn = Arc::clone(&conn);
                     in_flight.spawn(async move {
@@ -299,10 +304,10 @@ where
         _ = stopping(shutdown) => return Err(None),
     };
     match first {
-        Some(Ok(pb::ClientFrame {
+        Some(Ok(ClientIn::Frame(pb::ClientFrame {
             request_id,
             request: Some(Request::Hello(h)),
-        })) => {
+        }))) => {
             if h.protocol_version != PROTOCOL_VERSION {
                 return Err(Some((
                     request_id,
@@ -337,7 +342,7 @@ where
             Ok((welcome, principal))
         }
         Some(Ok(frame)) => Err(Some((
-            frame.request_id,
+            frame.request_id(),
             status::error(
                 pb::Code::FailedPrecondition,
                 "the first frame of a connection must be Hello",
@@ -458,15 +463,18 @@ impl Conn {
 
     /// Serves one request; `None` when the reply was already queued. Every
     /// request is counted here, with its operation, status code and time.
-    async fn handle(&self, frame: pb::ClientFrame) -> Option<pb::ServerFrame> {
-        let id = frame.request_id;
+    async fn handle(&self, frame: ClientIn) -> Option<pb::ServerFrame> {
+        let id = frame.request_id();
         let started = std::time::Instant::now();
-        let operation = frame
-            .request
-            .as_ref()
-            .map_or("unknown", handlers::operation);
-        if let Some(request) = &frame.request
-            && let Err(e) = self.principal.allow(access::of(request))
+        let (operation, access) = match &frame {
+            ClientIn::Frame(f) => (
+                f.request.as_ref().map_or("unknown", handlers::operation),
+                f.request.as_ref().map(access::of),
+            ),
+            ClientIn::Produce(p) => ("produce", Some(p.access())),
+        };
+        if let Some(access) = access
+            && let Err(e) = self.principal.allow(access)
         {
             let error = self.shared.wire(&e);
             if matches!(e, crate::Error::Unauthenticated(_)) {
@@ -484,12 +492,17 @@ impl Conn {
             );
             return Some(error_frame(id, error));
         }
-        let result = match frame.request {
-            Some(Request::Subscribe(s)) => {
-                handlers::fetch::subscribe(self, id, s).await.map(|()| None)
-            }
-            Some(request) => handlers::dispatch(self, request).await.map(Some),
-            None => Err(status::error(
+        let result = match frame {
+            ClientIn::Produce(p) => handlers::produce::produce(self, p).await.map(Some),
+            ClientIn::Frame(pb::ClientFrame {
+                request: Some(Request::Subscribe(s)),
+                ..
+            }) => handlers::fetch::subscribe(self, id, s).await.map(|()| None),
+            ClientIn::Frame(pb::ClientFrame {
+                request: Some(request),
+                ..
+            }) => handlers::dispatch(self, request).await.map(Some),
+            ClientIn::Frame(pb::ClientFrame { request: None, .. }) => Err(status::error(
                 pb::Code::Unimplemented,
                 "unknown request type: this server does not know the request field sent",
             )),

@@ -185,7 +185,7 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
 
-    type Codec = FrameCodec<pb::ClientFrame, pb::ServerFrame>;
+    type Codec = FrameCodec<crate::protocol::request::ClientIn, pb::ServerFrame>;
 
     #[tokio::test]
     async fn a_frame_cut_short_times_out_and_a_quiet_stream_does_not() {

@@ -30,6 +30,11 @@ pub const MAX_ALLOCATION_STEP: u64 = 16 * 1024 * 1024;
 const WRITEBACK_STEP: u64 = 256 * 1024;
 /// Otherwise, most bytes of encoded records held before they are written.
 const FLUSH_BYTES: u64 = 1024 * 1024;
+/// Under `fsync=never` and `interval`, bytes written into the file before
+/// their writeback is started: the sync that seals a full segment (and the
+/// interval's sync) then finds most of it on its way to the disk already,
+/// instead of waiting for a whole segment's writeback in the writer's path.
+const LAZY_WRITEBACK_STEP: u64 = 4 * 1024 * 1024;
 /// Writeback starts at page boundaries: the page a piece ends in is written
 /// again by the next piece, and is left for the sync.
 const PAGE: u64 = 4096;
@@ -646,7 +651,10 @@ impl Log {
     /// map whenever it would pass its limit: [`FLUSH_BYTES`], or under
     /// `fsync=always` [`WRITEBACK_STEP`], each piece then sent towards the
     /// disk at once, so the disk works while the rest is encoded and the
-    /// commit's sync waits only for the last piece.
+    /// commit's sync waits only for the last piece. Under the other policies
+    /// writeback starts every [`LAZY_WRITEBACK_STEP`], so that sealing a
+    /// full segment does not wait for all of it. `msync`/`fsync` stay the
+    /// durability points; starting writeback early promises nothing.
     fn encode_chunk(
         &self,
         w: &mut Writer,
@@ -660,7 +668,7 @@ impl Log {
         while i < msgs.len() {
             if !w.scratch.is_empty() && w.scratch.len() as u64 + lens[i] > limit {
                 self.flush(w)?;
-                if early {
+                if early || w.active.unstarted_writeback() >= LAZY_WRITEBACK_STEP {
                     w.active.start_writeback();
                 }
             }
@@ -1210,6 +1218,12 @@ impl Active {
             size_dirty: false,
             opened_at: Instant::now(),
         })
+    }
+
+    /// Bytes written since the last sync or started writeback.
+    fn unstarted_writeback(&self) -> u64 {
+        self.write_pos
+            .saturating_sub(self.writeback_from.max(self.synced_pos))
     }
 
     /// Starts the writeback of the whole pages written since the last sync

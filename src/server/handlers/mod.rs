@@ -23,7 +23,11 @@ pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb:
             "Hello was already received",
         )),
         Request::Ping(p) => Ok(Reply::Ping(pb::PingResponse { nonce: p.nonce })),
-        Request::Produce(p) => produce::produce(conn, p).await,
+        // Decoded as `ClientIn::Produce` and served before this dispatch.
+        Request::Produce(_) => Err(status::error(
+            pb::Code::Internal,
+            "produce is served by handlers::produce::produce",
+        )),
         Request::Fetch(f) => fetch::fetch(conn, f).await,
         Request::Subscribe(_) => Err(status::error(
             pb::Code::Internal,

@@ -125,8 +125,9 @@ pub trait Mapping: Send + Sync + Debug {
     /// Starts writing `[pos, pos + len)` back to the disk without waiting,
     /// so a [`Mapping::sync_range`] soon after finds less left to write. Not
     /// a durability point: only `sync_range` is one, and it reports any
-    /// error of the writeback started here. A backend may do nothing.
-    fn start_writeback(&self, _pos: u64, _len: u64) {}
+    /// error of the writeback started here. A backend may do nothing; one
+    /// that wraps another forwards it (no default, so none forgets to).
+    fn start_writeback(&self, pos: u64, len: u64);
 }
 
 /// The whole content of `path`.
