@@ -1,9 +1,10 @@
 //! The wire protocol: generated message types ([`pb`]), the frame codec, the
-//! connection writer both ends share, and the one place errors become status
+//! connection writer both ends share, the server's frames encoded from reads, and the one place errors become status
 //! codes.
 
 pub mod codec;
 pub mod convert;
+pub mod outbound;
 pub mod outbox;
 pub mod status;
 

@@ -162,6 +162,15 @@ pub fn decode(buf: &[u8], max_len: u32) -> Result<Frame<'_>, DecodeError> {
     parse_fields(record).map(Frame::Record)
 }
 
+/// Decodes a whole record whose CRC was checked when it was first decoded
+/// (the bytes have not changed since), without checking it again.
+pub(crate) fn parse_checked(record: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
+    if record.len() < HEADER_LEN || u32_at(record, LENGTH_AT) as usize != record.len() {
+        return Err(DecodeError::Malformed("not one whole record"));
+    }
+    parse_fields(record)
+}
+
 fn parse_fields(record: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
     let attributes = record[ATTRIBUTES_AT];
     if attributes & !ATTR_KNOWN != 0 {
@@ -216,13 +225,18 @@ fn parse_fields(record: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
 }
 
 impl<'a> RecordRef<'a> {
+    /// Number of headers.
+    pub fn header_count(&self) -> u16 {
+        self.header_count
+    }
+
     /// Whether this record is filler over a quarantined range (never delivered).
     pub fn is_filler(&self) -> bool {
         self.attributes & ATTR_FILLER != 0
     }
 
     /// The headers in order. Decoding validated them, so this cannot fail.
-    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+    pub fn headers(self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
         let mut rest = self.headers;
         (0..self.header_count).map_while(move |_| {
             let name_len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;

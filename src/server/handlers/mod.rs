@@ -24,7 +24,10 @@ pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb:
         )),
         Request::Ping(p) => Ok(Reply::Ping(pb::PingResponse { nonce: p.nonce })),
         Request::Produce(p) => produce::produce(conn, p).await,
-        Request::Fetch(f) => fetch::fetch(conn, f).await,
+        Request::Fetch(_) => Err(status::error(
+            pb::Code::Internal,
+            "fetch is served by handlers::fetch::fetch",
+        )),
         Request::Subscribe(_) => Err(status::error(
             pb::Code::Internal,
             "subscribe is served by handlers::fetch::subscribe",

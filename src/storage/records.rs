@@ -1,0 +1,189 @@
+//! What one read returns: records that passed their CRC, kept where they lie
+//! in the segments' maps. A read of a thousand records holds one shared
+//! view per window of the map it touched, not a reference per message, and
+//! a reply can be encoded straight from the records.
+//!
+//! Invariant: every entry names a whole record, inside its view, that
+//! decoded without error when it was read (the views are immutable).
+
+use super::message::{Message, Offset};
+use super::record::{self, HEADER_LEN, RecordRef};
+use bytes::Bytes;
+
+/// Where one record lies: in view `view`, `len` bytes from byte `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    offset: u64,
+    at: usize,
+    len: u32,
+    view: u32,
+    headers: u16,
+}
+
+/// Records read from a log, in offset order.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    views: Vec<Bytes>,
+    entries: Vec<Entry>,
+}
+
+impl Records {
+    /// No records.
+    pub fn new() -> Records {
+        Records::default()
+    }
+
+    /// Adds `r`, a record that decoded (CRC included) from `view` at byte `at`.
+    pub(crate) fn push(&mut self, r: &RecordRef<'_>, view: &Bytes, at: usize) {
+        debug_assert!(at + r.len as usize <= view.len());
+        let same = self
+            .views
+            .last()
+            .is_some_and(|v| v.as_ptr() == view.as_ptr() && v.len() == view.len());
+        if !same {
+            self.views.push(view.clone());
+        }
+        self.entries.push(Entry {
+            offset: r.offset,
+            at,
+            len: r.len,
+            view: (self.views.len() - 1) as u32,
+            headers: r.header_count(),
+        });
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Offset of the first record.
+    pub fn first_offset(&self) -> Option<Offset> {
+        self.entries.first().map(|e| Offset(e.offset))
+    }
+
+    /// Offset of the last record.
+    pub fn last_offset(&self) -> Option<Offset> {
+        self.entries.last().map(|e| Offset(e.offset))
+    }
+
+    /// The offsets, in order.
+    pub fn offsets(&self) -> impl Iterator<Item = Offset> + '_ {
+        self.entries.iter().map(|e| Offset(e.offset))
+    }
+
+    /// Each record's key, headers and value in bytes ([`record::payload_len`]
+    /// of its message), in order.
+    pub fn payload_lens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.entries.iter().map(|e| e.len as usize - HEADER_LEN)
+    }
+
+    /// Bytes of keys, header names and values, and values, without the
+    /// framing of either: what the delivered-bytes metric counts.
+    pub fn content_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| {
+                (e.len as usize - HEADER_LEN - record::MESSAGE_HEADER_OVERHEAD * e.headers as usize)
+                    as u64
+            })
+            .sum()
+    }
+
+    /// Keeps the records whose offset `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        self.entries.retain(|e| keep(e.offset));
+    }
+
+    /// Keeps the first `n` records.
+    pub fn truncate(&mut self, n: usize) {
+        self.entries.truncate(n);
+    }
+
+    /// Splits off the records from index `at` on (sharing the views).
+    pub fn split_off(&mut self, at: usize) -> Records {
+        Records {
+            views: self.views.clone(),
+            entries: self.entries.split_off(at),
+        }
+    }
+
+    /// The records, decoded in place.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
+        self.entries.iter().map(|e| {
+            let view = &self.views[e.view as usize];
+            record::parse_checked(&view[e.at..e.at + e.len as usize])
+                .expect("a record in Records passed its checks when it was read")
+        })
+    }
+
+    /// The records as owned messages whose key and values share the map.
+    pub fn to_messages(&self) -> Vec<Message> {
+        self.entries
+            .iter()
+            .zip(self.iter())
+            .map(|(e, r)| r.to_message(&self.views[e.view as usize]))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::message::NewMessage;
+    use crate::storage::record::Frame;
+
+    fn records(n: u64) -> Records {
+        let mut buf = Vec::new();
+        for o in 0..n {
+            record::encode(
+                &mut buf,
+                o,
+                o * 10,
+                &NewMessage::from_value(vec![o as u8; o as usize]).with_header("h", "v"),
+            );
+        }
+        let view = Bytes::from(buf);
+        let mut out = Records::new();
+        let mut at = 0;
+        while at < view.len() {
+            let Ok(Frame::Record(r)) = record::decode(&view[at..], u32::MAX) else {
+                panic!("a record at {at}");
+            };
+            out.push(&r, &view, at);
+            at += r.len as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn records_read_back_as_the_messages_written() {
+        let mut r = records(5);
+        assert_eq!(r.len(), 5);
+        assert_eq!(r.views.len(), 1, "one view for records from one view");
+        r.retain(|o| o != 2);
+        let tail = r.split_off(2);
+        assert_eq!(r.offsets().collect::<Vec<_>>(), vec![Offset(0), Offset(1)]);
+        assert_eq!(tail.first_offset(), Some(Offset(3)));
+        assert_eq!(tail.last_offset(), Some(Offset(4)));
+        let m = tail.to_messages();
+        assert_eq!(&m[1].value[..], &[4u8; 4]);
+        assert_eq!(m[1].timestamp_ms, 40);
+        assert_eq!(&m[1].headers[0].value[..], b"v");
+        assert_eq!(
+            tail.content_bytes(),
+            m.iter()
+                .map(|m| crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value))
+                .sum::<u64>()
+        );
+        assert_eq!(
+            tail.payload_lens().collect::<Vec<_>>(),
+            m.iter().map(record::payload_len).collect::<Vec<_>>()
+        );
+    }
+}
