@@ -6,7 +6,7 @@
 
 use super::topic::Delivery;
 use crate::storage::record::RecordRef;
-use crate::storage::{Message, Offset, Records};
+use crate::storage::{Message, Offset, Records, Shape};
 
 /// Messages handed out by one read.
 #[derive(Debug, Clone)]
@@ -116,6 +116,15 @@ impl Deliveries {
         match &self.0 {
             Kind::Records(r) => r.iter().for_each(|r| f(DeliveryRef::Record(r))),
             Kind::Messages(m) => m.iter().for_each(|d| f(DeliveryRef::Message(d))),
+        }
+    }
+
+    /// Calls `f` with each message in order, as a [`Shape`] where the read
+    /// noted one (records without headers), else in place.
+    pub fn for_each_shape<'s>(&'s self, mut f: impl FnMut(Result<Shape, DeliveryRef<'s>>)) {
+        match &self.0 {
+            Kind::Records(r) => r.shapes().for_each(|s| f(s.map_err(DeliveryRef::Record))),
+            Kind::Messages(m) => m.iter().for_each(|d| f(Err(DeliveryRef::Message(d)))),
         }
     }
 

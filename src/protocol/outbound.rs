@@ -10,6 +10,7 @@
 
 use super::{pb, status};
 use crate::broker::{Deliveries, DeliveryRef};
+use crate::storage::Shape;
 use bytes::{Buf, BufMut};
 use prost::DecodeError;
 use prost::encoding::{
@@ -212,7 +213,12 @@ impl WireMessages {
     /// `deliveries`, to encode.
     pub fn new(deliveries: Deliveries) -> WireMessages {
         let mut lens = Vec::with_capacity(deliveries.len());
-        deliveries.for_each(|m| lens.push(message_len(&m)));
+        deliveries.for_each_shape(|m| {
+            lens.push(match m {
+                Ok(shape) => shape_len(&shape),
+                Err(m) => message_len(&m),
+            })
+        });
         let len = field_len(&lens);
         WireMessages {
             deliveries,
@@ -355,6 +361,19 @@ fn message_len(m: &DeliveryRef<'_>) -> usize {
             .sum::<usize>()
         + bytes_len(MESSAGE_VALUE, m.value())
         + uint64_len(MESSAGE_DELIVERY, u64::from(m.delivery()))
+}
+
+/// [`message_len`] of a message without headers or a delivery count, from
+/// what the read noted.
+fn shape_len(s: &Shape) -> usize {
+    uint64_len(MESSAGE_OFFSET, s.offset)
+        + uint64_len(MESSAGE_TIMESTAMP, s.timestamp_ms)
+        + s.key_len.map_or(0, |k| delimited_len(MESSAGE_KEY, k))
+        + if s.value_len == 0 {
+            0
+        } else {
+            delimited_len(MESSAGE_VALUE, s.value_len)
+        }
 }
 
 fn put_delimited_header(field: u32, len: usize, buf: &mut impl BufMut) {

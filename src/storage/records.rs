@@ -14,10 +14,28 @@ use bytes::Bytes;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     offset: u64,
+    timestamp_ms: u64,
     at: usize,
     len: u32,
     view: u32,
+    /// Key length plus one; 0 without a key.
+    key: u32,
     headers: u16,
+}
+
+/// What a read noted about a record without headers: enough to size its
+/// encoding without touching the record again (it may be in another core's
+/// cache by then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// The record's offset.
+    pub offset: u64,
+    /// Its timestamp.
+    pub timestamp_ms: u64,
+    /// Its key's length, if it has a key.
+    pub key_len: Option<usize>,
+    /// Its value's length.
+    pub value_len: usize,
 }
 
 /// Records read from a log, in offset order.
@@ -45,9 +63,12 @@ impl Records {
         }
         self.entries.push(Entry {
             offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
             at,
             len: r.len,
             view: (self.views.len() - 1) as u32,
+            // A key is shorter than its record, whose length is a u32.
+            key: r.key.map_or(0, |k| k.len() as u32 + 1),
             headers: r.header_count(),
         });
     }
@@ -113,13 +134,32 @@ impl Records {
         }
     }
 
+    /// Per record, its [`Shape`] when it has no headers, else the record
+    /// decoded in place.
+    pub fn shapes(&self) -> impl Iterator<Item = Result<Shape, RecordRef<'_>>> + '_ {
+        self.entries.iter().map(|e| {
+            if e.headers > 0 {
+                return Err(self.decode(e));
+            }
+            let key_len = e.key.checked_sub(1).map(|k| k as usize);
+            Ok(Shape {
+                offset: e.offset,
+                timestamp_ms: e.timestamp_ms,
+                key_len,
+                value_len: e.len as usize - HEADER_LEN - key_len.unwrap_or(0),
+            })
+        })
+    }
+
+    fn decode(&self, e: &Entry) -> RecordRef<'_> {
+        let view = &self.views[e.view as usize];
+        record::parse_checked(&view[e.at..e.at + e.len as usize])
+            .expect("a record in Records passed its checks when it was read")
+    }
+
     /// The records, decoded in place.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
-        self.entries.iter().map(|e| {
-            let view = &self.views[e.view as usize];
-            record::parse_checked(&view[e.at..e.at + e.len as usize])
-                .expect("a record in Records passed its checks when it was read")
-        })
+        self.entries.iter().map(|e| self.decode(e))
     }
 
     /// The records as owned messages whose key and values share the map.
@@ -175,6 +215,33 @@ mod tests {
         assert_eq!(&m[1].value[..], &[4u8; 4]);
         assert_eq!(m[1].timestamp_ms, 40);
         assert_eq!(&m[1].headers[0].value[..], b"v");
+        let mut keyed = Records::new();
+        let mut buf = Vec::new();
+        record::encode(
+            &mut buf,
+            9,
+            3,
+            &NewMessage::from_value("abc").with_key("kk"),
+        );
+        let view = Bytes::from(buf);
+        let Ok(Frame::Record(k)) = record::decode(&view, u32::MAX) else {
+            panic!("a record");
+        };
+        keyed.push(&k, &view, 0);
+        let shapes: Vec<_> = keyed.shapes().collect();
+        assert_eq!(
+            shapes,
+            vec![Ok(Shape {
+                offset: 9,
+                timestamp_ms: 3,
+                key_len: Some(2),
+                value_len: 3,
+            })]
+        );
+        assert!(
+            tail.shapes().all(|s| s.is_err()),
+            "records with headers are read in place"
+        );
         assert_eq!(
             tail.content_bytes(),
             m.iter()
