@@ -16,6 +16,8 @@
 //!   - [`storage::record`]: record framing and the decoder (byte table in its docs).
 //!   - [`storage::message`]: messages as appended and as read, and the `Offset` type.
 //!   - [`storage::segment`]: one `.log` file with its sparse indexes; the read path.
+//!   - [`storage::records`]: a read's result: CRC-checked records kept in
+//!     place in the maps, one shared view per window rather than per message.
 //!   - [`storage::index`]: sparse offset (`.idx`) and time (`.tix`) indexes.
 //!   - [`storage::log`]: a topic's segments, the single writer, group commit, retention.
 //!   - [`storage::checkpoint`]: a log's recovery point and manifest, and the
@@ -41,6 +43,8 @@
 //!     fsync ticker, checkpoints, compaction, retention) and change signal.
 //!   - [`broker::subscription`]: subscriptions with credit, read by the
 //!     transport that pushes them.
+//!   - [`broker::deliveries`]: what a read hands out: records in place
+//!     (replay, stream groups) or leased messages with their counts (queue groups).
 //!   - [`broker::topic`]: one topic: its log, deletions and groups, replay,
 //!     group lifecycle, seeks, deletes and retention; its queue groups
 //!     (leases, dead letters, acks and nacks), stream groups (fetch, commit)
@@ -63,8 +67,9 @@
 //! - [`protocol`]: the wire protocol: generated types, frame codec, the one
 //!   mapping of errors to status codes (`status`), conversions between wire
 //!   and broker types (`convert`), produce requests encoded (client) and
-//!   decoded (server) without the generated types (`request`), and the
-//!   connection writer both ends share (`outbox`).
+//!   decoded (server) without the generated types (`request`), the native
+//!   server's frames encoded straight from what a read handed out
+//!   (`outbound`), and the connection writer both ends share (`outbox`).
 //! - [`server`]: the native transport: listener, admission (connection slots
 //!   and per-address caps), connections with their handshake, frame, idle and
 //!   write deadlines and bounded send queues, and one handler module per

@@ -12,10 +12,11 @@
 //! Transports pass their own limits (what a frame holds) as plain values.
 
 use super::TopicConfig;
+use super::deliveries::Deliveries;
 use super::registry::{Deletion, Registry, RegistryOptions};
 use super::runtime::TopicRuntime;
 use super::subscription::{self, Subscription, Target};
-use super::topic::{Delivery, DeliveryLimits, Position, Topic};
+use super::topic::{DeliveryLimits, Position, Topic};
 use crate::error::{Error, Result};
 use crate::groups::{GroupInfo, GroupMode};
 use crate::metrics::{Cleanup, Metrics, TimedStorage, TopicSnapshot};
@@ -139,7 +140,7 @@ pub struct FetchRequest {
 #[derive(Debug)]
 pub struct Fetched {
     /// Messages (queue groups: with their delivery count; others: 0).
-    pub messages: Vec<Delivery>,
+    pub messages: Deliveries,
     /// Offset after the last message, or where the read started.
     pub next_offset: Offset,
     /// The topic's end offset.
@@ -607,18 +608,13 @@ impl Broker {
         member: &str,
         from: Offset,
         limits: DeliveryLimits,
-    ) -> Result<Vec<Delivery>> {
+    ) -> Result<Deliveries> {
         let delivered = self
             .read_uncounted(runtime, target, member, from, limits)
             .await?;
-        let bytes = delivered
-            .iter()
-            .map(|d| {
-                let m = &d.message;
-                crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value)
-            })
-            .sum();
-        runtime.counters().delivered(delivered.len() as u64, bytes);
+        runtime
+            .counters()
+            .delivered(delivered.len() as u64, delivered.content_bytes());
         Ok(delivered)
     }
 
@@ -630,31 +626,24 @@ impl Broker {
         member: &str,
         from: Offset,
         limits: DeliveryLimits,
-    ) -> Result<Vec<Delivery>> {
+    ) -> Result<Deliveries> {
         let t = Arc::clone(runtime.topic());
-        let plain = |messages: Vec<crate::storage::Message>| {
-            messages
-                .into_iter()
-                .map(|message| Delivery {
-                    message,
-                    delivery: 0,
-                })
-                .collect()
-        };
         match target.clone() {
             // A read at the tail (a live subscription's or long-poll's) is a
             // few records just written, still in memory, and takes no lock a
             // sync holds: done here, it saves the hand-off to the blocking
             // pool, which costs more than the read.
             Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
-                t.read_within(from, limits).map(plain)
+                t.read_within(from, limits).map(Deliveries::from)
             }
-            Target::Replay(_) => blocking(move || t.read_within(from, limits).map(plain)).await,
+            Target::Replay(_) => {
+                blocking(move || t.read_within(from, limits).map(Deliveries::from)).await
+            }
             Target::Stream(g) => {
                 let member = member.to_owned();
                 blocking(move || {
                     t.fetch_stream_within(&g, &member, Some(from), limits)
-                        .map(plain)
+                        .map(Deliveries::from)
                 })
                 .await
             }
@@ -671,7 +660,7 @@ impl Broker {
                     self.dead_letter(source, &group, fetched.dead_letters)
                         .await?;
                 }
-                Ok(fetched.deliveries)
+                Ok(Deliveries::from(fetched.deliveries))
             }
         }
     }
@@ -772,9 +761,7 @@ impl Broker {
         let mut over = false;
         loop {
             if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
-                let next_offset = messages
-                    .last()
-                    .map_or(start, |m| Offset(m.message.offset.0 + 1));
+                let next_offset = messages.last_offset().map_or(start, Offset::next);
                 return Ok(Fetched {
                     messages,
                     next_offset,

@@ -10,8 +10,9 @@
 //! one: the broker dead-letters it.
 
 use super::core::Broker;
+use super::deliveries::Deliveries;
 use super::runtime::TopicRuntime;
-use super::topic::{Delivery, DeliveryLimits, Position, Topic};
+use super::topic::{DeliveryLimits, Position, Topic};
 use crate::error::{Error, Result};
 use crate::groups::GroupMode;
 use crate::storage::Offset;
@@ -46,7 +47,7 @@ pub(super) struct Reader {
 #[derive(Debug)]
 pub enum Event {
     /// Messages, each taking one credit.
-    Messages(Vec<Delivery>),
+    Messages(Deliveries),
     /// The message at `offset` cannot be delivered ([`Error::TooLarge`]);
     /// reading goes on after it.
     Skipped {
@@ -166,8 +167,8 @@ impl Subscription {
                     }
                 }
                 Ok(messages) => {
-                    if let Some(last) = messages.last() {
-                        self.reader.position = Offset(last.message.offset.0 + 1);
+                    if let Some(last) = messages.last_offset() {
+                        self.reader.position = last.next();
                     }
                     credits.forget_permits(messages.len());
                     return Some(Ok(Event::Messages(messages)));

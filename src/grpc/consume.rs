@@ -86,8 +86,8 @@ impl Consuming {
                         if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
                             break End::Failed(self.status(&e));
                         }
-                        self.held.extend(m.iter().map(|d| d.message.offset.0));
-                        if !self.deliver(convert::messages(m)).await {
+                        self.held.extend(m.offsets().into_iter().map(|o| o.0));
+                        if !self.deliver(m).await {
                             break End::Closed;
                         }
                     }
@@ -127,7 +127,7 @@ impl Consuming {
 
     /// Sends `messages` in responses within `max_frame`; false when the
     /// client is gone.
-    async fn deliver(&mut self, messages: Vec<pb::Message>) -> bool {
+    async fn deliver(&mut self, messages: crate::broker::Deliveries) -> bool {
         for d in convert::deliveries(0, messages, self.max_frame) {
             if let Some(offset) = d.skipped_offset {
                 // Stays held: given back when the stream ends, redelivered

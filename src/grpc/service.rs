@@ -215,11 +215,10 @@ impl Pushing {
             }
             match event {
                 None => return None,
-                Some(Ok(Event::Messages(m))) => self.pending.extend(convert::deliveries(
-                    id,
-                    convert::messages(m),
-                    self.max_frame,
-                )),
+                Some(Ok(Event::Messages(m))) => {
+                    self.pending
+                        .extend(convert::deliveries(id, m, self.max_frame))
+                }
                 Some(Ok(Event::Skipped { offset, error })) => {
                     self.pending.push_back(pb::Delivery {
                         subscription_id: id,

@@ -150,56 +150,30 @@ pub fn consume_kind(kind: &pb::consume_request::Kind) -> &'static str {
     }
 }
 
-/// `messages` of subscription `id` as deliveries whose frames (a
-/// `ServerFrame` holding the delivery) take at most `max_frame` bytes:
-/// normally one; split in halves if the envelopes came out larger than
-/// planned, and a single message that still does not fit becomes a
-/// delivery saying it was skipped (RESOURCE_EXHAUSTED naming its offset)
-/// rather than a frame the codec would refuse.
-pub fn deliveries(id: u64, messages: Vec<pb::Message>, max_frame: u32) -> Vec<pb::Delivery> {
-    let mut out = Vec::new();
-    let mut pending = vec![messages];
-    while let Some(batch) = pending.pop() {
-        let d = pb::Delivery {
-            subscription_id: id,
-            messages: batch,
-            error: None,
-            skipped_offset: None,
-        };
-        let len = delivery_frame_len(&d);
-        if len <= max_frame as usize {
-            out.push(d);
-            continue;
-        }
-        let mut batch = d.messages;
-        if batch.len() > 1 {
-            let second = batch.split_off(batch.len() / 2);
-            pending.push(second);
-            pending.push(batch);
-        } else if let Some(m) = batch.pop() {
-            out.push(pb::Delivery {
+/// `deliveries` of subscription `id` as gRPC deliveries, split as
+/// [`super::outbound::pieces`] splits them for native frames of `max_frame` bytes.
+pub fn deliveries(
+    id: u64,
+    deliveries: crate::broker::Deliveries,
+    max_frame: u32,
+) -> Vec<pb::Delivery> {
+    super::outbound::pieces(id, deliveries, max_frame)
+        .into_iter()
+        .map(|piece| match piece {
+            super::outbound::Piece::Messages(m) => pb::Delivery {
+                subscription_id: id,
+                messages: messages(m.into_deliveries()),
+                error: None,
+                skipped_offset: None,
+            },
+            super::outbound::Piece::Skipped { offset, error } => pb::Delivery {
                 subscription_id: id,
                 messages: Vec::new(),
-                error: Some(super::status::error(
-                    pb::Code::ResourceExhausted,
-                    format!(
-                        "the message at offset {} takes a {len}-byte frame; max_frame_bytes is {max_frame}",
-                        m.offset
-                    ),
-                )),
-                skipped_offset: Some(m.offset),
-            });
-        }
-    }
-    out
-}
-
-/// The bytes of a `ServerFrame` holding `d`: the tag of
-/// `ServerFrame.delivery` (one byte), the body's length, the body. A gRPC
-/// message holding `d` alone is smaller.
-fn delivery_frame_len(d: &pb::Delivery) -> usize {
-    let body = prost::Message::encoded_len(d);
-    1 + prost::length_delimiter_len(body) + body
+                error: Some(error),
+                skipped_offset: Some(offset),
+            },
+        })
+        .collect()
 }
 
 /// A wire message into an engine message.
@@ -266,8 +240,9 @@ pub fn message(m: Message, delivery: u32) -> pb::Message {
 }
 
 /// Broker deliveries (messages with their delivery count) onto the wire.
-pub fn messages(deliveries: Vec<crate::broker::Delivery>) -> Vec<pb::Message> {
+pub fn messages(deliveries: crate::broker::Deliveries) -> Vec<pb::Message> {
     deliveries
+        .into_vec()
         .into_iter()
         .map(|d| message(d.message, d.delivery))
         .collect()
@@ -522,49 +497,5 @@ mod tests {
             "start: the first ConsumeRequest must be start, not ack"
         );
         assert!(refused(None).starts_with("start: "));
-    }
-
-    #[test]
-    fn the_frame_length_deliveries_plan_with_is_the_encoded_length() {
-        for (n, value) in [(0, 0), (1, 10), (3, 200), (2, 70_000)] {
-            let messages = (0..n)
-                .map(|i| pb::Message {
-                    offset: i,
-                    value: vec![1u8; value].into(),
-                    ..Default::default()
-                })
-                .collect();
-            let d = pb::Delivery {
-                subscription_id: 7,
-                messages,
-                error: None,
-                skipped_offset: None,
-            };
-            let planned = delivery_frame_len(&d);
-            let frame = pb::ServerFrame {
-                kind: Some(pb::server_frame::Kind::Delivery(d)),
-            };
-            assert_eq!(planned, prost::Message::encoded_len(&frame));
-        }
-    }
-
-    #[test]
-    fn deliveries_split_to_fit_and_skip_what_cannot() {
-        let messages: Vec<pb::Message> = (0..4)
-            .map(|i| pb::Message {
-                offset: i,
-                value: vec![1u8; if i == 2 { 5000 } else { 1000 }].into(),
-                ..Default::default()
-            })
-            .collect();
-        let out = deliveries(3, messages, 2500);
-        let offsets: Vec<Vec<u64>> = out
-            .iter()
-            .map(|d| d.messages.iter().map(|m| m.offset).collect())
-            .collect();
-        assert_eq!(offsets, vec![vec![0, 1], vec![], vec![3]]);
-        assert_eq!(out[1].skipped_offset, Some(2));
-        assert!(out.iter().all(|d| d.subscription_id == 3));
-        assert!(out.iter().all(|d| delivery_frame_len(d) <= 2500));
     }
 }

@@ -1,10 +1,12 @@
 //! The wire protocol: generated message types ([`pb`]), the frame codec, the
 //! connection writer both ends share, produce requests encoded and decoded
-//! without the generated types, and the one place errors become status
+//! without the generated types, the server's frames encoded from reads, and
+//! the one place errors become status
 //! codes.
 
 pub mod codec;
 pub mod convert;
+pub mod outbound;
 pub mod outbox;
 pub mod request;
 pub mod status;

@@ -19,6 +19,7 @@ use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::stopping;
 use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
+use crate::protocol::outbound::Outbound;
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::request::ClientIn;
@@ -45,7 +46,7 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 256;
 /// Longest a refusal waits for the socket to take its one frame.
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
-type ServerCodec = FrameCodec<ClientIn, pb::ServerFrame>;
+type ServerCodec = FrameCodec<ClientIn, Outbound>;
 
 /// The label of this transport's metrics.
 pub(super) const LISTENER: &str = "native";
@@ -68,17 +69,14 @@ fn error_frame(request_id: u64, error: pb::Error) -> pb::ServerFrame {
 /// produce limit keeps messages small enough, and reads never hand out a
 /// larger stored message ([`crate::protocol::convert::delivery_limits`]); this is the last
 /// guard, for envelopes larger than planned.
-fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::ServerFrame {
+fn within_frame_limit(request_id: u64, frame: Outbound, max: u32) -> Outbound {
     let len = prost::Message::encoded_len(&frame);
     if len <= max as usize {
         return frame;
     }
-    let what = match &frame.kind {
-        Some(pb::server_frame::Kind::Response(pb::Response {
-            result: Some(Reply::Fetch(f)),
-            ..
-        })) => match f.messages.first() {
-            Some(m) => format!("the message at offset {}", m.offset),
+    let what = match &frame {
+        Outbound::Fetch { messages, .. } => match messages.first_offset() {
+            Some(offset) => format!("the message at offset {offset}"),
             None => "the reply".to_string(),
         },
         _ => "the reply".to_string(),
@@ -90,6 +88,7 @@ fn within_frame_limit(request_id: u64, frame: pb::ServerFrame, max: u32) -> pb::
             format!("{what} takes {len} bytes; max_frame_bytes is {max}"),
         ),
     )
+    .into()
 }
 
 fn frame_error(e: &FrameError) -> Option<pb::Error> {
@@ -148,7 +147,11 @@ pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     tracing::debug!(%peer, error = %error.message, "connection refused");
     let mut framed = FramedWrite::new(stream, ServerCodec::new(max_frame_bytes));
-    let _ = tokio::time::timeout(REFUSAL_WRITE_WAIT, framed.send(error_frame(0, error))).await;
+    let _ = tokio::time::timeout(
+        REFUSAL_WRITE_WAIT,
+        framed.send(Outbound::from(error_frame(0, error))),
+    )
+    .await;
 }
 
 /// Serves one connection until the client leaves, a frame is unreadable, a
@@ -463,7 +466,7 @@ impl Conn {
 
     /// Serves one request; `None` when the reply was already queued. Every
     /// request is counted here, with its operation, status code and time.
-    async fn handle(&self, frame: ClientIn) -> Option<pb::ServerFrame> {
+    async fn handle(&self, frame: ClientIn) -> Option<Outbound> {
         let id = frame.request_id();
         let started = std::time::Instant::now();
         let (operation, access) = match &frame {
@@ -490,18 +493,26 @@ impl Conn {
                 error.code,
                 started.elapsed(),
             );
-            return Some(error_frame(id, error));
+            return Some(error_frame(id, error).into());
         }
         let result = match frame {
-            ClientIn::Produce(p) => handlers::produce::produce(self, p).await.map(Some),
+            ClientIn::Produce(p) => handlers::produce::produce(self, p)
+                .await
+                .map(|reply| Some(response(id, reply).into())),
             ClientIn::Frame(pb::ClientFrame {
                 request: Some(Request::Subscribe(s)),
                 ..
             }) => handlers::fetch::subscribe(self, id, s).await.map(|()| None),
             ClientIn::Frame(pb::ClientFrame {
+                request: Some(Request::Fetch(f)),
+                ..
+            }) => handlers::fetch::fetch(self, id, f).await.map(Some),
+            ClientIn::Frame(pb::ClientFrame {
                 request: Some(request),
                 ..
-            }) => handlers::dispatch(self, request).await.map(Some),
+            }) => handlers::dispatch(self, request)
+                .await
+                .map(|reply| Some(response(id, reply).into())),
             ClientIn::Frame(pb::ClientFrame { request: None, .. }) => Err(status::error(
                 pb::Code::Unimplemented,
                 "unknown request type: this server does not know the request field sent",
@@ -513,8 +524,10 @@ impl Conn {
             .metrics()
             .request(LISTENER, operation, code, started.elapsed());
         // A subscription's answer is already queued.
-        let result = result.transpose()?;
-        let frame = response(id, result.unwrap_or_else(Reply::Error));
+        let frame = match result.transpose()? {
+            Ok(frame) => frame,
+            Err(error) => error_frame(id, error).into(),
+        };
         Some(within_frame_limit(
             id,
             frame,

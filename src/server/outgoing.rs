@@ -6,7 +6,8 @@
 //! has stopped.
 
 use crate::protocol::codec::FrameError;
-use crate::protocol::{outbox, pb};
+use crate::protocol::outbound::Outbound;
+use crate::protocol::outbox;
 use futures_util::{Sink, SinkExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub(super) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Longest the last frames of a closing connection wait for queue room.
 pub(super) const FINAL_FRAMES_WAIT: Duration = Duration::from_secs(1);
 
-type Queued = (pb::ServerFrame, OwnedSemaphorePermit);
+type Queued = (Outbound, OwnedSemaphorePermit);
 
 /// The writer is gone: nothing more reaches the client.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +46,7 @@ impl Outgoing {
         stalled: impl FnOnce() + Send + 'static,
     ) -> (Outgoing, JoinHandle<()>)
     where
-        S: Sink<pb::ServerFrame, Error = FrameError> + Send + Unpin + 'static,
+        S: Sink<Outbound, Error = FrameError> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel::<Queued>(QUEUE_FRAMES);
         let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
@@ -71,7 +72,8 @@ impl Outgoing {
     }
 
     /// Queues `frame`, waiting while the queue is full.
-    pub(super) async fn send(&self, frame: pb::ServerFrame) -> Result<(), Closed> {
+    pub(super) async fn send(&self, frame: impl Into<Outbound>) -> Result<(), Closed> {
+        let frame = frame.into();
         let len = prost::Message::encoded_len(&frame).clamp(1, QUEUE_BYTES);
         let bytes = Arc::clone(&self.budget)
             .acquire_many_owned(len as u32)
@@ -112,7 +114,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let sink = FramedWrite::new(
             super::super::deadline::StallGuard::new(server, Some(Duration::from_millis(300))),
-            FrameCodec::<pb::ClientFrame, pb::ServerFrame>::new(64 << 20),
+            FrameCodec::<pb::ClientFrame, Outbound>::new(64 << 20),
         );
         let peer: SocketAddr = ([127, 0, 0, 1], 1).into();
         let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();

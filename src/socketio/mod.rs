@@ -348,6 +348,7 @@ async fn run_feed(
             Ok(crate::broker::Event::Messages(deliveries)) => {
                 let n = deliveries.len();
                 let batch: Vec<codec::Encoded> = deliveries
+                    .into_vec()
                     .iter()
                     .map(|d| codec::Encoded::new(&room, &d.message))
                     .collect();

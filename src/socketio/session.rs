@@ -955,6 +955,7 @@ async fn pump_room(out: Out, room: String, from: u64) {
             }
             let messages: Vec<codec::Encoded> = fetched
                 .messages
+                .into_vec()
                 .iter()
                 .filter(|d| d.message.offset.0 >= next)
                 .map(|d| codec::Encoded::new(&room, &d.message))
@@ -1049,7 +1050,7 @@ async fn pump_queue(
         }
         match event {
             Ok(Event::Messages(deliveries)) => {
-                for d in deliveries {
+                for d in deliveries.into_vec() {
                     let mut shared = out.shared.lock().await;
                     let id = shared.next_ack;
                     shared.next_ack += 1;

@@ -12,6 +12,7 @@ use super::index::IndexBuilder;
 use super::io::{Mapping, OpenMode, Storage, StorageFile};
 use super::message::{Message, NewMessage, Offset};
 use super::record;
+use super::records::Records;
 use super::recovery::{self, OpenedSegment, RecoveryReport};
 use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
@@ -973,6 +974,17 @@ impl Log {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
+        self.read_records(from, max_messages, max_bytes)
+            .map(|records| records.to_messages())
+    }
+
+    /// [`Log::read`], returning the records where they lie in the maps.
+    pub fn read_records(
+        &self,
+        from: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Records> {
         let limits = ReadLimits {
             max_messages,
             max_bytes,
@@ -981,7 +993,7 @@ impl Log {
         let first = segments
             .partition_point(|s| s.base() <= from.0)
             .saturating_sub(1);
-        let mut out = Vec::new();
+        let mut out = Records::new();
         let mut bytes = 0usize;
         for segment in &segments[first..] {
             bytes += segment.read(from.0, limits, bytes, &mut out)?;
@@ -989,8 +1001,8 @@ impl Log {
             // smaller record of the next segment may still fit, but returning it
             // would skip the one that did not.
             let cut_short = out
-                .last()
-                .is_some_and(|m| m.offset.0 + 1 < segment.end_offset());
+                .last_offset()
+                .is_some_and(|o| o.0 + 1 < segment.end_offset());
             if cut_short || out.len() >= max_messages || (!out.is_empty() && bytes >= max_bytes) {
                 break;
             }

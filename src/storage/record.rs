@@ -65,6 +65,19 @@ pub struct RecordRef<'a> {
     pub value: &'a [u8],
 }
 
+/// The fields of a [`RecordRef`], for [`RecordRef::from_parts`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts<'a> {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub attributes: u8,
+    pub len: u32,
+    pub key: Option<&'a [u8]>,
+    pub header_count: u16,
+    pub headers: &'a [u8],
+    pub value: &'a [u8],
+}
+
 /// What the decoder found at a position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -216,13 +229,33 @@ fn parse_fields(record: &[u8]) -> Result<RecordRef<'_>, DecodeError> {
 }
 
 impl<'a> RecordRef<'a> {
+    /// Number of headers.
+    pub fn header_count(&self) -> u16 {
+        self.header_count
+    }
+
     /// Whether this record is filler over a quarantined range (never delivered).
     pub fn is_filler(&self) -> bool {
         self.attributes & ATTR_FILLER != 0
     }
 
+    /// A record from parts a decode of it found before (see
+    /// [`crate::storage::Records`]).
+    pub(crate) fn from_parts(p: Parts<'a>) -> RecordRef<'a> {
+        RecordRef {
+            offset: p.offset,
+            timestamp_ms: p.timestamp_ms,
+            attributes: p.attributes,
+            len: p.len,
+            key: p.key,
+            header_count: p.header_count,
+            headers: p.headers,
+            value: p.value,
+        }
+    }
+
     /// The headers in order. Decoding validated them, so this cannot fail.
-    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+    pub fn headers(self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
         let mut rest = self.headers;
         (0..self.header_count).map_while(move |_| {
             let name_len = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;

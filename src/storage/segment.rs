@@ -5,8 +5,8 @@
 
 use super::index::{OffsetEntry, SegmentIndex};
 use super::io::Mapping;
-use super::message::Message;
 use super::record::{self, DecodeError, Frame, RecordRef};
+use super::records::Records;
 use crate::error::{Corruption, Error, IoContext, Result};
 use bytes::Bytes;
 use std::ops::ControlFlow;
@@ -232,11 +232,12 @@ impl Segment {
     }
 
     /// Visits published records from byte `position` on, verifying each CRC.
-    /// `f` sees each record with its position and the view it lies in.
+    /// `f` sees each record with the view it lies in and where in that view
+    /// it starts.
     pub fn scan_from<T>(
         &self,
         position: u64,
-        mut f: impl FnMut(&RecordRef<'_>, u64, &Bytes) -> ControlFlow<T>,
+        mut f: impl FnMut(&RecordRef<'_>, usize, &Bytes) -> ControlFlow<T>,
     ) -> Result<Option<T>> {
         let published = self.map.published();
         let mut pos = position;
@@ -255,7 +256,7 @@ impl Segment {
             let at = (pos - view_start) as usize;
             match record::decode(&view[at..], self.max_record_len) {
                 Ok(Frame::Record(r)) => {
-                    if let ControlFlow::Break(t) = f(&r, pos, &view) {
+                    if let ControlFlow::Break(t) = f(&r, at, &view) {
                         return Ok(Some(t));
                     }
                     pos += u64::from(r.len);
@@ -294,14 +295,14 @@ impl Segment {
         })
     }
 
-    /// Appends to `out` the published messages at or after `from`, within
+    /// Appends to `out` the published records at or after `from`, within
     /// `limits` (counting `bytes_so_far` already returned). Returns the bytes added.
     pub fn read(
         &self,
         from: u64,
         limits: ReadLimits,
         bytes_so_far: usize,
-        out: &mut Vec<Message>,
+        out: &mut Records,
     ) -> Result<usize> {
         let end_offset = self.end_offset();
         if from >= end_offset || out.len() >= limits.max_messages {
@@ -309,7 +310,7 @@ impl Segment {
         }
         let mut added = 0usize;
         let start = self.start_position(from);
-        self.scan_from(start, |r, _, view| {
+        self.scan_from(start, |r, at, view| {
             if r.offset >= end_offset {
                 return ControlFlow::Break(());
             }
@@ -320,7 +321,7 @@ impl Segment {
             if out.len() >= limits.max_messages || (!out.is_empty() && total > limits.max_bytes) {
                 return ControlFlow::Break(());
             }
-            out.push(r.to_message(view));
+            out.push(r, view, at);
             added += r.len as usize;
             // Stop here rather than decode a record nobody asked for (which
             // would fail the read if that record is damaged).

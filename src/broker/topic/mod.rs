@@ -22,7 +22,7 @@ use crate::storage::io::Storage;
 use crate::storage::log::{RetentionLimits, now_ms};
 use crate::storage::record;
 use crate::storage::{
-    Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset,
+    Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, Records,
     RecoveryMode,
 };
 use std::collections::BTreeMap;
@@ -495,39 +495,41 @@ impl Topic {
     /// (deleted and fully consumed ones are skipped).
     pub fn read(&self, from: Offset, max: usize, max_bytes: usize) -> Result<Vec<Message>> {
         self.read_within(from, DeliveryLimits::new(max, max_bytes))
+            .map(|records| records.to_messages())
     }
 
-    /// [`Topic::read`] for a delivery of at most `limits`: stops before a
-    /// message too large to deliver, or fails with [`Error::TooLarge`] naming
-    /// it when it is the first.
-    pub fn read_within(&self, from: Offset, limits: DeliveryLimits) -> Result<Vec<Message>> {
+    /// [`Topic::read`] for a delivery of at most `limits`, as records in
+    /// place: stops before a message too large to deliver, or fails with
+    /// [`Error::TooLarge`] naming it when it is the first.
+    pub fn read_within(&self, from: Offset, limits: DeliveryLimits) -> Result<Records> {
         let _pass = self.enter()?;
         let mut from = from.0;
         let end = self.log.end().0;
         let mut live = loop {
-            let batch = self.log.read(Offset(from), limits.messages, limits.bytes)?;
-            let Some(last) = batch.last().map(|m| m.offset.0) else {
+            let mut batch = self
+                .log
+                .read_records(Offset(from), limits.messages, limits.bytes)?;
+            let Some(last) = batch.last_offset().map(|o| o.0) else {
                 return Ok(batch);
             };
             let consumed = self.consumed(&self.groups())?;
             let deletions = self.deletions();
-            let live: Vec<Message> = batch
-                .into_iter()
-                .filter(|m| {
-                    let o = m.offset.0;
-                    !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
-                })
-                .collect();
-            if !live.is_empty() || last + 1 >= end {
-                break live;
+            batch.retain(|o| {
+                !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
+            });
+            if !batch.is_empty() || last + 1 >= end {
+                break batch;
             }
             from = last + 1;
         };
-        if let Some(i) = live.iter().position(|m| limits.excess(m).is_some()) {
-            if let (0, Some(size)) = (i, limits.excess(&live[0])) {
+        let too_large = live
+            .payload_lens()
+            .position(|size| size > limits.message_bytes);
+        if let Some(i) = too_large {
+            if i == 0 {
                 return Err(Error::TooLarge {
-                    offset: live[0].offset.0,
-                    size,
+                    offset: live.first_offset().map_or(from, |o| o.0),
+                    size: live.payload_lens().next().unwrap_or_default(),
                     limit: limits.message_bytes,
                 });
             }

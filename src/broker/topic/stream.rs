@@ -18,6 +18,7 @@ impl Topic {
         max_bytes: usize,
     ) -> Result<Vec<Message>> {
         self.fetch_stream_within(group, member, from, DeliveryLimits::new(max, max_bytes))
+            .map(|records| records.to_messages())
     }
 
     /// [`Topic::fetch_stream`] for a delivery of at most `limits` (see
@@ -28,7 +29,7 @@ impl Topic {
         member: &str,
         from: Option<Offset>,
         limits: DeliveryLimits,
-    ) -> Result<Vec<Message>> {
+    ) -> Result<Records> {
         let _pass = self.enter()?;
         let from = self.with_group(group, |g| {
             if g.config().mode != GroupMode::Stream {

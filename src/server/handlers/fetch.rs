@@ -2,7 +2,8 @@
 //! subscription's deliveries into `Delivery` frames no larger than a frame.
 
 use super::wire;
-use crate::broker::{Event, Subscription};
+use crate::broker::{Deliveries, Event, Subscription};
+use crate::protocol::outbound::{self, Outbound, Piece, WireMessages};
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{convert, pb, status};
 use crate::security::auth::{Access, Operation};
@@ -10,9 +11,14 @@ use crate::server::connection::{Conn, Pushing, response};
 use crate::server::outgoing::Outgoing;
 use std::sync::atomic::Ordering;
 
-/// A fetch; a long-poll ends early when the connection closes (with the
-/// reason, or with what there is when the peer is gone).
-pub(in crate::server) async fn fetch(conn: &Conn, f: pb::FetchRequest) -> Result<Reply, pb::Error> {
+/// A fetch, answered with its messages encoded straight from the read; a
+/// long-poll ends early when the connection closes (with the reason, or
+/// with what there is when the peer is gone).
+pub(in crate::server) async fn fetch(
+    conn: &Conn,
+    request_id: u64,
+    f: pb::FetchRequest,
+) -> Result<Outbound, pb::Error> {
     let request = convert::fetch_request(f, conn.shared.config.max_frame_bytes);
     let fetched = conn
         .shared
@@ -25,11 +31,12 @@ pub(in crate::server) async fn fetch(conn: &Conn, f: pb::FetchRequest) -> Result
     {
         return Err(error);
     }
-    Ok(Reply::Fetch(pb::FetchResponse {
-        messages: convert::messages(fetched.messages),
+    Ok(Outbound::Fetch {
+        request_id,
+        messages: WireMessages::new(fetched.messages),
         next_offset: fetched.next_offset.0,
         end_offset: fetched.end_offset.0,
-    }))
+    })
 }
 
 /// Starts a subscription. Its reply is queued before the subscription can
@@ -118,7 +125,7 @@ async fn push_all(
             return;
         }
         let pushed = match event {
-            Ok(Event::Messages(m)) => push(out, id, convert::messages(m), max_frame).await,
+            Ok(Event::Messages(m)) => push(out, id, m, max_frame).await,
             Ok(Event::Skipped { offset, error }) => out
                 .send(skipped(id, offset, wire(error)))
                 .await
@@ -149,16 +156,15 @@ fn skipped(id: u64, offset: u64, error: pb::Error) -> pb::ServerFrame {
 }
 
 /// Pushes `messages` in frames of at most `max_frame` bytes (see
-/// [`convert::deliveries`]).
-async fn push(
-    out: &Outgoing,
-    id: u64,
-    messages: Vec<pb::Message>,
-    max_frame: u32,
-) -> Result<(), ()> {
-    for d in convert::deliveries(id, messages, max_frame) {
-        let frame = pb::ServerFrame {
-            kind: Some(pb::server_frame::Kind::Delivery(d)),
+/// [`outbound::pieces`]).
+async fn push(out: &Outgoing, id: u64, messages: Deliveries, max_frame: u32) -> Result<(), ()> {
+    for piece in outbound::pieces(id, messages, max_frame) {
+        let frame = match piece {
+            Piece::Messages(messages) => Outbound::Delivery {
+                subscription_id: id,
+                messages,
+            },
+            Piece::Skipped { offset, error } => skipped(id, offset, error).into(),
         };
         out.send(frame).await.map_err(|_| ())?;
     }

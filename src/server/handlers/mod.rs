@@ -28,7 +28,10 @@ pub(super) async fn dispatch(conn: &Conn, request: Request) -> Result<Reply, pb:
             pb::Code::Internal,
             "produce is served by handlers::produce::produce",
         )),
-        Request::Fetch(f) => fetch::fetch(conn, f).await,
+        Request::Fetch(_) => Err(status::error(
+            pb::Code::Internal,
+            "fetch is served by handlers::fetch::fetch",
+        )),
         Request::Subscribe(_) => Err(status::error(
             pb::Code::Internal,
             "subscribe is served by handlers::fetch::subscribe",
