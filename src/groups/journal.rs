@@ -7,7 +7,9 @@
 //! file `<name>.snap` holds one record whose offset is the first sequence it
 //! does *not* cover; it is replaced atomically (temp file, fsync, rename, dir fsync), and
 //! entries it covers are skipped on replay, so a crash between the rename and
-//! the journal reset loses nothing.
+//! the journal reset loses nothing; the next open finishes that reset. The
+//! snapshot's cut names the journal file's generation, whose synced length a
+//! checkpoint records: a file only grows within its generation.
 
 use crate::error::{Corruption, Error, IoContext, Result};
 use crate::storage::RecoveryMode;
@@ -465,11 +467,30 @@ impl Journal {
             });
             pos = at;
         }
+        // Only entries the snapshot covers: a crash came between its rename
+        // and the journal reset. Finish the reset now. Left in place, these
+        // bytes would count as synced bytes of generation `first_uncovered`,
+        // and a checkpoint could record them; a later snapshot covering the
+        // same sequence numbers keeps that generation but empties the file,
+        // and the recorded point would then claim synced bytes it no longer
+        // has.
+        let reset = pos > 0 && last_seq.is_some_and(|l| l < first_uncovered);
+        if reset {
+            file.set_len(0)
+                .ctx(|| format!("resetting {}", path.display()))?;
+            tracing::warn!(
+                file = %path.display(),
+                at = 0,
+                dropped = pos,
+                "cut journal entries its snapshot covers (an interrupted reset)"
+            );
+            pos = 0;
+        }
         // A crashed process may have left entries in the page cache only:
         // make everything replayed durable before the journal's recovery
         // point can count it (nothing to do when the point already covers
         // all of it, as after a clean stop).
-        if pos as u64 > synced_len || cut_at.is_some() || rewrite {
+        if pos as u64 > synced_len || cut_at.is_some() || rewrite || reset {
             file.sync_data()
                 .ctx(|| format!("syncing {}", path.display()))?;
         }
@@ -606,6 +627,13 @@ impl Journal {
     /// the journal.
     pub fn snapshot(&mut self, state: &[u8]) -> Result<()> {
         self.check()?;
+        // The reset below keeps the generation when nothing was appended
+        // since the last snapshot; the file is empty then (open finishes an
+        // interrupted reset), so no recovery point loses synced bytes.
+        debug_assert!(
+            self.next_seq > self.base_seq || self.pos == 0,
+            "a journal generation holds bytes only of entries it journaled"
+        );
         let mut buf = Vec::with_capacity(state.len() + record::HEADER_LEN);
         record::encode(
             &mut buf,
@@ -947,6 +975,33 @@ mod tests {
         drop(j);
         let (_, replayed) = open(&disk);
         assert_eq!(replayed.entries, vec![b"c".to_vec()]);
+    }
+
+    #[test]
+    fn a_snapshot_after_an_interrupted_reset_keeps_the_recovery_point_true() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"a").expect("append");
+        j.append(b"b").expect("append");
+        j.sync().expect("sync");
+        // Power fails after the snapshot's rename was made durable, before
+        // the journal reset: the journal still holds the covered entries.
+        disk.power_off_after_syncs(Some(disk.sync_count() + 2));
+        assert!(j.snapshot(b"ab").is_err());
+        drop(j);
+        disk.power_cut(None);
+        let (mut j, replayed) = open(&disk);
+        assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
+        // A checkpoint taken now records this point; the next snapshot
+        // covers the same sequence numbers, so it starts no new generation.
+        let point = j.recovery_point();
+        j.snapshot(b"ab, pruned").expect("snapshot");
+        drop(j);
+        disk.power_cut(None);
+        let (_, replayed) = open_at(&disk, point, RecoveryMode::TolerateTornTail)
+            .expect("the point a checkpoint took still holds");
+        assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab, pruned"[..]));
+        assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
     }
 
     #[test]
