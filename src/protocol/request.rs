@@ -212,8 +212,12 @@ impl ClientIn {
         if let Some(produce) = produce_in(&body) {
             return Ok(ClientIn::Produce(produce));
         }
-        let frame = pb::ClientFrame::decode(body)?;
-        Ok(match frame.request {
+        Ok(ClientIn::from_frame(pb::ClientFrame::decode(body)?))
+    }
+
+    /// A frame the generated decoder read, its produce request converted.
+    fn from_frame(frame: pb::ClientFrame) -> ClientIn {
+        match frame.request {
             Some(pb::client_frame::Request::Produce(p)) => ClientIn::Produce(ProduceIn {
                 request_id: frame.request_id,
                 topic: p.topic,
@@ -223,7 +227,7 @@ impl ClientIn {
                 request_id: frame.request_id,
                 request,
             }),
-        })
+        }
     }
 
     /// The request's id.
@@ -423,18 +427,7 @@ mod tests {
 
     /// What the generated decoder and the conversion make of `body`.
     fn reference(body: &[u8]) -> Result<ClientIn, prost::DecodeError> {
-        let frame = pb::ClientFrame::decode(body)?;
-        Ok(match frame.request {
-            Some(pb::client_frame::Request::Produce(p)) => ClientIn::Produce(ProduceIn {
-                request_id: frame.request_id,
-                topic: p.topic,
-                messages: p.messages.into_iter().map(convert::new_message).collect(),
-            }),
-            request => ClientIn::Frame(pb::ClientFrame {
-                request_id: frame.request_id,
-                request,
-            }),
-        })
+        Ok(ClientIn::from_frame(pb::ClientFrame::decode(body)?))
     }
 
     fn same_as_reference(body: &[u8]) -> Result<(), TestCaseError> {
