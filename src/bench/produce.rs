@@ -268,6 +268,7 @@ async fn open_loop(
     std::thread::Builder::new()
         .name(format!("bench-pacer-{producer}"))
         .spawn(move || {
+            pacing::exact_sleeps();
             let spec = pacer_spec;
             let payload = Bytes::from(vec![0x5a_u8; spec.size]);
             for k in 0.. {

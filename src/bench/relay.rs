@@ -65,6 +65,7 @@ pub async fn probe(rate: u64, size: usize, time: Duration) -> Result<LatencySumm
     std::thread::Builder::new()
         .name("bench-relay-pacer".into())
         .spawn(move || {
+            pacing::exact_sleeps();
             for k in 0..count {
                 pacing::sleep_until(due(k));
                 if tx.blocking_send(k).is_err() {
