@@ -453,3 +453,27 @@ fn a_group_of_batches_is_written_together_and_reads_back() {
         }
     }
 }
+
+#[test]
+fn an_append_may_block_when_the_policy_syncs_or_the_segment_would_roll() {
+    let open = |fsync| {
+        spool::storage::Log::open(
+            Arc::new(SimDisk::new()),
+            "/l",
+            small(fsync),
+            RecoveryMode::default(),
+        )
+        .expect("open")
+    };
+    let never = open(FsyncPolicy::Never);
+    let segment = never.config().segment_bytes;
+    assert!(!never.append_may_block(100), "a copy into the page cache");
+    assert!(
+        never.append_may_block(segment + 1),
+        "more than the segment holds rolls it, and a roll syncs"
+    );
+    never.append(&[msg(0)]).expect("append");
+    assert!(!never.append_may_block(100));
+    assert!(open(FsyncPolicy::Always).append_may_block(100));
+    assert!(open(FsyncPolicy::Interval(10)).append_may_block(100));
+}

@@ -49,7 +49,6 @@ impl TopicRuntime {
             sealed: Arc::clone(&sealed),
             queue: Mutex::new(Queue::default()),
             room: Semaphore::new(QUEUE_DEPTH),
-            syncs: topic.config().log.fsync == FsyncPolicy::Always,
         });
         let runtime = Arc::new(TopicRuntime {
             counters: metrics.topic(topic.name()),
@@ -164,13 +163,20 @@ struct ProduceJob {
 /// The produce queue of one topic and its group commit.
 ///
 /// There is no writer task: the producer that finds no commit under way
-/// leads one itself, on its own task (under `block_in_place` on a
-/// multi-thread runtime). A round takes every batch queued when it starts,
-/// writes each, syncs once and answers them all. The leader runs rounds
-/// until its own batch is answered; whatever was queued meanwhile goes on
-/// in a task of its own, so no producer's reply waits for others' rounds.
-/// With nothing else queued a produce costs no hand-off to another task or
-/// thread.
+/// leads one itself, on its own task. A round takes every batch queued
+/// when it starts, writes each, syncs once and answers them all. The
+/// leader runs rounds until its own batch is answered; whatever was queued
+/// meanwhile goes on in a task of its own (yielding between rounds), so no
+/// producer's reply waits for others' rounds. With nothing else queued a
+/// produce costs no hand-off to another task or thread.
+///
+/// A round that may wait on the disk ([`crate::storage::Log::append_may_block`]:
+/// a sync under the policy, a segment roll, a writer held by a sync or a
+/// checkpoint) runs under `block_in_place`, so the runtime's other tasks
+/// move to another worker; one that only copies into the page cache runs
+/// on the task as it is, which spares that hand-off: half the context
+/// switches per produce under `fsync=never`. A current-thread runtime has
+/// no worker to spare: there a task leads, each round on the blocking pool.
 #[derive(Debug)]
 struct Commits {
     topic: Arc<Topic>,
@@ -180,14 +186,6 @@ struct Commits {
     queue: Mutex<Queue>,
     /// Free places in the queue: producers wait for one when it is full.
     room: Semaphore,
-    /// Each commit syncs (`fsync=always`): it runs under `block_in_place`,
-    /// so a worker waiting for the disk does not hold up the runtime's
-    /// other tasks. Otherwise a commit is a copy into the page cache
-    /// (bounded by the batch size, like encoding a reply) and runs on the
-    /// leader's task as it is, which spares the hand-off of the worker to
-    /// another thread: half the context switches per produce. The sync
-    /// that seals a full segment is the exception, once per segment.
-    syncs: bool,
 }
 
 #[derive(Debug, Default)]
@@ -227,8 +225,8 @@ impl Commits {
             (!std::mem::replace(&mut q.leading, true), seq)
         };
         if lead {
-            if !self.syncs || in_place() {
-                self.lead(Some(seq));
+            if in_place() {
+                self.lead(seq);
             } else {
                 // A current-thread runtime has no worker to spare for
                 // `block_in_place`: a task leads, with the blocking pool.
@@ -262,28 +260,43 @@ impl Commits {
         Some((jobs, last))
     }
 
-    /// Leads rounds on this thread while batches are queued: until the
-    /// leader's own batch (number `own`) is answered, or, for a task of
-    /// its own (`None`), until the queue is empty.
-    fn lead(self: &Arc<Self>, own: Option<u64>) {
-        while let Some((jobs, last)) = self.take_round() {
-            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if self.syncs {
-                    tokio::task::block_in_place(|| commit(&self.topic, jobs))
-                } else {
-                    commit(&self.topic, jobs)
-                }
-            }));
-            let Ok(round) = done else {
-                self.fail();
-                return;
-            };
-            self.answer(round);
-            if own.is_some_and(|own| last >= own) {
+    /// Leads rounds on this thread until the round with the leader's own
+    /// batch (number `own`) is answered, then hands over.
+    fn lead(self: &Arc<Self>, own: u64) {
+        while let Some(last) = self.round() {
+            if last >= own {
                 self.hand_over();
                 return;
             }
         }
+    }
+
+    /// A task's leadership: rounds until the queue is empty, letting the
+    /// worker's other tasks run between them.
+    async fn lead_task(self: Arc<Self>) {
+        while self.round().is_some() {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Takes, commits and answers one round; the number of its last batch,
+    /// or `None` when nothing was queued (or the writer failed).
+    fn round(&self) -> Option<u64> {
+        let (jobs, last) = self.take_round()?;
+        let bytes: u64 = jobs.iter().map(|j| approx_bytes(&j.batch)).sum();
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if self.topic.log().append_may_block(bytes) {
+                tokio::task::block_in_place(|| commit(&self.topic, jobs))
+            } else {
+                commit(&self.topic, jobs)
+            }
+        }));
+        let Ok(round) = done else {
+            self.fail();
+            return None;
+        };
+        self.answer(round);
+        Some(last)
     }
 
     /// [`Commits::lead`] for a current-thread runtime: a task leads until
@@ -308,8 +321,7 @@ impl Commits {
             return;
         }
         drop(q);
-        let me = Arc::clone(self);
-        tokio::spawn(async move { me.lead(None) });
+        tokio::spawn(Arc::clone(self).lead_task());
     }
 
     /// A commit panicked: every queued producer is told, later ones too.
@@ -374,6 +386,14 @@ impl Commits {
 /// multi-thread runtime has another worker to take its other tasks.
 fn in_place() -> bool {
     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+}
+
+/// Bytes `batch` takes in the log, records included (what decides a roll).
+fn approx_bytes(batch: &[NewMessage]) -> u64 {
+    batch
+        .iter()
+        .map(|m| crate::storage::record::encoded_len(m).unwrap_or(usize::MAX) as u64)
+        .fold(0, u64::saturating_add)
 }
 
 /// One group commit: its batches, what became of them, and whether a

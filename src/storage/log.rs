@@ -488,6 +488,23 @@ impl Log {
         &self.report
     }
 
+    /// Whether appending `bytes` more (records included) might wait on the
+    /// disk: the policy syncs (`always`, or `interval` when a sync may
+    /// come due), the active segment would roll (a roll syncs it), or
+    /// someone holds the writer (a sync, a checkpoint, a compaction swap).
+    /// A hint, taken without waiting; a caller that finds `false` may run
+    /// the append where blocking would hold up other work.
+    pub fn append_may_block(&self, bytes: u64) -> bool {
+        if self.config.fsync != FsyncPolicy::Never {
+            return true;
+        }
+        let Ok(w) = self.writer.try_lock() else {
+            return true;
+        };
+        let end = w.active.write_pos + w.scratch.len() as u64;
+        end + bytes > self.config.segment_bytes || self.segment_too_old(&w.active)
+    }
+
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
         self.writer.lock().map_err(|_| self.writer_panicked())
     }
