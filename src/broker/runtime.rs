@@ -135,9 +135,10 @@ impl TopicRuntime {
     /// Appends through the topic's group commit; resolves once the batch
     /// is committed.
     pub async fn produce(&self, batch: Vec<NewMessage>) -> Result<Appended> {
-        let (messages, bytes) = (batch.len() as u64, payload_bytes(&batch));
-        let appended = self.commits.produce(batch).await?;
-        self.counters.produced(messages, bytes);
+        let messages = batch.len() as u64;
+        let (payload, stored) = sizes(&batch);
+        let appended = self.commits.produce(batch, stored).await?;
+        self.counters.produced(messages, payload);
         Ok(appended)
     }
 
@@ -157,6 +158,8 @@ impl TopicRuntime {
 #[derive(Debug)]
 struct ProduceJob {
     batch: Vec<NewMessage>,
+    /// Bytes its records take in the log.
+    stored: u64,
     reply: oneshot::Sender<Result<Appended>>,
 }
 
@@ -206,7 +209,8 @@ impl Commits {
     }
 
     /// Queues `batch`; resolves with its commit.
-    async fn produce(self: &Arc<Self>, batch: Vec<NewMessage>) -> Result<Appended> {
+    /// `stored`: bytes its records take in the log.
+    async fn produce(self: &Arc<Self>, batch: Vec<NewMessage>, stored: u64) -> Result<Appended> {
         // The semaphore is never closed.
         let Ok(place) = self.room.acquire().await else {
             return Err(self.stopped());
@@ -220,7 +224,11 @@ impl Commits {
                 self.room.add_permits(1);
                 return Err(self.stopped());
             }
-            q.jobs.push_back(ProduceJob { batch, reply });
+            q.jobs.push_back(ProduceJob {
+                batch,
+                stored,
+                reply,
+            });
             let seq = q.taken + q.jobs.len() as u64;
             (!std::mem::replace(&mut q.leading, true), seq)
         };
@@ -283,7 +291,7 @@ impl Commits {
     /// or `None` when nothing was queued (or the writer failed).
     fn round(&self) -> Option<u64> {
         let (jobs, last) = self.take_round()?;
-        let bytes: u64 = jobs.iter().map(|j| approx_bytes(&j.batch)).sum();
+        let bytes = jobs.iter().map(|j| j.stored).fold(0, u64::saturating_add);
         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if self.topic.log().append_may_block(bytes) {
                 tokio::task::block_in_place(|| commit(&self.topic, jobs))
@@ -388,14 +396,6 @@ fn in_place() -> bool {
     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
 }
 
-/// Bytes `batch` takes in the log, records included (what decides a roll).
-fn approx_bytes(batch: &[NewMessage]) -> u64 {
-    batch
-        .iter()
-        .map(|m| crate::storage::record::encoded_len(m).unwrap_or(usize::MAX) as u64)
-        .fold(0, u64::saturating_add)
-}
-
 /// One group commit: its batches, what became of them, and whether a
 /// segment was sealed.
 struct Round {
@@ -466,13 +466,17 @@ fn duplicate(e: &Error) -> Error {
     }
 }
 
-/// Bytes of key, headers and value of `batch` (what the produced and
-/// delivered byte counters count).
-fn payload_bytes(batch: &[NewMessage]) -> u64 {
-    batch
-        .iter()
-        .map(|m| crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value))
-        .sum()
+/// In one pass over `batch`: bytes of key, headers and value (what the
+/// produced and delivered byte counters count), and bytes its records take
+/// in the log (what decides a segment roll).
+fn sizes(batch: &[NewMessage]) -> (u64, u64) {
+    batch.iter().fold((0, 0), |(payload, stored), m| {
+        let record = crate::storage::record::encoded_len(m).map_or(u64::MAX, |l| l as u64);
+        (
+            payload + crate::metrics::payload_bytes(m.key.as_ref(), &m.headers, &m.value),
+            stored.saturating_add(record),
+        )
+    })
 }
 
 /// One retention pass over `topic`: the bytes of the segments it dropped,
