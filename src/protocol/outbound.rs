@@ -127,9 +127,7 @@ impl Outbound {
                 next_offset,
                 end_offset,
             } => {
-                let fetch = messages.len
-                    + uint64_len(FETCH_NEXT_OFFSET, *next_offset)
-                    + uint64_len(FETCH_END_OFFSET, *end_offset);
+                let fetch = fetch_len(messages.len, *next_offset, *end_offset);
                 uint64_len(RESPONSE_REQUEST_ID, *request_id) + delimited_len(RESPONSE_FETCH, fetch)
             }
             Outbound::Delivery {
@@ -138,6 +136,11 @@ impl Outbound {
             } => uint64_len(DELIVERY_SUBSCRIPTION_ID, *subscription_id) + messages.len,
         }
     }
+}
+
+/// Length of a `FetchResponse` body whose messages take `messages` bytes.
+fn fetch_len(messages: usize, next_offset: u64, end_offset: u64) -> usize {
+    messages + uint64_len(FETCH_NEXT_OFFSET, next_offset) + uint64_len(FETCH_END_OFFSET, end_offset)
 }
 
 impl prost::Message for Outbound {
@@ -152,9 +155,7 @@ impl prost::Message for Outbound {
             } => {
                 put_delimited_header(FRAME_RESPONSE, self.inner_len(), buf);
                 put_uint64(RESPONSE_REQUEST_ID, *request_id, buf);
-                let fetch = messages.len
-                    + uint64_len(FETCH_NEXT_OFFSET, *next_offset)
-                    + uint64_len(FETCH_END_OFFSET, *end_offset);
+                let fetch = fetch_len(messages.len, *next_offset, *end_offset);
                 put_delimited_header(RESPONSE_FETCH, fetch, buf);
                 messages.encode(FETCH_MESSAGES, buf);
                 put_uint64(FETCH_NEXT_OFFSET, *next_offset, buf);
