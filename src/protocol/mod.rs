@@ -6,6 +6,7 @@
 
 pub mod codec;
 pub mod convert;
+pub mod gather;
 pub mod outbound;
 pub mod outbox;
 pub mod request;

@@ -19,6 +19,7 @@ use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::stopping;
 use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
+use crate::protocol::gather::GatherSink;
 use crate::protocol::outbound::Outbound;
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
@@ -171,9 +172,9 @@ pub(super) async fn serve<S>(
         FramedRead::new(read, ServerCodec::new(config.max_frame_bytes)),
         config.frame_timeout,
     );
-    let sink = FramedWrite::new(
+    let sink = GatherSink::new(
         StallGuard::new(write, config.write_timeout),
-        ServerCodec::new(config.max_frame_bytes),
+        config.max_frame_bytes,
     );
     let b = Arc::clone(&shared);
     let (out, writer) = Outgoing::start(sink, peer, move || b.admission.count(Limit::Write));
