@@ -100,9 +100,10 @@ pub(super) async fn workload(
     produce::run(producers, spec, progress).await?;
 
     let deadline = params.duration();
-    let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut load = JoinSet::new();
+    // The clock starts once the consumers are connected: it measures reading.
+    let start;
     let measures = match params.mode {
         ReadMode::Replay => {
             let total = if deadline.is_some() {
@@ -110,9 +111,11 @@ pub(super) async fn workload(
             } else {
                 messages * u64::from(params.consumers)
             };
-            progress.start("replay", total);
             load = queue_load(target, params).await?;
-            for client in produce::conn_all(target, "consumer", params.consumers).await? {
+            let clients = produce::conn_all(target, "consumer", params.consumers).await?;
+            progress.start("replay", total);
+            start = Instant::now();
+            for client in clients {
                 tasks.spawn(replay(
                     client,
                     target.topic.clone(),
@@ -125,9 +128,10 @@ pub(super) async fn workload(
             "replay: one fetch, request to reply, per call"
         }
         ReadMode::Queue => {
-            progress.start("queue", messages);
             let clients = produce::connect_all(target, "consumer", params.consumers).await?;
             create_queue_group(&clients[0], &target.topic).await?;
+            progress.start("queue", messages);
+            start = Instant::now();
             let acked = Arc::new(AtomicU64::new(0));
             for (c, client) in clients.into_iter().enumerate() {
                 for _ in 0..params.in_flight {
