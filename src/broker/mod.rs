@@ -21,4 +21,6 @@ pub use config::{Cleanup, TopicConfig, validate_name};
 pub use deliveries::{Deliveries, DeliveryRef};
 pub use registry::{Registry, RegistryOptions};
 pub use subscription::{Credit, Event, Subscription};
-pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};
+pub use topic::{
+    DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic, WrittenGroup,
+};
