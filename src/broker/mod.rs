@@ -21,6 +21,4 @@ pub use config::{Cleanup, TopicConfig, validate_name};
 pub use deliveries::{Deliveries, DeliveryRef};
 pub use registry::{Registry, RegistryOptions};
 pub use subscription::{Credit, Event, Subscription};
-pub use topic::{
-    DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic, WrittenGroup,
-};
+pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};

@@ -173,13 +173,6 @@ struct ProduceJob {
 /// producer's reply waits for others' rounds. With nothing else queued a
 /// produce costs no hand-off to another task or thread.
 ///
-/// A round that waits for a sync (`fsync=always`) stops leading once its
-/// batches are written and its sync started: the next producer (or a task
-/// for what is queued) leads the next round, whose records are written,
-/// and whose sync may start, while the first sync runs. The log publishes
-/// and acknowledges syncs in the order they started, and a failed sync
-/// fails every later round (see [`crate::storage::Log::begin_commit`]).
-///
 /// A round that may wait on the disk ([`crate::storage::Log::append_may_block`]:
 /// a sync under the policy, a segment roll, a writer held by a sync or a
 /// checkpoint) runs under `block_in_place`, so the runtime's other tasks
@@ -276,47 +269,34 @@ impl Commits {
     }
 
     /// Leads rounds on this thread until the round with the leader's own
-    /// batch (number `own`) is answered, then hands over; or until a round
-    /// handed over while its sync ran.
+    /// batch (number `own`) is answered, then hands over.
     fn lead(self: &Arc<Self>, own: u64) {
-        while let Some(round) = self.round() {
-            if round.handed_over {
-                return;
-            }
-            if round.last >= own {
+        while let Some(last) = self.round() {
+            if last >= own {
                 self.hand_over();
                 return;
             }
         }
     }
 
-    /// A task's leadership: rounds until the queue is empty (or a round
-    /// handed over), letting the worker's other tasks run between them.
+    /// A task's leadership: rounds until the queue is empty, letting the
+    /// worker's other tasks run between them.
     async fn lead_task(self: Arc<Self>) {
-        while let Some(round) = self.round() {
-            if round.handed_over {
-                return;
-            }
+        while self.round().is_some() {
             tokio::task::yield_now().await;
         }
     }
 
-    /// Takes, commits and answers one round, or `None` when nothing was
-    /// queued (or the writer failed). A round that waits for a sync hands
-    /// over before it does.
-    fn round(self: &Arc<Self>) -> Option<Led> {
+    /// Takes, commits and answers one round; the number of its last batch,
+    /// or `None` when nothing was queued (or the writer failed).
+    fn round(&self) -> Option<u64> {
         let (jobs, last) = self.take_round()?;
         let bytes = jobs.iter().map(|j| j.stored).fold(0, u64::saturating_add);
-        let mut handed_over = false;
         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let syncing = || {
-                handed_over = true;
-                self.hand_over();
-            };
             if self.topic.log().append_may_block(bytes) {
-                tokio::task::block_in_place(|| commit(&self.topic, jobs, syncing))
+                tokio::task::block_in_place(|| commit(&self.topic, jobs))
             } else {
-                commit(&self.topic, jobs, syncing)
+                commit(&self.topic, jobs)
             }
         }));
         let Ok(round) = done else {
@@ -324,7 +304,7 @@ impl Commits {
             return None;
         };
         self.answer(round);
-        Some(Led { last, handed_over })
+        Some(last)
     }
 
     /// [`Commits::lead`] for a current-thread runtime: a task leads until
@@ -332,8 +312,7 @@ impl Commits {
     async fn lead_on_pool(self: Arc<Self>) {
         while let Some((jobs, _)) = self.take_round() {
             let t = Arc::clone(&self.topic);
-            let Ok(round) = tokio::task::spawn_blocking(move || commit(&t, jobs, || {})).await
-            else {
+            let Ok(round) = tokio::task::spawn_blocking(move || commit(&t, jobs)).await else {
                 self.fail();
                 return;
             };
@@ -341,9 +320,8 @@ impl Commits {
         }
     }
 
-    /// A producer that led is answered (or its round waits for a sync): it
-    /// stops leading, and a task of its own takes whatever was queued
-    /// meanwhile.
+    /// A producer that led is answered: it stops leading, and a task of
+    /// its own takes whatever was queued meanwhile.
     fn hand_over(self: &Arc<Self>) {
         let mut q = self.queue();
         if q.jobs.is_empty() {
@@ -418,14 +396,6 @@ fn in_place() -> bool {
     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
 }
 
-/// What leading one round did.
-struct Led {
-    /// The number of its last batch.
-    last: u64,
-    /// It stopped leading before its sync: another round may be under way.
-    handed_over: bool,
-}
-
 /// One group commit: its batches, what became of them, and whether a
 /// segment was sealed.
 struct Round {
@@ -434,18 +404,9 @@ struct Round {
     sealed: bool,
 }
 
-/// Writes `jobs` as one group and commits them; `syncing` runs between the
-/// two when the commit waits for a sync, which the next group need not.
-fn commit(topic: &Topic, jobs: Vec<ProduceJob>, syncing: impl FnOnce()) -> Round {
+fn commit(topic: &Topic, jobs: Vec<ProduceJob>) -> Round {
     let segments = topic.log().segments().len();
-    let result = topic
-        .write_batches(jobs.iter().map(|j| &j.batch[..]))
-        .map(|group| {
-            if group.syncing() {
-                syncing();
-            }
-            group.finish()
-        });
+    let result = topic.produce_batches(jobs.iter().map(|j| &j.batch[..]));
     let sealed = topic.log().segments().len() != segments;
     Round {
         jobs,
@@ -635,8 +596,8 @@ async fn periodic<T, W, R>(
 mod tests {
     use super::*;
     use crate::broker::TopicConfig;
-    use crate::storage::io::{OsStorage, SimDisk, SimFault};
-    use crate::storage::{Durability, Offset, RecoveryMode};
+    use crate::storage::io::OsStorage;
+    use crate::storage::{Offset, RecoveryMode};
 
     fn runtime(dir: &std::path::Path, fsync: FsyncPolicy) -> Arc<TopicRuntime> {
         let mut config = TopicConfig::default();
@@ -676,13 +637,6 @@ mod tests {
                     let n = batch.len() as u64;
                     let a = rt.produce(batch).await.expect("produce");
                     assert_eq!(a.last.0 - a.first.0 + 1, n);
-                    if fsync == FsyncPolicy::Always {
-                        // Answered only once synced, and readable then.
-                        let stats = rt.topic().log().stats();
-                        assert_eq!(a.durability, Durability::Durable);
-                        assert!(stats.durable_end > a.last, "answered before its sync");
-                        assert!(stats.end > a.last, "answered before it is readable");
-                    }
                     answers.push((p, b, a.first.0, n));
                 }
                 answers
@@ -726,51 +680,6 @@ mod tests {
     #[tokio::test]
     async fn group_commit_current_thread_relaxed() {
         concurrent_producers(FsyncPolicy::Never).await;
-    }
-
-    /// A failed sync fails its round and every later one, however the
-    /// rounds overlap, and nothing after the last good sync is published.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_sync_fails_every_later_round() {
-        let disk = SimDisk::new();
-        let mut config = TopicConfig::default();
-        config.log.fsync = FsyncPolicy::Always;
-        let topic = Topic::open(
-            Arc::new(disk.clone()),
-            std::path::Path::new("/t"),
-            "t",
-            config,
-            RecoveryMode::default(),
-        )
-        .expect("open topic");
-        let rt = TopicRuntime::start(Arc::new(topic), &Metrics::new());
-        let first = rt.produce(vec![NewMessage::from_value("kept")]).await;
-        assert_eq!(first.expect("produce").last, Offset(0));
-        disk.set_fault(SimFault::SyncError, true);
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in 0..8 {
-            let rt = Arc::clone(&rt);
-            tasks.spawn(async move {
-                rt.produce(vec![NewMessage::from_value(format!("{p}"))])
-                    .await
-            });
-        }
-        let mut heal = Some(disk.clone());
-        while let Some(done) = tasks.join_next().await {
-            let failed = done.expect("producer");
-            assert!(
-                failed.is_err(),
-                "a round after a failed sync succeeded: {failed:?}"
-            );
-            // Later syncs would succeed: they must fail all the same.
-            if let Some(disk) = heal.take() {
-                disk.set_fault(SimFault::SyncError, false);
-            }
-        }
-        let later = rt.produce(vec![NewMessage::from_value("late")]).await;
-        assert!(later.is_err(), "the log is read-only");
-        let stats = rt.topic().log().stats();
-        assert_eq!((stats.end, stats.durable_end), (Offset(1), Offset(1)));
     }
 
     /// A producer that gives up while its batch is queued leaves no batch

@@ -5,14 +5,6 @@
 //! record only once it is *published*, and under `fsync=always` a record is
 //! published only after it is durable, so no reader ever sees a record a crash
 //! could take back. A failed sync is never retried: the log turns read-only.
-//!
-//! Under `fsync=always` a commit's sync runs without the writer's lock
-//! ([`Log::begin_commit`], [`PendingCommit::finish`]): the next group writes
-//! its records, and may start its own sync, while one is under way. Syncs
-//! finish in the order they started; a sync's records are published, and the
-//! synced point moves, only once it and every earlier one succeeded, and a
-//! failed sync fails every later one (Linux reports a writeback error to one
-//! of two concurrent syncers only, so a later success proves nothing).
 
 use super::checkpoint::{Checkpoint, JournalPoint};
 use super::config::{Durability, FsyncPolicy, LogConfig, RecoveryMode};
@@ -26,7 +18,7 @@ use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_
 use crate::error::{Corruption, Error, IoContext, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// First allocation of a new segment file; each later step doubles, up to
@@ -47,9 +39,6 @@ const LAZY_WRITEBACK_STEP: u64 = 4 * 1024 * 1024;
 /// Writeback starts at page boundaries: the page a piece ends in is written
 /// again by the next piece, and is left for the sync.
 const PAGE: u64 = 4096;
-/// Under `fsync=always`, most commit syncs under way at once; a commit that
-/// would start one more waits (holding the writer) for the oldest to finish.
-pub const MAX_SYNCS_IN_FLIGHT: u64 = 2;
 
 /// What retention must keep beyond the log's own limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -101,13 +90,8 @@ pub struct Log {
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
     durable_end: AtomicU64,
-    /// What is synced, as one consistent point (the writer, or the commit
-    /// sync that finishes, updates it).
+    /// What is synced, as one consistent point (the writer updates it).
     synced: Mutex<SyncedPoint>,
-    /// Commit syncs started without the writer's lock, and how they ended.
-    syncs: Mutex<SyncQueue>,
-    /// Told when a commit sync finishes.
-    sync_finished: Condvar,
     /// Serializes checkpoint writes and keeps what the last one said.
     checkpoint: Mutex<CheckpointState>,
     /// The checkpoint found on open, if any.
@@ -121,63 +105,6 @@ struct SyncedPoint {
     active_base: u64,
     active_synced: u64,
     durable_end: u64,
-}
-
-/// The commit syncs of `fsync=always`, numbered in the order they started
-/// (under the writer's lock, so also in the order of their records).
-#[derive(Debug, Default)]
-struct SyncQueue {
-    /// Syncs started so far: the last one has this number.
-    started: u64,
-    /// Syncs finished so far; they finish in order, so these are 1..=finished.
-    finished: u64,
-    /// Why a sync failed: every later one fails too, and the log is read-only.
-    failed: Option<String>,
-}
-
-impl SyncQueue {
-    fn in_flight(&self) -> u64 {
-        self.started - self.finished
-    }
-}
-
-/// A commit whose sync runs without the writer's lock: [`Log::begin_commit`]
-/// started it, [`PendingCommit::finish`] syncs and publishes. Dropped
-/// unfinished, it fails (and with it the log): its place in the order of
-/// syncs would otherwise hold up every later one.
-#[derive(Debug)]
-#[must_use = "a commit is acknowledged only by `finish`"]
-pub struct PendingCommit<'a> {
-    log: &'a Log,
-    state: Pending,
-}
-
-#[derive(Debug)]
-enum Pending {
-    /// Nothing to sync: the outcome is known.
-    Ready(Durability),
-    /// Nothing new since the last sync started: wait for syncs up to `seq`.
-    Behind { seq: u64 },
-    /// This commit's own sync, number `seq`.
-    Sync { seq: u64, sync: CommitSync },
-    /// Finished.
-    Done,
-}
-
-/// What one commit syncs and what it publishes once durable.
-#[derive(Debug)]
-struct CommitSync {
-    segment: Arc<Segment>,
-    file: Arc<dyn StorageFile>,
-    map: Arc<dyn Mapping>,
-    /// `fdatasync` of the whole file (its size changed), else `msync` of `range`.
-    whole_file: bool,
-    range: (u64, u64),
-    /// The written end and next offset when the sync started.
-    write_pos: u64,
-    next_offset: u64,
-    first_offset: Option<u64>,
-    max_timestamp_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -348,8 +275,6 @@ impl Log {
             compacting: Mutex::new(()),
             durable_end: AtomicU64::new(next_offset),
             synced: Mutex::new(synced),
-            syncs: Mutex::new(SyncQueue::default()),
-            sync_finished: Condvar::new(),
             checkpoint: Mutex::new(CheckpointState {
                 journals: loaded
                     .as_ref()
@@ -879,44 +804,14 @@ impl Log {
     /// the pages that failed.
     pub fn is_read_only(&self) -> bool {
         self.writer.lock().map_or(true, |w| w.poisoned.is_some())
-            || self.lock_syncs().failed.is_some()
     }
 
     fn check_writable(&self, w: &Writer) -> Result<()> {
         match &w.poisoned {
-            Some(cause) => Err(self.read_only(cause)),
-            None => match &self.lock_syncs().failed {
-                Some(cause) => Err(self.read_only(cause)),
-                None => Ok(()),
-            },
-        }
-    }
-
-    fn read_only(&self, cause: &str) -> Error {
-        Error::ReadOnly {
-            log: self.dir.clone(),
-            cause: cause.to_owned(),
-        }
-    }
-
-    fn lock_syncs(&self) -> MutexGuard<'_, SyncQueue> {
-        self.syncs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits until no commit sync is under way, so what the writer does next
-    /// (a sync of its own, a roll) comes after all of them; fails when one
-    /// of them failed. Called with the writer held: a commit sync finishes
-    /// without it.
-    fn wait_for_syncs(&self) -> Result<()> {
-        let mut q = self.lock_syncs();
-        while q.in_flight() > 0 {
-            q = self
-                .sync_finished
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        match &q.failed {
-            Some(cause) => Err(self.read_only(cause)),
+            Some(cause) => Err(Error::ReadOnly {
+                log: self.dir.clone(),
+                cause: cause.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -924,20 +819,10 @@ impl Log {
     /// Makes everything written so far visible to readers, syncing first when
     /// the fsync policy asks for it. Returns what the written data now is.
     pub fn commit(&self) -> Result<Durability> {
-        self.begin_commit()?.finish()
-    }
-
-    /// [`Log::commit`] in two steps, for group commit: this one takes the
-    /// writer's lock, and under `fsync=always` only notes what to sync and
-    /// where the synced records end; [`PendingCommit::finish`] syncs without
-    /// the lock, so the next group can write (and start its own sync, up to
-    /// [`MAX_SYNCS_IN_FLIGHT`]) meanwhile. Under the other policies the
-    /// commit is done here and `finish` only reports it.
-    pub fn begin_commit(&self) -> Result<PendingCommit<'_>> {
         let mut w = self.lock_writer()?;
         self.check_writable(&w)?;
         let sync_due = match self.config.fsync {
-            FsyncPolicy::Always => return self.begin_sync(&mut w),
+            FsyncPolicy::Always => true,
             FsyncPolicy::Interval(ms) => w.last_sync.elapsed() >= Duration::from_millis(ms),
             FsyncPolicy::Never => false,
         };
@@ -945,123 +830,11 @@ impl Log {
             self.sync_locked(&mut w)?;
         }
         self.publish_locked(&mut w);
-        let durability = if w.active.synced_pos == w.active.write_pos {
+        Ok(if w.active.synced_pos == w.active.write_pos {
             Durability::Durable
         } else {
             Durability::Written
-        };
-        Ok(PendingCommit {
-            log: self,
-            state: Pending::Ready(durability),
         })
-    }
-
-    /// Starts the commit sync of everything written since the last one
-    /// started: takes its number and notes what it covers. The records
-    /// stay unpublished until it (and every earlier one) succeeded.
-    fn begin_sync(&self, w: &mut Writer) -> Result<PendingCommit<'_>> {
-        let mut q = self.lock_syncs();
-        let a = &mut w.active;
-        if a.synced_pos == a.write_pos && !a.size_dirty {
-            // Everything written is in a sync already started (or done).
-            let seq = q.started;
-            return Ok(PendingCommit {
-                log: self,
-                state: Pending::Behind { seq },
-            });
-        }
-        while q.in_flight() >= MAX_SYNCS_IN_FLIGHT {
-            q = self
-                .sync_finished
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        if let Some(cause) = &q.failed {
-            return Err(self.read_only(cause));
-        }
-        q.started += 1;
-        let seq = q.started;
-        drop(q);
-        let sync = CommitSync {
-            segment: Arc::clone(&a.segment),
-            file: Arc::clone(&a.file),
-            map: Arc::clone(&a.map),
-            whole_file: a.size_dirty,
-            range: (a.synced_pos, a.write_pos - a.synced_pos),
-            write_pos: a.write_pos,
-            next_offset: w.next_offset,
-            first_offset: a.first_offset,
-            max_timestamp_ms: a.builder.max_timestamp_ms(),
-        };
-        // From here `synced_pos` is where started syncs end: the next one
-        // takes the bytes after it. What is durable is `synced`, moved by
-        // the sync that finishes.
-        a.synced_pos = a.write_pos;
-        a.size_dirty = false;
-        w.last_sync = Instant::now();
-        // Index files are hints, checked on open: they may run ahead.
-        a.persist_index();
-        Ok(PendingCommit {
-            log: self,
-            state: Pending::Sync { seq, sync },
-        })
-    }
-
-    /// Ends commit sync number `seq` with `result`, after every earlier one:
-    /// on success (and no earlier failure) its records become durable and
-    /// visible. Returns why the log is read-only otherwise.
-    fn finish_sync(&self, seq: u64, sync: Option<&CommitSync>, result: Result<()>) -> Result<()> {
-        let mut q = self.lock_syncs();
-        while q.finished + 1 < seq {
-            q = self
-                .sync_finished
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        let outcome = match (&q.failed, result, sync) {
-            (Some(cause), _, _) => Err(self.read_only(cause)),
-            (None, Err(e), _) => {
-                let cause = e.to_string();
-                tracing::error!(log = %self.dir.display(), %cause, "log is now read-only");
-                q.failed = Some(cause.clone());
-                Err(self.read_only(&cause))
-            }
-            (None, Ok(()), Some(s)) => {
-                self.durable_end.store(s.next_offset, Ordering::Release);
-                *self.lock_synced() = SyncedPoint {
-                    active_base: s.segment.base(),
-                    active_synced: s.write_pos,
-                    durable_end: s.next_offset,
-                };
-                s.segment.publish(
-                    s.write_pos,
-                    s.next_offset,
-                    s.first_offset,
-                    s.max_timestamp_ms,
-                );
-                Ok(())
-            }
-            (None, Ok(()), None) => Ok(()),
-        };
-        q.finished = seq;
-        drop(q);
-        self.sync_finished.notify_all();
-        outcome
-    }
-
-    /// Waits until commit syncs up to `seq` finished; fails if one failed.
-    fn wait_for_sync(&self, seq: u64) -> Result<()> {
-        let mut q = self.lock_syncs();
-        while q.finished < seq {
-            q = self
-                .sync_finished
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        match &q.failed {
-            Some(cause) => Err(self.read_only(cause)),
-            None => Ok(()),
-        }
     }
 
     /// Syncs and publishes everything written (the fsync-interval tick, and the
@@ -1095,7 +868,6 @@ impl Log {
     /// The durability point. A failure poisons the log: the kernel may have
     /// dropped the dirty pages, so a retry could report success for lost data.
     fn sync_locked(&self, w: &mut Writer) -> Result<()> {
-        self.wait_for_syncs()?;
         let a = &mut w.active;
         if a.synced_pos == a.write_pos && !a.size_dirty {
             return Ok(());
@@ -1374,56 +1146,13 @@ impl Log {
     /// recovery work. The active segment stays active for the next open.
     pub fn close(self) -> Result<()> {
         let mut w = self.lock_writer()?;
-        if w.poisoned.is_some() || self.lock_syncs().failed.is_some() {
+        if w.poisoned.is_some() {
             return Ok(());
         }
         self.sync_locked(&mut w)?;
         self.publish_locked(&mut w);
         drop(w);
         self.store_checkpoint(None, true)
-    }
-}
-
-impl PendingCommit<'_> {
-    /// Whether [`PendingCommit::finish`] waits for a sync.
-    pub fn syncing(&self) -> bool {
-        matches!(self.state, Pending::Sync { .. } | Pending::Behind { .. })
-    }
-
-    /// Syncs (under `fsync=always`, without the writer's lock) and publishes
-    /// the commit's records once every earlier commit sync has finished.
-    /// A failed sync makes the log read-only and fails every later commit.
-    pub fn finish(mut self) -> Result<Durability> {
-        match std::mem::replace(&mut self.state, Pending::Done) {
-            Pending::Ready(durability) => Ok(durability),
-            Pending::Behind { seq } => {
-                self.log.wait_for_sync(seq)?;
-                Ok(Durability::Durable)
-            }
-            Pending::Sync { seq, sync } => {
-                let log = &sync.segment.paths().log;
-                let result = if sync.whole_file {
-                    sync.file.sync_data()
-                } else {
-                    sync.map.sync_range(sync.range.0, sync.range.1)
-                }
-                .ctx(|| format!("sync of {}", log.display()));
-                self.log.finish_sync(seq, Some(&sync), result)?;
-                Ok(Durability::Durable)
-            }
-            Pending::Done => Ok(Durability::Durable),
-        }
-    }
-}
-
-impl Drop for PendingCommit<'_> {
-    fn drop(&mut self) {
-        if let Pending::Sync { seq, .. } = self.state {
-            let abandoned = Err(Error::Internal(
-                "a commit was dropped before its sync finished".into(),
-            ));
-            let _ = self.log.finish_sync(seq, None, abandoned);
-        }
     }
 }
 
@@ -1681,194 +1410,4 @@ fn check_order(segments: &[Arc<Segment>]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::io::{SimDisk, SimFault};
-    use std::sync::atomic::AtomicBool;
-
-    fn open(disk: &SimDisk, fsync: FsyncPolicy) -> Log {
-        let config = LogConfig {
-            fsync,
-            ..LogConfig::default()
-        };
-        Log::open(
-            Arc::new(disk.clone()),
-            "/l",
-            config,
-            RecoveryMode::default(),
-        )
-        .expect("open")
-    }
-
-    fn batch(n: usize) -> Vec<NewMessage> {
-        (0..n)
-            .map(|i| NewMessage::from_value(vec![i as u8; 100]))
-            .collect()
-    }
-
-    /// Two commits whose syncs are both started and neither finished.
-    #[test]
-    fn nothing_is_published_before_its_sync() {
-        let disk = SimDisk::new();
-        let log = open(&disk, FsyncPolicy::Always);
-        let (first, _) = log.write(&batch(3)).expect("write");
-        let one = log.begin_commit().expect("begin");
-        let (second, last) = log.write(&batch(2)).expect("write while a sync runs");
-        assert_eq!((first, second, last), (Offset(0), Offset(3), Offset(4)));
-        let two = log.begin_commit().expect("a second sync starts");
-        assert!(one.syncing() && two.syncing());
-        assert_eq!(log.end(), Offset(0), "published before any sync");
-        assert_eq!(log.stats().durable_end, Offset(0));
-        assert!(log.read(Offset(0), 10, 1 << 20).expect("read").is_empty());
-        assert_eq!(one.finish().expect("first"), Durability::Durable);
-        assert_eq!(log.end(), Offset(3), "only the first sync's records");
-        assert_eq!(log.stats().durable_end, Offset(3));
-        assert_eq!(two.finish().expect("second"), Durability::Durable);
-        assert_eq!(log.end(), Offset(5));
-        assert_eq!(log.stats().durable_end, Offset(5));
-        assert_eq!(log.read(Offset(0), 10, 1 << 20).expect("read").len(), 5);
-    }
-
-    /// A later sync that finishes first waits: results come in start order.
-    #[test]
-    fn a_later_sync_waits_for_the_earlier() {
-        let disk = SimDisk::new();
-        let log = open(&disk, FsyncPolicy::Always);
-        log.write(&batch(1)).expect("write");
-        let one = log.begin_commit().expect("begin");
-        log.write(&batch(1)).expect("write");
-        let two = log.begin_commit().expect("begin");
-        let done = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let later = s.spawn(|| {
-                let r = two.finish();
-                done.store(true, Ordering::SeqCst);
-                r
-            });
-            std::thread::sleep(Duration::from_millis(50));
-            assert!(
-                !done.load(Ordering::SeqCst),
-                "finished before the earlier sync"
-            );
-            assert_eq!(log.end(), Offset(0));
-            one.finish().expect("first");
-            let later = later.join().expect("no panic");
-            assert_eq!(later.expect("second"), Durability::Durable);
-        });
-        assert_eq!(log.end(), Offset(2));
-    }
-
-    /// Linux reports a writeback error to one of two concurrent syncers:
-    /// once a sync failed, a later one's success proves nothing.
-    #[test]
-    fn a_failed_sync_fails_every_later_one() {
-        let disk = SimDisk::new();
-        let log = open(&disk, FsyncPolicy::Always);
-        log.append(&batch(1)).expect("append");
-        log.write(&batch(1)).expect("write");
-        let one = log.begin_commit().expect("begin");
-        log.write(&batch(1)).expect("write");
-        let two = log.begin_commit().expect("begin");
-        disk.set_fault(SimFault::SyncError, true);
-        let failed = one.finish().expect_err("the sync fails");
-        assert!(matches!(failed, Error::ReadOnly { .. }), "{failed}");
-        disk.set_fault(SimFault::SyncError, false);
-        let later = two.finish().expect_err("a later sync is not trusted");
-        assert!(matches!(later, Error::ReadOnly { .. }), "{later}");
-        assert_eq!(log.end(), Offset(1), "nothing after the failure published");
-        assert_eq!(log.stats().durable_end, Offset(1));
-        assert!(log.is_read_only());
-        assert!(
-            log.write(&batch(1)).is_err(),
-            "the log takes no more writes"
-        );
-        assert!(log.commit().is_err());
-        assert!(log.sync().is_err());
-    }
-
-    /// A commit dropped before its sync fails the log, and does not hold up
-    /// the syncs after it.
-    #[test]
-    fn an_abandoned_commit_fails_the_later_ones() {
-        let disk = SimDisk::new();
-        let log = open(&disk, FsyncPolicy::Always);
-        log.write(&batch(1)).expect("write");
-        let one = log.begin_commit().expect("begin");
-        log.write(&batch(1)).expect("write");
-        let two = log.begin_commit().expect("begin");
-        drop(one);
-        assert!(two.finish().is_err());
-        assert!(log.is_read_only());
-        assert_eq!(log.end(), Offset(0));
-    }
-
-    /// A roll (which syncs and seals the segment) waits for the syncs under
-    /// way; every record stays readable and durable across it.
-    #[test]
-    fn a_roll_waits_for_syncs_under_way() {
-        let disk = SimDisk::new();
-        let config = LogConfig {
-            fsync: FsyncPolicy::Always,
-            segment_bytes: 64 * 1024,
-            ..LogConfig::default()
-        };
-        let log = Log::open(
-            Arc::new(disk.clone()),
-            "/l",
-            config,
-            RecoveryMode::default(),
-        )
-        .expect("open");
-        let mut expected = 0;
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| {
-                    for _ in 0..100 {
-                        let written = log.write_batches([&batch(5)[..]]);
-                        let pending = log.begin_commit().expect("begin");
-                        assert!(written.iter().all(Result::is_ok));
-                        pending.finish().expect("commit");
-                    }
-                });
-            }
-        });
-        expected += 4 * 100 * 5;
-        assert!(log.segments().len() > 2, "the test rolls segments");
-        assert_eq!(log.end(), Offset(expected));
-        assert_eq!(log.stats().durable_end, Offset(expected));
-        let mut next = 0;
-        while next < expected {
-            let got = log.read(Offset(next), 1000, 1 << 20).expect("read");
-            assert!(!got.is_empty());
-            for m in &got {
-                assert_eq!(m.offset, Offset(next), "offsets are dense");
-                next += 1;
-            }
-        }
-        drop(log);
-        disk.power_cut(None);
-        let log = open(&disk, FsyncPolicy::Always);
-        assert_eq!(
-            log.end(),
-            Offset(expected),
-            "every acknowledged record survives"
-        );
-    }
-
-    /// Under the other policies a commit is done at once.
-    #[test]
-    fn relaxed_commits_do_not_wait() {
-        for fsync in [FsyncPolicy::Never, FsyncPolicy::Interval(60_000)] {
-            let disk = SimDisk::new();
-            let log = open(&disk, fsync);
-            log.write(&batch(2)).expect("write");
-            let pending = log.begin_commit().expect("begin");
-            assert!(!pending.syncing());
-            assert_eq!(log.end(), Offset(2));
-            assert_eq!(pending.finish().expect("commit"), Durability::Written);
-        }
-    }
 }

@@ -36,7 +36,7 @@ pub mod verify;
 
 pub use config::{Durability, FsyncPolicy, LogConfig, RecoveryMode};
 pub use datadir::DataDir;
-pub use log::{Appended, Log, LogStats, PendingCommit};
+pub use log::{Appended, Log, LogStats};
 pub use message::{Header, Message, NewMessage, Offset};
 pub use records::{Records, Shape};
 pub use recovery::RecoveryReport;

@@ -19,7 +19,7 @@ use crate::groups::{
 use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt};
 use crate::storage::io::Storage;
-use crate::storage::log::{PendingCommit, RetentionLimits, now_ms};
+use crate::storage::log::{RetentionLimits, now_ms};
 use crate::storage::record;
 use crate::storage::{
     Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, Records,
@@ -118,33 +118,6 @@ pub struct GroupCommit {
     pub written: Vec<Result<(Offset, Offset)>>,
     /// The shared commit (and sync, as the fsync policy says).
     pub committed: Option<Result<Durability>>,
-}
-
-/// A group commit written and not yet committed (see [`Topic::write_batches`]).
-#[derive(Debug)]
-pub struct WrittenGroup<'a> {
-    _pass: Pass<'a>,
-    written: Vec<Result<(Offset, Offset)>>,
-    pending: Option<Result<PendingCommit<'a>>>,
-}
-
-impl WrittenGroup<'_> {
-    /// Whether [`WrittenGroup::finish`] waits for a sync.
-    pub fn syncing(&self) -> bool {
-        matches!(&self.pending, Some(Ok(p)) if p.syncing())
-    }
-
-    /// Waits for the group's commit: its records are then published, and
-    /// durable as the fsync policy says.
-    pub fn finish(self) -> GroupCommit {
-        let WrittenGroup {
-            _pass,
-            written,
-            pending,
-        } = self;
-        let committed = pending.map(|p| p.and_then(PendingCommit::finish));
-        GroupCommit { written, committed }
-    }
 }
 
 /// What a queue fetch produced.
@@ -493,28 +466,10 @@ impl Topic {
         &self,
         batches: impl IntoIterator<Item = &'a [NewMessage]>,
     ) -> Result<GroupCommit> {
-        Ok(self.write_batches(batches)?.finish())
-    }
-
-    /// [`Topic::produce_batches`] in two steps: this one writes the batches
-    /// and starts their commit; [`WrittenGroup::finish`] waits for its sync
-    /// (under `fsync=always`), which runs without the log's writer lock, so
-    /// the next group may be written and start its own sync meanwhile.
-    pub fn write_batches<'a>(
-        &self,
-        batches: impl IntoIterator<Item = &'a [NewMessage]>,
-    ) -> Result<WrittenGroup<'_>> {
-        let pass = self.enter()?;
+        let _pass = self.enter()?;
         let written = self.log.write_batches(batches);
-        let pending = written
-            .iter()
-            .any(Result::is_ok)
-            .then(|| self.log.begin_commit());
-        Ok(WrittenGroup {
-            _pass: pass,
-            written,
-            pending,
-        })
+        let committed = written.iter().any(Result::is_ok).then(|| self.log.commit());
+        Ok(GroupCommit { written, committed })
     }
 
     /// Syncs and publishes everything written to the log (a barrier under
