@@ -14,7 +14,7 @@ use crate::storage::{Header, NewMessage};
 use bytes::{BufMut, Bytes};
 use prost::Message as _;
 use prost::encoding::{
-    WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
+    WireType, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
 };
 
 /// `ClientFrame.request_id`.
@@ -80,6 +80,9 @@ pub struct ProduceFrame {
     request_id: u64,
     topic: String,
     messages: Vec<NewMessage>,
+    /// Encoded length of the `ProduceRequest`, sized once for both the
+    /// frame's length and its encoding.
+    request: usize,
     /// Encoded length of the whole frame body.
     len: usize,
 }
@@ -96,6 +99,7 @@ impl ProduceFrame {
             request_id,
             topic,
             messages,
+            request,
             len,
         }
     }
@@ -107,7 +111,7 @@ impl ProduceFrame {
             encode_varint(self.request_id, buf);
         }
         encode_key(FRAME_PRODUCE, WireType::LengthDelimited, buf);
-        encode_varint(request_len(&self.topic, &self.messages) as u64, buf);
+        encode_varint(self.request as u64, buf);
         put_bytes(PRODUCE_TOPIC, self.topic.as_bytes(), buf);
         for m in &self.messages {
             let buf = out.buf();
@@ -172,6 +176,7 @@ fn header_len(h: &crate::storage::Header) -> usize {
     bytes_len(HEADER_NAME, h.name.len()) + bytes_len(HEADER_VALUE, h.value.len())
 }
 
+#[inline]
 fn message_len(m: &NewMessage) -> usize {
     let timestamp = m
         .timestamp_ms
@@ -214,8 +219,8 @@ pub struct ProduceIn {
 
 impl ClientIn {
     /// Decodes a frame body. A produce request in the layout encoders write
-    /// (every field of a message once or more, no unknown fields, the
-    /// request once) is read straight into [`NewMessage`]s; anything else,
+    /// (one-byte keys, every field of a message once or more, no unknown
+    /// fields, the request once) is read straight into [`NewMessage`]s; anything else,
     /// and any body this reader does not take, goes to the generated
     /// decoder, which decides what it means or why it is invalid. Either
     /// way the result is what decoding a `pb::ClientFrame` and converting
@@ -261,14 +266,51 @@ fn utf8(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
 }
 
-/// The next field's tag and wire type; `None` on a malformed key.
-fn next_key(buf: &mut &[u8]) -> Option<(u32, WireType)> {
-    decode_key(buf).ok()
+/// The one byte a key of field `tag` (below 16) with `wire` encodes as.
+const fn key(tag: u32, wire: WireType) -> u8 {
+    ((tag << 3) | wire as u32) as u8
+}
+
+const KEY_FRAME_REQUEST_ID: u8 = key(FRAME_REQUEST_ID, WireType::Varint);
+const KEY_FRAME_PRODUCE: u8 = key(FRAME_PRODUCE, WireType::LengthDelimited);
+const KEY_PRODUCE_TOPIC: u8 = key(PRODUCE_TOPIC, WireType::LengthDelimited);
+const KEY_PRODUCE_MESSAGES: u8 = key(PRODUCE_MESSAGES, WireType::LengthDelimited);
+const KEY_MESSAGE_TIMESTAMP: u8 = key(MESSAGE_TIMESTAMP, WireType::Varint);
+const KEY_MESSAGE_KEY: u8 = key(MESSAGE_KEY, WireType::LengthDelimited);
+const KEY_MESSAGE_HEADERS: u8 = key(MESSAGE_HEADERS, WireType::LengthDelimited);
+const KEY_MESSAGE_VALUE: u8 = key(MESSAGE_VALUE, WireType::LengthDelimited);
+const KEY_HEADER_NAME: u8 = key(HEADER_NAME, WireType::LengthDelimited);
+const KEY_HEADER_VALUE: u8 = key(HEADER_VALUE, WireType::LengthDelimited);
+
+/// The next field's key, if it is one byte, as encoders write every key of
+/// a produce request; `None` otherwise (a longer key, such as an unknown
+/// field's or a padded one, is the generated decoder's to read).
+#[inline]
+fn next_key(buf: &mut &[u8]) -> Option<u8> {
+    let (&key, rest) = buf.split_first()?;
+    if key >= 0x80 {
+        return None;
+    }
+    *buf = rest;
+    Some(key)
+}
+
+/// A varint, its one-byte form read in place.
+#[inline]
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    match buf.split_first() {
+        Some((&b, rest)) if b < 0x80 => {
+            *buf = rest;
+            Some(u64::from(b))
+        }
+        _ => decode_varint(buf).ok(),
+    }
 }
 
 /// A length-delimited field's body, taken off `buf`.
+#[inline]
 fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = usize::try_from(decode_varint(buf).ok()?).ok()?;
+    let len = usize::try_from(varint(buf)?).ok()?;
     if len > buf.len() {
         return None;
     }
@@ -287,9 +329,9 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
     let mut request: Option<&[u8]> = None;
     while !buf.is_empty() {
         match next_key(&mut buf)? {
-            (FRAME_REQUEST_ID, WireType::Varint) => request_id = decode_varint(&mut buf).ok()?,
+            KEY_FRAME_REQUEST_ID => request_id = varint(&mut buf)?,
             // A second one would be merged into the first.
-            (FRAME_PRODUCE, WireType::LengthDelimited) if request.is_none() => {
+            KEY_FRAME_PRODUCE if request.is_none() => {
                 request = Some(delimited(&mut buf)?);
             }
             _ => return None,
@@ -300,11 +342,15 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
     let mut messages = Vec::new();
     while !buf.is_empty() {
         match next_key(&mut buf)? {
-            (PRODUCE_TOPIC, WireType::LengthDelimited) => topic = utf8(delimited(&mut buf)?)?,
-            (PRODUCE_MESSAGES, WireType::LengthDelimited) => {
+            KEY_PRODUCE_TOPIC => topic = utf8(delimited(&mut buf)?)?,
+            KEY_PRODUCE_MESSAGES => {
                 let before = buf.len();
                 let body = delimited(&mut buf)?;
-                messages.push(message_in(body, &share)?);
+                // Filled in where it lies: a message built apart and
+                // moved in cost more than reading its fields.
+                messages.push(NewMessage::default());
+                let m = messages.last_mut().expect("a message was just pushed");
+                message_in(body, &share, m)?;
                 if messages.len() == 1 {
                     // Sized from the first message: one allocation, not a
                     // doubling for every power of two up to the batch.
@@ -322,36 +368,38 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
     })
 }
 
-fn message_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes) -> Option<NewMessage> {
-    let mut m = NewMessage::default();
+/// Reads a `NewMessage` body into `m` (a default one); `None` if it is not
+/// in the layout the fast path takes.
+#[inline]
+fn message_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes, m: &mut NewMessage) -> Option<()> {
     let mut value: &[u8] = &[];
     while !buf.is_empty() {
         match next_key(&mut buf)? {
-            (MESSAGE_TIMESTAMP, WireType::Varint) => {
-                m.timestamp_ms = Some(decode_varint(&mut buf).ok()?);
+            KEY_MESSAGE_TIMESTAMP => {
+                m.timestamp_ms = Some(varint(&mut buf)?);
             }
-            (MESSAGE_KEY, WireType::LengthDelimited) => {
+            KEY_MESSAGE_KEY => {
                 m.key = Some(share(delimited(&mut buf)?));
             }
-            (MESSAGE_HEADERS, WireType::LengthDelimited) => {
+            KEY_MESSAGE_HEADERS => {
                 m.headers.push(header_in(delimited(&mut buf)?, share)?);
             }
-            (MESSAGE_VALUE, WireType::LengthDelimited) => value = delimited(&mut buf)?,
+            KEY_MESSAGE_VALUE => value = delimited(&mut buf)?,
             _ => return None,
         }
     }
     if !value.is_empty() {
         m.value = share(value);
     }
-    Some(m)
+    Some(())
 }
 
 fn header_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes) -> Option<Header> {
     let (mut name, mut value): (&str, &[u8]) = ("", &[]);
     while !buf.is_empty() {
         match next_key(&mut buf)? {
-            (HEADER_NAME, WireType::LengthDelimited) => name = utf8(delimited(&mut buf)?)?,
-            (HEADER_VALUE, WireType::LengthDelimited) => value = delimited(&mut buf)?,
+            KEY_HEADER_NAME => name = utf8(delimited(&mut buf)?)?,
+            KEY_HEADER_VALUE => value = delimited(&mut buf)?,
             _ => return None,
         }
     }
@@ -513,6 +561,9 @@ mod tests {
             .expect("name byte");
         let mut bad_name = bad_name;
         bad_name[at] = 0xFF;
+        // A key written in two bytes (`request_id`'s, 0x08, as 0x88 0x00).
+        let mut padded = vec![0x88, 0x00, 5];
+        padded.extend_from_slice(&generated(0, "t", &one));
         let ping = pb::ClientFrame {
             request_id: 4,
             request: Some(pb::client_frame::Request::Ping(pb::PingRequest {
@@ -520,14 +571,18 @@ mod tests {
             })),
         }
         .encode_to_vec();
-        for body in [&merged, &unknown, &bad_name, &ping, &Vec::new()] {
+        for body in [&merged, &unknown, &bad_name, &padded, &ping, &Vec::new()] {
             assert!(produce_in(&Bytes::copy_from_slice(body)).is_none());
             same_as_reference(body).expect("same as the generated decoder");
         }
         let Ok(ClientIn::Produce(p)) = ClientIn::decode(Bytes::from(merged)) else {
             panic!("a produce request");
         };
-        assert_eq!((p.request_id, p.messages), (1, [one, two].concat()));
+        assert_eq!((p.request_id, p.messages), (1, [one.clone(), two].concat()));
+        let Ok(ClientIn::Produce(p)) = ClientIn::decode(Bytes::from(padded)) else {
+            panic!("a produce request");
+        };
+        assert_eq!((p.request_id, p.messages), (5, one));
         assert!(ClientIn::decode(Bytes::from(bad_name)).is_err());
     }
 
