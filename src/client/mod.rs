@@ -35,7 +35,6 @@
 use crate::broker::topic::Position;
 use crate::groups::GroupMode;
 use crate::protocol::codec::{FrameCodec, FrameError};
-use crate::protocol::gather::GatherSink;
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::reply::{FetchIn, ServerIn};
@@ -53,7 +52,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Framed;
 
 /// What can go wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
@@ -347,24 +346,23 @@ impl Client {
                 Box::new(stream)
             }
         };
-        // Reads through the codec; writes gather produce values from the
-        // messages' own buffers instead of copying them into a frame buffer.
-        let (read, write) = tokio::io::split(stream);
-        let limit = DEFAULT_MAX_FRAME_BYTES * 4;
-        let mut frames = FramedRead::new(read, FrameCodec::<ServerIn, ClientOut>::new(limit));
-        let mut sink = GatherSink::new(write, limit);
+        let mut framed = Framed::new(
+            stream,
+            FrameCodec::<ServerIn, ClientOut>::new(DEFAULT_MAX_FRAME_BYTES * 4),
+        );
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
             client_name: options.client_name.clone(),
             token: options.token.clone(),
         };
-        sink.send(ClientOut::Frame(pb::ClientFrame {
-            request_id: 0,
-            request: Some(Request::Hello(hello)),
-        }))
-        .await
-        .map_err(|e| frame_to_client(addr, e))?;
-        let welcome = match frames.next().await {
+        framed
+            .send(ClientOut::Frame(pb::ClientFrame {
+                request_id: 0,
+                request: Some(Request::Hello(hello)),
+            }))
+            .await
+            .map_err(|e| frame_to_client(addr, e))?;
+        let welcome = match framed.next().await {
             Some(Ok(ServerIn::Frame(pb::ServerFrame {
                 kind: Some(pb::server_frame::Kind::Welcome(w)),
             }))) => w,
@@ -388,6 +386,7 @@ impl Client {
             Some(Err(e)) => return Err(frame_to_client(addr, e)),
             None => return Err(ClientError::Closed),
         };
+        let (sink, mut frames) = framed.split();
         let (out, out_rx) = mpsc::channel::<ClientOut>(256);
         let mut writer = tokio::spawn(outbox::run(sink, out_rx));
         let pending: Pending = Arc::default();

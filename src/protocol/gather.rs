@@ -10,9 +10,8 @@
 //! encodes for the same frames.
 
 use super::codec::{FrameError, PREFIX_LEN, put_prefix};
-use super::outbound::Outbound;
-use super::request::ClientOut;
-use bytes::{BufMut, Bytes, BytesMut};
+use super::outbound::{Out, Outbound};
+use bytes::{Bytes, BytesMut};
 use futures_util::Sink;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -26,77 +25,6 @@ pub const BY_REFERENCE_MIN: usize = 512;
 const BACKPRESSURE: usize = 128 * 1024;
 /// Most slices in one vectored write (Linux's `IOV_MAX`).
 const MAX_SLICES: usize = 1024;
-
-/// Where an encoding goes: protobuf's fields into a buffer, and each
-/// message's value either into the same buffer or, for a [`Gather`], by
-/// reference to where it lies.
-pub(crate) trait Out {
-    /// The buffer fields are encoded into.
-    type Buf: BufMut;
-    /// The buffer.
-    fn buf(&mut self) -> &mut Self::Buf;
-    /// Adds a value read in place from a log's map (its field's tag and
-    /// length are in the buffer).
-    fn value(&mut self, v: &[u8]);
-    /// Adds a value held as its own `Bytes` (its tag and length are in the
-    /// buffer).
-    fn shared(&mut self, v: &Bytes);
-}
-
-/// Everything into one buffer, as prost encodes.
-pub(crate) struct Contiguous<'b, B>(pub &'b mut B);
-
-impl<B: BufMut> Out for Contiguous<'_, B> {
-    type Buf = B;
-
-    fn buf(&mut self) -> &mut B {
-        self.0
-    }
-
-    fn value(&mut self, v: &[u8]) {
-        self.0.put_slice(v);
-    }
-
-    fn shared(&mut self, v: &Bytes) {
-        self.0.put_slice(v);
-    }
-}
-
-/// A frame a [`GatherSink`] writes.
-pub(crate) trait GatherFrame {
-    /// Bytes of its protobuf body.
-    fn body_len(&self) -> usize;
-    /// Encodes its body into `out`.
-    fn encode_to(&self, out: &mut impl Out);
-    /// The windows of the log's maps its values lie in.
-    fn views(&self) -> &[Bytes] {
-        &[]
-    }
-}
-
-impl GatherFrame for Outbound {
-    fn body_len(&self) -> usize {
-        prost::Message::encoded_len(self)
-    }
-
-    fn encode_to(&self, out: &mut impl Out) {
-        Outbound::encode_to(self, out)
-    }
-
-    fn views(&self) -> &[Bytes] {
-        Outbound::views(self)
-    }
-}
-
-impl GatherFrame for ClientOut {
-    fn body_len(&self) -> usize {
-        self.encoded_len()
-    }
-
-    fn encode_to(&self, out: &mut impl Out) {
-        ClientOut::encode_to(self, out)
-    }
-}
 
 /// A run of bytes to write.
 #[derive(Debug, Clone, Copy)]
@@ -161,34 +89,19 @@ impl Out for Gather {
         }
         self.buf.extend_from_slice(v);
     }
-
-    fn shared(&mut self, v: &Bytes) {
-        if !self.by_reference || v.len() < BY_REFERENCE_MIN {
-            self.buf.extend_from_slice(v);
-            return;
-        }
-        self.cut();
-        self.parts.push(Part::View {
-            view: self.views.len(),
-            start: 0,
-            end: v.len(),
-        });
-        self.views.push(v.clone());
-        self.referenced += v.len();
-    }
 }
 
 impl Gather {
     /// Encodes `frame`, prefix and body, or refuses it over the limit.
-    fn push(&mut self, frame: &impl GatherFrame, max_frame_bytes: u32) -> Result<(), FrameError> {
-        let len = frame.body_len();
+    fn push(&mut self, frame: &Outbound, max_frame_bytes: u32) -> Result<(), FrameError> {
+        let len = prost::Message::encoded_len(frame);
         let views = if self.by_reference {
             frame.views()
         } else {
             &[]
         };
-        // Room for the whole frame unless its values may stay where they are.
-        let room = if self.by_reference { 0 } else { len };
+        // Room for the whole frame unless its values may stay in the maps.
+        let room = if views.is_empty() { len } else { 0 };
         let before = self.queued();
         put_prefix(len, max_frame_bytes, room, &mut self.buf)?;
         self.frame_views = self.views.len();
@@ -284,11 +197,10 @@ impl Gather {
     }
 }
 
-/// A sink of frames ([`Outbound`] on a server, [`ClientOut`] on a client)
-/// onto a writer, values by reference where the writer takes vectored
-/// writes.
+/// A sink of [`Outbound`] frames onto a writer, values by reference where
+/// the writer takes vectored writes.
 #[derive(Debug)]
-pub(crate) struct GatherSink<W> {
+pub struct GatherSink<W> {
     io: W,
     gather: Gather,
     max_frame_bytes: u32,
@@ -296,7 +208,7 @@ pub(crate) struct GatherSink<W> {
 
 impl<W: AsyncWrite + Unpin> GatherSink<W> {
     /// Frames onto `io`, refusing any over `max_frame_bytes`.
-    pub(crate) fn new(io: W, max_frame_bytes: u32) -> GatherSink<W> {
+    pub fn new(io: W, max_frame_bytes: u32) -> GatherSink<W> {
         let gather = Gather {
             by_reference: io.is_write_vectored(),
             ..Gather::default()
@@ -309,7 +221,7 @@ impl<W: AsyncWrite + Unpin> GatherSink<W> {
     }
 }
 
-impl<W: AsyncWrite + Unpin, F: GatherFrame> Sink<F> for GatherSink<W> {
+impl<W: AsyncWrite + Unpin> Sink<Outbound> for GatherSink<W> {
     type Error = FrameError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), FrameError>> {
@@ -320,7 +232,7 @@ impl<W: AsyncWrite + Unpin, F: GatherFrame> Sink<F> for GatherSink<W> {
         Poll::Ready(Ok(()))
     }
 
-    fn start_send(self: Pin<&mut Self>, frame: F) -> Result<(), FrameError> {
+    fn start_send(self: Pin<&mut Self>, frame: Outbound) -> Result<(), FrameError> {
         let this = self.get_mut();
         this.gather.push(&frame, this.max_frame_bytes)
     }
@@ -333,11 +245,9 @@ impl<W: AsyncWrite + Unpin, F: GatherFrame> Sink<F> for GatherSink<W> {
             .map_err(FrameError::Io)
     }
 
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), FrameError>> {
-        let this = self.get_mut();
-        ready!(this.gather.poll_write(Pin::new(&mut this.io), cx))?;
-        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-        Pin::new(&mut this.io)
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), FrameError>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.get_mut().io)
             .poll_shutdown(cx)
             .map_err(FrameError::Io)
     }
@@ -351,8 +261,6 @@ mod tests {
     use crate::protocol::outbound::WireMessages;
     use crate::protocol::outbound::tests::{arb_message, topic};
     use crate::protocol::pb;
-    use crate::protocol::reply::ServerIn;
-    use crate::protocol::request::ProduceFrame;
     use crate::storage::io::SimDisk;
     use crate::storage::{NewMessage, Offset};
     use futures_util::SinkExt;
@@ -501,56 +409,10 @@ mod tests {
                         sink.feed(frame).await.expect("fed");
                     }
                 }
-                SinkExt::<Outbound>::close(&mut sink).await.expect("closed");
+                sink.close().await.expect("closed");
             });
             prop_assert_eq!(&sink.io.out[..], &expected[..]);
             prop_assert!(sink.gather.parts.is_empty() && sink.gather.buf.is_empty());
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
-
-        /// A client's produce frames: the same bytes as the codec's, with
-        /// large values written from the messages' own buffers.
-        #[test]
-        fn produce_frames_carry_the_codecs_bytes(
-            batches in proptest::collection::vec(proptest::collection::vec(arb_message(), 0..6), 1..4),
-            steps in proptest::collection::vec(0usize..3000, 1..8),
-            vectored in any::<bool>(),
-        ) {
-            let steps = if steps.iter().all(|&s| s == 0) { vec![1] } else { steps };
-            let frames = || {
-                batches.iter().enumerate().map(|(i, batch)| {
-                    ClientOut::Produce(ProduceFrame::new(i as u64, "t".into(), batch.clone()))
-                })
-            };
-            let mut expected = BytesMut::new();
-            let mut codec = FrameCodec::<ServerIn, ClientOut>::new(16 << 20);
-            for frame in frames() {
-                codec.encode(frame, &mut expected).expect("encodes");
-            }
-            let large: usize = batches
-                .iter()
-                .flatten()
-                .map(|m| m.value.len())
-                .filter(|&l| l >= BY_REFERENCE_MIN)
-                .sum();
-            let trickle = Trickle { out: Vec::new(), steps, calls: 0, vectored };
-            let mut sink = GatherSink::new(trickle, 16 << 20);
-            let mut referenced = 0;
-            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-            rt.block_on(async {
-                for frame in frames() {
-                    SinkExt::<ClientOut>::feed(&mut sink, frame).await.expect("fed");
-                    referenced = referenced.max(sink.gather.referenced);
-                }
-                SinkExt::<ClientOut>::close(&mut sink).await.expect("closed");
-            });
-            prop_assert_eq!(&sink.io.out[..], &expected[..]);
-            if vectored && referenced == 0 {
-                prop_assert_eq!(large, 0, "large values go by reference");
-            }
         }
     }
 
@@ -580,9 +442,7 @@ mod tests {
             "only the fields are buffered: {} bytes",
             sink.gather.buf.len()
         );
-        SinkExt::<Outbound>::flush(&mut sink)
-            .await
-            .expect("written");
+        sink.flush().await.expect("written");
         let mut expected = BytesMut::new();
         let mut codec = FrameCodec::<pb::ClientFrame, Outbound>::new(16 << 20);
         for frame in frames.into_iter().skip(1).take(1) {

@@ -8,7 +8,6 @@
 //! the `ServerFrame` [`Outbound::into_frame`] returns (proto3: fields in
 //! number order, defaults left out, `optional` fields present when set).
 
-use super::gather::{Contiguous, Out};
 use super::{pb, status};
 use crate::broker::{Deliveries, DeliveryRef};
 use crate::storage::Shape;
@@ -142,6 +141,33 @@ impl Outbound {
 /// Length of a `FetchResponse` body whose messages take `messages` bytes.
 fn fetch_len(messages: usize, next_offset: u64, end_offset: u64) -> usize {
     messages + uint64_len(FETCH_NEXT_OFFSET, next_offset) + uint64_len(FETCH_END_OFFSET, end_offset)
+}
+
+/// Where an encoding goes: protobuf's fields into a buffer, and each
+/// message's value either into the same buffer or, for a writer that sends
+/// values from where they lie, by reference ([`super::gather`]).
+pub(crate) trait Out {
+    /// The buffer fields are encoded into.
+    type Buf: BufMut;
+    /// The buffer.
+    fn buf(&mut self) -> &mut Self::Buf;
+    /// Adds a message value (its field's tag and length are in the buffer).
+    fn value(&mut self, v: &[u8]);
+}
+
+/// Everything into one buffer, as prost encodes.
+struct Contiguous<'b, B>(&'b mut B);
+
+impl<B: BufMut> Out for Contiguous<'_, B> {
+    type Buf = B;
+
+    fn buf(&mut self) -> &mut B {
+        self.0
+    }
+
+    fn value(&mut self, v: &[u8]) {
+        self.0.put_slice(v);
+    }
 }
 
 impl Outbound {

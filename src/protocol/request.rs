@@ -8,7 +8,6 @@
 //! values are slices of the frame; every other frame, and any produce
 //! request in another layout, goes through the generated decoder.
 
-use super::gather::{Contiguous, Out};
 use super::{convert, pb};
 use crate::storage::{Header, NewMessage};
 use bytes::{BufMut, Bytes};
@@ -61,14 +60,9 @@ impl ClientOut {
 
     /// Writes the protobuf body ([`ClientOut::encoded_len`] bytes).
     pub fn encode(&self, buf: &mut impl BufMut) {
-        self.encode_to(&mut Contiguous(buf));
-    }
-
-    /// Writes the protobuf body into `out`.
-    pub(crate) fn encode_to(&self, out: &mut impl Out) {
         match self {
-            ClientOut::Frame(f) => f.encode_raw(out.buf()),
-            ClientOut::Produce(p) => p.encode_to(out),
+            ClientOut::Frame(f) => f.encode_raw(buf),
+            ClientOut::Produce(p) => p.encode(buf),
         }
     }
 }
@@ -104,8 +98,7 @@ impl ProduceFrame {
         }
     }
 
-    fn encode_to(&self, out: &mut impl Out) {
-        let buf = out.buf();
+    fn encode(&self, buf: &mut impl BufMut) {
         if self.request_id != 0 {
             encode_key(FRAME_REQUEST_ID, WireType::Varint, buf);
             encode_varint(self.request_id, buf);
@@ -114,7 +107,6 @@ impl ProduceFrame {
         encode_varint(self.request as u64, buf);
         put_bytes(PRODUCE_TOPIC, self.topic.as_bytes(), buf);
         for m in &self.messages {
-            let buf = out.buf();
             encode_key(PRODUCE_MESSAGES, WireType::LengthDelimited, buf);
             encode_varint(message_len(m) as u64, buf);
             if let Some(ts) = m.timestamp_ms {
@@ -132,11 +124,7 @@ impl ProduceFrame {
                 put_bytes(HEADER_NAME, h.name.as_bytes(), buf);
                 put_bytes(HEADER_VALUE, &h.value, buf);
             }
-            if !m.value.is_empty() {
-                encode_key(MESSAGE_VALUE, WireType::LengthDelimited, buf);
-                encode_varint(m.value.len() as u64, buf);
-                out.shared(&m.value);
-            }
+            put_bytes(MESSAGE_VALUE, &m.value, buf);
         }
     }
 }
