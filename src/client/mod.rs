@@ -37,11 +37,10 @@ use crate::groups::GroupMode;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
-use crate::protocol::reply::{FetchIn, ServerIn};
 use crate::protocol::request::{ClientOut, ProduceFrame};
 use crate::protocol::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, convert, outbox, pb};
 use crate::security::tls::TlsClient;
-use crate::storage::NewMessage;
+use crate::storage::{Message, NewMessage};
 use futures_util::{SinkExt, Stream, StreamExt};
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -142,7 +141,13 @@ pub struct Produced {
 }
 
 /// A message received from a fetch or subscription.
-pub use crate::protocol::reply::Received;
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The message.
+    pub message: Message,
+    /// Queue groups: which delivery this is (1 = first); 0 otherwise.
+    pub delivery: u32,
+}
 
 /// What a fetch returned.
 #[derive(Debug, Clone)]
@@ -173,18 +178,7 @@ pub struct FetchOptions {
     pub wait_ms: u32,
 }
 
-/// What a call's reply carries: a fetch's messages read straight from the
-/// frame, or any other response.
-// Held by value as the reply it carries was before; boxing would add an
-// allocation per reply.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Answer {
-    Reply(Reply),
-    Fetched(FetchIn),
-}
-
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Answer>>>>>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>;
 type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>;
 
 /// A connection to a spool server.
@@ -348,7 +342,7 @@ impl Client {
         };
         let mut framed = Framed::new(
             stream,
-            FrameCodec::<ServerIn, ClientOut>::new(DEFAULT_MAX_FRAME_BYTES * 4),
+            FrameCodec::<pb::ServerFrame, ClientOut>::new(DEFAULT_MAX_FRAME_BYTES * 4),
         );
         let hello = pb::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -363,16 +357,16 @@ impl Client {
             .await
             .map_err(|e| frame_to_client(addr, e))?;
         let welcome = match framed.next().await {
-            Some(Ok(ServerIn::Frame(pb::ServerFrame {
+            Some(Ok(pb::ServerFrame {
                 kind: Some(pb::server_frame::Kind::Welcome(w)),
-            }))) => w,
-            Some(Ok(ServerIn::Frame(pb::ServerFrame {
+            })) => w,
+            Some(Ok(pb::ServerFrame {
                 kind:
                     Some(pb::server_frame::Kind::Response(pb::Response {
                         result: Some(Reply::Error(e)),
                         ..
                     })),
-            }))) => return Err(ClientError::from_wire(e)),
+            })) => return Err(ClientError::from_wire(e)),
             Some(Ok(other)) => {
                 return Err(ClientError::Protocol(format!(
                     "expected Welcome, got {other:?}"
@@ -411,37 +405,14 @@ impl Client {
                     _ = &mut writer => None,
                 };
                 let Some(Ok(frame)) = frame else { break };
-                let frame = match frame {
-                    ServerIn::Frame(frame) => frame,
-                    ServerIn::Fetch {
-                        request_id,
-                        fetched,
-                    } => {
-                        if let Some(tx) = lock(&p).remove(&request_id) {
-                            let _ = tx.send(Ok(Answer::Fetched(fetched)));
-                        }
-                        continue;
-                    }
-                    ServerIn::Delivery {
-                        subscription_id,
-                        messages,
-                    } => {
-                        if let Some(tx) = lock(&s).get(&subscription_id) {
-                            for m in messages {
-                                let _ = tx.send(Ok(m));
-                            }
-                        }
-                        continue;
-                    }
-                };
                 match frame.kind {
                     Some(pb::server_frame::Kind::Response(r)) => {
                         let result = match r.result {
                             Some(Reply::Error(e)) => Err(ClientError::from_wire(e)),
-                            Some(ok) => Ok(Answer::Reply(ok)),
+                            Some(ok) => Ok(ok),
                             None => Err(ClientError::Protocol("empty response".into())),
                         };
-                        if let Ok(Answer::Reply(Reply::Subscribe(sub))) = &result
+                        if let Ok(Reply::Subscribe(sub)) = &result
                             && let Some(tx) = lock(&w).remove(&r.request_id)
                         {
                             lock(&s).insert(sub.subscription_id, tx);
@@ -460,7 +431,7 @@ impl Client {
                         let mut subs = lock(&s);
                         if let Some(tx) = subs.get(&d.subscription_id) {
                             for m in d.messages {
-                                let _ = tx.send(Ok(Received::from(m)));
+                                let _ = tx.send(Ok(received(m)));
                             }
                             match (d.error, d.skipped_offset) {
                                 (Some(e), Some(offset)) => {
@@ -529,7 +500,7 @@ impl Client {
 
     /// Registers a pending call; fails if the connection already closed (the
     /// reader sets `closed` before draining, so one of the two sees the other).
-    fn register(&self, id: u64, tx: oneshot::Sender<Result<Answer>>) -> Result<()> {
+    fn register(&self, id: u64, tx: oneshot::Sender<Result<Reply>>) -> Result<()> {
         lock(&self.pending).insert(id, tx);
         if self.closed.load(Ordering::SeqCst) {
             lock(&self.pending).remove(&id);
@@ -559,16 +530,11 @@ impl Client {
     async fn call(&self, request: Request) -> Result<Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.frame(id, request)?;
-        match self.send_call(id, frame).await? {
-            Answer::Reply(reply) => Ok(reply),
-            Answer::Fetched(_) => Err(ClientError::Protocol(format!(
-                "unexpected fetch reply to request {id}"
-            ))),
-        }
+        self.send_call(id, frame).await
     }
 
     /// Sends `frame` (request `id`) and waits for its reply.
-    async fn send_call(&self, id: u64, frame: ClientOut) -> Result<Answer> {
+    async fn send_call(&self, id: u64, frame: ClientOut) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         self.register(id, tx)?;
         if self.out.send(frame).await.is_err() {
@@ -590,13 +556,12 @@ impl Client {
             messages,
         )))?;
         match self.send_call(id, frame).await? {
-            Answer::Reply(Reply::Produce(p)) => Ok(Produced {
+            Reply::Produce(p) => Ok(Produced {
                 first_offset: p.first_offset,
                 last_offset: p.last_offset,
                 durable: p.durability == pb::Durability::Durable as i32,
             }),
-            Answer::Reply(other) => Err(unexpected(other)),
-            Answer::Fetched(_) => Err(unexpected_fetch(id)),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -611,15 +576,13 @@ impl Client {
             max_bytes: options.max_bytes,
             wait_ms: options.wait_ms,
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = self.frame(id, Request::Fetch(request))?;
-        match self.send_call(id, frame).await? {
-            Answer::Fetched(f) => Ok(Fetched {
-                messages: f.messages,
+        match self.call(Request::Fetch(request)).await? {
+            Reply::Fetch(f) => Ok(Fetched {
+                messages: f.messages.into_iter().map(received).collect(),
                 next_offset: f.next_offset,
                 end_offset: f.end_offset,
             }),
-            Answer::Reply(other) => Err(unexpected(other)),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -660,12 +623,11 @@ impl Client {
         let reply = reply_rx.await.map_err(|_| ClientError::Closed);
         lock(&self.waiting_subscriptions).remove(&id);
         match reply?? {
-            Answer::Reply(Reply::Subscribe(s)) => Ok(Subscription {
+            Reply::Subscribe(s) => Ok(Subscription {
                 id: s.subscription_id,
                 rx,
             }),
-            Answer::Reply(other) => Err(unexpected(other)),
-            Answer::Fetched(_) => Err(unexpected_fetch(id)),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -902,12 +864,15 @@ impl Stream for Subscription {
     }
 }
 
-fn unexpected(reply: Reply) -> ClientError {
-    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+fn received(m: pb::Message) -> Received {
+    Received {
+        delivery: m.delivery,
+        message: convert::message_from_wire(m),
+    }
 }
 
-fn unexpected_fetch(request_id: u64) -> ClientError {
-    ClientError::Protocol(format!("unexpected fetch reply to request {request_id}"))
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
 }
 
 fn frame_to_client(addr: &str, e: FrameError) -> ClientError {

@@ -3,7 +3,6 @@
 //! `length` bytes of protobuf. The limit is checked from the 5-byte prefix,
 //! before any buffer for the body is reserved. No I/O happens here.
 
-use super::reply::ServerIn;
 use super::request::{ClientIn, ClientOut};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -73,18 +72,6 @@ impl<Out> Decoder for FrameCodec<ClientIn, Out> {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ClientIn>, FrameError> {
         match self.body(src)? {
             Some(body) => Ok(Some(ClientIn::decode(body)?)),
-            None => Ok(None),
-        }
-    }
-}
-
-impl<Out> Decoder for FrameCodec<ServerIn, Out> {
-    type Item = ServerIn;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ServerIn>, FrameError> {
-        match self.body(src)? {
-            Some(body) => Ok(Some(ServerIn::decode(body)?)),
             None => Ok(None),
         }
     }

@@ -9,7 +9,6 @@ pub mod convert;
 pub mod gather;
 pub mod outbound;
 pub mod outbox;
-pub mod reply;
 pub mod request;
 pub mod status;
 
