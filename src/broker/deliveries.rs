@@ -90,15 +90,6 @@ impl Deliveries {
         }
     }
 
-    /// The windows of the log's maps that records read in place lie in
-    /// (none for owned messages).
-    pub fn views(&self) -> &[bytes::Bytes] {
-        match &self.0 {
-            Kind::Records(r) => r.views(),
-            Kind::Messages(_) => &[],
-        }
-    }
-
     /// Splits off the messages from index `at` on.
     pub fn split_off(&mut self, at: usize) -> Deliveries {
         match &mut self.0 {

@@ -108,29 +108,18 @@ impl<In, Out> FrameCodec<In, Out> {
     /// Writes the prefix of a `len`-byte body, with room for the body, or
     /// refuses a body over the limit.
     fn prefix(&self, len: usize, dst: &mut BytesMut) -> Result<(), FrameError> {
-        put_prefix(len, self.max_frame_bytes, len, dst)
+        let len32 = u32::try_from(len)
+            .ok()
+            .filter(|l| *l <= self.max_frame_bytes)
+            .ok_or(FrameError::TooLarge {
+                len: len as u64,
+                max: self.max_frame_bytes,
+            })?;
+        dst.reserve(PREFIX_LEN + len);
+        dst.put_u8(0);
+        dst.put_u32(len32);
+        Ok(())
     }
-}
-
-/// Writes the prefix of a `len`-byte body, reserving `room` more bytes, or
-/// refuses a body over `max_frame_bytes`.
-pub(crate) fn put_prefix(
-    len: usize,
-    max_frame_bytes: u32,
-    room: usize,
-    dst: &mut BytesMut,
-) -> Result<(), FrameError> {
-    let len32 = u32::try_from(len)
-        .ok()
-        .filter(|l| *l <= max_frame_bytes)
-        .ok_or(FrameError::TooLarge {
-            len: len as u64,
-            max: max_frame_bytes,
-        })?;
-    dst.reserve(PREFIX_LEN + room);
-    dst.put_u8(0);
-    dst.put_u32(len32);
-    Ok(())
 }
 
 impl<In, Out: Message> Encoder<Out> for FrameCodec<In, Out> {

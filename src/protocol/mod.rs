@@ -6,7 +6,6 @@
 
 pub mod codec;
 pub mod convert;
-pub mod gather;
 pub mod outbound;
 pub mod outbox;
 pub mod request;

@@ -143,52 +143,21 @@ fn fetch_len(messages: usize, next_offset: u64, end_offset: u64) -> usize {
     messages + uint64_len(FETCH_NEXT_OFFSET, next_offset) + uint64_len(FETCH_END_OFFSET, end_offset)
 }
 
-/// Where an encoding goes: protobuf's fields into a buffer, and each
-/// message's value either into the same buffer or, for a writer that sends
-/// values from where they lie, by reference ([`super::gather`]).
-pub(crate) trait Out {
-    /// The buffer fields are encoded into.
-    type Buf: BufMut;
-    /// The buffer.
-    fn buf(&mut self) -> &mut Self::Buf;
-    /// Adds a message value (its field's tag and length are in the buffer).
-    fn value(&mut self, v: &[u8]);
-}
-
-/// Everything into one buffer, as prost encodes.
-struct Contiguous<'b, B>(&'b mut B);
-
-impl<B: BufMut> Out for Contiguous<'_, B> {
-    type Buf = B;
-
-    fn buf(&mut self) -> &mut B {
-        self.0
-    }
-
-    fn value(&mut self, v: &[u8]) {
-        self.0.put_slice(v);
-    }
-}
-
-impl Outbound {
-    /// Encodes the frame's body into `out` (prost's bytes, whatever `out`
-    /// does with the values).
-    pub(crate) fn encode_to(&self, out: &mut impl Out) {
+impl prost::Message for Outbound {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
         match self {
-            Outbound::Frame(frame) => prost::Message::encode_raw(frame, out.buf()),
+            Outbound::Frame(frame) => frame.encode_raw(buf),
             Outbound::Fetch {
                 request_id,
                 messages,
                 next_offset,
                 end_offset,
             } => {
-                let buf = out.buf();
                 put_delimited_header(FRAME_RESPONSE, self.inner_len(), buf);
                 put_uint64(RESPONSE_REQUEST_ID, *request_id, buf);
                 let fetch = fetch_len(messages.len, *next_offset, *end_offset);
                 put_delimited_header(RESPONSE_FETCH, fetch, buf);
-                messages.encode(FETCH_MESSAGES, out);
-                let buf = out.buf();
+                messages.encode(FETCH_MESSAGES, buf);
                 put_uint64(FETCH_NEXT_OFFSET, *next_offset, buf);
                 put_uint64(FETCH_END_OFFSET, *end_offset, buf);
             }
@@ -196,29 +165,11 @@ impl Outbound {
                 subscription_id,
                 messages,
             } => {
-                let buf = out.buf();
                 put_delimited_header(FRAME_DELIVERY, self.inner_len(), buf);
                 put_uint64(DELIVERY_SUBSCRIPTION_ID, *subscription_id, buf);
-                messages.encode(DELIVERY_MESSAGES, out);
+                messages.encode(DELIVERY_MESSAGES, buf);
             }
         }
-    }
-
-    /// The windows of the log's maps the frame's values lie in (none when
-    /// it holds no records read in place).
-    pub(crate) fn views(&self) -> &[bytes::Bytes] {
-        match self {
-            Outbound::Frame(_) => &[],
-            Outbound::Fetch { messages, .. } | Outbound::Delivery { messages, .. } => {
-                messages.deliveries.views()
-            }
-        }
-    }
-}
-
-impl prost::Message for Outbound {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.encode_to(&mut Contiguous(buf));
     }
 
     /// Decoding yields the `ServerFrame` form.
@@ -304,13 +255,13 @@ impl WireMessages {
         }
     }
 
-    fn encode(&self, field: u32, out: &mut impl Out) {
+    fn encode(&self, field: u32, buf: &mut impl BufMut) {
         let mut lens = self.lens.iter();
         self.deliveries.for_each(|m| {
             // One length per message, taken from the same messages.
             let len = lens.next().copied().unwrap_or_default();
-            put_delimited_header(field, len, out.buf());
-            encode_message(&m, out);
+            put_delimited_header(field, len, buf);
+            encode_message(&m, buf);
         });
     }
 }
@@ -446,8 +397,7 @@ fn put_bytes(field: u32, v: &[u8], buf: &mut impl BufMut) {
 }
 
 /// Encodes `m` as a `Message` body, in field order as prost does.
-fn encode_message(m: &DeliveryRef<'_>, out: &mut impl Out) {
-    let buf = out.buf();
+fn encode_message(m: &DeliveryRef<'_>, buf: &mut impl BufMut) {
     put_uint64(MESSAGE_OFFSET, m.offset(), buf);
     put_uint64(MESSAGE_TIMESTAMP, m.timestamp_ms(), buf);
     if let Some(key) = m.key() {
@@ -460,16 +410,12 @@ fn encode_message(m: &DeliveryRef<'_>, out: &mut impl Out) {
         put_bytes(HEADER_NAME, name.as_bytes(), buf);
         put_bytes(HEADER_VALUE, value, buf);
     }
-    let value = m.value();
-    if !value.is_empty() {
-        put_delimited_header(MESSAGE_VALUE, value.len(), buf);
-        out.value(value);
-    }
-    put_uint64(MESSAGE_DELIVERY, u64::from(m.delivery()), out.buf());
+    put_bytes(MESSAGE_VALUE, m.value(), buf);
+    put_uint64(MESSAGE_DELIVERY, u64::from(m.delivery()), buf);
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::broker::{Delivery, DeliveryLimits, Topic, TopicConfig};
     use crate::protocol::convert;
@@ -481,7 +427,7 @@ pub(crate) mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
-    pub(crate) fn arb_message() -> impl Strategy<Value = NewMessage> {
+    fn arb_message() -> impl Strategy<Value = NewMessage> {
         (
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
             proptest::collection::vec(
@@ -506,11 +452,7 @@ pub(crate) mod tests {
     }
 
     /// A topic of small segments holding `messages`, `deleted` deleted.
-    pub(crate) fn topic(
-        disk: &Arc<SimDisk>,
-        messages: &[NewMessage],
-        deleted: &BTreeSet<u64>,
-    ) -> Topic {
+    fn topic(disk: &Arc<SimDisk>, messages: &[NewMessage], deleted: &BTreeSet<u64>) -> Topic {
         let mut config = TopicConfig::default();
         config.log.segment_bytes = 4096;
         config.log.fsync = FsyncPolicy::Never;

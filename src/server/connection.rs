@@ -19,7 +19,6 @@ use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::stopping;
 use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
-use crate::protocol::gather::GatherSink;
 use crate::protocol::outbound::Outbound;
 use crate::protocol::pb::client_frame::Request;
 use crate::protocol::pb::response::Result as Reply;
@@ -172,9 +171,9 @@ pub(super) async fn serve<S>(
         FramedRead::new(read, ServerCodec::new(config.max_frame_bytes)),
         config.frame_timeout,
     );
-    let sink = GatherSink::new(
+    let sink = FramedWrite::new(
         StallGuard::new(write, config.write_timeout),
-        config.max_frame_bytes,
+        ServerCodec::new(config.max_frame_bytes),
     );
     let b = Arc::clone(&shared);
     let (out, writer) = Outgoing::start(sink, peer, move || b.admission.count(Limit::Write));

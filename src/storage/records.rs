@@ -131,11 +131,6 @@ impl Records {
         self.entries.truncate(n);
     }
 
-    /// The windows of the maps the records lie in.
-    pub fn views(&self) -> &[Bytes] {
-        &self.views
-    }
-
     /// Splits off the records from index `at` on (sharing the views).
     pub fn split_off(&mut self, at: usize) -> Records {
         Records {
