@@ -271,6 +271,7 @@ impl Commits {
     /// Leads rounds on this thread until the round with the leader's own
     /// batch (number `own`) is answered, then hands over.
     fn lead(self: &Arc<Self>, own: u64) {
+        let _leading = Leadership(self);
         while let Some(last) = self.round() {
             if last >= own {
                 self.hand_over();
@@ -282,6 +283,7 @@ impl Commits {
     /// A task's leadership: rounds until the queue is empty, letting the
     /// worker's other tasks run between them.
     async fn lead_task(self: Arc<Self>) {
+        let _leading = Leadership(&self);
         while self.round().is_some() {
             tokio::task::yield_now().await;
         }
@@ -310,6 +312,7 @@ impl Commits {
     /// [`Commits::lead`] for a current-thread runtime: a task leads until
     /// the queue is empty, each commit on the blocking pool.
     async fn lead_on_pool(self: Arc<Self>) {
+        let _leading = Leadership(&self);
         while let Some((jobs, _)) = self.take_round() {
             let t = Arc::clone(&self.topic);
             let Ok(round) = tokio::task::spawn_blocking(move || commit(&t, jobs)).await else {
@@ -387,6 +390,21 @@ impl Commits {
             let _ = job.reply.send(reply);
         }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// Held by whoever leads the queue's rounds. A commit that panics is
+/// caught where it runs; should anything else in a round panic (taking the
+/// batches, answering them), the leader unwinds without handing over, and
+/// this fails the topic's writes the same way, so queued and later
+/// producers get an error instead of waiting for a leader that never comes.
+struct Leadership<'a>(&'a Commits);
+
+impl Drop for Leadership<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail();
+        }
     }
 }
 
@@ -680,6 +698,45 @@ mod tests {
     #[tokio::test]
     async fn group_commit_current_thread_relaxed() {
         concurrent_producers(FsyncPolicy::Never).await;
+    }
+
+    /// A leader that panics outside the commit (answering, say) fails the
+    /// topic's writes: the producers queued behind it, and later ones, get
+    /// an error instead of waiting for a leader.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_that_panics_fails_the_queue_instead_of_stranding_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path(), FsyncPolicy::Never);
+        let commits = Arc::clone(&rt.commits);
+        let (reply, queued) = oneshot::channel();
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            q.jobs.push_back(ProduceJob {
+                batch: vec![NewMessage::from_value("queued")],
+                stored: 0,
+                reply,
+            });
+        }
+        let leader = Arc::clone(&commits);
+        let unwound = std::thread::spawn(move || {
+            let _leading = Leadership(&leader);
+            panic!("a fault while answering");
+        })
+        .join();
+        assert!(unwound.is_err(), "the leader panicked");
+        let answer = tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("the queued producer is answered");
+        assert!(answer.is_err(), "its reply was dropped: it gets an error");
+        let later = tokio::time::timeout(
+            Duration::from_secs(5),
+            rt.produce(vec![NewMessage::from_value("later")]),
+        )
+        .await
+        .expect("a later produce is answered");
+        let err = later.expect_err("the topic takes no more writes");
+        assert!(err.to_string().contains("writer stopped"), "{err}");
     }
 
     /// A producer that gives up while its batch is queued leaves no batch
