@@ -337,8 +337,7 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
                 // Filled in where it lies: a message built apart and
                 // moved in cost more than reading its fields.
                 messages.push(NewMessage::default());
-                let m = messages.last_mut().expect("a message was just pushed");
-                message_in(body, &share, m)?;
+                message_in(body, &share, messages.last_mut()?)?;
                 if messages.len() == 1 {
                     // Sized from the first message: one allocation, not a
                     // doubling for every power of two up to the batch.
