@@ -955,19 +955,27 @@ mod tests {
         assert_eq!(replayed.entries, vec![b"first".to_vec()]);
     }
 
-    #[test]
-    fn a_crash_between_snapshot_rename_and_journal_reset_replays_once() {
+    /// A journal holding `a` and `b`, snapshotted as `ab` when the power
+    /// failed after the snapshot's rename was made durable and before the
+    /// journal reset (so the file still holds the covered entries), then
+    /// opened again.
+    fn reset_interrupted_by_power_loss() -> (Arc<SimDisk>, Journal, Replayed) {
         let disk = Arc::new(SimDisk::new());
         let (mut j, _) = open(&disk);
         j.append(b"a").expect("append");
         j.append(b"b").expect("append");
         j.sync().expect("sync");
-        // Power fails after the rename was made durable, before the reset.
         disk.power_off_after_syncs(Some(disk.sync_count() + 2));
         assert!(j.snapshot(b"ab").is_err());
         drop(j);
         disk.power_cut(None);
-        let (mut j, replayed) = open(&disk);
+        let (j, replayed) = open(&disk);
+        (disk, j, replayed)
+    }
+
+    #[test]
+    fn a_crash_between_snapshot_rename_and_journal_reset_replays_once() {
+        let (disk, mut j, replayed) = reset_interrupted_by_power_loss();
         assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab"[..]));
         assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
         j.append(b"c").expect("append");
@@ -979,18 +987,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_after_an_interrupted_reset_keeps_the_recovery_point_true() {
-        let disk = Arc::new(SimDisk::new());
-        let (mut j, _) = open(&disk);
-        j.append(b"a").expect("append");
-        j.append(b"b").expect("append");
-        j.sync().expect("sync");
-        // Power fails after the snapshot's rename was made durable, before
-        // the journal reset: the journal still holds the covered entries.
-        disk.power_off_after_syncs(Some(disk.sync_count() + 2));
-        assert!(j.snapshot(b"ab").is_err());
-        drop(j);
-        disk.power_cut(None);
-        let (mut j, replayed) = open(&disk);
+        let (disk, mut j, replayed) = reset_interrupted_by_power_loss();
         assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
         // A checkpoint taken now records this point; the next snapshot
         // covers the same sequence numbers, so it starts no new generation.
