@@ -858,3 +858,66 @@ async fn a_request_the_client_cannot_send_fails_instead_of_hanging() {
         .expect("connect");
     assert_eq!(again.ping(1).await.expect("ping"), 1);
 }
+
+/// A replay fetch reads the next batch ahead of the client's next fetch;
+/// what changes in between (a deletion, new messages) is still what that
+/// next fetch hands out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_hands_out_what_changed_since_its_previous_fetch() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "reader")
+        .await
+        .expect("connect");
+    let msgs = |from: u64, to: u64| -> Vec<NewMessage> {
+        (from..to)
+            .map(|i| NewMessage::from_value(value(i)))
+            .collect()
+    };
+    client
+        .produce("ahead", msgs(0, 1000))
+        .await
+        .expect("produce");
+    let fetch = |from: u64| {
+        client.fetch(
+            "ahead",
+            FetchOptions {
+                from: Some(Position::Offset(from)),
+                max_messages: 200,
+                ..Default::default()
+            },
+        )
+    };
+    let offsets = |f: &spool::client::Fetched| -> Vec<u64> {
+        f.messages.iter().map(|r| r.message.offset.0).collect()
+    };
+
+    let first = fetch(0).await.expect("fetch");
+    assert_eq!(first.next_offset, 200);
+    // 200..400 is read ahead by now (or being read): deleting from it
+    // must still keep those messages out of the next fetch.
+    client.delete("ahead", &[250, 399]).await.expect("delete");
+    let second = fetch(200).await.expect("fetch");
+    let expected: Vec<u64> = (200..400).filter(|o| ![250, 399].contains(o)).collect();
+    assert_eq!(offsets(&second), expected);
+    for r in &second.messages {
+        assert_eq!(&r.message.value[..], &value(r.message.offset.0)[..]);
+    }
+
+    // Up to the end, then more arrives: the fetch at the old end gets it.
+    let mut from = second.next_offset;
+    loop {
+        let f = fetch(from).await.expect("fetch");
+        if f.messages.is_empty() {
+            break;
+        }
+        from = f.next_offset;
+    }
+    assert_eq!(from, 1000);
+    client
+        .produce("ahead", msgs(1000, 1100))
+        .await
+        .expect("produce");
+    let tail = fetch(1000).await.expect("fetch");
+    assert_eq!(offsets(&tail), (1000..1100).collect::<Vec<_>>());
+}

@@ -205,13 +205,13 @@ fn internal(what: &str, e: tokio::task::JoinError) -> Error {
     Error::Internal(format!("{what}: {e}"))
 }
 
+/// Replay reads of at most this many records before the log's end run on
+/// the async worker instead of the blocking pool (see [`Broker::read`]).
+pub(super) const INLINE_READ_RECORDS: u64 = 64;
+
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
 /// journal writes, reads of the log, and anything under a topic's
 /// group-state lock (acks hold it across their sync).
-/// Replay reads of at most this many records before the log's end run on
-/// the async worker instead of the blocking pool (see [`Broker::read`]).
-const INLINE_READ_RECORDS: u64 = 64;
-
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -636,8 +636,22 @@ impl Broker {
             Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
                 t.read_within(from, limits).map(Deliveries::from)
             }
+            // Read ahead by the previous fetch, when still current: only
+            // deletions and consumption are left to apply, here.
             Target::Replay(_) => {
-                blocking(move || t.read_within(from, limits).map(Deliveries::from)).await
+                let ahead = match runtime.read_aheads().take(from, limits).await {
+                    Some(ahead) => t.read_within_ahead(from, limits, ahead),
+                    None => None,
+                };
+                let records = match ahead {
+                    Some(read) => read?,
+                    None => {
+                        let t = Arc::clone(&t);
+                        blocking(move || t.read_within(from, limits)).await?
+                    }
+                };
+                runtime.read_aheads().follow(&t, &records, limits);
+                Ok(Deliveries::from(records))
             }
             Target::Stream(g) => {
                 let member = member.to_owned();

@@ -8,6 +8,7 @@ pub mod core;
 pub mod deletions;
 pub mod deliveries;
 pub mod gate;
+mod read_ahead;
 pub mod registry;
 pub mod runtime;
 pub mod subscription;
@@ -21,4 +22,6 @@ pub use config::{Cleanup, TopicConfig, validate_name};
 pub use deliveries::{Deliveries, DeliveryRef};
 pub use registry::{Registry, RegistryOptions};
 pub use subscription::{Credit, Event, Subscription};
-pub use topic::{DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, Topic};
+pub use topic::{
+    DeadLetter, Delivery, DeliveryLimits, GroupCommit, Position, QueueFetch, ReadAhead, Topic,
+};

@@ -8,6 +8,7 @@
 //! ticker and the compactor stop, and group commits answer `NOT_FOUND` to
 //! what is still queued.
 
+use crate::broker::read_ahead::ReadAheads;
 use crate::broker::{GroupCommit, Topic};
 use crate::error::{Error, Result};
 use crate::metrics::{Cleanup, Metrics, TopicCounters};
@@ -35,6 +36,8 @@ pub struct TopicRuntime {
     changed: watch::Sender<u64>,
     /// This topic's produced and delivered counters.
     counters: TopicCounters,
+    /// Replay reads done ahead of the fetches that will want them.
+    read_aheads: ReadAheads,
 }
 
 impl TopicRuntime {
@@ -55,6 +58,7 @@ impl TopicRuntime {
             topic,
             commits,
             changed,
+            read_aheads: ReadAheads::default(),
         });
         let weak = || Arc::downgrade(&runtime);
         let config = runtime.topic.config();
@@ -130,6 +134,11 @@ impl TopicRuntime {
     /// This topic's produced and delivered counters.
     pub fn counters(&self) -> &TopicCounters {
         &self.counters
+    }
+
+    /// Replay reads done ahead of the fetches that will want them.
+    pub(super) fn read_aheads(&self) -> &ReadAheads {
+        &self.read_aheads
     }
 
     /// Appends through the topic's group commit; resolves once the batch
@@ -600,12 +609,18 @@ async fn periodic<T, W, R>(
         }
         let name = topic.name().to_owned();
         let work = Arc::clone(&work);
-        match tokio::task::spawn_blocking(move || work(&topic)).await {
+        let t = Arc::clone(&topic);
+        match tokio::task::spawn_blocking(move || work(&t)).await {
             Ok(Ok(done)) => report(&name, done),
             // Deleted meanwhile.
             Ok(Err(Error::TopicNotFound(_))) => return,
             Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "{what} failed"),
             Err(_) => tracing::error!(topic = %name, "{what} panicked"),
+        }
+        // Whatever dropped or rewrote segments (this task, or a compaction
+        // of the admin command): read-aheads of the old ones go.
+        if let Some(rt) = runtime.upgrade() {
+            rt.read_aheads.drop_stale(topic.log().generation());
         }
     }
 }

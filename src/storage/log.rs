@@ -86,6 +86,9 @@ pub struct Log {
     /// Segments in offset order; the last is the active one. Replaced whole
     /// (copy on write) when a segment is added or removed.
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    /// Bumped whenever records that were readable may have gone: segments
+    /// dropped (retention) or replaced (compaction). See [`Log::generation`].
+    generation: AtomicU64,
     writer: Mutex<Writer>,
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
@@ -274,6 +277,7 @@ impl Log {
             }),
             compacting: Mutex::new(()),
             durable_end: AtomicU64::new(next_offset),
+            generation: AtomicU64::new(0),
             synced: Mutex::new(synced),
             checkpoint: Mutex::new(CheckpointState {
                 journals: loaded
@@ -475,6 +479,7 @@ impl Log {
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
         next.splice(run, replacement.map(Arc::new));
         self.set_segments(next);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
 
@@ -519,6 +524,15 @@ impl Log {
     /// The current segments, oldest first (the last one is active).
     pub fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
         Arc::clone(&self.segments.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Changes whenever records may have left the log other than by being
+    /// written over nothing: retention dropped segments or compaction
+    /// replaced some. Records read while it stays the same are still what a
+    /// read of the same offsets would return now (deletions and consumption
+    /// aside, which are not the log's); appends and rolls leave it alone.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn set_segments(&self, segments: Vec<Arc<Segment>>) {
@@ -1119,6 +1133,7 @@ impl Log {
         // The manifest forgets the segments before their files go.
         self.store_checkpoint_without(None, false, &bases)?;
         self.set_segments(segments[dropped..].to_vec());
+        self.generation.fetch_add(1, Ordering::AcqRel);
         drop(w);
         let removed: Vec<&Arc<Segment>> = segments[..dropped].iter().collect();
         for s in &removed {

@@ -77,6 +77,20 @@ pub struct DeadLetter {
     pub message: NewMessage,
 }
 
+/// Records read from the log ahead of the replay fetch that will want them
+/// ([`Topic::read_ahead`]), with what is needed to tell whether they are
+/// still what a read would find.
+#[derive(Debug)]
+pub struct ReadAhead {
+    from: Offset,
+    limits: DeliveryLimits,
+    records: Records,
+    /// [`Log::generation`] before the read.
+    generation: u64,
+    /// The log's end before the read.
+    end: u64,
+}
+
 /// How much one read may hand out at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliveryLimits {
@@ -505,37 +519,86 @@ impl Topic {
         let _pass = self.enter()?;
         let mut from = from.0;
         let end = self.log.end().0;
-        let mut live = loop {
+        let live = loop {
             let mut batch = self
                 .log
                 .read_records(Offset(from), limits.messages, limits.bytes)?;
             let Some(last) = batch.last_offset().map(|o| o.0) else {
                 return Ok(batch);
             };
-            let consumed = self.consumed(&self.groups())?;
-            let deletions = self.deletions();
-            batch.retain(|o| {
-                !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
-            });
+            self.keep_live(&mut batch)?;
             if !batch.is_empty() || last + 1 >= end {
                 break batch;
             }
             from = last + 1;
         };
-        let too_large = live
-            .payload_lens()
-            .position(|size| size > limits.message_bytes);
-        if let Some(i) = too_large {
-            if i == 0 {
-                return Err(Error::TooLarge {
-                    offset: live.first_offset().map_or(from, |o| o.0),
-                    size: live.payload_lens().next().unwrap_or_default(),
-                    limit: limits.message_bytes,
-                });
-            }
-            live.truncate(i);
+        fit(live, Offset(from), limits)
+    }
+
+    /// Reads from `from` within `limits` what [`Topic::read_within`] would
+    /// read first, CRCs checked, ahead of the fetch that will want it: see
+    /// [`Topic::read_within_ahead`].
+    pub fn read_ahead(&self, from: Offset, limits: DeliveryLimits) -> Result<ReadAhead> {
+        let _pass = self.enter()?;
+        let generation = self.log.generation();
+        let end = self.log.end().0;
+        let records = self.log.read_records(from, limits.messages, limits.bytes)?;
+        Ok(ReadAhead {
+            from,
+            limits,
+            records,
+            generation,
+            end,
+        })
+    }
+
+    /// [`Topic::read_within`] from what `ahead` read, with deletions and
+    /// consumption as they are now; `None` when a read must go to the log
+    /// instead: `ahead` was read elsewhere or with other limits, segments
+    /// were dropped or rewritten since, the log has grown past a read that
+    /// reached its end, or nothing it read is live.
+    pub fn read_within_ahead(
+        &self,
+        from: Offset,
+        limits: DeliveryLimits,
+        ahead: ReadAhead,
+    ) -> Option<Result<Records>> {
+        let ReadAhead {
+            from: read_from,
+            limits: read_limits,
+            mut records,
+            generation,
+            end,
+        } = ahead;
+        let reached_end = records.last_offset().is_none_or(|o| o.0 + 1 >= end);
+        if read_from != from
+            || read_limits != limits
+            || generation != self.log.generation()
+            || (reached_end && self.log.end().0 > end)
+        {
+            return None;
         }
-        Ok(live)
+        let live = (|| {
+            let _pass = self.enter()?;
+            self.keep_live(&mut records)?;
+            Ok(records)
+        })();
+        match live {
+            Ok(live) if live.is_empty() && !reached_end => None,
+            Ok(live) => Some(fit(live, from, limits)),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Drops from `batch` what is deleted or consumed by every group (under
+    /// `delete_when_consumed`).
+    fn keep_live(&self, batch: &mut Records) -> Result<()> {
+        let consumed = self.consumed(&self.groups())?;
+        let deletions = self.deletions();
+        batch.retain(|o| {
+            !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
+        });
+        Ok(())
     }
 
     /// What makes a group's changes durable as the fsync policy says
@@ -860,3 +923,23 @@ impl Topic {
 
 /// Prefix of a group journal's name in the checkpoint.
 const GROUP_JOURNAL_PREFIX: &str = "groups/";
+
+/// `live` cut before the first message larger than one delivery may carry;
+/// [`Error::TooLarge`] naming it when it is the first (`from`: where the
+/// read started, for an empty cut).
+fn fit(mut live: Records, from: Offset, limits: DeliveryLimits) -> Result<Records> {
+    let too_large = live
+        .payload_lens()
+        .position(|size| size > limits.message_bytes);
+    if let Some(i) = too_large {
+        if i == 0 {
+            return Err(Error::TooLarge {
+                offset: live.first_offset().map_or(from.0, |o| o.0),
+                size: live.payload_lens().next().unwrap_or_default(),
+                limit: limits.message_bytes,
+            });
+        }
+        live.truncate(i);
+    }
+    Ok(live)
+}
