@@ -44,14 +44,15 @@ impl ReadAheads {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The read-ahead from `from` within `limits`, taken out, once done;
+    /// A read-ahead from `from` whose limits cover `limits` (a subscription
+    /// asks for as many messages as it has credit), taken out, once done;
     /// `None` when there is none or it failed.
     pub(super) async fn take(&self, from: Offset, limits: DeliveryLimits) -> Option<ReadAhead> {
         let read = {
             let mut pending = self.pending();
             let i = pending
                 .iter()
-                .position(|p| p.from == from && p.limits == limits)?;
+                .position(|p| p.from == from && p.limits.covers(&limits))?;
             pending.remove(i)?.read
         };
         match read.await {
@@ -177,11 +178,39 @@ mod tests {
         let ahead = t.read_ahead(Offset(100), LIMITS).expect("read ahead");
         assert!(t.read_within_ahead(Offset(101), LIMITS, ahead).is_none());
         let ahead = t.read_ahead(Offset(100), LIMITS).expect("read ahead");
-        let other = DeliveryLimits {
+        let more = DeliveryLimits {
+            messages: 60,
+            ..LIMITS
+        };
+        assert!(t.read_within_ahead(Offset(100), more, ahead).is_none());
+        let ahead = t.read_ahead(Offset(100), LIMITS).expect("read ahead");
+        let other_bytes = DeliveryLimits {
+            bytes: 4096,
+            ..LIMITS
+        };
+        assert!(
+            t.read_within_ahead(Offset(100), other_bytes, ahead)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_read_ahead_of_more_messages_serves_a_read_of_fewer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = topic(dir.path(), config());
+        produce(&t, 300);
+        let ahead = t.read_ahead(Offset(100), LIMITS).expect("read ahead");
+        let fewer = DeliveryLimits {
             messages: 10,
             ..LIMITS
         };
-        assert!(t.read_within_ahead(Offset(100), other, ahead).is_none());
+        let used = t
+            .read_within_ahead(Offset(100), fewer, ahead)
+            .expect("covered")
+            .expect("read");
+        let fresh = t.read_within(Offset(100), fewer).expect("read");
+        assert_eq!(offsets(&used), (100..110).collect::<Vec<_>>());
+        assert_eq!(used.to_messages(), fresh.to_messages());
     }
 
     #[test]

@@ -108,6 +108,15 @@ pub struct DeliveryLimits {
 }
 
 impl DeliveryLimits {
+    /// Whether a read within `self` starts with everything a read within
+    /// `other` from the same offset returns: the same byte limits, and at
+    /// least as many messages (a read of fewer reads a prefix).
+    pub fn covers(&self, other: &DeliveryLimits) -> bool {
+        self.bytes == other.bytes
+            && self.message_bytes == other.message_bytes
+            && self.messages >= other.messages
+    }
+
     /// `messages` and `bytes`, with no limit on the size of one message.
     pub fn new(messages: usize, bytes: usize) -> DeliveryLimits {
         DeliveryLimits {
@@ -554,7 +563,8 @@ impl Topic {
 
     /// [`Topic::read_within`] from what `ahead` read, with deletions and
     /// consumption as they are now; `None` when a read must go to the log
-    /// instead: `ahead` was read elsewhere or with other limits, segments
+    /// instead: `ahead` was read elsewhere or with limits that do not cover
+    /// `limits` ([`DeliveryLimits::covers`]), segments
     /// were dropped or rewritten since, the log has grown past a read that
     /// reached its end, or nothing it read is live.
     pub fn read_within_ahead(
@@ -570,12 +580,13 @@ impl Topic {
             generation,
             end,
         } = ahead;
+        if read_from != from || !read_limits.covers(&limits) {
+            return None;
+        }
+        // A read of fewer messages (bytes the same) reads a prefix.
+        records.truncate(limits.messages);
         let reached_end = records.last_offset().is_none_or(|o| o.0 + 1 >= end);
-        if read_from != from
-            || read_limits != limits
-            || generation != self.log.generation()
-            || (reached_end && self.log.end().0 > end)
-        {
+        if generation != self.log.generation() || (reached_end && self.log.end().0 > end) {
             return None;
         }
         let live = (|| {
