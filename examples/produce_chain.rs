@@ -12,6 +12,7 @@
 use bytes::{Bytes, BytesMut};
 use spool::protocol::request::{ClientIn, ClientOut, ProduceFrame};
 use spool::storage::{NewMessage, record};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BATCH: usize = 1000;
@@ -33,7 +34,8 @@ fn main() {
                 .map(|_| NewMessage::from_value(payload.clone()))
                 .collect();
             let t0 = Instant::now();
-            let frame = ClientOut::Produce(ProduceFrame::new(id, "bench".into(), messages));
+            let frame =
+                ClientOut::Produce(ProduceFrame::new(id, "bench".into(), Arc::new(messages)));
             wire.reserve(frame.encoded_len());
             frame.encode(&mut wire);
             drop(frame);

@@ -141,6 +141,38 @@ pub(super) async fn run(
     Ok(total)
 }
 
+/// The messages of each send. Without stamps every full send carries the
+/// same messages, built once and shared (as `iggy-bench` sends its one
+/// fixed batch again); with them each value starts with the send's due time.
+struct Batches {
+    payload: Bytes,
+    /// The batch of a full send, once built.
+    unstamped: Option<Arc<Vec<NewMessage>>>,
+}
+
+impl Batches {
+    fn new(size: usize) -> Batches {
+        Batches {
+            payload: Bytes::from(vec![0x5a_u8; size]),
+            unstamped: None,
+        }
+    }
+
+    fn of(&mut self, send: &Send, stamp: Option<Duration>) -> Arc<Vec<NewMessage>> {
+        if stamp.is_some() {
+            return Arc::new(batch(send, &self.payload, stamp));
+        }
+        match &self.unstamped {
+            Some(b) if b.len() as u64 == send.len => Arc::clone(b),
+            _ => {
+                let b = Arc::new(batch(send, &self.payload, None));
+                self.unstamped = Some(Arc::clone(&b));
+                b
+            }
+        }
+    }
+}
+
 /// The messages of one send; with `stamp`, each value starts with `due`.
 pub(super) fn batch(send: &Send, payload: &Bytes, stamp: Option<Duration>) -> Vec<NewMessage> {
     (0..send.len)
@@ -199,7 +231,7 @@ fn spawn_send(
     sends: &mut JoinSet<SendResult>,
     client: &Arc<Conn>,
     topic: &str,
-    messages: Vec<NewMessage>,
+    messages: Arc<Vec<NewMessage>>,
     start: Instant,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -219,7 +251,7 @@ async fn closed_loop(
     spec: Arc<Spec>,
     progress: Arc<Progress>,
 ) -> Result<Produced, BenchError> {
-    let payload = Bytes::from(vec![0x5a_u8; spec.size]);
+    let mut batches = Batches::new(spec.size);
     let window = Arc::new(Semaphore::new(spec.in_flight.max(1)));
     let mut sends = JoinSet::new();
     let mut tally = Tally::new(spec.origin, progress);
@@ -243,7 +275,7 @@ async fn closed_loop(
             &mut sends,
             &client,
             &spec.topic,
-            batch(&send, &payload, stamp),
+            batches.of(&send, stamp),
             start,
             permit,
         );
@@ -263,20 +295,20 @@ async fn open_loop(
     spec: Arc<Spec>,
     progress: Arc<Progress>,
 ) -> Result<Produced, BenchError> {
-    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<NewMessage>, Instant)>(RELEASE_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<(Instant, Arc<Vec<NewMessage>>, Instant)>(RELEASE_QUEUE);
     let pacer_spec = Arc::clone(&spec);
     std::thread::Builder::new()
         .name(format!("bench-pacer-{producer}"))
         .spawn(move || {
             pacing::exact_sleeps();
             let spec = pacer_spec;
-            let payload = Bytes::from(vec![0x5a_u8; spec.size]);
+            let mut batches = Batches::new(spec.size);
             for k in 0.. {
                 let Some(send) = spec.schedule.send(producer, k) else {
                     break;
                 };
                 let due = send.due.unwrap_or_default();
-                let messages = batch(&send, &payload, spec.stamp.then_some(due));
+                let messages = batches.of(&send, spec.stamp.then_some(due));
                 let due_at = spec.origin + due;
                 pacing::sleep_until(due_at);
                 if tx
@@ -314,6 +346,30 @@ async fn open_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_unstamped_sends_share_one_batch_and_others_get_their_own() {
+        let mut batches = Batches::new(16);
+        let full = |first| Send {
+            first,
+            len: 4,
+            due: None,
+        };
+        let a = batches.of(&full(0), None);
+        let b = batches.of(&full(4), None);
+        assert!(Arc::ptr_eq(&a, &b), "the same messages, shared");
+        assert_eq!(a.len(), 4);
+        let last = Send {
+            first: 8,
+            len: 2,
+            due: None,
+        };
+        assert_eq!(batches.of(&last, None).len(), 2);
+        let due = Duration::from_micros(5);
+        let stamped = batches.of(&full(10), Some(due));
+        assert!(!Arc::ptr_eq(&stamped, &a));
+        assert!(stamped.iter().all(|m| stamp_of(&m.value) == Some(due)));
+    }
 
     #[test]
     fn stamps_read_back_and_short_values_have_none() {

@@ -14,6 +14,7 @@ use crate::security::tls::TlsClient;
 use crate::server::{Server, ServerConfig};
 use crate::storage::NewMessage;
 use std::path::Path;
+use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -57,19 +58,24 @@ pub(super) struct Fetched {
 }
 
 impl Conn {
-    /// Appends `messages` to `topic`, waiting for the ack.
-    pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<(), BenchError> {
+    /// Appends `messages` to `topic`, waiting for the ack. A batch sent
+    /// again is shared, not cloned (natively).
+    pub async fn produce(
+        &self,
+        topic: &str,
+        messages: Arc<Vec<NewMessage>>,
+    ) -> Result<(), BenchError> {
         let what = || format!("producing to {topic}");
         match self {
             Conn::Native(c) => c
-                .produce(topic, messages)
+                .produce_shared(topic, messages)
                 .await
                 .map(|_| ())
                 .map_err(BenchError::client(what())),
             Conn::Grpc(c) => {
                 let request = pb::ProduceRequest {
                     topic: topic.to_owned(),
-                    messages: messages
+                    messages: Arc::unwrap_or_clone(messages)
                         .into_iter()
                         .map(convert::new_message_to_wire)
                         .collect(),

@@ -547,6 +547,17 @@ impl Client {
 
     /// Appends a batch; returns once it is committed under the topic's fsync policy.
     pub async fn produce(&self, topic: &str, messages: Vec<NewMessage>) -> Result<Produced> {
+        self.produce_shared(topic, Arc::new(messages)).await
+    }
+
+    /// [`Client::produce`] of a batch the caller keeps: sending it again
+    /// (a retry, or a benchmark sending the same messages) shares it
+    /// instead of cloning each message.
+    pub async fn produce_shared(
+        &self,
+        topic: &str,
+        messages: Arc<Vec<NewMessage>>,
+    ) -> Result<Produced> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Encoded from `messages` as the connection writes it, with no wire
         // copy of each message built first.

@@ -15,6 +15,7 @@ use prost::Message as _;
 use prost::encoding::{
     WireType, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
 };
+use std::sync::Arc;
 
 /// `ClientFrame.request_id`.
 const FRAME_REQUEST_ID: u32 = 1;
@@ -73,7 +74,9 @@ impl ClientOut {
 pub struct ProduceFrame {
     request_id: u64,
     topic: String,
-    messages: Vec<NewMessage>,
+    /// Shared, so a batch sent again (a retry, a benchmark) is not cloned
+    /// message by message.
+    messages: Arc<Vec<NewMessage>>,
     /// Encoded length of the `ProduceRequest`, sized once for both the
     /// frame's length and its encoding.
     request: usize,
@@ -83,7 +86,7 @@ pub struct ProduceFrame {
 
 impl ProduceFrame {
     /// The frame of request `request_id` producing `messages` to `topic`.
-    pub fn new(request_id: u64, topic: String, messages: Vec<NewMessage>) -> ProduceFrame {
+    pub fn new(request_id: u64, topic: String, messages: Arc<Vec<NewMessage>>) -> ProduceFrame {
         let request = request_len(&topic, &messages);
         let mut len = key_len(FRAME_PRODUCE) + encoded_len_varint(request as u64) + request;
         if request_id != 0 {
@@ -106,7 +109,7 @@ impl ProduceFrame {
         encode_key(FRAME_PRODUCE, WireType::LengthDelimited, buf);
         encode_varint(self.request as u64, buf);
         put_bytes(PRODUCE_TOPIC, self.topic.as_bytes(), buf);
-        for m in &self.messages {
+        for m in self.messages.iter() {
             encode_key(PRODUCE_MESSAGES, WireType::LengthDelimited, buf);
             encode_varint(message_len(m) as u64, buf);
             if let Some(ts) = m.timestamp_ms {
@@ -457,7 +460,7 @@ mod tests {
             messages in proptest::collection::vec(arb_message(), 0..8),
         ) {
             let want = generated(request_id, &topic, &messages);
-            let out = ClientOut::Produce(ProduceFrame::new(request_id, topic.clone(), messages.clone()));
+            let out = ClientOut::Produce(ProduceFrame::new(request_id, topic.clone(), Arc::new(messages.clone())));
             prop_assert_eq!(out.encoded_len(), want.len());
             let mut got = Vec::new();
             out.encode(&mut got);
@@ -576,7 +579,7 @@ mod tests {
     #[test]
     fn a_1000_message_batch_needs_two_byte_lengths() {
         let messages = vec![NewMessage::from_value(vec![0x5a; 1024]); 1000];
-        let out = ProduceFrame::new(7, "bench".into(), messages.clone());
+        let out = ProduceFrame::new(7, "bench".into(), Arc::new(messages.clone()));
         let want = generated(7, "bench", &messages);
         let mut got = Vec::new();
         ClientOut::Produce(out).encode(&mut got);
