@@ -89,6 +89,10 @@ impl StorageFile for TimedFile {
         self.inner.allocate(len)
     }
 
+    fn allocate_written(&self, len: u64) -> io::Result<()> {
+        self.inner.allocate_written(len)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
     }

@@ -36,6 +36,11 @@ const FLUSH_BYTES: u64 = 1024 * 1024;
 /// interval's sync) then finds most of it on its way to the disk already,
 /// instead of waiting for a whole segment's writeback in the writer's path.
 const LAZY_WRITEBACK_STEP: u64 = 4 * 1024 * 1024;
+/// Under `fsync=always`, appends of at most this many bytes keep written
+/// zeros ahead of them in the active file (see `Log::grow_written`).
+const SMALL_APPEND: u64 = 64 * 1024;
+/// How far ahead of such appends the zeros reach.
+const WRITTEN_AHEAD: u64 = 256 * 1024;
 /// Writeback starts at page boundaries: the page a piece ends in is written
 /// again by the next piece, and is left for the sync.
 const PAGE: u64 = 4096;
@@ -147,8 +152,10 @@ struct Active {
     allocated: u64,
     /// Writeback was started for the bytes below this (see `write_chunk`).
     writeback_from: u64,
-    /// The file grew since the last sync: only `sync_data` makes a size durable.
-    size_dirty: bool,
+    /// The file's size as of its last `sync_data`: records past it need
+    /// one (which makes the size and its blocks durable) rather than a
+    /// sync of their range.
+    durable_size: u64,
     opened_at: Instant,
 }
 
@@ -665,7 +672,7 @@ impl Log {
                 last += 1;
             }
             let need = end(w) + bytes;
-            self.ensure_allocated(&mut w.active, need)?;
+            self.ensure_allocated(&mut w.active, need, bytes)?;
             self.encode_chunk(w, &batch[i..last], &lens[i..last], now)?;
             i = last;
         }
@@ -773,8 +780,17 @@ impl Log {
         Ok(())
     }
 
-    /// Grows the active file ahead of the writer, never past the map.
-    fn ensure_allocated(&self, active: &mut Active, need: u64) -> Result<()> {
+    /// Grows the active file ahead of the writer, never past the map, for
+    /// an append of `bytes` that needs it to reach `need`: with written
+    /// zeros for small appends under `fsync=always` ([`Log::grow_written`]),
+    /// else with `fallocate` in steps that double.
+    fn ensure_allocated(&self, active: &mut Active, need: u64, bytes: u64) -> Result<()> {
+        if self.config.fsync == FsyncPolicy::Always
+            && bytes <= SMALL_APPEND
+            && self.grow_written(active, need)
+        {
+            return Ok(());
+        }
         if need <= active.allocated {
             return Ok(());
         }
@@ -809,8 +825,52 @@ impl Log {
             }
         };
         active.allocated = target;
-        active.size_dirty = true;
         Ok(())
+    }
+
+    /// Keeps written zeros past `need`, their writeback started at once: as
+    /// many bytes as the file already holds, up to [`WRITTEN_AHEAD`] (so a
+    /// small topic holds little more disk than it uses); `false` when that
+    /// failed (a full disk)
+    /// and the file does not reach `need` (the caller then reserves what
+    /// it can with `fallocate`).
+    ///
+    /// A sync of a few KiB into blocks `fallocate` left unwritten also
+    /// writes the metadata that converts them: on ext4 that made it 0.14
+    /// ms instead of 0.09 (3 KiB per sync, a new block each time, as at
+    /// 10 000 single-message produces a second). Written ahead, the zeros
+    /// reach the disk before the records do, so the records' syncs write
+    /// data only; the first record past the size the last `sync_data`
+    /// made durable still takes one, once per [`WRITTEN_AHEAD`]. Each byte
+    /// is written twice, which small appends can afford; a large append's
+    /// sync converts its blocks in one update and does not need this.
+    fn grow_written(&self, active: &mut Active, need: u64) -> bool {
+        let capacity = active.map.capacity();
+        let ahead = active.allocated.min(WRITTEN_AHEAD);
+        let target = need
+            .saturating_add(ahead)
+            .next_multiple_of(MIN_ALLOCATION_STEP)
+            .min(capacity)
+            .max(need);
+        // Topped up once half of what is ahead has been used.
+        if target <= active.allocated + ahead / 2 && need <= active.allocated {
+            return true;
+        }
+        match active.file.allocate_written(target) {
+            Ok(()) => {
+                let from = active.allocated;
+                active
+                    .map
+                    .start_writeback(from, target.saturating_sub(from));
+                active.allocated = active.allocated.max(target);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(file = %active.segment.paths().log.display(), error = %e,
+                    "could not write zeros ahead of the writer");
+                need <= active.allocated
+            }
+        }
     }
 
     /// Whether a failed sync (or a panicked writer) made the log read-only:
@@ -870,7 +930,8 @@ impl Log {
         };
         let mut w = self.lock_writer()?;
         self.check_writable(&w)?;
-        let dirty = w.active.synced_pos != w.active.write_pos || w.active.size_dirty;
+        let dirty =
+            w.active.synced_pos != w.active.write_pos || w.active.write_pos > w.active.durable_size;
         if !dirty || w.last_sync.elapsed() < Duration::from_millis(ms) {
             return Ok(false);
         }
@@ -883,10 +944,11 @@ impl Log {
     /// dropped the dirty pages, so a retry could report success for lost data.
     fn sync_locked(&self, w: &mut Writer) -> Result<()> {
         let a = &mut w.active;
-        if a.synced_pos == a.write_pos && !a.size_dirty {
+        let past_size = a.write_pos > a.durable_size;
+        if a.synced_pos == a.write_pos && !past_size {
             return Ok(());
         }
-        let result = if a.size_dirty {
+        let result = if past_size {
             a.file.sync_data()
         } else {
             a.map.sync_range(a.synced_pos, a.write_pos - a.synced_pos)
@@ -901,7 +963,9 @@ impl Log {
             });
         }
         a.synced_pos = a.write_pos;
-        a.size_dirty = false;
+        if past_size {
+            a.durable_size = a.allocated;
+        }
         w.last_sync = Instant::now();
         self.durable_end.store(w.next_offset, Ordering::Release);
         *self.lock_synced() = SyncedPoint {
@@ -1259,7 +1323,7 @@ impl Active {
             synced_pos: end_position,
             allocated,
             writeback_from: end_position,
-            size_dirty: false,
+            durable_size: allocated,
             opened_at: Instant::now(),
         })
     }

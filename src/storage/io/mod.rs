@@ -82,6 +82,11 @@ pub trait StorageFile: Send + Sync + Debug {
     /// (`fallocate`), zero-filled. Fails with ENOSPC when the disk is full.
     /// The new size is durable after [`StorageFile::sync_data`].
     fn allocate(&self, len: u64) -> io::Result<()>;
+    /// [`StorageFile::allocate`] by writing the zeros: the blocks are then
+    /// written ones, where `fallocate` leaves unwritten extents whose first
+    /// write converts them, metadata that each later sync has to write
+    /// too. The zeros are durable after [`StorageFile::sync_data`].
+    fn allocate_written(&self, len: u64) -> io::Result<()>;
     /// Truncates or extends the file to exactly `len`. Never called while a
     /// mapping of the file still takes writes (see [`Mapping::seal`]); older
     /// mappings may outlive a cut, and their readers read only below the

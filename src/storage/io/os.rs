@@ -122,6 +122,9 @@ impl StorageFile for OsFile {
     fn allocate(&self, len: u64) -> io::Result<()> {
         let current = self.file.metadata()?.len();
         if len <= current {
+            // Grown before (zeros written ahead, part of them when the disk
+            // filled up): those bytes are the file's, and writes may use them.
+            self.size.fetch_max(current, Ordering::AcqRel);
             return Ok(());
         }
         match rustix::fs::fallocate(
@@ -139,6 +142,17 @@ impl StorageFile for OsFile {
             Err(e) => return Err(io::Error::from(e)),
         }
         self.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    fn allocate_written(&self, len: u64) -> io::Result<()> {
+        let current = self.file.metadata()?.len();
+        if len <= current {
+            self.size.fetch_max(current, Ordering::AcqRel);
+            return Ok(());
+        }
+        write_zeros(&self.file, current, len)?;
+        self.size.fetch_max(len, Ordering::AcqRel);
         Ok(())
     }
 

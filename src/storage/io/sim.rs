@@ -491,6 +491,11 @@ impl StorageFile for SimFile {
         self.state()?.grow(self.ino, len)
     }
 
+    /// Zeros either way here: the simulated disk has no unwritten extents.
+    fn allocate_written(&self, len: u64) -> io::Result<()> {
+        self.allocate(len)
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut state = self.state()?;
         state.grow(self.ino, len)?;
