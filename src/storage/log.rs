@@ -1323,6 +1323,8 @@ impl Active {
             synced_pos: end_position,
             allocated,
             writeback_from: end_position,
+            // Durable as found: `Log::open` syncs the recovered file (a new
+            // segment is empty).
             durable_size: allocated,
             opened_at: Instant::now(),
         })
