@@ -189,7 +189,9 @@ struct ProduceJob {
 /// A round that may wait on the disk ([`crate::storage::Log::append_may_block`]:
 /// a sync under the policy, a segment roll, a writer held by a sync or a
 /// checkpoint) hands the lead to one thread of the blocking pool, which
-/// runs rounds back to back until the queue is empty: under
+/// runs rounds back to back until the queue is empty (or, for a queue that
+/// never runs dry, for a bounded turn before the pool takes the lead
+/// again): under
 /// `fsync=always` the next round starts as soon as a sync returns, with no
 /// task to schedule in between, and producers only wait for their answers.
 /// (Leading such rounds under `block_in_place` instead moved the worker's
@@ -311,8 +313,7 @@ impl Commits {
         };
         let bytes = jobs.iter().map(|j| j.stored).fold(0, u64::saturating_add);
         if !in_place() || self.topic.log().append_may_block(bytes) {
-            let commits = Arc::clone(self);
-            tokio::task::spawn_blocking(move || commits.lead_blocking(jobs));
+            BlockingLead::spawn(Arc::clone(self), jobs);
             return Led::HandedOff;
         }
         if self.commit_and_answer(jobs) {
@@ -323,15 +324,44 @@ impl Commits {
     }
 
     /// The lead on a blocking-pool thread: commits `first`, then rounds
-    /// back to back until the queue is empty.
+    /// back to back until the queue is empty. After [`BLOCKING_LEAD_ROUNDS`]
+    /// rounds or [`BLOCKING_LEAD_TIME`] it gives its thread back and the
+    /// next round goes to the pool again, so topics that never run dry
+    /// take turns with each other and with reads for the pool's threads
+    /// instead of each keeping one.
     fn lead_blocking(self: &Arc<Self>, first: Vec<ProduceJob>) {
         let _leading = Leadership(self);
+        let started = std::time::Instant::now();
         let mut jobs = first;
+        let mut rounds = 0;
         while self.commit_and_answer(jobs) {
-            match self.take_round() {
-                Some((next, _)) => jobs = next,
-                None => return,
+            let Some((next, _)) = self.take_round() else {
+                return;
+            };
+            rounds += 1;
+            if rounds >= BLOCKING_LEAD_ROUNDS || started.elapsed() >= BLOCKING_LEAD_TIME {
+                return BlockingLead::spawn(Arc::clone(self), next);
             }
+            jobs = next;
+        }
+    }
+
+    /// The lead was dropped with a round it never ran (the runtime is
+    /// shutting down): that round's producers and every queued one are
+    /// answered with an error, nothing of theirs written, and the next
+    /// producer leads again.
+    fn abandon(&self, round: Vec<ProduceJob>) {
+        let jobs = {
+            let mut q = self.queue();
+            q.leading = false;
+            std::mem::take(&mut q.jobs)
+        };
+        self.room.add_permits(jobs.len());
+        for job in round.into_iter().chain(jobs) {
+            let _ = job.reply.send(Err(Error::Internal(format!(
+                "producing to topic {}: the broker shut down before the batch was written",
+                self.topic.name()
+            ))));
         }
     }
 
@@ -415,6 +445,44 @@ impl Commits {
             let _ = job.reply.send(reply);
         }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// Rounds a blocking-pool thread leads before it gives the thread back.
+const BLOCKING_LEAD_ROUNDS: u32 = 64;
+/// How long a blocking-pool thread leads before it gives the thread back.
+const BLOCKING_LEAD_TIME: Duration = Duration::from_millis(20);
+
+/// A round handed to the blocking pool along with the lead. Should the
+/// pool drop it without running it (the runtime is shutting down), the
+/// lead is given up on drop ([`Commits::abandon`]) rather than left with
+/// no one, which would strand every later producer of the topic.
+struct BlockingLead {
+    commits: Arc<Commits>,
+    round: Option<Vec<ProduceJob>>,
+}
+
+impl BlockingLead {
+    fn spawn(commits: Arc<Commits>, round: Vec<ProduceJob>) {
+        let lead = BlockingLead {
+            commits,
+            round: Some(round),
+        };
+        tokio::task::spawn_blocking(move || lead.run());
+    }
+
+    fn run(mut self) {
+        if let Some(round) = self.round.take() {
+            self.commits.lead_blocking(round);
+        }
+    }
+}
+
+impl Drop for BlockingLead {
+    fn drop(&mut self) {
+        if let Some(round) = self.round.take() {
+            self.commits.abandon(round);
+        }
     }
 }
 
@@ -780,6 +848,123 @@ mod tests {
         .expect("a later produce is answered");
         let err = later.expect_err("the topic takes no more writes");
         assert!(err.to_string().contains("writer stopped"), "{err}");
+    }
+
+    fn job(value: &str) -> (ProduceJob, oneshot::Receiver<Result<Appended>>) {
+        let (reply, answer) = oneshot::channel();
+        let job = ProduceJob {
+            batch: vec![NewMessage::from_value(value.to_owned())],
+            stored: 0,
+            reply,
+        };
+        (job, answer)
+    }
+
+    /// A round the blocking pool drops unrun (its runtime shut down) gives
+    /// up the lead: its producers and the queued ones are told the broker
+    /// shut down, and a later producer leads and is answered instead of
+    /// waiting for a leader that will never come.
+    #[test]
+    fn a_round_dropped_by_a_shut_down_pool_gives_up_the_lead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let handle = first.handle().clone();
+        let rt = first.block_on(async { runtime(dir.path(), FsyncPolicy::Always) });
+        first.shutdown_background();
+        let commits = Arc::clone(&rt.commits);
+        let (round, round_answer) = job("in the round");
+        let (queued, queued_answer) = job("queued");
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            q.jobs.push_back(queued);
+        }
+        {
+            let _entered = handle.enter();
+            BlockingLead::spawn(Arc::clone(&commits), vec![round]);
+        }
+        for answer in [round_answer, queued_answer] {
+            let err = answer
+                .blocking_recv()
+                .expect("answered")
+                .expect_err("nothing was written");
+            assert!(err.to_string().contains("shut down"), "{err}");
+        }
+        assert!(!commits.queue().leading, "no one leads");
+        let second = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let a = second
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rt.produce(vec![NewMessage::from_value("later")]),
+                )
+                .await
+            })
+            .expect("a later produce is answered")
+            .expect("and written");
+        assert_eq!(a.first.0, 0, "the dropped batches were not written");
+        let read = rt.topic().read(a.first, 10, usize::MAX).expect("read");
+        assert_eq!(read.len(), 1);
+        assert_eq!(&read[0].value[..], b"later");
+    }
+
+    /// A queue that keeps a blocking-pool lead busy past its bound hands
+    /// the lead on to the pool again: with one pool thread, every batch of
+    /// a long backlog is still committed once, in queue order.
+    #[test]
+    fn a_long_backlog_is_led_in_turns_and_committed_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let rt = pool.block_on(async { runtime(dir.path(), FsyncPolicy::Never) });
+        let commits = Arc::clone(&rt.commits);
+        let backlog = (BLOCKING_LEAD_ROUNDS as usize + 2) * MAX_GROUP;
+        let mut answers = Vec::with_capacity(backlog);
+        let mut first = Vec::new();
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            for i in 0..backlog {
+                let (j, answer) = job(&i.to_string());
+                answers.push(answer);
+                if i == 0 {
+                    first.push(j);
+                } else {
+                    q.jobs.push_back(j);
+                }
+            }
+        }
+        let answered = pool.block_on(async {
+            BlockingLead::spawn(Arc::clone(&commits), first);
+            let mut offsets = Vec::with_capacity(backlog);
+            for answer in answers {
+                let a = tokio::time::timeout(Duration::from_secs(60), answer)
+                    .await
+                    .expect("every batch is answered")
+                    .expect("a reply")
+                    .expect("committed");
+                offsets.push(a.first.0);
+            }
+            offsets
+        });
+        let expected: Vec<u64> = (0..backlog as u64).collect();
+        assert_eq!(answered, expected, "committed once each, in queue order");
+        let last = rt
+            .topic()
+            .read(Offset(backlog as u64 - 1), 1, usize::MAX)
+            .expect("read");
+        assert_eq!(&last[0].value[..], (backlog - 1).to_string().as_bytes());
     }
 
     /// A producer that gives up while its batch is queued leaves no batch

@@ -526,22 +526,31 @@ impl Topic {
     /// [`Error::TooLarge`] naming it when it is the first.
     pub fn read_within(&self, from: Offset, limits: DeliveryLimits) -> Result<Records> {
         let _pass = self.enter()?;
-        let mut from = from.0;
-        let end = self.log.end().0;
-        let live = loop {
-            let mut batch = self
-                .log
-                .read_records(Offset(from), limits.messages, limits.bytes)?;
-            let Some(last) = batch.last_offset().map(|o| o.0) else {
-                return Ok(batch);
+        let start = from.0;
+        'read: loop {
+            let generation = self.log.generation();
+            let mut from = start;
+            let end = self.log.end().0;
+            let live = loop {
+                let mut batch =
+                    self.log
+                        .read_records(Offset(from), limits.messages, limits.bytes)?;
+                let Some(last) = batch.last_offset().map(|o| o.0) else {
+                    return Ok(batch);
+                };
+                self.keep_live(&mut batch)?;
+                if self.log.generation() != generation {
+                    // Compaction replaced what was read and may have
+                    // forgotten deletions of records in it: read again.
+                    continue 'read;
+                }
+                if !batch.is_empty() || last + 1 >= end {
+                    break batch;
+                }
+                from = last + 1;
             };
-            self.keep_live(&mut batch)?;
-            if !batch.is_empty() || last + 1 >= end {
-                break batch;
-            }
-            from = last + 1;
-        };
-        fit(live, Offset(from), limits)
+            return fit(live, Offset(from), limits);
+        }
     }
 
     /// Reads from `from` within `limits` what [`Topic::read_within`] would
@@ -594,6 +603,11 @@ impl Topic {
             self.keep_live(&mut records)?;
             Ok(records)
         })();
+        if generation != self.log.generation() {
+            // Replaced while deletions were applied, which compaction may
+            // have pruned of records in `records`.
+            return None;
+        }
         match live {
             Ok(live) if live.is_empty() && !reached_end => None,
             Ok(live) => Some(fit(live, from, limits)),
