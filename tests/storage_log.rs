@@ -529,6 +529,146 @@ fn small_durable_appends_keep_zeros_ahead_and_read_back_exactly() {
     assert_eq!(log.stats().end, Offset(400));
 }
 
+/// Zeros written ahead off the writer's path (`Log::top_up`, as the broker
+/// runs it on another thread after each commit) never land on records and
+/// never grow a sealed file: with a thread topping up as fast as it can
+/// while small durable appends roll segment after segment, every record
+/// reads back, each sealed file ends exactly at its last record, and the
+/// log reopens clean.
+#[test]
+fn zeros_topped_up_beside_the_writer_never_touch_records_or_sealed_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let storage: Arc<dyn Storage> = Arc::new(OsStorage);
+    let config = LogConfig {
+        fsync: FsyncPolicy::Always,
+        segment_bytes: 300 * 1024,
+        ..LogConfig::default()
+    };
+    let log = Arc::new(
+        spool::storage::Log::open(
+            Arc::clone(&storage),
+            tmp.path(),
+            config.clone(),
+            RecoveryMode::default(),
+        )
+        .expect("open"),
+    );
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let topper = {
+        let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut topped = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                if log.wants_top_up() {
+                    log.top_up();
+                    topped += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            topped
+        })
+    };
+    let value = |i: usize| vec![b'a' + (i % 26) as u8; 700 + i % 300];
+    let n = 1500;
+    for i in 0..n {
+        log.append(&[NewMessage::from_value(value(i))])
+            .expect("append");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let topped = topper.join().expect("top-up thread");
+    assert!(topped > 0, "the writer asked for zeros ahead");
+    let segments = log.segments();
+    assert!(segments.len() >= 3, "{} segments", segments.len());
+    for s in &segments[..segments.len() - 1] {
+        assert!(s.is_sealed());
+        let len = std::fs::metadata(&s.paths().log).expect("metadata").len();
+        assert_eq!(
+            len,
+            s.size(),
+            "sealed {} ends at its last record",
+            s.paths().log.display()
+        );
+    }
+    let read = log.read(Offset(0), n, usize::MAX).expect("read");
+    assert_eq!(read.len(), n);
+    for (i, m) in read.iter().enumerate() {
+        assert_eq!(m.value, value(i), "record {i}");
+    }
+    drop(segments);
+    drop(read);
+    let log = Arc::into_inner(log).expect("the only handle");
+    drop(log);
+    let log = spool::storage::Log::open(storage, tmp.path(), config, RecoveryMode::default())
+        .expect("reopen");
+    assert!(
+        log.recovery_report().is_clean(),
+        "{:?}",
+        log.recovery_report()
+    );
+    assert_eq!(log.stats().end, Offset(n as u64));
+    let read = log
+        .read(Offset(0), n, usize::MAX)
+        .expect("read after reopen");
+    for (i, m) in read.iter().enumerate() {
+        assert_eq!(m.value, value(i), "record {i} after reopen");
+    }
+}
+
+/// A top-up asked for before a roll and run after it leaves the sealed
+/// file as its seal cut it: nothing grows a file once it is sealed.
+#[test]
+fn a_top_up_that_comes_after_the_seal_leaves_the_sealed_file_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        fsync: FsyncPolicy::Always,
+        segment_ms: Some(300),
+        ..LogConfig::default()
+    };
+    let log = spool::storage::Log::open(
+        Arc::new(OsStorage),
+        tmp.path(),
+        config,
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    let append = |i: usize| {
+        log.append(&[NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000])])
+            .expect("append");
+    };
+    let mut i = 0;
+    while !log.wants_top_up() {
+        append(i);
+        i += 1;
+        assert!(i < 200, "the writer asks for zeros ahead");
+    }
+    assert_eq!(log.segments().len(), 1, "no roll yet");
+    // The segment grows old: the next append seals it first.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    append(i);
+    i += 1;
+    assert_eq!(log.segments().len(), 2, "rolled");
+    assert!(
+        log.wants_top_up(),
+        "the top-up asked for before the roll is pending"
+    );
+    let sealed = Arc::clone(&log.segments()[0]);
+    let cut = std::fs::metadata(&sealed.paths().log)
+        .expect("metadata")
+        .len();
+    assert_eq!(cut, sealed.size());
+    log.top_up();
+    let len = std::fs::metadata(&sealed.paths().log)
+        .expect("metadata")
+        .len();
+    assert_eq!(len, cut, "the sealed file did not grow");
+    append(i);
+    assert_eq!(
+        log.read(Offset(0), 2000, usize::MAX).expect("read").len(),
+        i + 1
+    );
+}
+
 /// After a crash of the process (not of the machine), the active segment
 /// may be longer than its last `fdatasync` made it: zeros written ahead of
 /// the writer whose size never reached the disk. A record appended there
