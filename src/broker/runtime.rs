@@ -375,19 +375,7 @@ impl Commits {
             return false;
         };
         self.answer(round);
-        self.top_up();
         true
-    }
-
-    /// Once a round is answered: the written zeros its writer asked for
-    /// ahead of it ([`crate::storage::Log::top_up`]) are written on another
-    /// blocking-pool thread, off the path of this and the next rounds.
-    fn top_up(&self) {
-        if !self.topic.log().wants_top_up() {
-            return;
-        }
-        let topic = Arc::clone(&self.topic);
-        tokio::task::spawn_blocking(move || topic.log().top_up());
     }
 
     /// A producer that led is answered: it stops leading, and a task of
@@ -977,32 +965,6 @@ mod tests {
             .read(Offset(backlog as u64 - 1), 1, usize::MAX)
             .expect("read");
         assert_eq!(&last[0].value[..], (backlog - 1).to_string().as_bytes());
-    }
-
-    /// The written zeros a log's writer asks for ahead of small durable
-    /// appends are written by the runtime once rounds are answered: the
-    /// ask does not stay pending.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_zeros_a_writer_asks_for_are_written_after_its_rounds() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rt = runtime(dir.path(), FsyncPolicy::Always);
-        for i in 0..600u32 {
-            rt.produce(vec![NewMessage::from_value(vec![b'x'; 1000])])
-                .await
-                .expect("produce");
-            if rt.topic().log().wants_top_up() {
-                let served = async {
-                    while rt.topic().log().wants_top_up() {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                };
-                tokio::time::timeout(Duration::from_secs(10), served)
-                    .await
-                    .unwrap_or_else(|_| panic!("the top-up asked for at produce {i} was run"));
-            }
-        }
-        let read = rt.topic().read(Offset(0), 1000, usize::MAX).expect("read");
-        assert_eq!(read.len(), 600);
     }
 
     /// A producer that gives up while its batch is queued leaves no batch

@@ -17,7 +17,7 @@ use super::recovery::{self, OpenedSegment, RecoveryReport};
 use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -95,10 +95,6 @@ pub struct Log {
     /// dropped (retention) or replaced (compaction). See [`Log::generation`].
     generation: AtomicU64,
     writer: Mutex<Writer>,
-    /// Written zeros the writer wants ahead of it, for [`Log::top_up`].
-    top_up: Mutex<Option<TopUpJob>>,
-    /// Whether `top_up` holds a job (read without its lock).
-    top_up_wanted: AtomicBool,
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
     durable_end: AtomicU64,
@@ -160,41 +156,7 @@ struct Active {
     /// one (which makes the size and its blocks durable) rather than a
     /// sync of their range.
     durable_size: u64,
-    /// Growth of the file by written zeros off the writer's path.
-    growth: Arc<Growth>,
     opened_at: Instant,
-}
-
-/// How the active file grows. Every growth (written zeros, `fallocate`,
-/// the cut of a seal) happens under `lock`, so zeros written off the
-/// writer's path ([`Log::top_up`]) never land on records the writer put
-/// past the size it found, nor grow a file after its seal cut it.
-#[derive(Debug, Default)]
-struct Growth {
-    /// Held while the file grows or is cut; `true` once it is sealed.
-    lock: Mutex<bool>,
-    /// The file holds written zeros up to here, grown off the writer's path
-    /// and not yet counted in [`Active::allocated`].
-    ready: AtomicU64,
-    /// A top-up was asked for and is not done.
-    asked: AtomicBool,
-}
-
-impl Growth {
-    fn lock(&self) -> MutexGuard<'_, bool> {
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Written zeros to add to an active file off the writer's path.
-#[derive(Debug)]
-struct TopUpJob {
-    growth: Arc<Growth>,
-    file: Arc<dyn StorageFile>,
-    map: Arc<dyn Mapping>,
-    /// The file's allocated end when it was asked for.
-    from: u64,
-    to: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -320,8 +282,6 @@ impl Log {
                 last_sync: Instant::now(),
                 scratch: Vec::new(),
             }),
-            top_up: Mutex::new(None),
-            top_up_wanted: AtomicBool::new(false),
             compacting: Mutex::new(()),
             durable_end: AtomicU64::new(next_offset),
             generation: AtomicU64::new(0),
@@ -825,10 +785,6 @@ impl Log {
     /// zeros for small appends under `fsync=always` ([`Log::grow_written`]),
     /// else with `fallocate` in steps that double.
     fn ensure_allocated(&self, active: &mut Active, need: u64, bytes: u64) -> Result<()> {
-        // Zeros written off the writer's path since.
-        active.allocated = active
-            .allocated
-            .max(active.growth.ready.load(Ordering::Acquire));
         if self.config.fsync == FsyncPolicy::Always
             && bytes <= SMALL_APPEND
             && self.grow_written(active, need)
@@ -838,7 +794,6 @@ impl Log {
         if need <= active.allocated {
             return Ok(());
         }
-        let _growing = active.growth.lock();
         let step = active
             .allocated
             .clamp(MIN_ALLOCATION_STEP, MAX_ALLOCATION_STEP);
@@ -880,13 +835,6 @@ impl Log {
     /// and the file does not reach `need` (the caller then reserves what
     /// it can with `fallocate`).
     ///
-    /// While the zeros ahead still reach `need`, the top-up is only asked
-    /// for: [`Log::top_up`] writes it off the writer's path, where its cost
-    /// (128 KiB of new page-cache pages and their writeback, 0.1–0.5 ms on
-    /// this machine's virtio disk) delays no commit. Only a writer that
-    /// ran out of zeros (nobody ran the top-up, or it fell behind) writes
-    /// them itself.
-    ///
     /// A sync of a few KiB into blocks `fallocate` left unwritten also
     /// writes the metadata that converts them: on ext4 that made it 0.14
     /// ms instead of 0.09 (3 KiB per sync, a new block each time, as at
@@ -908,20 +856,6 @@ impl Log {
         if target <= active.allocated + ahead / 2 && need <= active.allocated {
             return true;
         }
-        if need <= active.allocated {
-            if !active.growth.asked.swap(true, Ordering::AcqRel) {
-                *self.lock_top_up() = Some(TopUpJob {
-                    growth: Arc::clone(&active.growth),
-                    file: Arc::clone(&active.file),
-                    map: Arc::clone(&active.map),
-                    from: active.allocated,
-                    to: target,
-                });
-                self.top_up_wanted.store(true, Ordering::Release);
-            }
-            return true;
-        }
-        let _growing = active.growth.lock();
         match active.file.allocate_written(target) {
             Ok(()) => {
                 let from = active.allocated;
@@ -937,48 +871,6 @@ impl Log {
                 need <= active.allocated
             }
         }
-    }
-
-    /// Whether the writer asked for written zeros ahead of it: the owner
-    /// then runs [`Log::top_up`] where waiting on the disk holds up nothing
-    /// (the blocking pool). A log nobody tops up still works: its writer
-    /// writes the zeros itself once it runs out of them.
-    pub fn wants_top_up(&self) -> bool {
-        self.top_up_wanted.load(Ordering::Acquire)
-    }
-
-    /// Writes the zeros the writer asked for ahead of the active file's
-    /// allocated end, without holding the writer: the writer goes on
-    /// appending below that end meanwhile and counts the zeros at its next
-    /// append. Skipped when the file was sealed since; a failure (a full
-    /// disk) is left for the writer, which then reserves what it needs
-    /// itself.
-    pub fn top_up(&self) {
-        if !self.top_up_wanted.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let Some(job) = self.lock_top_up().take() else {
-            return;
-        };
-        {
-            let sealed = job.growth.lock();
-            if !*sealed {
-                match job.file.allocate_written(job.to) {
-                    Ok(()) => {
-                        job.map
-                            .start_writeback(job.from, job.to.saturating_sub(job.from));
-                        job.growth.ready.fetch_max(job.to, Ordering::AcqRel);
-                    }
-                    Err(e) => tracing::debug!(log = %self.dir.display(), error = %e,
-                        "could not write zeros ahead of the writer"),
-                }
-            }
-        }
-        job.growth.asked.store(false, Ordering::Release);
-    }
-
-    fn lock_top_up(&self) -> MutexGuard<'_, Option<TopUpJob>> {
-        self.top_up.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a failed sync (or a panicked writer) made the log read-only:
@@ -1138,16 +1030,11 @@ impl Log {
             tracing::warn!(file = %seg.paths().idx.display(), error = %e,
                 "could not write the index of a sealed segment; the next open rebuilds it");
         }
-        // No map of the file takes writes once it is cut, and nothing grows
-        // it (a top-up under way finishes first).
+        // No map of the file takes writes once it is cut.
         a.map.seal();
-        {
-            let mut sealed = a.growth.lock();
-            *sealed = true;
-            a.file
-                .set_len(a.write_pos)
-                .ctx(|| format!("truncating {} to seal it", log.display()))?;
-        }
+        a.file
+            .set_len(a.write_pos)
+            .ctx(|| format!("truncating {} to seal it", log.display()))?;
         a.file
             .sync_data()
             .ctx(|| format!("syncing sealed {}", log.display()))?;
@@ -1439,7 +1326,6 @@ impl Active {
             // Durable as found: `Log::open` syncs the recovered file (a new
             // segment is empty).
             durable_size: allocated,
-            growth: Arc::default(),
             opened_at: Instant::now(),
         })
     }
