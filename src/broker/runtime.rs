@@ -294,16 +294,6 @@ impl Commits {
         }
     }
 
-    /// A task's leadership: rounds until the queue is empty (or a round
-    /// goes to the blocking pool), letting the worker's other tasks run
-    /// between them.
-    async fn lead_task(self: Arc<Self>) {
-        let _leading = Leadership(&self);
-        while let Led::Answered(_) = self.round() {
-            tokio::task::yield_now().await;
-        }
-    }
-
     /// Takes the next round and, when it only copies into the page cache
     /// (and the runtime has another worker), commits and answers it here;
     /// otherwise hands it and the lead to a blocking-pool thread.
@@ -346,10 +336,10 @@ impl Commits {
         }
     }
 
-    /// The lead was dropped with a round it never ran (the runtime is
-    /// shutting down): that round's producers and every queued one are
-    /// answered with an error, nothing of theirs written, and the next
-    /// producer leads again.
+    /// The lead was dropped before it ended (its runtime is shutting
+    /// down), with `round` taken and never run: that round's producers and
+    /// every queued one are answered with an error, nothing of theirs
+    /// written, and the next producer leads again.
     fn abandon(&self, round: Vec<ProduceJob>) {
         let jobs = {
             let mut q = self.queue();
@@ -387,7 +377,7 @@ impl Commits {
             return;
         }
         drop(q);
-        tokio::spawn(Arc::clone(self).lead_task());
+        tokio::spawn(TaskLead(Some(Arc::clone(self))).run());
     }
 
     /// A commit panicked: every queued producer is told, later ones too.
@@ -482,6 +472,41 @@ impl Drop for BlockingLead {
     fn drop(&mut self) {
         if let Some(round) = self.round.take() {
             self.commits.abandon(round);
+        }
+    }
+}
+
+/// The lead handed to a task of its own. Should the task be dropped
+/// before the lead ends there (its runtime shutting down drops a task
+/// unrun, or at its next yield), the lead is given up on drop
+/// ([`Commits::abandon`]), as for [`BlockingLead`].
+struct TaskLead(Option<Arc<Commits>>);
+
+impl TaskLead {
+    /// Rounds until the queue is empty (or a round goes to the blocking
+    /// pool), letting the worker's other tasks run between them.
+    async fn run(mut self) {
+        let Some(commits) = self.0.clone() else {
+            return;
+        };
+        {
+            let _leading = Leadership(&commits);
+            while let Led::Answered(_) = commits.round() {
+                tokio::task::yield_now().await;
+            }
+        }
+        // No one leads now, or a blocking-pool thread does.
+        self.0 = None;
+    }
+}
+
+impl Drop for TaskLead {
+    fn drop(&mut self) {
+        // A panic fails the queue instead (`Leadership`).
+        if let Some(commits) = self.0.take()
+            && !std::thread::panicking()
+        {
+            commits.abandon(Vec::new());
         }
     }
 }
@@ -860,46 +885,40 @@ mod tests {
         (job, answer)
     }
 
-    /// A round the blocking pool drops unrun (its runtime shut down) gives
-    /// up the lead: its producers and the queued ones are told the broker
-    /// shut down, and a later producer leads and is answered instead of
-    /// waiting for a leader that will never come.
-    #[test]
-    fn a_round_dropped_by_a_shut_down_pool_gives_up_the_lead() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A runtime, shut down, and a topic runtime started on it.
+    fn shut_down_runtime(dir: &std::path::Path) -> (tokio::runtime::Handle, Arc<TopicRuntime>) {
         let first = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let handle = first.handle().clone();
-        let rt = first.block_on(async { runtime(dir.path(), FsyncPolicy::Always) });
+        let rt = first.block_on(async { runtime(dir, FsyncPolicy::Always) });
         first.shutdown_background();
-        let commits = Arc::clone(&rt.commits);
-        let (round, round_answer) = job("in the round");
-        let (queued, queued_answer) = job("queued");
-        {
-            let mut q = commits.queue();
-            q.leading = true;
-            q.jobs.push_back(queued);
-        }
-        {
-            let _entered = handle.enter();
-            BlockingLead::spawn(Arc::clone(&commits), vec![round]);
-        }
-        for answer in [round_answer, queued_answer] {
-            let err = answer
-                .blocking_recv()
-                .expect("answered")
-                .expect_err("nothing was written");
-            assert!(err.to_string().contains("shut down"), "{err}");
-        }
-        assert!(!commits.queue().leading, "no one leads");
+        (handle, rt)
+    }
+
+    /// After a lead was dropped unrun: each of `answers` is an error naming
+    /// the shutdown, no one leads, and a later producer (on a runtime that
+    /// runs) leads and is answered, its batch the first written.
+    fn assert_lead_given_up(
+        rt: &Arc<TopicRuntime>,
+        answers: Vec<oneshot::Receiver<Result<Appended>>>,
+    ) {
         let second = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
+        for answer in answers {
+            let err = second
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), answer).await })
+                .expect("answered")
+                .expect("a reply")
+                .expect_err("nothing was written");
+            assert!(err.to_string().contains("shut down"), "{err}");
+        }
+        assert!(!rt.commits.queue().leading, "no one leads");
         let a = second
             .block_on(async {
                 tokio::time::timeout(
@@ -916,9 +935,53 @@ mod tests {
         assert_eq!(&read[0].value[..], b"later");
     }
 
+    /// A round the blocking pool drops unrun (its runtime shut down) gives
+    /// up the lead: its producers and the queued ones are told the broker
+    /// shut down, and a later producer leads and is answered instead of
+    /// waiting for a leader that will never come.
+    #[test]
+    fn a_round_dropped_by_a_shut_down_pool_gives_up_the_lead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, rt) = shut_down_runtime(dir.path());
+        let commits = Arc::clone(&rt.commits);
+        let (round, round_answer) = job("in the round");
+        let (queued, queued_answer) = job("queued");
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            q.jobs.push_back(queued);
+        }
+        {
+            let _entered = handle.enter();
+            BlockingLead::spawn(Arc::clone(&commits), vec![round]);
+        }
+        assert_lead_given_up(&rt, vec![round_answer, queued_answer]);
+    }
+
+    /// The same for the lead a producer hands to a task of its own once it
+    /// is answered: a task its runtime drops unrun gives the lead up.
+    #[test]
+    fn a_lead_task_dropped_by_a_shut_down_runtime_gives_up_the_lead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, rt) = shut_down_runtime(dir.path());
+        let commits = Arc::clone(&rt.commits);
+        let (queued, queued_answer) = job("queued");
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            q.jobs.push_back(queued);
+        }
+        {
+            let _entered = handle.enter();
+            commits.hand_over();
+        }
+        assert_lead_given_up(&rt, vec![queued_answer]);
+    }
+
     /// A queue that keeps a blocking-pool lead busy past its bound hands
-    /// the lead on to the pool again: with one pool thread, every batch of
-    /// a long backlog is still committed once, in queue order.
+    /// the lead on to the pool again: with one pool thread, a blocking task
+    /// spawned after the lead runs before the backlog is done, and every
+    /// batch is still committed once, in queue order.
     #[test]
     fn a_long_backlog_is_led_in_turns_and_committed_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -945,8 +1008,10 @@ mod tests {
                 }
             }
         }
-        let answered = pool.block_on(async {
+        let (answered, taken_when_other_ran) = pool.block_on(async {
             BlockingLead::spawn(Arc::clone(&commits), first);
+            let c = Arc::clone(&commits);
+            let other = tokio::task::spawn_blocking(move || c.queue().taken);
             let mut offsets = Vec::with_capacity(backlog);
             for answer in answers {
                 let a = tokio::time::timeout(Duration::from_secs(60), answer)
@@ -956,8 +1021,14 @@ mod tests {
                     .expect("committed");
                 offsets.push(a.first.0);
             }
-            offsets
+            (offsets, other.await.expect("the other blocking task"))
         });
+        // The first batch was handed to the lead; the rest were queued.
+        let queued = backlog as u64 - 1;
+        assert!(
+            taken_when_other_ran < queued,
+            "the lead gave the pool's thread back before the backlog was done ({taken_when_other_ran} of {queued} taken)"
+        );
         let expected: Vec<u64> = (0..backlog as u64).collect();
         assert_eq!(answered, expected, "committed once each, in queue order");
         let last = rt
