@@ -921,3 +921,69 @@ async fn a_replay_hands_out_what_changed_since_its_previous_fetch() {
     let tail = fetch(1000).await.expect("fetch");
     assert_eq!(offsets(&tail), (1000..1100).collect::<Vec<_>>());
 }
+
+/// A stream group's fetches read ahead as replays do: the next fetch hands
+/// out what a deletion changed in between, marks its member alive, and
+/// reads what a replay reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_group_reads_ahead_and_still_hands_out_only_what_is_live() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "reader")
+        .await
+        .expect("connect");
+    let msgs: Vec<NewMessage> = (0..1000)
+        .map(|i| NewMessage::from_value(value(i)))
+        .collect();
+    client.produce("ahead", msgs).await.expect("produce");
+    client
+        .create_group("ahead", "g", GroupMode::Stream, Some(Position::Earliest))
+        .await
+        .expect("create group");
+    let fetch = |member: &str, from: Option<u64>| {
+        client.fetch(
+            "ahead",
+            FetchOptions {
+                group: Some("g".to_owned()),
+                member: member.to_owned(),
+                from: from.map(Position::Offset),
+                max_messages: 200,
+                ..Default::default()
+            },
+        )
+    };
+    let offsets = |f: &spool::client::Fetched| -> Vec<u64> {
+        f.messages.iter().map(|r| r.message.offset.0).collect()
+    };
+
+    let first = fetch("m1", None).await.expect("fetch");
+    assert_eq!(offsets(&first), (0..200).collect::<Vec<_>>());
+    client.delete("ahead", &[250, 399]).await.expect("delete");
+    // Another member goes on from there: the batch read ahead serves it.
+    let second = fetch("m2", Some(first.next_offset)).await.expect("fetch");
+    let expected: Vec<u64> = (200..400).filter(|o| ![250, 399].contains(o)).collect();
+    assert_eq!(offsets(&second), expected);
+    for r in &second.messages {
+        assert_eq!(&r.message.value[..], &value(r.message.offset.0)[..]);
+    }
+    let info = client.describe_group("ahead", "g").await.expect("describe");
+    assert!(
+        info.members.iter().any(|m| m.name == "m2"),
+        "the member of a fetch served from a read-ahead is seen: {:?}",
+        info.members
+    );
+    let third = fetch("m2", Some(second.next_offset)).await.expect("fetch");
+    let replayed = client
+        .fetch(
+            "ahead",
+            FetchOptions {
+                from: Some(Position::Offset(second.next_offset)),
+                max_messages: 200,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("replay");
+    assert_eq!(offsets(&third)[0], 400);
+    assert_eq!(offsets(&third), offsets(&replayed), "what a replay reads");
+}

@@ -24,7 +24,7 @@ use crate::storage::compact::CompactStats;
 use crate::storage::io::{OsStorage, Storage};
 use crate::storage::log::now_ms;
 use crate::storage::{
-    Appended, DataDir, Durability, LogStats, NewMessage, Offset, RecoveryMode, record,
+    Appended, DataDir, Durability, LogStats, NewMessage, Offset, Records, RecoveryMode, record,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -636,30 +636,29 @@ impl Broker {
             Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
                 t.read_within(from, limits).map(Deliveries::from)
             }
-            // Read ahead by the previous fetch, when still current: only
-            // deletions and consumption are left to apply, here.
             Target::Replay(_) => {
-                let ahead = match runtime.read_aheads().take(from, limits).await {
-                    Some(ahead) => t.read_within_ahead(from, limits, ahead),
-                    None => None,
-                };
-                let records = match ahead {
-                    Some(read) => read?,
-                    None => {
-                        let t = Arc::clone(&t);
-                        blocking(move || t.read_within(from, limits)).await?
-                    }
-                };
-                runtime.read_aheads().follow(&t, &records, limits);
-                Ok(Deliveries::from(records))
+                let reader = Arc::clone(&t);
+                Self::read_following(
+                    runtime,
+                    &t,
+                    from,
+                    limits,
+                    || Ok(()),
+                    move || reader.read_within(from, limits),
+                )
+                .await
+                .map(Deliveries::from)
             }
+            // As a replay, once the group is checked and the member marked
+            // alive.
             Target::Stream(g) => {
-                let member = member.to_owned();
-                blocking(move || {
-                    t.fetch_stream_within(&g, &member, Some(from), limits)
-                        .map(Deliveries::from)
+                let (reader, group, reading) = (Arc::clone(&t), g.clone(), member.to_owned());
+                let checked = || t.stream_reader(&g, member, Some(from)).map(|_| ());
+                Self::read_following(runtime, &t, from, limits, checked, move || {
+                    reader.fetch_stream_within(&group, &reading, Some(from), limits)
                 })
                 .await
+                .map(Deliveries::from)
             }
             Target::Queue(g) => {
                 let member = member.to_owned();
@@ -677,6 +676,34 @@ impl Broker {
                 Ok(Deliveries::from(fetched.deliveries))
             }
         }
+    }
+
+    /// A read of `t` from `from` within `limits` that takes what the
+    /// previous read read ahead when that is still current (after
+    /// `checked`; only deletions and consumption are left to apply, here),
+    /// or else `read`s on the blocking pool; then reads the next batch
+    /// ahead for the read after it.
+    async fn read_following(
+        runtime: &TopicRuntime,
+        t: &Arc<Topic>,
+        from: Offset,
+        limits: DeliveryLimits,
+        checked: impl FnOnce() -> Result<()>,
+        read: impl FnOnce() -> Result<Records> + Send + 'static,
+    ) -> Result<Records> {
+        let ahead = match runtime.read_aheads().take(from, limits).await {
+            Some(ahead) => {
+                checked()?;
+                t.read_within_ahead(from, limits, ahead)
+            }
+            None => None,
+        };
+        let records = match ahead {
+            Some(read) => read?,
+            None => blocking(read).await?,
+        };
+        runtime.read_aheads().follow(t, &records, limits);
+        Ok(records)
     }
 
     /// Hands dead letters of `source`'s queue group `group` to its

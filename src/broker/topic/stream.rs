@@ -30,8 +30,16 @@ impl Topic {
         from: Option<Offset>,
         limits: DeliveryLimits,
     ) -> Result<Records> {
+        let from = self.stream_reader(group, member, from)?;
+        self.read_within(from, limits)
+    }
+
+    /// What a stream-group fetch does before it reads: checks that `group`
+    /// is a stream group, marks `member` alive, and returns where the read
+    /// starts (`from`, or the group's committed offset).
+    pub fn stream_reader(&self, group: &str, member: &str, from: Option<Offset>) -> Result<Offset> {
         let _pass = self.enter()?;
-        let from = self.with_group(group, |g| {
+        self.with_group(group, |g| {
             if g.config().mode != GroupMode::Stream {
                 return Err(Error::InvalidArgument(format!(
                     "group {group} of topic {} is a queue group: fetch leases with it instead",
@@ -40,8 +48,7 @@ impl Topic {
             }
             g.touch(member, now_ms());
             Ok(from.unwrap_or_else(|| Offset(g.committed())))
-        })?;
-        self.read_within(from, limits)
+        })
     }
 
     /// Stream group: commits `offset` as the next to read after a restart.
