@@ -180,3 +180,41 @@ fn a_replay_with_queue_load_reads_every_message_while_a_queue_group_acks() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn stream_consumers_each_read_every_message_through_a_group_of_their_own() {
+    let r = bench(&[
+        "consume",
+        "--mode",
+        "stream",
+        "--messages",
+        "1500",
+        "--size",
+        "100",
+        "--batch",
+        "200",
+        "--consumers",
+        "2",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 3000.0, "{r}");
+    assert_eq!(number(&r, "throughput.bytes"), 3000.0 * 100.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 16.0, "eight fetches each");
+    assert_eq!(r["params"]["mode"], "stream");
+    // Stream groups are for consume, over the native protocol.
+    for (args, names) in [
+        (&["e2e", "--mode", "stream"][..], "--mode stream"),
+        (
+            &["consume", "--mode", "stream", "--transport", "grpc"][..],
+            "--transport grpc",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run spool bench");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+}

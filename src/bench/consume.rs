@@ -6,7 +6,7 @@
 use super::histogram::Latency;
 use super::pacing::Schedule;
 use super::produce::{self, Spec};
-use super::target::{Conn, Target};
+use super::target::{Conn, StreamReader, Target};
 use super::{BenchError, Outcome, Params, Progress, ReadMode};
 use crate::broker::topic::Position;
 use crate::client::{Client, FetchOptions, Subscription};
@@ -105,7 +105,7 @@ pub(super) async fn workload(
     // The clock starts once the consumers are connected: it measures reading.
     let start;
     let measures = match params.mode {
-        ReadMode::Replay => {
+        ReadMode::Replay | ReadMode::Stream => {
             let total = if deadline.is_some() {
                 0
             } else {
@@ -113,19 +113,30 @@ pub(super) async fn workload(
             };
             load = queue_load(target, params).await?;
             let clients = produce::conn_all(target, "consumer", params.consumers).await?;
-            progress.start("replay", total);
+            let readers = stream_readers(target, params).await?;
+            let label = match params.mode {
+                ReadMode::Stream => "stream",
+                _ => "replay",
+            };
+            progress.start(label, total);
             start = Instant::now();
-            for client in clients {
+            for (client, stream) in clients.into_iter().zip(readers) {
                 tasks.spawn(replay(
                     client,
                     target.topic.clone(),
+                    stream,
                     messages,
                     params.clone(),
                     start,
                     Arc::clone(progress),
                 ));
             }
-            "replay: one fetch, request to reply, per call"
+            match params.mode {
+                ReadMode::Stream => {
+                    "stream: one fetch through the consumer's stream group, request to reply, per call"
+                }
+                _ => "replay: one fetch, request to reply, per call",
+            }
         }
         ReadMode::Queue => {
             let clients = produce::connect_all(target, "consumer", params.consumers).await?;
@@ -210,6 +221,7 @@ async fn create_queue_group(client: &Client, topic: &str) -> Result<(), BenchErr
 async fn replay(
     client: Arc<Conn>,
     topic: String,
+    stream: Option<StreamReader>,
     end: u64,
     params: Params,
     start: Instant,
@@ -221,9 +233,10 @@ async fn replay(
     let deadline = params.duration().map(|d| start + d);
     let mut readers = JoinSet::new();
     for _ in 0..params.in_flight {
-        let (client, topic, next, progress) = (
+        let (client, topic, stream, next, progress) = (
             Arc::clone(&client),
             topic.clone(),
+            stream.clone(),
             Arc::clone(&next),
             Arc::clone(&progress),
         );
@@ -243,7 +256,9 @@ async fn replay(
                 while pos < chunk_end {
                     let max_messages = u32::try_from(chunk_end - pos).unwrap_or(u32::MAX);
                     let t = Instant::now();
-                    let fetched = client.fetch_from(&topic, pos, max_messages).await?;
+                    let fetched = client
+                        .fetch_from(&topic, stream.as_ref(), pos, max_messages)
+                        .await?;
                     let now = Instant::now();
                     got.latency.record(now - t);
                     if fetched.messages == 0 {
@@ -262,7 +277,56 @@ async fn replay(
             Ok(got)
         });
     }
-    join_all(readers, start).await
+    let got = join_all(readers, start).await?;
+    // Read to the end (not in cycles against a deadline): commit it, as a
+    // group that caught up does. Outside the clock.
+    if let (Some(s), None) = (&stream, deadline) {
+        s.commits
+            .commit(&topic, &s.group, end)
+            .await
+            .map_err(BenchError::client(format!(
+                "committing {end} for group {} on {topic}",
+                s.group
+            )))?;
+    }
+    Ok(got)
+}
+
+/// `--mode stream`: a stream group per consumer, at the earliest offset
+/// (`None` each for a replay).
+async fn stream_readers(
+    target: &Target,
+    params: &Params,
+) -> Result<Vec<Option<StreamReader>>, BenchError> {
+    if params.mode != ReadMode::Stream {
+        return Ok(vec![None; params.consumers as usize]);
+    }
+    let commits = Arc::new(target.connect("stream-groups").await?);
+    let readers: Vec<StreamReader> = (0..params.consumers)
+        .map(|c| StreamReader {
+            group: format!("{GROUP}-stream-{c}"),
+            member: format!("consumer-{c}"),
+            commits: Arc::clone(&commits),
+        })
+        .collect();
+    {
+        let client = &commits;
+        for r in &readers {
+            client
+                .create_group(
+                    &target.topic,
+                    &r.group,
+                    GroupMode::Stream,
+                    Some(Position::Earliest),
+                )
+                .await
+                .map_err(BenchError::client(format!(
+                    "creating stream group {} on {}",
+                    r.group, target.topic
+                )))?;
+        }
+    }
+    Ok(readers.into_iter().map(Some).collect())
 }
 
 /// One fetch-and-ack loop of a queue-group member; stops once the group
@@ -372,6 +436,11 @@ pub(super) async fn e2e(
     params: &Params,
     progress: &Arc<Progress>,
 ) -> Result<Outcome, BenchError> {
+    if params.mode == ReadMode::Stream {
+        return Err(BenchError::Invalid(
+            "--mode stream goes with consume".into(),
+        ));
+    }
     let consumers = produce::connect_all(target, "consumer", params.consumers).await?;
     if params.mode == ReadMode::Queue {
         create_queue_group(&consumers[0], &target.topic).await?;
@@ -386,8 +455,9 @@ pub(super) async fn e2e(
     // Replay: every consumer expects every message; queue: the group does.
     let (expected_tx, expected) = watch::channel(schedule.total());
     let delivered = Arc::new(AtomicU64::new(0));
+    // (Stream was refused above.)
     let fan_out = match params.mode {
-        ReadMode::Replay => u64::from(params.consumers),
+        ReadMode::Replay | ReadMode::Stream => u64::from(params.consumers),
         ReadMode::Queue => 1,
     };
     progress.start("e2e", schedule.total().map_or(0, |t| t * fan_out));
@@ -395,7 +465,7 @@ pub(super) async fn e2e(
     let mut tasks = JoinSet::new();
     for (c, client) in consumers.into_iter().enumerate() {
         let sub = match params.mode {
-            ReadMode::Replay => {
+            ReadMode::Replay | ReadMode::Stream => {
                 client
                     .subscribe(
                         &target.topic,
@@ -423,7 +493,7 @@ pub(super) async fn e2e(
             target.topic
         )))?;
         let shared = match params.mode {
-            ReadMode::Replay => Arc::new(AtomicU64::new(0)),
+            ReadMode::Replay | ReadMode::Stream => Arc::new(AtomicU64::new(0)),
             ReadMode::Queue => Arc::clone(&delivered),
         };
         tasks.spawn(subscriber(
@@ -484,7 +554,7 @@ async fn subscriber(
     progress: Arc<Progress>,
 ) -> Result<Consumed, BenchError> {
     let group = match mode {
-        ReadMode::Replay => "",
+        ReadMode::Replay | ReadMode::Stream => "",
         ReadMode::Queue => GROUP,
     };
     let mut got = Consumed::new(origin);

@@ -95,6 +95,10 @@ pub enum ReadMode {
     Replay,
     /// The consumers share one queue group and ack what they got.
     Queue,
+    /// Each consumer reads every message through a stream group of its
+    /// own, created at the earliest offset, and commits where it got to
+    /// once it has read them all (a consumer group catching up).
+    Stream,
 }
 
 impl FromStr for ReadMode {
@@ -103,7 +107,10 @@ impl FromStr for ReadMode {
         match s {
             "replay" => Ok(ReadMode::Replay),
             "queue" => Ok(ReadMode::Queue),
-            other => Err(format!("read mode {other:?}: expected replay or queue")),
+            "stream" => Ok(ReadMode::Stream),
+            other => Err(format!(
+                "read mode {other:?}: expected replay, queue or stream"
+            )),
         }
     }
 }
@@ -113,6 +120,7 @@ impl fmt::Display for ReadMode {
         f.write_str(match self {
             ReadMode::Replay => "replay",
             ReadMode::Queue => "queue",
+            ReadMode::Stream => "stream",
         })
     }
 }
@@ -239,6 +247,9 @@ impl Params {
             && (self.workload != Workload::Consume || self.mode != ReadMode::Replay)
         {
             return bad("--queue-load goes with consume --mode replay".into());
+        }
+        if self.mode == ReadMode::Stream && self.workload != Workload::Consume {
+            return bad("--mode stream goes with consume".into());
         }
         let grpc_workload = self.workload == Workload::Produce
             || (self.workload == Workload::Consume

@@ -50,6 +50,15 @@ pub(super) enum Conn {
     Grpc(SpoolClient<Channel>),
 }
 
+/// A stream group and the member reading through it.
+#[derive(Debug, Clone)]
+pub(super) struct StreamReader {
+    pub group: String,
+    pub member: String,
+    /// A native connection for the group's commit.
+    pub commits: Arc<Client>,
+}
+
 /// What one replay fetch returned.
 pub(super) struct Fetched {
     pub messages: u64,
@@ -89,17 +98,24 @@ impl Conn {
         }
     }
 
-    /// Replay: up to `max_messages` of `topic` from offset `from`.
+    /// Up to `max_messages` of `topic` from offset `from`: a replay, or
+    /// through `stream`'s group.
     pub async fn fetch_from(
         &self,
         topic: &str,
+        stream: Option<&StreamReader>,
         from: u64,
         max_messages: u32,
     ) -> Result<Fetched, BenchError> {
-        let what = || format!("replaying {topic} at {from}");
+        let what = || match stream {
+            None => format!("replaying {topic} at {from}"),
+            Some(s) => format!("reading {topic} at {from} through group {}", s.group),
+        };
         match self {
             Conn::Native(c) => {
                 let options = FetchOptions {
+                    group: stream.map(|s| s.group.clone()),
+                    member: stream.map(|s| s.member.clone()).unwrap_or_default(),
                     from: Some(Position::Offset(from)),
                     max_messages,
                     max_bytes: c.welcome().max_frame_bytes,
@@ -122,6 +138,8 @@ impl Conn {
             Conn::Grpc(c) => {
                 let request = pb::FetchRequest {
                     topic: topic.to_owned(),
+                    group: stream.map(|s| s.group.clone()),
+                    member: stream.map(|s| s.member.clone()).unwrap_or_default(),
                     from: Some(convert::position_to_wire(Position::Offset(from))),
                     max_messages,
                     // The broker caps this at its frame limit, as for native fetches.

@@ -19,7 +19,7 @@ const PROGRESS_TICK: Duration = Duration::from_millis(100);
 /// Arguments of `spool bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// produce | consume (a pre-filled topic; --mode replay or queue) | e2e
+    /// produce | consume (a pre-filled topic; --mode replay, queue or stream) | e2e
     /// (producers and consumers at once) | disk (the raw disk alone) |
     /// socketio (--clients websocket clients in one socket.io room, one
     /// publisher at --rate; delivery latency and broker memory per idle
@@ -55,8 +55,9 @@ pub struct BenchArgs {
     /// fsync policy of the bench topic: always, interval:MS or never.
     #[arg(long, default_value = "always")]
     fsync: FsyncPolicy,
-    /// How consumers read: replay (each reads every message) or queue (one
-    /// queue group, acking).
+    /// How consumers read: replay (each reads every message), queue (one
+    /// queue group, acking) or stream (consume only: each reads every
+    /// message through a stream group of its own, then commits).
     #[arg(long, default_value = "replay")]
     mode: ReadMode,
     /// Closed loop: requests each producer (or consumer) keeps outstanding.
