@@ -772,15 +772,36 @@ impl Broker {
         // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
         let t = Arc::clone(runtime.topic());
-        let (target, start) = match (&group, from) {
+        let by_timestamp = matches!(from, Some(Position::Timestamp(_)));
+        // A group's mode and committed offset, when no one holds the group.
+        let group_found = match &group {
+            Some(g) if !by_timestamp => t.try_group_start(g),
+            _ => None,
+        };
+        let (target, start) = match (&group, from, group_found) {
             // A replay from an offset, the start or the end waits on no group
             // state and reads no index: no hand-off.
-            (None, from) if !matches!(from, Some(Position::Timestamp(_))) => {
+            (None, from, _) if !by_timestamp => {
                 let target = subscription::target(&t, None, from)?;
                 let start = subscription::start_offset(&t, &target)?;
                 (target, start)
             }
-            // Target and start in one hand-off: each may wait on group state.
+            // The group was free: nothing to wait on either.
+            (Some(g), from, Some(found)) => {
+                let (mode, committed) = found?;
+                match mode {
+                    GroupMode::Stream => {
+                        let start = match from {
+                            Some(p) => t.resolve(p)?,
+                            None => Offset(committed),
+                        };
+                        (Target::Stream(g.clone()), start)
+                    }
+                    GroupMode::Queue => (Target::Queue(g.clone()), Offset(0)),
+                }
+            }
+            // Target and start in one hand-off: each may wait on group state
+            // (a group's lock may be held across a sync of its state).
             _ => {
                 blocking(move || {
                     let target = subscription::target(&t, group, from)?;

@@ -715,6 +715,25 @@ impl Topic {
         self.with_group(name, |g| Ok(g.info(end, self.deletions().set())))
     }
 
+    /// Group `name`'s mode and committed offset (a queue group's low
+    /// watermark), without waiting: `None` when the topic's groups or this
+    /// group are held by someone else (a group's lock may be held across a
+    /// sync of its state); the caller then asks where waiting holds up
+    /// nothing.
+    pub fn try_group_start(&self, name: &str) -> Option<Result<(GroupMode, u64)>> {
+        let _pass = match self.enter() {
+            Ok(pass) => pass,
+            Err(e) => return Some(Err(e)),
+        };
+        let groups = self.groups.try_read().ok()?;
+        let group = match self.group(&groups, name) {
+            Ok(group) => group,
+            Err(e) => return Some(Err(e)),
+        };
+        let g = group.try_lock().ok()?;
+        Some(Ok((g.config().mode, g.committed())))
+    }
+
     /// Group `name`'s mode.
     pub fn group_mode(&self, name: &str) -> Result<GroupMode> {
         let _pass = self.enter()?;

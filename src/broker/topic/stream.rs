@@ -81,3 +81,51 @@ impl Topic {
         durable.map_or(Ok(()), SyncWait::wait)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::OsStorage;
+
+    /// A fetch resolves its group without waiting only while no one holds
+    /// the group: held (as across a sync of its state), the answer is
+    /// "ask where waiting is fine", never a wait.
+    #[test]
+    fn a_group_is_resolved_in_place_only_while_no_one_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Topic::open(
+            Arc::new(OsStorage),
+            dir.path(),
+            "t",
+            TopicConfig::default(),
+            RecoveryMode::default(),
+        )
+        .expect("open topic");
+        t.produce(&[NewMessage::from_value("a"), NewMessage::from_value("b")])
+            .expect("produce");
+        t.create_group("s", GroupMode::Stream, Position::Earliest)
+            .expect("group");
+        t.commit("s", Offset(1)).expect("commit");
+        match t.try_group_start("s") {
+            Some(Ok((GroupMode::Stream, 1))) => {}
+            other => panic!("free group: {other:?}"),
+        }
+        assert!(
+            matches!(
+                t.try_group_start("nope"),
+                Some(Err(Error::GroupNotFound(_)))
+            ),
+            "a missing group is an answer too"
+        );
+        let groups = t.groups();
+        let group = t.group(&groups, "s").expect("group");
+        let held = t.lock(&group).expect("lock");
+        assert!(t.try_group_start("s").is_none(), "held: ask elsewhere");
+        drop(held);
+        drop(groups);
+        let writer = t.groups_mut();
+        assert!(t.try_group_start("s").is_none(), "groups being changed");
+        drop(writer);
+        assert!(t.try_group_start("s").is_some());
+    }
+}
