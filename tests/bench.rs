@@ -34,6 +34,19 @@ fn bench(args: &[&str]) -> serde_json::Value {
     report
 }
 
+/// `spool bench ARGS` is refused as a usage error (exit 2) whose message
+/// names `mentions`.
+fn assert_usage_error(args: &[&str], mentions: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("run spool bench");
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+}
+
 fn number(report: &serde_json::Value, field: &str) -> f64 {
     lookup(report, field)
         .and_then(serde_json::Value::as_f64)
@@ -98,14 +111,7 @@ fn grpc_with_other_workloads_is_a_usage_error() {
         &["consume", "--mode", "queue", "--transport", "grpc"][..],
         &["disk", "--transport", "grpc"][..],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .arg("bench")
-            .args(args)
-            .output()
-            .expect("run spool bench");
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("--transport grpc"), "{args:?}: {stderr}");
+        assert_usage_error(args, "--transport grpc");
     }
 }
 
@@ -201,20 +207,9 @@ fn stream_consumers_each_read_every_message_through_a_group_of_their_own() {
     assert_eq!(number(&r, "latency_ms.samples"), 16.0, "eight fetches each");
     assert_eq!(r["params"]["mode"], "stream");
     // Stream groups are for consume, over the native protocol.
-    for (args, names) in [
-        (&["e2e", "--mode", "stream"][..], "--mode stream"),
-        (
-            &["consume", "--mode", "stream", "--transport", "grpc"][..],
-            "--transport grpc",
-        ),
-    ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .arg("bench")
-            .args(args)
-            .output()
-            .expect("run spool bench");
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(names), "{args:?}: {stderr}");
-    }
+    assert_usage_error(&["e2e", "--mode", "stream"], "--mode stream");
+    assert_usage_error(
+        &["consume", "--mode", "stream", "--transport", "grpc"],
+        "--transport grpc",
+    );
 }

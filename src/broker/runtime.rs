@@ -844,16 +844,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let rt = runtime(dir.path(), FsyncPolicy::Never);
         let commits = Arc::clone(&rt.commits);
-        let (reply, queued) = oneshot::channel();
-        {
-            let mut q = commits.queue();
-            q.leading = true;
-            q.jobs.push_back(ProduceJob {
-                batch: vec![NewMessage::from_value("queued")],
-                stored: 0,
-                reply,
-            });
-        }
+        let queued = led_with_one_queued(&commits);
         let leader = Arc::clone(&commits);
         let unwound = std::thread::spawn(move || {
             let _leading = Leadership(&leader);
@@ -883,6 +874,16 @@ mod tests {
             reply,
         };
         (job, answer)
+    }
+
+    /// Marks `commits` as led and queues one batch behind the lead; its
+    /// producer's answer.
+    fn led_with_one_queued(commits: &Commits) -> oneshot::Receiver<Result<Appended>> {
+        let (queued, answer) = job("queued");
+        let mut q = commits.queue();
+        q.leading = true;
+        q.jobs.push_back(queued);
+        answer
     }
 
     /// A runtime, shut down, and a topic runtime started on it.
@@ -945,12 +946,7 @@ mod tests {
         let (handle, rt) = shut_down_runtime(dir.path());
         let commits = Arc::clone(&rt.commits);
         let (round, round_answer) = job("in the round");
-        let (queued, queued_answer) = job("queued");
-        {
-            let mut q = commits.queue();
-            q.leading = true;
-            q.jobs.push_back(queued);
-        }
+        let queued_answer = led_with_one_queued(&commits);
         {
             let _entered = handle.enter();
             BlockingLead::spawn(Arc::clone(&commits), vec![round]);
@@ -965,12 +961,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (handle, rt) = shut_down_runtime(dir.path());
         let commits = Arc::clone(&rt.commits);
-        let (queued, queued_answer) = job("queued");
-        {
-            let mut q = commits.queue();
-            q.leading = true;
-            q.jobs.push_back(queued);
-        }
+        let queued_answer = led_with_one_queued(&commits);
         {
             let _entered = handle.enter();
             commits.hand_over();
