@@ -643,17 +643,20 @@ impl Broker {
                     &t,
                     from,
                     limits,
-                    || Ok(()),
+                    || Some(Ok(())),
                     move || reader.read_within(from, limits),
                 )
                 .await
                 .map(Deliveries::from)
             }
             // As a replay, once the group is checked and the member marked
-            // alive.
+            // alive (if the group is free; else on the blocking pool).
             Target::Stream(g) => {
                 let (reader, group, reading) = (Arc::clone(&t), g.clone(), member.to_owned());
-                let checked = || t.stream_reader(&g, member, Some(from)).map(|_| ());
+                let checked = || {
+                    t.try_stream_reader(&g, member, Some(from))
+                        .map(|r| r.map(|_| ()))
+                };
                 Self::read_following(runtime, &t, from, limits, checked, move || {
                     reader.fetch_stream_within(&group, &reading, Some(from), limits)
                 })
@@ -682,20 +685,24 @@ impl Broker {
     /// previous read read ahead when that is still current (after
     /// `checked`; only deletions and consumption are left to apply, here),
     /// or else `read`s on the blocking pool; then reads the next batch
-    /// ahead for the read after it.
+    /// ahead for the read after it. `checked` answers `None` when it could
+    /// only check by waiting: the read then goes to the blocking pool.
     async fn read_following(
         runtime: &TopicRuntime,
         t: &Arc<Topic>,
         from: Offset,
         limits: DeliveryLimits,
-        checked: impl FnOnce() -> Result<()>,
+        checked: impl FnOnce() -> Option<Result<()>>,
         read: impl FnOnce() -> Result<Records> + Send + 'static,
     ) -> Result<Records> {
         let ahead = match runtime.read_aheads().take(from, limits).await {
-            Some(ahead) => {
-                checked()?;
-                t.read_within_ahead(from, limits, ahead)
-            }
+            Some(ahead) => match checked() {
+                Some(check) => {
+                    check?;
+                    t.read_within_ahead(from, limits, ahead)
+                }
+                None => None,
+            },
             None => None,
         };
         let records = match ahead {

@@ -721,6 +721,16 @@ impl Topic {
     /// sync of its state); the caller then asks where waiting holds up
     /// nothing.
     pub fn try_group_start(&self, name: &str) -> Option<Result<(GroupMode, u64)>> {
+        self.try_with_group(name, |g| Ok((g.config().mode, g.committed())))
+    }
+
+    /// [`Topic::with_group`] without waiting: `None` when the topic's
+    /// groups or the group are held by someone else.
+    fn try_with_group<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Group) -> Result<T>,
+    ) -> Option<Result<T>> {
         let _pass = match self.enter() {
             Ok(pass) => pass,
             Err(e) => return Some(Err(e)),
@@ -730,8 +740,8 @@ impl Topic {
             Ok(group) => group,
             Err(e) => return Some(Err(e)),
         };
-        let g = group.try_lock().ok()?;
-        Some(Ok((g.config().mode, g.committed())))
+        let mut g = group.try_lock().ok()?;
+        Some(f(&mut g))
     }
 
     /// Group `name`'s mode.

@@ -39,16 +39,36 @@ impl Topic {
     /// starts (`from`, or the group's committed offset).
     pub fn stream_reader(&self, group: &str, member: &str, from: Option<Offset>) -> Result<Offset> {
         let _pass = self.enter()?;
-        self.with_group(group, |g| {
-            if g.config().mode != GroupMode::Stream {
-                return Err(Error::InvalidArgument(format!(
-                    "group {group} of topic {} is a queue group: fetch leases with it instead",
-                    self.name
-                )));
-            }
-            g.touch(member, now_ms());
-            Ok(from.unwrap_or_else(|| Offset(g.committed())))
-        })
+        self.with_group(group, |g| self.stream_reader_of(g, member, from))
+    }
+
+    /// [`Topic::stream_reader`] without waiting: `None` when the topic's
+    /// groups or this group are held by someone else (a group's lock may
+    /// be held across a sync of its state).
+    pub fn try_stream_reader(
+        &self,
+        group: &str,
+        member: &str,
+        from: Option<Offset>,
+    ) -> Option<Result<Offset>> {
+        self.try_with_group(group, |g| self.stream_reader_of(g, member, from))
+    }
+
+    fn stream_reader_of(
+        &self,
+        g: &mut Group,
+        member: &str,
+        from: Option<Offset>,
+    ) -> Result<Offset> {
+        if g.config().mode != GroupMode::Stream {
+            return Err(Error::InvalidArgument(format!(
+                "group {} of topic {} is a queue group: fetch leases with it instead",
+                g.name(),
+                self.name
+            )));
+        }
+        g.touch(member, now_ms());
+        Ok(from.unwrap_or_else(|| Offset(g.committed())))
     }
 
     /// Stream group: commits `offset` as the next to read after a restart.
@@ -121,11 +141,18 @@ mod tests {
         let group = t.group(&groups, "s").expect("group");
         let held = t.lock(&group).expect("lock");
         assert!(t.try_group_start("s").is_none(), "held: ask elsewhere");
+        assert!(t.try_stream_reader("s", "m", None).is_none());
         drop(held);
         drop(groups);
         let writer = t.groups_mut();
         assert!(t.try_group_start("s").is_none(), "groups being changed");
         drop(writer);
         assert!(t.try_group_start("s").is_some());
+        match t.try_stream_reader("s", "m", None) {
+            Some(Ok(Offset(1))) => {}
+            other => panic!("free group, no position: the committed offset, got {other:?}"),
+        }
+        let info = t.describe_group("s").expect("describe");
+        assert!(info.members.contains_key("m"), "the reader is marked alive");
     }
 }
