@@ -630,11 +630,19 @@ impl Broker {
         let t = Arc::clone(runtime.topic());
         match target.clone() {
             // A read at the tail (a live subscription's or long-poll's) is a
-            // few records just written, still in memory, and takes no lock a
-            // sync holds: done here, it saves the hand-off to the blocking
-            // pool, which costs more than the read.
+            // few records just written, still in memory: done here, it saves
+            // the hand-off to the blocking pool, which costs more than the
+            // read. Unless someone holds the deletions or a group (a
+            // deletion is made durable under its lock): then it is read there.
             Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
-                t.read_within(from, limits).map(Deliveries::from)
+                let records = match t.try_read_within(from, limits) {
+                    Some(read) => read?,
+                    None => {
+                        let t = Arc::clone(&t);
+                        blocking(move || t.read_within(from, limits)).await?
+                    }
+                };
+                Ok(Deliveries::from(records))
             }
             Target::Replay(_) => {
                 let reader = Arc::clone(&t);

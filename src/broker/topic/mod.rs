@@ -156,6 +156,15 @@ pub struct QueueFetch {
 /// requests never wait for another's.
 type Groups = BTreeMap<String, Arc<Mutex<Group>>>;
 
+/// Whether a read may wait for the deletions' and the groups' locks
+/// (which may be held across a sync), or must give up instead (on an
+/// async worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
 /// One topic.
 #[derive(Debug)]
 pub struct Topic {
@@ -454,18 +463,34 @@ impl Topic {
     /// On `delete_when_consumed` topics with groups, what every group has
     /// completed (each group locked in turn); `None` otherwise.
     fn consumed(&self, groups: &Groups) -> Result<Option<RangeSet>> {
+        self.consumed_or_wait(groups, Wait::Yes).unwrap_or_else(|| {
+            Err(Error::Internal(
+                "a look at the groups that may wait gave up without waiting".into(),
+            ))
+        })
+    }
+
+    /// [`Topic::consumed`]; with [`Wait::No`], `None` when a group is held.
+    fn consumed_or_wait(&self, groups: &Groups, wait: Wait) -> Option<Result<Option<RangeSet>>> {
         if !self.config.delete_when_consumed || groups.is_empty() {
-            return Ok(None);
+            return Some(Ok(None));
         }
         let mut all: Option<RangeSet> = None;
         for group in groups.values() {
-            let done = self.lock(group)?.completed();
+            let g = match wait {
+                Wait::Yes => self.lock(group),
+                Wait::No => group.try_lock().ok().map(Ok)?,
+            };
+            let done = match g {
+                Ok(g) => g.completed(),
+                Err(e) => return Some(Err(e)),
+            };
             all = Some(match all {
                 None => done,
                 Some(all) => all.intersection(&done),
             });
         }
-        Ok(all)
+        Some(Ok(all))
     }
 
     fn deletions(&self) -> RwLockReadGuard<'_, Deletions> {
@@ -525,7 +550,32 @@ impl Topic {
     /// place: stops before a message too large to deliver, or fails with
     /// [`Error::TooLarge`] naming it when it is the first.
     pub fn read_within(&self, from: Offset, limits: DeliveryLimits) -> Result<Records> {
-        let _pass = self.enter()?;
+        self.read_live(from, limits, Wait::Yes).unwrap_or_else(|| {
+            Err(Error::Internal(
+                "a read that may wait gave up without waiting".into(),
+            ))
+        })
+    }
+
+    /// [`Topic::read_within`] without waiting for the deletions or a group
+    /// (a deletion is made durable under the deletions' lock, and a group's
+    /// lock may be held across a sync of its state): `None` when someone
+    /// holds them, and the read is then for the blocking pool. For reads on
+    /// an async worker.
+    pub fn try_read_within(&self, from: Offset, limits: DeliveryLimits) -> Option<Result<Records>> {
+        self.read_live(from, limits, Wait::No)
+    }
+
+    fn read_live(
+        &self,
+        from: Offset,
+        limits: DeliveryLimits,
+        wait: Wait,
+    ) -> Option<Result<Records>> {
+        let _pass = match self.enter() {
+            Ok(pass) => pass,
+            Err(e) => return Some(Err(e)),
+        };
         let start = from.0;
         'read: loop {
             let generation = self.log.generation();
@@ -533,12 +583,19 @@ impl Topic {
             let end = self.log.end().0;
             let live = loop {
                 let mut batch =
-                    self.log
-                        .read_records(Offset(from), limits.messages, limits.bytes)?;
+                    match self
+                        .log
+                        .read_records(Offset(from), limits.messages, limits.bytes)
+                    {
+                        Ok(batch) => batch,
+                        Err(e) => return Some(Err(e)),
+                    };
                 let Some(last) = batch.last_offset().map(|o| o.0) else {
-                    return Ok(batch);
+                    return Some(Ok(batch));
                 };
-                self.keep_live(&mut batch)?;
+                if let Err(e) = self.keep_live(&mut batch, wait)? {
+                    return Some(Err(e));
+                }
                 if self.log.generation() != generation {
                     // Compaction replaced what was read and may have
                     // forgotten deletions of records in it: read again.
@@ -549,7 +606,7 @@ impl Topic {
                 }
                 from = last + 1;
             };
-            return fit(live, Offset(from), limits);
+            return Some(fit(live, Offset(from), limits));
         }
     }
 
@@ -598,11 +655,13 @@ impl Topic {
         if generation != self.log.generation() || (reached_end && self.log.end().0 > end) {
             return None;
         }
-        let live = (|| {
-            let _pass = self.enter()?;
-            self.keep_live(&mut records)?;
-            Ok(records)
-        })();
+        let live = match self.enter() {
+            Ok(_pass) => match self.keep_live(&mut records, Wait::No)? {
+                Ok(()) => Ok(records),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         if generation != self.log.generation() {
             // Replaced while deletions were applied, which compaction may
             // have pruned of records in `records`.
@@ -616,14 +675,25 @@ impl Topic {
     }
 
     /// Drops from `batch` what is deleted or consumed by every group (under
-    /// `delete_when_consumed`).
-    fn keep_live(&self, batch: &mut Records) -> Result<()> {
-        let consumed = self.consumed(&self.groups())?;
-        let deletions = self.deletions();
+    /// `delete_when_consumed`). With [`Wait::No`], `None` (nothing dropped)
+    /// when the groups, a group or the deletions are held by someone else.
+    fn keep_live(&self, batch: &mut Records, wait: Wait) -> Option<Result<()>> {
+        let groups = match wait {
+            Wait::Yes => self.groups(),
+            Wait::No => self.groups.try_read().ok()?,
+        };
+        let consumed = match self.consumed_or_wait(&groups, wait)? {
+            Ok(consumed) => consumed,
+            Err(e) => return Some(Err(e)),
+        };
+        let deletions = match wait {
+            Wait::Yes => self.deletions(),
+            Wait::No => self.deletions.try_read().ok()?,
+        };
         batch.retain(|o| {
             !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
         });
-        Ok(())
+        Some(Ok(()))
     }
 
     /// What makes a group's changes durable as the fsync policy says

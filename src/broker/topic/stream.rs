@@ -106,16 +106,12 @@ impl Topic {
 mod tests {
     use super::*;
     use crate::storage::io::OsStorage;
+    use std::time::Duration;
 
-    /// A fetch resolves its group without waiting only while no one holds
-    /// the group: held (as across a sync of its state), the answer is
-    /// "ask where waiting is fine", never a wait.
-    #[test]
-    fn a_group_is_resolved_in_place_only_while_no_one_holds_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    fn topic(dir: &std::path::Path) -> Arc<Topic> {
         let t = Topic::open(
             Arc::new(OsStorage),
-            dir.path(),
+            dir,
             "t",
             TopicConfig::default(),
             RecoveryMode::default(),
@@ -126,6 +122,31 @@ mod tests {
         t.create_group("s", GroupMode::Stream, Position::Earliest)
             .expect("group");
         t.commit("s", Offset(1)).expect("commit");
+        Arc::new(t)
+    }
+
+    /// Runs `f` on `t` from another thread and returns its answer; fails
+    /// (instead of hanging) if `f` waits for a lock this thread holds.
+    fn elsewhere<T: Send + 'static>(
+        t: &Arc<Topic>,
+        f: impl FnOnce(&Topic) -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = Arc::clone(t);
+        std::thread::spawn(move || {
+            let _ = tx.send(f(&t));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("answered without waiting for the lock held here")
+    }
+
+    /// A fetch resolves its group without waiting only while no one holds
+    /// the group: held (as across a sync of its state), the answer is
+    /// "ask where waiting is fine", never a wait.
+    #[test]
+    fn a_group_is_resolved_in_place_only_while_no_one_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = topic(dir.path());
         match t.try_group_start("s") {
             Some(Ok((GroupMode::Stream, 1))) => {}
             other => panic!("free group: {other:?}"),
@@ -137,22 +158,66 @@ mod tests {
             ),
             "a missing group is an answer too"
         );
-        let groups = t.groups();
-        let group = t.group(&groups, "s").expect("group");
-        let held = t.lock(&group).expect("lock");
-        assert!(t.try_group_start("s").is_none(), "held: ask elsewhere");
-        assert!(t.try_stream_reader("s", "m", None).is_none());
-        drop(held);
-        drop(groups);
-        let writer = t.groups_mut();
-        assert!(t.try_group_start("s").is_none(), "groups being changed");
-        drop(writer);
-        assert!(t.try_group_start("s").is_some());
+        {
+            let groups = t.groups();
+            let group = t.group(&groups, "s").expect("group");
+            let _held = t.lock(&group).expect("lock");
+            assert!(
+                elsewhere(&t, |t| t.try_group_start("s").is_none()),
+                "held: ask elsewhere"
+            );
+            assert!(elsewhere(&t, |t| t
+                .try_stream_reader("s", "m", None)
+                .is_none()));
+        }
+        {
+            let _changing = t.groups_mut();
+            assert!(
+                elsewhere(&t, |t| t.try_group_start("s").is_none()),
+                "groups being changed"
+            );
+        }
         match t.try_stream_reader("s", "m", None) {
             Some(Ok(Offset(1))) => {}
             other => panic!("free group, no position: the committed offset, got {other:?}"),
         }
         let info = t.describe_group("s").expect("describe");
         assert!(info.members.contains_key("m"), "the reader is marked alive");
+    }
+
+    /// A read on an async worker gives up instead of waiting while the
+    /// deletions are held (a deletion is made durable under their lock),
+    /// and reads as before once they are free.
+    #[test]
+    fn a_read_that_must_not_wait_gives_up_while_deletions_are_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = topic(dir.path());
+        let limits = DeliveryLimits::new(10, usize::MAX);
+        {
+            let _held = t.deletions_mut();
+            assert!(
+                elsewhere(&t, move |t| t.try_read_within(Offset(0), limits).is_none()),
+                "held: read elsewhere"
+            );
+            let ahead = t.read_ahead(Offset(0), limits).expect("read ahead");
+            assert!(
+                elsewhere(&t, move |t| t
+                    .read_within_ahead(Offset(0), limits, ahead)
+                    .is_none()),
+                "held: the read-ahead is not used"
+            );
+        }
+        t.delete(&[Offset(0)]).expect("delete");
+        match t.try_read_within(Offset(0), limits) {
+            Some(Ok(records)) => assert_eq!(records.last_offset(), Some(Offset(1))),
+            other => panic!("free: {other:?}"),
+        }
+        let read = t
+            .try_read_within(Offset(0), limits)
+            .expect("free")
+            .expect("read")
+            .to_messages();
+        assert_eq!(read.len(), 1, "the deleted message stays out");
+        assert_eq!(&read[0].value[..], b"b");
     }
 }
