@@ -9,6 +9,7 @@
 mod common;
 
 use common::Broker;
+use spool::broker::topic::Position;
 use spool::client::{Client, FetchOptions};
 use spool::groups::GroupMode;
 use spool::protocol::pb;
@@ -569,4 +570,61 @@ async fn connections_closed_by_a_timeout_are_counted_by_its_setting() {
         ),
         1.0
     );
+}
+
+/// Replay and stream-group reads that catch up take the batch read ahead
+/// of them: the first fetch from the start reads in place, each next one
+/// from where the last stopped finds its batch read, and the counter says
+/// so; a read at the tail reads in place and adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_catch_up_count_what_they_took_from_a_read_ahead() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let client = Client::connect(&broker.addr, "reader")
+        .await
+        .expect("connect");
+    let messages: Vec<NewMessage> = (0..1000)
+        .map(|i| NewMessage::from_value(format!("m{i}")))
+        .collect();
+    client.produce("log", messages).await.expect("produce");
+    client
+        .create_group("log", "catch-up", GroupMode::Stream, None)
+        .await
+        .expect("stream group");
+    let labels = [("topic", "log")];
+    let read_ahead = |s: &prometheus_parse::Scrape| {
+        value(s, "spool_read_ahead_messages_total", &labels).unwrap_or(0.0)
+    };
+    let fetch = |group: Option<&str>, from: u64| {
+        client.fetch(
+            "log",
+            FetchOptions {
+                group: group.map(str::to_owned),
+                member: "reader".to_owned(),
+                from: Some(Position::Offset(from)),
+                max_messages: 200,
+                ..Default::default()
+            },
+        )
+    };
+    for group in [None, Some("catch-up")] {
+        let before = read_ahead(&scrape(&http).await);
+        let first = fetch(group, 0).await.expect("fetch");
+        assert_eq!(first.messages.len(), 200);
+        let second = fetch(group, first.next_offset).await.expect("fetch");
+        assert_eq!(second.messages.len(), 200);
+        assert_eq!(second.messages[0].message.offset.0, 200);
+        let after = read_ahead(&scrape(&http).await);
+        assert_eq!(
+            after - before,
+            200.0,
+            "{group:?}: the second fetch took its batch from the read-ahead"
+        );
+    }
+    // At the tail: read in place, nothing read ahead.
+    let before = read_ahead(&scrape(&http).await);
+    let tail = fetch(None, 990).await.expect("fetch");
+    assert_eq!(tail.messages.len(), 10);
+    assert_eq!(read_ahead(&scrape(&http).await), before);
 }

@@ -714,7 +714,11 @@ impl Broker {
             None => None,
         };
         let records = match ahead {
-            Some(read) => read?,
+            Some(read) => {
+                let records = read?;
+                runtime.counters().read_ahead(records.len() as u64);
+                records
+            }
             None => blocking(read).await?,
         };
         runtime.read_aheads().follow(t, &records, limits);

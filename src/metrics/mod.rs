@@ -113,6 +113,7 @@ pub struct TopicCounters {
     produced_bytes: Counter,
     delivered_messages: Counter,
     delivered_bytes: Counter,
+    read_ahead_messages: Counter,
 }
 
 impl TopicCounters {
@@ -128,6 +129,12 @@ impl TopicCounters {
     pub fn delivered(&self, messages: u64, bytes: u64) {
         self.delivered_messages.inc_by(messages);
         self.delivered_bytes.inc_by(bytes);
+    }
+
+    /// Counts `messages` a fetch or subscription took from a batch read
+    /// ahead of it (no read between its request and its reply).
+    pub fn read_ahead(&self, messages: u64) {
+        self.read_ahead_messages.inc_by(messages);
     }
 }
 
@@ -169,6 +176,7 @@ struct Inner {
     produced_messages: Family<TopicLabels, Counter>,
     produced_bytes: Family<TopicLabels, Counter>,
     delivered_messages: Family<TopicLabels, Counter>,
+    read_ahead_messages: Family<TopicLabels, Counter>,
     delivered_bytes: Family<TopicLabels, Counter>,
     dead_lettered: Family<GroupLabels, Counter>,
     /// The (topic, group) pairs `dead_lettered` has series for, so a
@@ -200,6 +208,7 @@ impl Metrics {
             produced_messages: Family::default(),
             produced_bytes: Family::default(),
             delivered_messages: Family::default(),
+            read_ahead_messages: Family::default(),
             delivered_bytes: Family::default(),
             dead_lettered: Family::default(),
             dead_letter_groups: Mutex::new(HashSet::new()),
@@ -236,6 +245,11 @@ impl Metrics {
             "spool_delivered_bytes",
             "Bytes of key, headers and value handed to consumers, per topic",
             inner.delivered_bytes.clone(),
+        );
+        r.register(
+            "spool_read_ahead_messages",
+            "Messages replay and stream-group reads took from a batch read ahead of their request, per topic",
+            inner.read_ahead_messages.clone(),
         );
         r.register(
             "spool_dead_lettered_messages",
@@ -308,6 +322,7 @@ impl Metrics {
             produced_bytes: i.produced_bytes.get_or_create_owned(&l),
             delivered_messages: i.delivered_messages.get_or_create_owned(&l),
             delivered_bytes: i.delivered_bytes.get_or_create_owned(&l),
+            read_ahead_messages: i.read_ahead_messages.get_or_create_owned(&l),
         }
     }
 
@@ -322,6 +337,7 @@ impl Metrics {
             &i.produced_bytes,
             &i.delivered_messages,
             &i.delivered_bytes,
+            &i.read_ahead_messages,
         ] {
             family.remove(&l);
         }
