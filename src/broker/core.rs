@@ -873,12 +873,34 @@ impl Broker {
         let runtime = self.existing(&request.topic).await?;
         let t = Arc::clone(runtime.topic());
         let (group, from) = (request.group, request.from);
-        let (target, start) = blocking(move || {
-            let target = subscription::target(&t, group, from)?;
-            let start = subscription::start_offset(&t, &target)?;
-            Ok((target, start))
-        })
-        .await?;
+        // Without a hand-off when nothing is to wait on: a replay not from a
+        // timestamp (no group state, no index), or a free group (see `fetch`).
+        let in_place = match &group {
+            None if !matches!(from, Some(Position::Timestamp(_))) => {
+                Some(subscription::target(&t, None, from).and_then(|target| {
+                    let start = subscription::start_offset(&t, &target)?;
+                    Ok((target, start))
+                }))
+            }
+            None => None,
+            Some(g) => t.try_group_start(g).map(|found| {
+                found.map(|(mode, committed)| match mode {
+                    GroupMode::Stream => (Target::Stream(g.clone()), Offset(committed)),
+                    GroupMode::Queue => (Target::Queue(g.clone()), Offset(0)),
+                })
+            }),
+        };
+        let (target, start) = match in_place {
+            Some(found) => found?,
+            None => {
+                blocking(move || {
+                    let target = subscription::target(&t, group, from)?;
+                    let start = subscription::start_offset(&t, &target)?;
+                    Ok((target, start))
+                })
+                .await?
+            }
+        };
         Ok(Subscription::new(
             self.clone(),
             runtime,
