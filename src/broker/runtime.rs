@@ -969,6 +969,76 @@ mod tests {
         assert_lead_given_up(&rt, vec![queued_answer]);
     }
 
+    /// A lead task shut down while it runs (its runtime dropping it at a
+    /// yield between rounds): every batch of its backlog is answered,
+    /// committed or told of the shutdown, and a later producer leads.
+    #[test]
+    fn a_lead_task_shut_down_while_it_runs_strands_nothing() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let first = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let rt = first.block_on(async { runtime(dir.path(), FsyncPolicy::Never) });
+            let commits = Arc::clone(&rt.commits);
+            let mut answers = Vec::new();
+            {
+                let mut q = commits.queue();
+                q.leading = true;
+                for i in 0..32 * MAX_GROUP {
+                    let (j, answer) = job(&i.to_string());
+                    q.jobs.push_back(j);
+                    answers.push(answer);
+                }
+            }
+            first.spawn(TaskLead(Some(Arc::clone(&commits))).run());
+            // Once its first round is answered the task is between rounds
+            // or in one: shut down there.
+            let first_round = answers.remove(0);
+            let answered = first.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), first_round).await
+            });
+            assert!(
+                matches!(answered, Ok(Ok(Ok(_)))),
+                "the first round ran: {answered:?}"
+            );
+            first.shutdown_background();
+            let mut committed = 1;
+            let second = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            for answer in answers {
+                let reply = second
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(10), answer).await })
+                    .expect("every batch is answered")
+                    .expect("a reply");
+                match reply {
+                    Ok(_) => committed += 1,
+                    Err(e) => assert!(e.to_string().contains("shut down"), "{e}"),
+                }
+            }
+            assert!(!commits.queue().leading, "no one leads");
+            let later = second
+                .block_on(async {
+                    tokio::time::timeout(
+                        Duration::from_secs(10),
+                        rt.produce(vec![NewMessage::from_value("later")]),
+                    )
+                    .await
+                })
+                .expect("a later produce is answered")
+                .expect("and written");
+            assert_eq!(
+                later.first.0, committed,
+                "after exactly the committed batches"
+            );
+        }
+    }
+
     /// A queue that keeps a blocking-pool lead busy past its bound hands
     /// the lead on to the pool again: with one pool thread, a blocking task
     /// spawned after the lead runs before the backlog is done, and every
