@@ -808,16 +808,12 @@ impl Broker {
             // The group was free: nothing to wait on either.
             (Some(g), from, Some(found)) => {
                 let (mode, committed) = found?;
-                match mode {
-                    GroupMode::Stream => {
-                        let start = match from {
-                            Some(p) => t.resolve(p)?,
-                            None => Offset(committed),
-                        };
-                        (Target::Stream(g.clone()), start)
-                    }
-                    GroupMode::Queue => (Target::Queue(g.clone()), Offset(0)),
-                }
+                let start = match (mode, from) {
+                    (GroupMode::Stream, Some(p)) => t.resolve(p)?,
+                    (GroupMode::Stream, None) => Offset(committed),
+                    (GroupMode::Queue, _) => Offset(0),
+                };
+                (subscription::group_target(g.clone(), mode), start)
             }
             // Target and start in one hand-off: each may wait on group state
             // (a group's lock may be held across a sync of its state).
@@ -884,9 +880,12 @@ impl Broker {
             }
             None => None,
             Some(g) => t.try_group_start(g).map(|found| {
-                found.map(|(mode, committed)| match mode {
-                    GroupMode::Stream => (Target::Stream(g.clone()), Offset(committed)),
-                    GroupMode::Queue => (Target::Queue(g.clone()), Offset(0)),
+                found.map(|(mode, committed)| {
+                    let start = match mode {
+                        GroupMode::Stream => Offset(committed),
+                        GroupMode::Queue => Offset(0),
+                    };
+                    (subscription::group_target(g.clone(), mode), start)
                 })
             }),
         };

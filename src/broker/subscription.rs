@@ -207,9 +207,17 @@ pub(super) fn target(
 ) -> Result<Target> {
     match group {
         None => Ok(Target::Replay(from.unwrap_or(Position::Earliest))),
-        Some(g) => match topic.describe_group(&g)?.mode {
-            GroupMode::Stream => Ok(Target::Stream(g)),
-            GroupMode::Queue => Ok(Target::Queue(g)),
-        },
+        Some(g) => {
+            let mode = topic.describe_group(&g)?.mode;
+            Ok(group_target(g, mode))
+        }
+    }
+}
+
+/// The target of reads through group `name`, whose mode is `mode`.
+pub(super) fn group_target(name: String, mode: GroupMode) -> Target {
+    match mode {
+        GroupMode::Stream => Target::Stream(name),
+        GroupMode::Queue => Target::Queue(name),
     }
 }
