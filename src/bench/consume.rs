@@ -309,22 +309,19 @@ async fn stream_readers(
             commits: Arc::clone(&commits),
         })
         .collect();
-    {
-        let client = &commits;
-        for r in &readers {
-            client
-                .create_group(
-                    &target.topic,
-                    &r.group,
-                    GroupMode::Stream,
-                    Some(Position::Earliest),
-                )
-                .await
-                .map_err(BenchError::client(format!(
-                    "creating stream group {} on {}",
-                    r.group, target.topic
-                )))?;
-        }
+    for r in &readers {
+        commits
+            .create_group(
+                &target.topic,
+                &r.group,
+                GroupMode::Stream,
+                Some(Position::Earliest),
+            )
+            .await
+            .map_err(BenchError::client(format!(
+                "creating stream group {} on {}",
+                r.group, target.topic
+            )))?;
     }
     Ok(readers.into_iter().map(Some).collect())
 }

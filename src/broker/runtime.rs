@@ -886,13 +886,18 @@ mod tests {
         answer
     }
 
-    /// A runtime, shut down, and a topic runtime started on it.
-    fn shut_down_runtime(dir: &std::path::Path) -> (tokio::runtime::Handle, Arc<TopicRuntime>) {
-        let first = tokio::runtime::Builder::new_multi_thread()
+    /// A multi-thread runtime with one worker.
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
-            .expect("runtime");
+            .expect("runtime")
+    }
+
+    /// A runtime, shut down, and a topic runtime started on it.
+    fn shut_down_runtime(dir: &std::path::Path) -> (tokio::runtime::Handle, Arc<TopicRuntime>) {
+        let first = one_worker();
         let handle = first.handle().clone();
         let rt = first.block_on(async { runtime(dir, FsyncPolicy::Always) });
         first.shutdown_background();
@@ -900,17 +905,13 @@ mod tests {
     }
 
     /// After a lead was dropped unrun: each of `answers` is an error naming
-    /// the shutdown, no one leads, and a later producer (on a runtime that
-    /// runs) leads and is answered, its batch the first written.
+    /// the shutdown, and the lead is free again ([`assert_led_again`]),
+    /// nothing of theirs written.
     fn assert_lead_given_up(
         rt: &Arc<TopicRuntime>,
         answers: Vec<oneshot::Receiver<Result<Appended>>>,
     ) {
-        let second = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let second = one_worker();
         for answer in answers {
             let err = second
                 .block_on(async { tokio::time::timeout(Duration::from_secs(10), answer).await })
@@ -919,6 +920,13 @@ mod tests {
                 .expect_err("nothing was written");
             assert!(err.to_string().contains("shut down"), "{err}");
         }
+        assert_led_again(rt, &second, 0);
+    }
+
+    /// No one leads `rt`'s queue, and a later producer (on `second`, a
+    /// runtime that runs) leads and is answered, its batch written right
+    /// after the `committed` batches before it.
+    fn assert_led_again(rt: &Arc<TopicRuntime>, second: &tokio::runtime::Runtime, committed: u64) {
         assert!(!rt.commits.queue().leading, "no one leads");
         let a = second
             .block_on(async {
@@ -930,7 +938,7 @@ mod tests {
             })
             .expect("a later produce is answered")
             .expect("and written");
-        assert_eq!(a.first.0, 0, "the dropped batches were not written");
+        assert_eq!(a.first.0, committed, "after exactly the committed batches");
         let read = rt.topic().read(a.first, 10, usize::MAX).expect("read");
         assert_eq!(read.len(), 1);
         assert_eq!(&read[0].value[..], b"later");
@@ -976,11 +984,7 @@ mod tests {
     fn a_lead_task_shut_down_while_it_runs_strands_nothing() {
         for _ in 0..20 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let first = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let first = one_worker();
             let rt = first.block_on(async { runtime(dir.path(), FsyncPolicy::Never) });
             let commits = Arc::clone(&rt.commits);
             let mut answers = Vec::new();
@@ -1006,11 +1010,7 @@ mod tests {
             );
             first.shutdown_background();
             let mut committed = 1;
-            let second = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let second = one_worker();
             for answer in answers {
                 let reply = second
                     .block_on(async { tokio::time::timeout(Duration::from_secs(10), answer).await })
@@ -1021,21 +1021,7 @@ mod tests {
                     Err(e) => assert!(e.to_string().contains("shut down"), "{e}"),
                 }
             }
-            assert!(!commits.queue().leading, "no one leads");
-            let later = second
-                .block_on(async {
-                    tokio::time::timeout(
-                        Duration::from_secs(10),
-                        rt.produce(vec![NewMessage::from_value("later")]),
-                    )
-                    .await
-                })
-                .expect("a later produce is answered")
-                .expect("and written");
-            assert_eq!(
-                later.first.0, committed,
-                "after exactly the committed batches"
-            );
+            assert_led_again(&rt, &second, committed);
         }
     }
 

@@ -30,21 +30,16 @@ impl Topic {
         from: Option<Offset>,
         limits: DeliveryLimits,
     ) -> Result<Records> {
-        let from = self.stream_reader(group, member, from)?;
+        let from = {
+            let _pass = self.enter()?;
+            self.with_group(group, |g| self.stream_reader_of(g, member, from))?
+        };
         self.read_within(from, limits)
     }
 
-    /// What a stream-group fetch does before it reads: checks that `group`
-    /// is a stream group, marks `member` alive, and returns where the read
-    /// starts (`from`, or the group's committed offset).
-    pub fn stream_reader(&self, group: &str, member: &str, from: Option<Offset>) -> Result<Offset> {
-        let _pass = self.enter()?;
-        self.with_group(group, |g| self.stream_reader_of(g, member, from))
-    }
-
-    /// [`Topic::stream_reader`] without waiting: `None` when the topic's
-    /// groups or this group are held by someone else (a group's lock may
-    /// be held across a sync of its state).
+    /// What a stream-group fetch does before it reads, without waiting:
+    /// `None` when the topic's groups or this group are held by someone
+    /// else (a group's lock may be held across a sync of its state).
     pub fn try_stream_reader(
         &self,
         group: &str,
@@ -54,6 +49,9 @@ impl Topic {
         self.try_with_group(group, |g| self.stream_reader_of(g, member, from))
     }
 
+    /// What a stream-group fetch does before it reads: checks that `g` is
+    /// a stream group, marks `member` alive, and returns where the read
+    /// starts (`from`, or the group's committed offset).
     fn stream_reader_of(
         &self,
         g: &mut Group,
