@@ -213,3 +213,35 @@ fn stream_consumers_each_read_every_message_through_a_group_of_their_own() {
         "--transport grpc",
     );
 }
+
+#[test]
+fn an_unreachable_server_is_one_error_naming_it() {
+    // A port nothing listens on: bound, then released.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("local address").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "bench",
+            "produce",
+            "--messages",
+            "10",
+            "--baseline-mib",
+            "1",
+        ])
+        .args(["--server", &addr, "--data"])
+        .arg(tmp.path())
+        .output()
+        .expect("run spool bench");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&addr) && stderr.contains("refused"),
+        "{stderr}"
+    );
+    // The run's topic was never created, so there is nothing to remove.
+    assert!(!stderr.contains("could not remove"), "{stderr}");
+}

@@ -210,7 +210,12 @@ impl Target {
             ..pb::TopicConfig::default()
         };
         if let Err(e) = target.create_topic(config).await {
-            target.finish().await;
+            // An in-process broker is stopped; on an outside broker the
+            // topic was not created, so there is nothing to remove (and
+            // trying would only repeat the error in a warning).
+            if target.in_process.is_some() {
+                target.finish().await;
+            }
             return Err(e);
         }
         Ok(target)
