@@ -245,3 +245,74 @@ fn an_unreachable_server_is_one_error_naming_it() {
     // The run's topic was never created, so there is nothing to remove.
     assert!(!stderr.contains("could not remove"), "{stderr}");
 }
+
+/// The scratch directories under `dir` (the bench makes its own inside).
+fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("read scratch parent")
+        .map(|e| e.expect("directory entry").path())
+        .collect()
+}
+
+#[test]
+fn an_interrupted_bench_exits_130_and_leaves_nothing_behind() {
+    for signal in ["-INT", "-TERM"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Slow on purpose (one 100-byte message per durable request), so
+        // a run the signal failed to stop writes little before the kill.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["bench", "produce", "--duration", "30", "--size", "100"])
+            .args(["--batch", "1", "--baseline-mib", "1", "--data"])
+            .arg(tmp.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start spool bench");
+        // Under way: the broker's data directory exists somewhere in the
+        // scratch.
+        let started = std::time::Instant::now();
+        fn data_exists(dir: &std::path::Path, depth: u32) -> bool {
+            dir.join("data").exists()
+                || (depth > 0
+                    && entries(dir)
+                        .iter()
+                        .any(|d| d.is_dir() && data_exists(d, depth - 1)))
+        }
+        let data_exists = |tmp: &std::path::Path| data_exists(tmp, 3);
+        while !data_exists(tmp.path()) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let exited = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("spool bench did not stop on {signal}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read stderr");
+        assert_eq!(exited.code(), Some(130), "{signal}: {stderr}");
+        assert!(
+            stderr.contains("scratch data removed"),
+            "{signal}: {stderr}"
+        );
+        assert!(entries(tmp.path()).is_empty(), "{signal}: left behind");
+    }
+}

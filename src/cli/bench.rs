@@ -9,7 +9,7 @@ use spool::bench::report::Report;
 use spool::bench::{Params, Progress, ReadMode, Transport, Workload};
 use spool::storage::FsyncPolicy;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,13 +143,17 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
         server: args.server.clone(),
         data: args.data.clone(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
-    let r = runtime
-        .block_on(spool::bench::socketio::run(&params))
-        .map_err(|e| CliError::runtime(format!("bench socketio: {e}")))?;
+    let run_params = params.clone();
+    let r = interruptible(
+        args.data.as_deref(),
+        "socketio",
+        |data| {
+            let params = spool::bench::socketio::SocketioParams { data, ..run_params };
+            async move { spool::bench::socketio::run(&params).await }
+        },
+        None,
+    )?
+    .map_err(|e| CliError::runtime(format!("bench socketio: {e}")))?;
     match args.format {
         Format::Json => println!(
             "{}",
@@ -198,33 +202,117 @@ pub fn run(args: BenchArgs) -> CliResult {
             .error(clap::error::ErrorKind::ValueValidation, e)
             .exit();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
     let progress = Arc::new(Progress::default());
-    let bar = std::io::stderr().is_terminal().then(new_bar);
-    let report = runtime.block_on(async {
-        let run = spool::bench::run(&params, Arc::clone(&progress));
-        tokio::pin!(run);
-        let mut tick = tokio::time::interval(PROGRESS_TICK);
-        loop {
-            tokio::select! {
-                report = &mut run => break report,
-                _ = tick.tick() => if let Some(bar) = &bar { draw(bar, &progress) },
-            }
-        }
-    });
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
-    let report =
-        report.map_err(|e| CliError::runtime(format!("bench {}: {e}", params.workload)))?;
+    let workload = params.workload.to_string();
+    let p = Arc::clone(&progress);
+    let report = interruptible(
+        args.data.as_deref(),
+        &workload,
+        |data| {
+            let params = Params { data, ..params };
+            async move { spool::bench::run(&params, p).await }
+        },
+        Some(&progress),
+    )?
+    .map_err(|e| CliError::runtime(format!("bench {workload}: {e}")))?;
+    // The run's own directory was a scratch one inside --data: the report
+    // repeats the parameters as given.
+    let mut report = report;
+    report.params.data = args.data.clone();
     match args.format {
         Format::Json => println!("{}", report.to_json()),
         Format::Text => print_text(&report),
     }
     Ok(())
+}
+
+/// Runs a bench on a runtime of its own, in a scratch directory made in
+/// `parent` (default: the system's temporary directory) and handed to
+/// `run`, drawing `progress` on a terminal. Ctrl-C or SIGTERM ends it
+/// early: the run is dropped, the runtime stopped (an in-process broker
+/// and its blocking work with it, a broker process it started killed),
+/// and only then is the scratch directory removed, so an interrupted
+/// bench leaves nothing behind; the command then exits 130.
+fn interruptible<T, F, Fut>(
+    parent: Option<&Path>,
+    what: &str,
+    run: F,
+    progress: Option<&Progress>,
+) -> Result<T, CliError>
+where
+    F: FnOnce(Option<PathBuf>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
+    let scratch = tempfile::Builder::new()
+        .prefix("spool-bench-")
+        .tempdir_in(&parent)
+        .map_err(|e| {
+            CliError::runtime(format!(
+                "bench {what}: creating a scratch directory in {}: {e}",
+                parent.display()
+            ))
+        })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
+    let bar = progress
+        .filter(|_| std::io::stderr().is_terminal())
+        .map(|p| (new_bar(), p));
+    let outcome = runtime.block_on(async {
+        let run = run(Some(scratch.path().to_owned()));
+        tokio::pin!(run);
+        let stop = signalled();
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(PROGRESS_TICK);
+        loop {
+            tokio::select! {
+                done = &mut run => break Ok(done),
+                signal = &mut stop => break Err(signal),
+                _ = tick.tick() => if let Some((bar, p)) = &bar { draw(bar, p) },
+            }
+        }
+    });
+    if let Some((bar, _)) = &bar {
+        bar.finish_and_clear();
+    }
+    drop(runtime);
+    let removed = scratch.close();
+    let signal = match outcome {
+        Ok(done) => return Ok(done),
+        Err(signal) => signal,
+    };
+    let left = match removed {
+        Ok(()) => "its scratch data removed".to_owned(),
+        Err(e) => format!("removing its scratch data failed: {e}"),
+    };
+    Err(CliError::interrupted(format!(
+        "bench {what}: {signal}; {left}"
+    )))
+}
+
+/// Resolves when the process gets Ctrl-C (SIGINT) or SIGTERM, naming it;
+/// a signal whose handler cannot be installed never resolves.
+async fn signalled() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = interrupt => "interrupted (SIGINT)",
+        _ = terminate => "terminated (SIGTERM)",
+    }
 }
 
 fn new_bar() -> ProgressBar {

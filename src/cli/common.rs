@@ -77,6 +77,14 @@ impl CliError {
         }
     }
 
+    /// A run stopped by a signal (exit 130, as a shell reports Ctrl-C).
+    pub fn interrupted(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: 130,
+        }
+    }
+
     /// Exit code of the failure.
     pub fn exit_code(&self) -> u8 {
         self.code
