@@ -2,6 +2,8 @@
 //! disk run each print a JSON report carrying every field scripts rely on.
 //! No speed is asserted: the figures depend on the machine.
 
+mod common;
+
 use spool::bench::report::{STABLE_FIELDS, lookup};
 use std::process::Command;
 
@@ -246,7 +248,7 @@ fn an_unreachable_server_is_one_error_naming_it() {
     assert!(!stderr.contains("could not remove"), "{stderr}");
 }
 
-/// The scratch directories under `dir` (the bench makes its own inside).
+/// The entries of `dir`.
 fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir)
         .expect("read scratch parent")
@@ -254,65 +256,103 @@ fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Starts a slow `spool bench produce` (one 100-byte message per durable
+/// request, so a run the signal failed to stop writes little before it is
+/// killed) with `extra` arguments and its scratch in `scratch`, waits until
+/// `under_way`, sends `signal` and returns the exit code and stderr.
+fn interrupt_bench(
+    extra: &[&str],
+    scratch: &std::path::Path,
+    under_way: impl Fn() -> bool,
+    signal: &str,
+) -> (Option<i32>, String) {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["bench", "produce", "--duration", "30", "--size", "100"])
+        .args(["--batch", "1", "--baseline-mib", "1"])
+        .args(extra)
+        .arg("--data")
+        .arg(scratch)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start spool bench");
+    let started = Instant::now();
+    while !under_way() {
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the bench never got under way");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("spool bench did not stop on {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (exited.code(), stderr)
+}
+
 #[test]
 fn an_interrupted_bench_exits_130_and_leaves_nothing_behind() {
+    // Whether the in-process broker's data directory exists in the scratch.
+    fn data_exists(dir: &std::path::Path, depth: u32) -> bool {
+        dir.join("data").exists()
+            || (depth > 0
+                && entries(dir)
+                    .iter()
+                    .any(|d| d.is_dir() && data_exists(d, depth - 1)))
+    }
     for signal in ["-INT", "-TERM"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        // Slow on purpose (one 100-byte message per durable request), so
-        // a run the signal failed to stop writes little before the kill.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(["bench", "produce", "--duration", "30", "--size", "100"])
-            .args(["--batch", "1", "--baseline-mib", "1", "--data"])
-            .arg(tmp.path())
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start spool bench");
-        // Under way: the broker's data directory exists somewhere in the
-        // scratch.
-        let started = std::time::Instant::now();
-        fn data_exists(dir: &std::path::Path, depth: u32) -> bool {
-            dir.join("data").exists()
-                || (depth > 0
-                    && entries(dir)
-                        .iter()
-                        .any(|d| d.is_dir() && data_exists(d, depth - 1)))
-        }
-        let data_exists = |tmp: &std::path::Path| data_exists(tmp, 3);
-        while !data_exists(tmp.path()) {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(20),
-                "never started"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let exited = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("spool bench did not stop on {signal}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-            .expect("read stderr");
-        assert_eq!(exited.code(), Some(130), "{signal}: {stderr}");
+        let (code, stderr) =
+            interrupt_bench(&[], tmp.path(), || data_exists(tmp.path(), 3), signal);
+        assert_eq!(code, Some(130), "{signal}: {stderr}");
         assert!(
             stderr.contains("scratch data removed"),
             "{signal}: {stderr}"
         );
         assert!(entries(tmp.path()).is_empty(), "{signal}: left behind");
     }
+}
+
+#[test]
+fn an_interrupted_bench_removes_its_topic_from_the_server() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = common::Broker::start(data.path(), &[]);
+    let topics = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["topic", "list", "--server", &broker.addr])
+            .output()
+            .expect("spool topic list");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (code, stderr) = interrupt_bench(
+        &["--server", &broker.addr],
+        tmp.path(),
+        || topics().contains("bench-produce-"),
+        "-INT",
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(!topics().contains("bench-produce-"), "{}", topics());
+    assert!(entries(tmp.path()).is_empty(), "left behind");
 }

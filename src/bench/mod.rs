@@ -33,11 +33,13 @@ use histogram::Latency;
 use report::Report;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Bytes in a megabyte of the report (decimal, as `mb_per_s` says).
 pub const MB: f64 = 1_000_000.0;
@@ -353,6 +355,9 @@ pub enum BenchError {
     /// Messages went missing or the broker stopped answering.
     #[error("{0}")]
     Incomplete(String),
+    /// The run was told to stop (Ctrl-C) before it finished.
+    #[error("stopped before it finished")]
+    Stopped,
 }
 
 impl BenchError {
@@ -417,8 +422,26 @@ struct Outcome {
     send_lag: Latency,
 }
 
-/// Runs one benchmark: the disk baseline, then the workload.
-pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, BenchError> {
+/// `work`, unless `stop` is cancelled first ([`BenchError::Stopped`]).
+async fn unless_stopped<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = Result<T, BenchError>>,
+) -> Result<T, BenchError> {
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => Err(BenchError::Stopped),
+        done = work => done,
+    }
+}
+
+/// Runs one benchmark: the disk baseline, then the workload. Cancelling
+/// `stop` ends it early with [`BenchError::Stopped`], after removing the
+/// run's topic from a `--server` broker or stopping the in-process one.
+pub async fn run(
+    params: &Params,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+) -> Result<Report, BenchError> {
     params.validate()?;
     let parent = params.data.clone().unwrap_or_else(std::env::temp_dir);
     let scratch = tempfile::Builder::new()
@@ -431,9 +454,12 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
     progress.start("disk baseline", params.baseline_mib * 2);
     let disk_dir = scratch.path().join("disk");
     let (mib, p) = (params.baseline_mib, Arc::clone(&progress));
-    let (baseline, synced) = tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p))
-        .await
-        .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))??;
+    let (baseline, synced) = unless_stopped(&stop, async {
+        tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p))
+            .await
+            .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))?
+    })
+    .await?;
     let relay_floor = match (params.workload, params.rate) {
         (Workload::E2e, Some(rate)) if rate > 0 => {
             progress.start("relay floor", 0);
@@ -444,7 +470,7 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
                 (None, None) => relay::PROBE_TIME,
             };
             let time = run.min(relay::PROBE_TIME);
-            Some(relay::probe(rate, params.size as usize, time).await?)
+            Some(unless_stopped(&stop, relay::probe(rate, params.size as usize, time)).await?)
         }
         _ => None,
     };
@@ -464,11 +490,14 @@ pub async fn run(params: &Params, progress: Arc<Progress>) -> Result<Report, Ben
         },
         workload => {
             let target = target::Target::start(params, &scratch.path().join("data")).await?;
-            let outcome = match workload {
-                Workload::Produce => produce::workload(&target, params, &progress).await,
-                Workload::Consume => consume::workload(&target, params, &progress).await,
-                _ => consume::e2e(&target, params, &progress).await,
-            };
+            let outcome = unless_stopped(&stop, async {
+                match workload {
+                    Workload::Produce => produce::workload(&target, params, &progress).await,
+                    Workload::Consume => consume::workload(&target, params, &progress).await,
+                    _ => consume::e2e(&target, params, &progress).await,
+                }
+            })
+            .await;
             target.finish().await;
             outcome?
         }

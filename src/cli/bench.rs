@@ -12,6 +12,8 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -147,7 +149,9 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
     let r = interruptible(
         args.data.as_deref(),
         "socketio",
-        |data| {
+        |data, _stop| {
+            // Dropped when stopped: its broker process is killed and
+            // nothing outlives the scratch directory.
             let params = spool::bench::socketio::SocketioParams { data, ..run_params };
             async move { spool::bench::socketio::run(&params).await }
         },
@@ -208,9 +212,9 @@ pub fn run(args: BenchArgs) -> CliResult {
     let report = interruptible(
         args.data.as_deref(),
         &workload,
-        |data| {
+        |data, stop| {
             let params = Params { data, ..params };
-            async move { spool::bench::run(&params, p).await }
+            async move { spool::bench::run(&params, p, stop).await }
         },
         Some(&progress),
     )?
@@ -228,11 +232,15 @@ pub fn run(args: BenchArgs) -> CliResult {
 
 /// Runs a bench on a runtime of its own, in a scratch directory made in
 /// `parent` (default: the system's temporary directory) and handed to
-/// `run`, drawing `progress` on a terminal. Ctrl-C or SIGTERM ends it
-/// early: the run is dropped, the runtime stopped (an in-process broker
-/// and its blocking work with it, a broker process it started killed),
-/// and only then is the scratch directory removed, so an interrupted
-/// bench leaves nothing behind; the command then exits 130.
+/// `run`, drawing `progress` on a terminal.
+///
+/// Ctrl-C or SIGTERM ends it early: the run is told to stop (the token
+/// `run` gets) and given [`STOP_WAIT`] to tidy up, such as removing its
+/// topic from a `--server` broker; a second signal stops waiting. Then the
+/// runtime is stopped (an in-process broker and its blocking work with
+/// it, a broker process it started killed) and only then the scratch
+/// directory removed, so an interrupted bench leaves nothing behind; the
+/// command exits 130.
 fn interruptible<T, F, Fut>(
     parent: Option<&Path>,
     what: &str,
@@ -240,7 +248,7 @@ fn interruptible<T, F, Fut>(
     progress: Option<&Progress>,
 ) -> Result<T, CliError>
 where
-    F: FnOnce(Option<PathBuf>) -> Fut,
+    F: FnOnce(Option<PathBuf>, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = T>,
 {
     let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
@@ -260,16 +268,32 @@ where
     let bar = progress
         .filter(|_| std::io::stderr().is_terminal())
         .map(|p| (new_bar(), p));
+    let stop = CancellationToken::new();
     let outcome = runtime.block_on(async {
-        let run = run(Some(scratch.path().to_owned()));
+        let run = run(Some(scratch.path().to_owned()), stop.clone());
         tokio::pin!(run);
-        let stop = signalled();
-        tokio::pin!(stop);
+        let mut signals = Signals::new();
+        let mut signalled: Option<&'static str> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
+        let give_up = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(give_up);
         loop {
             tokio::select! {
-                done = &mut run => break Ok(done),
-                signal = &mut stop => break Err(signal),
+                done = &mut run => break match signalled {
+                    None => Ok(done),
+                    Some(signal) => Err(signal),
+                },
+                signal = signals.next() => match signalled {
+                    None => {
+                        signalled = Some(signal);
+                        stop.cancel();
+                        give_up.as_mut().reset(tokio::time::Instant::now() + STOP_WAIT);
+                    }
+                    Some(first) => break Err(first),
+                },
+                () = &mut give_up, if signalled.is_some() => {
+                    break Err(signalled.unwrap_or("stopped"))
+                }
                 _ = tick.tick() => if let Some((bar, p)) = &bar { draw(bar, p) },
             }
         }
@@ -292,26 +316,44 @@ where
     )))
 }
 
-/// Resolves when the process gets Ctrl-C (SIGINT) or SIGTERM, naming it;
-/// a signal whose handler cannot be installed never resolves.
-async fn signalled() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let interrupt = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// How long an interrupted run may take to tidy up before it is dropped.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// The signals that stop a bench: Ctrl-C (SIGINT) and SIGTERM. Made once
+/// per run, so a signal that arrives between two polls is kept; a signal
+/// whose handler cannot be installed is never reported.
+struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    /// Must be called within the runtime.
+    fn new() -> Signals {
+        Signals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
-    };
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    }
+
+    /// The next signal, named.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = interrupt => "interrupted (SIGINT)",
-        _ = terminate => "terminated (SIGTERM)",
+        let Signals {
+            interrupt,
+            terminate,
+        } = self;
+        tokio::select! {
+            () = recv(interrupt) => "interrupted (SIGINT)",
+            () = recv(terminate) => "terminated (SIGTERM)",
+        }
     }
 }
 
