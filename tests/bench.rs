@@ -256,21 +256,34 @@ fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Starts a slow `spool bench produce` (one 100-byte message per durable
-/// request, so a run the signal failed to stop writes little before it is
-/// killed) with `extra` arguments and its scratch in `scratch`, waits until
-/// `under_way`, sends `signal` and returns the exit code and stderr.
+/// A slow produce: one 100-byte message per durable request, so a run the
+/// signal failed to stop writes little before it is killed.
+const SLOW_PRODUCE: [&str; 10] = [
+    "produce",
+    "--duration",
+    "30",
+    "--size",
+    "100",
+    "--batch",
+    "1",
+    "--baseline-mib",
+    "1",
+    "--fsync=always",
+];
+
+/// Starts `spool bench ARGS` with its scratch in `scratch`, waits until
+/// `under_way`, sends `signal` and returns the exit code, stderr and how
+/// long it took to exit.
 fn interrupt_bench(
-    extra: &[&str],
+    args: &[&str],
     scratch: &std::path::Path,
     under_way: impl Fn() -> bool,
     signal: &str,
-) -> (Option<i32>, String) {
+) -> (Option<i32>, String, std::time::Duration) {
     use std::time::{Duration, Instant};
     let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["bench", "produce", "--duration", "30", "--size", "100"])
-        .args(["--batch", "1", "--baseline-mib", "1"])
-        .args(extra)
+        .arg("bench")
+        .args(args)
         .arg("--data")
         .arg(scratch)
         .env("RUST_LOG", "warn")
@@ -292,7 +305,8 @@ fn interrupt_bench(
         .status()
         .expect("kill");
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let signalled = Instant::now();
+    let deadline = signalled + Duration::from_secs(20);
     let exited = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
@@ -307,7 +321,7 @@ fn interrupt_bench(
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
         .expect("read stderr");
-    (exited.code(), stderr)
+    (exited.code(), stderr, signalled.elapsed())
 }
 
 #[test]
@@ -322,8 +336,12 @@ fn an_interrupted_bench_exits_130_and_leaves_nothing_behind() {
     }
     for signal in ["-INT", "-TERM"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (code, stderr) =
-            interrupt_bench(&[], tmp.path(), || data_exists(tmp.path(), 3), signal);
+        let (code, stderr, _) = interrupt_bench(
+            &SLOW_PRODUCE,
+            tmp.path(),
+            || data_exists(tmp.path(), 3),
+            signal,
+        );
         assert_eq!(code, Some(130), "{signal}: {stderr}");
         assert!(
             stderr.contains("scratch data removed"),
@@ -346,8 +364,9 @@ fn an_interrupted_bench_removes_its_topic_from_the_server() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (code, stderr) = interrupt_bench(
-        &["--server", &broker.addr],
+    let args = [&SLOW_PRODUCE[..], &["--server", &broker.addr]].concat();
+    let (code, stderr, _) = interrupt_bench(
+        &args,
         tmp.path(),
         || topics().contains("bench-produce-"),
         "-INT",
@@ -355,4 +374,27 @@ fn an_interrupted_bench_removes_its_topic_from_the_server() {
     assert_eq!(code, Some(130), "{stderr}");
     assert!(!topics().contains("bench-produce-"), "{}", topics());
     assert!(entries(tmp.path()).is_empty(), "left behind");
+}
+
+#[test]
+fn an_interrupted_socketio_bench_stops_its_broker_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Under way once the broker it started has made its data directory.
+    let under_way = || {
+        entries(tmp.path())
+            .iter()
+            .any(|scratch| entries(scratch).iter().any(|run| run.join("data").exists()))
+    };
+    let (code, stderr, took) = interrupt_bench(
+        &["socketio", "--clients", "10", "--duration", "30"],
+        tmp.path(),
+        under_way,
+        "-INT",
+    );
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("scratch data removed"), "{stderr}");
+    assert!(entries(tmp.path()).is_empty(), "left behind");
+    // It has nothing to tidy up on a broker, so it does not wait the 10 s
+    // a produce or consume run may take for that.
+    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
 }

@@ -149,11 +149,16 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
     let r = interruptible(
         args.data.as_deref(),
         "socketio",
-        |data, _stop| {
-            // Dropped when stopped: its broker process is killed and
-            // nothing outlives the scratch directory.
+        |data, stop| {
             let params = spool::bench::socketio::SocketioParams { data, ..run_params };
-            async move { spool::bench::socketio::run(&params).await }
+            // Nothing to tidy up on a broker: the run is dropped at once,
+            // which kills the broker process it started.
+            async move {
+                tokio::select! {
+                    report = spool::bench::socketio::run(&params) => report,
+                    () = stop.cancelled() => Err(spool::bench::BenchError::Stopped),
+                }
+            }
         },
         None,
     )?
