@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Bytes between two syncs of the synced run.
 pub const SYNC_EVERY: usize = 1024 * 1024;
@@ -54,20 +55,23 @@ pub struct SyncedRun {
 }
 
 /// Measures the disk under `dir` (created if missing) with `mib` MiB per run;
-/// the files are removed afterwards. Blocking.
+/// the files are removed afterwards. Blocking; ends with
+/// [`BenchError::Stopped`] within a write once `stop` is cancelled (the
+/// file under way is then left to the caller's scratch directory).
 pub fn measure(
     dir: &Path,
     mib: u64,
     progress: &Progress,
+    stop: &CancellationToken,
 ) -> Result<(DiskBaseline, SyncedRun), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
     let chunk = vec![0x5a_u8; SYNC_EVERY];
     let bytes = mib * SYNC_EVERY as u64;
     // Unsynced first: its dirty pages are dropped with the file before the
     // synced run starts, so write-back does not spill into the figures.
-    let nosync = write_run(&dir.join("nosync"), &chunk, mib, false, progress)?;
-    let synced = write_run(&dir.join("synced"), &chunk, mib, true, progress)?;
-    let probe = probe(&dir.join("probe"))?;
+    let nosync = write_run(&dir.join("nosync"), &chunk, mib, false, progress, stop)?;
+    let synced = write_run(&dir.join("synced"), &chunk, mib, true, progress, stop)?;
+    let probe = probe(&dir.join("probe"), stop)?;
     let rate = |d: Duration| bytes as f64 / MB / d.as_secs_f64().max(1e-9);
     Ok((
         DiskBaseline {
@@ -88,12 +92,16 @@ fn write_run(
     writes: u64,
     sync: bool,
     progress: &Progress,
+    stop: &CancellationToken,
 ) -> Result<SyncedRun, BenchError> {
     let name = || path.display().to_string();
     let mut file = File::create(path).map_err(BenchError::io(format!("creating {}", name())))?;
     let mut latency = Latency::new();
     let start = Instant::now();
     for _ in 0..writes {
+        if stop.is_cancelled() {
+            return Err(BenchError::Stopped);
+        }
         let t = Instant::now();
         file.write_all(chunk)
             .map_err(BenchError::io(format!("writing {}", name())))?;
@@ -115,7 +123,7 @@ fn write_run(
     })
 }
 
-fn probe(path: &Path) -> Result<Latency, BenchError> {
+fn probe(path: &Path, stop: &CancellationToken) -> Result<Latency, BenchError> {
     let name = || path.display().to_string();
     let mut file = File::create(path).map_err(BenchError::io(format!("creating {}", name())))?;
     let buf = [0x5a_u8; PROBE_BYTES];
@@ -124,6 +132,9 @@ fn probe(path: &Path) -> Result<Latency, BenchError> {
     for _ in 0..PROBE_WRITES {
         if start.elapsed() >= PROBE_TIME {
             break;
+        }
+        if stop.is_cancelled() {
+            return Err(BenchError::Stopped);
         }
         let t = Instant::now();
         file.write_all(&buf)
@@ -135,4 +146,23 @@ fn probe(path: &Path) -> Result<Latency, BenchError> {
     drop(file);
     std::fs::remove_file(path).map_err(BenchError::io(format!("removing {}", name())))?;
     Ok(latency)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_probe_ends_before_its_next_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let result = measure(dir.path(), 1024, &Progress::default(), &stop);
+        assert!(matches!(result, Err(BenchError::Stopped)), "{result:?}");
+        let written: u64 = std::fs::read_dir(dir.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").metadata().expect("metadata").len())
+            .sum();
+        assert_eq!(written, 0);
+    }
 }

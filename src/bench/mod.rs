@@ -455,7 +455,8 @@ pub async fn run(
     let disk_dir = scratch.path().join("disk");
     let (mib, p) = (params.baseline_mib, Arc::clone(&progress));
     let (baseline, synced) = unless_stopped(&stop, async {
-        tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p))
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || disk::measure(&disk_dir, mib, &p, &stop))
             .await
             .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))?
     })
