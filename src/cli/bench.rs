@@ -245,7 +245,8 @@ pub fn run(args: BenchArgs) -> CliResult {
 /// runtime is stopped (an in-process broker and its blocking work with
 /// it, a broker process it started killed) and only then the scratch
 /// directory removed, so an interrupted bench leaves nothing behind; the
-/// command exits 130.
+/// command exits 128 + the signal's number (130 for Ctrl-C, 143 for
+/// SIGTERM).
 fn interruptible<T, F, Fut>(
     parent: Option<&Path>,
     what: &str,
@@ -278,7 +279,7 @@ where
         let run = run(Some(scratch.path().to_owned()), stop.clone());
         tokio::pin!(run);
         let mut signals = Signals::new();
-        let mut signalled: Option<&'static str> = None;
+        let mut signalled: Option<Stop> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         let give_up = tokio::time::sleep(Duration::MAX);
         tokio::pin!(give_up);
@@ -297,7 +298,7 @@ where
                     Some(first) => break Err(first),
                 },
                 () = &mut give_up, if signalled.is_some() => {
-                    break Err(signalled.unwrap_or("stopped"))
+                    break Err(signalled.unwrap_or(Stop::INTERRUPT))
                 }
                 _ = tick.tick() => if let Some((bar, p)) = &bar { draw(bar, p) },
             }
@@ -316,13 +317,32 @@ where
         Ok(()) => "its scratch data removed".to_owned(),
         Err(e) => format!("removing its scratch data failed: {e}"),
     };
-    Err(CliError::interrupted(format!(
-        "bench {what}: {signal}; {left}"
-    )))
+    Err(CliError::interrupted(
+        signal.number,
+        format!("bench {what}: {}; {left}", signal.name),
+    ))
 }
 
 /// How long an interrupted run may take to tidy up before it is dropped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// A signal that stopped a bench.
+#[derive(Debug, Clone, Copy)]
+struct Stop {
+    name: &'static str,
+    number: u8,
+}
+
+impl Stop {
+    const INTERRUPT: Stop = Stop {
+        name: "interrupted (SIGINT)",
+        number: 2,
+    };
+    const TERMINATE: Stop = Stop {
+        name: "terminated (SIGTERM)",
+        number: 15,
+    };
+}
 
 /// The signals that stop a bench: Ctrl-C (SIGINT) and SIGTERM. Made once
 /// per run, so a signal that arrives between two polls is kept; a signal
@@ -341,8 +361,8 @@ impl Signals {
         }
     }
 
-    /// The next signal, named.
-    async fn next(&mut self) -> &'static str {
+    /// The next signal.
+    async fn next(&mut self) -> Stop {
         async fn recv(s: &mut Option<Signal>) {
             match s {
                 Some(s) => {
@@ -356,8 +376,8 @@ impl Signals {
             terminate,
         } = self;
         tokio::select! {
-            () = recv(interrupt) => "interrupted (SIGINT)",
-            () = recv(terminate) => "terminated (SIGTERM)",
+            () = recv(interrupt) => Stop::INTERRUPT,
+            () = recv(terminate) => Stop::TERMINATE,
         }
     }
 }

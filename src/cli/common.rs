@@ -77,11 +77,12 @@ impl CliError {
         }
     }
 
-    /// A run stopped by a signal (exit 130, as a shell reports Ctrl-C).
-    pub fn interrupted(message: impl Into<String>) -> CliError {
+    /// A run stopped by signal number `signal`: exit 128 + `signal`, as a
+    /// shell reports it (130 for Ctrl-C, 143 for SIGTERM).
+    pub fn interrupted(signal: u8, message: impl Into<String>) -> CliError {
         CliError {
             message: message.into(),
-            code: 130,
+            code: 128u8.saturating_add(signal),
         }
     }
 
