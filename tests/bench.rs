@@ -273,7 +273,7 @@ const SLOW_PRODUCE: [&str; 10] = [
 
 /// Starts `spool bench ARGS` with its scratch in `scratch`, waits until
 /// `under_way`, sends `signal` and returns the exit code, stderr and how
-/// long it took to exit.
+/// long it took to exit. The bench is killed should the test fail first.
 fn interrupt_bench(
     args: &[&str],
     scratch: &std::path::Path,
@@ -291,37 +291,42 @@ fn interrupt_bench(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start spool bench");
+    // Read as it comes, so a full pipe never holds the bench up.
+    let mut pipe = child.stderr.take().expect("stderr");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+        text
+    });
+    let mut bench = common::Killed(child);
     let started = Instant::now();
     while !under_way() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("the bench never got under way");
-        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the bench never got under way"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
     let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
+        .args([signal, &bench.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
     let signalled = Instant::now();
-    let deadline = signalled + Duration::from_secs(20);
     let exited = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = bench.0.try_wait().expect("wait") {
             break status;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("spool bench did not stop on {signal}");
-        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "spool bench did not stop on {signal}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
-    (exited.code(), stderr, signalled.elapsed())
+    let took = signalled.elapsed();
+    let stderr = stderr.join().expect("stderr reader");
+    (exited.code(), stderr, took)
 }
 
 #[test]
@@ -337,13 +342,18 @@ fn an_interrupted_bench_exits_128_plus_the_signal_and_leaves_nothing_behind() {
     // Exit 128 + the signal's number, as a shell reports it.
     for (signal, exit) in [("-INT", 130), ("-TERM", 143)] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (code, stderr, _) = interrupt_bench(
+        let (code, stderr, took) = interrupt_bench(
             &SLOW_PRODUCE,
             tmp.path(),
             || data_exists(tmp.path(), 3),
             signal,
         );
         assert_eq!(code, Some(exit), "{signal}: {stderr}");
+        // Well before the 10 s a run may take to tidy up: this one stops at once.
+        assert!(
+            took < std::time::Duration::from_secs(8),
+            "{signal}: took {took:?}"
+        );
         assert!(
             stderr.contains("scratch data removed"),
             "{signal}: {stderr}"
@@ -365,7 +375,24 @@ fn an_interrupted_bench_removes_its_topic_from_the_server() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let args = [&SLOW_PRODUCE[..], &["--server", &broker.addr]].concat();
+    // Open loop, so that many produce requests are on their way when the
+    // run stops: each one the broker takes after the topic's delete
+    // creates it again, unless the bench deletes it once more.
+    let args = [
+        "produce",
+        "--duration",
+        "30",
+        "--size",
+        "100",
+        "--batch",
+        "1",
+        "--rate",
+        "200000",
+        "--baseline-mib",
+        "1",
+        "--server",
+        &broker.addr,
+    ];
     let (code, stderr, _) = interrupt_bench(
         &args,
         tmp.path(),
@@ -373,8 +400,11 @@ fn an_interrupted_bench_removes_its_topic_from_the_server() {
         "-INT",
     );
     assert_eq!(code, Some(130), "{stderr}");
-    assert!(!topics().contains("bench-produce-"), "{}", topics());
     assert!(entries(tmp.path()).is_empty(), "left behind");
+    // Gone, and still gone once anything left on its way has arrived.
+    assert!(!topics().contains("bench-produce-"), "{}", topics());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!topics().contains("bench-produce-"), "{}", topics());
 }
 
 #[test]

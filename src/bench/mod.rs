@@ -499,7 +499,10 @@ pub async fn run(
                 }
             })
             .await;
-            target.finish().await;
+            match outcome {
+                Err(BenchError::Stopped) => target.finish_interrupted().await,
+                _ => target.finish().await,
+            }
             outcome?
         }
     };

@@ -15,6 +15,7 @@ use crate::server::{Server, ServerConfig};
 use crate::storage::NewMessage;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -209,21 +210,33 @@ impl Target {
             fsync: Some(params.fsync.to_string()),
             ..pb::TopicConfig::default()
         };
-        if let Err(e) = target.create_topic(config).await {
-            // An in-process broker is stopped; on an outside broker the
-            // topic was not created, so there is nothing to remove (and
-            // trying would only repeat the error in a warning).
-            if target.in_process.is_some() {
-                target.finish().await;
+        let created = match target.conn("spool-bench-admin").await {
+            Ok(conn) => target.create_topic(conn, config).await,
+            Err(e) => {
+                // Nothing reached the broker: there is no topic to remove.
+                if target.in_process.is_some() {
+                    target.finish().await;
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = created {
+            match target.in_process {
+                Some(_) => target.finish().await,
+                // Refused, or its answer lost: should the broker have made
+                // the topic, it goes; a failure to remove it is not news.
+                None => {
+                    let _ = target.remove_topic().await;
+                }
             }
             return Err(e);
         }
         Ok(target)
     }
 
-    async fn create_topic(&self, config: pb::TopicConfig) -> Result<(), BenchError> {
+    async fn create_topic(&self, conn: Conn, config: pb::TopicConfig) -> Result<(), BenchError> {
         let what = format!("creating topic {}", self.topic);
-        match self.conn("spool-bench-admin").await? {
+        match conn {
             Conn::Native(client) => client
                 .create_topic(&self.topic, config)
                 .await
@@ -290,23 +303,69 @@ impl Target {
                 }
             }
             None => {
-                let removed = match self.conn("spool-bench-admin").await {
-                    Ok(Conn::Native(c)) => {
-                        c.delete_topic(&self.topic).await.map_err(|e| e.to_string())
-                    }
-                    Ok(Conn::Grpc(mut c)) => c
-                        .delete_topic(pb::DeleteTopicRequest {
-                            name: self.topic.clone(),
-                        })
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = removed {
+                if let Err(e) = self.remove_topic().await {
                     tracing::warn!(topic = %self.topic, error = %e, "could not remove the bench topic");
                 }
             }
         }
     }
+
+    /// As [`Target::finish`], for a run dropped mid-way. Produce requests
+    /// its connections had already sent may still reach an outside broker
+    /// after the topic is deleted, and such a produce creates the topic
+    /// again (brokers create topics on first produce by default), so the
+    /// delete is repeated, [`REMOVE_RECHECK`] apart, until the topic stays
+    /// gone (at most [`REMOVE_ATTEMPTS`] times).
+    pub async fn finish_interrupted(self) {
+        if self.in_process.is_some() {
+            return self.finish().await;
+        }
+        for _ in 0..REMOVE_ATTEMPTS {
+            match self.remove_topic().await {
+                Ok(false) => return,
+                Ok(true) => tokio::time::sleep(REMOVE_RECHECK).await,
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "could not remove the bench topic");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(topic = %self.topic, "the bench topic keeps coming back; not removed");
+    }
+
+    /// Deletes the run's topic from an outside broker: `Ok(false)` when
+    /// there was none to delete.
+    async fn remove_topic(&self) -> Result<bool, String> {
+        let removed = match self.conn("spool-bench-admin").await {
+            Ok(Conn::Native(c)) => c
+                .delete_topic(&self.topic)
+                .await
+                .map_err(|e| match e.code() {
+                    Some(pb::Code::NotFound) => None,
+                    _ => Some(e.to_string()),
+                }),
+            Ok(Conn::Grpc(mut c)) => c
+                .delete_topic(pb::DeleteTopicRequest {
+                    name: self.topic.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.code() {
+                    tonic::Code::NotFound => None,
+                    _ => Some(e.to_string()),
+                }),
+            Err(e) => Err(Some(e.to_string())),
+        };
+        match removed {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(e)) => Err(e),
+        }
+    }
 }
+
+/// Deletes of an interrupted run's topic before giving up on it.
+const REMOVE_ATTEMPTS: u32 = 5;
+/// Time for produce requests still on their way to reach the broker
+/// between two deletes of an interrupted run's topic.
+const REMOVE_RECHECK: Duration = Duration::from_millis(200);

@@ -243,8 +243,9 @@ pub fn run(args: BenchArgs) -> CliResult {
 /// `run` gets) and given [`STOP_WAIT`] to tidy up, such as removing its
 /// topic from a `--server` broker; a second signal stops waiting. Then the
 /// runtime is stopped (an in-process broker and its blocking work with
-/// it, a broker process it started killed) and only then the scratch
-/// directory removed, so an interrupted bench leaves nothing behind; the
+/// it, a broker process it started killed; at most [`SHUTDOWN_WAIT`]) and
+/// only then the scratch directory removed, so an interrupted bench leaves
+/// nothing behind; the
 /// command exits 128 + the signal's number (130 for Ctrl-C, 143 for
 /// SIGTERM).
 fn interruptible<T, F, Fut>(
@@ -255,8 +256,19 @@ fn interruptible<T, F, Fut>(
 ) -> Result<T, CliError>
 where
     F: FnOnce(Option<PathBuf>, CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = T>,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
 {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
+    // The handlers first: from here on a signal is the run's to handle,
+    // and nothing exists yet that it would leave behind.
+    let mut signals = {
+        let _entered = runtime.enter();
+        Signals::new()
+    };
     let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
     let scratch = tempfile::Builder::new()
         .prefix("spool-bench-")
@@ -267,25 +279,21 @@ where
                 parent.display()
             ))
         })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?;
     let bar = progress
         .filter(|_| std::io::stderr().is_terminal())
         .map(|p| (new_bar(), p));
     let stop = CancellationToken::new();
+    // On a task of its own, so that a run blocking its thread cannot keep
+    // this loop from seeing a signal.
+    let mut task = runtime.spawn(run(Some(scratch.path().to_owned()), stop.clone()));
     let outcome = runtime.block_on(async {
-        let run = run(Some(scratch.path().to_owned()), stop.clone());
-        tokio::pin!(run);
-        let mut signals = Signals::new();
         let mut signalled: Option<Stop> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         let give_up = tokio::time::sleep(Duration::MAX);
         tokio::pin!(give_up);
         loop {
             tokio::select! {
-                done = &mut run => break match signalled {
+                done = &mut task => break match signalled {
                     None => Ok(done),
                     Some(signal) => Err(signal),
                 },
@@ -307,13 +315,21 @@ where
     if let Some((bar, _)) = &bar {
         bar.finish_and_clear();
     }
-    drop(runtime);
-    let removed = scratch.close();
     let signal = match outcome {
-        Ok(done) => return Ok(done),
+        Ok(done) => {
+            drop(runtime);
+            if let Err(e) = scratch.close() {
+                tracing::warn!(error = %e, "could not remove the bench's scratch directory");
+            }
+            return done.map_err(|e| CliError::runtime(format!("bench {what} failed: {e}")));
+        }
         Err(signal) => signal,
     };
-    let left = match removed {
+    // Stops the in-process broker and its blocking work; a thread stuck
+    // on the disk is not waited for without end.
+    task.abort();
+    runtime.shutdown_timeout(SHUTDOWN_WAIT);
+    let left = match scratch.close() {
         Ok(()) => "its scratch data removed".to_owned(),
         Err(e) => format!("removing its scratch data failed: {e}"),
     };
@@ -322,6 +338,9 @@ where
         format!("bench {what}: {}; {left}", signal.name),
     ))
 }
+
+/// How long an interrupted run's runtime is given to stop.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// How long an interrupted run may take to tidy up before it is dropped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
