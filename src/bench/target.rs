@@ -210,24 +210,24 @@ impl Target {
             fsync: Some(params.fsync.to_string()),
             ..pb::TopicConfig::default()
         };
+        // `reached`: the request got to the broker.
         let created = match target.conn("spool-bench-admin").await {
-            Ok(conn) => target.create_topic(conn, config).await,
-            Err(e) => {
-                // Nothing reached the broker: there is no topic to remove.
-                if target.in_process.is_some() {
-                    target.finish().await;
-                }
-                return Err(e);
-            }
+            Ok(conn) => target
+                .create_topic(conn, config)
+                .await
+                .map_err(|e| (e, true)),
+            Err(e) => Err((e, false)),
         };
-        if let Err(e) = created {
+        if let Err((e, reached)) = created {
             match target.in_process {
                 Some(_) => target.finish().await,
                 // Refused, or its answer lost: should the broker have made
                 // the topic, it goes; a failure to remove it is not news.
-                None => {
+                None if reached => {
                     let _ = target.remove_topic().await;
                 }
+                // Nothing reached the broker: no topic to remove.
+                None => {}
             }
             return Err(e);
         }
