@@ -89,7 +89,8 @@ pub struct BenchArgs {
     )]
     token: Option<String>,
     /// Where the temporary directory for the in-process broker and the disk
-    /// baseline is made [default: the system temp dir].
+    /// baseline is made [default: the system temp dir]; it is removed at the
+    /// end, also after Ctrl-C or SIGTERM.
     #[arg(long)]
     data: Option<PathBuf>,
     /// MiB written by each run of the disk baseline.
