@@ -34,7 +34,10 @@ record() {
   perf script -i "$d/perf.data" 2>/dev/null | inferno-collapse-perf >"$d/folded"
   [ -n "${FOLDED:-}" ] && cp "$d/folded" "$FOLDED/$name.folded"
   inferno-flamegraph <"$d/folded" --title "spool serve: bench $*" --width 1600 >"$OUT/$name.svg"
-  echo "$name: $(grep -m1 -iE 'MB/s|msg/s|latency' "$d/bench.txt" || true)"
+  # The figure: latency for e2e, throughput for the rest.
+  local figure='^throughput'
+  [ "$1" = e2e ] && figure='^latency'
+  echo "$name: $(grep -m1 -E "$figure" "$d/bench.txt" || true)"
 }
 
 record durable produce --messages 2000000 --size 1024 --batch 1000 --fsync always
