@@ -634,7 +634,7 @@ impl Broker {
             // the hand-off to the blocking pool, which costs more than the
             // read. Unless someone holds the deletions or a group (a
             // deletion is made durable under its lock): then it is read there.
-            Target::Replay(_) if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
+            Target::Replay if t.log().end().0.saturating_sub(from.0) <= INLINE_READ_RECORDS => {
                 let records = match t.try_read_within(from, limits) {
                     Some(read) => read?,
                     None => {
@@ -644,7 +644,7 @@ impl Broker {
                 };
                 Ok(Deliveries::from(records))
             }
-            Target::Replay(_) => {
+            Target::Replay => {
                 let reader = Arc::clone(&t);
                 Self::read_following(
                     runtime,
@@ -685,6 +685,33 @@ impl Broker {
                         .await?;
                 }
                 Ok(Deliveries::from(fetched.deliveries))
+            }
+        }
+    }
+
+    /// [`subscription::target_and_start`], without a hand-off when nothing
+    /// is to wait on: a replay not from a timestamp (no group state, no
+    /// index) or a group no one holds; else on the blocking pool (a
+    /// group's lock may be held across a sync of its state).
+    async fn target_and_start(
+        t: &Arc<Topic>,
+        group: Option<String>,
+        from: Option<Position>,
+    ) -> Result<(Target, Offset)> {
+        let by_timestamp = matches!(from, Some(Position::Timestamp(_)));
+        let found = match &group {
+            Some(g) if !by_timestamp => t.try_group_start(g),
+            _ => None,
+        };
+        match (group, found) {
+            (None, _) if !by_timestamp => subscription::target_and_start(t, None, from),
+            (Some(g), Some(found)) => {
+                let (mode, committed) = found?;
+                subscription::group_start(t, g, mode, committed, from)
+            }
+            (group, _) => {
+                let t = Arc::clone(t);
+                blocking(move || subscription::target_and_start(&t, group, from)).await
             }
         }
     }
@@ -791,46 +818,7 @@ impl Broker {
         // Taken before the first read, so an append after it wakes the long-poll.
         let mut changes = runtime.subscribe_changes();
         let t = Arc::clone(runtime.topic());
-        let by_timestamp = matches!(from, Some(Position::Timestamp(_)));
-        // A group's mode and committed offset, when no one holds the group.
-        let group_found = match &group {
-            Some(g) if !by_timestamp => t.try_group_start(g),
-            _ => None,
-        };
-        let (target, start) = match (&group, from, group_found) {
-            // A replay from an offset, the start or the end waits on no group
-            // state and reads no index: no hand-off.
-            (None, from, _) if !by_timestamp => {
-                let target = subscription::target(&t, None, from)?;
-                let start = subscription::start_offset(&t, &target)?;
-                (target, start)
-            }
-            // The group was free: nothing to wait on either.
-            (Some(g), from, Some(found)) => {
-                let (mode, committed) = found?;
-                let start = match (mode, from) {
-                    (GroupMode::Stream, Some(p)) => t.resolve(p)?,
-                    (GroupMode::Stream, None) => Offset(committed),
-                    (GroupMode::Queue, _) => Offset(0),
-                };
-                (subscription::group_target(g.clone(), mode), start)
-            }
-            // Target and start in one hand-off: each may wait on group state
-            // (a group's lock may be held across a sync of its state).
-            _ => {
-                blocking(move || {
-                    let target = subscription::target(&t, group, from)?;
-                    // A stream-group fetch continues from `from` when the client names
-                    // it (its own position), else from the group's committed offset.
-                    let start = match (&target, from) {
-                        (Target::Stream(_), Some(p)) => t.resolve(p)?,
-                        _ => subscription::start_offset(&t, &target)?,
-                    };
-                    Ok((target, start))
-                })
-                .await?
-            }
-        };
+        let (target, start) = Self::target_and_start(&t, group, from).await?;
         let mut messages = self.read(&runtime, &target, &member, start, limits).await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = subscription::lease_poll(runtime.topic());
@@ -868,38 +856,10 @@ impl Broker {
     pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription> {
         let runtime = self.existing(&request.topic).await?;
         let t = Arc::clone(runtime.topic());
-        let (group, from) = (request.group, request.from);
-        // Without a hand-off when nothing is to wait on: a replay not from a
-        // timestamp (no group state, no index), or a free group (see `fetch`).
-        let in_place = match &group {
-            None if !matches!(from, Some(Position::Timestamp(_))) => {
-                Some(subscription::target(&t, None, from).and_then(|target| {
-                    let start = subscription::start_offset(&t, &target)?;
-                    Ok((target, start))
-                }))
-            }
-            None => None,
-            Some(g) => t.try_group_start(g).map(|found| {
-                found.map(|(mode, committed)| {
-                    let start = match mode {
-                        GroupMode::Stream => Offset(committed),
-                        GroupMode::Queue => Offset(0),
-                    };
-                    (subscription::group_target(g.clone(), mode), start)
-                })
-            }),
-        };
-        let (target, start) = match in_place {
-            Some(found) => found?,
-            None => {
-                blocking(move || {
-                    let target = subscription::target(&t, group, from)?;
-                    let start = subscription::start_offset(&t, &target)?;
-                    Ok((target, start))
-                })
-                .await?
-            }
-        };
+        // `from` is for replays only: a stream group starts at its
+        // committed offset.
+        let from = request.from.filter(|_| request.group.is_none());
+        let (target, start) = Self::target_and_start(&t, request.group, from).await?;
         Ok(Subscription::new(
             self.clone(),
             runtime,

@@ -23,8 +23,8 @@ use tokio::sync::{Semaphore, watch};
 /// What a subscription or fetch reads.
 #[derive(Debug, Clone)]
 pub(super) enum Target {
-    /// Replay from a position, no state.
-    Replay(Position),
+    /// Replay: no state (the reader's position is where it starts).
+    Replay,
     /// A stream group's position.
     Stream(String),
     /// Leases of a queue group.
@@ -188,36 +188,40 @@ impl Subscription {
     }
 }
 
-/// Where a reader of `target` starts: the resolved position for replay, the
-/// committed offset for a stream group (queue groups track their own cursor).
-pub(super) fn start_offset(topic: &Topic, target: &Target) -> Result<Offset> {
-    match target {
-        Target::Replay(p) => topic.resolve(*p),
-        Target::Stream(g) => Ok(Offset(topic.describe_group(g)?.committed)),
-        Target::Queue(_) => Ok(Offset(0)),
-    }
-}
-
-/// The target of a subscribe or fetch on `topic` with `group` (replay
-/// from `from`, earliest by default, without one).
-pub(super) fn target(
+/// The target of a subscribe or fetch on `topic` with `group` (replay from
+/// `from`, earliest by default, without one) and where its reads start
+/// (see [`group_start`] for a group).
+pub(super) fn target_and_start(
     topic: &Topic,
     group: Option<String>,
     from: Option<Position>,
-) -> Result<Target> {
+) -> Result<(Target, Offset)> {
     match group {
-        None => Ok(Target::Replay(from.unwrap_or(Position::Earliest))),
+        None => {
+            let from = from.unwrap_or(Position::Earliest);
+            Ok((Target::Replay, topic.resolve(from)?))
+        }
         Some(g) => {
-            let mode = topic.describe_group(&g)?.mode;
-            Ok(group_target(g, mode))
+            let group = topic.describe_group(&g)?;
+            group_start(topic, g, group.mode, group.committed, from)
         }
     }
 }
 
-/// The target of reads through group `name`, whose mode is `mode`.
-pub(super) fn group_target(name: String, mode: GroupMode) -> Target {
-    match mode {
-        GroupMode::Stream => Target::Stream(name),
-        GroupMode::Queue => Target::Queue(name),
-    }
+/// The target of reads through group `name` (mode `mode`, committed offset
+/// `committed`) and where they start: a stream group at `from` when given
+/// (a fetching reader's own position), else at its committed offset; a
+/// queue group tracks its own cursor and starts at 0.
+pub(super) fn group_start(
+    topic: &Topic,
+    name: String,
+    mode: GroupMode,
+    committed: u64,
+    from: Option<Position>,
+) -> Result<(Target, Offset)> {
+    Ok(match (mode, from) {
+        (GroupMode::Stream, Some(p)) => (Target::Stream(name), topic.resolve(p)?),
+        (GroupMode::Stream, None) => (Target::Stream(name), Offset(committed)),
+        (GroupMode::Queue, _) => (Target::Queue(name), Offset(0)),
+    })
 }
