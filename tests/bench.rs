@@ -29,9 +29,7 @@ fn bench(args: &[&str]) -> serde_json::Value {
         let value = lookup(&report, field).unwrap_or_else(|| panic!("{field} missing: {report}"));
         assert!(!value.is_null(), "{field} is null: {report}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
-        .expect("read scratch parent")
-        .collect();
+    let leftovers = entries(tmp.path());
     assert!(leftovers.is_empty(), "scratch left behind: {leftovers:?}");
     report
 }

@@ -656,10 +656,7 @@ impl Topic {
             return None;
         }
         let live = match self.enter() {
-            Ok(_pass) => match self.keep_live(&mut records, Wait::No)? {
-                Ok(()) => Ok(records),
-                Err(e) => Err(e),
-            },
+            Ok(_pass) => self.keep_live(&mut records, Wait::No)?.map(|()| records),
             Err(e) => Err(e),
         };
         if generation != self.log.generation() {
