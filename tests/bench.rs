@@ -135,6 +135,30 @@ fn e2e_delivers_every_message_to_every_consumer() {
     // The floor without a broker: the same 300 messages at the same rate.
     assert_eq!(number(&r, "relay_floor_ms.samples"), 300.0);
     assert!(number(&r, "relay_floor_ms.p50") > 0.0);
+    // Nothing is synced under fsync=never: no disk part to bound.
+    assert!(r.get("commit_floor_ms").is_none(), "{r}");
+}
+
+#[test]
+fn a_durable_e2e_run_reports_the_disk_parts_floor() {
+    let r = bench(&[
+        "e2e",
+        "--messages",
+        "200",
+        "--rate",
+        "2000",
+        "--fsync",
+        "always",
+    ]);
+    assert_eq!(number(&r, "latency_ms.samples"), 200.0);
+    // The same 200 messages on the same timetable, appended and synced in
+    // group-commit rounds by one thread.
+    assert_eq!(number(&r, "commit_floor_ms.samples"), 200.0);
+    let (p50, p99) = (
+        number(&r, "commit_floor_ms.p50"),
+        number(&r, "commit_floor_ms.p99"),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{r}");
 }
 
 #[test]

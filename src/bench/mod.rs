@@ -9,6 +9,8 @@
 //! - [`disk`]: the raw disk baseline (write + fdatasync every 1 MiB, and without).
 //! - [`relay`]: the e2e floor without a broker (loopback TCP through a task
 //!   that only forwards).
+//! - [`commit_floor`]: the durable e2e floor's disk part (the same timetable
+//!   appended by one thread in group-commit rounds of write + fdatasync).
 //! - `target`, `produce`, `consume`: the broker under test and the load on it.
 //! - [`socketio`]: `spool bench socketio`, websocket clients in one socket.io
 //!   room of a broker process of its own (run by [`socketio::run`], not [`run`]).
@@ -16,6 +18,7 @@
 //! [`run`] needs a multi-threaded tokio runtime: open-loop pacing runs on its
 //! own OS threads, disk work on blocking threads.
 
+pub mod commit_floor;
 pub mod disk;
 pub mod histogram;
 pub mod pacing;
@@ -461,17 +464,45 @@ pub async fn run(
             .map_err(|e| BenchError::Incomplete(format!("disk baseline panicked: {e}")))?
     })
     .await?;
-    let relay_floor = match (params.workload, params.rate) {
+    // The floors of an open-loop e2e run, each as long as the run and at
+    // most its probe's time: the network part, and under `fsync=always`
+    // the disk part.
+    let open_e2e = match (params.workload, params.rate) {
         (Workload::E2e, Some(rate)) if rate > 0 => {
-            progress.start("relay floor", 0);
-            // As long as the run, at most PROBE_TIME.
             let run = match (params.duration(), params.messages) {
                 (Some(d), _) => d,
                 (None, Some(n)) => Duration::from_secs_f64(n as f64 / rate as f64),
                 (None, None) => relay::PROBE_TIME,
             };
+            Some((rate, run))
+        }
+        _ => None,
+    };
+    let relay_floor = match open_e2e {
+        Some((rate, run)) => {
+            progress.start("relay floor", 0);
             let time = run.min(relay::PROBE_TIME);
             Some(unless_stopped(&stop, relay::probe(rate, params.size as usize, time)).await?)
+        }
+        None => None,
+    };
+    let commit_floor = match open_e2e {
+        Some((rate, run)) if params.fsync == FsyncPolicy::Always => {
+            progress.start("commit floor", 0);
+            let time = run.min(commit_floor::PROBE_TIME);
+            let (dir, size, stop) = (
+                scratch.path().join("commit-floor"),
+                params.size as usize,
+                stop.clone(),
+            );
+            let probe = tokio::task::spawn_blocking(move || {
+                commit_floor::probe(&dir, rate, size, time, &stop)
+            });
+            Some(
+                probe
+                    .await
+                    .map_err(|e| BenchError::Incomplete(format!("commit floor panicked: {e}")))??,
+            )
         }
         _ => None,
     };
@@ -509,6 +540,7 @@ pub async fn run(
     progress.start("done", 0);
     let mut report = Report::new(params, outcome, baseline);
     report.relay_floor_ms = relay_floor;
+    report.commit_floor_ms = commit_floor;
     Ok(report)
 }
 

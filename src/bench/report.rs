@@ -59,6 +59,12 @@ pub struct Report {
     /// arrival (see [`crate::bench::relay`]): the floor without a broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_floor_ms: Option<LatencySummary>,
+    /// e2e in an open loop under `fsync=always`: the same messages on the
+    /// same timetable appended by one thread in group-commit rounds (write +
+    /// fdatasync), from due time to the end of their round's sync (see
+    /// [`crate::bench::commit_floor`]): the disk part's floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_floor_ms: Option<LatencySummary>,
     /// `throughput.mb_per_s / disk_baseline.mb_per_s`.
     pub ratio_to_disk: f64,
     /// The exact parameters.
@@ -167,6 +173,7 @@ impl Report {
             },
             disk_baseline,
             relay_floor_ms: None,
+            commit_floor_ms: None,
             params: params.clone(),
             machine: Machine::detect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

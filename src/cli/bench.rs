@@ -531,5 +531,14 @@ fn print_figures(r: &Report) {
             ),
         ]);
     }
+    if let Some(floor) = &r.commit_floor_ms {
+        rows.push(vec![
+            "commit floor (ms)".into(),
+            format!(
+                "{}; one thread's write + fdatasync rounds on the same timetable, no broker",
+                percentiles(floor)
+            ),
+        ]);
+    }
     print_table(&["MEASURE", "VALUE"], &rows);
 }
