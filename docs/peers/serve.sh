@@ -4,7 +4,9 @@
 # without `--server` gets a fresh `spool serve` (its own data directory on
 # the same disk, loopback listener, no metrics, gRPC or socket.io) and
 # `--server` pointing at it. Calls that already name a `--server` (the kit's
-# own "spool serve process" rows) and any other command pass through.
+# own "spool serve process" rows) and any other command pass through. The
+# broker it starts serves the native protocol only: `--transport grpc`
+# calls pass through to the in-process broker too.
 #
 #   cargo build --release
 #   P=~/.cache/spool-peers; IGGY_DIR=$P/iggy NATSBENCH=$P/natsbench \
@@ -15,7 +17,15 @@
 set -euo pipefail
 REAL=${SPOOL_REAL:-$(cd "$(dirname "$0")/../.." && pwd)/target/release/spool}
 
-if [ "${1:-}" != bench ] || printf '%s\n' "$@" | grep -qx -- '--server'; then
+through=""
+[ "${1:-}" = bench ] || through=1
+prev=""
+for a in "$@"; do
+  case "$a" in --server|--server=*|--transport=grpc) through=1 ;; esac
+  [ "$prev" = --transport ] && [ "$a" = grpc ] && through=1
+  prev=$a
+done
+if [ -n "$through" ]; then
   exec "$REAL" "$@"
 fi
 
@@ -24,6 +34,9 @@ SERVE=""
 cleanup() {
   if [ -n "$SERVE" ]; then
     kill "$SERVE" 2>/dev/null || true
+    # A broker that does not stop within 10 s is killed.
+    for _ in $(seq 100); do kill -0 "$SERVE" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$SERVE" 2>/dev/null || true
     wait "$SERVE" 2>/dev/null || true
   fi
   rm -rf "$WORK"

@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 /// Longest the probe runs.
 pub const PROBE_TIME: Duration = Duration::from_secs(2);
 /// Most bytes the probe's file holds: a high rate or large messages get a
-/// shorter run instead of a larger file.
+/// shorter run instead of a larger file (though never fewer than one
+/// message).
 pub const MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Bytes of zeros written per call while the file is prepared.
 const FILL: usize = 1024 * 1024;
@@ -58,8 +59,12 @@ pub fn probe(
         .map_err(BenchError::io(format!("writing zeros into {}", name())))
         .and_then(|()| rounds(&file, rate, size, count, stop, &name));
     drop(file);
-    std::fs::remove_file(&path).map_err(BenchError::io(format!("removing {}", name())))?;
-    result
+    // The run's own outcome comes first; a failed removal is reported only
+    // after a run that succeeded.
+    let removed = std::fs::remove_file(&path);
+    let summary = result?;
+    removed.map_err(BenchError::io(format!("removing {}", name())))?;
+    Ok(summary)
 }
 
 /// Writes zeros over `bytes` of `file` and syncs them, so later syncs of
