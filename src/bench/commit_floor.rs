@@ -17,6 +17,7 @@
 
 use super::BenchError;
 use super::histogram::{Latency, LatencySummary};
+use super::pacing::Timetable;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -92,26 +93,14 @@ fn rounds(
     name: &dyn Fn() -> String,
 ) -> Result<LatencySummary, BenchError> {
     let payload = vec![0x5a_u8; (size * count.min(MOST_PER_WRITE)) as usize];
-    let origin = Instant::now() + Duration::from_millis(20);
-    let due = |k: u64| origin + Duration::from_nanos(k * 1_000_000_000 / rate);
-    // Messages due by `now`: the first `k` with due(k) > now.
-    let due_by = |now: Instant| -> u64 {
-        let ns = now.saturating_duration_since(origin).as_nanos();
-        let n = ns * u128::from(rate) / 1_000_000_000 + 1;
-        u64::try_from(n).unwrap_or(u64::MAX).min(count)
-    };
+    let timetable = Timetable::starting_soon(rate);
     let mut latency = Latency::new();
     let mut next = 0;
     while next < count {
         if stop.is_cancelled() {
             return Err(BenchError::Stopped);
         }
-        let now = Instant::now();
-        if now < origin {
-            std::hint::spin_loop();
-            continue;
-        }
-        let end = due_by(now);
+        let end = timetable.due_by(Instant::now()).min(count);
         if end <= next {
             std::hint::spin_loop();
             continue;
@@ -127,7 +116,7 @@ fn rounds(
             .map_err(BenchError::io(format!("fdatasync of {}", name())))?;
         let synced = Instant::now();
         for k in next..end {
-            latency.record(synced.saturating_duration_since(due(k)));
+            latency.record(synced.saturating_duration_since(timetable.due(k)));
         }
         next = end;
     }

@@ -548,7 +548,7 @@ pub async fn run(
 /// pacing threads are up before the first send is due.
 fn origin(params: &Params) -> Instant {
     let lead = if params.rate.is_some() {
-        Duration::from_millis(20)
+        pacing::LEAD
     } else {
         Duration::ZERO
     };

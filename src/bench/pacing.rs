@@ -92,6 +92,46 @@ impl Schedule {
     }
 }
 
+/// How far ahead of now an open loop's timetable starts, so its pacing
+/// threads are up before the first message is due.
+pub const LEAD: Duration = Duration::from_millis(20);
+
+/// When each message of an open loop at `rate` messages per second is due:
+/// message `k` at `origin + k / rate`, each computed from the origin so the
+/// timetable does not drift.
+#[derive(Debug, Clone, Copy)]
+pub struct Timetable {
+    origin: Instant,
+    rate: u64,
+}
+
+impl Timetable {
+    /// A timetable starting [`LEAD`] from now.
+    pub fn starting_soon(rate: u64) -> Timetable {
+        Timetable {
+            origin: Instant::now() + LEAD,
+            rate: rate.max(1),
+        }
+    }
+
+    /// When message `k` is due.
+    pub fn due(&self, k: u64) -> Instant {
+        let ns = u128::from(k) * NANOS_PER_SEC / u128::from(self.rate);
+        self.origin + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    /// How many messages are due by `at` (none before the origin).
+    pub fn due_by(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.origin) {
+            None => 0,
+            Some(since) => {
+                let n = since.as_nanos() * u128::from(self.rate) / NANOS_PER_SEC + 1;
+                u64::try_from(n).unwrap_or(u64::MAX)
+            }
+        }
+    }
+}
+
 /// Makes the calling OS thread's sleeps end when they are due: Linux lets
 /// a normal thread's timers fire up to 50 µs late (its timer slack) to
 /// batch wake-ups, which would add that much to every open-loop latency
@@ -204,6 +244,18 @@ mod tests {
             s.send(0, 3000).and_then(|x| x.due),
             Some(Duration::from_secs(1000))
         );
+    }
+
+    #[test]
+    fn a_timetable_counts_what_is_due_without_drift() {
+        // 3 per second does not divide a second: message 3000 is still due
+        // at exactly 1000 s, and each message counts as due from its time on.
+        let t = Timetable::starting_soon(3);
+        assert_eq!(t.due(3000) - t.due(0), Duration::from_secs(1000));
+        assert_eq!(t.due_by(t.due(0) - Duration::from_nanos(1)), 0);
+        assert_eq!(t.due_by(t.due(0)), 1);
+        assert_eq!(t.due_by(t.due(3000) - Duration::from_nanos(1)), 3000);
+        assert_eq!(t.due_by(t.due(3000)), 3001);
     }
 
     #[test]

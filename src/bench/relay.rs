@@ -58,16 +58,14 @@ pub async fn probe(rate: u64, size: usize, time: Duration) -> Result<LatencySumm
     let mut writer = connect().await?;
     let mut reader = connect().await?;
 
-    // A little ahead, so the first sends are not already late.
-    let origin = Instant::now() + Duration::from_millis(20);
-    let due = move |k: u64| origin + Duration::from_nanos(k * 1_000_000_000 / rate);
+    let timetable = pacing::Timetable::starting_soon(rate);
     let (tx, mut rx) = mpsc::channel::<u64>(1024);
     std::thread::Builder::new()
         .name("bench-relay-pacer".into())
         .spawn(move || {
             pacing::exact_sleeps();
             for k in 0..count {
-                pacing::sleep_until(due(k));
+                pacing::sleep_until(timetable.due(k));
                 if tx.blocking_send(k).is_err() {
                     break;
                 }
@@ -93,7 +91,7 @@ pub async fn probe(rate: u64, size: usize, time: Duration) -> Result<LatencySumm
         let now = Instant::now();
         let mut stamp = [0u8; STAMP];
         stamp.copy_from_slice(&message[..STAMP]);
-        latency.record(now.saturating_duration_since(due(u64::from_le_bytes(stamp))));
+        latency.record(now.saturating_duration_since(timetable.due(u64::from_le_bytes(stamp))));
     }
     let ended = |what: &str, r: Result<std::io::Result<()>, tokio::task::JoinError>| match r {
         Ok(Ok(())) => Ok(()),
