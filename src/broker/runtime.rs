@@ -189,7 +189,8 @@ struct ProduceJob {
 /// A round that may wait on the disk ([`crate::storage::Log::append_may_block`]:
 /// a sync under the policy, a segment roll, a writer held by a sync or a
 /// checkpoint) hands the lead to one thread of the blocking pool, which
-/// runs rounds back to back until the queue is empty (or, for a queue that
+/// runs rounds back to back until the queue is empty (and stays so for
+/// [`LINGER`]; or, for a queue that
 /// never runs dry, for a bounded turn before the pool takes the lead
 /// again): under
 /// `fsync=always` the next round starts as soon as a sync returns, with no
@@ -219,6 +220,22 @@ struct Queue {
     taken: u64,
     /// A commit panicked: the topic takes no more writes.
     failed: bool,
+    /// Lingers in a row that found nothing queued ([`Queue::lingers`]).
+    linger_misses: u32,
+    /// Times a blocking-pool lead found the queue empty.
+    empty_rounds: u32,
+}
+
+impl Queue {
+    /// Whether a blocking-pool lead that found the queue empty lingers for
+    /// the next batch: while lingering finds batches, yes; after
+    /// [`LINGER_MISSES`] lingers in a row that found nothing (batches come
+    /// further apart, as with one large request in flight), only once in
+    /// [`LINGER_RETRY`] times, so a thread is not kept busy for nothing.
+    fn lingers(&mut self) -> bool {
+        self.empty_rounds = self.empty_rounds.wrapping_add(1);
+        self.linger_misses < LINGER_MISSES || self.empty_rounds.is_multiple_of(LINGER_RETRY)
+    }
 }
 
 impl Commits {
@@ -280,6 +297,35 @@ impl Commits {
         Some((jobs, last))
     }
 
+    /// [`Commits::take_round`] for a blocking-pool lead: when nothing is
+    /// queued it keeps the lead for up to [`LINGER`], yielding its thread,
+    /// and takes the first batch that comes. A producer that arrives just
+    /// after a round (at 10 000 single-message produces a second, most do:
+    /// a sync is a little shorter than the time between them) then finds
+    /// its round under way at once instead of waiting for a pool thread to
+    /// wake ([`Queue::lingers`] says when it is worth it).
+    fn take_round_lingering(&self) -> Option<(Vec<ProduceJob>, u64)> {
+        let until = std::time::Instant::now() + LINGER;
+        let mut q = self.queue();
+        if q.jobs.is_empty() && !q.failed && q.lingers() {
+            loop {
+                drop(q);
+                std::thread::yield_now();
+                q = self.queue();
+                if !q.jobs.is_empty() || q.failed {
+                    q.linger_misses = 0;
+                    break;
+                }
+                if std::time::Instant::now() >= until {
+                    q.linger_misses = q.linger_misses.saturating_add(1);
+                    break;
+                }
+            }
+        }
+        drop(q);
+        self.take_round()
+    }
+
     /// Leads rounds on this task until the round with the leader's own
     /// batch (number `own`) is answered, then hands over; or hands the
     /// lead to the blocking pool at the first round that may block.
@@ -325,7 +371,7 @@ impl Commits {
         let mut jobs = first;
         let mut rounds = 0;
         while self.commit_and_answer(jobs) {
-            let Some((next, _)) = self.take_round() else {
+            let Some((next, _)) = self.take_round_lingering() else {
                 return;
             };
             rounds += 1;
@@ -437,6 +483,17 @@ impl Commits {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
+
+/// How long a blocking-pool lead waits for the next batch before it gives
+/// the lead back ([`Commits::take_round_lingering`]): longer than the gap
+/// between a round's answer and the next batch of a producer that sends
+/// as soon as it is answered, or that the next message of a steady stream
+/// leaves after a sync.
+const LINGER: Duration = Duration::from_micros(60);
+/// Lingers in a row that found nothing before the lead stops lingering.
+const LINGER_MISSES: u32 = 8;
+/// While it does not linger, it still tries once in this many rounds.
+const LINGER_RETRY: u32 = 32;
 
 /// Rounds a blocking-pool thread leads before it gives the thread back.
 const BLOCKING_LEAD_ROUNDS: u32 = 64;
@@ -1083,6 +1140,72 @@ mod tests {
             .read(Offset(backlog as u64 - 1), 1, usize::MAX)
             .expect("read");
         assert_eq!(&last[0].value[..], (backlog - 1).to_string().as_bytes());
+    }
+
+    /// A blocking-pool lead lingers while lingering finds batches; after
+    /// [`LINGER_MISSES`] that found none it lingers only now and then, and
+    /// one that finds a batch makes it linger every time again.
+    #[test]
+    fn a_lead_stops_lingering_when_it_finds_nothing_and_retries_now_and_then() {
+        let mut q = Queue::default();
+        assert!(
+            (0..100).all(|_| q.lingers()),
+            "lingers while nothing missed"
+        );
+        q.linger_misses = LINGER_MISSES;
+        let lingered = (0..LINGER_RETRY * 4).filter(|_| q.lingers()).count();
+        assert_eq!(lingered, 4, "once in LINGER_RETRY times");
+        q.linger_misses = 0;
+        assert!((0..100).all(|_| q.lingers()), "a hit makes it linger again");
+    }
+
+    /// Producers that send about when a lead lingers, just before, within
+    /// or just after [`LINGER`], are each answered once, and their batches
+    /// land in order: a lead given up as a batch arrives strands nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn produces_around_the_linger_are_each_answered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path(), FsyncPolicy::Always);
+        let gaps = [0u64, 20, 50, 60, 70, 120, 300];
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in 0..3u64 {
+            let rt = Arc::clone(&rt);
+            tasks.spawn(async move {
+                let mut firsts = Vec::new();
+                for k in 0..60u64 {
+                    let gap = Duration::from_micros(gaps[((p + k) % 7) as usize]);
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < gap {
+                        std::hint::spin_loop();
+                    }
+                    let a = rt
+                        .produce(vec![NewMessage::from_value(format!("{p}/{k}"))])
+                        .await
+                        .expect("produce");
+                    firsts.push((a.first.0, p, k));
+                }
+                firsts
+            });
+        }
+        let all = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut all = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                all.extend(done.expect("producer"));
+            }
+            all
+        })
+        .await
+        .expect("every produce is answered");
+        let mut offsets: Vec<u64> = all.iter().map(|&(o, _, _)| o).collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..180).collect::<Vec<_>>(), "each once");
+        for (offset, p, k) in all {
+            let read = rt
+                .topic()
+                .read(Offset(offset), 1, usize::MAX)
+                .expect("read");
+            assert_eq!(&read[0].value[..], format!("{p}/{k}").as_bytes());
+        }
     }
 
     /// A producer that gives up while its batch is queued leaves no batch
