@@ -189,10 +189,10 @@ struct ProduceJob {
 /// A round that may wait on the disk ([`crate::storage::Log::append_may_block`]:
 /// a sync under the policy, a segment roll, a writer held by a sync or a
 /// checkpoint) hands the lead to one thread of the blocking pool, which
-/// runs rounds back to back until the queue is empty (and stays so for
-/// [`LINGER`]; or, for a queue that
-/// never runs dry, for a bounded turn before the pool takes the lead
-/// again): under
+/// runs rounds back to back until the queue is empty (under `fsync=always`,
+/// until it has stayed empty for [`LINGER`], while lingering pays; or, for
+/// a queue that never runs dry, for a bounded turn before the pool takes
+/// the lead again): under
 /// `fsync=always` the next round starts as soon as a sync returns, with no
 /// task to schedule in between, and producers only wait for their answers.
 /// (Leading such rounds under `block_in_place` instead moved the worker's
@@ -297,22 +297,34 @@ impl Commits {
         Some((jobs, last))
     }
 
-    /// [`Commits::take_round`] for a blocking-pool lead: when nothing is
-    /// queued it keeps the lead for up to [`LINGER`], yielding its thread,
-    /// and takes the first batch that comes. A producer that arrives just
-    /// after a round (at 10 000 single-message produces a second, most do:
-    /// a sync is a little shorter than the time between them) then finds
-    /// its round under way at once instead of waiting for a pool thread to
-    /// wake ([`Queue::lingers`] says when it is worth it).
-    fn take_round_lingering(&self) -> Option<(Vec<ProduceJob>, u64)> {
-        let until = std::time::Instant::now() + LINGER;
+    /// [`Commits::take_round`] for a blocking-pool lead under
+    /// `fsync=always`: when nothing is queued it keeps the lead for up to
+    /// `linger` ([`LINGER`]) and takes the first batch that comes. A
+    /// producer that sends again as soon as it is answered, or a steady
+    /// stream whose next message comes within a sync's time, then finds
+    /// its round under way at once instead of waiting for a pool thread
+    /// to wake. The wait is a busy one: the thread looks at the queue and
+    /// yields the CPU between looks, so it runs only while nothing else on
+    /// its CPU wants to, but it is not asleep. [`Queue::lingers`] turns it
+    /// off while it keeps finding nothing.
+    ///
+    /// Under other policies it does not linger: a round under `interval`
+    /// is only a copy into the page cache, so a lingering lead would spin
+    /// for most of the time between produces, and under `never` the pool
+    /// only leads the round of a segment roll, after which rounds go back
+    /// to the producers' own tasks.
+    fn take_round_lingering(&self, linger: Duration) -> Option<(Vec<ProduceJob>, u64)> {
+        if self.topic.log().config().fsync != FsyncPolicy::Always {
+            return self.take_round();
+        }
+        let until = std::time::Instant::now() + linger;
         let mut q = self.queue();
         if q.jobs.is_empty() && !q.failed && q.lingers() {
             loop {
                 drop(q);
                 std::thread::yield_now();
                 q = self.queue();
-                if !q.jobs.is_empty() || q.failed {
+                if !q.jobs.is_empty() {
                     q.linger_misses = 0;
                     break;
                 }
@@ -360,7 +372,8 @@ impl Commits {
     }
 
     /// The lead on a blocking-pool thread: commits `first`, then rounds
-    /// back to back until the queue is empty. After [`BLOCKING_LEAD_ROUNDS`]
+    /// back to back until the queue is empty (under `fsync=always`, after
+    /// lingering for the next batch: [`Commits::take_round_lingering`]). After [`BLOCKING_LEAD_ROUNDS`]
     /// rounds or [`BLOCKING_LEAD_TIME`] it gives its thread back and the
     /// next round goes to the pool again, so topics that never run dry
     /// take turns with each other and with reads for the pool's threads
@@ -371,7 +384,7 @@ impl Commits {
         let mut jobs = first;
         let mut rounds = 0;
         while self.commit_and_answer(jobs) {
-            let Some((next, _)) = self.take_round_lingering() else {
+            let Some((next, _)) = self.take_round_lingering(LINGER) else {
                 return;
             };
             rounds += 1;
@@ -484,15 +497,19 @@ impl Commits {
     }
 }
 
-/// How long a blocking-pool lead waits for the next batch before it gives
-/// the lead back ([`Commits::take_round_lingering`]): longer than the gap
-/// between a round's answer and the next batch of a producer that sends
-/// as soon as it is answered, or that the next message of a steady stream
-/// leaves after a sync.
+/// How long a blocking-pool lead under `fsync=always` waits for the next
+/// batch before it gives the lead back ([`Commits::take_round_lingering`]).
+/// It pays where batches come close together: a producer on the same host
+/// or a near one that sends again as soon as it is answered, or a steady
+/// stream whose next message comes within a sync's time (at 10 000
+/// messages a second on a disk that syncs in about 0.1 ms, most do).
+/// Producers further away than that find the lead given back, as before.
+/// Measured at 30, 60 and 120 µs (docs/performance.md, change 18).
 const LINGER: Duration = Duration::from_micros(60);
 /// Lingers in a row that found nothing before the lead stops lingering.
 const LINGER_MISSES: u32 = 8;
-/// While it does not linger, it still tries once in this many rounds.
+/// While it does not linger, a lead still lingers once in this many times
+/// it finds the queue empty, to notice batches coming closer again.
 const LINGER_RETRY: u32 = 32;
 
 /// Rounds a blocking-pool thread leads before it gives the thread back.
@@ -1157,6 +1174,94 @@ mod tests {
         assert_eq!(lingered, 4, "once in LINGER_RETRY times");
         q.linger_misses = 0;
         assert!((0..100).all(|_| q.lingers()), "a hit makes it linger again");
+    }
+
+    /// A lead under `fsync=always` that finds the queue empty keeps the
+    /// lead and takes the batch that comes while it waits; a hit makes it
+    /// linger every time again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lingering_lead_takes_the_batch_that_comes_while_it_waits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path(), FsyncPolicy::Always);
+        let commits = Arc::clone(&rt.commits);
+        {
+            let mut q = commits.queue();
+            q.leading = true;
+            q.linger_misses = 3;
+        }
+        let (j, _answer) = job("late");
+        let c = Arc::clone(&commits);
+        let producer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut q = c.queue();
+            assert!(q.leading, "the lead is still held while it lingers");
+            q.jobs.push_back(j);
+        });
+        let c = Arc::clone(&commits);
+        let taken =
+            tokio::task::spawn_blocking(move || c.take_round_lingering(Duration::from_secs(30)))
+                .await
+                .expect("lingering lead");
+        producer.join().expect("producer thread");
+        let (jobs, last) = taken.expect("the batch that came while it lingered");
+        assert_eq!((jobs.len(), last), (1, 1));
+        let q = commits.queue();
+        assert!(q.leading, "still leading: the round is its to commit");
+        assert_eq!(q.linger_misses, 0, "a hit clears the misses");
+    }
+
+    /// A linger that finds nothing gives the lead back and counts a miss;
+    /// a producer after it leads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_linger_that_finds_nothing_gives_the_lead_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime(dir.path(), FsyncPolicy::Always);
+        let commits = Arc::clone(&rt.commits);
+        commits.queue().leading = true;
+        let c = Arc::clone(&commits);
+        let taken =
+            tokio::task::spawn_blocking(move || c.take_round_lingering(Duration::from_millis(2)))
+                .await
+                .expect("lingering lead");
+        assert!(taken.is_none());
+        {
+            let q = commits.queue();
+            assert!(!q.leading, "the lead was given back");
+            assert_eq!(q.linger_misses, 1);
+        }
+        let a = rt
+            .produce(vec![NewMessage::from_value("after")])
+            .await
+            .expect("a later produce leads again");
+        assert_eq!(a.first, Offset(0));
+    }
+
+    /// Only `fsync=always` lingers: under `interval` and `never` a lead that
+    /// finds the queue empty gives the lead back at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn other_policies_do_not_linger() {
+        for fsync in [FsyncPolicy::Never, FsyncPolicy::Interval(1000)] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let rt = runtime(dir.path(), fsync);
+            let commits = Arc::clone(&rt.commits);
+            commits.queue().leading = true;
+            let c = Arc::clone(&commits);
+            let started = std::time::Instant::now();
+            // A linger would hold the lead for the whole minute.
+            let taken = tokio::task::spawn_blocking(move || {
+                c.take_round_lingering(Duration::from_secs(60))
+            })
+            .await
+            .expect("lead");
+            assert!(taken.is_none());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{fsync:?} lingered"
+            );
+            let q = commits.queue();
+            assert!(!q.leading);
+            assert_eq!((q.linger_misses, q.empty_rounds), (0, 0), "{fsync:?}");
+        }
     }
 
     /// Producers that send about when a lead lingers, just before, within
