@@ -846,12 +846,18 @@ mod tests {
     /// contiguous offsets, every offset once, and the log holding each
     /// batch where its answer says.
     async fn concurrent_producers(fsync: FsyncPolicy) {
-        tokio::time::timeout(Duration::from_secs(30), producers_at_once(fsync))
+        concurrent_producers_with_gaps(fsync, &[0]).await;
+    }
+
+    /// [`concurrent_producers`], each producer spinning before each batch
+    /// for a gap (µs) taken in turn from `gaps`.
+    async fn concurrent_producers_with_gaps(fsync: FsyncPolicy, gaps: &'static [u64]) {
+        tokio::time::timeout(Duration::from_secs(30), producers_at_once(fsync, gaps))
             .await
             .expect("every produce is answered");
     }
 
-    async fn producers_at_once(fsync: FsyncPolicy) {
+    async fn producers_at_once(fsync: FsyncPolicy, gaps: &'static [u64]) {
         let dir = tempfile::tempdir().expect("tempdir");
         let rt = runtime(dir.path(), fsync);
         let mut tasks = tokio::task::JoinSet::new();
@@ -860,6 +866,11 @@ mod tests {
             tasks.spawn(async move {
                 let mut answers = Vec::new();
                 for b in 0..25u32 {
+                    let gap = gaps[(p + b) as usize % gaps.len()];
+                    let start = std::time::Instant::now();
+                    while start.elapsed() < Duration::from_micros(gap) {
+                        std::hint::spin_loop();
+                    }
                     let batch: Vec<_> = (0..1 + (p + b) % 4)
                         .map(|i| NewMessage::from_value(format!("{p}/{b}/{i}")))
                         .collect();
@@ -1273,48 +1284,7 @@ mod tests {
     /// hand-back itself happens under the queue's lock, in `take_round`.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn produces_around_the_linger_are_each_answered() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let rt = runtime(dir.path(), FsyncPolicy::Always);
-        let gaps = [0u64, 20, 50, 60, 70, 120, 300];
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in 0..3u64 {
-            let rt = Arc::clone(&rt);
-            tasks.spawn(async move {
-                let mut firsts = Vec::new();
-                for k in 0..60u64 {
-                    let gap = Duration::from_micros(gaps[((p + k) % 7) as usize]);
-                    let start = std::time::Instant::now();
-                    while start.elapsed() < gap {
-                        std::hint::spin_loop();
-                    }
-                    let a = rt
-                        .produce(vec![NewMessage::from_value(format!("{p}/{k}"))])
-                        .await
-                        .expect("produce");
-                    firsts.push((a.first.0, p, k));
-                }
-                firsts
-            });
-        }
-        let all = tokio::time::timeout(Duration::from_secs(60), async {
-            let mut all = Vec::new();
-            while let Some(done) = tasks.join_next().await {
-                all.extend(done.expect("producer"));
-            }
-            all
-        })
-        .await
-        .expect("every produce is answered");
-        let mut offsets: Vec<u64> = all.iter().map(|&(o, _, _)| o).collect();
-        offsets.sort_unstable();
-        assert_eq!(offsets, (0..180).collect::<Vec<_>>(), "each once");
-        for (offset, p, k) in all {
-            let read = rt
-                .topic()
-                .read(Offset(offset), 1, usize::MAX)
-                .expect("read");
-            assert_eq!(&read[0].value[..], format!("{p}/{k}").as_bytes());
-        }
+        concurrent_producers_with_gaps(FsyncPolicy::Always, &[0, 20, 50, 60, 70, 120, 300]).await;
     }
 
     /// A producer that gives up while its batch is queued leaves no batch
