@@ -1874,3 +1874,123 @@ fn an_unconfirmed_seek_back_can_outlive_the_commit_after_it() {
 fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
     offsets.iter().copied().map(Offset).collect()
 }
+
+#[test]
+fn a_consumed_offset_deleted_again_stays_gone_when_a_group_is_added() {
+    // The workload the harness shrank it to (seed 1796124429887932793).
+    // Topic t1 (fsync=interval, `delete_when_consumed`, one queue group):
+    // the group acks offsets 4 and 8 and compaction makes that durable; a
+    // cut shows them consumed. Then 4 and 8 are deleted explicitly (applied,
+    // not yet synced) and a stream group is created at the earliest offset,
+    // 3. Creating a group first records what every group consumed as
+    // deleted, durably; it skipped 4 and 8, already deleted in memory, and
+    // so left that deletion unsynced: the cut after it showed them to the
+    // new group as if never consumed.
+    let m = || MsgSpec {
+        key: None,
+        headers: 0,
+        value_len: 0,
+        ts_back: None,
+    };
+    let ms = |n: usize| (0..n).map(|_| m()).collect::<Vec<_>>();
+    let epoch = |ops: Vec<Op>, arm_at: usize, extra_syncs: u64| Epoch {
+        ops,
+        arm_at,
+        extra_syncs,
+        tear: None,
+        recovery_cut: None,
+    };
+    let case = Case {
+        topics: vec![
+            TopicSpec {
+                fsync: FsyncPolicy::Always,
+                keyed: false,
+                delete_when_consumed: false,
+                segment_bytes: 1024,
+                max_deliveries: 2,
+                groups: vec![false],
+            },
+            TopicSpec {
+                fsync: FsyncPolicy::Interval(1),
+                keyed: false,
+                delete_when_consumed: true,
+                segment_bytes: 1467,
+                max_deliveries: 3,
+                groups: vec![true],
+            },
+        ],
+        epochs: vec![
+            epoch(
+                vec![
+                    Op::Produce {
+                        topic: 1,
+                        msgs: ms(2),
+                    },
+                    Op::Produce {
+                        topic: 1,
+                        msgs: ms(1),
+                    },
+                    Op::Produce {
+                        topic: 1,
+                        msgs: ms(4),
+                    },
+                    Op::Sync { topic: 1 },
+                ],
+                0,
+                1,
+            ),
+            epoch(
+                vec![
+                    Op::Delete {
+                        topic: 1,
+                        at: vec![18725, 0],
+                    },
+                    Op::Produce {
+                        topic: 1,
+                        msgs: ms(2),
+                    },
+                    Op::Delete {
+                        topic: 1,
+                        at: vec![7282],
+                    },
+                    Op::Sync { topic: 1 },
+                    Op::Fetch {
+                        topic: 1,
+                        group: 0,
+                        max: 5,
+                    },
+                    Op::Ack {
+                        topic: 1,
+                        group: 0,
+                        pick: 5663759652558836010,
+                    },
+                    Op::CompactWhileProducing { topic: 1 },
+                ],
+                4,
+                2,
+            ),
+            epoch(
+                vec![
+                    Op::Delete {
+                        topic: 1,
+                        at: vec![58255, 29128],
+                    },
+                    Op::CreateGroup {
+                        topic: 1,
+                        queue: false,
+                        latest: false,
+                    },
+                ],
+                2,
+                0,
+            ),
+        ],
+    };
+    let reg = run_case(&case, &mut Figures::default()).expect("nothing consumed comes back");
+    let t = reg.topic("t1").expect("topic");
+    let visible: Vec<u64> = values(&t).iter().map(|(o, _)| *o).collect();
+    assert!(
+        !visible.contains(&4) && !visible.contains(&8),
+        "consumed offsets 4 and 8 stay gone: {visible:?}"
+    );
+}

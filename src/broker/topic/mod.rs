@@ -976,7 +976,16 @@ impl Topic {
             .filter(|r| deletions.set().count_in(r.clone()) < r.end - r.start)
             .collect();
         // Durable before the change it guards, whatever the fsync policy.
-        deletions.record(&new, true)
+        deletions.record(&new, true)?;
+        // Consumed offsets already deleted in memory are skipped above, but
+        // that deletion may not be durable yet (an explicit delete under
+        // `interval` or `never`): without it the change would outlive the
+        // deletion, and a power cut would show those offsets to the new
+        // group (or the one moved back) as if never consumed.
+        if !consumed.is_empty() && !deletions.is_synced() {
+            deletions.sync()?;
+        }
+        Ok(())
     }
 
     /// Syncs group and deletion state (the log is synced separately).
