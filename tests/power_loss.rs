@@ -1994,3 +1994,65 @@ fn a_consumed_offset_deleted_again_stays_gone_when_a_group_is_added() {
         "consumed offsets 4 and 8 stay gone: {visible:?}"
     );
 }
+
+#[test]
+fn a_fetch_makes_deletions_durable_before_the_completions_that_stand_on_them() {
+    // fsync=interval, nothing ticks: all but the last of 10 050 messages are
+    // deleted (applied, not synced), then one queue fetch walks over them,
+    // completing each deleted offset in the group so it does not hold the
+    // watermark back. Past 10 000 completions the group's journal is synced
+    // and snapshotted within the fetch. That sync came before the fetch
+    // synced the deletions: a cut between the two kept the completions and
+    // lost the deletion, and the group never got those messages. Whatever the
+    // cut keeps, every message a replay shows is still the group's to fetch.
+    const N: u64 = 10_050;
+    for extra in 0..3 {
+        let disk = Arc::new(SimDisk::new());
+        let reg = open_registry(&disk).expect("open");
+        let config = TopicConfig {
+            log: LogConfig {
+                segment_bytes: 4 << 20,
+                fsync: FsyncPolicy::Interval(3_600_000),
+                ..LogConfig::default()
+            },
+            ..TopicConfig::default()
+        };
+        let t = reg.create_topic("t", config).expect("create topic");
+        t.create_group("q", GroupMode::Queue, Position::Earliest)
+            .expect("group");
+        for start in (0..N).step_by(1000) {
+            let batch: Vec<_> = (start..(start + 1000).min(N))
+                .map(|i| NewMessage::from_value(i.to_string()))
+                .collect();
+            t.produce(&batch).expect("produce");
+        }
+        t.log().sync().expect("log sync");
+        t.sync_state().expect("state sync");
+        let deleted: Vec<Offset> = (0..N - 1).map(Offset).collect();
+        t.delete(&deleted).expect("delete");
+        disk.power_off_after_syncs(Some(disk.sync_count() + extra));
+        let _ = t.fetch_queue("q", "m", 1, NO_BYTE_LIMIT, now_ms());
+        drop(t);
+        drop(reg);
+        disk.power_cut(None);
+        let reg = open_registry(&disk).expect("recover");
+        let t = reg.topic("t").expect("topic");
+        let visible: BTreeSet<u64> = values(&t).iter().map(|(o, _)| *o).collect();
+        let mut fetched = BTreeSet::new();
+        loop {
+            let f = t
+                .fetch_queue("q", "m", 1000, NO_BYTE_LIMIT, now_ms())
+                .expect("fetch");
+            if f.deliveries.is_empty() {
+                break;
+            }
+            fetched.extend(f.deliveries.iter().map(|d| d.message.offset.0));
+        }
+        let missing: Vec<u64> = visible.difference(&fetched).copied().take(5).collect();
+        assert!(
+            missing.is_empty(),
+            "cut after {extra} syncs: {} visible offsets the group never gets again, first {missing:?}",
+            visible.difference(&fetched).count()
+        );
+    }
+}

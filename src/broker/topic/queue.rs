@@ -56,6 +56,18 @@ impl Topic {
         let mut g = self.lock(&handle)?;
         self.check_queue(&g)?;
         let deletions = self.deletions();
+        // Completions of deleted offsets below stand on the deletions, which
+        // reach the disk first: before the first such completion, since the
+        // group's journal may be synced before this fetch returns (by a
+        // snapshot, or by another caller's sync of the same journal).
+        let mut deletions_durable = deletions.is_synced();
+        let stand_on_deletions = |durable: &mut bool| -> Result<()> {
+            if !*durable {
+                deletions.sync_later().wait()?;
+                *durable = true;
+            }
+            Ok(())
+        };
         let mut out = QueueFetch::default();
         let mut bytes = 0usize;
         g.touch(member, now);
@@ -74,7 +86,10 @@ impl Topic {
                     }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
-                _ => g.complete(offset, offset + 1)?,
+                _ => {
+                    stand_on_deletions(&mut deletions_durable)?;
+                    g.complete(offset, offset + 1)?;
+                }
             }
         }
         let mut cursor = g.cursor();
@@ -92,6 +107,7 @@ impl Topic {
                     // Nothing to deliver: complete it (as a deleted redelivery
                     // is) so it does not hold the low watermark back.
                     if !g.is_done(o) && !g.is_leased(o) {
+                        stand_on_deletions(&mut deletions_durable)?;
                         g.complete(o, o + 1)?;
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
@@ -145,11 +161,6 @@ impl Topic {
                     });
                 }
             }
-        }
-        // Completions of deleted offsets above stand on the deletions: those
-        // reach the disk first.
-        if !deletions.is_synced() {
-            deletions.sync_later().wait()?;
         }
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes. The sync
