@@ -58,21 +58,30 @@ impl Topic {
     /// The keep-or-drop rules of compaction, on a snapshot of the topic's
     /// state (so compaction never holds the topic while it copies).
     fn cleaner(&self, now_ms: u64) -> Result<Cleaner> {
-        let (deleted, completed, durable) = {
+        let (deleted, completed, durable, groups_durable) = {
             let groups = self.groups();
-            let completed: Vec<RangeSet> = if self.config.delete_when_consumed {
-                groups
-                    .values()
-                    .map(|g| Ok(self.lock(g)?.completed()))
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            };
+            let mut completed = Vec::new();
+            let mut groups_durable = Vec::new();
+            if self.config.delete_when_consumed {
+                for g in groups.values() {
+                    let mut g = self.lock(g)?;
+                    completed.push(g.completed());
+                    // What it completed since `sync_state` (an ack that came
+                    // in between) is acted on too: durable first as well.
+                    groups_durable.push(g.sync_later()?);
+                }
+            }
             let deletions = self.deletions();
             // Compaction acts on these deletions: they are durable first.
-            (deletions.set().clone(), completed, deletions.sync_later())
+            (
+                deletions.set().clone(),
+                completed,
+                deletions.sync_later(),
+                groups_durable,
+            )
         };
         durable.wait()?;
+        groups_durable.into_iter().try_for_each(SyncWait::wait)?;
         let latest = match self.config.cleanup {
             Cleanup::Compact => Some(Cleaner::latest_offset_per_key(&self.log)?),
             Cleanup::Delete => None,
