@@ -51,16 +51,14 @@ impl Deletions {
         self.set.contains(offset)
     }
 
-    /// Journals `ranges` as deleted, syncs the journal when `sync`, then adds
-    /// them to the set (so nothing reads a deletion before it is journaled).
-    pub fn record(&mut self, ranges: &[Range<u64>], sync: bool) -> Result<()> {
+    /// Journals `ranges` as deleted, then adds them to the set (so nothing
+    /// reads a deletion before it is journaled). Durable once synced
+    /// ([`Deletions::sync`], [`Deletions::wait_durable`]).
+    pub fn record(&mut self, ranges: &[Range<u64>]) -> Result<()> {
         if ranges.is_empty() {
             return Ok(());
         }
         self.journal.append(&encode(ranges.iter().cloned()))?;
-        if sync {
-            self.journal.sync()?;
-        }
         for r in ranges {
             self.set.insert_range(r.clone());
         }
@@ -88,6 +86,15 @@ impl Deletions {
     /// Makes every recorded deletion durable.
     pub fn sync(&mut self) -> Result<()> {
         self.journal.sync()
+    }
+
+    /// Waits, if any recorded deletion is not durable yet, until all are (a
+    /// sync shared with other waiters).
+    pub fn wait_durable(&self) -> Result<()> {
+        if self.is_synced() {
+            return Ok(());
+        }
+        self.sync_later().wait()
     }
 
     /// What to wait on, after letting go of the deletions' lock, for every

@@ -883,7 +883,7 @@ impl Topic {
         let ranges: Vec<_> = offsets.iter().map(|o| o.0..o.0 + 1).collect();
         let durable = {
             let mut deletions = self.deletions_mut();
-            deletions.record(&ranges, false)?;
+            deletions.record(&ranges)?;
             deletions.sync_later()
         };
         // Confirmed once durable under fsync=always; the sync runs outside
@@ -975,17 +975,18 @@ impl Topic {
             .iter()
             .filter(|r| deletions.set().count_in(r.clone()) < r.end - r.start)
             .collect();
-        // Durable before the change it guards, whatever the fsync policy.
-        deletions.record(&new, true)?;
-        // Consumed offsets already deleted in memory are skipped above, but
-        // that deletion may not be durable yet (an explicit delete under
-        // `interval` or `never`): without it the change would outlive the
-        // deletion, and a power cut would show those offsets to the new
-        // group (or the one moved back) as if never consumed.
-        if !consumed.is_empty() && !deletions.is_synced() {
-            deletions.sync()?;
+        deletions.record(&new)?;
+        // Durable before the change it guards, whatever the fsync policy:
+        // what was recorded here, and also consumed offsets skipped above as
+        // already deleted in memory, whose deletion may not be durable yet
+        // (an explicit delete under `interval` or `never`). Without it the
+        // change would outlive the deletion, and a power cut would show those
+        // offsets to the new group (or the one moved back) as if never
+        // consumed.
+        if consumed.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        deletions.wait_durable()
     }
 
     /// Syncs group and deletion state (the log is synced separately).

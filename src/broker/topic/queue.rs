@@ -57,17 +57,9 @@ impl Topic {
         self.check_queue(&g)?;
         let deletions = self.deletions();
         // Completions of deleted offsets below stand on the deletions, which
-        // reach the disk first: before the first such completion, since the
-        // group's journal may be synced before this fetch returns (by a
-        // snapshot, or by another caller's sync of the same journal).
-        let mut deletions_durable = deletions.is_synced();
-        let stand_on_deletions = |durable: &mut bool| -> Result<()> {
-            if !*durable {
-                deletions.sync_later().wait()?;
-                *durable = true;
-            }
-            Ok(())
-        };
+        // reach the disk before each such completion is made: the group's
+        // journal may be synced before this fetch returns (by a snapshot, or
+        // by another caller's sync of the same journal).
         let mut out = QueueFetch::default();
         let mut bytes = 0usize;
         g.touch(member, now);
@@ -87,7 +79,7 @@ impl Topic {
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
                 _ => {
-                    stand_on_deletions(&mut deletions_durable)?;
+                    deletions.wait_durable()?;
                     g.complete(offset, offset + 1)?;
                 }
             }
@@ -107,7 +99,7 @@ impl Topic {
                     // Nothing to deliver: complete it (as a deleted redelivery
                     // is) so it does not hold the low watermark back.
                     if !g.is_done(o) && !g.is_leased(o) {
-                        stand_on_deletions(&mut deletions_durable)?;
+                        deletions.wait_durable()?;
                         g.complete(o, o + 1)?;
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
