@@ -32,12 +32,13 @@ use proptest::test_runner::{Config, RngSeed, TestError, TestRunner};
 use spool::broker::topic::dlq_headers;
 use spool::broker::{Cleanup, Position, Registry, RegistryOptions, Topic, TopicConfig};
 use spool::groups::{GroupMode, RangeSet};
-use spool::storage::io::{SimDisk, Storage};
+use spool::storage::io::{SimDisk, SimOp, Storage};
 use spool::storage::log::now_ms;
 use spool::storage::verify::verify;
 use spool::storage::{DataDir, Durability, FsyncPolicy, LogConfig, Message, NewMessage, Offset};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const ROOT: &str = "/data";
 /// Large enough that no read or fetch here is cut by bytes.
@@ -2055,4 +2056,167 @@ fn a_fetch_makes_deletions_durable_before_the_completions_that_stand_on_them() {
             visible.difference(&fetched).count()
         );
     }
+}
+
+fn consumed_when_all_consumed(reg: &Registry, name: &str, log: LogConfig) -> Arc<Topic> {
+    let config = TopicConfig {
+        delete_when_consumed: true,
+        log,
+        ..TopicConfig::default()
+    };
+    reg.create_topic(name, config).expect("create topic")
+}
+
+fn visible_offsets(t: &Topic) -> BTreeSet<u64> {
+    read_visible(t)
+        .expect("replay")
+        .iter()
+        .map(|m| m.offset.0)
+        .collect()
+}
+
+#[test]
+fn what_the_last_group_consumed_stays_gone_when_it_goes_as_segments_are_dropped() {
+    // Retention, or compaction (a segment with nothing live), drops the
+    // oldest segments while the last group of a delete_when_consumed topic
+    // is removed. The cut lands before the dropped files are durably gone,
+    // so recovery keeps those segments: what the group consumed in them
+    // must not come back with them.
+    let retention = |_: &Registry, t: &Topic| t.enforce_retention(now_ms()).map(|_| ());
+    let compaction = |reg: &Registry, _: &Topic| reg.compact(Some("t"), &mut |_| {}).map(|_| ());
+    type Pass<'a> = &'a dyn Fn(&Registry, &Topic) -> spool::Result<()>;
+    for (how, pass) in [
+        ("retention", &retention as Pass),
+        ("compaction", &compaction),
+    ] {
+        the_last_group_goes_while_segments_are_dropped(how, pass);
+    }
+}
+
+fn the_last_group_goes_while_segments_are_dropped(
+    how: &str,
+    pass: &dyn Fn(&Registry, &Topic) -> spool::Result<()>,
+) {
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let log = LogConfig {
+        segment_bytes: 1024,
+        retention_bytes: Some(2048),
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let t = consumed_when_all_consumed(&reg, "t", log);
+    t.create_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    for i in 0..30u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 300])])
+            .expect("produce");
+    }
+    t.commit("s", Offset(30)).expect("commit");
+    let fired = Arc::new(AtomicBool::new(false));
+    {
+        let (t, disk, fired) = (Arc::clone(&t), Arc::clone(&disk), Arc::clone(&fired));
+        disk.clone().set_hook(Some(Arc::new(move |op, path| {
+            let segment_file = path.extension().is_some_and(|e| e == "log");
+            if op == SimOp::Remove && segment_file && !fired.swap(true, Ordering::SeqCst) {
+                t.delete_group("s").expect("group removed");
+                disk.power_off_after_syncs(Some(disk.sync_count()));
+            }
+        })));
+    }
+    let passed = pass(&reg, &t);
+    disk.set_hook(None);
+    assert!(
+        fired.load(Ordering::SeqCst),
+        "{how} removed no segment: {passed:?}"
+    );
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    assert!(
+        t.list_groups().expect("groups").is_empty(),
+        "{how}: the removal was confirmed"
+    );
+    assert_eq!(
+        visible_offsets(&t),
+        BTreeSet::new(),
+        "{how}: messages the only group consumed came back with the segments the cut kept (start {})",
+        t.stats().start
+    );
+}
+
+#[test]
+fn an_offset_seen_consumed_by_every_group_stays_gone_through_a_seek_back() {
+    // Group a seeks back (or commits back) while group b commits past what
+    // a had consumed. Whichever goes first, a reader that saw an offset gone
+    // (consumed by both) must never see it again: b's commit may not land
+    // between a's move recording what both consumed and the move itself.
+    let seek = |t: &Topic| t.seek("a", Position::Offset(0)).map(|_| ());
+    let commit = |t: &Topic| t.commit("a", Offset(0));
+    for (how, move_a) in [
+        ("seek", &seek as &dyn Fn(&Topic) -> spool::Result<()>),
+        ("commit", &commit),
+    ] {
+        a_move_back_races_a_commit(how, move_a);
+    }
+}
+
+fn a_move_back_races_a_commit(how: &str, move_a: &dyn Fn(&Topic) -> spool::Result<()>) {
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let log = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let t = consumed_when_all_consumed(&reg, "t", log);
+    for g in ["a", "b"] {
+        t.create_group(g, GroupMode::Stream, Position::Earliest)
+            .expect("group");
+    }
+    for i in 0..10u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    t.commit("a", Offset(10)).expect("commit a");
+    t.commit("b", Offset(5)).expect("commit b");
+    assert_eq!(visible_offsets(&t), (5..10).collect());
+    // While a's seek makes what both consumed durable, b commits and a
+    // reader looks, on another thread (given a while to finish first).
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let fired = Arc::new(AtomicBool::new(false));
+    {
+        let (t, fired) = (Arc::clone(&t), Arc::clone(&fired));
+        disk.set_hook(Some(Arc::new(move |op, path| {
+            let deletions = path.to_string_lossy().contains("deletes");
+            if op != SimOp::SyncData || !deletions || fired.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let (t, seen_tx) = (Arc::clone(&t), seen_tx.clone());
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                t.commit("b", Offset(10)).expect("commit b");
+                let _ = seen_tx.send(visible_offsets(&t));
+                let _ = done_tx.send(());
+            });
+            let _ = done_rx.recv_timeout(std::time::Duration::from_millis(500));
+        })));
+    }
+    move_a(&t).unwrap_or_else(|e| panic!("{how} a back: {e}"));
+    let seen = seen_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("b committed");
+    disk.set_hook(None);
+    assert!(fired.load(Ordering::SeqCst), "the {how} synced no deletion");
+    let after = visible_offsets(&t);
+    assert!(
+        after.is_subset(&seen),
+        "offsets seen gone came back after the {how}: seen {seen:?}, then {after:?}"
+    );
+    assert_eq!(
+        after,
+        (5..10).collect(),
+        "{how}: a reads on from 0, 0..5 stay gone"
+    );
 }

@@ -234,14 +234,11 @@ impl Log {
 
     /// Deletes a sealed segment with nothing live; false if it went away
     /// meanwhile (retention).
-    fn delete_sealed(&self, segment: &Segment) -> Result<bool> {
+    fn delete_sealed(&self, segment: &Arc<Segment>) -> Result<bool> {
         if !self.swap_sealed_segments(&[segment.base()], false, || Ok(None))? {
             return Ok(false);
         }
-        self.remove_segment_files(segment.paths())?;
-        self.storage()
-            .sync_dir(self.dir())
-            .ctx(|| format!("syncing {}", self.dir().display()))?;
+        self.remove_dropped(std::slice::from_ref(segment))?;
         Ok(true)
     }
 

@@ -97,6 +97,11 @@ pub struct Log {
     writer: Mutex<Writer>,
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
+    /// Bases of segments already gone from the manifest and the segment list
+    /// whose files are not durably removed yet: a power cut brings such a
+    /// segment back (recovery keeps a segment file the manifest does not
+    /// list). See [`Log::recoverable_start`].
+    dropping: Mutex<Vec<u64>>,
     durable_end: AtomicU64,
     /// What is synced, as one consistent point (the writer updates it).
     synced: Mutex<SyncedPoint>,
@@ -283,6 +288,7 @@ impl Log {
                 scratch: Vec::new(),
             }),
             compacting: Mutex::new(()),
+            dropping: Mutex::new(Vec::new()),
             durable_end: AtomicU64::new(next_offset),
             generation: AtomicU64::new(0),
             synced: Mutex::new(synced),
@@ -481,6 +487,11 @@ impl Log {
         }
         // The manifest forgets the segments before their files go.
         let removed = if replaced { &bases[1..] } else { bases };
+        if !replaced {
+            // A swap's covered segments are retired by its rename, which
+            // recovery completes; removed ones stay until their files go.
+            self.note_dropping(bases);
+        }
         self.store_checkpoint_without(None, false, removed)?;
         let replacement = prepare()?;
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
@@ -1194,23 +1205,51 @@ impl Log {
             return Ok(Vec::new());
         }
         let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
+        self.note_dropping(&bases);
         // The manifest forgets the segments before their files go.
         self.store_checkpoint_without(None, false, &bases)?;
         self.set_segments(segments[dropped..].to_vec());
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(w);
-        let removed: Vec<&Arc<Segment>> = segments[..dropped].iter().collect();
-        for s in &removed {
+        self.remove_dropped(&segments[..dropped])?;
+        tracing::info!(log = %self.dir.display(), segments = dropped, "retention dropped segments");
+        Ok(bases.into_iter().map(Offset).collect())
+    }
+
+    /// The lowest offset a power cut now could bring back into the log: its
+    /// start, or lower while the files of dropped segments are not durably
+    /// removed. What must stay gone across a power cut (messages every group
+    /// consumed) is recorded from here, not from the start.
+    pub fn recoverable_start(&self) -> Offset {
+        // The start first: a drop notes its segments before the start moves
+        // and forgets them only once their removal is durable.
+        let start = self.start().0;
+        let dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
+        Offset(dropping.iter().copied().fold(start, u64::min))
+    }
+
+    /// Notes segments about to be dropped (see [`Log::recoverable_start`]).
+    fn note_dropping(&self, bases: &[u64]) {
+        let mut dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
+        dropping.extend_from_slice(bases);
+    }
+
+    /// Removes the files of `dropped` segments (already gone from the
+    /// manifest and the segment list) durably, then forgets them as dropping.
+    /// On failure they stay noted: they may still come back.
+    pub(crate) fn remove_dropped(&self, dropped: &[Arc<Segment>]) -> Result<()> {
+        for s in dropped {
             self.remove_segment_files(s.paths())?;
         }
         self.storage
             .sync_dir(&self.dir)
             .ctx(|| format!("syncing {}", self.dir.display()))?;
-        tracing::info!(log = %self.dir.display(), segments = dropped, "retention dropped segments");
-        Ok(removed.iter().map(|s| Offset(s.base())).collect())
+        let mut dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
+        dropping.retain(|b| !dropped.iter().any(|s| s.base() == *b));
+        Ok(())
     }
 
-    pub(crate) fn remove_segment_files(&self, paths: &SegmentPaths) -> Result<()> {
+    fn remove_segment_files(&self, paths: &SegmentPaths) -> Result<()> {
         for path in [&paths.log, &paths.idx, &paths.tix] {
             if self.storage.exists(path) {
                 self.storage

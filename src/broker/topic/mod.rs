@@ -862,18 +862,30 @@ impl Topic {
     pub fn seek(&self, group: &str, position: Position) -> Result<Offset> {
         let _pass = self.enter()?;
         let offset = self.resolve(position)?.0;
-        {
-            let groups = self.groups();
-            self.group(&groups, group)?;
-            self.retire_consumed(&groups)?;
-        }
-        let durable = self.with_group(group, |g| {
+        self.move_group(group, |g| {
             g.commit(offset)?;
             g.set_cursor(offset);
-            self.persist_group(g)
+            Ok(())
         })?;
-        durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(Offset(offset))
+    }
+
+    /// Moves group `name` with `f` where it may go back (a seek, a commit
+    /// below the committed offset): records what every group consumed, then
+    /// moves, both under the groups' write lock, so no ack or commit can
+    /// come between and make an offset consumed by every group that the
+    /// move then shows again. Waits for the group's state to be durable
+    /// under `fsync=always`.
+    fn move_group(&self, name: &str, f: impl FnOnce(&mut Group) -> Result<()>) -> Result<()> {
+        let durable = {
+            let groups = self.groups_mut();
+            let group = self.group(&groups, name)?;
+            self.retire_consumed(&groups)?;
+            let mut g = self.lock(&group)?;
+            f(&mut g)?;
+            self.persist_group(&mut g)?
+        };
+        durable.map_or(Ok(()), SyncWait::wait)
     }
 
     /// Deletes messages: they are never delivered or replayed again.
@@ -967,9 +979,12 @@ impl Topic {
         let Some(mut consumed) = self.consumed(groups)? else {
             return Ok(());
         };
-        let stats = self.log.stats();
-        consumed.remove_below(stats.start.0);
-        consumed.remove_from(stats.end.0);
+        // From the lowest offset a power cut could bring back, not from the
+        // start: a segment retention or compaction is dropping right now
+        // comes back if the cut lands before its files are durably gone,
+        // and what every group consumed in it must stay gone.
+        consumed.remove_below(self.log.recoverable_start().0);
+        consumed.remove_from(self.log.end().0);
         let mut deletions = self.deletions_mut();
         let new: Vec<_> = consumed
             .iter()

@@ -80,23 +80,32 @@ impl Topic {
                 self.name
             )));
         }
-        let moves_back = self.with_group(group, |g| {
+        let stream_only = |g: &Group| {
             if g.config().mode != GroupMode::Stream {
                 return Err(Error::InvalidArgument(format!(
                     "group {group} of topic {} is a queue group: ack messages instead",
                     self.name
                 )));
             }
-            Ok(offset < g.committed())
-        })?;
-        if moves_back {
-            self.retire_consumed(&self.groups())?;
-        }
-        let durable = self.with_group(group, |g| {
+            Ok(())
+        };
+        // Forward in one step; a move back checks and commits again under
+        // the groups' write lock (see `move_group`).
+        let forward = self.with_group(group, |g| {
+            stream_only(g)?;
+            if offset < g.committed() {
+                return Ok(None);
+            }
             g.commit(offset)?;
-            self.persist_group(g)
+            self.persist_group(g).map(Some)
         })?;
-        durable.map_or(Ok(()), SyncWait::wait)
+        match forward {
+            Some(durable) => durable.map_or(Ok(()), SyncWait::wait),
+            None => self.move_group(group, |g| {
+                stream_only(g)?;
+                g.commit(offset)
+            }),
+        }
     }
 }
 

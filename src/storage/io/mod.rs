@@ -14,7 +14,7 @@ mod sim;
 
 pub use os::OsStorage;
 #[cfg(any(test, feature = "test-support"))]
-pub use sim::{SimDisk, SimFault};
+pub use sim::{SimDisk, SimFault, SimHook, SimOp};
 
 use bytes::Bytes;
 use std::fmt::Debug;

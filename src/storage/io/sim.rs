@@ -31,10 +31,38 @@ pub enum SimFault {
     NoSpace,
 }
 
+/// An operation a [`SimDisk::set_hook`] hook runs before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimOp {
+    /// [`StorageFile::sync_data`] of the file at the path.
+    SyncData,
+    /// [`Storage::sync_dir`] of the directory at the path.
+    SyncDir,
+    /// [`Storage::remove_file`] of the path.
+    Remove,
+}
+
+/// A hook run before some operations (see [`SimDisk::set_hook`]).
+pub type SimHook = Arc<dyn Fn(SimOp, &Path) + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct HookSlot(Option<SimHook>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(hook)"
+        } else {
+            "None"
+        })
+    }
+}
+
 /// An in-memory disk with a durable image and simulated power cuts.
 #[derive(Debug, Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<SimState>>,
+    hook: Arc<Mutex<HookSlot>>,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +214,26 @@ impl SimDisk {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `hook` before every file sync, directory sync and file removal,
+    /// on the calling thread and holding none of the disk's locks (so it may
+    /// call into whatever uses the disk); `None` removes it. For tests that
+    /// aim a concurrent request at a precise step of another.
+    pub fn set_hook(&self, hook: Option<SimHook>) {
+        self.hook.lock().unwrap_or_else(|p| p.into_inner()).0 = hook;
+    }
+
+    fn run_hook(&self, op: SimOp, path: &Path) {
+        let hook = self
+            .hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone();
+        if let Some(hook) = hook {
+            hook(op, path);
+        }
     }
 
     /// Limits the total live size of all files (None = unlimited).
@@ -376,6 +424,7 @@ impl Storage for SimDisk {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.run_hook(SimOp::Remove, path);
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
         state
@@ -394,6 +443,7 @@ impl Storage for SimDisk {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.run_hook(SimOp::SyncDir, dir);
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
         state.count_sync()?;
@@ -526,6 +576,7 @@ impl StorageFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.disk.run_hook(SimOp::SyncData, &self.path);
         let mut state = self.state()?;
         state.count_sync()?;
         let inode = state.inode(self.ino)?;
