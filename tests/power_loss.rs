@@ -2220,3 +2220,51 @@ fn a_move_back_races_a_commit(how: &str, move_a: &dyn Fn(&Topic) -> spool::Resul
         "{how}: a reads on from 0, 0..5 stay gone"
     );
 }
+
+#[test]
+fn retention_that_respects_groups_makes_the_acks_it_stands_on_durable_first() {
+    // fsync=interval, nothing synced by a tick: a queue group's acks are in
+    // memory only when a retention pass that respects groups drops the
+    // segments they complete. The drop is durable; the acks must be too, or
+    // a cut leaves the group past messages it never durably completed.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let config = TopicConfig {
+        retention_respects_groups: true,
+        log: LogConfig {
+            segment_bytes: 1024,
+            retention_bytes: Some(2048),
+            fsync: FsyncPolicy::Interval(3_600_000),
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    let t = reg.create_topic("t", config).expect("topic");
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..30u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 300])])
+            .expect("produce");
+    }
+    t.sync_log().expect("sync the log");
+    let leased = t
+        .fetch_queue("q", "m", 30, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
+    assert_eq!(offsets.len(), 30);
+    t.ack("q", &offsets).expect("ack");
+    let dropped = t.enforce_retention(now_ms()).expect("retention");
+    assert!(!dropped.is_empty(), "retention dropped nothing");
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    assert!(t.stats().start.0 > 0, "the drop is durable");
+    let q = t.describe_group("q").expect("group");
+    assert_eq!(
+        (q.committed, q.lost_to_retention),
+        (30, 0),
+        "the acks the pass stood on were lost with the messages they completed"
+    );
+}

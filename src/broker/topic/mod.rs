@@ -946,8 +946,16 @@ impl Topic {
             return Ok(Vec::new());
         }
         let limits = if self.config.retention_respects_groups {
+            let floor = self.needed_offset()?.map(|o| o.0);
+            // The floor stands on completions that may be in memory only:
+            // durable before a segment goes for them, or a power cut would
+            // take the completions back and leave the group past messages
+            // it never durably completed, gone.
+            if floor.is_some() {
+                self.sync_state()?;
+            }
             RetentionLimits {
-                floor: self.needed_offset()?.map(|o| o.0),
+                floor,
                 hard_bytes: self.config.retention_bytes_max,
                 hard_age_ms: log.retention_ms.map(|ms| ms.saturating_mul(2)),
             }
