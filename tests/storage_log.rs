@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use spool::Error;
-use spool::storage::io::{OsStorage, SimDisk, Storage};
+use spool::storage::io::{OsStorage, SimDisk, SimFault, SimOp, Storage};
 use spool::storage::{
     DataDir, Durability, FsyncPolicy, LogConfig, NewMessage, Offset, RecoveryMode,
 };
@@ -569,4 +569,56 @@ fn a_record_appended_after_a_crash_survives_a_power_cut() {
     let read = log.read(Offset(0), 10, usize::MAX).expect("read");
     assert_eq!(read.len(), 4, "every acknowledged record is back");
     assert_eq!(read[3].value, value(3).value);
+}
+
+#[test]
+fn a_roll_that_failed_half_way_is_retried_before_the_next_write() {
+    // The roll creates the new segment's file, then its folder sync fails:
+    // the batch that needed the roll is refused. A smaller batch that would
+    // still fit the active segment must not go there at the offset the
+    // left-over file is named after, or the log no longer opens.
+    let disk = Arc::new(SimDisk::new());
+    let config = LogConfig {
+        segment_bytes: 1024,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let open = || {
+        spool::storage::Log::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            "/l",
+            config.clone(),
+            RecoveryMode::default(),
+        )
+    };
+    let log = open().expect("open");
+    let small = |i: u8| NewMessage::from_value(vec![i; 40]);
+    let mut i = 0u8;
+    while log.stats().bytes < 800 {
+        log.append(&[small(i)]).expect("append");
+        i += 1;
+    }
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let (faulty, armed) = (Arc::clone(&disk), Arc::clone(&armed));
+        disk.set_hook(Some(Arc::new(move |op, _| {
+            if op == SimOp::SyncDir && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                faulty.set_fault(SimFault::SyncError, true);
+            }
+        })));
+    }
+    let refused = log.append(&[NewMessage::from_value(vec![0xff; 400])]);
+    disk.set_fault(SimFault::SyncError, false);
+    disk.set_hook(None);
+    assert!(refused.is_err(), "the roll's folder sync failed");
+    let next = log
+        .append(&[small(i)])
+        .expect("append after the failed roll");
+    assert_eq!(next.durability, Durability::Durable);
+    let end = log.stats().end;
+    drop(log);
+    let log = open().expect("the log opens again");
+    assert_eq!(log.stats().end, end);
+    let last = log.read(next.first, 1, 1 << 20).expect("read");
+    assert_eq!(last[0].value, Bytes::from(vec![i; 40]));
 }

@@ -135,6 +135,11 @@ struct Writer {
     next_offset: u64,
     /// Set by a failed sync; the log refuses writes from then on.
     poisoned: Option<String>,
+    /// A roll failed: the next write rolls first. The failed attempt may
+    /// have left the new segment's (empty) file, named after the next
+    /// offset; a record written into the active segment at that offset
+    /// would overlap it, and the log would not open again.
+    roll_due: bool,
     last_sync: Instant,
     scratch: Vec<u8>,
 }
@@ -284,6 +289,7 @@ impl Log {
                 active,
                 next_offset,
                 poisoned: None,
+                roll_due: false,
                 last_sync: Instant::now(),
                 scratch: Vec::new(),
             }),
@@ -525,7 +531,7 @@ impl Log {
             return true;
         };
         let end = w.active.write_pos + w.scratch.len() as u64;
-        end + bytes > self.config.segment_bytes || self.segment_too_old(&w.active)
+        w.roll_due || end + bytes > self.config.segment_bytes || self.segment_too_old(&w.active)
     }
 
     fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>> {
@@ -665,7 +671,7 @@ impl Log {
         // Keep a batch in one segment when it fits in one, so a full disk at the
         // roll cannot leave half a batch stored.
         if w.active.first_offset.is_some()
-            && (end(w) + total > segment_bytes || self.segment_too_old(&w.active))
+            && (w.roll_due || end(w) + total > segment_bytes || self.segment_too_old(&w.active))
         {
             self.flush(w)?;
             self.roll(w)?;
@@ -1006,7 +1012,9 @@ impl Log {
         // current one is untouched and stays writable. A crash between the two
         // steps leaves an unsealed segment before an empty one, which recovery
         // seals (cutting its preallocated zeros).
-        let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)?;
+        let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)
+            .inspect_err(|_| w.roll_due = true)?;
+        w.roll_due = false;
         let sealed = self.seal(w).inspect_err(|e| {
             w.poisoned = Some(format!("sealing failed: {e}"));
         })?;
