@@ -291,10 +291,10 @@ fn values_are_zero_copy_views_of_the_map() {
 }
 
 #[test]
-fn interval_policy_syncs_when_due() {
+fn interval_policy_syncs_on_a_due_commit_and_on_every_tick() {
     let disk = Arc::new(SimDisk::new());
     let config = LogConfig {
-        fsync: FsyncPolicy::Interval(20),
+        fsync: FsyncPolicy::Interval(300),
         ..LogConfig::default()
     };
     let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
@@ -303,11 +303,22 @@ fn interval_policy_syncs_when_due() {
         log.append(&[msg(0)]).expect("append").durability,
         Durability::Written
     );
-    assert!(!log.sync_if_due().expect("tick"), "not due yet");
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    assert!(log.sync_if_due().expect("tick"), "due after the interval");
-    assert_eq!(log.stats().durable_end, Offset(1));
-    assert!(!log.sync_if_due().expect("tick"), "nothing left to sync");
+    std::thread::sleep(std::time::Duration::from_millis(350));
+    assert_eq!(
+        log.append(&[msg(1)]).expect("append").durability,
+        Durability::Durable,
+        "a commit syncs once the interval has passed"
+    );
+    assert_eq!(
+        log.append(&[msg(2)]).expect("append").durability,
+        Durability::Written
+    );
+    assert!(
+        log.sync_written().expect("tick"),
+        "the tick syncs what is written, however recent the last sync"
+    );
+    assert_eq!(log.stats().durable_end, Offset(3));
+    assert!(!log.sync_written().expect("tick"), "nothing left to sync");
 }
 
 #[test]

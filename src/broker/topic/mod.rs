@@ -704,18 +704,18 @@ impl Topic {
         }
     }
 
-    /// Periodic work under `fsync=interval`: sync the log and any unsynced
-    /// group or deletion state. State is synced on every tick, also when the
-    /// log has nothing to sync: acks and commits arrive without new messages.
+    /// Periodic work under `fsync=interval`: every tick syncs whatever the
+    /// log holds unsynced, then any unsynced group or deletion state (acks
+    /// and commits arrive without new messages too), so nothing confirmed
+    /// waits past the next tick.
     pub fn tick(&self) -> Result<()> {
         let _pass = self.enter()?;
         if let FsyncPolicy::Interval(_) = self.config.log.fsync {
-            // The log first, so group state never becomes durable ahead of it.
-            let synced = self.log.sync_if_due()?;
-            let stats = self.log.stats();
-            if synced || stats.durable_end == stats.end {
-                self.sync_state()?;
-            }
+            // The log first: state rarely stands on messages a cut takes
+            // back (and a group forgets what it completed past the log's end
+            // when it opens).
+            self.log.sync_written()?;
+            self.sync_state()?;
         }
         Ok(())
     }
