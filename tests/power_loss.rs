@@ -32,7 +32,7 @@ use proptest::test_runner::{Config, RngSeed, TestError, TestRunner};
 use spool::broker::topic::dlq_headers;
 use spool::broker::{Cleanup, Position, Registry, RegistryOptions, Topic, TopicConfig};
 use spool::groups::{GroupMode, RangeSet};
-use spool::storage::io::{SimDisk, SimOp, Storage};
+use spool::storage::io::{SimDisk, SimFault, SimOp, Storage};
 use spool::storage::log::now_ms;
 use spool::storage::verify::verify;
 use spool::storage::{DataDir, Durability, FsyncPolicy, LogConfig, Message, NewMessage, Offset};
@@ -2327,5 +2327,136 @@ fn an_interval_tick_makes_what_was_confirmed_before_it_durable() {
         t.describe_group("q").expect("group").committed,
         4,
         "acks confirmed before the tick are undone"
+    );
+}
+
+#[test]
+fn a_queue_fetch_that_fails_part_way_leaves_nothing_undeliverable() {
+    // A redelivery's count cannot be journaled (the disk is full) after the
+    // fetch has read new messages past the group's cursor: those must still
+    // reach the group once the disk has room, without a restart.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..5u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    let first = t
+        .fetch_queue("q", "m", 1, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1);
+    t.nack("q", &[Offset(0)], 0).expect("nack");
+    disk.set_fault(SimFault::NoSpace, true);
+    let failed = t.fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms());
+    disk.set_fault(SimFault::NoSpace, false);
+    assert!(failed.is_err(), "the redelivery count needs the full disk");
+    let mut got = BTreeSet::new();
+    for _ in 0..5 {
+        let fetched = t
+            .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
+            .expect("fetch");
+        let offsets: Vec<Offset> = fetched
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset)
+            .collect();
+        t.ack("q", &offsets).expect("ack");
+        got.extend(offsets.iter().map(|o| o.0));
+    }
+    assert_eq!(
+        got,
+        (0..5).collect(),
+        "messages the failed fetch read are never delivered"
+    );
+    assert_eq!(t.describe_group("q").expect("group").lag, 0);
+}
+
+#[test]
+fn a_group_removal_that_fails_leaves_the_group_whole() {
+    // The checkpoint that forgets the group cannot be written (the disk is
+    // full): the group must stay, still holding back what it has not
+    // consumed, and a retry must remove it.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let log = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let t = consumed_when_all_consumed(&reg, "t", log);
+    for g in ["a", "g"] {
+        t.create_group(g, GroupMode::Queue, Position::Earliest)
+            .expect("group");
+    }
+    for i in 0..3u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    let leased = t
+        .fetch_queue("a", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
+    t.ack("a", &offsets).expect("ack");
+    disk.set_fault(SimFault::NoSpace, true);
+    let failed = t.delete_group("g");
+    disk.set_fault(SimFault::NoSpace, false);
+    assert!(failed.is_err(), "the checkpoint needs the full disk");
+    assert!(
+        t.describe_group("g").is_ok(),
+        "a failed removal removed the group"
+    );
+    assert_eq!(
+        visible_offsets(&t),
+        (0..3).collect(),
+        "g has consumed nothing: nothing is consumed by every group"
+    );
+    t.delete_group("g").expect("the retry removes it");
+    assert!(t.describe_group("g").is_err());
+    drop(t);
+    drop(reg);
+    let reg = open_registry(&disk).expect("reopen");
+    let t = reg.topic("t").expect("topic");
+    assert!(
+        t.describe_group("g").is_err(),
+        "the removed group came back"
+    );
+}
+
+#[test]
+fn a_group_whose_journal_is_lost_beside_its_snapshot_is_damage() {
+    // A group with a snapshot (every SNAPSHOT_EVERY entries) whose journal
+    // file went missing: the checkpoint lists the group, so this is damage,
+    // for the broker and for verify, not a group to drop in silence.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Never, Cleanup::Delete);
+    t.produce(&[NewMessage::from_value("m")]).expect("produce");
+    t.create_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    for i in 0..=spool::groups::SNAPSHOT_EVERY {
+        t.commit("s", Offset(i % 2)).expect("commit");
+    }
+    drop(t);
+    reg.stop_all();
+    drop(reg);
+    let groups = std::path::Path::new(ROOT).join("topics/t/groups");
+    assert!(
+        disk.exists(&groups.join("s.snap")),
+        "the group has a snapshot"
+    );
+    disk.remove_file(&groups.join("s.journal")).expect("remove");
+    disk.sync_dir(&groups).expect("sync");
+    let reg = open_registry(&disk).expect("reopen");
+    match reg.topic("t") {
+        Ok(_) => panic!("a listed group without its journal opened (the group is gone)"),
+        Err(refused) => assert!(refused.to_string().contains("s.journal"), "{refused}"),
+    }
+    let report = verify(reg.data(), &mut |_| {}).expect("verify");
+    assert!(
+        report.damage.iter().any(|d| d.file.ends_with("s.journal")),
+        "verify does not see the missing journal: {:?}",
+        report.damage
     );
 }

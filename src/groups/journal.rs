@@ -562,6 +562,13 @@ impl Journal {
         Journal::open(storage, dir, name)
     }
 
+    /// Whether the journal file of `name` exists in `dir` (a journal is
+    /// never without it: a snapshot empties it, removing the journal takes
+    /// it first).
+    pub fn journal_file_exists(storage: &dyn Storage, dir: &Path, name: &str) -> bool {
+        storage.exists(&paths(dir, name).0)
+    }
+
     /// Whether the journal `name` (or its snapshot) exists in `dir`.
     pub fn exists(storage: &dyn Storage, dir: &Path, name: &str) -> bool {
         let (path, snap_path) = paths(dir, name);

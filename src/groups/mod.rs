@@ -9,4 +9,4 @@ pub use journal::{Journal, JournalRecovery, JournalSyncer, SyncWait};
 pub use ranges::RangeSet;
 pub mod state;
 
-pub use state::{Decision, Group, GroupConfig, GroupInfo, GroupMode};
+pub use state::{Decision, Group, GroupConfig, GroupInfo, GroupMode, SNAPSHOT_EVERY};

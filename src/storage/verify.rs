@@ -162,15 +162,13 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
         let mut present = Vec::new();
         if let Ok(mut names) = storage.list_dir(&groups) {
             names.sort();
+            // The broker opens a group from its journal file: a snapshot
+            // alone does not make a listed group present.
             present = names
                 .iter()
-                .filter_map(|n| {
-                    n.strip_suffix(".journal")
-                        .or_else(|| n.strip_suffix(".snap"))
-                })
+                .filter_map(|n| n.strip_suffix(".journal"))
                 .map(str::to_owned)
                 .collect();
-            present.dedup();
             journals.extend(
                 names
                     .iter()

@@ -217,13 +217,15 @@ impl Topic {
             false => Vec::new(),
         };
         names.sort();
-        // Every group the checkpoint lists must still have its journal: a
-        // group deleted on purpose left the list first.
+        // Every group the checkpoint lists must still have its journal file
+        // (a snapshot alone is what a removal left; the groups are opened
+        // from their journal files): a group deleted on purpose left the
+        // list first.
         for listed in checkpoint.iter().flat_map(|c| &c.journals) {
             let Some(group_name) = listed.name.strip_prefix(GROUP_JOURNAL_PREFIX) else {
                 continue;
             };
-            if Journal::exists(&*storage, &groups_dir, group_name) {
+            if Journal::journal_file_exists(&*storage, &groups_dir, group_name) {
                 continue;
             }
             let damage = crate::error::Corruption {
@@ -837,8 +839,15 @@ impl Topic {
         if let Some(group) = groups.remove(name) {
             // The checkpoint forgets the group before its journal goes, so
             // the removal is never taken for a loss.
-            let points = self.journal_points(&groups)?;
-            self.log.store_checkpoint(Some(points), false)?;
+            let forgotten = self
+                .journal_points(&groups)
+                .and_then(|points| self.log.store_checkpoint(Some(points), false));
+            if let Err(e) = forgotten {
+                // Nothing removed: the group stays, whole, for a retry (the
+                // next checkpoint lists it again).
+                groups.insert(name.to_owned(), group);
+                return Err(e);
+            }
             // A request still holding the group writes to the removed files.
             self.lock(&group)?.remove_files()?;
         }

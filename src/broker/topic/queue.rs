@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::storage::config::MAX_DURATION_MS;
+use std::collections::VecDeque;
 
 impl Topic {
     /// Queue group: leases up to `max` messages to `member` — redeliveries that
@@ -61,20 +62,19 @@ impl Topic {
         // journal may be synced before this fetch returns (by a snapshot, or
         // by another caller's sync of the same journal).
         let mut out = QueueFetch::default();
-        let mut bytes = 0usize;
         g.touch(member, now);
         g.expire(now);
         let due = g.due_redeliveries(now, max);
-        let mut candidates: Vec<Message> = Vec::new();
+        let mut candidates: VecDeque<Message> = VecDeque::new();
         // Too large for a delivery: dead-lettered, never leased.
-        let mut too_large: Vec<(Message, usize)> = Vec::new();
+        let mut too_large: VecDeque<(Message, usize)> = VecDeque::new();
         for offset in due {
             let found = self.log.read(Offset(offset), 1, max_bytes)?;
             match found.into_iter().next() {
                 Some(m) if m.offset.0 == offset && !deletions.contains(offset) => {
                     match limits.excess(&m) {
-                        Some(size) => too_large.push((m, size)),
-                        None => candidates.push(m),
+                        Some(size) => too_large.push_back((m, size)),
+                        None => candidates.push_back(m),
                     }
                 }
                 // Gone (retention, compaction) or deleted: nothing left to deliver.
@@ -84,6 +84,63 @@ impl Topic {
                 }
             }
         }
+        // The walk below moves the cursor past the messages it reads: if the
+        // fetch fails before each is leased or deferred (a full disk, a
+        // failed read), they are made due again at once, or no later fetch
+        // would find them; so are those leased already, which no member gets.
+        let handled = self.walk_and_lease(
+            &mut g,
+            &deletions,
+            group,
+            member,
+            limits,
+            now,
+            &mut candidates,
+            &mut too_large,
+            &mut out,
+        );
+        if let Err(e) = handled {
+            let leased = out.deliveries.iter().map(|d| &d.message);
+            let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
+            for o in leased
+                .chain(unhandled)
+                .map(|m| m.offset.0)
+                .collect::<Vec<_>>()
+            {
+                g.defer(o, now);
+            }
+            return Err(e);
+        }
+        // Redelivery counts reach the disk before the messages go out, so a
+        // poison message cannot loop forever across broker crashes. The sync
+        // runs outside the topic's lock, shared with other fetches and acks.
+        let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
+        Ok((out, durable))
+    }
+
+    /// The part of [`Topic::lease_queue_within`] that moves the cursor: walks
+    /// new messages into `candidates`, then leases, defers or dead-letters
+    /// each candidate into `out`, taking it out of its list as it goes, so
+    /// on failure the lists hold exactly the messages not handled.
+    #[allow(clippy::too_many_arguments)]
+    fn walk_and_lease(
+        &self,
+        g: &mut Group,
+        deletions: &Deletions,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+        now: u64,
+        candidates: &mut VecDeque<Message>,
+        too_large: &mut VecDeque<(Message, usize)>,
+        out: &mut QueueFetch,
+    ) -> Result<()> {
+        let DeliveryLimits {
+            messages: max,
+            bytes: max_bytes,
+            ..
+        } = limits;
+        let mut bytes = 0usize;
         let mut cursor = g.cursor();
         let end = self.log.end().0;
         while candidates.len() < max && cursor < end {
@@ -104,8 +161,8 @@ impl Topic {
                     }
                 } else if !g.is_done(o) && !g.is_leased(o) {
                     match limits.excess(&m) {
-                        Some(size) => too_large.push((m, size)),
-                        None => candidates.push(m),
+                        Some(size) => too_large.push_back((m, size)),
+                        None => candidates.push_back(m),
                     }
                 }
             }
@@ -114,7 +171,7 @@ impl Topic {
         }
         // Every candidate is one this group has not completed, so none is
         // consumed by every group.
-        for (m, size) in too_large {
+        while let Some((m, size)) = too_large.pop_front() {
             let o = m.offset.0;
             let deliveries = g.deliveries(o);
             // As for max_deliveries below: pending until the hand-off completes it.
@@ -128,13 +185,20 @@ impl Topic {
                 message: self.dead_letter(group, m, deliveries, &reason),
             });
         }
-        for m in candidates {
+        while let Some(m) = candidates.pop_front() {
             let o = m.offset.0;
             if !out.deliveries.is_empty() && bytes + m.value.len() > max_bytes {
                 g.defer(o, now);
                 continue;
             }
-            match g.deliver(o, member, now)? {
+            let decision = match g.deliver(o, member, now) {
+                Ok(decision) => decision,
+                Err(e) => {
+                    candidates.push_front(m);
+                    return Err(e);
+                }
+            };
+            match decision {
                 Decision::Deliver { delivery } => {
                     bytes += m.value.len();
                     out.deliveries.push(Delivery {
@@ -154,11 +218,7 @@ impl Topic {
                 }
             }
         }
-        // Redelivery counts reach the disk before the messages go out, so a
-        // poison message cannot loop forever across broker crashes. The sync
-        // runs outside the topic's lock, shared with other fetches and acks.
-        let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
-        Ok((out, durable))
+        Ok(())
     }
 
     fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
