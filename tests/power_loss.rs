@@ -2460,3 +2460,51 @@ fn a_group_whose_journal_is_lost_beside_its_snapshot_is_damage() {
         report.damage
     );
 }
+
+#[test]
+fn a_stop_syncs_the_acks_of_a_topic_whose_log_turned_read_only() {
+    // fsync=interval: acks confirmed in memory, then a log sync fails (the
+    // log turns read-only). The broker's stop must still make the acks
+    // durable: they were confirmed, and the group's journal is not the log.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let config = TopicConfig {
+        log: LogConfig {
+            fsync: FsyncPolicy::Interval(3_600_000),
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    let t = reg.create_topic("t", config).expect("topic");
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..3u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    t.sync_log().expect("sync");
+    let leased = t
+        .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
+    t.ack("q", &offsets).expect("ack");
+    t.produce(&[NewMessage::from_value("unsynced")])
+        .expect("produce");
+    disk.set_fault(SimFault::SyncError, true);
+    assert!(t.sync_log().is_err(), "the log's sync fails");
+    disk.set_fault(SimFault::SyncError, false);
+    assert!(
+        t.stop().is_err(),
+        "a stop with a read-only log is not clean"
+    );
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    assert_eq!(
+        t.describe_group("q").expect("group").committed,
+        3,
+        "the acks confirmed before the stop are undone"
+    );
+}

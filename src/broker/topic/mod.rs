@@ -1070,15 +1070,16 @@ impl Topic {
         let Some(_pass) = self.gate.enter() else {
             return Ok(());
         };
-        match self.log.sync() {
-            Err(Error::ReadOnly { .. }) => return Ok(()),
-            other => other?,
-        }
+        let log = self.log.sync();
+        // The state whatever became of the log: a read-only log (a sync
+        // failed) leaves confirmed acks, commits and deletions confirmed.
         self.deletions_mut().sync()?;
         let groups = self.groups();
         for group in groups.values() {
             self.lock(group)?.sync()?;
         }
+        // Not a clean stop then: the next start checks the topic.
+        log?;
         let points = self.journal_points(&groups)?;
         self.log.store_checkpoint(Some(points), true)
     }

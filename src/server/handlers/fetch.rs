@@ -71,23 +71,33 @@ pub(in crate::server) async fn subscribe(
             subscription_id: id,
         }),
     );
-    conn.out
-        .send(reply)
-        .await
-        .map_err(|_| status::error(pb::Code::Cancelled, "connection closed"))?;
     let credit = subscription.credit();
     let shared = std::sync::Arc::clone(&conn.shared);
     let out = conn.out.clone();
     let max_frame = shared.config.max_frame_bytes;
     let principal = conn.principal.clone();
     let allowed = move || principal.allow(Access::Topic(Operation::Consume, &topic));
+    // Registered before the reply goes out, so an unsubscribe the client
+    // sends once it knows the id always finds it; pushing starts only once
+    // the reply is queued, so the client learns the id first.
+    let (start, started) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
+        if started.await.is_err() {
+            return;
+        }
         push_all(id, subscription, &out, max_frame, allowed, |e| {
             shared.wire(&e)
         })
         .await
     });
     conn.subscriptions().insert(id, Pushing { credit, task });
+    if conn.out.send(reply).await.is_err() {
+        if let Some(pushing) = conn.subscriptions().remove(&id) {
+            pushing.task.abort();
+        }
+        return Err(status::error(pb::Code::Cancelled, "connection closed"));
+    }
+    let _ = start.send(());
     Ok(())
 }
 
