@@ -2508,3 +2508,48 @@ fn a_stop_syncs_the_acks_of_a_topic_whose_log_turned_read_only() {
         "the acks confirmed before the stop are undone"
     );
 }
+
+#[test]
+fn a_queue_group_passes_the_offsets_compaction_removed() {
+    // Compaction removes superseded records before a queue group got to
+    // them: the group's low watermark must move past those offsets once it
+    // has the rest, not stop at the first of them.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "kv", FsyncPolicy::Always, Cleanup::Compact);
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..6u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 300]).with_key("k")])
+            .expect("produce");
+    }
+    t.produce(&[NewMessage::from_value("other").with_key("j")])
+        .expect("produce");
+    reg.compact(Some("kv"), &mut |_| {}).expect("compact");
+    let mut got = Vec::new();
+    loop {
+        let fetched = t
+            .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
+            .expect("fetch");
+        if fetched.deliveries.is_empty() {
+            break;
+        }
+        let offsets: Vec<Offset> = fetched
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset)
+            .collect();
+        t.ack("q", &offsets).expect("ack");
+        got.extend(offsets.iter().map(|o| o.0));
+    }
+    assert!(
+        !got.contains(&0),
+        "compaction removed the first superseded record: {got:?}"
+    );
+    let q = t.describe_group("q").expect("group");
+    assert_eq!(
+        (q.committed, q.lag),
+        (7, 0),
+        "the group got everything there is ({got:?}) but its low watermark stopped"
+    );
+}

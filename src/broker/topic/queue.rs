@@ -150,8 +150,18 @@ impl Topic {
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 break;
             };
+            let mut next = cursor;
             for m in batch {
                 let o = m.offset.0;
+                if g.first_not_done(next) < o {
+                    // No records from `next` up to `o`: compaction removed
+                    // them (superseded or deleted; or a retention pass just
+                    // dropped them, and the group, not told yet, will not
+                    // count them as lost). Nothing to deliver: done, so they
+                    // do not hold the low watermark back.
+                    g.complete(next, o)?;
+                }
+                next = o + 1;
                 if deletions.contains(o) {
                     // Nothing to deliver: complete it (as a deleted redelivery
                     // is) so it does not hold the low watermark back.
