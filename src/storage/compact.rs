@@ -204,7 +204,12 @@ impl Log {
             stats.records_removed += scanned.removed;
             progress(stats.bytes_before);
             if scanned.kept.is_empty() {
-                // The cheap path: nothing to copy.
+                // The cheap path: nothing to copy. The run before it goes
+                // first: this segment may hold what hides a record there (a
+                // key's newer record or tombstone), and removing it while
+                // that record stays would bring the record back.
+                self.rewrite_run(std::mem::take(&mut run), segment.base(), &mut stats)?;
+                run_live = 0;
                 if self.delete_sealed(segment)? {
                     stats.segments_deleted += 1;
                 } else {
@@ -317,33 +322,45 @@ impl Log {
         storage
             .rename(&cleaned, &swap)
             .ctx(|| format!("renaming {}", cleaned.display()))?;
-        storage
-            .sync_dir(dir)
-            .ctx(|| format!("syncing {}", dir.display()))?;
+        // From here the swap file stands for the run: on failure it goes,
+        // or the log waits for the restart that completes it.
         let bases: Vec<u64> = run.iter().map(|s| s.segment.base()).collect();
         let covered: Vec<SegmentPaths> =
             run[1..].iter().map(|s| s.segment.paths().clone()).collect();
         let config = self.config().clone();
-        let swapped = self.swap_sealed_segments(&bases, true, || {
-            retire(storage, dir, &swap, &paths, &covered)?;
-            let mut report = RecoveryReport::default();
-            let opened = recovery::open_segment(
-                storage,
-                dir,
-                base,
-                Some(until),
-                &config,
-                RecoveryMode::TolerateTornTail,
-                0,
-                &mut report,
-            )?;
-            Ok(Some(sealed_segment(opened, &config)?))
-        })?;
-        if !swapped {
-            storage
-                .remove_file(&swap)
-                .ctx(|| format!("removing {}", swap.display()))?;
-            return Ok(None);
+        let retiring = std::cell::Cell::new(false);
+        let swapped = storage
+            .sync_dir(dir)
+            .ctx(|| format!("syncing {}", dir.display()))
+            .and_then(|()| {
+                self.swap_sealed_segments(&bases, true, || {
+                    retiring.set(true);
+                    retire(storage, dir, &swap, &paths, &covered)?;
+                    let mut report = RecoveryReport::default();
+                    let opened = recovery::open_segment(
+                        storage,
+                        dir,
+                        base,
+                        Some(until),
+                        &config,
+                        RecoveryMode::TolerateTornTail,
+                        0,
+                        &mut report,
+                    )?;
+                    Ok(Some(sealed_segment(opened, &config)?))
+                })
+            });
+        match swapped {
+            Ok(true) => {}
+            Ok(false) => {
+                let gone = Error::NotFound("a segment of the run went away".into());
+                self.abandon_swap(&swap, &bases, false, &gone);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.abandon_swap(&swap, &bases, retiring.get(), &e);
+                return Err(e);
+            }
         }
         Ok(Some(total))
     }

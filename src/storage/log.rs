@@ -102,6 +102,9 @@ pub struct Log {
     /// segment back (recovery keeps a segment file the manifest does not
     /// list). See [`Log::recoverable_start`].
     dropping: Mutex<Vec<u64>>,
+    /// Segments a compaction swap that failed half-way may have retired:
+    /// no checkpoint lists them again (see [`Log::abandon_swap`]).
+    retired: Mutex<Vec<u64>>,
     durable_end: AtomicU64,
     /// What is synced, as one consistent point (the writer updates it).
     synced: Mutex<SyncedPoint>,
@@ -295,6 +298,7 @@ impl Log {
             }),
             compacting: Mutex::new(()),
             dropping: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
             durable_end: AtomicU64::new(next_offset),
             generation: AtomicU64::new(0),
             synced: Mutex::new(synced),
@@ -426,11 +430,16 @@ impl Log {
             state.journals = journals;
         }
         let synced = *self.lock_synced();
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let segments = self
             .segments()
             .iter()
             .map(|s| s.base())
-            .filter(|b| !removed.contains(b))
+            .filter(|b| !removed.contains(b) && !retired.contains(b))
             .collect();
         let next = Checkpoint {
             clean,
@@ -474,7 +483,9 @@ impl Log {
         replaced: bool,
         prepare: impl FnOnce() -> Result<Option<Segment>>,
     ) -> Result<bool> {
-        let _w = self.lock_writer()?;
+        let w = self.lock_writer()?;
+        // A swap left half-way waits for the restart that completes it.
+        self.check_writable(&w)?;
         let segments = self.segments();
         let Some(&first) = bases.first() else {
             return Ok(false);
@@ -505,6 +516,43 @@ impl Log {
         self.set_segments(next);
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
+    }
+
+    /// A compaction swap whose file (`swap`, standing for the run of sealed
+    /// segments `bases`) was in place when the pass failed. Before anything
+    /// was retired (`retiring` false) the file just goes, and the run stays
+    /// as it was. Otherwise (or if it cannot go) the swap must complete, and
+    /// only a restart completes it: a later pass with another swap would
+    /// meet this one at the next open and lose what it merged. So the log
+    /// takes no more writes or swaps until then, and no checkpoint lists
+    /// the segments after the first again (a listed segment that is gone is
+    /// damage).
+    pub(crate) fn abandon_swap(&self, swap: &Path, bases: &[u64], retiring: bool, error: &Error) {
+        if !retiring {
+            let removed = self
+                .storage
+                .remove_file(swap)
+                .and_then(|()| self.storage.sync_dir(&self.dir));
+            match removed {
+                Ok(()) => return,
+                Err(e) => tracing::error!(file = %swap.display(), error = %e,
+                    "could not remove the copy of a failed compaction"),
+            }
+        }
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(bases.iter().skip(1));
+        let cause = format!("a compaction swap failed half-way ({error}); a restart completes it");
+        tracing::error!(log = %self.dir.display(), %cause, "the log takes no more writes until a restart");
+        match self.writer.lock() {
+            Ok(mut w) => {
+                w.poisoned.get_or_insert(cause);
+            }
+            Err(p) => {
+                p.into_inner().poisoned.get_or_insert(cause);
+            }
+        }
     }
 
     /// Takes the log's compaction lock (one pass at a time).
