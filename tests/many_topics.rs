@@ -221,6 +221,21 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
                 .expect("create");
             produce(&client, name, "hi".into()).await;
         }
+        // Watched for longer than it may be idle, then let go: idle from
+        // when the subscription ends, not from when it began.
+        let long_idle = pb::TopicConfig {
+            delete_when_idle_ms: Some(3000),
+            ..Default::default()
+        };
+        client
+            .create_topic("watched-long", long_idle)
+            .await
+            .expect("create");
+        produce(&client, "watched-long", "hi".into()).await;
+        let long_watcher = client
+            .subscribe("watched-long", None, "w", None, 10)
+            .await
+            .expect("subscribe");
         client
             .create_group("grouped", "g", spool::groups::GroupMode::Stream, None)
             .await
@@ -260,6 +275,24 @@ fn rooms_with_delete_when_idle_ms_clean_themselves_up() {
             .expect("a room with a subscriber stays");
         drop(watcher);
         assert_eq!(values(&client, "busy").await, vec!["hi".to_owned()]);
+        // 3.5 s after its subscribe (listing topics is no use of them).
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        client
+            .unsubscribe(long_watcher.id())
+            .await
+            .expect("unsubscribe");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let names: Vec<String> = client
+            .list_topics()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert!(
+            names.contains(&"watched-long".to_owned()),
+            "a room was deleted just after its last subscriber left: {names:?}"
+        );
 
         let bad = client
             .create_topic(

@@ -307,11 +307,16 @@ impl Broker {
         self.close_topics(self.file_target()).await;
         let now = now_ms();
         for name in self.inner.registry.idle_deletable() {
-            // A subscription or long-poll on it is a use.
+            // A subscription or long-poll on it is a use, for as long as it
+            // is open: counted as one now, so the topic is idle only from
+            // when the last of them ends.
             let held = self
                 .runtimes()
                 .get(&name)
                 .is_some_and(|rt| Arc::strong_count(rt) > 1);
+            if held {
+                self.inner.registry.touch(&name);
+            }
             if held
                 || self
                     .inner

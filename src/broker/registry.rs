@@ -223,6 +223,14 @@ impl Registry {
         Some(topic)
     }
 
+    /// Counts a use of topic `name` now (a subscription or long-poll that
+    /// holds it, which makes no request while it waits).
+    pub fn touch(&self, name: &str) {
+        if let Ok(slot) = self.slot(name) {
+            slot.last_used.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
     /// Every topic's name, config and log figures, without opening closed
     /// topics: theirs come from their checkpoint (exact after a clean stop;
     /// a topic not closed cleanly is opened, which recovers it).
