@@ -714,3 +714,123 @@ async fn refusals_are_logged_as_one_summary_line() {
     assert!((1..=2).contains(&lines), "{logs}");
     assert_eq!(tallied(&logs, "max_connections"), 50, "{logs}");
 }
+
+/// Subscribes sent together in one write, more than `max_subscriptions`:
+/// exactly the limit start, the rest are refused with RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_subscribes_never_pass_max_subscriptions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "max_subscriptions = 2\n", &[]);
+    let addr = broker.addr.clone();
+    let (ok, refused) = tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        raw.send(
+            1,
+            Request::Produce(pb::ProduceRequest {
+                topic: "t".into(),
+                messages: vec![pb::NewMessage {
+                    value: b"x".to_vec().into(),
+                    ..Default::default()
+                }],
+            }),
+        );
+        assert!(matches!(raw.next(Duration::from_secs(5)), Next::Frame(_)));
+        // From a timestamp: each subscribe looks the offset up off the
+        // async workers, so they are all under way at once.
+        let mut burst = Vec::new();
+        for id in 10..20u64 {
+            burst.extend(Raw::bytes(
+                id,
+                Request::Subscribe(pb::SubscribeRequest {
+                    topic: "t".into(),
+                    from: Some(pb::Position {
+                        kind: Some(pb::position::Kind::TimestampMs(0)),
+                    }),
+                    ..Default::default()
+                }),
+            ));
+        }
+        raw.s.write_all(&burst).expect("write");
+        let (mut ok, mut refused) = (0, 0);
+        while ok + refused < 10 {
+            match raw.next(Duration::from_secs(5)) {
+                Next::Frame(f) => match f.kind {
+                    Some(pb::server_frame::Kind::Response(pb::Response {
+                        result: Some(pb::response::Result::Subscribe(_)),
+                        ..
+                    })) => ok += 1,
+                    Some(pb::server_frame::Kind::Response(pb::Response {
+                        result: Some(pb::response::Result::Error(e)),
+                        ..
+                    })) => {
+                        assert_eq!(code(&e), pb::Code::ResourceExhausted, "{e:?}");
+                        assert!(e.message.contains("max_subscriptions"), "{e:?}");
+                        refused += 1;
+                    }
+                    _ => {}
+                },
+                other => panic!("{ok} started, {refused} refused, then {other:?}"),
+            }
+        }
+        (ok, refused)
+    })
+    .await
+    .expect("raw client");
+    assert_eq!((ok, refused), (2, 8));
+}
+
+/// A subscription its topic's deletion ended gets one last `Delivery`, and
+/// none more when the connection then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_subscription_gets_one_last_delivery_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "idle_timeout_ms = 600\n", &[]);
+    let admin = Client::connect(&broker.addr, "admin")
+        .await
+        .expect("connect");
+    admin
+        .produce("t", vec![spool::storage::NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let addr = broker.addr.clone();
+    let mut raw = tokio::task::spawn_blocking(move || {
+        let mut raw = Raw::connect(&addr);
+        raw.hello();
+        raw.send(
+            1,
+            Request::Subscribe(pb::SubscribeRequest {
+                topic: "t".into(),
+                from: Some(pb::Position {
+                    kind: Some(pb::position::Kind::Latest(pb::Empty {})),
+                }),
+                ..Default::default()
+            }),
+        );
+        assert!(matches!(raw.next(Duration::from_secs(5)), Next::Frame(_)));
+        raw
+    })
+    .await
+    .expect("raw client");
+    admin.delete_topic("t").await.expect("delete");
+    let frames = tokio::task::spawn_blocking(move || raw.until_closed(Duration::from_secs(5)))
+        .await
+        .expect("raw client");
+    let last_deliveries: Vec<&pb::Delivery> = frames
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(pb::server_frame::Kind::Delivery(d)) if d.error.is_some() => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(last_deliveries.len(), 1, "{frames:?}");
+    assert_eq!(
+        last_deliveries[0].error.as_ref().map(code),
+        Some(pb::Code::NotFound),
+        "{frames:?}"
+    );
+    assert!(
+        frames.last().and_then(closing_error).is_some(),
+        "the idle timeout closes with a last word: {frames:?}"
+    );
+}

@@ -205,6 +205,7 @@ pub(super) async fn serve<S>(
         principal,
         out: out.clone(),
         subscriptions: Mutex::new(HashMap::new()),
+        reserved: AtomicUsize::new(0),
         next_subscription: AtomicU64::new(1),
         closing,
         working: Arc::new(AtomicUsize::new(0)),
@@ -393,6 +394,21 @@ pub(super) struct Pushing {
     pub(super) credit: Credit,
     /// The task pushing its deliveries.
     pub(super) task: JoinHandle<()>,
+    /// Whether its `SubscribeResponse` is queued. Until then a close leaves
+    /// its last `Delivery` to the subscribe handler, which queues it after
+    /// the reply.
+    pub(super) replied: bool,
+}
+
+/// A subscription slot taken while a subscribe is under way, so requests
+/// in flight together cannot pass `max_subscriptions` (given back when
+/// dropped, or taken up by [`Conn::start_subscription`]).
+pub(super) struct Reservation<'a>(&'a AtomicUsize);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Per-connection state.
@@ -403,6 +419,9 @@ pub(super) struct Conn {
     pub(super) principal: Principal,
     pub(super) out: Outgoing,
     subscriptions: Mutex<HashMap<u64, Pushing>>,
+    /// Subscribes under way (see [`Reservation`]); changed under the
+    /// subscriptions' lock.
+    reserved: AtomicUsize,
     pub(super) next_subscription: AtomicU64,
     /// Set when the connection is closing: long-polls stop waiting.
     closing: watch::Sender<Closing>,
@@ -418,9 +437,48 @@ impl Conn {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes a subscription slot for a subscribe under way; `Err` with the
+    /// number of live and reserved ones when `max` are taken.
+    pub(super) fn reserve_subscription(&self, max: usize) -> Result<Reservation<'_>, usize> {
+        let subscriptions = self.subscriptions();
+        let taken = subscriptions.len() + self.reserved.load(Ordering::Relaxed);
+        if taken >= max {
+            return Err(taken);
+        }
+        self.reserved.fetch_add(1, Ordering::Relaxed);
+        Ok(Reservation(&self.reserved))
+    }
+
+    /// Registers subscription `id` in the slot `reservation` held.
+    pub(super) fn start_subscription(
+        &self,
+        id: u64,
+        pushing: Pushing,
+        reservation: Reservation<'_>,
+    ) {
+        let mut subscriptions = self.subscriptions();
+        subscriptions.insert(id, pushing);
+        drop(reservation);
+    }
+
+    /// Marks subscription `id` as answered; false when a close took it
+    /// first (its last `Delivery` is then the caller's to queue).
+    pub(super) fn replied(&self, id: u64) -> bool {
+        match self.subscriptions().get_mut(&id) {
+            Some(pushing) => {
+                pushing.replied = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ends waiting long-polls and every subscription: with `reason` when the
     /// client can still hear it (subscriptions get a last `Delivery` with it,
     /// queued by `deadline` or not at all), silently when the peer is gone.
+    /// A subscription that already ended itself (its task queued its last
+    /// `Delivery`) gets no second one, nor one not answered yet (its
+    /// subscribe handler queues it after the reply).
     async fn close(&self, reason: Option<pb::Error>, deadline: Instant) {
         self.closing.send_replace(match &reason {
             Some(error) => Closing::With(error.clone()),
@@ -430,8 +488,11 @@ impl Conn {
         for (id, pushing) in subscriptions {
             // Once the task is over, a frame queued is the subscription's last.
             pushing.task.abort();
-            let _ = pushing.task.await;
-            if let Some(error) = &reason {
+            let ended_itself = pushing.task.await.is_ok();
+            if let Some(error) = &reason
+                && pushing.replied
+                && !ended_itself
+            {
                 let last = handlers::fetch::ended(id, error.clone());
                 let _ = tokio::time::timeout_at(deadline, self.out.send(last)).await;
             }

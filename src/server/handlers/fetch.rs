@@ -47,13 +47,11 @@ pub(in crate::server) async fn subscribe(
     s: pb::SubscribeRequest,
 ) -> Result<(), pb::Error> {
     let config = &conn.shared.config;
-    let live = conn.subscriptions().len();
-    if live >= config.max_subscriptions as usize {
-        return Err(crate::server::admission::too_many_subscriptions(
-            live,
-            config.max_subscriptions,
-        ));
-    }
+    let reservation = conn
+        .reserve_subscription(config.max_subscriptions as usize)
+        .map_err(|live| {
+            crate::server::admission::too_many_subscriptions(live, config.max_subscriptions)
+        })?;
     let topic = s.topic.clone();
     let subscription = conn
         .shared
@@ -90,12 +88,25 @@ pub(in crate::server) async fn subscribe(
         })
         .await
     });
-    conn.subscriptions().insert(id, Pushing { credit, task });
+    let pushing = Pushing {
+        credit,
+        task,
+        replied: false,
+    };
+    conn.start_subscription(id, pushing, reservation);
     if conn.out.send(reply).await.is_err() {
         if let Some(pushing) = conn.subscriptions().remove(&id) {
             pushing.task.abort();
         }
         return Err(status::error(pb::Code::Cancelled, "connection closed"));
+    }
+    if !conn.replied(id) {
+        // The connection closed meanwhile and left the last word to this
+        // handler: after the reply, as for every subscription it ended.
+        if let Some(error) = conn.closing_error() {
+            let _ = conn.out.send(ended(id, error)).await;
+        }
+        return Ok(());
     }
     let _ = start.send(());
     Ok(())
