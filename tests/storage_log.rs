@@ -633,3 +633,89 @@ fn a_roll_that_failed_half_way_is_retried_before_the_next_write() {
     let last = log.read(next.first, 1, 1 << 20).expect("read");
     assert_eq!(last[0].value, Bytes::from(vec![i; 40]));
 }
+
+#[test]
+fn a_seal_cut_short_is_a_note_for_verify_and_no_damage_for_the_broker() {
+    // A roll creates the next segment, then seals this one; the power goes
+    // between the two. The sealed segment keeps its preallocated zeros:
+    // verify must call that what the next start repairs, not damage.
+    let disk = Arc::new(SimDisk::new());
+    let storage: Arc<dyn Storage> = disk.clone();
+    let reg = spool::broker::Registry::open(
+        DataDir::open(Arc::clone(&storage), "/data").expect("data dir"),
+        spool::broker::RegistryOptions::default(),
+    )
+    .expect("registry");
+    let config = spool::broker::TopicConfig {
+        log: LogConfig {
+            segment_bytes: 1024,
+            fsync: FsyncPolicy::Always,
+            ..LogConfig::default()
+        },
+        ..spool::broker::TopicConfig::default()
+    };
+    let topic = reg.create_topic("t", config).expect("topic");
+    let mut produced = 0u64;
+    while topic.log().segments().len() < 2 {
+        topic
+            .produce(&[NewMessage::from_value(vec![7u8; 100])])
+            .expect("produce");
+        produced += 1;
+    }
+    // The roll for the next message: power off right after the new
+    // segment's folder sync, before the seal syncs anything.
+    let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (cut, created) = (Arc::clone(&disk), Arc::clone(&created));
+        disk.set_hook(Some(Arc::new(move |op, path| {
+            let logs = cut
+                .list_dir(std::path::Path::new("/data/topics/t"))
+                .map(|n| n.iter().filter(|n| n.ends_with(".log")).count())
+                .unwrap_or(0);
+            if created.load(std::sync::atomic::Ordering::SeqCst) {
+                cut.power_off_after_syncs(Some(cut.sync_count()));
+            } else if op == SimOp::SyncDir && path.ends_with("t") && logs == 3 {
+                created.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })));
+    }
+    let mut refused = false;
+    for _ in 0..20 {
+        if topic
+            .produce(&[NewMessage::from_value(vec![8u8; 100])])
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        produced += 1;
+    }
+    disk.set_hook(None);
+    assert!(refused, "the power went during a roll");
+    drop(topic);
+    drop(reg);
+    disk.power_cut(None);
+    let data = DataDir::open(Arc::clone(&storage), "/data").expect("data dir");
+    let report = spool::storage::verify::verify(&data, &mut |_| {}).expect("verify");
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.detail.contains("seal was interrupted")),
+        "{:?}",
+        report.notes
+    );
+    drop(data);
+    let reg = spool::broker::Registry::open(
+        DataDir::open(Arc::clone(&storage), "/data").expect("data dir"),
+        spool::broker::RegistryOptions::default(),
+    )
+    .expect("registry");
+    let topic = reg.topic("t").expect("the topic opens");
+    assert_eq!(
+        topic.stats().end.0,
+        produced,
+        "every confirmed message is there"
+    );
+}

@@ -269,12 +269,27 @@ fn verify_log(
             );
             let Stop::Invalid(why) = stop else {
                 if pos < data.len() as u64 && !active {
-                    report.damage.push(Finding {
+                    // A roll creates the next segment before it seals this
+                    // one: a stop between the two leaves this one's
+                    // preallocated zeros, every record up to the next base
+                    // in place, and the next start cuts them. Records
+                    // missing before the next base are damage.
+                    let whole = next_base.is_some_and(|n| last.map_or(base, |o| o + 1) == n);
+                    let zeros = Finding {
                         file: paths.log.clone(),
                         bytes: pos..data.len() as u64,
                         offsets: None,
-                        detail: "zeros after the last record of a sealed segment".into(),
-                    });
+                        detail: if whole {
+                            "zeros after the last record of a sealed segment: a seal was interrupted; the next start cuts them".into()
+                        } else {
+                            "zeros after the last record of a sealed segment".into()
+                        },
+                    };
+                    if whole {
+                        report.notes.push(zeros);
+                    } else {
+                        report.damage.push(zeros);
+                    }
                 }
                 if pos < synced_to {
                     report.damage.push(Finding {
