@@ -1552,3 +1552,63 @@ async fn the_per_address_cap_counts_grpc_and_native_connections_together() {
     assert!(ok, "{logs}");
     assert!(logs.contains("by max_connections_per_ip"), "{logs}");
 }
+
+/// Credit comes back only through acks on the connection that holds the
+/// subscription: an ack naming it from another connection returns nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_from_another_connection_returns_no_credit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut a = channel(&broker).await.expect("connection A");
+    let mut b = channel(&broker).await.expect("connection B");
+    a.produce(pb::ProduceRequest {
+        topic: "t".into(),
+        messages: vec![new_message("1"), new_message("2"), new_message("3")],
+    })
+    .await
+    .expect("produce");
+    let mut deliveries = a
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            member: "m".into(),
+            max_in_flight: 1,
+            from: Some(offset(0)),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert_eq!(values(&first.messages), ["1"]);
+    b.ack(pb::AckRequest {
+        topic: "t".into(),
+        group: String::new(),
+        offsets: vec![0],
+        subscription_id: Some(first.subscription_id),
+    })
+    .await
+    .expect("an ack naming a subscription of another connection is answered");
+    let next = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await;
+    assert!(
+        next.is_err(),
+        "credit returned from another connection: {next:?}"
+    );
+    a.ack(pb::AckRequest {
+        topic: "t".into(),
+        group: String::new(),
+        offsets: vec![0],
+        subscription_id: Some(first.subscription_id),
+    })
+    .await
+    .expect("ack");
+    let second = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the next delivery once its own connection acks")
+        .expect("the stream goes on")
+        .expect("a delivery");
+    assert_eq!(values(&second.messages), ["2"]);
+}

@@ -58,6 +58,8 @@ pub(crate) struct Limits {
 /// What a call learns about its connection (a request extension).
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
+    /// Tells this connection from every other of the process.
+    id: u64,
     open: Arc<AtomicU32>,
     max: u32,
     busy: Arc<Busy>,
@@ -97,7 +99,15 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The id of the next connection accepted.
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl ConnInfo {
+    /// This connection's id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Marks a call of this connection as waiting until the guard drops.
     pub(crate) fn busy(&self) -> BusyCall {
         self.busy.calls.fetch_add(1, Ordering::AcqRel);
@@ -391,6 +401,7 @@ pub(crate) fn incoming(
                             idle: Idle::new(limits.idle_timeout),
                             write: Timer::new(limits.write_timeout),
                             info: ConnInfo {
+                                id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                                 open: Arc::default(),
                                 max: limits.max_subscriptions,
                                 busy: Arc::new(Busy {

@@ -25,7 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// The credit of each open gRPC subscription, by id: `Ack` and `Nack`
 /// naming a `subscription_id` return credit to it.
-type Credits = Arc<Mutex<HashMap<u64, Credit>>>;
+/// Open subscriptions: the connection each was started on, and its credit.
+type Credits = Arc<Mutex<HashMap<u64, (Option<u64>, Credit)>>>;
 
 /// The `Spool` service over one broker.
 #[derive(Debug)]
@@ -101,10 +102,13 @@ impl Service {
             .message_limit(convert::frame_message_limit(self.max_frame))
     }
 
-    /// Returns `n` credits to gRPC subscription `id`, if it is open.
-    fn give_credit(&self, id: Option<u64>, n: usize) {
+    /// Returns `n` credits to gRPC subscription `id`, if it is open and
+    /// was started on connection `conn` (an ack on another connection
+    /// returns nothing, as in the native protocol).
+    fn give_credit(&self, conn: Option<u64>, id: Option<u64>, n: usize) {
         if let Some(id) = id
-            && let Some(credit) = credits(&self.credits).get(&id)
+            && let Some((owner, credit)) = credits(&self.credits).get(&id)
+            && *owner == conn
         {
             credit.give(n);
         }
@@ -121,7 +125,13 @@ fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
         .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
 }
 
-fn credits(credits: &Credits) -> std::sync::MutexGuard<'_, HashMap<u64, Credit>> {
+/// The connection a call came on (`None` for one the listener did not
+/// admit: none in `spool serve`).
+fn conn_id<T>(request: &Request<T>) -> Option<u64> {
+    request.extensions().get::<ConnInfo>().map(ConnInfo::id)
+}
+
+fn credits(credits: &Credits) -> std::sync::MutexGuard<'_, HashMap<u64, (Option<u64>, Credit)>> {
     credits.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -288,6 +298,7 @@ impl Spool for Service {
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::Empty>, Status> {
         self.allow(&request)?;
+        let conn = conn_id(&request);
         let a = request.into_inner();
         let n = a.offsets.len();
         if a.group.is_empty() {
@@ -297,7 +308,7 @@ impl Spool for Service {
                     a.topic
                 ))));
             }
-            self.give_credit(a.subscription_id, n);
+            self.give_credit(conn, a.subscription_id, n);
             return Ok(Response::new(pb::Empty {}));
         }
         self.broker
@@ -309,7 +320,7 @@ impl Spool for Service {
             )
             .await
             .map_err(|e| self.status(e))?;
-        self.give_credit(a.subscription_id, n);
+        self.give_credit(conn, a.subscription_id, n);
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -318,6 +329,7 @@ impl Spool for Service {
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
         self.allow(&request)?;
+        let conn = conn_id(&request);
         let n = request.into_inner();
         let count = n.offsets.len();
         let requeued = self
@@ -325,7 +337,7 @@ impl Spool for Service {
             .nack(&n.topic, &n.group, convert::offsets(n.offsets), n.delay_ms)
             .await
             .map_err(|e| self.status(e))?;
-        self.give_credit(n.subscription_id, count);
+        self.give_credit(conn, n.subscription_id, count);
         Ok(Response::new(pb::NackResponse {
             requeued: requeued as u32,
         }))
@@ -525,6 +537,7 @@ impl Spool for Service {
     ) -> Result<Response<Deliveries>, Status> {
         let principal = self.allow(&request)?;
         let slot = self.stream_slot(&request)?;
+        let conn = conn_id(&request);
         let topic = request.get_ref().topic.clone();
         let request = convert::subscribe_request(request.into_inner(), self.max_frame);
         let subscription = self
@@ -533,7 +546,7 @@ impl Spool for Service {
             .await
             .map_err(|e| self.status(e))?;
         let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-        credits(&self.credits).insert(id, subscription.credit());
+        credits(&self.credits).insert(id, (conn, subscription.credit()));
         let pushing = Pushing {
             subscription,
             registered: Registered {

@@ -71,7 +71,7 @@ pub fn fetch_request(f: pb::FetchRequest, max_frame: u32) -> FetchRequest {
     FetchRequest {
         topic: f.topic,
         group: f.group,
-        from: f.from.map(|p| position(Some(p), Position::Earliest)),
+        from: given_position(f.from),
         member: f.member,
         limits: delivery_limits(max_frame, max, bytes),
         wait: Duration::from_millis(u64::from(f.wait_ms.min(CAP_WAIT_MS))),
@@ -88,7 +88,7 @@ pub fn subscribe_request(s: pb::SubscribeRequest, max_frame: u32) -> SubscribeRe
     SubscribeRequest {
         topic: s.topic,
         group: s.group,
-        from: s.from.map(|p| position(Some(p), Position::Earliest)),
+        from: given_position(s.from),
         member: s.member,
         max_in_flight,
         limits: delivery_limits(max_frame, MAX_PER_DELIVERY, MAX_SUBSCRIPTION_READ_BYTES),
@@ -265,6 +265,14 @@ pub fn position(p: Option<pb::Position>, default: Position) -> Position {
         Some(pb::position::Kind::Offset(o)) => Position::Offset(o),
         Some(pb::position::Kind::TimestampMs(t)) => Position::Timestamp(t),
     }
+}
+
+/// A wire position where the request leaves the default to the reader
+/// (a stream group's committed offset, say): `None` when absent or when
+/// it names no kind, as the protocol says both mean.
+fn given_position(p: Option<pb::Position>) -> Option<Position> {
+    p.filter(|p| p.kind.is_some())
+        .map(|p| position(Some(p), Position::Earliest))
 }
 
 /// A position onto the wire.
@@ -447,6 +455,38 @@ pub fn offsets(offsets: Vec<u64>) -> Vec<crate::storage::Offset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_without_a_kind_is_an_absent_one() {
+        let empty = Some(pb::Position { kind: None });
+        let fetch = fetch_request(
+            pb::FetchRequest {
+                topic: "t".into(),
+                from: empty.clone(),
+                ..Default::default()
+            },
+            1 << 20,
+        );
+        assert!(fetch.from.is_none(), "a stream group reads from its commit");
+        let subscribe = subscribe_request(
+            pb::SubscribeRequest {
+                topic: "t".into(),
+                from: empty,
+                ..Default::default()
+            },
+            1 << 20,
+        );
+        assert!(subscribe.from.is_none());
+        let latest = fetch_request(
+            pb::FetchRequest {
+                topic: "t".into(),
+                from: Some(position_to_wire(Position::Latest)),
+                ..Default::default()
+            },
+            1 << 20,
+        );
+        assert_eq!(latest.from, Some(Position::Latest));
+    }
 
     #[test]
     fn a_consume_start_becomes_a_queue_subscription_and_names_what_is_missing() {
