@@ -462,7 +462,7 @@ mod tests {
         let fetch = fetch_request(
             pb::FetchRequest {
                 topic: "t".into(),
-                from: empty.clone(),
+                from: empty,
                 ..Default::default()
             },
             1 << 20,
