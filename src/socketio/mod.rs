@@ -318,11 +318,15 @@ impl EngineIoHandler for Gateway {
     }
 
     fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
-        socket.data.push(Inbound::Text(msg));
+        if !socket.data.push(Inbound::Text(msg)) {
+            socket.close(DisconnectReason::PacketParsingError);
+        }
     }
 
     fn on_binary(self: &Arc<Self>, data: bytes::Bytes, socket: Arc<Socket<Session>>) {
-        socket.data.push(Inbound::Binary(data));
+        if !socket.data.push(Inbound::Binary(data)) {
+            socket.close(DisconnectReason::PacketParsingError);
+        }
     }
 }
 

@@ -41,20 +41,73 @@ pub enum Inbound {
     Closed,
 }
 
+/// Most messages from a client waiting for its socket's task.
+pub const INBOX_MESSAGES: usize = 1024;
+/// Most bytes of messages from a client waiting for its socket's task.
+pub const INBOX_BYTES: usize = 64 << 20;
+
 /// The per-socket data Engine.IO keeps: the way into the socket's task.
 #[derive(Debug, Default)]
 pub struct Session {
     inbox: std::sync::OnceLock<mpsc::UnboundedSender<Inbound>>,
+    /// Messages and bytes in the inbox: a client that sends faster than its
+    /// packets are served is closed past [`INBOX_MESSAGES`] or
+    /// [`INBOX_BYTES`], not queued for without bound.
+    queued: std::sync::atomic::AtomicUsize,
+    queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Set once the inbox overflowed: nothing more is taken.
+    overflowed: std::sync::atomic::AtomicBool,
     /// Held while one packet's messages go out, so a binary packet's
     /// attachments follow it with nothing in between.
     sending: Mutex<()>,
 }
 
+impl Inbound {
+    fn len(&self) -> usize {
+        match self {
+            Inbound::Text(text) => text.len(),
+            Inbound::Binary(data) => data.len(),
+            Inbound::Closed => 0,
+        }
+    }
+}
+
 impl Session {
     /// Hands `message` to the socket's task (dropped once it has ended).
-    pub fn push(&self, message: Inbound) {
-        if let Some(tx) = self.inbox.get() {
-            let _ = tx.send(message);
+    /// False when the inbox is full: the caller closes the socket. The
+    /// socket's closing always gets through.
+    pub fn push(&self, message: Inbound) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(tx) = self.inbox.get() else {
+            return true;
+        };
+        if !matches!(message, Inbound::Closed) {
+            if self.overflowed.load(Relaxed) {
+                return false;
+            }
+            let bytes = message.len();
+            let messages = self.queued.fetch_add(1, Relaxed) + 1;
+            let total = self.queued_bytes.fetch_add(bytes, Relaxed) + bytes;
+            if messages > INBOX_MESSAGES || total > INBOX_BYTES {
+                self.overflowed.store(true, Relaxed);
+                tracing::warn!(
+                    messages,
+                    bytes = total,
+                    "closing a socket.io socket whose client sends faster than its packets are served"
+                );
+                return false;
+            }
+        }
+        let _ = tx.send(message);
+        true
+    }
+
+    /// The socket's task took `message` out of the inbox.
+    fn taken(&self, message: &Inbound) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !matches!(message, Inbound::Closed) {
+            self.queued.fetch_sub(1, Relaxed);
+            self.queued_bytes.fetch_sub(message.len(), Relaxed);
         }
     }
 }
@@ -343,6 +396,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
 impl Conn {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Inbound>) {
         while let Some(message) = rx.recv().await {
+            self.out.socket.data.taken(&message);
             let packet = match message {
                 Inbound::Closed => break,
                 Inbound::Text(text) => match Packet::decode(&text) {
@@ -1090,5 +1144,51 @@ async fn pump_queue(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_sends_faster_than_it_is_served_overflows_a_bounded_inbox() {
+        let session = Session::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        session.inbox.set(tx).expect("a new session");
+        for _ in 0..INBOX_MESSAGES {
+            assert!(session.push(Inbound::Text("2[\"ping\"]".into())));
+        }
+        assert!(
+            !session.push(Inbound::Text("2[\"ping\"]".into())),
+            "one message past the bound"
+        );
+        assert!(
+            !session.push(Inbound::Binary(Bytes::from_static(b"x"))),
+            "nothing more once it overflowed"
+        );
+        assert!(
+            session.push(Inbound::Closed),
+            "the close always gets through"
+        );
+        let mut taken = 0;
+        while let Ok(message) = rx.try_recv() {
+            session.taken(&message);
+            taken += 1;
+        }
+        assert_eq!(taken, INBOX_MESSAGES + 1, "what was taken, and the close");
+
+        // Bytes bound the inbox too; served messages make room.
+        let session = Session::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        session.inbox.set(tx).expect("a new session");
+        let big = || Inbound::Binary(Bytes::from(vec![0u8; INBOX_BYTES / 4]));
+        for _ in 0..4 {
+            assert!(session.push(big()));
+        }
+        let first = rx.try_recv().expect("queued");
+        session.taken(&first);
+        assert!(session.push(big()), "room again once one was served");
+        assert!(!session.push(Inbound::Binary(Bytes::from_static(b"x"))));
     }
 }
