@@ -644,7 +644,24 @@ impl Conn {
                     continue;
                 }
             };
-            let start = info.stats.start.0;
+            let (start, end) = (info.stats.start.0, info.stats.end.0);
+            let mut from = next;
+            if next > end {
+                // Offsets this socket read are gone: the room was deleted
+                // and created again (everything in it came meanwhile), or a
+                // power cut took its last messages. It reads the room again
+                // from its start: some messages twice rather than any lost.
+                recovered = false;
+                from = start;
+                gaps.push(json!({
+                    "room": room,
+                    "from": end,
+                    "to": next,
+                    "reason": format!(
+                        "room {room} ends at offset {end}, before this socket's position {next}: it was deleted and created again, or a power cut took its last messages; reading it again from offset {start}"
+                    ),
+                }));
+            }
             if next < start {
                 recovered = false;
                 gaps.push(json!({
@@ -654,7 +671,7 @@ impl Conn {
                     "reason": format!("messages {next} to {} of room {room} are past its retention", start - 1),
                 }));
             }
-            match self.subscribe_replay(&room, Position::Offset(next)).await {
+            match self.subscribe_replay(&room, Position::Offset(from)).await {
                 Ok(sub) => {
                     let mut shared = self.out.shared.lock().await;
                     shared.positions.insert(room.clone(), sub.position().0);

@@ -140,4 +140,28 @@ await run({
     assert.ok(gaps[0].data.reason.includes("does not exist"), JSON.stringify(gaps[0].data));
     pub.close(); sub.close();
   },
+
+  async "a room deleted and created again while offline: read again from its start, with a gap"() {
+    const r = room("again");
+    const [pub, sub] = [await connect(), await connect()];
+    await ok(sub, "subscribe", { room: r });
+    const got = collect(sub);
+    const gaps = collect(sub, "gap");
+    for (const data of ["a", "b", "c"]) await ok(pub, "publish", { room: r, data });
+    await until(() => got.length === 3, "the first three");
+    sub.io.reconnection(false);
+    sub.io.engine.close();
+    await until(() => !sub.connected, "offline");
+    spool("topic", "delete", r);
+    await ok(pub, "publish", { room: r, data: "new" });
+    sub.io.reconnection(true);
+    sub.connect();
+    await once(sub, "connect");
+    assert.equal(sub.recovered, false, "the room it read is gone");
+    await until(() => gaps.length === 1, "the gap event");
+    assert.deepEqual([gaps[0].data.from, gaps[0].data.to], [1, 3], JSON.stringify(gaps[0].data));
+    await until(() => got.length === 4, "the message published into the new room");
+    assert.equal(got[3].data, "new");
+    pub.close(); sub.close();
+  },
 });
