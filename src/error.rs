@@ -74,6 +74,11 @@ pub enum Error {
     /// Something else named does not exist (a subscription, ...).
     #[error("{0}")]
     NotFound(String),
+
+    /// A per-connection or per-socket limit is reached (the message names
+    /// the setting).
+    #[error("{0}")]
+    LimitReached(String),
     /// A failure inside spool itself: a task that panicked, a result that
     /// went missing. Never caused by input; worth a bug report.
     #[error("internal error: {0}")]

@@ -665,6 +665,7 @@ fn duplicate(e: &Error) -> Error {
         Error::TopicNotFound(m) => Error::TopicNotFound(m.clone()),
         Error::GroupNotFound(m) => Error::GroupNotFound(m.clone()),
         Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::LimitReached(m) => Error::LimitReached(m.clone()),
         Error::Internal(m) => Error::Internal(m.clone()),
         Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
         Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),

@@ -81,12 +81,13 @@ impl Consuming {
                 event = events.next() => match event {
                     None => break End::Closed,
                     Some(Ok(Event::Messages(m))) => {
+                        // Leased now: given back however the stream ends.
+                        self.held.extend(m.offsets().into_iter().map(|o| o.0));
                         // A reload of the auth file may have narrowed or
                         // revoked the token since the stream started.
                         if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
                             break End::Failed(self.status(&e));
                         }
-                        self.held.extend(m.offsets().into_iter().map(|o| o.0));
                         if !self.deliver(m).await {
                             break End::Closed;
                         }

@@ -21,7 +21,8 @@ pub fn code(error: &Error) -> pb::Code {
         Error::Full { .. }
         | Error::FilesExhausted { .. }
         | Error::MemoryExhausted { .. }
-        | Error::TooLarge { .. } => pb::Code::ResourceExhausted,
+        | Error::TooLarge { .. }
+        | Error::LimitReached(_) => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
         Error::ReadOnly { .. } => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,

@@ -773,7 +773,7 @@ impl Conn {
             Some(g) => self.queues.contains_key(&(request.room.clone(), g.clone())),
         };
         if !renewing && held >= max {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::LimitReached(format!(
                 "this socket already reads {held} rooms and queues; the limit is {max} (max_subscriptions)"
             )));
         }
@@ -784,6 +784,13 @@ impl Conn {
             }
             None => {
                 let room = request.room;
+                if let Some(old) = self.rooms.remove(&room) {
+                    // Stopped before the new position is written and the
+                    // reply goes out: nothing of the old reading may follow
+                    // the reply or move the socket's position after it.
+                    old.pump.abort();
+                    let _ = old.pump.await;
+                }
                 let sub = self.subscribe_replay(&room, request.from).await?;
                 let position = sub.position().0;
                 let info = self.out.gateway.broker.describe_topic(&room).await?;
@@ -1116,50 +1123,67 @@ async fn pump_queue(
 ) {
     let credit = sub.credit();
     while let Some(event) = sub.next().await {
+        let deliveries = match event {
+            Ok(Event::Messages(deliveries)) => deliveries,
+            Ok(Event::Skipped { .. }) => {
+                if !out.may_push(&room, Some(&group)).await {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                if out.may_push(&room, Some(&group)).await {
+                    let message = format!("room {room}: {e}");
+                    let err = codec::error_value(codec::code_name(&e), &message);
+                    out.emit("error", vec![err]).await;
+                }
+                return;
+            }
+        };
+        // Leased now: each is pending before anything goes out, so a push
+        // refused or cut short leaves them all for the socket's close (or
+        // unsubscribe) to give back at once.
+        let mut batch = Vec::new();
+        {
+            let mut shared = out.shared.lock().await;
+            for d in deliveries.into_vec() {
+                let id = shared.next_ack;
+                shared.next_ack += 1;
+                shared.pending.insert(
+                    id,
+                    PendingAck {
+                        room: room.clone(),
+                        group: group.clone(),
+                        offset: d.message.offset,
+                        credit: credit.clone(),
+                    },
+                );
+                batch.push((id, d));
+            }
+        }
         if !out.may_push(&room, Some(&group)).await {
             return;
         }
-        match event {
-            Ok(Event::Messages(deliveries)) => {
-                for d in deliveries.into_vec() {
-                    let mut shared = out.shared.lock().await;
-                    let id = shared.next_ack;
-                    shared.next_ack += 1;
-                    shared.pending.insert(
-                        id,
-                        PendingAck {
-                            room: room.clone(),
-                            group: group.clone(),
-                            offset: d.message.offset,
-                            credit: credit.clone(),
-                        },
-                    );
-                    let packet = codec::message_event(
-                        &room,
-                        &d.message,
-                        Some((&group, d.delivery)),
-                        None,
-                        Some(id),
-                    );
-                    if !out.send(&packet).await {
-                        return;
-                    }
-                    drop(shared);
-                    let shared = Arc::clone(&out.shared);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(ack_timeout).await;
-                        if let Some(p) = shared.lock().await.pending.remove(&id) {
-                            p.credit.give(1);
-                        }
-                    });
-                }
-            }
-            Ok(Event::Skipped { .. }) => {}
-            Err(e) => {
-                let err = codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
-                out.emit("error", vec![err]).await;
+        for (id, d) in batch {
+            let shared = out.shared.lock().await;
+            let packet = codec::message_event(
+                &room,
+                &d.message,
+                Some((&group, d.delivery)),
+                None,
+                Some(id),
+            );
+            if !out.send(&packet).await {
                 return;
             }
+            drop(shared);
+            let shared = Arc::clone(&out.shared);
+            tokio::spawn(async move {
+                tokio::time::sleep(ack_timeout).await;
+                if let Some(p) = shared.lock().await.pending.remove(&id) {
+                    p.credit.give(1);
+                }
+            });
         }
     }
 }

@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { assert, run, startBroker, env } from "./lib.mjs";
+import { assert, run, startBroker, env, kill9 } from "./lib.mjs";
 
 const chromium = process.env.CHROMIUM || "/usr/bin/chromium";
 
@@ -72,7 +72,7 @@ await run({
       await publish(b, "missed 1");
       await publish(b, "missed 2");
 
-      broker.proc.kill("SIGKILL");
+      await kill9(broker);
       await waitText(b, "#status", (t) => t !== 'online' && t !== 'online (recovered)', "page b sees the broker go");
       broker = await startBroker(env.data, addr, ["--fsync", "always"]);
       await waitText(b, "#status", (t) => t === 'online (recovered)', "page b back, recovered");

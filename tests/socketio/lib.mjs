@@ -90,6 +90,16 @@ export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
   });
 }
 
+/// Kills `broker` with SIGKILL and waits until the process is gone, so its
+/// data-directory lock and listening address are free for a restart.
+export async function kill9(broker) {
+  const proc = broker.proc;
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  const gone = new Promise((resolve) => proc.once("exit", resolve));
+  proc.kill("SIGKILL");
+  await gone;
+}
+
 /// Runs the named test functions in order, printing each; exits non-zero
 /// on the first failure.
 export async function run(tests) {

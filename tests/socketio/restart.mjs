@@ -1,7 +1,7 @@
 // (b) Recovery across `kill -9` of the broker and a restart on the same
 // data and port: the recovery token is sealed with a key kept in the data
 // directory, so the restarted broker honours it.
-import { assert, collect, connect, ok, once, run, startBroker, until, sleep, env } from "./lib.mjs";
+import { assert, collect, connect, ok, once, run, startBroker, until, sleep, env, kill9 } from "./lib.mjs";
 
 const range = (n) => [...Array(n).keys()];
 
@@ -16,7 +16,7 @@ await run({
     for (let i = 0; i < 10; i++) await ok(pub, "publish", { room: "durable", data: i });
     await until(() => got.length === 10, "the first 10");
     sub.io.reconnection(false);
-    broker.proc.kill("SIGKILL");
+    await kill9(broker);
     await until(() => !sub.connected, "the client sees the broker go");
     pub.close();
     broker = await startBroker(env.data, addr, ["--fsync", "always"]);
