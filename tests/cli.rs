@@ -289,3 +289,74 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
         "{err}"
     );
 }
+
+/// `spool produce` reading stdin keeps its connection open through a quiet
+/// spell longer than the idle timeout, sends what it read after a pause,
+/// and splits lines into requests the server takes.
+#[test]
+fn produce_from_stdin_survives_quiet_input_and_splits_large_input() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 1048576\n").expect("config");
+    let broker = Broker::start(
+        &tmp.path().join("data"),
+        &[
+            "--idle-timeout-ms",
+            "300",
+            "--config",
+            config.to_str().expect("utf-8"),
+        ],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["produce", "slow"])
+        .env("SPOOL_SERVER", &broker.addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    let mut pipe = child.stdin.take().expect("stdin");
+    pipe.write_all(b"a\n").expect("write");
+    pipe.flush().expect("flush");
+    // Three idle timeouts of quiet input.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let early = spool(&broker.addr, &["consume", "slow"], None);
+    assert_eq!(stdout(&early), "a\n", "a pause sends what was read");
+    pipe.write_all(b"b\n").expect("write");
+    drop(pipe);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = spool(&broker.addr, &["consume", "slow"], None);
+    assert_eq!(stdout(&read), "a\nb\n");
+
+    // 200 lines of 20 000 bytes: 4 MB, past one 1 MiB frame.
+    let line = "x".repeat(20_000);
+    let input: String = (0..200).map(|_| format!("{line}\n")).collect();
+    let out = spool(&broker.addr, &["produce", "big"], Some(&input));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = spool(&broker.addr, &["consume", "big", "--count", "1000"], None);
+    assert_eq!(stdout(&read).lines().count(), 200);
+}
+
+/// An offline command pointed at a path that is no data directory says so
+/// and exits 1, creating nothing there.
+#[test]
+fn verify_and_compact_refuse_a_path_that_is_no_data_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("nope");
+    let path = missing.to_str().expect("utf-8");
+    for args in [
+        vec!["verify", "--data", path],
+        vec!["compact", "--data", path],
+    ] {
+        let out = spool("127.0.0.1:1", &args, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("not a spool data directory"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!missing.exists(), "{args:?} created {path}");
+    }
+}

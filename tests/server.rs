@@ -9,7 +9,7 @@ use common::{Broker, replay_all};
 use futures_util::StreamExt;
 use prost::Message as _;
 use spool::broker::topic::Position;
-use spool::client::{Client, FetchOptions};
+use spool::client::{Client, ClientError, FetchOptions};
 use spool::groups::GroupMode;
 use spool::protocol::pb;
 use spool::storage::NewMessage;
@@ -986,4 +986,65 @@ async fn a_stream_group_reads_ahead_and_still_hands_out_only_what_is_live() {
         .expect("replay");
     assert_eq!(offsets(&third)[0], 400);
     assert_eq!(offsets(&third), offsets(&replayed), "what a replay reads");
+}
+
+/// Dropping a `Subscription` unsubscribes: its slot is free again
+/// (`max_subscriptions` = 2 here, and ten come and go on one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_frees_its_slot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_subscriptions = 2\n").expect("config");
+    let broker = Broker::start(
+        &tmp.path().join("data"),
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    let client = Client::connect(&broker.addr, "subs")
+        .await
+        .expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    for round in 0..10 {
+        let mut sub = client
+            .subscribe("t", None, "m", Some(Position::Earliest), 10)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a delivery in time")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(got.message.value, bytes::Bytes::from("x"));
+        drop(sub);
+        // The unsubscribe is on its way; a call after it is answered after it.
+        assert_eq!(client.ping(round).await.expect("ping"), round);
+    }
+}
+
+/// A subscription whose connection is lost ends with an error, not as if
+/// it had simply run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ends_with_an_error_when_the_broker_goes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "lost")
+        .await
+        .expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let mut sub = client
+        .subscribe("t", None, "m", Some(Position::Latest), 10)
+        .await
+        .expect("subscribe");
+    let _ = tokio::task::spawn_blocking(move || broker.kill9())
+        .await
+        .expect("kill");
+    let end = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the end in time");
+    assert!(matches!(end, Some(Err(ClientError::Closed))), "{end:?}");
 }

@@ -191,6 +191,20 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Fails unless `dir` is a data directory a broker made (it holds `topics/`):
+/// offline commands must not create one where a path was mistyped, and
+/// report it clean.
+pub fn existing_data_dir(dir: &std::path::Path) -> CliResult {
+    if dir.join(spool::storage::datadir::TOPICS_DIR).is_dir() {
+        return Ok(());
+    }
+    Err(CliError::runtime(format!(
+        "{} is not a spool data directory (it has no {}/ folder); check --data",
+        dir.display(),
+        spool::storage::datadir::TOPICS_DIR
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

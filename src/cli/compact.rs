@@ -53,6 +53,7 @@ fn bar(total: Option<u64>) -> Option<ProgressBar> {
 }
 
 fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompaction>> {
+    super::common::existing_data_dir(dir)?;
     let data = DataDir::open(Arc::new(OsStorage), dir).map_err(|e| match e {
         spool::Error::Locked { .. } => CliError::runtime(format!(
             "{e}; stop the broker, or run `spool compact` without --data to compact online"

@@ -90,10 +90,16 @@ pub fn run(args: ConsumeArgs) -> CliResult {
             };
             let fetched = client.fetch(&args.topic, options).await?;
             if fetched.messages.is_empty() {
-                if args.follow {
-                    continue;
+                if !args.follow {
+                    return Ok(());
                 }
-                return Ok(());
+                // Waits on from where this one looked (`latest` resolved
+                // again would skip what came in between), except a queue
+                // group, which leases whatever is next.
+                if args.group.is_none() || args.mode == Mode::Stream {
+                    position = Some(Position::Offset(fetched.next_offset));
+                }
+                continue;
             }
             let mut out = stdout.lock();
             for r in &fetched.messages {

@@ -71,7 +71,7 @@ pub fn run() -> ExitCode {
             };
         }
     };
-    init_logging();
+    init_logging(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).map_err(common::CliError::from),
         Command::Produce(args) => produce::run(args),
@@ -95,10 +95,11 @@ pub fn run() -> ExitCode {
 
 /// Logs go to stderr through `tracing`; `RUST_LOG` overrides the default
 /// (`info` for the broker, `warn` for client commands).
-fn init_logging() {
+fn init_logging(broker: bool) {
     use std::io::IsTerminal;
+    let default = if broker { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -4,10 +4,28 @@
 use super::common::{CliError, CliResult, ServerArg, block_on, connect, parse_header};
 use clap::Args;
 use spool::storage::NewMessage;
-use std::io::BufRead;
+use std::io::Write;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
 
-/// Lines sent per produce request when reading stdin.
+/// Most lines sent per produce request when reading stdin (fewer when the
+/// server takes fewer per request, or their frame would be too large).
 const BATCH: usize = 1000;
+/// A pause in stdin this long sends the lines read so far.
+const LINGER: Duration = Duration::from_millis(100);
+/// Room in a request's frame for everything but the messages' own bytes.
+const ENVELOPE: usize = 64 * 1024;
+
+/// The bytes `m` takes in a produce request's frame, roughly from above.
+fn frame_bytes(m: &NewMessage) -> usize {
+    let key = m.key.as_ref().map_or(0, |k| k.len() + 8);
+    let headers: usize = m
+        .headers
+        .iter()
+        .map(|h| h.name.len() + h.value.len() + 16)
+        .sum();
+    m.value.len() + key + headers + 32
+}
 
 /// Arguments of `spool produce`.
 #[derive(Debug, Args)]
@@ -53,9 +71,13 @@ pub fn run(args: ProduceArgs) -> CliResult {
                 let n = batch.len();
                 let p = client.produce(&topic, batch).await?;
                 if print {
+                    let mut out = std::io::stdout().lock();
                     for offset in p.first_offset..=p.last_offset {
-                        println!("{offset}");
+                        writeln!(out, "{offset}")
+                            .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
                     }
+                    out.flush()
+                        .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
                 }
                 Ok::<usize, CliError>(n)
             }
@@ -63,15 +85,41 @@ pub fn run(args: ProduceArgs) -> CliResult {
         match &args.message {
             Some(value) => sent += send(vec![message(&args, value.clone())]).await?,
             None => {
-                let stdin = std::io::stdin();
-                let mut batch = Vec::with_capacity(BATCH);
-                for line in stdin.lock().lines() {
+                let welcome = client.welcome();
+                let most = BATCH.min(welcome.max_batch_messages.max(1) as usize);
+                let budget = (welcome.max_frame_bytes as usize)
+                    .saturating_sub(ENVELOPE)
+                    .max(1);
+                // Read without blocking the runtime, so the connection
+                // keeps pinging while stdin is quiet.
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                let mut batch = Vec::new();
+                let mut bytes = 0usize;
+                loop {
+                    let line = if batch.is_empty() {
+                        lines.next_line().await
+                    } else {
+                        match tokio::time::timeout(LINGER, lines.next_line()).await {
+                            Ok(line) => line,
+                            Err(_) => {
+                                // A pause: what was read goes out now.
+                                sent += send(std::mem::take(&mut batch)).await?;
+                                bytes = 0;
+                                continue;
+                            }
+                        }
+                    };
                     let line =
                         line.map_err(|e| CliError::runtime(format!("reading stdin: {e}")))?;
-                    batch.push(message(&args, line));
-                    if batch.len() == BATCH {
+                    let Some(line) = line else { break };
+                    let m = message(&args, line);
+                    let size = frame_bytes(&m);
+                    if !batch.is_empty() && (batch.len() == most || bytes + size > budget) {
                         sent += send(std::mem::take(&mut batch)).await?;
+                        bytes = 0;
                     }
+                    bytes += size;
+                    batch.push(m);
                 }
                 if !batch.is_empty() {
                     sent += send(batch).await?;

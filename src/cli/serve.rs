@@ -337,13 +337,16 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
             metrics: server.metrics_addr()?,
             socketio: server.socketio_addr()?,
         };
+        // Handlers first: a script that stops the broker as soon as it
+        // reads the start-up line gets a graceful stop.
+        let signals = Signals::install();
         // One write: a reader that stops after the first line has all of it.
         print!("{}", startup_lines(args.format, &listeners, &data));
         std::io::Write::flush(&mut std::io::stdout())
             .map_err(|e| spool::Error::io("writing the start-up lines", e))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("signal received: shutting down");
             let _ = stop.send(true);
         });
@@ -351,17 +354,33 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+/// SIGTERM and SIGINT, caught from when they are installed.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn wait(mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
         }
     }
 }

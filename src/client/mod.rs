@@ -380,6 +380,10 @@ impl Client {
             Some(Err(e)) => return Err(frame_to_client(addr, e)),
             None => return Err(ClientError::Closed),
         };
+        // Frames as large as the server takes and sends, past the default
+        // the handshake was read with.
+        let codec_max = (DEFAULT_MAX_FRAME_BYTES * 4).max(welcome.max_frame_bytes);
+        framed.codec_mut().set_max_frame_bytes(codec_max);
         let (sink, mut frames) = framed.split();
         let (out, out_rx) = mpsc::channel::<ClientOut>(256);
         let mut writer = tokio::spawn(outbox::run(sink, out_rx));
@@ -461,11 +465,10 @@ impl Client {
             for (_, tx) in lock(&p).drain() {
                 let _ = tx.send(Err(ended()));
             }
-            // Subscriptions the server did not end itself end with the reason.
+            // Subscriptions the server did not end itself end with the
+            // reason, or `Closed`.
             for (_, tx) in lock(&s).drain() {
-                if reason.is_some() {
-                    let _ = tx.send(Err(ended()));
-                }
+                let _ = tx.send(Err(ended()));
             }
         });
         let next_id = Arc::new(AtomicU64::new(1));
@@ -637,6 +640,12 @@ impl Client {
             Reply::Subscribe(s) => Ok(Subscription {
                 id: s.subscription_id,
                 rx,
+                stop: Stop {
+                    out: self.out.clone(),
+                    pending: Arc::clone(&self.pending),
+                    subscriptions: Arc::clone(&self.subscriptions),
+                    next_id: Arc::clone(&self.next_id),
+                },
             }),
             other => Err(unexpected(other)),
         }
@@ -851,13 +860,46 @@ impl Client {
 }
 
 /// Messages pushed to one subscription, as a `Stream`. Ends with an error
-/// item when the server ends the subscription, and with `None` when the
-/// connection closes. A [`ClientError::Skipped`] item is not an end: it names
-/// a message the server could not deliver, and later messages follow.
+/// item when the server ends the subscription or the connection closes
+/// ([`ClientError::Closed`] when it closed without a reason), then `None`.
+/// A [`ClientError::Skipped`] item is not an end: it names a message the
+/// server could not deliver, and later messages follow. Dropping it
+/// unsubscribes (the server frees its slot and gives its queue leases back).
 #[derive(Debug)]
 pub struct Subscription {
     id: u64,
     rx: mpsc::UnboundedReceiver<Result<Received>>,
+    stop: Stop,
+}
+
+/// What a dropped [`Subscription`] needs to unsubscribe without waiting.
+#[derive(Debug)]
+struct Stop {
+    out: mpsc::Sender<ClientOut>,
+    pending: Pending,
+    subscriptions: Subscriptions,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let stop = &self.stop;
+        lock(&stop.subscriptions).remove(&self.id);
+        // The answer (also NOT_FOUND, after an explicit unsubscribe or once
+        // the server ended it) goes to a call nobody waits for.
+        let request_id = stop.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, _answer) = oneshot::channel();
+        lock(&stop.pending).insert(request_id, tx);
+        let frame = ClientOut::Frame(pb::ClientFrame {
+            request_id,
+            request: Some(Request::Unsubscribe(pb::UnsubscribeRequest {
+                subscription_id: self.id,
+            })),
+        });
+        if stop.out.try_send(frame).is_err() {
+            lock(&stop.pending).remove(&request_id);
+        }
+    }
 }
 
 impl Subscription {

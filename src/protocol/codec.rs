@@ -51,6 +51,11 @@ impl<In, Out> FrameCodec<In, Out> {
             _types: PhantomData,
         }
     }
+
+    /// Takes frames of up to `max_frame_bytes` from now on.
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u32) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
 }
 
 impl<In: Message + Default, Out> Decoder for FrameCodec<In, Out> {
