@@ -221,6 +221,11 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 impl Broker {
+    /// Counts a use of topic `name` now (see [`Registry::touch`]).
+    pub(super) fn touch(&self, name: &str) {
+        self.inner.registry.touch(name);
+    }
+
     /// Opens the data directory (taking its lock and listing its topics;
     /// no topic is opened until it is used) and starts the background work:
     /// the start-up scan ([`Registry::scan`]: recovering topics a crash left

@@ -497,7 +497,11 @@ impl Registry {
         };
         // A read-only topic (a sync failed) stays open until a restart, and
         // one with leases or delayed redeliveries until they end.
-        if Arc::strong_count(topic) > 1 || topic.is_retired() || topic.is_pinned(now_ms()) {
+        if Arc::strong_count(topic) > 1
+            || topic.is_retired()
+            || topic.is_pinned(now_ms())
+            || topic.is_read_only()
+        {
             return false;
         }
         match topic.stop() {

@@ -102,6 +102,15 @@ pub struct Subscription {
     ended: bool,
 }
 
+impl Drop for Subscription {
+    /// An open subscription holds its topic in use; its end is a use too, so
+    /// a topic with `delete_when_idle_ms` is idle from here, not from the
+    /// sweep before.
+    fn drop(&mut self) {
+        self.broker.touch(self.runtime.topic().name());
+    }
+}
+
 /// How often a queue group's readers look again when nothing changes:
 /// leases expire without any append.
 pub(super) fn lease_poll(topic: &Topic) -> Duration {

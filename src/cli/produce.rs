@@ -4,9 +4,9 @@
 use super::common::{CliError, CliResult, ServerArg, block_on, connect, parse_header};
 use clap::Args;
 use spool::storage::NewMessage;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
 
 /// Most lines sent per produce request when reading stdin (fewer when the
 /// server takes fewer per request, or their frame would be too large).
@@ -58,6 +58,22 @@ fn message(args: &ProduceArgs, value: String) -> NewMessage {
     m
 }
 
+/// The lines of stdin, read on a thread of their own: the runtime goes on
+/// (the connection keeps pinging while stdin is quiet), and the command
+/// ends, with its error if a send fails, without waiting for more input.
+fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
+    let (tx, rx) = mpsc::channel(BATCH);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Runs the command.
 pub fn run(args: ProduceArgs) -> CliResult {
     block_on(async {
@@ -90,16 +106,14 @@ pub fn run(args: ProduceArgs) -> CliResult {
                 let budget = (welcome.max_frame_bytes as usize)
                     .saturating_sub(ENVELOPE)
                     .max(1);
-                // Read without blocking the runtime, so the connection
-                // keeps pinging while stdin is quiet.
-                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                let mut lines = stdin_lines();
                 let mut batch = Vec::new();
                 let mut bytes = 0usize;
                 loop {
                     let line = if batch.is_empty() {
-                        lines.next_line().await
+                        lines.recv().await
                     } else {
-                        match tokio::time::timeout(LINGER, lines.next_line()).await {
+                        match tokio::time::timeout(LINGER, lines.recv()).await {
                             Ok(line) => line,
                             Err(_) => {
                                 // A pause: what was read goes out now.
@@ -109,9 +123,9 @@ pub fn run(args: ProduceArgs) -> CliResult {
                             }
                         }
                     };
+                    let Some(line) = line else { break };
                     let line =
                         line.map_err(|e| CliError::runtime(format!("reading stdin: {e}")))?;
-                    let Some(line) = line else { break };
                     let m = message(&args, line);
                     let size = frame_bytes(&m);
                     if !batch.is_empty() && (batch.len() == most || bytes + size > budget) {

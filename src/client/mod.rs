@@ -641,10 +641,10 @@ impl Client {
                 id: s.subscription_id,
                 rx,
                 stop: Stop {
-                    out: self.out.clone(),
-                    pending: Arc::clone(&self.pending),
-                    subscriptions: Arc::clone(&self.subscriptions),
-                    next_id: Arc::clone(&self.next_id),
+                    out: self.out.downgrade(),
+                    pending: Arc::downgrade(&self.pending),
+                    subscriptions: Arc::downgrade(&self.subscriptions),
+                    next_id: Arc::downgrade(&self.next_id),
                 },
             }),
             other => Err(unexpected(other)),
@@ -872,32 +872,61 @@ pub struct Subscription {
     stop: Stop,
 }
 
-/// What a dropped [`Subscription`] needs to unsubscribe without waiting.
+/// What a dropped [`Subscription`] needs to unsubscribe without waiting;
+/// weak, so a subscription kept after its client was dropped does not keep
+/// the connection open.
 #[derive(Debug)]
 struct Stop {
-    out: mpsc::Sender<ClientOut>,
-    pending: Pending,
-    subscriptions: Subscriptions,
-    next_id: Arc<AtomicU64>,
+    out: mpsc::WeakSender<ClientOut>,
+    pending: std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>,
+    subscriptions: std::sync::Weak<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>,
+    next_id: std::sync::Weak<AtomicU64>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
         let stop = &self.stop;
-        lock(&stop.subscriptions).remove(&self.id);
+        let (Some(out), Some(pending), Some(subscriptions), Some(next_id)) = (
+            stop.out.upgrade(),
+            stop.pending.upgrade(),
+            stop.subscriptions.upgrade(),
+            stop.next_id.upgrade(),
+        ) else {
+            // The client is gone, and its connection with it.
+            return;
+        };
+        lock(&subscriptions).remove(&self.id);
         // The answer (also NOT_FOUND, after an explicit unsubscribe or once
         // the server ended it) goes to a call nobody waits for.
-        let request_id = stop.next_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, _answer) = oneshot::channel();
-        lock(&stop.pending).insert(request_id, tx);
+        lock(&pending).insert(request_id, tx);
         let frame = ClientOut::Frame(pb::ClientFrame {
             request_id,
             request: Some(Request::Unsubscribe(pb::UnsubscribeRequest {
                 subscription_id: self.id,
             })),
         });
-        if stop.out.try_send(frame).is_err() {
-            lock(&stop.pending).remove(&request_id);
+        match out.try_send(frame) {
+            Ok(()) => {}
+            // A full queue: sent once there is room, where a runtime runs.
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        runtime.spawn(async move {
+                            if out.send(frame).await.is_err() {
+                                lock(&pending).remove(&request_id);
+                            }
+                        });
+                    }
+                    Err(_) => {
+                        lock(&pending).remove(&request_id);
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                lock(&pending).remove(&request_id);
+            }
         }
     }
 }

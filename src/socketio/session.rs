@@ -784,6 +784,9 @@ impl Conn {
             }
             None => {
                 let room = request.room;
+                let sub = self.subscribe_replay(&room, request.from).await?;
+                let position = sub.position().0;
+                let info = self.out.gateway.broker.describe_topic(&room).await?;
                 if let Some(old) = self.rooms.remove(&room) {
                     // Stopped before the new position is written and the
                     // reply goes out: nothing of the old reading may follow
@@ -791,9 +794,6 @@ impl Conn {
                     old.pump.abort();
                     let _ = old.pump.await;
                 }
-                let sub = self.subscribe_replay(&room, request.from).await?;
-                let position = sub.position().0;
-                let info = self.out.gateway.broker.describe_topic(&room).await?;
                 {
                     let mut shared = self.out.shared.lock().await;
                     shared.positions.insert(room.clone(), position);

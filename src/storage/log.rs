@@ -1227,6 +1227,16 @@ impl Log {
         // Not while a compaction pass rewrites the same segments.
         let _pass = self.lock_compaction();
         let w = self.lock_writer()?;
+        // Nor while a swap left half-way waits for a restart: the segments
+        // in memory are not those on disk.
+        if !self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(Vec::new());
+        }
         let segments = self.segments();
         let sealed = segments.len().saturating_sub(1);
         let mut total: u64 = segments.iter().map(|s| s.size()).sum();

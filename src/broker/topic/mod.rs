@@ -715,9 +715,10 @@ impl Topic {
         if let FsyncPolicy::Interval(_) = self.config.log.fsync {
             // The log first: state rarely stands on messages a cut takes
             // back (and a group forgets what it completed past the log's end
-            // when it opens).
-            self.log.sync_written()?;
+            // when it opens). The state also when the log cannot sync.
+            let log = self.log.sync_written();
             self.sync_state()?;
+            log?;
         }
         Ok(())
     }
@@ -955,13 +956,18 @@ impl Topic {
             return Ok(Vec::new());
         }
         let limits = if self.config.retention_respects_groups {
-            let floor = self.needed_offset()?.map(|o| o.0);
+            let mut floor = self.needed_offset()?.map(|o| o.0);
             // The floor stands on completions that may be in memory only:
             // durable before a segment goes for them, or a power cut would
             // take the completions back and leave the group past messages
-            // it never durably completed, gone.
-            if floor.is_some() {
-                self.sync_state()?;
+            // it never durably completed, gone. If they cannot be made
+            // durable (a full disk), only the hard limits apply.
+            if floor.is_some()
+                && let Err(e) = self.sync_state()
+            {
+                tracing::warn!(topic = %self.name, error = %e,
+                    "group state not synced: retention applies only its hard limits");
+                floor = Some(0);
             }
             RetentionLimits {
                 floor,

@@ -99,23 +99,25 @@ impl Topic {
             &mut too_large,
             &mut out,
         );
-        if let Err(e) = handled {
-            let leased = out.deliveries.iter().map(|d| &d.message);
-            let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
-            for o in leased
-                .chain(unhandled)
-                .map(|m| m.offset.0)
-                .collect::<Vec<_>>()
-            {
-                g.defer(o, now);
-            }
-            return Err(e);
-        }
         // Redelivery counts reach the disk before the messages go out, so a
         // poison message cannot loop forever across broker crashes. The sync
         // runs outside the topic's lock, shared with other fetches and acks.
-        let durable = (!g.is_synced()).then(|| g.sync_later()).transpose()?;
-        Ok((out, durable))
+        let durable = handled.and_then(|()| (!g.is_synced()).then(|| g.sync_later()).transpose());
+        match durable {
+            Ok(durable) => Ok((out, durable)),
+            Err(e) => {
+                let leased = out.deliveries.iter().map(|d| &d.message);
+                let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
+                for o in leased
+                    .chain(unhandled)
+                    .map(|m| m.offset.0)
+                    .collect::<Vec<_>>()
+                {
+                    g.defer(o, now);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The part of [`Topic::lease_queue_within`] that moves the cursor: walks
@@ -175,9 +177,12 @@ impl Topic {
                         None => candidates.push_back(m),
                     }
                 }
+                // Past each record as it is handled: on a failure, what the
+                // walk took is below the cursor (and due again), never read
+                // a second time by the walk.
+                g.advance_cursor(o + 1);
             }
             cursor = last + 1;
-            g.advance_cursor(cursor);
         }
         // Every candidate is one this group has not completed, so none is
         // consumed by every group.
