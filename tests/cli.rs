@@ -360,3 +360,26 @@ fn verify_and_compact_refuse_a_path_that_is_no_data_directory() {
         assert!(!missing.exists(), "{args:?} created {path}");
     }
 }
+
+/// A command whose stdout is closed (`| head`) ends with exit 1 and one
+/// line on stderr, not a panic.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let made = spool(&broker.addr, &["produce", "t", "x"], None);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["topic", "list"])
+        .env("SPOOL_SERVER", &broker.addr)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("writing stdout"), "{}", stderr(&out));
+}

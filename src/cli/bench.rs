@@ -165,7 +165,7 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
     )?
     .map_err(|e| CliError::runtime(format!("bench socketio: {e}")))?;
     match args.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string(&r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
         ),
@@ -173,11 +173,15 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
             let kib = |b: Option<u64>| {
                 b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
             };
-            println!(
+            outln!(
                 "spool bench socketio: {} websocket clients in one room, {} msg/s for {} s ({} bytes of filler), fsync {}",
-                params.clients, params.rate, params.duration_s, params.size, params.fsync
+                params.clients,
+                params.rate,
+                params.duration_s,
+                params.size,
+                params.fsync
             );
-            println!(
+            outln!(
                 "deliveries {} of {} ({:.0}/s); latency ms p50 {} p90 {} p99 {} p99.9 {} max {}",
                 r.deliveries,
                 r.expected,
@@ -188,7 +192,7 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
                 ms(r.latency.p999),
                 ms(r.latency.max)
             );
-            println!(
+            outln!(
                 "broker RSS: {} before, {} with the clients idle ({} per idle connection), {} at the end",
                 kib(r.rss_before_bytes),
                 kib(r.rss_idle_bytes),
@@ -230,7 +234,7 @@ pub fn run(args: BenchArgs) -> CliResult {
     let mut report = report;
     report.params.data = args.data.clone();
     match args.format {
-        Format::Json => println!("{}", report.to_json()),
+        Format::Json => outln!("{}", report.to_json()),
         Format::Text => print_text(&report),
     }
     Ok(())
@@ -426,7 +430,7 @@ fn ms(v: f64) -> String {
 fn print_text(r: &Report) {
     let p = &r.params;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!(
+    outln!(
         "spool bench {} (spool {}; {} cores, {}; {})",
         r.workload,
         r.version,
@@ -439,7 +443,7 @@ fn print_text(r: &Report) {
             .map_or_else(|| "in-process broker".into(), |s| format!("broker {s}")),
     );
     if p.workload == Workload::Disk {
-        println!("baseline {} MiB per run\n", p.baseline_mib);
+        outln!("baseline {} MiB per run\n", p.baseline_mib);
     } else {
         print_params(p);
     }
@@ -453,7 +457,7 @@ fn print_params(p: &Params) {
         (Some(m), None) => format!("messages {m}"),
         (None, None) => String::new(),
     };
-    println!(
+    outln!(
         "producers {}, consumers {}, {amount}, size {} B, batch {}, rate {}, fsync {}, mode {}, in-flight {}, queue load {}, transport {}\n",
         p.producers,
         p.consumers,

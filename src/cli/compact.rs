@@ -129,7 +129,7 @@ pub fn run(args: CompactArgs) -> CliResult {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(json));
+            outln!("{}", serde_json::Value::Array(json));
         }
         Format::Text => {
             let rows: Vec<Vec<String>> = reports

@@ -20,7 +20,7 @@ pub fn run(args: DeleteArgs) -> CliResult {
     block_on(async {
         let client = connect(&args.server).await?;
         client.delete(&args.topic, &args.offsets).await?;
-        println!(
+        outln!(
             "deleted {} message(s) of topic {}",
             args.offsets.len(),
             args.topic

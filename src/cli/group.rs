@@ -111,7 +111,7 @@ pub fn run(cmd: GroupCommand) -> CliResult {
                 let groups = client.list_groups(&a.topic).await?;
                 match a.format {
                     Format::Json => {
-                        println!(
+                        outln!(
                             "{}",
                             serde_json::Value::Array(groups.iter().map(group_json).collect())
                         )
@@ -125,11 +125,11 @@ pub fn run(cmd: GroupCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 let g = client.describe_group(&a.topic, &a.group).await?;
                 match a.format {
-                    Format::Json => println!("{}", group_json(&g)),
+                    Format::Json => outln!("{}", group_json(&g)),
                     Format::Text => {
                         print_table(&COLUMNS, &[group_row(&g)]);
                         for m in &g.members {
-                            println!("member {} last seen at {} ms", m.name, m.last_seen_ms);
+                            outln!("member {} last seen at {} ms", m.name, m.last_seen_ms);
                         }
                     }
                 }
@@ -138,10 +138,11 @@ pub fn run(cmd: GroupCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 let offset = client.seek(&a.topic, &a.group, a.to).await?;
                 match a.format {
-                    Format::Json => println!("{}", serde_json::json!({ "offset": offset })),
-                    Format::Text => println!(
+                    Format::Json => outln!("{}", serde_json::json!({ "offset": offset })),
+                    Format::Text => outln!(
                         "group {} of topic {} now at offset {offset}",
-                        a.group, a.topic
+                        a.group,
+                        a.topic
                     ),
                 }
             }
@@ -149,7 +150,7 @@ pub fn run(cmd: GroupCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 client.delete_group(&a.topic, &a.group).await?;
                 if a.format == Format::Text {
-                    println!("deleted group {} of topic {}", a.group, a.topic);
+                    outln!("deleted group {} of topic {}", a.group, a.topic);
                 }
             }
         }

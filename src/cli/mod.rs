@@ -1,6 +1,18 @@
 //! The `spool` command line: one file per subcommand group. Exit codes: 0 ok,
 //! 1 runtime error (one line on stderr naming what failed), 2 usage error.
 
+/// `println!` for a command's output: when stdout is closed (`| head`), the
+/// command ends with exit 1 and one line on stderr instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            eprintln!("spool: writing stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 mod bench;
 mod common;
 mod compact;

@@ -49,10 +49,10 @@ pub fn run(cmd: TokenCommand) -> CliResult {
         consume: args.consume,
         admin: args.admin,
     };
-    println!("secret (shown only now; clients pass it as --token or SPOOL_TOKEN):");
-    println!("{secret}");
-    println!();
-    println!("add to the auth file, then send the broker SIGHUP:");
+    outln!("secret (shown only now; clients pass it as --token or SPOOL_TOKEN):");
+    outln!("{secret}");
+    outln!();
+    outln!("add to the auth file, then send the broker SIGHUP:");
     print!("{}", entry.to_toml());
     Ok(())
 }

@@ -219,8 +219,8 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                 };
                 let t = client.create_topic(&a.name, config).await?;
                 match a.format {
-                    Format::Json => println!("{}", topic_json(&t)),
-                    Format::Text => println!("created topic {}", t.name),
+                    Format::Json => outln!("{}", topic_json(&t)),
+                    Format::Text => outln!("created topic {}", t.name),
                 }
             }
             TopicCommand::List(a) => {
@@ -228,7 +228,7 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                 let topics = client.list_topics().await?;
                 match a.format {
                     Format::Json => {
-                        println!(
+                        outln!(
                             "{}",
                             serde_json::Value::Array(topics.iter().map(topic_json).collect())
                         )
@@ -254,7 +254,7 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 let t = client.describe_topic(&a.name).await?;
                 match a.format {
-                    Format::Json => println!("{}", topic_json(&t)),
+                    Format::Json => outln!("{}", topic_json(&t)),
                     Format::Text => describe_text(&t),
                 }
             }
@@ -262,7 +262,7 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 client.delete_topic(&a.name).await?;
                 if a.format == Format::Text {
-                    println!("deleted topic {}", a.name);
+                    outln!("deleted topic {}", a.name);
                 }
             }
         }

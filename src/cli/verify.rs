@@ -74,27 +74,31 @@ pub fn run(args: VerifyArgs) -> CliResult {
         Format::Json => {
             let json = serde_json::to_string(&report)
                 .map_err(|e| CliError::runtime(format!("encoding the report: {e}")))?;
-            println!("{json}");
+            outln!("{json}");
         }
         Format::Text => {
-            println!(
+            outln!(
                 "checked {} topics, {} files, {} bytes, {} offsets, {} journal entries",
-                report.topics, report.files, report.bytes, report.offsets, report.journal_entries
+                report.topics,
+                report.files,
+                report.bytes,
+                report.offsets,
+                report.journal_entries
             );
             for t in &report.torn_tails {
-                println!(
+                outln!(
                     "torn tail (unacknowledged; cut at the next start): {}",
                     describe(t)
                 );
             }
             for n in &report.notes {
-                println!("note (the next start repairs it): {}", describe(n));
+                outln!("note (the next start repairs it): {}", describe(n));
             }
             for d in &report.damage {
-                println!("DAMAGE: {}", describe(d));
+                outln!("DAMAGE: {}", describe(d));
             }
             if report.is_clean() {
-                println!("no damage found");
+                outln!("no damage found");
             }
         }
     }
