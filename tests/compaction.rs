@@ -239,28 +239,9 @@ fn power_cut_at_every_sync_of_compaction(doomed: fn(u64) -> bool, merges: bool) 
         let disk = Arc::new(SimDisk::new());
         let storage: Arc<dyn Storage> = disk.clone();
         let reg = registry(Arc::clone(&storage), "/data");
-        let config = TopicConfig {
-            log: LogConfig {
-                segment_bytes: 1024,
-                fsync: FsyncPolicy::Always,
-                ..LogConfig::default()
-            },
-            ..TopicConfig::default()
-        };
-        let topic = reg.create_topic("t", config).expect("topic");
+        let topic = reg.create_topic("t", small_segments()).expect("topic");
         let mut live = BTreeMap::new();
-        for i in 0..120u64 {
-            let value = format!("message {i} {}", "z".repeat((i % 17) as usize));
-            let a = topic
-                .produce(&[NewMessage::from_value(value.clone())])
-                .expect("produce");
-            live.insert(a.first.0, value);
-        }
-        let doomed: Vec<u64> = (0..120).filter(|&o| doomed(o)).collect();
-        topic.delete(&as_offsets(&doomed)).expect("delete");
-        for o in &doomed {
-            live.remove(o);
-        }
+        produce_and_delete(&topic, 120, doomed, &mut live).expect("traffic");
         disk.power_off_after_syncs(Some(disk.sync_count() + n));
         let stats = reg.compact(Some("t"), &mut |_| {});
         let finished = stats.is_ok() && !disk.is_powered_off();
@@ -274,12 +255,7 @@ fn power_cut_at_every_sync_of_compaction(doomed: fn(u64) -> bool, merges: bool) 
 
         let reg = registry(Arc::clone(&storage), "/data");
         let topic = reg.topic("t").expect("topic");
-        let got: BTreeMap<u64, String> = topic
-            .read(Offset(0), 10_000, 1 << 20)
-            .expect("read")
-            .into_iter()
-            .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
-            .collect();
+        let got = values(&topic);
         assert_eq!(got, live, "power cut after sync {n} of compaction");
         let report = verify(reg.data(), &mut |_| {}).expect("verify");
         assert!(
@@ -737,6 +713,28 @@ fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
     offsets.iter().copied().map(Offset).collect()
 }
 
+/// Topic settings with 1 KiB segments under `fsync=always`.
+fn small_segments() -> TopicConfig {
+    TopicConfig {
+        log: LogConfig {
+            segment_bytes: 1024,
+            fsync: FsyncPolicy::Always,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    }
+}
+
+/// Every message a replay of `topic` shows, by offset.
+fn values(topic: &spool::broker::Topic) -> BTreeMap<u64, String> {
+    topic
+        .read(Offset(0), 10_000, 1 << 20)
+        .expect("read")
+        .into_iter()
+        .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
+        .collect()
+}
+
 /// Produces `count` messages to `topic`, deletes those `doomed` picks, and
 /// records the rest in `live`.
 fn produce_and_delete(
@@ -770,15 +768,7 @@ fn a_compaction_failing_at_any_sync_then_another_pass_then_a_restart_loses_nothi
         let disk = Arc::new(SimDisk::new());
         let storage: Arc<dyn Storage> = disk.clone();
         let reg = registry(Arc::clone(&storage), "/data");
-        let config = TopicConfig {
-            log: LogConfig {
-                segment_bytes: 1024,
-                fsync: FsyncPolicy::Always,
-                ..LogConfig::default()
-            },
-            ..TopicConfig::default()
-        };
-        let topic = reg.create_topic("t", config).expect("topic");
+        let topic = reg.create_topic("t", small_segments()).expect("topic");
         let mut live = BTreeMap::new();
         produce_and_delete(&topic, 90, |o| o % 5 != 0, &mut live).expect("traffic");
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -807,12 +797,7 @@ fn a_compaction_failing_at_any_sync_then_another_pass_then_a_restart_loses_nothi
         disk.power_cut(None);
         let reg = registry(Arc::clone(&storage), "/data");
         let topic = reg.topic("t").unwrap_or_else(|e| panic!("sync {k}: {e}"));
-        let got: BTreeMap<u64, String> = topic
-            .read(Offset(0), 10_000, 1 << 20)
-            .expect("read")
-            .into_iter()
-            .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
-            .collect();
+        let got = values(&topic);
         assert_eq!(got, live, "compaction failed at its sync {k}");
         let report = verify(reg.data(), &mut |_| {}).expect("verify");
         assert!(report.is_clean(), "sync {k}: {:?}", report.damage);

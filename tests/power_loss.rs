@@ -2067,6 +2067,36 @@ fn consumed_when_all_consumed(reg: &Registry, name: &str, log: LogConfig) -> Arc
     reg.create_topic(name, config).expect("create topic")
 }
 
+/// Leases up to `max` messages of queue group `group` to member "m" and
+/// acks them; returns their offsets.
+fn lease_and_ack(t: &Topic, group: &str, max: usize) -> Vec<u64> {
+    let leased = t
+        .fetch_queue(group, "m", max, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
+    t.ack(group, &offsets).expect("ack");
+    offsets.iter().map(|o| o.0).collect()
+}
+
+/// Topic "t" under `fsync`, with queue group "q" and `n` small messages.
+fn queue_topic(reg: &Registry, fsync: FsyncPolicy, n: u8) -> Arc<Topic> {
+    let config = TopicConfig {
+        log: LogConfig {
+            fsync,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    let t = reg.create_topic("t", config).expect("topic");
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..n {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    t
+}
+
 fn visible_offsets(t: &Topic) -> BTreeSet<u64> {
     read_visible(t)
         .expect("replay")
@@ -2247,12 +2277,7 @@ fn retention_that_respects_groups_makes_the_acks_it_stands_on_durable_first() {
             .expect("produce");
     }
     t.sync_log().expect("sync the log");
-    let leased = t
-        .fetch_queue("q", "m", 30, NO_BYTE_LIMIT, now_ms())
-        .expect("fetch");
-    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
-    assert_eq!(offsets.len(), 30);
-    t.ack("q", &offsets).expect("ack");
+    assert_eq!(lease_and_ack(&t, "q", 30).len(), 30);
     let dropped = t.enforce_retention(now_ms()).expect("retention");
     assert!(!dropped.is_empty(), "retention dropped nothing");
     drop(t);
@@ -2277,20 +2302,7 @@ fn an_interval_tick_makes_what_was_confirmed_before_it_durable() {
     // right after it.
     let disk = Arc::new(SimDisk::new());
     let reg = open_registry(&disk).expect("open");
-    let config = TopicConfig {
-        log: LogConfig {
-            fsync: FsyncPolicy::Interval(300),
-            ..LogConfig::default()
-        },
-        ..TopicConfig::default()
-    };
-    let t = reg.create_topic("t", config).expect("topic");
-    t.create_group("q", GroupMode::Queue, Position::Earliest)
-        .expect("group");
-    for i in 0..3u8 {
-        t.produce(&[NewMessage::from_value(vec![i; 10])])
-            .expect("produce");
-    }
+    let t = queue_topic(&reg, FsyncPolicy::Interval(300), 3);
     std::thread::sleep(std::time::Duration::from_millis(350));
     let synced = t
         .produce(&[NewMessage::from_value("due")])
@@ -2300,12 +2312,7 @@ fn an_interval_tick_makes_what_was_confirmed_before_it_durable() {
         Durability::Durable,
         "the interval passed"
     );
-    let leased = t
-        .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
-        .expect("fetch");
-    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
-    assert_eq!(offsets.len(), 4);
-    t.ack("q", &offsets).expect("ack");
+    assert_eq!(lease_and_ack(&t, "q", 10).len(), 4);
     let written = t
         .produce(&[NewMessage::from_value("after")])
         .expect("produce");
@@ -2355,16 +2362,7 @@ fn a_queue_fetch_that_fails_part_way_leaves_nothing_undeliverable() {
     assert!(failed.is_err(), "the redelivery count needs the full disk");
     let mut got = BTreeSet::new();
     for _ in 0..5 {
-        let fetched = t
-            .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
-            .expect("fetch");
-        let offsets: Vec<Offset> = fetched
-            .deliveries
-            .iter()
-            .map(|d| d.message.offset)
-            .collect();
-        t.ack("q", &offsets).expect("ack");
-        got.extend(offsets.iter().map(|o| o.0));
+        got.extend(lease_and_ack(&t, "q", 10));
     }
     assert_eq!(
         got,
@@ -2394,11 +2392,7 @@ fn a_group_removal_that_fails_leaves_the_group_whole() {
         t.produce(&[NewMessage::from_value(vec![i; 10])])
             .expect("produce");
     }
-    let leased = t
-        .fetch_queue("a", "m", 10, NO_BYTE_LIMIT, now_ms())
-        .expect("fetch");
-    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
-    t.ack("a", &offsets).expect("ack");
+    lease_and_ack(&t, "a", 10);
     disk.set_fault(SimFault::NoSpace, true);
     let failed = t.delete_group("g");
     disk.set_fault(SimFault::NoSpace, false);
@@ -2468,26 +2462,9 @@ fn a_stop_syncs_the_acks_of_a_topic_whose_log_turned_read_only() {
     // durable: they were confirmed, and the group's journal is not the log.
     let disk = Arc::new(SimDisk::new());
     let reg = open_registry(&disk).expect("open");
-    let config = TopicConfig {
-        log: LogConfig {
-            fsync: FsyncPolicy::Interval(3_600_000),
-            ..LogConfig::default()
-        },
-        ..TopicConfig::default()
-    };
-    let t = reg.create_topic("t", config).expect("topic");
-    t.create_group("q", GroupMode::Queue, Position::Earliest)
-        .expect("group");
-    for i in 0..3u8 {
-        t.produce(&[NewMessage::from_value(vec![i; 10])])
-            .expect("produce");
-    }
+    let t = queue_topic(&reg, FsyncPolicy::Interval(3_600_000), 3);
     t.sync_log().expect("sync");
-    let leased = t
-        .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
-        .expect("fetch");
-    let offsets: Vec<Offset> = leased.deliveries.iter().map(|d| d.message.offset).collect();
-    t.ack("q", &offsets).expect("ack");
+    lease_and_ack(&t, "q", 10);
     t.produce(&[NewMessage::from_value("unsynced")])
         .expect("produce");
     disk.set_fault(SimFault::SyncError, true);
@@ -2528,19 +2505,11 @@ fn a_queue_group_passes_the_offsets_compaction_removed() {
     reg.compact(Some("kv"), &mut |_| {}).expect("compact");
     let mut got = Vec::new();
     loop {
-        let fetched = t
-            .fetch_queue("q", "m", 10, NO_BYTE_LIMIT, now_ms())
-            .expect("fetch");
-        if fetched.deliveries.is_empty() {
+        let acked = lease_and_ack(&t, "q", 10);
+        if acked.is_empty() {
             break;
         }
-        let offsets: Vec<Offset> = fetched
-            .deliveries
-            .iter()
-            .map(|d| d.message.offset)
-            .collect();
-        t.ack("q", &offsets).expect("ack");
-        got.extend(offsets.iter().map(|o| o.0));
+        got.extend(acked);
     }
     assert!(
         !got.contains(&0),
