@@ -383,3 +383,34 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     assert!(stderr(&out).contains("writing stdout"), "{}", stderr(&out));
 }
+
+/// A server setting out of its range is refused at start, naming it.
+#[test]
+fn serve_refuses_limits_out_of_range() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for (setting, line) in [
+        ("max_frame_bytes", "max_frame_bytes = 1000"),
+        ("max_message_bytes", "max_message_bytes = 0"),
+        ("max_batch_messages", "max_batch_messages = 0"),
+        ("max_connections", "max_connections = 0"),
+        ("max_subscriptions", "max_subscriptions = 0"),
+    ] {
+        let config = tmp.path().join("spool.toml");
+        std::fs::write(&config, format!("{line}\n")).expect("config");
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(tmp.path().join("data"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spool serve");
+        assert_eq!(out.status.code(), Some(1), "{line}: {}", stderr(&out));
+        assert!(stderr(&out).contains(setting), "{line}: {}", stderr(&out));
+        assert!(
+            stdout(&out).is_empty(),
+            "{line}: it listened: {}",
+            stdout(&out)
+        );
+    }
+}

@@ -240,19 +240,34 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     if let Some(f) = args.fsync.or(file.fsync) {
         c.topic_defaults.log.fsync = f;
     }
+    // Each within what a broker can serve with, or refused naming it.
+    let within = |name: &str, v: u64, min: u64, max: u64| {
+        if (min..=max).contains(&v) {
+            Ok(())
+        } else {
+            Err(spool::Error::InvalidArgument(format!(
+                "{name} {v} is out of range: {min} to {max}"
+            )))
+        }
+    };
     if let Some(v) = file.max_frame_bytes {
+        within("max_frame_bytes", u64::from(v), 4096, 1 << 30)?;
         c.max_frame_bytes = v;
     }
     if let Some(v) = file.max_message_bytes {
+        within("max_message_bytes", u64::from(v), 1, 1 << 30)?;
         c.max_message_bytes = v;
     }
     if let Some(v) = file.max_batch_messages {
+        within("max_batch_messages", u64::from(v), 1, 1_000_000)?;
         c.max_batch_messages = v;
     }
     if let Some(v) = file.max_connections {
+        within("max_connections", v as u64, 1, 1_000_000)?;
         c.max_connections = v;
     }
     if let Some(v) = file.max_subscriptions {
+        within("max_subscriptions", u64::from(v), 1, 1_000_000)?;
         c.max_subscriptions = v;
     }
     if let Some(ms) = file.shutdown_timeout_ms {
