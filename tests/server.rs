@@ -1048,3 +1048,36 @@ async fn a_subscription_ends_with_an_error_when_the_broker_goes() {
         .expect("the end in time");
     assert!(matches!(end, Some(Err(ClientError::Closed))), "{end:?}");
 }
+
+/// A server that accepts and never answers fails the connect once its
+/// `connect_timeout` is up, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_silent_server_times_out() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let options = spool::client::ClientOptions {
+        connect_timeout: Some(Duration::from_millis(300)),
+        ..spool::client::ClientOptions::new("impatient")
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        Client::connect_with(&addr, &options),
+    )
+    .await
+    .expect("the connect ends by itself");
+    match refused {
+        Err(ClientError::Io { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}")
+        }
+        other => panic!("expected a timeout: {other:?}"),
+    }
+    held.abort();
+}

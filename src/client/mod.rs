@@ -297,13 +297,23 @@ pub struct ClientOptions {
     pub server_name: Option<String>,
     /// The secret sent as `Hello.token`.
     pub token: Option<String>,
+    /// Longest connecting, TLS and the `Hello`/`Welcome` exchange may take
+    /// together ([`DEFAULT_CONNECT_TIMEOUT`] from [`ClientOptions::new`];
+    /// `None`: no limit). A server that accepts and never answers fails the
+    /// connect with [`ClientError::Io`] (`TimedOut`) instead of hanging.
+    pub connect_timeout: Option<Duration>,
 }
 
+/// How long [`ClientOptions::new`] lets a connect take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl ClientOptions {
-    /// Plaintext, no token, named `client_name`.
+    /// Plaintext, no token, named `client_name`, connect timeout
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn new(client_name: &str) -> ClientOptions {
         ClientOptions {
             client_name: client_name.to_owned(),
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             ..ClientOptions::default()
         }
     }
@@ -319,8 +329,28 @@ impl Client {
         Client::connect_with(addr, &ClientOptions::new(client_name)).await
     }
 
-    /// Connects as `options` say (TLS, token) and completes the handshake.
+    /// Connects as `options` say (TLS, token) and completes the handshake
+    /// within `options.connect_timeout`.
     pub async fn connect_with(addr: &str, options: &ClientOptions) -> Result<Client> {
+        let Some(limit) = options.connect_timeout else {
+            return Client::connect_untimed(addr, options).await;
+        };
+        match tokio::time::timeout(limit, Client::connect_untimed(addr, options)).await {
+            Ok(connected) => connected,
+            Err(_) => Err(ClientError::Io {
+                addr: addr.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no Welcome within {} ms (connect_timeout)",
+                        limit.as_millis()
+                    ),
+                ),
+            }),
+        }
+    }
+
+    async fn connect_untimed(addr: &str, options: &ClientOptions) -> Result<Client> {
         let io = |source| ClientError::Io {
             addr: addr.to_owned(),
             source,
