@@ -1081,3 +1081,128 @@ fn serve_exposed(data: &Path, extra: &[&str]) -> String {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
     line
 }
+
+/// A gRPC `Consume` stream that a reload refuses as it leases a message
+/// gives that lease back at once: another member gets the message long
+/// before the group's `ack_timeout_ms`.
+#[tokio::test]
+async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (admin, admin_entry) = token_create(
+        "admin",
+        &["--produce", "*", "--consume", "*", "--admin", "*"],
+    );
+    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
+    std::fs::write(&path, format!("{admin_entry}\n{reader_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let boss = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
+        .await
+        .expect("admin");
+    boss.create_topic(
+        "jobs",
+        pb::TopicConfig {
+            ack_timeout_ms: Some(60_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("topic");
+    boss.create_group("jobs", "g", spool::groups::GroupMode::Queue, None)
+        .await
+        .expect("group");
+
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let (requests, queued) = tokio::sync::mpsc::unbounded_channel();
+    let outbound = futures_util::stream::unfold(queued, |mut q| async move {
+        let request = q.recv().await?;
+        Some((request, q))
+    });
+    requests
+        .send(pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Start(pb::ConsumeStart {
+                topic: "jobs".into(),
+                group: "g".into(),
+                member: "m1".into(),
+                max_in_flight: 10,
+            })),
+        })
+        .expect("open");
+    let mut responses = g
+        .consume(with_token(outbound, Some(&reader)))
+        .await
+        .expect("consume")
+        .into_inner();
+
+    // The reader may now consume only "other"; wait until that holds.
+    let narrowed = reader_entry.replace("consume = [\"*\"]", "consume = [\"other\"]");
+    assert_ne!(narrowed, reader_entry);
+    std::fs::write(&path, format!("{admin_entry}\n{narrowed}")).expect("rewrite");
+    let status = Command::new("kill")
+        .args(["-HUP", &broker.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let probe = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
+        .await
+        .expect("reader");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while probe
+        .fetch("jobs", spool::client::FetchOptions::default())
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "the reload takes effect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    boss.produce("jobs", vec![NewMessage::from_value("job")])
+        .await
+        .expect("produce");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(
+        end.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "the stream ends refused"
+    );
+    // Another member gets the job at once, not after ack_timeout_ms.
+    let started = Instant::now();
+    let offsets = loop {
+        let fetched = boss
+            .fetch(
+                "jobs",
+                spool::client::FetchOptions {
+                    group: Some("g".into()),
+                    member: "m2".into(),
+                    wait_ms: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        if !fetched.messages.is_empty() {
+            break fetched.messages;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the lease the refused stream held was not given back"
+        );
+    };
+    assert_eq!(&offsets[0].message.value[..], b"job");
+}
