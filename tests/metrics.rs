@@ -628,3 +628,74 @@ async fn reads_that_catch_up_count_what_they_took_from_a_read_ahead() {
     assert_eq!(tail.messages.len(), 10);
     assert_eq!(read_ahead(&scrape(&http).await), before);
 }
+
+/// A topic whose final sync fails as it is closed for being idle stays open,
+/// read-only, without a runtime: `/readyz` and the scrape still name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_topic_that_turned_read_only_as_it_closed_idle() {
+    use spool::broker::{BrokerConfig, TopicConfig};
+    use spool::storage::FsyncPolicy;
+    use spool::storage::io::{SimDisk, SimFault};
+    use std::sync::Arc;
+
+    let disk = Arc::new(SimDisk::new());
+    let mut topic_defaults = TopicConfig::default();
+    topic_defaults.log.fsync = FsyncPolicy::Never;
+    let broker = spool::broker::Broker::open_on(
+        BrokerConfig {
+            data: "/sim/data".into(),
+            topic_defaults,
+            auto_create: true,
+            recovery: Default::default(),
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 1000,
+            max_open_files: 1024,
+            topic_idle_close: std::time::Duration::from_millis(100),
+        },
+        disk.clone(),
+    )
+    .await
+    .expect("broker on the simulated disk");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(spool::http::serve(listener, broker.clone(), stopped));
+    let limit = spool::broker::MessageLimit {
+        bytes: 1 << 20,
+        setting: "test",
+    };
+    broker
+        .produce("orders", vec![NewMessage::from_value("one")], limit)
+        .await
+        .expect("produce");
+    disk.set_fault(SimFault::SyncError, true);
+    // The sweep (every second) closes the idle topic; its sync fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ready = get(&addr, "/readyz").await;
+        if ready.status == 503 {
+            assert!(ready.body.contains("orders"), "{}", ready.body);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read-only topic is not seen: {}",
+            ready.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    disk.set_fault(SimFault::SyncError, false);
+    // Still seen a few sweeps later, though no request used it again.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let ready = get(&addr, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let s = scrape(&addr).await;
+    assert_eq!(
+        must(&s, "spool_topic_read_only", &[("topic", "orders")]),
+        1.0
+    );
+    let _ = stop.send(true);
+    let _ = http.await;
+}

@@ -96,7 +96,15 @@ fn start_broker(params: &SocketioParams) -> Result<Started, BenchError> {
         )))?;
     let exe = std::env::current_exe().map_err(BenchError::io("finding the spool binary"))?;
     let mut child = Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--grpc", "off"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "off",
+            "--metrics",
+            "off",
+        ])
         .args([
             "--socketio",
             "127.0.0.1:0",
@@ -129,6 +137,7 @@ fn start_broker(params: &SocketioParams) -> Result<Started, BenchError> {
     }
     let Some(socketio) = socketio else {
         let _ = child.kill();
+        let _ = child.wait();
         return Err(BenchError::Incomplete(
             "spool serve did not print its socket.io listener".into(),
         ));

@@ -1100,11 +1100,7 @@ impl Broker {
     /// closed topic is idle: its gauges come back when it is next used).
     /// On the blocking pool, like [`Broker::readiness`].
     pub async fn encode_metrics(&self) -> Result<String> {
-        let topics: Vec<Arc<Topic>> = self
-            .runtimes()
-            .values()
-            .map(|rt| Arc::clone(rt.topic()))
-            .collect();
+        let topics = self.open_topics();
         let b = self.clone();
         blocking(move || {
             let snapshots: Vec<TopicSnapshot> = topics
@@ -1123,6 +1119,21 @@ impl Broker {
         .await
     }
 
+    /// The open topics: those with a runtime, and those open in the
+    /// registry without one (a read-only topic whose idle close failed, one
+    /// the start-up scan or a listing opened).
+    fn open_topics(&self) -> Vec<Arc<Topic>> {
+        let mut topics: std::collections::BTreeMap<String, Arc<Topic>> = self
+            .runtimes()
+            .values()
+            .map(|rt| (rt.topic().name().to_owned(), Arc::clone(rt.topic())))
+            .collect();
+        for topic in self.inner.registry.open_handles() {
+            topics.entry(topic.name().to_owned()).or_insert(topic);
+        }
+        topics.into_values().collect()
+    }
+
     /// Whether the broker takes writes: `Err` names why not (stopping, or
     /// the topics a failed sync made read-only).
     ///
@@ -1133,11 +1144,7 @@ impl Broker {
         if self.inner.stopping.load(Ordering::Relaxed) {
             return Err("the broker is stopping".into());
         }
-        let topics: Vec<Arc<Topic>> = self
-            .runtimes()
-            .values()
-            .map(|rt| Arc::clone(rt.topic()))
-            .collect();
+        let topics = self.open_topics();
         let mut read_only = blocking(move || {
             Ok(topics
                 .iter()

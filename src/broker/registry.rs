@@ -444,6 +444,21 @@ impl Registry {
         self.open_names().len()
     }
 
+    /// The open topics themselves (not one being opened or closed right
+    /// now), without waiting.
+    pub fn open_handles(&self) -> Vec<Arc<Topic>> {
+        let names: Vec<String> = self.open_names().iter().cloned().collect();
+        let topics = self.read_topics();
+        names
+            .iter()
+            .filter_map(|name| topics.get(name))
+            .filter_map(|slot| {
+                let open = slot.topic.try_lock().ok()?;
+                open.as_ref().filter(|t| !t.is_retired()).cloned()
+            })
+            .collect()
+    }
+
     /// The open topics, with when each was last used and the files it holds.
     pub fn open_topics(&self) -> Vec<OpenTopic> {
         let now = now_ms();
