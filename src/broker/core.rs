@@ -197,6 +197,10 @@ struct Inner {
     metrics: Metrics,
     /// Topics created and deleted, for transports that report them.
     topic_events: tokio::sync::broadcast::Sender<TopicEvent>,
+    /// The start-up scan's thread, which a stop waits for (it ends after
+    /// the topic it is recovering): a topic it opens after the stop began
+    /// must not be missed by the stop's final syncs and clean-stop marker.
+    scan: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// An internal failure (a task that panicked) as an error that maps to
@@ -263,6 +267,7 @@ impl Broker {
                 closer: tokio::sync::Mutex::new(()),
                 metrics,
                 topic_events: tokio::sync::broadcast::channel(TOPIC_EVENTS_BUFFER).0,
+                scan: Mutex::new(None),
             }),
         };
         tracing::info!(
@@ -299,8 +304,13 @@ impl Broker {
                     "start-up scan done: every topic recovered"
                 );
             });
-        if let Err(e) = scan {
-            tracing::error!(error = %e, "could not start the start-up scan; topics recover on first use");
+        match scan {
+            Ok(scan) => {
+                *self.inner.scan.lock().unwrap_or_else(|p| p.into_inner()) = Some(scan);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the start-up scan; topics recover on first use");
+            }
         }
     }
 
@@ -1170,9 +1180,20 @@ impl Broker {
         self.inner.stopping.store(true, Ordering::Relaxed);
         self.runtimes().clear();
         let b = self.clone();
-        tokio::task::spawn_blocking(move || b.inner.registry.stop_all())
-            .await
-            .map_err(|e| internal("final sync", e))
+        tokio::task::spawn_blocking(move || {
+            let scan = b
+                .inner
+                .scan
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(scan) = scan {
+                let _ = scan.join();
+            }
+            b.inner.registry.stop_all()
+        })
+        .await
+        .map_err(|e| internal("final sync", e))
     }
 }
 
