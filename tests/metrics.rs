@@ -354,39 +354,18 @@ async fn the_start_up_lines_name_the_metrics_listener_and_off_turns_it_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_503_when_a_failed_sync_makes_a_topic_read_only() {
-    use spool::broker::{BrokerConfig, TopicConfig};
     use spool::storage::FsyncPolicy;
     use spool::storage::io::{SimDisk, SimFault};
     use std::sync::Arc;
 
     let disk = Arc::new(SimDisk::new());
-    let mut topic_defaults = TopicConfig::default();
-    topic_defaults.log.fsync = FsyncPolicy::Always;
-    let broker = spool::broker::Broker::open_on(
-        BrokerConfig {
-            data: "/sim/data".into(),
-            topic_defaults,
-            auto_create: true,
-            recovery: Default::default(),
-            max_message_bytes: 1 << 20,
-            max_batch_messages: 1000,
-            max_open_files: 1024,
-            topic_idle_close: spool::broker::DEFAULT_TOPIC_IDLE_CLOSE,
-        },
-        disk.clone(),
+    let (broker, addr, stop, http) = sim_broker(
+        &disk,
+        FsyncPolicy::Always,
+        spool::broker::DEFAULT_TOPIC_IDLE_CLOSE,
     )
-    .await
-    .expect("broker on the simulated disk");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("address").to_string();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let http = tokio::spawn(spool::http::serve(listener, broker.clone(), stopped));
-    let limit = spool::broker::MessageLimit {
-        bytes: 1 << 20,
-        setting: "test",
-    };
+    .await;
+    let limit = test_limit();
     broker
         .produce("orders", vec![NewMessage::from_value("one")], limit)
         .await
@@ -633,39 +612,18 @@ async fn reads_that_catch_up_count_what_they_took_from_a_read_ahead() {
 /// read-only, without a runtime: `/readyz` and the scrape still name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_a_topic_that_turned_read_only_as_it_closed_idle() {
-    use spool::broker::{BrokerConfig, TopicConfig};
     use spool::storage::FsyncPolicy;
     use spool::storage::io::{SimDisk, SimFault};
     use std::sync::Arc;
 
     let disk = Arc::new(SimDisk::new());
-    let mut topic_defaults = TopicConfig::default();
-    topic_defaults.log.fsync = FsyncPolicy::Never;
-    let broker = spool::broker::Broker::open_on(
-        BrokerConfig {
-            data: "/sim/data".into(),
-            topic_defaults,
-            auto_create: true,
-            recovery: Default::default(),
-            max_message_bytes: 1 << 20,
-            max_batch_messages: 1000,
-            max_open_files: 1024,
-            topic_idle_close: std::time::Duration::from_millis(100),
-        },
-        disk.clone(),
+    let (broker, addr, stop, http) = sim_broker(
+        &disk,
+        FsyncPolicy::Never,
+        std::time::Duration::from_millis(100),
     )
-    .await
-    .expect("broker on the simulated disk");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("address").to_string();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let http = tokio::spawn(spool::http::serve(listener, broker.clone(), stopped));
-    let limit = spool::broker::MessageLimit {
-        bytes: 1 << 20,
-        setting: "test",
-    };
+    .await;
+    let limit = test_limit();
     broker
         .produce("orders", vec![NewMessage::from_value("one")], limit)
         .await
@@ -698,4 +656,50 @@ async fn readyz_names_a_topic_that_turned_read_only_as_it_closed_idle() {
     );
     let _ = stop.send(true);
     let _ = http.await;
+}
+
+/// A broker on `disk` (topics under `fsync`, closed after `idle_close`
+/// unused) with its HTTP endpoints served: the broker, their address, the
+/// switch that stops them, and their task.
+async fn sim_broker(
+    disk: &std::sync::Arc<spool::storage::io::SimDisk>,
+    fsync: spool::storage::FsyncPolicy,
+    idle_close: std::time::Duration,
+) -> (
+    spool::broker::Broker,
+    String,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut topic_defaults = spool::broker::TopicConfig::default();
+    topic_defaults.log.fsync = fsync;
+    let broker = spool::broker::Broker::open_on(
+        spool::broker::BrokerConfig {
+            data: "/sim/data".into(),
+            topic_defaults,
+            auto_create: true,
+            recovery: Default::default(),
+            max_message_bytes: 1 << 20,
+            max_batch_messages: 1000,
+            max_open_files: 1024,
+            topic_idle_close: idle_close,
+        },
+        disk.clone(),
+    )
+    .await
+    .expect("broker on the simulated disk");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(spool::http::serve(listener, broker.clone(), stopped));
+    (broker, addr, stop, http)
+}
+
+fn test_limit() -> spool::broker::MessageLimit {
+    spool::broker::MessageLimit {
+        bytes: 1 << 20,
+        setting: "test",
+    }
 }
