@@ -612,6 +612,18 @@ async fn every_request_kind_is_checked_on_both_protocols() {
         "create_topic",
         c.create_topic("t2", Default::default()).await.map(drop),
     );
+    // A topic it may administer, naming a dead-letter topic it may not
+    // write to: nacked messages would land there, so creating it is refused.
+    let into_t = || pb::TopicConfig {
+        dead_letter: Some("t".into()),
+        ..Default::default()
+    };
+    let e = c
+        .create_topic("u", into_t())
+        .await
+        .expect_err("dead_letter");
+    assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("may not produce to topic t"), "{e}");
     let e = c.describe_topic("t").await.expect_err("describe");
     assert_eq!(e.code(), Some(pb::Code::PermissionDenied), "{e}");
     denied("delete_topic", c.delete_topic("t").await);
@@ -757,6 +769,18 @@ async fn every_request_kind_is_checked_on_both_protocols() {
             pb::CreateTopicRequest {
                 name: "t2".into(),
                 config: None,
+            },
+            tok,
+        ))
+        .await
+        .map(drop),
+    );
+    check(
+        "CreateTopic with a dead_letter it may not produce to",
+        g.create_topic(with_token(
+            pb::CreateTopicRequest {
+                name: "u".into(),
+                config: Some(into_t()),
             },
             tok,
         ))
@@ -1082,92 +1106,128 @@ fn serve_exposed(data: &Path, extra: &[&str]) -> String {
     line
 }
 
+/// A broker with auth, a queue topic "jobs" with group "g", and a gRPC
+/// `Consume` stream on it by a token that may consume every topic.
+struct ReaderStream {
+    broker: Broker,
+    boss: Client,
+    auth: PathBuf,
+    admin_entry: String,
+    reader_entry: String,
+    reader: String,
+    requests: tokio::sync::mpsc::UnboundedSender<pb::ConsumeRequest>,
+    responses: tonic::Streaming<pb::ConsumeResponse>,
+}
+
+impl ReaderStream {
+    async fn open(dir: &Path, max_in_flight: u32) -> Self {
+        let auth = dir.join("auth.toml");
+        let (admin, admin_entry) = token_create(
+            "admin",
+            &["--produce", "*", "--consume", "*", "--admin", "*"],
+        );
+        let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
+        std::fs::write(&auth, format!("{admin_entry}\n{reader_entry}")).expect("write");
+        let broker = Broker::start(
+            &dir.join("data"),
+            &["--auth", auth.to_str().expect("utf-8")],
+        );
+        let boss = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
+            .await
+            .expect("admin");
+        boss.create_topic(
+            "jobs",
+            pb::TopicConfig {
+                ack_timeout_ms: Some(60_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+        boss.create_group("jobs", "g", spool::groups::GroupMode::Queue, None)
+            .await
+            .expect("group");
+
+        let grpc = broker.grpc.as_deref().expect("gRPC listener");
+        let mut g = SpoolClient::connect(format!("http://{grpc}"))
+            .await
+            .expect("connect");
+        let (requests, queued) = tokio::sync::mpsc::unbounded_channel();
+        let outbound = futures_util::stream::unfold(queued, |mut q| async move {
+            let request = q.recv().await?;
+            Some((request, q))
+        });
+        requests
+            .send(pb::ConsumeRequest {
+                kind: Some(pb::consume_request::Kind::Start(pb::ConsumeStart {
+                    topic: "jobs".into(),
+                    group: "g".into(),
+                    member: "m1".into(),
+                    max_in_flight,
+                })),
+            })
+            .expect("open");
+        let responses = g
+            .consume(with_token(outbound, Some(&reader)))
+            .await
+            .expect("consume")
+            .into_inner();
+        ReaderStream {
+            broker,
+            boss,
+            auth,
+            admin_entry,
+            reader_entry,
+            reader,
+            requests,
+            responses,
+        }
+    }
+
+    /// Narrows the reader to topic "other" by a reload; returns once a
+    /// fetch of "jobs" by the reader is refused.
+    async fn narrow(&self) {
+        let narrowed = self
+            .reader_entry
+            .replace("consume = [\"*\"]", "consume = [\"other\"]");
+        assert_ne!(narrowed, self.reader_entry);
+        std::fs::write(&self.auth, format!("{}\n{narrowed}", self.admin_entry)).expect("rewrite");
+        let status = Command::new("kill")
+            .args(["-HUP", &self.broker.child.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+        let probe = Client::connect_with(&self.broker.addr, &options(None, Some(&self.reader)))
+            .await
+            .expect("reader");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probe
+            .fetch("jobs", spool::client::FetchOptions::default())
+            .await
+            .is_ok()
+        {
+            assert!(Instant::now() < deadline, "the reload takes effect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// A gRPC `Consume` stream that a reload refuses as it leases a message
 /// gives that lease back at once: another member gets the message long
 /// before the group's `ack_timeout_ms`.
 #[tokio::test]
 async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("auth.toml");
-    let (admin, admin_entry) = token_create(
-        "admin",
-        &["--produce", "*", "--consume", "*", "--admin", "*"],
-    );
-    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
-    std::fs::write(&path, format!("{admin_entry}\n{reader_entry}")).expect("write");
-    let broker = Broker::start(
-        &dir.path().join("data"),
-        &["--auth", path.to_str().expect("utf-8")],
-    );
-    let boss = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
-        .await
-        .expect("admin");
-    boss.create_topic(
-        "jobs",
-        pb::TopicConfig {
-            ack_timeout_ms: Some(60_000),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("topic");
-    boss.create_group("jobs", "g", spool::groups::GroupMode::Queue, None)
-        .await
-        .expect("group");
-
-    let grpc = broker.grpc.as_deref().expect("gRPC listener");
-    let mut g = SpoolClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
-    let (requests, queued) = tokio::sync::mpsc::unbounded_channel();
-    let outbound = futures_util::stream::unfold(queued, |mut q| async move {
-        let request = q.recv().await?;
-        Some((request, q))
-    });
-    requests
-        .send(pb::ConsumeRequest {
-            kind: Some(pb::consume_request::Kind::Start(pb::ConsumeStart {
-                topic: "jobs".into(),
-                group: "g".into(),
-                member: "m1".into(),
-                max_in_flight: 10,
-            })),
-        })
-        .expect("open");
-    let mut responses = g
-        .consume(with_token(outbound, Some(&reader)))
-        .await
-        .expect("consume")
-        .into_inner();
-
-    // The reader may now consume only "other"; wait until that holds.
-    let narrowed = reader_entry.replace("consume = [\"*\"]", "consume = [\"other\"]");
-    assert_ne!(narrowed, reader_entry);
-    std::fs::write(&path, format!("{admin_entry}\n{narrowed}")).expect("rewrite");
-    let status = Command::new("kill")
-        .args(["-HUP", &broker.child.id().to_string()])
-        .status()
-        .expect("kill -HUP");
-    assert!(status.success());
-    let probe = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
-        .await
-        .expect("reader");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while probe
-        .fetch("jobs", spool::client::FetchOptions::default())
-        .await
-        .is_ok()
-    {
-        assert!(Instant::now() < deadline, "the reload takes effect");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    boss.produce("jobs", vec![NewMessage::from_value("job")])
+    let mut reader = ReaderStream::open(dir.path(), 10).await;
+    reader.narrow().await;
+    reader
+        .boss
+        .produce("jobs", vec![NewMessage::from_value("job")])
         .await
         .expect("produce");
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match responses.message().await {
+            match reader.responses.message().await {
                 Ok(Some(_)) => continue,
                 Ok(None) => return None,
                 Err(status) => return Some(status),
@@ -1184,7 +1244,8 @@ async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
     // Another member gets the job at once, not after ack_timeout_ms.
     let started = Instant::now();
     let offsets = loop {
-        let fetched = boss
+        let fetched = reader
+            .boss
             .fetch(
                 "jobs",
                 spool::client::FetchOptions {
@@ -1205,4 +1266,52 @@ async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
         );
     };
     assert_eq!(&offsets[0].message.value[..], b"job");
+}
+
+/// An ack, nack or extend on a `Consume` stream after a reload narrowed
+/// its token is refused and ends the stream, as any request of the token
+/// would be: a lease already delivered cannot be extended (or acked) on
+/// the old permission.
+#[tokio::test]
+async fn a_consume_stream_refuses_an_extend_after_a_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut reader = ReaderStream::open(dir.path(), 1).await;
+    reader
+        .boss
+        .produce("jobs", vec![NewMessage::from_value("job")])
+        .await
+        .expect("produce");
+    let delivered = tokio::time::timeout(Duration::from_secs(10), reader.responses.message())
+        .await
+        .expect("a delivery in time")
+        .expect("a delivery")
+        .expect("the stream is open");
+    let offset = delivered.messages[0].offset;
+    reader.narrow().await;
+
+    reader
+        .requests
+        .send(pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Extend(pb::ConsumeExtend {
+                offsets: vec![offset],
+                ack_timeout_ms: Some(3_600_000),
+            })),
+        })
+        .expect("extend");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reader.responses.message().await {
+                Ok(Some(r)) => assert!(r.extended.is_empty(), "extended after the reload: {r:?}"),
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(
+        end.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "the extend is refused"
+    );
 }

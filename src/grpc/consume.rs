@@ -153,6 +153,11 @@ impl Consuming {
         kind: Option<pb::consume_request::Kind>,
     ) -> Result<pb::ConsumeResponse, Status> {
         use pb::consume_request::Kind;
+        // As before each delivery: a reload may have narrowed or revoked
+        // the token, and an ack, nack or extend is a consume like a fetch.
+        self.principal
+            .allow(Access::Topic(Operation::Consume, &self.topic))
+            .map_err(|e| self.status(&e))?;
         let (topic, group) = (self.topic.as_str(), self.group.as_str());
         match kind {
             Some(Kind::Ack(a)) => {

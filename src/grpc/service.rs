@@ -11,7 +11,7 @@ use crate::broker::{Broker, Credit, Event, Subscription, TopicInfo};
 use crate::error::Error;
 use crate::protocol::pb::spool_server::Spool;
 use crate::protocol::{convert, pb, status};
-use crate::security::access::Guarded;
+use crate::security::access::{self, Guarded};
 use crate::security::auth::{Access, Operation, Principal};
 use crate::storage::Offset;
 use futures_util::StreamExt;
@@ -388,8 +388,11 @@ impl Spool for Service {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
-        self.allow(&request)?;
+        let principal = self.allow(&request)?;
         let c = request.into_inner();
+        if let Some(access) = access::dead_letter(&c) {
+            principal.allow(access).map_err(|e| self.status(e))?;
+        }
         let config = convert::topic_config(c.config, &self.broker.config().topic_defaults)
             .map_err(|e| self.status(e))?;
         let info = self

@@ -55,6 +55,15 @@ guarded! {
     };
 }
 
+/// What creating a topic needs beyond `admin` on its name: a topic that
+/// names its own dead-letter topic sends messages there (creating it if
+/// missing), so the caller must be one that may produce to it. The default
+/// (`<name>.dlq`) needs nothing more.
+pub fn dead_letter(r: &pb::CreateTopicRequest) -> Option<Access<'_>> {
+    let name = r.config.as_ref()?.dead_letter.as_deref()?;
+    Some(Access::Topic(Operation::Produce, name))
+}
+
 /// What a request of the native protocol needs (`Hello` is the handshake:
 /// it needs nothing more).
 pub fn of(request: &Request) -> Access<'_> {

@@ -3,6 +3,7 @@
 use super::wire;
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{convert, pb};
+use crate::security::access;
 use crate::server::connection::Conn;
 
 /// Creates a topic (unset settings from the broker's defaults).
@@ -10,6 +11,9 @@ pub(in crate::server) async fn create_topic(
     conn: &Conn,
     c: pb::CreateTopicRequest,
 ) -> Result<Reply, pb::Error> {
+    if let Some(access) = access::dead_letter(&c) {
+        conn.principal.allow(access).map_err(wire(conn))?;
+    }
     let broker = &conn.shared.broker;
     let config =
         convert::topic_config(c.config, &broker.config().topic_defaults).map_err(wire(conn))?;
