@@ -834,3 +834,55 @@ async fn an_ended_subscription_gets_one_last_delivery_only() {
         "the idle timeout closes with a last word: {frames:?}"
     );
 }
+
+/// Reads from `s` until the peer closes it; what was read. Panics if it
+/// stays open `within`.
+fn read_until_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(within)).expect("read timeout");
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
+            Err(e) => panic!(
+                "still open after {within:?} ({e}); read {} bytes",
+                all.len()
+            ),
+        }
+    }
+}
+
+/// HTTP peers of the socket.io listener cannot keep connection slots by
+/// sending nothing: one that stops in the middle of its headers, and one
+/// that sends nothing more after its first response, are both closed by
+/// `frame_timeout_ms`, and their slots serve others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_peers_that_send_no_headers_are_cut_by_the_frame_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(
+        tmp.path(),
+        "max_connections = 2\n",
+        &["--frame-timeout-ms", "300"],
+    );
+    let addr = broker.socketio.as_deref().expect("socket.io listener");
+    let mut partial = TcpStream::connect(addr).expect("connect");
+    partial
+        .write_all(b"GET / HTTP/1.1\r\nHost: spool\r\n")
+        .expect("part of a request");
+    let mut idle = TcpStream::connect(addr).expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: spool\r\n\r\n")
+        .expect("a request");
+    until_full(&broker.addr).await;
+
+    let answered = read_until_closed(&mut idle, Duration::from_secs(10));
+    assert!(
+        answered.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answered[..answered.len().min(200)])
+    );
+    read_until_closed(&mut partial, Duration::from_secs(10));
+    let (client, _) = connect_within(&broker.addr, Duration::from_secs(5)).await;
+    assert_eq!(client.ping(3).await.expect("served"), 3);
+}

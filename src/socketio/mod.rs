@@ -31,8 +31,8 @@ use crate::error::{Error, Result};
 use crate::security::Security;
 use crate::security::auth::{Access, Auth};
 use crate::security::tls;
-use crate::server::admission::Admission;
 use crate::server::admission::Ticket;
+use crate::server::admission::{Admission, Limit};
 use crate::server::stopping;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
@@ -502,6 +502,7 @@ pub(crate) async fn serve(
         let service = service.clone();
         let tls = tls.clone();
         let wait = limits.frame_timeout;
+        let admission = Arc::clone(&limits.admission);
         connections.spawn(async move {
             if !tls.tls() && !plaintext(&stream, peer, wait).await {
                 return;
@@ -515,10 +516,22 @@ pub(crate) async fn serve(
                 stream,
                 _ticket: ticket,
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .with_upgrades();
+            // A request's headers must arrive within `frame_timeout` of the
+            // connection being ready for them (accepted, or the previous
+            // response sent): a peer that sends nothing, or a little at a
+            // time, does not keep its slot. A long-poll waiting for its
+            // answer and a websocket are past their headers.
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            if let Some(wait) = wait {
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(wait);
+            }
+            let conn = builder.serve_connection(io, service).with_upgrades();
             if let Err(e) = conn.await {
+                if e.is_timeout() {
+                    admission.count(Limit::Frame);
+                }
                 tracing::debug!(%peer, error = %e, "socket.io connection ended");
             }
         });
