@@ -307,6 +307,96 @@ fn a_configured_dead_letter_topic_is_used() {
 }
 
 #[test]
+fn a_queue_group_needs_room_for_its_topics_dead_letter_name() {
+    // A topic named at the length limit cannot have `<name>.dlq`: a queue
+    // group on it is refused when created, naming the fix, not at its
+    // first dead letter (which would fail every fetch that found it due).
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let long = "x".repeat(197);
+    let topic = registry
+        .create_topic(&long, queue_config(FsyncPolicy::Always, 1, 1_000))
+        .expect("a 197-character topic");
+    let e = topic
+        .create_group("g", GroupMode::Queue, Position::Earliest)
+        .expect_err("no room for the default dead-letter topic");
+    assert!(matches!(e, spool::Error::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("dead_letter"), "{e}");
+    let e = topic
+        .ensure_group("g", GroupMode::Queue, Position::Earliest)
+        .expect_err("nor by ensure_group");
+    assert!(matches!(e, spool::Error::InvalidArgument(_)), "{e}");
+    topic
+        .create_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("stream groups do not dead-letter");
+
+    // With a dead-letter topic of its own, the queue works end to end.
+    let named = "y".repeat(200);
+    let topic = registry
+        .create_topic(
+            &named,
+            TopicConfig {
+                dead_letter: Some("poison".into()),
+                ..queue_config(FsyncPolicy::Always, 1, 1_000)
+            },
+        )
+        .expect("a 200-character topic");
+    topic.produce(&[poison()]).expect("produce");
+    topic
+        .create_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("a queue group");
+    let now = now_ms();
+    let first = registry
+        .fetch_queue(&named, "g", "m", 1, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1);
+    let second = registry
+        .fetch_queue(&named, "g", "m", 1, NO_BYTE_LIMIT, now + 1_000)
+        .expect("fetch after the lease ran out");
+    assert_eq!(second.dead_letters.len(), 1);
+}
+
+#[test]
+fn two_deletes_of_a_closed_topic_at_once_answer_deleted_and_not_found() {
+    // Two DeleteTopic requests (or one and the idle sweep) for a topic that
+    // is closed: the one that waited for the other's lock finds the topic
+    // gone, NOT_FOUND as the docs say, never an I/O error for the folder
+    // the first one moved away.
+    let disk = Arc::new(SimDisk::new());
+    let registry = Arc::new(open_registry(&disk));
+    for round in 0..2000 {
+        let name = format!("t{round}");
+        drop(
+            registry
+                .create_topic(&name, config(FsyncPolicy::Never))
+                .expect("create"),
+        );
+        assert!(registry.close_unused(&name), "closed");
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let deletes: Vec<_> = (0..2)
+            .map(|_| {
+                let (registry, start, name) =
+                    (Arc::clone(&registry), Arc::clone(&start), name.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    registry.delete_topic(&name).map(|_| ())
+                })
+            })
+            .collect();
+        let mut answers: Vec<_> = deletes
+            .into_iter()
+            .map(|d| d.join().expect("no panic"))
+            .collect();
+        answers.sort_by_key(Result::is_err);
+        assert!(answers[0].is_ok(), "round {round}: {answers:?}");
+        assert!(
+            matches!(answers[1], Err(spool::Error::TopicNotFound(_))),
+            "round {round}: {answers:?}"
+        );
+    }
+}
+
+#[test]
 fn a_poison_message_cannot_loop_forever_across_restarts() {
     // A consumer that crashes the broker (or is restarted with it) on every
     // delivery: the delivery count must survive each restart, so the message

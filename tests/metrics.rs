@@ -703,3 +703,70 @@ fn test_limit() -> spool::broker::MessageLimit {
         setting: "test",
     }
 }
+
+/// A topic deleted while it is closed, by `delete_when_idle_ms` (the sweep
+/// closes an idle topic before it deletes it) or by `DeleteTopic`, drops
+/// its series and is announced to topic watchers, as an open one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_while_closed_drops_its_series_and_is_announced() {
+    use spool::broker::{TopicConfig, TopicEvent};
+    use spool::storage::FsyncPolicy;
+    use spool::storage::io::SimDisk;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let disk = Arc::new(SimDisk::new());
+    let (broker, addr, stop, http) =
+        sim_broker(&disk, FsyncPolicy::Always, Duration::from_millis(50)).await;
+    let mut events = broker.topic_events();
+    broker
+        .create_topic(
+            "idle",
+            TopicConfig {
+                delete_when_idle_ms: Some(1500),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create idle");
+    for topic in ["idle", "closed"] {
+        broker
+            .produce(topic, vec![NewMessage::from_value("m")], test_limit())
+            .await
+            .expect("produce");
+    }
+    let s = scrape(&addr).await;
+    for topic in ["idle", "closed"] {
+        assert_eq!(
+            must(&s, "spool_produced_messages_total", &[("topic", topic)]),
+            1.0
+        );
+    }
+    // The sweep (every second) closes both well before "idle" is due.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while must(&scrape(&addr).await, "spool_topics_open", &[]) > 0.0 {
+        assert!(Instant::now() < deadline, "the topics are never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.delete_topic("closed").await.expect("delete closed");
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Ok(TopicEvent::Deleted(name))) => deleted.push(name),
+            Ok(Ok(TopicEvent::Created(_))) => {}
+            other => panic!("deleted so far {deleted:?}, then {other:?}"),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, ["closed", "idle"]);
+    let s = scrape(&addr).await;
+    let left: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.labels.get("topic").is_some())
+        .map(|x| format!("{}{{topic={:?}}}", x.metric, x.labels.get("topic")))
+        .collect();
+    assert!(left.is_empty(), "series of deleted topics: {left:?}");
+    let _ = stop.send(true);
+    let _ = http.await;
+}

@@ -343,8 +343,12 @@ impl Broker {
             }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Deletion::Deleted(Some(topic))) => {
-                    self.retire_runtime(&topic);
+                Ok(Deletion::Deleted(topic)) => {
+                    // Closed or open: a closed topic has no runtime, but its
+                    // series and its watchers are the same.
+                    if let Some(topic) = topic {
+                        self.retire_runtime(&topic);
+                    }
                     self.inner.metrics.forget_topic(&name);
                     self.topic_event(TopicEvent::Deleted(name.clone()));
                 }
@@ -472,14 +476,23 @@ impl Broker {
         }
     }
 
-    fn runtime_of(&self, topic: Arc<Topic>) -> Arc<TopicRuntime> {
+    /// The runtime of `topic`, started if it has none. A topic deleted
+    /// since the caller found it is `NOT_FOUND`: its delete has already
+    /// dropped its runtime (`retire_runtime` runs after the topic's gate
+    /// closed), so a runtime started now would never be dropped, and would
+    /// replace that of a topic of the same name created since.
+    fn runtime_of(&self, topic: Arc<Topic>) -> Result<Arc<TopicRuntime>> {
         let mut runtimes = self.runtimes();
         match runtimes.get(topic.name()) {
-            Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Arc::clone(rt),
+            Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Ok(Arc::clone(rt)),
+            _ if topic.is_retired() => Err(Error::TopicNotFound(format!(
+                "topic {} does not exist",
+                topic.name()
+            ))),
             _ => {
                 let rt = TopicRuntime::start(Arc::clone(&topic), &self.inner.metrics);
                 runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
-                rt
+                Ok(rt)
             }
         }
     }
@@ -498,12 +511,12 @@ impl Broker {
     pub(super) async fn existing(&self, name: &str) -> Result<Arc<TopicRuntime>> {
         let registry = &self.inner.registry;
         if let Some(topic) = registry.used_open_topic(name) {
-            return Ok(self.runtime_of(topic));
+            return self.runtime_of(topic);
         }
         let topic = self
             .opening(name, |b, name| b.inner.registry.topic(&name))
             .await?;
-        Ok(self.runtime_of(topic))
+        self.runtime_of(topic)
     }
 
     /// Runs `open` (opening or creating topic `name`) on the blocking pool.
@@ -555,7 +568,7 @@ impl Broker {
                     })
                     .await?;
                 self.topic_event(TopicEvent::Created(name.to_owned()));
-                Ok(self.runtime_of(topic))
+                self.runtime_of(topic)
             }
             other => other,
         }
@@ -1018,7 +1031,7 @@ impl Broker {
             })
             .await?;
         let info = TopicInfo::of(&topic);
-        self.runtime_of(topic);
+        self.runtime_of(topic)?;
         self.topic_event(TopicEvent::Created(name.to_owned()));
         Ok(info)
     }
@@ -1041,8 +1054,8 @@ impl Broker {
         let (b, n) = (self.clone(), name.to_owned());
         if let Some(topic) = blocking(move || b.inner.registry.delete_topic(&n)).await? {
             self.retire_runtime(&topic);
-            self.inner.metrics.forget_topic(name);
         }
+        self.inner.metrics.forget_topic(name);
         self.topic_event(TopicEvent::Deleted(name.to_owned()));
         Ok(())
     }

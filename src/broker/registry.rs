@@ -838,7 +838,12 @@ impl Registry {
         let open = slot.topic();
         let Some(topic) = open.as_ref().map(Arc::clone) else {
             // Closed: nothing can open it while the lock is held, and once
-            // `gone` is set nothing will.
+            // `gone` is set nothing will. Another delete may have finished
+            // while this one waited for the lock: its folder is gone (and
+            // the name may be a new topic's by now).
+            if slot.is_gone() {
+                return Err(not_found(name));
+            }
             if !check(None) {
                 return Ok(Deletion::Kept);
             }

@@ -8,7 +8,7 @@ mod queue;
 mod stream;
 
 use super::cleaner::Cleaner;
-use super::config::{Cleanup, TopicConfig, validate_name};
+use super::config::{Cleanup, MAX_NAME_LEN, TopicConfig, validate_name};
 use super::deletions::Deletions;
 use super::gate::{Gate, Pass};
 use crate::error::{Error, IoContext, Result};
@@ -727,6 +727,20 @@ impl Topic {
     pub fn create_group(&self, name: &str, mode: GroupMode, start: Position) -> Result<GroupInfo> {
         let _pass = self.enter()?;
         validate_name("group", name)?;
+        if mode == GroupMode::Queue {
+            // A queue group dead-letters; a topic named near the length
+            // limit has no room for the default `<topic>.dlq`.
+            let dlq = self.config.dead_letter_topic(&self.name);
+            if dlq.len() > MAX_NAME_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "queue group {name}: the dead letters of topic {} would go to topic {dlq}, \
+                     a name over {MAX_NAME_LEN} characters; give the topic a dead_letter \
+                     setting or a name of {} characters at most",
+                    self.name,
+                    MAX_NAME_LEN - ".dlq".len()
+                )));
+            }
+        }
         let start = self.resolve(start)?.0;
         let mut groups = self.groups_mut();
         if groups.contains_key(name) {
