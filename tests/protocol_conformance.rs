@@ -401,6 +401,25 @@ async fn a_reply_too_large_for_a_frame_is_an_error_on_that_request_only() {
     assert_eq!(client.ping(7).await.expect("the connection stays open"), 7);
     let one = format!("00-{}", "n".repeat(150));
     assert_eq!(client.describe_topic(&one).await.expect("fits").name, one);
+
+    // gRPC answers the same code and words (tonic alone would say
+    // OUT_OF_RANGE), and the channel serves the next call.
+    let grpc = broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = pb::spool_client::SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("gRPC connect");
+    let status = g
+        .list_topics(pb::ListTopicsRequest {})
+        .await
+        .expect_err("too large a reply");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_frame_bytes"), "{status:?}");
+    let info = g
+        .describe_topic(pb::DescribeTopicRequest { name: one.clone() })
+        .await
+        .expect("fits")
+        .into_inner();
+    assert_eq!(info.name, one);
 }
 
 /// Item 6: every validation refusal is `INVALID_ARGUMENT` naming the field.

@@ -1044,3 +1044,49 @@ async fn a_message_too_large_for_a_frame_is_skipped_or_dead_lettered_explicitly(
     groups.sort();
     assert_eq!(groups, ["fetchers", "subscribers"]);
 }
+
+/// A queue-group fetch counts each message's key and headers against its
+/// byte limit, as a replay does: messages of large keys and small values
+/// come in replies that fit the frame, one lease each, and every one is
+/// delivered once. Before, only values counted: the reply of all three
+/// outgrew the frame, the client got an error, and the three stayed
+/// leased (with a delivery counted) until they were dead-lettered unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_fetch_of_large_keys_fits_its_frame() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let keyed = |i: u8| NewMessage {
+        key: Some(vec![i; 30_000].into()),
+        ..NewMessage::from_value("v")
+    };
+    for i in 0..3 {
+        client.produce("t", vec![keyed(i)]).await.expect("produce");
+    }
+    client
+        .create_group("t", "g", GroupMode::Queue, None)
+        .await
+        .expect("queue group");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let fetched = client
+            .fetch(
+                "t",
+                FetchOptions {
+                    group: Some("g".into()),
+                    member: "m".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("a queue fetch fits the frame");
+        for d in fetched.messages {
+            assert_eq!(d.delivery, 1, "offset {}", d.message.offset.0);
+            seen.push(d.message.offset.0);
+        }
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(seen, [0, 1, 2]);
+}

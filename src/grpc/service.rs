@@ -82,6 +82,18 @@ impl Service {
         Ok(principal)
     }
 
+    /// `reply` as a response, or `RESOURCE_EXHAUSTED` in its place when it
+    /// is larger than a gRPC message may be (as on the native listener;
+    /// tonic would answer `OUT_OF_RANGE`).
+    fn fitting<T: prost::Message>(&self, reply: T) -> Result<Response<T>, Status> {
+        let len = reply.encoded_len();
+        if len <= self.max_frame as usize {
+            return Ok(Response::new(reply));
+        }
+        let wire = status::reply_too_large("the reply", len, self.max_frame);
+        Err(Status::new(tonic::Code::from_i32(wire.code), wire.message))
+    }
+
     /// A broker error as a gRPC status: the native protocol's code and
     /// message (paths relative to the data directory).
     fn status(&self, error: Error) -> Status {
@@ -289,11 +301,11 @@ impl Spool for Service {
         if fetched.messages.is_empty() && *self.shutdown.borrow() {
             return Err(Status::unavailable("broker is stopping"));
         }
-        Ok(Response::new(pb::FetchResponse {
+        self.fitting(pb::FetchResponse {
             messages: convert::messages(fetched.messages),
             next_offset: fetched.next_offset.0,
             end_offset: fetched.end_offset.0,
-        }))
+        })
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::Empty>, Status> {
@@ -417,7 +429,7 @@ impl Spool for Service {
             .filter(|t| principal.may_see(&t.name))
             .map(|t| self.topic_info(t))
             .collect();
-        Ok(Response::new(pb::ListTopicsResponse { topics }))
+        self.fitting(pb::ListTopicsResponse { topics })
     }
 
     async fn describe_topic(
@@ -474,12 +486,12 @@ impl Spool for Service {
             .list_groups(&l.topic)
             .await
             .map_err(|e| self.status(e))?;
-        Ok(Response::new(pb::ListGroupsResponse {
+        self.fitting(pb::ListGroupsResponse {
             groups: groups
                 .into_iter()
                 .map(|g| convert::group_info(&l.topic, g))
                 .collect(),
-        }))
+        })
     }
 
     async fn describe_group(

@@ -77,6 +77,15 @@ pub fn error(code: pb::Code, message: impl Into<String>) -> pb::Error {
     }
 }
 
+/// The error sent in place of a reply of `len` bytes that a frame (or gRPC
+/// message) of at most `max` bytes cannot hold; `what` names the reply.
+pub fn reply_too_large(what: &str, len: usize, max: u32) -> pb::Error {
+    error(
+        pb::Code::ResourceExhausted,
+        format!("{what} takes {len} bytes; max_frame_bytes is {max}"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

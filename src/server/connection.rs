@@ -81,14 +81,7 @@ fn within_frame_limit(request_id: u64, frame: Outbound, max: u32) -> Outbound {
         },
         _ => "the reply".to_string(),
     };
-    error_frame(
-        request_id,
-        status::error(
-            pb::Code::ResourceExhausted,
-            format!("{what} takes {len} bytes; max_frame_bytes is {max}"),
-        ),
-    )
-    .into()
+    error_frame(request_id, status::reply_too_large(&what, len, max)).into()
 }
 
 fn frame_error(e: &FrameError) -> Option<pb::Error> {

@@ -303,6 +303,12 @@ pub fn payload_len(msg: &Message) -> usize {
             .sum::<usize>()
 }
 
+/// Bytes of a stored message's record: what reads count against a byte
+/// limit (a delivery's envelope on the wire is smaller).
+pub fn stored_len(msg: &Message) -> usize {
+    HEADER_LEN + payload_len(msg)
+}
+
 /// Encoded length of a message, or `None` if a field is too large for the
 /// format (a header name over 64 KiB, more than 65 535 headers, over 4 GiB).
 pub fn encoded_len(msg: &NewMessage) -> Option<usize> {

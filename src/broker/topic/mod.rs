@@ -96,7 +96,7 @@ pub struct ReadAhead {
 pub struct DeliveryLimits {
     /// Most messages.
     pub messages: usize,
-    /// About this many bytes (stored size; queue groups count values), but at
+    /// About this many bytes (stored size, [`record::stored_len`]), but at
     /// least one message.
     pub bytes: usize,
     /// Largest message one delivery can carry (key, headers and value, see

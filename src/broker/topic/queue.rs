@@ -202,7 +202,10 @@ impl Topic {
         }
         while let Some(m) = candidates.pop_front() {
             let o = m.offset.0;
-            if !out.deliveries.is_empty() && bytes + m.value.len() > max_bytes {
+            // Counted as a replay counts it (the whole record), so a reply
+            // of keys and headers fits its frame as one of values does.
+            let size = record::stored_len(&m);
+            if !out.deliveries.is_empty() && bytes + size > max_bytes {
                 g.defer(o, now);
                 continue;
             }
@@ -215,7 +218,7 @@ impl Topic {
             };
             match decision {
                 Decision::Deliver { delivery } => {
-                    bytes += m.value.len();
+                    bytes += size;
                     out.deliveries.push(Delivery {
                         message: m,
                         delivery,
