@@ -886,3 +886,48 @@ async fn socketio_peers_that_send_no_headers_are_cut_by_the_frame_timeout() {
     let (client, _) = connect_within(&broker.addr, Duration::from_secs(5)).await;
     assert_eq!(client.ping(3).await.expect("served"), 3);
 }
+
+/// A client with the most requests in flight a connection serves (256),
+/// all long-polls longer than the idle timeout, that pings as the docs
+/// advise is not closed as idle: its pings wait unread behind the cap, but
+/// the long-polls end in their time, empty, and the pings are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_at_the_request_cap_with_pings_are_not_idle() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "idle_timeout_ms = 500\n", &[]);
+    let client = Client::connect(&broker.addr, "poller")
+        .await
+        .expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("m")])
+        .await
+        .expect("produce");
+    let polls = futures_util::future::join_all((0..256).map(|_| {
+        client.fetch(
+            "t",
+            FetchOptions {
+                from: Some(Position::Offset(1)),
+                wait_ms: 2000,
+                ..Default::default()
+            },
+        )
+    }));
+    let pings = async {
+        let mut answered = 0;
+        for n in 0..15 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.ping(n).await.expect("ping answered");
+            answered += 1;
+        }
+        answered
+    };
+    let (polled, pinged) = tokio::join!(polls, pings);
+    for p in polled {
+        assert!(
+            p.expect("the long-poll ends in its time")
+                .messages
+                .is_empty()
+        );
+    }
+    assert_eq!(pinged, 15);
+}

@@ -778,6 +778,17 @@ fn a_member_extends_and_gives_back_only_the_leases_it_holds() {
     assert_eq!(leased("c", later), [(0, 2), (2, 3)]);
     let info = topic.describe_group("pool").expect("describe");
     assert_eq!(info.pending, 4);
+    // A nack's delay has the same bound as a lease: beyond it, refused
+    // naming it, and the lease stays.
+    let refused = topic
+        .nack("pool", &as_offsets(&[0]), u64::MAX)
+        .expect_err("a delay past 100 years");
+    assert!(refused.to_string().contains("delay_ms"), "{refused}");
+    assert_eq!(
+        topic.nack("pool", &as_offsets(&[0]), 0).expect("nack"),
+        1,
+        "still leased after the refusal"
+    );
 }
 
 #[test]

@@ -1529,6 +1529,53 @@ async fn idle_grpc_connections_are_closed_and_waiting_calls_keep_theirs_open() {
     assert!(logs.contains("by idle_timeout_ms"), "{logs}");
 }
 
+/// A unary call that takes longer than `idle_timeout_ms` to serve (here a
+/// compaction of many segments) keeps its connection open until it is
+/// answered, as a native request does: the client gets its answer, not a
+/// closed connection with the outcome unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_served_longer_than_the_idle_timeout_is_answered() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "idle_timeout_ms = 100\n");
+    let native = Client::connect(&broker.addr, "loader")
+        .await
+        .expect("connect");
+    native
+        .create_topic(
+            "kv",
+            pb::TopicConfig {
+                cleanup: Some("compact".into()),
+                segment_bytes: Some(64 * 1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+    // 16 MiB of 16 keys written over and over: 256 segments to rewrite,
+    // each synced.
+    let value = vec![7u8; 1024];
+    for round in 0..16 {
+        let batch = (0..1024)
+            .map(|i| spool::storage::NewMessage {
+                key: Some(format!("k{}", (round * 1024 + i) % 16).into_bytes().into()),
+                ..spool::storage::NewMessage::from_value(value.clone())
+            })
+            .collect();
+        native.produce("kv", batch).await.expect("produce");
+    }
+    let mut g = grpc_client(&broker).await;
+    let compacted = g
+        .compact(pb::CompactRequest {
+            topic: Some("kv".into()),
+        })
+        .await
+        .expect("answered, though the compaction outlasted the idle timeout")
+        .into_inner();
+    let kv = &compacted.topics[0];
+    eprintln!("compaction took {} ms", kv.millis);
+    assert!(kv.records_removed > 0, "{kv:?}");
+}
+
 /// `max_connections_per_ip` too counts both transports from one address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_address_cap_counts_grpc_and_native_connections_together() {

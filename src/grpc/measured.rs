@@ -1,8 +1,10 @@
 //! The one place gRPC calls are counted: a wrapper of the `Spool` service
 //! that reports each call's operation, status code and time to
 //! [`Metrics::request`] once its response headers are ready (a unary call's
-//! whole answer; a stream's opening, with the code it opened with).
+//! whole answer; a stream's opening, with the code it opened with), and
+//! marked busy on their connection while they are served.
 
+use super::connection::ConnInfo;
 use crate::metrics::Metrics;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -42,10 +44,14 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let operation = operation(request.uri().path());
         let started = Instant::now();
+        // A call being served keeps its connection from being idle until
+        // its answer (a stream: its opening; open streams count themselves).
+        let busy = request.extensions().get::<ConnInfo>().map(ConnInfo::busy);
         let call = self.inner.call(request);
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = call.await?;
+            drop(busy);
             // An error is answered in the headers (trailers-only); a call
             // that succeeds sends its status in the trailers, after the body.
             let code = response

@@ -286,8 +286,6 @@ impl Spool for Service {
     ) -> Result<Response<pb::FetchResponse>, Status> {
         self.allow(&request)?;
         let deadline = deadline(&request);
-        // A long-poll keeps its connection from being idle while it waits.
-        let _busy = request.extensions().get::<ConnInfo>().map(ConnInfo::busy);
         let mut fetch = convert::fetch_request(request.into_inner(), self.max_frame);
         if let Some(deadline) = deadline {
             fetch.wait = fetch.wait.min(wait_within(deadline));

@@ -243,8 +243,13 @@ pub(super) async fn serve<S>(
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = sleep_until(idle.map(|t| last_frame + t)) => {
                 // A request being served, or a frame arriving (the frame
-                // timeout governs that), is not idleness.
-                if conn.working.load(Ordering::Relaxed) > 0 || frames.in_frame() {
+                // timeout governs that), is not idleness; nor is a client
+                // whose frames wait unread because its requests in flight
+                // are at the cap (long-polls, each ending within 60 s).
+                if conn.working.load(Ordering::Relaxed) > 0
+                    || frames.in_frame()
+                    || in_flight.len() >= MAX_REQUESTS_IN_FLIGHT
+                {
                     last_frame = Instant::now();
                     continue;
                 }

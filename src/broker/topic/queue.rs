@@ -307,6 +307,11 @@ impl Topic {
     /// Returns how many were leased.
     pub fn nack(&self, group: &str, offsets: &[Offset], delay_ms: u64) -> Result<usize> {
         let _pass = self.enter()?;
+        if delay_ms > MAX_DURATION_MS {
+            return Err(Error::InvalidArgument(format!(
+                "delay_ms {delay_ms} is over {MAX_DURATION_MS} (100 years)"
+            )));
+        }
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
