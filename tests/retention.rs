@@ -521,3 +521,62 @@ fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
         );
     }
 }
+
+/// The topic `name` as `ListTopics` shows it (which opens no topic that
+/// stopped cleanly).
+async fn listed(client: &Client, name: &str) -> pb::TopicInfo {
+    client
+        .list_topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|t| t.name == name)
+        .expect("listed")
+}
+
+/// Retention runs on topics nobody uses: one closed for being idle, and
+/// one closed since before a restart, each drop their old segments in
+/// time though no request opens them (the sweeper opens each when its
+/// oldest segment is due, applies retention and closes it again).
+#[test]
+fn retention_runs_on_closed_topics_and_after_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let flags = ["--topic-idle-close-ms", "50"];
+    let aging = || pb::TopicConfig {
+        segment_bytes: Some(1024),
+        retention_ms: Some(1500),
+        ..Default::default()
+    };
+    let broker = Broker::start(tmp.path(), &flags);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(&client, "before-restart", aging()).await;
+        produce(&client, "before-restart", 0, 30).await;
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    std::thread::sleep(Duration::from_millis(1600));
+
+    let broker = Broker::start(tmp.path(), &flags);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(&client, "idle", aging()).await;
+        produce(&client, "idle", 0, 30).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for topic in ["before-restart", "idle"] {
+            loop {
+                let info = listed(&client, topic).await;
+                if info.start_offset > 0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{topic} kept its old segments: {info:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}

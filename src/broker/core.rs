@@ -66,6 +66,9 @@ pub fn default_max_open_files() -> usize {
     })
 }
 
+/// Closed topics one sweep opens to apply their retention.
+const RETENTION_OPENS_PER_SWEEP: usize = 32;
+
 /// Default of [`BrokerConfig::topic_idle_close`].
 pub const DEFAULT_TOPIC_IDLE_CLOSE: Duration = Duration::from_secs(30);
 /// How often the broker looks for topics to close or delete.
@@ -316,11 +319,28 @@ impl Broker {
 
     /// One pass of the sweeper: closes the runtimes and files of topics
     /// unused for `topic_idle_close`, and of the least recently used ones
-    /// while the open topics hold more than `max_open_files`; deletes topics
-    /// idle for their `delete_when_idle_ms`.
+    /// while the open topics hold more than `max_open_files`; applies the
+    /// retention of closed topics it is due for; deletes topics idle for
+    /// their `delete_when_idle_ms`.
     async fn sweep(&self) {
         self.close_topics(self.file_target()).await;
         let now = now_ms();
+        // Closed topics get no retention pass from a runtime: each is opened
+        // when its retention is due (a few per sweep), which applies it,
+        // and closed again, without counting as a use.
+        for name in self
+            .inner
+            .registry
+            .retention_due(now, RETENTION_OPENS_PER_SWEEP)
+        {
+            let (b, n) = (self.clone(), name.clone());
+            match blocking(move || b.inner.registry.apply_closed_retention(&n)).await {
+                Ok(()) | Err(Error::TopicNotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "applying retention to a closed topic");
+                }
+            }
+        }
         for name in self.inner.registry.idle_deletable() {
             // A subscription or long-poll on it is a use, for as long as it
             // is open: counted as one now, so the topic is idle only from

@@ -11,6 +11,7 @@
 //! background.
 
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
+use super::runtime::retention_check_interval;
 use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::log::now_ms;
@@ -72,6 +73,9 @@ struct Slot {
     /// Set once the topic is being deleted, or its creation failed: the
     /// slot is leaving the registry and must not open anything.
     gone: AtomicBool,
+    /// While the topic is closed: when its retention is due to drop
+    /// something (milliseconds since the epoch; 0: nothing is).
+    retention_due: AtomicU64,
 }
 
 impl Slot {
@@ -81,6 +85,7 @@ impl Slot {
             last_used: AtomicU64::new(now),
             config: Mutex::new(config),
             gone: AtomicBool::new(false),
+            retention_due: AtomicU64::new(0),
         })
     }
 
@@ -297,6 +302,13 @@ impl Registry {
                 return Err(e);
             }
         };
+        // Retention did not run while the topic was closed: what it would
+        // have dropped goes before anyone reads the topic.
+        if retention_check_interval(topic.config()).is_some()
+            && let Err(e) = topic.enforce_retention(now_ms())
+        {
+            tracing::warn!(topic = name, error = %e, "applying retention as the topic opens");
+        }
         Ok(self.install(name, slot, open, topic))
     }
 
@@ -311,6 +323,7 @@ impl Registry {
     ) -> Arc<Topic> {
         self.learn(name, topic.config());
         *slot.config() = Some(topic.config().clone());
+        slot.retention_due.store(0, Ordering::Relaxed);
         *open = Some(Arc::clone(&topic));
         // Under the slot's lock, so the set never disagrees with the slot.
         self.open_names().insert(name.to_owned());
@@ -534,9 +547,51 @@ impl Registry {
                 }
             }
         }
+        let now = now_ms();
+        let due = topic.log().retention_due_ms().map_or(0, |due| {
+            // Not sooner than an open topic's retention looks again (a
+            // segment kept for a group would be due at once every time).
+            let every = retention_check_interval(topic.config()).unwrap_or_default();
+            due.max(now.saturating_add(every.as_millis() as u64))
+        });
+        slot.retention_due.store(due, Ordering::Relaxed);
         *open = None;
         self.open_names().remove(name);
         true
+    }
+
+    /// Closed topics whose retention is due by `now` (at most `max`), each
+    /// taken off the due list: [`Registry::apply_closed_retention`] puts it
+    /// back with its next due time.
+    pub fn retention_due(&self, now: u64, max: usize) -> Vec<String> {
+        self.read_topics()
+            .iter()
+            .filter(|(_, slot)| !slot.is_gone())
+            .filter(|(_, slot)| {
+                let due = slot.retention_due.load(Ordering::Relaxed);
+                due != 0
+                    && due <= now
+                    && slot
+                        .retention_due
+                        .compare_exchange(due, 0, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+            })
+            .take(max)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Opens closed topic `name` to apply its retention (as every open
+    /// does) and closes it again, without counting a use of it (nor
+    /// touching it if a request opened it meanwhile).
+    pub fn apply_closed_retention(&self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        if slot.topic().is_some() {
+            return Ok(());
+        }
+        drop(self.open_slot(name, &slot)?);
+        self.close_unused(name);
+        Ok(())
     }
 
     /// Stops every open topic cleanly and, if all stopped, records a clean
@@ -603,6 +658,13 @@ impl Registry {
         let config = TopicConfig::load(&**self.data.storage(), &self.data.topic_dir(name))?
             .unwrap_or_else(|| self.options.defaults.clone());
         self.learn(name, &config);
+        if retention_check_interval(&config).is_some() {
+            // Closed since before this run: when its retention is due is
+            // known only once it is open, so look now.
+            let _ = slot
+                .retention_due
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+        }
         *slot.config() = Some(config.clone());
         Ok(config)
     }

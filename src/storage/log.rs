@@ -598,6 +598,21 @@ impl Log {
         Arc::clone(&self.segments.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// When `retention_ms` will find the oldest sealed segment too old
+    /// (milliseconds since the epoch); `None` without `retention_ms` or a
+    /// sealed segment. A log that takes no writes has nothing else due.
+    pub fn retention_due_ms(&self) -> Option<u64> {
+        let ms = self.config.retention_ms?;
+        let segments = self.segments();
+        let oldest = segments.first().filter(|_| segments.len() > 1)?;
+        Some(
+            oldest
+                .max_timestamp_ms()
+                .saturating_add(ms)
+                .saturating_add(1),
+        )
+    }
+
     /// Changes whenever records may have left the log other than by being
     /// written over nothing: retention dropped segments or compaction
     /// replaced some. Records read while it stays the same are still what a
