@@ -343,18 +343,19 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         .map_err(|e| spool::Error::io("starting the async runtime", e))?;
     runtime.block_on(async move {
         let data = config.data.clone();
-        let auth = config.security.auth.clone();
+        // Handlers before anything else: a SIGHUP sent while the broker
+        // opens is a reload (not the default, which ends the process), and
+        // a script that stops the broker as soon as it reads the start-up
+        // line gets a graceful stop.
+        config.security.auth.reload_on_sighup()?;
+        let signals = Signals::install();
         let server = Server::bind(config).await?;
-        auth.reload_on_sighup()?;
         let listeners = Listeners {
             native: server.local_addr()?,
             grpc: server.grpc_addr()?,
             metrics: server.metrics_addr()?,
             socketio: server.socketio_addr()?,
         };
-        // Handlers first: a script that stops the broker as soon as it
-        // reads the start-up line gets a graceful stop.
-        let signals = Signals::install();
         // One write: a reader that stops after the first line has all of it.
         print!("{}", startup_lines(args.format, &listeners, &data));
         std::io::Write::flush(&mut std::io::stdout())

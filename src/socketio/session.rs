@@ -39,6 +39,14 @@ pub enum Inbound {
     Binary(Bytes),
     /// The socket closed.
     Closed,
+    /// The pump of room subscription `id` ended by itself (a refusal after
+    /// a reload, the room's topic deleted, a failed send).
+    RoomEnded {
+        /// The room.
+        room: String,
+        /// Which subscription of it ([`RoomSub::id`]).
+        id: u64,
+    },
 }
 
 /// Most messages from a client waiting for its socket's task.
@@ -67,8 +75,14 @@ impl Inbound {
         match self {
             Inbound::Text(text) => text.len(),
             Inbound::Binary(data) => data.len(),
-            Inbound::Closed => 0,
+            Inbound::Closed | Inbound::RoomEnded { .. } => 0,
         }
+    }
+
+    /// Whether it is the client's (counted against the inbox bounds); the
+    /// server's own notes always get through.
+    fn from_client(&self) -> bool {
+        matches!(self, Inbound::Text(_) | Inbound::Binary(_))
     }
 }
 
@@ -81,7 +95,7 @@ impl Session {
         let Some(tx) = self.inbox.get() else {
             return true;
         };
-        if !matches!(message, Inbound::Closed) {
+        if message.from_client() {
             if self.overflowed.load(Relaxed) {
                 return false;
             }
@@ -105,7 +119,7 @@ impl Session {
     /// The socket's task took `message` out of the inbox.
     fn taken(&self, message: &Inbound) {
         use std::sync::atomic::Ordering::Relaxed;
-        if !matches!(message, Inbound::Closed) {
+        if message.from_client() {
             self.queued.fetch_sub(1, Relaxed);
             self.queued_bytes.fetch_sub(message.len(), Relaxed);
         }
@@ -332,6 +346,8 @@ type Restored = (bool, Vec<Value>, Vec<Value>, Vec<(String, Subscription)>);
 #[derive(Debug)]
 struct RoomSub {
     pump: JoinHandle<()>,
+    /// Tells this subscription of the room from a later one.
+    id: u64,
 }
 
 /// A queue group the socket consumes.
@@ -352,6 +368,8 @@ struct Conn {
     system: bool,
     /// A room subscribed to, whose pump starts once the reply is out.
     after_reply: Option<(String, Subscription)>,
+    /// The id of the next room subscription.
+    next_room_id: u64,
 }
 
 /// Starts the task of a new Engine.IO socket.
@@ -389,6 +407,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         queues: BTreeMap::new(),
         system: false,
         after_reply: None,
+        next_room_id: 0,
     };
     gateway.tasks.spawn(conn.run(rx));
 }
@@ -399,17 +418,32 @@ impl Conn {
             self.out.socket.data.taken(&message);
             let packet = match message {
                 Inbound::Closed => break,
-                Inbound::Text(text) => match Packet::decode(&text) {
-                    Ok(Decoded::Packet(p)) => p,
-                    Ok(Decoded::NeedsAttachments(p, n)) => {
-                        self.partial = Some((p, n));
-                        continue;
+                Inbound::RoomEnded { room, id } => {
+                    Box::pin(self.room_ended(room, id)).await;
+                    continue;
+                }
+                Inbound::Text(text) => {
+                    // A binary packet still waiting for attachments never
+                    // gets them: a text message comes first.
+                    if let Some((p, n)) = self.partial.take() {
+                        let e = PacketError(format!(
+                            "a binary packet got {} of its {n} attachments before the next text message",
+                            p.attachments.len()
+                        ));
+                        Box::pin(self.refuse_packet(p.id, e)).await;
                     }
-                    Err(e) => {
-                        Box::pin(self.bad_packet(e)).await;
-                        continue;
+                    match Packet::decode(&text) {
+                        Ok(Decoded::Packet(p)) => p,
+                        Ok(Decoded::NeedsAttachments(p, n)) => {
+                            self.partial = Some((p, n));
+                            continue;
+                        }
+                        Err(e) => {
+                            Box::pin(self.bad_packet(e)).await;
+                            continue;
+                        }
                     }
-                },
+                }
                 Inbound::Binary(data) => match self.partial.take() {
                     Some((mut p, n)) => {
                         p.attachments.push(data);
@@ -434,6 +468,23 @@ impl Conn {
         Box::pin(self.close()).await;
     }
 
+    /// A packet refused before it is handled: the reply to its
+    /// acknowledgement id if it has one, else an `error` event; the socket
+    /// stays open.
+    async fn refuse_packet(&self, id: Option<u64>, e: PacketError) {
+        let Some(id) = id else {
+            return self.bad_packet(e).await;
+        };
+        tracing::debug!(sid = %self.out.socket.id, error = %e, "socket.io packet refused");
+        let reply = Reply::Error {
+            code: "INVALID_ARGUMENT".into(),
+            message: e.to_string(),
+        };
+        self.out
+            .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
+            .await;
+    }
+
     /// A packet that cannot be read: reported to the client as an `error`
     /// event; the socket stays open.
     async fn bad_packet(&self, e: PacketError) {
@@ -451,7 +502,7 @@ impl Conn {
             }
             Kind::Event | Kind::BinaryEvent => {
                 if !self.connected {
-                    self.bad_packet(PacketError("an event before CONNECT".into()))
+                    self.refuse_packet(packet.id, PacketError("an event before CONNECT".into()))
                         .await;
                     return;
                 }
@@ -711,9 +762,31 @@ impl Conn {
         if let Some(old) = self.rooms.remove(&room) {
             old.pump.abort();
         }
-        let pump = tokio::spawn(pump_room(self.out.clone(), room.clone(), sub.position().0));
-        self.rooms.insert(room.clone(), RoomSub { pump });
+        let id = self.next_room_id;
+        self.next_room_id += 1;
+        let (out, name, from) = (self.out.clone(), room.clone(), sub.position().0);
+        drop(sub);
+        let pump = tokio::spawn(async move {
+            pump_room(out.clone(), name.clone(), from).await;
+            // Ended by itself, not aborted: the socket's task takes the
+            // room off (in turn with the client's own events).
+            out.socket.data.push(Inbound::RoomEnded { room: name, id });
+        });
+        self.rooms.insert(room.clone(), RoomSub { pump, id });
         self.out.gateway.join(&room, &self.out).await;
+    }
+
+    /// The pump of subscription `id` of `room` ended by itself (it said
+    /// why in an `error` event): the socket is no longer in the room, as
+    /// after an `unsubscribe`, unless it has subscribed to it again since.
+    async fn room_ended(&mut self, room: String, id: u64) {
+        if self.rooms.get(&room).is_none_or(|r| r.id != id) {
+            return;
+        }
+        self.rooms.remove(&room);
+        self.out.shared.lock().await.positions.remove(&room);
+        self.out.gateway.leave(&room, &self.out).await;
+        self.out.emit("rooms", vec![json!(self.room_names())]).await;
     }
 
     /// Serves one client event: its operation (for metrics) and its result.
@@ -775,6 +848,12 @@ impl Conn {
         if !renewing && held >= max {
             return Err(Error::LimitReached(format!(
                 "this socket already reads {held} rooms and queues; the limit is {max} (max_subscriptions)"
+            )));
+        }
+        if !renewing && request.group.is_none() && self.rooms.len() >= super::offset::MAX_ROOMS {
+            return Err(Error::LimitReached(format!(
+                "this socket already reads {} rooms, the most a recovery offset holds",
+                self.rooms.len()
             )));
         }
         match request.group {
@@ -862,6 +941,12 @@ impl Conn {
         self.out
             .allow(guard::access("unsubscribe", &request.room))?;
         if request.room == super::SYSTEM_ROOM {
+            if !self.system {
+                return Err(Error::NotFound(format!(
+                    "this socket is not subscribed to room {}",
+                    request.room
+                )));
+            }
             self.system = false;
             self.out.gateway.unwatch_rooms(&self.out).await;
             return Ok(json!({ "room": request.room }));

@@ -1,8 +1,9 @@
 // Bad input: every mistake gets an error reply naming what is wrong (or a
 // connect_error during the handshake), the socket stays usable, and other
 // sockets see nothing of it.
-import { assert, call, collect, connect, ok, once, room, run, until, sleep, env } from "./lib.mjs";
+import { assert, call, collect, connect, ok, once, room, run, until, sleep, env, startBroker } from "./lib.mjs";
 import { io } from "socket.io-client";
+import { writeFileSync } from "node:fs";
 
 async function error(s, event, body, code, needle) {
   const reply = await call(s, event, body);
@@ -38,6 +39,7 @@ await run({
     await error(bad, "subscribe", { room: r, group: "bad group", mode: "queue" }, "INVALID_ARGUMENT", "group name");
     await error(bad, "subscribe", { room: r, maxInFlight: 0, group: "g", mode: "queue" }, "INVALID_ARGUMENT", "maxInFlight");
     await error(bad, "unsubscribe", { room: r }, "NOT_FOUND", r);
+    await error(bad, "unsubscribe", { room: "$rooms" }, "NOT_FOUND", "$rooms");
     await error(bad, "dance", { room: r }, "INVALID_ARGUMENT", "unknown event \"dance\"");
     await error(bad, "publish", { room: r, data: "x".repeat(1_100_000) }, "INVALID_ARGUMENT", "max_message_bytes");
     // The socket still works, and the others never saw any of it.
@@ -73,6 +75,59 @@ await run({
     await ok(s, "publish", { room: r, data: "still here" });
     await until(() => seen.length === 1, "the good message");
     s.close(); other.close();
+  },
+
+  async "a binary packet cut short by a text packet gets its error reply; the next packet is served"() {
+    const r = room("cut");
+    const [s, other] = [await connect(undefined, { transports: ["websocket"] }), await connect()];
+    await ok(other, "subscribe", { room: r });
+    const seen = collect(other);
+    const replies = {};
+    for (const id of [9001, 9002]) s.acks[id] = (reply) => (replies[id] = reply);
+    const announced = (id) => `51-${id}["publish",{"room":"${r}","data":{"_placeholder":true,"num":0}}]`;
+    // 9001 announces an attachment; 9002 comes before it, then one
+    // attachment, which is 9002's.
+    s.io.engine.write(announced(9001));
+    s.io.engine.write(announced(9002));
+    s.io.engine.write(Buffer.from("second"));
+    await until(() => replies[9001] && replies[9002], "a reply to each packet");
+    assert.equal(replies[9001].error?.code, "INVALID_ARGUMENT", JSON.stringify(replies[9001]));
+    assert.ok(replies[9001].error.message.includes("0 of its 1 attachments"), replies[9001].error.message);
+    assert.equal(replies[9002].ok, true, JSON.stringify(replies[9002]));
+    await until(() => seen.length === 1, "the second packet's message");
+    assert.equal(Buffer.from(seen[0].data).toString(), "second");
+    s.close(); other.close();
+  },
+
+  async "an event with an ack id before CONNECT gets its error reply"() {
+    const s = await connect(undefined, { transports: ["websocket"] });
+    const replies = {};
+    s.acks[9003] = (reply) => (replies[9003] = reply);
+    // Leave the namespace, then emit on it by hand.
+    s.io.engine.write("1");
+    s.io.engine.write(`29003["publish",{"room":"x","data":1}]`);
+    await until(() => replies[9003], "a reply");
+    assert.equal(replies[9003].error?.code, "INVALID_ARGUMENT", JSON.stringify(replies[9003]));
+    assert.ok(replies[9003].error.message.includes("before CONNECT"), replies[9003].error.message);
+    s.close();
+  },
+
+  async "a socket reads at most 256 rooms, the most a recovery offset holds"() {
+    const config = env.data + "-many-rooms.toml";
+    writeFileSync(config, "max_subscriptions = 300\n");
+    const broker = await startBroker(env.data + "-many-rooms", "127.0.0.1:0", ["--config", config]);
+    try {
+      const s = await connect(broker.socketio);
+      const names = Array.from({ length: 257 }, (_, i) => room(`many${i}`));
+      for (const r of names.slice(0, 256)) await ok(s, "subscribe", { room: r });
+      await error(s, "subscribe", { room: names[256] }, "RESOURCE_EXHAUSTED", "256 rooms");
+      // Moving a room it reads is no new room; a queue group is not a room.
+      await ok(s, "subscribe", { room: names[0], from: "latest" });
+      await ok(s, "subscribe", { room: names[256], group: "g", mode: "queue" });
+      s.close();
+    } finally {
+      broker.proc.kill("SIGKILL");
+    }
   },
 
   async "a tampered recovery offset gets a connect_error; a valid one still works"() {

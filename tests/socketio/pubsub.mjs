@@ -127,17 +127,31 @@ await run({
     w.close(); a.close();
   },
 
-  async "a room's reader is told at once when the room is deleted"() {
+  async "a room's reader is told at once when the room is deleted, and leaves it"() {
     const r = room("doomed");
     const a = await connect();
+    const lists = collect(a, "rooms");
+    const joins = collect(a, "join-room");
     await ok(a, "subscribe", { room: r });
     await ok(a, "publish", { room: r, data: 1 });
+    await until(() => lists.length === 1, "the rooms event of the subscribe");
     const ended = once(a, "error", 3000);
     spool("topic", "delete", r);
     const [{ error }] = await ended;
     assert.equal(error.code, "NOT_FOUND", JSON.stringify(error));
     assert.ok(error.message.includes(r), error.message);
-    a.close();
+    // Out of the room, as after an unsubscribe: a rooms event without it,
+    // and no join-room when another socket joins the room made again.
+    await until(() => lists.length === 2, "a rooms event without the room");
+    assert.deepEqual(lists[1].data, []);
+    const b = await connect();
+    await ok(b, "subscribe", { room: r });
+    await ok(b, "publish", { room: r, data: 2 });
+    await sleep(200);
+    assert.deepEqual(joins.map((j) => j.data), [r], "only its own join, before the delete");
+    await call(a, "unsubscribe", { room: r }).then((reply) =>
+      assert.equal(reply.error?.code, "NOT_FOUND", JSON.stringify(reply)));
+    a.close(); b.close();
   },
 
   async "websocket sockets hold a connection slot while open: max_connections_per_ip, spool_connections_open"() {
