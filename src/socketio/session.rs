@@ -81,7 +81,7 @@ impl Inbound {
 
     /// Whether it is the client's (counted against the inbox bounds); the
     /// server's own notes always get through.
-    fn from_client(&self) -> bool {
+    fn is_the_clients(&self) -> bool {
         matches!(self, Inbound::Text(_) | Inbound::Binary(_))
     }
 }
@@ -95,7 +95,7 @@ impl Session {
         let Some(tx) = self.inbox.get() else {
             return true;
         };
-        if message.from_client() {
+        if message.is_the_clients() {
             if self.overflowed.load(Relaxed) {
                 return false;
             }
@@ -119,7 +119,7 @@ impl Session {
     /// The socket's task took `message` out of the inbox.
     fn taken(&self, message: &Inbound) {
         use std::sync::atomic::Ordering::Relaxed;
-        if message.from_client() {
+        if message.is_the_clients() {
             self.queued.fetch_sub(1, Relaxed);
             self.queued_bytes.fetch_sub(message.len(), Relaxed);
         }
