@@ -227,20 +227,35 @@ fn a_flipped_byte_in_the_last_record_after_a_clean_stop_is_damage() {
 
 #[test]
 fn a_damaged_or_cut_group_journal_tail_is_damage_not_a_torn_write() {
-    for cut in [false, true] {
+    for how in ["flip", "cut", "zero"] {
+        let cut = how == "cut";
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path();
         fill(data, 0, 150);
         let journal = topic_dir(data).join("groups/s.journal");
         let len = std::fs::metadata(&journal).expect("journal").len();
-        if cut {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&journal)
-                .expect("open");
-            file.set_len(len - 5).expect("cut");
-        } else {
-            flip(&journal, len as usize - 3);
+        match how {
+            "cut" => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&journal)
+                    .expect("open");
+                file.set_len(len - 5).expect("cut");
+            }
+            "flip" => flip(&journal, len as usize - 3),
+            _ => {
+                // The last entry zeroed in place, the length kept.
+                let mut bytes = std::fs::read(&journal).expect("read");
+                let (mut pos, mut last) = (0, 0);
+                while let Ok(spool::storage::record::Frame::Record(r)) =
+                    spool::storage::record::decode(&bytes[pos..], u32::MAX)
+                {
+                    last = pos;
+                    pos += r.len as usize;
+                }
+                bytes[last..].fill(0);
+                std::fs::write(&journal, bytes).expect("write");
+            }
         }
         let (code, report) = verify(data);
         assert_eq!(code, Some(1), "cut={cut}: {report}");
@@ -458,4 +473,65 @@ fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
         "{}",
         String::from_utf8_lossy(&strict.stdout)
     );
+}
+
+/// A sealed segment zeroed in place (whole, or from a record boundary on)
+/// is damage, not the zeros a seal cut short leaves: verify says so, serve
+/// refuses the topic naming the file, and skip-damaged opens it without the
+/// zeroed offsets and never hands them out again.
+#[test]
+fn a_sealed_segment_zeroed_in_place_is_damage() {
+    for whole in [true, false] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path();
+        fill(data, 1024, 40);
+        let segments = files_with(&topic_dir(data), "log");
+        assert!(segments.len() >= 3, "{segments:?}");
+        let first = &segments[0];
+        let mut bytes = std::fs::read(first).expect("read");
+        // From the start, or from the record of message 3 on.
+        let from = if whole {
+            0
+        } else {
+            find(first, &value(3)) - 32
+        };
+        bytes[from..].fill(0);
+        std::fs::write(first, bytes).expect("write");
+
+        let (code, report) = verify(data);
+        assert_eq!(code, Some(1), "{report}");
+        assert_eq!(
+            damage_files(&report),
+            [first.display().to_string()],
+            "{report}"
+        );
+        let next_base: u64 = segments[1]
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok())
+            .expect("a segment named by its base");
+        serve_refuses(data, "00000000000000000000.log");
+
+        let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+        rt().block_on(async {
+            let client = Client::connect(&broker.addr, "after")
+                .await
+                .expect("connect");
+            let all = common::replay_all(&client, TOPIC).await;
+            let lost = if whole { 0 } else { 3 };
+            assert!(
+                all.iter()
+                    .all(|m| m.message.offset.0 < lost || m.message.offset.0 >= next_base),
+                "the zeroed records are not served"
+            );
+            assert_eq!(all.len() as u64, lost + 40 - next_base, "the others are");
+            let produced = client
+                .produce(TOPIC, vec![NewMessage::from_value("new")])
+                .await
+                .expect("produce");
+            assert_eq!(produced.first_offset, 40, "no offset is reused");
+        });
+        let (ok, logs) = broker.terminate();
+        assert!(ok, "{logs}");
+    }
 }

@@ -1344,3 +1344,74 @@ fn a_failed_sync_turns_the_log_read_only_until_reopened() {
         assert_appends_at(&log, got.len() as u64);
     }
 }
+
+/// A torn record whose value carries bytes that read as a valid record of a
+/// later offset (a message holding a piece of a spool segment, say) is a
+/// torn tail like any other: cut at the next open, not taken for valid
+/// records after damage (which would refuse the log after a power cut).
+#[test]
+fn a_torn_record_carrying_a_record_in_its_value_is_a_torn_tail() {
+    for backend in BACKENDS {
+        let bed = Bed::new(backend);
+        let config = LogConfig::default();
+        let first = NewMessage::from_value("first");
+        let log = bed.open(&config, RecoveryMode::default()).expect("open");
+        log.append(std::slice::from_ref(&first)).expect("append");
+        log.close().expect("close");
+        let segment = bed.segment_logs().pop().expect("a segment");
+        let end = record::encoded_len(&first).expect("a size") as u64;
+
+        let mut inner = Vec::new();
+        record::encode(&mut inner, 1000, 5, &NewMessage::from_value("inside"));
+        let mut value = vec![b'v'; 100];
+        value.extend_from_slice(&inner);
+        value.extend(vec![b'w'; 2000]);
+        let mut outer = Vec::new();
+        record::encode(&mut outer, 1, 5, &NewMessage::from_value(value));
+        // Only its first bytes, the record inside included, reached the disk.
+        let kept = 32 + 100 + inner.len() + 50;
+        bed.overwrite(&segment, end, &outer[..kept]);
+
+        let log = bed
+            .open(&config, RecoveryMode::TolerateTornTail)
+            .unwrap_or_else(|e| panic!("{backend:?}: a torn tail, not damage: {e}"));
+        assert_eq!(log.recovery_report().truncations.len(), 1, "{backend:?}");
+        assert_appends_at(&log, 1);
+    }
+}
+
+/// Garbage shorter than a record header between two valid records, in
+/// synced data, opens under skip-damaged (it panicked, or wrote a filler too
+/// short to read and looped), and the log goes on after the last record.
+#[test]
+fn skip_damaged_opens_around_garbage_shorter_than_a_record_header() {
+    for garbage in [20usize, 30] {
+        for backend in BACKENDS {
+            let bed = Bed::new(backend);
+            let config = LogConfig::default();
+            let messages: Vec<NewMessage> = (0..3)
+                .map(|i| NewMessage::from_value(format!("message {i}")))
+                .collect();
+            let log = bed.open(&config, RecoveryMode::default()).expect("open");
+            log.append(&messages).expect("append");
+            log.close().expect("close");
+            let segment = bed.segment_logs().pop().expect("a segment");
+            let bytes = bed.read_file(&segment);
+            let second = record::encoded_len(&messages[0]).expect("a size");
+            let tail = record::encoded_len(&messages[1]).expect("a size")
+                + record::encoded_len(&messages[2]).expect("a size");
+            // Records 1 and 2 moved `garbage` bytes on, behind 0xFF bytes.
+            let mut shifted = vec![0xFF; garbage];
+            shifted.extend_from_slice(&bytes[second..second + tail]);
+            bed.overwrite(&segment, second as u64, &shifted);
+
+            let log = bed
+                .open(&config, RecoveryMode::SkipDamaged)
+                .unwrap_or_else(|e| panic!("{backend:?} {garbage}: opens: {e}"));
+            let read = log.read(Offset(0), 10, 1 << 20).expect("read");
+            assert_eq!(read[0].value, messages[0].value, "{backend:?} {garbage}");
+            let end = log.stats().end.0;
+            assert_appends_at(&log, end);
+        }
+    }
+}

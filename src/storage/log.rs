@@ -378,8 +378,16 @@ impl Log {
         }
         self.sync_locked(&mut w)?;
         self.publish_locked(&mut w);
-        let active = Active::create(&*self.storage, &self.dir, offset, &self.config)?;
-        let sealed = self.seal(&mut w)?;
+        // Sealed first (unlike a roll): the new segment starts past offsets
+        // this one never held, and a stop between the two steps must not
+        // leave this one's preallocated zeros before it, which recovery
+        // takes for records zeroed in place. After the seal this segment
+        // takes no writes: if the new one cannot be created, nothing does.
+        let sealed = self.seal(&mut w).inspect_err(|e| {
+            w.poisoned = Some(format!("sealing failed: {e}"));
+        })?;
+        let active = Active::create(&*self.storage, &self.dir, offset, &self.config)
+            .inspect_err(|e| w.poisoned = Some(format!("creating segment {offset} failed: {e}")))?;
         let mut segments: Vec<Arc<Segment>> = self.segments().as_ref().clone();
         if let Some(last) = segments.last_mut() {
             *last = Arc::new(sealed);

@@ -373,6 +373,21 @@ fn seal_record(record: &mut [u8]) {
     record[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The length the record header at the start of `buf` claims, when it could
+/// be a record's header (its magic, known attributes, a length from
+/// [`HEADER_LEN`] to `max_len` that `buf` holds), whether or not the
+/// record's bytes pass their CRC: where a torn record would end.
+pub fn claimed_len(buf: &[u8], max_len: u32) -> Option<usize> {
+    if buf.len() < HEADER_LEN
+        || buf[MAGIC_AT] != RECORD_MAGIC
+        || buf[ATTRIBUTES_AT] & !ATTR_KNOWN != 0
+    {
+        return None;
+    }
+    let len = u32_at(buf, LENGTH_AT);
+    (len <= max_len && (HEADER_LEN..=buf.len()).contains(&(len as usize))).then_some(len as usize)
+}
+
 /// A filler record of exactly `len` bytes (>= [`HEADER_LEN`]) standing in for a
 /// quarantined range whose first lost offset is `offset`. Readers skip it.
 pub fn filler(len: usize, offset: u64, timestamp_ms: u64) -> Vec<u8> {

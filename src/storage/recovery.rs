@@ -178,15 +178,44 @@ pub fn open_segment(
                 tracing::error!(%damage, "giving up synced bytes that are gone");
                 report.quarantined.push(damage);
             }
-            // Clean end or zeros: a sealed segment must end exactly at its last record.
+            // Clean end or zeros: a sealed segment must end exactly at its
+            // last record. A roll creates the next segment before it seals
+            // this one, so a stop between the two leaves this one's
+            // preallocated zeros after a record just below the next base;
+            // zeros anywhere else are records zeroed after they were written.
             if pos < len && !active {
+                let end = last_offset.map_or(base, |o| o + 1);
+                if let Some(next) = next_base.filter(|&n| n != end) {
+                    let damage = Corruption {
+                        file: log.clone(),
+                        bytes: pos..len,
+                        offsets: Some(end..next),
+                        detail: format!(
+                            "zeros where this sealed segment's records from offset {end} up to the \
+                             next segment's base {next} belong. Start with recovery mode skip-damaged \
+                             (`spool serve --recovery skip-damaged`) to give the range up and open anyway"
+                        ),
+                    };
+                    if mode == RecoveryMode::TolerateTornTail {
+                        return Err(Error::corruption(damage));
+                    }
+                    tracing::error!(%damage, "giving up zeroed records of a sealed segment");
+                    report.quarantined.push(damage);
+                } else {
+                    tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
+                        "cut zero tail of a sealed segment (a seal was interrupted)");
+                }
                 cut(&*file, log, pos, len, report)?;
-                tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
-                    "cut zero tail of a sealed segment (a seal was interrupted)");
             }
             break;
         };
-        let next_valid = find_next_valid(&data, pos, last_offset, max_len);
+        let next_valid = find_next_valid(
+            &data,
+            pos,
+            last_offset,
+            max_len,
+            Some(segment_bound(base, next_base)),
+        );
         if next_valid.is_none() && active && pos >= synced_to {
             cut(&*file, log, pos, len, report)?;
             tracing::warn!(file = %log.display(), at = pos, dropped = len - pos, reason = %why,
@@ -317,27 +346,44 @@ pub(crate) fn scan(
     Stop::Clean
 }
 
-/// The next position after `from` where a valid record with an offset past
-/// `last_offset` starts, with that offset.
+/// The next position after the invalid record at `from` where a valid
+/// record with an offset past `last_offset` (and below `below`, if given)
+/// starts, with that offset.
+///
+/// The search starts past the bytes the record at `from` claims when its
+/// header is plausible: a torn record's own value may hold bytes that read
+/// as a valid record (a message carrying a spool segment, say), which must
+/// not pass for records after the tear. It never starts within
+/// [`HEADER_LEN`] of `from`, so a filler always fits the range before it.
 pub(crate) fn find_next_valid(
     data: &[u8],
     from: u64,
     last_offset: Option<u64>,
     max_len: u32,
+    below: Option<u64>,
 ) -> Option<(u64, u64)> {
-    let start = from as usize + 1;
-    let mut at = start;
+    let from = from as usize;
+    let skip = record::claimed_len(data.get(from..)?, max_len).unwrap_or(HEADER_LEN);
+    let mut at = from + skip;
     while at < data.len() {
         let hit = data[at..].iter().position(|&b| b == RECORD_MAGIC)?;
         at += hit;
         if let Ok(Frame::Record(r)) = record::decode(&data[at..], max_len)
             && last_offset.is_none_or(|last| r.offset > last)
+            && below.is_none_or(|b| r.offset < b)
         {
             return Some((at as u64, r.offset));
         }
         at += 1;
     }
     None
+}
+
+/// The offsets a record of segment `base` may have: below the next
+/// segment's base, and within the 2^32 a segment's index can address.
+pub(crate) fn segment_bound(base: u64, next_base: Option<u64>) -> u64 {
+    let addressable = base.saturating_add(u64::from(u32::MAX) + 1);
+    next_base.map_or(addressable, |n| n.min(addressable))
 }
 
 fn cut(

@@ -14,7 +14,7 @@ use super::checkpoint::Checkpoint;
 use super::index::{IndexBuilder, SegmentIndex};
 use super::io::{Storage, read_file};
 use super::record::{self, Frame};
-use super::recovery::{Stop, find_next_valid, scan};
+use super::recovery::{Stop, find_next_valid, scan, segment_bound};
 use super::segment::{SegmentPaths, parse_log_name};
 use super::{DataDir, LogConfig};
 use crate::error::{Corruption, IoContext, Result};
@@ -303,7 +303,13 @@ fn verify_log(
                 }
                 break;
             };
-            let next = find_next_valid(&data, pos, last, u32::MAX);
+            let next = find_next_valid(
+                &data,
+                pos,
+                last,
+                u32::MAX,
+                Some(segment_bound(base, next_base)),
+            );
             let first_lost = last.map_or(base, |o| o + 1);
             let mut finding = Finding {
                 file: paths.log.clone(),
@@ -514,9 +520,22 @@ fn verify_journal(
                 last = Some(r.offset);
                 pos += r.len as usize;
             }
-            Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => break,
+            Ok(Frame::End) if data[pos..].iter().all(|&b| b == 0) => {
+                // As the broker: zeros where synced entries were are damage.
+                if (pos as u64) < synced_len {
+                    report.damage.push(Finding {
+                        file: path.clone(),
+                        bytes: pos as u64..synced_len.min(data.len() as u64),
+                        offsets: None,
+                        detail: format!(
+                            "zeros where synced entries were (up to byte {synced_len})"
+                        ),
+                    });
+                }
+                break;
+            }
             other => {
-                let next = find_next_valid(&data, pos as u64, last, u32::MAX);
+                let next = find_next_valid(&data, pos as u64, last, u32::MAX, None);
                 let finding = Finding {
                     file: path.clone(),
                     bytes: pos as u64..next.map_or(data.len() as u64, |(q, _)| q),
