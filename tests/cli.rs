@@ -414,3 +414,101 @@ fn serve_refuses_limits_out_of_range() {
         );
     }
 }
+
+/// The group's state as `spool group describe --format json` prints it.
+fn group_json(server: &str, topic: &str, group: &str) -> serde_json::Value {
+    let out = spool(
+        server,
+        &["group", "describe", topic, group, "--format", "json"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// A consumer whose stdout is not read for longer than the broker's idle
+/// timeout keeps its connection (its pings go on while it waits to write),
+/// prints everything, and acks it: nothing is delivered twice.
+#[test]
+fn consume_into_a_stalled_pipe_keeps_its_connection() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--idle-timeout-ms", "300"]);
+    // 3000 lines of 90 bytes: far more than a pipe holds.
+    let input: String = (0..3000)
+        .map(|i| format!("{i:05}{}\n", "p".repeat(85)))
+        .collect();
+    let made = spool(&broker.addr, &["produce", "big"], Some(&input));
+    assert!(made.status.success(), "{}", stderr(&made));
+    for group in [None, Some("q")] {
+        let mut args = vec!["consume", "big"];
+        if let Some(g) = group {
+            args.extend(["--group", g, "--mode", "queue"]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(&args)
+            .env("SPOOL_SERVER", &broker.addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool");
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let mut printed = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut printed)
+            .expect("read");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{group:?}: {}", stderr(&out));
+        assert_eq!(printed.lines().count(), 3000, "{group:?}");
+    }
+    let q = group_json(&broker.addr, "big", "q");
+    assert_eq!(q["lag"], 0, "{q}");
+    assert_eq!(q["pending"], 0, "{q}");
+}
+
+/// Lines of stdin are bytes: one that is not UTF-8 is a message like any
+/// other, and every line is stored.
+#[test]
+fn produce_takes_lines_that_are_not_utf8() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut input = Vec::new();
+    for i in 0..1500 {
+        writeln!(input, "line {i}").expect("write");
+    }
+    input.extend_from_slice(b"\xff\xfe\n");
+    for i in 0..10 {
+        writeln!(input, "after {i}").expect("write");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["produce", "bin", "--print-offsets"])
+        .env("SPOOL_SERVER", &broker.addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&input)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().last(), Some("1510"));
+    let read = spool(
+        &broker.addr,
+        &[
+            "consume", "bin", "--from", "1500", "--count", "1", "--format", "json",
+        ],
+        None,
+    );
+    let m: serde_json::Value = serde_json::from_slice(&read.stdout).expect("json");
+    assert_eq!(m["value_base64"], "//4=", "{m}");
+}

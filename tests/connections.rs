@@ -931,3 +931,52 @@ async fn long_polls_at_the_request_cap_with_pings_are_not_idle() {
     }
     assert_eq!(pinged, 15);
 }
+
+/// A subscribe call given up before its reply (a timeout around it) leaves
+/// no subscription behind: whether the reply came before or after the call
+/// was dropped, the subscription ends and its slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_given_up_before_its_reply_leaves_no_subscription() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "max_subscriptions = 4\n", &[]);
+    let client = Client::connect(&broker.addr, "impatient")
+        .await
+        .expect("connect");
+    client
+        .produce("jobs", vec![NewMessage::from_value("job")])
+        .await
+        .expect("produce");
+    for _ in 0..20 {
+        let _ = tokio::time::timeout(
+            Duration::from_micros(1),
+            client.subscribe("jobs", None, "m", None, 10),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut held = Vec::new();
+        let mut refused = None;
+        for _ in 0..4 {
+            match client.subscribe("jobs", None, "m", None, 10).await {
+                Ok(s) => held.push(s),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        match refused {
+            None => break,
+            Some(e) => {
+                assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "slots still held by given-up subscribes: {e}"
+                );
+            }
+        }
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

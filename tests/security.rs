@@ -1315,3 +1315,76 @@ async fn a_consume_stream_refuses_an_extend_after_a_reload() {
         "the extend is refused"
     );
 }
+
+/// `spool consume --group` needs only `consume` for a group that exists
+/// (an admin made it): the command cannot create or describe it, so it
+/// reads, and checks the group's mode on the messages instead.
+#[tokio::test]
+async fn the_cli_consumes_an_existing_group_with_a_consume_only_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (admin, admin_entry) = token_create(
+        "admin",
+        &["--produce", "*", "--consume", "*", "--admin", "*"],
+    );
+    let (reader, reader_entry) = token_create("reader", &["--consume", "orders"]);
+    std::fs::write(&path, format!("{admin_entry}\n{reader_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let boss = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
+        .await
+        .expect("admin");
+    boss.produce(
+        "orders",
+        vec![NewMessage::from_value("o1"), NewMessage::from_value("o2")],
+    )
+    .await
+    .expect("produce");
+    boss.create_group("orders", "billing", spool::groups::GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let consume = |mode: &str| {
+        cli(&[
+            "consume",
+            "orders",
+            "--group",
+            "billing",
+            "--mode",
+            mode,
+            "--server",
+            &broker.addr,
+            "--token",
+            &reader,
+        ])
+    };
+    // The wrong mode: refused before anything is printed or acked.
+    let (ok, out, err) = consume("stream");
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains("another mode"), "{err}");
+    assert!(out.is_empty(), "{out}");
+    // What that run leased is back at once (nacked), and this run prints
+    // and acks it.
+    let (ok, out, err) = consume("queue");
+    assert!(ok, "{err}");
+    assert_eq!(out, "o1\no2\n");
+    let info = boss
+        .describe_group("orders", "billing")
+        .await
+        .expect("describe");
+    assert_eq!((info.pending, info.lag), (0, 0), "{info:?}");
+    // A missing group is NOT_FOUND, not a permission error.
+    let (ok, _, err) = cli(&[
+        "consume",
+        "orders",
+        "--group",
+        "nobody",
+        "--server",
+        &broker.addr,
+        "--token",
+        &reader,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("NotFound"), "{err}");
+}

@@ -43,9 +43,9 @@ pub struct BenchArgs {
     /// the pre-filled topic again and again for this long).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
-    /// Bytes of each message's value.
-    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
-    size: u32,
+    /// Bytes of each message's value [default: 1024; socketio 100].
+    #[arg(long, value_name = "BYTES")]
+    size: Option<u32>,
     /// Messages per produce request; consume: per fetch [default: 100; consume 1000; e2e 1].
     #[arg(long)]
     batch: Option<u32>,
@@ -114,7 +114,7 @@ impl BenchArgs {
                 (None, _, _) => defaults.messages,
             },
             duration_s: self.duration,
-            size: self.size,
+            size: self.size.unwrap_or(1024),
             batch: self.batch.unwrap_or(defaults.batch),
             rate: match self.rate {
                 Some(0) => None,
@@ -141,7 +141,7 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
         clients: args.clients,
         rate: args.rate.unwrap_or(100),
         duration_s: args.duration.unwrap_or(10.0),
-        size: if args.size == 1024 { 100 } else { args.size },
+        size: args.size.unwrap_or(100),
         fsync: args.fsync.to_string(),
         server: args.server.clone(),
         data: args.data.clone(),

@@ -90,6 +90,14 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         self.code
     }
+
+    /// The same failure, its message followed by `more`.
+    pub fn and(self, more: impl fmt::Display) -> CliError {
+        CliError {
+            message: format!("{}; {more}", self.message),
+            code: self.code,
+        }
+    }
 }
 
 impl fmt::Display for CliError {
@@ -127,9 +135,13 @@ impl From<ClientError> for CliError {
 /// Result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
 
-/// Runs an async command body on a small runtime.
+/// Runs an async command body on a small runtime: the body on this thread,
+/// the connection's tasks (its reader, its keep-alive pings) on one worker
+/// of their own, so a body blocked writing to a slow stdout does not stop
+/// them and the broker does not close the connection as idle.
 pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| CliError::runtime(format!("starting the async runtime: {e}")))?

@@ -59,11 +59,13 @@ pub struct ConsumeArgs {
 
 /// Runs the command.
 pub fn run(args: ConsumeArgs) -> CliResult {
+    let stdout = std::io::stdout();
     block_on(async {
         let client = connect(&args.server).await?;
-        if let Some(group) = &args.group {
-            ensure_group(&client, &args, group).await?;
-        }
+        let mut checked = match &args.group {
+            Some(group) => ensure_group(&client, &args, group).await?,
+            None => true,
+        };
         let mut printed = 0u64;
         let mut position = match (&args.group, args.mode) {
             (None, _) => Some(args.from.unwrap_or(Position::Earliest)),
@@ -72,7 +74,6 @@ pub fn run(args: ConsumeArgs) -> CliResult {
             (Some(_), Mode::Stream) => None,
             (Some(_), Mode::Queue) => None,
         };
-        let stdout = std::io::stdout();
         loop {
             let want =
                 args.count
@@ -100,6 +101,26 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     position = Some(Position::Offset(fetched.next_offset));
                 }
                 continue;
+            }
+            if !checked {
+                // The group's mode could not be asked (no admin permission):
+                // a queue group's deliveries count, a stream group's do not.
+                // On a mismatch nothing is printed, acked or committed.
+                let queue = fetched.messages.iter().any(|r| r.delivery > 0);
+                let group = args.group.as_deref().unwrap_or_default();
+                if queue != (args.mode == Mode::Queue) {
+                    if queue {
+                        // Leased by the fetch: back to the group at once.
+                        let offsets: Vec<u64> = fetched
+                            .messages
+                            .iter()
+                            .map(|r| r.message.offset.0)
+                            .collect();
+                        client.nack(&args.topic, group, &offsets, 0, None).await?;
+                    }
+                    return Err(mode_mismatch(&args, group));
+                }
+                checked = true;
             }
             let mut out = stdout.lock();
             for r in &fetched.messages {
@@ -132,30 +153,49 @@ pub fn run(args: ConsumeArgs) -> CliResult {
     })
 }
 
-async fn ensure_group(client: &Client, args: &ConsumeArgs, group: &str) -> CliResult {
+/// Creates the group if it is missing; whether its mode is known to be the
+/// one asked for. A token that may consume the topic but not administer it
+/// can neither create nor describe the group: the group must exist, and
+/// its mode is checked on the first messages instead.
+async fn ensure_group(client: &Client, args: &ConsumeArgs, group: &str) -> CliResult<bool> {
     let mode = match args.mode {
         Mode::Stream => GroupMode::Stream,
         Mode::Queue => GroupMode::Queue,
     };
     let start = args.from.or(Some(Position::Earliest));
     match client.create_group(&args.topic, group, mode, start).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
         Err(ClientError::Status {
             code: pb::Code::AlreadyExists,
             ..
         }) => {
-            let info = client.describe_group(&args.topic, group).await?;
+            let info = match client.describe_group(&args.topic, group).await {
+                Ok(info) => info,
+                Err(ClientError::Status {
+                    code: pb::Code::PermissionDenied,
+                    ..
+                }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
             let wanted = spool::protocol::convert::group_mode_to_wire(mode);
             if info.mode != wanted {
-                return Err(CliError::runtime(format!(
-                    "group {group} of topic {} exists with another mode than {:?}",
-                    args.topic, args.mode
-                )));
+                return Err(mode_mismatch(args, group));
             }
-            Ok(())
+            Ok(true)
         }
+        Err(ClientError::Status {
+            code: pb::Code::PermissionDenied,
+            ..
+        }) => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+fn mode_mismatch(args: &ConsumeArgs, group: &str) -> CliError {
+    CliError::runtime(format!(
+        "group {group} of topic {} exists with another mode than {:?}",
+        args.topic, args.mode
+    ))
 }
 
 fn print_message(out: &mut impl Write, r: &Received, format: Format) -> std::io::Result<()> {

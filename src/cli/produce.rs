@@ -47,7 +47,7 @@ pub struct ProduceArgs {
     server: ServerArg,
 }
 
-fn message(args: &ProduceArgs, value: String) -> NewMessage {
+fn message(args: &ProduceArgs, value: impl Into<bytes::Bytes>) -> NewMessage {
     let mut m = NewMessage::from_value(value);
     if let Some(key) = &args.key {
         m = m.with_key(key.clone());
@@ -58,15 +58,32 @@ fn message(args: &ProduceArgs, value: String) -> NewMessage {
     m
 }
 
-/// The lines of stdin, read on a thread of their own: the runtime goes on
-/// (the connection keeps pinging while stdin is quiet), and the command
-/// ends, with its error if a send fails, without waiting for more input.
-fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
+/// The lines of stdin as bytes (any bytes: a value need not be UTF-8),
+/// without their `\n` or `\r\n`, read on a thread of their own: the
+/// runtime goes on (the connection keeps pinging while stdin is quiet), and
+/// the command ends, with its error if a send fails, without waiting for
+/// more input.
+fn stdin_lines() -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = mpsc::channel(BATCH);
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let failed = line.is_err();
-            if tx.blocking_send(line).is_err() || failed {
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            let read = match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.ends_with(b"\n") {
+                        line.pop();
+                        if line.ends_with(b"\r") {
+                            line.pop();
+                        }
+                    }
+                    Ok(line)
+                }
+                Err(e) => Err(e),
+            };
+            let failed = read.is_err();
+            if tx.blocking_send(read).is_err() || failed {
                 return;
             }
         }
@@ -79,13 +96,21 @@ pub fn run(args: ProduceArgs) -> CliResult {
     block_on(async {
         let client = connect(&args.server).await?;
         let mut sent = 0usize;
+        // Offsets acknowledged so far, for the error of a run that stops
+        // part-way (what a retry would store again).
+        let acked = std::cell::Cell::new(None::<(u64, u64, usize)>);
         let send = |batch: Vec<NewMessage>| {
             let client = &client;
             let topic = args.topic.clone();
             let print = args.print_offsets;
+            let acked = &acked;
             async move {
                 let n = batch.len();
                 let p = client.produce(&topic, batch).await?;
+                acked.set(Some(match acked.get() {
+                    Some((first, _, count)) => (first, p.last_offset, count + n),
+                    None => (p.first_offset, p.last_offset, n),
+                }));
                 if print {
                     let mut out = std::io::stdout().lock();
                     for offset in p.first_offset..=p.last_offset {
@@ -98,47 +123,67 @@ pub fn run(args: ProduceArgs) -> CliResult {
                 Ok::<usize, CliError>(n)
             }
         };
-        match &args.message {
-            Some(value) => sent += send(vec![message(&args, value.clone())]).await?,
-            None => {
-                let welcome = client.welcome();
-                let most = BATCH.min(welcome.max_batch_messages.max(1) as usize);
-                let budget = (welcome.max_frame_bytes as usize)
-                    .saturating_sub(ENVELOPE)
-                    .max(1);
-                let mut lines = stdin_lines();
-                let mut batch = Vec::new();
-                let mut bytes = 0usize;
-                loop {
-                    let line = if batch.is_empty() {
-                        lines.recv().await
-                    } else {
-                        match tokio::time::timeout(LINGER, lines.recv()).await {
-                            Ok(line) => line,
-                            Err(_) => {
-                                // A pause: what was read goes out now.
-                                sent += send(std::mem::take(&mut batch)).await?;
-                                bytes = 0;
-                                continue;
+        let sending = async {
+            match &args.message {
+                Some(value) => sent += send(vec![message(&args, value.clone())]).await?,
+                None => {
+                    let welcome = client.welcome();
+                    let most = BATCH.min(welcome.max_batch_messages.max(1) as usize);
+                    let budget = (welcome.max_frame_bytes as usize)
+                        .saturating_sub(ENVELOPE)
+                        .max(1);
+                    let mut lines = stdin_lines();
+                    let mut batch = Vec::new();
+                    let mut bytes = 0usize;
+                    loop {
+                        let line = if batch.is_empty() {
+                            lines.recv().await
+                        } else {
+                            match tokio::time::timeout(LINGER, lines.recv()).await {
+                                Ok(line) => line,
+                                Err(_) => {
+                                    // A pause: what was read goes out now.
+                                    sent += send(std::mem::take(&mut batch)).await?;
+                                    bytes = 0;
+                                    continue;
+                                }
                             }
+                        };
+                        let Some(line) = line else { break };
+                        let line = match line {
+                            Ok(line) => line,
+                            Err(e) => {
+                                // What was read before the error still goes.
+                                if !batch.is_empty() {
+                                    sent += send(std::mem::take(&mut batch)).await?;
+                                }
+                                return Err(CliError::runtime(format!("reading stdin: {e}")));
+                            }
+                        };
+                        let m = message(&args, line);
+                        let size = frame_bytes(&m);
+                        if !batch.is_empty() && (batch.len() == most || bytes + size > budget) {
+                            sent += send(std::mem::take(&mut batch)).await?;
+                            bytes = 0;
                         }
-                    };
-                    let Some(line) = line else { break };
-                    let line =
-                        line.map_err(|e| CliError::runtime(format!("reading stdin: {e}")))?;
-                    let m = message(&args, line);
-                    let size = frame_bytes(&m);
-                    if !batch.is_empty() && (batch.len() == most || bytes + size > budget) {
-                        sent += send(std::mem::take(&mut batch)).await?;
-                        bytes = 0;
+                        bytes += size;
+                        batch.push(m);
                     }
-                    bytes += size;
-                    batch.push(m);
-                }
-                if !batch.is_empty() {
-                    sent += send(batch).await?;
+                    if !batch.is_empty() {
+                        sent += send(batch).await?;
+                    }
                 }
             }
+            Ok::<(), CliError>(())
+        };
+        if let Err(e) = sending.await {
+            return Err(match acked.get() {
+                Some((first, last, n)) => e.and(format!(
+                    "{n} messages were acknowledged before it, the first at offset {first}, \
+                     the last at {last} (a retry of the same input stores them again)"
+                )),
+                None => e,
+            });
         }
         if sent == 0 {
             return Err(CliError::runtime(

@@ -357,9 +357,18 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
             socketio: server.socketio_addr()?,
         };
         // One write: a reader that stops after the first line has all of it.
-        print!("{}", startup_lines(args.format, &listeners, &data));
-        std::io::Write::flush(&mut std::io::stdout())
-            .map_err(|e| spool::Error::io("writing the start-up lines", e))?;
+        {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            // A reader gone already (`spool serve | head -1`) does not stop
+            // the broker.
+            if let Err(e) = stdout
+                .write_all(startup_lines(args.format, &listeners, &data).as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                tracing::warn!(error = %e, "could not write the start-up lines to stdout");
+            }
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             signals.wait().await;

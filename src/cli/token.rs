@@ -53,6 +53,6 @@ pub fn run(cmd: TokenCommand) -> CliResult {
     outln!("{secret}");
     outln!();
     outln!("add to the auth file, then send the broker SIGHUP:");
-    print!("{}", entry.to_toml());
+    outln!("{}", entry.to_toml().trim_end_matches('\n'));
     Ok(())
 }

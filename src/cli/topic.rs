@@ -9,7 +9,7 @@ use spool::storage::FsyncPolicy;
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic; unset settings take the broker's defaults.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List topics.
     List(ListArgs),
     /// Show one topic's settings and extent.
@@ -35,6 +35,10 @@ pub struct CreateArgs {
     /// Segment size in bytes (default 128 MiB).
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// Roll to a new segment once the active one is this old, in
+    /// milliseconds, so retention can drop a quiet topic's data in time.
+    #[arg(long)]
+    segment_ms: Option<u64>,
     /// Drop whole old segments beyond this many bytes.
     #[arg(long)]
     retention_bytes: Option<u64>,
@@ -198,6 +202,7 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                 let client = connect(&a.server).await?;
                 let config = pb::TopicConfig {
                     segment_bytes: a.segment_bytes,
+                    segment_ms: a.segment_ms,
                     retention_bytes: a.retention_bytes,
                     retention_ms: a.retention_ms,
                     fsync: a.fsync.map(|f| f.to_string()),
@@ -215,7 +220,6 @@ pub fn run(cmd: TopicCommand) -> CliResult {
                     delete_when_idle_ms: a.delete_when_idle_ms,
                     compact_min_dirty_ratio: a.compact_min_dirty_ratio,
                     compact_check_ms: a.compact_check_ms,
-                    ..Default::default()
                 };
                 let t = client.create_topic(&a.name, config).await?;
                 match a.format {

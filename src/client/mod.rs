@@ -421,12 +421,21 @@ impl Client {
         let subscriptions: Subscriptions = Arc::default();
         let waiting_subscriptions: Subscriptions = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let next_id = Arc::new(AtomicU64::new(1));
         let (p, s, w, c) = (
             Arc::clone(&pending),
             Arc::clone(&subscriptions),
             Arc::clone(&waiting_subscriptions),
             Arc::clone(&closed),
         );
+        // What ends a subscription whose subscribe call was given up
+        // before its reply (weak: the reader must not keep the connection).
+        let orphans = Stop {
+            out: out.downgrade(),
+            pending: Arc::downgrade(&pending),
+            subscriptions: Arc::downgrade(&subscriptions),
+            next_id: Arc::downgrade(&next_id),
+        };
         let reader = tokio::spawn(async move {
             // The error the server closed the connection with (`request_id` 0).
             let mut reason: Option<pb::Error> = None;
@@ -451,8 +460,20 @@ impl Client {
                         {
                             lock(&s).insert(sub.subscription_id, tx);
                         }
-                        if let Some(tx) = lock(&p).remove(&r.request_id) {
-                            let _ = tx.send(result);
+                        let waiter = lock(&p).remove(&r.request_id);
+                        if let Some(tx) = waiter {
+                            if let Err(Ok(Reply::Subscribe(sub))) = tx.send(result) {
+                                // The subscribe call was dropped (a timeout,
+                                // a select) before its reply: nobody reads
+                                // this subscription, so it ends now, as a
+                                // dropped `Subscription` does, instead of
+                                // leasing queue messages into nothing.
+                                drop(Subscription {
+                                    id: sub.subscription_id,
+                                    rx: mpsc::unbounded_channel().1,
+                                    stop: orphans.clone(),
+                                });
+                            }
                         } else if let Err(ClientError::Status { code, message }) = result {
                             tracing::debug!(?code, %message, "the server is closing the connection");
                             reason = Some(pb::Error {
@@ -501,7 +522,6 @@ impl Client {
                 let _ = tx.send(Err(ended()));
             }
         });
-        let next_id = Arc::new(AtomicU64::new(1));
         let last_sent = Arc::new(LastSent::new());
         let keepalive = (welcome.idle_timeout_ms > 0).then(|| {
             let every = Duration::from_millis(u64::from(welcome.idle_timeout_ms / 3).max(1));
@@ -664,20 +684,32 @@ impl Client {
             return Err(ClientError::Closed);
         }
         self.last_sent.touch();
-        let reply = reply_rx.await.map_err(|_| ClientError::Closed);
-        lock(&self.waiting_subscriptions).remove(&id);
+        // Should this call be dropped before it returns, the guard ends a
+        // subscription whose reply came meanwhile (the reader ends one whose
+        // reply comes later).
+        let mut call = SubscribeCall {
+            client: self,
+            id,
+            reply: Some(reply_rx),
+        };
+        let reply = call.wait().await;
         match reply?? {
             Reply::Subscribe(s) => Ok(Subscription {
                 id: s.subscription_id,
                 rx,
-                stop: Stop {
-                    out: self.out.downgrade(),
-                    pending: Arc::downgrade(&self.pending),
-                    subscriptions: Arc::downgrade(&self.subscriptions),
-                    next_id: Arc::downgrade(&self.next_id),
-                },
+                stop: self.stop(),
             }),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// What a [`Subscription`] of this client needs to end itself.
+    fn stop(&self) -> Stop {
+        Stop {
+            out: self.out.downgrade(),
+            pending: Arc::downgrade(&self.pending),
+            subscriptions: Arc::downgrade(&self.subscriptions),
+            next_id: Arc::downgrade(&self.next_id),
         }
     }
 
@@ -889,12 +921,50 @@ impl Client {
     }
 }
 
+/// A subscribe call waiting for its reply.
+struct SubscribeCall<'a> {
+    client: &'a Client,
+    id: u64,
+    /// Until the reply is taken.
+    reply: Option<oneshot::Receiver<Result<Reply>>>,
+}
+
+impl SubscribeCall<'_> {
+    async fn wait(&mut self) -> Result<Result<Reply>> {
+        let reply = match self.reply.as_mut() {
+            Some(rx) => rx.await.map_err(|_| ClientError::Closed),
+            None => Err(ClientError::Closed),
+        };
+        self.reply = None;
+        lock(&self.client.waiting_subscriptions).remove(&self.id);
+        reply
+    }
+}
+
+impl Drop for SubscribeCall<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.reply.take() else {
+            return;
+        };
+        lock(&self.client.waiting_subscriptions).remove(&self.id);
+        if let Ok(Ok(Reply::Subscribe(sub))) = rx.try_recv() {
+            drop(Subscription {
+                id: sub.subscription_id,
+                rx: mpsc::unbounded_channel().1,
+                stop: self.client.stop(),
+            });
+        }
+    }
+}
+
 /// Messages pushed to one subscription, as a `Stream`. Ends with an error
 /// item when the server ends the subscription or the connection closes
 /// ([`ClientError::Closed`] when it closed without a reason), then `None`.
 /// A [`ClientError::Skipped`] item is not an end: it names a message the
 /// server could not deliver, and later messages follow. Dropping it
-/// unsubscribes (the server frees its slot and gives its queue leases back).
+/// unsubscribes (the server frees its slot); queue messages it delivered
+/// that were not acked come back to the group when their lease
+/// (`ack_timeout_ms`) ends, or at once with a `nack`.
 #[derive(Debug)]
 pub struct Subscription {
     id: u64,
@@ -905,7 +975,7 @@ pub struct Subscription {
 /// What a dropped [`Subscription`] needs to unsubscribe without waiting;
 /// weak, so a subscription kept after its client was dropped does not keep
 /// the connection open.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Stop {
     out: mpsc::WeakSender<ClientOut>,
     pending: std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>,
