@@ -53,6 +53,29 @@ fn number(report: &serde_json::Value, field: &str) -> f64 {
         .unwrap_or_else(|| panic!("{field} is not a number: {report}"))
 }
 
+/// A queue run measures its rounds only: the last batch is acked without
+/// one more fetch (which could only wait out its long-poll), and a fetch
+/// that found nothing is no round, so 3 000 messages in batches of 1 000
+/// are 3 rounds (there was a fourth, a 50 ms wait).
+#[test]
+fn a_queue_run_counts_its_rounds_and_no_idle_wait() {
+    let r = bench(&[
+        "consume",
+        "--mode",
+        "queue",
+        "--messages",
+        "3000",
+        "--batch",
+        "1000",
+        "--size",
+        "100",
+        "--fsync",
+        "never",
+    ]);
+    assert_eq!(number(&r, "throughput.messages"), 3000.0);
+    assert_eq!(number(&r, "latency_ms.samples"), 3.0, "{r}");
+}
+
 #[test]
 fn produce_reports_every_field_and_counts_every_message() {
     let r = bench(&["produce", "--messages", "2000"]);

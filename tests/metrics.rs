@@ -540,12 +540,43 @@ async fn connections_closed_by_a_timeout_are_counted_by_its_setting() {
         .await
         .expect("closed by frame_timeout_ms within 10 s")
         .expect("read to the close");
+    // A socket.io connection that sends nothing at all, and one that stops
+    // in the middle of its request's headers.
+    let socketio = broker.socketio.clone().expect("a socket.io listener");
+    for sent in [&b""[..], b"GET / HTTP/1.1\r\nHost: spool\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(&socketio)
+            .await
+            .expect("connect");
+        s.write_all(sent).await.expect("write");
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .expect("closed by frame_timeout_ms within 10 s")
+            .expect("read to the close");
+    }
+    // The native handshake counts as a request.
+    let client = Client::connect(&broker.addr, "counted")
+        .await
+        .expect("connect");
+    drop(client);
     let s = scrape(&http).await;
     assert_eq!(
         must(
             &s,
             "spool_connections_closed_by_limit_total",
             &[("reason", "frame_timeout_ms")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "spool_requests_total",
+            &[
+                ("listener", "native"),
+                ("operation", "hello"),
+                ("code", "OK")
+            ]
         ),
         1.0
     );

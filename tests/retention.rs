@@ -556,6 +556,20 @@ fn retention_runs_on_closed_topics_and_after_a_restart() {
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
     std::thread::sleep(Duration::from_millis(1600));
+    // Offline compaction compacts, and leaves retention to the broker.
+    let dir = tmp.path().join("topics").join("before-restart");
+    let before = log_bytes(&dir);
+    let compacted = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["compact", "before-restart", "--data"])
+        .arg(tmp.path())
+        .output()
+        .expect("spool compact");
+    assert!(
+        compacted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compacted.stderr)
+    );
+    assert_eq!(log_bytes(&dir), before, "offline compact applied retention");
 
     let broker = Broker::start(tmp.path(), &flags);
     rt().block_on(async {
@@ -577,6 +591,33 @@ fn retention_runs_on_closed_topics_and_after_a_restart() {
             }
         }
     });
+    // Counted as retention passes, as those of open topics are.
+    let metrics = broker.metrics.clone().expect("a metrics listener");
+    let scrape = http_get(&metrics, "/metrics");
+    for topic in ["before-restart", "idle"] {
+        assert!(
+            scrape
+                .lines()
+                .any(|l| l.starts_with("spool_cleanup_runs_total{")
+                    && l.contains(&format!("topic=\"{topic}\""))
+                    && l.contains("kind=\"retention\"")),
+            "{topic}: {scrape}"
+        );
+    }
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
+}
+
+/// The answer to a plain HTTP GET of `path` from `addr`.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    answer
 }

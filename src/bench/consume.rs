@@ -143,7 +143,7 @@ pub(super) async fn workload(
             create_queue_group(&clients[0], &target.topic).await?;
             progress.start("queue", messages);
             start = Instant::now();
-            let acked = Arc::new(AtomicU64::new(0));
+            let counts = Arc::new(QueueCounts::default());
             for (c, client) in clients.into_iter().enumerate() {
                 for _ in 0..params.in_flight {
                     tasks.spawn(queue(
@@ -151,7 +151,7 @@ pub(super) async fn workload(
                         target.topic.clone(),
                         format!("consumer-{c}"),
                         messages,
-                        Arc::clone(&acked),
+                        Arc::clone(&counts),
                         params.clone(),
                         start,
                         Arc::clone(progress),
@@ -197,7 +197,7 @@ async fn queue_load(
             target.topic.clone(),
             format!("queue-load-{c}"),
             u64::MAX,
-            Arc::new(AtomicU64::new(0)),
+            Arc::new(QueueCounts::default()),
             one_at_a_time.clone(),
             start,
             Arc::new(Progress::default()),
@@ -337,7 +337,7 @@ async fn queue(
     topic: String,
     member: String,
     total: u64,
-    acked: Arc<AtomicU64>,
+    counts: Arc<QueueCounts>,
     params: Params,
     start: Instant,
     progress: Arc<Progress>,
@@ -347,6 +347,8 @@ async fn queue(
     let mut idle_since = Instant::now();
     // Processed, not yet acked: (offsets, value bytes).
     let mut in_hand: Option<(Vec<u64>, u64)> = None;
+    // An ack's count and when it was answered (not when the fetch beside
+    // it was: that may be a long-poll waiting for nothing).
     let ack = |offsets: Vec<u64>| {
         let client = Arc::clone(&client);
         let topic = topic.clone();
@@ -355,19 +357,24 @@ async fn queue(
                 .ack(&topic, GROUP, &offsets, None)
                 .await
                 .map_err(BenchError::client(format!("acking in queue group {GROUP}")))?;
-            Ok::<_, BenchError>(offsets.len() as u64)
+            Ok::<_, BenchError>((offsets.len() as u64, Instant::now()))
         }
     };
-    let count_acked = |got: &mut Consumed, n: u64, bytes: u64| {
-        let now = Instant::now();
+    let acked = &counts.acked;
+    let count_acked = |got: &mut Consumed, (n, at): (u64, Instant), bytes: u64| {
         got.messages += n;
         got.bytes += bytes;
-        got.last = now;
+        got.last = got.last.max(at);
         acked.fetch_add(n, Ordering::Relaxed);
         progress.add(n);
     };
     while deadline.is_none_or(|d| Instant::now() < d) {
         if in_hand.is_none() && acked.load(Ordering::Relaxed) >= total {
+            break;
+        }
+        if in_hand.is_some() && counts.handed.load(Ordering::Relaxed) >= total {
+            // Every message is handed out: the batch in hand is acked below,
+            // without a fetch that could only wait out its long-poll.
             break;
         }
         let options = FetchOptions {
@@ -395,7 +402,6 @@ async fn queue(
             }
             None => fetch.await?,
         };
-        got.latency.record(t.elapsed());
         if fetched.messages.is_empty() {
             if idle_since.elapsed() > IDLE_LIMIT {
                 return Err(BenchError::Incomplete(format!(
@@ -405,6 +411,11 @@ async fn queue(
             }
             continue;
         }
+        // A round that found nothing is no round of the measure.
+        got.latency.record(t.elapsed());
+        counts
+            .handed
+            .fetch_add(fetched.messages.len() as u64, Ordering::Relaxed);
         idle_since = Instant::now();
         let offsets: Vec<u64> = fetched
             .messages
@@ -423,6 +434,14 @@ async fn queue(
         count_acked(&mut got, n, bytes);
     }
     Ok(got)
+}
+
+/// What the loops of one queue run share: messages acked, and messages
+/// handed out (leased) to any of them.
+#[derive(Debug, Default)]
+struct QueueCounts {
+    acked: AtomicU64,
+    handed: AtomicU64,
 }
 
 /// The `e2e` workload: consumers subscribe first, then producers run on

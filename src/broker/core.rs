@@ -254,6 +254,8 @@ impl Broker {
             defaults: config.topic_defaults.clone(),
             auto_create: config.auto_create,
             recovery: config.recovery,
+            retention_at_open: true,
+            metrics: Some(metrics.clone()),
         };
         let registry = tokio::task::spawn_blocking(move || {
             let data = DataDir::open(storage, &data_path)?;

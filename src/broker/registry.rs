@@ -11,9 +11,10 @@
 //! background.
 
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
-use super::runtime::retention_check_interval;
+use super::runtime::{retention_check_interval, retention_pass};
 use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
+use crate::metrics::{Cleanup, Metrics};
 use crate::storage::log::now_ms;
 use crate::storage::{DataDir, RecoveryMode};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,12 @@ pub struct RegistryOptions {
     pub auto_create: bool,
     /// How opening logs treats damage.
     pub recovery: RecoveryMode,
+    /// Apply a topic's retention as it opens (a broker: retention does not
+    /// run while a topic is closed). Off for offline tools, which change
+    /// only what they are asked to.
+    pub retention_at_open: bool,
+    /// Where retention applied at open is counted (a broker's metrics).
+    pub metrics: Option<Metrics>,
 }
 
 impl Default for RegistryOptions {
@@ -37,6 +44,8 @@ impl Default for RegistryOptions {
             defaults: TopicConfig::default(),
             auto_create: true,
             recovery: RecoveryMode::default(),
+            retention_at_open: true,
+            metrics: None,
         }
     }
 }
@@ -304,10 +313,18 @@ impl Registry {
         };
         // Retention did not run while the topic was closed: what it would
         // have dropped goes before anyone reads the topic.
-        if retention_check_interval(topic.config()).is_some()
-            && let Err(e) = topic.enforce_retention(now_ms())
-        {
-            tracing::warn!(topic = name, error = %e, "applying retention as the topic opens");
+        if self.options.retention_at_open && retention_check_interval(topic.config()).is_some() {
+            match retention_pass(&topic) {
+                Ok(Some(bytes)) => {
+                    if let Some(metrics) = &self.options.metrics {
+                        metrics.cleanup(name, Cleanup::Retention, bytes);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(topic = name, error = %e, "applying retention as the topic opens");
+                }
+            }
         }
         Ok(self.install(name, slot, open, topic))
     }
@@ -658,7 +675,7 @@ impl Registry {
         let config = TopicConfig::load(&**self.data.storage(), &self.data.topic_dir(name))?
             .unwrap_or_else(|| self.options.defaults.clone());
         self.learn(name, &config);
-        if retention_check_interval(&config).is_some() {
+        if self.options.retention_at_open && retention_check_interval(&config).is_some() {
             // Closed since before this run: when its retention is due is
             // known only once it is open, so look now.
             let _ = slot

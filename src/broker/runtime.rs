@@ -705,7 +705,7 @@ fn sizes(batch: &[NewMessage]) -> (u64, u64) {
 
 /// One retention pass over `topic`: the bytes of the segments it dropped,
 /// `None` when it dropped none.
-fn retention_pass(topic: &Topic) -> Result<Option<u64>> {
+pub(super) fn retention_pass(topic: &Topic) -> Result<Option<u64>> {
     let before = topic.log().segments();
     let dropped = topic.enforce_retention(now_ms())?;
     if dropped.is_empty() {

@@ -64,6 +64,8 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
         data,
         RegistryOptions {
             auto_create: false,
+            // Compaction only: retention waits for the broker.
+            retention_at_open: false,
             ..RegistryOptions::default()
         },
     )?;

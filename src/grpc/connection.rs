@@ -387,7 +387,12 @@ pub(crate) fn incoming(
             let admitted = limits.admission.admit(super::LISTENER, peer.ip());
             let (limits, tls, ready) = (limits.clone(), tls.clone(), ready.clone());
             tokio::spawn(async move {
-                let Some(stream) = tls.accept(stream, peer, limits.frame_timeout).await else {
+                let admission = Arc::clone(&limits.admission);
+                let timed_out = move || admission.count(Limit::Frame);
+                let Some(stream) = tls
+                    .accept(stream, peer, limits.frame_timeout, timed_out)
+                    .await
+                else {
                     return;
                 };
                 match admitted {

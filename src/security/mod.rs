@@ -78,14 +78,16 @@ impl std::fmt::Debug for Listener {
 
 impl Listener {
     /// Turns an accepted socket into this listener's stream (see
-    /// [`tls::accept`]); `None`: the connection is over, and was logged.
+    /// [`tls::accept`]); `None`: the connection is over, and was logged
+    /// (and `timed_out` ran if `wait` ended it).
     pub async fn accept(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
         wait: Option<Duration>,
+        timed_out: impl FnOnce(),
     ) -> Option<MaybeTls<TcpStream>> {
-        tls::accept(self.tls.as_ref(), stream, peer, self.name, wait).await
+        tls::accept(self.tls.as_ref(), stream, peer, self.name, wait, timed_out).await
     }
 
     /// Whether this listener speaks TLS.

@@ -195,22 +195,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
 /// own deadlines govern a silent client: a plaintext protocol tells a TLS
 /// client by its first byte ([`is_tls_start`]) and closes it with
 /// [`log_tls_client`]. `None` when the connection ends here (wrong kind,
-/// failed handshake, no byte within `wait`, peer gone).
+/// failed handshake, no byte within `wait`, peer gone); `timed_out` runs
+/// when it ends for `wait`.
 pub async fn accept(
     tls: Option<&TlsAcceptor>,
     stream: TcpStream,
     peer: SocketAddr,
     listener: &str,
     wait: Option<Duration>,
+    timed_out: impl FnOnce(),
 ) -> Option<MaybeTls<TcpStream>> {
     let Some(acceptor) = tls else {
         return Some(MaybeTls::Plain(stream));
     };
     let mut first = [0u8; 1];
     let peeked = match wait {
-        Some(wait) => tokio::time::timeout(wait, stream.peek(&mut first))
-            .await
-            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        Some(wait) => match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+            Ok(peeked) => peeked,
+            Err(_) => {
+                timed_out();
+                tracing::debug!(%peer, listener, "no first byte from the peer");
+                return None;
+            }
+        },
         None => stream.peek(&mut first).await,
     };
     match peeked {
@@ -234,6 +241,7 @@ pub async fn accept(
         Some(wait) => tokio::time::timeout(wait, handshake)
             .await
             .unwrap_or_else(|_| {
+                timed_out();
                 Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "TLS handshake not complete in time (frame_timeout_ms)",

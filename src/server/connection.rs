@@ -310,38 +310,51 @@ where
             request_id,
             request: Some(Request::Hello(h)),
         }))) => {
-            if h.protocol_version != PROTOCOL_VERSION {
-                return Err(Some((
-                    request_id,
-                    status::error(
-                        pb::Code::FailedPrecondition,
-                        format!(
-                            "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
-                            h.protocol_version
+            // Counted as a request (`hello`), refused or not.
+            let started = Instant::now();
+            let answer = (|| {
+                if h.protocol_version != PROTOCOL_VERSION {
+                    return Err(Some((
+                        request_id,
+                        status::error(
+                            pb::Code::FailedPrecondition,
+                            format!(
+                                "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                                h.protocol_version
+                            ),
                         ),
-                    ),
-                )));
-            }
-            let principal = match shared.config.security.auth.authenticate(h.token.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::info!(%peer, client = %h.client_name, error = %e, "connection refused: not authenticated");
-                    return Err(Some((request_id, shared.wire(&e))));
+                    )));
                 }
+                let principal = match shared.config.security.auth.authenticate(h.token.as_deref()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!(%peer, client = %h.client_name, error = %e, "connection refused: not authenticated");
+                        return Err(Some((request_id, shared.wire(&e))));
+                    }
+                };
+                tracing::debug!(%peer, client = %h.client_name, token = principal.name().unwrap_or("-"), "connected");
+                let welcome = pb::Welcome {
+                    server_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol_version: PROTOCOL_VERSION,
+                    max_frame_bytes: config.max_frame_bytes,
+                    max_message_bytes: shared.message_limit().bytes,
+                    max_batch_messages: config.max_batch_messages,
+                    max_subscriptions: config.max_subscriptions,
+                    idle_timeout_ms: config
+                        .idle_timeout
+                        .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
+                };
+                Ok((welcome, principal))
+            })();
+            let code = match &answer {
+                Ok(_) => 0,
+                Err(refusal) => refusal.as_ref().map_or(0, |(_, e)| e.code),
             };
-            tracing::debug!(%peer, client = %h.client_name, token = principal.name().unwrap_or("-"), "connected");
-            let welcome = pb::Welcome {
-                server_version: env!("CARGO_PKG_VERSION").into(),
-                protocol_version: PROTOCOL_VERSION,
-                max_frame_bytes: config.max_frame_bytes,
-                max_message_bytes: shared.message_limit().bytes,
-                max_batch_messages: config.max_batch_messages,
-                max_subscriptions: config.max_subscriptions,
-                idle_timeout_ms: config
-                    .idle_timeout
-                    .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX)),
-            };
-            Ok((welcome, principal))
+            shared
+                .broker
+                .metrics()
+                .request(LISTENER, "hello", code, started.elapsed());
+            answer
         }
         Some(Ok(frame)) => Err(Some((
             frame.request_id(),

@@ -395,7 +395,8 @@ impl Server {
                     let admitted = shared.admission.admit(connection::LISTENER, peer.ip());
                     let shutdown = shutdown.clone();
                     connections.spawn(async move {
-                        let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout).await else {
+                        let timed_out = || b.admission.count(admission::Limit::Frame);
+                        let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout, timed_out).await else {
                             return;
                         };
                         match admitted {

@@ -418,12 +418,14 @@ async fn plaintext(
     stream: &tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     wait: Option<Duration>,
+    timed_out: impl FnOnce(),
 ) -> bool {
     let mut first = [0u8; 1];
     let peeked = match wait {
         Some(wait) => match tokio::time::timeout(wait, stream.peek(&mut first)).await {
             Ok(r) => r,
             Err(_) => {
+                timed_out();
                 tracing::debug!(%peer, listener = LISTENER, "no first byte from the peer");
                 return false;
             }
@@ -504,10 +506,11 @@ pub(crate) async fn serve(
         let wait = limits.frame_timeout;
         let admission = Arc::clone(&limits.admission);
         connections.spawn(async move {
-            if !tls.tls() && !plaintext(&stream, peer, wait).await {
+            let timed_out = || admission.count(Limit::Frame);
+            if !tls.tls() && !plaintext(&stream, peer, wait, timed_out).await {
                 return;
             }
-            let Some(stream) = tls.accept(stream, peer, wait).await else {
+            let Some(stream) = tls.accept(stream, peer, wait, timed_out).await else {
                 return;
             };
             // The ticket goes with the stream, so a websocket keeps its
