@@ -413,9 +413,9 @@ async fn queue(
         }
         // A round that found nothing is no round of the measure.
         got.latency.record(t.elapsed());
-        counts
-            .handed
-            .fetch_add(fetched.messages.len() as u64, Ordering::Relaxed);
+        // First deliveries only: a redelivery is a message counted before.
+        let first = fetched.messages.iter().filter(|r| r.delivery == 1).count();
+        counts.handed.fetch_add(first as u64, Ordering::Relaxed);
         idle_since = Instant::now();
         let offsets: Vec<u64> = fetched
             .messages

@@ -335,6 +335,9 @@ impl Broker {
             .registry
             .retention_due(now, RETENTION_OPENS_PER_SWEEP)
         {
+            if self.inner.stopping.load(Ordering::Relaxed) {
+                return;
+            }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.apply_closed_retention(&n)).await {
                 Ok(()) | Err(Error::TopicNotFound(_)) => {}
@@ -499,15 +502,17 @@ impl Broker {
     }
 
     /// The runtime of `topic`, started if it has none. A topic deleted
-    /// since the caller found it is `NOT_FOUND`: its delete has already
-    /// dropped its runtime (`retire_runtime` runs after the topic's gate
-    /// closed), so a runtime started now would never be dropped, and would
-    /// replace that of a topic of the same name created since.
+    /// since the caller found it is `NOT_FOUND`: its delete may have dropped
+    /// its runtime already (`retire_runtime` runs after the delete
+    /// finished), so a runtime started now would never be dropped, and would
+    /// replace that of a topic of the same name created since. One whose
+    /// delete is only under way gets its runtime (the delete, once done,
+    /// drops it; if the topic stays, it is needed).
     fn runtime_of(&self, topic: Arc<Topic>) -> Result<Arc<TopicRuntime>> {
         let mut runtimes = self.runtimes();
         match runtimes.get(topic.name()) {
             Some(rt) if Arc::ptr_eq(rt.topic(), &topic) => Ok(Arc::clone(rt)),
-            _ if topic.is_retired() => Err(Error::TopicNotFound(format!(
+            _ if topic.is_gone_for_good() => Err(Error::TopicNotFound(format!(
                 "topic {} does not exist",
                 topic.name()
             ))),

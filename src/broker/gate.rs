@@ -72,6 +72,11 @@ impl Gate {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// Whether what the gate guarded is gone for good (not just closing).
+    pub fn is_finished(&self) -> bool {
+        *self.lock() == Phase::Finished
+    }
+
     /// Closes the gate and waits until no request is inside. False (at once)
     /// when it was closed already: someone else is closing it.
     ///

@@ -68,6 +68,8 @@ pub struct Registry {
     opened: Arc<tokio::sync::Notify>,
     /// Topics whose config has `delete_when_idle_ms`.
     idle_deletable: Mutex<BTreeSet<String>>,
+    /// The last topic [`Registry::retention_due`] took.
+    retention_cursor: Mutex<String>,
 }
 
 /// A topic's place in the registry.
@@ -172,6 +174,7 @@ impl Registry {
             clean_start,
             opened: Arc::new(tokio::sync::Notify::new()),
             idle_deletable: Mutex::new(BTreeSet::new()),
+            retention_cursor: Mutex::new(String::new()),
         })
     }
 
@@ -565,12 +568,23 @@ impl Registry {
             }
         }
         let now = now_ms();
-        let due = topic.log().retention_due_ms().map_or(0, |due| {
-            // Not sooner than an open topic's retention looks again (a
-            // segment kept for a group would be due at once every time).
-            let every = retention_check_interval(topic.config()).unwrap_or_default();
-            due.max(now.saturating_add(every.as_millis() as u64))
-        });
+        let config = topic.config();
+        let due = match (topic.log().retention_due_ms(), config.log.retention_ms) {
+            (Some(due), Some(ms)) => {
+                // Past due and still there under retention_respects_groups:
+                // a group needs it, and no group moves while the topic is
+                // closed, so only the hard age limit can drop it.
+                let due = if due <= now && config.retention_respects_groups {
+                    due.saturating_add(ms)
+                } else {
+                    due
+                };
+                // Not sooner than an open topic's retention looks again.
+                let every = retention_check_interval(config).unwrap_or_default();
+                due.max(now.saturating_add(every.as_millis() as u64))
+            }
+            _ => 0,
+        };
         slot.retention_due.store(due, Ordering::Relaxed);
         *open = None;
         self.open_names().remove(name);
@@ -580,9 +594,19 @@ impl Registry {
     /// Closed topics whose retention is due by `now` (at most `max`), each
     /// taken off the due list: [`Registry::apply_closed_retention`] puts it
     /// back with its next due time.
+    /// Each call starts after the last name the one before took, so a few
+    /// topics due again and again cannot keep the others waiting.
     pub fn retention_due(&self, now: u64, max: usize) -> Vec<String> {
-        self.read_topics()
-            .iter()
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let topics = self.read_topics();
+        let mut cursor = self
+            .retention_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let after = topics.range::<str, _>((Excluded(cursor.as_str()), Unbounded));
+        let up_to = topics.range::<str, _>((Unbounded, Included(cursor.as_str())));
+        let due: Vec<String> = after
+            .chain(up_to)
             .filter(|(_, slot)| !slot.is_gone())
             .filter(|(_, slot)| {
                 let due = slot.retention_due.load(Ordering::Relaxed);
@@ -595,7 +619,11 @@ impl Registry {
             })
             .take(max)
             .map(|(name, _)| name.clone())
-            .collect()
+            .collect();
+        if let Some(last) = due.last() {
+            cursor.clone_from(last);
+        }
+        due
     }
 
     /// Opens closed topic `name` to apply its retention (as every open

@@ -947,6 +947,9 @@ impl Drop for SubscribeCall<'_> {
             return;
         };
         lock(&self.client.waiting_subscriptions).remove(&self.id);
+        // Closed first: a reply sent before this is still read here, one
+        // sent after it fails in the reader, which ends the subscription.
+        rx.close();
         if let Ok(Ok(Reply::Subscribe(sub))) = rx.try_recv() {
             drop(Subscription {
                 id: sub.subscription_id,

@@ -426,11 +426,18 @@ impl Conn {
                     // A binary packet still waiting for attachments never
                     // gets them: a text message comes first.
                     if let Some((p, n)) = self.partial.take() {
-                        let e = PacketError(format!(
-                            "a binary packet got {} of its {n} attachments before the next text message",
-                            p.attachments.len()
-                        ));
-                        Box::pin(self.refuse_packet(p.id, e)).await;
+                        if matches!(p.kind, Kind::BinaryAck) {
+                            // An acknowledgement's id is a delivery's, not a
+                            // call of the client's: it acks (its data is not
+                            // read) and gets no reply.
+                            Box::pin(self.ack(p.id)).await;
+                        } else {
+                            let e = PacketError(format!(
+                                "a binary packet got {} of its {n} attachments before the next text message",
+                                p.attachments.len()
+                            ));
+                            Box::pin(self.refuse_packet(p.id, e)).await;
+                        }
                     }
                     match Packet::decode(&text) {
                         Ok(Decoded::Packet(p)) => p,
@@ -767,10 +774,11 @@ impl Conn {
         let (out, name, from) = (self.out.clone(), room.clone(), sub.position().0);
         drop(sub);
         let pump = tokio::spawn(async move {
-            pump_room(out.clone(), name.clone(), from).await;
-            // Ended by itself, not aborted: the socket's task takes the
-            // room off (in turn with the client's own events).
-            out.socket.data.push(Inbound::RoomEnded { room: name, id });
+            // Ended by itself, not aborted, and for good: the socket's task
+            // takes the room off (in turn with the client's own events).
+            if pump_room(out.clone(), name.clone(), from).await {
+                out.socket.data.push(Inbound::RoomEnded { room: name, id });
+            }
         });
         self.rooms.insert(room.clone(), RoomSub { pump, id });
         self.out.gateway.join(&room, &self.out).await;
@@ -1078,16 +1086,25 @@ impl Conn {
 /// offset order, each with the token of the socket's positions once it is
 /// emitted: first what is stored (catching up, with reads of its own), then
 /// from the room's shared feed, going back to reading whenever it falls
-/// behind the feed.
-async fn pump_room(out: Out, room: String, from: u64) {
+/// behind the feed. When it ends: whether the socket is out of the room
+/// for good (its topic deleted, the token may no longer read it, the
+/// socket gone), not just its pushes for now (a failed read, out of
+/// descriptors: the position stays for a recovery).
+async fn pump_room(out: Out, room: String, from: u64) -> bool {
     let gateway = Arc::clone(&out.gateway);
     let mut next = from;
-    let fail = |e: Error| codec::error_value(codec::code_name(&e), &format!("room {room}: {e}"));
+    let fail = |e: &Error| codec::error_value(codec::code_name(e), &format!("room {room}: {e}"));
+    let for_good = |e: &Error| {
+        matches!(
+            e,
+            Error::TopicNotFound(_) | Error::PermissionDenied(_) | Error::Unauthenticated(_)
+        )
+    };
     let mut feed = match gateway.feed(&room).await {
         Ok(rx) => rx,
         Err(e) => {
-            out.emit("error", vec![fail(e)]).await;
-            return;
+            out.emit("error", vec![fail(&e)]).await;
+            return for_good(&e);
         }
     };
     loop {
@@ -1109,8 +1126,8 @@ async fn pump_room(out: Out, room: String, from: u64) {
             let fetched = match fetched {
                 Ok(f) => f,
                 Err(e) => {
-                    out.emit("error", vec![fail(e)]).await;
-                    return;
+                    out.emit("error", vec![fail(&e)]).await;
+                    return for_good(&e);
                 }
             };
             if fetched.messages.is_empty() {
@@ -1126,7 +1143,7 @@ async fn pump_room(out: Out, room: String, from: u64) {
             if let Some(last) = messages.last() {
                 let after = last.offset + 1;
                 if !Box::pin(deliver(&out, &room, &messages)).await {
-                    return;
+                    return true;
                 }
                 next = after;
             }
@@ -1144,15 +1161,15 @@ async fn pump_room(out: Out, room: String, from: u64) {
                         continue;
                     }
                     if !Box::pin(deliver(&out, &room, &batch[fresh..])).await {
-                        return;
+                        return true;
                     }
                     next = last.offset + 1;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     let e = Error::TopicNotFound(format!("room {room} ended: its topic is gone"));
-                    out.emit("error", vec![fail(e)]).await;
-                    return;
+                    out.emit("error", vec![fail(&e)]).await;
+                    return true;
                 }
             }
         }

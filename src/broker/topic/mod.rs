@@ -400,6 +400,12 @@ impl Topic {
         self.gate.is_closed()
     }
 
+    /// Whether the topic is deleted for good (a delete that is only under
+    /// way may still keep it).
+    pub fn is_gone_for_good(&self) -> bool {
+        self.gate.is_finished()
+    }
+
     fn enter(&self) -> Result<Pass<'_>> {
         self.gate.enter().ok_or_else(|| {
             Error::TopicNotFound(format!(
