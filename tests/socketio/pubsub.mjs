@@ -127,6 +127,25 @@ await run({
     w.close(); a.close();
   },
 
+  async "a re-subscribe moves the room: nothing from the old position comes after its reply"() {
+    const r = room("moved");
+    const p = await connect();
+    for (let i = 0; i < 300; i++) await ok(p, "publish", { room: r, data: i });
+    const s = await connect(undefined, { transports: ["websocket"] });
+    let replied = false;
+    const seen = [];
+    s.on("message", (data, meta) => seen.push({ data, offset: meta.offset, afterReply: replied }));
+    await ok(s, "subscribe", { room: r, from: "earliest" });
+    await ok(s, "subscribe", { room: r, from: "latest" });
+    replied = true;
+    await ok(p, "publish", { room: r, data: "new" });
+    await until(() => seen.some((m) => m.data === "new"), "the new message");
+    const late = seen.filter((m) => m.afterReply && m.data !== "new");
+    assert.deepEqual(late, [], "old messages after the move's reply");
+    assert.equal(seen.filter((m) => m.data === "new").length, 1);
+    p.close(); s.close();
+  },
+
   async "a room's reader is told at once when the room is deleted, and leaves it"() {
     const r = room("doomed");
     const a = await connect();
