@@ -86,6 +86,10 @@ pub enum Error {
     /// The named thing exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The broker is stopping (or the topic closing): nothing more is
+    /// written; the caller may retry against the broker once it is back.
+    #[error("{0}")]
+    Stopping(String),
     /// The caller gave no token, or one the broker does not know.
     #[error("{0}")]
     Unauthenticated(String),

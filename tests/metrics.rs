@@ -801,3 +801,48 @@ async fn a_topic_deleted_while_closed_drops_its_series_and_is_announced() {
     let _ = stop.send(true);
     let _ = http.await;
 }
+
+/// Once the broker stops, nothing more is written: a produce after its
+/// final syncs is refused (`UNAVAILABLE`: the broker is stopping) instead
+/// of acknowledged and then never synced under `fsync=interval`, and what
+/// was acknowledged before the stop survives a power cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_written_after_the_broker_stops() {
+    use spool::storage::io::{SimDisk, Storage};
+    use spool::storage::{DataDir, FsyncPolicy, Offset};
+    use std::sync::Arc;
+
+    let disk = Arc::new(SimDisk::new());
+    let (broker, _addr, stop, http) = sim_broker(
+        &disk,
+        FsyncPolicy::Interval(60_000),
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    broker
+        .produce("t", vec![NewMessage::from_value("before")], test_limit())
+        .await
+        .expect("produce");
+    broker.stop().await.expect("stop");
+    let refused = broker
+        .produce("t", vec![NewMessage::from_value("after")], test_limit())
+        .await
+        .expect_err("a produce after the stop");
+    assert!(matches!(refused, spool::Error::Stopping(_)), "{refused}");
+    assert_eq!(
+        spool::protocol::status::code(&refused),
+        pb::Code::Unavailable
+    );
+    let _ = stop.send(true);
+    let _ = http.await;
+    drop(broker);
+
+    disk.power_cut(None);
+    let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/sim/data").expect("data dir");
+    let registry = spool::broker::Registry::open(data, spool::broker::RegistryOptions::default())
+        .expect("registry");
+    let topic = registry.topic("t").expect("topic");
+    let read = topic.log().read(Offset(0), 10, 1 << 20).expect("read");
+    let values: Vec<&[u8]> = read.iter().map(|m| &m.value[..]).collect();
+    assert_eq!(values, [&b"before"[..]]);
+}

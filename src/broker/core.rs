@@ -423,10 +423,12 @@ impl Broker {
                 {
                     continue;
                 }
-                match runtimes.get(&t.name).map(Arc::strong_count) {
-                    // Held: a request, subscription or long-poll uses it;
-                    // its files do not count as freed.
-                    Some(n) if n > 1 => continue,
+                match runtimes.get(&t.name) {
+                    // Held: a request, subscription or long-poll uses it, or
+                    // a round of produces (whose producers may have gone)
+                    // is under way and will wake its readers; its files do
+                    // not count as freed.
+                    Some(rt) if Arc::strong_count(rt) > 1 || rt.is_committing() => continue,
                     Some(_) => {
                         runtimes.remove(&t.name);
                         released = true;
@@ -524,6 +526,15 @@ impl Broker {
         }
     }
 
+    /// `Error::Stopping` once [`Broker::stop`] began: no topic is opened or
+    /// created, and no runtime started, after its final syncs.
+    fn refuse_if_stopping(&self) -> Result<()> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(Error::Stopping("the broker is stopping".into()));
+        }
+        Ok(())
+    }
+
     fn runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TopicRuntime>>> {
         self.inner
             .runtimes
@@ -536,6 +547,7 @@ impl Broker {
     /// hand-off to the blocking pool and back); opening one reads its files,
     /// on the blocking pool.
     pub(super) async fn existing(&self, name: &str) -> Result<Arc<TopicRuntime>> {
+        self.refuse_if_stopping()?;
         let registry = &self.inner.registry;
         if let Some(topic) = registry.used_open_topic(name) {
             return self.runtime_of(topic);
@@ -587,6 +599,7 @@ impl Broker {
     /// is on (`force`: whatever the setting, as for dead-letter topics).
     /// Creating makes folders and syncs them: on the blocking pool.
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
+        self.refuse_if_stopping()?;
         match self.existing(name).await {
             Err(Error::TopicNotFound(_)) => {
                 let topic = self

@@ -639,7 +639,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Stops every open topic cleanly and, if all stopped, records a clean
+    /// Stops every open topic cleanly (no writes after its final sync) and,
+    /// if all stopped, records a clean
     /// stop of the data directory ([`DataDir::mark_clean_stop`]), so the
     /// next start looks for nothing to recover. The last step of a broker
     /// or tool once nothing writes any more; a failure is logged.
@@ -651,6 +652,11 @@ impl Registry {
             let Some(topic) = self.open_topic(&name) else {
                 continue;
             };
+            // Nothing is written after the final sync: a round of producers
+            // still under way would be acknowledged (under fsync=interval or
+            // never) and never synced, though the stop is recorded as clean.
+            // (A poisoned writer refuses writes already.)
+            let _ = topic.log().stop_writes();
             if let Err(e) = topic.stop() {
                 clean = false;
                 tracing::error!(topic = topic.name(), error = %e, "final sync failed");

@@ -13,7 +13,7 @@ use crate::broker::{GroupCommit, Topic};
 use crate::error::{Error, Result};
 use crate::metrics::{Cleanup, Metrics, TopicCounters};
 use crate::storage::log::now_ms;
-use crate::storage::{Appended, FsyncPolicy, NewMessage};
+use crate::storage::{Appended, Durability, FsyncPolicy, NewMessage};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -160,6 +160,13 @@ impl TopicRuntime {
     /// messages deliverable without new appends).
     pub fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Whether a round of produces is under way or waiting: its end wakes
+    /// this runtime's readers, so the runtime must not be replaced before.
+    pub fn is_committing(&self) -> bool {
+        let queue = self.commits.queue();
+        queue.leading || !queue.jobs.is_empty()
     }
 }
 
@@ -478,9 +485,21 @@ impl Commits {
                 return;
             }
         };
+        // A failed commit may follow a roll in the same round that synced
+        // and published the batches before it: those are durable, and a
+        // retry of them would store them twice.
+        let durable_end = match &committed {
+            Some(Err(_)) => self.topic.log().stats().durable_end.0,
+            _ => 0,
+        };
         for (job, result) in jobs.into_iter().zip(written) {
             let reply = match (result, &committed) {
                 (Err(e), _) => Err(e),
+                (Ok((first, last)), Some(Err(_))) if last.0 < durable_end => Ok(Appended {
+                    first,
+                    last,
+                    durability: Durability::Durable,
+                }),
                 (Ok(_), Some(Err(e))) => Err(duplicate(e)),
                 (Ok((first, last)), Some(Ok(durability))) => Ok(Appended {
                     first,
@@ -668,6 +687,7 @@ fn duplicate(e: &Error) -> Error {
         Error::LimitReached(m) => Error::LimitReached(m.clone()),
         Error::Internal(m) => Error::Internal(m.clone()),
         Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+        Error::Stopping(m) => Error::Stopping(m.clone()),
         Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
         Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
         Error::TooLarge {

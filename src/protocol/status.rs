@@ -24,7 +24,7 @@ pub fn code(error: &Error) -> pb::Code {
         | Error::TooLarge { .. }
         | Error::LimitReached(_) => pb::Code::ResourceExhausted,
         Error::Corruption(_) => pb::Code::DataLoss,
-        Error::ReadOnly { .. } => pb::Code::Unavailable,
+        Error::ReadOnly { .. } | Error::Stopping(_) => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,
         Error::Io { .. } => pb::Code::Internal,
     }

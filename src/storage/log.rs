@@ -138,6 +138,8 @@ struct Writer {
     next_offset: u64,
     /// Set by a failed sync; the log refuses writes from then on.
     poisoned: Option<String>,
+    /// Set by [`Log::stop_writes`]: the log takes no more records.
+    stopped: bool,
     /// A roll failed: the next write rolls first. The failed attempt may
     /// have left the new segment's (empty) file, named after the next
     /// offset; a record written into the active segment at that offset
@@ -292,6 +294,7 @@ impl Log {
                 active,
                 next_offset,
                 poisoned: None,
+                stopped: false,
                 roll_due: false,
                 last_sync: Instant::now(),
                 scratch: Vec::new(),
@@ -735,6 +738,12 @@ impl Log {
         now: u64,
     ) -> Result<(Offset, Offset)> {
         self.check_writable(w)?;
+        if w.stopped {
+            return Err(Error::Stopping(format!(
+                "{} takes no more writes: the broker is stopping",
+                self.dir.display()
+            )));
+        }
         let first = w.next_offset;
         let segment_bytes = self.config.segment_bytes;
         let total: u64 = lens.iter().sum();
@@ -976,6 +985,16 @@ impl Log {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Takes no more records from now on (writes answer
+    /// [`Error::Stopping`]); what was written before is still committed,
+    /// synced and closed as usual. The first step of a final stop: a write
+    /// that came after the stop's sync would be acknowledged and then not
+    /// synced, though the stop was recorded as clean.
+    pub fn stop_writes(&self) -> Result<()> {
+        self.lock_writer()?.stopped = true;
+        Ok(())
     }
 
     /// Makes everything written so far visible to readers, syncing first when
@@ -1224,10 +1243,13 @@ impl Log {
     /// Extent and size of the log.
     pub fn stats(&self) -> LogStats {
         let segments = self.segments();
+        let end = self.end();
         LogStats {
             start: self.start(),
-            end: self.end(),
-            durable_end: Offset(self.durable_end.load(Ordering::Acquire)),
+            end,
+            // A sync records its end before the publish that follows it
+            // moves `end`: never more than what readers see.
+            durable_end: Offset(self.durable_end.load(Ordering::Acquire).min(end.0)),
             segments: segments.len(),
             bytes: segments.iter().map(|s| s.size()).sum(),
         }
