@@ -302,7 +302,7 @@ fn tls_tokens_permissions_reloads_and_metrics() {
         r#"spool_requests_total{listener="socketio",operation="subscribe",code="OK"}"#,
         r#"spool_requests_total{listener="socketio",operation="subscribe",code="PERMISSION_DENIED"}"#,
         r#"spool_requests_total{listener="socketio",operation="unsubscribe",code="UNAUTHENTICATED"}"#,
-        r#"spool_requests_total{listener="socketio",operation="ack",code="PERMISSION_DENIED"}"#,
+        r#"spool_requests_total{listener="socketio",operation="ack",code="OK"}"#,
         r#"spool_request_duration_seconds_count{listener="socketio",operation="produce"}"#,
     ] {
         let line = metrics.lines().find(|l| l.starts_with(series));

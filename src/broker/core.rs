@@ -1040,6 +1040,17 @@ impl Broker {
         Ok(released)
     }
 
+    /// Gives back every lease `member` holds in queue group `group` of
+    /// `topic` (a consumer gone, whatever it was handed).
+    pub async fn release_member(&self, topic: &str, group: &str, member: &str) -> Result<usize> {
+        let runtime = self.existing(topic).await?;
+        let t = Arc::clone(runtime.topic());
+        let (group, member) = (group.to_owned(), member.to_owned());
+        let released = blocking(move || t.release_member(&group, &member)).await?;
+        runtime.notify();
+        Ok(released)
+    }
+
     /// Commits `offset` for stream group `group`.
     pub async fn commit(&self, topic: &str, group: &str, offset: Offset) -> Result<()> {
         let t = Arc::clone(self.existing(topic).await?.topic());

@@ -738,6 +738,15 @@ impl Group {
         self.leases.get(&offset)
     }
 
+    /// The offsets leased to `member`.
+    pub fn leased_to(&self, member: &str) -> Vec<u64> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.member == member)
+            .map(|(&o, _)| o)
+            .collect()
+    }
+
     /// Removes the group's files.
     pub fn remove(self) -> Result<()> {
         self.journal.remove()

@@ -47,6 +47,16 @@ pub enum Inbound {
         /// Which subscription of it ([`RoomSub::id`]).
         id: u64,
     },
+    /// The pump of queue subscription `id` ended by itself (a refusal, the
+    /// topic gone, a failed read).
+    QueueEnded {
+        /// The room.
+        room: String,
+        /// The group.
+        group: String,
+        /// Which subscription ([`QueueSub::id`]).
+        id: u64,
+    },
 }
 
 /// Most messages from a client waiting for its socket's task.
@@ -75,7 +85,7 @@ impl Inbound {
         match self {
             Inbound::Text(text) => text.len(),
             Inbound::Binary(data) => data.len(),
-            Inbound::Closed | Inbound::RoomEnded { .. } => 0,
+            Inbound::Closed | Inbound::RoomEnded { .. } | Inbound::QueueEnded { .. } => 0,
         }
     }
 
@@ -133,6 +143,10 @@ pub type EioSocket = Arc<Socket<Session>>;
 pub(super) const PUMP_BATCH: usize = 64;
 /// Bytes one read hands a pump.
 pub(super) const PUMP_BYTES: usize = 1 << 20;
+/// How long after a queue subscription stops its member's leases are given
+/// back again: a read the stop cut short may still finish its lease on the
+/// blocking pool.
+const LATE_LEASES: Duration = Duration::from_secs(1);
 /// Queue deliveries unacknowledged at once per subscription, by default.
 const DEFAULT_QUEUE_IN_FLIGHT: usize = 16;
 /// How long an emit waits for room in the socket's send buffer before the
@@ -354,6 +368,11 @@ struct RoomSub {
 #[derive(Debug)]
 struct QueueSub {
     pump: JoinHandle<()>,
+    /// The member it leases as: one of its own, so giving back what it
+    /// holds touches no later subscription of the socket.
+    member: String,
+    /// Tells this subscription from a later one of the same group.
+    id: u64,
 }
 
 /// The socket's task state.
@@ -368,7 +387,7 @@ struct Conn {
     system: bool,
     /// A room subscribed to, whose pump starts once the reply is out.
     after_reply: Option<(String, Subscription)>,
-    /// The id of the next room subscription.
+    /// The id of the next room or queue subscription.
     next_room_id: u64,
 }
 
@@ -420,6 +439,15 @@ impl Conn {
                 Inbound::Closed => break,
                 Inbound::RoomEnded { room, id } => {
                     Box::pin(self.room_ended(room, id)).await;
+                    continue;
+                }
+                Inbound::QueueEnded { room, group, id } => {
+                    let key = (room, group);
+                    if self.queues.get(&key).is_some_and(|q| q.id == id)
+                        && let Some(q) = self.queues.remove(&key)
+                    {
+                        Box::pin(self.stop_queue(&key.0, &key.1, q)).await;
+                    }
                     continue;
                 }
                 Inbound::Text(text) => {
@@ -916,31 +944,39 @@ impl Conn {
             Err(e) => return Err(e),
         }
         let in_flight = max_in_flight.unwrap_or(DEFAULT_QUEUE_IN_FLIGHT);
+        let key = (room.clone(), group.clone());
+        if let Some(old) = self.queues.remove(&key) {
+            // What the old subscription holds goes back first: the new one
+            // starts with its own credit and nothing outstanding.
+            self.stop_queue(&room, &group, old).await;
+        }
+        let id = self.next_room_id;
+        self.next_room_id += 1;
+        let member = format!("{}-{id}", self.member);
         let sub = gateway
             .broker
             .subscribe_queue(SubscribeRequest {
                 topic: room.clone(),
                 group: Some(group.clone()),
                 from: None,
-                member: self.member.clone(),
+                member: member.clone(),
                 max_in_flight: in_flight,
                 limits: gateway.delivery_limits(),
             })
             .await?;
         let info = gateway.broker.describe_topic(&room).await?;
         let ack_timeout = Duration::from_millis(info.config.ack_timeout_ms.max(1));
-        let key = (room.clone(), group.clone());
-        if let Some(old) = self.queues.remove(&key) {
-            old.pump.abort();
-        }
-        let pump = tokio::spawn(pump_queue(
-            self.out.clone(),
-            room.clone(),
-            group.clone(),
-            sub,
-            ack_timeout,
-        ));
-        self.queues.insert(key, QueueSub { pump });
+        let (out, r, g) = (self.out.clone(), room.clone(), group.clone());
+        let pump = tokio::spawn(async move {
+            pump_queue(out.clone(), r.clone(), g.clone(), sub, ack_timeout).await;
+            // Ended by itself: the socket's task gives back what it holds.
+            out.socket.data.push(Inbound::QueueEnded {
+                room: r,
+                group: g,
+                id,
+            });
+        });
+        self.queues.insert(key, QueueSub { pump, member, id });
         Ok(json!({ "room": room, "group": group, "mode": "queue", "maxInFlight": in_flight }))
     }
 
@@ -964,8 +1000,7 @@ impl Conn {
                 let key = (request.room.clone(), group.clone());
                 match self.queues.remove(&key) {
                     Some(q) => {
-                        q.pump.abort();
-                        self.release(&request.room, Some(group)).await;
+                        self.stop_queue(&request.room, group, q).await;
                         true
                     }
                     None => false,
@@ -973,7 +1008,11 @@ impl Conn {
             }
             None => match self.rooms.remove(&request.room) {
                 Some(r) => {
+                    // Stopped before the position goes: a push under way
+                    // would write it back, and nothing of the room may
+                    // follow the reply.
                     r.pump.abort();
+                    let _ = r.pump.await;
                     self.out.shared.lock().await.positions.remove(&request.room);
                     self.out.gateway.leave(&request.room, &self.out).await;
                     self.out.emit("rooms", vec![json!(self.room_names())]).await;
@@ -1036,29 +1075,30 @@ impl Conn {
     }
 
     /// Gives back the leases this socket holds in `room` (one group, or all).
-    async fn release(&self, room: &str, group: Option<&String>) {
-        let mut by_group: BTreeMap<String, Vec<Offset>> = BTreeMap::new();
+    /// Stops queue subscription `q` of `group` in `room` and gives back at
+    /// once everything it holds: the deliveries waiting for their
+    /// acknowledgement, and whatever its member was leased besides (a read
+    /// cut short by the stop leases before anything records it as
+    /// pending). A lease that such a read, finishing on the blocking pool
+    /// after the stop, takes later still is given back a moment later.
+    async fn stop_queue(&self, room: &str, group: &str, q: QueueSub) {
+        q.pump.abort();
+        let _ = q.pump.await;
         {
             let mut shared = self.out.shared.lock().await;
-            shared.pending.retain(|_, p| {
-                let mine = p.room == room && group.is_none_or(|g| *g == p.group);
-                if mine {
-                    by_group.entry(p.group.clone()).or_default().push(p.offset);
-                }
-                !mine
-            });
+            shared
+                .pending
+                .retain(|_, p| !(p.room == room && p.group == group));
         }
-        for (g, offsets) in by_group {
-            if let Err(e) = self
-                .out
-                .gateway
-                .broker
-                .release_leases(room, &g, &self.member, offsets)
-                .await
-            {
-                tracing::debug!(room, group = %g, error = %e, "giving back leases");
-            }
+        let broker = self.out.gateway.broker.clone();
+        let (room, group, member) = (room.to_owned(), group.to_owned(), q.member);
+        if let Err(e) = broker.release_member(&room, &group, &member).await {
+            tracing::debug!(room, group, error = %e, "giving back leases");
         }
+        tokio::spawn(async move {
+            tokio::time::sleep(LATE_LEASES).await;
+            let _ = broker.release_member(&room, &group, &member).await;
+        });
     }
 
     async fn leave_all(&mut self) {
@@ -1068,8 +1108,7 @@ impl Conn {
         }
         let queues = std::mem::take(&mut self.queues);
         for ((room, group), q) in queues {
-            q.pump.abort();
-            self.release(&room, Some(&group)).await;
+            self.stop_queue(&room, &group, q).await;
         }
         if self.system {
             self.out.gateway.unwatch_rooms(&self.out).await;

@@ -146,6 +146,30 @@ await run({
     p.close(); s.close();
   },
 
+  async "an unsubscribe ends the room at once: nothing of it after the reply"() {
+    const r = room("left");
+    const p = await connect();
+    // In steps well under a socket's 1024 queued packets.
+    for (let i = 0; i < 5000; i++) {
+      p.emit("publish", { room: r, data: i });
+      if (i % 500 === 499) await ok(p, "publish", { room: r, data: "step" });
+    }
+    for (let round = 0; round < 20; round++) {
+      const s = await connect(undefined, { transports: ["websocket"] });
+      let replied = false;
+      const late = [];
+      s.on("message", (data) => { if (replied) late.push(data); });
+      await ok(s, "subscribe", { room: r, from: "earliest" });
+      await sleep(round % 10);
+      await ok(s, "unsubscribe", { room: r });
+      replied = true;
+      await sleep(100);
+      assert.deepEqual(late, [], `round ${round}: messages after the unsubscribe`);
+      s.close();
+    }
+    p.close();
+  },
+
   async "a room's reader is told at once when the room is deleted, and leaves it"() {
     const r = room("doomed");
     const a = await connect();

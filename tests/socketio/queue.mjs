@@ -69,6 +69,50 @@ await run({
     p.close(); b.close();
   },
 
+  async "a member that leaves at any moment gives back everything it was leased, at once"() {
+    const r = room("churn");
+    spool("topic", "create", r, "--ack-timeout-ms", "60000");
+    const [p, steady] = [await connect(), await connect()];
+    const done = [];
+    steady.on("message", (data, meta, ack) => { done.push(data); ack(); });
+    await ok(steady, "subscribe", { room: r, group: "g", mode: "queue" });
+    let sent = 0;
+    for (let round = 0; round < 20; round++) {
+      const m = await connect();
+      m.on("message", (data, meta, ack) => ack());
+      await ok(m, "subscribe", { room: r, group: "g", mode: "queue" });
+      for (let i = 0; i < 30; i++) p.emit("publish", { room: r, data: sent++ });
+      await sleep(round % 8);
+      if (round % 2) m.close();
+      else await ok(m, "unsubscribe", { room: r, group: "g" });
+      m.close();
+    }
+    await ok(p, "publish", { room: r, data: sent++ });
+    // Long before the 60 s lease: nothing is left leased to a gone member.
+    await until(() => {
+      const g = JSON.parse(spool("group", "describe", r, "g", "--format", "json"));
+      return g.pending === 0 && g.lag === 0;
+    }, "every message completed", 8000);
+    p.close(); steady.close();
+  },
+
+  async "subscribing to a queue group again starts afresh: no more than maxInFlight outstanding"() {
+    const r = room("again");
+    const [p, s] = [await connect(), await connect()];
+    const got = deliveries(s);
+    await ok(s, "subscribe", { room: r, group: "g", mode: "queue", maxInFlight: 3 });
+    for (let i = 0; i < 20; i++) await ok(p, "publish", { room: r, data: i });
+    await until(() => got.length === 3, "three deliveries");
+    await ok(s, "subscribe", { room: r, group: "g", mode: "queue", maxInFlight: 3 });
+    // The first three went back at once: they are what comes next, again,
+    // and no more than three are outstanding.
+    await until(() => got.length === 6, "three more deliveries");
+    await sleep(300);
+    assert.equal(got.length, 6, "no more than maxInFlight outstanding");
+    assert.deepEqual(got.slice(3).map((d) => [d.data, d.meta.delivery]), [[0, 2], [1, 2], [2, 2]]);
+    p.close(); s.close();
+  },
+
   async "after max_deliveries a message goes to the dead-letter room"() {
     const r = room("poison");
     spool("topic", "create", r, "--ack-timeout-ms", "200", "--max-deliveries", "2");

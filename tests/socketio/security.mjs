@@ -169,12 +169,19 @@ await run({
     // The queue's pushes ended too, and an acknowledgement is refused.
     await until(() => qErrors.length === 1, "the end of the queue subscription");
     assert.equal(qErrors[0].data.error.message, `room ${a}, queue group g: token reader may not consume from topic ${a}`);
+    // What it held went back to the group at once (ack_timeout_ms is 30 s):
+    // another member gets it, and the old callback does nothing.
     const delivered = held.length;
+    const other = await connect(tokens.root);
+    const otherGot = [];
+    other.on("message", (data, meta, ack) => { otherGot.push(data); ack(); });
+    await ok(other, "subscribe", { room: a, group: "g", mode: "queue" });
+    await until(() => otherGot.includes("a1"), "the held delivery, given back");
     held[0].ack();
-    await until(() => qErrors.length === 2, "the refused acknowledgement");
-    assert.equal(qErrors[1].data.error.code, "PERMISSION_DENIED");
-    assert.ok(qErrors[1].data.error.message.startsWith(`ack of offset 0 in room ${a}: token reader may not`), qErrors[1].data.error.message);
+    await sleep(200);
+    assert.equal(qErrors.length, 1, JSON.stringify(qErrors));
     assert.equal(held.length, delivered, "no queue delivery after the reload");
+    other.close();
     assert.equal(q.connected, true);
     // `away` comes back: room a is refused with an error event, room b
     // delivers what it missed.

@@ -358,13 +358,32 @@ impl Topic {
     /// expired and went to another member stays with that member. Returns
     /// how many were given back.
     pub fn release_leases(&self, group: &str, member: &str, offsets: &[Offset]) -> Result<usize> {
+        self.release_where(group, member, Some(offsets))
+    }
+
+    /// Queue group: gives back, due at once, every lease `member` holds (a
+    /// consumer gone, whatever it was handed). Returns how many.
+    pub fn release_member(&self, group: &str, member: &str) -> Result<usize> {
+        self.release_where(group, member, None)
+    }
+
+    fn release_where(
+        &self,
+        group: &str,
+        member: &str,
+        offsets: Option<&[Offset]>,
+    ) -> Result<usize> {
         let _pass = self.enter()?;
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
+            let offsets = match offsets {
+                Some(offsets) => offsets.iter().map(|o| o.0).collect(),
+                None => g.leased_to(member),
+            };
             Ok(offsets
-                .iter()
-                .filter(|o| g.lease(o.0).is_some_and(|l| l.member == member) && g.nack(o.0, now, 0))
+                .into_iter()
+                .filter(|&o| g.lease(o).is_some_and(|l| l.member == member) && g.nack(o, now, 0))
                 .count())
         })
     }
