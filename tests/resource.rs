@@ -1090,3 +1090,117 @@ async fn a_queue_fetch_of_large_keys_fits_its_frame() {
     }
     assert_eq!(seen, [0, 1, 2]);
 }
+
+/// A message that fits the broker's size check but whose delivery frame,
+/// with the envelope of its many headers, does not fit the frame limit is
+/// skipped, and the credit it took comes back: a subscription with
+/// `max_in_flight` 1 goes on to the next message without an ack (it
+/// stalled for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_skipped_by_the_frame_gives_its_credit_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "max_frame_bytes = 2097152\n");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    // 600 headers of 128-byte values: each 2 bytes larger on the wire than
+    // in the size check; the value takes the message to the check's limit
+    // under 1 MiB frames (1 MiB less 1024).
+    let headers = 600;
+    let value_len = 1_048_576 - 1024 - headers * (6 + 1 + 128) - 16;
+    let mut wide = NewMessage::from_value(vec![b'v'; value_len]);
+    for _ in 0..headers {
+        wide = wide.with_header("h", "x".repeat(128));
+    }
+    client
+        .produce("t", vec![wide])
+        .await
+        .expect("produce the wide one");
+    client
+        .produce("t", vec![NewMessage::from_value("after")])
+        .await
+        .expect("produce");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+
+    let broker = start_with_config(tmp.path(), "max_frame_bytes = 1048576\n");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    let mut sub = client
+        .subscribe("t", None, "r", Some(Position::Earliest), 1)
+        .await
+        .expect("subscribe");
+    match next_item(&mut sub).await {
+        Err(ClientError::Skipped { offset, .. }) => assert_eq!(offset, 0),
+        other => panic!("the wide message is skipped: {other:?}"),
+    }
+    let next = next_item(&mut sub)
+        .await
+        .expect("the next message, without an ack");
+    assert_eq!(&next.message.value[..], b"after");
+}
+
+/// A dead letter its dead-letter topic refuses (too large for that topic's
+/// segments) does not fail the queue fetch that found it due: the other
+/// messages leased beside it are delivered, and the poison one stays
+/// pending. Before, the fetch failed and those messages stayed leased to
+/// nobody until their lease ran out, a delivery counted each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_its_topic_refuses_does_not_strand_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .create_topic(
+            "t.dlq",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("dead-letter topic");
+    client
+        .create_topic(
+            "t",
+            pb::TopicConfig {
+                max_deliveries: Some(1),
+                ack_timeout_ms: Some(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+    client
+        .create_group("t", "g", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    client
+        .produce("t", vec![NewMessage::from_value(vec![b'p'; 2000])])
+        .await
+        .expect("produce");
+    let fetch = |max: u32| {
+        client.fetch(
+            "t",
+            FetchOptions {
+                group: Some("g".into()),
+                member: "m".into(),
+                max_messages: max,
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(fetch(1).await.expect("fetch").messages.len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client
+        .produce(
+            "t",
+            vec![NewMessage::from_value("s1"), NewMessage::from_value("s2")],
+        )
+        .await
+        .expect("produce");
+    let got = fetch(10).await.expect("the others are delivered");
+    let values: Vec<&[u8]> = got.messages.iter().map(|r| &r.message.value[..]).collect();
+    assert_eq!(values, [&b"s1"[..], b"s2"]);
+    assert!(got.messages.iter().all(|r| r.delivery == 1));
+}

@@ -754,8 +754,19 @@ impl Broker {
                     wait.wait_async().await?;
                 }
                 if !fetched.dead_letters.is_empty() {
-                    self.dead_letter(source, &group, fetched.dead_letters)
-                        .await?;
+                    // A dead letter that cannot be handed off (its topic
+                    // refuses it: too large for its segments, a full disk)
+                    // stays pending and is tried again when due; the
+                    // deliveries leased beside it, whose counts are synced,
+                    // still go out.
+                    let topic = source.name().to_owned();
+                    if let Err(e) = self.dead_letter(source, &group, fetched.dead_letters).await {
+                        tracing::warn!(topic, group, error = %e,
+                            "dead-lettering failed; the messages stay pending and are tried again");
+                        if fetched.deliveries.is_empty() {
+                            return Err(e);
+                        }
+                    }
                 }
                 Ok(Deliveries::from(fetched.deliveries))
             }

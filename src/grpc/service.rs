@@ -238,8 +238,17 @@ impl Pushing {
             match event {
                 None => return None,
                 Some(Ok(Event::Messages(m))) => {
-                    self.pending
-                        .extend(convert::deliveries(id, m, self.max_frame))
+                    let deliveries = convert::deliveries(id, m, self.max_frame);
+                    // A message no response can carry is skipped: it took
+                    // credit no ack will give back.
+                    let skipped = deliveries
+                        .iter()
+                        .filter(|d| d.skipped_offset.is_some())
+                        .count();
+                    if skipped > 0 {
+                        self.subscription.credit().give(skipped);
+                    }
+                    self.pending.extend(deliveries)
                 }
                 Some(Ok(Event::Skipped { offset, error })) => {
                     self.pending.push_back(pb::Delivery {

@@ -146,7 +146,13 @@ async fn push_all(
             return;
         }
         let pushed = match event {
-            Ok(Event::Messages(m)) => push(out, id, m, max_frame).await,
+            // A message no frame can carry is skipped: it took credit the
+            // client will never give back by an ack.
+            Ok(Event::Messages(m)) => push(out, id, m, max_frame).await.map(|skipped| {
+                if skipped > 0 {
+                    subscription.credit().give(skipped);
+                }
+            }),
             Ok(Event::Skipped { offset, error }) => out
                 .send(skipped(id, offset, wire(error)))
                 .await
@@ -177,19 +183,24 @@ fn skipped(id: u64, offset: u64, error: pb::Error) -> pb::ServerFrame {
 }
 
 /// Pushes `messages` in frames of at most `max_frame` bytes (see
-/// [`outbound::pieces`]).
-async fn push(out: &Outgoing, id: u64, messages: Deliveries, max_frame: u32) -> Result<(), ()> {
+/// [`outbound::pieces`]); how many of them were skipped (too large for
+/// any frame).
+async fn push(out: &Outgoing, id: u64, messages: Deliveries, max_frame: u32) -> Result<usize, ()> {
+    let mut skipped_count = 0;
     for piece in outbound::pieces(id, messages, max_frame) {
         let frame = match piece {
             Piece::Messages(messages) => Outbound::Delivery {
                 subscription_id: id,
                 messages,
             },
-            Piece::Skipped { offset, error } => skipped(id, offset, error).into(),
+            Piece::Skipped { offset, error } => {
+                skipped_count += 1;
+                skipped(id, offset, error).into()
+            }
         };
         out.send(frame).await.map_err(|_| ())?;
     }
-    Ok(())
+    Ok(skipped_count)
 }
 
 /// The last frame of subscription `id`: no messages, and why it ends.
