@@ -246,7 +246,7 @@ impl Gateway {
     ) {
         let args = vec![Value::String(room.to_owned()), Value::String(socket.sid())];
         for member in to {
-            member.emit(event, args.clone()).await;
+            member.post(event, args.clone());
         }
     }
 
@@ -290,7 +290,7 @@ impl Gateway {
             for w in watchers {
                 // Each watcher hears only of topics its token may see.
                 if w.allowed(Access::See(&room)).await.is_ok() {
-                    w.emit(name, vec![Value::String(room.clone())]).await;
+                    w.post(name, vec![Value::String(room.clone())]);
                 }
             }
         }

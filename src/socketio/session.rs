@@ -186,7 +186,14 @@ pub struct Out {
     shared: Arc<Mutex<Shared>>,
     /// Who the socket authenticated as at CONNECT (`None` before).
     principal: Option<Principal>,
+    /// Events other sockets' tasks send this one ([`Out::post`]), emitted
+    /// in order by a task of this socket's own (`None` in that task).
+    side: Option<mpsc::Sender<(String, Vec<Value>)>>,
 }
+
+/// Events from other sockets' tasks one socket may have waiting: past
+/// them it does not read, and is closed.
+const SIDE_EVENTS: usize = 1024;
 
 impl Out {
     /// Sends `packet`, waiting (bounded) for room in the send buffer.
@@ -197,6 +204,20 @@ impl Out {
     /// The token of the current positions.
     fn token(&self, shared: &Shared) -> String {
         super::offset::encode(&shared.pid, &shared.positions, &self.gateway.key)
+    }
+
+    /// Queues `name` with `args` for this socket's own task to emit (as
+    /// [`Out::emit`]) and returns at once: what one socket tells others
+    /// (presence, room events) never waits on their send buffers, so a
+    /// socket that does not read holds up no other. A socket with
+    /// [`SIDE_EVENTS`] of them waiting does not read, and is closed.
+    pub fn post(&self, name: &str, args: Vec<Value>) {
+        let Some(side) = &self.side else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = side.try_send((name.to_owned(), args)) {
+            tracing::warn!(sid = %self.socket.id, "socket.io client reads nothing: closing it");
+            self.socket
+                .close(engineioxide::DisconnectReason::TransportError);
+        }
     }
 
     /// Emits `name` with `args` and the token of the current positions
@@ -389,6 +410,8 @@ struct Conn {
     after_reply: Option<(String, Subscription)>,
     /// The id of the next room or queue subscription.
     next_room_id: u64,
+    /// The task emitting what [`Out::post`] queued.
+    side_task: JoinHandle<()>,
 }
 
 /// Starts the task of a new Engine.IO socket.
@@ -405,7 +428,8 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             return;
         }
     };
-    let out = Out {
+    let (side, mut posted) = mpsc::channel::<(String, Vec<Value>)>(SIDE_EVENTS);
+    let emitter = Out {
         socket: Arc::clone(&socket),
         gateway: Arc::clone(&gateway),
         shared: Arc::new(Mutex::new(Shared {
@@ -416,7 +440,19 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             scratch: Vec::new(),
         })),
         principal: None,
+        side: None,
     };
+    let out = Out {
+        side: Some(side),
+        ..emitter.clone()
+    };
+    let side_task = tokio::spawn(async move {
+        while let Some((name, args)) = posted.recv().await {
+            if !emitter.emit(&name, args).await {
+                return;
+            }
+        }
+    });
     let conn = Conn {
         out,
         member: format!("socketio-{}", socket.id),
@@ -427,6 +463,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         system: false,
         after_reply: None,
         next_room_id: 0,
+        side_task,
     };
     gateway.tasks.spawn(conn.run(rx));
 }
@@ -1118,6 +1155,7 @@ impl Conn {
 
     async fn close(&mut self) {
         self.leave_all().await;
+        self.side_task.abort();
     }
 }
 

@@ -92,6 +92,35 @@ await run({
     a.close(); b.close();
   },
 
+  async "a socket that stops reading holds up no other socket"() {
+    const r = room("stalled");
+    // A polling client that connects, joins r, and never polls again.
+    const base = `http://${env.socketio}/socket.io/?EIO=4&transport=polling`;
+    const opened = await (await fetch(base)).text();
+    const sid = JSON.parse(opened.slice(1)).sid;
+    const post = (body) => fetch(`${base}&sid=${sid}`, { method: "POST", body });
+    await post("40");
+    await sleep(100);
+    await post(`42["subscribe",{"room":"${r}"}]`);
+    await sleep(100);
+    // More than its send buffer holds.
+    const p = await connect();
+    for (let i = 0; i < 1200; i++) {
+      p.emit("publish", { room: r, data: i });
+      if (i % 400 === 399) await ok(p, "publish", { room: r, data: "step" });
+    }
+    await sleep(500);
+    // Joining r sends the stalled socket a join-room; this socket's next
+    // request is answered all the same (it waited for that socket's
+    // buffer, up to 30 s, before).
+    const a = await connect();
+    await ok(a, "subscribe", { room: r, from: "latest" });
+    await ok(a, "publish", { room: r, data: "still served" });
+    await ok(a, "unsubscribe", { room: r });
+    await ok(a, "publish", { room: room("elsewhere"), data: 1 });
+    p.close(); a.close();
+  },
+
   async "room members see join-room and leave-room"() {
     const r = room("presence");
     const [a, b] = [await connect(), await connect()];
