@@ -131,11 +131,11 @@ impl Consuming {
     async fn deliver(&mut self, messages: crate::broker::Deliveries) -> bool {
         for d in convert::deliveries(0, messages, self.max_frame) {
             if let Some(offset) = d.skipped_offset {
-                // Its lease runs out and it is redelivered until
-                // max_deliveries dead-letters it; its credit comes back now,
-                // as no ack of it will.
+                // Still held (given back when the stream ends; else its
+                // lease runs out and max_deliveries dead-letters it); its
+                // credit comes back now, as no ack of it will.
                 tracing::warn!(offset, "a message too large for a Consume response");
-                self.returned(&[offset]);
+                self.credit.give(1);
                 continue;
             }
             let response = pb::ConsumeResponse {

@@ -189,11 +189,13 @@ pub struct Out {
     /// Events other sockets' tasks send this one ([`Out::post`]), emitted
     /// in order by a task of this socket's own (`None` in that task).
     side: Option<mpsc::Sender<(String, Vec<Value>)>>,
+    /// When that task last emitted one (ms since the epoch).
+    side_progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Events from other sockets' tasks one socket may have waiting: past
-/// them it does not read, and is closed.
-const SIDE_EVENTS: usize = 1024;
+/// Events from other sockets' tasks one socket may have waiting (a burst
+/// of joins after a restart can be many).
+const SIDE_EVENTS: usize = 16 * 1024;
 
 impl Out {
     /// Sends `packet`, waiting (bounded) for room in the send buffer.
@@ -212,11 +214,21 @@ impl Out {
     /// socket that does not read holds up no other. A socket with
     /// [`SIDE_EVENTS`] of them waiting does not read, and is closed.
     pub fn post(&self, name: &str, args: Vec<Value>) {
+        use std::sync::atomic::Ordering::Relaxed;
         let Some(side) = &self.side else { return };
         if let Err(mpsc::error::TrySendError::Full(_)) = side.try_send((name.to_owned(), args)) {
-            tracing::warn!(sid = %self.socket.id, "socket.io client reads nothing: closing it");
-            self.socket
-                .close(engineioxide::DisconnectReason::TransportError);
+            // Full while it still reads (a burst): this one event is
+            // dropped. Full with nothing emitted for as long as a push may
+            // wait: it does not read.
+            let idle =
+                crate::storage::log::now_ms().saturating_sub(self.side_progress.load(Relaxed));
+            if idle >= SEND_STALL.as_millis() as u64 {
+                tracing::warn!(sid = %self.socket.id, "socket.io client reads nothing: closing it");
+                self.socket
+                    .close(engineioxide::DisconnectReason::TransportError);
+            } else {
+                tracing::debug!(sid = %self.socket.id, event = name, "socket.io side event dropped: the socket is far behind");
+            }
         }
     }
 
@@ -247,6 +259,11 @@ impl Out {
                 "the socket has not connected (no CONNECT packet)".into(),
             )),
         }
+    }
+
+    /// Whether the socket's token has any permission on topic `room` now.
+    pub fn may_see(&self, room: &str) -> bool {
+        self.allow(Access::See(room)).is_ok()
     }
 
     /// [`Out::allow`], disconnecting the socket when its token is gone.
@@ -441,6 +458,9 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         })),
         principal: None,
         side: None,
+        side_progress: Arc::new(std::sync::atomic::AtomicU64::new(
+            crate::storage::log::now_ms(),
+        )),
     };
     let out = Out {
         side: Some(side),
@@ -451,6 +471,10 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             if !emitter.emit(&name, args).await {
                 return;
             }
+            emitter.side_progress.store(
+                crate::storage::log::now_ms(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     });
     let conn = Conn {
@@ -982,11 +1006,6 @@ impl Conn {
         }
         let in_flight = max_in_flight.unwrap_or(DEFAULT_QUEUE_IN_FLIGHT);
         let key = (room.clone(), group.clone());
-        if let Some(old) = self.queues.remove(&key) {
-            // What the old subscription holds goes back first: the new one
-            // starts with its own credit and nothing outstanding.
-            self.stop_queue(&room, &group, old).await;
-        }
         let id = self.next_room_id;
         self.next_room_id += 1;
         let member = format!("{}-{id}", self.member);
@@ -1003,6 +1022,12 @@ impl Conn {
             .await?;
         let info = gateway.broker.describe_topic(&room).await?;
         let ack_timeout = Duration::from_millis(info.config.ack_timeout_ms.max(1));
+        if let Some(old) = self.queues.remove(&key) {
+            // The new subscription is made (a failure keeps the old one);
+            // what the old one holds goes back before the new one reads, so
+            // it starts with nothing outstanding.
+            self.stop_queue(&room, &group, old).await;
+        }
         let (out, r, g) = (self.out.clone(), room.clone(), group.clone());
         let pump = tokio::spawn(async move {
             pump_queue(out.clone(), r.clone(), g.clone(), sub, ack_timeout).await;
