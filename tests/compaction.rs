@@ -892,3 +892,42 @@ fn a_tombstone_goes_only_after_the_value_it_hides() {
         "k's older value is back for good: {shown:?}"
     );
 }
+
+/// A compaction pass removes deleted records, but a group that has not
+/// read past them still counts them as deleted: its lag, a queue group's
+/// low watermark and what retention later counts as lost to it are the
+/// same before and after the pass.
+#[test]
+fn compaction_leaves_what_groups_count_as_deleted() {
+    let disk = Arc::new(SimDisk::new());
+    let reg = registry(disk.clone(), "/data");
+    let topic = reg.create_topic("t", small_segments()).expect("topic");
+    let mut live = BTreeMap::new();
+    produce_and_delete(&topic, 100, |o| o < 50, &mut live).expect("produce");
+    for (group, mode) in [("s", GroupMode::Stream), ("q", GroupMode::Queue)] {
+        topic
+            .create_group(group, mode, Position::Earliest)
+            .expect("group");
+    }
+    let before: Vec<_> = ["s", "q"]
+        .iter()
+        .map(|g| {
+            let info = topic.describe_group(g).expect("describe");
+            (info.committed, info.lag)
+        })
+        .collect();
+    assert_eq!(
+        before[0].1, 50,
+        "the stream group's lag leaves out the deleted"
+    );
+    reg.compact(Some("t"), &mut |_| {}).expect("compact");
+    let after: Vec<_> = ["s", "q"]
+        .iter()
+        .map(|g| {
+            let info = topic.describe_group(g).expect("describe");
+            (info.committed, info.lag)
+        })
+        .collect();
+    assert_eq!(after, before);
+    assert_eq!(values(&topic), live);
+}

@@ -1659,3 +1659,104 @@ async fn an_ack_from_another_connection_returns_no_credit() {
         .expect("a delivery");
     assert_eq!(values(&second.messages), ["2"]);
 }
+
+/// A message whose lease runs out and that comes back to the same Consume
+/// stream replaces its first delivery: the stream's window stays
+/// `max_in_flight` (it shrank by one each time before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_to_the_same_consume_stream_keeps_its_window() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut g = grpc_client(&broker).await;
+    g.create_topic(pb::CreateTopicRequest {
+        name: "slow".into(),
+        config: Some(pb::TopicConfig {
+            ack_timeout_ms: Some(300),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("topic");
+    g.create_group(pb::CreateGroupRequest {
+        topic: "slow".into(),
+        group: "g".into(),
+        mode: pb::GroupMode::Queue as i32,
+        start: Some(earliest()),
+    })
+    .await
+    .expect("group");
+    let mut c = consume(&mut g.clone(), start("slow", "g", "m", 2))
+        .await
+        .expect("consume");
+    g.produce(pb::ProduceRequest {
+        topic: "slow".into(),
+        messages: vec![new_message("first")],
+    })
+    .await
+    .expect("produce");
+    assert_eq!(c.messages(1).await, [(0, 1)]);
+    // Not acked in time: it comes again, to this stream.
+    assert_eq!(c.messages(1).await, [(0, 2)]);
+    c.send(ack(&[0]));
+    let acked = c.next().await;
+    assert_eq!(acked.acked, [0]);
+    g.produce(pb::ProduceRequest {
+        topic: "slow".into(),
+        messages: vec![new_message("a"), new_message("b")],
+    })
+    .await
+    .expect("produce");
+    // Both at once, without an ack: the window is two again.
+    assert_eq!(c.messages(2).await, [(1, 1), (2, 1)]);
+}
+
+/// Deleting a stream group ends its subscriptions at once with
+/// `NOT_FOUND`, not at the topic's next produce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_stream_group_ends_its_subscriptions_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut g = grpc_client(&broker).await;
+    g.produce(pb::ProduceRequest {
+        topic: "t".into(),
+        messages: vec![new_message("m")],
+    })
+    .await
+    .expect("produce");
+    g.create_group(pb::CreateGroupRequest {
+        topic: "t".into(),
+        group: "s".into(),
+        mode: pb::GroupMode::Stream as i32,
+        start: Some(earliest()),
+    })
+    .await
+    .expect("group");
+    let mut deliveries = g
+        .subscribe(pb::SubscribeRequest {
+            topic: "t".into(),
+            group: Some("s".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), deliveries.message())
+        .await
+        .expect("in time")
+        .expect("no error")
+        .expect("a delivery");
+    assert_eq!(values(&first.messages), ["m"]);
+    g.delete_group(pb::DeleteGroupRequest {
+        topic: "t".into(),
+        group: "s".into(),
+    })
+    .await
+    .expect("delete group");
+    let end = tokio::time::timeout(Duration::from_secs(5), deliveries.message())
+        .await
+        .expect("the stream ends without another produce");
+    assert_eq!(
+        end.expect_err("ends with an error").code(),
+        tonic::Code::NotFound
+    );
+}

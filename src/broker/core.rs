@@ -1154,6 +1154,11 @@ impl Broker {
         let g = group.to_owned();
         blocking(move || t.delete_group(&g)).await?;
         self.inner.metrics.forget_group(topic, group);
+        // Its subscriptions and long-polls end now (NOT_FOUND at their next
+        // read), not at the topic's next produce.
+        if let Some(runtime) = self.runtimes().get(topic) {
+            runtime.notify();
+        }
         Ok(())
     }
 

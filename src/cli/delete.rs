@@ -20,9 +20,11 @@ pub fn run(args: DeleteArgs) -> CliResult {
     block_on(async {
         let client = connect(&args.server).await?;
         client.delete(&args.topic, &args.offsets).await?;
+        // Each offset once, however often it was named.
+        let offsets: std::collections::BTreeSet<u64> = args.offsets.iter().copied().collect();
         outln!(
             "deleted {} message(s) of topic {}",
-            args.offsets.len(),
+            offsets.len(),
             args.topic
         );
         Ok(())

@@ -81,8 +81,18 @@ impl Consuming {
                 event = events.next() => match event {
                     None => break End::Closed,
                     Some(Ok(Event::Messages(m))) => {
-                        // Leased now: given back however the stream ends.
-                        self.held.extend(m.offsets().into_iter().map(|o| o.0));
+                        // Leased now: given back however the stream ends. An
+                        // offset held already came again (its lease ran out):
+                        // one delivery replaces the other, so the credit the
+                        // new one took comes back now.
+                        let again = m
+                            .offsets()
+                            .into_iter()
+                            .filter(|o| !self.held.insert(o.0))
+                            .count();
+                        if again > 0 {
+                            self.credit.give(again);
+                        }
                         // A reload of the auth file may have narrowed or
                         // revoked the token since the stream started.
                         if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
@@ -108,9 +118,11 @@ impl Consuming {
                         Err(status) => break End::Failed(status),
                     },
                     Ok(None) => break End::Closed,
+                    // A request too large or that does not decode: the
+                    // stream ends with that status, not OK.
                     Err(status) => {
                         tracing::debug!(%status, "Consume request stream failed");
-                        break End::Closed;
+                        break End::Failed(status);
                     }
                 },
                 _ = stopping(&mut shutdown) => {

@@ -50,9 +50,26 @@ impl Topic {
         let compacted_below = self.log.segments().last().map(|s| s.base());
         let stats = self.log.compact(&|r| cleaner.keep(r), progress)?;
         if let Some(below) = compacted_below {
-            self.prune_deletions(&cleaner.deleted, below)?;
+            // Groups count what they have left by offsets less deletions
+            // (lag, a queue group's low watermark, what retention takes from
+            // them): deletions a group has not passed yet stay, though their
+            // records are gone.
+            let floor = self.lowest_committed()?.map_or(below, |c| c.min(below));
+            self.prune_deletions(&cleaner.deleted, floor)?;
         }
         Ok(stats)
+    }
+
+    /// The lowest committed offset (a queue group's low watermark) of the
+    /// topic's groups; `None` without groups.
+    fn lowest_committed(&self) -> Result<Option<u64>> {
+        let groups = self.groups();
+        let mut low: Option<u64> = None;
+        for group in groups.values() {
+            let committed = self.lock(group)?.committed();
+            low = Some(low.map_or(committed, |l| l.min(committed)));
+        }
+        Ok(low)
     }
 
     /// The keep-or-drop rules of compaction, on a snapshot of the topic's
