@@ -85,20 +85,21 @@ impl Consuming {
                         // offset held already came again (its lease ran out):
                         // one delivery replaces the other, so the credit the
                         // new one took comes back now.
-                        let again = m
+                        let again: std::collections::BTreeSet<u64> = m
                             .offsets()
                             .into_iter()
-                            .filter(|o| !self.held.insert(o.0))
-                            .count();
-                        if again > 0 {
-                            self.credit.give(again);
+                            .map(|o| o.0)
+                            .filter(|&o| !self.held.insert(o))
+                            .collect();
+                        if !again.is_empty() {
+                            self.credit.give(again.len());
                         }
                         // A reload of the auth file may have narrowed or
                         // revoked the token since the stream started.
                         if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
                             break End::Failed(self.status(&e));
                         }
-                        if !self.deliver(m).await {
+                        if !self.deliver(m, &again).await {
                             break End::Closed;
                         }
                     }
@@ -140,14 +141,22 @@ impl Consuming {
 
     /// Sends `messages` in responses within `max_frame`; false when the
     /// client is gone.
-    async fn deliver(&mut self, messages: crate::broker::Deliveries) -> bool {
+    /// `again`: offsets held already, whose credit came back.
+    async fn deliver(
+        &mut self,
+        messages: crate::broker::Deliveries,
+        again: &std::collections::BTreeSet<u64>,
+    ) -> bool {
         for d in convert::deliveries(0, messages, self.max_frame) {
             if let Some(offset) = d.skipped_offset {
                 // Still held (given back when the stream ends; else its
                 // lease runs out and max_deliveries dead-letters it); its
-                // credit comes back now, as no ack of it will.
+                // credit comes back now, as no ack of it will (once: not
+                // again for a redelivery of it).
                 tracing::warn!(offset, "a message too large for a Consume response");
-                self.credit.give(1);
+                if !again.contains(&offset) {
+                    self.credit.give(1);
+                }
                 continue;
             }
             let response = pb::ConsumeResponse {

@@ -468,6 +468,12 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
     };
     let side_task = tokio::spawn(async move {
         while let Some((name, args)) = posted.recv().await {
+            // Stamped as each emit starts too: a queue quiet for long is not
+            // taken for one stuck (only an emit blocked 30 s is).
+            emitter.side_progress.store(
+                crate::storage::log::now_ms(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if !emitter.emit(&name, args).await {
                 return;
             }
