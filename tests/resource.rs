@@ -812,10 +812,7 @@ async fn a_message_stored_under_a_larger_frame_limit_is_refused_clearly() {
         .await
         .expect("produce big");
     drop(client);
-    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert!(ok, "clean stop: {log}");
+    stop_cleanly(broker).await;
 
     let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
     let client = Client::connect(&broker.addr, "c").await.expect("connect");
@@ -896,10 +893,7 @@ async fn a_message_too_large_for_a_frame_is_skipped_or_dead_lettered_explicitly(
         .await
         .expect("stream group");
     drop(client);
-    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert!(ok, "clean stop: {log}");
+    stop_cleanly(broker).await;
 
     let broker = start_with_config(tmp.path(), &format!("max_frame_bytes = {FRAME_LIMIT}\n"));
     let client = Client::connect(&broker.addr, "c").await.expect("connect");
@@ -1119,10 +1113,7 @@ async fn a_message_skipped_by_the_frame_gives_its_credit_back() {
         .await
         .expect("produce");
     drop(client);
-    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert!(ok, "clean stop: {log}");
+    stop_cleanly(broker).await;
 
     let broker = start_with_config(tmp.path(), "max_frame_bytes = 1048576\n");
     let client = Client::connect(&broker.addr, "c").await.expect("connect");
@@ -1203,4 +1194,12 @@ async fn a_dead_letter_its_topic_refuses_does_not_strand_the_others() {
     let values: Vec<&[u8]> = got.messages.iter().map(|r| &r.message.value[..]).collect();
     assert_eq!(values, [&b"s1"[..], b"s2"]);
     assert!(got.messages.iter().all(|r| r.delivery == 1));
+}
+
+/// Stops `broker` with SIGTERM and checks it stopped cleanly.
+async fn stop_cleanly(broker: Broker) {
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
 }

@@ -1184,6 +1184,22 @@ impl ReaderStream {
         }
     }
 
+    /// Reads the stream to its end (within 10 s), each response through
+    /// `each`; the status it ended with (`None`: it ended OK).
+    async fn end(&mut self, each: impl Fn(pb::ConsumeResponse)) -> Option<tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match self.responses.message().await {
+                    Ok(Some(r)) => each(r),
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        })
+        .await
+        .expect("the stream ends")
+    }
+
     /// Narrows the reader to topic "other" by a reload; returns once a
     /// fetch of "jobs" by the reader is refused.
     async fn narrow(&self) {
@@ -1225,19 +1241,8 @@ async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
         .produce("jobs", vec![NewMessage::from_value("job")])
         .await
         .expect("produce");
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match reader.responses.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
     assert_eq!(
-        end.map(|s| s.code()),
+        reader.end(|_| {}).await.map(|s| s.code()),
         Some(tonic::Code::PermissionDenied),
         "the stream ends refused"
     );
@@ -1298,17 +1303,9 @@ async fn a_consume_stream_refuses_an_extend_after_a_reload() {
             })),
         })
         .expect("extend");
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match reader.responses.message().await {
-                Ok(Some(r)) => assert!(r.extended.is_empty(), "extended after the reload: {r:?}"),
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
+    let end = reader
+        .end(|r| assert!(r.extended.is_empty(), "extended after the reload: {r:?}"))
+        .await;
     assert_eq!(
         end.map(|s| s.code()),
         Some(tonic::Code::PermissionDenied),
