@@ -1360,7 +1360,7 @@ fn group_state_stays_flat_while_a_million_acks_pass_one_stuck_message() {
     assert_eq!(group.committed(), 0);
     assert!(group.done_ranges() <= 2);
     assert!(!group.is_done(0) && group.is_done(1) && group.is_done(N) && !group.is_done(N + 1));
-    assert_eq!(group.info(N + 1, &RangeSet::new()).lag, 1);
+    assert_eq!(group.info(N + 1, &RangeSet::new(), now_ms()).lag, 1);
 }
 
 #[test]
@@ -1858,4 +1858,82 @@ proptest! {
 /// Offsets as the broker takes them.
 fn as_offsets(offsets: &[u64]) -> Vec<Offset> {
     offsets.iter().copied().map(Offset).collect()
+}
+
+#[test]
+fn a_lease_that_ran_out_is_no_lease_for_nack_extend_or_pending() {
+    // A slow consumer's late nack (with a long delay) must not hold back a
+    // message whose lease ran out: it is due at once, for any member, and
+    // no longer counts as pending.
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 10, 1_000))
+        .expect("topic");
+    produce(&topic, 0, 1);
+    topic
+        .create_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    let long_ago = now_ms() - 10_000;
+    let first = registry
+        .fetch_queue("jobs", "g", "slow", 1, NO_BYTE_LIMIT, long_ago)
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1);
+    assert_eq!(topic.describe_group("g").expect("describe").pending, 0);
+    assert_eq!(
+        topic
+            .extend_leases("g", "slow", &[Offset(0)], Some(60_000))
+            .expect("extend"),
+        Vec::<Offset>::new()
+    );
+    assert_eq!(topic.nack("g", &[Offset(0)], 60_000).expect("nack"), 0);
+    let again = registry
+        .fetch_queue("jobs", "g", "quick", 1, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let got: Vec<u64> = again
+        .deliveries
+        .iter()
+        .map(|d| d.message.offset.0)
+        .collect();
+    assert_eq!(got, [0], "due at once for another member");
+}
+
+#[test]
+fn a_stream_commit_below_the_log_start_is_taken_as_the_start() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "t",
+            TopicConfig {
+                log: LogConfig {
+                    segment_bytes: 1024,
+                    retention_bytes: Some(1024),
+                    fsync: FsyncPolicy::Always,
+                    ..LogConfig::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .expect("topic");
+    topic
+        .create_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    produce(&topic, 0, 60);
+    topic.enforce_retention(now_ms()).expect("retention");
+    let start = topic.log().stats().start.0;
+    assert!(start > 0, "retention dropped segments");
+    let lost = topic
+        .describe_group("s")
+        .expect("describe")
+        .lost_to_retention;
+    topic.commit("s", Offset(0)).expect("commit");
+    let info = topic.describe_group("s").expect("describe");
+    assert_eq!(info.committed, start);
+    assert_eq!(info.lag, 60 - start);
+    produce(&topic, 60, 120);
+    topic.enforce_retention(now_ms()).expect("retention");
+    let dropped = topic.log().stats().start.0 - start;
+    let info = topic.describe_group("s").expect("describe");
+    assert_eq!(info.lost_to_retention, lost + dropped, "counted once");
 }

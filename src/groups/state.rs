@@ -510,22 +510,26 @@ impl Group {
         self.maybe_snapshot()
     }
 
-    /// Gives a leased offset back for redelivery after `delay_ms`.
+    /// Gives a leased offset back for redelivery after `delay_ms`. A lease
+    /// that ran out already is no lease (the message is due at once, for
+    /// any member: a late nack must not hold it back).
     pub fn nack(&mut self, offset: u64, now_ms: u64, delay_ms: u64) -> bool {
-        if self.leases.remove(&offset).is_some() {
-            self.ready.insert(offset, now_ms.saturating_add(delay_ms));
-            true
-        } else {
-            false
+        match self.leases.get(&offset) {
+            Some(lease) if lease.deadline_ms > now_ms => {
+                self.leases.remove(&offset);
+                self.ready.insert(offset, now_ms.saturating_add(delay_ms));
+                true
+            }
+            _ => false,
         }
     }
 
     /// Moves the deadline of `member`'s lease on `offset` to `deadline_ms`;
-    /// false when `member` holds no lease on it (acked, expired, given back
-    /// or leased to another member).
-    pub fn extend(&mut self, offset: u64, member: &str, deadline_ms: u64) -> bool {
+    /// false when `member` holds no lease on it as of `now_ms` (acked,
+    /// expired, given back or leased to another member).
+    pub fn extend(&mut self, offset: u64, member: &str, now_ms: u64, deadline_ms: u64) -> bool {
         match self.leases.get_mut(&offset) {
-            Some(lease) if lease.member == member => {
+            Some(lease) if lease.member == member && lease.deadline_ms > now_ms => {
                 lease.deadline_ms = deadline_ms;
                 true
             }
@@ -693,7 +697,9 @@ impl Group {
     /// completed at once: it is in neither `pending` nor `lag`, and a queue
     /// group's watermark passes it, although the group completes it in its
     /// own state only when a fetch comes across it.
-    pub fn info(&self, log_end: u64, deleted: &RangeSet) -> GroupInfo {
+    /// `pending` counts the leases not run out as of `now_ms` (one that ran
+    /// out is due again, and leaves the lease table at the next fetch).
+    pub fn info(&self, log_end: u64, deleted: &RangeSet, now_ms: u64) -> GroupInfo {
         let (committed, lag) = match self.config.mode {
             GroupMode::Stream => {
                 let from = self.low.min(log_end);
@@ -724,8 +730,8 @@ impl Group {
             committed,
             pending: self
                 .leases
-                .keys()
-                .filter(|&&o| !deleted.contains(o))
+                .iter()
+                .filter(|&(&o, l)| l.deadline_ms > now_ms && !deleted.contains(o))
                 .count(),
             lag,
             members: self.members.clone(),

@@ -783,7 +783,7 @@ impl Topic {
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
-        let info = group.info(self.log.end().0, self.deletions().set());
+        let info = group.info(self.log.end().0, self.deletions().set(), now_ms());
         groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
         Ok(info)
     }
@@ -809,7 +809,7 @@ impl Topic {
     pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
         let _pass = self.enter()?;
         let end = self.log.end().0;
-        self.with_group(name, |g| Ok(g.info(end, self.deletions().set())))
+        self.with_group(name, |g| Ok(g.info(end, self.deletions().set(), now_ms())))
     }
 
     /// Group `name`'s mode and committed offset (a queue group's low
@@ -854,7 +854,7 @@ impl Topic {
         let end = self.log.end().0;
         groups
             .values()
-            .map(|g| Ok(self.lock(g)?.info(end, self.deletions().set())))
+            .map(|g| Ok(self.lock(g)?.info(end, self.deletions().set(), now_ms())))
             .collect()
     }
 

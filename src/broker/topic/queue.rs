@@ -307,14 +307,14 @@ impl Topic {
     /// Returns how many were leased.
     pub fn nack(&self, group: &str, offsets: &[Offset], delay_ms: u64) -> Result<usize> {
         let _pass = self.enter()?;
-        if delay_ms > MAX_DURATION_MS {
-            return Err(Error::InvalidArgument(format!(
-                "delay_ms {delay_ms} is over {MAX_DURATION_MS} (100 years)"
-            )));
-        }
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
+            if delay_ms > MAX_DURATION_MS {
+                return Err(Error::InvalidArgument(format!(
+                    "delay_ms {delay_ms} is over {MAX_DURATION_MS} (100 years)"
+                )));
+            }
             Ok(offsets
                 .iter()
                 .filter(|o| g.nack(o.0, now, delay_ms))
@@ -348,7 +348,7 @@ impl Topic {
             Ok(offsets
                 .iter()
                 .copied()
-                .filter(|o| g.extend(o.0, member, deadline))
+                .filter(|o| g.extend(o.0, member, now, deadline))
                 .collect())
         })
     }

@@ -72,14 +72,20 @@ impl Topic {
     /// Stream group: commits `offset` as the next to read after a restart.
     pub fn commit(&self, group: &str, offset: Offset) -> Result<()> {
         let _pass = self.enter()?;
-        let offset = offset.0;
-        let end = self.log.end().0;
-        if offset > end {
+        // The group first: an unknown one is NOT_FOUND whatever the offset.
+        self.with_group(group, |_| Ok(()))?;
+        let stats = self.log.stats();
+        let end = stats.end.0;
+        if offset.0 > end {
             return Err(Error::InvalidArgument(format!(
-                "commit offset {offset} of topic {} is past its end ({end})",
-                self.name
+                "commit offset {} of topic {} is past its end ({end})",
+                offset.0, self.name
             )));
         }
+        // Below the start, what is there to read starts at the start (as a
+        // seek to such an offset does): lag and what retention counts as
+        // lost stand on offsets the log holds.
+        let offset = offset.0.max(stats.start.0);
         let stream_only = |g: &Group| {
             if g.config().mode != GroupMode::Stream {
                 return Err(Error::InvalidArgument(format!(
