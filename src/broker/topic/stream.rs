@@ -74,18 +74,14 @@ impl Topic {
         let _pass = self.enter()?;
         // The group first: an unknown one is NOT_FOUND whatever the offset.
         self.with_group(group, |_| Ok(()))?;
-        let stats = self.log.stats();
-        let end = stats.end.0;
-        if offset.0 > end {
+        let offset = offset.0;
+        let end = self.log.end().0;
+        if offset > end {
             return Err(Error::InvalidArgument(format!(
-                "commit offset {} of topic {} is past its end ({end})",
-                offset.0, self.name
+                "commit offset {offset} of topic {} is past its end ({end})",
+                self.name
             )));
         }
-        // Below the start, what is there to read starts at the start (as a
-        // seek to such an offset does): lag and what retention counts as
-        // lost stand on offsets the log holds.
-        let offset = offset.0.max(stats.start.0);
         let stream_only = |g: &Group| {
             if g.config().mode != GroupMode::Stream {
                 return Err(Error::InvalidArgument(format!(
