@@ -446,10 +446,11 @@ impl Group {
     }
 
     /// Whether the group has timing that lives only in memory and would be
-    /// lost if it were closed now: a lease (whose member has until its
-    /// timeout), or a redelivery not yet due (a nack's delay).
+    /// lost if it were closed now: a lease not run out (whose member has
+    /// until its timeout), or a redelivery not yet due (a nack's delay).
     pub fn has_timers(&self, now_ms: u64) -> bool {
-        !self.leases.is_empty() || self.ready.values().any(|&due| due > now_ms)
+        self.leases.values().any(|l| l.deadline_ms > now_ms)
+            || self.ready.values().any(|&due| due > now_ms)
     }
 
     /// Whether `offset` is leased right now.

@@ -538,7 +538,7 @@ fn gauges(total_topics: usize, topics: &[TopicSnapshot]) -> Registry {
     let pending = group_gauge(
         &mut r,
         "spool_group_pending",
-        "Messages leased to the queue group's members and not yet acked",
+        "Messages leased to the queue group's members and not yet acked (leases not run out)",
     );
     let committed = group_gauge(
         &mut r,

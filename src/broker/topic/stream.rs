@@ -72,8 +72,6 @@ impl Topic {
     /// Stream group: commits `offset` as the next to read after a restart.
     pub fn commit(&self, group: &str, offset: Offset) -> Result<()> {
         let _pass = self.enter()?;
-        // The group first: an unknown one is NOT_FOUND whatever the offset.
-        self.with_group(group, |_| Ok(()))?;
         let offset = offset.0;
         let end = self.log.end().0;
         if offset > end {
