@@ -593,9 +593,9 @@ impl Registry {
 
     /// Closed topics whose retention is due by `now` (at most `max`), each
     /// taken off the due list: [`Registry::apply_closed_retention`] puts it
-    /// back with its next due time.
-    /// Each call starts after the last name the one before took, so a few
-    /// topics due again and again cannot keep the others waiting.
+    /// back with its next due time. Each call starts after the last name
+    /// the one before took, so a few topics due again and again cannot keep
+    /// the others waiting.
     pub fn retention_due(&self, now: u64, max: usize) -> Vec<String> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
         let topics = self.read_topics();
