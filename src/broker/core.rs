@@ -368,15 +368,7 @@ impl Broker {
             }
             let (b, n) = (self.clone(), name.clone());
             match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Deletion::Deleted(topic)) => {
-                    // Closed or open: a closed topic has no runtime, but its
-                    // series and its watchers are the same.
-                    if let Some(topic) = topic {
-                        self.retire_runtime(&topic);
-                    }
-                    self.inner.metrics.forget_topic(&name);
-                    self.topic_event(TopicEvent::Deleted(name.clone()));
-                }
+                Ok(Deletion::Deleted(topic)) => self.deleted(&name, topic),
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
@@ -599,7 +591,7 @@ impl Broker {
     /// is on (`force`: whatever the setting, as for dead-letter topics).
     /// Creating makes folders and syncs them: on the blocking pool.
     async fn existing_or_create(&self, name: &str, force: bool) -> Result<Arc<TopicRuntime>> {
-        self.refuse_if_stopping()?;
+        // `existing` refuses once the broker stops, so nothing is created then.
         match self.existing(name).await {
             Err(Error::TopicNotFound(_)) => {
                 let topic = self
@@ -1043,21 +1035,31 @@ impl Broker {
         member: &str,
         offsets: Vec<Offset>,
     ) -> Result<usize> {
-        let runtime = self.existing(topic).await?;
-        let t = Arc::clone(runtime.topic());
-        let (group, member) = (group.to_owned(), member.to_owned());
-        let released = blocking(move || t.release_leases(&group, &member, &offsets)).await?;
-        runtime.notify();
-        Ok(released)
+        self.release(topic, group, member, Some(offsets)).await
     }
 
     /// Gives back every lease `member` holds in queue group `group` of
     /// `topic` (a consumer gone, whatever it was handed).
     pub async fn release_member(&self, topic: &str, group: &str, member: &str) -> Result<usize> {
+        self.release(topic, group, member, None).await
+    }
+
+    /// [`Broker::release_leases`] of `offsets`, or of all `member` holds.
+    async fn release(
+        &self,
+        topic: &str,
+        group: &str,
+        member: &str,
+        offsets: Option<Vec<Offset>>,
+    ) -> Result<usize> {
         let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
-        let released = blocking(move || t.release_member(&group, &member)).await?;
+        let released = blocking(move || match &offsets {
+            Some(offsets) => t.release_leases(&group, &member, offsets),
+            None => t.release_member(&group, &member),
+        })
+        .await?;
         runtime.notify();
         Ok(released)
     }
@@ -1114,12 +1116,20 @@ impl Broker {
     /// long-polls end with `NOT_FOUND`.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         let (b, n) = (self.clone(), name.to_owned());
-        if let Some(topic) = blocking(move || b.inner.registry.delete_topic(&n)).await? {
+        let topic = blocking(move || b.inner.registry.delete_topic(&n)).await?;
+        self.deleted(name, topic);
+        Ok(())
+    }
+
+    /// What follows the delete of topic `name` (its topic object when it
+    /// was open): closed or open, its series go and its watchers hear of
+    /// it; an open one's runtime is dropped.
+    fn deleted(&self, name: &str, topic: Option<Arc<Topic>>) {
+        if let Some(topic) = topic {
             self.retire_runtime(&topic);
         }
         self.inner.metrics.forget_topic(name);
         self.topic_event(TopicEvent::Deleted(name.to_owned()));
-        Ok(())
     }
 
     /// Creates group `group` of `topic`.

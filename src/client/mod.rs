@@ -468,11 +468,7 @@ impl Client {
                                 // this subscription, so it ends now, as a
                                 // dropped `Subscription` does, instead of
                                 // leasing queue messages into nothing.
-                                drop(Subscription {
-                                    id: sub.subscription_id,
-                                    rx: mpsc::unbounded_channel().1,
-                                    stop: orphans.clone(),
-                                });
+                                orphans.unsubscribe(sub.subscription_id);
                             }
                         } else if let Err(ClientError::Status { code, message }) = result {
                             tracing::debug!(?code, %message, "the server is closing the connection");
@@ -951,11 +947,7 @@ impl Drop for SubscribeCall<'_> {
         // sent after it fails in the reader, which ends the subscription.
         rx.close();
         if let Ok(Ok(Reply::Subscribe(sub))) = rx.try_recv() {
-            drop(Subscription {
-                id: sub.subscription_id,
-                rx: mpsc::unbounded_channel().1,
-                stop: self.client.stop(),
-            });
+            self.client.stop().unsubscribe(sub.subscription_id);
         }
     }
 }
@@ -988,17 +980,25 @@ struct Stop {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let stop = &self.stop;
+        self.stop.unsubscribe(self.id);
+    }
+}
+
+impl Stop {
+    /// Ends subscription `id` without waiting: forgets its channel and
+    /// sends `Unsubscribe` (for a dropped [`Subscription`], or one whose
+    /// subscribe call was given up).
+    fn unsubscribe(&self, id: u64) {
         let (Some(out), Some(pending), Some(subscriptions), Some(next_id)) = (
-            stop.out.upgrade(),
-            stop.pending.upgrade(),
-            stop.subscriptions.upgrade(),
-            stop.next_id.upgrade(),
+            self.out.upgrade(),
+            self.pending.upgrade(),
+            self.subscriptions.upgrade(),
+            self.next_id.upgrade(),
         ) else {
             // The client is gone, and its connection with it.
             return;
         };
-        lock(&subscriptions).remove(&self.id);
+        lock(&subscriptions).remove(&id);
         // The answer (also NOT_FOUND, after an explicit unsubscribe or once
         // the server ended it) goes to a call nobody waits for.
         let request_id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -1007,7 +1007,7 @@ impl Drop for Subscription {
         let frame = ClientOut::Frame(pb::ClientFrame {
             request_id,
             request: Some(Request::Unsubscribe(pb::UnsubscribeRequest {
-                subscription_id: self.id,
+                subscription_id: id,
             })),
         });
         match out.try_send(frame) {

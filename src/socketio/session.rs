@@ -886,9 +886,19 @@ impl Conn {
         if self.rooms.get(&room).is_none_or(|r| r.id != id) {
             return;
         }
-        self.rooms.remove(&room);
-        self.out.shared.lock().await.positions.remove(&room);
-        self.out.gateway.leave(&room, &self.out).await;
+        if let Some(r) = self.rooms.remove(&room) {
+            self.leave_room(&room, r).await;
+        }
+    }
+
+    /// Leaves `room`, whose subscription `r` was taken out of `rooms`: its
+    /// pump stopped first (a push under way would write the position
+    /// back), then its position, its membership, and a `rooms` event.
+    async fn leave_room(&mut self, room: &str, r: RoomSub) {
+        r.pump.abort();
+        let _ = r.pump.await;
+        self.out.shared.lock().await.positions.remove(room);
+        self.out.gateway.leave(room, &self.out).await;
         self.out.emit("rooms", vec![json!(self.room_names())]).await;
     }
 
@@ -1076,14 +1086,8 @@ impl Conn {
             }
             None => match self.rooms.remove(&request.room) {
                 Some(r) => {
-                    // Stopped before the position goes: a push under way
-                    // would write it back, and nothing of the room may
-                    // follow the reply.
-                    r.pump.abort();
-                    let _ = r.pump.await;
-                    self.out.shared.lock().await.positions.remove(&request.room);
-                    self.out.gateway.leave(&request.room, &self.out).await;
-                    self.out.emit("rooms", vec![json!(self.room_names())]).await;
+                    // Nothing of the room follows the reply.
+                    self.leave_room(&request.room, r).await;
                     true
                 }
                 None => false,
