@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 /// What the Engine.IO layer hands a socket's task.
@@ -413,6 +413,15 @@ struct QueueSub {
     id: u64,
 }
 
+/// What starts once a subscribe's reply is out, so that nothing of the
+/// subscription reaches the client before it.
+enum AfterReply {
+    /// A room's subscription, whose pump starts then.
+    Room(String, Subscription),
+    /// A queue subscription's pump, which leases nothing until told.
+    Queue(oneshot::Sender<()>),
+}
+
 /// The socket's task state.
 struct Conn {
     out: Out,
@@ -423,8 +432,8 @@ struct Conn {
     rooms: BTreeMap<String, RoomSub>,
     queues: BTreeMap<(String, String), QueueSub>,
     system: bool,
-    /// A room subscribed to, whose pump starts once the reply is out.
-    after_reply: Option<(String, Subscription)>,
+    /// A subscription whose pump starts once the reply is out.
+    after_reply: Option<AfterReply>,
     /// The id of the next room or queue subscription.
     next_room_id: u64,
     /// The task emitting what [`Out::post`] queued.
@@ -647,15 +656,22 @@ impl Conn {
                     self.out.disconnect(&e).await;
                     return;
                 }
-                if let Some((room, sub)) = self.after_reply.take() {
-                    // The new position reaches the client before any message.
-                    let mut names = self.room_names();
-                    if !names.contains(&room.as_str()) {
-                        names.push(&room);
+                match self.after_reply.take() {
+                    Some(AfterReply::Room(room, sub)) => {
+                        // The new position reaches the client before any
+                        // message.
+                        let mut names = self.room_names();
+                        if !names.contains(&room.as_str()) {
+                            names.push(&room);
+                        }
+                        let names = json!(names);
+                        self.out.emit("rooms", vec![names]).await;
+                        self.start_room(room, sub).await;
                     }
-                    let names = json!(names);
-                    self.out.emit("rooms", vec![names]).await;
-                    self.start_room(room, sub).await;
+                    Some(AfterReply::Queue(go)) => {
+                        let _ = go.send(());
+                    }
+                    None => {}
                 }
             }
             Kind::Ack | Kind::BinaryAck => self.ack(packet.id).await,
@@ -997,7 +1013,7 @@ impl Conn {
                     "start": info.stats.start.0,
                     "end": info.stats.end.0,
                 });
-                self.after_reply = Some((room, sub));
+                self.after_reply = Some(AfterReply::Room(room, sub));
                 Ok(reply)
             }
         }
@@ -1045,7 +1061,11 @@ impl Conn {
             self.stop_queue(&room, &group, old).await;
         }
         let (out, r, g) = (self.out.clone(), room.clone(), group.clone());
+        // Deliveries follow the reply: a client that sets up its handler
+        // once the subscribe is answered misses none.
+        let (go, after_reply) = oneshot::channel();
         let pump = tokio::spawn(async move {
+            let _ = after_reply.await;
             pump_queue(out.clone(), r.clone(), g.clone(), sub, ack_timeout).await;
             // Ended by itself: the socket's task gives back what it holds.
             out.socket.data.push(Inbound::QueueEnded {
@@ -1055,6 +1075,7 @@ impl Conn {
             });
         });
         self.queues.insert(key, QueueSub { pump, member, id });
+        self.after_reply = Some(AfterReply::Queue(go));
         Ok(json!({ "room": room, "group": group, "mode": "queue", "maxInFlight": in_flight }))
     }
 

@@ -46,11 +46,12 @@ export function collect(s, event = "message") {
   return got;
 }
 
-/// Waits until `pred()` holds.
-export async function until(pred, what, ms = 10000) {
+/// Waits until `pred()` holds; a time-out names `what` (and `state()`, if
+/// given).
+export async function until(pred, what, ms = 10000, state = () => "") {
   const end = Date.now() + ms;
   while (!pred()) {
-    if (Date.now() > end) throw new Error("timed out waiting for " + what);
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what} ${state()}`.trimEnd());
     await sleep(10);
   }
 }

@@ -61,12 +61,38 @@ await run({
     await until(() => ga.length === 5, "5 deliveries to a");
     a.close();
     const b = await connect();
-    await ok(b, "subscribe", { room: r, group: "g", mode: "queue" });
+    // Set up first: the messages wait, and may come in the reply's batch.
     const gb = deliveries(b);
+    await ok(b, "subscribe", { room: r, group: "g", mode: "queue" });
     await until(() => gb.length === 5, "the same 5 to b", 5000);
     assert.deepEqual(gb.map((d) => d.data).sort(), [0, 1, 2, 3, 4]);
     gb.forEach((d) => d.ack());
     p.close(); b.close();
+  },
+
+  async "queue deliveries come after the subscribe reply, never before it"() {
+    // Messages wait before the subscribe. The order is taken where the
+    // client reads each packet: the reply's callback and the handler run
+    // in arrival order (a promise's continuation may run later).
+    const p = await connect();
+    for (let round = 0; round < 20; round++) {
+      const r = room("waiting");
+      for (let i = 0; i < 3; i++) await ok(p, "publish", { room: r, data: i });
+      const c = await connect();
+      const order = [];
+      c.on("message", (data, meta, ack) => { order.push(data); ack(); });
+      const reply = await new Promise((resolve, reject) => {
+        c.timeout(10000).emit("subscribe", { room: r, group: "g", mode: "queue" }, (err, res) => {
+          order.push("reply");
+          return err ? reject(err) : resolve(res);
+        });
+      });
+      assert.equal(reply.ok, true, JSON.stringify(reply));
+      await until(() => order.length === 4, `round ${round}: the 3 waiting messages`, 5000);
+      assert.equal(order[0], "reply", `round ${round}: ${JSON.stringify(order)}`);
+      c.close();
+    }
+    p.close();
   },
 
   async "a member that leaves at any moment gives back everything it was leased, at once"() {

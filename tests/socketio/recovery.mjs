@@ -7,6 +7,16 @@ import { assert, collect, connect, ok, once, room, run, spool, until, sleep } fr
 const offsets = (got, r) => got.filter((g) => g.meta.room === r).map((g) => g.meta.offset);
 const range = (n) => [...Array(n).keys()];
 
+/// Where `s`'s connection stands, for a failure's message.
+function state(s) {
+  const m = s.io, e = m.engine;
+  return JSON.stringify({
+    connected: s.connected, manager: m._readyState, reconnecting: m._reconnecting,
+    attempts: m.backoff.attempts, engine: e?.readyState, transport: e?.transport?.name,
+    upgrading: e?.upgrading, writeBuffer: e?.writeBuffer?.length, lastOffset: s._lastOffset,
+  });
+}
+
 await run({
   async "(a) transport closed mid-stream, twice: every message once, in order"() {
     const [r1, r2] = [room("flaky-a"), room("flaky-b")];
@@ -26,14 +36,17 @@ await run({
     })();
     await until(() => got.length >= 60, "some messages before the first drop");
     sub.io.engine.close();
-    await until(() => recoveries.length === 1, "the first reconnection");
+    await until(() => recoveries.length >= 1, "the first reconnection", 10000, () => state(sub));
     await until(() => got.length >= 180, "more messages before the second drop");
+    const before = recoveries.length;
     sub.io.engine.close();
-    await until(() => recoveries.length === 2, "the second reconnection");
+    await until(() => recoveries.length > before, "the second reconnection", 10000, () => state(sub));
     await publishing;
     await until(() => got.length >= n, "all messages");
     await sleep(300);
-    assert.deepEqual(recoveries, [true, true], "socket.recovered after each drop");
+    // At least the two drops: the transport may also drop by itself (an
+    // upgrade that races a poll), and every reconnection recovers.
+    assert.ok(recoveries.length >= 2 && recoveries.every((r) => r === true), `socket.recovered after each drop: ${recoveries}`);
     assert.deepEqual(offsets(got, r1), range(n / 2), "room 1: every offset once, in order");
     assert.deepEqual(offsets(got, r2), range(n / 2), "room 2: every offset once, in order");
     assert.deepEqual(got.map((g) => g.data).sort((a, b) => a - b), range(n));
@@ -81,9 +94,12 @@ await run({
     const got = collect(sub);
     await ok(pub, "publish", { room: r, data: 0 });
     await until(() => got.length === 1, "the first message");
+    // Waited for from before the drop: the simulated 150 s pass in 100 ms,
+    // which may be over before the publishes below are.
+    const reconnected = once(sub, "connect");
     sub.io.engine.close();
     for (let i = 1; i <= 10; i++) await ok(pub, "publish", { room: r, data: i });
-    await once(sub, "connect");
+    await reconnected;
     assert.ok(asked.length >= 1 && asked[0] >= 150_000, `the client waited 150 s on its clock: ${asked}`);
     assert.equal(sub.recovered, true, "recovered after a 150 s (simulated) disconnection");
     await until(() => got.length === 11, "all 11");
