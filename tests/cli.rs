@@ -303,7 +303,7 @@ fn produce_from_stdin_survives_quiet_input_and_splits_large_input() {
         &tmp.path().join("data"),
         &[
             "--idle-timeout-ms",
-            "300",
+            "1000",
             "--config",
             config.to_str().expect("utf-8"),
         ],
@@ -319,10 +319,22 @@ fn produce_from_stdin_survives_quiet_input_and_splits_large_input() {
     let mut pipe = child.stdin.take().expect("stdin");
     pipe.write_all(b"a\n").expect("write");
     pipe.flush().expect("flush");
+    // A pause sends what was read.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let early = spool(&broker.addr, &["consume", "slow"], None);
+        if stdout(&early) == "a\n" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a pause sends what was read: {}",
+            stdout(&early)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // Three idle timeouts of quiet input.
-    std::thread::sleep(std::time::Duration::from_millis(1000));
-    let early = spool(&broker.addr, &["consume", "slow"], None);
-    assert_eq!(stdout(&early), "a\n", "a pause sends what was read");
+    std::thread::sleep(std::time::Duration::from_millis(3000));
     pipe.write_all(b"b\n").expect("write");
     drop(pipe);
     let out = child.wait_with_output().expect("wait");
@@ -433,7 +445,7 @@ fn group_json(server: &str, topic: &str, group: &str) -> serde_json::Value {
 fn consume_into_a_stalled_pipe_keeps_its_connection() {
     use std::io::Read;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(tmp.path(), &["--idle-timeout-ms", "300"]);
+    let broker = Broker::start(tmp.path(), &["--idle-timeout-ms", "1000"]);
     // 3000 lines of 90 bytes: far more than a pipe holds.
     let input: String = (0..3000)
         .map(|i| format!("{i:05}{}\n", "p".repeat(85)))
@@ -453,7 +465,8 @@ fn consume_into_a_stalled_pipe_keeps_its_connection() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn spool");
-        std::thread::sleep(std::time::Duration::from_millis(1200));
+        // Stalled for three idle timeouts.
+        std::thread::sleep(std::time::Duration::from_millis(3000));
         let mut printed = String::new();
         child
             .stdout

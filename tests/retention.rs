@@ -57,7 +57,7 @@ async fn wait_for(
     what: &str,
     check: impl Fn(&pb::TopicInfo) -> bool,
 ) -> pb::TopicInfo {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let info = client.describe_topic(topic).await.expect("describe");
         if check(&info) {
@@ -141,7 +141,7 @@ fn time_retention_drops_old_segments_and_groups_count_what_they_lost() {
                 segment_bytes: Some(1024),
                 // Long enough that the fetch below comes first even on a
                 // loaded machine.
-                retention_ms: Some(2000),
+                retention_ms: Some(5000),
                 ..Default::default()
             },
         )

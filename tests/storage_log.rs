@@ -294,7 +294,9 @@ fn values_are_zero_copy_views_of_the_map() {
 fn interval_policy_syncs_on_a_due_commit_and_on_every_tick() {
     let disk = Arc::new(SimDisk::new());
     let config = LogConfig {
-        fsync: FsyncPolicy::Interval(300),
+        // Long enough that the appends meant to fall inside it do on a
+        // loaded machine.
+        fsync: FsyncPolicy::Interval(2000),
         ..LogConfig::default()
     };
     let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
@@ -303,7 +305,7 @@ fn interval_policy_syncs_on_a_due_commit_and_on_every_tick() {
         log.append(&[msg(0)]).expect("append").durability,
         Durability::Written
     );
-    std::thread::sleep(std::time::Duration::from_millis(350));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     assert_eq!(
         log.append(&[msg(1)]).expect("append").durability,
         Durability::Durable,
@@ -325,14 +327,16 @@ fn interval_policy_syncs_on_a_due_commit_and_on_every_tick() {
 fn segments_roll_by_age() {
     let disk = Arc::new(SimDisk::new());
     let config = LogConfig {
-        segment_ms: Some(20),
+        // Long enough that the first two appends fall in it on a loaded
+        // machine.
+        segment_ms: Some(500),
         ..LogConfig::default()
     };
     let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
     log.append(&[msg(0)]).expect("append");
     log.append(&[msg(1)]).expect("append");
     assert_eq!(log.stats().segments, 1);
-    std::thread::sleep(std::time::Duration::from_millis(30));
+    std::thread::sleep(std::time::Duration::from_millis(600));
     log.append(&[msg(2)]).expect("append");
     assert_eq!(
         log.stats().segments,

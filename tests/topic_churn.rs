@@ -1101,10 +1101,12 @@ fn a_queue_lease_keeps_its_idle_topic_open_until_it_ends() {
         // Unused for 10 ms, the topic would close at the sweeper's next
         // pass, but the lease lives in its memory: it stays open.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(
-            open_fds(pid),
-            open,
-            "topic jobs keeps its files while member a holds a lease"
+        // Its files still open: not the drop of 4 or more a close makes
+        // (other descriptors may come and go meanwhile).
+        let now_open = open_fds(pid);
+        assert!(
+            now_open + 4 > open,
+            "topic jobs keeps its files while member a holds a lease: {now_open} open, {open} before"
         );
         let second = client
             .fetch(

@@ -620,6 +620,9 @@ impl Conn {
                 let id = packet.id;
                 let started = std::time::Instant::now();
                 let (operation, result) = self.event(packet).await;
+                // Taken now: whatever the reply's path, none is left for
+                // the next event.
+                let after_reply = self.after_reply.take();
                 let data_dir = self.out.gateway.broker.data_dir();
                 let code = result.as_ref().map_or_else(wire_code, |_| 0);
                 self.out.gateway.broker.metrics().request(
@@ -656,7 +659,7 @@ impl Conn {
                     self.out.disconnect(&e).await;
                     return;
                 }
-                match self.after_reply.take() {
+                match after_reply {
                     Some(AfterReply::Room(room, sub)) => {
                         // The new position reaches the client before any
                         // message.
@@ -1061,12 +1064,13 @@ impl Conn {
             self.stop_queue(&room, &group, old).await;
         }
         let (out, r, g) = (self.out.clone(), room.clone(), group.clone());
-        // Deliveries follow the reply: a client that sets up its handler
-        // once the subscribe is answered misses none.
+        // Nothing of the subscription reaches the client before its reply
+        // (a reply that never went out starts none).
         let (go, after_reply) = oneshot::channel();
         let pump = tokio::spawn(async move {
-            let _ = after_reply.await;
-            pump_queue(out.clone(), r.clone(), g.clone(), sub, ack_timeout).await;
+            if after_reply.await.is_ok() {
+                pump_queue(out.clone(), r.clone(), g.clone(), sub, ack_timeout).await;
+            }
             // Ended by itself: the socket's task gives back what it holds.
             out.socket.data.push(Inbound::QueueEnded {
                 room: r,

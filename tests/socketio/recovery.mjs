@@ -27,6 +27,8 @@ await run({
     const got = collect(sub);
     const recoveries = [];
     sub.on("connect", () => recoveries.push(sub.recovered));
+    const drops = [];
+    sub.on("disconnect", (reason) => drops.push(reason));
     const n = 300;
     const publishing = (async () => {
       for (let i = 0; i < n; i++) {
@@ -46,7 +48,8 @@ await run({
     await sleep(300);
     // At least the two drops: the transport may also drop by itself (an
     // upgrade that races a poll), and every reconnection recovers.
-    assert.ok(recoveries.length >= 2 && recoveries.every((r) => r === true), `socket.recovered after each drop: ${recoveries}`);
+    assert.ok(recoveries.length >= 2 && recoveries.every((r) => r === true), `socket.recovered after each drop: ${recoveries} (${drops})`);
+    assert.ok(!drops.includes("io server disconnect"), `the server disconnected it: ${drops}`);
     assert.deepEqual(offsets(got, r1), range(n / 2), "room 1: every offset once, in order");
     assert.deepEqual(offsets(got, r2), range(n / 2), "room 2: every offset once, in order");
     assert.deepEqual(got.map((g) => g.data).sort((a, b) => a - b), range(n));
