@@ -525,3 +525,34 @@ fn produce_takes_lines_that_are_not_utf8() {
     let m: serde_json::Value = serde_json::from_slice(&read.stdout).expect("json");
     assert_eq!(m["value_base64"], "//4=", "{m}");
 }
+
+/// A second `spool serve` on a data directory in use is told so, naming
+/// the pid that holds it, even when it would also collide on the first
+/// broker's addresses (as two brokers started with the defaults do).
+#[test]
+fn a_second_broker_on_the_same_data_directory_names_the_lock_holder() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let first = Broker::start(
+        &data,
+        &["--grpc", "off", "--metrics", "off", "--socketio", "off"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["serve", "--listen", &first.addr])
+        .args(["--grpc", "off", "--metrics", "off", "--socketio", "off"])
+        .arg("--data")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run spool serve");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let pid = first.child.id().to_string();
+    assert!(
+        stderr(&out).contains(&format!("locked by pid {pid}")),
+        "{}",
+        stderr(&out)
+    );
+    // The first broker goes on serving.
+    let listed = spool(&first.addr, &["topic", "list"], None);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+}

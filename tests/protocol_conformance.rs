@@ -512,6 +512,23 @@ async fn every_invalid_value_is_refused_naming_its_field() {
     assert_invalid(&err, "offset 99");
     let err = client.delete("t", &[99]).await.expect_err("past the end");
     assert_invalid(&err, "offset 99");
+    // A request's own fields before its topic and group are looked up
+    // (protocol.md §4), and what needs only the topic before the group.
+    let err = client
+        .create_group("nowhere", "a b", GroupMode::Queue, None)
+        .await
+        .expect_err("bad group name on an unknown topic");
+    assert_invalid(&err, "group name");
+    let err = client
+        .ack("t", "nobody", &[99], None)
+        .await
+        .expect_err("past the end, unknown group");
+    assert_invalid(&err, "offset 99");
+    let err = client
+        .nack("nowhere", "nobody", &[0], u64::MAX, None)
+        .await
+        .expect_err("delay over 100 years, unknown topic");
+    assert_invalid(&err, "delay_ms");
 
     // A group mode the client library cannot send.
     let mut raw = Raw::connect(&broker.addr).await;

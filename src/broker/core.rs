@@ -976,10 +976,14 @@ impl Broker {
     ) -> Result<()> {
         let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
-        let durable = blocking(move || match t.group_mode(&group)? {
-            GroupMode::Queue => t.ack_later(&group, &offsets),
-            GroupMode::Stream if for_subscription => Ok(None),
-            GroupMode::Stream => Err(Error::InvalidArgument(format!(
+        let durable = blocking(move || match t.group_mode(&group) {
+            // The offsets are checked before the group is found missing
+            // (protocol.md §4: what needs only the topic comes first).
+            Err(e @ Error::GroupNotFound(_)) => Err(t.check_offsets(&offsets).err().unwrap_or(e)),
+            Err(e) => Err(e),
+            Ok(GroupMode::Queue) => t.ack_later(&group, &offsets),
+            Ok(GroupMode::Stream) if for_subscription => Ok(None),
+            Ok(GroupMode::Stream) => Err(Error::InvalidArgument(format!(
                 "group {group} of topic {} is a stream group: commit offsets instead",
                 t.name()
             ))),
@@ -1000,6 +1004,8 @@ impl Broker {
         offsets: Vec<Offset>,
         delay_ms: u64,
     ) -> Result<usize> {
+        // The request's own field before the topic (protocol.md §4).
+        super::topic::check_delay(delay_ms)?;
         let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let group = group.to_owned();
@@ -1140,6 +1146,8 @@ impl Broker {
         mode: GroupMode,
         start: Position,
     ) -> Result<GroupInfo> {
+        // The request's own field before the topic (protocol.md §4).
+        super::config::validate_name("group", group)?;
         let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         blocking(move || t.create_group(&group, mode, start)).await

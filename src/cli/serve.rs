@@ -26,7 +26,8 @@ pub struct ServeArgs {
     #[arg(long)]
     listen: Option<String>,
     /// Address of the gRPC listener (default 127.0.0.1:7412); port 0 picks
-    /// a free port (printed on the second line); `off` serves no gRPC.
+    /// a free port (printed on its own start-up line); `off` serves no
+    /// gRPC.
     #[arg(long, value_name = "ADDR|off")]
     grpc: Option<String>,
     /// Address of the HTTP listener for /metrics, /healthz and /readyz
@@ -35,8 +36,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR|off")]
     metrics: Option<String>,
     /// Address of the socket.io listener (default 127.0.0.1:7413); port 0
-    /// picks a free port (printed on the third line); `off` serves no
-    /// socket.io.
+    /// picks a free port (printed on its own start-up line); `off` serves
+    /// no socket.io.
     #[arg(long, value_name = "ADDR|off")]
     socketio: Option<String>,
     /// TOML config file; flags override it.

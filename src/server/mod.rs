@@ -205,6 +205,15 @@ impl Server {
     /// Opens the data directory (taking its lock and recovering every topic)
     /// and binds the listeners (native, and gRPC if configured).
     pub async fn bind(config: ServerConfig) -> Result<Server> {
+        // The data directory's lock before any address: a second broker on
+        // the same directory is told that, not that the first one's ports
+        // are taken. Held until the broker takes it for good below.
+        let data = config.data.clone();
+        let probe = tokio::task::spawn_blocking(move || {
+            crate::storage::DataDir::open(Arc::new(crate::storage::io::OsStorage), data)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("locking the data directory: {e}")))??;
         let listener = TcpListener::bind(&config.listen)
             .await
             .ctx(|| format!("listening on {}", config.listen))?;
@@ -253,6 +262,7 @@ impl Server {
             ));
         }
         security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
+        drop(probe);
         let broker = Broker::open(BrokerConfig {
             data: config.data.clone(),
             topic_defaults: config.topic_defaults.clone(),

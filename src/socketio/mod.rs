@@ -204,12 +204,15 @@ impl Gateway {
     }
 
     /// `socket` joins `room`: every member (itself included) receives
-    /// `join-room` with the room and the socket's id.
+    /// `join-room` with the room and the socket's id. A socket already in
+    /// it (a subscribe that moves its position) joins nothing new.
     async fn join(&self, room: &str, socket: &session::Out) {
         let members = {
             let mut all = self.members.lock().await;
             let members = all.entry(room.to_owned()).or_default();
-            members.insert(socket.sid(), socket.clone());
+            if members.insert(socket.sid(), socket.clone()).is_some() {
+                return;
+            }
             members.values().cloned().collect::<Vec<_>>()
         };
         self.presence("join-room", room, socket, members).await;

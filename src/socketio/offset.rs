@@ -32,6 +32,8 @@ pub const KEY_LEN: usize = 32;
 pub const KEY_FILE: &str = "socketio.key";
 /// Most rooms one socket reads.
 pub const MAX_ROOMS: usize = 256;
+/// Most entries of a token: the rooms, and the system room `$rooms`.
+const MAX_ENTRIES: usize = MAX_ROOMS + 1;
 
 /// The key that seals tokens.
 #[derive(Clone)]
@@ -115,7 +117,7 @@ pub fn encoded_len(rooms: &BTreeMap<String, u64>) -> usize {
     let body: usize = 1 + PID_LEN + 2 + MAC_LEN;
     let rooms: usize = rooms
         .keys()
-        .take(MAX_ROOMS)
+        .take(MAX_ENTRIES)
         .map(|name| 1 + name.len().min(u8::MAX as usize) + 8)
         .sum();
     ((body + rooms) * 4).div_ceil(3)
@@ -137,9 +139,9 @@ pub fn encode_into(
     body.reserve(1 + PID_LEN + 2 + rooms.len() * 24 + MAC_LEN);
     body.push(TOKEN_VERSION);
     body.extend_from_slice(pid);
-    let count = rooms.len().min(MAX_ROOMS) as u16;
+    let count = rooms.len().min(MAX_ENTRIES) as u16;
     body.extend_from_slice(&count.to_le_bytes());
-    for (name, next) in rooms.iter().take(MAX_ROOMS) {
+    for (name, next) in rooms.iter().take(MAX_ENTRIES) {
         // Room names are topic names: at most 200 bytes.
         let name = &name.as_bytes()[..name.len().min(u8::MAX as usize)];
         body.push(name.len() as u8);

@@ -726,35 +726,39 @@ impl Conn {
         self.out.principal = Some(principal);
         let pid = auth.get("pid").and_then(Value::as_str);
         let offset = auth.get("offset").and_then(Value::as_str);
+        // A token that does not verify (made with another key, altered,
+        // another socket's) starts a new session, as socket.io's own server
+        // does with a session it does not know: the client connects with
+        // `recovered === false`, and an `error` event says why.
         let mut restored = None;
+        let mut bad_token = None;
         if let (Some(pid), Some(offset)) = (pid, offset) {
-            let token = match Token::decode(offset, &self.out.gateway.key) {
-                Ok(t) => t,
+            match Token::decode(offset, &self.out.gateway.key) {
+                Ok(token) if pid_from_text(pid) == Some(token.pid) => restored = Some(token),
+                Ok(_) => {
+                    bad_token = Some((
+                        "PERMISSION_DENIED",
+                        format!("{}: pid does not match", TokenError::Tampered),
+                    ))
+                }
                 Err(e) => {
                     let code = match e {
                         TokenError::Tampered => "PERMISSION_DENIED",
                         TokenError::Malformed(_) => "INVALID_ARGUMENT",
                     };
-                    self.out.send(&refuse(e.to_string(), code)).await;
-                    return;
+                    bad_token = Some((code, e.to_string()));
                 }
-            };
-            if pid_from_text(pid) != Some(token.pid) {
-                let e = TokenError::Tampered;
-                self.out
-                    .send(&refuse(
-                        format!("{e}: pid does not match"),
-                        "PERMISSION_DENIED",
-                    ))
-                    .await;
-                return;
             }
-            restored = Some(token);
         }
-        let (recovered, gaps, refused, subs) = match restored {
+        let (recovered, gaps, mut refused, subs) = match restored {
             Some(token) => self.restore(token).await,
             None => (false, Vec::new(), Vec::new(), Vec::new()),
         };
+        if let Some((code, why)) = bad_token {
+            tracing::debug!(sid = %self.out.socket.id, error = %why, "socket.io recovery offset refused");
+            let message = format!("{why}: a new session starts, in no room");
+            refused.insert(0, codec::error_value(code, &message));
+        }
         let pid = {
             let mut shared = self.out.shared.lock().await;
             if !recovered {
@@ -790,7 +794,7 @@ impl Conn {
     /// its token may still read; returns whether nothing was lost, the
     /// gaps, the errors of rooms dropped, and the subscriptions.
     async fn restore(&mut self, token: Token) -> Restored {
-        let broker = &self.out.gateway.broker;
+        let broker = self.out.gateway.broker.clone();
         let mut recovered = true;
         let mut gaps = Vec::new();
         let mut refused = Vec::new();
@@ -804,6 +808,12 @@ impl Conn {
                 recovered = false;
                 let message = format!("room {room}: {e}");
                 refused.push(codec::error_value(codec::code_name(&e), &message));
+                continue;
+            }
+            if room == super::SYSTEM_ROOM {
+                // Not a topic: the socket hears of rooms created and
+                // deleted from now on, as after a subscribe.
+                self.watch_rooms().await;
                 continue;
             }
             let info = match broker.describe_topic(&room).await {
@@ -963,12 +973,19 @@ impl Conn {
         }))
     }
 
+    /// Puts the socket in the system room (in its recovery token too).
+    async fn watch_rooms(&mut self) {
+        self.system = true;
+        self.out.gateway.watch_rooms(&self.out).await;
+        let mut shared = self.out.shared.lock().await;
+        shared.positions.insert(super::SYSTEM_ROOM.to_owned(), 0);
+    }
+
     async fn subscribe(&mut self, body: Value) -> Result<Value> {
         let request = codec::Subscribe::parse(&body)?;
         self.out.allow(guard::access("subscribe", &request.room))?;
         if request.room == super::SYSTEM_ROOM {
-            self.system = true;
-            self.out.gateway.watch_rooms(&self.out).await;
+            self.watch_rooms().await;
             return Ok(json!({ "room": request.room }));
         }
         let max = self.out.gateway.max_subscriptions;
@@ -1096,6 +1113,8 @@ impl Conn {
             }
             self.system = false;
             self.out.gateway.unwatch_rooms(&self.out).await;
+            let mut shared = self.out.shared.lock().await;
+            shared.positions.remove(super::SYSTEM_ROOM);
             return Ok(json!({ "room": request.room }));
         }
         let found = match &request.group {

@@ -130,7 +130,7 @@ await run({
     }
   },
 
-  async "a tampered recovery offset gets a connect_error; a valid one still works"() {
+  async "a recovery offset that does not verify starts a new session, with an error event saying why"() {
     const r = room("tamper");
     const a = await connect();
     await ok(a, "subscribe", { room: r });
@@ -141,26 +141,39 @@ await run({
     await until(() => offset !== undefined, "an event with its offset");
     const pid = a._pid;
     a.close();
-    for (const [bad, why] of [
-      [offset.slice(0, -2) + (offset.endsWith("AA") ? "BB" : "AA"), "was not issued by this broker or was altered"],
-      ["not-base64!", "malformed"],
-      ["", "malformed"],
-    ]) {
+    const cases = [
+      [pid, offset.slice(0, -2) + (offset.endsWith("AA") ? "BB" : "AA"), "PERMISSION_DENIED", "was not issued by this broker or was altered"],
+      [pid, "not-base64!", "INVALID_ARGUMENT", "malformed"],
+      [pid, "", "INVALID_ARGUMENT", "malformed"],
+      // Another socket's pid with this offset.
+      ["AAAAAAAAAAAAAAAAAAAAAA", offset, "PERMISSION_DENIED", "pid does not match"],
+    ];
+    for (const [sentPid, bad, code, why] of cases) {
       const s = io("http://" + env.socketio, { forceNew: true, reconnection: false, autoConnect: false });
-      s._pid = pid;
+      s._pid = sentPid;
       s._lastOffset = bad;
+      const errors = collect(s, "error");
+      const got = collect(s);
       s.connect();
-      const [e] = await once(s, "connect_error");
-      assert.ok(e.message.includes(why), `${JSON.stringify(bad)}: ${e.message}`);
+      await once(s, "connect");
+      assert.equal(s.recovered, false, JSON.stringify(bad));
+      assert.notEqual(s._pid, sentPid, "a new pid");
+      await until(() => errors.length === 1, "the error event of " + JSON.stringify(bad));
+      assert.equal(errors[0].data.error.code, code, JSON.stringify(errors[0].data));
+      assert.ok(errors[0].data.error.message.includes(why), errors[0].data.error.message);
+      // In no room: a message published to the token's room does not come.
+      await ok(s, "publish", { room: r, data: "after" });
+      await sleep(200);
+      assert.deepEqual(got, [], "the new session reads no room");
       s.close();
     }
-    // Another socket's pid with this offset: refused too.
+    // The valid token still recovers.
     const s = io("http://" + env.socketio, { forceNew: true, reconnection: false, autoConnect: false });
-    s._pid = "AAAAAAAAAAAAAAAAAAAAAA";
+    s._pid = pid;
     s._lastOffset = offset;
     s.connect();
-    const [e] = await once(s, "connect_error");
-    assert.ok(e.message.includes("pid does not match"), e.message);
+    await once(s, "connect");
+    assert.equal(s.recovered, true);
     s.close();
   },
 

@@ -131,6 +131,11 @@ await run({
     const joined = once(a, "join-room");
     await ok(b, "subscribe", { room: r });
     assert.deepEqual((await joined).slice(0, 2), [r, b.id]);
+    // A subscribe that moves b's position in the room is no new join.
+    const again = collect(a, "join-room");
+    await ok(b, "subscribe", { room: r, from: "earliest" });
+    await sleep(300);
+    assert.deepEqual(again, [], "no join-room for a socket already in the room");
     const left = once(a, "leave-room");
     const id = b.id;
     b.close();

@@ -56,6 +56,28 @@ await run({
     pub.close(); sub.close();
   },
 
+  async "the system room $rooms is recovered too"() {
+    const r = room("sys");
+    const sub = await connect();
+    await ok(sub, "subscribe", { room: "$rooms" });
+    await ok(sub, "subscribe", { room: r });
+    const created = collect(sub, "create-room");
+    const pub = await connect();
+    await ok(pub, "publish", { room: r, data: 1 });
+    await until(() => sub._lastOffset !== undefined, "an offset");
+    sub.io.reconnection(false);
+    sub.io.engine.close();
+    await until(() => !sub.connected, "offline");
+    sub.io.reconnection(true);
+    sub.connect();
+    await once(sub, "connect");
+    assert.equal(sub.recovered, true);
+    const made = room("made-after");
+    await ok(pub, "publish", { room: made, data: 1 });
+    await until(() => created.some((c) => c.data === made), "create-room after the recovery");
+    pub.close(); sub.close();
+  },
+
   async "a recovered socket gets what it missed before anything new"() {
     const r = room("offline");
     const [pub, sub] = [await connect(), await connect()];

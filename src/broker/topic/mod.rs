@@ -882,7 +882,7 @@ impl Topic {
         Ok(())
     }
 
-    fn check_offsets(&self, offsets: &[Offset]) -> Result<()> {
+    pub(crate) fn check_offsets(&self, offsets: &[Offset]) -> Result<()> {
         let end = self.log.end().0;
         match offsets.iter().find(|o| o.0 >= end) {
             Some(o) => Err(Error::InvalidArgument(format!(
@@ -1139,4 +1139,15 @@ fn fit(mut live: Records, from: Offset, limits: DeliveryLimits) -> Result<Record
         live.truncate(i);
     }
     Ok(live)
+}
+
+/// A nack's `delay_ms`: at most `MAX_DURATION_MS` (100 years).
+pub(crate) fn check_delay(delay_ms: u64) -> Result<()> {
+    if delay_ms > crate::storage::config::MAX_DURATION_MS {
+        return Err(Error::InvalidArgument(format!(
+            "delay_ms {delay_ms} is over {} (100 years)",
+            crate::storage::config::MAX_DURATION_MS
+        )));
+    }
+    Ok(())
 }

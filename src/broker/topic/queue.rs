@@ -308,11 +308,7 @@ impl Topic {
     pub fn nack(&self, group: &str, offsets: &[Offset], delay_ms: u64) -> Result<usize> {
         let _pass = self.enter()?;
         // The request's own field before the group (protocol.md §4).
-        if delay_ms > MAX_DURATION_MS {
-            return Err(Error::InvalidArgument(format!(
-                "delay_ms {delay_ms} is over {MAX_DURATION_MS} (100 years)"
-            )));
-        }
+        super::check_delay(delay_ms)?;
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
