@@ -207,13 +207,26 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Server> {
         // The data directory's lock before any address: a second broker on
         // the same directory is told that, not that the first one's ports
-        // are taken. Held until the broker takes it for good below.
-        let data = config.data.clone();
-        let probe = tokio::task::spawn_blocking(move || {
-            crate::storage::DataDir::open(Arc::new(crate::storage::io::OsStorage), data)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("locking the data directory: {e}")))??;
+        // are taken. Only a directory that has a lock file can be in use (a
+        // new one is not created before the listeners are known to work).
+        // The probe is let go just before the broker takes the lock for
+        // good: a broker started in that moment on the same directory makes
+        // one of the two fail, naming the lock or an address.
+        let probe = if config
+            .data
+            .join(crate::storage::datadir::LOCK_FILE)
+            .exists()
+        {
+            let data = config.data.clone();
+            let dir = tokio::task::spawn_blocking(move || {
+                crate::storage::DataDir::open(Arc::new(crate::storage::io::OsStorage), data)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("locking the data directory: {e}")))??;
+            Some(dir)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(&config.listen)
             .await
             .ctx(|| format!("listening on {}", config.listen))?;

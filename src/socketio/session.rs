@@ -392,7 +392,13 @@ async fn reserve(
 /// What a recovery gives back: whether nothing was lost, the `gap` events,
 /// the `error` events of rooms the token may no longer read, and the
 /// subscriptions of the rooms restored.
-type Restored = (bool, Vec<Value>, Vec<Value>, Vec<(String, Subscription)>);
+type Restored = (
+    bool,
+    bool,
+    Vec<Value>,
+    Vec<Value>,
+    Vec<(String, Subscription)>,
+);
 
 /// A room the socket reads.
 #[derive(Debug)]
@@ -416,6 +422,9 @@ struct QueueSub {
 /// What starts once a subscribe's reply is out, so that nothing of the
 /// subscription reaches the client before it.
 enum AfterReply {
+    /// A `rooms` event, whose recovery offset has the system room `$rooms`
+    /// as the reply left it (a reply carries no offset).
+    Rooms,
     /// A room's subscription, whose pump starts then.
     Room(String, Subscription),
     /// A queue subscription's pump, which leases nothing until told.
@@ -660,6 +669,10 @@ impl Conn {
                     return;
                 }
                 match after_reply {
+                    Some(AfterReply::Rooms) => {
+                        let names = json!(self.room_names());
+                        self.out.emit("rooms", vec![names]).await;
+                    }
                     Some(AfterReply::Room(room, sub)) => {
                         // The new position reaches the client before any
                         // message.
@@ -750,9 +763,9 @@ impl Conn {
                 }
             }
         }
-        let (recovered, gaps, mut refused, subs) = match restored {
+        let (recovered, system, gaps, mut refused, subs) = match restored {
             Some(token) => self.restore(token).await,
-            None => (false, Vec::new(), Vec::new(), Vec::new()),
+            None => (false, false, Vec::new(), Vec::new(), Vec::new()),
         };
         if let Some((code, why)) = bad_token {
             tracing::debug!(sid = %self.out.socket.id, error = %why, "socket.io recovery offset refused");
@@ -771,6 +784,9 @@ impl Conn {
             }
             pid_text(&shared.pid)
         };
+        if system {
+            self.watch_rooms().await;
+        }
         self.connected = true;
         self.out
             .send(&Packet::control(
@@ -791,10 +807,12 @@ impl Conn {
     }
 
     /// Puts the socket back in the rooms of `token` at its positions, those
-    /// its token may still read; returns whether nothing was lost, the
-    /// gaps, the errors of rooms dropped, and the subscriptions.
+    /// its token may still read; returns whether nothing was lost, whether
+    /// the token had the system room `$rooms` (not watched yet), the gaps,
+    /// the errors of rooms dropped, and the subscriptions.
     async fn restore(&mut self, token: Token) -> Restored {
         let broker = self.out.gateway.broker.clone();
+        let mut system = false;
         let mut recovered = true;
         let mut gaps = Vec::new();
         let mut refused = Vec::new();
@@ -811,9 +829,10 @@ impl Conn {
                 continue;
             }
             if room == super::SYSTEM_ROOM {
-                // Not a topic: the socket hears of rooms created and
-                // deleted from now on, as after a subscribe.
-                self.watch_rooms().await;
+                // Not a topic: back in it once every room is and the pid is
+                // settled (an event of it must not carry an offset without
+                // them).
+                system = true;
                 continue;
             }
             let info = match broker.describe_topic(&room).await {
@@ -868,7 +887,7 @@ impl Conn {
                 }
             }
         }
-        (recovered, gaps, refused, subs)
+        (recovered, system, gaps, refused, subs)
     }
 
     async fn subscribe_replay(&self, room: &str, from: Position) -> Result<Subscription> {
@@ -986,6 +1005,7 @@ impl Conn {
         self.out.allow(guard::access("subscribe", &request.room))?;
         if request.room == super::SYSTEM_ROOM {
             self.watch_rooms().await;
+            self.after_reply = Some(AfterReply::Rooms);
             return Ok(json!({ "room": request.room }));
         }
         let max = self.out.gateway.max_subscriptions;
@@ -1113,8 +1133,13 @@ impl Conn {
             }
             self.system = false;
             self.out.gateway.unwatch_rooms(&self.out).await;
-            let mut shared = self.out.shared.lock().await;
-            shared.positions.remove(super::SYSTEM_ROOM);
+            self.out
+                .shared
+                .lock()
+                .await
+                .positions
+                .remove(super::SYSTEM_ROOM);
+            self.after_reply = Some(AfterReply::Rooms);
             return Ok(json!({ "room": request.room }));
         }
         let found = match &request.group {

@@ -56,25 +56,39 @@ await run({
     pub.close(); sub.close();
   },
 
-  async "the system room $rooms is recovered too"() {
+  async "the system room $rooms is recovered too, and so is leaving it"() {
     const r = room("sys");
     const sub = await connect();
-    await ok(sub, "subscribe", { room: "$rooms" });
-    await ok(sub, "subscribe", { room: r });
-    const created = collect(sub, "create-room");
     const pub = await connect();
+    const created = collect(sub, "create-room");
+    // A room first, then $rooms: the offset after the latter's reply has it.
+    await ok(sub, "subscribe", { room: r });
     await ok(pub, "publish", { room: r, data: 1 });
     await until(() => sub._lastOffset !== undefined, "an offset");
-    sub.io.reconnection(false);
-    sub.io.engine.close();
-    await until(() => !sub.connected, "offline");
-    sub.io.reconnection(true);
-    sub.connect();
-    await once(sub, "connect");
-    assert.equal(sub.recovered, true);
+    let before = sub._lastOffset;
+    await ok(sub, "subscribe", { room: "$rooms" });
+    const drop = async () => {
+      await until(() => sub._lastOffset !== before, "the offset after the reply");
+      sub.io.reconnection(false);
+      sub.io.engine.close();
+      await until(() => !sub.connected, "offline");
+      sub.io.reconnection(true);
+      sub.connect();
+      await once(sub, "connect");
+      assert.equal(sub.recovered, true);
+    };
+    await drop();
     const made = room("made-after");
     await ok(pub, "publish", { room: made, data: 1 });
     await until(() => created.some((c) => c.data === made), "create-room after the recovery");
+    // Left, then dropped: recovery does not put it back.
+    before = sub._lastOffset;
+    await ok(sub, "unsubscribe", { room: "$rooms" });
+    await drop();
+    const later = room("made-later");
+    await ok(pub, "publish", { room: later, data: 1 });
+    await sleep(300);
+    assert.ok(!created.some((c) => c.data === later), "no create-room once $rooms was left");
     pub.close(); sub.close();
   },
 
