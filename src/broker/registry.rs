@@ -70,6 +70,24 @@ pub struct Registry {
     idle_deletable: Mutex<BTreeSet<String>>,
     /// The last topic [`Registry::retention_due`] took.
     retention_cursor: Mutex<String>,
+    /// Opens from disk under way, at most [`OPENERS`]: each holds files
+    /// of its own while it reads and checkpoints, on top of the open
+    /// topics' budget, until the sweep that keeps the budget catches up.
+    openers: (Mutex<usize>, std::sync::Condvar),
+}
+
+/// Most topics opened from disk at once.
+const OPENERS: usize = 4;
+
+/// A place among the [`OPENERS`], given back when dropped.
+struct Opener<'a>(&'a (Mutex<usize>, std::sync::Condvar));
+
+impl Drop for Opener<'_> {
+    fn drop(&mut self) {
+        let (count, freed) = self.0;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        freed.notify_one();
+    }
 }
 
 /// A topic's place in the registry.
@@ -175,7 +193,19 @@ impl Registry {
             opened: Arc::new(tokio::sync::Notify::new()),
             idle_deletable: Mutex::new(BTreeSet::new()),
             retention_cursor: Mutex::new(String::new()),
+            openers: (Mutex::new(0), std::sync::Condvar::new()),
         })
+    }
+
+    /// Waits for a place among the [`OPENERS`]; the guard gives it back.
+    fn opener(&self) -> Opener<'_> {
+        let (count, freed) = &self.openers;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= OPENERS {
+            n = freed.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Opener(&self.openers)
     }
 
     /// Opens every topic, as [`Registry::open`] and then [`Registry::topic`]
@@ -307,7 +337,10 @@ impl Registry {
         if slot.is_gone() {
             return Err(not_found(name));
         }
-        let topic = match self.open_from_disk(name) {
+        let opening = self.opener();
+        let opened = self.open_from_disk(name);
+        drop(opening);
+        let topic = match opened {
             Ok(topic) => Arc::new(topic),
             Err(e) => {
                 tracing::error!(topic = name, error = %e, "the topic cannot be opened");

@@ -45,6 +45,23 @@ pub const RESERVED_EVENTS: &[&str] = &[
     "delete-room",
 ];
 
+/// Whether `name` is an event a message may go out as: 1 to
+/// [`MAX_EVENT_LEN`] bytes, and none of [`RESERVED_EVENTS`].
+fn check_event(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > MAX_EVENT_LEN {
+        return Err(format!(
+            "event name has {} bytes; use 1 to {MAX_EVENT_LEN}",
+            name.len()
+        ));
+    }
+    if RESERVED_EVENTS.contains(&name) {
+        return Err(format!(
+            "event name {name:?} is reserved (by the socket.io client or the gateway)"
+        ));
+    }
+    Ok(())
+}
+
 /// The answer to a client event.
 #[derive(Debug)]
 pub enum Reply {
@@ -166,16 +183,8 @@ impl Publish {
         match o.get("event") {
             None | Some(Value::Null) => {}
             Some(Value::String(e)) => {
-                if e.is_empty() || e.len() > MAX_EVENT_LEN {
-                    return Err(Error::InvalidArgument(format!(
-                        "publish: event name has {} bytes; use 1 to {MAX_EVENT_LEN}",
-                        e.len()
-                    )));
-                }
-                if RESERVED_EVENTS.contains(&e.as_str()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "publish: event name {e:?} is reserved (by the socket.io client or the gateway)"
-                    )));
+                if let Err(why) = check_event(e) {
+                    return Err(Error::InvalidArgument(format!("publish: {why}")));
                 }
                 if e != DEFAULT_EVENT {
                     headers.push(Header::new(EVENT_HEADER, Bytes::from(e.clone())));
@@ -425,8 +434,13 @@ pub fn message_event(
     token: Option<String>,
     id: Option<u64>,
 ) -> Packet {
+    // A name another transport stored that a publish could not use (one
+    // the client or the gateway reserves, or of no or too many bytes) goes
+    // out as the default: the client would take a reserved one for a
+    // broken packet, and drop the socket at it again after each recovery.
     let event = header(m, EVENT_HEADER)
         .and_then(|e| std::str::from_utf8(e).ok())
+        .filter(|e| check_event(e).is_ok())
         .unwrap_or(DEFAULT_EVENT);
     let mut attachments = Vec::new();
     let as_json = |v: &Bytes| serde_json::from_slice::<Value>(v).ok();
@@ -547,6 +561,35 @@ mod tests {
             e.data,
             Some(json!(["message", placeholder(0), {"room": "a", "offset": 0, "timestamp": 1}]))
         );
+    }
+
+    #[test]
+    fn a_stored_event_name_a_publish_could_not_use_goes_out_as_message() {
+        // Written by another transport with the header set by hand.
+        let long = "e".repeat(MAX_EVENT_LEN + 1);
+        for name in ["connect", "disconnect", "rooms", "error", "", long.as_str()] {
+            let m = Message {
+                offset: Offset(0),
+                timestamp_ms: 1,
+                key: None,
+                headers: vec![Header::new(EVENT_HEADER, Bytes::from(name.to_owned()))],
+                value: Bytes::from_static(b"1"),
+            };
+            let e = message_event("a", &m, None, None, None);
+            let data = e.data.expect("an event");
+            assert_eq!(data[0], json!("message"), "{name:?}");
+        }
+        let m = Message {
+            offset: Offset(0),
+            timestamp_ms: 1,
+            key: None,
+            headers: vec![Header::new(EVENT_HEADER, Bytes::from_static(b"chat"))],
+            value: Bytes::from_static(b"1"),
+        };
+        let data = message_event("a", &m, None, None, None)
+            .data
+            .expect("an event");
+        assert_eq!(data[0], json!("chat"));
     }
 
     #[test]

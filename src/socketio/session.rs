@@ -737,30 +737,41 @@ impl Conn {
             }
         };
         self.out.principal = Some(principal);
-        let pid = auth.get("pid").and_then(Value::as_str);
-        let offset = auth.get("offset").and_then(Value::as_str);
+        let pid = auth.get("pid").filter(|v| !v.is_null());
+        let offset = auth.get("offset").filter(|v| !v.is_null());
         // A token that does not verify (made with another key, altered,
         // another socket's) starts a new session, as socket.io's own server
         // does with a session it does not know: the client connects with
         // `recovered === false`, and an `error` event says why.
         let mut restored = None;
         let mut bad_token = None;
-        if let (Some(pid), Some(offset)) = (pid, offset) {
-            match Token::decode(offset, &self.out.gateway.key) {
-                Ok(token) if pid_from_text(pid) == Some(token.pid) => restored = Some(token),
-                Ok(_) => {
-                    bad_token = Some((
-                        "PERMISSION_DENIED",
-                        format!("{}: pid does not match", TokenError::Tampered),
-                    ))
+        match (pid.map(Value::as_str), offset.map(Value::as_str)) {
+            // No offset (a socket that got no event yet): nothing to
+            // recover.
+            (_, None) => {}
+            (Some(Some(pid)), Some(Some(offset))) => {
+                match Token::decode(offset, &self.out.gateway.key) {
+                    Ok(token) if pid_from_text(pid) == Some(token.pid) => restored = Some(token),
+                    Ok(_) => {
+                        bad_token = Some((
+                            "PERMISSION_DENIED",
+                            format!("{}: pid does not match", TokenError::Tampered),
+                        ))
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            TokenError::Tampered => "PERMISSION_DENIED",
+                            TokenError::Malformed(_) => "INVALID_ARGUMENT",
+                        };
+                        bad_token = Some((code, e.to_string()));
+                    }
                 }
-                Err(e) => {
-                    let code = match e {
-                        TokenError::Tampered => "PERMISSION_DENIED",
-                        TokenError::Malformed(_) => "INVALID_ARGUMENT",
-                    };
-                    bad_token = Some((code, e.to_string()));
-                }
+            }
+            _ => {
+                bad_token = Some((
+                    "INVALID_ARGUMENT",
+                    "recovery offset is malformed: pid and offset must both be strings".into(),
+                ))
             }
         }
         let (recovered, system, gaps, mut refused, subs) = match restored {

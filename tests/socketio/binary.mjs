@@ -36,4 +36,28 @@ await run({
     assert.deepEqual(got[1].data, { json: true });
     b.close();
   },
+
+  async "an event name written elsewhere that a publish could not use goes out as message"() {
+    // A reserved name would make the client drop the socket at it, and
+    // again after every recovery: the room would be stuck for good.
+    const r = room("named");
+    const b = await connect();
+    const got = collect(b);
+    const chats = collect(b, "chat");
+    const drops = [];
+    b.on("disconnect", (reason) => drops.push(reason));
+    await ok(b, "subscribe", { room: r });
+    const { spool } = await import("./lib.mjs");
+    for (const name of ["connect", "disconnect", "rooms", "error", "x".repeat(201)]) {
+      spool("produce", r, "--header", `socketio-event=${name}`, JSON.stringify(name.slice(0, 10)));
+    }
+    spool("produce", r, "--header", "socketio-event=chat", "\"named\"");
+    await ok(b, "publish", { room: r, data: "after" });
+    await until(() => got.length === 6, "the five and the one after");
+    assert.deepEqual(got.map((g) => g.data), ["connect", "disconnect", "rooms", "error", "xxxxxxxxxx", "after"]);
+    await until(() => chats.length === 1, "the chat event");
+    assert.equal(chats[0].data, "named");
+    assert.deepEqual(drops, [], "the socket stayed connected");
+    b.close();
+  },
 });
