@@ -770,7 +770,8 @@ impl Conn {
             _ => {
                 bad_token = Some((
                     "INVALID_ARGUMENT",
-                    "recovery offset is malformed: pid and offset must both be strings".into(),
+                    "recovery offset is malformed: it needs a string pid and a string offset"
+                        .into(),
                 ))
             }
         }

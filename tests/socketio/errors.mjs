@@ -145,7 +145,7 @@ await run({
       [pid, offset.slice(0, -2) + (offset.endsWith("AA") ? "BB" : "AA"), "PERMISSION_DENIED", "was not issued by this broker or was altered"],
       [pid, "not-base64!", "INVALID_ARGUMENT", "malformed"],
       [pid, "", "INVALID_ARGUMENT", "malformed"],
-      [pid, 5, "INVALID_ARGUMENT", "must both be strings"],
+      [pid, 5, "INVALID_ARGUMENT", "needs a string pid and a string offset"],
       // Another socket's pid with this offset.
       ["AAAAAAAAAAAAAAAAAAAAAA", offset, "PERMISSION_DENIED", "pid does not match"],
     ];
