@@ -247,6 +247,21 @@ impl Broker {
     /// files (a simulated disk, in tests). Its syncs are timed into the
     /// broker's [`Metrics`].
     pub async fn open_on(config: BrokerConfig, storage: Arc<dyn Storage>) -> Result<Broker> {
+        Broker::open_with(config, storage, None).await
+    }
+
+    /// [`Broker::open`] of `data`, a data directory already locked (its
+    /// lock is kept, never let go between the caller and the broker).
+    pub async fn open_locked(config: BrokerConfig, data: DataDir) -> Result<Broker> {
+        let storage = Arc::clone(data.storage());
+        Broker::open_with(config, storage, Some(data)).await
+    }
+
+    async fn open_with(
+        config: BrokerConfig,
+        storage: Arc<dyn Storage>,
+        locked: Option<DataDir>,
+    ) -> Result<Broker> {
         let metrics = Metrics::new();
         let storage: Arc<dyn Storage> = Arc::new(TimedStorage::new(storage, metrics.clone()));
         let data_path = config.data.clone();
@@ -258,7 +273,10 @@ impl Broker {
             metrics: Some(metrics.clone()),
         };
         let registry = tokio::task::spawn_blocking(move || {
-            let data = DataDir::open(storage, &data_path)?;
+            let data = match locked {
+                Some(data) => data.with_storage(storage),
+                None => DataDir::open(storage, &data_path)?,
+            };
             Registry::open(data, options)
         })
         .await

@@ -209,10 +209,8 @@ impl Server {
         // the same directory is told that, not that the first one's ports
         // are taken. Only a directory that has a lock file can be in use (a
         // new one is not created before the listeners are known to work).
-        // The probe is let go just before the broker takes the lock for
-        // good: a broker started in that moment on the same directory makes
-        // one of the two fail, naming the lock or an address.
-        let probe = if config
+        // The broker keeps this lock.
+        let locked = if config
             .data
             .join(crate::storage::datadir::LOCK_FILE)
             .exists()
@@ -275,8 +273,7 @@ impl Server {
             ));
         }
         security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
-        drop(probe);
-        let broker = Broker::open(BrokerConfig {
+        let broker_config = BrokerConfig {
             data: config.data.clone(),
             topic_defaults: config.topic_defaults.clone(),
             auto_create: config.auto_create,
@@ -287,8 +284,11 @@ impl Server {
                 .max_open_files
                 .unwrap_or_else(crate::broker::default_max_open_files),
             topic_idle_close: config.topic_idle_close,
-        })
-        .await?;
+        };
+        let broker = match locked {
+            Some(data) => Broker::open_locked(broker_config, data).await?,
+            None => Broker::open(broker_config).await?,
+        };
         let shared = Arc::new(Shared {
             admission: Arc::new(Admission::new(
                 config.max_connections,

@@ -87,6 +87,12 @@ impl DataDir {
         })
     }
 
+    /// The same directory, still locked, with its files reached through
+    /// `storage` (a wrapper of the one it was opened with).
+    pub fn with_storage(self, storage: Arc<dyn Storage>) -> DataDir {
+        DataDir { storage, ..self }
+    }
+
     /// The directory.
     pub fn root(&self) -> &Path {
         &self.root
