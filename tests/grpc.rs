@@ -1763,3 +1763,103 @@ async fn deleting_a_stream_group_ends_its_subscriptions_at_once() {
         tonic::Code::NotFound
     );
 }
+
+/// `Consume` streams that end together give back everything: one stream's
+/// returned message leased by another stream's read just as that stream
+/// ends is given back by the read, not left leased to nobody until
+/// `ack_timeout_ms` (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_streams_ending_together_leave_nothing_leased() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut g = grpc_client(&broker).await;
+    g.create_topic(pb::CreateTopicRequest {
+        name: "jobs".into(),
+        config: Some(pb::TopicConfig {
+            ack_timeout_ms: Some(60_000),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("topic");
+    g.create_group(pb::CreateGroupRequest {
+        topic: "jobs".into(),
+        group: "g".into(),
+        mode: pb::GroupMode::Queue as i32,
+        start: Some(earliest()),
+    })
+    .await
+    .expect("group");
+    let pending = |mut g: SpoolClient<Channel>| async move {
+        g.describe_group(pb::DescribeGroupRequest {
+            topic: "jobs".into(),
+            group: "g".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner()
+        .pending
+    };
+    for round in 0..8 {
+        g.produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: (0..4)
+                .map(|i| new_message(&format!("{round}.{i}")))
+                .collect(),
+        })
+        .await
+        .expect("produce");
+        // Six streams of one message each: four hold one, two wait.
+        let mut streams = Vec::new();
+        for i in 0..6 {
+            let member = format!("m{i}");
+            streams.push(
+                consume(&mut g.clone(), start("jobs", "g", &member, 1))
+                    .await
+                    .expect("consume"),
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(g.clone()).await < 4 {
+            assert!(Instant::now() < deadline, "round {round}: the four leased");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // All end at once: each gives its message back, and the others'
+        // reads may lease it just as they end too.
+        drop(streams);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = pending(g.clone()).await;
+            if left == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {left} still leased to streams that ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Another member gets all four at once, and acks them.
+        let fetched = g
+            .fetch(pb::FetchRequest {
+                topic: "jobs".into(),
+                group: Some("g".into()),
+                member: "after".into(),
+                max_messages: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        let offsets: Vec<u64> = fetched.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets.len(), 4, "round {round}: {offsets:?}");
+        g.ack(pb::AckRequest {
+            topic: "jobs".into(),
+            group: "g".into(),
+            offsets,
+            subscription_id: None,
+        })
+        .await
+        .expect("ack");
+    }
+}

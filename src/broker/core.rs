@@ -219,6 +219,12 @@ pub(super) const INLINE_READ_RECORDS: u64 = 64;
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
 /// journal writes, reads of the log, and anything under a topic's
 /// group-state lock (acks hold it across their sync).
+/// What a queue read leased, and the topic it is of.
+struct Leased {
+    topic: String,
+    deliveries: Deliveries,
+}
+
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -755,32 +761,65 @@ impl Broker {
                 .map(Deliveries::from)
             }
             Target::Queue(g) => {
-                let member = member.to_owned();
-                let group = g.clone();
-                let source = Arc::clone(&t);
-                let (fetched, durable) =
-                    blocking(move || t.lease_queue_within(&g, &member, limits, now_ms())).await?;
-                if let Some(wait) = durable {
-                    wait.wait_async().await?;
-                }
-                if !fetched.dead_letters.is_empty() {
-                    // A dead letter that cannot be handed off (its topic
-                    // refuses it: too large for its segments, a full disk)
-                    // stays pending and is tried again when due; the
-                    // deliveries leased beside it, whose counts are synced,
-                    // still go out.
-                    let topic = source.name().to_owned();
-                    if let Err(e) = self.dead_letter(source, &group, fetched.dead_letters).await {
-                        tracing::warn!(topic, group, error = %e,
-                            "dead-lettering failed; the messages stay pending and are tried again");
-                        if fetched.deliveries.is_empty() {
-                            return Err(e);
+                // On a task of its own: a reader that goes away (a stream
+                // cancelled, a subscription stopped) while the lease is
+                // under way would leave what it leased to nobody until
+                // `ack_timeout_ms`; the task gives it back instead.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let (broker, member) = (self.clone(), member.to_owned());
+                tokio::spawn(async move {
+                    let leased = broker.lease_queue(t, &g, &member, limits).await;
+                    if let Err(Ok(unread)) = tx.send(leased) {
+                        let topic = unread.topic;
+                        let offsets = unread.deliveries.offsets();
+                        if let Err(e) = broker.release_leases(&topic, &g, &member, offsets).await {
+                            tracing::debug!(topic, group = g, error = %e,
+                                "giving back the leases of a read nobody took");
                         }
                     }
-                }
-                Ok(Deliveries::from(fetched.deliveries))
+                });
+                rx.await
+                    .unwrap_or_else(|_| Err(Error::Internal("a queue read stopped".into())))
+                    .map(|leased| leased.deliveries)
             }
         }
+    }
+
+    /// Leases up to `limits` of queue group `group` to `member` (see
+    /// [`Broker::read`]).
+    async fn lease_queue(
+        &self,
+        t: Arc<Topic>,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+    ) -> Result<Leased> {
+        let source = Arc::clone(&t);
+        let (g, m) = (group.to_owned(), member.to_owned());
+        let (fetched, durable) =
+            blocking(move || t.lease_queue_within(&g, &m, limits, now_ms())).await?;
+        let leased = Leased {
+            topic: source.name().to_owned(),
+            deliveries: Deliveries::from(fetched.deliveries),
+        };
+        if let Some(wait) = durable {
+            wait.wait_async().await?;
+        }
+        if !fetched.dead_letters.is_empty() {
+            // A dead letter that cannot be handed off (its topic refuses
+            // it: too large for its segments, a full disk) stays pending
+            // and is tried again when due; the deliveries leased beside
+            // it, whose counts are synced, still go out.
+            let topic = leased.topic.clone();
+            if let Err(e) = self.dead_letter(source, group, fetched.dead_letters).await {
+                tracing::warn!(topic, group, error = %e,
+                    "dead-lettering failed; the messages stay pending and are tried again");
+                if leased.deliveries.is_empty() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(leased)
     }
 
     /// [`subscription::target_and_start`], without a hand-off when nothing
