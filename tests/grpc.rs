@@ -1839,24 +1839,35 @@ async fn consume_streams_ending_together_leave_nothing_leased() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Another member gets all four at once, and acks them.
-        let fetched = g
-            .fetch(pb::FetchRequest {
-                topic: "jobs".into(),
-                group: Some("g".into()),
-                member: "after".into(),
-                max_messages: 10,
-                ..Default::default()
-            })
-            .await
-            .expect("fetch")
-            .into_inner();
-        let offsets: Vec<u64> = fetched.messages.iter().map(|m| m.offset).collect();
-        assert_eq!(offsets.len(), 4, "round {round}: {offsets:?}");
+        // Another member gets all four soon (a read the streams had under
+        // way may still lease one for a moment before it gives it back),
+        // and acks them.
+        let mut got: Vec<u64> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < 4 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: only {got:?} came back"
+            );
+            let fetched = g
+                .fetch(pb::FetchRequest {
+                    topic: "jobs".into(),
+                    group: Some("g".into()),
+                    member: "after".into(),
+                    max_messages: 10,
+                    ..Default::default()
+                })
+                .await
+                .expect("fetch")
+                .into_inner();
+            got.extend(fetched.messages.iter().map(|m| m.offset));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(got.len(), 4, "round {round}: {got:?}");
         g.ack(pb::AckRequest {
             topic: "jobs".into(),
             group: "g".into(),
-            offsets,
+            offsets: got,
             subscription_id: None,
         })
         .await

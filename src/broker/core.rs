@@ -219,18 +219,75 @@ pub(super) const INLINE_READ_RECORDS: u64 = 64;
 /// Runs engine work that may wait on the disk on the blocking pool: syncs,
 /// journal writes, reads of the log, and anything under a topic's
 /// group-state lock (acks hold it across their sync).
-/// What a queue read leased, and the topic it is of.
-struct Leased {
-    topic: String,
-    deliveries: Deliveries,
-}
-
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(internal("request failed", e)))
+}
+
+/// What a queue read leased to `member`. Unless its reader takes it, it
+/// gives the leases back when dropped (each only if still the one this read
+/// took: one that ran out and was leased again, even to the same member
+/// name, is another read's).
+struct Leased {
+    broker: Broker,
+    topic: String,
+    group: String,
+    member: String,
+    deliveries: Option<Deliveries>,
+}
+
+impl Leased {
+    /// The deliveries, now the reader's.
+    fn take(mut self) -> Deliveries {
+        self.deliveries.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        let Some(deliveries) = self.deliveries.take() else {
+            return;
+        };
+        if deliveries.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let leased = deliveries
+            .iter()
+            .map(|d| (d.offset(), d.delivery()))
+            .collect();
+        let broker = self.broker.clone();
+        let (topic, group, member) = (
+            std::mem::take(&mut self.topic),
+            std::mem::take(&mut self.group),
+            std::mem::take(&mut self.member),
+        );
+        runtime.spawn(async move {
+            let released = broker
+                .release(&topic, &group, &member, Release::Unread(leased))
+                .await;
+            if let Err(e) = released {
+                tracing::debug!(topic, group, error = %e,
+                    "giving back the leases of a read nobody took");
+            }
+        });
+    }
+}
+
+/// Which leases of a member [`Broker::release`] gives back.
+enum Release {
+    /// Those on these offsets.
+    Offsets(Vec<Offset>),
+    /// All of them.
+    All,
+    /// Those of a read nobody took: (offset, delivery) pairs, each given
+    /// back only if still that delivery's lease.
+    Unread(Vec<(u64, u32)>),
 }
 
 impl Broker {
@@ -765,22 +822,17 @@ impl Broker {
                 // cancelled, a subscription stopped) while the lease is
                 // under way would leave what it leased to nobody until
                 // `ack_timeout_ms`; the task gives it back instead.
+                // What it leased travels as a [`Leased`], which gives it
+                // back wherever it is dropped untaken: in the task, in the
+                // channel, or on the way to the reader.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let (broker, member) = (self.clone(), member.to_owned());
                 tokio::spawn(async move {
-                    let leased = broker.lease_queue(t, &g, &member, limits).await;
-                    if let Err(Ok(unread)) = tx.send(leased) {
-                        let topic = unread.topic;
-                        let offsets = unread.deliveries.offsets();
-                        if let Err(e) = broker.release_leases(&topic, &g, &member, offsets).await {
-                            tracing::debug!(topic, group = g, error = %e,
-                                "giving back the leases of a read nobody took");
-                        }
-                    }
+                    let _ = tx.send(broker.lease_queue(t, &g, &member, limits).await);
                 });
                 rx.await
                     .unwrap_or_else(|_| Err(Error::Internal("a queue read stopped".into())))
-                    .map(|leased| leased.deliveries)
+                    .map(Leased::take)
             }
         }
     }
@@ -799,8 +851,11 @@ impl Broker {
         let (fetched, durable) =
             blocking(move || t.lease_queue_within(&g, &m, limits, now_ms())).await?;
         let leased = Leased {
+            broker: self.clone(),
             topic: source.name().to_owned(),
-            deliveries: Deliveries::from(fetched.deliveries),
+            group: group.to_owned(),
+            member: member.to_owned(),
+            deliveries: Some(Deliveries::from(fetched.deliveries)),
         };
         if let Some(wait) = durable {
             wait.wait_async().await?;
@@ -814,7 +869,7 @@ impl Broker {
             if let Err(e) = self.dead_letter(source, group, fetched.dead_letters).await {
                 tracing::warn!(topic, group, error = %e,
                     "dead-lettering failed; the messages stay pending and are tried again");
-                if leased.deliveries.is_empty() {
+                if leased.deliveries.as_ref().is_none_or(Deliveries::is_empty) {
                     return Err(e);
                 }
             }
@@ -1098,29 +1153,31 @@ impl Broker {
         member: &str,
         offsets: Vec<Offset>,
     ) -> Result<usize> {
-        self.release(topic, group, member, Some(offsets)).await
+        self.release(topic, group, member, Release::Offsets(offsets))
+            .await
     }
 
     /// Gives back every lease `member` holds in queue group `group` of
     /// `topic` (a consumer gone, whatever it was handed).
     pub async fn release_member(&self, topic: &str, group: &str, member: &str) -> Result<usize> {
-        self.release(topic, group, member, None).await
+        self.release(topic, group, member, Release::All).await
     }
 
-    /// [`Broker::release_leases`] of `offsets`, or of all `member` holds.
+    /// Gives back, due at once, the leases of `member` that `which` names.
     async fn release(
         &self,
         topic: &str,
         group: &str,
         member: &str,
-        offsets: Option<Vec<Offset>>,
+        which: Release,
     ) -> Result<usize> {
         let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
-        let released = blocking(move || match &offsets {
-            Some(offsets) => t.release_leases(&group, &member, offsets),
-            None => t.release_member(&group, &member),
+        let released = blocking(move || match &which {
+            Release::Offsets(offsets) => t.release_leases(&group, &member, offsets),
+            Release::All => t.release_member(&group, &member),
+            Release::Unread(leased) => t.release_unread(&group, &member, leased),
         })
         .await?;
         runtime.notify();

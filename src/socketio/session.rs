@@ -143,10 +143,6 @@ pub type EioSocket = Arc<Socket<Session>>;
 pub(super) const PUMP_BATCH: usize = 64;
 /// Bytes one read hands a pump.
 pub(super) const PUMP_BYTES: usize = 1 << 20;
-/// How long after a queue subscription stops its member's leases are given
-/// back again: a read the stop cut short may still finish its lease on the
-/// blocking pool.
-const LATE_LEASES: Duration = Duration::from_secs(1);
 /// Queue deliveries unacknowledged at once per subscription, by default.
 const DEFAULT_QUEUE_IN_FLIGHT: usize = 16;
 /// How long an emit waits for room in the socket's send buffer before the
@@ -1227,13 +1223,11 @@ impl Conn {
         p.credit.give(1);
     }
 
-    /// Gives back the leases this socket holds in `room` (one group, or all).
     /// Stops queue subscription `q` of `group` in `room` and gives back at
     /// once everything it holds: the deliveries waiting for their
-    /// acknowledgement, and whatever its member was leased besides (a read
-    /// cut short by the stop leases before anything records it as
-    /// pending). A lease that such a read, finishing on the blocking pool
-    /// after the stop, takes later still is given back a moment later.
+    /// acknowledgement, and whatever its member was leased besides (a pump
+    /// stopped between a read and recording it). A read the stop cuts short
+    /// gives back what it leases itself (see `Broker::read`).
     async fn stop_queue(&self, room: &str, group: &str, q: QueueSub) {
         q.pump.abort();
         let _ = q.pump.await;
@@ -1243,15 +1237,10 @@ impl Conn {
                 .pending
                 .retain(|_, p| !(p.room == room && p.group == group));
         }
-        let broker = self.out.gateway.broker.clone();
-        let (room, group, member) = (room.to_owned(), group.to_owned(), q.member);
-        if let Err(e) = broker.release_member(&room, &group, &member).await {
+        let broker = &self.out.gateway.broker;
+        if let Err(e) = broker.release_member(room, group, &q.member).await {
             tracing::debug!(room, group, error = %e, "giving back leases");
         }
-        tokio::spawn(async move {
-            tokio::time::sleep(LATE_LEASES).await;
-            let _ = broker.release_member(&room, &group, &member).await;
-        });
     }
 
     async fn leave_all(&mut self) {

@@ -358,6 +358,32 @@ impl Topic {
         self.release_where(group, member, Some(offsets))
     }
 
+    /// Queue group: gives back, due at once, the leases of a read whose
+    /// reader went away before it took them: each `(offset, delivery)`
+    /// only while `member` holds that delivery's lease (one that ran out
+    /// and was leased again, even to the same member name, is another
+    /// read's). Returns how many.
+    pub fn release_unread(
+        &self,
+        group: &str,
+        member: &str,
+        leased: &[(u64, u32)],
+    ) -> Result<usize> {
+        let _pass = self.enter()?;
+        let now = now_ms();
+        self.with_group(group, |g| {
+            self.check_queue(g)?;
+            Ok(leased
+                .iter()
+                .filter(|&&(o, delivery)| {
+                    g.lease(o)
+                        .is_some_and(|l| l.member == member && l.delivery == delivery)
+                        && g.nack(o, now, 0)
+                })
+                .count())
+        })
+    }
+
     /// Queue group: gives back, due at once, every lease `member` holds (a
     /// consumer gone, whatever it was handed). Returns how many.
     pub fn release_member(&self, group: &str, member: &str) -> Result<usize> {
