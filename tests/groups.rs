@@ -789,6 +789,16 @@ fn a_member_extends_and_gives_back_only_the_leases_it_holds() {
         1,
         "still leased after the refusal"
     );
+    // A read nobody took gives a lease back only while it is still the
+    // delivery that read took: c holds 2 as its third delivery.
+    let unread = |member: &str, offset: u64, delivery: u32| {
+        topic
+            .release_unread("pool", member, &[(offset, delivery)])
+            .expect("release")
+    };
+    assert_eq!(unread("c", 2, 2), 0, "an earlier delivery's lease");
+    assert_eq!(unread("b", 2, 3), 0, "another member's lease");
+    assert_eq!(unread("c", 2, 3), 1);
 }
 
 #[test]

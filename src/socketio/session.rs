@@ -1227,7 +1227,7 @@ impl Conn {
     /// once everything it holds: the deliveries waiting for their
     /// acknowledgement, and whatever its member was leased besides (a pump
     /// stopped between a read and recording it). A read the stop cuts short
-    /// gives back what it leases itself (see `Broker::read`).
+    /// gives back what it leases itself (see `Leased` in the broker core).
     async fn stop_queue(&self, room: &str, group: &str, q: QueueSub) {
         q.pump.abort();
         let _ = q.pump.await;
