@@ -818,13 +818,13 @@ impl Broker {
                 .map(Deliveries::from)
             }
             Target::Queue(g) => {
-                // On a task of its own: a reader that goes away (a stream
-                // cancelled, a subscription stopped) while the lease is
-                // under way would leave what it leased to nobody until
-                // `ack_timeout_ms`; the task gives it back instead.
-                // What it leased travels as a [`Leased`], which gives it
-                // back wherever it is dropped untaken: in the task, in the
-                // channel, or on the way to the reader.
+                // What it leases travels as a [`Leased`], which gives it
+                // back wherever it is dropped untaken (the reader gone: a
+                // stream cancelled, a subscription stopped). On a task of
+                // its own, so that the read's durable wait and dead-letter
+                // hand-off finish even then: a hand-off cut short between
+                // the dead-letter topic's append and the group's completion
+                // would append the letter again when next due.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let (broker, member) = (self.clone(), member.to_owned());
                 tokio::spawn(async move {
@@ -850,6 +850,7 @@ impl Broker {
         let (g, m) = (group.to_owned(), member.to_owned());
         let (fetched, durable) =
             blocking(move || t.lease_queue_within(&g, &m, limits, now_ms())).await?;
+        let nothing_leased = fetched.deliveries.is_empty();
         let leased = Leased {
             broker: self.clone(),
             topic: source.name().to_owned(),
@@ -869,7 +870,7 @@ impl Broker {
             if let Err(e) = self.dead_letter(source, group, fetched.dead_letters).await {
                 tracing::warn!(topic, group, error = %e,
                     "dead-lettering failed; the messages stay pending and are tried again");
-                if leased.deliveries.as_ref().is_none_or(Deliveries::is_empty) {
+                if nothing_leased {
                     return Err(e);
                 }
             }

@@ -385,16 +385,20 @@ async fn reserve(
     }
 }
 
-/// What a recovery gives back: whether nothing was lost, the `gap` events,
-/// the `error` events of rooms the token may no longer read, and the
-/// subscriptions of the rooms restored.
-type Restored = (
-    bool,
-    bool,
-    Vec<Value>,
-    Vec<Value>,
-    Vec<(String, Subscription)>,
-);
+/// What a recovery gives back.
+#[derive(Default)]
+struct Restored {
+    /// Whether nothing was lost.
+    recovered: bool,
+    /// Whether the token had the system room `$rooms` (not watched yet).
+    system: bool,
+    /// The `gap` events.
+    gaps: Vec<Value>,
+    /// The `error` events of rooms the token may no longer read.
+    refused: Vec<Value>,
+    /// The subscriptions of the rooms restored.
+    subs: Vec<(String, Subscription)>,
+}
 
 /// A room the socket reads.
 #[derive(Debug)]
@@ -771,9 +775,15 @@ impl Conn {
                 ))
             }
         }
-        let (recovered, system, gaps, mut refused, subs) = match restored {
+        let Restored {
+            recovered,
+            system,
+            gaps,
+            mut refused,
+            subs,
+        } = match restored {
             Some(token) => self.restore(token).await,
-            None => (false, false, Vec::new(), Vec::new(), Vec::new()),
+            None => Restored::default(),
         };
         if let Some((code, why)) = bad_token {
             tracing::debug!(sid = %self.out.socket.id, error = %why, "socket.io recovery offset refused");
@@ -819,35 +829,35 @@ impl Conn {
     /// the token had the system room `$rooms` (not watched yet), the gaps,
     /// the errors of rooms dropped, and the subscriptions.
     async fn restore(&mut self, token: Token) -> Restored {
-        let broker = self.out.gateway.broker.clone();
-        let mut system = false;
-        let mut recovered = true;
-        let mut gaps = Vec::new();
-        let mut refused = Vec::new();
-        let mut subs = Vec::new();
+        let broker = &self.out.gateway.broker;
+        let mut r = Restored {
+            recovered: true,
+            ..Restored::default()
+        };
         {
             let mut shared = self.out.shared.lock().await;
             shared.pid = token.pid;
         }
         for (room, next) in token.rooms {
             if let Err(e) = self.out.allow(guard::access("subscribe", &room)) {
-                recovered = false;
+                r.recovered = false;
                 let message = format!("room {room}: {e}");
-                refused.push(codec::error_value(codec::code_name(&e), &message));
+                r.refused
+                    .push(codec::error_value(codec::code_name(&e), &message));
                 continue;
             }
             if room == super::SYSTEM_ROOM {
                 // Not a topic: back in it once every room is and the pid is
                 // settled (an event of it must not carry an offset without
                 // them).
-                system = true;
+                r.system = true;
                 continue;
             }
             let info = match broker.describe_topic(&room).await {
                 Ok(info) => info,
                 Err(e) => {
-                    recovered = false;
-                    gaps.push(
+                    r.recovered = false;
+                    r.gaps.push(
                         json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
                     );
                     continue;
@@ -860,9 +870,9 @@ impl Conn {
                 // and created again (everything in it came meanwhile), or a
                 // power cut took its last messages. It reads the room again
                 // from its start: some messages twice rather than any lost.
-                recovered = false;
+                r.recovered = false;
                 from = start;
-                gaps.push(json!({
+                r.gaps.push(json!({
                     "room": room,
                     "from": end,
                     "to": next,
@@ -872,8 +882,8 @@ impl Conn {
                 }));
             }
             if next < start {
-                recovered = false;
-                gaps.push(json!({
+                r.recovered = false;
+                r.gaps.push(json!({
                     "room": room,
                     "from": next,
                     "to": start,
@@ -885,17 +895,17 @@ impl Conn {
                     let mut shared = self.out.shared.lock().await;
                     shared.positions.insert(room.clone(), sub.position().0);
                     drop(shared);
-                    subs.push((room, sub));
+                    r.subs.push((room, sub));
                 }
                 Err(e) => {
-                    recovered = false;
-                    gaps.push(
+                    r.recovered = false;
+                    r.gaps.push(
                         json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
                     );
                 }
             }
         }
-        (recovered, system, gaps, refused, subs)
+        r
     }
 
     async fn subscribe_replay(&self, room: &str, from: Position) -> Result<Subscription> {
@@ -1006,6 +1016,14 @@ impl Conn {
         self.out.gateway.watch_rooms(&self.out).await;
         let mut shared = self.out.shared.lock().await;
         shared.positions.insert(super::SYSTEM_ROOM.to_owned(), 0);
+    }
+
+    /// Takes the socket out of the system room (and its recovery token).
+    async fn unwatch_rooms(&mut self) {
+        self.system = false;
+        self.out.gateway.unwatch_rooms(&self.out).await;
+        let mut shared = self.out.shared.lock().await;
+        shared.positions.remove(super::SYSTEM_ROOM);
     }
 
     async fn subscribe(&mut self, body: Value) -> Result<Value> {
@@ -1139,14 +1157,7 @@ impl Conn {
                     request.room
                 )));
             }
-            self.system = false;
-            self.out.gateway.unwatch_rooms(&self.out).await;
-            self.out
-                .shared
-                .lock()
-                .await
-                .positions
-                .remove(super::SYSTEM_ROOM);
+            self.unwatch_rooms().await;
             self.after_reply = Some(AfterReply::Rooms);
             return Ok(json!({ "room": request.room }));
         }
@@ -1253,8 +1264,7 @@ impl Conn {
             self.stop_queue(&room, &group, q).await;
         }
         if self.system {
-            self.out.gateway.unwatch_rooms(&self.out).await;
-            self.system = false;
+            self.unwatch_rooms().await;
         }
     }
 

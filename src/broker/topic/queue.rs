@@ -355,7 +355,8 @@ impl Topic {
     /// expired and went to another member stays with that member. Returns
     /// how many were given back.
     pub fn release_leases(&self, group: &str, member: &str, offsets: &[Offset]) -> Result<usize> {
-        self.release_where(group, member, Some(offsets))
+        let which: Vec<(u64, Option<u32>)> = offsets.iter().map(|o| (o.0, None)).collect();
+        self.release_where(group, member, Some(&which))
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
@@ -369,19 +370,8 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        let _pass = self.enter()?;
-        let now = now_ms();
-        self.with_group(group, |g| {
-            self.check_queue(g)?;
-            Ok(leased
-                .iter()
-                .filter(|&&(o, delivery)| {
-                    g.lease(o)
-                        .is_some_and(|l| l.member == member && l.delivery == delivery)
-                        && g.nack(o, now, 0)
-                })
-                .count())
-        })
+        let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
+        self.release_where(group, member, Some(&which))
     }
 
     /// Queue group: gives back, due at once, every lease `member` holds (a
@@ -390,23 +380,29 @@ impl Topic {
         self.release_where(group, member, None)
     }
 
+    /// Gives back the leases `member` holds on `which` (each offset, and
+    /// the delivery its lease must be, if given), or all of them.
     fn release_where(
         &self,
         group: &str,
         member: &str,
-        offsets: Option<&[Offset]>,
+        which: Option<&[(u64, Option<u32>)]>,
     ) -> Result<usize> {
         let _pass = self.enter()?;
         let now = now_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
-            let offsets = match offsets {
-                Some(offsets) => offsets.iter().map(|o| o.0).collect(),
-                None => g.leased_to(member),
+            let which = match which {
+                Some(which) => which.to_vec(),
+                None => g.leased_to(member).into_iter().map(|o| (o, None)).collect(),
             };
-            Ok(offsets
+            Ok(which
                 .into_iter()
-                .filter(|&o| g.lease(o).is_some_and(|l| l.member == member) && g.nack(o, now, 0))
+                .filter(|&(o, delivery)| {
+                    g.lease(o).is_some_and(|l| {
+                        l.member == member && delivery.is_none_or(|d| l.delivery == d)
+                    }) && g.nack(o, now, 0)
+                })
                 .count())
         })
     }
