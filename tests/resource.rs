@@ -1196,6 +1196,79 @@ async fn a_dead_letter_its_topic_refuses_does_not_strand_the_others() {
     assert!(got.messages.iter().all(|r| r.delivery == 1));
 }
 
+/// A queue read whose every slot goes to dead letters (poison messages
+/// due at once) reads on: the message waiting behind them is delivered by
+/// that same read, not left for the next one while the read answers empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_finds_only_dead_letters_reads_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start_with_config(tmp.path(), "");
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .create_topic(
+            "t",
+            pb::TopicConfig {
+                max_deliveries: Some(1),
+                ack_timeout_ms: Some(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+    client
+        .create_group("t", "g", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    client
+        .produce(
+            "t",
+            vec![NewMessage::from_value("p1"), NewMessage::from_value("p2")],
+        )
+        .await
+        .expect("produce the poison");
+    let fetch = || {
+        client.fetch(
+            "t",
+            FetchOptions {
+                group: Some("g".into()),
+                member: "m".into(),
+                max_messages: 2,
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(fetch().await.expect("fetch").messages.len(), 2);
+    // Both leases run out with their one delivery spent.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client
+        .produce("t", vec![NewMessage::from_value("ok")])
+        .await
+        .expect("produce");
+    let got = fetch().await.expect("fetch after the leases ran out");
+    let values: Vec<&[u8]> = got.messages.iter().map(|r| &r.message.value[..]).collect();
+    assert_eq!(
+        values,
+        [&b"ok"[..]],
+        "the waiting message, in the same read"
+    );
+    let letters = client
+        .fetch(
+            "t.dlq",
+            FetchOptions {
+                from: Some(Position::Earliest),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("read the dead-letter topic");
+    let values: Vec<&[u8]> = letters
+        .messages
+        .iter()
+        .map(|r| &r.message.value[..])
+        .collect();
+    assert_eq!(values, [&b"p1"[..], b"p2"], "both dead-lettered once");
+}
+
 /// Stops `broker` with SIGTERM and checks it stopped cleanly.
 async fn stop_cleanly(broker: Broker) {
     let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())

@@ -80,6 +80,10 @@ const MIN_TOPIC_FILES: usize = 4;
 /// checkpoint through a temp file: one more descriptor while it runs).
 const CLOSERS: usize = 16;
 
+/// How many reads a queue read makes at most while each finds only dead
+/// letters (see [`Broker::lease_queue`]).
+const DEAD_LETTER_ROUNDS: usize = 8;
+
 /// The largest message a produce takes, and the setting that binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageLimit {
@@ -838,7 +842,10 @@ impl Broker {
     }
 
     /// Leases up to `limits` of queue group `group` to `member` (see
-    /// [`Broker::read`]).
+    /// [`Broker::read`]). A read whose every slot went to dead letters
+    /// reads again, the letters now completed, so that a run of poison
+    /// messages due at once does not answer empty while others wait; up to
+    /// [`DEAD_LETTER_ROUNDS`] reads in all.
     async fn lease_queue(
         &self,
         t: Arc<Topic>,
@@ -846,6 +853,28 @@ impl Broker {
         member: &str,
         limits: DeliveryLimits,
     ) -> Result<Leased> {
+        let mut round = 1;
+        loop {
+            let (leased, dead_lettered) = self
+                .lease_queue_once(Arc::clone(&t), group, member, limits)
+                .await?;
+            let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
+            if !empty || !dead_lettered || round == DEAD_LETTER_ROUNDS {
+                return Ok(leased);
+            }
+            round += 1;
+        }
+    }
+
+    /// One read of [`Broker::lease_queue`]; also says whether it handed
+    /// any dead letters off.
+    async fn lease_queue_once(
+        &self,
+        t: Arc<Topic>,
+        group: &str,
+        member: &str,
+        limits: DeliveryLimits,
+    ) -> Result<(Leased, bool)> {
         let source = Arc::clone(&t);
         let (g, m) = (group.to_owned(), member.to_owned());
         let (fetched, durable) =
@@ -861,7 +890,8 @@ impl Broker {
         if let Some(wait) = durable {
             wait.wait_async().await?;
         }
-        if !fetched.dead_letters.is_empty() {
+        let dead_lettered = !fetched.dead_letters.is_empty();
+        if dead_lettered {
             // A dead letter that cannot be handed off (its topic refuses
             // it: too large for its segments, a full disk) stays pending
             // and is tried again when due; the deliveries leased beside
@@ -873,9 +903,10 @@ impl Broker {
                 if nothing_leased {
                     return Err(e);
                 }
+                return Ok((leased, false));
             }
         }
-        Ok(leased)
+        Ok((leased, dead_lettered))
     }
 
     /// [`subscription::target_and_start`], without a hand-off when nothing
