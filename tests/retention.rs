@@ -128,6 +128,87 @@ fn bytes_retention_bounds_the_log_and_survives_a_restart() {
     });
 }
 
+/// Waits (up to 20 s) until stream group `group` of `topic` has heard of
+/// the log's start moving to `start` (a pass tells the groups right after
+/// it drops the segments).
+async fn wait_committed(client: &Client, topic: &str, group: &str, start: u64) -> pb::GroupInfo {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let g = client
+            .describe_group(topic, group)
+            .await
+            .expect("describe group");
+        if g.committed >= start {
+            return g;
+        }
+        assert!(Instant::now() < deadline, "the group never moved: {g:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stream commit below the log's start (a consumer going back to an
+/// offset it saved long ago) is taken as given, but what retention dropped
+/// before it is neither lag nor, at the next pass, lost a second time.
+#[test]
+fn a_commit_below_the_start_counts_nothing_gone_twice() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        create(
+            &client,
+            "c",
+            pb::TopicConfig {
+                segment_bytes: Some(1024),
+                retention_bytes: Some(2048),
+                ..Default::default()
+            },
+        )
+        .await;
+        client
+            .create_group("c", "s", GroupMode::Stream, Some(Position::Earliest))
+            .await
+            .expect("stream group");
+        produce(&client, "c", 0, 40).await;
+        let first = wait_for(&client, "c", "retention drops old segments", |i| {
+            i.start_offset > 0
+        })
+        .await
+        .start_offset;
+        let g = wait_committed(&client, "c", "s", first).await;
+        assert_eq!(
+            g.lost_to_retention, g.committed,
+            "all it had not read: {g:?}"
+        );
+        client
+            .commit("c", "s", 0)
+            .await
+            .expect("commit below the start");
+        let info = client.describe_topic("c").await.expect("describe");
+        let g = client
+            .describe_group("c", "s")
+            .await
+            .expect("describe group");
+        assert_eq!(g.committed, 0, "the commit is taken as given: {g:?}");
+        assert_eq!(
+            g.lag,
+            40 - info.start_offset,
+            "only what the log holds is lag: {g:?}, {info:?}"
+        );
+        produce(&client, "c", 40, 80).await;
+        let second = wait_for(&client, "c", "retention drops more", |i| {
+            i.start_offset > info.start_offset
+        })
+        .await
+        .start_offset;
+        let g = wait_committed(&client, "c", "s", second).await;
+        assert_eq!(
+            g.lost_to_retention, g.committed,
+            "each dropped offset counted once: {g:?}"
+        );
+    });
+}
+
 #[test]
 fn time_retention_drops_old_segments_and_groups_count_what_they_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::storage::io::Storage;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -563,15 +564,19 @@ impl Group {
         self.maybe_snapshot()
     }
 
-    /// Retention dropped every offset below `start`: the group goes on from
-    /// there (a stream group's commit moves up, a queue group's pending and
-    /// unacked messages below it are gone) and counts, durably, the messages
-    /// it had not completed that are not in `deleted`. Returns that count.
-    pub fn lose_below(&mut self, start: u64, deleted: &RangeSet) -> Result<u64> {
+    /// Retention dropped the offsets of `dropped`, and the log now starts at
+    /// its end: the group goes on from there (a stream group's commit moves
+    /// up, a queue group's pending and unacked messages below it are gone)
+    /// and counts, durably, the messages of `dropped` it had not completed
+    /// that are not in `deleted`. Returns that count. Offsets below
+    /// `dropped` (a commit below the log's start) were gone before this
+    /// pass and are not counted again.
+    pub fn lose_below(&mut self, dropped: Range<u64>, deleted: &RangeSet) -> Result<u64> {
+        let start = dropped.end;
         if self.low >= start {
             return Ok(0);
         }
-        let range = self.low..start;
+        let range = self.low.max(dropped.start).min(start)..start;
         let done = self.done.count_in(range.clone());
         let mut gone = deleted.clone();
         gone.remove_below(range.start);
@@ -693,17 +698,20 @@ impl Group {
         Ok(())
     }
 
-    /// What the group looks like, against a log ending at `log_end` whose
-    /// explicitly deleted offsets are `deleted`. A deleted message counts as
-    /// completed at once: it is in neither `pending` nor `lag`, and a queue
-    /// group's watermark passes it, although the group completes it in its
-    /// own state only when a fetch comes across it.
-    /// `pending` counts the leases not run out as of `now_ms` (one that ran
-    /// out is due again, and leaves the lease table at the next fetch).
-    pub fn info(&self, log_end: u64, deleted: &RangeSet, now_ms: u64) -> GroupInfo {
+    /// What the group looks like, against a log holding the offsets of
+    /// `log` whose explicitly deleted offsets are `deleted`. A deleted
+    /// message counts as completed at once: it is in neither `pending` nor
+    /// `lag`, and a queue group's watermark passes it, although the group
+    /// completes it in its own state only when a fetch comes across it.
+    /// `lag` counts only offsets the log holds (a commit below its start
+    /// does not count what is gone). `pending` counts the leases not run
+    /// out as of `now_ms` (one that ran out is due again, and leaves the
+    /// lease table at the next fetch).
+    pub fn info(&self, log: Range<u64>, deleted: &RangeSet, now_ms: u64) -> GroupInfo {
+        let log_end = log.end;
         let (committed, lag) = match self.config.mode {
             GroupMode::Stream => {
-                let from = self.low.min(log_end);
+                let from = self.low.max(log.start).min(log_end);
                 (self.low, log_end - from - deleted.count_in(from..log_end))
             }
             GroupMode::Queue => {
@@ -716,10 +724,12 @@ impl Group {
                     low = next;
                 }
                 let low = low.min(log_end).max(self.low);
-                let open = (log_end.max(low) - low) - self.done.count_in(low..log_end.max(low));
+                // What the log no longer holds is not waiting.
+                let held = low.max(log.start);
+                let open = (log_end.max(held) - held) - self.done.count_in(held..log_end.max(held));
                 // Deleted offsets the group has not completed itself.
                 let gone: u64 = deleted
-                    .iter_in(low..log_end)
+                    .iter_in(held..log_end)
                     .map(|r| (r.end - r.start) - self.done.count_in(r))
                     .sum();
                 (low, open - gone)

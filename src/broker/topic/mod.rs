@@ -783,7 +783,7 @@ impl Topic {
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
-        let info = group.info(self.log.end().0, self.deletions().set(), now_ms());
+        let info = group.info(self.log_range(), self.deletions().set(), now_ms());
         groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
         Ok(info)
     }
@@ -805,11 +805,19 @@ impl Topic {
         }
     }
 
+    /// The offsets the log holds, for a group's [`Group::info`].
+    fn log_range(&self) -> std::ops::Range<u64> {
+        let stats = self.log.stats();
+        stats.start.0..stats.end.0
+    }
+
     /// What a group looks like.
     pub fn describe_group(&self, name: &str) -> Result<GroupInfo> {
         let _pass = self.enter()?;
-        let end = self.log.end().0;
-        self.with_group(name, |g| Ok(g.info(end, self.deletions().set(), now_ms())))
+        let log = self.log_range();
+        self.with_group(name, |g| {
+            Ok(g.info(log.clone(), self.deletions().set(), now_ms()))
+        })
     }
 
     /// Group `name`'s mode and committed offset (a queue group's low
@@ -851,10 +859,14 @@ impl Topic {
     pub fn list_groups(&self) -> Result<Vec<GroupInfo>> {
         let _pass = self.enter()?;
         let groups = self.groups();
-        let end = self.log.end().0;
+        let log = self.log_range();
         groups
             .values()
-            .map(|g| Ok(self.lock(g)?.info(end, self.deletions().set(), now_ms())))
+            .map(|g| {
+                Ok(self
+                    .lock(g)?
+                    .info(log.clone(), self.deletions().set(), now_ms()))
+            })
             .collect()
     }
 
@@ -1004,6 +1016,7 @@ impl Topic {
         } else {
             RetentionLimits::default()
         };
+        let before = self.log.start().0;
         let dropped = self.log.enforce_retention_within(now_ms, limits)?;
         if dropped.is_empty() {
             return Ok(dropped);
@@ -1012,7 +1025,7 @@ impl Topic {
         let groups = self.groups();
         for (group, g) in groups.iter() {
             let mut g = self.lock(g)?;
-            let lost = g.lose_below(start, self.deletions().set())?;
+            let lost = g.lose_below(before..start, self.deletions().set())?;
             if lost > 0 {
                 tracing::warn!(topic = %self.name, %group, lost, start,
                     "retention dropped messages the group had not completed");
