@@ -376,6 +376,145 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
     assert!(!stale.exists(), "the stale copy was dropped");
 }
 
+/// A compaction copy that is damaged (a bit flipped after it was synced)
+/// is never taken for the segments it copies: while they are all in place,
+/// `verify` notes it and the next open removes it, losing nothing; once
+/// the completion removed some of them, it is the only copy of their
+/// records, so `verify` reports damage and the open refuses, naming it,
+/// unless started with `skip-damaged`, which gives up just the damaged
+/// record. Before, the open completed the swap blindly: the intact
+/// originals were deleted and the damaged copy put in their place.
+#[test]
+fn a_damaged_compaction_copy_never_replaces_intact_segments() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("data");
+    let root_str = root.to_str().expect("utf-8");
+    let config = TopicConfig {
+        log: LogConfig {
+            segment_bytes: 1024,
+            ..LogConfig::default()
+        },
+        ..TopicConfig::default()
+    };
+    let mut want = BTreeMap::new();
+    {
+        let reg = registry(Arc::new(OsStorage), root_str);
+        let topic = reg.create_topic("t", config).expect("topic");
+        for i in 0..60u64 {
+            let value = format!("message {i:03} {}", "m".repeat(20));
+            let a = topic
+                .produce(&[NewMessage::from_value(value.clone())])
+                .expect("produce");
+            want.insert(a.first.0, value);
+        }
+    }
+    let logs = segment_logs(&root);
+    assert!(logs.len() >= 4, "{logs:?}");
+    let (a, b, c) = (logs[0].clone(), logs[1].clone(), logs[2].clone());
+    let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
+    let (a_stem, c_stem) = (stem(&a).expect("name"), stem(&c).expect("name"));
+    let mut merged = std::fs::read(&a).expect("read a");
+    merged.extend(std::fs::read(&b).expect("read b"));
+    // One bit of a value in b's part of the copy.
+    let flip = merged.len() - 10;
+    merged[flip] ^= 0x10;
+    let swap = root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap"));
+    let read_all = |reg: &Registry| -> BTreeMap<u64, String> {
+        reg.topic("t")
+            .expect("topic")
+            .read(Offset(0), 10_000, 1 << 20)
+            .expect("read")
+            .into_iter()
+            .map(|m| (m.offset.0, String::from_utf8_lossy(&m.value).into_owned()))
+            .collect()
+    };
+
+    // Every segment in place: a note, then the copy goes.
+    std::fs::write(&swap, &merged).expect("write swap");
+    {
+        let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
+        let report = verify(&data, &mut |_| {}).expect("verify");
+        assert!(report.is_clean(), "{:?}", report.damage);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.file == swap && n.detail.contains("damaged")),
+            "{:?}",
+            report.notes
+        );
+    }
+    {
+        let reg = registry(Arc::new(OsStorage), root_str);
+        assert_eq!(read_all(&reg), want, "nothing lost to the damaged copy");
+        assert!(!swap.exists(), "the damaged copy was removed");
+        assert!(a.exists() && b.exists(), "the originals stay");
+    }
+
+    // The completion under way (a's hints and b gone): the copy is all
+    // there is of b's records.
+    std::fs::write(&swap, &merged).expect("write swap");
+    for gone in [a.with_extension("idx"), a.with_extension("tix"), b.clone()] {
+        std::fs::remove_file(&gone).expect("remove");
+    }
+    for ext in ["idx", "tix"] {
+        let _ = std::fs::remove_file(b.with_extension(ext));
+    }
+    {
+        let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
+        let report = verify(&data, &mut |_| {}).expect("verify");
+        assert!(
+            report.damage.iter().any(|d| d.file == swap),
+            "damage named in the copy: {:?}",
+            report.damage
+        );
+    }
+    {
+        let reg = Registry::open(
+            DataDir::open(Arc::new(OsStorage), root_str).expect("data dir"),
+            RegistryOptions::default(),
+        );
+        let refused = match reg {
+            Err(e) => e.to_string(),
+            Ok(reg) => match reg.topic("t") {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("a topic whose only copy of some records is damaged opened"),
+            },
+        };
+        assert!(
+            refused.contains(&*swap.to_string_lossy()) && refused.contains("skip-damaged"),
+            "the refusal names the copy and the way out: {refused}"
+        );
+        assert!(
+            swap.exists() && a.exists(),
+            "nothing removed by the refusal"
+        );
+    }
+    let reg = Registry::open(
+        DataDir::open(Arc::new(OsStorage), root_str).expect("data dir"),
+        RegistryOptions {
+            recovery: spool::storage::RecoveryMode::SkipDamaged,
+            ..RegistryOptions::default()
+        },
+    )
+    .expect("registry under skip-damaged");
+    let got = read_all(&reg);
+    let lost: Vec<u64> = want
+        .keys()
+        .filter(|o| !got.contains_key(o))
+        .copied()
+        .collect();
+    assert_eq!(
+        lost.len(),
+        1,
+        "only the damaged record is given up: {lost:?}"
+    );
+    assert!(
+        got.iter().all(|(o, v)| want.get(o) == Some(v)),
+        "what is read is what was written"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_compaction_disturbs_no_producer_or_consumer() {
     use spool::client::{Client, FetchOptions};

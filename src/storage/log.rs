@@ -208,6 +208,7 @@ impl Log {
         // A compaction swap a crash interrupted is completed below, removing
         // the segments it covers: the manifest forgets them first, so a crash
         // while completing it never leaves them listed and gone.
+        super::recovery::check_interrupted_swaps(&*storage, &dir, loaded.as_ref(), mode)?;
         let mut loaded = loaded;
         if let Some(c) = loaded.as_mut() {
             let names = storage

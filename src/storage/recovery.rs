@@ -19,6 +19,7 @@
 //! the range to `quarantine/`, overwrites it with a filler record that readers
 //! skip, and goes on.
 
+use super::checkpoint::Checkpoint;
 use super::config::{LogConfig, RecoveryMode};
 use super::index::{IndexBuilder, SegmentIndex};
 use super::io::{OpenMode, Storage, StorageFile, read_file};
@@ -655,6 +656,174 @@ pub(crate) fn retire(
     storage
         .sync_dir(dir)
         .ctx(|| format!("syncing {}", dir.display()))
+}
+
+/// What is wrong with compaction copy `swap` of the offsets `base..until`,
+/// if anything: the byte range and the reason. The copy was synced whole
+/// before its rename, so every byte of it must belong to a valid record of
+/// that run, in offset order (zeros after the last one aside).
+pub(crate) fn swap_damage(
+    storage: &dyn Storage,
+    swap: &Path,
+    base: u64,
+    until: u64,
+) -> Result<Option<(Range<u64>, String)>> {
+    let data = read_file(storage, swap).ctx(|| format!("reading {}", swap.display()))?;
+    let mut index = SegmentIndex::default();
+    let mut builder = IndexBuilder::new(u32::MAX);
+    let (mut pos, mut last, mut first) = (0u64, None, None);
+    let stop = scan(
+        &data,
+        &mut pos,
+        base,
+        &mut index,
+        &mut builder,
+        &mut last,
+        &mut first,
+        u32::MAX,
+    );
+    let len = data.len() as u64;
+    Ok(match stop {
+        Stop::Invalid(why) => Some((pos..len, why)),
+        Stop::Clean => last.filter(|&o| o >= until).map(|o| {
+            (
+                0..len,
+                format!("offset {o} is past the run it copies, which ends before {until}"),
+            )
+        }),
+    })
+}
+
+/// Whether the segments a compaction swap of `run` (from its first
+/// segment's base to the base after it) replaces are all still in place: the completion removes the first one's
+/// index before anything else, and every segment of the run that
+/// `checkpoint` lists must be there.
+fn run_intact(
+    storage: &dyn Storage,
+    dir: &Path,
+    run: Range<u64>,
+    checkpoint: Option<&Checkpoint>,
+) -> bool {
+    let Some(c) = checkpoint else { return false };
+    let first = SegmentPaths::new(dir, run.start);
+    storage.exists(&first.log)
+        && storage.exists(&first.idx)
+        && c.segments
+            .iter()
+            .filter(|&&b| b > run.start && b < run.end)
+            .all(|&b| storage.exists(&SegmentPaths::new(dir, b).log))
+}
+
+/// A damaged compaction swap (see [`damaged_swap`]).
+pub(crate) struct DamagedSwap {
+    /// The swap file.
+    pub path: PathBuf,
+    /// Its damaged bytes.
+    pub bytes: Range<u64>,
+    /// What is wrong there.
+    pub why: String,
+    /// Whether the segments it would replace are all still in place (it
+    /// can go); else it is the only copy of some of their records.
+    pub replaceable: bool,
+}
+
+impl DamagedSwap {
+    /// The damage, for a swap that cannot simply go.
+    pub fn corruption(&self) -> Corruption {
+        Corruption {
+            file: self.path.clone(),
+            bytes: self.bytes.clone(),
+            offsets: None,
+            detail: format!(
+                "this compacted copy is damaged ({}), and the segments it replaces are partly \
+                 removed already: it is the only copy of their records. Start with recovery mode \
+                 skip-damaged (`spool serve --recovery skip-damaged`) to complete it and give the \
+                 damaged range up",
+                self.why
+            ),
+        }
+    }
+}
+
+/// Entry `name` of log directory `dir` (listed as `names`), if it is a
+/// compaction swap whose copy is damaged. `checkpoint` is the log's, as
+/// loaded, before it forgets the segments the swaps cover. A swap whose
+/// first segment is gone is retention's leftover and is not read.
+pub(crate) fn damaged_swap(
+    storage: &dyn Storage,
+    dir: &Path,
+    names: &[String],
+    name: &str,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<Option<DamagedSwap>> {
+    let Some((base, until)) = parse_swap_name(name) else {
+        return Ok(None);
+    };
+    if !storage.exists(&SegmentPaths::new(dir, base).log) {
+        return Ok(None);
+    }
+    // The single-segment form copies `base` alone: its records end before
+    // the next segment's base.
+    let until = until.unwrap_or_else(|| {
+        names
+            .iter()
+            .filter_map(|n| parse_log_name(n))
+            .filter(|&b| b > base)
+            .min()
+            .unwrap_or(u64::MAX)
+    });
+    let path = dir.join(name);
+    Ok(
+        swap_damage(storage, &path, base, until)?.map(|(bytes, why)| DamagedSwap {
+            path,
+            bytes,
+            why,
+            replaceable: run_intact(storage, dir, base..until, checkpoint),
+        }),
+    )
+}
+
+/// Before interrupted compaction swaps are completed: a swap whose copy is
+/// damaged is removed while the segments it would replace are all still in
+/// place (compaction runs again later); once any of them is gone it is the
+/// only copy of their records, and opening is refused, naming it, unless
+/// `mode` is [`RecoveryMode::SkipDamaged`] (the swap completes and the
+/// segment's open gives the damaged range up). `checkpoint` is the log's,
+/// as loaded, before it forgets the segments the swaps cover.
+pub fn check_interrupted_swaps(
+    storage: &dyn Storage,
+    dir: &Path,
+    checkpoint: Option<&Checkpoint>,
+    mode: RecoveryMode,
+) -> Result<()> {
+    let Ok(names) = storage.list_dir(dir) else {
+        return Ok(());
+    };
+    for name in &names {
+        let Some(swap) = damaged_swap(storage, dir, &names, name, checkpoint)? else {
+            continue;
+        };
+        let DamagedSwap {
+            path, bytes, why, ..
+        } = &swap;
+        if swap.replaceable {
+            storage
+                .remove_file(path)
+                .ctx(|| format!("removing {}", path.display()))?;
+            storage
+                .sync_dir(dir)
+                .ctx(|| format!("syncing {}", dir.display()))?;
+            tracing::error!(file = %path.display(), ?bytes, reason = %why,
+                "removed a damaged compacted copy; the segments it would have replaced are all in place");
+            continue;
+        }
+        let damage = swap.corruption();
+        if mode != RecoveryMode::SkipDamaged {
+            return Err(Error::corruption(damage));
+        }
+        tracing::error!(%damage, "completing a damaged compacted copy; its damaged range is given up");
+    }
+    Ok(())
 }
 
 /// Rolls back or completes a swap a crash interrupted (see the module docs).

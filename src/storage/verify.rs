@@ -207,7 +207,22 @@ fn verify_log(
     bases.sort_unstable();
     let swaps = super::recovery::pending_swaps(&names);
     for name in &names {
-        if name.ends_with(super::recovery::CLEANED_SUFFIX)
+        if let Some(swap) = super::recovery::damaged_swap(storage, dir, &names, name, checkpoint)? {
+            if swap.replaceable {
+                report.notes.push(Finding {
+                    file: swap.path,
+                    bytes: swap.bytes,
+                    offsets: None,
+                    detail: format!(
+                        "a damaged compacted copy ({}): the segments it would replace are all in \
+                         place, and the next start removes it",
+                        swap.why
+                    ),
+                });
+            } else {
+                report.damage.push(swap.corruption().into());
+            }
+        } else if name.ends_with(super::recovery::CLEANED_SUFFIX)
             || name.ends_with(super::recovery::SWAP_SUFFIX)
         {
             report.notes.push(finding(
