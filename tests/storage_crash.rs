@@ -1002,9 +1002,14 @@ enum IndexDamage {
     /// Bit rot in a middle `.idx` entry: well formed, and the last entry still
     /// checks out, so open keeps it; reads must not trust it.
     FlipIdxPosition,
+    /// Bit rot lowering a middle `.tix` entry's maximum: still ascending, so
+    /// well formed, but a lookup trusting it would start past records with
+    /// the timestamps it is after; the entry's checksum gives it away.
+    FlipTixTimestamp,
 }
 
-/// Why: `.idx`/`.tix` are unsynced, unchecksummed hints; losing or damaging
+/// Why: `.idx`/`.tix` are unsynced hints (only `.tix` entries carry a
+/// checksum); losing or damaging
 /// them must cost a rebuild, never a failed open, a wrong read or a wrong
 /// time lookup (which retention by age also depends on).
 #[test]
@@ -1027,6 +1032,7 @@ fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
             GarbageIdx,
             GarbageTix,
             FlipIdxPosition,
+            FlipTixTimestamp,
         ] {
             let ctx = format!("{backend:?} {damage:?}");
             let bed = Bed::new(backend);
@@ -1060,6 +1066,18 @@ fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
                 GarbageTix => bed.overwrite(&tix, 0, &Rng::new(9).bytes(tix_bytes.len())),
                 // Entry 1's position, low byte: off by one, still ascending.
                 FlipIdxPosition => bed.flip_bit(&idx, 12, 0),
+                // Entry 1's maximum, its lowest set bit: one lower than
+                // written (entry 0's maximum is at least 2 below it).
+                FlipTixTimestamp => {
+                    let low = u64::from_le_bytes(tix_bytes[16..24].try_into().expect("8 bytes"));
+                    let prev = u64::from_le_bytes(tix_bytes[0..8].try_into().expect("8 bytes"));
+                    let bit = low.trailing_zeros();
+                    assert!(
+                        low - (1 << bit) > prev,
+                        "test setup: the flip keeps the entries ascending: {ctx}"
+                    );
+                    bed.flip_bit(&tix, 16 + (bit / 8) as u64, bit % 8)
+                }
             }
 
             let log = bed

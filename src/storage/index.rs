@@ -6,14 +6,20 @@
 //! `.idx` entry, 8 bytes: `relative_offset: u32 LE` (offset − segment base),
 //! `position: u32 LE` (byte position of that record in the `.log`).
 //!
-//! `.tix` entry, 12 bytes: `max_timestamp_ms: u64 LE`, `relative_offset: u32 LE`:
-//! every record *before* that offset has a timestamp ≤ `max_timestamp_ms`.
-//! Timestamps in the time index never decrease.
+//! `.tix` entry, 16 bytes: `max_timestamp_ms: u64 LE`, `relative_offset: u32 LE`:
+//! every record *before* that offset has a timestamp ≤ `max_timestamp_ms`;
+//! then `crc32: u32 LE` of those 12 bytes. Timestamps in the time index never
+//! decrease. Unlike an offset entry, which a reader checks against the record
+//! it points at, a time entry's maximum cannot be checked without reading
+//! everything before it: a wrong one would make a lookup start past the
+//! records it is after, so each entry carries its own checksum.
 
 /// Bytes per `.idx` entry.
 pub const OFFSET_ENTRY_LEN: usize = 8;
 /// Bytes per `.tix` entry.
-pub const TIME_ENTRY_LEN: usize = 12;
+pub const TIME_ENTRY_LEN: usize = 16;
+/// Bytes of a `.tix` entry its checksum covers.
+const TIME_FIELDS_LEN: usize = 12;
 
 /// One offset index entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,14 +116,29 @@ impl SegmentIndex {
     pub fn encode_times(&self, from: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.times.len().saturating_sub(from) * TIME_ENTRY_LEN);
         for e in self.times.iter().skip(from) {
+            let at = out.len();
             out.extend_from_slice(&e.max_timestamp_ms.to_le_bytes());
             out.extend_from_slice(&e.relative.to_le_bytes());
+            let crc = crc32fast::hash(&out[at..]);
+            out.extend_from_slice(&crc.to_le_bytes());
         }
         out
     }
 
+    /// The first stored `.tix` entry whose checksum fails, if any (entries
+    /// from it on are not trusted; see [`SegmentIndex::decode`]).
+    pub fn first_damaged_time_entry(tix: &[u8]) -> Option<usize> {
+        tix.chunks_exact(TIME_ENTRY_LEN).position(|chunk| {
+            let (fields, crc) = chunk.split_at(TIME_FIELDS_LEN);
+            crc32fast::hash(fields).to_le_bytes() != crc
+        })
+    }
+
     /// Parses stored index files. Returns `None` when they are not well formed
     /// (odd length, entries out of order): the caller rebuilds from the log.
+    /// Time entries end before the first whose checksum fails (a file of an
+    /// older format, without checksums, keeps none): the caller's scan
+    /// restores them.
     pub fn decode(idx: &[u8], tix: &[u8]) -> Option<SegmentIndex> {
         if !idx.len().is_multiple_of(OFFSET_ENTRY_LEN) || !tix.len().is_multiple_of(TIME_ENTRY_LEN)
         {
@@ -133,7 +154,8 @@ impl SegmentIndex {
                 return None;
             }
         }
-        for chunk in tix.chunks_exact(TIME_ENTRY_LEN) {
+        let intact = Self::first_damaged_time_entry(tix).unwrap_or(tix.len() / TIME_ENTRY_LEN);
+        for chunk in tix.chunks_exact(TIME_ENTRY_LEN).take(intact) {
             let mut ts = [0u8; 8];
             ts.copy_from_slice(&chunk[..8]);
             let entry = TimeEntry {

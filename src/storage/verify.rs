@@ -432,6 +432,17 @@ fn verify_index(
         report
             .notes
             .push(malformed(&paths.tix, tix.len(), "time index"));
+    } else if let Some(i) = SegmentIndex::first_damaged_time_entry(&tix) {
+        let at = (i * super::index::TIME_ENTRY_LEN) as u64;
+        report.notes.push(Finding {
+            file: paths.tix.clone(),
+            bytes: at..tix.len() as u64,
+            offsets: None,
+            detail: format!(
+                "time index entry {i} fails its checksum (damaged, or written by an older spool): \
+                 the next start rebuilds the entries from it on"
+            ),
+        });
     }
     let Some(index) = SegmentIndex::decode(
         if idx_ok { &idx } else { &[] },
