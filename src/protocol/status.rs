@@ -40,27 +40,37 @@ pub fn to_wire(error: &Error, data_dir: &Path) -> pb::Error {
     }
 }
 
-/// `message` with every path under `root` made relative to it.
+/// `message` with every path under `root` made relative to it. Only a
+/// whole path counts: one that starts the message or follows a character
+/// no path or name holds (a space, a quote, a colon, ...). The root alone
+/// becomes "the data directory" only when it is a path with a `/` in it: a
+/// bare relative root (`data`, `.`) is a word other text may hold too.
 fn relative_to(message: &str, root: &Path) -> String {
     let root = root.to_string_lossy();
     let root = root.trim_end_matches('/');
     if root.is_empty() {
         return message.to_owned();
     }
+    let name_char = |c: char| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '/');
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(at) = rest.find(root) {
-        out.push_str(&rest[..at]);
         let after = &rest[at + root.len()..];
+        let before = rest[..at].chars().last().or_else(|| out.chars().last());
+        let starts_path = before.is_none_or(|c| !name_char(c));
+        out.push_str(&rest[..at]);
         match after.chars().next() {
-            Some('/') => rest = &after[1..],
-            // A longer name that merely starts like the root: not it.
-            Some(c) if c.is_alphanumeric() || matches!(c, '.' | '_' | '-') => {
+            Some('/') if starts_path => rest = &after[1..],
+            Some(c) if name_char(c) => {
                 out.push_str(root);
                 rest = after;
             }
-            _ => {
+            _ if starts_path && root.contains('/') => {
                 out.push_str("the data directory");
+                rest = after;
+            }
+            _ => {
+                out.push_str(root);
                 rest = after;
             }
         }
@@ -141,5 +151,41 @@ mod tests {
             relative_to("creating ./data/topics/t", Path::new("./data/")),
             "creating topics/t"
         );
+    }
+
+    /// A relative data directory (`--data data`, `.`, `d`) is text that names
+    /// and messages hold too: only whole paths under it change.
+    #[test]
+    fn a_relative_data_directory_changes_only_paths_under_it() {
+        for (root, message, wire) in [
+            (
+                "data",
+                "token bigdata may not produce to topic metadata",
+                "token bigdata may not produce to topic metadata",
+            ),
+            (
+                "data",
+                "topic data does not exist",
+                "topic data does not exist",
+            ),
+            (
+                "data",
+                "writing data/topics/data/0.log: EIO; see 'data/x'",
+                "writing topics/data/0.log: EIO; see 'x'",
+            ),
+            (
+                ".",
+                "use 1 to 200 of A-Z a-z 0-9 . _ - (not . or ..)",
+                "use 1 to 200 of A-Z a-z 0-9 . _ - (not . or ..)",
+            ),
+            ("./", "writing ./topics/t/0.log", "writing topics/t/0.log"),
+            (
+                "d",
+                "token second may not read topic d/e",
+                "token second may not read topic e",
+            ),
+        ] {
+            assert_eq!(relative_to(message, Path::new(root)), wire, "root {root}");
+        }
     }
 }
