@@ -163,6 +163,60 @@ impl fmt::Display for Corruption {
 }
 
 impl Error {
+    /// A copy, for each of several callers one failure answers (such as the
+    /// producers of one failed group commit; the type is not `Clone`: it
+    /// carries `io::Error`s). The copy reads and maps to a status code the
+    /// same as the original.
+    pub fn duplicate(&self) -> Error {
+        let io = |s: &std::io::Error| std::io::Error::new(s.kind(), s.to_string());
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: io(source),
+            },
+            Error::Full { context, source } => Error::Full {
+                context: context.clone(),
+                source: io(source),
+            },
+            Error::FilesExhausted { context, source } => Error::FilesExhausted {
+                context: context.clone(),
+                source: io(source),
+            },
+            Error::MemoryExhausted { context, source } => Error::MemoryExhausted {
+                context: context.clone(),
+                source: io(source),
+            },
+            Error::Corruption(c) => Error::Corruption(c.clone()),
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::TopicNotFound(m) => Error::TopicNotFound(m.clone()),
+            Error::GroupNotFound(m) => Error::GroupNotFound(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::LimitReached(m) => Error::LimitReached(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+            Error::Stopping(m) => Error::Stopping(m.clone()),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::TooLarge {
+                offset,
+                size,
+                limit,
+            } => Error::TooLarge {
+                offset: *offset,
+                size: *size,
+                limit: *limit,
+            },
+            Error::Locked { dir, pid } => Error::Locked {
+                dir: dir.clone(),
+                pid: pid.clone(),
+            },
+            Error::ReadOnly { log, cause } => Error::ReadOnly {
+                log: log.clone(),
+                cause: cause.clone(),
+            },
+        }
+    }
+
     /// Wraps an I/O error with context, telling a full disk apart.
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         let context = context.into();

@@ -491,6 +491,92 @@ fn fill_up(path: &Path) {
     }
 }
 
+/// A broker started on a full disk serves every acknowledged message: a
+/// topic's open writes a checkpoint (its clean flag must go before any new
+/// write), and a full disk refused it, so every request to the topic,
+/// reads included, failed until space returned. The topic now opens for
+/// reading, a produce is refused as full until the checkpoint can be
+/// written, and nothing is lost across the restarts, clean or `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_started_on_a_full_disk_serves_every_acknowledged_message() {
+    const PER_PRODUCE: u64 = 8;
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let ballast = disk.host_path("ballast");
+    let start = || Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let mut acked = Vec::new();
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .create_topic("orders", pb::TopicConfig::default())
+        .await
+        .expect("create topic");
+    client
+        .create_group("orders", "workers", GroupMode::Queue, None)
+        .await
+        .expect("create group");
+    for _ in 0..4 {
+        let next = acked.len() as u64;
+        client
+            .produce("orders", messages(next, PER_PRODUCE))
+            .await
+            .expect("produce");
+        acked.extend((next..next + PER_PRODUCE).map(|i| (i, value(i))));
+    }
+    drop(client);
+    stop_cleanly(broker).await;
+
+    // Full after a clean stop, then after a kill -9 of a broker that wrote
+    // nothing, then after a kill -9 of one that did.
+    for round in 0..3 {
+        fill_up(&ballast);
+        let broker = start();
+        let client = Client::connect(&broker.addr, "c").await.expect("connect");
+        assert_eq!(
+            replay_all(&client, "orders").await,
+            acked,
+            "round {round}: every acknowledged message, on a full disk"
+        );
+        client
+            .describe_group("orders", "workers")
+            .await
+            .expect("the group answers on a full disk");
+        let next = acked.len() as u64;
+        match client.produce("orders", messages(next, PER_PRODUCE)).await {
+            Ok(p) => {
+                assert_eq!(p.first_offset, next);
+                acked.extend((next..next + PER_PRODUCE).map(|i| (i, value(i))));
+            }
+            Err(e) => assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}"),
+        }
+        if round == 2 {
+            std::fs::remove_file(&ballast).expect("remove ballast");
+            produce_when_space_returns(&client, "orders", PER_PRODUCE, &mut acked).await;
+        }
+        drop(client);
+        let logs = broker.kill9();
+        assert!(!logs.contains("panicked"), "{logs}");
+        if round < 2 {
+            std::fs::remove_file(&ballast).expect("remove ballast");
+        }
+        if round == 1 {
+            // Written with room, then the disk fills before the restart.
+            let broker = start();
+            let client = Client::connect(&broker.addr, "c").await.expect("connect");
+            produce_when_space_returns(&client, "orders", PER_PRODUCE, &mut acked).await;
+            drop(client);
+            let logs = broker.kill9();
+            assert!(!logs.contains("panicked"), "{logs}");
+        }
+    }
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    assert_eq!(replay_all(&client, "orders").await, acked);
+    drop(client);
+    stop_cleanly(broker).await;
+    verify(&disk, &data);
+}
+
 /// A topic creation refused for a full disk leaves nothing behind. Before,
 /// its `topic.toml.tmp` stayed in `topics/<name>/`, and after a restart the
 /// topic was back with the default config.

@@ -480,7 +480,7 @@ impl Commits {
             Err(e) => {
                 // Deleted: nothing was written.
                 for job in jobs {
-                    let _ = job.reply.send(Err(duplicate(&e)));
+                    let _ = job.reply.send(Err(e.duplicate()));
                 }
                 return;
             }
@@ -500,7 +500,7 @@ impl Commits {
                     last,
                     durability: Durability::Durable,
                 }),
-                (Ok(_), Some(Err(e))) => Err(duplicate(e)),
+                (Ok(_), Some(Err(e))) => Err(e.duplicate()),
                 (Ok((first, last)), Some(Ok(durability))) => Ok(Appended {
                     first,
                     last,
@@ -654,59 +654,6 @@ fn commit(topic: &Topic, jobs: Vec<ProduceJob>) -> Round {
         jobs,
         result,
         sealed,
-    }
-}
-
-/// A copy of `e` for each of the producers one failed group commit answers
-/// (the error type is not `Clone`: it carries `io::Error`s). The copy reads
-/// and maps to a status code the same as the original.
-fn duplicate(e: &Error) -> Error {
-    let io = |s: &std::io::Error| std::io::Error::new(s.kind(), s.to_string());
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: context.clone(),
-            source: io(source),
-        },
-        Error::Full { context, source } => Error::Full {
-            context: context.clone(),
-            source: io(source),
-        },
-        Error::FilesExhausted { context, source } => Error::FilesExhausted {
-            context: context.clone(),
-            source: io(source),
-        },
-        Error::MemoryExhausted { context, source } => Error::MemoryExhausted {
-            context: context.clone(),
-            source: io(source),
-        },
-        Error::Corruption(c) => Error::Corruption(c.clone()),
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::TopicNotFound(m) => Error::TopicNotFound(m.clone()),
-        Error::GroupNotFound(m) => Error::GroupNotFound(m.clone()),
-        Error::NotFound(m) => Error::NotFound(m.clone()),
-        Error::LimitReached(m) => Error::LimitReached(m.clone()),
-        Error::Internal(m) => Error::Internal(m.clone()),
-        Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
-        Error::Stopping(m) => Error::Stopping(m.clone()),
-        Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
-        Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
-        Error::TooLarge {
-            offset,
-            size,
-            limit,
-        } => Error::TooLarge {
-            offset: *offset,
-            size: *size,
-            limit: *limit,
-        },
-        Error::Locked { dir, pid } => Error::Locked {
-            dir: dir.clone(),
-            pid: pid.clone(),
-        },
-        Error::ReadOnly { log, cause } => Error::ReadOnly {
-            log: log.clone(),
-            cause: cause.clone(),
-        },
     }
 }
 

@@ -275,7 +275,12 @@ pub fn open_segment(
 
     let end_offset = last_offset.map_or(base, |o| o + 1);
     if loaded.as_ref() != Some(&index) {
-        write_index(storage, &paths, &index)?;
+        // A hint: one that cannot be written (a full disk) costs the next
+        // open this scan again, nothing more.
+        if let Err(e) = write_index(storage, &paths, &index) {
+            tracing::warn!(file = %paths.idx.display(), error = %e,
+                "index not written; the next open rebuilds it again");
+        }
         let was_written = loaded
             .as_ref()
             .is_some_and(|l| !l.offset_entries().is_empty());

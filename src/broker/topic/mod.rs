@@ -306,7 +306,16 @@ impl Topic {
             deletions: RwLock::new(deletions),
             gate: Gate::default(),
         };
-        topic.checkpoint()?;
+        // On a full disk the topic still opens for reading: the broker's
+        // periodic checkpoint records these points once there is room, and
+        // the log writes its own owed checkpoint before its first write.
+        match topic.checkpoint() {
+            Err(e @ Error::Full { .. }) => {
+                tracing::warn!(topic = name, error = %e,
+                    "checkpoint not written at open; it is written once the disk has room");
+            }
+            other => other?,
+        }
         Ok(topic)
     }
 
