@@ -423,6 +423,62 @@ fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
     }
 }
 
+/// Files spool did not write, dropped into a data directory after a clean
+/// stop: a journal in a topic's `groups/` is no group (the clean stop's
+/// checkpoint lists every group), and a file among the topic folders is no
+/// topic. Before, the journal became a group `zz`, and the file stopped
+/// `verify` and `compact --data` with "Not a directory".
+#[test]
+fn stray_files_are_neither_groups_nor_topics() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 20);
+    let stray = topic_dir(data).join("groups/zz.journal");
+    std::fs::write(&stray, [0x5a; 100]).expect("stray journal");
+    std::fs::write(data.join("topics/notes.txt"), "not a topic").expect("stray file");
+
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "strays are notes: {report}");
+    let notes: Vec<String> = report["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["file"].as_str().map(str::to_owned))
+        .collect();
+    assert!(notes.iter().any(|f| Path::new(f) == stray), "{report}");
+    assert_eq!(report["topics"], 1, "{report}");
+    let compact = spool(&["compact"], data);
+    assert!(
+        compact.status.success(),
+        "compact --data: {}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let groups: Vec<String> = client
+            .list_groups(TOPIC)
+            .await
+            .expect("list groups")
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
+        assert_eq!(groups, ["q", "s"], "no group from the stray journal");
+        let topics: Vec<String> = client
+            .list_topics()
+            .await
+            .expect("list topics")
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(topics, [TOPIC], "no topic from the stray file");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(stray.exists(), "left alone");
+}
+
 #[test]
 fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -45,6 +45,10 @@ impl Storage for TimedStorage {
         self.inner.exists(path)
     }
 
+    fn is_dir(&self, path: &Path) -> bool {
+        self.inner.is_dir(path)
+    }
+
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
         let inner = self.inner.open(path, mode)?;
         Ok(Arc::new(TimedFile {

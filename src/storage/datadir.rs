@@ -115,6 +115,15 @@ impl DataDir {
             .storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;
+        // A file there is no topic (each topic is a folder).
+        names.retain(|name| {
+            let path = dir.join(name);
+            let folder = self.storage.is_dir(&path);
+            if !folder {
+                tracing::warn!(file = %path.display(), "ignoring a file among the topic folders");
+            }
+            folder
+        });
         names.sort();
         Ok(names)
     }

@@ -176,6 +176,19 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                     .map(|g| (groups.clone(), g.to_owned(), point(&format!("groups/{g}")))),
             );
         }
+        // A clean stop lists every group: the broker ignores other journals.
+        if let Some(c) = checkpoint.as_ref().filter(|c| c.clean) {
+            journals.retain(|(jdir, name, _)| {
+                let listed = *jdir == dir || c.journal(&format!("groups/{name}")).is_some();
+                if !listed {
+                    report.notes.push(finding(
+                        groups.join(format!("{name}.journal")),
+                        "a journal the topic's clean stop did not list: no group of the topic (the broker ignores it)",
+                    ));
+                }
+                listed
+            });
+        }
         for listed in checkpoint.iter().flat_map(|c| &c.journals) {
             if let Some(g) = listed.name.strip_prefix("groups/")
                 && !present.iter().any(|p| p == g)

@@ -243,10 +243,21 @@ impl Topic {
             }
             tracing::error!(%damage, "giving up a missing group");
         }
+        // A clean stop lists every group in its checkpoint: a journal file
+        // it does not list was not written by this topic, and is no group.
+        let clean = checkpoint.as_ref().filter(|c| c.clean);
         for file in names {
             let Some(group_name) = file.strip_suffix(".journal") else {
                 continue;
             };
+            if let Some(c) = clean
+                && c.journal(&format!("{GROUP_JOURNAL_PREFIX}{group_name}"))
+                    .is_none()
+            {
+                tracing::warn!(topic = name, file = %groups_dir.join(&file).display(),
+                    "ignoring a journal the topic's clean stop did not list: it is no group of the topic");
+                continue;
+            }
             let group = Group::open_checked(
                 Arc::clone(&storage),
                 &groups_dir,

@@ -41,6 +41,8 @@ pub trait Storage: Send + Sync + Debug + 'static {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Whether a file or directory exists.
     fn exists(&self, path: &Path) -> bool;
+    /// Whether `path` is a directory.
+    fn is_dir(&self, path: &Path) -> bool;
     /// Opens a file for reading and writing.
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>>;
     /// Renames a file, replacing any file at `to`, or a directory to a name

@@ -381,6 +381,10 @@ impl Storage for SimDisk {
         state.live.contains_key(path) || state.dirs.contains(path)
     }
 
+    fn is_dir(&self, path: &Path) -> bool {
+        self.lock_state().dirs.contains(path)
+    }
+
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
