@@ -201,6 +201,14 @@ impl Tokens {
             }
             let hash = parse_hash(&entry.hash)
                 .ok_or_else(|| bad(format!("token {}: hash must be sha256: followed by 64 hex digits (`spool token create` prints one)", entry.name)))?;
+            // One secret must name one token: which permissions it carries
+            // may not depend on the order of the file.
+            if let Some(other) = tokens.iter().find(|t: &&Token| t.hash == hash) {
+                return Err(bad(format!(
+                    "tokens {} and {} have the same hash: each token needs a secret of its own",
+                    other.name, entry.name
+                )));
+            }
             let patterns = |list: &[String]| {
                 list.iter()
                     .map(|p| {
@@ -587,6 +595,11 @@ mod tests {
             (
                 "[[token]]\nname = \"a\"\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nwrite = [\"a\"]\n",
                 "unknown field",
+            ),
+            (
+                "[[token]]\nname = \"a\"\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n\
+                 [[token]]\nname = \"b\"\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n",
+                "tokens a and b have the same hash",
             ),
         ] {
             let e = Tokens::parse(text, Path::new("auth.toml")).expect_err(text);
