@@ -1371,7 +1371,7 @@ async fn the_cli_consumes_an_existing_group_with_a_consume_only_token() {
         .await
         .expect("describe");
     assert_eq!((info.pending, info.lag), (0, 0), "{info:?}");
-    // A missing group is NOT_FOUND, not a permission error.
+    // A missing group is NOT_FOUND, and the refused creation is named too.
     let (ok, _, err) = cli(&[
         "consume",
         "orders",
@@ -1384,4 +1384,8 @@ async fn the_cli_consumes_an_existing_group_with_a_consume_only_token() {
     ]);
     assert!(!ok);
     assert!(err.contains("NotFound"), "{err}");
+    assert!(
+        err.contains("creating it was refused: token reader may not"),
+        "why the command could not create it: {err}"
+    );
 }

@@ -32,7 +32,7 @@ pub struct ConsumeArgs {
     /// an offset, or @UNIX_MS (first message at or after that time).
     #[arg(long, value_parser = parse_position)]
     from: Option<Position>,
-    /// Read as this consumer group (created if missing).
+    /// Read as this consumer group (created if missing; that needs `admin` on the topic under --auth).
     #[arg(long)]
     group: Option<String>,
     /// Kind of group.
@@ -62,9 +62,9 @@ pub fn run(args: ConsumeArgs) -> CliResult {
     let stdout = std::io::stdout();
     block_on(async {
         let client = connect(&args.server).await?;
-        let mut checked = match &args.group {
+        let (mut checked, create_refused) = match &args.group {
             Some(group) => ensure_group(&client, &args, group).await?,
-            None => true,
+            None => (true, None),
         };
         let mut printed = 0u64;
         let mut position = match (&args.group, args.mode) {
@@ -89,7 +89,21 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                 max_bytes: 0,
                 wait_ms: if args.follow { FOLLOW_WAIT_MS } else { 0 },
             };
-            let fetched = client.fetch(&args.topic, options).await?;
+            let fetched = match client.fetch(&args.topic, options).await {
+                Ok(fetched) => fetched,
+                // The group is missing and this token could not create it:
+                // say both.
+                Err(ClientError::Status {
+                    code: pb::Code::NotFound,
+                    message,
+                }) if create_refused.is_some() && message.starts_with("group ") => {
+                    return Err(CliError::runtime(format!(
+                        "{message} (NotFound), and creating it was refused: {} (PermissionDenied)",
+                        create_refused.as_deref().unwrap_or_default()
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if fetched.messages.is_empty() {
                 if !args.follow {
                     return Ok(());
@@ -154,17 +168,22 @@ pub fn run(args: ConsumeArgs) -> CliResult {
 }
 
 /// Creates the group if it is missing; whether its mode is known to be the
-/// one asked for. A token that may consume the topic but not administer it
-/// can neither create nor describe the group: the group must exist, and
-/// its mode is checked on the first messages instead.
-async fn ensure_group(client: &Client, args: &ConsumeArgs, group: &str) -> CliResult<bool> {
+/// one asked for, and the refusal of its creation, if any. A token that may
+/// consume the topic but not administer it can neither create nor describe
+/// the group: the group must exist, and its mode is checked on the first
+/// messages instead.
+async fn ensure_group(
+    client: &Client,
+    args: &ConsumeArgs,
+    group: &str,
+) -> CliResult<(bool, Option<String>)> {
     let mode = match args.mode {
         Mode::Stream => GroupMode::Stream,
         Mode::Queue => GroupMode::Queue,
     };
     let start = args.from.or(Some(Position::Earliest));
     match client.create_group(&args.topic, group, mode, start).await {
-        Ok(_) => Ok(true),
+        Ok(_) => Ok((true, None)),
         Err(ClientError::Status {
             code: pb::Code::AlreadyExists,
             ..
@@ -174,19 +193,19 @@ async fn ensure_group(client: &Client, args: &ConsumeArgs, group: &str) -> CliRe
                 Err(ClientError::Status {
                     code: pb::Code::PermissionDenied,
                     ..
-                }) => return Ok(false),
+                }) => return Ok((false, None)),
                 Err(e) => return Err(e.into()),
             };
             let wanted = spool::protocol::convert::group_mode_to_wire(mode);
             if info.mode != wanted {
                 return Err(mode_mismatch(args, group));
             }
-            Ok(true)
+            Ok((true, None))
         }
         Err(ClientError::Status {
             code: pb::Code::PermissionDenied,
-            ..
-        }) => Ok(false),
+            message,
+        }) => Ok((false, Some(message))),
         Err(e) => Err(e.into()),
     }
 }
