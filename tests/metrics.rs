@@ -483,6 +483,20 @@ async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
         .create_group("jobs", "workers", GroupMode::Queue, None)
         .await
         .expect("queue group");
+    // Before the first dead letter, and before the first refusal, the
+    // series are there at 0: an alert on their increase sees the first.
+    let s = scrape(&http).await;
+    let workers = [("topic", "jobs"), ("group", "workers")];
+    assert_eq!(
+        must(&s, "spool_dead_lettered_messages_total", &workers),
+        0.0
+    );
+    for reason in ["max_connections", "max_connections_per_ip"] {
+        assert_eq!(
+            must(&s, "spool_connections_refused_total", &[("reason", reason)]),
+            0.0
+        );
+    }
     client
         .produce("jobs", vec![NewMessage::from_value("poison")])
         .await
@@ -498,7 +512,6 @@ async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
     assert!(again.is_empty(), "dead-lettered, not delivered: {again:?}");
 
     let s = scrape(&http).await;
-    let workers = [("topic", "jobs"), ("group", "workers")];
     assert_eq!(
         must(&s, "spool_dead_lettered_messages_total", &workers),
         1.0

@@ -1295,8 +1295,12 @@ impl Broker {
         // The request's own field before the topic (protocol.md §4).
         super::config::validate_name("group", group)?;
         let t = Arc::clone(self.existing(topic).await?.topic());
-        let group = group.to_owned();
-        blocking(move || t.create_group(&group, mode, start)).await
+        let name = group.to_owned();
+        let info = blocking(move || t.create_group(&name, mode, start)).await?;
+        if mode == GroupMode::Queue {
+            self.inner.metrics.queue_group(topic, group);
+        }
+        Ok(info)
     }
 
     /// The groups of `topic`.

@@ -20,7 +20,7 @@ mod storage;
 
 pub use storage::TimedStorage;
 
-use crate::groups::GroupInfo;
+use crate::groups::{GroupInfo, GroupMode};
 use crate::storage::{Header, LogStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -224,6 +224,14 @@ impl Metrics {
             cleanup_bytes: Family::default(),
             registry: Registry::default(),
         };
+        // Refusals by each limit, at 0 until the first: a rate or
+        // `increase()` over them then sees it.
+        for reason in REFUSAL_REASONS {
+            inner
+                .refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
         // Counters get `_total` from the encoder.
         let r = &mut registry;
         r.register(
@@ -432,6 +440,13 @@ impl Metrics {
         ConnectionGuard { open }
     }
 
+    /// Gives queue group `group` of `topic` its dead-letter series, at 0
+    /// until a message is dead-lettered: a rate or `increase()` over it
+    /// then sees the first one.
+    pub fn queue_group(&self, topic: &str, group: &str) {
+        self.dead_lettered(topic, group, 0);
+    }
+
     /// Counts a connection refused by the limit named `reason` (its setting).
     pub fn refused(&self, reason: &'static str) {
         self.inner
@@ -471,6 +486,11 @@ impl Metrics {
     /// counters and histograms, then the gauges of `topics` (the open
     /// ones) and the count of all topics, `total_topics`.
     pub fn encode(&self, total_topics: usize, topics: &[TopicSnapshot]) -> String {
+        for t in topics {
+            for g in t.groups.iter().filter(|g| g.mode == GroupMode::Queue) {
+                self.queue_group(&t.name, &g.name);
+            }
+        }
         let mut out = String::new();
         let gauges = gauges(total_topics, topics);
         // Writing to a String cannot fail.
@@ -480,6 +500,9 @@ impl Metrics {
         out
     }
 }
+
+/// The limits a connection is refused by (see [`Metrics::refused`]).
+pub const REFUSAL_REASONS: [&str; 2] = ["max_connections", "max_connections_per_ip"];
 
 /// The scrape-time gauges, in a registry of their own.
 fn gauges(total_topics: usize, topics: &[TopicSnapshot]) -> Registry {
