@@ -479,6 +479,29 @@ fn stray_files_are_neither_groups_nor_topics() {
     assert!(stray.exists(), "left alone");
 }
 
+/// An offline `spool compact` that fails (a topic that does not exist)
+/// changes nothing, and keeps the record of the last clean stop: before,
+/// it took the `clean-stop` marker away, so the next start scanned every
+/// topic as after a crash.
+#[test]
+fn a_failed_offline_compaction_keeps_the_clean_stop_marker() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 10);
+    assert!(data.join("clean-stop").exists(), "the stop was clean");
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["compact", "nosuch", "--data"])
+        .arg(data)
+        .output()
+        .expect("run spool");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuch"),
+        "{out:?}"
+    );
+    assert!(data.join("clean-stop").exists(), "still recorded as clean");
+}
+
 #[test]
 fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
     let tmp = tempfile::tempdir().expect("tempdir");

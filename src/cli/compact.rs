@@ -87,12 +87,18 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
         if let Some(p) = &progress {
             p.set_position(done_before + bytes);
         }
-    })?;
+    });
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    // Compaction closed each topic cleanly after it; this records that.
-    registry.stop_all();
+    // Compaction closed each topic cleanly after it; this records that. A
+    // failed run records it too when the directory was stopped cleanly
+    // before (opening it took the marker away): what failed, a topic that
+    // does not exist or would not open, changed nothing.
+    if results.is_ok() || registry.clean_start() {
+        registry.stop_all();
+    }
+    let results = results?;
     Ok(results
         .iter()
         .map(|(t, s)| convert::compaction(t, s))
