@@ -155,7 +155,8 @@ impl fmt::Display for Corruption {
             self.bytes.start,
             self.bytes.end
         )?;
-        if let Some(offsets) = &self.offsets {
+        // An empty range (damage between records, holding none) says nothing.
+        if let Some(offsets) = self.offsets.as_ref().filter(|o| !o.is_empty()) {
             write!(f, " (offsets {}..{})", offsets.start, offsets.end)?;
         }
         write!(f, ": {}", self.detail)

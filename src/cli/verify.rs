@@ -32,6 +32,7 @@ fn describe(f: &Finding) -> String {
     let offsets = f
         .offsets
         .as_ref()
+        .filter(|o| !o.is_empty())
         .map_or_else(String::new, |o| format!(" offsets {}..{}", o.start, o.end));
     format!(
         "{} bytes {}..{}{offsets}: {}",

@@ -211,7 +211,21 @@ impl Checkpoint {
                 "checkpoint version {} is not {CHECKPOINT_VERSION}",
                 r.offset
             ))),
-            other => Err(damaged(format!("checkpoint does not validate: {other:?}"))),
+            Ok(Frame::Record(r)) => Err(damaged(format!(
+                "checkpoint holds {} bytes after its record of {} bytes",
+                data.len() - r.len as usize,
+                r.len
+            ))),
+            Ok(Frame::End) if data.iter().all(|&b| b == 0) => Err(damaged(format!(
+                "checkpoint is {}",
+                if data.is_empty() {
+                    "empty"
+                } else {
+                    "all zeros"
+                }
+            ))),
+            Ok(Frame::End) => Err(damaged("checkpoint does not start with a record".into())),
+            Err(e) => Err(damaged(format!("checkpoint does not validate: {e}"))),
         }
     }
 
@@ -326,6 +340,28 @@ mod tests {
         assert_eq!(Checkpoint::load(&*disk, dir).expect("load"), Some(c));
         disk.damage(&path(dir), 30, &[0x55]).expect("flip");
         let err = Checkpoint::load(&*disk, dir).expect_err("damage");
-        assert!(err.to_string().contains("checkpoint"), "{err}");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+
+    /// Each way a checkpoint file can be wrong is said in words, not as
+    /// the decoder's internals.
+    #[test]
+    fn a_checkpoint_that_does_not_validate_says_how() {
+        let disk = Arc::new(SimDisk::new());
+        let dir = Path::new("/t");
+        disk.create_dir_all(dir).expect("dir");
+        Checkpoint::default().store(&*disk, dir).expect("store");
+        let mut trailing = read_file(&*disk, &path(dir)).expect("read");
+        trailing.extend([7u8; 3]);
+        for (bytes, want) in [
+            (Vec::new(), "checkpoint is empty"),
+            (vec![0u8; 40], "checkpoint is all zeros"),
+            (trailing, "holds 3 bytes after its record"),
+        ] {
+            crate::storage::io::write_file_atomic(&*disk, &path(dir), &bytes).expect("write");
+            let err = Checkpoint::load(&*disk, dir).expect_err(want).to_string();
+            assert!(err.contains(want), "{want}: {err}");
+            assert!(!err.contains("Ok(") && !err.contains("RecordRef"), "{err}");
+        }
     }
 }
