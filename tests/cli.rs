@@ -406,6 +406,12 @@ fn serve_refuses_limits_out_of_range() {
         ("max_batch_messages", "max_batch_messages = 0"),
         ("max_connections", "max_connections = 0"),
         ("max_subscriptions", "max_subscriptions = 0"),
+        // Not TOML, and a key that is no setting: where, in one line.
+        ("line 1, column 10", "listen = "),
+        (
+            "line 2, column 1: unknown field `bogus`",
+            "fsync = \"always\"\nbogus = 3",
+        ),
     ] {
         let config = tmp.path().join("spool.toml");
         std::fs::write(&config, format!("{line}\n")).expect("config");
@@ -419,6 +425,12 @@ fn serve_refuses_limits_out_of_range() {
             .expect("run spool serve");
         assert_eq!(out.status.code(), Some(1), "{line}: {}", stderr(&out));
         assert!(stderr(&out).contains(setting), "{line}: {}", stderr(&out));
+        assert_eq!(
+            stderr(&out).trim_end().lines().count(),
+            1,
+            "one line: {}",
+            stderr(&out)
+        );
         assert!(
             stdout(&out).is_empty(),
             "{line}: it listened: {}",

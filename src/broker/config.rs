@@ -158,8 +158,9 @@ impl TopicConfig {
         let buf = read_file(storage, &path).ctx(|| format!("reading {}", path.display()))?;
         let text = String::from_utf8(buf)
             .map_err(|_| Error::InvalidArgument(format!("{} is not UTF-8", path.display())))?;
-        let config: TopicConfig = toml::from_str(&text)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let config: TopicConfig = toml::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!("{}: {}", path.display(), toml_error(&text, &e)))
+        })?;
         config.validate()?;
         Ok(Some(config))
     }
@@ -189,6 +190,20 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         Err(Error::InvalidArgument(format!(
             "{what} name {name:?} is invalid: use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - (not . or ..)"
         )))
+    }
+}
+
+/// A TOML parse error of `text` on one line: where (line and column) and
+/// what, without the excerpt the parser's own message draws over several.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message().trim())
+        }
+        None => e.message().trim().replace('\n', "; "),
     }
 }
 

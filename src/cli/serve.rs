@@ -203,7 +203,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| spool::Error::io(format!("reading config {}", path.display()), e))?;
             toml::from_str::<FileConfig>(&text).map_err(|e| {
-                spool::Error::InvalidArgument(format!("config {}: {e}", path.display()))
+                spool::Error::InvalidArgument(format!(
+                    "config {}: {}",
+                    path.display(),
+                    spool::broker::config::toml_error(&text, &e)
+                ))
             })?
         }
         None => FileConfig::default(),

@@ -189,7 +189,8 @@ impl Tokens {
     fn parse(text: &str, path: &Path) -> Result<Tokens> {
         let bad =
             |what: String| Error::InvalidArgument(format!("auth file {}: {what}", path.display()));
-        let file: AuthFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let file: AuthFile =
+            toml::from_str(text).map_err(|e| bad(crate::broker::config::toml_error(text, &e)))?;
         let mut names = HashSet::new();
         let mut tokens = Vec::with_capacity(file.token.len());
         for entry in file.token {
