@@ -45,9 +45,10 @@ impl DataDir {
     /// [`Error::Locked`] naming the pid that holds it.
     pub fn open(storage: Arc<dyn Storage>, root: impl Into<PathBuf>) -> Result<DataDir> {
         let root = root.into();
+        let topics = root.join(TOPICS_DIR);
         storage
-            .create_dir_all(&root.join(TOPICS_DIR))
-            .ctx(|| format!("creating data directory {}", root.display()))?;
+            .create_dir_all(&topics)
+            .ctx(|| format!("creating data directory {}", topics.display()))?;
         let own_pid = std::process::id().to_string();
         let owner = format!("{own_pid}\n");
         let mut attempts = 0;
