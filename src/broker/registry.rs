@@ -594,7 +594,7 @@ impl Registry {
                 return false;
             }
             Err(e) => {
-                tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed");
+                tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync or clean checkpoint failed; its next open recovers it");
                 if topic.is_read_only() {
                     return false;
                 }
@@ -692,7 +692,8 @@ impl Registry {
             let _ = topic.log().stop_writes();
             if let Err(e) = topic.stop() {
                 clean = false;
-                tracing::error!(topic = topic.name(), error = %e, "final sync failed");
+                tracing::error!(topic = topic.name(), error = %e,
+                    "final sync or clean checkpoint failed; the next start recovers the topic");
             }
         }
         if clean && let Err(e) = self.data.mark_clean_stop() {
