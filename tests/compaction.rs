@@ -286,14 +286,21 @@ fn segment_logs(root: &Path) -> Vec<std::path::PathBuf> {
     logs
 }
 
-/// A broker stopped mid-merge (the copy of two segments durable as a
-/// `.swap`, the second segment's files partly removed) finishes the merge
-/// when it opens; a `.swap` whose first segment retention removed is dropped.
-#[test]
-fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let root = tmp.path().join("data");
-    let root_str = root.to_str().expect("utf-8");
+/// A topic `t` under `root` of 60 messages on 1 KiB segments, stopped:
+/// what was written by offset, the first three segment files (a, b, c),
+/// and where a merge of a and b (every offset below c's base) is staged as
+/// a `.swap`.
+struct ThreeSegments {
+    want: BTreeMap<u64, String>,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    /// The file stems (bases) of a and c.
+    a_stem: String,
+    c_stem: String,
+    swap: std::path::PathBuf,
+}
+
+fn three_segments(root: &Path) -> ThreeSegments {
     let config = TopicConfig {
         log: LogConfig {
             segment_bytes: 1024,
@@ -303,7 +310,7 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
     };
     let mut want = BTreeMap::new();
     {
-        let reg = registry(Arc::new(OsStorage), root_str);
+        let reg = registry(Arc::new(OsStorage), root.to_str().expect("utf-8"));
         let topic = reg.create_topic("t", config).expect("topic");
         for i in 0..60u64 {
             let value = format!("message {i:03} {}", "m".repeat(20));
@@ -313,15 +320,40 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
             want.insert(a.first.0, value);
         }
     }
-    let logs = segment_logs(&root);
+    let logs = segment_logs(root);
     assert!(logs.len() >= 4, "{logs:?}");
-    let (a, b, c) = (&logs[0], &logs[1], &logs[2]);
     let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
-    let (a_stem, c_stem) = (stem(a).expect("name"), stem(c).expect("name"));
+    let (a_stem, c_stem) = (stem(&logs[0]).expect("name"), stem(&logs[2]).expect("name"));
+    ThreeSegments {
+        want,
+        a: logs[0].clone(),
+        b: logs[1].clone(),
+        swap: root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap")),
+        a_stem,
+        c_stem,
+    }
+}
+
+/// A broker stopped mid-merge (the copy of two segments durable as a
+/// `.swap`, the second segment's files partly removed) finishes the merge
+/// when it opens; a `.swap` whose first segment retention removed is dropped.
+#[test]
+fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("data");
+    let root_str = root.to_str().expect("utf-8");
+    let ThreeSegments {
+        want,
+        a,
+        b,
+        a_stem,
+        c_stem,
+        swap,
+    } = three_segments(&root);
+    let (a, b) = (&a, &b);
     // The merged copy of a and b, covering every offset below c's base.
     let mut merged = std::fs::read(a).expect("read a");
     merged.extend(std::fs::read(b).expect("read b"));
-    let swap = root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap"));
     std::fs::write(&swap, &merged).expect("write swap");
     std::fs::remove_file(b.with_extension("idx")).expect("remove b.idx");
     // What the next start completes is a note to verify, not damage.
@@ -389,36 +421,14 @@ fn a_damaged_compaction_copy_never_replaces_intact_segments() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("data");
     let root_str = root.to_str().expect("utf-8");
-    let config = TopicConfig {
-        log: LogConfig {
-            segment_bytes: 1024,
-            ..LogConfig::default()
-        },
-        ..TopicConfig::default()
-    };
-    let mut want = BTreeMap::new();
-    {
-        let reg = registry(Arc::new(OsStorage), root_str);
-        let topic = reg.create_topic("t", config).expect("topic");
-        for i in 0..60u64 {
-            let value = format!("message {i:03} {}", "m".repeat(20));
-            let a = topic
-                .produce(&[NewMessage::from_value(value.clone())])
-                .expect("produce");
-            want.insert(a.first.0, value);
-        }
-    }
-    let logs = segment_logs(&root);
-    assert!(logs.len() >= 4, "{logs:?}");
-    let (a, b, c) = (logs[0].clone(), logs[1].clone(), logs[2].clone());
-    let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
-    let (a_stem, c_stem) = (stem(&a).expect("name"), stem(&c).expect("name"));
+    let ThreeSegments {
+        want, a, b, swap, ..
+    } = three_segments(&root);
     let mut merged = std::fs::read(&a).expect("read a");
     merged.extend(std::fs::read(&b).expect("read b"));
     // One bit of a value in b's part of the copy.
     let flip = merged.len() - 10;
     merged[flip] ^= 0x10;
-    let swap = root.join(format!("topics/t/{a_stem}.log.{c_stem}.swap"));
     let read_all = |reg: &Registry| -> BTreeMap<u64, String> {
         reg.topic("t")
             .expect("topic")
