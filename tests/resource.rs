@@ -1217,6 +1217,41 @@ async fn a_message_skipped_by_the_frame_gives_its_credit_back() {
     assert_eq!(&next.message.value[..], b"after");
 }
 
+/// Creates topic `t`, whose messages get one delivery each (a lease of
+/// 300 ms), with queue group `g`.
+async fn one_delivery_queue(client: &Client) {
+    client
+        .create_topic(
+            "t",
+            pb::TopicConfig {
+                max_deliveries: Some(1),
+                ack_timeout_ms: Some(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+    client
+        .create_group("t", "g", GroupMode::Queue, None)
+        .await
+        .expect("group");
+}
+
+/// A fetch of up to `max` messages of queue group `g` of `t`, as member `m`.
+async fn fetch_g(client: &Client, max: u32) -> Result<spool::client::Fetched, ClientError> {
+    client
+        .fetch(
+            "t",
+            FetchOptions {
+                group: Some("g".into()),
+                member: "m".into(),
+                max_messages: max,
+                ..Default::default()
+            },
+        )
+        .await
+}
+
 /// A dead letter its dead-letter topic refuses (too large for that topic's
 /// segments) does not fail the queue fetch that found it due: the other
 /// messages leased beside it are delivered, and the poison one stays
@@ -1237,36 +1272,12 @@ async fn a_dead_letter_its_topic_refuses_does_not_strand_the_others() {
         )
         .await
         .expect("dead-letter topic");
-    client
-        .create_topic(
-            "t",
-            pb::TopicConfig {
-                max_deliveries: Some(1),
-                ack_timeout_ms: Some(300),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("topic");
-    client
-        .create_group("t", "g", GroupMode::Queue, None)
-        .await
-        .expect("group");
+    one_delivery_queue(&client).await;
     client
         .produce("t", vec![NewMessage::from_value(vec![b'p'; 2000])])
         .await
         .expect("produce");
-    let fetch = |max: u32| {
-        client.fetch(
-            "t",
-            FetchOptions {
-                group: Some("g".into()),
-                member: "m".into(),
-                max_messages: max,
-                ..Default::default()
-            },
-        )
-    };
+    let fetch = |max: u32| fetch_g(&client, max);
     assert_eq!(fetch(1).await.expect("fetch").messages.len(), 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
     client
@@ -1290,21 +1301,7 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = start_with_config(tmp.path(), "");
     let client = Client::connect(&broker.addr, "c").await.expect("connect");
-    client
-        .create_topic(
-            "t",
-            pb::TopicConfig {
-                max_deliveries: Some(1),
-                ack_timeout_ms: Some(300),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("topic");
-    client
-        .create_group("t", "g", GroupMode::Queue, None)
-        .await
-        .expect("group");
+    one_delivery_queue(&client).await;
     client
         .produce(
             "t",
@@ -1312,17 +1309,7 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
         )
         .await
         .expect("produce the poison");
-    let fetch = || {
-        client.fetch(
-            "t",
-            FetchOptions {
-                group: Some("g".into()),
-                member: "m".into(),
-                max_messages: 2,
-                ..Default::default()
-            },
-        )
-    };
+    let fetch = || fetch_g(&client, 2);
     assert_eq!(fetch().await.expect("fetch").messages.len(), 2);
     // Both leases run out with their one delivery spent.
     tokio::time::sleep(Duration::from_millis(400)).await;
