@@ -487,7 +487,12 @@ impl Broker {
         let now = now_ms();
         let config = &self.inner.config;
         let idle_ms = config.topic_idle_close.as_millis() as u64;
-        let mut open = self.inner.registry.open_topics();
+        // On the blocking pool: the listing takes each topic's group locks,
+        // which a sync of group state holds while the disk takes its time.
+        let b = self.clone();
+        let Ok(mut open) = blocking(move || Ok(b.inner.registry.open_topics())).await else {
+            return;
+        };
         open.sort_by_key(|t| t.last_used_ms);
         let mut files: usize = open.iter().map(|t| t.files).sum();
         let mut close = Vec::new();
