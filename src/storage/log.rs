@@ -471,11 +471,20 @@ impl Log {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // Segments a drop noted are out of the manifest from then on, also
+        // while they are still in the list in memory (the drop's own
+        // checkpoint left them out; one written between it and the list's
+        // change must not bring them back before their files go).
+        let dropping = self
+            .dropping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let segments = self
             .segments()
             .iter()
             .map(|s| s.base())
-            .filter(|b| !removed.contains(b) && !retired.contains(b))
+            .filter(|b| !removed.contains(b) && !retired.contains(b) && !dropping.contains(b))
             .collect();
         let next = Checkpoint {
             clean,
@@ -1671,4 +1680,46 @@ fn check_order(segments: &[Arc<Segment>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::io::SimDisk;
+
+    /// A drop writes a checkpoint without its segments, then takes them
+    /// out of the list in memory, then removes their files. A checkpoint
+    /// written in between (the broker writes one every second) listed them
+    /// again, so a `kill -9` once their files were gone left a topic that
+    /// refused to open ("segment file is missing: the log's checkpoint
+    /// lists it").
+    #[test]
+    fn a_segment_noted_as_dropping_is_never_listed_again() {
+        let disk = Arc::new(SimDisk::new());
+        let storage: Arc<dyn Storage> = disk;
+        let dir = Path::new("/t");
+        let config = LogConfig {
+            segment_bytes: 1024,
+            ..LogConfig::default()
+        };
+        let log =
+            Log::open(Arc::clone(&storage), dir, config, RecoveryMode::default()).expect("open");
+        for i in 0..40 {
+            let value = format!("message {i:04} {}", "x".repeat(60));
+            log.append(&[NewMessage::from_value(value)])
+                .expect("append");
+        }
+        let first = log.segments()[0].base();
+        assert!(log.segments().len() > 2, "several segments");
+        log.note_dropping(&[first]);
+        log.store_checkpoint(None, false).expect("checkpoint");
+        let c = Checkpoint::load(&*storage, dir)
+            .expect("load")
+            .expect("a checkpoint");
+        assert!(
+            !c.segments.contains(&first),
+            "a segment being dropped is not listed: {:?}",
+            c.segments
+        );
+    }
 }
