@@ -2373,6 +2373,42 @@ fn a_queue_fetch_that_fails_part_way_leaves_nothing_undeliverable() {
 }
 
 #[test]
+fn a_topic_opened_on_a_full_disk_keeps_what_is_confirmed_after_it() {
+    // After a clean stop the disk is full: the open cannot replace the
+    // clean checkpoint, yet must not leave it saying "clean" while a group
+    // created and a commit confirmed once space returns are written beside
+    // it. A power cut before the next checkpoint must keep both (a clean
+    // checkpoint lists every group, so the group would be no group, and the
+    // journal past its recorded end would be cut).
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    for i in 0..5u8 {
+        t.produce(&[NewMessage::from_value(vec![i; 10])])
+            .expect("produce");
+    }
+    drop(t);
+    reg.stop_all();
+    drop(reg);
+    disk.set_fault(SimFault::NoSpace, true);
+    let reg = open_registry(&disk).expect("a registry on a full disk");
+    let t = reg.topic("t").expect("the topic opens on a full disk");
+    assert_eq!(values(&t).len(), 5, "and reads");
+    disk.set_fault(SimFault::NoSpace, false);
+    t.create_group("g", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    t.commit("g", Offset(3)).expect("commit");
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("recover");
+    let t = reg.topic("t").expect("topic");
+    let g = t.describe_group("g").expect("the group survives the cut");
+    assert_eq!(g.committed, 3, "its confirmed commit too");
+    assert_eq!(values(&t).len(), 5);
+}
+
+#[test]
 fn a_group_removal_that_fails_leaves_the_group_whole() {
     // The checkpoint that forgets the group cannot be written (the disk is
     // full): the group must stay, still holding back what it has not

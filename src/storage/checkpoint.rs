@@ -241,6 +241,18 @@ impl Checkpoint {
         let path = path(dir);
         write_file_atomic(storage, &path, &buf).ctx(|| format!("writing {}", path.display()))
     }
+
+    /// Removes the checkpoint of the log in `dir`, durably: the log then
+    /// has no recovery point or manifest until the next [`Checkpoint::store`].
+    pub fn remove(storage: &dyn Storage, dir: &Path) -> Result<()> {
+        let path = path(dir);
+        storage
+            .remove_file(&path)
+            .ctx(|| format!("removing {}", path.display()))?;
+        storage
+            .sync_dir(dir)
+            .ctx(|| format!("syncing {}", dir.display()))
+    }
 }
 
 /// Whether segment `base` lies inside a compaction swap `base..until` of

@@ -17,7 +17,7 @@ use super::recovery::{self, OpenedSegment, RecoveryReport};
 use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,10 +112,6 @@ pub struct Log {
     checkpoint: Mutex<CheckpointState>,
     /// The checkpoint found on open, if any.
     opened_checkpoint: Option<Checkpoint>,
-    /// The open could not write its checkpoint (a full disk): a clean one
-    /// found there stays on disk, and must stop saying so before anything
-    /// is written (see [`Log::pay_owed_checkpoint`]).
-    checkpoint_owed: AtomicBool,
     report: RecoveryReport,
 }
 
@@ -318,38 +314,33 @@ impl Log {
                 written: loaded.clone(),
             }),
             opened_checkpoint: loaded,
-            checkpoint_owed: AtomicBool::new(false),
             report,
         };
         log.check_durable_end(mode)?;
         if !log.report.is_clean() {
             tracing::warn!(log = %log.dir.display(), report = ?log.report, "log recovered");
         }
-        // A clean checkpoint stops being true with the first new write, and a
-        // log without one gets its recovery point now. On a full disk the log
-        // still opens for reading: the checkpoint is owed, and written before
-        // the first write (which the full disk refuses anyway).
+        // A clean checkpoint stops being true with the first new write (to
+        // the log or to a journal beside it), and a log without one gets its
+        // recovery point now. On a full disk, with no room for a new one, a
+        // clean checkpoint goes instead (removing a file needs no room): the
+        // log then opens for reading, and recovers as one without a
+        // checkpoint until the next is written (the broker writes one every
+        // second once there is room).
         if log.opened_checkpoint.as_ref().is_none_or(|c| c.clean) {
             match log.store_checkpoint(None, false) {
                 Err(e @ Error::Full { .. }) => {
+                    if log.opened_checkpoint.is_some() {
+                        Checkpoint::remove(&*log.storage, &log.dir)?;
+                        log.lock_checkpoint().written = None;
+                    }
                     tracing::warn!(log = %log.dir.display(), error = %e,
-                        "checkpoint not written: the log opens for reading and writes it before its first write");
-                    log.checkpoint_owed.store(true, Ordering::Release);
+                        "no room for a checkpoint: the log opens without one until there is");
                 }
                 other => other?,
             }
         }
         Ok(log)
-    }
-
-    /// Writes the checkpoint the open could not (see `checkpoint_owed`);
-    /// nothing may be written to the log until it is.
-    fn pay_owed_checkpoint(&self) -> Result<()> {
-        if self.checkpoint_owed.load(Ordering::Acquire) {
-            self.store_checkpoint(None, false)?;
-            self.checkpoint_owed.store(false, Ordering::Release);
-        }
-        Ok(())
     }
 
     /// Offsets below the checkpoint's durable end were acknowledged as
@@ -434,6 +425,10 @@ impl Log {
         self.store_checkpoint(None, false)
     }
 
+    fn lock_checkpoint(&self) -> MutexGuard<'_, CheckpointState> {
+        self.checkpoint.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_synced(&self) -> MutexGuard<'_, SyncedPoint> {
         self.synced.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -461,7 +456,7 @@ impl Log {
         clean: bool,
         removed: &[u64],
     ) -> Result<()> {
-        let mut state = self.checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock_checkpoint();
         if let Some(journals) = journals {
             state.journals = journals;
         }
@@ -688,7 +683,6 @@ impl Log {
     /// one [`Log::commit`] share one sync (group commit).
     pub fn write(&self, batch: &[NewMessage]) -> Result<(Offset, Offset)> {
         let lens = self.record_lens(batch)?;
-        self.pay_owed_checkpoint()?;
         let mut w = self.lock_writer()?;
         let written = self.write_locked(&mut w, batch, &lens, now_ms());
         let flushed = self.flush(&mut w);
@@ -710,12 +704,6 @@ impl Log {
             .into_iter()
             .map(|b| (b, self.record_lens(b)))
             .collect();
-        if let Err(e) = self.pay_owed_checkpoint() {
-            return checked
-                .into_iter()
-                .map(|(_, lens)| lens.and(Err(e.duplicate())))
-                .collect();
-        }
         let mut w = match self.lock_writer() {
             Ok(w) => w,
             Err(_) => {
