@@ -183,7 +183,7 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 if !listed {
                     report.notes.push(finding(
                         groups.join(format!("{name}.journal")),
-                        "a journal the topic's clean stop did not list: no group of the topic (the broker ignores it)",
+                        "a journal the topic's clean stop did not list: no group of the topic (the broker moves it to quarantine/)",
                     ));
                 }
                 listed

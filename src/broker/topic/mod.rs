@@ -254,8 +254,11 @@ impl Topic {
                 && c.journal(&format!("{GROUP_JOURNAL_PREFIX}{group_name}"))
                     .is_none()
             {
-                tracing::warn!(topic = name, file = %groups_dir.join(&file).display(),
-                    "ignoring a journal the topic's clean stop did not list: it is no group of the topic");
+                // Moved aside, so that no later open (after an unclean
+                // stop, which lists no such thing) takes it for a group.
+                let moved = set_aside(&*storage, dir, &groups_dir, group_name);
+                tracing::warn!(topic = name, file = %groups_dir.join(&file).display(), moved = ?moved,
+                    "a journal the topic's clean stop did not list is no group of the topic; moved to quarantine/");
                 continue;
             }
             let group = Group::open_checked(
@@ -1149,6 +1152,30 @@ impl Topic {
         let points = self.journal_points(&groups)?;
         self.log.store_checkpoint(Some(points), true)
     }
+}
+
+/// Moves the files of group journal `name` in `groups_dir` (its journal and
+/// any snapshot) into the topic's `quarantine/` folder, durably.
+fn set_aside(storage: &dyn Storage, dir: &Path, groups_dir: &Path, name: &str) -> Result<()> {
+    let quarantine = dir.join(crate::storage::recovery::QUARANTINE_DIR);
+    storage
+        .create_dir_all(&quarantine)
+        .ctx(|| format!("creating {}", quarantine.display()))?;
+    for ext in ["journal", "snap"] {
+        let from = groups_dir.join(format!("{name}.{ext}"));
+        if storage.exists(&from) {
+            let to = quarantine.join(format!("group-{name}.{ext}"));
+            storage
+                .rename(&from, &to)
+                .ctx(|| format!("moving {} to {}", from.display(), to.display()))?;
+        }
+    }
+    for folder in [groups_dir, &quarantine] {
+        storage
+            .sync_dir(folder)
+            .ctx(|| format!("syncing {}", folder.display()))?;
+    }
+    Ok(())
 }
 
 /// Prefix of a group journal's name in the checkpoint.
