@@ -439,26 +439,39 @@ fn a_damaged_compaction_copy_never_replaces_intact_segments() {
             .collect()
     };
 
-    // Every segment in place: a note, then the copy goes.
-    std::fs::write(&swap, &merged).expect("write swap");
-    {
-        let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
-        let report = verify(&data, &mut |_| {}).expect("verify");
-        assert!(report.is_clean(), "{:?}", report.damage);
-        assert!(
-            report
-                .notes
-                .iter()
-                .any(|n| n.file == swap && n.detail.contains("damaged")),
-            "{:?}",
-            report.notes
-        );
-    }
-    {
+    // Every segment in place: a note, then the copy goes. A flipped bit,
+    // an empty copy, one of zeros, one with zeros after its records.
+    let mut zero_tail = merged.clone();
+    zero_tail.truncate(merged.len() / 2);
+    zero_tail.resize(merged.len(), 0);
+    for (what, copy) in [
+        ("a flipped bit", merged.clone()),
+        ("empty", Vec::new()),
+        ("zeros", vec![0u8; merged.len()]),
+        ("zeros after some records", zero_tail),
+    ] {
+        std::fs::write(&swap, &copy).expect("write swap");
+        {
+            let data = DataDir::open(Arc::new(OsStorage), &root).expect("open");
+            let report = verify(&data, &mut |_| {}).expect("verify");
+            assert!(report.is_clean(), "{what}: {:?}", report.damage);
+            assert!(
+                report
+                    .notes
+                    .iter()
+                    .any(|n| n.file == swap && n.detail.contains("damaged")),
+                "{what}: {:?}",
+                report.notes
+            );
+        }
         let reg = registry(Arc::new(OsStorage), root_str);
-        assert_eq!(read_all(&reg), want, "nothing lost to the damaged copy");
-        assert!(!swap.exists(), "the damaged copy was removed");
-        assert!(a.exists() && b.exists(), "the originals stay");
+        assert_eq!(
+            read_all(&reg),
+            want,
+            "{what}: nothing lost to the damaged copy"
+        );
+        assert!(!swap.exists(), "{what}: the damaged copy was removed");
+        assert!(a.exists() && b.exists(), "{what}: the originals stay");
     }
 
     // The completion under way (a's hints and b gone): the copy is all

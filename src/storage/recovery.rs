@@ -665,8 +665,10 @@ pub(crate) fn retire(
 
 /// What is wrong with compaction copy `swap` of the offsets `base..until`,
 /// if anything: the byte range and the reason. The copy was synced whole
-/// before its rename, so every byte of it must belong to a valid record of
-/// that run, in offset order (zeros after the last one aside).
+/// before its rename, exactly as long as the records it holds (at least
+/// one), so every byte of it must belong to a valid record of that run, in
+/// offset order. (A copy cut exactly at a record boundary cannot be told
+/// from a shorter one.)
 pub(crate) fn swap_damage(
     storage: &dyn Storage,
     swap: &Path,
@@ -690,6 +692,8 @@ pub(crate) fn swap_damage(
     let len = data.len() as u64;
     Ok(match stop {
         Stop::Invalid(why) => Some((pos..len, why)),
+        Stop::Clean if len == 0 => Some((0..0, "the file is empty".into())),
+        Stop::Clean if pos < len => Some((pos..len, "zeros where records belong".into())),
         Stop::Clean => last.filter(|&o| o >= until).map(|o| {
             (
                 0..len,
