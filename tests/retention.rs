@@ -13,7 +13,7 @@ use spool::broker::{Registry, RegistryOptions, TopicConfig};
 use spool::client::{Client, FetchOptions};
 use spool::groups::GroupMode;
 use spool::protocol::pb;
-use spool::storage::io::{SimDisk, Storage};
+use spool::storage::io::{SimDisk, SimFault, SimOp, Storage};
 use spool::storage::verify::verify;
 use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage, Offset};
 use std::path::Path;
@@ -534,6 +534,70 @@ fn kill_9_during_retention_keeps_every_message_after_the_start() {
         broker.kill9();
     }
     assert_eq!(next, 240);
+}
+
+/// A retention pass that drops segments but cannot tell a group (its
+/// journal cannot grow: the disk filled up meanwhile) leaves the count to
+/// the next pass: `lost_to_retention` ends up counting every dropped
+/// offset the group had not read, once.
+#[test]
+fn a_group_that_missed_a_pass_counts_its_loss_at_the_next() {
+    let disk = Arc::new(SimDisk::new());
+    let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/data").expect("lock");
+    let reg = Registry::open(data, RegistryOptions::default()).expect("registry opens");
+    let topic = reg
+        .create_topic(
+            "p",
+            TopicConfig {
+                log: LogConfig {
+                    segment_bytes: 1024,
+                    retention_bytes: Some(2048),
+                    fsync: FsyncPolicy::Always,
+                    ..LogConfig::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .expect("topic");
+    topic
+        .ensure_group("s", GroupMode::Stream, Position::Earliest)
+        .expect("group");
+    let produce = |range: std::ops::Range<u64>| {
+        for i in range {
+            topic
+                .produce(&[NewMessage::from_value(value(i))])
+                .expect("produce");
+        }
+    };
+    produce(0..40);
+    // The disk fills as the first dropped file goes: the segments are gone,
+    // the group's journal cannot take the news.
+    let full = Arc::clone(&disk);
+    disk.set_hook(Some(Arc::new(move |op, path| {
+        if op == SimOp::Remove && path.extension().is_some_and(|e| e == "log") {
+            full.set_fault(SimFault::NoSpace, true);
+        }
+    })));
+    let missed = topic.enforce_retention(spool::storage::log::now_ms());
+    disk.set_hook(None);
+    disk.set_fault(SimFault::NoSpace, false);
+    assert!(missed.is_err(), "the group could not hear: {missed:?}");
+    let first = topic.stats().start.0;
+    assert!(first > 0, "segments went");
+    assert_eq!(topic.describe_group("s").expect("s").lost_to_retention, 0);
+
+    produce(40..80);
+    topic
+        .enforce_retention(spool::storage::log::now_ms())
+        .expect("the next pass");
+    let start = topic.stats().start.0;
+    assert!(start > first, "the next pass dropped more");
+    let s = topic.describe_group("s").expect("s");
+    assert_eq!(
+        (s.committed, s.lost_to_retention),
+        (start, start),
+        "both passes counted, once"
+    );
 }
 
 #[test]

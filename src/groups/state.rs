@@ -247,6 +247,9 @@ pub struct Group {
     /// Messages retention dropped before the group completed them.
     lost: u64,
     // In memory.
+    /// Offsets below this were counted in `lost` already, or were gone
+    /// before this group heard of them (see [`Group::lose_below`]).
+    lost_counted_to: u64,
     /// First deliveries not journaled yet: [`Group::sync`] journals them.
     unjournaled: RangeSet,
     cursor: u64,
@@ -310,6 +313,7 @@ impl Group {
             counts: BTreeMap::new(),
             delivered: RangeSet::new(),
             lost: 0,
+            lost_counted_to: 0,
             unjournaled: RangeSet::new(),
             cursor: start,
             leases: BTreeMap::new(),
@@ -564,19 +568,18 @@ impl Group {
         self.maybe_snapshot()
     }
 
-    /// Retention dropped the offsets of `dropped`, and the log now starts at
-    /// its end: the group goes on from there (a stream group's commit moves
-    /// up, a queue group's pending and unacked messages below it are gone)
-    /// and counts, durably, the messages of `dropped` it had not completed
-    /// that are not in `deleted`. Returns that count. Offsets below
-    /// `dropped` (a commit below the log's start) were gone before this
-    /// pass and are not counted again.
-    pub fn lose_below(&mut self, dropped: Range<u64>, deleted: &RangeSet) -> Result<u64> {
-        let start = dropped.end;
+    /// Retention dropped every offset below `start`: the group goes on from
+    /// there (a stream group's commit moves up, a queue group's pending and
+    /// unacked messages below it are gone) and counts, durably, the
+    /// messages it had not completed that are not in `deleted` and that no
+    /// earlier pass counted (a stream commit below the log's start takes
+    /// the group below offsets counted or gone already; a pass that failed
+    /// for this group leaves its offsets to the next). Returns that count.
+    pub fn lose_below(&mut self, start: u64, deleted: &RangeSet) -> Result<u64> {
         if self.low >= start {
             return Ok(0);
         }
-        let range = self.low.max(dropped.start).min(start)..start;
+        let range = self.low.max(self.lost_counted_to).min(start)..start;
         let done = self.done.count_in(range.clone());
         let mut gone = deleted.clone();
         gone.remove_below(range.start);
@@ -585,8 +588,10 @@ impl Group {
         let both = gone.intersection(&self.done).count_in(range.clone());
         let skipped = done + gone.count_in(range.clone()) - both;
         let lost = (range.end - range.start).saturating_sub(skipped);
+        self.journal
+            .append(&Entry::Lost(self.lost + lost).encode())?;
         self.lost += lost;
-        self.journal.append(&Entry::Lost(self.lost).encode())?;
+        self.lost_counted_to = start;
         if self.config.mode == GroupMode::Queue {
             self.complete(self.low, start)?;
         } else {
@@ -607,6 +612,8 @@ impl Group {
     /// cut before it reached the groups; counted in no `lost` total) goes on
     /// from it. Retention itself goes through [`Group::lose_below`].
     pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
+        // What was gone before this open is not the next pass's to count.
+        self.lost_counted_to = self.lost_counted_to.max(log_start);
         let target = if self.low > log_end {
             Some(log_end)
         } else if self.low < log_start && self.config.mode == GroupMode::Queue {

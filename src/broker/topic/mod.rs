@@ -1039,20 +1039,32 @@ impl Topic {
         } else {
             RetentionLimits::default()
         };
-        let before = self.log.start().0;
         let dropped = self.log.enforce_retention_within(now_ms, limits)?;
         if dropped.is_empty() {
             return Ok(dropped);
         }
         let start = self.log.stats().start.0;
         let groups = self.groups();
+        // Every group hears, also after one failed (a full disk): that one
+        // counts what it missed at the next pass.
+        let mut failed = None;
         for (group, g) in groups.iter() {
-            let mut g = self.lock(g)?;
-            let lost = g.lose_below(before..start, self.deletions().set())?;
-            if lost > 0 {
-                tracing::warn!(topic = %self.name, %group, lost, start,
-                    "retention dropped messages the group had not completed");
+            let lost = self
+                .lock(g)
+                .and_then(|mut g| g.lose_below(start, self.deletions().set()));
+            match lost {
+                Ok(0) => {}
+                Ok(lost) => tracing::warn!(topic = %self.name, %group, lost, start,
+                    "retention dropped messages the group had not completed"),
+                Err(e) => {
+                    tracing::warn!(topic = %self.name, %group, error = %e,
+                        "a group did not hear of a retention pass; the next pass tells it");
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         tracing::info!(topic = %self.name, segments = dropped.len(), start, "retention dropped segments");
         Ok(dropped)
