@@ -1061,7 +1061,7 @@ fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
                 }
                 TruncateIdxMidEntry => bed.truncate(&idx, idx_bytes.len() as u64 - 3),
                 TruncateIdxToEntries => bed.truncate(&idx, 8),
-                TruncateTixToEntries => bed.truncate(&tix, 12),
+                TruncateTixToEntries => bed.truncate(&tix, 16),
                 GarbageIdx => bed.overwrite(&idx, 0, &Rng::new(9).bytes(idx_bytes.len())),
                 GarbageTix => bed.overwrite(&tix, 0, &Rng::new(9).bytes(tix_bytes.len())),
                 // Entry 1's position, low byte: off by one, still ascending.

@@ -275,11 +275,14 @@ pub fn open_segment(
 
     let end_offset = last_offset.map_or(base, |o| o + 1);
     if loaded.as_ref() != Some(&index) {
-        // A hint: one that cannot be written (a full disk) costs the next
-        // open this scan again, nothing more.
-        if let Err(e) = write_index(storage, &paths, &index) {
-            tracing::warn!(file = %paths.idx.display(), error = %e,
-                "index not written; the next open rebuilds it again");
+        // A hint: one a full disk has no room for costs the next open this
+        // scan again, nothing more.
+        match write_index(storage, &paths, &index) {
+            Err(e @ Error::Full { .. }) => {
+                tracing::warn!(file = %paths.idx.display(), error = %e,
+                    "index not written; the next open rebuilds it again");
+            }
+            other => other?,
         }
         let was_written = loaded
             .as_ref()

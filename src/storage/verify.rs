@@ -220,7 +220,17 @@ fn verify_log(
     bases.sort_unstable();
     let swaps = super::recovery::pending_swaps(&names);
     for name in &names {
-        if let Some(swap) = super::recovery::damaged_swap(storage, dir, &names, name, checkpoint)? {
+        let damaged = match super::recovery::damaged_swap(storage, dir, &names, name, checkpoint) {
+            Ok(damaged) => damaged,
+            Err(e) => {
+                report.damage.push(finding(
+                    dir.join(name),
+                    format!("compacted copy cannot be read: {e}"),
+                ));
+                continue;
+            }
+        };
+        if let Some(swap) = damaged {
             if swap.replaceable {
                 report.notes.push(Finding {
                     file: swap.path,
