@@ -1064,6 +1064,35 @@ fn replay_starts_at_earliest_latest_an_offset_or_a_timestamp() {
 }
 
 #[test]
+fn a_timestamp_never_resolves_to_a_deleted_message() {
+    // Readers never see deleted messages: a time lookup landing on one
+    // passes it, and what follows it below the time asked for, as it would
+    // once compaction removed it (the answer does not change with that).
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("t", config(FsyncPolicy::Always))
+        .expect("create topic");
+    // Producer timestamps out of order: 1000, 7000, 2000, 9000.
+    let batch: Vec<NewMessage> = [1000u64, 7000, 2000, 9000]
+        .iter()
+        .enumerate()
+        .map(|(i, &ts)| NewMessage {
+            timestamp_ms: Some(ts),
+            ..NewMessage::from_value(value(i as u64))
+        })
+        .collect();
+    topic.produce(&batch).expect("produce");
+    let at = |ts: u64| topic.resolve(Position::Timestamp(ts)).expect("resolve").0;
+    assert_eq!(at(5_000), 1, "before the delete");
+    topic.delete(&as_offsets(&[1])).expect("delete");
+    assert_eq!(at(5_000), 3, "the first live message at or after 5000");
+    assert_eq!(at(1_500), 2, "a deleted one on the way is passed");
+    topic.delete(&as_offsets(&[3])).expect("delete");
+    assert_eq!(at(5_000), 4, "none left: the end");
+}
+
+#[test]
 fn a_stream_group_resumes_at_its_commit_after_a_restart() {
     // A stream consumer restarted (or a broker restarted under it) must go on
     // from its last commit, neither skipping nor repeating committed messages.

@@ -566,8 +566,32 @@ impl Topic {
             Position::Earliest => stats.start,
             Position::Latest => stats.end,
             Position::Offset(o) => Offset(o.clamp(stats.start.0, stats.end.0)),
-            Position::Timestamp(ts) => self.log.offset_for_timestamp(ts)?,
+            Position::Timestamp(ts) => self.live_offset_for_timestamp(ts)?,
         })
+    }
+
+    /// The first message in offset order that readers see (not deleted)
+    /// with a timestamp ≥ `ts`; the end when there is none. A deleted one
+    /// the time lookup lands on is passed, as compaction would remove it.
+    fn live_offset_for_timestamp(&self, ts: u64) -> Result<Offset> {
+        let mut at = self.log.offset_for_timestamp(ts)?;
+        let deletions = self.deletions();
+        if !deletions.contains(at.0) {
+            return Ok(at);
+        }
+        loop {
+            let next = self.log.read(at.next(), 256, usize::MAX)?;
+            let Some(last) = next.last().map(|m| m.offset) else {
+                return Ok(self.log.end());
+            };
+            if let Some(m) = next
+                .iter()
+                .find(|m| m.timestamp_ms >= ts && !deletions.contains(m.offset.0))
+            {
+                return Ok(m.offset);
+            }
+            at = last;
+        }
     }
 
     /// Replay without state: up to `max` live messages from `from` on
