@@ -538,6 +538,67 @@ fn a_damaged_compaction_copy_never_replaces_intact_segments() {
     );
 }
 
+/// The broker writes a checkpoint every second, also while a compaction
+/// swap retires the segments it merged: that checkpoint must not list them
+/// (their files are going), or a crash then leaves a topic that refuses to
+/// open ("segment file is missing: the log's checkpoint lists it").
+#[test]
+fn a_checkpoint_during_a_swap_does_not_list_what_it_retires() {
+    let disk = Arc::new(SimDisk::new());
+    let open = || {
+        Registry::open(
+            DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/data").expect("lock"),
+            RegistryOptions::default(),
+        )
+        .expect("registry opens")
+    };
+    let reg = open();
+    let topic = reg.create_topic("p", small_segments()).expect("topic");
+    for i in 0..60u64 {
+        let value = format!("message {i:03} {}", "m".repeat(60));
+        topic
+            .produce(&[NewMessage::from_value(value)])
+            .expect("produce");
+    }
+    let active = topic
+        .log()
+        .segments()
+        .last()
+        .map(|s| s.base())
+        .expect("a segment");
+    // Most of each sealed segment deleted: runs of them merge.
+    let doomed: Vec<Offset> = (0..active).filter(|o| o % 8 != 1).map(Offset).collect();
+    topic.delete(&doomed).expect("delete");
+    let want = values(&topic);
+    let checkpointing = Arc::clone(&topic);
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = Arc::clone(&fired);
+    disk.set_hook(Some(Arc::new(move |op, path| {
+        if op == SimOp::Remove
+            && path.extension().is_some_and(|e| e == "log")
+            && !once.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            // The broker's periodic checkpoint, at this moment.
+            checkpointing.checkpoint().expect("checkpoint");
+        }
+    })));
+    let stats = topic
+        .compact(spool::storage::log::now_ms(), &mut |_| {})
+        .expect("compact");
+    disk.set_hook(None);
+    assert!(stats.segments_merged > 0, "a run was merged: {stats:?}");
+    assert!(
+        fired.load(std::sync::atomic::Ordering::SeqCst),
+        "a merged segment's file was removed"
+    );
+    drop(topic);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open();
+    let topic = reg.topic("p").expect("the topic opens after the crash");
+    assert_eq!(values(&topic), want, "every live message");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_compaction_disturbs_no_producer_or_consumer() {
     use spool::client::{Client, FetchOptions};

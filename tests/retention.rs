@@ -600,6 +600,80 @@ fn a_group_that_missed_a_pass_counts_its_loss_at_the_next() {
     );
 }
 
+/// A topic `p` on the simulated disk: 1 KiB segments, `retention_bytes`
+/// 2048 (passes run when a test calls them).
+fn sim_retention_topic(reg: &Registry) -> Arc<spool::broker::Topic> {
+    reg.create_topic(
+        "p",
+        TopicConfig {
+            log: LogConfig {
+                segment_bytes: 1024,
+                retention_bytes: Some(2048),
+                fsync: FsyncPolicy::Always,
+                ..LogConfig::default()
+            },
+            ..TopicConfig::default()
+        },
+    )
+    .expect("topic")
+}
+
+/// What retention dropped before a stream group existed, or while it was
+/// ahead of the start, is not the group's loss, whatever commit later
+/// takes it back below the start: the next pass counts only what it drops
+/// itself. (With a group created at `Latest`, and with one that had read
+/// everything.)
+#[test]
+fn a_commit_back_below_the_start_counts_only_the_next_drop() {
+    for ahead in [false, true] {
+        let disk = Arc::new(SimDisk::new());
+        let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/data").expect("lock");
+        let reg = Registry::open(data, RegistryOptions::default()).expect("registry opens");
+        let topic = sim_retention_topic(&reg);
+        let produce = |range: std::ops::Range<u64>| {
+            for i in range {
+                topic
+                    .produce(&[NewMessage::from_value(value(i))])
+                    .expect("produce");
+            }
+        };
+        if ahead {
+            topic
+                .create_group("s", GroupMode::Stream, Position::Earliest)
+                .expect("group");
+        }
+        produce(0..40);
+        if ahead {
+            topic.commit("s", Offset(40)).expect("read everything");
+        }
+        topic
+            .enforce_retention(spool::storage::log::now_ms())
+            .expect("first pass");
+        let first = topic.stats().start.0;
+        assert!(first > 0, "segments went");
+        if !ahead {
+            topic
+                .create_group("s", GroupMode::Stream, Position::Latest)
+                .expect("group");
+        }
+        assert_eq!(topic.describe_group("s").expect("s").lost_to_retention, 0);
+        topic
+            .commit("s", Offset(0))
+            .expect("commit below the start");
+        produce(40..80);
+        topic
+            .enforce_retention(spool::storage::log::now_ms())
+            .expect("second pass");
+        let second = topic.stats().start.0;
+        let s = topic.describe_group("s").expect("s");
+        assert_eq!(
+            s.lost_to_retention,
+            second - first,
+            "ahead={ahead}: only what the second pass dropped ({first}..{second})"
+        );
+    }
+}
+
 #[test]
 fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
     for syncs in 0..6 {

@@ -577,6 +577,9 @@ impl Group {
     /// for this group leaves its offsets to the next). Returns that count.
     pub fn lose_below(&mut self, start: u64, deleted: &RangeSet) -> Result<u64> {
         if self.low >= start {
+            // Read already: nothing lost, and nothing to count again after
+            // a commit back below it.
+            self.heard_start(start);
             return Ok(0);
         }
         let range = self.low.max(self.lost_counted_to).min(start)..start;
@@ -607,13 +610,21 @@ impl Group {
         Ok(lost)
     }
 
+    /// The log starts at `start` now, and what retention dropped below it is
+    /// counted or was never this group's to count (it was gone before the
+    /// group was made or opened, or read): a later pass counts only from
+    /// here, whatever commit takes the group back below it.
+    pub fn heard_start(&mut self, start: u64) {
+        self.lost_counted_to = self.lost_counted_to.max(start);
+    }
+
     /// Brings the group inside the log after a crash: state past the end is
     /// forgotten, and a queue group below the start (a retention pass a crash
     /// cut before it reached the groups; counted in no `lost` total) goes on
     /// from it. Retention itself goes through [`Group::lose_below`].
     pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
         // What was gone before this open is not the next pass's to count.
-        self.lost_counted_to = self.lost_counted_to.max(log_start);
+        self.heard_start(log_start);
         let target = if self.low > log_end {
             Some(log_end)
         } else if self.low < log_start && self.config.mode == GroupMode::Queue {

@@ -542,18 +542,27 @@ impl Log {
         {
             return Ok(false);
         }
-        // The manifest forgets the segments before their files go.
+        // The manifest forgets the segments before their files go, and no
+        // checkpoint written meanwhile lists them again (they are noted as
+        // dropping). A swap's covered segments are retired by its rename,
+        // which recovery completes: noted until the list in memory drops
+        // them (or, if the swap is abandoned, until `retired` or the
+        // restored run takes over). Removed ones stay noted until their
+        // files go.
         let removed = if replaced { &bases[1..] } else { bases };
-        if !replaced {
-            // A swap's covered segments are retired by its rename, which
-            // recovery completes; removed ones stay until their files go.
-            self.note_dropping(bases);
+        self.note_dropping(removed);
+        if let Err(e) = self.store_checkpoint_without(None, false, removed) {
+            self.forget_dropping(removed);
+            return Err(e);
         }
-        self.store_checkpoint_without(None, false, removed)?;
+        // On failure the caller abandons the swap (see `abandon_swap`).
         let replacement = prepare()?;
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
         next.splice(run, replacement.map(Arc::new));
         self.set_segments(next);
+        if replaced {
+            self.forget_dropping(removed);
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
@@ -568,13 +577,18 @@ impl Log {
     /// the segments after the first again (a listed segment that is gone is
     /// damage).
     pub(crate) fn abandon_swap(&self, swap: &Path, bases: &[u64], retiring: bool, error: &Error) {
+        let covered = bases.get(1..).unwrap_or_default();
         if !retiring {
             let removed = self
                 .storage
                 .remove_file(swap)
                 .and_then(|()| self.storage.sync_dir(&self.dir));
             match removed {
-                Ok(()) => return,
+                Ok(()) => {
+                    // The run stays as it was, and is listed again.
+                    self.forget_dropping(covered);
+                    return;
+                }
                 Err(e) => tracing::error!(file = %swap.display(), error = %e,
                     "could not remove the copy of a failed compaction"),
             }
@@ -582,7 +596,8 @@ impl Log {
         self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(bases.iter().skip(1));
+            .extend(covered);
+        self.forget_dropping(covered);
         let cause = format!("a compaction swap failed half-way ({error}); a restart completes it");
         tracing::error!(log = %self.dir.display(), %cause, "the log takes no more writes until a restart");
         match self.writer.lock() {
@@ -1345,7 +1360,10 @@ impl Log {
         let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
         self.note_dropping(&bases);
         // The manifest forgets the segments before their files go.
-        self.store_checkpoint_without(None, false, &bases)?;
+        if let Err(e) = self.store_checkpoint_without(None, false, &bases) {
+            self.forget_dropping(&bases);
+            return Err(e);
+        }
         self.set_segments(segments[dropped..].to_vec());
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(w);
@@ -1370,6 +1388,13 @@ impl Log {
     fn note_dropping(&self, bases: &[u64]) {
         let mut dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
         dropping.extend_from_slice(bases);
+    }
+
+    /// Takes back [`Log::note_dropping`] of `bases`: they stay (a drop that
+    /// failed before anything went), or a swap took them over.
+    fn forget_dropping(&self, bases: &[u64]) {
+        let mut dropping = self.dropping.lock().unwrap_or_else(|p| p.into_inner());
+        dropping.retain(|b| !bases.contains(b));
     }
 
     /// Removes the files of `dropped` segments (already gone from the

@@ -829,7 +829,8 @@ impl Topic {
         // A group the topic does not list has no state: files of that name
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
-        let group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
+        let mut group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
+        group.heard_start(self.log.start().0);
         let info = group.info(self.log_range(), self.deletions().set(), now_ms());
         groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
         Ok(info)
