@@ -195,6 +195,7 @@ impl Topic {
     ) -> Result<Topic> {
         validate_name("topic", name)?;
         config.validate()?;
+        set_aside_strays(&*storage, dir)?;
         let mut log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
         let checkpoint = log.opened_checkpoint().cloned();
         let point = |journal: &str| {
@@ -243,24 +244,10 @@ impl Topic {
             }
             tracing::error!(%damage, "giving up a missing group");
         }
-        // A clean stop lists every group in its checkpoint: a journal file
-        // it does not list was not written by this topic, and is no group.
-        let clean = checkpoint.as_ref().filter(|c| c.clean);
         for file in names {
             let Some(group_name) = file.strip_suffix(".journal") else {
                 continue;
             };
-            if let Some(c) = clean
-                && c.journal(&format!("{GROUP_JOURNAL_PREFIX}{group_name}"))
-                    .is_none()
-            {
-                // Moved aside, so that no later open (after an unclean
-                // stop, which lists no such thing) takes it for a group.
-                let moved = set_aside(&*storage, dir, &groups_dir, group_name);
-                tracing::warn!(topic = name, file = %groups_dir.join(&file).display(), moved = ?moved,
-                    "a journal the topic's clean stop did not list is no group of the topic; moved to quarantine/");
-                continue;
-            }
             let group = Group::open_checked(
                 Arc::clone(&storage),
                 &groups_dir,
@@ -570,27 +557,29 @@ impl Topic {
         })
     }
 
-    /// The first message in offset order that readers see (not deleted)
-    /// with a timestamp ≥ `ts`; the end when there is none. A deleted one
-    /// the time lookup lands on is passed, as compaction would remove it.
+    /// The first message in offset order that readers see (not deleted or
+    /// consumed by every group) with a timestamp ≥ `ts`; the end when there
+    /// is none. One the time lookup lands on that readers do not see is
+    /// passed, as compaction would remove it.
     fn live_offset_for_timestamp(&self, ts: u64) -> Result<Offset> {
-        let mut at = self.log.offset_for_timestamp(ts)?;
-        let deletions = self.deletions();
-        if !deletions.contains(at.0) {
-            return Ok(at);
-        }
+        let found = self.log.offset_for_timestamp(ts)?;
+        let mut from = found;
         loop {
-            let next = self.log.read(at.next(), 256, usize::MAX)?;
-            let Some(last) = next.last().map(|m| m.offset) else {
+            let live = self
+                .read_within(from, DeliveryLimits::new(256, usize::MAX))?
+                .to_messages();
+            let Some(last) = live.last().map(|m| m.offset) else {
                 return Ok(self.log.end());
             };
-            if let Some(m) = next
+            // The one the lookup found is at or past `ts`; those after it
+            // in offset order need not be.
+            if let Some(m) = live
                 .iter()
-                .find(|m| m.timestamp_ms >= ts && !deletions.contains(m.offset.0))
+                .find(|m| m.offset == found || m.timestamp_ms >= ts)
             {
                 return Ok(m.offset);
             }
-            at = last;
+            from = last.next();
         }
     }
 
@@ -1191,17 +1180,57 @@ impl Topic {
     }
 }
 
+/// A clean stop lists every group of the topic in `dir` in its checkpoint:
+/// a journal in `groups/` it does not list was not written by the topic
+/// and is no group. Each goes, with any snapshot of its name, to the
+/// topic's `quarantine/` folder, before the log's open replaces that
+/// checkpoint (after which nothing would tell it from a group); if one
+/// cannot be moved, the topic does not open, and the checkpoint stays for
+/// the next try.
+fn set_aside_strays(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    let groups_dir = dir.join(GROUPS_DIR);
+    if !storage.exists(&groups_dir) {
+        return Ok(());
+    }
+    // A checkpoint that does not load is the log's open to judge.
+    let Ok(Some(checkpoint)) = crate::storage::checkpoint::Checkpoint::load(storage, dir) else {
+        return Ok(());
+    };
+    if !checkpoint.clean {
+        return Ok(());
+    }
+    let names = storage
+        .list_dir(&groups_dir)
+        .ctx(|| format!("listing {}", groups_dir.display()))?;
+    for file in names {
+        let Some(group) = file.strip_suffix(".journal") else {
+            continue;
+        };
+        if checkpoint
+            .journal(&format!("{GROUP_JOURNAL_PREFIX}{group}"))
+            .is_none()
+        {
+            set_aside(storage, dir, &groups_dir, group)?;
+            tracing::warn!(file = %groups_dir.join(&file).display(),
+                "a journal the topic's clean stop did not list is no group of the topic; moved to quarantine/");
+        }
+    }
+    Ok(())
+}
+
 /// Moves the files of group journal `name` in `groups_dir` (its journal and
-/// any snapshot) into the topic's `quarantine/` folder, durably.
+/// any snapshot) into the topic's `quarantine/` folder, durably, under names
+/// no earlier one took.
 fn set_aside(storage: &dyn Storage, dir: &Path, groups_dir: &Path, name: &str) -> Result<()> {
     let quarantine = dir.join(crate::storage::recovery::QUARANTINE_DIR);
     storage
         .create_dir_all(&quarantine)
         .ctx(|| format!("creating {}", quarantine.display()))?;
+    let stamp = crate::storage::log::now_ms();
     for ext in ["journal", "snap"] {
         let from = groups_dir.join(format!("{name}.{ext}"));
         if storage.exists(&from) {
-            let to = quarantine.join(format!("group-{name}.{ext}"));
+            let to = quarantine.join(format!("group-{name}.{stamp}.{ext}"));
             storage
                 .rename(&from, &to)
                 .ctx(|| format!("moving {} to {}", from.display(), to.display()))?;
