@@ -545,20 +545,7 @@ fn a_group_that_missed_a_pass_counts_its_loss_at_the_next() {
     let disk = Arc::new(SimDisk::new());
     let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/data").expect("lock");
     let reg = Registry::open(data, RegistryOptions::default()).expect("registry opens");
-    let topic = reg
-        .create_topic(
-            "p",
-            TopicConfig {
-                log: LogConfig {
-                    segment_bytes: 1024,
-                    retention_bytes: Some(2048),
-                    fsync: FsyncPolicy::Always,
-                    ..LogConfig::default()
-                },
-                ..TopicConfig::default()
-            },
-        )
-        .expect("topic");
+    let topic = sim_retention_topic(&reg);
     topic
         .ensure_group("s", GroupMode::Stream, Position::Earliest)
         .expect("group");
@@ -683,20 +670,7 @@ fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
             Registry::open(data, RegistryOptions::default()).expect("registry opens")
         };
         let reg = open();
-        let topic = reg
-            .create_topic(
-                "p",
-                TopicConfig {
-                    log: LogConfig {
-                        segment_bytes: 1024,
-                        retention_bytes: Some(2048),
-                        fsync: FsyncPolicy::Always,
-                        ..LogConfig::default()
-                    },
-                    ..TopicConfig::default()
-                },
-            )
-            .expect("topic");
+        let topic = sim_retention_topic(&reg);
         topic
             .ensure_group("s", GroupMode::Stream, Position::Earliest)
             .expect("group");
