@@ -507,11 +507,7 @@ fn a_failed_offline_compaction_keeps_the_clean_stop_marker() {
     let data = tmp.path();
     fill(data, 0, 10);
     assert!(data.join("clean-stop").exists(), "the stop was clean");
-    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["compact", "nosuch", "--data"])
-        .arg(data)
-        .output()
-        .expect("run spool");
+    let out = spool(&["compact", "nosuch"], data);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("nosuch"),
