@@ -538,6 +538,62 @@ fn a_damaged_compaction_copy_never_replaces_intact_segments() {
     );
 }
 
+/// A compaction copy whose name puts the end of its run where no segment
+/// starts (inside a segment, or past the active one) is no copy to trust:
+/// while the segments are all in place it is removed, nothing lost. Before,
+/// it was completed, removing every segment below that end, the active one
+/// too. And a copy whose first segment is missing though the checkpoint
+/// lists it (not retention's doing) is left in place while the open
+/// refuses, naming the segment: before, it was deleted as retention's
+/// leftover, and with it the only copy of those records.
+#[test]
+fn a_compaction_copy_is_completed_only_over_the_run_its_name_gives() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("data");
+    let root_str = root.to_str().expect("utf-8");
+    let ThreeSegments {
+        want,
+        a,
+        b,
+        a_stem,
+        c_stem,
+        swap,
+    } = three_segments(&root);
+    let mut merged = std::fs::read(&a).expect("read a");
+    merged.extend(std::fs::read(&b).expect("read b"));
+    let c_base: u64 = c_stem.parse().expect("base");
+    for until in [c_base - 1, c_base + 5, u64::MAX / 2] {
+        let odd = root.join(format!("topics/t/{a_stem}.log.{until:020}.swap"));
+        std::fs::write(&odd, &merged).expect("write swap");
+        let reg = registry(Arc::new(OsStorage), root_str);
+        assert_eq!(
+            values(&reg.topic("t").expect("topic")),
+            want,
+            "until {until}"
+        );
+        assert!(!odd.exists(), "until {until}: removed");
+    }
+
+    // The first segment gone by hand, its copy whole.
+    std::fs::write(&swap, &merged).expect("write swap");
+    std::fs::remove_file(&a).expect("remove a");
+    let reg = Registry::open(
+        DataDir::open(Arc::new(OsStorage), root_str).expect("data dir"),
+        RegistryOptions::default(),
+    )
+    .expect("registry");
+    let refused = reg
+        .topic("t")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        refused.contains(&*a.to_string_lossy()) && refused.contains("missing"),
+        "the missing segment is named: {refused}"
+    );
+    assert!(swap.exists(), "the copy is left in place");
+}
+
 /// The broker writes a checkpoint every second, also while a compaction
 /// swap retires the segments it merged: that checkpoint must not list them
 /// (their files are going), or a crash then leaves a topic that refuses to

@@ -221,7 +221,7 @@ impl Log {
                 c.store(&*storage, &dir)?;
             }
         }
-        let swaps = super::recovery::finish_interrupted_swaps(&*storage, &dir)?;
+        let swaps = super::recovery::finish_interrupted_swaps(&*storage, &dir, loaded.as_ref())?;
         let names = storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;

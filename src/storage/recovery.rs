@@ -785,12 +785,36 @@ pub(crate) fn damaged_swap(
             .unwrap_or(u64::MAX)
     });
     let path = dir.join(name);
+    let replaceable = run_intact(storage, dir, base..until, checkpoint);
+    // A run ends where the next segment starts (the active one is never in
+    // a run): a name that puts its end anywhere else is no copy to trust.
+    if !names
+        .iter()
+        .filter_map(|n| parse_log_name(n))
+        .any(|b| b == until)
+    {
+        let len = storage
+            .open(&path, OpenMode::Existing)
+            .and_then(|f| f.len())
+            .ctx(|| format!("reading size of {}", path.display()))?;
+        return Ok(Some(DamagedSwap {
+            path,
+            bytes: 0..len,
+            why: if until == u64::MAX {
+                "no segment follows the one it copies, and the active segment is never compacted"
+                    .into()
+            } else {
+                format!("its name ends the run at offset {until}, where no segment starts")
+            },
+            replaceable,
+        }));
+    }
     Ok(
         swap_damage(storage, &path, base, until)?.map(|(bytes, why)| DamagedSwap {
             path,
             bytes,
             why,
-            replaceable: run_intact(storage, dir, base..until, checkpoint),
+            replaceable,
         }),
     )
 }
@@ -841,7 +865,11 @@ pub fn check_interrupted_swaps(
 /// Rolls back or completes a swap a crash interrupted (see the module docs).
 /// Returns the offset ranges `base..until` of the swaps it completed: the
 /// segments inside them were retired on purpose.
-pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<Vec<Range<u64>>> {
+pub fn finish_interrupted_swaps(
+    storage: &dyn Storage,
+    dir: &Path,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<Vec<Range<u64>>> {
     let Ok(names) = storage.list_dir(dir) else {
         return Ok(Vec::new());
     };
@@ -857,6 +885,16 @@ pub fn finish_interrupted_swaps(storage: &dyn Storage, dir: &Path) -> Result<Vec
             changed = true;
         } else if let Some((base, until)) = parse_swap_name(name) {
             let first = SegmentPaths::new(dir, base);
+            if !storage.exists(&first.log) && checkpoint.is_some_and(|c| c.segments.contains(&base))
+            {
+                // Retention takes a segment out of the checkpoint before
+                // its file goes: one listed but gone is damage, and this
+                // copy may be all that is left of it. Left in place; the
+                // manifest check names the missing segment.
+                tracing::error!(file = %path.display(),
+                    "a compacted copy of a segment that is missing but listed; left in place");
+                continue;
+            }
             if !storage.exists(&first.log) {
                 storage
                     .remove_file(&path)
