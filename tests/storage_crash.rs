@@ -208,6 +208,12 @@ impl Bed {
         }
     }
 
+    /// Replaces the whole content of `path` (made if missing) with `data`.
+    fn replace(&self, path: &Path, data: &[u8]) {
+        spool::storage::io::write_file_atomic(&*self.storage, path, data)
+            .expect("replacing a file");
+    }
+
     fn overwrite(&self, path: &Path, pos: u64, data: &[u8]) {
         match &self.sim {
             Some(disk) => disk
@@ -1006,6 +1012,12 @@ enum IndexDamage {
     /// well formed, but a lookup trusting it would start past records with
     /// the timestamps it is after; the entry's checksum gives it away.
     FlipTixTimestamp,
+    /// A whole entry of junk after the last one: the entries before it
+    /// hold, and the file must not keep the junk.
+    JunkAfterTix,
+    /// Another segment's `.tix` in its place: every entry's checksum holds
+    /// for that segment, none for this one.
+    ForeignTix,
 }
 
 /// Why: `.idx`/`.tix` are unsynced hints (only `.tix` entries carry a
@@ -1033,6 +1045,8 @@ fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
             GarbageTix,
             FlipIdxPosition,
             FlipTixTimestamp,
+            JunkAfterTix,
+            ForeignTix,
         ] {
             let ctx = format!("{backend:?} {damage:?}");
             let bed = Bed::new(backend);
@@ -1078,6 +1092,8 @@ fn lost_or_damaged_index_files_are_rebuilt_and_lookups_still_work() {
                     );
                     bed.flip_bit(&tix, 16 + (bit / 8) as u64, bit % 8)
                 }
+                JunkAfterTix => bed.replace(&tix, &[&tix_bytes[..], &[0x5a; 16]].concat()),
+                ForeignTix => bed.replace(&tix, &bed.read_file(&with_tix(&logs[0]))),
             }
 
             let log = bed

@@ -8,7 +8,8 @@
 //!
 //! `.tix` entry, 16 bytes: `max_timestamp_ms: u64 LE`, `relative_offset: u32 LE`:
 //! every record *before* that offset has a timestamp ≤ `max_timestamp_ms`;
-//! then `crc32: u32 LE` of those 12 bytes. Timestamps in the time index never
+//! then `crc32: u32 LE` of the segment's base (u64 LE) followed by those 12
+//! bytes, so an entry of another segment's `.tix` fails it too. Timestamps in the time index never
 //! decrease. Unlike an offset entry, which a reader checks against the record
 //! it points at, a time entry's maximum cannot be checked without reading
 //! everything before it: a wrong one would make a lookup start past the
@@ -112,25 +113,27 @@ impl SegmentIndex {
         out
     }
 
-    /// Encodes the time entries from `from` on, as stored in `.tix`.
-    pub fn encode_times(&self, from: usize) -> Vec<u8> {
+    /// Encodes the time entries from `from` on, as stored in the `.tix` of
+    /// the segment whose base is `base`.
+    pub fn encode_times(&self, base: u64, from: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.times.len().saturating_sub(from) * TIME_ENTRY_LEN);
         for e in self.times.iter().skip(from) {
             let at = out.len();
             out.extend_from_slice(&e.max_timestamp_ms.to_le_bytes());
             out.extend_from_slice(&e.relative.to_le_bytes());
-            let crc = crc32fast::hash(&out[at..]);
+            let crc = time_entry_crc(base, &out[at..]);
             out.extend_from_slice(&crc.to_le_bytes());
         }
         out
     }
 
-    /// The first stored `.tix` entry whose checksum fails, if any (entries
-    /// from it on are not trusted; see [`SegmentIndex::decode`]).
-    pub fn first_damaged_time_entry(tix: &[u8]) -> Option<usize> {
+    /// The first entry of the `.tix` of segment `base` whose checksum
+    /// fails, if any (entries from it on are not trusted; see
+    /// [`SegmentIndex::decode`]).
+    pub fn first_damaged_time_entry(tix: &[u8], base: u64) -> Option<usize> {
         tix.chunks_exact(TIME_ENTRY_LEN).position(|chunk| {
             let (fields, crc) = chunk.split_at(TIME_FIELDS_LEN);
-            crc32fast::hash(fields).to_le_bytes() != crc
+            time_entry_crc(base, fields).to_le_bytes() != crc
         })
     }
 
@@ -139,7 +142,7 @@ impl SegmentIndex {
     /// Time entries end before the first whose checksum fails (a file of an
     /// older format, without checksums, keeps none): the caller's scan
     /// restores them.
-    pub fn decode(idx: &[u8], tix: &[u8]) -> Option<SegmentIndex> {
+    pub fn decode(idx: &[u8], tix: &[u8], base: u64) -> Option<SegmentIndex> {
         if !idx.len().is_multiple_of(OFFSET_ENTRY_LEN) || !tix.len().is_multiple_of(TIME_ENTRY_LEN)
         {
             return None;
@@ -154,7 +157,8 @@ impl SegmentIndex {
                 return None;
             }
         }
-        let intact = Self::first_damaged_time_entry(tix).unwrap_or(tix.len() / TIME_ENTRY_LEN);
+        let intact =
+            Self::first_damaged_time_entry(tix, base).unwrap_or(tix.len() / TIME_ENTRY_LEN);
         for chunk in tix.chunks_exact(TIME_ENTRY_LEN).take(intact) {
             let mut ts = [0u8; 8];
             ts.copy_from_slice(&chunk[..8]);
@@ -168,6 +172,15 @@ impl SegmentIndex {
         }
         Some(index)
     }
+}
+
+/// The checksum of a `.tix` entry's `fields` in the segment whose base is
+/// `base`.
+fn time_entry_crc(base: u64, fields: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&base.to_le_bytes());
+    crc.update(fields);
+    crc.finalize()
 }
 
 /// Decides where index entries go while records are appended or scanned; the
@@ -251,7 +264,7 @@ mod tests {
                 index.push_offset(OffsetEntry { relative: rel, position: pos });
                 index.push_time(TimeEntry { max_timestamp_ms: ts, relative: rel });
             }
-            let back = SegmentIndex::decode(&index.encode_offsets(0), &index.encode_times(0));
+            let back = SegmentIndex::decode(&index.encode_offsets(0), &index.encode_times(7, 0), 7);
             prop_assert_eq!(back, Some(index));
         }
 
@@ -273,8 +286,8 @@ mod tests {
             bytes.extend_from_slice(&rel.to_le_bytes());
             bytes.extend_from_slice(&pos.to_le_bytes());
         }
-        assert_eq!(SegmentIndex::decode(&bytes, &[]), None);
-        assert_eq!(SegmentIndex::decode(&bytes[..7], &[]), None);
+        assert_eq!(SegmentIndex::decode(&bytes, &[], 0), None);
+        assert_eq!(SegmentIndex::decode(&bytes[..7], &[], 0), None);
     }
 
     #[test]

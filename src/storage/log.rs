@@ -1177,7 +1177,7 @@ impl Log {
         // The index is a hint that the next open checks and rebuilds: failing to
         // write it (a full disk) must not fail the seal, which would poison the
         // log for good over a condition that clears.
-        if let Err(e) = recovery::write_index(&*self.storage, seg.paths(), &index) {
+        if let Err(e) = recovery::write_index(&*self.storage, seg.paths(), seg.base(), &index) {
             tracing::warn!(file = %seg.paths().idx.display(), error = %e,
                 "could not write the index of a sealed segment; the next open rebuilds it");
         }
@@ -1554,10 +1554,11 @@ impl Active {
     fn persist_index(&mut self) {
         let (offsets, times, idx_count, tix_count) = {
             let (idx_from, tix_from) = (self.idx_persisted, self.tix_persisted);
+            let base = self.segment.base();
             self.segment.with_index(|index| {
                 (
                     index.encode_offsets(idx_from),
-                    index.encode_times(tix_from),
+                    index.encode_times(base, tix_from),
                     index.offset_entries().len(),
                     index.time_entries().len(),
                 )

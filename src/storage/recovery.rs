@@ -277,7 +277,7 @@ pub fn open_segment(
     if loaded.as_ref() != Some(&index) {
         // A hint: one a full disk has no room for costs the next open this
         // scan again, nothing more.
-        match write_index(storage, &paths, &index) {
+        match write_index(storage, &paths, base, &index) {
             Err(e @ Error::Full { .. }) => {
                 tracing::warn!(file = %paths.idx.display(), error = %e,
                     "index not written; the next open rebuilds it again");
@@ -475,11 +475,16 @@ fn load_index(
 ) -> Result<(SegmentIndex, Option<SegmentIndex>)> {
     let idx = read_optional(storage, &paths.idx)?;
     let tix = read_optional(storage, &paths.tix)?;
-    let Some(mut index) = SegmentIndex::decode(&idx, &tix) else {
+    let Some(mut index) = SegmentIndex::decode(&idx, &tix, base) else {
         tracing::warn!(file = %paths.idx.display(), "index malformed; rebuilding from the log");
         return Ok((SegmentIndex::default(), None));
     };
-    let loaded = Some(index.clone());
+    // A `.tix` missing, or with entries that fail their checksum (junk
+    // after its entries included), is written again whole even when the
+    // scan restores no entry: it is not left for the next open to find.
+    let tix_whole =
+        storage.exists(&paths.tix) && SegmentIndex::first_damaged_time_entry(&tix, base).is_none();
+    let loaded = tix_whole.then(|| index.clone());
     let len = log
         .len()
         .ctx(|| format!("reading size of {}", paths.log.display()))?;
@@ -589,11 +594,12 @@ fn read_optional(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
 pub fn write_index(
     storage: &dyn Storage,
     paths: &SegmentPaths,
+    base: u64,
     index: &SegmentIndex,
 ) -> Result<()> {
     for (path, bytes) in [
         (&paths.idx, index.encode_offsets(0)),
-        (&paths.tix, index.encode_times(0)),
+        (&paths.tix, index.encode_times(base, 0)),
     ] {
         let file = storage
             .open(path, OpenMode::CreateOrOpen)

@@ -427,11 +427,16 @@ fn verify_index(
 ) -> Result<()> {
     let idx = read_if_exists(storage, &paths.idx)?;
     let tix = read_if_exists(storage, &paths.tix)?;
-    if idx.is_none() && !active && last_offset.is_some() {
-        report.notes.push(finding(
-            paths.idx.clone(),
-            "index file missing (the next start rebuilds it)",
-        ));
+    for (file, found, what) in [
+        (&paths.idx, &idx, "index"),
+        (&paths.tix, &tix, "time index"),
+    ] {
+        if found.is_none() && !active && last_offset.is_some() {
+            report.notes.push(finding(
+                file.clone(),
+                format!("{what} file missing (the next start rebuilds it)"),
+            ));
+        }
     }
     let (idx, tix) = (idx.unwrap_or_default(), tix.unwrap_or_default());
     report.files += 2;
@@ -444,8 +449,8 @@ fn verify_index(
             "{what} is malformed (odd length or entries out of order; the next start rebuilds it)"
         ),
     };
-    let idx_ok = SegmentIndex::decode(&idx, &[]).is_some();
-    let tix_ok = SegmentIndex::decode(&[], &tix).is_some();
+    let idx_ok = SegmentIndex::decode(&idx, &[], base).is_some();
+    let tix_ok = SegmentIndex::decode(&[], &tix, base).is_some();
     if !idx_ok {
         report
             .notes
@@ -455,7 +460,7 @@ fn verify_index(
         report
             .notes
             .push(malformed(&paths.tix, tix.len(), "time index"));
-    } else if let Some(i) = SegmentIndex::first_damaged_time_entry(&tix) {
+    } else if let Some(i) = SegmentIndex::first_damaged_time_entry(&tix, base) {
         let at = (i * super::index::TIME_ENTRY_LEN) as u64;
         report.notes.push(Finding {
             file: paths.tix.clone(),
@@ -470,6 +475,7 @@ fn verify_index(
     let Some(index) = SegmentIndex::decode(
         if idx_ok { &idx } else { &[] },
         if tix_ok { &tix } else { &[] },
+        base,
     ) else {
         return Ok(());
     };
