@@ -393,9 +393,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A new phase with `total` units of work (0 when unknown).
+    /// A new phase with `total` units of work (0 when unknown). Under the
+    /// phase's lock, as [`Progress::snapshot`] reads: a bar never shows the
+    /// new phase's name with the last one's counts.
     fn start(&self, phase: &'static str, total: u64) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        let mut name = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+        *name = phase;
         self.total.store(total, Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
     }
@@ -406,8 +409,9 @@ impl Progress {
 
     /// The phase's name, units done and units in total (0: unknown).
     pub fn snapshot(&self) -> (&'static str, u64, u64) {
+        let name = self.phase.lock().unwrap_or_else(|p| p.into_inner());
         (
-            *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            *name,
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed),
         )
