@@ -212,10 +212,19 @@ fn listing_commands_print_json_scripts_can_read() {
 
     let binary = spool(s, &["produce", "bin", "plain"], None);
     assert!(binary.status.success());
-    let dropped = spool(s, &["group", "delete", "jobs", "w"], None);
+    // A deletion in JSON says what went, as every other command does.
+    let dropped = spool(
+        s,
+        &["group", "delete", "jobs", "w", "--format", "json"],
+        None,
+    );
     assert!(dropped.status.success(), "{}", stderr(&dropped));
-    let gone = spool(s, &["topic", "delete", "jobs"], None);
+    let dropped: serde_json::Value = serde_json::from_str(&stdout(&dropped)).expect("json");
+    assert_eq!(dropped["deleted"]["group"], "w");
+    let gone = spool(s, &["topic", "delete", "jobs", "--format", "json"], None);
     assert!(gone.status.success(), "{}", stderr(&gone));
+    let gone: serde_json::Value = serde_json::from_str(&stdout(&gone)).expect("json");
+    assert_eq!(gone["deleted"]["topic"], "jobs");
     let listed = spool(s, &["topic", "list"], None);
     assert!(
         stdout(&listed).starts_with("TOPIC"),

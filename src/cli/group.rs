@@ -149,8 +149,12 @@ pub fn run(cmd: GroupCommand) -> CliResult {
             GroupCommand::Delete(a) => {
                 let client = connect(&a.server).await?;
                 client.delete_group(&a.topic, &a.group).await?;
-                if a.format == Format::Text {
-                    outln!("deleted group {} of topic {}", a.group, a.topic);
+                match a.format {
+                    Format::Json => outln!(
+                        "{}",
+                        serde_json::json!({ "deleted": { "topic": a.topic, "group": a.group } })
+                    ),
+                    Format::Text => outln!("deleted group {} of topic {}", a.group, a.topic),
                 }
             }
         }

@@ -164,6 +164,7 @@ fn describe_text(t: &pb::TopicInfo) {
             c.delete_when_consumed.unwrap_or(false).to_string(),
         ],
         vec!["segment_bytes".into(), opt(c.segment_bytes)],
+        vec!["segment_ms".into(), opt(c.segment_ms)],
         vec!["max_message_bytes".into(), t.max_message_bytes.to_string()],
         vec!["retention_bytes".into(), opt(c.retention_bytes)],
         vec!["retention_ms".into(), opt(c.retention_ms)],
@@ -265,8 +266,11 @@ pub fn run(cmd: TopicCommand) -> CliResult {
             TopicCommand::Delete(a) => {
                 let client = connect(&a.server).await?;
                 client.delete_topic(&a.name).await?;
-                if a.format == Format::Text {
-                    outln!("deleted topic {}", a.name);
+                match a.format {
+                    Format::Json => {
+                        outln!("{}", serde_json::json!({ "deleted": { "topic": a.name } }))
+                    }
+                    Format::Text => outln!("deleted topic {}", a.name),
                 }
             }
         }
