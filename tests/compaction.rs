@@ -298,6 +298,8 @@ struct ThreeSegments {
     a_stem: String,
     c_stem: String,
     swap: std::path::PathBuf,
+    /// What a merge of a and b copies: both files, one after the other.
+    merged: Vec<u8>,
 }
 
 fn three_segments(root: &Path) -> ThreeSegments {
@@ -324,7 +326,10 @@ fn three_segments(root: &Path) -> ThreeSegments {
     assert!(logs.len() >= 4, "{logs:?}");
     let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
     let (a_stem, c_stem) = (stem(&logs[0]).expect("name"), stem(&logs[2]).expect("name"));
+    let mut merged = std::fs::read(&logs[0]).expect("read a");
+    merged.extend(std::fs::read(&logs[1]).expect("read b"));
     ThreeSegments {
+        merged,
         want,
         a: logs[0].clone(),
         b: logs[1].clone(),
@@ -349,11 +354,10 @@ fn an_interrupted_merge_is_completed_on_open_and_a_stale_one_dropped() {
         a_stem,
         c_stem,
         swap,
+        merged,
     } = three_segments(&root);
     let (a, b) = (&a, &b);
     // The merged copy of a and b, covering every offset below c's base.
-    let mut merged = std::fs::read(a).expect("read a");
-    merged.extend(std::fs::read(b).expect("read b"));
     std::fs::write(&swap, &merged).expect("write swap");
     std::fs::remove_file(b.with_extension("idx")).expect("remove b.idx");
     // What the next start completes is a note to verify, not damage.
@@ -422,10 +426,13 @@ fn a_damaged_compaction_copy_never_replaces_intact_segments() {
     let root = tmp.path().join("data");
     let root_str = root.to_str().expect("utf-8");
     let ThreeSegments {
-        want, a, b, swap, ..
+        want,
+        a,
+        b,
+        swap,
+        mut merged,
+        ..
     } = three_segments(&root);
-    let mut merged = std::fs::read(&a).expect("read a");
-    merged.extend(std::fs::read(&b).expect("read b"));
     // One bit of a value in b's part of the copy.
     let flip = merged.len() - 10;
     merged[flip] ^= 0x10;
@@ -554,13 +561,12 @@ fn a_compaction_copy_is_completed_only_over_the_run_its_name_gives() {
     let ThreeSegments {
         want,
         a,
-        b,
         a_stem,
         c_stem,
         swap,
+        merged,
+        ..
     } = three_segments(&root);
-    let mut merged = std::fs::read(&a).expect("read a");
-    merged.extend(std::fs::read(&b).expect("read b"));
     let c_base: u64 = c_stem.parse().expect("base");
     for until in [c_base - 1, c_base + 5, u64::MAX / 2] {
         let odd = root.join(format!("topics/t/{a_stem}.log.{until:020}.swap"));
