@@ -271,6 +271,13 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
             "compact_min_dirty_ratio",
         ),
         (&["frobnicate"], None, 2, "frobnicate"),
+        (&["consume", "t", "--no-ack"], None, 2, "--group"),
+        (
+            &["consume", "t", "--group", "g", "--no-ack"],
+            None,
+            2,
+            "queue groups only",
+        ),
     ];
     let made = spool(s, &["produce", "t", "x"], None);
     assert!(made.status.success(), "{}", stderr(&made));

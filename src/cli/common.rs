@@ -77,6 +77,15 @@ impl CliError {
         }
     }
 
+    /// A command line that asks for something that cannot be (exit 2, as
+    /// for the usage errors the argument parser reports).
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            code: 2,
+        }
+    }
+
     /// A run stopped by signal number `signal`: exit 128 + `signal`, as a
     /// shell reports it (130 for Ctrl-C, 143 for SIGTERM).
     pub fn interrupted(signal: u8, message: impl Into<String>) -> CliError {

@@ -48,7 +48,7 @@ pub struct ConsumeArgs {
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     /// Queue groups: do not acknowledge (messages come back after their lease).
-    #[arg(long)]
+    #[arg(long, requires = "group")]
     no_ack: bool,
     /// Member name within the group.
     #[arg(long, default_value = "spool-cli")]
@@ -59,6 +59,11 @@ pub struct ConsumeArgs {
 
 /// Runs the command.
 pub fn run(args: ConsumeArgs) -> CliResult {
+    if args.no_ack && args.mode != Mode::Queue {
+        return Err(CliError::usage(
+            "--no-ack applies to queue groups only (--mode queue); a stream group's reader commits what it printed",
+        ));
+    }
     let stdout = std::io::stdout();
     block_on(async {
         let client = connect(&args.server).await?;
