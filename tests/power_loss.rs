@@ -2388,7 +2388,7 @@ fn a_topic_opened_on_a_full_disk_keeps_what_is_confirmed_after_it() {
             .expect("produce");
     }
     drop(t);
-    reg.stop_all();
+    reg.stop_all().expect("clean stop");
     drop(reg);
     disk.set_fault(SimFault::NoSpace, true);
     let reg = open_registry(&disk).expect("a registry on a full disk");
@@ -2469,7 +2469,7 @@ fn a_group_whose_journal_is_lost_beside_its_snapshot_is_damage() {
         t.commit("s", Offset(i % 2)).expect("commit");
     }
     drop(t);
-    reg.stop_all();
+    reg.stop_all().expect("stop");
     drop(reg);
     let groups = std::path::Path::new(ROOT).join("topics/t/groups");
     assert!(

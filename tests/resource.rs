@@ -577,6 +577,42 @@ async fn a_broker_started_on_a_full_disk_serves_every_acknowledged_message() {
     verify(&disk, &data);
 }
 
+/// A stop whose clean checkpoint a full disk refuses is no clean stop: the
+/// broker exits 1 naming the failure (it exited 0 before, so a supervisor
+/// took it for a clean one), and the next start recovers the topic with
+/// every acknowledged message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_a_full_disk_keeps_from_finishing_exits_with_an_error() {
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let ballast = disk.host_path("ballast");
+    let start = || Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .produce("orders", messages(0, 4))
+        .await
+        .expect("produce");
+    let acked: Vec<_> = (0..4).map(|i| (i, value(i))).collect();
+    drop(client);
+    fill_up(&ballast);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(!ok, "a stop that could not record its checkpoint: {log}");
+    assert!(
+        log.contains("final sync or clean checkpoint failed") && log.contains("orders"),
+        "{log}"
+    );
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    assert_eq!(replay_all(&client, "orders").await, acked);
+    drop(client);
+    stop_cleanly(broker).await;
+    verify(&disk, &data);
+}
+
 /// A topic creation refused for a full disk leaves nothing behind. Before,
 /// its `topic.toml.tmp` stayed in `topics/<name>/`, and after a restart the
 /// topic was back with the default config.

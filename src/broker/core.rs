@@ -1446,7 +1446,7 @@ impl Broker {
             b.inner.registry.stop_all()
         })
         .await
-        .map_err(|e| internal("final sync", e))
+        .map_err(|e| internal("final sync", e))?
     }
 }
 

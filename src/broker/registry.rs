@@ -676,9 +676,12 @@ impl Registry {
     /// if all stopped, records a clean
     /// stop of the data directory ([`DataDir::mark_clean_stop`]), so the
     /// next start looks for nothing to recover. The last step of a broker
-    /// or tool once nothing writes any more; a failure is logged.
-    pub fn stop_all(&self) {
-        let mut clean = true;
+    /// or tool once nothing writes any more. A topic whose final sync or
+    /// clean checkpoint fails is logged, the others are still stopped, and
+    /// the first such failure is returned (the next start recovers those
+    /// topics); failing to record the clean stop is only logged.
+    pub fn stop_all(&self) -> Result<()> {
+        let mut failed = None;
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         for name in names {
             // Waits for an open or close under way, so none is missed.
@@ -691,14 +694,18 @@ impl Registry {
             // (A poisoned writer refuses writes already.)
             let _ = topic.log().stop_writes();
             if let Err(e) = topic.stop() {
-                clean = false;
                 tracing::error!(topic = topic.name(), error = %e,
                     "final sync or clean checkpoint failed; the next start recovers the topic");
+                failed.get_or_insert(e);
             }
         }
-        if clean && let Err(e) = self.data.mark_clean_stop() {
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let Err(e) = self.data.mark_clean_stop() {
             tracing::warn!(error = %e, "could not record the clean stop; the next start scans every topic");
         }
+        Ok(())
     }
 
     /// Names of all topics, sorted (open or not; not those being deleted).

@@ -95,10 +95,13 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
     // failed run records it too when the directory was stopped cleanly
     // before (opening it took the marker away): what failed, a topic that
     // does not exist or would not open, changed nothing.
-    if results.is_ok() || registry.clean_start() {
-        registry.stop_all();
-    }
+    let stopped = if results.is_ok() || registry.clean_start() {
+        registry.stop_all()
+    } else {
+        Ok(())
+    };
     let results = results?;
+    stopped?;
     Ok(results
         .iter()
         .map(|(t, s)| convert::compaction(t, s))
