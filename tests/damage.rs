@@ -10,6 +10,7 @@ use common::Broker;
 use spool::broker::topic::Position;
 use spool::client::Client;
 use spool::groups::GroupMode;
+use spool::protocol::pb;
 use spool::storage::NewMessage;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -426,8 +427,10 @@ fn missing_and_malformed_files_are_seen_by_verify_and_serve() {
 /// Files spool did not write, dropped into a data directory after a clean
 /// stop: a journal in a topic's `groups/` is no group (the clean stop's
 /// checkpoint lists every group), and a file among the topic folders is no
-/// topic. Before, the journal became a group `zz`, and the file stopped
-/// `verify` and `compact --data` with "Not a directory".
+/// topic, nor is a folder there holding nothing a topic writes. Before, the
+/// journal became a group `zz`, the file stopped `verify` and `compact
+/// --data` with "Not a directory", and each folder became a topic with the
+/// default config.
 #[test]
 fn stray_files_are_neither_groups_nor_topics() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -436,6 +439,10 @@ fn stray_files_are_neither_groups_nor_topics() {
     let stray = topic_dir(data).join("groups/zz.journal");
     std::fs::write(&stray, [0x5a; 100]).expect("stray journal");
     std::fs::write(data.join("topics/notes.txt"), "not a topic").expect("stray file");
+    // Folders no topic wrote: an empty one, and one holding other files.
+    std::fs::create_dir(data.join("topics/empty")).expect("empty folder");
+    std::fs::create_dir(data.join("topics/backup")).expect("foreign folder");
+    std::fs::write(data.join("topics/backup/README"), "old files").expect("foreign file");
 
     let (code, report) = verify(data);
     assert_eq!(code, Some(0), "strays are notes: {report}");
@@ -479,12 +486,28 @@ fn stray_files_are_neither_groups_nor_topics() {
                 .into_iter()
                 .map(|t| t.name)
                 .collect();
-            assert_eq!(topics, [TOPIC], "no topic from the stray file");
+            assert_eq!(topics, [TOPIC], "no topic from the stray file or folders");
+            if round == 1 {
+                let refused = client
+                    .create_topic("backup", pb::TopicConfig::default())
+                    .await
+                    .expect_err("a foreign folder is in the way");
+                assert!(refused.to_string().contains("backup"), "{refused}");
+                client
+                    .create_topic("empty", pb::TopicConfig::default())
+                    .await
+                    .expect("an empty folder makes way");
+            }
         });
         let logs = broker.kill9();
         assert!(!logs.contains("panicked"), "{logs}");
     }
     assert!(!stray.exists(), "moved out of groups/");
+    assert!(
+        !data.join("topics/backup/topic.toml").exists(),
+        "nothing written into a folder no topic wrote"
+    );
+    assert!(data.join("topics/backup/README").exists());
     let quarantined: Vec<String> = std::fs::read_dir(topic_dir(data).join("quarantine"))
         .expect("a quarantine folder")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -909,8 +909,16 @@ impl Registry {
     /// On failure nothing of it is left where a start would find it.
     fn create_folder(&self, name: &str, config: TopicConfig) -> Result<Topic> {
         let storage = self.data.storage();
-        let staging = self.data.staging_dir(name)?;
         let dir = self.data.topic_dir(name);
+        // A folder no topic wrote (see [`DataDir::topics`]): the rename
+        // replaces an empty one, not one holding files.
+        if storage.list_dir(&dir).is_ok_and(|files| !files.is_empty()) {
+            return Err(Error::AlreadyExists(format!(
+                "cannot create topic {name}: {} holds files of no topic; move it away first",
+                dir.display()
+            )));
+        }
+        let staging = self.data.staging_dir(name)?;
         let staged = config.store(&**storage, &staging).and_then(|()| {
             storage
                 .rename(&staging, &dir)

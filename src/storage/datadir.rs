@@ -116,17 +116,40 @@ impl DataDir {
             .storage
             .list_dir(&dir)
             .ctx(|| format!("listing {}", dir.display()))?;
-        // A file there is no topic (each topic is a folder).
+        // A file there is no topic (each topic is a folder), nor is a folder
+        // that holds nothing a topic writes.
         names.retain(|name| {
             let path = dir.join(name);
-            let folder = self.storage.is_dir(&path);
-            if !folder {
+            if !self.storage.is_dir(&path) {
                 tracing::warn!(file = %path.display(), "ignoring a file among the topic folders");
+                return false;
             }
-            folder
+            let topic = self.holds_a_topic(&path);
+            if !topic {
+                tracing::warn!(folder = %path.display(),
+                    "ignoring a folder among the topic folders: it holds no topic.toml, checkpoint or segment");
+            }
+            topic
         });
         names.sort();
         Ok(names)
+    }
+
+    /// Whether folder `dir` in `topics/` holds a topic: its `topic.toml`,
+    /// its log's checkpoint or a segment file. A topic is created whole in
+    /// `staging/` with its `topic.toml` and moved here in one rename, so a
+    /// folder with none of these was put here by something else (one whose
+    /// listing fails counts as a topic, for its open to report).
+    fn holds_a_topic(&self, dir: &Path) -> bool {
+        let Ok(files) = self.storage.list_dir(dir) else {
+            return true;
+        };
+        files.iter().any(|f| {
+            f == crate::broker::config::TOPIC_CONFIG_FILE
+                || f == super::checkpoint::CHECKPOINT_FILE
+                || f.ends_with(".log")
+                || f.contains(".log.")
+        })
     }
 
     /// A new, empty folder in `staging/` to assemble topic `name` in.
