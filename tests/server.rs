@@ -1082,3 +1082,223 @@ async fn a_connect_to_a_silent_server_times_out() {
     }
     held.abort();
 }
+
+/// A broker with `max_subscriptions = 1`, and a client connected to it.
+async fn one_subscription_broker(tmp: &tempfile::TempDir) -> (Broker, Client) {
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_subscriptions = 1\n").expect("config");
+    let broker = Broker::start(
+        &tmp.path().join("data"),
+        &["--config", config.to_str().expect("utf-8")],
+    );
+    let client = Client::connect(&broker.addr, "subs")
+        .await
+        .expect("connect");
+    (broker, client)
+}
+
+/// A subscribe right after a `Subscription` was dropped finds its slot
+/// free. Before, the drop's `Unsubscribe` was only queued, and the server,
+/// serving requests in flight in any order, often read the subscribe first
+/// and refused it at `max_subscriptions` (more than half of 300 rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_right_after_a_drop_finds_the_slot_free() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_broker, client) = one_subscription_broker(&tmp).await;
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let mut sub = client
+        .subscribe("t", None, "m", None, 10)
+        .await
+        .expect("subscribe");
+    for round in 0..100 {
+        drop(sub);
+        sub = client
+            .subscribe("t", None, "m", None, 10)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+}
+
+/// A subscription the server ended (its group deleted) gives its slot back
+/// although the application still holds the `Subscription`: the client
+/// unsubscribes it. Before, the slot stayed taken until the drop, so the
+/// usual `sub = client.subscribe(..).await?` was refused at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_the_server_ended_gives_its_slot_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_broker, client) = one_subscription_broker(&tmp).await;
+    client
+        .produce("q", vec![NewMessage::from_value("a")])
+        .await
+        .expect("produce");
+    client
+        .create_group("q", "g", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let mut sub = client
+        .subscribe("q", Some("g"), "m", None, 10)
+        .await
+        .expect("subscribe");
+    let first = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("a delivery in time");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    client.delete_group("q", "g").await.expect("delete group");
+    let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("the end in time");
+    assert!(
+        matches!(&end, Some(Err(e)) if e.code() == Some(pb::Code::NotFound)),
+        "{end:?}"
+    );
+    client
+        .create_group("q", "g", GroupMode::Queue, None)
+        .await
+        .expect("group again");
+    let again = client
+        .subscribe("q", Some("g"), "m", None, 10)
+        .await
+        .expect("the ended subscription's slot is free");
+    drop((sub, again));
+}
+
+/// Dropping a client ends each `Subscription` it leaves with
+/// `ClientError::Closed`, as its documentation says, not with a bare end
+/// that looks like a normal finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_ends_its_subscriptions_with_an_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "gone")
+        .await
+        .expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let mut sub = client
+        .subscribe("t", None, "m", Some(Position::Latest), 10)
+        .await
+        .expect("subscribe");
+    drop(client);
+    let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("the end in time");
+    assert!(matches!(end, Some(Err(ClientError::Closed))), "{end:?}");
+    let after = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("then nothing");
+    assert!(after.is_none(), "{after:?}");
+}
+
+/// A fake server: answers the `Hello` with a `Welcome` (idle timeout
+/// `idle_ms`), sends `then` once the client's next frame begins to
+/// arrive, and keeps reading without answering. Returns
+/// its address and a count of the bytes it read after the `Hello`, which
+/// ends (its task returns) when the client closes the connection.
+async fn fake_server(idle_ms: u32, then: Vec<u8>) -> (String, tokio::task::JoinHandle<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let served = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut head = [0u8; 5];
+        socket.read_exact(&mut head).await.expect("hello head");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut hello = vec![0u8; len];
+        socket.read_exact(&mut hello).await.expect("hello");
+        let welcome = pb::ServerFrame {
+            kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
+                server_version: "fake".into(),
+                protocol_version: 1,
+                max_frame_bytes: 1 << 20,
+                max_message_bytes: 1 << 16,
+                idle_timeout_ms: idle_ms,
+                ..Default::default()
+            })),
+        };
+        socket
+            .write_all(&frame(&welcome.encode_to_vec()))
+            .await
+            .expect("welcome");
+        let mut read = 0;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if read == 0 {
+                socket.write_all(&then).await.expect("then");
+            }
+            read += n;
+        }
+        read
+    });
+    (addr, served)
+}
+
+/// A connection that goes silent (a broker's host that lost power, a
+/// network cut: the socket stays open, nothing comes back) is taken as
+/// lost after `lost_after`: the waiting call and the subscriptions fail with
+/// a timeout, instead of waiting as long as TCP retransmits (many minutes;
+/// forever on a server with no idle timeout, where the client did not ping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_taken_as_lost() {
+    // Idle timeout 0: the server never closes idle connections.
+    let (addr, served) = fake_server(0, Vec::new()).await;
+    let options = spool::client::ClientOptions {
+        lost_after: Some(Duration::from_millis(500)),
+        ..spool::client::ClientOptions::new("patient")
+    };
+    let client = Client::connect_with(&addr, &options)
+        .await
+        .expect("connect");
+    let start = std::time::Instant::now();
+    let lost = tokio::time::timeout(Duration::from_secs(20), client.ping(7))
+        .await
+        .expect("the call ends by itself");
+    match lost {
+        Err(ClientError::Io { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}");
+            assert!(source.to_string().contains("lost_after"), "{source}");
+        }
+        other => panic!("expected the connection taken as lost: {other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    assert!(client.is_closed());
+    let closed = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the client closes the socket")
+        .expect("fake server");
+    assert!(closed > 0, "the ping reached the server");
+}
+
+/// A frame the client cannot decode closes the connection and fails the
+/// calls with a protocol error. Before, the reader stopped but the socket
+/// stayed open and the keep-alive went on pinging, so the server kept the
+/// connection, its subscriptions and their leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_frame_closes_the_connection() {
+    // A body that is no ServerFrame: field 1 with wire type 7.
+    let (addr, served) = fake_server(300, frame(&[0x0F])).await;
+    let client = Client::connect(&addr, "confused").await.expect("connect");
+    let waiting = tokio::time::timeout(Duration::from_secs(10), client.ping(1))
+        .await
+        .expect("the call ends by itself");
+    assert!(
+        matches!(waiting, Err(ClientError::Protocol(_))),
+        "{waiting:?}"
+    );
+    assert!(client.is_closed());
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the client closes the socket")
+        .expect("fake server");
+    let after = client.ping(2).await;
+    assert!(matches!(after, Err(ClientError::Closed)), "{after:?}");
+}

@@ -10,8 +10,13 @@
 //!
 //! A server closes connections that send nothing for its idle timeout
 //! (`Welcome.idle_timeout_ms`); the client sends a `Ping` whenever it has
-//! sent nothing for a third of that, so a quiet subscription, a long-poll or
-//! a client kept around for later stays connected.
+//! sent nothing for a third of that (at most [`PING_EVERY_MAX`]), so a quiet
+//! subscription, a long-poll or a client kept around for later stays
+//! connected. The same pings tell a connection that died without a word (a
+//! broker's host that lost power, a network cut) from a quiet one: once the
+//! client has sent something and heard nothing for
+//! [`ClientOptions::lost_after`], it takes the connection as lost and every
+//! call and subscription fails with [`ClientError::Io`] (`TimedOut`).
 //!
 //! ```no_run
 //! use spool::client::Client;
@@ -181,6 +186,52 @@ pub struct FetchOptions {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>;
 type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>;
 
+/// `Unsubscribe` requests sent and not yet answered, by request id: a
+/// subscribe waits for them, so the slots they free are free when the
+/// server reads it (requests in flight are served in any order).
+#[derive(Debug, Default)]
+struct Unsubscribing {
+    ids: Mutex<std::collections::HashSet<u64>>,
+    done: tokio::sync::Notify,
+}
+
+impl Unsubscribing {
+    fn start(&self, request_id: u64) {
+        lock(&self.ids).insert(request_id);
+    }
+
+    /// Request `request_id` is answered (or will never be); whether it was
+    /// an unsubscribe.
+    fn finish(&self, request_id: u64) -> bool {
+        let mut ids = lock(&self.ids);
+        let was = ids.remove(&request_id);
+        if was && ids.is_empty() {
+            self.done.notify_waiters();
+        }
+        was
+    }
+
+    /// The connection closed: nothing more will be answered.
+    fn clear(&self) {
+        lock(&self.ids).clear();
+        self.done.notify_waiters();
+    }
+
+    /// Until every unsubscribe sent so far is answered.
+    async fn settled(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            // Registered before the check, so a notify after it is not missed.
+            done.as_mut().enable();
+            if lock(&self.ids).is_empty() {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
 /// A connection to a spool server.
 #[derive(Debug)]
 pub struct Client {
@@ -190,67 +241,105 @@ pub struct Client {
     /// Channels of subscribe requests awaiting their reply, by request id.
     waiting_subscriptions: Subscriptions,
     next_id: Arc<AtomicU64>,
+    unsubscribing: Arc<Unsubscribing>,
     welcome: pb::Welcome,
     reader: tokio::task::JoinHandle<()>,
-    /// Pings the server while the client is otherwise quiet.
-    keepalive: Option<tokio::task::JoinHandle<()>>,
-    /// When a frame was last queued for the server.
-    last_sent: Arc<LastSent>,
+    /// Pings the server while the client is otherwise quiet, and watches
+    /// for a connection that went silent.
+    keepalive: tokio::task::JoinHandle<()>,
+    /// When a frame was last queued for the server, and last read from it.
+    activity: Arc<Activity>,
     /// Set by the reader before it fails the pending calls on close.
     closed: Arc<AtomicBool>,
 }
 
 impl Drop for Client {
     /// Closes the connection: the server ends this client's subscriptions,
-    /// and its unacked queue leases come back when they time out.
+    /// and its unacked queue leases come back when they time out. Each
+    /// [`Subscription`] still held ends with [`ClientError::Closed`].
     fn drop(&mut self) {
         self.reader.abort();
-        if let Some(keepalive) = &self.keepalive {
-            keepalive.abort();
+        self.keepalive.abort();
+        for (_, tx) in lock(&self.subscriptions).drain() {
+            let _ = tx.send(Err(ClientError::Closed));
         }
     }
 }
 
-/// Milliseconds from the connection's start to the last frame sent.
+/// Microseconds from the connection's start (plus one, so that any frame
+/// comes after the start) to the last frame sent and the last frame
+/// received.
 #[derive(Debug)]
-struct LastSent {
+struct Activity {
     start: tokio::time::Instant,
-    ms: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
-impl LastSent {
-    fn new() -> LastSent {
-        LastSent {
+impl Activity {
+    fn new() -> Activity {
+        Activity {
             start: tokio::time::Instant::now(),
-            ms: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
         }
     }
 
     fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.start.elapsed().as_micros() as u64 + 1
     }
 
-    fn touch(&self) {
-        self.ms.store(self.now(), Ordering::Relaxed);
+    fn sent(&self) {
+        self.sent.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn received(&self) {
+        self.received.store(self.now(), Ordering::Relaxed);
     }
 
     fn quiet_for(&self) -> Duration {
-        Duration::from_millis(self.now().saturating_sub(self.ms.load(Ordering::Relaxed)))
+        Duration::from_micros(self.now().saturating_sub(self.sent.load(Ordering::Relaxed)))
     }
 }
 
-/// Sends a `Ping` whenever nothing was sent for `every`, until the
-/// connection closes (or the client is dropped, which aborts this task).
+/// Longest pause between pings of a quiet client (shorter when the
+/// server's idle timeout asks for it).
+pub const PING_EVERY_MAX: Duration = Duration::from_secs(10);
+
+/// Sends a `Ping` whenever nothing was sent for `every`, and notifies
+/// `lost` once something sent has met no frame from the server for
+/// `lost_after`; until the connection closes (or the client is dropped,
+/// which aborts this task).
 async fn keepalive(
     out: mpsc::Sender<ClientOut>,
     next_id: Arc<AtomicU64>,
-    last_sent: Arc<LastSent>,
+    activity: Arc<Activity>,
     every: Duration,
+    lost_after: Option<Duration>,
+    lost: Arc<tokio::sync::Notify>,
 ) {
+    let tick = (every / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    // Since when a frame sent waits for any frame back (the last one
+    // received then): a busy connection receives between ticks, a silent
+    // one does not.
+    let mut waiting: Option<(u64, tokio::time::Instant)> = None;
     loop {
-        let quiet = last_sent.quiet_for();
-        if quiet < every {
-            tokio::time::sleep(every - quiet).await;
+        tokio::time::sleep(tick).await;
+        let received = activity.received.load(Ordering::Relaxed);
+        if activity.sent.load(Ordering::Relaxed) > received {
+            match waiting {
+                Some((heard, since)) if heard == received => {
+                    if lost_after.is_some_and(|limit| since.elapsed() >= limit) {
+                        lost.notify_one();
+                        return;
+                    }
+                }
+                _ => waiting = Some((received, tokio::time::Instant::now())),
+            }
+        } else {
+            waiting = None;
+        }
+        if activity.quiet_for() < every {
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -262,7 +351,41 @@ async fn keepalive(
         if out.send(ping).await.is_err() {
             return;
         }
-        last_sent.touch();
+        activity.sent();
+    }
+}
+
+/// Why a connection ended, for the calls and subscriptions it leaves.
+enum End {
+    /// Closed without a word (or the client's own write failed).
+    Closed,
+    /// The server named why (`request_id` 0).
+    Reason(pb::Error),
+    /// Silent for this long while an answer was due.
+    Lost(Duration),
+    /// A frame this client cannot decode.
+    Undecodable(String),
+}
+
+impl End {
+    fn error(&self, addr: &str) -> ClientError {
+        match self {
+            End::Closed => ClientError::Closed,
+            End::Reason(e) => ClientError::from_wire(e.clone()),
+            End::Lost(after) => ClientError::Io {
+                addr: addr.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no frame from the server for {} ms while an answer was due (lost_after); the connection is taken as lost",
+                        after.as_millis()
+                    ),
+                ),
+            },
+            End::Undecodable(e) => {
+                ClientError::Protocol(format!("an undecodable frame closed the connection: {e}"))
+            }
+        }
     }
 }
 
@@ -302,18 +425,35 @@ pub struct ClientOptions {
     /// `None`: no limit). A server that accepts and never answers fails the
     /// connect with [`ClientError::Io`] (`TimedOut`) instead of hanging.
     pub connect_timeout: Option<Duration>,
+    /// How long the connection may stay silent after the client sent
+    /// something (a request, a ping) before it is taken as lost: the
+    /// connection closes, and every call waiting and every subscription
+    /// fails with [`ClientError::Io`] (`TimedOut`) ([`DEFAULT_LOST_AFTER`]
+    /// from [`ClientOptions::new`]; `None`: wait as long as TCP does, many
+    /// minutes). A server answers a ping at once, but a connection at its
+    /// cap of requests in flight reads the ping only once one of them ends,
+    /// and a long-poll may take 60 s: keep it above that when a client runs
+    /// that many long-polls at once.
+    pub lost_after: Option<Duration>,
 }
 
 /// How long [`ClientOptions::new`] lets a connect take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`ClientOptions::new`] lets a connection stay silent while the
+/// client waits for an answer (a ping is answered at once; a quiet client
+/// pings at least every [`PING_EVERY_MAX`]).
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(30);
+
 impl ClientOptions {
     /// Plaintext, no token, named `client_name`, connect timeout
-    /// [`DEFAULT_CONNECT_TIMEOUT`].
+    /// [`DEFAULT_CONNECT_TIMEOUT`], lost after [`DEFAULT_LOST_AFTER`] of
+    /// silence.
     pub fn new(client_name: &str) -> ClientOptions {
         ClientOptions {
             client_name: client_name.to_owned(),
             connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+            lost_after: Some(DEFAULT_LOST_AFTER),
             ..ClientOptions::default()
         }
     }
@@ -420,25 +560,35 @@ impl Client {
         let pending: Pending = Arc::default();
         let subscriptions: Subscriptions = Arc::default();
         let waiting_subscriptions: Subscriptions = Arc::default();
+        let unsubscribing: Arc<Unsubscribing> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicU64::new(1));
-        let (p, s, w, c) = (
+        let activity = Arc::new(Activity::new());
+        let lost = Arc::new(tokio::sync::Notify::new());
+        let (p, s, w, c, a, l) = (
             Arc::clone(&pending),
             Arc::clone(&subscriptions),
             Arc::clone(&waiting_subscriptions),
             Arc::clone(&closed),
+            Arc::clone(&activity),
+            Arc::clone(&lost),
         );
         // What ends a subscription whose subscribe call was given up
-        // before its reply (weak: the reader must not keep the connection).
+        // before its reply, or that the server ended (weak: the reader must
+        // not keep the connection).
         let orphans = Stop {
             out: out.downgrade(),
             pending: Arc::downgrade(&pending),
             subscriptions: Arc::downgrade(&subscriptions),
             next_id: Arc::downgrade(&next_id),
+            unsubscribing: Arc::downgrade(&unsubscribing),
         };
+        let u = Arc::clone(&unsubscribing);
+        let lost_after = options.lost_after;
+        let server = addr.to_owned();
         let reader = tokio::spawn(async move {
-            // The error the server closed the connection with (`request_id` 0).
-            let mut reason: Option<pb::Error> = None;
+            // Why the connection ended, when it was not a plain close.
+            let mut end = End::Closed;
             loop {
                 let frame = tokio::select! {
                     frame = frames.next() => frame,
@@ -446,10 +596,23 @@ impl Client {
                     // over the limit, a broken socket); the requests it
                     // dropped would otherwise wait for replies forever.
                     _ = &mut writer => None,
+                    () = l.notified() => {
+                        end = End::Lost(lost_after.unwrap_or_default());
+                        None
+                    }
                 };
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        end = End::Undecodable(e.to_string());
+                        break;
+                    }
+                    None => break,
+                };
+                a.received();
                 match frame.kind {
                     Some(pb::server_frame::Kind::Response(r)) => {
+                        u.finish(r.request_id);
                         let result = match r.result {
                             Some(Reply::Error(e)) => Err(ClientError::from_wire(e)),
                             Some(ok) => Ok(ok),
@@ -468,11 +631,13 @@ impl Client {
                                 // this subscription, so it ends now, as a
                                 // dropped `Subscription` does, instead of
                                 // leasing queue messages into nothing.
-                                orphans.unsubscribe(sub.subscription_id);
+                                orphans.end(sub.subscription_id);
                             }
-                        } else if let Err(ClientError::Status { code, message }) = result {
+                        } else if r.request_id == 0
+                            && let Err(ClientError::Status { code, message }) = result
+                        {
                             tracing::debug!(?code, %message, "the server is closing the connection");
-                            reason = Some(pb::Error {
+                            end = End::Reason(pb::Error {
                                 code: code as i32,
                                 message,
                             });
@@ -480,6 +645,7 @@ impl Client {
                     }
                     Some(pb::server_frame::Kind::Delivery(d)) => {
                         let mut subs = lock(&s);
+                        let mut ended = false;
                         if let Some(tx) = subs.get(&d.subscription_id) {
                             for m in d.messages {
                                 let _ = tx.send(Ok(received(m)));
@@ -496,19 +662,27 @@ impl Client {
                                 (Some(e), None) => {
                                     let _ = tx.send(Err(ClientError::from_wire(e)));
                                     subs.remove(&d.subscription_id);
+                                    ended = true;
                                 }
                                 (None, _) => {}
                             }
+                        }
+                        drop(subs);
+                        if ended {
+                            // The server keeps an ended subscription's slot
+                            // until it is unsubscribed.
+                            orphans.send_unsubscribe(d.subscription_id);
                         }
                     }
                     _ => {}
                 }
             }
             c.store(true, Ordering::SeqCst);
-            let ended = || match &reason {
-                Some(e) => ClientError::from_wire(e.clone()),
-                None => ClientError::Closed,
-            };
+            // No frame goes out any more: the socket closes with the reader's
+            // half, and the keep-alive ends with the writer's queue.
+            writer.abort();
+            u.clear();
+            let ended = || end.error(&server);
             for (_, tx) in lock(&p).drain() {
                 let _ = tx.send(Err(ended()));
             }
@@ -518,28 +692,37 @@ impl Client {
                 let _ = tx.send(Err(ended()));
             }
         });
-        let last_sent = Arc::new(LastSent::new());
-        let keepalive = (welcome.idle_timeout_ms > 0).then(|| {
-            let every = Duration::from_millis(u64::from(welcome.idle_timeout_ms / 3).max(1));
-            tokio::spawn(keepalive(
-                out.clone(),
-                Arc::clone(&next_id),
-                Arc::clone(&last_sent),
-                every,
-            ))
-        });
+        let every = match welcome.idle_timeout_ms {
+            0 => PING_EVERY_MAX,
+            ms => Duration::from_millis(u64::from(ms / 3).max(1)).min(PING_EVERY_MAX),
+        };
+        let keepalive = tokio::spawn(keepalive(
+            out.clone(),
+            Arc::clone(&next_id),
+            Arc::clone(&activity),
+            every,
+            options.lost_after,
+            lost,
+        ));
         Ok(Client {
             out,
             pending,
             subscriptions,
             waiting_subscriptions,
             next_id,
+            unsubscribing,
             welcome,
             reader,
             keepalive,
-            last_sent,
+            activity,
             closed,
         })
+    }
+
+    /// Whether the connection has closed (every call now fails): connect
+    /// again to go on.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// The server's limits and version from the handshake.
@@ -586,12 +769,22 @@ impl Client {
     async fn send_call(&self, id: u64, frame: ClientOut) -> Result<Reply> {
         let (tx, rx) = oneshot::channel();
         self.register(id, tx)?;
-        if self.out.send(frame).await.is_err() {
-            lock(&self.pending).remove(&id);
+        self.send_registered(id, frame).await?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Queues the frame of registered call `id`. A full queue makes this
+    /// wait; should the caller give up meanwhile, or the connection close,
+    /// the call is unregistered (no reply will come for a frame never sent).
+    async fn send_registered(&self, id: u64, frame: ClientOut) -> Result<()> {
+        let unsent = Unregister { client: self, id };
+        let sent = self.out.send(frame).await;
+        if sent.is_err() {
             return Err(ClientError::Closed);
         }
-        self.last_sent.touch();
-        rx.await.map_err(|_| ClientError::Closed)?
+        std::mem::forget(unsent);
+        self.activity.sent();
+        Ok(())
     }
 
     /// Appends a batch; returns once it is committed under the topic's fsync policy.
@@ -668,18 +861,16 @@ impl Client {
         // reader task registers the channel as it handles the reply.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = self.frame(id, Request::Subscribe(request))?;
+        // Slots that subscriptions dropped before this call free are free
+        // when the server reads it.
+        self.unsubscribing.settled().await;
         let (reply_tx, reply_rx) = oneshot::channel();
         lock(&self.waiting_subscriptions).insert(id, tx);
         if let Err(e) = self.register(id, reply_tx) {
             lock(&self.waiting_subscriptions).remove(&id);
             return Err(e);
         }
-        if self.out.send(frame).await.is_err() {
-            lock(&self.pending).remove(&id);
-            lock(&self.waiting_subscriptions).remove(&id);
-            return Err(ClientError::Closed);
-        }
-        self.last_sent.touch();
+        self.send_registered(id, frame).await?;
         // Should this call be dropped before it returns, the guard ends a
         // subscription whose reply came meanwhile (the reader ends one whose
         // reply comes later).
@@ -706,6 +897,7 @@ impl Client {
             pending: Arc::downgrade(&self.pending),
             subscriptions: Arc::downgrade(&self.subscriptions),
             next_id: Arc::downgrade(&self.next_id),
+            unsubscribing: Arc::downgrade(&self.unsubscribing),
         }
     }
 
@@ -917,6 +1109,20 @@ impl Client {
     }
 }
 
+/// A registered call whose frame is not yet queued: dropped, it leaves
+/// nothing waiting for a reply that cannot come.
+struct Unregister<'a> {
+    client: &'a Client,
+    id: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        lock(&self.client.pending).remove(&self.id);
+        lock(&self.client.waiting_subscriptions).remove(&self.id);
+    }
+}
+
 /// A subscribe call waiting for its reply.
 struct SubscribeCall<'a> {
     client: &'a Client,
@@ -947,7 +1153,7 @@ impl Drop for SubscribeCall<'_> {
         // sent after it fails in the reader, which ends the subscription.
         rx.close();
         if let Ok(Ok(Reply::Subscribe(sub))) = rx.try_recv() {
-            self.client.stop().unsubscribe(sub.subscription_id);
+            self.client.stop().end(sub.subscription_id);
         }
     }
 }
@@ -957,9 +1163,11 @@ impl Drop for SubscribeCall<'_> {
 /// ([`ClientError::Closed`] when it closed without a reason), then `None`.
 /// A [`ClientError::Skipped`] item is not an end: it names a message the
 /// server could not deliver, and later messages follow. Dropping it
-/// unsubscribes (the server frees its slot); queue messages it delivered
-/// that were not acked come back to the group when their lease
-/// (`ack_timeout_ms`) ends, or at once with a `nack`.
+/// unsubscribes without waiting (the server frees its slot; a subscribe on
+/// the same client waits until it has); the client unsubscribes one the
+/// server ended too. Queue messages it delivered that were not acked come
+/// back to the group when their lease (`ack_timeout_ms`) ends, or at once
+/// with a `nack`.
 #[derive(Debug)]
 pub struct Subscription {
     id: u64,
@@ -976,6 +1184,7 @@ struct Stop {
     pending: std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>,
     subscriptions: std::sync::Weak<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>,
     next_id: std::sync::Weak<AtomicU64>,
+    unsubscribing: std::sync::Weak<Unsubscribing>,
 }
 
 impl Drop for Subscription {
@@ -985,25 +1194,49 @@ impl Drop for Subscription {
 }
 
 impl Stop {
-    /// Ends subscription `id` without waiting: forgets its channel and
-    /// sends `Unsubscribe` (for a dropped [`Subscription`], or one whose
-    /// subscribe call was given up).
+    /// Ends a dropped [`Subscription`] without waiting, unless it has
+    /// ended already (unsubscribed, ended by the server, or its connection
+    /// closed): forgets its channel and sends `Unsubscribe`.
     fn unsubscribe(&self, id: u64) {
-        let (Some(out), Some(pending), Some(subscriptions), Some(next_id)) = (
-            self.out.upgrade(),
-            self.pending.upgrade(),
-            self.subscriptions.upgrade(),
-            self.next_id.upgrade(),
-        ) else {
+        let Some(subscriptions) = self.subscriptions.upgrade() else {
             // The client is gone, and its connection with it.
             return;
         };
-        lock(&subscriptions).remove(&id);
-        // The answer (also NOT_FOUND, after an explicit unsubscribe or once
-        // the server ended it) goes to a call nobody waits for.
+        if lock(&subscriptions).remove(&id).is_some() {
+            self.send_unsubscribe(id);
+        }
+    }
+
+    /// Ends subscription `id`, whose subscribe call was given up around its
+    /// reply (its channel may or may not have been registered), without
+    /// waiting.
+    fn end(&self, id: u64) {
+        if let Some(subscriptions) = self.subscriptions.upgrade() {
+            lock(&subscriptions).remove(&id);
+        }
+        self.send_unsubscribe(id);
+    }
+
+    /// Sends `Unsubscribe` for subscription `id` without waiting; a
+    /// subscribe waits until it is answered.
+    fn send_unsubscribe(&self, id: u64) {
+        let (Some(out), Some(pending), Some(next_id), Some(unsubscribing)) = (
+            self.out.upgrade(),
+            self.pending.upgrade(),
+            self.next_id.upgrade(),
+            self.unsubscribing.upgrade(),
+        ) else {
+            return;
+        };
+        // The answer goes to a call nobody waits for.
         let request_id = next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, _answer) = oneshot::channel();
         lock(&pending).insert(request_id, tx);
+        unsubscribing.start(request_id);
+        let unsent = move || {
+            lock(&pending).remove(&request_id);
+            unsubscribing.finish(request_id);
+        };
         let frame = ClientOut::Frame(pb::ClientFrame {
             request_id,
             request: Some(Request::Unsubscribe(pb::UnsubscribeRequest {
@@ -1018,18 +1251,14 @@ impl Stop {
                     Ok(runtime) => {
                         runtime.spawn(async move {
                             if out.send(frame).await.is_err() {
-                                lock(&pending).remove(&request_id);
+                                unsent();
                             }
                         });
                     }
-                    Err(_) => {
-                        lock(&pending).remove(&request_id);
-                    }
+                    Err(_) => unsent(),
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                lock(&pending).remove(&request_id);
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => unsent(),
         }
     }
 }
