@@ -1938,3 +1938,121 @@ fn a_lease_that_ran_out_is_no_lease_for_nack_extend_or_pending() {
         .collect();
     assert_eq!(got, [0], "due at once for another member");
 }
+
+/// A delivery that never left the broker (a read whose reader went away
+/// before taking it) is taken back: it does not count toward
+/// `max_deliveries`, the next delivery carries its number again, and that
+/// holds across a reopen. Before, each such read used up a delivery, so a
+/// consumer that kept reconnecting sent messages nobody had received to
+/// the dead-letter topic.
+#[test]
+fn a_delivery_taken_back_does_not_count() {
+    use spool::groups::Decision;
+    let disk = Arc::new(SimDisk::new());
+    let open = || {
+        let mut config = GroupConfig::new(GroupMode::Queue);
+        config.max_deliveries = 2;
+        Group::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "q",
+            config,
+            0,
+        )
+        .expect("open group")
+    };
+    let mut group = open();
+    let deliver = |group: &mut Group, o: u64| match group.deliver(o, "m", 0).expect("deliver") {
+        Decision::Deliver { delivery } => delivery,
+        other => panic!("offset {o}: {other:?}"),
+    };
+    // Offset 0: a first delivery taken back, many times over.
+    for _ in 0..5 {
+        assert_eq!(deliver(&mut group, 0), 1);
+        group.sync().expect("sync");
+        assert!(group.nack(0, 0, 0));
+        group.undeliver(0, 1).expect("undeliver");
+        assert_eq!(group.deliveries(0), 0);
+    }
+    // Offset 1: a redelivery taken back.
+    assert_eq!(deliver(&mut group, 1), 1);
+    assert!(group.nack(1, 0, 0));
+    assert_eq!(deliver(&mut group, 1), 2);
+    assert!(group.nack(1, 0, 0));
+    group.undeliver(1, 2).expect("undeliver");
+    assert_eq!(group.deliveries(1), 1);
+    // Offset 2: delivered again since; taking back the old one changes nothing.
+    assert_eq!(deliver(&mut group, 2), 1);
+    assert!(group.nack(2, 0, 0));
+    assert_eq!(deliver(&mut group, 2), 2);
+    group.undeliver(2, 1).expect("undeliver");
+    assert_eq!(group.deliveries(2), 2);
+    // A first delivery after a take-back counts once more, across a reopen.
+    assert_eq!(deliver(&mut group, 0), 1);
+    assert!(group.nack(0, 0, 0));
+    group.sync().expect("sync");
+    drop(group);
+    disk.power_cut(None);
+    let mut group = open();
+    assert_eq!(
+        (
+            group.deliveries(0),
+            group.deliveries(1),
+            group.deliveries(2)
+        ),
+        (1, 1, 2)
+    );
+    assert_eq!(deliver(&mut group, 0), 2);
+    assert!(group.nack(0, 0, 0));
+    assert!(matches!(
+        group.deliver(0, "m", 0).expect("deliver"),
+        Decision::DeadLetter { deliveries: 2 }
+    ));
+}
+
+/// A queue read whose reader went away before taking it (a subscription or
+/// long-poll whose connection closed, a gRPC deadline) gives its leases
+/// back at once, and since nothing of it was sent, those deliveries do not
+/// count: with `max_deliveries` 1, the messages go to the next reader as
+/// first deliveries instead of to the dead-letter topic.
+#[test]
+fn a_read_nobody_took_gives_its_messages_back_uncounted() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, 4);
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    for round in 0..3 {
+        let unread = registry
+            .fetch_queue("jobs", "workers", "gone", 10, NO_BYTE_LIMIT, now_ms())
+            .expect("fetch");
+        let leased: Vec<(u64, u32)> = unread
+            .deliveries
+            .iter()
+            .map(|d| (d.message.offset.0, d.delivery))
+            .collect();
+        assert_eq!(
+            leased,
+            [(0, 1), (1, 1), (2, 1), (3, 1)],
+            "round {round}: first deliveries, nothing dead-lettered"
+        );
+        assert!(unread.dead_letters.is_empty(), "round {round}");
+        assert_eq!(
+            topic
+                .release_unread("workers", "gone", &leased)
+                .expect("give back"),
+            4
+        );
+        assert_eq!(topic.describe_group("workers").expect("group").pending, 0);
+    }
+    let registry = restart(&disk, registry, Some(None));
+    let taken = registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let deliveries: Vec<u32> = taken.deliveries.iter().map(|d| d.delivery).collect();
+    assert_eq!(deliveries, [1, 1, 1, 1], "after a power cut too");
+}

@@ -482,7 +482,9 @@ impl Group {
             });
         }
         let delivery = previous + 1;
-        if delivery >= 2 {
+        // A count of its own (a redelivery, or a delivery taken back by
+        // [`Group::undeliver`]) is journaled as such.
+        if delivery >= 2 || self.counts.contains_key(&offset) {
             self.journal
                 .append(&Entry::Delivered(offset, delivery).encode())?;
             self.counts.insert(offset, delivery);
@@ -501,6 +503,23 @@ impl Group {
             },
         );
         Ok(Decision::Deliver { delivery })
+    }
+
+    /// Takes back delivery `delivery` of `offset`, which never left the
+    /// broker (a read whose reader went away before taking it; its lease
+    /// given back already): it does not count toward `max_deliveries`, and
+    /// the message's next delivery carries the same number. Nothing happens
+    /// if `offset` was delivered again since. Durable after
+    /// [`Group::sync`] (a crash before keeps the higher count).
+    pub fn undeliver(&mut self, offset: u64, delivery: u32) -> Result<()> {
+        if delivery == 0 || self.deliveries(offset) != delivery || self.leases.contains_key(&offset)
+        {
+            return Ok(());
+        }
+        self.journal
+            .append(&Entry::Delivered(offset, delivery - 1).encode())?;
+        self.counts.insert(offset, delivery - 1);
+        Ok(())
     }
 
     /// Completes offsets `[from, to)` (an ack, or a dead-letter handed off).

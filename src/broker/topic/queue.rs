@@ -363,7 +363,8 @@ impl Topic {
     /// reader went away before it took them: each `(offset, delivery)`
     /// only while `member` holds that delivery's lease (one that ran out
     /// and was leased again, even to the same member name, is another
-    /// read's). Returns how many.
+    /// read's). Nothing of them was sent, so those deliveries do not
+    /// count toward `max_deliveries`. Returns how many.
     pub fn release_unread(
         &self,
         group: &str,
@@ -396,14 +397,30 @@ impl Topic {
                 Some(which) => which.to_vec(),
                 None => g.leased_to(member).into_iter().map(|o| (o, None)).collect(),
             };
-            Ok(which
-                .into_iter()
-                .filter(|&(o, delivery)| {
-                    g.lease(o).is_some_and(|l| {
-                        l.member == member && delivery.is_none_or(|d| l.delivery == d)
-                    }) && g.nack(o, now, 0)
-                })
-                .count())
+            let (mut released, mut uncounted) = (0, false);
+            for (o, delivery) in which {
+                let mine = g.lease(o).is_some_and(|l| {
+                    l.member == member && delivery.is_none_or(|d| l.delivery == d)
+                });
+                if !mine || !g.nack(o, now, 0) {
+                    continue;
+                }
+                released += 1;
+                // An unread read's delivery never left the broker.
+                if let Some(d) = delivery {
+                    match g.undeliver(o, d) {
+                        Ok(()) => uncounted = true,
+                        Err(e) => tracing::warn!(topic = self.name(), group = g.name(), offset = o, error = %e,
+                            "could not take back a delivery that was never sent; it counts toward max_deliveries"),
+                    }
+                }
+            }
+            // Durable, so that a crash does not count them after all.
+            if uncounted && let Err(e) = g.sync() {
+                tracing::warn!(topic = self.name(), group = g.name(), error = %e,
+                    "could not sync deliveries taken back; after a crash they count toward max_deliveries");
+            }
+            Ok(released)
         })
     }
 }
