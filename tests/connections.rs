@@ -564,6 +564,37 @@ async fn a_frame_that_trickles_in_is_cut_by_the_frame_timeout() {
     assert_eq!(good.ping(9).await.expect("others are served"), 9);
 }
 
+/// With the frame timeout off, a frame begun and never finished is
+/// idleness: the idle timeout closes the connection. Before, a frame in
+/// progress put the idle timeout off for good, so three bytes of a frame
+/// held a connection slot forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_begun_and_left_is_idle_when_the_frame_timeout_is_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(
+        tmp.path(),
+        "",
+        &["--frame-timeout-ms", "0", "--idle-timeout-ms", "500"],
+    );
+    let ping = Raw::bytes(1, Request::Ping(pb::PingRequest { nonce: 1 }));
+    let mut raw = Raw::connect(&broker.addr);
+    raw.hello();
+    let started = Instant::now();
+    raw.s.write_all(&ping[..3]).expect("a frame's first bytes");
+    let frames = raw.until_closed(Duration::from_secs(10));
+    let last = frames
+        .last()
+        .and_then(closing_error)
+        .expect("a final frame");
+    assert_eq!(code(last), pb::Code::DeadlineExceeded, "{last:?}");
+    assert!(last.message.contains("idle_timeout_ms"), "{last:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
     let tmp = tempfile::tempdir().expect("tempdir");

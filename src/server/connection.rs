@@ -242,12 +242,14 @@ pub(super) async fn serve<S>(
             Ok(()) = revoked.changed() => break revoked.borrow().clone(),
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = sleep_until(idle.map(|t| last_frame + t)) => {
-                // A request being served, or a frame arriving (the frame
-                // timeout governs that), is not idleness; nor is a client
-                // whose frames wait unread because its requests in flight
-                // are at the cap (long-polls, each ending within 60 s).
+                // A request being served, or a frame arriving while the
+                // frame timeout governs that, is not idleness; nor is a
+                // client whose frames wait unread because its requests in
+                // flight are at the cap (long-polls, each ending within 60
+                // s). Without a frame timeout, a frame begun and never
+                // finished is idleness: nothing else would close it.
                 if conn.working.load(Ordering::Relaxed) > 0
-                    || frames.in_frame()
+                    || (frames.in_frame() && shared.config.frame_timeout.is_some())
                     || in_flight.len() >= MAX_REQUESTS_IN_FLIGHT
                 {
                     last_frame = Instant::now();
