@@ -1302,3 +1302,69 @@ async fn an_undecodable_frame_closes_the_connection() {
     let after = client.ping(2).await;
     assert!(matches!(after, Err(ClientError::Closed)), "{after:?}");
 }
+
+/// A dead letter its dead-letter topic refuses (too large for its
+/// segments) holds back no other: the others are handed off, and the
+/// refusal names the source offset of the one left pending. Before, the
+/// whole batch failed, every time it came due, with an error that counted
+/// the message within the batch ("message 0").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_dead_letter_holds_back_no_other() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "dlq").await.expect("connect");
+    let small_segments = pb::TopicConfig {
+        segment_bytes: Some(1024),
+        ..Default::default()
+    };
+    client
+        .create_topic("t.dlq", small_segments)
+        .await
+        .expect("dead-letter topic");
+    let config = pb::TopicConfig {
+        max_deliveries: Some(1),
+        ack_timeout_ms: Some(50),
+        ..Default::default()
+    };
+    client.create_topic("t", config).await.expect("topic");
+    let mut batch = vec![NewMessage::from_value(vec![7u8; 2000])];
+    batch.extend((1..4).map(|i| NewMessage::from_value(value(i))));
+    client.produce("t", batch).await.expect("produce");
+    client
+        .create_group("t", "q", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let queue = || FetchOptions {
+        group: Some("q".into()),
+        member: "m".into(),
+        max_messages: 10,
+        ..Default::default()
+    };
+    let first = client.fetch("t", queue()).await.expect("first deliveries");
+    assert_eq!(first.messages.len(), 4);
+    // Every lease runs out: all four are due as dead letters.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = client
+        .fetch("t", queue())
+        .await
+        .expect_err("only the refused letter is left, and nothing to lease");
+    assert_eq!(refused.code(), Some(pb::Code::InvalidArgument), "{refused}");
+    assert!(
+        refused.to_string().contains("offset 0"),
+        "names the source offset: {refused}"
+    );
+    let letters = replay_all(&client, "t.dlq").await;
+    let sources: Vec<String> = letters
+        .iter()
+        .filter_map(|r| {
+            r.message
+                .headers
+                .iter()
+                .find(|h| h.name == "spool-dlq-offset")
+                .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        })
+        .collect();
+    assert_eq!(sources, ["1", "2", "3"], "the others went through");
+    let group = client.describe_group("t", "q").await.expect("group");
+    assert_eq!(group.lag, 1, "the refused one stays pending: {group:?}");
+}

@@ -980,7 +980,10 @@ impl Broker {
     /// Hands dead letters of `source`'s queue group `group` to its
     /// dead-letter topic (created if missing, again if deleted meanwhile)
     /// through that topic's writer, makes them durable, and only then
-    /// completes them in the group.
+    /// completes them in the group. A batch the dead-letter topic refuses
+    /// (one letter too large for it) is handed off letter by letter, so one
+    /// refused letter holds back no other; the error names the source
+    /// offset of the first refused one, which stays pending.
     async fn dead_letter(
         &self,
         source: Arc<Topic>,
@@ -990,35 +993,66 @@ impl Broker {
         let name = source.config().dead_letter_topic(source.name());
         let offsets: Vec<Offset> = letters.iter().map(|d| d.offset).collect();
         let messages: Vec<NewMessage> = letters.into_iter().map(|d| d.message).collect();
+        let (handed, refused) = match self.append_dead_letters(&name, messages.clone()).await {
+            Ok(()) => (offsets, None),
+            Err(e) if offsets.len() == 1 => (Vec::new(), Some((offsets[0], e))),
+            Err(_) => {
+                let mut handed = Vec::new();
+                let mut refused = None;
+                for (offset, message) in offsets.into_iter().zip(messages) {
+                    match self.append_dead_letters(&name, vec![message]).await {
+                        Ok(()) => handed.push(offset),
+                        Err(e) => {
+                            refused.get_or_insert((offset, e));
+                        }
+                    }
+                }
+                (handed, refused)
+            }
+        };
+        let count = handed.len();
+        if count > 0 {
+            let (s, g) = (Arc::clone(&source), group.to_owned());
+            blocking(move || s.complete_dead_letters(&g, &handed)).await?;
+            self.inner
+                .metrics
+                .dead_lettered(source.name(), group, count as u64);
+            tracing::warn!(
+                topic = source.name(),
+                group,
+                count,
+                dlq = %name,
+                "dead-lettered messages"
+            );
+        }
+        match refused {
+            None => Ok(()),
+            Some((offset, Error::InvalidArgument(why))) => Err(Error::InvalidArgument(format!(
+                "dead letter of offset {offset} (group {group} of topic {}) refused by topic {name}: {why}",
+                source.name()
+            ))),
+            Some((_, e)) => Err(e),
+        }
+    }
+
+    /// Appends `messages` to dead-letter topic `name` (created if missing,
+    /// again if deleted meanwhile) and makes them durable.
+    async fn append_dead_letters(&self, name: &str, messages: Vec<NewMessage>) -> Result<()> {
         let mut attempts = 0;
         loop {
-            let dlq = self.existing_or_create(&name, true).await?;
+            let dlq = self.existing_or_create(name, true).await?;
             match dlq.produce(messages.clone()).await {
                 Ok(appended) => {
                     if appended.durability != Durability::Durable {
                         let t = Arc::clone(dlq.topic());
                         blocking(move || t.sync_log()).await?;
                     }
-                    break;
+                    return Ok(());
                 }
                 Err(Error::TopicNotFound(_)) if attempts < 3 => attempts += 1,
                 Err(e) => return Err(e),
             }
         }
-        let count = offsets.len();
-        let (s, g) = (Arc::clone(&source), group.to_owned());
-        blocking(move || s.complete_dead_letters(&g, &offsets)).await?;
-        self.inner
-            .metrics
-            .dead_lettered(source.name(), group, count as u64);
-        tracing::warn!(
-            topic = source.name(),
-            group,
-            count,
-            dlq = %name,
-            "dead-lettered messages"
-        );
-        Ok(())
     }
 
     /// Reads `request` (see [`FetchRequest`]); with nothing to read, waits
