@@ -764,13 +764,21 @@ fn a_member_extends_and_gives_back_only_the_leases_it_holds() {
     assert_eq!(leased("b", later), [(1, 2), (2, 2), (3, 1)]);
     assert_eq!(
         topic
-            .release_leases("pool", "a", &as_offsets(&[0, 1, 2]))
+            .release_leases("pool", "a", &[(0, 1), (1, 1), (2, 1)])
             .expect("release"),
         1
     );
+    // Another consumer under b's name that was handed delivery 1 of 1
+    // leaves: delivery 2, b's now, stays (two streams of one member name).
     assert_eq!(
         topic
-            .release_leases("pool", "b", &as_offsets(&[2]))
+            .release_leases("pool", "b", &[(1, 1)])
+            .expect("release"),
+        0
+    );
+    assert_eq!(
+        topic
+            .release_leases("pool", "b", &[(2, 2)])
             .expect("release"),
         1
     );

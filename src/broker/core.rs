@@ -285,8 +285,9 @@ impl Drop for Leased {
 
 /// Which leases of a member [`Broker::release`] gives back.
 enum Release {
-    /// Those on these offsets.
-    Offsets(Vec<Offset>),
+    /// Those of deliveries made: (offset, delivery) pairs, each given back
+    /// only if still that delivery's lease.
+    Delivered(Vec<(u64, u32)>),
     /// All of them.
     All,
     /// Those of a read nobody took: (offset, delivery) pairs, each given
@@ -1214,17 +1215,19 @@ impl Broker {
         blocking(move || t.extend_leases(&group, &member, &offsets, ack_timeout_ms)).await
     }
 
-    /// Gives back, deliverable at once, the leases `member` still holds on
-    /// `offsets` in queue group `group` (a consumer leaving); returns how
-    /// many were given back.
+    /// Gives back, deliverable at once, the leases `member` still holds in
+    /// queue group `group` from the deliveries `leased` names, `(offset,
+    /// delivery)` each (a consumer leaving: one that ran out and was leased
+    /// again, even to the same member name, is another consumer's); returns
+    /// how many were given back.
     pub async fn release_leases(
         &self,
         topic: &str,
         group: &str,
         member: &str,
-        offsets: Vec<Offset>,
+        leased: Vec<(u64, u32)>,
     ) -> Result<usize> {
-        self.release(topic, group, member, Release::Offsets(offsets))
+        self.release(topic, group, member, Release::Delivered(leased))
             .await
     }
 
@@ -1246,7 +1249,7 @@ impl Broker {
         let t = Arc::clone(runtime.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
         let released = blocking(move || match &which {
-            Release::Offsets(offsets) => t.release_leases(&group, &member, offsets),
+            Release::Delivered(leased) => t.release_leases(&group, &member, leased),
             Release::All => t.release_member(&group, &member),
             Release::Unread(leased) => t.release_unread(&group, &member, leased),
         })

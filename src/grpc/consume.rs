@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::protocol::{convert, pb, status};
 use crate::security::auth::{Access, Operation, Principal};
 use futures_util::StreamExt;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
@@ -41,7 +41,7 @@ pub(super) struct Consuming {
     /// For statuses: paths relative to the data directory.
     pub(super) data_dir: PathBuf,
     /// Delivered on this stream, neither acked nor nacked by it.
-    pub(super) held: BTreeSet<u64>,
+    pub(super) held: BTreeMap<u64, u32>,
     /// Who opened the stream, asked before each delivery.
     pub(super) principal: Principal,
 }
@@ -86,10 +86,10 @@ impl Consuming {
                         // one delivery replaces the other, so the credit the
                         // new one took comes back now.
                         let again: std::collections::BTreeSet<u64> = m
-                            .offsets()
-                            .into_iter()
-                            .map(|o| o.0)
-                            .filter(|&o| !self.held.insert(o))
+                            .iter()
+                            .map(|d| (d.offset(), d.delivery()))
+                            .filter(|&(o, delivery)| self.held.insert(o, delivery).is_some())
+                            .map(|(o, _)| o)
                             .collect();
                         if !again.is_empty() {
                             self.credit.give(again.len());
@@ -241,7 +241,10 @@ impl Consuming {
     /// `offsets` acked or nacked: the ones this stream held no longer are,
     /// and their credit comes back.
     fn returned(&mut self, offsets: &[u64]) {
-        let n = offsets.iter().filter(|o| self.held.remove(o)).count();
+        let n = offsets
+            .iter()
+            .filter(|o| self.held.remove(o).is_some())
+            .count();
         self.credit.give(n);
     }
 
@@ -251,11 +254,11 @@ impl Consuming {
         if self.held.is_empty() {
             return;
         }
-        let offsets = convert::offsets(std::mem::take(&mut self.held).into_iter().collect());
-        let count = offsets.len();
+        let leased: Vec<(u64, u32)> = std::mem::take(&mut self.held).into_iter().collect();
+        let count = leased.len();
         match self
             .broker
-            .release_leases(&self.topic, &self.group, &self.member, offsets)
+            .release_leases(&self.topic, &self.group, &self.member, leased)
             .await
         {
             Ok(released) => tracing::debug!(

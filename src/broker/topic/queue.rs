@@ -350,13 +350,20 @@ impl Topic {
         })
     }
 
-    /// Queue group: gives back, due at once, the leases `member` still
-    /// holds on `offsets` (a consumer that leaves); an offset whose lease
-    /// expired and went to another member stays with that member. Returns
-    /// how many were given back.
-    pub fn release_leases(&self, group: &str, member: &str, offsets: &[Offset]) -> Result<usize> {
-        let which: Vec<(u64, Option<u32>)> = offsets.iter().map(|o| (o.0, None)).collect();
-        self.release_where(group, member, Some(&which))
+    /// Queue group: gives back, due at once, the leases of deliveries
+    /// `member` was handed (a consumer that leaves): each `(offset,
+    /// delivery)` only while `member` holds that delivery's lease (one that
+    /// expired and was leased again, to another member or under the same
+    /// member name, stays with whoever has it now). Returns how many were
+    /// given back.
+    pub fn release_leases(
+        &self,
+        group: &str,
+        member: &str,
+        leased: &[(u64, u32)],
+    ) -> Result<usize> {
+        let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
+        self.release_where(group, member, Some(&which), false)
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
@@ -372,22 +379,25 @@ impl Topic {
         leased: &[(u64, u32)],
     ) -> Result<usize> {
         let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
-        self.release_where(group, member, Some(&which))
+        self.release_where(group, member, Some(&which), true)
     }
 
     /// Queue group: gives back, due at once, every lease `member` holds (a
     /// consumer gone, whatever it was handed). Returns how many.
     pub fn release_member(&self, group: &str, member: &str) -> Result<usize> {
-        self.release_where(group, member, None)
+        self.release_where(group, member, None, false)
     }
 
     /// Gives back the leases `member` holds on `which` (each offset, and
-    /// the delivery its lease must be, if given), or all of them.
+    /// the delivery its lease must be, if given), or all of them; with
+    /// `never_sent`, those deliveries are taken back too (see
+    /// [`Group::undeliver`]).
     fn release_where(
         &self,
         group: &str,
         member: &str,
         which: Option<&[(u64, Option<u32>)]>,
+        never_sent: bool,
     ) -> Result<usize> {
         let _pass = self.enter()?;
         let now = now_ms();
@@ -407,7 +417,7 @@ impl Topic {
                 }
                 released += 1;
                 // An unread read's delivery never left the broker.
-                if let Some(d) = delivery {
+                if let Some(d) = delivery.filter(|_| never_sent) {
                     match g.undeliver(o, d) {
                         Ok(()) => uncounted = true,
                         Err(e) => tracing::warn!(topic = self.name(), group = g.name(), offset = o, error = %e,
