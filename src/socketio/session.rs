@@ -1359,9 +1359,18 @@ async fn pump_room(out: Out, room: String, from: u64) -> bool {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    let e = Error::TopicNotFound(format!("room {room} ended: its topic is gone"));
-                    out.emit("error", vec![fail(&e)]).await;
-                    return true;
+                    // The feed ended: its topic deleted, the broker
+                    // stopping (the room and its position stay, for a
+                    // recovery), or a failed read. A new feed says which,
+                    // or carries on from `next`.
+                    feed = match gateway.feed(&room).await {
+                        Ok(rx) => rx,
+                        Err(e) => {
+                            out.emit("error", vec![fail(&e)]).await;
+                            return for_good(&e);
+                        }
+                    };
+                    break;
                 }
             }
         }

@@ -78,6 +78,7 @@ export function spool(...args) {
 /// start-up lines.
 export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
   const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--metrics", "127.0.0.1:0", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
+  started.push(proc);
   return new Promise((resolve, reject) => {
     let out = "";
     proc.stdout.on("data", (chunk) => {
@@ -94,12 +95,21 @@ export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
 /// Kills `broker` with SIGKILL and waits until the process is gone, so its
 /// data-directory lock and listening address are free for a restart.
 export async function kill9(broker) {
+  await stopWith(broker, "SIGKILL");
+}
+
+/// Stops `broker` with `signal` and waits until its process is gone.
+export async function stopWith(broker, signal) {
   const proc = broker.proc;
   if (proc.exitCode !== null || proc.signalCode !== null) return;
   const gone = new Promise((resolve) => proc.once("exit", resolve));
-  proc.kill("SIGKILL");
+  proc.kill(signal);
   await gone;
 }
+
+/// Brokers `startBroker` started: a failing test kills those still
+/// running, which would otherwise hold the test runner's output open.
+const started = [];
 
 /// Runs the named test functions in order, printing each; exits non-zero
 /// on the first failure.
@@ -111,6 +121,7 @@ export async function run(tests) {
       console.log(`ok   ${name} (${Date.now() - started} ms)`);
     } catch (e) {
       console.error(`FAIL ${name}: ${e.stack || e}`);
+      for (const proc of started) proc.kill("SIGKILL");
       process.exit(1);
     }
   }
