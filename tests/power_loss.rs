@@ -2558,3 +2558,60 @@ fn a_queue_group_passes_the_offsets_compaction_removed() {
         "the group got everything there is ({got:?}) but its low watermark stopped"
     );
 }
+
+#[test]
+fn a_segment_sealed_while_out_of_descriptors_leaves_the_log_writable() {
+    // A roll creates the next segment (and syncs the folder), then seals
+    // the full one, whose last step synced the folder again. Out of
+    // descriptors at that step (the folder cannot be opened for its sync),
+    // the seal failed and the log turned read-only until a restart, over a
+    // shortage that passes and a folder whose new entry was synced already.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    let dir = std::path::Path::new(ROOT).join("topics/t");
+    let first = dir.join(format!("{:020}.log", 0));
+    let weak = Arc::downgrade(&disk);
+    let hit = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&hit);
+    let dir_of_hook = dir.clone();
+    disk.set_hook(Some(Arc::new(move |op, path| {
+        // The seal's sync of the full segment comes once the next one
+        // exists; the folder's sync follows it.
+        let Some(disk) = weak.upgrade() else { return };
+        let logs = disk.list_dir(&dir_of_hook).map_or(0, |names| {
+            names.iter().filter(|n| n.ends_with(".log")).count()
+        });
+        if op == SimOp::SyncData && path == first && logs > 1 && !seen.swap(true, Ordering::SeqCst)
+        {
+            disk.set_fault(SimFault::OutOfFiles, true);
+        }
+    })));
+    let mut acked = Vec::new();
+    let mut i = 0u8;
+    while !hit.load(Ordering::SeqCst) {
+        let value = vec![i; 100];
+        t.produce(&[NewMessage::from_value(value.clone())])
+            .expect("produce, across the roll");
+        acked.push(Bytes::from(value));
+        i += 1;
+        assert!(i < 100, "no roll happened");
+    }
+    disk.set_hook(None);
+    disk.set_fault(SimFault::OutOfFiles, false);
+    for _ in 0..20 {
+        let value = vec![i; 100];
+        t.produce(&[NewMessage::from_value(value.clone())])
+            .expect("produce after the shortage");
+        acked.push(Bytes::from(value));
+        i += 1;
+    }
+    assert!(!t.log().is_read_only());
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("reopen");
+    let t = reg.topic("t").expect("topic");
+    let got: Vec<Bytes> = values(&t).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got, acked, "every acknowledged message");
+}

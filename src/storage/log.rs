@@ -1189,9 +1189,18 @@ impl Log {
         a.file
             .sync_data()
             .ctx(|| format!("syncing sealed {}", log.display()))?;
-        self.storage
-            .sync_dir(&self.dir)
-            .ctx(|| format!("syncing {}", self.dir.display()))?;
+        // Only the index's entry is new in the folder since the next
+        // segment's creation synced it, and the index is a hint: a folder
+        // that cannot even be opened for its sync (out of descriptors, a
+        // shortage that passes) must not fail the seal, which would leave
+        // the log read-only until a restart.
+        if let Err(e) = self.storage.sync_dir(&self.dir) {
+            if !crate::error::is_out_of_files(&e) {
+                return Err(Error::io(format!("syncing {}", self.dir.display()), e));
+            }
+            tracing::warn!(dir = %self.dir.display(), error = %e,
+                "could not sync the topic folder after sealing a segment; only its index entry waits for the next sync");
+        }
         let map = a
             .file
             .map_read()

@@ -29,6 +29,10 @@ pub enum SimFault {
     SyncError,
     /// Every allocation or extending write fails with ENOSPC.
     NoSpace,
+    /// Every open of a file and every directory sync (which opens the
+    /// directory) fails with EMFILE: the process is out of descriptors.
+    /// Files already open are unaffected.
+    OutOfFiles,
 }
 
 /// An operation a [`SimDisk::set_hook`] hook runs before.
@@ -79,6 +83,7 @@ struct SimState {
     capacity: Option<u64>,
     sync_error: bool,
     no_space: bool,
+    out_of_files: bool,
     syncs: u64,
     /// After this many syncs the power is off: every later call fails.
     power_off_after: Option<u64>,
@@ -114,6 +119,15 @@ impl SimState {
         }
         if self.power_off_after.is_some_and(|n| self.syncs >= n) {
             return Err(eio("simulated power loss"));
+        }
+        Ok(())
+    }
+
+    fn check_files(&self) -> io::Result<()> {
+        if self.out_of_files {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::MFILE.raw_os_error(),
+            ));
         }
         Ok(())
     }
@@ -247,6 +261,7 @@ impl SimDisk {
         match fault {
             SimFault::SyncError => state.sync_error = on,
             SimFault::NoSpace => state.no_space = on,
+            SimFault::OutOfFiles => state.out_of_files = on,
         }
     }
 
@@ -388,6 +403,7 @@ impl Storage for SimDisk {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
+        state.check_files()?;
         if !state.dirs.contains(&parent(path)) {
             return Err(not_found(&parent(path)));
         }
@@ -450,6 +466,7 @@ impl Storage for SimDisk {
         self.run_hook(SimOp::SyncDir, dir);
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
+        state.check_files()?;
         state.count_sync()?;
         let live_children: Vec<(PathBuf, u64)> = state
             .live
