@@ -2615,3 +2615,36 @@ fn a_segment_sealed_while_out_of_descriptors_leaves_the_log_writable() {
     let got: Vec<Bytes> = values(&t).into_iter().map(|(_, v)| v).collect();
     assert_eq!(got, acked, "every acknowledged message");
 }
+
+#[test]
+fn an_idle_topic_closes_while_out_of_descriptors_and_keeps_everything() {
+    // Closing an idle topic writes its clean checkpoint, which takes a new
+    // descriptor. Out of them, the close was put off, so once the process
+    // ran out no topic could close to free any, and every other topic was
+    // refused until a client connection went. It now closes without the
+    // clean checkpoint, and its next open recovers it.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    let mut acked = Vec::new();
+    for i in 0..30u8 {
+        let value = Bytes::from(vec![i; 100]);
+        t.produce(&[NewMessage::from_value(value.clone())])
+            .expect("produce");
+        acked.push(value);
+    }
+    drop(t);
+    disk.set_fault(SimFault::OutOfFiles, true);
+    assert!(reg.close_unused("t"), "closed, descriptors and all");
+    disk.set_fault(SimFault::OutOfFiles, false);
+    let t = reg.topic("t").expect("opens again");
+    let got: Vec<Bytes> = values(&t).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got, acked);
+    drop(t);
+    drop(reg);
+    disk.power_cut(None);
+    let reg = open_registry(&disk).expect("reopen");
+    let t = reg.topic("t").expect("topic");
+    let got: Vec<Bytes> = values(&t).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(got, acked, "after a power cut too");
+}

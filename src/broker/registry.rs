@@ -588,10 +588,13 @@ impl Registry {
         match topic.stop() {
             Ok(()) => {}
             // Out of descriptors or memory for the checkpoint's temp file:
-            // stays open, and the next pass tries again.
+            // what it holds is synced, and closing it is what frees them
+            // (keeping it open until the checkpoint can be written kept
+            // every topic open once the process ran out). Its next open
+            // recovers it.
             Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
-                tracing::debug!(topic = name, error = %e, "closing an idle topic later");
-                return false;
+                tracing::warn!(topic = name, error = %e,
+                    "closing an idle topic without its clean checkpoint; its next open recovers it");
             }
             Err(e) => {
                 tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync or clean checkpoint failed; its next open recovers it");
