@@ -36,6 +36,7 @@ use admission::Admission;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -175,16 +176,36 @@ pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 /// How long a listener waits after a failed accept before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
+/// At most one log line about failed accepts per this long.
+const ACCEPT_LOG_EVERY_MS: u64 = 10_000;
+/// Failed accepts since the last line about them, and when that was (ms
+/// since the Unix epoch), over every listener.
+static ACCEPT_FAILURES: AtomicU64 = AtomicU64::new(0);
+static ACCEPT_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+
 /// The next connection on `listener` (named `name` in logs), for every
 /// listener of the server. A failed accept (out of descriptors, a peer
-/// gone before it was taken) is logged and retried after [`ACCEPT_RETRY`]:
-/// no single failure stops a listener. Cancel-safe, as a `select!` branch.
+/// gone before it was taken) is retried after [`ACCEPT_RETRY`], so no
+/// single failure stops a listener, and logged at most once per 10 s with
+/// how many failed since (out of descriptors, each retry fails again).
+/// Cancel-safe, as a `select!` branch.
 pub(crate) async fn accept(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
             Err(e) => {
-                tracing::warn!(listener = name, error = %e, "accept failed");
+                ACCEPT_FAILURES.fetch_add(1, Ordering::Relaxed);
+                let now = crate::storage::log::now_ms();
+                let last = ACCEPT_LOGGED_MS.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= ACCEPT_LOG_EVERY_MS
+                    && ACCEPT_LOGGED_MS
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    let failures = ACCEPT_FAILURES.swap(0, Ordering::Relaxed);
+                    tracing::warn!(listener = name, error = %e, failures,
+                        "accept failed (failures: how many since the last such line; at most one per 10 s)");
+                }
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
