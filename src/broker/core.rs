@@ -1289,8 +1289,13 @@ impl Broker {
             })
             .await?;
         let info = TopicInfo::of(&topic);
-        self.runtime_of(topic)?;
-        self.topic_event(TopicEvent::Created(name.to_owned()));
+        match self.runtime_of(topic) {
+            Ok(_) => self.topic_event(TopicEvent::Created(name.to_owned())),
+            // A delete that raced this create came after it and is done
+            // (its watchers heard of it): the create still took place.
+            Err(Error::TopicNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
         Ok(info)
     }
 
