@@ -584,3 +584,55 @@ fn a_second_broker_on_the_same_data_directory_names_the_lock_holder() {
     let listed = spool(&first.addr, &["topic", "list"], None);
     assert!(listed.status.success(), "{}", stderr(&listed));
 }
+
+/// `consume --group` into a pipe that closes acknowledges or commits
+/// exactly what the pipe took, gives a queue group the rest back at once,
+/// and says so. Before, the first failed write ended the command with the
+/// whole batch leased for `ack_timeout_ms` (or the stream group's commit
+/// left behind what was printed), and the message named nothing done.
+#[test]
+fn consume_into_a_closed_pipe_settles_exactly_what_it_took() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let made = spool(&broker.addr, &["produce", "t"], Some("a\nb\nc\nd\ne\n"));
+    assert!(made.status.success(), "{}", stderr(&made));
+    // A pipe closed before the first line: nothing taken.
+    for (mode, said) in [
+        ("queue", "acknowledged the 0 message(s)"),
+        ("stream", "left where it was"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["consume", "t", "--group", mode, "--mode", mode])
+            .env("SPOOL_SERVER", &broker.addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("Broken pipe") && err.contains(said),
+            "{mode}: {err}"
+        );
+        let group = group_json(&broker.addr, "t", mode);
+        assert_eq!(group["committed"], 0, "{mode}: {group}");
+        assert_eq!(group["pending"], 0, "{mode}: nothing left leased: {group}");
+    }
+    // `| head -1`: the pipe takes at least the first line; whatever it took
+    // is acknowledged, the rest is not leased.
+    let bin = bin_dir();
+    let out = shell(
+        bin.path(),
+        &broker.addr,
+        "spool consume t --group q --mode queue | head -1",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\n");
+    let group = group_json(&broker.addr, "t", "q");
+    let committed = group["committed"].as_u64().expect("committed");
+    assert!(committed >= 1, "{group}");
+    assert_eq!(group["pending"], 0, "{group}");
+    assert_eq!(group["lag"].as_u64(), Some(5 - committed), "{group}");
+}

@@ -141,32 +141,75 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                 }
                 checked = true;
             }
+            // A group's reader writes each message out on its own, so that
+            // when stdout fails (a closed pipe) exactly what it took is
+            // acknowledged or committed.
             let mut out = stdout.lock();
+            let mut taken = 0;
+            let mut failed = None;
             for r in &fetched.messages {
-                print_message(&mut out, r, args.format)
-                    .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
+                let wrote = print_message(&mut out, r, args.format).and_then(|()| {
+                    if args.group.is_some() {
+                        out.flush()
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = wrote {
+                    failed = Some(e);
+                    break;
+                }
+                taken += 1;
             }
-            out.flush()
-                .map_err(|e| CliError::runtime(format!("writing stdout: {e}")))?;
+            if failed.is_none()
+                && let Err(e) = out.flush()
+            {
+                failed = Some(e);
+            }
             drop(out);
-            printed += fetched.messages.len() as u64;
-            let offsets: Vec<u64> = fetched
-                .messages
-                .iter()
-                .map(|r| r.message.offset.0)
-                .collect();
-            match (&args.group, args.mode) {
+            let all = failed.is_none();
+            let taken = &fetched.messages[..taken];
+            printed += taken.len() as u64;
+            let offsets: Vec<u64> = taken.iter().map(|r| r.message.offset.0).collect();
+            let done = match (&args.group, args.mode) {
                 (Some(group), Mode::Queue) if !args.no_ack => {
-                    client.ack(&args.topic, group, &offsets, None).await?;
+                    if !offsets.is_empty() {
+                        client.ack(&args.topic, group, &offsets, None).await?;
+                    }
+                    // What stdout did not take goes back at once.
+                    let rest: Vec<u64> = fetched.messages[offsets.len()..]
+                        .iter()
+                        .map(|r| r.message.offset.0)
+                        .collect();
+                    if !rest.is_empty() {
+                        client.nack(&args.topic, group, &rest, 0, None).await?;
+                    }
+                    format!("acknowledged the {} message(s) it took", offsets.len())
                 }
                 (Some(group), Mode::Stream) => {
-                    client
-                        .commit(&args.topic, group, fetched.next_offset)
-                        .await?;
-                    position = Some(Position::Offset(fetched.next_offset));
+                    // All of them: past deleted offsets too.
+                    let next = match (all, offsets.last()) {
+                        (true, _) => Some(fetched.next_offset),
+                        (false, Some(last)) => Some(last + 1),
+                        (false, None) => None,
+                    };
+                    if let Some(next) = next {
+                        client.commit(&args.topic, group, next).await?;
+                        position = Some(Position::Offset(next));
+                    }
+                    match next {
+                        Some(next) => format!("committed group {group} at offset {next}"),
+                        None => format!("group {group} left where it was"),
+                    }
                 }
-                (None, _) => position = Some(Position::Offset(fetched.next_offset)),
-                _ => {}
+                (None, _) => {
+                    position = Some(Position::Offset(fetched.next_offset));
+                    format!("printed {printed} message(s)")
+                }
+                _ => format!("printed {printed} message(s), acknowledging none (--no-ack)"),
+            };
+            if let Some(e) = failed {
+                return Err(CliError::runtime(format!("writing stdout: {e}; {done}")));
             }
         }
     })
