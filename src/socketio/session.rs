@@ -1436,7 +1436,7 @@ async fn pump_queue(
             }
             Err(e) => {
                 if out.may_push(&room, Some(&group)).await {
-                    let message = format!("room {room}: {e}");
+                    let message = format!("room {room}, queue group {group}: {e}");
                     let err = codec::error_value(codec::code_name(&e), &message);
                     out.emit("error", vec![err]).await;
                 }

@@ -35,6 +35,20 @@ await run({
     for (const s of [p, a, b]) s.close();
   },
 
+  async "a queue group deleted under a member ends its pushes with an error naming the group"() {
+    const r = room("gone");
+    const [p, a] = [await connect(), await connect()];
+    await ok(a, "subscribe", { room: r, group: "workers", mode: "queue" });
+    const errors = collect(a, "error");
+    await ok(p, "publish", { room: r, data: 1 });
+    spool("group", "delete", r, "workers");
+    await ok(p, "publish", { room: r, data: 2 });
+    await until(() => errors.length > 0, "an error event");
+    const message = JSON.stringify(errors[0].data);
+    assert.ok(message.includes(`room ${r}, queue group workers:`) && message.includes("NOT_FOUND"), message);
+    for (const s of [p, a]) s.close();
+  },
+
   async "a message not acked within ack_timeout_ms is delivered again"() {
     const r = room("retry");
     spool("topic", "create", r, "--ack-timeout-ms", "1000");
