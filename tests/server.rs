@@ -1368,3 +1368,77 @@ async fn one_refused_dead_letter_holds_back_no_other() {
     let group = client.describe_group("t", "q").await.expect("group");
     assert_eq!(group.lag, 1, "the refused one stays pending: {group:?}");
 }
+
+/// A subscription whose group is deleted and created again under the same
+/// name ends with `NOT_FOUND` at its next read: the new group is another
+/// group, which starts fresh. Before, a subscription with no credit at the
+/// delete went on reading from the new group once credit came back, taking
+/// its messages from the consumers of the new group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_does_not_read_a_group_created_again_under_its_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "old").await.expect("connect");
+    client
+        .produce(
+            "t",
+            (0..3).map(|i| NewMessage::from_value(value(i))).collect(),
+        )
+        .await
+        .expect("produce");
+    for mode in [GroupMode::Queue, GroupMode::Stream] {
+        let group = format!("{mode:?}");
+        client
+            .create_group("t", &group, mode, None)
+            .await
+            .expect("group");
+        // A window of 3: all three delivered, no credit left.
+        let mut sub = client
+            .subscribe("t", Some(&group), "m", None, 3)
+            .await
+            .expect("subscribe");
+        let mut got = 0;
+        while got < 3 {
+            let item = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .expect("deliveries in time")
+                .expect("open");
+            item.expect("a delivery");
+            got += 1;
+        }
+        client.delete_group("t", &group).await.expect("delete");
+        client
+            .create_group("t", &group, mode, None)
+            .await
+            .expect("the name again");
+        // Credit back, without acking anything.
+        client
+            .ack("t", "", &[0, 1, 2], Some(sub.id()))
+            .await
+            .expect("credit");
+        let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("the end in time");
+        assert!(
+            matches!(&end, Some(Err(e)) if e.code() == Some(pb::Code::NotFound)),
+            "{mode:?}: {end:?}"
+        );
+        let fresh = client
+            .fetch(
+                "t",
+                FetchOptions {
+                    group: Some(group.clone()),
+                    member: "new".into(),
+                    max_messages: 10,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("fetch");
+        assert_eq!(
+            fresh.messages.len(),
+            3,
+            "{mode:?}: the new group has them all"
+        );
+    }
+}

@@ -1120,6 +1120,10 @@ impl Broker {
         // committed offset.
         let from = request.from.filter(|_| request.group.is_none());
         let (target, start) = Self::target_and_start(&t, request.group, from).await?;
+        let group = match &target {
+            Target::Stream(name) | Target::Queue(name) => Some(t.group_identity(name)?),
+            Target::Replay => None,
+        };
         Ok(Subscription::new(
             self.clone(),
             runtime,
@@ -1127,6 +1131,7 @@ impl Broker {
                 target,
                 position: start,
                 member: request.member,
+                group,
             },
             request.max_in_flight,
             request.limits,

@@ -41,6 +41,10 @@ pub(super) struct Reader {
     pub(super) position: Offset,
     /// Member name: queue leases and group liveness.
     pub(super) member: String,
+    /// The group read, as it was when the subscription started: one
+    /// deleted and created again under its name is another group, and the
+    /// subscription ends.
+    pub(super) group: Option<super::topic::GroupIdentity>,
 }
 
 /// What a subscription hands out next.
@@ -163,6 +167,16 @@ impl Subscription {
             drop(permit);
             let room = credits.available_permits().min(self.limits.messages);
             self.changes.borrow_and_update();
+            if let (Target::Stream(name) | Target::Queue(name), Some(group)) =
+                (&self.reader.target, &self.reader.group)
+                && !self.runtime.topic().is_group(name, group)
+            {
+                self.ended = true;
+                return Some(Err(Error::GroupNotFound(format!(
+                    "group {name} of topic {} was deleted",
+                    self.runtime.topic().name()
+                ))));
+            }
             let limits = DeliveryLimits {
                 messages: room,
                 ..self.limits

@@ -152,6 +152,12 @@ pub struct QueueFetch {
     pub dead_letters: Vec<DeadLetter>,
 }
 
+/// One group of a topic as it was when taken (see
+/// [`Topic::group_identity`]); weak, so it keeps nothing of a deleted group
+/// but its allocation, whose address no later group can take.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupIdentity(std::sync::Weak<Mutex<Group>>);
+
 /// A topic's groups by name, each behind a lock of its own, so one group's
 /// requests never wait for another's.
 type Groups = BTreeMap<String, Arc<Mutex<Group>>>;
@@ -449,6 +455,21 @@ impl Topic {
                 self.name
             ))
         })
+    }
+
+    /// What tells group `name` as it is now from a group created under the
+    /// same name after it was deleted (see [`Topic::is_group`]).
+    pub(crate) fn group_identity(&self, name: &str) -> Result<GroupIdentity> {
+        let groups = self.groups();
+        Ok(GroupIdentity(Arc::downgrade(&self.group(&groups, name)?)))
+    }
+
+    /// Whether group `name` is still the one `identity` was taken from
+    /// (not deleted, nor deleted and created again).
+    pub(crate) fn is_group(&self, name: &str, identity: &GroupIdentity) -> bool {
+        self.groups()
+            .get(name)
+            .is_some_and(|g| std::ptr::eq(Arc::as_ptr(g), identity.0.as_ptr()))
     }
 
     /// Runs `f` on the group `name` under its lock.
