@@ -1442,3 +1442,101 @@ async fn a_subscription_does_not_read_a_group_created_again_under_its_name() {
         );
     }
 }
+
+/// A fake server that answers pings and nothing else (every other request
+/// waits, as on a broker whose disk stalls). Returns its address.
+async fn ping_only_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            return;
+        };
+        let mut first = true;
+        loop {
+            let mut head = [0u8; 5];
+            if socket.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len];
+            if socket.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let reply = if first {
+                first = false;
+                Some(pb::ServerFrame {
+                    kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
+                        server_version: "fake".into(),
+                        protocol_version: 1,
+                        max_frame_bytes: 1 << 20,
+                        max_message_bytes: 1 << 16,
+                        idle_timeout_ms: 0,
+                        ..Default::default()
+                    })),
+                })
+            } else {
+                match pb::ClientFrame::decode(&body[..]) {
+                    Ok(pb::ClientFrame {
+                        request_id,
+                        request: Some(pb::client_frame::Request::Ping(p)),
+                    }) => Some(pb::ServerFrame {
+                        kind: Some(pb::server_frame::Kind::Response(pb::Response {
+                            request_id,
+                            result: Some(pb::response::Result::Ping(pb::PingResponse {
+                                nonce: p.nonce,
+                            })),
+                        })),
+                    }),
+                    _ => None,
+                }
+            };
+            if let Some(reply) = reply
+                && socket
+                    .write_all(&frame(&reply.encode_to_vec()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    addr
+}
+
+/// A client that keeps sending while its answers are slow is not taken as
+/// lost: it pings while an answer is due, and the server's answer to the
+/// ping shows the connection is alive. Before, it pinged only after a quiet
+/// spell, so a client sending more often than that heard nothing for
+/// `lost_after` and closed a healthy connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_client_with_slow_answers_is_not_taken_as_lost() {
+    let addr = ping_only_server().await;
+    let options = spool::client::ClientOptions {
+        lost_after: Some(Duration::from_millis(600)),
+        ..spool::client::ClientOptions::new("busy")
+    };
+    let client = std::sync::Arc::new(
+        Client::connect_with(&addr, &options)
+            .await
+            .expect("connect"),
+    );
+    // A request every 100 ms for 2 s, none of them answered.
+    let mut waiting = Vec::new();
+    for _ in 0..20 {
+        let c = std::sync::Arc::clone(&client);
+        waiting.push(tokio::spawn(async move { c.list_topics().await }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !client.is_closed(),
+        "a connection that answers pings is alive"
+    );
+    assert_eq!(client.ping(5).await.expect("ping"), 5);
+    for w in waiting {
+        w.abort();
+    }
+}

@@ -996,7 +996,11 @@ impl Broker {
         let messages: Vec<NewMessage> = letters.into_iter().map(|d| d.message).collect();
         let (handed, refused) = match self.append_dead_letters(&name, messages.clone()).await {
             Ok(()) => (offsets, None),
-            Err(e) if offsets.len() == 1 => (Vec::new(), Some((offsets[0], e))),
+            // Only a refusal (nothing written) is tried letter by letter:
+            // after any other failure part of the batch may be stored.
+            Err(e) if offsets.len() == 1 || !matches!(e, Error::InvalidArgument(_)) => {
+                (Vec::new(), Some((offsets[0], e)))
+            }
             Err(_) => {
                 let mut handed = Vec::new();
                 let mut refused = None;

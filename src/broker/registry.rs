@@ -593,6 +593,9 @@ impl Registry {
             // every topic open once the process ran out). Its next open
             // recovers it.
             Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
+                if topic.is_read_only() {
+                    return false;
+                }
                 tracing::warn!(topic = name, error = %e,
                     "closing an idle topic without its clean checkpoint; its next open recovers it");
             }

@@ -191,29 +191,36 @@ type Subscriptions = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Receive
 /// server reads it (requests in flight are served in any order).
 #[derive(Debug, Default)]
 struct Unsubscribing {
-    ids: Mutex<std::collections::HashSet<u64>>,
+    /// The ids, and whether the connection closed (then none is kept).
+    ids: Mutex<(std::collections::HashSet<u64>, bool)>,
     done: tokio::sync::Notify,
 }
 
 impl Unsubscribing {
     fn start(&self, request_id: u64) {
-        lock(&self.ids).insert(request_id);
+        let mut ids = lock(&self.ids);
+        if !ids.1 {
+            ids.0.insert(request_id);
+        }
     }
 
     /// Request `request_id` is answered (or will never be); whether it was
     /// an unsubscribe.
     fn finish(&self, request_id: u64) -> bool {
         let mut ids = lock(&self.ids);
-        let was = ids.remove(&request_id);
-        if was && ids.is_empty() {
+        let was = ids.0.remove(&request_id);
+        if was && ids.0.is_empty() {
             self.done.notify_waiters();
         }
         was
     }
 
-    /// The connection closed: nothing more will be answered.
+    /// The connection closed: nothing more will be answered, nor waited for.
     fn clear(&self) {
-        lock(&self.ids).clear();
+        let mut ids = lock(&self.ids);
+        ids.0.clear();
+        ids.1 = true;
+        drop(ids);
         self.done.notify_waiters();
     }
 
@@ -224,7 +231,7 @@ impl Unsubscribing {
             tokio::pin!(done);
             // Registered before the check, so a notify after it is not missed.
             done.as_mut().enable();
-            if lock(&self.ids).is_empty() {
+            if lock(&self.ids).0.is_empty() {
                 return;
             }
             done.await;
@@ -318,14 +325,22 @@ async fn keepalive(
     lost_after: Option<Duration>,
     lost: Arc<tokio::sync::Notify>,
 ) {
-    let tick = (every / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    // While an answer is due, a ping goes out at least this often, however
+    // busy the client is sending: its answer is what tells a slow server
+    // from a lost connection.
+    let probe = lost_after
+        .map_or(every, |limit| every.min(limit / 3))
+        .max(Duration::from_millis(1));
+    let tick = (probe / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
     // Since when a frame sent waits for any frame back (the last one
     // received then): a busy connection receives between ticks, a silent
     // one does not.
     let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+    let mut last_probe: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(tick).await;
         let received = activity.received.load(Ordering::Relaxed);
+        let mut due = false;
         if activity.sent.load(Ordering::Relaxed) > received {
             match waiting {
                 Some((heard, since)) if heard == received => {
@@ -333,14 +348,19 @@ async fn keepalive(
                         lost.notify_one();
                         return;
                     }
+                    due = since.elapsed() >= probe
+                        && last_probe.is_none_or(|at| at.elapsed() >= probe);
                 }
                 _ => waiting = Some((received, tokio::time::Instant::now())),
             }
         } else {
             waiting = None;
         }
-        if activity.quiet_for() < every {
+        if activity.quiet_for() < every && !due {
             continue;
+        }
+        if due {
+            last_probe = Some(tokio::time::Instant::now());
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ping = ClientOut::Frame(pb::ClientFrame {
@@ -433,7 +453,10 @@ pub struct ClientOptions {
     /// minutes). A server answers a ping at once, but a connection at its
     /// cap of requests in flight reads the ping only once one of them ends,
     /// and a long-poll may take 60 s: keep it above that when a client runs
-    /// that many long-polls at once.
+    /// that many long-polls at once. While an answer is due, the client
+    /// pings at least every third of this. Silence is counted in whole
+    /// frames: a single frame that takes longer than this to arrive (16 MiB
+    /// over a link slower than about 0.5 MB/s) is taken for silence too.
     pub lost_after: Option<Duration>,
 }
 

@@ -207,6 +207,8 @@ pub(super) async fn serve<S>(
     let mut revoked = conn.revoked.subscribe();
     let idle = shared.config.idle_timeout;
     let mut last_frame = Instant::now();
+    // Bytes of a frame in progress at the last idle check.
+    let mut frame_seen = 0;
     let mut in_flight = tokio::task::JoinSet::new();
     // Why the connection ends: the error the client gets, if it can get one.
     let reason: Option<pb::Error> = loop {
@@ -246,10 +248,15 @@ pub(super) async fn serve<S>(
                 // frame timeout governs that, is not idleness; nor is a
                 // client whose frames wait unread because its requests in
                 // flight are at the cap (long-polls, each ending within 60
-                // s). Without a frame timeout, a frame begun and never
-                // finished is idleness: nothing else would close it.
+                // s). Without a frame timeout, a frame begun is idleness
+                // once no byte of it came for the idle time: nothing else
+                // would close it.
+                let buffered = frames.frame_bytes();
+                let arriving = buffered > 0
+                    && (shared.config.frame_timeout.is_some() || buffered != frame_seen);
+                frame_seen = buffered;
                 if conn.working.load(Ordering::Relaxed) > 0
-                    || (frames.in_frame() && shared.config.frame_timeout.is_some())
+                    || arriving
                     || in_flight.len() >= MAX_REQUESTS_IN_FLIGHT
                 {
                     last_frame = Instant::now();

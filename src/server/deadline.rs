@@ -82,10 +82,11 @@ impl<R, D> FrameReader<R, D> {
         }
     }
 
-    /// Whether part of a frame has arrived (the idle timeout does not apply
-    /// then: the frame timeout does).
-    pub(super) fn in_frame(&self) -> bool {
-        !self.inner.read_buffer().is_empty()
+    /// Bytes of a frame still arriving, received so far (0: none is; the
+    /// idle timeout governs a connection only between frames, or, with no
+    /// frame timeout, a frame that stopped arriving).
+    pub(super) fn frame_bytes(&self) -> usize {
+        self.inner.read_buffer().len()
     }
 }
 

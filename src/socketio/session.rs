@@ -1322,6 +1322,17 @@ async fn pump_room(out: Out, room: String, from: u64) -> bool {
                     return for_good(&e);
                 }
             };
+            // A topic's end never goes back: one that ends before the
+            // room's position is another topic of the name (the room's was
+            // deleted, and this one created since).
+            if next > fetched.end_offset.0 {
+                let e = Error::TopicNotFound(format!(
+                    "room {room} ended: its topic was deleted (the one of that name now ends at {}, before this room's position {next})",
+                    fetched.end_offset.0
+                ));
+                out.emit("error", vec![fail(&e)]).await;
+                return true;
+            }
             if fetched.messages.is_empty() {
                 break;
             }
