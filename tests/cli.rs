@@ -389,6 +389,21 @@ fn verify_and_compact_refuse_a_path_that_is_no_data_directory() {
     }
 }
 
+/// Runs `spool ARGS` against `server` with its stdout a pipe closed before
+/// it writes anything.
+fn with_closed_stdout(server: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .env("SPOOL_SERVER", server)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait")
+}
+
 /// A command whose stdout is closed (`| head`) ends with exit 1 and one
 /// line on stderr, not a panic.
 #[test]
@@ -397,16 +412,7 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     let broker = Broker::start(tmp.path(), &[]);
     let made = spool(&broker.addr, &["produce", "t", "x"], None);
     assert!(made.status.success(), "{}", stderr(&made));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["topic", "list"])
-        .env("SPOOL_SERVER", &broker.addr)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn spool");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
+    let out = with_closed_stdout(&broker.addr, &["topic", "list"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     assert!(stderr(&out).contains("writing stdout"), "{}", stderr(&out));
@@ -601,16 +607,10 @@ fn consume_into_a_closed_pipe_settles_exactly_what_it_took() {
         ("queue", "acknowledged the 0 message(s)"),
         ("stream", "left where it was"),
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(["consume", "t", "--group", mode, "--mode", mode])
-            .env("SPOOL_SERVER", &broker.addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spool");
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
+        let out = with_closed_stdout(
+            &broker.addr,
+            &["consume", "t", "--group", mode, "--mode", mode],
+        );
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(

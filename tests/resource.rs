@@ -569,12 +569,7 @@ async fn a_broker_started_on_a_full_disk_serves_every_acknowledged_message() {
             assert!(!logs.contains("panicked"), "{logs}");
         }
     }
-    let broker = start();
-    let client = Client::connect(&broker.addr, "c").await.expect("connect");
-    assert_eq!(replay_all(&client, "orders").await, acked);
-    drop(client);
-    stop_cleanly(broker).await;
-    verify(&disk, &data);
+    serves_exactly_then_verifies(start(), &disk, &data, &acked).await;
 }
 
 /// A stop whose clean checkpoint a full disk refuses is no clean stop: the
@@ -605,12 +600,7 @@ async fn a_stop_a_full_disk_keeps_from_finishing_exits_with_an_error() {
         "{log}"
     );
     std::fs::remove_file(&ballast).expect("remove ballast");
-    let broker = start();
-    let client = Client::connect(&broker.addr, "c").await.expect("connect");
-    assert_eq!(replay_all(&client, "orders").await, acked);
-    drop(client);
-    stop_cleanly(broker).await;
-    verify(&disk, &data);
+    serves_exactly_then_verifies(start(), &disk, &data, &acked).await;
 }
 
 /// A topic creation refused for a full disk leaves nothing behind. Before,
@@ -1379,6 +1369,21 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
 }
 
 /// Stops `broker` with SIGTERM and checks it stopped cleanly.
+/// `broker` serves exactly `acked` from topic `orders`; it then stops
+/// cleanly, and `spool verify` finds its data directory sound.
+async fn serves_exactly_then_verifies(
+    broker: Broker,
+    disk: &TinyDisk,
+    data: &Path,
+    acked: &[(u64, Vec<u8>)],
+) {
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    assert_eq!(replay_all(&client, "orders").await, acked);
+    drop(client);
+    stop_cleanly(broker).await;
+    verify(disk, data);
+}
+
 async fn stop_cleanly(broker: Broker) {
     let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
         .await

@@ -994,15 +994,7 @@ async fn a_stream_group_reads_ahead_and_still_hands_out_only_what_is_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_subscription_frees_its_slot() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("spool.toml");
-    std::fs::write(&config, "max_subscriptions = 2\n").expect("config");
-    let broker = Broker::start(
-        &tmp.path().join("data"),
-        &["--config", config.to_str().expect("utf-8")],
-    );
-    let client = Client::connect(&broker.addr, "subs")
-        .await
-        .expect("connect");
+    let (_broker, client) = subscription_limited_broker(&tmp, 2).await;
     client
         .produce("t", vec![NewMessage::from_value("x")])
         .await
@@ -1024,23 +1016,31 @@ async fn a_dropped_subscription_frees_its_slot() {
     }
 }
 
+/// A client of `broker` named `name`, subscribed to topic `t` (which it
+/// makes, with one message) from its end.
+async fn subscribed_at_the_end(
+    broker: &Broker,
+    name: &str,
+) -> (Client, spool::client::Subscription) {
+    let client = Client::connect(&broker.addr, name).await.expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let sub = client
+        .subscribe("t", None, "m", Some(Position::Latest), 10)
+        .await
+        .expect("subscribe");
+    (client, sub)
+}
+
 /// A subscription whose connection is lost ends with an error, not as if
 /// it had simply run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_ends_with_an_error_when_the_broker_goes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), &[]);
-    let client = Client::connect(&broker.addr, "lost")
-        .await
-        .expect("connect");
-    client
-        .produce("t", vec![NewMessage::from_value("x")])
-        .await
-        .expect("produce");
-    let mut sub = client
-        .subscribe("t", None, "m", Some(Position::Latest), 10)
-        .await
-        .expect("subscribe");
+    let (_client, mut sub) = subscribed_at_the_end(&broker, "lost").await;
     let _ = tokio::task::spawn_blocking(move || broker.kill9())
         .await
         .expect("kill");
@@ -1083,10 +1083,10 @@ async fn a_connect_to_a_silent_server_times_out() {
     held.abort();
 }
 
-/// A broker with `max_subscriptions = 1`, and a client connected to it.
-async fn one_subscription_broker(tmp: &tempfile::TempDir) -> (Broker, Client) {
+/// A broker with `max_subscriptions = limit`, and a client connected to it.
+async fn subscription_limited_broker(tmp: &tempfile::TempDir, limit: u32) -> (Broker, Client) {
     let config = tmp.path().join("spool.toml");
-    std::fs::write(&config, "max_subscriptions = 1\n").expect("config");
+    std::fs::write(&config, format!("max_subscriptions = {limit}\n")).expect("config");
     let broker = Broker::start(
         &tmp.path().join("data"),
         &["--config", config.to_str().expect("utf-8")],
@@ -1104,7 +1104,7 @@ async fn one_subscription_broker(tmp: &tempfile::TempDir) -> (Broker, Client) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_right_after_a_drop_finds_the_slot_free() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (_broker, client) = one_subscription_broker(&tmp).await;
+    let (_broker, client) = subscription_limited_broker(&tmp, 1).await;
     client
         .produce("t", vec![NewMessage::from_value("x")])
         .await
@@ -1129,7 +1129,7 @@ async fn a_subscribe_right_after_a_drop_finds_the_slot_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_the_server_ended_gives_its_slot_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (_broker, client) = one_subscription_broker(&tmp).await;
+    let (_broker, client) = subscription_limited_broker(&tmp, 1).await;
     client
         .produce("q", vec![NewMessage::from_value("a")])
         .await
@@ -1172,17 +1172,7 @@ async fn a_subscription_the_server_ended_gives_its_slot_back() {
 async fn a_dropped_client_ends_its_subscriptions_with_an_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), &[]);
-    let client = Client::connect(&broker.addr, "gone")
-        .await
-        .expect("connect");
-    client
-        .produce("t", vec![NewMessage::from_value("x")])
-        .await
-        .expect("produce");
-    let mut sub = client
-        .subscribe("t", None, "m", Some(Position::Latest), 10)
-        .await
-        .expect("subscribe");
+    let (client, mut sub) = subscribed_at_the_end(&broker, "gone").await;
     drop(client);
     let end = tokio::time::timeout(Duration::from_secs(5), sub.next())
         .await

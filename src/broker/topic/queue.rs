@@ -362,8 +362,7 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
-        self.release_where(group, member, Some(&which), false)
+        self.release_deliveries(group, member, leased, false)
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
@@ -378,8 +377,19 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
+        self.release_deliveries(group, member, leased, true)
+    }
+
+    /// [`Topic::release_where`] of the `(offset, delivery)` pairs `leased`.
+    fn release_deliveries(
+        &self,
+        group: &str,
+        member: &str,
+        leased: &[(u64, u32)],
+        never_sent: bool,
+    ) -> Result<usize> {
         let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
-        self.release_where(group, member, Some(&which), true)
+        self.release_where(group, member, Some(&which), never_sent)
     }
 
     /// Queue group: gives back, due at once, every lease `member` holds (a
