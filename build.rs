@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // tonic-prost's codec, with undecodable requests as INVALID_ARGUMENT.
+        .codec_path("crate::grpc::codec::SpoolCodec")
         .compile_fds_with_config(descriptors, config)?;
     Ok(())
 }

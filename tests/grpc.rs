@@ -1879,3 +1879,41 @@ async fn consume_streams_ending_together_leave_nothing_leased() {
         .expect("ack");
     }
 }
+
+/// A request message with a string field set to bytes that are not UTF-8
+/// (a `DescribeTopicRequest` whose `name` is not text).
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8Name {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+/// A request that does not decode answers `INVALID_ARGUMENT`, as an
+/// unreadable frame does on the native protocol. Before, the gRPC
+/// library's codec answered `INTERNAL`, which tells a client the outcome of
+/// a change is unknown, though nothing was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_does_not_decode_is_invalid_argument() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let addr = broker.grpc.as_deref().expect("the broker serves gRPC");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let refused = grpc
+        .unary(
+            tonic::Request::new(NotUtf8Name {
+                name: vec![0xff, 0xfe, b'x'],
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/spool.v1.Spool/DescribeTopic"),
+            tonic_prost::ProstCodec::<NotUtf8Name, pb::TopicInfo>::default(),
+        )
+        .await
+        .expect_err("not UTF-8");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("UTF-8"), "{refused:?}");
+}

@@ -16,6 +16,7 @@
 //! server: health turns `NOT_SERVING`, subscriptions and long-polls end,
 //! in-flight calls finish.
 
+pub(crate) mod codec;
 mod connection;
 mod consume;
 mod measured;
