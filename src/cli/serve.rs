@@ -68,8 +68,9 @@ pub struct ServeArgs {
     /// Most open connections from one IP address (default: no cap).
     #[arg(long, value_name = "N")]
     max_connections_per_ip: Option<usize>,
-    /// Files open topics may keep open together; the least recently used
-    /// topics are closed beyond it (default: half the open-files limit).
+    /// Files open topics may keep open together, at least 16; the least
+    /// recently used topics are closed beyond it (default: half the
+    /// open-files limit).
     #[arg(long, value_name = "N")]
     max_open_files: Option<usize>,
     /// Close a topic nobody used for this long, until its next use
