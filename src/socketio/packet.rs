@@ -151,6 +151,26 @@ impl Packet {
         out
     }
 
+    /// The acknowledgement id of an event packet of the default namespace
+    /// that does not decode, when its header says one (`2<id>…`,
+    /// `5<n>-<id>…`): its sender waits on that id for a reply.
+    pub fn event_ack_id(text: &str) -> Option<u64> {
+        let mut rest = match text.as_bytes().first() {
+            Some(b'2') => &text[1..],
+            Some(b'5') => {
+                let dash = text.find('-')?;
+                &text[dash + 1..]
+            }
+            _ => return None,
+        };
+        if rest.starts_with('/') {
+            return None;
+        }
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &rest[..digits];
+        rest.parse().ok()
+    }
+
     /// Decodes the text part of a packet.
     pub fn decode(text: &str) -> Result<Decoded, PacketError> {
         let bytes = text.as_bytes();

@@ -558,8 +558,10 @@ impl Conn {
                             self.partial = Some((p, n));
                             continue;
                         }
+                        // An event whose header names its acknowledgement id
+                        // gets the refusal there, where its sender waits.
                         Err(e) => {
-                            Box::pin(self.bad_packet(e)).await;
+                            Box::pin(self.refuse_packet(Packet::event_ack_id(&text), e)).await;
                             continue;
                         }
                     }

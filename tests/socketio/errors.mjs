@@ -99,6 +99,22 @@ await run({
     s.close(); other.close();
   },
 
+  async "a malformed event with an ack id gets its error reply, not an error event"() {
+    const s = await connect(undefined, { transports: ["websocket"] });
+    const errors = collect(s, "error");
+    const replies = {};
+    const ids = [9004, 9005, 9006];
+    for (const id of ids) s.acks[id] = (reply) => (replies[id] = reply);
+    s.io.engine.write(`29004["publish",{bad`);
+    s.io.engine.write(`29005[]`);
+    s.io.engine.write(`29006{"a":1}`);
+    await until(() => ids.every((id) => replies[id]), "a reply to each");
+    for (const id of ids) assert.equal(replies[id].error?.code, "INVALID_ARGUMENT", JSON.stringify(replies[id]));
+    await sleep(100);
+    assert.deepEqual(errors, [], "no error event besides");
+    s.close();
+  },
+
   async "an event with an ack id before CONNECT gets its error reply"() {
     const s = await connect(undefined, { transports: ["websocket"] });
     const replies = {};
