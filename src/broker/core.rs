@@ -672,7 +672,15 @@ impl Broker {
                     "out of file descriptors or memory opening topic {name}: closing unused topics"
                 );
                 self.close_topics(files / 2).await;
-                attempt().await
+                attempt().await.inspect_err(|e| {
+                    if matches!(
+                        e,
+                        Error::FilesExhausted { .. } | Error::MemoryExhausted { .. }
+                    ) {
+                        tracing::error!(topic = name, error = %e,
+                            "the topic cannot be opened, even with unused topics closed");
+                    }
+                })
             }
             other => other,
         }

@@ -342,6 +342,12 @@ impl Registry {
         drop(opening);
         let topic = match opened {
             Ok(topic) => Arc::new(topic),
+            // Out of descriptors or memory: the broker closes unused
+            // topics and tries once more, so this is no error yet.
+            Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
+                tracing::warn!(topic = name, error = %e, "the topic cannot be opened now");
+                return Err(e);
+            }
             Err(e) => {
                 tracing::error!(topic = name, error = %e, "the topic cannot be opened");
                 return Err(e);
