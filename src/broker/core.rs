@@ -208,7 +208,15 @@ struct Inner {
     /// the topic it is recovering): a topic it opens after the stop began
     /// must not be missed by the stop's final syncs and clean-stop marker.
     scan: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Give-backs of queue reads nobody took ([`Leased`]), which a stop
+    /// waits for before it refuses requests: a read cut by the stop itself
+    /// (a long-poll or subscription ending with its connection) still
+    /// takes its deliveries back.
+    give_backs: tokio_util::task::TaskTracker,
 }
+
+/// Longest a stop waits for the give-backs of reads nobody took.
+const GIVE_BACK_WAIT: Duration = Duration::from_secs(5);
 
 /// An internal failure (a task that panicked) as an error that maps to
 /// `INTERNAL`.
@@ -271,15 +279,19 @@ impl Drop for Leased {
             std::mem::take(&mut self.group),
             std::mem::take(&mut self.member),
         );
-        runtime.spawn(async move {
-            let released = broker
-                .release(&topic, &group, &member, Release::Unread(leased))
-                .await;
-            if let Err(e) = released {
-                tracing::debug!(topic, group, error = %e,
+        let give_backs = self.broker.inner.give_backs.clone();
+        give_backs.spawn_on(
+            async move {
+                let released = broker
+                    .release(&topic, &group, &member, Release::Unread(leased))
+                    .await;
+                if let Err(e) = released {
+                    tracing::debug!(topic, group, error = %e,
                     "giving back the leases of a read nobody took");
-            }
-        });
+                }
+            },
+            &runtime,
+        );
     }
 }
 
@@ -359,6 +371,7 @@ impl Broker {
                 metrics,
                 topic_events: tokio::sync::broadcast::channel(TOPIC_EVENTS_BUFFER).0,
                 scan: Mutex::new(None),
+                give_backs: tokio_util::task::TaskTracker::new(),
             }),
         };
         tracing::info!(
@@ -1489,6 +1502,19 @@ impl Broker {
     /// Stops every topic's tasks, syncs every topic and releases it. The
     /// data directory's lock goes with the last handle.
     pub async fn stop(&self) -> Result<()> {
+        // Reads the stop's own connection closes cut give their leases
+        // back first, uncounted, while requests are still taken.
+        let give_backs = &self.inner.give_backs;
+        give_backs.close();
+        if tokio::time::timeout(GIVE_BACK_WAIT, give_backs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = give_backs.len(),
+                "stopping without waiting longer for the give-back of reads nobody took; their deliveries count toward max_deliveries"
+            );
+        }
         self.inner.stopping.store(true, Ordering::Relaxed);
         self.runtimes().clear();
         let b = self.clone();
@@ -1532,5 +1558,98 @@ async fn sweeper(inner: Weak<Inner>, opened: Arc<tokio::sync::Notify>, stopping:
         } else {
             broker.keep_budget().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::GroupMode;
+    use crate::storage::io::SimDisk;
+
+    async fn broker_on(disk: &Arc<SimDisk>) -> Broker {
+        let mut topic_defaults = TopicConfig::default();
+        topic_defaults.log.fsync = crate::storage::FsyncPolicy::Always;
+        Broker::open_on(
+            BrokerConfig {
+                data: "/sim/data".into(),
+                topic_defaults,
+                auto_create: false,
+                recovery: Default::default(),
+                max_message_bytes: 1 << 20,
+                max_batch_messages: 1000,
+                max_open_files: 1024,
+                topic_idle_close: Duration::from_secs(60),
+            },
+            Arc::clone(disk) as Arc<dyn Storage>,
+        )
+        .await
+        .expect("broker on the simulated disk")
+    }
+
+    const LIMITS: DeliveryLimits = DeliveryLimits {
+        messages: 10,
+        bytes: 1 << 20,
+        message_bytes: 1 << 20,
+    };
+
+    /// The deliveries a queue read of `jobs`/`workers` hands out.
+    async fn read_deliveries(broker: &Broker) -> Vec<u32> {
+        let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
+        broker
+            .lease_queue(t, "workers", "w", LIMITS)
+            .await
+            .expect("read")
+            .take()
+            .iter()
+            .map(|d| d.delivery())
+            .collect()
+    }
+
+    // One thread: the give-back cannot run before the stop unless the stop
+    // waits for it.
+    #[tokio::test]
+    async fn a_read_cut_by_the_stop_gives_its_deliveries_back_uncounted() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = broker_on(&disk).await;
+        broker
+            .create_topic("jobs", TopicConfig::default())
+            .await
+            .expect("create");
+        broker
+            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
+            .await
+            .expect("group");
+        let message = NewMessage {
+            timestamp_ms: None,
+            key: None,
+            headers: Vec::new(),
+            value: bytes::Bytes::from_static(b"job"),
+        };
+        let limit = MessageLimit {
+            bytes: 1 << 20,
+            setting: "max_message_bytes",
+        };
+        broker
+            .produce("jobs", vec![message], limit)
+            .await
+            .expect("produce");
+        // A read whose reader went away as the broker stopped (its
+        // connection closed by the stop): dropped untaken, then the stop.
+        let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
+        let cut = broker
+            .lease_queue(t, "workers", "gone", LIMITS)
+            .await
+            .expect("read");
+        drop(cut);
+        broker.stop().await.expect("stop");
+        drop(broker);
+        let broker = broker_on(&disk).await;
+        assert_eq!(
+            read_deliveries(&broker).await,
+            [1],
+            "the cut read's delivery was taken back"
+        );
+        broker.stop().await.expect("stop");
     }
 }
