@@ -16,7 +16,7 @@ use super::deliveries::Deliveries;
 use super::registry::{Deletion, Registry, RegistryOptions};
 use super::runtime::TopicRuntime;
 use super::subscription::{self, Subscription, Target};
-use super::topic::{DeliveryLimits, Position, Topic};
+use super::topic::{DeliveryLimits, GroupIdentity, Position, Topic};
 use crate::error::{Error, Result};
 use crate::groups::{GroupInfo, GroupMode};
 use crate::metrics::{Cleanup, Metrics, TimedStorage, TopicSnapshot};
@@ -785,9 +785,10 @@ impl Broker {
         member: &str,
         from: Offset,
         limits: DeliveryLimits,
+        identity: Option<&GroupIdentity>,
     ) -> Result<Deliveries> {
         let delivered = self
-            .read_uncounted(runtime, target, member, from, limits)
+            .read_uncounted(runtime, target, member, from, limits, identity)
             .await?;
         runtime
             .counters()
@@ -803,6 +804,7 @@ impl Broker {
         member: &str,
         from: Offset,
         limits: DeliveryLimits,
+        identity: Option<&GroupIdentity>,
     ) -> Result<Deliveries> {
         let t = Arc::clone(runtime.topic());
         match target.clone() {
@@ -858,8 +860,10 @@ impl Broker {
                 // would append the letter again when next due.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let (broker, member) = (self.clone(), member.to_owned());
+                let identity = identity.cloned();
                 tokio::spawn(async move {
-                    let _ = tx.send(broker.lease_queue(t, &g, &member, limits).await);
+                    let read = broker.lease_queue(t, &g, &member, limits, identity.as_ref());
+                    let _ = tx.send(read.await);
                 });
                 rx.await
                     .unwrap_or_else(|_| Err(Error::Internal("a queue read stopped".into())))
@@ -879,11 +883,12 @@ impl Broker {
         group: &str,
         member: &str,
         limits: DeliveryLimits,
+        identity: Option<&GroupIdentity>,
     ) -> Result<Leased> {
         let mut round = 1;
         loop {
             let (leased, dead_lettered) = self
-                .lease_queue_once(Arc::clone(&t), group, member, limits)
+                .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
             let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
             if !empty || !dead_lettered || round == DEAD_LETTER_ROUNDS {
@@ -901,11 +906,13 @@ impl Broker {
         group: &str,
         member: &str,
         limits: DeliveryLimits,
+        identity: Option<&GroupIdentity>,
     ) -> Result<(Leased, bool)> {
         let source = Arc::clone(&t);
-        let (g, m) = (group.to_owned(), member.to_owned());
+        let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
         let (fetched, durable) =
-            blocking(move || t.lease_queue_within(&g, &m, limits, now_ms())).await?;
+            blocking(move || t.lease_queue_within(&g, &m, limits, now_ms(), identity.as_ref()))
+                .await?;
         let nothing_leased = fetched.deliveries.is_empty();
         let leased = Leased {
             broker: self.clone(),
@@ -1104,7 +1111,9 @@ impl Broker {
         let mut changes = runtime.subscribe_changes();
         let t = Arc::clone(runtime.topic());
         let (target, start) = Self::target_and_start(&t, group, from).await?;
-        let mut messages = self.read(&runtime, &target, &member, start, limits).await?;
+        let mut messages = self
+            .read(&runtime, &target, &member, start, limits, None)
+            .await?;
         let queue = matches!(target, Target::Queue(_));
         let lease_poll = subscription::lease_poll(runtime.topic());
         tokio::pin!(stop);
@@ -1130,7 +1139,9 @@ impl Broker {
                 _ = tokio::time::sleep(lease_poll), if queue => {}
             }
             changes.borrow_and_update();
-            messages = self.read(&runtime, &target, &member, start, limits).await?;
+            messages = self
+                .read(&runtime, &target, &member, start, limits, None)
+                .await?;
         }
     }
 
@@ -1597,7 +1608,7 @@ mod tests {
     async fn read_deliveries(broker: &Broker) -> Vec<u32> {
         let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
         broker
-            .lease_queue(t, "workers", "w", LIMITS)
+            .lease_queue(t, "workers", "w", LIMITS, None)
             .await
             .expect("read")
             .take()
@@ -1606,12 +1617,10 @@ mod tests {
             .collect()
     }
 
-    // One thread: the give-back cannot run before the stop unless the stop
-    // waits for it.
-    #[tokio::test]
-    async fn a_read_cut_by_the_stop_gives_its_deliveries_back_uncounted() {
-        let disk = Arc::new(SimDisk::new());
-        let broker = broker_on(&disk).await;
+    /// A broker on `disk` with topic `jobs`, queue group `workers` and one
+    /// message in it.
+    async fn jobs_with_one_message(disk: &Arc<SimDisk>) -> Broker {
+        let broker = broker_on(disk).await;
         broker
             .create_topic("jobs", TopicConfig::default())
             .await
@@ -1634,11 +1643,20 @@ mod tests {
             .produce("jobs", vec![message], limit)
             .await
             .expect("produce");
+        broker
+    }
+
+    // One thread: the give-back cannot run before the stop unless the stop
+    // waits for it.
+    #[tokio::test]
+    async fn a_read_cut_by_the_stop_gives_its_deliveries_back_uncounted() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
         // A read whose reader went away as the broker stopped (its
         // connection closed by the stop): dropped untaken, then the stop.
         let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
         let cut = broker
-            .lease_queue(t, "workers", "gone", LIMITS)
+            .lease_queue(t, "workers", "gone", LIMITS, None)
             .await
             .expect("read");
         drop(cut);
@@ -1649,6 +1667,38 @@ mod tests {
             read_deliveries(&broker).await,
             [1],
             "the cut read's delivery was taken back"
+        );
+        broker.stop().await.expect("stop");
+    }
+
+    #[tokio::test]
+    async fn a_read_for_a_group_created_again_under_its_name_leases_nothing() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
+        let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
+        // A subscription's group, then deleted and created again between
+        // its check and its read.
+        let identity = t.group_identity("workers").expect("identity");
+        broker
+            .delete_group("jobs", "workers")
+            .await
+            .expect("delete");
+        broker
+            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
+            .await
+            .expect("group again");
+        let read = broker
+            .lease_queue(t, "workers", "old", LIMITS, Some(&identity))
+            .await;
+        assert!(
+            matches!(&read, Err(Error::GroupNotFound(e)) if e.contains("was deleted")),
+            "{:?}",
+            read.map(|r| r.take().len())
+        );
+        assert_eq!(
+            read_deliveries(&broker).await,
+            [1],
+            "the new group's message was not leased to the old group's reader"
         );
         broker.stop().await.expect("stop");
     }

@@ -172,10 +172,7 @@ impl Subscription {
                 && !self.runtime.topic().is_group(name, group)
             {
                 self.ended = true;
-                return Some(Err(Error::GroupNotFound(format!(
-                    "group {name} of topic {} was deleted",
-                    self.runtime.topic().name()
-                ))));
+                return Some(Err(self.runtime.topic().group_replaced(name)));
             }
             let limits = DeliveryLimits {
                 messages: room,
@@ -189,6 +186,7 @@ impl Subscription {
                     &self.reader.member,
                     self.reader.position,
                     limits,
+                    self.reader.group.as_ref(),
                 )
                 .await;
             match read {

@@ -158,6 +158,13 @@ pub struct QueueFetch {
 #[derive(Debug, Clone)]
 pub(crate) struct GroupIdentity(std::sync::Weak<Mutex<Group>>);
 
+impl GroupIdentity {
+    /// Whether `group` is the group this was taken from.
+    fn is(&self, group: &Arc<Mutex<Group>>) -> bool {
+        std::ptr::eq(Arc::as_ptr(group), self.0.as_ptr())
+    }
+}
+
 /// A topic's groups by name, each behind a lock of its own, so one group's
 /// requests never wait for another's.
 type Groups = BTreeMap<String, Arc<Mutex<Group>>>;
@@ -467,9 +474,13 @@ impl Topic {
     /// Whether group `name` is still the one `identity` was taken from
     /// (not deleted, nor deleted and created again).
     pub(crate) fn is_group(&self, name: &str, identity: &GroupIdentity) -> bool {
-        self.groups()
-            .get(name)
-            .is_some_and(|g| std::ptr::eq(Arc::as_ptr(g), identity.0.as_ptr()))
+        self.groups().get(name).is_some_and(|g| identity.is(g))
+    }
+
+    /// What a reader of group `name` gets once that group is gone, or
+    /// deleted and created again (see [`GroupIdentity`]).
+    pub(crate) fn group_replaced(&self, name: &str) -> Error {
+        Error::GroupNotFound(format!("group {name} of topic {} was deleted", self.name))
     }
 
     /// Runs `f` on the group `name` under its lock.

@@ -31,7 +31,7 @@ impl Topic {
         limits: DeliveryLimits,
         now: u64,
     ) -> Result<QueueFetch> {
-        let (fetched, durable) = self.lease_queue_within(group, member, limits, now)?;
+        let (fetched, durable) = self.lease_queue_within(group, member, limits, now, None)?;
         durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(fetched)
     }
@@ -39,12 +39,15 @@ impl Topic {
     /// [`Topic::fetch_queue_within`], returning before the delivery counts
     /// are durable: the messages may be handed out only once the returned
     /// wait (if any) has returned. Waits of several callers share one sync.
-    pub fn lease_queue_within(
+    /// With `identity`, a group of that name other than the one it was
+    /// taken from (deleted and created again) is `GroupNotFound`.
+    pub(crate) fn lease_queue_within(
         &self,
         group: &str,
         member: &str,
         limits: DeliveryLimits,
         now: u64,
+        identity: Option<&GroupIdentity>,
     ) -> Result<(QueueFetch, Option<SyncWait>)> {
         let DeliveryLimits {
             messages: max,
@@ -54,6 +57,9 @@ impl Topic {
         let _pass = self.enter()?;
         let groups = self.groups();
         let handle = self.group(&groups, group)?;
+        if identity.is_some_and(|identity| !identity.is(&handle)) {
+            return Err(self.group_replaced(group));
+        }
         let mut g = self.lock(&handle)?;
         self.check_queue(&g)?;
         let deletions = self.deletions();
