@@ -1273,6 +1273,120 @@ async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
     assert_eq!(&offsets[0].message.value[..], b"job");
 }
 
+/// Queue reads a reload refuses once they have their messages (a
+/// long-poll that waited, a native or gRPC subscription, a `Consume`
+/// stream) send none of them and give them back at once, uncounted: the
+/// next reader gets each with delivery 1, long before `ack_timeout_ms`.
+#[tokio::test]
+async fn queue_reads_a_reload_refuses_give_their_messages_back_uncounted() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut reader = ReaderStream::open(dir.path(), 10).await;
+    // Group "g" has the `Consume` stream; one group per other way to read.
+    for group in ["poll", "native", "grpc"] {
+        reader
+            .boss
+            .create_group("jobs", group, spool::groups::GroupMode::Queue, None)
+            .await
+            .expect("group");
+    }
+    let client = Client::connect_with(&reader.broker.addr, &options(None, Some(&reader.reader)))
+        .await
+        .expect("reader");
+    let poller = Client::connect_with(&reader.broker.addr, &options(None, Some(&reader.reader)))
+        .await
+        .expect("reader");
+    let poll = {
+        let client = poller;
+        tokio::spawn(async move {
+            let options = spool::client::FetchOptions {
+                group: Some("poll".into()),
+                member: "p".into(),
+                wait_ms: 30_000,
+                ..Default::default()
+            };
+            client.fetch("jobs", options).await
+        })
+    };
+    let mut native = client
+        .subscribe("jobs", Some("native"), "n", None, 10)
+        .await
+        .expect("subscribe");
+    let grpc = reader.broker.grpc.as_deref().expect("gRPC listener");
+    let mut g = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let request = pb::SubscribeRequest {
+        topic: "jobs".into(),
+        group: Some("grpc".into()),
+        member: "s".into(),
+        max_in_flight: 10,
+        ..Default::default()
+    };
+    let mut pushed = g
+        .subscribe(with_token(request, Some(&reader.reader)))
+        .await
+        .expect("gRPC subscribe")
+        .into_inner();
+
+    reader.narrow().await;
+    reader
+        .boss
+        .produce("jobs", vec![NewMessage::from_value("job")])
+        .await
+        .expect("produce");
+
+    let within = Duration::from_secs(10);
+    let polled = tokio::time::timeout(within, poll)
+        .await
+        .expect("the long-poll ends")
+        .expect("task");
+    assert_eq!(
+        polled.expect_err("refused").code(),
+        Some(pb::Code::PermissionDenied)
+    );
+    let ended = tokio::time::timeout(within, native.next())
+        .await
+        .expect("the native subscription ends")
+        .expect("an item");
+    assert_eq!(
+        ended.expect_err("refused").code(),
+        Some(pb::Code::PermissionDenied)
+    );
+    let ended = tokio::time::timeout(within, pushed.next())
+        .await
+        .expect("the gRPC subscription ends")
+        .expect("an item");
+    assert_eq!(
+        ended.expect_err("refused").code(),
+        tonic::Code::PermissionDenied
+    );
+    assert_eq!(
+        reader.end(|_| {}).await.map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied),
+        "the Consume stream ends refused"
+    );
+    for group in ["g", "poll", "native", "grpc"] {
+        let options = spool::client::FetchOptions {
+            group: Some(group.into()),
+            member: "next".into(),
+            wait_ms: 5000,
+            ..Default::default()
+        };
+        let fetched = reader.boss.fetch("jobs", options).await.expect("fetch");
+        let got: Vec<(&[u8], u32)> = fetched
+            .messages
+            .iter()
+            .map(|m| (&m.message.value[..], m.delivery))
+            .collect();
+        assert_eq!(
+            got,
+            [(&b"job"[..], 1)],
+            "group {group}: given back at once, its delivery not counted"
+        );
+    }
+}
+
 /// An ack, nack or extend on a `Consume` stream after a reload narrowed
 /// its token is refused and ends the stream, as any request of the token
 /// would be: a lease already delivered cannot be extended (or acked) on

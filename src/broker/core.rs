@@ -1272,6 +1272,24 @@ impl Broker {
             .await
     }
 
+    /// Gives back, due at once, the queue deliveries among `messages` that
+    /// a read of group `group` leased to `member` and that never reached
+    /// the client (its token may no longer read them): as for a read
+    /// nobody took, those deliveries do not count toward `max_deliveries`.
+    /// Replay and stream-group messages lease nothing and are passed by.
+    pub fn give_back(&self, topic: &str, group: &str, member: &str, messages: Deliveries) {
+        if messages.iter().all(|d| d.delivery() == 0) {
+            return;
+        }
+        drop(Leased {
+            broker: self.clone(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            member: member.to_owned(),
+            deliveries: Some(messages),
+        });
+    }
+
     /// Gives back every lease `member` holds in queue group `group` of
     /// `topic` (a consumer gone, whatever it was handed).
     pub async fn release_member(&self, topic: &str, group: &str, member: &str) -> Result<usize> {

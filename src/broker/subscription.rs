@@ -152,6 +152,16 @@ impl Subscription {
         self.credit.clone()
     }
 
+    /// Gives back `messages`, which this subscription read but never
+    /// handed to its client (see [`Broker::give_back`]).
+    pub fn give_back(&self, messages: Deliveries) {
+        if let Target::Queue(group) = &self.reader.target {
+            let topic = self.runtime.topic().name();
+            self.broker
+                .give_back(topic, group, &self.reader.member, messages);
+        }
+    }
+
     /// Waits for credit and something to deliver, and hands it out (the
     /// messages take their credit). `None`: the subscription is over
     /// silently (its topic's runtime is gone); `Some(Err(..))`: it ends with

@@ -81,6 +81,14 @@ impl Consuming {
                 event = events.next() => match event {
                     None => break End::Closed,
                     Some(Ok(Event::Messages(m))) => {
+                        // A reload of the auth file may have narrowed or
+                        // revoked the token since the stream started: then
+                        // none of these goes out, and they are given back
+                        // at once, uncounted.
+                        if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
+                            self.broker.give_back(&self.topic, &self.group, &self.member, m);
+                            break End::Failed(self.status(&e));
+                        }
                         // Leased now: given back however the stream ends. An
                         // offset held already came again (its lease ran out):
                         // one delivery replaces the other, so the credit the
@@ -93,11 +101,6 @@ impl Consuming {
                             .collect();
                         if !again.is_empty() {
                             self.credit.give(again.len());
-                        }
-                        // A reload of the auth file may have narrowed or
-                        // revoked the token since the stream started.
-                        if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
-                            break End::Failed(self.status(&e));
                         }
                         if !self.deliver(m, &again).await {
                             break End::Closed;

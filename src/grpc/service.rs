@@ -232,6 +232,9 @@ impl Pushing {
                     .principal
                     .allow(Access::Topic(Operation::Consume, &self.topic))
             {
+                if let Some(Ok(Event::Messages(m))) = event {
+                    self.subscription.give_back(m);
+                }
                 self.done = true;
                 return Some(Err(self.status(&e)));
             }
@@ -293,18 +296,37 @@ impl Spool for Service {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        self.allow(&request)?;
+        let principal = self.allow(&request)?;
         let deadline = deadline(&request);
         let mut fetch = convert::fetch_request(request.into_inner(), self.max_frame);
         if let Some(deadline) = deadline {
             fetch.wait = fetch.wait.min(wait_within(deadline));
         }
+        // A long-poll asks again once it has messages: a reload of the
+        // auth file may have narrowed or revoked the token while it waited.
+        let asked = (!fetch.wait.is_zero()).then(|| {
+            (
+                fetch.topic.clone(),
+                fetch.group.clone(),
+                fetch.member.clone(),
+            )
+        });
         let mut shutdown = self.shutdown.clone();
         let fetched = self
             .broker
             .fetch(fetch, async move { stopping(&mut shutdown).await })
             .await
             .map_err(|e| self.status(e))?;
+        if let Some((topic, group, member)) = asked
+            && !fetched.messages.is_empty()
+            && let Err(e) = principal.allow(Access::Topic(Operation::Consume, &topic))
+        {
+            if let Some(group) = group {
+                self.broker
+                    .give_back(&topic, &group, &member, fetched.messages);
+            }
+            return Err(self.status(e));
+        }
         if fetched.messages.is_empty() && *self.shutdown.borrow() {
             return Err(Status::unavailable("broker is stopping"));
         }

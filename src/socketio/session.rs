@@ -1456,9 +1456,16 @@ async fn pump_queue(
                 return;
             }
         };
+        // None goes out to a socket that may no longer read the room (a
+        // reload took the token's `consume`) or is gone: given back at
+        // once, uncounted.
+        if !out.may_push(&room, Some(&group)).await {
+            sub.give_back(deliveries);
+            return;
+        }
         // Leased now: each is pending before anything goes out, so a push
-        // refused or cut short leaves them all for the socket's close (or
-        // unsubscribe) to give back at once.
+        // cut short leaves them all for the socket's close (or unsubscribe)
+        // to give back at once.
         let mut batch = Vec::new();
         {
             let mut shared = out.shared.lock().await;
@@ -1476,9 +1483,6 @@ async fn pump_queue(
                 );
                 batch.push((id, d));
             }
-        }
-        if !out.may_push(&room, Some(&group)).await {
-            return;
         }
         for (id, d) in batch {
             let shared = out.shared.lock().await;

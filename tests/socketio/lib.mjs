@@ -115,10 +115,10 @@ const started = [];
 /// on the first failure.
 export async function run(tests) {
   for (const [name, f] of Object.entries(tests)) {
-    const started = Date.now();
+    const began = Date.now();
     try {
       await f();
-      console.log(`ok   ${name} (${Date.now() - started} ms)`);
+      console.log(`ok   ${name} (${Date.now() - began} ms)`);
     } catch (e) {
       console.error(`FAIL ${name}: ${e.stack || e}`);
       for (const proc of started) proc.kill("SIGKILL");

@@ -19,13 +19,26 @@ pub(in crate::server) async fn fetch(
     request_id: u64,
     f: pb::FetchRequest,
 ) -> Result<Outbound, pb::Error> {
+    // A long-poll asks again once it has messages: a reload of the auth
+    // file may have narrowed or revoked the token while it waited.
+    let asked = (f.wait_ms > 0).then(|| (f.topic.clone(), f.group.clone(), f.member.clone()));
     let request = convert::fetch_request(f, conn.shared.config.max_frame_bytes);
-    let fetched = conn
-        .shared
-        .broker
+    let broker = &conn.shared.broker;
+    let fetched = broker
         .fetch(request, conn.closed())
         .await
         .map_err(wire(conn))?;
+    if let Some((topic, group, member)) = asked
+        && !fetched.messages.is_empty()
+        && let Err(e) = conn
+            .principal
+            .allow(Access::Topic(Operation::Consume, &topic))
+    {
+        if let Some(group) = group {
+            broker.give_back(&topic, &group, &member, fetched.messages);
+        }
+        return Err(wire(conn)(e));
+    }
     if fetched.messages.is_empty()
         && let Some(error) = conn.closing_error()
     {
@@ -142,6 +155,9 @@ async fn push_all(
 ) {
     while let Some(event) = subscription.next().await {
         if let Err(e) = allowed() {
+            if let Ok(Event::Messages(m)) = event {
+                subscription.give_back(m);
+            }
             let _ = out.send(ended(id, wire(e))).await;
             return;
         }
