@@ -1218,3 +1218,34 @@ fn compaction_leaves_what_groups_count_as_deleted() {
     assert_eq!(after, before);
     assert_eq!(values(&topic), live);
 }
+
+/// A group that starts below deletions compaction already removed (created
+/// at earliest after the pass, or moved back) still leaves them out of its
+/// lag, and retention does not count them as lost to it.
+#[test]
+fn a_group_below_deletions_compaction_removed_does_not_count_them() {
+    let disk = Arc::new(SimDisk::new());
+    let reg = registry(disk.clone(), "/data");
+    let topic = reg.create_topic("t", small_segments()).expect("topic");
+    let mut live = BTreeMap::new();
+    produce_and_delete(&topic, 100, |o| o % 4 == 0 && o < 80, &mut live).expect("produce");
+    reg.compact(Some("t"), &mut |_| {}).expect("compact");
+    for (group, mode) in [("s", GroupMode::Stream), ("q", GroupMode::Queue)] {
+        topic
+            .create_group(group, mode, Position::Earliest)
+            .expect("group");
+        assert_eq!(
+            topic.describe_group(group).expect("describe").lag,
+            live.len() as u64,
+            "group {group}: the messages a replay from the start reads"
+        );
+    }
+    assert_eq!(values(&topic), live);
+    // Back to the start after reading on: the same.
+    topic.commit("s", Offset(90)).expect("commit");
+    topic.commit("s", Offset(0)).expect("commit back");
+    assert_eq!(
+        topic.describe_group("s").expect("describe").lag,
+        live.len() as u64
+    );
+}

@@ -52,9 +52,12 @@ impl Topic {
         if let Some(below) = compacted_below {
             // Groups count what they have left by offsets less deletions
             // (lag, a queue group's low watermark, what retention takes from
-            // them): deletions a group has not passed yet stay, though their
-            // records are gone.
-            let floor = self.lowest_committed()?.map_or(below, |c| c.min(below));
+            // them), and a group may start anywhere from the log's start (a
+            // new one at earliest, a commit or seek back): deletions a group
+            // has not passed, or that lie past the log's start, stay,
+            // though their records are gone.
+            let start = self.log.stats().start.0.min(below);
+            let floor = self.lowest_committed()?.map_or(start, |c| c.min(start));
             self.prune_deletions(&cleaner.deleted, floor)?;
         }
         Ok(stats)
