@@ -616,7 +616,12 @@ impl Broker {
             ))),
             _ => {
                 let rt = TopicRuntime::start(Arc::clone(&topic), &self.inner.metrics);
-                runtimes.insert(topic.name().to_owned(), Arc::clone(&rt));
+                // The runtime of a topic deleted (or closed) before: its
+                // readers look again and find out, even if the delete's
+                // own notice comes after this.
+                if let Some(old) = runtimes.insert(topic.name().to_owned(), Arc::clone(&rt)) {
+                    old.notify();
+                }
                 Ok(rt)
             }
         }
@@ -1717,6 +1722,47 @@ mod tests {
             read_deliveries(&broker).await,
             [1],
             "the new group's message was not leased to the old group's reader"
+        );
+        broker.stop().await.expect("stop");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_of_a_topic_deleted_and_created_again_ends() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
+        let mut subscription = broker
+            .subscribe(SubscribeRequest {
+                topic: "jobs".into(),
+                group: None,
+                from: Some(Position::Latest),
+                member: "m".into(),
+                max_in_flight: 10,
+                limits: LIMITS,
+            })
+            .await
+            .expect("subscribe");
+        let waiting = tokio::spawn(async move { subscription.next().await });
+        tokio::task::yield_now().await;
+        // The delete's notice to the topic's runtime comes only after a
+        // create under the same name has started a runtime of its own.
+        let b = broker.clone();
+        let deleted = blocking(move || b.inner.registry.delete_topic("jobs"))
+            .await
+            .expect("delete");
+        broker
+            .create_topic("jobs", TopicConfig::default())
+            .await
+            .expect("create again");
+        // A request on the new topic (a produce) starts its runtime.
+        broker.existing("jobs").await.expect("runtime");
+        broker.deleted("jobs", deleted);
+        let ended = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the subscription ends")
+            .expect("task");
+        assert!(
+            matches!(ended, Some(Err(Error::TopicNotFound(_)))),
+            "{ended:?}"
         );
         broker.stop().await.expect("stop");
     }

@@ -432,6 +432,8 @@ impl Journal {
             tracing::error!(%damage, "journal entries lost");
             replayed.damage.push(damage);
         }
+        // The figures of a torn tail cut: of the journal as found.
+        let found_len = data.len();
         if rewrite {
             let mut buf = Vec::new();
             for (seq, payload) in &kept {
@@ -456,16 +458,21 @@ impl Journal {
                 .ctx(|| format!("syncing {}", dir.display()))?;
         }
         if let Some(at) = cut_at {
-            let dropped = (data.len() - at) as u64;
-            file.set_len(at as u64)
-                .ctx(|| format!("truncating {}", path.display()))?;
+            let dropped = found_len.saturating_sub(at) as u64;
+            // A rewrite kept only the entries before the tail: the file
+            // holds no more than them, and cutting it at the old length
+            // would extend it with zeros.
+            if !rewrite {
+                file.set_len(at as u64)
+                    .ctx(|| format!("truncating {}", path.display()))?;
+                pos = at;
+            }
             tracing::warn!(file = %path.display(), at, dropped, "cut torn journal tail");
             replayed.truncated = Some(Truncation {
                 file: path.clone(),
                 at: at as u64,
                 dropped,
             });
-            pos = at;
         }
         // Only entries the snapshot covers: a crash came between its rename
         // and the journal reset. Finish the reset now. Left in place, these
@@ -652,12 +659,23 @@ impl Journal {
             .ctx(|| format!("writing snapshot {}", self.snap_path.display()))?;
         // Entries below `next_seq` are in the snapshot; a crash before this cut
         // only leaves entries that replay skips.
-        self.file
+        let reset = self
+            .file
             .set_len(0)
-            .ctx(|| format!("resetting {}", self.path.display()))?;
-        self.file
-            .sync_data()
-            .ctx(|| format!("syncing {}", self.path.display()))?;
+            .ctx(|| format!("resetting {}", self.path.display()))
+            .and_then(|()| {
+                self.file
+                    .sync_data()
+                    .ctx(|| format!("syncing {}", self.path.display()))
+            });
+        if let Err(e) = reset {
+            // Nothing more is appended (or synced, which would retry a
+            // failed sync): an entry at the old position of a journal the
+            // cut may have emptied would follow zeros, which the next open
+            // takes for damage.
+            self.syncer.lock().poisoned = Some(e.to_string());
+            return Err(e);
+        }
         self.pos = 0;
         self.base_seq = self.next_seq;
         self.since_snapshot = 0;
@@ -1081,5 +1099,106 @@ mod tests {
         )
         .expect_err("damage must refuse");
         assert!(err.to_string().contains("group.journal"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_whose_reset_fails_leaves_the_journal_read_only_and_whole() {
+        use crate::storage::io::{SimFault, SimOp};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let disk = Arc::new(SimDisk::new());
+        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+        let (mut j, _) =
+            Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
+        j.append(b"a").expect("append");
+        j.append(b"b").expect("append");
+        j.sync().expect("sync");
+        // The sync of the journal's reset after the snapshot fails.
+        let armed = Arc::new(AtomicBool::new(true));
+        let weak = Arc::downgrade(&disk);
+        let fire = Arc::clone(&armed);
+        disk.set_hook(Some(Arc::new(move |op, path: &Path| {
+            if op == SimOp::SyncData
+                && path == Path::new("/g/group.journal")
+                && fire.swap(false, Ordering::SeqCst)
+                && let Some(d) = weak.upgrade()
+            {
+                d.set_fault(SimFault::SyncError, true);
+            }
+        })));
+        assert!(j.snapshot(b"ab").is_err(), "the failed sync is reported");
+        disk.set_fault(SimFault::SyncError, false);
+        disk.set_hook(None);
+        assert!(j.is_read_only(), "a failed sync is never retried");
+        assert!(j.append(b"c").is_err(), "nothing more is appended");
+        let point = j.recovery_point();
+        drop(j);
+        let (_, replayed) = Journal::open_checked(
+            storage,
+            Path::new("/g"),
+            "group",
+            JournalRecovery {
+                base_seq: point.0,
+                synced_len: point.1,
+                mode: RecoveryMode::TolerateTornTail,
+            },
+        )
+        .expect("the journal opens");
+        assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab"[..]));
+    }
+
+    #[test]
+    fn skip_damaged_over_damage_and_a_torn_tail_leaves_a_journal_that_opens() {
+        let disk = Arc::new(SimDisk::new());
+        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+        let (mut j, _) =
+            Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
+        for e in [&b"first"[..], b"second", b"third"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        j.append(b"fourth-entry-torn").expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        let path = Path::new("/g/group.journal");
+        let len = disk.read_file(path).expect("read").len() as u64;
+        let h = record::HEADER_LEN as u64;
+        // Damage in the second entry, below the recovery point; the last
+        // entry, past it, torn.
+        disk.damage(path, h + 5 + h + 2, &[0xFF]).expect("damage");
+        disk.damage(path, len - 1, &[0xEE]).expect("tear");
+        let recovery = |(base_seq, synced_len): (u64, u64), mode| JournalRecovery {
+            base_seq,
+            synced_len,
+            mode,
+        };
+        let (mut j, replayed) = Journal::open_checked(
+            Arc::clone(&storage),
+            Path::new("/g"),
+            "group",
+            recovery(point, RecoveryMode::SkipDamaged),
+        )
+        .expect("opens, skipping the damage");
+        assert_eq!(replayed.entries, [b"first".to_vec(), b"third".to_vec()]);
+        assert!(
+            replayed.truncated.as_ref().is_some_and(|t| t.dropped < len),
+            "{:?}",
+            replayed.truncated
+        );
+        j.append(b"fifth").expect("append");
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        let (_, replayed) = Journal::open_checked(
+            storage,
+            Path::new("/g"),
+            "group",
+            recovery(point, RecoveryMode::TolerateTornTail),
+        )
+        .expect("the repaired journal opens in the default mode");
+        assert_eq!(
+            replayed.entries,
+            [b"first".to_vec(), b"third".to_vec(), b"fifth".to_vec()]
+        );
     }
 }
