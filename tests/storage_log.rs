@@ -723,3 +723,73 @@ fn a_seal_cut_short_is_a_note_for_verify_and_no_damage_for_the_broker() {
         "every confirmed message is there"
     );
 }
+
+/// A record cut at the end of the file (a power cut before the sync that
+/// made the file's new length durable) is a torn tail, even when its value
+/// holds bytes that read as a valid record of a later offset (a message
+/// carrying a piece of another spool log): the log ends before it, and no
+/// record from inside the value enters the log.
+#[test]
+fn a_record_cut_at_the_end_of_the_file_is_a_torn_tail_whatever_its_value_holds() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let disk: Arc<dyn Storage> = Arc::new(OsStorage);
+    let cfg = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    // The last of 50 equal records of another log (offset 49).
+    let other = tmp.path().join("other");
+    let o = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &other,
+        cfg.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open other");
+    for _ in 0..50 {
+        o.append(&[NewMessage::from_value("x".repeat(20))])
+            .expect("append");
+    }
+    drop(o);
+    let other_bytes = std::fs::read(other.join("00000000000000000000.log")).expect("read");
+    let record = spool::storage::record::HEADER_LEN + 20;
+    let embedded = other_bytes[49 * record..50 * record].to_vec();
+
+    let dir = tmp.path().join("t");
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &dir,
+        cfg.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    for _ in 0..5 {
+        log.append(&[NewMessage::from_value("y".repeat(20))])
+            .expect("append");
+    }
+    let mut value = vec![b'p'; 100];
+    value.extend_from_slice(&embedded);
+    value.extend_from_slice(&[b'q'; 8000]);
+    log.append(&[NewMessage::from_value(value)])
+        .expect("append the carrier");
+    drop(log);
+    // The file's length as it was durable before the last record's end:
+    // the record is cut just past the embedded one.
+    let cut_at = (5 * record + spool::storage::record::HEADER_LEN + 100 + record + 10) as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("00000000000000000000.log"))
+        .expect("open segment")
+        .set_len(cut_at)
+        .expect("cut");
+    let log = spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default())
+        .expect("a torn tail opens in the default mode");
+    assert_eq!(log.end().0, 5, "the torn record is cut");
+    let offsets: Vec<u64> = log
+        .read(Offset(0), 100, 1 << 20)
+        .expect("read")
+        .iter()
+        .map(|m| m.offset.0)
+        .collect();
+    assert_eq!(offsets, [0, 1, 2, 3, 4]);
+}

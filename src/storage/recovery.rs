@@ -362,7 +362,9 @@ pub(crate) fn scan(
 /// The search starts past the bytes the record at `from` claims when its
 /// header is plausible: a torn record's own value may hold bytes that read
 /// as a valid record (a message carrying a spool segment, say), which must
-/// not pass for records after the tear. It never starts within
+/// not pass for records after the tear; for the same reason a plausible
+/// header claiming more than `data` holds leaves nothing after it (the
+/// record was cut at the end of the file). It never starts within
 /// [`HEADER_LEN`] of `from`, so a filler always fits the range before it.
 pub(crate) fn find_next_valid(
     data: &[u8],
@@ -372,7 +374,12 @@ pub(crate) fn find_next_valid(
     below: Option<u64>,
 ) -> Option<(u64, u64)> {
     let from = from as usize;
-    let skip = record::claimed_len(data.get(from..)?, max_len).unwrap_or(HEADER_LEN);
+    let rest = data.get(from..)?;
+    let skip = match record::header_claims(rest, max_len) {
+        Some(len) if len > rest.len() => return None,
+        Some(len) => len,
+        None => HEADER_LEN,
+    };
     let mut at = from + skip;
     while at < data.len() {
         let hit = data[at..].iter().position(|&b| b == RECORD_MAGIC)?;
