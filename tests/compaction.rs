@@ -1249,3 +1249,35 @@ fn a_group_below_deletions_compaction_removed_does_not_count_them() {
         live.len() as u64
     );
 }
+
+/// A compaction pass whose copy fails (here its sync) removes the copy at
+/// once: on a full disk its blocks are what the pass was to free.
+#[test]
+fn a_compaction_copy_that_fails_is_removed_at_once() {
+    let disk = Arc::new(SimDisk::new());
+    let reg = registry(disk.clone(), "/data");
+    let topic = reg.create_topic("t", small_segments()).expect("topic");
+    let mut live = BTreeMap::new();
+    produce_and_delete(&topic, 100, |o| o % 2 == 0, &mut live).expect("produce");
+    let weak = Arc::downgrade(&disk);
+    disk.set_hook(Some(Arc::new(move |op, path: &Path| {
+        if op == SimOp::SyncData
+            && path.to_string_lossy().ends_with(".cleaned")
+            && let Some(d) = weak.upgrade()
+        {
+            d.set_fault(SimFault::SyncError, true);
+        }
+    })));
+    let failed = reg.compact(Some("t"), &mut |_| {});
+    disk.set_hook(None);
+    disk.set_fault(SimFault::SyncError, false);
+    assert!(failed.is_err(), "the failed copy is reported");
+    let left: Vec<String> = disk
+        .list_dir(topic.dir())
+        .expect("list")
+        .into_iter()
+        .filter(|f| f.ends_with(".cleaned"))
+        .collect();
+    assert!(left.is_empty(), "copies left: {left:?}");
+    assert_eq!(values(&topic), live, "nothing lost");
+}

@@ -272,28 +272,14 @@ impl Log {
         Ok(())
     }
 
-    /// Copies the live records of `run` into a new file and swaps it in for
-    /// the run's segments. Returns the new size, or `None` if a segment of
-    /// the run went away meanwhile (retention).
-    fn rewrite(&self, run: &[Scanned], until: u64) -> Result<Option<u64>> {
-        let Some(first) = run.first() else {
-            return Ok(None);
-        };
-        let storage = &**self.storage();
-        let dir = self.dir();
-        let base = first.segment.base();
-        let paths = first.segment.paths().clone();
-        let cleaned = with_suffix(&paths.log, CLEANED_SUFFIX);
-        let swap = swap_path(&paths.log, until);
-        if storage.exists(&cleaned) {
-            storage
-                .remove_file(&cleaned)
-                .ctx(|| format!("removing {}", cleaned.display()))?;
-        }
-        let file = storage
-            .open(&cleaned, OpenMode::CreateNew)
-            .ctx(|| format!("creating {}", cleaned.display()))?;
-        let total: u64 = run.iter().map(Scanned::live_bytes).sum();
+    /// Writes the live records of `run` (`total` bytes) into `file` (the
+    /// copy at `cleaned`) and syncs it.
+    fn copy_live(
+        file: &dyn crate::storage::io::StorageFile,
+        run: &[Scanned],
+        total: u64,
+        cleaned: &std::path::Path,
+    ) -> Result<()> {
         file.allocate(total)
             .ctx(|| format!("reserving space for {}", cleaned.display()))?;
         let mut buf = Vec::with_capacity(COPY_CHUNK.min(total as usize));
@@ -317,8 +303,42 @@ impl Log {
         file.write_at(at, &buf)
             .ctx(|| format!("writing {}", cleaned.display()))?;
         file.sync_data()
-            .ctx(|| format!("syncing {}", cleaned.display()))?;
+            .ctx(|| format!("syncing {}", cleaned.display()))
+    }
+
+    /// Copies the live records of `run` into a new file and swaps it in for
+    /// the run's segments. Returns the new size, or `None` if a segment of
+    /// the run went away meanwhile (retention).
+    fn rewrite(&self, run: &[Scanned], until: u64) -> Result<Option<u64>> {
+        let Some(first) = run.first() else {
+            return Ok(None);
+        };
+        let storage = &**self.storage();
+        let dir = self.dir();
+        let base = first.segment.base();
+        let paths = first.segment.paths().clone();
+        let cleaned = with_suffix(&paths.log, CLEANED_SUFFIX);
+        let swap = swap_path(&paths.log, until);
+        if storage.exists(&cleaned) {
+            storage
+                .remove_file(&cleaned)
+                .ctx(|| format!("removing {}", cleaned.display()))?;
+        }
+        let file = storage
+            .open(&cleaned, OpenMode::CreateNew)
+            .ctx(|| format!("creating {}", cleaned.display()))?;
+        let total: u64 = run.iter().map(Scanned::live_bytes).sum();
+        let copied = Self::copy_live(&*file, run, total, &cleaned);
         drop(file);
+        if let Err(e) = copied {
+            // The copy's blocks go back at once: on a full disk they are
+            // what the pass was to free.
+            if let Err(removed) = storage.remove_file(&cleaned) {
+                tracing::warn!(file = %cleaned.display(), error = %removed,
+                    "could not remove an unfinished compaction copy; the next pass or open does");
+            }
+            return Err(e);
+        }
         storage
             .rename(&cleaned, &swap)
             .ctx(|| format!("renaming {}", cleaned.display()))?;

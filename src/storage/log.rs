@@ -1177,7 +1177,9 @@ impl Log {
         // The index is a hint that the next open checks and rebuilds: failing to
         // write it (a full disk) must not fail the seal, which would poison the
         // log for good over a condition that clears.
-        if let Err(e) = recovery::write_index(&*self.storage, seg.paths(), seg.base(), &index) {
+        if let Err(e) =
+            recovery::write_index(&*self.storage, seg.paths(), seg.base(), &index, false)
+        {
             tracing::warn!(file = %seg.paths().idx.display(), error = %e,
                 "could not write the index of a sealed segment; the next open rebuilds it");
         }

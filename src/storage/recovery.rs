@@ -277,7 +277,10 @@ pub fn open_segment(
     if loaded.as_ref() != Some(&index) {
         // A hint: one a full disk has no room for costs the next open this
         // scan again, nothing more.
-        match write_index(storage, &paths, base, &index) {
+        // Durable: entries an earlier power cut left (of records it took,
+        // written again since at the same places) must not come back with
+        // a later one, and pass their checks for the new records.
+        match write_index(storage, &paths, base, &index, true) {
             Err(e @ Error::Full { .. }) => {
                 tracing::warn!(file = %paths.idx.display(), error = %e,
                     "index not written; the next open rebuilds it again");
@@ -603,6 +606,7 @@ pub fn write_index(
     paths: &SegmentPaths,
     base: u64,
     index: &SegmentIndex,
+    durable: bool,
 ) -> Result<()> {
     for (path, bytes) in [
         (&paths.idx, index.encode_offsets(0)),
@@ -615,6 +619,10 @@ pub fn write_index(
             .ctx(|| format!("truncating {}", path.display()))?;
         file.write_at(0, &bytes)
             .ctx(|| format!("writing {}", path.display()))?;
+        if durable {
+            file.sync_data()
+                .ctx(|| format!("syncing {}", path.display()))?;
+        }
     }
     Ok(())
 }
