@@ -843,3 +843,42 @@ fn an_index_rebuilt_at_open_survives_a_power_cut() {
         "the rebuilt index is what the disk holds after a power cut"
     );
 }
+
+/// `segment_ms` counts a segment's age from its first record, not from the
+/// last open: a topic reopened (an idle close, a restart) more often than
+/// `segment_ms` still rolls, so retention can drop its old records.
+#[test]
+fn segment_ms_counts_from_the_first_record_across_a_reopen() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let cfg = LogConfig {
+        segment_ms: Some(60_000),
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let open = || {
+        spool::storage::Log::open(
+            Arc::clone(&disk),
+            "/t",
+            cfg.clone(),
+            RecoveryMode::default(),
+        )
+        .expect("open")
+    };
+    let log = open();
+    // Written two minutes ago (the producer's timestamp says so).
+    let mut old = NewMessage::from_value("old");
+    old.timestamp_ms = Some(spool::storage::log::now_ms() - 120_000);
+    log.append(&[old]).expect("append");
+    log.append(&[NewMessage::from_value("new")])
+        .expect("append");
+    assert_eq!(log.stats().segments, 1, "a new segment is young");
+    log.close().expect("close");
+    let log = open();
+    log.append(&[NewMessage::from_value("after the reopen")])
+        .expect("append");
+    assert_eq!(
+        log.stats().segments,
+        2,
+        "the segment, two minutes old, rolled"
+    );
+}

@@ -171,7 +171,10 @@ struct Active {
     /// one (which makes the size and its blocks durable) rather than a
     /// sync of their range.
     durable_size: u64,
-    opened_at: Instant,
+    /// When the segment's first record was written (wall clock, ms), or
+    /// when the segment was created while it holds none: its age for
+    /// `segment_ms`, which a reopen does not reset.
+    started_ms: u64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -823,7 +826,7 @@ impl Log {
     fn segment_too_old(&self, active: &Active) -> bool {
         self.config
             .segment_ms
-            .is_some_and(|ms| active.opened_at.elapsed() >= Duration::from_millis(ms))
+            .is_some_and(|ms| now_ms().saturating_sub(active.started_ms) >= ms)
     }
 
     /// Encodes `msgs` (whose record lengths are `lens`) into the writer's
@@ -1513,6 +1516,16 @@ impl Active {
             .ctx(|| format!("mapping {}", paths.log.display()))?;
         let (idx_persisted, tix_persisted) =
             (index.offset_entries().len(), index.time_entries().len());
+        // A reopened segment is as old as its first record (a producer's
+        // timestamp in the future counts as now).
+        let started_ms = match end_position {
+            0 => None,
+            _ => map
+                .bytes(0, (record::HEADER_LEN as u64).min(end_position))
+                .ok()
+                .and_then(|head| record::header_timestamp(&head)),
+        }
+        .map_or_else(now_ms, |ts| ts.min(now_ms()));
         let segment = Arc::new(Segment::new(
             base,
             paths,
@@ -1539,7 +1552,7 @@ impl Active {
             // Durable as found: `Log::open` syncs the recovered file (a new
             // segment is empty).
             durable_size: allocated,
-            opened_at: Instant::now(),
+            started_ms,
         })
     }
 

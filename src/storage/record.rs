@@ -395,6 +395,15 @@ pub fn header_claims(buf: &[u8], max_len: u32) -> Option<usize> {
     (len <= max_len && len as usize >= HEADER_LEN).then_some(len as usize)
 }
 
+/// The timestamp in the record header at the start of `buf`, when one of
+/// a message (not a filler) starts there; its bytes are not checked.
+pub fn header_timestamp(buf: &[u8]) -> Option<u64> {
+    (buf.len() >= HEADER_LEN
+        && buf[MAGIC_AT] == RECORD_MAGIC
+        && buf[ATTRIBUTES_AT] & ATTR_FILLER == 0)
+        .then(|| u64_at(buf, TIMESTAMP_AT))
+}
+
 /// A filler record of exactly `len` bytes (>= [`HEADER_LEN`]) standing in for a
 /// quarantined range whose first lost offset is `offset`. Readers skip it.
 pub fn filler(len: usize, offset: u64, timestamp_ms: u64) -> Vec<u8> {
