@@ -882,3 +882,54 @@ fn segment_ms_counts_from_the_first_record_across_a_reopen() {
         "the segment, two minutes old, rolled"
     );
 }
+
+/// Retention frees room on a full disk: with no room for the checkpoint
+/// that leaves the dropped segments out, the checkpoint goes instead (as at
+/// an open on a full disk), and the segments after it.
+#[test]
+fn retention_frees_room_on_a_full_disk() {
+    use spool::storage::io::OpenMode;
+    let sim = Arc::new(SimDisk::new());
+    let disk: Arc<dyn Storage> = sim.clone();
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        retention_bytes: Some(4096),
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        "/t",
+        cfg.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    sim.set_capacity(Some(64 * 1024));
+    while log
+        .append(&[NewMessage::from_value("z".repeat(100))])
+        .is_ok()
+    {}
+    // Whatever room is left goes to another program.
+    disk.create_dir_all(std::path::Path::new("/other"))
+        .expect("dir");
+    let fill = disk
+        .open(std::path::Path::new("/other/fill"), OpenMode::CreateNew)
+        .expect("file");
+    let (mut size, mut step) = (0u64, 65536u64);
+    while step > 0 {
+        if fill.allocate(size + step).is_ok() {
+            size += step;
+        } else {
+            step /= 2;
+        }
+    }
+    let end = log.end();
+    let dropped = log.enforce_retention(u64::MAX / 2).expect("retention");
+    assert!(!dropped.is_empty(), "retention dropped segments");
+    log.append(&[NewMessage::from_value("after")])
+        .expect("room again");
+    drop(log);
+    let log = spool::storage::Log::open(Arc::clone(&disk), "/t", cfg, RecoveryMode::default())
+        .expect("reopen");
+    assert_eq!(log.end().0, end.0 + 1, "nothing after the start lost");
+}

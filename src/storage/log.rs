@@ -1374,9 +1374,25 @@ impl Log {
         let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
         self.note_dropping(&bases);
         // The manifest forgets the segments before their files go.
-        if let Err(e) = self.store_checkpoint_without(None, false, &bases) {
-            self.forget_dropping(&bases);
-            return Err(e);
+        match self.store_checkpoint_without(None, false, &bases) {
+            Ok(()) => {}
+            // No room for it on a full disk, where the drop is what frees
+            // room: the checkpoint goes instead (removing a file needs
+            // none), as at an open on a full disk; the log recovers as one
+            // without a checkpoint until the next is written (the broker
+            // writes one every second once there is room).
+            Err(e @ Error::Full { .. }) => {
+                if let Err(removed) = self.remove_checkpoint() {
+                    self.forget_dropping(&bases);
+                    return Err(removed);
+                }
+                tracing::warn!(log = %self.dir.display(), error = %e,
+                    "no room for a checkpoint: retention drops segments without one");
+            }
+            Err(e) => {
+                self.forget_dropping(&bases);
+                return Err(e);
+            }
         }
         self.set_segments(segments[dropped..].to_vec());
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -1384,6 +1400,16 @@ impl Log {
         self.remove_dropped(&segments[..dropped])?;
         tracing::info!(log = %self.dir.display(), segments = dropped, "retention dropped segments");
         Ok(bases.into_iter().map(Offset).collect())
+    }
+
+    /// Removes the checkpoint, durably, if there is one.
+    fn remove_checkpoint(&self) -> Result<()> {
+        let mut state = self.lock_checkpoint();
+        if self.storage.exists(&super::checkpoint::path(&self.dir)) {
+            Checkpoint::remove(&*self.storage, &self.dir)?;
+        }
+        state.written = None;
+        Ok(())
     }
 
     /// The lowest offset a power cut now could bring back into the log: its
