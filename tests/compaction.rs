@@ -1281,3 +1281,37 @@ fn a_compaction_copy_that_fails_is_removed_at_once() {
     assert!(left.is_empty(), "copies left: {left:?}");
     assert_eq!(values(&topic), live, "nothing lost");
 }
+
+/// A pass over every topic compacts every topic it can: damage in one
+/// (found as its records are copied) fails that one, reported, and keeps
+/// none of the others from their pass.
+#[test]
+fn a_damaged_topic_does_not_keep_the_others_from_a_pass_over_every_topic() {
+    let disk = Arc::new(SimDisk::new());
+    let reg = registry(disk.clone(), "/data");
+    let mut topics = Vec::new();
+    for name in ["a", "t", "z"] {
+        let topic = reg.create_topic(name, small_segments()).expect("topic");
+        let mut live = BTreeMap::new();
+        produce_and_delete(&topic, 60, |o| o % 3 == 0, &mut live).expect("produce");
+        topics.push((topic, live));
+    }
+    // A flipped byte in a value of topic t's first (sealed) segment.
+    let damaged = topics[1].0.dir().join("00000000000000000000.log");
+    disk.damage(&damaged, 40, b"#").expect("damage");
+    let failed = reg.compact(None, &mut |_| {});
+    assert!(
+        matches!(&failed, Err(e) if e.to_string().contains("00000000000000000000.log")),
+        "{failed:?}"
+    );
+    for (name, (topic, live)) in ["a", "z"].iter().zip([&topics[0], &topics[2]]) {
+        assert_eq!(&values(topic), live, "topic {name}");
+        let again = reg.compact(Some(name), &mut |_| {}).expect("compact again");
+        let stats = &again[0].1;
+        assert_eq!(
+            stats.segments_rewritten + stats.segments_deleted,
+            0,
+            "topic {name} was compacted by the first pass: {stats:?}"
+        );
+    }
+}

@@ -1085,6 +1085,7 @@ impl Registry {
         };
         let now = crate::storage::log::now_ms();
         let mut out = Vec::with_capacity(names.len());
+        let mut failed = None;
         for name in names {
             // One topic open at a time: a closed one is closed again after.
             let was_open = self.open_topic(&name).is_some();
@@ -1092,14 +1093,24 @@ impl Registry {
             if !was_open {
                 self.close_unused(&name);
             }
-            let stats = match stats {
+            match stats {
+                Ok(stats) => out.push((name, stats)),
                 // Deleted meanwhile: nothing left to compact.
-                Err(Error::TopicNotFound(_)) if topic.is_none() => continue,
-                other => other?,
-            };
-            out.push((name, stats));
+                Err(Error::TopicNotFound(_)) if topic.is_none() => {}
+                Err(e) if topic.is_none() => {
+                    // One topic's failure (damage, a full disk) does not
+                    // keep the others from their pass.
+                    tracing::error!(topic = %name, error = %e,
+                        "compaction of a topic failed; the other topics are compacted");
+                    failed.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(out)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// Appends dead letters to the topic `name` (created if missing) and

@@ -105,12 +105,20 @@ impl Scanned {
             let r = match record::decode(&data[pos..], u32::MAX) {
                 Ok(Frame::Record(r)) => r,
                 other => {
+                    // The record's own bytes when its header is plausible.
+                    let end = record::claimed_len(&data[pos..], u32::MAX)
+                        .map_or(data.len(), |len| pos + len);
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "zeros where a record belongs".to_owned(),
+                    };
                     return Err(Error::corruption(Corruption {
                         file: segment.paths().log.clone(),
-                        bytes: pos as u64..data.len() as u64,
+                        bytes: pos as u64..end as u64,
                         offsets: None,
                         detail: format!(
-                            "compaction found a record that does not validate: {other:?}"
+                            "compaction found a record that does not validate ({why}); \
+                             the pass stops there and leaves this segment as it was"
                         ),
                     }));
                 }
