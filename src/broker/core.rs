@@ -1027,27 +1027,38 @@ impl Broker {
         let name = source.config().dead_letter_topic(source.name());
         let offsets: Vec<Offset> = letters.iter().map(|d| d.offset).collect();
         let messages: Vec<NewMessage> = letters.into_iter().map(|d| d.message).collect();
-        let (handed, refused) = match self.append_dead_letters(&name, messages.clone()).await {
-            Ok(()) => (offsets, None),
-            // Only a refusal (nothing written) is tried letter by letter:
-            // after any other failure part of the batch may be stored.
-            Err(e) if offsets.len() == 1 || !matches!(e, Error::InvalidArgument(_)) => {
-                (Vec::new(), Some((offsets[0], e)))
-            }
-            Err(_) => {
-                let mut handed = Vec::new();
-                let mut refused = None;
-                for (offset, message) in offsets.into_iter().zip(messages) {
-                    match self.append_dead_letters(&name, vec![message]).await {
-                        Ok(()) => handed.push(offset),
-                        Err(e) => {
-                            refused.get_or_insert((offset, e));
+        let (handed, failed, refused) =
+            match self.append_dead_letters(&name, messages.clone()).await {
+                Ok(()) => (offsets, Vec::new(), None),
+                // Only a refusal (nothing written) is tried letter by letter:
+                // after any other failure part of the batch may be stored.
+                Err(e) if offsets.len() == 1 || !matches!(e, Error::InvalidArgument(_)) => {
+                    (Vec::new(), offsets.clone(), Some((offsets[0], e)))
+                }
+                Err(_) => {
+                    let (mut handed, mut failed) = (Vec::new(), Vec::new());
+                    let mut refused = None;
+                    for (offset, message) in offsets.into_iter().zip(messages) {
+                        match self.append_dead_letters(&name, vec![message]).await {
+                            Ok(()) => handed.push(offset),
+                            Err(e) => {
+                                failed.push(offset);
+                                refused.get_or_insert((offset, e));
+                            }
                         }
                     }
+                    (handed, failed, refused)
                 }
-                (handed, refused)
+            };
+        if !failed.is_empty() {
+            // Held from other reads while the hand-off ran: due again after
+            // a lease time, to be tried again.
+            let (s, g) = (Arc::clone(&source), group.to_owned());
+            if let Err(e) = blocking(move || s.retry_dead_letters(&g, &failed, now_ms())).await {
+                tracing::warn!(topic = source.name(), group, error = %e,
+                    "dead letters not handed off stay held until the hold runs out");
             }
-        };
+        }
         let count = handed.len();
         if count > 0 {
             let (s, g) = (Arc::clone(&source), group.to_owned());
@@ -1282,17 +1293,23 @@ impl Broker {
     /// the client (its token may no longer read them): as for a read
     /// nobody took, those deliveries do not count toward `max_deliveries`.
     /// Replay and stream-group messages lease nothing and are passed by.
-    pub fn give_back(&self, topic: &str, group: &str, member: &str, messages: Deliveries) {
+    /// Returns once they are given back (before anything else of the
+    /// caller's, such as giving back all its member holds, counted).
+    pub async fn give_back(&self, topic: &str, group: &str, member: &str, messages: Deliveries) {
         if messages.iter().all(|d| d.delivery() == 0) {
             return;
         }
-        drop(Leased {
-            broker: self.clone(),
-            topic: topic.to_owned(),
-            group: group.to_owned(),
-            member: member.to_owned(),
-            deliveries: Some(messages),
-        });
+        let leased = messages
+            .iter()
+            .map(|d| (d.offset(), d.delivery()))
+            .collect();
+        let released = self
+            .release(topic, group, member, Release::Unread(leased))
+            .await;
+        if let Err(e) = released {
+            tracing::debug!(topic, group, error = %e,
+                "giving back the leases of messages never sent");
+        }
     }
 
     /// Gives back every lease `member` holds in queue group `group` of

@@ -154,11 +154,12 @@ impl Subscription {
 
     /// Gives back `messages`, which this subscription read but never
     /// handed to its client (see [`Broker::give_back`]).
-    pub fn give_back(&self, messages: Deliveries) {
+    pub async fn give_back(&self, messages: Deliveries) {
         if let Target::Queue(group) = &self.reader.target {
             let topic = self.runtime.topic().name();
             self.broker
-                .give_back(topic, group, &self.reader.member, messages);
+                .give_back(topic, group, &self.reader.member, messages)
+                .await;
         }
     }
 

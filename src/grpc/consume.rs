@@ -86,7 +86,7 @@ impl Consuming {
                         // none of these goes out, and they are given back
                         // at once, uncounted.
                         if let Err(e) = self.principal.allow(Access::Topic(Operation::Consume, &self.topic)) {
-                            self.broker.give_back(&self.topic, &self.group, &self.member, m);
+                            self.broker.give_back(&self.topic, &self.group, &self.member, m).await;
                             break End::Failed(self.status(&e));
                         }
                         // Leased now: given back however the stream ends. An

@@ -233,7 +233,7 @@ impl Pushing {
                     .allow(Access::Topic(Operation::Consume, &self.topic))
             {
                 if let Some(Ok(Event::Messages(m))) = event {
-                    self.subscription.give_back(m);
+                    self.subscription.give_back(m).await;
                 }
                 self.done = true;
                 return Some(Err(self.status(&e)));
@@ -323,7 +323,8 @@ impl Spool for Service {
         {
             if let Some(group) = group {
                 self.broker
-                    .give_back(&topic, &group, &member, fetched.messages);
+                    .give_back(&topic, &group, &member, fetched.messages)
+                    .await;
             }
             return Err(self.status(e));
         }

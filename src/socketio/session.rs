@@ -1460,7 +1460,9 @@ async fn pump_queue(
         // reload took the token's `consume`) or is gone: given back at
         // once, uncounted.
         if !out.may_push(&room, Some(&group)).await {
-            sub.give_back(deliveries);
+            // Before the pump ends: its end gives back, counted, all the
+            // member still holds.
+            sub.give_back(deliveries).await;
             return;
         }
         // Leased now: each is pending before anything goes out, so a push

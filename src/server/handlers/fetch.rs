@@ -35,7 +35,9 @@ pub(in crate::server) async fn fetch(
             .allow(Access::Topic(Operation::Consume, &topic))
     {
         if let Some(group) = group {
-            broker.give_back(&topic, &group, &member, fetched.messages);
+            broker
+                .give_back(&topic, &group, &member, fetched.messages)
+                .await;
         }
         return Err(wire(conn)(e));
     }
@@ -156,7 +158,7 @@ async fn push_all(
     while let Some(event) = subscription.next().await {
         if let Err(e) = allowed() {
             if let Ok(Event::Messages(m)) = event {
-                subscription.give_back(m);
+                subscription.give_back(m).await;
             }
             let _ = out.send(ended(id, wire(e))).await;
             return;
