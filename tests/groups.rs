@@ -2064,3 +2064,47 @@ fn a_read_nobody_took_gives_its_messages_back_uncounted() {
     let deliveries: Vec<u32> = taken.deliveries.iter().map(|d| d.delivery).collect();
     assert_eq!(deliveries, [1, 1, 1, 1], "after a power cut too");
 }
+
+/// A message on its way to the dead-letter topic is held from other reads
+/// until its hand-off completes it, however long past a lease time that
+/// takes: a second read must not dead-letter it again. A hand-off that
+/// fails makes it due again after a lease time.
+#[test]
+fn a_dead_letter_under_way_is_held_from_other_reads() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 1_000))
+        .expect("create topic");
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    produce(&topic, 0, 1);
+    let now = now_ms();
+    let first = topic
+        .fetch_queue("workers", "w1", 10, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1, "delivery 1");
+    // The lease runs out: past max_deliveries, it goes to dead letters.
+    let second = topic
+        .fetch_queue("workers", "w2", 10, NO_BYTE_LIMIT, now + 1_001)
+        .expect("fetch");
+    assert_eq!(second.dead_letters.len(), 1, "dead-lettered");
+    // Its hand-off still under way a lease time later: not again.
+    let third = topic
+        .fetch_queue("workers", "w3", 10, NO_BYTE_LIMIT, now + 3_000)
+        .expect("fetch");
+    assert!(
+        third.dead_letters.is_empty() && third.deliveries.is_empty(),
+        "dead-lettered a second time: {:?}",
+        third.dead_letters
+    );
+    // The hand-off failed: tried again after a lease time.
+    topic
+        .retry_dead_letters("workers", &as_offsets(&[0]), now + 3_000)
+        .expect("retry");
+    let again = topic
+        .fetch_queue("workers", "w4", 10, NO_BYTE_LIMIT, now + 4_001)
+        .expect("fetch");
+    assert_eq!(again.dead_letters.len(), 1, "tried again");
+}

@@ -1177,8 +1177,18 @@ impl Registry {
                 .iter()
                 .map(|d| d.message.clone())
                 .collect();
-            let dlq = self.hand_off(&source.config().dead_letter_topic(topic), &messages)?;
             let offsets: Vec<_> = fetch.dead_letters.iter().map(|d| d.offset).collect();
+            let dlq = match self.hand_off(&source.config().dead_letter_topic(topic), &messages) {
+                Ok(dlq) => dlq,
+                Err(e) => {
+                    // Due again after a lease time, to be tried again.
+                    if let Err(held) = source.retry_dead_letters(group, &offsets, now) {
+                        tracing::warn!(topic, group, error = %held,
+                            "dead letters not handed off stay held until the hold runs out");
+                    }
+                    return Err(e);
+                }
+            };
             source.complete_dead_letters(group, &offsets)?;
             tracing::warn!(
                 topic,

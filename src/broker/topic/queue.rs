@@ -7,6 +7,11 @@ use super::*;
 use crate::storage::config::MAX_DURATION_MS;
 use std::collections::VecDeque;
 
+/// Longest a message on its way to the dead-letter topic is held from
+/// other reads when its hand-off neither completes nor fails it (see
+/// [`Topic::retry_dead_letters`]).
+const DEAD_LETTER_HOLD_MS: u64 = 10 * 60 * 1000;
+
 impl Topic {
     /// Queue group: leases up to `max` messages to `member` — redeliveries that
     /// are due first, then new messages in offset order.
@@ -196,7 +201,7 @@ impl Topic {
             let o = m.offset.0;
             let deliveries = g.deliveries(o);
             // As for max_deliveries below: pending until the hand-off completes it.
-            g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+            g.defer(o, self.dead_letter_hold(now));
             let reason = format!(
                 "too large for the frame limit: {size} bytes of key, headers and value; a delivery carries at most {} (max_frame_bytes)",
                 limits.message_bytes
@@ -231,10 +236,11 @@ impl Topic {
                     });
                 }
                 Decision::DeadLetter { deliveries } => {
-                    // Due again only after a lease time: the hand-off to the
-                    // dead-letter topic completes it well before, and a
-                    // concurrent fetch must not dead-letter it a second time.
-                    g.defer(o, now.saturating_add(self.config.ack_timeout_ms));
+                    // Held while the hand-off to the dead-letter topic runs,
+                    // which completes it (or, failing, makes it due again
+                    // after a lease time): a concurrent fetch must not
+                    // dead-letter it a second time, however slow the hand-off.
+                    g.defer(o, self.dead_letter_hold(now));
                     out.dead_letters.push(DeadLetter {
                         offset: Offset(o),
                         message: self.dead_letter(group, m, deliveries, "max_deliveries exceeded"),
@@ -243,6 +249,30 @@ impl Topic {
             }
         }
         Ok(())
+    }
+
+    /// Until when a message on its way to the dead-letter topic is held
+    /// from other reads: [`DEAD_LETTER_HOLD_MS`], or a lease time if
+    /// longer. Only a hand-off that neither completes nor fails it (a read
+    /// cut off by a crash) leaves it for that long.
+    fn dead_letter_hold(&self, now: u64) -> u64 {
+        now.saturating_add(self.config.ack_timeout_ms.max(DEAD_LETTER_HOLD_MS))
+    }
+
+    /// Queue group: dead letters whose hand-off failed (see
+    /// [`Topic::complete_dead_letters`]) are due again after a lease time,
+    /// and tried again then.
+    pub fn retry_dead_letters(&self, group: &str, offsets: &[Offset], now: u64) -> Result<()> {
+        let _pass = self.enter()?;
+        self.with_group(group, |g| {
+            self.check_queue(g)?;
+            for o in offsets {
+                if !g.is_done(o.0) {
+                    g.defer(o.0, now.saturating_add(self.config.ack_timeout_ms));
+                }
+            }
+            Ok(())
+        })
     }
 
     fn dead_letter(&self, group: &str, m: Message, deliveries: u32, reason: &str) -> NewMessage {
