@@ -636,3 +636,17 @@ fn consume_into_a_closed_pipe_settles_exactly_what_it_took() {
     assert_eq!(group["pending"], 0, "{group}");
     assert_eq!(group["lag"].as_u64(), Some(5 - committed), "{group}");
 }
+
+/// `spool token create` with a bad name or pattern is a usage error
+/// (exit 2, as clap's own are), naming what is wrong.
+#[test]
+fn token_create_with_bad_arguments_is_a_usage_error() {
+    for (args, says) in [
+        (&["token", "create", ""][..], "name is empty"),
+        (&["token", "create", "t", "--produce", "a*b"][..], "a*b"),
+    ] {
+        let out = spool("127.0.0.1:1", args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}

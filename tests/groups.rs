@@ -2108,3 +2108,21 @@ fn a_dead_letter_under_way_is_held_from_other_reads() {
         .expect("fetch");
     assert_eq!(again.dead_letters.len(), 1, "tried again");
 }
+
+/// An empty group name (sent where no group was meant) is named as such.
+#[test]
+fn an_empty_group_name_is_named_in_its_error() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    registry
+        .create_topic("jobs", config(FsyncPolicy::Always))
+        .expect("create topic");
+    let err = registry
+        .fetch_queue("jobs", "", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect_err("no such group");
+    let text = err.to_string();
+    assert!(
+        text.contains("group \"\" of topic jobs") && text.contains("leave group unset"),
+        "{text}"
+    );
+}

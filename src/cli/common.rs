@@ -130,6 +130,10 @@ impl From<ClientError> for CliError {
             ClientError::Status {
                 code: code @ spool::protocol::pb::Code::Unauthenticated,
                 message,
+            } if message.contains("--token") => CliError::runtime(format!("{message} ({code:?})")),
+            ClientError::Status {
+                code: code @ spool::protocol::pb::Code::Unauthenticated,
+                message,
             } => CliError::runtime(format!(
                 "{message} ({code:?}); pass a valid token with --token or SPOOL_TOKEN"
             )),

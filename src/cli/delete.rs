@@ -20,10 +20,11 @@ pub fn run(args: DeleteArgs) -> CliResult {
     block_on(async {
         let client = connect(&args.server).await?;
         client.delete(&args.topic, &args.offsets).await?;
-        // Each offset once, however often it was named.
+        // Each offset once, however often it was named; one deleted before
+        // is deleted still (a delete is idempotent).
         let offsets: std::collections::BTreeSet<u64> = args.offsets.iter().copied().collect();
         outln!(
-            "deleted {} message(s) of topic {}",
+            "{} offset(s) of topic {} now deleted",
             offsets.len(),
             args.topic
         );

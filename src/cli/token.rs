@@ -1,7 +1,7 @@
 //! `spool token create`: a new secret for the auth file of `spool serve
 //! --auth`, printed once with the entry that grants it its permissions.
 
-use super::common::CliResult;
+use super::common::{CliError, CliResult};
 use clap::{Args, Subcommand};
 use spool::security::auth::{self, Pattern, TokenEntry};
 
@@ -35,11 +35,12 @@ pub struct CreateArgs {
 /// Runs the command.
 pub fn run(cmd: TokenCommand) -> CliResult {
     let TokenCommand::Create(args) = cmd;
+    // Bad arguments are usage errors (exit 2), as clap's own are.
     if args.name.trim().is_empty() {
-        return Err(spool::Error::InvalidArgument("the token's name is empty".into()).into());
+        return Err(CliError::usage("the token's name is empty"));
     }
     for p in args.produce.iter().chain(&args.consume).chain(&args.admin) {
-        Pattern::parse(p)?;
+        Pattern::parse(p).map_err(|e| CliError::usage(e.to_string()))?;
     }
     let secret = auth::new_secret()?;
     let entry = TokenEntry {

@@ -310,6 +310,11 @@ impl Auth {
     /// Reads the auth file at `path`.
     pub fn load(path: &Path) -> Result<Auth> {
         let tokens = read(path)?;
+        match tokens.0.len() {
+            0 => tracing::warn!(file = %path.display(),
+                "the auth file holds no token: every client is refused until one is added (then SIGHUP)"),
+            n => tracing::info!(file = %path.display(), tokens = n, "auth file loaded"),
+        }
         Ok(Auth {
             inner: Some(Arc::new(Inner {
                 path: path.to_owned(),

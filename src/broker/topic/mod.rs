@@ -457,10 +457,15 @@ impl Topic {
     /// The group `name` of `groups`.
     fn group(&self, groups: &Groups, name: &str) -> Result<Arc<Mutex<Group>>> {
         groups.get(name).cloned().ok_or_else(|| {
-            Error::GroupNotFound(format!(
-                "group {name} of topic {} does not exist",
-                self.name
-            ))
+            Error::GroupNotFound(if name.is_empty() {
+                format!(
+                    "group \"\" of topic {} does not exist: an empty group name is a name; \
+                     leave group unset to read without a group",
+                    self.name
+                )
+            } else {
+                format!("group {name} of topic {} does not exist", self.name)
+            })
         })
     }
 
