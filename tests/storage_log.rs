@@ -933,3 +933,45 @@ fn retention_frees_room_on_a_full_disk() {
         .expect("reopen");
     assert_eq!(log.end().0, end.0 + 1, "nothing after the start lost");
 }
+
+/// A quiet topic's records go once they are past `retention_ms`: its
+/// active segment rolls in a retention pass when it is `segment_ms` old,
+/// not only at the next write, and the pass drops it.
+#[test]
+fn a_quiet_segment_rolls_for_its_age_and_retention_drops_it() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let cfg = LogConfig {
+        segment_ms: Some(60_000),
+        retention_ms: Some(60_000),
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let open = || {
+        spool::storage::Log::open(
+            Arc::clone(&disk),
+            "/t",
+            cfg.clone(),
+            RecoveryMode::default(),
+        )
+        .expect("open")
+    };
+    let log = open();
+    // Written two minutes ago (its producer's timestamp), then nothing.
+    let mut old = NewMessage::from_value("old");
+    old.timestamp_ms = Some(spool::storage::log::now_ms() - 120_000);
+    log.append(&[old]).expect("append");
+    log.close().expect("close");
+    let log = open();
+    assert!(
+        log.retention_due_ms().is_some(),
+        "a closed topic's retention is due for the roll"
+    );
+    log.enforce_retention(spool::storage::log::now_ms())
+        .expect("retention");
+    assert_eq!(log.end().0, 1, "no offset is given again");
+    assert_eq!(log.start().0, 1, "the quiet record went");
+    assert!(
+        log.read(Offset(0), 10, 1 << 20).expect("read").is_empty(),
+        "nothing left to read"
+    );
+}

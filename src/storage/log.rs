@@ -171,10 +171,10 @@ struct Active {
     /// one (which makes the size and its blocks durable) rather than a
     /// sync of their range.
     durable_size: u64,
-    /// When the segment's first record was written (wall clock, ms), or
-    /// when the segment was created while it holds none: its age for
-    /// `segment_ms`, which a reopen does not reset.
-    started_ms: u64,
+    /// When the segment's first record was written (wall clock, ms; `None`
+    /// while it holds none): its age for `segment_ms`, which a reopen does
+    /// not reset.
+    started_ms: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -662,13 +662,22 @@ impl Log {
     pub fn retention_due_ms(&self) -> Option<u64> {
         let ms = self.config.retention_ms?;
         let segments = self.segments();
-        let oldest = segments.first().filter(|_| segments.len() > 1)?;
-        Some(
-            oldest
-                .max_timestamp_ms()
-                .saturating_add(ms)
-                .saturating_add(1),
-        )
+        let oldest = segments
+            .first()
+            .filter(|_| segments.len() > 1)
+            .map(|s| s.max_timestamp_ms().saturating_add(ms).saturating_add(1));
+        // The active segment, once `segment_ms` old, is rolled by a
+        // retention pass (see [`Log::enforce_retention_within`]).
+        let roll = self.config.segment_ms.and_then(|age| {
+            let active = segments.last()?;
+            let head = active.map().bytes(0, record::HEADER_LEN as u64).ok()?;
+            let first = record::header_timestamp(&head)?.min(now_ms());
+            Some(first.saturating_add(age).saturating_add(1))
+        });
+        match (oldest, roll) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Changes whenever records may have left the log other than by being
@@ -824,9 +833,11 @@ impl Log {
     }
 
     fn segment_too_old(&self, active: &Active) -> bool {
-        self.config
-            .segment_ms
-            .is_some_and(|ms| now_ms().saturating_sub(active.started_ms) >= ms)
+        self.config.segment_ms.is_some_and(|ms| {
+            active
+                .started_ms
+                .is_some_and(|t| now_ms().saturating_sub(t) >= ms)
+        })
     }
 
     /// Encodes `msgs` (whose record lengths are `lens`) into the writer's
@@ -897,6 +908,7 @@ impl Log {
             }
         });
         active.first_offset.get_or_insert(*next_offset);
+        active.started_ms.get_or_insert(now);
         *next_offset = offset;
     }
 
@@ -1329,7 +1341,7 @@ impl Log {
     ) -> Result<Vec<Offset>> {
         // Not while a compaction pass rewrites the same segments.
         let _pass = self.lock_compaction();
-        let w = self.lock_writer()?;
+        let mut w = self.lock_writer()?;
         // Nor while a swap left half-way waits for a restart: the segments
         // in memory are not those on disk.
         if !self
@@ -1339,6 +1351,16 @@ impl Log {
             .is_empty()
         {
             return Ok(Vec::new());
+        }
+        // A quiet topic's active segment rolls once it is `segment_ms` old
+        // here too, not only at the next write, so its records can go.
+        if w.active.first_offset.is_some()
+            && w.poisoned.is_none()
+            && self.segment_too_old(&w.active)
+            && let Err(e) = self.roll(&mut w)
+        {
+            tracing::warn!(log = %self.dir.display(), error = %e,
+                "could not roll the active segment for its age; retention looks at the sealed ones");
         }
         let segments = self.segments();
         let sealed = segments.len().saturating_sub(1);
@@ -1544,14 +1566,12 @@ impl Active {
             (index.offset_entries().len(), index.time_entries().len());
         // A reopened segment is as old as its first record (a producer's
         // timestamp in the future counts as now).
-        let started_ms = match end_position {
-            0 => None,
-            _ => map
-                .bytes(0, (record::HEADER_LEN as u64).min(end_position))
+        let started_ms = state.first_offset.map(|_| {
+            map.bytes(0, (record::HEADER_LEN as u64).min(end_position))
                 .ok()
-                .and_then(|head| record::header_timestamp(&head)),
-        }
-        .map_or_else(now_ms, |ts| ts.min(now_ms()));
+                .and_then(|head| record::header_timestamp(&head))
+                .map_or_else(now_ms, |ts| ts.min(now_ms()))
+        });
         let segment = Arc::new(Segment::new(
             base,
             paths,
