@@ -975,3 +975,89 @@ fn a_quiet_segment_rolls_for_its_age_and_retention_drops_it() {
         "nothing left to read"
     );
 }
+
+/// One flipped bit in a record's length field (it now claims more than the
+/// file holds) is damage when valid records follow it: they were
+/// acknowledged, and the log refuses to open rather than cut them.
+#[test]
+fn a_damaged_length_field_followed_by_valid_records_is_damage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let disk: Arc<dyn Storage> = Arc::new(OsStorage);
+    let cfg = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let dir = tmp.path().join("t");
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &dir,
+        cfg.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    for _ in 0..5 {
+        log.append(&[NewMessage::from_value("y".repeat(20))])
+            .expect("append");
+    }
+    drop(log);
+    let record = spool::storage::record::HEADER_LEN + 20;
+    let path = dir.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&path).expect("read");
+    // Offset 2's length field, + 65 536.
+    bytes[2 * record + 6] ^= 0x01;
+    std::fs::write(&path, &bytes).expect("write");
+    let opened = spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default());
+    let err = opened.expect_err("damage followed by acknowledged records is not a torn tail");
+    assert!(err.to_string().contains("valid records follow it"), "{err}");
+}
+
+/// In a sealed segment, skip-damaged quarantines a record whose length
+/// field is damaged and keeps the valid records after it.
+#[test]
+fn skip_damaged_keeps_the_records_after_a_damaged_length_in_a_sealed_segment() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let disk: Arc<dyn Storage> = Arc::new(OsStorage);
+    let dir = tmp.path().join("t");
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &dir,
+        small(FsyncPolicy::Always),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    for i in 0..200 {
+        log.append(&[msg(i)]).expect("append");
+    }
+    drop(log);
+    let path = dir.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let mut starts = Vec::new();
+    let mut pos = 0usize;
+    while pos + spool::storage::record::HEADER_LEN <= bytes.len() && bytes[pos] == 0xA7 {
+        starts.push(pos);
+        let len: [u8; 4] = bytes[pos + 4..pos + 8].try_into().expect("4 bytes");
+        pos += u32::from_le_bytes(len) as usize;
+    }
+    let n = starts.len();
+    // The third last record's length, + 2048: past the segment's end.
+    bytes[starts[n - 3] + 5] ^= 0x08;
+    std::fs::write(&path, &bytes).expect("write");
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &dir,
+        small(FsyncPolicy::Always),
+        RecoveryMode::SkipDamaged,
+    )
+    .expect("opens, skipping the damage");
+    let offsets: Vec<u64> = log
+        .read(Offset(0), 100_000, 1 << 30)
+        .expect("read")
+        .iter()
+        .map(|m| m.offset.0)
+        .take_while(|&o| o < n as u64)
+        .collect();
+    assert!(
+        offsets.contains(&(n as u64 - 2)) && offsets.contains(&(n as u64 - 1)),
+        "the valid records after the damaged one are kept: {offsets:?}"
+    );
+}

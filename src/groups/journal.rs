@@ -376,7 +376,7 @@ impl Journal {
                 }
                 other => format!("entry does not validate ({other:?})"),
             };
-            let next = find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES, None);
+            let next = find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES, None, None);
             if next.is_none() && pos as u64 >= synced_len {
                 cut_at = Some(pos);
                 break;

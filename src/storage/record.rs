@@ -378,13 +378,6 @@ fn seal_record(record: &mut [u8]) {
 /// [`HEADER_LEN`] to `max_len` that `buf` holds), whether or not the
 /// record's bytes pass their CRC: where a torn record would end.
 pub fn claimed_len(buf: &[u8], max_len: u32) -> Option<usize> {
-    header_claims(buf, max_len).filter(|&len| len <= buf.len())
-}
-
-/// The length the record header at the start of `buf` claims, when it could
-/// be a record's header (its magic, known attributes, a length from
-/// [`HEADER_LEN`] to `max_len`), whether or not `buf` holds that much.
-pub fn header_claims(buf: &[u8], max_len: u32) -> Option<usize> {
     if buf.len() < HEADER_LEN
         || buf[MAGIC_AT] != RECORD_MAGIC
         || buf[ATTRIBUTES_AT] & !ATTR_KNOWN != 0
@@ -392,7 +385,7 @@ pub fn header_claims(buf: &[u8], max_len: u32) -> Option<usize> {
         return None;
     }
     let len = u32_at(buf, LENGTH_AT);
-    (len <= max_len && len as usize >= HEADER_LEN).then_some(len as usize)
+    (len <= max_len && (HEADER_LEN..=buf.len()).contains(&(len as usize))).then_some(len as usize)
 }
 
 /// The timestamp in the record header at the start of `buf`, when one of

@@ -216,6 +216,7 @@ pub fn open_segment(
             last_offset,
             max_len,
             Some(segment_bound(base, next_base)),
+            active.then(|| last_offset.map_or(base, |o| o + 1)),
         );
         if next_valid.is_none() && active && pos >= synced_to {
             cut(&*file, log, pos, len, report)?;
@@ -365,24 +366,26 @@ pub(crate) fn scan(
 /// The search starts past the bytes the record at `from` claims when its
 /// header is plausible: a torn record's own value may hold bytes that read
 /// as a valid record (a message carrying a spool segment, say), which must
-/// not pass for records after the tear; for the same reason a plausible
-/// header claiming more than `data` holds leaves nothing after it (the
-/// record was cut at the end of the file). It never starts within
+/// not pass for records after the tear. It never starts within
 /// [`HEADER_LEN`] of `from`, so a filler always fits the range before it.
+///
+/// `dense_from`: in the active segment, whose offsets follow one another
+/// (nothing is compacted out of it), the offset the record at `from`
+/// should have. A candidate there can be at most one offset further for
+/// every [`HEADER_LEN`] bytes skipped, since each record in between took at
+/// least that much: a record inside the value of one cut at the end of the
+/// file (whose header claims more than the file holds) is not taken for
+/// one after it, while the records after a damaged length field still are.
 pub(crate) fn find_next_valid(
     data: &[u8],
     from: u64,
     last_offset: Option<u64>,
     max_len: u32,
     below: Option<u64>,
+    dense_from: Option<u64>,
 ) -> Option<(u64, u64)> {
     let from = from as usize;
-    let rest = data.get(from..)?;
-    let skip = match record::header_claims(rest, max_len) {
-        Some(len) if len > rest.len() => return None,
-        Some(len) => len,
-        None => HEADER_LEN,
-    };
+    let skip = record::claimed_len(data.get(from..)?, max_len).unwrap_or(HEADER_LEN);
     let mut at = from + skip;
     while at < data.len() {
         let hit = data[at..].iter().position(|&b| b == RECORD_MAGIC)?;
@@ -390,6 +393,9 @@ pub(crate) fn find_next_valid(
         if let Ok(Frame::Record(r)) = record::decode(&data[at..], max_len)
             && last_offset.is_none_or(|last| r.offset > last)
             && below.is_none_or(|b| r.offset < b)
+            && dense_from.is_none_or(|expected| {
+                r.offset - expected.min(r.offset) <= ((at - from) / HEADER_LEN) as u64
+            })
         {
             return Some((at as u64, r.offset));
         }

@@ -347,6 +347,7 @@ fn verify_log(
                 last,
                 u32::MAX,
                 Some(segment_bound(base, next_base)),
+                active.then(|| last.map_or(base, |o| o + 1)),
             );
             let first_lost = last.map_or(base, |o| o + 1);
             let mut finding = Finding {
@@ -590,7 +591,7 @@ fn verify_journal(
                 break;
             }
             other => {
-                let next = find_next_valid(&data, pos as u64, last, u32::MAX, None);
+                let next = find_next_valid(&data, pos as u64, last, u32::MAX, None, None);
                 let finding = Finding {
                     file: path.clone(),
                     bytes: pos as u64..next.map_or(data.len() as u64, |(q, _)| q),
