@@ -862,11 +862,13 @@ impl Broker {
                 // its own, so that the read's durable wait and dead-letter
                 // hand-off finish even then: a hand-off cut short between
                 // the dead-letter topic's append and the group's completion
-                // would append the letter again when next due.
+                // would append the letter again when next due. Tracked with
+                // the give-backs, so that a stop waits for the give-back of
+                // a read its own connection closes cut.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let (broker, member) = (self.clone(), member.to_owned());
                 let identity = identity.cloned();
-                tokio::spawn(async move {
+                self.inner.give_backs.spawn(async move {
                     let read = broker.lease_queue(t, &g, &member, limits, identity.as_ref());
                     let _ = tx.send(read.await);
                 });
@@ -926,8 +928,17 @@ impl Broker {
             member: member.to_owned(),
             deliveries: Some(Deliveries::from(fetched.deliveries)),
         };
-        if let Some(wait) = durable {
-            wait.wait_async().await?;
+        if let Some(wait) = durable
+            && let Err(e) = wait.wait_async().await
+        {
+            // Its dead letters are not handed off: due again after a lease
+            // time, not held for the hold.
+            if !fetched.dead_letters.is_empty() {
+                let offsets: Vec<Offset> = fetched.dead_letters.iter().map(|d| d.offset).collect();
+                let (s, g) = (Arc::clone(&source), group.to_owned());
+                let _ = blocking(move || s.retry_dead_letters(&g, &offsets, now_ms())).await;
+            }
+            return Err(e);
         }
         let dead_lettered = !fetched.dead_letters.is_empty();
         if dead_lettered {
@@ -1303,13 +1314,20 @@ impl Broker {
             .iter()
             .map(|d| (d.offset(), d.delivery()))
             .collect();
-        let released = self
-            .release(topic, group, member, Release::Unread(leased))
-            .await;
-        if let Err(e) = released {
-            tracing::debug!(topic, group, error = %e,
-                "giving back the leases of messages never sent");
-        }
+        let broker = self.clone();
+        let (topic, group, member) = (topic.to_owned(), group.to_owned(), member.to_owned());
+        // On a task of its own (tracked, as a stop waits for it): a caller
+        // cancelled meanwhile does not cut it short.
+        let task = self.inner.give_backs.spawn(async move {
+            let released = broker
+                .release(&topic, &group, &member, Release::Unread(leased))
+                .await;
+            if let Err(e) = released {
+                tracing::debug!(topic, group, error = %e,
+                    "giving back the leases of messages never sent");
+            }
+        });
+        let _ = task.await;
     }
 
     /// Gives back every lease `member` holds in queue group `group` of
@@ -1780,6 +1798,43 @@ mod tests {
         assert!(
             matches!(ended, Some(Err(Error::TopicNotFound(_)))),
             "{ended:?}"
+        );
+        broker.stop().await.expect("stop");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_still_under_way_when_the_stop_begins_gives_its_deliveries_back() {
+        use crate::storage::io::SimOp;
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
+        // The group's syncs take their time: the read that leases is still
+        // waiting for its delivery count to be durable when its reader goes.
+        disk.set_hook(Some(Arc::new(|op, path: &Path| {
+            if op == SimOp::SyncData && path.to_string_lossy().contains("groups") {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })));
+        let runtime = broker.existing("jobs").await.expect("topic");
+        let read = {
+            let (broker, runtime) = (broker.clone(), Arc::clone(&runtime));
+            tokio::spawn(async move {
+                let target = Target::Queue("workers".into());
+                broker
+                    .read(&runtime, &target, "gone", Offset(0), LIMITS, None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read.abort();
+        drop(runtime);
+        broker.stop().await.expect("stop");
+        disk.set_hook(None);
+        drop(broker);
+        let broker = broker_on(&disk).await;
+        assert_eq!(
+            read_deliveries(&broker).await,
+            [1],
+            "the cut read's delivery was taken back"
         );
         broker.stop().await.expect("stop");
     }

@@ -277,17 +277,26 @@ impl Out {
     async fn may_push(&self, room: &str, group: Option<&str>) -> bool {
         match self.allowed(guard::access("subscribe", room)).await {
             Ok(()) => true,
-            Err(Error::Unauthenticated(_)) => false,
             Err(e) => {
-                let which = match group {
-                    Some(group) => format!("room {room}, queue group {group}"),
-                    None => format!("room {room}"),
-                };
-                let err = codec::error_value(codec::code_name(&e), &format!("{which}: {e}"));
-                self.emit("error", vec![err]).await;
+                self.refused(room, group, &e).await;
                 false
             }
         }
+    }
+
+    /// Tells the client why pushes of `room` (as queue `group`) end: an
+    /// `error` event, unless the token is gone (the socket is then
+    /// disconnected with that error instead).
+    async fn refused(&self, room: &str, group: Option<&str>, e: &Error) {
+        if matches!(e, Error::Unauthenticated(_)) {
+            return;
+        }
+        let which = match group {
+            Some(group) => format!("room {room}, queue group {group}"),
+            None => format!("room {room}"),
+        };
+        let err = codec::error_value(codec::code_name(e), &format!("{which}: {e}"));
+        self.emit("error", vec![err]).await;
     }
 
     /// Ends a socket whose token is gone: an `error` event with `e`
@@ -1459,10 +1468,12 @@ async fn pump_queue(
         // None goes out to a socket that may no longer read the room (a
         // reload took the token's `consume`) or is gone: given back at
         // once, uncounted.
-        if !out.may_push(&room, Some(&group)).await {
-            // Before the pump ends: its end gives back, counted, all the
-            // member still holds.
+        if let Err(e) = out.allowed(guard::access("subscribe", &room)).await {
+            // Before the pump ends, and before the client hears why (it may
+            // unsubscribe at once): the pump's end gives back, counted, all
+            // the member still holds.
             sub.give_back(deliveries).await;
+            out.refused(&room, Some(&group), &e).await;
             return;
         }
         // Leased now: each is pending before anything goes out, so a push

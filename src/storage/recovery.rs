@@ -625,9 +625,14 @@ pub fn write_index(
             .ctx(|| format!("truncating {}", path.display()))?;
         file.write_at(0, &bytes)
             .ctx(|| format!("writing {}", path.display()))?;
-        if durable {
-            file.sync_data()
-                .ctx(|| format!("syncing {}", path.display()))?;
+        if durable && let Err(e) = file.sync_data() {
+            // Only hints: without them the next open scans the segment.
+            tracing::warn!(file = %path.display(), error = %e,
+                "could not sync a rebuilt index; removing it, the next open rebuilds it");
+            for path in [&paths.idx, &paths.tix] {
+                let _ = storage.remove_file(path);
+            }
+            return Ok(());
         }
     }
     Ok(())

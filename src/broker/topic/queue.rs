@@ -267,7 +267,9 @@ impl Topic {
         self.with_group(group, |g| {
             self.check_queue(g)?;
             for o in offsets {
-                if !g.is_done(o.0) {
+                // One completed or leased meanwhile (a seek made it due, and
+                // another read took it) is that read's.
+                if !g.is_done(o.0) && g.lease(o.0).is_none() {
                     g.defer(o.0, now.saturating_add(self.config.ack_timeout_ms));
                 }
             }
