@@ -724,6 +724,22 @@ fn a_seal_cut_short_is_a_note_for_verify_and_no_damage_for_the_broker() {
     );
 }
 
+/// A log in `dir` holding five records of 20-byte values (52 bytes each).
+fn five_records(
+    disk: &Arc<dyn Storage>,
+    dir: &std::path::Path,
+    cfg: &LogConfig,
+) -> spool::storage::Log {
+    let log =
+        spool::storage::Log::open(Arc::clone(disk), dir, cfg.clone(), RecoveryMode::default())
+            .expect("open");
+    for _ in 0..5 {
+        log.append(&[NewMessage::from_value("y".repeat(20))])
+            .expect("append");
+    }
+    log
+}
+
 /// A record cut at the end of the file (a power cut before the sync that
 /// made the file's new length durable) is a torn tail, even when its value
 /// holds bytes that read as a valid record of a later offset (a message
@@ -756,17 +772,7 @@ fn a_record_cut_at_the_end_of_the_file_is_a_torn_tail_whatever_its_value_holds()
     let embedded = other_bytes[49 * record..50 * record].to_vec();
 
     let dir = tmp.path().join("t");
-    let log = spool::storage::Log::open(
-        Arc::clone(&disk),
-        &dir,
-        cfg.clone(),
-        RecoveryMode::default(),
-    )
-    .expect("open");
-    for _ in 0..5 {
-        log.append(&[NewMessage::from_value("y".repeat(20))])
-            .expect("append");
-    }
+    let log = five_records(&disk, &dir, &cfg);
     let mut value = vec![b'p'; 100];
     value.extend_from_slice(&embedded);
     value.extend_from_slice(&[b'q'; 8000]);
@@ -988,17 +994,7 @@ fn a_damaged_length_field_followed_by_valid_records_is_damage() {
         ..LogConfig::default()
     };
     let dir = tmp.path().join("t");
-    let log = spool::storage::Log::open(
-        Arc::clone(&disk),
-        &dir,
-        cfg.clone(),
-        RecoveryMode::default(),
-    )
-    .expect("open");
-    for _ in 0..5 {
-        log.append(&[NewMessage::from_value("y".repeat(20))])
-            .expect("append");
-    }
+    let log = five_records(&disk, &dir, &cfg);
     drop(log);
     let record = spool::storage::record::HEADER_LEN + 20;
     let path = dir.join("00000000000000000000.log");

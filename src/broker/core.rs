@@ -1704,6 +1704,20 @@ mod tests {
         broker
     }
 
+    /// Stops `broker`, opens the data on `disk` again and checks that the
+    /// message of `jobs` comes to the next reader as its first delivery.
+    async fn stop_and_find_the_delivery_taken_back(broker: Broker, disk: &Arc<SimDisk>) {
+        broker.stop().await.expect("stop");
+        drop(broker);
+        let broker = broker_on(disk).await;
+        assert_eq!(
+            read_deliveries(&broker).await,
+            [1],
+            "the cut read's delivery was taken back"
+        );
+        broker.stop().await.expect("stop");
+    }
+
     // One thread: the give-back cannot run before the stop unless the stop
     // waits for it.
     #[tokio::test]
@@ -1718,15 +1732,7 @@ mod tests {
             .await
             .expect("read");
         drop(cut);
-        broker.stop().await.expect("stop");
-        drop(broker);
-        let broker = broker_on(&disk).await;
-        assert_eq!(
-            read_deliveries(&broker).await,
-            [1],
-            "the cut read's delivery was taken back"
-        );
-        broker.stop().await.expect("stop");
+        stop_and_find_the_delivery_taken_back(broker, &disk).await;
     }
 
     #[tokio::test]
@@ -1827,15 +1833,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         read.abort();
         drop(runtime);
-        broker.stop().await.expect("stop");
         disk.set_hook(None);
-        drop(broker);
-        let broker = broker_on(&disk).await;
-        assert_eq!(
-            read_deliveries(&broker).await,
-            [1],
-            "the cut read's delivery was taken back"
-        );
-        broker.stop().await.expect("stop");
+        stop_and_find_the_delivery_taken_back(broker, &disk).await;
     }
 }
