@@ -850,6 +850,19 @@ fn an_index_rebuilt_at_open_survives_a_power_cut() {
     );
 }
 
+/// The log at `/t` on `disk`.
+fn open_t(disk: &Arc<dyn Storage>, cfg: &LogConfig) -> spool::storage::Log {
+    spool::storage::Log::open(Arc::clone(disk), "/t", cfg.clone(), RecoveryMode::default())
+        .expect("open")
+}
+
+/// A message written two minutes ago (its producer's timestamp says so).
+fn two_minutes_old() -> NewMessage {
+    let mut old = NewMessage::from_value("old");
+    old.timestamp_ms = Some(spool::storage::log::now_ms() - 120_000);
+    old
+}
+
 /// `segment_ms` counts a segment's age from its first record, not from the
 /// last open: a topic reopened (an idle close, a restart) more often than
 /// `segment_ms` still rolls, so retention can drop its old records.
@@ -861,20 +874,9 @@ fn segment_ms_counts_from_the_first_record_across_a_reopen() {
         fsync: FsyncPolicy::Always,
         ..LogConfig::default()
     };
-    let open = || {
-        spool::storage::Log::open(
-            Arc::clone(&disk),
-            "/t",
-            cfg.clone(),
-            RecoveryMode::default(),
-        )
-        .expect("open")
-    };
+    let open = || open_t(&disk, &cfg);
     let log = open();
-    // Written two minutes ago (the producer's timestamp says so).
-    let mut old = NewMessage::from_value("old");
-    old.timestamp_ms = Some(spool::storage::log::now_ms() - 120_000);
-    log.append(&[old]).expect("append");
+    log.append(&[two_minutes_old()]).expect("append");
     log.append(&[NewMessage::from_value("new")])
         .expect("append");
     assert_eq!(log.stats().segments, 1, "a new segment is young");
@@ -952,20 +954,10 @@ fn a_quiet_segment_rolls_for_its_age_and_retention_drops_it() {
         fsync: FsyncPolicy::Always,
         ..LogConfig::default()
     };
-    let open = || {
-        spool::storage::Log::open(
-            Arc::clone(&disk),
-            "/t",
-            cfg.clone(),
-            RecoveryMode::default(),
-        )
-        .expect("open")
-    };
+    let open = || open_t(&disk, &cfg);
     let log = open();
-    // Written two minutes ago (its producer's timestamp), then nothing.
-    let mut old = NewMessage::from_value("old");
-    old.timestamp_ms = Some(spool::storage::log::now_ms() - 120_000);
-    log.append(&[old]).expect("append");
+    // Then nothing.
+    log.append(&[two_minutes_old()]).expect("append");
     log.close().expect("close");
     let log = open();
     assert!(
