@@ -2126,3 +2126,33 @@ fn an_empty_group_name_is_named_in_its_error() {
         "{text}"
     );
 }
+
+/// A group forgets members not seen for an hour once it knows many: clients
+/// that take a new member name for each connection do not grow it without
+/// bound.
+#[test]
+fn a_group_forgets_members_long_unseen() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 5, 1_000))
+        .expect("create topic");
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let then = now_ms() - 2 * spool::groups::state::MEMBER_FORGET_MS;
+    for i in 0..spool::groups::state::MEMBERS_KEPT {
+        topic
+            .fetch_queue("workers", &format!("gone-{i}"), 1, NO_BYTE_LIMIT, then)
+            .expect("fetch");
+    }
+    topic
+        .fetch_queue("workers", "here", 1, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let members = topic.describe_group("workers").expect("group").members;
+    assert_eq!(
+        members.keys().collect::<Vec<_>>(),
+        ["here"],
+        "only the member seen within the hour"
+    );
+}

@@ -258,6 +258,13 @@ pub struct Group {
     members: BTreeMap<String, u64>,
 }
 
+/// How long a member not seen stays in [`GroupInfo::members`] once the
+/// group knows [`MEMBERS_KEPT`] members.
+pub const MEMBER_FORGET_MS: u64 = 60 * 60 * 1000;
+/// Members a group keeps before it forgets those not seen for
+/// [`MEMBER_FORGET_MS`].
+pub const MEMBERS_KEPT: usize = 1024;
+
 impl Group {
     /// Opens the group `name` stored in `dir`, creating it with `config` (and
     /// starting at `start`) if it does not exist. An existing group keeps its
@@ -422,7 +429,14 @@ impl Group {
     }
 
     /// Records that `member` was seen at `now_ms`.
+    /// Members not seen for [`MEMBER_FORGET_MS`] are forgotten (looked for
+    /// once the group knows [`MEMBERS_KEPT`] of them), so clients that take
+    /// a new member name each time do not grow the group without bound.
     pub fn touch(&mut self, member: &str, now_ms: u64) {
+        if self.members.len() >= MEMBERS_KEPT && !self.members.contains_key(member) {
+            self.members
+                .retain(|_, seen| now_ms.saturating_sub(*seen) < MEMBER_FORGET_MS);
+        }
         self.members.insert(member.to_owned(), now_ms);
     }
 
