@@ -163,6 +163,28 @@ impl fmt::Display for Corruption {
     }
 }
 
+impl Corruption {
+    /// The damage as logged once it is given up (under `--recovery
+    /// skip-damaged`): without the advice to start in that mode.
+    pub fn given_up(&self) -> GivenUp<'_> {
+        GivenUp(self)
+    }
+}
+
+/// See [`Corruption::given_up`].
+#[derive(Debug)]
+pub struct GivenUp<'a>(&'a Corruption);
+
+impl fmt::Display for GivenUp<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.to_string();
+        let advice = text
+            .find(" Start with recovery mode skip-damaged")
+            .unwrap_or(text.len());
+        f.write_str(text[..advice].trim_end())
+    }
+}
+
 impl Error {
     /// A copy, for each of several callers one failure answers (such as the
     /// producers of one failed group commit; the type is not `Clone`: it
@@ -289,5 +311,29 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(context(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_given_up_is_logged_without_the_advice_to_give_it_up() {
+        let damage = Corruption {
+            file: PathBuf::from("t/00000000000000000000.log"),
+            bytes: 10..20,
+            offsets: Some(3..4),
+            detail: "checksum mismatch; valid records follow it. Start with recovery mode \
+                     skip-damaged (`spool serve --recovery skip-damaged`) to quarantine the \
+                     range and open anyway"
+                .into(),
+        };
+        assert!(damage.to_string().contains("Start with recovery mode"));
+        assert_eq!(
+            damage.given_up().to_string(),
+            "corruption in t/00000000000000000000.log, bytes 10..20 (offsets 3..4): \
+             checksum mismatch; valid records follow it."
+        );
     }
 }

@@ -421,7 +421,7 @@ impl Registry {
                     if options.recovery == RecoveryMode::TolerateTornTail {
                         return Err(Error::corruption(damage));
                     }
-                    tracing::error!(%damage, "running the topic on the default config");
+                    tracing::error!(damage = %damage.given_up(), "running the topic on the default config");
                 } else {
                     tracing::warn!(topic = %name, "no {TOPIC_CONFIG_FILE}; using the default config");
                 }

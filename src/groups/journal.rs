@@ -339,7 +339,7 @@ impl Journal {
                 if !skip {
                     return Err(Error::corruption(damage));
                 }
-                tracing::error!(%damage, "journal state before the damage is given up");
+                tracing::error!(damage = %damage.given_up(), "journal state before the damage is given up");
                 replayed.damage.push(damage);
             }
         }
@@ -407,7 +407,7 @@ impl Journal {
                 &damage,
                 &data[pos..end as usize],
             )?;
-            tracing::error!(%damage, "quarantined a damaged journal entry; the entries around it are kept");
+            tracing::error!(damage = %damage.given_up(), "quarantined a damaged journal entry; the entries around it are kept");
             replayed.damage.push(damage);
             rewrite = true;
             match next {
@@ -429,7 +429,7 @@ impl Journal {
             if !skip {
                 return Err(Error::corruption(damage));
             }
-            tracing::error!(%damage, "journal entries lost");
+            tracing::error!(damage = %damage.given_up(), "journal entries lost");
             replayed.damage.push(damage);
         }
         // The figures of a torn tail cut: of the journal as found.

@@ -202,7 +202,7 @@ impl Log {
         let loaded = match Checkpoint::load(&*storage, &dir) {
             Ok(loaded) => loaded,
             Err(Error::Corruption(damage)) if mode == RecoveryMode::SkipDamaged => {
-                tracing::error!(%damage, "ignoring a damaged checkpoint: no recovery point for this log");
+                tracing::error!(damage = %damage.given_up(), "ignoring a damaged checkpoint: no recovery point for this log");
                 report.quarantined.push(*damage);
                 None
             }
@@ -384,7 +384,7 @@ impl Log {
         if mode == RecoveryMode::TolerateTornTail {
             return Err(Error::corruption(damage));
         }
-        tracing::error!(%damage, "offsets lost; the log continues after them");
+        tracing::error!(damage = %damage.given_up(), "offsets lost; the log continues after them");
         self.skip_to(needed)?;
         self.report.skipped.push(end..needed);
         self.report.quarantined.push(damage);
@@ -1730,7 +1730,7 @@ fn check_manifest(
         if mode == RecoveryMode::TolerateTornTail {
             return Err(Error::corruption(damage));
         }
-        tracing::error!(%damage, "giving up a missing segment");
+        tracing::error!(damage = %damage.given_up(), "giving up a missing segment");
         report.quarantined.push(damage);
     }
     let listed = &checkpoint.segments;

@@ -176,7 +176,7 @@ pub fn open_segment(
                 if mode == RecoveryMode::TolerateTornTail {
                     return Err(Error::corruption(damage));
                 }
-                tracing::error!(%damage, "giving up synced bytes that are gone");
+                tracing::error!(damage = %damage.given_up(), "giving up synced bytes that are gone");
                 report.quarantined.push(damage);
             }
             // Clean end or zeros: a sealed segment must end exactly at its
@@ -200,7 +200,7 @@ pub fn open_segment(
                     if mode == RecoveryMode::TolerateTornTail {
                         return Err(Error::corruption(damage));
                     }
-                    tracing::error!(%damage, "giving up zeroed records of a sealed segment");
+                    tracing::error!(damage = %damage.given_up(), "giving up zeroed records of a sealed segment");
                     report.quarantined.push(damage);
                 } else {
                     tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
@@ -254,7 +254,7 @@ pub fn open_segment(
             return Err(Error::corruption(damage));
         }
         quarantine(storage, dir, &*file, &damage)?;
-        tracing::error!(%damage, "quarantined damaged range");
+        tracing::error!(damage = %damage.given_up(), "quarantined damaged range");
         report.quarantined.push(damage);
         match next_valid {
             Some((q, _)) => {
@@ -889,7 +889,7 @@ pub fn check_interrupted_swaps(
         if mode != RecoveryMode::SkipDamaged {
             return Err(Error::corruption(damage));
         }
-        tracing::error!(%damage, "completing a damaged compacted copy; its damaged range is given up");
+        tracing::error!(damage = %damage.given_up(), "completing a damaged compacted copy; its damaged range is given up");
     }
     Ok(())
 }

@@ -255,7 +255,7 @@ impl Topic {
             if mode == RecoveryMode::TolerateTornTail {
                 return Err(Error::corruption(damage));
             }
-            tracing::error!(%damage, "giving up a missing group");
+            tracing::error!(damage = %damage.given_up(), "giving up a missing group");
         }
         for file in names {
             let Some(group_name) = file.strip_suffix(".journal") else {
