@@ -153,6 +153,30 @@ async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
     );
 }
 
+/// A server certificate that has expired is named as such, not as one the
+/// client's CA does not vouch for.
+#[tokio::test]
+async fn an_expired_server_certificate_is_named_as_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = common::pki::make_expired_pki(dir.path(), "old");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            old.cert.to_str().expect("utf-8"),
+            "--tls-key",
+            old.key.to_str().expect("utf-8"),
+        ],
+    );
+    let e = Client::connect_with(&broker.addr, &options(Some(&old.ca), None))
+        .await
+        .expect_err("an expired certificate");
+    assert!(
+        matches!(&e, ClientError::Tls(m) if m.contains("has expired") && m.contains(&broker.addr)),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn plaintext_and_tls_meeting_the_wrong_listener_get_one_line_each_side() {
     let dir = tempfile::tempdir().expect("tempdir");

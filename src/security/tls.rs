@@ -372,6 +372,17 @@ pub fn handshake_error(addr: &str, e: &io::Error) -> String {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls_error {
         Some(rustls::Error::InvalidMessage(_)) => not_tls(addr),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) => format!(
+            "the server at {addr} presented a certificate that has expired; the server needs a new one (--tls-cert)"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidYet
+            | rustls::CertificateError::NotValidYetContext { .. },
+        )) => format!(
+            "the server at {addr} presented a certificate that is not valid yet (check the clocks, or the certificate's start date)"
+        ),
         Some(rustls::Error::InvalidCertificate(c)) => format!(
             "the server at {addr} presented a certificate this client does not trust ({c:?}); check --tls-ca (SPOOL_TLS_CA) and --tls-server-name"
         ),

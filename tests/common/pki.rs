@@ -13,6 +13,23 @@ pub struct Pki {
 }
 
 pub fn make_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_with(dir, name, |_| {})
+}
+
+/// [`make_pki`] whose server certificate expired on 2020-01-01.
+#[allow(dead_code)] // not every test binary uses it
+pub fn make_expired_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_with(dir, name, |params| {
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    })
+}
+
+fn make_pki_with(
+    dir: &Path,
+    name: &str,
+    server: impl FnOnce(&mut rcgen::CertificateParams),
+) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -23,8 +40,9 @@ pub fn make_pki(dir: &Path, name: &str) -> Pki {
     let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
         .expect("server params");
+    server(&mut params);
     let cert = params.signed_by(&key, &issuer).expect("server certificate");
     let pki = Pki {
         ca: dir.join(format!("{name}-ca.pem")),
