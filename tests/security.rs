@@ -46,16 +46,20 @@ fn code(e: &ClientError) -> Option<pb::Code> {
     e.code()
 }
 
+/// A broker on `data` serving TLS with `pki`'s certificate and key.
+fn tls_broker(data: &Path, pki: &common::pki::Pki) -> Broker {
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    Broker::start(
+        data,
+        &["--tls-cert", &path(&pki.cert), "--tls-key", &path(&pki.key)],
+    )
+}
+
 #[tokio::test]
 async fn tls_round_trip_on_the_native_and_grpc_listeners() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = make_pki(dir.path(), "good");
-    let cert = pki.cert.to_str().expect("utf-8 path");
-    let key = pki.key.to_str().expect("utf-8 path");
-    let broker = Broker::start(
-        &dir.path().join("data"),
-        &["--tls-cert", cert, "--tls-key", key],
-    );
+    let broker = tls_broker(&dir.path().join("data"), &pki);
 
     // The library client, checking the certificate against 127.0.0.1.
     let client = Client::connect_with(&broker.addr, &options(Some(&pki.ca), None))
@@ -123,15 +127,7 @@ async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = make_pki(dir.path(), "good");
     let other = make_pki(dir.path(), "other");
-    let broker = Broker::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            good.cert.to_str().expect("utf-8"),
-            "--tls-key",
-            good.key.to_str().expect("utf-8"),
-        ],
-    );
+    let broker = tls_broker(&dir.path().join("data"), &good);
     let e = Client::connect_with(&broker.addr, &options(Some(&other.ca), None))
         .await
         .expect_err("an untrusted certificate");
@@ -159,15 +155,7 @@ async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
 async fn an_expired_server_certificate_is_named_as_expired() {
     let dir = tempfile::tempdir().expect("tempdir");
     let old = common::pki::make_expired_pki(dir.path(), "old");
-    let broker = Broker::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            old.cert.to_str().expect("utf-8"),
-            "--tls-key",
-            old.key.to_str().expect("utf-8"),
-        ],
-    );
+    let broker = tls_broker(&dir.path().join("data"), &old);
     let e = Client::connect_with(&broker.addr, &options(Some(&old.ca), None))
         .await
         .expect_err("an expired certificate");
@@ -182,15 +170,7 @@ async fn plaintext_and_tls_meeting_the_wrong_listener_get_one_line_each_side() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = make_pki(dir.path(), "good");
     let ca = pki.ca.to_str().expect("utf-8");
-    let tls = Broker::start(
-        &dir.path().join("tls"),
-        &[
-            "--tls-cert",
-            pki.cert.to_str().expect("utf-8"),
-            "--tls-key",
-            pki.key.to_str().expect("utf-8"),
-        ],
-    );
+    let tls = tls_broker(&dir.path().join("tls"), &pki);
     let plain = Broker::start(&dir.path().join("plain"), &[]);
 
     let (ok, _, err) = cli(&["topic", "list", "--server", &tls.addr]);

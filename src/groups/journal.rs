@@ -1101,14 +1101,19 @@ mod tests {
         assert!(err.to_string().contains("group.journal"), "{err}");
     }
 
+    /// A new journal `/g/group` on a simulated disk, and the disk.
+    fn journal_on_a_sim_disk() -> (Arc<SimDisk>, Arc<dyn Storage>, Journal) {
+        let disk = Arc::new(SimDisk::new());
+        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
+        let (j, _) = Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
+        (disk, storage, j)
+    }
+
     #[test]
     fn a_snapshot_whose_reset_fails_leaves_the_journal_read_only_and_whole() {
         use crate::storage::io::{SimFault, SimOp};
         use std::sync::atomic::{AtomicBool, Ordering};
-        let disk = Arc::new(SimDisk::new());
-        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
-        let (mut j, _) =
-            Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
+        let (disk, storage, mut j) = journal_on_a_sim_disk();
         j.append(b"a").expect("append");
         j.append(b"b").expect("append");
         j.sync().expect("sync");
@@ -1148,10 +1153,7 @@ mod tests {
 
     #[test]
     fn skip_damaged_over_damage_and_a_torn_tail_leaves_a_journal_that_opens() {
-        let disk = Arc::new(SimDisk::new());
-        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
-        let (mut j, _) =
-            Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
+        let (disk, storage, mut j) = journal_on_a_sim_disk();
         for e in [&b"first"[..], b"second", b"third"] {
             j.append(e).expect("append");
         }
