@@ -273,6 +273,7 @@ impl Drop for Leased {
             .iter()
             .map(|d| (d.offset(), d.delivery()))
             .collect();
+        let read_from = deliveries.group().cloned();
         let broker = self.broker.clone();
         let (topic, group, member) = (
             std::mem::take(&mut self.topic),
@@ -283,7 +284,7 @@ impl Drop for Leased {
         give_backs.spawn_on(
             async move {
                 let released = broker
-                    .release(&topic, &group, &member, Release::Unread(leased))
+                    .release(&topic, &group, &member, Release::Unread(leased, read_from))
                     .await;
                 if let Err(e) = released {
                     tracing::debug!(topic, group, error = %e,
@@ -303,8 +304,9 @@ enum Release {
     /// All of them.
     All,
     /// Those of a read nobody took: (offset, delivery) pairs, each given
-    /// back only if still that delivery's lease.
-    Unread(Vec<(u64, u32)>),
+    /// back only if still that delivery's lease, in the group that leased
+    /// them if known.
+    Unread(Vec<(u64, u32)>, Option<GroupIdentity>),
 }
 
 impl Broker {
@@ -917,7 +919,7 @@ impl Broker {
     ) -> Result<(Leased, bool)> {
         let source = Arc::clone(&t);
         let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
-        let (fetched, durable) =
+        let (fetched, durable, read_from) =
             blocking(move || t.lease_queue_within(&g, &m, limits, now_ms(), identity.as_ref()))
                 .await?;
         let nothing_leased = fetched.deliveries.is_empty();
@@ -926,7 +928,7 @@ impl Broker {
             topic: source.name().to_owned(),
             group: group.to_owned(),
             member: member.to_owned(),
-            deliveries: Some(Deliveries::from(fetched.deliveries)),
+            deliveries: Some(Deliveries::leased_by(fetched.deliveries, read_from.clone())),
         };
         if let Some(wait) = durable
             && let Err(e) = wait.wait_async().await
@@ -935,8 +937,11 @@ impl Broker {
             // time, not held for the hold.
             if !fetched.dead_letters.is_empty() {
                 let offsets: Vec<Offset> = fetched.dead_letters.iter().map(|d| d.offset).collect();
-                let (s, g) = (Arc::clone(&source), group.to_owned());
-                let _ = blocking(move || s.retry_dead_letters(&g, &offsets, now_ms())).await;
+                let (s, g, read_from) = (Arc::clone(&source), group.to_owned(), read_from);
+                let _ = blocking(move || {
+                    s.retry_dead_letters_of(&g, Some(&read_from), &offsets, now_ms())
+                })
+                .await;
             }
             return Err(e);
         }
@@ -947,7 +952,10 @@ impl Broker {
             // and is tried again when due; the deliveries leased beside
             // it, whose counts are synced, still go out.
             let topic = leased.topic.clone();
-            if let Err(e) = self.dead_letter(source, group, fetched.dead_letters).await {
+            let dead_lettered = self
+                .dead_letter(source, group, read_from, fetched.dead_letters)
+                .await;
+            if let Err(e) = dead_lettered {
                 tracing::warn!(topic, group, error = %e,
                     "dead-lettering failed; the messages stay pending and are tried again");
                 if nothing_leased {
@@ -1025,7 +1033,8 @@ impl Broker {
     /// Hands dead letters of `source`'s queue group `group` to its
     /// dead-letter topic (created if missing, again if deleted meanwhile)
     /// through that topic's writer, makes them durable, and only then
-    /// completes them in the group. A batch the dead-letter topic refuses
+    /// completes them in the group (the one `read_from` names, never one
+    /// created again under its name meanwhile). A batch the dead-letter topic refuses
     /// (one letter too large for it) is handed off letter by letter, so one
     /// refused letter holds back no other; the error names the source
     /// offset of the first refused one, which stays pending.
@@ -1033,6 +1042,7 @@ impl Broker {
         &self,
         source: Arc<Topic>,
         group: &str,
+        read_from: GroupIdentity,
         letters: Vec<super::DeadLetter>,
     ) -> Result<()> {
         let name = source.config().dead_letter_topic(source.name());
@@ -1064,8 +1074,11 @@ impl Broker {
         if !failed.is_empty() {
             // Held from other reads while the hand-off ran: due again after
             // a lease time, to be tried again.
-            let (s, g) = (Arc::clone(&source), group.to_owned());
-            if let Err(e) = blocking(move || s.retry_dead_letters(&g, &failed, now_ms())).await {
+            let (s, g, read_from) = (Arc::clone(&source), group.to_owned(), read_from.clone());
+            let retried =
+                blocking(move || s.retry_dead_letters_of(&g, Some(&read_from), &failed, now_ms()))
+                    .await;
+            if let Err(e) = retried {
                 tracing::warn!(topic = source.name(), group, error = %e,
                     "dead letters not handed off stay held until the hold runs out");
             }
@@ -1073,7 +1086,7 @@ impl Broker {
         let count = handed.len();
         if count > 0 {
             let (s, g) = (Arc::clone(&source), group.to_owned());
-            blocking(move || s.complete_dead_letters(&g, &handed)).await?;
+            blocking(move || s.complete_dead_letters_of(&g, Some(&read_from), &handed)).await?;
             self.inner
                 .metrics
                 .dead_lettered(source.name(), group, count as u64);
@@ -1314,13 +1327,14 @@ impl Broker {
             .iter()
             .map(|d| (d.offset(), d.delivery()))
             .collect();
+        let read_from = messages.group().cloned();
         let broker = self.clone();
         let (topic, group, member) = (topic.to_owned(), group.to_owned(), member.to_owned());
         // On a task of its own (tracked, as a stop waits for it): a caller
         // cancelled meanwhile does not cut it short.
         let task = self.inner.give_backs.spawn(async move {
             let released = broker
-                .release(&topic, &group, &member, Release::Unread(leased))
+                .release(&topic, &group, &member, Release::Unread(leased, read_from))
                 .await;
             if let Err(e) = released {
                 tracing::debug!(topic, group, error = %e,
@@ -1350,7 +1364,9 @@ impl Broker {
         let released = blocking(move || match &which {
             Release::Delivered(leased) => t.release_leases(&group, &member, leased),
             Release::All => t.release_member(&group, &member),
-            Release::Unread(leased) => t.release_unread(&group, &member, leased),
+            Release::Unread(leased, read_from) => {
+                t.release_unread_of(&group, read_from.as_ref(), &member, leased)
+            }
         })
         .await?;
         runtime.notify();
@@ -1733,6 +1749,42 @@ mod tests {
             .expect("read");
         drop(cut);
         stop_and_find_the_delivery_taken_back(broker, &disk).await;
+    }
+
+    #[tokio::test]
+    async fn a_give_back_leaves_a_group_created_again_under_its_name_alone() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
+        let t = Arc::clone(broker.existing("jobs").await.expect("topic").topic());
+        let old = broker
+            .lease_queue(Arc::clone(&t), "workers", "w", LIMITS, None)
+            .await
+            .expect("read")
+            .take();
+        broker
+            .delete_group("jobs", "workers")
+            .await
+            .expect("delete");
+        broker
+            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
+            .await
+            .expect("group again");
+        // The new group leases the same offset, as the same delivery, to a
+        // member of the same name; then the old read's messages come back
+        // unsent (its token was narrowed, its connection closed).
+        assert_eq!(read_deliveries(&broker).await, [1]);
+        broker.give_back("jobs", "workers", "w", old).await;
+        let other = broker
+            .lease_queue(t, "workers", "other", LIMITS, None)
+            .await
+            .expect("read")
+            .take();
+        assert!(
+            other.is_empty(),
+            "the new group's lease was given back by the old group's read: {:?}",
+            other.iter().map(|d| d.delivery()).collect::<Vec<_>>()
+        );
+        broker.stop().await.expect("stop");
     }
 
     #[tokio::test]

@@ -4,13 +4,15 @@
 //! message), so a transport can encode its reply straight from them; queue
 //! groups hand out owned messages, since each carries its own count.
 
-use super::topic::Delivery;
+use super::topic::{Delivery, GroupIdentity};
 use crate::storage::record::RecordRef;
 use crate::storage::{Message, Offset, Records, Shape};
 
-/// Messages handed out by one read.
+/// Messages handed out by one read; a queue read's also name the group
+/// that leased them (see [`GroupIdentity`]), so that what is given back
+/// goes to that group and never to one created again under its name.
 #[derive(Debug, Clone)]
-pub struct Deliveries(Kind);
+pub struct Deliveries(Kind, Option<GroupIdentity>);
 
 #[derive(Debug, Clone)]
 enum Kind {
@@ -22,23 +24,33 @@ enum Kind {
 
 impl Default for Deliveries {
     fn default() -> Deliveries {
-        Deliveries(Kind::Messages(Vec::new()))
+        Deliveries(Kind::Messages(Vec::new()), None)
     }
 }
 
 impl From<Records> for Deliveries {
     fn from(records: Records) -> Deliveries {
-        Deliveries(Kind::Records(records))
+        Deliveries(Kind::Records(records), None)
     }
 }
 
 impl From<Vec<Delivery>> for Deliveries {
     fn from(messages: Vec<Delivery>) -> Deliveries {
-        Deliveries(Kind::Messages(messages))
+        Deliveries(Kind::Messages(messages), None)
     }
 }
 
 impl Deliveries {
+    /// Messages `group` leased.
+    pub(crate) fn leased_by(messages: Vec<Delivery>, group: GroupIdentity) -> Deliveries {
+        Deliveries(Kind::Messages(messages), Some(group))
+    }
+
+    /// The group that leased them, for a queue read.
+    pub(crate) fn group(&self) -> Option<&GroupIdentity> {
+        self.1.as_ref()
+    }
+
     /// Number of messages.
     pub fn len(&self) -> usize {
         match &self.0 {
@@ -93,8 +105,8 @@ impl Deliveries {
     /// Splits off the messages from index `at` on.
     pub fn split_off(&mut self, at: usize) -> Deliveries {
         match &mut self.0 {
-            Kind::Records(r) => Deliveries(Kind::Records(r.split_off(at))),
-            Kind::Messages(m) => Deliveries(Kind::Messages(m.split_off(at))),
+            Kind::Records(r) => Deliveries(Kind::Records(r.split_off(at)), None),
+            Kind::Messages(m) => Deliveries(Kind::Messages(m.split_off(at)), self.1.clone()),
         }
     }
 

@@ -159,6 +159,11 @@ pub struct QueueFetch {
 pub(crate) struct GroupIdentity(std::sync::Weak<Mutex<Group>>);
 
 impl GroupIdentity {
+    /// The identity of `group` as it is now.
+    fn of(group: &Arc<Mutex<Group>>) -> GroupIdentity {
+        GroupIdentity(Arc::downgrade(group))
+    }
+
     /// Whether `group` is the group this was taken from.
     fn is(&self, group: &Arc<Mutex<Group>>) -> bool {
         std::ptr::eq(Arc::as_ptr(group), self.0.as_ptr())
@@ -473,7 +478,7 @@ impl Topic {
     /// same name after it was deleted (see [`Topic::is_group`]).
     pub(crate) fn group_identity(&self, name: &str) -> Result<GroupIdentity> {
         let groups = self.groups();
-        Ok(GroupIdentity(Arc::downgrade(&self.group(&groups, name)?)))
+        Ok(GroupIdentity::of(&self.group(&groups, name)?))
     }
 
     /// Whether group `name` is still the one `identity` was taken from
@@ -490,8 +495,23 @@ impl Topic {
 
     /// Runs `f` on the group `name` under its lock.
     fn with_group<T>(&self, name: &str, f: impl FnOnce(&mut Group) -> Result<T>) -> Result<T> {
+        self.with_group_as(name, None, f)
+    }
+
+    /// [`Topic::with_group`]; with `identity`, a group of that name other
+    /// than the one it was taken from (deleted and created again) is
+    /// [`Topic::group_replaced`].
+    fn with_group_as<T>(
+        &self,
+        name: &str,
+        identity: Option<&GroupIdentity>,
+        f: impl FnOnce(&mut Group) -> Result<T>,
+    ) -> Result<T> {
         let groups = self.groups();
         let group = self.group(&groups, name)?;
+        if identity.is_some_and(|identity| !identity.is(&group)) {
+            return Err(self.group_replaced(name));
+        }
         let mut g = self.lock(&group)?;
         f(&mut g)
     }

@@ -36,7 +36,7 @@ impl Topic {
         limits: DeliveryLimits,
         now: u64,
     ) -> Result<QueueFetch> {
-        let (fetched, durable) = self.lease_queue_within(group, member, limits, now, None)?;
+        let (fetched, durable, _) = self.lease_queue_within(group, member, limits, now, None)?;
         durable.map_or(Ok(()), SyncWait::wait)?;
         Ok(fetched)
     }
@@ -45,7 +45,9 @@ impl Topic {
     /// are durable: the messages may be handed out only once the returned
     /// wait (if any) has returned. Waits of several callers share one sync.
     /// With `identity`, a group of that name other than the one it was
-    /// taken from (deleted and created again) is `GroupNotFound`.
+    /// taken from (deleted and created again) is `GroupNotFound`. Also
+    /// answers the identity of the group it read, for the steps that
+    /// follow (completing its dead letters, giving back what nobody took).
     pub(crate) fn lease_queue_within(
         &self,
         group: &str,
@@ -53,7 +55,7 @@ impl Topic {
         limits: DeliveryLimits,
         now: u64,
         identity: Option<&GroupIdentity>,
-    ) -> Result<(QueueFetch, Option<SyncWait>)> {
+    ) -> Result<(QueueFetch, Option<SyncWait>, GroupIdentity)> {
         let DeliveryLimits {
             messages: max,
             bytes: max_bytes,
@@ -65,6 +67,7 @@ impl Topic {
         if identity.is_some_and(|identity| !identity.is(&handle)) {
             return Err(self.group_replaced(group));
         }
+        let read_from = GroupIdentity::of(&handle);
         let mut g = self.lock(&handle)?;
         self.check_queue(&g)?;
         let deletions = self.deletions();
@@ -115,7 +118,7 @@ impl Topic {
         // runs outside the topic's lock, shared with other fetches and acks.
         let durable = handled.and_then(|()| (!g.is_synced()).then(|| g.sync_later()).transpose());
         match durable {
-            Ok(durable) => Ok((out, durable)),
+            Ok(durable) => Ok((out, durable, read_from)),
             Err(e) => {
                 let leased = out.deliveries.iter().map(|d| &d.message);
                 let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
@@ -263,8 +266,19 @@ impl Topic {
     /// [`Topic::complete_dead_letters`]) are due again after a lease time,
     /// and tried again then.
     pub fn retry_dead_letters(&self, group: &str, offsets: &[Offset], now: u64) -> Result<()> {
+        self.retry_dead_letters_of(group, None, offsets, now)
+    }
+
+    /// [`Topic::retry_dead_letters`] of the group `identity` names, if given.
+    pub(crate) fn retry_dead_letters_of(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        offsets: &[Offset],
+        now: u64,
+    ) -> Result<()> {
         let _pass = self.enter()?;
-        self.with_group(group, |g| {
+        self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             for o in offsets {
                 // One completed or leased meanwhile (a seek made it due, and
@@ -294,8 +308,19 @@ impl Topic {
 
     /// Completes dead letters once the dead-letter topic holds them.
     pub fn complete_dead_letters(&self, group: &str, offsets: &[Offset]) -> Result<()> {
+        self.complete_dead_letters_of(group, None, offsets)
+    }
+
+    /// [`Topic::complete_dead_letters`] in the group `identity` names, if
+    /// given (a group created again under its name never read them).
+    pub(crate) fn complete_dead_letters_of(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        offsets: &[Offset],
+    ) -> Result<()> {
         let _pass = self.enter()?;
-        let durable = self.with_group(group, |g| {
+        let durable = self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             for o in offsets {
                 g.complete(o.0, o.0 + 1)?;
@@ -400,7 +425,7 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        self.release_deliveries(group, member, leased, false)
+        self.release_deliveries(group, None, member, leased, false)
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
@@ -415,25 +440,38 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        self.release_deliveries(group, member, leased, true)
+        self.release_unread_of(group, None, member, leased)
+    }
+
+    /// [`Topic::release_unread`] in the group `identity` names, if given
+    /// (a group created again under its name never leased them).
+    pub(crate) fn release_unread_of(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        member: &str,
+        leased: &[(u64, u32)],
+    ) -> Result<usize> {
+        self.release_deliveries(group, identity, member, leased, true)
     }
 
     /// [`Topic::release_where`] of the `(offset, delivery)` pairs `leased`.
     fn release_deliveries(
         &self,
         group: &str,
+        identity: Option<&GroupIdentity>,
         member: &str,
         leased: &[(u64, u32)],
         never_sent: bool,
     ) -> Result<usize> {
         let which: Vec<(u64, Option<u32>)> = leased.iter().map(|&(o, d)| (o, Some(d))).collect();
-        self.release_where(group, member, Some(&which), never_sent)
+        self.release_where(group, identity, member, Some(&which), never_sent)
     }
 
     /// Queue group: gives back, due at once, every lease `member` holds (a
     /// consumer gone, whatever it was handed). Returns how many.
     pub fn release_member(&self, group: &str, member: &str) -> Result<usize> {
-        self.release_where(group, member, None, false)
+        self.release_where(group, None, member, None, false)
     }
 
     /// Gives back the leases `member` holds on `which` (each offset, and
@@ -443,13 +481,14 @@ impl Topic {
     fn release_where(
         &self,
         group: &str,
+        identity: Option<&GroupIdentity>,
         member: &str,
         which: Option<&[(u64, Option<u32>)]>,
         never_sent: bool,
     ) -> Result<usize> {
         let _pass = self.enter()?;
         let now = now_ms();
-        self.with_group(group, |g| {
+        self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             let which = match which {
                 Some(which) => which.to_vec(),
