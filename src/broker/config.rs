@@ -201,10 +201,29 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {}", e.message().trim())
+            format!("line {line}, column {column}: {}", plain(e.message().trim()))
         }
-        None => e.message().trim().replace('\n', "; "),
+        None => plain(e.message().trim()).replace('\n', "; "),
     }
+}
+
+/// `message` with the decoder's Rust type names ("expected usize") said in
+/// words.
+fn plain(message: &str) -> String {
+    const WORDS: [(&str, &str); 9] = [
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 to 65535)"),
+        ("expected u8", "expected a whole number (0 to 255)"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ];
+    WORDS
+        .iter()
+        .fold(message.to_owned(), |m, (rust, words)| m.replace(rust, words))
 }
 
 #[cfg(test)]
@@ -220,6 +239,26 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "ümlaut", "sp ace", &"x".repeat(201)] {
             let err = validate_name("topic", bad).expect_err("invalid");
             assert!(err.to_string().contains("topic name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_config_error_names_the_type_wanted_in_words() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Limits {
+            max_connections: usize,
+            ratio: f64,
+        }
+        for (text, wanted) in [
+            ("max_connections = \"x\"\nratio = 0.5\n", "expected a whole number (0 or more)"),
+            ("max_connections = -1\nratio = 0.5\n", "expected a whole number (0 or more)"),
+            ("max_connections = 1\nratio = \"half\"\n", "expected a number"),
+        ] {
+            let e = toml::from_str::<Limits>(text).expect_err("bad value");
+            let said = toml_error(text, &e);
+            assert!(said.contains(wanted), "{said}");
+            assert!(!said.contains("usize") && !said.contains("f64"), "{said}");
         }
     }
 
