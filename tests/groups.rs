@@ -2122,7 +2122,7 @@ fn an_empty_group_name_is_named_in_its_error() {
         .expect_err("no such group");
     let text = err.to_string();
     assert!(
-        text.contains("group \"\" of topic jobs") && text.contains("leave group unset"),
+        text.contains("group \"\" of topic jobs") && text.contains("no group has an empty name"),
         "{text}"
     );
 }

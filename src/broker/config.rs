@@ -201,7 +201,10 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {}", plain(e.message().trim()))
+            format!(
+                "line {line}, column {column}: {}",
+                plain(e.message().trim())
+            )
         }
         None => plain(e.message().trim()).replace('\n', "; "),
     }
@@ -221,9 +224,9 @@ fn plain(message: &str) -> String {
         ("expected f64", "expected a number"),
         ("expected f32", "expected a number"),
     ];
-    WORDS
-        .iter()
-        .fold(message.to_owned(), |m, (rust, words)| m.replace(rust, words))
+    WORDS.iter().fold(message.to_owned(), |m, (rust, words)| {
+        m.replace(rust, words)
+    })
 }
 
 #[cfg(test)]
@@ -251,9 +254,18 @@ mod tests {
             ratio: f64,
         }
         for (text, wanted) in [
-            ("max_connections = \"x\"\nratio = 0.5\n", "expected a whole number (0 or more)"),
-            ("max_connections = -1\nratio = 0.5\n", "expected a whole number (0 or more)"),
-            ("max_connections = 1\nratio = \"half\"\n", "expected a number"),
+            (
+                "max_connections = \"x\"\nratio = 0.5\n",
+                "expected a whole number (0 or more)",
+            ),
+            (
+                "max_connections = -1\nratio = 0.5\n",
+                "expected a whole number (0 or more)",
+            ),
+            (
+                "max_connections = 1\nratio = \"half\"\n",
+                "expected a number",
+            ),
         ] {
             let e = toml::from_str::<Limits>(text).expect_err("bad value");
             let said = toml_error(text, &e);

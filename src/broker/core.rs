@@ -1100,10 +1100,16 @@ impl Broker {
         }
         match refused {
             None => Ok(()),
-            Some((offset, Error::InvalidArgument(why))) => Err(Error::InvalidArgument(format!(
-                "dead letter of offset {offset} (group {group} of topic {}) refused by topic {name}: {why}",
-                source.name()
-            ))),
+            Some((offset, Error::InvalidArgument(why))) => {
+                // Refused alone: the first (and only) message of its append.
+                let why = why
+                    .strip_prefix("message 0 ")
+                    .map_or_else(|| why.clone(), |rest| format!("it {rest}"));
+                Err(Error::InvalidArgument(format!(
+                    "dead letter of offset {offset} (group {group} of topic {}) refused by topic {name}: {why}",
+                    source.name()
+                )))
+            }
             Some((_, e)) => Err(e),
         }
     }

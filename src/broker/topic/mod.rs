@@ -464,8 +464,8 @@ impl Topic {
         groups.get(name).cloned().ok_or_else(|| {
             Error::GroupNotFound(if name.is_empty() {
                 format!(
-                    "group \"\" of topic {} does not exist: an empty group name is a name; \
-                     leave group unset to read without a group",
+                    "group \"\" of topic {} does not exist: no group has an empty name \
+                     (a read without a group leaves group unset)",
                     self.name
                 )
             } else {
