@@ -1888,6 +1888,38 @@ struct NotUtf8Name {
     name: Vec<u8>,
 }
 
+/// A produce of a million empty messages is refused before it is built, as
+/// on the native protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_of_very_many_empty_messages_is_refused_before_it_is_built() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    let refused = client
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![pb::NewMessage::default(); 1_000_000],
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("send fewer"), "{refused:?}");
+    client
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![pb::NewMessage {
+                value: b"x".to_vec().into(),
+                ..pb::NewMessage::default()
+            }],
+        })
+        .await
+        .expect("the broker serves on");
+}
+
 /// A request that does not decode answers `INVALID_ARGUMENT`, as an
 /// unreadable frame does on the native protocol. Before, the gRPC
 /// library's codec answered `INTERNAL`, which tells a client the outcome of

@@ -249,6 +249,53 @@ fn error_code(f: &pb::ServerFrame) -> Option<i32> {
     }
 }
 
+/// A produce of a million empty messages (2 MB on the wire, over 100 MB
+/// once built) is refused before it is built, and the broker serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_of_very_many_empty_messages_is_refused_before_it_is_built() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let produce = pb::ClientFrame {
+        request_id: 2,
+        request: Some(pb::client_frame::Request::Produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: vec![pb::NewMessage::default(); 1_000_000],
+        })),
+    };
+    let mut bytes = hello();
+    bytes.extend_from_slice(&frame(&produce.encode_to_vec()));
+    let frames = raw_exchange(&broker.addr, &bytes);
+    let refused: Vec<&pb::Error> = frames
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(pb::server_frame::Kind::Response(pb::Response {
+                result: Some(pb::response::Result::Error(e)),
+                ..
+            })) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{frames:?}");
+    assert_eq!(refused[0].code, pb::Code::ResourceExhausted as i32);
+    assert!(
+        refused[0].message.contains("send fewer"),
+        "{}",
+        refused[0].message
+    );
+    let client = Client::connect(&broker.addr, "after")
+        .await
+        .expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("the broker serves on");
+    assert_eq!(
+        replay_all(&client, "t").await.len(),
+        1,
+        "nothing of it stored"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_wire_gets_the_documented_reaction_and_spares_other_clients() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -4,7 +4,10 @@
 //! `INTERNAL`, which tells a client the outcome of a change is unknown,
 //! though nothing was done).
 
+use crate::protocol::pb;
+use crate::protocol::request::{produce_too_heavy, too_heavy};
 use prost::Message;
+use std::any::TypeId;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -36,11 +39,20 @@ where
 #[derive(Debug, Clone, Default)]
 pub struct SpoolDecoder<U>(ProstDecoder<U>);
 
-impl<U: Message + Default> Decoder for SpoolDecoder<U> {
+impl<U: Message + Default + 'static> Decoder for SpoolDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // A produce request of many empty messages or headers is refused
+        // before they are built, as on the native protocol.
+        if TypeId::of::<U>() == TypeId::of::<pb::ProduceRequest>() {
+            use bytes::Buf;
+            let whole = buf.chunk();
+            if whole.len() >= buf.remaining() && produce_too_heavy(&whole[..buf.remaining()]) {
+                return Err(Status::resource_exhausted(too_heavy(buf.remaining())));
+            }
+        }
         self.0
             .decode(buf)
             .map_err(|e| Status::invalid_argument(format!("unreadable message: {}", e.message())))

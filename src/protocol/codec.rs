@@ -28,6 +28,10 @@ pub enum FrameError {
     /// Flags other than 0.
     #[error("frame flags {0:#04x} not supported (compression is not negotiated)")]
     BadFlags(u8),
+    /// A produce request whose messages and headers would take more than
+    /// [`super::request::most_decoded`] decoded (many empty ones); says so.
+    #[error("{0}")]
+    TooHeavy(String),
     /// The body is not valid protobuf for the expected message.
     #[error("frame body does not decode: {0}")]
     Decode(#[from] prost::DecodeError),

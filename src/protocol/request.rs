@@ -8,12 +8,14 @@
 //! values are slices of the frame; every other frame, and any produce
 //! request in another layout, goes through the generated decoder.
 
+use super::codec::FrameError;
 use super::{convert, pb};
 use crate::storage::{Header, NewMessage};
 use bytes::{BufMut, Bytes};
 use prost::Message as _;
 use prost::encoding::{
-    WireType, decode_varint, encode_key, encode_varint, encoded_len_varint, key_len,
+    DecodeContext, WireType, decode_key, decode_varint, encode_key, encode_varint,
+    encoded_len_varint, key_len, skip_field,
 };
 use std::sync::Arc;
 
@@ -216,9 +218,22 @@ impl ClientIn {
     /// decoder, which decides what it means or why it is invalid. Either
     /// way the result is what decoding a `pb::ClientFrame` and converting
     /// its produce request gives.
-    pub fn decode(body: Bytes) -> Result<ClientIn, prost::DecodeError> {
-        if let Some(produce) = produce_in(&body) {
+    /// A produce request whose messages and headers would take more than
+    /// [`most_decoded`] is [`FrameError::TooHeavy`], refused before they
+    /// are built.
+    pub fn decode(body: Bytes) -> Result<ClientIn, FrameError> {
+        let mut budget = Budget::new(body.len());
+        if let Some(produce) = produce_in(&body, &mut budget) {
             return Ok(ClientIn::Produce(produce));
+        }
+        if !budget.spent {
+            // Not the common layout: weighed apart before the generated
+            // decoder builds it.
+            budget = Budget::new(body.len());
+            let _ = weigh_frame(&body, &mut budget);
+        }
+        if budget.spent {
+            return Err(FrameError::TooHeavy(too_heavy(body.len())));
         }
         Ok(ClientIn::from_frame(pb::ClientFrame::decode(body)?))
     }
@@ -245,6 +260,116 @@ impl ClientIn {
             ClientIn::Produce(p) => p.request_id,
         }
     }
+}
+
+/// Most bytes the messages and headers of a produce request of `len`
+/// bytes may take once decoded. Keys and values stay slices of the request,
+/// but each message and each header is a structure of its own and a
+/// header's name is copied, so a request of many empty messages or headers
+/// would take up to 50 times its size: past 8 times its size and 4 MiB it
+/// is refused (a batch of ordinary messages takes a few times its size).
+pub fn most_decoded(len: usize) -> usize {
+    len.saturating_mul(8).saturating_add(4 << 20)
+}
+
+/// Why a produce request of `len` bytes is refused as too heavy.
+pub fn too_heavy(len: usize) -> String {
+    format!(
+        "produce request of {len} bytes refused: its messages and headers would take over {} \
+         bytes once decoded (at most 8 times the request and 4 MiB); send fewer, larger \
+         messages or headers per request",
+        most_decoded(len)
+    )
+}
+
+/// What a produce request's messages and headers may still take decoded
+/// (from [`most_decoded`]); `spent` once one did not fit.
+struct Budget {
+    left: usize,
+    spent: bool,
+}
+
+impl Budget {
+    fn new(len: usize) -> Budget {
+        Budget {
+            left: most_decoded(len),
+            spent: false,
+        }
+    }
+
+    /// Takes `bytes`; `None` (and spent) if they do not fit.
+    #[inline]
+    fn take(&mut self, bytes: usize) -> Option<()> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Some(())
+            }
+            None => {
+                self.spent = true;
+                None
+            }
+        }
+    }
+
+    /// A message's part.
+    #[inline]
+    fn message(&mut self) -> Option<()> {
+        self.take(std::mem::size_of::<NewMessage>())
+    }
+
+    /// A header's part, its name `name_len` bytes.
+    #[inline]
+    fn header(&mut self, name_len: usize) -> Option<()> {
+        self.take(std::mem::size_of::<Header>() + name_len)
+    }
+}
+
+/// Calls `f` with the body of each length-delimited field `tag` of the
+/// message `buf`, passing over the others; `None` if `buf` is not a valid
+/// message or `f` answers `None`.
+fn each_delimited(mut buf: &[u8], tag: u32, mut f: impl FnMut(&[u8]) -> Option<()>) -> Option<()> {
+    while !buf.is_empty() {
+        let (field, wire) = decode_key(&mut buf).ok()?;
+        if field == tag && wire == WireType::LengthDelimited {
+            f(delimited(&mut buf)?)?;
+        } else {
+            skip_field(wire, field, &mut buf, DecodeContext::default()).ok()?;
+        }
+    }
+    Some(())
+}
+
+/// Weighs the produce requests of frame body `frame` into `budget`.
+fn weigh_frame(frame: &[u8], budget: &mut Budget) -> Option<()> {
+    each_delimited(frame, FRAME_PRODUCE, |request| {
+        weigh_produce(request, budget)
+    })
+}
+
+/// Weighs the messages and headers of `ProduceRequest` body `request` into
+/// `budget`: `None` once they do not fit (or the body is invalid, which the
+/// generated decoder then names).
+fn weigh_produce(request: &[u8], budget: &mut Budget) -> Option<()> {
+    each_delimited(request, PRODUCE_MESSAGES, |message| {
+        budget.message()?;
+        each_delimited(message, MESSAGE_HEADERS, |header| {
+            let mut name_len = 0;
+            each_delimited(header, HEADER_NAME, |name| {
+                name_len += name.len();
+                Some(())
+            })?;
+            budget.header(name_len)
+        })
+    })
+}
+
+/// Whether a `ProduceRequest` body of the gRPC service would take more
+/// than [`most_decoded`] once decoded.
+pub fn produce_too_heavy(request: &[u8]) -> bool {
+    let mut budget = Budget::new(request.len());
+    let _ = weigh_produce(request, &mut budget);
+    budget.spent
 }
 
 /// Most messages reserved for from the first one's size (a frame of tiny
@@ -312,7 +437,7 @@ fn delimited<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
 
 /// The fast path of [`ClientIn::decode`]: `None` for anything but a produce
 /// request in the common layout (see there).
-fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
+fn produce_in(frame: &Bytes, budget: &mut Budget) -> Option<ProduceIn> {
     // `part` is a slice of `frame`: the same bytes as a `Bytes` sharing it.
     let share = |part: &[u8]| frame.slice_ref(part);
     let mut buf: &[u8] = frame;
@@ -337,10 +462,11 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
             KEY_PRODUCE_MESSAGES => {
                 let before = buf.len();
                 let body = delimited(&mut buf)?;
+                budget.message()?;
                 // Filled in where it lies: a message built apart and
                 // moved in cost more than reading its fields.
                 messages.push(NewMessage::default());
-                message_in(body, &share, messages.last_mut()?)?;
+                message_in(body, &share, budget, messages.last_mut()?)?;
                 if messages.len() == 1 {
                     // Sized from the first message: one allocation, not a
                     // doubling for every power of two up to the batch.
@@ -361,7 +487,12 @@ fn produce_in(frame: &Bytes) -> Option<ProduceIn> {
 /// Reads a `NewMessage` body into `m` (a default one); `None` if it is not
 /// in the layout the fast path takes.
 #[inline]
-fn message_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes, m: &mut NewMessage) -> Option<()> {
+fn message_in(
+    mut buf: &[u8],
+    share: &impl Fn(&[u8]) -> Bytes,
+    budget: &mut Budget,
+    m: &mut NewMessage,
+) -> Option<()> {
     let mut value: &[u8] = &[];
     while !buf.is_empty() {
         match next_key(&mut buf)? {
@@ -372,7 +503,8 @@ fn message_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes, m: &mut NewMessag
                 m.key = Some(share(delimited(&mut buf)?));
             }
             KEY_MESSAGE_HEADERS => {
-                m.headers.push(header_in(delimited(&mut buf)?, share)?);
+                m.headers
+                    .push(header_in(delimited(&mut buf)?, share, budget)?);
             }
             KEY_MESSAGE_VALUE => value = delimited(&mut buf)?,
             _ => return None,
@@ -384,7 +516,11 @@ fn message_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes, m: &mut NewMessag
     Some(())
 }
 
-fn header_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes) -> Option<Header> {
+fn header_in(
+    mut buf: &[u8],
+    share: &impl Fn(&[u8]) -> Bytes,
+    budget: &mut Budget,
+) -> Option<Header> {
     let (mut name, mut value): (&str, &[u8]) = ("", &[]);
     while !buf.is_empty() {
         match next_key(&mut buf)? {
@@ -393,6 +529,7 @@ fn header_in(mut buf: &[u8], share: &impl Fn(&[u8]) -> Bytes) -> Option<Header> 
             _ => return None,
         }
     }
+    budget.header(name.len())?;
     Some(Header {
         name: name.to_owned(),
         value: if value.is_empty() {
@@ -500,7 +637,7 @@ mod tests {
             messages in proptest::collection::vec(arb_message(), 0..8),
         ) {
             let body = Bytes::from(generated(request_id, &topic, &messages));
-            prop_assert!(produce_in(&body).is_some(), "the fast path takes what encoders write");
+            prop_assert!(produce_in(&body, &mut Budget::new(body.len())).is_some(), "the fast path takes what encoders write");
             let got = ClientIn::decode(body.clone()).expect("decodes");
             prop_assert_eq!(&got, &reference(&body).expect("decodes"));
             prop_assert_eq!(got, ClientIn::Produce(ProduceIn { request_id, topic, messages }));
@@ -562,7 +699,9 @@ mod tests {
         }
         .encode_to_vec();
         for body in [&merged, &unknown, &bad_name, &padded, &ping, &Vec::new()] {
-            assert!(produce_in(&Bytes::copy_from_slice(body)).is_none());
+            assert!(
+                produce_in(&Bytes::copy_from_slice(body), &mut Budget::new(body.len())).is_none()
+            );
             same_as_reference(body).expect("same as the generated decoder");
         }
         let Ok(ClientIn::Produce(p)) = ClientIn::decode(Bytes::from(merged)) else {
@@ -574,6 +713,59 @@ mod tests {
         };
         assert_eq!((p.request_id, p.messages), (5, one));
         assert!(ClientIn::decode(Bytes::from(bad_name)).is_err());
+    }
+
+    #[test]
+    fn a_produce_of_many_empty_messages_or_headers_is_refused_before_it_is_built() {
+        // 1 M empty messages: 2 MB on the wire, over 100 MB built.
+        let empty = generated(1, "t", &vec![NewMessage::default(); 1_000_000]);
+        // One message of 1 M empty headers: 2 MB, over 50 MB built.
+        let headers = vec![Header::new("", Bytes::new()); 1_000_000];
+        let many_headers = generated(
+            2,
+            "t",
+            &[NewMessage {
+                headers,
+                ..NewMessage::default()
+            }],
+        );
+        // The first, past the fast path (an unknown field first).
+        let mut unusual = vec![0xF8, 0x06, 5];
+        unusual.extend_from_slice(&empty);
+        for body in [empty, many_headers, unusual] {
+            match ClientIn::decode(Bytes::from(body)) {
+                Err(FrameError::TooHeavy(why)) => assert!(why.contains("send fewer"), "{why}"),
+                other => panic!("not refused: {:?}", other.map(|_| "decoded")),
+            }
+        }
+        // An ordinary batch decodes: 10 000 small messages with four short
+        // headers each.
+        let message = NewMessage::from_value("v")
+            .with_header("a", "1")
+            .with_header("b", "2")
+            .with_header("c", "3")
+            .with_header("d", "4");
+        let batch = generated(3, "t", &vec![message; 10_000]);
+        match ClientIn::decode(Bytes::from(batch)) {
+            Ok(ClientIn::Produce(p)) => assert_eq!(p.messages.len(), 10_000),
+            other => panic!("refused: {:?}", other.map(|_| "not a produce")),
+        }
+        // The gRPC service's check, on a `ProduceRequest` body.
+        let request = |messages: Vec<pb::NewMessage>| {
+            pb::ProduceRequest {
+                topic: "t".into(),
+                messages,
+            }
+            .encode_to_vec()
+        };
+        assert!(produce_too_heavy(&request(vec![
+            pb::NewMessage::default();
+            1_000_000
+        ])));
+        assert!(!produce_too_heavy(&request(vec![
+            pb::NewMessage::default();
+            10_000
+        ])));
     }
 
     #[test]

@@ -86,7 +86,7 @@ fn within_frame_limit(request_id: u64, frame: Outbound, max: u32) -> Outbound {
 
 fn frame_error(e: &FrameError) -> Option<pb::Error> {
     match e {
-        FrameError::TooLarge { .. } => {
+        FrameError::TooLarge { .. } | FrameError::TooHeavy(_) => {
             Some(status::error(pb::Code::ResourceExhausted, e.to_string()))
         }
         FrameError::BadFlags(_) | FrameError::Decode(_) => {
