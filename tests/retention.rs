@@ -814,3 +814,51 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut answer).expect("answer");
     answer
 }
+
+/// A closed topic whose open for its retention fails (out of descriptors)
+/// is due again a little later, not left out of retention until a client
+/// opens it.
+#[test]
+fn a_closed_topic_whose_retention_open_fails_is_due_again() {
+    let disk = Arc::new(SimDisk::new());
+    let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, "/d").expect("data dir");
+    let reg = Registry::open(data, RegistryOptions::default()).expect("registry");
+    let topic = reg
+        .create_topic(
+            "old",
+            TopicConfig {
+                log: LogConfig {
+                    segment_bytes: 1024,
+                    retention_ms: Some(1000),
+                    fsync: FsyncPolicy::Always,
+                    ..LogConfig::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .expect("topic");
+    let an_hour_ago = spool::storage::log::now_ms() - 3_600_000;
+    for i in 0..20 {
+        let mut m = NewMessage::from_value(value(i));
+        m.timestamp_ms = Some(an_hour_ago);
+        topic.produce(&[m]).expect("produce");
+    }
+    drop(topic);
+    assert!(reg.close_unused("old"), "closed");
+    let later = spool::storage::log::now_ms() + 3_600_000;
+    assert_eq!(reg.retention_due(later, 10), ["old"]);
+    disk.set_fault(SimFault::OutOfFiles, true);
+    assert!(reg.apply_closed_retention("old").is_err(), "the open fails");
+    disk.set_fault(SimFault::OutOfFiles, false);
+    assert_eq!(
+        reg.retention_due(later, 10),
+        ["old"],
+        "due again after the failed open"
+    );
+    reg.apply_closed_retention("old").expect("retention");
+    let start = reg.topic("old").expect("open").stats().start;
+    assert!(
+        start.0 > 0,
+        "retention dropped the old segments: start {start:?}"
+    );
+}

@@ -21,6 +21,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+/// How long after an open for its retention failed a closed topic is due
+/// again.
+pub const CLOSED_RETENTION_RETRY_MS: u64 = 30_000;
+
 /// Registry settings.
 #[derive(Debug, Clone)]
 pub struct RegistryOptions {
@@ -674,12 +678,28 @@ impl Registry {
     /// Opens closed topic `name` to apply its retention (as every open
     /// does) and closes it again, without counting a use of it (nor
     /// touching it if a request opened it meanwhile).
+    /// An open that fails (out of descriptors, damage) leaves the topic
+    /// due again after [`CLOSED_RETENTION_RETRY_MS`].
     pub fn apply_closed_retention(&self, name: &str) -> Result<()> {
         let slot = self.slot(name)?;
         if slot.topic().is_some() {
             return Ok(());
         }
-        drop(self.open_slot(name, &slot)?);
+        match self.open_slot(name, &slot) {
+            Ok(topic) => drop(topic),
+            Err(e) => {
+                // Taken off the due list by `retention_due`; back on it,
+                // unless a close since set its next due time.
+                let retry = now_ms().saturating_add(CLOSED_RETENTION_RETRY_MS);
+                let _ = slot.retention_due.compare_exchange(
+                    0,
+                    retry,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                return Err(e);
+            }
+        }
         self.close_unused(name);
         Ok(())
     }
