@@ -591,3 +591,54 @@ fn a_group_whose_deletion_a_crash_cut_short_is_created_fresh() {
         "a group created again starts fresh"
     );
 }
+
+/// A create that arrives while a delete of the name waits for a request
+/// inside the topic (an offset delete's sync) waits for the delete, then
+/// creates the topic: it is not told the topic exists, only to find it
+/// gone a moment later.
+#[test]
+fn a_create_during_a_delete_waiting_for_a_request_waits_then_creates() {
+    use spool::storage::io::SimOp;
+    let disk = Arc::new(SimDisk::new());
+    let registry = Arc::new(open_registry(&disk));
+    let t = registry
+        .create_topic("t", TopicConfig::default())
+        .expect("create");
+    t.produce(&[NewMessage::from_value("x")]).expect("produce");
+    let fired = Arc::new(AtomicBool::new(false));
+    let (deleted_tx, deleted_rx) = std::sync::mpsc::channel();
+    let (created_tx, created_rx) = std::sync::mpsc::channel();
+    {
+        let (registry, fired) = (Arc::clone(&registry), Arc::clone(&fired));
+        disk.set_hook(Some(Arc::new(move |op, path| {
+            let deletions = path.to_string_lossy().contains("deletes");
+            if op != SimOp::SyncData || !deletions || fired.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            // While this request is inside the topic: a delete, then a
+            // create of the same name.
+            let (r, tx) = (Arc::clone(&registry), deleted_tx.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(r.delete_topic("t").map(|_| ()));
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            let (r, tx) = (Arc::clone(&registry), created_tx.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(r.create_topic("t", TopicConfig::default()).map(|_| ()));
+            });
+            std::thread::sleep(Duration::from_millis(300));
+        })));
+    }
+    t.delete(&[Offset(0)]).expect("delete offset 0");
+    disk.set_hook(None);
+    let deleted = deleted_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the delete answers");
+    let created = created_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the create answers");
+    assert!(deleted.is_ok(), "{deleted:?}");
+    assert!(created.is_ok(), "the create during the delete: {created:?}");
+    let again = registry.topic("t").expect("the new topic");
+    assert_eq!(again.stats().end, Offset(0), "a new, empty topic");
+}

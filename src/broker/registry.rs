@@ -855,7 +855,22 @@ impl Registry {
             let mut topics = self.write_topics();
             if let Some(old) = topics.get(name) {
                 if !old.is_gone() {
-                    return Err(Error::AlreadyExists(format!("topic {name} exists")));
+                    // A delete under way waits for the requests inside the
+                    // topic before it marks the name gone: wait with it.
+                    let old = Arc::clone(old);
+                    drop(topics);
+                    let deleting = old
+                        .topic()
+                        .as_ref()
+                        .filter(|t| t.is_retired() && !t.gate().is_finished())
+                        .map(Arc::clone);
+                    match deleting {
+                        Some(topic) => {
+                            topic.gate().wait_settled();
+                            continue;
+                        }
+                        None => return Err(Error::AlreadyExists(format!("topic {name} exists"))),
+                    }
                 }
                 // Being deleted: wait until its folder is gone, then create.
                 let old = Arc::clone(old);
