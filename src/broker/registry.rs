@@ -18,8 +18,11 @@ use crate::metrics::{Cleanup, Metrics};
 use crate::storage::log::now_ms;
 use crate::storage::{DataDir, RecoveryMode};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// Most threads [`Registry::stop_all`] stops topics with.
+pub const STOP_THREADS: usize = 16;
 
 /// How long after an open for its retention failed a closed topic is due
 /// again.
@@ -712,26 +715,47 @@ impl Registry {
     /// clean checkpoint fails is logged, the others are still stopped, and
     /// the first such failure is returned (the next start recovers those
     /// topics); failing to record the clean stop is only logged.
+    ///
+    /// Topics are stopped by up to [`STOP_THREADS`] threads at once: each
+    /// stop waits for a few syncs, which the disk serves together, so a
+    /// broker with thousands of open topics stops in about the time a
+    /// tenth of them would take one after another.
     pub fn stop_all(&self) -> Result<()> {
-        let mut failed = None;
         let names: Vec<String> = self.open_names().iter().cloned().collect();
-        for name in names {
-            // Waits for an open or close under way, so none is missed.
-            let Some(topic) = self.open_topic(&name) else {
-                continue;
-            };
-            // Nothing is written after the final sync: a round of producers
-            // still under way would be acknowledged (under fsync=interval or
-            // never) and never synced, though the stop is recorded as clean.
-            // (A poisoned writer refuses writes already.)
-            let _ = topic.log().stop_writes();
-            if let Err(e) = topic.stop() {
-                tracing::error!(topic = topic.name(), error = %e,
-                    "final sync or clean checkpoint failed; the next start recovers the topic");
-                failed.get_or_insert(e);
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let stop_each = || {
+            while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
+                // Waits for an open or close under way, so none is missed.
+                let Some(topic) = self.open_topic(name) else {
+                    continue;
+                };
+                // Nothing is written after the final sync: a round of
+                // producers still under way would be acknowledged (under
+                // fsync=interval or never) and never synced, though the
+                // stop is recorded as clean. (A poisoned writer refuses
+                // writes already.)
+                let _ = topic.log().stop_writes();
+                if let Err(e) = topic.stop() {
+                    tracing::error!(topic = topic.name(), error = %e,
+                        "final sync or clean checkpoint failed; the next start recovers the topic");
+                    failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
             }
-        }
-        if let Some(e) = failed {
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..names.len().min(STOP_THREADS) {
+                // One that cannot start leaves its share to the others.
+                let _ = std::thread::Builder::new()
+                    .name("spool-stop".into())
+                    .spawn_scoped(scope, stop_each);
+            }
+            stop_each();
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
         if let Err(e) = self.data.mark_clean_stop() {
