@@ -2125,6 +2125,14 @@ fn an_empty_group_name_is_named_in_its_error() {
         text.contains("group \"\" of topic jobs") && text.contains("no group has an empty name"),
         "{text}"
     );
+    // So is an empty topic name, where nothing is created.
+    let err = registry
+        .fetch_queue("", "g", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect_err("no such topic");
+    assert!(
+        err.to_string().contains("topic \"\" does not exist"),
+        "{err}"
+    );
 }
 
 /// A group forgets members not seen for an hour once it knows many: clients

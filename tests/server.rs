@@ -643,8 +643,9 @@ async fn errors_name_files_relative_to_the_data_directory() {
     assert_eq!(err.code(), Some(pb::Code::InvalidArgument), "{err}");
     let message = err.to_string();
     assert!(
-        message.contains("log topics/small "),
-        "names the topic's folder: {message}"
+        message.contains("produce to topic small: message 0 has 2000 bytes")
+            && message.contains("topic small takes at most 992 per message"),
+        "names the topic and its limit: {message}"
     );
     let tmp_root = tmp.path().to_string_lossy().into_owned();
     assert!(!message.contains(&tmp_root), "no server path: {message}");

@@ -766,9 +766,23 @@ impl Broker {
         } = limit;
         for (i, m) in batch.iter().enumerate() {
             let Some(size) = record::encoded_len(m).map(|l| l - record::HEADER_LEN) else {
+                let why = if m.headers.len() > usize::from(u16::MAX) {
+                    format!("it has {} headers; at most 65 535", m.headers.len())
+                } else if let Some((j, h)) = m
+                    .headers
+                    .iter()
+                    .enumerate()
+                    .find(|(_, h)| h.name.len() > usize::from(u16::MAX))
+                {
+                    format!(
+                        "the name of its header {j} has {} bytes; at most 65 535",
+                        h.name.len()
+                    )
+                } else {
+                    "it has over 4 GiB of key, headers and value".to_owned()
+                };
                 return Err(Error::InvalidArgument(format!(
-                    "produce to topic {topic}: message {i} cannot be stored: more than 65 535 headers, \
-                     a header name over 65 535 bytes, or over 4 GiB of key, headers and value"
+                    "produce to topic {topic}: message {i} cannot be stored: {why}"
                 )));
             };
             if size > limit as usize {
@@ -778,7 +792,13 @@ impl Broker {
             }
         }
         let runtime = self.existing_or_create(topic, false).await?;
-        runtime.produce(batch).await
+        runtime.produce(batch).await.map_err(|e| match e {
+            // The topic's own limit (its segments), named by its log.
+            Error::InvalidArgument(why) if why.starts_with("message ") => {
+                Error::InvalidArgument(format!("produce to topic {topic}: {why}"))
+            }
+            e => e,
+        })
     }
 
     /// One read for `target` within `limits`: replay and stream groups from
@@ -1755,6 +1775,40 @@ mod tests {
             .expect("read");
         drop(cut);
         stop_and_find_the_delivery_taken_back(broker, &disk).await;
+    }
+
+    #[tokio::test]
+    async fn a_message_that_cannot_be_stored_is_told_why() {
+        let disk = Arc::new(SimDisk::new());
+        let broker = jobs_with_one_message(&disk).await;
+        let limit = MessageLimit {
+            bytes: 64 << 20,
+            setting: "max_message_bytes",
+        };
+        let many = NewMessage {
+            headers: vec![crate::storage::Header::new("h", bytes::Bytes::new()); 70_000],
+            ..NewMessage::from_value("v")
+        };
+        let long_name = NewMessage::from_value("v")
+            .with_header("a", "1")
+            .with_header("n".repeat(70_000), "2");
+        for (message, why) in [
+            (
+                many,
+                "message 0 cannot be stored: it has 70000 headers; at most 65 535",
+            ),
+            (
+                long_name,
+                "message 0 cannot be stored: the name of its header 1 has 70000 bytes; at most 65 535",
+            ),
+        ] {
+            let refused = broker.produce("jobs", vec![message], limit).await;
+            assert!(
+                matches!(&refused, Err(Error::InvalidArgument(e)) if e.contains(why)),
+                "{refused:?}"
+            );
+        }
+        broker.stop().await.expect("stop");
     }
 
     #[tokio::test]

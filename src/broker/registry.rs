@@ -172,6 +172,12 @@ pub struct Scanned {
 }
 
 fn not_found(name: &str) -> Error {
+    // A name no topic can have (empty, a space) is quoted, so it shows.
+    if crate::broker::config::validate_name("topic", name).is_err() {
+        return Error::TopicNotFound(format!(
+            "topic {name:?} does not exist (no topic can have that name)"
+        ));
+    }
     Error::TopicNotFound(format!("topic {name} does not exist"))
 }
 

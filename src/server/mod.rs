@@ -402,10 +402,9 @@ impl Server {
                 crate::socketio::Limits {
                     admission: Arc::clone(&shared.admission),
                     max_subscriptions: shared.config.max_subscriptions,
-                    message_limit: shared.broker.message_limit(MessageLimit {
-                        bytes: shared.config.max_message_bytes,
-                        setting: "max_message_bytes",
-                    }),
+                    // What the native and gRPC readers can take, too: a
+                    // message socket.io stored must fit their frames.
+                    message_limit: shared.message_limit(),
                     frame_timeout: shared.config.frame_timeout,
                 },
                 shared.config.security.clone(),

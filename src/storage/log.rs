@@ -765,13 +765,16 @@ impl Log {
                 Some(len) if len <= max => lens.push(len as u64),
                 len => {
                     return Err(Error::InvalidArgument(format!(
-                        "message {i} has {} bytes of key, headers and value; log {} takes at most {} \
-                         per message (segment_bytes {} less the {}-byte record header)",
+                        "message {i} has {} bytes of key, headers and value; topic {} takes at most {} \
+                         per message (its segment_bytes {} less the {}-byte record header)",
                         len.map_or_else(
                             || "over 4 GiB".into(),
                             |l| (l - record::HEADER_LEN).to_string()
                         ),
-                        self.dir.display(),
+                        self.dir.file_name().map_or_else(
+                            || self.dir.display().to_string(),
+                            |n| n.to_string_lossy().into_owned()
+                        ),
                         self.config.max_message_bytes(),
                         self.config.segment_bytes,
                         record::HEADER_LEN,

@@ -146,6 +146,22 @@ await run({
     }
   },
 
+  async "a message the broker's frames cannot carry is refused, as on the other transports"() {
+    const config = env.data + "-small-frames.toml";
+    writeFileSync(config, "max_frame_bytes = 65536\n");
+    const broker = await startBroker(env.data + "-small-frames", "127.0.0.1:0", ["--config", config]);
+    try {
+      const s = await connect(broker.socketio);
+      // 200 KB: under max_message_bytes (1 MiB), over what a native or gRPC
+      // frame of 64 KiB delivers.
+      await error(s, "publish", { room: "big", data: "x".repeat(200000) }, "INVALID_ARGUMENT", "max_frame_bytes");
+      await ok(s, "publish", { room: "big", data: "x".repeat(1000) });
+      s.close();
+    } finally {
+      broker.proc.kill("SIGKILL");
+    }
+  },
+
   async "a recovery offset that does not verify starts a new session, with an error event saying why"() {
     const r = room("tamper");
     const a = await connect();
