@@ -635,6 +635,32 @@ fn consume_into_a_closed_pipe_settles_exactly_what_it_took() {
     assert!(committed >= 1, "{group}");
     assert_eq!(group["pending"], 0, "{group}");
     assert_eq!(group["lag"].as_u64(), Some(5 - committed), "{group}");
+    // A pipe that closes after several batches: the message counts what the
+    // whole run settled, not only its last batch.
+    let lines: String = (0..3000).map(|i| format!("m{i}\n")).collect();
+    let made = spool(&broker.addr, &["produce", "many"], Some(&lines));
+    assert!(made.status.success(), "{}", stderr(&made));
+    for (mode, says) in [("queue", "acknowledged the "), ("stream", "at offset ")] {
+        let out = shell(
+            bin.path(),
+            &broker.addr,
+            &format!(
+                "spool consume many --group g{mode} --mode {mode} | head -n 1500 >/dev/null; exit ${{PIPESTATUS[0]}}"
+            ),
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {err}");
+        let group = group_json(&broker.addr, "many", &format!("g{mode}"));
+        let committed = group["committed"].as_u64().expect("committed");
+        assert!(committed >= 1500, "{mode}: {group}");
+        let said: u64 = err
+            .split(says)
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{mode}: {err}"));
+        assert_eq!(said, committed, "{mode}: {err}");
+    }
 }
 
 /// `spool token create` with a bad name or pattern is a usage error
@@ -648,5 +674,20 @@ fn token_create_with_bad_arguments_is_a_usage_error() {
         let out = spool("127.0.0.1:1", args, None);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// A `--server` (or `SPOOL_SERVER`) that is not `HOST:PORT` is a usage
+/// error naming the form, not a broker that cannot be reached.
+#[test]
+fn a_server_that_is_not_host_and_port_is_a_usage_error() {
+    for server in ["127.0.0.1", "localhost", ""] {
+        let out = spool(server, &["topic", "list"], None);
+        assert_eq!(out.status.code(), Some(2), "{server:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("is not HOST:PORT"),
+            "{server:?}: {}",
+            stderr(&out)
+        );
     }
 }

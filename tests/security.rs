@@ -1477,7 +1477,10 @@ async fn the_cli_consumes_an_existing_group_with_a_consume_only_token() {
     // The wrong mode: refused before anything is printed or acked.
     let (ok, out, err) = consume("stream");
     assert!(!ok, "{out}{err}");
-    assert!(err.contains("another mode"), "{err}");
+    assert!(
+        err.contains("is a queue group, not a stream group; read it with --mode queue"),
+        "{err}"
+    );
     assert!(out.is_empty(), "{out}");
     // What that run leased is back at once (nacked), and this run prints
     // and acks it.

@@ -15,7 +15,13 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct ServerArg {
     /// Address of the broker.
-    #[arg(long, env = "SPOOL_SERVER", default_value = DEFAULT_LISTEN, global = true)]
+    #[arg(
+        long,
+        env = "SPOOL_SERVER",
+        default_value = DEFAULT_LISTEN,
+        global = true,
+        value_parser = parse_server
+    )]
     pub server: String,
     /// Connect with TLS, trusting the CA certificates of this PEM file.
     #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE", global = true)]
@@ -33,6 +39,16 @@ pub struct ServerArg {
         hide_env_values = true
     )]
     pub token: Option<String>,
+}
+
+/// `HOST:PORT` (a name or an address; `[::1]:7411` for IPv6).
+fn parse_server(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        _ => Err(format!(
+            "{s:?} is not HOST:PORT (for example {DEFAULT_LISTEN} or broker.example:7411)"
+        )),
+    }
 }
 
 impl ServerArg {

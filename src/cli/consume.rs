@@ -29,7 +29,9 @@ pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
     /// Where to start a replay, or where a new group starts: earliest, latest,
-    /// an offset, or @UNIX_MS (first message at or after that time).
+    /// an offset (one past the end starts at the end, so with --follow the
+    /// next message written is printed, whatever its offset), or @UNIX_MS
+    /// (first message at or after that time).
     #[arg(long, value_parser = parse_position)]
     from: Option<Position>,
     /// Read as this consumer group (created if missing; that needs `admin` on the topic under --auth).
@@ -72,6 +74,8 @@ pub fn run(args: ConsumeArgs) -> CliResult {
             None => (true, None),
         };
         let mut printed = 0u64;
+        // Where this run last committed a stream group, if it did.
+        let mut committed: Option<u64> = None;
         let mut position = match (&args.group, args.mode) {
             (None, _) => Some(args.from.unwrap_or(Position::Earliest)),
             // A stream group reads from its committed offset; this reader then
@@ -184,7 +188,7 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     if !rest.is_empty() {
                         client.nack(&args.topic, group, &rest, 0, None).await?;
                     }
-                    format!("acknowledged the {} message(s) it took", offsets.len())
+                    format!("acknowledged the {printed} message(s) it printed")
                 }
                 (Some(group), Mode::Stream) => {
                     // All of them: past deleted offsets too.
@@ -196,9 +200,10 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     if let Some(next) = next {
                         client.commit(&args.topic, group, next).await?;
                         position = Some(Position::Offset(next));
+                        committed = Some(next);
                     }
-                    match next {
-                        Some(next) => format!("committed group {group} at offset {next}"),
+                    match committed {
+                        Some(at) => format!("committed group {group} at offset {at}"),
                         None => format!("group {group} left where it was"),
                     }
                 }
@@ -259,9 +264,14 @@ async fn ensure_group(
 }
 
 fn mode_mismatch(args: &ConsumeArgs, group: &str) -> CliError {
+    let (asked, other) = match args.mode {
+        Mode::Stream => ("stream", "queue"),
+        Mode::Queue => ("queue", "stream"),
+    };
     CliError::runtime(format!(
-        "group {group} of topic {} exists with another mode than {:?}",
-        args.topic, args.mode
+        "group {group} of topic {} is a {other} group, not a {asked} group; \
+         read it with --mode {other}, or use another group name",
+        args.topic
     ))
 }
 

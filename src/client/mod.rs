@@ -385,6 +385,8 @@ enum End {
     Lost(Duration),
     /// A frame this client cannot decode.
     Undecodable(String),
+    /// The connection failed (reset by the server, a broken socket).
+    Broken(std::io::ErrorKind, String),
 }
 
 impl End {
@@ -401,6 +403,10 @@ impl End {
                         after.as_millis()
                     ),
                 ),
+            },
+            End::Broken(kind, e) => ClientError::Io {
+                addr: addr.to_owned(),
+                source: std::io::Error::new(*kind, e.clone()),
             },
             End::Undecodable(e) => {
                 ClientError::Protocol(format!("an undecodable frame closed the connection: {e}"))
@@ -626,6 +632,10 @@ impl Client {
                 };
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
+                    Some(Err(FrameError::Io(e))) => {
+                        end = End::Broken(e.kind(), e.to_string());
+                        break;
+                    }
                     Some(Err(e)) => {
                         end = End::Undecodable(e.to_string());
                         break;
