@@ -691,3 +691,20 @@ fn a_server_that_is_not_host_and_port_is_a_usage_error() {
         );
     }
 }
+
+/// A line of stdin too large for the broker is named by its line number;
+/// the lines before it are stored and counted.
+#[test]
+fn a_line_too_large_is_named_by_its_line() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let input = format!("a\nb\n{}\nc\n", "x".repeat(2_000_000));
+    let out = spool(&broker.addr, &["produce", "big"], Some(&input));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("line 3 of stdin has 2000000 bytes")
+            && err.contains("2 messages were acknowledged before it"),
+        "{err}"
+    );
+}

@@ -135,6 +135,7 @@ pub fn run(args: ProduceArgs) -> CliResult {
                     let mut lines = stdin_lines();
                     let mut batch = Vec::new();
                     let mut bytes = 0usize;
+                    let mut line_number = 0u64;
                     loop {
                         let line = if batch.is_empty() {
                             lines.recv().await
@@ -160,7 +161,23 @@ pub fn run(args: ProduceArgs) -> CliResult {
                                 return Err(CliError::runtime(format!("reading stdin: {e}")));
                             }
                         };
+                        line_number += 1;
                         let m = message(&args, line);
+                        // Named by its line here: the broker would name its
+                        // place in a batch. (What was read before it goes.)
+                        let payload = spool::storage::record::encoded_len(&m)
+                            .map(|l| l - spool::storage::record::HEADER_LEN);
+                        let most_bytes = welcome.max_message_bytes as usize;
+                        if payload.is_none_or(|p| p > most_bytes) {
+                            if !batch.is_empty() {
+                                sent += send(std::mem::take(&mut batch)).await?;
+                            }
+                            return Err(CliError::runtime(format!(
+                                "line {line_number} of stdin has {} bytes of key, headers and value; \
+                                 the broker takes at most {most_bytes} per message (max_message_bytes)",
+                                payload.map_or_else(|| "over 4 GiB".to_owned(), |p| p.to_string())
+                            )));
+                        }
                         let size = frame_bytes(&m);
                         if !batch.is_empty() && (batch.len() == most || bytes + size > budget) {
                             sent += send(std::mem::take(&mut batch)).await?;
