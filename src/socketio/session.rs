@@ -629,6 +629,9 @@ impl Conn {
             Kind::Connect => self.connect(packet).await,
             Kind::Disconnect => {
                 self.leave_all().await;
+                // A CONNECT on this connection starts afresh: no token it
+                // gets names a room the socket left.
+                self.out.shared.lock().await.positions.clear();
                 self.connected = false;
             }
             Kind::Event | Kind::BinaryEvent => {
