@@ -1510,3 +1510,56 @@ async fn the_cli_consumes_an_existing_group_with_a_consume_only_token() {
         "why the command could not create it: {err}"
     );
 }
+
+/// A connection refused on a TLS listener (over `max_connections_per_ip`)
+/// that sends nothing holds its descriptor only briefly (before: up to twice
+/// `frame_timeout_ms` each, without bound on how many), and the connection
+/// admitted beside it is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_on_a_tls_listener_are_closed_soon() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "good");
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            &path(&pki.cert),
+            "--tls-key",
+            &path(&pki.key),
+            "--max-connections-per-ip",
+            "1",
+        ],
+    );
+    let client = Client::connect_with(&broker.addr, &options(Some(&pki.ca), None))
+        .await
+        .expect("the one connection");
+    // 100 refused connections that never send a byte.
+    let silent: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&broker.addr).expect("connect"))
+        .collect();
+    let addr = broker.addr.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        for mut s in silent {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .expect("timeout");
+            let mut buf = [0u8; 64];
+            // EOF (or a reset) once the broker lets it go.
+            while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        (started.elapsed(), addr)
+    })
+    .await
+    .expect("join");
+    assert!(
+        closed.0 < std::time::Duration::from_secs(15),
+        "refused connections held for {:?} (frame_timeout_ms is 30 s)",
+        closed.0
+    );
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("the admitted connection is served");
+}

@@ -386,38 +386,46 @@ pub(crate) fn incoming(
             let _ = stream.set_nodelay(true);
             let admitted = limits.admission.admit(super::LISTENER, peer.ip());
             let (limits, tls, ready) = (limits.clone(), tls.clone(), ready.clone());
+            let refused = admitted.is_err();
             tokio::spawn(async move {
-                let admission = Arc::clone(&limits.admission);
-                let timed_out = move || admission.count(Limit::Frame);
-                let Some(stream) = tls
-                    .accept(stream, peer, limits.frame_timeout, timed_out)
-                    .await
-                else {
-                    return;
-                };
-                match admitted {
-                    Ok(ticket) => {
-                        let conn = Conn {
-                            stream,
-                            peer,
-                            started: false,
-                            _ticket: ticket,
-                            admission: Arc::clone(&limits.admission),
-                            idle: Idle::new(limits.idle_timeout),
-                            write: Timer::new(limits.write_timeout),
-                            info: ConnInfo {
-                                id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
-                                open: Arc::default(),
-                                max: limits.max_subscriptions,
-                                busy: Arc::new(Busy {
-                                    calls: AtomicU32::new(0),
-                                    last_end: Mutex::new(Instant::now()),
-                                }),
-                            },
-                        };
-                        let _ = ready.send(conn).await;
+                let serve = async {
+                    let admission = Arc::clone(&limits.admission);
+                    let timed_out = move || admission.count(Limit::Frame);
+                    let Some(stream) = tls
+                        .accept(stream, peer, limits.frame_timeout, timed_out)
+                        .await
+                    else {
+                        return;
+                    };
+                    match admitted {
+                        Ok(ticket) => {
+                            let conn = Conn {
+                                stream,
+                                peer,
+                                started: false,
+                                _ticket: ticket,
+                                admission: Arc::clone(&limits.admission),
+                                idle: Idle::new(limits.idle_timeout),
+                                write: Timer::new(limits.write_timeout),
+                                info: ConnInfo {
+                                    id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+                                    open: Arc::default(),
+                                    max: limits.max_subscriptions,
+                                    busy: Arc::new(Busy {
+                                        calls: AtomicU32::new(0),
+                                        last_end: Mutex::new(Instant::now()),
+                                    }),
+                                },
+                            };
+                            let _ = ready.send(conn).await;
+                        }
+                        Err(error) => refuse(stream, peer, error).await,
                     }
-                    Err(error) => refuse(stream, peer, error).await,
+                };
+                if refused {
+                    limits.admission.refuse_within(serve).await;
+                } else {
+                    serve.await;
                 }
             });
         }

@@ -68,10 +68,19 @@ pub(crate) fn too_many_subscriptions(live: usize, max: u32) -> pb::Error {
     )
 }
 
+/// Most refused connections being told why at once (over all listeners):
+/// each holds a descriptor meanwhile (on TLS, through a handshake), so past
+/// this many a refused connection is closed at once, without a word.
+pub(crate) const MOST_REFUSING: usize = 64;
+
+/// Longest a refused connection is kept to be told why.
+pub(crate) const REFUSAL_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The connection slots and the tally.
 #[derive(Debug)]
 pub(crate) struct Admission {
     slots: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
     per_ip: Option<(usize, PerIp)>,
     counts: [AtomicU64; Limit::ALL.len()],
     metrics: Metrics,
@@ -113,10 +122,28 @@ impl Admission {
     ) -> Admission {
         Admission {
             slots: Arc::new(Semaphore::new(max_connections)),
+            refusing: Arc::new(Semaphore::new(MOST_REFUSING)),
             per_ip: max_connections_per_ip.map(|n| (n, PerIp::default())),
             counts: Default::default(),
             metrics,
         }
+    }
+
+    /// A place to tell a refused connection why (for at most
+    /// [`REFUSAL_TIME`]), or `None` when [`MOST_REFUSING`] are being told:
+    /// then close it at once.
+    pub(crate) fn refusing(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.refusing).try_acquire_owned().ok()
+    }
+
+    /// Runs `tell`, the refusal of a connection, within the bounds of
+    /// [`Admission::refusing`]; closes the connection at once (drops it
+    /// with `tell`) when too many are being told.
+    pub(crate) async fn refuse_within(&self, tell: impl std::future::Future<Output = ()>) {
+        let Some(_place) = self.refusing() else {
+            return;
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIME, tell).await;
     }
 
     /// A slot for a connection from `ip` on `listener` (`native`, `grpc`,

@@ -437,19 +437,27 @@ impl Server {
                     let b = Arc::clone(&shared);
                     let admitted = shared.admission.admit(connection::LISTENER, peer.ip());
                     let shutdown = shutdown.clone();
+                    let refused = admitted.is_err();
                     connections.spawn(async move {
-                        let timed_out = || b.admission.count(admission::Limit::Frame);
-                        let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout, timed_out).await else {
-                            return;
+                        let serve = async {
+                            let timed_out = || b.admission.count(admission::Limit::Frame);
+                            let Some(stream) = b.native.accept(stream, peer, b.config.frame_timeout, timed_out).await else {
+                                return;
+                            };
+                            match admitted {
+                                Ok(ticket) => {
+                                    connection::serve(stream, peer, Arc::clone(&b), shutdown).await;
+                                    drop(ticket);
+                                }
+                                Err(error) => {
+                                    connection::refuse(stream, peer, b.config.max_frame_bytes, error).await;
+                                }
+                            }
                         };
-                        match admitted {
-                            Ok(ticket) => {
-                                connection::serve(stream, peer, Arc::clone(&b), shutdown).await;
-                                drop(ticket);
-                            }
-                            Err(error) => {
-                                connection::refuse(stream, peer, b.config.max_frame_bytes, error).await;
-                            }
+                        if refused {
+                            b.admission.refuse_within(serve).await;
+                        } else {
+                            serve.await;
                         }
                     });
                 }
