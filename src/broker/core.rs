@@ -1746,6 +1746,18 @@ mod tests {
         broker
     }
 
+    /// Deletes group `workers` of `jobs` and creates it again, empty.
+    async fn recreate_workers(broker: &Broker) {
+        broker
+            .delete_group("jobs", "workers")
+            .await
+            .expect("delete");
+        broker
+            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
+            .await
+            .expect("group again");
+    }
+
     /// Stops `broker`, opens the data on `disk` again and checks that the
     /// message of `jobs` comes to the next reader as its first delivery.
     async fn stop_and_find_the_delivery_taken_back(broker: Broker, disk: &Arc<SimDisk>) {
@@ -1821,14 +1833,7 @@ mod tests {
             .await
             .expect("read")
             .take();
-        broker
-            .delete_group("jobs", "workers")
-            .await
-            .expect("delete");
-        broker
-            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
-            .await
-            .expect("group again");
+        recreate_workers(&broker).await;
         // The new group leases the same offset, as the same delivery, to a
         // member of the same name; then the old read's messages come back
         // unsent (its token was narrowed, its connection closed).
@@ -1855,14 +1860,7 @@ mod tests {
         // A subscription's group, then deleted and created again between
         // its check and its read.
         let identity = t.group_identity("workers").expect("identity");
-        broker
-            .delete_group("jobs", "workers")
-            .await
-            .expect("delete");
-        broker
-            .create_group("jobs", "workers", GroupMode::Queue, Position::Earliest)
-            .await
-            .expect("group again");
+        recreate_workers(&broker).await;
         let read = broker
             .lease_queue(t, "workers", "old", LIMITS, Some(&identity))
             .await;
