@@ -542,6 +542,65 @@ async fn either(a: &mut Consumer, b: &mut Consumer) -> (usize, pb::ConsumeRespon
     (i, r.expect("no error").expect("the stream goes on"))
 }
 
+/// A `Consume` stream whose group was deleted and created again gives back
+/// what it held in its own group only, when it ends: a member of the new
+/// group under the same name keeps its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_stream_ending_leaves_a_group_created_again_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut client = grpc_client(&broker).await;
+    client
+        .produce(pb::ProduceRequest {
+            topic: "jobs".into(),
+            messages: vec![new_message("job")],
+        })
+        .await
+        .expect("produce");
+    let workers = || pb::CreateGroupRequest {
+        topic: "jobs".into(),
+        group: "workers".into(),
+        mode: pb::GroupMode::Queue as i32,
+        start: Some(earliest()),
+    };
+    client.create_group(workers()).await.expect("group");
+    let mut old = consume(&mut client, start("jobs", "workers", "w", 1))
+        .await
+        .expect("consume");
+    assert_eq!(old.messages(1).await, [(0, 1)]);
+    client
+        .delete_group(pb::DeleteGroupRequest {
+            topic: "jobs".into(),
+            group: "workers".into(),
+        })
+        .await
+        .expect("delete");
+    client.create_group(workers()).await.expect("group again");
+    let mut new = consume(&mut client, start("jobs", "workers", "w", 1))
+        .await
+        .expect("consume again");
+    assert_eq!(new.messages(1).await, [(0, 1)]);
+    // The old stream ends; its give-back must not reach the new lease.
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = client
+        .fetch(pb::FetchRequest {
+            topic: "jobs".into(),
+            group: Some("workers".into()),
+            member: "other".into(),
+            wait_ms: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert!(
+        other.messages.is_empty(),
+        "the new group's lease was given back by the old stream: {:?}",
+        other.messages
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_streams_share_a_queue_group_with_acks_nacks_and_leases_given_back_on_close() {
     let tmp = tempfile::tempdir().expect("tempdir");

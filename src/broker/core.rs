@@ -299,8 +299,9 @@ impl Drop for Leased {
 /// Which leases of a member [`Broker::release`] gives back.
 enum Release {
     /// Those of deliveries made: (offset, delivery) pairs, each given back
-    /// only if still that delivery's lease.
-    Delivered(Vec<(u64, u32)>),
+    /// only if still that delivery's lease, in the group that leased them
+    /// if known.
+    Delivered(Vec<(u64, u32)>, Option<GroupIdentity>),
     /// All of them.
     All,
     /// Those of a read nobody took: (offset, delivery) pairs, each given
@@ -1317,9 +1318,33 @@ impl Broker {
         offsets: Vec<Offset>,
         ack_timeout_ms: Option<u64>,
     ) -> Result<Vec<Offset>> {
+        self.extend_leases_of(topic, group, None, member, offsets, ack_timeout_ms)
+            .await
+    }
+
+    /// [`Broker::extend_leases`] in the group `read_from` names, if given
+    /// (one created again under its name is another group: `NOT_FOUND`).
+    pub(crate) async fn extend_leases_of(
+        &self,
+        topic: &str,
+        group: &str,
+        read_from: Option<GroupIdentity>,
+        member: &str,
+        offsets: Vec<Offset>,
+        ack_timeout_ms: Option<u64>,
+    ) -> Result<Vec<Offset>> {
         let t = Arc::clone(self.existing(topic).await?.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
-        blocking(move || t.extend_leases(&group, &member, &offsets, ack_timeout_ms)).await
+        blocking(move || {
+            t.extend_leases_of(
+                &group,
+                read_from.as_ref(),
+                &member,
+                &offsets,
+                ack_timeout_ms,
+            )
+        })
+        .await
     }
 
     /// Gives back, deliverable at once, the leases `member` still holds in
@@ -1334,7 +1359,21 @@ impl Broker {
         member: &str,
         leased: Vec<(u64, u32)>,
     ) -> Result<usize> {
-        self.release(topic, group, member, Release::Delivered(leased))
+        self.release(topic, group, member, Release::Delivered(leased, None))
+            .await
+    }
+
+    /// [`Broker::release_leases`] in the group `read_from` names, if given
+    /// (a group created again under its name never leased them).
+    pub(crate) async fn release_leases_of(
+        &self,
+        topic: &str,
+        group: &str,
+        read_from: Option<GroupIdentity>,
+        member: &str,
+        leased: Vec<(u64, u32)>,
+    ) -> Result<usize> {
+        self.release(topic, group, member, Release::Delivered(leased, read_from))
             .await
     }
 
@@ -1388,7 +1427,9 @@ impl Broker {
         let t = Arc::clone(runtime.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
         let released = blocking(move || match &which {
-            Release::Delivered(leased) => t.release_leases(&group, &member, leased),
+            Release::Delivered(leased, read_from) => {
+                t.release_leases_of(&group, read_from.as_ref(), &member, leased)
+            }
             Release::All => t.release_member(&group, &member),
             Release::Unread(leased, read_from) => {
                 t.release_unread_of(&group, read_from.as_ref(), &member, leased)

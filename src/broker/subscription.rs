@@ -152,6 +152,12 @@ impl Subscription {
         self.credit.clone()
     }
 
+    /// The group it reads, as it was when it started (see
+    /// [`super::topic::GroupIdentity`]).
+    pub(crate) fn group_identity(&self) -> Option<super::topic::GroupIdentity> {
+        self.reader.group.clone()
+    }
+
     /// Gives back `messages`, which this subscription read but never
     /// handed to its client (see [`Broker::give_back`]).
     pub async fn give_back(&self, messages: Deliveries) {

@@ -5,6 +5,7 @@
 //! it ends (client close, cancel, error, broker stop).
 
 use super::stopping;
+use crate::broker::topic::GroupIdentity;
 use crate::broker::{Broker, Credit, Event, Subscription};
 use crate::error::Error;
 use crate::protocol::{convert, pb, status};
@@ -44,6 +45,10 @@ pub(super) struct Consuming {
     pub(super) held: BTreeMap<u64, u32>,
     /// Who opened the stream, asked before each delivery.
     pub(super) principal: Principal,
+    /// The group it leases from, as it was when the stream started: leases
+    /// are extended and given back in that group only, never in one
+    /// created again under its name.
+    pub(super) leased_by: Option<GroupIdentity>,
 }
 
 /// How a stream ends.
@@ -218,9 +223,10 @@ impl Consuming {
             Some(Kind::Extend(x)) => {
                 let extended = self
                     .broker
-                    .extend_leases(
+                    .extend_leases_of(
                         topic,
                         group,
+                        self.leased_by.clone(),
                         &self.member,
                         convert::offsets(x.offsets),
                         x.ack_timeout_ms,
@@ -261,7 +267,13 @@ impl Consuming {
         let count = leased.len();
         match self
             .broker
-            .release_leases(&self.topic, &self.group, &self.member, leased)
+            .release_leases_of(
+                &self.topic,
+                &self.group,
+                self.leased_by.clone(),
+                &self.member,
+                leased,
+            )
             .await
         {
             Ok(released) => tracing::debug!(

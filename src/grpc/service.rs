@@ -654,6 +654,7 @@ impl Spool for Service {
             data_dir: self.broker.data_dir().to_owned(),
             held: Default::default(),
             principal,
+            leased_by: subscription.group_identity(),
         };
         tokio::spawn(consuming.run(subscription, requests, self.shutdown.clone()));
         let stream =

@@ -393,6 +393,18 @@ impl Topic {
         offsets: &[Offset],
         ack_timeout_ms: Option<u64>,
     ) -> Result<Vec<Offset>> {
+        self.extend_leases_of(group, None, member, offsets, ack_timeout_ms)
+    }
+
+    /// [`Topic::extend_leases`] in the group `identity` names, if given.
+    pub(crate) fn extend_leases_of(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        member: &str,
+        offsets: &[Offset],
+        ack_timeout_ms: Option<u64>,
+    ) -> Result<Vec<Offset>> {
         let _pass = self.enter()?;
         if let Some(ms) = ack_timeout_ms
             && !(1..=MAX_DURATION_MS).contains(&ms)
@@ -402,7 +414,7 @@ impl Topic {
             )));
         }
         let now = now_ms();
-        self.with_group(group, |g| {
+        self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             let deadline = now.saturating_add(ack_timeout_ms.unwrap_or(g.config().ack_timeout_ms));
             Ok(offsets
@@ -425,7 +437,19 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        self.release_deliveries(group, None, member, leased, false)
+        self.release_leases_of(group, None, member, leased)
+    }
+
+    /// [`Topic::release_leases`] in the group `identity` names, if given
+    /// (a group created again under its name never leased them).
+    pub(crate) fn release_leases_of(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        member: &str,
+        leased: &[(u64, u32)],
+    ) -> Result<usize> {
+        self.release_deliveries(group, identity, member, leased, false)
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
