@@ -294,6 +294,22 @@ async fn a_produce_of_very_many_empty_messages_is_refused_before_it_is_built() {
         1,
         "nothing of it stored"
     );
+
+    // A broker that takes larger batches takes a batch of that many tiny
+    // messages (each decodes into more than 8 times its wire bytes).
+    let config = tmp.path().join("big-batches.toml");
+    std::fs::write(&config, "max_batch_messages = 200000\n").expect("config");
+    let big = Broker::start(
+        &tmp.path().join("big"),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    let client = Client::connect(&big.addr, "big").await.expect("connect");
+    let batch = vec![NewMessage::from_value("1"); 150_000];
+    let stored = client
+        .produce("t", batch)
+        .await
+        .expect("a batch within the limits");
+    assert_eq!(stored.last_offset, 149_999);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,6 +254,13 @@ impl Registry {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `slot` is still the one of `name`.
+    fn holds(&self, name: &str, slot: &Arc<Slot>) -> bool {
+        self.read_topics()
+            .get(name)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
+    }
+
     fn slot(&self, name: &str) -> Result<Arc<Slot>> {
         self.read_topics()
             .get(name)
@@ -892,15 +899,18 @@ impl Registry {
                     let deleting = old
                         .topic()
                         .as_ref()
-                        .filter(|t| t.is_retired() && !t.gate().is_finished())
+                        .filter(|t| t.is_retired())
                         .map(Arc::clone);
                     match deleting {
-                        Some(topic) => {
-                            topic.gate().wait_settled();
-                            continue;
-                        }
+                        // Returns at once once the delete is done (or the
+                        // topic kept): then look again.
+                        Some(topic) => topic.gate().wait_settled(),
+                        // A delete of the closed topic, or one that has
+                        // finished, since the look: look again.
+                        None if old.is_gone() || !self.holds(name, &old) => {}
                         None => return Err(Error::AlreadyExists(format!("topic {name} exists"))),
                     }
+                    continue;
                 }
                 // Being deleted: wait until its folder is gone, then create.
                 let old = Arc::clone(old);

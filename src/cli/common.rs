@@ -140,6 +140,21 @@ impl From<spool::Error> for CliError {
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> CliError {
         match e {
+            // A connection that worked, then broke (the broker killed or
+            // gone away mid-run).
+            ClientError::Io { addr, source }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                CliError::runtime(format!(
+                    "the connection to the broker at {addr} broke: {source}"
+                ))
+            }
             ClientError::Io { addr, source } => CliError::runtime(format!(
                 "cannot reach the broker at {addr} ({source}); is `spool serve` running? (--server / SPOOL_SERVER)"
             )),

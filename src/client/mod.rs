@@ -633,7 +633,11 @@ impl Client {
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
                     Some(Err(FrameError::Io(e))) => {
-                        end = End::Broken(e.kind(), e.to_string());
+                        // A reset after the server said why it closes (it
+                        // closed with requests unread) keeps that reason.
+                        if matches!(end, End::Closed) {
+                            end = End::Broken(e.kind(), e.to_string());
+                        }
                         break;
                     }
                     Some(Err(e)) => {

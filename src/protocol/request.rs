@@ -266,17 +266,31 @@ impl ClientIn {
 /// bytes may take once decoded. Keys and values stay slices of the request,
 /// but each message and each header is a structure of its own and a
 /// header's name is copied, so a request of many empty messages or headers
-/// would take up to 50 times its size: past 8 times its size and 4 MiB it
+/// would take up to 50 times its size: past 8 times its size and 4 MiB,
+/// beside the messages a batch may carry ([`allow_batch_messages`]), it
 /// is refused (a batch of ordinary messages takes a few times its size).
 pub fn most_decoded(len: usize) -> usize {
-    len.saturating_mul(8).saturating_add(4 << 20)
+    let batch = BATCH_MESSAGES.load(std::sync::atomic::Ordering::Relaxed);
+    len.saturating_mul(8)
+        .saturating_add(4 << 20)
+        .saturating_add(batch.saturating_mul(std::mem::size_of::<NewMessage>()))
+}
+
+/// The most messages a produce request may carry on a server of this
+/// process (its `max_batch_messages`), which [`most_decoded`] allows for in
+/// full: a batch of that many tiny messages is never refused as too heavy.
+static BATCH_MESSAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(10_000);
+
+/// Lets produce requests carry `n` messages (the largest of the calls).
+pub fn allow_batch_messages(n: usize) {
+    BATCH_MESSAGES.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Why a produce request of `len` bytes is refused as too heavy.
 pub fn too_heavy(len: usize) -> String {
     format!(
         "produce request of {len} bytes refused: its messages and headers would take over {} \
-         bytes once decoded (at most 8 times the request and 4 MiB); send fewer, larger \
+         bytes once decoded (at most 8 times the request and 4 MiB, beside max_batch_messages messages); send fewer, larger \
          messages or headers per request",
         most_decoded(len)
     )

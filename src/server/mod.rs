@@ -294,6 +294,7 @@ impl Server {
             ));
         }
         security::refuse_exposed(&bound, &config.security.auth, config.insecure)?;
+        crate::protocol::request::allow_batch_messages(config.max_batch_messages as usize);
         let broker_config = BrokerConfig {
             data: config.data.clone(),
             topic_defaults: config.topic_defaults.clone(),
