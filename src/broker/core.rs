@@ -1428,11 +1428,11 @@ impl Broker {
         let (group, member) = (group.to_owned(), member.to_owned());
         let released = blocking(move || match &which {
             Release::Delivered(leased, read_from) => {
-                t.release_leases_of(&group, read_from.as_ref(), &member, leased)
+                t.release_deliveries(&group, read_from.as_ref(), &member, leased, false)
             }
             Release::All => t.release_member(&group, &member),
             Release::Unread(leased, read_from) => {
-                t.release_unread_of(&group, read_from.as_ref(), &member, leased)
+                t.release_deliveries(&group, read_from.as_ref(), &member, leased, true)
             }
         })
         .await?;

@@ -437,19 +437,7 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        self.release_leases_of(group, None, member, leased)
-    }
-
-    /// [`Topic::release_leases`] in the group `identity` names, if given
-    /// (a group created again under its name never leased them).
-    pub(crate) fn release_leases_of(
-        &self,
-        group: &str,
-        identity: Option<&GroupIdentity>,
-        member: &str,
-        leased: &[(u64, u32)],
-    ) -> Result<usize> {
-        self.release_deliveries(group, identity, member, leased, false)
+        self.release_deliveries(group, None, member, leased, false)
     }
 
     /// Queue group: gives back, due at once, the leases of a read whose
@@ -464,23 +452,14 @@ impl Topic {
         member: &str,
         leased: &[(u64, u32)],
     ) -> Result<usize> {
-        self.release_unread_of(group, None, member, leased)
+        self.release_deliveries(group, None, member, leased, true)
     }
 
-    /// [`Topic::release_unread`] in the group `identity` names, if given
-    /// (a group created again under its name never leased them).
-    pub(crate) fn release_unread_of(
-        &self,
-        group: &str,
-        identity: Option<&GroupIdentity>,
-        member: &str,
-        leased: &[(u64, u32)],
-    ) -> Result<usize> {
-        self.release_deliveries(group, identity, member, leased, true)
-    }
-
-    /// [`Topic::release_where`] of the `(offset, delivery)` pairs `leased`.
-    fn release_deliveries(
+    /// [`Topic::release_where`] of the `(offset, delivery)` pairs `leased`:
+    /// [`Topic::release_leases`] (or, `never_sent`, [`Topic::release_unread`])
+    /// in the group `identity` names, if given (a group created again under
+    /// its name never leased them).
+    pub(crate) fn release_deliveries(
         &self,
         group: &str,
         identity: Option<&GroupIdentity>,
