@@ -469,8 +469,13 @@ impl Broker {
                 continue;
             }
             let (b, n) = (self.clone(), name.clone());
-            match blocking(move || b.inner.registry.delete_if_idle(&n, now)).await {
-                Ok(Deletion::Deleted(topic)) => self.deleted(&name, topic),
+            let deleted = move || {
+                b.inner
+                    .registry
+                    .delete_if_idle(&n, now, |topic| b.deleted(&n, topic.cloned()))
+            };
+            match blocking(deleted).await {
+                Ok(Deletion::Deleted(_)) => {}
                 Ok(_) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
@@ -1497,8 +1502,12 @@ impl Broker {
     /// long-polls end with `NOT_FOUND`.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
         let (b, n) = (self.clone(), name.to_owned());
-        let topic = blocking(move || b.inner.registry.delete_topic(&n)).await?;
-        self.deleted(name, topic);
+        blocking(move || {
+            b.inner
+                .registry
+                .delete_topic_then(&n, |topic| b.deleted(&n, topic.cloned()))
+        })
+        .await?;
         Ok(())
     }
 

@@ -491,7 +491,13 @@ impl Registry {
     /// Deletes topic `name` if its config has `delete_when_idle_ms`, nobody
     /// used it for that long (as of `now`) and it has no group. Returns the
     /// deleted topic.
-    pub fn delete_if_idle(&self, name: &str, now: u64) -> Result<Deletion> {
+    /// `deleted` as in [`Registry::delete_topic_then`].
+    pub fn delete_if_idle(
+        &self,
+        name: &str,
+        now: u64,
+        deleted: impl FnOnce(Option<&Arc<Topic>>),
+    ) -> Result<Deletion> {
         let slot = self.slot(name)?;
         let Some(ms) = self.slot_config(name, &slot)?.delete_when_idle_ms else {
             return Ok(Deletion::Kept);
@@ -503,21 +509,25 @@ impl Registry {
         // Asked again once no request is inside the topic. Groups of a
         // closed topic are read without opening it: each has a journal in
         // `groups/`.
-        let deleted = self.delete_checked(name, |topic| {
-            idle()
-                && match topic {
-                    Some(topic) => !topic.has_groups(),
-                    None => !self.has_groups_on_disk(name),
-                }
-        })?;
-        if let Deletion::Deleted(_) = deleted {
+        let deletion = self.delete_checked(
+            name,
+            |topic| {
+                idle()
+                    && match topic {
+                        Some(topic) => !topic.has_groups(),
+                        None => !self.has_groups_on_disk(name),
+                    }
+            },
+            deleted,
+        )?;
+        if let Deletion::Deleted(_) = deletion {
             tracing::info!(
                 topic = name,
                 idle_ms = ms,
                 "deleted a topic nobody used for delete_when_idle_ms"
             );
         }
-        Ok(deleted)
+        Ok(deletion)
     }
 
     /// Whether the closed topic `name` has a group journal (or cannot be
@@ -1066,7 +1076,20 @@ impl Registry {
     /// the background. If the folder cannot be moved, the topic stays as it
     /// was and the error is returned.
     pub fn delete_topic(&self, name: &str) -> Result<Option<Arc<Topic>>> {
-        match self.delete_checked(name, |_| true)? {
+        self.delete_topic_then(name, |_| {})
+    }
+
+    /// [`Registry::delete_topic`], calling `deleted` (with the topic if it
+    /// was open) once the name is free but before anything waiting for the
+    /// delete (a create of the same name) goes on: what follows a delete
+    /// (its event, its metrics series going) comes before what follows
+    /// such a create.
+    pub fn delete_topic_then(
+        &self,
+        name: &str,
+        deleted: impl FnOnce(Option<&Arc<Topic>>),
+    ) -> Result<Option<Arc<Topic>>> {
+        match self.delete_checked(name, |_| true, deleted)? {
             Deletion::Deleted(topic) => Ok(topic),
             Deletion::Kept => Err(Error::Internal(format!(
                 "deleting topic {name}: kept although nothing asked to keep it"
@@ -1082,6 +1105,7 @@ impl Registry {
         &self,
         name: &str,
         check: impl Fn(Option<&Topic>) -> bool,
+        deleted: impl FnOnce(Option<&Arc<Topic>>),
     ) -> Result<Deletion> {
         let slot = self.slot(name)?;
         let open = slot.topic();
@@ -1103,6 +1127,7 @@ impl Registry {
                 slot.gone.store(false, Ordering::Release);
                 return moved.map(|_| Deletion::Kept);
             }
+            deleted(None);
             drop(open);
             self.forget(name, &slot);
             self.remove_in_background(moved?);
@@ -1124,6 +1149,7 @@ impl Registry {
             topic.gate().reopen();
             return moved.map(|_| Deletion::Kept);
         }
+        deleted(Some(&topic));
         self.forget(name, &slot);
         topic.gate().finish();
         self.remove_in_background(moved?);
