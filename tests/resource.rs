@@ -1328,16 +1328,20 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
     let broker = start_with_config(tmp.path(), "");
     let client = Client::connect(&broker.addr, "c").await.expect("connect");
     one_delivery_queue(&client).await;
+    // More poison than eight reads of two messages hold.
+    let poison: Vec<NewMessage> = (1..=40)
+        .map(|i| NewMessage::from_value(format!("p{i}")))
+        .collect();
     client
-        .produce(
-            "t",
-            vec![NewMessage::from_value("p1"), NewMessage::from_value("p2")],
-        )
+        .produce("t", poison)
         .await
         .expect("produce the poison");
+    assert_eq!(
+        fetch_g(&client, 40).await.expect("fetch").messages.len(),
+        40
+    );
     let fetch = || fetch_g(&client, 2);
-    assert_eq!(fetch().await.expect("fetch").messages.len(), 2);
-    // Both leases run out with their one delivery spent.
+    // Every lease runs out with its one delivery spent.
     tokio::time::sleep(Duration::from_millis(400)).await;
     client
         .produce("t", vec![NewMessage::from_value("ok")])
@@ -1355,6 +1359,7 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
             "t.dlq",
             FetchOptions {
                 from: Some(Position::Earliest),
+                max_messages: 100,
                 ..Default::default()
             },
         )
@@ -1365,7 +1370,8 @@ async fn a_read_that_finds_only_dead_letters_reads_on() {
         .iter()
         .map(|r| &r.message.value[..])
         .collect();
-    assert_eq!(values, [&b"p1"[..], b"p2"], "both dead-lettered once");
+    let poison: Vec<Vec<u8>> = (1..=40).map(|i| format!("p{i}").into_bytes()).collect();
+    assert_eq!(values, poison, "each dead-lettered once");
 }
 
 /// Stops `broker` with SIGTERM and checks it stopped cleanly.

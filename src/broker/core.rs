@@ -80,9 +80,9 @@ const MIN_TOPIC_FILES: usize = 4;
 /// checkpoint through a temp file: one more descriptor while it runs).
 const CLOSERS: usize = 16;
 
-/// How many reads a queue read makes at most while each finds only dead
-/// letters (see [`Broker::lease_queue`]).
-const DEAD_LETTER_ROUNDS: usize = 8;
+/// How many dead letters a queue read hands off at most while it finds
+/// nothing else to lease (see [`Broker::lease_queue`]).
+const DEAD_LETTERS_PER_READ: usize = 4096;
 
 /// The largest message a produce takes, and the setting that binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -910,8 +910,8 @@ impl Broker {
     /// Leases up to `limits` of queue group `group` to `member` (see
     /// [`Broker::read`]). A read whose every slot went to dead letters
     /// reads again, the letters now completed, so that a run of poison
-    /// messages due at once does not answer empty while others wait; up to
-    /// [`DEAD_LETTER_ROUNDS`] reads in all.
+    /// messages due at once does not answer empty while others wait; until
+    /// it has handed off [`DEAD_LETTERS_PER_READ`] of them.
     async fn lease_queue(
         &self,
         t: Arc<Topic>,
@@ -920,21 +920,21 @@ impl Broker {
         limits: DeliveryLimits,
         identity: Option<&GroupIdentity>,
     ) -> Result<Leased> {
-        let mut round = 1;
+        let mut handed_off = 0;
         loop {
             let (leased, dead_lettered) = self
                 .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
+            handed_off += dead_lettered;
             let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
-            if !empty || !dead_lettered || round == DEAD_LETTER_ROUNDS {
+            if !empty || dead_lettered == 0 || handed_off >= DEAD_LETTERS_PER_READ {
                 return Ok(leased);
             }
-            round += 1;
         }
     }
 
-    /// One read of [`Broker::lease_queue`]; also says whether it handed
-    /// any dead letters off.
+    /// One read of [`Broker::lease_queue`]; also says how many dead letters
+    /// it handed off.
     async fn lease_queue_once(
         &self,
         t: Arc<Topic>,
@@ -942,7 +942,7 @@ impl Broker {
         member: &str,
         limits: DeliveryLimits,
         identity: Option<&GroupIdentity>,
-    ) -> Result<(Leased, bool)> {
+    ) -> Result<(Leased, usize)> {
         let source = Arc::clone(&t);
         let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
         let (fetched, durable, read_from) =
@@ -971,8 +971,8 @@ impl Broker {
             }
             return Err(e);
         }
-        let dead_lettered = !fetched.dead_letters.is_empty();
-        if dead_lettered {
+        let dead_lettered = fetched.dead_letters.len();
+        if dead_lettered > 0 {
             // A dead letter that cannot be handed off (its topic refuses
             // it: too large for its segments, a full disk) stays pending
             // and is tried again when due; the deliveries leased beside
@@ -987,7 +987,7 @@ impl Broker {
                 if nothing_leased {
                     return Err(e);
                 }
-                return Ok((leased, false));
+                return Ok((leased, 0));
             }
         }
         Ok((leased, dead_lettered))
