@@ -249,6 +249,43 @@ fn error_code(f: &pb::ServerFrame) -> Option<i32> {
     }
 }
 
+/// An ack or delete naming more offsets than one request may is refused
+/// before they are sorted and applied (each offset of 1 byte on the wire is
+/// 8 decoded, and more in the copies that apply them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_naming_too_many_offsets_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    client
+        .create_group("t", "q", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    let too_many = vec![0u64; 1_000_001];
+    let deleted = client.delete("t", &too_many).await.expect_err("refused");
+    let acked = client
+        .ack("t", "q", &too_many, None)
+        .await
+        .expect_err("refused");
+    for e in [deleted, acked] {
+        assert_eq!(e.code(), Some(pb::Code::InvalidArgument), "{e}");
+        assert!(e.to_string().contains("at most 1000000"), "{e}");
+    }
+    // The most there may be is taken.
+    client
+        .delete("t", &too_many[..1_000_000])
+        .await
+        .expect("a million offsets");
+    assert!(
+        replay_all(&client, "t").await.is_empty(),
+        "offset 0 deleted"
+    );
+}
+
 /// A produce of a million empty messages (2 MB on the wire, over 100 MB
 /// once built) is refused before it is built, and the broker serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,6 +84,21 @@ const CLOSERS: usize = 16;
 /// nothing else to lease (see [`Broker::lease_queue`]).
 const DEAD_LETTERS_PER_READ: usize = 4096;
 
+/// Most offsets one ack, nack, lease extension or delete names: each is 8
+/// bytes decoded (from as little as 1 on the wire), and sorting and
+/// applying them takes a few copies more.
+pub const MOST_OFFSETS: usize = 1_000_000;
+
+/// Refuses a request naming more than [`MOST_OFFSETS`] offsets.
+fn check_offset_count(n: usize) -> Result<()> {
+    if n > MOST_OFFSETS {
+        return Err(Error::InvalidArgument(format!(
+            "offsets: {n} in one request; at most {MOST_OFFSETS} (send the rest in further requests)"
+        )));
+    }
+    Ok(())
+}
+
 /// The largest message a produce takes, and the setting that binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageLimit {
@@ -1271,6 +1286,7 @@ impl Broker {
         offsets: Vec<Offset>,
         for_subscription: bool,
     ) -> Result<()> {
+        check_offset_count(offsets.len())?;
         let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
         let durable = blocking(move || match t.group_mode(&group) {
@@ -1303,6 +1319,7 @@ impl Broker {
     ) -> Result<usize> {
         // The request's own field before the topic (protocol.md §4).
         super::topic::check_delay(delay_ms)?;
+        check_offset_count(offsets.len())?;
         let runtime = self.existing(topic).await?;
         let t = Arc::clone(runtime.topic());
         let group = group.to_owned();
@@ -1338,6 +1355,7 @@ impl Broker {
         offsets: Vec<Offset>,
         ack_timeout_ms: Option<u64>,
     ) -> Result<Vec<Offset>> {
+        check_offset_count(offsets.len())?;
         let t = Arc::clone(self.existing(topic).await?.topic());
         let (group, member) = (group.to_owned(), member.to_owned());
         blocking(move || {
@@ -1464,6 +1482,7 @@ impl Broker {
 
     /// Deletes messages of `topic` by offset.
     pub async fn delete(&self, topic: &str, offsets: Vec<Offset>) -> Result<()> {
+        check_offset_count(offsets.len())?;
         let t = Arc::clone(self.existing(topic).await?.topic());
         blocking(move || t.delete(&offsets)).await
     }
