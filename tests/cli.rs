@@ -681,7 +681,7 @@ fn token_create_with_bad_arguments_is_a_usage_error() {
 /// error naming the form, not a broker that cannot be reached.
 #[test]
 fn a_server_that_is_not_host_and_port_is_a_usage_error() {
-    for server in ["127.0.0.1", "localhost", ""] {
+    for server in ["127.0.0.1", "localhost", "", "::1"] {
         let out = spool(server, &["topic", "list"], None);
         assert_eq!(out.status.code(), Some(2), "{server:?}: {}", stderr(&out));
         assert!(
@@ -690,6 +690,17 @@ fn a_server_that_is_not_host_and_port_is_a_usage_error() {
             stderr(&out)
         );
     }
+    let out = spool(
+        "127.0.0.1:1",
+        &["bench", "produce", "--server", "127.0.0.1"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "bench: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not HOST:PORT"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A line of stdin too large for the broker is named by its line number;
@@ -705,6 +716,22 @@ fn a_line_too_large_is_named_by_its_line() {
     assert!(
         err.contains("line 3 of stdin has 2000000 bytes")
             && err.contains("2 messages were acknowledged before it"),
+        "{err}"
+    );
+    // Too large for a topic's own segments (a limit only the broker
+    // knows): the broker names the message, the CLI its line.
+    let made = spool(
+        &broker.addr,
+        &["topic", "create", "small", "--segment-bytes", "1024"],
+        None,
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let input = format!("a\nb\n{}\nc\n", "x".repeat(2000));
+    let out = spool(&broker.addr, &["produce", "small"], Some(&input));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("topic small takes at most") && err.contains("that is line 3 of stdin"),
         "{err}"
     );
 }

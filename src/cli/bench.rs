@@ -74,8 +74,8 @@ pub struct BenchArgs {
     /// also listens for gRPC, and --server names a gRPC address).
     #[arg(long, default_value = "native")]
     transport: Transport,
-    /// Load this broker instead of starting one in this process.
-    #[arg(long)]
+    /// Load this broker (HOST:PORT) instead of starting one in this process.
+    #[arg(long, value_parser = super::common::parse_server)]
     server: Option<String>,
     /// With --server: connect with TLS, trusting the CAs of this PEM file.
     #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE")]

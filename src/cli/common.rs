@@ -42,9 +42,13 @@ pub struct ServerArg {
 }
 
 /// `HOST:PORT` (a name or an address; `[::1]:7411` for IPv6).
-fn parse_server(s: &str) -> Result<String, String> {
+pub fn parse_server(s: &str) -> Result<String, String> {
+    // An IPv6 address is bracketed: `::1` alone is no host and port.
+    let host_ok = |host: &str| {
+        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
+    };
     match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        Some((host, port)) if host_ok(host) && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
         _ => Err(format!(
             "{s:?} is not HOST:PORT (for example {DEFAULT_LISTEN} or broker.example:7411)"
         )),

@@ -104,9 +104,15 @@ pub fn run(args: ProduceArgs) -> CliResult {
             let topic = args.topic.clone();
             let print = args.print_offsets;
             let acked = &acked;
+            let from_stdin = args.message.is_none();
             async move {
                 let n = batch.len();
-                let p = client.produce(&topic, batch).await?;
+                let lines_before = acked.get().map_or(0, |(_, _, count)| count);
+                let p = match client.produce(&topic, batch).await {
+                    Ok(p) => p,
+                    Err(e) if from_stdin => return Err(with_line(e.into(), lines_before)),
+                    Err(e) => return Err(e.into()),
+                };
                 acked.set(Some(match acked.get() {
                     Some((first, _, count)) => (first, p.last_offset, count + n),
                     None => (p.first_offset, p.last_offset, n),
@@ -168,13 +174,22 @@ pub fn run(args: ProduceArgs) -> CliResult {
                         let payload = spool::storage::record::encoded_len(&m)
                             .map(|l| l - spool::storage::record::HEADER_LEN);
                         let most_bytes = welcome.max_message_bytes as usize;
+                        // The frame's limit binds when the broker's
+                        // message limit is what its frames carry.
+                        let setting = if welcome.max_message_bytes
+                            == welcome.max_frame_bytes.saturating_sub(1024)
+                        {
+                            "max_frame_bytes less 1 KiB"
+                        } else {
+                            "max_message_bytes"
+                        };
                         if payload.is_none_or(|p| p > most_bytes) {
                             if !batch.is_empty() {
                                 sent += send(std::mem::take(&mut batch)).await?;
                             }
                             return Err(CliError::runtime(format!(
                                 "line {line_number} of stdin has {} bytes of key, headers and value; \
-                                 the broker takes at most {most_bytes} per message (max_message_bytes)",
+                                 the broker takes at most {most_bytes} per message ({setting})",
                                 payload.map_or_else(|| "over 4 GiB".to_owned(), |p| p.to_string())
                             )));
                         }
@@ -209,4 +224,22 @@ pub fn run(args: ProduceArgs) -> CliResult {
         }
         Ok(())
     })
+}
+
+/// `e` with the stdin line it names, when it names a message of a batch
+/// ("message 500 has ...": a topic's own limit) whose first line came
+/// after `lines_before` lines.
+fn with_line(e: CliError, lines_before: usize) -> CliError {
+    let text = e.to_string();
+    let Some(at) = text.find(": message ").map(|i| i + ": message ".len()) else {
+        return e;
+    };
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    match digits.parse::<usize>() {
+        Ok(i) => e.and(format!("that is line {} of stdin", lines_before + i + 1)),
+        Err(_) => e,
+    }
 }

@@ -464,8 +464,7 @@ impl Topic {
         groups.get(name).cloned().ok_or_else(|| {
             Error::GroupNotFound(if name.is_empty() {
                 format!(
-                    "group \"\" of topic {} does not exist: no group has an empty name \
-                     (a read without a group leaves group unset)",
+                    "group \"\" of topic {} does not exist: no group has an empty name",
                     self.name
                 )
             } else {
