@@ -584,13 +584,7 @@ async fn a_consume_stream_ending_leaves_a_group_created_again_alone() {
     drop(old);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let other = client
-        .fetch(pb::FetchRequest {
-            topic: "jobs".into(),
-            group: Some("workers".into()),
-            member: "other".into(),
-            wait_ms: 1000,
-            ..Default::default()
-        })
+        .fetch(queue_fetch("workers", 1000))
         .await
         .expect("fetch")
         .into_inner();
