@@ -132,7 +132,7 @@ impl Admission {
     /// A place to tell a refused connection why (for at most
     /// [`REFUSAL_TIME`]), or `None` when [`MOST_REFUSING`] are being told:
     /// then close it at once.
-    pub(crate) fn refusing(&self) -> Option<OwnedSemaphorePermit> {
+    fn refusing(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.refusing).try_acquire_owned().ok()
     }
 
