@@ -84,6 +84,10 @@ const CLOSERS: usize = 16;
 /// nothing else to lease (see [`Broker::lease_queue`]).
 const DEAD_LETTERS_PER_READ: usize = 4096;
 
+/// How long a queue read goes on handing off dead letters while it finds
+/// nothing else to lease (each round waits for a few syncs).
+const DEAD_LETTER_TIME: Duration = Duration::from_secs(1);
+
 /// Most offsets one ack, nack, lease extension or delete names: each is 8
 /// bytes decoded (from as little as 1 on the wire), and sorting and
 /// applying them takes a few copies more.
@@ -926,7 +930,8 @@ impl Broker {
     /// [`Broker::read`]). A read whose every slot went to dead letters
     /// reads again, the letters now completed, so that a run of poison
     /// messages due at once does not answer empty while others wait; until
-    /// it has handed off [`DEAD_LETTERS_PER_READ`] of them.
+    /// it has handed off [`DEAD_LETTERS_PER_READ`] of them, or spent
+    /// [`DEAD_LETTER_TIME`] at it.
     async fn lease_queue(
         &self,
         t: Arc<Topic>,
@@ -936,13 +941,18 @@ impl Broker {
         identity: Option<&GroupIdentity>,
     ) -> Result<Leased> {
         let mut handed_off = 0;
+        let started = tokio::time::Instant::now();
         loop {
             let (leased, dead_lettered) = self
                 .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
             handed_off += dead_lettered;
             let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
-            if !empty || dead_lettered == 0 || handed_off >= DEAD_LETTERS_PER_READ {
+            if !empty
+                || dead_lettered == 0
+                || handed_off >= DEAD_LETTERS_PER_READ
+                || started.elapsed() >= DEAD_LETTER_TIME
+            {
                 return Ok(leased);
             }
         }

@@ -104,6 +104,13 @@ impl Gate {
         self.changed.notify_all();
     }
 
+    /// Marks what the gate guarded as gone without waking those waiting in
+    /// [`Gate::wait_settled`] (they wake at [`Gate::finish`]): the steps
+    /// after a delete run while [`Gate::is_finished`] already holds.
+    pub fn mark_finished(&self) {
+        *self.lock() = Phase::Finished;
+    }
+
     /// Marks what the gate guarded as gone, waking [`Gate::wait_settled`].
     pub fn finish(&self) {
         *self.lock() = Phase::Finished;

@@ -1149,6 +1149,10 @@ impl Registry {
             topic.gate().reopen();
             return moved.map(|_| Deletion::Kept);
         }
+        // Gone for good before what follows the delete runs (so no request
+        // starts a runtime for it meanwhile), but a create waiting for the
+        // delete goes on only after it.
+        topic.gate().mark_finished();
         deleted(Some(&topic));
         self.forget(name, &slot);
         topic.gate().finish();
