@@ -734,4 +734,11 @@ fn a_line_too_large_is_named_by_its_line() {
         err.contains("topic small takes at most") && err.contains("that is line 3 of stdin"),
         "{err}"
     );
+    // Past the first batch of a run: counted from the lines before it.
+    let lines: String = (0..1500).map(|i| format!("m{i}\n")).collect();
+    let input = format!("{lines}{}\n", "x".repeat(2000));
+    let out = spool(&broker.addr, &["produce", "small"], Some(&input));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("that is line 1501 of stdin"), "{err}");
 }
