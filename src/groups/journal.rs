@@ -1102,18 +1102,12 @@ mod tests {
     }
 
     /// A new journal `/g/group` on a simulated disk, and the disk.
-    fn journal_on_a_sim_disk() -> (Arc<SimDisk>, Arc<dyn Storage>, Journal) {
-        let disk = Arc::new(SimDisk::new());
-        let storage = Arc::clone(&disk) as Arc<dyn Storage>;
-        let (j, _) = Journal::open(Arc::clone(&storage), Path::new("/g"), "group").expect("open");
-        (disk, storage, j)
-    }
-
     #[test]
     fn a_snapshot_whose_reset_fails_leaves_the_journal_read_only_and_whole() {
         use crate::storage::io::{SimFault, SimOp};
         use std::sync::atomic::{AtomicBool, Ordering};
-        let (disk, storage, mut j) = journal_on_a_sim_disk();
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
         j.append(b"a").expect("append");
         j.append(b"b").expect("append");
         j.sync().expect("sync");
@@ -1137,23 +1131,15 @@ mod tests {
         assert!(j.append(b"c").is_err(), "nothing more is appended");
         let point = j.recovery_point();
         drop(j);
-        let (_, replayed) = Journal::open_checked(
-            storage,
-            Path::new("/g"),
-            "group",
-            JournalRecovery {
-                base_seq: point.0,
-                synced_len: point.1,
-                mode: RecoveryMode::TolerateTornTail,
-            },
-        )
-        .expect("the journal opens");
+        let (_, replayed) =
+            open_at(&disk, point, RecoveryMode::TolerateTornTail).expect("the journal opens");
         assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab"[..]));
     }
 
     #[test]
     fn skip_damaged_over_damage_and_a_torn_tail_leaves_a_journal_that_opens() {
-        let (disk, storage, mut j) = journal_on_a_sim_disk();
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
         for e in [&b"first"[..], b"second", b"third"] {
             j.append(e).expect("append");
         }
@@ -1169,18 +1155,8 @@ mod tests {
         // entry, past it, torn.
         disk.damage(path, h + 5 + h + 2, &[0xFF]).expect("damage");
         disk.damage(path, len - 1, &[0xEE]).expect("tear");
-        let recovery = |(base_seq, synced_len): (u64, u64), mode| JournalRecovery {
-            base_seq,
-            synced_len,
-            mode,
-        };
-        let (mut j, replayed) = Journal::open_checked(
-            Arc::clone(&storage),
-            Path::new("/g"),
-            "group",
-            recovery(point, RecoveryMode::SkipDamaged),
-        )
-        .expect("opens, skipping the damage");
+        let (mut j, replayed) =
+            open_at(&disk, point, RecoveryMode::SkipDamaged).expect("opens, skipping the damage");
         assert_eq!(replayed.entries, [b"first".to_vec(), b"third".to_vec()]);
         assert!(
             replayed.truncated.as_ref().is_some_and(|t| t.dropped < len),
@@ -1191,13 +1167,8 @@ mod tests {
         j.sync().expect("sync");
         let point = j.recovery_point();
         drop(j);
-        let (_, replayed) = Journal::open_checked(
-            storage,
-            Path::new("/g"),
-            "group",
-            recovery(point, RecoveryMode::TolerateTornTail),
-        )
-        .expect("the repaired journal opens in the default mode");
+        let (_, replayed) = open_at(&disk, point, RecoveryMode::TolerateTornTail)
+            .expect("the repaired journal opens in the default mode");
         assert_eq!(
             replayed.entries,
             [b"first".to_vec(), b"third".to_vec(), b"fifth".to_vec()]
