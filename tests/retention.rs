@@ -13,7 +13,7 @@ use spool::broker::{Registry, RegistryOptions, TopicConfig};
 use spool::client::{Client, FetchOptions};
 use spool::groups::GroupMode;
 use spool::protocol::pb;
-use spool::storage::io::{SimDisk, SimFault, SimOp, Storage};
+use spool::storage::io::{SimDisk, SimFault, Storage};
 use spool::storage::verify::verify;
 use spool::storage::{DataDir, FsyncPolicy, LogConfig, NewMessage, Offset};
 use std::path::Path;
@@ -557,16 +557,10 @@ fn a_group_that_missed_a_pass_counts_its_loss_at_the_next() {
         }
     };
     produce(0..40);
-    // The disk fills as the first dropped file goes: the segments are gone,
-    // the group's journal cannot take the news.
-    let full = Arc::clone(&disk);
-    disk.set_hook(Some(Arc::new(move |op, path| {
-        if op == SimOp::Remove && path.extension().is_some_and(|e| e == "log") {
-            full.set_fault(SimFault::NoSpace, true);
-        }
-    })));
+    // A full disk: the group's journal cannot take the news, and the
+    // segments go all the same (removing files frees room).
+    disk.set_fault(SimFault::NoSpace, true);
     let missed = topic.enforce_retention(spool::storage::log::now_ms());
-    disk.set_hook(None);
     disk.set_fault(SimFault::NoSpace, false);
     assert!(missed.is_err(), "the group could not hear: {missed:?}");
     let first = topic.stats().start.0;
@@ -695,17 +689,32 @@ fn a_power_cut_during_a_retention_pass_loses_nothing_retention_kept() {
             (stats.start.0..60).collect::<Vec<_>>(),
             "cut after {syncs} syncs"
         );
-        // The stream group reads on from the start, whether or not the cut
-        // let the pass move its commit.
+        // The group, which read nothing, heard of the drop before any
+        // segment went: it is at the start or past it (a drop still to
+        // come), and counts every message below its commit as lost.
         let s = topic.describe_group("s").expect("group");
-        assert!(s.committed <= stats.start.0, "cut after {syncs} syncs");
+        assert!(
+            s.committed >= stats.start.0,
+            "cut after {syncs} syncs: committed {} below the start {}",
+            s.committed,
+            stats.start.0
+        );
+        assert_eq!(s.lost_to_retention, s.committed, "cut after {syncs} syncs");
+        // The next pass makes the drop the group heard of.
+        topic
+            .enforce_retention(spool::storage::log::now_ms())
+            .expect("the next pass");
+        let s = topic.describe_group("s").expect("group");
+        let start = topic.stats().start.0;
+        assert_eq!(
+            (s.committed, s.lost_to_retention),
+            (start, start),
+            "cut after {syncs} syncs"
+        );
         let resumed = topic
             .fetch_stream("s", "m", None, 1, 64 << 20)
             .expect("stream fetch");
-        assert_eq!(
-            resumed[0].offset.0, stats.start.0,
-            "cut after {syncs} syncs"
-        );
+        assert_eq!(resumed[0].offset.0, start, "cut after {syncs} syncs");
         let report = verify(reg.data(), &mut |_| {}).expect("verify");
         assert!(
             report.is_clean(),

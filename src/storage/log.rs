@@ -1342,18 +1342,46 @@ impl Log {
         now_ms: u64,
         limits: RetentionLimits,
     ) -> Result<Vec<Offset>> {
-        // Not while a compaction pass rewrites the same segments.
-        let _pass = self.lock_compaction();
-        let mut w = self.lock_writer()?;
-        // Nor while a swap left half-way waits for a restart: the segments
-        // in memory are not those on disk.
-        if !self
+        self.enforce_retention_told(now_ms, limits, |_| {})
+    }
+
+    /// [`Log::enforce_retention_within`] that calls `told` with the start
+    /// the log will have before any segment goes, so that what must hear of
+    /// a drop (consumer groups) hears of it first: a crash in between then
+    /// leaves them told of a drop still to come (the next pass makes it),
+    /// never a drop they missed.
+    pub fn enforce_retention_told(
+        &self,
+        now_ms: u64,
+        limits: RetentionLimits,
+        told: impl FnOnce(Offset),
+    ) -> Result<Vec<Offset>> {
+        let Some(start) = self.retention_start(now_ms, limits)? else {
+            return Ok(Vec::new());
+        };
+        told(Offset(start));
+        self.drop_below(start)
+    }
+
+    /// Whether the log is between the two halves of a compaction swap left
+    /// half-way, which waits for a restart: the segments in memory are not
+    /// those on disk, and retention waits too.
+    fn mid_swap(&self) -> bool {
+        !self
             .retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_empty()
-        {
-            return Ok(Vec::new());
+    }
+
+    /// The start retention would move the log to now (see
+    /// [`Log::enforce_retention_within`]); `None` if it drops nothing.
+    fn retention_start(&self, now_ms: u64, limits: RetentionLimits) -> Result<Option<u64>> {
+        // Not while a compaction pass rewrites the same segments.
+        let _pass = self.lock_compaction();
+        let mut w = self.lock_writer()?;
+        if self.mid_swap() {
+            return Ok(None);
         }
         // A quiet topic's active segment rolls once it is `segment_ms` old
         // here too, not only at the next write, so its records can go.
@@ -1393,6 +1421,29 @@ impl Log {
             total -= s.size();
             dropped += 1;
         }
+        if dropped == 0 {
+            return Ok(None);
+        }
+        let start = segments[dropped..]
+            .iter()
+            .find_map(|s| s.first_offset())
+            .unwrap_or(w.next_offset);
+        Ok(Some(start))
+    }
+
+    /// Drops the sealed segments whose records are all below `start`.
+    fn drop_below(&self, start: u64) -> Result<Vec<Offset>> {
+        let _pass = self.lock_compaction();
+        let w = self.lock_writer()?;
+        if self.mid_swap() {
+            return Ok(Vec::new());
+        }
+        let segments = self.segments();
+        let sealed = segments.len().saturating_sub(1);
+        let dropped = segments[..sealed]
+            .iter()
+            .take_while(|s| s.end_offset() <= start)
+            .count();
         if dropped == 0 {
             return Ok(Vec::new());
         }

@@ -1109,14 +1109,30 @@ impl Topic {
         } else {
             RetentionLimits::default()
         };
-        let dropped = self.log.enforce_retention_within(now_ms, limits)?;
-        if dropped.is_empty() {
-            return Ok(dropped);
+        // The groups hear of the new start, durably, before any segment
+        // goes: a crash in between leaves them past messages the next pass
+        // drops, never behind a drop they missed (which no later pass would
+        // count).
+        let mut failed = None;
+        let dropped = self.log.enforce_retention_told(now_ms, limits, |start| {
+            failed = self.tell_groups_of_start(start.0);
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let start = self.log.stats().start.0;
+        if !dropped.is_empty() {
+            tracing::info!(topic = %self.name, segments = dropped.len(),
+                start = self.log.stats().start.0, "retention dropped segments");
+        }
+        Ok(dropped)
+    }
+
+    /// Tells every group that retention moves the log's start to `start`
+    /// (see [`Group::lose_below`]), also after one failed (a full disk):
+    /// that one counts what it missed at the next pass. Returns the first
+    /// failure.
+    fn tell_groups_of_start(&self, start: u64) -> Option<Error> {
         let groups = self.groups();
-        // Every group hears, also after one failed (a full disk): that one
-        // counts what it missed at the next pass.
         let mut failed = None;
         for (group, g) in groups.iter() {
             let lost = self
@@ -1133,11 +1149,7 @@ impl Topic {
                 }
             }
         }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        tracing::info!(topic = %self.name, segments = dropped.len(), start, "retention dropped segments");
-        Ok(dropped)
+        failed
     }
 
     /// On `delete_when_consumed` topics, records what every group has
