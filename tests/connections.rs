@@ -920,6 +920,50 @@ async fn socketio_peers_that_send_no_headers_are_cut_by_the_frame_timeout() {
     assert_eq!(client.ping(3).await.expect("served"), 3);
 }
 
+/// An HTTP peer of the socket.io listener that pipelines requests and
+/// never reads the responses is closed by `write_timeout_ms` once its
+/// socket takes no more bytes, and its slot serves others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_peers_that_do_not_read_are_cut_by_the_write_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(
+        tmp.path(),
+        "max_connections = 1
+write_timeout_ms = 500
+",
+        &["--frame-timeout-ms", "0"],
+    );
+    let addr = broker.socketio.clone().expect("socket.io listener");
+    let (admitted, in_place) = std::sync::mpsc::channel();
+    let deaf = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        let request = b"GET / HTTP/1.1\r\nHost: spool\r\n\r\n";
+        s.write_all(request).expect("a request");
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).expect("its response");
+        assert_eq!(&first, b"HTTP/1.1 200");
+        admitted.send(()).expect("admitted");
+        // Far more responses (the demo page) than the socket buffers hold;
+        // the writes end once the broker closes the connection.
+        let many = request.repeat(1000);
+        for _ in 0..100 {
+            if s.write_all(&many).is_err() {
+                break;
+            }
+        }
+        s
+    });
+    in_place.recv().expect("the deaf peer holds the slot");
+    let (client, _) = connect_within(&broker.addr, Duration::from_secs(20)).await;
+    assert_eq!(client.ping(3).await.expect("served"), 3);
+    drop(client);
+    drop(deaf.join().expect("the deaf peer"));
+    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
+}
+
 /// A client with the most requests in flight a connection serves (256),
 /// all long-polls longer than the idle timeout, that pings as the docs
 /// advise is not closed as idle: its pings wait unread behind the cap, but

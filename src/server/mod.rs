@@ -407,6 +407,7 @@ impl Server {
                     // message socket.io stored must fit their frames.
                     message_limit: shared.message_limit(),
                     frame_timeout: shared.config.frame_timeout,
+                    write_timeout: shared.config.write_timeout,
                 },
                 shared.config.security.clone(),
                 shutdown.clone(),

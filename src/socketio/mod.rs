@@ -34,6 +34,7 @@ use crate::security::auth::Auth;
 use crate::security::tls;
 use crate::server::admission::Ticket;
 use crate::server::admission::{Admission, Limit};
+use crate::server::deadline::Timer;
 use crate::server::stopping;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
@@ -83,6 +84,9 @@ pub(crate) struct Limits {
     /// Longest the first byte (and, with TLS, the handshake) may take to
     /// arrive once a connection is accepted (the server's `frame_timeout`).
     pub(crate) frame_timeout: Option<Duration>,
+    /// Longest a write may wait without the peer taking a byte (the
+    /// server's `write_timeout`): HTTP responses and websocket frames alike.
+    pub(crate) write_timeout: Option<Duration>,
 }
 
 /// The gateway: the Engine.IO handler every socket shares.
@@ -511,6 +515,7 @@ pub(crate) async fn serve(
         let service = service.clone();
         let tls = tls.clone();
         let wait = limits.frame_timeout;
+        let write_timeout = limits.write_timeout;
         let admission = Arc::clone(&limits.admission);
         connections.spawn(async move {
             let timed_out = || admission.count(Limit::Frame);
@@ -525,6 +530,8 @@ pub(crate) async fn serve(
             let io = hyper_util::rt::TokioIo::new(Held {
                 stream,
                 _ticket: ticket,
+                write: Timer::new(write_timeout),
+                admission: Arc::clone(&admission),
             });
             // A request's headers must arrive within `frame_timeout` of the
             // connection being ready for them (accepted, or the previous
@@ -571,6 +578,42 @@ pub(crate) async fn serve(
 struct Held<S> {
     stream: S,
     _ticket: Ticket,
+    /// Runs while a write waits for the peer to take a byte: a peer that
+    /// stops reading (a pipelined request's response, a websocket frame)
+    /// does not keep its slot past `write_timeout`.
+    write: Timer,
+    admission: Arc<Admission>,
+}
+
+impl<S> Held<S> {
+    /// `result` of a write, flush or shutdown; a pending one fails once the
+    /// write timer fired (counted as a write-timeout close).
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match result {
+            Poll::Ready(r) => {
+                self.write.disarm();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.write.poll_expired(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(limit) => {
+                    self.admission.count(Limit::Write);
+                    tracing::debug!("socket.io connection closed by write_timeout_ms");
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the peer took no bytes for {} ms (write_timeout_ms)",
+                            limit.as_millis()
+                        ),
+                    )))
+                }
+            },
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
@@ -589,7 +632,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written(cx, result)
     }
 
     fn poll_write_vectored(
@@ -597,7 +642,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.written(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -605,10 +652,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_flush(cx);
+        this.written(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.written(cx, result)
     }
 }
