@@ -44,6 +44,8 @@ pub enum FrameError {
 #[derive(Debug)]
 pub struct FrameCodec<In, Out> {
     max_frame_bytes: u32,
+    /// The body length of the last frame decoded.
+    last_len: usize,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -52,8 +54,15 @@ impl<In, Out> FrameCodec<In, Out> {
     pub fn new(max_frame_bytes: u32) -> Self {
         FrameCodec {
             max_frame_bytes,
+            last_len: 0,
             _types: PhantomData,
         }
+    }
+
+    /// The body length of the last frame decoded (what its request holds
+    /// while it is served: a produce's values are slices of it).
+    pub fn last_len(&self) -> usize {
+        self.last_len
     }
 
     /// Takes frames of up to `max_frame_bytes` from now on.
@@ -88,7 +97,7 @@ impl<Out> Decoder for FrameCodec<ClientIn, Out> {
 
 impl<In, Out> FrameCodec<In, Out> {
     /// The body of the frame at the start of `src`, once it is all there.
-    fn body(&self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    fn body(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         if src.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -109,6 +118,7 @@ impl<In, Out> FrameCodec<In, Out> {
             return Ok(None);
         }
         src.advance(PREFIX_LEN);
+        self.last_len = len as usize;
         Ok(Some(src.split_to(len as usize).freeze()))
     }
 }

@@ -43,6 +43,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 /// frame until one finishes (so a client that pipelines without reading its
 /// replies holds a bounded amount of them).
 const MAX_REQUESTS_IN_FLIGHT: usize = 256;
+/// Bytes of request frames served at once per connection: past them the
+/// connection reads no further frame until some finish (one frame may take
+/// it past, so a frame of any size allowed is served).
+const MAX_REQUEST_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// Longest a refusal waits for the socket to take its one frame.
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
@@ -210,12 +214,21 @@ pub(super) async fn serve<S>(
     // Bytes of a frame in progress at the last idle check.
     let mut frame_seen = 0;
     let mut in_flight = tokio::task::JoinSet::new();
+    // Bytes of the frames of the requests in `in_flight`.
+    let bytes_in_flight = Arc::new(AtomicUsize::new(0));
+    let at_cap = |in_flight: &tokio::task::JoinSet<()>| {
+        in_flight.len() >= MAX_REQUESTS_IN_FLIGHT
+            || bytes_in_flight.load(Ordering::Relaxed) >= MAX_REQUEST_BYTES_IN_FLIGHT
+    };
     // Why the connection ends: the error the client gets, if it can get one.
     let reason: Option<pb::Error> = loop {
         tokio::select! {
-            frame = frames.next(), if in_flight.len() < MAX_REQUESTS_IN_FLIGHT => match frame {
+            frame = frames.next(), if !at_cap(&in_flight) => match frame {
                 Some(Ok(frame)) => {
                     last_frame = Instant::now();
+                    let weight = frames.decoder().last_len();
+                    bytes_in_flight.fetch_add(weight, Ordering::Relaxed);
+                    let weighed = InFlightBytes(Arc::clone(&bytes_in_flight), weight);
                     // A long-poll waits for the topic, not for the broker:
                     // the connection is idle meanwhile.
                     let waits = matches!(
@@ -226,6 +239,7 @@ pub(super) async fn serve<S>(
                     let conn = Arc::clone(&conn);
                     in_flight.spawn(async move {
                         let _busy = busy;
+                        let _weighed = weighed;
                         if let Some(reply) = conn.handle(frame).await {
                             let _ = conn.out.send(reply).await;
                         }
@@ -255,10 +269,7 @@ pub(super) async fn serve<S>(
                 let arriving = buffered > 0
                     && (shared.config.frame_timeout.is_some() || buffered != frame_seen);
                 frame_seen = buffered;
-                if conn.working.load(Ordering::Relaxed) > 0
-                    || arriving
-                    || in_flight.len() >= MAX_REQUESTS_IN_FLIGHT
-                {
+                if conn.working.load(Ordering::Relaxed) > 0 || arriving || at_cap(&in_flight) {
                     last_frame = Instant::now();
                     continue;
                 }
@@ -286,6 +297,16 @@ pub(super) async fn serve<S>(
     drop(conn);
     drop(out);
     let _ = writer.await;
+}
+
+/// A request's share of its connection's request bytes in flight, given
+/// back when the request is done.
+struct InFlightBytes(Arc<AtomicUsize>, usize);
+
+impl Drop for InFlightBytes {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 /// Reads the `Hello`, authenticates its token and builds the `Welcome`;

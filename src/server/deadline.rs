@@ -88,6 +88,11 @@ impl<R, D> FrameReader<R, D> {
     pub(super) fn frame_bytes(&self) -> usize {
         self.inner.read_buffer().len()
     }
+
+    /// The decoder (what it knows of the last frame).
+    pub(super) fn decoder(&self) -> &D {
+        self.inner.decoder()
+    }
 }
 
 impl<R, D> Stream for FrameReader<R, D>
