@@ -920,6 +920,82 @@ async fn socketio_peers_that_send_no_headers_are_cut_by_the_frame_timeout() {
     assert_eq!(client.ping(3).await.expect("served"), 3);
 }
 
+/// A stop answers every produce it took from a client that keeps
+/// pipelining, and its last frame says why, with no reset in between: the
+/// broker reads and drops what still comes once its side is shut, so the
+/// replies on their way are not thrown away by a reset.
+#[test]
+fn a_stop_under_pipelined_produces_ends_with_its_reason_not_a_reset() {
+    for round in 0..3 {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let broker = start(tmp.path(), "", &["--fsync", "never"]);
+        let mut raw = Raw::connect(&broker.addr);
+        raw.hello();
+        let mut writer = raw.s.try_clone().expect("clone");
+        let pipelining = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            loop {
+                let produce = pb::ProduceRequest {
+                    topic: "t".into(),
+                    messages: vec![pb::NewMessage {
+                        value: vec![b'v'; 512].into(),
+                        ..Default::default()
+                    }],
+                };
+                if writer
+                    .write_all(&Raw::bytes(sent + 1, Request::Produce(produce)))
+                    .is_err()
+                {
+                    return sent;
+                }
+                sent += 1;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let stopping = std::thread::spawn(move || broker.terminate());
+        // Every frame up to the end of the stream, read slowly enough that
+        // replies are still on their way when the broker closes.
+        let mut answered = 0u64;
+        let mut last = None;
+        raw.s
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut prefix = [0u8; 5];
+        loop {
+            match raw.s.read_exact(&mut prefix) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => panic!("round {round}: after {answered} replies: {e}"),
+            }
+            let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            let mut body = vec![0u8; len];
+            if let Err(e) = raw.s.read_exact(&mut body) {
+                panic!("round {round}: after {answered} replies: {e}");
+            }
+            let frame = pb::ServerFrame::decode(&body[..]).expect("decodes");
+            if closing_error(&frame).is_some() {
+                last = Some(frame);
+            } else {
+                answered += 1;
+            }
+            if answered % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let sent = pipelining.join().expect("pipelining");
+        let (clean, _) = stopping.join().expect("stop");
+        assert!(clean, "round {round}: the stop exits 0");
+        let last = last
+            .unwrap_or_else(|| panic!("round {round}: no closing frame after {answered} replies"));
+        let error = closing_error(&last).expect("closing error");
+        assert_eq!(code(error), pb::Code::Unavailable, "{error:?}");
+        assert!(
+            answered > 0 && answered <= sent,
+            "round {round}: {answered} of {sent}"
+        );
+    }
+}
+
 /// An HTTP peer of the socket.io listener that pipelines requests and
 /// never reads the responses is closed by `write_timeout_ms` once its
 /// socket takes no more bytes, and its slot serves others.

@@ -192,6 +192,7 @@ pub(super) async fn serve<S>(
             }
             drop(out);
             let _ = writer.await;
+            discard_until_closed(frames.into_inner()).await;
             return;
         }
     };
@@ -285,7 +286,7 @@ pub(super) async fn serve<S>(
     };
     // Stop reading; end what waits (long-polls, subscriptions) at once with
     // the reason, let requests in flight finish, then say why and close.
-    drop(frames);
+    let unread = frames.into_inner();
     let deadline = Instant::now() + FINAL_FRAMES_WAIT;
     conn.close(reason.clone(), deadline).await;
     while in_flight.join_next().await.is_some() {}
@@ -297,6 +298,24 @@ pub(super) async fn serve<S>(
     drop(conn);
     drop(out);
     let _ = writer.await;
+    discard_until_closed(unread).await;
+}
+
+/// Reads and drops what the client still sends, once the last frame is out
+/// and the server's side is shut, until the client closes or
+/// [`FINAL_FRAMES_WAIT`] passes. Closing a socket with bytes unread resets
+/// the connection, and a reset can make the client's system drop the
+/// replies it has received but not yet read (a client that pipelines
+/// requests always has some on their way when a stop closes it).
+async fn discard_until_closed<R: AsyncRead + Unpin>(mut read: R) {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + FINAL_FRAMES_WAIT;
+    let mut scratch = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, read.read(&mut scratch)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// A request's share of its connection's request bytes in flight, given

@@ -93,6 +93,12 @@ impl<R, D> FrameReader<R, D> {
     pub(super) fn decoder(&self) -> &D {
         self.inner.decoder()
     }
+
+    /// The stream read from (what is buffered and not yet a frame is
+    /// dropped).
+    pub(super) fn into_inner(self) -> R {
+        self.inner.into_inner()
+    }
 }
 
 impl<R, D> Stream for FrameReader<R, D>
