@@ -978,7 +978,7 @@ fn a_stop_under_pipelined_produces_ends_with_its_reason_not_a_reset() {
             } else {
                 answered += 1;
             }
-            if answered % 64 == 0 {
+            if answered.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
