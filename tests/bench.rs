@@ -136,6 +136,20 @@ fn grpc_with_other_workloads_is_a_usage_error() {
     ] {
         assert_usage_error(args, "--transport grpc");
     }
+    // The socket.io clients speak neither gRPC, TLS nor tokens.
+    for (args, flag) in [
+        (&["socketio", "--transport", "grpc"][..], "--transport"),
+        (
+            &["socketio", "--tls-ca", "/nonexistent.pem"][..],
+            "--tls-ca",
+        ),
+        (&["socketio", "--token", "secret"][..], "--token"),
+    ] {
+        assert_usage_error(
+            args,
+            &format!("{flag} does not apply to the socketio workload"),
+        );
+    }
 }
 
 #[test]

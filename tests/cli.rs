@@ -679,6 +679,69 @@ fn token_create_with_bad_arguments_is_a_usage_error() {
 
 /// A `--server` (or `SPOOL_SERVER`) that is not `HOST:PORT` is a usage
 /// error naming the form, not a broker that cannot be reached.
+/// A follower whose broker is killed names the broker and what happened
+/// (a reset, or a close without a reason), never a bare "connection
+/// closed".
+#[test]
+fn a_follower_whose_broker_is_killed_says_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let out = spool(&broker.addr, &["produce", "t"], Some("one\n"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["consume", "t", "--follow"])
+        .env("SPOOL_SERVER", &broker.addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool consume");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(follower.stdout.take().expect("stdout")),
+        &mut first,
+    )
+    .expect("a first line");
+    assert!(first.contains("one"), "{first}");
+    let addr = broker.addr.clone();
+    broker.kill9();
+    let out = follower.wait_with_output().expect("the follower ends");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("the broker closed the connection")
+            || said.contains(&format!("the connection to the broker at {addr} broke")),
+        "{said}"
+    );
+}
+
+/// Pointed at one of the broker's other listeners, the CLI says what
+/// answered there, not that the broker cannot be reached or that a frame
+/// has flags it does not support.
+#[test]
+fn another_listeners_address_is_named_as_such() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    for (addr, answered) in [
+        (
+            broker.socketio.clone().expect("socket.io"),
+            "answered in HTTP/1",
+        ),
+        (
+            broker.metrics.clone().expect("metrics"),
+            "answered in HTTP/1",
+        ),
+        (broker.grpc.clone().expect("gRPC"), "answered in HTTP/2"),
+    ] {
+        let out = spool(&addr, &["topic", "list"], None);
+        assert_eq!(out.status.code(), Some(1), "{addr}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(answered) && stderr(&out).contains("native listener"),
+            "{addr}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn a_server_that_is_not_host_and_port_is_a_usage_error() {
     for server in ["127.0.0.1", "localhost", "", "::1"] {

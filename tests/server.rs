@@ -1369,6 +1369,91 @@ async fn a_connection_gone_silent_is_taken_as_lost() {
     assert!(closed > 0, "the ping reached the server");
 }
 
+/// A connection gone silent while the client has more queued than its
+/// send queue holds (many produces at once into a server that stopped
+/// reading) is still taken as lost after `lost_after`: the keep-alive never
+/// waits for room in the queue. Before, its probe waited behind the full
+/// queue, and every call waited as long as TCP retransmits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_with_a_full_send_queue_is_taken_as_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut head = [0u8; 5];
+        socket.read_exact(&mut head).await.expect("hello head");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut hello = vec![0u8; len];
+        socket.read_exact(&mut hello).await.expect("hello");
+        let welcome = pb::ServerFrame {
+            kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
+                server_version: "fake".into(),
+                protocol_version: 1,
+                max_frame_bytes: 1 << 20,
+                max_message_bytes: 1 << 19,
+                max_batch_messages: 1000,
+                idle_timeout_ms: 0,
+                ..Default::default()
+            })),
+        };
+        socket
+            .write_all(&frame(&welcome.encode_to_vec()))
+            .await
+            .expect("welcome");
+        // Reads nothing more, and keeps the socket open.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(socket);
+    });
+    let options = spool::client::ClientOptions {
+        lost_after: Some(Duration::from_millis(500)),
+        ..spool::client::ClientOptions::new("busy")
+    };
+    let client = std::sync::Arc::new(
+        Client::connect_with(&addr, &options)
+            .await
+            .expect("connect"),
+    );
+    let batch = std::sync::Arc::new(vec![NewMessage::from_value(vec![7u8; 200 * 1024])]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..600 {
+        let (c, b) = (
+            std::sync::Arc::clone(&client),
+            std::sync::Arc::clone(&batch),
+        );
+        calls.spawn(async move { c.produce_shared("t", b).await });
+    }
+    let results = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut results = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            results.push(r.expect("call task"));
+        }
+        results
+    })
+    .await
+    .expect("the calls end by themselves");
+    // The calls under way fail as lost; those queued behind them may find
+    // the connection closed already.
+    let lost = |r: &Result<_, ClientError>| match r {
+        Err(ClientError::Io { source, .. }) => source.to_string().contains("lost_after"),
+        _ => false,
+    };
+    assert!(results.iter().any(lost), "{:?}", results.first());
+    assert!(
+        results
+            .iter()
+            .all(|r| lost(r) || matches!(r, Err(ClientError::Closed))),
+        "{:?}",
+        results
+            .iter()
+            .find(|r| !lost(r) && !matches!(r, Err(ClientError::Closed)))
+    );
+    assert!(client.is_closed());
+    server.abort();
+}
+
 /// A frame the client cannot decode closes the connection and fails the
 /// calls with a protocol error. Before, the reader stopped but the socket
 /// stayed open and the keep-alive went on pinging, so the server kept the

@@ -199,10 +199,12 @@ impl Target {
             addr,
             topic,
             transport: params.transport,
+            // The CLI's connect timeout and lost-connection check, so a
+            // bench against a broker that does not answer ends by itself.
             client: ClientOptions {
                 tls,
                 token: params.token.clone(),
-                ..ClientOptions::default()
+                ..ClientOptions::new("spool-bench")
             },
             in_process,
         };

@@ -137,6 +137,24 @@ impl BenchArgs {
 
 /// Runs `spool bench socketio`.
 fn run_socketio(args: &BenchArgs) -> CliResult {
+    // The socket.io clients speak plain websocket without a token.
+    let unused = if args.transport != Transport::Native {
+        Some("--transport")
+    } else if args.tls_ca.is_some() {
+        Some("--tls-ca")
+    } else if args.token.is_some() {
+        Some("--token")
+    } else {
+        None
+    };
+    if let Some(flag) = unused {
+        super::Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{flag} does not apply to the socketio workload"),
+            )
+            .exit();
+    }
     let params = spool::bench::socketio::SocketioParams {
         clients: args.clients,
         rate: args.rate.unwrap_or(100),

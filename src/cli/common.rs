@@ -159,9 +159,19 @@ impl From<ClientError> for CliError {
                     "the connection to the broker at {addr} broke: {source}"
                 ))
             }
+            // Silent while an answer was due (`lost_after`): the broker's
+            // host or the network went away mid-run.
+            ClientError::Io { addr, source } if source.to_string().contains("(lost_after)") => {
+                CliError::runtime(format!(
+                    "the connection to the broker at {addr} was lost: {source}"
+                ))
+            }
             ClientError::Io { addr, source } => CliError::runtime(format!(
                 "cannot reach the broker at {addr} ({source}); is `spool serve` running? (--server / SPOOL_SERVER)"
             )),
+            ClientError::Closed => CliError::runtime(
+                "the broker closed the connection without saying why (it stopped or was killed)",
+            ),
             ClientError::Status {
                 code: code @ spool::protocol::pb::Code::Unauthenticated,
                 message,

@@ -251,6 +251,8 @@ pub struct Client {
     unsubscribing: Arc<Unsubscribing>,
     welcome: pb::Welcome,
     reader: tokio::task::JoinHandle<()>,
+    /// The task writing queued frames (awaited by the reader).
+    writer: tokio::task::AbortHandle,
     /// Pings the server while the client is otherwise quiet, and watches
     /// for a connection that went silent.
     keepalive: tokio::task::JoinHandle<()>,
@@ -266,6 +268,7 @@ impl Drop for Client {
     /// [`Subscription`] still held ends with [`ClientError::Closed`].
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
         self.keepalive.abort();
         for (_, tx) in lock(&self.subscriptions).drain() {
             let _ = tx.send(Err(ClientError::Closed));
@@ -368,10 +371,26 @@ async fn keepalive(
             // The reply finds no pending call and is dropped.
             request: Some(Request::Ping(pb::PingRequest { nonce: id })),
         });
-        if out.send(ping).await.is_err() {
-            return;
+        // Never waits for room: a full queue means frames are going out
+        // (or stuck, which the lost check above must go on watching).
+        match out.try_send(ping) {
+            Ok(()) => activity.sent(),
+            Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
-        activity.sent();
+    }
+}
+
+/// How long the reader goes on reading once the writer stopped on a failed
+/// write: what the server sent before closing (replies, its reason) is
+/// usually in the socket already.
+const WRITER_GONE_READ: Duration = Duration::from_secs(1);
+
+/// Sleeps until `until`, or for ever without one.
+async fn sleep_until_some(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -576,7 +595,10 @@ impl Client {
             {
                 return Err(ClientError::Tls(crate::security::tls::tls_required(addr)));
             }
-            Some(Err(e)) => return Err(frame_to_client(addr, e)),
+            Some(Err(e)) => {
+                return Err(wrong_listener(addr, framed.read_buffer())
+                    .unwrap_or_else(|| frame_to_client(addr, e)));
+            }
             None => return Err(ClientError::Closed),
         };
         // Frames as large as the server takes and sends, past the default
@@ -586,6 +608,7 @@ impl Client {
         let (sink, mut frames) = framed.split();
         let (out, out_rx) = mpsc::channel::<ClientOut>(256);
         let mut writer = tokio::spawn(outbox::run(sink, out_rx));
+        let writer_abort = writer.abort_handle();
         let pending: Pending = Arc::default();
         let subscriptions: Subscriptions = Arc::default();
         let waiting_subscriptions: Subscriptions = Arc::default();
@@ -618,13 +641,22 @@ impl Client {
         let reader = tokio::spawn(async move {
             // Why the connection ended, when it was not a plain close.
             let mut end = End::Closed;
+            // Once the writer stopped: until when what the server already
+            // sent is still read.
+            let mut writer_ended: Option<tokio::time::Instant> = None;
             loop {
                 let frame = tokio::select! {
                     frame = frames.next() => frame,
                     // The writer only stops early on a failed write (a frame
                     // over the limit, a broken socket); the requests it
-                    // dropped would otherwise wait for replies forever.
-                    _ = &mut writer => None,
+                    // dropped would otherwise wait for replies forever. The
+                    // replies and the reason the server sent before it
+                    // closed are still read, for a moment.
+                    _ = &mut writer, if writer_ended.is_none() => {
+                        writer_ended = Some(tokio::time::Instant::now() + WRITER_GONE_READ);
+                        continue;
+                    }
+                    () = sleep_until_some(writer_ended) => None,
                     () = l.notified() => {
                         end = End::Lost(lost_after.unwrap_or_default());
                         None
@@ -750,6 +782,7 @@ impl Client {
             unsubscribing,
             welcome,
             reader,
+            writer: writer_abort,
             keepalive,
             activity,
             closed,
@@ -1324,6 +1357,24 @@ fn received(m: pb::Message) -> Received {
 
 fn unexpected(reply: Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+/// What a server that answered the `Hello` with `answer` (bytes that are
+/// no frame) is, when it is one of spool's other listeners: HTTP/1 (the
+/// socket.io or metrics listener) or HTTP/2 (the gRPC listener, whose
+/// first frame is its SETTINGS).
+fn wrong_listener(addr: &str, answer: &[u8]) -> Option<ClientError> {
+    let which = if answer.starts_with(b"HTTP/") {
+        "HTTP/1, as spool's socket.io and metrics listeners do"
+    } else if answer.len() >= 9 && answer[0] == 0 && answer[3] == 0x04 && answer[5..9] == [0; 4] {
+        "HTTP/2, as spool's gRPC listener does"
+    } else {
+        return None;
+    };
+    Some(ClientError::Protocol(format!(
+        "the server at {addr} answered in {which}, not in the native protocol; \
+         is that the native listener's address? (port 7411 by default)"
+    )))
 }
 
 fn frame_to_client(addr: &str, e: FrameError) -> ClientError {
