@@ -278,6 +278,47 @@ async fn metrics_tell_a_known_workload_per_topic_group_and_listener() {
     assert_eq!(must(&s, "spool_topics", &[]), 1.0);
 }
 
+/// The metrics listener serves at most 64 connections at once: peers that
+/// open connections and hold them cannot take the process's descriptors;
+/// one more is closed at once, and a place freed serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_a_bounded_number_of_connections() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            tokio::net::TcpStream::connect(&http)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The listener has taken them all before the next one comes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut extra = tokio::net::TcpStream::connect(&http)
+        .await
+        .expect("connect");
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: spool\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        extra.read_to_end(&mut answer),
+    )
+    .await
+    .expect("closed at once, not after the header timeout");
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    held.pop();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(get(&http, "/healthz").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_counted_by_the_limit_that_refused_them() {
     let tmp = tempfile::tempdir().expect("tempdir");

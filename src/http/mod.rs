@@ -2,10 +2,12 @@
 //! broker, OpenMetrics text), `GET /healthz` (the process is up) and
 //! `GET /readyz` (the data directory is open and takes writes: 503 while
 //! the broker stops or once a failed sync made a topic read-only). HTTP/1.1
-//! only; it reads nothing but the request line and headers, and stops
-//! with the server.
+//! only; it reads nothing but the request line and headers, serves at most
+//! 64 connections at once, closes one that takes no byte of a response
+//! for 10 s, and stops with the server.
 
 use crate::broker::Broker;
+use crate::server::deadline::StallGuard;
 use crate::server::stopping;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -22,6 +24,11 @@ use tokio::sync::watch;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9411";
 /// Longest a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a response may wait for the client to take a byte of it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; one more is closed at once (scrapers and
+/// probes need a few; each holds a descriptor).
+const MAX_CONNECTIONS: usize = 64;
 const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Serves `listener` until `shutdown` turns true; connections still open
@@ -31,6 +38,10 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
     loop {
         tokio::select! {
             (stream, peer) = crate::server::accept(&listener, "metrics") => {
+                if connections.len() >= MAX_CONNECTIONS {
+                    tracing::debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} open");
+                    continue;
+                }
                 let broker = broker.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
@@ -40,7 +51,10 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(
+                            TokioIo::new(StallGuard::new(stream, Some(WRITE_TIMEOUT))),
+                            service,
+                        )
                         .await;
                     if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "metrics connection ended");

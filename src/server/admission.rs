@@ -150,6 +150,9 @@ impl Admission {
     /// ...: the label of its connection metrics, counted open while the
     /// ticket lives), or the error that refuses it (the refusal is counted).
     pub(crate) fn admit(&self, listener: &'static str, ip: IpAddr) -> Result<Ticket, pb::Error> {
+        // An IPv4 client reaching a dual-stack listener shows as
+        // `::ffff:a.b.c.d`: one address, one count, on every listener.
+        let ip = ip.to_canonical();
         let mut ticket_ip = None;
         if let Some((max, per_ip)) = &self.per_ip {
             let mut open = per_ip.lock().unwrap_or_else(|p| p.into_inner());
@@ -256,6 +259,21 @@ mod tests {
         assert_eq!(
             admission.counts[Limit::MaxConnections as usize].load(Ordering::Relaxed),
             1
+        );
+    }
+
+    #[test]
+    fn an_ipv4_address_mapped_into_ipv6_shares_its_count() {
+        let v4: IpAddr = [10, 0, 0, 7].into();
+        let mapped: IpAddr = std::net::Ipv4Addr::new(10, 0, 0, 7).to_ipv6_mapped().into();
+        let admission = Admission::new(8, Some(1), Metrics::new());
+        let _t = admission.admit("native", v4).expect("first");
+        let err = admission
+            .admit("grpc", mapped)
+            .expect_err("the same address on a dual-stack listener");
+        assert!(
+            err.message.contains("too many connections from 10.0.0.7"),
+            "{err:?}"
         );
     }
 }

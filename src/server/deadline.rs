@@ -124,26 +124,55 @@ where
     }
 }
 
-/// A writer that fails with `TimedOut` once a write, flush or shutdown has
-/// waited the limit without the socket taking anything: the peer stopped
-/// reading (or vanished without a word).
-#[derive(Debug)]
-pub(super) struct StallGuard<W> {
+/// A stream whose writes fail with `TimedOut` once a write, flush or
+/// shutdown has waited the limit without the socket taking anything: the
+/// peer stopped reading (or vanished without a word). Reads pass through.
+pub(crate) struct StallGuard<W> {
     inner: W,
     timer: Timer,
+    /// Called when the limit fires (a metric of closes by limit).
+    on_stall: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl<W> std::fmt::Debug for StallGuard<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StallGuard")
+            .field("timer", &self.timer)
+            .finish()
+    }
 }
 
 impl<W> StallGuard<W> {
     /// Guards `inner`; `write_timeout` `None` never times out.
-    pub(super) fn new(inner: W, write_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(inner: W, write_timeout: Option<Duration>) -> Self {
         StallGuard {
             inner,
             timer: Timer::new(write_timeout),
+            on_stall: None,
         }
     }
 
-    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    /// Calls `f` when the limit fires.
+    pub(crate) fn on_stall(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_stall = Some(Box::new(f));
+        self
+    }
+
+    /// `result` of a write, flush or shutdown: a pending one fails once the
+    /// timer fired; a finished one stops the timer.
+    fn written<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Poll::Ready(r) = result {
+            self.timer.disarm();
+            return Poll::Ready(r);
+        }
         let limit = ready!(self.timer.poll_expired(cx));
+        if let Some(f) = &self.on_stall {
+            f();
+        }
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
@@ -152,10 +181,15 @@ impl<W> StallGuard<W> {
             ),
         )))
     }
+}
 
-    fn done<T>(&mut self, result: io::Result<T>) -> Poll<io::Result<T>> {
-        self.timer.disarm();
-        Poll::Ready(result)
+impl<W: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
@@ -166,26 +200,34 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => this.done(r),
-            Poll::Pending => this.stalled(cx),
-        }
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.written(cx, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.written(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Ready(r) => this.done(r),
-            Poll::Pending => this.stalled(cx),
-        }
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.written(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_shutdown(cx) {
-            Poll::Ready(r) => this.done(r),
-            Poll::Pending => this.stalled(cx),
-        }
+        let result = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.written(cx, result)
     }
 }
 

@@ -34,7 +34,7 @@ use crate::security::auth::Auth;
 use crate::security::tls;
 use crate::server::admission::Ticket;
 use crate::server::admission::{Admission, Limit};
-use crate::server::deadline::Timer;
+use crate::server::deadline::StallGuard;
 use crate::server::stopping;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
@@ -527,11 +527,13 @@ pub(crate) async fn serve(
             };
             // The ticket goes with the stream, so a websocket keeps its
             // slot after the upgrade hands the stream on.
+            let stalled = Arc::clone(&admission);
             let io = hyper_util::rt::TokioIo::new(Held {
-                stream,
+                stream: StallGuard::new(stream, write_timeout).on_stall(move || {
+                    stalled.count(Limit::Write);
+                    tracing::debug!("socket.io connection closed by write_timeout_ms");
+                }),
                 _ticket: ticket,
-                write: Timer::new(write_timeout),
-                admission: Arc::clone(&admission),
             });
             // A request's headers must arrive within `frame_timeout` of the
             // connection being ready for them (accepted, or the previous
@@ -576,44 +578,11 @@ pub(crate) async fn serve(
 /// long as the stream lives: through hyper while it serves HTTP requests,
 /// and on in the websocket an upgrade hands the stream to.
 struct Held<S> {
-    stream: S,
+    /// Writes that wait `write_timeout` without the peer taking a byte (a
+    /// pipelined request's response, a websocket frame) fail, so a peer
+    /// that stops reading does not keep its slot.
+    stream: StallGuard<S>,
     _ticket: Ticket,
-    /// Runs while a write waits for the peer to take a byte: a peer that
-    /// stops reading (a pipelined request's response, a websocket frame)
-    /// does not keep its slot past `write_timeout`.
-    write: Timer,
-    admission: Arc<Admission>,
-}
-
-impl<S> Held<S> {
-    /// `result` of a write, flush or shutdown; a pending one fails once the
-    /// write timer fired (counted as a write-timeout close).
-    fn written<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        result: Poll<std::io::Result<T>>,
-    ) -> Poll<std::io::Result<T>> {
-        match result {
-            Poll::Ready(r) => {
-                self.write.disarm();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.write.poll_expired(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(limit) => {
-                    self.admission.count(Limit::Write);
-                    tracing::debug!("socket.io connection closed by write_timeout_ms");
-                    Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "the peer took no bytes for {} ms (write_timeout_ms)",
-                            limit.as_millis()
-                        ),
-                    )))
-                }
-            },
-        }
-    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
@@ -632,9 +601,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.written(cx, result)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -642,9 +609,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.written(cx, result)
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -652,14 +617,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_flush(cx);
-        this.written(cx, result)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_shutdown(cx);
-        this.written(cx, result)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
