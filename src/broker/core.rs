@@ -1136,11 +1136,13 @@ impl Broker {
         }
         let count = handed.len();
         if count > 0 {
-            let (s, g) = (Arc::clone(&source), group.to_owned());
-            blocking(move || s.complete_dead_letters_of(&g, Some(&read_from), &handed)).await?;
+            let (s, g, from) = (Arc::clone(&source), group.to_owned(), read_from.clone());
+            blocking(move || s.complete_dead_letters_of(&g, Some(&from), &handed)).await?;
             self.inner
                 .metrics
-                .dead_lettered(source.name(), group, count as u64);
+                .dead_lettered(source.name(), group, count as u64, || {
+                    !source.is_retired() && source.is_group(group, &read_from)
+                });
             tracing::warn!(
                 topic = source.name(),
                 group,
@@ -1565,7 +1567,11 @@ impl Broker {
         let name = group.to_owned();
         let info = blocking(move || t.create_group(&name, mode, start)).await?;
         if mode == GroupMode::Queue {
-            self.inner.metrics.queue_group(topic, group);
+            let t = self.existing(topic).await?;
+            let t = t.topic();
+            self.inner.metrics.queue_group(topic, group, || {
+                !t.is_retired() && t.group_identity(group).is_ok()
+            });
         }
         Ok(info)
     }
@@ -1631,11 +1637,21 @@ impl Broker {
             let snapshots: Vec<TopicSnapshot> = topics
                 .iter()
                 .filter(|t| !t.is_retired())
-                .map(|t| TopicSnapshot {
-                    name: t.name().to_owned(),
-                    stats: t.stats(),
-                    read_only: t.is_read_only(),
-                    groups: t.list_groups().unwrap_or_default(),
+                .map(|t| {
+                    let groups = t.list_groups().unwrap_or_default();
+                    // Each queue group's dead-letter series, at 0 until a
+                    // message is dead-lettered (not for one deleted since).
+                    for g in groups.iter().filter(|g| g.mode == GroupMode::Queue) {
+                        b.inner.metrics.queue_group(t.name(), &g.name, || {
+                            !t.is_retired() && t.group_identity(&g.name).is_ok()
+                        });
+                    }
+                    TopicSnapshot {
+                        name: t.name().to_owned(),
+                        stats: t.stats(),
+                        read_only: t.is_read_only(),
+                        groups,
+                    }
                 })
                 .collect();
             let total = b.inner.registry.names().len();

@@ -20,7 +20,7 @@ mod storage;
 
 pub use storage::TimedStorage;
 
-use crate::groups::{GroupInfo, GroupMode};
+use crate::groups::GroupInfo;
 use crate::storage::{Header, LogStats};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -389,10 +389,22 @@ impl Metrics {
     }
 
     /// Counts `count` messages of `topic` that queue group `group` moved to
-    /// its dead-letter topic.
-    pub fn dead_lettered(&self, topic: &str, group: &str, count: u64) {
-        self.dead_letter_groups()
-            .insert((topic.to_owned(), group.to_owned()));
+    /// its dead-letter topic, if the group `exists` still. The question is
+    /// asked under the lock [`Metrics::forget_group`] and
+    /// [`Metrics::forget_topic`] take, so a group deleted meanwhile gets no
+    /// series back (with the count of its last hand-off, for good).
+    pub fn dead_lettered(
+        &self,
+        topic: &str,
+        group: &str,
+        count: u64,
+        exists: impl FnOnce() -> bool,
+    ) {
+        let mut groups = self.dead_letter_groups();
+        if !exists() {
+            return;
+        }
+        groups.insert((topic.to_owned(), group.to_owned()));
         self.inner
             .dead_lettered
             .get_or_create(&GroupLabels {
@@ -443,8 +455,8 @@ impl Metrics {
     /// Gives queue group `group` of `topic` its dead-letter series, at 0
     /// until a message is dead-lettered: a rate or `increase()` over it
     /// then sees the first one.
-    pub fn queue_group(&self, topic: &str, group: &str) {
-        self.dead_lettered(topic, group, 0);
+    pub fn queue_group(&self, topic: &str, group: &str, exists: impl FnOnce() -> bool) {
+        self.dead_lettered(topic, group, 0, exists);
     }
 
     /// Counts a connection refused by the limit named `reason` (its setting).
@@ -486,11 +498,6 @@ impl Metrics {
     /// counters and histograms, then the gauges of `topics` (the open
     /// ones) and the count of all topics, `total_topics`.
     pub fn encode(&self, total_topics: usize, topics: &[TopicSnapshot]) -> String {
-        for t in topics {
-            for g in t.groups.iter().filter(|g| g.mode == GroupMode::Queue) {
-                self.queue_group(&t.name, &g.name);
-            }
-        }
         let mut out = String::new();
         let gauges = gauges(total_topics, topics);
         // Writing to a String cannot fail.
@@ -614,11 +621,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_deleted_group_gets_no_series_back_from_a_late_count() {
+        let m = Metrics::new();
+        m.dead_lettered("a", "g", 2, || true);
+        m.forget_group("a", "g");
+        // A hand-off, or a scrape's snapshot, that saw the group before it
+        // went, counting after it went.
+        m.dead_lettered("a", "g", 3, || false);
+        m.queue_group("a", "g", || false);
+        let text = m.encode(1, &[]);
+        assert!(!text.contains("group=\"g\""), "{text}");
+    }
+
+    #[test]
     fn a_deleted_topic_drops_its_series() {
         let m = Metrics::new();
         m.topic("a").produced(3, 30);
         m.topic("b").produced(1, 10);
-        m.dead_lettered("a", "g", 2);
+        m.dead_lettered("a", "g", 2, || true);
         m.cleanup("a", Cleanup::Retention, 100);
         let text = m.encode(2, &[]);
         assert!(
