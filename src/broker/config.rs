@@ -193,18 +193,24 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
-/// A TOML parse error of `text` on one line: where (line and column) and
-/// what, without the excerpt the parser's own message draws over several.
+/// A TOML parse error of `text` on one line: where (line and column), the
+/// setting whose value it is, and what, without the excerpt the parser's
+/// own message draws over several.
 pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!(
-                "line {line}, column {column}: {}",
-                plain(e.message().trim())
-            )
+            let so_far = before.rsplit('\n').next().unwrap_or_default();
+            let column = so_far.chars().count() + 1;
+            let message = plain(e.message().trim());
+            // A value's error: the key before its `=` on the same line.
+            match so_far.split_once('=').map(|(key, _)| key.trim()) {
+                Some(key) if !key.is_empty() && !message.contains(key) => {
+                    format!("line {line}, column {column}: {key}: {message}")
+                }
+                _ => format!("line {line}, column {column}: {message}"),
+            }
         }
         None => plain(e.message().trim()).replace('\n', "; "),
     }
@@ -213,7 +219,8 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
 /// `message` with the decoder's Rust type names ("expected usize") said in
 /// words.
 fn plain(message: &str) -> String {
-    const WORDS: [(&str, &str); 9] = [
+    const WORDS: [(&str, &str); 10] = [
+        (" as i128", " (out of range)"),
         ("expected usize", "expected a whole number (0 or more)"),
         ("expected u64", "expected a whole number (0 or more)"),
         ("expected u32", "expected a whole number (0 or more)"),
@@ -271,7 +278,21 @@ mod tests {
             let said = toml_error(text, &e);
             assert!(said.contains(wanted), "{said}");
             assert!(!said.contains("usize") && !said.contains("f64"), "{said}");
+            // The setting is named.
+            let key = if said.contains("number (0") {
+                "max_connections"
+            } else {
+                "ratio"
+            };
+            assert!(said.contains(key), "{said}");
         }
+        let text = "max_connections = 99999999999999999999\nratio = 0.5\n";
+        let e = toml::from_str::<Limits>(text).expect_err("too large");
+        let said = toml_error(text, &e);
+        assert!(
+            said.contains("max_connections") && !said.contains("i128"),
+            "{said}"
+        );
     }
 
     #[test]
