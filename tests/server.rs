@@ -1369,6 +1369,41 @@ async fn a_connection_gone_silent_is_taken_as_lost() {
     assert!(closed > 0, "the ping reached the server");
 }
 
+/// A frame that arrives after the client's request, but is no answer to it
+/// (a delivery of a subscription, here a stray reply), does not hide that
+/// the request still waits: the connection gone silent is taken as lost
+/// after `lost_after`, not after the quiet pings' interval (10 s) on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_answers_nothing_does_not_hide_a_call_still_waiting() {
+    let stray = pb::ServerFrame {
+        kind: Some(pb::server_frame::Kind::Response(pb::Response {
+            request_id: 424_242,
+            result: Some(pb::response::Result::Ping(pb::PingResponse { nonce: 1 })),
+        })),
+    };
+    let (addr, _served) = fake_server(0, frame(&stray.encode_to_vec())).await;
+    let options = spool::client::ClientOptions {
+        lost_after: Some(Duration::from_millis(500)),
+        ..spool::client::ClientOptions::new("patient")
+    };
+    let client = Client::connect_with(&addr, &options)
+        .await
+        .expect("connect");
+    let start = std::time::Instant::now();
+    let lost = tokio::time::timeout(Duration::from_secs(20), client.ping(7))
+        .await
+        .expect("the call ends by itself");
+    assert!(
+        matches!(&lost, Err(ClientError::Io { source, .. }) if source.to_string().contains("lost_after")),
+        "{lost:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "taken as lost after {:?}",
+        start.elapsed()
+    );
+}
+
 /// A connection gone silent while the client has more queued than its
 /// send queue holds (many produces at once into a server that stopped
 /// reading) is still taken as lost after `lost_after`: the keep-alive never

@@ -324,6 +324,7 @@ async fn keepalive(
     out: mpsc::Sender<ClientOut>,
     next_id: Arc<AtomicU64>,
     activity: Arc<Activity>,
+    pending: std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>,
     every: Duration,
     lost_after: Option<Duration>,
     lost: Arc<tokio::sync::Notify>,
@@ -344,7 +345,11 @@ async fn keepalive(
         tokio::time::sleep(tick).await;
         let received = activity.received.load(Ordering::Relaxed);
         let mut due = false;
-        if activity.sent.load(Ordering::Relaxed) > received {
+        // An answer is due when a frame went out after the last one came
+        // in, or while a call waits for its reply: deliveries arriving
+        // after a long-poll was sent say nothing of the long-poll.
+        let calls_waiting = pending.upgrade().is_some_and(|p| !lock(&p).is_empty());
+        if activity.sent.load(Ordering::Relaxed) > received || calls_waiting {
             match waiting {
                 Some((heard, since)) if heard == received => {
                     if lost_after.is_some_and(|limit| since.elapsed() >= limit) {
@@ -478,8 +483,12 @@ pub struct ClientOptions {
     /// minutes). A server answers a ping at once, but a connection at its
     /// cap of requests in flight reads the ping only once one of them ends,
     /// and a long-poll may take 60 s: keep it above that when a client runs
-    /// that many long-polls at once. While an answer is due, the client
-    /// pings at least every third of this. Silence is counted in whole
+    /// that many long-polls at once. While an answer is due (a call waits
+    /// for its reply, or a frame went out after the last one came in), the
+    /// client pings at least every third of this. A client waiting for
+    /// nothing (only subscriptions open) pings once it has been quiet for
+    /// a third of the server's idle timeout, at most [`PING_EVERY_MAX`], so
+    /// it notices a lost connection within that plus this. Silence is counted in whole
     /// frames: a single frame that takes longer than this to arrive (16 MiB
     /// over a link slower than about 0.5 MB/s) is taken for silence too.
     pub lost_after: Option<Duration>,
@@ -769,6 +778,7 @@ impl Client {
             out.clone(),
             Arc::clone(&next_id),
             Arc::clone(&activity),
+            Arc::downgrade(&pending),
             every,
             options.lost_after,
             lost,

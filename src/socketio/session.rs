@@ -1047,7 +1047,14 @@ impl Conn {
         let appended = gateway
             .broker
             .produce(&room, vec![request.message], gateway.message_limit())
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // One message per publish: not "message 0" of a batch.
+                Error::InvalidArgument(why) => {
+                    Error::InvalidArgument(why.replacen(": message 0 ", ": the message ", 1))
+                }
+                e => e,
+            })?;
         Ok(json!({
             "room": room,
             "offset": appended.first.0,

@@ -42,6 +42,8 @@ await run({
     await error(bad, "unsubscribe", { room: "$rooms" }, "NOT_FOUND", "$rooms");
     await error(bad, "dance", { room: r }, "INVALID_ARGUMENT", "unknown event \"dance\"");
     await error(bad, "publish", { room: r, data: "x".repeat(1_100_000) }, "INVALID_ARGUMENT", "max_message_bytes");
+    // One message per publish: the error says "the message", not "message 0".
+    await error(bad, "publish", { room: r, data: "x".repeat(1_100_000) }, "INVALID_ARGUMENT", "the message has");
     // The socket still works, and the others never saw any of it.
     await ok(bad, "publish", { room: r, data: "fine" });
     await ok(good, "publish", { room: r, data: "also fine" });
