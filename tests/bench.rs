@@ -150,6 +150,21 @@ fn grpc_with_other_workloads_is_a_usage_error() {
             &format!("{flag} does not apply to the socketio workload"),
         );
     }
+    // A token in the environment, for the other commands, is no flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "bench",
+            "socketio",
+            "--server",
+            "127.0.0.1:1",
+            "--clients",
+            "1",
+        ])
+        .env("SPOOL_TOKEN", "secret")
+        .output()
+        .expect("run spool bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("does not apply"), "{stderr}");
 }
 
 #[test]

@@ -1040,6 +1040,47 @@ write_timeout_ms = 500
     assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
 }
 
+/// A websocket that stops reading is closed once a write has waited
+/// `write_timeout_ms`, counted once, and its slot serves others: the write
+/// deadline fails the stream for good, so the websocket library, which
+/// only logs a failed write, ends the session too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_does_not_read_is_cut_by_the_write_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(
+        tmp.path(),
+        "max_connections = 2\nwrite_timeout_ms = 500\n",
+        &["--fsync", "never"],
+    );
+    let producer = Client::connect(&broker.addr, "producer")
+        .await
+        .expect("connect");
+    producer
+        .produce("t", vec![NewMessage::from_value("first")])
+        .await
+        .expect("produce");
+    let addr = broker.socketio.clone().expect("socket.io listener");
+    let deaf = tokio::task::spawn_blocking(move || common::socketio_reader(&addr, "t"))
+        .await
+        .expect("the deaf socket");
+    // Far more than the socket buffers hold, in text packets.
+    let value = vec![b'v'; 64 * 1024];
+    for _ in 0..40 {
+        let batch = (0..16)
+            .map(|_| NewMessage::from_value(value.clone()))
+            .collect();
+        producer.produce("t", batch).await.expect("produce");
+    }
+    let (newcomer, _) = connect_within(&broker.addr, Duration::from_secs(15)).await;
+    assert_eq!(newcomer.ping(1).await.expect("ping"), 1);
+    drop(deaf);
+    drop((producer, newcomer));
+    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
+}
+
 /// A client with the most requests in flight a connection serves (256),
 /// all long-polls longer than the idle timeout, that pings as the docs
 /// advise is not closed as idle: its pings wait unread behind the cap, but

@@ -204,8 +204,13 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let so_far = before.rsplit('\n').next().unwrap_or_default();
             let column = so_far.chars().count() + 1;
             let message = plain(e.message().trim());
-            // A value's error: the key before its `=` on the same line.
-            match so_far.split_once('=').map(|(key, _)| key.trim()) {
+            // A value's error: the key before its `=` on the same line (the
+            // last one: in an inline table, the inner key).
+            let key = so_far
+                .rsplit_once('=')
+                .and_then(|(before, _)| before.rsplit(['{', ',']).next())
+                .map(str::trim);
+            match key {
                 Some(key) if !key.is_empty() && !message.contains(key) => {
                     format!("line {line}, column {column}: {key}: {message}")
                 }
@@ -286,6 +291,15 @@ mod tests {
             };
             assert!(said.contains(key), "{said}");
         }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Outer {
+            limits: Limits,
+        }
+        let text = "limits = { ratio = 0.5, max_connections = \"x\" }\n";
+        let e = toml::from_str::<Outer>(text).expect_err("bad value");
+        let said = toml_error(text, &e);
+        assert!(said.contains(": max_connections:"), "{said}");
         let text = "max_connections = 99999999999999999999\nratio = 0.5\n";
         let e = toml::from_str::<Limits>(text).expect_err("too large");
         let said = toml_error(text, &e);

@@ -137,12 +137,19 @@ impl BenchArgs {
 
 /// Runs `spool bench socketio`.
 fn run_socketio(args: &BenchArgs) -> CliResult {
-    // The socket.io clients speak plain websocket without a token.
+    // The socket.io clients speak plain websocket without a token. A value
+    // from the environment (`SPOOL_TLS_CA`, `SPOOL_TOKEN`, set for the other
+    // commands) is not asked for here: only a flag is refused.
+    let from_env = |name: &str, value: Option<&std::ffi::OsStr>| {
+        value.is_some() && std::env::var_os(name).as_deref() == value
+    };
+    let tls_ca = args.tls_ca.as_deref().map(std::path::Path::as_os_str);
+    let token = args.token.as_deref().map(std::ffi::OsStr::new);
     let unused = if args.transport != Transport::Native {
         Some("--transport")
-    } else if args.tls_ca.is_some() {
+    } else if tls_ca.is_some() && !from_env("SPOOL_TLS_CA", tls_ca) {
         Some("--tls-ca")
-    } else if args.token.is_some() {
+    } else if token.is_some() && !from_env("SPOOL_TOKEN", token) {
         Some("--token")
     } else {
         None

@@ -38,6 +38,8 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
     loop {
         tokio::select! {
             (stream, peer) = crate::server::accept(&listener, "metrics") => {
+                // Connections that ended count no more.
+                while connections.try_join_next().is_some() {}
                 if connections.len() >= MAX_CONNECTIONS {
                     tracing::debug!(%peer, "metrics connection refused: {MAX_CONNECTIONS} open");
                     continue;

@@ -126,12 +126,19 @@ where
 
 /// A stream whose writes fail with `TimedOut` once a write, flush or
 /// shutdown has waited the limit without the socket taking anything: the
-/// peer stopped reading (or vanished without a word). Reads pass through.
+/// peer stopped reading (or vanished without a word). From then on every
+/// write and every read fails too, so whatever drives the stream (an
+/// HTTP or websocket library that only logs a failed write) ends it.
 pub(crate) struct StallGuard<W> {
     inner: W,
     timer: Timer,
-    /// Called when the limit fires (a metric of closes by limit).
+    /// Called once, when the limit fires (a metric of closes by limit).
     on_stall: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The limit, once it fired.
+    stalled: Option<Duration>,
+    /// The task waiting to read, woken when the limit fires so that it
+    /// sees the failure too.
+    reader: Option<std::task::Waker>,
 }
 
 impl<W> std::fmt::Debug for StallGuard<W> {
@@ -149,6 +156,8 @@ impl<W> StallGuard<W> {
             inner,
             timer: Timer::new(write_timeout),
             on_stall: None,
+            stalled: None,
+            reader: None,
         }
     }
 
@@ -170,17 +179,26 @@ impl<W> StallGuard<W> {
             return Poll::Ready(r);
         }
         let limit = ready!(self.timer.poll_expired(cx));
+        self.stalled = Some(limit);
         if let Some(f) = &self.on_stall {
             f();
         }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "the peer took no bytes for {} ms (write_timeout_ms)",
-                limit.as_millis()
-            ),
-        )))
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+        Poll::Ready(Err(stalled_error(limit)))
     }
+}
+
+/// The error of every use of a [`StallGuard`] once its limit fired.
+fn stalled_error(limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the peer took no bytes for {} ms (write_timeout_ms)",
+            limit.as_millis()
+        ),
+    )
 }
 
 impl<W: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<W> {
@@ -189,7 +207,18 @@ impl<W: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<W> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(limit) = this.stalled {
+            return Poll::Ready(Err(stalled_error(limit)));
+        }
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if read.is_pending() && this.timer.limit.is_some() {
+            match &mut this.reader {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+        }
+        read
     }
 }
 
@@ -200,6 +229,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(limit) = this.stalled {
+            return Poll::Ready(Err(stalled_error(limit)));
+        }
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.written(cx, result)
     }
@@ -210,6 +242,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(limit) = this.stalled {
+            return Poll::Ready(Err(stalled_error(limit)));
+        }
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.written(cx, result)
     }
@@ -220,12 +255,18 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(limit) = this.stalled {
+            return Poll::Ready(Err(stalled_error(limit)));
+        }
         let result = Pin::new(&mut this.inner).poll_flush(cx);
         this.written(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(limit) = this.stalled {
+            return Poll::Ready(Err(stalled_error(limit)));
+        }
         let result = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.written(cx, result)
     }

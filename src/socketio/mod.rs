@@ -24,7 +24,6 @@ mod guard;
 mod offset;
 mod packet;
 mod page;
-mod sent;
 mod session;
 
 use crate::broker::{Broker, DeliveryLimits, MessageLimit, TopicEvent};
@@ -64,9 +63,8 @@ pub const SYSTEM_ROOM: &str = "$rooms";
 /// The Engine.IO path (socket.io's standard one).
 const PATH: &str = "/socket.io";
 
-/// Packets a socket's send buffer holds before emits wait (its bytes are
-/// bounded too: see [`sent`]).
-pub(super) const SEND_BUFFER: usize = 1024;
+/// Packets a socket's send buffer holds before emits wait.
+const SEND_BUFFER: usize = 1024;
 
 /// Bytes a websocket reads at once: clients send little (requests and
 /// acks), and the buffer is held by every idle connection.

@@ -15,7 +15,6 @@
 use super::codec::{self, Reply};
 use super::offset::{PID_LEN, Token, TokenError, pid_from_text, pid_text};
 use super::packet::{Decoded, Kind, Packet, PacketError};
-use super::sent::Sent;
 use super::{Gateway, guard};
 use crate::broker::{Event, Position, SubscribeRequest, Subscription, validate_name};
 use crate::error::{Error, Result};
@@ -77,8 +76,8 @@ pub struct Session {
     /// Set once the inbox overflowed: nothing more is taken.
     overflowed: std::sync::atomic::AtomicBool,
     /// Held while one packet's messages go out, so a binary packet's
-    /// attachments follow it with nothing in between; what went out lately.
-    sending: Mutex<Sent>,
+    /// attachments follow it with nothing in between.
+    sending: Mutex<()>,
 }
 
 impl Inbound {
@@ -346,53 +345,41 @@ pub async fn send(socket: &EioSocket, packet: &Packet) -> bool {
 
 /// [`send`] of a packet already encoded as `text` and `attachments`.
 pub async fn send_text(socket: &EioSocket, text: String, attachments: &[Bytes]) -> bool {
-    let mut sent = socket.data.sending.lock().await;
+    let _sending = socket.data.sending.lock().await;
     let deadline = tokio::time::Instant::now() + SEND_STALL;
-    emit_parts(socket, &mut sent, text, attachments, deadline).await
+    emit_parts(socket, text, attachments, deadline).await
 }
 
 /// Hands `text` and then each of `attachments` to Engine.IO, waiting for
-/// room (see [`reserve`]); the caller holds the socket's `sending` lock,
-/// whose `sent` this updates.
+/// room (see [`reserve`]); the caller holds the socket's `sending` lock.
 async fn emit_parts(
     socket: &EioSocket,
-    sent: &mut Sent,
     text: String,
     attachments: &[Bytes],
     deadline: tokio::time::Instant,
 ) -> bool {
-    let Some(permit) = reserve(socket, sent, text.len(), deadline).await else {
+    let Some(permit) = reserve(socket, deadline).await else {
         return false;
     };
-    sent.note(text.len());
     permit.emit(text.into());
     for attachment in attachments {
-        let Some(permit) = reserve(socket, sent, attachment.len(), deadline).await else {
+        let Some(permit) = reserve(socket, deadline).await else {
             return false;
         };
-        sent.note(attachment.len());
         permit.emit_binary(attachment.clone());
     }
     true
 }
 
-/// Room for one Engine.IO message of `len` bytes in `socket`'s send
-/// buffer, within its bounds in packets and in bytes (see [`Sent`]),
-/// waiting while there is none until `deadline` (then closing the socket
-/// as not reading); `None` if the socket is closed.
-async fn reserve<'a>(
-    socket: &'a EioSocket,
-    sent: &Sent,
-    len: usize,
+/// Room for one Engine.IO message in `socket`'s send buffer, waiting while
+/// it is full until `deadline` (then closing the socket as not reading);
+/// `None` if the socket is closed.
+async fn reserve(
+    socket: &EioSocket,
     deadline: tokio::time::Instant,
-) -> Option<engineioxide::socket::Permit<'a>> {
+) -> Option<engineioxide::socket::Permit<'_>> {
     loop {
-        let room = if has_free_places(socket, sent.free_places_needed(len)) {
-            socket.reserve()
-        } else {
-            Err(tokio::sync::mpsc::error::TrySendError::Full(()))
-        };
-        match room {
+        match socket.reserve() {
             Ok(permit) => return Some(permit),
             Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return None,
             Err(tokio::sync::mpsc::error::TrySendError::Full(())) => {
@@ -405,24 +392,6 @@ async fn reserve<'a>(
             }
         }
     }
-}
-
-/// Whether `socket`'s send buffer has at least `needed` free places, or is
-/// closed (Engine.IO tells only whether it has one: the places are taken,
-/// then given back).
-fn has_free_places(socket: &EioSocket, needed: usize) -> bool {
-    if needed == 0 {
-        return true;
-    }
-    let mut held = Vec::with_capacity(needed);
-    while held.len() < needed {
-        match socket.reserve() {
-            Ok(permit) => held.push(permit),
-            Err(tokio::sync::mpsc::error::TrySendError::Full(())) => return false,
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return true,
-        }
-    }
-    true
 }
 
 /// What a recovery gives back.
@@ -1451,7 +1420,7 @@ async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
     }
     let mut shared = out.shared.lock().await;
     let shared = &mut *shared;
-    let mut sent = out.socket.data.sending.lock().await;
+    let _sending = out.socket.data.sending.lock().await;
     let deadline = tokio::time::Instant::now() + SEND_STALL;
     for m in messages {
         match shared.positions.get_mut(room) {
@@ -1470,7 +1439,7 @@ async fn deliver(out: &Out, room: &str, messages: &[codec::Encoded]) -> bool {
                 text,
             )
         });
-        if !emit_parts(&out.socket, &mut sent, text, &m.attachments, deadline).await {
+        if !emit_parts(&out.socket, text, &m.attachments, deadline).await {
             return false;
         }
     }

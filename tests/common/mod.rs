@@ -5,7 +5,8 @@
 
 pub mod pki;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -226,4 +227,42 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A websocket that spoke Engine.IO and socket.io up to a subscribe of
+/// `room` from its start, then never reads again.
+pub fn socketio_reader(addr: &str, room: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let request = format!(
+        "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {addr}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).expect("upgrade");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // The 101 response and Engine.IO's open packet.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("pingInterval") {
+        let n = s.read(&mut buf).expect("open packet");
+        assert!(n > 0, "closed during the handshake");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let subscribe = format!(r#"421["subscribe",{{"room":"{room}","from":"earliest"}}]"#);
+    for text in ["40", subscribe.as_str()] {
+        // A client frame: FIN + text, masked with a zero key.
+        let mut frame = vec![0x81u8];
+        let len = text.len();
+        if len < 126 {
+            frame.push(0x80 | len as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(text.as_bytes());
+        s.write_all(&frame).expect("socket.io packet");
+    }
+    s
 }

@@ -1113,12 +1113,18 @@ impl Topic {
         // goes: a crash in between leaves them past messages the next pass
         // drops, never behind a drop they missed (which no later pass would
         // count).
-        let mut failed = None;
+        let mut told = None;
         let dropped = self.log.enforce_retention_told(now_ms, limits, |start| {
-            failed = self.tell_groups_of_start(start.0);
+            told = Some((start.0, self.tell_groups_of_start(start.0)));
         })?;
-        if let Some(e) = failed {
-            return Err(e);
+        if let Some((start, failed)) = told {
+            // Once more after the drop, for a group that could not hear
+            // before it (a full disk, with room now) or was made meanwhile
+            // below the new start: those told already count nothing again.
+            let again = self.tell_groups_of_start(start);
+            if let Some(e) = failed.and(again) {
+                return Err(e);
+            }
         }
         if !dropped.is_empty() {
             tracing::info!(topic = %self.name, segments = dropped.len(),
