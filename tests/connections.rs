@@ -196,6 +196,17 @@ async fn connect_within(addr: &str, within: Duration) -> (Client, Duration) {
     }
 }
 
+/// Stops `broker` and returns how many connections its summary lines
+/// counted for `setting` (see [`tallied`]); the logs go with a mismatch.
+async fn tallied_at_stop(broker: Broker, setting: &'static str) -> u64 {
+    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    let n = tallied(&logs, setting);
+    eprintln!("{setting}: {n} in the logs:\n{logs}");
+    n
+}
+
 /// How many connections the broker's summary lines count for `setting`
 /// ("N by setting"), over every interval.
 fn tallied(logs: &str, setting: &str) -> u64 {
@@ -467,10 +478,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_with_a_final_frame()
     assert_eq!(client.ping(1).await.expect("ping"), 1);
     drop(client);
 
-    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert_eq!(tallied(&logs, "idle_timeout_ms"), 4, "{logs}");
+    assert_eq!(tallied_at_stop(broker, "idle_timeout_ms").await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,10 +645,7 @@ async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
         2
     );
     drop(deaf);
-    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
+    assert_eq!(tallied_at_stop(broker, "write_timeout_ms").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1034,10 +1039,7 @@ write_timeout_ms = 500
     assert_eq!(client.ping(3).await.expect("served"), 3);
     drop(client);
     drop(deaf.join().expect("the deaf peer"));
-    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
+    assert_eq!(tallied_at_stop(broker, "write_timeout_ms").await, 1);
 }
 
 /// A websocket that stops reading is closed once a write has waited
@@ -1075,10 +1077,7 @@ async fn a_websocket_that_does_not_read_is_cut_by_the_write_timeout() {
     assert_eq!(newcomer.ping(1).await.expect("ping"), 1);
     drop(deaf);
     drop((producer, newcomer));
-    let (_, logs) = tokio::task::spawn_blocking(move || broker.terminate())
-        .await
-        .expect("terminate");
-    assert_eq!(tallied(&logs, "write_timeout_ms"), 1, "{logs}");
+    assert_eq!(tallied_at_stop(broker, "write_timeout_ms").await, 1);
 }
 
 /// A client with the most requests in flight a connection serves (256),

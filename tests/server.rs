@@ -1285,6 +1285,34 @@ async fn a_dropped_client_ends_its_subscriptions_with_an_error() {
     assert!(after.is_none(), "{after:?}");
 }
 
+/// Accepts one connection on `listener` and answers its `Hello` with a
+/// `Welcome` (idle timeout `idle_ms`, frames up to 1 MiB).
+async fn fake_welcome(listener: &tokio::net::TcpListener, idle_ms: u32) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut socket, _) = listener.accept().await.expect("accept");
+    let mut head = [0u8; 5];
+    socket.read_exact(&mut head).await.expect("hello head");
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut hello = vec![0u8; len];
+    socket.read_exact(&mut hello).await.expect("hello");
+    let welcome = pb::ServerFrame {
+        kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
+            server_version: "fake".into(),
+            protocol_version: 1,
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 19,
+            max_batch_messages: 1000,
+            idle_timeout_ms: idle_ms,
+            ..Default::default()
+        })),
+    };
+    socket
+        .write_all(&frame(&welcome.encode_to_vec()))
+        .await
+        .expect("welcome");
+    socket
+}
+
 /// A fake server: answers the `Hello` with a `Welcome` (idle timeout
 /// `idle_ms`), sends `then` once the client's next frame begins to
 /// arrive, and keeps reading without answering. Returns
@@ -1297,26 +1325,7 @@ async fn fake_server(idle_ms: u32, then: Vec<u8>) -> (String, tokio::task::JoinH
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let served = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut head = [0u8; 5];
-        socket.read_exact(&mut head).await.expect("hello head");
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut hello = vec![0u8; len];
-        socket.read_exact(&mut hello).await.expect("hello");
-        let welcome = pb::ServerFrame {
-            kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
-                server_version: "fake".into(),
-                protocol_version: 1,
-                max_frame_bytes: 1 << 20,
-                max_message_bytes: 1 << 16,
-                idle_timeout_ms: idle_ms,
-                ..Default::default()
-            })),
-        };
-        socket
-            .write_all(&frame(&welcome.encode_to_vec()))
-            .await
-            .expect("welcome");
+        let mut socket = fake_welcome(&listener, idle_ms).await;
         let mut read = 0;
         let mut buf = [0u8; 4096];
         while let Ok(n) = socket.read(&mut buf).await {
@@ -1411,33 +1420,12 @@ async fn a_frame_that_answers_nothing_does_not_hide_a_call_still_waiting() {
 /// queue, and every call waited as long as TCP retransmits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_with_a_full_send_queue_is_taken_as_lost() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let server = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut head = [0u8; 5];
-        socket.read_exact(&mut head).await.expect("hello head");
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut hello = vec![0u8; len];
-        socket.read_exact(&mut hello).await.expect("hello");
-        let welcome = pb::ServerFrame {
-            kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
-                server_version: "fake".into(),
-                protocol_version: 1,
-                max_frame_bytes: 1 << 20,
-                max_message_bytes: 1 << 19,
-                max_batch_messages: 1000,
-                idle_timeout_ms: 0,
-                ..Default::default()
-            })),
-        };
-        socket
-            .write_all(&frame(&welcome.encode_to_vec()))
-            .await
-            .expect("welcome");
+        let socket = fake_welcome(&listener, 0).await;
         // Reads nothing more, and keeps the socket open.
         tokio::time::sleep(Duration::from_secs(60)).await;
         drop(socket);
