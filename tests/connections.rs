@@ -603,11 +603,11 @@ async fn a_frame_begun_and_left_is_idle_when_the_frame_timeout_is_off() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// A broker with two connection slots and a write timeout of 500 ms, and
+/// a producer (one slot) that stored a first message in topic `t`.
+async fn two_slots_and_a_producer(dir: &Path) -> (Broker, Client) {
     let broker = start(
-        tmp.path(),
+        dir,
         "max_connections = 2\nwrite_timeout_ms = 500\n",
         &["--fsync", "never"],
     );
@@ -618,6 +618,13 @@ async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
         .produce("t", vec![NewMessage::from_value("first")])
         .await
         .expect("produce");
+    (broker, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_does_not_read_is_cut_by_the_write_timeout() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (broker, producer) = two_slots_and_a_producer(tmp.path()).await;
     let mut deaf = Raw::connect(&broker.addr);
     deaf.hello();
     deaf.send(
@@ -1049,18 +1056,7 @@ write_timeout_ms = 500
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_that_does_not_read_is_cut_by_the_write_timeout() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = start(
-        tmp.path(),
-        "max_connections = 2\nwrite_timeout_ms = 500\n",
-        &["--fsync", "never"],
-    );
-    let producer = Client::connect(&broker.addr, "producer")
-        .await
-        .expect("connect");
-    producer
-        .produce("t", vec![NewMessage::from_value("first")])
-        .await
-        .expect("produce");
+    let (broker, producer) = two_slots_and_a_producer(tmp.path()).await;
     let addr = broker.socketio.clone().expect("socket.io listener");
     let deaf = tokio::task::spawn_blocking(move || common::socketio_reader(&addr, "t"))
         .await

@@ -1342,6 +1342,20 @@ async fn fake_server(idle_ms: u32, then: Vec<u8>) -> (String, tokio::task::JoinH
     (addr, served)
 }
 
+/// Connects to `addr` with `lost_after` at 500 ms and pings; the ping's
+/// result, which must come within 20 s.
+async fn ping_with_lost_after(addr: &str) -> (Client, Result<u64, ClientError>) {
+    let options = spool::client::ClientOptions {
+        lost_after: Some(Duration::from_millis(500)),
+        ..spool::client::ClientOptions::new("patient")
+    };
+    let client = Client::connect_with(addr, &options).await.expect("connect");
+    let lost = tokio::time::timeout(Duration::from_secs(20), client.ping(7))
+        .await
+        .expect("the call ends by itself");
+    (client, lost)
+}
+
 /// A connection that goes silent (a broker's host that lost power, a
 /// network cut: the socket stays open, nothing comes back) is taken as
 /// lost after `lost_after`: the waiting call and the subscriptions fail with
@@ -1351,17 +1365,8 @@ async fn fake_server(idle_ms: u32, then: Vec<u8>) -> (String, tokio::task::JoinH
 async fn a_connection_gone_silent_is_taken_as_lost() {
     // Idle timeout 0: the server never closes idle connections.
     let (addr, served) = fake_server(0, Vec::new()).await;
-    let options = spool::client::ClientOptions {
-        lost_after: Some(Duration::from_millis(500)),
-        ..spool::client::ClientOptions::new("patient")
-    };
-    let client = Client::connect_with(&addr, &options)
-        .await
-        .expect("connect");
     let start = std::time::Instant::now();
-    let lost = tokio::time::timeout(Duration::from_secs(20), client.ping(7))
-        .await
-        .expect("the call ends by itself");
+    let (client, lost) = ping_with_lost_after(&addr).await;
     match lost {
         Err(ClientError::Io { source, .. }) => {
             assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}");
@@ -1391,17 +1396,8 @@ async fn a_frame_that_answers_nothing_does_not_hide_a_call_still_waiting() {
         })),
     };
     let (addr, _served) = fake_server(0, frame(&stray.encode_to_vec())).await;
-    let options = spool::client::ClientOptions {
-        lost_after: Some(Duration::from_millis(500)),
-        ..spool::client::ClientOptions::new("patient")
-    };
-    let client = Client::connect_with(&addr, &options)
-        .await
-        .expect("connect");
     let start = std::time::Instant::now();
-    let lost = tokio::time::timeout(Duration::from_secs(20), client.ping(7))
-        .await
-        .expect("the call ends by itself");
+    let (_client, lost) = ping_with_lost_after(&addr).await;
     assert!(
         matches!(&lost, Err(ClientError::Io { source, .. }) if source.to_string().contains("lost_after")),
         "{lost:?}"
