@@ -1564,11 +1564,9 @@ impl Broker {
         // The request's own field before the topic (protocol.md §4).
         super::config::validate_name("group", group)?;
         let t = Arc::clone(self.existing(topic).await?.topic());
-        let name = group.to_owned();
-        let info = blocking(move || t.create_group(&name, mode, start)).await?;
+        let (creating, name) = (Arc::clone(&t), group.to_owned());
+        let info = blocking(move || creating.create_group(&name, mode, start)).await?;
         if mode == GroupMode::Queue {
-            let t = self.existing(topic).await?;
-            let t = t.topic();
             self.inner.metrics.queue_group(topic, group, || {
                 !t.is_retired() && t.group_identity(group).is_ok()
             });
