@@ -43,6 +43,11 @@ const LISTENER: &str = "grpc";
 const HTTP2_MAX_FRAME: u32 = (1 << 24) - 1;
 /// HTTP/2 receive windows of a stream and of a connection.
 const HTTP2_WINDOW: u32 = 16 << 20;
+/// Calls one connection has open at once (HTTP/2 streams; without a
+/// setting, none is sent and a peer may open any number): as many as the
+/// native listener serves, so a client cannot make the broker hold more
+/// decoded requests than there.
+const HTTP2_MAX_STREAMS: u32 = 256;
 
 /// Default gRPC listen address of `spool serve`.
 pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:7412";
@@ -135,6 +140,7 @@ pub(crate) async fn serve(
         .max_frame_size(Some(HTTP2_MAX_FRAME))
         .initial_stream_window_size(Some(HTTP2_WINDOW))
         .initial_connection_window_size(Some(HTTP2_WINDOW))
+        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
