@@ -46,7 +46,8 @@ const HTTP2_WINDOW: u32 = 16 << 20;
 /// Calls one connection has open at once (HTTP/2 streams; without a
 /// setting, none is sent and a peer may open any number): as many as the
 /// native listener serves, so a client cannot make the broker hold more
-/// decoded requests than there.
+/// decoded requests than there (more when `max_subscriptions` is over
+/// 192: room for every subscription and 64 calls beside them).
 const HTTP2_MAX_STREAMS: u32 = 256;
 
 /// Default gRPC listen address of `spool serve`.
@@ -126,6 +127,8 @@ pub(crate) async fn serve(
         authenticate(security.auth.clone()),
     );
     let spool = measured::Measured::new(spool, metrics);
+    // Room for every subscription allowed and calls beside them.
+    let streams = HTTP2_MAX_STREAMS.max(limits.max_subscriptions.saturating_add(64));
     let incoming = connection::incoming(
         listener,
         limits,
@@ -140,7 +143,7 @@ pub(crate) async fn serve(
         .max_frame_size(Some(HTTP2_MAX_FRAME))
         .initial_stream_window_size(Some(HTTP2_WINDOW))
         .initial_connection_window_size(Some(HTTP2_WINDOW))
-        .max_concurrent_streams(Some(HTTP2_MAX_STREAMS))
+        .max_concurrent_streams(Some(streams))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
