@@ -379,6 +379,30 @@ async fn a_stop_ends_subscriptions_and_long_polls_at_once_and_says_so() {
     assert!(stderr.contains("broker is stopping"), "{stderr}");
 }
 
+/// A call made after the broker's last frame said why the connection ends
+/// fails with that reason ("broker is stopping", `UNAVAILABLE`: retry after
+/// reconnecting), not a bare "connection closed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_after_a_stop_fails_with_the_stops_reason() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&tmp.path().join("data"), &[]);
+    let client = Client::connect(&broker.addr, "late")
+        .await
+        .expect("connect");
+    let (ok, _) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "the stop exits 0");
+    // The reader has the last frame once the connection is closed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.is_closed() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = client.ping(1).await.expect_err("the broker is gone");
+    assert_eq!(late.code(), Some(pb::Code::Unavailable), "{late}");
+    assert!(late.to_string().contains("stopping"), "{late}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout_with_a_final_frame() {
     let tmp = tempfile::tempdir().expect("tempdir");

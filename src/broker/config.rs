@@ -228,7 +228,10 @@ fn plain(message: &str) -> String {
         (" as i128", " (out of range)"),
         ("expected usize", "expected a whole number (0 or more)"),
         ("expected u64", "expected a whole number (0 or more)"),
-        ("expected u32", "expected a whole number (0 or more)"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
         ("expected u16", "expected a whole number (0 to 65535)"),
         ("expected u8", "expected a whole number (0 to 255)"),
         ("expected i64", "expected a whole number"),
@@ -300,6 +303,15 @@ mod tests {
         let e = toml::from_str::<Outer>(text).expect_err("bad value");
         let said = toml_error(text, &e);
         assert!(said.contains(": max_connections:"), "{said}");
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Narrow {
+            max_message_bytes: u32,
+        }
+        let text = "max_message_bytes = 5000000000\n";
+        let e = toml::from_str::<Narrow>(text).expect_err("past u32");
+        let said = toml_error(text, &e);
+        assert!(said.contains("from 0 to 4294967295"), "{said}");
         let text = "max_connections = 99999999999999999999\nratio = 0.5\n";
         let e = toml::from_str::<Limits>(text).expect_err("too large");
         let said = toml_error(text, &e);

@@ -6,7 +6,8 @@
 //! [`ClientError::Closed`] and the caller decides whether to connect again
 //! (what was acknowledged before is durable; resend what was not). When the
 //! server closes the connection for a reason it names (a limit, a broker
-//! stopping), the calls and subscriptions it ends fail with that status.
+//! stopping), the calls and subscriptions it ends fail with that status,
+//! and so does every call made on the client afterwards.
 //!
 //! A server closes connections that send nothing for its idle timeout
 //! (`Welcome.idle_timeout_ms`); the client sends a `Ping` whenever it has
@@ -260,6 +261,9 @@ pub struct Client {
     activity: Arc<Activity>,
     /// Set by the reader before it fails the pending calls on close.
     closed: Arc<AtomicBool>,
+    /// Why the connection ended (with the server's address), set by the
+    /// reader before `closed`: what a call made afterwards fails with.
+    ended: Arc<std::sync::OnceLock<(End, String)>>,
 }
 
 impl Drop for Client {
@@ -400,6 +404,7 @@ async fn sleep_until_some(until: Option<tokio::time::Instant>) {
 }
 
 /// Why a connection ended, for the calls and subscriptions it leaves.
+#[derive(Debug, Clone)]
 enum End {
     /// Closed without a word (or the client's own write failed).
     Closed,
@@ -645,6 +650,8 @@ impl Client {
             unsubscribing: Arc::downgrade(&unsubscribing),
         };
         let u = Arc::clone(&unsubscribing);
+        let ended = Arc::new(std::sync::OnceLock::new());
+        let why = Arc::clone(&ended);
         let lost_after = options.lost_after;
         let server = addr.to_owned();
         let reader = tokio::spawn(async move {
@@ -755,6 +762,7 @@ impl Client {
                     _ => {}
                 }
             }
+            let _ = why.set((end.clone(), server.clone()));
             c.store(true, Ordering::SeqCst);
             // No frame goes out any more: the socket closes with the reader's
             // half, and the keep-alive ends with the writer's queue.
@@ -796,6 +804,7 @@ impl Client {
             keepalive,
             activity,
             closed,
+            ended,
         })
     }
 
@@ -816,9 +825,19 @@ impl Client {
         lock(&self.pending).insert(id, tx);
         if self.closed.load(Ordering::SeqCst) {
             lock(&self.pending).remove(&id);
-            return Err(ClientError::Closed);
+            return Err(self.closed_error());
         }
         Ok(())
+    }
+
+    /// What a call on the closed connection fails with: the reason it
+    /// ended (the server's last frame, a lost connection, ...), else
+    /// [`ClientError::Closed`].
+    fn closed_error(&self) -> ClientError {
+        match self.ended.get() {
+            Some((end, addr)) => end.error(addr),
+            None => ClientError::Closed,
+        }
     }
 
     /// The frame of a request, if it fits the server's frame limit.
@@ -850,7 +869,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.register(id, tx)?;
         self.send_registered(id, frame).await?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        rx.await.map_err(|_| self.closed_error())?
     }
 
     /// Queues the frame of registered call `id`. A full queue makes this
@@ -860,7 +879,7 @@ impl Client {
         let unsent = Unregister { client: self, id };
         let sent = self.out.send(frame).await;
         if sent.is_err() {
-            return Err(ClientError::Closed);
+            return Err(self.closed_error());
         }
         std::mem::forget(unsent);
         self.activity.sent();
@@ -1214,8 +1233,8 @@ struct SubscribeCall<'a> {
 impl SubscribeCall<'_> {
     async fn wait(&mut self) -> Result<Result<Reply>> {
         let reply = match self.reply.as_mut() {
-            Some(rx) => rx.await.map_err(|_| ClientError::Closed),
-            None => Err(ClientError::Closed),
+            Some(rx) => rx.await.map_err(|_| self.client.closed_error()),
+            None => Err(self.client.closed_error()),
         };
         self.reply = None;
         lock(&self.client.waiting_subscriptions).remove(&self.id);
