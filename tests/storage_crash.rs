@@ -889,6 +889,49 @@ fn a_bit_flip_in_the_middle_of_the_active_segment_is_refused_or_quarantined() {
     }
 }
 
+/// Why: under `fsync=never` or `interval` a power cut can keep later pages of
+/// the active segment, and its index hints, while an earlier page is lost.
+/// The index then names records past the hole; recovery that trusted it
+/// would scan only after the hole and open the log with it inside, failing
+/// every read that reaches it. Nothing past the last synced byte is trusted.
+#[test]
+fn damage_in_the_unsynced_tail_behind_the_last_index_entry_is_found_at_open() {
+    let config = damage_config();
+    for seed in 20..26u64 {
+        let (bed, messages, active, recs, candidates) = (20..60)
+            .find_map(|n| {
+                let bed = Bed::new(Backend::Os);
+                let mut messages = fill(&bed, &config, n, seed);
+                // Reopened (synced to here), then appended to without a sync
+                // and left as a crash leaves it.
+                let log = bed.open(&config, RecoveryMode::default()).expect("reopen");
+                let mut rng = Rng::new(seed);
+                let more: Vec<NewMessage> = (0..12)
+                    .map(|i| NewMessage {
+                        timestamp_ms: Some(1000 + 10 * (n + i) as u64),
+                        ..random_message(&mut rng, 200)
+                    })
+                    .collect();
+                for batch in more.chunks(2) {
+                    log.append(batch).expect("append");
+                }
+                std::mem::forget(log);
+                messages.extend(more);
+                let active = bed.segment_logs().last().expect("active").clone();
+                let recs = records(&bed.read_file(&active));
+                let indexed_to = last_index_position(&bed, &active);
+                let candidates: Vec<usize> = (0..recs.len() - 1)
+                    .filter(|&i| recs[i].offset >= n as u64 && recs[i + 1].pos <= indexed_to)
+                    .collect();
+                (!candidates.is_empty()).then_some((bed, messages, active, recs, candidates))
+            })
+            .expect("test setup: unsynced records before the active segment's last index entry");
+        let mut rng = Rng::new(seed);
+        let i = candidates[rng.below(candidates.len() as u64) as usize];
+        damage_case(&bed, &messages, &active, recs[i], recs[i + 1], rng.next());
+    }
+}
+
 /// Why: a sealed segment's last record is followed by the next segment, not by
 /// a torn write, so losing it is damage, and the error must say which offsets.
 #[test]

@@ -118,7 +118,12 @@ pub fn open_segment(
         .open(log, OpenMode::Existing)
         .ctx(|| format!("opening {}", log.display()))?;
     let max_len = config.max_record_len();
-    let (mut index, loaded) = load_index(storage, &paths, base, &*file, max_len)?;
+    // In the active segment, index entries past the recovery point may
+    // name records written after a hole the crash left (pages reach the
+    // disk in any order): the scan starts at or below that point, so a hole
+    // anywhere in the unsynced tail is found.
+    let trusted_to = if active { synced_to } else { u64::MAX };
+    let (mut index, loaded) = load_index(storage, &paths, base, &*file, max_len, trusted_to)?;
     if mode == RecoveryMode::SkipDamaged {
         // The operator asked to open despite damage: check every record, not
         // just those after the last index entry, so damage anywhere is
@@ -479,15 +484,16 @@ pub(crate) fn quarantine_bytes(
     Ok(())
 }
 
-/// Loads `.idx`/`.tix` and keeps the entries that agree with the log. Returns
-/// the index and what the files held (`None` when malformed), to tell whether
-/// they need rewriting.
+/// Loads `.idx`/`.tix` and keeps the entries that agree with the log and
+/// sit at or below byte `trusted_to`. Returns the index and what the files
+/// held (`None` when malformed), to tell whether they need rewriting.
 fn load_index(
     storage: &dyn Storage,
     paths: &SegmentPaths,
     base: u64,
     log: &dyn StorageFile,
     max_len: u32,
+    trusted_to: u64,
 ) -> Result<(SegmentIndex, Option<SegmentIndex>)> {
     let idx = read_optional(storage, &paths.idx)?;
     let tix = read_optional(storage, &paths.tix)?;
@@ -517,6 +523,14 @@ fn load_index(
         tracing::warn!(file = %paths.idx.display(), offset = base + u64::from(bad.relative),
             "index entry does not match the log; rebuilding the index from there");
         index.truncate(bad.relative, bad.position);
+    }
+    if let Some(past) = index
+        .offset_entries()
+        .iter()
+        .find(|e| u64::from(e.position) > trusted_to)
+        .copied()
+    {
+        index.truncate(past.relative, past.position);
     }
     // Drop entries from the end until the last one points at the record it names.
     while let Some(last) = index.offset_entries().last().copied() {
