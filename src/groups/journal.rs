@@ -271,6 +271,22 @@ pub struct JournalRecovery {
     pub mode: RecoveryMode,
 }
 
+/// The record a snapshot file holds, or why it holds none: a snapshot is
+/// written whole (a temporary file renamed), so it is one record that fills
+/// the file, and anything else is damage.
+pub(crate) fn snapshot_record(data: &[u8]) -> std::result::Result<record::RecordRef<'_>, String> {
+    match record::decode(data, MAX_ENTRY_BYTES) {
+        Ok(Frame::Record(r)) if r.len as usize == data.len() => Ok(r),
+        Ok(Frame::Record(r)) => Err(format!(
+            "{} bytes follow its record of {}",
+            data.len() - r.len as usize,
+            r.len
+        )),
+        Ok(Frame::End) => Err("it holds no record (zeros or empty)".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl Journal {
     /// Opens (creating if needed) the journal `name` in `dir` and replays it,
     /// cutting a torn tail anywhere (no recovery point known).
@@ -300,18 +316,36 @@ impl Journal {
         let mut first_uncovered = 0u64;
         if storage.exists(&snap_path) {
             let data = read_all(&*storage, &snap_path)?;
-            match record::decode(&data, MAX_ENTRY_BYTES) {
-                Ok(Frame::Record(r)) => {
+            match snapshot_record(&data) {
+                Ok(r) => {
                     first_uncovered = r.offset;
                     replayed.snapshot = Some(r.value.to_vec());
                 }
-                other => {
-                    return Err(Error::corruption(Corruption {
+                Err(why) => {
+                    let damage = Corruption {
                         file: snap_path.clone(),
                         bytes: 0..data.len() as u64,
                         offsets: None,
-                        detail: format!("snapshot does not validate: {other:?}"),
-                    }));
+                        detail: format!(
+                            "snapshot does not validate: {why}. Start with recovery mode \
+                             skip-damaged (`spool serve --recovery skip-damaged`) to quarantine \
+                             it and give up the state it held"
+                        ),
+                    };
+                    if !skip {
+                        return Err(Error::corruption(damage));
+                    }
+                    // Given up as a missing snapshot is (below): the entries
+                    // after it are replayed onto nothing.
+                    crate::storage::recovery::quarantine_bytes(&*storage, dir, &damage, &data)?;
+                    storage
+                        .remove_file(&snap_path)
+                        .ctx(|| format!("removing {}", snap_path.display()))?;
+                    storage
+                        .sync_dir(dir)
+                        .ctx(|| format!("syncing {}", dir.display()))?;
+                    tracing::error!(damage = %damage.given_up(), "quarantined a damaged journal snapshot");
+                    replayed.damage.push(damage);
                 }
             }
         }
@@ -950,6 +984,60 @@ mod tests {
             .expect("remove");
         let newer = (old.0 + 2, 0);
         assert!(open_at(&disk, newer, RecoveryMode::TolerateTornTail).is_err());
+    }
+
+    /// Why: a snapshot that fails its checksum (or has bytes after its
+    /// record) kept the whole topic closed even under skip-damaged, the
+    /// operator's way out; it is now given up as a missing one is.
+    #[test]
+    fn a_damaged_snapshot_is_refused_by_default_and_given_up_under_skip_damaged() {
+        let snap = Path::new("/g/group.snap");
+        for damage in ["flip", "trailing"] {
+            let disk = Arc::new(SimDisk::new());
+            let (mut j, _) = open(&disk);
+            j.append(b"a").expect("append");
+            j.snapshot(b"state-after-a").expect("snapshot");
+            j.append(b"b").expect("append");
+            j.sync().expect("sync");
+            let point = j.recovery_point();
+            drop(j);
+            let len = disk.read_file(snap).expect("snapshot").len() as u64;
+            match damage {
+                "flip" => disk.damage(snap, len - 2, b"\xff").expect("damage"),
+                _ => {
+                    let mut bytes = disk.read_file(snap).expect("snapshot");
+                    bytes.extend_from_slice(b"junk");
+                    crate::storage::io::write_file_atomic(&*disk, snap, &bytes).expect("damage");
+                }
+            }
+            let err = open_at(&disk, point, RecoveryMode::TolerateTornTail)
+                .expect_err("a damaged snapshot is refused by default");
+            let text = err.to_string();
+            assert!(
+                text.contains("group.snap") && text.contains("skip-damaged"),
+                "{damage}: {text}"
+            );
+            let (mut j, replayed) =
+                open_at(&disk, point, RecoveryMode::SkipDamaged).expect("skip-damaged opens");
+            assert_eq!(replayed.snapshot, None, "{damage}");
+            assert_eq!(replayed.entries, vec![b"b".to_vec()], "{damage}");
+            assert!(!replayed.damage.is_empty(), "{damage}");
+            assert!(!disk.exists(snap), "{damage}: the damaged snapshot is gone");
+            assert!(
+                disk.list_dir(Path::new("/g/quarantine"))
+                    .expect("quarantine")
+                    .iter()
+                    .any(|n| n.starts_with("group.snap.")),
+                "{damage}: the damaged snapshot is kept aside"
+            );
+            j.append(b"c").expect("append");
+            j.sync().expect("sync");
+            let point = j.recovery_point();
+            drop(j);
+            let (_, replayed) = open_at(&disk, point, RecoveryMode::TolerateTornTail)
+                .expect("opens cleanly afterwards");
+            assert_eq!(replayed.entries, vec![b"b".to_vec(), b"c".to_vec()]);
+        }
     }
 
     #[test]

@@ -536,16 +536,16 @@ fn verify_journal(
     if let Some(data) = read_if_exists(storage, &snap)? {
         report.files += 1;
         report.bytes += data.len() as u64;
-        match record::decode(&data, u32::MAX) {
-            Ok(Frame::Record(r)) if r.len as usize == data.len() => {
+        match crate::groups::journal::snapshot_record(&data) {
+            Ok(r) => {
                 report.journal_entries += 1;
                 first_uncovered = r.offset;
             }
-            other => report.damage.push(Finding {
+            Err(why) => report.damage.push(Finding {
                 file: snap.clone(),
                 bytes: 0..data.len() as u64,
                 offsets: None,
-                detail: format!("snapshot does not validate: {other:?}"),
+                detail: format!("snapshot does not validate: {why}"),
             }),
         }
     }
