@@ -144,11 +144,29 @@ fn grpc_with_other_workloads_is_a_usage_error() {
             "--tls-ca",
         ),
         (&["socketio", "--token", "secret"][..], "--token"),
+        (&["socketio", "--messages", "5"][..], "--messages"),
+        (&["socketio", "--batch", "7"][..], "--batch"),
+        (&["socketio", "--in-flight", "3"][..], "--in-flight"),
     ] {
         assert_usage_error(
             args,
             &format!("{flag} does not apply to the socketio workload"),
         );
+    }
+    // Settings that cannot run are usage errors too, as for the others.
+    for (args, text) in [
+        (
+            &["socketio", "--clients", "0"][..],
+            "--clients must be at least 1",
+        ),
+        (
+            &["socketio", "--rate", "0"][..],
+            "--rate must be at least 1",
+        ),
+        (&["socketio", "--duration", "nan"][..], "--duration NaN"),
+        (&["socketio", "--duration", "inf"][..], "--duration inf"),
+    ] {
+        assert_usage_error(args, text);
     }
     // A token in the environment, for the other commands, is no flag.
     let out = Command::new(env!("CARGO_BIN_EXE_spool"))

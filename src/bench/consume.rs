@@ -162,6 +162,20 @@ pub(super) async fn workload(
         }
     };
     let consumed = join_all(tasks, start).await?;
+    // A load that failed would have left the figures measured without it.
+    while let Some(ended) = load.try_join_next() {
+        match ended {
+            Ok(result) => {
+                result?;
+            }
+            Err(e) if e.is_panic() => {
+                return Err(BenchError::Incomplete(format!(
+                    "a --queue-load consumer panicked: {e}"
+                )));
+            }
+            Err(_) => {}
+        }
+    }
     load.abort_all();
     Ok(Outcome {
         messages: consumed.messages,
@@ -532,7 +546,8 @@ pub(super) async fn e2e(
         in_flight: params.in_flight as usize,
         origin,
     });
-    let produced = match produce::run(producers, spec, progress).await {
+    // The bar counts deliveries; the producers' own count goes nowhere.
+    let produced = match produce::run(producers, spec, &Arc::new(Progress::default())).await {
         Ok(p) => p,
         Err(e) => {
             tasks.abort_all();

@@ -7,8 +7,8 @@
 //! socket.io address of a broker started elsewhere (then memory is not
 //! measured).
 
-use super::BenchError;
 use super::histogram::{Latency, LatencySummary};
+use super::{BenchError, Progress};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -435,13 +435,38 @@ async fn read_deliveries(
     latency
 }
 
-/// Runs the bench.
-pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> {
-    if params.clients == 0 || params.rate == 0 || params.duration_s <= 0.0 {
-        return Err(BenchError::Invalid(
-            "bench socketio needs --clients, --rate and --duration above 0".into(),
-        ));
+impl SocketioParams {
+    /// Whether the settings can run, else what is wrong (in the flags' words).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.clients == 0 {
+            return Err("--clients must be at least 1".into());
+        }
+        if self.rate == 0 {
+            return Err("--rate must be at least 1".into());
+        }
+        let d = self.duration_s;
+        if !(d.is_finite() && d > 0.0) {
+            return Err(format!(
+                "--duration {d}: expected a positive number of seconds"
+            ));
+        }
+        if (self.rate as f64 * d).round() < 1.0 {
+            return Err(format!(
+                "--rate {} for --duration {d} publishes no message",
+                self.rate
+            ));
+        }
+        Ok(())
     }
+}
+
+/// Runs the bench; `progress` counts the clients connecting, then the
+/// messages published.
+pub async fn run(
+    params: &SocketioParams,
+    progress: &Progress,
+) -> Result<SocketioReport, BenchError> {
+    params.validate().map_err(BenchError::Invalid)?;
     let started = match &params.server {
         Some(_) => None,
         None => Some(start_broker(params)?),
@@ -467,11 +492,13 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut clients = tokio::task::JoinSet::new();
+    progress.start("connect", u64::from(params.clients));
     for i in 0..params.clients {
         let mut ws = connect(&addr).await?;
         request(&mut ws, 1, "subscribe", serde_json::json!({"room": ROOM})).await?;
         let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
         clients.spawn(read_deliveries(ws, received, stop));
+        progress.add(1);
         if i % 100 == 99 {
             tracing::info!(clients = i + 1, "connected");
         }
@@ -482,6 +509,7 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
     // Publish, paced: message n is due at start + n / rate.
     let filler = "x".repeat(params.size as usize);
     let total = (params.rate as f64 * params.duration_s).round() as u64;
+    progress.start("publish", total);
     let started_at = Instant::now();
     for (id, n) in (2..).zip(0..total) {
         let due_at = started_at + Duration::from_secs_f64(n as f64 / params.rate as f64);
@@ -495,6 +523,7 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
             serde_json::json!({"room": ROOM, "data": {"due": due, "fill": filler}}),
         )
         .await?;
+        progress.add(1);
     }
     let expected = total * u64::from(params.clients);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -512,6 +541,13 @@ pub async fn run(params: &SocketioParams) -> Result<SocketioReport, BenchError> 
     }
     let deliveries = received.load(Ordering::Relaxed);
     drop(started);
+    if deliveries < expected {
+        return Err(BenchError::Incomplete(format!(
+            "{deliveries} of {expected} deliveries ({total} messages to {} clients) arrived \
+             within 10 s of the last publish",
+            params.clients
+        )));
+    }
     Ok(SocketioReport {
         params: params.clone(),
         published: total,

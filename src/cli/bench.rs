@@ -145,15 +145,30 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
     };
     let tls_ca = args.tls_ca.as_deref().map(std::path::Path::as_os_str);
     let token = args.token.as_deref().map(std::ffi::OsStr::new);
-    let unused = if args.transport != Transport::Native {
-        Some("--transport")
-    } else if tls_ca.is_some() && !from_env("SPOOL_TLS_CA", tls_ca) {
-        Some("--tls-ca")
-    } else if token.is_some() && !from_env("SPOOL_TOKEN", token) {
-        Some("--token")
-    } else {
-        None
-    };
+    // Flags of the other workloads, given (or set away from their default).
+    let others = [
+        ("--transport", args.transport != Transport::Native),
+        (
+            "--tls-ca",
+            tls_ca.is_some() && !from_env("SPOOL_TLS_CA", tls_ca),
+        ),
+        (
+            "--token",
+            token.is_some() && !from_env("SPOOL_TOKEN", token),
+        ),
+        ("--messages", args.messages.is_some()),
+        ("--batch", args.batch.is_some()),
+        ("--producers", args.producers != 1),
+        ("--consumers", args.consumers != 1),
+        ("--in-flight", args.in_flight != 1),
+        ("--mode", args.mode != ReadMode::Replay),
+        ("--queue-load", args.queue_load != 0),
+        ("--baseline-mib", args.baseline_mib != 256),
+    ];
+    let unused = others
+        .iter()
+        .find(|(_, given)| *given)
+        .map(|(flag, _)| *flag);
     if let Some(flag) = unused {
         super::Cli::command()
             .error(
@@ -171,7 +186,14 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
         server: args.server.clone(),
         data: args.data.clone(),
     };
+    if let Err(e) = params.validate() {
+        super::Cli::command()
+            .error(clap::error::ErrorKind::ValueValidation, e)
+            .exit();
+    }
     let run_params = params.clone();
+    let progress = Arc::new(Progress::default());
+    let p = Arc::clone(&progress);
     let r = interruptible(
         args.data.as_deref(),
         "socketio",
@@ -181,12 +203,12 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
             // which kills the broker process it started.
             async move {
                 tokio::select! {
-                    report = spool::bench::socketio::run(&params) => report,
+                    report = spool::bench::socketio::run(&params, &p) => report,
                     () = stop.cancelled() => Err(spool::bench::BenchError::Stopped),
                 }
             }
         },
-        None,
+        Some(&progress),
     )?
     .map_err(|e| CliError::runtime(format!("bench socketio: {e}")))?;
     match args.format {
