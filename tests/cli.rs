@@ -428,6 +428,11 @@ fn serve_refuses_limits_out_of_range() {
         ("max_batch_messages", "max_batch_messages = 0"),
         ("max_connections", "max_connections = 0"),
         ("max_subscriptions", "max_subscriptions = 0"),
+        // Past what the setting's type holds: its own range, not the type's.
+        (
+            "max_message_bytes 5000000000 is out of range: 1 to 1073741824",
+            "max_message_bytes = 5000000000",
+        ),
         // Not TOML, and a key that is no setting: where, in one line.
         ("line 1, column 10", "listen = "),
         (

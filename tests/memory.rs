@@ -244,7 +244,10 @@ fn socketio_sockets_that_never_read_while_600_mb_of_large_messages_is_produced()
     println!("  before:  {}", before.show());
     println!("  peak:    {}", peak.show());
     println!("  at end:  {}", end.show());
-    assert!(peak.anon * 1024 < 800 * MIB, "{}", peak.show());
+    // Measured 361–410 MiB (docs/reliability.md, "Memory"): the sockets'
+    // queues are bounded in packets, not bytes (a known limit), and the
+    // heartbeat closes them; this catches a regression past that.
+    assert!(peak.anon * 1024 < 512 * MIB, "{}", peak.show());
     drop(readers);
     drop(producer);
 }

@@ -110,11 +110,13 @@ struct FileConfig {
     data: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     auto_create: Option<bool>,
-    max_frame_bytes: Option<u32>,
-    max_message_bytes: Option<u32>,
-    max_batch_messages: Option<u32>,
+    // Read as u64 so a value past a setting's range is told that range
+    // (checked below), not the type's.
+    max_frame_bytes: Option<u64>,
+    max_message_bytes: Option<u64>,
+    max_batch_messages: Option<u64>,
     max_connections: Option<usize>,
-    max_subscriptions: Option<u32>,
+    max_subscriptions: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
     max_connections_per_ip: Option<usize>,
     idle_timeout_ms: Option<u64>,
@@ -256,25 +258,28 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
             )))
         }
     };
+    // The same for a 32-bit setting (every range below fits one).
+    let within_u32 = |name: &str, v: u64, min: u64, max: u64| {
+        within(name, v, min, max)?;
+        u32::try_from(v).map_err(|_| {
+            spool::Error::InvalidArgument(format!("{name} {v} is out of range: {min} to {max}"))
+        })
+    };
     if let Some(v) = file.max_frame_bytes {
-        within("max_frame_bytes", u64::from(v), 4096, 1 << 30)?;
-        c.max_frame_bytes = v;
+        c.max_frame_bytes = within_u32("max_frame_bytes", v, 4096, 1 << 30)?;
     }
     if let Some(v) = file.max_message_bytes {
-        within("max_message_bytes", u64::from(v), 1, 1 << 30)?;
-        c.max_message_bytes = v;
+        c.max_message_bytes = within_u32("max_message_bytes", v, 1, 1 << 30)?;
     }
     if let Some(v) = file.max_batch_messages {
-        within("max_batch_messages", u64::from(v), 1, 1_000_000)?;
-        c.max_batch_messages = v;
+        c.max_batch_messages = within_u32("max_batch_messages", v, 1, 1_000_000)?;
     }
     if let Some(v) = file.max_connections {
         within("max_connections", v as u64, 1, 1_000_000)?;
         c.max_connections = v;
     }
     if let Some(v) = file.max_subscriptions {
-        within("max_subscriptions", u64::from(v), 1, 1_000_000)?;
-        c.max_subscriptions = v;
+        c.max_subscriptions = within_u32("max_subscriptions", v, 1, 1_000_000)?;
     }
     if let Some(ms) = file.shutdown_timeout_ms {
         c.shutdown_timeout = Duration::from_millis(ms);

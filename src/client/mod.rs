@@ -2,12 +2,15 @@
 //!
 //! One [`Client`] is one TCP connection; calls on it may run concurrently
 //! (they are pipelined and answered by request id). A client does not
-//! reconnect by itself: when the connection drops, every call fails with
-//! [`ClientError::Closed`] and the caller decides whether to connect again
-//! (what was acknowledged before is durable; resend what was not). When the
-//! server closes the connection for a reason it names (a limit, a broker
-//! stopping), the calls and subscriptions it ends fail with that status,
-//! and so does every call made on the client afterwards.
+//! reconnect by itself: when the connection drops, every call and
+//! subscription it ends fails with why (the status the server closed it
+//! with, for a limit or a broker stopping; [`ClientError::Io`] for a reset
+//! or a lost connection; [`ClientError::Closed`] for a close without a
+//! reason), and so does every call made on the client afterwards. Such an
+//! error can look like a request's own answer (a `RESOURCE_EXHAUSTED` the
+//! server closed with, say): [`Client::is_closed`] tells them apart, and
+//! the caller decides whether to connect again (what was acknowledged
+//! before is durable; resend what was not).
 //!
 //! A server closes connections that send nothing for its idle timeout
 //! (`Welcome.idle_timeout_ms`); the client sends a `Ping` whenever it has
@@ -264,6 +267,8 @@ pub struct Client {
     /// Why the connection ended (with the server's address), set by the
     /// reader before `closed`: what a call made afterwards fails with.
     ended: Arc<std::sync::OnceLock<(End, String)>>,
+    /// Notified once the reader has set `ended` and `closed`.
+    reader_done: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Client {
@@ -652,6 +657,8 @@ impl Client {
         let u = Arc::clone(&unsubscribing);
         let ended = Arc::new(std::sync::OnceLock::new());
         let why = Arc::clone(&ended);
+        let reader_done = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::clone(&reader_done);
         let lost_after = options.lost_after;
         let server = addr.to_owned();
         let reader = tokio::spawn(async move {
@@ -764,6 +771,7 @@ impl Client {
             }
             let _ = why.set((end.clone(), server.clone()));
             c.store(true, Ordering::SeqCst);
+            done.notify_waiters();
             // No frame goes out any more: the socket closes with the reader's
             // half, and the keep-alive ends with the writer's queue.
             writer.abort();
@@ -805,6 +813,7 @@ impl Client {
             activity,
             closed,
             ended,
+            reader_done,
         })
     }
 
@@ -838,6 +847,20 @@ impl Client {
             Some((end, addr)) => end.error(addr),
             None => ClientError::Closed,
         }
+    }
+
+    /// [`Client::closed_error`] once the reader has ended. The writer can
+    /// stop first (a failed write); the reader then still reads what the
+    /// server sent, for up to [`WRITER_GONE_READ`], and only then knows why
+    /// the connection ended.
+    async fn ended_error(&self) -> ClientError {
+        let done = self.reader_done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if self.ended.get().is_none() {
+            let _ = tokio::time::timeout(WRITER_GONE_READ + Duration::from_secs(1), done).await;
+        }
+        self.closed_error()
     }
 
     /// The frame of a request, if it fits the server's frame limit.
@@ -879,7 +902,7 @@ impl Client {
         let unsent = Unregister { client: self, id };
         let sent = self.out.send(frame).await;
         if sent.is_err() {
-            return Err(self.closed_error());
+            return Err(self.ended_error().await);
         }
         std::mem::forget(unsent);
         self.activity.sent();
