@@ -2492,6 +2492,67 @@ fn a_group_whose_journal_is_lost_beside_its_snapshot_is_damage() {
 }
 
 #[test]
+fn a_queue_group_whose_snapshot_is_given_up_is_given_up_not_turned_into_a_stream_group() {
+    // The group's mode lives in its snapshot (or its first entries, which
+    // the snapshot replaced). Under skip-damaged a damaged snapshot is given
+    // up; the group must not come back as a stream group, for good, which
+    // every queue consumer of it would then fail on.
+    let disk = Arc::new(SimDisk::new());
+    let reg = open_registry(&disk).expect("open");
+    let t = small_topic(&reg, "t", FsyncPolicy::Always, Cleanup::Delete);
+    t.produce(&[NewMessage::from_value("m")]).expect("produce");
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    for i in 0..=spool::groups::SNAPSHOT_EVERY {
+        t.seek("q", Position::Offset(i % 2)).expect("seek");
+    }
+    drop(t);
+    reg.stop_all().expect("stop");
+    drop(reg);
+    let root = std::path::Path::new(ROOT).join("topics/t");
+    let snap = root.join("groups/q.snap");
+    assert!(disk.exists(&snap), "the group has a snapshot");
+    let byte = disk.read_file(&snap).expect("snapshot")[40];
+    disk.damage(&snap, 40, &[byte ^ 0xff]).expect("damage");
+    let options = |recovery| RegistryOptions {
+        recovery,
+        ..RegistryOptions::default()
+    };
+    let open = |recovery| {
+        let data = DataDir::open(Arc::clone(&disk) as Arc<dyn Storage>, ROOT).expect("data dir");
+        Registry::open(data, options(recovery)).expect("registry")
+    };
+    let reg = open(spool::storage::RecoveryMode::default());
+    let refused = reg
+        .topic("t")
+        .expect_err("a damaged snapshot is refused by default");
+    assert!(refused.to_string().contains("q.snap"), "{refused}");
+    drop(reg);
+    let reg = open(spool::storage::RecoveryMode::SkipDamaged);
+    let t = reg.topic("t").expect("skip-damaged opens the topic");
+    assert!(
+        t.describe_group("q").is_err(),
+        "the group whose mode was lost is given up"
+    );
+    assert!(
+        disk.list_dir(&root.join("quarantine"))
+            .expect("quarantine")
+            .iter()
+            .any(|n| n.starts_with("group-q.")),
+        "its files are set aside"
+    );
+    // Created again, it is what its creator says.
+    t.create_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group created again");
+    drop(t);
+    reg.stop_all().expect("stop");
+    drop(reg);
+    let reg = open(spool::storage::RecoveryMode::default());
+    let t = reg.topic("t").expect("a later default start opens");
+    assert_eq!(t.describe_group("q").expect("group").mode, GroupMode::Queue);
+}
+
+#[test]
 fn a_stop_syncs_the_acks_of_a_topic_whose_log_turned_read_only() {
     // fsync=interval: acks confirmed in memory, then a log sync fails (the
     // log turns read-only). The broker's stop must still make the acks

@@ -283,11 +283,17 @@ impl Group {
             config,
             start,
             JournalRecovery::default(),
-        )
+        )?
+        .ok_or_else(|| {
+            // The default recovery mode refuses damage before this.
+            Error::Internal(format!("group {name}: its state was given up"))
+        })
     }
 
     /// [`Group::open`] with the journal's recovery point and recovery mode
-    /// (see [`Journal::open_checked`]).
+    /// (see [`Journal::open_checked`]). `None`: under skip-damaged, what was
+    /// given up held the group's mode and settings, so the group cannot be
+    /// opened as what it was.
     pub fn open_checked(
         storage: Arc<dyn Storage>,
         dir: &Path,
@@ -295,9 +301,23 @@ impl Group {
         config: GroupConfig,
         start: u64,
         recovery: JournalRecovery,
-    ) -> Result<Group> {
+    ) -> Result<Option<Group>> {
         let (journal, replayed) = if Journal::exists(&*storage, dir, name) {
-            Journal::open_checked(storage, dir, name, recovery)?
+            let (journal, replayed) = Journal::open_checked(storage, dir, name, recovery)?;
+            // Under skip-damaged, a snapshot or entries given up can take the
+            // group's mode and settings with them (the snapshot or the first
+            // entries hold them). Opened with the caller's config, a queue
+            // group would come back as a stream group for good: the caller
+            // gives the group up instead, as it does one whose journal is gone.
+            let config_known = replayed.snapshot.is_some()
+                || replayed
+                    .entries
+                    .iter()
+                    .any(|p| p.first() == Some(&TAG_CONFIG));
+            if !config_known && !replayed.damage.is_empty() {
+                return Ok(None);
+            }
+            (journal, replayed)
         } else {
             // A new group's mode and start are durable before its name is: a
             // crash half-way through creating it leaves no group rather than
@@ -343,7 +363,7 @@ impl Group {
             group.journal.sync()?;
         }
         group.cursor = group.low;
-        Ok(group)
+        Ok(Some(group))
     }
 
     fn apply(&mut self, entry: Entry) {

@@ -457,9 +457,16 @@ pub(crate) fn quarantine_bytes(
     bytes: &[u8],
 ) -> Result<()> {
     let qdir = dir.join(QUARANTINE_DIR);
-    storage
-        .create_dir_all(&qdir)
-        .ctx(|| format!("creating {}", qdir.display()))?;
+    if !storage.exists(&qdir) {
+        // The folder's name durable before the damaged bytes are replaced:
+        // the copy in it may be their only one.
+        storage
+            .create_dir_all(&qdir)
+            .ctx(|| format!("creating {}", qdir.display()))?;
+        storage
+            .sync_dir(dir)
+            .ctx(|| format!("syncing {}", dir.display()))?;
+    }
     let name = damage
         .file
         .file_name()
@@ -687,7 +694,10 @@ fn parse_swap_name(name: &str) -> Option<(u64, Option<u64>)> {
 }
 
 /// Steps 3 and 4 of the swap: removes the hints of `first` and every file of
-/// `covered`, then renames `swap` over `first`'s log and syncs the directory.
+/// `covered`, syncs the directory, then renames `swap` over `first`'s log
+/// and syncs it again. The removals are durable before the rename: a power
+/// cut that kept the rename but not a removal would leave a covered segment
+/// beside the merged copy of its records, which no recovery mode opens.
 pub(crate) fn retire(
     storage: &dyn Storage,
     dir: &Path,
@@ -704,6 +714,9 @@ pub(crate) fn retire(
                 .ctx(|| format!("removing {}", path.display()))?;
         }
     }
+    storage
+        .sync_dir(dir)
+        .ctx(|| format!("syncing {}", dir.display()))?;
     storage
         .rename(swap, &first.log)
         .ctx(|| format!("renaming {}", swap.display()))?;

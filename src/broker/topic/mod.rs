@@ -274,6 +274,16 @@ impl Topic {
                 log.stats().start.0,
                 point(&format!("{GROUP_JOURNAL_PREFIX}{group_name}")),
             )?;
+            let Some(group) = group else {
+                set_aside(&*storage, dir, &groups_dir, group_name)?;
+                tracing::error!(
+                    topic = name,
+                    group = group_name,
+                    "giving up a group whose mode and settings were in the damaged state given up; \
+                     its files are in quarantine/, create the group again"
+                );
+                continue;
+            };
             groups.insert(group_name.to_owned(), group);
         }
         // An offset a group or a deletion speaks of was handed out: the log
@@ -1297,9 +1307,14 @@ fn set_aside_strays(storage: &dyn Storage, dir: &Path) -> Result<()> {
 /// no earlier one took.
 fn set_aside(storage: &dyn Storage, dir: &Path, groups_dir: &Path, name: &str) -> Result<()> {
     let quarantine = dir.join(crate::storage::recovery::QUARANTINE_DIR);
-    storage
-        .create_dir_all(&quarantine)
-        .ctx(|| format!("creating {}", quarantine.display()))?;
+    if !storage.exists(&quarantine) {
+        storage
+            .create_dir_all(&quarantine)
+            .ctx(|| format!("creating {}", quarantine.display()))?;
+        storage
+            .sync_dir(dir)
+            .ctx(|| format!("syncing {}", dir.display()))?;
+    }
     let stamp = crate::storage::log::now_ms();
     for ext in ["journal", "snap"] {
         let from = groups_dir.join(format!("{name}.{ext}"));
