@@ -32,6 +32,9 @@ const ACK_EVERY: usize = 1000;
 const ACK_INTERVAL: Duration = Duration::from_millis(20);
 /// A consumer that receives nothing for this long gives up.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// The message count of a `--queue-load` consumer: it reads until aborted,
+/// and once it has drained the topic it waits for more without giving up.
+const UNTIL_ABORTED: u64 = u64::MAX;
 
 /// What one consumer read.
 #[derive(Debug)]
@@ -210,7 +213,7 @@ async fn queue_load(
             client,
             target.topic.clone(),
             format!("queue-load-{c}"),
-            u64::MAX,
+            UNTIL_ABORTED,
             Arc::new(QueueCounts::default()),
             one_at_a_time.clone(),
             start,
@@ -417,7 +420,7 @@ async fn queue(
             None => fetch.await?,
         };
         if fetched.messages.is_empty() {
-            if idle_since.elapsed() > IDLE_LIMIT {
+            if idle_since.elapsed() > IDLE_LIMIT && total != UNTIL_ABORTED {
                 return Err(BenchError::Incomplete(format!(
                     "queue group {GROUP} handed out nothing for {IDLE_LIMIT:?} with {} of {total} acked",
                     acked.load(Ordering::Relaxed)

@@ -273,9 +273,11 @@ pub struct JournalRecovery {
 
 /// The record a snapshot file holds, or why it holds none: a snapshot is
 /// written whole (a temporary file renamed), so it is one record that fills
-/// the file, and anything else is damage.
+/// the file, and anything else is damage. Its length is bounded by the file
+/// (already read), not by [`MAX_ENTRY_BYTES`]: a large group's state can
+/// outgrow an entry's limit.
 pub(crate) fn snapshot_record(data: &[u8]) -> std::result::Result<record::RecordRef<'_>, String> {
-    match record::decode(data, MAX_ENTRY_BYTES) {
+    match record::decode(data, u32::MAX) {
         Ok(Frame::Record(r)) if r.len as usize == data.len() => Ok(r),
         Ok(Frame::Record(r)) => Err(format!(
             "{} bytes follow its record of {}",
@@ -682,6 +684,13 @@ impl Journal {
             self.next_seq > self.base_seq || self.pos == 0,
             "a journal generation holds bytes only of entries it journaled"
         );
+        if state.len() > (u32::MAX as usize).saturating_sub(record::HEADER_LEN) {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {}: {} bytes of state do not fit a record (at most 4 GiB)",
+                self.snap_path.display(),
+                state.len()
+            )));
+        }
         let mut buf = Vec::with_capacity(state.len() + record::HEADER_LEN);
         record::encode(
             &mut buf,
@@ -1038,6 +1047,39 @@ mod tests {
                 .expect("opens cleanly afterwards");
             assert_eq!(replayed.entries, vec![b"b".to_vec(), b"c".to_vec()]);
         }
+    }
+
+    /// Why: a quarantine copy is named by its file and byte range, and a
+    /// snapshot damaged again (same file, same length) would have
+    /// overwritten the only copy of the first.
+    #[test]
+    fn a_second_damaged_snapshot_keeps_the_first_ones_copy() {
+        let snap = Path::new("/g/group.snap");
+        let disk = Arc::new(SimDisk::new());
+        let mut copies = Vec::new();
+        for round in 0..2u8 {
+            let (mut j, _) = open(&disk);
+            j.append(b"a").expect("append");
+            j.snapshot(&[b'0' + round; 8]).expect("snapshot");
+            j.sync().expect("sync");
+            let point = j.recovery_point();
+            drop(j);
+            let len = disk.read_file(snap).expect("snapshot").len() as u64;
+            disk.damage(snap, len - 1, &[0xff]).expect("damage");
+            copies.push(disk.read_file(snap).expect("damaged"));
+            open_at(&disk, point, RecoveryMode::SkipDamaged).expect("skip-damaged opens");
+        }
+        let q = Path::new("/g/quarantine");
+        let mut kept: Vec<Vec<u8>> = disk
+            .list_dir(q)
+            .expect("quarantine")
+            .iter()
+            .filter(|n| n.starts_with("group.snap."))
+            .map(|n| disk.read_file(&q.join(n)).expect("copy"))
+            .collect();
+        kept.sort();
+        copies.sort();
+        assert_eq!(kept, copies, "both damaged snapshots are kept");
     }
 
     #[test]

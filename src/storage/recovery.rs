@@ -472,10 +472,17 @@ pub(crate) fn quarantine_bytes(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("segment");
-    let target = qdir.join(format!(
-        "{name}.{}-{}",
-        damage.bytes.start, damage.bytes.end
-    ));
+    // A copy of other bytes under the same name (the same range of a file
+    // damaged again, a snapshot of the same length) is kept: this one takes
+    // the next free number. The same bytes again (a retry) reuse the name.
+    let stem = format!("{name}.{}-{}", damage.bytes.start, damage.bytes.end);
+    let mut target = qdir.join(&stem);
+    for n in 1u32.. {
+        if !storage.exists(&target) || read_file(storage, &target).is_ok_and(|held| held == bytes) {
+            break;
+        }
+        target = qdir.join(format!("{stem}.{n}"));
+    }
     let out = storage
         .open(&target, OpenMode::CreateOrOpen)
         .ctx(|| format!("creating {}", target.display()))?;
