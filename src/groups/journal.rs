@@ -885,6 +885,18 @@ mod tests {
         assert_eq!(replayed.entries, vec![b"written, never synced".to_vec()]);
     }
 
+    /// The contents of the copies in `/g/quarantine` whose names start
+    /// with `prefix`.
+    fn quarantined(disk: &SimDisk, prefix: &str) -> Vec<Vec<u8>> {
+        let q = Path::new("/g/quarantine");
+        disk.list_dir(q)
+            .unwrap_or_default()
+            .iter()
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| disk.read_file(&q.join(n)).expect("copy"))
+            .collect()
+    }
+
     fn open_at(
         disk: &Arc<SimDisk>,
         point: (u64, u64),
@@ -954,10 +966,7 @@ mod tests {
         assert_eq!(replayed.entries, vec![b"first".to_vec(), b"third".to_vec()]);
         assert_eq!(replayed.damage.len(), 1);
         assert!(
-            disk.list_dir(Path::new("/g/quarantine"))
-                .expect("quarantine")
-                .iter()
-                .any(|n| n.starts_with("group.journal.")),
+            !quarantined(&disk, "group.journal.").is_empty(),
             "the damaged entry is kept aside"
         );
         j.append(b"fourth").expect("append");
@@ -1033,10 +1042,7 @@ mod tests {
             assert!(!replayed.damage.is_empty(), "{damage}");
             assert!(!disk.exists(snap), "{damage}: the damaged snapshot is gone");
             assert!(
-                disk.list_dir(Path::new("/g/quarantine"))
-                    .expect("quarantine")
-                    .iter()
-                    .any(|n| n.starts_with("group.snap.")),
+                !quarantined(&disk, "group.snap.").is_empty(),
                 "{damage}: the damaged snapshot is kept aside"
             );
             j.append(b"c").expect("append");
@@ -1069,14 +1075,7 @@ mod tests {
             copies.push(disk.read_file(snap).expect("damaged"));
             open_at(&disk, point, RecoveryMode::SkipDamaged).expect("skip-damaged opens");
         }
-        let q = Path::new("/g/quarantine");
-        let mut kept: Vec<Vec<u8>> = disk
-            .list_dir(q)
-            .expect("quarantine")
-            .iter()
-            .filter(|n| n.starts_with("group.snap."))
-            .map(|n| disk.read_file(&q.join(n)).expect("copy"))
-            .collect();
+        let mut kept = quarantined(&disk, "group.snap.");
         kept.sort();
         copies.sort();
         assert_eq!(kept, copies, "both damaged snapshots are kept");

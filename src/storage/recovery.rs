@@ -450,16 +450,12 @@ fn quarantine(
 
 /// Writes `bytes`, the damaged range `damage` names, to
 /// `dir/quarantine/<file name>.<start>-<end>`, durably.
-pub(crate) fn quarantine_bytes(
-    storage: &dyn Storage,
-    dir: &Path,
-    damage: &Corruption,
-    bytes: &[u8],
-) -> Result<()> {
+/// `dir`'s `quarantine/` folder, made if missing, its name durable before
+/// anything it is to save is replaced or moved: a copy in it may be the
+/// only one.
+pub(crate) fn quarantine_dir(storage: &dyn Storage, dir: &Path) -> Result<PathBuf> {
     let qdir = dir.join(QUARANTINE_DIR);
     if !storage.exists(&qdir) {
-        // The folder's name durable before the damaged bytes are replaced:
-        // the copy in it may be their only one.
         storage
             .create_dir_all(&qdir)
             .ctx(|| format!("creating {}", qdir.display()))?;
@@ -467,6 +463,16 @@ pub(crate) fn quarantine_bytes(
             .sync_dir(dir)
             .ctx(|| format!("syncing {}", dir.display()))?;
     }
+    Ok(qdir)
+}
+
+pub(crate) fn quarantine_bytes(
+    storage: &dyn Storage,
+    dir: &Path,
+    damage: &Corruption,
+    bytes: &[u8],
+) -> Result<()> {
+    let qdir = quarantine_dir(storage, dir)?;
     let name = damage
         .file
         .file_name()

@@ -1306,15 +1306,7 @@ fn set_aside_strays(storage: &dyn Storage, dir: &Path) -> Result<()> {
 /// any snapshot) into the topic's `quarantine/` folder, durably, under names
 /// no earlier one took.
 fn set_aside(storage: &dyn Storage, dir: &Path, groups_dir: &Path, name: &str) -> Result<()> {
-    let quarantine = dir.join(crate::storage::recovery::QUARANTINE_DIR);
-    if !storage.exists(&quarantine) {
-        storage
-            .create_dir_all(&quarantine)
-            .ctx(|| format!("creating {}", quarantine.display()))?;
-        storage
-            .sync_dir(dir)
-            .ctx(|| format!("syncing {}", dir.display()))?;
-    }
+    let quarantine = crate::storage::recovery::quarantine_dir(storage, dir)?;
     let stamp = crate::storage::log::now_ms();
     for ext in ["journal", "snap"] {
         let from = groups_dir.join(format!("{name}.{ext}"));
