@@ -448,8 +448,6 @@ fn quarantine(
     quarantine_bytes(storage, dir, damage, &bytes)
 }
 
-/// Writes `bytes`, the damaged range `damage` names, to
-/// `dir/quarantine/<file name>.<start>-<end>`, durably.
 /// `dir`'s `quarantine/` folder, made if missing, its name durable before
 /// anything it is to save is replaced or moved: a copy in it may be the
 /// only one.
@@ -466,6 +464,9 @@ pub(crate) fn quarantine_dir(storage: &dyn Storage, dir: &Path) -> Result<PathBu
     Ok(qdir)
 }
 
+/// Writes `bytes`, the damaged range `damage` names, to
+/// `dir/quarantine/<file name>.<start>-<end>` (`.<n>` added when a copy
+/// of other bytes holds that name), durably.
 pub(crate) fn quarantine_bytes(
     storage: &dyn Storage,
     dir: &Path,
