@@ -98,6 +98,27 @@ fn hello(addr: &str) -> TcpStream {
 }
 
 /// Samples a process's memory every 50 ms until stopped; returns the peak.
+/// Runs `load` while sampling `pid`'s memory, waits `settle`, prints what
+/// `load` says it did with its time and the memory before, at the peak and
+/// at the end, and returns the peak.
+fn measured(pid: u32, settle: Duration, load: impl FnOnce() -> String) -> Rss {
+    let before = Rss::of(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = sample(pid, Arc::clone(&stop));
+    let started = Instant::now();
+    let what = load();
+    let took = started.elapsed();
+    std::thread::sleep(settle);
+    let end = Rss::of(pid);
+    stop.store(true, Ordering::Relaxed);
+    let peak = peak.join().expect("sampler");
+    println!("{what} in {:.1} s:", took.as_secs_f64());
+    println!("  before:  {}", before.show());
+    println!("  peak:    {}", peak.show());
+    println!("  at end:  {}", end.show());
+    peak
+}
+
 fn sample(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Rss> {
     std::thread::spawn(move || {
         let mut peak = Rss::default();
@@ -167,32 +188,19 @@ fn ten_subscribers_that_never_read_while_200_mb_is_produced() {
             })
             .collect();
         std::thread::sleep(Duration::from_millis(500));
-        let before = Rss::of(pid);
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = sample(pid, Arc::clone(&stop));
-        let started = Instant::now();
         let value = vec![b'v'; 16 * 1024];
         let batches = 200 * 1_000_000 / (64 * value.len());
-        for _ in 0..batches {
-            let batch = (0..64)
-                .map(|_| NewMessage::from_value(value.clone()))
-                .collect();
-            runtime
-                .block_on(producer.produce("t", batch))
-                .expect("produce");
-        }
-        let took = started.elapsed();
-        std::thread::sleep(Duration::from_secs(1));
-        let end = Rss::of(pid);
-        stop.store(true, Ordering::Relaxed);
-        let peak = peak.join().expect("sampler");
-        println!(
-            "{deaf} never-reading subscribers, {batches} x 64 x 16 KiB produced in {:.1} s:",
-            took.as_secs_f64()
-        );
-        println!("  before:  {}", before.show());
-        println!("  peak:    {}", peak.show());
-        println!("  at end:  {}", end.show());
+        let peak = measured(pid, Duration::from_secs(1), || {
+            for _ in 0..batches {
+                let batch = (0..64)
+                    .map(|_| NewMessage::from_value(value.clone()))
+                    .collect();
+                runtime
+                    .block_on(producer.produce("t", batch))
+                    .expect("produce");
+            }
+            format!("{deaf} never-reading subscribers, {batches} x 64 x 16 KiB produced")
+        });
         assert!(peak.anon * 1024 < 200 * MIB, "{}", peak.show());
         drop(subscribers);
         drop(producer);
@@ -223,27 +231,14 @@ fn socketio_sockets_that_never_read_while_600_mb_of_large_messages_is_produced()
         .map(|_| common::socketio_reader(&socketio, "t"))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let before = Rss::of(pid);
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = sample(pid, Arc::clone(&stop));
-    let started = Instant::now();
-    for _ in 0..600 {
-        runtime
-            .block_on(producer.produce("t", vec![NewMessage::from_value(value.clone())]))
-            .expect("produce");
-    }
-    let took = started.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    let end = Rss::of(pid);
-    stop.store(true, Ordering::Relaxed);
-    let peak = peak.join().expect("sampler");
-    println!(
-        "4 never-reading socket.io sockets, 600 x 1 MiB produced in {:.1} s:",
-        took.as_secs_f64()
-    );
-    println!("  before:  {}", before.show());
-    println!("  peak:    {}", peak.show());
-    println!("  at end:  {}", end.show());
+    let peak = measured(pid, Duration::from_secs(3), || {
+        for _ in 0..600 {
+            runtime
+                .block_on(producer.produce("t", vec![NewMessage::from_value(value.clone())]))
+                .expect("produce");
+        }
+        "4 never-reading socket.io sockets, 600 x 1 MiB produced".to_owned()
+    });
     // Measured 361–410 MiB (docs/reliability.md, "Memory"): the sockets'
     // queues are bounded in packets, not bytes (a known limit), and the
     // heartbeat closes them; this catches a regression past that.
