@@ -3,7 +3,8 @@
 //! told it may keep more files open than that (`--max-open-files`), with
 //! every topic in use (a subscription keeps each open), answers
 //! `RESOURCE_EXHAUSTED` naming the limit and how to raise it, never
-//! `INTERNAL`, and the topics it already has keep working. (Topics nobody
+//! `INTERNAL`, and the topics it already has keep working; the setting
+//! above the limit is warned about at start. (Topics nobody
 //! holds are closed to make room instead: tests/many_topics.rs.)
 
 mod common;
@@ -77,6 +78,12 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
     assert!(
         logs.contains("open files"),
         "the limit is logged at start: {logs}"
+    );
+    assert!(
+        logs.contains("max_open_files is above the process's open-files limit")
+            && logs.contains("max_open_files=1000")
+            && logs.contains("limit=64"),
+        "a max_open_files above the limit is warned about at start, naming both: {logs}"
     );
 }
 

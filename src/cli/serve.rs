@@ -345,7 +345,18 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
 pub fn run(args: ServeArgs) -> spool::Result<()> {
     let config = config(&args)?;
     match spool::error::raise_open_files_limit() {
-        Some(n) => tracing::info!(limit = n, "open files"),
+        Some(n) => {
+            tracing::info!(limit = n, "open files");
+            if let Some(max) = config.max_open_files.filter(|&max| max as u64 > n) {
+                tracing::warn!(
+                    max_open_files = max,
+                    limit = n,
+                    "max_open_files is above the process's open-files limit: opening topics \
+                     beyond the limit fails with \"too many open files\"; raise the limit \
+                     (ulimit -n, LimitNOFILE for a service) or lower max_open_files"
+                );
+            }
+        }
         None => tracing::info!("open files: no limit"),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
