@@ -421,14 +421,15 @@ impl Broker {
                 let started = std::time::Instant::now();
                 let stop = Arc::clone(&inner.stopping);
                 let done = inner.registry.scan(&stop, &mut |_| {});
-                tracing::info!(
-                    topics = done.topics,
-                    recovered = done.recovered,
-                    failed = done.failed,
-                    clean_start = clean,
-                    millis = started.elapsed().as_millis() as u64,
-                    "start-up scan done: every topic recovered"
-                );
+                let millis = started.elapsed().as_millis() as u64;
+                let (topics, recovered, failed) = (done.topics, done.recovered, done.failed);
+                if failed == 0 {
+                    tracing::info!(topics, recovered, failed, clean_start = clean, millis,
+                        "start-up scan done: every topic recovered");
+                } else {
+                    tracing::warn!(topics, recovered, failed, clean_start = clean, millis,
+                        "start-up scan done: some topics could not be recovered (logged above); requests to them get the error");
+                }
             });
         match scan {
             Ok(scan) => {

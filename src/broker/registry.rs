@@ -743,10 +743,17 @@ impl Registry {
     /// stop waits for a few syncs, which the disk serves together, so a
     /// broker with thousands of open topics stops in about the time a
     /// tenth of them would take one after another.
+    ///
+    /// Each clean checkpoint takes a descriptor for its temp file. A stop
+    /// that finds none free (the stops at once need more than the process
+    /// has spare) is tried again once the others are done, one at a time,
+    /// with the files of every topic already stopped and held by nobody
+    /// else closed first.
     pub fn stop_all(&self) -> Result<()> {
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let again: Mutex<Vec<&String>> = Mutex::new(Vec::new());
         let stop_each = || {
             while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
                 // Waits for an open or close under way, so none is missed.
@@ -759,13 +766,21 @@ impl Registry {
                 // stop is recorded as clean. (A poisoned writer refuses
                 // writes already.)
                 let _ = topic.log().stop_writes();
-                if let Err(e) = topic.stop() {
-                    tracing::error!(topic = topic.name(), error = %e,
-                        "final sync or clean checkpoint failed; the next start recovers the topic");
-                    failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
+                match topic.stop() {
+                    Ok(()) => {}
+                    Err(Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })
+                        if !topic.is_read_only() =>
+                    {
+                        again.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = topic.name(), error = %e,
+                            "final sync or clean checkpoint failed; the next start recovers the topic");
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
                 }
             }
         };
@@ -778,6 +793,34 @@ impl Registry {
             }
             stop_each();
         });
+        let again = again.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !again.is_empty() {
+            tracing::warn!(
+                topics = again.len(),
+                "out of file descriptors or memory for some final checkpoints: closing the topics already stopped and trying those again, one at a time"
+            );
+            for name in &names {
+                if !again.contains(&name) {
+                    self.release_stopped(name);
+                }
+            }
+            for name in again {
+                let Some(topic) = self.open_topic(name) else {
+                    continue;
+                };
+                if let Err(e) = topic.stop() {
+                    tracing::error!(topic = topic.name(), error = %e,
+                        "final sync or clean checkpoint failed; the next start recovers the topic");
+                    failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                    continue;
+                }
+                drop(topic);
+                self.release_stopped(name);
+            }
+        }
         if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
@@ -785,6 +828,18 @@ impl Registry {
             tracing::warn!(error = %e, "could not record the clean stop; the next start scans every topic");
         }
         Ok(())
+    }
+
+    /// Closes the files of topic `name`, stopped by [`Registry::stop_all`],
+    /// if nobody else holds it. Only while stopping: the broker opens no
+    /// topic then, so none is opened again after its final checkpoint.
+    fn release_stopped(&self, name: &str) {
+        let Ok(slot) = self.slot(name) else { return };
+        let mut open = slot.topic();
+        if open.as_ref().is_some_and(|t| Arc::strong_count(t) == 1) {
+            *open = None;
+            self.open_names().remove(name);
+        }
     }
 
     /// Names of all topics, sorted (open or not; not those being deleted).
