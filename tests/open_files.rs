@@ -4,8 +4,9 @@
 //! every topic in use (a subscription keeps each open), answers
 //! `RESOURCE_EXHAUSTED` naming the limit and how to raise it, never
 //! `INTERNAL`, and the topics it already has keep working; the setting
-//! above the limit is warned about at start, and a stop with every
-//! descriptor in use is still clean. (Topics nobody
+//! above the limit is warned about at start, new connections get the
+//! descriptors of topics nobody holds, and a stop with every descriptor
+//! in use is still clean. (Topics nobody
 //! holds are closed to make room instead: tests/many_topics.rs.)
 
 mod common;
@@ -15,6 +16,7 @@ use spool::client::Client;
 use spool::protocol::pb;
 use spool::storage::NewMessage;
 use std::process::Command;
+use std::time::Duration;
 
 /// File descriptors the broker may hold: enough to start and serve a few
 /// topics, too few for many.
@@ -74,6 +76,24 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
             .produce("room-0", vec![NewMessage::from_value("again")])
             .await
             .expect("an existing topic still works");
+        // The topics let go but still open (not idle long enough to
+        // close): new connections need the descriptors they hold, and get
+        // them at once.
+        drop(held);
+        let mut more = Vec::new();
+        for i in 0..12 {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(10), Client::connect(&broker.addr, "t"))
+                    .await
+                    .unwrap_or_else(|_| panic!("connection {i} waits for the open topics"));
+            more.push(connected.expect("connect"));
+        }
+        for client in &more {
+            client
+                .produce("room-0", vec![NewMessage::from_value("more")])
+                .await
+                .expect("each new connection is served");
+        }
     });
     let (stopped, logs) = broker.terminate();
     assert!(

@@ -687,6 +687,29 @@ impl Broker {
         self.runtime_of(topic)
     }
 
+    /// Out of file descriptors or memory while `doing` something: closes
+    /// unused topics until the open ones hold half the files they hold now.
+    pub async fn make_room(&self, doing: &str) {
+        let b = self.clone();
+        let Ok(files) = blocking(move || {
+            Ok(b.inner
+                .registry
+                .open_topics()
+                .iter()
+                .map(|t| t.files)
+                .sum::<usize>())
+        })
+        .await
+        else {
+            return;
+        };
+        tracing::warn!(
+            open_files = files,
+            "out of file descriptors or memory {doing}: closing unused topics"
+        );
+        self.close_topics(files / 2).await;
+    }
+
     /// Runs `open` (opening or creating topic `name`) on the blocking pool.
     /// If the process runs out of descriptors or memory (other files,
     /// connections, a budget above the limit), closes half of what the open
@@ -706,18 +729,7 @@ impl Broker {
         };
         match attempt().await {
             Err(Error::FilesExhausted { .. } | Error::MemoryExhausted { .. }) => {
-                let files: usize = self
-                    .inner
-                    .registry
-                    .open_topics()
-                    .iter()
-                    .map(|t| t.files)
-                    .sum();
-                tracing::warn!(
-                    open_files = files,
-                    "out of file descriptors or memory opening topic {name}: closing unused topics"
-                );
-                self.close_topics(files / 2).await;
+                self.make_room(&format!("opening topic {name}")).await;
                 attempt().await.inspect_err(|e| {
                     if matches!(
                         e,

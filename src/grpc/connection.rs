@@ -374,12 +374,13 @@ pub(crate) fn incoming(
     listener: TcpListener,
     limits: Limits,
     tls: Listener,
+    broker: crate::broker::Broker,
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
     let (ready, accepted) = tokio::sync::mpsc::channel::<Conn>(ACCEPTED_BACKLOG);
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
-                accepted = crate::server::accept(&listener, super::LISTENER) => accepted,
+                accepted = crate::server::accept(&listener, super::LISTENER, &broker) => accepted,
                 // The server stopped taking connections.
                 _ = ready.closed() => return,
             };

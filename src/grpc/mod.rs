@@ -119,6 +119,7 @@ pub(crate) async fn serve(
         .map_err(reflection)?;
     let limit = max_frame_bytes as usize;
     let metrics = broker.metrics().clone();
+    let accepting = broker.clone();
     let spool = SpoolServer::new(Service::new(broker, max_frame_bytes, shutdown.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -133,6 +134,7 @@ pub(crate) async fn serve(
         listener,
         limits,
         security.listener("grpc", &[crate::security::tls::ALPN_H2]),
+        accepting,
     );
     let mut signal = shutdown;
     tonic::transport::Server::builder()

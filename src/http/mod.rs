@@ -37,7 +37,7 @@ pub async fn serve(listener: TcpListener, broker: Broker, mut shutdown: watch::R
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            (stream, peer) = crate::server::accept(&listener, "metrics") => {
+            (stream, peer) = crate::server::accept(&listener, "metrics", &broker) => {
                 // Connections that ended count no more.
                 while connections.try_join_next().is_some() {}
                 if connections.len() >= MAX_CONNECTIONS {

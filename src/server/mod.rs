@@ -182,20 +182,42 @@ const ACCEPT_LOG_EVERY_MS: u64 = 10_000;
 /// since the Unix epoch), over every listener.
 static ACCEPT_FAILURES: AtomicU64 = AtomicU64::new(0);
 static ACCEPT_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+/// Least time between two closings of unused topics for want of
+/// descriptors to accept with.
+const ACCEPT_ROOM_EVERY_MS: u64 = 1_000;
+/// When the last such closing began (ms since the Unix epoch).
+static ACCEPT_ROOM_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The next connection on `listener` (named `name` in logs), for every
 /// listener of the server. A failed accept (out of descriptors, a peer
 /// gone before it was taken) is retried after [`ACCEPT_RETRY`], so no
 /// single failure stops a listener, and logged at most once per 10 s with
 /// how many failed since (out of descriptors, each retry fails again).
+/// Out of descriptors, `broker` closes unused topics first (at most once
+/// per [`ACCEPT_ROOM_EVERY_MS`]): connections come before idle topics.
 /// Cancel-safe, as a `select!` branch.
-pub(crate) async fn accept(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    name: &str,
+    broker: &Broker,
+) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
             Err(e) => {
                 ACCEPT_FAILURES.fetch_add(1, Ordering::Relaxed);
                 let now = crate::storage::log::now_ms();
+                let last = ACCEPT_ROOM_MS.load(Ordering::Relaxed);
+                if crate::error::is_out_of_files(&e)
+                    && now.saturating_sub(last) >= ACCEPT_ROOM_EVERY_MS
+                    && ACCEPT_ROOM_MS
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    broker
+                        .make_room(&format!("accepting a connection on the {name} listener"))
+                        .await;
+                }
                 let last = ACCEPT_LOGGED_MS.load(Ordering::Relaxed);
                 if now.saturating_sub(last) >= ACCEPT_LOG_EVERY_MS
                     && ACCEPT_LOGGED_MS
@@ -434,7 +456,7 @@ impl Server {
         summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                (stream, peer) = accept(&listener, connection::LISTENER) => {
+                (stream, peer) = accept(&listener, connection::LISTENER, &shared.broker) => {
                     let _ = stream.set_nodelay(true);
                     let b = Arc::clone(&shared);
                     let admitted = shared.admission.admit(connection::LISTENER, peer.ip());

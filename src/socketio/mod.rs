@@ -467,6 +467,7 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let key = offset::Key::load_or_create(broker.data_dir())?;
+    let accepting = broker.clone();
     let tls = security.listener(LISTENER, &[tls::ALPN_HTTP1]);
     let gateway = Arc::new(Gateway {
         broker,
@@ -499,7 +500,7 @@ pub(crate) async fn serve(
     let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = crate::server::accept(&listener, LISTENER) => accepted,
+            accepted = crate::server::accept(&listener, LISTENER, &accepting) => accepted,
             _ = stopping(&mut signal) => break,
         };
         let ticket = match limits.admission.admit(LISTENER, peer.ip()) {
