@@ -327,3 +327,74 @@ fn tls_tokens_permissions_reloads_and_metrics() {
         assert_eq!(lines.len(), 1, "{line}: {logs}");
     }
 }
+
+/// One HTTP/1.1 request on a connection of its own; the response, read
+/// until the server closes or `wait` passes (`None`: nothing came).
+fn http_once(addr: &str, request: &str, wait: std::time::Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Why: when Engine.IO closed a polling session itself (a request over
+/// its size limit, a packet that does not parse), the long-poll waiting
+/// then was never answered, and its connection held a descriptor and a
+/// connection slot for as long as the client kept it.
+#[test]
+fn a_long_poll_is_answered_when_the_engine_closes_its_session() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    let addr = b.socketio.clone().expect("socket.io listener");
+    let path = "/socket.io/?EIO=4&transport=polling";
+    for bad in ["9garbage", "oversized"] {
+        let open = http_get(&addr, path);
+        let sid = open
+            .split("\"sid\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("a session: {open}"))
+            .to_owned();
+        let poll =
+            format!("GET {path}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        // The first poll takes the heartbeat's first ping; the next waits.
+        let first = http_once(&addr, &poll, std::time::Duration::from_secs(10)).unwrap_or_default();
+        assert!(first.ends_with("\r\n\r\n2"), "{bad}: a ping: {first:?}");
+        let (poll_addr, wait) = (addr.clone(), std::time::Duration::from_secs(10));
+        let waiting = std::thread::spawn(move || http_once(&poll_addr, &poll, wait));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let body = match bad {
+            "oversized" => "4".repeat(3 << 20),
+            other => other.to_owned(),
+        };
+        let post = format!(
+            "POST {path}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let refused =
+            http_once(&addr, &post, std::time::Duration::from_secs(10)).unwrap_or_default();
+        assert!(
+            refused.starts_with("HTTP/1.1 4"),
+            "{bad}: the post is refused: {}",
+            refused.lines().next().unwrap_or_default()
+        );
+        let answered = waiting.join().expect("poll thread");
+        let answer =
+            answered.unwrap_or_else(|| panic!("{bad}: the waiting long-poll was answered"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{bad}: {answer}");
+        assert!(
+            answer.ends_with("\r\n\r\n1"),
+            "{bad}: a close packet ends it: {answer:?}"
+        );
+    }
+}

@@ -38,7 +38,7 @@ use crate::server::stopping;
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::service::EngineIoService;
-use engineioxide::{DisconnectReason, Socket, Str};
+use engineioxide::{DisconnectReason, Socket, Str, TransportType};
 use serde_json::Value;
 use session::{EioSocket, Inbound, Session};
 use std::collections::HashMap;
@@ -324,6 +324,15 @@ impl EngineIoHandler for Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&socket.id.to_string());
         socket.data.push(Inbound::Closed);
+        // A long-poll waiting when Engine.IO closed the session itself (a
+        // request over its size limit, a packet that did not parse) waits
+        // for a packet nobody sends: its request holds the socket, and the
+        // socket the only sender. A close packet answers it, so its
+        // connection is not held for ever. (The session is gone from the
+        // engine already: closing it again only sends the packet.)
+        if socket.transport_type() == TransportType::Polling {
+            socket.close(reason);
+        }
     }
 
     fn on_message(self: &Arc<Self>, msg: Str, socket: Arc<Socket<Session>>) {
