@@ -708,6 +708,41 @@ async fn the_per_address_cap_refuses_only_the_extra_connection() {
     assert_eq!(c.ping(4).await.expect("ping"), 4);
 }
 
+/// Why: a refused connection was dropped right after its refusal, with
+/// the client's `Hello` (and requests sent behind it, as protocol.md
+/// allows) unread, so the kernel reset it and the client got a reset in
+/// place of the refusal.
+#[test]
+fn a_refusal_reaches_a_client_that_sent_requests_behind_its_hello() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "max_connections_per_ip = 1\n", &[]);
+    let mut admitted = Raw::connect(&broker.addr);
+    admitted.hello();
+    for pause in [0, 100, 300] {
+        let mut extra = Raw::connect(&broker.addr);
+        extra.send(
+            0,
+            Request::Hello(pb::Hello {
+                protocol_version: 1,
+                client_name: "raw".into(),
+                token: None,
+            }),
+        );
+        std::thread::sleep(Duration::from_millis(pause));
+        extra.send(1, Request::Ping(pb::PingRequest { nonce: 1 }));
+        std::thread::sleep(Duration::from_millis(100));
+        match extra.next(Duration::from_secs(5)) {
+            Next::Frame(f) => {
+                let error = closing_error(&f).expect("the refusal");
+                assert_eq!(code(error), pb::Code::ResourceExhausted, "{error:?}");
+                assert!(error.message.contains("too many connections"), "{error:?}");
+            }
+            other => panic!("a ping {pause} ms behind the Hello: {other:?}, not the refusal"),
+        }
+        assert!(matches!(extra.next(Duration::from_secs(5)), Next::Closed));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_and_the_cli_keep_a_quiet_subscription_open_by_pinging() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -135,7 +135,11 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Answers a connection that gets no slot with one error frame and closes it.
+/// Answers a connection that gets no slot with one error frame and closes
+/// it as any connection is closed: its side shut (with TLS, a
+/// `close_notify`), then what the client still sends (its `Hello`, requests
+/// sent right behind it) read and dropped until it closes, so the refusal
+/// is not lost to a reset.
 pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: SocketAddr,
@@ -144,11 +148,13 @@ pub(super) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     tracing::debug!(%peer, error = %error.message, "connection refused");
     let mut framed = FramedWrite::new(stream, ServerCodec::new(max_frame_bytes));
-    let _ = tokio::time::timeout(
-        REFUSAL_WRITE_WAIT,
-        framed.send(Outbound::from(error_frame(0, error))),
-    )
-    .await;
+    let told = async {
+        framed.send(Outbound::from(error_frame(0, error))).await?;
+        framed.close().await
+    };
+    if let Ok(Ok(())) = tokio::time::timeout(REFUSAL_WRITE_WAIT, told).await {
+        discard_until_closed(framed.into_inner()).await;
+    }
 }
 
 /// Serves one connection until the client leaves, a frame is unreadable, a
