@@ -1087,6 +1087,99 @@ async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
     native.ping(1).await.expect("still open");
 }
 
+/// Why: a long-poll or subscription answered `UNAUTHENTICATED` after a
+/// reload removed its token left its connection open (only the next new
+/// request closed it), though a token gone closes the connection.
+#[tokio::test]
+async fn a_long_poll_or_subscription_that_finds_its_token_gone_closes_its_connection() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("auth.toml");
+    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
+    let (writer, writer_entry) = token_create("writer", &["--produce", "*"]);
+    std::fs::write(&path, format!("{reader_entry}\n{writer_entry}")).expect("write");
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--auth", path.to_str().expect("utf-8")],
+    );
+    let producer = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
+        .await
+        .expect("writer");
+    producer
+        .produce("t", vec![NewMessage::from_value("first")])
+        .await
+        .expect("produce");
+    let polling = std::sync::Arc::new(
+        Client::connect_with(&broker.addr, &options(None, Some(&reader)))
+            .await
+            .expect("reader"),
+    );
+    let subscribed = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
+        .await
+        .expect("reader");
+    let mut sub = subscribed
+        .subscribe(
+            "t",
+            None,
+            "m",
+            Some(spool::broker::Position::Offset(1)),
+            100,
+        )
+        .await
+        .expect("subscribe");
+    let poll = {
+        let polling = std::sync::Arc::clone(&polling);
+        tokio::spawn(async move {
+            polling
+                .fetch(
+                    "t",
+                    spool::client::FetchOptions {
+                        from: Some(spool::broker::Position::Offset(1)),
+                        wait_ms: 20_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&path, writer_entry).expect("rewrite without the reader");
+    let status = Command::new("kill")
+        .args(["-HUP", &broker.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    producer
+        .produce("t", vec![NewMessage::from_value("later")])
+        .await
+        .expect("produce");
+    let polled = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long-poll is answered")
+        .expect("task");
+    let e = polled.expect_err("refused");
+    assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{e}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the subscription ends");
+    let e = ended.expect("an item").expect_err("refused");
+    assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{e}");
+    // Closed by the server, with no further request from the client
+    // (the next request would close it anyway).
+    for (what, client) in [("long-poll", &*polling), ("subscription", &subscribed)] {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !client.is_closed() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the {what}'s connection is still open"));
+        let e = client.ping(7).await.expect_err("closed");
+        assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{what}: {e}");
+    }
+}
+
 /// Starts `spool serve` on `0.0.0.0:0` (only that listener) with `extra`;
 /// its first line on stdout, once it serves. It is killed on return.
 fn serve_exposed(data: &Path, extra: &[&str]) -> String {

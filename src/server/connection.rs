@@ -213,7 +213,7 @@ pub(super) async fn serve<S>(
         next_subscription: AtomicU64::new(1),
         closing,
         working: Arc::new(AtomicUsize::new(0)),
-        revoked: watch::channel(None).0,
+        revoked: Arc::new(watch::channel(None).0),
     });
     let mut revoked = conn.revoked.subscribe();
     let idle = shared.config.idle_timeout;
@@ -493,12 +493,47 @@ pub(super) struct Conn {
     closing: watch::Sender<Closing>,
     /// Set when a request finds the connection's token gone (an auth file
     /// reload removed or replaced it): the connection closes with it.
-    revoked: watch::Sender<Option<pb::Error>>,
+    revoked: Arc<watch::Sender<Option<pb::Error>>>,
     /// Requests being served, other than long-polls waiting for messages.
     working: Arc<AtomicUsize>,
 }
 
+/// Closes a connection whose token is found gone, from a task of its own
+/// (a subscription asking before each delivery).
+pub(super) struct Revoker {
+    revoked: Arc<watch::Sender<Option<pb::Error>>>,
+    principal: Principal,
+}
+
+impl Revoker {
+    /// Closes the connection with `error`, which says its token is gone.
+    pub(super) fn revoke(&self, error: &pb::Error) {
+        tracing::info!(
+            token = self.principal.name().unwrap_or("-"),
+            "closing a connection whose token was removed or replaced"
+        );
+        self.revoked.send_replace(Some(error.clone()));
+    }
+}
+
 impl Conn {
+    /// The error a request refused with `e` answers; a token gone (an auth
+    /// file reload removed or replaced it) also closes the connection.
+    pub(super) fn refusal(&self, e: &crate::Error) -> pb::Error {
+        let error = self.shared.wire(e);
+        if matches!(e, crate::Error::Unauthenticated(_)) {
+            self.revoker().revoke(&error);
+        }
+        error
+    }
+
+    /// What closes the connection when a token it used is found gone.
+    pub(super) fn revoker(&self) -> Revoker {
+        Revoker {
+            revoked: Arc::clone(&self.revoked),
+            principal: self.principal.clone(),
+        }
+    }
     pub(super) fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pushing>> {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -606,14 +641,7 @@ impl Conn {
         if let Some(access) = access
             && let Err(e) = self.principal.allow(access)
         {
-            let error = self.shared.wire(&e);
-            if matches!(e, crate::Error::Unauthenticated(_)) {
-                tracing::info!(
-                    token = self.principal.name().unwrap_or("-"),
-                    "closing a connection whose token was removed or replaced"
-                );
-                self.revoked.send_replace(Some(error.clone()));
-            }
+            let error = self.refusal(&e);
             self.shared.broker.metrics().request(
                 LISTENER,
                 operation,

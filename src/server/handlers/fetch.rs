@@ -7,7 +7,7 @@ use crate::protocol::outbound::{self, Outbound, Piece, WireMessages};
 use crate::protocol::pb::response::Result as Reply;
 use crate::protocol::{convert, pb, status};
 use crate::security::auth::{Access, Operation};
-use crate::server::connection::{Conn, Pushing, response};
+use crate::server::connection::{Conn, Pushing, Revoker, response};
 use crate::server::outgoing::Outgoing;
 use std::sync::atomic::Ordering;
 
@@ -39,7 +39,7 @@ pub(in crate::server) async fn fetch(
                 .give_back(&topic, &group, &member, fetched.messages)
                 .await;
         }
-        return Err(wire(conn)(e));
+        return Err(conn.refusal(&e));
     }
     if fetched.messages.is_empty()
         && let Some(error) = conn.closing_error()
@@ -90,6 +90,7 @@ pub(in crate::server) async fn subscribe(
     let max_frame = shared.config.max_frame_bytes;
     let principal = conn.principal.clone();
     let allowed = move || principal.allow(Access::Topic(Operation::Consume, &topic));
+    let revoker = conn.revoker();
     // Registered before the reply goes out, so an unsubscribe the client
     // sends once it knows the id always finds it; pushing starts only once
     // the reply is queued, so the client learns the id first.
@@ -98,7 +99,7 @@ pub(in crate::server) async fn subscribe(
         if started.await.is_err() {
             return;
         }
-        push_all(id, subscription, &out, max_frame, allowed, |e| {
+        push_all(id, subscription, &out, max_frame, allowed, revoker, |e| {
             shared.wire(&e)
         })
         .await
@@ -146,13 +147,15 @@ pub(in crate::server) fn unsubscribe(
 
 /// Pushes a subscription's deliveries until it ends, the client is gone,
 /// or the caller may no longer read them (`allowed`, asked before each
-/// delivery: an auth file reload may have narrowed or revoked its token).
+/// delivery: an auth file reload may have narrowed or revoked its token;
+/// a token gone closes the connection too, through `revoker`).
 async fn push_all(
     id: u64,
     mut subscription: Subscription,
     out: &Outgoing,
     max_frame: u32,
     allowed: impl Fn() -> crate::Result<()>,
+    revoker: Revoker,
     wire: impl Fn(crate::Error) -> pb::Error,
 ) {
     while let Some(event) = subscription.next().await {
@@ -160,7 +163,12 @@ async fn push_all(
             if let Ok(Event::Messages(m)) = event {
                 subscription.give_back(m).await;
             }
-            let _ = out.send(ended(id, wire(e))).await;
+            let gone = matches!(e, crate::Error::Unauthenticated(_));
+            let error = wire(e);
+            let _ = out.send(ended(id, error.clone())).await;
+            if gone {
+                revoker.revoke(&error);
+            }
             return;
         }
         let pushed = match event {
