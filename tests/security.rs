@@ -122,6 +122,70 @@ async fn tls_round_trip_on_the_native_and_grpc_listeners() {
     assert_eq!(fetched.messages.len(), 2);
 }
 
+/// A renewed certificate and key are put in force by SIGHUP for new
+/// connections, while open ones keep going; files that do not make an
+/// identity leave the one in force.
+#[tokio::test]
+async fn sighup_reloads_the_tls_certificate_and_keeps_it_when_the_new_files_are_bad() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = make_pki(dir.path(), "first");
+    let renewed = make_pki(dir.path(), "renewed");
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).expect("mkdir");
+    let (cert, key) = (live.join("cert.pem"), live.join("key.pem"));
+    std::fs::copy(&first.cert, &cert).expect("copy");
+    std::fs::copy(&first.key, &key).expect("copy");
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &["--tls-cert", &path(&cert), "--tls-key", &path(&key)],
+    );
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &broker.child.id().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    let open = Client::connect_with(&broker.addr, &options(Some(&first.ca), None))
+        .await
+        .expect("the first certificate");
+
+    std::fs::copy(&renewed.cert, &cert).expect("renew");
+    std::fs::copy(&renewed.key, &key).expect("renew");
+    hup();
+    eventually("the renewed certificate is served", || async {
+        Client::connect_with(&broker.addr, &options(Some(&renewed.ca), None))
+            .await
+            .is_ok()
+    })
+    .await;
+    Client::connect_with(&broker.addr, &options(Some(&first.ca), None))
+        .await
+        .expect_err("the first certificate is no longer served");
+    open.ping(1).await.expect("an open connection keeps going");
+
+    // A key that is not the certificate's, then a file that is no PEM:
+    // each reload fails and the renewed identity stays.
+    std::fs::copy(&first.key, &key).expect("mismatched key");
+    hup();
+    std::fs::write(&cert, "not a certificate").expect("garbage");
+    hup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Client::connect_with(&broker.addr, &options(Some(&renewed.ca), None))
+        .await
+        .expect("the renewed certificate stays in force");
+    let (_, logs) = broker.terminate();
+    assert!(logs.contains("TLS certificate and key reloaded"), "{logs}");
+    assert_eq!(
+        logs.matches("TLS certificate and key not reloaded; the ones in force stay")
+            .count(),
+        2,
+        "{logs}"
+    );
+    assert!(logs.contains("do not make a server identity"), "{logs}");
+}
+
 #[tokio::test]
 async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// TLS on every listener: this PEM certificate chain (leaf first)...
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// ...and its PEM private key.
+    /// ...and its PEM private key (both re-read on SIGHUP).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Require a token from every client: the auth file of tokens and their
@@ -369,7 +369,7 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         // opens is a reload (not the default, which ends the process), and
         // a script that stops the broker as soon as it reads the start-up
         // line gets a graceful stop.
-        config.security.auth.reload_on_sighup()?;
+        config.security.reload_on_sighup()?;
         let signals = Signals::install();
         let server = Server::bind(config).await?;
         let listeners = Listeners {

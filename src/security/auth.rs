@@ -340,30 +340,20 @@ impl Auth {
         Ok(n)
     }
 
-    /// Re-reads the auth file on every SIGHUP, logging the outcome, until
-    /// the process ends (without an auth file, a SIGHUP is logged and
-    /// ignored rather than ending the process).
-    pub fn reload_on_sighup(&self) -> Result<()> {
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .map_err(|e| Error::io("listening for SIGHUP", e))?;
-        let auth = self.clone();
-        tokio::spawn(async move {
-            while hangup.recv().await.is_some() {
-                let Some(inner) = &auth.inner else {
-                    tracing::info!("SIGHUP: no auth file to reload (--auth is not set)");
-                    continue;
-                };
-                match auth.reload() {
-                    Ok(n) => {
-                        tracing::info!(file = %inner.path.display(), tokens = n, "auth file reloaded")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "auth file not reloaded; the tokens in force stay")
-                    }
-                }
+    /// Re-reads the auth file (if there is one) and logs the outcome: the
+    /// SIGHUP reload's share (see [`crate::security::Security::reload_on_sighup`]).
+    pub fn reload_and_log(&self) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        match self.reload() {
+            Ok(0) => tracing::warn!(file = %inner.path.display(),
+                "auth file reloaded; it holds no token: every client is refused until one is added (then SIGHUP)"),
+            Ok(n) => tracing::info!(file = %inner.path.display(), tokens = n, "auth file reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "auth file not reloaded; the tokens in force stay")
             }
-        });
-        Ok(())
+        }
     }
 
     fn tokens(&self) -> Option<Arc<Tokens>> {

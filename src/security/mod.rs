@@ -1,6 +1,6 @@
 //! Who may reach the broker and what they may do, for every listener alike.
 //!
-//! - [`tls`]: the server's certificate ([`tls::TlsServer`]), turning an
+//! - [`tls`]: the server's certificate ([`tls::TlsServer`], reloadable), turning an
 //!   accepted socket into a listener's stream ([`tls::accept`], which
 //!   closes a client of the wrong kind with one log line), and the
 //!   client's CA ([`tls::TlsClient`]).
@@ -52,6 +52,36 @@ pub struct Security {
 }
 
 impl Security {
+    /// Re-reads the auth file and the TLS certificate and key on every
+    /// SIGHUP, logging each outcome (one that fails keeps what is in
+    /// force), until the process ends; with neither set, a SIGHUP is logged
+    /// and ignored rather than ending the process.
+    pub fn reload_on_sighup(&self) -> Result<()> {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| Error::io("listening for SIGHUP", e))?;
+        let security = self.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                if !security.auth.enabled() && security.tls.is_none() {
+                    tracing::info!(
+                        "SIGHUP: nothing to reload (neither --auth nor --tls-cert is set)"
+                    );
+                    continue;
+                }
+                security.auth.reload_and_log();
+                if let Some(tls) = &security.tls {
+                    match tls.reload() {
+                        Ok(cert) => tracing::info!(file = %cert.display(),
+                            "TLS certificate and key reloaded; new connections get them"),
+                        Err(e) => tracing::warn!(error = %e,
+                            "TLS certificate and key not reloaded; the ones in force stay"),
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
     /// A listener's way in: `alpn` are the protocols its TLS offers (see
     /// [`tls::ALPN_H2`]); the returned acceptor is what [`Listener::accept`]
     /// runs each socket through.

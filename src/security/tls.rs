@@ -10,14 +10,16 @@
 //! byte tells a TLS client from a plaintext one.
 
 use crate::error::{Error, Result};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -56,10 +58,15 @@ pub fn is_tls_record(first: u8) -> bool {
 }
 
 /// The server's certificate chain and key: what `--tls-cert` and
-/// `--tls-key` load. Cloning shares them.
+/// `--tls-key` load, and [`TlsServer::reload`] loads again (every
+/// listener's acceptor asks for the identity in force at each handshake).
+/// Cloning shares them.
 #[derive(Clone)]
 pub struct TlsServer {
     config: Arc<rustls::ServerConfig>,
+    identity: Arc<Identity>,
+    /// The files loaded, for a reload (`None`: built from parts).
+    files: Option<(PathBuf, PathBuf)>,
     cert: String,
 }
 
@@ -69,24 +76,63 @@ impl fmt::Debug for TlsServer {
     }
 }
 
+/// The certificate chain and key in force, swapped whole by a reload.
+#[derive(Debug)]
+struct Identity(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Identity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self.0.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+}
+
+/// Reads a PEM certificate chain (leaf first) and its PEM private key.
+fn read_identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let pem = |e: rustls_pki_types::pem::Error, what: &str, path: &Path| {
+        Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem(e, "reading TLS certificate", cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem(e, "TLS certificate", cert))?;
+    if chain.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "TLS certificate {}: no CERTIFICATE block in the file",
+            cert.display()
+        )));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(e, "TLS key", key))?;
+    Ok((chain, private))
+}
+
+/// A chain and key checked to belong together (`name` says where they
+/// came from, in errors).
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    name: &str,
+) -> Result<Arc<CertifiedKey>> {
+    CertifiedKey::from_der(chain, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "TLS certificate {name} and its key do not make a server identity: {e}"
+            ))
+        })
+}
+
 impl TlsServer {
     /// Loads a PEM certificate chain (leaf first) and its PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<TlsServer> {
-        let pem = |e: rustls_pki_types::pem::Error, what: &str, path: &Path| {
-            Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
-        };
-        let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| pem(e, "reading TLS certificate", cert))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem(e, "TLS certificate", cert))?;
-        if chain.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "TLS certificate {}: no CERTIFICATE block in the file",
-                cert.display()
-            )));
-        }
-        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(e, "TLS key", key))?;
-        TlsServer::from_parts(chain, private, &cert.display().to_string())
+        let (chain, private) = read_identity(cert, key)?;
+        let mut server = TlsServer::from_parts(chain, private, &cert.display().to_string())?;
+        server.files = Some((cert.to_owned(), key.to_owned()));
+        Ok(server)
     }
 
     /// A server identity from a parsed chain and key (`name` says where they
@@ -96,20 +142,35 @@ impl TlsServer {
         key: PrivateKeyDer<'static>,
         name: &str,
     ) -> Result<TlsServer> {
+        let identity = Arc::new(Identity(RwLock::new(certified(chain, key, name)?)));
+        let resolver: Arc<dyn ResolvesServerCert> = Arc::clone(&identity) as _;
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Internal(format!("TLS protocol versions: {e}")))?
             .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "TLS certificate {name} and its key do not make a server identity: {e}"
-                ))
-            })?;
+            .with_cert_resolver(resolver);
         Ok(TlsServer {
             config: Arc::new(config),
+            identity,
+            files: None,
             cert: name.to_owned(),
         })
+    }
+
+    /// Reads the certificate and key files again and puts them in force for
+    /// every handshake from now on (connections already open keep theirs);
+    /// on an error the identity in force stays. Returns the certificate's
+    /// file.
+    pub fn reload(&self) -> Result<&Path> {
+        let Some((cert, key)) = &self.files else {
+            return Err(Error::InvalidArgument(
+                "this TLS identity was not loaded from files".into(),
+            ));
+        };
+        let (chain, private) = read_identity(cert, key)?;
+        let fresh = certified(chain, private, &cert.display().to_string())?;
+        *self.identity.0.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(cert)
     }
 
     /// An acceptor offering `alpn` (e.g. [`ALPN_H2`] for gRPC; empty for
