@@ -459,6 +459,37 @@ async fn a_stop_ends_subscriptions_and_consume_streams_with_unavailable_and_the_
     assert!(ok, "a clean exit: {logs}");
 }
 
+/// Why: a stop waited, for each gRPC connection with no call left, for
+/// the peer to answer the closing handshake's ping: an idle client
+/// answers when it next looks (grpcio: about 5 s), a frozen one never,
+/// so the stop took up to the whole `shutdown_timeout_ms`.
+#[test]
+fn a_stop_does_not_wait_for_idle_grpc_peers_that_do_not_answer() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let addr = broker.grpc.clone().expect("gRPC listener");
+    // An HTTP/2 peer that opens and then neither reads nor answers.
+    let mut frozen = std::net::TcpStream::connect(&addr).expect("connect");
+    frozen
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .expect("preface and settings");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (ok, logs) = broker.terminate();
+    let took = started.elapsed();
+    assert!(ok, "a clean exit: {logs}");
+    assert!(
+        !logs.contains("still busy after the shutdown timeout"),
+        "{logs}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the stop took {took:?} (shutdown_timeout_ms is 10 s): {logs}"
+    );
+    drop(frozen);
+}
+
 /// One client's `Consume` call: the requests it sends and the responses.
 struct Consumer {
     requests: tokio::sync::mpsc::UnboundedSender<pb::ConsumeRequest>,

@@ -22,7 +22,7 @@ mod consume;
 mod measured;
 mod service;
 
-pub(crate) use connection::Limits;
+pub(crate) use connection::{Calls, Limits};
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};
