@@ -625,6 +625,15 @@ impl Conn {
     }
 
     async fn handle(&mut self, packet: Packet) {
+        // Only `/` is ever connected (a CONNECT to another gets its
+        // connect_error): a packet addressed to another namespace is
+        // ignored, as socket.io's own server ignores packets for a
+        // namespace the socket has not joined.
+        if packet.kind != Kind::Connect && packet.namespace != "/" {
+            tracing::debug!(sid = %self.out.socket.id, namespace = %packet.namespace,
+                "socket.io packet for a namespace the socket is not in: ignored");
+            return;
+        }
         match packet.kind {
             Kind::Connect => self.connect(packet).await,
             Kind::Disconnect => {

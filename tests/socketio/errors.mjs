@@ -79,6 +79,27 @@ await run({
     s.close(); other.close();
   },
 
+  async "packets for a namespace the socket is not in are ignored"() {
+    const r = room("otherns");
+    const [s, other] = [await connect(undefined, { transports: ["websocket"] }), await connect()];
+    await ok(s, "subscribe", { room: r });
+    await ok(other, "subscribe", { room: r });
+    const seen = collect(other);
+    const mine = collect(s);
+    const replies = {};
+    s.acks[9101] = (reply) => (replies[9101] = reply);
+    // An event, and a DISCONNECT, both addressed to /other: neither acts.
+    s.io.engine.write(`2/other,9101["publish",{"room":"${r}","data":"not stored"}]`);
+    s.io.engine.write("1/other,");
+    await ok(s, "publish", { room: r, data: "stored" });
+    await until(() => seen.length === 1 && mine.length === 1, "the one message, on both sockets");
+    await sleep(200);
+    assert.equal(seen.length, 1, JSON.stringify(seen));
+    assert.equal(seen[0].data, "stored");
+    assert.equal(replies[9101], undefined, "no reply to the ignored event");
+    s.close(); other.close();
+  },
+
   async "a binary packet cut short by a text packet gets its error reply; the next packet is served"() {
     const r = room("cut");
     const [s, other] = [await connect(undefined, { transports: ["websocket"] }), await connect()];
