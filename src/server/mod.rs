@@ -214,9 +214,13 @@ pub(crate) async fn accept(
                         .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
-                    broker
-                        .make_room(&format!("accepting a connection on the {name} listener"))
-                        .await;
+                    // A task of its own: a caller's `select!` dropping this
+                    // accept must not cut the closing short.
+                    let (broker, doing) = (
+                        broker.clone(),
+                        format!("accepting a connection on the {name} listener"),
+                    );
+                    tokio::spawn(async move { broker.make_room(&doing).await });
                 }
                 let last = ACCEPT_LOGGED_MS.load(Ordering::Relaxed);
                 if now.saturating_sub(last) >= ACCEPT_LOG_EVERY_MS
@@ -530,6 +534,7 @@ impl Server {
                         ?timeout,
                         "gRPC calls still busy after the shutdown timeout; closing them"
                     );
+                    grpc_calls.cut();
                     grpc.abort();
                 }
             }
