@@ -754,6 +754,14 @@ impl Registry {
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let again: Mutex<Vec<&String>> = Mutex::new(Vec::new());
+        let fail = |topic: &Topic, e: Error| {
+            tracing::error!(topic = topic.name(), error = %e,
+                "final sync or clean checkpoint failed; the next start recovers the topic");
+            failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+        };
         let stop_each = || {
             while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
                 // Waits for an open or close under way, so none is missed.
@@ -773,14 +781,7 @@ impl Registry {
                     {
                         again.lock().unwrap_or_else(|p| p.into_inner()).push(name);
                     }
-                    Err(e) => {
-                        tracing::error!(topic = topic.name(), error = %e,
-                            "final sync or clean checkpoint failed; the next start recovers the topic");
-                        failed
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                    }
+                    Err(e) => fail(&topic, e),
                 }
             }
         };
@@ -809,12 +810,7 @@ impl Registry {
                     continue;
                 };
                 if let Err(e) = topic.stop() {
-                    tracing::error!(topic = topic.name(), error = %e,
-                        "final sync or clean checkpoint failed; the next start recovers the topic");
-                    failed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
+                    fail(&topic, e);
                     continue;
                 }
                 drop(topic);
