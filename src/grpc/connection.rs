@@ -53,67 +53,6 @@ pub(crate) struct Limits {
     pub(crate) frame_timeout: Option<Duration>,
     /// Most `Subscribe` and `Consume` streams open on one connection.
     pub(crate) max_subscriptions: u32,
-    /// The calls being served on every connection of the listener.
-    pub(crate) calls: Arc<Calls>,
-}
-
-/// The calls of `spool.v1.Spool` being served on every connection of the
-/// listener (as [`ConnInfo::busy`] counts them), so a stop can tell when
-/// none is left.
-#[derive(Debug)]
-pub(crate) struct Calls {
-    live: AtomicU32,
-    ended: std::sync::atomic::AtomicU64,
-    /// Set by a stop once no call is left: every connection's next read
-    /// fails, which ends it.
-    cut: tokio::sync::watch::Sender<bool>,
-}
-
-impl Default for Calls {
-    fn default() -> Calls {
-        Calls {
-            live: AtomicU32::new(0),
-            ended: std::sync::atomic::AtomicU64::new(0),
-            cut: tokio::sync::watch::channel(false).0,
-        }
-    }
-}
-
-/// How long no call must have been served before a stop closes the
-/// connections left (idle ones, whose peers may take seconds to answer the
-/// closing handshake): time for the last answers to be written.
-const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(250);
-
-impl Calls {
-    /// Resolves once no call has been served, begun or ended for
-    /// [`QUIET_BEFORE_CLOSE`].
-    pub(crate) async fn quiet(&self) {
-        let mut seen = None;
-        loop {
-            let now = (
-                self.live.load(Ordering::Acquire),
-                self.ended.load(Ordering::Acquire),
-            );
-            if now.0 == 0 && seen == Some(now) {
-                return;
-            }
-            seen = Some(now);
-            tokio::time::sleep(QUIET_BEFORE_CLOSE).await;
-        }
-    }
-
-    /// Ends every connection of the listener at its next read.
-    pub(crate) fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-
-    /// Resolves once [`Calls::cut`] was called.
-    fn cut_off(&self) -> CutOff {
-        let mut cut = self.cut.subscribe();
-        CutOff(Box::pin(async move {
-            let _ = cut.wait_for(|&c| c).await;
-        }))
-    }
 }
 
 /// What a call learns about its connection (a request extension).
@@ -133,8 +72,6 @@ pub(crate) struct ConnInfo {
 struct Busy {
     calls: AtomicU32,
     last_end: Mutex<Instant>,
-    /// The listener's count, which this connection's calls are part of.
-    all: Arc<Calls>,
 }
 
 /// A waiting call of a connection, counted until dropped.
@@ -145,8 +82,6 @@ impl Drop for BusyCall {
     fn drop(&mut self) {
         *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.0.calls.fetch_sub(1, Ordering::AcqRel);
-        self.0.all.ended.fetch_add(1, Ordering::AcqRel);
-        self.0.all.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -175,7 +110,6 @@ impl ConnInfo {
 
     /// Marks a call of this connection as waiting until the guard drops.
     pub(crate) fn busy(&self) -> BusyCall {
-        self.busy.all.live.fetch_add(1, Ordering::AcqRel);
         self.busy.calls.fetch_add(1, Ordering::AcqRel);
         BusyCall(Arc::clone(&self.busy))
     }
@@ -317,17 +251,6 @@ pub(crate) struct Conn {
     idle: Idle,
     write: Timer,
     info: ConnInfo,
-    /// Ready once a stop closes the connections left ([`Calls::cut`]).
-    cut: CutOff,
-}
-
-/// Resolves once [`Calls::cut`] was called.
-struct CutOff(Pin<Box<dyn Future<Output = ()> + Send>>);
-
-impl std::fmt::Debug for CutOff {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CutOff")
-    }
 }
 
 impl Conn {
@@ -386,12 +309,6 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.cut.0.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the broker is stopping and no call is left on the connection",
-            )));
-        }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -491,7 +408,6 @@ pub(crate) fn incoming(
                                 admission: Arc::clone(&limits.admission),
                                 idle: Idle::new(limits.idle_timeout),
                                 write: Timer::new(limits.write_timeout),
-                                cut: limits.calls.cut_off(),
                                 info: ConnInfo {
                                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                                     open: Arc::default(),
@@ -499,7 +415,6 @@ pub(crate) fn incoming(
                                     busy: Arc::new(Busy {
                                         calls: AtomicU32::new(0),
                                         last_end: Mutex::new(Instant::now()),
-                                        all: Arc::clone(&limits.calls),
                                     }),
                                 },
                             };

@@ -4,7 +4,7 @@
 //! whole answer; a stream's opening, with the code it opened with), and
 //! marked busy on their connection while they are served.
 
-use super::connection::{BusyCall, ConnInfo};
+use super::connection::ConnInfo;
 use crate::metrics::Metrics;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -32,12 +32,10 @@ impl<S, B, R> Service<http::Request<B>> for Measured<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
-    R: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
-    R::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, S::Error>;
+    type Future = BoxFuture<S::Response, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -46,15 +44,14 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let operation = operation(request.uri().path());
         let started = Instant::now();
-        // A call being served keeps its connection from being idle, and a
-        // stop from closing it, until its answer is written: its response
-        // body holds the mark until it is done with (a stream's lasts as
-        // long as the stream).
+        // A call being served keeps its connection from being idle until
+        // its answer (a stream: its opening; open streams count themselves).
         let busy = request.extensions().get::<ConnInfo>().map(ConnInfo::busy);
         let call = self.inner.call(request);
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = call.await?;
+            drop(busy);
             // An error is answered in the headers (trailers-only); a call
             // that succeeds sends its status in the trailers, after the body.
             let code = response
@@ -64,35 +61,8 @@ where
                 .and_then(|v| v.parse::<i32>().ok())
                 .unwrap_or(0);
             metrics.request(super::LISTENER, operation, code, started.elapsed());
-            Ok(response.map(|body| tonic::body::Body::new(Answering { body, _busy: busy })))
+            Ok(response)
         })
-    }
-}
-
-/// A response body that keeps its call marked busy until it is dropped
-/// (once its last frame is taken, or the call is cut).
-struct Answering<B> {
-    body: B,
-    _busy: Option<BusyCall>,
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for Answering<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

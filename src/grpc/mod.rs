@@ -22,7 +22,7 @@ mod consume;
 mod measured;
 mod service;
 
-pub(crate) use connection::{Calls, Limits};
+pub(crate) use connection::Limits;
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};

@@ -439,7 +439,6 @@ impl Server {
                 shutdown.clone(),
             ))
         });
-        let grpc_calls = Arc::new(crate::grpc::Calls::default());
         let grpc = grpc.map(|listener| {
             tokio::spawn(crate::grpc::serve(
                 listener,
@@ -451,7 +450,6 @@ impl Server {
                     write_timeout: shared.config.write_timeout,
                     frame_timeout: shared.config.frame_timeout,
                     max_subscriptions: shared.config.max_subscriptions,
-                    calls: Arc::clone(&grpc_calls),
                 },
                 shared.config.security.clone(),
                 shutdown.clone(),
@@ -514,27 +512,15 @@ impl Server {
             connections.shutdown().await;
         }
         if let Some(mut grpc) = grpc {
-            // Connections with no call left are closed once none has been
-            // served for a moment, rather than after the closing handshake
-            // of HTTP/2, which waits for each peer to answer a ping (an
-            // idle client may take seconds, a frozen one never does).
-            tokio::select! {
-                ended = &mut grpc => match ended {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "gRPC listener failed"),
-                    Err(e) => tracing::warn!(error = %e, "gRPC listener task failed"),
-                },
-                () = grpc_calls.quiet() => {
-                    tracing::debug!("no gRPC call left: closing the gRPC connections");
-                    grpc_calls.cut();
-                    grpc.abort();
-                }
-                () = tokio::time::sleep_until(deadline) => {
+            match tokio::time::timeout_at(deadline, &mut grpc).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC listener failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC listener task failed"),
+                Err(_) => {
                     tracing::warn!(
                         ?timeout,
                         "gRPC calls still busy after the shutdown timeout; closing them"
                     );
-                    grpc_calls.cut();
                     grpc.abort();
                 }
             }
