@@ -169,6 +169,8 @@ async fn sighup_reloads_the_tls_certificate_and_keeps_it_when_the_new_files_are_
     // each reload fails and the renewed identity stays.
     std::fs::copy(&first.key, &key).expect("mismatched key");
     hup();
+    // The broker reads the files when its handler runs, after the signal.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     std::fs::write(&cert, "not a certificate").expect("garbage");
     hup();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1039,19 +1041,25 @@ fn config_keys_environment_and_bench_reach_a_tls_broker_with_auth() {
     assert!(line.contains("listening on 0.0.0.0:"), "{line}");
 }
 
-/// A subscription already running stops delivering once a reload takes
-/// the topic out of its token's permissions: it ends with
-/// `PERMISSION_DENIED`, on the native protocol and on gRPC.
-#[tokio::test]
-async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
-    use futures_util::StreamExt;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("auth.toml");
+/// A broker under an auth file of a `reader` (consume anything) and a
+/// `writer` (produce anything), and the writer's client, which has
+/// produced "first" to topic `t`.
+struct ReaderAndWriter {
+    broker: Broker,
+    path: PathBuf,
+    reader: String,
+    reader_entry: String,
+    writer_entry: String,
+    producer: Client,
+}
+
+async fn reader_and_writer(dir: &Path) -> ReaderAndWriter {
+    let path = dir.join("auth.toml");
     let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
     let (writer, writer_entry) = token_create("writer", &["--produce", "*"]);
     std::fs::write(&path, format!("{reader_entry}\n{writer_entry}")).expect("write");
     let broker = Broker::start(
-        &dir.path().join("data"),
+        &dir.join("data"),
         &["--auth", path.to_str().expect("utf-8")],
     );
     let producer = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
@@ -1061,6 +1069,31 @@ async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
         .produce("t", vec![NewMessage::from_value("first")])
         .await
         .expect("produce");
+    ReaderAndWriter {
+        broker,
+        path,
+        reader,
+        reader_entry,
+        writer_entry,
+        producer,
+    }
+}
+
+/// A subscription already running stops delivering once a reload takes
+/// the topic out of its token's permissions: it ends with
+/// `PERMISSION_DENIED`, on the native protocol and on gRPC.
+#[tokio::test]
+async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ReaderAndWriter {
+        broker,
+        path,
+        reader,
+        reader_entry,
+        writer_entry,
+        producer,
+    } = reader_and_writer(dir.path()).await;
 
     let native = Client::connect_with(&broker.addr, &options(None, Some(&reader)))
         .await
@@ -1158,21 +1191,14 @@ async fn a_reload_ends_running_subscriptions_the_token_may_no_longer_read() {
 async fn a_long_poll_or_subscription_that_finds_its_token_gone_closes_its_connection() {
     use futures_util::StreamExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("auth.toml");
-    let (reader, reader_entry) = token_create("reader", &["--consume", "*"]);
-    let (writer, writer_entry) = token_create("writer", &["--produce", "*"]);
-    std::fs::write(&path, format!("{reader_entry}\n{writer_entry}")).expect("write");
-    let broker = Broker::start(
-        &dir.path().join("data"),
-        &["--auth", path.to_str().expect("utf-8")],
-    );
-    let producer = Client::connect_with(&broker.addr, &options(None, Some(&writer)))
-        .await
-        .expect("writer");
-    producer
-        .produce("t", vec![NewMessage::from_value("first")])
-        .await
-        .expect("produce");
+    let ReaderAndWriter {
+        broker,
+        path,
+        reader,
+        reader_entry: _,
+        writer_entry,
+        producer,
+    } = reader_and_writer(dir.path()).await;
     let polling = std::sync::Arc::new(
         Client::connect_with(&broker.addr, &options(None, Some(&reader)))
             .await
