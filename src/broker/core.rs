@@ -689,7 +689,7 @@ impl Broker {
 
     /// Out of file descriptors or memory while `doing` something: closes
     /// unused topics until the open ones hold half the files they hold now.
-    pub async fn make_room(&self, doing: &str) {
+    pub(crate) async fn make_room(&self, doing: &str) {
         let b = self.clone();
         let Ok(files) = blocking(move || {
             Ok(b.inner
