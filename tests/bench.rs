@@ -400,12 +400,14 @@ fn interrupt_bench(
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
+    // Timed from before the signal, so a run that waited its whole time to
+    // tidy up cannot be measured as shorter than that.
+    let signalled = Instant::now();
     let status = Command::new("kill")
         .args([signal, &bench.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let signalled = Instant::now();
     let exited = loop {
         if let Some(status) = bench.0.try_wait().expect("wait") {
             break status;
@@ -441,9 +443,9 @@ fn an_interrupted_bench_exits_128_plus_the_signal_and_leaves_nothing_behind() {
             signal,
         );
         assert_eq!(code, Some(exit), "{signal}: {stderr}");
-        // Well before the 10 s a run may take to tidy up: this one stops at once.
+        // Before the 10 s a run may take to tidy up: this one stops at once.
         assert!(
-            took < std::time::Duration::from_secs(8),
+            took < std::time::Duration::from_secs(10),
             "{signal}: took {took:?}"
         );
         assert!(
@@ -519,5 +521,5 @@ fn an_interrupted_socketio_bench_stops_its_broker_and_leaves_nothing_behind() {
     assert!(entries(tmp.path()).is_empty(), "left behind");
     // It has nothing to tidy up on a broker, so it does not wait the 10 s
     // a produce or consume run may take for that.
-    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }

@@ -100,8 +100,9 @@ async fn a_generated_client_produces_fetches_and_subscribes_through_a_stream_gro
         Ok(polled) => assert!(polled.into_inner().messages.is_empty()),
         Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
     }
+    // Far from the 30 s wait_ms.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
     );
@@ -1256,7 +1257,8 @@ async fn a_deadline_on_a_queue_long_poll_loses_no_lease() {
         Ok(answer) => assert!(answer.into_inner().messages.is_empty()),
         Err(status) => assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // Far from the 30 s wait_ms.
+    assert!(started.elapsed() < Duration::from_secs(15));
 
     client
         .produce(pb::ProduceRequest {
@@ -1573,7 +1575,7 @@ async fn max_subscriptions_bounds_the_streams_of_one_connection() {
 
 /// Connects raw to `addr` and sends the HTTP/2 preface and an empty
 /// `SETTINGS`; then, while `ping`, a `PING` every 100 ms. Returns how long
-/// the server kept the connection open (at most 5 s).
+/// the server kept the connection open (at most 15 s).
 async fn raw_connection_lifetime(addr: &str, ping: bool) -> Duration {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1595,12 +1597,12 @@ async fn raw_connection_lifetime(addr: &str, ping: bool) -> Duration {
                 }
             }
         }
-        // Keep the write half open, silent.
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Keep the write half open, silent, for longer than is measured.
+        tokio::time::sleep(Duration::from_secs(30)).await;
     });
     let started = Instant::now();
     let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
         while let Ok(n) = read.read(&mut sink).await {
             if n == 0 {
                 return;
@@ -1623,8 +1625,10 @@ async fn idle_grpc_connections_are_closed_and_waiting_calls_keep_theirs_open() {
 
     for ping in [false, true] {
         let lived = raw_connection_lifetime(&addr, ping).await;
+        // Only idle_timeout_ms closes it this soon: the server's
+        // keep-alive waits 30 s, the silent client longer.
         assert!(
-            lived >= Duration::from_millis(300) && lived < Duration::from_secs(3),
+            lived >= Duration::from_millis(300) && lived < Duration::from_secs(10),
             "pinging {ping}: closed after {lived:?}"
         );
     }

@@ -315,8 +315,32 @@ async fn the_metrics_listener_serves_a_bounded_number_of_connections() {
         String::from_utf8_lossy(&answer)
     );
     held.pop();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(get(&http, "/healthz").await.status, 200);
+    // The place is free once the listener has seen the close; until then
+    // a new connection is closed unanswered, so ask again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut s = tokio::net::TcpStream::connect(&http).await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.ok()?;
+            let raw = String::from_utf8_lossy(&raw).into_owned();
+            raw.split_whitespace().nth(1)?.parse::<u16>().ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if status == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a freed place does not serve /healthz: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,11 +169,19 @@ async fn sighup_reloads_the_tls_certificate_and_keeps_it_when_the_new_files_are_
     // each reload fails and the renewed identity stays.
     std::fs::copy(&first.key, &key).expect("mismatched key");
     hup();
-    // The broker reads the files when its handler runs, after the signal.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The broker reads the files when its handler runs, after the signal;
+    // a second signal before that would be the same reload.
+    let refused = "TLS certificate and key not reloaded; the ones in force stay";
+    eventually("the mismatched key is refused", || async {
+        broker.log_count(refused) >= 1
+    })
+    .await;
     std::fs::write(&cert, "not a certificate").expect("garbage");
     hup();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the garbage certificate is refused", || async {
+        broker.log_count(refused) >= 2
+    })
+    .await;
     Client::connect_with(&broker.addr, &options(Some(&renewed.ca), None))
         .await
         .expect("the renewed certificate stays in force");
@@ -557,7 +565,12 @@ async fn the_auth_file_is_reloaded_on_sighup_without_dropping_connections() {
     // A broken file keeps the tokens in force.
     std::fs::write(&path, "[[token]]\nname = 1\n").expect("break");
     hup();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its reload is done before the file changes again: a second signal
+    // before that would be the same reload.
+    eventually("the broken file is refused", || async {
+        broker.log_count("auth file not reloaded") >= 1
+    })
+    .await;
     client_a
         .produce("b", one())
         .await
@@ -1239,7 +1252,12 @@ async fn a_long_poll_or_subscription_that_finds_its_token_gone_closes_its_connec
         .status()
         .expect("kill -HUP");
     assert!(status.success());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new message comes once the reader's token is gone (the broker
+    // logs the reload after putting it in force).
+    eventually("the auth file is reloaded", || async {
+        broker.log_count("auth file reloaded") >= 1
+    })
+    .await;
     producer
         .produce("t", vec![NewMessage::from_value("later")])
         .await
@@ -1258,6 +1276,8 @@ async fn a_long_poll_or_subscription_that_finds_its_token_gone_closes_its_connec
     // Closed by the server, with no further request from the client
     // (the next request would close it anyway).
     for (what, client) in [("long-poll", &*polling), ("subscription", &subscribed)] {
+        // Before the client's own keep-alive ping (at most 10 s after it
+        // last sent), a request that would close it anyway.
         tokio::time::timeout(Duration::from_secs(5), async {
             while !client.is_closed() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1452,8 +1472,9 @@ async fn a_consume_stream_refused_by_a_reload_gives_its_leases_back_at_once() {
         if !fetched.messages.is_empty() {
             break fetched.messages;
         }
+        // Well before the topic's ack_timeout_ms (60 s).
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(15),
             "the lease the refused stream held was not given back"
         );
     };

@@ -329,14 +329,14 @@ fn segments_roll_by_age() {
     let config = LogConfig {
         // Long enough that the first two appends fall in it on a loaded
         // machine.
-        segment_ms: Some(500),
+        segment_ms: Some(2000),
         ..LogConfig::default()
     };
     let log = spool::storage::Log::open(disk, "/l", config, RecoveryMode::default()).expect("open");
     log.append(&[msg(0)]).expect("append");
     log.append(&[msg(1)]).expect("append");
     assert_eq!(log.stats().segments, 1);
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     log.append(&[msg(2)]).expect("append");
     assert_eq!(
         log.stats().segments,

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running broker process.
@@ -22,7 +23,10 @@ pub struct Broker {
     /// The socket.io listener's address (`None` with `--socketio off`).
     pub socketio: Option<String>,
     pub data: PathBuf,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<()>>,
+    /// Its stderr so far, line by line, for tests that wait for a log line
+    /// while it runs.
+    log: Arc<Mutex<String>>,
 }
 
 impl Broker {
@@ -84,11 +88,19 @@ impl Broker {
             .map(|w| w.trim_end_matches(','))
             .unwrap_or_else(|| panic!("first line names the address: {first}"))
             .to_owned();
-        let mut stderr = child.stderr.take().expect("stderr piped");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let shared = Arc::clone(&log);
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
         });
         Broker {
             child,
@@ -98,6 +110,7 @@ impl Broker {
             socketio,
             data: data.to_owned(),
             stderr: Some(stderr),
+            log,
         }
     }
 
@@ -127,11 +140,20 @@ impl Broker {
         (ok, self.logs())
     }
 
+    /// How many times `needle` occurs in what the broker has logged so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .matches(needle)
+            .count()
+    }
+
     fn logs(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
+        if let Some(h) = self.stderr.take() {
+            let _ = h.join();
+        }
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

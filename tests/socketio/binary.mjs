@@ -41,7 +41,9 @@ await run({
     // A reserved name would make the client drop the socket at it, and
     // again after every recovery: the room would be stuck for good.
     const r = room("named");
-    const b = await connect();
+    // A websocket from the start: the upgrade from polling may drop the
+    // socket by itself, which is not what this checks.
+    const b = await connect(undefined, { transports: ["websocket"] });
     const got = collect(b);
     const chats = collect(b, "chat");
     const drops = [];

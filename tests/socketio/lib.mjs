@@ -75,10 +75,33 @@ export function spool(...args) {
 
 /// Starts `spool serve` on `data` with the socket.io listener at `socketio`;
 /// resolves with {proc, server, socketio, metrics} once it prints its
-/// start-up lines.
-export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
-  const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--metrics", "127.0.0.1:0", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", "inherit"] });
+/// start-up lines. A given port (a restart on the one a stopped broker
+/// had) may have been taken meanwhile by a process of a parallel test:
+/// that start is tried again for up to 10 s.
+export async function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
+  const end = Date.now() + 10000;
+  for (;;) {
+    try {
+      return await startBrokerOnce(data, socketio, extra);
+    } catch (e) {
+      if (!e.addressInUse || Date.now() > end) throw e;
+      await sleep(100);
+    }
+  }
+}
+
+function startBrokerOnce(data, socketio, extra) {
+  // With a given port, its stderr is read to tell a port in use, and
+  // passed on.
+  const fixed = !socketio.endsWith(":0");
+  const proc = spawn(env.bin, ["serve", "--listen", "127.0.0.1:0", "--grpc", "off", "--metrics", "127.0.0.1:0", "--socketio", socketio, "--data", data, ...extra], { stdio: ["ignore", "pipe", fixed ? "pipe" : "inherit"] });
   started.push(proc);
+  let err = "";
+  let starting = true;
+  proc.stderr?.on("data", (chunk) => {
+    if (starting) err += chunk;
+    process.stderr.write(chunk);
+  });
   return new Promise((resolve, reject) => {
     let out = "";
     proc.stdout.on("data", (chunk) => {
@@ -86,9 +109,17 @@ export function startBroker(data, socketio = "127.0.0.1:0", extra = []) {
       const sio = out.match(/spool socketio listening on (\S+)/);
       const native = out.match(/listening on (\S+), data in/);
       const metrics = out.match(/spool metrics listening on (\S+)/);
-      if (sio && native && metrics) resolve({ proc, server: native[1], socketio: sio[1], metrics: metrics[1] });
+      if (sio && native && metrics) {
+        starting = false;
+        resolve({ proc, server: native[1], socketio: sio[1], metrics: metrics[1] });
+      }
     });
-    proc.on("exit", (code) => reject(new Error("spool serve exited with " + code + ": " + out)));
+    // "close" comes once its stderr is read to the end, unlike "exit".
+    proc.on("close", (code) => {
+      const e = new Error("spool serve exited with " + code + ": " + out + err);
+      e.addressInUse = err.includes(`listening for socket.io on ${socketio}`) && err.includes("in use");
+      reject(e);
+    });
   });
 }
 

@@ -1,6 +1,6 @@
 // Queue mode: competing consumers with acknowledgement callbacks,
 // redelivery of what is not acknowledged, and dead letters.
-import { assert, collect, connect, ok, room, run, spool, until, sleep } from "./lib.mjs";
+import { assert, collect, connect, env, ok, room, run, spool, until, sleep } from "./lib.mjs";
 
 /// Records queue deliveries as {data, meta, ack}.
 function deliveries(s, event = "message") {
@@ -51,8 +51,10 @@ await run({
 
   async "a message not acked within ack_timeout_ms is delivered again"() {
     const r = room("retry");
-    spool("topic", "create", r, "--ack-timeout-ms", "1000");
-    const [p, c] = [await connect(), await connect()];
+    spool("topic", "create", r, "--ack-timeout-ms", "3000");
+    // A websocket from the start: an upgrade from polling under way could
+    // hold the redelivery's ack back past the lease.
+    const [p, c] = [await connect(), await connect(env.socketio, { transports: ["websocket"] })];
     const got = [];
     // The redelivery is acked at once: a late ack would let a third come.
     c.on("message", (data, meta, ack) => {
@@ -62,10 +64,11 @@ await run({
     await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
     await ok(p, "publish", { room: r, data: "job" });
     await until(() => got.length === 1, "the first delivery");
-    await until(() => got.length === 2, "the redelivery", 10000);
+    await until(() => got.length === 2, "the redelivery", 20000);
     assert.equal(got[1].meta.offset, got[0].meta.offset);
     assert.equal(got[1].meta.delivery, 2);
-    await sleep(1500);
+    // Longer than ack_timeout_ms: unacked, it would have come a third time.
+    await sleep(4500);
     assert.equal(got.length, 2, "acked: not delivered again");
     p.close(); c.close();
   },
@@ -82,7 +85,7 @@ await run({
     // Set up first: the messages wait, and may come in the reply's batch.
     const gb = deliveries(b);
     await ok(b, "subscribe", { room: r, group: "g", mode: "queue" });
-    await until(() => gb.length === 5, "the same 5 to b", 5000);
+    await until(() => gb.length === 5, "the same 5 to b");
     assert.deepEqual(gb.map((d) => d.data).sort(), [0, 1, 2, 3, 4]);
     gb.forEach((d) => d.ack());
     p.close(); b.close();
@@ -106,7 +109,7 @@ await run({
         });
       });
       assert.equal(reply.ok, true, JSON.stringify(reply));
-      await until(() => order.length === 4, `round ${round}: the 3 waiting messages`, 5000);
+      await until(() => order.length === 4, `round ${round}: the 3 waiting messages`);
       assert.equal(order[0], "reply", `round ${round}: ${JSON.stringify(order)}`);
       c.close();
     }
@@ -136,7 +139,7 @@ await run({
     await until(() => {
       const g = JSON.parse(spool("group", "describe", r, "g", "--format", "json"));
       return g.pending === 0 && g.lag === 0;
-    }, "every message completed", 8000);
+    }, "every message completed", 20000);
     p.close(); steady.close();
   },
 
@@ -164,10 +167,10 @@ await run({
     await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
     const got = deliveries(c);
     await ok(p, "publish", { room: r, data: "poison" });
-    await until(() => got.length === 2, "two deliveries", 5000);
+    await until(() => got.length === 2, "two deliveries");
     await until(() => {
       try { return JSON.parse(spool("topic", "describe", r + ".dlq", "--format", "json")) !== null; } catch { return false; }
-    }, "the dead-letter topic", 5000);
+    }, "the dead-letter topic");
     const dead = collect(dl);
     await ok(dl, "subscribe", { room: r + ".dlq", from: "earliest" });
     await until(() => dead.length === 1, "the dead letter");

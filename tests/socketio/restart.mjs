@@ -93,6 +93,8 @@ await run({
     }
     assert.ok(!errors.some((e) => JSON.stringify(e).includes("gone")), `no room ended: ${JSON.stringify(errors)}`);
     sub.close(); pub2.close();
-    broker.proc.kill("SIGTERM");
+    // Waited for: the restarted broker's stderr comes through this
+    // process, which exits after the last test.
+    await stopWith(broker, "SIGTERM");
   },
 });

@@ -211,8 +211,9 @@ await run({
     const reading = await connect(tokens.temp);
     await ok(reading, "subscribe", { room: r });
     const readingErrors = collect(reading, "error");
-    const readingGone = once(reading, "disconnect");
-    const idleGone = once(idle, "disconnect");
+    // Set up before the reload, whose wait below may take 10 s itself.
+    const readingGone = once(reading, "disconnect", 30000);
+    const idleGone = once(idle, "disconnect", 30000);
     reload(without("temp"));
     // The next event: answered UNAUTHENTICATED, then the socket is disconnected.
     const other = room("temp-other");
