@@ -151,6 +151,21 @@ impl Packet {
         out
     }
 
+    /// How many attachments the header of a binary packet announces, read
+    /// as far as it goes (`5<n>-…`, `6<n>-…`; 0 for any other packet):
+    /// the binary messages that follow a packet that does not decode are
+    /// its own, not packets of their own.
+    pub fn announced_attachments(text: &str) -> usize {
+        if !matches!(text.as_bytes().first(), Some(b'5' | b'6')) {
+            return 0;
+        }
+        let digits = text[1..].bytes().take_while(u8::is_ascii_digit).count();
+        match &text[1..1 + digits] {
+            "" => 0,
+            n => n.parse().unwrap_or(usize::MAX),
+        }
+    }
+
     /// The acknowledgement id of an event packet of the default namespace
     /// that does not decode, when its header says one (`2<id>…`,
     /// `5<n>-<id>…`): its sender waits on that id for a reply.
@@ -328,6 +343,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_binary_header_says_how_many_attachments_follow_even_when_the_rest_is_bad() {
+        assert_eq!(Packet::announced_attachments("53-[\"publish\",{bad"), 3);
+        assert_eq!(Packet::announced_attachments("617-/x,4[]"), 17);
+        assert_eq!(Packet::announced_attachments("5-[]"), 0);
+        assert_eq!(Packet::announced_attachments("2[\"publish\"]"), 0);
+        assert_eq!(Packet::announced_attachments(""), 0);
+        assert_eq!(
+            Packet::announced_attachments("599999999999999999999999-"),
+            usize::MAX
+        );
     }
 
     #[test]

@@ -447,6 +447,9 @@ struct Conn {
     connected: bool,
     /// A binary packet waiting for its attachments.
     partial: Option<(Packet, usize)>,
+    /// Attachments still to come of a binary packet that was refused:
+    /// dropped as they arrive, until the next text message.
+    unwanted: usize,
     rooms: BTreeMap<String, RoomSub>,
     queues: BTreeMap<(String, String), QueueSub>,
     system: bool,
@@ -515,6 +518,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         member: format!("socketio-{}", socket.id),
         connected: false,
         partial: None,
+        unwanted: 0,
         rooms: BTreeMap::new(),
         queues: BTreeMap::new(),
         system: false,
@@ -545,10 +549,13 @@ impl Conn {
                     continue;
                 }
                 Inbound::Text(text) => {
+                    self.unwanted = 0;
                     // A binary packet still waiting for attachments never
                     // gets them: a text message comes first.
                     if let Some((p, n)) = self.partial.take() {
-                        if matches!(p.kind, Kind::BinaryAck) {
+                        if p.namespace != "/" {
+                            // Ignored as a whole one would be.
+                        } else if matches!(p.kind, Kind::BinaryAck) {
                             // An acknowledgement's id is a delivery's, not a
                             // call of the client's: it acks (its data is not
                             // read) and gets no reply.
@@ -570,6 +577,7 @@ impl Conn {
                         // An event whose header names its acknowledgement id
                         // gets the refusal there, where its sender waits.
                         Err(e) => {
+                            self.unwanted = Packet::announced_attachments(&text);
                             Box::pin(self.refuse_packet(Packet::event_ack_id(&text), e)).await;
                             continue;
                         }
@@ -583,6 +591,10 @@ impl Conn {
                             continue;
                         }
                         p
+                    }
+                    None if self.unwanted > 0 => {
+                        self.unwanted -= 1;
+                        continue;
                     }
                     None => {
                         let e =

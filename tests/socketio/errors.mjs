@@ -1,7 +1,7 @@
 // Bad input: every mistake gets an error reply naming what is wrong (or a
 // connect_error during the handshake), the socket stays usable, and other
 // sockets see nothing of it.
-import { assert, call, collect, connect, ok, once, room, run, until, sleep, env, startBroker } from "./lib.mjs";
+import { assert, call, collect, connect, ok, once, room, run, spool, until, sleep, env, startBroker } from "./lib.mjs";
 import { io } from "socket.io-client";
 import { writeFileSync } from "node:fs";
 
@@ -120,6 +120,55 @@ await run({
     await until(() => seen.length === 1, "the second packet's message");
     assert.equal(Buffer.from(seen[0].data).toString(), "second");
     s.close(); other.close();
+  },
+
+  async "a refused binary packet's attachments get no error of their own"() {
+    const r = room("refusedbin");
+    const [s, other] = [await connect(undefined, { transports: ["websocket"] }), await connect()];
+    await ok(other, "subscribe", { room: r });
+    const seen = collect(other);
+    const errors = collect(s, "error");
+    const replies = {};
+    for (const id of [9010, 9011]) s.acks[id] = (reply) => (replies[id] = reply);
+    // A payload that does not parse, then more attachments than a packet
+    // may have: each gets its error reply, and the attachments after it
+    // are dropped with it.
+    s.io.engine.write(`53-9010["publish",{bad`);
+    for (let i = 0; i < 3; i++) s.io.engine.write(Buffer.from("x" + i));
+    s.io.engine.write(`517-9011["publish",{"room":"${r}","data":1}]`);
+    for (let i = 0; i < 17; i++) s.io.engine.write(Buffer.from("y" + i));
+    await ok(s, "publish", { room: r, data: "after" });
+    await until(() => replies[9010] && replies[9011], "a reply to each packet");
+    assert.equal(replies[9010].error?.code, "INVALID_ARGUMENT", JSON.stringify(replies[9010]));
+    assert.equal(replies[9011].error?.code, "INVALID_ARGUMENT", JSON.stringify(replies[9011]));
+    assert.ok(replies[9011].error.message.includes("17 attachments"), replies[9011].error.message);
+    await until(() => seen.length === 1, "the message published after them");
+    await sleep(200);
+    assert.deepEqual(errors, [], "no error event for the dropped attachments");
+    assert.deepEqual(seen.map((m) => m.data), ["after"]);
+    s.close(); other.close();
+  },
+
+  async "a binary acknowledgement for another namespace cut short acks nothing"() {
+    const r = room("otherack");
+    spool("topic", "create", r, "--ack-timeout-ms", "1000");
+    const c = await connect(undefined, { transports: ["websocket"] });
+    let id;
+    c.io.on("packet", (p) => {
+      if (p.type === 2 && p.data?.[0] === "message" && id === undefined) id = p.id;
+    });
+    const got = collect(c);
+    await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
+    await ok(c, "publish", { room: r, data: "job" });
+    await until(() => got.length === 1 && id !== undefined, "the delivery and its ack id");
+    // Addressed to /other and cut short by the next text packet: not an
+    // ack of the delivery on /, which comes again once its lease ends.
+    c.io.engine.write(`61-/other,${id}[{"_placeholder":true,"num":0}]`);
+    await ok(c, "publish", { room: room("elsewhere"), data: 1 });
+    await until(() => got.length === 2, "the redelivery");
+    assert.equal(got[1].meta.offset, got[0].meta.offset);
+    assert.equal(got[1].meta.delivery, 2);
+    c.close();
   },
 
   async "a malformed event with an ack id gets its error reply, not an error event"() {
