@@ -11,12 +11,12 @@
 //! requests in flight finish, and the last frame is a `request_id` 0 error
 //! naming the reason, where one can still be sent.
 
-use super::Shared;
 use super::admission::Limit;
 use super::deadline::{FrameReader, ReadError, StallGuard};
 use super::handlers;
 use super::outgoing::{FINAL_FRAMES_WAIT, Outgoing};
 use super::stopping;
+use super::{Shared, sleep_until};
 use crate::broker::Credit;
 use crate::protocol::codec::{FrameCodec, FrameError};
 use crate::protocol::outbound::Outbound;
@@ -125,14 +125,6 @@ fn read_error(shared: &Shared, peer: SocketAddr, e: &ReadError) -> Option<pb::Er
 /// The error long-polls, subscriptions and the connection get at shutdown.
 fn stopping_error() -> pb::Error {
     status::error(pb::Code::Unavailable, "broker is stopping")
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Answers a connection that gets no slot with one error frame and closes

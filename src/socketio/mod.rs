@@ -34,7 +34,7 @@ use crate::security::tls;
 use crate::server::admission::Ticket;
 use crate::server::admission::{Admission, Limit};
 use crate::server::deadline::StallGuard;
-use crate::server::stopping;
+use crate::server::{sleep_until, stopping};
 use engineioxide::config::EngineIoConfig;
 use engineioxide::handler::EngineIoHandler;
 use engineioxide::service::EngineIoService;
@@ -104,6 +104,9 @@ pub(crate) struct Gateway {
     sockets: std::sync::Mutex<HashMap<String, EioSocket>>,
     /// The sockets' tasks.
     tasks: TaskTracker,
+    /// Set when the server begins to stop: a socket opened after that is
+    /// closed at once.
+    stopping: std::sync::atomic::AtomicBool,
     /// Room to its feed: one subscription from which every socket reading
     /// the room live takes each message, encoded once.
     feeds: Mutex<HashMap<String, Feed>>,
@@ -133,6 +136,16 @@ struct Feed {
 }
 
 impl Gateway {
+    /// The sockets open now.
+    fn open_sockets(&self) -> Vec<EioSocket> {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn message_limit(&self) -> MessageLimit {
         self.message_limit
     }
@@ -310,6 +323,10 @@ impl EngineIoHandler for Gateway {
     type Data = Session;
 
     fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            socket.close(DisconnectReason::ClosingServer);
+            return;
+        }
         self.sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -488,6 +505,7 @@ pub(crate) async fn serve(
         watchers: Mutex::new(HashMap::new()),
         sockets: std::sync::Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
         feeds: Mutex::new(HashMap::new()),
     });
     // Binary data travels base64 over polling: a third larger.
@@ -507,10 +525,25 @@ pub(crate) async fn serve(
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
     let connections = TaskTracker::new();
+    // Once the stop begins: until when the sockets have to answer what
+    // they received before it. The listener stays open meanwhile, so a
+    // polling client can still fetch those answers (its next poll may need
+    // a new connection); a socket opened meanwhile is closed at once.
+    let mut draining: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = crate::server::accept(&listener, LISTENER, &accepting) => accepted,
-            _ = stopping(&mut signal) => break,
+            _ = stopping(&mut signal), if draining.is_none() => {
+                gateway.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                for socket in gateway.open_sockets() {
+                    socket.data.push(Inbound::Stopping);
+                }
+                gateway.tasks.close();
+                draining = Some(tokio::time::Instant::now() + session::CLOSE_GRACE + Duration::from_millis(500));
+                continue;
+            }
+            _ = gateway.tasks.wait(), if draining.is_some() => break,
+            _ = sleep_until(draining), if draining.is_some() => break,
         };
         let ticket = match limits.admission.admit(LISTENER, peer.ip()) {
             Ok(t) => t,
@@ -564,17 +597,12 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    let open: Vec<EioSocket> = gateway
-        .sockets
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    for socket in open {
+    // Each socket served and answered what it received before the stop,
+    // then closed within session::CLOSE_GRACE; one whose task is still busy
+    // (a request waiting on the disk) is closed now.
+    for socket in gateway.open_sockets() {
         socket.close(DisconnectReason::ClosingServer);
     }
-    gateway.tasks.close();
     gateway.tasks.wait().await;
     connections.close();
     // Long-polls and websockets of closed sockets end on their own.

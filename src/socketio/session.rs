@@ -39,6 +39,9 @@ pub enum Inbound {
     Binary(Bytes),
     /// The socket closed.
     Closed,
+    /// The broker is stopping: what came before is served and answered,
+    /// events after it are refused, and the socket closes soon after.
+    Stopping,
     /// The pump of room subscription `id` ended by itself (a refusal after
     /// a reload, the room's topic deleted, a failed send).
     RoomEnded {
@@ -85,7 +88,10 @@ impl Inbound {
         match self {
             Inbound::Text(text) => text.len(),
             Inbound::Binary(data) => data.len(),
-            Inbound::Closed | Inbound::RoomEnded { .. } | Inbound::QueueEnded { .. } => 0,
+            Inbound::Closed
+            | Inbound::Stopping
+            | Inbound::RoomEnded { .. }
+            | Inbound::QueueEnded { .. } => 0,
         }
     }
 
@@ -150,7 +156,7 @@ const DEFAULT_QUEUE_IN_FLIGHT: usize = 16;
 const SEND_STALL: Duration = Duration::from_secs(30);
 /// How long a socket refused at CONNECT, or disconnected for its token, has
 /// to read why before the server closes it (the stock client closes first).
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A queue delivery waiting for the client's acknowledgement callback.
 #[derive(Debug)]
@@ -450,6 +456,8 @@ struct Conn {
     /// Attachments still to come of a binary packet that was refused:
     /// dropped as they arrive, until the next text message.
     unwanted: usize,
+    /// The broker is stopping ([`Inbound::Stopping`]).
+    stopping: bool,
     rooms: BTreeMap<String, RoomSub>,
     queues: BTreeMap<(String, String), QueueSub>,
     system: bool,
@@ -519,6 +527,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         connected: false,
         partial: None,
         unwanted: 0,
+        stopping: false,
         rooms: BTreeMap::new(),
         queues: BTreeMap::new(),
         system: false,
@@ -535,6 +544,15 @@ impl Conn {
             self.out.socket.data.taken(&message);
             let packet = match message {
                 Inbound::Closed => break,
+                Inbound::Stopping => {
+                    // Every packet received before the stop has been
+                    // served and its reply queued: the client has a moment
+                    // to read them before the connection closes (it then
+                    // reconnects, and recovers, once a broker is back).
+                    self.stopping = true;
+                    close_soon(&self.out.socket);
+                    continue;
+                }
                 Inbound::RoomEnded { room, id } => {
                     Box::pin(self.room_ended(room, id)).await;
                     continue;
@@ -654,6 +672,19 @@ impl Conn {
                 // gets names a room the socket left.
                 self.out.shared.lock().await.positions.clear();
                 self.connected = false;
+            }
+            Kind::Event | Kind::BinaryEvent if self.stopping => {
+                // Acknowledgements are still taken, as on the other
+                // transports; new requests are not.
+                if let Some(id) = packet.id {
+                    let reply = Reply::Error {
+                        code: "UNAVAILABLE".into(),
+                        message: "broker is stopping".into(),
+                    };
+                    self.out
+                        .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
+                        .await;
+                }
             }
             Kind::Event | Kind::BinaryEvent => {
                 if !self.connected {

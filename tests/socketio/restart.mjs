@@ -97,4 +97,48 @@ await run({
     // process, which exits after the last test.
     await stopWith(broker, "SIGTERM");
   },
+
+  async "(d) SIGTERM with publishes in flight: each stored one is answered, each refused one is not stored"() {
+    for (const transport of ["websocket", "polling"]) {
+      const data = env.data + "-inflight-" + transport;
+      let broker = await startBroker(data, "127.0.0.1:0", ["--fsync", "always"]);
+      const pub = await connect(broker.socketio, { reconnection: false, transports: [transport] });
+      const stored = [];
+      const refused = [];
+      let seq = 0;
+      let running = true;
+      // 32 publishes in flight at all times, until the connection ends.
+      const one = async () => {
+        while (running) {
+          const v = seq++;
+          try {
+            const reply = await pub.timeout(10000).emitWithAck("publish", { room: "r", data: v });
+            if (reply.ok) stored.push(v);
+            else {
+              assert.equal(reply.error.code, "UNAVAILABLE", JSON.stringify(reply));
+              refused.push(v);
+            }
+          } catch {
+            refused.push(v);
+            running = false;
+          }
+        }
+      };
+      const publishers = Promise.all(Array.from({ length: 32 }, one));
+      await until(() => stored.length >= 200, "publishes flowing");
+      await stopWith(broker, "SIGTERM");
+      await publishers;
+      pub.close();
+      broker = await startBroker(data, "127.0.0.1:0", ["--fsync", "always"]);
+      const reader = await connect(broker.socketio);
+      const got = collect(reader);
+      const sub = await ok(reader, "subscribe", { room: "r", from: "earliest" });
+      await until(() => got.length === sub.end, `the ${sub.end} stored messages`);
+      const inRoom = got.map((g) => g.data).sort((a, b) => a - b);
+      assert.deepEqual(inRoom, [...stored].sort((a, b) => a - b),
+        `${transport}: the room holds exactly the publishes answered ok (${refused.length} refused)`);
+      reader.close();
+      await stopWith(broker, "SIGTERM");
+    }
+  },
 });
