@@ -460,6 +460,62 @@ async fn a_stop_ends_subscriptions_and_consume_streams_with_unavailable_and_the_
     assert!(ok, "a clean exit: {logs}");
 }
 
+/// Stores 500 messages of 2 KiB in topic `t`, then starts a Fetch of them
+/// (about 1 MiB) over a bare HTTP/2 connection whose window lets the server
+/// send only 64 KiB until the body is read: an answer that is being written
+/// for as long as the caller does not read the body returned.
+async fn half_read_fetch(broker: &Broker) -> h2::RecvStream {
+    let addr = broker.grpc.clone().expect("gRPC listener");
+    let mut client = grpc_client(broker).await;
+    let value = "v".repeat(2048);
+    client
+        .produce(pb::ProduceRequest {
+            topic: "t".into(),
+            messages: (0..500).map(|_| new_message(&value)).collect(),
+        })
+        .await
+        .expect("produce");
+    drop(client);
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let fetch = prost::Message::encode_to_vec(&pb::FetchRequest {
+        topic: "t".into(),
+        max_messages: 500,
+        max_bytes: 4 << 20,
+        ..Default::default()
+    });
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(fetch.len() as u32).to_be_bytes());
+    body.extend_from_slice(&fetch);
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/spool.v1.Spool/Fetch"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (answer, mut send) = h2.send_request(request, false).expect("send");
+    send.send_data(body.into(), true).expect("request body");
+    let answer = answer.await.expect("response headers");
+    assert_eq!(answer.status(), 200);
+    answer.into_body()
+}
+
+fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A stop lets an answer being written finish, however slowly its client
 /// reads it (within `shutdown_timeout_ms`): a first version of closing idle
 /// connections at a stop counted a call as done once its body was handed to
@@ -468,55 +524,8 @@ async fn a_stop_ends_subscriptions_and_consume_streams_with_unavailable_and_the_
 fn a_stop_lets_an_answer_being_written_finish() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), &[]);
-    let addr = broker.grpc.clone().expect("gRPC listener");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let mut client = grpc_client(&broker).await;
-        let value = "v".repeat(2048);
-        client
-            .produce(pb::ProduceRequest {
-                topic: "t".into(),
-                messages: (0..500).map(|_| new_message(&value)).collect(),
-            })
-            .await
-            .expect("produce");
-        drop(client);
-        // A Fetch of about 1 MiB over a bare HTTP/2 connection whose
-        // window lets the server send only 64 KiB until the body is read.
-        let tcp = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        let (mut h2, connection) = h2::client::Builder::new()
-            .initial_window_size(65_535)
-            .handshake::<_, bytes::Bytes>(tcp)
-            .await
-            .expect("HTTP/2 handshake");
-        tokio::spawn(connection);
-        let fetch = prost::Message::encode_to_vec(&pb::FetchRequest {
-            topic: "t".into(),
-            max_messages: 500,
-            max_bytes: 4 << 20,
-            ..Default::default()
-        });
-        let mut body = vec![0u8];
-        body.extend_from_slice(&(fetch.len() as u32).to_be_bytes());
-        body.extend_from_slice(&fetch);
-        let request = tonic::codegen::http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{addr}/spool.v1.Spool/Fetch"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("request");
-        let (answer, mut send) = h2.send_request(request, false).expect("send");
-        send.send_data(body.into(), true).expect("request body");
-        let answer = answer.await.expect("response headers");
-        assert_eq!(answer.status(), 200);
-        let mut body = answer.into_body();
+    two_workers().block_on(async move {
+        let mut body = half_read_fetch(&broker).await;
         let stopped = tokio::task::spawn_blocking(move || broker.terminate());
         // Well past the 250 ms of quiet after which a stop closes
         // connections with no call left.
@@ -541,6 +550,54 @@ fn a_stop_lets_an_answer_being_written_finish() {
         assert!(read > 500 * 2048, "the whole answer: {read} bytes");
         let (ok, logs) = stopped.await.expect("terminate");
         assert!(ok, "a clean exit: {logs}");
+    });
+}
+
+/// A second SIGTERM during a stop ends the process at once (exit 128 +
+/// 15) instead of waiting for what holds the stop, and loses nothing
+/// acknowledged: the next start recovers as after a crash.
+#[test]
+fn a_second_signal_during_a_stop_exits_at_once_losing_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "shutdown_timeout_ms = 60000\n").expect("config");
+    let args = ["--config", config.to_str().expect("utf-8 path")];
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &args);
+    two_workers().block_on(async move {
+        // Holds the stop for up to shutdown_timeout_ms.
+        let held = half_read_fetch(&broker).await;
+        broker.signal("TERM");
+        let began = Instant::now();
+        while broker.log_count("signal received: shutting down") == 0 {
+            assert!(began.elapsed() < Duration::from_secs(10), "the stop began");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.signal("TERM");
+        let (status, logs) =
+            tokio::task::spawn_blocking(move || broker.exit_within(Duration::from_secs(15)))
+                .await
+                .expect("wait");
+        assert_eq!(status.and_then(|s| s.code()), Some(143), "{logs}");
+        assert!(logs.contains("second signal during the stop"), "{logs}");
+        drop(held);
+        let broker = Broker::start(&data, &args);
+        let fetched = grpc_client(&broker)
+            .await
+            .fetch(pb::FetchRequest {
+                topic: "t".into(),
+                max_messages: 1000,
+                max_bytes: 4 << 20,
+                ..Default::default()
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        assert_eq!(fetched.messages.len(), 500, "every acknowledged message");
+        let (ok, logs) = tokio::task::spawn_blocking(move || broker.terminate())
+            .await
+            .expect("terminate");
+        assert!(ok, "{logs}");
     });
 }
 

@@ -370,7 +370,7 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         // a script that stops the broker as soon as it reads the start-up
         // line gets a graceful stop.
         config.security.reload_on_sighup()?;
-        let signals = Signals::install();
+        let mut signals = Signals::install();
         let server = Server::bind(config).await?;
         let listeners = Listeners {
             native: server.local_addr()?,
@@ -396,6 +396,15 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
             signals.wait().await;
             tracing::info!("signal received: shutting down");
             let _ = stop.send(true);
+            // A second signal does not wait for the stop: what a clean stop
+            // adds (answers in flight, the checkpoint that spares the next
+            // start its scan) is given up; what was acknowledged is on disk.
+            let second = signals.wait().await;
+            tracing::warn!(
+                signal = second,
+                "second signal during the stop: exiting now, without a clean stop (the next start recovers as after a crash; nothing acknowledged is lost)"
+            );
+            std::process::exit(128 + second);
         });
         server.run(stopped).await
     })
@@ -416,7 +425,8 @@ impl Signals {
         }
     }
 
-    async fn wait(mut self) {
+    /// Waits for the next of either; returns its number.
+    async fn wait(&mut self) -> i32 {
         async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
             match s {
                 Some(s) => {
@@ -426,8 +436,8 @@ impl Signals {
             }
         }
         tokio::select! {
-            _ = next(&mut self.term) => {}
-            _ = next(&mut self.int) => {}
+            _ = next(&mut self.term) => 15,
+            _ = next(&mut self.int) => 2,
         }
     }
 }

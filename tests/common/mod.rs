@@ -122,22 +122,36 @@ impl Broker {
     }
 
     /// SIGTERM, then wait for the exit; returns (success, logs).
-    pub fn terminate(mut self) -> (bool, String) {
+    pub fn terminate(self) -> (bool, String) {
+        self.signal("TERM");
+        let (status, logs) = self.exit_within(Duration::from_secs(20));
+        (status.is_some_and(|s| s.success()), logs)
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, ...) without waiting.
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let _ = Command::new("kill")
+            .args([format!("-{name}").as_str(), &pid])
+            .status();
+    }
+
+    /// Waits up to `wait` for the process to exit (then kills it); returns
+    /// its exit status, if it exited by itself, and the logs.
+    pub fn exit_within(mut self, wait: Duration) -> (Option<std::process::ExitStatus>, String) {
+        let deadline = Instant::now() + wait;
         let status = loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 break Some(status);
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
+                let _ = self.child.wait();
                 break None;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let ok = status.is_some_and(|s| s.success());
-        (ok, self.logs())
+        (status, self.logs())
     }
 
     /// How many times `needle` occurs in what the broker has logged so far.
