@@ -668,6 +668,104 @@ fn consume_into_a_closed_pipe_settles_exactly_what_it_took() {
     }
 }
 
+/// Lines that come steadily on stdin are sent while it stays open, each
+/// within about 100 ms of being read, not held until 1000 have piled up.
+#[test]
+fn produce_sends_a_steady_trickle_of_lines_as_it_comes() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["produce", "t", "--server", &broker.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn produce");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let end = || {
+        let out = spool(
+            &broker.addr,
+            &["topic", "describe", "t", "--format", "json"],
+            None,
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["end_offset"].as_u64())
+            .unwrap_or(0)
+    };
+    // A line every 20 ms, never a pause of 100 ms, for up to 20 s.
+    let mut stored_while_open = 0;
+    for i in 0..1000 {
+        writeln!(stdin, "line {i}").expect("write a line");
+        stdin.flush().expect("flush");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if i % 10 == 9 {
+            stored_while_open = end();
+            if stored_while_open > 0 {
+                break;
+            }
+        }
+    }
+    assert!(
+        stored_while_open > 0,
+        "nothing stored while lines kept coming"
+    );
+    drop(stdin);
+    let done = child.wait_with_output().expect("produce exits");
+    assert!(done.status.success(), "{}", stderr(&done));
+}
+
+/// A batch printed whose acknowledgement or commit is then refused (here:
+/// the group deleted while stdout held the batch; a broker stopping is
+/// another) ends the run naming what was settled and what comes again.
+#[test]
+fn a_refused_settle_says_what_was_printed_and_comes_again() {
+    use std::io::{BufRead, Read};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    // 200 KB in one batch: more than a pipe holds unread.
+    let lines: String = (0..100)
+        .map(|i| format!("{i:03}{}\n", "x".repeat(2000)))
+        .collect();
+    let made = spool(&broker.addr, &["produce", "t"], Some(&lines));
+    assert!(made.status.success(), "{}", stderr(&made));
+    for (mode, says) in [
+        (
+            "queue",
+            "acknowledged the 0 message(s) printed before; the last 100 printed (offsets 0 to 99) are not acknowledged and the group delivers them again",
+        ),
+        (
+            "stream",
+            "was left where it was: what was printed after that is read again",
+        ),
+    ] {
+        let group = format!("g{mode}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["consume", "t", "--group", &group, "--mode", mode])
+            .args(["--server", &broker.addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn consume");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        // Its first line: the batch is fetched and being printed, into a
+        // pipe now full.
+        let mut first = String::new();
+        out.read_line(&mut first).expect("first line");
+        assert!(first.starts_with("000"), "{first}");
+        let gone = spool(&broker.addr, &["group", "delete", "t", &group], None);
+        assert!(gone.status.success(), "{}", stderr(&gone));
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).expect("the rest");
+        assert_eq!(rest.lines().count(), 99, "the whole batch printed");
+        let done = child.wait_with_output().expect("consume exits");
+        let err = stderr(&done);
+        assert_eq!(done.status.code(), Some(1), "{mode}: {err}");
+        assert!(err.contains(says), "{mode}: {err}");
+    }
+}
+
 /// `spool token create` with a bad name or pattern is a usage error
 /// (exit 2, as clap's own are), naming what is wrong.
 #[test]

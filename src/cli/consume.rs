@@ -177,8 +177,17 @@ pub fn run(args: ConsumeArgs) -> CliResult {
             let offsets: Vec<u64> = taken.iter().map(|r| r.message.offset.0).collect();
             let done = match (&args.group, args.mode) {
                 (Some(group), Mode::Queue) if !args.no_ack => {
-                    if !offsets.is_empty() {
-                        client.ack(&args.topic, group, &offsets, None).await?;
+                    if let (Some(first), Some(last)) = (offsets.first(), offsets.last()) {
+                        client
+                            .ack(&args.topic, group, &offsets, None)
+                            .await
+                            .map_err(|e| {
+                                CliError::from(e).and(format!(
+                                    "acknowledged the {} message(s) printed before; the last {} printed (offsets {first} to {last}) are not acknowledged and the group delivers them again",
+                                    printed - offsets.len() as u64,
+                                    offsets.len()
+                                ))
+                            })?;
                     }
                     // What stdout did not take goes back at once.
                     let rest: Vec<u64> = fetched.messages[offsets.len()..]
@@ -198,7 +207,15 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                         (false, None) => None,
                     };
                     if let Some(next) = next {
-                        client.commit(&args.topic, group, next).await?;
+                        client.commit(&args.topic, group, next).await.map_err(|e| {
+                            let at = match committed {
+                                Some(at) => format!("stays committed at offset {at}"),
+                                None => "was left where it was".to_owned(),
+                            };
+                            CliError::from(e).and(format!(
+                                "group {group} {at}: what was printed after that is read again"
+                            ))
+                        })?;
                         position = Some(Position::Offset(next));
                         committed = Some(next);
                     }

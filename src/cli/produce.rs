@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 /// Most lines sent per produce request when reading stdin (fewer when the
 /// server takes fewer per request, or their frame would be too large).
 const BATCH: usize = 1000;
-/// A pause in stdin this long sends the lines read so far.
+/// Longest a line read from stdin waits for more to share its request:
+/// lines that come steadily go out at least this often, not only once a
+/// batch is full.
 const LINGER: Duration = Duration::from_millis(100);
 /// Room in a request's frame for everything but the messages' own bytes.
 const ENVELOPE: usize = 64 * 1024;
@@ -142,14 +144,16 @@ pub fn run(args: ProduceArgs) -> CliResult {
                     let mut batch = Vec::new();
                     let mut bytes = 0usize;
                     let mut line_number = 0u64;
+                    // When the batch's first line has waited LINGER.
+                    let mut due = tokio::time::Instant::now();
                     loop {
                         let line = if batch.is_empty() {
                             lines.recv().await
                         } else {
-                            match tokio::time::timeout(LINGER, lines.recv()).await {
+                            match tokio::time::timeout_at(due, lines.recv()).await {
                                 Ok(line) => line,
                                 Err(_) => {
-                                    // A pause: what was read goes out now.
+                                    // What was read goes out now.
                                     sent += send(std::mem::take(&mut batch)).await?;
                                     bytes = 0;
                                     continue;
@@ -199,6 +203,9 @@ pub fn run(args: ProduceArgs) -> CliResult {
                             bytes = 0;
                         }
                         bytes += size;
+                        if batch.is_empty() {
+                            due = tokio::time::Instant::now() + LINGER;
+                        }
                         batch.push(m);
                     }
                     if !batch.is_empty() {
