@@ -683,6 +683,23 @@ fn produce_sends_a_steady_trickle_of_lines_as_it_comes() {
         .spawn()
         .expect("spawn produce");
     let mut stdin = child.stdin.take().expect("stdin");
+    // A line every 20 ms, never a pause of 100 ms, until told to stop (or
+    // for at most 20 s), from a thread of its own so the checks below do
+    // not pause it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for i in 0..1000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                writeln!(stdin, "line {i}").expect("write a line");
+                stdin.flush().expect("flush");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
     let end = || {
         let out = spool(
             &broker.addr,
@@ -694,24 +711,21 @@ fn produce_sends_a_steady_trickle_of_lines_as_it_comes() {
             .and_then(|v| v["end_offset"].as_u64())
             .unwrap_or(0)
     };
-    // A line every 20 ms, never a pause of 100 ms, for up to 20 s.
     let mut stored_while_open = 0;
-    for i in 0..1000 {
-        writeln!(stdin, "line {i}").expect("write a line");
-        stdin.flush().expect("flush");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        if i % 10 == 9 {
-            stored_while_open = end();
-            if stored_while_open > 0 {
-                break;
-            }
+    while !writing.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stored_while_open = end();
+        if stored_while_open > 0 {
+            break;
         }
     }
+    let still_writing = !writing.is_finished();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writing.join().expect("writer");
     assert!(
-        stored_while_open > 0,
+        stored_while_open > 0 && still_writing,
         "nothing stored while lines kept coming"
     );
-    drop(stdin);
     let done = child.wait_with_output().expect("produce exits");
     assert!(done.status.success(), "{}", stderr(&done));
 }
@@ -733,11 +747,11 @@ fn a_refused_settle_says_what_was_printed_and_comes_again() {
     for (mode, says) in [
         (
             "queue",
-            "acknowledged the 0 message(s) printed before; the last 100 printed (offsets 0 to 99) are not acknowledged and the group delivers them again",
+            "acknowledged the 0 message(s) printed before; the last 100 printed (the first at offset 0, the last at 99) are not acknowledged: the group, if it still exists, delivers them again",
         ),
         (
             "stream",
-            "was left where it was: what was printed after that is read again",
+            "group gstream was not committed: the group, if it still exists, gives what was printed after that again",
         ),
     ] {
         let group = format!("g{mode}");

@@ -573,6 +573,14 @@ fn a_second_signal_during_a_stop_exits_at_once_losing_nothing_acknowledged() {
             assert!(began.elapsed() < Duration::from_secs(10), "the stop began");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // One within a second of the first is taken for the same request.
+        broker.signal("TERM");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            broker.log_count("second signal"),
+            0,
+            "a repeat at once is the same stop"
+        );
         broker.signal("TERM");
         let (status, logs) =
             tokio::task::spawn_blocking(move || broker.exit_within(Duration::from_secs(15)))

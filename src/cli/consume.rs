@@ -183,7 +183,7 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                             .await
                             .map_err(|e| {
                                 CliError::from(e).and(format!(
-                                    "acknowledged the {} message(s) printed before; the last {} printed (offsets {first} to {last}) are not acknowledged and the group delivers them again",
+                                    "acknowledged the {} message(s) printed before; the last {} printed (the first at offset {first}, the last at {last}) are not acknowledged: the group, if it still exists, delivers them again",
                                     printed - offsets.len() as u64,
                                     offsets.len()
                                 ))
@@ -209,11 +209,11 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     if let Some(next) = next {
                         client.commit(&args.topic, group, next).await.map_err(|e| {
                             let at = match committed {
-                                Some(at) => format!("stays committed at offset {at}"),
-                                None => "was left where it was".to_owned(),
+                                Some(at) => format!(" past offset {at}"),
+                                None => String::new(),
                             };
                             CliError::from(e).and(format!(
-                                "group {group} {at}: what was printed after that is read again"
+                                "group {group} was not committed{at}: the group, if it still exists, gives what was printed after that again"
                             ))
                         })?;
                         position = Some(Position::Offset(next));

@@ -399,7 +399,15 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
             // A second signal does not wait for the stop: what a clean stop
             // adds (answers in flight, the checkpoint that spares the next
             // start its scan) is given up; what was acknowledged is on disk.
-            let second = signals.wait().await;
+            // One within a second of the first is the same request (a
+            // terminal's Ctrl-C reaches a wrapper that passes it on too).
+            let first = std::time::Instant::now();
+            let second = loop {
+                let second = signals.wait().await;
+                if first.elapsed() >= SECOND_SIGNAL_AFTER {
+                    break second;
+                }
+            };
             tracing::warn!(
                 signal = second,
                 "second signal during the stop: exiting now, without a clean stop (the next start recovers as after a crash; nothing acknowledged is lost)"
@@ -409,6 +417,10 @@ pub fn run(args: ServeArgs) -> spool::Result<()> {
         server.run(stopped).await
     })
 }
+
+/// Least time after the signal that began a stop for another one to end
+/// the process at once.
+const SECOND_SIGNAL_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// SIGTERM and SIGINT, caught from when they are installed.
 struct Signals {

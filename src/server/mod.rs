@@ -442,6 +442,7 @@ impl Server {
                     message_limit: shared.message_limit(),
                     frame_timeout: shared.config.frame_timeout,
                     write_timeout: shared.config.write_timeout,
+                    shutdown_timeout: shared.config.shutdown_timeout,
                 },
                 shared.config.security.clone(),
                 shutdown.clone(),

@@ -85,6 +85,9 @@ pub(crate) struct Limits {
     /// Longest a write may wait without the peer taking a byte (the
     /// server's `write_timeout`): HTTP responses and websocket frames alike.
     pub(crate) write_timeout: Option<Duration>,
+    /// The server's `shutdown_timeout`: the longest a stop waits for the
+    /// sockets to answer what they received before it.
+    pub(crate) shutdown_timeout: Duration,
 }
 
 /// The gateway: the Engine.IO handler every socket shares.
@@ -323,7 +326,7 @@ impl EngineIoHandler for Gateway {
     type Data = Session;
 
     fn on_connect(self: Arc<Self>, socket: Arc<Socket<Session>>) {
-        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             socket.close(DisconnectReason::ClosingServer);
             return;
         }
@@ -340,6 +343,7 @@ impl EngineIoHandler for Gateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&socket.id.to_string());
+        socket.data.set_closed();
         socket.data.push(Inbound::Closed);
         // A long-poll waiting when Engine.IO closed the session itself (a
         // request over its size limit, a packet that did not parse) waits
@@ -525,21 +529,23 @@ pub(crate) async fn serve(
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
     let connections = TaskTracker::new();
-    // Once the stop begins: until when the sockets have to answer what
-    // they received before it. The listener stays open meanwhile, so a
-    // polling client can still fetch those answers (its next poll may need
-    // a new connection); a socket opened meanwhile is closed at once.
+    // Once the stop begins: until when the sockets may take to answer what
+    // they received before it (each closes CLOSE_GRACE after it has; the
+    // server's stop waits for this listener no longer than
+    // shutdown_timeout). The listener stays open meanwhile, so a polling
+    // client can still fetch those answers (its next poll may need a new
+    // connection); a socket opened meanwhile is closed at once.
     let mut draining: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = crate::server::accept(&listener, LISTENER, &accepting) => accepted,
             _ = stopping(&mut signal), if draining.is_none() => {
-                gateway.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                gateway.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
                 for socket in gateway.open_sockets() {
                     socket.data.push(Inbound::Stopping);
                 }
                 gateway.tasks.close();
-                draining = Some(tokio::time::Instant::now() + session::CLOSE_GRACE + Duration::from_millis(500));
+                draining = Some(tokio::time::Instant::now() + limits.shutdown_timeout * 9 / 10);
                 continue;
             }
             _ = gateway.tasks.wait(), if draining.is_some() => break,
@@ -598,8 +604,9 @@ pub(crate) async fn serve(
     }
     drop(listener);
     // Each socket served and answered what it received before the stop,
-    // then closed within session::CLOSE_GRACE; one whose task is still busy
-    // (a request waiting on the disk) is closed now.
+    // then closed CLOSE_GRACE later; one still open now (a request waiting
+    // on the disk, a backlog longer than the shutdown timeout) is closed
+    // without more: what it has not served yet it refuses, unstored.
     for socket in gateway.open_sockets() {
         socket.close(DisconnectReason::ClosingServer);
     }

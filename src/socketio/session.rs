@@ -78,6 +78,9 @@ pub struct Session {
     queued_bytes: std::sync::atomic::AtomicUsize,
     /// Set once the inbox overflowed: nothing more is taken.
     overflowed: std::sync::atomic::AtomicBool,
+    /// Set when Engine.IO closed the socket: nothing more reaches the
+    /// client.
+    closed: std::sync::atomic::AtomicBool,
     /// Held while one packet's messages go out, so a binary packet's
     /// attachments follow it with nothing in between.
     sending: Mutex<()>,
@@ -103,6 +106,16 @@ impl Inbound {
 }
 
 impl Session {
+    /// Marks the socket closed by Engine.IO ([`Session::is_closed`]).
+    pub fn set_closed(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether Engine.IO closed the socket.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Hands `message` to the socket's task (dropped once it has ended).
     /// False when the inbox is full: the caller closes the socket. The
     /// socket's closing always gets through.
@@ -475,6 +488,11 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
     if socket.data.inbox.set(tx).is_err() {
         return;
     }
+    // A stop that began as this socket connected may have missed it (its
+    // inbox was not there yet): it learns of the stop here.
+    if gateway.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        socket.data.push(Inbound::Stopping);
+    }
     let pid = match super::offset::random::<PID_LEN>() {
         Ok(p) => p,
         Err(e) => {
@@ -545,12 +563,19 @@ impl Conn {
             let packet = match message {
                 Inbound::Closed => break,
                 Inbound::Stopping => {
-                    // Every packet received before the stop has been
-                    // served and its reply queued: the client has a moment
-                    // to read them before the connection closes (it then
-                    // reconnects, and recovers, once a broker is back).
-                    self.stopping = true;
-                    close_soon(&self.out.socket);
+                    if !self.stopping {
+                        // Every packet received before the stop has been
+                        // served and its reply queued: the client has a
+                        // moment to read them before the connection closes
+                        // (it then reconnects, and recovers, once a broker
+                        // is back). Queue members take no more leases; the
+                        // acks of what they hold still apply.
+                        self.stopping = true;
+                        for q in self.queues.values() {
+                            q.pump.abort();
+                        }
+                        close_soon(&self.out.socket);
+                    }
                     continue;
                 }
                 Inbound::RoomEnded { room, id } => {
@@ -673,9 +698,13 @@ impl Conn {
                 self.out.shared.lock().await.positions.clear();
                 self.connected = false;
             }
-            Kind::Event | Kind::BinaryEvent if self.stopping => {
+            Kind::Event | Kind::BinaryEvent
+                if self.stopping || self.out.socket.data.is_closed() =>
+            {
                 // Acknowledgements are still taken, as on the other
-                // transports; new requests are not.
+                // transports; new requests are not, nor requests whose
+                // answer could no longer reach the client (a publish is
+                // stored only where its reply can go out).
                 if let Some(id) = packet.id {
                     let reply = Reply::Error {
                         code: "UNAVAILABLE".into(),
@@ -787,6 +816,12 @@ impl Conn {
         }
         if self.connected {
             self.bad_packet(PacketError("CONNECT on a connected socket".into()))
+                .await;
+            return;
+        }
+        if self.stopping {
+            self.out
+                .send(&refuse("broker is stopping".into(), "UNAVAILABLE"))
                 .await;
             return;
         }
