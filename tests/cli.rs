@@ -751,7 +751,7 @@ fn a_refused_settle_says_what_was_printed_and_comes_again() {
         ),
         (
             "stream",
-            "group gstream was not committed: the group, if it still exists, gives what was printed after that again",
+            "group gstream was not committed: the group, if it still exists, gives what was printed again",
         ),
     ] {
         let group = format!("g{mode}");

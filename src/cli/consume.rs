@@ -209,12 +209,12 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     if let Some(next) = next {
                         client.commit(&args.topic, group, next).await.map_err(|e| {
                             let at = match committed {
-                                Some(at) => format!(" past offset {at}"),
-                                None => String::new(),
+                                Some(at) => format!(
+                                    "was not committed past offset {at}: the group, if it still exists, gives what was printed after it again"
+                                ),
+                                None => "was not committed: the group, if it still exists, gives what was printed again".to_owned(),
                             };
-                            CliError::from(e).and(format!(
-                                "group {group} was not committed{at}: the group, if it still exists, gives what was printed after that again"
-                            ))
+                            CliError::from(e).and(format!("group {group} {at}"))
                         })?;
                         position = Some(Position::Offset(next));
                         committed = Some(next);
