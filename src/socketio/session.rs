@@ -988,7 +988,7 @@ impl Conn {
                     "room": room,
                     "from": next,
                     "to": start,
-                    "reason": format!("messages {next} to {} of room {room} are past its retention", start - 1),
+                    "reason": format!("messages {next} to {} of room {room} are gone (retention dropped them, or compaction removed the room's first records)", start - 1),
                 }));
             }
             match self.subscribe_replay(&room, Position::Offset(from)).await {
