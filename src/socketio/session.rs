@@ -81,6 +81,10 @@ pub struct Session {
     /// Set when Engine.IO closed the socket: nothing more reaches the
     /// client.
     closed: std::sync::atomic::AtomicBool,
+    /// Set once the socket is being disconnected for its token: the
+    /// events and pushes that find the token gone after that only get
+    /// their own refusals.
+    token_gone: std::sync::atomic::AtomicBool,
     /// Held while one packet's messages go out, so a binary packet's
     /// attachments follow it with nothing in between.
     sending: Mutex<()>,
@@ -322,6 +326,14 @@ impl Out {
     /// (`UNAUTHENTICATED`), a DISCONNECT packet (the client does not
     /// reconnect by itself), and the Engine.IO connection closed.
     async fn disconnect(&self, e: &Error) {
+        if self
+            .socket
+            .data
+            .token_gone
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         tracing::info!(
             sid = %self.socket.id,
             token = self.principal.as_ref().and_then(Principal::name).unwrap_or("-"),

@@ -10,6 +10,7 @@ import { assert, call, collect, ok, once, room, run, until, sleep, env } from ".
 
 const ca = readFileSync(process.env.SPOOL_TLS_CA, "utf8");
 const authFile = process.env.SPOOL_AUTH_FILE;
+const original = readFileSync(authFile, "utf8");
 const brokerPid = Number(process.env.SPOOL_BROKER_PID);
 const plain = process.env.SPOOL_SOCKETIO_PLAIN;
 const tokens = {
@@ -234,5 +235,46 @@ await run({
     const [e] = await once(again, "connect_error");
     assert.equal(e.data.code, "UNAUTHENTICATED");
     again.close(); root.close();
+  },
+
+  async "events in flight when the token goes: the first is answered, then one error event and one disconnect"() {
+    // The token back (a test before removed it), once a socket with it connects.
+    reload(() => original);
+    const back = Date.now() + 10000;
+    let busy;
+    while (!busy) {
+      try {
+        busy = await connect(tokens.temp, { transports: ["websocket"], reconnection: false });
+      } catch (e) {
+        if (Date.now() > back) throw e;
+        await sleep(100);
+      }
+    }
+    const probe = await connect(tokens.temp);
+    const errors = collect(busy, "error");
+    const gone = once(busy, "disconnect", 30000);
+    reload(without("temp"));
+    // The reload is in force once another socket of that token is refused.
+    const end = Date.now() + 10000;
+    let reply;
+    do {
+      await sleep(50);
+      reply = await call(probe, "unsubscribe", { room: room("probe") });
+    } while (reply.error?.code !== "UNAUTHENTICATED" && Date.now() < end);
+    assert.equal(reply.error.code, "UNAUTHENTICATED", JSON.stringify(reply));
+    const r = room("inflight");
+    const replies = await Promise.allSettled(
+      Array.from({ length: 8 }, (_, i) => busy.timeout(10000).emitWithAck("publish", { room: r, data: i })));
+    assert.equal((await gone)[0], "io server disconnect");
+    await sleep(200);
+    assert.equal(replies[0].status, "fulfilled", JSON.stringify(replies[0]));
+    assert.equal(replies[0].value.error?.code, "UNAUTHENTICATED", JSON.stringify(replies[0]));
+    for (const x of replies) {
+      // Answered UNAUTHENTICATED, or cut by the disconnect: never stored.
+      if (x.status === "fulfilled") assert.equal(x.value.error?.code, "UNAUTHENTICATED", JSON.stringify(x));
+    }
+    assert.equal(errors.length, 1, JSON.stringify(errors));
+    assert.equal(errors[0].data.error.code, "UNAUTHENTICATED");
+    probe.close();
   },
 });
