@@ -444,6 +444,20 @@ pub fn handshake_error(addr: &str, e: &io::Error) -> String {
         )) => format!(
             "the server at {addr} presented a certificate that is not valid yet (check the clocks, or the certificate's start date)"
         ),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForNameContext {
+                expected,
+                presented,
+            },
+        )) => format!(
+            "the server at {addr} presented a certificate this client does not trust: it is for {} and not for {}; connect by one of its names, or pass one with --tls-server-name",
+            presented
+                .iter()
+                .map(|p| presented_name(p))
+                .collect::<Vec<_>>()
+                .join(", "),
+            expected.to_str()
+        ),
         Some(rustls::Error::InvalidCertificate(c)) => format!(
             "the server at {addr} presented a certificate this client does not trust ({c:?}); check --tls-ca (SPOOL_TLS_CA) and --tls-server-name"
         ),
@@ -457,6 +471,18 @@ pub fn handshake_error(addr: &str, e: &io::Error) -> String {
         }
         None => format!("TLS handshake with the server at {addr} failed: {e}"),
     }
+}
+
+/// A name a certificate carries as the verifier reports it
+/// (`DnsName("host")`, `IpAddress(127.0.0.1)`), as a user writes it.
+fn presented_name(p: &str) -> &str {
+    p.strip_prefix("DnsName(\"")
+        .and_then(|r| r.strip_suffix("\")"))
+        .or_else(|| {
+            p.strip_prefix("IpAddress(")
+                .and_then(|r| r.strip_suffix(')'))
+        })
+        .unwrap_or(p)
 }
 
 fn not_tls(addr: &str) -> String {
