@@ -678,6 +678,11 @@ impl Conn {
             code: "INVALID_ARGUMENT".into(),
             message: e.to_string(),
         };
+        self.answer(id, reply).await;
+    }
+
+    /// Sends `reply` as the acknowledgement of the client's packet `id`.
+    async fn answer(&self, id: u64, reply: Reply) {
         self.out
             .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
             .await;
@@ -722,9 +727,7 @@ impl Conn {
                         code: "UNAVAILABLE".into(),
                         message: "broker is stopping".into(),
                     };
-                    self.out
-                        .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
-                        .await;
+                    self.answer(id, reply).await;
                 }
             }
             Kind::Event | Kind::BinaryEvent => {
@@ -759,11 +762,7 @@ impl Conn {
                     Err(e) => Reply::from_error(&e, data_dir),
                 };
                 match id {
-                    Some(id) => {
-                        self.out
-                            .send(&Packet::ack(id, Value::Array(vec![reply.into_value()])))
-                            .await;
-                    }
+                    Some(id) => self.answer(id, reply).await,
                     None => {
                         if let Reply::Error { code, message } = &reply {
                             let err = codec::error_value(code, message);
