@@ -206,7 +206,8 @@ async fn a_client_that_does_not_trust_the_servers_ca_is_refused() {
         .await
         .expect_err("an untrusted certificate");
     assert!(
-        matches!(&e, ClientError::Tls(m) if m.contains("does not trust") && m.contains(&broker.addr)),
+        matches!(&e, ClientError::Tls(m) if m.contains("does not trust: no CA in --tls-ca")
+            && m.contains(&broker.addr)),
         "{e}"
     );
     // A name the certificate does not carry is refused too.
@@ -236,6 +237,36 @@ async fn an_expired_server_certificate_is_named_as_expired() {
         .expect_err("an expired certificate");
     assert!(
         matches!(&e, ClientError::Tls(m) if m.contains("has expired") && m.contains(&broker.addr)),
+        "{e}"
+    );
+}
+
+/// A server certificate that is a CA certificate (a bare `openssl req
+/// -x509`), or one made for TLS clients, is named as such by the CLI, not
+/// as one the client's CA does not vouch for.
+#[tokio::test]
+async fn a_ca_certificate_or_a_client_certificate_serving_is_named_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_as_server = common::pki::make_ca_as_server_pki(dir.path(), "ca-as-server");
+    let broker = tls_broker(&dir.path().join("a"), &ca_as_server);
+    let ca = ca_as_server.ca.to_str().expect("utf-8");
+    let (ok, _, err) = cli(&["topic", "list", "--server", &broker.addr, "--tls-ca", ca]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "spool: the server at {} presented a CA certificate (basic constraints CA:TRUE) as its own, which this client refuses; the server needs a certificate a CA signed for its name (--tls-cert; docs/security.md shows how to make one)",
+            broker.addr
+        )
+    );
+    let client_only = common::pki::make_client_only_pki(dir.path(), "client-only");
+    let broker = tls_broker(&dir.path().join("b"), &client_only);
+    let e = Client::connect_with(&broker.addr, &options(Some(&client_only.ca), None))
+        .await
+        .expect_err("a certificate for clients");
+    assert!(
+        matches!(&e, ClientError::Tls(m) if m.contains("is not for TLS servers (its extended key usage lacks serverAuth)")
+            && m.contains(&broker.addr)),
         "{e}"
     );
 }

@@ -458,6 +458,30 @@ pub fn handshake_error(addr: &str, e: &io::Error) -> String {
                 .join(", "),
             expected.to_str()
         ),
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+            format!(
+                "the server at {addr} presented a certificate this client does not trust: no CA in --tls-ca (SPOOL_TLS_CA) signed it; pass the CA that did"
+            )
+        }
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature)) => format!(
+            "the server at {addr} presented a certificate this client does not trust: its signature does not verify against the CA in --tls-ca (SPOOL_TLS_CA) that bears its issuer's name"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::InvalidPurpose
+            | rustls::CertificateError::InvalidPurposeContext { .. },
+        )) => format!(
+            "the server at {addr} presented a certificate that is not for TLS servers (its extended key usage lacks serverAuth); the server needs one made for a server (--tls-cert)"
+        ),
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)))
+            if matches!(
+                other.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) =>
+        {
+            format!(
+                "the server at {addr} presented a CA certificate (basic constraints CA:TRUE) as its own, which this client refuses; the server needs a certificate a CA signed for its name (--tls-cert; docs/security.md shows how to make one)"
+            )
+        }
         Some(rustls::Error::InvalidCertificate(c)) => format!(
             "the server at {addr} presented a certificate this client does not trust ({c:?}); check --tls-ca (SPOOL_TLS_CA) and --tls-server-name"
         ),

@@ -25,6 +25,24 @@ pub fn make_expired_pki(dir: &Path, name: &str) -> Pki {
     })
 }
 
+/// [`make_pki`] whose server certificate is itself a CA certificate
+/// (basic constraints CA:TRUE), as a bare `openssl req -x509` makes one.
+#[allow(dead_code)] // not every test binary uses it
+pub fn make_ca_as_server_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_with(dir, name, |params| {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    })
+}
+
+/// [`make_pki`] whose server certificate is for TLS clients only (its
+/// extended key usage is clientAuth).
+#[allow(dead_code)] // not every test binary uses it
+pub fn make_client_only_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_with(dir, name, |params| {
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    })
+}
+
 fn make_pki_with(
     dir: &Path,
     name: &str,
