@@ -165,6 +165,10 @@ fn grpc_with_other_workloads_is_a_usage_error() {
         ),
         (&["socketio", "--duration", "nan"][..], "--duration NaN"),
         (&["socketio", "--duration", "inf"][..], "--duration inf"),
+        (
+            &["produce", "--duration", "1e30"][..],
+            "--duration 1000000000000000000000000000000: expected a positive number of seconds, at most 31536000 (a year)",
+        ),
     ] {
         assert_usage_error(args, text);
     }

@@ -651,3 +651,67 @@ fn a_sealed_segment_zeroed_in_place_is_damage() {
         assert!(ok, "{logs}");
     }
 }
+
+/// A file far larger than its kind ever is (a sparse 1 TiB file where an
+/// index or a checkpoint belongs) is refused by its size, never read into
+/// memory: the broker stays up, an oversized index is a note for `verify`
+/// and is rebuilt when the topic opens, an oversized checkpoint is damage
+/// that names the file.
+#[test]
+fn a_huge_file_where_a_small_one_belongs_is_refused_by_its_size() {
+    const TIB: u64 = 1 << 40;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 50);
+    let dir = topic_dir(data);
+    let grow = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(TIB))
+            .unwrap_or_else(|e| panic!("a sparse 1 TiB {}: {e}", path.display()));
+    };
+    let idx = files_with(&dir, "idx")[0].clone();
+    grow(&idx);
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "an index is a hint, a note: {report}");
+    assert!(
+        report["notes"]
+            .as_array()
+            .expect("notes")
+            .iter()
+            .any(|n| n["file"].as_str().is_some_and(|f| Path::new(f) == idx)
+                && n["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("larger than its segment allows"))),
+        "{report}"
+    );
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let all = common::replay_all(&client, TOPIC).await;
+        assert_eq!(
+            all.len(),
+            50,
+            "every message, read through the rebuilt index"
+        );
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let len = std::fs::metadata(&idx).expect("idx").len();
+    assert!(len < 4096, "the index was written again: {len} bytes");
+
+    let checkpoint = dir.join("checkpoint");
+    grow(&checkpoint);
+    serve_refuses(data, "checkpoint");
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let all = common::replay_all(&client, TOPIC).await;
+        assert_eq!(all.len(), 50, "every message, the checkpoint given up");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let len = std::fs::metadata(&checkpoint).expect("checkpoint").len();
+    assert!(len < 4096, "the checkpoint was written anew: {len} bytes");
+}

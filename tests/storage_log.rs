@@ -1049,3 +1049,31 @@ fn skip_damaged_keeps_the_records_after_a_damaged_length_in_a_sealed_segment() {
         "the valid records after the damaged one are kept: {offsets:?}"
     );
 }
+
+/// A segment named past every offset a producer could reach (a file put
+/// there by hand) takes messages up to the last offset there is and then
+/// refuses, naming why, instead of handing out offset 0 again.
+#[test]
+fn offsets_end_at_the_last_one_there_is_and_never_wrap() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("l");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join(format!("{:020}.log", u64::MAX - 2)), b"").expect("segment");
+    let storage: Arc<dyn Storage> = Arc::new(OsStorage);
+    let log =
+        spool::storage::Log::open(storage, &dir, LogConfig::default(), RecoveryMode::default())
+            .expect("open");
+    let first = log.append(&[msg(0), msg(1)]).expect("the last two offsets");
+    assert_eq!(first.first, Offset(u64::MAX - 2));
+    let e = log.append(&[msg(2)]).expect_err("no offset is left");
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("offsets end at 18446744073709551615")),
+        "{e}"
+    );
+    let all = log.read(Offset(0), 10, 1 << 20).expect("read");
+    assert_eq!(
+        all.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        vec![Offset(u64::MAX - 2), Offset(u64::MAX - 1)],
+        "nothing was stored at a wrapped offset"
+    );
+}

@@ -112,7 +112,7 @@ pub(super) async fn workload(
             let total = if deadline.is_some() {
                 0
             } else {
-                messages * u64::from(params.consumers)
+                messages.saturating_mul(u64::from(params.consumers))
             };
             load = queue_load(target, params).await?;
             let clients = produce::conn_all(target, "consumer", params.consumers).await?;
@@ -493,7 +493,10 @@ pub(super) async fn e2e(
         ReadMode::Replay | ReadMode::Stream => u64::from(params.consumers),
         ReadMode::Queue => 1,
     };
-    progress.start("e2e", schedule.total().map_or(0, |t| t * fan_out));
+    progress.start(
+        "e2e",
+        schedule.total().map_or(0, |t| t.saturating_mul(fan_out)),
+    );
     let origin = super::origin(params);
     let mut tasks = JoinSet::new();
     for (c, client) in consumers.into_iter().enumerate() {

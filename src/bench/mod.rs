@@ -279,9 +279,9 @@ impl Params {
         }
         match (self.messages, self.duration_s) {
             (Some(0), _) => return bad("--messages must be at least 1".into()),
-            (_, Some(d)) if !(d.is_finite() && d > 0.0) => {
+            (_, Some(d)) if !(d.is_finite() && d > 0.0 && d <= MAX_DURATION_S) => {
                 return bad(format!(
-                    "--duration {d}: expected a positive number of seconds"
+                    "--duration {d}: expected a positive number of seconds, at most {MAX_DURATION_S} (a year)"
                 ));
             }
             (None, None) => return bad("give --messages or --duration".into()),
@@ -313,6 +313,9 @@ impl Params {
         self.duration_s.map(Duration::from_secs_f64)
     }
 }
+
+/// Longest `--duration`, in seconds: a year.
+const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Most messages per produce or fetch (the broker's default batch limit).
 pub const MAX_BATCH: u32 = 10_000;
@@ -475,7 +478,9 @@ pub async fn run(
         (Workload::E2e, Some(rate)) if rate > 0 => {
             let run = match (params.duration(), params.messages) {
                 (Some(d), _) => d,
-                (None, Some(n)) => Duration::from_secs_f64(n as f64 / rate as f64),
+                (None, Some(n)) => {
+                    Duration::try_from_secs_f64(n as f64 / rate as f64).unwrap_or(Duration::MAX)
+                }
                 (None, None) => relay::PROBE_TIME,
             };
             Some((rate, run))

@@ -5,12 +5,14 @@ use crate::error::{Error, IoContext, Result};
 use crate::groups::state::{DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES};
 use crate::storage::LogConfig;
 use crate::storage::config::MAX_DURATION_MS;
-use crate::storage::io::{Storage, read_file, write_file_atomic};
+use crate::storage::io::{Storage, read_file_within, write_file_atomic};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Name of the config file in a topic's folder.
 pub const TOPIC_CONFIG_FILE: &str = "topic.toml";
+/// Most bytes a `topic.toml` is read from: the broker writes a few hundred.
+const MAX_TOPIC_CONFIG_BYTES: u64 = 1024 * 1024;
 /// Longest topic or group name.
 pub const MAX_NAME_LEN: usize = 200;
 /// Default period of the background compaction check: one minute.
@@ -155,7 +157,8 @@ impl TopicConfig {
         if !storage.exists(&path) {
             return Ok(None);
         }
-        let buf = read_file(storage, &path).ctx(|| format!("reading {}", path.display()))?;
+        let buf = read_file_within(storage, &path, MAX_TOPIC_CONFIG_BYTES)
+            .ctx(|| format!("reading {}", path.display()))?;
         let text = String::from_utf8(buf)
             .map_err(|_| Error::InvalidArgument(format!("{} is not UTF-8", path.display())))?;
         let config: TopicConfig = toml::from_str(&text).map_err(|e| {

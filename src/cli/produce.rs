@@ -67,29 +67,39 @@ fn message(args: &ProduceArgs, value: impl Into<bytes::Bytes>) -> NewMessage {
 /// more input.
 fn stdin_lines() -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = mpsc::channel(BATCH);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        loop {
-            let mut line = Vec::new();
-            let read = match stdin.read_until(b'\n', &mut line) {
-                Ok(0) => return,
-                Ok(_) => {
-                    if line.ends_with(b"\n") {
-                        line.pop();
-                        if line.ends_with(b"\r") {
+    let failed = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                let mut line = Vec::new();
+                let read = match stdin.read_until(b'\n', &mut line) {
+                    Ok(0) => return,
+                    Ok(_) => {
+                        if line.ends_with(b"\n") {
                             line.pop();
+                            if line.ends_with(b"\r") {
+                                line.pop();
+                            }
                         }
+                        Ok(line)
                     }
-                    Ok(line)
+                    Err(e) => Err(e),
+                };
+                let failed = read.is_err();
+                if tx.blocking_send(read).is_err() || failed {
+                    return;
                 }
-                Err(e) => Err(e),
-            };
-            let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
-                return;
             }
-        }
-    });
+        });
+    if let Err(e) = spawned {
+        // Said as a failed read of stdin, which ends the command.
+        let _ = failed.try_send(Err(std::io::Error::new(
+            e.kind(),
+            format!("could not start the thread that reads it: {e}"),
+        )));
+    }
     rx
 }
 

@@ -29,7 +29,7 @@
 //! changes, before segments or journals are removed (so a removal is never
 //! taken for a loss), and on a clean stop with the clean flag set.
 
-use super::io::{OpenMode, Storage, read_file, write_file_atomic};
+use super::io::{OpenMode, Storage, read_file_within, write_file_atomic};
 use super::log::LogStats;
 use super::message::NewMessage;
 use super::message::Offset;
@@ -190,7 +190,21 @@ impl Checkpoint {
         if !storage.exists(&path) {
             return Ok(None);
         }
-        let data = read_file(storage, &path).ctx(|| format!("reading {}", path.display()))?;
+        let data = match read_file_within(storage, &path, u64::from(MAX_CHECKPOINT_BYTES)) {
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                let len = storage
+                    .open(&path, OpenMode::Existing)
+                    .and_then(|f| f.len())
+                    .unwrap_or(0);
+                return Err(Error::corruption(Corruption {
+                    file: path.clone(),
+                    bytes: 0..len,
+                    offsets: None,
+                    detail: format!("checkpoint does not validate: {e}"),
+                }));
+            }
+            other => other.ctx(|| format!("reading {}", path.display()))?,
+        };
         let damaged = |detail: String| {
             Error::corruption(Corruption {
                 file: path.clone(),
@@ -292,7 +306,7 @@ impl<'a> Fields<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::io::SimDisk;
+    use crate::storage::io::{SimDisk, read_file};
     use proptest::prelude::*;
     use std::sync::Arc;
 

@@ -206,6 +206,14 @@ impl Log {
                 report.quarantined.push(*damage);
                 None
             }
+            Err(Error::Corruption(mut damage)) => {
+                damage.detail.push_str(
+                    ". Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                     to open the log without it: every segment is then scanned, and its next \
+                     checkpoint written anew",
+                );
+                return Err(Error::Corruption(damage));
+            }
             Err(e) => return Err(e),
         };
         // A compaction swap a crash interrupted is completed below, removing
@@ -804,6 +812,17 @@ impl Log {
             )));
         }
         let first = w.next_offset;
+        // Only a segment named past every offset a producer could reach (a
+        // file put there by hand) gets here: wrapping around would hand
+        // out offset 0 again.
+        if first.checked_add(batch.len() as u64).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{} cannot take {} more messages: its next offset is {first}, and offsets end at {}",
+                self.dir.display(),
+                batch.len(),
+                u64::MAX
+            )));
+        }
         let segment_bytes = self.config.segment_bytes;
         let total: u64 = lens.iter().sum();
         let end = |w: &Writer| w.active.write_pos + w.scratch.len() as u64;

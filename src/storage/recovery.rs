@@ -20,9 +20,10 @@
 //! skip, and goes on.
 
 use super::checkpoint::Checkpoint;
+use super::config::MAX_SEGMENT_BYTES;
 use super::config::{LogConfig, RecoveryMode};
-use super::index::{IndexBuilder, SegmentIndex};
-use super::io::{OpenMode, Storage, StorageFile, read_file};
+use super::index::{IndexBuilder, SegmentIndex, TIME_ENTRY_LEN};
+use super::io::{OpenMode, Storage, StorageFile, read_file_within};
 use super::record::{self, Frame, HEADER_LEN, RECORD_MAGIC};
 use super::segment::{SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
@@ -485,7 +486,10 @@ pub(crate) fn quarantine_bytes(
     let stem = format!("{name}.{}-{}", damage.bytes.start, damage.bytes.end);
     let mut target = qdir.join(&stem);
     for n in 1u32.. {
-        if !storage.exists(&target) || read_file(storage, &target).is_ok_and(|held| held == bytes) {
+        if !storage.exists(&target)
+            || read_file_within(storage, &target, bytes.len() as u64)
+                .is_ok_and(|held| held == bytes)
+        {
             break;
         }
         target = qdir.join(format!("{stem}.{n}"));
@@ -516,8 +520,15 @@ fn load_index(
     max_len: u32,
     trusted_to: u64,
 ) -> Result<(SegmentIndex, Option<SegmentIndex>)> {
-    let idx = read_optional(storage, &paths.idx)?;
-    let tix = read_optional(storage, &paths.tix)?;
+    let len = log
+        .len()
+        .ctx(|| format!("reading size of {}", paths.log.display()))?;
+    let (Some(idx), Some(tix)) = (
+        read_hint(storage, &paths.idx, len)?,
+        read_hint(storage, &paths.tix, len)?,
+    ) else {
+        return Ok((SegmentIndex::default(), None));
+    };
     let Some(mut index) = SegmentIndex::decode(&idx, &tix, base) else {
         tracing::warn!(file = %paths.idx.display(), "index malformed; rebuilding from the log");
         return Ok((SegmentIndex::default(), None));
@@ -528,9 +539,6 @@ fn load_index(
     let tix_whole =
         storage.exists(&paths.tix) && SegmentIndex::first_damaged_time_entry(&tix, base).is_none();
     let loaded = tix_whole.then(|| index.clone());
-    let len = log
-        .len()
-        .ctx(|| format!("reading size of {}", paths.log.display()))?;
     // Every entry must name the record at its position (a cheap header
     // check); from the first that does not, the scan rebuilds the rest.
     if let Some(bad) = index
@@ -633,11 +641,28 @@ fn record_offset_at(log: &dyn StorageFile, pos: u64, len: u64, max_len: u32) -> 
     }
 }
 
-fn read_optional(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
+/// Most bytes an index file of a segment whose `.log` holds `log_len` bytes
+/// can hold: an entry (at most [`TIME_ENTRY_LEN`] bytes) per record, every
+/// record at least a header long.
+pub(crate) fn max_hint_len(log_len: u64) -> u64 {
+    (log_len / HEADER_LEN as u64).saturating_mul(TIME_ENTRY_LEN as u64)
+}
+
+/// An index file's bytes (none when it is missing), or `None` when it is
+/// longer than its segment allows: damaged or foreign, and rebuilt.
+fn read_hint(storage: &dyn Storage, path: &Path, log_len: u64) -> Result<Option<Vec<u8>>> {
     if !storage.exists(path) {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
-    read_file(storage, path).ctx(|| format!("reading {}", path.display()))
+    match read_file_within(storage, path, max_hint_len(log_len)) {
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            tracing::warn!(file = %path.display(), error = %e, "index larger than its segment allows; rebuilding from the log");
+            Ok(None)
+        }
+        other => other
+            .map(Some)
+            .ctx(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Replaces `.idx` and `.tix` with `index`. Index files are hints checked on
@@ -751,7 +776,16 @@ pub(crate) fn swap_damage(
     base: u64,
     until: u64,
 ) -> Result<Option<(Range<u64>, String)>> {
-    let data = read_file(storage, swap).ctx(|| format!("reading {}", swap.display()))?;
+    let data = match read_file_within(storage, swap, MAX_SEGMENT_BYTES) {
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            let len = storage
+                .open(swap, OpenMode::Existing)
+                .and_then(|f| f.len())
+                .unwrap_or(0);
+            return Ok(Some((0..len, e.to_string())));
+        }
+        other => other.ctx(|| format!("reading {}", swap.display()))?,
+    };
     let mut index = SegmentIndex::default();
     let mut builder = IndexBuilder::new(u32::MAX);
     let (mut pos, mut last, mut first) = (0u64, None, None);

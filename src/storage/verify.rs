@@ -12,7 +12,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::index::{IndexBuilder, SegmentIndex};
-use super::io::{Storage, read_file};
+use super::io::{Storage, read_file, read_file_within};
 use super::record::{self, Frame};
 use super::recovery::{Stop, find_next_valid, scan, segment_bound};
 use super::segment::{SegmentPaths, parse_log_name};
@@ -275,8 +275,8 @@ fn verify_log(
             Some(c) if active && c.active_base == base => c.active_synced,
             _ => 0,
         };
-        let data =
-            read_file(storage, &paths.log).ctx(|| format!("reading {}", paths.log.display()))?;
+        let data = read_file_within(storage, &paths.log, super::config::MAX_SEGMENT_BYTES)
+            .ctx(|| format!("reading {}", paths.log.display()))?;
         report.files += 1;
         report.bytes += data.len() as u64;
         progress(report.bytes);
@@ -426,8 +426,9 @@ fn verify_index(
     active: bool,
     report: &mut VerifyReport,
 ) -> Result<()> {
-    let idx = read_if_exists(storage, &paths.idx)?;
-    let tix = read_if_exists(storage, &paths.tix)?;
+    let max = super::recovery::max_hint_len(log.len() as u64);
+    let idx = read_hint(storage, &paths.idx, max, report)?;
+    let tix = read_hint(storage, &paths.tix, max, report)?;
     for (file, found, what) in [
         (&paths.idx, &idx, "index"),
         (&paths.tix, &tix, "time index"),
@@ -633,6 +634,33 @@ fn verify_journal(
         });
     }
     Ok(())
+}
+
+/// An index file's bytes, if it exists; one longer than its segment allows
+/// is noted and checked as empty (the next start rebuilds it).
+fn read_hint(
+    storage: &dyn Storage,
+    path: &Path,
+    max_len: u64,
+    report: &mut VerifyReport,
+) -> Result<Option<Vec<u8>>> {
+    if !storage.exists(path) {
+        return Ok(None);
+    }
+    match read_file_within(storage, path, max_len) {
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            report.notes.push(finding(
+                path.to_path_buf(),
+                format!(
+                    "index file larger than its segment allows ({e}); the next start rebuilds it"
+                ),
+            ));
+            Ok(Some(Vec::new()))
+        }
+        other => other
+            .map(Some)
+            .ctx(|| format!("reading {}", path.display())),
+    }
 }
 
 fn read_if_exists(storage: &dyn Storage, path: &Path) -> Result<Option<Vec<u8>>> {

@@ -137,10 +137,35 @@ pub trait Mapping: Send + Sync + Debug {
     fn start_writeback(&self, pos: u64, len: u64);
 }
 
-/// The whole content of `path`.
+/// The whole content of `path`; an error, not an abort, when it does not
+/// fit in memory (a damaged or foreign file of any size may sit where a
+/// small one belongs).
 pub fn read_file(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
+    read_file_within(storage, path, u64::MAX)
+}
+
+/// [`read_file`] of a kind of file that never holds more than `max_len`
+/// bytes: a longer one is refused with [`io::ErrorKind::FileTooLarge`]
+/// before anything is read.
+pub fn read_file_within(storage: &dyn Storage, path: &Path, max_len: u64) -> io::Result<Vec<u8>> {
     let file = storage.open(path, OpenMode::Existing)?;
-    let mut buf = vec![0u8; file.len()? as usize];
+    let len = file.len()?;
+    if len > max_len {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("it is {len} bytes, more than such a file holds ({max_len} at most)"),
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("its {len} bytes do not fit in memory"),
+        )
+    };
+    let len = usize::try_from(len).map_err(|_| too_large())?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| too_large())?;
+    buf.resize(len, 0);
     file.read_at(0, &mut buf)?;
     Ok(buf)
 }
