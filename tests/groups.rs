@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use spool::broker::topic::dlq_headers;
 use spool::broker::{Position, Registry, RegistryOptions, Topic, TopicConfig};
 use spool::groups::{Group, GroupConfig, GroupMode, RangeSet};
-use spool::storage::io::{SimDisk, Storage};
+use spool::storage::io::{SimDisk, SimFault, Storage};
 use spool::storage::log::now_ms;
 use spool::storage::{DataDir, FsyncPolicy, Header, LogConfig, Message, NewMessage, Offset};
 use std::collections::{BTreeMap, BTreeSet};
@@ -2163,4 +2163,48 @@ fn a_group_forgets_members_long_unseen() {
         ["here"],
         "only the member seen within the hour"
     );
+}
+
+/// A queue fetch that a full disk refuses hands nothing out, so it counts
+/// no delivery: when space returns, the messages come as first deliveries,
+/// and with `max_deliveries` 2 one nack does not send them to the
+/// dead-letter topic.
+#[test]
+fn a_fetch_a_full_disk_refuses_counts_no_delivery() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 2, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, 4);
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    disk.set_fault(SimFault::NoSpace, true);
+    for _ in 0..3 {
+        let e = registry
+            .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now_ms())
+            .expect_err("a full disk refuses the fetch");
+        assert!(matches!(e, spool::Error::Full { .. }), "{e}");
+    }
+    disk.set_fault(SimFault::NoSpace, false);
+    let taken = registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    let leased: Vec<(u64, u32)> = taken
+        .deliveries
+        .iter()
+        .map(|d| (d.message.offset.0, d.delivery))
+        .collect();
+    assert_eq!(leased, [(0, 1), (1, 1), (2, 1), (3, 1)], "first deliveries");
+    let offsets: Vec<u64> = leased.iter().map(|&(o, _)| o).collect();
+    topic
+        .nack("workers", &as_offsets(&offsets), 0)
+        .expect("nack");
+    let again = registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch");
+    assert!(again.dead_letters.is_empty(), "{:?}", again.dead_letters);
+    let deliveries: Vec<u32> = again.deliveries.iter().map(|d| d.delivery).collect();
+    assert_eq!(deliveries, [2, 2, 2, 2], "second deliveries");
 }

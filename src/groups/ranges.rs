@@ -63,6 +63,23 @@ impl RangeSet {
         self.ranges.insert(start, end);
     }
 
+    /// Removes one value.
+    pub fn remove(&mut self, x: u64) {
+        let Some((&start, &end)) = self.ranges.range(..=x).next_back() else {
+            return;
+        };
+        if x >= end {
+            return;
+        }
+        self.ranges.remove(&start);
+        if start < x {
+            self.ranges.insert(start, x);
+        }
+        if x + 1 < end {
+            self.ranges.insert(x + 1, end);
+        }
+    }
+
     /// Removes every value below `x`.
     pub fn remove_below(&mut self, x: u64) {
         let below: Vec<(u64, u64)> = self.ranges.range(..x).map(|(&s, &e)| (s, e)).collect();
@@ -162,7 +179,7 @@ mod tests {
 
         #[test]
         fn behaves_like_a_set_of_values(
-            ops in proptest::collection::vec((0u8..4, 0u64..200, 1u64..20), 0..80),
+            ops in proptest::collection::vec((0u8..5, 0u64..200, 1u64..20), 0..80),
             probes in proptest::collection::vec(0u64..230, 0..40),
         ) {
             let mut set = RangeSet::new();
@@ -172,6 +189,7 @@ mod tests {
                     0 => { set.insert(x); model.insert(x); }
                     1 => { set.insert_range(x..x + len); model.extend(x..x + len); }
                     2 => { set.remove_below(x); model.retain(|v| *v >= x); }
+                    3 => { set.remove(x); model.remove(&x); }
                     _ => { set.remove_from(x); model.retain(|v| *v < x); }
                 }
                 let ranges: Vec<_> = set.iter().collect();

@@ -556,6 +556,23 @@ impl Group {
         Ok(())
     }
 
+    /// [`Group::undeliver`] for a fetch that failed after leasing (a full
+    /// disk): a first delivery not journaled yet is forgotten in memory,
+    /// with nothing to write, so the take-back holds on the disk that
+    /// refused the fetch. The lease must be given back first.
+    pub fn take_back(&mut self, offset: u64, delivery: u32) -> Result<()> {
+        if delivery == 1
+            && self.unjournaled.contains(offset)
+            && !self.counts.contains_key(&offset)
+            && !self.leases.contains_key(&offset)
+        {
+            self.unjournaled.remove(offset);
+            self.delivered.remove(offset);
+            return Ok(());
+        }
+        self.undeliver(offset, delivery)
+    }
+
     /// Completes offsets `[from, to)` (an ack, or a dead-letter handed off).
     /// Durable after [`Group::sync`].
     pub fn complete(&mut self, from: u64, to: u64) -> Result<()> {

@@ -120,13 +120,17 @@ impl Topic {
         match durable {
             Ok(durable) => Ok((out, durable, read_from)),
             Err(e) => {
-                let leased = out.deliveries.iter().map(|d| &d.message);
+                // Nobody gets the leased messages: due again at once, their
+                // deliveries taken back (they never left the broker).
+                for d in &out.deliveries {
+                    g.defer(d.message.offset.0, now);
+                    if let Err(e) = g.take_back(d.message.offset.0, d.delivery) {
+                        tracing::warn!(topic = self.name(), group = g.name(), offset = d.message.offset.0, error = %e,
+                            "could not take back the delivery of a fetch that failed; it counts toward max_deliveries");
+                    }
+                }
                 let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
-                for o in leased
-                    .chain(unhandled)
-                    .map(|m| m.offset.0)
-                    .collect::<Vec<_>>()
-                {
+                for o in unhandled.map(|m| m.offset.0).collect::<Vec<_>>() {
                     g.defer(o, now);
                 }
                 Err(e)
