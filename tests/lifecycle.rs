@@ -512,6 +512,53 @@ fn a_topic_creation_cut_by_a_crash_or_a_full_disk_leaves_the_topic_whole_or_abse
     assert_eq!(t.stats().end.0, 0);
 }
 
+/// Deleting a topic is how a full disk is given room, so it needs none:
+/// on a fresh data directory (no deletion before it) the deletion goes
+/// through with the disk full, and the topic is gone for good.
+#[test]
+fn a_topic_is_deleted_on_a_full_disk() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let t = registry.create_topic("t", marked_config()).expect("create");
+    t.produce(&[NewMessage::from_value("m")]).expect("produce");
+    drop(t);
+    disk.set_fault(SimFault::NoSpace, true);
+    registry
+        .delete_topic("t")
+        .expect("deleted with the disk full");
+    assert!(listing(&disk, "/data/topics").is_empty());
+    disk.set_fault(SimFault::NoSpace, false);
+    let registry = power_cut(&disk, registry);
+    assert!(registry.topic("t").is_err(), "the deletion holds");
+}
+
+/// A topic that closed for being unused while a full disk refused its
+/// clean checkpoint is opened again by the final stop to write it: with
+/// room by then the stop is clean; without, the stop fails and is not
+/// recorded as clean, so the next start recovers the topic.
+#[test]
+fn a_topic_closed_without_its_clean_checkpoint_is_stopped_again_at_the_end() {
+    for room in [true, false] {
+        let disk = Arc::new(SimDisk::new());
+        let registry = open_registry(&disk);
+        let t = registry.create_topic("t", marked_config()).expect("create");
+        t.produce(&[NewMessage::from_value("m")]).expect("produce");
+        drop(t);
+        disk.set_fault(SimFault::NoSpace, true);
+        assert!(registry.close_unused("t"), "closed all the same");
+        assert!(registry.open_topic("t").is_none());
+        disk.set_fault(SimFault::NoSpace, !room);
+        let stopped = registry.stop_all();
+        assert_eq!(stopped.is_ok(), room, "room {room}: {stopped:?}");
+        disk.set_fault(SimFault::NoSpace, false);
+        drop(registry);
+        let registry = open_registry(&disk);
+        assert_eq!(registry.clean_start(), room, "room {room}");
+        let t = registry.topic("t").expect("topic");
+        assert_eq!(t.stats().end.0, 1, "room {room}");
+    }
+}
+
 #[test]
 fn a_topic_deletion_cut_by_a_crash_leaves_the_topic_whole_or_absent() {
     for n in 0.. {

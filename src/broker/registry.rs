@@ -75,12 +75,21 @@ pub struct Registry {
     opened: Arc<tokio::sync::Notify>,
     /// Topics whose config has `delete_when_idle_ms`.
     idle_deletable: Mutex<BTreeSet<String>>,
+    /// Topics closed without their clean checkpoint (a full disk refused
+    /// it as they closed for being unused): [`Registry::stop_all`] opens
+    /// them again to write it, or the stop is not clean.
+    closed_unclean: Mutex<BTreeSet<String>>,
     /// The last topic [`Registry::retention_due`] took.
     retention_cursor: Mutex<String>,
     /// Opens from disk under way, at most [`OPENERS`]: each holds files
     /// of its own while it reads and checkpoints, on top of the open
     /// topics' budget, until the sweep that keeps the budget catches up.
     openers: (Mutex<usize>, std::sync::Condvar),
+}
+
+/// `m`'s guard, also after a panic while it was held.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Most topics opened from disk at once.
@@ -205,6 +214,7 @@ impl Registry {
             clean_start,
             opened: Arc::new(tokio::sync::Notify::new()),
             idle_deletable: Mutex::new(BTreeSet::new()),
+            closed_unclean: Mutex::new(BTreeSet::new()),
             retention_cursor: Mutex::new(String::new()),
             openers: (Mutex::new(0), std::sync::Condvar::new()),
         })
@@ -361,7 +371,10 @@ impl Registry {
         let opened = self.open_from_disk(name);
         drop(opening);
         let topic = match opened {
-            Ok(topic) => Arc::new(topic),
+            Ok(topic) => {
+                lock(&self.closed_unclean).remove(name);
+                Arc::new(topic)
+            }
             // Out of descriptors or memory: the broker closes unused
             // topics and tries once more, so this is no error yet.
             Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
@@ -634,12 +647,14 @@ impl Registry {
                 }
                 tracing::warn!(topic = name, error = %e,
                     "closing an idle topic without its clean checkpoint; its next open recovers it");
+                lock(&self.closed_unclean).insert(name.to_owned());
             }
             Err(e) => {
                 tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync or clean checkpoint failed; its next open recovers it");
                 if topic.is_read_only() {
                     return false;
                 }
+                lock(&self.closed_unclean).insert(name.to_owned());
             }
         }
         let now = now_ms();
@@ -750,9 +765,21 @@ impl Registry {
     /// with the files of every topic already stopped and held by nobody
     /// else closed first.
     pub fn stop_all(&self) -> Result<()> {
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        // Opened again (which recovers them) to be stopped with the others.
+        let unclean = std::mem::take(&mut *lock(&self.closed_unclean));
+        for name in unclean {
+            match self.topic(&name) {
+                Ok(_) | Err(Error::TopicNotFound(_)) => {}
+                Err(e) => {
+                    tracing::error!(topic = name, error = %e,
+                        "a topic closed without its clean checkpoint cannot be opened to write it; the next start recovers the topic");
+                    lock(&failed).get_or_insert(e);
+                }
+            }
+        }
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         let next = AtomicUsize::new(0);
-        let failed: Mutex<Option<Error>> = Mutex::new(None);
         let again: Mutex<Vec<&String>> = Mutex::new(Vec::new());
         let fail = |topic: &Topic, e: Error| {
             tracing::error!(topic = topic.name(), error = %e,

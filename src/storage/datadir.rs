@@ -81,11 +81,20 @@ impl DataDir {
                 }
             }
         };
-        Ok(DataDir {
+        let dir = DataDir {
             root,
             storage,
             _lock: lock,
-        })
+        };
+        // Made now rather than at the first creation or deletion: a new
+        // directory takes a block on ext4, and deleting a topic is how a
+        // full disk is given room.
+        for folder in [STAGING_DIR, TRASH_DIR] {
+            if let Err(e) = dir.scratch_folder(folder) {
+                tracing::warn!(error = %e, "could not make {folder}/ ahead; the first topic creation or deletion makes it");
+            }
+        }
+        Ok(dir)
     }
 
     /// The same directory, still locked, with its files reached through
@@ -252,6 +261,19 @@ impl DataDir {
     /// A name not yet used in `folder` (`staging/` or `trash/`, created with
     /// a durable entry in the root if missing) for a folder of topic `name`.
     fn scratch_path(&self, folder: &str, name: &str) -> Result<PathBuf> {
+        let parent = self.scratch_folder(folder)?;
+        loop {
+            let n = NEXT_SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = parent.join(format!("{name}.{}.{n}", super::log::now_ms()));
+            if !self.storage.exists(&path) {
+                return Ok(path);
+            }
+        }
+    }
+
+    /// `folder` (`staging/` or `trash/`), created with a durable entry in
+    /// the root if missing.
+    fn scratch_folder(&self, folder: &str) -> Result<PathBuf> {
         let parent = self.root.join(folder);
         if !self.storage.exists(&parent) {
             self.storage
@@ -261,13 +283,7 @@ impl DataDir {
                 .sync_dir(&self.root)
                 .ctx(|| format!("syncing {}", self.root.display()))?;
         }
-        loop {
-            let n = NEXT_SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = parent.join(format!("{name}.{}.{n}", super::log::now_ms()));
-            if !self.storage.exists(&path) {
-                return Ok(path);
-            }
-        }
+        Ok(parent)
     }
 
     /// Opens (creating if needed) the log of `topic`.

@@ -179,10 +179,20 @@ pub fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
     let file = storage.open(&tmp, OpenMode::CreateOrOpen)?;
-    file.set_len(0)?;
-    file.write_at(0, bytes)?;
-    file.sync_data()?;
-    storage.rename(&tmp, path)?;
+    let replaced = file
+        .set_len(0)
+        .and_then(|()| file.write_at(0, bytes))
+        .and_then(|()| file.sync_data())
+        .and_then(|()| storage.rename(&tmp, path));
+    if let Err(e) = replaced {
+        // Not left for the next start to find (a full disk refuses the
+        // write, and the file would stay until the next replace).
+        drop(file);
+        if let Err(removing) = storage.remove_file(&tmp) {
+            tracing::debug!(file = %tmp.display(), error = %removing, "could not remove a temp file after a failed replace");
+        }
+        return Err(e);
+    }
     storage.sync_dir(dir)
 }
 
@@ -191,4 +201,28 @@ fn out_of_range(what: &str, pos: u64, len: u64, limit: u64) -> io::Error {
         io::ErrorKind::InvalidInput,
         format!("{what} of {len} bytes at {pos} goes past {limit}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replace a full disk refuses leaves the old content and no temp
+    /// file behind.
+    #[test]
+    fn a_refused_replace_leaves_no_temp_file() {
+        let disk = SimDisk::new();
+        let path = Path::new("/d/checkpoint");
+        disk.create_dir_all(Path::new("/d")).expect("dir");
+        write_file_atomic(&disk, path, b"old").expect("first write");
+        disk.set_fault(SimFault::NoSpace, true);
+        let e = write_file_atomic(&disk, path, b"new content").expect_err("no space");
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        disk.set_fault(SimFault::NoSpace, false);
+        assert!(
+            !disk.exists(Path::new("/d/checkpoint.tmp")),
+            "temp file left"
+        );
+        assert_eq!(read_file(&disk, path).expect("read"), b"old");
+    }
 }

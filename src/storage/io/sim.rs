@@ -27,7 +27,8 @@ pub const SIM_PAGE: usize = 4096;
 pub enum SimFault {
     /// Every sync (`sync_range`, `sync_data`, `sync_dir`) fails with EIO.
     SyncError,
-    /// Every allocation or extending write fails with ENOSPC.
+    /// Every allocation or extending write fails with ENOSPC, and so does
+    /// making a directory (on ext4 a new directory takes a block).
     NoSpace,
     /// Every open of a file and every directory sync (which opens the
     /// directory) fails with EMFILE: the process is out of descriptors.
@@ -367,6 +368,9 @@ impl Storage for SimDisk {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
+        if state.no_space && !state.dirs.contains(dir) {
+            return Err(enospc());
+        }
         for ancestor in dir.ancestors() {
             if ancestor.as_os_str().is_empty() {
                 continue;
