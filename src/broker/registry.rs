@@ -75,8 +75,8 @@ pub struct Registry {
     opened: Arc<tokio::sync::Notify>,
     /// Topics whose config has `delete_when_idle_ms`.
     idle_deletable: Mutex<BTreeSet<String>>,
-    /// Topics closed without their clean checkpoint (a full disk refused
-    /// it as they closed for being unused): [`Registry::stop_all`] opens
+    /// Topics whose last close for being unused went without its clean
+    /// checkpoint (a full disk refused it): [`Registry::stop_all`] opens
     /// them again to write it, or the stop is not clean.
     closed_unclean: Mutex<BTreeSet<String>>,
     /// The last topic [`Registry::retention_due`] took.
@@ -371,10 +371,7 @@ impl Registry {
         let opened = self.open_from_disk(name);
         drop(opening);
         let topic = match opened {
-            Ok(topic) => {
-                lock(&self.closed_unclean).remove(name);
-                Arc::new(topic)
-            }
+            Ok(topic) => Arc::new(topic),
             // Out of descriptors or memory: the broker closes unused
             // topics and tries once more, so this is no error yet.
             Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
@@ -635,7 +632,9 @@ impl Registry {
             return false;
         }
         match topic.stop() {
-            Ok(()) => {}
+            Ok(()) => {
+                lock(&self.closed_unclean).remove(name);
+            }
             // Out of descriptors or memory for the checkpoint's temp file:
             // what it holds is synced, and closing it is what frees them
             // (keeping it open until the checkpoint can be written kept
@@ -645,16 +644,21 @@ impl Registry {
                 if topic.is_read_only() {
                     return false;
                 }
-                tracing::warn!(topic = name, error = %e,
-                    "closing an idle topic without its clean checkpoint; its next open recovers it");
-                lock(&self.closed_unclean).insert(name.to_owned());
+                // Said once until a close of the topic succeeds (a listing
+                // opens and closes such a topic each time).
+                if lock(&self.closed_unclean).insert(name.to_owned()) {
+                    tracing::warn!(topic = name, error = %e,
+                        "closing an idle topic without its clean checkpoint; its next open recovers it");
+                }
             }
             Err(e) => {
-                tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync or clean checkpoint failed; its next open recovers it");
                 if topic.is_read_only() {
+                    tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed; it stays open, read-only, until a restart");
                     return false;
                 }
-                lock(&self.closed_unclean).insert(name.to_owned());
+                if lock(&self.closed_unclean).insert(name.to_owned()) {
+                    tracing::error!(topic = name, error = %e, "closing an idle topic: its clean checkpoint failed; its next open recovers it, and the final stop tries again");
+                }
             }
         }
         let now = now_ms();

@@ -749,6 +749,9 @@ async fn periodic<T, W, R>(
     R: Fn(&str, T),
 {
     let work = Arc::new(work);
+    // A failure is logged once, and again only after a success: a full
+    // disk refuses the checkpoint every second for as long as it lasts.
+    let mut failing = false;
     let mut interval = tokio::time::interval(schedule.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !schedule.now {
@@ -775,10 +778,21 @@ async fn periodic<T, W, R>(
         let work = Arc::clone(&work);
         let t = Arc::clone(&topic);
         match tokio::task::spawn_blocking(move || work(&t)).await {
-            Ok(Ok(done)) => report(&name, done),
+            Ok(Ok(done)) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(topic = %name, "{what} works again");
+                }
+                report(&name, done);
+            }
             // Deleted meanwhile.
             Ok(Err(Error::TopicNotFound(_))) => return,
-            Ok(Err(e)) => tracing::error!(topic = %name, error = %e, "{what} failed"),
+            Ok(Err(e)) if failing => {
+                tracing::debug!(topic = %name, error = %e, "{what} failed again");
+            }
+            Ok(Err(e)) => {
+                failing = true;
+                tracing::error!(topic = %name, error = %e, "{what} failed; said again once it has worked");
+            }
             Err(_) => tracing::error!(topic = %name, "{what} panicked"),
         }
         // Whatever dropped or rewrote segments (this task, or a compaction
