@@ -512,17 +512,24 @@ fn a_topic_creation_cut_by_a_crash_or_a_full_disk_leaves_the_topic_whole_or_abse
     assert_eq!(t.stats().end.0, 0);
 }
 
-/// Deleting a topic is how a full disk is given room, so it needs none:
-/// on a fresh data directory (no deletion before it) the deletion goes
-/// through with the disk full, and the topic is gone for good.
-#[test]
-fn a_topic_is_deleted_on_a_full_disk() {
+/// A fresh data directory with topic `t` holding one message, its disk
+/// then full.
+fn one_message_in_t_on_a_full_disk() -> (Arc<SimDisk>, Registry) {
     let disk = Arc::new(SimDisk::new());
     let registry = open_registry(&disk);
     let t = registry.create_topic("t", marked_config()).expect("create");
     t.produce(&[NewMessage::from_value("m")]).expect("produce");
     drop(t);
     disk.set_fault(SimFault::NoSpace, true);
+    (disk, registry)
+}
+
+/// Deleting a topic is how a full disk is given room, so it needs none:
+/// on a fresh data directory (no deletion before it) the deletion goes
+/// through with the disk full, and the topic is gone for good.
+#[test]
+fn a_topic_is_deleted_on_a_full_disk() {
+    let (disk, registry) = one_message_in_t_on_a_full_disk();
     registry
         .delete_topic("t")
         .expect("deleted with the disk full");
@@ -539,12 +546,7 @@ fn a_topic_is_deleted_on_a_full_disk() {
 #[test]
 fn a_topic_closed_without_its_clean_checkpoint_is_stopped_again_at_the_end() {
     for room in [true, false] {
-        let disk = Arc::new(SimDisk::new());
-        let registry = open_registry(&disk);
-        let t = registry.create_topic("t", marked_config()).expect("create");
-        t.produce(&[NewMessage::from_value("m")]).expect("produce");
-        drop(t);
-        disk.set_fault(SimFault::NoSpace, true);
+        let (disk, registry) = one_message_in_t_on_a_full_disk();
         assert!(registry.close_unused("t"), "closed all the same");
         assert!(registry.open_topic("t").is_none());
         disk.set_fault(SimFault::NoSpace, !room);
