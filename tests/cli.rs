@@ -297,6 +297,24 @@ fn bad_input_gets_one_line_and_the_documented_exit_code() {
             assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
         }
     }
+    // An exported but empty SPOOL_TLS_CA is named as such, for the client
+    // commands and for bench.
+    for args in [&["topic", "list"][..], &["bench", "produce", "--server", s]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(args)
+            .env("SPOOL_SERVER", s)
+            .env("SPOOL_TLS_CA", "")
+            .output()
+            .expect("run spool");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(
+                "the file name is empty (an empty SPOOL_TLS_CA in the environment counts too"
+            ),
+            "{err}"
+        );
+    }
     let unreachable = spool("127.0.0.1:1", &["topic", "list"], None);
     assert_eq!(unreachable.status.code(), Some(1));
     let err = stderr(&unreachable);

@@ -78,7 +78,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = super::common::parse_server)]
     server: Option<String>,
     /// With --server: connect with TLS, trusting the CAs of this PEM file.
-    #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE")]
+    #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE", value_parser = super::common::parse_ca_file)]
     tls_ca: Option<PathBuf>,
     /// With --server: the token to present.
     #[arg(

@@ -24,7 +24,13 @@ pub struct ServerArg {
     )]
     pub server: String,
     /// Connect with TLS, trusting the CA certificates of this PEM file.
-    #[arg(long, env = "SPOOL_TLS_CA", value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        env = "SPOOL_TLS_CA",
+        value_name = "FILE",
+        global = true,
+        value_parser = parse_ca_file
+    )]
     pub tls_ca: Option<PathBuf>,
     /// The name the broker's certificate must be valid for (default: the
     /// host of --server).
@@ -39,6 +45,19 @@ pub struct ServerArg {
         hide_env_values = true
     )]
     pub token: Option<String>,
+}
+
+/// The PEM file of `--tls-ca`; an empty one (an exported but empty
+/// `SPOOL_TLS_CA` most often) is named as such.
+pub fn parse_ca_file(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err(
+            "the file name is empty (an empty SPOOL_TLS_CA in the environment counts too: \
+             unset it to connect without TLS)"
+                .into(),
+        );
+    }
+    Ok(PathBuf::from(s))
 }
 
 /// `HOST:PORT` (a name or an address; `[::1]:7411` for IPv6).
