@@ -161,6 +161,8 @@ struct Active {
     tix: Arc<dyn StorageFile>,
     idx_persisted: usize,
     tix_persisted: usize,
+    /// Whether the last write of index entries failed (logged once).
+    index_failing: bool,
     first_offset: Option<u64>,
     write_pos: u64,
     synced_pos: u64,
@@ -1663,6 +1665,7 @@ impl Active {
             tix,
             idx_persisted,
             tix_persisted,
+            index_failing: false,
             first_offset: state.first_offset,
             write_pos: end_position,
             synced_pos: end_position,
@@ -1719,11 +1722,17 @@ impl Active {
             (Ok(()), Ok(())) => {
                 self.idx_persisted = idx_count;
                 self.tix_persisted = tix_count;
+                if std::mem::take(&mut self.index_failing) {
+                    tracing::info!(file = %self.segment.paths().idx.display(), "index entries persisted again");
+                }
             }
-            (Err(e), _) | (_, Err(e)) => {
+            // Once per spell: a full disk refuses it at every commit.
+            (Err(e), _) | (_, Err(e)) if !self.index_failing => {
+                self.index_failing = true;
                 tracing::warn!(file = %self.segment.paths().idx.display(), error = %e,
-                    "could not persist index entries; the next open rebuilds them");
+                    "could not persist index entries; the next open rebuilds them (said again once they are persisted)");
             }
+            (Err(_), _) | (_, Err(_)) => {}
         }
     }
 }
