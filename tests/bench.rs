@@ -527,3 +527,26 @@ fn an_interrupted_socketio_bench_stops_its_broker_and_leaves_nothing_behind() {
     // a produce or consume run may take for that.
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+/// An open loop bounded by time ends with it: at a rate the broker cannot
+/// take, the run sends fewer messages than rate × duration instead of
+/// sending every due one for as long as that takes.
+#[test]
+fn an_open_loop_ends_with_its_duration_however_far_behind() {
+    let r = bench(&[
+        "produce",
+        "--rate",
+        "10000000",
+        "--duration",
+        "0.3",
+        "--size",
+        "100",
+        "--batch",
+        "1000",
+        "--fsync",
+        "never",
+    ]);
+    let sent = number(&r, "throughput.messages");
+    assert!(sent > 0.0, "{r}");
+    assert!(sent < 3_000_000.0, "every due message was sent: {r}");
+}

@@ -714,4 +714,29 @@ fn a_huge_file_where_a_small_one_belongs_is_refused_by_its_size() {
     assert!(ok, "{logs}");
     let len = std::fs::metadata(&checkpoint).expect("checkpoint").len();
     assert!(len < 4096, "the checkpoint was written anew: {len} bytes");
+
+    // A group journal: damage for verify and serve; skip-damaged sets it
+    // aside and the topic opens with every message.
+    let journal = dir.join("groups").join("q.journal");
+    grow(&journal);
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        damage_files(&report)
+            .iter()
+            .any(|f| Path::new(f) == journal),
+        "{report}"
+    );
+    serve_refuses(data, "q.journal");
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let all = common::replay_all(&client, TOPIC).await;
+        assert_eq!(all.len(), 50, "every message, the journal given up");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(!journal.exists() || std::fs::metadata(&journal).expect("journal").len() < TIB);
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "{report}");
 }

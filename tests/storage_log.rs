@@ -1067,7 +1067,7 @@ fn offsets_end_at_the_last_one_there_is_and_never_wrap() {
     assert_eq!(first.first, Offset(u64::MAX - 2));
     let e = log.append(&[msg(2)]).expect_err("no offset is left");
     assert!(
-        matches!(&e, Error::InvalidArgument(m) if m.contains("offsets end at 18446744073709551615")),
+        matches!(&e, Error::LimitReached(m) if m.contains("no offsets left for 1 more message: its next offset is 18446744073709551615, and offsets end at 18446744073709551615")),
         "{e}"
     );
     let all = log.read(Offset(0), 10, 1 << 20).expect("read");

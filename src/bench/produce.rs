@@ -308,6 +308,18 @@ async fn open_loop(
                     break;
                 };
                 let due = send.due.unwrap_or_default();
+                // A run bounded by time ends with it, however far behind its
+                // timetable the sends are (a rate the broker cannot take
+                // would otherwise send every due message, for as long as
+                // that takes).
+                let ended = spec
+                    .schedule
+                    .duration()
+                    .and_then(|d| spec.origin.checked_add(d))
+                    .is_some_and(|end| Instant::now() >= end);
+                if ended {
+                    break;
+                }
                 let messages = batches.of(&send, spec.stamp.then_some(due));
                 let due_at = spec.origin + due;
                 pacing::sleep_until(due_at);

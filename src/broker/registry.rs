@@ -196,6 +196,7 @@ impl Registry {
     /// from the data directory's marker ([`DataDir::take_clean_stop`]).
     pub fn open(data: DataDir, options: RegistryOptions) -> Result<Registry> {
         data.clear_leftovers()?;
+        data.make_scratch_folders();
         let clean_start = data.take_clean_stop()?;
         let now = now_ms();
         let mut topics = BTreeMap::new();

@@ -791,7 +791,7 @@ async fn periodic<T, W, R>(
             }
             Ok(Err(e)) => {
                 failing = true;
-                tracing::error!(topic = %name, error = %e, "{what} failed; said again once it has worked");
+                tracing::error!(topic = %name, error = %e, "{what} failed; not logged again while it keeps failing");
             }
             Err(_) => tracing::error!(topic = %name, "{what} panicked"),
         }

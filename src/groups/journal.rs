@@ -13,7 +13,7 @@
 
 use crate::error::{Corruption, Error, IoContext, Result};
 use crate::storage::RecoveryMode;
-use crate::storage::io::{OpenMode, Storage, StorageFile, read_file, write_file_atomic};
+use crate::storage::io::{OpenMode, Storage, StorageFile, read_file_within, write_file_atomic};
 use crate::storage::message::NewMessage;
 use crate::storage::record::{self, Frame};
 use crate::storage::recovery::{Truncation, find_next_valid};
@@ -316,8 +316,7 @@ impl Journal {
         let skip = recovery.mode == RecoveryMode::SkipDamaged;
         // Entries with a sequence below this are already in the snapshot.
         let mut first_uncovered = 0u64;
-        if storage.exists(&snap_path) {
-            let data = read_all(&*storage, &snap_path)?;
+        if let Some(data) = read_bounded(&*storage, dir, &snap_path, skip, &mut replayed.damage)? {
             match snapshot_record(&data) {
                 Ok(r) => {
                     first_uncovered = r.offset;
@@ -379,12 +378,9 @@ impl Journal {
                 replayed.damage.push(damage);
             }
         }
-        let existed = storage.exists(&path);
-        let mut data = if existed {
-            read_all(&*storage, &path)?
-        } else {
-            Vec::new()
-        };
+        let read = read_bounded(&*storage, dir, &path, skip, &mut replayed.damage)?;
+        let existed = read.is_some();
+        let mut data = read.unwrap_or_default();
         let mut pos = 0usize;
         let mut last_seq: Option<u64> = None;
         // Under skip-damaged: the valid entries with their sequence numbers,
@@ -778,8 +774,70 @@ fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-fn read_all(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
-    read_file(storage, path).ctx(|| format!("reading {}", path.display()))
+/// Most bytes a journal or a snapshot is read from: a snapshot is one
+/// record, and a journal holds far less between two snapshots.
+pub(crate) const MAX_JOURNAL_FILE: u64 = u32::MAX as u64;
+
+/// The bytes of journal file `path` in `dir`, `None` when it is missing.
+/// One longer than [`MAX_JOURNAL_FILE`], or too large for memory, is
+/// damage: refused, or under skip-damaged (`skip`) moved whole to
+/// `quarantine/`, noted in `damage` and taken as missing.
+fn read_bounded(
+    storage: &dyn Storage,
+    dir: &Path,
+    path: &Path,
+    skip: bool,
+    damage: &mut Vec<Corruption>,
+) -> Result<Option<Vec<u8>>> {
+    if !storage.exists(path) {
+        return Ok(None);
+    }
+    let e = match read_file_within(storage, path, MAX_JOURNAL_FILE) {
+        Ok(data) => return Ok(Some(data)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::OutOfMemory
+            ) =>
+        {
+            e
+        }
+        Err(e) => return Err(e).ctx(|| format!("reading {}", path.display())),
+    };
+    let len = storage
+        .open(path, OpenMode::Existing)
+        .and_then(|f| f.len())
+        .unwrap_or(0);
+    let found = Corruption {
+        file: path.to_path_buf(),
+        bytes: 0..len,
+        offsets: None,
+        detail: format!(
+            "{e}: no journal or snapshot is that large. Start with recovery mode skip-damaged \
+             (`spool serve --recovery skip-damaged`) to set it aside in quarantine/ and give up \
+             the state it held"
+        ),
+    };
+    if !skip {
+        return Err(Error::corruption(found));
+    }
+    let quarantine = crate::storage::recovery::quarantine_dir(storage, dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("journal");
+    let to = quarantine.join(format!("{name}.0-{len}.{}", crate::storage::log::now_ms()));
+    storage
+        .rename(path, &to)
+        .ctx(|| format!("moving {} to {}", path.display(), to.display()))?;
+    for folder in [dir, &quarantine] {
+        storage
+            .sync_dir(folder)
+            .ctx(|| format!("syncing {}", folder.display()))?;
+    }
+    tracing::error!(damage = %found.given_up(), "set a journal file too large to read aside");
+    damage.push(found);
+    Ok(None)
 }
 
 #[cfg(test)]

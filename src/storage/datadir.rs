@@ -81,20 +81,24 @@ impl DataDir {
                 }
             }
         };
-        let dir = DataDir {
+        Ok(DataDir {
             root,
             storage,
             _lock: lock,
-        };
-        // Made now rather than at the first creation or deletion: a new
-        // directory takes a block on ext4, and deleting a topic is how a
-        // full disk is given room.
+        })
+    }
+
+    /// Makes `staging/` and `trash/` if missing, for a broker about to
+    /// serve (not for a check such as `spool verify`): made ahead rather
+    /// than at the first creation or deletion, since a new directory takes
+    /// a block on ext4 and deleting a topic is how a full disk is given
+    /// room. A failure is logged; that first use makes them then.
+    pub fn make_scratch_folders(&self) {
         for folder in [STAGING_DIR, TRASH_DIR] {
-            if let Err(e) = dir.scratch_folder(folder) {
+            if let Err(e) = self.scratch_folder(folder) {
                 tracing::warn!(error = %e, "could not make {folder}/ ahead; the first topic creation or deletion makes it");
             }
         }
-        Ok(dir)
     }
 
     /// The same directory, still locked, with its files reached through

@@ -818,10 +818,12 @@ impl Log {
         // file put there by hand) gets here: wrapping around would hand
         // out offset 0 again.
         if first.checked_add(batch.len() as u64).is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "{} cannot take {} more messages: its next offset is {first}, and offsets end at {}",
+            return Err(Error::LimitReached(format!(
+                "{} has no offsets left for {} more message{}: its next offset is {first}, and \
+                 offsets end at {}",
                 self.dir.display(),
                 batch.len(),
+                if batch.len() == 1 { "" } else { "s" },
                 u64::MAX
             )));
         }

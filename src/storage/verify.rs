@@ -12,7 +12,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::index::{IndexBuilder, SegmentIndex};
-use super::io::{Storage, read_file, read_file_within};
+use super::io::{Storage, read_file_within};
 use super::record::{self, Frame};
 use super::recovery::{Stop, find_next_valid, scan, segment_bound};
 use super::segment::{SegmentPaths, parse_log_name};
@@ -534,7 +534,7 @@ fn verify_journal(
 ) -> Result<()> {
     let snap = dir.join(format!("{name}.snap"));
     let mut first_uncovered = 0;
-    if let Some(data) = read_if_exists(storage, &snap)? {
+    if let Some(data) = read_journal_file(storage, &snap, report)? {
         report.files += 1;
         report.bytes += data.len() as u64;
         match crate::groups::journal::snapshot_record(&data) {
@@ -564,7 +564,7 @@ fn verify_journal(
         0
     };
     let path = dir.join(format!("{name}.journal"));
-    let data = read_if_exists(storage, &path)?.unwrap_or_default();
+    let data = read_journal_file(storage, &path, report)?.unwrap_or_default();
     report.files += 1;
     report.bytes += data.len() as u64;
     progress(report.bytes);
@@ -663,11 +663,37 @@ fn read_hint(
     }
 }
 
-fn read_if_exists(storage: &dyn Storage, path: &Path) -> Result<Option<Vec<u8>>> {
+/// A journal's or snapshot's bytes, if it exists; one too large for any
+/// (or for memory) is damage, noted, and checked as missing.
+fn read_journal_file(
+    storage: &dyn Storage,
+    path: &Path,
+    report: &mut VerifyReport,
+) -> Result<Option<Vec<u8>>> {
     if !storage.exists(path) {
         return Ok(None);
     }
-    read_file(storage, path)
-        .map(Some)
-        .ctx(|| format!("reading {}", path.display()))
+    match read_file_within(storage, path, crate::groups::journal::MAX_JOURNAL_FILE) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::OutOfMemory
+            ) =>
+        {
+            let len = storage
+                .open(path, super::io::OpenMode::Existing)
+                .and_then(|f| f.len())
+                .unwrap_or(0);
+            report.damage.push(Finding {
+                file: path.to_path_buf(),
+                bytes: 0..len,
+                offsets: None,
+                detail: format!("{e}: no journal or snapshot is that large"),
+            });
+            Ok(None)
+        }
+        other => other
+            .map(Some)
+            .ctx(|| format!("reading {}", path.display())),
+    }
 }
