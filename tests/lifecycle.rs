@@ -552,6 +552,16 @@ fn a_topic_closed_without_its_clean_checkpoint_is_stopped_again_at_the_end() {
         disk.set_fault(SimFault::NoSpace, !room);
         let stopped = registry.stop_all();
         assert_eq!(stopped.is_ok(), room, "room {room}: {stopped:?}");
+        let checkpoint = spool::storage::checkpoint::Checkpoint::load(
+            &*disk,
+            std::path::Path::new("/data/topics/t"),
+        )
+        .expect("checkpoint");
+        assert_eq!(
+            checkpoint.is_some_and(|c| c.clean),
+            room,
+            "room {room}: the topic's clean checkpoint written by the stop"
+        );
         disk.set_fault(SimFault::NoSpace, false);
         drop(registry);
         let registry = open_registry(&disk);

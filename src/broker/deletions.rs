@@ -62,6 +62,18 @@ impl Deletions {
         for r in ranges {
             self.set.insert_range(r.clone());
         }
+        // Only compaction prunes deletions: without snapshots of its own,
+        // a topic taking deletes and never compacted would grow its
+        // journal without bound. The deletion itself is journaled already,
+        // so a snapshot that fails (a full disk) is tried again later.
+        if self.journal.entries_since_snapshot() >= crate::groups::SNAPSHOT_EVERY
+            && let Err(e) = self
+                .journal
+                .sync()
+                .and_then(|()| self.journal.snapshot(&encode(self.set.iter())))
+        {
+            tracing::debug!(error = %e, "could not snapshot the deletions; tried again at the next one");
+        }
         Ok(())
     }
 
@@ -160,6 +172,39 @@ mod tests {
             prop_assert_eq!(decode(&encode(ranges.into_iter()), &mut got), Some(()));
             prop_assert_eq!(got, want);
         }
+    }
+
+    /// A topic that takes deletes and is never compacted (the only pruning)
+    /// keeps its journal short: a snapshot every `SNAPSHOT_EVERY` entries,
+    /// with every deletion there after a reopen.
+    #[test]
+    fn deletions_take_snapshots_of_their_own() {
+        let disk = Arc::new(crate::storage::io::SimDisk::new());
+        let dir = Path::new("/t");
+        let open = || {
+            Deletions::open(
+                Arc::clone(&disk) as Arc<dyn Storage>,
+                dir,
+                JournalRecovery::default(),
+            )
+            .expect("open")
+        };
+        let mut d = open();
+        let n = crate::groups::SNAPSHOT_EVERY + 5;
+        for i in 0..n {
+            d.record(std::slice::from_ref(&(2 * i..2 * i + 1)))
+                .expect("record");
+        }
+        assert!(
+            d.journal.entries_since_snapshot() < crate::groups::SNAPSHOT_EVERY,
+            "{} entries since the last snapshot",
+            d.journal.entries_since_snapshot()
+        );
+        d.sync().expect("sync");
+        drop(d);
+        let d = open();
+        assert_eq!(d.set().count_in(0..2 * n), n);
+        assert!(d.contains(2 * (n - 1)) && !d.contains(1));
     }
 
     #[test]

@@ -13,7 +13,9 @@
 
 use crate::error::{Corruption, Error, IoContext, Result};
 use crate::storage::RecoveryMode;
-use crate::storage::io::{OpenMode, Storage, StorageFile, read_file_within, write_file_atomic};
+use crate::storage::io::{
+    OpenMode, Storage, StorageFile, file_len, read_file_within, write_file_atomic,
+};
 use crate::storage::message::NewMessage;
 use crate::storage::record::{self, Frame};
 use crate::storage::recovery::{Truncation, find_next_valid};
@@ -775,13 +777,43 @@ fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Most bytes a journal or a snapshot is read from: a snapshot is one
-/// record, and a journal holds far less between two snapshots.
+/// record, and a journal holds far less between two snapshots (groups and
+/// deletions both take one every [`crate::groups::SNAPSHOT_EVERY`]
+/// entries).
 pub(crate) const MAX_JOURNAL_FILE: u64 = u32::MAX as u64;
 
-/// The bytes of journal file `path` in `dir`, `None` when it is missing.
-/// One longer than [`MAX_JOURNAL_FILE`], or too large for memory, is
-/// damage: refused, or under skip-damaged (`skip`) moved whole to
-/// `quarantine/`, noted in `damage` and taken as missing.
+/// A journal or snapshot file as found on disk.
+pub(crate) enum JournalFile {
+    Missing,
+    Read(Vec<u8>),
+    /// Longer than [`MAX_JOURNAL_FILE`]: damage, not read.
+    TooLarge(Corruption),
+}
+
+/// Reads journal or snapshot `path` whole, unless it is longer than any
+/// is ([`JournalFile::TooLarge`]). One that does not fit in memory is an
+/// error ([`Error::MemoryExhausted`]), not damage: memory may come back.
+pub(crate) fn read_journal_file(storage: &dyn Storage, path: &Path) -> Result<JournalFile> {
+    if !storage.exists(path) {
+        return Ok(JournalFile::Missing);
+    }
+    match read_file_within(storage, path, MAX_JOURNAL_FILE) {
+        Ok(data) => Ok(JournalFile::Read(data)),
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            Ok(JournalFile::TooLarge(Corruption {
+                file: path.to_path_buf(),
+                bytes: 0..file_len(storage, path),
+                offsets: None,
+                detail: format!("{e}: no journal or snapshot is that large"),
+            }))
+        }
+        Err(e) => Err(e).ctx(|| format!("reading {}", path.display())),
+    }
+}
+
+/// [`read_journal_file`] for opening journal file `path` in `dir`: `None`
+/// when missing; one too large is refused, or under skip-damaged (`skip`)
+/// moved whole to `quarantine/`, noted in `damage` and taken as missing.
 fn read_bounded(
     storage: &dyn Storage,
     dir: &Path,
@@ -789,35 +821,15 @@ fn read_bounded(
     skip: bool,
     damage: &mut Vec<Corruption>,
 ) -> Result<Option<Vec<u8>>> {
-    if !storage.exists(path) {
-        return Ok(None);
-    }
-    let e = match read_file_within(storage, path, MAX_JOURNAL_FILE) {
-        Ok(data) => return Ok(Some(data)),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::OutOfMemory
-            ) =>
-        {
-            e
-        }
-        Err(e) => return Err(e).ctx(|| format!("reading {}", path.display())),
+    let mut found = match read_journal_file(storage, path)? {
+        JournalFile::Missing => return Ok(None),
+        JournalFile::Read(data) => return Ok(Some(data)),
+        JournalFile::TooLarge(found) => found,
     };
-    let len = storage
-        .open(path, OpenMode::Existing)
-        .and_then(|f| f.len())
-        .unwrap_or(0);
-    let found = Corruption {
-        file: path.to_path_buf(),
-        bytes: 0..len,
-        offsets: None,
-        detail: format!(
-            "{e}: no journal or snapshot is that large. Start with recovery mode skip-damaged \
-             (`spool serve --recovery skip-damaged`) to set it aside in quarantine/ and give up \
-             the state it held"
-        ),
-    };
+    found.detail.push_str(
+        ". Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) to set \
+         it aside in quarantine/ and give up the state it held",
+    );
     if !skip {
         return Err(Error::corruption(found));
     }
@@ -826,7 +838,14 @@ fn read_bounded(
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("journal");
-    let to = quarantine.join(format!("{name}.0-{len}.{}", crate::storage::log::now_ms()));
+    let stem = format!("{name}.{}-{}", found.bytes.start, found.bytes.end);
+    let mut to = quarantine.join(&stem);
+    for n in 1u32.. {
+        if !storage.exists(&to) {
+            break;
+        }
+        to = quarantine.join(format!("{stem}.{n}"));
+    }
     storage
         .rename(path, &to)
         .ctx(|| format!("moving {} to {}", path.display(), to.display()))?;

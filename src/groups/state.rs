@@ -743,11 +743,13 @@ impl Group {
     /// wait on, after letting go of the group's lock, for every change so far
     /// to be durable: waits of several callers share one sync (group commit).
     pub fn sync_later(&mut self) -> Result<SyncWait> {
-        for r in self.unjournaled.iter() {
+        let ranges: Vec<_> = self.unjournaled.iter().collect();
+        for r in ranges {
             self.journal
                 .append(&Entry::FirstDelivered(r.start, r.end).encode())?;
+            // Journaled: a take-back of these goes through the journal too.
+            self.unjournaled.remove_below(r.end);
         }
-        self.unjournaled = RangeSet::new();
         Ok(self.journal.sync_later())
     }
 

@@ -29,7 +29,7 @@
 //! changes, before segments or journals are removed (so a removal is never
 //! taken for a loss), and on a clean stop with the clean flag set.
 
-use super::io::{OpenMode, Storage, read_file_within, write_file_atomic};
+use super::io::{OpenMode, Storage, file_len, read_file_within, write_file_atomic};
 use super::log::LogStats;
 use super::message::NewMessage;
 use super::message::Offset;
@@ -192,13 +192,9 @@ impl Checkpoint {
         }
         let data = match read_file_within(storage, &path, u64::from(MAX_CHECKPOINT_BYTES)) {
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-                let len = storage
-                    .open(&path, OpenMode::Existing)
-                    .and_then(|f| f.len())
-                    .unwrap_or(0);
                 return Err(Error::corruption(Corruption {
                     file: path.clone(),
-                    bytes: 0..len,
+                    bytes: 0..file_len(storage, &path),
                     offsets: None,
                     detail: format!("checkpoint does not validate: {e}"),
                 }));

@@ -23,7 +23,7 @@ use super::checkpoint::Checkpoint;
 use super::config::MAX_SEGMENT_BYTES;
 use super::config::{LogConfig, RecoveryMode};
 use super::index::{IndexBuilder, SegmentIndex, TIME_ENTRY_LEN};
-use super::io::{OpenMode, Storage, StorageFile, read_file_within};
+use super::io::{OpenMode, Storage, StorageFile, file_len, read_file_within};
 use super::record::{self, Frame, HEADER_LEN, RECORD_MAGIC};
 use super::segment::{SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
@@ -778,11 +778,7 @@ pub(crate) fn swap_damage(
 ) -> Result<Option<(Range<u64>, String)>> {
     let data = match read_file_within(storage, swap, MAX_SEGMENT_BYTES) {
         Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
-            let len = storage
-                .open(swap, OpenMode::Existing)
-                .and_then(|f| f.len())
-                .unwrap_or(0);
-            return Ok(Some((0..len, e.to_string())));
+            return Ok(Some((0..file_len(storage, swap), e.to_string())));
         }
         other => other.ctx(|| format!("reading {}", swap.display()))?,
     };

@@ -664,36 +664,26 @@ fn read_hint(
 }
 
 /// A journal's or snapshot's bytes, if it exists; one too large for any
-/// (or for memory) is damage, noted, and checked as missing.
+/// is damage, noted, and checked as missing.
 fn read_journal_file(
     storage: &dyn Storage,
     path: &Path,
     report: &mut VerifyReport,
 ) -> Result<Option<Vec<u8>>> {
-    if !storage.exists(path) {
-        return Ok(None);
-    }
-    match read_file_within(storage, path, crate::groups::journal::MAX_JOURNAL_FILE) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::OutOfMemory
-            ) =>
-        {
-            let len = storage
-                .open(path, super::io::OpenMode::Existing)
-                .and_then(|f| f.len())
-                .unwrap_or(0);
-            report.damage.push(Finding {
-                file: path.to_path_buf(),
-                bytes: 0..len,
-                offsets: None,
-                detail: format!("{e}: no journal or snapshot is that large"),
-            });
-            Ok(None)
-        }
-        other => other
-            .map(Some)
-            .ctx(|| format!("reading {}", path.display())),
-    }
+    use crate::groups::journal::JournalFile;
+    Ok(
+        match crate::groups::journal::read_journal_file(storage, path)? {
+            JournalFile::Missing => None,
+            JournalFile::Read(data) => Some(data),
+            JournalFile::TooLarge(found) => {
+                report.damage.push(Finding {
+                    file: found.file,
+                    bytes: found.bytes,
+                    offsets: found.offsets,
+                    detail: found.detail,
+                });
+                None
+            }
+        },
+    )
 }

@@ -144,6 +144,15 @@ pub fn read_file(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
     read_file_within(storage, path, u64::MAX)
 }
 
+/// The length of file `path`, 0 when it cannot be had (for an error
+/// message about a file already found wanting).
+pub fn file_len(storage: &dyn Storage, path: &Path) -> u64 {
+    storage
+        .open(path, OpenMode::Existing)
+        .and_then(|f| f.len())
+        .unwrap_or(0)
+}
+
 /// [`read_file`] of a kind of file that never holds more than `max_len`
 /// bytes: a longer one is refused with [`io::ErrorKind::FileTooLarge`]
 /// before anything is read.

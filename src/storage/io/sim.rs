@@ -368,7 +368,8 @@ impl Storage for SimDisk {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut state = self.lock_state();
         state.check_power(state.generation)?;
-        if state.no_space && !state.dirs.contains(dir) {
+        let full = state.no_space || state.capacity.is_some_and(|cap| state.used() >= cap);
+        if full && !state.dirs.contains(dir) {
             return Err(enospc());
         }
         for ancestor in dir.ancestors() {
