@@ -652,6 +652,19 @@ fn a_sealed_segment_zeroed_in_place_is_damage() {
     }
 }
 
+/// `spool serve --recovery skip-damaged` on `data` opens the 50 messages of
+/// [`fill`] with the damaged `what` given up, and stops cleanly.
+fn every_message_under_skip_damaged(data: &Path, what: &str) {
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let all = common::replay_all(&client, TOPIC).await;
+        assert_eq!(all.len(), 50, "every message, the {what} given up");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}
+
 /// A file far larger than its kind ever is (a sparse 1 TiB file where an
 /// index or a checkpoint belongs) is refused by its size, never read into
 /// memory: the broker stays up, an oversized index is a note for `verify`
@@ -704,14 +717,7 @@ fn a_huge_file_where_a_small_one_belongs_is_refused_by_its_size() {
     let checkpoint = dir.join("checkpoint");
     grow(&checkpoint);
     serve_refuses(data, "checkpoint");
-    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
-    rt().block_on(async {
-        let client = Client::connect(&broker.addr, "t").await.expect("connect");
-        let all = common::replay_all(&client, TOPIC).await;
-        assert_eq!(all.len(), 50, "every message, the checkpoint given up");
-    });
-    let (ok, logs) = broker.terminate();
-    assert!(ok, "{logs}");
+    every_message_under_skip_damaged(data, "checkpoint");
     let len = std::fs::metadata(&checkpoint).expect("checkpoint").len();
     assert!(len < 4096, "the checkpoint was written anew: {len} bytes");
 
@@ -728,14 +734,7 @@ fn a_huge_file_where_a_small_one_belongs_is_refused_by_its_size() {
         "{report}"
     );
     serve_refuses(data, "q.journal");
-    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
-    rt().block_on(async {
-        let client = Client::connect(&broker.addr, "t").await.expect("connect");
-        let all = common::replay_all(&client, TOPIC).await;
-        assert_eq!(all.len(), 50, "every message, the journal given up");
-    });
-    let (ok, logs) = broker.terminate();
-    assert!(ok, "{logs}");
+    every_message_under_skip_damaged(data, "journal");
     assert!(!journal.exists() || std::fs::metadata(&journal).expect("journal").len() < TIB);
     let (code, report) = verify(data);
     assert_eq!(code, Some(0), "{report}");
