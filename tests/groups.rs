@@ -2208,3 +2208,44 @@ fn a_fetch_a_full_disk_refuses_counts_no_delivery() {
     let deliveries: Vec<u32> = again.deliveries.iter().map(|d| d.delivery).collect();
     assert_eq!(deliveries, [2, 2, 2, 2], "second deliveries");
 }
+
+/// A dead letter a fetch decided on is held while its hand-off runs; when
+/// the fetch itself fails (a full disk refusing its journal), nobody hands
+/// it off, so it is due again at once instead of after the dead-letter
+/// hold.
+#[test]
+fn a_dead_letter_of_a_refused_fetch_is_due_again_at_once() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 1_000))
+        .expect("create topic");
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    produce(&topic, 0, 1);
+    let now = now_ms();
+    let first = registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(first.deliveries.len(), 1, "delivery 1 of 1");
+    produce(&topic, 1, 2);
+    // The lease ran out: offset 0 is for the dead-letter topic, offset 1
+    // a first delivery whose journal entry the full disk refuses.
+    disk.set_fault(SimFault::NoSpace, true);
+    registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now + 1_001)
+        .expect_err("a full disk refuses the fetch");
+    disk.set_fault(SimFault::NoSpace, false);
+    let again = registry
+        .fetch_queue("jobs", "workers", "w", 10, NO_BYTE_LIMIT, now + 1_002)
+        .expect("fetch");
+    let dead: Vec<u64> = again.dead_letters.iter().map(|d| d.offset.0).collect();
+    assert_eq!(dead, [0], "the dead letter is due again at once");
+    let leased: Vec<(u64, u32)> = again
+        .deliveries
+        .iter()
+        .map(|d| (d.message.offset.0, d.delivery))
+        .collect();
+    assert_eq!(leased, [(1, 1)], "and offset 1 a first delivery");
+}

@@ -129,8 +129,14 @@ impl Topic {
                             "could not take back the delivery of a fetch that failed; it counts toward max_deliveries");
                     }
                 }
+                // Dead letters held for a hand-off nobody makes, and what
+                // the walk took but did not handle: due again at once.
+                let held = out.dead_letters.iter().map(|d| d.offset.0);
                 let unhandled = candidates.iter().chain(too_large.iter().map(|(m, _)| m));
-                for o in unhandled.map(|m| m.offset.0).collect::<Vec<_>>() {
+                for o in held
+                    .chain(unhandled.map(|m| m.offset.0))
+                    .collect::<Vec<_>>()
+                {
                     g.defer(o, now);
                 }
                 Err(e)
