@@ -307,6 +307,12 @@ impl Out {
         }
     }
 
+    /// `e` as a client reads it: paths relative to the data directory, as
+    /// every transport says them.
+    fn say(&self, e: &Error) -> String {
+        crate::protocol::status::to_wire(e, self.gateway.broker.data_dir()).message
+    }
+
     /// Tells the client why pushes of `room` (as queue `group`) end: an
     /// `error` event, unless the token is gone (the socket is then
     /// disconnected with that error instead).
@@ -318,7 +324,7 @@ impl Out {
             Some(group) => format!("room {room}, queue group {group}"),
             None => format!("room {room}"),
         };
-        let err = codec::error_value(codec::code_name(e), &format!("{which}: {e}"));
+        let err = codec::error_value(codec::code_name(e), &format!("{which}: {}", self.say(e)));
         self.emit("error", vec![err]).await;
     }
 
@@ -953,7 +959,7 @@ impl Conn {
         for (room, next) in token.rooms {
             if let Err(e) = self.out.allow(guard::access("subscribe", &room)) {
                 r.recovered = false;
-                let message = format!("room {room}: {e}");
+                let message = format!("room {room}: {}", self.out.say(&e));
                 r.refused
                     .push(codec::error_value(codec::code_name(&e), &message));
                 continue;
@@ -970,7 +976,7 @@ impl Conn {
                 Err(e) => {
                     r.recovered = false;
                     r.gaps.push(
-                        json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
+                        json!({ "room": room, "from": next, "to": null, "reason": self.out.say(&e) }),
                     );
                     continue;
                 }
@@ -1012,7 +1018,7 @@ impl Conn {
                 Err(e) => {
                     r.recovered = false;
                     r.gaps.push(
-                        json!({ "room": room, "from": next, "to": null, "reason": e.to_string() }),
+                        json!({ "room": room, "from": next, "to": null, "reason": self.out.say(&e) }),
                     );
                 }
             }
@@ -1345,7 +1351,12 @@ impl Conn {
             Err(e) => {
                 let err = codec::error_value(
                     codec::code_name(&e),
-                    &format!("ack of offset {} in room {}: {e}", p.offset.0, p.room),
+                    &format!(
+                        "ack of offset {} in room {}: {}",
+                        p.offset.0,
+                        p.room,
+                        self.out.say(&e)
+                    ),
                 );
                 self.out.emit("error", vec![err]).await;
             }
@@ -1404,7 +1415,9 @@ impl Conn {
 async fn pump_room(out: Out, room: String, from: u64) -> bool {
     let gateway = Arc::clone(&out.gateway);
     let mut next = from;
-    let fail = |e: &Error| codec::error_value(codec::code_name(e), &format!("room {room}: {e}"));
+    let fail = |e: &Error| {
+        codec::error_value(codec::code_name(e), &format!("room {room}: {}", out.say(e)))
+    };
     let for_good = |e: &Error| {
         matches!(
             e,
@@ -1566,7 +1579,7 @@ async fn pump_queue(
             }
             Err(e) => {
                 if out.may_push(&room, Some(&group)).await {
-                    let message = format!("room {room}, queue group {group}: {e}");
+                    let message = format!("room {room}, queue group {group}: {}", out.say(&e));
                     let err = codec::error_value(codec::code_name(&e), &message);
                     out.emit("error", vec![err]).await;
                 }
