@@ -45,6 +45,10 @@ fn assert_usage_error(args: &[&str], mentions: &str) {
     assert_eq!(out.status.code(), Some(2), "{args:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains("Usage: spool bench"),
+        "{args:?}: the bench command's usage: {stderr}"
+    );
 }
 
 fn number(report: &serde_json::Value, field: &str) -> f64 {

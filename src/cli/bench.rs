@@ -170,12 +170,10 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
         .find(|(_, given)| *given)
         .map(|(flag, _)| *flag);
     if let Some(flag) = unused {
-        super::Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                format!("{flag} does not apply to the socketio workload"),
-            )
-            .exit();
+        usage_error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!("{flag} does not apply to the socketio workload"),
+        );
     }
     let params = spool::bench::socketio::SocketioParams {
         clients: args.clients,
@@ -187,9 +185,7 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
         data: args.data.clone(),
     };
     if let Err(e) = params.validate() {
-        super::Cli::command()
-            .error(clap::error::ErrorKind::ValueValidation, e)
-            .exit();
+        usage_error(clap::error::ErrorKind::ValueValidation, e);
     }
     let run_params = params.clone();
     let progress = Arc::new(Progress::default());
@@ -252,6 +248,17 @@ fn run_socketio(args: &BenchArgs) -> CliResult {
     Ok(())
 }
 
+/// Exits with a usage error (exit 2) of `spool bench`, its usage line
+/// included, as clap's own errors of the command have.
+fn usage_error(kind: clap::error::ErrorKind, message: impl std::fmt::Display) -> ! {
+    let mut cli = super::Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut("bench") {
+        Some(bench) => bench.error(kind, message).exit(),
+        None => cli.error(kind, message).exit(),
+    }
+}
+
 /// Runs the command.
 pub fn run(args: BenchArgs) -> CliResult {
     if args.workload == Workload::Socketio {
@@ -259,9 +266,7 @@ pub fn run(args: BenchArgs) -> CliResult {
     }
     let params = args.params();
     if let Err(e) = params.validate() {
-        super::Cli::command()
-            .error(clap::error::ErrorKind::ValueValidation, e)
-            .exit();
+        usage_error(clap::error::ErrorKind::ValueValidation, e);
     }
     let progress = Arc::new(Progress::default());
     let workload = params.workload.to_string();
