@@ -68,6 +68,26 @@ fn value(i: u64) -> Bytes {
 
 /// Appends messages `from..to` (values name their number) and returns the
 /// offsets they got.
+/// A fresh simulated disk with topic `jobs` (`queue_config`) and its
+/// queue group `workers`, reading from the start.
+fn jobs_for_workers(
+    max_deliveries: u32,
+    ack_timeout_ms: u64,
+) -> (Arc<SimDisk>, Registry, Arc<Topic>) {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "jobs",
+            queue_config(FsyncPolicy::Always, max_deliveries, ack_timeout_ms),
+        )
+        .expect("create topic");
+    topic
+        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    (disk, registry, topic)
+}
+
 fn produce(topic: &Topic, from: u64, to: u64) -> std::ops::Range<u64> {
     let batch: Vec<NewMessage> = (from..to)
         .map(|i| NewMessage::from_value(value(i)))
@@ -2025,15 +2045,8 @@ fn a_delivery_taken_back_does_not_count() {
 /// first deliveries instead of to the dead-letter topic.
 #[test]
 fn a_read_nobody_took_gives_its_messages_back_uncounted() {
-    let disk = Arc::new(SimDisk::new());
-    let registry = open_registry(&disk);
-    let topic = registry
-        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 60_000))
-        .expect("create topic");
+    let (disk, registry, topic) = jobs_for_workers(1, 60_000);
     produce(&topic, 0, 4);
-    topic
-        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
-        .expect("queue group");
     for round in 0..3 {
         let unread = registry
             .fetch_queue("jobs", "workers", "gone", 10, NO_BYTE_LIMIT, now_ms())
@@ -2071,14 +2084,7 @@ fn a_read_nobody_took_gives_its_messages_back_uncounted() {
 /// fails makes it due again after a lease time.
 #[test]
 fn a_dead_letter_under_way_is_held_from_other_reads() {
-    let disk = Arc::new(SimDisk::new());
-    let registry = open_registry(&disk);
-    let topic = registry
-        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 1_000))
-        .expect("create topic");
-    topic
-        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
-        .expect("queue group");
+    let (_disk, _registry, topic) = jobs_for_workers(1, 1_000);
     produce(&topic, 0, 1);
     let now = now_ms();
     let first = topic
@@ -2140,14 +2146,7 @@ fn an_empty_group_name_is_named_in_its_error() {
 /// bound.
 #[test]
 fn a_group_forgets_members_long_unseen() {
-    let disk = Arc::new(SimDisk::new());
-    let registry = open_registry(&disk);
-    let topic = registry
-        .create_topic("jobs", queue_config(FsyncPolicy::Always, 5, 1_000))
-        .expect("create topic");
-    topic
-        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
-        .expect("queue group");
+    let (_disk, _registry, topic) = jobs_for_workers(5, 1_000);
     let then = now_ms() - 2 * spool::groups::state::MEMBER_FORGET_MS;
     for i in 0..spool::groups::state::MEMBERS_KEPT {
         topic
@@ -2171,15 +2170,8 @@ fn a_group_forgets_members_long_unseen() {
 /// dead-letter topic.
 #[test]
 fn a_fetch_a_full_disk_refuses_counts_no_delivery() {
-    let disk = Arc::new(SimDisk::new());
-    let registry = open_registry(&disk);
-    let topic = registry
-        .create_topic("jobs", queue_config(FsyncPolicy::Always, 2, 60_000))
-        .expect("create topic");
+    let (disk, registry, topic) = jobs_for_workers(2, 60_000);
     produce(&topic, 0, 4);
-    topic
-        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
-        .expect("queue group");
     disk.set_fault(SimFault::NoSpace, true);
     for _ in 0..3 {
         let e = registry
@@ -2215,14 +2207,7 @@ fn a_fetch_a_full_disk_refuses_counts_no_delivery() {
 /// hold.
 #[test]
 fn a_dead_letter_of_a_refused_fetch_is_due_again_at_once() {
-    let disk = Arc::new(SimDisk::new());
-    let registry = open_registry(&disk);
-    let topic = registry
-        .create_topic("jobs", queue_config(FsyncPolicy::Always, 1, 1_000))
-        .expect("create topic");
-    topic
-        .ensure_group("workers", GroupMode::Queue, Position::Earliest)
-        .expect("queue group");
+    let (disk, registry, topic) = jobs_for_workers(1, 1_000);
     produce(&topic, 0, 1);
     let now = now_ms();
     let first = registry
