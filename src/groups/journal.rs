@@ -834,18 +834,7 @@ fn read_bounded(
         return Err(Error::corruption(found));
     }
     let quarantine = crate::storage::recovery::quarantine_dir(storage, dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("journal");
-    let stem = format!("{name}.{}-{}", found.bytes.start, found.bytes.end);
-    let mut to = quarantine.join(&stem);
-    for n in 1u32.. {
-        if !storage.exists(&to) {
-            break;
-        }
-        to = quarantine.join(format!("{stem}.{n}"));
-    }
+    let to = crate::storage::recovery::quarantine_name(storage, &quarantine, &found, |_| false);
     storage
         .rename(path, &to)
         .ctx(|| format!("moving {} to {}", path.display(), to.display()))?;

@@ -465,6 +465,33 @@ pub(crate) fn quarantine_dir(storage: &dyn Storage, dir: &Path) -> Result<PathBu
     Ok(qdir)
 }
 
+/// Where in `qdir` (a `quarantine/` folder) the range `damage` names is
+/// saved: `<file name>.<start>-<end>`, or with `.<n>` added, the first
+/// number free, when a copy of other bytes holds that name (the same range
+/// of a file damaged again, a snapshot of the same length): that one is
+/// kept. A name whose file `reuse` accepts is taken as it is.
+pub(crate) fn quarantine_name(
+    storage: &dyn Storage,
+    qdir: &Path,
+    damage: &Corruption,
+    reuse: impl Fn(&Path) -> bool,
+) -> PathBuf {
+    let name = damage
+        .file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("segment");
+    let stem = format!("{name}.{}-{}", damage.bytes.start, damage.bytes.end);
+    let mut target = qdir.join(&stem);
+    for n in 1u32.. {
+        if !storage.exists(&target) || reuse(&target) {
+            break;
+        }
+        target = qdir.join(format!("{stem}.{n}"));
+    }
+    target
+}
+
 /// Writes `bytes`, the damaged range `damage` names, to
 /// `dir/quarantine/<file name>.<start>-<end>` (`.<n>` added when a copy
 /// of other bytes holds that name), durably.
@@ -475,25 +502,10 @@ pub(crate) fn quarantine_bytes(
     bytes: &[u8],
 ) -> Result<()> {
     let qdir = quarantine_dir(storage, dir)?;
-    let name = damage
-        .file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("segment");
-    // A copy of other bytes under the same name (the same range of a file
-    // damaged again, a snapshot of the same length) is kept: this one takes
-    // the next free number. The same bytes again (a retry) reuse the name.
-    let stem = format!("{name}.{}-{}", damage.bytes.start, damage.bytes.end);
-    let mut target = qdir.join(&stem);
-    for n in 1u32.. {
-        if !storage.exists(&target)
-            || read_file_within(storage, &target, bytes.len() as u64)
-                .is_ok_and(|held| held == bytes)
-        {
-            break;
-        }
-        target = qdir.join(format!("{stem}.{n}"));
-    }
+    // The same bytes again (a retry) reuse their name.
+    let target = quarantine_name(storage, &qdir, damage, |held| {
+        read_file_within(storage, held, bytes.len() as u64).is_ok_and(|held| held == bytes)
+    });
     let out = storage
         .open(&target, OpenMode::CreateOrOpen)
         .ctx(|| format!("creating {}", target.display()))?;
