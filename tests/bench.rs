@@ -171,7 +171,11 @@ fn grpc_with_other_workloads_is_a_usage_error() {
         (&["socketio", "--duration", "inf"][..], "--duration inf"),
         (
             &["produce", "--duration", "1e30"][..],
-            "--duration 1000000000000000000000000000000: expected a positive number of seconds, at most 31536000 (a year)",
+            "--duration 1000000000000000000000000000000: expected a number of seconds from 0.001 (a millisecond) to 31536000 (a year)",
+        ),
+        (
+            &["socketio", "--duration", "0.0000001"][..],
+            "--duration 0.0000001: expected a number of seconds from 0.001",
         ),
     ] {
         assert_usage_error(args, text);

@@ -277,13 +277,11 @@ impl Params {
         if self.batch == 0 || self.batch > MAX_BATCH {
             return bad(format!("--batch {}: use 1 to {MAX_BATCH}", self.batch));
         }
+        if let Some(d) = self.duration_s {
+            check_duration(d).map_err(BenchError::Invalid)?;
+        }
         match (self.messages, self.duration_s) {
             (Some(0), _) => return bad("--messages must be at least 1".into()),
-            (_, Some(d)) if !(d.is_finite() && d > 0.0 && d <= MAX_DURATION_S) => {
-                return bad(format!(
-                    "--duration {d}: expected a positive number of seconds, at most {MAX_DURATION_S} (a year)"
-                ));
-            }
             (None, None) => return bad("give --messages or --duration".into()),
             (Some(_), Some(_)) if self.workload != Workload::Consume => {
                 return bad(
@@ -314,8 +312,22 @@ impl Params {
     }
 }
 
+/// Shortest `--duration`, in seconds: a millisecond (shorter runs end
+/// before they send anything).
+const MIN_DURATION_S: f64 = 0.001;
 /// Longest `--duration`, in seconds: a year.
 const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Checks a `--duration` in seconds against the bounds every workload has.
+pub(crate) fn check_duration(d: f64) -> Result<(), String> {
+    if d.is_finite() && (MIN_DURATION_S..=MAX_DURATION_S).contains(&d) {
+        return Ok(());
+    }
+    Err(format!(
+        "--duration {d}: expected a number of seconds from {MIN_DURATION_S} (a millisecond) \
+         to {MAX_DURATION_S} (a year)"
+    ))
+}
 
 /// Most messages per produce or fetch (the broker's default batch limit).
 pub const MAX_BATCH: u32 = 10_000;
@@ -599,6 +611,9 @@ mod tests {
         assert!(p.validate().is_err());
         p.duration_s = Some(-1.0);
         assert!(p.validate().is_err());
+        p.duration_s = Some(1e-12);
+        let e = p.validate().expect_err("too short to send").to_string();
+        assert!(e.contains("a millisecond"), "{e}");
         p.duration_s = Some(0.5);
         p.validate().expect("duration instead of messages");
         p.messages = Some(10);

@@ -445,11 +445,7 @@ impl SocketioParams {
             return Err("--rate must be at least 1".into());
         }
         let d = self.duration_s;
-        if !(d.is_finite() && d > 0.0) {
-            return Err(format!(
-                "--duration {d}: expected a positive number of seconds"
-            ));
-        }
+        super::check_duration(d)?;
         if (self.rate as f64 * d).round() < 1.0 {
             return Err(format!(
                 "--rate {} for --duration {d} publishes no message",
