@@ -649,16 +649,16 @@ impl Registry {
                 // opens and closes such a topic each time).
                 if lock(&self.closed_unclean).insert(name.to_owned()) {
                     tracing::warn!(topic = name, error = %e,
-                        "closing an idle topic without its clean checkpoint; its next open recovers it");
+                        "closing an unused topic without its clean checkpoint; its next open recovers it");
                 }
             }
             Err(e) => {
                 if topic.is_read_only() {
-                    tracing::error!(topic = name, error = %e, "closing an idle topic: its final sync failed; it stays open, read-only, until a restart");
+                    tracing::error!(topic = name, error = %e, "closing an unused topic: its final sync failed; it stays open, read-only, until a restart");
                     return false;
                 }
                 if lock(&self.closed_unclean).insert(name.to_owned()) {
-                    tracing::error!(topic = name, error = %e, "closing an idle topic: its clean checkpoint failed; its next open recovers it, and the final stop tries again");
+                    tracing::error!(topic = name, error = %e, "closing an unused topic: its clean checkpoint failed; its next open recovers it, and the final stop tries again");
                 }
             }
         }
