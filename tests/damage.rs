@@ -739,3 +739,64 @@ fn a_huge_file_where_a_small_one_belongs_is_refused_by_its_size() {
     let (code, report) = verify(data);
     assert_eq!(code, Some(0), "{report}");
 }
+
+/// Waits for the start-up scan's summary line and returns the log so far.
+fn scan_summary(broker: &Broker) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while broker.log_count("start-up scan done") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the start-up scan ends"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    broker.log_so_far()
+}
+
+/// After a clean stop nothing needs recovery, but a damaged checkpoint or a
+/// config that does not parse is found by the start-up scan and counted in
+/// its summary, not first by a request hours later.
+#[test]
+fn damage_after_a_clean_stop_is_counted_by_the_start_up_scan() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 0, 20);
+    let checkpoint = topic_dir(data).join("checkpoint");
+    let pristine = std::fs::read(&checkpoint).expect("checkpoint");
+    flip(&checkpoint, pristine.len() / 2);
+
+    let broker = Broker::start(data, &[]);
+    let logs = scan_summary(&broker);
+    assert!(
+        logs.contains("failed=1") && logs.contains("some topics could not be recovered"),
+        "{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("recovering a topic") && l.contains("checkpoint")),
+        "the scan names the file: {logs}"
+    );
+    drop(broker);
+
+    // Under skip-damaged the scan gives the checkpoint up and recovers.
+    let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+    let logs = scan_summary(&broker);
+    assert!(
+        logs.contains("recovered=1") && logs.contains("failed=0"),
+        "{logs}"
+    );
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+
+    // A config that does not parse, after a clean stop.
+    std::fs::write(topic_dir(data).join("topic.toml"), "this is = = not toml").expect("garble");
+    let broker = Broker::start(data, &[]);
+    let logs = scan_summary(&broker);
+    assert!(
+        logs.contains("failed=1")
+            && logs
+                .lines()
+                .any(|l| l.contains("reading the topic's config") && l.contains("topic.toml")),
+        "{logs}"
+    );
+}

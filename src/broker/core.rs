@@ -425,7 +425,7 @@ impl Broker {
                 let (topics, recovered, failed) = (done.topics, done.recovered, done.failed);
                 if failed == 0 {
                     tracing::info!(topics, recovered, failed, clean_start = clean, millis,
-                        "start-up scan done: every topic recovered");
+                        "start-up scan done: every topic that needed it recovered");
                 } else {
                     tracing::warn!(topics, recovered, failed, clean_start = clean, millis,
                         "start-up scan done: some topics could not be recovered (logged above); requests to them get the error");

@@ -174,9 +174,9 @@ pub enum Deletion {
 pub struct Scanned {
     /// Topics looked at.
     pub topics: usize,
-    /// Topics that were not closed cleanly, recovered.
+    /// Topics recovered: not closed cleanly, or a damaged checkpoint.
     pub recovered: usize,
-    /// Topics that could not be opened (damage, a full disk...), each logged.
+    /// Topics whose config cannot be read or that could not be opened (damage, a full disk...), each logged.
     pub failed: usize,
 }
 
@@ -947,10 +947,11 @@ impl Registry {
 
     /// The start-up scan, for a broker to run in the background: reads each
     /// topic's config (so policies such as `delete_when_idle_ms` are known
-    /// for topics not yet used) and, unless the last run stopped cleanly,
-    /// recovers every topic whose checkpoint does not record a clean stop,
-    /// closing it again unless a request took it meanwhile. A topic that
-    /// cannot be opened is logged and counted; requests to it get the error.
+    /// for topics not yet used) and checkpoint, and recovers every topic
+    /// whose checkpoint is damaged or, unless the last run stopped cleanly,
+    /// does not record a clean stop, closing it again unless a request took
+    /// it meanwhile. A topic whose config cannot be read or that cannot be
+    /// opened is logged and counted; requests to it get the error.
     pub fn scan(&self, stop: &AtomicBool, progress: &mut dyn FnMut(Scanned)) -> Scanned {
         let mut done = Scanned::default();
         for name in self.names() {
@@ -960,26 +961,35 @@ impl Registry {
             done.topics += 1;
             let Ok(slot) = self.slot(&name) else { continue };
             if let Err(e) = self.slot_config(&name, &slot) {
-                tracing::error!(topic = %name, error = %e, "reading the topic's config");
+                done.failed += 1;
+                tracing::error!(topic = %name, error = %e,
+                    "reading the topic's config; requests to it get this error");
+                continue;
             }
-            if !self.clean_start && slot.topic().is_none() {
-                let dir = self.data.topic_dir(&name);
-                let clean = matches!(
-                    crate::storage::checkpoint::Checkpoint::load(&**self.data.storage(), &dir),
-                    Ok(Some(c)) if c.clean
-                );
-                if !clean {
-                    match self.open_slot(&name, &slot) {
-                        Ok(topic) => {
-                            drop(topic);
-                            done.recovered += 1;
-                            self.close_unused(&name);
-                        }
-                        Err(Error::TopicNotFound(_)) => {}
-                        Err(e) => {
-                            done.failed += 1;
-                            tracing::error!(topic = %name, error = %e, "recovering a topic that was not closed cleanly");
-                        }
+            if slot.topic().is_some() {
+                continue;
+            }
+            let dir = self.data.topic_dir(&name);
+            let recover =
+                match crate::storage::checkpoint::Checkpoint::load(&**self.data.storage(), &dir) {
+                    Ok(Some(c)) if c.clean => false,
+                    Ok(_) => !self.clean_start,
+                    // Damaged, also after a clean stop: opening it now says so
+                    // (or gives it up under skip-damaged) rather than its first
+                    // request.
+                    Err(_) => true,
+                };
+            if recover {
+                match self.open_slot(&name, &slot) {
+                    Ok(topic) => {
+                        drop(topic);
+                        done.recovered += 1;
+                        self.close_unused(&name);
+                    }
+                    Err(Error::TopicNotFound(_)) => {}
+                    Err(e) => {
+                        done.failed += 1;
+                        tracing::error!(topic = %name, error = %e, "recovering a topic; requests to it get this error");
                     }
                 }
             }

@@ -163,6 +163,11 @@ impl Broker {
             .count()
     }
 
+    /// What the broker has logged so far (it goes on running).
+    pub fn log_so_far(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn logs(&mut self) -> String {
         if let Some(h) = self.stderr.take() {
             let _ = h.join();
