@@ -157,8 +157,13 @@ impl TopicConfig {
         if !storage.exists(&path) {
             return Ok(None);
         }
-        let buf = read_file_within(storage, &path, MAX_TOPIC_CONFIG_BYTES)
-            .ctx(|| format!("reading {}", path.display()))?;
+        let buf = match read_file_within(storage, &path, MAX_TOPIC_CONFIG_BYTES) {
+            // Too large to be a config is a config that does not parse.
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(Error::InvalidArgument(format!("{}: {e}", path.display())));
+            }
+            read => read.ctx(|| format!("reading {}", path.display()))?,
+        };
         let text = String::from_utf8(buf)
             .map_err(|_| Error::InvalidArgument(format!("{} is not UTF-8", path.display())))?;
         let config: TopicConfig = toml::from_str(&text).map_err(|e| {
@@ -338,6 +343,26 @@ mod tests {
         };
         config.store(&disk, dir).expect("store");
         assert_eq!(TopicConfig::load(&disk, dir).expect("load"), Some(config));
+    }
+
+    #[test]
+    fn a_topic_toml_too_large_to_be_a_config_does_not_parse() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/t");
+        crate::storage::io::Storage::create_dir_all(&disk, dir).expect("mkdir");
+        let padding = format!("# {}\n", "x".repeat(MAX_TOPIC_CONFIG_BYTES as usize));
+        crate::storage::io::write_file_atomic(
+            &disk,
+            &dir.join(TOPIC_CONFIG_FILE),
+            padding.as_bytes(),
+        )
+        .expect("write");
+        match TopicConfig::load(&disk, dir) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains("topic.toml") && m.contains("bytes"), "{m}")
+            }
+            other => panic!("an oversized topic.toml is refused as invalid: {other:?}"),
+        }
     }
 
     #[test]
