@@ -484,6 +484,53 @@ fn serve_refuses_limits_out_of_range() {
     }
 }
 
+/// A config file's `data = ""` is refused (it put the data into the
+/// working directory, and every second start failed on it), and a config
+/// path that names no config (`/dev/zero`) is refused at once instead of
+/// being read until memory runs out.
+#[test]
+fn serve_refuses_an_empty_data_path_and_a_config_without_end() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "data = \"\"\n").expect("config");
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir(&cwd).expect("cwd");
+    for config in [config.as_path(), Path::new("/dev/zero")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .current_dir(&cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run spool serve");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{}: spool serve started", config.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", config.display());
+        let said = if config.starts_with("/dev") {
+            "more than"
+        } else {
+            "data is an empty path"
+        };
+        assert!(err.contains(said), "{}: {err}", config.display());
+        assert!(stdout(&out).is_empty(), "it listened: {}", stdout(&out));
+    }
+    assert_eq!(
+        std::fs::read_dir(&cwd).expect("cwd").count(),
+        0,
+        "nothing written into the working directory"
+    );
+}
+
 /// The group's state as `spool group describe --format json` prints it.
 fn group_json(server: &str, topic: &str, group: &str) -> serde_json::Value {
     let out = spool(

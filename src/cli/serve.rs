@@ -203,7 +203,7 @@ struct Listeners {
 fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     let file = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = spool::storage::io::read_settings_text(path)
                 .map_err(|e| spool::Error::io(format!("reading config {}", path.display()), e))?;
             toml::from_str::<FileConfig>(&text).map_err(|e| {
                 spool::Error::InvalidArgument(format!(
@@ -245,6 +245,11 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
         recovery: args.recovery.unwrap_or_default(),
         ..ServerConfig::default()
     };
+    if c.data.as_os_str().is_empty() {
+        return Err(spool::Error::InvalidArgument(
+            "data is an empty path: name a directory (\"./data\" by default)".into(),
+        ));
+    }
     if let Some(f) = args.fsync.or(file.fsync) {
         c.topic_defaults.log.fsync = f;
     }

@@ -415,7 +415,7 @@ impl Auth {
 }
 
 fn read(path: &Path) -> Result<Tokens> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::storage::io::read_settings_text(path)
         .map_err(|e| Error::io(format!("reading auth file {}", path.display()), e))?;
     Tokens::parse(&text, path)
 }

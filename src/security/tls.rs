@@ -96,8 +96,11 @@ fn read_identity(
     let pem = |e: rustls_pki_types::pem::Error, what: &str, path: &Path| {
         Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
     };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem(e, "reading TLS certificate", cert))?
+    let read = |path: &Path, what: &str| {
+        crate::storage::io::read_settings_file(path)
+            .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(cert, "TLS certificate")?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem(e, "TLS certificate", cert))?;
     if chain.is_empty() {
@@ -106,7 +109,8 @@ fn read_identity(
             cert.display()
         )));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(e, "TLS key", key))?;
+    let private = PrivateKeyDer::from_pem_slice(&read(key, "TLS key")?)
+        .map_err(|e| pem(e, "TLS key", key))?;
     Ok((chain, private))
 }
 
@@ -360,7 +364,7 @@ impl fmt::Debug for TlsClient {
 impl TlsClient {
     /// Trusts the CA certificates of a PEM file.
     pub fn load_ca(path: &Path) -> Result<TlsClient> {
-        let pem = std::fs::read(path)
+        let pem = crate::storage::io::read_settings_file(path)
             .map_err(|e| Error::io(format!("reading TLS CA {}", path.display()), e))?;
         TlsClient::from_pem(&pem, &path.display().to_string())
     }

@@ -64,13 +64,23 @@ impl Key {
     /// tokens stay valid across restarts.
     pub fn load_or_create(data: &Path) -> crate::Result<Key> {
         let path = data.join(KEY_FILE);
-        match std::fs::read(&path) {
+        // A file of any size may sit there: read one byte past a key, so a
+        // wrong one is named by its length without reading it all.
+        let read = |path: &Path| -> std::io::Result<Vec<u8>> {
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)?
+                .take(KEY_LEN as u64 + 1)
+                .read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        match read(&path) {
             Ok(bytes) => {
                 let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
                     crate::Error::InvalidArgument(format!(
-                        "{} has {} bytes; a socket.io key has {KEY_LEN} (delete it to make a new one, which invalidates every recovery token)",
+                        "{} has {}{} bytes; a socket.io key has {KEY_LEN} (delete it to make a new one, which invalidates every recovery token)",
                         path.display(),
-                        b.len()
+                        if b.len() > KEY_LEN { "more than " } else { "" },
+                        b.len().min(KEY_LEN)
                     ))
                 })?;
                 return Ok(Key(bytes));

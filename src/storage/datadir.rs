@@ -45,6 +45,13 @@ impl DataDir {
     /// [`Error::Locked`] naming the pid that holds it.
     pub fn open(storage: Arc<dyn Storage>, root: impl Into<PathBuf>) -> Result<DataDir> {
         let root = root.into();
+        // An empty path would put the data in the working directory, whose
+        // sync then fails ("" names no folder).
+        if root.as_os_str().is_empty() {
+            return Err(Error::InvalidArgument(
+                "the data directory is an empty path".into(),
+            ));
+        }
         let topics = root.join(TOPICS_DIR);
         storage
             .create_dir_all(&topics)

@@ -179,6 +179,38 @@ pub fn read_file_within(storage: &dyn Storage, path: &Path, max_len: u64) -> io:
     Ok(buf)
 }
 
+/// Most bytes of a file an operator hands the broker by name (its config,
+/// auth file, TLS certificates and keys): far more than any such file
+/// holds, and little enough that a wrong path (`/dev/zero`, a log) fails
+/// at once instead of filling memory.
+pub const MAX_SETTINGS_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads a file an operator named (outside the data directory, so through
+/// the operating system rather than a [`Storage`]), refusing one longer
+/// than [`MAX_SETTINGS_FILE_BYTES`] with [`io::ErrorKind::FileTooLarge`].
+/// Reads at most one byte past the bound, so a device or a pipe that never
+/// ends is refused too.
+pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_SETTINGS_FILE_BYTES + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_SETTINGS_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("it holds more than {MAX_SETTINGS_FILE_BYTES} bytes; is it the right file?"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// [`read_settings_file`] of a text file.
+pub fn read_settings_text(path: &Path) -> io::Result<String> {
+    String::from_utf8(read_settings_file(path)?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it is not UTF-8 text"))
+}
+
 /// Replaces `path` with `bytes` atomically and durably: write a temp file,
 /// sync it, rename it over `path`, sync the directory. A crash leaves either
 /// the old content or the new, never a mix.
