@@ -800,3 +800,129 @@ fn damage_after_a_clean_stop_is_counted_by_the_start_up_scan() {
         "{logs}"
     );
 }
+
+/// Things spool never writes, standing where its files belong: a sparse
+/// 1 TiB sealed segment, a FIFO for a segment, a lost `topic.toml` beside
+/// a damaged checkpoint, a link at a temp file's name. Each is refused
+/// (by `verify`, which goes on to report the rest, and by the broker,
+/// which keeps serving) or, for the link, never written through; nothing
+/// is lost once the file is put right.
+#[test]
+fn files_spool_never_writes_are_refused_where_its_own_belong() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    fill(data, 2048, 60);
+    let dir = topic_dir(data);
+    let sealed = files_with(&dir, "log")[1].clone();
+    let name = sealed
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_owned();
+    let len = std::fs::metadata(&sealed).expect("segment").len();
+    let resize = |to: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sealed)
+            .and_then(|f| f.set_len(to))
+            .expect("resize the segment");
+    };
+    // Also damage the checkpoint, which verify reports too: it goes on.
+    let checkpoint = dir.join("checkpoint");
+    let pristine = std::fs::read(&checkpoint).expect("checkpoint");
+    let reported = |what: &str, needle: &str| {
+        flip(&checkpoint, pristine.len() / 2);
+        let (code, report) = verify(data);
+        std::fs::write(&checkpoint, &pristine).expect("restore the checkpoint");
+        assert_eq!(code, Some(1), "{what}: {report}");
+        let damage = report["damage"].as_array().expect("damage");
+        assert!(
+            damage
+                .iter()
+                .any(|d| d["file"].as_str().is_some_and(|f| f.ends_with(&name))
+                    && d["detail"].as_str().is_some_and(|t| t.contains(needle))),
+            "{what}: {report}"
+        );
+        assert!(
+            damage_files(&report)
+                .iter()
+                .any(|f| f.ends_with("checkpoint")),
+            "{what}: verify went on past it: {report}"
+        );
+    };
+
+    resize(1 << 40);
+    reported("a 1 TiB segment", "more than a segment holds");
+    serve_refuses(data, &name);
+    resize(len);
+
+    let aside = dir.join("aside");
+    std::fs::rename(&sealed, &aside).expect("move the segment aside");
+    let made = Command::new("mkfifo")
+        .arg(&sealed)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    reported("a FIFO", "not a regular file");
+    let broker = Broker::start(data, &[]);
+    let error = rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        client
+            .produce("other", vec![NewMessage::from_value("served")])
+            .await
+            .expect("the other topics are served");
+        client
+            .describe_topic(TOPIC)
+            .await
+            .expect_err("a FIFO for a segment keeps the topic closed")
+    });
+    assert!(
+        error.to_string().contains(&name) && error.to_string().contains("not a regular file"),
+        "{error}"
+    );
+    drop(broker);
+    std::fs::remove_file(&sealed).expect("remove the FIFO");
+    std::fs::rename(&aside, &sealed).expect("put the segment back");
+
+    // A lost config beside a checkpoint that does not load: the checkpoint
+    // was a topic's, so the defaults are no stand-in.
+    let config = dir.join("topic.toml");
+    let kept = std::fs::read(&config).expect("topic.toml");
+    std::fs::remove_file(&config).expect("remove topic.toml");
+    flip(&checkpoint, pristine.len() / 2);
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        damage_files(&report)
+            .iter()
+            .any(|f| f.ends_with("topic.toml")),
+        "{report}"
+    );
+    serve_refuses(data, "topic.toml");
+    assert!(!config.exists(), "no default config written in its place");
+    std::fs::write(&config, kept).expect("restore topic.toml");
+    std::fs::write(&checkpoint, &pristine).expect("restore the checkpoint");
+
+    // A link where the checkpoint's temp file is made.
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, "not spool's").expect("victim");
+    std::os::unix::fs::symlink(&victim, dir.join("checkpoint.tmp")).expect("link");
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        client
+            .produce(TOPIC, vec![NewMessage::from_value("after")])
+            .await
+            .expect("produce");
+        assert_eq!(common::replay_all(&client, TOPIC).await.len(), 61);
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "not spool's",
+        "nothing written through the link"
+    );
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "{report}");
+}

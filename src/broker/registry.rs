@@ -433,10 +433,14 @@ impl Registry {
                 // A checkpoint that records journals was written by a
                 // topic, which had its config: starting on the defaults
                 // would silently change its fsync policy, segment size...
-                let by_topic = matches!(
-                    crate::storage::checkpoint::Checkpoint::load(&**data.storage(), &dir),
-                    Ok(Some(c)) if !c.journals.is_empty()
-                );
+                let by_topic =
+                    match crate::storage::checkpoint::Checkpoint::load(&**data.storage(), &dir) {
+                        Ok(Some(c)) => !c.journals.is_empty(),
+                        Ok(None) => false,
+                        // One there that does not load was written by a
+                        // topic all the same.
+                        Err(_) => true,
+                    };
                 let options = &self.options;
                 if by_topic {
                     let damage = crate::error::Corruption {

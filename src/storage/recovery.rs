@@ -118,6 +118,33 @@ pub fn open_segment(
     let file = storage
         .open(log, OpenMode::Existing)
         .ctx(|| format!("opening {}", log.display()))?;
+    let len = file
+        .len()
+        .ctx(|| format!("reading size of {}", log.display()))?;
+    if len > MAX_SEGMENT_BYTES {
+        // Positions are 32-bit: no byte past that is a record spool wrote
+        // (a sparse file of any size may sit there, and scanning its zeros
+        // would take hours).
+        let damage = Corruption {
+            file: log.clone(),
+            bytes: MAX_SEGMENT_BYTES..len,
+            offsets: None,
+            detail: format!(
+                "the file is {len} bytes, more than a segment holds ({MAX_SEGMENT_BYTES} at most). \
+                 Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                 to cut the bytes past that and open anyway"
+            ),
+        };
+        if mode == RecoveryMode::TolerateTornTail {
+            return Err(Error::corruption(damage));
+        }
+        tracing::error!(damage = %damage.given_up(), "cutting a segment longer than a segment can be");
+        report.quarantined.push(damage);
+        file.set_len(MAX_SEGMENT_BYTES)
+            .ctx(|| format!("truncating {}", log.display()))?;
+        file.sync_data()
+            .ctx(|| format!("syncing {}", log.display()))?;
+    }
     let max_len = config.max_record_len();
     // In the active segment, index entries past the recovery point may
     // name records written after a hole the crash left (pages reach the

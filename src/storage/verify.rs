@@ -127,19 +127,29 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
             continue;
         }
         report.topics += 1;
-        let checkpoint = match Checkpoint::load(storage, &dir) {
-            Ok(c) => c,
+        let (checkpoint, damaged_checkpoint) = match Checkpoint::load(storage, &dir) {
+            Ok(c) => (c, false),
             Err(crate::Error::Corruption(c)) => {
                 report.damage.push((*c).into());
-                None
+                (None, true)
             }
-            Err(e) => return Err(e),
+            // What the broker refuses too (a folder there, no permission).
+            Err(e) => {
+                report.damage.push(finding(
+                    dir.join(crate::storage::checkpoint::CHECKPOINT_FILE),
+                    format!("the checkpoint cannot be read: {e}"),
+                ));
+                (None, true)
+            }
         };
         let config = dir.join(crate::broker::config::TOPIC_CONFIG_FILE);
         match crate::broker::config::TopicConfig::load(storage, &dir) {
             Ok(Some(_)) => {}
             // A checkpoint that records journals was written by a topic.
-            Ok(None) if checkpoint.as_ref().is_some_and(|c| !c.journals.is_empty()) => {
+            Ok(None)
+                if damaged_checkpoint
+                    || checkpoint.as_ref().is_some_and(|c| !c.journals.is_empty()) =>
+            {
                 report.damage.push(finding(
                     config,
                     "topic config is missing: the topic would start with the default config",
@@ -275,8 +285,35 @@ fn verify_log(
             Some(c) if active && c.active_base == base => c.active_synced,
             _ => 0,
         };
-        let data = read_file_within(storage, &paths.log, super::config::MAX_SEGMENT_BYTES)
-            .ctx(|| format!("reading {}", paths.log.display()))?;
+        let next_base = bases.get(i + 1).copied();
+        let data = match read_file_within(storage, &paths.log, super::config::MAX_SEGMENT_BYTES) {
+            Ok(data) => data,
+            // What the broker refuses too: reported, and the other files
+            // are checked still.
+            Err(e) => {
+                let len = super::io::file_len(storage, &paths.log);
+                let too_large = e.kind() == std::io::ErrorKind::FileTooLarge;
+                report.damage.push(Finding {
+                    file: paths.log.clone(),
+                    bytes: if too_large {
+                        super::config::MAX_SEGMENT_BYTES..len
+                    } else {
+                        0..0
+                    },
+                    offsets: next_base.map(|next| base..next),
+                    detail: if too_large {
+                        format!(
+                            "the file is {len} bytes, more than a segment holds ({} at most)",
+                            super::config::MAX_SEGMENT_BYTES
+                        )
+                    } else {
+                        format!("the segment cannot be read: {e}")
+                    },
+                });
+                previous_end = next_base;
+                continue;
+            }
+        };
         report.files += 1;
         report.bytes += data.len() as u64;
         progress(report.bytes);
@@ -293,7 +330,6 @@ fn verify_log(
         let mut index = SegmentIndex::default();
         let mut builder = IndexBuilder::new(config.index_interval_bytes);
         let (mut pos, mut last, mut first) = (0u64, None, None);
-        let next_base = bases.get(i + 1).copied();
         loop {
             let stop = scan(
                 &data,
@@ -657,9 +693,16 @@ fn read_hint(
             ));
             Ok(Some(Vec::new()))
         }
-        other => other
-            .map(Some)
-            .ctx(|| format!("reading {}", path.display())),
+        Ok(bytes) => Ok(Some(bytes)),
+        // Not a file the broker can read or replace (a folder, a device):
+        // the broker refuses the topic, so it is damage here.
+        Err(e) => {
+            report.damage.push(finding(
+                path.to_path_buf(),
+                format!("the index cannot be read: {e}"),
+            ));
+            Ok(None)
+        }
     }
 }
 
@@ -671,19 +714,28 @@ fn read_journal_file(
     report: &mut VerifyReport,
 ) -> Result<Option<Vec<u8>>> {
     use crate::groups::journal::JournalFile;
-    Ok(
-        match crate::groups::journal::read_journal_file(storage, path)? {
-            JournalFile::Missing => None,
-            JournalFile::Read(data) => Some(data),
-            JournalFile::TooLarge(found) => {
-                report.damage.push(Finding {
-                    file: found.file,
-                    bytes: found.bytes,
-                    offsets: found.offsets,
-                    detail: found.detail,
-                });
-                None
-            }
-        },
-    )
+    let read = match crate::groups::journal::read_journal_file(storage, path) {
+        Ok(read) => read,
+        // What the broker refuses too (a folder there, no permission).
+        Err(e @ (crate::Error::Io { .. } | crate::Error::FilesExhausted { .. })) => {
+            report
+                .damage
+                .push(finding(path.to_path_buf(), format!("cannot be read: {e}")));
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(match read {
+        JournalFile::Missing => None,
+        JournalFile::Read(data) => Some(data),
+        JournalFile::TooLarge(found) => {
+            report.damage.push(Finding {
+                file: found.file,
+                bytes: found.bytes,
+                offsets: found.offsets,
+                detail: found.detail,
+            });
+            None
+        }
+    })
 }

@@ -219,7 +219,15 @@ pub fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    let file = storage.open(&tmp, OpenMode::CreateOrOpen)?;
+    let at_tmp = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", tmp.display()));
+    // Whatever stands at the temp name (one a crash left, or a link put
+    // there) goes first: the temp file is always a new one, never a file
+    // elsewhere written through a link.
+    match storage.remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at_tmp(e)),
+        _ => {}
+    }
+    let file = storage.open(&tmp, OpenMode::CreateNew).map_err(at_tmp)?;
     let replaced = file
         .set_len(0)
         .and_then(|()| file.write_at(0, bytes))

@@ -51,7 +51,16 @@ impl Storage for OsStorage {
             }
         }
         let file = options.open(path)?;
-        let size = file.metadata()?.len();
+        let meta = file.metadata()?;
+        // A FIFO or a device where spool keeps a file reads as empty (its
+        // length is 0) and takes no truncation or map: never one of spool's.
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (a FIFO, device or socket stands there); move it away",
+            ));
+        }
+        let size = meta.len();
         Ok(Arc::new(OsFile {
             file: Arc::new(file),
             path: path.to_owned(),
