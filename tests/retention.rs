@@ -359,6 +359,50 @@ fn retention_respects_groups_until_the_hard_limit() {
     });
 }
 
+/// `retention_bytes_max` is a hard size limit on its own too: without
+/// `retention_bytes`, with `retention_ms` far off or absent, and with or
+/// without `retention_respects_groups`, a log over it drops its oldest
+/// sealed segments, and a group behind them counts what it lost.
+#[test]
+fn retention_bytes_max_alone_bounds_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        for (topic, respects, retention_ms) in [
+            ("respects", Some(true), Some(3_153_600_000_000)),
+            ("plain", None, None),
+        ] {
+            create(
+                &client,
+                topic,
+                pb::TopicConfig {
+                    segment_bytes: Some(1024),
+                    retention_bytes_max: Some(2048),
+                    retention_respects_groups: respects,
+                    retention_ms,
+                    ..Default::default()
+                },
+            )
+            .await;
+            client
+                .create_group(topic, "s", GroupMode::Stream, Some(Position::Earliest))
+                .await
+                .expect("stream group");
+            produce(&client, topic, 0, 60).await;
+            let info = wait_for(&client, topic, "the log within its hard limit", |i| {
+                i.start_offset > 0 && i.bytes <= 2048 + 1024
+            })
+            .await;
+            let s = client.describe_group(topic, "s").await.expect("s");
+            assert_eq!(
+                s.lost_to_retention, info.start_offset,
+                "{topic}: {s:?} {info:?}"
+            );
+        }
+    });
+}
+
 #[test]
 fn invalid_retention_settings_are_refused_naming_the_field() {
     let tmp = tempfile::tempdir().expect("tempdir");

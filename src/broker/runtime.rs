@@ -691,7 +691,10 @@ pub(super) fn retention_pass(topic: &Topic) -> Result<Option<u64>> {
 /// when the topic has no retention.
 pub fn retention_check_interval(config: &crate::broker::TopicConfig) -> Option<Duration> {
     let log = &config.log;
-    if log.retention_bytes.is_none() && log.retention_ms.is_none() {
+    if log.retention_bytes.is_none()
+        && log.retention_ms.is_none()
+        && config.retention_bytes_max.is_none()
+    {
         return None;
     }
     let ms = log

@@ -78,7 +78,8 @@ pub struct CreateArgs {
     /// over --retention-bytes-max.
     #[arg(long)]
     retention_respects_groups: bool,
-    /// Hard size limit under --retention-respects-groups, in bytes.
+    /// Hard size limit, in bytes: while the topic is over it, its oldest
+    /// sealed segments go, whatever the groups need.
     #[arg(long)]
     retention_bytes_max: Option<u64>,
     /// Delete the topic once nobody wrote to or read it for this long and

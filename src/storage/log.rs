@@ -50,7 +50,8 @@ const PAGE: u64 = 4096;
 pub struct RetentionLimits {
     /// Keep segments holding this offset or later (a group still needs them)...
     pub floor: Option<u64>,
-    /// ...unless the log is larger than this many bytes...
+    /// ...unless the log is larger than this many bytes (whose oldest
+    /// sealed segments go then whatever the other limits say)...
     pub hard_bytes: Option<u64>,
     /// ...or the segment's newest record is older than this.
     pub hard_age_ms: Option<u64>,
@@ -1430,11 +1431,12 @@ impl Log {
                 .config
                 .retention_ms
                 .is_some_and(|ms| s.max_timestamp_ms().saturating_add(ms) < now_ms);
-            if !(over_size || too_old) {
+            let over_hard_size = limits.hard_bytes.is_some_and(|max| total > max);
+            if !(over_size || too_old || over_hard_size) {
                 break;
             }
             let needed = limits.floor.is_some_and(|floor| s.end_offset() > floor);
-            let past_hard_limit = limits.hard_bytes.is_some_and(|max| total > max)
+            let past_hard_limit = over_hard_size
                 || limits
                     .hard_age_ms
                     .is_some_and(|ms| s.max_timestamp_ms().saturating_add(ms) < now_ms);

@@ -1089,12 +1089,17 @@ impl Topic {
     /// Applies retention (see [`Log::enforce_retention_within`]): with
     /// `retention_respects_groups`, segments holding messages some group has
     /// not completed stay until they are twice `retention_ms` old or the log
-    /// is over `retention_bytes_max`. Groups behind the new start go on from
-    /// it and count what they lost. Returns the bases of dropped segments.
+    /// is over `retention_bytes_max`. A log over `retention_bytes_max` drops
+    /// its oldest sealed segments in any case. Groups behind the new start
+    /// go on from it and count what they lost. Returns the bases of dropped
+    /// segments.
     pub fn enforce_retention(&self, now_ms: u64) -> Result<Vec<Offset>> {
         let _pass = self.enter()?;
         let log = &self.config.log;
-        if log.retention_bytes.is_none() && log.retention_ms.is_none() {
+        if log.retention_bytes.is_none()
+            && log.retention_ms.is_none()
+            && self.config.retention_bytes_max.is_none()
+        {
             return Ok(Vec::new());
         }
         let limits = if self.config.retention_respects_groups {
@@ -1117,7 +1122,10 @@ impl Topic {
                 hard_age_ms: log.retention_ms.map(|ms| ms.saturating_mul(2)),
             }
         } else {
-            RetentionLimits::default()
+            RetentionLimits {
+                hard_bytes: self.config.retention_bytes_max,
+                ..RetentionLimits::default()
+            }
         };
         // The groups hear of the new start, durably, before any segment
         // goes: a crash in between leaves them past messages the next pass
