@@ -31,7 +31,10 @@ impl Storage for OsStorage {
     }
 
     fn exists(&self, path: &Path) -> bool {
-        path.exists()
+        // Only what is surely absent is: a file behind a folder it may not
+        // search (no permission) is there, and reading it names the cause,
+        // rather than being taken for missing and replaced.
+        path.try_exists().unwrap_or(true)
     }
 
     fn is_dir(&self, path: &Path) -> bool {
