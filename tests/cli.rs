@@ -484,51 +484,85 @@ fn serve_refuses_limits_out_of_range() {
     }
 }
 
+/// `spool serve ARGS` run in `cwd`, which must end by itself (within 30 s)
+/// without listening: its output.
+fn serve_that_refuses(args: &[&std::ffi::OsStr], cwd: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "off",
+            "--metrics",
+            "off",
+        ])
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run spool serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("spool serve {args:?} started (or hung)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    assert!(stdout(&out).is_empty(), "it listened: {}", stdout(&out));
+    out
+}
+
 /// A config file's `data = ""` is refused (it put the data into the
 /// working directory, and every second start failed on it), and a config
-/// path that names no config (`/dev/zero`) is refused at once instead of
-/// being read until memory runs out.
+/// path that names no config file (`/dev/zero`, a FIFO) is refused at once
+/// instead of being read until memory runs out or waiting for a writer. A
+/// `socketio.key` that is no key stops the start before any listener is
+/// announced (it was announced, then never served).
 #[test]
-fn serve_refuses_an_empty_data_path_and_a_config_without_end() {
+fn serve_refuses_an_empty_data_path_and_settings_files_that_are_none() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = tmp.path().join("spool.toml");
     std::fs::write(&config, "data = \"\"\n").expect("config");
+    let fifo = tmp.path().join("fifo.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir(&cwd).expect("cwd");
-    for config in [config.as_path(), Path::new("/dev/zero")] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .current_dir(&cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run spool serve");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while child.try_wait().expect("wait").is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{}: spool serve started", config.display());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().expect("output");
+    for (config, said) in [
+        (config.as_path(), "data is an empty path"),
+        (Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+    ] {
+        let out = serve_that_refuses(&["--config".as_ref(), config.as_os_str()], &cwd);
         let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{}: {err}", config.display());
-        let said = if config.starts_with("/dev") {
-            "more than"
-        } else {
-            "data is an empty path"
-        };
         assert!(err.contains(said), "{}: {err}", config.display());
-        assert!(stdout(&out).is_empty(), "it listened: {}", stdout(&out));
     }
     assert_eq!(
         std::fs::read_dir(&cwd).expect("cwd").count(),
         0,
         "nothing written into the working directory"
     );
+
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("data");
+    std::fs::write(data.join("socketio.key"), [7u8; 100]).expect("key");
+    let out = serve_that_refuses(
+        &[
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--socketio".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ],
+        &cwd,
+    );
+    let err = stderr(&out);
+    assert!(err.contains("socketio.key has 100 bytes"), "{err}");
 }
 
 /// The group's state as `spool group describe --format json` prints it.

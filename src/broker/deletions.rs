@@ -66,13 +66,15 @@ impl Deletions {
         // a topic taking deletes and never compacted would grow its
         // journal without bound. The deletion itself is journaled already,
         // so a snapshot that fails (a full disk) is tried again later.
-        if self.journal.entries_since_snapshot() >= crate::groups::SNAPSHOT_EVERY
-            && let Err(e) = self
-                .journal
-                .sync()
-                .and_then(|()| self.journal.snapshot(&encode(self.set.iter())))
-        {
-            tracing::debug!(error = %e, "could not snapshot the deletions; tried again at the next one");
+        if self.journal.entries_since_snapshot() >= crate::groups::SNAPSHOT_EVERY {
+            match self.journal.sync() {
+                Ok(()) => self
+                    .journal
+                    .snapshot_when_possible(&encode(self.set.iter()))?,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not sync the deletions for their snapshot; tried again at the next one");
+                }
+            }
         }
         Ok(())
     }

@@ -439,7 +439,10 @@ impl Registry {
                         Ok(None) => false,
                         // One there that does not load was written by a
                         // topic all the same.
-                        Err(_) => true,
+                        Err(Error::Corruption(_) | Error::Io { .. }) => true,
+                        // A passing shortage (descriptors, memory): the
+                        // open is tried again.
+                        Err(e) => return Err(e),
                     };
                 let options = &self.options;
                 if by_topic {
@@ -448,7 +451,7 @@ impl Registry {
                         bytes: 0..0,
                         offsets: None,
                         detail: format!(
-                            "topic {name} has lost its config file. Restore it, or start with \
+                            "topic {name} has lost its config file: restore it. Start with \
                              recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
                              to run the topic on the default config"
                         ),

@@ -52,6 +52,9 @@ pub struct Journal {
     base_seq: u64,
     next_seq: u64,
     since_snapshot: u64,
+    /// A snapshot taken as the journal goes failed, and no later one
+    /// succeeded yet (see [`Journal::snapshot_when_possible`]).
+    snapshot_failing: bool,
     /// What is durable, shared with callers that wait outside the owner's lock.
     syncer: Arc<JournalSyncer>,
 }
@@ -556,6 +559,7 @@ impl Journal {
                 base_seq: first_uncovered,
                 next_seq,
                 since_snapshot,
+                snapshot_failing: false,
             },
             replayed,
         ))
@@ -673,6 +677,30 @@ impl Journal {
 
     /// Replaces everything journaled so far with `state`, durably, and empties
     /// the journal.
+    /// [`Journal::snapshot`] that keeps a journal short as it goes: the
+    /// entries are journaled (and synced) already, so a snapshot that fails
+    /// without making the journal read-only (a full disk, something in the
+    /// way of its temp file) costs only length, and the next call tries
+    /// again; logged once until one succeeds. A failure that made the
+    /// journal read-only is returned.
+    pub fn snapshot_when_possible(&mut self, state: &[u8]) -> Result<()> {
+        match self.snapshot(state) {
+            Ok(()) => {
+                self.snapshot_failing = false;
+                Ok(())
+            }
+            Err(e) if self.is_read_only() => Err(e),
+            Err(e) => {
+                if !self.snapshot_failing {
+                    tracing::warn!(journal = %self.path.display(), error = %e,
+                        "could not snapshot the journal; it grows until a snapshot succeeds, tried again at each change");
+                    self.snapshot_failing = true;
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn snapshot(&mut self, state: &[u8]) -> Result<()> {
         self.check()?;
         // The reset below keeps the generation when nothing was appended
@@ -860,6 +888,31 @@ mod tests {
             "group",
         )
         .expect("open journal")
+    }
+
+    /// A snapshot taken as the journal goes that cannot be written (a full
+    /// disk) leaves the journal writable and whole, and is taken at the
+    /// next try once it can be.
+    #[test]
+    fn a_snapshot_that_cannot_be_written_waits_for_the_next_try() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"one").expect("append");
+        j.sync().expect("sync");
+        disk.set_fault(crate::storage::io::SimFault::NoSpace, true);
+        j.snapshot_when_possible(b"state")
+            .expect("a failed snapshot is no failed change");
+        disk.set_fault(crate::storage::io::SimFault::NoSpace, false);
+        assert!(!j.is_read_only());
+        assert_eq!(j.entries_since_snapshot(), 1, "still to take");
+        j.append(b"two").expect("the journal takes entries");
+        j.sync().expect("sync");
+        j.snapshot_when_possible(b"state").expect("snapshot");
+        assert_eq!(j.entries_since_snapshot(), 0);
+        drop(j);
+        let (_, replayed) = open(&disk);
+        assert_eq!(replayed.snapshot.as_deref(), Some(&b"state"[..]));
+        assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
     }
 
     #[test]

@@ -783,7 +783,9 @@ impl Group {
         if self.journal.entries_since_snapshot() >= SNAPSHOT_EVERY {
             self.sync()?;
             let snapshot = self.encode_snapshot();
-            self.journal.snapshot(&snapshot)?;
+            // The change that called is journaled and synced: it stands
+            // whether or not its snapshot can be written now.
+            self.journal.snapshot_when_possible(&snapshot)?;
         }
         Ok(())
     }

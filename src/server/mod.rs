@@ -252,7 +252,8 @@ pub struct Server {
     listener: TcpListener,
     grpc: Option<TcpListener>,
     metrics: Option<TcpListener>,
-    socketio: Option<TcpListener>,
+    /// With the key its recovery offsets are sealed with.
+    socketio: Option<(TcpListener, crate::socketio::offset::Key)>,
     shared: Arc<Shared>,
 }
 
@@ -345,6 +346,15 @@ impl Server {
             Some(data) => Broker::open_locked(broker_config, data).await?,
             None => Broker::open(broker_config).await?,
         };
+        // Before anything says the listener serves: a key that cannot be
+        // read or made stops the start.
+        let socketio = match socketio {
+            Some(listener) => Some((
+                listener,
+                crate::socketio::offset::Key::load_or_create(broker.data_dir())?,
+            )),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             admission: Arc::new(Admission::new(
                 config.max_connections,
@@ -397,7 +407,7 @@ impl Server {
     pub fn socketio_addr(&self) -> Result<Option<SocketAddr>> {
         self.socketio
             .as_ref()
-            .map(|l| {
+            .map(|(l, _)| {
                 l.local_addr()
                     .ctx(|| "reading the socket.io listen address".into())
             })
@@ -430,9 +440,10 @@ impl Server {
                 shutdown.clone(),
             ))
         });
-        let socketio = socketio.map(|listener| {
+        let socketio = socketio.map(|(listener, key)| {
             tokio::spawn(crate::socketio::serve(
                 listener,
+                key,
                 shared.broker.clone(),
                 crate::socketio::Limits {
                     admission: Arc::clone(&shared.admission),

@@ -21,7 +21,7 @@
 
 mod codec;
 mod guard;
-mod offset;
+pub(crate) mod offset;
 mod packet;
 mod page;
 mod session;
@@ -491,12 +491,12 @@ async fn plaintext(
 /// listener its TLS and the sockets their tokens.
 pub(crate) async fn serve(
     listener: TcpListener,
+    key: offset::Key,
     broker: Broker,
     limits: Limits,
     security: Security,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let key = offset::Key::load_or_create(broker.data_dir())?;
     let accepting = broker.clone();
     let tls = security.listener(LISTENER, &[tls::ALPN_HTTP1]);
     let gateway = Arc::new(Gateway {

@@ -64,23 +64,15 @@ impl Key {
     /// tokens stay valid across restarts.
     pub fn load_or_create(data: &Path) -> crate::Result<Key> {
         let path = data.join(KEY_FILE);
-        // A file of any size may sit there: read one byte past a key, so a
-        // wrong one is named by its length without reading it all.
-        let read = |path: &Path| -> std::io::Result<Vec<u8>> {
-            let mut bytes = Vec::new();
-            std::fs::File::open(path)?
-                .take(KEY_LEN as u64 + 1)
-                .read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        match read(&path) {
+        // Read within a bound, and refused unless a regular file (a FIFO
+        // there would block the start).
+        match crate::storage::io::read_settings_file(&path) {
             Ok(bytes) => {
                 let bytes: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
                     crate::Error::InvalidArgument(format!(
-                        "{} has {}{} bytes; a socket.io key has {KEY_LEN} (delete it to make a new one, which invalidates every recovery token)",
+                        "{} has {} bytes; a socket.io key has {KEY_LEN} (delete it to make a new one, which invalidates every recovery token)",
                         path.display(),
-                        if b.len() > KEY_LEN { "more than " } else { "" },
-                        b.len().min(KEY_LEN)
+                        b.len()
                     ))
                 })?;
                 return Ok(Key(bytes));
@@ -95,7 +87,13 @@ impl Key {
         let temp = data.join(format!("{KEY_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
-            let mut f = std::fs::File::create(&temp)?;
+            // A new file, never one elsewhere written through a link left
+            // at the temp name.
+            match std::fs::remove_file(&temp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut f = std::fs::File::create_new(&temp)?;
             f.write_all(&key)?;
             f.sync_all()?;
             std::fs::rename(&temp, &path)?;

@@ -121,7 +121,8 @@ pub fn open_segment(
     let len = file
         .len()
         .ctx(|| format!("reading size of {}", log.display()))?;
-    if len > MAX_SEGMENT_BYTES {
+    let oversized = len > MAX_SEGMENT_BYTES;
+    if oversized {
         // Positions are 32-bit: no byte past that is a record spool wrote
         // (a sparse file of any size may sit there, and scanning its zeros
         // would take hours).
@@ -307,6 +308,14 @@ pub fn open_segment(
         }
     }
 
+    if oversized && active {
+        // The zeros after the records are no preallocation of spool's:
+        // without them the writer allocates (and `fallocate`s) afresh.
+        file.set_len(pos)
+            .ctx(|| format!("truncating {}", log.display()))?;
+        file.sync_data()
+            .ctx(|| format!("syncing {}", log.display()))?;
+    }
     let end_offset = last_offset.map_or(base, |o| o + 1);
     if loaded.as_ref() != Some(&index) {
         // A hint: one a full disk has no room for costs the next open this

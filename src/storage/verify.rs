@@ -134,13 +134,14 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 (None, true)
             }
             // What the broker refuses too (a folder there, no permission).
-            Err(e) => {
+            Err(e @ crate::Error::Io { .. }) if refused_for_good_error(&e) => {
                 report.damage.push(finding(
                     dir.join(crate::storage::checkpoint::CHECKPOINT_FILE),
                     format!("the checkpoint cannot be read: {e}"),
                 ));
                 (None, true)
             }
+            Err(e) => return Err(e),
         };
         let config = dir.join(crate::broker::config::TOPIC_CONFIG_FILE);
         match crate::broker::config::TopicConfig::load(storage, &dir) {
@@ -290,7 +291,7 @@ fn verify_log(
             Ok(data) => data,
             // What the broker refuses too: reported, and the other files
             // are checked still.
-            Err(e) => {
+            Err(e) if refused_for_good(&e) => {
                 let len = super::io::file_len(storage, &paths.log);
                 let too_large = e.kind() == std::io::ErrorKind::FileTooLarge;
                 report.damage.push(Finding {
@@ -312,6 +313,12 @@ fn verify_log(
                 });
                 previous_end = next_base;
                 continue;
+            }
+            Err(e) => {
+                return Err(crate::Error::io(
+                    format!("reading {}", paths.log.display()),
+                    e,
+                ));
             }
         };
         report.files += 1;
@@ -695,14 +702,16 @@ fn read_hint(
         }
         Ok(bytes) => Ok(Some(bytes)),
         // Not a file the broker can read or replace (a folder, a device):
-        // the broker refuses the topic, so it is damage here.
-        Err(e) => {
+        // the broker refuses the topic, so it is damage here (and checked
+        // as empty, not as missing).
+        Err(e) if refused_for_good(&e) => {
             report.damage.push(finding(
                 path.to_path_buf(),
                 format!("the index cannot be read: {e}"),
             ));
-            Ok(None)
+            Ok(Some(Vec::new()))
         }
+        Err(e) => Err(crate::Error::io(format!("reading {}", path.display()), e)),
     }
 }
 
@@ -717,7 +726,7 @@ fn read_journal_file(
     let read = match crate::groups::journal::read_journal_file(storage, path) {
         Ok(read) => read,
         // What the broker refuses too (a folder there, no permission).
-        Err(e @ (crate::Error::Io { .. } | crate::Error::FilesExhausted { .. })) => {
+        Err(e @ crate::Error::Io { .. }) if refused_for_good_error(&e) => {
             report
                 .damage
                 .push(finding(path.to_path_buf(), format!("cannot be read: {e}")));
@@ -738,4 +747,21 @@ fn read_journal_file(
             None
         }
     })
+}
+
+/// Whether a read failed for what the broker refuses the file for until
+/// someone puts it right (a folder or FIFO in its place, no permission, a
+/// dangling link, a size no such file has), not for a passing shortage of
+/// memory or descriptors or an I/O error, which stay errors of the check.
+fn refused_for_good(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        FileTooLarge | InvalidInput | IsADirectory | NotADirectory | PermissionDenied | NotFound
+    )
+}
+
+/// [`refused_for_good`] of an [`Error::Io`](crate::Error::Io).
+fn refused_for_good_error(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Io { source, .. } if refused_for_good(source))
 }

@@ -187,14 +187,26 @@ pub const MAX_SETTINGS_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Reads a file an operator named (outside the data directory, so through
 /// the operating system rather than a [`Storage`]), refusing one longer
-/// than [`MAX_SETTINGS_FILE_BYTES`] with [`io::ErrorKind::FileTooLarge`].
-/// Reads at most one byte past the bound, so a device or a pipe that never
-/// ends is refused too.
+/// than [`MAX_SETTINGS_FILE_BYTES`] with [`io::ErrorKind::FileTooLarge`]
+/// (it reads at most one byte past the bound) and anything but a regular
+/// file (a device or a FIFO, which could block or never end).
 pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without waiting (a FIFO would block the open until a writer
+    // came), then refused unless a regular file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or folder stands there)",
+        ));
+    }
     let mut buf = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_SETTINGS_FILE_BYTES + 1)
+    file.take(MAX_SETTINGS_FILE_BYTES + 1)
         .read_to_end(&mut buf)?;
     if buf.len() as u64 > MAX_SETTINGS_FILE_BYTES {
         return Err(io::Error::new(
@@ -213,21 +225,22 @@ pub fn read_settings_text(path: &Path) -> io::Result<String> {
 
 /// Replaces `path` with `bytes` atomically and durably: write a temp file,
 /// sync it, rename it over `path`, sync the directory. A crash leaves either
-/// the old content or the new, never a mix.
+/// the old content or the new, never a mix. Callers replace one path one
+/// at a time (two at once would share the temp file).
 pub fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
-    let at_tmp = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", tmp.display()));
     // Whatever stands at the temp name (one a crash left, or a link put
     // there) goes first: the temp file is always a new one, never a file
-    // elsewhere written through a link.
+    // elsewhere written through a link. (Errors keep their OS code, by
+    // which callers tell a full disk or a lack of descriptors.)
     match storage.remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at_tmp(e)),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let file = storage.open(&tmp, OpenMode::CreateNew).map_err(at_tmp)?;
+    let file = storage.open(&tmp, OpenMode::CreateNew)?;
     let replaced = file
         .set_len(0)
         .and_then(|()| file.write_at(0, bytes))
@@ -272,6 +285,22 @@ mod tests {
             !disk.exists(Path::new("/d/checkpoint.tmp")),
             "temp file left"
         );
+        assert_eq!(read_file(&disk, path).expect("read"), b"old");
+    }
+
+    /// A replace refused for want of descriptors says so by its OS code,
+    /// which is how callers tell it from a failed write (they close unused
+    /// topics and try again).
+    #[test]
+    fn a_replace_out_of_descriptors_keeps_its_os_code() {
+        let disk = SimDisk::new();
+        let path = Path::new("/d/checkpoint");
+        disk.create_dir_all(Path::new("/d")).expect("dir");
+        write_file_atomic(&disk, path, b"old").expect("first write");
+        disk.set_fault(SimFault::OutOfFiles, true);
+        let e = write_file_atomic(&disk, path, b"new").expect_err("out of descriptors");
+        assert!(crate::error::is_out_of_files(&e), "{e}");
+        disk.set_fault(SimFault::OutOfFiles, false);
         assert_eq!(read_file(&disk, path).expect("read"), b"old");
     }
 }

@@ -31,10 +31,7 @@ impl Storage for OsStorage {
     }
 
     fn exists(&self, path: &Path) -> bool {
-        // Only what is surely absent is: a file behind a folder it may not
-        // search (no permission) is there, and reading it names the cause,
-        // rather than being taken for missing and replaced.
-        path.try_exists().unwrap_or(true)
+        path.exists()
     }
 
     fn is_dir(&self, path: &Path) -> bool {
@@ -42,6 +39,14 @@ impl Storage for OsStorage {
     }
 
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        // Checked before the open too, so a link to a device is never
+        // opened (opening some has effects).
+        if let Ok(m) = fs::metadata(path)
+            && !m.is_file()
+            && !m.is_dir()
+        {
+            return Err(not_a_regular_file());
+        }
         let mut options = OpenOptions::new();
         options.read(true).write(true);
         match mode {
@@ -58,10 +63,7 @@ impl Storage for OsStorage {
         // A FIFO or a device where spool keeps a file reads as empty (its
         // length is 0) and takes no truncation or map: never one of spool's.
         if !meta.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file (a FIFO, device or socket stands there); move it away",
-            ));
+            return Err(not_a_regular_file());
         }
         let size = meta.len();
         Ok(Arc::new(OsFile {
@@ -221,4 +223,13 @@ fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+/// What opening something other than a file (a FIFO, device or socket)
+/// where spool keeps one answers.
+fn not_a_regular_file() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file (a FIFO, device or socket stands there); move it away",
+    )
 }
