@@ -884,6 +884,26 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
     std::fs::remove_file(&sealed).expect("remove the FIFO");
     std::fs::rename(&aside, &sealed).expect("put the segment back");
 
+    // A FIFO for a group journal with synced entries: reported once, not
+    // also as a journal shorter than its recovery point.
+    let journal = dir.join("groups").join("q.journal");
+    let journal_aside = dir.join("journal-aside");
+    std::fs::rename(&journal, &journal_aside).expect("move the journal aside");
+    let made = Command::new("mkfifo")
+        .arg(&journal)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+    let about: Vec<String> = damage_files(&report)
+        .into_iter()
+        .filter(|f| f.ends_with("q.journal"))
+        .collect();
+    assert_eq!(about.len(), 1, "{report}");
+    std::fs::remove_file(&journal).expect("remove the FIFO");
+    std::fs::rename(&journal_aside, &journal).expect("put the journal back");
+
     // A lost config beside a checkpoint that does not load: the checkpoint
     // was a topic's, so the defaults are no stand-in.
     let config = dir.join("topic.toml");

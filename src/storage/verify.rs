@@ -577,7 +577,9 @@ fn verify_journal(
 ) -> Result<()> {
     let snap = dir.join(format!("{name}.snap"));
     let mut first_uncovered = 0;
-    if let Some(data) = read_journal_file(storage, &snap, report)? {
+    let snapshot = read_journal_file(storage, &snap, report)?;
+    let snapshot_reported = matches!(snapshot, JournalBytes::Reported);
+    if let JournalBytes::Read(data) = snapshot {
         report.files += 1;
         report.bytes += data.len() as u64;
         match crate::groups::journal::snapshot_record(&data) {
@@ -596,7 +598,7 @@ fn verify_journal(
     let synced_len = if first_uncovered == base_seq {
         synced_len
     } else {
-        if first_uncovered < base_seq {
+        if first_uncovered < base_seq && !snapshot_reported {
             report.damage.push(finding(
                 snap,
                 format!(
@@ -607,7 +609,11 @@ fn verify_journal(
         0
     };
     let path = dir.join(format!("{name}.journal"));
-    let data = read_journal_file(storage, &path, report)?.unwrap_or_default();
+    let data = match read_journal_file(storage, &path, report)? {
+        JournalBytes::Read(data) => data,
+        JournalBytes::Missing => Vec::new(),
+        JournalBytes::Reported => return Ok(()),
+    };
     report.files += 1;
     report.bytes += data.len() as u64;
     progress(report.bytes);
@@ -715,13 +721,22 @@ fn read_hint(
     }
 }
 
-/// A journal's or snapshot's bytes, if it exists; one too large for any
-/// is damage, noted, and checked as missing.
+/// A journal's or snapshot's bytes as `verify` finds them.
+enum JournalBytes {
+    Missing,
+    /// Damage already reported (too large for any, unreadable): nothing
+    /// more is said of the file.
+    Reported,
+    Read(Vec<u8>),
+}
+
+/// A journal's or snapshot's bytes, if it exists; one too large for any, or
+/// that cannot be read for good, is damage, reported once.
 fn read_journal_file(
     storage: &dyn Storage,
     path: &Path,
     report: &mut VerifyReport,
-) -> Result<Option<Vec<u8>>> {
+) -> Result<JournalBytes> {
     use crate::groups::journal::JournalFile;
     let read = match crate::groups::journal::read_journal_file(storage, path) {
         Ok(read) => read,
@@ -730,13 +745,13 @@ fn read_journal_file(
             report
                 .damage
                 .push(finding(path.to_path_buf(), format!("cannot be read: {e}")));
-            return Ok(None);
+            return Ok(JournalBytes::Reported);
         }
         Err(e) => return Err(e),
     };
     Ok(match read {
-        JournalFile::Missing => None,
-        JournalFile::Read(data) => Some(data),
+        JournalFile::Missing => JournalBytes::Missing,
+        JournalFile::Read(data) => JournalBytes::Read(data),
         JournalFile::TooLarge(found) => {
             report.damage.push(Finding {
                 file: found.file,
@@ -744,7 +759,7 @@ fn read_journal_file(
                 offsets: found.offsets,
                 detail: found.detail,
             });
-            None
+            JournalBytes::Reported
         }
     })
 }
