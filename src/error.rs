@@ -247,7 +247,7 @@ impl Error {
             Error::Full { context, source }
         } else if is_out_of_files(&source) {
             Error::FilesExhausted { context, source }
-        } else if source.raw_os_error() == Some(rustix::io::Errno::NOMEM.raw_os_error())
+        } else if os_code(&source) == Some(rustix::io::Errno::NOMEM.raw_os_error())
             || source.kind() == io::ErrorKind::OutOfMemory
         {
             Error::MemoryExhausted { context, source }
@@ -262,10 +262,20 @@ impl Error {
     }
 }
 
+/// The OS error number of `e`, also when `e` names another file than
+/// its context does ([`crate::storage::io::at_path`]).
+pub fn os_code(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<crate::storage::io::AtPath>())
+            .and_then(|at| at.source.raw_os_error())
+    })
+}
+
 /// True for "no space" and "quota exceeded".
 pub fn is_disk_full(e: &io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
+        os_code(e),
         Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
             || code == rustix::io::Errno::DQUOT.raw_os_error()
     ) || e.kind() == io::ErrorKind::StorageFull
@@ -274,7 +284,7 @@ pub fn is_disk_full(e: &io::Error) -> bool {
 /// True for "too many open files" (of the process or of the system).
 pub fn is_out_of_files(e: &io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
+        os_code(e),
         Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
             || code == rustix::io::Errno::NFILE.raw_os_error()
     )

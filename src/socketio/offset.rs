@@ -89,11 +89,12 @@ impl Key {
             use std::io::Write as _;
             // A new file, never one elsewhere written through a link left
             // at the temp name.
+            let at_temp = |e| crate::storage::io::at_path(&temp, e);
             match std::fs::remove_file(&temp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at_temp(e)),
                 _ => {}
             }
-            let mut f = std::fs::File::create_new(&temp)?;
+            let mut f = std::fs::File::create_new(&temp).map_err(at_temp)?;
             f.write_all(&key)?;
             f.sync_all()?;
             std::fs::rename(&temp, &path)?;

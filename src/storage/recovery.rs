@@ -542,13 +542,20 @@ pub(crate) fn quarantine_bytes(
     let target = quarantine_name(storage, &qdir, damage, |held| {
         read_file_within(storage, held, bytes.len() as u64).is_ok_and(|held| held == bytes)
     });
-    let out = storage
-        .open(&target, OpenMode::CreateOrOpen)
-        .ctx(|| format!("creating {}", target.display()))?;
-    out.set_len(0)
-        .ctx(|| format!("writing {}", target.display()))?;
-    out.write_at(0, bytes)
-        .ctx(|| format!("writing {}", target.display()))?;
+    // A new file (never one elsewhere written through a link left at the
+    // name), or the copy a retry made, synced again.
+    let out = if storage.exists(&target) {
+        storage
+            .open(&target, OpenMode::Existing)
+            .ctx(|| format!("opening {}", target.display()))?
+    } else {
+        let out = storage
+            .open(&target, OpenMode::CreateNew)
+            .ctx(|| format!("creating {}", target.display()))?;
+        out.write_at(0, bytes)
+            .ctx(|| format!("writing {}", target.display()))?;
+        out
+    };
     out.sync_data()
         .ctx(|| format!("syncing {}", target.display()))?;
     storage

@@ -223,6 +223,39 @@ pub fn read_settings_text(path: &Path) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it is not UTF-8 text"))
 }
 
+/// An I/O error about another file than the one its caller names (a
+/// temp file): it names that file and keeps the OS error, which
+/// [`crate::error::os_code`] looks through.
+#[derive(Debug)]
+pub struct AtPath {
+    path: std::path::PathBuf,
+    /// The error as the system gave it.
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for AtPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for AtPath {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// `e`, naming `path` (see [`AtPath`]).
+pub fn at_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        AtPath {
+            path: path.to_owned(),
+            source: e,
+        },
+    )
+}
+
 /// Replaces `path` with `bytes` atomically and durably: write a temp file,
 /// sync it, rename it over `path`, sync the directory. A crash leaves either
 /// the old content or the new, never a mix. Callers replace one path one
@@ -237,10 +270,12 @@ pub fn write_file_atomic(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> io
     // elsewhere written through a link. (Errors keep their OS code, by
     // which callers tell a full disk or a lack of descriptors.)
     match storage.remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at_path(&tmp, e)),
         _ => {}
     }
-    let file = storage.open(&tmp, OpenMode::CreateNew)?;
+    let file = storage
+        .open(&tmp, OpenMode::CreateNew)
+        .map_err(|e| at_path(&tmp, e))?;
     let replaced = file
         .set_len(0)
         .and_then(|()| file.write_at(0, bytes))
@@ -300,6 +335,10 @@ mod tests {
         disk.set_fault(SimFault::OutOfFiles, true);
         let e = write_file_atomic(&disk, path, b"new").expect_err("out of descriptors");
         assert!(crate::error::is_out_of_files(&e), "{e}");
+        assert!(
+            e.to_string().contains("checkpoint.tmp"),
+            "names the temp file: {e}"
+        );
         disk.set_fault(SimFault::OutOfFiles, false);
         assert_eq!(read_file(&disk, path).expect("read"), b"old");
     }
