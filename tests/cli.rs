@@ -563,6 +563,23 @@ fn serve_refuses_an_empty_data_path_and_settings_files_that_are_none() {
     );
     let err = stderr(&out);
     assert!(err.contains("socketio.key has 100 bytes"), "{err}");
+
+    // A link at LOCK is refused, not written through.
+    std::fs::remove_file(data.join("socketio.key")).expect("remove the key");
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, "not spool's").expect("victim");
+    let _ = std::fs::remove_file(data.join("LOCK"));
+    std::os::unix::fs::symlink(&victim, data.join("LOCK")).expect("link");
+    let out = serve_that_refuses(&["--data".as_ref(), data.as_os_str()], &cwd);
+    assert!(
+        stderr(&out).contains("a link stands there"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "not spool's"
+    );
 }
 
 /// The group's state as `spool group describe --format json` prints it.

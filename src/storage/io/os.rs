@@ -90,13 +90,29 @@ impl Storage for OsStorage {
     }
 
     fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Not through a link (it would write the pid into the file it
+        // points to), and not a FIFO or device.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .map_err(LockError::Io)?;
+            .map_err(|e| {
+                LockError::Io(if e.raw_os_error() == Some(libc::ELOOP) {
+                    io::Error::new(
+                        e.kind(),
+                        "a link stands there (the lock is a plain file of spool's); remove it",
+                    )
+                } else {
+                    e
+                })
+            })?;
+        if !file.metadata().map_err(LockError::Io)?.is_file() {
+            return Err(LockError::Io(not_a_regular_file()));
+        }
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
