@@ -131,9 +131,9 @@ pub fn open_segment(
             bytes: MAX_SEGMENT_BYTES..len,
             offsets: None,
             detail: format!(
-                "the file is {len} bytes, more than a segment holds ({MAX_SEGMENT_BYTES} at most). \
-                 Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
-                 to cut the bytes past that and open anyway"
+                "{}. Start with recovery mode skip-damaged (`spool serve --recovery skip-damaged`) \
+                 to cut the bytes past that and open anyway",
+                oversized_segment(len)
             ),
         };
         if mode == RecoveryMode::TolerateTornTail {
@@ -470,6 +470,12 @@ fn cut(
         dropped: len - at,
     });
     Ok(())
+}
+
+/// What is wrong with a segment file of `len` bytes, more than any holds
+/// (the broker's refusal and `verify`'s finding).
+pub(crate) fn oversized_segment(len: u64) -> String {
+    format!("the file is {len} bytes, more than a segment holds ({MAX_SEGMENT_BYTES} at most)")
 }
 
 /// Copies a damaged range out to `quarantine/<log name>.<start>-<end>`, durably.

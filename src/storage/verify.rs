@@ -303,10 +303,7 @@ fn verify_log(
                     },
                     offsets: next_base.map(|next| base..next),
                     detail: if too_large {
-                        format!(
-                            "the file is {len} bytes, more than a segment holds ({} at most)",
-                            super::config::MAX_SEGMENT_BYTES
-                        )
+                        super::recovery::oversized_segment(len)
                     } else {
                         format!("the segment cannot be read: {e}")
                     },
@@ -314,12 +311,7 @@ fn verify_log(
                 previous_end = next_base;
                 continue;
             }
-            Err(e) => {
-                return Err(crate::Error::io(
-                    format!("reading {}", paths.log.display()),
-                    e,
-                ));
-            }
+            Err(e) => return Err(e).ctx(|| format!("reading {}", paths.log.display())),
         };
         report.files += 1;
         report.bytes += data.len() as u64;
@@ -717,7 +709,7 @@ fn read_hint(
             ));
             Ok(Some(Vec::new()))
         }
-        Err(e) => Err(crate::Error::io(format!("reading {}", path.display()), e)),
+        Err(e) => Err(e).ctx(|| format!("reading {}", path.display())),
     }
 }
 

@@ -200,10 +200,7 @@ pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file (a FIFO, device or folder stands there)",
-        ));
+        return Err(not_a_regular_file());
     }
     let mut buf = Vec::new();
     file.take(MAX_SETTINGS_FILE_BYTES + 1)
@@ -215,6 +212,15 @@ pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
         ));
     }
     Ok(buf)
+}
+
+/// What opening something other than a regular file (a FIFO, device,
+/// socket or folder) where a file belongs answers.
+pub(crate) fn not_a_regular_file() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file (a FIFO, device, socket or folder stands there); move it away",
+    )
 }
 
 /// [`read_settings_file`] of a text file.

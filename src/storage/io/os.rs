@@ -2,7 +2,7 @@
 //! [`super::mmap`].
 
 use super::mmap::OsMapping;
-use super::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile};
+use super::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile, not_a_regular_file};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
@@ -239,13 +239,4 @@ fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
         pos += n as u64;
     }
     Ok(())
-}
-
-/// What opening something other than a file (a FIFO, device or socket)
-/// where spool keeps one answers.
-fn not_a_regular_file() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "not a regular file (a FIFO, device or socket stands there); move it away",
-    )
 }
