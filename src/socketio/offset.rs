@@ -84,23 +84,10 @@ impl Key {
         }
         let key: [u8; KEY_LEN] =
             random().map_err(|e| crate::Error::io("reading /dev/urandom", e))?;
-        let temp = data.join(format!("{KEY_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            // A new file, never one elsewhere written through a link left
-            // at the temp name.
-            let at_temp = |e| crate::storage::io::at_path(&temp, e);
-            match std::fs::remove_file(&temp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(at_temp(e)),
-                _ => {}
-            }
-            let mut f = std::fs::File::create_new(&temp).map_err(at_temp)?;
-            f.write_all(&key)?;
-            f.sync_all()?;
-            std::fs::rename(&temp, &path)?;
-            std::fs::File::open(data)?.sync_all()
-        };
-        write().map_err(|e| crate::Error::io(format!("writing {}", path.display()), e))?;
+        // Replaced whole, as the broker's own files are (a temp file made
+        // new, synced, renamed, the folder synced).
+        crate::storage::io::write_file_atomic(&crate::storage::io::OsStorage, &path, &key)
+            .map_err(|e| crate::Error::io(format!("writing {}", path.display()), e))?;
         tracing::info!(file = %path.display(), "created the socket.io recovery key");
         Ok(Key(key))
     }
