@@ -794,6 +794,95 @@ fn a_tombstone_survives_its_retention_then_goes() {
     );
 }
 
+/// A closed topic with background compaction is opened again for it only
+/// when what it measures can have changed: `compact_check_ms` after it
+/// closed unmeasured or changed since its last measure (a pass of its own
+/// included), when its oldest kept tombstone ages out, and never once
+/// nothing is left to age.
+#[test]
+fn a_closed_topic_is_measured_for_compaction_when_something_can_have_changed() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let reg = registry(Arc::clone(&disk), "/data");
+    let config = TopicConfig {
+        compact_min_dirty_ratio: Some(0.05),
+        compact_check_ms: 60_000,
+        delete_retention_ms: 2000,
+        ..keyed_config()
+    };
+    let topic = reg.create_topic("kv", config).expect("topic");
+    let now = spool::storage::log::now_ms();
+    let keyed = |key: String, value: Vec<u8>| NewMessage {
+        timestamp_ms: Some(now),
+        ..NewMessage::from_value(value).with_key(key)
+    };
+    for i in 0..30 {
+        topic
+            .produce(&[keyed(format!("k{i}"), vec![b'v'; 40])])
+            .expect("value");
+    }
+    for i in 0..30 {
+        topic
+            .produce(&[keyed(format!("k{i}"), Vec::new())])
+            .expect("tombstone");
+    }
+    // Seals the tombstones behind other keys.
+    for i in 0..20 {
+        topic
+            .produce(&[keyed(format!("other{i}"), vec![b'x'; 40])])
+            .expect("other");
+    }
+    drop(topic);
+    assert!(reg.close_unused("kv"), "closed");
+
+    // Closed before any measure: due compact_check_ms after the close.
+    let closed = spool::storage::log::now_ms();
+    assert!(reg.upkeep_due(closed + 59_000, 10).is_empty());
+    assert_eq!(reg.upkeep_due(closed + 61_000, 10), ["kv"]);
+    let (_, stats) = reg
+        .closed_upkeep("kv")
+        .expect("upkeep")
+        .expect("the superseded values are removed while the topic is closed");
+    assert!(stats.records_removed >= 30, "{stats:?}");
+    assert!(reg.open_topics().is_empty(), "closed again");
+
+    // Measured, nothing changed since: due when the tombstones age out
+    // (delete_retention_ms after their timestamp), not before.
+    assert!(reg.upkeep_due(now + 2000, 10).is_empty());
+    assert_eq!(reg.upkeep_due(now + 2001, 10), ["kv"]);
+    while spool::storage::log::now_ms() <= now + 2001 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, stats) = reg
+        .closed_upkeep("kv")
+        .expect("upkeep")
+        .expect("the aged tombstones are removed while the topic is closed");
+    assert!(stats.records_removed >= 30, "{stats:?}");
+
+    // That pass changed the topic: measured once more compact_check_ms
+    // later, which finds nothing to do.
+    let closed = spool::storage::log::now_ms();
+    assert!(reg.upkeep_due(closed + 59_000, 10).is_empty());
+    assert_eq!(reg.upkeep_due(closed + 61_000, 10), ["kv"]);
+    assert!(reg.closed_upkeep("kv").expect("upkeep").is_none());
+
+    // Nothing left to age and nothing changes while it is closed: never
+    // due again.
+    let a_year_on = spool::storage::log::now_ms() + 365 * 24 * 3_600_000;
+    assert!(reg.upkeep_due(a_year_on, 10).is_empty());
+    let left = reg
+        .topic("kv")
+        .expect("open")
+        .read(Offset(0), 10_000, 1 << 20)
+        .expect("read");
+    assert!(!left.is_empty());
+    assert!(
+        left.iter()
+            .all(|m| m.key.as_deref().is_some_and(|k| k.starts_with(b"other"))),
+        "only the live keys are left: {:?}",
+        left.iter().map(|m| m.key.clone()).collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_online_compaction_loses_nothing_live() {
     use spool::client::{Client, FetchOptions};
@@ -993,6 +1082,99 @@ async fn background_compaction_runs_once_the_dirty_ratio_is_reached() {
         .expect("terminate");
     assert!(ok, "clean stop: {log}");
     assert!(log.contains("background compaction"), "logged: {log}");
+}
+
+/// Background compaction reaches a topic closed for being idle: a quiet
+/// topic's tombstones go once they age out, without a request opening it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_compaction_reaches_a_quiet_closed_topic() {
+    use spool::client::Client;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = common::Broker::start(tmp.path(), &["--topic-idle-close-ms", "50"]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .create_topic(
+            "quiet",
+            spool::protocol::pb::TopicConfig {
+                cleanup: Some("compact".into()),
+                segment_bytes: Some(1024),
+                compact_min_dirty_ratio: Some(0.05),
+                compact_check_ms: Some(200),
+                delete_retention_ms: Some(1500),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+    let keyed = |key: String, value: Vec<u8>| NewMessage::from_value(value).with_key(key);
+    let values = (0..30).map(|i| keyed(format!("gone-{i}"), vec![b'v'; 40]));
+    let tombstones = (0..30).map(|i| keyed(format!("gone-{i}"), Vec::new()));
+    let others = (0..20).map(|i| keyed(format!("live-{i}"), vec![b'x'; 40]));
+    for m in values.chain(tombstones).chain(others) {
+        client.produce("quiet", vec![m]).await.expect("produce");
+    }
+    // No request names the topic from here on: it closes within a second,
+    // before its tombstones age out, and only the broker can remove them.
+    let dir = tmp.path().join("topics").join("quiet");
+    let holds_gone_keys = || -> bool {
+        std::fs::read_dir(&dir)
+            .expect("topic folder")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .any(|bytes| bytes.windows(5).any(|w| w == b"gone-"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while holds_gone_keys() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed topic kept its aged tombstones: {}",
+            broker.log_so_far()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let left = common::replay_all(&client, "quiet").await;
+    let offsets: Vec<u64> = left.iter().map(|r| r.message.offset.0).collect();
+    assert_eq!(
+        offsets,
+        (60..80).collect::<Vec<u64>>(),
+        "the live keys stay at their offsets"
+    );
+
+    // The same for a topic not opened since the broker started.
+    let values = (0..30).map(|i| keyed(format!("gone-{i}"), vec![b'v'; 40]));
+    let tombstones = (0..30).map(|i| keyed(format!("gone-{i}"), Vec::new()));
+    let others = (20..40).map(|i| keyed(format!("live-{i}"), vec![b'x'; 40]));
+    for m in values.chain(tombstones).chain(others) {
+        client.produce("quiet", vec![m]).await.expect("produce");
+    }
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+    assert!(!log.contains("upkeep of a closed topic"), "{log}");
+    let broker = common::Broker::start(tmp.path(), &["--topic-idle-close-ms", "50"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while holds_gone_keys() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the topic not opened since the start kept its aged tombstones: {}",
+            broker.log_so_far()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let left = common::replay_all(&client, "quiet").await;
+    let offsets: Vec<u64> = left.iter().map(|r| r.message.offset.0).collect();
+    let live: Vec<u64> = (60..80).chain(140..160).collect();
+    assert_eq!(offsets, live, "the live keys stay at their offsets");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+    assert!(!log.contains("upkeep of a closed topic"), "{log}");
 }
 
 /// Offsets as the broker takes them.

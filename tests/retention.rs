@@ -910,16 +910,16 @@ fn a_closed_topic_whose_retention_open_fails_is_due_again() {
     drop(topic);
     assert!(reg.close_unused("old"), "closed");
     let later = spool::storage::log::now_ms() + 3_600_000;
-    assert_eq!(reg.retention_due(later, 10), ["old"]);
+    assert_eq!(reg.upkeep_due(later, 10), ["old"]);
     disk.set_fault(SimFault::OutOfFiles, true);
-    assert!(reg.apply_closed_retention("old").is_err(), "the open fails");
+    assert!(reg.closed_upkeep("old").is_err(), "the open fails");
     disk.set_fault(SimFault::OutOfFiles, false);
     assert_eq!(
-        reg.retention_due(later, 10),
+        reg.upkeep_due(later, 10),
         ["old"],
         "due again after the failed open"
     );
-    reg.apply_closed_retention("old").expect("retention");
+    reg.closed_upkeep("old").expect("retention");
     let start = reg.topic("old").expect("open").stats().start;
     assert!(
         start.0 > 0,

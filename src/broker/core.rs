@@ -14,7 +14,7 @@
 use super::TopicConfig;
 use super::deliveries::Deliveries;
 use super::registry::{Deletion, Registry, RegistryOptions};
-use super::runtime::TopicRuntime;
+use super::runtime::{TopicRuntime, report_background_compaction};
 use super::subscription::{self, Subscription, Target};
 use super::topic::{DeliveryLimits, GroupIdentity, Position, Topic};
 use crate::error::{Error, Result};
@@ -66,8 +66,9 @@ pub fn default_max_open_files() -> usize {
     })
 }
 
-/// Closed topics one sweep opens to apply their retention.
-const RETENTION_OPENS_PER_SWEEP: usize = 32;
+/// Closed topics one sweep opens for their retention or background
+/// compaction.
+const UPKEEP_OPENS_PER_SWEEP: usize = 32;
 
 /// Default of [`BrokerConfig::topic_idle_close`].
 pub const DEFAULT_TOPIC_IDLE_CLOSE: Duration = Duration::from_secs(30);
@@ -371,7 +372,7 @@ impl Broker {
             defaults: config.topic_defaults.clone(),
             auto_create: config.auto_create,
             recovery: config.recovery,
-            retention_at_open: true,
+            upkeep: true,
             metrics: Some(metrics.clone()),
         };
         let registry = tokio::task::spawn_blocking(move || {
@@ -449,22 +450,22 @@ impl Broker {
     async fn sweep(&self) {
         self.close_topics(self.file_target()).await;
         let now = now_ms();
-        // Closed topics get no retention pass from a runtime: each is opened
-        // when its retention is due (a few per sweep), which applies it,
-        // and closed again, without counting as a use.
-        for name in self
-            .inner
-            .registry
-            .retention_due(now, RETENTION_OPENS_PER_SWEEP)
-        {
+        // Closed topics get no retention or compaction pass from a
+        // runtime: each is opened when either is due (a few per sweep),
+        // which applies its retention and measures it for compaction, and
+        // closed again, without counting as a use.
+        for name in self.inner.registry.upkeep_due(now, UPKEEP_OPENS_PER_SWEEP) {
             if self.inner.stopping.load(Ordering::Relaxed) {
                 return;
             }
             let (b, n) = (self.clone(), name.clone());
-            match blocking(move || b.inner.registry.apply_closed_retention(&n)).await {
-                Ok(()) | Err(Error::TopicNotFound(_)) => {}
+            match blocking(move || b.inner.registry.closed_upkeep(&n)).await {
+                Ok(Some((dirt, stats))) => {
+                    report_background_compaction(&self.inner.metrics, &name, &dirt, &stats);
+                }
+                Ok(None) | Err(Error::TopicNotFound(_)) => {}
                 Err(e) => {
-                    tracing::warn!(topic = %name, error = %e, "applying retention to a closed topic");
+                    tracing::warn!(topic = %name, error = %e, "upkeep of a closed topic (retention, background compaction)");
                 }
             }
         }

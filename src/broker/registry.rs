@@ -15,6 +15,7 @@ use super::runtime::{retention_check_interval, retention_pass};
 use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Cleanup, Metrics};
+use crate::storage::compact::{CompactStats, Dirt};
 use crate::storage::log::now_ms;
 use crate::storage::{DataDir, RecoveryMode};
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,9 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 /// Most threads [`Registry::stop_all`] stops topics with.
 pub const STOP_THREADS: usize = 16;
 
-/// How long after an open for its retention failed a closed topic is due
+/// How long after an open for its upkeep failed a closed topic is due
 /// again.
-pub const CLOSED_RETENTION_RETRY_MS: u64 = 30_000;
+pub const CLOSED_UPKEEP_RETRY_MS: u64 = 30_000;
 
 /// Registry settings.
 #[derive(Debug, Clone)]
@@ -37,10 +38,11 @@ pub struct RegistryOptions {
     pub auto_create: bool,
     /// How opening logs treats damage.
     pub recovery: RecoveryMode,
-    /// Apply a topic's retention as it opens (a broker: retention does not
-    /// run while a topic is closed). Off for offline tools, which change
-    /// only what they are asked to.
-    pub retention_at_open: bool,
+    /// Keep topics up while they are closed (a broker): apply a topic's
+    /// retention as it opens, and know when a closed topic's retention or
+    /// background compaction is due ([`Registry::upkeep_due`]). Off for
+    /// offline tools, which change only what they are asked to.
+    pub upkeep: bool,
     /// Where retention applied at open is counted (a broker's metrics).
     pub metrics: Option<Metrics>,
 }
@@ -51,7 +53,7 @@ impl Default for RegistryOptions {
             defaults: TopicConfig::default(),
             auto_create: true,
             recovery: RecoveryMode::default(),
-            retention_at_open: true,
+            upkeep: true,
             metrics: None,
         }
     }
@@ -79,8 +81,8 @@ pub struct Registry {
     /// checkpoint (a full disk refused it): [`Registry::stop_all`] opens
     /// them again to write it, or the stop is not clean.
     closed_unclean: Mutex<BTreeSet<String>>,
-    /// The last topic [`Registry::retention_due`] took.
-    retention_cursor: Mutex<String>,
+    /// The last topic [`Registry::upkeep_due`] took.
+    upkeep_cursor: Mutex<String>,
     /// Opens from disk under way, at most [`OPENERS`]: each holds files
     /// of its own while it reads and checkpoints, on top of the open
     /// topics' budget, until the sweep that keeps the budget catches up.
@@ -119,8 +121,9 @@ struct Slot {
     /// slot is leaving the registry and must not open anything.
     gone: AtomicBool,
     /// While the topic is closed: when its retention is due to drop
-    /// something (milliseconds since the epoch; 0: nothing is).
-    retention_due: AtomicU64,
+    /// something or its background compaction to measure it again
+    /// (milliseconds since the epoch; 0: neither is).
+    upkeep_due: AtomicU64,
 }
 
 impl Slot {
@@ -130,7 +133,7 @@ impl Slot {
             last_used: AtomicU64::new(now),
             config: Mutex::new(config),
             gone: AtomicBool::new(false),
-            retention_due: AtomicU64::new(0),
+            upkeep_due: AtomicU64::new(0),
         })
     }
 
@@ -216,7 +219,7 @@ impl Registry {
             opened: Arc::new(tokio::sync::Notify::new()),
             idle_deletable: Mutex::new(BTreeSet::new()),
             closed_unclean: Mutex::new(BTreeSet::new()),
-            retention_cursor: Mutex::new(String::new()),
+            upkeep_cursor: Mutex::new(String::new()),
             openers: (Mutex::new(0), std::sync::Condvar::new()),
         })
     }
@@ -386,7 +389,7 @@ impl Registry {
         };
         // Retention did not run while the topic was closed: what it would
         // have dropped goes before anyone reads the topic.
-        if self.options.retention_at_open && retention_check_interval(topic.config()).is_some() {
+        if self.options.upkeep && retention_check_interval(topic.config()).is_some() {
             match retention_pass(&topic) {
                 Ok(Some(bytes)) => {
                     if let Some(metrics) = &self.options.metrics {
@@ -413,7 +416,7 @@ impl Registry {
     ) -> Arc<Topic> {
         self.learn(name, topic.config());
         *slot.config() = Some(topic.config().clone());
-        slot.retention_due.store(0, Ordering::Relaxed);
+        slot.upkeep_due.store(0, Ordering::Relaxed);
         *open = Some(Arc::clone(&topic));
         // Under the slot's lock, so the set never disagrees with the slot.
         self.open_names().insert(name.to_owned());
@@ -671,7 +674,7 @@ impl Registry {
         }
         let now = now_ms();
         let config = topic.config();
-        let due = match (topic.log().retention_due_ms(), config.log.retention_ms) {
+        let retention = match (topic.log().retention_due_ms(), config.log.retention_ms) {
             (Some(due), Some(ms)) => {
                 // Past due and still there under retention_respects_groups:
                 // a group needs it, and no group moves while the topic is
@@ -687,35 +690,40 @@ impl Registry {
             }
             _ => 0,
         };
-        slot.retention_due.store(due, Ordering::Relaxed);
+        let compaction = match self.options.upkeep {
+            true => topic.closed_compaction_due(now),
+            false => 0,
+        };
+        let due = [retention, compaction]
+            .into_iter()
+            .filter(|&d| d != 0)
+            .min();
+        slot.upkeep_due.store(due.unwrap_or(0), Ordering::Relaxed);
         *open = None;
         self.open_names().remove(name);
         true
     }
 
-    /// Closed topics whose retention is due by `now` (at most `max`), each
-    /// taken off the due list: [`Registry::apply_closed_retention`] puts it
-    /// back with its next due time. Each call starts after the last name
+    /// Closed topics whose retention or background compaction is due by
+    /// `now` (at most `max`), each taken off the due list:
+    /// [`Registry::closed_upkeep`] puts it back with its next due time. Each call starts after the last name
     /// the one before took, so a few topics due again and again cannot keep
     /// the others waiting.
-    pub fn retention_due(&self, now: u64, max: usize) -> Vec<String> {
+    pub fn upkeep_due(&self, now: u64, max: usize) -> Vec<String> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
         let topics = self.read_topics();
-        let mut cursor = self
-            .retention_cursor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut cursor = self.upkeep_cursor.lock().unwrap_or_else(|p| p.into_inner());
         let after = topics.range::<str, _>((Excluded(cursor.as_str()), Unbounded));
         let up_to = topics.range::<str, _>((Unbounded, Included(cursor.as_str())));
         let due: Vec<String> = after
             .chain(up_to)
             .filter(|(_, slot)| !slot.is_gone())
             .filter(|(_, slot)| {
-                let due = slot.retention_due.load(Ordering::Relaxed);
+                let due = slot.upkeep_due.load(Ordering::Relaxed);
                 due != 0
                     && due <= now
                     && slot
-                        .retention_due
+                        .upkeep_due
                         .compare_exchange(due, 0, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
             })
@@ -729,22 +737,24 @@ impl Registry {
     }
 
     /// Opens closed topic `name` to apply its retention (as every open
-    /// does) and closes it again, without counting a use of it (nor
-    /// touching it if a request opened it meanwhile).
+    /// does) and to measure it for background compaction (compacting it if
+    /// it is dirty enough), and closes it again, without counting a use of
+    /// it (nor touching it if a request opened it meanwhile). Returns what
+    /// compaction measured and did, if it compacted.
     /// An open that fails (out of descriptors, damage) leaves the topic
-    /// due again after [`CLOSED_RETENTION_RETRY_MS`].
-    pub fn apply_closed_retention(&self, name: &str) -> Result<()> {
+    /// due again after [`CLOSED_UPKEEP_RETRY_MS`].
+    pub fn closed_upkeep(&self, name: &str) -> Result<Option<(Dirt, CompactStats)>> {
         let slot = self.slot(name)?;
         if slot.topic().is_some() {
-            return Ok(());
+            return Ok(None);
         }
-        match self.open_slot(name, &slot) {
-            Ok(topic) => drop(topic),
+        let topic = match self.open_slot(name, &slot) {
+            Ok(topic) => topic,
             Err(e) => {
-                // Taken off the due list by `retention_due`; back on it,
+                // Taken off the due list by `upkeep_due`; back on it,
                 // unless a close since set its next due time.
-                let retry = now_ms().saturating_add(CLOSED_RETENTION_RETRY_MS);
-                let _ = slot.retention_due.compare_exchange(
+                let retry = now_ms().saturating_add(CLOSED_UPKEEP_RETRY_MS);
+                let _ = slot.upkeep_due.compare_exchange(
                     0,
                     retry,
                     Ordering::Relaxed,
@@ -752,9 +762,16 @@ impl Registry {
                 );
                 return Err(e);
             }
-        }
+        };
+        let compacted = match topic.config().compact_min_dirty_ratio {
+            Some(ratio) => topic.compact_if_dirty(now_ms(), ratio),
+            None => Ok(None),
+        };
+        drop(topic);
+        // Due again when its close says (a measure that failed: after
+        // compact_check_ms).
         self.close_unused(name);
-        Ok(())
+        compacted
     }
 
     /// Stops every open topic cleanly (no writes after its final sync) and,
@@ -934,12 +951,19 @@ impl Registry {
         let config = TopicConfig::load(&**self.data.storage(), &self.data.topic_dir(name))?
             .unwrap_or_else(|| self.options.defaults.clone());
         self.learn(name, &config);
-        if self.options.retention_at_open && retention_check_interval(&config).is_some() {
+        if self.options.upkeep {
             // Closed since before this run: when its retention is due is
-            // known only once it is open, so look now.
-            let _ = slot
-                .retention_due
-                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+            // known only once it is open, so look now; background
+            // compaction measures it as it would an open topic.
+            let retention = retention_check_interval(&config).map(|_| 1);
+            let compaction = config
+                .compact_min_dirty_ratio
+                .map(|_| now_ms().saturating_add(config.compact_check_ms));
+            if let Some(due) = retention.or(compaction) {
+                let _ =
+                    slot.upkeep_due
+                        .compare_exchange(0, due, Ordering::Relaxed, Ordering::Relaxed);
+            }
         }
         *slot.config() = Some(config.clone());
         Ok(config)

@@ -12,6 +12,7 @@ use crate::broker::read_ahead::ReadAheads;
 use crate::broker::{GroupCommit, Topic};
 use crate::error::{Error, Result};
 use crate::metrics::{Cleanup, Metrics, TopicCounters};
+use crate::storage::compact::{CompactStats, Dirt};
 use crate::storage::log::now_ms;
 use crate::storage::{Appended, Durability, FsyncPolicy, NewMessage};
 use std::collections::VecDeque;
@@ -103,22 +104,7 @@ impl TopicRuntime {
                 move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
                 move |topic, done| {
                     if let Some((dirt, stats)) = done {
-                        if stats.segments_rewritten + stats.segments_deleted > 0 {
-                            metrics.cleanup(
-                                topic,
-                                Cleanup::Compaction,
-                                stats.bytes_before.saturating_sub(stats.bytes_after),
-                            );
-                        }
-                        tracing::info!(
-                            topic,
-                            dirty_ratio = dirt.ratio(),
-                            bytes_before = stats.bytes_before,
-                            bytes_after = stats.bytes_after,
-                            records_removed = stats.records_removed,
-                            millis = stats.millis,
-                            "background compaction"
-                        );
+                        report_background_compaction(&metrics, topic, &dirt, &stats);
                     }
                 },
             ));
@@ -668,6 +654,31 @@ fn sizes(batch: &[NewMessage]) -> (u64, u64) {
             stored.saturating_add(record),
         )
     })
+}
+
+/// Counts and logs a pass of background compaction over `topic`.
+pub(super) fn report_background_compaction(
+    metrics: &Metrics,
+    topic: &str,
+    dirt: &Dirt,
+    stats: &CompactStats,
+) {
+    if stats.segments_rewritten + stats.segments_deleted > 0 {
+        metrics.cleanup(
+            topic,
+            Cleanup::Compaction,
+            stats.bytes_before.saturating_sub(stats.bytes_after),
+        );
+    }
+    tracing::info!(
+        topic,
+        dirty_ratio = dirt.ratio(),
+        bytes_before = stats.bytes_before,
+        bytes_after = stats.bytes_after,
+        records_removed = stats.records_removed,
+        millis = stats.millis,
+        "background compaction"
+    );
 }
 
 /// One retention pass over `topic`: the bytes of the segments it dropped,

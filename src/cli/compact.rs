@@ -65,7 +65,7 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
         RegistryOptions {
             auto_create: false,
             // Compaction only: retention waits for the broker.
-            retention_at_open: false,
+            upkeep: false,
             ..RegistryOptions::default()
         },
     )?;

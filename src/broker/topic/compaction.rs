@@ -3,6 +3,28 @@
 //! unnecessary.
 
 use super::*;
+use std::cell::Cell;
+
+/// What background compaction last measured of a topic, and on what.
+#[derive(Debug, Clone)]
+pub(super) struct Measured {
+    on: CleanerInputs,
+    /// When the oldest tombstone compaction kept ages out, if it kept one.
+    tombstone_ages_out_ms: Option<u64>,
+}
+
+/// What the cleaner's decisions depend on: the log's extent and sealed
+/// part, the deletions and what the groups completed (on
+/// `delete_when_consumed` topics).
+#[derive(Debug, Clone, PartialEq)]
+struct CleanerInputs {
+    start: u64,
+    end: u64,
+    durable_end: u64,
+    active_base: Option<u64>,
+    deleted: RangeSet,
+    completed: Vec<RangeSet>,
+}
 
 impl Topic {
     /// Compacts the topic's sealed segments: removes explicitly deleted
@@ -24,6 +46,7 @@ impl Topic {
     /// Background compaction: measures what [`Topic::compact`] would remove
     /// and compacts, on the same decisions, only once the removable share of
     /// the sealed bytes reaches `ratio`. `None` when it did not.
+    /// What it measured is kept ([`Topic::closed_compaction_due`]).
     pub fn compact_if_dirty(
         &self,
         now_ms: u64,
@@ -31,13 +54,91 @@ impl Topic {
     ) -> Result<Option<(Dirt, CompactStats)>> {
         let _pass = self.enter()?;
         self.sync_state()?;
+        // Taken before the cleaner's snapshot: whatever comes after it
+        // makes the measure out of date.
+        let log = self.log.stats();
+        let active_base = self.log.segments().last().map(|s| s.base());
         let cleaner = self.cleaner(now_ms)?;
-        let dirt = self.log.dirt(&|r| cleaner.keep(r))?;
+        // The oldest tombstone compaction keeps (it is the latest record of
+        // its key and younger than delete_retention_ms) is the next one that
+        // ages out.
+        let oldest_tombstone = Cell::new(None::<u64>);
+        let dirt = self.log.dirt(&|r| {
+            let keep = cleaner.keep(r);
+            if keep && cleaner.latest.is_some() && r.key.is_some() && r.value_len == 0 {
+                let oldest = oldest_tombstone
+                    .get()
+                    .map_or(r.timestamp_ms, |t| t.min(r.timestamp_ms));
+                oldest_tombstone.set(Some(oldest));
+            }
+            keep
+        })?;
+        *self.measured.lock().unwrap_or_else(|p| p.into_inner()) = Some(Measured {
+            on: CleanerInputs {
+                start: log.start.0,
+                end: log.end.0,
+                durable_end: log.durable_end.0,
+                active_base,
+                deleted: cleaner.deleted.clone(),
+                completed: cleaner.completed.clone(),
+            },
+            tombstone_ages_out_ms: oldest_tombstone.get().map(|t| {
+                t.saturating_add(self.config.delete_retention_ms)
+                    .saturating_add(1)
+            }),
+        });
         if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
             return Ok(None);
         }
         let stats = self.compact_with(&cleaner, &mut |_| {})?;
         Ok(Some((dirt, stats)))
+    }
+
+    /// When background compaction should measure this topic again once it
+    /// is closed (milliseconds since the epoch; 0: never, as nothing it
+    /// measures changes while the topic is closed): when its oldest kept
+    /// tombstone ages out, and, if anything changed since the last measure
+    /// (a produce, a delete, an ack, a seal, a compaction pass of its own),
+    /// `compact_check_ms` from `now_ms` at the latest, as while it is open.
+    /// Only topics with `compact_min_dirty_ratio` have one.
+    pub fn closed_compaction_due(&self, now_ms: u64) -> u64 {
+        if self.config.compact_min_dirty_ratio.is_none() {
+            return 0;
+        }
+        let later = now_ms.saturating_add(self.config.compact_check_ms);
+        let measured = self
+            .measured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(measured) = measured else {
+            return later;
+        };
+        let aged = measured.tombstone_ages_out_ms;
+        match self.cleaner_inputs() {
+            Ok(now) if now == measured.on => aged.unwrap_or(0),
+            _ => aged.map_or(later, |t| t.min(later)),
+        }
+    }
+
+    /// What the cleaner decides on, as it is now.
+    fn cleaner_inputs(&self) -> Result<CleanerInputs> {
+        let log = self.log.stats();
+        let active_base = self.log.segments().last().map(|s| s.base());
+        let mut completed = Vec::new();
+        if self.config.delete_when_consumed {
+            for g in self.groups().values() {
+                completed.push(self.lock(g)?.completed());
+            }
+        }
+        Ok(CleanerInputs {
+            start: log.start.0,
+            end: log.end.0,
+            durable_end: log.durable_end.0,
+            active_base,
+            deleted: self.deletions().set().clone(),
+            completed,
+        })
     }
 
     fn compact_with(

@@ -199,6 +199,8 @@ pub struct Topic {
     deletions: RwLock<Deletions>,
     /// Every request passes it; a delete closes it (see [`Topic::gate`]).
     gate: Gate,
+    /// What background compaction last measured.
+    measured: Mutex<Option<compaction::Measured>>,
 }
 
 impl Topic {
@@ -334,6 +336,7 @@ impl Topic {
             ),
             deletions: RwLock::new(deletions),
             gate: Gate::default(),
+            measured: Mutex::new(None),
         };
         // On a full disk the topic still opens for reading: the broker's
         // periodic checkpoint records these points once there is room, and
