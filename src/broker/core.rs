@@ -22,7 +22,7 @@ use crate::groups::{GroupInfo, GroupMode};
 use crate::metrics::{Cleanup, Metrics, TimedStorage, TopicSnapshot};
 use crate::storage::compact::CompactStats;
 use crate::storage::io::{OsStorage, Storage};
-use crate::storage::log::now_ms;
+use crate::storage::log::{now_ms, timer_ms};
 use crate::storage::{
     Appended, DataDir, Durability, LogStats, NewMessage, Offset, Records, RecoveryMode, record,
 };
@@ -450,6 +450,7 @@ impl Broker {
     async fn sweep(&self) {
         self.close_topics(self.file_target()).await;
         let now = now_ms();
+        let idle_now = timer_ms();
         // Closed topics get no retention or compaction pass from a
         // runtime: each is opened when either is due (a few per sweep),
         // which applies its retention and measures it for compaction, and
@@ -485,7 +486,7 @@ impl Broker {
                     .inner
                     .registry
                     .last_used_ms(&name)
-                    .is_some_and(|t| t > now)
+                    .is_some_and(|t| t > idle_now)
             {
                 continue;
             }
@@ -493,7 +494,7 @@ impl Broker {
             let deleted = move || {
                 b.inner
                     .registry
-                    .delete_if_idle(&n, now, |topic| b.deleted(&n, topic.cloned()))
+                    .delete_if_idle(&n, idle_now, |topic| b.deleted(&n, topic.cloned()))
             };
             match blocking(deleted).await {
                 Ok(Deletion::Deleted(_)) => {}
@@ -527,7 +528,7 @@ impl Broker {
     /// stay open.
     async fn close_topics(&self, target_files: usize) {
         let _closing = self.inner.closer.lock().await;
-        let now = now_ms();
+        let now = timer_ms();
         let config = &self.inner.config;
         let idle_ms = config.topic_idle_close.as_millis() as u64;
         // On the blocking pool: the listing takes each topic's group locks,
@@ -985,7 +986,7 @@ impl Broker {
         let source = Arc::clone(&t);
         let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
         let (fetched, durable, read_from) =
-            blocking(move || t.lease_queue_within(&g, &m, limits, now_ms(), identity.as_ref()))
+            blocking(move || t.lease_queue_within(&g, &m, limits, timer_ms(), identity.as_ref()))
                 .await?;
         let nothing_leased = fetched.deliveries.is_empty();
         let leased = Leased {
@@ -1004,7 +1005,7 @@ impl Broker {
                 let offsets: Vec<Offset> = fetched.dead_letters.iter().map(|d| d.offset).collect();
                 let (s, g, read_from) = (Arc::clone(&source), group.to_owned(), read_from);
                 let _ = blocking(move || {
-                    s.retry_dead_letters_of(&g, Some(&read_from), &offsets, now_ms())
+                    s.retry_dead_letters_of(&g, Some(&read_from), &offsets, timer_ms())
                 })
                 .await;
             }
@@ -1140,9 +1141,10 @@ impl Broker {
             // Held from other reads while the hand-off ran: due again after
             // a lease time, to be tried again.
             let (s, g, read_from) = (Arc::clone(&source), group.to_owned(), read_from.clone());
-            let retried =
-                blocking(move || s.retry_dead_letters_of(&g, Some(&read_from), &failed, now_ms()))
-                    .await;
+            let retried = blocking(move || {
+                s.retry_dead_letters_of(&g, Some(&read_from), &failed, timer_ms())
+            })
+            .await;
             if let Err(e) = retried {
                 tracing::warn!(topic = source.name(), group, error = %e,
                     "dead letters not handed off stay held until the hold runs out");

@@ -16,7 +16,7 @@ use super::topic::{DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Cleanup, Metrics};
 use crate::storage::compact::{CompactStats, Dirt};
-use crate::storage::log::now_ms;
+use crate::storage::log::{now_ms, timer_ms};
 use crate::storage::{DataDir, RecoveryMode};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -113,7 +113,7 @@ impl Drop for Opener<'_> {
 struct Slot {
     /// The topic while open.
     topic: Mutex<Option<Arc<Topic>>>,
-    /// When a request last used it (milliseconds since the epoch).
+    /// When a request last used it ([`timer_ms`]).
     last_used: AtomicU64,
     /// Its config, once read (kept while it is closed).
     config: Mutex<Option<TopicConfig>>,
@@ -155,7 +155,7 @@ impl Slot {
 pub struct OpenTopic {
     /// Its name.
     pub name: String,
-    /// When a request last used it (milliseconds since the epoch).
+    /// When a request last used it ([`timer_ms`]).
     pub last_used_ms: u64,
     /// Files it keeps open (see [`Topic::open_files`]).
     pub files: usize,
@@ -201,7 +201,7 @@ impl Registry {
         data.clear_leftovers()?;
         data.make_scratch_folders();
         let clean_start = data.take_clean_stop()?;
-        let now = now_ms();
+        let now = timer_ms();
         let mut topics = BTreeMap::new();
         for name in data.topics()? {
             if validate_name("topic", &name).is_err() {
@@ -287,7 +287,7 @@ impl Registry {
     /// it was closed; counts as a use of it.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
         let slot = self.slot(name)?;
-        slot.last_used.store(now_ms(), Ordering::Relaxed);
+        slot.last_used.store(timer_ms(), Ordering::Relaxed);
         self.open_slot(name, &slot)
     }
 
@@ -300,7 +300,7 @@ impl Registry {
             Ok(open) => open.as_ref().filter(|t| !t.is_retired()).cloned()?,
             Err(_) => return None,
         };
-        slot.last_used.store(now_ms(), Ordering::Relaxed);
+        slot.last_used.store(timer_ms(), Ordering::Relaxed);
         Some(topic)
     }
 
@@ -308,7 +308,7 @@ impl Registry {
     /// holds it, which makes no request while it waits).
     pub fn touch(&self, name: &str) {
         if let Ok(slot) = self.slot(name) {
-            slot.last_used.store(now_ms(), Ordering::Relaxed);
+            slot.last_used.store(timer_ms(), Ordering::Relaxed);
         }
     }
 
@@ -584,7 +584,7 @@ impl Registry {
 
     /// The open topics, with when each was last used and the files it holds.
     pub fn open_topics(&self) -> Vec<OpenTopic> {
-        let now = now_ms();
+        let now = timer_ms();
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         let slots: Vec<(String, Arc<Slot>)> = {
             let topics = self.read_topics();
@@ -637,7 +637,7 @@ impl Registry {
         // one with leases or delayed redeliveries until they end.
         if Arc::strong_count(topic) > 1
             || topic.is_retired()
-            || topic.is_pinned(now_ms())
+            || topic.is_pinned(timer_ms())
             || topic.is_read_only()
         {
             return false;
@@ -969,8 +969,8 @@ impl Registry {
         Ok(config)
     }
 
-    /// When topic `name` was last used (milliseconds since the epoch; the
-    /// start of this run for a topic not used since).
+    /// When topic `name` was last used ([`timer_ms`]; the start of this
+    /// run for a topic not used since).
     pub fn last_used_ms(&self, name: &str) -> Option<u64> {
         let slot = self.slot(name).ok()?;
         Some(slot.last_used.load(Ordering::Relaxed))
@@ -1073,7 +1073,7 @@ impl Registry {
             self.check_dead_letter_chain(&topics, name, &config)?;
             // Visible at once, locked until its folder is made: requests
             // for it wait, other topics do not.
-            let slot = Slot::new(now_ms(), Some(config.clone()));
+            let slot = Slot::new(timer_ms(), Some(config.clone()));
             let open = slot.topic();
             topics.insert(name.to_owned(), Arc::clone(&slot));
             drop(topics);

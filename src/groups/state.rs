@@ -13,6 +13,7 @@ use super::journal::{Journal, JournalRecovery, SyncWait};
 use super::ranges::RangeSet;
 use crate::error::{Error, Result};
 use crate::storage::io::Storage;
+use crate::storage::log::wall_ms_of;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -119,7 +120,8 @@ pub struct GroupInfo {
     pub pending: usize,
     /// Messages not yet completed, up to the log end.
     pub lag: u64,
-    /// Members seen, with when they were last seen (ms since the epoch).
+    /// Members seen, with when they were last seen (ms since the epoch, by
+    /// the wall clock).
     pub members: BTreeMap<String, u64>,
     /// Messages retention dropped before the group completed them.
     pub lost_to_retention: u64,
@@ -798,7 +800,9 @@ impl Group {
     /// `lag` counts only offsets the log holds (a commit below its start
     /// does not count what is gone). `pending` counts the leases not run
     /// out as of `now_ms` (one that ran out is due again, and leaves the
-    /// lease table at the next fetch).
+    /// lease table at the next fetch). Times are on the timer clock
+    /// ([`crate::storage::log::timer_ms`]), members' sightings as told on
+    /// the wall clock.
     pub fn info(&self, log: Range<u64>, deleted: &RangeSet, now_ms: u64) -> GroupInfo {
         let log_end = log.end;
         let (committed, lag) = match self.config.mode {
@@ -837,7 +841,12 @@ impl Group {
                 .filter(|&(&o, l)| l.deadline_ms > now_ms && !deleted.contains(o))
                 .count(),
             lag,
-            members: self.members.clone(),
+            // Seen on the timer clock; told on the wall clock.
+            members: self
+                .members
+                .iter()
+                .map(|(m, &seen)| (m.clone(), wall_ms_of(seen, now_ms)))
+                .collect(),
             lost_to_retention: self.lost,
         }
     }

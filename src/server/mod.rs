@@ -214,7 +214,7 @@ pub(crate) async fn accept(
             Ok(accepted) => return accepted,
             Err(e) => {
                 ACCEPT_FAILURES.fetch_add(1, Ordering::Relaxed);
-                let now = crate::storage::log::now_ms();
+                let now = crate::storage::log::timer_ms();
                 let last = ACCEPT_ROOM_MS.load(Ordering::Relaxed);
                 if crate::error::is_out_of_files(&e)
                     && now.saturating_sub(last) >= ACCEPT_ROOM_EVERY_MS

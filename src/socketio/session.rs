@@ -240,7 +240,7 @@ impl Out {
             // dropped. Full with nothing emitted for as long as a push may
             // wait: it does not read.
             let idle =
-                crate::storage::log::now_ms().saturating_sub(self.side_progress.load(Relaxed));
+                crate::storage::log::timer_ms().saturating_sub(self.side_progress.load(Relaxed));
             if idle >= SEND_STALL.as_millis() as u64 {
                 tracing::warn!(sid = %self.socket.id, "socket.io client reads nothing: closing it");
                 self.socket
@@ -533,7 +533,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         principal: None,
         side: None,
         side_progress: Arc::new(std::sync::atomic::AtomicU64::new(
-            crate::storage::log::now_ms(),
+            crate::storage::log::timer_ms(),
         )),
     };
     let out = Out {
@@ -545,14 +545,14 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             // Stamped as each emit starts too: a queue quiet for long is not
             // taken for one stuck (only an emit blocked 30 s is).
             emitter.side_progress.store(
-                crate::storage::log::now_ms(),
+                crate::storage::log::timer_ms(),
                 std::sync::atomic::Ordering::Relaxed,
             );
             if !emitter.emit(&name, args).await {
                 return;
             }
             emitter.side_progress.store(
-                crate::storage::log::now_ms(),
+                crate::storage::log::timer_ms(),
                 std::sync::atomic::Ordering::Relaxed,
             );
         }

@@ -187,6 +187,24 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Milliseconds on the broker's timer clock: monotonic, so a step of the
+/// wall clock moves none of its timers, and read like [`now_ms`] (it starts
+/// at the wall clock's reading when the process first asks). For what is
+/// kept in memory only: leases, redelivery delays, when a group member or a
+/// topic was last seen; never for what is compared with stored timestamps
+/// (retention, `segment_ms`, tombstones), which follow the wall clock.
+pub fn timer_ms() -> u64 {
+    static START: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (at, wall) = START.get_or_init(|| (std::time::Instant::now(), now_ms()));
+    wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The wall-clock time ([`now_ms`]) of `at`, a reading of [`timer_ms`]
+/// that was `timer_now - at` ago (`timer_now` read just before).
+pub fn wall_ms_of(at: u64, timer_now: u64) -> u64 {
+    now_ms().saturating_sub(timer_now.saturating_sub(at))
+}
+
 impl Log {
     /// Opens (or creates) the log in `dir`, recovering it as `mode` allows.
     /// What recovery did is in [`Log::recovery_report`].

@@ -19,7 +19,7 @@ use crate::groups::{
 use crate::storage::checkpoint::JournalPoint;
 use crate::storage::compact::{CompactStats, Dirt};
 use crate::storage::io::Storage;
-use crate::storage::log::{RetentionLimits, now_ms};
+use crate::storage::log::{RetentionLimits, timer_ms};
 use crate::storage::record;
 use crate::storage::{
     Appended, Durability, FsyncPolicy, Header, Log, LogStats, Message, NewMessage, Offset, Records,
@@ -889,7 +889,7 @@ impl Topic {
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
         let mut group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
         group.heard_start(self.log.start().0);
-        let info = group.info(self.log_range(), self.deletions().set(), now_ms());
+        let info = group.info(self.log_range(), self.deletions().set(), timer_ms());
         groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
         Ok(info)
     }
@@ -922,7 +922,7 @@ impl Topic {
         let _pass = self.enter()?;
         let log = self.log_range();
         self.with_group(name, |g| {
-            Ok(g.info(log.clone(), self.deletions().set(), now_ms()))
+            Ok(g.info(log.clone(), self.deletions().set(), timer_ms()))
         })
     }
 
@@ -971,7 +971,7 @@ impl Topic {
             .map(|g| {
                 Ok(self
                     .lock(g)?
-                    .info(log.clone(), self.deletions().set(), now_ms()))
+                    .info(log.clone(), self.deletions().set(), timer_ms()))
             })
             .collect()
     }

@@ -382,7 +382,7 @@ impl Topic {
         let _pass = self.enter()?;
         // The request's own field before the group (protocol.md §4).
         super::check_delay(delay_ms)?;
-        let now = now_ms();
+        let now = timer_ms();
         self.with_group(group, |g| {
             self.check_queue(g)?;
             Ok(offsets
@@ -423,7 +423,7 @@ impl Topic {
                 "ack_timeout_ms {ms} is outside 1..={MAX_DURATION_MS} (100 years)"
             )));
         }
-        let now = now_ms();
+        let now = timer_ms();
         self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             let deadline = now.saturating_add(ack_timeout_ms.unwrap_or(g.config().ack_timeout_ms));
@@ -500,7 +500,7 @@ impl Topic {
         never_sent: bool,
     ) -> Result<usize> {
         let _pass = self.enter()?;
-        let now = now_ms();
+        let now = timer_ms();
         self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             let which = match which {

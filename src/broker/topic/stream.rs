@@ -65,7 +65,7 @@ impl Topic {
                 self.name
             )));
         }
-        g.touch(member, now_ms());
+        g.touch(member, timer_ms());
         Ok(from.unwrap_or_else(|| Offset(g.committed())))
     }
 
