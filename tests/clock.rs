@@ -133,7 +133,12 @@ async fn a_wall_clock_step_moves_no_lease_delay_or_idle_deletion() {
         .expect("group");
     assert_eq!(group.pending, 1, "the lease on 0 still holds: {group:?}");
     // Members' sightings are told on the broker's wall clock, 3 h ahead.
-    let seen = group.members.iter().map(|m| m.last_seen_ms).max().unwrap_or(0);
+    let seen = group
+        .members
+        .iter()
+        .map(|m| m.last_seen_ms)
+        .max()
+        .unwrap_or(0);
     let real_now = spool::storage::log::now_ms();
     assert!(
         seen > real_now + 2 * hour && seen < real_now + 4 * hour,

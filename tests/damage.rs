@@ -946,3 +946,76 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
     let (code, report) = verify(data);
     assert_eq!(code, Some(0), "{report}");
 }
+
+/// A topic folder the broker may not search (its mode changed by hand) is
+/// an error naming `topic.toml` and what the system said, not a topic
+/// whose config is lost (which tried to write the defaults in its place);
+/// once the mode is put back, every message is there.
+/// Run as `nobody` when the tests run as root (root searches any folder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_folder_that_cannot_be_searched_is_refused_naming_its_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data = root.join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let as_root = rustix::process::geteuid().is_root();
+    let program = || {
+        if !as_root {
+            return Command::new(env!("CARGO_BIN_EXE_spool"));
+        }
+        // Its own copy, which `nobody` can reach wherever the build is.
+        let bin = root.join("spool");
+        if !bin.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_spool"), &bin).expect("copy the binary");
+        }
+        let mut program = Command::new("setpriv");
+        program
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        program
+    };
+    if as_root {
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).expect("chown");
+    }
+    let broker = Broker::start_with(program(), &data, &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let batch: Vec<NewMessage> = (0..3)
+        .map(|i| NewMessage::from_value(format!("m{i}")))
+        .collect();
+    client.produce("t", batch).await.expect("produce");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+
+    let folder = data.join("topics").join("t");
+    let mode = |m: u32| {
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(m)).expect("chmod");
+    };
+    mode(0o600);
+    let broker = Broker::start_with(program(), &data, &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let err = client
+        .describe_topic("t")
+        .await
+        .expect_err("a folder that cannot be searched");
+    // Read and refused, not taken for lost (which wrote the defaults).
+    let text = err.to_string();
+    assert!(
+        text.contains("reading")
+            && text.contains("topic.toml")
+            && text.contains("ermission denied"),
+        "{text}"
+    );
+    mode(0o755);
+    let got = common::replay_all(&client, "t").await;
+    assert_eq!(got.len(), 3, "every message is there once the mode is back");
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+}

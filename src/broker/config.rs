@@ -154,10 +154,10 @@ impl TopicConfig {
     /// Reads `topic.toml` from `dir`, if present.
     pub fn load(storage: &dyn Storage, dir: &Path) -> Result<Option<TopicConfig>> {
         let path = dir.join(TOPIC_CONFIG_FILE);
-        if !storage.exists(&path) {
-            return Ok(None);
-        }
         let buf = match read_file_within(storage, &path, MAX_TOPIC_CONFIG_BYTES) {
+            // Only a file that is not there is no config: one that cannot be
+            // read (a folder without search permission) is an error naming it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             // Too large to be a config is a config that does not parse.
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
                 return Err(Error::InvalidArgument(format!("{}: {e}", path.display())));
