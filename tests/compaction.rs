@@ -834,7 +834,8 @@ fn a_closed_topic_is_measured_for_compaction_when_something_can_have_changed() {
     drop(topic);
     assert!(reg.close_unused("kv"), "closed");
 
-    // Closed before any measure: due compact_check_ms after the close.
+    // Closed before any measure: due compact_check_ms after it opened
+    // (its creation, just now).
     let closed = spool::storage::log::now_ms();
     assert!(reg.upkeep_due(closed + 59_000, 10).is_empty());
     assert_eq!(reg.upkeep_due(closed + 61_000, 10), ["kv"]);
@@ -881,6 +882,131 @@ fn a_closed_topic_is_measured_for_compaction_when_something_can_have_changed() {
         "only the live keys are left: {:?}",
         left.iter().map(|m| m.key.clone()).collect::<Vec<_>>()
     );
+}
+
+/// A topic with half its messages deleted, measured for compaction every
+/// `check_ms`: dirty enough for a pass at once.
+fn dirty_topic(reg: &Registry, name: &str, check_ms: u64, retention: bool) {
+    let mut config = small_segments();
+    config.compact_min_dirty_ratio = Some(0.1);
+    config.compact_check_ms = check_ms;
+    if retention {
+        config.log.retention_ms = Some(24 * 3_600_000);
+    }
+    let topic = reg.create_topic(name, config).expect("topic");
+    produce_and_delete(&topic, 100, |o| o % 2 == 0, &mut BTreeMap::new()).expect("produce");
+}
+
+/// Closing a topic does not put off its next compaction measure: a topic
+/// used again and again just before its measure is due, and closed for
+/// being idle in between, is measured when the measure falls due.
+#[test]
+fn closing_a_topic_does_not_put_its_next_compaction_measure_off() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let reg = registry(Arc::clone(&disk), "/data");
+    let opened = spool::storage::log::now_ms();
+    dirty_topic(&reg, "t", 400, false);
+    assert!(reg.close_unused("t"), "closed");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // Used again, and closed again: still due 400 ms after it first
+    // opened, not 400 ms after this close.
+    drop(reg.topic("t").expect("open"));
+    assert!(reg.close_unused("t"), "closed again");
+    let closed = spool::storage::log::now_ms();
+    assert!(closed >= opened + 150);
+    assert_eq!(reg.upkeep_due(opened + 400, 10), ["t"]);
+    let (_, stats) = reg
+        .closed_upkeep("t")
+        .expect("upkeep")
+        .expect("the deleted messages are removed while the topic is closed");
+    assert!(stats.records_removed >= 40, "{stats:?}");
+}
+
+/// A closed topic opened because its retention is due is not measured for
+/// compaction unless that is due too (`compact_check_ms` after the start,
+/// for a topic not opened since).
+#[test]
+fn an_open_for_retention_alone_does_not_measure_for_compaction() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let reg = registry(Arc::clone(&disk), "/data");
+    dirty_topic(&reg, "t", 60_000, true);
+    reg.stop_all().expect("stop");
+    drop(reg);
+    let reg = registry(Arc::clone(&disk), "/data");
+    let started = spool::storage::log::now_ms();
+    reg.config_of("t").expect("config");
+    // Retention looks at once, compaction only after compact_check_ms.
+    assert_eq!(reg.upkeep_due(started, 10), ["t"]);
+    assert!(
+        reg.closed_upkeep("t").expect("upkeep").is_none(),
+        "not measured"
+    );
+    assert!(reg.open_topics().is_empty(), "closed again");
+    // Its retention is next due a tenth of retention_ms on; its measure
+    // stays due 60 s after the start.
+    assert!(
+        reg.upkeep_due(started + 59_000, 10).is_empty(),
+        "not due yet"
+    );
+    assert_eq!(reg.upkeep_due(started + 60_001, 10), ["t"]);
+    let (_, stats) = reg
+        .closed_upkeep("t")
+        .expect("upkeep")
+        .expect("compacted once its measure is due");
+    assert!(stats.records_removed >= 40, "{stats:?}");
+}
+
+/// A background compaction pass of a closed topic that fails is tried
+/// again `compact_check_ms` later, not forgotten because nothing changed
+/// since its measure.
+#[test]
+fn a_failed_compaction_of_a_closed_topic_is_tried_again() {
+    let disk = Arc::new(SimDisk::new());
+    let reg = registry(disk.clone(), "/data");
+    dirty_topic(&reg, "t", 60_000, false);
+    assert!(reg.close_unused("t"), "closed");
+    let now = spool::storage::log::now_ms();
+    assert_eq!(reg.upkeep_due(now + 60_001, 10), ["t"]);
+    let weak = Arc::downgrade(&disk);
+    disk.set_hook(Some(Arc::new(move |op, path: &Path| {
+        if op == SimOp::SyncData
+            && path.to_string_lossy().ends_with(".cleaned")
+            && let Some(d) = weak.upgrade()
+        {
+            d.set_fault(SimFault::SyncError, true);
+        }
+    })));
+    let failed = reg.closed_upkeep("t");
+    disk.set_hook(None);
+    disk.set_fault(SimFault::SyncError, false);
+    assert!(failed.is_err(), "the failed pass is reported: {failed:?}");
+    assert!(reg.open_topics().is_empty(), "closed again");
+    let now = spool::storage::log::now_ms();
+    assert!(reg.upkeep_due(now + 59_000, 10).is_empty());
+    assert_eq!(reg.upkeep_due(now + 60_001, 10), ["t"], "due again");
+    let (_, stats) = reg
+        .closed_upkeep("t")
+        .expect("upkeep")
+        .expect("the second pass compacts");
+    assert!(stats.records_removed >= 40, "{stats:?}");
+}
+
+/// A topic's final stop ends compaction: a pass asked for afterwards
+/// refuses, naming the stop, and changes nothing the stop recorded.
+#[test]
+fn a_stopped_topic_takes_no_compaction_pass() {
+    let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
+    let reg = registry(Arc::clone(&disk), "/data");
+    dirty_topic(&reg, "t", 60_000, false);
+    let topic = reg.topic("t").expect("open");
+    let before = topic.log().segments().len();
+    topic.stop().expect("stop");
+    let refused = topic.compact(spool::storage::log::now_ms(), &mut |_| {});
+    match refused {
+        Err(spool::Error::Stopping(msg)) => assert!(msg.contains("stopping"), "{msg}"),
+        other => panic!("compaction after the stop: {other:?}"),
+    }
+    assert_eq!(topic.log().segments().len(), before, "nothing swapped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1175,6 +1301,80 @@ async fn background_compaction_reaches_a_quiet_closed_topic() {
         .expect("terminate");
     assert!(ok, "clean stop: {log}");
     assert!(!log.contains("upkeep of a closed topic"), "{log}");
+}
+
+/// A topic used every 1.6 s, closed for being idle between uses (idle
+/// close 100 ms, swept every second), is compacted `compact_check_ms`
+/// (3 s) after it was created, whether the measure falls due while it is
+/// open or closed: neither a close nor the next open puts the measure off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_compaction_reaches_a_topic_closed_and_reopened_in_turn() {
+    use spool::client::Client;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = common::Broker::start(tmp.path(), &["--topic-idle-close-ms", "100"]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    client
+        .create_topic(
+            "busy",
+            spool::protocol::pb::TopicConfig {
+                cleanup: Some("compact".into()),
+                segment_bytes: Some(1024),
+                compact_min_dirty_ratio: Some(0.05),
+                compact_check_ms: Some(3000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("topic");
+    let keyed = |key: String, value: &[u8]| NewMessage::from_value(value.to_vec()).with_key(key);
+    let old: Vec<NewMessage> = (0..30)
+        .map(|i| keyed(format!("k{i}"), b"old-value"))
+        .collect();
+    let new: Vec<NewMessage> = (0..30)
+        .map(|i| keyed(format!("k{i}"), b"new-value"))
+        .collect();
+    let filler: Vec<NewMessage> = (0..20).map(|i| keyed(format!("f{i}"), b"filler")).collect();
+    for batch in [old, new, filler] {
+        client.produce("busy", batch).await.expect("produce");
+    }
+    let dir = tmp.path().join("topics").join("busy");
+    let holds_old_values = || -> bool {
+        std::fs::read_dir(&dir)
+            .expect("topic folder")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .any(|bytes| bytes.windows(9).any(|w| w == b"old-value"))
+    };
+    let started = std::time::Instant::now();
+    let mut uses = 0u64;
+    while holds_old_values() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the topic kept its superseded values: {}",
+            broker.log_so_far()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+        client
+            .produce("busy", vec![keyed(format!("use{uses}"), b"use")])
+            .await
+            .expect("use");
+        uses += 1;
+    }
+    let left = common::replay_all(&client, "busy").await;
+    assert!(
+        left.iter()
+            .all(|r| r.message.value.as_ref() != b"old-value"),
+        "only the latest values are left"
+    );
+    drop(client);
+    let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("terminate");
+    assert!(ok, "clean stop: {log}");
+    assert!(log.contains("background compaction"), "{log}");
+    // A pass builds the index of each segment it writes: no repair.
+    assert!(!log.contains("rebuilt index"), "{log}");
 }
 
 /// Offsets as the broker takes them.

@@ -233,6 +233,10 @@ struct Inner {
     /// (a long-poll or subscription ending with its connection) still
     /// takes its deliveries back.
     give_backs: tokio_util::task::TaskTracker,
+    /// Held by the task that opens closed topics for their upkeep (one at
+    /// a time, beside the sweeper: a long compaction must not hold up idle
+    /// closes and the file budget).
+    upkeep: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Longest a stop waits for the give-backs of reads nobody took.
@@ -395,6 +399,7 @@ impl Broker {
                 topic_events: tokio::sync::broadcast::channel(TOPIC_EVENTS_BUFFER).0,
                 scan: Mutex::new(None),
                 give_backs: tokio_util::task::TaskTracker::new(),
+                upkeep: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
         tracing::info!(
@@ -449,27 +454,8 @@ impl Broker {
     /// their `delete_when_idle_ms`.
     async fn sweep(&self) {
         self.close_topics(self.file_target()).await;
-        let now = now_ms();
+        self.start_upkeep();
         let idle_now = timer_ms();
-        // Closed topics get no retention or compaction pass from a
-        // runtime: each is opened when either is due (a few per sweep),
-        // which applies its retention and measures it for compaction, and
-        // closed again, without counting as a use.
-        for name in self.inner.registry.upkeep_due(now, UPKEEP_OPENS_PER_SWEEP) {
-            if self.inner.stopping.load(Ordering::Relaxed) {
-                return;
-            }
-            let (b, n) = (self.clone(), name.clone());
-            match blocking(move || b.inner.registry.closed_upkeep(&n)).await {
-                Ok(Some((dirt, stats))) => {
-                    report_background_compaction(&self.inner.metrics, &name, &dirt, &stats);
-                }
-                Ok(None) | Err(Error::TopicNotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(topic = %name, error = %e, "upkeep of a closed topic (retention, background compaction)");
-                }
-            }
-        }
         for name in self.inner.registry.idle_deletable() {
             // A subscription or long-poll on it is a use, for as long as it
             // is open: counted as one now, so the topic is idle only from
@@ -502,6 +488,47 @@ impl Broker {
                 Err(e) => tracing::warn!(topic = %name, error = %e, "deleting an idle topic"),
             }
         }
+    }
+
+    /// Starts the upkeep of the closed topics due for it, unless the
+    /// upkeep of the last sweep is still under way. Closed topics get no
+    /// retention or compaction pass from a runtime: each is opened when
+    /// either is due (a few per sweep), which applies its retention and
+    /// measures it for compaction if that is due, and closed again,
+    /// without counting as a use.
+    fn start_upkeep(&self) {
+        let Ok(turn) = Arc::clone(&self.inner.upkeep).try_lock_owned() else {
+            return;
+        };
+        let due = self
+            .inner
+            .registry
+            .upkeep_due(now_ms(), UPKEEP_OPENS_PER_SWEEP);
+        if due.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let _turn = turn;
+            for name in due {
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let b = Broker { inner };
+                let n = name.clone();
+                let metrics = b.inner.metrics.clone();
+                match blocking(move || b.inner.registry.closed_upkeep(&n)).await {
+                    Ok(Some((dirt, stats))) => {
+                        report_background_compaction(&metrics, &name, &dirt, &stats);
+                    }
+                    Ok(None) | Err(Error::TopicNotFound(_) | Error::Stopping(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(topic = %name, error = %e, "upkeep of a closed topic (retention, background compaction)");
+                    }
+                }
+            }
+        });
     }
 
     /// What the open topics' files are brought down to when they reach it:
@@ -1630,6 +1657,14 @@ impl Broker {
                 self.inner
                     .metrics
                     .cleanup(name, Cleanup::Compaction, reclaimed);
+                tracing::info!(
+                    topic = %name,
+                    bytes_before = stats.bytes_before,
+                    bytes_after = stats.bytes_after,
+                    records_removed = stats.records_removed,
+                    millis = stats.millis,
+                    "compaction (admin request)"
+                );
             }
         }
         Ok(done)

@@ -12,7 +12,7 @@
 
 use super::config::{MAX_NAME_LEN, TOPIC_CONFIG_FILE, TopicConfig, validate_name};
 use super::runtime::{retention_check_interval, retention_pass};
-use super::topic::{DeliveryLimits, QueueFetch, Topic};
+use super::topic::{CompactionWatch, DeliveryLimits, QueueFetch, Topic};
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::{Cleanup, Metrics};
 use crate::storage::compact::{CompactStats, Dirt};
@@ -83,6 +83,9 @@ pub struct Registry {
     closed_unclean: Mutex<BTreeSet<String>>,
     /// The last topic [`Registry::upkeep_due`] took.
     upkeep_cursor: Mutex<String>,
+    /// Set as [`Registry::stop_all`] starts: closed topics get no more
+    /// upkeep.
+    stopping: AtomicBool,
     /// Opens from disk under way, at most [`OPENERS`]: each holds files
     /// of its own while it reads and checkpoints, on top of the open
     /// topics' budget, until the sweep that keeps the budget catches up.
@@ -124,6 +127,12 @@ struct Slot {
     /// something or its background compaction to measure it again
     /// (milliseconds since the epoch; 0: neither is).
     upkeep_due: AtomicU64,
+    /// While the topic is closed: what background compaction knew of it,
+    /// for its next open.
+    compaction: Mutex<Option<CompactionWatch>>,
+    /// Set by [`Registry::upkeep_due`] when it took the topic with its
+    /// compaction measure due (not its retention alone).
+    measure_due: AtomicBool,
 }
 
 impl Slot {
@@ -134,6 +143,8 @@ impl Slot {
             config: Mutex::new(config),
             gone: AtomicBool::new(false),
             upkeep_due: AtomicU64::new(0),
+            compaction: Mutex::new(None),
+            measure_due: AtomicBool::new(false),
         })
     }
 
@@ -220,6 +231,7 @@ impl Registry {
             idle_deletable: Mutex::new(BTreeSet::new()),
             closed_unclean: Mutex::new(BTreeSet::new()),
             upkeep_cursor: Mutex::new(String::new()),
+            stopping: AtomicBool::new(false),
             openers: (Mutex::new(0), std::sync::Condvar::new()),
         })
     }
@@ -417,6 +429,9 @@ impl Registry {
         self.learn(name, topic.config());
         *slot.config() = Some(topic.config().clone());
         slot.upkeep_due.store(0, Ordering::Relaxed);
+        if let Some(watch) = lock(&slot.compaction).take() {
+            topic.resume_compaction_watch(watch);
+        }
         *open = Some(Arc::clone(&topic));
         // Under the slot's lock, so the set never disagrees with the slot.
         self.open_names().insert(name.to_owned());
@@ -690,10 +705,12 @@ impl Registry {
             }
             _ => 0,
         };
-        let compaction = match self.options.upkeep {
-            true => topic.closed_compaction_due(now),
-            false => 0,
+        let watch = topic.compaction_watch();
+        let compaction = match (&watch, self.options.upkeep) {
+            (Some(watch), true) => watch.due_ms(),
+            _ => 0,
         };
+        *lock(&slot.compaction) = watch;
         let due = [retention, compaction]
             .into_iter()
             .filter(|&d| d != 0)
@@ -720,12 +737,19 @@ impl Registry {
             .filter(|(_, slot)| !slot.is_gone())
             .filter(|(_, slot)| {
                 let due = slot.upkeep_due.load(Ordering::Relaxed);
-                due != 0
+                let taken = due != 0
                     && due <= now
                     && slot
                         .upkeep_due
                         .compare_exchange(due, 0, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
+                        .is_ok();
+                if taken {
+                    let measure = lock(&slot.compaction)
+                        .as_ref()
+                        .is_some_and(|w| w.due_ms() != 0 && w.due_ms() <= now);
+                    slot.measure_due.store(measure, Ordering::Relaxed);
+                }
+                taken
             })
             .take(max)
             .map(|(name, _)| name.clone())
@@ -748,6 +772,10 @@ impl Registry {
         if slot.topic().is_some() {
             return Ok(None);
         }
+        let stopping = || Error::Stopping(format!("no upkeep of topic {name}: stopping"));
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(stopping());
+        }
         let topic = match self.open_slot(name, &slot) {
             Ok(topic) => topic,
             Err(e) => {
@@ -763,9 +791,19 @@ impl Registry {
                 return Err(e);
             }
         };
+        // Opened after the final stop listed the open topics: closed again
+        // at once, as that stop would have stopped it.
+        if self.stopping.load(Ordering::SeqCst) {
+            drop(topic);
+            self.close_unused(name);
+            return Err(stopping());
+        }
+        // Opened for its retention, it is measured only if its measure was
+        // due too.
+        let measure = slot.measure_due.swap(false, Ordering::Relaxed);
         let compacted = match topic.config().compact_min_dirty_ratio {
-            Some(ratio) => topic.compact_if_dirty(now_ms(), ratio),
-            None => Ok(None),
+            Some(ratio) if measure => topic.compact_if_dirty(now_ms(), ratio),
+            _ => Ok(None),
         };
         drop(topic);
         // Due again when its close says (a measure that failed: after
@@ -794,6 +832,8 @@ impl Registry {
     /// with the files of every topic already stopped and held by nobody
     /// else closed first.
     pub fn stop_all(&self) -> Result<()> {
+        // Before the open topics are listed (see `closed_upkeep`).
+        self.stopping.store(true, Ordering::SeqCst);
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let names: Vec<String> = self.open_names().iter().cloned().collect();
         let next = AtomicUsize::new(0);
@@ -959,6 +999,9 @@ impl Registry {
             let compaction = config
                 .compact_min_dirty_ratio
                 .map(|_| now_ms().saturating_add(config.compact_check_ms));
+            if let Some(due) = compaction {
+                lock(&slot.compaction).get_or_insert(CompactionWatch::due_at(due));
+            }
             if let Some(due) = retention.or(compaction) {
                 let _ =
                     slot.upkeep_due

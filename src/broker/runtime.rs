@@ -97,9 +97,15 @@ impl TopicRuntime {
         if let Some(ratio) = config.compact_min_dirty_ratio {
             let metrics = metrics.clone();
             let every = Duration::from_millis(config.compact_check_ms.max(1));
+            // When it was due while the topic was closed, or
+            // `compact_check_ms` after a first open.
+            let first = match runtime.topic.compaction_due_ms() {
+                0 => every,
+                due => Duration::from_millis(due.saturating_sub(now_ms())),
+            };
             tokio::spawn(periodic(
                 weak(),
-                Schedule::every(every),
+                Schedule::first_after(first.min(every), every),
                 "background compaction",
                 move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
                 move |topic, done| {
@@ -717,8 +723,8 @@ pub fn retention_check_interval(config: &crate::broker::TopicConfig) -> Option<D
 /// When a topic's periodic task runs.
 struct Schedule {
     every: Duration,
-    /// Also at once, not only after the first period.
-    now: bool,
+    /// How long before it first runs.
+    first: Duration,
     /// Also whenever this is notified.
     wake: Option<Arc<Notify>>,
 }
@@ -727,14 +733,18 @@ impl Schedule {
     fn every(every: Duration) -> Schedule {
         Schedule {
             every,
-            now: false,
+            first: every,
             wake: None,
         }
     }
 
     fn now_and_every(every: Duration) -> Schedule {
+        Schedule::first_after(Duration::ZERO, every)
+    }
+
+    fn first_after(first: Duration, every: Duration) -> Schedule {
         Schedule {
-            now: true,
+            first,
             ..Schedule::every(every)
         }
     }
@@ -766,12 +776,9 @@ async fn periodic<T, W, R>(
     // A failure is logged once, and again only after a success: a full
     // disk refuses the checkpoint every second for as long as it lasts.
     let mut failing = false;
-    let mut interval = tokio::time::interval(schedule.every);
+    let start = tokio::time::Instant::now() + schedule.first;
+    let mut interval = tokio::time::interval_at(start, schedule.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if !schedule.now {
-        // The first tick is immediate.
-        interval.tick().await;
-    }
     loop {
         match &schedule.wake {
             Some(wake) => tokio::select! {
@@ -798,8 +805,8 @@ async fn periodic<T, W, R>(
                 }
                 report(&name, done);
             }
-            // Deleted meanwhile.
-            Ok(Err(Error::TopicNotFound(_))) => return,
+            // Deleted meanwhile, or stopping.
+            Ok(Err(Error::TopicNotFound(_) | Error::Stopping(_))) => return,
             Ok(Err(e)) if failing => {
                 tracing::debug!(topic = %name, error = %e, "{what} failed again");
             }

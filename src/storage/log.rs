@@ -17,7 +17,7 @@ use super::recovery::{self, OpenedSegment, RecoveryReport};
 use super::segment::{ReadLimits, Segment, SegmentPaths, SegmentState, parse_log_name};
 use crate::error::{Corruption, Error, IoContext, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -98,6 +98,8 @@ pub struct Log {
     writer: Mutex<Writer>,
     /// Held by a compaction pass: one at a time per log.
     compacting: Mutex<()>,
+    /// Set by [`Log::stop_compaction`].
+    compaction_stopped: AtomicBool,
     /// Bases of segments already gone from the manifest and the segment list
     /// whose files are not durably removed yet: a power cut brings such a
     /// segment back (recovery keeps a segment file the manifest does not
@@ -302,6 +304,9 @@ impl Log {
             }
         };
         segments.push(Arc::clone(&active.segment));
+        for idx in &report.rebuilt_indexes {
+            tracing::info!(file = %idx.display(), "rebuilt index from the log");
+        }
         check_order(&segments)?;
         // A process that died may have written records it never synced; they
         // are in the page cache, so recovery found them and readers will see
@@ -333,6 +338,7 @@ impl Log {
                 scratch: Vec::new(),
             }),
             compacting: Mutex::new(()),
+            compaction_stopped: AtomicBool::new(false),
             dropping: Mutex::new(Vec::new()),
             retired: Mutex::new(Vec::new()),
             durable_end: AtomicU64::new(next_offset),
@@ -645,6 +651,26 @@ impl Log {
     /// Takes the log's compaction lock (one pass at a time).
     pub(crate) fn lock_compaction(&self) -> MutexGuard<'_, ()> {
         self.compacting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends compaction of this log as it stops: a pass under way ends
+    /// after the run of segments it is rewriting (what it rewrote stays
+    /// rewritten), later passes refuse, and this returns once no pass is
+    /// under way, so what the stop records is what stays on disk.
+    pub fn stop_compaction(&self) {
+        self.compaction_stopped.store(true, Ordering::Release);
+        drop(self.lock_compaction());
+    }
+
+    /// Refuses once [`Log::stop_compaction`] was called.
+    pub(crate) fn check_compaction_goes_on(&self) -> Result<()> {
+        if self.compaction_stopped.load(Ordering::Acquire) {
+            return Err(Error::Stopping(format!(
+                "compaction of {} ended: the log is stopping",
+                self.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// What opening the log found and repaired.

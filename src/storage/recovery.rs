@@ -334,7 +334,8 @@ pub fn open_segment(
             .as_ref()
             .is_some_and(|l| !l.offset_entries().is_empty());
         if was_written || !active || loaded.is_none() {
-            tracing::info!(file = %paths.idx.display(), "rebuilt index from the log");
+            // Logged by the log's open: a compaction pass building the
+            // index of the segment it wrote repairs nothing.
             report.rebuilt_indexes.push(paths.idx.clone());
         }
     }

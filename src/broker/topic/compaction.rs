@@ -5,9 +5,38 @@
 use super::*;
 use std::cell::Cell;
 
+/// What background compaction knows of a topic: what it last measured, and
+/// when it is due to measure again. The registry keeps it while the topic
+/// is closed ([`Topic::compaction_watch`]) and gives it back at the next
+/// open ([`Topic::resume_compaction_watch`]), so closing a topic never puts
+/// its next measure off.
+#[derive(Debug, Clone)]
+pub struct CompactionWatch {
+    measured: Option<Measured>,
+    /// When the next measure is due (milliseconds since the epoch; 0:
+    /// never, as nothing it measures can have changed).
+    due_ms: u64,
+}
+
+impl CompactionWatch {
+    /// Nothing measured yet; the first measure is due at `due_ms`.
+    pub fn due_at(due_ms: u64) -> CompactionWatch {
+        CompactionWatch {
+            measured: None,
+            due_ms,
+        }
+    }
+
+    /// When the next measure is due (milliseconds since the epoch; 0:
+    /// never).
+    pub fn due_ms(&self) -> u64 {
+        self.due_ms
+    }
+}
+
 /// What background compaction last measured of a topic, and on what.
 #[derive(Debug, Clone)]
-pub(super) struct Measured {
+struct Measured {
     on: CleanerInputs,
     /// When the oldest tombstone compaction kept ages out, if it kept one.
     tombstone_ages_out_ms: Option<u64>,
@@ -45,19 +74,50 @@ impl Topic {
 
     /// Background compaction: measures what [`Topic::compact`] would remove
     /// and compacts, on the same decisions, only once the removable share of
-    /// the sealed bytes reaches `ratio`. `None` when it did not.
-    /// What it measured is kept ([`Topic::closed_compaction_due`]).
+    /// the sealed bytes reaches `ratio`. `None` when it did not. A topic on
+    /// which nothing the measure depends on changed since the last one (and
+    /// no kept tombstone aged out) is not measured again. The next measure
+    /// is due `compact_check_ms` from now; after a failure nothing counts as
+    /// measured, so the next one measures afresh.
     pub fn compact_if_dirty(
         &self,
         now_ms: u64,
         ratio: f64,
     ) -> Result<Option<(Dirt, CompactStats)>> {
         let _pass = self.enter()?;
+        let next = now_ms.saturating_add(self.config.compact_check_ms);
+        let last = self.watch().measured.clone();
+        if let Some(last) = last {
+            let aged = last.tombstone_ages_out_ms.is_some_and(|t| t <= now_ms);
+            if !aged && self.cleaner_inputs()? == last.on {
+                self.watch().due_ms = next;
+                return Ok(None);
+            }
+        }
+        let done = self.measure_and_compact(now_ms, ratio);
+        let mut watch = self.watch();
+        watch.due_ms = next;
+        match done {
+            Ok((measured, done)) => {
+                watch.measured = Some(measured);
+                Ok(done)
+            }
+            Err(e) => {
+                watch.measured = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn measure_and_compact(
+        &self,
+        now_ms: u64,
+        ratio: f64,
+    ) -> Result<(Measured, Option<(Dirt, CompactStats)>)> {
         self.sync_state()?;
         // Taken before the cleaner's snapshot: whatever comes after it
         // makes the measure out of date.
-        let log = self.log.stats();
-        let active_base = self.log.segments().last().map(|s| s.base());
+        let on = self.cleaner_inputs()?;
         let cleaner = self.cleaner(now_ms)?;
         // The oldest tombstone compaction keeps (it is the latest record of
         // its key and younger than delete_retention_ms) is the next one that
@@ -73,52 +133,56 @@ impl Topic {
             }
             keep
         })?;
-        *self.measured.lock().unwrap_or_else(|p| p.into_inner()) = Some(Measured {
-            on: CleanerInputs {
-                start: log.start.0,
-                end: log.end.0,
-                durable_end: log.durable_end.0,
-                active_base,
-                deleted: cleaner.deleted.clone(),
-                completed: cleaner.completed.clone(),
-            },
+        let measured = Measured {
+            on,
             tombstone_ages_out_ms: oldest_tombstone.get().map(|t| {
                 t.saturating_add(self.config.delete_retention_ms)
                     .saturating_add(1)
             }),
-        });
+        };
         if dirt.removable_bytes == 0 || dirt.ratio() < ratio {
-            return Ok(None);
+            return Ok((measured, None));
         }
         let stats = self.compact_with(&cleaner, &mut |_| {})?;
-        Ok(Some((dirt, stats)))
+        Ok((measured, Some((dirt, stats))))
     }
 
-    /// When background compaction should measure this topic again once it
-    /// is closed (milliseconds since the epoch; 0: never, as nothing it
-    /// measures changes while the topic is closed): when its oldest kept
-    /// tombstone ages out, and, if anything changed since the last measure
-    /// (a produce, a delete, an ack, a seal, a compaction pass of its own),
-    /// `compact_check_ms` from `now_ms` at the latest, as while it is open.
-    /// Only topics with `compact_min_dirty_ratio` have one.
-    pub fn closed_compaction_due(&self, now_ms: u64) -> u64 {
-        if self.config.compact_min_dirty_ratio.is_none() {
-            return 0;
+    fn watch(&self) -> MutexGuard<'_, CompactionWatch> {
+        self.compaction.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When background compaction is next due to measure this topic
+    /// (milliseconds since the epoch; 0: never).
+    pub fn compaction_due_ms(&self) -> u64 {
+        self.watch().due_ms
+    }
+
+    /// Takes up what background compaction knew of this topic when it was
+    /// last closed ([`Topic::compaction_watch`]).
+    pub fn resume_compaction_watch(&self, watch: CompactionWatch) {
+        *self.watch() = watch;
+    }
+
+    /// What background compaction knows of this topic as it closes, for
+    /// its next open, with when it should measure the topic again
+    /// meanwhile: when its oldest kept tombstone ages out, and, if anything
+    /// changed since the last measure (a produce, a delete, an ack, a
+    /// seal, a compaction pass of its own), when the measure was due
+    /// anyway (`compact_check_ms` after the last one). Nothing changing
+    /// while the topic is closed, an unchanged topic is due only when a
+    /// tombstone ages out (0: never). `None` for topics without
+    /// `compact_min_dirty_ratio`.
+    pub fn compaction_watch(&self) -> Option<CompactionWatch> {
+        self.config.compact_min_dirty_ratio?;
+        let mut watch = self.watch().clone();
+        if let Some(measured) = &watch.measured {
+            let aged = measured.tombstone_ages_out_ms;
+            watch.due_ms = match self.cleaner_inputs() {
+                Ok(now) if now == measured.on => aged.unwrap_or(0),
+                _ => aged.map_or(watch.due_ms, |t| t.min(watch.due_ms)),
+            };
         }
-        let later = now_ms.saturating_add(self.config.compact_check_ms);
-        let measured = self
-            .measured
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(measured) = measured else {
-            return later;
-        };
-        let aged = measured.tombstone_ages_out_ms;
-        match self.cleaner_inputs() {
-            Ok(now) if now == measured.on => aged.unwrap_or(0),
-            _ => aged.map_or(later, |t| t.min(later)),
-        }
+        Some(watch)
     }
 
     /// What the cleaner decides on, as it is now.

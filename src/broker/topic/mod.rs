@@ -4,6 +4,7 @@
 //! policy before they are confirmed).
 
 mod compaction;
+pub use compaction::CompactionWatch;
 mod queue;
 mod stream;
 
@@ -199,8 +200,9 @@ pub struct Topic {
     deletions: RwLock<Deletions>,
     /// Every request passes it; a delete closes it (see [`Topic::gate`]).
     gate: Gate,
-    /// What background compaction last measured.
-    measured: Mutex<Option<compaction::Measured>>,
+    /// What background compaction last measured, and when it measures
+    /// next.
+    compaction: Mutex<CompactionWatch>,
 }
 
 impl Topic {
@@ -322,6 +324,7 @@ impl Topic {
         for group in groups.values_mut() {
             group.clamp(stats.start.0, stats.end.0)?;
         }
+        let config_check_ms = config.compact_check_ms;
         let topic = Topic {
             name: name.to_owned(),
             dir: dir.to_owned(),
@@ -336,7 +339,11 @@ impl Topic {
             ),
             deletions: RwLock::new(deletions),
             gate: Gate::default(),
-            measured: Mutex::new(None),
+            // The first measure of a topic not open before in this run:
+            // `compact_check_ms` after its open.
+            compaction: Mutex::new(CompactionWatch::due_at(
+                crate::storage::log::now_ms().saturating_add(config_check_ms),
+            )),
         };
         // On a full disk the topic still opens for reading: the broker's
         // periodic checkpoint records these points once there is room, and
@@ -1260,6 +1267,9 @@ impl Topic {
         let Some(_pass) = self.gate.enter() else {
             return Ok(());
         };
+        // A compaction pass must not swap segments after the clean
+        // checkpoint below.
+        self.log.stop_compaction();
         let log = self.log.sync();
         // The state whatever became of the log: a read-only log (a sync
         // failed) leaves confirmed acks, commits and deletions confirmed.
