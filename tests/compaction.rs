@@ -882,6 +882,24 @@ fn a_closed_topic_is_measured_for_compaction_when_something_can_have_changed() {
         "only the live keys are left: {:?}",
         left.iter().map(|m| m.key.clone()).collect::<Vec<_>>()
     );
+
+    // Opened, changed and closed again before its next measure: due
+    // compact_check_ms after the last measure, not never.
+    let topic = reg.topic("kv").expect("open");
+    for i in 0..20 {
+        topic
+            .produce(&[keyed(format!("other{i}"), vec![b'y'; 40])])
+            .expect("overwrite");
+    }
+    drop(topic);
+    assert!(reg.close_unused("kv"), "closed");
+    let now = spool::storage::log::now_ms();
+    assert_eq!(reg.upkeep_due(now + 60_001, 10), ["kv"]);
+    let (_, stats) = reg
+        .closed_upkeep("kv")
+        .expect("upkeep")
+        .expect("the overwritten values are removed while the topic is closed");
+    assert!(stats.records_removed >= 10, "{stats:?}");
 }
 
 /// A topic with half its messages deleted, measured for compaction every
@@ -904,17 +922,15 @@ fn dirty_topic(reg: &Registry, name: &str, check_ms: u64, retention: bool) {
 fn closing_a_topic_does_not_put_its_next_compaction_measure_off() {
     let disk: Arc<dyn Storage> = Arc::new(SimDisk::new());
     let reg = registry(Arc::clone(&disk), "/data");
-    let opened = spool::storage::log::now_ms();
     dirty_topic(&reg, "t", 400, false);
     assert!(reg.close_unused("t"), "closed");
     std::thread::sleep(std::time::Duration::from_millis(150));
     // Used again, and closed again: still due 400 ms after it first
-    // opened, not 400 ms after this close.
+    // opened (at least 150 ms ago), not 400 ms after this close.
     drop(reg.topic("t").expect("open"));
     assert!(reg.close_unused("t"), "closed again");
     let closed = spool::storage::log::now_ms();
-    assert!(closed >= opened + 150);
-    assert_eq!(reg.upkeep_due(opened + 400, 10), ["t"]);
+    assert_eq!(reg.upkeep_due(closed + 300, 10), ["t"]);
     let (_, stats) = reg
         .closed_upkeep("t")
         .expect("upkeep")
@@ -1005,6 +1021,11 @@ fn a_stopped_topic_takes_no_compaction_pass() {
     match refused {
         Err(spool::Error::Stopping(msg)) => assert!(msg.contains("stopping"), "{msg}"),
         other => panic!("compaction after the stop: {other:?}"),
+    }
+    let now = spool::storage::log::now_ms();
+    match topic.compact_if_dirty(now, 1.0) {
+        Err(spool::Error::Stopping(_)) => {}
+        other => panic!("a measure after the stop: {other:?}"),
     }
     assert_eq!(topic.log().segments().len(), before, "nothing swapped");
 }

@@ -52,6 +52,7 @@ impl Cleaner {
         let mut from = 0u64;
         let end = log.stats().durable_end.0;
         while from < end {
+            log.check_compaction_goes_on()?;
             let batch = log.read(Offset(from), 10_000, 64 << 20)?;
             let Some(last) = batch.last().map(|m| m.offset.0) else {
                 break;

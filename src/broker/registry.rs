@@ -90,6 +90,9 @@ pub struct Registry {
     /// of its own while it reads and checkpoints, on top of the open
     /// topics' budget, until the sweep that keeps the budget catches up.
     openers: (Mutex<usize>, std::sync::Condvar),
+    /// [`Registry::closed_upkeep`] calls under way, which the final stop
+    /// waits for.
+    upkeeps: (Mutex<usize>, std::sync::Condvar),
 }
 
 /// `m`'s guard, also after a panic while it was held.
@@ -100,14 +103,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Most topics opened from disk at once.
 const OPENERS: usize = 4;
 
-/// A place among the [`OPENERS`], given back when dropped.
-struct Opener<'a>(&'a (Mutex<usize>, std::sync::Condvar));
+/// One counted in a count and its condition (a place among the
+/// [`OPENERS`], an upkeep under way), given back when dropped.
+struct Counted<'a>(&'a (Mutex<usize>, std::sync::Condvar));
 
-impl Drop for Opener<'_> {
+impl<'a> Counted<'a> {
+    fn new(counter: &'a (Mutex<usize>, std::sync::Condvar)) -> Counted<'a> {
+        *lock(&counter.0) += 1;
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        let (count, freed) = self.0;
-        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        freed.notify_one();
+        let (count, changed) = self.0;
+        *lock(count) -= 1;
+        changed.notify_all();
     }
 }
 
@@ -233,18 +244,19 @@ impl Registry {
             upkeep_cursor: Mutex::new(String::new()),
             stopping: AtomicBool::new(false),
             openers: (Mutex::new(0), std::sync::Condvar::new()),
+            upkeeps: (Mutex::new(0), std::sync::Condvar::new()),
         })
     }
 
     /// Waits for a place among the [`OPENERS`]; the guard gives it back.
-    fn opener(&self) -> Opener<'_> {
+    fn opener(&self) -> Counted<'_> {
         let (count, freed) = &self.openers;
-        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = lock(count);
         while *n >= OPENERS {
             n = freed.wait(n).unwrap_or_else(|p| p.into_inner());
         }
         *n += 1;
-        Opener(&self.openers)
+        Counted(&self.openers)
     }
 
     /// Opens every topic, as [`Registry::open`] and then [`Registry::topic`]
@@ -707,7 +719,7 @@ impl Registry {
         };
         let watch = topic.compaction_watch();
         let compaction = match (&watch, self.options.upkeep) {
-            (Some(watch), true) => watch.due_ms(),
+            (Some(watch), true) => watch.closed_due_ms(),
             _ => 0,
         };
         *lock(&slot.compaction) = watch;
@@ -746,7 +758,7 @@ impl Registry {
                 if taken {
                     let measure = lock(&slot.compaction)
                         .as_ref()
-                        .is_some_and(|w| w.due_ms() != 0 && w.due_ms() <= now);
+                        .is_some_and(|w| w.closed_due_ms() != 0 && w.closed_due_ms() <= now);
                     slot.measure_due.store(measure, Ordering::Relaxed);
                 }
                 taken
@@ -768,6 +780,8 @@ impl Registry {
     /// An open that fails (out of descriptors, damage) leaves the topic
     /// due again after [`CLOSED_UPKEEP_RETRY_MS`].
     pub fn closed_upkeep(&self, name: &str) -> Result<Option<(Dirt, CompactStats)>> {
+        // Counted before `stopping` is read: the final stop waits for it.
+        let _counted = Counted::new(&self.upkeeps);
         let slot = self.slot(name)?;
         if slot.topic().is_some() {
             return Ok(None);
@@ -899,6 +913,16 @@ impl Registry {
                 }
                 drop(topic);
                 self.release_stopped(name);
+            }
+        }
+        // An upkeep that opened a topic after the listing above closes it
+        // again at once (see `closed_upkeep`); nothing writes after the
+        // clean-stop marker.
+        {
+            let (count, changed) = &self.upkeeps;
+            let mut n = lock(count);
+            while *n > 0 {
+                n = changed.wait(n).unwrap_or_else(|p| p.into_inner());
             }
         }
         // Topics closed for being unused without their clean checkpoint

@@ -97,12 +97,10 @@ impl TopicRuntime {
         if let Some(ratio) = config.compact_min_dirty_ratio {
             let metrics = metrics.clone();
             let every = Duration::from_millis(config.compact_check_ms.max(1));
-            // When it was due while the topic was closed, or
-            // `compact_check_ms` after a first open.
-            let first = match runtime.topic.compaction_due_ms() {
-                0 => every,
-                due => Duration::from_millis(due.saturating_sub(now_ms())),
-            };
+            // `compact_check_ms` after the last measure (at once if that
+            // passed while the topic was closed), or after a first open.
+            let due = runtime.topic.compaction_due_ms();
+            let first = Duration::from_millis(due.saturating_sub(now_ms()));
             tokio::spawn(periodic(
                 weak(),
                 Schedule::first_after(first.min(every), every),

@@ -179,6 +179,7 @@ impl Log {
         let segments = self.segments();
         let mut dirt = Dirt::default();
         for segment in &segments[..segments.len().saturating_sub(1)] {
+            self.check_compaction_goes_on()?;
             let scanned = Scanned::new(segment, keep)?;
             dirt.sealed_bytes += segment.size();
             dirt.removable_bytes += segment.size() - scanned.live_bytes();

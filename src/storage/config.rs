@@ -50,6 +50,8 @@ impl FromStr for FsyncPolicy {
             "never" => Ok(FsyncPolicy::Never),
             other => other
                 .strip_prefix("interval:")
+                // Digits only: `parse` would take a sign too.
+                .filter(|ms| ms.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|ms| ms.parse().ok())
                 .filter(|ms| *ms > 0)
                 .map(FsyncPolicy::Interval)
@@ -204,7 +206,14 @@ mod tests {
             let p: FsyncPolicy = text.parse().expect("valid policy");
             assert_eq!(p.to_string(), text);
         }
-        for bad in ["sometimes", "interval:", "interval:0", "interval:x"] {
+        for bad in [
+            "sometimes",
+            "interval:",
+            "interval:0",
+            "interval:x",
+            "interval:+5",
+            "interval: 5",
+        ] {
             let err = bad.parse::<FsyncPolicy>().expect_err("invalid policy");
             assert!(err.to_string().contains(bad), "{err}");
         }

@@ -274,8 +274,8 @@ impl Log {
 
         let mut segments = Vec::with_capacity(bases.len().max(1));
         let active = match bases.split_last() {
-            None => Active::create(&*storage, &dir, 0, &config)?,
-            Some((&last, _)) => {
+            None => Active::create(&*storage, &dir, 0, &config),
+            Some((&last, _)) => (|| {
                 for pair in bases.windows(2) {
                     let (base, next_base) = (pair[0], pair[1]);
                     let opened = recovery::open_segment(
@@ -300,13 +300,15 @@ impl Log {
                     synced_to(last),
                     &mut report,
                 )?;
-                Active::resume(&*storage, opened, &config)?
-            }
+                Active::resume(&*storage, opened, &config)
+            })(),
         };
-        segments.push(Arc::clone(&active.segment));
+        // Also when a later segment failed to open.
         for idx in &report.rebuilt_indexes {
             tracing::info!(file = %idx.display(), "rebuilt index from the log");
         }
+        let active = active?;
+        segments.push(Arc::clone(&active.segment));
         check_order(&segments)?;
         // A process that died may have written records it never synced; they
         // are in the page cache, so recovery found them and readers will see

@@ -13,9 +13,12 @@ use std::cell::Cell;
 #[derive(Debug, Clone)]
 pub struct CompactionWatch {
     measured: Option<Measured>,
-    /// When the next measure is due (milliseconds since the epoch; 0:
-    /// never, as nothing it measures can have changed).
+    /// When the next measure is due (milliseconds since the epoch): the
+    /// schedule of the open topic, `compact_check_ms` after the last one.
     due_ms: u64,
+    /// While the topic is closed: when it is worth opening it for that
+    /// measure (0: never, as nothing the measure depends on changed).
+    closed_due_ms: u64,
 }
 
 impl CompactionWatch {
@@ -24,13 +27,14 @@ impl CompactionWatch {
         CompactionWatch {
             measured: None,
             due_ms,
+            closed_due_ms: due_ms,
         }
     }
 
-    /// When the next measure is due (milliseconds since the epoch; 0:
-    /// never).
-    pub fn due_ms(&self) -> u64 {
-        self.due_ms
+    /// While the topic is closed: when it is worth opening it to measure
+    /// it (milliseconds since the epoch; 0: never).
+    pub fn closed_due_ms(&self) -> u64 {
+        self.closed_due_ms
     }
 }
 
@@ -44,9 +48,11 @@ struct Measured {
 
 /// What the cleaner's decisions depend on: the log's extent and sealed
 /// part, the deletions and what the groups completed (on
-/// `delete_when_consumed` topics).
+/// `delete_when_consumed` topics), and the settings the topic opened with
+/// (its `topic.toml` is read again at every open).
 #[derive(Debug, Clone, PartialEq)]
 struct CleanerInputs {
+    settings: (Cleanup, u64, bool, Option<u64>),
     start: u64,
     end: u64,
     durable_end: u64,
@@ -89,7 +95,7 @@ impl Topic {
         let last = self.watch().measured.clone();
         if let Some(last) = last {
             let aged = last.tombstone_ages_out_ms.is_some_and(|t| t <= now_ms);
-            if !aged && self.cleaner_inputs()? == last.on {
+            if !aged && self.cleaner_inputs().is_ok_and(|now| now == last.on) {
                 self.watch().due_ms = next;
                 return Ok(None);
             }
@@ -114,6 +120,7 @@ impl Topic {
         now_ms: u64,
         ratio: f64,
     ) -> Result<(Measured, Option<(Dirt, CompactStats)>)> {
+        self.log.check_compaction_goes_on()?;
         self.sync_state()?;
         // Taken before the cleaner's snapshot: whatever comes after it
         // makes the measure out of date.
@@ -152,7 +159,7 @@ impl Topic {
     }
 
     /// When background compaction is next due to measure this topic
-    /// (milliseconds since the epoch; 0: never).
+    /// (milliseconds since the epoch).
     pub fn compaction_due_ms(&self) -> u64 {
         self.watch().due_ms
     }
@@ -164,24 +171,28 @@ impl Topic {
     }
 
     /// What background compaction knows of this topic as it closes, for
-    /// its next open, with when it should measure the topic again
-    /// meanwhile: when its oldest kept tombstone ages out, and, if anything
-    /// changed since the last measure (a produce, a delete, an ack, a
-    /// seal, a compaction pass of its own), when the measure was due
-    /// anyway (`compact_check_ms` after the last one). Nothing changing
-    /// while the topic is closed, an unchanged topic is due only when a
-    /// tombstone ages out (0: never). `None` for topics without
+    /// its next open, with when it should open the topic to measure it
+    /// meanwhile ([`CompactionWatch::closed_due_ms`]): when its oldest
+    /// kept tombstone ages out, and, if anything changed since the last
+    /// measure (a produce, a delete, an ack, a seal, retention, a
+    /// compaction pass of its own), when the measure is due anyway
+    /// (`compact_check_ms` after the last one). Nothing changing while the
+    /// topic is closed, an unchanged topic is due only when a tombstone
+    /// ages out (0: never). `None` for topics without
     /// `compact_min_dirty_ratio`.
     pub fn compaction_watch(&self) -> Option<CompactionWatch> {
         self.config.compact_min_dirty_ratio?;
         let mut watch = self.watch().clone();
-        if let Some(measured) = &watch.measured {
-            let aged = measured.tombstone_ages_out_ms;
-            watch.due_ms = match self.cleaner_inputs() {
-                Ok(now) if now == measured.on => aged.unwrap_or(0),
-                _ => aged.map_or(watch.due_ms, |t| t.min(watch.due_ms)),
-            };
-        }
+        watch.closed_due_ms = match &watch.measured {
+            None => watch.due_ms,
+            Some(measured) => {
+                let aged = measured.tombstone_ages_out_ms;
+                match self.cleaner_inputs() {
+                    Ok(now) if now == measured.on => aged.unwrap_or(0),
+                    _ => aged.map_or(watch.due_ms, |t| t.min(watch.due_ms)),
+                }
+            }
+        };
         Some(watch)
     }
 
@@ -195,7 +206,14 @@ impl Topic {
                 completed.push(self.lock(g)?.completed());
             }
         }
+        let config = &self.config;
         Ok(CleanerInputs {
+            settings: (
+                config.cleanup,
+                config.delete_retention_ms,
+                config.delete_when_consumed,
+                config.compact_min_dirty_ratio.map(f64::to_bits),
+            ),
             start: log.start.0,
             end: log.end.0,
             durable_end: log.durable_end.0,
