@@ -1263,14 +1263,7 @@ async fn background_compaction_reaches_a_quiet_closed_topic() {
     // No request names the topic from here on: it closes within a second,
     // before its tombstones age out, and only the broker can remove them.
     let dir = tmp.path().join("topics").join("quiet");
-    let holds_gone_keys = || -> bool {
-        std::fs::read_dir(&dir)
-            .expect("topic folder")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .any(|bytes| bytes.windows(5).any(|w| w == b"gone-"))
-    };
+    let holds_gone_keys = || segments_hold(&dir, b"gone-");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while holds_gone_keys() {
         assert!(
@@ -1359,14 +1352,7 @@ async fn background_compaction_reaches_a_topic_closed_and_reopened_in_turn() {
         client.produce("busy", batch).await.expect("produce");
     }
     let dir = tmp.path().join("topics").join("busy");
-    let holds_old_values = || -> bool {
-        std::fs::read_dir(&dir)
-            .expect("topic folder")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .any(|bytes| bytes.windows(9).any(|w| w == b"old-value"))
-    };
+    let holds_old_values = || segments_hold(&dir, b"old-value");
     let started = std::time::Instant::now();
     let mut uses = 0u64;
     while holds_old_values() {
@@ -1396,6 +1382,16 @@ async fn background_compaction_reaches_a_topic_closed_and_reopened_in_turn() {
     assert!(log.contains("background compaction"), "{log}");
     // A pass builds the index of each segment it writes: no repair.
     assert!(!log.contains("rebuilt index"), "{log}");
+}
+
+/// Whether a segment file in topic folder `dir` holds `needle`.
+fn segments_hold(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir)
+        .expect("topic folder")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .any(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
 }
 
 /// Offsets as the broker takes them.
