@@ -95,7 +95,7 @@ impl Topic {
         let last = self.watch().measured.clone();
         if let Some(last) = last {
             let aged = last.tombstone_ages_out_ms.is_some_and(|t| t <= now_ms);
-            if !aged && self.cleaner_inputs().is_ok_and(|now| now == last.on) {
+            if !aged && self.unchanged_since(&last) {
                 self.watch().due_ms = next;
                 return Ok(None);
             }
@@ -187,13 +187,19 @@ impl Topic {
             None => watch.due_ms,
             Some(measured) => {
                 let aged = measured.tombstone_ages_out_ms;
-                match self.cleaner_inputs() {
-                    Ok(now) if now == measured.on => aged.unwrap_or(0),
-                    _ => aged.map_or(watch.due_ms, |t| t.min(watch.due_ms)),
+                if self.unchanged_since(measured) {
+                    aged.unwrap_or(0)
+                } else {
+                    aged.map_or(watch.due_ms, |t| t.min(watch.due_ms))
                 }
             }
         };
         Some(watch)
+    }
+
+    /// Whether nothing the cleaner decides on changed since `measured`.
+    fn unchanged_since(&self, measured: &Measured) -> bool {
+        self.cleaner_inputs().is_ok_and(|now| now == measured.on)
     }
 
     /// What the cleaner decides on, as it is now.
