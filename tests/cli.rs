@@ -1038,3 +1038,82 @@ fn a_line_too_large_is_named_by_its_line() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("that is line 1501 of stdin"), "{err}");
 }
+
+/// A stored message larger than the broker's frames now carry (stored
+/// under a larger `max_frame_bytes`): a follower, replay or stream group,
+/// says it skipped it and goes on with the messages after it, as a
+/// subscription does; a single read stops there, saying how to go past it.
+#[test]
+fn a_follower_goes_past_a_message_no_frame_can_carry() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &[]);
+    let big = "b".repeat(200 * 1024);
+    let out = spool(
+        &broker.addr,
+        &["produce", "t"],
+        Some(&format!("before\n{big}\nafter\n")),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (ok, log) = broker.terminate();
+    assert!(ok, "clean stop: {log}");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 65536\n").expect("config");
+    let broker = Broker::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+
+    let once = spool(&broker.addr, &["consume", "t"], None);
+    assert_eq!(once.status.code(), Some(1), "{}", stderr(&once));
+    assert_eq!(stdout(&once).lines().collect::<Vec<_>>(), ["before"]);
+    let said = stderr(&once);
+    assert!(
+        said.contains("offset 1") && said.contains("--from 2"),
+        "{said}"
+    );
+    let grouped = spool(&broker.addr, &["consume", "t", "--group", "once"], None);
+    assert_eq!(grouped.status.code(), Some(1), "{}", stderr(&grouped));
+    assert!(
+        stderr(&grouped).contains("spool group seek t once --to 2"),
+        "{}",
+        stderr(&grouped)
+    );
+
+    // Each follower prints what is there, then waits for one more.
+    let mut expected = vec!["before".to_owned(), "after".to_owned()];
+    for (i, group) in [None, Some("readers")].into_iter().enumerate() {
+        let count = (expected.len() + 1).to_string();
+        let mut args = vec!["consume", "t", "--follow", "--count", &count];
+        if let Some(g) = group {
+            args.extend(["--group", g]);
+        }
+        let mut follower = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(&args)
+            .env("SPOOL_SERVER", &broker.addr)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn spool consume");
+        let mut lines = std::io::BufReader::new(follower.stdout.take().expect("stdout")).lines();
+        for want in &expected {
+            let line = lines.next().expect("a line").expect("read");
+            assert_eq!(&line, want, "{group:?}");
+        }
+        let later = format!("later-{i}");
+        let out = spool(&broker.addr, &["produce", "t", &later], None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let line = lines.next().expect("a line").expect("read");
+        assert_eq!(line, later, "{group:?}: still following");
+        expected.push(later);
+        let out = follower.wait_with_output().expect("the follower ends");
+        let said = stderr(&out);
+        assert!(out.status.success(), "{group:?}: {said}");
+        assert!(
+            said.contains("skipped") && said.contains("offset 1"),
+            "{said}"
+        );
+    }
+    // The stream group committed what its follower printed, past the skip.
+    let readers = group_json(&broker.addr, "t", "readers");
+    assert_eq!(readers["committed"], 5, "{readers}");
+}

@@ -111,6 +111,31 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                         create_refused.as_deref().unwrap_or_default()
                     )));
                 }
+                // A stored message no frame can carry (stored under a larger
+                // `max_frame_bytes`): a follower says so and goes on after it,
+                // as a subscription does; a single read stops, saying how to
+                // go past it.
+                Err(e) if args.group.is_none() || args.mode == Mode::Stream => {
+                    let Some(offset) = e.undeliverable_offset() else {
+                        return Err(e.into());
+                    };
+                    let past = offset.saturating_add(1);
+                    if !args.follow {
+                        let how = match &args.group {
+                            Some(group) => format!(
+                                "`spool group seek {} {group} --to {past}` moves the group past it",
+                                args.topic
+                            ),
+                            None => format!("--from {past} reads on past it"),
+                        };
+                        return Err(
+                            CliError::from(e).and(format!("printed {printed} message(s); {how}"))
+                        );
+                    }
+                    eprintln!("spool: skipped: {e}");
+                    position = Some(Position::Offset(past));
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             if fetched.messages.is_empty() {

@@ -127,6 +127,24 @@ impl ClientError {
         }
     }
 
+    /// The offset of a stored message no frame of this server can carry,
+    /// when this is a fetch's refusal of it (`RESOURCE_EXHAUSTED`, "the
+    /// message at offset N takes …"): a fetch from N + 1 goes past it.
+    pub fn undeliverable_offset(&self) -> Option<u64> {
+        match self {
+            ClientError::Status {
+                code: pb::Code::ResourceExhausted,
+                message,
+            } => message
+                .strip_prefix(UNDELIVERABLE_PREFIX)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok(),
+            _ => None,
+        }
+    }
+
     fn from_wire(e: pb::Error) -> ClientError {
         ClientError::Status {
             code: pb::Code::try_from(e.code).unwrap_or(pb::Code::Unknown),
@@ -134,6 +152,10 @@ impl ClientError {
         }
     }
 }
+
+/// How the broker's refusal of a message too large for a frame begins
+/// (`Error::TooLarge`; docs/protocol.md, "Messages too large for a frame").
+const UNDELIVERABLE_PREFIX: &str = "the message at offset ";
 
 /// Result of the client's calls.
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -1436,5 +1458,29 @@ fn frame_to_client(addr: &str, e: FrameError) -> ClientError {
             source,
         },
         other => ClientError::Protocol(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The offset a fetch's refusal of a message too large for a frame
+    /// names is read back from the broker's own wording of it.
+    #[test]
+    fn a_refusal_of_a_message_too_large_names_its_offset() {
+        let refusal = crate::Error::TooLarge {
+            offset: 1234,
+            size: 2 << 20,
+            limit: 1 << 20,
+        };
+        let wire = crate::protocol::status::to_wire(&refusal, std::path::Path::new("/data"));
+        let error = ClientError::from_wire(wire);
+        assert_eq!(error.undeliverable_offset(), Some(1234), "{error}");
+        let other = ClientError::Status {
+            code: pb::Code::ResourceExhausted,
+            message: "too many subscriptions".into(),
+        };
+        assert_eq!(other.undeliverable_offset(), None);
     }
 }
