@@ -218,6 +218,16 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
                 .rsplit_once('=')
                 .and_then(|(before, _)| before.rsplit(['{', ',']).next())
                 .map(str::trim);
+            // A key's own error (a duplicate): the span is the key.
+            let spanned = text
+                .get(span.clone())
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && !k.contains(['\n', '=']));
+            let key = if message.starts_with("duplicate key") {
+                spanned
+            } else {
+                key
+            };
             match key {
                 Some(key) if !key.is_empty() && !message.contains(key) => {
                     format!("line {line}, column {column}: {key}: {message}")
@@ -327,6 +337,33 @@ mod tests {
             said.contains("max_connections") && !said.contains("i128"),
             "{said}"
         );
+    }
+
+    /// A key given twice is named, also inside a table.
+    #[test]
+    fn a_duplicate_key_is_named() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Limits {
+            max_connections: Option<usize>,
+            grpc: Option<toml::Table>,
+        }
+        for (text, line) in [
+            ("max_connections = 5\nmax_connections = 6\n", 2),
+            ("[grpc]\nlisten = \"a\"\n\nlisten = \"b\"\n", 4),
+        ] {
+            let e = toml::from_str::<Limits>(text).expect_err("duplicate");
+            let said = toml_error(text, &e);
+            let key = if line == 2 {
+                "max_connections"
+            } else {
+                "listen"
+            };
+            assert!(
+                said.contains(&format!("line {line}")) && said.contains(key),
+                "{said}"
+            );
+        }
     }
 
     #[test]
