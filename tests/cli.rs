@@ -941,7 +941,7 @@ fn a_follower_whose_broker_is_killed_says_so() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let said = stderr(&out);
     assert!(
-        said.contains("the broker closed the connection")
+        said.contains(&format!("the broker at {addr} closed the connection"))
             || said.contains(&format!("the connection to the broker at {addr} broke")),
         "{said}"
     );

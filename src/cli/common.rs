@@ -188,9 +188,14 @@ impl From<ClientError> for CliError {
             ClientError::Io { addr, source } => CliError::runtime(format!(
                 "cannot reach the broker at {addr} ({source}); is `spool serve` running? (--server / SPOOL_SERVER)"
             )),
-            ClientError::Closed => CliError::runtime(
-                "the broker closed the connection without saying why (it stopped or was killed)",
-            ),
+            ClientError::Closed => {
+                let at = BROKER
+                    .get()
+                    .map_or_else(String::new, |a| format!(" at {a}"));
+                CliError::runtime(format!(
+                    "the broker{at} closed the connection without saying why (it stopped or was killed)"
+                ))
+            }
             ClientError::Status {
                 code: code @ spool::protocol::pb::Code::Unauthenticated,
                 message,
@@ -225,9 +230,14 @@ pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
         .block_on(f)
 }
 
+/// The broker this command talks to (one per command), for errors that
+/// reach the user without an address of their own.
+static BROKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// Connects to the broker.
 pub async fn connect(server: &ServerArg) -> CliResult<Client> {
     let options = server.options("spool-cli")?;
+    let _ = BROKER.set(server.server.clone());
     Ok(Client::connect_with(&server.server, &options).await?)
 }
 
