@@ -1385,6 +1385,12 @@ impl Registry {
     }
 
     /// Compacts one topic, or every topic; returns each topic's figures.
+    /// `progress` gets the bytes gone through so far, across topics: within
+    /// a topic those of its sealed segments examined, and once it is done
+    /// all it held when its pass began (its [`LogStats::bytes`], active
+    /// segment included), so the last call is the sum of the topics' bytes.
+    ///
+    /// [`LogStats::bytes`]: crate::storage::log::LogStats::bytes
     pub fn compact(
         &self,
         topic: Option<&str>,
@@ -1397,10 +1403,17 @@ impl Registry {
         let now = crate::storage::log::now_ms();
         let mut out = Vec::with_capacity(names.len());
         let mut failed = None;
+        let mut done = 0u64;
         for name in names {
             // One topic open at a time: a closed one is closed again after.
             let was_open = self.open_topic(&name).is_some();
-            let stats = self.topic(&name).and_then(|t| t.compact(now, progress));
+            let stats = self.topic(&name).and_then(|t| {
+                let size = t.stats().bytes;
+                let stats = t.compact(now, &mut |bytes| progress(done + bytes.min(size)));
+                done += size;
+                progress(done);
+                stats
+            });
             if !was_open {
                 self.close_unused(&name);
             }

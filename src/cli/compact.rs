@@ -76,16 +76,9 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
         .map(|t| t.stats.bytes)
         .sum();
     let progress = bar(Some(total));
-    let mut done_before = 0u64;
-    let mut last = 0u64;
     let results = registry.compact(topic, &mut |bytes| {
-        // Per topic the callback restarts from 0; keep a running total.
-        if bytes < last {
-            done_before += last;
-        }
-        last = bytes;
         if let Some(p) = &progress {
-            p.set_position(done_before + bytes);
+            p.set_position(bytes);
         }
     });
     if let Some(p) = progress {
