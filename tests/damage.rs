@@ -880,6 +880,11 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
         error.to_string().contains(&name) && error.to_string().contains("not a regular file"),
         "{error}"
     );
+    assert_eq!(
+        error.code(),
+        Some(spool::protocol::pb::Code::FailedPrecondition),
+        "{error}"
+    );
     drop(broker);
     std::fs::remove_file(&sealed).expect("remove the FIFO");
     std::fs::rename(&aside, &sealed).expect("put the segment back");

@@ -26,6 +26,11 @@ pub fn code(error: &Error) -> pb::Code {
         Error::Corruption(_) => pb::Code::DataLoss,
         Error::ReadOnly { .. } | Error::Stopping(_) => pb::Code::Unavailable,
         Error::Locked { .. } => pb::Code::FailedPrecondition,
+        // Something spool never writes stands where its file belongs: the
+        // operator moves it away; no retry or recovery mode helps.
+        Error::Io { source, .. } if crate::storage::io::is_not_a_regular_file(source) => {
+            pb::Code::FailedPrecondition
+        }
         Error::Io { .. } => pb::Code::Internal,
     }
 }

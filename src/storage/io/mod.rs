@@ -214,13 +214,37 @@ pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// What opening something other than a regular file (a FIFO, device,
-/// socket or folder) where a file belongs answers.
+/// Something other than a regular file (a FIFO, device, socket or folder)
+/// stands where a file belongs.
+#[derive(Debug)]
+pub struct NotARegularFile;
+
+impl std::fmt::Display for NotARegularFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "not a regular file (a FIFO, device, socket or folder stands there); move it away",
+        )
+    }
+}
+
+impl std::error::Error for NotARegularFile {}
+
+/// What opening something other than a regular file where a file belongs
+/// answers.
 pub(crate) fn not_a_regular_file() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "not a regular file (a FIFO, device, socket or folder stands there); move it away",
-    )
+    io::Error::new(io::ErrorKind::InvalidInput, NotARegularFile)
+}
+
+/// Whether `e` is [`not_a_regular_file`]'s, also when it names another
+/// file than its context does ([`at_path`]).
+pub fn is_not_a_regular_file(e: &io::Error) -> bool {
+    match e.get_ref() {
+        Some(inner) if inner.is::<NotARegularFile>() => true,
+        Some(inner) => inner
+            .downcast_ref::<AtPath>()
+            .is_some_and(|at| is_not_a_regular_file(&at.source)),
+        None => false,
+    }
 }
 
 /// [`read_settings_file`] of a text file.
