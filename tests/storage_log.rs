@@ -942,6 +942,66 @@ fn retention_frees_room_on_a_full_disk() {
     assert_eq!(log.end().0, end.0 + 1, "nothing after the start lost");
 }
 
+/// Compaction frees room on a full disk where whole sealed segments have
+/// nothing live (every record deleted): with no room for the checkpoint
+/// that leaves them out, the checkpoint goes instead, as for retention, and
+/// the segments after it. Every record kept stays, after a reopen too.
+#[test]
+fn compaction_removes_dead_segments_on_a_full_disk() {
+    use spool::storage::io::OpenMode;
+    let sim = Arc::new(SimDisk::new());
+    let disk: Arc<dyn Storage> = sim.clone();
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let log = open_t(&disk, &cfg);
+    sim.set_capacity(Some(64 * 1024));
+    while log
+        .append(&[NewMessage::from_value("z".repeat(100))])
+        .is_ok()
+    {}
+    // Whatever room is left goes to another program.
+    disk.create_dir_all(std::path::Path::new("/other"))
+        .expect("dir");
+    let fill = disk
+        .open(std::path::Path::new("/other/fill"), OpenMode::CreateNew)
+        .expect("file");
+    let (mut size, mut step) = (0u64, 65536u64);
+    while step > 0 {
+        if fill.allocate(size + step).is_ok() {
+            size += step;
+        } else {
+            step /= 2;
+        }
+    }
+    log.store_checkpoint(None, false)
+        .expect_err("no room for a checkpoint");
+    // The second and third segments hold nothing live.
+    let segments = log.segments();
+    assert!(segments.len() > 4, "{} segments", segments.len());
+    let dead = segments[1].base()..segments[3].base();
+    let end = log.end();
+    let stats = log
+        .compact(&|r| !dead.contains(&r.offset), &mut |_| {})
+        .expect("compaction on a full disk");
+    assert_eq!(stats.segments_deleted, 2, "{stats:?}");
+    log.append(&[NewMessage::from_value("after")])
+        .expect("room again");
+    drop(log);
+    let log = open_t(&disk, &cfg);
+    assert_eq!(log.end().0, end.0 + 1, "nothing after them lost");
+    let kept: Vec<u64> = log
+        .read(Offset(0), 100_000, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|m| m.offset.0)
+        .collect();
+    let expected: Vec<u64> = (0..=end.0).filter(|o| !dead.contains(o)).collect();
+    assert_eq!(kept, expected);
+}
+
 /// A quiet topic's records go once they are past `retention_ms`: its
 /// active segment rolls in a retention pass when it is `segment_ms` old,
 /// not only at the next write, and the pass drops it.

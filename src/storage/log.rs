@@ -590,11 +590,8 @@ impl Log {
         // restored run takes over). Removed ones stay noted until their
         // files go.
         let removed = if replaced { &bases[1..] } else { bases };
-        self.note_dropping(removed);
-        if let Err(e) = self.store_checkpoint_without(None, false, removed) {
-            self.forget_dropping(removed);
-            return Err(e);
-        }
+        // Segments removed whole free room; a copy takes its place's.
+        self.unlist(removed, !replaced, "compaction")?;
         // On failure the caller abandons the swap (see `abandon_swap`).
         let replacement = prepare()?;
         let mut next: Vec<Arc<Segment>> = segments.as_ref().clone();
@@ -1519,34 +1516,39 @@ impl Log {
             return Ok(Vec::new());
         }
         let bases: Vec<u64> = segments[..dropped].iter().map(|s| s.base()).collect();
-        self.note_dropping(&bases);
-        // The manifest forgets the segments before their files go.
-        match self.store_checkpoint_without(None, false, &bases) {
-            Ok(()) => {}
-            // No room for it on a full disk, where the drop is what frees
-            // room: the checkpoint goes instead (removing a file needs
-            // none), as at an open on a full disk; the log recovers as one
-            // without a checkpoint until the next is written (the broker
-            // writes one every second once there is room).
-            Err(e @ Error::Full { .. }) => {
-                if let Err(removed) = self.remove_checkpoint() {
-                    self.forget_dropping(&bases);
-                    return Err(removed);
-                }
-                tracing::warn!(log = %self.dir.display(), error = %e,
-                    "no room for a checkpoint: retention drops segments without one");
-            }
-            Err(e) => {
-                self.forget_dropping(&bases);
-                return Err(e);
-            }
-        }
+        self.unlist(&bases, true, "retention")?;
         self.set_segments(segments[dropped..].to_vec());
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(w);
         self.remove_dropped(&segments[..dropped])?;
         tracing::info!(log = %self.dir.display(), segments = dropped, "retention dropped segments");
         Ok(bases.into_iter().map(Offset).collect())
+    }
+
+    /// Notes `bases` as dropping and writes the checkpoint that no longer
+    /// lists them: the manifest forgets segments before their files go. On
+    /// failure they are listed again. When they go whole (`frees_room`) and
+    /// the disk has no room for that checkpoint, where their removal is what
+    /// frees room, the checkpoint goes instead (removing a file needs none),
+    /// as at an open on a full disk: the log recovers as one without a
+    /// checkpoint until the next is written (the broker writes one every
+    /// second once there is room). `by` names the pass, for the log.
+    fn unlist(&self, bases: &[u64], frees_room: bool, by: &str) -> Result<()> {
+        self.note_dropping(bases);
+        let failed = match self.store_checkpoint_without(None, false, bases) {
+            Ok(()) => return Ok(()),
+            Err(e @ Error::Full { .. }) if frees_room => match self.remove_checkpoint() {
+                Ok(()) => {
+                    tracing::warn!(log = %self.dir.display(), error = %e,
+                        "no room for a checkpoint: {by} drops segments without one");
+                    return Ok(());
+                }
+                Err(removed) => removed,
+            },
+            Err(e) => e,
+        };
+        self.forget_dropping(bases);
+        Err(failed)
     }
 
     /// Removes the checkpoint, durably, if there is one.
