@@ -143,7 +143,7 @@ fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
     let writer = sink.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
+        .with_max_level(tracing::Level::INFO)
         .with_writer(move || writer.clone())
         .finish();
     let out = tracing::subscriber::with_default(subscriber, f);
@@ -620,7 +620,10 @@ fn group_state_before_a_retention_cut_moves_to_the_log_start() {
     assert!(start > 0);
     drop(topic);
     let (registry, logs) = capture_logs(|| restart(&disk, registry, None));
-    assert!(logs.contains("group state moved inside the log"), "{logs}");
+    assert!(
+        logs.contains("queue group moved up to the log's start"),
+        "{logs}"
+    );
     let topic = registry.topic("old").expect("topic");
     assert_eq!(
         topic.describe_group("q").expect("describe").committed,

@@ -675,8 +675,8 @@ pub(super) fn report_background_compaction(
         );
     }
     tracing::info!(
-        topic,
-        dirty_ratio = dirt.ratio(),
+        topic = %topic,
+        dirty_ratio = format_args!("{:.3}", dirt.ratio()),
         bytes_before = stats.bytes_before,
         bytes_after = stats.bytes_after,
         records_removed = stats.records_removed,

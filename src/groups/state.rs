@@ -705,8 +705,15 @@ impl Group {
             None
         };
         if let Some(target) = target {
-            tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
-                "group state moved inside the log");
+            if target > self.low {
+                // Compaction's whole-segment removals (consumed or
+                // superseded records) leave this at every next start: routine.
+                tracing::info!(group = %self.name, from = self.low, to = target, log_start, log_end,
+                    "queue group moved up to the log's start");
+            } else {
+                tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
+                    "group state past the log's end moved back to it");
+            }
             if self.config.mode == GroupMode::Queue && target > self.low {
                 self.complete(self.low, target)?;
             } else {

@@ -357,8 +357,10 @@ impl Log {
             report,
         };
         log.check_durable_end(mode)?;
-        if !log.report.is_clean() {
-            tracing::warn!(log = %log.dir.display(), report = ?log.report, "log recovered");
+        if log.report.changed_records() {
+            tracing::warn!(log = %log.dir.display(), report = %log.report, "log recovered");
+        } else if !log.report.is_clean() {
+            tracing::info!(log = %log.dir.display(), report = %log.report, "log recovered");
         }
         // A clean checkpoint stops being true with the first new write (to
         // the log or to a journal beside it), and a log without one gets its

@@ -63,10 +63,45 @@ pub struct RecoveryReport {
 impl RecoveryReport {
     /// True when the log was opened exactly as it was left.
     pub fn is_clean(&self) -> bool {
-        self.truncations.is_empty()
-            && self.rebuilt_indexes.is_empty()
-            && self.quarantined.is_empty()
-            && self.skipped.is_empty()
+        self.truncations.is_empty() && self.rebuilt_indexes.is_empty() && !self.changed_records()
+    }
+
+    /// True when recovery cut, gave up or skipped anything (an index
+    /// rebuilt from its log changes no record).
+    pub fn changed_records(&self) -> bool {
+        !self.truncations.is_empty() || !self.quarantined.is_empty() || !self.skipped.is_empty()
+    }
+}
+
+/// One line for the log: what was cut, rebuilt, given up and skipped.
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for t in &self.truncations {
+            parts.push(format!(
+                "cut {} bytes after byte {} of {}",
+                t.dropped,
+                t.at,
+                t.file.display()
+            ));
+        }
+        if !self.rebuilt_indexes.is_empty() {
+            parts.push(format!(
+                "rebuilt {} index file(s)",
+                self.rebuilt_indexes.len()
+            ));
+        }
+        for c in &self.quarantined {
+            parts.push(format!("gave up {}", c.given_up()));
+        }
+        for r in &self.skipped {
+            parts.push(format!("skipped offsets {}..{}", r.start, r.end));
+        }
+        if parts.is_empty() {
+            f.write_str("nothing to do")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
     }
 }
 
@@ -1096,4 +1131,33 @@ pub fn pending_swaps(names: &[String]) -> Vec<Range<u64>> {
         .filter_map(|n| parse_swap_name(n))
         .map(|(base, until)| base..until.unwrap_or(base.saturating_add(1)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report logs as one line of words, not the structure's debug form,
+    /// and an index rebuilt alone changes no record.
+    #[test]
+    fn a_recovery_report_reads_as_one_line() {
+        let mut report = RecoveryReport {
+            rebuilt_indexes: vec![PathBuf::from("t/00000000000000000009.idx")],
+            ..RecoveryReport::default()
+        };
+        assert!(!report.is_clean() && !report.changed_records());
+        assert_eq!(report.to_string(), "rebuilt 1 index file(s)");
+        report.truncations.push(Truncation {
+            file: PathBuf::from("t/00000000000000000009.log"),
+            at: 60433,
+            dropped: 5103,
+        });
+        report.skipped.push(20..25);
+        assert!(report.changed_records());
+        assert_eq!(
+            report.to_string(),
+            "cut 5103 bytes after byte 60433 of t/00000000000000000009.log; \
+             rebuilt 1 index file(s); skipped offsets 20..25"
+        );
+    }
 }
