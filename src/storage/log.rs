@@ -1040,15 +1040,31 @@ impl Log {
                     .min(active.map.capacity())
                     .max(need);
                 if just_enough >= target {
-                    return Err(e)
-                        .ctx(|| format!("reserving {target} bytes for {}", log.display()));
+                    return Err(e).ctx(|| {
+                        format!(
+                            "growing {} from {} to {need} bytes for an append of {bytes}",
+                            log.display(),
+                            active.allocated
+                        )
+                    });
                 }
-                file.allocate(just_enough)
-                    .ctx(|| format!("reserving {just_enough} bytes for {}", log.display()))?;
+                file.allocate(just_enough).ctx(|| {
+                    format!(
+                        "growing {} from {} to {need} bytes for an append of {bytes}",
+                        log.display(),
+                        active.allocated
+                    )
+                })?;
                 just_enough
             }
             other => {
-                other.ctx(|| format!("reserving {target} bytes for {}", log.display()))?;
+                other.ctx(|| {
+                    format!(
+                        "growing {} from {} to {target} bytes",
+                        log.display(),
+                        active.allocated
+                    )
+                })?;
                 target
             }
         };
