@@ -169,7 +169,10 @@ impl TopicConfig {
         let config: TopicConfig = toml::from_str(&text).map_err(|e| {
             Error::InvalidArgument(format!("{}: {}", path.display(), toml_error(&text, &e)))
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         Ok(Some(config))
     }
 
@@ -399,6 +402,30 @@ mod tests {
                 assert!(m.contains("topic.toml") && m.contains("bytes"), "{m}")
             }
             other => panic!("an oversized topic.toml is refused as invalid: {other:?}"),
+        }
+    }
+
+    /// A setting out of its range in a `topic.toml` edited by hand is
+    /// refused naming the file as well as the setting.
+    #[test]
+    fn a_topic_toml_setting_out_of_range_names_the_file() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/t");
+        crate::storage::io::Storage::create_dir_all(&disk, dir).expect("mkdir");
+        crate::storage::io::write_file_atomic(
+            &disk,
+            &dir.join(TOPIC_CONFIG_FILE),
+            b"segment_bytes = 0\n",
+        )
+        .expect("write");
+        match TopicConfig::load(&disk, dir) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(
+                    m.contains("topic.toml") && m.contains("segment_bytes"),
+                    "{m}"
+                )
+            }
+            other => panic!("segment_bytes 0 is refused: {other:?}"),
         }
     }
 
