@@ -1566,6 +1566,71 @@ async fn one_refused_dead_letter_holds_back_no_other() {
     assert_eq!(group.lag, 1, "the refused one stays pending: {group:?}");
 }
 
+/// A fetch of one message whose due message is a dead letter the
+/// dead-letter topic refuses reads on and leases the next message, rather
+/// than answering the refusal while others wait (before, a consumer
+/// fetching one at a time got only the refusal until the letter went).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_does_not_hold_back_a_fetch_of_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "dlq").await.expect("connect");
+    let small_segments = pb::TopicConfig {
+        segment_bytes: Some(1024),
+        ..Default::default()
+    };
+    client
+        .create_topic("t.dlq", small_segments)
+        .await
+        .expect("dead-letter topic");
+    let config = pb::TopicConfig {
+        max_deliveries: Some(1),
+        ack_timeout_ms: Some(50),
+        ..Default::default()
+    };
+    client.create_topic("t", config).await.expect("topic");
+    client
+        .create_group("t", "q", GroupMode::Queue, None)
+        .await
+        .expect("group");
+    client
+        .produce("t", vec![NewMessage::from_value(vec![7u8; 2000])])
+        .await
+        .expect("produce");
+    let one = || FetchOptions {
+        group: Some("q".into()),
+        member: "m".into(),
+        max_messages: 1,
+        ..Default::default()
+    };
+    let first = client.fetch("t", one()).await.expect("first delivery");
+    assert_eq!(first.messages.len(), 1);
+    // Its lease runs out: due as a dead letter t.dlq refuses.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .produce(
+            "t",
+            (1..3).map(|i| NewMessage::from_value(value(i))).collect(),
+        )
+        .await
+        .expect("produce");
+    for expected in [1, 2] {
+        let fetched = client
+            .fetch("t", one())
+            .await
+            .expect("the next message, past the refused letter");
+        let offsets: Vec<u64> = fetched
+            .messages
+            .iter()
+            .map(|r| r.message.offset.0)
+            .collect();
+        assert_eq!(offsets, [expected]);
+        client.ack("t", "q", &offsets, None).await.expect("ack");
+    }
+    let group = client.describe_group("t", "q").await.expect("group");
+    assert_eq!(group.lag, 1, "the refused one stays pending: {group:?}");
+}
+
 /// A subscription whose group is deleted and created again under the same
 /// name ends with `NOT_FOUND` at its next read: the new group is another
 /// group, which starts fresh. Before, a subscription with no credit at the

@@ -970,10 +970,12 @@ impl Broker {
 
     /// Leases up to `limits` of queue group `group` to `member` (see
     /// [`Broker::read`]). A read whose every slot went to dead letters
-    /// reads again, the letters now completed, so that a run of poison
+    /// reads again, the letters now completed (or, refused by the
+    /// dead-letter topic, held until tried again), so that a run of poison
     /// messages due at once does not answer empty while others wait; until
     /// it has handed off [`DEAD_LETTERS_PER_READ`] of them, or spent
-    /// [`DEAD_LETTER_TIME`] at it.
+    /// [`DEAD_LETTER_TIME`] at it. A read that leases nothing after a
+    /// refused hand-off answers that refusal.
     async fn lease_queue(
         &self,
         t: Arc<Topic>,
@@ -983,25 +985,30 @@ impl Broker {
         identity: Option<&GroupIdentity>,
     ) -> Result<Leased> {
         let mut handed_off = 0;
+        let mut refusal = None;
         let started = tokio::time::Instant::now();
         loop {
-            let (leased, dead_lettered) = self
+            let (leased, dead_lettered, refused) = self
                 .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
             handed_off += dead_lettered;
+            refusal = refused.or(refusal);
             let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
             if !empty
                 || dead_lettered == 0
                 || handed_off >= DEAD_LETTERS_PER_READ
                 || started.elapsed() >= DEAD_LETTER_TIME
             {
-                return Ok(leased);
+                return match refusal {
+                    Some(e) if empty => Err(e),
+                    _ => Ok(leased),
+                };
             }
         }
     }
 
     /// One read of [`Broker::lease_queue`]; also says how many dead letters
-    /// it handed off.
+    /// it tried to hand off, and the dead-letter topic's refusal of any.
     async fn lease_queue_once(
         &self,
         t: Arc<Topic>,
@@ -1009,13 +1016,12 @@ impl Broker {
         member: &str,
         limits: DeliveryLimits,
         identity: Option<&GroupIdentity>,
-    ) -> Result<(Leased, usize)> {
+    ) -> Result<(Leased, usize, Option<Error>)> {
         let source = Arc::clone(&t);
         let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
         let (fetched, durable, read_from) =
             blocking(move || t.lease_queue_within(&g, &m, limits, timer_ms(), identity.as_ref()))
                 .await?;
-        let nothing_leased = fetched.deliveries.is_empty();
         let leased = Leased {
             broker: self.clone(),
             topic: source.name().to_owned(),
@@ -1045,19 +1051,16 @@ impl Broker {
             // and is tried again when due; the deliveries leased beside
             // it, whose counts are synced, still go out.
             let topic = leased.topic.clone();
-            let dead_lettered = self
+            let handed = self
                 .dead_letter(source, group, read_from, fetched.dead_letters)
                 .await;
-            if let Err(e) = dead_lettered {
+            if let Err(e) = handed {
                 tracing::warn!(topic, group, error = %e,
                     "dead-lettering failed; the messages stay pending and are tried again");
-                if nothing_leased {
-                    return Err(e);
-                }
-                return Ok((leased, 0));
+                return Ok((leased, dead_lettered, Some(e)));
             }
         }
-        Ok((leased, dead_lettered))
+        Ok((leased, dead_lettered, None))
     }
 
     /// [`subscription::target_and_start`], without a hand-off when nothing
