@@ -191,7 +191,7 @@ impl Error {
     /// carries `io::Error`s). The copy reads and maps to a status code the
     /// same as the original.
     pub fn duplicate(&self) -> Error {
-        let io = |s: &std::io::Error| std::io::Error::new(s.kind(), s.to_string());
+        let io = crate::storage::io::copy_error;
         match self {
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
@@ -327,6 +327,25 @@ impl<T> IoContext<T> for io::Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy of a failure answers the code the original answers: one of
+    /// something that is not a regular file where a file belongs too.
+    #[test]
+    fn a_duplicate_keeps_the_status_code() {
+        use crate::protocol::{pb, status};
+        let path = std::path::Path::new("/d/topics/t/00000000000000000024.log");
+        let sources = [
+            crate::storage::io::at_path(path, crate::storage::io::not_a_regular_file()),
+            io::Error::from(io::ErrorKind::IsADirectory),
+        ];
+        for source in sources {
+            let original = Error::io("opening a segment", source);
+            let copy = original.duplicate();
+            assert_eq!(status::code(&original), pb::Code::FailedPrecondition);
+            assert_eq!(status::code(&copy), pb::Code::FailedPrecondition, "{copy}");
+            assert_eq!(copy.to_string(), original.to_string());
+        }
+    }
 
     #[test]
     fn damage_given_up_is_logged_without_the_advice_to_give_it_up() {

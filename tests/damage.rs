@@ -887,6 +887,24 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
     );
     drop(broker);
     std::fs::remove_file(&sealed).expect("remove the FIFO");
+    // A folder in its place: the same answer.
+    std::fs::create_dir(&sealed).expect("a folder for the segment");
+    let broker = Broker::start(data, &[]);
+    let error = rt().block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        client
+            .describe_topic(TOPIC)
+            .await
+            .expect_err("a folder for a segment keeps the topic closed")
+    });
+    assert!(error.to_string().contains(&name), "{error}");
+    assert_eq!(
+        error.code(),
+        Some(spool::protocol::pb::Code::FailedPrecondition),
+        "{error}"
+    );
+    drop(broker);
+    std::fs::remove_dir(&sealed).expect("remove the folder");
     std::fs::rename(&aside, &sealed).expect("put the segment back");
 
     // A FIFO for a group journal with synced entries: reported once, not

@@ -215,15 +215,13 @@ pub fn read_settings_file(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 /// Something other than a regular file (a FIFO, device, socket or folder)
-/// stands where a file belongs.
+/// stands where a file belongs; what to say about it.
 #[derive(Debug)]
-pub struct NotARegularFile;
+pub struct NotARegularFile(String);
 
 impl std::fmt::Display for NotARegularFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "not a regular file (a FIFO, device, socket or folder stands there); move it away",
-        )
+        f.write_str(&self.0)
     }
 }
 
@@ -232,18 +230,39 @@ impl std::error::Error for NotARegularFile {}
 /// What opening something other than a regular file where a file belongs
 /// answers.
 pub(crate) fn not_a_regular_file() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, NotARegularFile)
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        NotARegularFile(
+            "not a regular file (a FIFO, device, socket or folder stands there); move it away"
+                .into(),
+        ),
+    )
 }
 
-/// Whether `e` is [`not_a_regular_file`]'s, also when it names another
-/// file than its context does ([`at_path`]).
+/// Whether `e` says something other than a regular file stands where a
+/// file belongs: [`not_a_regular_file`]'s, or the system's "is a
+/// directory", also when it names another file than its context does
+/// ([`at_path`]).
 pub fn is_not_a_regular_file(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::IsADirectory {
+        return true;
+    }
     match e.get_ref() {
         Some(inner) if inner.is::<NotARegularFile>() => true,
         Some(inner) => inner
             .downcast_ref::<AtPath>()
             .is_some_and(|at| is_not_a_regular_file(&at.source)),
         None => false,
+    }
+}
+
+/// A copy of `e` with its kind and words, which [`is_not_a_regular_file`]
+/// tells as it tells `e` (the OS code itself is not kept).
+pub fn copy_error(e: &io::Error) -> io::Error {
+    if is_not_a_regular_file(e) {
+        io::Error::new(e.kind(), NotARegularFile(e.to_string()))
+    } else {
+        io::Error::new(e.kind(), e.to_string())
     }
 }
 
