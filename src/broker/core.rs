@@ -974,8 +974,9 @@ impl Broker {
     /// dead-letter topic, held until tried again), so that a run of poison
     /// messages due at once does not answer empty while others wait; until
     /// it has handed off [`DEAD_LETTERS_PER_READ`] of them, or spent
-    /// [`DEAD_LETTER_TIME`] at it. A read that leases nothing after a
-    /// refused hand-off answers that refusal.
+    /// [`DEAD_LETTER_TIME`] at it, or met again a letter it saw refused
+    /// (due again already: a short `ack_timeout_ms`). A read that leases
+    /// nothing after a refused hand-off answers that refusal.
     async fn lease_queue(
         &self,
         t: Arc<Topic>,
@@ -986,16 +987,22 @@ impl Broker {
     ) -> Result<Leased> {
         let mut handed_off = 0;
         let mut refusal = None;
+        let mut refused_offsets = std::collections::HashSet::new();
         let started = tokio::time::Instant::now();
         loop {
-            let (leased, dead_lettered, refused) = self
+            let (leased, tried, refused) = self
                 .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
-            handed_off += dead_lettered;
-            refusal = refused.or(refusal);
+            handed_off += tried.len();
+            let again = tried.iter().any(|o| refused_offsets.contains(o));
+            if let Some(e) = refused {
+                refused_offsets.extend(tried.iter().copied());
+                refusal = Some(e);
+            }
             let empty = leased.deliveries.as_ref().is_none_or(|d| d.is_empty());
             if !empty
-                || dead_lettered == 0
+                || tried.is_empty()
+                || again
                 || handed_off >= DEAD_LETTERS_PER_READ
                 || started.elapsed() >= DEAD_LETTER_TIME
             {
@@ -1007,8 +1014,9 @@ impl Broker {
         }
     }
 
-    /// One read of [`Broker::lease_queue`]; also says how many dead letters
-    /// it tried to hand off, and the dead-letter topic's refusal of any.
+    /// One read of [`Broker::lease_queue`]; also says which dead letters it
+    /// tried to hand off (by source offset), and the dead-letter topic's
+    /// refusal of any.
     async fn lease_queue_once(
         &self,
         t: Arc<Topic>,
@@ -1016,7 +1024,7 @@ impl Broker {
         member: &str,
         limits: DeliveryLimits,
         identity: Option<&GroupIdentity>,
-    ) -> Result<(Leased, usize, Option<Error>)> {
+    ) -> Result<(Leased, Vec<Offset>, Option<Error>)> {
         let source = Arc::clone(&t);
         let (g, m, identity) = (group.to_owned(), member.to_owned(), identity.cloned());
         let (fetched, durable, read_from) =
@@ -1044,8 +1052,8 @@ impl Broker {
             }
             return Err(e);
         }
-        let dead_lettered = fetched.dead_letters.len();
-        if dead_lettered > 0 {
+        let tried: Vec<Offset> = fetched.dead_letters.iter().map(|d| d.offset).collect();
+        if !tried.is_empty() {
             // A dead letter that cannot be handed off (its topic refuses
             // it: too large for its segments, a full disk) stays pending
             // and is tried again when due; the deliveries leased beside
@@ -1057,10 +1065,10 @@ impl Broker {
             if let Err(e) = handed {
                 tracing::warn!(topic, group, error = %e,
                     "dead-lettering failed; the messages stay pending and are tried again");
-                return Ok((leased, dead_lettered, Some(e)));
+                return Ok((leased, tried, Some(e)));
             }
         }
-        Ok((leased, dead_lettered, None))
+        Ok((leased, tried, None))
     }
 
     /// [`subscription::target_and_start`], without a hand-off when nothing
