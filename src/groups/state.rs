@@ -707,9 +707,11 @@ impl Group {
         if let Some(target) = target {
             if target > self.low {
                 // Compaction's whole-segment removals (consumed or
-                // superseded records) leave this at every next start: routine.
+                // superseded records) leave this at every next start:
+                // routine. The rare other cause (a retention pass a crash
+                // cut before the groups heard of it) is named with it.
                 tracing::info!(group = %self.name, from = self.low, to = target, log_start, log_end,
-                    "queue group moved up to the log's start");
+                    "queue group moved up to the log's start (past records compaction removed, or a retention pass cut short by a crash dropped)");
             } else {
                 tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
                     "group state past the log's end moved back to it");
