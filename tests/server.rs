@@ -1499,15 +1499,11 @@ async fn an_undecodable_frame_closes_the_connection() {
     assert!(matches!(after, Err(ClientError::Protocol(_))), "{after:?}");
 }
 
-/// A dead letter its dead-letter topic refuses (too large for its
-/// segments) holds back no other: the others are handed off, and the
-/// refusal names the source offset of the one left pending. Before, the
-/// whole batch failed, every time it came due, with an error that counted
-/// the message within the batch ("message 0").
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_refused_dead_letter_holds_back_no_other() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(tmp.path(), &[]);
+/// A broker with topic `t` (one delivery per message, 50 ms leases) whose
+/// dead-letter topic `t.dlq` has 1 KiB segments: it refuses any letter
+/// of more than about 1 KiB.
+async fn with_a_dead_letter_topic_of_1_kib_segments(data: &std::path::Path) -> (Broker, Client) {
+    let broker = Broker::start(data, &[]);
     let client = Client::connect(&broker.addr, "dlq").await.expect("connect");
     let small_segments = pb::TopicConfig {
         segment_bytes: Some(1024),
@@ -1523,6 +1519,18 @@ async fn one_refused_dead_letter_holds_back_no_other() {
         ..Default::default()
     };
     client.create_topic("t", config).await.expect("topic");
+    (broker, client)
+}
+
+/// A dead letter its dead-letter topic refuses (too large for its
+/// segments) holds back no other: the others are handed off, and the
+/// refusal names the source offset of the one left pending. Before, the
+/// whole batch failed, every time it came due, with an error that counted
+/// the message within the batch ("message 0").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_dead_letter_holds_back_no_other() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
     let mut batch = vec![NewMessage::from_value(vec![7u8; 2000])];
     batch.extend((1..4).map(|i| NewMessage::from_value(value(i))));
     client.produce("t", batch).await.expect("produce");
@@ -1573,22 +1581,7 @@ async fn one_refused_dead_letter_holds_back_no_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_dead_letter_does_not_hold_back_a_fetch_of_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(tmp.path(), &[]);
-    let client = Client::connect(&broker.addr, "dlq").await.expect("connect");
-    let small_segments = pb::TopicConfig {
-        segment_bytes: Some(1024),
-        ..Default::default()
-    };
-    client
-        .create_topic("t.dlq", small_segments)
-        .await
-        .expect("dead-letter topic");
-    let config = pb::TopicConfig {
-        max_deliveries: Some(1),
-        ack_timeout_ms: Some(50),
-        ..Default::default()
-    };
-    client.create_topic("t", config).await.expect("topic");
+    let (broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
     client
         .create_group("t", "q", GroupMode::Queue, None)
         .await

@@ -891,12 +891,29 @@ fn segment_ms_counts_from_the_first_record_across_a_reopen() {
     );
 }
 
+/// Fills what room `disk` has left with a file of another program's.
+fn take_the_room_left(disk: &Arc<dyn Storage>) {
+    use spool::storage::io::OpenMode;
+    disk.create_dir_all(std::path::Path::new("/other"))
+        .expect("dir");
+    let fill = disk
+        .open(std::path::Path::new("/other/fill"), OpenMode::CreateNew)
+        .expect("file");
+    let (mut size, mut step) = (0u64, 65536u64);
+    while step > 0 {
+        if fill.allocate(size + step).is_ok() {
+            size += step;
+        } else {
+            step /= 2;
+        }
+    }
+}
+
 /// Retention frees room on a full disk: with no room for the checkpoint
 /// that leaves the dropped segments out, the checkpoint goes instead (as at
 /// an open on a full disk), and the segments after it.
 #[test]
 fn retention_frees_room_on_a_full_disk() {
-    use spool::storage::io::OpenMode;
     let sim = Arc::new(SimDisk::new());
     let disk: Arc<dyn Storage> = sim.clone();
     let cfg = LogConfig {
@@ -917,20 +934,7 @@ fn retention_frees_room_on_a_full_disk() {
         .append(&[NewMessage::from_value("z".repeat(100))])
         .is_ok()
     {}
-    // Whatever room is left goes to another program.
-    disk.create_dir_all(std::path::Path::new("/other"))
-        .expect("dir");
-    let fill = disk
-        .open(std::path::Path::new("/other/fill"), OpenMode::CreateNew)
-        .expect("file");
-    let (mut size, mut step) = (0u64, 65536u64);
-    while step > 0 {
-        if fill.allocate(size + step).is_ok() {
-            size += step;
-        } else {
-            step /= 2;
-        }
-    }
+    take_the_room_left(&disk);
     let end = log.end();
     let dropped = log.enforce_retention(u64::MAX / 2).expect("retention");
     assert!(!dropped.is_empty(), "retention dropped segments");
@@ -948,7 +952,6 @@ fn retention_frees_room_on_a_full_disk() {
 /// the segments after it. Every record kept stays, after a reopen too.
 #[test]
 fn compaction_removes_dead_segments_on_a_full_disk() {
-    use spool::storage::io::OpenMode;
     let sim = Arc::new(SimDisk::new());
     let disk: Arc<dyn Storage> = sim.clone();
     let cfg = LogConfig {
@@ -962,20 +965,7 @@ fn compaction_removes_dead_segments_on_a_full_disk() {
         .append(&[NewMessage::from_value("z".repeat(100))])
         .is_ok()
     {}
-    // Whatever room is left goes to another program.
-    disk.create_dir_all(std::path::Path::new("/other"))
-        .expect("dir");
-    let fill = disk
-        .open(std::path::Path::new("/other/fill"), OpenMode::CreateNew)
-        .expect("file");
-    let (mut size, mut step) = (0u64, 65536u64);
-    while step > 0 {
-        if fill.allocate(size + step).is_ok() {
-            size += step;
-        } else {
-            step /= 2;
-        }
-    }
+    take_the_room_left(&disk);
     log.store_checkpoint(None, false)
         .expect_err("no room for a checkpoint");
     // The second and third segments hold nothing live.
