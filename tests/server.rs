@@ -1530,7 +1530,7 @@ async fn with_a_dead_letter_topic_of_1_kib_segments(data: &std::path::Path) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_dead_letter_holds_back_no_other() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
+    let (_broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
     let mut batch = vec![NewMessage::from_value(vec![7u8; 2000])];
     batch.extend((1..4).map(|i| NewMessage::from_value(value(i))));
     client.produce("t", batch).await.expect("produce");
@@ -1581,7 +1581,7 @@ async fn one_refused_dead_letter_holds_back_no_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_dead_letter_does_not_hold_back_a_fetch_of_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
+    let (_broker, client) = with_a_dead_letter_topic_of_1_kib_segments(tmp.path()).await;
     client
         .create_group("t", "q", GroupMode::Queue, None)
         .await
