@@ -994,7 +994,7 @@ impl Broker {
                 .lease_queue_once(Arc::clone(&t), group, member, limits, identity)
                 .await?;
             handed_off += tried.len();
-            let again = tried.iter().any(|o| refused_offsets.contains(o));
+            let again = refused.is_some() && tried.iter().any(|o| refused_offsets.contains(o));
             if let Some(e) = refused {
                 refused_offsets.extend(tried.iter().copied());
                 refusal = Some(e);
