@@ -52,6 +52,19 @@ fn spool(server: &str, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// `spool ARGS` against `server`, running, with no stdin and its output
+/// piped.
+fn spawn_spool(server: &str, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(args)
+        .env("SPOOL_SERVER", server)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spool")
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -612,14 +625,7 @@ fn consume_into_a_stalled_pipe_keeps_its_connection() {
         if let Some(g) = group {
             args.extend(["--group", g, "--mode", "queue"]);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(&args)
-            .env("SPOOL_SERVER", &broker.addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spool");
+        let mut child = spawn_spool(&broker.addr, &args);
         // Stalled for three idle timeouts.
         std::thread::sleep(std::time::Duration::from_millis(3000));
         let mut printed = String::new();
@@ -921,13 +927,7 @@ fn a_follower_whose_broker_is_killed_says_so() {
     let broker = Broker::start(tmp.path(), &[]);
     let out = spool(&broker.addr, &["produce", "t"], Some("one\n"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(["consume", "t", "--follow"])
-        .env("SPOOL_SERVER", &broker.addr)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn spool consume");
+    let mut follower = spawn_spool(&broker.addr, &["consume", "t", "--follow"]);
     let mut first = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(follower.stdout.take().expect("stdout")),
@@ -1086,14 +1086,7 @@ fn a_follower_goes_past_a_message_no_frame_can_carry() {
         if let Some(g) = group {
             args.extend(["--group", g]);
         }
-        let mut follower = Command::new(env!("CARGO_BIN_EXE_spool"))
-            .args(&args)
-            .env("SPOOL_SERVER", &broker.addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn spool consume");
+        let mut follower = spawn_spool(&broker.addr, &args);
         let mut lines = std::io::BufReader::new(follower.stdout.take().expect("stdout")).lines();
         for want in &expected {
             let line = lines.next().expect("a line").expect("read");
