@@ -992,6 +992,57 @@ fn compaction_removes_dead_segments_on_a_full_disk() {
     assert_eq!(kept, expected);
 }
 
+/// On a full disk, a pass where no record hides another leaves a run it
+/// has no room to copy as it was and still removes the dead segments after
+/// it; a keyed pass, whose later records may hide earlier ones, stops at
+/// that copy and removes nothing after it.
+#[test]
+fn a_full_disk_leaves_a_run_it_cannot_copy_and_removes_the_dead_segments_after_it() {
+    let sim = Arc::new(SimDisk::new());
+    let disk: Arc<dyn Storage> = sim.clone();
+    let cfg = LogConfig {
+        segment_bytes: 4096,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let log = open_t(&disk, &cfg);
+    sim.set_capacity(Some(64 * 1024));
+    while log
+        .append(&[NewMessage::from_value("z".repeat(100))])
+        .is_ok()
+    {}
+    take_the_room_left(&disk);
+    let segments = log.segments();
+    assert!(segments.len() > 4, "{} segments", segments.len());
+    // The first segment loses one record (a copy of the rest is needed);
+    // the second and third lose all.
+    let dead = segments[1].base()..segments[3].base();
+    let keep =
+        |r: &spool::storage::compact::RecordInfo<'_>| r.offset != 0 && !dead.contains(&r.offset);
+    let keyed = log.compact(&keep, &mut |_| {});
+    assert!(
+        matches!(keyed, Err(Error::Full { .. })),
+        "a keyed pass stops at the copy: {keyed:?}"
+    );
+    assert_eq!(log.segments().len(), segments.len(), "and removes nothing");
+    let stats = log
+        .compact_independent(&keep, &mut |_| {})
+        .expect("a pass past the copy it has no room for");
+    assert_eq!(stats.segments_deleted, 2, "{stats:?}");
+    assert_eq!(stats.segments_rewritten, 0, "{stats:?}");
+    let end = log.end();
+    drop(log);
+    let log = open_t(&disk, &cfg);
+    let kept: Vec<u64> = log
+        .read(Offset(0), 100_000, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|m| m.offset.0)
+        .collect();
+    let expected: Vec<u64> = (0..end.0).filter(|o| !dead.contains(o)).collect();
+    assert_eq!(kept, expected, "the first segment as it was, offset 0 too");
+}
+
 /// A quiet topic's records go once they are past `retention_ms`: its
 /// active segment rolls in a retention pass when it is `segment_ms` old,
 /// not only at the next write, and the pass drops it.

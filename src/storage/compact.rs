@@ -196,6 +196,30 @@ impl Log {
         keep: &dyn Fn(&RecordInfo<'_>) -> bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<CompactStats> {
+        self.compact_pass(keep, false, progress)
+    }
+
+    /// [`Log::compact`] where no record hides another (`keep` judges each
+    /// record on its own: deletions and consumption, no keys): a copy that
+    /// finds the disk full leaves its run as it was and the pass goes on,
+    /// so it still removes the segments with nothing live after it, which
+    /// need no room. (Where a record may hide one in an earlier segment,
+    /// removing it while the hidden one stays would bring that one back: the
+    /// pass stops at the first copy it cannot write.)
+    pub fn compact_independent(
+        &self,
+        keep: &dyn Fn(&RecordInfo<'_>) -> bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<CompactStats> {
+        self.compact_pass(keep, true, progress)
+    }
+
+    fn compact_pass(
+        &self,
+        keep: &dyn Fn(&RecordInfo<'_>) -> bool,
+        independent: bool,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<CompactStats> {
         let _pass = self.lock_compaction();
         self.check_compaction_goes_on()?;
         let started = Instant::now();
@@ -219,7 +243,12 @@ impl Log {
                 // first: this segment may hold what hides a record there (a
                 // key's newer record or tombstone), and removing it while
                 // that record stays would bring the record back.
-                self.rewrite_run(std::mem::take(&mut run), segment.base(), &mut stats)?;
+                self.rewrite_run(
+                    std::mem::take(&mut run),
+                    segment.base(),
+                    independent,
+                    &mut stats,
+                )?;
                 run_live = 0;
                 if self.delete_sealed(segment)? {
                     stats.segments_deleted += 1;
@@ -234,13 +263,18 @@ impl Log {
                 segment.end_offset() - first.segment.base() <= u64::from(u32::MAX)
             });
             if !run.is_empty() && (run_live + live > target || !offsets_fit) {
-                self.rewrite_run(std::mem::take(&mut run), segment.base(), &mut stats)?;
+                self.rewrite_run(
+                    std::mem::take(&mut run),
+                    segment.base(),
+                    independent,
+                    &mut stats,
+                )?;
                 run_live = 0;
             }
             run_live += live;
             run.push(scanned);
         }
-        self.rewrite_run(run, active.base(), &mut stats)?;
+        self.rewrite_run(run, active.base(), independent, &mut stats)?;
         stats.millis = started.elapsed().as_millis() as u64;
         if stats.records_removed > 0 || stats.segments_merged > 0 {
             // The broker or the admin command says what it did.
@@ -262,7 +296,15 @@ impl Log {
     /// Replaces a run of adjacent sealed segments (the next one starting at
     /// `until`) with one holding only their live records; a lone segment with
     /// nothing to remove is left as it is.
-    fn rewrite_run(&self, run: Vec<Scanned>, until: u64, stats: &mut CompactStats) -> Result<()> {
+    /// With `skip_when_full`, a copy the disk has no room for leaves the run
+    /// as it was (logged) rather than failing the pass.
+    fn rewrite_run(
+        &self,
+        run: Vec<Scanned>,
+        until: u64,
+        skip_when_full: bool,
+        stats: &mut CompactStats,
+    ) -> Result<()> {
         let size: u64 = run.iter().map(|s| s.segment.size()).sum();
         let unchanged = match run.as_slice() {
             [] => return Ok(()),
@@ -273,7 +315,7 @@ impl Log {
             stats.bytes_after += size;
             return Ok(());
         }
-        match self.rewrite(&run, until)? {
+        match self.rewrite(&run, until, skip_when_full)? {
             Some(new_size) => {
                 stats.bytes_after += new_size;
                 stats.segments_rewritten += run.len() as u64;
@@ -321,7 +363,7 @@ impl Log {
     /// Copies the live records of `run` into a new file and swaps it in for
     /// the run's segments. Returns the new size, or `None` if a segment of
     /// the run went away meanwhile (retention).
-    fn rewrite(&self, run: &[Scanned], until: u64) -> Result<Option<u64>> {
+    fn rewrite(&self, run: &[Scanned], until: u64, skip_when_full: bool) -> Result<Option<u64>> {
         let Some(first) = run.first() else {
             return Ok(None);
         };
@@ -336,18 +378,25 @@ impl Log {
                 .remove_file(&cleaned)
                 .ctx(|| format!("removing {}", cleaned.display()))?;
         }
-        let file = storage
-            .open(&cleaned, OpenMode::CreateNew)
-            .ctx(|| format!("creating {}", cleaned.display()))?;
         let total: u64 = run.iter().map(Scanned::live_bytes).sum();
-        let copied = Self::copy_live(&*file, run, total, &cleaned);
-        drop(file);
+        let copied = storage
+            .open(&cleaned, OpenMode::CreateNew)
+            .ctx(|| format!("creating {}", cleaned.display()))
+            .and_then(|file| Self::copy_live(&*file, run, total, &cleaned));
         if let Err(e) = copied {
             // The copy's blocks go back at once: on a full disk they are
             // what the pass was to free.
-            if let Err(removed) = storage.remove_file(&cleaned) {
+            if storage.exists(&cleaned)
+                && let Err(removed) = storage.remove_file(&cleaned)
+            {
                 tracing::warn!(file = %cleaned.display(), error = %removed,
                     "could not remove an unfinished compaction copy; the next pass or open does");
+            }
+            // Nothing of the run was touched: it stays as it was.
+            if skip_when_full && matches!(e, Error::Full { .. }) {
+                tracing::warn!(log = %dir.display(), error = %e,
+                    "no room to copy a run of segments; compaction leaves it as it was");
+                return Ok(None);
             }
             return Err(e);
         }

@@ -237,7 +237,12 @@ impl Topic {
         // Compaction covers at most the segments sealed now; one a producer
         // seals meanwhile keeps its records, so its deletions must stay.
         let compacted_below = self.log.segments().last().map(|s| s.base());
-        let stats = self.log.compact(&|r| cleaner.keep(r), progress)?;
+        let keep = |r: &crate::storage::compact::RecordInfo<'_>| cleaner.keep(r);
+        let stats = if cleaner.latest.is_some() {
+            self.log.compact(&keep, progress)?
+        } else {
+            self.log.compact_independent(&keep, progress)?
+        };
         if let Some(below) = compacted_below {
             // Groups count what they have left by offsets less deletions
             // (lag, a queue group's low watermark, what retention takes from
