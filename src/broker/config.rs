@@ -173,6 +173,17 @@ impl TopicConfig {
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("{}: {m}", path.display())),
             other => other,
         })?;
+        // A topic that is its own dead-letter topic, which a create refuses
+        // (a file edited by hand): each lapsed lease would append another
+        // copy of the message to the topic that failed it.
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str())
+            && config.dead_letter_topic(name) == name
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{}: dead_letter: dead letters of topic {name} would come back to it",
+                path.display()
+            )));
+        }
         Ok(Some(config))
     }
 
@@ -426,6 +437,27 @@ mod tests {
                 )
             }
             other => panic!("segment_bytes 0 is refused: {other:?}"),
+        }
+    }
+
+    /// A `topic.toml` edited by hand to make the topic its own dead-letter
+    /// topic is refused as a create would refuse it.
+    #[test]
+    fn a_topic_toml_that_dead_letters_into_itself_is_refused() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/topics/loop");
+        crate::storage::io::Storage::create_dir_all(&disk, dir).expect("mkdir");
+        crate::storage::io::write_file_atomic(
+            &disk,
+            &dir.join(TOPIC_CONFIG_FILE),
+            b"dead_letter = \"loop\"\n",
+        )
+        .expect("write");
+        match TopicConfig::load(&disk, dir) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains("topic.toml") && m.contains("dead_letter"), "{m}")
+            }
+            other => panic!("a self loop is refused: {other:?}"),
         }
     }
 
