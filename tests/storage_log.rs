@@ -946,12 +946,9 @@ fn retention_frees_room_on_a_full_disk() {
     assert_eq!(log.end().0, end.0 + 1, "nothing after the start lost");
 }
 
-/// Compaction frees room on a full disk where whole sealed segments have
-/// nothing live (every record deleted): with no room for the checkpoint
-/// that leaves them out, the checkpoint goes instead, as for retention, and
-/// the segments after it. Every record kept stays, after a reopen too.
-#[test]
-fn compaction_removes_dead_segments_on_a_full_disk() {
+/// A log `/t` of 4 KiB segments (`fsync=always`) on a 64 KiB simulated
+/// disk, filled by appends, the room left then taken by another file.
+fn a_full_log_of_4_kib_segments() -> (Arc<dyn Storage>, LogConfig, spool::storage::Log) {
     let sim = Arc::new(SimDisk::new());
     let disk: Arc<dyn Storage> = sim.clone();
     let cfg = LogConfig {
@@ -966,6 +963,16 @@ fn compaction_removes_dead_segments_on_a_full_disk() {
         .is_ok()
     {}
     take_the_room_left(&disk);
+    (disk, cfg, log)
+}
+
+/// Compaction frees room on a full disk where whole sealed segments have
+/// nothing live (every record deleted): with no room for the checkpoint
+/// that leaves them out, the checkpoint goes instead, as for retention, and
+/// the segments after it. Every record kept stays, after a reopen too.
+#[test]
+fn compaction_removes_dead_segments_on_a_full_disk() {
+    let (disk, cfg, log) = a_full_log_of_4_kib_segments();
     log.store_checkpoint(None, false)
         .expect_err("no room for a checkpoint");
     // The second and third segments hold nothing live.
@@ -998,20 +1005,7 @@ fn compaction_removes_dead_segments_on_a_full_disk() {
 /// that copy and removes nothing after it.
 #[test]
 fn a_full_disk_leaves_a_run_it_cannot_copy_and_removes_the_dead_segments_after_it() {
-    let sim = Arc::new(SimDisk::new());
-    let disk: Arc<dyn Storage> = sim.clone();
-    let cfg = LogConfig {
-        segment_bytes: 4096,
-        fsync: FsyncPolicy::Always,
-        ..LogConfig::default()
-    };
-    let log = open_t(&disk, &cfg);
-    sim.set_capacity(Some(64 * 1024));
-    while log
-        .append(&[NewMessage::from_value("z".repeat(100))])
-        .is_ok()
-    {}
-    take_the_room_left(&disk);
+    let (disk, cfg, log) = a_full_log_of_4_kib_segments();
     let segments = log.segments();
     assert!(segments.len() > 4, "{} segments", segments.len());
     // The first segment loses one record (a copy of the rest is needed);
