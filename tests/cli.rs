@@ -423,14 +423,7 @@ fn verify_and_compact_refuse_a_path_that_is_no_data_directory() {
 /// Runs `spool ARGS` against `server` with its stdout a pipe closed before
 /// it writes anything.
 fn with_closed_stdout(server: &str, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args(args)
-        .env("SPOOL_SERVER", server)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn spool");
+    let mut child = spawn_spool(server, args);
     drop(child.stdout.take());
     child.wait_with_output().expect("wait")
 }

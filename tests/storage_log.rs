@@ -791,12 +791,7 @@ fn a_record_cut_at_the_end_of_the_file_is_a_torn_tail_whatever_its_value_holds()
     let log = spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default())
         .expect("a torn tail opens in the default mode");
     assert_eq!(log.end().0, 5, "the torn record is cut");
-    let offsets: Vec<u64> = log
-        .read(Offset(0), 100, 1 << 20)
-        .expect("read")
-        .iter()
-        .map(|m| m.offset.0)
-        .collect();
+    let offsets = offsets_in(&log);
     assert_eq!(offsets, [0, 1, 2, 3, 4]);
 }
 
@@ -851,6 +846,15 @@ fn an_index_rebuilt_at_open_survives_a_power_cut() {
 }
 
 /// The log at `/t` on `disk`.
+/// The offset of every record `log` holds, in order.
+fn offsets_in(log: &spool::storage::Log) -> Vec<u64> {
+    log.read(Offset(0), usize::MAX, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|m| m.offset.0)
+        .collect()
+}
+
 fn open_t(disk: &Arc<dyn Storage>, cfg: &LogConfig) -> spool::storage::Log {
     spool::storage::Log::open(Arc::clone(disk), "/t", cfg.clone(), RecoveryMode::default())
         .expect("open")
@@ -989,12 +993,7 @@ fn compaction_removes_dead_segments_on_a_full_disk() {
     drop(log);
     let log = open_t(&disk, &cfg);
     assert_eq!(log.end().0, end.0 + 1, "nothing after them lost");
-    let kept: Vec<u64> = log
-        .read(Offset(0), 100_000, usize::MAX)
-        .expect("read")
-        .iter()
-        .map(|m| m.offset.0)
-        .collect();
+    let kept = offsets_in(&log);
     let expected: Vec<u64> = (0..=end.0).filter(|o| !dead.contains(o)).collect();
     assert_eq!(kept, expected);
 }
@@ -1027,12 +1026,7 @@ fn a_full_disk_leaves_a_run_it_cannot_copy_and_removes_the_dead_segments_after_i
     let end = log.end();
     drop(log);
     let log = open_t(&disk, &cfg);
-    let kept: Vec<u64> = log
-        .read(Offset(0), 100_000, usize::MAX)
-        .expect("read")
-        .iter()
-        .map(|m| m.offset.0)
-        .collect();
+    let kept = offsets_in(&log);
     let expected: Vec<u64> = (0..end.0).filter(|o| !dead.contains(o)).collect();
     assert_eq!(kept, expected, "the first segment as it was, offset 0 too");
 }
