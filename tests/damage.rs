@@ -897,7 +897,10 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
             .await
             .expect_err("a folder for a segment keeps the topic closed")
     });
-    assert!(error.to_string().contains(&name), "{error}");
+    assert!(
+        error.to_string().contains(&name) && error.to_string().contains("move it away"),
+        "{error}"
+    );
     assert_eq!(
         error.code(),
         Some(spool::protocol::pb::Code::FailedPrecondition),

@@ -58,7 +58,15 @@ impl Storage for OsStorage {
                 options.create(true);
             }
         }
-        let file = options.open(path)?;
+        // A folder where a file belongs fails the open itself ("Is a
+        // directory"): the same refusal as for a FIFO, saying what to do.
+        let file = options.open(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::IsADirectory {
+                not_a_regular_file()
+            } else {
+                e
+            }
+        })?;
         let meta = file.metadata()?;
         // A FIFO or a device where spool keeps a file reads as empty (its
         // length is 0) and takes no truncation or map: never one of spool's.
@@ -106,6 +114,8 @@ impl Storage for OsStorage {
                         e.kind(),
                         "a link stands there (the lock is a plain file of spool's); remove it",
                     )
+                } else if e.kind() == io::ErrorKind::IsADirectory {
+                    not_a_regular_file()
                 } else {
                     e
                 })
