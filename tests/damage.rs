@@ -226,6 +226,140 @@ fn a_flipped_byte_in_the_last_record_after_a_clean_stop_is_damage() {
     assert!(ok, "{logs}");
 }
 
+/// Under `fsync=never` nothing of the active segment past its recovery
+/// point was promised to survive a power cut, and a disk may write a later
+/// page and lose an earlier one: bad bytes there with valid records after
+/// them are set aside by a plain start (not refused as damage), the records
+/// after them kept and no offset handed out twice; `verify` calls it a note.
+#[test]
+fn a_hole_in_the_unsynced_tail_is_set_aside_by_a_plain_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "fill")
+            .await
+            .expect("connect");
+        client
+            .create_topic(
+                TOPIC,
+                pb::TopicConfig {
+                    fsync: Some("never".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create topic");
+        for i in 0..20 {
+            client
+                .produce(TOPIC, vec![NewMessage::from_value(value(i))])
+                .await
+                .expect("produce");
+        }
+        // Three commits, three journal entries after the group's first.
+        client
+            .create_group(TOPIC, "s", GroupMode::Stream, Some(Position::Earliest))
+            .await
+            .expect("stream group");
+        for to in [4, 8, 12] {
+            client.commit(TOPIC, "s", to).await.expect("commit");
+        }
+    });
+    broker.kill9();
+    // What a power cut that kept later pages and lost an earlier one
+    // leaves (`kill -9` alone keeps the page cache): offset 5 unreadable,
+    // and the group's commit to 8 (the entry before the last).
+    let active = files_with(&topic_dir(data), "log")
+        .pop()
+        .expect("a segment");
+    flip(&active, find(&active, &value(5)) + 20);
+    let journal = topic_dir(data).join("groups/s.journal");
+    let entries = {
+        let bytes = std::fs::read(&journal).expect("read the journal");
+        let mut starts = Vec::new();
+        let mut pos = 0;
+        while let Ok(spool::storage::record::Frame::Record(r)) =
+            spool::storage::record::decode(&bytes[pos..], u32::MAX)
+        {
+            starts.push(pos);
+            pos += r.len as usize;
+        }
+        starts
+    };
+    assert!(entries.len() >= 4, "test setup: entries {entries:?}");
+    flip(&journal, entries[entries.len() - 2] + 10);
+
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report["damage"].as_array().is_some_and(|d| d.is_empty()),
+        "{report}"
+    );
+    let note = report["notes"]
+        .as_array()
+        .and_then(|n| {
+            n.iter()
+                .find(|n| n["file"].as_str().is_some_and(|f| f.ends_with(".log")))
+        })
+        .unwrap_or_else(|| panic!("a note on the segment: {report}"));
+    assert_eq!(note["offsets"]["start"].as_u64(), Some(5), "{report}");
+    assert!(
+        note["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("out of order")),
+        "{report}"
+    );
+    assert!(
+        report["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| {
+                n["file"].as_str().is_some_and(|f| f.ends_with("s.journal"))
+                    && n["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("out of order"))
+            })),
+        "a note on the journal: {report}"
+    );
+
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "after")
+            .await
+            .expect("connect");
+        let all = common::replay_all(&client, TOPIC).await;
+        let offsets: Vec<u64> = all.iter().map(|m| m.message.offset.0).collect();
+        let want: Vec<u64> = (0..20).filter(|&o| o != 5).collect();
+        assert_eq!(offsets, want, "every record but the one in the hole");
+        assert_eq!(
+            describe(&client, "s").await.committed,
+            12,
+            "the entries around the lost one kept"
+        );
+        let produced = client
+            .produce(TOPIC, vec![NewMessage::from_value("new")])
+            .await
+            .expect("produce");
+        assert_eq!(produced.first_offset, 20, "no offset reused");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(
+        logs.contains("set aside a hole in the unsynced tail of the active segment")
+            && logs.contains("set aside a hole in the unsynced tail of a journal"),
+        "logged: {logs}"
+    );
+    let quarantined = std::fs::read_dir(topic_dir(data).join("quarantine"))
+        .expect("a quarantine folder")
+        .count();
+    assert_eq!(quarantined, 1, "the hole's bytes are kept");
+    let quarantined = std::fs::read_dir(topic_dir(data).join("groups/quarantine"))
+        .expect("a quarantine folder for the group")
+        .count();
+    assert_eq!(quarantined, 1, "the bad entry's bytes are kept");
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "clean after the start: {report}");
+}
+
 #[test]
 fn a_damaged_or_cut_group_journal_tail_is_damage_not_a_torn_write() {
     for how in ["flip", "cut", "zero"] {

@@ -274,6 +274,11 @@ pub struct JournalRecovery {
     pub synced_len: u64,
     /// How damage is treated.
     pub mode: RecoveryMode,
+    /// The topic syncs on a timer or never (`fsync=interval`/`never`):
+    /// nothing past the recovery point was promised to survive a power cut,
+    /// so a bad entry there with valid ones after it (pages the disk wrote
+    /// out of order) is set aside in either mode.
+    pub relaxed: bool,
 }
 
 /// The record a snapshot file holds, or why it holds none: a snapshot is
@@ -306,7 +311,9 @@ impl Journal {
     /// valid entry after it; anything else is damage: refused under the
     /// default mode, and under skip-damaged copied to `quarantine/` and left
     /// out while the valid entries around it are kept (a lost ack means a
-    /// redelivery, which at-least-once allows).
+    /// redelivery, which at-least-once allows). Past the recovery point of a
+    /// `relaxed` journal, a bad entry with valid ones after it is treated as
+    /// under skip-damaged in either mode.
     pub fn open_checked(
         storage: Arc<dyn Storage>,
         dir: &Path,
@@ -418,24 +425,33 @@ impl Journal {
                 cut_at = Some(pos);
                 break;
             }
+            let unsynced_hole = next.is_some() && pos as u64 >= synced_len && recovery.relaxed;
             let end = next.map_or(data.len() as u64, |(q, _)| q);
             let damage = Corruption {
                 file: path.clone(),
                 bytes: pos as u64..end,
                 offsets: None,
-                detail: format!(
-                    "journal {bad}; {}. Start with recovery mode skip-damaged \
-                     (`spool serve --recovery skip-damaged`) to quarantine it and keep the entries around it",
-                    if next.is_some() {
-                        "valid entries follow it".to_string()
-                    } else {
-                        format!(
-                            "it lies below the recovery point (byte {synced_len} was synced), so it is not a torn write"
-                        )
-                    }
-                ),
+                detail: if unsynced_hole {
+                    format!(
+                        "journal {bad}; valid entries follow it, past the recovery point (byte \
+                         {synced_len} was synced) of a topic that syncs on a timer or never: pages \
+                         the disk wrote out of order before a power cut"
+                    )
+                } else {
+                    format!(
+                        "journal {bad}; {}. Start with recovery mode skip-damaged \
+                         (`spool serve --recovery skip-damaged`) to quarantine it and keep the entries around it",
+                        if next.is_some() {
+                            "valid entries follow it".to_string()
+                        } else {
+                            format!(
+                                "it lies below the recovery point (byte {synced_len} was synced), so it is not a torn write"
+                            )
+                        }
+                    )
+                },
             };
-            if !skip {
+            if !skip && !unsynced_hole {
                 return Err(Error::corruption(damage));
             }
             crate::storage::recovery::quarantine_bytes(
@@ -444,7 +460,11 @@ impl Journal {
                 &damage,
                 &data[pos..end as usize],
             )?;
-            tracing::error!(damage = %damage.given_up(), "quarantined a damaged journal entry; the entries around it are kept");
+            if unsynced_hole {
+                tracing::warn!(damage = %damage.given_up(), "set aside a hole in the unsynced tail of a journal; the entries around it are kept");
+            } else {
+                tracing::error!(damage = %damage.given_up(), "quarantined a damaged journal entry; the entries around it are kept");
+            }
             replayed.damage.push(damage);
             rewrite = true;
             match next {
@@ -1029,8 +1049,57 @@ mod tests {
                 base_seq: point.0,
                 synced_len: point.1,
                 mode,
+                relaxed: false,
             },
         )
+    }
+
+    /// Under `fsync=interval`/`never` a bad entry past the recovery point
+    /// with valid entries after it is pages the disk wrote out of order
+    /// before a power cut: the default mode sets it aside and keeps the
+    /// entries around it (a lost ack is a redelivery, within that policy's
+    /// promise); under `always` it stays damage.
+    #[test]
+    fn a_hole_past_the_recovery_point_of_a_relaxed_topic_is_set_aside() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        j.append(b"first").expect("append");
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        for e in [&b"second"[..], b"third"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        drop(j);
+        disk.damage(Path::new("/g/group.journal"), point.1 + 2, &[0xFF])
+            .expect("flip the second entry");
+        let open_relaxed = |relaxed| {
+            Journal::open_checked(
+                Arc::clone(&disk) as Arc<dyn Storage>,
+                Path::new("/g"),
+                "group",
+                JournalRecovery {
+                    base_seq: point.0,
+                    synced_len: point.1,
+                    mode: RecoveryMode::TolerateTornTail,
+                    relaxed,
+                },
+            )
+        };
+        let err = open_relaxed(false).expect_err("damage under fsync=always");
+        assert!(err.to_string().contains("valid entries follow it"), "{err}");
+        let (_, replayed) = open_relaxed(true).expect("opens");
+        assert_eq!(replayed.entries, vec![b"first".to_vec(), b"third".to_vec()]);
+        assert_eq!(replayed.damage.len(), 1);
+        assert!(
+            replayed.damage[0].detail.contains("out of order"),
+            "{:?}",
+            replayed.damage
+        );
+        assert!(
+            !quarantined(&disk, "group.journal.").is_empty(),
+            "the bad entry is kept aside"
+        );
     }
 
     #[test]

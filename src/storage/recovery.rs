@@ -6,7 +6,12 @@
 //! |--------------------------------------|-------------------------|---------------------------|
 //! | nothing, or only zeros               | normal (preallocation)  | zeros cut (interrupted seal) |
 //! | bytes, and no valid record after them| torn tail: cut, logged  | damage                    |
-//! | bytes, then valid records again      | damage                  | damage                    |
+//! | bytes, then valid records again      | damage (1)              | damage                    |
+//!
+//! (1) Past the recovery point of a log under `fsync=interval`/`never`, the
+//! bad bytes are pages the disk wrote out of order before a power cut (none
+//! was promised to survive): they are set aside as skip-damaged does, in
+//! either mode, and the records after them kept.
 //!
 //! A torn write can only touch bytes that were never synced: in the active
 //! segment, anything that stops the scan before the recovery point (the
@@ -21,7 +26,7 @@
 
 use super::checkpoint::Checkpoint;
 use super::config::MAX_SEGMENT_BYTES;
-use super::config::{LogConfig, RecoveryMode};
+use super::config::{FsyncPolicy, LogConfig, RecoveryMode};
 use super::index::{IndexBuilder, SegmentIndex, TIME_ENTRY_LEN};
 use super::io::{OpenMode, Storage, StorageFile, file_len, read_file_within};
 use super::record::{self, Frame, HEADER_LEN, RECORD_MAGIC};
@@ -293,6 +298,14 @@ pub fn open_segment(
                 "cut torn tail of the active segment");
             break;
         }
+        // Under `interval`/`never` nothing past the recovery point was
+        // promised to survive a power cut, and the disk may have written a
+        // later page of it and lost an earlier one: the bad bytes are set
+        // aside and the records after them kept, in either recovery mode.
+        let unsynced_hole = next_valid.is_some()
+            && active
+            && pos >= synced_to
+            && config.fsync != FsyncPolicy::Always;
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
         // Without a valid record after the damage, a sealed segment lost every
@@ -305,25 +318,37 @@ pub fn open_segment(
             file: log.clone(),
             bytes: pos..damaged_end,
             offsets: Some(first_lost..lost_end),
-            detail: format!(
-                "{why}; {}. Start with recovery mode skip-damaged \
+            detail: if unsynced_hole {
+                format!(
+                    "{why}; valid records follow it, past the recovery point (byte {synced_to} was \
+                     synced) under fsync={}: pages the disk wrote out of order before a power cut",
+                    config.fsync
+                )
+            } else {
+                format!(
+                    "{why}; {}. Start with recovery mode skip-damaged \
                  (`spool serve --recovery skip-damaged`) to quarantine the range and open anyway",
-                if next_valid.is_some() {
-                    "valid records follow it".to_string()
-                } else if active {
-                    format!(
-                        "it lies below the recovery point (byte {synced_to} was synced), so it is not a torn write"
-                    )
-                } else {
-                    "valid records do not follow it in this sealed segment".to_string()
-                }
-            ),
+                    if next_valid.is_some() {
+                        "valid records follow it".to_string()
+                    } else if active {
+                        format!(
+                            "it lies below the recovery point (byte {synced_to} was synced), so it is not a torn write"
+                        )
+                    } else {
+                        "valid records do not follow it in this sealed segment".to_string()
+                    }
+                )
+            },
         };
-        if mode == RecoveryMode::TolerateTornTail {
+        if mode == RecoveryMode::TolerateTornTail && !unsynced_hole {
             return Err(Error::corruption(damage));
         }
         quarantine(storage, dir, &*file, &damage)?;
-        tracing::error!(damage = %damage.given_up(), "quarantined damaged range");
+        if unsynced_hole {
+            tracing::warn!(damage = %damage.given_up(), "set aside a hole in the unsynced tail of the active segment");
+        } else {
+            tracing::error!(damage = %damage.given_up(), "quarantined damaged range");
+        }
         report.quarantined.push(damage);
         match next_valid {
             Some((q, _)) => {

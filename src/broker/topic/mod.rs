@@ -226,6 +226,7 @@ impl Topic {
                 base_seq: p.map_or(0, |p| p.base_seq),
                 synced_len: p.map_or(0, |p| p.synced_len),
                 mode,
+                relaxed: config.log.fsync != FsyncPolicy::Always,
             }
         };
         let deletions = Deletions::open(Arc::clone(&storage), dir, point(DELETES_JOURNAL))?;
