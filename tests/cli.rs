@@ -442,7 +442,8 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     assert!(stderr(&out).contains("writing stdout"), "{}", stderr(&out));
 }
 
-/// A server setting out of its range is refused at start, naming it.
+/// A server setting out of its range, in the config file or a flag, is
+/// refused at start as a usage error (exit 2), naming it.
 #[test]
 fn serve_refuses_limits_out_of_range() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -474,7 +475,7 @@ fn serve_refuses_limits_out_of_range() {
             .stdin(Stdio::null())
             .output()
             .expect("run spool serve");
-        assert_eq!(out.status.code(), Some(1), "{line}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{line}: {}", stderr(&out));
         assert!(stderr(&out).contains(setting), "{line}: {}", stderr(&out));
         assert_eq!(
             stderr(&out).trim_end().lines().count(),
@@ -488,11 +489,45 @@ fn serve_refuses_limits_out_of_range() {
             stdout(&out)
         );
     }
+    for (setting, flags) in [
+        (
+            "listen: \"127.0.0.1\" is not HOST:PORT",
+            ["--listen", "127.0.0.1"],
+        ),
+        (
+            "grpc: \"localhost\" is not HOST:PORT",
+            ["--grpc", "localhost"],
+        ),
+        ("max_open_files 3 is below 16", ["--max-open-files", "3"]),
+        ("topic_idle_close_ms", ["--topic-idle-close-ms", "0"]),
+        ("max_connections_per_ip", ["--max-connections-per-ip", "0"]),
+    ] {
+        let listen: &[&str] = if flags[0] == "--listen" {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("serve")
+            .args(listen.iter().chain(flags.iter()))
+            .arg("--data")
+            .arg(tmp.path().join("data"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spool serve");
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(setting),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{flags:?}: it listened");
+    }
 }
 
 /// `spool serve ARGS` run in `cwd`, which must end by itself (within 30 s)
 /// without listening: its output.
-fn serve_that_refuses(args: &[&std::ffi::OsStr], cwd: &Path) -> Output {
+fn serve_that_refuses(args: &[&std::ffi::OsStr], cwd: &Path, code: i32) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
         .args([
             "serve",
@@ -519,7 +554,7 @@ fn serve_that_refuses(args: &[&std::ffi::OsStr], cwd: &Path) -> Output {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("output");
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {}", stderr(&out));
     assert!(stdout(&out).is_empty(), "it listened: {}", stdout(&out));
     out
 }
@@ -540,12 +575,14 @@ fn serve_refuses_an_empty_data_path_and_settings_files_that_are_none() {
     assert!(made.success());
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir(&cwd).expect("cwd");
-    for (config, said) in [
-        (config.as_path(), "data is an empty path"),
-        (Path::new("/dev/zero"), "not a regular file"),
-        (fifo.as_path(), "not a regular file"),
+    // A setting that cannot be is a usage error; a file that cannot be
+    // read, a runtime one.
+    for (config, said, code) in [
+        (config.as_path(), "data is an empty path", 2),
+        (Path::new("/dev/zero"), "not a regular file", 1),
+        (fifo.as_path(), "not a regular file", 1),
     ] {
-        let out = serve_that_refuses(&["--config".as_ref(), config.as_os_str()], &cwd);
+        let out = serve_that_refuses(&["--config".as_ref(), config.as_os_str()], &cwd, code);
         let err = stderr(&out);
         assert!(err.contains(said), "{}: {err}", config.display());
     }
@@ -566,6 +603,7 @@ fn serve_refuses_an_empty_data_path_and_settings_files_that_are_none() {
             "127.0.0.1:0".as_ref(),
         ],
         &cwd,
+        1,
     );
     let err = stderr(&out);
     assert!(err.contains("socketio.key has 100 bytes"), "{err}");
@@ -576,7 +614,7 @@ fn serve_refuses_an_empty_data_path_and_settings_files_that_are_none() {
     std::fs::write(&victim, "not spool's").expect("victim");
     let _ = std::fs::remove_file(data.join("LOCK"));
     std::os::unix::fs::symlink(&victim, data.join("LOCK")).expect("link");
-    let out = serve_that_refuses(&["--data".as_ref(), data.as_os_str()], &cwd);
+    let out = serve_that_refuses(&["--data".as_ref(), data.as_os_str()], &cwd, 1);
     assert!(
         stderr(&out).contains("a link stands there"),
         "{}",

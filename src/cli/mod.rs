@@ -85,7 +85,7 @@ pub fn run() -> ExitCode {
     };
     init_logging(matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args).map_err(common::CliError::from),
+        Command::Serve(args) => serve::run(args),
         Command::Produce(args) => produce::run(args),
         Command::Consume(args) => consume::run(args),
         Command::Topic(cmd) => topic::run(cmd),

@@ -2,7 +2,7 @@
 //! listens and where the data is, in a form scripts may rely on (see
 //! [`startup_lines`]); SIGINT or SIGTERM stop it gracefully.
 
-use super::common::Format;
+use super::common::{CliError, Format};
 use clap::Args;
 use serde::Deserialize;
 use spool::grpc::DEFAULT_GRPC_LISTEN;
@@ -245,6 +245,19 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
         recovery: args.recovery.unwrap_or_default(),
         ..ServerConfig::default()
     };
+    // An address without a port is a mistake of the command line, named
+    // as the client commands name it, not a failure to listen.
+    for (name, addr) in [
+        ("listen", Some(&c.listen)),
+        ("grpc", c.grpc.as_ref()),
+        ("metrics", c.metrics.as_ref()),
+        ("socketio", c.socketio.as_ref()),
+    ] {
+        if let Some(addr) = addr {
+            super::common::parse_server(addr)
+                .map_err(|e| spool::Error::InvalidArgument(format!("{name}: {e}")))?;
+        }
+    }
     if c.data.as_os_str().is_empty() {
         return Err(spool::Error::InvalidArgument(
             "data is an empty path: name a directory (\"./data\" by default)".into(),
@@ -346,9 +359,17 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     Ok(c)
 }
 
-/// Runs the command.
-pub fn run(args: ServeArgs) -> spool::Result<()> {
-    let config = config(&args)?;
+/// Runs the command. A setting out of its range, in a flag or the config
+/// file, is a usage error (exit 2); the broker's own failures exit 1.
+pub fn run(args: ServeArgs) -> Result<(), CliError> {
+    let config = config(&args).map_err(|e| match e {
+        spool::Error::InvalidArgument(m) => CliError::usage(m),
+        other => CliError::from(other),
+    })?;
+    serve(args, config).map_err(CliError::from)
+}
+
+fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
     match spool::error::raise_open_files_limit() {
         Some(n) => {
             tracing::info!(limit = n, "open files");
