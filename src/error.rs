@@ -21,8 +21,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The disk (or the quota) is full. Nothing already acknowledged is affected.
-    #[error("disk full while {context}: {source}")]
+    /// The disk (or the quota) is full, or a file reached the process's
+    /// file-size limit. Nothing already acknowledged is affected.
+    #[error("{}", full_message(context, source))]
     Full {
         /// What was being done, naming the file.
         context: String,
@@ -272,13 +273,39 @@ pub fn os_code(e: &io::Error) -> Option<i32> {
     })
 }
 
-/// True for "no space" and "quota exceeded".
+/// True for "no space", "quota exceeded" and "file too large" (the
+/// process's file-size limit, `ulimit -f`: a file can grow no more, as on a
+/// full disk).
 pub fn is_disk_full(e: &io::Error) -> bool {
     matches!(
         os_code(e),
         Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
             || code == rustix::io::Errno::DQUOT.raw_os_error()
     ) || e.kind() == io::ErrorKind::StorageFull
+        || is_over_file_size_limit(e)
+}
+
+/// True for the system's "file too large" (EFBIG): a write or allocation
+/// past the process's file-size limit. (spool's own refusals of a file
+/// longer than it reads carry the same kind but no OS code.)
+pub fn is_over_file_size_limit(e: &io::Error) -> bool {
+    os_code(e) == Some(rustix::io::Errno::FBIG.raw_os_error())
+}
+
+/// The words of [`Error::Full`]: a full disk, or a file at the process's
+/// file-size limit (named, with how to raise it).
+fn full_message(context: &str, source: &io::Error) -> String {
+    if is_over_file_size_limit(source) {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize)
+            .current
+            .map_or_else(|| "the".to_owned(), |n| format!("its {n}-byte"));
+        format!(
+            "file size limit reached while {context}: {source}; a file of the broker's may grow \
+             only to {limit} limit (raise it: `ulimit -f`, or LimitFSIZE for a service)"
+        )
+    } else {
+        format!("disk full while {context}: {source}")
+    }
 }
 
 /// True for "too many open files" (of the process or of the system).

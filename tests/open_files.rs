@@ -161,3 +161,52 @@ fn running_out_of_address_space_closes_unused_topics_transparently() {
         "the address space ran out and topics were closed: {logs}"
     );
 }
+
+/// A file-size limit (`ulimit -f`) does not end the broker: SIGXFSZ is
+/// caught, so a produce that would grow a segment past the limit answers
+/// `RESOURCE_EXHAUSTED` naming the limit and how to raise it, as a full disk
+/// does; what was acknowledged stays readable, smaller produces go on, and
+/// the limit is warned about at start.
+#[test]
+fn a_file_size_limit_is_answered_as_a_full_disk_not_a_dead_broker() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args(["--fsize=4000000", env!("CARGO_BIN_EXE_spool")]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let big = || NewMessage::from_value(vec![b'x'; 500_000]);
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let mut acked = 0;
+        let error = loop {
+            match client.produce("big", vec![big()]).await {
+                Ok(_) => acked += 1,
+                Err(e) => break e,
+            }
+            assert!(acked < 20, "4 MB hold fewer than 20 messages of 500 KB");
+        };
+        assert!(acked >= 2, "some fit: {acked}");
+        assert_eq!(error.code(), Some(pb::Code::ResourceExhausted), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains("file size limit") && text.contains("ulimit -f"),
+            "names the limit and how to raise it: {text}"
+        );
+        client
+            .produce("big", vec![NewMessage::from_value("small")])
+            .await
+            .expect("a produce that fits is taken");
+        let all = common::replay_all(&client, "big").await;
+        assert_eq!(all.len(), acked + 1, "every acknowledged message is there");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "a clean stop: {logs}");
+    assert!(logs.contains("ulimit -f"), "warned at start: {logs}");
+}

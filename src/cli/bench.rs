@@ -344,6 +344,7 @@ where
     // this loop from seeing a signal.
     let mut task = runtime.spawn(run(Some(scratch.path().to_owned()), stop.clone()));
     let outcome = runtime.block_on(async {
+        super::common::catch_file_size_signal();
         let mut signalled: Option<Stop> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         let give_up = tokio::time::sleep(Duration::MAX);

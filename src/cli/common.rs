@@ -221,6 +221,17 @@ pub type CliResult<T = ()> = Result<T, CliError>;
 /// the connection's tasks (its reader, its keep-alive pings) on one worker
 /// of their own, so a body blocked writing to a slow stdout does not stop
 /// them and the broker does not close the connection as idle.
+/// Catches SIGXFSZ, whose default action ends the process when a file
+/// reaches the file-size limit (`ulimit -f`): caught, the write fails with
+/// EFBIG instead, which spool answers as it answers a full disk. Call inside
+/// a runtime; tokio keeps a handler it installed for the rest of the process.
+pub fn catch_file_size_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    if let Err(e) = signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+        tracing::warn!(error = %e, "could not catch SIGXFSZ: a file reaching the file-size limit (ulimit -f) ends the process");
+    }
+}
+
 pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

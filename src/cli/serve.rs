@@ -385,6 +385,14 @@ fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
         }
         None => tracing::info!("open files: no limit"),
     }
+    if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
+        tracing::warn!(
+            limit,
+            "the process may write files of at most {limit} bytes (ulimit -f): a segment, index or \
+             journal that reaches it takes no more writes, answered as a full disk; raise it \
+             (ulimit -f unlimited, LimitFSIZE for a service)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -397,6 +405,7 @@ fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
         // line gets a graceful stop.
         config.security.reload_on_sighup()?;
         let mut signals = Signals::install();
+        super::common::catch_file_size_signal();
         let server = Server::bind(config).await?;
         let listeners = Listeners {
             native: server.local_addr()?,
