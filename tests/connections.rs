@@ -1231,3 +1231,45 @@ async fn a_subscribe_given_up_before_its_reply_leaves_no_subscription() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A client that pings while the broker itself cannot read (the process
+/// stopped, as by SIGSTOP or a stall of the machine, past the idle timeout)
+/// is not idle: its pings wait in the socket and are read before the
+/// broker decides. Before, the expired idle timer and the waiting frames
+/// were ready together and the timer was taken about half the time.
+#[test]
+fn pings_sent_while_the_broker_was_stopped_keep_the_connection() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = start(tmp.path(), "", &["--idle-timeout-ms", "400"]);
+    let mut raw = Raw::connect(&broker.addr);
+    assert_eq!(raw.hello().idle_timeout_ms, 400);
+    let pid = broker.child.id().to_string();
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {name}");
+    };
+    let mut nonce = 0;
+    for round in 0..6 {
+        signal("-STOP");
+        // Pings every 100 ms for three idle timeouts, unread meanwhile.
+        for _ in 0..12 {
+            nonce += 1;
+            raw.send(nonce, Request::Ping(pb::PingRequest { nonce }));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        signal("-CONT");
+        let mut answered = 0;
+        while answered < 12 {
+            match raw.next(Duration::from_secs(5)) {
+                Next::Frame(f) => {
+                    assert!(closing_error(&f).is_none(), "round {round}: closed: {f:?}");
+                    answered += 1;
+                }
+                other => panic!("round {round}: {answered} pings answered, then {other:?}"),
+            }
+        }
+    }
+}

@@ -50,6 +50,10 @@ const MAX_REQUEST_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// Longest a refusal waits for the socket to take its one frame.
 const REFUSAL_WRITE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long after the idle time runs out a connection is looked at again
+/// before it is closed as idle (frames may wait unread in its socket).
+const IDLE_RECHECK: Duration = Duration::from_millis(50);
+
 type ServerCodec = FrameCodec<ClientIn, Outbound>;
 
 /// The label of this transport's metrics.
@@ -212,6 +216,11 @@ pub(super) async fn serve<S>(
     let mut last_frame = Instant::now();
     // Bytes of a frame in progress at the last idle check.
     let mut frame_seen = 0;
+    // Set when the idle time ran out and the loop goes round once more to
+    // read what waits in the socket, until then: frames sent while the
+    // broker itself could not read (a stopped or starved process) are no
+    // idleness.
+    let mut idle_recheck: Option<Instant> = None;
     let mut in_flight = tokio::task::JoinSet::new();
     // Bytes of the frames of the requests in `in_flight`.
     let bytes_in_flight = Arc::new(AtomicUsize::new(0));
@@ -225,6 +234,7 @@ pub(super) async fn serve<S>(
             frame = frames.next(), if !at_cap(&in_flight) => match frame {
                 Some(Ok(frame)) => {
                     last_frame = Instant::now();
+                    idle_recheck = None;
                     let weight = frames.decoder().last_len();
                     bytes_in_flight.fetch_add(weight, Ordering::Relaxed);
                     let weighed = InFlightBytes(Arc::clone(&bytes_in_flight), weight);
@@ -256,7 +266,7 @@ pub(super) async fn serve<S>(
             // A reload removed or replaced the connection's token.
             Ok(()) = revoked.changed() => break revoked.borrow().clone(),
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            _ = sleep_until(idle.map(|t| last_frame + t)) => {
+            _ = sleep_until(idle_recheck.or(idle.map(|t| last_frame + t))) => {
                 // A request being served, or a frame arriving while the
                 // frame timeout governs that, is not idleness; nor is a
                 // client whose frames wait unread because its requests in
@@ -270,6 +280,14 @@ pub(super) async fn serve<S>(
                 frame_seen = buffered;
                 if conn.working.load(Ordering::Relaxed) > 0 || arriving || at_cap(&in_flight) {
                     last_frame = Instant::now();
+                    idle_recheck = None;
+                    continue;
+                }
+                // Once more round the loop, the timer a moment ahead, so a
+                // frame already in the socket is read before anything is
+                // decided (branches ready together are taken in any order).
+                if idle_recheck.is_none() {
+                    idle_recheck = Some(Instant::now() + IDLE_RECHECK);
                     continue;
                 }
                 shared.admission.count(Limit::Idle);
