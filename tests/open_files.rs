@@ -210,3 +210,59 @@ fn a_file_size_limit_is_answered_as_a_full_disk_not_a_dead_broker() {
     assert!(ok, "a clean stop: {logs}");
     assert!(logs.contains("ulimit -f"), "warned at start: {logs}");
 }
+
+/// A thread limit too low for the broker's threads (`ulimit -u`) is named
+/// at start, in one line and exit 1, not met as a panic of the runtime's
+/// thread pool. Run as `nobody` when the tests run as root (the limit does
+/// not bind root).
+#[test]
+fn a_thread_limit_too_low_to_start_is_named_at_start() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut program = Command::new("prlimit");
+    program.arg("--nproc=3:3");
+    if rustix::process::geteuid().is_root() {
+        program.args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]);
+    }
+    let mut child = program
+        .args([
+            env!("CARGO_BIN_EXE_spool"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--grpc", "off", "--metrics", "off", "--socketio", "off"])
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run spool serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("spool serve started under a limit of 3 threads");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let said: Vec<&str> = err.lines().filter(|l| l.starts_with("spool: ")).collect();
+    assert_eq!(said.len(), 1, "one line: {err}");
+    assert!(
+        said[0].contains("threads") && said[0].contains("ulimit -u"),
+        "{err}"
+    );
+}

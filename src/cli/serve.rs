@@ -393,6 +393,11 @@ fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
              (ulimit -f unlimited, LimitFSIZE for a service)"
         );
     }
+    // The runtime's workers and a blocking thread at once: a process
+    // limit too low for them is named here, not met as a panic of the
+    // runtime's thread pool.
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    threads_available(workers + 1)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -451,6 +456,38 @@ fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
         });
         server.run(stopped).await
     })
+}
+
+/// Starts `n` threads that live at the same time, then ends them: an error
+/// naming the process's thread limit if the system refuses one.
+fn threads_available(n: usize) -> spool::Result<()> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        match std::thread::Builder::new()
+            .name("spool-start".into())
+            .spawn(move || {
+                // Returns when `release` is dropped.
+                let _ = wait.recv();
+            }) {
+            Ok(thread) => held.push((release, thread)),
+            Err(e) => {
+                return Err(spool::Error::Io {
+                    context: format!(
+                        "starting {n} threads (the broker runs at least that many; {} started): \
+                         raise the process's thread limit (ulimit -u, TasksMax for a service)",
+                        held.len()
+                    ),
+                    source: e,
+                });
+            }
+        }
+    }
+    for (release, thread) in held {
+        drop(release);
+        let _ = thread.join();
+    }
+    Ok(())
 }
 
 /// Least time after the signal that began a stop for another one to end
