@@ -266,3 +266,76 @@ fn a_thread_limit_too_low_to_start_is_named_at_start() {
         "{err}"
     );
 }
+
+/// A produce whose new segment finds no address space for its map (all
+/// of it held by topics nobody uses any more, not yet closed for
+/// idleness) answers `RESOURCE_EXHAUSTED` with nothing stored, and closes
+/// unused topics at once: its retry is taken. Before, retries failed until
+/// the idle topics closed by themselves (`topic_idle_close_ms`, 30 s).
+#[test]
+fn a_segment_roll_out_of_address_space_makes_room_for_the_retry() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args(["--as=1500000000", env!("CARGO_BIN_EXE_spool")]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        // Every produce a millisecond after the last starts a new segment,
+        // mapped whole (128 MiB by default).
+        client
+            .create_topic(
+                "roll",
+                pb::TopicConfig {
+                    segment_ms: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create");
+        let _keep = client.subscribe("roll", None, "holder", None, 10).await;
+        // Held open by a subscription each, until no address space is left.
+        let mut held = Vec::new();
+        for i in 0..100 {
+            let room = format!("room-{i}");
+            if client
+                .produce(&room, vec![NewMessage::from_value("hi")])
+                .await
+                .is_err()
+            {
+                break;
+            }
+            match client.subscribe(&room, None, "holder", None, 10).await {
+                Ok(sub) => held.push(sub),
+                Err(_) => break,
+            }
+        }
+        assert!(held.len() < 100, "the address space runs out");
+        drop(held);
+        let mut refused = 0;
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let m = || vec![NewMessage::from_value(format!("m{i}"))];
+            if let Err(e) = client.produce("roll", m()).await {
+                assert_eq!(e.code(), Some(pb::Code::ResourceExhausted), "{e}");
+                refused += 1;
+                client
+                    .produce("roll", m())
+                    .await
+                    .unwrap_or_else(|e| panic!("message {i}: the retry is refused too: {e}"));
+            }
+        }
+        assert!(refused > 0, "test setup: a roll found no address space");
+        let all = common::replay_all(&client, "roll").await;
+        assert_eq!(all.len(), 6, "each message stored once");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}

@@ -859,13 +859,20 @@ impl Broker {
             }
         }
         let runtime = self.existing_or_create(topic, false).await?;
-        runtime.produce(batch).await.map_err(|e| match e {
+        match runtime.produce(batch).await {
             // The topic's own limit (its segments), named by its log.
-            Error::InvalidArgument(why) if why.starts_with("message ") => {
-                Error::InvalidArgument(format!("produce to topic {topic}: {why}"))
+            Err(Error::InvalidArgument(why)) if why.starts_with("message ") => Err(
+                Error::InvalidArgument(format!("produce to topic {topic}: {why}")),
+            ),
+            // A new segment found no descriptor or address space: the
+            // batch was not stored (one that fits a segment never is in
+            // part), and unused topics close now, so a retry finds room.
+            Err(e @ (Error::FilesExhausted { .. } | Error::MemoryExhausted { .. })) => {
+                self.make_room(&format!("producing to topic {topic}")).await;
+                Err(e)
             }
-            e => e,
-        })
+            other => other,
+        }
     }
 
     /// One read for `target` within `limits`: replay and stream groups from
