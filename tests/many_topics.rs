@@ -406,7 +406,7 @@ fn open_file_settings_from_the_config_file_apply_and_bad_ones_are_refused() {
         }
         let out = cmd.output().expect("run serve");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(needle), "names {needle}: {stderr}");
     }
 }

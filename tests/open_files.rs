@@ -339,3 +339,68 @@ fn a_segment_roll_out_of_address_space_makes_room_for_the_retry() {
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
 }
+
+/// Connections beyond what the open-files limit leaves after the topics'
+/// share are refused with the reason (`max_connections`, lowered to fit at
+/// start and logged), not left waiting unaccepted while the accept path
+/// closes the topics clients already use.
+#[test]
+fn connections_past_the_open_files_limit_are_refused_by_their_slot() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args([LIMIT, env!("CARGO_BIN_EXE_spool")]);
+    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let first = Client::connect(&broker.addr, "first")
+            .await
+            .expect("connect");
+        first
+            .produce("t", vec![NewMessage::from_value("before")])
+            .await
+            .expect("produce");
+        let mut more = Vec::new();
+        let mut refused = None;
+        for i in 0..60 {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                Client::connect(&broker.addr, "more"),
+            )
+            .await
+            {
+                Ok(Ok(client)) => more.push(client),
+                Ok(Err(e)) => {
+                    refused = Some(e);
+                    break;
+                }
+                Err(_) => panic!("connection {i} waits unanswered"),
+            }
+        }
+        let error = refused.expect("60 connections do not fit 64 descriptors");
+        assert_eq!(error.code(), Some(pb::Code::ResourceExhausted), "{error}");
+        assert!(
+            error.to_string().contains("too many connections"),
+            "{error}"
+        );
+        first
+            .produce("t", vec![NewMessage::from_value("after")])
+            .await
+            .expect("the first client's topic still works");
+        for client in &more {
+            client
+                .produce("t", vec![NewMessage::from_value("more")])
+                .await
+                .expect("each admitted connection is served");
+        }
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    assert!(logs.contains("max_connections lowered"), "{logs}");
+}

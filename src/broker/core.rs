@@ -732,6 +732,11 @@ impl Broker {
         else {
             return;
         };
+        if files == 0 {
+            // No topic open: nothing to close, and nothing to say each time.
+            tracing::debug!("out of file descriptors or memory {doing}; no topic is open");
+            return;
+        }
         tracing::warn!(
             open_files = files,
             "out of file descriptors or memory {doing}: closing unused topics"

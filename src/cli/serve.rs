@@ -200,7 +200,44 @@ struct Listeners {
     socketio: Option<SocketAddr>,
 }
 
-fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
+/// Files the config names that are read after its settings are checked.
+struct Named {
+    tls: (Option<PathBuf>, Option<PathBuf>),
+    auth: Option<PathBuf>,
+}
+
+/// The server's config from flags and the config file: a setting that
+/// cannot be is a usage error (exit 2); a file it names (TLS, tokens) that
+/// cannot be read or used, a runtime one. Also whether `max_connections`
+/// was given.
+fn config(args: &ServeArgs) -> Result<(ServerConfig, bool), CliError> {
+    let usage = |e| match e {
+        spool::Error::InvalidArgument(m) => CliError::usage(m),
+        other => CliError::from(other),
+    };
+    let (mut c, connections_set, named) = settings(args).map_err(usage)?;
+    c.security.tls = match named.tls {
+        (Some(cert), Some(key)) => Some(TlsServer::load(&cert, &key)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(CliError::usage(
+                "tls_cert is set but tls_key is not: TLS needs both",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(CliError::usage(
+                "tls_key is set but tls_cert is not: TLS needs both",
+            ));
+        }
+    };
+    if let Some(path) = named.auth {
+        c.security.auth = Auth::load(&path)?;
+    }
+    Ok((c, connections_set))
+}
+
+/// The settings of [`config`], checked, and the files it names.
+fn settings(args: &ServeArgs) -> spool::Result<(ServerConfig, bool, Named)> {
     let file = match &args.config {
         Some(path) => {
             let text = spool::storage::io::read_settings_text(path)
@@ -292,6 +329,7 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
     if let Some(v) = file.max_batch_messages {
         c.max_batch_messages = within_u32("max_batch_messages", v, 1, 1_000_000)?;
     }
+    let connections_set = file.max_connections.is_some();
     if let Some(v) = file.max_connections {
         within("max_connections", v as u64, 1, 1_000_000)?;
         c.max_connections = v;
@@ -335,44 +373,63 @@ fn config(args: &ServeArgs) -> spool::Result<ServerConfig> {
         }
         c.topic_idle_close = Duration::from_millis(ms);
     }
-    c.security.tls = match (
-        args.tls_cert.clone().or(file.tls_cert),
-        args.tls_key.clone().or(file.tls_key),
-    ) {
-        (Some(cert), Some(key)) => Some(TlsServer::load(&cert, &key)?),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(spool::Error::InvalidArgument(
-                "tls_cert is set but tls_key is not: TLS needs both".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(spool::Error::InvalidArgument(
-                "tls_key is set but tls_cert is not: TLS needs both".into(),
-            ));
-        }
+    let named = Named {
+        tls: (
+            args.tls_cert.clone().or(file.tls_cert),
+            args.tls_key.clone().or(file.tls_key),
+        ),
+        auth: args.auth.clone().or(file.auth),
     };
-    if let Some(path) = args.auth.clone().or(file.auth) {
-        c.security.auth = Auth::load(&path)?;
-    }
     c.insecure = args.insecure || file.insecure.unwrap_or(false);
-    Ok(c)
+    Ok((c, connections_set, named))
 }
 
 /// Runs the command. A setting out of its range, in a flag or the config
 /// file, is a usage error (exit 2); the broker's own failures exit 1.
 pub fn run(args: ServeArgs) -> Result<(), CliError> {
-    let config = config(&args).map_err(|e| match e {
-        spool::Error::InvalidArgument(m) => CliError::usage(m),
-        other => CliError::from(other),
-    })?;
-    serve(args, config).map_err(CliError::from)
+    let (config, connections_set) = config(&args)?;
+    serve(args, config, connections_set).map_err(CliError::from)
 }
 
-fn serve(args: ServeArgs, config: ServerConfig) -> spool::Result<()> {
+/// Descriptors kept aside from connections and topics: listeners, the
+/// runtime's, short-lived files (settings, checkpoints, folder syncs).
+const RESERVED_FILES: u64 = 16;
+
+fn serve(args: ServeArgs, mut config: ServerConfig, connections_set: bool) -> spool::Result<()> {
     match spool::error::raise_open_files_limit() {
         Some(n) => {
             tracing::info!(limit = n, "open files");
+            // Each connection holds a descriptor: beyond what the topics'
+            // share leaves, the system refuses accepts and clients wait
+            // unanswered, where a slot refusal tells them why.
+            // (A max_open_files above the limit, warned about below,
+            // counts as the default share: half the limit.)
+            let half = spool::broker::default_max_open_files();
+            let topics = config.max_open_files.map_or(half, |m| m.min(half)) as u64;
+            let room = usize::try_from(n.saturating_sub(topics).saturating_sub(RESERVED_FILES))
+                .unwrap_or(usize::MAX)
+                .max(1);
+            if config.max_connections > room {
+                if connections_set {
+                    tracing::warn!(
+                        max_connections = config.max_connections,
+                        limit = n,
+                        max_open_files = topics,
+                        "max_connections is above what the open-files limit leaves after the \
+                         topics' share: connections past about {room} wait unaccepted; raise the \
+                         limit (ulimit -n, LimitNOFILE for a service) or lower max_connections"
+                    );
+                } else {
+                    tracing::info!(
+                        max_connections = room,
+                        limit = n,
+                        max_open_files = topics,
+                        "max_connections lowered to what the open-files limit leaves after the \
+                         topics' share (raise the limit for more)"
+                    );
+                    config.max_connections = room;
+                }
+            }
             if let Some(max) = config.max_open_files.filter(|&max| max as u64 > n) {
                 tracing::warn!(
                     max_open_files = max,
