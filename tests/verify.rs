@@ -160,3 +160,51 @@ fn the_cli_refuses_a_running_broker_and_exits_1_on_damage() {
     assert!(damage["bytes"]["start"].as_u64().is_some_and(|s| s <= 100));
     assert!(damage["offsets"]["start"].is_u64());
 }
+
+/// The progress `verify` reports ends at the total its bar starts from
+/// ([`bytes_to_check`]): every file of a topic the broker wrote (segments,
+/// indexes, journals, snapshots, checkpoint, settings) is read and counted,
+/// and the copies in `quarantine/`, which it does not read, are in neither.
+#[test]
+fn progress_ends_at_the_total_it_started_from() {
+    use spool::broker::topic::Position;
+    use spool::groups::GroupMode;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = common::Broker::start(tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = spool::client::Client::connect(&broker.addr, "t")
+            .await
+            .expect("connect");
+        let batch: Vec<NewMessage> = (0..20)
+            .map(|i| NewMessage::from_value(format!("m{i}")))
+            .collect();
+        client.produce("t", batch).await.expect("produce");
+        client
+            .create_group("t", "s", GroupMode::Stream, Some(Position::Earliest))
+            .await
+            .expect("stream group");
+        client.commit("t", "s", 5).await.expect("commit");
+        client
+            .create_group("t", "q", GroupMode::Queue, Some(Position::Earliest))
+            .await
+            .expect("queue group");
+        client.delete("t", &[3]).await.expect("delete");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let quarantine = tmp.path().join("topics/t/quarantine");
+    std::fs::create_dir_all(&quarantine).expect("quarantine");
+    std::fs::write(quarantine.join("00.log.0-10"), [1u8; 10]).expect("a copy set aside");
+
+    let total = spool::storage::verify::bytes_to_check(&OsStorage, tmp.path());
+    let data = DataDir::open(Arc::new(OsStorage), tmp.path()).expect("open");
+    let mut last = 0;
+    let report = verify(&data, &mut |done| last = done).expect("verify runs");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.bytes, total, "{report:?}");
+    assert_eq!(last, total, "the last progress is the total");
+}

@@ -65,7 +65,7 @@ enum Command {
     Token(token::TokenCommand),
     /// Check every segment, index and journal of a stopped broker's data.
     Verify(verify::VerifyArgs),
-    /// Measure throughput and latency (produce, consume, e2e) next to the
+    /// Measure throughput and latency (produce, consume, e2e, disk, socketio) next to the
     /// disk's own bandwidth, on an in-process broker or --server.
     Bench(bench::BenchArgs),
 }

@@ -19,10 +19,11 @@ use std::time::Duration;
 /// Arguments of `spool serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Data directory (created if missing).
+    /// Data directory (default ./data; created if missing).
     #[arg(long, env = "SPOOL_DATA")]
     data: Option<PathBuf>,
-    /// Address to listen on; port 0 picks a free port (printed on the first line).
+    /// Address to listen on (default 127.0.0.1:7411); port 0 picks a free
+    /// port (printed on the first line).
     #[arg(long)]
     listen: Option<String>,
     /// Address of the gRPC listener (default 127.0.0.1:7412); port 0 picks
@@ -95,7 +96,7 @@ pub struct ServeArgs {
     /// listening on ADDR` and `spool socketio listening on ADDR`) or json
     /// (one object with `listeners.native`, `listeners.grpc`,
     /// `listeners.metrics` and `listeners.socketio`).
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, default_value = "text", hide_possible_values = true)]
     format: Format,
 }
 
