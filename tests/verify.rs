@@ -208,3 +208,63 @@ fn progress_ends_at_the_total_it_started_from() {
     assert_eq!(report.bytes, total, "{report:?}");
     assert_eq!(last, total, "the last progress is the total");
 }
+
+/// `spool verify` checks a read-only copy (a snapshot, a read-only mount):
+/// it opens every file for reading only and takes the lock without writing
+/// it, and a broker running on the same files through another mount still
+/// keeps it out. Needs root for the bind mount (skipped otherwise).
+#[test]
+fn verify_checks_a_read_only_mount_and_still_sees_a_running_broker() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: no bind mount; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).expect("mount point");
+    fill(&data);
+    let mount = |args: &[&str]| {
+        let status = Command::new("mount").args(args).status().expect("mount");
+        status.success()
+    };
+    let (data_s, ro_s) = (data.to_str().expect("utf-8"), ro.to_str().expect("utf-8"));
+    if !mount(&["--bind", data_s, ro_s]) {
+        eprintln!("bind mounts are not allowed here; skipping");
+        return;
+    }
+    struct Unmount<'a>(&'a str);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(ro_s);
+    assert!(mount(&["-o", "remount,ro,bind", ro_s]), "remount read-only");
+    let verify_ro = || {
+        Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["verify", "--data", ro_s])
+            .output()
+            .expect("run")
+    };
+    let out = verify_ro();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("150 offsets"));
+
+    let broker = common::Broker::start(&data, &[]);
+    let out = verify_ro();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked by pid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}

@@ -47,7 +47,7 @@ fn describe(f: &Finding) -> String {
 pub fn run(args: VerifyArgs) -> CliResult {
     let storage = Arc::new(OsStorage);
     super::common::existing_data_dir(&args.data)?;
-    let data = DataDir::open(storage.clone(), &args.data).map_err(|e| match e {
+    let data = DataDir::open_to_read(storage.clone(), &args.data).map_err(|e| match e {
         spool::Error::Locked { .. } => {
             CliError::runtime(format!("{e}; stop the broker before verifying"))
         }

@@ -44,7 +44,17 @@ impl DataDir {
     /// Creates `root` if needed and takes its lock. A second opener gets
     /// [`Error::Locked`] naming the pid that holds it.
     pub fn open(storage: Arc<dyn Storage>, root: impl Into<PathBuf>) -> Result<DataDir> {
-        let root = root.into();
+        DataDir::open_with(storage, root.into(), false)
+    }
+
+    /// [`DataDir::open`] for a process that only reads (`spool verify`):
+    /// on a read-only filesystem or snapshot it takes the lock without
+    /// writing ([`Storage::lock_to_read`]).
+    pub fn open_to_read(storage: Arc<dyn Storage>, root: impl Into<PathBuf>) -> Result<DataDir> {
+        DataDir::open_with(storage, root.into(), true)
+    }
+
+    fn open_with(storage: Arc<dyn Storage>, root: PathBuf, to_read: bool) -> Result<DataDir> {
         // An empty path would put the data in the working directory, whose
         // sync then fails ("" names no folder).
         if root.as_os_str().is_empty() {
@@ -60,7 +70,13 @@ impl DataDir {
         let owner = format!("{own_pid}\n");
         let mut attempts = 0;
         let lock = loop {
-            match storage.lock(&root.join(LOCK_FILE), &owner) {
+            let path = root.join(LOCK_FILE);
+            let taken = if to_read {
+                storage.lock_to_read(&path, &owner)
+            } else {
+                storage.lock(&path, &owner)
+            };
+            match taken {
                 Ok(lock) => break lock,
                 // The lock names this very process after it let go: a child it
                 // spawned meanwhile inherited the descriptor and holds the lock

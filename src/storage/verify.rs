@@ -94,7 +94,7 @@ pub fn bytes_to_check(storage: &dyn Storage, root: &Path) -> u64 {
         storage,
         &root.join(super::datadir::TOPICS_DIR),
         &mut |path| {
-            if let Ok(file) = storage.open(path, super::io::OpenMode::Existing) {
+            if let Ok(file) = storage.open(path, super::io::OpenMode::ReadOnly) {
                 total += file.len().unwrap_or(0);
             }
         },

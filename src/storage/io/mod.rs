@@ -27,6 +27,9 @@ use std::sync::Arc;
 pub enum OpenMode {
     /// The file must exist.
     Existing,
+    /// The file must exist; opened for reading only (a file spool does not
+    /// change, on a read-only filesystem or snapshot too).
+    ReadOnly,
     /// Create it; fail if it exists.
     CreateNew,
     /// Open it, creating it empty if missing.
@@ -58,6 +61,14 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// into it. Held until the returned guard is dropped. Fails with
     /// `WouldBlock` and the current owner's text if someone else holds it.
     fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError>;
+    /// [`Storage::lock`] for a process that only reads (`spool verify`):
+    /// on a read-only filesystem, where `path` cannot be created or
+    /// written, the same lock is taken on the file as it is (a broker
+    /// writing there through another mount still holds it), and none is
+    /// needed when there is no such file (no broker ran there).
+    fn lock_to_read(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        self.lock(path, owner)
+    }
 }
 
 /// Held for as long as a lock lives.
@@ -148,7 +159,7 @@ pub fn read_file(storage: &dyn Storage, path: &Path) -> io::Result<Vec<u8>> {
 /// message about a file already found wanting).
 pub fn file_len(storage: &dyn Storage, path: &Path) -> u64 {
     storage
-        .open(path, OpenMode::Existing)
+        .open(path, OpenMode::ReadOnly)
         .and_then(|f| f.len())
         .unwrap_or(0)
 }
@@ -157,7 +168,7 @@ pub fn file_len(storage: &dyn Storage, path: &Path) -> u64 {
 /// bytes: a longer one is refused with [`io::ErrorKind::FileTooLarge`]
 /// before anything is read.
 pub fn read_file_within(storage: &dyn Storage, path: &Path, max_len: u64) -> io::Result<Vec<u8>> {
-    let file = storage.open(path, OpenMode::Existing)?;
+    let file = storage.open(path, OpenMode::ReadOnly)?;
     let len = file.len()?;
     if len > max_len {
         return Err(io::Error::new(

@@ -48,9 +48,9 @@ impl Storage for OsStorage {
             return Err(not_a_regular_file());
         }
         let mut options = OpenOptions::new();
-        options.read(true).write(true);
+        options.read(true).write(mode != OpenMode::ReadOnly);
         match mode {
-            OpenMode::Existing => {}
+            OpenMode::Existing | OpenMode::ReadOnly => {}
             OpenMode::CreateNew => {
                 options.create_new(true);
             }
@@ -137,7 +137,42 @@ impl Storage for OsStorage {
         file.write_all(owner.as_bytes()).map_err(LockError::Io)?;
         Ok(Box::new(OsLock { _file: file }))
     }
+
+    fn lock_to_read(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match self.lock(path, owner) {
+            Err(LockError::Io(e)) if e.raw_os_error() == Some(libc::EROFS) => {}
+            other => return other,
+        }
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Box::new(NoLock)),
+            Err(e) => return Err(LockError::Io(e)),
+        };
+        if !file.metadata().map_err(LockError::Io)?.is_file() {
+            return Err(LockError::Io(not_a_regular_file()));
+        }
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(OsLock { _file: file })),
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Err(LockError::Held(holder.trim().to_owned()))
+            }
+            Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
+        }
+    }
 }
+
+/// No lock: a read-only filesystem without a LOCK file, where no broker ran.
+#[derive(Debug)]
+struct NoLock;
+
+impl LockGuard for NoLock {}
 
 /// An exclusive `flock` on the LOCK file, released when dropped (or when the
 /// process dies, so a `kill -9` never leaves a stale lock behind).

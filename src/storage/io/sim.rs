@@ -420,7 +420,7 @@ impl Storage for SimDisk {
                 ));
             }
             (Some(ino), _) => ino,
-            (None, OpenMode::Existing) => return Err(not_found(path)),
+            (None, OpenMode::Existing | OpenMode::ReadOnly) => return Err(not_found(path)),
             (None, _) => {
                 state.next_ino += 1;
                 let ino = state.next_ino;
