@@ -207,8 +207,13 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                             .ack(&args.topic, group, &offsets, None)
                             .await
                             .map_err(|e| {
+                                let (are, delivers) = if outcome_unknown(&e) {
+                                    ("may not be", "may deliver")
+                                } else {
+                                    ("are not", "delivers")
+                                };
                                 CliError::from(e).and(format!(
-                                    "acknowledged the {} message(s) printed before; the last {} printed (the first at offset {first}, the last at {last}) are not acknowledged: the group, if it still exists, delivers them again",
+                                    "acknowledged the {} message(s) printed before; the last {} printed (the first at offset {first}, the last at {last}) {are} acknowledged: the group, if it still exists, {delivers} them again",
                                     printed - offsets.len() as u64,
                                     offsets.len()
                                 ))
@@ -233,11 +238,16 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                     };
                     if let Some(next) = next {
                         client.commit(&args.topic, group, next).await.map_err(|e| {
+                            let (was, gives) = if outcome_unknown(&e) {
+                                ("may not have been", "may give")
+                            } else {
+                                ("was not", "gives")
+                            };
                             let at = match committed {
                                 Some(at) => format!(
-                                    "was not committed past offset {at}: the group, if it still exists, gives what was printed after it again"
+                                    "{was} committed past offset {at}: the group, if it still exists, {gives} what was printed after it again"
                                 ),
-                                None => "was not committed: the group, if it still exists, gives what was printed again".to_owned(),
+                                None => format!("{was} committed: the group, if it still exists, {gives} what was printed again"),
                             };
                             CliError::from(e).and(format!("group {group} {at}"))
                         })?;
@@ -365,5 +375,19 @@ fn text_or_base64(bytes: &[u8]) -> serde_json::Value {
         Err(_) => {
             serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) })
         }
+    }
+}
+
+/// Whether a failed ack or commit may still have taken effect: the
+/// connection ended before the answer, or the broker wrote it and then
+/// failed to sync it (`UNAVAILABLE`, its log turned read-only), ran out of
+/// time or failed inside. Any other answer refused it.
+fn outcome_unknown(e: &ClientError) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => matches!(
+            code,
+            pb::Code::Unavailable | pb::Code::DeadlineExceeded | pb::Code::Internal
+        ),
     }
 }
