@@ -404,3 +404,70 @@ fn connections_past_the_open_files_limit_are_refused_by_their_slot() {
     assert!(ok, "{logs}");
     assert!(logs.contains("max_connections lowered"), "{logs}");
 }
+
+/// Offline compaction under a file-size limit its copy would pass is not
+/// killed by SIGXFSZ: as on a full disk, it leaves each run it cannot copy
+/// as it was, saying why in words that name the limit, and every message
+/// stays readable.
+#[test]
+fn offline_compaction_under_a_file_size_limit_leaves_runs_as_on_a_full_disk() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("prlimit is not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        client
+            .create_topic(
+                "t",
+                pb::TopicConfig {
+                    segment_bytes: Some(64 * 1024),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create");
+        let batch: Vec<NewMessage> = (0..200)
+            .map(|i| NewMessage::from_value(format!("{i:04}{}", "v".repeat(1000))))
+            .collect();
+        client.produce("t", batch).await.expect("produce");
+        let odd: Vec<u64> = (0..200).filter(|o| o % 2 == 1).collect();
+        client.delete("t", &odd).await.expect("delete");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let out = Command::new("prlimit")
+        .args([
+            "--fsize=20000",
+            env!("CARGO_BIN_EXE_spool"),
+            "compact",
+            "--data",
+        ])
+        .arg(tmp.path())
+        .output()
+        .expect("run compact");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("leaves it as it was")
+            && err.contains("file size limit")
+            && err.contains("ulimit -f"),
+        "{err}"
+    );
+    let broker = Broker::start(tmp.path(), &[]);
+    rt.block_on(async {
+        let client = Client::connect(&broker.addr, "t").await.expect("connect");
+        let all = common::replay_all(&client, "t").await;
+        let offsets: Vec<u64> = all.iter().map(|m| m.message.offset.0).collect();
+        let even: Vec<u64> = (0..200).filter(|o| o % 2 == 0).collect();
+        assert_eq!(offsets, even, "every message not deleted");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+}

@@ -217,10 +217,6 @@ impl From<ClientError> for CliError {
 /// Result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
 
-/// Runs an async command body on a small runtime: the body on this thread,
-/// the connection's tasks (its reader, its keep-alive pings) on one worker
-/// of their own, so a body blocked writing to a slow stdout does not stop
-/// them and the broker does not close the connection as idle.
 /// Catches SIGXFSZ, whose default action ends the process when a file
 /// reaches the file-size limit (`ulimit -f`): caught, the write fails with
 /// EFBIG instead, which spool answers as it answers a full disk. Call inside
@@ -232,6 +228,10 @@ pub fn catch_file_size_signal() {
     }
 }
 
+/// Runs an async command body on a small runtime: the body on this thread,
+/// the connection's tasks (its reader, its keep-alive pings) on one worker
+/// of their own, so a body blocked writing to a slow stdout does not stop
+/// them and the broker does not close the connection as idle.
 pub fn block_on<T>(f: impl Future<Output = CliResult<T>>) -> CliResult<T> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

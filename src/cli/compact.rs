@@ -104,7 +104,13 @@ fn offline(dir: &PathBuf, topic: Option<&str>) -> CliResult<Vec<pb::TopicCompact
 /// Runs the command.
 pub fn run(args: CompactArgs) -> CliResult {
     let reports = match &args.data {
-        Some(dir) => offline(dir, args.topic.as_deref())?,
+        // On a runtime only to catch SIGXFSZ: a copy that reaches a
+        // file-size limit fails as on a full disk instead of ending the
+        // command.
+        Some(dir) => block_on(async {
+            super::common::catch_file_size_signal();
+            offline(dir, args.topic.as_deref())
+        })?,
         None => block_on(async {
             let client = connect(&args.server).await?;
             let spinner = bar(None);
