@@ -1795,3 +1795,59 @@ async fn a_busy_client_with_slow_answers_is_not_taken_as_lost() {
         w.abort();
     }
 }
+
+/// A queue group hands out new messages in offset order also when a read's
+/// byte limit is reached part-way: a message that does not fit waits for
+/// the next read with every one after it, instead of smaller later ones
+/// going out first (offsets 0, 2, 3, 1 before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_read_cut_by_its_byte_limit_keeps_offset_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let client = Client::connect(&broker.addr, "t").await.expect("connect");
+    let big = |c: u8| NewMessage::from_value(vec![c; 600_000]);
+    client
+        .produce(
+            "t",
+            vec![
+                big(b'a'),
+                big(b'b'),
+                NewMessage::from_value("c"),
+                NewMessage::from_value("d"),
+            ],
+        )
+        .await
+        .expect("produce");
+    client
+        .create_group("t", "q", GroupMode::Queue, Some(Position::Earliest))
+        .await
+        .expect("group");
+    let mut order = Vec::new();
+    for _ in 0..10 {
+        let fetched = client
+            .fetch(
+                "t",
+                FetchOptions {
+                    group: Some("q".into()),
+                    member: "m".into(),
+                    max_messages: 100,
+                    max_bytes: 1 << 20,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("queue fetch");
+        for m in &fetched.messages {
+            assert_eq!(
+                m.delivery, 1,
+                "nothing was redelivered: {}",
+                m.message.offset.0
+            );
+            order.push(m.message.offset.0);
+        }
+        if order.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(order, [0, 1, 2, 3]);
+}

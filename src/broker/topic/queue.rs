@@ -230,8 +230,15 @@ impl Topic {
             // of keys and headers fits its frame as one of values does.
             let size = record::stored_len(&m);
             if !out.deliveries.is_empty() && bytes + size > max_bytes {
+                // Not in this read: it and every later candidate wait for
+                // the next, due at once and taken lowest offset first, so
+                // new messages go out in offset order (a smaller later one
+                // must not pass it).
                 g.defer(o, now);
-                continue;
+                for rest in candidates.drain(..) {
+                    g.defer(rest.offset.0, now);
+                }
+                break;
             }
             let decision = match g.deliver(o, member, now) {
                 Ok(decision) => decision,
