@@ -118,11 +118,12 @@ pub(crate) struct Gateway {
 /// Hand-outs a room's feed keeps for sockets that fall behind before they
 /// go back to reading for themselves.
 const FEED_BUFFER: usize = 1024;
-/// Least time between two hand-outs of a room's feed: a message that comes
-/// within this of the last hand-out waits for the next one, with whatever
-/// else came meanwhile, so a busy room costs one wake-up, one lock and one
-/// websocket write per socket per hand-out rather than per message; a
-/// message after a quiet spell goes out at once.
+/// Least time between two hand-outs of a room's feed that keeps up: a
+/// message that comes within this of the last hand-out waits for the next
+/// one, with whatever else came meanwhile, so a busy room costs one
+/// wake-up, one lock and one websocket write per socket per hand-out rather
+/// than per message; a message after a quiet spell goes out at once, and a
+/// read that came back full (more waiting) is followed by the next at once.
 pub(super) const FEED_LINGER: Duration = Duration::from_millis(40);
 /// How often feeds nobody listens to are stopped.
 const FEED_SWEEP: Duration = Duration::from_secs(10);
@@ -370,8 +371,9 @@ impl EngineIoHandler for Gateway {
 }
 
 /// Reads `room` from its end and hands its messages, each encoded once, to
-/// every socket listening, at most once per [`FEED_LINGER`]; ends (closing
-/// the feed) when the room is gone.
+/// every socket listening, at most once per [`FEED_LINGER`] while it keeps
+/// up, back to back while it does not; ends (closing the feed) when the
+/// room is gone.
 async fn run_feed(
     room: String,
     mut sub: crate::broker::Subscription,
@@ -390,15 +392,24 @@ async fn run_feed(
         match event {
             Ok(crate::broker::Event::Messages(deliveries)) => {
                 let n = deliveries.len();
+                let deliveries = deliveries.into_vec();
+                let bytes: usize = deliveries
+                    .iter()
+                    .map(|d| d.message.value.len() + d.message.key.as_ref().map_or(0, |k| k.len()))
+                    .sum();
                 let batch: Vec<codec::Encoded> = deliveries
-                    .into_vec()
                     .iter()
                     .map(|d| codec::Encoded::new(&room, &d.message))
                     .collect();
                 // No receiver now is no error: one may come.
                 let _ = tx.send(Arc::new(batch));
                 credit.give(n);
-                last = Some(tokio::time::Instant::now());
+                // A full read means more is waiting: the next goes out at
+                // once (lingering then would cap the room at one read per
+                // FEED_LINGER, and a busy room's live readers would fall
+                // behind for good); after a partial one, the next waits.
+                let full = n >= session::PUMP_BATCH || bytes * 2 >= session::PUMP_BYTES;
+                last = (!full).then(tokio::time::Instant::now);
             }
             Ok(crate::broker::Event::Skipped { .. }) => {}
             Err(e) => {
