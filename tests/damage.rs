@@ -24,6 +24,11 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A value of 1.5 KB, whose record holds whole 512-byte sectors.
+fn big_value(i: u64) -> String {
+    format!("message-{i:03}-{}", "w".repeat(1500))
+}
+
 fn value(i: u64) -> String {
     format!("message-{i:03}-{}", "v".repeat(40))
 }
@@ -250,44 +255,48 @@ fn a_hole_in_the_unsynced_tail_is_set_aside_by_a_plain_start() {
             )
             .await
             .expect("create topic");
+        // Records of 1.5 KB: one holds whole 512-byte sectors.
         for i in 0..20 {
+            client
+                .produce(TOPIC, vec![NewMessage::from_value(big_value(i))])
+                .await
+                .expect("produce");
+        }
+        for i in 20..60 {
             client
                 .produce(TOPIC, vec![NewMessage::from_value(value(i))])
                 .await
                 .expect("produce");
         }
-        // Three commits, three journal entries after the group's first.
+        // Sixty commits: a journal of a few sectors.
         client
             .create_group(TOPIC, "s", GroupMode::Stream, Some(Position::Earliest))
             .await
             .expect("stream group");
-        for to in [4, 8, 12] {
+        for to in 1..=60 {
             client.commit(TOPIC, "s", to).await.expect("commit");
         }
     });
     broker.kill9();
     // What a power cut that kept later pages and lost an earlier one
-    // leaves (`kill -9` alone keeps the page cache): offset 5 unreadable,
-    // and the group's commit to 8 (the entry before the last).
+    // leaves (`kill -9` alone keeps the page cache; a block the disk never
+    // wrote reads as zeros): a sector of offset 5's record, and the
+    // journal's second sector, with entries after it.
+    let lose_sector = |path: &Path, from: usize| {
+        let mut bytes = std::fs::read(path).expect("read");
+        let from = from.div_ceil(512) * 512;
+        assert!(
+            bytes.len() >= from + 1024,
+            "test setup: bytes after the sector"
+        );
+        bytes[from..from + 512].fill(0);
+        std::fs::write(path, bytes).expect("write");
+    };
     let active = files_with(&topic_dir(data), "log")
         .pop()
         .expect("a segment");
-    flip(&active, find(&active, &value(5)) + 20);
-    let journal = topic_dir(data).join("groups/s.journal");
-    let entries = {
-        let bytes = std::fs::read(&journal).expect("read the journal");
-        let mut starts = Vec::new();
-        let mut pos = 0;
-        while let Ok(spool::storage::record::Frame::Record(r)) =
-            spool::storage::record::decode(&bytes[pos..], u32::MAX)
-        {
-            starts.push(pos);
-            pos += r.len as usize;
-        }
-        starts
-    };
-    assert!(entries.len() >= 4, "test setup: entries {entries:?}");
-    flip(&journal, entries[entries.len() - 2] + 10);
+    lose_sector(&active, find(&active, &big_value(5)[..12]));
+    lose_sector(&topic_dir(data).join("groups/s.journal"), 512);
 
     let (code, report) = verify(data);
     assert_eq!(code, Some(0), "{report}");
@@ -328,18 +337,18 @@ fn a_hole_in_the_unsynced_tail_is_set_aside_by_a_plain_start() {
             .expect("connect");
         let all = common::replay_all(&client, TOPIC).await;
         let offsets: Vec<u64> = all.iter().map(|m| m.message.offset.0).collect();
-        let want: Vec<u64> = (0..20).filter(|&o| o != 5).collect();
+        let want: Vec<u64> = (0..60).filter(|&o| o != 5).collect();
         assert_eq!(offsets, want, "every record but the one in the hole");
         assert_eq!(
             describe(&client, "s").await.committed,
-            12,
-            "the entries around the lost one kept"
+            60,
+            "the entries after the lost sector kept"
         );
         let produced = client
             .produce(TOPIC, vec![NewMessage::from_value("new")])
             .await
             .expect("produce");
-        assert_eq!(produced.first_offset, 20, "no offset reused");
+        assert_eq!(produced.first_offset, 60, "no offset reused");
     });
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");

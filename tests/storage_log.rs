@@ -1166,3 +1166,99 @@ fn offsets_end_at_the_last_one_there_is_and_never_wrap() {
         "nothing was stored at a wrapped offset"
     );
 }
+
+/// Under `fsync=interval`/`never` a power cut may keep a later page of the
+/// active segment and lose an earlier one, which then reads as zeros. Past
+/// the recovery point, such a lost sector with valid records after it is
+/// set aside by the default mode (quarantined, its offset never reused) and
+/// the records after it kept. The same bytes are refused as damage when a
+/// bit flip made them (no zero sector), under `fsync=always` (every
+/// acknowledged record was synced), and without a checkpoint (no recovery
+/// point bounds what may be unsynced).
+#[test]
+fn lost_sectors_past_the_recovery_point_are_set_aside_under_a_relaxed_policy() {
+    let big = |i: usize| NewMessage::from_value(format!("m{i:02}-{}", "v".repeat(1500)));
+    // A log of 20 records written past its recovery point (the open's
+    // checkpoint) and left as a crash leaves it, then `hurt` applied to the
+    // record of offset 5: what the default mode's open answers.
+    let case = |fsync: FsyncPolicy, hurt: &dyn Fn(&mut [u8], usize), drop_checkpoint: bool| {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let disk: Arc<dyn Storage> = Arc::new(OsStorage);
+        let dir = tmp.path().join("t");
+        let cfg = LogConfig {
+            fsync,
+            ..LogConfig::default()
+        };
+        let log = spool::storage::Log::open(
+            Arc::clone(&disk),
+            &dir,
+            cfg.clone(),
+            RecoveryMode::default(),
+        )
+        .expect("open");
+        for i in 0..20 {
+            log.append(&[big(i)]).expect("append");
+        }
+        std::mem::forget(log);
+        let path = dir.join("00000000000000000000.log");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"m05-")
+            .expect("record 5");
+        hurt(&mut bytes, at);
+        std::fs::write(&path, &bytes).expect("write");
+        if drop_checkpoint {
+            std::fs::remove_file(dir.join("checkpoint")).expect("remove checkpoint");
+        }
+        let opened =
+            spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default());
+        (tmp, opened)
+    };
+    // The first whole 512-byte sector inside record 5's value, zeroed.
+    let lose_sector = |bytes: &mut [u8], at: usize| {
+        let from = at.div_ceil(512) * 512;
+        bytes[from..from + 512].fill(0);
+    };
+    let flip = |bytes: &mut [u8], at: usize| bytes[at + 600] ^= 0x40;
+
+    let (_tmp, opened) = case(FsyncPolicy::Never, &lose_sector, false);
+    let log = opened.expect("a lost sector past the recovery point is set aside");
+    let report = log.recovery_report().clone();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_eq!(report.quarantined[0].offsets, Some(5..6), "{report:?}");
+    assert!(
+        report.quarantined[0].detail.contains("out of order"),
+        "{report:?}"
+    );
+    let read = log.read(Offset(0), 100, 1 << 20).expect("read");
+    let offsets: Vec<u64> = read.iter().map(|m| m.offset.0).collect();
+    let want: Vec<u64> = (0..20).filter(|&o| o != 5).collect();
+    assert_eq!(offsets, want, "every record but the lost one");
+    let next = log.append(&[big(20)]).expect("append");
+    assert_eq!(next.first, Offset(20), "no offset reused");
+    drop(log);
+
+    for (what, fsync, hurt, no_checkpoint) in [
+        (
+            "a flipped bit",
+            FsyncPolicy::Never,
+            &flip as &dyn Fn(&mut [u8], usize),
+            false,
+        ),
+        ("fsync=always", FsyncPolicy::Always, &lose_sector, false),
+        (
+            "no checkpoint",
+            FsyncPolicy::Interval(1000),
+            &lose_sector,
+            true,
+        ),
+    ] {
+        let (_tmp, opened) = case(fsync, hurt, no_checkpoint);
+        let err = opened.expect_err(what);
+        assert!(
+            matches!(err, Error::Corruption(_)) && err.to_string().contains("skip-damaged"),
+            "{what}: {err}"
+        );
+    }
+}

@@ -268,3 +268,57 @@ fn verify_checks_a_read_only_mount_and_still_sees_a_running_broker() {
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
 }
+
+/// `spool verify` reads files it may not write: a segment and a journal
+/// made read-only (mode 0444, as a backup tool may leave them) are checked,
+/// not reported as damage. Run as `nobody` when the tests run as root (root
+/// writes any file).
+#[test]
+fn verify_reads_files_it_may_not_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data = root.join("data");
+    fill(&data);
+    let as_root = rustix::process::geteuid().is_root();
+    let mut program = if as_root {
+        // Its own copy, which `nobody` can reach wherever the build is.
+        let bin = root.join("spool");
+        std::fs::copy(env!("CARGO_BIN_EXE_spool"), &bin).expect("copy the binary");
+        let status = Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(&data)
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        let mut program = Command::new("setpriv");
+        program
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin);
+        program
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_spool"))
+    };
+    let topic = data.join("topics").join("t");
+    for entry in std::fs::read_dir(&topic).expect("topic dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "log") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+                .expect("chmod 0444");
+        }
+    }
+    let out = program
+        .args(["verify", "--format", "json", "--data"])
+        .arg(&data)
+        .output()
+        .expect("run verify");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("\"offsets\":150"), "{report}");
+}

@@ -340,11 +340,12 @@ where
         .filter(|_| std::io::stderr().is_terminal())
         .map(|p| (new_bar(), p));
     let stop = CancellationToken::new();
+    // Before anything writes (the run's own disk probe included).
+    runtime.block_on(async { super::common::catch_file_size_signal() });
     // On a task of its own, so that a run blocking its thread cannot keep
     // this loop from seeing a signal.
     let mut task = runtime.spawn(run(Some(scratch.path().to_owned()), stop.clone()));
     let outcome = runtime.block_on(async {
-        super::common::catch_file_size_signal();
         let mut signalled: Option<Stop> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         let give_up = tokio::time::sleep(Duration::MAX);

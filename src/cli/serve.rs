@@ -405,8 +405,10 @@ fn serve(args: ServeArgs, mut config: ServerConfig, connections_set: bool) -> sp
             // unanswered, where a slot refusal tells them why.
             // (A max_open_files above the limit, warned about below,
             // counts as the default share: half the limit.)
-            let half = spool::broker::default_max_open_files();
-            let topics = config.max_open_files.map_or(half, |m| m.min(half)) as u64;
+            let topics = match config.max_open_files {
+                Some(m) if m as u64 <= n => m as u64,
+                _ => spool::broker::default_max_open_files() as u64,
+            };
             let room = usize::try_from(n.saturating_sub(topics).saturating_sub(RESERVED_FILES))
                 .unwrap_or(usize::MAX)
                 .max(1);

@@ -425,7 +425,14 @@ impl Journal {
                 cut_at = Some(pos);
                 break;
             }
-            let unsynced_hole = next.is_some() && pos as u64 >= synced_len && recovery.relaxed;
+            let unsynced_hole = recovery.relaxed
+                && pos as u64 >= synced_len
+                && next.is_some_and(|(q, _)| {
+                    crate::storage::recovery::looks_like_lost_pages(
+                        &data[pos..q as usize],
+                        pos as u64,
+                    )
+                });
             let end = next.map_or(data.len() as u64, |(q, _)| q);
             let damage = Corruption {
                 file: path.clone(),
@@ -1054,11 +1061,12 @@ mod tests {
         )
     }
 
-    /// Under `fsync=interval`/`never` a bad entry past the recovery point
-    /// with valid entries after it is pages the disk wrote out of order
-    /// before a power cut: the default mode sets it aside and keeps the
-    /// entries around it (a lost ack is a redelivery, within that policy's
-    /// promise); under `always` it stays damage.
+    /// Under `fsync=interval`/`never` a sector the disk never wrote (zeros)
+    /// past the recovery point, with valid entries after it, is pages written
+    /// out of order before a power cut: the default mode sets it aside and
+    /// keeps the entries around it (a lost ack is a redelivery, within that
+    /// policy's promise); under `always` it stays damage, and so does a
+    /// flipped bit under any policy.
     #[test]
     fn a_hole_past_the_recovery_point_of_a_relaxed_topic_is_set_aside() {
         let disk = Arc::new(SimDisk::new());
@@ -1066,13 +1074,14 @@ mod tests {
         j.append(b"first").expect("append");
         j.sync().expect("sync");
         let point = j.recovery_point();
-        for e in [&b"second"[..], b"third"] {
-            j.append(e).expect("append");
+        for i in 0..100u32 {
+            j.append(format!("entry {i}").as_bytes()).expect("append");
         }
         j.sync().expect("sync");
         drop(j);
-        disk.damage(Path::new("/g/group.journal"), point.1 + 2, &[0xFF])
-            .expect("flip the second entry");
+        let path = Path::new("/g/group.journal");
+        let flipped = disk.read_file(path).expect("read");
+        disk.damage(path, 1024, &[0u8; 512]).expect("lose a sector");
         let open_relaxed = |relaxed| {
             Journal::open_checked(
                 Arc::clone(&disk) as Arc<dyn Storage>,
@@ -1089,7 +1098,16 @@ mod tests {
         let err = open_relaxed(false).expect_err("damage under fsync=always");
         assert!(err.to_string().contains("valid entries follow it"), "{err}");
         let (_, replayed) = open_relaxed(true).expect("opens");
-        assert_eq!(replayed.entries, vec![b"first".to_vec(), b"third".to_vec()]);
+        assert_eq!(replayed.entries.first(), Some(&b"first".to_vec()));
+        assert_eq!(
+            replayed.entries.last(),
+            Some(&b"entry 99".to_vec()),
+            "the entries after the lost sector are kept"
+        );
+        assert!(
+            replayed.entries.len() < 101,
+            "the lost sector's entries are gone"
+        );
         assert_eq!(replayed.damage.len(), 1);
         assert!(
             replayed.damage[0].detail.contains("out of order"),
@@ -1100,6 +1118,13 @@ mod tests {
             !quarantined(&disk, "group.journal.").is_empty(),
             "the bad entry is kept aside"
         );
+        // A flipped bit where the sector was lost is damage under any policy.
+        let mut bytes = flipped;
+        bytes[1100] ^= 0x40;
+        disk.damage(path, 0, &bytes)
+            .expect("put back, one bit flipped");
+        let err = open_relaxed(true).expect_err("a flipped bit is no lost page");
+        assert!(err.to_string().contains("valid entries follow it"), "{err}");
     }
 
     #[test]

@@ -116,8 +116,10 @@ pub(crate) struct Gateway {
 }
 
 /// Hand-outs a room's feed keeps for sockets that fall behind before they
-/// go back to reading for themselves.
-const FEED_BUFFER: usize = 1024;
+/// go back to reading for themselves. Each holds at most one read (64
+/// messages or 1 MiB), so a socket stalled behind a busy room keeps at most
+/// this many MiB of it in memory.
+const FEED_BUFFER: usize = 256;
 /// Least time between two hand-outs of a room's feed that keeps up: a
 /// message that comes within this of the last hand-out waits for the next
 /// one, with whatever else came meanwhile, so a busy room costs one
@@ -393,9 +395,10 @@ async fn run_feed(
             Ok(crate::broker::Event::Messages(deliveries)) => {
                 let n = deliveries.len();
                 let deliveries = deliveries.into_vec();
+                // Measured as the read's byte limit measures them.
                 let bytes: usize = deliveries
                     .iter()
-                    .map(|d| d.message.value.len() + d.message.key.as_ref().map_or(0, |k| k.len()))
+                    .map(|d| crate::storage::record::stored_len(&d.message))
                     .sum();
                 let batch: Vec<codec::Encoded> = deliveries
                     .iter()
@@ -407,8 +410,12 @@ async fn run_feed(
                 // A full read means more is waiting: the next goes out at
                 // once (lingering then would cap the room at one read per
                 // FEED_LINGER, and a busy room's live readers would fall
-                // behind for good); after a partial one, the next waits.
-                let full = n >= session::PUMP_BATCH || bytes * 2 >= session::PUMP_BYTES;
+                // behind for good); after a partial one, the next waits. A
+                // read cut by its byte limit holds over a quarter of it
+                // unless the next message alone is over three quarters;
+                // taking a read of large messages for full only skips one
+                // linger (the next read still waits for messages).
+                let full = n >= session::PUMP_BATCH || bytes * 4 >= session::PUMP_BYTES;
                 last = (!full).then(tokio::time::Instant::now);
             }
             Ok(crate::broker::Event::Skipped { .. }) => {}

@@ -425,7 +425,7 @@ impl Log {
                         Some(until),
                         &config,
                         RecoveryMode::TolerateTornTail,
-                        0,
+                        None,
                         &mut report,
                     )?;
                     Ok(Some(sealed_segment(opened, &config)?))

@@ -268,8 +268,9 @@ impl Log {
         // Bytes of the active segment known synced: a bad record below this
         // is damage, never a torn write.
         let synced_to = |base: u64| match &loaded {
-            Some(c) if c.active_base == base => c.active_synced,
-            _ => 0,
+            Some(c) if c.active_base == base => Some(c.active_synced),
+            Some(_) => Some(0),
+            None => None,
         };
 
         let mut segments = Vec::with_capacity(bases.len().max(1));
@@ -285,7 +286,7 @@ impl Log {
                         Some(next_base),
                         &config,
                         mode,
-                        0,
+                        None,
                         &mut report,
                     )?;
                     segments.push(Arc::new(sealed_segment(opened, &config)?));

@@ -140,7 +140,9 @@ pub(crate) enum Stop {
 /// Opens the segment `base` of the log in `dir`, repairing what `mode` allows.
 /// `next_base` is the base of the following segment, `None` for the active
 /// one; `synced_to` is how many of its bytes are known synced (the recovery
-/// point), below which nothing may be cut as a torn tail.
+/// point), below which nothing may be cut as a torn tail: `None` when the
+/// log has no checkpoint (nothing is known synced, and no bad bytes are
+/// taken for pages lost out of order, which only a recovery point bounds).
 #[allow(clippy::too_many_arguments)]
 pub fn open_segment(
     storage: &dyn Storage,
@@ -149,9 +151,11 @@ pub fn open_segment(
     next_base: Option<u64>,
     config: &LogConfig,
     mode: RecoveryMode,
-    synced_to: u64,
+    synced_to: Option<u64>,
     report: &mut RecoveryReport,
 ) -> Result<OpenedSegment> {
+    let point_known = synced_to.is_some();
+    let synced_to = synced_to.unwrap_or(0);
     let active = next_base.is_none();
     let paths = SegmentPaths::new(dir, base);
     let log = &paths.log;
@@ -304,8 +308,13 @@ pub fn open_segment(
         // aside and the records after them kept, in either recovery mode.
         let unsynced_hole = next_valid.is_some()
             && active
+            && point_known
             && pos >= synced_to
-            && config.fsync != FsyncPolicy::Always;
+            && config.fsync != FsyncPolicy::Always
+            && looks_like_lost_pages(
+                &data[pos as usize..next_valid.map_or(0, |(q, _)| q as usize)],
+                pos,
+            );
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
         // Without a valid record after the damage, a sealed segment lost every
@@ -411,6 +420,19 @@ pub fn open_segment(
         },
         index,
         end_position: pos,
+    })
+}
+
+/// Whether bad bytes starting at byte `at` of a segment or journal look
+/// like writes the disk never made: they hold at least one whole 512-byte
+/// sector of zeros (an unwritten block reads as zeros; a flipped bit or a
+/// record written over does not).
+pub(crate) fn looks_like_lost_pages(bad: &[u8], at: u64) -> bool {
+    const SECTOR: u64 = 512;
+    let first = at.div_ceil(SECTOR) * SECTOR - at;
+    bad.get(first as usize..).is_some_and(|rest| {
+        rest.chunks_exact(SECTOR as usize)
+            .any(|sector| sector.iter().all(|&b| b == 0))
     })
 }
 
@@ -1019,7 +1041,7 @@ pub(crate) fn damaged_swap(
         .any(|b| b == until)
     {
         let len = storage
-            .open(&path, OpenMode::Existing)
+            .open(&path, OpenMode::ReadOnly)
             .and_then(|f| f.len())
             .ctx(|| format!("reading size of {}", path.display()))?;
         return Ok(Some(DamagedSwap {

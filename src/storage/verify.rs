@@ -15,7 +15,7 @@ use super::config::FsyncPolicy;
 use super::index::{IndexBuilder, SegmentIndex};
 use super::io::{Storage, read_file_within};
 use super::record::{self, Frame};
-use super::recovery::{Stop, find_next_valid, scan, segment_bound};
+use super::recovery::{Stop, find_next_valid, looks_like_lost_pages, scan, segment_bound};
 use super::segment::{SegmentPaths, parse_log_name};
 use super::{DataDir, LogConfig};
 use crate::error::{Corruption, IoContext, Result};
@@ -151,8 +151,12 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
         let config = dir.join(crate::broker::config::TOPIC_CONFIG_FILE);
         // The policy the topic's records were written under; `always`
         // (nothing past the recovery point taken for lost pages) when the
-        // config does not load.
+        // config does not load. Only a recovery point bounds what may be
+        // unsynced: without a checkpoint, nothing is taken for lost pages.
         let mut fsync = FsyncPolicy::Always;
+        let relaxed = |fsync: FsyncPolicy| {
+            (checkpoint.is_some() && fsync != FsyncPolicy::Always).then_some(fsync)
+        };
         match crate::broker::config::TopicConfig::load(storage, &dir) {
             Ok(Some(c)) => fsync = c.log.fsync,
             // A checkpoint that records journals was written by a topic.
@@ -185,7 +189,7 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
             storage,
             &dir,
             checkpoint.as_ref(),
-            fsync,
+            relaxed(fsync),
             &mut report,
             progress,
         )?;
@@ -238,7 +242,15 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
             }
         }
         for (jdir, name, point) in journals {
-            verify_journal(storage, &jdir, &name, point, fsync, &mut report, progress)?;
+            verify_journal(
+                storage,
+                &jdir,
+                &name,
+                point,
+                relaxed(fsync),
+                &mut report,
+                progress,
+            )?;
         }
     }
     Ok(report)
@@ -248,7 +260,7 @@ fn verify_log(
     storage: &dyn Storage,
     dir: &Path,
     checkpoint: Option<&Checkpoint>,
-    fsync: FsyncPolicy,
+    relaxed: Option<FsyncPolicy>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
@@ -436,7 +448,13 @@ fn verify_log(
                 }
                 // Pages written out of order before a power cut (see
                 // `recovery::open_segment`): the next start sets them aside.
-                Some((q, _)) if active && pos >= synced_to && fsync != FsyncPolicy::Always => {
+                Some((q, _))
+                    if active
+                        && pos >= synced_to
+                        && relaxed.is_some()
+                        && looks_like_lost_pages(&data[pos as usize..q as usize], pos) =>
+                {
+                    let fsync = relaxed.unwrap_or_default();
                     finding.detail = format!(
                         "{}; valid records follow it, past the recovery point (byte {synced_to} was synced) \
                          under fsync={fsync}, pages the disk wrote out of order before a power cut: the next \
@@ -604,7 +622,7 @@ fn verify_journal(
     dir: &Path,
     name: &str,
     (base_seq, synced_len): (u64, u64),
-    fsync: FsyncPolicy,
+    relaxed: Option<FsyncPolicy>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
@@ -698,7 +716,12 @@ fn verify_journal(
                     }
                     // Pages written out of order before a power cut (see
                     // `Journal::open_checked`): the next start sets them aside.
-                    Some((q, _)) if pos as u64 >= synced_len && fsync != FsyncPolicy::Always => {
+                    Some((q, _))
+                        if pos as u64 >= synced_len
+                            && relaxed.is_some()
+                            && looks_like_lost_pages(&data[pos..q as usize], pos as u64) =>
+                    {
+                        let fsync = relaxed.unwrap_or_default();
                         report.notes.push(Finding {
                             detail: format!(
                                 "{}; valid entries follow it, past the recovery point (byte {synced_len} \

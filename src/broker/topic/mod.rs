@@ -226,7 +226,8 @@ impl Topic {
                 base_seq: p.map_or(0, |p| p.base_seq),
                 synced_len: p.map_or(0, |p| p.synced_len),
                 mode,
-                relaxed: config.log.fsync != FsyncPolicy::Always,
+                // Only a recovery point bounds what may be unsynced.
+                relaxed: checkpoint.is_some() && config.log.fsync != FsyncPolicy::Always,
             }
         };
         let deletions = Deletions::open(Arc::clone(&storage), dir, point(DELETES_JOURNAL))?;
