@@ -22,47 +22,70 @@ use std::time::Duration;
 /// topics, too few for many.
 const LIMIT: &str = "--nofile=64:64";
 
+/// True (and says so) when `prlimit` is not installed: the test skips.
+fn no_prlimit() -> bool {
+    let missing = Command::new("prlimit").arg("--version").output().is_err();
+    if missing {
+        eprintln!("prlimit is not installed; skipping");
+    }
+    missing
+}
+
+/// `spool serve` on `data` with `extra`, under the resource limit `limit`
+/// (a `prlimit` option such as `--nofile=64:64`).
+fn start_limited(limit: &str, data: &std::path::Path, extra: &[&str]) -> Broker {
+    let mut wrapper = Command::new("prlimit");
+    wrapper.args([limit, env!("CARGO_BIN_EXE_spool")]);
+    Broker::start_with(wrapper, data, extra)
+}
+
+/// Topics `room-0`, `room-1`, ... each made and held open by a
+/// subscription, until one is refused (at most 100): the subscriptions,
+/// and the refusal.
+async fn hold_topics_until_refused(
+    client: &Client,
+) -> (
+    Vec<spool::client::Subscription>,
+    Option<spool::client::ClientError>,
+) {
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let room = format!("room-{i}");
+        if let Err(e) = client
+            .produce(&room, vec![NewMessage::from_value("hi")])
+            .await
+        {
+            return (held, Some(e));
+        }
+        match client.subscribe(&room, None, "holder", None, 10).await {
+            Ok(sub) => held.push(sub),
+            Err(e) => return (held, Some(e)),
+        }
+    }
+    (held, None)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 #[test]
 fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut wrapper = Command::new("prlimit");
-    wrapper.args([LIMIT, env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &["--max-open-files", "1000"]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let broker = start_limited(LIMIT, tmp.path(), &["--max-open-files", "1000"]);
+    let rt = rt();
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
-        let mut refused = None;
-        let mut held = Vec::new();
-        for i in 0..100 {
-            let room = format!("room-{i}");
-            match client
-                .produce(&room, vec![NewMessage::from_value("hi")])
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => {
-                    refused = Some((i, e));
-                    break;
-                }
-            }
-            match client.subscribe(&room, None, "holder", None, 10).await {
-                Ok(sub) => held.push(sub),
-                Err(e) => {
-                    refused = Some((i, e));
-                    break;
-                }
-            }
-        }
-        let (made, error) = refused.expect("64 descriptors run out before 100 topics");
-        eprintln!("{made} topics fit; then: {error}");
-        assert!(made > 0, "some topics fit");
+        let (held, refused) = hold_topics_until_refused(&client).await;
+        let error = refused.expect("64 descriptors run out before 100 topics");
+        eprintln!("{} topics fit; then: {error}", held.len());
+        assert!(!held.is_empty(), "some topics fit");
         assert_eq!(error.code(), Some(pb::Code::ResourceExhausted), "{error}");
         let text = error.to_string();
         assert!(text.contains("file descriptors"), "{text}");
@@ -126,18 +149,12 @@ fn running_out_of_files_is_resource_exhausted_naming_the_limit() {
 /// no client sees the error.
 #[test]
 fn running_out_of_address_space_closes_unused_topics_transparently() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut wrapper = Command::new("prlimit");
-    wrapper.args(["--as=3000000000", env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let broker = start_limited("--as=3000000000", tmp.path(), &[]);
+    let rt = rt();
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
         for i in 0..100 {
@@ -169,18 +186,12 @@ fn running_out_of_address_space_closes_unused_topics_transparently() {
 /// the limit is warned about at start.
 #[test]
 fn a_file_size_limit_is_answered_as_a_full_disk_not_a_dead_broker() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut wrapper = Command::new("prlimit");
-    wrapper.args(["--fsize=4000000", env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let broker = start_limited("--fsize=4000000", tmp.path(), &[]);
+    let rt = rt();
     let big = || NewMessage::from_value(vec![b'x'; 500_000]);
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
@@ -213,32 +224,38 @@ fn a_file_size_limit_is_answered_as_a_full_disk_not_a_dead_broker() {
 
 /// A thread limit too low for the broker's threads (`ulimit -u`) is named
 /// at start, in one line and exit 1, not met as a panic of the runtime's
-/// thread pool. Run as `nobody` when the tests run as root (the limit does
+/// thread pool. Run as an unused user id when the tests run as root (the limit does
 /// not bind root).
 #[test]
 fn a_thread_limit_too_low_to_start_is_named_at_start() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut program = Command::new("prlimit");
     program.arg("--nproc=3:3");
-    if rustix::process::geteuid().is_root() {
+    // As root, a user id no process runs as (the limit counts the
+    // user's processes, and root is not bound by it), with a copy of the
+    // binary that user can reach wherever the build is.
+    let bin = if rustix::process::geteuid().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let bin = tmp.path().join("spool");
+        std::fs::copy(env!("CARGO_BIN_EXE_spool"), &bin).expect("copy the binary");
         program.args([
             "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
+            "--reuid=65533",
+            "--regid=65533",
             "--clear-groups",
         ]);
-    }
+        bin
+    } else {
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_spool"))
+    };
     let mut child = program
-        .args([
-            env!("CARGO_BIN_EXE_spool"),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .arg(bin)
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--grpc", "off", "--metrics", "off", "--socketio", "off"])
         .arg("--data")
         .arg(tmp.path().join("data"))
@@ -274,18 +291,12 @@ fn a_thread_limit_too_low_to_start_is_named_at_start() {
 /// the idle topics closed by themselves (`topic_idle_close_ms`, 30 s).
 #[test]
 fn a_segment_roll_out_of_address_space_makes_room_for_the_retry() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut wrapper = Command::new("prlimit");
-    wrapper.args(["--as=1500000000", env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let broker = start_limited("--as=1500000000", tmp.path(), &[]);
+    let rt = rt();
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
         // Every produce a millisecond after the last starts a new segment,
@@ -301,23 +312,8 @@ fn a_segment_roll_out_of_address_space_makes_room_for_the_retry() {
             .await
             .expect("create");
         let _keep = client.subscribe("roll", None, "holder", None, 10).await;
-        // Held open by a subscription each, until no address space is left.
-        let mut held = Vec::new();
-        for i in 0..100 {
-            let room = format!("room-{i}");
-            if client
-                .produce(&room, vec![NewMessage::from_value("hi")])
-                .await
-                .is_err()
-            {
-                break;
-            }
-            match client.subscribe(&room, None, "holder", None, 10).await {
-                Ok(sub) => held.push(sub),
-                Err(_) => break,
-            }
-        }
-        assert!(held.len() < 100, "the address space runs out");
+        let (held, refused) = hold_topics_until_refused(&client).await;
+        assert!(refused.is_some(), "the address space runs out");
         drop(held);
         let mut refused = 0;
         for i in 0..6 {
@@ -346,18 +342,12 @@ fn a_segment_roll_out_of_address_space_makes_room_for_the_retry() {
 /// closes the topics clients already use.
 #[test]
 fn connections_past_the_open_files_limit_are_refused_by_their_slot() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut wrapper = Command::new("prlimit");
-    wrapper.args([LIMIT, env!("CARGO_BIN_EXE_spool")]);
-    let broker = Broker::start_with(wrapper, tmp.path(), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let broker = start_limited(LIMIT, tmp.path(), &[]);
+    let rt = rt();
     rt.block_on(async {
         let first = Client::connect(&broker.addr, "first")
             .await
@@ -411,16 +401,12 @@ fn connections_past_the_open_files_limit_are_refused_by_their_slot() {
 /// stays readable.
 #[test]
 fn offline_compaction_under_a_file_size_limit_leaves_runs_as_on_a_full_disk() {
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("prlimit is not installed; skipping");
+    if no_prlimit() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(tmp.path(), &[]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = rt();
     rt.block_on(async {
         let client = Client::connect(&broker.addr, "t").await.expect("connect");
         client
