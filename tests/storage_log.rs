@@ -1262,3 +1262,25 @@ fn lost_sectors_past_the_recovery_point_are_set_aside_under_a_relaxed_policy() {
         );
     }
 }
+
+/// A file opened for reading only takes no write on either backend, so a
+/// write through such a handle fails in the simulated-disk tests as it
+/// would on the real disk.
+#[test]
+fn a_file_opened_read_only_takes_no_write_on_either_backend() {
+    use spool::storage::io::OpenMode;
+    for (storage, tmp) in backends() {
+        let dir = tmp.path().join("d");
+        storage.create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("f");
+        let file = storage.open(&path, OpenMode::CreateNew).expect("create");
+        file.write_at(0, b"hello").expect("write");
+        drop(file);
+        let read_only = storage.open(&path, OpenMode::ReadOnly).expect("open");
+        let mut buf = [0u8; 5];
+        read_only.read_at(0, &mut buf).expect("read");
+        assert_eq!(&buf, b"hello");
+        assert!(read_only.write_at(0, b"HELLO").is_err(), "{storage:?}");
+        assert!(read_only.set_len(1).is_err(), "{storage:?}");
+    }
+}

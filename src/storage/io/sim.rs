@@ -434,6 +434,7 @@ impl Storage for SimDisk {
             ino,
             generation: state.generation,
             path: path.to_owned(),
+            writable: mode != OpenMode::ReadOnly,
         }))
     }
 
@@ -547,9 +548,24 @@ struct SimFile {
     ino: u64,
     generation: u64,
     path: PathBuf,
+    /// False when opened [`OpenMode::ReadOnly`]: writes fail as on a
+    /// descriptor opened for reading (EBADF), as on the real disk.
+    writable: bool,
 }
 
 impl SimFile {
+    /// Fails unless the file was opened for writing.
+    fn check_writable(&self) -> io::Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{}: opened for reading only", self.path.display()),
+            ))
+        }
+    }
+
     fn state(&self) -> io::Result<MutexGuard<'_, SimState>> {
         let state = self.disk.lock_state();
         state.check_power(self.generation)?;
@@ -564,6 +580,7 @@ impl StorageFile for SimFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
         self.state()?.grow(self.ino, len)
     }
 
@@ -573,6 +590,7 @@ impl StorageFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
         let mut state = self.state()?;
         state.grow(self.ino, len)?;
         state.inode(self.ino)?.live.truncate(len as usize);
@@ -594,6 +612,7 @@ impl StorageFile for SimFile {
     }
 
     fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
         let mut state = self.state()?;
         state.grow(self.ino, pos + data.len() as u64)?;
         let inode = state.inode(self.ino)?;
@@ -621,6 +640,7 @@ impl StorageFile for SimFile {
     }
 
     fn map_append(&self, capacity: u64, published: u64) -> io::Result<Arc<dyn Mapping>> {
+        self.check_writable()?;
         if published > capacity {
             return Err(out_of_range("published prefix", 0, published, capacity));
         }
@@ -640,6 +660,7 @@ impl SimFile {
             ino: self.ino,
             generation: self.generation,
             path: self.path.clone(),
+            writable: self.writable,
         }
     }
 }
