@@ -8,10 +8,11 @@
 //! | bytes, and no valid record after them| torn tail: cut, logged  | damage                    |
 //! | bytes, then valid records again      | damage (1)              | damage                    |
 //!
-//! (1) Past the recovery point of a log under `fsync=interval`/`never`, the
-//! bad bytes are pages the disk wrote out of order before a power cut (none
-//! was promised to survive): they are set aside as skip-damaged does, in
-//! either mode, and the records after them kept.
+//! (1) Past the recovery point of a log under `fsync=interval`/`never` that
+//! has a checkpoint, bad bytes holding a whole 512-byte sector of zeros are
+//! a write the disk lost out of order before a power cut (none of those
+//! bytes was promised to survive): they are set aside as skip-damaged does,
+//! in either mode, and the records after them kept.
 //!
 //! A torn write can only touch bytes that were never synced: in the active
 //! segment, anything that stops the scan before the recovery point (the
@@ -304,8 +305,10 @@ pub fn open_segment(
         }
         // Under `interval`/`never` nothing past the recovery point was
         // promised to survive a power cut, and the disk may have written a
-        // later page of it and lost an earlier one: the bad bytes are set
-        // aside and the records after them kept, in either recovery mode.
+        // later page of it and lost an earlier one (which reads as zeros):
+        // such bad bytes are set aside and the records after them kept, in
+        // either recovery mode. Only a checkpoint's recovery point bounds
+        // what may be unsynced, and a flipped bit is no lost write.
         let unsynced_hole = next_valid.is_some()
             && active
             && point_known
