@@ -274,10 +274,11 @@ pub struct JournalRecovery {
     pub synced_len: u64,
     /// How damage is treated.
     pub mode: RecoveryMode,
-    /// The topic syncs on a timer or never (`fsync=interval`/`never`):
-    /// nothing past the recovery point was promised to survive a power cut,
-    /// so a bad entry there with valid ones after it (pages the disk wrote
-    /// out of order) is set aside in either mode.
+    /// The topic syncs on a timer or never (`fsync=interval`/`never`) and
+    /// has a checkpoint: nothing past the recovery point was promised to
+    /// survive a power cut, so bad bytes there holding a whole sector of
+    /// zeros, with valid entries after them (a write the disk lost out of
+    /// order), are set aside in either mode.
     pub relaxed: bool,
 }
 
@@ -312,8 +313,9 @@ impl Journal {
     /// default mode, and under skip-damaged copied to `quarantine/` and left
     /// out while the valid entries around it are kept (a lost ack means a
     /// redelivery, which at-least-once allows). Past the recovery point of a
-    /// `relaxed` journal, a bad entry with valid ones after it is treated as
-    /// under skip-damaged in either mode.
+    /// `relaxed` journal, bad bytes holding a whole sector of zeros with
+    /// valid entries after them are treated as under skip-damaged in either
+    /// mode.
     pub fn open_checked(
         storage: Arc<dyn Storage>,
         dir: &Path,
