@@ -1284,3 +1284,122 @@ fn a_file_opened_read_only_takes_no_write_on_either_backend() {
         assert!(read_only.set_len(1).is_err(), "{storage:?}");
     }
 }
+
+/// A roll whose new segment was made but whose sealed segment cannot be
+/// mapped anew (the process out of address space for a moment) keeps the
+/// map the segment was written through: the log stays writable and every
+/// record readable. Before, the log turned read-only until a restart,
+/// answering as if a sync had failed.
+#[test]
+fn a_seal_out_of_address_space_keeps_the_log_writable() {
+    let disk = Arc::new(SimDisk::new());
+    let config = LogConfig {
+        segment_bytes: 1024,
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    };
+    let open = || {
+        spool::storage::Log::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            "/l",
+            config.clone(),
+            RecoveryMode::default(),
+        )
+    };
+    let log = open().expect("open");
+    let m = |i: u8| NewMessage::from_value(vec![i; 100]);
+    let mut i = 0u8;
+    // The seal's sync of the old segment comes after the new one exists:
+    // from there on, no new map.
+    {
+        let faulty = Arc::clone(&disk);
+        disk.set_hook(Some(Arc::new(move |op, path| {
+            let logs = faulty
+                .list_dir(std::path::Path::new("/l"))
+                .map(|n| n.iter().filter(|n| n.ends_with(".log")).count())
+                .unwrap_or(0);
+            if op == SimOp::SyncData && path.ends_with("00000000000000000000.log") && logs == 2 {
+                faulty.set_fault(SimFault::OutOfMemory, true);
+            }
+        })));
+    }
+    while log.stats().segments < 2 {
+        log.append(&[m(i)]).expect("append across the roll");
+        i += 1;
+    }
+    disk.set_hook(None);
+    disk.set_fault(SimFault::OutOfMemory, false);
+    for _ in 0..3 {
+        log.append(&[m(i)])
+            .expect("the log takes writes after the roll");
+        i += 1;
+    }
+    let read = log.read(Offset(0), 1000, 1 << 20).expect("read");
+    assert_eq!(read.len(), usize::from(i), "every record");
+    for (n, msg) in read.iter().enumerate() {
+        assert_eq!(msg.value, Bytes::from(vec![n as u8; 100]));
+    }
+    log.close().expect("close");
+    let log = open().expect("the log opens again");
+    assert_eq!(log.stats().end, Offset(u64::from(i)));
+}
+
+/// A lost sector that begins in zero bytes at the end of the record before
+/// (which therefore still validates) is a lost write too: the sector is
+/// found from the start of the bad bytes' own sector.
+#[test]
+fn a_lost_sector_beginning_in_the_zero_tail_of_a_valid_record_is_set_aside() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let disk: Arc<dyn Storage> = Arc::new(OsStorage);
+    let dir = tmp.path().join("t");
+    let cfg = LogConfig {
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    };
+    let log = spool::storage::Log::open(
+        Arc::clone(&disk),
+        &dir,
+        cfg.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open");
+    // Values ending in 300 zero bytes: no whole sector of zeros of their own.
+    for i in 0..40u8 {
+        let mut value = vec![b'a' + i % 26; 1400];
+        value.extend_from_slice(&[0u8; 300]);
+        log.append(&[NewMessage::from_value(value)])
+            .expect("append");
+    }
+    std::mem::forget(log);
+    let path = dir.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let mut starts = Vec::new();
+    let mut pos = 0;
+    while let Ok(spool::storage::record::Frame::Record(r)) =
+        spool::storage::record::decode(&bytes[pos..], u32::MAX)
+    {
+        starts.push(pos);
+        pos += r.len as usize;
+    }
+    // A record (not the first or the last few) whose sector begins in the
+    // zero tail of the record before.
+    let k = (3..starts.len() - 3)
+        .find(|&k| (1..=280).contains(&(starts[k] % 512)))
+        .expect("test setup: a record starting early in a sector");
+    let sector = starts[k] / 512 * 512;
+    assert!(bytes[sector..starts[k]].iter().all(|&b| b == 0));
+    bytes[sector..sector + 512].fill(0);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let log = spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default())
+        .expect("the lost sector is set aside");
+    let report = log.recovery_report().clone();
+    assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    assert_eq!(
+        report.quarantined[0].offsets,
+        Some(k as u64..k as u64 + 1),
+        "{report:?}"
+    );
+    let read = log.read(Offset(0), 100, 1 << 20).expect("read");
+    assert_eq!(read.len(), 39, "every record but the lost one");
+}

@@ -430,10 +430,7 @@ impl Journal {
             let unsynced_hole = recovery.relaxed
                 && pos as u64 >= synced_len
                 && next.is_some_and(|(q, _)| {
-                    crate::storage::recovery::looks_like_lost_pages(
-                        &data[pos..q as usize],
-                        pos as u64,
-                    )
+                    crate::storage::recovery::looks_like_lost_pages(&data, pos as u64..q)
                 });
             let end = next.map_or(data.len() as u64, |(q, _)| q);
             let damage = Corruption {

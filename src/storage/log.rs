@@ -1307,10 +1307,24 @@ impl Log {
             tracing::warn!(dir = %self.dir.display(), error = %e,
                 "could not sync the topic folder after sealing a segment; only its index entry waits for the next sync");
         }
-        let map = a
+        // A map of just the sealed bytes. Out of address space or
+        // descriptors (a shortage that passes), the segment keeps the map it
+        // was written through instead, sealed above and read only within its
+        // published records, which the cut left in the file: the log stays
+        // writable rather than turning read-only until a restart.
+        let map = match a
             .file
             .map_read()
-            .ctx(|| format!("mapping {}", log.display()))?;
+            .ctx(|| format!("mapping {}", log.display()))
+        {
+            Ok(map) => map,
+            Err(e @ (Error::MemoryExhausted { .. } | Error::FilesExhausted { .. })) => {
+                tracing::warn!(file = %log.display(), error = %e,
+                    "could not map the sealed segment anew; it keeps the map it was written through until its topic closes");
+                Arc::clone(&a.map)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Segment::new(
             seg.base(),
             seg.paths().clone(),

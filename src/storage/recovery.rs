@@ -314,10 +314,7 @@ pub fn open_segment(
             && point_known
             && pos >= synced_to
             && config.fsync != FsyncPolicy::Always
-            && looks_like_lost_pages(
-                &data[pos as usize..next_valid.map_or(0, |(q, _)| q as usize)],
-                pos,
-            );
+            && looks_like_lost_pages(&data, pos..next_valid.map_or(0, |(q, _)| q));
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
         // Without a valid record after the damage, a sealed segment lost every
@@ -426,17 +423,25 @@ pub fn open_segment(
     })
 }
 
-/// Whether bad bytes starting at byte `at` of a segment or journal look
-/// like writes the disk never made: they hold at least one whole 512-byte
-/// sector of zeros (an unwritten block reads as zeros; a flipped bit or a
-/// record written over does not).
-pub(crate) fn looks_like_lost_pages(bad: &[u8], at: u64) -> bool {
+/// Whether the bad bytes `bad` of a segment or journal whose content is
+/// `data` look like a write the disk never made: a whole 512-byte sector of
+/// zeros (an unwritten block reads as zeros; a flipped bit or a record
+/// written over does not) ends within them. The sector may begin before
+/// them, in the last bytes of the valid record before, when those are zeros
+/// too (that record then still validates).
+pub(crate) fn looks_like_lost_pages(data: &[u8], bad: std::ops::Range<u64>) -> bool {
     const SECTOR: u64 = 512;
-    let first = at.div_ceil(SECTOR) * SECTOR - at;
-    bad.get(first as usize..).is_some_and(|rest| {
-        rest.chunks_exact(SECTOR as usize)
-            .any(|sector| sector.iter().all(|&b| b == 0))
-    })
+    let mut sector = bad.start / SECTOR * SECTOR;
+    while sector + SECTOR <= bad.end {
+        let zeros = data
+            .get(sector as usize..(sector + SECTOR) as usize)
+            .is_some_and(|s| s.iter().all(|&b| b == 0));
+        if zeros {
+            return true;
+        }
+        sector += SECTOR;
+    }
+    false
 }
 
 /// Scans records from `*pos`, extending the index, until the data ends, turns

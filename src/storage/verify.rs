@@ -452,7 +452,7 @@ fn verify_log(
                     if active
                         && pos >= synced_to
                         && relaxed.is_some()
-                        && looks_like_lost_pages(&data[pos as usize..q as usize], pos) =>
+                        && looks_like_lost_pages(&data, pos..q) =>
                 {
                     let fsync = relaxed.unwrap_or_default();
                     finding.detail = format!(
@@ -719,7 +719,7 @@ fn verify_journal(
                     Some((q, _))
                         if pos as u64 >= synced_len
                             && relaxed.is_some()
-                            && looks_like_lost_pages(&data[pos..q as usize], pos as u64) =>
+                            && looks_like_lost_pages(&data, pos as u64..q) =>
                     {
                         let fsync = relaxed.unwrap_or_default();
                         report.notes.push(Finding {

@@ -34,6 +34,10 @@ pub enum SimFault {
     /// directory) fails with EMFILE: the process is out of descriptors.
     /// Files already open are unaffected.
     OutOfFiles,
+    /// Every new map of a file (`map_read`, `map_append`) fails with
+    /// ENOMEM: the process is out of address space. Maps already made are
+    /// unaffected.
+    OutOfMemory,
 }
 
 /// An operation a [`SimDisk::set_hook`] hook runs before.
@@ -85,6 +89,7 @@ struct SimState {
     sync_error: bool,
     no_space: bool,
     out_of_files: bool,
+    out_of_memory: bool,
     syncs: u64,
     /// After this many syncs the power is off: every later call fails.
     power_off_after: Option<u64>,
@@ -120,6 +125,15 @@ impl SimState {
         }
         if self.power_off_after.is_some_and(|n| self.syncs >= n) {
             return Err(eio("simulated power loss"));
+        }
+        Ok(())
+    }
+
+    fn check_memory(&self) -> io::Result<()> {
+        if self.out_of_memory {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::NOMEM.raw_os_error(),
+            ));
         }
         Ok(())
     }
@@ -263,6 +277,7 @@ impl SimDisk {
             SimFault::SyncError => state.sync_error = on,
             SimFault::NoSpace => state.no_space = on,
             SimFault::OutOfFiles => state.out_of_files = on,
+            SimFault::OutOfMemory => state.out_of_memory = on,
         }
     }
 
@@ -630,6 +645,7 @@ impl StorageFile for SimFile {
     }
 
     fn map_read(&self) -> io::Result<Arc<dyn Mapping>> {
+        self.state()?.check_memory()?;
         let len = self.len()?;
         Ok(Arc::new(SimMapping {
             file: self.reopen(),
@@ -641,6 +657,7 @@ impl StorageFile for SimFile {
 
     fn map_append(&self, capacity: u64, published: u64) -> io::Result<Arc<dyn Mapping>> {
         self.check_writable()?;
+        self.state()?.check_memory()?;
         if published > capacity {
             return Err(out_of_range("published prefix", 0, published, capacity));
         }
