@@ -1188,3 +1188,41 @@ async fn a_topic_folder_that_cannot_be_searched_is_refused_naming_its_config() {
         .expect("terminate");
     assert!(ok, "clean stop: {log}");
 }
+
+/// A folder where the `clean-stop` marker belongs, or a file where
+/// `staging/`, `trash/` or `topics/` belong, stops `spool serve` with one
+/// line naming it and saying to move it away (exit 1).
+#[test]
+fn foreign_things_where_the_data_directorys_own_belong_are_named() {
+    for (name, make_dir) in [
+        ("clean-stop", true),
+        ("staging", false),
+        ("trash", false),
+        ("topics", false),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path();
+        if name != "topics" {
+            std::fs::create_dir(data.join("topics")).expect("topics");
+        }
+        let path = data.join(name);
+        if make_dir {
+            std::fs::create_dir(&path).expect("folder");
+        } else {
+            std::fs::write(&path, b"x").expect("file");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--grpc", "off"])
+            .args(["--metrics", "off", "--socketio", "off", "--data"])
+            .arg(data)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run spool serve");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("move it away"),
+            "{name}: {err}"
+        );
+    }
+}

@@ -269,9 +269,9 @@ fn verify_checks_a_read_only_mount_and_still_sees_a_running_broker() {
     assert!(ok, "{logs}");
 }
 
-/// `spool verify` reads files it may not write: a segment and a journal
+/// `spool verify` reads files it may not write: segments and the `LOCK`
 /// made read-only (mode 0444, as a backup tool may leave them) are checked,
-/// not reported as damage. Run as `nobody` when the tests run as root (root
+/// not reported as damage or refused. Run as `nobody` when the tests run as root (root
 /// writes any file).
 #[test]
 fn verify_reads_files_it_may_not_write() {
@@ -308,6 +308,9 @@ fn verify_reads_files_it_may_not_write() {
                 .expect("chmod 0444");
         }
     }
+    // The LOCK too: verify takes the lock through a descriptor for reading.
+    std::fs::set_permissions(data.join("LOCK"), std::fs::Permissions::from_mode(0o444))
+        .expect("chmod 0444");
     let out = program
         .args(["verify", "--format", "json", "--data"])
         .arg(&data)

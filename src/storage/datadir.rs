@@ -63,6 +63,12 @@ impl DataDir {
             ));
         }
         let topics = root.join(TOPICS_DIR);
+        if storage.exists(&topics) && !storage.is_dir(&topics) {
+            return Err(Error::io(
+                format!("creating data directory {}", topics.display()),
+                super::io::not_a_folder(),
+            ));
+        }
         storage
             .create_dir_all(&topics)
             .ctx(|| format!("creating data directory {}", topics.display()))?;
@@ -237,6 +243,12 @@ impl DataDir {
         if !self.storage.exists(&path) {
             return Ok(false);
         }
+        if self.storage.is_dir(&path) {
+            return Err(Error::io(
+                format!("reading {}", path.display()),
+                super::io::not_a_regular_file(),
+            ));
+        }
         self.storage
             .remove_file(&path)
             .ctx(|| format!("removing {}", path.display()))?;
@@ -262,6 +274,12 @@ impl DataDir {
             let parent = self.root.join(folder);
             if !self.storage.exists(&parent) {
                 continue;
+            }
+            if !self.storage.is_dir(&parent) {
+                return Err(Error::io(
+                    format!("listing {}", parent.display()),
+                    super::io::not_a_folder(),
+                ));
             }
             let names = self
                 .storage
@@ -302,6 +320,12 @@ impl DataDir {
     /// the root if missing.
     fn scratch_folder(&self, folder: &str) -> Result<PathBuf> {
         let parent = self.root.join(folder);
+        if self.storage.exists(&parent) && !self.storage.is_dir(&parent) {
+            return Err(Error::io(
+                format!("using {}", parent.display()),
+                super::io::not_a_folder(),
+            ));
+        }
         if !self.storage.exists(&parent) {
             self.storage
                 .create_dir_all(&parent)

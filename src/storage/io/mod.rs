@@ -62,10 +62,11 @@ pub trait Storage: Send + Sync + Debug + 'static {
     /// `WouldBlock` and the current owner's text if someone else holds it.
     fn lock(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError>;
     /// [`Storage::lock`] for a process that only reads (`spool verify`):
-    /// on a read-only filesystem, where `path` cannot be created or
-    /// written, the same lock is taken on the file as it is (a broker
-    /// writing there through another mount still holds it), and none is
-    /// needed when there is no such file (no broker ran there).
+    /// on a read-only filesystem, or where `path` may not be written by
+    /// this user, the same lock is taken on the file as it is (a broker
+    /// writing there, through another mount or as another user, still holds
+    /// it), and none is needed when there is no such file (no broker ran
+    /// there).
     fn lock_to_read(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
         self.lock(path, owner)
     }
@@ -247,6 +248,14 @@ pub(crate) fn not_a_regular_file() -> io::Error {
             "not a regular file (a FIFO, device, socket or folder stands there); move it away"
                 .into(),
         ),
+    )
+}
+
+/// What finding a file where spool keeps a folder answers.
+pub(crate) fn not_a_folder() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotADirectory,
+        NotARegularFile("not a folder (a file stands there); move it away".into()),
     )
 }
 

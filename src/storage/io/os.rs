@@ -140,8 +140,12 @@ impl Storage for OsStorage {
 
     fn lock_to_read(&self, path: &Path, owner: &str) -> Result<Box<dyn LockGuard>, LockError> {
         use std::os::unix::fs::OpenOptionsExt;
+        // A read-only filesystem, or a LOCK this user may not write (a
+        // backup user reading a broker's copy): the lock on the file as it
+        // is, through a descriptor opened for reading.
         match self.lock(path, owner) {
-            Err(LockError::Io(e)) if e.raw_os_error() == Some(libc::EROFS) => {}
+            Err(LockError::Io(e))
+                if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EACCES)) => {}
             other => return other,
         }
         let mut file = match OpenOptions::new()
