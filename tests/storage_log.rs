@@ -586,6 +586,27 @@ fn a_record_appended_after_a_crash_survives_a_power_cut() {
     assert_eq!(read[3].value, value(3).value);
 }
 
+/// How to open (again) a log of 1 KiB segments under `fsync` at `/l` of
+/// `disk`.
+fn small_sim_log(
+    disk: &Arc<SimDisk>,
+    fsync: FsyncPolicy,
+) -> impl Fn() -> spool::Result<spool::storage::Log> + '_ {
+    let config = LogConfig {
+        segment_bytes: 1024,
+        fsync,
+        ..LogConfig::default()
+    };
+    move || {
+        spool::storage::Log::open(
+            Arc::clone(disk) as Arc<dyn Storage>,
+            "/l",
+            config.clone(),
+            RecoveryMode::default(),
+        )
+    }
+}
+
 #[test]
 fn a_roll_that_failed_half_way_is_retried_before_the_next_write() {
     // The roll creates the new segment's file, then its folder sync fails:
@@ -593,19 +614,7 @@ fn a_roll_that_failed_half_way_is_retried_before_the_next_write() {
     // still fit the active segment must not go there at the offset the
     // left-over file is named after, or the log no longer opens.
     let disk = Arc::new(SimDisk::new());
-    let config = LogConfig {
-        segment_bytes: 1024,
-        fsync: FsyncPolicy::Always,
-        ..LogConfig::default()
-    };
-    let open = || {
-        spool::storage::Log::open(
-            Arc::clone(&disk) as Arc<dyn Storage>,
-            "/l",
-            config.clone(),
-            RecoveryMode::default(),
-        )
-    };
+    let open = small_sim_log(&disk, FsyncPolicy::Always);
     let log = open().expect("open");
     let small = |i: u8| NewMessage::from_value(vec![i; 40]);
     let mut i = 0u8;
@@ -1293,19 +1302,7 @@ fn a_file_opened_read_only_takes_no_write_on_either_backend() {
 #[test]
 fn a_seal_out_of_address_space_keeps_the_log_writable() {
     let disk = Arc::new(SimDisk::new());
-    let config = LogConfig {
-        segment_bytes: 1024,
-        fsync: FsyncPolicy::Never,
-        ..LogConfig::default()
-    };
-    let open = || {
-        spool::storage::Log::open(
-            Arc::clone(&disk) as Arc<dyn Storage>,
-            "/l",
-            config.clone(),
-            RecoveryMode::default(),
-        )
-    };
+    let open = small_sim_log(&disk, FsyncPolicy::Never);
     let log = open().expect("open");
     let m = |i: u8| NewMessage::from_value(vec![i; 100]);
     let mut i = 0u8;
