@@ -1176,6 +1176,33 @@ fn offsets_end_at_the_last_one_there_is_and_never_wrap() {
     );
 }
 
+/// A log at `dir` on the real disk holding `messages`, all written past
+/// its recovery point (the open's checkpoint) under `fsync` and left as a
+/// crash leaves it: its first segment's path and bytes.
+fn crashed_log(
+    dir: &std::path::Path,
+    fsync: FsyncPolicy,
+    messages: impl IntoIterator<Item = NewMessage>,
+) -> (std::path::PathBuf, Vec<u8>) {
+    let log = reopen_on_disk(dir, fsync).expect("open");
+    for m in messages {
+        log.append(&[m]).expect("append");
+    }
+    std::mem::forget(log);
+    let path = dir.join("00000000000000000000.log");
+    let bytes = std::fs::read(&path).expect("read");
+    (path, bytes)
+}
+
+/// Opens the log at `dir` on the real disk under `fsync`, default mode.
+fn reopen_on_disk(dir: &std::path::Path, fsync: FsyncPolicy) -> spool::Result<spool::storage::Log> {
+    let config = LogConfig {
+        fsync,
+        ..LogConfig::default()
+    };
+    spool::storage::Log::open(Arc::new(OsStorage), dir, config, RecoveryMode::default())
+}
+
 /// Under `fsync=interval`/`never` a power cut may keep a later page of the
 /// active segment and lose an earlier one, which then reads as zeros. Past
 /// the recovery point, such a lost sector with valid records after it is
@@ -1192,25 +1219,8 @@ fn lost_sectors_past_the_recovery_point_are_set_aside_under_a_relaxed_policy() {
     // record of offset 5: what the default mode's open answers.
     let case = |fsync: FsyncPolicy, hurt: &dyn Fn(&mut [u8], usize), drop_checkpoint: bool| {
         let tmp = tempfile::tempdir().expect("tmp");
-        let disk: Arc<dyn Storage> = Arc::new(OsStorage);
         let dir = tmp.path().join("t");
-        let cfg = LogConfig {
-            fsync,
-            ..LogConfig::default()
-        };
-        let log = spool::storage::Log::open(
-            Arc::clone(&disk),
-            &dir,
-            cfg.clone(),
-            RecoveryMode::default(),
-        )
-        .expect("open");
-        for i in 0..20 {
-            log.append(&[big(i)]).expect("append");
-        }
-        std::mem::forget(log);
-        let path = dir.join("00000000000000000000.log");
-        let mut bytes = std::fs::read(&path).expect("read");
+        let (path, mut bytes) = crashed_log(&dir, fsync, (0..20).map(big));
         let at = bytes
             .windows(4)
             .position(|w| w == b"m05-")
@@ -1220,8 +1230,7 @@ fn lost_sectors_past_the_recovery_point_are_set_aside_under_a_relaxed_policy() {
         if drop_checkpoint {
             std::fs::remove_file(dir.join("checkpoint")).expect("remove checkpoint");
         }
-        let opened =
-            spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default());
+        let opened = reopen_on_disk(&dir, fsync);
         (tmp, opened)
     };
     // The first whole 512-byte sector inside record 5's value, zeroed.
@@ -1347,29 +1356,17 @@ fn a_seal_out_of_address_space_keeps_the_log_writable() {
 #[test]
 fn a_lost_sector_beginning_in_the_zero_tail_of_a_valid_record_is_set_aside() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let disk: Arc<dyn Storage> = Arc::new(OsStorage);
     let dir = tmp.path().join("t");
-    let cfg = LogConfig {
-        fsync: FsyncPolicy::Never,
-        ..LogConfig::default()
-    };
-    let log = spool::storage::Log::open(
-        Arc::clone(&disk),
-        &dir,
-        cfg.clone(),
-        RecoveryMode::default(),
-    )
-    .expect("open");
     // Values ending in 300 zero bytes: no whole sector of zeros of their own.
-    for i in 0..40u8 {
-        let mut value = vec![b'a' + i % 26; 1400];
-        value.extend_from_slice(&[0u8; 300]);
-        log.append(&[NewMessage::from_value(value)])
-            .expect("append");
-    }
-    std::mem::forget(log);
-    let path = dir.join("00000000000000000000.log");
-    let mut bytes = std::fs::read(&path).expect("read");
+    let (path, mut bytes) = crashed_log(
+        &dir,
+        FsyncPolicy::Never,
+        (0..40u8).map(|i| {
+            let mut value = vec![b'a' + i % 26; 1400];
+            value.extend_from_slice(&[0u8; 300]);
+            NewMessage::from_value(value)
+        }),
+    );
     let mut starts = Vec::new();
     let mut pos = 0;
     while let Ok(spool::storage::record::Frame::Record(r)) =
@@ -1388,8 +1385,7 @@ fn a_lost_sector_beginning_in_the_zero_tail_of_a_valid_record_is_set_aside() {
     bytes[sector..sector + 512].fill(0);
     std::fs::write(&path, &bytes).expect("write");
 
-    let log = spool::storage::Log::open(Arc::clone(&disk), &dir, cfg, RecoveryMode::default())
-        .expect("the lost sector is set aside");
+    let log = reopen_on_disk(&dir, FsyncPolicy::Never).expect("the lost sector is set aside");
     let report = log.recovery_report().clone();
     assert_eq!(report.quarantined.len(), 1, "{report:?}");
     assert_eq!(
