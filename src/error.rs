@@ -300,7 +300,7 @@ fn full_message(context: &str, source: &io::Error) -> String {
             .current
             .map_or_else(|| "the".to_owned(), |n| format!("its {n}-byte"));
         format!(
-            "file size limit reached while {context}: {source}; a file of the broker's may grow \
+            "file size limit reached while {context}: {source}; a file spool writes may grow \
              only to {limit} limit (raise it: `ulimit -f`, or LimitFSIZE for a service)"
         )
     } else {

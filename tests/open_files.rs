@@ -457,3 +457,31 @@ fn offline_compaction_under_a_file_size_limit_leaves_runs_as_on_a_full_disk() {
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
 }
+
+/// `spool bench` under a file-size limit its disk probe passes ends with
+/// one line naming the limit and how to raise it (exit 1), not killed by
+/// SIGXFSZ and not in the system's bare words.
+#[test]
+fn bench_under_a_file_size_limit_names_it() {
+    if no_prlimit() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("prlimit")
+        .args([
+            "--fsize=2000000",
+            env!("CARGO_BIN_EXE_spool"),
+            "bench",
+            "disk",
+        ])
+        .arg("--data")
+        .arg(tmp.path())
+        .output()
+        .expect("run bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("file size limit") && err.contains("ulimit -f"),
+        "{err}"
+    );
+}

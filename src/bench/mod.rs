@@ -361,6 +361,10 @@ pub enum BenchError {
     /// Starting the in-process broker failed.
     #[error("starting the in-process broker: {0}")]
     Server(#[from] crate::Error),
+    /// A file operation found the disk full or a file at the process's
+    /// file-size limit (named, with how to raise it).
+    #[error("{0}")]
+    Full(crate::Error),
     /// A file operation of the disk baseline or the scratch directory failed.
     #[error("{what}: {source}")]
     Io {
@@ -392,9 +396,18 @@ impl BenchError {
         }
     }
 
+    /// A failed file operation while doing `what`; a full disk or a file at
+    /// the process's file-size limit in the broker's words, which name the
+    /// limit and how to raise it.
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
         let what = what.into();
-        move |source| BenchError::Io { what, source }
+        move |source| {
+            if crate::error::is_disk_full(&source) {
+                BenchError::Full(crate::Error::io(what, source))
+            } else {
+                BenchError::Io { what, source }
+            }
+        }
     }
 }
 
