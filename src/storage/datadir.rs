@@ -63,12 +63,7 @@ impl DataDir {
             ));
         }
         let topics = root.join(TOPICS_DIR);
-        if storage.exists(&topics) && !storage.is_dir(&topics) {
-            return Err(Error::io(
-                format!("creating data directory {}", topics.display()),
-                super::io::not_a_folder(),
-            ));
-        }
+        folder_or_absent(&*storage, &topics, "creating data directory")?;
         storage
             .create_dir_all(&topics)
             .ctx(|| format!("creating data directory {}", topics.display()))?;
@@ -272,14 +267,9 @@ impl DataDir {
     pub fn clear_leftovers(&self) -> Result<()> {
         for folder in [STAGING_DIR, TRASH_DIR] {
             let parent = self.root.join(folder);
+            folder_or_absent(&*self.storage, &parent, "listing")?;
             if !self.storage.exists(&parent) {
                 continue;
-            }
-            if !self.storage.is_dir(&parent) {
-                return Err(Error::io(
-                    format!("listing {}", parent.display()),
-                    super::io::not_a_folder(),
-                ));
             }
             let names = self
                 .storage
@@ -320,12 +310,7 @@ impl DataDir {
     /// the root if missing.
     fn scratch_folder(&self, folder: &str) -> Result<PathBuf> {
         let parent = self.root.join(folder);
-        if self.storage.exists(&parent) && !self.storage.is_dir(&parent) {
-            return Err(Error::io(
-                format!("using {}", parent.display()),
-                super::io::not_a_folder(),
-            ));
-        }
+        folder_or_absent(&*self.storage, &parent, "using")?;
         if !self.storage.exists(&parent) {
             self.storage
                 .create_dir_all(&parent)
@@ -346,4 +331,17 @@ impl DataDir {
             mode,
         )
     }
+}
+
+/// Refuses something other than a folder at `path`, where spool keeps one
+/// (an error naming `doing` and the path, saying to move it away); a folder
+/// or nothing there passes.
+fn folder_or_absent(storage: &dyn Storage, path: &Path, doing: &str) -> Result<()> {
+    if storage.exists(path) && !storage.is_dir(path) {
+        return Err(Error::io(
+            format!("{doing} {}", path.display()),
+            super::io::not_a_folder(),
+        ));
+    }
+    Ok(())
 }

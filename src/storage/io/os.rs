@@ -108,30 +108,8 @@ impl Storage for OsStorage {
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| {
-                LockError::Io(if e.raw_os_error() == Some(libc::ELOOP) {
-                    io::Error::new(
-                        e.kind(),
-                        "a link stands there (the lock is a plain file of spool's); remove it",
-                    )
-                } else if e.kind() == io::ErrorKind::IsADirectory {
-                    not_a_regular_file()
-                } else {
-                    e
-                })
-            })?;
-        if !file.metadata().map_err(LockError::Io)?.is_file() {
-            return Err(LockError::Io(not_a_regular_file()));
-        }
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                return Err(LockError::Held(holder.trim().to_owned()));
-            }
-            Err(TryLockError::Error(e)) => return Err(LockError::Io(e)),
-        }
+            .map_err(lock_open_error)?;
+        flock(&mut file)?;
         file.set_len(0).map_err(LockError::Io)?;
         file.rewind().map_err(LockError::Io)?;
         file.write_all(owner.as_bytes()).map_err(LockError::Io)?;
@@ -155,20 +133,42 @@ impl Storage for OsStorage {
         {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Box::new(NoLock)),
-            Err(e) => return Err(LockError::Io(e)),
+            Err(e) => return Err(lock_open_error(e)),
         };
-        if !file.metadata().map_err(LockError::Io)?.is_file() {
-            return Err(LockError::Io(not_a_regular_file()));
+        flock(&mut file)?;
+        Ok(Box::new(OsLock { _file: file }))
+    }
+}
+
+/// What a failed open of the LOCK file answers: a link or a folder there
+/// in words that say what to do.
+fn lock_open_error(e: io::Error) -> LockError {
+    LockError::Io(if e.raw_os_error() == Some(libc::ELOOP) {
+        io::Error::new(
+            e.kind(),
+            "a link stands there (the lock is a plain file of spool's); remove it",
+        )
+    } else if e.kind() == io::ErrorKind::IsADirectory {
+        not_a_regular_file()
+    } else {
+        e
+    })
+}
+
+/// Takes the exclusive `flock` on the open LOCK file (a regular file only),
+/// or names its holder from what it wrote into the file.
+fn flock(file: &mut File) -> Result<(), LockError> {
+    if !file.metadata().map_err(LockError::Io)?.is_file() {
+        return Err(LockError::Io(not_a_regular_file()));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            Err(LockError::Held(holder.trim().to_owned()))
         }
-        match file.try_lock() {
-            Ok(()) => Ok(Box::new(OsLock { _file: file })),
-            Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                Err(LockError::Held(holder.trim().to_owned()))
-            }
-            Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
-        }
+        Err(TryLockError::Error(e)) => Err(LockError::Io(e)),
     }
 }
 
