@@ -1007,49 +1007,35 @@ fn files_spool_never_writes_are_refused_where_its_own_belong() {
         .expect("mkfifo");
     assert!(made.success());
     reported("a FIFO", "not a regular file");
-    let broker = Broker::start(data, &[]);
-    let error = rt().block_on(async {
-        let client = Client::connect(&broker.addr, "t").await.expect("connect");
-        client
-            .produce("other", vec![NewMessage::from_value("served")])
-            .await
-            .expect("the other topics are served");
-        client
-            .describe_topic(TOPIC)
-            .await
-            .expect_err("a FIFO for a segment keeps the topic closed")
-    });
-    assert!(
-        error.to_string().contains(&name) && error.to_string().contains("not a regular file"),
-        "{error}"
-    );
-    assert_eq!(
-        error.code(),
-        Some(spool::protocol::pb::Code::FailedPrecondition),
-        "{error}"
-    );
-    drop(broker);
+    // A broker on `data` serves the other topics and keeps this one
+    // closed, answering FAILED_PRECONDITION naming the segment and `said`.
+    let keeps_it_closed = |what: &str| {
+        let broker = Broker::start(data, &[]);
+        let error = rt().block_on(async {
+            let client = Client::connect(&broker.addr, "t").await.expect("connect");
+            client
+                .produce("other", vec![NewMessage::from_value("served")])
+                .await
+                .expect("the other topics are served");
+            client.describe_topic(TOPIC).await.expect_err(what)
+        });
+        assert!(
+            error.to_string().contains(&name)
+                && error.to_string().contains("not a regular file")
+                && error.to_string().contains("move it away"),
+            "{what}: {error}"
+        );
+        assert_eq!(
+            error.code(),
+            Some(spool::protocol::pb::Code::FailedPrecondition),
+            "{what}: {error}"
+        );
+    };
+    keeps_it_closed("a FIFO for a segment keeps the topic closed");
     std::fs::remove_file(&sealed).expect("remove the FIFO");
     // A folder in its place: the same answer.
     std::fs::create_dir(&sealed).expect("a folder for the segment");
-    let broker = Broker::start(data, &[]);
-    let error = rt().block_on(async {
-        let client = Client::connect(&broker.addr, "t").await.expect("connect");
-        client
-            .describe_topic(TOPIC)
-            .await
-            .expect_err("a folder for a segment keeps the topic closed")
-    });
-    assert!(
-        error.to_string().contains(&name) && error.to_string().contains("move it away"),
-        "{error}"
-    );
-    assert_eq!(
-        error.code(),
-        Some(spool::protocol::pb::Code::FailedPrecondition),
-        "{error}"
-    );
-    drop(broker);
+    keeps_it_closed("a folder for a segment keeps the topic closed");
     std::fs::remove_dir(&sealed).expect("remove the folder");
     std::fs::rename(&aside, &sealed).expect("put the segment back");
 
