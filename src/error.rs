@@ -121,10 +121,12 @@ pub enum Error {
         /// The pid written in its LOCK file (or "unknown").
         pid: String,
     },
-    /// A sync failed earlier; the log refuses writes until restart ("fsyncgate": a
-    /// failed fsync is never retried, because the kernel may have dropped the dirty pages).
+    /// A sync (or a write for a reason other than a full disk) failed
+    /// earlier; the log refuses writes until restart ("fsyncgate": a failed
+    /// fsync is never retried, because the kernel may have dropped the dirty
+    /// pages).
     #[error(
-        "log {log} is read-only after a failed sync ({cause}); restart once the disk is healthy"
+        "log {log} is read-only after a failed sync or write ({cause}); restart once the disk is healthy"
     )]
     ReadOnly {
         /// The log's directory.

@@ -572,6 +572,42 @@ async fn a_broker_started_on_a_full_disk_serves_every_acknowledged_message() {
     serves_exactly_then_verifies(start(), &disk, &data, &acked).await;
 }
 
+/// A broker started on a full disk where even the pid in `LOCK` finds no
+/// room (a `LOCK` with no block yet, as one left empty by a start that
+/// could not write it; on btrfs or xfs any rewrite of it): the lock is the
+/// `flock`, the pid only what a second opener's refusal names, so the
+/// broker starts and serves every acknowledged message, and `spool verify`
+/// runs. Before, both exited 1 with "disk full while locking".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_with_no_room_for_the_pid_still_starts_and_verifies() {
+    let disk = TinyDisk::new(DISK_MIB);
+    let data = disk.dir.join("data");
+    let ballast = disk.host_path("ballast");
+    let start = || Broker::start_with(disk.command(spool_bin()), &data, &[]);
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .produce("orders", messages(0, 8))
+        .await
+        .expect("produce");
+    let acked: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, value(i))).collect();
+    drop(client);
+    stop_cleanly(broker).await;
+    std::fs::File::create(disk.host_path("data/LOCK")).expect("an empty LOCK");
+    fill_up(&ballast);
+    let broker = start();
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    assert_eq!(replay_all(&client, "orders").await, acked);
+    drop(client);
+    let logs = broker.kill9();
+    assert!(
+        logs.contains("no room to write this process's pid"),
+        "the broker says why LOCK names no pid: {logs}"
+    );
+    verify(&disk, &data);
+    std::fs::remove_file(&ballast).expect("remove ballast");
+}
+
 /// A stop whose clean checkpoint a full disk refuses is no clean stop: the
 /// broker exits 1 naming the failure (it exited 0 before, so a supervisor
 /// took it for a clean one), and the next start recovers the topic with

@@ -1301,6 +1301,120 @@ fn a_capacity_limit_is_a_clean_error_and_appends_resume_when_lifted() {
     }
 }
 
+/// Why: on a copy-on-write filesystem (btrfs, or any filesystem once a
+/// snapshot shares the blocks) a full disk refuses writes even into space
+/// `fallocate` reserved, possibly after part of a batch reached the file.
+/// The refused batches must be `Error::Full` with nothing of them stored,
+/// not after a power cut either (a partly written batch must not come back
+/// as valid records), and the log must stay writable rather than turn
+/// read-only until a restart.
+#[test]
+fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
+    for seed in 0..24u64 {
+        let fsync = match seed % 3 {
+            0 => FsyncPolicy::Always,
+            1 => FsyncPolicy::Interval(3_600_000),
+            _ => FsyncPolicy::Never,
+        };
+        let mut rng = Rng::new(seed);
+        let disk = Arc::new(SimDisk::new());
+        let config = LogConfig {
+            segment_bytes: 8 << 20,
+            index_interval_bytes: rng.range(64, 4097) as u32,
+            fsync,
+            ..LogConfig::default()
+        };
+        let ctx = format!("seed {seed} {fsync:?}");
+        let open = || {
+            Log::open(
+                Arc::clone(&disk) as Arc<dyn Storage>,
+                "/data/topics/cow",
+                config.clone(),
+                RecoveryMode::default(),
+            )
+            .expect("open")
+        };
+        let batch = |rng: &mut Rng, n: u64, size: u64| -> Vec<NewMessage> {
+            (0..n).map(|_| random_message(rng, size)).collect()
+        };
+        let log = open();
+        let mut acked: Vec<NewMessage> = Vec::new();
+        for _ in 0..rng.range(1, 6) {
+            let n = rng.range(1, 20);
+            let b = batch(&mut rng, n, 2000);
+            log.append(&b).expect("append with room");
+            acked.extend(b);
+        }
+        // Past the writer's pieces (256 KiB under `always`, 1 MiB else):
+        // the budget runs out after some of them reached the file.
+        let large = batch(&mut rng, 700, 4000);
+        let large_bytes: u64 = large.iter().map(|m| m.value.len() as u64).sum();
+        disk.fail_writes_after(Some(rng.below(large_bytes)));
+        match log.append(&large) {
+            Err(Error::Full { context, .. }) => {
+                assert!(context.contains("/data/topics/cow"), "{ctx}: {context}")
+            }
+            other => panic!("{ctx}: a refused write is Error::Full, got {other:?}"),
+        }
+        assert!(!log.is_read_only(), "{ctx}: a full disk is no failed sync");
+        // A group commit of several batches, the disk still full.
+        let group: Vec<Vec<NewMessage>> = (0..3).map(|_| batch(&mut rng, 300, 4000)).collect();
+        disk.fail_writes_after(Some(rng.below(600_000)));
+        let results = log.write_batches(group.iter().map(Vec::as_slice));
+        let mut next = acked.len() as u64;
+        for (b, result) in group.iter().zip(results) {
+            match result {
+                Ok((first, _)) => {
+                    assert_eq!(
+                        first,
+                        Offset(next),
+                        "{ctx}: a batch that fits goes on in order"
+                    );
+                    next += b.len() as u64;
+                    acked.extend(b.iter().cloned());
+                }
+                Err(Error::Full { .. }) => {}
+                Err(other) => panic!("{ctx}: a refused write is Error::Full, got {other:?}"),
+            }
+        }
+        log.commit().expect("the commit of what fitted");
+        assert_eq!(
+            log.end(),
+            Offset(acked.len() as u64),
+            "{ctx}: nothing half-stored"
+        );
+        // The refused bytes are gone from the file, not only from memory: a
+        // sync now and a power cut keep exactly what was acknowledged.
+        log.sync().expect("sync on a full disk");
+        drop(log);
+        disk.power_cut(None);
+        let log = open();
+        let got = read_all(&log);
+        assert_eq!(got.len(), acked.len(), "{ctx}: nothing of a refused batch");
+        for (i, m) in got.iter().enumerate() {
+            assert_message(m, &acked[i], i as u64);
+        }
+        disk.fail_writes_after(None);
+        let n = rng.range(1, 5);
+        let after = batch(&mut rng, n, 500);
+        let a = log
+            .append(&after)
+            .expect("appends resume once there is room");
+        assert_eq!(a.first, Offset(acked.len() as u64), "{ctx}");
+        acked.extend(after);
+        log.sync().expect("sync");
+        drop(log);
+        disk.power_cut(None);
+        let log = open();
+        let got = read_all(&log);
+        assert_eq!(got.len(), acked.len(), "{ctx}: only what was acknowledged");
+        for (i, m) in got.iter().enumerate() {
+            assert_message(m, &acked[i], i as u64);
+        }
+        assert_appends_at(&log, acked.len() as u64);
+    }
+}
+
 /// Live bytes of every file on the simulated disk.
 fn used_bytes(disk: &SimDisk) -> u64 {
     fn walk(disk: &SimDisk, dir: &Path) -> u64 {

@@ -1772,7 +1772,7 @@ impl Broker {
         }
         read_only.sort();
         Err(format!(
-            "read-only after a failed sync (until restart): topic {}",
+            "read-only after a failed sync or write (until restart): topic {}",
             read_only.join(", topic ")
         ))
     }

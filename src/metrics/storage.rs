@@ -3,7 +3,9 @@
 //! [`Metrics::synced`], and forwards everything else unchanged.
 
 use super::Metrics;
-use crate::storage::io::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile};
+use crate::storage::io::{
+    LockError, LockGuard, Mapping, OpenMode, ShortWrite, Storage, StorageFile,
+};
 use bytes::Bytes;
 use std::io;
 use std::path::Path;
@@ -109,6 +111,10 @@ impl StorageFile for TimedFile {
         self.inner.write_at(pos, data)
     }
 
+    fn punch_hole(&self, pos: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(pos, len)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         timed(&self.metrics, || self.inner.sync_data())
     }
@@ -141,7 +147,7 @@ impl Mapping for TimedMapping {
         self.inner.published()
     }
 
-    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, pos: u64, data: &[u8]) -> Result<(), ShortWrite> {
         self.inner.write(pos, data)
     }
 
@@ -186,7 +192,7 @@ mod tests {
             0
         }
 
-        fn write(&self, _pos: u64, _data: &[u8]) -> io::Result<()> {
+        fn write(&self, _pos: u64, _data: &[u8]) -> Result<(), ShortWrite> {
             Ok(())
         }
 

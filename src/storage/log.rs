@@ -150,6 +150,49 @@ struct Writer {
     roll_due: bool,
     last_sync: Instant,
     scratch: Vec<u8>,
+    /// Where the writes under way began (in the active segment): what a
+    /// write the disk has no room for goes back to ([`Log::undo_writes`]).
+    undo: Option<WriteMark>,
+    /// Set when writes were undone: records from this offset on are not in
+    /// the log, whatever their writes answered before.
+    undone: Option<(u64, Error)>,
+    /// Bytes [`Log::flush`] held back and where they go (see there).
+    held: Option<(u64, Vec<u8>)>,
+}
+
+/// The writer's state at the start of writes that may be undone.
+#[derive(Debug, Clone, Copy)]
+struct WriteMark {
+    write_pos: u64,
+    next_offset: u64,
+    builder: IndexBuilder,
+    first_offset: Option<u64>,
+    started_ms: Option<u64>,
+}
+
+impl Writer {
+    fn mark(&self) -> WriteMark {
+        WriteMark {
+            write_pos: self.active.write_pos,
+            next_offset: self.next_offset,
+            builder: self.active.builder,
+            first_offset: self.active.first_offset,
+            started_ms: self.active.started_ms,
+        }
+    }
+
+    /// Begins writes that a full disk undoes whole.
+    fn begin_undoable(&mut self) {
+        self.undo = Some(self.mark());
+        self.undone = None;
+    }
+
+    /// Ends them (their held bytes written): their results stand.
+    fn end_undoable(&mut self) {
+        debug_assert!(self.held.is_none(), "held bytes are written first");
+        self.undo = None;
+        self.undone = None;
+    }
 }
 
 /// The writer's side of the active segment.
@@ -339,6 +382,9 @@ impl Log {
                 roll_due: false,
                 last_sync: Instant::now(),
                 scratch: Vec::new(),
+                undo: None,
+                undone: None,
+                held: None,
             }),
             compacting: Mutex::new(()),
             compaction_stopped: AtomicBool::new(false),
@@ -768,8 +814,10 @@ impl Log {
     pub fn write(&self, batch: &[NewMessage]) -> Result<(Offset, Offset)> {
         let lens = self.record_lens(batch)?;
         let mut w = self.lock_writer()?;
+        w.begin_undoable();
         let written = self.write_locked(&mut w, batch, &lens, now_ms());
-        let flushed = self.flush(&mut w);
+        let flushed = self.flush(&mut w).and_then(|()| self.release_held(&mut w));
+        w.end_undoable();
         let written = written?;
         flushed?;
         Ok(written)
@@ -777,9 +825,11 @@ impl Log {
 
     /// [`Log::write`] of each of `batches` (one group commit's), in order,
     /// each with its own result; their records go into the file together, so
-    /// a group of small batches costs one `pwrite`, not one each. A failed
-    /// write into the file makes the log read-only, which the following
-    /// [`Log::commit`] reports.
+    /// a group of small batches costs one `pwrite`, not one each. A write
+    /// the disk has no room for is undone ([`Log::undo_writes`]): each batch
+    /// it took records of answers the full disk. Any other failed write into
+    /// the file makes the log read-only, which the following [`Log::commit`]
+    /// reports.
     pub fn write_batches<'a>(
         &self,
         batches: impl IntoIterator<Item = &'a [NewMessage]>,
@@ -798,13 +848,31 @@ impl Log {
             }
         };
         let now = now_ms();
-        let written = checked
-            .into_iter()
-            .map(|(batch, lens)| self.write_locked(&mut w, batch, &lens?, now))
-            .collect();
-        // An error here poisons the log: the commit that follows fails.
-        let _ = self.flush(&mut w);
+        w.begin_undoable();
+        let mut written = Vec::with_capacity(checked.len());
+        for (batch, lens) in checked {
+            written.push(lens.and_then(|lens| self.write_locked(&mut w, batch, &lens, now)));
+            Self::fail_undone(&mut w, &mut written);
+        }
+        // An error here poisons the log (the commit that follows fails), or
+        // undoes the writes of this group.
+        let _ = self.flush(&mut w).and_then(|()| self.release_held(&mut w));
+        Self::fail_undone(&mut w, &mut written);
+        w.end_undoable();
         written
+    }
+
+    /// Turns the answers of batches whose records were undone into the
+    /// error that undid them.
+    fn fail_undone(w: &mut Writer, written: &mut [Result<(Offset, Offset)>]) {
+        let Some((from, error)) = w.undone.take() else {
+            return;
+        };
+        for result in written.iter_mut() {
+            if matches!(result, Ok((_, last)) if last.0 >= from) {
+                *result = Err(error.duplicate());
+            }
+        }
     }
 
     /// The record length of each message of `batch`, refusing an empty batch
@@ -985,28 +1053,154 @@ impl Log {
         *next_offset = offset;
     }
 
-    /// Writes the scratch buffer into the map at the written end. A failure
-    /// makes the log read-only: the index already names those records.
+    /// Writes the scratch buffer into the map at the written end. A write
+    /// the disk has no room for is undone back to where the writes under way
+    /// began ([`Log::undo_writes`]); any other failure makes the log
+    /// read-only: the index already names those records.
+    ///
+    /// The first bytes after that start, up to the next page boundary, share
+    /// their page with records already committed; they are held back and
+    /// written last ([`Log::release_held`]), so that undoing never has to
+    /// write over that page (on a copy-on-write filesystem a full disk
+    /// refuses that too), only to punch out whole pages after it.
     fn flush(&self, w: &mut Writer) -> Result<()> {
         if w.scratch.is_empty() {
             return Ok(());
         }
-        let active = &mut w.active;
-        if let Err(e) = active.map.write(active.write_pos, &w.scratch) {
-            let cause = format!(
-                "writing into the map of {}: {e}",
-                active.segment.paths().log.display()
-            );
-            w.scratch.clear();
-            w.poisoned = Some(cause.clone());
-            return Err(Error::ReadOnly {
-                log: self.dir.clone(),
-                cause,
-            });
+        let len = w.scratch.len() as u64;
+        let at = w.active.write_pos;
+        let held = match w.undo {
+            Some(mark) if at == mark.write_pos && w.held.is_none() => {
+                (at.next_multiple_of(PAGE) - at).min(len)
+            }
+            _ => 0,
+        };
+        if held > 0 {
+            w.held = Some((at, w.scratch[..held as usize].to_vec()));
         }
-        active.write_pos += w.scratch.len() as u64;
+        let written = if held < len {
+            w.active.map.write(at + held, &w.scratch[held as usize..])
+        } else {
+            Ok(())
+        };
         w.scratch.clear();
-        Ok(())
+        match written {
+            Ok(()) => {
+                w.active.write_pos += len;
+                Ok(())
+            }
+            Err(short) => Err(self.failed_write(w, 0, at + held + short.written, short.error)),
+        }
+    }
+
+    /// Writes the bytes [`Log::flush`] held back, ending writes that may be
+    /// undone (and before a roll seals what they wrote).
+    fn release_held(&self, w: &mut Writer) -> Result<()> {
+        let Some((at, bytes)) = w.held.take() else {
+            return Ok(());
+        };
+        match w.active.map.write(at, &bytes) {
+            Ok(()) => Ok(()),
+            Err(short) => {
+                let reached = w.active.write_pos;
+                Err(self.failed_write(w, short.written, reached, short.error))
+            }
+        }
+    }
+
+    /// A write into the map failed, with `head` bytes of the held page and
+    /// the bytes from its end up to `reached` in the file: undone if the
+    /// disk is full ([`Log::undo_writes`]), else the log turns read-only.
+    fn failed_write(&self, w: &mut Writer, head: u64, reached: u64, e: std::io::Error) -> Error {
+        if crate::error::is_disk_full(&e)
+            && let Some(mark) = w.undo
+        {
+            return self.undo_writes(w, mark, head, reached, e);
+        }
+        let cause = format!(
+            "writing into the map of {}: {e}",
+            w.active.segment.paths().log.display()
+        );
+        self.poison(w, cause)
+    }
+
+    /// Makes the log read-only for `cause` (until a restart).
+    fn poison(&self, w: &mut Writer, cause: String) -> Error {
+        tracing::error!(log = %self.dir.display(), %cause, "log is now read-only");
+        w.held = None;
+        w.poisoned = Some(cause.clone());
+        Error::ReadOnly {
+            log: self.dir.clone(),
+            cause,
+        }
+    }
+
+    /// Takes back the writes since `mark` after the disk refused one (on a
+    /// copy-on-write filesystem, or over a hole, a full disk refuses writes
+    /// even into space `fallocate` reserved). What reached the file, `head`
+    /// bytes of the page the mark lies in and the whole pages after it up
+    /// to `reached`, is cleared (the pages punched out, which takes no
+    /// room) and synced away, so no crash brings back records of a refused
+    /// batch; then the writer goes back to `mark`. The log stays writable;
+    /// the answer is the full disk. Should clearing fail, the log turns
+    /// read-only.
+    fn undo_writes(
+        &self,
+        w: &mut Writer,
+        mark: WriteMark,
+        head: u64,
+        reached: u64,
+        e: std::io::Error,
+    ) -> Error {
+        w.held = None;
+        let a = &mut w.active;
+        let log = a.segment.paths().log.clone();
+        let pages_from = mark.write_pos.next_multiple_of(PAGE);
+        let cleared = (|| {
+            if head > 0 {
+                a.file.write_at(mark.write_pos, &vec![0; head as usize])?;
+            }
+            if reached > pages_from {
+                a.file
+                    .punch_hole(pages_from, reached.next_multiple_of(PAGE) - pages_from)?;
+            }
+            if head > 0 || reached > pages_from {
+                a.file.sync_data()?;
+            }
+            Ok::<(), std::io::Error>(())
+        })();
+        if let Err(undo) = cleared {
+            let cause = format!(
+                "writing into {}: {e}; then clearing what reached the file: {undo}",
+                log.display()
+            );
+            return self.poison(w, cause);
+        }
+        let base = a.segment.base();
+        a.segment.with_index_mut(|index| {
+            index.truncate((mark.next_offset - base) as u32, mark.write_pos as u32)
+        });
+        a.builder = mark.builder;
+        a.first_offset = mark.first_offset;
+        a.started_ms = mark.started_ms;
+        a.write_pos = mark.write_pos;
+        a.writeback_from = a.writeback_from.min(mark.write_pos);
+        w.next_offset = mark.next_offset;
+        tracing::warn!(file = %log.display(), error = %e,
+            "the disk has no room for records written into space reserved for them (a copy-on-write filesystem, or a hole); they are taken back and their producers told");
+        let error = Error::io(
+            format!(
+                "writing records into {} (nothing of them is stored)",
+                log.display()
+            ),
+            e,
+        );
+        let from = w
+            .undone
+            .as_ref()
+            .map_or(mark.next_offset, |(f, _)| (*f).min(mark.next_offset));
+        w.undone = Some((from, error.duplicate()));
+        error
     }
 
     /// Grows the active file ahead of the writer, never past the map, for
@@ -1242,6 +1436,7 @@ impl Log {
 
     /// Seals the active segment and starts a new one at the next offset.
     fn roll(&self, w: &mut Writer) -> Result<()> {
+        self.release_held(w)?;
         self.sync_locked(w)?;
         self.publish_locked(w);
         // The new segment first: if it cannot be created (a full disk), the
@@ -1266,6 +1461,11 @@ impl Log {
             durable_end: w.next_offset,
         };
         w.active = active;
+        // What came before is sealed: writes undone from now on go back to
+        // the new segment's start.
+        if w.undo.is_some() {
+            w.undo = Some(w.mark());
+        }
         Ok(())
     }
 

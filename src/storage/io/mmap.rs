@@ -13,7 +13,7 @@
 //! read). Bytes below the published end are therefore never written again
 //! while the map lives, and a `&[u8]` over them is a plain immutable slice.
 
-use super::{Mapping, out_of_range};
+use super::{Mapping, ShortWrite, out_of_range};
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 use std::fmt;
@@ -122,32 +122,56 @@ impl Mapping for OsMapping {
         self.writable.store(false, Ordering::Release);
     }
 
-    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, pos: u64, data: &[u8]) -> Result<(), ShortWrite> {
         if !self.writable.load(Ordering::Acquire) {
-            return Err(io::Error::new(
+            return Err(ShortWrite::none(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "read-only map",
-            ));
+            )));
         }
         let _appender = self
             .append_lock
             .lock()
-            .map_err(|_| io::Error::other("append lock poisoned"))?;
-        let end = pos
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| out_of_range("map write", pos, data.len() as u64, u64::MAX))?;
+            .map_err(|_| ShortWrite::none(io::Error::other("append lock poisoned")))?;
+        let end = pos.checked_add(data.len() as u64).ok_or_else(|| {
+            ShortWrite::none(out_of_range("map write", pos, data.len() as u64, u64::MAX))
+        })?;
         let allocated = self.file_size.load(Ordering::Acquire).min(self.capacity);
         if pos < self.published() || end > allocated {
-            return Err(out_of_range("map write", pos, data.len() as u64, allocated));
+            return Err(ShortWrite::none(out_of_range(
+                "map write",
+                pos,
+                data.len() as u64,
+                allocated,
+            )));
         }
         // Above the published end, so no reader holds a view of these bytes.
-        match &self.file {
-            Some(file) => file.write_all_at(data, pos),
-            None => Err(io::Error::new(
+        let Some(file) = &self.file else {
+            return Err(ShortWrite::none(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "write to a read-only map",
-            )),
+            )));
+        };
+        let mut written = 0;
+        while written < data.len() {
+            match file.write_at(&data[written..], pos + written as u64) {
+                Ok(0) => {
+                    return Err(ShortWrite {
+                        written: written as u64,
+                        error: io::Error::from(io::ErrorKind::WriteZero),
+                    });
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    return Err(ShortWrite {
+                        written: written as u64,
+                        error,
+                    });
+                }
+            }
         }
+        Ok(())
     }
 
     fn publish(&self, end: u64) {

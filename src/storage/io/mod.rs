@@ -84,6 +84,23 @@ pub enum LockError {
     Io(io::Error),
 }
 
+/// A [`Mapping::write`] that failed after its first `written` bytes reached
+/// the file (a `pwrite` cut short by a full disk writes a part first).
+#[derive(Debug)]
+pub struct ShortWrite {
+    /// Bytes in place, from the position written at.
+    pub written: u64,
+    /// Why the rest was not.
+    pub error: io::Error,
+}
+
+impl ShortWrite {
+    /// A failure before any byte reached the file.
+    pub fn none(error: io::Error) -> ShortWrite {
+        ShortWrite { written: 0, error }
+    }
+}
+
 /// One open file.
 pub trait StorageFile: Send + Sync + Debug {
     /// Current size in bytes.
@@ -110,6 +127,11 @@ pub trait StorageFile: Send + Sync + Debug {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes all of `data` at `pos` (positional write, not through a map).
     fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+    /// Frees the blocks of `len` bytes at `pos` (`fallocate` punching a
+    /// hole), which read as zeros from then on; the size stays. Needs no
+    /// room on the disk, where writing zeros over them would on a
+    /// copy-on-write filesystem. Durable after [`StorageFile::sync_data`].
+    fn punch_hole(&self, pos: u64, len: u64) -> io::Result<()>;
     /// Durability point for the whole file: data and the metadata needed to
     /// read it back (size), like `fdatasync`.
     fn sync_data(&self) -> io::Result<()>;
@@ -130,8 +152,9 @@ pub trait Mapping: Send + Sync + Debug {
     fn published(&self) -> u64;
     /// Writes `data` at `pos` into the pages the map shows (the real disk uses
     /// `pwrite`). Only the appender calls this, only at or above the published
-    /// end, and only below the file's allocated size.
-    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()>;
+    /// end, and only below the file's allocated size. A failure says how
+    /// much of `data` reached the file before it.
+    fn write(&self, pos: u64, data: &[u8]) -> Result<(), ShortWrite>;
     /// Makes bytes below `end` visible to readers. `end` never decreases.
     fn publish(&self, end: u64);
     /// Stops taking writes: [`Mapping::write`] fails from now on. The owner

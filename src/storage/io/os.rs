@@ -110,9 +110,7 @@ impl Storage for OsStorage {
             .open(path)
             .map_err(lock_open_error)?;
         flock(&mut file)?;
-        file.set_len(0).map_err(LockError::Io)?;
-        file.rewind().map_err(LockError::Io)?;
-        file.write_all(owner.as_bytes()).map_err(LockError::Io)?;
+        write_owner(&mut file, owner, path)?;
         Ok(Box::new(OsLock { _file: file }))
     }
 
@@ -137,6 +135,29 @@ impl Storage for OsStorage {
         };
         flock(&mut file)?;
         Ok(Box::new(OsLock { _file: file }))
+    }
+}
+
+/// Writes the holder's pid into the LOCK file it holds, for a second
+/// opener's refusal to name. The lock itself is the `flock`: on a disk with
+/// no room for the text (a full btrfs or xfs, where even rewriting a block
+/// of a file takes a new one) the broker still starts, to serve what it
+/// holds, with a warning and the file emptied so that no other pid is named.
+fn write_owner(file: &mut File, owner: &str, path: &Path) -> Result<(), LockError> {
+    // Over the old text, then cut to length: shrinking needs no room.
+    let written = file
+        .rewind()
+        .and_then(|()| file.write_all(owner.as_bytes()))
+        .and_then(|()| file.set_len(owner.len() as u64));
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            let _ = file.set_len(0);
+            tracing::warn!(file = %path.display(), error = %e,
+                "no room to write this process's pid into the lock file; the lock holds all the same (a second broker on this directory is refused without the pid)");
+            Ok(())
+        }
+        Err(e) => Err(LockError::Io(e)),
     }
 }
 
@@ -237,6 +258,19 @@ impl StorageFile for OsFile {
         write_zeros(&self.file, current, len)?;
         self.size.fetch_max(len, Ordering::AcqRel);
         Ok(())
+    }
+
+    fn punch_hole(&self, pos: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fallocate(
+            &*self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            pos,
+            len,
+        )
+        .map_err(io::Error::from)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

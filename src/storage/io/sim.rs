@@ -11,7 +11,9 @@
 //! themselves are durable as soon as they are created, and so is the rename
 //! of a directory (which moves everything below it).
 
-use super::{LockError, LockGuard, Mapping, OpenMode, Storage, StorageFile, out_of_range};
+use super::{
+    LockError, LockGuard, Mapping, OpenMode, ShortWrite, Storage, StorageFile, out_of_range,
+};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -90,6 +92,9 @@ struct SimState {
     no_space: bool,
     out_of_files: bool,
     out_of_memory: bool,
+    /// Bytes writes into files may still take before every write fails
+    /// with ENOSPC (see [`SimDisk::fail_writes_after`]).
+    write_budget: Option<u64>,
     syncs: u64,
     /// After this many syncs the power is off: every later call fails.
     power_off_after: Option<u64>,
@@ -127,6 +132,25 @@ impl SimState {
             return Err(eio("simulated power loss"));
         }
         Ok(())
+    }
+
+    /// How many of the `len` bytes a write at `pos` puts in place before the
+    /// write budget runs out (all of them without one), in whole 4 KiB
+    /// blocks of the file as a filesystem allocates them; takes them from it.
+    fn take_write_budget(&mut self, pos: u64, len: usize) -> usize {
+        const BLOCK: u64 = 4096;
+        match &mut self.write_budget {
+            None => len,
+            Some(left) if len as u64 <= *left => {
+                *left -= len as u64;
+                len
+            }
+            Some(left) => {
+                let fits = ((pos + *left) / BLOCK * BLOCK).saturating_sub(pos);
+                *left = 0;
+                fits as usize
+            }
+        }
     }
 
     fn check_memory(&self) -> io::Result<()> {
@@ -279,6 +303,16 @@ impl SimDisk {
             SimFault::OutOfFiles => state.out_of_files = on,
             SimFault::OutOfMemory => state.out_of_memory = on,
         }
+    }
+
+    /// A copy-on-write filesystem filling up: once `bytes` more bytes have
+    /// been written into files, every write fails with ENOSPC, even over
+    /// blocks a file already holds (there each rewrite takes new ones). A
+    /// write that crosses the limit puts the whole 4 KiB blocks of it that
+    /// fit in place and then fails, as a `pwrite` cut short by a full disk.
+    /// `None` lifts it.
+    pub fn fail_writes_after(&self, bytes: Option<u64>) {
+        self.lock_state().write_budget = bytes;
     }
 
     /// Number of successful syncs so far.
@@ -630,8 +664,23 @@ impl StorageFile for SimFile {
         self.check_writable()?;
         let mut state = self.state()?;
         state.grow(self.ino, pos + data.len() as u64)?;
+        let n = state.take_write_budget(pos, data.len());
         let inode = state.inode(self.ino)?;
-        inode.live[pos as usize..pos as usize + data.len()].copy_from_slice(data);
+        inode.live[pos as usize..pos as usize + n].copy_from_slice(&data[..n]);
+        if n < data.len() {
+            return Err(enospc());
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, pos: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let mut state = self.state()?;
+        let live = &mut state.inode(self.ino)?.live;
+        let end = pos.saturating_add(len).min(live.len() as u64);
+        if pos < end {
+            live[pos as usize..end as usize].fill(0);
+        }
         Ok(())
     }
 
@@ -705,23 +754,36 @@ impl Mapping for SimMapping {
         self.writable.store(false, Ordering::Release);
     }
 
-    fn write(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, pos: u64, data: &[u8]) -> Result<(), ShortWrite> {
         if !self.writable.load(Ordering::Acquire) {
-            return Err(io::Error::new(
+            return Err(ShortWrite::none(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "read-only map",
-            ));
+            )));
         }
-        let mut state = self.file.state()?;
-        let inode = state.inode(self.file.ino)?;
+        let mut state = self.file.state().map_err(ShortWrite::none)?;
+        let inode = state.inode(self.file.ino).map_err(ShortWrite::none)?;
         let end = pos + data.len() as u64;
         let allocated = (inode.live.len() as u64).min(self.capacity);
         // A real map raises SIGBUS past the end of the file: the engine must
         // allocate first, and this check proves it does.
         if pos < self.published() || end > allocated {
-            return Err(out_of_range("map write", pos, data.len() as u64, allocated));
+            return Err(ShortWrite::none(out_of_range(
+                "map write",
+                pos,
+                data.len() as u64,
+                allocated,
+            )));
         }
-        inode.live[pos as usize..end as usize].copy_from_slice(data);
+        let n = state.take_write_budget(pos, data.len());
+        let inode = state.inode(self.file.ino).map_err(ShortWrite::none)?;
+        inode.live[pos as usize..pos as usize + n].copy_from_slice(&data[..n]);
+        if n < data.len() {
+            return Err(ShortWrite {
+                written: n as u64,
+                error: enospc(),
+            });
+        }
         Ok(())
     }
 
