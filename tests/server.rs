@@ -1383,6 +1383,56 @@ async fn a_connection_gone_silent_is_taken_as_lost() {
     assert!(closed > 0, "the ping reached the server");
 }
 
+/// An answer that arrives slowly (a large reply over a slow link: bytes
+/// keep coming, the frame is not whole for longer than `lost_after`) is the
+/// server answering, not a connection lost: the call gets its answer.
+/// Before, only whole frames counted, and a read of 1 MiB over a link
+/// slower than about 35 KB/s failed as lost after 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_arriving_slowly_is_not_taken_for_a_lost_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let mut socket = fake_welcome(&listener, 0).await;
+        let mut head = [0u8; 5];
+        socket.read_exact(&mut head).await.expect("request head");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len];
+        socket.read_exact(&mut body).await.expect("request");
+        let request = pb::ClientFrame::decode(body.as_slice()).expect("a client frame");
+        let Some(pb::client_frame::Request::Ping(ping)) = request.request else {
+            panic!("expected the ping: {request:?}");
+        };
+        let answer = pb::ServerFrame {
+            kind: Some(pb::server_frame::Kind::Response(pb::Response {
+                request_id: request.request_id,
+                result: Some(pb::response::Result::Ping(pb::PingResponse {
+                    nonce: ping.nonce,
+                })),
+            })),
+        };
+        // A byte every 150 ms: the frame takes well over `lost_after`.
+        for byte in frame(&answer.encode_to_vec()) {
+            socket.write_all(&[byte]).await.expect("a byte");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // Reads (and drops) the client's probes until it closes.
+        let mut sink = Vec::new();
+        let _ = socket.read_to_end(&mut sink).await;
+    });
+    let start = std::time::Instant::now();
+    let (_client, answered) = ping_with_lost_after(&addr).await;
+    assert_eq!(answered.expect("the slow answer arrives"), 7);
+    assert!(
+        start.elapsed() > Duration::from_millis(1000),
+        "the answer took twice lost_after: {:?}",
+        start.elapsed()
+    );
+}
+
 /// A frame that arrives after the client's request, but is no answer to it
 /// (a delivery of a subscription, here a stray reply), does not hide that
 /// the request still waits: the connection gone silent is taken as lost

@@ -552,6 +552,65 @@ impl ClientOptions {
 trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
 
+/// The connection's stream, noting in [`Activity`] every read that brings
+/// bytes: a large answer arriving over a slow link is the server answering,
+/// not a lost connection, long before its frame is whole.
+struct Heard<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.received();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 impl Client {
     /// Connects in plaintext without a token and completes the handshake.
     pub async fn connect(addr: &str, client_name: &str) -> Result<Client> {
@@ -598,6 +657,11 @@ impl Client {
                 })?;
                 Box::new(stream)
             }
+        };
+        let activity = Arc::new(Activity::new());
+        let stream = Heard {
+            inner: stream,
+            activity: Arc::clone(&activity),
         };
         let mut framed = Framed::new(
             stream,
@@ -656,7 +720,6 @@ impl Client {
         let unsubscribing: Arc<Unsubscribing> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicU64::new(1));
-        let activity = Arc::new(Activity::new());
         let lost = Arc::new(tokio::sync::Notify::new());
         let (p, s, w, c, a, l) = (
             Arc::clone(&pending),
