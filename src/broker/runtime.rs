@@ -637,9 +637,12 @@ struct Round {
 }
 
 fn commit(topic: &Topic, jobs: Vec<ProduceJob>) -> Round {
-    let segments = topic.log().segments().len();
+    // A roll starts a new active segment; counting segments instead would
+    // miss a seal while a retention pass drops as many.
+    let active = || topic.log().segments().last().map(|s| s.base());
+    let before = active();
     let result = topic.produce_batches(jobs.iter().map(|j| &j.batch[..]));
-    let sealed = topic.log().segments().len() != segments;
+    let sealed = active() != before;
     Round {
         jobs,
         result,
