@@ -1032,6 +1032,12 @@ fn a_full_disk_leaves_a_run_it_cannot_copy_and_removes_the_dead_segments_after_i
         .expect("a pass past the copy it has no room for");
     assert_eq!(stats.segments_deleted, 2, "{stats:?}");
     assert_eq!(stats.segments_rewritten, 0, "{stats:?}");
+    // Offset 0 stayed with the run left as it was: not counted removed.
+    assert_eq!(
+        stats.records_removed,
+        dead.end - dead.start,
+        "only what went counts as removed: {stats:?}"
+    );
     let end = log.end();
     drop(log);
     let log = open_t(&disk, &cfg);

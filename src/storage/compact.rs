@@ -321,7 +321,13 @@ impl Log {
                 stats.segments_rewritten += run.len() as u64;
                 stats.segments_merged += run.len() as u64 - 1;
             }
-            None => stats.bytes_after += size,
+            None => {
+                // Left as it was: what its scan counted as removed stays.
+                let stayed: u64 = run.iter().map(|s| s.removed).sum();
+                stats.records_removed -= stayed;
+                stats.records_kept += stayed;
+                stats.bytes_after += size;
+            }
         }
         Ok(())
     }
