@@ -227,6 +227,10 @@ pub fn run(args: ProduceArgs) -> CliResult {
         };
         if let Err(e) = sending.await {
             return Err(match acked.get() {
+                Some((first, _, 1)) => e.and(format!(
+                    "1 message was acknowledged before it, at offset {first} \
+                     (a retry of the same input stores it again)"
+                )),
                 Some((first, last, n)) => e.and(format!(
                     "{n} messages were acknowledged before it, the first at offset {first}, \
                      the last at {last} (a retry of the same input stores them again)"
