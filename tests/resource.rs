@@ -572,6 +572,17 @@ async fn a_broker_started_on_a_full_disk_serves_every_acknowledged_message() {
     serves_exactly_then_verifies(start(), &disk, &data, &acked).await;
 }
 
+/// Produces messages 0..n to `orders` (created by the produce) and returns
+/// them as acknowledged.
+async fn produce_orders(broker: &Broker, n: u64) -> Vec<(u64, Vec<u8>)> {
+    let client = Client::connect(&broker.addr, "c").await.expect("connect");
+    client
+        .produce("orders", messages(0, n))
+        .await
+        .expect("produce");
+    (0..n).map(|i| (i, value(i))).collect()
+}
+
 /// A broker started on a full disk where even the pid in `LOCK` finds no
 /// room (a `LOCK` with no block yet, as one left empty by a start that
 /// could not write it; on btrfs or xfs any rewrite of it): the lock is the
@@ -585,13 +596,7 @@ async fn a_full_disk_with_no_room_for_the_pid_still_starts_and_verifies() {
     let ballast = disk.host_path("ballast");
     let start = || Broker::start_with(disk.command(spool_bin()), &data, &[]);
     let broker = start();
-    let client = Client::connect(&broker.addr, "c").await.expect("connect");
-    client
-        .produce("orders", messages(0, 8))
-        .await
-        .expect("produce");
-    let acked: Vec<(u64, Vec<u8>)> = (0..8).map(|i| (i, value(i))).collect();
-    drop(client);
+    let acked = produce_orders(&broker, 8).await;
     stop_cleanly(broker).await;
     std::fs::File::create(disk.host_path("data/LOCK")).expect("an empty LOCK");
     fill_up(&ballast);
@@ -619,13 +624,7 @@ async fn a_stop_a_full_disk_keeps_from_finishing_exits_with_an_error() {
     let ballast = disk.host_path("ballast");
     let start = || Broker::start_with(disk.command(spool_bin()), &data, &[]);
     let broker = start();
-    let client = Client::connect(&broker.addr, "c").await.expect("connect");
-    client
-        .produce("orders", messages(0, 4))
-        .await
-        .expect("produce");
-    let acked: Vec<_> = (0..4).map(|i| (i, value(i))).collect();
-    drop(client);
+    let acked = produce_orders(&broker, 4).await;
     fill_up(&ballast);
     let (ok, log) = tokio::task::spawn_blocking(move || broker.terminate())
         .await
