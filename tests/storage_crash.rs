@@ -1415,6 +1415,55 @@ fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
     }
 }
 
+/// Why: a batch larger than a segment is stored across segments, and a roll
+/// in its middle seals the part written before it. When the disk then
+/// refuses the rest, the answer must say which offsets of the batch are
+/// stored, not that nothing is.
+#[test]
+fn a_batch_refused_after_a_roll_names_the_part_stored_before_it() {
+    let disk = Arc::new(SimDisk::new());
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        fsync: FsyncPolicy::Always,
+        ..LogConfig::default()
+    };
+    let open = || {
+        Log::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            "/data/topics/across",
+            config.clone(),
+            RecoveryMode::default(),
+        )
+        .expect("open")
+    };
+    let log = open();
+    let batch: Vec<NewMessage> = (0..100)
+        .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
+        .collect();
+    disk.fail_writes_after(Some(90 * 1024));
+    let err = log
+        .append(&batch)
+        .expect_err("the disk fills in the second segment");
+    let stored = log.end().0;
+    assert!(
+        stored > 0 && stored < 100,
+        "the first segment's part: {stored}"
+    );
+    match err {
+        Error::Full { context, .. } => assert!(
+            context.contains(&format!("offsets 0 to {} are stored", stored - 1)),
+            "{context}"
+        ),
+        other => panic!("a refused write is Error::Full, got {other:?}"),
+    }
+    assert!(!log.is_read_only());
+    disk.fail_writes_after(None);
+    drop(log);
+    disk.power_cut(None);
+    let log = open();
+    assert_eq!(log.end().0, stored, "the sealed part, and nothing after it");
+}
+
 /// Live bytes of every file on the simulated disk.
 fn used_bytes(disk: &SimDisk) -> u64 {
     fn walk(disk: &SimDisk, dir: &Path) -> u64 {

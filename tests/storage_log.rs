@@ -1402,3 +1402,77 @@ fn a_lost_sector_beginning_in_the_zero_tail_of_a_valid_record_is_set_aside() {
     let read = log.read(Offset(0), 100, 1 << 20).expect("read");
     assert_eq!(read.len(), 39, "every record but the lost one");
 }
+
+/// A group of writes puts its first bytes, those sharing a page with the
+/// records before them, into the file last (so that a full disk never needs
+/// that page rewritten to take the group back). A `kill -9` or power cut in
+/// between leaves zeros from the last record exactly to the page boundary
+/// and the rest of the group after them, none of it answered: the log opens
+/// with the group cut like a torn tail, under every fsync policy, where
+/// "zeros, then valid records" was refused as damage.
+#[test]
+fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
+    for fsync in [FsyncPolicy::Always, FsyncPolicy::Interval(3_600_000)] {
+        let sim = Arc::new(SimDisk::new());
+        let disk: Arc<dyn Storage> = sim.clone();
+        let cfg = LogConfig {
+            segment_bytes: 1 << 20,
+            fsync,
+            ..LogConfig::default()
+        };
+        let open = || {
+            spool::storage::Log::open(
+                Arc::clone(&disk),
+                "/data/topics/t",
+                cfg.clone(),
+                RecoveryMode::default(),
+            )
+        };
+        let log = open().expect("open");
+        // Committed records ending 200 bytes short of a page boundary: the
+        // gap left is under a 512-byte sector, which `interval` would
+        // otherwise set aside as lost pages.
+        let header = spool::storage::record::HEADER_LEN;
+        let mut mark = 0usize;
+        let mut committed = 0u64;
+        while mark != 4096 - 200 {
+            let room = 4096 - 200 - mark;
+            let len = if room >= 1000 + 2 * header {
+                1000
+            } else {
+                room
+            };
+            let m = NewMessage::from_value(vec![b'c'; len - header]);
+            assert_eq!(spool::storage::record::encoded_len(&m), Some(len));
+            mark += len;
+            log.append(&[m]).expect("committed");
+            committed += 1;
+        }
+        log.sync().expect("sync");
+        log.store_checkpoint(None, false).expect("checkpoint");
+        let group: Vec<NewMessage> = (0..20)
+            .map(|i| NewMessage::from_value(vec![b'g' + i as u8 % 5; 900]))
+            .collect();
+        log.append(&group).expect("the group");
+        drop(log);
+        // As the file stood before the group's first page was written.
+        let path = std::path::Path::new("/data/topics/t/00000000000000000000.log");
+        sim.damage(path, mark as u64, &[0u8; 200])
+            .expect("the first page unwritten");
+        let data = DataDir::open(Arc::clone(&disk), "/data").expect("data dir");
+        let report = spool::storage::verify::verify(&data, &mut |_| {}).expect("verify");
+        assert!(report.damage.is_empty(), "{fsync:?}: {:?}", report.damage);
+        assert_eq!(report.torn_tails.len(), 1, "{fsync:?}: {report:?}");
+        drop(data);
+        let log = open().unwrap_or_else(|e| panic!("{fsync:?}: the log opens: {e}"));
+        assert_eq!(
+            offsets_in(&log),
+            (0..committed).collect::<Vec<_>>(),
+            "{fsync:?}"
+        );
+        let a = log
+            .append(&[NewMessage::from_value("next")])
+            .expect("appends go on");
+        assert_eq!(a.first.0, committed, "{fsync:?}");
+    }
+}

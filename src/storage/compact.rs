@@ -322,10 +322,14 @@ impl Log {
                 stats.segments_merged += run.len() as u64 - 1;
             }
             None => {
-                // Left as it was: what its scan counted as removed stays.
-                let stayed: u64 = run.iter().map(|s| s.removed).sum();
-                stats.records_removed -= stayed;
-                stats.records_kept += stayed;
+                // Left as it was (no room to copy it): what its scan counted
+                // as removed stays. (A run retention took meanwhile is gone.)
+                let base = run.first().map(|s| s.segment.base());
+                if self.segments().iter().any(|s| Some(s.base()) == base) {
+                    let stayed: u64 = run.iter().map(|s| s.removed).sum();
+                    stats.records_removed -= stayed;
+                    stats.records_kept += stayed;
+                }
                 stats.bytes_after += size;
             }
         }

@@ -43,7 +43,7 @@ const SMALL_APPEND: u64 = 64 * 1024;
 const WRITTEN_AHEAD: u64 = 256 * 1024;
 /// Writeback starts at page boundaries: the page a piece ends in is written
 /// again by the next piece, and is left for the sync.
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 
 /// What retention must keep beyond the log's own limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -154,8 +154,11 @@ struct Writer {
     /// write the disk has no room for goes back to ([`Log::undo_writes`]).
     undo: Option<WriteMark>,
     /// Set when writes were undone: records from this offset on are not in
-    /// the log, whatever their writes answered before.
-    undone: Option<(u64, Error)>,
+    /// the log, whatever their writes answered before; with the error and
+    /// the segment file.
+    undone: Option<(u64, Error, PathBuf)>,
+    /// The first offset of the batch being written.
+    batch_first: u64,
     /// Bytes [`Log::flush`] held back and where they go (see there).
     held: Option<(u64, Vec<u8>)>,
 }
@@ -223,6 +226,32 @@ struct Active {
     /// while it holds none): its age for `segment_ms`, which a reopen does
     /// not reset.
     started_ms: Option<u64>,
+}
+
+/// The answer to a batch from offset `first` whose records from `from` on
+/// were undone (`error`, writing into `log`): nothing of it stored, or,
+/// for a batch larger than a segment, the part sealed before.
+fn undone_error(error: &Error, log: &Path, first: u64, from: u64) -> Error {
+    let context = if first >= from {
+        format!(
+            "writing records into {} (nothing of the batch is stored)",
+            log.display()
+        )
+    } else {
+        format!(
+            "writing records into {}: the batch's offsets {first} to {} are stored, in the \
+             segments it filled before (it is larger than a segment), the rest not",
+            log.display(),
+            from - 1
+        )
+    };
+    match error {
+        Error::Full { source, .. } => Error::Full {
+            context,
+            source: crate::storage::io::copy_error(source),
+        },
+        other => other.duplicate(),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -384,6 +413,7 @@ impl Log {
                 scratch: Vec::new(),
                 undo: None,
                 undone: None,
+                batch_first: 0,
                 held: None,
             }),
             compacting: Mutex::new(()),
@@ -865,12 +895,14 @@ impl Log {
     /// Turns the answers of batches whose records were undone into the
     /// error that undid them.
     fn fail_undone(w: &mut Writer, written: &mut [Result<(Offset, Offset)>]) {
-        let Some((from, error)) = w.undone.take() else {
+        let Some((from, error, log)) = w.undone.take() else {
             return;
         };
         for result in written.iter_mut() {
-            if matches!(result, Ok((_, last)) if last.0 >= from) {
-                *result = Err(error.duplicate());
+            if let Ok((first, last)) = *result
+                && last.0 >= from
+            {
+                *result = Err(undone_error(&error, &log, first.0, from));
             }
         }
     }
@@ -929,6 +961,7 @@ impl Log {
             )));
         }
         let first = w.next_offset;
+        w.batch_first = first;
         // Only a segment named past every offset a producer could reach (a
         // file put there by hand) gets here: wrapping around would hand
         // out offset 0 again.
@@ -1062,21 +1095,33 @@ impl Log {
     /// their page with records already committed; they are held back and
     /// written last ([`Log::release_held`]), so that undoing never has to
     /// write over that page (on a copy-on-write filesystem a full disk
-    /// refuses that too), only to punch out whole pages after it.
+    /// refuses that too), only to punch out whole pages after it. A stop in
+    /// between leaves zeros up to that boundary with the rest of the writes
+    /// after them, none of it answered: recovery cuts there
+    /// ([`crate::storage::recovery`]).
     fn flush(&self, w: &mut Writer) -> Result<()> {
         if w.scratch.is_empty() {
             return Ok(());
         }
         let len = w.scratch.len() as u64;
         let at = w.active.write_pos;
-        let held = match w.undo {
-            Some(mark) if at == mark.write_pos && w.held.is_none() => {
-                (at.next_multiple_of(PAGE) - at).min(len)
-            }
-            _ => 0,
-        };
+        // Up to the end of the page the writes began in, however many
+        // flushes it takes to get there.
+        let held = w.undo.map_or(0, |mark| {
+            mark.write_pos
+                .next_multiple_of(PAGE)
+                .saturating_sub(at)
+                .min(len)
+        });
         if held > 0 {
-            w.held = Some((at, w.scratch[..held as usize].to_vec()));
+            let head = &w.scratch[..held as usize];
+            match &mut w.held {
+                Some((from, bytes)) => {
+                    debug_assert_eq!(*from + bytes.len() as u64, at, "held bytes run on");
+                    bytes.extend_from_slice(head);
+                }
+                None => w.held = Some((at, head.to_vec())),
+            }
         }
         let written = if held < len {
             w.active.map.write(at + held, &w.scratch[held as usize..])
@@ -1188,19 +1233,14 @@ impl Log {
         w.next_offset = mark.next_offset;
         tracing::warn!(file = %log.display(), error = %e,
             "the disk has no room for records written into space reserved for them (a copy-on-write filesystem, or a hole); they are taken back and their producers told");
-        let error = Error::io(
-            format!(
-                "writing records into {} (nothing of them is stored)",
-                log.display()
-            ),
-            e,
-        );
+        let error = Error::io(format!("writing records into {}", log.display()), e);
         let from = w
             .undone
             .as_ref()
-            .map_or(mark.next_offset, |(f, _)| (*f).min(mark.next_offset));
-        w.undone = Some((from, error.duplicate()));
-        error
+            .map_or(mark.next_offset, |(f, _, _)| (*f).min(mark.next_offset));
+        let answer = undone_error(&error, &log, w.batch_first, mark.next_offset);
+        w.undone = Some((from, error, log));
+        answer
     }
 
     /// Grows the active file ahead of the writer, never past the map, for

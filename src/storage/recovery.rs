@@ -315,6 +315,22 @@ pub fn open_segment(
             && pos >= synced_to
             && config.fsync != FsyncPolicy::Always
             && looks_like_lost_pages(&data, pos..next_valid.map_or(0, |(q, _)| q));
+        // The writer writes the first bytes of a group of writes, those that
+        // share a page with the records before them, last (`Log::flush`): a
+        // stop in between leaves zeros from the last record exactly to the
+        // page boundary and the rest of the group after them, none of it
+        // answered yet. Cut there, like a torn tail.
+        if !unsynced_hole
+            && next_valid.is_some()
+            && active
+            && pos >= synced_to
+            && is_held_page_gap(&data, pos)
+        {
+            cut(&*file, log, pos, len, report)?;
+            tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
+                "cut the records of unanswered writes after the page they began in, which they write last");
+            break;
+        }
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
         // Without a valid record after the damage, a sealed segment lost every
@@ -421,6 +437,19 @@ pub fn open_segment(
         index,
         end_position: pos,
     })
+}
+
+/// Whether `data` holds zeros from `pos` (where the records stop, inside a
+/// page) exactly to the next page boundary and something after it: the
+/// page a group of writes began in, which the writer writes last (see
+/// `Log::flush`), not yet written when it stopped.
+pub(crate) fn is_held_page_gap(data: &[u8], pos: u64) -> bool {
+    let boundary = pos.next_multiple_of(super::log::PAGE);
+    boundary > pos
+        && (boundary as usize) < data.len()
+        && data[pos as usize..boundary as usize]
+            .iter()
+            .all(|&b| b == 0)
 }
 
 /// Whether the bad bytes `bad` of a segment or journal whose content is

@@ -15,7 +15,9 @@ use super::config::FsyncPolicy;
 use super::index::{IndexBuilder, SegmentIndex};
 use super::io::{Storage, read_file_within};
 use super::record::{self, Frame};
-use super::recovery::{Stop, find_next_valid, looks_like_lost_pages, scan, segment_bound};
+use super::recovery::{
+    Stop, find_next_valid, is_held_page_gap, looks_like_lost_pages, scan, segment_bound,
+};
 use super::segment::{SegmentPaths, parse_log_name};
 use super::{DataDir, LogConfig};
 use crate::error::{Corruption, IoContext, Result};
@@ -463,6 +465,18 @@ fn verify_log(
                     );
                     report.notes.push(finding);
                     pos = q;
+                }
+                // Writes stopped before the page they began in was written
+                // (it is written last): the next start cuts them.
+                Some(_) if active && pos >= synced_to && is_held_page_gap(&data, pos) => {
+                    finding.detail = format!(
+                        "{}; zeros from the last record to the page boundary with records after them, past the \
+                         recovery point (byte {synced_to} was synced): writes that stopped before the page they \
+                         began in was written, which they write last, none of them answered; the next start cuts them",
+                        finding.detail
+                    );
+                    report.torn_tails.push(finding);
+                    break;
                 }
                 Some((q, _)) => {
                     report.damage.push(finding);

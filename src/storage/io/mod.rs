@@ -130,7 +130,8 @@ pub trait StorageFile: Send + Sync + Debug {
     /// Frees the blocks of `len` bytes at `pos` (`fallocate` punching a
     /// hole), which read as zeros from then on; the size stays. Needs no
     /// room on the disk, where writing zeros over them would on a
-    /// copy-on-write filesystem. Durable after [`StorageFile::sync_data`].
+    /// copy-on-write filesystem. Then reserves them again where the disk
+    /// has room. Durable after [`StorageFile::sync_data`].
     fn punch_hole(&self, pos: u64, len: u64) -> io::Result<()>;
     /// Durability point for the whole file: data and the metadata needed to
     /// read it back (size), like `fdatasync`.

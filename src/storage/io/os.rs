@@ -270,7 +270,12 @@ impl StorageFile for OsFile {
             pos,
             len,
         )
-        .map_err(io::Error::from)
+        .map_err(io::Error::from)?;
+        // Reserved again where the disk has room (unwritten blocks, reading
+        // as zeros), so later writes there need none; a full disk leaves the
+        // hole, and a write into it fails as cleanly.
+        let _ = rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::KEEP_SIZE, pos, len);
+        Ok(())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
