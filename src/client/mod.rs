@@ -348,7 +348,7 @@ impl Activity {
 pub const PING_EVERY_MAX: Duration = Duration::from_secs(10);
 
 /// Sends a `Ping` whenever nothing was sent for `every`, and notifies
-/// `lost` once something sent has met no frame from the server for
+/// `lost` once something sent has met nothing from the server for
 /// `lost_after`; until the connection closes (or the client is dropped,
 /// which aborts this task).
 async fn keepalive(
@@ -455,7 +455,7 @@ impl End {
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!(
-                        "no frame from the server for {} ms while an answer was due (lost_after); the connection is taken as lost",
+                        "nothing from the server for {} ms while an answer was due (lost_after); the connection is taken as lost",
                         after.as_millis()
                     ),
                 ),
@@ -520,9 +520,10 @@ pub struct ClientOptions {
     /// client pings at least every third of this. A client waiting for
     /// nothing (only subscriptions open) pings once it has been quiet for
     /// a third of the server's idle timeout, at most [`PING_EVERY_MAX`], so
-    /// it notices a lost connection within that plus this. Silence is counted in whole
-    /// frames: a single frame that takes longer than this to arrive (16 MiB
-    /// over a link slower than about 0.5 MB/s) is taken for silence too.
+    /// it notices a lost connection within that plus this. Any bytes from
+    /// the server count as heard, so a large answer arriving over a slow
+    /// link is no silence (over TLS, bytes count once their record, up to
+    /// 16 KiB, is whole).
     pub lost_after: Option<Duration>,
 }
 
