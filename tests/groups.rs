@@ -1433,6 +1433,61 @@ fn group_state_stays_flat_while_a_million_acks_pass_one_stuck_message() {
     assert_eq!(group.info(0..N + 1, &RangeSet::new(), now_ms()).lag, 1);
 }
 
+/// Redeliveries alone (a consumer that nacks everything, or leases that
+/// keep running out) journal an entry each, and snapshots keep the journal
+/// short as they do for acks: before, only an ack or a commit took one, so
+/// a group that only redelivered grew its journal without bound (and a
+/// restart read all of it).
+#[test]
+fn a_group_that_only_redelivers_keeps_its_journal_short() {
+    const MESSAGES: u64 = 1_000;
+    const ROUNDS: u32 = 30;
+    let disk = Arc::new(SimDisk::new());
+    let config = GroupConfig {
+        max_deliveries: u32::MAX,
+        ..GroupConfig::new(GroupMode::Queue)
+    };
+    let open = || {
+        Group::open(
+            Arc::clone(&disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "q",
+            config,
+            0,
+        )
+        .expect("open group")
+    };
+    let mut group = open();
+    let bound = spool::groups::state::SNAPSHOT_EVERY * MAX_JOURNAL_ENTRY;
+    let mut largest_journal = 0;
+    for round in 1..=ROUNDS {
+        for o in 0..MESSAGES {
+            assert!(matches!(
+                group.deliver(o, "nacker", 0).expect("deliver"),
+                spool::groups::Decision::Deliver { delivery } if delivery == round
+            ));
+            assert!(group.nack(o, 0, 0), "the lease is held");
+        }
+        group.sync().expect("sync");
+        largest_journal = largest_journal.max(file_len(&disk, "/g/q.journal"));
+    }
+    assert!(
+        largest_journal <= bound,
+        "journal grew to {largest_journal} bytes over {} redeliveries",
+        MESSAGES * u64::from(ROUNDS)
+    );
+    drop(group);
+    disk.power_cut(None);
+    let mut group = open();
+    assert!(
+        matches!(
+            group.deliver(0, "nacker", 0).expect("deliver"),
+            spool::groups::Decision::Deliver { delivery } if delivery == ROUNDS + 1
+        ),
+        "every delivery counted across the snapshots"
+    );
+}
+
 #[test]
 fn a_topic_with_one_stuck_message_keeps_small_group_files_under_heavy_traffic() {
     // The same through the broker: messages fetched in batches and acked

@@ -538,6 +538,9 @@ impl Group {
                 delivery,
             },
         );
+        // Redeliveries alone (nacks, leases running out) fill the journal
+        // as acks do.
+        self.maybe_snapshot()?;
         Ok(Decision::Deliver { delivery })
     }
 
@@ -555,7 +558,7 @@ impl Group {
         self.journal
             .append(&Entry::Delivered(offset, delivery - 1).encode())?;
         self.counts.insert(offset, delivery - 1);
-        Ok(())
+        self.maybe_snapshot()
     }
 
     /// [`Group::undeliver`] for a fetch that failed after leasing (a full
