@@ -651,6 +651,44 @@ fn a_group_whose_deletion_a_crash_cut_short_is_created_fresh() {
     );
 }
 
+/// A group creation that fails part-way (out of descriptors once its
+/// journal is made) leaves nothing behind: before, its journal stayed, and
+/// the next open of the topic set it aside as a group the topic does not
+/// list, with a warning for each. A retry then creates the group.
+#[test]
+fn a_group_creation_that_fails_leaves_no_files() {
+    use spool::storage::io::SimOp;
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let t = registry
+        .create_topic("t", TopicConfig::default())
+        .expect("create");
+    t.create_group("first", GroupMode::Queue, Position::Earliest)
+        .expect("the groups folder");
+    let groups = Path::new(ROOT).join("topics/t/groups");
+    {
+        let (disk2, groups) = (Arc::clone(&disk), groups.clone());
+        disk.set_hook(Some(Arc::new(move |op, path| {
+            if op == SimOp::SyncDir && path == groups {
+                disk2.set_fault(SimFault::OutOfFiles, true);
+            }
+        })));
+    }
+    let failed = t.create_group("g", GroupMode::Queue, Position::Earliest);
+    disk.set_hook(None);
+    disk.set_fault(SimFault::OutOfFiles, false);
+    assert!(failed.is_err(), "the creation fails: {failed:?}");
+    let left: Vec<String> = disk
+        .list_dir(&groups)
+        .expect("list")
+        .into_iter()
+        .filter(|f| f.starts_with("g."))
+        .collect();
+    assert!(left.is_empty(), "files of the failed group: {left:?}");
+    t.create_group("g", GroupMode::Queue, Position::Earliest)
+        .expect("a retry creates it");
+}
+
 /// A create that arrives while a delete of the name waits for a request
 /// inside the topic (an offset delete's sync) waits for the delete, then
 /// creates the topic: it is not told the topic exists, only to find it

@@ -896,7 +896,25 @@ impl Topic {
         // A group the topic does not list has no state: files of that name
         // are what a crash left of deleting an earlier group of that name.
         Journal::remove_files(&*self.storage, &groups_dir, name)?;
-        let mut group = Group::open(Arc::clone(&self.storage), &groups_dir, name, config, start)?;
+        let mut group = match Group::open(
+            Arc::clone(&self.storage),
+            &groups_dir,
+            name,
+            config,
+            start,
+        ) {
+            Ok(group) => group,
+            Err(e) => {
+                // Nothing of a group the answer says was not created
+                // stays behind (the next open would take its files for
+                // what a crash left, and set them aside).
+                if let Err(removed) = Journal::remove_files(&*self.storage, &groups_dir, name) {
+                    tracing::warn!(topic = %self.name, group = name, error = %removed,
+                            "could not remove the files of a group whose creation failed; the next open sets them aside");
+                }
+                return Err(e);
+            }
+        };
         group.heard_start(self.log.start().0);
         let info = group.info(self.log_range(), self.deletions().set(), timer_ms());
         groups.insert(name.to_owned(), Arc::new(Mutex::new(group)));
