@@ -278,6 +278,39 @@ async fn metrics_tell_a_known_workload_per_topic_group_and_listener() {
     assert_eq!(must(&s, "spool_topics", &[]), 1.0);
 }
 
+/// A topic with more groups than `max_open_files` leaves room for (each
+/// group keeps a file open while its topic is open) stays open while it is
+/// used: the sweeps closed it for the budget every second, and its next
+/// request opened all its groups again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_over_the_file_budget_stays_open_while_it_is_used() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &["--max-open-files", "64"]);
+    let http = broker.metrics.clone().expect("a metrics listener");
+    let client = Client::connect(&broker.addr, "m").await.expect("connect");
+    client
+        .create_topic("wide", pb::TopicConfig::default())
+        .await
+        .expect("create topic");
+    for g in 0..70 {
+        client
+            .create_group("wide", &format!("g{g}"), GroupMode::Queue, None)
+            .await
+            .expect("create group");
+    }
+    // Used every 400 ms, across several sweeps (one a second).
+    for round in 0..10 {
+        client.describe_group("wide", "g0").await.expect("describe");
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let open = value(&scrape(&http).await, "spool_topics_open", &[]);
+        assert_eq!(
+            open,
+            Some(1.0),
+            "round {round}: the topic in use stays open"
+        );
+    }
+}
+
 /// The metrics listener serves at most 64 connections at once: peers that
 /// open connections and hold them cannot take the process's descriptors;
 /// one more is closed at once, and a place freed serves again.

@@ -57,6 +57,9 @@ pub struct BrokerConfig {
     pub topic_idle_close: Duration,
 }
 
+/// How recently used a topic the sweeps keep open over `max_open_files`.
+const BUDGET_SPARES_MS: u64 = 2_000;
+
 /// Default of [`BrokerConfig::max_open_files`]: half the process's limit of
 /// open files (the rest is for connections and short-lived files), at
 /// least 16; 8192 when the process has no limit.
@@ -453,7 +456,7 @@ impl Broker {
     /// retention of closed topics it is due for; deletes topics idle for
     /// their `delete_when_idle_ms`.
     async fn sweep(&self) {
-        self.close_topics(self.file_target()).await;
+        self.close_topics(self.file_target(), true).await;
         self.start_upkeep();
         let idle_now = timer_ms();
         for name in self.inner.registry.idle_deletable() {
@@ -545,15 +548,18 @@ impl Broker {
     async fn keep_budget(&self) {
         let target = self.file_target();
         if self.inner.registry.open_count() * MIN_TOPIC_FILES >= target {
-            self.close_topics(target).await;
+            self.close_topics(target, true).await;
         }
     }
 
     /// Closes the topics unused for `topic_idle_close`, and the least
     /// recently used ones while the open topics hold more than
     /// `target_files`; topics a request, subscription or long-poll holds
-    /// stay open.
-    async fn close_topics(&self, target_files: usize) {
+    /// stay open. With `spare_recent`, so does a topic used in the last
+    /// [`BUDGET_SPARES_MS`]: closing it for the budget would only have its
+    /// next request open it again (a topic with more groups than the budget
+    /// holds was closed and opened again every second).
+    async fn close_topics(&self, target_files: usize, spare_recent: bool) {
         let _closing = self.inner.closer.lock().await;
         let now = timer_ms();
         let config = &self.inner.config;
@@ -571,9 +577,11 @@ impl Broker {
         {
             let mut runtimes = self.runtimes();
             for t in &open {
-                if t.pinned
-                    || (now.saturating_sub(t.last_used_ms) < idle_ms && files <= target_files)
-                {
+                let unused = now.saturating_sub(t.last_used_ms);
+                let idle = unused >= idle_ms;
+                let for_budget =
+                    files > target_files && !(spare_recent && unused < BUDGET_SPARES_MS);
+                if t.pinned || !(idle || for_budget) {
                     continue;
                 }
                 match runtimes.get(&t.name) {
@@ -741,7 +749,7 @@ impl Broker {
             open_files = files,
             "out of file descriptors or memory {doing}: closing unused topics"
         );
-        self.close_topics(files / 2).await;
+        self.close_topics(files / 2, false).await;
     }
 
     /// Runs `open` (opening or creating topic `name`) on the blocking pool.
