@@ -57,7 +57,8 @@ pub struct BrokerConfig {
     pub topic_idle_close: Duration,
 }
 
-/// How recently used a topic the sweeps keep open over `max_open_files`.
+/// How recently used a topic that alone fills `max_open_files` the sweeps
+/// keep open over it.
 const BUDGET_SPARES_MS: u64 = 2_000;
 
 /// Default of [`BrokerConfig::max_open_files`]: half the process's limit of
@@ -555,7 +556,8 @@ impl Broker {
     /// Closes the topics unused for `topic_idle_close`, and the least
     /// recently used ones while the open topics hold more than
     /// `target_files`; topics a request, subscription or long-poll holds
-    /// stay open. With `spare_recent`, so does a topic used in the last
+    /// stay open. With `spare_recent`, so does a topic that alone holds
+    /// `target_files` or more and was used in the last
     /// [`BUDGET_SPARES_MS`]: closing it for the budget would only have its
     /// next request open it again (a topic with more groups than the budget
     /// holds was closed and opened again every second).
@@ -579,8 +581,10 @@ impl Broker {
             for t in &open {
                 let unused = now.saturating_sub(t.last_used_ms);
                 let idle = unused >= idle_ms;
-                let for_budget =
-                    files > target_files && !(spare_recent && unused < BUDGET_SPARES_MS);
+                // A topic in use that alone fills the budget: closing it
+                // only has its next request open it again.
+                let spared = spare_recent && unused < BUDGET_SPARES_MS && t.files >= target_files;
+                let for_budget = files > target_files && !spared;
                 if t.pinned || !(idle || for_budget) {
                     continue;
                 }
