@@ -1443,47 +1443,59 @@ fn a_group_that_only_redelivers_keeps_its_journal_short() {
     const MESSAGES: u64 = 1_000;
     const ROUNDS: u32 = 30;
     let disk = Arc::new(SimDisk::new());
-    let config = GroupConfig {
-        max_deliveries: u32::MAX,
-        ..GroupConfig::new(GroupMode::Queue)
-    };
-    let open = || {
-        Group::open(
-            Arc::clone(&disk) as Arc<dyn Storage>,
-            Path::new("/g"),
-            "q",
-            config,
-            0,
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic(
+            "nacked",
+            TopicConfig {
+                max_deliveries: u32::MAX,
+                ..TopicConfig::default()
+            },
         )
-        .expect("open group")
-    };
-    let mut group = open();
+        .expect("create topic");
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("group");
+    let messages: Vec<NewMessage> = (0..MESSAGES).map(|_| NewMessage::from_value("n")).collect();
+    topic.produce(&messages).expect("produce");
+    let journal = "/data/topics/nacked/groups/q.journal";
     let bound = spool::groups::state::SNAPSHOT_EVERY * MAX_JOURNAL_ENTRY;
-    let mut largest_journal = 0;
+    let mut largest = 0;
     for round in 1..=ROUNDS {
-        for o in 0..MESSAGES {
-            assert!(matches!(
-                group.deliver(o, "nacker", 0).expect("deliver"),
-                spool::groups::Decision::Deliver { delivery } if delivery == round
-            ));
-            assert!(group.nack(o, 0, 0), "the lease is held");
-        }
-        group.sync().expect("sync");
-        largest_journal = largest_journal.max(file_len(&disk, "/g/q.journal"));
+        let fetch = registry
+            .fetch_queue(
+                "nacked",
+                "q",
+                "m",
+                MESSAGES as usize,
+                NO_BYTE_LIMIT,
+                now_ms(),
+            )
+            .expect("fetch");
+        assert_eq!(fetch.deliveries.len() as u64, MESSAGES, "round {round}");
+        assert!(fetch.deliveries.iter().all(|d| d.delivery == round));
+        let offsets: Vec<u64> = fetch
+            .deliveries
+            .iter()
+            .map(|d| d.message.offset.0)
+            .collect();
+        topic.nack("q", &as_offsets(&offsets), 0).expect("nack");
+        largest = largest.max(file_len(&disk, journal));
     }
     assert!(
-        largest_journal <= bound,
-        "journal grew to {largest_journal} bytes over {} redeliveries",
+        largest <= bound,
+        "journal grew to {largest} bytes over {} redeliveries",
         MESSAGES * u64::from(ROUNDS)
     );
-    drop(group);
-    disk.power_cut(None);
-    let mut group = open();
-    assert!(
-        matches!(
-            group.deliver(0, "nacker", 0).expect("deliver"),
-            spool::groups::Decision::Deliver { delivery } if delivery == ROUNDS + 1
-        ),
+    topic.sync_state().expect("sync");
+    drop(topic);
+    let registry = restart(&disk, registry, Some(None));
+    let fetch = registry
+        .fetch_queue("nacked", "q", "m", 1, NO_BYTE_LIMIT, now_ms())
+        .expect("fetch after the restart");
+    assert_eq!(
+        fetch.deliveries.first().map(|d| d.delivery),
+        Some(ROUNDS + 1),
         "every delivery counted across the snapshots"
     );
 }

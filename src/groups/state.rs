@@ -538,9 +538,6 @@ impl Group {
                 delivery,
             },
         );
-        // Redeliveries alone (nacks, leases running out) fill the journal
-        // as acks do.
-        self.maybe_snapshot()?;
         Ok(Decision::Deliver { delivery })
     }
 
@@ -558,7 +555,7 @@ impl Group {
         self.journal
             .append(&Entry::Delivered(offset, delivery - 1).encode())?;
         self.counts.insert(offset, delivery - 1);
-        self.maybe_snapshot()
+        Ok(())
     }
 
     /// [`Group::undeliver`] for a fetch that failed after leasing (a full
@@ -791,6 +788,14 @@ impl Group {
     /// Whether every change is durable.
     pub fn is_synced(&self) -> bool {
         self.unjournaled.is_empty() && self.journal.is_synced()
+    }
+
+    /// Takes the snapshot the journal is due for, if any: the start of a
+    /// queue read calls this, before it leases anything, since redeliveries
+    /// (nacks, leases running out) fill the journal as acks do, and a group
+    /// that only redelivers would otherwise never take one.
+    pub fn snapshot_if_due(&mut self) -> Result<()> {
+        self.maybe_snapshot()
     }
 
     fn maybe_snapshot(&mut self) -> Result<()> {

@@ -78,6 +78,7 @@ impl Topic {
         let mut out = QueueFetch::default();
         g.touch(member, now);
         g.expire(now);
+        g.snapshot_if_due()?;
         let due = g.due_redeliveries(now, max);
         let mut candidates: VecDeque<Message> = VecDeque::new();
         // Too large for a delivery: dead-lettered, never leased.
