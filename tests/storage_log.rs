@@ -1470,6 +1470,10 @@ fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
             (0..committed).collect::<Vec<_>>(),
             "{fsync:?}"
         );
+        let kept = disk
+            .list_dir(std::path::Path::new("/data/topics/t/quarantine"))
+            .expect("the cut bytes are kept");
+        assert_eq!(kept.len(), 1, "{fsync:?}: {kept:?}");
         let a = log
             .append(&[NewMessage::from_value("next")])
             .expect("appends go on");

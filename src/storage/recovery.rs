@@ -320,15 +320,31 @@ pub fn open_segment(
         // stop in between leaves zeros from the last record exactly to the
         // page boundary and the rest of the group after them, none of it
         // answered yet. Cut there, like a torn tail.
+        // Their bytes are copied to quarantine/ first: under `fsync=always`
+        // a disk that lost a synced write of that page would look the same.
         if !unsynced_hole
             && next_valid.is_some()
             && active
+            && point_known
             && pos >= synced_to
             && is_held_page_gap(&data, pos)
         {
+            let written = data[pos as usize..]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(pos, |i| pos + i as u64 + 1);
+            let unanswered = Corruption {
+                file: log.clone(),
+                bytes: pos..written,
+                offsets: None,
+                detail: "writes stopped before the page they began in was written (it is written \
+                         last), past the recovery point"
+                    .into(),
+            };
+            quarantine(storage, dir, &*file, &unanswered)?;
             cut(&*file, log, pos, len, report)?;
-            tracing::warn!(file = %log.display(), at = pos, dropped = len - pos,
-                "cut the records of unanswered writes after the page they began in, which they write last");
+            tracing::warn!(file = %log.display(), at = pos, dropped = written - pos,
+                "cut the records of writes stopped before the page they began in, which they write last (none answered, unless the disk lost a synced write; their bytes are in quarantine/)");
             break;
         }
         let damaged_end = next_valid.map_or(len, |(q, _)| q);

@@ -468,11 +468,19 @@ fn verify_log(
                 }
                 // Writes stopped before the page they began in was written
                 // (it is written last): the next start cuts them.
-                Some(_) if active && pos >= synced_to && is_held_page_gap(&data, pos) => {
+                Some(_)
+                    if active
+                        && pos >= synced_to
+                        && checkpoint.is_some()
+                        && is_held_page_gap(&data, pos) =>
+                {
+                    finding.bytes = pos..data.len() as u64;
+                    finding.offsets = None;
                     finding.detail = format!(
                         "{}; zeros from the last record to the page boundary with records after them, past the \
                          recovery point (byte {synced_to} was synced): writes that stopped before the page they \
-                         began in was written, which they write last, none of them answered; the next start cuts them",
+                         began in was written, which they write last (none of them answered, unless the disk lost a \
+                         synced write); the next start copies them to quarantine/ and cuts them",
                         finding.detail
                     );
                     report.torn_tails.push(finding);

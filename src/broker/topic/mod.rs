@@ -910,7 +910,7 @@ impl Topic {
                 // what a crash left, and set them aside).
                 if let Err(removed) = Journal::remove_files(&*self.storage, &groups_dir, name) {
                     tracing::warn!(topic = %self.name, group = name, error = %removed,
-                            "could not remove the files of a group whose creation failed; the next open sets them aside");
+                            "could not clear away the files of a group whose creation failed; the next open sets any left aside");
                 }
                 return Err(e);
             }
