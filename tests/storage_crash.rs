@@ -302,6 +302,17 @@ fn last_index_position(bed: &Bed, log_path: &Path) -> u64 {
     u64::from(u32::from_le_bytes([e[4], e[5], e[6], e[7]]))
 }
 
+/// Opens the log in `dir` on the simulated disk with the default recovery.
+fn open_sim(disk: &Arc<SimDisk>, dir: &str, config: &LogConfig) -> Log {
+    Log::open(
+        Arc::clone(disk) as Arc<dyn Storage>,
+        dir,
+        config.clone(),
+        RecoveryMode::default(),
+    )
+    .expect("open")
+}
+
 /// Appends one message and checks it gets `offset` and reads back.
 fn assert_appends_at(log: &Log, offset: u64) {
     let msg = NewMessage::from_value("after recovery").with_key("k");
@@ -1211,15 +1222,7 @@ fn disk_full_case(fill_up: impl Fn(&SimDisk), free: impl Fn(&SimDisk), seed: u64
         ..LogConfig::default()
     };
     let ctx = format!("seed {seed} {config:?}");
-    let open = || {
-        Log::open(
-            Arc::clone(&disk) as Arc<dyn Storage>,
-            "/data/topics/full",
-            config.clone(),
-            RecoveryMode::default(),
-        )
-        .expect("open")
-    };
+    let open = || open_sim(&disk, "/data/topics/full", &config);
     let log = open();
     let mut acked: Vec<NewMessage> = Vec::new();
     for _ in 0..rng.range(0, 30) {
@@ -1325,15 +1328,7 @@ fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
             ..LogConfig::default()
         };
         let ctx = format!("seed {seed} {fsync:?}");
-        let open = || {
-            Log::open(
-                Arc::clone(&disk) as Arc<dyn Storage>,
-                "/data/topics/cow",
-                config.clone(),
-                RecoveryMode::default(),
-            )
-            .expect("open")
-        };
+        let open = || open_sim(&disk, "/data/topics/cow", &config);
         let batch = |rng: &mut Rng, n: u64, size: u64| -> Vec<NewMessage> {
             (0..n).map(|_| random_message(rng, size)).collect()
         };
@@ -1427,15 +1422,7 @@ fn a_batch_refused_after_a_roll_names_the_part_stored_before_it() {
         fsync: FsyncPolicy::Always,
         ..LogConfig::default()
     };
-    let open = || {
-        Log::open(
-            Arc::clone(&disk) as Arc<dyn Storage>,
-            "/data/topics/across",
-            config.clone(),
-            RecoveryMode::default(),
-        )
-        .expect("open")
-    };
+    let open = || open_sim(&disk, "/data/topics/across", &config);
     let log = open();
     let batch: Vec<NewMessage> = (0..100)
         .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
@@ -1508,15 +1495,7 @@ fn a_failed_sync_turns_the_log_read_only_until_reopened() {
             ..LogConfig::default()
         };
         let ctx = format!("{fsync:?}");
-        let open = || {
-            Log::open(
-                Arc::clone(&disk) as Arc<dyn Storage>,
-                "/data/topics/sync",
-                config.clone(),
-                RecoveryMode::default(),
-            )
-            .expect("open")
-        };
+        let open = || open_sim(&disk, "/data/topics/sync", &config);
         let log = open();
         let mut acked: Vec<NewMessage> = Vec::new();
         for _ in 0..20 {
