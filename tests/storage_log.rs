@@ -1412,7 +1412,15 @@ fn a_lost_sector_beginning_in_the_zero_tail_of_a_valid_record_is_set_aside() {
 /// "zeros, then valid records" was refused as damage.
 #[test]
 fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
-    for fsync in [FsyncPolicy::Always, FsyncPolicy::Interval(3_600_000)] {
+    // Gaps under a 512-byte sector and over one (which `interval` and
+    // `never` would otherwise set aside as pages lost out of order,
+    // keeping the rest of a batch never answered without its first records).
+    for (fsync, gap) in [
+        (FsyncPolicy::Always, 200),
+        (FsyncPolicy::Interval(3_600_000), 200),
+        (FsyncPolicy::Interval(3_600_000), 3000),
+        (FsyncPolicy::Never, 3000),
+    ] {
         let sim = Arc::new(SimDisk::new());
         let disk: Arc<dyn Storage> = sim.clone();
         let cfg = LogConfig {
@@ -1429,14 +1437,12 @@ fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
             )
         };
         let log = open().expect("open");
-        // Committed records ending 200 bytes short of a page boundary: the
-        // gap left is under a 512-byte sector, which `interval` would
-        // otherwise set aside as lost pages.
+        // Committed records ending `gap` bytes short of a page boundary.
         let header = spool::storage::record::HEADER_LEN;
         let mut mark = 0usize;
         let mut committed = 0u64;
-        while mark != 4096 - 200 {
-            let room = 4096 - 200 - mark;
+        while mark != 4096 - gap {
+            let room = 4096 - gap - mark;
             let len = if room >= 1000 + 2 * header {
                 1000
             } else {
@@ -1457,26 +1463,34 @@ fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
         drop(log);
         // As the file stood before the group's first page was written.
         let path = std::path::Path::new("/data/topics/t/00000000000000000000.log");
-        sim.damage(path, mark as u64, &[0u8; 200])
+        sim.damage(path, mark as u64, &vec![0u8; gap])
             .expect("the first page unwritten");
         let data = DataDir::open(Arc::clone(&disk), "/data").expect("data dir");
         let report = spool::storage::verify::verify(&data, &mut |_| {}).expect("verify");
-        assert!(report.damage.is_empty(), "{fsync:?}: {:?}", report.damage);
-        assert_eq!(report.torn_tails.len(), 1, "{fsync:?}: {report:?}");
+        assert!(
+            report.damage.is_empty(),
+            "{fsync:?} gap {gap}: {:?}",
+            report.damage
+        );
+        assert_eq!(
+            report.torn_tails.len(),
+            1,
+            "{fsync:?} gap {gap}: {report:?}"
+        );
         drop(data);
-        let log = open().unwrap_or_else(|e| panic!("{fsync:?}: the log opens: {e}"));
+        let log = open().unwrap_or_else(|e| panic!("{fsync:?} gap {gap}: the log opens: {e}"));
         assert_eq!(
             offsets_in(&log),
             (0..committed).collect::<Vec<_>>(),
-            "{fsync:?}"
+            "{fsync:?} gap {gap}"
         );
         let kept = disk
             .list_dir(std::path::Path::new("/data/topics/t/quarantine"))
             .expect("the cut bytes are kept");
-        assert_eq!(kept.len(), 1, "{fsync:?}: {kept:?}");
+        assert_eq!(kept.len(), 1, "{fsync:?} gap {gap}: {kept:?}");
         let a = log
             .append(&[NewMessage::from_value("next")])
             .expect("appends go on");
-        assert_eq!(a.first.0, committed, "{fsync:?}");
+        assert_eq!(a.first.0, committed, "{fsync:?} gap {gap}");
     }
 }

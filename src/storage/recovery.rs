@@ -303,18 +303,6 @@ pub fn open_segment(
                 "cut torn tail of the active segment");
             break;
         }
-        // Under `interval`/`never` nothing past the recovery point was
-        // promised to survive a power cut, and the disk may have written a
-        // later page of it and lost an earlier one (which reads as zeros):
-        // such bad bytes are set aside and the records after them kept, in
-        // either recovery mode. Only a checkpoint's recovery point bounds
-        // what may be unsynced, and a flipped bit is no lost write.
-        let unsynced_hole = next_valid.is_some()
-            && active
-            && point_known
-            && pos >= synced_to
-            && config.fsync != FsyncPolicy::Always
-            && looks_like_lost_pages(&data, pos..next_valid.map_or(0, |(q, _)| q));
         // The writer writes the first bytes of a group of writes, those that
         // share a page with the records before them, last (`Log::flush`): a
         // stop in between leaves zeros from the last record exactly to the
@@ -322,8 +310,10 @@ pub fn open_segment(
         // answered yet. Cut there, like a torn tail.
         // Their bytes are copied to quarantine/ first: under `fsync=always`
         // a disk that lost a synced write of that page would look the same.
-        if !unsynced_hole
-            && next_valid.is_some()
+        // Before the rule for lost pages below: a `kill -9` leaves this
+        // shape under every policy, and setting the hole aside would keep the
+        // rest of a batch that was never answered without its first records.
+        if next_valid.is_some()
             && active
             && point_known
             && pos >= synced_to
@@ -347,6 +337,18 @@ pub fn open_segment(
                 "cut the records of writes stopped before the page they began in, which they write last (none answered, unless the disk lost a synced write; their bytes are in quarantine/)");
             break;
         }
+        // Under `interval`/`never` nothing past the recovery point was
+        // promised to survive a power cut, and the disk may have written a
+        // later page of it and lost an earlier one (which reads as zeros):
+        // such bad bytes are set aside and the records after them kept, in
+        // either recovery mode. Only a checkpoint's recovery point bounds
+        // what may be unsynced, and a flipped bit is no lost write.
+        let unsynced_hole = next_valid.is_some()
+            && active
+            && point_known
+            && pos >= synced_to
+            && config.fsync != FsyncPolicy::Always
+            && looks_like_lost_pages(&data, pos..next_valid.map_or(0, |(q, _)| q));
         let damaged_end = next_valid.map_or(len, |(q, _)| q);
         let first_lost = last_offset.map_or(base, |o| o + 1);
         // Without a valid record after the damage, a sealed segment lost every

@@ -448,26 +448,9 @@ fn verify_log(
                     report.damage.push(finding);
                     break;
                 }
-                // Pages written out of order before a power cut (see
-                // `recovery::open_segment`): the next start sets them aside.
-                Some((q, _))
-                    if active
-                        && pos >= synced_to
-                        && relaxed.is_some()
-                        && looks_like_lost_pages(&data, pos..q) =>
-                {
-                    let fsync = relaxed.unwrap_or_default();
-                    finding.detail = format!(
-                        "{}; valid records follow it, past the recovery point (byte {synced_to} was synced) \
-                         under fsync={fsync}, pages the disk wrote out of order before a power cut: the next \
-                         start sets the range aside in quarantine/ and keeps the records after it",
-                        finding.detail
-                    );
-                    report.notes.push(finding);
-                    pos = q;
-                }
                 // Writes stopped before the page they began in was written
-                // (it is written last): the next start cuts them.
+                // (it is written last): the next start cuts them, before
+                // any rule for lost pages.
                 Some(_)
                     if active
                         && pos >= synced_to
@@ -485,6 +468,24 @@ fn verify_log(
                     );
                     report.torn_tails.push(finding);
                     break;
+                }
+                // Pages written out of order before a power cut (see
+                // `recovery::open_segment`): the next start sets them aside.
+                Some((q, _))
+                    if active
+                        && pos >= synced_to
+                        && relaxed.is_some()
+                        && looks_like_lost_pages(&data, pos..q) =>
+                {
+                    let fsync = relaxed.unwrap_or_default();
+                    finding.detail = format!(
+                        "{}; valid records follow it, past the recovery point (byte {synced_to} was synced) \
+                         under fsync={fsync}, pages the disk wrote out of order before a power cut: the next \
+                         start sets the range aside in quarantine/ and keeps the records after it",
+                        finding.detail
+                    );
+                    report.notes.push(finding);
+                    pos = q;
                 }
                 Some((q, _)) => {
                     report.damage.push(finding);
