@@ -1420,6 +1420,9 @@ fn writes_stopped_before_their_first_page_are_cut_like_a_torn_tail() {
         (FsyncPolicy::Interval(3_600_000), 200),
         (FsyncPolicy::Interval(3_600_000), 3000),
         (FsyncPolicy::Never, 3000),
+        // At a page boundary (here a segment's start) a whole page is held.
+        (FsyncPolicy::Always, 4096),
+        (FsyncPolicy::Never, 4096),
     ] {
         let sim = Arc::new(SimDisk::new());
         let disk: Arc<dyn Storage> = sim.clone();

@@ -45,6 +45,12 @@ const WRITTEN_AHEAD: u64 = 256 * 1024;
 /// again by the next piece, and is left for the sync.
 pub(crate) const PAGE: u64 = 4096;
 
+/// The end of the 4 KiB page that byte `pos` lies in (a whole page further
+/// when `pos` begins one).
+pub(crate) fn page_end(pos: u64) -> u64 {
+    (pos / PAGE + 1) * PAGE
+}
+
 /// What retention must keep beyond the log's own limits.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RetentionLimits {
@@ -1091,14 +1097,15 @@ impl Log {
     /// began ([`Log::undo_writes`]); any other failure makes the log
     /// read-only: the index already names those records.
     ///
-    /// The first bytes after that start, up to the next page boundary, share
-    /// their page with records already committed; they are held back and
-    /// written last ([`Log::release_held`]), so that undoing never has to
-    /// write over that page (on a copy-on-write filesystem a full disk
-    /// refuses that too), only to punch out whole pages after it. A stop in
-    /// between leaves zeros up to that boundary with the rest of the writes
-    /// after them, none of it answered: recovery cuts there
-    /// ([`crate::storage::recovery`]).
+    /// The first bytes after that start, up to the end of the page it lies
+    /// in (a page they may share with records already committed), are held
+    /// back and written last ([`Log::release_held`]), so that undoing never
+    /// has to write over that page (on a copy-on-write filesystem a full
+    /// disk refuses that too), only to punch out whole pages after it, and
+    /// so that a stop in between (`kill -9`) leaves zeros to that page's end
+    /// with the rest of the writes after them, none of it answered, which
+    /// recovery cuts ([`crate::storage::recovery`]): a group's records are in
+    /// the file whole or not at all.
     fn flush(&self, w: &mut Writer) -> Result<()> {
         if w.scratch.is_empty() {
             return Ok(());
@@ -1108,10 +1115,7 @@ impl Log {
         // Up to the end of the page the writes began in, however many
         // flushes it takes to get there.
         let held = w.undo.map_or(0, |mark| {
-            mark.write_pos
-                .next_multiple_of(PAGE)
-                .saturating_sub(at)
-                .min(len)
+            page_end(mark.write_pos).saturating_sub(at).min(len)
         });
         if held > 0 {
             let head = &w.scratch[..held as usize];
@@ -1200,7 +1204,7 @@ impl Log {
         w.held = None;
         let a = &mut w.active;
         let log = a.segment.paths().log.clone();
-        let pages_from = mark.write_pos.next_multiple_of(PAGE);
+        let pages_from = page_end(mark.write_pos);
         let cleared = (|| {
             if head > 0 {
                 a.file.write_at(mark.write_pos, &vec![0; head as usize])?;

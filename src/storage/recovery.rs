@@ -457,14 +457,13 @@ pub fn open_segment(
     })
 }
 
-/// Whether `data` holds zeros from `pos` (where the records stop, inside a
-/// page) exactly to the next page boundary and something after it: the
-/// page a group of writes began in, which the writer writes last (see
+/// Whether `data` holds zeros from `pos` (where the records stop) exactly
+/// to the end of the page it lies in and something after it: the page a
+/// group of writes began in, which the writer writes last (see
 /// `Log::flush`), not yet written when it stopped.
 pub(crate) fn is_held_page_gap(data: &[u8], pos: u64) -> bool {
-    let boundary = pos.next_multiple_of(super::log::PAGE);
-    boundary > pos
-        && (boundary as usize) < data.len()
+    let boundary = super::log::page_end(pos);
+    (boundary as usize) < data.len()
         && data[pos as usize..boundary as usize]
             .iter()
             .all(|&b| b == 0)
