@@ -108,6 +108,15 @@ fn read_all(log: &Log) -> Vec<Message> {
     }
 }
 
+/// Checks that `log` holds exactly `acked`, in order from offset 0.
+fn assert_log_holds(log: &Log, acked: &[NewMessage], ctx: &str) {
+    let got = read_all(log);
+    assert_eq!(got.len(), acked.len(), "{ctx}");
+    for (i, m) in got.iter().enumerate() {
+        assert_message(m, &acked[i], i as u64);
+    }
+}
+
 fn corruption(err: Error) -> Corruption {
     match err {
         Error::Corruption(c) => *c,
@@ -1259,11 +1268,7 @@ fn disk_full_case(fill_up: impl Fn(&SimDisk), free: impl Fn(&SimDisk), seed: u64
         Offset(acked.len() as u64),
         "{ctx}: nothing half-stored"
     );
-    let got = read_all(&log);
-    assert_eq!(got.len(), acked.len(), "{ctx}");
-    for (i, m) in got.iter().enumerate() {
-        assert_message(m, &acked[i], i as u64);
-    }
+    assert_log_holds(&log, &acked, &ctx);
     free(&disk);
     assert_appends_at(&log, acked.len() as u64);
     log.close().expect("close");
@@ -1384,11 +1389,7 @@ fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
         drop(log);
         disk.power_cut(None);
         let log = open();
-        let got = read_all(&log);
-        assert_eq!(got.len(), acked.len(), "{ctx}: nothing of a refused batch");
-        for (i, m) in got.iter().enumerate() {
-            assert_message(m, &acked[i], i as u64);
-        }
+        assert_log_holds(&log, &acked, &format!("{ctx}: nothing of a refused batch"));
         disk.fail_writes_after(None);
         let n = rng.range(1, 5);
         let after = batch(&mut rng, n, 500);
@@ -1401,11 +1402,7 @@ fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
         drop(log);
         disk.power_cut(None);
         let log = open();
-        let got = read_all(&log);
-        assert_eq!(got.len(), acked.len(), "{ctx}: only what was acknowledged");
-        for (i, m) in got.iter().enumerate() {
-            assert_message(m, &acked[i], i as u64);
-        }
+        assert_log_holds(&log, &acked, &format!("{ctx}: only what was acknowledged"));
         assert_appends_at(&log, acked.len() as u64);
     }
 }
