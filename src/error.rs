@@ -189,6 +189,35 @@ impl fmt::Display for GivenUp<'_> {
 }
 
 impl Error {
+    /// The same error with `more` added to what was being done (or to the
+    /// message), keeping its kind and so its status code. Errors whose text
+    /// is fixed (damage, a locked directory, ...) stay as they are.
+    pub fn with_context(self, more: impl FnOnce(String) -> String) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: more(context),
+                source,
+            },
+            Error::Full { context, source } => Error::Full {
+                context: more(context),
+                source,
+            },
+            Error::FilesExhausted { context, source } => Error::FilesExhausted {
+                context: more(context),
+                source,
+            },
+            Error::MemoryExhausted { context, source } => Error::MemoryExhausted {
+                context: more(context),
+                source,
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(more(m)),
+            Error::LimitReached(m) => Error::LimitReached(more(m)),
+            Error::Internal(m) => Error::Internal(more(m)),
+            Error::Stopping(m) => Error::Stopping(more(m)),
+            other => other,
+        }
+    }
+
     /// A copy, for each of several callers one failure answers (such as the
     /// producers of one failed group commit; the type is not `Clone`: it
     /// carries `io::Error`s). The copy reads and maps to a status code the

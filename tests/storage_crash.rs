@@ -8,7 +8,7 @@ use bytes::Bytes;
 use spool::Error;
 use spool::error::Corruption;
 use spool::storage::checkpoint::Checkpoint;
-use spool::storage::io::{OsStorage, SimDisk, SimFault, Storage};
+use spool::storage::io::{OsStorage, SimDisk, SimFault, SimOp, Storage};
 use spool::storage::record::{self, Frame};
 use spool::storage::recovery::{QUARANTINE_DIR, Truncation};
 use spool::storage::{
@@ -1446,6 +1446,66 @@ fn a_batch_refused_after_a_roll_names_the_part_stored_before_it() {
     disk.power_cut(None);
     let log = open();
     assert_eq!(log.end().0, stored, "the sealed part, and nothing after it");
+}
+
+/// Why: a batch larger than a segment seals its first part before the next
+/// segment is created; when that creation fails (no room for the new file,
+/// out of descriptors), the sealed part is stored and readable, so the
+/// answer must name it or the producer sends it again as duplicates.
+#[test]
+fn a_batch_stopped_by_a_failed_roll_names_the_part_stored_before_it() {
+    for fault in [SimFault::NoSpace, SimFault::OutOfFiles] {
+        let disk = Arc::new(SimDisk::new());
+        let config = LogConfig {
+            segment_bytes: 64 * 1024,
+            fsync: FsyncPolicy::Never,
+            ..LogConfig::default()
+        };
+        let open = || open_sim(&disk, "/data/topics/across", &config);
+        let log = open();
+        let batch: Vec<NewMessage> = (0..100)
+            .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
+            .collect();
+        // The roll syncs the full segment, then creates the next: the fault
+        // starts between the two.
+        let faulty = Arc::clone(&disk);
+        disk.set_hook(Some(Arc::new(move |op, path: &Path| {
+            if op == SimOp::SyncData && path.extension().is_some_and(|e| e == "log") {
+                faulty.set_fault(fault, true);
+            }
+        })));
+        let err = log
+            .append(&batch)
+            .expect_err("the second segment cannot be created");
+        disk.set_hook(None);
+        disk.set_fault(fault, false);
+        let stored = log.end().0;
+        assert!(
+            stored > 0 && stored < 100,
+            "{fault:?}: the first segment's part: {stored}"
+        );
+        let named = format!("offsets 0 to {} are stored", stored - 1);
+        match &err {
+            Error::Full { context, .. } if fault == SimFault::NoSpace => {
+                assert!(context.contains(&named), "{context}")
+            }
+            Error::FilesExhausted { context, .. } if fault == SimFault::OutOfFiles => {
+                assert!(context.contains(&named), "{context}")
+            }
+            other => panic!("{fault:?}: the creation's own error, got {other:?}"),
+        }
+        // The stored part reads back, and the log goes on after it.
+        let read = log
+            .read(Offset(0), usize::MAX, usize::MAX)
+            .expect("read the stored part");
+        assert_eq!(read.len() as u64, stored, "{fault:?}");
+        let next = log.append(&batch[..1]).expect("the next append rolls");
+        assert_eq!(next.first.0, stored, "{fault:?}");
+        log.sync().expect("sync");
+        drop(log);
+        disk.power_cut(None);
+        assert_eq!(open().end().0, stored + 1, "{fault:?}: nothing else stored");
+    }
 }
 
 /// Live bytes of every file on the simulated disk.

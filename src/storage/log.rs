@@ -201,6 +201,8 @@ impl Writer {
         debug_assert!(self.held.is_none(), "held bytes are written first");
         self.undo = None;
         self.undone = None;
+        // No batch is being written (a roll for a segment's age names none).
+        self.batch_first = self.next_offset;
     }
 }
 
@@ -245,10 +247,9 @@ fn undone_error(error: &Error, log: &Path, first: u64, from: u64) -> Error {
         )
     } else {
         format!(
-            "writing records into {}: the batch's offsets {first} to {} are stored, in the \
-             segments it filled before (it is larger than a segment), the rest not",
+            "writing records into {}: {}",
             log.display(),
-            from - 1
+            stored_before(first, from)
         )
     };
     match error {
@@ -258,6 +259,16 @@ fn undone_error(error: &Error, log: &Path, first: u64, from: u64) -> Error {
         },
         other => other.duplicate(),
     }
+}
+
+/// What a batch from offset `first` that stopped at offset `from` (in a
+/// later segment) left stored.
+fn stored_before(first: u64, from: u64) -> String {
+    format!(
+        "the batch's offsets {first} to {} are stored, in the segments it filled before (it is \
+         larger than a segment), the rest not",
+        from - 1
+    )
 }
 
 /// Milliseconds since the Unix epoch.
@@ -419,7 +430,7 @@ impl Log {
                 scratch: Vec::new(),
                 undo: None,
                 undone: None,
-                batch_first: 0,
+                batch_first: next_offset,
                 held: None,
             }),
             compacting: Mutex::new(()),
@@ -540,6 +551,7 @@ impl Log {
         self.set_segments(segments);
         w.active = active;
         w.next_offset = offset;
+        w.batch_first = offset;
         self.durable_end.store(offset, Ordering::Release);
         *self.lock_synced() = SyncedPoint {
             active_base: offset,
@@ -1005,11 +1017,23 @@ impl Log {
                 last += 1;
             }
             let need = end(w) + bytes;
-            self.ensure_allocated(&mut w.active, need, bytes)?;
+            self.ensure_allocated(&mut w.active, need, bytes)
+                .map_err(|e| Self::naming_stored_part(w, e))?;
             self.encode_chunk(w, &batch[i..last], &lens[i..last], now)?;
             i = last;
         }
         Ok((Offset(first), Offset(w.next_offset - 1)))
+    }
+
+    /// `error`, stopping a batch larger than a segment after it sealed
+    /// part of itself (stored, synced and readable: the caller must not
+    /// send that part again), naming the part.
+    fn naming_stored_part(w: &Writer, error: Error) -> Error {
+        let (first, from) = (w.batch_first, w.next_offset);
+        if from <= first {
+            return error;
+        }
+        error.with_context(|c| format!("{c}; {}", stored_before(first, from)))
     }
 
     fn segment_too_old(&self, active: &Active) -> bool {
@@ -1488,7 +1512,10 @@ impl Log {
         // steps leaves an unsealed segment before an empty one, which recovery
         // seals (cutting its preallocated zeros).
         let active = Active::create(&*self.storage, &self.dir, w.next_offset, &self.config)
-            .inspect_err(|_| w.roll_due = true)?;
+            .map_err(|e| {
+                w.roll_due = true;
+                Self::naming_stored_part(w, e)
+            })?;
         w.roll_due = false;
         let sealed = self.seal(w).inspect_err(|e| {
             w.poisoned = Some(format!("sealing failed: {e}"));
