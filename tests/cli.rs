@@ -418,6 +418,24 @@ fn verify_and_compact_refuse_a_path_that_is_no_data_directory() {
         );
         assert!(!missing.exists(), "{args:?} created {path}");
     }
+    // A data directory out of reach (unreadable; here a topics/ that
+    // cannot be resolved) is named as such, with the reason.
+    let looped = tmp.path().join("looped");
+    std::fs::create_dir(&looped).expect("mkdir");
+    std::os::unix::fs::symlink("topics", looped.join("topics")).expect("symlink");
+    let path = looped.to_str().expect("utf-8");
+    for args in [
+        vec!["verify", "--data", path],
+        vec!["compact", "--data", path],
+    ] {
+        let out = spool("127.0.0.1:1", &args, None);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot read data directory") && err.contains("symbolic links"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// Runs `spool ARGS` against `server` with its stdout a pipe closed before
@@ -440,6 +458,49 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     assert!(stderr(&out).contains("writing stdout"), "{}", stderr(&out));
+    // `2>&1 | head`: stderr closed as well, or alone on a failing command.
+    for (args, closed_stdout) in [
+        (&["topic", "list"][..], true),
+        (&["consume", "t"][..], true),
+        (&["consume", "nosuch"][..], false),
+    ] {
+        let mut child = spawn_spool(&broker.addr, args);
+        if closed_stdout {
+            drop(child.stdout.take());
+        }
+        drop(child.stderr.take());
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(1), "spool {args:?} with stderr closed");
+    }
+}
+
+/// `--from` with a group that exists moves nothing: the group reads on
+/// from where it is, and says so on stderr, so a reader does not take the
+/// output for a replay.
+#[test]
+fn from_with_an_existing_group_says_the_group_reads_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let made = spool(&broker.addr, &["produce", "t"], Some("a\nb\nc\n"));
+    assert!(made.status.success(), "{}", stderr(&made));
+    let first = spool(
+        &broker.addr,
+        &["consume", "t", "--group", "s", "--count", "2"],
+        None,
+    );
+    assert_eq!(stdout(&first), "a\nb\n", "{}", stderr(&first));
+    let again = spool(
+        &broker.addr,
+        &["consume", "t", "--group", "s", "--from", "0"],
+        None,
+    );
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(stdout(&again), "c\n");
+    let said = stderr(&again);
+    assert!(
+        said.contains("group s exists") && said.contains("committed offset 2"),
+        "{said}"
+    );
 }
 
 /// A server setting out of its range, in the config file or a flag, is

@@ -595,6 +595,24 @@ async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
             0.0
         );
     }
+    for reason in ["idle_timeout_ms", "frame_timeout_ms", "write_timeout_ms"] {
+        assert_eq!(
+            must(
+                &s,
+                "spool_connections_closed_by_limit_total",
+                &[("reason", reason)]
+            ),
+            0.0
+        );
+    }
+    for kind in ["compaction", "retention"] {
+        for name in [
+            "spool_cleanup_runs_total",
+            "spool_cleanup_reclaimed_bytes_total",
+        ] {
+            assert_eq!(must(&s, name, &[("topic", "jobs"), ("kind", kind)]), 0.0);
+        }
+    }
     client
         .produce("jobs", vec![NewMessage::from_value("poison")])
         .await

@@ -392,7 +392,7 @@ impl BenchError {
         let what = what.into();
         move |e| BenchError::Grpc {
             what,
-            message: e.to_string(),
+            message: grpc_hint(e.to_string()),
         }
     }
 
@@ -409,6 +409,18 @@ impl BenchError {
             }
         }
     }
+}
+
+/// `message`, or for a server that answered no HTTP/2 (most often the
+/// native listener's address given to `--transport grpc`), what to check.
+fn grpc_hint(message: String) -> String {
+    if !message.contains("h2 protocol error") {
+        return message;
+    }
+    "the server did not answer in HTTP/2, as spool's gRPC listener does (h2 protocol error); \
+     with --transport grpc, --server is the broker's gRPC address (serve --grpc, \
+     127.0.0.1:7412 by default), not its native one"
+        .into()
 }
 
 /// How far a run has come, for a progress bar. Updated by the load tasks,

@@ -473,7 +473,8 @@ fn new_bar() -> ProgressBar {
 fn draw(bar: &ProgressBar, progress: &Progress) {
     let (phase, done, total) = progress.snapshot();
     bar.set_message(phase);
-    bar.set_length(total.max(done));
+    // Not full while a phase's size is still unknown (0).
+    bar.set_length(total.max(done).max(1));
     bar.set_position(done);
 }
 

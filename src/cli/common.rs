@@ -96,7 +96,7 @@ pub enum Format {
     /// Human-readable.
     #[default]
     Text,
-    /// One JSON object per line (listings: one JSON document).
+    /// JSON: messages (consume) one object per line, anything else one document.
     Json,
 }
 
@@ -305,14 +305,34 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
 /// offline commands must not create one where a path was mistyped, and
 /// report it clean.
 pub fn existing_data_dir(dir: &std::path::Path) -> CliResult {
-    if dir.join(spool::storage::datadir::TOPICS_DIR).is_dir() {
-        return Ok(());
+    let topics = dir.join(spool::storage::datadir::TOPICS_DIR);
+    match std::fs::metadata(&topics) {
+        Ok(m) if m.is_dir() => Ok(()),
+        // Not there, or something else in its place: a mistyped path.
+        Ok(_) => Err(not_a_data_dir(dir)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Err(not_a_data_dir(dir))
+        }
+        // There may well be one, out of this user's reach.
+        Err(e) => Err(CliError::runtime(format!(
+            "cannot read data directory {}: {}: {e}",
+            dir.display(),
+            topics.display()
+        ))),
     }
-    Err(CliError::runtime(format!(
+}
+
+fn not_a_data_dir(dir: &std::path::Path) -> CliError {
+    CliError::runtime(format!(
         "{} is not a spool data directory (it has no {}/ folder); check --data",
         dir.display(),
         spool::storage::datadir::TOPICS_DIR
-    )))
+    ))
 }
 
 #[cfg(test)]

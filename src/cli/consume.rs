@@ -132,7 +132,7 @@ pub fn run(args: ConsumeArgs) -> CliResult {
                             CliError::from(e).and(format!("printed {printed} message(s); {how}"))
                         );
                     }
-                    eprintln!("spool: skipped: {e}");
+                    errln!("spool: skipped: {e}");
                     position = Some(Position::Offset(past));
                     continue;
                 }
@@ -304,6 +304,16 @@ async fn ensure_group(
             let wanted = spool::protocol::convert::group_mode_to_wire(mode);
             if info.mode != wanted {
                 return Err(mode_mismatch(args, group));
+            }
+            if args.from.is_some() {
+                // Said, so a reader does not take it for a replay.
+                errln!(
+                    "spool: group {group} exists and reads on from where it is (committed \
+                     offset {}); --from sets where a new group starts (to move this one: \
+                     spool group seek {} {group} --to ...)",
+                    info.committed,
+                    args.topic
+                );
             }
             Ok((true, None))
         }

@@ -1,13 +1,22 @@
 //! The `spool` command line: one file per subcommand group. Exit codes: 0 ok,
 //! 1 runtime error (one line on stderr naming what failed), 2 usage error.
 
+/// `eprintln!` for the command's own lines on stderr: a closed stderr
+/// (`2>&1 | head`) loses them quietly instead of a panic.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// `println!` for a command's output: when stdout is closed (`| head`), the
 /// command ends with exit 1 and one line on stderr instead of a panic.
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            eprintln!("spool: writing stdout: {e}");
+            errln!("spool: writing stdout: {e}");
             std::process::exit(1);
         }
     }};
@@ -99,7 +108,7 @@ pub fn run() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("spool: {e}");
+            errln!("spool: {e}");
             ExitCode::from(e.exit_code())
         }
     }
@@ -116,5 +125,7 @@ fn init_logging(broker: bool) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // A closed stderr loses log lines, as it does the command's own.
+        .log_internal_errors(false)
         .try_init();
 }

@@ -224,11 +224,17 @@ impl Metrics {
             cleanup_bytes: Family::default(),
             registry: Registry::default(),
         };
-        // Refusals by each limit, at 0 until the first: a rate or
-        // `increase()` over them then sees it.
+        // Refusals and closes by each limit, at 0 until the first: a rate
+        // or `increase()` over them then sees it.
         for reason in REFUSAL_REASONS {
             inner
                 .refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
+        for reason in CLOSE_REASONS {
+            inner
+                .closed
                 .get_or_create(&ReasonLabels { reason })
                 .inc_by(0);
         }
@@ -325,6 +331,15 @@ impl Metrics {
             topic: name.to_owned(),
         };
         let i = &self.inner;
+        // Its cleanup series, at 0 until the first pass that reclaims.
+        for kind in [Cleanup::Compaction, Cleanup::Retention] {
+            let l = CleanupLabels {
+                topic: name.to_owned(),
+                kind: kind.label(),
+            };
+            i.cleanup_runs.get_or_create(&l).inc_by(0);
+            i.cleanup_bytes.get_or_create(&l).inc_by(0);
+        }
         TopicCounters {
             produced_messages: i.produced_messages.get_or_create_owned(&l),
             produced_bytes: i.produced_bytes.get_or_create_owned(&l),
@@ -510,6 +525,9 @@ impl Metrics {
 
 /// The limits a connection is refused by (see [`Metrics::refused`]).
 pub const REFUSAL_REASONS: [&str; 2] = ["max_connections", "max_connections_per_ip"];
+
+/// The timeouts a connection is closed by (see [`Metrics::closed_by_limit`]).
+pub const CLOSE_REASONS: [&str; 3] = ["idle_timeout_ms", "frame_timeout_ms", "write_timeout_ms"];
 
 /// The scrape-time gauges, in a registry of their own.
 fn gauges(total_topics: usize, topics: &[TopicSnapshot]) -> Registry {

@@ -227,6 +227,24 @@ impl Admission {
 mod tests {
     use super::*;
 
+    /// The metrics make each limit's series at 0 from these lists, so they
+    /// name exactly the settings the limits count under.
+    #[test]
+    fn every_limit_has_its_series_from_the_start() {
+        for limit in Limit::ALL {
+            let listed = if limit.refusal() {
+                &crate::metrics::REFUSAL_REASONS[..]
+            } else {
+                &crate::metrics::CLOSE_REASONS[..]
+            };
+            assert!(listed.contains(&limit.setting()), "{limit:?}");
+        }
+        assert_eq!(
+            crate::metrics::REFUSAL_REASONS.len() + crate::metrics::CLOSE_REASONS.len(),
+            Limit::ALL.len()
+        );
+    }
+
     #[test]
     fn a_slot_and_an_address_count_come_back_with_the_ticket() {
         let a: IpAddr = [127, 0, 0, 1].into();
