@@ -474,6 +474,109 @@ fn skip_damaged_keeps_the_valid_entries_around_a_damaged_journal_entry() {
     );
 }
 
+/// Makes a bad payload of a good one.
+type Garble = fn(&[u8]) -> Vec<u8>;
+
+/// Replaces the payload of the last entry of the journal at `path` with
+/// what `garble` makes of it, the entry's checksum made to match; returns
+/// the entry's byte range as rewritten.
+fn garble_last_entry(path: &Path, garble: Garble) -> std::ops::Range<u64> {
+    use spool::storage::record::{self, Frame};
+    let bytes = std::fs::read(path).expect("read journal");
+    let (mut pos, mut last) = (0, None);
+    while let Ok(Frame::Record(r)) = record::decode(&bytes[pos..], u32::MAX) {
+        last = Some((pos, r.offset, r.value.to_vec()));
+        pos += r.len as usize;
+    }
+    let (at, seq, payload) = last.expect("the journal holds an entry");
+    let mut out = bytes[..at].to_vec();
+    record::encode(&mut out, seq, 0, &NewMessage::from_value(garble(&payload)));
+    let end = out.len() as u64;
+    out.extend_from_slice(&bytes[pos..]);
+    std::fs::write(path, out).expect("write journal");
+    at as u64..end
+}
+
+/// An entry whose checksum holds but whose content does not parse (an
+/// unknown tag, deletions that are not whole pairs) is damage where it
+/// lies, like one whose checksum fails: verify names its bytes, serve
+/// refuses the topic naming them, and skip-damaged sets just that entry
+/// aside and keeps the others.
+#[test]
+fn a_journal_entry_that_passes_its_checksum_but_does_not_parse_is_damage() {
+    let cases: [(&str, Garble); 2] = [
+        ("groups/q.journal", |p| {
+            let mut p = p.to_vec();
+            p[0] = 9;
+            p
+        }),
+        ("deletes.journal", |p| {
+            let mut p = p.to_vec();
+            p.push(0);
+            p
+        }),
+    ];
+    for (file, garble) in cases {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path();
+        fill(data, 0, 20);
+        let broker = Broker::start(data, &[]);
+        rt().block_on(async {
+            let client = Client::connect(&broker.addr, "delete")
+                .await
+                .expect("connect");
+            client.delete(TOPIC, &[3]).await.expect("delete");
+            client.delete(TOPIC, &[5]).await.expect("delete");
+        });
+        let (ok, logs) = broker.terminate();
+        assert!(ok, "{logs}");
+        let journal = topic_dir(data).join(file);
+        let bytes = garble_last_entry(&journal, garble);
+
+        let (code, report) = verify(data);
+        assert_eq!(code, Some(1), "{file}: {report}");
+        let found = report["damage"]
+            .as_array()
+            .expect("damage list")
+            .iter()
+            .find(|d| d["file"].as_str().is_some_and(|f| f.ends_with(file)))
+            .unwrap_or_else(|| panic!("{file} reported: {report}"));
+        assert!(
+            found["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("passed its checksum but does not parse")),
+            "{found}"
+        );
+        assert_eq!(
+            (
+                found["bytes"]["start"].as_u64(),
+                found["bytes"]["end"].as_u64()
+            ),
+            (Some(bytes.start), Some(bytes.end)),
+            "{found}"
+        );
+        serve_refuses(data, &format!("bytes {}..{}", bytes.start, bytes.end));
+
+        let broker = Broker::start(data, &["--recovery", "skip-damaged"]);
+        rt().block_on(async {
+            let client = Client::connect(&broker.addr, "after")
+                .await
+                .expect("connect");
+            let q = describe(&client, "q").await;
+            assert_eq!(q.mode, pb::GroupMode::Queue as i32, "{file}: {q:?}");
+            assert_eq!(describe(&client, "s").await.committed, 20, "{file}");
+            let replay = common::replay_all(&client, TOPIC).await;
+            let offsets: Vec<u64> = replay.iter().map(|m| m.message.offset.0).collect();
+            assert!(!offsets.contains(&3), "{file}: the first deletion is kept");
+        });
+        let (ok, logs) = broker.terminate();
+        assert!(ok, "{logs}");
+        assert!(logs.contains("quarantined"), "{file}: {logs}");
+        let (code, report) = verify(data);
+        assert_eq!(code, Some(0), "{file}, after skip-damaged: {report}");
+    }
+}
+
 /// Breaks one file of a topic's folder.
 type Damage = fn(&Path);
 
@@ -725,6 +828,11 @@ fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
     });
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("index malformed") && l.contains(&*tix.to_string_lossy())),
+        "the malformed file is the one named: {logs}"
+    );
     let strict = spool(&["verify", "--strict"], data);
     assert_eq!(
         strict.status.code(),
@@ -732,6 +840,21 @@ fn indexes_are_notes_the_next_start_rebuilds_and_tix_damage_names_the_tix() {
         "{}",
         String::from_utf8_lossy(&strict.stdout)
     );
+
+    // The active segment's index files gone (they are made with it): notes
+    // too, which the next start rebuilds.
+    std::fs::remove_file(&idx).expect("remove idx");
+    std::fs::remove_file(&tix).expect("remove tix");
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(0), "{report}");
+    let notes = report["notes"].to_string();
+    for file in [&idx, &tix] {
+        assert!(
+            notes.contains(&*file.to_string_lossy()),
+            "{} named: {report}",
+            file.display()
+        );
+    }
 }
 
 /// A sealed segment zeroed in place (whole, or from a record boundary on)

@@ -12,6 +12,7 @@
 //! repeated; an entry that is not whole 16-byte pairs is damage.
 
 use crate::error::{Corruption, Error, Result};
+use crate::groups::journal::Payloads;
 use crate::groups::{Journal, JournalRecovery, RangeSet, SyncWait};
 use crate::storage::io::Storage;
 use std::ops::Range;
@@ -33,6 +34,10 @@ pub struct Deletions {
 impl Deletions {
     /// Opens (creating if needed) the deletions of the topic in `dir`.
     pub fn open(storage: Arc<dyn Storage>, dir: &Path, recovery: JournalRecovery) -> Result<Self> {
+        let recovery = JournalRecovery {
+            payloads: Some(PAYLOADS),
+            ..recovery
+        };
         let (journal, replayed) = Journal::open_checked(storage, dir, DELETES_JOURNAL, recovery)?;
         let mut set = RangeSet::new();
         for payload in replayed.snapshot.iter().chain(&replayed.entries) {
@@ -131,6 +136,23 @@ fn encode(ranges: impl Iterator<Item = Range<u64>>) -> Vec<u8> {
         payload.extend_from_slice(&r.end.to_le_bytes());
     }
     payload
+}
+
+/// How the deletions journal's payloads parse: entries and snapshot alike
+/// are whole ranges (see [`Payloads`]).
+pub(crate) const PAYLOADS: Payloads = Payloads {
+    entry: ranges_parse,
+    snapshot: ranges_parse,
+};
+
+fn ranges_parse(payload: &[u8]) -> std::result::Result<(), String> {
+    if payload.len().is_multiple_of(RANGE_LEN) {
+        return Ok(());
+    }
+    Err(format!(
+        "{} bytes are not whole {RANGE_LEN}-byte [from, to) pairs",
+        payload.len()
+    ))
 }
 
 /// The one decoder: adds the ranges of `payload` to `set`; `None` when it is

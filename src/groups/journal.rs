@@ -280,6 +280,46 @@ pub struct JournalRecovery {
     /// zeros, with valid entries after them (a write the disk lost out of
     /// order), are set aside in either mode.
     pub relaxed: bool,
+    /// How the journal's payloads parse: an entry or snapshot whose
+    /// checksum holds but whose content does not parse is damage where it
+    /// lies (never a torn write: it is whole), found as it is read.
+    pub payloads: Option<Payloads>,
+}
+
+/// How the payloads of one kind of journal (a group's, a topic's
+/// deletions) parse, each check saying why one does not.
+#[derive(Debug, Clone, Copy)]
+pub struct Payloads {
+    /// Checks an entry's payload.
+    pub entry: fn(&[u8]) -> std::result::Result<(), String>,
+    /// Checks a snapshot's payload.
+    pub snapshot: fn(&[u8]) -> std::result::Result<(), String>,
+}
+
+/// What is wrong with the bytes at a journal entry's place, as `decoded`
+/// (after the entry with sequence number `last`) found them.
+pub(crate) fn entry_problem(
+    decoded: &std::result::Result<Frame<'_>, record::DecodeError>,
+    last: Option<u64>,
+) -> String {
+    match decoded {
+        Err(e) => e.to_string(),
+        Ok(Frame::Record(r)) => format!(
+            "sequence number {} does not follow {}",
+            r.offset,
+            last.map_or_else(|| "the one before".to_string(), |l| l.to_string())
+        ),
+        Ok(Frame::End) => "zeros with other bytes after them".into(),
+    }
+}
+
+/// Why a snapshot record's payload, checked by `payloads`, does not parse.
+fn snapshot_problem(payloads: Option<Payloads>, payload: &[u8]) -> std::result::Result<(), String> {
+    match payloads {
+        Some(p) => (p.snapshot)(payload)
+            .map_err(|why| format!("it passed its checksum but does not parse ({why})")),
+        None => Ok(()),
+    }
 }
 
 /// The record a snapshot file holds, or why it holds none: a snapshot is
@@ -331,7 +371,9 @@ impl Journal {
         // Entries with a sequence below this are already in the snapshot.
         let mut first_uncovered = 0u64;
         if let Some(data) = read_bounded(&*storage, dir, &snap_path, skip, &mut replayed.damage)? {
-            match snapshot_record(&data) {
+            match snapshot_record(&data)
+                .and_then(|r| snapshot_problem(recovery.payloads, r.value).map(|()| r))
+            {
                 Ok(r) => {
                     first_uncovered = r.offset;
                     replayed.snapshot = Some(r.value.to_vec());
@@ -403,8 +445,42 @@ impl Journal {
         let mut rewrite = false;
         let mut cut_at: Option<usize> = None;
         while pos < data.len() {
-            let bad = match record::decode(&data[pos..], MAX_ENTRY_BYTES) {
+            let decoded = record::decode(&data[pos..], MAX_ENTRY_BYTES);
+            let bad = match decoded {
                 Ok(Frame::Record(r)) if last_seq.is_none_or(|l| r.offset > l) => {
+                    let parsed = match recovery.payloads {
+                        Some(p) if r.offset >= first_uncovered => (p.entry)(r.value),
+                        _ => Ok(()),
+                    };
+                    if let Err(why) = parsed {
+                        let end = pos + r.len as usize;
+                        let damage = Corruption {
+                            file: path.clone(),
+                            bytes: pos as u64..end as u64,
+                            offsets: None,
+                            detail: format!(
+                                "journal entry {} passed its checksum but does not parse ({why}). \
+                                 Start with recovery mode skip-damaged (`spool serve --recovery \
+                                 skip-damaged`) to quarantine it and keep the entries around it",
+                                r.offset
+                            ),
+                        };
+                        if !skip {
+                            return Err(Error::corruption(damage));
+                        }
+                        crate::storage::recovery::quarantine_bytes(
+                            &*storage,
+                            dir,
+                            &damage,
+                            &data[pos..end],
+                        )?;
+                        tracing::error!(damage = %damage.given_up(), "quarantined a journal entry that does not parse; the entries around it are kept");
+                        replayed.damage.push(damage);
+                        rewrite = true;
+                        last_seq = Some(r.offset);
+                        pos = end;
+                        continue;
+                    }
                     if r.offset >= first_uncovered {
                         replayed.entries.push(r.value.to_vec());
                     }
@@ -420,7 +496,10 @@ impl Journal {
                         break;
                     }
                 }
-                other => format!("entry does not validate ({other:?})"),
+                _ => format!(
+                    "entry does not validate ({})",
+                    entry_problem(&decoded, last_seq)
+                ),
             };
             let next = find_next_valid(&data, pos as u64, last_seq, MAX_ENTRY_BYTES, None, None);
             if next.is_none() && pos as u64 >= synced_len {
@@ -1056,6 +1135,7 @@ mod tests {
                 synced_len: point.1,
                 mode,
                 relaxed: false,
+                payloads: None,
             },
         )
     }
@@ -1091,6 +1171,7 @@ mod tests {
                     synced_len: point.1,
                     mode: RecoveryMode::TolerateTornTail,
                     relaxed,
+                    payloads: None,
                 },
             )
         };

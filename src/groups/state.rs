@@ -9,7 +9,7 @@
 //! any number of broker crashes or power cuts a message is delivered at most
 //! `max_deliveries` times before it is dead-lettered.
 
-use super::journal::{Journal, JournalRecovery, SyncWait};
+use super::journal::{Journal, JournalRecovery, Payloads, SyncWait};
 use super::ranges::RangeSet;
 use crate::error::{Error, Result};
 use crate::storage::io::Storage;
@@ -214,6 +214,81 @@ impl Entry {
     }
 }
 
+/// How a group's journal payloads parse (see [`Payloads`]).
+pub(crate) const PAYLOADS: Payloads = Payloads {
+    entry: entry_parses,
+    snapshot: snapshot_parses,
+};
+
+fn entry_parses(b: &[u8]) -> std::result::Result<(), String> {
+    if Entry::decode(b).is_some() {
+        return Ok(());
+    }
+    Err(match b.first() {
+        None => "an empty entry".into(),
+        Some(&tag) if !(TAG_CONFIG..=TAG_LOST).contains(&tag) => format!("unknown tag {tag}"),
+        Some(&tag) => format!("{} bytes are no entry of tag {tag}", b.len()),
+    })
+}
+
+fn snapshot_parses(b: &[u8]) -> std::result::Result<(), String> {
+    GroupSnapshot::decode(b)
+        .map(|_| ())
+        .ok_or_else(|| format!("{} bytes are no group snapshot", b.len()))
+}
+
+/// A group's state as its snapshot holds it.
+struct GroupSnapshot {
+    config: GroupConfig,
+    low: u64,
+    done: RangeSet,
+    counts: BTreeMap<u64, u32>,
+    delivered: RangeSet,
+    lost: u64,
+}
+
+impl GroupSnapshot {
+    fn decode(b: &[u8]) -> Option<GroupSnapshot> {
+        const CONFIG_LEN: usize = 1 + 1 + 8 + 4;
+        let Entry::Config(config) = Entry::decode(b.get(..CONFIG_LEN)?)? else {
+            return None;
+        };
+        let mut r = Reader(&b[CONFIG_LEN..]);
+        let low = r.u64()?;
+        let mut done = RangeSet::new();
+        for _ in 0..r.u64()? {
+            let (s, e) = (r.u64()?, r.u64()?);
+            done.insert_range(s..e);
+        }
+        let mut counts = BTreeMap::new();
+        for _ in 0..r.u64()? {
+            let (o, n) = (r.u64()?, r.u32()?);
+            counts.insert(o, n);
+        }
+        // Snapshots written before first deliveries were journaled end here.
+        let mut delivered = RangeSet::new();
+        if !r.0.is_empty() {
+            for _ in 0..r.u64()? {
+                let (s, e) = (r.u64()?, r.u64()?);
+                delivered.insert_range(s..e);
+            }
+        }
+        // ... and those written before retention losses were counted, here.
+        let mut lost = 0;
+        if !r.0.is_empty() {
+            lost = r.u64()?;
+        }
+        r.0.is_empty().then_some(GroupSnapshot {
+            config,
+            low,
+            done,
+            counts,
+            delivered,
+            lost,
+        })
+    }
+}
+
 /// Little-endian field reader for journal payloads.
 struct Reader<'a>(&'a [u8]);
 
@@ -305,6 +380,10 @@ impl Group {
         recovery: JournalRecovery,
     ) -> Result<Option<Group>> {
         let (journal, replayed) = if Journal::exists(&*storage, dir, name) {
+            let recovery = JournalRecovery {
+                payloads: Some(PAYLOADS),
+                ..recovery
+            };
             let (journal, replayed) = Journal::open_checked(storage, dir, name, recovery)?;
             // Under skip-damaged, a snapshot or entries given up can take the
             // group's mode and settings with them (the snapshot or the first
@@ -915,37 +994,14 @@ impl Group {
     }
 
     fn load_snapshot(&mut self, b: &[u8]) -> Option<()> {
-        const CONFIG_LEN: usize = 1 + 1 + 8 + 4;
-        let Entry::Config(config) = Entry::decode(b.get(..CONFIG_LEN)?)? else {
-            return None;
-        };
-        let mut r = Reader(&b[CONFIG_LEN..]);
-        self.config = config;
-        self.low = r.u64()?;
-        self.done = RangeSet::new();
-        for _ in 0..r.u64()? {
-            let (s, e) = (r.u64()?, r.u64()?);
-            self.done.insert_range(s..e);
-        }
-        self.counts.clear();
-        for _ in 0..r.u64()? {
-            let (o, n) = (r.u64()?, r.u32()?);
-            self.counts.insert(o, n);
-        }
-        // Snapshots written before first deliveries were journaled end here.
-        self.delivered = RangeSet::new();
-        if !r.0.is_empty() {
-            for _ in 0..r.u64()? {
-                let (s, e) = (r.u64()?, r.u64()?);
-                self.delivered.insert_range(s..e);
-            }
-        }
-        // ... and those written before retention losses were counted, here.
-        self.lost = 0;
-        if !r.0.is_empty() {
-            self.lost = r.u64()?;
-        }
-        r.0.is_empty().then_some(())
+        let s = GroupSnapshot::decode(b)?;
+        self.config = s.config;
+        self.low = s.low;
+        self.done = s.done;
+        self.counts = s.counts;
+        self.delivered = s.delivered;
+        self.lost = s.lost;
+        Some(())
     }
 }
 

@@ -728,7 +728,14 @@ fn load_index(
         return Ok((SegmentIndex::default(), None));
     };
     let Some(mut index) = SegmentIndex::decode(&idx, &tix, base) else {
-        tracing::warn!(file = %paths.idx.display(), "index malformed; rebuilding from the log");
+        // Named by the file that does not decode alone (both, if neither).
+        let idx_bad = SegmentIndex::decode(&idx, &[], base).is_none();
+        let tix_bad = SegmentIndex::decode(&[], &tix, base).is_none();
+        for (path, bad) in [(&paths.idx, idx_bad || !tix_bad), (&paths.tix, tix_bad)] {
+            if bad {
+                tracing::warn!(file = %path.display(), "index malformed; rebuilding from the log");
+            }
+        }
         return Ok((SegmentIndex::default(), None));
     };
     // A `.tix` missing, or with entries that fail their checksum (junk

@@ -21,6 +21,7 @@ use super::recovery::{
 use super::segment::{SegmentPaths, parse_log_name};
 use super::{DataDir, LogConfig};
 use crate::error::{Corruption, IoContext, Result};
+use crate::groups::journal::Payloads;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -201,7 +202,12 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 .and_then(|c| c.journal(name))
                 .map_or((0, 0), |p| (p.base_seq, p.synced_len))
         };
-        let mut journals = vec![(dir.clone(), "deletes".to_string(), point("deletes"))];
+        let mut journals = vec![JournalToCheck {
+            dir: dir.clone(),
+            name: "deletes".to_string(),
+            point: point("deletes"),
+            payloads: crate::broker::deletions::PAYLOADS,
+        }];
         let groups = dir.join("groups");
         let mut present = Vec::new();
         if let Ok(mut names) = storage.list_dir(&groups) {
@@ -217,12 +223,17 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 names
                     .iter()
                     .filter_map(|n| n.strip_suffix(".journal"))
-                    .map(|g| (groups.clone(), g.to_owned(), point(&format!("groups/{g}")))),
+                    .map(|g| JournalToCheck {
+                        dir: groups.clone(),
+                        name: g.to_owned(),
+                        point: point(&format!("groups/{g}")),
+                        payloads: crate::groups::state::PAYLOADS,
+                    }),
             );
         }
         // A clean stop lists every group: the broker ignores other journals.
         if let Some(c) = checkpoint.as_ref().filter(|c| c.clean) {
-            journals.retain(|(jdir, name, _)| {
+            journals.retain(|JournalToCheck { dir: jdir, name, .. }| {
                 let listed = *jdir == dir || c.journal(&format!("groups/{name}")).is_some();
                 if !listed {
                     report.notes.push(finding(
@@ -243,16 +254,8 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 ));
             }
         }
-        for (jdir, name, point) in journals {
-            verify_journal(
-                storage,
-                &jdir,
-                &name,
-                point,
-                relaxed(fsync),
-                &mut report,
-                progress,
-            )?;
+        for journal in &journals {
+            verify_journal(storage, journal, relaxed(fsync), &mut report, progress)?;
         }
     }
     Ok(report)
@@ -549,7 +552,8 @@ fn verify_index(
         (&paths.idx, &idx, "index"),
         (&paths.tix, &tix, "time index"),
     ] {
-        if found.is_none() && !active && last_offset.is_some() {
+        // The active segment's files too: they are made with it.
+        if found.is_none() && last_offset.is_some() {
             report.notes.push(finding(
                 file.clone(),
                 format!("{what} file missing (the next start rebuilds it)"),
@@ -638,17 +642,31 @@ fn verify_index(
     Ok(())
 }
 
-/// Checks a journal and its snapshot against its recovery point
-/// `(base_seq, synced_len)` from the checkpoint (`(0, 0)`: none known).
+/// A journal of a topic, for [`verify_journal`].
+struct JournalToCheck {
+    dir: PathBuf,
+    name: String,
+    /// Its recovery point `(base_seq, synced_len)` from the checkpoint
+    /// (`(0, 0)`: none known).
+    point: (u64, u64),
+    payloads: Payloads,
+}
+
+/// Checks a journal and its snapshot against its recovery point.
 fn verify_journal(
     storage: &dyn Storage,
-    dir: &Path,
-    name: &str,
-    (base_seq, synced_len): (u64, u64),
+    journal: &JournalToCheck,
     relaxed: Option<FsyncPolicy>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
+    let JournalToCheck {
+        dir,
+        name,
+        point: (base_seq, synced_len),
+        payloads,
+    } = journal;
+    let (base_seq, synced_len) = (*base_seq, *synced_len);
     let snap = dir.join(format!("{name}.snap"));
     let mut first_uncovered = 0;
     let snapshot = read_journal_file(storage, &snap, report)?;
@@ -660,6 +678,16 @@ fn verify_journal(
             Ok(r) => {
                 report.journal_entries += 1;
                 first_uncovered = r.offset;
+                if let Err(why) = (payloads.snapshot)(r.value) {
+                    report.damage.push(Finding {
+                        file: snap.clone(),
+                        bytes: 0..data.len() as u64,
+                        offsets: None,
+                        detail: format!(
+                            "snapshot does not validate: it passed its checksum but does not parse ({why})"
+                        ),
+                    });
+                }
             }
             Err(why) => report.damage.push(Finding {
                 file: snap.clone(),
@@ -694,9 +722,25 @@ fn verify_journal(
     let mut pos = 0usize;
     let mut last: Option<u64> = None;
     while pos < data.len() {
-        match record::decode(&data[pos..], u32::MAX) {
+        let decoded = record::decode(&data[pos..], u32::MAX);
+        match decoded {
             Ok(Frame::Record(r)) if last.is_none_or(|l| r.offset > l) => {
                 report.journal_entries += 1;
+                // As the broker: whole, so damage wherever it lies. Entries
+                // the snapshot covers are never read.
+                if r.offset >= first_uncovered
+                    && let Err(why) = (payloads.entry)(r.value)
+                {
+                    report.damage.push(Finding {
+                        file: path.clone(),
+                        bytes: pos as u64..pos as u64 + u64::from(r.len),
+                        offsets: None,
+                        detail: format!(
+                            "journal entry {} passed its checksum but does not parse ({why})",
+                            r.offset
+                        ),
+                    });
+                }
                 last = Some(r.offset);
                 pos += r.len as usize;
             }
@@ -714,13 +758,16 @@ fn verify_journal(
                 }
                 break;
             }
-            other => {
+            _ => {
                 let next = find_next_valid(&data, pos as u64, last, u32::MAX, None, None);
                 let finding = Finding {
                     file: path.clone(),
                     bytes: pos as u64..next.map_or(data.len() as u64, |(q, _)| q),
                     offsets: None,
-                    detail: format!("journal entry does not validate: {other:?}"),
+                    detail: format!(
+                        "journal entry does not validate: {}",
+                        crate::groups::journal::entry_problem(&decoded, last)
+                    ),
                 };
                 match next {
                     None if pos as u64 >= synced_len => {

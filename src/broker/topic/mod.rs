@@ -228,6 +228,8 @@ impl Topic {
                 mode,
                 // Only a recovery point bounds what may be unsynced.
                 relaxed: checkpoint.is_some() && config.log.fsync != FsyncPolicy::Always,
+                // Each kind of journal gives its own.
+                payloads: None,
             }
         };
         let deletions = Deletions::open(Arc::clone(&storage), dir, point(DELETES_JOURNAL))?;
