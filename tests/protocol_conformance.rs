@@ -274,7 +274,8 @@ async fn a_tombstone_is_a_keyed_empty_message_that_compaction_drops_after_delete
 }
 
 /// Item 3: `next_offset` is the last returned offset + 1, or the requested
-/// position resolved and clamped into [start, end] when nothing came back.
+/// position resolved and clamped into [start, end] when nothing came back,
+/// or past deleted messages the read went through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_offset_is_the_clamped_requested_position_when_nothing_is_returned() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -309,8 +310,22 @@ async fn next_offset_is_the_clamped_requested_position_when_nothing_is_returned(
             "{position:?}"
         );
     }
-    // Every message deleted: nothing comes back, and next_offset is where
-    // the request pointed (the start), not past the deleted messages.
+    // The last messages deleted: a reader gets the others, then an empty
+    // answer whose next_offset is past the deleted ones, at the end, so it
+    // has caught up (next_offset reaches end_offset).
+    client.delete("t", &[8, 9]).await.expect("delete");
+    let page = client
+        .fetch("t", from(Position::Offset(5)))
+        .await
+        .expect("fetch");
+    assert_eq!((page.messages.len(), page.next_offset), (3, 8));
+    let past = client
+        .fetch("t", from(Position::Offset(8)))
+        .await
+        .expect("fetch");
+    assert!(past.messages.is_empty());
+    assert_eq!((past.next_offset, past.end_offset), (10, 10));
+    // Every message deleted: the same from the start.
     client
         .delete("t", &(0..10).collect::<Vec<_>>())
         .await
@@ -320,7 +335,24 @@ async fn next_offset_is_the_clamped_requested_position_when_nothing_is_returned(
         .await
         .expect("fetch");
     assert!(empty.messages.is_empty());
-    assert_eq!(empty.next_offset, 0);
+    assert_eq!((empty.next_offset, empty.end_offset), (10, 10));
+    // A stream group reads past them the same way.
+    client
+        .create_group("t", "s", GroupMode::Stream, Some(Position::Earliest))
+        .await
+        .expect("group");
+    let group = client
+        .fetch(
+            "t",
+            FetchOptions {
+                group: Some("s".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("group fetch");
+    assert!(group.messages.is_empty());
+    assert_eq!(group.next_offset, 10);
 }
 
 /// Item 4: a deleted message leaves `pending` and `lag` (and no longer holds

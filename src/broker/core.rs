@@ -1297,7 +1297,12 @@ impl Broker {
         let mut over = false;
         loop {
             if over || !messages.is_empty() || tokio::time::Instant::now() >= deadline {
-                let next_offset = messages.last_offset().map_or(start, Offset::next);
+                let next_offset = match messages.last_offset() {
+                    Some(last) => last.next(),
+                    // Every record from `start` to where the read stopped
+                    // was deleted: the reader is past them.
+                    None => messages.passed().map_or(start, |p| p.max(start)),
+                };
                 return Ok(Fetched {
                     messages,
                     next_offset,

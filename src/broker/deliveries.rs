@@ -72,6 +72,15 @@ impl Deliveries {
         }
     }
 
+    /// With none: where a replay or stream-group read went past records
+    /// all deleted (see [`Records::passed`]).
+    pub fn passed(&self) -> Option<Offset> {
+        match &self.0 {
+            Kind::Records(r) => r.passed(),
+            Kind::Messages(_) => None,
+        }
+    }
+
     /// Offset of the last message.
     pub fn last_offset(&self) -> Option<Offset> {
         match &self.0 {

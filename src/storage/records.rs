@@ -46,6 +46,9 @@ pub struct Shape {
 pub struct Records {
     views: Vec<Bytes>,
     entries: Vec<Entry>,
+    /// When [`Records::retain`] left none of the records read: the offset
+    /// after the last of them, which a reader has read past.
+    passed: Option<u64>,
 }
 
 impl Records {
@@ -123,7 +126,17 @@ impl Records {
 
     /// Keeps the records whose offset `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        let last = self.entries.last().map(|e| e.offset);
         self.entries.retain(|e| keep(e.offset));
+        self.passed = last.filter(|_| self.entries.is_empty()).map(|o| o + 1);
+    }
+
+    /// With no records left: the offset after the records read and all
+    /// left out by [`Records::retain`] (deleted ones), if any were read.
+    pub fn passed(&self) -> Option<Offset> {
+        self.passed
+            .filter(|_| self.entries.is_empty())
+            .map(Offset)
     }
 
     /// Keeps the first `n` records.
@@ -136,6 +149,7 @@ impl Records {
         Records {
             views: self.views.clone(),
             entries: self.entries.split_off(at),
+            passed: None,
         }
     }
 
