@@ -134,9 +134,7 @@ impl Records {
     /// With no records left: the offset after the records read and all
     /// left out by [`Records::retain`] (deleted ones), if any were read.
     pub fn passed(&self) -> Option<Offset> {
-        self.passed
-            .filter(|_| self.entries.is_empty())
-            .map(Offset)
+        self.passed.filter(|_| self.entries.is_empty()).map(Offset)
     }
 
     /// Keeps the first `n` records.
