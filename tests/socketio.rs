@@ -398,3 +398,70 @@ fn a_long_poll_is_answered_when_the_engine_closes_its_session() {
         );
     }
 }
+
+/// The text of the next websocket frame the server sends on `s`.
+fn next_frame(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).expect("a frame header");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut n = [0u8; 2];
+            s.read_exact(&mut n).expect("length");
+            u64::from(u16::from_be_bytes(n))
+        }
+        127 => {
+            let mut n = [0u8; 8];
+            s.read_exact(&mut n).expect("length");
+            u64::from_be_bytes(n)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).expect("payload");
+    String::from_utf8_lossy(&payload).into_owned()
+}
+
+/// A stored message larger than the broker's frames now carry (stored
+/// under a larger `max_frame_bytes`): a room's reader gets an `error`
+/// naming its offset and goes on with the messages after it, as a
+/// subscription does, instead of stopping its pushes there for good.
+#[test]
+fn a_room_goes_past_a_message_no_frame_can_carry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let broker = Broker::start(&data, &[]);
+    let big = "b".repeat(200 * 1024);
+    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["produce", "t", "--server", &broker.addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(format!("before\n{big}\nafter\n").as_bytes())?;
+            drop(stdin);
+            child.wait()
+        })
+        .expect("produce");
+    assert!(out.success());
+    let (ok, log) = broker.terminate();
+    assert!(ok, "clean stop: {log}");
+    let config = tmp.path().join("spool.toml");
+    std::fs::write(&config, "max_frame_bytes = 65536\n").expect("config");
+    let broker = Broker::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+    let addr = broker.socketio.clone().expect("a socket.io listener");
+    let mut s = common::socketio_reader(&addr, "t");
+    let (mut skipped, mut after) = (false, false);
+    while !after {
+        let text = next_frame(&mut s);
+        if text.starts_with("42[\"error\"") && text.contains("offset 1") {
+            skipped = true;
+        }
+        if text.contains("\"after\"") {
+            after = true;
+        }
+    }
+    assert!(skipped, "an error named the message passed by");
+}

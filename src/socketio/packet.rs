@@ -239,10 +239,17 @@ impl Packet {
         let data = if rest.is_empty() {
             None
         } else {
-            Some(
-                serde_json::from_str::<Value>(rest)
-                    .map_err(|e| PacketError(format!("payload is not JSON: {e}")))?,
-            )
+            Some(serde_json::from_str::<Value>(rest).map_err(|e| {
+                let text = e.to_string();
+                let why = if text.starts_with("recursion limit exceeded") {
+                    "JSON nested more than 128 arrays and objects deep, the most spool reads"
+                } else if text.contains("escape") || text.contains("surrogate") {
+                    "a \\u escape that is no character (a lone UTF-16 surrogate, such as \\ud800)"
+                } else {
+                    "not JSON"
+                };
+                PacketError(format!("payload refused, {why}: {text}"))
+            })?)
         };
         match kind {
             Kind::Event | Kind::BinaryEvent => match &data {
@@ -373,6 +380,28 @@ mod tests {
             "0[1]",
         ] {
             assert!(Packet::decode(bad).is_err(), "{bad:?} decoded");
+        }
+    }
+
+    /// Valid JSON spool does not read is named for what it is, not "not
+    /// JSON": nesting past serde_json's limit, a lone surrogate escape.
+    #[test]
+    fn json_past_what_is_read_says_why() {
+        let deep = format!(
+            "2[\"publish\",{{\"room\":\"r\",\"data\":{}{}}}]",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let lone = r#"2["publish",{"room":"r","data":"\ud800"}]"#;
+        for (text, says) in [
+            (deep.as_str(), "more than 128"),
+            (lone, "lone UTF-16 surrogate"),
+            ("2[\"x\"", "not JSON"),
+        ] {
+            match Packet::decode(text) {
+                Err(e) => assert!(e.to_string().contains(says), "{e}"),
+                Ok(_) => panic!("{text:?} decoded"),
+            }
         }
     }
 

@@ -222,6 +222,14 @@ impl Out {
         send(&self.socket, packet).await
     }
 
+    /// Moves the socket's position in `room` to `next`, past a message
+    /// that cannot be sent to it (the tokens of later emits carry it).
+    async fn passed(&self, room: &str, next: u64) {
+        let mut shared = self.shared.lock().await;
+        let at = shared.positions.entry(room.to_owned()).or_insert(next);
+        *at = (*at).max(next);
+    }
+
     /// The token of the current positions.
     fn token(&self, shared: &Shared) -> String {
         super::offset::encode(&shared.pid, &shared.positions, &self.gateway.key)
@@ -1449,6 +1457,15 @@ async fn pump_room(out: Out, room: String, from: u64) -> bool {
             .await;
             let fetched = match fetched {
                 Ok(f) => f,
+                // A message stored while frames were larger: said, and
+                // passed by (the positions too), as a subscription does.
+                Err(e @ Error::TooLarge { offset, .. }) => {
+                    // The position first: the event's token carries it.
+                    out.passed(&room, offset + 1).await;
+                    out.emit("error", vec![fail(&e)]).await;
+                    next = offset + 1;
+                    continue;
+                }
                 Err(e) => {
                     out.emit("error", vec![fail(&e)]).await;
                     return for_good(&e);
