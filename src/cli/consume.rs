@@ -307,10 +307,14 @@ async fn ensure_group(
             }
             if args.from.is_some() {
                 // Said, so a reader does not take it for a replay.
+                let at = match args.mode {
+                    Mode::Stream => "committed offset",
+                    Mode::Queue => "low watermark",
+                };
                 errln!(
-                    "spool: group {group} exists and reads on from where it is (committed \
-                     offset {}); --from sets where a new group starts (to move this one: \
-                     spool group seek {} {group} --to ...)",
+                    "spool: group {group} exists and reads on from where it is ({at} {}); \
+                     --from sets where a new group starts (to move this one: spool group seek \
+                     {} {group} --to ...)",
                     info.committed,
                     args.topic
                 );

@@ -578,7 +578,9 @@ impl Journal {
         let found_len = data.len();
         if rewrite {
             let mut buf = Vec::new();
-            for (seq, payload) in &kept {
+            // Entries the snapshot covers are never replayed: left out, so
+            // the file holds no bytes of an older generation.
+            for (seq, payload) in kept.iter().filter(|(seq, _)| *seq >= first_uncovered) {
                 record::encode(
                     &mut buf,
                     *seq,
@@ -1556,6 +1558,117 @@ mod tests {
         let (_, replayed) =
             open_at(&disk, point, RecoveryMode::TolerateTornTail).expect("the journal opens");
         assert_eq!(replayed.snapshot.as_deref(), Some(&b"ab"[..]));
+    }
+
+    /// Entries this journal's toy payload check takes: those starting "ok".
+    const OK_ONLY: Payloads = Payloads {
+        entry: |b| {
+            if b.starts_with(b"ok") {
+                Ok(())
+            } else {
+                Err("not ok".into())
+            }
+        },
+        snapshot: |_| Ok(()),
+    };
+
+    fn open_checked_at(
+        disk: &Arc<SimDisk>,
+        point: (u64, u64),
+        mode: RecoveryMode,
+    ) -> Result<(Journal, Replayed)> {
+        Journal::open_checked(
+            Arc::clone(disk) as Arc<dyn Storage>,
+            Path::new("/g"),
+            "group",
+            JournalRecovery {
+                base_seq: point.0,
+                synced_len: point.1,
+                mode,
+                relaxed: false,
+                payloads: Some(OK_ONLY),
+            },
+        )
+    }
+
+    /// Entries whose checksum holds but which do not parse, first in the
+    /// file and in a row, with a torn tail after them: refused naming the
+    /// first one's bytes, and under skip-damaged set aside while the rest
+    /// replays, the tail is cut, and the rewritten journal opens cleanly.
+    #[test]
+    fn entries_that_do_not_parse_are_damage_and_skip_damaged_sets_them_aside() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        for e in [&b"bad-1"[..], b"bad-2", b"ok-3", b"ok-4"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        j.append(b"ok-5-torn").expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        let path = Path::new("/g/group.journal");
+        let len = disk.read_file(path).expect("read").len() as u64;
+        disk.damage(path, len - 1, &[0xEE]).expect("tear");
+        let first_len = record::HEADER_LEN as u64 + 5;
+        match open_checked_at(&disk, point, RecoveryMode::TolerateTornTail) {
+            Err(Error::Corruption(c)) => {
+                assert_eq!(c.bytes, 0..first_len, "{c}");
+                assert!(c.detail.contains("does not parse (not ok)"), "{c}");
+            }
+            other => panic!("refused as damage, got {other:?}"),
+        }
+        let (mut j, replayed) =
+            open_checked_at(&disk, point, RecoveryMode::SkipDamaged).expect("opens");
+        assert_eq!(replayed.entries, [b"ok-3".to_vec(), b"ok-4".to_vec()]);
+        assert_eq!(replayed.damage.len(), 2);
+        assert!(replayed.truncated.is_some(), "the torn tail is cut");
+        assert_eq!(quarantined(&disk, "group.journal.").len(), 2);
+        j.append(b"ok-6").expect("append");
+        j.sync().expect("sync");
+        let point = j.recovery_point();
+        drop(j);
+        let (_, replayed) = open_checked_at(&disk, point, RecoveryMode::TolerateTornTail)
+            .expect("the rewritten journal opens in the default mode");
+        assert_eq!(
+            replayed.entries,
+            [b"ok-3".to_vec(), b"ok-4".to_vec(), b"ok-6".to_vec()]
+        );
+    }
+
+    /// An entry that does not parse after entries a snapshot covers (its
+    /// reset interrupted): skip-damaged rewrites the journal without the
+    /// covered entries, which must not stay counted in the snapshot's
+    /// generation.
+    #[test]
+    fn a_rewrite_after_an_interrupted_reset_keeps_no_covered_entry() {
+        let disk = Arc::new(SimDisk::new());
+        let (mut j, _) = open(&disk);
+        for e in [&b"ok-0"[..], b"ok-1"] {
+            j.append(e).expect("append");
+        }
+        j.sync().expect("sync");
+        let path = Path::new("/g/group.journal");
+        let before = disk.read_file(path).expect("read");
+        j.snapshot(b"state").expect("snapshot");
+        drop(j);
+        // The reset undone, and an entry of the snapshot's generation after.
+        let mut bytes = before;
+        record::encode(&mut bytes, 2, 0, &NewMessage::from_value(&b"bad-2"[..]));
+        let file = disk
+            .open(path, OpenMode::CreateOrOpen)
+            .expect("open journal");
+        file.write_at(0, &bytes).expect("write back");
+        file.sync_data().expect("sync");
+        let (_, replayed) =
+            open_checked_at(&disk, (0, 0), RecoveryMode::SkipDamaged).expect("opens");
+        assert!(replayed.entries.is_empty(), "{:?}", replayed.entries);
+        assert_eq!(replayed.damage.len(), 1);
+        assert_eq!(
+            disk.read_file(path).expect("read").len(),
+            0,
+            "no covered entry is left in the file"
+        );
     }
 
     #[test]

@@ -1460,9 +1460,16 @@ async fn pump_room(out: Out, room: String, from: u64) -> bool {
                 // A message stored while frames were larger: said, and
                 // passed by (the positions too), as a subscription does.
                 Err(e @ Error::TooLarge { offset, .. }) => {
+                    // As a push: only to a socket still there, whose token
+                    // may still read the room.
+                    if !out.may_push(&room, None).await {
+                        return true;
+                    }
                     // The position first: the event's token carries it.
                     out.passed(&room, offset + 1).await;
-                    out.emit("error", vec![fail(&e)]).await;
+                    if !out.emit("error", vec![fail(&e)]).await {
+                        return true;
+                    }
                     next = offset + 1;
                     continue;
                 }
