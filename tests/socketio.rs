@@ -465,3 +465,33 @@ fn a_room_goes_past_a_message_no_frame_can_carry() {
     }
     assert!(skipped, "an error named the message passed by");
 }
+
+/// A `sid` that is no session id at all is answered as any unknown one is
+/// (Engine.IO: 400 "Session ID unknown"), not with a new session.
+#[test]
+fn a_malformed_session_id_is_unknown_not_a_new_session() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    let addr = b.socketio.clone().expect("a socket.io listener");
+    for sid in [
+        "nope",
+        "",
+        "AAAAAAAAAAAAAAAAA",
+        "AAAAAAAA%20AAAAAA",
+        "AAAAAAAAAAAAAAHs",
+    ] {
+        let answer = http_get(
+            &addr,
+            &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 400") && answer.contains("Session ID unknown"),
+            "sid {sid:?}: {answer}"
+        );
+    }
+    let open = http_get(&addr, "/socket.io/?EIO=4&transport=polling");
+    assert!(
+        open.starts_with("HTTP/1.1 200") && open.contains("\"sid\""),
+        "{open}"
+    );
+}

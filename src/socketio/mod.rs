@@ -448,11 +448,37 @@ where
     }
 }
 
+/// A session id of the right form that no session has (ids are random
+/// over 64^16).
+const UNKNOWN_SID: &str = "----------------";
+
+/// `uri`, with a `sid` that is no session id at all (the wrong length or
+/// characters) replaced by [`UNKNOWN_SID`]: the Engine.IO library takes a
+/// malformed one for none and opens a new session, where the protocol
+/// answers 400 "Session ID unknown", as it does for any id it does not
+/// know. The first `sid` is the one read, as the library reads it.
+fn unknown_if_malformed_sid(uri: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = uri.split_once('?') else {
+        return uri.into();
+    };
+    let mut params: Vec<&str> = query.split('&').collect();
+    let Some(sid) = params.iter_mut().find(|p| p.starts_with("sid=")) else {
+        return uri.into();
+    };
+    let value = sid["sid=".len()..].split('=').next().unwrap_or_default();
+    if value.parse::<engineioxide::sid::Sid>().is_ok() {
+        return uri.into();
+    }
+    let unknown = format!("sid={UNKNOWN_SID}");
+    *sid = &unknown;
+    format!("{path}?{}", params.join("&")).into()
+}
+
 /// `request` with its URI and headers in allocations of their own.
 fn own_head<B>(request: hyper::Request<B>) -> hyper::Request<B> {
     use hyper::header::{HeaderMap, HeaderName, HeaderValue};
     let (mut parts, body) = request.into_parts();
-    if let Ok(uri) = parts.uri.to_string().parse::<hyper::Uri>() {
+    if let Ok(uri) = unknown_if_malformed_sid(&parts.uri.to_string()).parse::<hyper::Uri>() {
         parts.uri = uri;
     }
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
