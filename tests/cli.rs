@@ -501,6 +501,15 @@ fn from_with_an_existing_group_says_the_group_reads_on() {
         said.contains("group s exists") && said.contains("committed offset 2"),
         "{said}"
     );
+    // A replay from past the end prints nothing, exits 0, and says why.
+    let past = spool(&broker.addr, &["consume", "t", "--from", "100"], None);
+    assert!(past.status.success(), "{}", stderr(&past));
+    assert_eq!(stdout(&past), "");
+    assert!(
+        stderr(&past).contains("--from 100 is past the end of topic t (its next offset is 3)"),
+        "{}",
+        stderr(&past)
+    );
 }
 
 /// A server setting out of its range, in the config file or a flag, is

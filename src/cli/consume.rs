@@ -140,6 +140,19 @@ pub fn run(args: ConsumeArgs) -> CliResult {
             };
             if fetched.messages.is_empty() {
                 if !args.follow {
+                    // A replay asked past the end: said, so an empty output
+                    // is not taken for an empty topic.
+                    if let (None, Some(Position::Offset(from))) = (&args.group, args.from)
+                        && printed == 0
+                        && from > fetched.end_offset
+                    {
+                        errln!(
+                            "spool: --from {from} is past the end of topic {} (its next offset is \
+                             {}): nothing to print",
+                            args.topic,
+                            fetched.end_offset
+                        );
+                    }
                     return Ok(());
                 }
                 // Waits on from where this one looked (`latest` resolved
