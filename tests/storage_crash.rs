@@ -1407,6 +1407,13 @@ fn a_full_copy_on_write_disk_refuses_batches_whole_and_the_log_goes_on() {
     }
 }
 
+/// 100 messages of 1000 bytes: larger than a segment of 64 KiB.
+fn larger_than_a_segment() -> Vec<NewMessage> {
+    (0..100)
+        .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
+        .collect()
+}
+
 /// Why: a batch larger than a segment is stored across segments, and a roll
 /// in its middle seals the part written before it. When the disk then
 /// refuses the rest, the answer must say which offsets of the batch are
@@ -1421,9 +1428,7 @@ fn a_batch_refused_after_a_roll_names_the_part_stored_before_it() {
     };
     let open = || open_sim(&disk, "/data/topics/across", &config);
     let log = open();
-    let batch: Vec<NewMessage> = (0..100)
-        .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
-        .collect();
+    let batch = larger_than_a_segment();
     disk.fail_writes_after(Some(90 * 1024));
     let err = log
         .append(&batch)
@@ -1463,9 +1468,7 @@ fn a_batch_stopped_by_a_failed_roll_names_the_part_stored_before_it() {
         };
         let open = || open_sim(&disk, "/data/topics/across", &config);
         let log = open();
-        let batch: Vec<NewMessage> = (0..100)
-            .map(|i| NewMessage::from_value(vec![b'a' + (i % 26) as u8; 1000]))
-            .collect();
+        let batch = larger_than_a_segment();
         // The roll syncs the full segment, then creates the next: the fault
         // starts between the two.
         let faulty = Arc::clone(&disk);

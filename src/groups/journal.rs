@@ -1128,6 +1128,15 @@ mod tests {
         point: (u64, u64),
         mode: RecoveryMode,
     ) -> Result<(Journal, Replayed)> {
+        open_with(disk, point, mode, None)
+    }
+
+    fn open_with(
+        disk: &Arc<SimDisk>,
+        point: (u64, u64),
+        mode: RecoveryMode,
+        payloads: Option<Payloads>,
+    ) -> Result<(Journal, Replayed)> {
         Journal::open_checked(
             Arc::clone(disk) as Arc<dyn Storage>,
             Path::new("/g"),
@@ -1137,7 +1146,7 @@ mod tests {
                 synced_len: point.1,
                 mode,
                 relaxed: false,
-                payloads: None,
+                payloads,
             },
         )
     }
@@ -1577,18 +1586,7 @@ mod tests {
         point: (u64, u64),
         mode: RecoveryMode,
     ) -> Result<(Journal, Replayed)> {
-        Journal::open_checked(
-            Arc::clone(disk) as Arc<dyn Storage>,
-            Path::new("/g"),
-            "group",
-            JournalRecovery {
-                base_seq: point.0,
-                synced_len: point.1,
-                mode,
-                relaxed: false,
-                payloads: Some(OK_ONLY),
-            },
-        )
+        open_with(disk, point, mode, Some(OK_ONLY))
     }
 
     /// Entries whose checksum holds but which do not parse, first in the
