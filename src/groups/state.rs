@@ -232,23 +232,104 @@ fn entry_parses(b: &[u8]) -> std::result::Result<(), String> {
 }
 
 fn snapshot_parses(b: &[u8]) -> std::result::Result<(), String> {
-    GroupSnapshot::decode(b)
+    Progress::decode(b)
         .map(|_| ())
         .ok_or_else(|| format!("{} bytes are no group snapshot", b.len()))
 }
 
-/// A group's state as its snapshot holds it.
-struct GroupSnapshot {
+/// The durable part of a group's state: what its snapshot holds and its
+/// journal's entries change.
+#[derive(Debug)]
+struct Progress {
     config: GroupConfig,
     low: u64,
     done: RangeSet,
     counts: BTreeMap<u64, u32>,
+    /// Offsets handed out at least once (a missing count means 1 here, 0 elsewhere).
     delivered: RangeSet,
+    /// Messages retention dropped before the group completed them.
     lost: u64,
 }
 
-impl GroupSnapshot {
-    fn decode(b: &[u8]) -> Option<GroupSnapshot> {
+impl Progress {
+    /// A group with `config` that starts at `start`.
+    fn new(config: GroupConfig, start: u64) -> Progress {
+        Progress {
+            config,
+            low: start,
+            done: RangeSet::new(),
+            counts: BTreeMap::new(),
+            delivered: RangeSet::new(),
+            lost: 0,
+        }
+    }
+
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::Config(c) => self.config = c,
+            Entry::Commit(o) => {
+                self.low = o;
+                self.done = RangeSet::new();
+                self.counts.retain(|&k, _| k >= o);
+                self.delivered.remove_below(o);
+            }
+            Entry::Ack(a, z) => {
+                self.done.insert_range(a.max(self.low)..z);
+                remove_range(&mut self.counts, a..z);
+                self.advance_low();
+            }
+            Entry::Delivered(o, n) => {
+                if o >= self.low && !self.done.contains(o) {
+                    self.counts.insert(o, n);
+                }
+            }
+            Entry::FirstDelivered(a, z) => self.delivered.insert_range(a.max(self.low)..z),
+            Entry::Lost(n) => self.lost = n,
+        }
+    }
+
+    fn advance_low(&mut self) {
+        if self.config.mode == GroupMode::Queue {
+            let low = self.done.first_gap_from(self.low);
+            if low != self.low {
+                self.low = low;
+                self.done.remove_below(low);
+                self.delivered.remove_below(low);
+            }
+        }
+    }
+
+    /// One past the highest offset the group's durable state speaks of
+    /// (its committed offset, completions, delivery counts): the log must
+    /// reach it, or an offset the group saw would be handed out again.
+    fn referenced_end(&self) -> u64 {
+        let end_of = |set: &RangeSet| set.iter().last().map_or(0, |r| r.end);
+        self.low
+            .max(end_of(&self.done))
+            .max(end_of(&self.delivered))
+            .max(self.counts.keys().next_back().map_or(0, |&o| o + 1))
+    }
+
+    /// Replays `snapshot` (which replaces everything) and `entries`, in
+    /// order, onto a group of `config` starting at `start`; `Err` names
+    /// what does not parse.
+    fn replay<'a>(
+        config: GroupConfig,
+        start: u64,
+        snapshot: Option<&[u8]>,
+        entries: impl IntoIterator<Item = &'a [u8]>,
+    ) -> std::result::Result<Progress, &'static str> {
+        let mut p = match snapshot {
+            Some(b) => Progress::decode(b).ok_or("snapshot")?,
+            None => Progress::new(config, start),
+        };
+        for payload in entries {
+            p.apply(Entry::decode(payload).ok_or("journal entry")?);
+        }
+        Ok(p)
+    }
+
+    fn decode(b: &[u8]) -> Option<Progress> {
         const CONFIG_LEN: usize = 1 + 1 + 8 + 4;
         let Entry::Config(config) = Entry::decode(b.get(..CONFIG_LEN)?)? else {
             return None;
@@ -278,7 +359,7 @@ impl GroupSnapshot {
         if !r.0.is_empty() {
             lost = r.u64()?;
         }
-        r.0.is_empty().then_some(GroupSnapshot {
+        r.0.is_empty().then_some(Progress {
             config,
             low,
             done,
@@ -313,16 +394,9 @@ impl Reader<'_> {
 #[derive(Debug)]
 pub struct Group {
     name: String,
-    config: GroupConfig,
     journal: Journal,
-    // Durable.
-    low: u64,
-    done: RangeSet,
-    counts: BTreeMap<u64, u32>,
-    /// Offsets handed out at least once (a missing count means 1 here, 0 elsewhere).
-    delivered: RangeSet,
-    /// Messages retention dropped before the group completed them.
-    lost: u64,
+    /// What is durable, in the journal.
+    progress: Progress,
     // In memory.
     /// Offsets below this were counted in `lost` already, or were gone
     /// before this group heard of them (see [`Group::lose_below`]).
@@ -412,15 +486,17 @@ impl Group {
         // An empty journal without a snapshot: left by a crash of a version
         // that created the file before writing its first entries.
         let fresh = replayed.snapshot.is_none() && replayed.entries.is_empty();
+        let progress = Progress::replay(
+            config,
+            start,
+            replayed.snapshot.as_deref(),
+            replayed.entries.iter().map(Vec::as_slice),
+        )
+        .map_err(|what| damaged(dir, name, what))?;
         let mut group = Group {
             name: name.to_owned(),
-            config,
             journal,
-            low: start,
-            done: RangeSet::new(),
-            counts: BTreeMap::new(),
-            delivered: RangeSet::new(),
-            lost: 0,
+            progress,
             lost_counted_to: 0,
             unjournaled: RangeSet::new(),
             cursor: start,
@@ -428,58 +504,13 @@ impl Group {
             ready: BTreeMap::new(),
             members: BTreeMap::new(),
         };
-        if let Some(snapshot) = &replayed.snapshot {
-            group
-                .load_snapshot(snapshot)
-                .ok_or_else(|| damaged(dir, name, "snapshot"))?;
-        }
-        for payload in &replayed.entries {
-            let entry =
-                Entry::decode(payload).ok_or_else(|| damaged(dir, name, "journal entry"))?;
-            group.apply(entry);
-        }
         if fresh {
             group.journal.append(&Entry::Config(config).encode())?;
             group.journal.append(&Entry::Commit(start).encode())?;
             group.journal.sync()?;
         }
-        group.cursor = group.low;
+        group.cursor = group.progress.low;
         Ok(Some(group))
-    }
-
-    fn apply(&mut self, entry: Entry) {
-        match entry {
-            Entry::Config(c) => self.config = c,
-            Entry::Commit(o) => {
-                self.low = o;
-                self.done = RangeSet::new();
-                self.counts.retain(|&k, _| k >= o);
-                self.delivered.remove_below(o);
-            }
-            Entry::Ack(a, z) => {
-                self.done.insert_range(a.max(self.low)..z);
-                remove_range(&mut self.counts, a..z);
-                self.advance_low();
-            }
-            Entry::Delivered(o, n) => {
-                if o >= self.low && !self.done.contains(o) {
-                    self.counts.insert(o, n);
-                }
-            }
-            Entry::FirstDelivered(a, z) => self.delivered.insert_range(a.max(self.low)..z),
-            Entry::Lost(n) => self.lost = n,
-        }
-    }
-
-    fn advance_low(&mut self) {
-        if self.config.mode == GroupMode::Queue {
-            let low = self.done.first_gap_from(self.low);
-            if low != self.low {
-                self.low = low;
-                self.done.remove_below(low);
-                self.delivered.remove_below(low);
-            }
-        }
     }
 
     /// The group's name.
@@ -489,34 +520,36 @@ impl Group {
 
     /// The group's settings.
     pub fn config(&self) -> GroupConfig {
-        self.config
+        self.progress.config
     }
 
     /// Stream: committed offset. Queue: low watermark.
     pub fn committed(&self) -> u64 {
-        self.low
+        self.progress.low
     }
 
     /// Whether `offset` is completed for this group.
     pub fn is_done(&self, offset: u64) -> bool {
-        offset < self.low || self.done.contains(offset)
+        offset < self.progress.low || self.progress.done.contains(offset)
     }
 
     /// The first offset at or after `from` this group has not completed.
     pub fn first_not_done(&self, from: u64) -> u64 {
-        self.done.first_gap_from(from.max(self.low))
+        self.progress
+            .done
+            .first_gap_from(from.max(self.progress.low))
     }
 
     /// Every offset this group has completed.
     pub fn completed(&self) -> RangeSet {
-        let mut all = self.done.clone();
-        all.insert_range(0..self.low);
+        let mut all = self.progress.done.clone();
+        all.insert_range(0..self.progress.low);
         all
     }
 
     /// Ranges held by the completed set (its memory).
     pub fn done_ranges(&self) -> usize {
-        self.done.range_count()
+        self.progress.done.range_count()
     }
 
     /// Next offset never handed out since the group was opened.
@@ -580,10 +613,11 @@ impl Group {
 
     /// How many times `offset` was delivered so far.
     pub fn deliveries(&self, offset: u64) -> u32 {
-        self.counts
+        self.progress
+            .counts
             .get(&offset)
             .copied()
-            .unwrap_or_else(|| u32::from(self.delivered.contains(offset)))
+            .unwrap_or_else(|| u32::from(self.progress.delivered.contains(offset)))
     }
 
     /// Decides whether `offset` is delivered to `member` or dead-lettered. A
@@ -591,7 +625,7 @@ impl Group {
     /// must [`Group::sync`] before handing it out.
     pub fn deliver(&mut self, offset: u64, member: &str, now_ms: u64) -> Result<Decision> {
         let previous = self.deliveries(offset);
-        if previous >= self.config.max_deliveries {
+        if previous >= self.progress.config.max_deliveries {
             return Ok(Decision::DeadLetter {
                 deliveries: previous,
             });
@@ -599,13 +633,13 @@ impl Group {
         let delivery = previous + 1;
         // A count of its own (a redelivery, or a delivery taken back by
         // [`Group::undeliver`]) is journaled as such.
-        if delivery >= 2 || self.counts.contains_key(&offset) {
+        if delivery >= 2 || self.progress.counts.contains_key(&offset) {
             self.journal
                 .append(&Entry::Delivered(offset, delivery).encode())?;
-            self.counts.insert(offset, delivery);
+            self.progress.counts.insert(offset, delivery);
         } else {
             // Journaled as ranges at the next sync: a fetch costs one entry.
-            self.delivered.insert(offset);
+            self.progress.delivered.insert(offset);
             self.unjournaled.insert(offset);
         }
         self.ready.remove(&offset);
@@ -613,7 +647,7 @@ impl Group {
             offset,
             Lease {
                 member: member.to_owned(),
-                deadline_ms: now_ms.saturating_add(self.config.ack_timeout_ms),
+                deadline_ms: now_ms.saturating_add(self.progress.config.ack_timeout_ms),
                 delivery,
             },
         );
@@ -633,7 +667,7 @@ impl Group {
         }
         self.journal
             .append(&Entry::Delivered(offset, delivery - 1).encode())?;
-        self.counts.insert(offset, delivery - 1);
+        self.progress.counts.insert(offset, delivery - 1);
         Ok(())
     }
 
@@ -644,11 +678,11 @@ impl Group {
     pub fn take_back(&mut self, offset: u64, delivery: u32) -> Result<()> {
         if delivery == 1
             && self.unjournaled.contains(offset)
-            && !self.counts.contains_key(&offset)
+            && !self.progress.counts.contains_key(&offset)
             && !self.leases.contains_key(&offset)
         {
             self.unjournaled.remove(offset);
-            self.delivered.remove(offset);
+            self.progress.delivered.remove(offset);
             return Ok(());
         }
         self.undeliver(offset, delivery)
@@ -657,13 +691,14 @@ impl Group {
     /// Completes offsets `[from, to)` (an ack, or a dead-letter handed off).
     /// Durable after [`Group::sync`].
     pub fn complete(&mut self, from: u64, to: u64) -> Result<()> {
-        if from >= to || (to <= self.low && self.config.mode == GroupMode::Queue) {
+        if from >= to || (to <= self.progress.low && self.progress.config.mode == GroupMode::Queue)
+        {
             return Ok(());
         }
         self.journal.append(&Entry::Ack(from, to).encode())?;
         remove_range(&mut self.leases, from..to);
         remove_range(&mut self.ready, from..to);
-        self.apply(Entry::Ack(from, to));
+        self.progress.apply(Entry::Ack(from, to));
         self.maybe_snapshot()
     }
 
@@ -710,8 +745,8 @@ impl Group {
     /// offset below done and every offset at or above pending again.
     pub fn commit(&mut self, offset: u64) -> Result<()> {
         self.journal.append(&Entry::Commit(offset).encode())?;
-        self.apply(Entry::Commit(offset));
-        if self.config.mode == GroupMode::Queue {
+        self.progress.apply(Entry::Commit(offset));
+        if self.progress.config.mode == GroupMode::Queue {
             self.leases.clear();
             self.ready.clear();
             self.cursor = offset;
@@ -727,27 +762,29 @@ impl Group {
     /// the group below offsets counted or gone already; a pass that failed
     /// for this group leaves its offsets to the next). Returns that count.
     pub fn lose_below(&mut self, start: u64, deleted: &RangeSet) -> Result<u64> {
-        if self.low >= start {
+        if self.progress.low >= start {
             // Read already: nothing lost, and nothing to count again after
             // a commit back below it.
             self.heard_start(start);
             return Ok(0);
         }
-        let range = self.low.max(self.lost_counted_to).min(start)..start;
-        let done = self.done.count_in(range.clone());
+        let range = self.progress.low.max(self.lost_counted_to).min(start)..start;
+        let done = self.progress.done.count_in(range.clone());
         let mut gone = deleted.clone();
         gone.remove_below(range.start);
         gone.remove_from(range.end);
         // Deleted offsets the group had completed are counted once.
-        let both = gone.intersection(&self.done).count_in(range.clone());
+        let both = gone
+            .intersection(&self.progress.done)
+            .count_in(range.clone());
         let skipped = done + gone.count_in(range.clone()) - both;
         let lost = (range.end - range.start).saturating_sub(skipped);
         self.journal
-            .append(&Entry::Lost(self.lost + lost).encode())?;
-        self.lost += lost;
+            .append(&Entry::Lost(self.progress.lost + lost).encode())?;
+        self.progress.lost += lost;
         self.lost_counted_to = start;
-        if self.config.mode == GroupMode::Queue {
-            self.complete(self.low, start)?;
+        if self.progress.config.mode == GroupMode::Queue {
+            self.complete(self.progress.low, start)?;
         } else {
             self.commit(start)?;
         }
@@ -776,27 +813,27 @@ impl Group {
     pub fn clamp(&mut self, log_start: u64, log_end: u64) -> Result<()> {
         // What was gone before this open is not the next pass's to count.
         self.heard_start(log_start);
-        let target = if self.low > log_end {
+        let target = if self.progress.low > log_end {
             Some(log_end)
-        } else if self.low < log_start && self.config.mode == GroupMode::Queue {
+        } else if self.progress.low < log_start && self.progress.config.mode == GroupMode::Queue {
             Some(log_start)
         } else {
             None
         };
         if let Some(target) = target {
-            if target > self.low {
+            if target > self.progress.low {
                 // Compaction's whole-segment removals (consumed or
                 // superseded records) leave this at every next start:
                 // routine. The rare other cause (a retention pass a crash
                 // cut before the groups heard of it) is named with it.
-                tracing::info!(group = %self.name, from = self.low, to = target, log_start, log_end,
+                tracing::info!(group = %self.name, from = self.progress.low, to = target, log_start, log_end,
                     "queue group moved up to the log's start (past records compaction removed, or a retention pass cut short by a crash dropped)");
             } else {
-                tracing::warn!(group = %self.name, from = self.low, to = target, log_start, log_end,
+                tracing::warn!(group = %self.name, from = self.progress.low, to = target, log_start, log_end,
                     "group state past the log's end moved back to it");
             }
-            if self.config.mode == GroupMode::Queue && target > self.low {
-                self.complete(self.low, target)?;
+            if self.progress.config.mode == GroupMode::Queue && target > self.progress.low {
+                self.complete(self.progress.low, target)?;
             } else {
                 self.commit(target)?;
             }
@@ -805,22 +842,22 @@ impl Group {
         // Completions, counts and deliveries at or past the end belong to
         // messages the crash took back; those offsets will name new messages.
         let past_end = |set: &RangeSet| set.iter().last().is_some_and(|r| r.end > log_end);
-        if past_end(&self.done)
-            || past_end(&self.delivered)
-            || self.counts.range(log_end..).next().is_some()
+        if past_end(&self.progress.done)
+            || past_end(&self.progress.delivered)
+            || self.progress.counts.range(log_end..).next().is_some()
         {
             tracing::warn!(group = %self.name, log_end,
                 "group state moved inside the log: forgetting completions and deliveries past its end");
-            self.done.remove_from(log_end);
-            self.delivered.remove_from(log_end);
+            self.progress.done.remove_from(log_end);
+            self.progress.delivered.remove_from(log_end);
             self.unjournaled.remove_from(log_end);
-            self.counts.split_off(&log_end);
+            self.progress.counts.split_off(&log_end);
             // Only a snapshot can take journaled state back.
             self.sync()?;
             let snapshot = self.encode_snapshot();
             self.journal.snapshot(&snapshot)?;
         }
-        self.cursor = self.cursor.max(self.low);
+        self.cursor = self.cursor.max(self.progress.low);
         Ok(())
     }
 
@@ -852,11 +889,7 @@ impl Group {
     /// (its committed offset, completions, delivery counts): the log must
     /// reach it, or an offset the group saw would be handed out again.
     pub fn referenced_end(&self) -> u64 {
-        let end_of = |set: &RangeSet| set.iter().last().map_or(0, |r| r.end);
-        self.low
-            .max(end_of(&self.done))
-            .max(end_of(&self.delivered))
-            .max(self.counts.keys().next_back().map_or(0, |&o| o + 1))
+        self.progress.referenced_end()
     }
 
     /// Whether a failed sync made the group's journal read-only.
@@ -901,35 +934,39 @@ impl Group {
     /// the wall clock.
     pub fn info(&self, log: Range<u64>, deleted: &RangeSet, now_ms: u64) -> GroupInfo {
         let log_end = log.end;
-        let (committed, lag) = match self.config.mode {
+        let (committed, lag) = match self.progress.config.mode {
             GroupMode::Stream => {
-                let from = self.low.max(log.start).min(log_end);
-                (self.low, log_end - from - deleted.count_in(from..log_end))
+                let from = self.progress.low.max(log.start).min(log_end);
+                (
+                    self.progress.low,
+                    log_end - from - deleted.count_in(from..log_end),
+                )
             }
             GroupMode::Queue => {
-                let mut low = self.low;
+                let mut low = self.progress.low;
                 while low < log_end {
-                    let next = deleted.first_gap_from(self.done.first_gap_from(low));
+                    let next = deleted.first_gap_from(self.progress.done.first_gap_from(low));
                     if next == low {
                         break;
                     }
                     low = next;
                 }
-                let low = low.min(log_end).max(self.low);
+                let low = low.min(log_end).max(self.progress.low);
                 // What the log no longer holds is not waiting.
                 let held = low.max(log.start);
-                let open = (log_end.max(held) - held) - self.done.count_in(held..log_end.max(held));
+                let open = (log_end.max(held) - held)
+                    - self.progress.done.count_in(held..log_end.max(held));
                 // Deleted offsets the group has not completed itself.
                 let gone: u64 = deleted
                     .iter_in(held..log_end)
-                    .map(|r| (r.end - r.start) - self.done.count_in(r))
+                    .map(|r| (r.end - r.start) - self.progress.done.count_in(r))
                     .sum();
                 (low, open - gone)
             }
         };
         GroupInfo {
             name: self.name.clone(),
-            mode: self.config.mode,
+            mode: self.progress.config.mode,
             committed,
             pending: self
                 .leases
@@ -943,7 +980,7 @@ impl Group {
                 .iter()
                 .map(|(m, &seen)| (m.clone(), wall_ms_of(seen, now_ms)))
                 .collect(),
-            lost_to_retention: self.lost,
+            lost_to_retention: self.progress.lost,
         }
     }
 
@@ -972,36 +1009,25 @@ impl Group {
     }
 
     fn encode_snapshot(&self) -> Vec<u8> {
-        let mut b = Entry::Config(self.config).encode();
-        b.extend_from_slice(&self.low.to_le_bytes());
-        b.extend_from_slice(&(self.done.range_count() as u64).to_le_bytes());
-        for r in self.done.iter() {
+        let mut b = Entry::Config(self.progress.config).encode();
+        b.extend_from_slice(&self.progress.low.to_le_bytes());
+        b.extend_from_slice(&(self.progress.done.range_count() as u64).to_le_bytes());
+        for r in self.progress.done.iter() {
             b.extend_from_slice(&r.start.to_le_bytes());
             b.extend_from_slice(&r.end.to_le_bytes());
         }
-        b.extend_from_slice(&(self.counts.len() as u64).to_le_bytes());
-        for (&o, &n) in &self.counts {
+        b.extend_from_slice(&(self.progress.counts.len() as u64).to_le_bytes());
+        for (&o, &n) in &self.progress.counts {
             b.extend_from_slice(&o.to_le_bytes());
             b.extend_from_slice(&n.to_le_bytes());
         }
-        b.extend_from_slice(&(self.delivered.range_count() as u64).to_le_bytes());
-        for r in self.delivered.iter() {
+        b.extend_from_slice(&(self.progress.delivered.range_count() as u64).to_le_bytes());
+        for r in self.progress.delivered.iter() {
             b.extend_from_slice(&r.start.to_le_bytes());
             b.extend_from_slice(&r.end.to_le_bytes());
         }
-        b.extend_from_slice(&self.lost.to_le_bytes());
+        b.extend_from_slice(&self.progress.lost.to_le_bytes());
         b
-    }
-
-    fn load_snapshot(&mut self, b: &[u8]) -> Option<()> {
-        let s = GroupSnapshot::decode(b)?;
-        self.config = s.config;
-        self.low = s.low;
-        self.done = s.done;
-        self.counts = s.counts;
-        self.delivered = s.delivered;
-        self.lost = s.lost;
-        Some(())
     }
 }
 
