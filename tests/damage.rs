@@ -474,6 +474,54 @@ fn skip_damaged_keeps_the_valid_entries_around_a_damaged_journal_entry() {
     );
 }
 
+/// A copy whose group journals were taken after its segments (a live
+/// directory copied file by file) speaks of offsets its log does not hold:
+/// verify reports it as the broker refuses it, not as clean.
+#[test]
+fn group_state_past_the_log_s_end_is_damage_to_verify_as_to_serve() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("live");
+    fill(&data, 0, 20);
+    let copy = tmp.path().join("copy");
+    let cp = |from: &Path, to: &Path| {
+        let done = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .expect("run cp");
+        assert!(done.success());
+    };
+    cp(&data, &copy);
+    let broker = Broker::start(&data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "more")
+            .await
+            .expect("connect");
+        let more = (20..30).map(|i| NewMessage::from_value(value(i))).collect();
+        client.produce(TOPIC, more).await.expect("produce");
+        client.commit(TOPIC, "s", 30).await.expect("commit");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    // The later group journals over the earlier segments.
+    let groups = topic_dir(&copy).join("groups");
+    std::fs::remove_dir_all(&groups).expect("remove groups");
+    cp(&topic_dir(&data).join("groups"), &groups);
+
+    let (code, report) = verify(&copy);
+    assert_eq!(code, Some(1), "{report}");
+    let text = report["damage"].to_string();
+    assert!(
+        text.contains("the log ends at offset 20, but offsets up to 30 were handed out"),
+        "{report}"
+    );
+    serve_refuses(&copy, "were handed out");
+    // The live directory itself verifies clean.
+    let (code, report) = verify(&data);
+    assert_eq!(code, Some(0), "{report}");
+}
+
 /// Makes a bad payload of a good one.
 type Garble = fn(&[u8]) -> Vec<u8>;
 

@@ -143,7 +143,17 @@ fn encode(ranges: impl Iterator<Item = Range<u64>>) -> Vec<u8> {
 pub(crate) const PAYLOADS: Payloads = Payloads {
     entry: ranges_parse,
     snapshot: ranges_parse,
+    referenced_end,
 };
+
+/// The end of the last deleted range: deleted offsets were handed out.
+fn referenced_end(snapshot: Option<&[u8]>, entries: &[&[u8]]) -> u64 {
+    let mut set = RangeSet::new();
+    for payload in snapshot.iter().chain(entries) {
+        let _ = decode(payload, &mut set);
+    }
+    set.iter().last().map_or(0, |r| r.end)
+}
 
 fn ranges_parse(payload: &[u8]) -> std::result::Result<(), String> {
     if payload.len().is_multiple_of(RANGE_LEN) {

@@ -294,7 +294,15 @@ pub struct Payloads {
     pub entry: fn(&[u8]) -> std::result::Result<(), String>,
     /// Checks a snapshot's payload.
     pub snapshot: fn(&[u8]) -> std::result::Result<(), String>,
+    /// The end of the offsets the state of a snapshot's payload and entry
+    /// payloads after it (all checked) speaks of: a log that ends before
+    /// it lost offsets that were handed out.
+    pub referenced_end: ReferencedEnd,
 }
+
+/// See [`Payloads::referenced_end`]: a snapshot's payload, if any, and the
+/// entries' after it.
+pub type ReferencedEnd = fn(Option<&[u8]>, &[&[u8]]) -> u64;
 
 /// What is wrong with the bytes at a journal entry's place, as `decoded`
 /// (after the entry with sequence number `last`) found them.
@@ -1579,6 +1587,7 @@ mod tests {
             }
         },
         snapshot: |_| Ok(()),
+        referenced_end: |_, _| 0,
     };
 
     fn open_checked_at(

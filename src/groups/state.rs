@@ -218,7 +218,20 @@ impl Entry {
 pub(crate) const PAYLOADS: Payloads = Payloads {
     entry: entry_parses,
     snapshot: snapshot_parses,
+    referenced_end,
 };
+
+/// [`Group::referenced_end`] of the group these payloads replay to, as the
+/// broker opens it.
+fn referenced_end(snapshot: Option<&[u8]>, entries: &[&[u8]]) -> u64 {
+    Progress::replay(
+        GroupConfig::new(GroupMode::Stream),
+        0,
+        snapshot,
+        entries.iter().copied(),
+    )
+    .map_or(0, |p| p.referenced_end())
+}
 
 fn entry_parses(b: &[u8]) -> std::result::Result<(), String> {
     if Entry::decode(b).is_some() {

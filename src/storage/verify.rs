@@ -188,7 +188,7 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
             report.bytes += len;
         }
         progress(report.bytes);
-        verify_log(
+        let log_end = verify_log(
             storage,
             &dir,
             checkpoint.as_ref(),
@@ -254,8 +254,40 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 ));
             }
         }
+        let mut referenced = 0;
         for journal in &journals {
-            verify_journal(storage, journal, relaxed(fsync), &mut report, progress)?;
+            let end = verify_journal(storage, journal, relaxed(fsync), &mut report, progress)?;
+            referenced = referenced.max(end.unwrap_or(0));
+        }
+        // As the broker: an offset a group or a deletion speaks of was
+        // handed out, and the log must not give it to another message.
+        if let Some((end, last)) = log_end
+            && referenced > end
+        {
+            let synced =
+                fsync == FsyncPolicy::Always || checkpoint.as_ref().is_some_and(|c| c.clean);
+            let detail = format!(
+                "the log ends at offset {end}, but offsets up to {referenced} were handed out \
+                 (group state or deletions speak of them)"
+            );
+            let found = Finding {
+                file: last,
+                bytes: 0..0,
+                offsets: Some(end..referenced),
+                detail,
+            };
+            if synced {
+                report.damage.push(found);
+            } else {
+                report.notes.push(Finding {
+                    detail: format!(
+                        "{}: under fsync={fsync} a power cut took messages written but not \
+                         synced; the next start continues the log at offset {referenced}",
+                        found.detail
+                    ),
+                    ..found
+                });
+            }
         }
     }
     Ok(report)
@@ -268,7 +300,7 @@ fn verify_log(
     relaxed: Option<FsyncPolicy>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
-) -> Result<()> {
+) -> Result<Option<(u64, PathBuf)>> {
     let names = storage
         .list_dir(dir)
         .ctx(|| format!("listing {}", dir.display()))?;
@@ -527,7 +559,11 @@ fn verify_log(
         }
         verify_index(storage, &paths, &data, base, pos, last, active, report)?;
     }
-    Ok(())
+    // Where the log ends, next to its last segment's file (none when that
+    // file could not be read: reported already).
+    Ok(previous_end
+        .zip(bases.last())
+        .map(|(end, &base)| (end, SegmentPaths::new(dir, base).log)))
 }
 
 /// Every stored index entry must point at a valid record carrying the offset
@@ -652,14 +688,15 @@ struct JournalToCheck {
     payloads: Payloads,
 }
 
-/// Checks a journal and its snapshot against its recovery point.
+/// Checks a journal and its snapshot against its recovery point; returns
+/// the end of the offsets its state speaks of, when it has no damage.
 fn verify_journal(
     storage: &dyn Storage,
     journal: &JournalToCheck,
     relaxed: Option<FsyncPolicy>,
     report: &mut VerifyReport,
     progress: &mut dyn FnMut(u64),
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let JournalToCheck {
         dir,
         name,
@@ -669,17 +706,26 @@ fn verify_journal(
     let (base_seq, synced_len) = (*base_seq, *synced_len);
     let snap = dir.join(format!("{name}.snap"));
     let mut first_uncovered = 0;
+    let damage_before = report.damage.len();
+    // The payloads the broker would replay: the snapshot's, then entries.
+    let mut state: Option<Vec<u8>> = None;
+    let mut entries: Vec<Vec<u8>> = Vec::new();
     let snapshot = read_journal_file(storage, &snap, report)?;
-    let snapshot_reported = matches!(snapshot, JournalBytes::Reported);
+    let mut snapshot_reported = matches!(snapshot, JournalBytes::Reported);
     if let JournalBytes::Read(data) = snapshot {
         report.files += 1;
         report.bytes += data.len() as u64;
+        snapshot_reported = true;
         match crate::groups::journal::snapshot_record(&data) {
             Ok(r) => {
                 report.journal_entries += 1;
                 // As the broker: a snapshot given up covers nothing.
                 match (payloads.snapshot)(r.value) {
-                    Ok(()) => first_uncovered = r.offset,
+                    Ok(()) => {
+                        first_uncovered = r.offset;
+                        state = Some(r.value.to_vec());
+                        snapshot_reported = false;
+                    }
                     Err(why) => report.damage.push(Finding {
                         file: snap.clone(),
                         bytes: 0..data.len() as u64,
@@ -715,7 +761,7 @@ fn verify_journal(
     let data = match read_journal_file(storage, &path, report)? {
         JournalBytes::Read(data) => data,
         JournalBytes::Missing => Vec::new(),
-        JournalBytes::Reported => return Ok(()),
+        JournalBytes::Reported => return Ok(None),
     };
     report.files += 1;
     report.bytes += data.len() as u64;
@@ -729,18 +775,19 @@ fn verify_journal(
                 report.journal_entries += 1;
                 // As the broker: whole, so damage wherever it lies. Entries
                 // the snapshot covers are never read.
-                if r.offset >= first_uncovered
-                    && let Err(why) = (payloads.entry)(r.value)
-                {
-                    report.damage.push(Finding {
-                        file: path.clone(),
-                        bytes: pos as u64..pos as u64 + u64::from(r.len),
-                        offsets: None,
-                        detail: format!(
-                            "journal entry {} passed its checksum but does not parse ({why})",
-                            r.offset
-                        ),
-                    });
+                if r.offset >= first_uncovered {
+                    match (payloads.entry)(r.value) {
+                        Ok(()) => entries.push(r.value.to_vec()),
+                        Err(why) => report.damage.push(Finding {
+                            file: path.clone(),
+                            bytes: pos as u64..pos as u64 + u64::from(r.len),
+                            offsets: None,
+                            detail: format!(
+                                "journal entry {} passed its checksum but does not parse ({why})",
+                                r.offset
+                            ),
+                        }),
+                    }
                 }
                 last = Some(r.offset);
                 pos += r.len as usize;
@@ -824,7 +871,11 @@ fn verify_journal(
             ),
         });
     }
-    Ok(())
+    if report.damage.len() > damage_before {
+        return Ok(None);
+    }
+    let entries: Vec<&[u8]> = entries.iter().map(Vec::as_slice).collect();
+    Ok(Some((payloads.referenced_end)(state.as_deref(), &entries)))
 }
 
 /// An index file's bytes, if it exists; one longer than its segment allows
