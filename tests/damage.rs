@@ -522,6 +522,66 @@ fn group_state_past_the_log_s_end_is_damage_to_verify_as_to_serve() {
     assert_eq!(code, Some(0), "{report}");
 }
 
+/// A topic refused in the default mode stays refused: the refusal must not
+/// take the clean stop away, or the next request would judge the same
+/// files by the rules of an unclean stop (under `interval`, offsets handed
+/// out past the log's end are then taken for a power cut's loss) and open
+/// the topic, giving the range up without `--recovery skip-damaged`.
+#[test]
+fn a_refused_topic_stays_refused_request_after_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path();
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "fill")
+            .await
+            .expect("connect");
+        client
+            .create_topic(
+                TOPIC,
+                pb::TopicConfig {
+                    fsync: Some("interval:50".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create topic");
+        let ten = (0..10).map(|i| NewMessage::from_value(value(i))).collect();
+        client.produce(TOPIC, ten).await.expect("produce");
+        client.delete(TOPIC, &[2]).await.expect("delete");
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    // The last deletion made to speak of offset 10, past the log's end.
+    garble_last_entry(&topic_dir(data).join("deletes.journal"), |_| {
+        [10u64.to_le_bytes(), 11u64.to_le_bytes()].concat()
+    });
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "{report}");
+
+    let broker = Broker::start(data, &[]);
+    rt().block_on(async {
+        let client = Client::connect(&broker.addr, "again")
+            .await
+            .expect("connect");
+        for attempt in 0..3 {
+            let refused = client
+                .describe_topic(TOPIC)
+                .await
+                .expect_err("the damaged topic is refused");
+            assert_eq!(
+                refused.code(),
+                Some(pb::Code::DataLoss),
+                "attempt {attempt}: {refused}"
+            );
+        }
+    });
+    let (ok, logs) = broker.terminate();
+    assert!(ok, "{logs}");
+    let (code, report) = verify(data);
+    assert_eq!(code, Some(1), "still damage after the refusals: {report}");
+}
+
 /// Makes a bad payload of a good one.
 type Garble = fn(&[u8]) -> Vec<u8>;
 

@@ -305,6 +305,22 @@ impl Log {
         config: LogConfig,
         mode: RecoveryMode,
     ) -> Result<Log> {
+        let log = Log::open_unmarked(storage, dir, config, mode)?;
+        log.mark_opened()?;
+        Ok(log)
+    }
+
+    /// [`Log::open`] leaving a clean checkpoint as it is, for a caller
+    /// that checks more (the state beside the log) before it takes the log
+    /// for opened with [`Log::mark_opened`]: an open refused by those
+    /// checks must leave the stop clean, or the next try would judge the
+    /// same files by the rules of an unclean one.
+    pub fn open_unmarked(
+        storage: Arc<dyn Storage>,
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        mode: RecoveryMode,
+    ) -> Result<Log> {
         config.validate()?;
         let dir = dir.into();
         storage
@@ -456,27 +472,31 @@ impl Log {
         } else if !log.report.is_clean() {
             tracing::info!(log = %log.dir.display(), report = %log.report, "log recovered");
         }
-        // A clean checkpoint stops being true with the first new write (to
-        // the log or to a journal beside it), and a log without one gets its
-        // recovery point now. On a full disk, with no room for a new one, a
-        // clean checkpoint goes instead (removing a file needs no room): the
-        // log then opens for reading, and recovers as one without a
-        // checkpoint until the next is written (the broker writes one every
-        // second once there is room).
-        if log.opened_checkpoint.as_ref().is_none_or(|c| c.clean) {
-            match log.store_checkpoint(None, false) {
+        Ok(log)
+    }
+
+    /// Takes the log for opened: a clean checkpoint stops being true with
+    /// the first new write (to the log or to a journal beside it), and a
+    /// log without one gets its recovery point now. On a full disk, with no
+    /// room for a new one, a clean checkpoint goes instead (removing a file
+    /// needs no room): the log then opens for reading, and recovers as one
+    /// without a checkpoint until the next is written (the broker writes
+    /// one every second once there is room).
+    pub fn mark_opened(&self) -> Result<()> {
+        if self.opened_checkpoint.as_ref().is_none_or(|c| c.clean) {
+            match self.store_checkpoint(None, false) {
                 Err(e @ Error::Full { .. }) => {
-                    if log.opened_checkpoint.is_some() {
-                        Checkpoint::remove(&*log.storage, &log.dir)?;
-                        log.lock_checkpoint().written = None;
+                    if self.opened_checkpoint.is_some() {
+                        Checkpoint::remove(&*self.storage, &self.dir)?;
+                        self.lock_checkpoint().written = None;
                     }
-                    tracing::warn!(log = %log.dir.display(), error = %e,
+                    tracing::warn!(log = %self.dir.display(), error = %e,
                         "no room for a checkpoint: the log opens without one until there is");
                 }
                 other => other?,
             }
         }
-        Ok(log)
+        Ok(())
     }
 
     /// Offsets below the checkpoint's durable end were acknowledged as

@@ -218,7 +218,9 @@ impl Topic {
         validate_name("topic", name)?;
         config.validate()?;
         set_aside_strays(&*storage, dir)?;
-        let mut log = Log::open(Arc::clone(&storage), dir, config.log.clone(), mode)?;
+        // Taken for opened only once the state beside it is checked too
+        // (see below).
+        let mut log = Log::open_unmarked(Arc::clone(&storage), dir, config.log.clone(), mode)?;
         let checkpoint = log.opened_checkpoint().cloned();
         let point = |journal: &str| {
             let p = checkpoint.as_ref().and_then(|c| c.journal(journal));
@@ -324,6 +326,10 @@ impl Topic {
                 log.skip_to(referenced)?;
             }
         }
+        // Nothing refused the topic: its stop is no longer clean. (A refusal
+        // leaves a clean checkpoint clean, so the next try judges the same
+        // files by the same rules.)
+        log.mark_opened()?;
         let stats = log.stats();
         for group in groups.values_mut() {
             group.clamp(stats.start.0, stats.end.0)?;
