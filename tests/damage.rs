@@ -176,6 +176,20 @@ fn damage_files(report: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Creates the topic under fsync policy `fsync`.
+async fn create_with_fsync(client: &Client, fsync: &str) {
+    client
+        .create_topic(
+            TOPIC,
+            pb::TopicConfig {
+                fsync: Some(fsync.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create topic");
+}
+
 async fn describe(client: &Client, group: &str) -> spool::protocol::pb::GroupInfo {
     client.describe_group(TOPIC, group).await.expect("describe")
 }
@@ -245,16 +259,7 @@ fn a_hole_in_the_unsynced_tail_is_set_aside_by_a_plain_start() {
         let client = Client::connect(&broker.addr, "fill")
             .await
             .expect("connect");
-        client
-            .create_topic(
-                TOPIC,
-                pb::TopicConfig {
-                    fsync: Some("never".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("create topic");
+        create_with_fsync(&client, "never").await;
         // Records of 1.5 KB: one holds whole 512-byte sectors.
         for i in 0..20 {
             client
@@ -536,16 +541,7 @@ fn a_refused_topic_stays_refused_request_after_request() {
         let client = Client::connect(&broker.addr, "fill")
             .await
             .expect("connect");
-        client
-            .create_topic(
-                TOPIC,
-                pb::TopicConfig {
-                    fsync: Some("interval:50".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("create topic");
+        create_with_fsync(&client, "interval:50").await;
         let ten = (0..10).map(|i| NewMessage::from_value(value(i))).collect();
         client.produce(TOPIC, ten).await.expect("produce");
         client.delete(TOPIC, &[2]).await.expect("delete");
