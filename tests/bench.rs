@@ -352,32 +352,45 @@ fn an_unreachable_server_is_one_error_naming_it() {
     assert!(!stderr.contains("could not remove"), "{stderr}");
 }
 
-/// `--transport grpc` given the native listener's address says which
-/// address it wants, not the HTTP/2 library's error.
+/// `--transport grpc` given the address of another of the broker's
+/// listeners (native, metrics, socket.io) says which address it wants, not
+/// the HTTP/2 library's error.
 #[test]
-fn grpc_pointed_at_the_native_listener_names_the_address_to_use() {
+fn grpc_pointed_at_another_listener_names_the_address_to_use() {
     let data = tempfile::tempdir().expect("tempdir");
     let broker = common::Broker::start(data.path(), &[]);
     let scratch = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_spool"))
-        .args([
-            "bench",
-            "produce",
-            "--transport",
-            "grpc",
-            "--messages",
-            "10",
-        ])
-        .args(["--baseline-mib", "1", "--server", &broker.addr, "--data"])
-        .arg(scratch.path())
-        .output()
-        .expect("run spool bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("gRPC address (serve --grpc") && !stderr.contains("GoAway"),
-        "{stderr}"
-    );
+    let others = [
+        Some(broker.addr.clone()),
+        broker.metrics.clone(),
+        broker.socketio.clone(),
+    ];
+    for addr in others
+        .into_iter()
+        .map(|a| a.expect("the listener's address"))
+    {
+        let out = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .args([
+                "bench",
+                "produce",
+                "--transport",
+                "grpc",
+                "--messages",
+                "10",
+            ])
+            .args(["--baseline-mib", "1", "--server", &addr, "--data"])
+            .arg(scratch.path())
+            .output()
+            .expect("run spool bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{addr}: {stderr}");
+        assert!(
+            stderr.contains("gRPC address (serve --grpc")
+                && !stderr.contains("GoAway")
+                && !stderr.contains("tonic::"),
+            "{addr}: {stderr}"
+        );
+    }
 }
 
 /// The entries of `dir`.

@@ -388,11 +388,13 @@ impl BenchError {
         move |source| BenchError::Client { what, source }
     }
 
-    fn grpc<E: fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> BenchError {
+    fn grpc<E: std::error::Error + 'static>(
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> BenchError {
         let what = what.into();
         move |e| BenchError::Grpc {
             what,
-            message: grpc_hint(e.to_string()),
+            message: grpc_hint(&e),
         }
     }
 
@@ -411,16 +413,41 @@ impl BenchError {
     }
 }
 
-/// `message`, or for a server that answered no HTTP/2 (most often the
-/// native listener's address given to `--transport grpc`), what to check.
-fn grpc_hint(message: String) -> String {
-    if !message.contains("h2 protocol error") {
-        return message;
+/// What a failed gRPC call or connection says: its status or error, or
+/// for a server that answered no HTTP/2 (most often another of the
+/// broker's listeners given to `--transport grpc`), what to check.
+fn grpc_hint(error: &(dyn std::error::Error + 'static)) -> String {
+    const CHECK: &str = "with --transport grpc, --server is the broker's gRPC address \
+                         (serve --grpc, 127.0.0.1:7412 by default), not its native, metrics \
+                         or socket.io one";
+    let message = error.to_string();
+    if message.contains("h2 protocol error") {
+        return format!(
+            "the server did not answer in HTTP/2, as spool's gRPC listener does \
+             (h2 protocol error); {CHECK}"
+        );
     }
-    "the server did not answer in HTTP/2, as spool's gRPC listener does (h2 protocol error); \
-     with --transport grpc, --server is the broker's gRPC address (serve --grpc, \
-     127.0.0.1:7412 by default), not its native one"
-        .into()
+    // A transport failure shows as a status whose text holds the debug
+    // form of its source: the innermost source says what happened.
+    let status = error.downcast_ref::<tonic::Status>();
+    // The bench cancels no call of its own: a cancelled one is a
+    // connection the server ended.
+    let transport = error.is::<tonic::transport::Error>()
+        || status.is_some_and(|s| {
+            s.code() == tonic::Code::Cancelled
+                || (s.code() == tonic::Code::Unknown && s.message() == "transport error")
+        });
+    if !transport {
+        return status.map_or(message, |s| format!("{} ({:?})", s.message(), s.code()));
+    }
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    format!(
+        "the connection failed without a gRPC answer ({cause}); check that the broker is up, \
+         and {CHECK}"
+    )
 }
 
 /// How far a run has come, for a progress bar. Updated by the load tasks,
