@@ -370,6 +370,26 @@ async fn tokens_none_wrong_valid_and_outside_permissions_on_the_native_protocol(
             .expect_err("no valid token");
         assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{e}");
     }
+    // The client's name goes into the refusal's log line escaped: a client
+    // that is not let in writes no line of its own into the log.
+    let forged = ClientOptions {
+        client_name: "evil\n2026-01-01T00:00:00Z  INFO forged \u{1b}[31m".into(),
+        ..options(None, Some("spool_wrong"))
+    };
+    let e = Client::connect_with(&broker.addr, &forged)
+        .await
+        .expect_err("no valid token");
+    assert_eq!(code(&e), Some(pb::Code::Unauthenticated), "{e}");
+    let escaped = r"client=evil\n2026-01-01T00:00:00Z  INFO forged \u{1b}[31m";
+    let waited = Instant::now();
+    while broker.log_count(escaped) == 0 && waited.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = broker.log_so_far();
+    assert!(
+        log.contains(escaped) && !log.lines().any(|l| l.starts_with("2026-01-01")),
+        "{log}"
+    );
 
     let root = Client::connect_with(&broker.addr, &options(None, Some(&admin)))
         .await
@@ -537,6 +557,112 @@ async fn tokens_none_wrong_valid_and_outside_permissions_over_grpc() {
         .produce(with_token(produce("orders.us"), Some(&writer)))
         .await
         .expect("still served");
+}
+
+/// The value of the metric series `series` (the whole text before its
+/// value) on the metrics listener at `addr`; 0 when absent.
+fn metric(addr: &str, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Why: a gRPC connection whose calls carried no valid token held its
+/// connection slot as long as it kept making them (or just answered
+/// pings), so tokenless clients could take every slot; and a refused
+/// call was not logged, where a refused native `Hello` is. With an auth
+/// file, a gRPC connection that has made no call with a valid token within
+/// `frame_timeout_ms` is closed; the first refusal on each connection is
+/// logged with the peer's address.
+#[tokio::test]
+async fn a_grpc_connection_without_a_valid_token_is_closed_after_frame_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (auth, writer, _) = auth_file(dir.path());
+    let broker = Broker::start(
+        &dir.path().join("data"),
+        &[
+            "--auth",
+            auth.to_str().expect("utf-8"),
+            "--frame-timeout-ms",
+            "1500",
+        ],
+    );
+    let grpc = broker.grpc.clone().expect("gRPC listener");
+    let metrics = broker.metrics.clone().expect("metrics listener");
+    let closes = || {
+        metric(
+            &metrics,
+            r#"spool_connections_closed_by_limit_total{reason="frame_timeout_ms"}"#,
+        )
+    };
+
+    // HTTP/2's preface and settings, then nothing: closed once the time
+    // for a call passed.
+    let mut raw = tokio::net::TcpStream::connect(&grpc)
+        .await
+        .expect("connect");
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let started = Instant::now();
+    let mut sink = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        while raw.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "not at once"
+    );
+    assert_eq!(closes(), 1.0);
+
+    // A connection that makes only refused calls, twice: closed, one line.
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut refused = SpoolClient::new(channel);
+    for _ in 0..2 {
+        let status = refused
+            .list_topics(with_token(pb::ListTopicsRequest {}, Some("spool_wrong")))
+            .await
+            .expect_err("no valid token");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+    // One made with a valid token: kept past the time.
+    let mut valid = SpoolClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    valid
+        .list_topics(with_token(pb::ListTopicsRequest {}, Some(&writer)))
+        .await
+        .expect("valid token");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(closes(), 2.0, "the refused connection only");
+    valid
+        .list_topics(with_token(pb::ListTopicsRequest {}, Some(&writer)))
+        .await
+        .expect("still served");
+    assert_eq!(closes(), 2.0);
+    let log = broker.log_so_far();
+    let lines: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("gRPC call refused: not authenticated"))
+        .collect();
+    assert_eq!(lines.len(), 1, "once per connection: {log}");
+    assert!(lines[0].contains("peer=127.0.0.1:"), "{log}");
 }
 
 /// Polls `check` for up to 10 s.

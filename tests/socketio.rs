@@ -495,3 +495,86 @@ fn a_malformed_session_id_is_unknown_not_a_new_session() {
         "{open}"
     );
 }
+
+/// Why: a refused CONNECT left its Engine.IO session open for a second in
+/// which every further CONNECT was checked (thousands of token guesses
+/// per socket, none logged) and a valid one was taken; and a session that
+/// never sent a CONNECT held its connection slot as long as it answered
+/// pings. A refused CONNECT now ends the session (one guess each, logged
+/// with the peer's address); a session without a CONNECT closes after
+/// `frame_timeout_ms`, as a native connection without its `Hello` does.
+#[test]
+fn a_refused_connect_ends_its_session_and_one_never_sent_closes_it() {
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (secret, entry) = common::pki::token_create("root", &["--produce", "*"]);
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(&auth, entry).expect("write auth file");
+    let auth = auth.to_str().expect("utf-8 path").to_owned();
+    let b = broker(&tmp, &["--auth", &auth, "--frame-timeout-ms", "1500"]);
+    let addr = b.socketio.clone().expect("socket.io listener");
+    let path = "/socket.io/?EIO=4&transport=polling";
+    let open = || {
+        let open = http_get(&addr, path);
+        open.split("\"sid\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("a session: {open}"))
+            .to_owned()
+    };
+    let poll = |sid: &str| {
+        let get =
+            format!("GET {path}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        http_once(&addr, &get, Duration::from_secs(10)).unwrap_or_default()
+    };
+
+    // A wrong token, then the right one, in one request.
+    let sid = open();
+    let body = format!(
+        "40{{\"token\":\"spool_wrong\"}}\u{1e}40{{\"token\":\"{secret}\"}}\u{1e}42[\"rooms\"]"
+    );
+    let post = format!(
+        "POST {path}&sid={sid} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let posted = http_once(&addr, &post, Duration::from_secs(10)).unwrap_or_default();
+    assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
+    let mut answers = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = poll(&sid);
+        answers.push_str(&answer);
+        if !answer.starts_with("HTTP/1.1 200") || answer.ends_with("\r\n\r\n1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answers}");
+    }
+    assert!(
+        answers.contains("44{") && answers.contains("UNAUTHENTICATED"),
+        "{answers}"
+    );
+    assert!(
+        !answers.contains("40{"),
+        "the second CONNECT was not taken: {answers}"
+    );
+    assert!(
+        poll(&sid).contains("Session ID unknown"),
+        "the session is closed"
+    );
+    let log = b.log_so_far();
+    let refused: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("socket.io socket refused: not authenticated"))
+        .collect();
+    assert_eq!(refused.len(), 1, "one line for one guess: {log}");
+    assert!(refused[0].contains("peer=127.0.0.1:"), "{log}");
+
+    // A session that sends no CONNECT: closed once frame_timeout_ms passed.
+    let sid = open();
+    std::thread::sleep(Duration::from_millis(2500));
+    let answer = poll(&sid);
+    assert!(
+        answer.contains("Session ID unknown") || answer.ends_with("\r\n\r\n1"),
+        "{answer}"
+    );
+}

@@ -4,7 +4,10 @@
 //! after `idle_timeout_ms` without a frame from the peer while none of its
 //! calls waits (no `Subscribe` or `Consume` stream, no `Fetch`), or after
 //! `write_timeout_ms` without the peer taking a byte, and carries its count
-//! of open `Subscribe` and `Consume` streams for `max_subscriptions`.
+//! of open `Subscribe` and `Consume` streams for `max_subscriptions`. With
+//! an auth file, a connection that has made no authenticated call within
+//! `frame_timeout_ms` of its start is closed, as a native connection
+//! without its `Hello` is.
 
 use crate::protocol::pb;
 use crate::security::Listener;
@@ -16,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,9 +63,20 @@ pub(crate) struct Limits {
 pub(crate) struct ConnInfo {
     /// Tells this connection from every other of the process.
     id: u64,
+    peer: SocketAddr,
     open: Arc<AtomicU32>,
     max: u32,
     busy: Arc<Busy>,
+    tokens: Arc<Tokens>,
+}
+
+/// What the connection's calls have shown of their tokens.
+#[derive(Debug, Default)]
+struct Tokens {
+    /// A call carried a valid one.
+    valid: AtomicBool,
+    /// A call was refused for its token (logged once per connection).
+    refused: AtomicBool,
 }
 
 /// The calls of a connection that wait (streams, long-polls): while one
@@ -106,6 +120,21 @@ impl ConnInfo {
     /// This connection's id.
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// A call of this connection carried a valid token.
+    pub(crate) fn authenticated(&self) {
+        self.tokens.valid.store(true, Ordering::Release);
+    }
+
+    /// A call of this connection was refused for its token: logged as a
+    /// refused native `Hello` is, once per connection (a client may retry
+    /// its calls on one connection many times).
+    pub(crate) fn refused(&self, error: &crate::Error) {
+        if !self.tokens.refused.swap(true, Ordering::AcqRel) {
+            tracing::info!(peer = %self.peer, listener = super::LISTENER, error = %error,
+                "gRPC call refused: not authenticated");
+        }
     }
 
     /// Marks a call of this connection as waiting until the guard drops.
@@ -250,10 +279,34 @@ pub(crate) struct Conn {
     admission: Arc<Admission>,
     idle: Idle,
     write: Timer,
+    /// Until a call with a valid token: when the connection closes
+    /// without one.
+    authenticate_by: Option<Pin<Box<Sleep>>>,
     info: ConnInfo,
 }
 
 impl Conn {
+    /// Fails the read once the time for an authenticated call has passed
+    /// without one (counted as a `frame_timeout_ms` close).
+    fn unauthenticated_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some(by) = self.authenticate_by.as_mut() else {
+            return Poll::Pending;
+        };
+        if !self.info.tokens.valid.load(Ordering::Acquire) && by.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.authenticate_by = None;
+        if self.info.tokens.valid.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        self.admission.count(Limit::Frame);
+        tracing::debug!(peer = %self.peer, "gRPC connection closed: no call with a valid token within frame_timeout_ms");
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no call with a valid token within frame_timeout_ms",
+        ))
+    }
+
     /// Fails the read once the connection is idle (counted as an idle close).
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.idle.poll_expired(cx, &self.info.busy) {
@@ -326,7 +379,10 @@ impl AsyncRead for Conn {
                 this.idle.read(read);
                 Poll::Ready(r)
             }
-            Poll::Pending => this.idle_expired(cx),
+            Poll::Pending => match this.unauthenticated_expired(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => this.idle_expired(cx),
+            },
         }
     }
 }
@@ -370,9 +426,12 @@ const ACCEPTED_BACKLOG: usize = 64;
 /// refused ones are answered with an HTTP/2 `GOAWAY` carrying the refusal
 /// and closed. Each connection's first byte and TLS handshake are awaited
 /// in a task of its own, so a slow peer holds up no other.
+/// Where `authenticate_within` is set (an auth file), a connection has that
+/// long to make a call with a valid token.
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: Limits,
+    authenticate_within: Option<Duration>,
     tls: Listener,
     broker: crate::broker::Broker,
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
@@ -408,14 +467,18 @@ pub(crate) fn incoming(
                                 admission: Arc::clone(&limits.admission),
                                 idle: Idle::new(limits.idle_timeout),
                                 write: Timer::new(limits.write_timeout),
+                                authenticate_by: authenticate_within
+                                    .map(|t| Box::pin(tokio::time::sleep(t))),
                                 info: ConnInfo {
                                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+                                    peer,
                                     open: Arc::default(),
                                     max: limits.max_subscriptions,
                                     busy: Arc::new(Busy {
                                         calls: AtomicU32::new(0),
                                         last_end: Mutex::new(Instant::now()),
                                     }),
+                                    tokens: Arc::default(),
                                 },
                             };
                             let _ = ready.send(conn).await;

@@ -30,6 +30,7 @@ use crate::protocol::pb::spool_server::SpoolServer;
 use crate::security::Security;
 use crate::security::auth::Auth;
 use crate::server::stopping;
+use connection::ConnInfo;
 use service::Service;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -77,13 +78,20 @@ fn authenticate(
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        let conn = request.extensions().get::<ConnInfo>();
         match auth.authenticate_bearer(header) {
             Ok(principal) => {
+                if let Some(conn) = conn {
+                    conn.authenticated();
+                }
                 request.extensions_mut().insert(principal);
                 Ok(request)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "gRPC call refused: not authenticated");
+                match conn {
+                    Some(conn) => conn.refused(&e),
+                    None => tracing::debug!(error = %e, "gRPC call refused: not authenticated"),
+                }
                 Err(tonic::Status::unauthenticated(e.to_string()))
             }
         }
@@ -130,9 +138,13 @@ pub(crate) async fn serve(
     let spool = measured::Measured::new(spool, metrics);
     // Room for every subscription allowed and calls beside them.
     let streams = HTTP2_MAX_STREAMS.max(limits.max_subscriptions.saturating_add(64));
+    // Every call needs a token: a connection has frame_timeout to make
+    // one that carries a valid one.
+    let authenticate_within = limits.frame_timeout.filter(|_| security.auth.enabled());
     let incoming = connection::incoming(
         listener,
         limits,
+        authenticate_within,
         security.listener("grpc", &[crate::security::tls::ALPN_H2]),
         accepting,
     );

@@ -401,12 +401,14 @@ impl Auth {
         }
         match header {
             None => self.authenticate_as(None, HOW),
-            Some(h) => match h
-                .strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-            {
-                Some(secret) => self.authenticate_as(Some(secret.trim()), HOW),
-                None => Err(Error::Unauthenticated(
+            // HTTP's reading (RFC 9110 section 11): the scheme in any case,
+            // the credentials after the spaces that follow it, and no
+            // space at either end of a field value.
+            Some(h) => match h.trim().split_once(' ') {
+                Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => {
+                    self.authenticate_as(Some(secret.trim_start_matches(' ')), HOW)
+                }
+                _ => Err(Error::Unauthenticated(
                     "the authorization header must be `Bearer TOKEN`".into(),
                 )),
             },
@@ -614,11 +616,23 @@ mod tests {
             }
             .to_toml(),
         );
-        assert!(
-            auth.authenticate_bearer(Some(&format!("Bearer {secret}")))
-                .is_ok()
-        );
-        assert!(auth.authenticate_bearer(Some(&secret)).is_err());
+        // Read as HTTP reads it: the scheme in any case, spaces around
+        // the secret not part of it.
+        for header in [
+            format!("Bearer {secret}"),
+            format!("BEARER  {secret} "),
+            format!("bearer {secret}"),
+        ] {
+            assert!(auth.authenticate_bearer(Some(&header)).is_ok(), "{header}");
+        }
+        for header in [
+            secret.clone(),
+            format!("Bearer{secret}"),
+            format!("Basic {secret}"),
+            format!("Bearer {secret}x"),
+        ] {
+            assert!(auth.authenticate_bearer(Some(&header)).is_err(), "{header}");
+        }
         assert!(auth.authenticate_bearer(None).is_err());
     }
 }

@@ -393,11 +393,11 @@ where
                 let principal = match shared.config.security.auth.authenticate(h.token.as_deref()) {
                     Ok(p) => p,
                     Err(e) => {
-                        tracing::info!(%peer, client = %h.client_name, error = %e, "connection refused: not authenticated");
+                        tracing::info!(%peer, client = %h.client_name.escape_debug(), error = %e, "connection refused: not authenticated");
                         return Err(Some((request_id, shared.wire(&e))));
                     }
                 };
-                tracing::debug!(%peer, client = %h.client_name, token = principal.name().unwrap_or("-"), "connected");
+                tracing::debug!(%peer, client = %h.client_name.escape_debug(), token = principal.name().unwrap_or("-"), "connected");
                 let welcome = pb::Welcome {
                     server_version: env!("CARGO_PKG_VERSION").into(),
                     protocol_version: PROTOCOL_VERSION,

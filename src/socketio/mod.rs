@@ -110,6 +110,10 @@ pub(crate) struct Gateway {
     /// Set when the server begins to stop: a socket opened after that is
     /// closed at once.
     stopping: std::sync::atomic::AtomicBool,
+    /// Longest a socket may stay open without a CONNECT the broker took
+    /// (the server's `frame_timeout`), and the tally such closes count in.
+    connect_timeout: Option<Duration>,
+    admission: Arc<Admission>,
     /// Room to its feed: one subscription from which every socket reading
     /// the room live takes each message, encoded once.
     feeds: Mutex<HashMap<String, Feed>>,
@@ -432,8 +436,19 @@ async fn run_feed(
 /// header values are slices of that buffer (8 KiB), and Engine.IO keeps a
 /// socket's request head for the socket's life, which would keep the whole
 /// buffer of every websocket connection.
+///
+/// It also carries the connection's peer address into each request (a
+/// [`Peer`] extension), so a socket knows whom it serves.
 #[derive(Debug, Clone)]
-struct OwnHead<S>(S);
+struct OwnHead<S> {
+    inner: S,
+    peer: Option<std::net::SocketAddr>,
+}
+
+/// The address of the peer whose request opened a socket (a request
+/// extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
 
 impl<S, B> hyper::service::Service<hyper::Request<B>> for OwnHead<S>
 where
@@ -444,7 +459,11 @@ where
     type Future = S::Future;
 
     fn call(&self, request: hyper::Request<B>) -> Self::Future {
-        self.0.call(own_head(request))
+        let mut request = own_head(request);
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(Peer(peer));
+        }
+        self.inner.call(request)
     }
 }
 
@@ -554,6 +573,8 @@ pub(crate) async fn serve(
         sockets: std::sync::Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        connect_timeout: limits.frame_timeout,
+        admission: Arc::clone(&limits.admission),
         feeds: Mutex::new(HashMap::new()),
     });
     // Binary data travels base64 over polling: a third larger.
@@ -564,11 +585,10 @@ pub(crate) async fn serve(
         .ws_read_buffer_size(WS_READ_BUFFER)
         .max_payload(max_payload)
         .build();
-    let service = OwnHead(EngineIoService::with_config_inner(
-        page::Page,
-        Arc::clone(&gateway),
-        config,
-    ));
+    let service = OwnHead {
+        inner: EngineIoService::with_config_inner(page::Page, Arc::clone(&gateway), config),
+        peer: None,
+    };
     tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
@@ -603,7 +623,10 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let service = OwnHead {
+            peer: Some(peer),
+            ..service.clone()
+        };
         let tls = tls.clone();
         let wait = limits.frame_timeout;
         let write_timeout = limits.write_timeout;

@@ -20,6 +20,7 @@ use crate::broker::{Event, Position, SubscribeRequest, Subscription, validate_na
 use crate::error::{Error, Result};
 use crate::groups::GroupMode;
 use crate::security::auth::{Access, Principal};
+use crate::server::admission::Limit;
 use crate::storage::Offset;
 use bytes::Bytes;
 use engineioxide::Socket;
@@ -506,6 +507,12 @@ struct Conn {
     next_room_id: u64,
     /// The task emitting what [`Out::post`] queued.
     side_task: JoinHandle<()>,
+    /// When the socket is closed unless a CONNECT has been taken by then
+    /// (`None` once one has, or without `frame_timeout`).
+    connect_by: Option<tokio::time::Instant>,
+    /// A CONNECT was refused for its token: the socket is closing, and
+    /// nothing it sends after is read.
+    refused: bool,
 }
 
 /// Starts the task of a new Engine.IO socket.
@@ -578,14 +585,40 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         after_reply: None,
         next_room_id: 0,
         side_task,
+        connect_by: gateway
+            .connect_timeout
+            .map(|t| tokio::time::Instant::now() + t),
+        refused: false,
     };
     gateway.tasks.spawn(conn.run(rx));
 }
 
 impl Conn {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Inbound>) {
-        while let Some(message) = rx.recv().await {
+        loop {
+            let message = match self.connect_by {
+                Some(by) => match tokio::time::timeout_at(by, rx.recv()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        // As a native connection without its Hello: the
+                        // slot goes back.
+                        self.connect_by = None;
+                        self.out.gateway.admission.count(Limit::Frame);
+                        tracing::debug!(sid = %self.out.socket.id,
+                            "socket.io socket closed: no CONNECT within frame_timeout_ms");
+                        self.out
+                            .socket
+                            .close(engineioxide::DisconnectReason::TransportError);
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(message) = message else { break };
             self.out.socket.data.taken(&message);
+            if self.refused && matches!(message, Inbound::Text(_) | Inbound::Binary(_)) {
+                continue;
+            }
             let packet = match message {
                 Inbound::Closed => break,
                 Inbound::Stopping => {
@@ -854,10 +887,18 @@ impl Conn {
         let principal = match guard::authenticate(&self.out.gateway.auth, &auth) {
             Ok(p) => p,
             Err(e) => {
-                tracing::debug!(sid = %self.out.socket.id, error = %e, "socket.io CONNECT refused");
+                // As the native listener logs a refused Hello.
+                let peer = self.out.socket.req_parts.extensions.get::<super::Peer>();
+                tracing::info!(peer = %peer.map_or_else(|| "-".into(), |p| p.0.to_string()),
+                    sid = %self.out.socket.id, error = %e,
+                    "socket.io socket refused: not authenticated");
                 self.out
                     .send(&refuse(e.to_string(), codec::code_name(&e)))
                     .await;
+                // Whatever else the client sends is not read, a CONNECT
+                // with another token included: one guess per socket.
+                self.refused = true;
+                self.connect_by = None;
                 close_soon(&self.out.socket);
                 return;
             }
@@ -932,6 +973,7 @@ impl Conn {
             self.watch_rooms().await;
         }
         self.connected = true;
+        self.connect_by = None;
         self.out
             .send(&Packet::control(
                 Kind::Connect,
