@@ -2234,6 +2234,32 @@ fn a_group_forgets_members_long_unseen() {
     );
 }
 
+/// Members seen within the hour are kept up to a bound: a client taking a
+/// new member name per connection (socket.io's are per socket), fast,
+/// does not grow the group's answer without bound.
+#[test]
+fn a_group_keeps_at_most_a_bounded_number_of_members() {
+    use spool::groups::state::MEMBERS_MOST;
+    let (_disk, _registry, topic) = jobs_for_workers(5, 1_000);
+    let start = now_ms();
+    for i in 0..MEMBERS_MOST + 100 {
+        topic
+            .fetch_queue(
+                "workers",
+                &format!("m-{i}"),
+                1,
+                NO_BYTE_LIMIT,
+                start + i as u64,
+            )
+            .expect("fetch");
+    }
+    let members = topic.describe_group("workers").expect("group").members;
+    assert_eq!(members.len(), MEMBERS_MOST);
+    assert!(!members.contains_key("m-99"), "the longest unseen go first");
+    assert!(members.contains_key("m-100"));
+    assert!(members.contains_key(&format!("m-{}", MEMBERS_MOST + 99)));
+}
+
 /// A queue fetch that a full disk refuses hands nothing out, so it counts
 /// no delivery: when space returns, the messages come as first deliveries,
 /// and with `max_deliveries` 2 one nack does not send them to the

@@ -613,6 +613,12 @@ async fn dead_letters_are_counted_per_topic_and_group_until_the_group_goes() {
             assert_eq!(must(&s, name, &[("topic", "jobs"), ("kind", kind)]), 0.0);
         }
     }
+    // A listener no client has used yet has its connection series at 0.
+    for listener in ["grpc", "socketio"] {
+        for name in ["spool_connections_open", "spool_connections_accepted_total"] {
+            assert_eq!(must(&s, name, &[("listener", listener)]), 0.0, "{name}");
+        }
+    }
     client
         .produce("jobs", vec![NewMessage::from_value("poison")])
         .await

@@ -521,10 +521,12 @@ impl Broker {
                 }
                 let b = Broker { inner };
                 let n = name.clone();
-                let metrics = b.inner.metrics.clone();
+                let (metrics, known) = (b.inner.metrics.clone(), b.clone());
                 match blocking(move || b.inner.registry.closed_upkeep(&n)).await {
                     Ok(Some((dirt, stats))) => {
-                        report_background_compaction(&metrics, &name, &dirt, &stats);
+                        report_background_compaction(&metrics, &name, &dirt, &stats, || {
+                            known.inner.registry.is_known(&name)
+                        });
                     }
                     Ok(None) | Err(Error::TopicNotFound(_) | Error::Stopping(_)) => {}
                     Err(e) => {
@@ -1696,7 +1698,9 @@ impl Broker {
             if stats.segments_rewritten + stats.segments_deleted > 0 {
                 self.inner
                     .metrics
-                    .cleanup(name, Cleanup::Compaction, reclaimed);
+                    .cleanup(name, Cleanup::Compaction, reclaimed, || {
+                        self.inner.registry.is_known(name)
+                    });
                 tracing::info!(
                     topic = %name,
                     bytes_before = stats.bytes_before,

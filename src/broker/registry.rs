@@ -307,6 +307,11 @@ impl Registry {
             .ok_or_else(|| not_found(name))
     }
 
+    /// Whether topic `name` exists and is not being deleted.
+    pub fn is_known(&self, name: &str) -> bool {
+        self.slot(name).is_ok()
+    }
+
     /// The topic `name` (not one being deleted), opened (and recovered) if
     /// it was closed; counts as a use of it.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -417,7 +422,7 @@ impl Registry {
             match retention_pass(&topic) {
                 Ok(Some(bytes)) => {
                     if let Some(metrics) = &self.options.metrics {
-                        metrics.cleanup(name, Cleanup::Retention, bytes);
+                        metrics.cleanup(name, Cleanup::Retention, bytes, || !topic.is_retired());
                     }
                 }
                 Ok(None) => {}

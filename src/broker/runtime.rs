@@ -70,9 +70,11 @@ impl TopicRuntime {
                 Schedule::now_and_every(every).or_when(sealed),
                 "retention",
                 retention_pass,
-                move |topic, reclaimed| {
+                move |topic: &Topic, reclaimed| {
                     if let Some(bytes) = reclaimed {
-                        metrics.cleanup(topic, Cleanup::Retention, bytes);
+                        metrics.cleanup(topic.name(), Cleanup::Retention, bytes, || {
+                            !topic.is_retired()
+                        });
                     }
                 },
             ));
@@ -106,9 +108,11 @@ impl TopicRuntime {
                 Schedule::first_after(first.min(every), every),
                 "background compaction",
                 move |t: &Topic| t.compact_if_dirty(now_ms(), ratio),
-                move |topic, done| {
+                move |topic: &Topic, done| {
                     if let Some((dirt, stats)) = done {
-                        report_background_compaction(&metrics, topic, &dirt, &stats);
+                        report_background_compaction(&metrics, topic.name(), &dirt, &stats, || {
+                            !topic.is_retired()
+                        });
                     }
                 },
             ));
@@ -663,18 +667,21 @@ fn sizes(batch: &[NewMessage]) -> (u64, u64) {
     })
 }
 
-/// Counts and logs a pass of background compaction over `topic`.
+/// Counts (if the topic `exists` still) and logs a pass of background
+/// compaction over `topic`.
 pub(super) fn report_background_compaction(
     metrics: &Metrics,
     topic: &str,
     dirt: &Dirt,
     stats: &CompactStats,
+    exists: impl FnOnce() -> bool,
 ) {
     if stats.segments_rewritten + stats.segments_deleted > 0 {
         metrics.cleanup(
             topic,
             Cleanup::Compaction,
             stats.bytes_before.saturating_sub(stats.bytes_after),
+            exists,
         );
     }
     tracing::info!(
@@ -771,7 +778,7 @@ async fn periodic<T, W, R>(
 ) where
     T: Send + 'static,
     W: Fn(&Topic) -> Result<T> + Send + Sync + 'static,
-    R: Fn(&str, T),
+    R: Fn(&Topic, T),
 {
     let work = Arc::new(work);
     // A failure is logged once, and again only after a success: a full
@@ -804,7 +811,7 @@ async fn periodic<T, W, R>(
                 if std::mem::take(&mut failing) {
                     tracing::info!(topic = %name, "{what} works again");
                 }
-                report(&name, done);
+                report(&topic, done);
             }
             // Deleted meanwhile, or stopping.
             Ok(Err(Error::TopicNotFound(_) | Error::Stopping(_))) => return,

@@ -428,6 +428,10 @@ pub const MEMBER_FORGET_MS: u64 = 60 * 60 * 1000;
 /// Members a group keeps before it forgets those not seen for
 /// [`MEMBER_FORGET_MS`].
 pub const MEMBERS_KEPT: usize = 1024;
+/// Most members a group keeps however recently they were seen (clients
+/// that take a new name per connection, reconnecting fast): past it, the
+/// one seen longest ago is forgotten.
+pub const MEMBERS_MOST: usize = 4096;
 
 impl Group {
     /// Opens the group `name` stored in `dir`, creating it with `config` (and
@@ -577,12 +581,23 @@ impl Group {
 
     /// Records that `member` was seen at `now_ms`.
     /// Members not seen for [`MEMBER_FORGET_MS`] are forgotten (looked for
-    /// once the group knows [`MEMBERS_KEPT`] of them), so clients that take
-    /// a new member name each time do not grow the group without bound.
+    /// once the group knows [`MEMBERS_KEPT`] of them), and never more than
+    /// [`MEMBERS_MOST`] are kept, so clients that take a new member name
+    /// each time do not grow the group without bound.
     pub fn touch(&mut self, member: &str, now_ms: u64) {
         if self.members.len() >= MEMBERS_KEPT && !self.members.contains_key(member) {
             self.members
                 .retain(|_, seen| now_ms.saturating_sub(*seen) < MEMBER_FORGET_MS);
+            if self.members.len() >= MEMBERS_MOST {
+                let oldest = self
+                    .members
+                    .iter()
+                    .min_by_key(|(_, seen)| **seen)
+                    .map(|(name, _)| name.clone());
+                if let Some(oldest) = oldest {
+                    self.members.remove(&oldest);
+                }
+            }
         }
         self.members.insert(member.to_owned(), now_ms);
     }

@@ -141,6 +141,7 @@ pub(crate) async fn serve(
     // Every call needs a token: a connection has frame_timeout to make
     // one that carries a valid one.
     let authenticate_within = limits.frame_timeout.filter(|_| security.auth.enabled());
+    limits.admission.listening(LISTENER);
     let incoming = connection::incoming(
         listener,
         limits,

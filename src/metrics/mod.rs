@@ -355,6 +355,9 @@ impl Metrics {
             topic: name.to_owned(),
         };
         let i = &self.inner;
+        // Under the lock the counts of a topic's cleanups and dead letters
+        // take: one that ends after the delete gives back no series.
+        let mut groups = self.dead_letter_groups();
         for family in [
             &i.produced_messages,
             &i.produced_bytes,
@@ -372,7 +375,6 @@ impl Metrics {
             i.cleanup_runs.remove(&l);
             i.cleanup_bytes.remove(&l);
         }
-        let mut groups = self.dead_letter_groups();
         groups.retain(|(topic, group)| {
             if topic != name {
                 return true;
@@ -457,6 +459,14 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Gives `listener` its connection series, at 0 until its first
+    /// connection (a dashboard sees 0, not "no data").
+    pub fn listening(&self, listener: &'static str) {
+        let l = ListenerLabels { listener };
+        self.inner.accepted.get_or_create(&l).inc_by(0);
+        self.inner.connections.get_or_create(&l).inc_by(0);
+    }
+
     /// Counts a connection admitted on `listener`, open until the guard is
     /// dropped.
     pub fn connection(&self, listener: &'static str) -> ConnectionGuard {
@@ -499,8 +509,15 @@ impl Metrics {
     }
 
     /// Counts a compaction or retention pass over `topic` that reclaimed
-    /// `bytes`.
-    pub fn cleanup(&self, topic: &str, kind: Cleanup, bytes: u64) {
+    /// `bytes`, if the topic `exists` still, asked under the lock
+    /// [`Metrics::forget_topic`] takes: a pass that ends after the topic's
+    /// delete gives it no series back (which a topic of that name created
+    /// later would have started from).
+    pub fn cleanup(&self, topic: &str, kind: Cleanup, bytes: u64, exists: impl FnOnce() -> bool) {
+        let _forgetting = self.dead_letter_groups();
+        if !exists() {
+            return;
+        }
         let l = CleanupLabels {
             topic: topic.to_owned(),
             kind: kind.label(),
@@ -657,7 +674,7 @@ mod tests {
         m.topic("a").produced(3, 30);
         m.topic("b").produced(1, 10);
         m.dead_lettered("a", "g", 2, || true);
-        m.cleanup("a", Cleanup::Retention, 100);
+        m.cleanup("a", Cleanup::Retention, 100, || true);
         let text = m.encode(2, &[]);
         assert!(
             text.contains("spool_produced_messages_total{topic=\"a\"} 3"),
@@ -668,6 +685,8 @@ mod tests {
             "{text}"
         );
         m.forget_topic("a");
+        // A pass that ends after the delete: no series back.
+        m.cleanup("a", Cleanup::Retention, 100, || false);
         let text = m.encode(1, &[]);
         assert!(!text.contains("topic=\"a\""), "{text}");
         assert!(

@@ -146,6 +146,12 @@ impl Admission {
         let _ = tokio::time::timeout(REFUSAL_TIME, tell).await;
     }
 
+    /// `listener` (`native`, `grpc`, ...) takes connections: its series
+    /// are there from now on.
+    pub(crate) fn listening(&self, listener: &'static str) {
+        self.metrics.listening(listener);
+    }
+
     /// A slot for a connection from `ip` on `listener` (`native`, `grpc`,
     /// ...: the label of its connection metrics, counted open while the
     /// ticket lives), or the error that refuses it (the refusal is counted).

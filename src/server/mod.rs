@@ -475,6 +475,7 @@ impl Server {
                 shutdown.clone(),
             ))
         });
+        shared.admission.listening(connection::LISTENER);
         let mut connections = tokio::task::JoinSet::new();
         let mut summary = tokio::time::interval(admission::SUMMARY_EVERY);
         summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -592,6 +592,7 @@ pub(crate) async fn serve(
     tokio::spawn(Arc::clone(&gateway).relay_topic_events(shutdown.clone()));
     tokio::spawn(Arc::clone(&gateway).sweep_feeds(shutdown.clone()));
     let mut signal = shutdown;
+    limits.admission.listening(LISTENER);
     let connections = TaskTracker::new();
     // Once the stop begins: until when the sockets may take to answer what
     // they received before it (each closes CLOSE_GRACE after it has; the
