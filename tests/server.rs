@@ -1223,6 +1223,91 @@ async fn a_subscribe_right_after_a_drop_finds_the_slot_free() {
     }
 }
 
+/// A subscribe given up after its request went out (polled once, then
+/// dropped) holds a slot until its reply is handled: the next subscribe on
+/// the client waits for that, as it does after a drop. Before, it was
+/// refused at `max_subscriptions` about half the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_right_after_a_given_up_subscribe_finds_the_slot_free() {
+    use futures_util::FutureExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_broker, client) = subscription_limited_broker(&tmp, 2).await;
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let _held = client
+        .subscribe("t", None, "m", None, 10)
+        .await
+        .expect("subscribe");
+    let mut given_up = 0;
+    for round in 0..50 {
+        // Answered within its first poll only on a thread held up long
+        // enough for the round trip; such a round tests nothing.
+        match client.subscribe("t", None, "m", None, 10).now_or_never() {
+            None => given_up += 1,
+            Some(answered) => drop(answered),
+        }
+        let sub = client
+            .subscribe("t", None, "m", None, 10)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // Answered before the next round, so its subscribe goes out at once.
+        client.unsubscribe(sub.id()).await.expect("unsubscribe");
+    }
+    assert!(given_up >= 25, "{given_up} of 50 rounds given up");
+}
+
+/// An unsubscribe given up while the connection's queue is full (the broker
+/// stopped, a backlog of produces) still unsubscribes: the subscription's
+/// slot comes back. Before, the client forgot the subscription and never
+/// sent the request, so the slot and its pushes stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_given_up_in_a_full_queue_still_frees_the_slot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (broker, client) = subscription_limited_broker(&tmp, 1).await;
+    let client = std::sync::Arc::new(client);
+    client
+        .produce("t", vec![NewMessage::from_value("x")])
+        .await
+        .expect("produce");
+    let victim = client
+        .subscribe("t", None, "m", None, 10)
+        .await
+        .expect("subscribe");
+    broker.signal("STOP");
+    // Produces that fill the socket's buffers, then more requests than
+    // the client's queue holds, none read meanwhile.
+    let big = std::sync::Arc::new(vec![NewMessage::from_value(vec![7u8; 1_000_000]); 4]);
+    let mut produces = Vec::new();
+    for _ in 0..8 {
+        let (c, big) = (std::sync::Arc::clone(&client), std::sync::Arc::clone(&big));
+        produces.push(tokio::spawn(async move {
+            c.produce_shared("t", big).await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut backlog = Vec::new();
+    for i in 0..400u64 {
+        let c = std::sync::Arc::clone(&client);
+        backlog.push(tokio::spawn(async move { c.ping(i).await.map(|_| ()) }));
+    }
+    backlog.extend(produces);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let given_up =
+        tokio::time::timeout(Duration::from_millis(100), client.unsubscribe(victim.id())).await;
+    assert!(given_up.is_err(), "the unsubscribe waited: {given_up:?}");
+    broker.signal("CONT");
+    for call in backlog {
+        call.await.expect("task").expect("answered");
+    }
+    drop(victim);
+    client
+        .subscribe("t", None, "m", None, 10)
+        .await
+        .expect("the slot is free again");
+}
+
 /// A subscription the server ended (its group deleted) gives its slot back
 /// although the application still holds the `Subscription`: the client
 /// unsubscribes it. Before, the slot stayed taken until the drop, so the

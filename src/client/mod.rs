@@ -10,7 +10,15 @@
 //! error can look like a request's own answer (a `RESOURCE_EXHAUSTED` the
 //! server closed with, say): [`Client::is_closed`] tells them apart, and
 //! the caller decides whether to connect again (what was acknowledged
-//! before is durable; resend what was not).
+//! before is durable; resend what was not). A call the connection's end
+//! cut short may have been served: a produce that failed that way
+//! ([`ClientError::Closed`], [`ClientError::Io`], or a status with
+//! [`Client::is_closed`] true) may be stored, and sending it again may
+//! store it twice (protocol version 1 has no idempotent producer; give
+//! messages a key or an id of your own to tell repeats apart).
+//!
+//! A `Client` is `Send` and `Sync` but not `Clone`: share one between tasks
+//! behind an `Arc` (its calls are pipelined on its one connection).
 //!
 //! A server closes connections that send nothing for its idle timeout
 //! (`Welcome.idle_timeout_ms`); the client sends a `Ping` whenever it has
@@ -491,7 +499,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// let client = Client::connect_with("broker.example:7411", &options).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Default)]
+///
+/// `ClientOptions::default()` is [`ClientOptions::new`] with the name
+/// `spool-client`: the same timeouts, so `..Default::default()` keeps them.
+#[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Sent in `Hello` (the server logs it).
     pub client_name: String,
@@ -542,10 +553,18 @@ impl ClientOptions {
     pub fn new(client_name: &str) -> ClientOptions {
         ClientOptions {
             client_name: client_name.to_owned(),
+            tls: None,
+            server_name: None,
+            token: None,
             connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             lost_after: Some(DEFAULT_LOST_AFTER),
-            ..ClientOptions::default()
         }
+    }
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions::new("spool-client")
     }
 }
 
@@ -790,7 +809,6 @@ impl Client {
                 a.received();
                 match frame.kind {
                     Some(pb::server_frame::Kind::Response(r)) => {
-                        u.finish(r.request_id);
                         let result = match r.result {
                             Some(Reply::Error(e)) => Err(ClientError::from_wire(e)),
                             Some(ok) => Ok(ok),
@@ -820,6 +838,11 @@ impl Client {
                                 message,
                             });
                         }
+                        // Answered once what the answer starts is under
+                        // way: the unsubscribe of a subscription whose call
+                        // was given up is queued (and waited for) before a
+                        // subscribe waiting on this one goes on.
+                        u.finish(r.request_id);
                     }
                     Some(pb::server_frame::Kind::Delivery(d)) => {
                         let mut subs = lock(&s);
@@ -1109,16 +1132,28 @@ impl Client {
         }
     }
 
-    /// Stops a subscription.
+    /// Stops a subscription. The request is queued at once (by a task of
+    /// its own while the connection's queue is full), so a caller that
+    /// gives up waiting for the answer still unsubscribes, and a subscribe
+    /// on this client waits until the server has.
     pub async fn unsubscribe(&self, subscription_id: u64) -> Result<()> {
         lock(&self.subscriptions).remove(&subscription_id);
-        self.ok(Request::Unsubscribe(pb::UnsubscribeRequest {
-            subscription_id,
-        }))
-        .await
+        let Some(answer) = self.stop().send_unsubscribe(subscription_id) else {
+            return Err(self.ended_error().await);
+        };
+        self.activity.sent();
+        match answer.await.map_err(|_| self.closed_error())?? {
+            Reply::Ok(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// Queue group: completes messages (durable when this returns, under `fsync=always`).
+    /// Queue group: completes messages (durable when this returns, under
+    /// `fsync=always`). With `subscription_id` (one of this client's), it
+    /// also gives that subscription back one credit per offset; a replay
+    /// or stream-group subscription takes its credit back this way too,
+    /// with an empty `group` or its stream group (nothing is completed;
+    /// the topic is the subscription's, which a token needs `consume` on).
     pub async fn ack(
         &self,
         topic: &str,
@@ -1357,11 +1392,19 @@ impl Drop for SubscribeCall<'_> {
             return;
         };
         lock(&self.client.waiting_subscriptions).remove(&self.id);
+        // Until its reply is handled, the subscription it may start holds
+        // a slot: a subscribe on this client waits, as for an unsubscribe
+        // (tracked before the close, so the reader's answer comes after).
+        let unsubscribing = &self.client.unsubscribing;
+        unsubscribing.start(self.id);
         // Closed first: a reply sent before this is still read here, one
         // sent after it fails in the reader, which ends the subscription.
         rx.close();
-        if let Ok(Ok(Reply::Subscribe(sub))) = rx.try_recv() {
-            self.client.stop().end(sub.subscription_id);
+        if let Ok(reply) = rx.try_recv() {
+            if let Ok(Reply::Subscribe(sub)) = reply {
+                self.client.stop().end(sub.subscription_id);
+            }
+            unsubscribing.finish(self.id);
         }
     }
 }
@@ -1426,19 +1469,20 @@ impl Stop {
     }
 
     /// Sends `Unsubscribe` for subscription `id` without waiting; a
-    /// subscribe waits until it is answered.
-    fn send_unsubscribe(&self, id: u64) {
+    /// subscribe waits until it is answered. The answer comes on the
+    /// receiver returned (`None`: the connection is gone), which the
+    /// caller may drop.
+    fn send_unsubscribe(&self, id: u64) -> Option<oneshot::Receiver<Result<Reply>>> {
         let (Some(out), Some(pending), Some(next_id), Some(unsubscribing)) = (
             self.out.upgrade(),
             self.pending.upgrade(),
             self.next_id.upgrade(),
             self.unsubscribing.upgrade(),
         ) else {
-            return;
+            return None;
         };
-        // The answer goes to a call nobody waits for.
         let request_id = next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, _answer) = oneshot::channel();
+        let (tx, answer) = oneshot::channel();
         lock(&pending).insert(request_id, tx);
         unsubscribing.start(request_id);
         let unsent = move || {
@@ -1468,6 +1512,7 @@ impl Stop {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => unsent(),
         }
+        Some(answer)
     }
 }
 
@@ -1528,6 +1573,16 @@ fn frame_to_client(addr: &str, e: FrameError) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `..Default::default()` keeps the timeouts `new` gives (it had none,
+    /// so a connect to a server that never answers hung).
+    #[test]
+    fn default_options_keep_the_timeouts() {
+        let options = ClientOptions::default();
+        assert_eq!(options.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(options.lost_after, Some(DEFAULT_LOST_AFTER));
+        assert!(!options.client_name.is_empty());
+    }
 
     /// The offset a fetch's refusal of a message too large for a frame
     /// names is read back from the broker's own wording of it.
