@@ -325,3 +325,26 @@ fn verify_reads_files_it_may_not_write() {
     );
     assert!(report.contains("\"offsets\":150"), "{report}");
 }
+
+/// A `topic.toml` holding a setting this version refuses (one an older
+/// spool took at create, say) is reported with the setting and what to do:
+/// the topic stays closed until the file is mended.
+#[test]
+fn a_topic_config_with_a_refused_setting_says_what_to_mend() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fill(tmp.path());
+    let config = tmp.path().join("topics/t/topic.toml");
+    std::fs::write(&config, "retention_ms = 0\n").expect("write topic.toml");
+    let report = check(tmp.path());
+    let found = report
+        .damage
+        .iter()
+        .find(|d| d.file == config)
+        .unwrap_or_else(|| panic!("{:?}", report.damage));
+    let says = &found.detail;
+    assert!(
+        says.contains("retention_ms")
+            && says.contains("the topic stays closed until the file is mended"),
+        "{says}"
+    );
+}

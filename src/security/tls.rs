@@ -88,29 +88,67 @@ impl ResolvesServerCert for Identity {
     }
 }
 
+/// What is wrong with a PEM file, in words: the library's own name a
+/// marker as a list of byte values, and a key it finds none of says
+/// nothing of the kinds it reads.
+fn pem_problem(e: rustls_pki_types::pem::Error, text: &[u8]) -> String {
+    use rustls_pki_types::pem::Error as Pem;
+    let contains = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    match e {
+        Pem::MissingSectionEnd { end_marker } => format!(
+            "a PEM block has no end line (-----END {}-----): the file is cut short",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        Pem::IllegalSectionStart { line } => format!(
+            "a PEM block begins with a malformed line: {}",
+            String::from_utf8_lossy(&line)
+        ),
+        Pem::Base64Decode(e) => format!("a PEM block is not valid base64 ({e})"),
+        Pem::NoItemsFound
+            if contains(b"ENCRYPTED PRIVATE KEY") || contains(b"Proc-Type: 4,ENCRYPTED") =>
+        {
+            "the private key is encrypted, which spool does not read: decrypt it \
+             (openssl pkey -in KEY -out PLAIN-KEY) and keep the file readable by the \
+             broker's user only"
+                .into()
+        }
+        Pem::NoItemsFound => "no private key in the file: it needs a PEM block \
+                              PRIVATE KEY (PKCS#8), RSA PRIVATE KEY (PKCS#1) or \
+                              EC PRIVATE KEY (SEC1)"
+            .into(),
+        other => other.to_string(),
+    }
+}
+
 /// Reads a PEM certificate chain (leaf first) and its PEM private key.
 fn read_identity(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let pem = |e: rustls_pki_types::pem::Error, what: &str, path: &Path| {
-        Error::InvalidArgument(format!("{what} {}: {e}", path.display()))
+    let pem = |e: rustls_pki_types::pem::Error, text: &[u8], what: &str, path: &Path| {
+        Error::InvalidArgument(format!(
+            "{what} {}: {}",
+            path.display(),
+            pem_problem(e, text)
+        ))
     };
     let read = |path: &Path, what: &str| {
         crate::storage::io::read_settings_file(path)
             .map_err(|e| Error::io(format!("reading {what} {}", path.display()), e))
     };
-    let chain = CertificateDer::pem_slice_iter(&read(cert, "TLS certificate")?)
+    let cert_text = read(cert, "TLS certificate")?;
+    let chain = CertificateDer::pem_slice_iter(&cert_text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(e, "TLS certificate", cert))?;
+        .map_err(|e| pem(e, &cert_text, "TLS certificate", cert))?;
     if chain.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "TLS certificate {}: no CERTIFICATE block in the file",
             cert.display()
         )));
     }
-    let private = PrivateKeyDer::from_pem_slice(&read(key, "TLS key")?)
-        .map_err(|e| pem(e, "TLS key", key))?;
+    let key_text = read(key, "TLS key")?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&key_text).map_err(|e| pem(e, &key_text, "TLS key", key))?;
     Ok((chain, private))
 }
 
@@ -124,8 +162,20 @@ fn certified(
     CertifiedKey::from_der(chain, key, &provider())
         .map(Arc::new)
         .map_err(|e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    "the key is not the first certificate's: the file lists the server's \
+                     own certificate first, then the CAs that signed it, and the key is \
+                     that first certificate's"
+                        .to_owned()
+                }
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding) => {
+                    "the first certificate does not parse (its bytes are damaged)".to_owned()
+                }
+                other => other.to_string(),
+            };
             Error::InvalidArgument(format!(
-                "TLS certificate {name} and its key do not make a server identity: {e}"
+                "TLS certificate {name} and its key do not make a server identity: {why}"
             ))
         })
 }
@@ -532,6 +582,69 @@ mod tests {
         assert_eq!(host_of("broker.example:7411"), "broker.example");
         assert_eq!(host_of("[::1]:7411"), "::1");
         assert_eq!(host_of("broker"), "broker");
+    }
+
+    /// A server certificate signed by a CA, PEM: (CA, leaf, leaf's key).
+    fn signed_pair() -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let leaf = params.signed_by(&key, &issuer).expect("leaf");
+        (ca.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    /// `TlsServer::load` of files holding these.
+    fn load(cert: &str, key: &str) -> Result<TlsServer> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&c, cert).expect("write cert");
+        std::fs::write(&k, key).expect("write key");
+        TlsServer::load(&c, &k)
+    }
+
+    /// The error `TlsServer::load` gives for files holding these.
+    fn load_error(cert: &str, key: &str) -> String {
+        match load(cert, key) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Why: the PEM library's words ("no items found", an end marker as a
+    /// list of byte values, "KeyMismatch") said nothing an operator could
+    /// act on.
+    #[test]
+    fn certificate_and_key_files_that_do_not_load_say_what_to_mend() {
+        let (ca, leaf, key) = signed_pair();
+        assert!(load(&leaf, &key).is_ok());
+        let cut = leaf
+            .trim_end()
+            .rsplit_once('\n')
+            .map_or("", |(head, _)| head);
+        let e = load_error(cut, &key);
+        assert!(
+            e.contains("no end line (-----END CERTIFICATE-----): the file is cut short"),
+            "{e}"
+        );
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let e = load_error(&leaf, encrypted);
+        assert!(e.contains("the private key is encrypted"), "{e}");
+        let e = load_error(&leaf, &leaf);
+        assert!(
+            e.contains("no private key in the file: it needs a PEM block"),
+            "{e}"
+        );
+        let e = load_error(&format!("{ca}{leaf}"), &key);
+        assert!(
+            e.contains("the key is not the first certificate's: the file lists the server's own certificate first"),
+            "{e}"
+        );
     }
 
     #[test]

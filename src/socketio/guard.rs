@@ -12,8 +12,24 @@ use serde_json::Value;
 /// `UNAUTHENTICATED` when the broker has an auth file and the token is
 /// missing or unknown.
 pub fn authenticate(auth: &Auth, payload: &Value) -> Result<Principal> {
-    let token = payload.get("token").and_then(Value::as_str);
-    auth.authenticate_as(token, "connect with auth: {token: SECRET}")
+    let token = payload.get("token").filter(|t| !t.is_null());
+    if auth.enabled()
+        && let Some(other) = token.filter(|t| !t.is_string())
+    {
+        let kind = match other {
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::Array(_) => "an array",
+            _ => "an object",
+        };
+        return Err(crate::Error::Unauthenticated(format!(
+            "the token is {kind}; it must be a string: connect with auth: {{token: SECRET}}"
+        )));
+    }
+    auth.authenticate_as(
+        token.and_then(Value::as_str),
+        "connect with auth: {token: SECRET}",
+    )
 }
 
 /// What a client event needs of the socket's token: `publish` produces to
@@ -64,6 +80,41 @@ mod tests {
         assert_eq!(access("unsubscribe", "r"), Access::Open);
         assert_eq!(operation("publish"), "produce");
         assert_eq!(operation("dance"), "unknown");
+    }
+
+    /// A token that is not a string is named as such, not taken for a
+    /// missing one ("requires a token" when one was sent).
+    #[test]
+    fn a_token_that_is_not_a_string_is_named_so() {
+        use crate::security::auth::{TokenEntry, hash_secret};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("auth.toml");
+        let entry = TokenEntry {
+            name: "a".into(),
+            hash: hash_secret("spool_secret"),
+            ..TokenEntry::default()
+        };
+        std::fs::write(&path, entry.to_toml()).expect("write auth file");
+        let auth = Auth::load(&path).expect("auth file");
+        for (token, kind) in [
+            (serde_json::json!(5), "a number"),
+            (serde_json::json!(["spool_secret"]), "an array"),
+            (serde_json::json!({"s": 1}), "an object"),
+            (serde_json::json!(true), "a boolean"),
+        ] {
+            let e = authenticate(&auth, &serde_json::json!({ "token": token }))
+                .expect_err("not a string");
+            assert!(
+                matches!(e, crate::Error::Unauthenticated(_))
+                    && e.to_string()
+                        .contains(&format!("the token is {kind}; it must be a string")),
+                "{e}"
+            );
+        }
+        let e = authenticate(&auth, &serde_json::json!({})).expect_err("none");
+        assert!(e.to_string().contains("requires a token"), "{e}");
+        let p = authenticate(&auth, &serde_json::json!({"token": "spool_secret"})).expect("valid");
+        assert_eq!(p.name(), Some("a"));
     }
 
     #[test]

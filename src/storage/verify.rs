@@ -173,9 +173,16 @@ pub fn verify(data: &DataDir, progress: &mut dyn FnMut(u64)) -> Result<VerifyRep
                 ))
             }
             Ok(None) => {}
-            Err(e) => report
-                .damage
-                .push(finding(config, format!("topic config does not load: {e}"))),
+            // Also what an older spool took and this one refuses: what
+            // to mend is said with it.
+            Err(e) => report.damage.push(finding(
+                config,
+                format!(
+                    "topic config does not load: {e}; the topic stays closed until the file \
+                     is mended (docs/operations.md: editing a topic's settings by hand; \
+                     upgrading)"
+                ),
+            )),
         }
         // Read and checked above: counted with the rest, as the progress
         // total ([`bytes_to_check`]) counts every file of the topic.
