@@ -753,6 +753,7 @@ impl Client {
         // before its reply, or that the server ended (weak: the reader must
         // not keep the connection).
         let orphans = Stop {
+            closed: Arc::downgrade(&closed),
             out: out.downgrade(),
             pending: Arc::downgrade(&pending),
             subscriptions: Arc::downgrade(&subscriptions),
@@ -1124,6 +1125,7 @@ impl Client {
     /// What a [`Subscription`] of this client needs to end itself.
     fn stop(&self) -> Stop {
         Stop {
+            closed: Arc::downgrade(&self.closed),
             out: self.out.downgrade(),
             pending: Arc::downgrade(&self.pending),
             subscriptions: Arc::downgrade(&self.subscriptions),
@@ -1142,7 +1144,11 @@ impl Client {
             return Err(self.ended_error().await);
         };
         self.activity.sent();
-        match answer.await.map_err(|_| self.closed_error())?? {
+        let answer = match answer.await {
+            Ok(answer) => answer,
+            Err(_) => return Err(self.ended_error().await),
+        };
+        match answer? {
             Reply::Ok(_) => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -1431,6 +1437,7 @@ pub struct Subscription {
 /// the connection open.
 #[derive(Debug, Clone)]
 struct Stop {
+    closed: std::sync::Weak<AtomicBool>,
     out: mpsc::WeakSender<ClientOut>,
     pending: std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Result<Reply>>>>>,
     subscriptions: std::sync::Weak<Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Received>>>>>,
@@ -1473,7 +1480,8 @@ impl Stop {
     /// receiver returned (`None`: the connection is gone), which the
     /// caller may drop.
     fn send_unsubscribe(&self, id: u64) -> Option<oneshot::Receiver<Result<Reply>>> {
-        let (Some(out), Some(pending), Some(next_id), Some(unsubscribing)) = (
+        let (Some(closed), Some(out), Some(pending), Some(next_id), Some(unsubscribing)) = (
+            self.closed.upgrade(),
             self.out.upgrade(),
             self.pending.upgrade(),
             self.next_id.upgrade(),
@@ -1485,10 +1493,19 @@ impl Stop {
         let (tx, answer) = oneshot::channel();
         lock(&pending).insert(request_id, tx);
         unsubscribing.start(request_id);
-        let unsent = move || {
+        // Whatever way the frame fails to go out, nothing waits for its
+        // answer: run on a failed send, and on a drop of the task that was
+        // to send it (its runtime shut down).
+        let unsent = Unsent(Some(Box::new(move || {
             lock(&pending).remove(&request_id);
             unsubscribing.finish(request_id);
-        };
+        })));
+        // As a call registers: a connection that ended as this was put in
+        // place drained `pending` before it, or its frame goes nowhere.
+        if closed.load(Ordering::SeqCst) {
+            drop(unsent);
+            return Some(answer);
+        }
         let frame = ClientOut::Frame(pb::ClientFrame {
             request_id,
             request: Some(Request::Unsubscribe(pb::UnsubscribeRequest {
@@ -1496,23 +1513,39 @@ impl Stop {
             })),
         });
         match out.try_send(frame) {
-            Ok(()) => {}
+            Ok(()) => unsent.disarm(),
             // A full queue: sent once there is room, where a runtime runs.
             Err(mpsc::error::TrySendError::Full(frame)) => {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
-                        runtime.spawn(async move {
-                            if out.send(frame).await.is_err() {
-                                unsent();
-                            }
-                        });
-                    }
-                    Err(_) => unsent(),
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if out.send(frame).await.is_ok() {
+                            unsent.disarm();
+                        }
+                    });
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => unsent(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
         Some(answer)
+    }
+}
+
+/// What to undo for a request whose frame did not go out, done on drop
+/// unless disarmed.
+struct Unsent(Option<Box<dyn FnOnce() + Send>>);
+
+impl Unsent {
+    /// The frame went out: nothing to undo.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(undo) = self.0.take() {
+            undo();
+        }
     }
 }
 

@@ -282,6 +282,8 @@ pub(crate) struct Conn {
     /// Until a call with a valid token: when the connection closes
     /// without one.
     authenticate_by: Option<Pin<Box<Sleep>>>,
+    /// Whether that deadline was put back once for a call just begun.
+    grace_taken: bool,
     info: ConnInfo,
 }
 
@@ -292,8 +294,18 @@ impl Conn {
         let Some(by) = self.authenticate_by.as_mut() else {
             return Poll::Pending;
         };
-        if !self.info.tokens.valid.load(Ordering::Acquire) && by.as_mut().poll(cx).is_pending() {
+        let valid = || self.info.tokens.valid.load(Ordering::Acquire);
+        if !valid() && by.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
+        }
+        // A call whose headers were read just now has its token checked
+        // by a task of its own, maybe not yet: one second look.
+        if !valid() && !self.grace_taken && self.idle.last_frame.elapsed() < AUTHENTICATE_GRACE {
+            self.grace_taken = true;
+            by.as_mut().reset(Instant::now() + AUTHENTICATE_GRACE);
+            if by.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
         self.authenticate_by = None;
         if self.info.tokens.valid.load(Ordering::Acquire) {
@@ -419,6 +431,11 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
+/// How long a connection's deadline for a call with a valid token is put
+/// back, once, when a frame (a call's headers, maybe) arrived within this
+/// of it.
+const AUTHENTICATE_GRACE: Duration = Duration::from_secs(1);
+
 /// Connections waiting for tonic to take them.
 const ACCEPTED_BACKLOG: usize = 64;
 
@@ -469,6 +486,7 @@ pub(crate) fn incoming(
                                 write: Timer::new(limits.write_timeout),
                                 authenticate_by: authenticate_within
                                     .map(|t| Box::pin(tokio::time::sleep(t))),
+                                grace_taken: false,
                                 info: ConnInfo {
                                     id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
                                     peer,

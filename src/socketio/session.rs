@@ -760,6 +760,14 @@ impl Conn {
                 // A CONNECT on this connection starts afresh: no token it
                 // gets names a room the socket left.
                 self.out.shared.lock().await.positions.clear();
+                // As a new socket: a CONNECT within frame_timeout, or closed.
+                if self.connected {
+                    self.connect_by = self
+                        .out
+                        .gateway
+                        .connect_timeout
+                        .map(|t| tokio::time::Instant::now() + t);
+                }
                 self.connected = false;
             }
             Kind::Event | Kind::BinaryEvent
