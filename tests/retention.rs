@@ -903,7 +903,7 @@ fn retention_runs_on_closed_topics_and_after_a_restart() {
     });
     // Counted as retention passes, as those of open topics are.
     let metrics = broker.metrics.clone().expect("a metrics listener");
-    let scrape = http_get(&metrics, "/metrics");
+    let scrape = common::http_get(&metrics, "/metrics");
     for topic in ["before-restart", "idle"] {
         assert!(
             scrape
@@ -916,20 +916,6 @@ fn retention_runs_on_closed_topics_and_after_a_restart() {
     }
     let (ok, logs) = broker.terminate();
     assert!(ok, "{logs}");
-}
-
-/// The answer to a plain HTTP GET of `path` from `addr`.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: spool\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("answer");
-    answer
 }
 
 /// A closed topic whose open for its retention fails (out of descriptors)

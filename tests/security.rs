@@ -562,16 +562,8 @@ async fn tokens_none_wrong_valid_and_outside_permissions_over_grpc() {
 /// The value of the metric series `series` (the whole text before its
 /// value) on the metrics listener at `addr`; 0 when absent.
 fn metric(addr: &str, series: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
+    common::http_get(addr, "/metrics")
+        .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::Broker;
+use common::{Broker, http_get};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -153,19 +153,6 @@ fn first_line(stdout: Option<&mut std::process::ChildStdout>) -> String {
         line.push(byte[0]);
     }
     String::from_utf8_lossy(&line).into_owned()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 #[test]

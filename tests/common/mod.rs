@@ -307,3 +307,17 @@ pub fn socketio_reader(addr: &str, room: &str) -> TcpStream {
     }
     s
 }
+
+/// The answer to a plain HTTP/1.1 GET of `path` from `addr` (status line,
+/// headers and body, as read until the server closes).
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write the request");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
