@@ -1494,12 +1494,14 @@ impl Stop {
         lock(&pending).insert(request_id, tx);
         unsubscribing.start(request_id);
         // Whatever way the frame fails to go out, nothing waits for its
-        // answer: run on a failed send, and on a drop of the task that was
-        // to send it (its runtime shut down).
-        let unsent = Unsent(Some(Box::new(move || {
-            lock(&pending).remove(&request_id);
-            unsubscribing.finish(request_id);
-        })));
+        // answer: undone on a failed send, and on a drop of the task that
+        // was to send it (its runtime shut down).
+        let unsent = Unsent {
+            pending,
+            unsubscribing,
+            request_id,
+            armed: true,
+        };
         // As a call registers: a connection that ended as this was put in
         // place drained `pending` before it, or its frame goes nowhere.
         if closed.load(Ordering::SeqCst) {
@@ -1530,21 +1532,28 @@ impl Stop {
     }
 }
 
-/// What to undo for a request whose frame did not go out, done on drop
-/// unless disarmed.
-struct Unsent(Option<Box<dyn FnOnce() + Send>>);
+/// An unsubscribe whose frame has not gone out: dropped, nothing waits
+/// for its answer any more (its reply slot and its place among the
+/// unsubscribes under way go), unless disarmed once it is sent.
+struct Unsent {
+    pending: Pending,
+    unsubscribing: Arc<Unsubscribing>,
+    request_id: u64,
+    armed: bool,
+}
 
 impl Unsent {
-    /// The frame went out: nothing to undo.
+    /// The frame went out: its answer will come.
     fn disarm(mut self) {
-        self.0 = None;
+        self.armed = false;
     }
 }
 
 impl Drop for Unsent {
     fn drop(&mut self) {
-        if let Some(undo) = self.0.take() {
-            undo();
+        if self.armed {
+            lock(&self.pending).remove(&self.request_id);
+            self.unsubscribing.finish(self.request_id);
         }
     }
 }

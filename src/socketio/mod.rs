@@ -156,6 +156,13 @@ impl Gateway {
             .collect()
     }
 
+    /// When a socket opened (or left its namespace) now is closed unless a
+    /// CONNECT has been taken by then (`None` without `frame_timeout`).
+    fn connect_deadline(&self) -> Option<tokio::time::Instant> {
+        self.connect_timeout
+            .map(|t| tokio::time::Instant::now() + t)
+    }
+
     fn message_limit(&self) -> MessageLimit {
         self.message_limit
     }

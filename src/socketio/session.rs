@@ -585,9 +585,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
         after_reply: None,
         next_room_id: 0,
         side_task,
-        connect_by: gateway
-            .connect_timeout
-            .map(|t| tokio::time::Instant::now() + t),
+        connect_by: gateway.connect_deadline(),
         refused: false,
     };
     gateway.tasks.spawn(conn.run(rx));
@@ -762,11 +760,7 @@ impl Conn {
                 self.out.shared.lock().await.positions.clear();
                 // As a new socket: a CONNECT within frame_timeout, or closed.
                 if self.connected {
-                    self.connect_by = self
-                        .out
-                        .gateway
-                        .connect_timeout
-                        .map(|t| tokio::time::Instant::now() + t);
+                    self.connect_by = self.out.gateway.connect_deadline();
                 }
                 self.connected = false;
             }
