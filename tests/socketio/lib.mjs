@@ -21,8 +21,19 @@ export function connect(addr = env.socketio, opts = {}) {
   const s = io("http://" + addr, { forceNew: true, reconnectionDelay: 50, reconnectionDelayMax: 200, ...opts });
   return new Promise((resolve, reject) => {
     s.once("connect", () => resolve(s));
-    s.once("connect_error", (e) => { s.close(); reject(e); });
+    s.once("connect_error", (e) => { s.close(); reject(withCause(e)); });
   });
+}
+
+/// A transport error names only "xhr poll error"; the HTTP status and the
+/// request's own error (a reset, a refusal) say which side failed.
+function withCause(e) {
+  const xhr = e.context;
+  if (e.type === "TransportError" && xhr) {
+    const text = String(xhr.responseText ?? "").slice(0, 300);
+    e.message += ` (status ${JSON.stringify(e.description)}, response ${JSON.stringify(text)})`;
+  }
+  return e;
 }
 
 /// Emits `event` with `body` and resolves with the acknowledgement.
