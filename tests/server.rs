@@ -1989,3 +1989,32 @@ async fn a_queue_read_cut_by_its_byte_limit_keeps_offset_order() {
     }
     assert_eq!(order, [0, 1, 2, 3]);
 }
+
+#[test]
+fn a_client_whose_runtime_shut_down_says_it_is_closed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(tmp.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = rt
+        .block_on(Client::connect(&broker.addr, "short-lived"))
+        .expect("connect");
+    assert!(!client.is_closed());
+    // The runtime's end drops the connection's tasks with it.
+    drop(rt);
+    assert!(
+        client.is_closed(),
+        "the connection's tasks are gone with their runtime"
+    );
+    let other = tokio::runtime::Runtime::new().expect("runtime");
+    let err = other
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                client.produce("t", vec![NewMessage::from_value(b"x".to_vec())]),
+            )
+            .await
+        })
+        .expect("the call fails at once, not after a wait")
+        .expect_err("a closed client's call fails");
+    assert!(matches!(err, ClientError::Closed), "{err:?}");
+}

@@ -768,6 +768,9 @@ impl Client {
         let lost_after = options.lost_after;
         let server = addr.to_owned();
         let reader = tokio::spawn(async move {
+            // A runtime shutting down drops this task mid-loop: the
+            // connection is closed then too.
+            let _closed_if_dropped = MarkClosed(Arc::clone(&c));
             // Why the connection ended, when it was not a plain close.
             let mut end = End::Closed;
             // Once the writer stopped: until when what the server already
@@ -1546,6 +1549,16 @@ impl Unsent {
     /// The frame went out: its answer will come.
     fn disarm(mut self) {
         self.armed = false;
+    }
+}
+
+/// Sets the connection's `closed` flag when dropped: the reader task ends
+/// that way when its runtime shuts down, without reaching its own close.
+struct MarkClosed(Arc<AtomicBool>);
+
+impl Drop for MarkClosed {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
