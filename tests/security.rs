@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::Broker;
 use common::pki::{make_pki, spool, token_create};
+use common::{Broker, metric};
 use spool::client::{Client, ClientError, ClientOptions};
 use spool::protocol::pb;
 use spool::protocol::pb::spool_client::SpoolClient;
@@ -557,15 +557,6 @@ async fn tokens_none_wrong_valid_and_outside_permissions_over_grpc() {
         .produce(with_token(produce("orders.us"), Some(&writer)))
         .await
         .expect("still served");
-}
-
-/// The value of the metric series `series` (the whole text before its
-/// value) on the metrics listener at `addr`; 0 when absent.
-fn metric(addr: &str, series: &str) -> f64 {
-    common::http_get(addr, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Why: a gRPC connection whose calls carried no valid token held its

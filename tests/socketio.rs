@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{Broker, http_get};
+use common::{Broker, http_get, metric};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -563,5 +563,41 @@ fn a_refused_connect_ends_its_session_and_one_never_sent_closes_it() {
     assert!(
         answer.contains("Session ID unknown") || answer.ends_with("\r\n\r\n1"),
         "{answer}"
+    );
+}
+
+/// Why: a packet refused before it was handled (one that does not parse,
+/// an event before CONNECT) reached the client as an error but no request
+/// series, where an event of no known name counts as `unknown`: the
+/// listener's request metrics hid malformed traffic. Each now counts as
+/// an `unknown` request answered `INVALID_ARGUMENT`.
+#[test]
+fn a_refused_packet_counts_as_an_unknown_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b = broker(&tmp, &[]);
+    let addr = b.socketio.clone().expect("a socket.io listener");
+    let metrics = b.metrics.clone().expect("a metrics listener");
+    let series =
+        r#"spool_requests_total{listener="socketio",operation="unknown",code="INVALID_ARGUMENT"}"#;
+    let mut s = common::socketio_websocket(&addr);
+    // Before CONNECT; then connected: one that does not parse, one with
+    // an acknowledgement id that does not parse, and an unknown event.
+    for text in [
+        "42[\"dance\"]",
+        "40",
+        "42[\"publish\",",
+        "427[\"publish\",{",
+        "42[\"dance\"]",
+    ] {
+        common::socketio_send(&mut s, text);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metric(&metrics, series) < 4.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        metric(&metrics, series),
+        4.0,
+        "every refused packet counted once"
     );
 }

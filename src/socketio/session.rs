@@ -718,12 +718,25 @@ impl Conn {
         let Some(id) = id else {
             return self.bad_packet(e).await;
         };
+        self.count_refused();
         tracing::debug!(sid = %self.out.socket.id, error = %e, "socket.io packet refused");
         let reply = Reply::Error {
             code: "INVALID_ARGUMENT".into(),
             message: e.to_string(),
         };
         self.answer(id, reply).await;
+    }
+
+    /// A packet refused unread is a request too: an `unknown` one,
+    /// `INVALID_ARGUMENT`, as an event of no known name is.
+    fn count_refused(&self) {
+        let code = wire_code(&Error::InvalidArgument(String::new()));
+        self.out.gateway.broker.metrics().request(
+            super::LISTENER,
+            "unknown",
+            code,
+            std::time::Duration::ZERO,
+        );
     }
 
     /// Sends `reply` as the acknowledgement of the client's packet `id`.
@@ -736,6 +749,7 @@ impl Conn {
     /// A packet that cannot be read: reported to the client as an `error`
     /// event; the socket stays open.
     async fn bad_packet(&self, e: PacketError) {
+        self.count_refused();
         tracing::debug!(sid = %self.out.socket.id, error = %e, "bad socket.io packet");
         let err = codec::error_value("INVALID_ARGUMENT", &e.to_string());
         self.out.emit("error", vec![err]).await;

@@ -273,6 +273,17 @@ impl Drop for Killed {
 /// A websocket that spoke Engine.IO and socket.io up to a subscribe of
 /// `room` from its start, then never reads again.
 pub fn socketio_reader(addr: &str, room: &str) -> TcpStream {
+    let mut s = socketio_websocket(addr);
+    let subscribe = format!(r#"421["subscribe",{{"room":"{room}","from":"earliest"}}]"#);
+    for text in ["40", subscribe.as_str()] {
+        socketio_send(&mut s, text);
+    }
+    s
+}
+
+/// A websocket to the socket.io listener at `addr`, past Engine.IO's open
+/// packet (socket.io's CONNECT not sent yet).
+pub fn socketio_websocket(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     let request = format!(
         "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {addr}\r\n\
@@ -290,22 +301,24 @@ pub fn socketio_reader(addr: &str, room: &str) -> TcpStream {
         assert!(n > 0, "closed during the handshake");
         seen.extend_from_slice(&buf[..n]);
     }
-    let subscribe = format!(r#"421["subscribe",{{"room":"{room}","from":"earliest"}}]"#);
-    for text in ["40", subscribe.as_str()] {
-        // A client frame: FIN + text, masked with a zero key.
-        let mut frame = vec![0x81u8];
-        let len = text.len();
-        if len < 126 {
-            frame.push(0x80 | len as u8);
-        } else {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        frame.extend_from_slice(&[0, 0, 0, 0]);
-        frame.extend_from_slice(text.as_bytes());
-        s.write_all(&frame).expect("socket.io packet");
-    }
     s
+}
+
+/// Sends `text` (one Engine.IO/socket.io packet) as a client's websocket
+/// text frame.
+pub fn socketio_send(s: &mut TcpStream, text: &str) {
+    // A client frame: FIN + text, masked with a zero key.
+    let mut frame = vec![0x81u8];
+    let len = text.len();
+    if len < 126 {
+        frame.push(0x80 | len as u8);
+    } else {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(text.as_bytes());
+    s.write_all(&frame).expect("socket.io packet");
 }
 
 /// The answer to a plain HTTP/1.1 GET of `path` from `addr` (status line,
@@ -320,4 +333,13 @@ pub fn http_get(addr: &str, path: &str) -> String {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer
+}
+
+/// The value of the metric series `series` (the whole text before its
+/// value) on the metrics listener at `addr`; 0 when absent.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
