@@ -2201,6 +2201,14 @@ fn an_empty_group_name_is_named_in_its_error() {
         text.contains("group \"\" of topic jobs") && text.contains("no group has an empty name"),
         "{text}"
     );
+    // A name no group can have is quoted: it cannot read as the message.
+    let err = registry
+        .fetch_queue("jobs", "b of topic c", "m", 10, NO_BYTE_LIMIT, now_ms())
+        .expect_err("no such group");
+    assert_eq!(
+        err.to_string(),
+        "group \"b of topic c\" of topic jobs does not exist (no group can have that name)"
+    );
     // So is an empty topic name, where nothing is created.
     let err = registry
         .fetch_queue("", "g", "m", 10, NO_BYTE_LIMIT, now_ms())

@@ -41,8 +41,35 @@ pub fn code(error: &Error) -> pb::Code {
 pub fn to_wire(error: &Error, data_dir: &Path) -> pb::Error {
     pb::Error {
         code: code(error) as i32,
-        message: relative_to(&error.to_string(), data_dir),
+        message: bounded(relative_to(&error.to_string(), data_dir)),
     }
+}
+
+/// The longest error message sent, in bytes. Messages repeat what the
+/// client sent (a name, however long); gRPC carries the message in a
+/// header, percent-encoded, and its clients refuse headers past 16 KiB.
+pub const MESSAGE_MAX: usize = 2048;
+
+/// `message`, or when longer than [`MESSAGE_MAX`] its start and end with
+/// the middle cut out (the end is kept too: it says what to do).
+fn bounded(message: String) -> String {
+    if message.len() <= MESSAGE_MAX {
+        return message;
+    }
+    let floor = |mut i: usize| {
+        while !message.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let head = floor(MESSAGE_MAX / 2);
+    let tail = floor(message.len() - MESSAGE_MAX / 4);
+    format!(
+        "{} [… {} bytes cut …] {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
 }
 
 /// `message` with every path under `root` made relative to it. Only a
@@ -104,6 +131,33 @@ pub fn reply_too_large(what: &str, len: usize, max: u32) -> pb::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_message_keeps_its_start_and_end() {
+        let name = "é".repeat(10_000);
+        let wire = to_wire(
+            &Error::TopicNotFound(format!(
+                "topic {name:?} does not exist (no topic can have that name)"
+            )),
+            Path::new("/srv/spool"),
+        );
+        assert!(
+            wire.message.len() <= MESSAGE_MAX + 64,
+            "{}",
+            wire.message.len()
+        );
+        assert!(wire.message.starts_with("topic \"éé"), "{}", wire.message);
+        assert!(
+            wire.message
+                .ends_with("éé\" does not exist (no topic can have that name)")
+        );
+        assert!(wire.message.contains(" bytes cut …] "), "{}", wire.message);
+        let short = to_wire(
+            &Error::TopicNotFound("topic t does not exist".into()),
+            Path::new("/d"),
+        );
+        assert_eq!(short.message, "topic t does not exist");
+    }
 
     #[test]
     fn missing_topics_and_groups_are_not_found_and_internal_failures_internal() {

@@ -492,9 +492,16 @@ impl Topic {
     /// The group `name` of `groups`.
     fn group(&self, groups: &Groups, name: &str) -> Result<Arc<Mutex<Group>>> {
         groups.get(name).cloned().ok_or_else(|| {
+            // A name no group can have (empty, a space, a line break) is
+            // quoted, so it shows, and cannot read as part of the message.
             Error::GroupNotFound(if name.is_empty() {
                 format!(
                     "group \"\" of topic {} does not exist: no group has an empty name",
+                    self.name
+                )
+            } else if validate_name("group", name).is_err() {
+                format!(
+                    "group {name:?} of topic {} does not exist (no group can have that name)",
                     self.name
                 )
             } else {
