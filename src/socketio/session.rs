@@ -179,11 +179,24 @@ pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// A queue delivery waiting for the client's acknowledgement callback.
 #[derive(Debug)]
 struct PendingAck {
+    target: AckTarget,
+    credit: crate::broker::Credit,
+}
+
+/// The message an acknowledgement callback acknowledges.
+#[derive(Debug)]
+struct AckTarget {
     room: String,
     group: String,
     offset: Offset,
-    credit: crate::broker::Credit,
 }
+
+/// Callbacks remembered per socket after their delivery's lease ran out:
+/// called late, each still acknowledges its message, as an ack of any
+/// offset does natively (until the subscription ends: its messages went
+/// back to the group). Past this many, the oldest is forgotten (its
+/// callback then does nothing).
+const LATE_ACKS_KEPT: usize = 4096;
 
 /// What the socket's task and its pumps share.
 #[derive(Debug)]
@@ -193,9 +206,24 @@ pub struct Shared {
     positions: BTreeMap<String, u64>,
     /// Ack id of a queue delivery to what it acknowledges.
     pending: HashMap<u64, PendingAck>,
+    /// Ack ids of deliveries whose lease ran out while their subscription
+    /// goes on, up to [`LATE_ACKS_KEPT`].
+    late: BTreeMap<u64, AckTarget>,
     next_ack: u64,
     /// Where tokens are built (kept: sealing allocates nothing).
     scratch: Vec<u8>,
+}
+
+impl Shared {
+    /// Remembers the callback `id` of a delivery no longer pending, so a
+    /// late call still acknowledges `target`; forgets the oldest past
+    /// [`LATE_ACKS_KEPT`].
+    fn keep_late(&mut self, id: u64, target: AckTarget) {
+        self.late.insert(id, target);
+        while self.late.len() > LATE_ACKS_KEPT {
+            self.late.pop_first();
+        }
+    }
 }
 
 /// The socket's emitting side: positions, tokens and emission order.
@@ -542,6 +570,7 @@ pub fn start(gateway: Arc<Gateway>, socket: EioSocket) {
             pid,
             positions: BTreeMap::new(),
             pending: HashMap::new(),
+            late: BTreeMap::new(),
             next_ack: 1,
             scratch: Vec::new(),
         })),
@@ -1395,16 +1424,24 @@ impl Conn {
     async fn ack(&mut self, id: Option<u64>) {
         let Some(id) = id else { return };
         let started = std::time::Instant::now();
-        let pending = self.out.shared.lock().await.pending.remove(&id);
+        let (pending, late) = {
+            let mut shared = self.out.shared.lock().await;
+            match shared.pending.remove(&id) {
+                Some(p) => (Some(p.credit), Some(p.target)),
+                None => (None, shared.late.remove(&id)),
+            }
+        };
         let metrics = self.out.gateway.broker.metrics();
         let count = |code: i32| metrics.request(super::LISTENER, "ack", code, started.elapsed());
-        let Some(p) = pending else {
-            // Late (the lease expired and the message went out again) or
-            // never issued: nothing to do, once the token is known valid.
+        let Some(p) = late else {
+            // Never issued, or forgotten: nothing to do, once the token is
+            // known valid.
             let result = self.out.allowed(Access::Open).await;
             count(result.as_ref().map_or_else(wire_code, |()| 0));
             return;
         };
+        // Pending, or late (its lease ran out): acknowledged either way, as any offset may be natively; only a
+        // pending one frees a place in its subscription's window.
         let broker = &self.out.gateway.broker;
         let result = match self.out.allowed(guard::access("ack", &p.room)).await {
             Ok(()) => broker.ack(&p.room, &p.group, vec![p.offset], true).await,
@@ -1427,7 +1464,9 @@ impl Conn {
                 self.out.emit("error", vec![err]).await;
             }
         }
-        p.credit.give(1);
+        if let Some(credit) = pending {
+            credit.give(1);
+        }
     }
 
     /// Stops queue subscription `q` of `group` in `room` and gives back at
@@ -1439,10 +1478,15 @@ impl Conn {
         q.pump.abort();
         let _ = q.pump.await;
         {
+            // Their callbacks, called later, do nothing: the messages went
+            // back to the group.
             let mut shared = self.out.shared.lock().await;
             shared
                 .pending
-                .retain(|_, p| !(p.room == room && p.group == group));
+                .retain(|_, p| !(p.target.room == room && p.target.group == group));
+            shared
+                .late
+                .retain(|_, t| !(t.room == room && t.group == group));
         }
         let broker = &self.out.gateway.broker;
         if let Err(e) = broker.release_member(room, group, &q.member).await {
@@ -1691,9 +1735,11 @@ async fn pump_queue(
                 shared.pending.insert(
                     id,
                     PendingAck {
-                        room: room.clone(),
-                        group: group.clone(),
-                        offset: d.message.offset,
+                        target: AckTarget {
+                            room: room.clone(),
+                            group: group.clone(),
+                            offset: d.message.offset,
+                        },
                         credit: credit.clone(),
                     },
                 );
@@ -1716,8 +1762,10 @@ async fn pump_queue(
             let shared = Arc::clone(&out.shared);
             tokio::spawn(async move {
                 tokio::time::sleep(ack_timeout).await;
-                if let Some(p) = shared.lock().await.pending.remove(&id) {
+                let mut shared = shared.lock().await;
+                if let Some(p) = shared.pending.remove(&id) {
                     p.credit.give(1);
+                    shared.keep_late(id, p.target);
                 }
             });
         }

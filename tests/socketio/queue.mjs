@@ -73,6 +73,29 @@ await run({
     p.close(); c.close();
   },
 
+  async "a callback called after its lease ran out still acknowledges the message"() {
+    // As an ack of any offset does natively: a late callback is not lost,
+    // so a slow consumer's message does not come back again and again.
+    const r = room("late");
+    spool("topic", "create", r, "--ack-timeout-ms", "1000");
+    const [p, c] = [await connect(), await connect(env.socketio, { transports: ["websocket"] })];
+    const got = [];
+    c.on("message", (data, meta, ack) => got.push({ meta, ack }));
+    await ok(c, "subscribe", { room: r, group: "g", mode: "queue" });
+    await ok(p, "publish", { room: r, data: "slow job" });
+    await until(() => got.length === 2, "the first delivery and its redelivery", 20000);
+    assert.equal(got[1].meta.delivery, 2);
+    got[0].ack();
+    // Past the second lease: had the late call done nothing, a third
+    // delivery would come.
+    await sleep(2500);
+    assert.equal(got.length, 2, `acked by the late callback: ${JSON.stringify(got.map((g) => g.meta))}`);
+    const described = spool("group", "describe", r, "g");
+    // Committed past it, nothing pending, no lag.
+    assert.match(described, /^g\s+queue\s+1\s+0\s+0\s/m, described);
+    p.close(); c.close();
+  },
+
   async "a member that goes away gives its messages to the others"() {
     const r = room("handover");
     const [p, a] = [await connect(), await connect()];
