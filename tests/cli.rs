@@ -1128,8 +1128,16 @@ fn a_line_too_large_is_named_by_its_line() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("topic small takes at most") && err.contains("that is line 3 of stdin"),
+        err.contains("topic small takes at most")
+            && err.contains("that is line 3 of stdin; the request it was in, lines 1 to 4, was refused whole: none of them was stored")
+            && err.contains("no message was acknowledged before it"),
         "{err}"
+    );
+    let described = spool(&broker.addr, &["topic", "describe", "small"], None);
+    let described = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        described.contains("offsets                    0..0 "),
+        "nothing stored: {described}"
     );
     // Past the first batch of a run: counted from the lines before it.
     let lines: String = (0..1500).map(|i| format!("m{i}\n")).collect();

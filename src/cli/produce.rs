@@ -122,7 +122,7 @@ pub fn run(args: ProduceArgs) -> CliResult {
                 let lines_before = acked.get().map_or(0, |(_, _, count)| count);
                 let p = match client.produce(&topic, batch).await {
                     Ok(p) => p,
-                    Err(e) if from_stdin => return Err(with_line(e.into(), lines_before)),
+                    Err(e) if from_stdin => return Err(with_line(e.into(), lines_before, n)),
                     Err(e) => return Err(e.into()),
                 };
                 acked.set(Some(match acked.get() {
@@ -235,6 +235,7 @@ pub fn run(args: ProduceArgs) -> CliResult {
                     "{n} messages were acknowledged before it, the first at offset {first}, \
                      the last at {last} (a retry of the same input stores them again)"
                 )),
+                None if args.message.is_none() => e.and("no message was acknowledged before it"),
                 None => e,
             });
         }
@@ -248,9 +249,10 @@ pub fn run(args: ProduceArgs) -> CliResult {
 }
 
 /// `e` with the stdin line it names, when it names a message of a batch
-/// ("message 500 has ...": a topic's own limit) whose first line came
-/// after `lines_before` lines.
-fn with_line(e: CliError, lines_before: usize) -> CliError {
+/// ("message 500 has ...": a topic's own limit) of `n` lines whose first
+/// came after `lines_before` lines, and that the batch's other lines were
+/// not stored either (the broker refuses a batch whole).
+fn with_line(e: CliError, lines_before: usize, n: usize) -> CliError {
     let text = e.to_string();
     let Some(at) = text.find(": message ").map(|i| i + ": message ".len()) else {
         return e;
@@ -260,6 +262,13 @@ fn with_line(e: CliError, lines_before: usize) -> CliError {
         .take_while(char::is_ascii_digit)
         .collect();
     match digits.parse::<usize>() {
+        Ok(i) if n > 1 => e.and(format!(
+            "that is line {} of stdin; the request it was in, lines {} to {}, was refused whole: \
+             none of them was stored",
+            lines_before + i + 1,
+            lines_before + 1,
+            lines_before + n
+        )),
         Ok(i) => e.and(format!("that is line {} of stdin", lines_before + i + 1)),
         Err(_) => e,
     }
