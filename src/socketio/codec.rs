@@ -462,8 +462,16 @@ pub fn message_event(
         "offset": m.offset.0,
         "timestamp": m.timestamp_ms,
     });
+    // A key that is not UTF-8 goes as binary, as such a value does: as a
+    // string its bytes would be lost (two keys could read the same).
     if let Some(key) = &m.key {
-        meta["key"] = Value::String(String::from_utf8_lossy(key).into_owned());
+        meta["key"] = match std::str::from_utf8(key) {
+            Ok(k) => Value::String(k.to_owned()),
+            Err(_) => {
+                attachments.push(key.clone());
+                placeholder(attachments.len() - 1)
+            }
+        };
     }
     if let Some((group, delivery)) = queue {
         meta["group"] = Value::String(group.to_owned());
@@ -561,6 +569,33 @@ mod tests {
             e.data,
             Some(json!(["message", placeholder(0), {"room": "a", "offset": 0, "timestamp": 1}]))
         );
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_goes_out_as_binary() {
+        let key = Bytes::from_static(&[0xff, 0x00]);
+        let m = Message {
+            offset: Offset(3),
+            timestamp_ms: 1,
+            key: Some(key.clone()),
+            headers: Vec::new(),
+            value: Bytes::from_static(&[0xfe]),
+        };
+        let e = message_event("a", &m, None, None, None);
+        assert_eq!(e.attachments, vec![Bytes::from_static(&[0xfe]), key]);
+        assert_eq!(
+            e.data,
+            Some(json!(["message", placeholder(0),
+                {"room": "a", "offset": 3, "timestamp": 1, "key": placeholder(1)}]))
+        );
+        let m = Message {
+            key: Some(Bytes::from_static(b"k")),
+            ..m
+        };
+        let data = message_event("a", &m, None, None, None)
+            .data
+            .expect("an event");
+        assert_eq!(data[2]["key"], json!("k"));
     }
 
     #[test]
