@@ -1424,7 +1424,10 @@ impl Conn {
     async fn ack(&mut self, id: Option<u64>) {
         let Some(id) = id else { return };
         let started = std::time::Instant::now();
-        let (pending, late) = {
+        // Pending, or late (its lease ran out): acknowledged either way, as
+        // any offset may be natively; only a pending one frees a place in
+        // its subscription's window.
+        let (credit, target) = {
             let mut shared = self.out.shared.lock().await;
             match shared.pending.remove(&id) {
                 Some(p) => (Some(p.credit), Some(p.target)),
@@ -1433,15 +1436,13 @@ impl Conn {
         };
         let metrics = self.out.gateway.broker.metrics();
         let count = |code: i32| metrics.request(super::LISTENER, "ack", code, started.elapsed());
-        let Some(p) = late else {
+        let Some(p) = target else {
             // Never issued, or forgotten: nothing to do, once the token is
             // known valid.
             let result = self.out.allowed(Access::Open).await;
             count(result.as_ref().map_or_else(wire_code, |()| 0));
             return;
         };
-        // Pending, or late (its lease ran out): acknowledged either way, as any offset may be natively; only a
-        // pending one frees a place in its subscription's window.
         let broker = &self.out.gateway.broker;
         let result = match self.out.allowed(guard::access("ack", &p.room)).await {
             Ok(()) => broker.ack(&p.room, &p.group, vec![p.offset], true).await,
@@ -1464,7 +1465,7 @@ impl Conn {
                 self.out.emit("error", vec![err]).await;
             }
         }
-        if let Some(credit) = pending {
+        if let Some(credit) = credit {
             credit.give(1);
         }
     }
