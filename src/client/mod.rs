@@ -767,10 +767,12 @@ impl Client {
         let done = Arc::clone(&reader_done);
         let lost_after = options.lost_after;
         let server = addr.to_owned();
+        // A runtime shutting down drops the reader task, run or not yet
+        // run: the connection is closed then too. (Made here and moved in,
+        // so a task dropped before its first poll drops it as well.)
+        let closed_if_dropped = MarkClosed(Arc::clone(&c));
         let reader = tokio::spawn(async move {
-            // A runtime shutting down drops this task mid-loop: the
-            // connection is closed then too.
-            let _closed_if_dropped = MarkClosed(Arc::clone(&c));
+            let _closed_if_dropped = closed_if_dropped;
             // Why the connection ended, when it was not a plain close.
             let mut end = End::Closed;
             // Once the writer stopped: until when what the server already
