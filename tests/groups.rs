@@ -2338,3 +2338,125 @@ fn a_dead_letter_of_a_refused_fetch_is_due_again_at_once() {
         .collect();
     assert_eq!(leased, [(1, 1)], "and offset 1 a first delivery");
 }
+
+/// Why: every reader passed deleted records one at a time, a queue group
+/// completing (and journaling) each under its lock, so the first read of
+/// a new group over a million deleted messages held the topic's producers
+/// for seconds. A run of deleted offsets is now passed as one step; what
+/// each reader gets must be exactly what it got before.
+#[test]
+fn a_run_of_deleted_messages_is_passed_at_once_by_every_reader() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("runs", queue_config(FsyncPolicy::Always, 5, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, 20_000);
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let now = now_ms();
+    // Leased before its deletion: the lease ends as leases do.
+    let early = registry
+        .fetch_queue("runs", "q", "early", 1, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(offsets_of(&early.deliveries), [0]);
+    let deleted: Vec<Offset> = (0..10_000)
+        .chain(10_001..19_990)
+        .chain([19_995])
+        .map(Offset)
+        .collect();
+    topic.delete(&deleted).expect("delete");
+
+    // Replay, record by record.
+    let one = |from: u64| {
+        topic
+            .read(Offset(from), 1, NO_BYTE_LIMIT)
+            .expect("read")
+            .iter()
+            .map(|m| m.offset.0)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(one(0), [10_000]);
+    assert_eq!(one(10_001), [19_990]);
+    assert_eq!(one(19_995), [19_996]);
+    // Batches of up to 100: a read returns the live ones among the records
+    // it read, reading on only while none was.
+    let expected: Vec<u64> = [10_000]
+        .into_iter()
+        .chain(19_990..19_995)
+        .chain(19_996..20_000)
+        .collect();
+    let (mut all, mut from) = (Vec::new(), 0);
+    while from < 20_000 {
+        let read = topic.read(Offset(from), 100, NO_BYTE_LIMIT).expect("read");
+        let Some(last) = read.last() else { break };
+        from = last.offset.0 + 1;
+        all.extend(offsets(&read));
+    }
+    assert_eq!(all, expected);
+
+    // A queue member, one at a time: the live messages, in order, once.
+    let mut got = Vec::new();
+    loop {
+        let f = registry
+            .fetch_queue("runs", "q", "m", 1, NO_BYTE_LIMIT, now)
+            .expect("fetch");
+        if f.deliveries.is_empty() {
+            break;
+        }
+        got.extend(offsets_of(&f.deliveries));
+    }
+    assert_eq!(got, expected);
+    let acked: Vec<Offset> = got.iter().copied().map(Offset).collect();
+    topic.ack("q", &acked).expect("ack");
+    // The group is done with the whole log (the message leased before its
+    // deletion included), and nothing comes again, even once that lease
+    // would have run out.
+    let info = topic.describe_group("q").expect("describe");
+    assert_eq!((info.committed, info.pending, info.lag), (20_000, 0, 0));
+    let later = registry
+        .fetch_queue("runs", "q", "m", 10, NO_BYTE_LIMIT, now + 120_000)
+        .expect("fetch after the lease ran out");
+    assert!(
+        later.deliveries.is_empty(),
+        "{:?}",
+        offsets_of(&later.deliveries)
+    );
+
+    // Everything from an offset to the end deleted: the reader is past
+    // the end at once.
+    let tail: Vec<Offset> = (19_996..20_000).map(Offset).collect();
+    topic.delete(&tail).expect("delete the tail");
+    let limits = spool::broker::topic::DeliveryLimits::new(1, NO_BYTE_LIMIT);
+    let records = topic.read_within(Offset(19_995), limits).expect("read");
+    assert!(records.is_empty());
+    assert_eq!(records.passed(), Some(Offset(20_000)));
+}
+
+fn offsets_of(deliveries: &[spool::broker::topic::Delivery]) -> Vec<u64> {
+    deliveries.iter().map(|d| d.message.offset.0).collect()
+}
+
+/// A run completed at once leaves what is leased in it to its lease, and
+/// completes everything around it.
+#[test]
+fn completing_a_run_skips_its_leased_offsets() {
+    let disk = Arc::new(SimDisk::new());
+    let mut group = Group::open(
+        Arc::clone(&disk) as Arc<dyn Storage>,
+        Path::new("/g"),
+        "q",
+        GroupConfig::new(GroupMode::Queue),
+        0,
+    )
+    .expect("open group");
+    for o in [3, 7] {
+        group.deliver(o, "m", 0).expect("deliver");
+    }
+    group.complete(5, 6).expect("complete");
+    group.complete_unleased(0, 10).expect("complete the run");
+    let done: Vec<u64> = (0..12).filter(|&o| group.is_done(o)).collect();
+    assert_eq!(done, [0, 1, 2, 4, 5, 6, 8, 9]);
+    assert!(group.is_leased(3) && group.is_leased(7));
+}

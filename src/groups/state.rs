@@ -730,6 +730,22 @@ impl Group {
         self.maybe_snapshot()
     }
 
+    /// Completes what of `[from, to)` is neither completed already nor
+    /// leased (a run of deleted offsets: a lease taken before the deletion
+    /// ends as leases do). Durable after [`Group::sync`].
+    pub fn complete_unleased(&mut self, from: u64, to: u64) -> Result<()> {
+        let leased: Vec<u64> = self.leases.range(from..to).map(|(&o, _)| o).collect();
+        let mut start = from;
+        for hole in leased.into_iter().chain(std::iter::once(to)) {
+            let first = self.first_not_done(start);
+            if first < hole {
+                self.complete(first, hole)?;
+            }
+            start = hole + 1;
+        }
+        Ok(())
+    }
+
     /// Gives a leased offset back for redelivery after `delay_ms`. A lease
     /// that ran out already is no lease (the message is due at once, for
     /// any member: a late nack must not hold it back).

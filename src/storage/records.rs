@@ -137,6 +137,15 @@ impl Records {
         self.passed.filter(|_| self.entries.is_empty()).map(Offset)
     }
 
+    /// With no records left: marks the reader past everything below `to`
+    /// (a run of deleted records after those read, known without reading
+    /// them).
+    pub fn pass_to(&mut self, to: u64) {
+        if self.entries.is_empty() {
+            self.passed = Some(self.passed.map_or(to, |p| p.max(to)));
+        }
+    }
+
     /// Keeps the first `n` records.
     pub fn truncate(&mut self, n: usize) {
         self.entries.truncate(n);

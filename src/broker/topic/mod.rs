@@ -727,21 +727,28 @@ impl Topic {
                         Ok(batch) => batch,
                         Err(e) => return Some(Err(e)),
                     };
-                let Some(last) = batch.last_offset().map(|o| o.0) else {
+                if batch.last_offset().is_none() {
                     return Some(Ok(batch));
-                };
-                if let Err(e) = self.keep_live(&mut batch, wait)? {
-                    return Some(Err(e));
                 }
+                let next = match self.keep_live(&mut batch, wait)? {
+                    Ok(next) => next,
+                    Err(e) => return Some(Err(e)),
+                };
                 if self.log.generation() != generation {
                     // Compaction replaced what was read and may have
                     // forgotten deletions of records in it: read again.
                     continue 'read;
                 }
-                if !batch.is_empty() || last + 1 >= end {
-                    break batch;
+                // Nothing live read: on from past the whole run of deleted
+                // (or consumed) offsets that follows, not record by record.
+                match next {
+                    Some(next) if next < end => from = next,
+                    Some(_) => {
+                        batch.pass_to(end);
+                        break batch;
+                    }
+                    None => break batch,
                 }
-                from = last + 1;
             };
             return Some(fit(live, Offset(from), limits));
         }
@@ -793,7 +800,7 @@ impl Topic {
             return None;
         }
         let live = match self.enter() {
-            Ok(_pass) => self.keep_live(&mut records, Wait::No)?.map(|()| records),
+            Ok(_pass) => self.keep_live(&mut records, Wait::No)?.map(|_| records),
             Err(e) => Err(e),
         };
         if generation != self.log.generation() {
@@ -811,7 +818,10 @@ impl Topic {
     /// Drops from `batch` what is deleted or consumed by every group (under
     /// `delete_when_consumed`). With [`Wait::No`], `None` (nothing dropped)
     /// when the groups, a group or the deletions are held by someone else.
-    fn keep_live(&self, batch: &mut Records, wait: Wait) -> Option<Result<()>> {
+    /// When nothing in `batch` is live: the first offset after it that may
+    /// be (past the deleted or consumed ones that follow), where a reader
+    /// goes on.
+    fn keep_live(&self, batch: &mut Records, wait: Wait) -> Option<Result<Option<u64>>> {
         let groups = match wait {
             Wait::Yes => self.groups(),
             Wait::No => self.groups.try_read().ok()?,
@@ -827,7 +837,10 @@ impl Topic {
         batch.retain(|o| {
             !(deletions.contains(o) || consumed.as_ref().is_some_and(|c| c.contains(o)))
         });
-        Some(Ok(()))
+        let next = batch
+            .passed()
+            .map(|p| first_live(p.0, deletions.set(), consumed.as_ref()));
+        Some(Ok(next))
     }
 
     /// What makes a group's changes durable as the fsync policy says
@@ -1387,6 +1400,19 @@ const GROUP_JOURNAL_PREFIX: &str = "groups/";
 /// `live` cut before the first message larger than one delivery may carry;
 /// [`Error::TooLarge`] naming it when it is the first (`from`: where the
 /// read started, for an empty cut).
+/// The first offset at or after `from` neither in `deletions` nor in
+/// `consumed`.
+fn first_live(mut from: u64, deletions: &RangeSet, consumed: Option<&RangeSet>) -> u64 {
+    loop {
+        let past_deleted = deletions.first_gap_from(from);
+        let next = consumed.map_or(past_deleted, |c| c.first_gap_from(past_deleted));
+        if next == from {
+            return from;
+        }
+        from = next;
+    }
+}
+
 fn fit(mut live: Records, from: Offset, limits: DeliveryLimits) -> Result<Records> {
     let too_large = live
         .payload_lens()

@@ -180,6 +180,10 @@ impl Topic {
             let mut next = cursor;
             for m in batch {
                 let o = m.offset.0;
+                if o < next {
+                    // In a run of deleted offsets completed as one below.
+                    continue;
+                }
                 if g.first_not_done(next) < o {
                     // No records from `next` up to `o`: compaction removed
                     // them (superseded or deleted; or a retention pass just
@@ -191,12 +195,20 @@ impl Topic {
                 next = o + 1;
                 if deletions.contains(o) {
                     // Nothing to deliver: complete it (as a deleted redelivery
-                    // is) so it does not hold the low watermark back.
-                    if !g.is_done(o) && !g.is_leased(o) {
+                    // is) so it does not hold the low watermark back, and
+                    // with it the whole run of deleted offsets that follows,
+                    // at once (a million deleted records are one step, not a
+                    // million, under the group's lock).
+                    let run_end = deletions.set().first_gap_from(o).min(end);
+                    if g.first_not_done(o) < run_end {
                         deletions.wait_durable()?;
-                        g.complete(o, o + 1)?;
+                        g.complete_unleased(o, run_end)?;
                     }
-                } else if !g.is_done(o) && !g.is_leased(o) {
+                    next = run_end;
+                    g.advance_cursor(run_end);
+                    continue;
+                }
+                if !g.is_done(o) && !g.is_leased(o) {
                     match limits.excess(&m) {
                         Some(size) => too_large.push_back((m, size)),
                         None => candidates.push_back(m),
@@ -207,7 +219,7 @@ impl Topic {
                 // a second time by the walk.
                 g.advance_cursor(o + 1);
             }
-            cursor = last + 1;
+            cursor = next.max(last + 1);
         }
         // Every candidate is one this group has not completed, so none is
         // consumed by every group.
