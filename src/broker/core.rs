@@ -1383,14 +1383,32 @@ impl Broker {
         offsets: Vec<Offset>,
         for_subscription: bool,
     ) -> Result<()> {
+        self.ack_of(topic, group, None, offsets, for_subscription)
+            .await
+    }
+
+    /// [`Broker::ack`] of what a reader of the group `identity` names
+    /// was handed: nothing is done when the topic's group of that name is
+    /// another now (deleted and created again, or its topic was), whose
+    /// offsets those are not.
+    pub(crate) async fn ack_of(
+        &self,
+        topic: &str,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        offsets: Vec<Offset>,
+        for_subscription: bool,
+    ) -> Result<()> {
         check_offset_count(offsets.len())?;
         let t = Arc::clone(self.existing(topic).await?.topic());
         let group = group.to_owned();
+        let identity = identity.cloned();
         let durable = blocking(move || match t.group_mode(&group) {
             // The offsets are checked before the group is found missing
             // (protocol.md §4: what needs only the topic comes first).
             Err(e @ Error::GroupNotFound(_)) => Err(t.check_offsets(&offsets).err().unwrap_or(e)),
             Err(e) => Err(e),
+            Ok(_) if identity.as_ref().is_some_and(|i| !t.is_group(&group, i)) => Ok(None),
             Ok(GroupMode::Queue) => t.ack_later(&group, &offsets),
             Ok(GroupMode::Stream) if for_subscription => Ok(None),
             Ok(GroupMode::Stream) => Err(Error::InvalidArgument(format!(

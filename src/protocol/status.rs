@@ -52,7 +52,7 @@ pub const MESSAGE_MAX: usize = 2048;
 
 /// `message`, or when longer than [`MESSAGE_MAX`] its start and end with
 /// the middle cut out (the end is kept too: it says what to do).
-fn bounded(message: String) -> String {
+pub(crate) fn bounded(message: String) -> String {
     if message.len() <= MESSAGE_MAX {
         return message;
     }

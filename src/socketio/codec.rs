@@ -99,8 +99,10 @@ impl Reply {
     }
 }
 
-/// `{error: {code, message}}`.
+/// `{error: {code, message}}`, the message cut as on every transport
+/// ([`crate::protocol::status::bounded`]).
 pub fn error_value(code: &str, message: &str) -> Value {
+    let message = crate::protocol::status::bounded(message.to_owned());
     json!({ "error": { "code": code, "message": message } })
 }
 

@@ -16,6 +16,7 @@ use super::codec::{self, Reply};
 use super::offset::{PID_LEN, Token, TokenError, pid_from_text, pid_text};
 use super::packet::{Decoded, Kind, Packet, PacketError};
 use super::{Gateway, guard};
+use crate::broker::topic::GroupIdentity;
 use crate::broker::{Event, Position, SubscribeRequest, Subscription, validate_name};
 use crate::error::{Error, Result};
 use crate::groups::GroupMode;
@@ -189,6 +190,9 @@ struct AckTarget {
     room: String,
     group: String,
     offset: Offset,
+    /// The group as it was when it leased the message: a callback does
+    /// nothing to a group of the name made since (or a topic's).
+    leased_by: Option<GroupIdentity>,
 }
 
 /// Callbacks remembered per socket after their delivery's lease ran out:
@@ -900,6 +904,7 @@ impl Conn {
     /// `pid` and an `offset`.
     async fn connect(&mut self, packet: Packet) {
         let refuse = |message: String, code: &str| {
+            let message = crate::protocol::status::bounded(message);
             Packet::control(
                 Kind::ConnectError,
                 &packet.namespace,
@@ -1408,7 +1413,11 @@ impl Conn {
                 request
                     .group
                     .as_deref()
-                    .map(|g| format!(" as group {g}"))
+                    .map(|g| match validate_name("group", g) {
+                        Ok(()) => format!(" as group {g}"),
+                        // Quoted, so it shows and cannot read as the message.
+                        Err(_) => format!(" as group {g:?}"),
+                    })
                     .unwrap_or_default()
             )));
         }
@@ -1445,7 +1454,10 @@ impl Conn {
         };
         let broker = &self.out.gateway.broker;
         let result = match self.out.allowed(guard::access("ack", &p.room)).await {
-            Ok(()) => broker.ack(&p.room, &p.group, vec![p.offset], true).await,
+            Ok(()) => {
+                let leased_by = p.leased_by.as_ref();
+                (broker.ack_of(&p.room, &p.group, leased_by, vec![p.offset], true)).await
+            }
             Err(e) => Err(e),
         };
         count(result.as_ref().map_or_else(wire_code, |()| 0));
@@ -1695,6 +1707,7 @@ async fn pump_queue(
     ack_timeout: Duration,
 ) {
     let credit = sub.credit();
+    let leased_by = sub.group_identity();
     while let Some(event) = sub.next().await {
         let deliveries = match event {
             Ok(Event::Messages(deliveries)) => deliveries,
@@ -1740,6 +1753,7 @@ async fn pump_queue(
                             room: room.clone(),
                             group: group.clone(),
                             offset: d.message.offset,
+                            leased_by: leased_by.clone(),
                         },
                         credit: credit.clone(),
                     },

@@ -96,6 +96,33 @@ await run({
     p.close(); c.close();
   },
 
+  async "a callback does nothing to a group made again under its name"() {
+    // Its offsets were another group's: the new one has not seen them.
+    const r = room("again");
+    spool("topic", "create", r, "--ack-timeout-ms", "1000");
+    const [p, c, d] = [await connect(), await connect(env.socketio, { transports: ["websocket"] }), await connect()];
+    const got = [];
+    c.on("message", (data, meta, ack) => got.push({ meta, ack }));
+    // A window of one: the member's pushes learn of the deletion only at
+    // their next read, so its callbacks are still there.
+    await ok(c, "subscribe", { room: r, group: "g", mode: "queue", maxInFlight: 1 });
+    await ok(p, "publish", { room: r, data: "job" });
+    await ok(p, "publish", { room: r, data: "next" });
+    // A late callback (delivery 1) and a pending one (delivery 2).
+    await until(() => got.length === 2, "the first delivery and its redelivery", 20000);
+    spool("group", "delete", r, "g");
+    // The group again, with a member that holds what it leases.
+    const held = deliveries(d);
+    await ok(d, "subscribe", { room: r, group: "g", mode: "queue" });
+    await until(() => held.length === 2, "the new group's deliveries");
+    for (const g of got) g.ack();
+    await sleep(500);
+    const described = spool("group", "describe", r, "g");
+    // Nothing committed: both messages are still the new group's to do.
+    assert.match(described, /^g\s+queue\s+0\s+\d+\s+2\s/m, described);
+    for (const s of [p, c, d]) s.close();
+  },
+
   async "a member that goes away gives its messages to the others"() {
     const r = room("handover");
     const [p, a] = [await connect(), await connect()];
