@@ -1408,7 +1408,13 @@ impl Broker {
             // (protocol.md §4: what needs only the topic comes first).
             Err(e @ Error::GroupNotFound(_)) => Err(t.check_offsets(&offsets).err().unwrap_or(e)),
             Err(e) => Err(e),
-            Ok(_) if identity.as_ref().is_some_and(|i| !t.is_group(&group, i)) => Ok(None),
+            // A group of the name made since: not what the reader read.
+            Ok(GroupMode::Queue) if identity.is_some() => {
+                match t.ack_later_as(&group, identity.as_ref(), &offsets) {
+                    Err(Error::GroupNotFound(_)) => Ok(None),
+                    other => other,
+                }
+            }
             Ok(GroupMode::Queue) => t.ack_later(&group, &offsets),
             Ok(GroupMode::Stream) if for_subscription => Ok(None),
             Ok(GroupMode::Stream) => Err(Error::InvalidArgument(format!(

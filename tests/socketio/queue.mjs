@@ -99,7 +99,10 @@ await run({
   async "a callback does nothing to a group made again under its name"() {
     // Its offsets were another group's: the new one has not seen them.
     const r = room("again");
-    spool("topic", "create", r, "--ack-timeout-ms", "1000");
+    // Long enough that the redelivery's lease outlasts the steps below: were
+    // it to run out, the member's pushes would end, and its callbacks with
+    // them, before they are called.
+    spool("topic", "create", r, "--ack-timeout-ms", "5000");
     const [p, c, d] = [await connect(), await connect(env.socketio, { transports: ["websocket"] }), await connect()];
     const got = [];
     c.on("message", (data, meta, ack) => got.push({ meta, ack }));

@@ -1397,9 +1397,6 @@ fn set_aside(storage: &dyn Storage, dir: &Path, groups_dir: &Path, name: &str) -
 /// Prefix of a group journal's name in the checkpoint.
 const GROUP_JOURNAL_PREFIX: &str = "groups/";
 
-/// `live` cut before the first message larger than one delivery may carry;
-/// [`Error::TooLarge`] naming it when it is the first (`from`: where the
-/// read started, for an empty cut).
 /// The first offset at or after `from` neither in `deletions` nor in
 /// `consumed`.
 fn first_live(mut from: u64, deletions: &RangeSet, consumed: Option<&RangeSet>) -> u64 {
@@ -1413,6 +1410,9 @@ fn first_live(mut from: u64, deletions: &RangeSet, consumed: Option<&RangeSet>) 
     }
 }
 
+/// `live` cut before the first message larger than one delivery may carry;
+/// [`Error::TooLarge`] naming it when it is the first (`from`: where the
+/// read started, for an empty cut).
 fn fit(mut live: Records, from: Offset, limits: DeliveryLimits) -> Result<Records> {
     let too_large = live
         .payload_lens()

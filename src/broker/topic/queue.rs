@@ -199,7 +199,9 @@ impl Topic {
                     // with it the whole run of deleted offsets that follows,
                     // at once (a million deleted records are one step, not a
                     // million, under the group's lock).
-                    let run_end = deletions.set().first_gap_from(o).min(end);
+                    // Past `o` always (it is deleted, so below the end):
+                    // a cursor going back would complete live records.
+                    let run_end = deletions.set().first_gap_from(o).min(end).max(o + 1);
                     if g.first_not_done(o) < run_end {
                         deletions.wait_durable()?;
                         g.complete_unleased(o, run_end)?;
@@ -370,6 +372,18 @@ impl Topic {
     /// [`Topic::ack`], returning before the acks are durable: they are
     /// confirmed only once the returned wait (if any) has returned.
     pub fn ack_later(&self, group: &str, offsets: &[Offset]) -> Result<Option<SyncWait>> {
+        self.ack_later_as(group, None, offsets)
+    }
+
+    /// [`Topic::ack_later`]; with `identity`, a group of that name other
+    /// than the one it was taken from (deleted and created again) is
+    /// [`Topic::group_replaced`], checked under the lock the ack takes.
+    pub(crate) fn ack_later_as(
+        &self,
+        group: &str,
+        identity: Option<&GroupIdentity>,
+        offsets: &[Offset],
+    ) -> Result<Option<SyncWait>> {
         let _pass = self.enter()?;
         self.check_offsets(offsets)?;
         let mut sorted: Vec<u64> = offsets.iter().map(|o| o.0).collect();
@@ -387,7 +401,7 @@ impl Topic {
             }
             ranges.push(start..end);
         }
-        self.with_group(group, |g| {
+        self.with_group_as(group, identity, |g| {
             self.check_queue(g)?;
             for r in &ranges {
                 g.complete(r.start, r.end)?;
