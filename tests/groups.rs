@@ -2460,3 +2460,42 @@ fn completing_a_run_skips_its_leased_offsets() {
     assert_eq!(done, [0, 1, 2, 4, 5, 6, 8, 9]);
     assert!(group.is_leased(3) && group.is_leased(7));
 }
+
+/// Why: due redeliveries deleted since took a fetch's places: a fetch of
+/// one answered empty (a long-poll waited out its time) while a live one
+/// was due behind them, and new messages came before due ones. Deleted
+/// due offsets take no place now.
+#[test]
+fn deleted_redeliveries_take_no_place_in_a_fetch() {
+    let disk = Arc::new(SimDisk::new());
+    let registry = open_registry(&disk);
+    let topic = registry
+        .create_topic("redo", queue_config(FsyncPolicy::Always, 10, 60_000))
+        .expect("create topic");
+    produce(&topic, 0, 10);
+    topic
+        .ensure_group("q", GroupMode::Queue, Position::Earliest)
+        .expect("queue group");
+    let now = now_ms();
+    let first = registry
+        .fetch_queue("redo", "q", "m", 10, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(offsets_of(&first.deliveries), (0..10).collect::<Vec<_>>());
+    let all: Vec<Offset> = (0..10).map(Offset).collect();
+    topic.nack("q", &all, 0).expect("nack");
+    let deleted: Vec<Offset> = (0..8).map(Offset).collect();
+    topic.delete(&deleted).expect("delete");
+    produce(&topic, 10, 12);
+    // Due ones first, lowest first, however many deleted ones lie before
+    // (a second on: the nack's own clock read after `now`).
+    let now = now_ms() + 1_000;
+    let got = registry
+        .fetch_queue("redo", "q", "m", 1, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(offsets_of(&got.deliveries), [8]);
+    assert_eq!(got.deliveries[0].delivery, 2);
+    let got = registry
+        .fetch_queue("redo", "q", "m", 2, NO_BYTE_LIMIT, now)
+        .expect("fetch");
+    assert_eq!(offsets_of(&got.deliveries), [9, 10]);
+}

@@ -970,6 +970,11 @@ impl Broker {
                 .await
                 .map(Deliveries::from)
             }
+            // Nothing to lease (a waiting reader woken by a produce another
+            // took): answered here, empty.
+            Target::Queue(g) if t.queue_is_idle(&g, member, identity, timer_ms()) == Some(true) => {
+                Ok(Deliveries::default())
+            }
             Target::Queue(g) => {
                 // What it leases travels as a [`Leased`], which gives it
                 // back wherever it is dropped untaken (the reader gone: a

@@ -616,10 +616,17 @@ impl Group {
         }
     }
 
-    /// Offsets due for redelivery at `now_ms`, lowest first.
-    pub fn due_redeliveries(&self, now_ms: u64, max: usize) -> Vec<u64> {
+    /// Whether anything is due for redelivery at `now_ms`: a lease run out
+    /// or a redelivery whose time came.
+    pub fn has_due(&self, now_ms: u64) -> bool {
+        self.leases.values().any(|l| l.deadline_ms <= now_ms)
+            || self.ready.values().any(|&due| due <= now_ms)
+    }
+
+    /// Offsets from `from` on due for redelivery at `now_ms`, lowest first.
+    pub fn due_redeliveries(&self, now_ms: u64, from: u64, max: usize) -> Vec<u64> {
         self.ready
-            .iter()
+            .range(from..)
             .filter(|&(_, &t)| t <= now_ms)
             .map(|(&o, _)| o)
             .take(max)

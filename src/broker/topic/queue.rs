@@ -26,6 +26,37 @@ impl Topic {
         self.fetch_queue_within(group, member, DeliveryLimits::new(max, max_bytes), now)
     }
 
+    /// Whether a queue read of group `group` by `member` at `now` would find
+    /// nothing to lease: no message past the group's cursor and nothing due
+    /// again. Only when the group is free at once (`None` otherwise, or
+    /// when the read must run to say why it fails: a group gone, replaced
+    /// since `identity`, or not a queue group); marks `member` seen. Lets
+    /// the waiting readers a produce wakes, all but the one that leases
+    /// it, go back to waiting without a trip to the blocking pool.
+    pub(crate) fn queue_is_idle(
+        &self,
+        group: &str,
+        member: &str,
+        identity: Option<&GroupIdentity>,
+        now: u64,
+    ) -> Option<bool> {
+        let _pass = self.enter().ok()?;
+        let groups = self.groups.try_read().ok()?;
+        let handle = groups.get(group)?;
+        if identity.is_some_and(|identity| !identity.is(handle)) {
+            return None;
+        }
+        let mut g = handle.try_lock().ok()?;
+        if g.config().mode != GroupMode::Queue {
+            return None;
+        }
+        let idle = g.cursor() >= self.log.end().0 && !g.has_due(now);
+        if idle {
+            g.touch(member, now);
+        }
+        Some(idle)
+    }
+
     /// [`Topic::fetch_queue`] for a delivery of at most `limits`. A message
     /// too large to deliver is dead-lettered at once (its delivery count is
     /// not raised) and does not count against `limits.messages`.
@@ -79,23 +110,47 @@ impl Topic {
         g.touch(member, now);
         g.expire(now);
         g.snapshot_if_due()?;
-        let due = g.due_redeliveries(now, max);
         let mut candidates: VecDeque<Message> = VecDeque::new();
         // Too large for a delivery: dead-lettered, never leased.
         let mut too_large: VecDeque<(Message, usize)> = VecDeque::new();
-        for offset in due {
-            let found = self.log.read(Offset(offset), 1, max_bytes)?;
-            match found.into_iter().next() {
-                Some(m) if m.offset.0 == offset && !deletions.contains(offset) => {
-                    match limits.excess(&m) {
+        // Due redeliveries, lowest first, until `max` are found live: one
+        // deleted (or gone) since it was due takes no place, so a fetch
+        // does not answer empty, or new messages first, while a live one
+        // is due behind it.
+        let end = self.log.end().0;
+        let mut from = 0;
+        while candidates.len() < max {
+            let due = g.due_redeliveries(now, from, max - candidates.len());
+            if due.is_empty() {
+                break;
+            }
+            for offset in due {
+                if offset < from {
+                    // In a deleted run completed below.
+                    continue;
+                }
+                from = offset + 1;
+                if deletions.contains(offset) {
+                    // Nothing left to deliver: completed with the whole run
+                    // of deleted offsets from it (its leased ones left to
+                    // their leases), at once.
+                    let run_end = deletions.set().first_gap_from(offset).min(end).max(from);
+                    deletions.wait_durable()?;
+                    g.complete_unleased(offset, run_end)?;
+                    from = run_end;
+                    continue;
+                }
+                let found = self.log.read(Offset(offset), 1, max_bytes)?;
+                match found.into_iter().next() {
+                    Some(m) if m.offset.0 == offset => match limits.excess(&m) {
                         Some(size) => too_large.push_back((m, size)),
                         None => candidates.push_back(m),
+                    },
+                    // Gone (retention, compaction): nothing left to deliver.
+                    _ => {
+                        deletions.wait_durable()?;
+                        g.complete(offset, offset + 1)?;
                     }
-                }
-                // Gone (retention, compaction) or deleted: nothing left to deliver.
-                _ => {
-                    deletions.wait_durable()?;
-                    g.complete(offset, offset + 1)?;
                 }
             }
         }
