@@ -616,6 +616,11 @@ impl Group {
         }
     }
 
+    /// Leases and redeliveries held (what [`Group::has_due`] looks through).
+    pub fn timers(&self) -> usize {
+        self.leases.len() + self.ready.len()
+    }
+
     /// Whether anything is due for redelivery at `now_ms`: a lease run out
     /// or a redelivery whose time came.
     pub fn has_due(&self, now_ms: u64) -> bool {

@@ -7,6 +7,9 @@ use super::*;
 use crate::storage::config::MAX_DURATION_MS;
 use std::collections::VecDeque;
 
+/// Most leases and redeliveries [`Topic::queue_is_idle`] looks through.
+const IDLE_LOOK_TIMERS: usize = 1024;
+
 /// Longest a message on its way to the dead-letter topic is held from
 /// other reads when its hand-off neither completes nor fails it (see
 /// [`Topic::retry_dead_letters`]).
@@ -47,7 +50,11 @@ impl Topic {
             return None;
         }
         let mut g = handle.try_lock().ok()?;
-        if g.config().mode != GroupMode::Queue {
+        // A read-only journal: the full read answers why. Many leases or
+        // redeliveries to look through: on the blocking pool, not here on
+        // an async worker.
+        if g.config().mode != GroupMode::Queue || g.is_read_only() || g.timers() > IDLE_LOOK_TIMERS
+        {
             return None;
         }
         let idle = g.cursor() >= self.log.end().0 && !g.has_due(now);
@@ -113,17 +120,16 @@ impl Topic {
         let mut candidates: VecDeque<Message> = VecDeque::new();
         // Too large for a delivery: dead-lettered, never leased.
         let mut too_large: VecDeque<(Message, usize)> = VecDeque::new();
-        // Due redeliveries, lowest first, until `max` are found live: one
-        // deleted (or gone) since it was due takes no place, so a fetch
-        // does not answer empty, or new messages first, while a live one
-        // is due behind it.
+        // Due redeliveries, lowest first, until `max` are found live (or too
+        // large, which take their place here as they did): one deleted (or
+        // gone) since it was due takes no place, so a fetch does not answer
+        // empty, or new messages first, while a live one is due behind it.
         let end = self.log.end().0;
         let mut from = 0;
-        while candidates.len() < max {
-            let due = g.due_redeliveries(now, from, max - candidates.len());
-            if due.is_empty() {
-                break;
-            }
+        while candidates.len() + too_large.len() < max {
+            let asked = max - candidates.len() - too_large.len();
+            let due = g.due_redeliveries(now, from, asked);
+            let last_look = due.len() < asked;
             for offset in due {
                 if offset < from {
                     // In a deleted run completed below.
@@ -152,6 +158,10 @@ impl Topic {
                         g.complete(offset, offset + 1)?;
                     }
                 }
+            }
+            if last_look {
+                // Every due one from `from` on was in this look.
+                break;
             }
         }
         // The walk below moves the cursor past the messages it reads: if the
