@@ -981,3 +981,54 @@ async fn nothing_is_written_after_the_broker_stops() {
     let values: Vec<&[u8]> = read.iter().map(|m| &m.value[..]).collect();
     assert_eq!(values, [&b"before"[..]]);
 }
+
+/// A queue group whose journal turned read-only (a failed sync) answers
+/// a fetch with that error, even with nothing to lease: the quick look a
+/// woken reader takes steps aside for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_fetch_of_a_read_only_queue_group_says_why() {
+    use spool::broker::topic::DeliveryLimits;
+    use spool::broker::{FetchRequest, Position};
+    use spool::groups::GroupMode;
+    use spool::storage::FsyncPolicy;
+    use spool::storage::io::{SimDisk, SimFault};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let disk = Arc::new(SimDisk::new());
+    let (broker, _addr, stop, http) =
+        sim_broker(&disk, FsyncPolicy::Always, Duration::from_secs(60)).await;
+    broker
+        .produce("q", vec![NewMessage::from_value("m")], test_limit())
+        .await
+        .expect("produce");
+    broker
+        .create_group("q", "g", GroupMode::Queue, Position::Earliest)
+        .await
+        .expect("group");
+    let fetch = || FetchRequest {
+        topic: "q".into(),
+        group: Some("g".into()),
+        from: None,
+        member: "m".into(),
+        limits: DeliveryLimits::new(10, 1 << 20),
+        wait: Duration::ZERO,
+    };
+    let got = broker
+        .fetch(fetch(), std::future::pending())
+        .await
+        .expect("fetch");
+    let offsets: Vec<u64> = got.messages.iter().map(|m| m.offset()).collect();
+    assert_eq!(offsets, [0]);
+    disk.set_fault(SimFault::SyncError, true);
+    let acked = broker
+        .ack("q", "g", vec![spool::storage::Offset(0)], false)
+        .await;
+    assert!(acked.is_err(), "the ack's sync failed");
+    disk.set_fault(SimFault::SyncError, false);
+    // Nothing to lease now; the group's journal is read-only all the same.
+    let refused = broker.fetch(fetch(), std::future::pending()).await;
+    assert!(refused.is_err(), "an empty answer hid the read-only group");
+    let _ = stop.send(true);
+    let _ = http.await;
+}
