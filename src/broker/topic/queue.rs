@@ -137,13 +137,7 @@ impl Topic {
                 }
                 from = offset + 1;
                 if deletions.contains(offset) {
-                    // Nothing left to deliver: completed with the whole run
-                    // of deleted offsets from it (its leased ones left to
-                    // their leases), at once.
-                    let run_end = deletions.set().first_gap_from(offset).min(end).max(from);
-                    deletions.wait_durable()?;
-                    g.complete_unleased(offset, run_end)?;
-                    from = run_end;
+                    from = complete_deleted_run(&mut g, &deletions, offset, end)?;
                     continue;
                 }
                 let found = self.log.read(Offset(offset), 1, max_bytes)?;
@@ -259,20 +253,10 @@ impl Topic {
                 }
                 next = o + 1;
                 if deletions.contains(o) {
-                    // Nothing to deliver: complete it (as a deleted redelivery
-                    // is) so it does not hold the low watermark back, and
-                    // with it the whole run of deleted offsets that follows,
-                    // at once (a million deleted records are one step, not a
-                    // million, under the group's lock).
-                    // Past `o` always (it is deleted, so below the end):
-                    // a cursor going back would complete live records.
-                    let run_end = deletions.set().first_gap_from(o).min(end).max(o + 1);
-                    if g.first_not_done(o) < run_end {
-                        deletions.wait_durable()?;
-                        g.complete_unleased(o, run_end)?;
-                    }
-                    next = run_end;
-                    g.advance_cursor(run_end);
+                    // Nothing to deliver: completed (as a deleted redelivery
+                    // is) so it does not hold the low watermark back.
+                    next = complete_deleted_run(g, deletions, o, end)?;
+                    g.advance_cursor(next);
                     continue;
                 }
                 if !g.is_done(o) && !g.is_leased(o) {
@@ -632,4 +616,28 @@ impl Topic {
             Ok(released)
         })
     }
+}
+
+/// Completes for `g` the run of deleted offsets that starts at `offset`
+/// (deleted, so below `end`), at once: a million deleted records are one
+/// step under the group's lock, not a million. Its leased offsets are left
+/// to their leases; the deletions are durable before any completion stands
+/// on them. Returns where the run ends, always past `offset` (a reader
+/// going back would complete live records).
+fn complete_deleted_run(
+    g: &mut Group,
+    deletions: &Deletions,
+    offset: u64,
+    end: u64,
+) -> Result<u64> {
+    let run_end = deletions
+        .set()
+        .first_gap_from(offset)
+        .min(end)
+        .max(offset + 1);
+    if g.first_not_done(offset) < run_end {
+        deletions.wait_durable()?;
+        g.complete_unleased(offset, run_end)?;
+    }
+    Ok(run_end)
 }
